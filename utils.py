@@ -1,0 +1,136 @@
+"""Small helpers shared by the scripts: user-facing errors, flag parsing, device choice, seeding, atomic writes.
+
+Kept free of heavy imports at module level so that ``python train.py --help`` answers quickly; torch is
+imported inside the functions that need it.
+"""
+import argparse
+import os
+import random
+import sys
+import tempfile
+from contextlib import contextmanager
+
+
+class UserError(Exception):
+    """A mistake the user can fix. The message is one or two lines naming the file or flag and the fix.
+
+    ``exit_code`` follows the Unix convention used by argparse: 2 for a usage error (a flag), 1 for a data
+    error (a file).
+    """
+
+    exit_code = 1
+
+
+class UsageError(UserError):
+    """A bad flag or flag combination (exit code 2)."""
+
+    exit_code = 2
+
+
+class DataError(UserError):
+    """A missing, unreadable or inconsistent input file (exit code 1)."""
+
+    exit_code = 1
+
+
+def run_cli(main, argv=None):
+    """Run ``main(argv)`` and turn a UserError into a one-line message and its exit code.
+
+    With ``--debug`` among the arguments the full traceback is shown instead. Ctrl-C exits with 130
+    and a short message; the scripts themselves make sure no half-written file is left behind.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return main(argv)
+    except UserError as e:
+        if "--debug" in argv:
+            raise
+        prog = os.path.basename(sys.argv[0]) or "toolkit"
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def str2bool(v):
+    """Parse True/False/1/0/yes/no (any case) for argparse; the seed's flags pass these as strings."""
+    if isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    if s in ("true", "1", "yes", "y", "t", "on"):
+        return True
+    if s in ("false", "0", "no", "n", "f", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False (or 1/0), got {v!r}")
+
+
+def check_run_name(name):
+    """A run name is a plain folder name: no path separators, no '..', not absolute."""
+    if not name or name in (".", "..") or os.path.isabs(name) or "/" in name or "\\" in name:
+        raise UsageError(f"--name {name!r} must be a plain name such as 'dsb2018_96_NestedUNet_wDS', not a path")
+    return name
+
+
+def choose_device(requested="auto"):
+    """Return a torch.device: 'auto' picks CUDA when available, else CPU; 'cuda' without CUDA is an error."""
+    import torch
+
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA GPU is visible to PyTorch; use --device cpu or auto")
+    if requested not in ("cpu",) and not requested.startswith("cuda"):
+        raise UsageError(f"--device {requested!r} is not one of auto, cpu, cuda")
+    return torch.device(requested)
+
+
+def seed_everything(seed):
+    """Seed Python, NumPy and torch (CPU and CUDA) so that a CPU run is repeatable."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@contextmanager
+def atomic_write(path, mode="w", **kwargs):
+    """Open a temporary file beside ``path`` and move it over ``path`` only when the block succeeds.
+
+    A crash or Ctrl-C inside the block leaves the old file untouched and no partial file behind.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_torch_save(obj, path):
+    """``torch.save`` through :func:`atomic_write`: the file at ``path`` is always a complete checkpoint."""
+    import torch
+
+    with atomic_write(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def atomic_imwrite(path, image):
+    """Write an image with OpenCV atomically; the format comes from ``path``'s extension (PNG keeps 16 bit)."""
+    import cv2
+
+    ext = os.path.splitext(path)[1] or ".png"
+    ok, buf = cv2.imencode(ext, image)
+    if not ok:
+        raise DataError(f"could not encode an image for {path}")
+    with atomic_write(path, "wb") as f:
+        f.write(buf.tobytes())
