@@ -1,0 +1,92 @@
+"""Segmentation losses on logits, as in the seed (4uiiurz1/pytorch-nested-unet).
+
+Every criterion takes logits [B, K, H, W] (raw scores, any real value) and a target of the same shape with
+values in {0, 1}, and returns a scalar float32 tensor (computed in float32 also under autocast).
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lovasz_losses import in_float32, lovasz_hinge
+from utils import DataError, UsageError
+
+DICE_SMOOTH = 1e-5
+
+
+def check_same_shape(logits, target):
+    """Raise DataError unless the model output and the mask batch have the same shape."""
+    if logits.shape != target.shape:
+        raise DataError(
+            f"model output has shape {list(logits.shape)} but the masks have shape {list(target.shape)}: "
+            "--num_classes must equal the number of mask channels"
+        )
+
+
+def soft_dice_per_sample(logits, target):
+    """Soft Dice per sample over all its classes and pixels: [B, K, H, W] x2 -> [B] in (0, 1].
+
+    (2 * sum(p * t) + 1e-5) / (sum(p) + sum(t) + 1e-5) with p = sigmoid(logits).
+    """
+    probs = torch.sigmoid(logits).reshape(logits.shape[0], -1)
+    target = target.reshape(target.shape[0], -1)
+    intersection = (probs * target).sum(1)
+    return (2.0 * intersection + DICE_SMOOTH) / (probs.sum(1) + target.sum(1) + DICE_SMOOTH)
+
+
+@in_float32
+def bce_with_logits(logits, target):
+    """Mean binary cross-entropy over all elements: [B, K, H, W] x2 -> scalar >= 0."""
+    return F.binary_cross_entropy_with_logits(logits, target)
+
+
+@in_float32
+def bce_dice(logits, target):
+    """0.5 * BCE-with-logits + (1 - mean over samples of the soft Dice): [B, K, H, W] x2 -> scalar >= 0."""
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    return 0.5 * bce + (1.0 - soft_dice_per_sample(logits, target).mean())
+
+
+class BCEWithLogitsLoss(nn.Module):
+    """Mean binary cross-entropy over all elements, on logits."""
+
+    def forward(self, logits, target):
+        check_same_shape(logits, target)
+        return bce_with_logits(logits, target)
+
+
+class BCEDiceLoss(nn.Module):
+    """0.5 * BCE-with-logits + (1 - mean over samples of the soft Dice); >= 0."""
+
+    def forward(self, logits, target):
+        check_same_shape(logits, target)
+        return bce_dice(logits, target)
+
+
+class LovaszHingeLoss(nn.Module):
+    """Per-image binary Lovasz hinge; a [B, K, H, W] input is treated as B * K binary images."""
+
+    def forward(self, logits, target):
+        check_same_shape(logits, target)
+        num_images = logits.shape[0] * logits.shape[1]
+        return lovasz_hinge(logits.reshape(num_images, -1), target.reshape(num_images, -1))
+
+
+LOSSES = {
+    "BCEWithLogitsLoss": BCEWithLogitsLoss,
+    "BCEDiceLoss": BCEDiceLoss,
+    "LovaszHingeLoss": LovaszHingeLoss,
+}
+
+
+def build_loss(name):
+    """Instantiate ``LOSSES[name]``; an unknown name is a UsageError naming --loss."""
+    if name not in LOSSES:
+        raise UsageError(f"--loss {name!r} is not one of: {', '.join(LOSSES)}")
+    return LOSSES[name]()
+
+
+def loss_over_heads(criterion, outputs, target):
+    """Loss of one logits tensor, or the mean over a list of them (deep-supervision heads)."""
+    if isinstance(outputs, torch.Tensor):
+        return criterion(outputs, target)
+    return sum(criterion(output, target) for output in outputs) / len(outputs)

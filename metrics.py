@@ -1,0 +1,128 @@
+"""Segmentation scores: pixel IoU / Dice on logits, and the 2018 Data Science Bowl instance score.
+
+Pixel scores threshold the sigmoid at 0.5, i.e. a pixel is predicted foreground when its logit is > 0;
+the target is foreground where it is > 0.5. A class of an image whose prediction and truth are both empty
+scores 1 (IoU and Dice), matching scikit-learn's ``zero_division=1``; likewise a pooled score with an
+empty union is 1.
+"""
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from losses import check_same_shape
+from utils import DataError
+
+DSB_THRESHOLDS = np.round(0.5 + 0.05 * np.arange(10), 2)  # 0.50, 0.55, ..., 0.95
+
+
+def pixel_counts(logits, target):
+    """Per image and class counts, each float64 [B, K]: intersection, union, predicted and true pixels."""
+    check_same_shape(logits, target)
+    pred = (logits > 0).flatten(2)
+    truth = (target > 0.5).flatten(2)
+    intersection = (pred & truth).sum(2, dtype=torch.float64)
+    union = (pred | truth).sum(2, dtype=torch.float64)
+    return intersection, union, pred.sum(2, dtype=torch.float64), truth.sum(2, dtype=torch.float64)
+
+
+def ratio_or_one(numerator, denominator):
+    """numerator / denominator elementwise, 1 where the denominator is 0 (both masks empty)."""
+    ones = torch.ones_like(numerator)
+    return torch.where(denominator > 0, numerator / denominator.clamp(min=1), ones)
+
+
+def scores_from_counts(intersection, union, pred_sum, target_sum):
+    """Per-image (iou [B], dice [B]) from the [B, K] counts of :func:`pixel_counts`: mean over classes."""
+    iou = ratio_or_one(intersection, union)
+    dice = ratio_or_one(2 * intersection, pred_sum + target_sum)
+    return iou.mean(1), dice.mean(1)
+
+
+def per_image_scores(logits, target):
+    """logits [B, K, H, W], target [B, K, H, W] in {0, 1} -> (iou [B], dice [B]) float64 in [0, 1].
+
+    Each image's score is the mean over its classes; an empty prediction on an empty truth scores 1.
+    """
+    return scores_from_counts(*pixel_counts(logits, target))
+
+
+class SegmentationMeter:
+    """Accumulates pixel scores over batches on ``device`` without synchronising with the host.
+
+    ``state`` is one float64 tensor [7]: sums of intersection, union, predicted pixels, true pixels,
+    per-image IoU, per-image Dice, and the number of images. With deep supervision pass the last head.
+    """
+
+    def __init__(self, device):
+        self.state = torch.zeros(7, dtype=torch.float64, device=device)
+
+    def update(self, logits, target):
+        """Add a batch: logits [B, K, H, W], target [B, K, H, W] in {0, 1}."""
+        counts = pixel_counts(logits, target)
+        per_image = scores_from_counts(*counts)
+        self.state[:6] += torch.stack([values.sum() for values in counts + per_image])
+        self.state[6] += logits.shape[0]
+
+    def all_reduce(self):
+        """Sum ``state`` over torch.distributed ranks when a process group is initialised."""
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.state)
+
+    def compute(self):
+        """dict(iou, dice: pooled over all pixels; iou_mean, dice_mean: mean of per-image scores), floats."""
+        intersection, union, pred_sum, target_sum, iou_sum, dice_sum, num_images = self.state.tolist()
+        if num_images == 0:
+            raise DataError("no images were scored: the evaluation set is empty; check the image folder and split")
+        return {
+            "iou": intersection / union if union > 0 else 1.0,
+            "dice": 2 * intersection / (pred_sum + target_sum) if pred_sum + target_sum > 0 else 1.0,
+            "iou_mean": iou_sum / num_images,
+            "dice_mean": dice_sum / num_images,
+        }
+
+
+def consecutive_labels(labels):
+    """Relabel an integer image so that background is 0 and objects are 1..N: -> (flat indices, N)."""
+    values, indices = np.unique(labels.ravel(), return_inverse=True)
+    if values[0] != 0:
+        indices = indices + 1
+    return indices, int(np.count_nonzero(values))
+
+
+def object_iou(true_labels, pred_labels):
+    """IoU matrix [N_true, N_pred] between the objects of two label images, from one joint histogram."""
+    true_idx, n_true = consecutive_labels(true_labels)
+    pred_idx, n_pred = consecutive_labels(pred_labels)
+    joint = np.bincount(true_idx * (n_pred + 1) + pred_idx, minlength=(n_true + 1) * (n_pred + 1))
+    joint = joint.reshape(n_true + 1, n_pred + 1)
+    intersection = joint[1:, 1:]
+    union = joint.sum(1)[1:, None] + joint.sum(0)[None, 1:] - intersection
+    return intersection / union
+
+
+def check_label_images(true_labels, pred_labels):
+    """Raise DataError unless both are integer label images of the same shape with no negative labels."""
+    if true_labels.shape != pred_labels.shape:
+        raise DataError(f"label images differ in shape: truth {true_labels.shape}, prediction {pred_labels.shape}")
+    for name, labels in (("truth", true_labels), ("prediction", pred_labels)):
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise DataError(f"the {name} label image has dtype {labels.dtype}; expected integer object labels")
+        if labels.size and labels.min() < 0:
+            raise DataError(f"the {name} label image has negative labels; use 0 for background and 1..N")
+
+
+def dsb_score(true_labels, pred_labels):
+    """2018 Data Science Bowl score of two integer label images HxW (0 = background, 1..N objects).
+
+    For each t in 0.50, 0.55, ..., 0.95 a true and a predicted object match when IoU > t (one-to-one since
+    t >= 0.5); precision(t) = TP / (TP + FP + FN). Returns the mean over t, a float in [0, 1]: 1.0 when both
+    images have no objects, 0.0 when exactly one has none.
+    """
+    check_label_images(true_labels, pred_labels)
+    iou = object_iou(true_labels, pred_labels)
+    n_true, n_pred = iou.shape
+    if n_true == 0 and n_pred == 0:
+        return 1.0
+    true_positives = (iou[None] > DSB_THRESHOLDS[:, None, None]).sum(axis=(1, 2))
+    precision = true_positives / (n_true + n_pred - true_positives)
+    return float(precision.mean())

@@ -1,0 +1,149 @@
+"""Tests for archs.py: parameter fingerprints, shapes, input checks, pruning and padding. CPU, 32x32 inputs."""
+import pytest
+import torch
+
+import archs
+from archs import NestedUNet, UNet, build_model, count_parameters, crop_to, pad_to_multiple
+from utils import DataError, UsageError
+
+SIZE_MESSAGE = (
+    "input is 30x32; height and width must be multiples of 16: "
+    "resize (--input_h/--input_w) or pad it (archs.pad_to_multiple)"
+)
+
+
+@pytest.fixture(scope="module")
+def ds_model():
+    torch.manual_seed(0)
+    return NestedUNet(1, deep_supervision=True).eval()
+
+
+def test_parameter_fingerprints_match_the_seed():
+    assert count_parameters(UNet(1)) == 7_852_545
+    assert count_parameters(NestedUNet(1)) == 9_163_329
+    assert count_parameters(NestedUNet(1, deep_supervision=True)) == 9_163_428
+
+
+def test_state_dict_keys_follow_the_seed_naming():
+    keys = NestedUNet(1, deep_supervision=True).state_dict().keys()
+    assert {"conv0_0.conv1.weight", "conv2_2.bn2.running_mean", "conv0_4.conv2.bias", "final4.weight"} <= set(keys)
+    assert "final.weight" in UNet(1).state_dict()
+    assert "conv1_3.conv1.weight" in UNet(1).state_dict()
+
+
+def test_unet_output_shape():
+    out = UNet(1)(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 1, 32, 32)
+
+
+def test_nested_unet_multiclass_grey_output_shape():
+    out = NestedUNet(3, input_channels=1)(torch.randn(1, 1, 32, 32))
+    assert isinstance(out, torch.Tensor)
+    assert out.shape == (1, 3, 32, 32)
+
+
+def test_deep_supervision_returns_four_heads(ds_model):
+    outs = ds_model(torch.randn(1, 3, 32, 16))
+    assert isinstance(outs, list) and len(outs) == 4
+    assert all(out.shape == (1, 1, 32, 16) for out in outs)
+
+
+def test_unet_refuses_deep_supervision():
+    with pytest.raises(UsageError, match="UNet has no deep supervision; use --arch NestedUNet or --deep_supervision False"):
+        UNet(1, deep_supervision=True)
+
+
+@pytest.mark.parametrize("model_cls", [UNet, NestedUNet])
+def test_size_not_multiple_of_16_is_refused_before_any_conv(model_cls):
+    model = model_cls(1)
+    convs_run = []
+    model.conv0_0.register_forward_pre_hook(lambda module, inputs: convs_run.append(module))
+    with pytest.raises(DataError) as info:
+        model(torch.randn(1, 3, 30, 32))
+    assert str(info.value) == SIZE_MESSAGE
+    assert convs_run == []
+
+
+def test_wrong_channel_count_names_the_flag():
+    with pytest.raises(DataError, match="--input_channels 1"):
+        UNet(1)(torch.randn(1, 1, 32, 32))
+
+
+def test_prune_equals_the_matching_head_of_the_full_forward(ds_model):
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        full = ds_model(x)
+        for level in range(1, 5):
+            pruned = ds_model(x, prune=level)
+            assert pruned.shape == (1, 1, 32, 32)
+            assert torch.allclose(pruned, full[level - 1], atol=1e-6), level
+
+
+def test_prune_runs_exactly_the_counted_parameters(ds_model):
+    x = torch.randn(1, 3, 32, 32)
+    for level in range(1, 5):
+        ds_model.zero_grad(set_to_none=True)
+        ds_model(x, prune=level).sum().backward()
+        used = sum(p.numel() for p in ds_model.parameters() if p.grad is not None)
+        assert used == count_parameters(ds_model, prune=level), level
+    ds_model.zero_grad(set_to_none=True)
+
+
+def test_pruned_parameter_counts(ds_model):
+    counts = [count_parameters(ds_model, prune=level) for level in range(1, 5)]
+    assert counts == sorted(set(counts))  # strictly increasing
+    # L = 1: conv0_0 (3->32->32): 3*32*9+32 + 2*32 + 32*32*9+32 + 2*32 = 10,272
+    #        conv1_0 (32->64->64): 32*64*9+64 + 128 + 64*64*9+64 + 128 = 55,680
+    #        conv0_1 (96->32->32): 96*32*9+32 + 64 + 32*32*9+32 + 64 = 37,056;  final1: 32+1 = 33
+    assert counts[0] == 10_272 + 55_680 + 37_056 + 33
+    # L = 4 uses every block and only one of the four heads.
+    assert counts[3] == 9_163_428 - 3 * 33
+    assert count_parameters(ds_model) == 9_163_428
+
+
+def test_prune_needs_deep_supervision_and_a_valid_level(ds_model):
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(UsageError, match="--deep_supervision True"):
+        NestedUNet(1)(x, prune=2)
+    for bad in (0, 5):
+        with pytest.raises(UsageError, match="prune must be one of 1..4"):
+            ds_model(x, prune=bad)
+    with pytest.raises(UsageError, match="cannot be pruned"):
+        count_parameters(UNet(1), prune=2)
+
+
+def test_build_model_registry_and_unknown_arch():
+    assert set(archs.ARCHS) == {"UNet", "NestedUNet"}
+    model = build_model("NestedUNet", 2, 1, True)
+    assert isinstance(model, NestedUNet) and model.deep_supervision and model.final4.out_channels == 2
+    assert model.conv0_0.conv1.in_channels == 1
+    with pytest.raises(UsageError, match=r"--arch 'UNet\+\+' is not one of: UNet, NestedUNet"):
+        build_model("UNet++", 1, 3, False)
+    with pytest.raises(UsageError, match="--num_classes"):
+        build_model("UNet", 0, 3, False)
+
+
+def test_pad_to_multiple_reflects_and_crop_to_undoes_it():
+    x = torch.randn(1, 2, 20, 33)
+    padded, hw = pad_to_multiple(x)
+    assert padded.shape == (1, 2, 32, 48) and hw == (20, 33)
+    assert torch.equal(padded[..., 20, :33], x[..., 18, :])  # reflect: row H mirrors row H-2
+    assert torch.equal(padded[..., :20, 33], x[..., :, 31])
+    assert torch.equal(crop_to(padded, hw), x)
+
+
+def test_pad_to_multiple_replicates_when_too_small_and_keeps_multiples():
+    x = torch.randn(1, 1, 5, 16)
+    padded, hw = pad_to_multiple(x)
+    assert padded.shape == (1, 1, 16, 16) and hw == (5, 16)
+    assert torch.equal(padded[..., 15, :], x[..., 4, :])
+    assert torch.equal(crop_to(padded, hw), x)
+    same, hw = pad_to_multiple(torch.zeros(1, 1, 32, 16))
+    assert same.shape == (1, 1, 32, 16) and hw == (32, 16)
+
+
+def test_padded_input_runs_through_the_model_and_crops_back():
+    x = torch.randn(1, 3, 20, 17)
+    padded, hw = pad_to_multiple(x)
+    out = crop_to(UNet(2).eval()(padded), hw)
+    assert out.shape == (1, 2, 20, 17)

@@ -1,0 +1,141 @@
+"""Tests for losses.py and lovasz_losses.py: hand-worked values, batched vs looped Lovasz, float32, heads."""
+import math
+
+import pytest
+import torch
+
+from losses import LOSSES, BCEDiceLoss, BCEWithLogitsLoss, LovaszHingeLoss, build_loss, loss_over_heads
+from lovasz_losses import lovasz_hinge, lovasz_hinge_flat, lovasz_hinge_per_image_loop
+from utils import DataError, UsageError
+
+# One 2x2 image; target [[0, 1], [0, 1]].
+TARGET = torch.tensor([[[[0.0, 1.0], [0.0, 1.0]]]])
+LOGITS = torch.tensor([[[[0.0, 2.0], [-2.0, 0.0]]]])
+
+
+def sigmoid(x):
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def test_bce_with_logits_by_hand():
+    # Per pixel -[t log s(x) + (1 - t) log(1 - s(x))]:
+    #   x=0,t=0: log 2;  x=2,t=1: log(1 + e^-2);  x=-2,t=0: log(1 + e^-2);  x=0,t=1: log 2.
+    expected = (2 * math.log(2) + 2 * math.log(1 + math.exp(-2))) / 4
+    assert BCEWithLogitsLoss()(LOGITS, TARGET).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_bce_dice_by_hand():
+    bce = (2 * math.log(2) + 2 * math.log(1 + math.exp(-2))) / 4
+    # p = [0.5, s(2), s(-2), 0.5]; sum p = 1 + s(2) + (1 - s(2)) = 2, sum t = 2, sum p*t = s(2) + 0.5.
+    dice = (2 * (sigmoid(2) + 0.5) + 1e-5) / (2 + 2 + 1e-5)
+    expected = 0.5 * bce + (1 - dice)
+    assert BCEDiceLoss()(LOGITS, TARGET).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_bce_dice_takes_the_mean_of_per_sample_dice():
+    # Sample 0: the example above. Sample 1: target all 0 and logits all -inf-like (p ~ 0): dice = 1e-5/1e-5 = 1.
+    logits = torch.cat([LOGITS, torch.full_like(LOGITS, -100.0)])
+    target = torch.cat([TARGET, torch.zeros_like(TARGET)])
+    bce = (2 * math.log(2) + 2 * math.log(1 + math.exp(-2))) / 8 + 4 * math.log(1 + math.exp(-100)) / 8
+    dice0 = (2 * (sigmoid(2) + 0.5) + 1e-5) / (4 + 1e-5)
+    expected = 0.5 * bce + (1 - (dice0 + 1.0) / 2)
+    assert BCEDiceLoss()(logits, target).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_lovasz_by_hand_with_ties():
+    # Hinge errors 1 - x * (2t - 1): [1, -1, -1, 1]; relu keeps the two errors of 1 (pixels 0 and 3, labels 0
+    # and 1). Their summed Lovasz gradient is the Jaccard loss of that prefix: gts = 2, I = 2 - 1 = 1,
+    # U = 2 + 1 = 3, so the loss is 1 - 1/3 = 2/3 whatever the order of the tie.
+    assert LovaszHingeLoss()(LOGITS, TARGET).item() == pytest.approx(2 / 3, rel=1e-6)
+
+
+def test_lovasz_by_hand_without_ties():
+    # logits [[0.5, 2], [-1, 0]] -> errors [1.5, -1, 0, 1]; sorted: 1.5 (t=0), 1 (t=1), 0 (t=0), -1 (t=1).
+    # gts = 2; cumsum t = 0,1,1,2; cumsum(1-t) = 1,1,2,2; I = 2,1,1,0; U = 3,3,4,4;
+    # J = 1 - I/U = 1/3, 2/3, 3/4, 1; grad = 1/3, 1/3, 1/12, 1/4; loss = 1.5/3 + 1/3 + 0 + 0 = 5/6.
+    logits = torch.tensor([[[[0.5, 2.0], [-1.0, 0.0]]]])
+    assert LovaszHingeLoss()(logits, TARGET).item() == pytest.approx(5 / 6, rel=1e-6)
+    assert lovasz_hinge_flat(logits.reshape(-1), TARGET.reshape(-1)).item() == pytest.approx(5 / 6, rel=1e-6)
+
+
+def test_lovasz_is_zero_when_every_pixel_has_margin():
+    logits = torch.tensor([[[[-1.5, 1.0], [-3.0, 2.0]]]])
+    assert LovaszHingeLoss()(logits, TARGET).item() == 0.0
+
+
+def random_batch_with_empty_and_full_images(seed=0, shape=(5, 1, 8, 8)):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(shape, generator=gen) * 2
+    labels = (torch.rand(shape, generator=gen) > 0.6).float()
+    labels[1] = 0.0  # all background
+    labels[2] = 1.0  # all foreground
+    return logits, labels
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_batched_lovasz_equals_the_per_image_loop_values_and_gradients(seed):
+    logits, labels = random_batch_with_empty_and_full_images(seed)
+    batched_in = logits.clone().requires_grad_(True)
+    loop_in = logits.clone().requires_grad_(True)
+    batched = lovasz_hinge(batched_in, labels)
+    looped = lovasz_hinge_per_image_loop(loop_in, labels)
+    torch.testing.assert_close(batched, looped, rtol=1e-6, atol=1e-6)
+    batched.backward()
+    looped.backward()
+    assert batched_in.grad.abs().sum() > 0
+    torch.testing.assert_close(batched_in.grad, loop_in.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_per_image_loop_is_the_mean_of_single_images():
+    logits, labels = random_batch_with_empty_and_full_images(3)
+    singles = [lovasz_hinge_flat(lg.reshape(-1), lb.reshape(-1)) for lg, lb in zip(logits, labels)]
+    expected = torch.stack(singles).mean()
+    torch.testing.assert_close(lovasz_hinge_per_image_loop(logits, labels), expected)
+    # Per image, not pooled over the batch: the batch as one flat image gives a different value.
+    assert not torch.allclose(expected, lovasz_hinge_flat(logits.reshape(-1), labels.reshape(-1)))
+
+
+def test_multiclass_lovasz_treats_each_class_as_an_image():
+    logits, labels = random_batch_with_empty_and_full_images(4, shape=(3, 2, 8, 8))
+    expected = lovasz_hinge_per_image_loop(logits.reshape(6, 8, 8), labels.reshape(6, 8, 8))
+    torch.testing.assert_close(LovaszHingeLoss()(logits, labels), expected)
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_losses_are_float32_under_bfloat16_autocast(name):
+    logits, labels = random_batch_with_empty_and_full_images(5, shape=(3, 1, 16, 16))
+    criterion = build_loss(name)
+    low, low_labels = logits.bfloat16(), labels.bfloat16()  # as a bfloat16 model and a cast mask would give
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = criterion(low, low_labels)
+    assert under_autocast.dtype == torch.float32
+    torch.testing.assert_close(under_autocast, criterion(low.float(), labels))
+
+
+def test_lovasz_flat_and_loop_are_float32_under_autocast():
+    logits, labels = random_batch_with_empty_and_full_images(6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        flat = lovasz_hinge_flat(logits[0].reshape(-1).bfloat16(), labels[0].reshape(-1).bfloat16())
+        looped = lovasz_hinge_per_image_loop(logits.bfloat16(), labels.bfloat16())
+    assert flat.dtype == torch.float32 and looped.dtype == torch.float32
+
+
+def test_loss_over_heads_is_the_mean_over_heads():
+    criterion = BCEWithLogitsLoss()
+    heads = [LOGITS, LOGITS * 3, LOGITS - 1]
+    expected = sum(criterion(head, TARGET).item() for head in heads) / 3
+    assert loss_over_heads(criterion, heads, TARGET).item() == pytest.approx(expected, rel=1e-6)
+    assert loss_over_heads(criterion, LOGITS, TARGET).item() == pytest.approx(criterion(LOGITS, TARGET).item())
+
+
+def test_build_loss_registry_and_unknown_name():
+    assert set(LOSSES) == {"BCEWithLogitsLoss", "BCEDiceLoss", "LovaszHingeLoss"}
+    assert isinstance(build_loss("LovaszHingeLoss"), LovaszHingeLoss)
+    with pytest.raises(UsageError, match="--loss 'Dice' is not one of: BCEWithLogitsLoss, BCEDiceLoss, LovaszHingeLoss"):
+        build_loss("Dice")
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_shape_mismatch_names_num_classes(name):
+    with pytest.raises(DataError, match="--num_classes"):
+        build_loss(name)(torch.zeros(1, 2, 4, 4), torch.zeros(1, 1, 4, 4))
