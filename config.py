@@ -1,0 +1,203 @@
+"""train.py's flags, YAML recipes (``--config``) and the saved ``models/<name>/config.yml``.
+
+The flag names and defaults are those of pytorch-nested-unet's train.py, so old command lines keep working;
+the additions are listed in the README. No heavy imports here: ``--help`` must answer at once.
+"""
+import argparse
+import os
+
+import yaml
+
+from utils import UsageError, check_run_name, str2bool
+
+MODELS_DIR = "models"
+INPUTS_DIR = "inputs"
+
+
+def build_train_parser():
+    """The argparse parser of train.py; every option has a default that ``--help`` shows."""
+    p = argparse.ArgumentParser(
+        prog="train.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train a UNet or UNet++ (NestedUNet) on inputs/<dataset>/images + masks/<class>/.")
+    p.add_argument("--config", default=None, help="YAML recipe (e.g. configs/dsb2018_96_NestedUNet_wDS.yml); "
+                   "flags given on the command line override it")
+    p.add_argument("--name", default=None, help="run name; default <dataset>_<arch>_wDS|woDS; files go to models/<name>/")
+    p.add_argument("--epochs", default=100, type=int, help="number of epochs")
+    p.add_argument("-b", "--batch_size", default=16, type=int,
+                   help="batch size per process (with torchrun, the effective batch is this times the world size)")
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", default="NestedUNet", help="UNet or NestedUNet")
+    g.add_argument("--deep_supervision", default=False, type=str2bool, help="NestedUNet's 4 heads (True/False)")
+    g.add_argument("--input_channels", default=3, type=int, help="image channels the network takes")
+    g.add_argument("--num_classes", default=1, type=int, help="output channels = mask class folders")
+    g.add_argument("--input_w", default=96, type=int, help="resize width (multiple of 16)")
+    g.add_argument("--input_h", default=96, type=int, help="resize height (multiple of 16)")
+    g.add_argument("--loss", default="BCEDiceLoss", help="BCEDiceLoss, LovaszHingeLoss or BCEWithLogitsLoss")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="dsb2018_96", help="folder under inputs/; 'synthetic' is generated on first use")
+    g.add_argument("--img_ext", default=".png", help="image file extension")
+    g.add_argument("--mask_ext", default=".png", help="mask file extension")
+    g.add_argument("--val_size", default=0.2, type=float, help="fraction of ids in the validation split")
+    g.add_argument("--test_size", default=0.0, type=float,
+                   help="fraction held out as a test split never used for any choice (0 = the seed's 2-way split)")
+    g.add_argument("--split_seed", default=41, type=int, help="random_state of the split (41 as in the seed)")
+    g.add_argument("--crop_size", default=0, type=int,
+                   help="train on random crops of this size at full resolution and validate on whole images "
+                        "(0 = resize everything to input_h x input_w as the seed does)")
+    g.add_argument("--scale_jitter", default=0.0, type=float, help="random rescale by 1 +- this before cropping")
+    g.add_argument("--color_jitter", default=True, type=str2bool, help="colour/brightness/contrast jitter")
+    g.add_argument("--cache", default=True, type=str2bool,
+                   help="decode every image once into memory when the dataset fits (under a quarter of RAM)")
+    g.add_argument("--num_workers", default=4, type=int, help="DataLoader worker processes")
+    g = p.add_argument_group("optimizer")
+    g.add_argument("--optimizer", default="SGD", help="SGD, Adam or AdamW")
+    g.add_argument("--lr", "--learning_rate", default=1e-3, type=float, help="initial learning rate")
+    g.add_argument("--momentum", default=0.9, type=float, help="SGD momentum")
+    g.add_argument("--weight_decay", default=1e-4, type=float, help="weight decay")
+    g.add_argument("--nesterov", default=False, type=str2bool, help="SGD Nesterov momentum")
+    g = p.add_argument_group("scheduler")
+    g.add_argument("--scheduler", default="CosineAnnealingLR",
+                   help="CosineAnnealingLR, ReduceLROnPlateau, MultiStepLR or ConstantLR")
+    g.add_argument("--min_lr", default=1e-5, type=float, help="CosineAnnealingLR's final learning rate")
+    g.add_argument("--warmup_epochs", default=0, type=int, help="linear learning-rate warm-up epochs before the scheduler")
+    g.add_argument("--factor", default=0.1, type=float, help="ReduceLROnPlateau factor")
+    g.add_argument("--patience", default=2, type=int, help="ReduceLROnPlateau patience (epochs)")
+    g.add_argument("--milestones", default="1,2", type=str, help="MultiStepLR epochs, comma-separated")
+    g.add_argument("--gamma", default=2 / 3, type=float, help="MultiStepLR factor")
+    g.add_argument("--early_stopping", default=-1, type=int, help="stop after this many epochs without a better "
+                   "val IoU (-1 = never)")
+    g = p.add_argument_group("run")
+    g.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu or cuda")
+    g.add_argument("--seed", default=0, type=int, help="seed of weights, shuffling and augmentation")
+    g.add_argument("--amp", default=True, type=str2bool,
+                   help="mixed precision on CUDA (bf16 where supported, else fp16 with a GradScaler); no effect on CPU")
+    g.add_argument("--channels_last", default=True, type=str2bool, help="channels_last memory format on CUDA")
+    g.add_argument("--compile", default=False, type=str2bool, help="torch.compile the model (slow start)")
+    g.add_argument("--sync_bn", default=False, type=str2bool, help="SyncBatchNorm across processes under torchrun")
+    g.add_argument("--resume", nargs="?", const=True, default=False,
+                   help="continue models/<name>/last.pth; give the run name here or with --name")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
+    g.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    return p
+
+
+def _coerce(action, key, value, source):
+    """Check and convert a YAML value with the flag's own argparse type; error names the key."""
+    if value is None or action.type is None:
+        return value
+    if action.type is str2bool:
+        if isinstance(value, bool) or isinstance(value, str):
+            try:
+                return str2bool(value)
+            except argparse.ArgumentTypeError:
+                pass
+        raise UsageError(f"{source}: '{key}' must be true or false, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise UsageError(f"{source}: '{key}' must be a {action.type.__name__}, got {value!r}")
+    try:
+        converted = action.type(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{source}: '{key}' must be a {action.type.__name__}, got {value!r}") from None
+    if action.type is int and isinstance(value, float) and value != converted:
+        raise UsageError(f"{source}: '{key}' must be an int, got {value!r}")
+    return converted
+
+
+def read_yaml_config(path, parser):
+    """Load a YAML recipe with yaml.safe_load and check every key against the parser's flags."""
+    if not os.path.isfile(path):
+        raise UsageError(f"--config {path}: file not found")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise UsageError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"--config {path}: expected 'flag: value' lines, got a {type(data).__name__}")
+    actions = {a.dest: a for a in parser._actions}
+    unknown = sorted(k for k in data if k not in actions or k in ("help", "config"))
+    if unknown:
+        raise UsageError(f"--config {path}: unknown keys {', '.join(map(str, unknown))}; see python train.py --help")
+    return {k: _coerce(actions[k], k, v, path) for k, v in data.items()}
+
+
+def default_run_name(args):
+    """The seed's naming: <dataset>_<arch>_wDS or _woDS."""
+    return f"{args.dataset}_{args.arch}_{'wDS' if args.deep_supervision else 'woDS'}"
+
+
+def parse_train_args(argv):
+    """Parse train.py's command line (with ``--config`` merged underneath) and check sizes and names."""
+    parser = build_train_parser()
+    first, _ = parser.parse_known_args(argv)
+    if first.config:
+        parser.set_defaults(**read_yaml_config(first.config, parser))
+    if first.resume:
+        # A resumed run starts from its saved flags; flags on this command line (e.g. more --epochs) win.
+        name = first.resume if isinstance(first.resume, str) else first.name
+        if not name:
+            raise UsageError("--resume needs the run name: --resume NAME (or --resume --name NAME)")
+        if first.name and first.name != name:
+            raise UsageError(f"--resume {name} and --name {first.name} disagree; give the run name once")
+        saved = os.path.join(run_dir(name), "config.yml")
+        if not os.path.isfile(saved):
+            raise UsageError(f"--resume {name}: {saved} not found; is the run name right? (runs are in models/)")
+        parser.set_defaults(**read_yaml_config(saved, parser), name=name)
+    args = parser.parse_args(argv)
+    args.resume = bool(args.resume)
+    args.name = check_run_name(args.name or default_run_name(args))
+    check_train_args(args)
+    return args
+
+
+def check_train_args(args):
+    """Reject sizes and counts that cannot work, naming the flag."""
+    for flag in ("epochs", "batch_size", "input_channels", "num_classes", "input_w", "input_h"):
+        if getattr(args, flag) <= 0:
+            raise UsageError(f"--{flag} must be a positive number, got {getattr(args, flag)}")
+    for flag in ("input_w", "input_h", "crop_size"):
+        if getattr(args, flag) % 16:
+            raise UsageError(f"--{flag} {getattr(args, flag)} must be a multiple of 16 (the network halves the "
+                             "size four times)")
+    if args.crop_size < 0 or args.num_workers < 0 or args.warmup_epochs < 0:
+        raise UsageError("--crop_size, --num_workers and --warmup_epochs must not be negative")
+    if not 0 < args.val_size < 1 or not 0 <= args.test_size < 1 or args.val_size + args.test_size >= 1:
+        raise UsageError(f"--val_size {args.val_size} and --test_size {args.test_size} must be fractions whose "
+                         "sum is below 1")
+    if args.lr <= 0:
+        raise UsageError(f"--lr must be positive, got {args.lr}")
+    if not 0 <= args.scale_jitter < 1:
+        raise UsageError(f"--scale_jitter must be in [0, 1), got {args.scale_jitter}")
+    try:
+        args.milestone_list = [int(m) for m in str(args.milestones).split(",") if m.strip()]
+    except ValueError:
+        raise UsageError(f"--milestones {args.milestones!r} must be comma-separated epochs such as 30,60") from None
+
+
+def run_dir(name):
+    """models/<name>, after checking that name is a plain name."""
+    return os.path.join(MODELS_DIR, check_run_name(name))
+
+
+def save_run_config(args, path):
+    """Write the run's flags as plain YAML (only the flags; derived values are left out)."""
+    from utils import atomic_write
+
+    keys = [a.dest for a in build_train_parser()._actions if a.dest not in ("help", "config", "resume", "overwrite",
+                                                                             "debug")]
+    with atomic_write(path) as f:
+        yaml.safe_dump({k: getattr(args, k) for k in keys}, f, sort_keys=False)
+
+
+def load_run_config(name):
+    """Read models/<name>/config.yml with yaml.safe_load, check its keys, and return an argparse Namespace."""
+    path = os.path.join(run_dir(name), "config.yml")
+    if not os.path.isfile(path):
+        raise UsageError(f"no run named {name!r}: {path} not found (train it first, or check --name)")
+    parser = build_train_parser()
+    values = read_yaml_config(path, parser)
+    args = parser.parse_args([])
+    for k, v in values.items():
+        setattr(args, k, v)
+    check_train_args(args)
+    return args

@@ -1,0 +1,58 @@
+"""DistributedDataParallel under torchrun: process-group setup, rank checks and reductions.
+
+torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them everything here is a no-op for one process.
+NCCL is used on CUDA (one GPU per process, cuda:LOCAL_RANK) and gloo on the CPU.
+"""
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def launched_by_torchrun():
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def setup(device):
+    """Initialise the process group when launched by torchrun; returns the device this process uses."""
+    if not launched_by_torchrun():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def cleanup():
+    if is_initialized():
+        dist.destroy_process_group()
+
+
+def is_initialized():
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank():
+    return dist.get_rank() if is_initialized() else 0
+
+
+def world_size():
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def is_main():
+    """True on the process that writes files and prints (rank 0, or the only process)."""
+    return rank() == 0
+
+
+def reduce_sum(tensor):
+    """Sum a tensor over all processes (in place and returned); unchanged for a single process."""
+    if is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier():
+    if is_initialized():
+        dist.barrier()

@@ -1,0 +1,90 @@
+"""Training curves from models/<name>/log.csv: loss, IoU/Dice and learning rate against epoch.
+
+    python plot.py --name dsb2018_96_NestedUNet_wDS                 # -> models/<name>/curves.png
+    python plot.py --name run_a run_b run_c --out compare.png       # several runs on one figure
+
+train.py redraws models/<name>/curves.png after every epoch. The best epoch (highest val IoU) is marked.
+"""
+import argparse
+import os
+
+from utils import UsageError, run_cli
+
+
+def plot_runs(logs, names, out_path):
+    """Draw one figure of three panels for one or more runs and write it atomically as PNG.
+
+    logs: pandas DataFrames with log.csv's columns (missing or NaN values are skipped); names: one per log.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from utils import atomic_write
+
+    fig, (ax_loss, ax_score, ax_lr) = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
+    for i, (log, name) in enumerate(zip(logs, names)):
+        colour = f"C{i}"
+        label = (lambda s: f"{name} {s}") if len(logs) > 1 else (lambda s: s)
+        _line(ax_loss, log, "loss", colour, "--", label("train loss"))
+        _line(ax_loss, log, "val_loss", colour, "-", label("val loss"))
+        _line(ax_score, log, "iou", colour, "--", label("train IoU"))
+        _line(ax_score, log, "val_iou", colour, "-", label("val IoU"))
+        _line(ax_score, log, "val_dice", colour, ":", label("val Dice"))
+        _line(ax_lr, log, "lr", colour, "-", label("lr"))
+        if "val_iou" in log and log["val_iou"].notna().any():
+            best = log.loc[log["val_iou"].idxmax()]
+            ax_score.scatter([best["epoch"]], [best["val_iou"]], color=colour, marker="*", s=160, zorder=3,
+                             label=label(f"best epoch {int(best['epoch'])}: val IoU {best['val_iou']:.4f}"))
+            for ax in (ax_loss, ax_lr):
+                ax.axvline(best["epoch"], color=colour, alpha=0.3, linewidth=1)
+    for ax, title in ((ax_loss, "loss"), (ax_score, "IoU / Dice (threshold 0.5)"), (ax_lr, "learning rate")):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    lrs = [v for log in logs if "lr" in log for v in log["lr"].dropna()]
+    if lrs and min(lrs) > 0:
+        ax_lr.set_yscale("log")
+    with atomic_write(out_path, "wb") as f:
+        fig.savefig(f, format="png", dpi=90)
+    plt.close(fig)
+
+
+def _line(ax, log, column, colour, style, label):
+    if column not in log:
+        return
+    data = log[["epoch", column]].dropna()
+    if len(data):
+        ax.plot(data["epoch"], data[column], style, color=colour, marker="o" if len(data) < 3 else None, label=label)
+
+
+def main(argv):
+    p = argparse.ArgumentParser(prog="plot.py", description="Plot training curves from models/<name>/log.csv.")
+    p.add_argument("--name", nargs="+", required=True, help="one or more run names")
+    p.add_argument("--out", default=None, help="PNG to write (default models/<name>/curves.png for one run, "
+                   "compare.png for several)")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    args = p.parse_args(argv)
+    import pandas as pd
+
+    from config import run_dir
+
+    logs = []
+    for name in args.name:
+        path = os.path.join(run_dir(name), "log.csv")
+        if not os.path.isfile(path):
+            raise UsageError(f"--name {name}: {path} not found (has the run finished an epoch?)")
+        log = pd.read_csv(path)
+        if "epoch" not in log:
+            raise UsageError(f"{path} has no 'epoch' column: is it a log.csv written by train.py?")
+        logs.append(log)
+    out = args.out or (os.path.join(run_dir(args.name[0]), "curves.png") if len(args.name) == 1 else "compare.png")
+    plot_runs(logs, args.name, out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

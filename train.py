@@ -1,0 +1,26 @@
+"""Train a UNet or UNet++ (NestedUNet) for nucleus segmentation.
+
+    python train.py --dataset dsb2018_96 --arch NestedUNet --deep_supervision True
+    python train.py --config configs/dsb2018_96_NestedUNet_wDS.yml --epochs 20
+    python train.py --resume dsb2018_96_NestedUNet_wDS            # continue after a crash or Ctrl-C
+    torchrun --nproc_per_node=4 train.py ...                      # several GPUs (DDP)
+
+Writes models/<name>/: config.yml, split.csv, log.csv (one row per epoch), model.pth (best weights by val IoU,
+a plain state dict), last.pth (everything needed to resume), curves.png.
+"""
+from config import parse_train_args
+from utils import run_cli
+
+
+def main(argv):
+    args = parse_train_args(argv)
+    # Heavy imports only now, so that --help and flag errors answer at once.
+    from trainer import Trainer
+
+    with Trainer(args) as trainer:
+        trainer.fit()
+        trainer.print_summary()
+
+
+if __name__ == "__main__":
+    run_cli(main)

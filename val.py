@@ -1,0 +1,98 @@
+"""Evaluate a trained run on its validation split (or its test split) and write what it predicted.
+
+    python val.py --name dsb2018_96_NestedUNet_wDS
+    python val.py --name dsb2018_96_NestedUNet_wDS --split test --tta
+
+Reads models/<name>/config.yml, model.pth and split.csv; prints pooled IoU, mean per-image IoU and mean
+per-image Dice; writes outputs/<name>/<class>/<id>.png (probability x 255, 8-bit PNG), scores.csv (one row per
+image, worst first), overlays/<id>.png (image | truth | prediction | errors) and summary.png.
+"""
+import argparse
+import os
+
+from utils import run_cli
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="val.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="Evaluate models/<name>/model.pth on the run's own split.")
+    p.add_argument("--name", required=True, help="run name (a folder in models/)")
+    p.add_argument("--split", default="val", choices=["val", "test", "train"], help="which ids of split.csv")
+    p.add_argument("--tta", action="store_true", help="average the four flips (test-time augmentation)")
+    p.add_argument("--prune", type=int, default=None, choices=[1, 2, 3, 4],
+                   help="NestedUNet with deep supervision: run only the sub-network up to head X0,L")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--batch_size", type=int, default=None, help="default: the run's batch size")
+    p.add_argument("--num_workers", type=int, default=0, help="DataLoader workers")
+    p.add_argument("--output", default=None, help="folder for the outputs (default outputs/<name>)")
+    p.add_argument("--no_overlays", action="store_true", help="skip overlays/ and summary.png")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    return p
+
+
+def main(argv):
+    args = build_parser().parse_args(argv)
+    from config import INPUTS_DIR, load_run_config, run_dir
+
+    cfg = load_run_config(args.name)
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from archs import build_model
+    from engine import Precision, evaluate
+    from losses import build_loss
+    from metrics import per_image_scores
+    from trainer import load_checkpoint, make_eval_loader, read_split
+    from utils import UsageError, atomic_imwrite, atomic_write, choose_device
+    from visualize import denormalize, overlay_panel, write_summary
+
+    if args.prune is not None and not (cfg.arch == "NestedUNet" and cfg.deep_supervision):
+        raise UsageError(f"--prune needs a NestedUNet trained with deep supervision; {args.name} is {cfg.arch} "
+                         f"{'with' if cfg.deep_supervision else 'without'} deep supervision")
+    device = choose_device(args.device)
+    mdir = run_dir(args.name)
+    weights = load_checkpoint(os.path.join(mdir, "model.pth"), device)
+    model = build_model(cfg.arch, cfg.num_classes, cfg.input_channels, cfg.deep_supervision).to(device)
+    model.load_state_dict(weights)
+    split = read_split(os.path.join(mdir, "split.csv"))
+    ids = split.loc[split["split"] == args.split, "img_id"].tolist()
+    if not ids:
+        raise UsageError(f"{mdir}/split.csv has no '{args.split}' ids (train with --test_size for a test split)")
+    cfg.num_workers = args.num_workers
+    cfg.batch_size = args.batch_size or cfg.batch_size
+    loader = make_eval_loader(cfg, os.path.join(INPUTS_DIR, cfg.dataset), ids, device)
+    out_dir = args.output or os.path.join("outputs", args.name)
+    rows = []
+
+    def save_batch(meta, images, logits, masks):
+        probs = torch.sigmoid(logits).cpu().numpy()
+        ious, dices = (s.cpu().numpy() for s in per_image_scores(logits, masks))
+        for i, img_id in enumerate(meta["img_id"]):
+            for c in range(probs.shape[1]):
+                atomic_imwrite(os.path.join(out_dir, str(c), img_id + ".png"),
+                               np.round(probs[i, c] * 255).astype(np.uint8))
+            rows.append({"img_id": img_id, "iou": float(ious[i]), "dice": float(dices[i])})
+            if not args.no_overlays:
+                atomic_imwrite(os.path.join(out_dir, "overlays", img_id + ".png"),
+                               overlay_panel(denormalize(images[i]), masks[i, 0].cpu().numpy() > 0, probs[i, 0]))
+
+    scores = evaluate(model, loader, build_loss(cfg.loss), Precision.choose(device), desc=args.split,
+                      prune=args.prune, tta=args.tta, on_batch=save_batch)
+    table = pd.DataFrame(rows).sort_values("iou", kind="stable").reset_index(drop=True)
+    with atomic_write(os.path.join(out_dir, "scores.csv")) as f:
+        table.to_csv(f, index=False, float_format="%.6f")
+    if not args.no_overlays:
+        write_summary(os.path.join(out_dir, "overlays"), table, os.path.join(out_dir, "summary.png"))
+    what = f"{args.split} split, {len(ids)} images" + (", flip TTA" if args.tta else "") + \
+        (f", pruned at L={args.prune}" if args.prune else "")
+    print(f"{args.name} ({what}):\n"
+          f"  IoU  {scores['iou']:.4f} pooled   {scores['iou_mean']:.4f} mean per image\n"
+          f"  Dice {scores['dice']:.4f} pooled   {scores['dice_mean']:.4f} mean per image\n"
+          f"  worst image {table['img_id'][0]} (IoU {table['iou'][0]:.3f}); files in {out_dir}/ "
+          f"(scores.csv, {'' if args.no_overlays else 'overlays/, summary.png, '}probability PNGs per class)")
+    return scores
+
+
+if __name__ == "__main__":
+    run_cli(main)
