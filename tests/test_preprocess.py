@@ -1,0 +1,249 @@
+"""Tests for preprocess_dsb2018.py on a tiny fake raw DSB2018 folder (and on the real one when it is present)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import preprocess_dsb2018 as pre  # noqa: E402
+from utils import DataError, UsageError  # noqa: E402
+
+REAL_SRC = ROOT.parent / "shared" / "data" / "dsb2018" / "stage1_train"
+
+
+def _disk(shape, cy, cx, r):
+    m = np.zeros(shape, np.uint8)
+    cv2.circle(m, (cx, cy), r, 255, -1)
+    return m
+
+
+def _rect(shape, y0, x0, y1, x1):
+    m = np.zeros(shape, np.uint8)
+    m[y0:y1, x0:x1] = 255
+    return m
+
+
+def _write_sample(src, sid, image, masks):
+    os.makedirs(src / sid / "images", exist_ok=True)
+    os.makedirs(src / sid / "masks", exist_ok=True)
+    assert cv2.imwrite(str(src / sid / "images" / f"{sid}.png"), image)
+    for k, m in enumerate(masks):
+        assert cv2.imwrite(str(src / sid / "masks" / f"m{k:02d}.png"), m)
+
+
+@pytest.fixture
+def raw(tmp_path):
+    """A fake stage1_train: two RGBA samples and one grey one, of different sizes, with known masks."""
+    rng = np.random.default_rng(0)
+    src = tmp_path / "stage1_train"
+    samples = {}
+    # RGBA with a varying alpha channel (the output must drop it, not composite it); two overlapping disks
+    shape = (40, 56)
+    bgra = rng.integers(0, 256, shape + (4,), dtype=np.uint8)
+    masks = [_disk(shape, 15, 15, 9), _disk(shape, 15, 27, 9), _rect(shape, 26, 30, 38, 52)]
+    _write_sample(src, "aaa", bgra, masks)
+    samples["aaa"] = (bgra[..., :3], masks)
+    # grey single-channel image
+    shape = (48, 48)
+    grey = rng.integers(0, 256, shape, dtype=np.uint8)
+    masks = [_disk(shape, 12, 12, 8), _rect(shape, 25, 20, 45, 44)]
+    _write_sample(src, "bbb", grey, masks)
+    samples["bbb"] = (np.repeat(grey[..., None], 3, axis=2), masks)
+    shape = (32, 40)
+    bgra = rng.integers(0, 256, shape + (4,), dtype=np.uint8)
+    masks = [_disk(shape, 16, 20, 10)]
+    _write_sample(src, "ccc", bgra, masks)
+    samples["ccc"] = (bgra[..., :3], masks)
+    return src, samples
+
+
+def _read_out(dst, sid):
+    img = cv2.imread(str(dst / "images" / f"{sid}.png"), cv2.IMREAD_UNCHANGED)
+    mask = cv2.imread(str(dst / "masks" / "0" / f"{sid}.png"), cv2.IMREAD_UNCHANGED)
+    lab = cv2.imread(str(dst / "labels" / f"{sid}.png"), cv2.IMREAD_UNCHANGED)
+    assert img is not None and mask is not None and lab is not None
+    return img, mask, lab
+
+
+def _union(masks):
+    return np.maximum.reduce(masks)
+
+
+def test_full_size_exact(raw, tmp_path, monkeypatch):
+    src, samples = raw
+    monkeypatch.chdir(tmp_path)
+    assert pre.main(["--src", str(src), "--img_size", "0", "--num_workers", "1"]) == 0
+    dst = tmp_path / "inputs" / "dsb2018_full"
+    assert sorted(os.listdir(dst / "images")) == ["aaa.png", "bbb.png", "ccc.png"]
+    for sid, (bgr, masks) in samples.items():
+        img, mask, lab = _read_out(dst, sid)
+        assert img.shape == bgr.shape and img.dtype == np.uint8, sid  # original size, 3 channels
+        assert np.array_equal(img, bgr), sid  # alpha dropped, colour untouched; grey -> 3 equal channels
+        assert np.array_equal(mask, _union(masks)), sid
+        assert lab.dtype == np.uint16 and lab.shape == bgr.shape[:2]
+        assert np.unique(lab[lab > 0]).tolist() == list(range(1, len(masks) + 1)), sid
+        assert np.array_equal(lab > 0, mask > 0), sid
+        # nucleus i is mask file i (sorted order); the later mask owns an overlap
+        for i, m in enumerate(masks, start=1):
+            later = _union(masks[i:]) if i < len(masks) else np.zeros_like(m)
+            assert np.all(lab[(m > 0) & (later == 0)] == i), (sid, i)
+    overlap = (samples["aaa"][1][0] > 0) & (samples["aaa"][1][1] > 0)
+    assert overlap.any()
+    assert np.all(_read_out(dst, "aaa")[2][overlap] == 2)
+
+
+def test_resized_hard_masks(raw, tmp_path, monkeypatch):
+    src, samples = raw
+    monkeypatch.chdir(tmp_path)
+    assert pre.main(["--src", str(src), "--img_size", "24", "--num_workers", "1"]) == 0
+    dst = tmp_path / "inputs" / "dsb2018_24"
+    for sid, (bgr, masks) in samples.items():
+        img, mask, lab = _read_out(dst, sid)
+        assert img.shape == (24, 24, 3)
+        assert np.array_equal(img, cv2.resize(bgr, (24, 24), interpolation=cv2.INTER_LINEAR)), sid
+        assert set(np.unique(mask).tolist()) == {0, 255}, sid  # hard mask, not soft resize values
+        soft = cv2.resize(_union(masks), (24, 24), interpolation=cv2.INTER_LINEAR)
+        assert set(np.unique(soft).tolist()) - {0, 255}, "the fixture should produce soft edges when resized"
+        assert np.array_equal(mask, np.where(soft >= 128, 255, 0).astype(np.uint8)), sid
+        assert lab.dtype == np.uint16 and lab.shape == (24, 24)
+        assert len(np.unique(lab[lab > 0])) == len(masks), sid
+        full = np.zeros(masks[0].shape, np.uint16)
+        for i, m in enumerate(masks, start=1):
+            full[m > 0] = i
+        assert np.array_equal(lab, cv2.resize(full, (24, 24), interpolation=cv2.INTER_NEAREST)), sid
+        # nearest-neighbour labels and the thresholded mask agree on almost every pixel
+        assert np.mean((lab > 0) != (mask > 0)) < 0.1, sid
+
+
+def test_pool_matches_single_process_and_limit(raw, tmp_path):
+    src, _ = raw
+    one, two = tmp_path / "one", tmp_path / "two"
+    pre.main(["--src", str(src), "--dst", str(one), "--num_workers", "1"])
+    pre.main(["--src", str(src), "--dst", str(two), "--num_workers", "2"])
+    for sub in ("images", "masks/0", "labels"):
+        names = sorted(os.listdir(one / sub))
+        assert names == sorted(os.listdir(two / sub)) and len(names) == 3
+        for n in names:
+            assert (one / sub / n).read_bytes() == (two / sub / n).read_bytes()
+    lim = tmp_path / "lim"
+    pre.main(["--src", str(src), "--dst", str(lim), "--limit", "2", "--num_workers", "2"])
+    assert sorted(os.listdir(lim / "images")) == ["aaa.png", "bbb.png"]
+    assert sorted(os.listdir(lim / "labels")) == ["aaa.png", "bbb.png"]
+
+
+def test_missing_src(tmp_path):
+    with pytest.raises(DataError) as e:
+        pre.main(["--src", str(tmp_path / "nope"), "--dst", str(tmp_path / "out")])
+    msg = str(e.value)
+    assert "https://www.kaggle.com/c/data-science-bowl-2018/data" in msg
+    assert "inputs/data-science-bowl-2018/stage1_train" in msg and "--src" in msg
+    assert not (tmp_path / "out").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="kaggle.com"):
+        pre.main(["--src", str(empty), "--dst", str(tmp_path / "out")])
+
+
+def test_missing_src_cli_one_line(tmp_path):
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "preprocess_dsb2018.py"), "--src", str(tmp_path / "nope")],
+        capture_output=True, text=True, cwd=str(tmp_path), timeout=120,
+    )
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("preprocess_dsb2018.py: error:"), r.stderr
+    assert "kaggle.com" in lines[0]
+    assert not (tmp_path / "inputs" / "dsb2018_96").exists()
+
+
+def _leftovers(folder):
+    return [n for n in os.listdir(folder) if n.startswith(".")]
+
+
+def test_sample_without_masks(raw, tmp_path):
+    src, _ = raw
+    for f in (src / "bbb" / "masks").iterdir():
+        f.unlink()
+    dst = tmp_path / "out"
+    with pytest.raises(DataError) as e:
+        pre.main(["--src", str(src), "--dst", str(dst), "--num_workers", "1"])
+    assert str(src / "bbb") in str(e.value) and "no masks" in str(e.value)
+    assert not dst.exists() and not _leftovers(tmp_path)
+    # the same through the worker pool
+    with pytest.raises(DataError, match="bbb"):
+        pre.main(["--src", str(src), "--dst", str(dst), "--num_workers", "2"])
+    assert not dst.exists() and not _leftovers(tmp_path)
+
+
+def test_sample_without_image(raw, tmp_path):
+    src, _ = raw
+    (src / "ccc" / "images" / "ccc.png").unlink()
+    with pytest.raises(DataError) as e:
+        pre.main(["--src", str(src), "--dst", str(tmp_path / "out"), "--num_workers", "1"])
+    assert str(src / "ccc") in str(e.value) and "no image" in str(e.value)
+
+
+def test_unreadable_png(raw, tmp_path):
+    src, _ = raw
+    bad = src / "aaa" / "masks" / "m01.png"
+    bad.write_bytes(b"not a png at all")
+    with pytest.raises(DataError) as e:
+        pre.main(["--src", str(src), "--dst", str(tmp_path / "out"), "--num_workers", "1"])
+    assert str(bad) in str(e.value)
+
+
+def test_existing_dst_replaced_only_on_success(raw, tmp_path):
+    src, _ = raw
+    dst = tmp_path / "out"
+    (dst / "images").mkdir(parents=True)
+    (dst / "images" / "old.png").write_bytes(b"old")
+    (src / "ccc" / "images" / "ccc.png").write_bytes(b"broken")
+    with pytest.raises(DataError):
+        pre.main(["--src", str(src), "--dst", str(dst), "--num_workers", "1"])
+    assert (dst / "images" / "old.png").read_bytes() == b"old"
+    assert not _leftovers(tmp_path)
+    pre.main(["--src", str(src), "--dst", str(dst), "--num_workers", "1", "--limit", "2"])
+    assert sorted(os.listdir(dst / "images")) == ["aaa.png", "bbb.png"]
+    assert not _leftovers(tmp_path)
+
+
+def test_bad_flags(raw, tmp_path):
+    src, _ = raw
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(UsageError):
+        pre.main(["--src", str(src), "--dst", str(foreign)])
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    for flags in (["--img_size", "-1"], ["--num_workers", "0"], ["--limit", "0"]):
+        with pytest.raises(UsageError):
+            pre.main(["--src", str(src), "--dst", str(tmp_path / "x")] + flags)
+
+
+def test_real_dsb2018_subset(tmp_path):
+    if not REAL_SRC.is_dir():
+        pytest.skip(f"real DSB2018 data not found at {REAL_SRC} (only used when present)")
+    dst = tmp_path / "dsb"
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "preprocess_dsb2018.py"), "--src", str(REAL_SRC), "--limit", "4",
+         "--dst", str(dst), "--num_workers", "2"],
+        capture_output=True, text=True, cwd=str(tmp_path), timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "wrote 4 samples" in r.stdout
+    ids = sorted(os.listdir(REAL_SRC))[:4]
+    assert sorted(os.listdir(dst / "images")) == [i + ".png" for i in ids]
+    for sid in ids:
+        img, mask, lab = _read_out(dst, sid)
+        assert img.shape == (96, 96, 3) and img.dtype == np.uint8
+        assert mask.shape == (96, 96) and set(np.unique(mask).tolist()) <= {0, 255} and mask.max() == 255
+        assert lab.dtype == np.uint16 and lab.shape == (96, 96)
+        n_masks = len([f for f in os.listdir(REAL_SRC / sid / "masks") if f.endswith(".png")])
+        assert 0 < len(np.unique(lab[lab > 0])) <= n_masks and lab.max() <= n_masks
+        assert np.mean((lab > 0) != (mask > 0)) < 0.1
