@@ -53,6 +53,14 @@ def reduce_sum(tensor):
     return tensor
 
 
+def broadcast_buffers(module):
+    """Copy rank 0's buffers (BatchNorm running statistics) to every process, so that all ranks evaluate
+    exactly the weights rank 0 saves."""
+    if is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def barrier():
     if is_initialized():
         dist.barrier()

@@ -311,6 +311,7 @@ class Trainer:
             raise UserError(f"the loss became NaN or infinite at epoch {epoch + 1}, step {e.step + 1}; "
                             f"{self.dir}/last.pth still holds epoch {epoch}. Try a lower --lr, --amp False, or "
                             f"check the data, then continue with --resume {a.name}") from None
+        distributed.broadcast_buffers(self.net)
         val = evaluate(self.model, self.val_loader, self.criterion, self.precision, desc="val",
                        progress=self.progress and self.main)
         if a.scheduler == "ReduceLROnPlateau":
