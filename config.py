@@ -142,7 +142,7 @@ def parse_train_args(argv):
         saved = os.path.join(run_dir(name), "config.yml")
         if not os.path.isfile(saved):
             raise UsageError(f"--resume {name}: {saved} not found; is the run name right? (runs are in models/)")
-        parser.set_defaults(**read_yaml_config(saved, parser), name=name)
+        parser.set_defaults(**{**read_yaml_config(saved, parser), "name": name})
     args = parser.parse_args(argv)
     args.resume = bool(args.resume)
     args.name = check_run_name(args.name or default_run_name(args))
