@@ -19,7 +19,7 @@ def build_train_parser():
     p = argparse.ArgumentParser(
         prog="train.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Train a UNet or UNet++ (NestedUNet) on inputs/<dataset>/images + masks/<class>/.")
-    p.add_argument("--config", default=None, help="YAML recipe (e.g. configs/dsb2018_96_NestedUNet_wDS.yml); "
+    p.add_argument("--config", default=None, help="YAML recipe (e.g. configs/seed_dsb2018_96_NestedUNet_wDS.yml); "
                    "flags given on the command line override it")
     p.add_argument("--name", default=None, help="run name; default <dataset>_<arch>_wDS|woDS; files go to models/<name>/")
     p.add_argument("--epochs", default=100, type=int, help="number of epochs")

@@ -1,0 +1,95 @@
+"""Train and evaluate recipes from configs/ one after another and print the README's results table.
+
+    python bench/quality.py configs/dsb2018_96_*_bcedice.yml configs/dsb2018_96_*_lovasz.yml
+    python bench/quality.py configs/dsb2018_96_UNet_bcedice.yml --epochs 10 --suffix _cpu10
+
+Each row: pooled val IoU, mean per-image IoU and Dice (with and without flip TTA), test-split numbers when the
+recipe holds one out, epochs, wall time, hardware, and the exact command. Runs train.py and val.py as users do
+(train in a subprocess, val in-process). Writes bench/results/quality.csv (appending) and prints one JSON line last.
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def hardware():
+    """'NVIDIA H100 80GB HBM3' or the CPU model with its core count."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    model = platform.processor() or "CPU"
+    if os.path.isfile("/proc/cpuinfo"):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def run_recipe(config, extra):
+    """Train one recipe; returns (run name, seconds, command)."""
+    from config import parse_train_args
+
+    args = parse_train_args(["--config", config] + extra)
+    cmd = [sys.executable, "train.py", "--config", os.path.relpath(config, REPO)] + extra + ["--overwrite"]
+    t0 = time.time()
+    subprocess.run(cmd, cwd=REPO, check=True)
+    return args, time.time() - t0, " ".join(["python"] + cmd[1:-1])
+
+
+def evaluate_run(name, split, tta):
+    import val
+
+    return val.main(["--name", name, "--split", split, "--no_overlays"] + (["--tta"] if tta else []))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("configs", nargs="+", help="recipes to run, in order")
+    p.add_argument("--epochs", type=int, default=None, help="override the recipes' epochs (say so in the table)")
+    p.add_argument("--suffix", default="", help="appended to each run name (e.g. _cpu10)")
+    p.add_argument("--no_tta", action="store_true", help="skip the flip-TTA evaluation")
+    p.add_argument("--out", default=os.path.join(REPO, "bench", "results", "quality.csv"))
+    args = p.parse_args(argv)
+    os.chdir(REPO)
+    import pandas as pd
+
+    import config as config_module
+
+    rows = []
+    for path in args.configs:
+        name = config_module.parse_train_args(["--config", path]).name + args.suffix
+        extra = ["--name", name] + (["--epochs", str(args.epochs)] if args.epochs else [])
+        run, seconds, command = run_recipe(path, extra)
+        log = pd.read_csv(os.path.join("models", name, "log.csv"))
+        best = log.loc[log["val_iou"].idxmax()]
+        val = evaluate_run(name, "val", False)
+        row = {"run": name, "arch": run.arch + (" + DS" if run.deep_supervision else ""), "loss": run.loss,
+               "val_iou": round(val["iou"], 4), "val_iou_mean": round(val["iou_mean"], 4),
+               "val_dice_mean": round(val["dice_mean"], 4), "epochs": len(log), "best_epoch": int(best["epoch"]),
+               "minutes": round(seconds / 60, 1), "hardware": hardware(), "command": command}
+        if not args.no_tta:
+            tta = evaluate_run(name, "val", True)
+            row.update(val_iou_tta=round(tta["iou"], 4), val_iou_mean_tta=round(tta["iou_mean"], 4))
+        if run.test_size:
+            test = evaluate_run(name, "test", False)
+            row.update(test_iou=round(test["iou"], 4), test_iou_mean=round(test["iou_mean"], 4),
+                       test_dice_mean=round(test["dice_mean"], 4))
+        rows.append(row)
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        pd.DataFrame([row]).to_csv(args.out, mode="a", header=not os.path.isfile(args.out), index=False)
+    table = pd.DataFrame(rows)
+    print(table.drop(columns=["command"]).to_string(index=False))
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
