@@ -1,0 +1,43 @@
+"""The benchmark scripts run end to end and end with their JSON summary. Speed itself is never asserted."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(name, args, cwd, timeout=240):
+    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", name), *args], cwd=cwd, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_speed_quick_smallest(tmp_path):
+    summary = run_script("speed.py", ["--quick", "--device", "cpu", "--archs", "UNet", "--batch_sizes", "4",
+                                      "--num_images", "24", "--size", "32", "--steps", "1", "--repeats", "1",
+                                      "--warmup", "0", "--num_workers", "1"], tmp_path)
+    for key in ("bench", "torch", "cpu_count", "devices", "rows", "geomean_ratio"):
+        assert key in summary
+    assert summary["bench"] == "speed" and "cpu" in summary["devices"]
+    (row,) = summary["rows"]
+    assert row["arch"] == "UNet" and row["batch_size"] == 4 and row["device"] == "cpu"
+    for loop in ("seed", "ours"):
+        for key in ("images_per_s", "epoch_s", "peak_mem_mib", "steps_per_epoch", "precision"):
+            assert key in row[loop]
+        assert row[loop]["steps_per_epoch"] == 1 and row[loop]["images_per_s"] > 0
+    assert row["ratio"] > 0
+    assert os.listdir(tmp_path) == []  # everything went to a temporary folder, removed afterwards
+
+
+def test_lovasz_quick(tmp_path):
+    summary = run_script("lovasz.py", ["--quick", "--device", "cpu", "--cases", "4x32x32", "--repeats", "2",
+                                       "--warmup", "1"], tmp_path)
+    for key in ("bench", "torch", "cpu_count", "devices", "rows", "all_agree"):
+        assert key in summary
+    assert summary["all_agree"] is True
+    (row,) = summary["rows"]
+    for key in ("loss_max_abs_diff", "grad_max_abs_diff", "batched_ms", "loop_ms", "speedup"):
+        assert key in row
