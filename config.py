@@ -8,7 +8,7 @@ import os
 
 import yaml
 
-from utils import UsageError, check_run_name, str2bool
+from utils import ArgumentParser, UsageError, check_run_name, str2bool
 
 MODELS_DIR = "models"
 INPUTS_DIR = "inputs"
@@ -16,7 +16,7 @@ INPUTS_DIR = "inputs"
 
 def build_train_parser():
     """The argparse parser of train.py; every option has a default that ``--help`` shows."""
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="train.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Train a UNet or UNet++ (NestedUNet) on inputs/<dataset>/images + masks/<class>/.")
     p.add_argument("--config", default=None, help="YAML recipe (e.g. configs/seed_dsb2018_96_NestedUNet_wDS.yml); "

@@ -13,7 +13,6 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.model_selection import train_test_split
 
 import distributed
 from archs import build_model
@@ -35,6 +34,8 @@ def make_split(ids, val_size=0.2, test_size=0.0, random_state=41):
     With test_size 0 this is exactly the seed's 80/20 split. With a test part, the test ids are drawn first
     and the validation ids from the rest. Returns a DataFrame with columns img_id, split.
     """
+    from sklearn.model_selection import train_test_split  # imported here: it takes a second to import
+
     ids = sorted(ids)
     rest, test = (ids, []) if test_size == 0 else train_test_split(ids, test_size=test_size, random_state=random_state)
     train, val = train_test_split(rest, test_size=val_size / (1 - test_size), random_state=random_state)
@@ -148,9 +149,13 @@ class Trainer:
         signal.signal(signal.SIGTERM, self._previous_sigterm)
         distributed.cleanup()
         if exc_type is KeyboardInterrupt and self.main:
-            done = int(self.log["epoch"].max()) if len(self.log) else 0
-            print(f"\nstopped during epoch {done + 1}; {self.dir}/last.pth holds epoch {done}. "
-                  f"Continue with: python train.py --resume {self.args.name}", flush=True)
+            done = getattr(self, "saved_epoch", self.start_epoch)
+            if done:
+                print(f"\nstopped during epoch {done + 1}; {self.dir}/last.pth holds epoch {done}. "
+                      f"Continue with: python train.py --resume {self.args.name}", flush=True)
+            else:
+                print("\nstopped during epoch 1, before any epoch was saved; start again with --overwrite",
+                      flush=True)
         return False
 
     # ----------------------------------------------------------------------------------------- setting up
@@ -256,7 +261,7 @@ class Trainer:
         except (KeyError, RuntimeError, ValueError) as e:
             raise DataError(f"{path} does not match this run's flags ({str(e).splitlines()[0][:120]}); resume with "
                             "the run's own settings or start again with --overwrite") from None
-        torch.set_rng_state(ckpt["torch_rng"])
+        torch.set_rng_state(ckpt["torch_rng"].cpu())  # map_location may have moved it to the GPU
         self.start_epoch = ckpt["epoch"]
         self.best_iou, self.best_epoch, self.stale_epochs = ckpt["best_iou"], ckpt["best_epoch"], ckpt["stale_epochs"]
         log_path = os.path.join(self.dir, "log.csv")
@@ -270,12 +275,15 @@ class Trainer:
         self.log = pd.concat([self.log.dropna(axis=1, how="all"), pd.DataFrame([row])], ignore_index=True)
         if improved:
             atomic_torch_save(self.net.state_dict(), os.path.join(self.dir, "model.pth"))
-        atomic_torch_save(self._checkpoint(epoch), os.path.join(self.dir, "last.pth"))
         with atomic_write(os.path.join(self.dir, "log.csv")) as f:
             self.log[LOG_COLUMNS].to_csv(f, index=False)
         from plot import plot_runs
 
         plot_runs([self.log], [self.args.name], os.path.join(self.dir, "curves.png"))
+        # last.pth is written last: it is the commit point. Stopped before it, --resume redoes this epoch and
+        # drops its row from log.csv, so the log never misses an epoch.
+        atomic_torch_save(self._checkpoint(epoch), os.path.join(self.dir, "last.pth"))
+        self.saved_epoch = epoch
 
     # --------------------------------------------------------------------------------------------- the loop
 
@@ -290,27 +298,35 @@ class Trainer:
                   f"{f', {distributed.world_size()} processes' if distributed.world_size() > 1 else ''})"
                   f"{f', resuming after epoch {self.start_epoch}' if self.start_epoch else ''}", flush=True)
         for epoch in range(self.start_epoch, a.epochs):
-            if 0 <= a.early_stopping <= self.stale_epochs:
+            if epoch > 0 and 0 <= a.early_stopping <= self.stale_epochs:  # as the seed: at least one epoch
                 if self.main:
                     print(f"early stopping: no better val IoU for {self.stale_epochs} epochs", flush=True)
                 break
             self.run_epoch(epoch)
 
+    def train_epoch(self, epoch, max_steps=None):
+        """The training half of :meth:`run_epoch` (bench/speed.py times exactly this): seeds the epoch, trains
+        on the training loader (at most ``max_steps`` steps) and returns dict(loss, iou)."""
+        a = self.args
+        torch.manual_seed(a.seed + epoch)
+        self.train_loader.sampler.set_epoch(epoch)
+        desc = f"epoch {epoch + 1}/{a.epochs}"
+        try:
+            return train_one_epoch(self.model, self.train_loader, self.criterion, self.optimizer, self.precision,
+                                   desc=desc, progress=self.progress and self.main, max_steps=max_steps)
+        except NonFiniteLoss as e:
+            kept = f"{self.dir}/last.pth still holds epoch {epoch}" if epoch else "no epoch was saved"
+            raise UserError(f"the loss became NaN or infinite at epoch {epoch + 1}, step {e.step + 1}; {kept}. "
+                            "Try a lower --lr (start again with --overwrite: a resumed run keeps its saved learning "
+                            f"rate), --amp False{f' (with --resume {a.name})' if epoch else ''}, or check the data"
+                            ) from None
+
     def run_epoch(self, epoch):
         """Train and validate epoch ``epoch`` (0-based), step the schedule, and save everything."""
         a = self.args
         t0 = time.time()
-        torch.manual_seed(a.seed + epoch)
-        self.train_loader.sampler.set_epoch(epoch)
         lr = self.optimizer.param_groups[0]["lr"]
-        desc = f"epoch {epoch + 1}/{a.epochs}"
-        try:
-            train = train_one_epoch(self.model, self.train_loader, self.criterion, self.optimizer, self.precision,
-                                    desc=desc, progress=self.progress and self.main)
-        except NonFiniteLoss as e:
-            raise UserError(f"the loss became NaN or infinite at epoch {epoch + 1}, step {e.step + 1}; "
-                            f"{self.dir}/last.pth still holds epoch {epoch}. Try a lower --lr, --amp False, or "
-                            f"check the data, then continue with --resume {a.name}") from None
+        train = self.train_epoch(epoch)
         distributed.broadcast_buffers(self.net)
         val = evaluate(self.model, self.val_loader, self.criterion, self.precision, desc="val",
                        progress=self.progress and self.main)
@@ -373,9 +389,19 @@ def load_checkpoint(path, device):
     to load (a pickle with classes or functions) is refused with a clear message and never executed."""
     if not os.path.isfile(path):
         raise UsageError(f"{path} not found: has the run saved weights yet? (train it first)")
+    import warnings
+
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for unsafe or broken files
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise DataError(f"refusing to load {path}: it is not a plain tensor checkpoint or it is damaged ({reason}); "
-                        "only load weights saved by this toolkit or from a source you trust") from None
+        text = str(e).strip()
+        if text.startswith("Weights only load failed"):  # keep torch's reason, not its advice about its API
+            body = text.partition("\n")[2].split("Check the documentation")[0].split("WeightsUnpickler error:")[-1]
+            reason = ("it holds something other than tensors and plain types (which could run code) or is damaged "
+                      f"({' '.join(body.split())[:100]})")
+        else:
+            reason = f"it is damaged or not a PyTorch checkpoint ({text.splitlines()[0][:100] if text else type(e)})"
+        raise DataError(f"refusing to load {path}: {reason}; only load weights saved by this toolkit or from a "
+                        "source you trust") from None

@@ -46,11 +46,36 @@ def run_cli(main, argv=None):
         if "--debug" in argv:
             raise
         prog = os.path.basename(sys.argv[0]) or "toolkit"
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {user_message(e)}", file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def user_message(e):
+    """The message of a UserError without the worker traceback that a DataLoader worker wraps around it.
+
+    An error raised in a worker process comes back as ``DataError("Caught DataError in DataLoader worker
+    process 0.\nOriginal Traceback ...\nutils.DataError: <message>")``; the user only needs <message>.
+    """
+    import re
+
+    text = str(e)
+    if "Original Traceback" not in text:
+        return text
+    last = None
+    for last in re.finditer(rf"^(?:\w+\.)*{re.escape(type(e).__name__)}: ", text, re.M):
+        pass
+    return text[last.end():].strip() if last else text.strip().splitlines()[-1]
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, ``prog: error: <message> (see: python prog --help)``, exit code 2,
+    instead of the whole usage text above the message."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see: python {self.prog} --help)\n")
 
 
 def str2bool(v):

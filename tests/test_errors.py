@@ -1,0 +1,232 @@
+"""Every bad input gets one clear message naming the flag or file, the right exit code, and no traceback.
+
+Each case runs the real script file (train.py / val.py, as ``__main__``) in its own process, in one prepared
+temporary directory. The processes are forked, four at a time, from one interpreter that has done the expensive
+imports once (see ZYGOTE); a few cases are also run by fresh ``python script.py`` interpreters and must give the
+same result. Each parametrized test checks its own case's exit code and message.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--arch", "UNet", "--input_w", "32", "--input_h", "32", "--epochs", "1", "-b", "2", "--num_workers", "0",
+         "--device", "cpu"]
+
+
+def train(*args, dataset="good"):
+    return ["train.py", "--dataset", dataset, *SMALL, *args]
+
+
+# id: (command, expected exit code, strings that the error message must contain)
+CASES = {
+    "missing_dataset": (train(dataset="nowhere"), 1, ["inputs/nowhere/images", "not found"]),
+    "empty_image_folder": (train(dataset="empty"), 1, ["no .png images", "inputs/empty/images"]),
+    "images_without_masks": (train(dataset="nomask"), 1, ["have no mask", "syn_0001", "syn_0002"]),
+    "masks_without_images": (train(dataset="noimg"), 1, ["have no image", "syn_0003", "syn_0004"]),
+    "truncated_image_cached": (train("--cache", "True", dataset="trunc"), 1, ["trunc/images/syn_0002.png"]),
+    "truncated_image_uncached": (train("--cache", "False", dataset="trunc"), 1, ["trunc/images/syn_0002.png"]),
+    "truncated_image_uncached_worker": (train("--cache", "False", "--num_workers", "1", dataset="trunc"), 1,
+                                        ["trunc/images/syn_0002.png"]),
+    "mask_other_size": (train(dataset="msize"), 1, ["msize/masks/0/syn_0001.png", "16x16", "32x32"]),
+    "mask_values": (train(dataset="mvals"), 1, ["mvals/masks/0/syn_0001.png", "128", "0/255"]),
+    "num_classes_mismatch": (train("--num_classes", "2"), 2, ["--num_classes 2", "['0']"]),
+    "wrong_img_ext": (train("--img_ext", ".jpg"), 1, ["no .jpg images", "--img_ext", ".png"]),
+    "image_smaller_than_crop": (train("--crop_size", "64"), 2, ["--crop_size 64", "32x32"]),
+    "unknown_arch": (train("--arch", "UNet3000"), 2, ["--arch", "UNet3000", "NestedUNet"]),
+    "unknown_loss": (train("--loss", "Hinge"), 2, ["--loss", "Hinge", "BCEDiceLoss"]),
+    "unknown_optimizer": (train("--optimizer", "Lion"), 2, ["--optimizer", "Lion", "Adam"]),
+    "unknown_scheduler": (train("--scheduler", "Cyclic"), 2, ["--scheduler", "Cyclic", "CosineAnnealingLR"]),
+    "zero_epochs": (train("--epochs", "0"), 2, ["--epochs", "0"]),
+    "negative_batch": (train("-b", "-1"), 2, ["--batch_size", "-1"]),
+    "zero_input_w": (train("--input_w", "0"), 2, ["--input_w", "0"]),
+    "non_numeric_epochs": (train("--epochs", "ten"), 2, ["--epochs", "ten"]),
+    "batch_larger_than_train_set": (train("-b", "16"), 2, ["--batch_size 16", "8 training images"]),
+    "cuda_without_gpu": (train("--device", "cuda"), 2, ["--device cuda", "--device cpu"]),
+    "val_without_model": (["val.py", "--name", "nomodel", "--device", "cpu"], 2, ["models/nomodel/model.pth"]),
+    "val_unknown_run": (["val.py", "--name", "ghost", "--device", "cpu"], 2, ["ghost", "models/ghost/config.yml"]),
+    "name_with_dots": (train("--name", "../x"), 2, ["--name", "../x"]),
+    "name_absolute": (train("--name", "/tmp/x"), 2, ["--name", "/tmp/x"]),
+    "val_name_with_dots": (["val.py", "--name", "../x"], 2, ["--name", "../x"]),
+}
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _prepare(root):
+    """inputs/good (10 synthetic 32x32 samples) and one broken variant of it per data error; models/nomodel."""
+    import synthetic
+    from config import parse_train_args, save_run_config
+
+    good = root / "inputs" / "good"
+    synthetic.generate_synthetic(str(good), num_images=10, size=32)
+    (root / "inputs" / "empty" / "images").mkdir(parents=True)
+    (root / "inputs" / "empty" / "masks" / "0").mkdir(parents=True)
+    d = _copy(good, root / "inputs" / "nomask")
+    for i in ("syn_0001", "syn_0002"):
+        os.remove(d / "masks" / "0" / f"{i}.png")
+    d = _copy(good, root / "inputs" / "noimg")
+    for i in ("syn_0003", "syn_0004"):
+        os.remove(d / "images" / f"{i}.png")
+    d = _copy(good, root / "inputs" / "trunc")
+    data = (d / "images" / "syn_0002.png").read_bytes()
+    (d / "images" / "syn_0002.png").write_bytes(data[: len(data) // 3])
+    d = _copy(good, root / "inputs" / "msize")
+    cv2.imwrite(str(d / "masks" / "0" / "syn_0001.png"), np.zeros((16, 16), np.uint8))
+    d = _copy(good, root / "inputs" / "mvals")
+    soft = np.zeros((32, 32), np.uint8)
+    soft[4:12, 4:12], soft[20:28, 20:28] = 128, 255
+    cv2.imwrite(str(d / "masks" / "0" / "syn_0001.png"), soft)
+    # A run that saved its config and split but no weights yet.
+    run = root / "models" / "nomodel"
+    run.mkdir(parents=True)
+    save_run_config(parse_train_args(["--name", "nomodel", "--dataset", "good", *SMALL]), str(run / "config.yml"))
+    (run / "split.csv").write_text("img_id,split\n" + "".join(f"syn_000{i},{'val' if i > 7 else 'train'}\n"
+                                                              for i in range(10)))
+
+
+def _argv(case_id, command):
+    argv = list(command)
+    if argv[0] == "train.py" and "--name" not in argv:
+        argv += ["--name", case_id]
+    return argv
+
+
+ENV = dict(os.environ, PYTHONPATH=str(ROOT), NO_ALBUMENTATIONS_UPDATE="1", OMP_NUM_THREADS="1")
+
+
+def run_real(root, case_id, command):
+    """``python <ROOT>/train.py ...`` as a fresh interpreter."""
+    argv = _argv(case_id, command)
+    return subprocess.run([sys.executable, str(ROOT / argv[0]), *argv[1:]], cwd=root, env=ENV, capture_output=True,
+                          text=True, timeout=120)
+
+
+# Importing torch and albumentations costs about two CPU seconds per interpreter, ten times what most cases need.
+# So the table runs through a "zygote": one fresh interpreter imports the scripts' modules once (and runs no
+# torch op), then forks one child per case; the child runs the script file as __main__ with its own sys.argv,
+# stdout and stderr (a file each), exactly as ``python train.py`` would after its imports, and its exit status
+# is the script's. test_zygote_matches_real_interpreter checks a few cases against real interpreters.
+ZYGOTE = r"""
+import json, os, runpy, sys, traceback
+import config, dataset, trainer, train, val  # noqa: F401  (the expensive imports, done once)
+cases, running, codes = json.load(sys.stdin), {}, {}
+def reap():
+    pid, status = os.wait()
+    codes[running.pop(pid)] = os.waitstatus_to_exitcode(status)
+for case in cases:
+    while len(running) >= 4:
+        reap()
+    sys.stdout.flush(); sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            for fd, name in ((1, "out"), (2, "err")):
+                f = os.open(case[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                os.dup2(f, fd); os.close(f)
+            os.chdir(case["cwd"])
+            sys.argv = [case["script"], *case["args"]]
+            runpy.run_path(case["script"], run_name="__main__")
+            code = 0
+        except SystemExit as e:
+            if e.code is None or isinstance(e.code, int):
+                code = e.code or 0
+            else:  # sys.exit("message"): printed, status 1, as the interpreter does
+                print(e.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush(); sys.stderr.flush()
+            os._exit(code)
+    running[pid] = case["id"]
+while running:
+    reap()
+print(json.dumps(codes))
+"""
+
+
+def run_zygote(root, commands):
+    """Run {case_id: command} through the zygote; returns {case_id: CompletedProcess}."""
+    out_dir = root / "_outputs"
+    out_dir.mkdir()
+    cases = []
+    for cid, command in commands.items():
+        argv = _argv(cid, command)
+        cases.append({"id": cid, "script": str(ROOT / argv[0]), "args": argv[1:], "cwd": str(root),
+                      "out": str(out_dir / f"{cid}.out"), "err": str(out_dir / f"{cid}.err")})
+    z = subprocess.run([sys.executable, "-c", ZYGOTE], input=json.dumps(cases), cwd=root, env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    assert z.returncode == 0, z.stderr[-3000:]
+    codes = json.loads(z.stdout.strip().splitlines()[-1])
+    return {c["id"]: subprocess.CompletedProcess([c["script"], *c["args"]], codes[c["id"]],
+                                                 open(c["out"]).read(), open(c["err"]).read()) for c in cases}
+
+
+# Not a bad-input case: --debug must bring the traceback back (here for a data error raised in a worker).
+DEBUG_COMMAND = train("--cache", "False", "--num_workers", "1", "--debug", dataset="trunc")
+# Checked against real interpreters too: an argparse error, a data error from a DataLoader worker, val.py.
+REAL = ["non_numeric_epochs", "truncated_image_uncached_worker", "val_unknown_run"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("errors")
+    _prepare(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def results(root):
+    commands = {cid: cmd for cid, (cmd, _, _) in CASES.items()}
+    commands["debug"] = DEBUG_COMMAND
+    return run_zygote(root, commands)
+
+
+def message_lines(stderr):
+    """stderr without the progress bars tqdm may have drawn before the error."""
+    lines = []
+    for line in stderr.splitlines():
+        line = line.split("\r")[-1].strip()
+        if line and not ("it/s]" in line or "s/it]" in line or "|" in line):
+            lines.append(line)
+    return lines
+
+
+@pytest.mark.parametrize("case_id", list(CASES))
+def test_bad_input_gives_one_clear_line(results, case_id):
+    command, code, needles = CASES[case_id]
+    r = results[case_id]
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == code, (r.returncode, r.stderr)
+    lines = message_lines(r.stderr)
+    assert 1 <= len(lines) <= 2, lines
+    assert lines[0].startswith(f"{command[0]}: error: "), lines
+    message = " ".join(lines)
+    for needle in needles:
+        assert needle in message, (needle, message)
+
+
+def test_debug_shows_the_traceback(results):
+    r = results["debug"]
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" in r.stderr and "DataError" in r.stderr and "syn_0002.png" in r.stderr
+
+
+@pytest.mark.parametrize("case_id", REAL)
+def test_zygote_matches_real_interpreter(root, results, case_id):
+    """The same case run by a fresh ``python script.py`` gives the same exit code and message."""
+    command = CASES[case_id][0]
+    real = run_real(root, case_id, [*command, "--name", f"real_{case_id}"] if command[0] == "train.py" else command)
+    assert real.returncode == results[case_id].returncode
+    assert message_lines(real.stderr) == message_lines(results[case_id].stderr)

@@ -1,0 +1,134 @@
+"""Interrupting a real training run (SIGTERM, SIGINT) and resuming it with ``--resume NAME``.
+
+The interrupted run must exit with 130 and say how to resume, leave only complete files in models/<name>/, and
+the resumed run must log every epoch exactly once with the same numbers as an uninterrupted run of the same seed
+(CPU, one thread, so the arithmetic is the same).
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+EPOCHS = 3
+NUMERIC = ["lr", "loss", "iou", "val_loss", "val_iou", "val_dice", "val_iou_mean", "val_dice_mean"]
+ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+           NO_ALBUMENTATIONS_UPDATE="1")
+
+
+def train_cmd(*args):
+    return [sys.executable, str(ROOT / "train.py"), *args]
+
+
+def first_run_args(name):
+    return ["--name", name, "--dataset", "tiny", "--arch", "UNet", "--input_w", "32", "--input_h", "32",
+            "--epochs", str(EPOCHS), "-b", "2", "--num_workers", "0", "--device", "cpu", "--seed", "7",
+            "--optimizer", "Adam", "--lr", "0.003"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    import synthetic
+
+    root = tmp_path_factory.mktemp("resume")
+    synthetic.generate_synthetic(str(root / "inputs" / "tiny"), num_images=12, size=32)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(workdir):
+    """An uninterrupted run, started in the background while the interrupted runs go on."""
+    proc = subprocess.Popen(train_cmd(*first_run_args("reference")), cwd=workdir, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+    def result():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+        return pd.read_csv(workdir / "models" / "reference" / "log.csv")
+
+    yield result
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
+def wait_for_first_epoch(proc, run, timeout=180):
+    """Poll until epoch 1 is logged and committed (last.pth is written after log.csv)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, "the run ended before it could be interrupted: " + proc.communicate()[1][-2000:]
+        log, ckpt = run / "log.csv", run / "last.pth"
+        if log.exists() and ckpt.exists():
+            epochs = pd.read_csv(log)["epoch"].tolist()
+            if epochs:
+                return epochs
+        time.sleep(0.05)
+    raise AssertionError("no epoch was logged in time")
+
+
+def check_run_files_complete(run):
+    names = sorted(os.listdir(run))
+    leftovers = [n for n in names if n.startswith(".") or n.endswith(".tmp")]
+    assert not leftovers, f"temporary files left in {run}: {leftovers}"
+    assert {"config.yml", "split.csv", "log.csv", "last.pth", "model.pth"} <= set(names), names
+    for n in names:
+        path = run / n
+        if n.endswith(".pth"):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            assert obj, n
+        elif n.endswith(".csv"):
+            assert len(pd.read_csv(path)) > 0, n
+        elif n.endswith(".yml"):
+            assert isinstance(yaml.safe_load(path.read_text()), dict), n
+        elif n.endswith(".png"):
+            assert cv2.imread(str(path)) is not None, n
+    ckpt = torch.load(run / "last.pth", map_location="cpu", weights_only=True)
+    logged = pd.read_csv(run / "log.csv")["epoch"].tolist()
+    # last.pth is the commit point: the log holds its epochs, at most one more (redone on resume).
+    assert logged[: ckpt["epoch"]] == list(range(1, ckpt["epoch"] + 1)), (logged, ckpt["epoch"])
+    assert len(logged) - ckpt["epoch"] in (0, 1)
+    return ckpt["epoch"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_interrupt_then_resume_matches_uninterrupted_run(workdir, reference, sig):
+    name = f"stopped_{sig.name}"
+    run = workdir / "models" / name
+    proc = subprocess.Popen(train_cmd(*first_run_args(name)), cwd=workdir, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_first_epoch(proc, run)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, (proc.returncode, err[-2000:])
+    assert "Traceback" not in err, err
+    assert f"--resume {name}" in out + err, out + err
+    saved = check_run_files_complete(run)
+    assert 1 <= saved < EPOCHS, "the signal should have arrived mid-run"
+
+    resumed = subprocess.run(train_cmd("--resume", name), cwd=workdir, env=ENV, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming after epoch {saved}" in resumed.stdout
+    check_run_files_complete(run)
+    log = pd.read_csv(run / "log.csv")
+    assert log["epoch"].tolist() == list(range(1, EPOCHS + 1))
+
+    ref = reference()
+    assert ref["epoch"].tolist() == list(range(1, EPOCHS + 1))
+    pd.testing.assert_frame_equal(log[NUMERIC], ref[NUMERIC], check_exact=False, rtol=0, atol=1e-6)
+    # The training was not degenerate (otherwise equal numbers would prove little).
+    assert log["loss"].nunique() == EPOCHS
+

@@ -1,0 +1,320 @@
+"""Safety: untrusted checkpoints and YAML never run code, run names stay inside models/, files are written
+atomically, a NaN loss stops the run and keeps the last good checkpoint, and corrupt image files only ever
+give a DataError naming the file.
+
+The scripts run in-process here (``run_cli(main, argv)`` in a temporary working directory), which is much
+cheaper than a subprocess and goes through the same code as ``python train.py``.
+"""
+import os
+import pickle
+import shlex
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import engine
+import train
+import trainer
+import val
+from dataset import Dataset, decode_image, eval_transform, read_mask
+from utils import DataError, UsageError, atomic_torch_save, atomic_write, run_cli
+
+SMALL = ["--dataset", "tiny", "--arch", "UNet", "--input_w", "32", "--input_h", "32", "-b", "2",
+         "--num_workers", "0", "--device", "cpu", "--seed", "3"]
+
+
+def cli(main, argv):
+    """Run a script's main like its command line does; returns the exit code (0 when it returned)."""
+    try:
+        run_cli(main, argv)
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def no_temp_files(folder):
+    return [n for n in os.listdir(folder) if n.startswith(".") or n.endswith(".tmp")]
+
+
+class Payload:
+    """A pickle that, when unpickled by a trusting loader, runs a shell command creating ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {shlex.quote(self.marker)}",))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """inputs/tiny (10 synthetic 32x32 samples) and models/good, one finished 1-epoch run."""
+    import synthetic
+
+    root = tmp_path_factory.mktemp("safety")
+    synthetic.generate_synthetic(str(root / "inputs" / "tiny"), num_images=10, size=32)
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        assert cli(train.main, ["--name", "good", "--epochs", "1", *SMALL]) == 0
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+@pytest.fixture
+def in_workdir(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    return workdir
+
+
+def copy_run_without_weights(root, src, dst):
+    """models/<dst> with <src>'s config.yml and split.csv only (the weights are then planted by the test)."""
+    d = root / "models" / dst
+    d.mkdir(parents=True)
+    for n in ("config.yml", "split.csv"):
+        (d / n).write_bytes((root / "models" / src / n).read_bytes())
+    return d
+
+
+def write_payload(path, marker, fmt):
+    if fmt == "pickle":
+        with open(path, "wb") as f:
+            pickle.dump({"model": Payload(marker), "epoch": 1}, f, protocol=2)
+    else:  # what torch.save makes of it: a zip archive with the same pickle inside
+        torch.save({"model": Payload(marker), "epoch": 1}, path)
+
+
+# ------------------------------------------------------------------------------------------ malicious pickles
+
+def test_payload_would_run_if_loaded_unsafely(tmp_path):
+    """The payload is real: an unrestricted torch.load runs it (so its absence below means something)."""
+    marker = tmp_path / "pwned"
+    write_payload(tmp_path / "x.pth", marker, "torch")
+    torch.load(tmp_path / "x.pth", weights_only=False)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("fmt", ["pickle", "torch"])
+@pytest.mark.parametrize("script", ["val", "resume"])
+def test_malicious_checkpoint_is_refused(in_workdir, capsys, script, fmt):
+    root = in_workdir
+    name = f"evil_{script}_{fmt}"
+    run = copy_run_without_weights(root, "good", name)
+    marker = root / f"pwned_{name}"
+    target = run / ("model.pth" if script == "val" else "last.pth")
+    write_payload(target, marker, fmt)
+    capsys.readouterr()
+    if script == "val":
+        code = cli(val.main, ["--name", name, "--device", "cpu"])
+    else:
+        code = cli(train.main, ["--resume", name])
+    err = capsys.readouterr().err
+    assert not marker.exists(), "the pickle payload ran"
+    assert code == 1, err
+    assert f"refusing to load models/{name}/{target.name}" in err, err
+    assert "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------------------ YAML
+
+def test_yaml_python_tag_in_config_is_refused(in_workdir, capsys):
+    marker = in_workdir / "pwned_yaml"
+    cfg = in_workdir / "evil.yml"
+    cfg.write_text(f"epochs: !!python/object/apply:os.system [\"touch {marker}\"]\n")
+    assert cli(train.main, ["--config", str(cfg), *SMALL]) == 2
+    assert not marker.exists()
+    assert "evil.yml" in capsys.readouterr().err
+
+
+def test_yaml_python_tag_in_saved_run_config_is_refused(in_workdir, capsys):
+    marker = in_workdir / "pwned_saved_yaml"
+    run = copy_run_without_weights(in_workdir, "good", "evil_yaml")
+    (run / "config.yml").write_text(f"arch: !!python/object/apply:os.system [\"touch {marker}\"]\n")
+    capsys.readouterr()
+    assert cli(val.main, ["--name", "evil_yaml", "--device", "cpu"]) == 2
+    assert cli(train.main, ["--resume", "evil_yaml"]) == 2
+    assert not marker.exists()
+    err = capsys.readouterr().err
+    assert err.count("models/evil_yaml/config.yml") == 2, err
+
+
+@pytest.mark.parametrize("text,key", [("epochz: 3", "epochz"), ("epochs: ten", "epochs"), ("lr: [0.1]", "lr"),
+                                      ("deep_supervision: maybe", "deep_supervision"), ("epochs: 2.5", "epochs"),
+                                      ("- epochs", "flag: value")])
+def test_bad_config_keys_and_types_are_named(tmp_path, monkeypatch, capsys, text, key):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.yml").write_text(text + "\n")
+    assert cli(train.main, ["--config", "c.yml"]) == 2
+    err = capsys.readouterr().err
+    assert "c.yml" in err and key in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------------------ run names
+
+@pytest.mark.parametrize("name", ["../x", "/tmp/x", "a/b", "..", "."])
+def test_run_name_must_stay_inside_models(tmp_path, monkeypatch, capsys, name):
+    monkeypatch.chdir(tmp_path)
+    assert cli(train.main, ["--name", name, *SMALL]) == 2
+    assert cli(val.main, ["--name", name]) == 2
+    assert cli(train.main, ["--resume", name]) == 2
+    err = capsys.readouterr().err
+    assert err.count("--name") + err.count("--resume") >= 3, err
+    assert not os.path.exists(tmp_path / "x") and os.listdir(tmp_path) == []
+
+
+def test_existing_run_needs_overwrite(in_workdir, capsys):
+    run = in_workdir / "models" / "good"
+    before = {n: (run / n).read_bytes() for n in os.listdir(run)}
+    assert cli(train.main, ["--name", "good", "--epochs", "1", *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and "--resume" in err and "models/good" in err
+    assert {n: (run / n).read_bytes() for n in before} == before
+
+
+# ---------------------------------------------------------------------------------------------- atomic writes
+
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
+def test_atomic_write_keeps_the_old_file(tmp_path, exc):
+    path = tmp_path / "log.csv"
+    path.write_text("old\n")
+    with pytest.raises(exc):
+        with atomic_write(path) as f:
+            f.write("half of the new")
+            raise exc()
+    assert path.read_text() == "old\n"
+    assert os.listdir(tmp_path) == ["log.csv"]
+
+
+def test_atomic_torch_save_interrupted_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pth"
+    atomic_torch_save({"epoch": 1, "w": torch.ones(3)}, path)
+
+    def interrupted_save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_torch_save({"epoch": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["epoch"] == 1
+    assert os.listdir(tmp_path) == ["last.pth"]
+
+
+# ------------------------------------------------------------------------------------------------- NaN loss
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(in_workdir, monkeypatch, capsys):
+    """Epoch 1 trains normally; from epoch 2 on the loss is NaN: the run stops naming epoch and step and what to
+    try, and models/<name>/ still holds epoch 1, complete."""
+    state = {"nan": False}
+    real_loss, real_save = engine.loss_over_heads, trainer.Trainer._save_epoch
+
+    def loss(criterion, outputs, target):
+        value = real_loss(criterion, outputs, target)
+        return value * float("nan") if state["nan"] else value
+
+    def save_then_poison(self, *args, **kwargs):
+        real_save(self, *args, **kwargs)
+        state["nan"] = True
+
+    monkeypatch.setattr(engine, "loss_over_heads", loss)
+    monkeypatch.setattr(trainer.Trainer, "_save_epoch", save_then_poison)
+    assert cli(train.main, ["--name", "nan", "--epochs", "3", *SMALL]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "NaN or infinite at epoch 2, step 1" in err and "last.pth still holds epoch 1" in err, err
+    assert "--lr" in err
+    run = in_workdir / "models" / "nan"
+    assert no_temp_files(run) == []
+    ckpt = torch.load(run / "last.pth", weights_only=True)
+    assert ckpt["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert pd.read_csv(run / "log.csv")["epoch"].tolist() == [1]
+    torch.load(run / "model.pth", weights_only=True)
+
+
+def test_huge_learning_rate_stops_in_the_first_epoch(in_workdir, capsys):
+    assert cli(train.main, ["--name", "huge_lr", "--epochs", "2", "--lr", "1e30", *SMALL]) == 1
+    err = capsys.readouterr().err
+    assert "NaN or infinite at epoch 1" in err and "no epoch was saved" in err and "--lr" in err, err
+    run = in_workdir / "models" / "huge_lr"
+    assert not (run / "last.pth").exists() and not (run / "model.pth").exists()
+    assert no_temp_files(run) == []
+
+
+# ------------------------------------------------------------------------------------ corrupt image files
+
+def _sample_png(kind):
+    rng = np.random.default_rng(0)
+    if kind == "image":
+        ok, buf = cv2.imencode(".png", rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    else:
+        mask = np.zeros((32, 32), np.uint8)
+        mask[5:20, 8:24] = 255
+        ok, buf = cv2.imencode(".png", mask)
+    assert ok
+    return buf.tobytes()
+
+
+PNG = {"image": _sample_png("image"), "mask": _sample_png("mask")}
+
+
+@st.composite
+def corrupted(draw):
+    which = draw(st.sampled_from(["image", "mask"]))
+    data = bytearray(PNG[which])
+    how = draw(st.sampled_from(["truncate", "flip", "random"]))
+    if how == "truncate":
+        data = data[: draw(st.integers(0, len(data) - 1))]
+    elif how == "flip":
+        for _ in range(draw(st.integers(1, 8))):
+            i = draw(st.integers(0, len(data) - 1))
+            data[i] ^= draw(st.integers(1, 255))
+    else:
+        data = bytearray(draw(st.binary(min_size=0, max_size=512)))
+    return which, bytes(data)
+
+
+@pytest.fixture(scope="module")
+def corrupt_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corrupt")
+    (root / "images").mkdir()
+    (root / "masks" / "0").mkdir(parents=True)
+    return root
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=corrupted())
+def test_corrupt_png_gives_array_or_dataerror_naming_the_file(corrupt_dir, case):
+    which, data = case
+    img_path, mask_path = str(corrupt_dir / "images" / "s.png"), str(corrupt_dir / "masks" / "0" / "s.png")
+    for path, kind in ((img_path, "image"), (mask_path, "mask")):
+        with open(path, "wb") as f:
+            f.write(data if kind == which else PNG[kind])
+    bad = img_path if which == "image" else mask_path
+
+    def check(fn):
+        try:
+            return fn()
+        except DataError as e:
+            assert bad in str(e), str(e)
+            return None
+
+    out = check(lambda: decode_image(bad) if which == "image" else read_mask(bad))
+    if out is not None:
+        assert isinstance(out, np.ndarray) and out.size > 0
+        if which == "mask":
+            assert out.dtype == np.uint8 and set(np.unique(out).tolist()) <= {0, 1}
+    ds = Dataset(["s"], str(corrupt_dir), transform=eval_transform(32, 32))
+    sample = check(lambda: ds[0])
+    if sample is not None:
+        image, mask, meta = sample
+        assert image.shape == (3, 32, 32) and mask.shape == (1, 32, 32) and meta["img_id"] == "s"
+        assert torch.isfinite(image).all()
