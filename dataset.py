@@ -112,7 +112,8 @@ def list_ids(dataset_dir, img_ext=".png", mask_ext=".png", num_classes=1):
         raise DataError(f"no {img_ext} images in {img_dir}{hint}")
     if not os.path.isdir(mask_dir):
         raise DataError(f"mask folder {mask_dir} not found: masks go in masks/<class>/<id>{mask_ext}")
-    class_dirs = sorted(d for d in os.listdir(mask_dir) if os.path.isdir(os.path.join(mask_dir, d)))
+    class_dirs = sorted((d for d in os.listdir(mask_dir) if os.path.isdir(os.path.join(mask_dir, d))
+                         and not d.startswith(".")), key=lambda d: (len(d), d))  # numeric order: 0, 1, ..., 10
     expected = [str(c) for c in range(num_classes)]
     if class_dirs != expected:
         raise UsageError(f"--num_classes {num_classes} expects mask folders {expected} in {mask_dir}, "

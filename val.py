@@ -5,22 +5,27 @@
 
 Reads models/<name>/config.yml, model.pth and split.csv; prints pooled IoU, mean per-image IoU and mean
 per-image Dice; writes outputs/<name>/<class>/<id>.png (probability x 255, 8-bit PNG), scores.csv (one row per
-image, worst first), overlays/<id>.png (image | truth | prediction | errors) and summary.png.
+image, worst first; with a ``dsb`` column, the DSB2018 instance score, when inputs/<dataset>/labels/ holds 16-bit
+instance labels: nuclei split by --separation, also printed for plain connected components), overlays/<id>.png
+(image | truth | prediction | errors) and summary.png.
 """
 import argparse
 import os
 
-from utils import run_cli
+from utils import ArgumentParser, run_cli
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="val.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description="Evaluate models/<name>/model.pth on the run's own split.")
+    p = ArgumentParser(prog="val.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Evaluate models/<name>/model.pth on the run's own split.")
     p.add_argument("--name", required=True, help="run name (a folder in models/)")
     p.add_argument("--split", default="val", choices=["val", "test", "train"], help="which ids of split.csv")
     p.add_argument("--tta", action="store_true", help="average the four flips (test-time augmentation)")
     p.add_argument("--prune", type=int, default=None, choices=[1, 2, 3, 4],
                    help="NestedUNet with deep supervision: run only the sub-network up to head X0,L")
+    p.add_argument("--separation", default="watershed", choices=["watershed", "cc"],
+                   help="how touching nuclei are split for the DSB2018 instance score (when inputs/<dataset>/labels/ "
+                        "exists): watershed on the distance transform or plain connected components")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--batch_size", type=int, default=None, help="default: the run's batch size")
     p.add_argument("--num_workers", type=int, default=0, help="DataLoader workers")
@@ -64,6 +69,11 @@ def main(argv):
     loader = make_eval_loader(cfg, os.path.join(INPUTS_DIR, cfg.dataset), ids, device)
     out_dir = args.output or os.path.join("outputs", args.name)
     rows = []
+    from instances import dsb_scores, read_labels
+
+    labels_dir = os.path.join(INPUTS_DIR, cfg.dataset, "labels")
+    labelled = {i for i in ids if os.path.isfile(os.path.join(labels_dir, i + ".png"))}
+    dsb_cc = []
 
     def save_batch(meta, images, logits, masks):
         probs = torch.sigmoid(logits).cpu().numpy()
@@ -73,6 +83,11 @@ def main(argv):
                 atomic_imwrite(os.path.join(out_dir, str(c), img_id + ".png"),
                                np.round(probs[i, c] * 255).astype(np.uint8))
             rows.append({"img_id": img_id, "iou": float(ious[i]), "dice": float(dices[i])})
+            if img_id in labelled:  # DSB2018 instance score at the evaluated size
+                truth = read_labels(os.path.join(labels_dir, img_id + ".png"), probs.shape[2:])
+                dsb = dsb_scores(probs[i, 0], truth, methods=(args.separation, "cc"))
+                rows[-1]["dsb"] = dsb[args.separation]
+                dsb_cc.append(dsb["cc"])
             if not args.no_overlays:
                 atomic_imwrite(os.path.join(out_dir, "overlays", img_id + ".png"),
                                overlay_panel(denormalize(images[i]), masks[i, 0].cpu().numpy() > 0, probs[i, 0]))
@@ -88,9 +103,14 @@ def main(argv):
         (f", pruned at L={args.prune}" if args.prune else "")
     print(f"{args.name} ({what}):\n"
           f"  IoU  {scores['iou']:.4f} pooled   {scores['iou_mean']:.4f} mean per image\n"
-          f"  Dice {scores['dice']:.4f} pooled   {scores['dice_mean']:.4f} mean per image\n"
+          f"  Dice {scores['dice']:.4f} pooled   {scores['dice_mean']:.4f} mean per image\n" +
+          (f"  DSB2018 score {table['dsb'].mean():.4f} ({args.separation})"
+           f"{f', {np.mean(dsb_cc):.4f} (connected components)' if args.separation != 'cc' else ''}, "
+           f"mean over the {len(dsb_cc)} images with instance labels\n" if dsb_cc else "") +
           f"  worst image {table['img_id'][0]} (IoU {table['iou'][0]:.3f}); files in {out_dir}/ "
           f"(scores.csv, {'' if args.no_overlays else 'overlays/, summary.png, '}probability PNGs per class)")
+    if dsb_cc:
+        scores.update(dsb=float(table["dsb"].mean()), dsb_cc=float(np.mean(dsb_cc)))
     return scores
 
 

@@ -1,0 +1,134 @@
+"""What pruning a deep-supervision UNet++ costs and saves: for L = 1..4, the depth-L sub-network alone.
+
+    python bench/prune.py --name dsb2018_96_NestedUNet_wDS
+    python bench/prune.py --name dsb2018_96_NestedUNet_wDS --split test --repeats 10 --device cpu
+
+For each L: the parameters that sub-network uses (archs.count_parameters), its throughput in images/s (the
+median over ``--repeats`` timed passes over the split, after one warm-up pass, on one device, the images
+already on the device so that only the network is timed), and pooled IoU and Dice on the split (the same
+evaluation as val.py --prune L). Prints a table, then as the last line one JSON object with every figure.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from utils import ArgumentParser, run_cli  # noqa: E402
+
+LEVELS = (1, 2, 3, 4)
+
+
+def build_parser():
+    p = ArgumentParser(prog="bench/prune.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Parameters, speed and scores of a NestedUNet+DS run pruned at L = 1..4.")
+    p.add_argument("--name", required=True, help="run name (a folder in models/); NestedUNet with deep supervision")
+    p.add_argument("--split", default="val", choices=["val", "test", "train"], help="which ids of split.csv")
+    p.add_argument("--repeats", type=int, default=5, help="timed passes per L (the median is reported)")
+    p.add_argument("--batch_size", type=int, default=None, help="default: the run's batch size")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    return p
+
+
+def load_batches(cfg, ids, device):
+    """Every batch of the split's evaluation loader, moved to ``device`` once: [(images, masks)]."""
+    from config import INPUTS_DIR
+    from trainer import make_eval_loader
+
+    cfg.num_workers = 0
+    loader = make_eval_loader(cfg, os.path.join(INPUTS_DIR, cfg.dataset), ids, device)
+    return [(images.to(device), masks.to(device)) for images, masks, _ in loader]
+
+
+def sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(model, batches, prune, precision, repeats):
+    """(images/s as the median over ``repeats`` timed passes after a warm-up pass, pooled scores dict)."""
+    import torch
+
+    from engine import forward
+    from metrics import SegmentationMeter
+
+    fmt = torch.channels_last if precision.channels_last else torch.contiguous_format
+    inputs = [images.contiguous(memory_format=fmt) for images, _ in batches]
+    meter = SegmentationMeter(precision.device)
+    with torch.inference_mode(), precision.autocast():
+        for x, (_, masks) in zip(inputs, batches):  # warm-up pass, also the scores
+            meter.update(forward(model, x, prune=prune).float(), masks)
+        sync(precision.device)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for x in inputs:
+                forward(model, x, prune=prune)
+            sync(precision.device)
+            times.append(time.perf_counter() - start)
+    num_images = sum(x.shape[0] for x in inputs)
+    return num_images / statistics.median(times), meter.compute()
+
+
+def main(argv):
+    args = build_parser().parse_args(argv)
+    from utils import UsageError
+
+    if args.repeats < 1:
+        raise UsageError(f"--repeats must be at least 1, got {args.repeats}")
+    import torch
+
+    from archs import count_parameters
+    from config import load_run_config, run_dir
+    from engine import Precision
+    from predict import load_run
+    from trainer import read_split
+    from utils import choose_device
+
+    cfg = load_run_config(args.name)
+    if not (cfg.arch == "NestedUNet" and cfg.deep_supervision):
+        raise UsageError(f"bench/prune.py needs a NestedUNet trained with deep supervision; {args.name} is "
+                         f"{cfg.arch} {'with' if cfg.deep_supervision else 'without'} deep supervision")
+    device = choose_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    cfg, model = load_run(args.name, device)
+    precision = Precision.choose(device)
+    if precision.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    split = read_split(os.path.join(run_dir(args.name), "split.csv"))
+    ids = split.loc[split["split"] == args.split, "img_id"].tolist()
+    if not ids:
+        raise UsageError(f"{run_dir(args.name)}/split.csv has no '{args.split}' ids")
+    cfg.batch_size = args.batch_size or cfg.batch_size
+    batches = load_batches(cfg, ids, device)
+    rows = []
+    for level in LEVELS:
+        speed, scores = measure(model, batches, level, precision, args.repeats)
+        rows.append({"prune": level, "params": count_parameters(model, level), "images_per_s": round(speed, 2),
+                     "iou": round(scores["iou"], 4), "dice": round(scores["dice"], 4)})
+    full = rows[-1]
+    size = "whole images" if cfg.crop_size else f"{cfg.input_h}x{cfg.input_w}"
+    print(f"{args.name}: {args.split} split, {len(ids)} images ({size}), batch {cfg.batch_size}, on {device} "
+          f"({precision.describe()}), median of {args.repeats} passes after a warm-up")
+    print(f"{'L':>2}  {'params':>10}  {'% of L=4':>8}  {'images/s':>9}  {'speedup':>7}  {'IoU':>6}  {'Dice':>6}")
+    for r in rows:
+        print(f"{r['prune']:>2}  {r['params']:>10,}  {100 * r['params'] / full['params']:>7.1f}%  "
+              f"{r['images_per_s']:>9.1f}  {r['images_per_s'] / full['images_per_s']:>6.2f}x  {r['iou']:>6.4f}  "
+              f"{r['dice']:>6.4f}")
+    result = {"name": args.name, "split": args.split, "images": len(ids), "device": str(device),
+              "precision": precision.describe(), "batch_size": cfg.batch_size, "repeats": args.repeats, "rows": rows}
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,82 @@
+"""Tests for export.py: the ONNX model computes what PyTorch computes (needs onnx and onnxruntime)."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx", reason="export.py needs the onnx package (pip install onnx)")
+ort = pytest.importorskip("onnxruntime", reason="checking the exported model needs onnxruntime "
+                                                "(pip install onnxruntime)")
+
+import export  # noqa: E402
+from archs import build_model  # noqa: E402
+from utils import UsageError  # noqa: E402
+
+
+@pytest.fixture
+def run_dir(tmp_path, monkeypatch):
+    """models/ds (NestedUNet + deep supervision) and models/u (UNet, 1 input channel, 2 classes), random
+    weights with non-trivial BatchNorm statistics, written as train.py writes them (config.yml + model.pth)."""
+    import yaml
+
+    from config import build_train_parser
+
+    monkeypatch.chdir(tmp_path)
+    defaults = vars(build_train_parser().parse_args([]))
+    for key in ("config", "resume", "overwrite", "debug"):
+        defaults.pop(key)
+    torch.manual_seed(0)
+    for name, arch, ds, channels, classes in (("ds", "NestedUNet", True, 3, 1), ("u", "UNet", False, 1, 2)):
+        model = build_model(arch, classes, channels, ds)
+        for m in model.modules():  # eval-mode BatchNorm that is not the identity
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+        os.makedirs(os.path.join("models", name))
+        with open(os.path.join("models", name, "config.yml"), "w") as f:
+            yaml.safe_dump({**defaults, "name": name, "arch": arch, "deep_supervision": ds, "input_channels": channels,
+                            "num_classes": classes}, f)
+        torch.save(model.state_dict(), os.path.join("models", name, "model.pth"))
+    return tmp_path
+
+
+def onnx_vs_torch(path, name, x, prune=None):
+    from predict import load_run
+
+    _, model = load_run(name, torch.device("cpu"))
+    with torch.no_grad():
+        out = model(x) if prune is None else model(x, prune=prune)
+    want = (out[-1] if isinstance(out, list) else out).numpy()
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": x.numpy()})[0]
+    assert got.shape == want.shape
+    return np.abs(got - want).max()
+
+
+def test_export_matches_pytorch_with_dynamic_shapes(run_dir, capsys):
+    result = export.main(["--name", "ds", "--height", "32", "--width", "32"])
+    path = run_dir / "models" / "ds" / "model.onnx"
+    assert result["path"] == os.path.join("models", "ds", "model.onnx") and path.is_file()
+    assert result["max_abs_diff"] < 1e-4
+    assert "ONNX Runtime vs PyTorch" in capsys.readouterr().out
+    graph = onnx.load(str(path)).graph
+    assert [i.name for i in graph.input] == ["image"] and [o.name for o in graph.output] == ["logits"]
+    torch.manual_seed(1)
+    for shape in ((1, 3, 32, 32), (2, 3, 48, 64)):  # another batch size and another image size than traced
+        assert onnx_vs_torch(path, "ds", torch.randn(*shape)) < 1e-4
+
+
+def test_export_pruned_and_unet(run_dir):
+    export.main(["--name", "ds", "--prune", "2", "--output", "ds2.onnx", "--height", "32", "--width", "32"])
+    assert onnx_vs_torch(run_dir / "ds2.onnx", "ds", torch.randn(1, 3, 32, 48), prune=2) < 1e-4
+    assert os.path.getsize(run_dir / "ds2.onnx") < os.path.getsize(run_dir / "models" / "ds" / "model.pth") / 4
+    export.main(["--name", "u", "--output", "u.onnx", "--height", "32", "--width", "32"])
+    assert onnx_vs_torch(run_dir / "u.onnx", "u", torch.randn(3, 1, 16, 32)) < 1e-4
+
+
+def test_export_errors(run_dir):
+    with pytest.raises(UsageError, match="--prune needs a NestedUNet"):
+        export.main(["--name", "u", "--prune", "2"])
+    with pytest.raises(UsageError, match="multiple of 16"):
+        export.main(["--name", "ds", "--height", "40"])
+    assert not os.path.exists(run_dir / "models" / "u" / "model.onnx")

@@ -1,0 +1,81 @@
+"""Tests for instances.py: watershed splits touching nuclei that connected components merge."""
+import cv2
+import numpy as np
+import pytest
+
+from instances import connected_components, dsb_scores, read_labels, split_instances, watershed_instances
+from metrics import dsb_score
+from utils import UsageError
+
+
+def two_touching_discs(shape=(48, 64), radius=10, gap=17):
+    """True labels (two overlapping discs, 1 and 2) and a soft probability map of their union."""
+    labels = np.zeros(shape, np.int32)
+    cy, cx = shape[0] // 2, shape[1] // 2 - gap // 2
+    for k, x in enumerate((cx, cx + gap), start=1):
+        disc = np.zeros(shape, np.uint8)
+        cv2.circle(disc, (x, cy), radius, 1, -1)
+        labels[(disc > 0) & (labels == 0)] = k
+    prob = cv2.GaussianBlur((labels > 0).astype(np.float32), (0, 0), 1.0) * 0.9 + 0.05
+    return labels, prob
+
+
+def test_watershed_splits_touching_discs_and_cc_does_not():
+    truth, prob = two_touching_discs()
+    cc = connected_components(prob)
+    ws = watershed_instances(prob)
+    assert cc.dtype == np.int32 and ws.dtype == np.int32 and ws.shape == prob.shape
+    assert cc.max() == 1
+    assert ws.max() == 2 and sorted(np.unique(ws).tolist()) == [0, 1, 2]
+    # the watershed covers exactly the thresholded mask, and each object sits on one disc
+    assert np.array_equal(ws > 0, prob > 0.5)
+    for k in (1, 2):
+        assert np.unique(truth[ws == k]).size <= 2
+    assert dsb_score(truth, ws) > dsb_score(truth, cc)
+    scores = dsb_scores(prob, truth)
+    assert scores["watershed"] > scores["cc"] and scores["watershed"] > 0.5
+
+
+def test_separate_discs_stay_whole():
+    """One object per disc, not more: a lone disc must not be over-split."""
+    prob = np.zeros((40, 80), np.float32)
+    cv2.circle(prob, (20, 20), 9, 1.0, -1)
+    cv2.ellipse(prob, (58, 20), (14, 7), 30, 0, 360, 1.0, -1)
+    assert watershed_instances(prob).max() == 2
+    assert connected_components(prob).max() == 2
+
+
+def test_empty_and_full_probability():
+    empty = np.zeros((32, 32), np.float32)
+    for method in ("watershed", "cc"):
+        labels = split_instances(empty, method)
+        assert labels.shape == (32, 32) and labels.dtype == np.int32 and labels.max() == 0
+    assert split_instances(np.ones((16, 16)), "watershed").max() == 1
+
+
+def test_min_size_removes_specks_and_renumbers():
+    prob = np.zeros((32, 32), np.float32)
+    prob[2, 2] = 1  # a 1-pixel speck
+    prob[10:20, 10:20] = 1
+    labels = split_instances(prob, "cc", min_size=4)
+    assert labels.max() == 1 and labels[2, 2] == 0 and labels[15, 15] == 1
+    assert split_instances(prob, "cc", min_size=0).max() == 2
+
+
+def test_bad_method_and_shape():
+    with pytest.raises(UsageError, match="separation"):
+        split_instances(np.zeros((8, 8)), "magic")
+    with pytest.raises(UsageError, match="2-D"):
+        connected_components(np.zeros((1, 8, 8)))
+
+
+def test_read_labels_resizes_with_nearest(tmp_path):
+    labels = np.zeros((20, 30), np.uint16)
+    labels[2:10, 3:12] = 1
+    labels[12:18, 15:28] = 300
+    path = str(tmp_path / "l.png")
+    cv2.imwrite(path, labels)
+    same = read_labels(path)
+    assert same.dtype == np.int32 and np.array_equal(same, labels)
+    small = read_labels(path, (10, 15))
+    assert small.shape == (10, 15) and set(np.unique(small).tolist()) == {0, 1, 300}

@@ -1,0 +1,269 @@
+"""Tests for predict.py: odd sizes and formats, tiling, instances, --prune and the error messages.
+
+One tiny NestedUNet + deep supervision run is trained once (1 epoch on 8 synthetic 32x32 images, resized
+training). Copies of it with ``crop_size: 32`` in config.yml (full-resolution prediction), a UNet run with
+random weights, and a run without model.pth are made beside it without training.
+"""
+import os
+import shutil
+from argparse import Namespace
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+import predict
+from utils import DataError, UsageError, run_cli
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A folder with inputs/synthetic and models/{p, pc, u, nomodel}; returns its path (tests chdir into it)."""
+    import synthetic
+    import train
+    from archs import build_model
+
+    root = tmp_path_factory.mktemp("predict_runs")
+    old = os.getcwd()
+    os.chdir(root)
+    try:
+        synthetic.generate_synthetic(os.path.join("inputs", "synthetic"), num_images=8, size=32)
+        train.main(["--dataset", "synthetic", "--arch", "NestedUNet", "--deep_supervision", "True", "--epochs", "1",
+                    "--input_w", "32", "--input_h", "32", "-b", "2", "--num_workers", "0", "--name", "p",
+                    "--device", "cpu"])
+        with open(os.path.join("models", "p", "config.yml")) as f:
+            config = yaml.safe_load(f)
+
+        def make_run(name, weights=None, **changes):
+            os.makedirs(os.path.join("models", name))
+            with open(os.path.join("models", name, "config.yml"), "w") as f:
+                yaml.safe_dump({**config, "name": name, **changes}, f, sort_keys=False)
+            shutil.copy(os.path.join("models", "p", "split.csv"), os.path.join("models", name, "split.csv"))
+            if weights is not None:
+                torch.save(weights, os.path.join("models", name, "model.pth"))
+
+        p_weights = torch.load(os.path.join("models", "p", "model.pth"), weights_only=True)
+        make_run("pc", p_weights, crop_size=32)
+        torch.manual_seed(0)
+        make_run("u", build_model("UNet", 1, 3, False).state_dict(), arch="UNet", deep_supervision=False)
+        make_run("nomodel")
+    finally:
+        os.chdir(old)
+    return root
+
+
+@pytest.fixture
+def in_runs(runs, monkeypatch):
+    monkeypatch.chdir(runs)
+    return runs
+
+
+def sample_bgr(height, width):
+    """A synthetic nuclei image (BGR uint8) resized to height x width."""
+    src = cv2.imread(os.path.join("inputs", "synthetic", "images", "syn_0000.png"))
+    return cv2.resize(src, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def write(path, image):
+    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
+    assert cv2.imwrite(str(path), image)
+    return str(path)
+
+
+def read(path):
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    assert image is not None, f"{path} missing or unreadable"
+    return image
+
+
+def test_odd_sizes_and_formats_keep_their_size(in_runs, tmp_path, capsys):
+    folder = tmp_path / "images"
+    write(folder / "grey.png", sample_bgr(519, 161)[:, :, 0])
+    rgba = np.dstack([sample_bgr(64, 48), np.full((64, 48), 200, np.uint8)])
+    write(folder / "rgba.PNG", rgba)
+    write(folder / "deep.tif", sample_bgr(50, 70)[:, :, 0].astype(np.uint16) * 180)
+    (folder / "notes.txt").write_text("not an image")  # ignored: not an image extension
+    extra = write(tmp_path / "other" / "photo.JPG", sample_bgr(40, 36))
+    out = tmp_path / "out"
+    predict.main(["--name", "p", "--input", str(folder), extra, "--output", str(out), "--instances", "--overlay",
+                  "--save_prob", "--device", "cpu"])
+    summary = capsys.readouterr().out
+    assert "4 images" in summary and "objects.csv" in summary
+    sizes = {"grey": (519, 161), "rgba": (64, 48), "deep": (50, 70), "photo": (40, 36)}
+    table = pd.read_csv(out / "objects.csv")
+    assert list(table.columns) == predict.OBJECT_COLUMNS
+    for img_id, shape in sizes.items():
+        mask = read(out / f"{img_id}.png")
+        assert mask.shape == shape and mask.dtype == np.uint8
+        assert set(np.unique(mask).tolist()) <= {0, 255}
+        prob = read(out / f"{img_id}_prob.png")
+        assert prob.shape == shape and prob.dtype == np.uint8
+        assert np.all(mask[prob >= 129] == 255) and np.all(mask[prob <= 127] == 0)
+        labels = read(out / f"{img_id}_instances.png")
+        assert labels.shape == shape and labels.dtype == np.uint16
+        assert np.all(mask[labels > 0] == 255)  # objects lie in the mask (those below min_size are dropped)
+        assert read(out / f"{img_id}_overlay.png").shape == shape + (3,)
+        rows = table[table["image"] == img_id]
+        assert sorted(rows["label"].tolist()) == list(range(1, int(labels.max()) + 1))
+        for row in rows.itertuples():
+            assert row.area == int((labels == row.label).sum())
+            assert 0 <= row.bbox_min_y < row.bbox_max_y <= shape[0] and 0 <= row.bbox_min_x < row.bbox_max_x <= shape[1]
+    assert not (out / "notes.png").exists()
+
+
+def test_crop_trained_run_tiles_large_images(in_runs, tmp_path):
+    """A crop-trained run predicts at full size; --tile 64 on a 96x160 image gives the same size and nearly the
+    whole-image probabilities (this barely trained network is smooth, so within 2/255)."""
+    image = write(tmp_path / "big.png", sample_bgr(96, 160))
+    outs = {}
+    for tile in ("64", "512"):
+        out = tmp_path / f"out{tile}"
+        predict.main(["--name", "pc", "--input", image, "--output", str(out), "--tile", tile, "--overlap", "32",
+                      "--save_prob", "--batch_size", "3", "--device", "cpu"])
+        outs[tile] = read(out / "big_prob.png").astype(int)
+        assert outs[tile].shape == (96, 160) and read(out / "big.png").shape == (96, 160)
+    assert np.abs(outs["64"] - outs["512"]).max() <= 2
+
+
+class Pointwise(torch.nn.Module):
+    """A 'network' whose logit at a pixel depends only on that pixel: tiling must not change it at all, so any
+    misplaced window or wrong normalisation of the blend shows."""
+
+    def forward(self, x):
+        return 3 * x[:, :1] - x[:, 1:2] + 0.5 * x[:, 2:3]
+
+
+def crop_cfg(num_classes=1):
+    return Namespace(crop_size=32, input_h=32, input_w=32, num_classes=num_classes)
+
+
+@pytest.mark.parametrize("shape,tile,overlap", [((100, 150), 32, 8), ((96, 160), 64, 32), ((70, 33), 32, 0),
+                                                ((17, 300), 48, 16)])
+def test_tiling_places_and_normalises_windows_exactly(shape, tile, overlap):
+    rng = np.random.default_rng(0)
+    image = rng.random(shape + (3,), dtype=np.float32)
+    whole = predict.Predictor(Pointwise(), crop_cfg(), torch.device("cpu"), tile=512).predict(image)
+    tiled = predict.Predictor(Pointwise(), crop_cfg(), torch.device("cpu"), tile, overlap, batch_size=5).predict(image)
+    assert whole.std() > 0.1
+    assert tiled.shape == (1,) + shape
+    np.testing.assert_allclose(tiled, whole, atol=1e-5)
+
+
+def test_tiling_blends_the_seams_of_a_real_network(in_runs):
+    """The trained UNet++ with its logits standardised (so that probabilities span 0..1): windows that overlap
+    by 32 pixels with linear-ramp blending stay close to the whole-image prediction, far closer than hard seams."""
+    cfg, net = predict.load_run("pc", torch.device("cpu"))
+    image = cv2.cvtColor(sample_bgr(96, 160), cv2.COLOR_BGR2RGB).astype(np.float32) / 255
+    x = torch.from_numpy(predict.Predictor(net, cfg, torch.device("cpu")).normalise(image))[None]
+    with torch.no_grad():
+        logits = net(x)[-1]
+    centre, scale = logits.mean().item(), 1 / logits.std().item()
+
+    class Standardised(torch.nn.Module):
+        def forward(self, x):
+            return [(o - centre) * scale for o in net(x)]
+
+    model = Standardised().eval()
+    whole = predict.Predictor(model, cfg, torch.device("cpu"), tile=512).predict(image)
+    assert whole.std() > 0.1
+    errors = {}
+    for overlap in (0, 32):
+        predictor = predict.Predictor(model, cfg, torch.device("cpu"), tile=64, overlap=overlap, batch_size=8)
+        tiled = predictor.predict(image)
+        errors[overlap] = np.abs(tiled - whole).mean()
+    assert errors[32] < 0.02
+    assert errors[32] < errors[0] / 3
+
+
+def test_blend_weights_and_window_starts():
+    w = predict.blend_weights(64, 48, 16)
+    assert w.shape == (64, 48) and w.min() > 0 and w.max() == 1 and w[32, 24] == 1
+    assert predict.window_starts(150, 64, 32) == [0, 32, 64, 86]
+    assert predict.window_starts(40, 64, 32) == [0]
+
+
+def test_prune_and_tta(in_runs, tmp_path):
+    image = write(tmp_path / "a.png", sample_bgr(40, 52))
+    predict.main(["--name", "p", "--input", image, "--output", str(tmp_path / "o3"), "--prune", "3", "--tta",
+                  "--device", "cpu"])
+    assert read(tmp_path / "o3" / "a.png").shape == (40, 52)
+    with pytest.raises(UsageError, match="--prune needs a NestedUNet trained with deep supervision"):
+        predict.main(["--name", "u", "--input", image, "--output", str(tmp_path / "ou"), "--prune", "2"])
+    with pytest.raises(SystemExit) as e:
+        run_cli(predict.main, ["--name", "u", "--input", image, "--output", str(tmp_path / "ou"), "--prune", "2"])
+    assert e.value.code == 2
+    # a UNet run predicts fine without --prune
+    predict.main(["--name", "u", "--input", image, "--output", str(tmp_path / "ou"), "--device", "cpu"])
+    assert read(tmp_path / "ou" / "a.png").shape == (40, 52)
+
+
+def test_errors_name_the_problem(in_runs, tmp_path):
+    image = write(tmp_path / "a.png", sample_bgr(32, 32))
+    out = str(tmp_path / "out")
+    with pytest.raises(DataError, match="missing.png"):
+        predict.main(["--name", "p", "--input", image, str(tmp_path / "missing.png"), "--output", out])
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("no images here")
+    with pytest.raises(DataError, match="holds no"):
+        predict.main(["--name", "p", "--input", str(tmp_path / "empty"), "--output", out])
+    with pytest.raises(UsageError, match="model.pth"):
+        predict.main(["--name", "nomodel", "--input", image, "--output", out])
+    with pytest.raises(UsageError, match="no run named"):
+        predict.main(["--name", "absent", "--input", image, "--output", out])
+    with pytest.raises(UsageError, match="--tile"):
+        predict.main(["--name", "p", "--input", image, "--output", out, "--tile", "50"])
+    other = write(tmp_path / "sub" / "a.jpg", sample_bgr(32, 32))
+    with pytest.raises(UsageError, match="a.png"):
+        predict.main(["--name", "p", "--input", image, other, "--output", out])
+    with pytest.raises(UsageError, match="overwrite the input"):
+        predict.main(["--name", "p", "--input", image, "--output", str(tmp_path)])
+    broken = tmp_path / "broken" / "b.png"
+    broken.parent.mkdir()
+    broken.write_bytes(b"not a png")
+    with pytest.raises(DataError, match="b.png"):
+        predict.main(["--name", "p", "--input", str(broken), "--output", out, "--device", "cpu"])
+    assert not os.path.exists(os.path.join(out, "b.png"))
+
+
+def test_val_reports_the_dsb_score(in_runs, tmp_path, capsys):
+    """val.py adds the DSB2018 instance score when inputs/<dataset>/labels/ exists, also at another evaluation
+    size (p16 evaluates at 16x16: the 32x32 labels are resized with nearest)."""
+    import yaml
+
+    import val
+
+    for name in ("p", "p16"):
+        if name == "p16" and not os.path.isdir(os.path.join("models", "p16")):
+            shutil.copytree(os.path.join("models", "p"), os.path.join("models", "p16"))
+            with open(os.path.join("models", "p16", "config.yml")) as f:
+                config = yaml.safe_load(f)
+            with open(os.path.join("models", "p16", "config.yml"), "w") as f:
+                yaml.safe_dump({**config, "name": "p16", "input_h": 16, "input_w": 16}, f, sort_keys=False)
+        out = tmp_path / name
+        scores = val.main(["--name", name, "--output", str(out), "--no_overlays", "--device", "cpu"])
+        printed = capsys.readouterr().out
+        assert "DSB2018 score" in printed and "(watershed)" in printed and "(connected components)" in printed
+        table = pd.read_csv(out / "scores.csv")
+        assert "dsb" in table.columns and table["dsb"].between(0, 1).all()
+        assert 0 <= scores["dsb"] <= 1 and 0 <= scores["dsb_cc"] <= 1
+
+
+def test_bench_prune_runs_on_a_tiny_run(in_runs, capsys):
+    import importlib.util
+    import json
+
+    path = os.path.join(os.path.dirname(os.path.abspath(predict.__file__)), "bench", "prune.py")
+    spec = importlib.util.spec_from_file_location("bench_prune", path)
+    bench_prune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_prune)
+    bench_prune.main(["--name", "p", "--repeats", "1", "--device", "cpu"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    rows = json.loads(last)["rows"]
+    assert [r["prune"] for r in rows] == [1, 2, 3, 4]
+    assert all(r["images_per_s"] > 0 and 0 <= r["iou"] <= 1 for r in rows)
+    assert rows[0]["params"] < rows[1]["params"] < rows[2]["params"] < rows[3]["params"]
+    with pytest.raises(UsageError, match="deep supervision"):
+        bench_prune.main(["--name", "u"])
