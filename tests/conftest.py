@@ -1,0 +1,89 @@
+"""Shared fixtures for the dataset / config / train+val tests.
+
+The scripts read and write the relative folders ``inputs/``, ``models/`` and ``outputs/``; every test that runs
+them first changes into a temporary directory so that nothing is written into the repository.
+"""
+import os
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# The test machine's few cores are shared: one intra-op thread is faster for these tiny tensors than
+# threads fighting over busy cores.
+torch.set_num_threads(1)
+
+TINY_NAME = "tiny"
+TINY_NUM = 10
+TINY_SIZE = 32
+
+
+def write_image(path, array):
+    """Write ``array`` with cv2.imwrite (format from the extension), creating folders; returns the path as str.
+
+    Arrays are in OpenCV's channel order (BGR / BGRA) like everything cv2 writes.
+    """
+    path = str(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    assert cv2.imwrite(path, np.asarray(array)), f"cv2 could not write {path}"
+    return path
+
+
+def make_layout(dataset_dir, ids, size=16, num_classes=1, img_ext=".png", mask_ext=".png", mask_value=255,
+                channels=3):
+    """A hand-made dataset folder: images/<id> (random 8-bit) and masks/<c>/<id> (a square of ``mask_value``)."""
+    rng = np.random.default_rng(0)
+    for sid in ids:
+        shape = (size, size) if channels == 1 else (size, size, channels)
+        write_image(os.path.join(dataset_dir, "images", sid + img_ext), rng.integers(0, 256, shape, dtype=np.uint8))
+        for c in range(num_classes):
+            mask = np.zeros((size, size), np.uint8)
+            mask[2 + c: size // 2 + c, 3: size // 2 + 3] = mask_value
+            write_image(os.path.join(dataset_dir, "masks", str(c), sid + mask_ext), mask)
+    return str(dataset_dir)
+
+
+def make_synthetic(root, name=TINY_NAME, num_images=TINY_NUM, size=TINY_SIZE, seed=0):
+    """synthetic.generate_synthetic into <root>/inputs/<name>; returns the sorted ids."""
+    import synthetic
+
+    return synthetic.generate_synthetic(os.path.join(str(root), "inputs", name), num_images=num_images, size=size,
+                                        seed=seed)
+
+
+@pytest.fixture(scope="session")
+def _tiny_template(tmp_path_factory):
+    """One tiny synthetic dataset (10 images, 32x32) generated once per session and copied into each workdir."""
+    root = tmp_path_factory.mktemp("tiny_template")
+    ids = make_synthetic(root)
+    return root / "inputs" / TINY_NAME, ids
+
+
+@pytest.fixture
+def tiny_workdir(tmp_path, monkeypatch, _tiny_template):
+    """tmp_path holding inputs/tiny (10 synthetic 32x32 images), made the current directory."""
+    import shutil
+
+    src, _ = _tiny_template
+    shutil.copytree(src, tmp_path / "inputs" / TINY_NAME)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def tiny_ids(_tiny_template):
+    return list(_tiny_template[1])
+
+
+def train_argv(name, *extra, dataset=TINY_NAME, arch="UNet", epochs=2, batch=4):
+    """A small CPU train.py command line (32x32, no workers, Adam so that predictions are not all one class)."""
+    return ["--name", name, "--dataset", dataset, "--arch", arch, "--input_w", "32", "--input_h", "32",
+            "--epochs", str(epochs), "-b", str(batch), "--num_workers", "0", "--device", "cpu",
+            "--optimizer", "Adam", "--lr", "0.01", *extra]

@@ -1,0 +1,178 @@
+"""Tests for config.py: train.py's flags, --config YAML recipes, names and argument checks."""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from conftest import ROOT
+from config import build_train_parser, default_run_name, parse_train_args, read_yaml_config
+from utils import UsageError
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+
+def write_yaml(path, data):
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return str(path)
+
+
+def test_defaults_are_the_seed_ones():
+    a = parse_train_args([])
+    assert (a.arch, a.dataset, a.epochs, a.batch_size, a.input_w, a.input_h) == ("NestedUNet", "dsb2018_96", 100,
+                                                                                 16, 96, 96)
+    assert a.deep_supervision is False and a.val_size == 0.2 and a.split_seed == 41 and a.test_size == 0.0
+    assert a.name == "dsb2018_96_NestedUNet_woDS"
+
+
+def test_yaml_config_loads_and_flags_override(tmp_path):
+    cfg = write_yaml(tmp_path / "r.yml", {"arch": "UNet", "epochs": 7, "batch_size": 4, "deep_supervision": True,
+                                          "lr": 0.05, "dataset": "mine", "input_w": 64})
+    a = parse_train_args(["--config", cfg])
+    assert (a.arch, a.epochs, a.batch_size, a.deep_supervision, a.lr, a.dataset, a.input_w) == \
+        ("UNet", 7, 4, True, 0.05, "mine", 64)
+    assert a.input_h == 96  # untouched keys keep their defaults
+    b = parse_train_args(["--config", cfg, "--epochs", "3", "--deep_supervision", "False", "-b", "2",
+                          "--arch", "NestedUNet"])
+    assert (b.epochs, b.deep_supervision, b.batch_size, b.arch, b.lr) == (3, False, 2, "NestedUNet", 0.05)
+    assert b.name == "mine_NestedUNet_woDS"
+    # the flag may come before --config too
+    c = parse_train_args(["--epochs", "5", "--config", cfg])
+    assert c.epochs == 5
+
+
+def test_repo_configs_parse():
+    configs = sorted((ROOT / "configs").glob("*.y*ml"))
+    for path in configs:
+        parse_train_args(["--config", str(path)])
+
+
+def test_yaml_unknown_key_named(tmp_path):
+    cfg = write_yaml(tmp_path / "r.yml", {"epochs": 3, "deep_supervison": True})
+    with pytest.raises(UsageError) as e:
+        parse_train_args(["--config", cfg])
+    assert "deep_supervison" in str(e.value) and cfg in str(e.value)
+
+
+@pytest.mark.parametrize("key,value", [("epochs", "many"), ("epochs", 2.5), ("lr", "fast"), ("lr", [1, 2]),
+                                       ("deep_supervision", "maybe"), ("batch_size", True)])
+def test_yaml_wrong_type_named(tmp_path, key, value):
+    cfg = write_yaml(tmp_path / "r.yml", {key: value})
+    with pytest.raises(UsageError) as e:
+        parse_train_args(["--config", cfg])
+    assert key in str(e.value)
+
+
+def test_yaml_values_converted(tmp_path):
+    cfg = write_yaml(tmp_path / "r.yml", "epochs: 4\nlr: 1e-2\nbatch_size: 8.0\ndeep_supervision: 'True'\n")
+    a = parse_train_args(["--config", cfg])
+    assert a.epochs == 4 and isinstance(a.epochs, int)
+    assert a.lr == 0.01 and a.batch_size == 8 and isinstance(a.batch_size, int) and a.deep_supervision is True
+
+
+def test_config_file_missing_or_not_a_mapping(tmp_path):
+    with pytest.raises(UsageError) as e:
+        parse_train_args(["--config", str(tmp_path / "nope.yml")])
+    assert "nope.yml" in str(e.value)
+    cfg = write_yaml(tmp_path / "list.yml", "- 1\n- 2\n")
+    with pytest.raises(UsageError):
+        parse_train_args(["--config", cfg])
+    cfg = write_yaml(tmp_path / "bad.yml", "epochs: [1,\n")
+    with pytest.raises(UsageError) as e:
+        parse_train_args(["--config", cfg])
+    assert "bad.yml" in str(e.value)
+
+
+def test_yaml_config_keeps_help_and_config_out(tmp_path):
+    cfg = write_yaml(tmp_path / "r.yml", {"config": "other.yml"})
+    with pytest.raises(UsageError) as e:
+        read_yaml_config(cfg, build_train_parser())
+    assert "config" in str(e.value)
+
+
+@pytest.mark.parametrize("text,expected", [("True", True), ("False", False), ("1", True), ("0", False),
+                                           ("true", True), ("false", False)])
+def test_deep_supervision_flag_values(text, expected):
+    a = parse_train_args(["--deep_supervision", text])
+    assert a.deep_supervision is expected
+
+
+def test_deep_supervision_flag_rejects_garbage(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_train_args(["--deep_supervision", "sure"])
+    assert e.value.code == 2
+    assert "--deep_supervision" in capsys.readouterr().err
+
+
+def test_default_name():
+    assert parse_train_args(["--dataset", "foo", "--arch", "UNet"]).name == "foo_UNet_woDS"
+    assert parse_train_args(["--dataset", "foo", "--deep_supervision", "True"]).name == "foo_NestedUNet_wDS"
+    assert parse_train_args(["--dataset", "foo", "--name", "mine"]).name == "mine"
+    a = parse_train_args(["--dataset", "d", "--arch", "NestedUNet", "--deep_supervision", "1"])
+    assert default_run_name(a) == "d_NestedUNet_wDS"
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "..", ".", "/tmp/abs", os.path.abspath("abs_run"), "a\\b"])
+def test_path_like_names_refused(name):
+    with pytest.raises(UsageError) as e:
+        parse_train_args(["--name", name])
+    assert "--name" in str(e.value)
+
+
+def test_path_like_dataset_name_in_default_name_refused():
+    with pytest.raises(UsageError):
+        parse_train_args(["--dataset", "../elsewhere"])
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--input_w", "100"], "--input_w"), (["--input_h", "40"], "--input_h"), (["--crop_size", "50"], "--crop_size"),
+    (["--epochs", "0"], "--epochs"), (["--epochs", "-3"], "--epochs"),
+    (["-b", "0"], "--batch_size"), (["--batch_size", "-2"], "--batch_size"),
+    (["--input_w", "0"], "--input_w"), (["--num_classes", "0"], "--num_classes"),
+    (["--val_size", "0"], "--val_size"), (["--val_size", "0.6", "--test_size", "0.5"], "--test_size"),
+    (["--lr", "0"], "--lr"), (["--milestones", "a,b"], "--milestones"),
+    (["--num_workers", "-1"], "--num_workers"), (["--crop_size", "-16"], "--crop_size"),
+])
+def test_bad_values_refused_naming_the_flag(argv, flag):
+    with pytest.raises(UsageError) as e:
+        parse_train_args(argv)
+    assert flag in str(e.value)
+
+
+def test_sizes_multiple_of_16_accepted():
+    a = parse_train_args(["--input_w", "32", "--input_h", "48", "--crop_size", "64"])
+    assert (a.input_w, a.input_h, a.crop_size) == (32, 48, 64)
+
+
+def test_yaml_bad_values_checked_too(tmp_path):
+    cfg = write_yaml(tmp_path / "r.yml", {"input_w": 90})
+    with pytest.raises(UsageError) as e:
+        parse_train_args(["--config", cfg])
+    assert "--input_w" in str(e.value)
+
+
+def test_usage_error_exit_code_2():
+    from utils import run_cli
+
+    import train
+
+    with pytest.raises(SystemExit) as e:
+        run_cli(train.main, ["--epochs", "0"])
+    assert e.value.code == 2
+
+
+def test_help_is_quick_and_lists_flags(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    start = time.time()
+    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=60)
+    took = time.time() - start
+    assert out.returncode == 0, out.stderr
+    assert "--deep_supervision" in out.stdout and "--config" in out.stdout and "--crop_size" in out.stdout
+    assert took < 15, f"train.py --help took {took:.1f}s (heavy imports at module level?)"
+    assert not os.listdir(tmp_path), "--help wrote files"

@@ -1,0 +1,318 @@
+"""Tests for dataset.py: image/mask readers, layout checks with their error messages, the Dataset and its
+augmentation seeding."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_layout, make_synthetic, write_image
+from dataset import (NORM_MEAN, NORM_STD, Dataset, decode_image, eval_transform, image_to_float, list_ids,
+                     read_mask, train_transform)
+from utils import DataError, UsageError
+
+IDS = ["a", "b", "c"]
+
+
+def normalised(x):
+    return (x - NORM_MEAN) / NORM_STD
+
+
+# --------------------------------------------------------------------------------------------- image readers
+
+def test_grey_image(tmp_path):
+    grey = np.arange(64, dtype=np.uint8).reshape(8, 8) * 3
+    path = write_image(tmp_path / "g.png", grey)
+    img = decode_image(path)
+    assert img.shape == (8, 8, 1) and img.dtype == np.uint8
+    np.testing.assert_array_equal(img[:, :, 0], grey)
+    three = image_to_float(img, 3)
+    assert three.shape == (8, 8, 3) and three.dtype == np.float32
+    for c in range(3):
+        np.testing.assert_allclose(three[:, :, c], grey / 255.0, atol=1e-6)
+    one = image_to_float(img, 1)
+    assert one.shape == (8, 8, 1)
+
+
+def test_rgb_image_is_returned_in_rgb_order(tmp_path):
+    bgr = np.zeros((4, 5, 3), np.uint8)
+    bgr[..., 0], bgr[..., 1], bgr[..., 2] = 10, 20, 30  # B, G, R
+    img = decode_image(write_image(tmp_path / "c.png", bgr))
+    assert img.shape == (4, 5, 3) and img.dtype == np.uint8
+    assert img[0, 0].tolist() == [30, 20, 10]
+    np.testing.assert_allclose(image_to_float(img, 3)[0, 0], np.array([30, 20, 10]) / 255.0, atol=1e-6)
+
+
+def test_rgba_alpha_is_dropped(tmp_path):
+    bgra = np.zeros((4, 5, 4), np.uint8)
+    bgra[..., 0], bgra[..., 1], bgra[..., 2], bgra[..., 3] = 10, 20, 30, 7
+    img = decode_image(write_image(tmp_path / "a.png", bgra))
+    assert img.shape == (4, 5, 3)
+    assert img[2, 3].tolist() == [30, 20, 10]
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_16bit_scaled_by_own_min_max(tmp_path, channels):
+    values = np.linspace(1000, 3000, 16 * 16).reshape(16, 16).astype(np.uint16)
+    arr = values if channels == 1 else np.stack([values] * 3, axis=-1)
+    img = decode_image(write_image(tmp_path / "d.png", arr))
+    assert img.dtype == np.uint16 and img.shape == (16, 16, channels)
+    out = image_to_float(img, 3)
+    assert out.dtype == np.float32 and out.shape == (16, 16, 3)
+    assert out.min() == pytest.approx(0.0) and out.max() == pytest.approx(1.0)
+    np.testing.assert_allclose(out[..., 0], (values.astype(np.float64) - 1000) / 2000, atol=1e-5)
+    # a constant 16-bit image does not divide by zero
+    flat = image_to_float(np.full((4, 4, 1), 500, np.uint16), 1)
+    assert np.isfinite(flat).all() and flat.max() == 0
+
+
+@pytest.mark.parametrize("value", [255, 1])
+def test_masks_0_255_and_0_1_become_0_1(tmp_path, value):
+    mask = np.zeros((8, 8), np.uint8)
+    mask[2:5, 1:6] = value
+    out = read_mask(write_image(tmp_path / "m.png", mask))
+    assert set(np.unique(out).tolist()) == {0, 1}
+    np.testing.assert_array_equal(out, mask > 0)
+
+
+def test_mask_with_grey_values_is_refused(tmp_path):
+    mask = np.zeros((8, 8), np.uint8)
+    mask[0, :4] = 128
+    mask[1, :4] = 255
+    path = write_image(tmp_path / "soft.png", mask)
+    with pytest.raises(DataError) as e:
+        read_mask(path)
+    assert path in str(e.value) and "128" in str(e.value)
+
+
+@pytest.mark.parametrize("content", [b"not an image at all", "truncated"])
+def test_unreadable_or_truncated_image(tmp_path, content):
+    good = write_image(tmp_path / "good.png", np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8))
+    data = open(good, "rb").read()
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(data[: len(data) // 2] if content == "truncated" else content)
+    with pytest.raises(DataError) as e:
+        decode_image(str(bad))
+    assert str(bad) in str(e.value)
+    with pytest.raises(DataError) as e:
+        read_mask(str(bad))
+    assert str(bad) in str(e.value)
+
+
+def test_unreadable_image_inside_dataset(tmp_path):
+    root = make_layout(tmp_path / "ds", IDS)
+    path = os.path.join(root, "images", "b.png")
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[:40])
+    ds = Dataset(IDS, root, num_classes=1, input_channels=3)
+    ds[0]  # the others still read
+    with pytest.raises(DataError) as e:
+        ds[1]
+    assert path in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------- layout checks
+
+def test_list_ids_sorted(tmp_path):
+    root = make_layout(tmp_path / "ds", ["c", "a", "b"])
+    assert list_ids(root) == ["a", "b", "c"]
+
+
+def test_missing_dataset_folder(tmp_path):
+    missing = str(tmp_path / "nope")
+    with pytest.raises(DataError) as e:
+        list_ids(missing)
+    assert missing in str(e.value)
+
+
+def test_empty_image_folder(tmp_path):
+    (tmp_path / "ds" / "images").mkdir(parents=True)
+    with pytest.raises(DataError) as e:
+        list_ids(str(tmp_path / "ds"))
+    assert os.path.join(str(tmp_path / "ds"), "images") in str(e.value) and ".png" in str(e.value)
+
+
+def test_image_folder_with_other_extension_hints_img_ext(tmp_path):
+    root = make_layout(tmp_path / "ds", IDS, img_ext=".tif")
+    with pytest.raises(DataError) as e:
+        list_ids(root)
+    assert ".tif" in str(e.value) and "--img_ext" in str(e.value)
+    assert list_ids(root, img_ext=".tif") == IDS
+
+
+def test_image_without_mask(tmp_path):
+    root = make_layout(tmp_path / "ds", IDS)
+    os.remove(os.path.join(root, "masks", "0", "b.png"))
+    with pytest.raises(DataError) as e:
+        list_ids(root)
+    msg = str(e.value)
+    assert "b" in msg.split(":")[-1] and os.path.join(root, "masks", "0") in msg and "no mask" in msg
+
+
+def test_mask_without_image(tmp_path):
+    root = make_layout(tmp_path / "ds", IDS + ["zz_orphan"])
+    os.remove(os.path.join(root, "images", "zz_orphan.png"))
+    with pytest.raises(DataError) as e:
+        list_ids(root)
+    msg = str(e.value)
+    assert "zz_orphan" in msg and "no image" in msg
+
+
+def test_num_classes_must_match_class_folders(tmp_path):
+    root = make_layout(tmp_path / "ds", IDS, num_classes=2)
+    with pytest.raises(UsageError) as e:
+        list_ids(root, num_classes=1)
+    assert "--num_classes" in str(e.value)
+    with pytest.raises(UsageError) as e:
+        list_ids(root, num_classes=3)
+    assert "--num_classes" in str(e.value)
+    assert list_ids(root, num_classes=2) == IDS
+
+
+def test_eleven_class_folders_and_hidden_folders(tmp_path):
+    """Class folders are compared in numeric order (10 after 9) and hidden folders such as
+    .ipynb_checkpoints are not classes."""
+    root = make_layout(tmp_path / "ds", ["a", "b"], size=16, num_classes=11)
+    os.makedirs(os.path.join(root, "masks", ".ipynb_checkpoints"))
+    assert list_ids(root, num_classes=11) == ["a", "b"]
+    assert Dataset(["a"], root, num_classes=11)[0][1].shape == (11, 16, 16)
+
+
+def test_mask_of_another_size(tmp_path):
+    root = make_layout(tmp_path / "ds", IDS, size=16)
+    mask_path = os.path.join(root, "masks", "0", "c.png")
+    write_image(mask_path, np.zeros((16, 20), np.uint8))
+    ds = Dataset(IDS, root)
+    with pytest.raises(DataError) as e:
+        ds[2]
+    assert mask_path in str(e.value)
+    with pytest.raises(DataError):  # with caching the error comes when the dataset is built
+        Dataset(IDS, root, cache=True)
+
+
+def test_grey_mask_values_in_dataset(tmp_path):
+    root = make_layout(tmp_path / "ds", IDS, mask_value=128)
+    with pytest.raises(DataError) as e:
+        Dataset(IDS, root)[0]
+    assert os.path.join(root, "masks", "0", "a.png") in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------------- Dataset
+
+def test_dataset_item_types_and_normalisation(tmp_path):
+    root = make_layout(tmp_path / "ds", IDS, size=16)
+    ds = Dataset(IDS, root, num_classes=1, input_channels=3)
+    assert len(ds) == 3
+    image, mask, meta = ds[1]
+    assert meta == {"img_id": "b"}
+    assert image.dtype == torch.float32 and image.shape == (3, 16, 16)
+    assert mask.dtype == torch.float32 and mask.shape == (1, 16, 16)
+    assert set(mask.unique().tolist()) == {0.0, 1.0}
+    raw = decode_image(os.path.join(root, "images", "b.png")).astype(np.float32) / 255.0
+    np.testing.assert_allclose(image.numpy(), normalised(raw).transpose(2, 0, 1), atol=1e-6)
+    assert image.min() >= normalised(0.0) - 1e-6 and image.max() <= normalised(1.0) + 1e-6
+    truth = read_mask(os.path.join(root, "masks", "0", "b.png"))
+    np.testing.assert_array_equal(mask[0].numpy(), truth)
+    # the cache gives the same samples
+    cached = Dataset(IDS, root, num_classes=1, input_channels=3, cache=True)[1]
+    assert torch.equal(cached[0], image) and torch.equal(cached[1], mask)
+
+
+def test_dataset_grey_and_rgba_images(tmp_path):
+    root = make_layout(tmp_path / "grey", IDS, size=16, channels=1)
+    image, _, _ = Dataset(IDS, root, input_channels=3)[0]
+    assert image.shape == (3, 16, 16) and torch.equal(image[0], image[2])
+    image, _, _ = Dataset(IDS, root, input_channels=1)[0]
+    assert image.shape == (1, 16, 16)
+    root = make_layout(tmp_path / "rgba", IDS, size=16, channels=4)
+    image, _, _ = Dataset(IDS, root, input_channels=3)[0]
+    assert image.shape == (3, 16, 16)
+
+
+def test_dataset_16bit(tmp_path):
+    root = make_layout(tmp_path / "ds", IDS, size=16)
+    values = np.linspace(200, 40000, 256).reshape(16, 16).astype(np.uint16)
+    write_image(os.path.join(root, "images", "a.png"), values)
+    image, _, _ = Dataset(IDS, root, input_channels=3)[0]
+    assert image.shape == (3, 16, 16)
+    assert image.min().item() == pytest.approx(normalised(0.0)) and image.max().item() == pytest.approx(normalised(1.0))
+
+
+def test_mask_0_1_same_as_0_255(tmp_path):
+    a = Dataset(IDS, make_layout(tmp_path / "m255", IDS, mask_value=255))[0][1]
+    b = Dataset(IDS, make_layout(tmp_path / "m1", IDS, mask_value=1))[0][1]
+    assert torch.equal(a, b) and set(a.unique().tolist()) == {0.0, 1.0}
+
+
+def test_multi_class_masks(tmp_path):
+    root = make_layout(tmp_path / "ds", IDS, size=16, num_classes=2)
+    assert list_ids(root, num_classes=2) == IDS
+    _, mask, _ = Dataset(IDS, root, num_classes=2)[2]
+    assert mask.shape == (2, 16, 16)
+    for c in range(2):
+        np.testing.assert_array_equal(mask[c].numpy(), read_mask(os.path.join(root, "masks", str(c), "c.png")))
+    assert not torch.equal(mask[0], mask[1])
+
+
+@pytest.mark.parametrize("transform", [
+    eval_transform(48, 48), eval_transform(16, 16), eval_transform(48, 16),
+    train_transform(48, 48), train_transform(16, 16),
+    train_transform(0, 0, crop_size=16, scale_jitter=0.3),
+], ids=["eval48", "eval16", "eval48x16", "train48", "train16", "crop16_jitter"])
+def test_resizing_keeps_masks_hard(tmp_path, transform):
+    ids = make_synthetic(tmp_path, "syn", num_images=4, size=32)
+    ds = Dataset(ids, str(tmp_path / "inputs" / "syn"), transform=transform)
+    for i in range(len(ds)):
+        image, mask, _ = ds[(0, i)]
+        assert image.shape[1:] == mask.shape[1:] and image.shape[1:] != (32, 32)
+        values = set(mask.unique().tolist())
+        assert values <= {0.0, 1.0}
+    assert values == {0.0, 1.0}
+
+
+def test_eval_transform_with_crop_keeps_size(tmp_path):
+    ids = make_synthetic(tmp_path, "syn", num_images=2, size=48)
+    image, mask, _ = Dataset(ids, str(tmp_path / "inputs" / "syn"), transform=eval_transform(32, 32, crop_size=32))[0]
+    assert image.shape == (3, 48, 48) and mask.shape == (1, 48, 48)
+
+
+def test_augmentation_seeded_by_epoch_and_index(tmp_path):
+    ids = make_synthetic(tmp_path, "syn", num_images=4, size=32)
+    root = str(tmp_path / "inputs" / "syn")
+    ds = Dataset(ids, root, transform=train_transform(32, 32), seed=0)
+    first = ds[(0, 2)]
+    again = ds[(0, 2)]
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    # another Dataset object (a resumed run, a worker process) gives the same sample
+    other = Dataset(ids, root, transform=train_transform(32, 32), seed=0)[(0, 2)]
+    assert torch.equal(first[0], other[0]) and torch.equal(first[1], other[1])
+    # another epoch, or another seed, gives another augmentation
+    assert not torch.equal(first[0], ds[(1, 2)][0])
+    assert not torch.equal(first[0], Dataset(ids, root, transform=train_transform(32, 32), seed=1)[(0, 2)][0])
+
+
+def _d4(x):
+    """The eight flips/rotations of x [..., H, W]."""
+    out = []
+    for k in range(4):
+        r = torch.rot90(x, k, dims=(-2, -1))
+        out += [r, r.flip(-1)]
+    return out
+
+
+def test_image_and_mask_get_the_same_flip_or_rotation(tmp_path):
+    ids = make_synthetic(tmp_path, "syn", num_images=4, size=32)
+    root = str(tmp_path / "inputs" / "syn")
+    plain = Dataset(ids, root, transform=None)
+    aug = Dataset(ids, root, transform=train_transform(32, 32, color_jitter=False), seed=3)
+    used = set()
+    for epoch in range(4):
+        for i in range(len(ids)):
+            image, mask, _ = plain[i]
+            a_image, a_mask, _ = aug[(epoch, i)]
+            matches = [k for k, t in enumerate(_d4(image)) if torch.allclose(t, a_image, atol=1e-5)]
+            assert matches, "the augmented image is not a flip/rotation of the original"
+            assert any(torch.equal(_d4(mask)[k], a_mask) for k in matches)
+            used.add(matches[0])
+    assert len(used) > 1

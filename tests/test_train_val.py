@@ -1,0 +1,318 @@
+"""End-to-end tests of train.py and val.py on the CPU, on a tiny synthetic dataset (10 images of 32x32).
+
+Everything runs in temporary directories (the scripts use the relative folders inputs/, models/, outputs/).
+"""
+import math
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from sklearn.model_selection import train_test_split
+
+import engine
+import train
+import val
+from conftest import ROOT, TINY_NAME, make_synthetic, train_argv
+from utils import DataError, UsageError
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# val.py writes round(sigmoid(logit) * 255) as 8-bit PNG and the metrics count a pixel as predicted when
+# logit > 0, i.e. prob > 0.5, i.e. prob * 255 > 127.5. Rounding maps (127.5, 128.5) to 128 and [127.5 - 1, 127.5)
+# to 127, so "predicted" <=> PNG value >= 128 (> 127.5). (Only |logit| < ~1e-7, where float32 sigmoid is exactly
+# 0.5 and rounds to 128, could disagree; that does not happen with real weights.)
+PRED_THRESHOLD = 127.5
+
+RUNS = {
+    "unet": ("UNet", []),
+    "nested": ("NestedUNet", ["--deep_supervision", "True", "--lr", "0.003"]),
+}
+
+
+@contextmanager
+def cwd(path):
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def valid_png(path):
+    with open(path, "rb") as f:
+        assert f.read(8) == PNG_MAGIC, f"{path} is not a PNG"
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    assert image is not None and image.size > 0, f"{path} cannot be decoded"
+    return image
+
+
+def read_split(workdir, name):
+    return pd.read_csv(workdir / "models" / name / "split.csv", dtype=str, keep_default_na=False)
+
+
+def split_ids(split, part):
+    return split.loc[split["split"] == part, "img_id"].tolist()
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """One working directory with inputs/tiny and two finished runs (UNet; NestedUNet with deep supervision),
+    each trained for 2 epochs and evaluated with val.py; returns (workdir, ids, {key: val scores})."""
+    root = tmp_path_factory.mktemp("runs")
+    ids = make_synthetic(root)
+    scores = {}
+    with cwd(root):
+        for key, (arch, extra) in RUNS.items():
+            train.main(train_argv(key, *extra, arch=arch))
+            scores[key] = val.main(["--name", key, "--device", "cpu"])
+    return root, ids, scores
+
+
+# ------------------------------------------------------------------------------------------ files of a run
+
+@pytest.mark.parametrize("key", list(RUNS))
+def test_config_yml(work, key):
+    root, _, _ = work
+    with open(root / "models" / key / "config.yml") as f:
+        cfg = yaml.safe_load(f)
+    arch, _ = RUNS[key]
+    assert cfg["arch"] == arch and cfg["name"] == key and cfg["epochs"] == 2 and cfg["dataset"] == TINY_NAME
+    assert cfg["deep_supervision"] is (key == "nested")
+    assert cfg["input_w"] == 32 and cfg["batch_size"] == 4
+
+
+@pytest.mark.parametrize("key", list(RUNS))
+def test_split_csv_is_the_seed_split(work, key):
+    root, ids, _ = work
+    split = read_split(root, key)
+    assert list(split.columns) == ["img_id", "split"]
+    train_ids, val_ids = train_test_split(sorted(ids), test_size=0.2, random_state=41)
+    assert split_ids(split, "train") == list(train_ids)
+    assert split_ids(split, "val") == list(val_ids)
+    assert len(split) == len(ids) == 10 and len(val_ids) == 2
+    assert set(split["split"]) == {"train", "val"}
+
+
+@pytest.mark.parametrize("key", list(RUNS))
+def test_log_csv(work, key):
+    root, _, _ = work
+    log = pd.read_csv(root / "models" / key / "log.csv")
+    assert list(log.columns[:7]) == ["epoch", "lr", "loss", "iou", "val_loss", "val_iou", "val_dice"]
+    assert log["epoch"].tolist() == [1, 2]
+    assert np.isfinite(log[["loss", "iou", "val_loss", "val_iou", "val_dice"]].to_numpy()).all()
+    assert ((log[["iou", "val_iou", "val_dice"]] >= 0) & (log[["iou", "val_iou", "val_dice"]] <= 1)).all().all()
+    # the lr each epoch trained with: CosineAnnealingLR(T_max=2, eta_min=1e-5) from --lr, stepped after the epoch
+    lr0, eta_min = (0.003 if key == "nested" else 0.01), 1e-5
+    assert log["lr"][0] == pytest.approx(lr0, rel=1e-9)
+    assert log["lr"][1] == pytest.approx(eta_min + (lr0 - eta_min) * (1 + math.cos(math.pi / 2)) / 2, rel=1e-6)
+    assert log["lr"][1] < log["lr"][0]
+    last = torch.load(root / "models" / key / "last.pth", map_location="cpu", weights_only=True)
+    assert last["epoch"] == 2
+    assert last["optimizer"]["param_groups"][0]["lr"] == pytest.approx(eta_min, rel=1e-6)
+
+
+@pytest.mark.parametrize("key", list(RUNS))
+def test_model_pth_is_a_plain_state_dict(work, key):
+    from archs import build_model
+
+    root, _, _ = work
+    weights = torch.load(root / "models" / key / "model.pth", map_location="cpu", weights_only=True)
+    assert isinstance(weights, dict) and weights
+    assert all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items())
+    arch, _ = RUNS[key]
+    model = build_model(arch, 1, 3, key == "nested")
+    model.load_state_dict(weights)  # strict: the same keys and shapes
+
+
+@pytest.mark.parametrize("key", list(RUNS))
+def test_curves_png(work, key):
+    root, _, _ = work
+    image = valid_png(root / "models" / key / "curves.png")
+    assert image.shape[0] > 50 and image.shape[1] > 50
+
+
+# ------------------------------------------------------------------------------------------------ val.py
+
+@pytest.mark.parametrize("key", list(RUNS))
+def test_val_outputs(work, key):
+    root, _, all_scores = work
+    scores = all_scores[key]
+    out = root / "outputs" / key
+    val_ids = split_ids(read_split(root, key), "val")
+    assert sorted(os.listdir(out / "0")) == sorted(i + ".png" for i in val_ids)
+    for sid in val_ids:
+        prob = valid_png(out / "0" / f"{sid}.png")
+        assert prob.dtype == np.uint8 and prob.shape == (32, 32)
+        overlay = valid_png(out / "overlays" / f"{sid}.png")
+        assert overlay.ndim == 3 and overlay.shape[0] == 32
+    assert sorted(os.listdir(out / "overlays")) == sorted(i + ".png" for i in val_ids)
+    valid_png(out / "summary.png")
+    table = pd.read_csv(out / "scores.csv", dtype={"img_id": str})
+    assert list(table.columns[:3]) == ["img_id", "iou", "dice"]
+    assert sorted(table["img_id"]) == sorted(val_ids)
+    assert table["iou"].is_monotonic_increasing, "scores.csv must list the worst image first"
+    assert set(scores) >= {"iou", "dice", "iou_mean", "dice_mean", "loss"}
+
+
+@pytest.mark.parametrize("key", list(RUNS))
+def test_val_scores_recomputed_from_written_files(work, key):
+    """Pooled IoU/Dice from the probability PNGs (value > 127.5, i.e. prob > 0.5) and the mask files."""
+    root, _, all_scores = work
+    scores = all_scores[key]
+    val_ids = split_ids(read_split(root, key), "val")
+    inter = union = pred_sum = true_sum = 0
+    per_image = {}
+    for sid in val_ids:
+        prob = cv2.imread(str(root / "outputs" / key / "0" / f"{sid}.png"), cv2.IMREAD_UNCHANGED)
+        truth = cv2.imread(str(root / "inputs" / TINY_NAME / "masks" / "0" / f"{sid}.png"), cv2.IMREAD_UNCHANGED) > 0
+        pred = prob > PRED_THRESHOLD
+        i, u = int((pred & truth).sum()), int((pred | truth).sum())
+        inter, union, pred_sum, true_sum = inter + i, union + u, pred_sum + int(pred.sum()), true_sum + int(truth.sum())
+        per_image[sid] = i / u if u else 1.0
+    assert union > 0 and true_sum > 0
+    # these settings give partly-foreground predictions, so the threshold matters for the comparison
+    assert 0 < pred_sum < len(val_ids) * 32 * 32, "prediction is all background or all foreground"
+    assert scores["iou"] == pytest.approx(inter / union, abs=1e-3)
+    assert scores["dice"] == pytest.approx(2 * inter / (pred_sum + true_sum), abs=1e-3)
+    assert scores["iou_mean"] == pytest.approx(np.mean(list(per_image.values())), abs=1e-3)
+    table = pd.read_csv(root / "outputs" / key / "scores.csv", dtype={"img_id": str})
+    for sid, iou in zip(table["img_id"], table["iou"]):
+        assert iou == pytest.approx(per_image[sid], abs=1e-5)
+
+
+@pytest.mark.parametrize("key", list(RUNS))
+def test_val_matches_best_epoch_of_training(work, key):
+    """model.pth holds the epoch with the best val IoU; val.py on the same split scores it the same."""
+    root, _, all_scores = work
+    log = pd.read_csv(root / "models" / key / "log.csv")
+    assert all_scores[key]["iou"] == pytest.approx(log["val_iou"].max(), abs=1e-6)
+
+
+def test_val_unknown_run_and_missing_test_split(work, monkeypatch):
+    root, _, _ = work
+    monkeypatch.chdir(root)
+    with pytest.raises(UsageError) as e:
+        val.main(["--name", "no_such_run", "--device", "cpu"])
+    assert "no_such_run" in str(e.value)
+    with pytest.raises(UsageError) as e:
+        val.main(["--name", "unet", "--split", "test", "--device", "cpu", "--output", str(root / "scratch")])
+    assert "test" in str(e.value)
+
+
+# ------------------------------------------------------------------------------------- other train options
+
+def test_seed_makes_cpu_runs_repeatable(work, monkeypatch):
+    root, _, _ = work
+    monkeypatch.chdir(root)
+    arch, extra = RUNS["unet"]
+    train.main(train_argv("unet_again", *extra, arch=arch))
+    a = pd.read_csv(root / "models" / "unet" / "log.csv")
+    b = pd.read_csv(root / "models" / "unet_again" / "log.csv")
+    for column in ("lr", "loss", "iou", "val_loss", "val_iou", "val_dice"):
+        assert a[column].tolist() == b[column].tolist(), column
+
+
+def test_same_name_twice_is_refused(work, monkeypatch):
+    root, _, _ = work
+    monkeypatch.chdir(root)
+    model = root / "models" / "unet" / "model.pth"
+    before = (model.stat().st_mtime_ns, model.read_bytes())
+    with pytest.raises(UsageError) as e:
+        train.main(train_argv("unet"))
+    assert "--resume" in str(e.value) and "--overwrite" in str(e.value)
+    assert (model.stat().st_mtime_ns, model.read_bytes()) == before
+
+
+def test_early_stopping_zero_still_trains_one_epoch(work, monkeypatch):
+    """As in the seed, --early_stopping N stops once N epochs in a row brought no better val IoU; 0 stops after
+    the first epoch (and must not stop before it)."""
+    root, _, _ = work
+    monkeypatch.chdir(root)
+    train.main(train_argv("early", "--early_stopping", "0", epochs=3))
+    assert pd.read_csv(root / "models" / "early" / "log.csv")["epoch"].tolist() == [1]
+    assert (root / "models" / "early" / "model.pth").is_file()
+
+
+def test_test_split(tmp_path, monkeypatch):
+    ids = make_synthetic(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    train.main(train_argv("three", "--test_size", "0.2", epochs=1))
+    split = read_split(tmp_path, "three")
+    assert set(split["split"]) == {"train", "val", "test"}
+    rest, test_ids = train_test_split(sorted(ids), test_size=0.2, random_state=41)
+    train_ids, val_ids = train_test_split(rest, test_size=0.2 / 0.8, random_state=41)
+    assert split_ids(split, "test") == list(test_ids)
+    assert split_ids(split, "val") == list(val_ids)
+    assert split_ids(split, "train") == list(train_ids)
+    assert sorted(split["img_id"]) == sorted(ids)
+    scores = val.main(["--name", "three", "--split", "test", "--device", "cpu", "--no_overlays"])
+    assert 0 <= scores["iou"] <= 1
+    assert sorted(os.listdir(tmp_path / "outputs" / "three" / "0")) == sorted(i + ".png" for i in test_ids)
+
+
+def test_crop_training_validates_whole_images(tmp_path, monkeypatch):
+    make_synthetic(tmp_path, "tiny48", size=48)
+    monkeypatch.chdir(tmp_path)
+    shapes = {"train": set(), "eval": set()}
+    real_step = engine.step
+
+    def recording_step(model, images, masks, criterion, precision, optimizer=None, **kw):
+        shapes["train" if optimizer is not None else "eval"].add(tuple(images.shape[-2:]))
+        return real_step(model, images, masks, criterion, precision, optimizer, **kw)
+
+    monkeypatch.setattr(engine, "step", recording_step)
+    train.main(train_argv("crop", "--crop_size", "32", "--dataset", "tiny48", "--arch", "NestedUNet",
+                          "--deep_supervision", "True", epochs=1))
+    assert shapes == {"train": {(32, 32)}, "eval": {(48, 48)}}
+    scores = val.main(["--name", "crop", "--device", "cpu"])
+    assert 0 <= scores["iou"] <= 1
+    val_ids = split_ids(read_split(tmp_path, "crop"), "val")
+    for sid in val_ids:
+        prob = valid_png(tmp_path / "outputs" / "crop" / "0" / f"{sid}.png")
+        assert prob.shape == (48, 48)
+
+
+def test_missing_dataset_is_a_data_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError) as e:
+        train.main(train_argv("nothing", "--dataset", "nope"))
+    assert os.path.join("inputs", "nope") in str(e.value)
+
+
+def test_batch_larger_than_training_set(tmp_path, monkeypatch):
+    make_synthetic(tmp_path, num_images=5)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError) as e:
+        train.main(train_argv("big_batch", batch=8))
+    assert "--batch_size" in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------ real DSB2018 data
+
+DSB_SRC = (ROOT / ".." / "shared" / "data" / "dsb2018" / "stage1_train").resolve()
+
+
+def test_dsb2018_preprocess_train_val(tmp_path, monkeypatch):
+    if not DSB_SRC.is_dir():
+        pytest.skip(f"DSB2018 stage1_train not found at {DSB_SRC} (../shared/data/dsb2018/stage1_train from the repo)")
+    import preprocess_dsb2018
+
+    dst = tmp_path / "inputs" / "dsb2018_32"
+    preprocess_dsb2018.main(["--src", str(DSB_SRC), "--limit", "12", "--img_size", "32", "--dst", str(dst),
+                             "--num_workers", "1"])
+    assert len(os.listdir(dst / "images")) == 12 and len(os.listdir(dst / "masks" / "0")) == 12
+    monkeypatch.chdir(tmp_path)
+    train.main(train_argv("dsb", dataset="dsb2018_32", epochs=1))
+    log = pd.read_csv(tmp_path / "models" / "dsb" / "log.csv")
+    assert log["epoch"].tolist() == [1] and np.isfinite(log["loss"]).all()
+    scores = val.main(["--name", "dsb", "--device", "cpu"])
+    assert 0 <= scores["iou"] <= 1
+    val_ids = split_ids(read_split(tmp_path, "dsb"), "val")
+    assert len(val_ids) == 3
+    assert sorted(os.listdir(tmp_path / "outputs" / "dsb" / "0")) == sorted(i + ".png" for i in val_ids)
