@@ -200,7 +200,7 @@ def main(argv=None):
         if workers > 1:
             import multiprocessing
 
-            pool = multiprocessing.Pool(workers, initializer=_init_worker)
+            pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker)  # fork can deadlock in a threaded parent
             results = pool.imap(job, ids, chunksize=4)
         else:
             results = map(job, ids)
