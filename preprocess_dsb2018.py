@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 
-from utils import DataError, UsageError, run_cli
+from utils import DataError, UsageError, check_replaceable_dataset, replace_folder, run_cli
 
 DEFAULT_SRC = os.path.join("inputs", "data-science-bowl-2018", "stage1_train")
 DOWNLOAD_HINT = (
@@ -133,28 +133,8 @@ def _init_worker():
     cv2.setNumThreads(1)
 
 
-def _check_replaceable(dst):
-    if os.path.lexists(dst):
-        if not os.path.isdir(dst):
-            raise UsageError(f"--dst {dst} exists and is not a folder; choose another --dst")
-        if os.listdir(dst) and not os.path.isdir(os.path.join(dst, "images")):
-            raise UsageError(
-                f"--dst {dst} exists and is not a dataset folder (no images/ inside); refusing to replace it, "
-                "choose another --dst"
-            )
 
 
-def _move_into_place(tmp, dst):
-    """Replace ``dst`` (absent, an empty folder, or an old dataset folder) with the finished folder ``tmp``."""
-    if os.path.isdir(dst) and not os.listdir(dst):
-        os.rmdir(dst)
-    if not os.path.lexists(dst):
-        os.replace(tmp, dst)
-        return
-    old = tmp + ".old"
-    os.rename(dst, old)
-    os.replace(tmp, dst)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def parse_args(argv=None):
@@ -180,7 +160,7 @@ def main(argv=None):
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be at least 1, got {args.limit}")
     dst = args.dst or default_dst(args.img_size)
-    _check_replaceable(dst)
+    check_replaceable_dataset(dst, "--dst")
     ids = list_samples(args.src)
     if args.limit is not None:
         ids = ids[: args.limit]
@@ -211,7 +191,7 @@ def main(argv=None):
             pool.close()
             pool.join()
             pool = None
-        _move_into_place(tmp, dst_abs)
+        replace_folder(tmp, dst_abs)
     except BaseException:
         if pool is not None:
             pool.terminate()

@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 
-from utils import UsageError, run_cli
+from utils import UsageError, check_replaceable_dataset, replace_folder, run_cli
 
 DEFAULT_OUT = os.path.join("inputs", "synthetic")
 STYLES = ("fluorescence", "brightfield")
@@ -197,35 +197,13 @@ def _build_atomically(dataset_dir, num_images, size, seed, progress):
     tmp = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(dataset_dir) + ".tmp-")
     try:
         ids = generate_synthetic(tmp, num_images, size, seed, progress=progress)
-        _move_into_place(tmp, dataset_dir)
+        replace_folder(tmp, dataset_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ids
 
 
-def _move_into_place(tmp, dst):
-    """Replace ``dst`` (absent, an empty folder, or an old dataset folder) with the folder ``tmp``."""
-    if os.path.isdir(dst) and not os.listdir(dst):
-        os.rmdir(dst)
-    if not os.path.lexists(dst):
-        os.replace(tmp, dst)
-        return
-    old = tmp + ".old"
-    os.rename(dst, old)
-    os.replace(tmp, dst)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _check_replaceable(dst, flag):
-    if os.path.lexists(dst):
-        if not os.path.isdir(dst):
-            raise UsageError(f"{flag} {dst} exists and is not a folder; choose another {flag}")
-        if os.listdir(dst) and not os.path.isdir(os.path.join(dst, "images")):
-            raise UsageError(
-                f"{flag} {dst} exists and is not a dataset folder (no images/ inside); "
-                f"refusing to replace it, choose another {flag}"
-            )
 
 
 def ensure_synthetic(dataset_dir, num_images=160, size=96, seed=0, progress=True):
@@ -236,7 +214,7 @@ def ensure_synthetic(dataset_dir, num_images=160, size=96, seed=0, progress=True
     """
     if os.path.isdir(os.path.join(dataset_dir, "images")):
         return dataset_dir
-    _check_replaceable(dataset_dir, "the synthetic dataset folder")
+    check_replaceable_dataset(dataset_dir, "the synthetic dataset folder")
     if progress:
         print(f"generating {num_images} synthetic images into {dataset_dir}", file=sys.stderr)
     _build_atomically(dataset_dir, num_images, size, seed, progress)
@@ -264,7 +242,7 @@ def main(argv=None):
         raise UsageError(f"--size must be at least 16 pixels, got {args.size}")
     if args.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
-    _check_replaceable(args.out, "--out")
+    check_replaceable_dataset(args.out, "--out")
     start = time.time()
     ids = _build_atomically(args.out, args.num_images, args.size, args.seed, progress=True)
     print(

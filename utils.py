@@ -159,3 +159,28 @@ def atomic_imwrite(path, image):
         raise DataError(f"could not encode an image for {path}")
     with atomic_write(path, "wb") as f:
         f.write(buf.tobytes())
+
+
+def check_replaceable_dataset(dst, flag):
+    """Refuse to write a dataset over ``dst`` unless it is absent, empty, or a dataset folder (has images/)."""
+    if os.path.lexists(dst):
+        if not os.path.isdir(dst):
+            raise UsageError(f"{flag} {dst} exists and is not a folder; choose another {flag}")
+        if os.listdir(dst) and not os.path.isdir(os.path.join(dst, "images")):
+            raise UsageError(f"{flag} {dst} exists and is not a dataset folder (no images/ inside); "
+                             f"refusing to replace it, choose another {flag}")
+
+
+def replace_folder(tmp, dst):
+    """Move the finished folder ``tmp`` to ``dst`` (absent, an empty folder, or an old dataset folder)."""
+    import shutil
+
+    if os.path.isdir(dst) and not os.listdir(dst):
+        os.rmdir(dst)
+    if not os.path.lexists(dst):
+        os.replace(tmp, dst)
+        return
+    old = tmp + ".old"
+    os.rename(dst, old)
+    os.replace(tmp, dst)
+    shutil.rmtree(old, ignore_errors=True)

@@ -22,7 +22,7 @@ import train
 import trainer
 import val
 from dataset import Dataset, decode_image, eval_transform, read_mask
-from utils import DataError, UsageError, atomic_torch_save, atomic_write, run_cli
+from utils import DataError, atomic_torch_save, atomic_write, run_cli
 
 SMALL = ["--dataset", "tiny", "--arch", "UNet", "--input_w", "32", "--input_h", "32", "-b", "2",
          "--num_workers", "0", "--device", "cpu", "--seed", "3"]

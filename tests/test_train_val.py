@@ -5,7 +5,6 @@ Everything runs in temporary directories (the scripts use the relative folders i
 import math
 import os
 from contextlib import contextmanager
-from pathlib import Path
 
 import cv2
 import numpy as np
