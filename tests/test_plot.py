@@ -1,0 +1,61 @@
+"""plot.py: curves for one run, for a log with one row or NaN values, and several runs on one figure."""
+import os
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+import plot
+from plot import plot_runs
+from utils import UsageError, run_cli
+
+COLUMNS = ["epoch", "lr", "loss", "iou", "val_loss", "val_iou", "val_dice", "val_iou_mean", "val_dice_mean",
+           "seconds"]
+
+
+def _log(rows, seed=0):
+    rng = np.random.default_rng(seed)
+    data = rng.uniform(0.1, 0.9, size=(rows, len(COLUMNS)))
+    data[:, 0] = np.arange(1, rows + 1)
+    return pd.DataFrame(data, columns=COLUMNS)
+
+
+def _png_size(path):
+    img = cv2.imread(str(path))
+    assert img is not None, f"{path} is not a readable image"
+    return img.shape[:2]
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7])
+def test_plot_one_run(tmp_path, rows):
+    out = tmp_path / "curves.png"
+    plot_runs([_log(rows)], ["a"], str(out))
+    h, w = _png_size(out)
+    assert w > h > 200
+
+
+def test_plot_with_nan_values(tmp_path):
+    log = _log(5)
+    log.loc[2, ["val_iou", "val_loss"]] = np.nan
+    log["lr"] = np.nan  # a column with no value at all
+    out = tmp_path / "curves.png"
+    plot_runs([log], ["a"], str(out))
+    assert _png_size(out)[0] > 200
+
+
+def test_plot_cli_compares_several_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for i, name in enumerate(["a", "b", "c"]):
+        os.makedirs(f"models/{name}")
+        _log(3 + i, seed=i).to_csv(f"models/{name}/log.csv", index=False)
+    run_cli(plot.main, ["--name", "a", "b", "c", "--out", "compare.png"])
+    assert _png_size(tmp_path / "compare.png")[0] > 200
+    run_cli(plot.main, ["--name", "a"])
+    assert (tmp_path / "models" / "a" / "curves.png").is_file()
+
+
+def test_plot_missing_run_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError, match="models/nope/log.csv"):
+        plot.main(["--name", "nope"])
