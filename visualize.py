@@ -59,6 +59,10 @@ def write_summary(overlay_dir, scores, out_path, k=4, row_height=128):
         cv2.putText(label, f"{kind}: {row.img_id[:24]}  IoU {row.iou:.3f}", (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
                     (0, 0, 0), 1, cv2.LINE_AA)
         rows.append(np.concatenate([label, panel], axis=0))
+    header = np.full((22, rows[0].shape[1], 3), 255, np.uint8)
+    cv2.putText(header, "image | truth | prediction | errors (FP magenta, FN cyan)", (4, 16),
+                cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    rows.insert(0, header)
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, GAP), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
     atomic_imwrite(out_path, np.concatenate(rows, axis=0))
