@@ -120,6 +120,10 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 @contextmanager
 def atomic_write(path, mode="w", **kwargs):
     """Open a temporary file beside ``path`` and move it over ``path`` only when the block succeeds.
@@ -134,6 +138,7 @@ def atomic_write(path, mode="w", **kwargs):
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the permissions open() would
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
