@@ -28,13 +28,19 @@ NORM_STD = 0.25
 
 # ---------------------------------------------------------------------------------------------- reading files
 
+def _imread(path, flags, what):
+    """cv2.imread with a DataError naming the file when it is missing or not a readable image."""
+    if not os.path.isfile(path):
+        raise DataError(f"{what} file {path} does not exist")
+    img = cv2.imread(path, flags)
+    if img is None or img.size == 0:
+        raise DataError(f"cannot read {what} {path}: the file is not a readable image (truncated or wrong format?)")
+    return img
+
+
 def decode_image(path):
     """Read an image file as stored: uint8 or uint16 array [H, W, C] in RGB order, alpha dropped."""
-    if not os.path.isfile(path):
-        raise DataError(f"image file {path} does not exist")
-    img = cv2.imread(path, cv2.IMREAD_UNCHANGED)
-    if img is None or img.size == 0:
-        raise DataError(f"cannot read image {path}: the file is not a readable image (truncated or wrong format?)")
+    img = _imread(path, cv2.IMREAD_UNCHANGED, "image")
     if img.ndim == 2:
         img = img[:, :, None]
     if img.shape[2] == 4:
@@ -68,11 +74,7 @@ def image_to_float(img, input_channels):
 
 def read_mask(path):
     """Read a mask file -> uint8 [H, W] with values {0, 1}. Accepts 0/255 or 0/1; anything else is an error."""
-    if not os.path.isfile(path):
-        raise DataError(f"mask file {path} does not exist")
-    mask = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
-    if mask is None or mask.size == 0:
-        raise DataError(f"cannot read mask {path}: the file is not a readable image (truncated or wrong format?)")
+    mask = _imread(path, cv2.IMREAD_GRAYSCALE, "mask")
     values = np.unique(mask)
     if set(values.tolist()) <= {0, 255}:
         return (mask > 0).astype(np.uint8)
