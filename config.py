@@ -48,7 +48,8 @@ def build_train_parser():
     g.add_argument("--color_jitter", default=True, type=str2bool, help="colour/brightness/contrast jitter")
     g.add_argument("--cache", default=True, type=str2bool,
                    help="decode every image once into memory when the dataset fits (under a quarter of RAM)")
-    g.add_argument("--num_workers", default=4, type=int, help="DataLoader worker processes")
+    g.add_argument("--num_workers", default=min(4, os.cpu_count() or 1), type=int,
+                   help="DataLoader worker processes (the seed's 4, capped at the number of CPUs)")
     g = p.add_argument_group("optimizer")
     g.add_argument("--optimizer", default="SGD", help="SGD, Adam or AdamW")
     g.add_argument("--lr", "--learning_rate", default=1e-3, type=float, help="initial learning rate")
