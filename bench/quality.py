@@ -3,9 +3,10 @@
     python bench/quality.py configs/dsb2018_96_*_bcedice.yml configs/dsb2018_96_*_lovasz.yml
     python bench/quality.py configs/dsb2018_96_UNet_bcedice.yml --epochs 10 --suffix _cpu10
 
-Each row: pooled val IoU, mean per-image IoU and Dice (with and without flip TTA), test-split numbers when the
-recipe holds one out, epochs, wall time, hardware, and the exact command. Runs train.py and val.py as users do
-(train in a subprocess, val in-process). Writes bench/results/quality.csv (appending) and prints one JSON line last.
+Each row: pooled val IoU, mean per-image IoU and Dice (with and without flip TTA), the DSB2018 instance score
+(watershed and connected components) when the dataset has instance labels, test-split numbers when the recipe
+holds one out, epochs, wall time, hardware, and the exact command. Runs train.py and val.py as users do
+(train in a subprocess, val in-process), in the current folder (inputs/, models/ as for train.py). Writes bench/results/quality.csv (appending) and prints one JSON line last.
 """
 import argparse
 import json
@@ -39,16 +40,29 @@ def run_recipe(config, extra):
     from config import parse_train_args
 
     args = parse_train_args(["--config", config] + extra)
-    cmd = [sys.executable, "train.py", "--config", os.path.relpath(config, REPO)] + extra + ["--overwrite"]
+    cmd = ["train.py", "--config", config] + extra
     t0 = time.time()
-    subprocess.run(cmd, cwd=REPO, check=True)
-    return args, time.time() - t0, " ".join(["python"] + cmd[1:-1])
+    subprocess.run([sys.executable, os.path.join(REPO, cmd[0])] + cmd[1:] + ["--overwrite"], check=True)
+    return args, time.time() - t0, " ".join(["python"] + cmd)
 
 
 def evaluate_run(name, split, tta):
     import val
 
     return val.main(["--name", name, "--split", split, "--no_overlays"] + (["--tta"] if tta else []))
+
+
+def append_row(path, row):
+    """Add one result row to the CSV at ``path``, atomically; a row with new columns widens the table."""
+    import pandas as pd
+
+    from utils import atomic_write
+
+    table = pd.DataFrame([row])
+    if os.path.isfile(path):
+        table = pd.concat([pd.read_csv(path), table], ignore_index=True)
+    with atomic_write(path) as f:
+        table.to_csv(f, index=False)
 
 
 def main(argv=None):
@@ -59,7 +73,6 @@ def main(argv=None):
     p.add_argument("--no_tta", action="store_true", help="skip the flip-TTA evaluation")
     p.add_argument("--out", default=os.path.join(REPO, "bench", "results", "quality.csv"))
     args = p.parse_args(argv)
-    os.chdir(REPO)
     import pandas as pd
 
     import config as config_module
@@ -76,6 +89,8 @@ def main(argv=None):
                "val_iou": round(val["iou"], 4), "val_iou_mean": round(val["iou_mean"], 4),
                "val_dice_mean": round(val["dice_mean"], 4), "epochs": len(log), "best_epoch": int(best["epoch"]),
                "minutes": round(seconds / 60, 1), "hardware": hardware(), "command": command}
+        if "dsb" in val:
+            row.update(dsb=round(val["dsb"], 4), dsb_cc=round(val["dsb_cc"], 4))
         if not args.no_tta:
             tta = evaluate_run(name, "val", True)
             row.update(val_iou_tta=round(tta["iou"], 4), val_iou_mean_tta=round(tta["iou_mean"], 4))
@@ -84,8 +99,7 @@ def main(argv=None):
             row.update(test_iou=round(test["iou"], 4), test_iou_mean=round(test["iou_mean"], 4),
                        test_dice_mean=round(test["dice_mean"], 4))
         rows.append(row)
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
-        pd.DataFrame([row]).to_csv(args.out, mode="a", header=not os.path.isfile(args.out), index=False)
+        append_row(args.out, row)
     table = pd.DataFrame(rows)
     print(table.drop(columns=["command"]).to_string(index=False))
     print(json.dumps(rows))

@@ -41,3 +41,25 @@ def test_lovasz_quick(tmp_path):
     (row,) = summary["rows"]
     for key in ("loss_max_abs_diff", "grad_max_abs_diff", "batched_ms", "loop_ms", "speedup"):
         assert key in row
+
+
+def test_quality_tiny_recipe_row(tmp_path):
+    """bench/quality.py trains a recipe, evaluates val (with TTA) and test, and appends one widened CSV row."""
+    import pandas as pd
+    from conftest import make_synthetic
+
+    make_synthetic(tmp_path)
+    recipe = tmp_path / "tiny.yml"
+    recipe.write_text("name: tiny_UNet\ndataset: tiny\narch: UNet\ninput_w: 32\ninput_h: 32\nbatch_size: 4\n"
+                      "val_size: 0.2\ntest_size: 0.2\nnum_workers: 0\noptimizer: AdamW\n")
+    out = tmp_path / "quality.csv"
+    pd.DataFrame([{"run": "older", "val_iou": 0.5}]).to_csv(out, index=False)
+    (row,) = run_script("quality.py", [str(recipe), "--epochs", "1", "--suffix", "_t", "--out", str(out)], tmp_path)
+    assert row["run"] == "tiny_UNet_t" and row["epochs"] == 1 and row["arch"] == "UNet"
+    assert row["command"] == f"python train.py --config {recipe} --name tiny_UNet_t --epochs 1"
+    for key in ("val_iou", "val_iou_mean", "val_dice_mean", "val_iou_tta", "test_iou", "test_iou_mean", "dsb",
+                "dsb_cc"):
+        assert 0.0 <= row[key] <= 1.0, key
+    table = pd.read_csv(out)
+    assert list(table["run"]) == ["older", "tiny_UNet_t"] and "dsb" in table.columns
+    assert (tmp_path / "models" / "tiny_UNet_t" / "model.pth").is_file()
