@@ -6,7 +6,8 @@
 Each row: pooled val IoU, mean per-image IoU and Dice (with and without flip TTA), the DSB2018 instance score
 (watershed and connected components) when the dataset has instance labels, test-split numbers when the recipe
 holds one out, epochs, wall time, hardware, and the exact command. Runs train.py and val.py as users do
-(train in a subprocess, val in-process), in the current folder (inputs/, models/ as for train.py). Writes bench/results/quality.csv (appending) and prints one JSON line last.
+(train in a subprocess, val in-process), in the current folder (inputs/, models/ as for train.py). Writes
+bench/results/quality.csv (appending) and prints one JSON line last.
 """
 import argparse
 import json
