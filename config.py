@@ -30,6 +30,9 @@ def build_train_parser():
     g.add_argument("--deep_supervision", default=False, type=str2bool, help="NestedUNet's 4 heads (True/False)")
     g.add_argument("--input_channels", default=3, type=int, help="image channels the network takes")
     g.add_argument("--num_classes", default=1, type=int, help="output channels = mask class folders")
+    g.add_argument("--borders", default=False, type=str2bool,
+                   help="also learn where touching nuclei meet (one more output channel, made from the instance "
+                        "labels inputs/<dataset>/labels/<id>.png) and split nuclei along it (True/False)")
     g.add_argument("--input_w", default=96, type=int, help="resize width (multiple of 16)")
     g.add_argument("--input_h", default=96, type=int, help="resize height (multiple of 16)")
     g.add_argument("--loss", default="BCEDiceLoss", help="BCEDiceLoss, LovaszHingeLoss or BCEWithLogitsLoss")
@@ -173,6 +176,11 @@ def check_train_args(args):
         args.milestone_list = [int(m) for m in str(args.milestones).split(",") if m.strip()]
     except ValueError:
         raise UsageError(f"--milestones {args.milestones!r} must be comma-separated epochs such as 30,60") from None
+
+
+def output_channels(args):
+    """The network's output channels: one per mask class, then the touching-border channel with --borders."""
+    return args.num_classes + int(args.borders)
 
 
 def run_dir(name):

@@ -6,6 +6,9 @@ Layout (the one pytorch-nested-unet used)::
     inputs/<dataset>/masks/<class>/<id><mask_ext>     # class folders 0, 1, ... one per output channel
     inputs/<dataset>/labels/<id>.png                   # optional 16-bit instance labels (0 = background)
 
+With ``borders=True`` (train.py --borders True) the labels are required: each sample gets one more target
+channel after the classes, the pixels where two nuclei touch (:func:`instances.touching_borders`).
+
 Images may be grey, RGB, RGBA (alpha is dropped) or 16-bit. 8-bit images are divided by 255; 16-bit (and
 float) images are scaled to [0, 1] by their own minimum and maximum, because microscopes rarely use the whole
 16-bit range. The network then sees ``(x - 0.5) / 0.25``, applied once. Masks hold 0/255 or 0/1 and become
@@ -137,6 +140,16 @@ def list_ids(dataset_dir, img_ext=".png", mask_ext=".png", num_classes=1):
 
 # ------------------------------------------------------------------------------------------------ transforms
 
+def check_labels(dataset_dir, ids):
+    """--borders needs <dataset_dir>/labels/<id>.png for every id; raise a DataError naming the missing ones."""
+    labels_dir = os.path.join(dataset_dir, "labels")
+    missing = [i for i in ids if not os.path.isfile(os.path.join(labels_dir, i + ".png"))]
+    if missing:
+        raise DataError(f"--borders True needs instance labels {labels_dir}/<id>.png (16-bit, 0 = background, "
+                        f"1..N one per nucleus; preprocess_dsb2018.py writes them); missing for {len(missing)} of "
+                        f"{len(ids)} images, e.g. {_few(missing)}")
+
+
 def train_transform(input_h, input_w, crop_size=0, scale_jitter=0.0, color_jitter=True):
     """Augmentation for training (albumentations 2.x): resize or random crop, the eight flips/rotations, jitter.
 
@@ -171,16 +184,19 @@ class Dataset(torch.utils.data.Dataset):
 
     ``dataset[i]`` or ``dataset[(epoch, i)]`` returns ``(image, mask, {'img_id': id})``:
     image float32 [input_channels, H, W], normalised ``(x - 0.5) / 0.25`` from [0, 1];
-    mask float32 [num_classes, H, W] in {0, 1}. The augmentation of sample i in a given epoch is seeded by
+    mask float32 [num_classes (+1 with borders), H, W] in {0, 1}. The augmentation of sample i in a given epoch is seeded by
     (seed, epoch, i), so a run is repeatable and a resumed run sees the same augmentations.
     ``cache=True`` decodes every file once, in this process, before training (workers share it).
     """
 
     def __init__(self, img_ids, dataset_dir, img_ext=".png", mask_ext=".png", num_classes=1, input_channels=3,
-                 transform=None, seed=0, cache=False):
+                 transform=None, seed=0, cache=False, borders=False):
         self.img_ids = list(img_ids)
         self.img_dir = os.path.join(dataset_dir, "images")
         self.mask_dir = os.path.join(dataset_dir, "masks")
+        self.labels_dir = os.path.join(dataset_dir, "labels") if borders else None
+        if borders:
+            check_labels(dataset_dir, self.img_ids)
         self.img_ext, self.mask_ext = img_ext, mask_ext
         self.num_classes, self.input_channels = num_classes, input_channels
         self.transform = transform
@@ -208,7 +224,20 @@ class Dataset(torch.utils.data.Dataset):
                 raise DataError(f"mask {mask_path} is {mask.shape[0]}x{mask.shape[1]} but its image {img_path} is "
                                 f"{img.shape[0]}x{img.shape[1]}; a mask must have its image's size")
             masks.append(mask)
+        if self.labels_dir is not None:
+            masks.append(self.read_borders(img_id, img.shape[:2]))
         return img, np.stack(masks, axis=-1)
+
+    def read_borders(self, img_id, shape):
+        """The touching-border target of ``img_id`` from its instance labels: uint8 [H, W] in {0, 1}."""
+        from instances import read_labels, touching_borders
+
+        path = os.path.join(self.labels_dir, img_id + ".png")
+        labels = read_labels(path)
+        if labels.shape != shape:
+            raise DataError(f"labels {path} are {labels.shape[0]}x{labels.shape[1]} but the image is "
+                            f"{shape[0]}x{shape[1]}; instance labels must have their image's size")
+        return touching_borders(labels)
 
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (0, key)

@@ -115,8 +115,12 @@ def _bar(loader, desc, enabled):
     return tqdm(loader, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True)
 
 
-def train_one_epoch(model, loader, criterion, optimizer, precision, desc="train", progress=True, max_steps=None):
+def train_one_epoch(model, loader, criterion, optimizer, precision, desc="train", progress=True, max_steps=None,
+                    classes=None):
     """Train for one pass over ``loader``; returns dict(loss, iou) averaged over the epoch's images.
+
+    ``classes``: IoU over the first ``classes`` channels only (the mask classes; a --borders channel after them
+    is trained but not scored); None scores every channel.
 
     Raises NonFiniteLoss (with the first bad step) when the loss was NaN or infinite; checked once per epoch
     (and at progress-bar updates) so the device never waits for the host.
@@ -134,7 +138,7 @@ def train_one_epoch(model, loader, criterion, optimizer, precision, desc="train"
         first_bad = torch.where(bad, torch.full_like(first_bad, i), first_bad)
         loss_sum += loss.double() * images.shape[0]
         seen += images.shape[0]
-        meter.update(logits, masks)
+        meter.update(logits[:, :classes], masks[:, :classes])
         if progress and i % LOG_EVERY == 0:
             if first_bad.item() >= 0:
                 break
@@ -148,11 +152,12 @@ def train_one_epoch(model, loader, criterion, optimizer, precision, desc="train"
 
 
 @torch.no_grad()
-def evaluate(model, loader, criterion, precision, desc="val", progress=True, prune=None, tta=False, on_batch=None):
+def evaluate(model, loader, criterion, precision, desc="val", progress=True, prune=None, tta=False, on_batch=None,
+             classes=None):
     """Evaluate on every batch of ``loader``; returns dict(loss, iou, dice, iou_mean, dice_mean).
 
     iou/dice are pooled over the split (sum of intersections / sum of unions); iou_mean/dice_mean average the
-    per-image scores. ``prune`` L runs NestedUNet only up to head L; ``tta`` averages flips.
+    per-image scores, over the first ``classes`` channels (None: all; see :func:`train_one_epoch`). ``prune`` L runs NestedUNet only up to head L; ``tta`` averages flips.
     ``on_batch(meta, images, logits, masks)`` is called per batch (val.py writes its files there).
     Under DDP each rank evaluates its own shard and the sums are reduced over ranks.
     """
@@ -165,7 +170,7 @@ def evaluate(model, loader, criterion, precision, desc="val", progress=True, pru
         loss, logits = step(model, images, masks, criterion, precision, prune=prune, tta=tta)
         loss_sum += loss.double() * images.shape[0]
         seen += images.shape[0]
-        meter.update(logits, masks)
+        meter.update(logits[:, :classes], masks[:, :classes])
         if on_batch is not None:
             on_batch(meta, images, logits, masks)
     meter.all_reduce()

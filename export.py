@@ -108,8 +108,8 @@ def main(argv):
             raise UsageError(f"--{flag} {value} must be a positive multiple of 16")
     import torch
 
-    from config import run_dir
-    from predict import load_run
+    from config import output_channels, run_dir
+    from trainer import load_run
 
     device = torch.device("cpu")
     cfg, model = load_run(args.name, device, args.prune)
@@ -125,7 +125,8 @@ def main(argv):
         " (install onnxruntime to check it)"
     print(f"wrote {path} ({size / 2**20:.1f} MiB, opset {OPSET}, {cfg.arch} {head}): input 'image' float32 "
           f"[batch, {cfg.input_channels}, height, width] normalised (x - 0.5) / 0.25 with height and width "
-          f"multiples of 16, output 'logits' [batch, {cfg.num_classes}, height, width]{check}")
+          f"multiples of 16, output 'logits' [batch, {output_channels(cfg)}, height, width]"
+          f"{' (the last channel: touching borders)' if cfg.borders else ''}{check}")
     return {"path": path, "bytes": size, "max_abs_diff": diff}
 
 

@@ -11,6 +11,10 @@ Two ways to number the objects:
   pixels. One nucleus with a bumpy outline keeps one marker while two nuclei joined by a neck get one each.
   The flooding of the negated distance is restricted to the mask, so the union of the objects is exactly the
   thresholded mask (less the objects below ``min_size``).
+* ``borders``: for a run trained with ``--borders True``, whose network also predicts where two nuclei touch
+  (the target made by :func:`touching_borders` from the instance labels). Markers are the connected parts of
+  the mask left after removing the predicted borders; the watershed of the border probability then gives the
+  border pixels back to their nuclei, so again the union of the objects is the thresholded mask.
 
 Every function returns an int32 label image of the input's shape: 0 is background and the objects are
 numbered 1..N consecutively. ``min_size`` (pixels) removes specks smaller than that.
@@ -20,7 +24,7 @@ from scipy import ndimage as ndi
 
 from utils import UsageError
 
-METHODS = ("watershed", "cc")
+METHODS = ("watershed", "cc", "borders")
 
 # Defaults chosen by the mean DSB score of watershed on the true masks (a perfect semantic prediction), with
 # connected components in brackets: synthetic 96x96 (160 images) 0.70 (0.41), DSB2018 stage1_train resized to
@@ -92,8 +96,6 @@ def watershed_instances(prob, threshold=0.5, min_distance=MIN_DISTANCE, min_size
     sigma: Gaussian smoothing of the distance map (0 = none). Returns int32 [H, W], 0 background, objects
     1..N; every pixel of the mask belongs to an object unless its object is below ``min_size`` pixels.
     """
-    from skimage.segmentation import watershed
-
     prob = _check_prob(prob)
     mask = prob > threshold
     if not mask.any():
@@ -102,8 +104,18 @@ def watershed_instances(prob, threshold=0.5, min_distance=MIN_DISTANCE, min_size
     if sigma > 0:
         distance = ndi.gaussian_filter(distance, sigma) * mask
     markers = watershed_markers(distance, min_distance, h)
-    labels = watershed(-distance, markers, mask=mask) if markers.any() else np.zeros(mask.shape, np.int32)
-    # A component of the mask with no marker (possible after smoothing a tiny blob) becomes one object.
+    return flood(-distance, markers, mask, min_size)
+
+
+def flood(elevation, markers, mask, min_size):
+    """Watershed of ``elevation`` (float [H, W]) from ``markers`` (int [H, W], 0 = none) inside ``mask``.
+
+    A component of the mask that holds no marker becomes one object of its own, so the union of the objects
+    is the mask. Returns int32 [H, W], objects 1..N, those below ``min_size`` pixels removed.
+    """
+    from skimage.segmentation import watershed
+
+    labels = watershed(elevation, markers, mask=mask) if markers.any() else np.zeros(mask.shape, np.int32)
     missed = mask & (labels == 0)
     if missed.any():
         extra, _ = ndi.label(missed, structure=np.ones((3, 3), bool))
@@ -111,17 +123,52 @@ def watershed_instances(prob, threshold=0.5, min_distance=MIN_DISTANCE, min_size
     return remove_small(labels.astype(np.int32), min_size)
 
 
-def split_instances(prob, method="watershed", threshold=0.5, min_size=MIN_SIZE, **kwargs):
+def border_instances(prob, border, threshold=0.5, min_size=MIN_SIZE):
+    """Split touching nuclei along a predicted border map (runs trained with ``--borders True``).
+
+    prob: float [H, W] in [0, 1], the nucleus probability; border: float [H, W] in [0, 1], the probability that
+    a pixel lies where two nuclei touch. Markers: connected parts (4-connectivity) of ``prob > threshold`` and
+    ``border <= threshold`` with at least ``min_size`` pixels; the mask is then flooded from them along rising
+    border probability. Returns int32 [H, W], 0 background, objects 1..N.
+    """
+    prob = _check_prob(prob)
+    border = _check_prob(border)
+    if border.shape != prob.shape:
+        raise UsageError(f"the border map {border.shape} and the probability map {prob.shape} differ in shape")
+    mask = prob > threshold
+    markers, _ = ndi.label(mask & (border <= threshold))
+    return flood(border, remove_small(markers, min_size), mask, min_size)
+
+
+def touching_borders(labels, width=1):
+    """The ``--borders`` training target: uint8 [H, W] in {0, 1}, 1 on the pixels of a nucleus that lie within
+    ``width`` pixels (a square window) of another nucleus. labels: int [H, W], 0 background, 1..N nuclei.
+
+    Two touching nuclei get a line ``2 * width`` pixels wide, half on each side; a nucleus alone gets none.
+    """
+    labels = np.asarray(labels)
+    size = 2 * int(width) + 1
+    highest = ndi.maximum_filter(labels, size=size, mode="nearest")
+    lowest = ndi.minimum_filter(np.where(labels > 0, labels, np.iinfo(labels.dtype).max), size=size,
+                                mode="nearest")
+    return ((labels > 0) & ((highest != labels) | (lowest != labels))).astype(np.uint8)
+
+
+def split_instances(prob, method="watershed", threshold=0.5, min_size=MIN_SIZE, border=None, **kwargs):
     """Label the objects of a probability map [H, W] (values in [0, 1]) -> int32 [H, W], objects 1..N.
 
-    method: 'watershed' (:func:`watershed_instances`, splits touching nuclei; ``kwargs`` go to it) or 'cc'
-    (:func:`connected_components`). The same ``min_size`` applies to both, so comparing them measures the
-    separation alone.
+    method: 'watershed' (:func:`watershed_instances`, splits touching nuclei; ``kwargs`` go to it), 'cc'
+    (:func:`connected_components`) or 'borders' (:func:`border_instances`; needs ``border``, the predicted
+    border map [H, W]). The same ``min_size`` applies to all, so comparing them measures the separation alone.
     """
     if method == "watershed":
         return watershed_instances(prob, threshold, min_size=min_size, **kwargs)
     if method == "cc":
         return connected_components(prob, threshold, min_size=min_size)
+    if method == "borders":
+        if border is None:
+            raise UsageError("--separation borders needs a run trained with --borders True")
+        return border_instances(prob, border, threshold, min_size=min_size)
     raise UsageError(f"--separation {method!r} is not one of {', '.join(METHODS)}")
 
 
@@ -146,10 +193,11 @@ def read_labels(path, shape=None):
     return labels.astype(np.int32)
 
 
-def dsb_scores(prob, true_labels, methods=METHODS, **kwargs):
+def dsb_scores(prob, true_labels, methods=("watershed", "cc"), **kwargs):
     """DSB2018 score of each separation method on one image: {method: score in [0, 1]}.
 
-    prob: float [H, W] in [0, 1]; true_labels: int [H, W] of the same shape (0 background, 1..N).
+    prob: float [H, W] in [0, 1]; true_labels: int [H, W] of the same shape (0 background, 1..N); ``kwargs``
+    (e.g. ``border``) go to :func:`split_instances`.
     """
     from metrics import dsb_score
 

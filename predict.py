@@ -19,7 +19,8 @@ exactly as in training. For each image ``<id>`` (its file name without the exten
     <id>_instances.png   --instances: 16-bit labels, 0 background, nuclei 1..N
     objects.csv          --instances: one row per nucleus (area, centroid, bounding box; bbox_max is exclusive)
 
-Runs with several classes write ``<id>_class<c>.png`` (and ``_prob``) per class; instances use class 0.
+Runs with several classes write ``<id>_class<c>.png`` (and ``_prob``) per class; instances use class 0. A run
+trained with ``--borders True`` also predicts where nuclei touch and, by default, splits nuclei along it.
 """
 import argparse
 import os
@@ -49,9 +50,10 @@ def build_parser():
     p.add_argument("--overlay", action="store_true", help="also write <id>_overlay.png (outlines on the image)")
     p.add_argument("--instances", action="store_true",
                    help="also write <id>_instances.png (16-bit labels) and objects.csv")
-    p.add_argument("--separation", default="watershed", choices=["watershed", "cc"],
-                   help="how touching nuclei are told apart: watershed on the distance transform, or plain "
-                        "connected components")
+    p.add_argument("--separation", default=None, choices=["watershed", "cc", "borders"],
+                   help="how touching nuclei are told apart: watershed on the distance transform, the learned "
+                        "borders of a run trained with --borders True, or plain connected components (default: "
+                        "borders for such a run, else watershed)")
     p.add_argument("--min_size", type=int, default=None, help="drop objects smaller than this many pixels "
                    "(default: instances.MIN_SIZE)")
     p.add_argument("--prune", type=int, default=None, choices=[1, 2, 3, 4],
@@ -124,27 +126,6 @@ def image_ids(files, out_dir):
 
 
 # ---------------------------------------------------------------------------------------------- the network
-
-def load_run(name, device, prune=None):
-    """models/<name>: (config Namespace, model in eval mode on ``device``). --prune needs NestedUNet + DS."""
-    from archs import build_model
-    from config import load_run_config, run_dir
-    from trainer import load_checkpoint
-    from utils import DataError, UsageError
-
-    cfg = load_run_config(name)
-    if prune is not None and not (cfg.arch == "NestedUNet" and cfg.deep_supervision):
-        raise UsageError(f"--prune needs a NestedUNet trained with deep supervision; {name} is {cfg.arch} "
-                         f"{'with' if cfg.deep_supervision else 'without'} deep supervision")
-    path = os.path.join(run_dir(name), "model.pth")
-    weights = load_checkpoint(path, device)
-    model = build_model(cfg.arch, cfg.num_classes, cfg.input_channels, cfg.deep_supervision).to(device)
-    try:
-        model.load_state_dict(weights)
-    except (RuntimeError, KeyError) as e:
-        raise DataError(f"{path} does not match the run's config.yml ({str(e).splitlines()[0][:120]})") from None
-    return cfg, model.eval()
-
 
 def blend_weights(height, width, overlap):
     """Weight map float32 [height, width] for blending windows: 1 inside, falling linearly to 1/(overlap+1) at
@@ -239,7 +220,9 @@ class Predictor:
         weight = blend_weights(th, tw, self.overlap)
         corners = [(y, x0) for y in window_starts(height, self.tile, self.overlap)
                    for x0 in window_starts(width, self.tile, self.overlap)]
-        total = np.zeros((self.cfg.num_classes, height, width), np.float32)
+        from config import output_channels
+
+        total = np.zeros((output_channels(self.cfg), height, width), np.float32)
         weights = np.zeros((height, width), np.float32)
         for i in range(0, len(corners), self.batch_size):
             chunk = corners[i:i + self.batch_size]
@@ -293,15 +276,18 @@ def object_rows(img_id, labels):
     return frame[OBJECT_COLUMNS]
 
 
-def write_outputs(args, out_dir, img_id, image, prob):
-    """Write every requested file for one image; returns (foreground fraction, number of objects or None)."""
+def write_outputs(args, out_dir, img_id, image, prob, num_classes):
+    """Write every requested file for one image; returns (foreground fraction, objects table or None).
+
+    prob: float32 [K, H, W] in [0, 1]; its first ``num_classes`` channels are the mask classes, a channel after
+    them (runs trained with --borders True) the touching borders.
+    """
     import numpy as np
 
     from instances import MIN_SIZE, split_instances
     from utils import DataError, atomic_imwrite
 
-    num_classes = prob.shape[0]
-    masks = prob > args.threshold
+    masks = prob[:num_classes] > args.threshold
     for c in range(num_classes):
         suffix = "" if num_classes == 1 else f"_class{c}"
         atomic_imwrite(os.path.join(out_dir, f"{img_id}{suffix}.png"), masks[c].astype(np.uint8) * 255)
@@ -311,7 +297,8 @@ def write_outputs(args, out_dir, img_id, image, prob):
     labels, objects = None, None
     if args.instances:
         min_size = MIN_SIZE if args.min_size is None else args.min_size
-        labels = split_instances(prob[0], args.separation, threshold=args.threshold, min_size=min_size)
+        labels = split_instances(prob[0], args.separation, threshold=args.threshold, min_size=min_size,
+                                 border=prob[num_classes] if prob.shape[0] > num_classes else None)
         if labels.max() > 65535:
             raise DataError(f"{img_id}: {labels.max()} objects do not fit a 16-bit label image")
         atomic_imwrite(os.path.join(out_dir, f"{img_id}_instances.png"), labels.astype(np.uint16))
@@ -333,10 +320,14 @@ def main(argv):
     from tqdm import tqdm
 
     from dataset import decode_image, image_to_float
-    from utils import atomic_write, choose_device
+    from trainer import load_run
+    from utils import UsageError, atomic_write, choose_device
 
     device = choose_device(args.device)
     cfg, model = load_run(args.name, device, args.prune)
+    args.separation = args.separation or ("borders" if cfg.borders else "watershed")
+    if args.separation == "borders" and not cfg.borders:
+        raise UsageError(f"--separation borders needs a run trained with --borders True; {args.name} was not")
     predictor = Predictor(model, cfg, device, args.tile, args.overlap, args.batch_size, args.prune, args.tta)
     os.makedirs(args.output, exist_ok=True)
     started = time.time()
@@ -344,7 +335,7 @@ def main(argv):
     for path, img_id in zip(tqdm(files, desc="predict", unit="img", dynamic_ncols=True), ids):
         image = image_to_float(decode_image(path), cfg.input_channels)
         prob = predictor.predict(image)
-        fraction, objects = write_outputs(args, args.output, img_id, image, prob)
+        fraction, objects = write_outputs(args, args.output, img_id, image, prob, cfg.num_classes)
         fractions.append(fraction)
         pixels += image.shape[0] * image.shape[1]
         if objects is not None and len(objects):

@@ -16,7 +16,7 @@ import torch
 
 import distributed
 from archs import build_model
-from config import INPUTS_DIR, run_dir, save_run_config
+from config import INPUTS_DIR, load_run_config, output_channels, run_dir, save_run_config
 from dataset import Dataset, EpochSampler, eval_transform, list_ids, train_transform
 from engine import NonFiniteLoss, Precision, evaluate, train_one_epoch
 from losses import build_loss
@@ -64,7 +64,8 @@ def make_eval_loader(args, dataset_dir, ids, device, cache=False):
     differ in size). Under DDP each process gets every world_size-th id, so every image is seen exactly once."""
     shard = ids[distributed.rank()::distributed.world_size()]
     data = Dataset(shard, dataset_dir, args.img_ext, args.mask_ext, args.num_classes, args.input_channels,
-                   eval_transform(args.input_h, args.input_w, args.crop_size), seed=args.seed, cache=cache)
+                   eval_transform(args.input_h, args.input_w, args.crop_size), seed=args.seed, cache=cache,
+                   borders=args.borders)
     return torch.utils.data.DataLoader(data, batch_size=1 if args.crop_size else args.batch_size, shuffle=False,
                                        num_workers=args.num_workers, pin_memory=device.type == "cuda",
                                        persistent_workers=args.num_workers > 0)
@@ -128,7 +129,8 @@ class Trainer:
         self.split = self._load_or_make_split()
         self.train_loader, self.val_loader = self._build_loaders()
         seed_everything(args.seed)
-        self.net = build_model(args.arch, args.num_classes, args.input_channels, args.deep_supervision).to(self.device)
+        self.net = build_model(args.arch, output_channels(args), args.input_channels,
+                               args.deep_supervision).to(self.device)
         if self.precision.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.criterion = build_loss(args.loss)
@@ -220,7 +222,7 @@ class Trainer:
         self._cache = a.cache and fits_in_memory(self.dataset_dir, train_ids, a.img_ext)
         transform = train_transform(a.input_h, a.input_w, a.crop_size, a.scale_jitter, a.color_jitter)
         data = Dataset(train_ids, self.dataset_dir, a.img_ext, a.mask_ext, a.num_classes, a.input_channels,
-                       transform, seed=a.seed, cache=self._cache)
+                       transform, seed=a.seed, cache=self._cache, borders=a.borders)
         if a.crop_size:
             _check_crop(data, a.crop_size)
         sampler = EpochSampler(torch.utils.data.DistributedSampler(
@@ -313,7 +315,8 @@ class Trainer:
         desc = f"epoch {epoch + 1}/{a.epochs}"
         try:
             return train_one_epoch(self.model, self.train_loader, self.criterion, self.optimizer, self.precision,
-                                   desc=desc, progress=self.progress and self.main, max_steps=max_steps)
+                                   desc=desc, progress=self.progress and self.main, max_steps=max_steps,
+                                   classes=a.num_classes)
         except NonFiniteLoss as e:
             kept = f"{self.dir}/last.pth still holds epoch {epoch}" if epoch else "no epoch was saved"
             raise UserError(f"the loss became NaN or infinite at epoch {epoch + 1}, step {e.step + 1}; {kept}. "
@@ -329,7 +332,7 @@ class Trainer:
         train = self.train_epoch(epoch)
         distributed.broadcast_buffers(self.net)
         val = evaluate(self.model, self.val_loader, self.criterion, self.precision, desc="val",
-                       progress=self.progress and self.main)
+                       progress=self.progress and self.main, classes=a.num_classes)
         if a.scheduler == "ReduceLROnPlateau":
             self.scheduler.step(val["loss"])
         else:
@@ -361,7 +364,7 @@ class Trainer:
         if self.args.test_size:
             self.net.load_state_dict(load_checkpoint(os.path.join(self.dir, "model.pth"), self.device))
             test = evaluate(self.model, self.make_eval_loader(self.ids("test")), self.criterion, self.precision,
-                            desc="test", progress=False)
+                            desc="test", progress=False, classes=self.args.num_classes)
             lines.append(f"test split (never used for choices): IoU {test['iou']:.4f} (pooled), "
                          f"{test['iou_mean']:.4f} (mean per image), Dice {test['dice']:.4f}")
         lines.append(f"files: {self.dir}/ (log.csv, curves.png, model.pth, last.pth); "
@@ -405,3 +408,19 @@ def load_checkpoint(path, device):
             reason = f"it is damaged or not a PyTorch checkpoint ({text.splitlines()[0][:100] if text else type(e)})"
         raise DataError(f"refusing to load {path}: {reason}; only load weights saved by this toolkit or from a "
                         "source you trust") from None
+
+
+def load_run(name, device, prune=None):
+    """models/<name>: (config Namespace, model in eval mode on ``device``). --prune needs NestedUNet + DS."""
+    cfg = load_run_config(name)
+    if prune is not None and not (cfg.arch == "NestedUNet" and cfg.deep_supervision):
+        raise UsageError(f"--prune needs a NestedUNet trained with deep supervision; {name} is {cfg.arch} "
+                         f"{'with' if cfg.deep_supervision else 'without'} deep supervision")
+    path = os.path.join(run_dir(name), "model.pth")
+    weights = load_checkpoint(path, device)
+    model = build_model(cfg.arch, output_channels(cfg), cfg.input_channels, cfg.deep_supervision).to(device)
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, KeyError) as e:
+        raise DataError(f"{path} does not match the run's config.yml ({str(e).splitlines()[0][:120]})") from None
+    return cfg, model.eval()

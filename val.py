@@ -4,15 +4,19 @@
     python val.py --name dsb2018_96_NestedUNet_wDS --split test --tta
 
 Reads models/<name>/config.yml, model.pth and split.csv; prints pooled IoU, mean per-image IoU and mean
-per-image Dice; writes outputs/<name>/<class>/<id>.png (probability x 255, 8-bit PNG), scores.csv (one row per
-image, worst first; with a ``dsb`` column, the DSB2018 instance score, when inputs/<dataset>/labels/ holds 16-bit
-instance labels: nuclei split by --separation, also printed for plain connected components), overlays/<id>.png
-(image | truth | prediction | errors) and summary.png.
+per-image Dice; writes outputs/<name>/<class>/<id>.png (probability x 255, 8-bit PNG; runs trained with
+--borders True also borders/<id>.png), scores.csv (one row per image, worst first; with a ``dsb`` column, the
+DSB2018 instance score, when inputs/<dataset>/labels/ holds 16-bit instance labels: nuclei split by
+--separation, the other ways printed beside it), overlays/<id>.png (image | truth | prediction | errors) and
+summary.png.
 """
 import argparse
 import os
 
 from utils import ArgumentParser, run_cli
+
+# --separation choices, in the order the DSB2018 scores are printed after the chosen one
+SEPARATIONS = {"cc": "connected components", "watershed": "watershed", "borders": "learned borders"}
 
 
 def build_parser():
@@ -23,9 +27,11 @@ def build_parser():
     p.add_argument("--tta", action="store_true", help="average the four flips (test-time augmentation)")
     p.add_argument("--prune", type=int, default=None, choices=[1, 2, 3, 4],
                    help="NestedUNet with deep supervision: run only the sub-network up to head X0,L")
-    p.add_argument("--separation", default="watershed", choices=["watershed", "cc"],
+    p.add_argument("--separation", default=None, choices=list(SEPARATIONS),
                    help="how touching nuclei are split for the DSB2018 instance score (when inputs/<dataset>/labels/ "
-                        "exists): watershed on the distance transform or plain connected components")
+                        "exists): watershed on the distance transform, the learned borders of a run trained with "
+                        "--borders True, or plain connected components (default: borders for such a run, else "
+                        "watershed)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--batch_size", type=int, default=None, help="default: the run's batch size")
     p.add_argument("--num_workers", type=int, default=0, help="DataLoader workers")
@@ -37,29 +43,27 @@ def build_parser():
 
 def main(argv):
     args = build_parser().parse_args(argv)
-    from config import INPUTS_DIR, load_run_config, run_dir
+    from config import INPUTS_DIR, run_dir
 
-    cfg = load_run_config(args.name)
     import numpy as np
     import pandas as pd
     import torch
 
-    from archs import build_model
     from engine import Precision, evaluate
     from losses import build_loss
     from metrics import per_image_scores
-    from trainer import load_checkpoint, make_eval_loader, read_split
+    from trainer import load_run, make_eval_loader, read_split
     from utils import UsageError, atomic_imwrite, atomic_write, choose_device
     from visualize import denormalize, overlay_panel, write_summary
 
-    if args.prune is not None and not (cfg.arch == "NestedUNet" and cfg.deep_supervision):
-        raise UsageError(f"--prune needs a NestedUNet trained with deep supervision; {args.name} is {cfg.arch} "
-                         f"{'with' if cfg.deep_supervision else 'without'} deep supervision")
     device = choose_device(args.device)
+    cfg, model = load_run(args.name, device, args.prune)
+    methods = [m for m in SEPARATIONS if m != "borders" or cfg.borders]
+    args.separation = args.separation or methods[-1]
+    if args.separation not in methods:
+        raise UsageError(f"--separation borders needs a run trained with --borders True; {args.name} was not")
+    methods.insert(0, methods.pop(methods.index(args.separation)))
     mdir = run_dir(args.name)
-    weights = load_checkpoint(os.path.join(mdir, "model.pth"), device)
-    model = build_model(cfg.arch, cfg.num_classes, cfg.input_channels, cfg.deep_supervision).to(device)
-    model.load_state_dict(weights)
     split = read_split(os.path.join(mdir, "split.csv"))
     ids = split.loc[split["split"] == args.split, "img_id"].tolist()
     if not ids:
@@ -73,27 +77,29 @@ def main(argv):
 
     labels_dir = os.path.join(INPUTS_DIR, cfg.dataset, "labels")
     labelled = {i for i in ids if os.path.isfile(os.path.join(labels_dir, i + ".png"))}
-    dsb_cc = []
+    dsb = {m: [] for m in methods}
+    classes = cfg.num_classes
 
     def save_batch(meta, images, logits, masks):
         probs = torch.sigmoid(logits).cpu().numpy()
-        ious, dices = (s.cpu().numpy() for s in per_image_scores(logits, masks))
+        ious, dices = (s.cpu().numpy() for s in per_image_scores(logits[:, :classes], masks[:, :classes]))
         for i, img_id in enumerate(meta["img_id"]):
             for c in range(probs.shape[1]):
-                atomic_imwrite(os.path.join(out_dir, str(c), img_id + ".png"),
+                atomic_imwrite(os.path.join(out_dir, str(c) if c < classes else "borders", img_id + ".png"),
                                np.round(probs[i, c] * 255).astype(np.uint8))
             rows.append({"img_id": img_id, "iou": float(ious[i]), "dice": float(dices[i])})
             if img_id in labelled:  # DSB2018 instance score at the evaluated size
                 truth = read_labels(os.path.join(labels_dir, img_id + ".png"), probs.shape[2:])
-                dsb = dsb_scores(probs[i, 0], truth, methods=(args.separation, "cc"))
-                rows[-1]["dsb"] = dsb[args.separation]
-                dsb_cc.append(dsb["cc"])
+                border = probs[i, classes] if cfg.borders else None
+                for method, score in dsb_scores(probs[i, 0], truth, methods, border=border).items():
+                    dsb[method].append(score)
+                rows[-1]["dsb"] = dsb[args.separation][-1]
             if not args.no_overlays:
                 atomic_imwrite(os.path.join(out_dir, "overlays", img_id + ".png"),
                                overlay_panel(denormalize(images[i]), masks[i, 0].cpu().numpy() > 0, probs[i, 0]))
 
     scores = evaluate(model, loader, build_loss(cfg.loss), Precision.choose(device), desc=args.split,
-                      prune=args.prune, tta=args.tta, on_batch=save_batch)
+                      prune=args.prune, tta=args.tta, on_batch=save_batch, classes=classes)
     table = pd.DataFrame(rows).sort_values("iou", kind="stable").reset_index(drop=True)
     with atomic_write(os.path.join(out_dir, "scores.csv")) as f:
         table.to_csv(f, index=False, float_format="%.6f")
@@ -104,13 +110,12 @@ def main(argv):
     print(f"{args.name} ({what}):\n"
           f"  IoU  {scores['iou']:.4f} pooled   {scores['iou_mean']:.4f} mean per image\n"
           f"  Dice {scores['dice']:.4f} pooled   {scores['dice_mean']:.4f} mean per image\n" +
-          (f"  DSB2018 score {table['dsb'].mean():.4f} ({args.separation})"
-           f"{f', {np.mean(dsb_cc):.4f} (connected components)' if args.separation != 'cc' else ''}, "
-           f"mean over the {len(dsb_cc)} images with instance labels\n" if dsb_cc else "") +
+          (f"  DSB2018 score {', '.join(f'{np.mean(v):.4f} ({SEPARATIONS[m]})' for m, v in dsb.items())}, "
+           f"mean over the {len(labelled)} images with instance labels\n" if labelled else "") +
           f"  worst image {table['img_id'][0]} (IoU {table['iou'][0]:.3f}); files in {out_dir}/ "
           f"(scores.csv, {'' if args.no_overlays else 'overlays/, summary.png, '}probability PNGs per class)")
-    if dsb_cc:
-        scores.update(dsb=float(table["dsb"].mean()), dsb_cc=float(np.mean(dsb_cc)))
+    if labelled:
+        scores.update(dsb=float(table["dsb"].mean()), **{f"dsb_{m}": float(np.mean(v)) for m, v in dsb.items()})
     return scores
 
 

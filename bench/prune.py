@@ -53,8 +53,9 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def measure(model, batches, prune, precision, repeats):
-    """(images/s as the median over ``repeats`` timed passes after a warm-up pass, pooled scores dict)."""
+def measure(model, batches, prune, precision, repeats, classes):
+    """(images/s as the median over ``repeats`` timed passes after a warm-up pass, pooled scores dict over the
+    first ``classes`` channels)."""
     import torch
 
     from engine import forward
@@ -65,7 +66,7 @@ def measure(model, batches, prune, precision, repeats):
     meter = SegmentationMeter(precision.device)
     with torch.inference_mode(), precision.autocast():
         for x, (_, masks) in zip(inputs, batches):  # warm-up pass, also the scores
-            meter.update(forward(model, x, prune=prune).float(), masks)
+            meter.update(forward(model, x, prune=prune).float()[:, :classes], masks[:, :classes])
         sync(precision.device)
         times = []
         for _ in range(repeats):
@@ -89,8 +90,7 @@ def main(argv):
     from archs import count_parameters
     from config import load_run_config, run_dir
     from engine import Precision
-    from predict import load_run
-    from trainer import read_split
+    from trainer import load_run, read_split
     from utils import choose_device
 
     cfg = load_run_config(args.name)
@@ -112,7 +112,7 @@ def main(argv):
     batches = load_batches(cfg, ids, device)
     rows = []
     for level in LEVELS:
-        speed, scores = measure(model, batches, level, precision, args.repeats)
+        speed, scores = measure(model, batches, level, precision, args.repeats, cfg.num_classes)
         rows.append({"prune": level, "params": count_parameters(model, level), "images_per_s": round(speed, 2),
                      "iou": round(scores["iou"], 4), "dice": round(scores["dice"], 4)})
     full = rows[-1]

@@ -4,7 +4,7 @@
     python bench/quality.py configs/dsb2018_96_UNet_bcedice.yml --epochs 10 --suffix _cpu10
 
 Each row: pooled val IoU, mean per-image IoU and Dice (with and without flip TTA), the DSB2018 instance score
-(watershed and connected components) when the dataset has instance labels, test-split numbers when the recipe
+(each way of splitting nuclei) when the dataset has instance labels, test-split numbers when the recipe
 holds one out, epochs, wall time, hardware, and the exact command. Runs train.py and val.py as users do
 (train in a subprocess, val in-process), in the current folder (inputs/, models/ as for train.py). Writes
 bench/results/quality.csv (appending) and prints one JSON line last.
@@ -90,8 +90,7 @@ def main(argv=None):
                "val_iou": round(val["iou"], 4), "val_iou_mean": round(val["iou_mean"], 4),
                "val_dice_mean": round(val["dice_mean"], 4), "epochs": len(log), "best_epoch": int(best["epoch"]),
                "minutes": round(seconds / 60, 1), "hardware": hardware(), "command": command}
-        if "dsb" in val:
-            row.update(dsb=round(val["dsb"], 4), dsb_cc=round(val["dsb_cc"], 4))
+        row.update({k: round(v, 4) for k, v in val.items() if k.startswith("dsb")})
         if not args.no_tta:
             tta = evaluate_run(name, "val", True)
             row.update(val_iou_tta=round(tta["iou"], 4), val_iou_mean_tta=round(tta["iou_mean"], 4))

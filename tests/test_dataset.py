@@ -316,3 +316,24 @@ def test_image_and_mask_get_the_same_flip_or_rotation(tmp_path):
             assert any(torch.equal(_d4(mask)[k], a_mask) for k in matches)
             used.add(matches[0])
     assert len(used) > 1
+
+
+def test_borders_channel_comes_from_the_instance_labels(tmp_path):
+    from instances import read_labels, touching_borders
+
+    ids = make_synthetic(tmp_path)
+    root = tmp_path / "inputs" / "tiny"
+    data = Dataset(ids, str(root), borders=True)
+    touching = 0
+    for i, sid in enumerate(ids):
+        _, mask, _ = data[i]
+        assert mask.shape == (2, 32, 32)
+        border = touching_borders(read_labels(str(root / "labels" / f"{sid}.png")))
+        assert np.array_equal(mask[1].numpy(), border.astype(np.float32))
+        assert (mask[1] <= mask[0]).all()  # borders lie inside the nuclei
+        touching += int(border.any())
+    assert touching > 0, "the synthetic images have touching nuclei"
+    os.remove(root / "labels" / f"{ids[3]}.png")
+    with pytest.raises(DataError, match=r"--borders True needs instance labels .*missing for 1 of 10 images"):
+        Dataset(ids, str(root), borders=True)
+    assert Dataset(ids, str(root))[3][1].shape == (1, 32, 32)

@@ -3,7 +3,8 @@ import cv2
 import numpy as np
 import pytest
 
-from instances import connected_components, dsb_scores, read_labels, split_instances, watershed_instances
+from instances import (connected_components, dsb_scores, read_labels, split_instances, touching_borders,
+                       watershed_instances)
 from metrics import dsb_score
 from utils import UsageError
 
@@ -79,3 +80,36 @@ def test_read_labels_resizes_with_nearest(tmp_path):
     assert same.dtype == np.int32 and np.array_equal(same, labels)
     small = read_labels(path, (10, 15))
     assert small.shape == (10, 15) and set(np.unique(small).tolist()) == {0, 1, 300}
+
+
+def test_touching_borders_marks_both_sides_of_a_contact_only():
+    labels = np.zeros((8, 12), np.int32)
+    labels[2:6, 1:5] = 1  # alone
+    labels[2:6, 6:9] = 2  # touches 3 along one column boundary
+    labels[2:6, 9:11] = 3
+    border = touching_borders(labels)
+    assert border.dtype == np.uint8 and border.shape == labels.shape
+    expected = np.zeros_like(border)
+    expected[2:6, 8:10] = 1  # the last column of 2 and the first of 3
+    assert np.array_equal(border, expected)
+    assert touching_borders(labels, width=2)[2:6, 7:11].all()
+    assert touching_borders(np.zeros((5, 5), np.uint16)).max() == 0
+
+
+def test_border_separation_splits_touching_discs_along_the_predicted_border():
+    truth, prob = two_touching_discs()
+    border = touching_borders(truth).astype(np.float32)
+    labels = split_instances(prob, "borders", border=border)
+    assert labels.dtype == np.int32 and labels.max() == 2
+    assert np.array_equal(labels > 0, prob > 0.5)  # border pixels go back to their nuclei
+    for k in (1, 2):
+        assert np.unique(truth[labels == k]).size <= 2
+    assert connected_components(prob).max() == 1
+    scores = dsb_scores(prob, truth, methods=("borders", "cc"), border=border)
+    assert scores["borders"] > scores["cc"]
+    # with no border predicted the touching discs stay one object
+    assert split_instances(prob, "borders", border=np.zeros_like(prob)).max() == 1
+    with pytest.raises(UsageError, match="--borders True"):
+        split_instances(prob, "borders")
+    with pytest.raises(UsageError, match="differ in shape"):
+        split_instances(prob, "borders", border=border[1:])

@@ -16,6 +16,7 @@ import torch
 import yaml
 
 import predict
+import trainer
 from utils import DataError, UsageError, run_cli
 
 
@@ -137,7 +138,7 @@ class Pointwise(torch.nn.Module):
 
 
 def crop_cfg(num_classes=1):
-    return Namespace(crop_size=32, input_h=32, input_w=32, num_classes=num_classes)
+    return Namespace(crop_size=32, input_h=32, input_w=32, num_classes=num_classes, borders=False)
 
 
 @pytest.mark.parametrize("shape,tile,overlap", [((100, 150), 32, 8), ((96, 160), 64, 32), ((70, 33), 32, 0),
@@ -155,7 +156,7 @@ def test_tiling_places_and_normalises_windows_exactly(shape, tile, overlap):
 def test_tiling_blends_the_seams_of_a_real_network(in_runs):
     """The trained UNet++ with its logits standardised (so that probabilities span 0..1): windows that overlap
     by 32 pixels with linear-ramp blending stay close to the whole-image prediction, far closer than hard seams."""
-    cfg, net = predict.load_run("pc", torch.device("cpu"))
+    cfg, net = trainer.load_run("pc", torch.device("cpu"))
     image = cv2.cvtColor(sample_bgr(96, 160), cv2.COLOR_BGR2RGB).astype(np.float32) / 255
     x = torch.from_numpy(predict.Predictor(net, cfg, torch.device("cpu")).normalise(image))[None]
     with torch.no_grad():

@@ -30,6 +30,7 @@ PRED_THRESHOLD = 127.5
 RUNS = {
     "unet": ("UNet", []),
     "nested": ("NestedUNet", ["--deep_supervision", "True", "--lr", "0.003"]),
+    "borders": ("UNet", ["--borders", "True"]),  # + a touching-border channel, trained but not scored
 }
 
 
@@ -126,7 +127,7 @@ def test_model_pth_is_a_plain_state_dict(work, key):
     assert all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items())
     arch, _ = RUNS[key]
     model = build_model(arch, 1, 3, key == "nested")
-    model.load_state_dict(weights)  # strict: the same keys and shapes
+    model = build_model(arch, 2 if key == "borders" else 1, 3, key == "nested")
 
 
 @pytest.mark.parametrize("key", list(RUNS))
@@ -191,6 +192,33 @@ def test_val_matches_best_epoch_of_training(work, key):
     root, _, all_scores = work
     log = pd.read_csv(root / "models" / key / "log.csv")
     assert all_scores[key]["iou"] == pytest.approx(log["val_iou"].max(), abs=1e-6)
+
+
+def test_borders_run_scores_nuclei_and_splits_along_borders(work, monkeypatch):
+    """A --borders run: 2 output channels, the border probabilities in outputs/<name>/borders/, the DSB2018 score
+    for all three separations (learned borders first), and predict.py splits along the borders by default."""
+    import predict
+
+    root, _, all_scores = work
+    scores = all_scores["borders"]
+    assert yaml.safe_load((root / "models" / "borders" / "config.yml").read_text())["borders"] is True
+    assert torch.load(root / "models" / "borders" / "model.pth")["final.weight"].shape[0] == 2
+    val_ids = split_ids(read_split(root, "borders"), "val")
+    assert sorted(os.listdir(root / "outputs" / "borders" / "borders")) == sorted(i + ".png" for i in val_ids)
+    for key in ("dsb", "dsb_borders", "dsb_watershed", "dsb_cc"):
+        assert 0 <= scores[key] <= 1
+    assert scores["dsb"] == scores["dsb_borders"]
+    assert "dsb_borders" not in all_scores["unet"] and all_scores["unet"]["dsb"] == all_scores["unet"]["dsb_watershed"]
+    monkeypatch.chdir(root)
+    image = root / "inputs" / TINY_NAME / "images" / f"{val_ids[0]}.png"
+    predict.main(["--name", "borders", "--input", str(image), "--output", "pred", "--instances", "--device", "cpu"])
+    assert sorted(os.listdir(root / "pred")) == sorted([f"{val_ids[0]}.png", f"{val_ids[0]}_instances.png",
+                                                        "objects.csv"])
+    with pytest.raises(UsageError, match="--borders True"):
+        val.main(["--name", "unet", "--separation", "borders", "--device", "cpu"])
+    with pytest.raises(UsageError, match="--borders True"):
+        predict.main(["--name", "unet", "--input", str(image), "--output", "pred2", "--instances",
+                      "--separation", "borders", "--device", "cpu"])
 
 
 def test_val_unknown_run_and_missing_test_split(work, monkeypatch):
