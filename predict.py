@@ -20,7 +20,7 @@ exactly as in training. For each image ``<id>`` (its file name without the exten
     objects.csv          --instances: one row per nucleus (area, centroid, bounding box; bbox_max is exclusive)
 
 Runs with several classes write ``<id>_class<c>.png`` (and ``_prob``) per class; instances use class 0. A run
-trained with ``--borders True`` also predicts where nuclei touch and, by default, splits nuclei along it.
+trained with ``--borders True`` also predicts where nuclei touch; ``--separation borders`` splits nuclei there.
 """
 import argparse
 import os
@@ -50,10 +50,9 @@ def build_parser():
     p.add_argument("--overlay", action="store_true", help="also write <id>_overlay.png (outlines on the image)")
     p.add_argument("--instances", action="store_true",
                    help="also write <id>_instances.png (16-bit labels) and objects.csv")
-    p.add_argument("--separation", default=None, choices=["watershed", "cc", "borders"],
+    p.add_argument("--separation", default="watershed", choices=["watershed", "cc", "borders"],
                    help="how touching nuclei are told apart: watershed on the distance transform, the learned "
-                        "borders of a run trained with --borders True, or plain connected components (default: "
-                        "borders for such a run, else watershed)")
+                        "borders of a run trained with --borders True, or plain connected components")
     p.add_argument("--min_size", type=int, default=None, help="drop objects smaller than this many pixels "
                    "(default: instances.MIN_SIZE)")
     p.add_argument("--prune", type=int, default=None, choices=[1, 2, 3, 4],
@@ -325,7 +324,6 @@ def main(argv):
 
     device = choose_device(args.device)
     cfg, model = load_run(args.name, device, args.prune)
-    args.separation = args.separation or ("borders" if cfg.borders else "watershed")
     if args.separation == "borders" and not cfg.borders:
         raise UsageError(f"--separation borders needs a run trained with --borders True; {args.name} was not")
     predictor = Predictor(model, cfg, device, args.tile, args.overlap, args.batch_size, args.prune, args.tta)

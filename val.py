@@ -27,11 +27,10 @@ def build_parser():
     p.add_argument("--tta", action="store_true", help="average the four flips (test-time augmentation)")
     p.add_argument("--prune", type=int, default=None, choices=[1, 2, 3, 4],
                    help="NestedUNet with deep supervision: run only the sub-network up to head X0,L")
-    p.add_argument("--separation", default=None, choices=list(SEPARATIONS),
+    p.add_argument("--separation", default="watershed", choices=list(SEPARATIONS),
                    help="how touching nuclei are split for the DSB2018 instance score (when inputs/<dataset>/labels/ "
                         "exists): watershed on the distance transform, the learned borders of a run trained with "
-                        "--borders True, or plain connected components (default: borders for such a run, else "
-                        "watershed)")
+                        "--borders True, or plain connected components; the others are printed beside it")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--batch_size", type=int, default=None, help="default: the run's batch size")
     p.add_argument("--num_workers", type=int, default=0, help="DataLoader workers")
@@ -59,7 +58,6 @@ def main(argv):
     device = choose_device(args.device)
     cfg, model = load_run(args.name, device, args.prune)
     methods = [m for m in SEPARATIONS if m != "borders" or cfg.borders]
-    args.separation = args.separation or methods[-1]
     if args.separation not in methods:
         raise UsageError(f"--separation borders needs a run trained with --borders True; {args.name} was not")
     methods.insert(0, methods.pop(methods.index(args.separation)))

@@ -196,7 +196,7 @@ def test_val_matches_best_epoch_of_training(work, key):
 
 def test_borders_run_scores_nuclei_and_splits_along_borders(work, monkeypatch):
     """A --borders run: 2 output channels, the border probabilities in outputs/<name>/borders/, the DSB2018 score
-    for all three separations (learned borders first), and predict.py splits along the borders by default."""
+    for all three separations, and val.py / predict.py split along the borders with --separation borders."""
     import predict
 
     root, _, all_scores = work
@@ -207,11 +207,17 @@ def test_borders_run_scores_nuclei_and_splits_along_borders(work, monkeypatch):
     assert sorted(os.listdir(root / "outputs" / "borders" / "borders")) == sorted(i + ".png" for i in val_ids)
     for key in ("dsb", "dsb_borders", "dsb_watershed", "dsb_cc"):
         assert 0 <= scores[key] <= 1
-    assert scores["dsb"] == scores["dsb_borders"]
+    assert scores["dsb"] == scores["dsb_watershed"]
     assert "dsb_borders" not in all_scores["unet"] and all_scores["unet"]["dsb"] == all_scores["unet"]["dsb_watershed"]
     monkeypatch.chdir(root)
+    chosen = val.main(["--name", "borders", "--separation", "borders", "--device", "cpu", "--no_overlays",
+                       "--output", "val_borders"])
+    assert chosen["dsb"] == pytest.approx(scores["dsb_borders"])
+    table = pd.read_csv(root / "val_borders" / "scores.csv")
+    assert table["dsb"].mean() == pytest.approx(scores["dsb_borders"])
     image = root / "inputs" / TINY_NAME / "images" / f"{val_ids[0]}.png"
-    predict.main(["--name", "borders", "--input", str(image), "--output", "pred", "--instances", "--device", "cpu"])
+    predict.main(["--name", "borders", "--input", str(image), "--output", "pred", "--instances", "--separation",
+                  "borders", "--device", "cpu"])
     assert sorted(os.listdir(root / "pred")) == sorted([f"{val_ids[0]}.png", f"{val_ids[0]}_instances.png",
                                                         "objects.csv"])
     with pytest.raises(UsageError, match="--borders True"):
