@@ -68,6 +68,10 @@ def build_train_parser():
     g.add_argument("--patience", default=2, type=int, help="ReduceLROnPlateau patience (epochs)")
     g.add_argument("--milestones", default="1,2", type=str, help="MultiStepLR epochs, comma-separated")
     g.add_argument("--gamma", default=2 / 3, type=float, help="MultiStepLR factor")
+    g.add_argument("--precise_bn", default=0, type=int,
+                   help="before each validation, recompute the BatchNorm statistics as the average over this many "
+                        "training batches (0: PyTorch's running averages); steadies validation when batches differ "
+                        "a lot, as in crop training on mixed image types")
     g.add_argument("--early_stopping", default=-1, type=int, help="stop after this many epochs without a better "
                    "val IoU (-1 = never)")
     g = p.add_argument_group("run")
@@ -163,8 +167,8 @@ def check_train_args(args):
         if getattr(args, flag) % 16:
             raise UsageError(f"--{flag} {getattr(args, flag)} must be a multiple of 16 (the network halves the "
                              "size four times)")
-    if args.crop_size < 0 or args.num_workers < 0 or args.warmup_epochs < 0:
-        raise UsageError("--crop_size, --num_workers and --warmup_epochs must not be negative")
+    if args.crop_size < 0 or args.num_workers < 0 or args.warmup_epochs < 0 or args.precise_bn < 0:
+        raise UsageError("--crop_size, --num_workers, --warmup_epochs and --precise_bn must not be negative")
     if not 0 < args.val_size < 1 or not 0 <= args.test_size < 1 or args.val_size + args.test_size >= 1:
         raise UsageError(f"--val_size {args.val_size} and --test_size {args.test_size} must be fractions whose "
                          "sum is below 1")

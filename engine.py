@@ -152,6 +152,34 @@ def train_one_epoch(model, loader, criterion, optimizer, precision, desc="train"
 
 
 @torch.no_grad()
+def recalibrate_batchnorm(model, loader, precision, max_batches):
+    """Precise BatchNorm: reset every BatchNorm's running mean and variance and recompute them as the plain average
+    over the first ``max_batches`` batches of ``loader`` (images [B, C, H, W]; masks and metadata unused), in
+    training mode and without gradients. PyTorch's running averages weight the last ~10 batches of an epoch most;
+    when batches differ a lot (crops of bright-field and fluorescence images) that makes the evaluated network
+    swing from epoch to epoch. Pass the bare model, not the DDP wrapper.
+    """
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms or max_batches <= 0:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    was_training = model.training
+    model.train()
+    for i, (images, masks, _) in enumerate(loader):
+        if i >= max_batches:
+            break
+        images, _ = precision.to_device(images, masks)
+        with precision.autocast():
+            model(images)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.train(was_training)
+
+
+@torch.no_grad()
 def evaluate(model, loader, criterion, precision, desc="val", progress=True, prune=None, tta=False, on_batch=None,
              classes=None):
     """Evaluate on every batch of ``loader``; returns dict(loss, iou, dice, iou_mean, dice_mean).

@@ -18,7 +18,7 @@ import distributed
 from archs import build_model
 from config import INPUTS_DIR, load_run_config, output_channels, run_dir, save_run_config
 from dataset import Dataset, EpochSampler, eval_transform, list_ids, train_transform
-from engine import NonFiniteLoss, Precision, evaluate, train_one_epoch
+from engine import NonFiniteLoss, Precision, evaluate, recalibrate_batchnorm, train_one_epoch
 from losses import build_loss
 from utils import DataError, UsageError, UserError, atomic_torch_save, atomic_write, choose_device, seed_everything
 
@@ -330,6 +330,8 @@ class Trainer:
         t0 = time.time()
         lr = self.optimizer.param_groups[0]["lr"]
         train = self.train_epoch(epoch)
+        if a.precise_bn:
+            recalibrate_batchnorm(self.net, self.train_loader, self.precision, a.precise_bn)
         distributed.broadcast_buffers(self.net)
         val = evaluate(self.model, self.val_loader, self.criterion, self.precision, desc="val",
                        progress=self.progress and self.main, classes=a.num_classes)

@@ -36,13 +36,19 @@ def hardware():
     return f"{model}, {os.cpu_count()} cores"
 
 
-def run_recipe(config, extra):
-    """Train one recipe; returns (run name, seconds, command)."""
+def run_recipe(config, extra, train=True):
+    """Train one recipe; returns (its flags, seconds, command). ``train=False`` only reads the finished run's
+    log.csv, whose epoch times give the seconds (e.g. after a benchmark stopped during evaluation)."""
+    import pandas as pd
+
     from config import parse_train_args
 
     args = parse_train_args(["--config", config] + extra)
     cmd = ["train.py", "--config", config] + extra
     t0 = time.time()
+    if not train:
+        return args, float(pd.read_csv(os.path.join("models", args.name, "log.csv"))["seconds"].sum()), \
+            " ".join(["python"] + cmd)
     subprocess.run([sys.executable, os.path.join(REPO, cmd[0])] + cmd[1:] + ["--overwrite"], check=True)
     return args, time.time() - t0, " ".join(["python"] + cmd)
 
@@ -72,6 +78,8 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=None, help="override the recipes' epochs (say so in the table)")
     p.add_argument("--suffix", default="", help="appended to each run name (e.g. _cpu10)")
     p.add_argument("--no_tta", action="store_true", help="skip the flip-TTA evaluation")
+    p.add_argument("--evaluate_only", action="store_true",
+                   help="do not train: evaluate the runs already in models/ (wall time: their log's epoch times)")
     p.add_argument("--out", default=os.path.join(REPO, "bench", "results", "quality.csv"))
     args = p.parse_args(argv)
     import pandas as pd
@@ -82,7 +90,7 @@ def main(argv=None):
     for path in args.configs:
         name = config_module.parse_train_args(["--config", path]).name + args.suffix
         extra = ["--name", name] + (["--epochs", str(args.epochs)] if args.epochs else [])
-        run, seconds, command = run_recipe(path, extra)
+        run, seconds, command = run_recipe(path, extra, train=not args.evaluate_only)
         log = pd.read_csv(os.path.join("models", name, "log.csv"))
         best = log.loc[log["val_iou"].idxmax()]
         val = evaluate_run(name, "val", False)

@@ -63,3 +63,9 @@ def test_quality_tiny_recipe_row(tmp_path):
     table = pd.read_csv(out)
     assert list(table["run"]) == ["older", "tiny_UNet_t"] and "dsb" in table.columns
     assert (tmp_path / "models" / "tiny_UNet_t" / "model.pth").is_file()
+    (again,) = run_script("quality.py", [str(recipe), "--epochs", "1", "--suffix", "_t", "--out", str(out),
+                                         "--evaluate_only", "--no_tta"], tmp_path)
+    assert again["val_iou"] == row["val_iou"] and again["test_iou"] == row["test_iou"]
+    log_seconds = pd.read_csv(tmp_path / "models" / "tiny_UNet_t" / "log.csv")["seconds"].sum()
+    assert again["minutes"] == round(log_seconds / 60, 1)
+    assert len(pd.read_csv(out)) == 3

@@ -227,6 +227,17 @@ def test_borders_run_scores_nuclei_and_splits_along_borders(work, monkeypatch):
                       "--separation", "borders", "--device", "cpu"])
 
 
+def test_precise_bn_run_is_reproduced_by_val(tmp_path, monkeypatch):
+    """With --precise_bn the recalibrated statistics are what is validated and saved: val.py scores model.pth
+    exactly as the best epoch of the log."""
+    make_synthetic(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    train.main(train_argv("pbn", "--precise_bn", "1"))
+    scores = val.main(["--name", "pbn", "--device", "cpu", "--no_overlays"])
+    assert scores["iou"] == pytest.approx(pd.read_csv(tmp_path / "models" / "pbn" / "log.csv")["val_iou"].max(),
+                                          abs=1e-6)
+
+
 def test_val_unknown_run_and_missing_test_split(work, monkeypatch):
     root, _, _ = work
     monkeypatch.chdir(root)
