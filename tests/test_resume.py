@@ -24,6 +24,12 @@ ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREAD
            NO_ALBUMENTATIONS_UPDATE="1")
 
 
+def default_sigint():
+    """Run in the child before exec: a shell that starts jobs in the background (``cmd &`` without job control)
+    makes them ignore SIGINT, and Python then never raises KeyboardInterrupt; Ctrl-C at a terminal is SIG_DFL."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def train_cmd(*args):
     return [sys.executable, str(ROOT / "train.py"), *args]
 
@@ -103,7 +109,7 @@ def test_interrupt_then_resume_matches_uninterrupted_run(workdir, reference, sig
     name = f"stopped_{sig.name}"
     run = workdir / "models" / name
     proc = subprocess.Popen(train_cmd(*first_run_args(name)), cwd=workdir, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     try:
         wait_for_first_epoch(proc, run)
         proc.send_signal(sig)
