@@ -185,7 +185,8 @@ def evaluate(model, loader, criterion, precision, desc="val", progress=True, pru
     """Evaluate on every batch of ``loader``; returns dict(loss, iou, dice, iou_mean, dice_mean).
 
     iou/dice are pooled over the split (sum of intersections / sum of unions); iou_mean/dice_mean average the
-    per-image scores, over the first ``classes`` channels (None: all; see :func:`train_one_epoch`). ``prune`` L runs NestedUNet only up to head L; ``tta`` averages flips.
+    per-image scores, over the first ``classes`` channels (None: all; see :func:`train_one_epoch`). ``prune`` L
+    runs NestedUNet only up to head L; ``tta`` averages flips.
     ``on_batch(meta, images, logits, masks)`` is called per batch (val.py writes its files there).
     Under DDP each rank evaluates its own shard and the sums are reduced over ranks.
     """
