@@ -180,7 +180,8 @@ def main(argv=None):
         if workers > 1:
             import multiprocessing
 
-            pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker)  # fork can deadlock in a threaded parent
+            # spawn, not fork: fork can deadlock in a threaded parent
+            pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker)
             results = pool.imap(job, ids, chunksize=4)
         else:
             results = map(job, ids)

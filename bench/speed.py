@@ -332,7 +332,10 @@ def main(argv=None):
         "devices": {d: device_name(d) for d in devices}, "dataset": args.dataset, "image_size": args.size,
         "num_workers": args.num_workers, "steps_cap": args.steps, "repeats": args.repeats, "warmup": args.warmup,
         "in_process": args.in_process, "quick": args.quick, "amp": args.amp, "channels_last": args.channels_last,
-        "memory": "MiB; peak_mem_mib is, on CPU, the peak RSS of the measuring process (ru_maxrss; with --in_process the increase of that high-water mark) and on CUDA torch.cuda.max_memory_allocated; worker_peak_rss_mib is the largest DataLoader worker's peak RSS (forked: counts pages shared with the parent)",
+        "memory": ("MiB; peak_mem_mib is, on CPU, the peak RSS of the measuring process (ru_maxrss; with "
+                   "--in_process the increase of that high-water mark) and on CUDA "
+                   "torch.cuda.max_memory_allocated; worker_peak_rss_mib is the largest DataLoader worker's "
+                   "peak RSS (forked: counts pages shared with the parent)"),
         "rows": rows, "geomean_ratio": round(geomean, 3),
     }
     print(json.dumps(summary), flush=True)
