@@ -92,8 +92,8 @@ def watershed_instances(prob, threshold=0.5, min_distance=MIN_DISTANCE, min_size
 
     prob: float [H, W] in [0, 1]. min_distance: pixels between two markers (larger merges more); h: how far
     a peak of log(1 + distance) must rise above the saddle to its neighbour to become its own object (larger
-    merges more); sigma: Gaussian smoothing of the distance map (0 = none). Returns int32 [H, W], 0 background, objects
-    1..N; every pixel of the mask belongs to an object unless its object is below ``min_size`` pixels.
+    merges more); sigma: Gaussian smoothing of the distance map (0 = none). Returns int32 [H, W], 0 background,
+    objects 1..N; every pixel of the mask belongs to an object unless its object is below ``min_size`` pixels.
     """
     prob = _check_prob(prob)
     mask = prob > threshold

@@ -45,12 +45,13 @@ def run_recipe(config, extra, train=True):
 
     args = parse_train_args(["--config", config] + extra)
     cmd = ["train.py", "--config", config] + extra
-    t0 = time.time()
-    if not train:
-        return args, float(pd.read_csv(os.path.join("models", args.name, "log.csv"))["seconds"].sum()), \
-            " ".join(["python"] + cmd)
-    subprocess.run([sys.executable, os.path.join(REPO, cmd[0])] + cmd[1:] + ["--overwrite"], check=True)
-    return args, time.time() - t0, " ".join(["python"] + cmd)
+    if train:
+        t0 = time.time()
+        subprocess.run([sys.executable, os.path.join(REPO, cmd[0])] + cmd[1:] + ["--overwrite"], check=True)
+        seconds = time.time() - t0
+    else:
+        seconds = float(pd.read_csv(os.path.join("models", args.name, "log.csv"))["seconds"].sum())
+    return args, seconds, " ".join(["python"] + cmd)
 
 
 def evaluate_run(name, split, tta):
