@@ -36,6 +36,9 @@ def build_train_parser():
     g.add_argument("--input_w", default=96, type=int, help="resize width (multiple of 16)")
     g.add_argument("--input_h", default=96, type=int, help="resize height (multiple of 16)")
     g.add_argument("--loss", default="BCEDiceLoss", help="BCEDiceLoss, LovaszHingeLoss or BCEWithLogitsLoss")
+    g.add_argument("--init", default=None,
+                   help="fine-tune: start from the weights of run NAME (models/NAME/model.pth) or of a .pth file, "
+                        "with a fresh optimizer and schedule; the network flags must match")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="dsb2018_96", help="folder under inputs/; 'synthetic' is generated on first use")
     g.add_argument("--img_ext", default=".png", help="image file extension")
@@ -49,6 +52,10 @@ def build_train_parser():
                         "(0 = resize everything to input_h x input_w as the seed does)")
     g.add_argument("--scale_jitter", default=0.0, type=float, help="random rescale by 1 +- this before cropping")
     g.add_argument("--color_jitter", default=True, type=str2bool, help="colour/brightness/contrast jitter")
+    g.add_argument("--balance", default=0.0, type=float,
+                   help="draw training images of the rarer kinds (fluorescence, stained, bright-field) more often: "
+                        "weight n^-balance, n = training images of that kind (0 = uniform, 1 = each kind equally "
+                        "often)")
     g.add_argument("--cache", default=True, type=str2bool,
                    help="decode every image once into memory when the dataset fits (under a quarter of RAM)")
     g.add_argument("--num_workers", default=min(4, os.cpu_count() or 1), type=int,
@@ -174,6 +181,9 @@ def check_train_args(args):
                          "sum is below 1")
     if args.lr <= 0:
         raise UsageError(f"--lr must be positive, got {args.lr}")
+    if args.balance < 0:
+        raise UsageError(f"--balance must not be negative, got {args.balance} (0 = uniform, 1 = each kind equally "
+                         "often)")
     if not 0 <= args.scale_jitter < 1:
         raise UsageError(f"--scale_jitter must be in [0, 1), got {args.scale_jitter}")
     try:

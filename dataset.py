@@ -228,6 +228,11 @@ class Dataset(torch.utils.data.Dataset):
             masks.append(self.read_borders(img_id, img.shape[:2]))
         return img, np.stack(masks, axis=-1)
 
+    def modalities(self):
+        """:func:`image_modality` of every sample, in order (from the cache when there is one)."""
+        return [image_modality(self.cached[i][0] if self.cached is not None else self.load(i)[0])
+                for i in range(len(self))]
+
     def read_borders(self, img_id, shape):
         """The touching-border target of ``img_id`` from its instance labels: uint8 [H, W] in {0, 1}."""
         from instances import read_labels, touching_borders
@@ -252,6 +257,59 @@ class Dataset(torch.utils.data.Dataset):
         return (torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float32)),
                 torch.from_numpy(np.ascontiguousarray(mask.transpose(2, 0, 1), dtype=np.float32)),
                 {"img_id": self.img_ids[index]})
+
+
+# ---------------------------------------------------------------------------------------- balancing image kinds
+
+MODALITIES = ("fluorescence", "stained", "bright-field")
+
+
+def image_modality(img):
+    """Decoded image [H, W, C] (any type) -> 'fluorescence', 'stained' or 'bright-field'.
+
+    The three kinds of nucleus image in DSB2018, told apart on the image scaled to [0, 1]: a dark background
+    (mean below 0.5) is fluorescence; a bright one is stained when coloured (mean channel spread above 0.05),
+    else bright-field.
+    """
+    x = image_to_float(img, img.shape[2])
+    if x.mean() < 0.5:
+        return "fluorescence"
+    spread = float((x.max(axis=2) - x.min(axis=2)).mean())
+    return "stained" if spread > 0.05 else "bright-field"
+
+
+def balance_weights(groups, power):
+    """Sampling weight of each sample, ``n ** -power`` with n the number of samples in its group: float64 [N].
+
+    power 0 draws every sample equally often (each group in proportion to its size), 1 draws every group
+    equally often, 0.5 is in between.
+    """
+    _, index, counts = np.unique(np.asarray(groups), return_inverse=True, return_counts=True)
+    return counts[index].astype(np.float64) ** -power
+
+
+class WeightedDistributedSampler(torch.utils.data.Sampler):
+    """Draws ``len(weights)`` indices with replacement in proportion to ``weights``, the same draw in every
+    process (seeded by seed and epoch); process ``rank`` of ``num_replicas`` takes every num_replicas-th one.
+    The weighted counterpart of DistributedSampler (same ``set_epoch``), like WeightedRandomSampler."""
+
+    def __init__(self, weights, num_replicas=1, rank=0, seed=0):
+        self.weights = torch.as_tensor(weights, dtype=torch.float64)
+        self.num_replicas, self.rank, self.seed = num_replicas, rank, seed
+        self.num_samples = -(-len(self.weights) // num_replicas)
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        draw = torch.multinomial(self.weights, self.num_samples * self.num_replicas, replacement=True,
+                                 generator=generator)
+        return iter(draw[self.rank::self.num_replicas].tolist())
+
+    def __len__(self):
+        return self.num_samples
 
 
 class EpochSampler(torch.utils.data.Sampler):

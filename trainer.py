@@ -17,7 +17,8 @@ import torch
 import distributed
 from archs import build_model
 from config import INPUTS_DIR, load_run_config, output_channels, run_dir, save_run_config
-from dataset import Dataset, EpochSampler, eval_transform, list_ids, train_transform
+from dataset import (MODALITIES, Dataset, EpochSampler, WeightedDistributedSampler, balance_weights, eval_transform,
+                     list_ids, train_transform)
 from engine import NonFiniteLoss, Precision, evaluate, recalibrate_batchnorm, train_one_epoch
 from losses import build_loss
 from utils import DataError, UsageError, UserError, atomic_torch_save, atomic_write, choose_device, seed_everything
@@ -125,6 +126,17 @@ class Trainer:
             torch.backends.cudnn.benchmark = True
         self.precision = Precision.choose(self.device, args.amp, args.channels_last)
         self._prepare_run_dir()
+        try:
+            self._set_up()
+        except BaseException:
+            if self.main and not args.resume:  # a new run that fails before training leaves no folder behind
+                shutil.rmtree(self.dir, ignore_errors=True)
+            raise
+        self.started = time.time()
+
+    def _set_up(self):
+        """Split, loaders, network (resumed or --init weights), loss, optimizer and schedule."""
+        args = self.args
         self.dataset_dir = self._dataset_dir()
         self.split = self._load_or_make_split()
         self.train_loader, self.val_loader = self._build_loaders()
@@ -140,8 +152,9 @@ class Trainer:
         self.log = pd.DataFrame(columns=LOG_COLUMNS)
         if args.resume:
             self._load_checkpoint()
+        elif args.init:
+            self._load_init_weights()
         self.model = self._wrap_model(self.net)
-        self.started = time.time()
 
     def __enter__(self):
         self._previous_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
@@ -225,12 +238,46 @@ class Trainer:
                        transform, seed=a.seed, cache=self._cache, borders=a.borders)
         if a.crop_size:
             _check_crop(data, a.crop_size)
-        sampler = EpochSampler(torch.utils.data.DistributedSampler(
-            data, num_replicas=world, rank=distributed.rank(), shuffle=True, seed=a.seed))
+        if a.balance:
+            sampler = EpochSampler(WeightedDistributedSampler(self._balance_weights(data), world, distributed.rank(),
+                                                              a.seed))
+        else:
+            sampler = EpochSampler(torch.utils.data.DistributedSampler(
+                data, num_replicas=world, rank=distributed.rank(), shuffle=True, seed=a.seed))
         train_loader = torch.utils.data.DataLoader(
             data, batch_size=a.batch_size, sampler=sampler, num_workers=a.num_workers, drop_last=True,
             pin_memory=self.device.type == "cuda", persistent_workers=a.num_workers > 0)
         return train_loader, self.make_eval_loader(self.ids("val"))
+
+    def _balance_weights(self, data):
+        """--balance: sampling weights of the training images by kind; says how often each kind is drawn."""
+        kinds = np.asarray(data.modalities())
+        weights = balance_weights(kinds, self.args.balance)
+        if self.main:
+            drawn = ", ".join(f"{(kinds == k).sum()} {k} images drawn {weights[kinds == k].sum() / weights.sum():.0%} "
+                              "of the time" for k in MODALITIES if (kinds == k).any())
+            print(f"--balance {self.args.balance:g}: {drawn}", flush=True)
+        return weights
+
+    def _load_init_weights(self):
+        """--init NAME or PATH: copy those weights into the new network (fine-tuning)."""
+        init = self.args.init
+        is_file = init.endswith(".pth") or os.sep in init or os.path.isfile(init)
+        path = init if is_file else os.path.join(run_dir(init), "model.pth")
+        if not os.path.isfile(path):
+            raise UsageError(f"--init {init}: no such .pth file, and no run with {path}; give a run name from models/ "
+                             "or a weights file")
+        weights = load_checkpoint(path, self.device)
+        weights = weights.get("model", weights)  # a last.pth holds the weights under "model"
+        expected = self.net.state_dict()
+        missing, unknown = set(expected) - set(weights), set(weights) - set(expected)
+        if missing or unknown or any(weights[k].shape != v.shape for k, v in expected.items()):
+            differs = (f"{len(missing)} of this network's {len(expected)} tensors missing, {len(unknown)} unknown"
+                       if missing or unknown else "tensor shapes differ")
+            raise DataError(f"--init {init}: {path} holds a different network ({differs}); use the --arch, "
+                            "--deep_supervision, --input_channels, --num_classes and --borders of the run it comes "
+                            "from")
+        self.net.load_state_dict(weights)
 
     def _wrap_model(self, net):
         model = net

@@ -5,7 +5,8 @@
 
 Reads models/<name>/config.yml, model.pth and split.csv; prints pooled IoU, mean per-image IoU and mean
 per-image Dice; writes outputs/<name>/<class>/<id>.png (probability x 255, 8-bit PNG; runs trained with
---borders True also borders/<id>.png), scores.csv (one row per image, worst first; with a ``dsb`` column, the
+--borders True also borders/<id>.png), scores.csv (one row per image, worst first, with its kind: fluorescence,
+stained or bright-field, see dataset.image_modality; with a ``dsb`` column, the
 DSB2018 instance score, when inputs/<dataset>/labels/ holds 16-bit instance labels: nuclei split by
 --separation, the other ways printed beside it), overlays/<id>.png (image | truth | prediction | errors) and
 summary.png.
@@ -48,6 +49,7 @@ def main(argv):
     import pandas as pd
     import torch
 
+    from dataset import MODALITIES, decode_image, image_modality
     from engine import Precision, evaluate
     from losses import build_loss
     from metrics import per_image_scores
@@ -85,7 +87,8 @@ def main(argv):
             for c in range(probs.shape[1]):
                 atomic_imwrite(os.path.join(out_dir, str(c) if c < classes else "borders", img_id + ".png"),
                                np.round(probs[i, c] * 255).astype(np.uint8))
-            rows.append({"img_id": img_id, "iou": float(ious[i]), "dice": float(dices[i])})
+            kind = image_modality(decode_image(os.path.join(INPUTS_DIR, cfg.dataset, "images", img_id + cfg.img_ext)))
+            rows.append({"img_id": img_id, "iou": float(ious[i]), "dice": float(dices[i]), "kind": kind})
             if img_id in labelled:  # DSB2018 instance score at the evaluated size
                 truth = read_labels(os.path.join(labels_dir, img_id + ".png"), probs.shape[2:])
                 border = probs[i, classes] if cfg.borders else None
@@ -105,9 +108,12 @@ def main(argv):
         write_summary(os.path.join(out_dir, "overlays"), table, os.path.join(out_dir, "summary.png"))
     what = f"{args.split} split, {len(ids)} images" + (", flip TTA" if args.tta else "") + \
         (f", pruned at L={args.prune}" if args.prune else "")
+    kinds = table.groupby("kind")["iou"].agg(["size", "mean"])
+    by_kind = ", ".join(f"{k} {kinds['mean'][k]:.4f} ({kinds['size'][k]})" for k in MODALITIES if k in kinds.index)
     print(f"{args.name} ({what}):\n"
           f"  IoU  {scores['iou']:.4f} pooled   {scores['iou_mean']:.4f} mean per image\n"
-          f"  Dice {scores['dice']:.4f} pooled   {scores['dice_mean']:.4f} mean per image\n" +
+          f"  Dice {scores['dice']:.4f} pooled   {scores['dice_mean']:.4f} mean per image\n"
+          f"  mean IoU by image kind (images): {by_kind}\n" +
           (f"  DSB2018 score {', '.join(f'{np.mean(v):.4f} ({SEPARATIONS[m]})' for m, v in dsb.items())}, "
            f"mean over the {len(labelled)} images with instance labels\n" if labelled else "") +
           f"  worst image {table['img_id'][0]} (IoU {table['iou'][0]:.3f}); files in {out_dir}/ "

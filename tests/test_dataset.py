@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from conftest import make_layout, make_synthetic, write_image
-from dataset import (NORM_MEAN, NORM_STD, Dataset, decode_image, eval_transform, image_to_float, list_ids,
-                     read_mask, train_transform)
+from dataset import (MODALITIES, NORM_MEAN, NORM_STD, Dataset, WeightedDistributedSampler, balance_weights,
+                     decode_image, eval_transform, image_modality, image_to_float, list_ids, read_mask,
+                     train_transform)
 from utils import DataError, UsageError
 
 IDS = ["a", "b", "c"]
@@ -337,3 +338,60 @@ def test_borders_channel_comes_from_the_instance_labels(tmp_path):
     with pytest.raises(DataError, match=r"--borders True needs instance labels .*missing for 1 of 10 images"):
         Dataset(ids, str(root), borders=True)
     assert Dataset(ids, str(root))[3][1].shape == (1, 32, 32)
+
+
+# ------------------------------------------------------------------------------------------ --balance by kind
+
+def _flat(value, channels=3, dtype=np.uint8, size=8):
+    return np.full((size, size, channels), value, dtype)
+
+
+def test_image_modality_tells_the_three_kinds_apart():
+    assert image_modality(_flat(20)) == "fluorescence"  # dark, grey, RGB
+    assert image_modality(_flat(20, channels=1)) == "fluorescence"  # dark, one channel
+    assert image_modality(_flat(210)) == "bright-field"  # bright, grey
+    assert image_modality(_flat(210, channels=1)) == "bright-field"
+    pink = _flat(0)
+    pink[...] = (220, 150, 200)  # bright and coloured, like H&E
+    assert image_modality(pink) == "stained"
+    dark_16bit = np.zeros((8, 8, 1), np.uint16)
+    dark_16bit[0, 0] = 4000  # one bright nucleus pixel on a dark background, scaled by its own range
+    assert image_modality(dark_16bit) == "fluorescence"
+
+
+def test_balance_weights():
+    groups = ["a"] * 6 + ["b"] * 3 + ["c"]
+    assert np.allclose(balance_weights(groups, 0), 1)  # uniform
+    w = balance_weights(groups, 1)  # each group the same total weight
+    assert np.allclose([w[:6].sum(), w[6:9].sum(), w[9:].sum()], 1)
+    w = balance_weights(groups, 0.5)
+    assert np.allclose(w, [6 ** -0.5] * 6 + [3 ** -0.5] * 3 + [1])
+
+
+def test_weighted_sampler_draws_in_proportion_and_splits_the_draw_between_processes():
+    weights = balance_weights(["a"] * 8 + ["b"] * 2, 1)  # group b (indices 8, 9) should get half the draws
+    whole = WeightedDistributedSampler(weights, seed=3)
+    halves = [WeightedDistributedSampler(weights, num_replicas=2, rank=r, seed=3) for r in range(2)]
+    draws = []
+    for epoch in range(300):
+        for s in [whole, *halves]:
+            s.set_epoch(epoch)
+        drawn = list(whole)
+        assert len(drawn) == len(whole) == 10 and len(halves[0]) == 5
+        assert sorted(list(halves[0]) + list(halves[1])) == sorted(drawn)  # the same draw, shared out
+        draws += drawn
+    assert abs(np.isin(draws, [8, 9]).mean() - 0.5) < 0.03  # 3000 draws: the standard error is 0.009
+    whole.set_epoch(0)
+    first = list(whole)
+    assert first == list(whole)  # repeatable for a given seed and epoch
+    whole.set_epoch(1)
+    assert first != list(whole)
+
+
+def test_dataset_modalities_with_and_without_cache(tmp_path):
+    ids = make_synthetic(tmp_path, num_images=6)
+    folder = os.path.join(tmp_path, "inputs", "tiny")
+    kinds = Dataset(ids, folder).modalities()
+    assert Dataset(ids, folder, cache=True).modalities() == kinds
+    expected = [image_modality(decode_image(os.path.join(folder, "images", i + ".png"))) for i in ids]
+    assert kinds == expected and set(kinds) <= set(MODALITIES)

@@ -50,6 +50,10 @@ CASES = {
     "non_numeric_epochs": (train("--epochs", "ten"), 2, ["--epochs", "ten"]),
     "batch_larger_than_train_set": (train("-b", "16"), 2, ["--batch_size 16", "8 training images"]),
     "cuda_without_gpu": (train("--device", "cuda"), 2, ["--device cuda", "--device cpu"]),
+    "init_unknown_run": (train("--init", "ghost"), 2, ["--init ghost", "models/ghost/model.pth"]),
+    "init_other_network": (train("--arch", "NestedUNet", "--init", "unet.pth"), 1,
+                           ["--init unet.pth", "different network", "--arch"]),
+    "negative_balance": (train("--balance", "-0.5"), 2, ["--balance", "-0.5"]),
     "val_without_model": (["val.py", "--name", "nomodel", "--device", "cpu"], 2, ["models/nomodel/model.pth"]),
     "val_unknown_run": (["val.py", "--name", "ghost", "--device", "cpu"], 2, ["ghost", "models/ghost/config.yml"]),
     "name_with_dots": (train("--name", "../x"), 2, ["--name", "../x"]),
@@ -87,6 +91,11 @@ def _prepare(root):
     soft = np.zeros((32, 32), np.uint8)
     soft[4:12, 4:12], soft[20:28, 20:28] = 128, 255
     cv2.imwrite(str(d / "masks" / "0" / "syn_0001.png"), soft)
+    # UNet weights, for --init with another network.
+    import torch
+    from archs import build_model
+
+    torch.save(build_model("UNet", 1, 3, False).state_dict(), root / "unet.pth")
     # A run that saved its config and split but no weights yet.
     run = root / "models" / "nomodel"
     run.mkdir(parents=True)
@@ -215,6 +224,18 @@ def test_bad_input_gives_one_clear_line(results, case_id):
     message = " ".join(lines)
     for needle in needles:
         assert needle in message, (needle, message)
+
+
+# Cases that fail while the run is being set up (split, loaders, network), after models/<name>/ was made.
+SET_UP_FAILURES = ["init_unknown_run", "init_other_network", "image_smaller_than_crop", "batch_larger_than_train_set",
+                   "truncated_image_cached", "mask_other_size", "mask_values"]
+
+
+@pytest.mark.parametrize("case_id", SET_UP_FAILURES)
+def test_failed_set_up_leaves_no_run_folder(root, results, case_id):
+    """A new run that stops on bad input before training leaves nothing in models/ (no need for --overwrite)."""
+    assert results[case_id].returncode != 0
+    assert not (root / "models" / case_id).exists()
 
 
 def test_debug_shows_the_traceback(results):

@@ -18,6 +18,7 @@ import engine
 import train
 import val
 from conftest import ROOT, TINY_NAME, make_synthetic, train_argv
+from dataset import decode_image, image_modality
 from utils import DataError, UsageError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -154,8 +155,10 @@ def test_val_outputs(work, key):
     assert sorted(os.listdir(out / "overlays")) == sorted(i + ".png" for i in val_ids)
     valid_png(out / "summary.png")
     table = pd.read_csv(out / "scores.csv", dtype={"img_id": str})
-    assert list(table.columns[:3]) == ["img_id", "iou", "dice"]
+    assert list(table.columns[:4]) == ["img_id", "iou", "dice", "kind"]
     assert sorted(table["img_id"]) == sorted(val_ids)
+    for sid, kind in zip(table["img_id"], table["kind"]):
+        assert kind == image_modality(decode_image(str(root / "inputs" / TINY_NAME / "images" / f"{sid}.png")))
     assert table["iou"].is_monotonic_increasing, "scores.csv must list the worst image first"
     assert set(scores) >= {"iou", "dice", "iou_mean", "dice_mean", "loss"}
 
@@ -360,3 +363,25 @@ def test_dsb2018_preprocess_train_val(tmp_path, monkeypatch):
     val_ids = split_ids(read_split(tmp_path, "dsb"), "val")
     assert len(val_ids) == 3
     assert sorted(os.listdir(tmp_path / "outputs" / "dsb" / "0")) == sorted(i + ".png" for i in val_ids)
+
+
+# ------------------------------------------------------------------------------------- fine-tuning, balancing
+
+def test_init_starts_from_another_runs_weights_and_balance_draws_by_kind(tiny_workdir, capsys):
+    from config import parse_train_args
+    from trainer import Trainer, load_checkpoint
+
+    train.main(train_argv("base", epochs=1))
+    for init, saved in (("base", "model.pth"), ("models/base/last.pth", "last.pth")):
+        weights = load_checkpoint(f"models/base/{saved}", "cpu")
+        weights = weights.get("model", weights)
+        with Trainer(parse_train_args(train_argv("tuned", "--init", init, "--balance", "1", "--overwrite",
+                                                 epochs=1)), progress=False) as t:
+            assert all(torch.equal(v, weights[k]) for k, v in t.net.state_dict().items())
+            kinds = t.train_loader.dataset.modalities()
+            t.fit()
+    out = capsys.readouterr().out
+    assert "--balance 1: " in out and all(f"{kinds.count(k)} {k} images" in out for k in set(kinds))
+    cfg = yaml.safe_load(open("models/tuned/config.yml"))
+    assert cfg["init"] == "models/base/last.pth" and cfg["balance"] == 1
+    assert len(pd.read_csv("models/tuned/log.csv")) == 1
