@@ -77,7 +77,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("configs", nargs="+", help="recipes to run, in order")
     p.add_argument("--epochs", type=int, default=None, help="override the recipes' epochs (say so in the table)")
-    p.add_argument("--suffix", default="", help="appended to each run name (e.g. _cpu10)")
+    p.add_argument("--suffix", default="", help="appended to each run name (e.g. _cpu10), and to the --init run of a "
+                   "fine-tuning recipe")
     p.add_argument("--no_tta", action="store_true", help="skip the flip-TTA evaluation")
     p.add_argument("--evaluate_only", action="store_true",
                    help="do not train: evaluate the runs already in models/ (wall time: their log's epoch times)")
@@ -89,8 +90,11 @@ def main(argv=None):
 
     rows = []
     for path in args.configs:
-        name = config_module.parse_train_args(["--config", path]).name + args.suffix
+        recipe = config_module.parse_train_args(["--config", path])
+        name = recipe.name + args.suffix
         extra = ["--name", name] + (["--epochs", str(args.epochs)] if args.epochs else [])
+        if recipe.init and args.suffix and not recipe.init.endswith(".pth"):
+            extra += ["--init", recipe.init + args.suffix]  # a fine-tuning recipe starts from the same-suffix run
         run, seconds, command = run_recipe(path, extra, train=not args.evaluate_only)
         log = pd.read_csv(os.path.join("models", name, "log.csv"))
         best = log.loc[log["val_iou"].idxmax()]

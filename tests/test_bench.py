@@ -69,3 +69,17 @@ def test_quality_tiny_recipe_row(tmp_path):
     log_seconds = pd.read_csv(tmp_path / "models" / "tiny_UNet_t" / "log.csv")["seconds"].sum()
     assert again["minutes"] == round(log_seconds / 60, 1)
     assert len(pd.read_csv(out)) == 3
+
+
+def test_quality_fine_tuning_recipe_starts_from_the_same_suffix_run(tmp_path):
+    """A recipe with ``init: <run>`` benchmarked with --suffix S fine-tunes <run>S, the base run of that benchmark."""
+    from conftest import make_synthetic
+
+    make_synthetic(tmp_path)
+    common = "dataset: tiny\narch: UNet\ninput_w: 32\ninput_h: 32\nbatch_size: 4\nnum_workers: 0\noptimizer: AdamW\n"
+    (tmp_path / "base.yml").write_text("name: tiny_base\n" + common)
+    (tmp_path / "tune.yml").write_text("name: tiny_tune\ninit: tiny_base\nbalance: 1\n" + common)
+    rows = run_script("quality.py", [str(tmp_path / "base.yml"), str(tmp_path / "tune.yml"), "--epochs", "1",
+                                     "--suffix", "_t", "--no_tta", "--out", str(tmp_path / "q.csv")], tmp_path)
+    assert [r["run"] for r in rows] == ["tiny_base_t", "tiny_tune_t"]
+    assert rows[1]["command"].endswith("--name tiny_tune_t --epochs 1 --init tiny_base_t")
