@@ -184,12 +184,23 @@ def check_train_args(args):
     if args.balance < 0:
         raise UsageError(f"--balance must not be negative, got {args.balance} (0 = uniform, 1 = each kind equally "
                          "often)")
+    if args.init and not args.resume:
+        if os.path.abspath(init_weights_path(args.init)).startswith(os.path.abspath(run_dir(args.name)) + os.sep):
+            raise UsageError(f"--init {args.init} lies in models/{args.name}/, the folder of the run being started; "
+                             "give the new run another --name")
     if not 0 <= args.scale_jitter < 1:
         raise UsageError(f"--scale_jitter must be in [0, 1), got {args.scale_jitter}")
     try:
         args.milestone_list = [int(m) for m in str(args.milestones).split(",") if m.strip()]
     except ValueError:
         raise UsageError(f"--milestones {args.milestones!r} must be comma-separated epochs such as 30,60") from None
+
+
+def init_weights_path(init):
+    """--init NAME or PATH -> the weights file: a path as given (ends in .pth, has a folder, or exists), else
+    models/NAME/model.pth."""
+    is_file = init.endswith(".pth") or os.sep in init or os.path.isfile(init)
+    return init if is_file else os.path.join(run_dir(init), "model.pth")
 
 
 def output_channels(args):

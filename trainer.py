@@ -16,7 +16,7 @@ import torch
 
 import distributed
 from archs import build_model
-from config import INPUTS_DIR, load_run_config, output_channels, run_dir, save_run_config
+from config import INPUTS_DIR, init_weights_path, load_run_config, output_channels, run_dir, save_run_config
 from dataset import (MODALITIES, Dataset, EpochSampler, WeightedDistributedSampler, balance_weights, eval_transform,
                      list_ids, train_transform)
 from engine import NonFiniteLoss, Precision, evaluate, recalibrate_batchnorm, train_one_epoch
@@ -262,8 +262,7 @@ class Trainer:
     def _load_init_weights(self):
         """--init NAME or PATH: copy those weights into the new network (fine-tuning)."""
         init = self.args.init
-        is_file = init.endswith(".pth") or os.sep in init or os.path.isfile(init)
-        path = init if is_file else os.path.join(run_dir(init), "model.pth")
+        path = init_weights_path(init)
         if not os.path.isfile(path):
             raise UsageError(f"--init {init}: no such .pth file, and no run with {path}; give a run name from models/ "
                              "or a weights file")

@@ -53,6 +53,8 @@ CASES = {
     "init_unknown_run": (train("--init", "ghost"), 2, ["--init ghost", "models/ghost/model.pth"]),
     "init_other_network": (train("--arch", "NestedUNet", "--init", "unet.pth"), 1,
                            ["--init unet.pth", "different network", "--arch"]),
+    "init_from_the_run_itself": (train("--name", "nomodel", "--init", "nomodel", "--overwrite"), 2,
+                                 ["--init nomodel", "models/nomodel/", "another --name"]),
     "negative_balance": (train("--balance", "-0.5"), 2, ["--balance", "-0.5"]),
     "val_without_model": (["val.py", "--name", "nomodel", "--device", "cpu"], 2, ["models/nomodel/model.pth"]),
     "val_unknown_run": (["val.py", "--name", "ghost", "--device", "cpu"], 2, ["ghost", "models/ghost/config.yml"]),
@@ -236,6 +238,11 @@ def test_failed_set_up_leaves_no_run_folder(root, results, case_id):
     """A new run that stops on bad input before training leaves nothing in models/ (no need for --overwrite)."""
     assert results[case_id].returncode != 0
     assert not (root / "models" / case_id).exists()
+
+
+def test_init_from_the_run_being_replaced_keeps_that_run(root, results):
+    assert results["init_from_the_run_itself"].returncode == 2
+    assert (root / "models" / "nomodel" / "config.yml").is_file()
 
 
 def test_debug_shows_the_traceback(results):
