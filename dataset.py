@@ -229,9 +229,10 @@ class Dataset(torch.utils.data.Dataset):
         return img, np.stack(masks, axis=-1)
 
     def modalities(self):
-        """:func:`image_modality` of every sample, in order (from the cache when there is one)."""
-        return [image_modality(self.cached[i][0] if self.cached is not None else self.load(i)[0])
-                for i in range(len(self))]
+        """:func:`image_modality` of every sample, in order (from the cache, else decoding only the images)."""
+        if self.cached is not None:
+            return [image_modality(img) for img, _ in self.cached]
+        return [image_modality(decode_image(os.path.join(self.img_dir, i + self.img_ext))) for i in self.img_ids]
 
     def read_borders(self, img_id, shape):
         """The touching-border target of ``img_id`` from its instance labels: uint8 [H, W] in {0, 1}."""

@@ -239,13 +239,12 @@ class Trainer:
         if a.crop_size:
             _check_crop(data, a.crop_size)
         if a.balance:
-            sampler = EpochSampler(WeightedDistributedSampler(self._balance_weights(data), world, distributed.rank(),
-                                                              a.seed))
+            sampler = WeightedDistributedSampler(self._balance_weights(data), world, distributed.rank(), a.seed)
         else:
-            sampler = EpochSampler(torch.utils.data.DistributedSampler(
-                data, num_replicas=world, rank=distributed.rank(), shuffle=True, seed=a.seed))
+            sampler = torch.utils.data.DistributedSampler(data, num_replicas=world, rank=distributed.rank(),
+                                                          shuffle=True, seed=a.seed)
         train_loader = torch.utils.data.DataLoader(
-            data, batch_size=a.batch_size, sampler=sampler, num_workers=a.num_workers, drop_last=True,
+            data, batch_size=a.batch_size, sampler=EpochSampler(sampler), num_workers=a.num_workers, drop_last=True,
             pin_memory=self.device.type == "cuda", persistent_workers=a.num_workers > 0)
         return train_loader, self.make_eval_loader(self.ids("val"))
 

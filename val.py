@@ -49,7 +49,7 @@ def main(argv):
     import pandas as pd
     import torch
 
-    from dataset import MODALITIES, decode_image, image_modality
+    from dataset import MODALITIES
     from engine import Precision, evaluate
     from losses import build_loss
     from metrics import per_image_scores
@@ -71,6 +71,7 @@ def main(argv):
     cfg.num_workers = args.num_workers
     cfg.batch_size = args.batch_size or cfg.batch_size
     loader = make_eval_loader(cfg, os.path.join(INPUTS_DIR, cfg.dataset), ids, device)
+    kinds = dict(zip(loader.dataset.img_ids, loader.dataset.modalities()))
     out_dir = args.output or os.path.join("outputs", args.name)
     rows = []
     from instances import dsb_scores, read_labels
@@ -87,8 +88,7 @@ def main(argv):
             for c in range(probs.shape[1]):
                 atomic_imwrite(os.path.join(out_dir, str(c) if c < classes else "borders", img_id + ".png"),
                                np.round(probs[i, c] * 255).astype(np.uint8))
-            kind = image_modality(decode_image(os.path.join(INPUTS_DIR, cfg.dataset, "images", img_id + cfg.img_ext)))
-            rows.append({"img_id": img_id, "iou": float(ious[i]), "dice": float(dices[i]), "kind": kind})
+            rows.append({"img_id": img_id, "iou": float(ious[i]), "dice": float(dices[i]), "kind": kinds[img_id]})
             if img_id in labelled:  # DSB2018 instance score at the evaluated size
                 truth = read_labels(os.path.join(labels_dir, img_id + ".png"), probs.shape[2:])
                 border = probs[i, classes] if cfg.borders else None
@@ -108,8 +108,9 @@ def main(argv):
         write_summary(os.path.join(out_dir, "overlays"), table, os.path.join(out_dir, "summary.png"))
     what = f"{args.split} split, {len(ids)} images" + (", flip TTA" if args.tta else "") + \
         (f", pruned at L={args.prune}" if args.prune else "")
-    kinds = table.groupby("kind")["iou"].agg(["size", "mean"])
-    by_kind = ", ".join(f"{k} {kinds['mean'][k]:.4f} ({kinds['size'][k]})" for k in MODALITIES if k in kinds.index)
+    per_kind = table.groupby("kind")["iou"].agg(["size", "mean"])
+    by_kind = ", ".join(f"{k} {per_kind['mean'][k]:.4f} ({per_kind['size'][k]})" for k in MODALITIES
+                        if k in per_kind.index)
     print(f"{args.name} ({what}):\n"
           f"  IoU  {scores['iou']:.4f} pooled   {scores['iou_mean']:.4f} mean per image\n"
           f"  Dice {scores['dice']:.4f} pooled   {scores['dice_mean']:.4f} mean per image\n"
