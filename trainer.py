@@ -145,7 +145,7 @@ class Trainer:
                                args.deep_supervision).to(self.device)
         if self.precision.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
-        self.criterion = build_loss(args.loss)
+        self.criterion = build_loss(args.loss, border_after=args.num_classes if args.borders else None)
         self.optimizer = build_optimizer(args, self.net.parameters())
         self.scheduler = build_scheduler(args, self.optimizer)
         self.start_epoch, self.best_iou, self.best_epoch, self.stale_epochs = 0, -1.0, 0, 0

@@ -136,6 +136,25 @@ def test_build_loss_registry_and_unknown_name():
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
+def test_border_channel_is_a_loss_term_of_its_own(name):
+    """--borders: mask classes and the border channel are scored separately and added. With BCEDice the thin
+    border channel then weighs as much as the masks; one Dice over both channels hardly notices missing borders."""
+    torch.manual_seed(0)
+    target = (torch.rand(2, 2, 32, 32) > 0.5).float()
+    target[:, 1] = 0
+    target[:, 1, 15, 4:28] = 1  # a thin border: 24 of 1024 pixels
+    logits = (target * 2 - 1) * 6  # right everywhere ...
+    logits[:, 1] = -6  # ... except that no border pixel is predicted
+    criterion, plain = build_loss(name, border_after=1), build_loss(name)
+    expected = plain(logits[:, :1], target[:, :1]) + plain(logits[:, 1:], target[:, 1:])
+    assert criterion(logits, target).item() == pytest.approx(expected.item(), rel=1e-6)
+    if name == "BCEDiceLoss":
+        assert criterion(logits, target).item() > 10 * plain(logits, target).item()
+    with pytest.raises(DataError, match="--num_classes"):
+        criterion(logits[:, :1], target)
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
 def test_shape_mismatch_names_num_classes(name):
     with pytest.raises(DataError, match="--num_classes"):
         build_loss(name)(torch.zeros(1, 2, 4, 4), torch.zeros(1, 1, 4, 4))
