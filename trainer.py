@@ -72,6 +72,11 @@ def make_eval_loader(args, dataset_dir, ids, device, cache=False):
                                        persistent_workers=args.num_workers > 0)
 
 
+def build_criterion(args):
+    """The run's loss (--loss), with the border channel scored by its own term when --borders is on."""
+    return build_loss(args.loss, border_after=args.num_classes if args.borders else None)
+
+
 # ---------------------------------------------------------------------------------------- optimizer, schedule
 
 def build_optimizer(args, params):
@@ -145,7 +150,7 @@ class Trainer:
                                args.deep_supervision).to(self.device)
         if self.precision.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
-        self.criterion = build_loss(args.loss, border_after=args.num_classes if args.borders else None)
+        self.criterion = build_criterion(args)
         self.optimizer = build_optimizer(args, self.net.parameters())
         self.scheduler = build_scheduler(args, self.optimizer)
         self.start_epoch, self.best_iou, self.best_epoch, self.stale_epochs = 0, -1.0, 0, 0

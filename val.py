@@ -51,9 +51,8 @@ def main(argv):
 
     from dataset import MODALITIES
     from engine import Precision, evaluate
-    from losses import build_loss
     from metrics import per_image_scores
-    from trainer import load_run, make_eval_loader, read_split
+    from trainer import build_criterion, load_run, make_eval_loader, read_split
     from utils import UsageError, atomic_imwrite, atomic_write, choose_device
     from visualize import denormalize, overlay_panel, write_summary
 
@@ -99,8 +98,7 @@ def main(argv):
                 atomic_imwrite(os.path.join(out_dir, "overlays", img_id + ".png"),
                                overlay_panel(denormalize(images[i]), masks[i, 0].cpu().numpy() > 0, probs[i, 0]))
 
-    scores = evaluate(model, loader, build_loss(cfg.loss, cfg.num_classes if cfg.borders else None),
-                      Precision.choose(device), desc=args.split,
+    scores = evaluate(model, loader, build_criterion(cfg), Precision.choose(device), desc=args.split,
                       prune=args.prune, tta=args.tta, on_batch=save_batch, classes=classes)
     table = pd.DataFrame(rows).sort_values("iou", kind="stable").reset_index(drop=True)
     with atomic_write(os.path.join(out_dir, "scores.csv")) as f:
