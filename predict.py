@@ -54,7 +54,9 @@ def build_parser():
                    help="how touching nuclei are told apart: watershed on the distance transform, the learned "
                         "borders of a run trained with --borders True, or plain connected components")
     p.add_argument("--min_size", type=int, default=None, help="drop objects smaller than this many pixels "
-                   "(default: instances.MIN_SIZE)")
+                   "(default: instances.MIN_SIZE, 3)")
+    p.add_argument("--min_confidence", type=float, default=None, help="drop objects whose mean probability is "
+                   "below this; 0 keeps all (default: instances.MIN_CONFIDENCE, 0.9)")
     p.add_argument("--prune", type=int, default=None, choices=[1, 2, 3, 4],
                    help="NestedUNet with deep supervision: run only the sub-network up to head X0,L")
     p.add_argument("--batch_size", type=int, default=4, help="windows (or resized images) per forward pass")
@@ -64,6 +66,7 @@ def build_parser():
 
 
 def check_args(args):
+    from instances import check_settings
     from utils import UsageError
 
     if args.tile < 16 or args.tile % 16:
@@ -74,8 +77,7 @@ def check_args(args):
         raise UsageError(f"--batch_size must be at least 1, got {args.batch_size}")
     if not 0 < args.threshold < 1:
         raise UsageError(f"--threshold must be between 0 and 1, got {args.threshold}")
-    if args.min_size is not None and args.min_size < 0:
-        raise UsageError(f"--min_size must not be negative, got {args.min_size}")
+    check_settings(args.min_size, args.min_confidence)
 
 
 # ------------------------------------------------------------------------------------------------ the inputs
@@ -283,7 +285,7 @@ def write_outputs(args, out_dir, img_id, image, prob, num_classes):
     """
     import numpy as np
 
-    from instances import MIN_SIZE, split_instances
+    from instances import settings, split_instances
     from utils import DataError, atomic_imwrite
 
     masks = prob[:num_classes] > args.threshold
@@ -295,8 +297,8 @@ def write_outputs(args, out_dir, img_id, image, prob, num_classes):
                            np.round(np.clip(prob[c], 0, 1) * 255).astype(np.uint8))
     labels, objects = None, None
     if args.instances:
-        min_size = MIN_SIZE if args.min_size is None else args.min_size
-        labels = split_instances(prob[0], args.separation, threshold=args.threshold, min_size=min_size,
+        labels = split_instances(prob[0], args.separation, threshold=args.threshold,
+                                 **settings(args.min_size, args.min_confidence),
                                  border=prob[num_classes] if prob.shape[0] > num_classes else None)
         if labels.max() > 65535:
             raise DataError(f"{img_id}: {labels.max()} objects do not fit a 16-bit label image")

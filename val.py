@@ -32,6 +32,10 @@ def build_parser():
                    help="how touching nuclei are split for the DSB2018 instance score (when inputs/<dataset>/labels/ "
                         "exists): watershed on the distance transform, the learned borders of a run trained with "
                         "--borders True, or plain connected components; the others are printed beside it")
+    p.add_argument("--min_size", type=int, default=None, help="DSB2018 score: drop objects smaller than this many "
+                   "pixels (default: instances.MIN_SIZE, 3)")
+    p.add_argument("--min_confidence", type=float, default=None, help="DSB2018 score: drop objects whose mean "
+                   "probability is below this; 0 keeps all (default: instances.MIN_CONFIDENCE, 0.9)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--batch_size", type=int, default=None, help="default: the run's batch size")
     p.add_argument("--num_workers", type=int, default=0, help="DataLoader workers")
@@ -51,11 +55,13 @@ def main(argv):
 
     from dataset import MODALITIES
     from engine import Precision, evaluate
+    from instances import dsb_scores, read_labels, settings
     from metrics import per_image_scores
     from trainer import build_criterion, load_run, make_eval_loader, read_split
     from utils import UsageError, atomic_imwrite, atomic_write, choose_device
     from visualize import denormalize, overlay_panel, write_summary
 
+    separation = settings(args.min_size, args.min_confidence)
     device = choose_device(args.device)
     cfg, model = load_run(args.name, device, args.prune)
     methods = [m for m in SEPARATIONS if m != "borders" or cfg.borders]
@@ -73,8 +79,6 @@ def main(argv):
     kinds = dict(zip(loader.dataset.img_ids, loader.dataset.modalities()))
     out_dir = args.output or os.path.join("outputs", args.name)
     rows = []
-    from instances import dsb_scores, read_labels
-
     labels_dir = os.path.join(INPUTS_DIR, cfg.dataset, "labels")
     labelled = {i for i in ids if os.path.isfile(os.path.join(labels_dir, i + ".png"))}
     dsb = {m: [] for m in methods}
@@ -91,7 +95,7 @@ def main(argv):
             if img_id in labelled:  # DSB2018 instance score at the evaluated size
                 truth = read_labels(os.path.join(labels_dir, img_id + ".png"), probs.shape[2:])
                 border = probs[i, classes] if cfg.borders else None
-                for method, score in dsb_scores(probs[i, 0], truth, methods, border=border).items():
+                for method, score in dsb_scores(probs[i, 0], truth, methods, border=border, **separation).items():
                     dsb[method].append(score)
                 rows[-1]["dsb"] = dsb[args.separation][-1]
             if not args.no_overlays:

@@ -3,21 +3,22 @@ import cv2
 import numpy as np
 import pytest
 
-from instances import (connected_components, dsb_scores, read_labels, split_instances, touching_borders,
-                       watershed_instances)
+from instances import (MIN_CONFIDENCE, connected_components, dsb_scores, read_labels, settings, split_instances,
+                       touching_borders, watershed_instances)
 from metrics import dsb_score
 from utils import UsageError
 
 
 def two_touching_discs(shape=(48, 64), radius=10, gap=17):
-    """True labels (two overlapping discs, 1 and 2) and a soft probability map of their union."""
+    """True labels (two overlapping discs, 1 and 2) and a soft probability map of their union (0.01 outside,
+    0.99 inside, blurred edges: each object's mean probability is about 0.93)."""
     labels = np.zeros(shape, np.int32)
     cy, cx = shape[0] // 2, shape[1] // 2 - gap // 2
     for k, x in enumerate((cx, cx + gap), start=1):
         disc = np.zeros(shape, np.uint8)
         cv2.circle(disc, (x, cy), radius, 1, -1)
         labels[(disc > 0) & (labels == 0)] = k
-    prob = cv2.GaussianBlur((labels > 0).astype(np.float32), (0, 0), 1.0) * 0.9 + 0.05
+    prob = cv2.GaussianBlur((labels > 0).astype(np.float32), (0, 0), 1.0) * 0.98 + 0.01
     return labels, prob
 
 
@@ -61,6 +62,32 @@ def test_min_size_removes_specks_and_renumbers():
     labels = split_instances(prob, "cc", min_size=4)
     assert labels.max() == 1 and labels[2, 2] == 0 and labels[15, 15] == 1
     assert split_instances(prob, "cc", min_size=0).max() == 2
+
+
+def test_min_confidence_drops_unsure_objects_and_renumbers():
+    """An object whose mean probability is below min_confidence goes, whatever the separation; 0 keeps all."""
+    prob = np.zeros((32, 48), np.float32)
+    prob[4:12, 4:12] = 0.7  # a faint blob, mean 0.7
+    prob[16:28, 20:40] = 0.97
+    for method in ("watershed", "cc"):
+        labels = split_instances(prob, method)
+        assert labels.max() == 1 and labels[8, 8] == 0 and labels[20, 30] == 1
+        assert split_instances(prob, method, min_confidence=0).max() == 2
+        assert split_instances(prob, method, min_confidence=0.65).max() == 2
+        assert split_instances(prob, method, min_confidence=0.98).max() == 0
+    truth = np.zeros(prob.shape, np.int32)
+    truth[16:28, 20:40] = 1
+    assert dsb_scores(prob, truth)["cc"] == 1.0
+    assert dsb_scores(prob, truth, min_confidence=0)["cc"] == 0.5  # the faint blob is a false positive
+
+
+def test_settings_defaults_and_flag_errors():
+    assert settings() == {"min_size": 3, "min_confidence": MIN_CONFIDENCE}
+    assert settings(10, 0) == {"min_size": 10, "min_confidence": 0}
+    with pytest.raises(UsageError, match="--min_confidence"):
+        settings(min_confidence=1.0)
+    with pytest.raises(UsageError, match="--min_size"):
+        settings(min_size=-1)
 
 
 def test_bad_method_and_shape():

@@ -89,8 +89,9 @@ def test_odd_sizes_and_formats_keep_their_size(in_runs, tmp_path, capsys):
     (folder / "notes.txt").write_text("not an image")  # ignored: not an image extension
     extra = write(tmp_path / "other" / "photo.JPG", sample_bgr(40, 36))
     out = tmp_path / "out"
+    # --min_confidence 0: this barely trained network is unsure of everything; keep its objects to check them
     predict.main(["--name", "p", "--input", str(folder), extra, "--output", str(out), "--instances", "--overlay",
-                  "--save_prob", "--device", "cpu"])
+                  "--save_prob", "--min_confidence", "0", "--device", "cpu"])
     summary = capsys.readouterr().out
     assert "4 images" in summary and "objects.csv" in summary
     sizes = {"grey": (519, 161), "rgba": (64, 48), "deep": (50, 70), "photo": (40, 36)}
@@ -216,6 +217,8 @@ def test_errors_name_the_problem(in_runs, tmp_path):
         predict.main(["--name", "absent", "--input", image, "--output", out])
     with pytest.raises(UsageError, match="--tile"):
         predict.main(["--name", "p", "--input", image, "--output", out, "--tile", "50"])
+    with pytest.raises(UsageError, match="--min_confidence"):
+        predict.main(["--name", "p", "--input", image, "--output", out, "--min_confidence", "1"])
     other = write(tmp_path / "sub" / "a.jpg", sample_bgr(32, 32))
     with pytest.raises(UsageError, match="a.png"):
         predict.main(["--name", "p", "--input", image, other, "--output", out])

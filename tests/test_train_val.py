@@ -225,6 +225,8 @@ def test_borders_run_scores_nuclei_and_splits_along_borders(work, monkeypatch):
                                                         "objects.csv"])
     with pytest.raises(UsageError, match="--borders True"):
         val.main(["--name", "unet", "--separation", "borders", "--device", "cpu"])
+    with pytest.raises(UsageError, match="--min_confidence"):
+        val.main(["--name", "unet", "--min_confidence", "1.5", "--device", "cpu"])
     with pytest.raises(UsageError, match="--borders True"):
         predict.main(["--name", "unet", "--input", str(image), "--output", "pred2", "--instances",
                       "--separation", "borders", "--device", "cpu"])
