@@ -56,7 +56,7 @@ def build_parser():
     p.add_argument("--min_size", type=int, default=None, help="drop objects smaller than this many pixels "
                    "(default: instances.MIN_SIZE, 3)")
     p.add_argument("--min_confidence", type=float, default=None, help="drop objects whose mean probability is "
-                   "below this; 0 keeps all (default: instances.MIN_CONFIDENCE, 0.9)")
+                   "below this; 0 keeps all (default: instances.MIN_CONFIDENCE, 0.85)")
     p.add_argument("--prune", type=int, default=None, choices=[1, 2, 3, 4],
                    help="NestedUNet with deep supervision: run only the sub-network up to head X0,L")
     p.add_argument("--batch_size", type=int, default=4, help="windows (or resized images) per forward pass")

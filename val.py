@@ -35,7 +35,7 @@ def build_parser():
     p.add_argument("--min_size", type=int, default=None, help="DSB2018 score: drop objects smaller than this many "
                    "pixels (default: instances.MIN_SIZE, 3)")
     p.add_argument("--min_confidence", type=float, default=None, help="DSB2018 score: drop objects whose mean "
-                   "probability is below this; 0 keeps all (default: instances.MIN_CONFIDENCE, 0.9)")
+                   "probability is below this; 0 keeps all (default: instances.MIN_CONFIDENCE, 0.85)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--batch_size", type=int, default=None, help="default: the run's batch size")
     p.add_argument("--num_workers", type=int, default=0, help="DataLoader workers")
