@@ -41,18 +41,13 @@ SIGMA = 1.0  # pixels
 MIN_CONFIDENCE = 0.85  # mean probability of an object
 
 
-def check_settings(min_size, min_confidence):
-    """Raise UsageError (naming the flag) unless min_size >= 0 and 0 <= min_confidence < 1 (None = default)."""
+def settings(min_size=None, min_confidence=None):
+    """The keyword arguments of :func:`split_instances` for the --min_size / --min_confidence flags (None =
+    this module's default); a UsageError naming the flag unless min_size >= 0 and 0 <= min_confidence < 1."""
     if min_size is not None and min_size < 0:
         raise UsageError(f"--min_size must not be negative, got {min_size}")
     if min_confidence is not None and not 0 <= min_confidence < 1:
         raise UsageError(f"--min_confidence must be at least 0 and below 1, got {min_confidence}")
-
-
-def settings(min_size=None, min_confidence=None):
-    """The keyword arguments of :func:`split_instances` for the --min_size / --min_confidence flags (None =
-    this module's default), checked."""
-    check_settings(min_size, min_confidence)
     return {"min_size": MIN_SIZE if min_size is None else min_size,
             "min_confidence": MIN_CONFIDENCE if min_confidence is None else min_confidence}
 

@@ -66,7 +66,6 @@ def build_parser():
 
 
 def check_args(args):
-    from instances import check_settings
     from utils import UsageError
 
     if args.tile < 16 or args.tile % 16:
@@ -77,7 +76,6 @@ def check_args(args):
         raise UsageError(f"--batch_size must be at least 1, got {args.batch_size}")
     if not 0 < args.threshold < 1:
         raise UsageError(f"--threshold must be between 0 and 1, got {args.threshold}")
-    check_settings(args.min_size, args.min_confidence)
 
 
 # ------------------------------------------------------------------------------------------------ the inputs
@@ -277,15 +275,16 @@ def object_rows(img_id, labels):
     return frame[OBJECT_COLUMNS]
 
 
-def write_outputs(args, out_dir, img_id, image, prob, num_classes):
+def write_outputs(args, out_dir, img_id, image, prob, num_classes, separation):
     """Write every requested file for one image; returns (foreground fraction, objects table or None).
 
     prob: float32 [K, H, W] in [0, 1]; its first ``num_classes`` channels are the mask classes, a channel after
-    them (runs trained with --borders True) the touching borders.
+    them (runs trained with --borders True) the touching borders. separation: the min_size / min_confidence
+    keyword arguments of instances.split_instances (instances.settings).
     """
     import numpy as np
 
-    from instances import settings, split_instances
+    from instances import split_instances
     from utils import DataError, atomic_imwrite
 
     masks = prob[:num_classes] > args.threshold
@@ -298,7 +297,7 @@ def write_outputs(args, out_dir, img_id, image, prob, num_classes):
     labels, objects = None, None
     if args.instances:
         labels = split_instances(prob[0], args.separation, threshold=args.threshold,
-                                 **settings(args.min_size, args.min_confidence),
+                                 **separation,
                                  border=prob[num_classes] if prob.shape[0] > num_classes else None)
         if labels.max() > 65535:
             raise DataError(f"{img_id}: {labels.max()} objects do not fit a 16-bit label image")
@@ -313,6 +312,9 @@ def write_outputs(args, out_dir, img_id, image, prob, num_classes):
 def main(argv):
     args = build_parser().parse_args(argv)
     check_args(args)
+    from instances import settings
+
+    separation = settings(args.min_size, args.min_confidence)
     files = list_images(args.input)
     ids = image_ids(files, args.output)
     import time
@@ -335,7 +337,7 @@ def main(argv):
     for path, img_id in zip(tqdm(files, desc="predict", unit="img", dynamic_ncols=True), ids):
         image = image_to_float(decode_image(path), cfg.input_channels)
         prob = predictor.predict(image)
-        fraction, objects = write_outputs(args, args.output, img_id, image, prob, cfg.num_classes)
+        fraction, objects = write_outputs(args, args.output, img_id, image, prob, cfg.num_classes, separation)
         fractions.append(fraction)
         pixels += image.shape[0] * image.shape[1]
         if objects is not None and len(objects):
