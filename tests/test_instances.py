@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from instances import (MIN_CONFIDENCE, connected_components, dsb_scores, read_labels, settings, split_instances,
-                       touching_borders, watershed_instances)
+                       touching_borders, watershed_instances, watershed_markers)
 from metrics import dsb_score
 from utils import UsageError
 
@@ -36,6 +36,28 @@ def test_watershed_splits_touching_discs_and_cc_does_not():
     assert dsb_score(truth, ws) > dsb_score(truth, cc)
     scores = dsb_scores(prob, truth)
     assert scores["watershed"] > scores["cc"] and scores["watershed"] > 0.5
+
+
+def two_bumps(apart):
+    """A distance-like map [40, 80] with two peaks of exactly the same height, ``apart`` pixels apart."""
+    y, x = np.mgrid[:40, :80].astype(np.float64)
+    return sum(8 * np.exp(-((x - cx) ** 2 + (y - 20) ** 2) / 60) for cx in (40 - apart / 2, 40 + apart / 2))
+
+
+def saddle_depth(bumps):
+    """How far the saddle (the centre) lies below the tops, in log(1 + distance)."""
+    return np.log1p(bumps.max()) - np.log1p(bumps[20, 40])
+
+
+def test_equal_tops_joined_by_a_shallow_saddle_are_one_marker():
+    close = two_bumps(12)  # tops 8 pixels apart, the saddle about 2 % lower: one nucleus
+    assert np.argwhere(close == close.max()).tolist() == [[20, 36], [20, 44]]
+    assert 0 < saddle_depth(close) < 0.05
+    assert watershed_markers(close, min_distance=2, h=0.05).max() == 1
+    apart = two_bumps(14)  # a saddle about 15 % lower: two nuclei unless h asks for a deeper one
+    assert 0.05 < saddle_depth(apart) < 0.2
+    assert watershed_markers(apart, min_distance=2, h=0.05).max() == 2
+    assert watershed_markers(apart, min_distance=2, h=0.2).max() == 1
 
 
 def test_separate_discs_stay_whole():
@@ -134,9 +156,24 @@ def test_border_separation_splits_touching_discs_along_the_predicted_border():
     assert connected_components(prob).max() == 1
     scores = dsb_scores(prob, truth, methods=("borders", "cc"), border=border)
     assert scores["borders"] > scores["cc"]
-    # with no border predicted the touching discs stay one object
+    # with no border predicted the touching discs stay one object: the cores' h is strict, the borders split
     assert split_instances(prob, "borders", border=np.zeros_like(prob)).max() == 1
     with pytest.raises(UsageError, match="--borders True"):
         split_instances(prob, "borders")
     with pytest.raises(UsageError, match="differ in shape"):
         split_instances(prob, "borders", border=border[1:])
+
+
+def test_border_separation_joins_a_sliver_cut_off_by_a_spurious_border():
+    """A border predicted just inside a nucleus' edge cuts off a core 1-2 pixels thin: too flat to be a marker of
+    its own, it goes back to the nucleus instead of becoming a second object."""
+    truth = np.zeros((40, 60), np.uint8)
+    cv2.ellipse(truth, (30, 20), (18, 10), 0, 0, 360, 1, -1)
+    prob = cv2.GaussianBlur(truth.astype(np.float32), (0, 0), 1.0) * 0.98 + 0.01
+    for row in (11, 12):  # the ellipse's top edge is row 10
+        border = np.zeros_like(prob)
+        border[row] = truth[row]
+        sliver = (prob > 0.5) & (border <= 0.5) & (np.arange(40)[:, None] < row)
+        assert sliver.sum() >= 10
+        labels = split_instances(prob, "borders", border=border)
+        assert labels.max() == 1 and np.array_equal(labels > 0, prob > 0.5)
