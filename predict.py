@@ -50,9 +50,10 @@ def build_parser():
     p.add_argument("--overlay", action="store_true", help="also write <id>_overlay.png (outlines on the image)")
     p.add_argument("--instances", action="store_true",
                    help="also write <id>_instances.png (16-bit labels) and objects.csv")
-    p.add_argument("--separation", default="watershed", choices=["watershed", "cc", "borders"],
+    p.add_argument("--separation", default=None, choices=["watershed", "cc", "borders"],
                    help="how touching nuclei are told apart: watershed on the distance transform, the learned "
-                        "borders of a run trained with --borders True, or plain connected components")
+                        "borders of a run trained with --borders True, or plain connected components (default: "
+                        "borders for a run trained with --borders True, else watershed)")
     p.add_argument("--min_size", type=int, default=None, help="drop objects smaller than this many pixels "
                    "(default: instances.MIN_SIZE, 3)")
     p.add_argument("--min_confidence", type=float, default=None, help="drop objects whose mean probability is "
@@ -312,7 +313,7 @@ def write_outputs(args, out_dir, img_id, image, prob, num_classes, separation):
 def main(argv):
     args = build_parser().parse_args(argv)
     check_args(args)
-    from instances import settings
+    from instances import default_separation, settings
 
     separation = settings(args.min_size, args.min_confidence)
     files = list_images(args.input)
@@ -328,6 +329,7 @@ def main(argv):
 
     device = choose_device(args.device)
     cfg, model = load_run(args.name, device, args.prune)
+    args.separation = args.separation or default_separation(cfg.borders)
     if args.separation == "borders" and not cfg.borders:
         raise UsageError(f"--separation borders needs a run trained with --borders True; {args.name} was not")
     predictor = Predictor(model, cfg, device, args.tile, args.overlap, args.batch_size, args.prune, args.tta)

@@ -28,10 +28,11 @@ def build_parser():
     p.add_argument("--tta", action="store_true", help="average the four flips (test-time augmentation)")
     p.add_argument("--prune", type=int, default=None, choices=[1, 2, 3, 4],
                    help="NestedUNet with deep supervision: run only the sub-network up to head X0,L")
-    p.add_argument("--separation", default="watershed", choices=list(SEPARATIONS),
+    p.add_argument("--separation", default=None, choices=list(SEPARATIONS),
                    help="how touching nuclei are split for the DSB2018 instance score (when inputs/<dataset>/labels/ "
                         "exists): watershed on the distance transform, the learned borders of a run trained with "
-                        "--borders True, or plain connected components; the others are printed beside it")
+                        "--borders True, or plain connected components; the others are printed beside it (default: "
+                        "borders for a run trained with --borders True, else watershed)")
     p.add_argument("--min_size", type=int, default=None, help="DSB2018 score: drop objects smaller than this many "
                    "pixels (default: instances.MIN_SIZE, 3)")
     p.add_argument("--min_confidence", type=float, default=None, help="DSB2018 score: drop objects whose mean "
@@ -55,7 +56,7 @@ def main(argv):
 
     from dataset import MODALITIES
     from engine import Precision, evaluate
-    from instances import dsb_scores, read_labels, settings
+    from instances import default_separation, dsb_scores, read_labels, settings
     from metrics import per_image_scores
     from trainer import build_criterion, load_run, make_eval_loader, read_split
     from utils import UsageError, atomic_imwrite, atomic_write, choose_device
@@ -65,6 +66,7 @@ def main(argv):
     device = choose_device(args.device)
     cfg, model = load_run(args.name, device, args.prune)
     methods = [m for m in SEPARATIONS if m != "borders" or cfg.borders]
+    args.separation = args.separation or default_separation(cfg.borders)
     if args.separation not in methods:
         raise UsageError(f"--separation borders needs a run trained with --borders True; {args.name} was not")
     methods.insert(0, methods.pop(methods.index(args.separation)))

@@ -19,6 +19,7 @@ import train
 import val
 from conftest import ROOT, TINY_NAME, make_synthetic, train_argv
 from dataset import decode_image, image_modality
+from instances import read_labels
 from utils import DataError, UsageError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -197,9 +198,9 @@ def test_val_matches_best_epoch_of_training(work, key):
     assert all_scores[key]["iou"] == pytest.approx(log["val_iou"].max(), abs=1e-6)
 
 
-def test_borders_run_scores_nuclei_and_splits_along_borders(work, monkeypatch):
+def test_borders_run_scores_nuclei_and_splits_along_borders(work, monkeypatch, capsys):
     """A --borders run: 2 output channels, the border probabilities in outputs/<name>/borders/, the DSB2018 score
-    for all three separations, and val.py / predict.py split along the borders with --separation borders."""
+    for all three separations; val.py and predict.py split along the borders unless --separation says otherwise."""
     import predict
 
     root, _, all_scores = work
@@ -210,19 +211,25 @@ def test_borders_run_scores_nuclei_and_splits_along_borders(work, monkeypatch):
     assert sorted(os.listdir(root / "outputs" / "borders" / "borders")) == sorted(i + ".png" for i in val_ids)
     for key in ("dsb", "dsb_borders", "dsb_watershed", "dsb_cc"):
         assert 0 <= scores[key] <= 1
-    assert scores["dsb"] == scores["dsb_watershed"]
+    assert scores["dsb"] == scores["dsb_borders"]  # the default separation of a --borders run
     assert "dsb_borders" not in all_scores["unet"] and all_scores["unet"]["dsb"] == all_scores["unet"]["dsb_watershed"]
     monkeypatch.chdir(root)
-    chosen = val.main(["--name", "borders", "--separation", "borders", "--device", "cpu", "--no_overlays",
-                       "--output", "val_borders"])
-    assert chosen["dsb"] == pytest.approx(scores["dsb_borders"])
-    table = pd.read_csv(root / "val_borders" / "scores.csv")
-    assert table["dsb"].mean() == pytest.approx(scores["dsb_borders"])
+    chosen = val.main(["--name", "borders", "--separation", "watershed", "--device", "cpu", "--no_overlays",
+                       "--output", "val_watershed"])
+    assert chosen["dsb"] == pytest.approx(scores["dsb_watershed"])
+    table = pd.read_csv(root / "val_watershed" / "scores.csv")
+    assert table["dsb"].mean() == pytest.approx(scores["dsb_watershed"])
     image = root / "inputs" / TINY_NAME / "images" / f"{val_ids[0]}.png"
-    predict.main(["--name", "borders", "--input", str(image), "--output", "pred", "--instances", "--separation",
-                  "borders", "--device", "cpu"])
-    assert sorted(os.listdir(root / "pred")) == sorted([f"{val_ids[0]}.png", f"{val_ids[0]}_instances.png",
-                                                        "objects.csv"])
+    for separation in ([], ["--separation", "borders"], ["--separation", "cc"]):
+        out = "pred" + "".join(separation[1:])
+        predict.main(["--name", "borders", "--input", str(image), "--output", out, "--instances", "--device", "cpu",
+                      "--min_confidence", "0", *separation])
+        if not separation:
+            assert "objects (borders) in objects.csv" in capsys.readouterr().out
+        assert sorted(os.listdir(root / out)) == sorted([f"{val_ids[0]}.png", f"{val_ids[0]}_instances.png",
+                                                         "objects.csv"])
+    instances = {out: read_labels(root / out / f"{val_ids[0]}_instances.png") for out in ("pred", "predborders")}
+    assert np.array_equal(instances["pred"], instances["predborders"])
     with pytest.raises(UsageError, match="--borders True"):
         val.main(["--name", "unet", "--separation", "borders", "--device", "cpu"])
     with pytest.raises(UsageError, match="--min_confidence"):
