@@ -120,15 +120,17 @@ def watershed_markers(distance, min_distance=MIN_DISTANCE, h=H):
     two) are one marker, and a marker is kept when one of its pixels is the highest within ``min_distance``
     (a square window).
     """
-    from skimage.morphology import h_maxima, reconstruction
+    from skimage.morphology import reconstruction
 
     inside = distance > 0
-    if not inside.any():
-        return np.zeros(distance.shape, np.int32)
     height = np.log1p(distance.astype(np.float64))
-    tops = h_maxima(height, h).astype(bool) & inside
-    domes, _ = ndi.label(inside & (height > reconstruction(height - h, height)), structure=np.ones((3, 3), bool))
-    markers = np.where(tops, domes, 0)
+    if not inside.any() or h > np.ptp(height):
+        return np.zeros(distance.shape, np.int32)
+    # skimage.morphology.h_maxima's computation, done here to keep the reconstruction for the domes as well
+    lowered = height - h - 2 * np.finfo(np.float64).resolution * np.abs(height)
+    residue = height - reconstruction(lowered, height)
+    domes, _ = ndi.label(inside & (residue > 0), structure=np.ones((3, 3), bool))
+    markers = np.where(inside & (residue >= h), domes, 0)
     if min_distance > 0:
         local_max = distance >= ndi.maximum_filter(distance, size=2 * int(min_distance) + 1, mode="constant") - 1e-6
         keep = np.bincount(markers[local_max], minlength=int(markers.max()) + 1) > 0
