@@ -1,4 +1,5 @@
-"""train.py's flags, YAML recipes (``--config``) and the saved ``models/<name>/config.yml``.
+"""train.py's flags, YAML recipes (``--config``) and the saved ``models/<name>/config.yml``; the nucleus-splitting
+flags that val.py and predict.py share.
 
 The flag names and defaults are those of pytorch-nested-unet's train.py, so old command lines keep working;
 the additions are listed in the README. No heavy imports here: ``--help`` must answer at once.
@@ -12,6 +13,7 @@ from utils import ArgumentParser, UsageError, check_run_name, str2bool
 
 MODELS_DIR = "models"
 INPUTS_DIR = "inputs"
+SEPARATIONS = ("watershed", "cc", "borders")  # the ways instances.py splits a mask into nuclei
 
 
 def build_train_parser():
@@ -235,3 +237,16 @@ def load_run_config(name):
         setattr(args, k, v)
     check_train_args(args)
     return args
+
+
+def add_separation_args(p):
+    """val.py's and predict.py's --separation, --min_size and --min_confidence: how a predicted mask becomes
+    nuclei (resolved by instances.choose_separation and instances.object_filters)."""
+    p.add_argument("--separation", default=None, choices=SEPARATIONS,
+                   help="how touching nuclei are split: watershed on the distance transform, the learned borders of "
+                        "a run trained with --borders True, or plain connected components (default: borders for a "
+                        "run trained with --borders True, else watershed)")
+    p.add_argument("--min_size", type=int, default=None, help="drop objects smaller than this many pixels "
+                   "(default: instances.MIN_SIZE, 3)")
+    p.add_argument("--min_confidence", type=float, default=None, help="drop objects whose mean probability is "
+                   "below this; 0 keeps all (default: instances.MIN_CONFIDENCE, 0.85)")

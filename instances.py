@@ -26,9 +26,8 @@ then drops the objects the network is unsure of: those whose mean probability is
 import numpy as np
 from scipy import ndimage as ndi
 
+from config import SEPARATIONS
 from utils import UsageError
-
-METHODS = ("watershed", "cc", "borders")
 
 # Defaults chosen by the mean DSB score of watershed on the true masks (a perfect semantic prediction), with
 # connected components in brackets: synthetic 96x96 (160 images) 0.70 (0.41), DSB2018 stage1_train resized to
@@ -49,7 +48,7 @@ H_BORDERS = 0.5
 MIN_CONFIDENCE = 0.85  # mean probability of an object
 
 
-def settings(min_size=None, min_confidence=None):
+def object_filters(min_size=None, min_confidence=None):
     """The keyword arguments of :func:`split_instances` for the --min_size / --min_confidence flags (None =
     this module's default); a UsageError naming the flag unless min_size >= 0 and 0 <= min_confidence < 1."""
     if min_size is not None and min_size < 0:
@@ -60,10 +59,13 @@ def settings(min_size=None, min_confidence=None):
             "min_confidence": MIN_CONFIDENCE if min_confidence is None else min_confidence}
 
 
-def default_separation(borders):
-    """The separation used unless one is asked for: 'borders' for a run trained with --borders True (on two
-    full-size runs its DSB2018 score beats the watershed's by 0.016 and 0.023), else 'watershed'."""
-    return "borders" if borders else "watershed"
+def choose_separation(requested, borders, name):
+    """The --separation for run ``name`` (``borders``: trained with --borders True): ``requested``, or when that
+    is None 'borders' for a borders run (on two full-size runs its DSB2018 score beats the watershed's by 0.016
+    and 0.023) and 'watershed' for the others. A UsageError when borders are asked of a run without them."""
+    if requested == "borders" and not borders:
+        raise UsageError(f"--separation borders needs a run trained with --borders True; {name} was not")
+    return requested or ("borders" if borders else "watershed")
 
 
 def _check_prob(prob):
@@ -231,7 +233,7 @@ def split_instances(prob, method="watershed", threshold=0.5, min_size=MIN_SIZE, 
             raise UsageError("--separation borders needs a run trained with --borders True")
         labels = border_instances(prob, border, threshold, min_size=min_size)
     else:
-        raise UsageError(f"--separation {method!r} is not one of {', '.join(METHODS)}")
+        raise UsageError(f"--separation {method!r} is not one of {', '.join(SEPARATIONS)}")
     return remove_unsure(labels, prob, min_confidence)
 
 

@@ -25,6 +25,7 @@ trained with ``--borders True`` also predicts where nuclei touch; ``--separation
 import argparse
 import os
 
+from config import add_separation_args
 from utils import ArgumentParser, run_cli
 
 IMAGE_EXTS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
@@ -50,14 +51,7 @@ def build_parser():
     p.add_argument("--overlay", action="store_true", help="also write <id>_overlay.png (outlines on the image)")
     p.add_argument("--instances", action="store_true",
                    help="also write <id>_instances.png (16-bit labels) and objects.csv")
-    p.add_argument("--separation", default=None, choices=["watershed", "cc", "borders"],
-                   help="how touching nuclei are told apart: watershed on the distance transform, the learned "
-                        "borders of a run trained with --borders True, or plain connected components (default: "
-                        "borders for a run trained with --borders True, else watershed)")
-    p.add_argument("--min_size", type=int, default=None, help="drop objects smaller than this many pixels "
-                   "(default: instances.MIN_SIZE, 3)")
-    p.add_argument("--min_confidence", type=float, default=None, help="drop objects whose mean probability is "
-                   "below this; 0 keeps all (default: instances.MIN_CONFIDENCE, 0.85)")
+    add_separation_args(p)
     p.add_argument("--prune", type=int, default=None, choices=[1, 2, 3, 4],
                    help="NestedUNet with deep supervision: run only the sub-network up to head X0,L")
     p.add_argument("--batch_size", type=int, default=4, help="windows (or resized images) per forward pass")
@@ -276,12 +270,12 @@ def object_rows(img_id, labels):
     return frame[OBJECT_COLUMNS]
 
 
-def write_outputs(args, out_dir, img_id, image, prob, num_classes, separation):
+def write_outputs(args, out_dir, img_id, image, prob, num_classes, filters):
     """Write every requested file for one image; returns (foreground fraction, objects table or None).
 
     prob: float32 [K, H, W] in [0, 1]; its first ``num_classes`` channels are the mask classes, a channel after
-    them (runs trained with --borders True) the touching borders. separation: the min_size / min_confidence
-    keyword arguments of instances.split_instances (instances.settings).
+    them (runs trained with --borders True) the touching borders. filters: the min_size / min_confidence
+    keyword arguments of instances.split_instances (instances.object_filters).
     """
     import numpy as np
 
@@ -298,7 +292,7 @@ def write_outputs(args, out_dir, img_id, image, prob, num_classes, separation):
     labels, objects = None, None
     if args.instances:
         labels = split_instances(prob[0], args.separation, threshold=args.threshold,
-                                 **separation,
+                                 **filters,
                                  border=prob[num_classes] if prob.shape[0] > num_classes else None)
         if labels.max() > 65535:
             raise DataError(f"{img_id}: {labels.max()} objects do not fit a 16-bit label image")
@@ -313,9 +307,9 @@ def write_outputs(args, out_dir, img_id, image, prob, num_classes, separation):
 def main(argv):
     args = build_parser().parse_args(argv)
     check_args(args)
-    from instances import default_separation, settings
+    from instances import choose_separation, object_filters
 
-    separation = settings(args.min_size, args.min_confidence)
+    filters = object_filters(args.min_size, args.min_confidence)
     files = list_images(args.input)
     ids = image_ids(files, args.output)
     import time
@@ -325,13 +319,11 @@ def main(argv):
 
     from dataset import decode_image, image_to_float
     from trainer import load_run
-    from utils import UsageError, atomic_write, choose_device
+    from utils import atomic_write, choose_device
 
     device = choose_device(args.device)
     cfg, model = load_run(args.name, device, args.prune)
-    args.separation = args.separation or default_separation(cfg.borders)
-    if args.separation == "borders" and not cfg.borders:
-        raise UsageError(f"--separation borders needs a run trained with --borders True; {args.name} was not")
+    args.separation = choose_separation(args.separation, cfg.borders, args.name)
     predictor = Predictor(model, cfg, device, args.tile, args.overlap, args.batch_size, args.prune, args.tta)
     os.makedirs(args.output, exist_ok=True)
     started = time.time()
@@ -339,7 +331,7 @@ def main(argv):
     for path, img_id in zip(tqdm(files, desc="predict", unit="img", dynamic_ncols=True), ids):
         image = image_to_float(decode_image(path), cfg.input_channels)
         prob = predictor.predict(image)
-        fraction, objects = write_outputs(args, args.output, img_id, image, prob, cfg.num_classes, separation)
+        fraction, objects = write_outputs(args, args.output, img_id, image, prob, cfg.num_classes, filters)
         fractions.append(fraction)
         pixels += image.shape[0] * image.shape[1]
         if objects is not None and len(objects):

@@ -14,29 +14,25 @@ summary.png.
 import argparse
 import os
 
+from config import add_separation_args
 from utils import ArgumentParser, run_cli
 
-# --separation choices, in the order the DSB2018 scores are printed after the chosen one
-SEPARATIONS = {"cc": "connected components", "watershed": "watershed", "borders": "learned borders"}
+# what val.py prints for each --separation, in the order the DSB2018 scores follow the chosen one
+SEPARATION_NAMES = {"cc": "connected components", "watershed": "watershed", "borders": "learned borders"}
 
 
 def build_parser():
     p = ArgumentParser(prog="val.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       description="Evaluate models/<name>/model.pth on the run's own split.")
+                       description="Evaluate models/<name>/model.pth on the run's own split. When "
+                                   "inputs/<dataset>/labels/ exists, also the DSB2018 instance score of the nuclei "
+                                   "that --separation, --min_size and --min_confidence make (the other separations "
+                                   "printed beside it).")
     p.add_argument("--name", required=True, help="run name (a folder in models/)")
     p.add_argument("--split", default="val", choices=["val", "test", "train"], help="which ids of split.csv")
     p.add_argument("--tta", action="store_true", help="average the four flips (test-time augmentation)")
     p.add_argument("--prune", type=int, default=None, choices=[1, 2, 3, 4],
                    help="NestedUNet with deep supervision: run only the sub-network up to head X0,L")
-    p.add_argument("--separation", default=None, choices=list(SEPARATIONS),
-                   help="how touching nuclei are split for the DSB2018 instance score (when inputs/<dataset>/labels/ "
-                        "exists): watershed on the distance transform, the learned borders of a run trained with "
-                        "--borders True, or plain connected components; the others are printed beside it (default: "
-                        "borders for a run trained with --borders True, else watershed)")
-    p.add_argument("--min_size", type=int, default=None, help="DSB2018 score: drop objects smaller than this many "
-                   "pixels (default: instances.MIN_SIZE, 3)")
-    p.add_argument("--min_confidence", type=float, default=None, help="DSB2018 score: drop objects whose mean "
-                   "probability is below this; 0 keeps all (default: instances.MIN_CONFIDENCE, 0.85)")
+    add_separation_args(p)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--batch_size", type=int, default=None, help="default: the run's batch size")
     p.add_argument("--num_workers", type=int, default=0, help="DataLoader workers")
@@ -56,19 +52,17 @@ def main(argv):
 
     from dataset import MODALITIES
     from engine import Precision, evaluate
-    from instances import default_separation, dsb_scores, read_labels, settings
+    from instances import choose_separation, dsb_scores, object_filters, read_labels
     from metrics import per_image_scores
     from trainer import build_criterion, load_run, make_eval_loader, read_split
     from utils import UsageError, atomic_imwrite, atomic_write, choose_device
     from visualize import denormalize, overlay_panel, write_summary
 
-    separation = settings(args.min_size, args.min_confidence)
+    filters = object_filters(args.min_size, args.min_confidence)
     device = choose_device(args.device)
     cfg, model = load_run(args.name, device, args.prune)
-    methods = [m for m in SEPARATIONS if m != "borders" or cfg.borders]
-    args.separation = args.separation or default_separation(cfg.borders)
-    if args.separation not in methods:
-        raise UsageError(f"--separation borders needs a run trained with --borders True; {args.name} was not")
+    args.separation = choose_separation(args.separation, cfg.borders, args.name)
+    methods = [m for m in SEPARATION_NAMES if m != "borders" or cfg.borders]
     methods.insert(0, methods.pop(methods.index(args.separation)))
     mdir = run_dir(args.name)
     split = read_split(os.path.join(mdir, "split.csv"))
@@ -97,7 +91,7 @@ def main(argv):
             if img_id in labelled:  # DSB2018 instance score at the evaluated size
                 truth = read_labels(os.path.join(labels_dir, img_id + ".png"), probs.shape[2:])
                 border = probs[i, classes] if cfg.borders else None
-                for method, score in dsb_scores(probs[i, 0], truth, methods, border=border, **separation).items():
+                for method, score in dsb_scores(probs[i, 0], truth, methods, border=border, **filters).items():
                     dsb[method].append(score)
                 rows[-1]["dsb"] = dsb[args.separation][-1]
             if not args.no_overlays:
@@ -120,7 +114,7 @@ def main(argv):
           f"  IoU  {scores['iou']:.4f} pooled   {scores['iou_mean']:.4f} mean per image\n"
           f"  Dice {scores['dice']:.4f} pooled   {scores['dice_mean']:.4f} mean per image\n"
           f"  mean IoU by image kind (images): {by_kind}\n" +
-          (f"  DSB2018 score {', '.join(f'{np.mean(v):.4f} ({SEPARATIONS[m]})' for m, v in dsb.items())}, "
+          (f"  DSB2018 score {', '.join(f'{np.mean(v):.4f} ({SEPARATION_NAMES[m]})' for m, v in dsb.items())}, "
            f"mean over the {len(labelled)} images with instance labels\n" if labelled else "") +
           f"  worst image {table['img_id'][0]} (IoU {table['iou'][0]:.3f}); files in {out_dir}/ "
           f"(scores.csv, {'' if args.no_overlays else 'overlays/, summary.png, '}probability PNGs per class)")

@@ -3,7 +3,7 @@ import cv2
 import numpy as np
 import pytest
 
-from instances import (MIN_CONFIDENCE, connected_components, dsb_scores, read_labels, settings, split_instances,
+from instances import (MIN_CONFIDENCE, connected_components, dsb_scores, object_filters, read_labels, split_instances,
                        touching_borders, watershed_instances, watershed_markers)
 from metrics import dsb_score
 from utils import UsageError
@@ -103,13 +103,13 @@ def test_min_confidence_drops_unsure_objects_and_renumbers():
     assert dsb_scores(prob, truth, min_confidence=0)["cc"] == 0.5  # the faint blob is a false positive
 
 
-def test_settings_defaults_and_flag_errors():
-    assert settings() == {"min_size": 3, "min_confidence": MIN_CONFIDENCE}
-    assert settings(10, 0) == {"min_size": 10, "min_confidence": 0}
+def test_object_filters_defaults_and_flag_errors():
+    assert object_filters() == {"min_size": 3, "min_confidence": MIN_CONFIDENCE}
+    assert object_filters(10, 0) == {"min_size": 10, "min_confidence": 0}
     with pytest.raises(UsageError, match="--min_confidence"):
-        settings(min_confidence=1.0)
+        object_filters(min_confidence=1.0)
     with pytest.raises(UsageError, match="--min_size"):
-        settings(min_size=-1)
+        object_filters(min_size=-1)
 
 
 def test_bad_method_and_shape():
