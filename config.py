@@ -9,11 +9,12 @@ import os
 
 import yaml
 
-from utils import ArgumentParser, UsageError, check_run_name, str2bool
+from utils import AMP_MODES, ArgumentParser, UsageError, amp_mode, check_run_name, compile_mode, str2bool
 
 MODELS_DIR = "models"
 INPUTS_DIR = "inputs"
 SEPARATIONS = ("watershed", "cc", "borders")  # the ways instances.py splits a mask into nuclei
+LOADERS = ("auto", "device", "workers")  # where training batches are augmented (dataset.py / device_data.py)
 
 
 def build_train_parser():
@@ -60,6 +61,10 @@ def build_train_parser():
                         "often)")
     g.add_argument("--cache", default=True, type=str2bool,
                    help="decode every image once into memory when the dataset fits (under a quarter of RAM)")
+    g.add_argument("--loader", default="auto", choices=LOADERS,
+                   help="device: keep the decoded training set as one tensor on the training device and augment whole "
+                        "batches there (no worker processes); workers: albumentations in DataLoader workers; auto: "
+                        "device when the set fits a quarter of the device's free memory")
     g.add_argument("--num_workers", default=min(4, os.cpu_count() or 1), type=int,
                    help="DataLoader worker processes (the seed's 4, capped at the number of CPUs)")
     g = p.add_argument_group("optimizer")
@@ -86,10 +91,13 @@ def build_train_parser():
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu or cuda")
     g.add_argument("--seed", default=0, type=int, help="seed of weights, shuffling and augmentation")
-    g.add_argument("--amp", default=True, type=str2bool,
-                   help="mixed precision on CUDA (bf16 where supported, else fp16 with a GradScaler); no effect on CPU")
-    g.add_argument("--channels_last", default=True, type=str2bool, help="channels_last memory format on CUDA")
-    g.add_argument("--compile", default=False, type=str2bool, help="torch.compile the model (slow start)")
+    g.add_argument("--amp", default="auto", type=amp_mode, metavar="{" + ",".join(AMP_MODES) + "}",
+                   help="precision: auto = bf16 autocast on a CUDA GPU that has it (else fp16 + GradScaler) and on a "
+                        "CPU with native bf16 (AMX or AVX512-BF16; else fp32); True/False mean auto/fp32")
+    g.add_argument("--channels_last", default=True, type=str2bool, help="channels_last memory format")
+    g.add_argument("--compile", default=False, type=compile_mode,
+                   help="torch.compile the model (slow start): True, or a mode such as reduce-overhead (CUDA graphs "
+                        "for the fixed-shape training step) or max-autotune")
     g.add_argument("--sync_bn", default=False, type=str2bool, help="SyncBatchNorm across processes under torchrun")
     g.add_argument("--resume", nargs="?", const=True, default=False,
                    help="continue models/<name>/last.pth; give the run name here or with --name")
@@ -102,13 +110,15 @@ def _coerce(action, key, value, source):
     """Check and convert a YAML value with the flag's own argparse type; error names the key."""
     if value is None or action.type is None:
         return value
-    if action.type is str2bool:
-        if isinstance(value, bool) or isinstance(value, str):
+    if action.type in (str2bool, amp_mode, compile_mode):  # these also take YAML's true/false
+        if isinstance(value, (bool, str)):
             try:
-                return str2bool(value)
+                return action.type(value)
             except argparse.ArgumentTypeError:
                 pass
-        raise UsageError(f"{source}: '{key}' must be true or false, got {value!r}")
+        expected = {str2bool: "true or false", amp_mode: " or ".join(AMP_MODES),
+                    compile_mode: "true, false or a torch.compile mode"}[action.type]
+        raise UsageError(f"{source}: '{key}' must be {expected}, got {value!r}")
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise UsageError(f"{source}: '{key}' must be a {action.type.__name__}, got {value!r}")
     try:
@@ -237,6 +247,13 @@ def load_run_config(name):
         setattr(args, k, v)
     check_train_args(args)
     return args
+
+
+def add_amp_arg(p):
+    """val.py's and predict.py's --amp (the same choices as train.py's)."""
+    p.add_argument("--amp", default="auto", type=amp_mode, metavar="{" + ",".join(AMP_MODES) + "}",
+                   help="precision: auto = bf16 on a GPU or CPU with native bf16, else fp16 (GPU) or fp32; "
+                        "bf16, fp16 (CUDA) or fp32 force one")
 
 
 def add_separation_args(p):

@@ -6,9 +6,10 @@
 Every image keeps its original size in the outputs. A run trained on resized images (``--crop_size 0``, the
 seed's way) sees each image resized to its input_h x input_w, and the probability is resized back (linear).
 A run trained on crops predicts at full resolution: the whole image at once (padded to a multiple of 16)
-when it has at most ``--tile``^2 pixels, else overlapping ``--tile`` x ``--tile`` windows (batched) blended
-with a weight that falls off linearly over ``--overlap`` pixels towards each window edge, normalised by the
-summed weights, so there are no seams.
+whenever its forward pass fits the memory budget (a quarter of the free RAM, half of a GPU's free memory), else
+overlapping windows, as large as the budget allows (or ``--tile`` x ``--tile``), blended with a weight that falls
+off linearly over ``--overlap`` pixels towards each window edge, normalised by the summed weights, so there are
+no seams.
 
 Images may be grey, RGB, RGBA (alpha dropped) or 16-bit, as PNG/TIFF/JPEG/BMP; they are read and normalised
 exactly as in training. For each image ``<id>`` (its file name without the extension) the output folder gets::
@@ -25,7 +26,7 @@ trained with ``--borders True`` also predicts where nuclei touch; ``--separation
 import argparse
 import os
 
-from config import add_separation_args
+from config import add_amp_arg, add_separation_args
 from utils import ArgumentParser, run_cli
 
 IMAGE_EXTS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
@@ -41,9 +42,10 @@ def build_parser():
     p.add_argument("--input", required=True, nargs="+", metavar="PATH",
                    help=f"image files and/or folders (their {'/'.join(e[1:] for e in IMAGE_EXTS)} files, any case)")
     p.add_argument("--output", required=True, metavar="DIR", help="folder for the outputs (created if needed)")
-    p.add_argument("--tile", type=int, default=512,
+    p.add_argument("--tile", type=int, default=0,
                    help="crop-trained runs: images with more than tile^2 pixels are predicted in tile x tile windows "
-                        "(a multiple of 16)")
+                        "(a multiple of 16); 0 = the largest that fits the memory budget, so a whole image whenever "
+                        "it fits")
     p.add_argument("--overlap", type=int, default=64, help="pixels shared by neighbouring windows")
     p.add_argument("--tta", action="store_true", help="average the four flips (test-time augmentation)")
     p.add_argument("--threshold", type=float, default=0.5, help="probability above which a pixel is a nucleus")
@@ -56,6 +58,7 @@ def build_parser():
                    help="NestedUNet with deep supervision: run only the sub-network up to head X0,L")
     p.add_argument("--batch_size", type=int, default=4, help="windows (or resized images) per forward pass")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    add_amp_arg(p)
     p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     return p
 
@@ -63,9 +66,9 @@ def build_parser():
 def check_args(args):
     from utils import UsageError
 
-    if args.tile < 16 or args.tile % 16:
-        raise UsageError(f"--tile {args.tile} must be a positive multiple of 16")
-    if not 0 <= args.overlap < args.tile:
+    if args.tile < 0 or args.tile % 16:
+        raise UsageError(f"--tile {args.tile} must be 0 (from the memory budget) or a positive multiple of 16")
+    if args.tile and not 0 <= args.overlap < args.tile:
         raise UsageError(f"--overlap {args.overlap} must be at least 0 and less than --tile ({args.tile})")
     if args.batch_size < 1:
         raise UsageError(f"--batch_size must be at least 1, got {args.batch_size}")
@@ -140,24 +143,65 @@ def window_starts(size, tile, overlap):
     return list(range(0, size - tile, tile - overlap)) + [size - tile]
 
 
+def forward_bytes_per_pixel(model, channels, device):
+    """Upper bound of the memory one input pixel costs in a forward pass: the bytes of every layer's output on
+    a small probe input, per pixel (inference frees most of them; the bound is safe)."""
+    import torch
+
+    total = [0]
+
+    def count(module, inputs, output):
+        outputs = output if isinstance(output, (list, tuple)) else [output]
+        total[0] += sum(o.numel() * o.element_size() for o in outputs if isinstance(o, torch.Tensor))
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    hooks = [m.register_forward_hook(count) for m in leaves]
+    try:
+        with torch.inference_mode():
+            model(torch.zeros(1, channels, 64, 64, device=device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return total[0] / (64 * 64)
+
+
+def memory_budget(device):
+    """Bytes prediction may use: half of a GPU's free memory, a quarter of the available RAM on the CPU."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 2
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") // 4
+
+
+def tile_for_budget(bytes_per_pixel, budget):
+    """The side of the largest square window (a multiple of 16, at least 64) whose forward pass fits ``budget``."""
+    return max(64, int((budget / bytes_per_pixel) ** 0.5) // 16 * 16)
+
+
 class Predictor:
     """Probabilities for whole images: float32 [K, H, W] in [0, 1] at the image's own size.
 
     ``predict(image)`` takes the image as training sees it before normalisation: float32 [H, W, C] in [0, 1]
-    (:func:`dataset.image_to_float`).
+    (:func:`dataset.image_to_float`). ``tile`` None sizes the windows from the memory budget
+    (:func:`memory_budget`), so an image is predicted whole whenever it fits; ``amp`` is --amp
+    (engine.Precision.choose).
     """
 
-    def __init__(self, model, cfg, device, tile=512, overlap=64, batch_size=4, prune=None, tta=False):
-        import torch
-
+    def __init__(self, model, cfg, device, tile=None, overlap=64, batch_size=4, prune=None, tta=False, amp="auto"):
         from engine import Precision
 
         self.model, self.cfg, self.device = model, cfg, device
-        self.tile, self.overlap, self.batch_size = tile, overlap, batch_size
+        self.overlap, self.batch_size = overlap, batch_size
         self.prune, self.tta = prune, tta
-        self.precision = Precision.choose(device)
-        if self.precision.channels_last:
-            self.model = model.to(memory_format=torch.channels_last)
+        self.precision = Precision.choose(device, amp)
+        self.model = self.precision.prepare(model)
+        if tile is None:
+            per_pixel = forward_bytes_per_pixel(self.model, cfg.input_channels, device)
+            budget = memory_budget(device)
+            tile = tile_for_budget(per_pixel, budget)
+            self.batch_size = max(1, min(batch_size, int(budget // (per_pixel * tile * tile))))
+        self.tile = tile
 
     def probabilities(self, batch):
         """Normalised batch [B, C, h, w] (numpy float32) -> probabilities [B, K, h, w] (numpy float32)."""
@@ -324,7 +368,8 @@ def main(argv):
     device = choose_device(args.device)
     cfg, model = load_run(args.name, device, args.prune)
     args.separation = choose_separation(args.separation, cfg.borders, args.name)
-    predictor = Predictor(model, cfg, device, args.tile, args.overlap, args.batch_size, args.prune, args.tta)
+    predictor = Predictor(model, cfg, device, args.tile or None, args.overlap, args.batch_size, args.prune, args.tta,
+                          args.amp)
     os.makedirs(args.output, exist_ok=True)
     started = time.time()
     fractions, tables, pixels = [], [], 0
@@ -343,10 +388,11 @@ def main(argv):
             table.to_csv(f, index=False, float_format="%.2f")
         objects_note = f", {len(table)} objects ({args.separation}) in objects.csv"
     seconds = time.time() - started
-    how = "resized to %dx%d" % (cfg.input_h, cfg.input_w) if not cfg.crop_size else f"full size, tile {args.tile}"
+    how = "resized to %dx%d" % (cfg.input_h, cfg.input_w) if not cfg.crop_size else \
+        f"full size, windows up to {predictor.tile}x{predictor.tile}"
     print(f"{args.name}: {len(files)} images ({pixels / 1e6:.2f} Mpx, {how}"
           f"{', TTA' if args.tta else ''}{f', pruned at L={args.prune}' if args.prune else ''}) in {seconds:.1f}s on "
-          f"{device}; mean foreground {100 * sum(fractions) / len(fractions):.1f}%{objects_note}; "
+          f"{device} ({predictor.precision.describe()}); mean foreground {100 * sum(fractions) / len(fractions):.1f}%{objects_note}; "
           f"files in {args.output}/")
     return {"images": len(files), "seconds": seconds}
 

@@ -19,6 +19,7 @@ from archs import build_model
 from config import INPUTS_DIR, init_weights_path, load_run_config, output_channels, run_dir, save_run_config
 from dataset import (MODALITIES, Dataset, EpochSampler, WeightedDistributedSampler, balance_weights, eval_transform,
                      list_ids, train_transform)
+from device_data import BatchAugment, DeviceImages, DeviceLoader
 from engine import NonFiniteLoss, Precision, evaluate, recalibrate_batchnorm, train_one_epoch
 from losses import build_loss
 from utils import DataError, UsageError, UserError, atomic_torch_save, atomic_write, choose_device, seed_everything
@@ -52,12 +53,30 @@ def read_split(path):
     return split
 
 
-def fits_in_memory(dataset_dir, ids, img_ext):
-    """Estimate the decoded size of the images from a few of them; True when under a quarter of the RAM."""
+def decoded_bytes(dataset_dir, ids, img_ext):
+    """Estimate the decoded size of the images ``ids`` (bytes) from the first 8 of them, with a 1.4 margin."""
     sample = [cv2.imread(os.path.join(dataset_dir, "images", i + img_ext), cv2.IMREAD_UNCHANGED) for i in ids[:8]]
     per_image = np.mean([s.nbytes * 1.4 for s in sample if s is not None] or [0])
+    return per_image * len(ids)
+
+
+def fits_in_memory(dataset_dir, ids, img_ext):
+    """True when the decoded images take under a quarter of the RAM."""
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return per_image * len(ids) < ram / 4
+    return decoded_bytes(dataset_dir, ids, img_ext) < ram / 4
+
+
+def train_on_device(loader, cache, device, dataset_dir, ids, img_ext):
+    """--loader: True to keep the training set on ``device`` and augment batches there (device_data.py). auto
+    does so when images are cached (--cache True) and fit a quarter of the device's free memory (of the RAM on
+    the CPU)."""
+    if loader != "auto":
+        return loader == "device"
+    if not cache:
+        return False
+    if device.type != "cuda":
+        return fits_in_memory(dataset_dir, ids, img_ext)
+    return decoded_bytes(dataset_dir, ids, img_ext) < torch.cuda.mem_get_info(device)[0] / 4
 
 
 def make_eval_loader(args, dataset_dir, ids, device, cache=False):
@@ -79,13 +98,14 @@ def build_criterion(args):
 
 # ---------------------------------------------------------------------------------------- optimizer, schedule
 
-def build_optimizer(args, params):
+def build_optimizer(args, params, fused=False):
+    """--optimizer over ``params``; ``fused``: Adam/AdamW's single-kernel CUDA update."""
     if args.optimizer == "SGD":
         return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
                                weight_decay=args.weight_decay)
     if args.optimizer in ("Adam", "AdamW"):
         cls = torch.optim.Adam if args.optimizer == "Adam" else torch.optim.AdamW
-        return cls(params, lr=args.lr, weight_decay=args.weight_decay)
+        return cls(params, lr=args.lr, weight_decay=args.weight_decay, fused=fused or None)
     raise UsageError(f"--optimizer {args.optimizer!r} is not one of SGD, Adam, AdamW")
 
 
@@ -148,10 +168,9 @@ class Trainer:
         seed_everything(args.seed)
         self.net = build_model(args.arch, output_channels(args), args.input_channels,
                                args.deep_supervision).to(self.device)
-        if self.precision.channels_last:
-            self.net = self.net.to(memory_format=torch.channels_last)
+        self.net = self.precision.prepare(self.net)
         self.criterion = build_criterion(args)
-        self.optimizer = build_optimizer(args, self.net.parameters())
+        self.optimizer = build_optimizer(args, self.net.parameters(), fused=self.device.type == "cuda")
         self.scheduler = build_scheduler(args, self.optimizer)
         self.start_epoch, self.best_iou, self.best_epoch, self.stale_epochs = 0, -1.0, 0, 0
         self.log = pd.DataFrame(columns=LOG_COLUMNS)
@@ -238,9 +257,11 @@ class Trainer:
                              f"{f' per process ({world} processes)' if world > 1 else ''}; the last incomplete "
                              "batch is dropped, so no step would run: lower --batch_size")
         self._cache = a.cache and fits_in_memory(self.dataset_dir, train_ids, a.img_ext)
-        transform = train_transform(a.input_h, a.input_w, a.crop_size, a.scale_jitter, a.color_jitter)
+        self.on_device = train_on_device(a.loader, a.cache, self.device, self.dataset_dir, train_ids, a.img_ext)
+        transform = None if self.on_device else train_transform(a.input_h, a.input_w, a.crop_size, a.scale_jitter,
+                                                                a.color_jitter)
         data = Dataset(train_ids, self.dataset_dir, a.img_ext, a.mask_ext, a.num_classes, a.input_channels,
-                       transform, seed=a.seed, cache=self._cache, borders=a.borders)
+                       transform, seed=a.seed, cache=self._cache or self.on_device, borders=a.borders)
         if a.crop_size:
             _check_crop(data, a.crop_size)
         if a.balance:
@@ -248,9 +269,14 @@ class Trainer:
         else:
             sampler = torch.utils.data.DistributedSampler(data, num_replicas=world, rank=distributed.rank(),
                                                           shuffle=True, seed=a.seed)
-        train_loader = torch.utils.data.DataLoader(
-            data, batch_size=a.batch_size, sampler=EpochSampler(sampler), num_workers=a.num_workers, drop_last=True,
-            pin_memory=self.device.type == "cuda", persistent_workers=a.num_workers > 0)
+        if self.on_device:
+            augment = BatchAugment(a.input_h, a.input_w, a.crop_size, a.scale_jitter, a.color_jitter)
+            train_loader = DeviceLoader(DeviceImages(data.cached, a.input_channels, self.device), train_ids, augment,
+                                        sampler, a.batch_size, a.seed)
+        else:
+            train_loader = torch.utils.data.DataLoader(
+                data, batch_size=a.batch_size, sampler=EpochSampler(sampler), num_workers=a.num_workers,
+                drop_last=True, pin_memory=self.device.type == "cuda", persistent_workers=a.num_workers > 0)
         return train_loader, self.make_eval_loader(self.ids("val"))
 
     def _balance_weights(self, data):
@@ -290,7 +316,7 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
         if self.args.compile:
-            model = torch.compile(model)
+            model = torch.compile(model, mode=None if self.args.compile == "default" else self.args.compile)
         return model
 
     # ------------------------------------------------------------------------------------------- checkpoints
@@ -346,7 +372,8 @@ class Trainer:
             counts = " / ".join(f"{len(self.ids(p))} {p}" for p in ("train", "val", "test") if self.ids(p))
             print(f"{a.name}: {a.arch}{' + deep supervision' if a.deep_supervision else ''}, {a.loss}, "
                   f"{counts} images, on {self.device} "
-                  f"({self.precision.describe()}"
+                  f"({self.precision.describe()}; "
+                  f"{'batches augmented on the device' if self.on_device else f'{a.num_workers} loader workers'}"
                   f"{f', {distributed.world_size()} processes' if distributed.world_size() > 1 else ''})"
                   f"{f', resuming after epoch {self.start_epoch}' if self.start_epoch else ''}", flush=True)
         for epoch in range(self.start_epoch, a.epochs):

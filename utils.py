@@ -4,6 +4,8 @@ Kept free of heavy imports at module level so that ``python train.py --help`` an
 imported inside the functions that need it.
 """
 import argparse
+import ctypes
+import ctypes.util
 import os
 import random
 import sys
@@ -40,6 +42,7 @@ def run_cli(main, argv=None):
     and a short message; the scripts themselves make sure no half-written file is left behind.
     """
     argv = sys.argv[1:] if argv is None else argv
+    keep_freed_memory()
     try:
         return main(argv)
     except UserError as e:
@@ -51,6 +54,29 @@ def run_cli(main, argv=None):
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def keep_freed_memory():
+    """Tell glibc's malloc to keep freed memory for reuse instead of handing it back to the kernel.
+
+    By default every block over 128 KiB (up to 32 MiB once the threshold adapts) is its own mmap, unmapped when
+    freed; a training step frees and allocates its activations again, so each step faults every page of them
+    back in (zero-filled by the kernel). Turning mmap off and the heap trimming down makes the step reuse the
+    same memory; bench/kernel_time.py measures the difference. Returns True when applied (glibc only; other C
+    libraries are left alone). Forked DataLoader workers inherit it.
+    """
+    name = ctypes.util.find_library("c")
+    if not name or "libc.so" not in name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+    except OSError:
+        return False
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is None:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def user_message(e):
@@ -88,6 +114,33 @@ def str2bool(v):
     if s in ("false", "0", "no", "n", "f", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected True or False (or 1/0), got {v!r}")
+
+
+AMP_MODES = ("auto", "bf16", "fp16", "fp32")
+
+
+def amp_mode(v):
+    """Parse --amp for argparse: auto, bf16, fp16 or fp32. True/False (the flag's old values, still in saved
+    config.yml files) mean auto and fp32."""
+    s = str(v).strip().lower()
+    s = {"true": "auto", "1": "auto", "yes": "auto", "false": "fp32", "0": "fp32", "no": "fp32"}.get(s, s)
+    if s not in AMP_MODES:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(AMP_MODES)}, got {v!r}")
+    return s
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_mode(v):
+    """Parse --compile for argparse: False (no compile), True (torch.compile's default mode) or a mode name."""
+    s = str(v).strip().lower()
+    if s in ("false", "0", "no", "off"):
+        return False
+    s = {"true": "default", "1": "default", "yes": "default", "on": "default"}.get(s, s)
+    if s not in COMPILE_MODES:
+        raise argparse.ArgumentTypeError(f"expected True, False or one of {', '.join(COMPILE_MODES)}, got {v!r}")
+    return s
 
 
 def check_run_name(name):

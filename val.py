@@ -14,7 +14,7 @@ summary.png.
 import argparse
 import os
 
-from config import add_separation_args
+from config import add_amp_arg, add_separation_args
 from utils import ArgumentParser, run_cli
 
 # what val.py prints for each --separation, in the order the DSB2018 scores follow the chosen one
@@ -34,6 +34,7 @@ def build_parser():
                    help="NestedUNet with deep supervision: run only the sub-network up to head X0,L")
     add_separation_args(p)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    add_amp_arg(p)
     p.add_argument("--batch_size", type=int, default=None, help="default: the run's batch size")
     p.add_argument("--num_workers", type=int, default=0, help="DataLoader workers")
     p.add_argument("--output", default=None, help="folder for the outputs (default outputs/<name>)")
@@ -98,14 +99,15 @@ def main(argv):
                 atomic_imwrite(os.path.join(out_dir, "overlays", img_id + ".png"),
                                overlay_panel(denormalize(images[i]), masks[i, 0].cpu().numpy() > 0, probs[i, 0]))
 
-    scores = evaluate(model, loader, build_criterion(cfg), Precision.choose(device), desc=args.split,
+    precision = Precision.choose(device, args.amp)
+    scores = evaluate(precision.prepare(model), loader, build_criterion(cfg), precision, desc=args.split,
                       prune=args.prune, tta=args.tta, on_batch=save_batch, classes=classes)
     table = pd.DataFrame(rows).sort_values("iou", kind="stable").reset_index(drop=True)
     with atomic_write(os.path.join(out_dir, "scores.csv")) as f:
         table.to_csv(f, index=False, float_format="%.6f")
     if not args.no_overlays:
         write_summary(os.path.join(out_dir, "overlays"), table, os.path.join(out_dir, "summary.png"))
-    what = f"{args.split} split, {len(ids)} images" + (", flip TTA" if args.tta else "") + \
+    what = f"{args.split} split, {len(ids)} images, {precision.describe()}" + (", flip TTA" if args.tta else "") + \
         (f", pruned at L={args.prune}" if args.prune else "")
     per_kind = table.groupby("kind")["iou"].agg(["size", "mean"])
     by_kind = ", ".join(f"{k} {per_kind['mean'][k]:.4f} ({per_kind['size'][k]})" for k in MODALITIES

@@ -44,6 +44,8 @@ for _p in (ROOT, BENCH_DIR):
         sys.path.insert(0, _p)
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+from utils import keep_freed_memory  # noqa: E402  (after the path set-up above)
+
 ARCH_ROWS = {"UNet": ("UNet", False), "NestedUNet": ("NestedUNet", False), "NestedUNet_wDS": ("NestedUNet", True)}
 LOOPS = ("seed", "ours")
 
@@ -71,8 +73,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", default=None, type=int, help="untimed epochs first (default 1)")
     p.add_argument("--num_workers", default=None, type=int,
                    help="DataLoader workers for both loops (default min(4, CPU count); the seed's default is 4)")
-    p.add_argument("--amp", default="True", help="ours: --amp (mixed precision on CUDA; no effect on CPU)")
-    p.add_argument("--channels_last", default="True", help="ours: --channels_last (CUDA only)")
+    p.add_argument("--amp", default="auto", help="ours: --amp (auto, bf16, fp16, fp32)")
+    p.add_argument("--channels_last", default="True", help="ours: --channels_last")
+    p.add_argument("--loader", default="auto", help="ours: --loader (auto, device, workers)")
     p.add_argument("--in_process", action="store_true",
                    help="measure in this process (no subprocesses); memory is then a high-water-mark increase")
     p.add_argument("--seed", default=0, type=int, help="weights, shuffling and augmentation seed")
@@ -100,6 +103,37 @@ def parse_args(argv=None):
 
 # ------------------------------------------------------------------------------------------ one measurement
 
+# dense bf16/fp16 tensor-core peaks (FLOP/s) by device name; MFU is reported where the device is listed
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "RTX 4090": 165e12}
+
+
+def peak_flops(device):
+    """The device's dense bf16 peak in FLOP/s, or None (CPUs and unlisted GPUs)."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def training_flops_per_image(spec, device):
+    """FLOPs of one training step per image (forward + backward, counted by torch's FlopCounterMode on one image of
+    the benchmark's size)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from archs import build_model
+    from losses import build_loss, loss_over_heads
+
+    model = build_model(spec["arch"], 1, 3, spec["ds"]).to(device)
+    x = torch.randn(1, 3, spec["size"], spec["size"], device=device)
+    y = torch.zeros(1, 1, spec["size"], spec["size"], device=device)
+    with FlopCounterMode(display=False) as counter:
+        loss_over_heads(build_loss("BCEDiceLoss"), model(x), y).backward()
+    return counter.get_total_flops()
+
+
 def _max_rss_mib(who=resource.RUSAGE_SELF):
     return resource.getrusage(who).ru_maxrss / 1024.0  # Linux: KiB
 
@@ -119,6 +153,7 @@ def _build_ours(spec):
     argv = ["--dataset", spec["dataset"], "--arch", spec["arch"], "--deep_supervision", str(spec["ds"]),
             "--batch_size", str(spec["batch_size"]), "--loss", spec["loss"], "--num_workers", str(spec["num_workers"]),
             "--device", spec["device"], "--amp", spec["amp"], "--channels_last", spec["channels_last"],
+            "--loader", spec["loader"],
             "--input_h", str(spec["size"]), "--input_w", str(spec["size"]), "--seed", str(spec["seed"]),
             "--epochs", str(spec["warmup"] + spec["repeats"]), "--name", f"bench_{os.getpid()}", "--overwrite"]
     trainer = Trainer(parse_train_args(argv), progress=False)
@@ -127,7 +162,8 @@ def _build_ours(spec):
     def epoch(e):
         return trainer.train_epoch(e, max_steps=spec["steps"])
 
-    return trainer, epoch, steps, trainer.device, trainer.precision.describe()
+    loader = "device" if trainer.on_device else "workers"
+    return trainer, epoch, steps, trainer.device, f"{trainer.precision.describe().split(';')[0]}, {loader}"
 
 
 def _build_seed(spec):
@@ -168,6 +204,8 @@ def measure(spec):
     import torch
 
     rss_before = _max_rss_mib()
+    if spec["loop"] == "ours":
+        keep_freed_memory()  # as train.py does (utils.run_cli)
     build = _build_ours if spec["loop"] == "ours" else _build_seed
     holder, epoch, steps, device, precision = build(spec)
     for e in range(spec["warmup"]):
@@ -184,10 +222,14 @@ def measure(spec):
         times.append(time.perf_counter() - t0)
     images = steps * spec["batch_size"]
     epoch_s = statistics.median(times)
+    flops = training_flops_per_image(spec, device)
     out = {"loop": spec["loop"], "precision": precision, "steps_per_epoch": steps, "images_per_epoch": images,
            "epoch_s": round(epoch_s, 4), "epoch_s_all": [round(t, 4) for t in times],
            "images_per_s": round(images / epoch_s, 3), "loss": round(float(last["loss"]), 5),
-           "iou": round(float(last["iou"]), 5)}
+           "iou": round(float(last["iou"]), 5), "train_flop_per_image": flops,
+           "tflop_per_s": round(images / epoch_s * flops / 1e12, 3)}
+    peak = peak_flops(device)
+    out["mfu"] = round(images / epoch_s * flops / peak, 4) if peak else None
     if device.type == "cuda":
         out["peak_mem_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
         out["mem_kind"] = "cuda_max_allocated"
@@ -270,9 +312,13 @@ def device_name(device):
     return f"{cpu_name()} ({os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads)"
 
 
+def mfu(m):
+    return f"{100 * m['mfu']:.1f}%" if m["mfu"] is not None else "-"
+
+
 def print_table(rows):
-    head = f"{'device':6} {'arch':15} {'batch':>5} {'loss':16} {'loop':5} {'precision':26} {'steps':>5} " \
-           f"{'s/epoch':>8} {'img/s':>8} {'peak MiB':>9} {'ours/seed':>9}"
+    head = f"{'device':6} {'arch':15} {'batch':>5} {'loss':16} {'loop':5} {'precision':32} {'steps':>5} " \
+           f"{'s/epoch':>8} {'img/s':>8} {'TFLOP/s':>8} {'MFU':>6} {'peak MiB':>9} {'ours/seed':>9}"
     print(head)
     print("-" * len(head))
     for row in rows:
@@ -280,8 +326,8 @@ def print_table(rows):
             m = row[loop]
             ratio = f"{row['ratio']:.2f}x" if loop == "ours" else ""
             print(f"{row['device']:6} {row['arch_row']:15} {row['batch_size']:>5} {row['loss']:16} {loop:5} "
-                  f"{m['precision']:26} {m['steps_per_epoch']:>5} {m['epoch_s']:>8.3f} {m['images_per_s']:>8.1f} "
-                  f"{m['peak_mem_mib']:>9.1f} {ratio:>9}")
+                  f"{m['precision']:32} {m['steps_per_epoch']:>5} {m['epoch_s']:>8.3f} {m['images_per_s']:>8.1f} "
+                  f"{m['tflop_per_s']:>8.3f} {mfu(m):>6} {m['peak_mem_mib']:>9.1f} {ratio:>9}")
     print(flush=True)
 
 
@@ -310,7 +356,8 @@ def main(argv=None):
                             spec = {"loop": loop, "device": device, "arch": arch, "ds": ds, "batch_size": batch,
                                     "loss": loss, "dataset": dataset, "size": args.size, "steps": args.steps,
                                     "repeats": args.repeats, "warmup": args.warmup, "num_workers": args.num_workers,
-                                    "amp": args.amp, "channels_last": args.channels_last, "seed": args.seed,
+                                    "amp": args.amp, "channels_last": args.channels_last, "loader": args.loader,
+                                    "seed": args.seed,
                                     "in_process": args.in_process}
                             print(f"[{device}] {arch_row} batch {batch} {loss}: {loop} ...", file=sys.stderr,
                                   flush=True)
@@ -332,6 +379,7 @@ def main(argv=None):
         "devices": {d: device_name(d) for d in devices}, "dataset": args.dataset, "image_size": args.size,
         "num_workers": args.num_workers, "steps_cap": args.steps, "repeats": args.repeats, "warmup": args.warmup,
         "in_process": args.in_process, "quick": args.quick, "amp": args.amp, "channels_last": args.channels_last,
+        "loader": args.loader,
         "memory": ("MiB; peak_mem_mib is, on CPU, the peak RSS of the measuring process (ru_maxrss; with "
                    "--in_process the increase of that high-water mark) and on CUDA "
                    "torch.cuda.max_memory_allocated; worker_peak_rss_mib is the largest DataLoader worker's "

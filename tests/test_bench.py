@@ -25,7 +25,7 @@ def test_speed_quick_smallest(tmp_path):
     (row,) = summary["rows"]
     assert row["arch"] == "UNet" and row["batch_size"] == 4 and row["device"] == "cpu"
     for loop in ("seed", "ours"):
-        for key in ("images_per_s", "epoch_s", "peak_mem_mib", "steps_per_epoch", "precision"):
+        for key in ("images_per_s", "epoch_s", "peak_mem_mib", "steps_per_epoch", "precision", "tflop_per_s", "mfu"):
             assert key in row[loop]
         assert row[loop]["steps_per_epoch"] == 1 and row[loop]["images_per_s"] > 0
     assert row["ratio"] > 0
@@ -83,3 +83,12 @@ def test_quality_fine_tuning_recipe_starts_from_the_same_suffix_run(tmp_path):
                                      "--suffix", "_t", "--no_tta", "--out", str(tmp_path / "q.csv")], tmp_path)
     assert [r["run"] for r in rows] == ["tiny_base_t", "tiny_tune_t"]
     assert rows[1]["command"].endswith("--name tiny_tune_t --epochs 1 --init tiny_base_t")
+
+
+def test_kernel_time_rows(tmp_path):
+    summary = run_script("kernel_time.py", ["--size", "32", "--batch", "2", "--steps", "1", "--amps", "fp32,auto"],
+                         tmp_path)
+    assert summary["bench"] == "kernel_time" and len(summary["rows"]) == 4
+    assert [r["allocator"] for r in summary["rows"]] == ["default", "keep_freed_memory"] * 2
+    for row in summary["rows"]:
+        assert row["images_per_s"] > 0 and row["minor_faults"] >= 0 and row["sys_s"] >= 0

@@ -1,4 +1,5 @@
 """engine.recalibrate_batchnorm: precise BatchNorm statistics against a direct computation."""
+import pytest
 import torch
 
 from engine import Precision, recalibrate_batchnorm
@@ -23,3 +24,51 @@ def test_precise_bn_is_the_plain_average_over_the_first_batches():
     before = bn.running_mean.clone()
     recalibrate_batchnorm(model, batches, Precision(torch.device("cpu")), max_batches=0)
     torch.testing.assert_close(bn.running_mean, before)  # 0 = off
+
+
+def test_amp_auto_follows_the_cpu_and_can_be_forced(monkeypatch):
+    import engine
+    from utils import UsageError
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(engine, "cpu_has_fast_bf16", lambda: True)
+    fast = Precision.choose(cpu, "auto")
+    assert fast.amp_dtype == torch.bfloat16 and fast.channels_last and "native bf16" in fast.describe()
+    monkeypatch.setattr(engine, "cpu_has_fast_bf16", lambda: False)
+    slow = Precision.choose(cpu, True)  # the flag's old value
+    assert slow.amp_dtype is None and "no native bf16" in slow.describe()
+    assert Precision.choose(cpu, "bf16").amp_dtype == torch.bfloat16  # forced even without native bf16
+    assert Precision.choose(cpu, "False").amp_dtype is None
+    with pytest.raises(UsageError, match="fp16 needs a CUDA GPU"):
+        Precision.choose(cpu, "fp16")
+
+
+def test_bf16_step_keeps_the_loss_in_fp32_and_close_to_fp32():
+    from archs import build_model
+    from engine import step
+    from losses import build_loss
+
+    torch.manual_seed(0)
+    model = build_model("UNet", 1, 3, False)
+    images, masks = torch.randn(2, 3, 32, 32), (torch.rand(2, 1, 32, 32) > 0.5).float()
+    losses = {}
+    for amp in ("fp32", "bf16"):
+        precision = Precision.choose(torch.device("cpu"), amp)
+        net = precision.prepare(model)
+        x, y = precision.to_device(images, masks)
+        loss, logits = step(net, x, y, build_loss("BCEDiceLoss"), precision)
+        assert loss.dtype == torch.float32 and logits.dtype == torch.float32
+        losses[amp] = loss.item()
+    assert losses["bf16"] == pytest.approx(losses["fp32"], abs=0.02)
+
+
+def test_amp_flag_reads_old_and_new_values():
+    import argparse
+
+    from utils import amp_mode, compile_mode
+
+    assert [amp_mode(v) for v in (True, "true", "False", 0, "BF16", "fp32")] == ["auto", "auto", "fp32", "fp32",
+                                                                                   "bf16", "fp32"]
+    assert [compile_mode(v) for v in (False, "True", "reduce-overhead")] == [False, "default", "reduce-overhead"]
+    with pytest.raises(argparse.ArgumentTypeError):
+        amp_mode("half")

@@ -30,7 +30,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PRED_THRESHOLD = 127.5
 
 RUNS = {
-    "unet": ("UNet", []),
+    "unet": ("UNet", ["--loader", "workers"]),  # albumentations in a DataLoader; the others augment on the device
     "nested": ("NestedUNet", ["--deep_supervision", "True", "--lr", "0.003"]),
     "borders": ("UNet", ["--borders", "True"]),  # + a touching-border channel, trained but not scored
 }
@@ -384,8 +384,8 @@ def test_init_starts_from_another_runs_weights_and_balance_draws_by_kind(tiny_wo
     for init, saved in (("base", "model.pth"), ("models/base/last.pth", "last.pth")):
         weights = load_checkpoint(f"models/base/{saved}", "cpu")
         weights = weights.get("model", weights)
-        with Trainer(parse_train_args(train_argv("tuned", "--init", init, "--balance", "1", "--overwrite",
-                                                 epochs=1)), progress=False) as t:
+        argv = train_argv("tuned", "--init", init, "--balance", "1", "--overwrite", "--loader", "workers", epochs=1)
+        with Trainer(parse_train_args(argv), progress=False) as t:
             assert all(torch.equal(v, weights[k]) for k, v in t.net.state_dict().items())
             kinds = t.train_loader.dataset.modalities()
             t.fit()

@@ -1,0 +1,222 @@
+"""device_data.py against today's albumentations pipeline (dataset.train_transform): the same distributions of
+flips/rotations, crop positions, scale and colour jitter; and --loader device against --loader workers."""
+import numpy as np
+import pytest
+import torch
+
+import dataset
+from config import parse_train_args
+from conftest import make_synthetic, train_argv
+from device_data import BatchAugment, DeviceImages, DeviceLoader, colour_jitter, d4, shift_hue
+from trainer import Trainer
+
+N = 4000
+
+
+def codes(h, w):
+    """An image whose every pixel value is unique: uint8 [h, w, 3] (channel 0 row-major index mod 256, channel 1
+    the index // 256, channel 2 constant)."""
+    index = np.arange(h * w).reshape(h, w)
+    return np.dstack([index % 256, index // 256, np.full((h, w), 7)]).astype(np.uint8)
+
+
+def ours(images, masks, augment, n=N, seed=0):
+    """n augmentations of sample 0 of (images, masks): float images [n, C, h, w] in [0, 1], masks [n, K, h, w]."""
+    data = DeviceImages(list(zip(images, masks)), images[0].shape[2], torch.device("cpu"))
+    out, hard = augment(data, [0] * n, torch.Generator().manual_seed(seed))
+    return out * dataset.NORM_STD + dataset.NORM_MEAN, hard
+
+
+def theirs(image, mask, transform, n):
+    """n augmentations by albumentations, on the float image as dataset.Dataset feeds it."""
+    x = dataset.image_to_float(image, 3)
+    outs, hards = [], []
+    for k in range(n):
+        transform.set_random_seed(k)
+        o = transform(image=x, mask=mask)
+        outs.append(o["image"].transpose(2, 0, 1))
+        hards.append(o["mask"].transpose(2, 0, 1))
+    return torch.from_numpy(np.stack(outs)), torch.from_numpy(np.stack(hards))
+
+
+def d4_index(out, image):
+    """Which of the 8 D4 transforms turns ``image`` [C, h, w] into ``out``; -1 if none."""
+    for k in range(8):
+        t = image
+        if k & 4:
+            t = t.transpose(-1, -2)
+        if k & 1:
+            t = t.flip(-1)
+        if k & 2:
+            t = t.flip(-2)
+        if torch.allclose(t, out, atol=1e-5, rtol=0):
+            return k
+    return -1
+
+
+def d4_counts(outs, image):
+    return np.bincount([d4_index(o, image) for o in outs], minlength=8)
+
+
+def test_each_flip_and_rotation_equally_often_and_the_mask_follows():
+    image, mask = codes(16, 16), (np.arange(256).reshape(16, 16, 1) % 3 == 0).astype(np.uint8)
+    out, hard = ours([image], [mask], BatchAugment(16, 16, color_jitter=False))
+    reference = torch.from_numpy(image.transpose(2, 0, 1)).float() / 255
+    counts = d4_counts(out, reference)
+    assert counts.sum() == N  # every output is one of the eight, exactly
+    assert np.all(np.abs(counts / N - 1 / 8) < 0.02), counts
+    assert all(torch.equal(h.float(), _same_d4(o, reference, torch.from_numpy(mask.transpose(2, 0, 1)).float()))
+               for o, h in zip(out[:200], hard[:200]))
+    alb, _ = theirs(image, mask, dataset.train_transform(16, 16, color_jitter=False), 800)
+    alb_counts = d4_counts(alb, reference)
+    assert alb_counts.sum() == 800 and np.all(np.abs(alb_counts / 800 - 1 / 8) < 0.04), alb_counts
+
+
+def _same_d4(out, image, mask):
+    k = d4_index(out, image)
+    t = mask
+    if k & 4:
+        t = t.transpose(-1, -2)
+    if k & 1:
+        t = t.flip(-1)
+    if k & 2:
+        t = t.flip(-2)
+    return t
+
+
+def crop_corners(outs, image):
+    """(row, column) of each crop's first pixel in the un-flipped image [h, w] of unique codes."""
+    flat = (image[:, :, 0].astype(int) + 256 * image[:, :, 1].astype(int))
+    corners = []
+    for o in outs:
+        values = np.round(o[0].numpy() * 255).astype(int) + 256 * np.round(o[1].numpy() * 255).astype(int)
+        corners.append(np.unravel_index(np.isin(flat.ravel(), values).nonzero()[0].min(), flat.shape))
+    return np.array(corners)
+
+
+def test_crop_positions_cover_the_same_range_uniformly():
+    image, mask = codes(40, 56), np.zeros((40, 56, 1), np.uint8)
+    out, _ = ours([image], [mask], BatchAugment(0, 0, crop_size=32, color_jitter=False), n=1500)
+    alb, _ = theirs(image, mask, dataset.train_transform(0, 0, crop_size=32, color_jitter=False), 600)
+    for outs in (out, alb):
+        corners = crop_corners(outs, image)
+        assert corners[:, 0].min() == 0 and corners[:, 0].max() == 40 - 32
+        assert corners[:, 1].min() == 0 and corners[:, 1].max() == 56 - 32
+        assert abs(corners[:, 0].mean() - 4) < 0.4 and abs(corners[:, 1].mean() - 12) < 1.0
+
+
+def disk(size, radius):
+    yy, xx = np.mgrid[:size, :size] - (size - 1) / 2
+    inside = (yy ** 2 + xx ** 2 <= radius ** 2).astype(np.uint8)
+    return np.repeat(inside[:, :, None] * 200, 3, axis=2).astype(np.uint8), inside[:, :, None]
+
+
+def test_scale_jitter_draws_the_same_range_of_sizes():
+    image, mask = disk(64, 14)
+    spread = {}
+    for name, (out, hard) in {
+            "ours": ours([image], [mask], BatchAugment(64, 64, scale_jitter=0.25, color_jitter=False), n=600),
+            "albumentations": theirs(image, mask, dataset.train_transform(64, 64, scale_jitter=0.25,
+                                                                           color_jitter=False), 600)}.items():
+        ratio = hard.float().sum((1, 2, 3)) / mask.sum()  # area scales with the square of the factor
+        assert ratio.min() >= 0.75 ** 2 - 0.05 and ratio.max() <= 1.25 ** 2 + 0.05
+        spread[name] = np.quantile(ratio.sqrt().numpy(), [0.05, 0.5, 0.95])
+        assert torch.all((hard == 0) | (hard == 1))
+    np.testing.assert_allclose(spread["ours"], spread["albumentations"], atol=0.03)
+    factors = np.random.default_rng(0).uniform(0.75, 1.25, (100000, 2))  # one per axis, as albumentations' Affine
+    np.testing.assert_allclose(spread["ours"], np.quantile(np.sqrt(factors.prod(1)), [0.05, 0.5, 0.95]), atol=0.03)
+
+
+def test_colour_jitter_draws_the_same_changes():
+    """Against albumentations' ColorJitter and RandomBrightnessContrast as train_transform configures them, mixed
+    as its OneOf states (0.2 unchanged, 0.4 each), each drawn with its own seed."""
+    rng = np.random.default_rng(0)
+    image = (rng.random((16, 16, 3)) * 120 + 60).astype(np.uint8)
+    image[..., 0] //= 2  # coloured, so that saturation and hue matter
+    base = torch.from_numpy(image.transpose(2, 0, 1)).float() / 255
+    x = base.permute(1, 2, 0).numpy()
+    jitter, brightness_contrast = dataset.train_transform(16, 16).transforms[-1].transforms
+    choice = np.random.default_rng(1).random(2000)
+    alb = []
+    for k, u in enumerate(choice):
+        t = None if u < 0.2 else jitter if u < 0.6 else brightness_contrast
+        if t is not None:
+            t.set_random_seed(k)
+        alb.append(x if t is None else t(image=x)["image"])
+    theirs = torch.from_numpy(np.stack(alb).transpose(0, 3, 1, 2))
+    ours_ = colour_jitter(base[None].repeat(4000, 1, 1, 1), torch.Generator().manual_seed(0))
+    stats = {}
+    for name, out in {"ours": ours_, "albumentations": theirs}.items():
+        changed = (out - base).abs().amax((1, 2, 3)) > 1e-4
+        mean_ratio = out.mean((1, 2, 3)) / base.mean()
+        red_share = out[:, 0].mean((1, 2)) / out.mean((1, 2, 3))
+        stats[name] = np.array([changed.float().mean().item(),
+                                *np.quantile(mean_ratio.numpy(), [0.05, 0.25, 0.5, 0.75, 0.95]),
+                                *np.quantile(red_share.numpy(), [0.05, 0.5, 0.95])])
+    np.testing.assert_allclose(stats["ours"][0], 0.8, atol=0.02)
+    np.testing.assert_allclose(stats["ours"], stats["albumentations"], atol=0.03)
+
+
+def _undo(out, base):
+    """``out`` brought back to ``base``'s orientation by trying the eight transforms on its pixels' positions."""
+    for k in range(8):
+        t = out
+        if k & 2:
+            t = t.flip(-2)
+        if k & 1:
+            t = t.flip(-1)
+        if k & 4:
+            t = t.transpose(-1, -2)
+        if torch.corrcoef(torch.stack([t.flatten(), base.flatten()]))[0, 1] > 0.9:
+            return t
+    return out
+
+
+def test_shift_hue_and_identity_jitter():
+    x = torch.rand(2, 3, 8, 8)
+    torch.testing.assert_close(shift_hue(x, torch.zeros(2, 1, 1, 1)), x, atol=1e-6, rtol=0)
+    turned = shift_hue(x, torch.full((2, 1, 1, 1), 1 / 3))  # a third of the circle: R -> G -> B
+    torch.testing.assert_close(turned, x[:, [2, 0, 1]], atol=1e-5, rtol=0)
+    images, masks = d4(x, (x > 0.5).to(torch.uint8), torch.Generator().manual_seed(0))
+    assert torch.equal(masks.bool(), images > 0.5)
+    assert colour_jitter(x, torch.Generator().manual_seed(0)).shape == x.shape
+
+
+def test_mixed_sizes_and_16_bit_images_are_resized_and_scaled():
+    big = (np.arange(48 * 40 * 1).reshape(48, 40, 1) * 30).astype(np.uint16)
+    small = codes(24, 20)[:, :, :1]
+    masks = [np.ones((48, 40, 1), np.uint8), np.zeros((24, 20, 1), np.uint8)]
+    data = DeviceImages([(big, masks[0]), (small, masks[1])], 3, torch.device("cpu"))
+    assert not data.eight_bit and data.images.dtype == torch.float16 and not data.same_size
+    images, hard = BatchAugment(32, 32, color_jitter=False)(data, [0, 1, 0], torch.Generator().manual_seed(0))
+    assert images.shape == (3, 3, 32, 32) and hard.shape == (3, 1, 32, 32)
+    assert hard[0].min() == 1 and hard[1].max() == 0
+    unit = images * dataset.NORM_STD + dataset.NORM_MEAN
+    assert unit.min() >= 0 and unit.max() <= 1 and unit[0].max() > 0.95  # min-max scaled, as in training
+
+
+def test_an_epoch_repeats_and_the_next_differs(tmp_path):
+    data = DeviceImages([(codes(16, 16), np.zeros((16, 16, 1), np.uint8))] * 8, 3, torch.device("cpu"))
+    sampler = torch.utils.data.DistributedSampler(range(8), num_replicas=1, rank=0, shuffle=True, seed=0)
+    loader = DeviceLoader(data, [f"s{i}" for i in range(8)], BatchAugment(16, 16), sampler, 4, seed=0)
+    first = [b[0] for b in loader]
+    assert len(loader) == 2 and len(first) == 2
+    assert all(torch.equal(a, b) for a, b in zip(first, [b[0] for b in loader]))
+    sampler.set_epoch(1)
+    assert not torch.equal(first[0], next(iter(loader))[0])
+
+
+def test_device_and_worker_loaders_give_the_same_split_and_sizes(tmp_path, monkeypatch):
+    make_synthetic(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    built = {}
+    for loader in ("device", "workers"):
+        argv = train_argv(f"l_{loader}", "--loader", loader, "--crop_size", "16")
+        with Trainer(parse_train_args(argv), progress=False) as t:
+            images, masks, meta = next(iter(t.train_loader))
+            built[loader] = (t.split, len(t.train_loader), images.shape, masks.shape, images.dtype, masks.dtype)
+            assert t.on_device == (loader == "device")
+            assert set(masks.unique().tolist()) <= {0.0, 1.0} and len(meta["img_id"]) == images.shape[0]
+    device, workers = built["device"], built["workers"]
+    assert device[0].equals(workers[0])
+    assert device[1:] == workers[1:]
