@@ -3,7 +3,8 @@
 Raw layout (as unzipped from stage1_train.zip)::
 
     <src>/<id>/images/<id>.png    RGBA image
-    <src>/<id>/masks/*.png        one 0/255 mask per nucleus
+    <src>/<id>/masks/*.png        one 0/255 mask per nucleus (or, with --masks_csv, none: Kaggle's stage1_test
+                                  ships its ground truth as stage1_solution.csv, one run-length row per nucleus)
 
 Output layout::
 
@@ -15,6 +16,8 @@ Images are resized with INTER_LINEAR to ``--img_size`` squared (as the original 
 semantic mask is resized with INTER_LINEAR and thresholded at 128 (hard 0/255, where the original kept soft
 values); the labels are resized with INTER_NEAREST, so a nucleus too small to survive the resize loses its
 number (the numbers are never reassigned). ``--img_size 0`` keeps every image at its original size.
+A ``--src`` whose folder name holds ``test`` (stage1_test) goes to ``inputs/dsb2018_test_<img_size>`` or
+``inputs/dsb2018_test_full``: a test set, scored with ``val.py --name <run> --dataset dsb2018_test_full``.
 
 The output is built in a temporary folder beside the destination and renamed into place at the end, so an
 interrupted run leaves nothing half-made; an existing destination is replaced only when the run succeeds.
@@ -40,9 +43,62 @@ DOWNLOAD_HINT = (
 )
 
 
-def default_dst(img_size):
-    """``inputs/dsb2018_<img_size>``, or ``inputs/dsb2018_full`` for ``img_size == 0``."""
-    return os.path.join("inputs", "dsb2018_full" if img_size == 0 else f"dsb2018_{img_size}")
+def default_dst(img_size, src=DEFAULT_SRC):
+    """``inputs/dsb2018_<img_size>``, or ``inputs/dsb2018_full`` for ``img_size == 0``; ``dsb2018_test_...`` when
+    the source folder's name holds 'test'."""
+    prefix = "dsb2018_test" if "test" in os.path.basename(os.path.normpath(src)).lower() else "dsb2018"
+    return os.path.join("inputs", f"{prefix}_full" if img_size == 0 else f"{prefix}_{img_size}")
+
+
+def rle_decode(encoded, height, width):
+    """Kaggle's run-length encoding -> bool [height, width]: 'start length ...' pairs, pixels numbered from 1 top to
+    bottom, then left to right (column-major)."""
+    import numpy as np
+
+    values = np.asarray(str(encoded).split(), dtype=np.int64)
+    if values.size % 2 or (values.size and (values[0::2].min() < 1 or (values[0::2] + values[1::2]).max() - 1 >
+                                            height * width)):
+        raise DataError(f"a run-length mask of a {height}x{width} image is malformed: {str(encoded)[:60]}")
+    flat = np.zeros(height * width, bool)
+    for start, length in zip(values[0::2] - 1, values[1::2]):
+        flat[start:start + length] = True
+    return flat.reshape(width, height).T
+
+
+def csv_labels(csv_path, sid):
+    """16-bit instance labels of image ``sid`` from a Kaggle solution CSV (ImageId, EncodedPixels, Height, Width):
+    nucleus i (row order) has value i; None when the CSV has no row for it."""
+    import numpy as np
+
+    rows = _read_csv(csv_path)
+    rows = rows[rows["ImageId"] == sid]
+    if not len(rows):
+        return None
+    height, width = int(rows["Height"].iloc[0]), int(rows["Width"].iloc[0])
+    labels = np.zeros((height, width), np.uint16)
+    for i, encoded in enumerate(rows["EncodedPixels"], start=1):
+        labels[rle_decode(encoded, height, width)] = i
+    return labels
+
+
+_CSV = {}
+
+
+def _read_csv(path):
+    """The solution CSV, read once per process."""
+    import pandas as pd
+
+    if path not in _CSV:
+        try:
+            table = pd.read_csv(path, dtype={"ImageId": str, "EncodedPixels": str})
+        except (OSError, ValueError) as e:
+            raise DataError(f"--masks_csv {path}: cannot read it ({str(e).splitlines()[0][:100]})") from None
+        missing = {"ImageId", "EncodedPixels", "Height", "Width"} - set(table.columns)
+        if missing:
+            raise DataError(f"--masks_csv {path} lacks the columns {', '.join(sorted(missing))} (Kaggle's "
+                            "stage1_solution.csv has ImageId,EncodedPixels,Height,Width)")
+        _CSV[path] = table
+    return _CSV[path]
 
 
 def list_samples(src):
@@ -64,30 +120,46 @@ def _read(path, flags):
     return image
 
 
-def load_sample(sample_dir):
-    """Read one raw sample: returns (image uint8 HxWx3 BGR, list of instance masks as bool HxW)."""
+def load_sample(sample_dir, masks_csv=None):
+    """Read one raw sample: returns (image uint8 HxWx3 BGR, instance labels uint16 HxW, number of nuclei).
+
+    The nuclei come from the mask PNGs (nucleus i in sorted file order has value i; a later mask owns any
+    overlap), or from the rows of ``masks_csv`` for this id (row order)."""
     import cv2
+    import numpy as np
 
     sid = os.path.basename(os.path.normpath(sample_dir))
     image_path = os.path.join(sample_dir, "images", sid + ".png")
     if not os.path.isfile(image_path):
         raise DataError(f"sample folder {sample_dir} has no image: expected {image_path}")
+    image = _read(image_path, cv2.IMREAD_COLOR)  # RGBA -> BGR with alpha dropped; grey -> 3 channels
+    if masks_csv is not None:
+        labels = csv_labels(masks_csv, sid)
+        if labels is None:
+            raise DataError(f"--masks_csv {masks_csv} has no row for image {sid}")
+        if labels.shape != image.shape[:2]:
+            raise DataError(f"--masks_csv {masks_csv} gives {sid} the size {labels.shape[1]}x{labels.shape[0]} but "
+                            f"the image is {image.shape[1]}x{image.shape[0]}")
+        return image, labels, int(labels.max())
     mask_dir = os.path.join(sample_dir, "masks")
     mask_files = sorted(f for f in os.listdir(mask_dir) if f.lower().endswith(".png")) if os.path.isdir(mask_dir) else []
     if not mask_files:
-        raise DataError(f"sample folder {sample_dir} has no masks: expected PNG files in {mask_dir}")
-    image = _read(image_path, cv2.IMREAD_COLOR)  # RGBA -> BGR with alpha dropped; grey -> 3 channels
-    masks = []
-    for f in mask_files:
+        raise DataError(f"sample folder {sample_dir} has no masks: expected PNG files in {mask_dir} (or pass "
+                        "--masks_csv with the run-length CSV)")
+    if len(mask_files) > 65535:
+        raise DataError(f"sample folder {sample_dir} has {len(mask_files)} masks, more than a 16-bit label image "
+                        "holds")
+    labels = np.zeros(image.shape[:2], np.uint16)
+    for i, f in enumerate(mask_files, start=1):
         path = os.path.join(mask_dir, f)
         m = _read(path, cv2.IMREAD_GRAYSCALE)
         if m.shape != image.shape[:2]:
             raise DataError(f"{path} is {m.shape[1]}x{m.shape[0]} but the image is {image.shape[1]}x{image.shape[0]}")
-        masks.append(m >= 128)
-    return image, masks
+        labels[m >= 128] = i
+    return image, labels, len(mask_files)
 
 
-def convert_sample(sample_dir, out_dir, img_size):
+def convert_sample(sample_dir, out_dir, img_size, masks_csv=None):
     """Convert one sample into ``out_dir`` (images/, masks/0/, labels/); returns (id, number of nuclei)."""
     import cv2
     import numpy as np
@@ -95,12 +167,7 @@ def convert_sample(sample_dir, out_dir, img_size):
     from utils import atomic_imwrite
 
     sid = os.path.basename(os.path.normpath(sample_dir))
-    image, masks = load_sample(sample_dir)
-    if len(masks) > 65535:
-        raise DataError(f"sample folder {sample_dir} has {len(masks)} masks, more than a 16-bit label image holds")
-    labels = np.zeros(image.shape[:2], np.uint16)
-    for i, m in enumerate(masks, start=1):  # a later mask owns any overlap
-        labels[m] = i
+    image, labels, count = load_sample(sample_dir, masks_csv)
     union = np.where(labels > 0, 255, 0).astype(np.uint8)
     if img_size:
         size = (img_size, img_size)
@@ -111,17 +178,17 @@ def convert_sample(sample_dir, out_dir, img_size):
     atomic_imwrite(os.path.join(out_dir, "images", sid + ".png"), image)
     atomic_imwrite(os.path.join(out_dir, "masks", "0", sid + ".png"), mask)
     atomic_imwrite(os.path.join(out_dir, "labels", sid + ".png"), labels)
-    return sid, len(masks)
+    return sid, count
 
 
 class _Job:
     """Picklable ``convert_sample`` with the source and destination fixed, for Pool.imap."""
 
-    def __init__(self, src, out_dir, img_size):
-        self.src, self.out_dir, self.img_size = src, out_dir, img_size
+    def __init__(self, src, out_dir, img_size, masks_csv=None):
+        self.src, self.out_dir, self.img_size, self.masks_csv = src, out_dir, img_size, masks_csv
 
     def __call__(self, sid):
-        return convert_sample(os.path.join(self.src, sid), self.out_dir, self.img_size)
+        return convert_sample(os.path.join(self.src, sid), self.out_dir, self.img_size, self.masks_csv)
 
 
 def _init_worker():
@@ -133,18 +200,18 @@ def _init_worker():
     cv2.setNumThreads(1)
 
 
-
-
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description="Convert Kaggle's raw DSB2018 stage1_train into images/, masks/0/ and labels/.",
+        description="Convert Kaggle's raw DSB2018 stage1_train (or stage1_test) into images/, masks/0/ and labels/.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--src", default=DEFAULT_SRC, help="raw stage1_train folder (one sub-folder per sample)")
     p.add_argument("--img_size", type=int, default=96, help="output height and width; 0 keeps the original size")
-    p.add_argument("--dst", default=None, help="output folder (default inputs/dsb2018_<img_size> or inputs/dsb2018_full)")
+    p.add_argument("--dst", default=None, help="output folder (default inputs/dsb2018_<img_size> or inputs/dsb2018_full; "
+                   "dsb2018_test_... for a --src named stage1_test)")
+    p.add_argument("--masks_csv", default=None,
+                   help="read the nuclei from this run-length CSV (Kaggle's stage1_solution.csv: ImageId, "
+                        "EncodedPixels, Height, Width) instead of the masks/ folders")
     p.add_argument("--num_workers", type=int, default=os.cpu_count() or 1, help="worker processes")
     p.add_argument("--limit", type=int, default=None, help="only convert the first N samples (sorted ids)")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
@@ -159,7 +226,9 @@ def main(argv=None):
         raise UsageError(f"--num_workers must be at least 1, got {args.num_workers}")
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be at least 1, got {args.limit}")
-    dst = args.dst or default_dst(args.img_size)
+    dst = args.dst or default_dst(args.img_size, args.src)
+    if args.masks_csv is not None and not os.path.isfile(args.masks_csv):
+        raise UsageError(f"--masks_csv {args.masks_csv}: no such file")
     check_replaceable_dataset(dst, "--dst")
     ids = list_samples(args.src)
     if args.limit is not None:
@@ -175,7 +244,7 @@ def main(argv=None):
     try:
         for sub in ("images", os.path.join("masks", "0"), "labels"):
             os.makedirs(os.path.join(tmp, sub))
-        job = _Job(args.src, tmp, args.img_size)
+        job = _Job(args.src, tmp, args.img_size, args.masks_csv)
         workers = min(args.num_workers, len(ids))
         if workers > 1:
             import multiprocessing

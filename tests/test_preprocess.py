@@ -247,3 +247,67 @@ def test_real_dsb2018_subset(tmp_path):
         n_masks = len([f for f in os.listdir(REAL_SRC / sid / "masks") if f.endswith(".png")])
         assert 0 < len(np.unique(lab[lab > 0])) <= n_masks and lab.max() <= n_masks
         assert np.mean((lab > 0) != (mask > 0)) < 0.1
+
+
+REAL_TEST = ROOT.parent / "shared" / "data" / "dsb2018" / "stage1_test"
+REAL_SOLUTION = ROOT.parent / "shared" / "data" / "dsb2018" / "stage1_solution.csv"
+
+
+def _encode(mask):
+    """Kaggle's run-length encoding written independently: runs of the column-major flattened mask, from 1."""
+    flat = np.concatenate([[0], (mask.T.reshape(-1) > 0).astype(np.int8), [0]])
+    edges = np.flatnonzero(np.diff(flat))
+    starts, ends = edges[0::2] + 1, edges[1::2] + 1
+    return " ".join(f"{s} {e - s}" for s, e in zip(starts, ends))
+
+
+def _same_partition(a, b):
+    """True when the label images a and b number the same nuclei (maybe differently) and agree on background."""
+    pairs = set(zip(a.ravel().tolist(), b.ravel().tolist()))
+    return len(pairs) == len(np.unique(a)) == len(np.unique(b)) and (0, 0) in pairs
+
+
+def test_rle_decode_inverts_the_encoding():
+    rng = np.random.default_rng(1)
+    mask = rng.random((7, 11)) > 0.6
+    np.testing.assert_array_equal(pre.rle_decode(_encode(mask), 7, 11), mask)
+    assert pre.rle_decode("1 3 10 2", 4, 3).T.ravel().nonzero()[0].tolist() == [0, 1, 2, 9, 10]
+    with pytest.raises(DataError, match="malformed"):
+        pre.rle_decode("70 20", 7, 11)
+
+
+def test_masks_csv_gives_the_labels_of_the_mask_pngs(raw, tmp_path):
+    src, samples = raw
+    rows = [f"{sid},{_encode(m > 0)},{m.shape[0]},{m.shape[1]},Public" for sid, (_, masks) in sorted(samples.items())
+            for m in masks]
+    csv = tmp_path / "solution.csv"
+    csv.write_text("ImageId,EncodedPixels,Height,Width,Usage\n" + "\n".join(rows) + "\n")
+    pre.main(["--src", str(src), "--img_size", "0", "--dst", str(tmp_path / "png"), "--num_workers", "1"])
+    for sid in samples:
+        for f in (src / sid / "masks").iterdir():
+            f.unlink()  # the CSV alone must be enough, as for Kaggle's stage1_test
+    pre.main(["--src", str(src), "--img_size", "0", "--dst", str(tmp_path / "csv"), "--num_workers", "2",
+              "--masks_csv", str(csv)])
+    for sid in samples:
+        for got, want in zip(_read_out(tmp_path / "csv", sid), _read_out(tmp_path / "png", sid)):
+            np.testing.assert_array_equal(got, want)
+    with pytest.raises(DataError, match="lacks the columns"):
+        bad = tmp_path / "bad.csv"
+        bad.write_text("ImageId,Pixels\naaa,1 2\n")
+        pre._CSV.clear()
+        pre.main(["--src", str(src), "--dst", str(tmp_path / "bad"), "--num_workers", "1", "--masks_csv", str(bad)])
+
+
+def test_default_dst_names_a_test_source():
+    assert pre.default_dst(0, "x/stage1_test") == os.path.join("inputs", "dsb2018_test_full")
+    assert pre.default_dst(96, "x/stage1_train/") == os.path.join("inputs", "dsb2018_96")
+
+
+def test_real_solution_csv_matches_the_test_masks():
+    """Kaggle ships the stage 1 test ground truth as run-length rows; they give the nuclei of the mask PNGs."""
+    if not (REAL_TEST.is_dir() and REAL_SOLUTION.is_file()):
+        pytest.skip(f"DSB2018 stage1_test or its solution CSV not found under {REAL_TEST.parent} (used when present)")
+    for sid in sorted(os.listdir(REAL_TEST))[:5]:
+        _, from_png, count = pre.load_sample(str(REAL_TEST / sid))
+        _, from_csv, csv_count = pre.load_sample(str(REAL_TEST / sid), str(REAL_SOLUTION))
+        assert count == csv_count > 0 and _same_partition(from_png, from_csv), sid
