@@ -1,7 +1,13 @@
-"""Evaluate a trained run on its validation split (or its test split) and write what it predicted.
+"""Evaluate a trained run on its validation split (or its test split, or another dataset) and write what it
+predicted.
 
     python val.py --name dsb2018_96_NestedUNet_wDS
     python val.py --name dsb2018_96_NestedUNet_wDS --split test --tta
+    python val.py --name dsb2018_full_UNet_crop256 --dataset dsb2018_test_full     # every image of a test set
+
+With ``--dataset`` every image of inputs/<dataset>/ is scored, at the run's evaluation size (resized for a run
+trained on resized images, the image's own size for a crop-trained run), and the outputs go to
+outputs/<name>_on_<dataset>/, never over the run's own validation outputs.
 
 Reads models/<name>/config.yml, model.pth and split.csv; prints pooled IoU, mean per-image IoU and mean
 per-image Dice; writes outputs/<name>/<class>/<id>.png (probability x 255, 8-bit PNG; runs trained with
@@ -14,8 +20,8 @@ summary.png.
 import argparse
 import os
 
-from config import add_amp_arg, add_separation_args
-from utils import ArgumentParser, run_cli
+from config import INPUTS_DIR, add_amp_arg, add_separation_args, run_dir
+from utils import ArgumentParser, UsageError, run_cli
 
 # what val.py prints for each --separation, in the order the DSB2018 scores follow the chosen one
 SEPARATION_NAMES = {"cc": "connected components", "watershed": "watershed", "borders": "learned borders"}
@@ -28,7 +34,11 @@ def build_parser():
                                    "that --separation, --min_size and --min_confidence make (the other separations "
                                    "printed beside it).")
     p.add_argument("--name", required=True, help="run name (a folder in models/)")
-    p.add_argument("--split", default="val", choices=["val", "test", "train"], help="which ids of split.csv")
+    p.add_argument("--split", default=None, choices=["val", "test", "train"],
+                   help="which ids of split.csv (default val)")
+    p.add_argument("--dataset", default=None,
+                   help="score every image of inputs/<dataset>/ instead (a dataset the run was not trained on, e.g. "
+                        "the test set that preprocess_dsb2018.py makes from stage1_test)")
     p.add_argument("--tta", action="store_true", help="average the four flips (test-time augmentation)")
     p.add_argument("--prune", type=int, default=None, choices=[1, 2, 3, 4],
                    help="NestedUNet with deep supervision: run only the sub-network up to head X0,L")
@@ -43,10 +53,31 @@ def build_parser():
     return p
 
 
+def evaluation_ids(args, cfg):
+    """(dataset folder, ids to score, what they are) for --split (ids from the run's split.csv) or --dataset (every
+    image of that dataset)."""
+    from dataset import list_ids  # deferred with the other heavy imports: --help stays fast
+    from trainer import read_split
+
+    if args.dataset is not None:
+        if args.split is not None:
+            raise UsageError("--split picks ids of the run's own dataset; with --dataset every image is scored, so "
+                             "give one of the two")
+        dataset_dir = args.dataset if os.path.isdir(os.path.join(args.dataset, "images")) else \
+            os.path.join(INPUTS_DIR, args.dataset)
+        ids = list_ids(dataset_dir, cfg.img_ext, cfg.mask_ext, cfg.num_classes)
+        return dataset_dir, ids, f"all of {dataset_dir} (not trained on)"
+    split_name = args.split or "val"
+    mdir = run_dir(args.name)
+    split = read_split(os.path.join(mdir, "split.csv"))
+    ids = split.loc[split["split"] == split_name, "img_id"].tolist()
+    if not ids:
+        raise UsageError(f"{mdir}/split.csv has no '{split_name}' ids (train with --test_size for a test split)")
+    return os.path.join(INPUTS_DIR, cfg.dataset), ids, f"{split_name} split"
+
+
 def main(argv):
     args = build_parser().parse_args(argv)
-    from config import INPUTS_DIR, run_dir
-
     import numpy as np
     import pandas as pd
     import torch
@@ -55,8 +86,8 @@ def main(argv):
     from engine import Precision, evaluate
     from instances import choose_separation, dsb_scores, object_filters, read_labels
     from metrics import per_image_scores
-    from trainer import build_criterion, load_run, make_eval_loader, read_split
-    from utils import UsageError, atomic_imwrite, atomic_write, choose_device
+    from trainer import build_criterion, load_run, make_eval_loader
+    from utils import atomic_imwrite, atomic_write, choose_device
     from visualize import denormalize, overlay_panel, write_summary
 
     filters = object_filters(args.min_size, args.min_confidence)
@@ -65,18 +96,15 @@ def main(argv):
     args.separation = choose_separation(args.separation, cfg.borders, args.name)
     methods = [m for m in SEPARATION_NAMES if m != "borders" or cfg.borders]
     methods.insert(0, methods.pop(methods.index(args.separation)))
-    mdir = run_dir(args.name)
-    split = read_split(os.path.join(mdir, "split.csv"))
-    ids = split.loc[split["split"] == args.split, "img_id"].tolist()
-    if not ids:
-        raise UsageError(f"{mdir}/split.csv has no '{args.split}' ids (train with --test_size for a test split)")
+    dataset_dir, ids, part = evaluation_ids(args, cfg)
     cfg.num_workers = args.num_workers
     cfg.batch_size = args.batch_size or cfg.batch_size
-    loader = make_eval_loader(cfg, os.path.join(INPUTS_DIR, cfg.dataset), ids, device)
+    loader = make_eval_loader(cfg, dataset_dir, ids, device)
     kinds = dict(zip(loader.dataset.img_ids, loader.dataset.modalities()))
-    out_dir = args.output or os.path.join("outputs", args.name)
+    out_dir = args.output or os.path.join("outputs", args.name if args.dataset is None else
+                                          f"{args.name}_on_{os.path.basename(os.path.normpath(args.dataset))}")
     rows = []
-    labels_dir = os.path.join(INPUTS_DIR, cfg.dataset, "labels")
+    labels_dir = os.path.join(dataset_dir, "labels")
     labelled = {i for i in ids if os.path.isfile(os.path.join(labels_dir, i + ".png"))}
     dsb = {m: [] for m in methods}
     classes = cfg.num_classes
@@ -100,14 +128,14 @@ def main(argv):
                                overlay_panel(denormalize(images[i]), masks[i, 0].cpu().numpy() > 0, probs[i, 0]))
 
     precision = Precision.choose(device, args.amp)
-    scores = evaluate(precision.prepare(model), loader, build_criterion(cfg), precision, desc=args.split,
+    scores = evaluate(precision.prepare(model), loader, build_criterion(cfg), precision, desc="eval",
                       prune=args.prune, tta=args.tta, on_batch=save_batch, classes=classes)
     table = pd.DataFrame(rows).sort_values("iou", kind="stable").reset_index(drop=True)
     with atomic_write(os.path.join(out_dir, "scores.csv")) as f:
         table.to_csv(f, index=False, float_format="%.6f")
     if not args.no_overlays:
         write_summary(os.path.join(out_dir, "overlays"), table, os.path.join(out_dir, "summary.png"))
-    what = f"{args.split} split, {len(ids)} images, {precision.describe()}" + (", flip TTA" if args.tta else "") + \
+    what = f"{part}, {len(ids)} images, {precision.describe()}" + (", flip TTA" if args.tta else "") + \
         (f", pruned at L={args.prune}" if args.prune else "")
     per_kind = table.groupby("kind")["iou"].agg(["size", "mean"])
     by_kind = ", ".join(f"{k} {per_kind['mean'][k]:.4f} ({per_kind['size'][k]})" for k in MODALITIES

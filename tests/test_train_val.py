@@ -394,3 +394,30 @@ def test_init_starts_from_another_runs_weights_and_balance_draws_by_kind(tiny_wo
     cfg = yaml.safe_load(open("models/tuned/config.yml"))
     assert cfg["init"] == "models/base/last.pth" and cfg["balance"] == 1
     assert len(pd.read_csv("models/tuned/log.csv")) == 1
+
+
+def test_val_scores_every_image_of_another_dataset(work, capsys):
+    """val.py --dataset: a dataset the run never saw, every image scored at the run's size, outputs beside (never
+    over) the run's own validation outputs; the pooled IoU is the one the written files give."""
+    root, _, all_scores = work
+    with cwd(root):
+        other = make_synthetic(root, name="unseen", num_images=5, size=48, seed=7)
+        before = sorted(os.listdir(root / "outputs" / "unet" / "0"))
+        scores = val.main(["--name", "unet", "--dataset", "unseen", "--device", "cpu", "--amp", "fp32"])
+        with pytest.raises(UsageError, match="give one of the two"):
+            val.main(["--name", "unet", "--dataset", "unseen", "--split", "test"])
+    out = root / "outputs" / "unet_on_unseen"
+    assert sorted(os.listdir(out / "0")) == sorted(i + ".png" for i in other)
+    assert sorted(os.listdir(root / "outputs" / "unet" / "0")) == before
+    table = pd.read_csv(out / "scores.csv", dtype={"img_id": str})
+    assert sorted(table["img_id"]) == sorted(other) and "dsb" in table.columns
+    inter = union = 0
+    for sid in other:
+        prob = cv2.imread(str(out / "0" / f"{sid}.png"), cv2.IMREAD_UNCHANGED)
+        truth = cv2.imread(str(root / "inputs" / "unseen" / "masks" / "0" / f"{sid}.png"), cv2.IMREAD_UNCHANGED)
+        assert prob.shape == (32, 32)  # the run's 32x32 evaluation size, not the dataset's 48x48
+        truth = cv2.resize(truth, (32, 32), interpolation=cv2.INTER_NEAREST) > 0
+        pred = prob > PRED_THRESHOLD
+        inter, union = inter + int((pred & truth).sum()), union + int((pred | truth).sum())
+    assert scores["iou"] == pytest.approx(inter / union, abs=1e-3)
+    assert "all of inputs/unseen (not trained on), 5 images" in capsys.readouterr().out
