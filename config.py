@@ -12,6 +12,8 @@ import yaml
 from utils import AMP_MODES, ArgumentParser, UsageError, amp_mode, check_run_name, compile_mode, str2bool
 
 MODELS_DIR = "models"
+# the model that ships with the toolkit (pretrained/<name>/: config.yml, model.pth and its .sha256, a model card)
+PRETRAINED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained")
 INPUTS_DIR = "inputs"
 SEPARATIONS = ("watershed", "cc", "borders")  # the ways instances.py splits a mask into nuclei
 LOADERS = ("auto", "device", "workers")  # where training batches are augmented (dataset.py / device_data.py)
@@ -210,9 +212,9 @@ def check_train_args(args):
 
 def init_weights_path(init):
     """--init NAME or PATH -> the weights file: a path as given (ends in .pth, has a folder, or exists), else
-    models/NAME/model.pth."""
+    the model.pth of run NAME (:func:`saved_run_dir`)."""
     is_file = init.endswith(".pth") or os.sep in init or os.path.isfile(init)
-    return init if is_file else os.path.join(run_dir(init), "model.pth")
+    return init if is_file else os.path.join(saved_run_dir(init), "model.pth")
 
 
 def output_channels(args):
@@ -223,6 +225,16 @@ def output_channels(args):
 def run_dir(name):
     """models/<name>, after checking that name is a plain name."""
     return os.path.join(MODELS_DIR, check_run_name(name))
+
+
+def saved_run_dir(name):
+    """The folder of a trained run to load: models/<name>, or the bundled pretrained/<name> when models/ has no run
+    of that name (a run of your own wins)."""
+    own = run_dir(name)
+    bundled = os.path.join(PRETRAINED_DIR, name)
+    if not os.path.isfile(os.path.join(own, "config.yml")) and os.path.isfile(os.path.join(bundled, "config.yml")):
+        return bundled
+    return own
 
 
 def save_run_config(args, path):
@@ -236,8 +248,9 @@ def save_run_config(args, path):
 
 
 def load_run_config(name):
-    """Read models/<name>/config.yml with yaml.safe_load, check its keys, and return an argparse Namespace."""
-    path = os.path.join(run_dir(name), "config.yml")
+    """Read the run's config.yml (models/<name>/ or the bundled pretrained/<name>/) with yaml.safe_load, check its
+    keys, and return an argparse Namespace."""
+    path = os.path.join(saved_run_dir(name), "config.yml")
     if not os.path.isfile(path):
         raise UsageError(f"no run named {name!r}: {path} not found (train it first, or check --name)")
     parser = build_train_parser()

@@ -1,10 +1,19 @@
-"""The training layout on disk, and a torch Dataset over it.
+"""The training layouts on disk, and a torch Dataset over them.
 
-Layout (the one pytorch-nested-unet used)::
+Three layouts (:class:`Layout`); the first is the one pytorch-nested-unet used::
 
     inputs/<dataset>/images/<id><img_ext>
     inputs/<dataset>/masks/<class>/<id><mask_ext>     # class folders 0, 1, ... one per output channel
     inputs/<dataset>/labels/<id>.png                   # optional 16-bit instance labels (0 = background)
+
+    inputs/<dataset>/images/<id><img_ext>             # label images (StarDist's layout): one integer per nucleus,
+    inputs/<dataset>/labels/<id><mask_ext>            # 0 = background; or masks/<id><mask_ext>, no class folders
+
+    inputs/<dataset>/<id>_img<img_ext>                # Cellpose's layout: image and label image side by side
+    inputs/<dataset>/<id>_masks<mask_ext>
+
+With label images the binary mask (one class) is every labelled pixel, and the labels serve the instance score and
+``--borders``. TIFF files are read with tifffile (16-bit, OME and ImageJ TIFFs), everything else with OpenCV.
 
 With ``borders=True`` (train.py --borders True) the labels are required: each sample gets one more target
 channel after the classes, the pixels where two nuclei touch (:func:`instances.touching_borders`).
@@ -21,6 +30,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations' import
 import albumentations as A
 import cv2
 import numpy as np
+import tifffile
 import torch
 
 from utils import DataError, UsageError
@@ -31,13 +41,34 @@ NORM_STD = 0.25
 
 # ---------------------------------------------------------------------------------------------- reading files
 
+TIFF_EXTS = (".tif", ".tiff")
+
+
 def _imread(path, flags, what):
-    """cv2.imread with a DataError naming the file when it is missing or not a readable image."""
+    """cv2.imread (tifffile for TIFFs) with a DataError naming the file when it is missing or not a readable image."""
+    path = str(path)
     if not os.path.isfile(path):
         raise DataError(f"{what} file {path} does not exist")
+    if path.lower().endswith(TIFF_EXTS):
+        return _read_tiff(path, what)
     img = cv2.imread(path, flags)
     if img is None or img.size == 0:
         raise DataError(f"cannot read {what} {path}: the file is not a readable image (truncated or wrong format?)")
+    return img
+
+
+def _read_tiff(path, what):
+    """A 2D TIFF (first series) -> [H, W] or [H, W, C], channels last."""
+    try:
+        img = tifffile.imread(path, series=0)
+    except Exception as e:  # tifffile raises TiffFileError, ValueError, ... for damaged files
+        raise DataError(f"cannot read {what} {path}: not a readable TIFF ({str(e).splitlines()[0][:80]})") from None
+    img = np.squeeze(img)
+    if img.ndim == 3 and img.shape[0] in (3, 4) and img.shape[2] not in (3, 4):
+        img = np.moveaxis(img, 0, 2)  # channels first (ImageJ hyperstacks) -> last
+    if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] > 4):
+        raise DataError(f"{what} {path} has shape {img.shape}: a 2D image (grey or up to 4 channels) is needed, "
+                        "not a stack; save one plane per file")
     return img
 
 
@@ -48,9 +79,24 @@ def decode_image(path):
         img = img[:, :, None]
     if img.shape[2] == 4:
         img = img[:, :, :3]
-    if img.shape[2] == 3:
+    if img.shape[2] == 3 and not path.lower().endswith(TIFF_EXTS):  # OpenCV reads BGR, tifffile RGB
         img = img[:, :, ::-1]
     return np.ascontiguousarray(img)
+
+
+def read_label_image(path):
+    """Read an instance label image (0 = background, one integer per nucleus; 8/16/32-bit PNG or TIFF) -> int32
+    [H, W]. A colour image or float values are a DataError naming the file."""
+    labels = _imread(path, cv2.IMREAD_UNCHANGED, "label image")
+    if labels.ndim == 3:
+        if (labels != labels[:, :, :1]).any():
+            raise DataError(f"label image {path} is a colour image; label images hold one integer per nucleus in a "
+                            "single channel (0 = background)")
+        labels = labels[:, :, 0]
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"label image {path} holds {labels.dtype} values; label images hold integers, one per "
+                        "nucleus (save them as 16-bit PNG or integer TIFF)")
+    return labels.astype(np.int32)
 
 
 def image_to_float(img, input_channels):
@@ -99,24 +145,97 @@ def _few(ids, n=3):
     return ", ".join(ids[:n]) + (f" and {len(ids) - n} more" if len(ids) > n else "")
 
 
+class Layout:
+    """Where the files of sample ``img_id`` are in a dataset folder of one of the three layouts (module docstring):
+    ``kind`` is 'masks', 'labels' (label images in ``label_dir``) or 'cellpose'."""
+
+    def __init__(self, dataset_dir, kind, img_ext=".png", mask_ext=".png", label_dir=None):
+        self.dataset_dir, self.kind, self.img_ext, self.mask_ext = dataset_dir, kind, img_ext, mask_ext
+        self.label_dir = label_dir
+
+    def image(self, img_id):
+        if self.kind == "cellpose":
+            return os.path.join(self.dataset_dir, f"{img_id}_img{self.img_ext}")
+        return os.path.join(self.dataset_dir, "images", img_id + self.img_ext)
+
+    def mask(self, img_id, c):
+        """The binary mask of class ``c`` ('masks' layout only)."""
+        return os.path.join(self.dataset_dir, "masks", str(c), img_id + self.mask_ext)
+
+    def labels(self, img_id):
+        """The instance label image of ``img_id``, or None (a 'masks' dataset without labels/<id>.png)."""
+        if self.kind == "cellpose":
+            return os.path.join(self.dataset_dir, f"{img_id}_masks{self.mask_ext}")
+        if self.kind == "labels":
+            return os.path.join(self.label_dir, img_id + self.mask_ext)
+        path = os.path.join(self.dataset_dir, "labels", img_id + ".png")
+        return path if os.path.isfile(path) else None
+
+    def image_ids(self):
+        if self.kind == "cellpose":
+            suffix = f"_img{self.img_ext}"
+            return {f[: -len(suffix)] for f in os.listdir(self.dataset_dir) if f.endswith(suffix)}
+        return _ids_in(os.path.join(self.dataset_dir, "images"), self.img_ext)
+
+
+def find_layout(dataset_dir, img_ext=".png", mask_ext=".png"):
+    """The :class:`Layout` of ``dataset_dir``: class folders under masks/ make the 'masks' layout; label images in
+    labels/ (no masks/) or directly in masks/ the 'labels' layout; <id>_img files beside <id>_masks files Cellpose's."""
+    img_dir, mask_dir = os.path.join(dataset_dir, "images"), os.path.join(dataset_dir, "masks")
+    if not os.path.isdir(img_dir):
+        if os.path.isdir(dataset_dir) and any(f.endswith(f"_img{img_ext}") for f in os.listdir(dataset_dir)):
+            return Layout(dataset_dir, "cellpose", img_ext, mask_ext)
+        raise DataError(f"dataset folder {img_dir} not found: run preprocess_dsb2018.py, use --dataset synthetic, "
+                        "or lay out your data as in the README ('Your own data')")
+    if os.path.isdir(mask_dir) and _ids_in(mask_dir, mask_ext):
+        return Layout(dataset_dir, "labels", img_ext, mask_ext, mask_dir)
+    labels_dir = os.path.join(dataset_dir, "labels")
+    if not os.path.isdir(mask_dir) and os.path.isdir(labels_dir):
+        return Layout(dataset_dir, "labels", img_ext, mask_ext, labels_dir)
+    return Layout(dataset_dir, "masks", img_ext, mask_ext)
+
+
+def _check_pairs(ids, other_ids, other_dir, what, ext, flag):
+    """Raise a DataError when the images and their masks or labels in ``other_dir`` do not pair up."""
+    if not other_ids:
+        others = sorted({os.path.splitext(f)[1] for f in os.listdir(other_dir) if os.path.splitext(f)[1]})
+        hint = f"; found {', '.join(others)} files: pass {flag}" if others else ""
+        raise DataError(f"no {ext} {what}s in {other_dir}{hint}")
+    if ids - other_ids:
+        raise DataError(f"{len(ids - other_ids)} images have no {what} in {other_dir}: {_few(ids - other_ids)}")
+    if other_ids - ids:
+        raise DataError(f"{len(other_ids - ids)} {what}s in {other_dir} have no image: {_few(other_ids - ids)}")
+
+
 def list_ids(dataset_dir, img_ext=".png", mask_ext=".png", num_classes=1):
     """Check the layout under ``dataset_dir`` and return the sorted sample ids.
 
     Raises DataError/UsageError naming the folder or ids when the folder is missing or empty, an image has
     no mask, a mask has no image, or the number of class folders differs from ``num_classes``.
     """
-    img_dir = os.path.join(dataset_dir, "images")
-    mask_dir = os.path.join(dataset_dir, "masks")
-    if not os.path.isdir(img_dir):
-        raise DataError(f"dataset folder {img_dir} not found: run preprocess_dsb2018.py, use --dataset synthetic, "
-                        "or lay out your data as in the README ('Your own data')")
-    ids = _ids_in(img_dir, img_ext)
+    layout = find_layout(dataset_dir, img_ext, mask_ext)
+    img_dir = os.path.join(dataset_dir, "images") if layout.kind != "cellpose" else dataset_dir
+    ids = layout.image_ids()
     if not ids:
         others = sorted({os.path.splitext(f)[1] for f in os.listdir(img_dir) if os.path.splitext(f)[1]})
         hint = f"; found {', '.join(others)} files: pass --img_ext" if others else ""
         raise DataError(f"no {img_ext} images in {img_dir}{hint}")
+    if layout.kind != "masks":
+        if num_classes != 1:
+            raise UsageError(f"--num_classes {num_classes}: a dataset of label images ({dataset_dir}) has one class, "
+                             "the nuclei; use --num_classes 1")
+        if layout.kind == "cellpose":
+            suffix = f"_masks{mask_ext}"
+            label_ids = {f[: -len(suffix)] for f in os.listdir(dataset_dir) if f.endswith(suffix)}
+            _check_pairs(ids, label_ids, dataset_dir, "label image (<id>_masks)", mask_ext, "--mask_ext")
+        else:
+            _check_pairs(ids, _ids_in(layout.label_dir, mask_ext), layout.label_dir, "label image", mask_ext,
+                         "--mask_ext")
+        return sorted(ids)
+    mask_dir = os.path.join(dataset_dir, "masks")
     if not os.path.isdir(mask_dir):
-        raise DataError(f"mask folder {mask_dir} not found: masks go in masks/<class>/<id>{mask_ext}")
+        raise DataError(f"mask folder {mask_dir} not found: masks go in masks/<class>/<id>{mask_ext} (or label "
+                        f"images in labels/<id>{mask_ext})")
     class_dirs = sorted((d for d in os.listdir(mask_dir) if os.path.isdir(os.path.join(mask_dir, d))
                          and not d.startswith(".")), key=lambda d: (len(d), d))  # numeric order: 0, 1, ..., 10
     expected = [str(c) for c in range(num_classes)]
@@ -124,30 +243,20 @@ def list_ids(dataset_dir, img_ext=".png", mask_ext=".png", num_classes=1):
         raise UsageError(f"--num_classes {num_classes} expects mask folders {expected} in {mask_dir}, "
                          f"found {class_dirs}; set --num_classes to the number of class folders")
     for c in expected:
-        mask_ids = _ids_in(os.path.join(mask_dir, c), mask_ext)
-        if not mask_ids:
-            others = sorted({os.path.splitext(f)[1] for f in os.listdir(os.path.join(mask_dir, c))})
-            hint = f"; found {', '.join(others)} files: pass --mask_ext" if others else ""
-            raise DataError(f"no {mask_ext} masks in {os.path.join(mask_dir, c)}{hint}")
-        if ids - mask_ids:
-            raise DataError(f"{len(ids - mask_ids)} images have no mask in {os.path.join(mask_dir, c)}: "
-                            f"{_few(ids - mask_ids)}")
-        if mask_ids - ids:
-            raise DataError(f"{len(mask_ids - ids)} masks in {os.path.join(mask_dir, c)} have no image in "
-                            f"{img_dir}: {_few(mask_ids - ids)}")
+        folder = os.path.join(mask_dir, c)
+        _check_pairs(ids, _ids_in(folder, mask_ext), folder, "mask", mask_ext, "--mask_ext")
     return sorted(ids)
 
 
 # ------------------------------------------------------------------------------------------------ transforms
 
-def check_labels(dataset_dir, ids):
-    """--borders needs <dataset_dir>/labels/<id>.png for every id; raise a DataError naming the missing ones."""
-    labels_dir = os.path.join(dataset_dir, "labels")
-    missing = [i for i in ids if not os.path.isfile(os.path.join(labels_dir, i + ".png"))]
+def check_labels(layout, ids):
+    """--borders needs instance labels for every id; raise a DataError naming the missing ones."""
+    missing = [i for i in ids if layout.labels(i) is None]
     if missing:
-        raise DataError(f"--borders True needs instance labels {labels_dir}/<id>.png (16-bit, 0 = background, "
-                        f"1..N one per nucleus; preprocess_dsb2018.py writes them); missing for {len(missing)} of "
-                        f"{len(ids)} images, e.g. {_few(missing)}")
+        raise DataError(f"--borders True needs instance labels {layout.dataset_dir}/labels/<id>.png (16-bit, "
+                        f"0 = background, 1..N one per nucleus; preprocess_dsb2018.py writes them); missing for "
+                        f"{len(missing)} of {len(ids)} images, e.g. {_few(missing)}")
 
 
 def train_transform(input_h, input_w, crop_size=0, scale_jitter=0.0, color_jitter=True):
@@ -192,12 +301,10 @@ class Dataset(torch.utils.data.Dataset):
     def __init__(self, img_ids, dataset_dir, img_ext=".png", mask_ext=".png", num_classes=1, input_channels=3,
                  transform=None, seed=0, cache=False, borders=False):
         self.img_ids = list(img_ids)
-        self.img_dir = os.path.join(dataset_dir, "images")
-        self.mask_dir = os.path.join(dataset_dir, "masks")
-        self.labels_dir = os.path.join(dataset_dir, "labels") if borders else None
+        self.layout = find_layout(dataset_dir, img_ext, mask_ext)
+        self.borders = borders
         if borders:
-            check_labels(dataset_dir, self.img_ids)
-        self.img_ext, self.mask_ext = img_ext, mask_ext
+            check_labels(self.layout, self.img_ids)
         self.num_classes, self.input_channels = num_classes, input_channels
         self.transform = transform
         self.seed = seed
@@ -214,36 +321,41 @@ class Dataset(torch.utils.data.Dataset):
     def load(self, index):
         """Decode sample ``index`` -> (image as stored [H, W, C] uint8/uint16, mask uint8 [H, W, K] in {0,1})."""
         img_id = self.img_ids[index]
-        img_path = os.path.join(self.img_dir, img_id + self.img_ext)
+        img_path = self.layout.image(img_id)
         img = decode_image(img_path)
-        masks = []
-        for c in range(self.num_classes):
-            mask_path = os.path.join(self.mask_dir, str(c), img_id + self.mask_ext)
-            mask = read_mask(mask_path)
-            if mask.shape != img.shape[:2]:
-                raise DataError(f"mask {mask_path} is {mask.shape[0]}x{mask.shape[1]} but its image {img_path} is "
-                                f"{img.shape[0]}x{img.shape[1]}; a mask must have its image's size")
-            masks.append(mask)
-        if self.labels_dir is not None:
-            masks.append(self.read_borders(img_id, img.shape[:2]))
+        labels = self.read_labels(img_id, img.shape[:2]) if self.borders or self.layout.kind != "masks" else None
+        if self.layout.kind == "masks":
+            masks = [self.read_mask(img_id, c, img_path, img.shape[:2]) for c in range(self.num_classes)]
+        else:
+            masks = [(labels > 0).astype(np.uint8)]
+        if self.borders:
+            from instances import touching_borders
+
+            masks.append(touching_borders(labels))
         return img, np.stack(masks, axis=-1)
+
+    def read_mask(self, img_id, c, img_path, shape):
+        path = self.layout.mask(img_id, c)
+        mask = read_mask(path)
+        if mask.shape != shape:
+            raise DataError(f"mask {path} is {mask.shape[0]}x{mask.shape[1]} but its image {img_path} is "
+                            f"{shape[0]}x{shape[1]}; a mask must have its image's size")
+        return mask
+
+    def read_labels(self, img_id, shape):
+        """The instance labels of ``img_id``: int32 [H, W], 0 = background."""
+        path = self.layout.labels(img_id)
+        labels = read_label_image(path)
+        if labels.shape != shape:
+            raise DataError(f"label image {path} is {labels.shape[0]}x{labels.shape[1]} but the image is "
+                            f"{shape[0]}x{shape[1]}; instance labels must have their image's size")
+        return labels
 
     def modalities(self):
         """:func:`image_modality` of every sample, in order (from the cache, else decoding only the images)."""
         if self.cached is not None:
             return [image_modality(img) for img, _ in self.cached]
-        return [image_modality(decode_image(os.path.join(self.img_dir, i + self.img_ext))) for i in self.img_ids]
-
-    def read_borders(self, img_id, shape):
-        """The touching-border target of ``img_id`` from its instance labels: uint8 [H, W] in {0, 1}."""
-        from instances import read_labels, touching_borders
-
-        path = os.path.join(self.labels_dir, img_id + ".png")
-        labels = read_labels(path)
-        if labels.shape != shape:
-            raise DataError(f"labels {path} are {labels.shape[0]}x{labels.shape[1]} but the image is "
-                            f"{shape[0]}x{shape[1]}; instance labels must have their image's size")
-        return touching_borders(labels)
+        return [image_modality(decode_image(self.layout.image(i))) for i in self.img_ids]
 
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (0, key)

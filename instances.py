@@ -238,23 +238,19 @@ def split_instances(prob, method="watershed", threshold=0.5, min_size=MIN_SIZE, 
 
 
 def read_labels(path, shape=None):
-    """Read a 16-bit instance label PNG (0 background, 1..N objects) -> int32 [H, W].
+    """Read an instance label image (0 background, 1..N objects; PNG or TIFF, see dataset.read_label_image) ->
+    int32 [H, W].
 
     With ``shape`` = (H, W) different from the file's, the labels are resized with nearest-neighbour (so a
     label stays a label; an object too small for the new size may vanish).
     """
     import cv2
 
-    from utils import DataError
+    from dataset import read_label_image
 
-    labels = cv2.imread(path, cv2.IMREAD_UNCHANGED)
-    if labels is None:
-        raise DataError(f"cannot read instance labels {path}: not a readable image")
-    if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
-        raise DataError(f"{path} must be a one-channel integer label image (16-bit PNG), got shape "
-                        f"{labels.shape} {labels.dtype}")
+    labels = read_label_image(path)
     if shape is not None and tuple(labels.shape) != tuple(shape):
-        labels = cv2.resize(labels, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
+        labels = cv2.resize(labels.astype(np.float32), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
     return labels.astype(np.int32)
 
 

@@ -70,11 +70,11 @@ def main(argv):
     args = p.parse_args(argv)
     import pandas as pd
 
-    from config import run_dir
+    from config import run_dir, saved_run_dir
 
     logs = []
     for name in args.name:
-        path = os.path.join(run_dir(name), "log.csv")
+        path = os.path.join(saved_run_dir(name), "log.csv")
         if not os.path.isfile(path):
             raise UsageError(f"--name {name}: {path} not found (has the run finished an epoch?)")
         log = pd.read_csv(path)

@@ -16,13 +16,15 @@ import torch
 
 import distributed
 from archs import build_model
-from config import INPUTS_DIR, init_weights_path, load_run_config, output_channels, run_dir, save_run_config
+from config import (INPUTS_DIR, init_weights_path, load_run_config, output_channels, run_dir, save_run_config,
+                    saved_run_dir)
 from dataset import (MODALITIES, Dataset, EpochSampler, WeightedDistributedSampler, balance_weights, eval_transform,
                      list_ids, train_transform)
 from device_data import BatchAugment, DeviceImages, DeviceLoader
 from engine import NonFiniteLoss, Precision, evaluate, recalibrate_batchnorm, train_one_epoch
 from losses import build_loss
-from utils import DataError, UsageError, UserError, atomic_torch_save, atomic_write, choose_device, seed_everything
+from utils import (DataError, UsageError, UserError, atomic_torch_save, atomic_write, choose_device, seed_everything,
+                   sha256_file)
 
 LOG_COLUMNS = ["epoch", "lr", "loss", "iou", "val_loss", "val_iou", "val_dice", "val_iou_mean", "val_dice_mean",
                "seconds"]
@@ -457,7 +459,7 @@ def _check_crop(data, crop_size):
     for i in indices:
         h, w = data.load(i)[0].shape[:2] if not data.cached else data.cached[i][0].shape[:2]
         if min(h, w) < crop_size:
-            path = os.path.join(data.img_dir, data.img_ids[i] + data.img_ext)
+            path = data.layout.image(data.img_ids[i])
             raise UsageError(f"--crop_size {crop_size} is larger than image {path} ({h}x{w}); use a --crop_size "
                              f"of at most {min(h, w) // 16 * 16}")
 
@@ -468,9 +470,12 @@ def _raise_keyboard_interrupt(signum, frame):
 
 def load_checkpoint(path, device):
     """torch.load with weights_only=True: tensors and plain types only. A file that would need arbitrary code
-    to load (a pickle with classes or functions) is refused with a clear message and never executed."""
+    to load (a pickle with classes or functions) is refused with a clear message and never executed. A file with a
+    ``<path>.sha256`` beside it (the bundled model) must match that checksum."""
     if not os.path.isfile(path):
         raise UsageError(f"{path} not found: has the run saved weights yet? (train it first)")
+    if os.path.isfile(path + ".sha256"):
+        check_sha256(path)
     import warnings
 
     try:
@@ -489,13 +494,24 @@ def load_checkpoint(path, device):
                         "source you trust") from None
 
 
+def check_sha256(path):
+    """Compare ``path``'s SHA-256 with the first word of ``path``.sha256; a DataError when they differ."""
+    with open(path + ".sha256") as f:
+        words = f.read().split()
+    if sha256_file(path) != (words[0].lower() if words else ""):
+        raise DataError(f"refusing to load {path}: its SHA-256 differs from {path}.sha256 (damaged or replaced); "
+                        "restore it with git checkout, or delete the .sha256 file only if you made the weights "
+                        "yourself")
+
+
 def load_run(name, device, prune=None):
-    """models/<name>: (config Namespace, model in eval mode on ``device``). --prune needs NestedUNet + DS."""
+    """models/<name> (or the bundled pretrained/<name>): (config Namespace, model in eval mode on ``device``).
+    --prune needs NestedUNet + DS."""
     cfg = load_run_config(name)
     if prune is not None and not (cfg.arch == "NestedUNet" and cfg.deep_supervision):
         raise UsageError(f"--prune needs a NestedUNet trained with deep supervision; {name} is {cfg.arch} "
                          f"{'with' if cfg.deep_supervision else 'without'} deep supervision")
-    path = os.path.join(run_dir(name), "model.pth")
+    path = os.path.join(saved_run_dir(name), "model.pth")
     weights = load_checkpoint(path, device)
     model = build_model(cfg.arch, output_channels(cfg), cfg.input_channels, cfg.deep_supervision).to(device)
     try:

@@ -207,6 +207,17 @@ def atomic_torch_save(obj, path):
         torch.save(obj, f)
 
 
+def sha256_file(path):
+    """Hex SHA-256 of a file's bytes."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def atomic_imwrite(path, image):
     """Write an image with OpenCV atomically; the format comes from ``path``'s extension (PNG keeps 16 bit)."""
     import cv2

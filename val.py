@@ -20,7 +20,7 @@ summary.png.
 import argparse
 import os
 
-from config import INPUTS_DIR, add_amp_arg, add_separation_args, run_dir
+from config import INPUTS_DIR, add_amp_arg, add_separation_args, saved_run_dir
 from utils import ArgumentParser, UsageError, run_cli
 
 # what val.py prints for each --separation, in the order the DSB2018 scores follow the chosen one
@@ -68,7 +68,7 @@ def evaluation_ids(args, cfg):
         ids = list_ids(dataset_dir, cfg.img_ext, cfg.mask_ext, cfg.num_classes)
         return dataset_dir, ids, f"all of {dataset_dir} (not trained on)"
     split_name = args.split or "val"
-    mdir = run_dir(args.name)
+    mdir = saved_run_dir(args.name)
     split = read_split(os.path.join(mdir, "split.csv"))
     ids = split.loc[split["split"] == split_name, "img_id"].tolist()
     if not ids:
@@ -104,8 +104,8 @@ def main(argv):
     out_dir = args.output or os.path.join("outputs", args.name if args.dataset is None else
                                           f"{args.name}_on_{os.path.basename(os.path.normpath(args.dataset))}")
     rows = []
-    labels_dir = os.path.join(dataset_dir, "labels")
-    labelled = {i for i in ids if os.path.isfile(os.path.join(labels_dir, i + ".png"))}
+    layout = loader.dataset.layout
+    labelled = {i for i in ids if layout.labels(i) is not None}
     dsb = {m: [] for m in methods}
     classes = cfg.num_classes
 
@@ -118,7 +118,7 @@ def main(argv):
                                np.round(probs[i, c] * 255).astype(np.uint8))
             rows.append({"img_id": img_id, "iou": float(ious[i]), "dice": float(dices[i]), "kind": kinds[img_id]})
             if img_id in labelled:  # DSB2018 instance score at the evaluated size
-                truth = read_labels(os.path.join(labels_dir, img_id + ".png"), probs.shape[2:])
+                truth = read_labels(layout.labels(img_id), probs.shape[2:])
                 border = probs[i, classes] if cfg.borders else None
                 for method, score in dsb_scores(probs[i, 0], truth, methods, border=border, **filters).items():
                     dsb[method].append(score)

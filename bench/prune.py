@@ -19,6 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from config import add_amp_arg  # noqa: E402
 from utils import ArgumentParser, run_cli  # noqa: E402
 
 LEVELS = (1, 2, 3, 4)
@@ -32,6 +33,7 @@ def build_parser():
     p.add_argument("--repeats", type=int, default=5, help="timed passes per L (the median is reported)")
     p.add_argument("--batch_size", type=int, default=None, help="default: the run's batch size")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    add_amp_arg(p)
     p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     return p
 
@@ -88,7 +90,7 @@ def main(argv):
     import torch
 
     from archs import count_parameters
-    from config import load_run_config, run_dir
+    from config import load_run_config, saved_run_dir
     from engine import Precision
     from trainer import load_run, read_split
     from utils import choose_device
@@ -101,13 +103,12 @@ def main(argv):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     cfg, model = load_run(args.name, device)
-    precision = Precision.choose(device)
-    if precision.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    split = read_split(os.path.join(run_dir(args.name), "split.csv"))
+    precision = Precision.choose(device, args.amp)
+    model = precision.prepare(model)
+    split = read_split(os.path.join(saved_run_dir(args.name), "split.csv"))
     ids = split.loc[split["split"] == args.split, "img_id"].tolist()
     if not ids:
-        raise UsageError(f"{run_dir(args.name)}/split.csv has no '{args.split}' ids")
+        raise UsageError(f"{saved_run_dir(args.name)}/split.csv has no '{args.split}' ids")
     cfg.batch_size = args.batch_size or cfg.batch_size
     batches = load_batches(cfg, ids, device)
     rows = []

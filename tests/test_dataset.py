@@ -2,6 +2,7 @@
 augmentation seeding."""
 import os
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -395,3 +396,87 @@ def test_dataset_modalities_with_and_without_cache(tmp_path):
     assert Dataset(ids, folder, cache=True).modalities() == kinds
     expected = [image_modality(decode_image(os.path.join(folder, "images", i + ".png"))) for i in ids]
     assert kinds == expected and set(kinds) <= set(MODALITIES)
+
+
+# ------------------------------------------------------------------------------ datasets given as label images
+
+def _label_sample(rng, size=24):
+    """A uint16 grey image and its instance labels (two touching squares and one apart)."""
+    labels = np.zeros((size, size), np.uint16)
+    labels[3:11, 3:9] = 1
+    labels[3:11, 9:15] = 2
+    labels[15:21, 14:20] = 7
+    image = (rng.integers(0, 2000, (size, size)) + (labels > 0) * 30000).astype(np.uint16)
+    return image, labels
+
+
+@pytest.mark.parametrize("kind", ["stardist_labels", "stardist_masks", "cellpose"])
+def test_label_image_datasets_give_masks_and_borders(tmp_path, kind, capfd):
+    import tifffile
+
+    from instances import touching_borders
+
+    rng = np.random.default_rng(0)
+    samples = {f"s{i}": _label_sample(rng) for i in range(3)}
+    for sid, (image, labels) in samples.items():
+        if kind == "cellpose":
+            cv2.imwrite(str(tmp_path / f"{sid}_img.png"), image)
+            cv2.imwrite(str(tmp_path / f"{sid}_masks.png"), labels)
+        else:
+            folder = "labels" if kind == "stardist_labels" else "masks"
+            (tmp_path / "images").mkdir(exist_ok=True)
+            (tmp_path / folder).mkdir(exist_ok=True)
+            tifffile.imwrite(tmp_path / "images" / f"{sid}.tif", image)
+            tifffile.imwrite(tmp_path / folder / f"{sid}.tif", labels)
+    ext = ".png" if kind == "cellpose" else ".tif"
+    assert list_ids(str(tmp_path), ext, ext) == sorted(samples)
+    data = Dataset(sorted(samples), str(tmp_path), ext, ext, borders=True)
+    for i, sid in enumerate(sorted(samples)):
+        image, mask, meta = data[i]
+        labels = samples[sid][1]
+        assert meta["img_id"] == sid and image.shape == (3, 24, 24) and mask.shape == (2, 24, 24)
+        np.testing.assert_array_equal(mask[0].numpy(), labels > 0)
+        np.testing.assert_array_equal(mask[1].numpy(), touching_borders(labels.astype(np.int32)))
+        assert mask[1].sum() > 0  # nuclei 1 and 2 touch
+        unit = image.numpy() * NORM_STD + NORM_MEAN
+        assert unit.min() == pytest.approx(0) and unit.max() == pytest.approx(1)  # 16-bit: min-max scaled
+    assert "warn" not in capfd.readouterr().err.lower()  # tifffile, not OpenCV's TIFF warnings
+    with pytest.raises(UsageError, match="one class"):
+        list_ids(str(tmp_path), ext, ext, num_classes=2)
+
+
+def test_label_image_errors_name_the_file(tmp_path):
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    image, labels = _label_sample(rng)
+    for sid in ("a", "b", "c", "d"):
+        tifffile.imwrite(tmp_path / "images" / f"{sid}.tif", image)
+    tifffile.imwrite(tmp_path / "labels" / "a.tif", np.dstack([labels, labels * 2, labels]).astype(np.uint16))
+    tifffile.imwrite(tmp_path / "labels" / "b.tif", labels.astype(np.float32) / 3)
+    tifffile.imwrite(tmp_path / "labels" / "c.tif", labels[:20])
+    with pytest.raises(DataError, match="1 images have no label image .*: d"):
+        list_ids(str(tmp_path), ".tif", ".tif")
+    tifffile.imwrite(tmp_path / "labels" / "d.tif", labels)
+    data = Dataset(["a", "b", "c", "d"], str(tmp_path), ".tif", ".tif")
+    for index, message in ((0, "labels/a.tif is a colour image"), (1, "labels/b.tif holds float32"),
+                           (2, "labels/c.tif is 20x24 but the image is 24x24")):
+        with pytest.raises(DataError, match=message):
+            data.load(index)
+    assert data.load(3)[1].sum() == (labels > 0).sum()
+
+
+def test_tiff_images_channels_first_and_stacks(tmp_path):
+    import tifffile
+
+    from dataset import decode_image
+
+    rgb = np.random.default_rng(0).integers(0, 255, (3, 20, 30), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "chw.tif", rgb, photometric="minisblack")
+    assert decode_image(str(tmp_path / "chw.tif")).shape == (20, 30, 3)
+    np.testing.assert_array_equal(decode_image(str(tmp_path / "chw.tif"))[..., 0], rgb[0])  # RGB order kept
+    tifffile.imwrite(tmp_path / "stack.tif", np.zeros((7, 20, 30), np.uint16))
+    with pytest.raises(DataError, match="not a stack"):
+        decode_image(str(tmp_path / "stack.tif"))

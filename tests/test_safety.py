@@ -318,3 +318,39 @@ def test_corrupt_png_gives_array_or_dataerror_naming_the_file(corrupt_dir, case)
         image, mask, meta = sample
         assert image.shape == (3, 32, 32) and mask.shape == (1, 32, 32) and meta["img_id"] == "s"
         assert torch.isfinite(image).all()
+
+
+def test_bundled_run_loads_from_pretrained_unless_models_has_it(tmp_path, monkeypatch):
+    """A run in pretrained/<name>/ loads by name (val, predict, --init); models/<name>/ wins; its weights must
+    match their .sha256."""
+    import config
+    import trainer
+    from archs import build_model
+    from utils import DataError, sha256_file
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(config, "PRETRAINED_DIR", str(tmp_path / "pretrained"))
+    bundled = tmp_path / "pretrained" / "nuclei"
+    bundled.mkdir(parents=True)
+    torch.manual_seed(0)
+    net = build_model("UNet", 1, 3, False)
+    torch.save({k: v.half() for k, v in net.state_dict().items()}, bundled / "model.pth")  # fp16, as shipped
+    (bundled / "model.pth.sha256").write_text(sha256_file(bundled / "model.pth") + "  model.pth\n")
+    (bundled / "config.yml").write_text("arch: UNet\ndeep_supervision: false\nname: nuclei\n")
+    cfg, model = trainer.load_run("nuclei", torch.device("cpu"))
+    assert cfg.arch == "UNet" and next(model.parameters()).dtype == torch.float32
+    assert torch.allclose(model.state_dict()["final.weight"], net.state_dict()["final.weight"], atol=1e-3)
+    assert config.init_weights_path("nuclei") == str(bundled / "model.pth")
+    own = tmp_path / "models" / "nuclei"
+    own.mkdir(parents=True)
+    (own / "config.yml").write_text("arch: NestedUNet\ndeep_supervision: true\nname: nuclei\n")
+    assert config.saved_run_dir("nuclei") == os.path.join("models", "nuclei")
+    assert config.load_run_config("nuclei").arch == "NestedUNet"
+    (own / "config.yml").unlink()
+    with open(bundled / "model.pth", "r+b") as f:  # one flipped byte
+        f.seek(200)
+        byte = f.read(1)
+        f.seek(200)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(DataError, match="SHA-256 differs"):
+        trainer.load_run("nuclei", torch.device("cpu"))
