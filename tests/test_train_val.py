@@ -421,3 +421,20 @@ def test_val_scores_every_image_of_another_dataset(work, capsys):
         inter, union = inter + int((pred & truth).sum()), union + int((pred | truth).sum())
     assert scores["iou"] == pytest.approx(inter / union, abs=1e-3)
     assert "all of inputs/unseen (not trained on), 5 images" in capsys.readouterr().out
+
+
+def test_trains_and_scores_a_cellpose_layout_of_label_images(tiny_workdir, tiny_ids):
+    """The tiny set as Cellpose shares data (<id>_img.png + <id>_masks.png, label images): a --borders run trains
+    on it and val.py scores its nuclei with the DSB2018 metric, no conversion by hand."""
+    import shutil
+
+    folder = tiny_workdir / "inputs" / "cellpose"
+    folder.mkdir()
+    for sid in tiny_ids:
+        shutil.copy(tiny_workdir / "inputs" / TINY_NAME / "images" / f"{sid}.png", folder / f"{sid}_img.png")
+        shutil.copy(tiny_workdir / "inputs" / TINY_NAME / "labels" / f"{sid}.png", folder / f"{sid}_masks.png")
+    train.main(train_argv("cp", "--borders", "True", dataset="cellpose", epochs=1))
+    scores = val.main(["--name", "cp", "--device", "cpu", "--no_overlays"])
+    assert 0 <= scores["dsb"] <= 1 and 0 <= scores["iou"] <= 1
+    assert len(os.listdir(tiny_workdir / "outputs" / "cp" / "borders")) == len(split_ids(read_split(tiny_workdir,
+                                                                                                  "cp"), "val"))
