@@ -354,3 +354,26 @@ def test_bundled_run_loads_from_pretrained_unless_models_has_it(tmp_path, monkey
         f.write(bytes([byte[0] ^ 1]))
     with pytest.raises(DataError, match="SHA-256 differs"):
         trainer.load_run("nuclei", torch.device("cpu"))
+
+
+def test_bundle_writes_fp16_weights_that_load_by_name(tiny_workdir, monkeypatch):
+    import bundle
+    import config
+    import predict
+    import train
+    import trainer
+    from conftest import train_argv
+
+    monkeypatch.setattr(config, "PRETRAINED_DIR", str(tiny_workdir / "pretrained"))
+    train.main(train_argv("mine", epochs=1))
+    bundle.main(["--name", "mine"])
+    shipped = tiny_workdir / "pretrained" / "mine"
+    assert sorted(os.listdir(shipped)) == ["config.yml", "log.csv", "model.pth", "model.pth.sha256", "split.csv"]
+    weights = torch.load(shipped / "model.pth", weights_only=True)
+    assert all(v.dtype == torch.float16 for v in weights.values() if v.is_floating_point())
+    import shutil
+
+    shutil.rmtree(tiny_workdir / "models" / "mine")  # only the bundled copy is left
+    _, model = trainer.load_run("mine", torch.device("cpu"))
+    predict.main(["--name", "mine", "--input", "inputs/tiny/images", "--output", "out", "--device", "cpu"])
+    assert len(os.listdir("out")) == len(os.listdir("inputs/tiny/images"))

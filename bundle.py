@@ -1,0 +1,54 @@
+"""Make a finished run the toolkit's bundled model: pretrained/<name>/ with fp16 weights and their SHA-256.
+
+    python bundle.py --name dsb2018_full_UNet_crop256_balance
+
+Writes pretrained/<name>/model.pth (the best weights, stored as fp16: half the size, and the network is evaluated
+in fp32 or bf16 anyway), model.pth.sha256 (checked on every load), config.yml, split.csv and log.csv. A run
+under models/<name>/ always wins over pretrained/<name>/ when both exist. Git keeps every version of a weights
+file in every clone forever, so replace the bundled model only with a clearly better one; the model card
+(pretrained/<name>/README.md) is written by hand.
+"""
+import argparse
+import os
+
+import config
+from utils import ArgumentParser, UsageError, atomic_torch_save, atomic_write, run_cli, sha256_file
+
+COPIED = ("config.yml", "split.csv", "log.csv")
+
+
+def build_parser():
+    p = ArgumentParser(prog="bundle.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Copy models/<name>/ to pretrained/<name>/ with fp16 weights and their SHA-256.")
+    p.add_argument("--name", required=True, help="run name (a folder in models/)")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    return p
+
+
+def main(argv):
+    args = build_parser().parse_args(argv)
+    import torch
+
+    from trainer import load_checkpoint
+
+    src = config.run_dir(args.name)
+    missing = [f for f in ("model.pth",) + COPIED if not os.path.isfile(os.path.join(src, f))]
+    if missing:
+        raise UsageError(f"{src} lacks {', '.join(missing)}: bundle a finished run")
+    weights = load_checkpoint(os.path.join(src, "model.pth"), torch.device("cpu"))
+    dst = os.path.join(config.PRETRAINED_DIR, args.name)
+    os.makedirs(dst, exist_ok=True)
+    path = os.path.join(dst, "model.pth")
+    atomic_torch_save({k: v.half() if v.is_floating_point() else v for k, v in weights.items()}, path)
+    with atomic_write(path + ".sha256") as f:
+        f.write(f"{sha256_file(path)}  model.pth\n")
+    for name in COPIED:
+        with open(os.path.join(src, name), "rb") as f, atomic_write(os.path.join(dst, name), "wb") as out:
+            out.write(f.read())
+    print(f"wrote {dst}/ (model.pth {os.path.getsize(path) / 2**20:.1f} MiB fp16, its SHA-256, {', '.join(COPIED)}); "
+          f"use it with: python predict.py --name {args.name} --input <images> --output <folder> --instances")
+    return dst
+
+
+if __name__ == "__main__":
+    run_cli(main)
