@@ -1,8 +1,8 @@
 """Make a finished run the toolkit's bundled model: pretrained/<name>/ with fp16 weights and their SHA-256.
 
-    python bundle.py --name dsb2018_full_UNet_crop256_balance
+    python bundle.py --name dsb2018_full_UNet_crop256_balance --as nuclei
 
-Writes pretrained/<name>/model.pth (the best weights, stored as fp16: half the size, and the network is evaluated
+Writes pretrained/<as>/model.pth (the best weights, stored as fp16: half the size, and the network is evaluated
 in fp32 or bf16 anyway), model.pth.sha256 (checked on every load), config.yml, split.csv and log.csv. A run
 under models/<name>/ always wins over pretrained/<name>/ when both exist. Git keeps every version of a weights
 file in every clone forever, so replace the bundled model only with a clearly better one; the model card
@@ -19,8 +19,11 @@ COPIED = ("config.yml", "split.csv", "log.csv")
 
 def build_parser():
     p = ArgumentParser(prog="bundle.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       description="Copy models/<name>/ to pretrained/<name>/ with fp16 weights and their SHA-256.")
+                       description="Copy models/<name>/ to pretrained/<as>/ with fp16 weights and their SHA-256.")
     p.add_argument("--name", required=True, help="run name (a folder in models/)")
+    p.add_argument("--as", dest="bundle_name", default=None,
+                   help="the name users load it by (default: the run name); a stable one, such as nuclei, lets a "
+                        "better model replace it without breaking anyone's commands")
     p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     return p
 
@@ -36,7 +39,8 @@ def main(argv):
     if missing:
         raise UsageError(f"{src} lacks {', '.join(missing)}: bundle a finished run")
     weights = load_checkpoint(os.path.join(src, "model.pth"), torch.device("cpu"))
-    dst = os.path.join(config.PRETRAINED_DIR, args.name)
+    name = config.check_run_name(args.bundle_name or args.name)
+    dst = os.path.join(config.PRETRAINED_DIR, name)
     os.makedirs(dst, exist_ok=True)
     path = os.path.join(dst, "model.pth")
     atomic_torch_save({k: v.half() if v.is_floating_point() else v for k, v in weights.items()}, path)
@@ -46,7 +50,7 @@ def main(argv):
         with open(os.path.join(src, name), "rb") as f, atomic_write(os.path.join(dst, name), "wb") as out:
             out.write(f.read())
     print(f"wrote {dst}/ (model.pth {os.path.getsize(path) / 2**20:.1f} MiB fp16, its SHA-256, {', '.join(COPIED)}); "
-          f"use it with: python predict.py --name {args.name} --input <images> --output <folder> --instances")
+          f"use it with: python predict.py --name {name} --input <images> --output <folder> --instances")
     return dst
 
 
