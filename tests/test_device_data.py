@@ -39,19 +39,20 @@ def theirs(image, mask, transform, n):
     return torch.from_numpy(np.stack(outs)), torch.from_numpy(np.stack(hards))
 
 
+def apply_d4(t, k):
+    """Transform k of the eight (bit 4: transpose, bit 1: flip columns, bit 2: flip rows) on [..., h, w]."""
+    if k & 4:
+        t = t.transpose(-1, -2)
+    if k & 1:
+        t = t.flip(-1)
+    if k & 2:
+        t = t.flip(-2)
+    return t
+
+
 def d4_index(out, image):
     """Which of the 8 D4 transforms turns ``image`` [C, h, w] into ``out``; -1 if none."""
-    for k in range(8):
-        t = image
-        if k & 4:
-            t = t.transpose(-1, -2)
-        if k & 1:
-            t = t.flip(-1)
-        if k & 2:
-            t = t.flip(-2)
-        if torch.allclose(t, out, atol=1e-5, rtol=0):
-            return k
-    return -1
+    return next((k for k in range(8) if torch.allclose(apply_d4(image, k), out, atol=1e-5, rtol=0)), -1)
 
 
 def d4_counts(outs, image):
@@ -73,15 +74,7 @@ def test_each_flip_and_rotation_equally_often_and_the_mask_follows():
 
 
 def _same_d4(out, image, mask):
-    k = d4_index(out, image)
-    t = mask
-    if k & 4:
-        t = t.transpose(-1, -2)
-    if k & 1:
-        t = t.flip(-1)
-    if k & 2:
-        t = t.flip(-2)
-    return t
+    return apply_d4(mask, d4_index(out, image))
 
 
 def crop_corners(outs, image):
