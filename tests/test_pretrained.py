@@ -1,0 +1,52 @@
+"""The bundled model (pretrained/nuclei/): loads by name on a fresh clone, matches its checksum, and finds nuclei
+in real images without any training."""
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import predict
+from config import PRETRAINED_DIR
+from trainer import load_run
+
+NAME = "nuclei"
+RAW = Path(__file__).resolve().parents[2] / "shared" / "data" / "dsb2018" / "stage1_train"
+# two fluorescence fields of the bundled model's validation split (never trained on), with their true nuclei
+REAL_IDS = ("0a7d30b252359a10fd298b638b90cb9ada3acced4e0c0e5a3692013f432ee4e9",
+            "1b44d22643830cd4f23c9deadb0bd499fb392fb2cd9526d81547d93077d983df")
+
+
+def test_bundled_model_loads_by_name_and_predicts_the_synthetic_nuclei(tmp_path, monkeypatch):
+    assert os.path.isfile(os.path.join(PRETRAINED_DIR, NAME, "model.pth.sha256"))
+    monkeypatch.chdir(tmp_path)  # a folder without models/: the bundled copy is what loads
+    cfg, model = load_run(NAME, torch.device("cpu"))
+    assert cfg.crop_size and next(model.parameters()).dtype == torch.float32
+    import synthetic
+
+    synthetic.generate_synthetic("inputs/syn", num_images=2, size=128, seed=3)
+    predict.main(["--name", NAME, "--input", "inputs/syn/images", "--output", "out", "--instances",
+                  "--device", "cpu"])
+    table = pd.read_csv("out/objects.csv")
+    for sid in sorted(os.listdir("inputs/syn/images")):
+        truth = cv2.imread(f"inputs/syn/masks/0/{sid}", cv2.IMREAD_GRAYSCALE) > 0
+        pred = cv2.imread(f"out/{sid}", cv2.IMREAD_GRAYSCALE) > 0
+        assert (pred & truth).sum() / (pred | truth).sum() > IOU_SYNTHETIC, sid
+        assert (table["image"] == sid[:-4]).sum() >= 3
+
+
+@pytest.mark.skipif(not RAW.is_dir(), reason=f"DSB2018 stage1_train not found at {RAW} (used when present)")
+def test_bundled_model_finds_the_nuclei_of_two_real_fields(tmp_path):
+    images = [str(RAW / sid / "images" / f"{sid}.png") for sid in REAL_IDS]
+    predict.main(["--name", NAME, "--input", *images, "--output", str(tmp_path), "--instances", "--device", "cpu"])
+    table = pd.read_csv(tmp_path / "objects.csv")
+    for sid in REAL_IDS:
+        masks = [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) > 0 for p in (RAW / sid / "masks").glob("*.png")]
+        truth = np.any(masks, axis=0)
+        pred = cv2.imread(str(tmp_path / f"{sid}.png"), cv2.IMREAD_GRAYSCALE) > 0
+        iou = (pred & truth).sum() / (pred | truth).sum()
+        found = (table["image"] == sid).sum()
+        assert iou > IOU_REAL and 0.7 * len(masks) <= found <= 1.3 * len(masks), (sid, iou, found, len(masks))
