@@ -176,7 +176,7 @@ def memory_budget(device):
 
 def tile_for_budget(bytes_per_pixel, budget):
     """The side of the largest square window (a multiple of 16, at least 64) whose forward pass fits ``budget``."""
-    return max(64, int((budget / bytes_per_pixel) ** 0.5) // 16 * 16)
+    return max(64, int((budget / max(bytes_per_pixel, 1.0)) ** 0.5) // 16 * 16)
 
 
 class Predictor:

@@ -139,7 +139,7 @@ class Pointwise(torch.nn.Module):
 
 
 def crop_cfg(num_classes=1):
-    return Namespace(crop_size=32, input_h=32, input_w=32, num_classes=num_classes, borders=False)
+    return Namespace(crop_size=32, input_h=32, input_w=32, num_classes=num_classes, borders=False, input_channels=3)
 
 
 @pytest.mark.parametrize("shape,tile,overlap", [((100, 150), 32, 8), ((96, 160), 64, 32), ((70, 33), 32, 0),
@@ -271,3 +271,18 @@ def test_bench_prune_runs_on_a_tiny_run(in_runs, capsys):
     assert rows[0]["params"] < rows[1]["params"] < rows[2]["params"] < rows[3]["params"]
     with pytest.raises(UsageError, match="deep supervision"):
         bench_prune.main(["--name", "u"])
+
+
+def test_windows_sized_from_the_memory_budget(monkeypatch):
+    """tile None: the whole image when its forward pass fits the budget, else the largest windows that fit; both
+    give the whole-image probabilities (Pointwise: exactly)."""
+    image = np.random.default_rng(1).random((100, 150, 3), dtype=np.float32)
+    whole = predict.Predictor(Pointwise(), crop_cfg(), torch.device("cpu"), tile=512).predict(image)
+    roomy = predict.Predictor(Pointwise(), crop_cfg(), torch.device("cpu"))
+    assert roomy.tile ** 2 >= 100 * 150
+    monkeypatch.setattr(predict, "memory_budget", lambda device: 64 * 64 * 4)  # Pointwise: 4 bytes per pixel
+    tight = predict.Predictor(Pointwise(), crop_cfg(), torch.device("cpu"), overlap=16)
+    assert tight.tile == 64 and tight.batch_size == 1
+    for predictor in (roomy, tight):
+        np.testing.assert_allclose(predictor.predict(image), whole, atol=1e-5)
+    assert predict.tile_for_budget(3472, 6e9) == 1312 and predict.tile_for_budget(1e9, 1) == 64
