@@ -46,8 +46,8 @@ def main(argv):
     atomic_torch_save({k: v.half() if v.is_floating_point() else v for k, v in weights.items()}, path)
     with atomic_write(path + ".sha256") as f:
         f.write(f"{sha256_file(path)}  model.pth\n")
-    for name in COPIED:
-        with open(os.path.join(src, name), "rb") as f, atomic_write(os.path.join(dst, name), "wb") as out:
+    for copied in COPIED:
+        with open(os.path.join(src, copied), "rb") as f, atomic_write(os.path.join(dst, copied), "wb") as out:
             out.write(f.read())
     print(f"wrote {dst}/ (model.pth {os.path.getsize(path) / 2**20:.1f} MiB fp16, its SHA-256, {', '.join(COPIED)}); "
           f"use it with: python predict.py --name {name} --input <images> --output <folder> --instances")
