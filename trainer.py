@@ -9,7 +9,6 @@ import shutil
 import signal
 import time
 
-import cv2
 import numpy as np
 import pandas as pd
 import torch
@@ -18,8 +17,8 @@ import distributed
 from archs import build_model
 from config import (INPUTS_DIR, init_weights_path, load_run_config, output_channels, run_dir, save_run_config,
                     saved_run_dir)
-from dataset import (MODALITIES, Dataset, EpochSampler, WeightedDistributedSampler, balance_weights, eval_transform,
-                     list_ids, train_transform)
+from dataset import (MODALITIES, Dataset, EpochSampler, WeightedDistributedSampler, balance_weights, decode_image,
+                     eval_transform, find_layout, list_ids, train_transform)
 from device_data import BatchAugment, DeviceImages, DeviceLoader
 from engine import NonFiniteLoss, Precision, evaluate, recalibrate_batchnorm, train_one_epoch
 from losses import build_loss
@@ -57,8 +56,8 @@ def read_split(path):
 
 def decoded_bytes(dataset_dir, ids, img_ext):
     """Estimate the decoded size of the images ``ids`` (bytes) from the first 8 of them, with a 1.4 margin."""
-    sample = [cv2.imread(os.path.join(dataset_dir, "images", i + img_ext), cv2.IMREAD_UNCHANGED) for i in ids[:8]]
-    per_image = np.mean([s.nbytes * 1.4 for s in sample if s is not None] or [0])
+    layout = find_layout(dataset_dir, img_ext)
+    per_image = np.mean([decode_image(layout.image(i)).nbytes * 1.4 for i in ids[:8]] or [0])
     return per_image * len(ids)
 
 
