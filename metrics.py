@@ -82,11 +82,17 @@ class SegmentationMeter:
 
 
 def consecutive_labels(labels):
-    """Relabel an integer image so that background is 0 and objects are 1..N: -> (flat indices, N)."""
-    values, indices = np.unique(labels.ravel(), return_inverse=True)
-    if values[0] != 0:
-        indices = indices + 1
-    return indices, int(np.count_nonzero(values))
+    """Relabel an integer image so that background is 0 and objects are 1..N: -> (flat indices, N).
+
+    A lookup table over the label values (one pass, no sort) when they are small, as label images' are."""
+    flat = labels.ravel()
+    if flat.size and flat.max() > 4 * flat.size:  # sparse huge values: sort instead
+        values, indices = np.unique(flat, return_inverse=True)
+        return (indices if values[0] == 0 else indices + 1), int(np.count_nonzero(values))
+    present = np.bincount(flat) > 0
+    present[:1] = False
+    lookup = np.cumsum(present)
+    return lookup[flat], int(lookup[-1]) if lookup.size else 0
 
 
 def object_iou(true_labels, pred_labels):

@@ -203,3 +203,15 @@ def test_dsb_rejects_bad_label_images():
         dsb_score(np.zeros((4, 4), int), np.zeros((4, 5), int))
     with pytest.raises(DataError, match="expected integer object labels"):
         dsb_score(np.zeros((4, 4), int), np.zeros((4, 4), float))
+
+
+@pytest.mark.parametrize("low,high,scale", [(0, 50, 1), (3, 9, 1), (0, 1, 1), (0, 3, 1_000_000)])
+def test_consecutive_labels_match_the_sorted_unique_values(low, high, scale):
+    from metrics import consecutive_labels
+
+    labels = np.random.default_rng(low + high).integers(low, high, (30, 40)) * scale
+    values, inverse = np.unique(labels.ravel(), return_inverse=True)
+    want = inverse if values[0] == 0 else inverse + 1  # background 0, objects 1..N in the order of their values
+    got, count = consecutive_labels(labels)
+    np.testing.assert_array_equal(got, want)
+    assert count == np.count_nonzero(values)
