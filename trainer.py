@@ -399,7 +399,7 @@ class Trainer:
             kept = f"{self.dir}/last.pth still holds epoch {epoch}" if epoch else "no epoch was saved"
             raise UserError(f"the loss became NaN or infinite at epoch {epoch + 1}, step {e.step + 1}; {kept}. "
                             "Try a lower --lr (start again with --overwrite: a resumed run keeps its saved learning "
-                            f"rate), --amp False{f' (with --resume {a.name})' if epoch else ''}, or check the data"
+                            f"rate), --amp fp32{f' (with --resume {a.name})' if epoch else ''}, or check the data"
                             ) from None
 
     def run_epoch(self, epoch):
