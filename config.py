@@ -57,6 +57,11 @@ def build_train_parser():
                         "(0 = resize everything to input_h x input_w as the seed does)")
     g.add_argument("--scale_jitter", default=0.0, type=float, help="random rescale by 1 +- this before cropping")
     g.add_argument("--color_jitter", default=True, type=str2bool, help="colour/brightness/contrast jitter")
+    g.add_argument("--greyscale", default=0.0, type=float,
+                   help="probability of turning a training image grey (stain colours then matter less)")
+    g.add_argument("--invert", default=0.0, type=float,
+                   help="probability of inverting a training image (1 - x: dark nuclei on a bright background look "
+                        "like fluorescence)")
     g.add_argument("--balance", default=0.0, type=float,
                    help="draw training images of the rarer kinds (fluorescence, stained, bright-field) more often: "
                         "weight n^-balance, n = training images of that kind (0 = uniform, 1 = each kind equally "
@@ -202,6 +207,9 @@ def check_train_args(args):
         if os.path.abspath(init_weights_path(args.init)).startswith(os.path.abspath(run_dir(args.name)) + os.sep):
             raise UsageError(f"--init {args.init} lies in models/{args.name}/, the folder of the run being started; "
                              "give the new run another --name")
+    for flag in ("greyscale", "invert"):
+        if not 0 <= getattr(args, flag) <= 1:
+            raise UsageError(f"--{flag} is a probability between 0 and 1, got {getattr(args, flag)}")
     if not 0 <= args.scale_jitter < 1:
         raise UsageError(f"--scale_jitter must be in [0, 1), got {args.scale_jitter}")
     try:

@@ -11,7 +11,9 @@ the model, and a GPU is not fed by CPU workers. It draws the same augmentations 
 - the eight flips and rotations (D4), each with probability 1/8 (square outputs; flips only otherwise);
 - with ``color_jitter``, with probability 0.8, either (1/2 each) albumentations' ColorJitter (brightness,
   contrast and saturation factors in [0.8, 1.2], hue shift in [-0.05, 0.05] of the circle, in a random order) or
-  RandomBrightnessContrast (x * (1 + a) + b, a and b in [-0.2, 0.2]), clipped to [0, 1].
+  RandomBrightnessContrast (x * (1 + a) + b, a and b in [-0.2, 0.2]), clipped to [0, 1];
+- with probability ``greyscale`` the image turned grey (three channels of OpenCV's grey), then with probability
+  ``invert`` inverted (1 - x).
 
 The random numbers come from a CPU generator seeded by (seed, epoch), so an epoch's augmentations are the same on
 any device and after a resume. Images are stored as uint8 (8-bit files, exact) or float16 in [0, 1] (16-bit
@@ -92,15 +94,20 @@ class BatchAugment:
     (oh, ow) is (crop_size, crop_size) or (input_h, input_w). Crop training needs every image at least crop_size
     on each side (train.py checks it once)."""
 
-    def __init__(self, input_h, input_w, crop_size=0, scale_jitter=0.0, color_jitter=True):
+    def __init__(self, input_h, input_w, crop_size=0, scale_jitter=0.0, color_jitter=True, greyscale=0.0, invert=0.0):
         self.out_h, self.out_w = (crop_size, crop_size) if crop_size else (input_h, input_w)
         self.crop_size, self.scale_jitter, self.color_jitter = crop_size, scale_jitter, color_jitter
+        self.greyscale, self.invert = greyscale, invert
 
     def __call__(self, data, indices, generator):
         images, masks = self.geometry(data, indices, generator)
         images, masks = d4(images, masks, generator)
         if self.color_jitter and images.shape[1] in (1, 3):
             images = colour_jitter(images, generator)
+        if self.greyscale and images.shape[1] == 3:
+            images = where_drawn(self.greyscale, grey(images).expand_as(images), images, generator)
+        if self.invert:
+            images = where_drawn(self.invert, 1 - images, images, generator)
         return (images - NORM_MEAN) / NORM_STD, masks.float()
 
     def geometry(self, data, indices, generator):
@@ -167,6 +174,13 @@ def d4(images, masks, generator):
         images = torch.where(where, op(images), images)
         masks = torch.where(where, op(masks), masks)
     return images, masks
+
+
+def where_drawn(p, changed, images, generator):
+    """Per sample of ``images`` [B, ...], ``changed`` with probability p, else ``images``."""
+    n = images.shape[0]
+    pick = (torch.rand(n, generator=generator) < p).to(images.device)
+    return torch.where(pick.view(n, *[1] * (images.dim() - 1)), changed, images)
 
 
 def grey(x):

@@ -260,7 +260,7 @@ class Trainer:
         self._cache = a.cache and fits_in_memory(self.dataset_dir, train_ids, a.img_ext)
         self.on_device = train_on_device(a.loader, a.cache, self.device, self.dataset_dir, train_ids, a.img_ext)
         transform = None if self.on_device else train_transform(a.input_h, a.input_w, a.crop_size, a.scale_jitter,
-                                                                a.color_jitter)
+                                                                a.color_jitter, a.greyscale, a.invert)
         data = Dataset(train_ids, self.dataset_dir, a.img_ext, a.mask_ext, a.num_classes, a.input_channels,
                        transform, seed=a.seed, cache=self._cache or self.on_device, borders=a.borders)
         if a.crop_size:
@@ -271,7 +271,8 @@ class Trainer:
             sampler = torch.utils.data.DistributedSampler(data, num_replicas=world, rank=distributed.rank(),
                                                           shuffle=True, seed=a.seed)
         if self.on_device:
-            augment = BatchAugment(a.input_h, a.input_w, a.crop_size, a.scale_jitter, a.color_jitter)
+            augment = BatchAugment(a.input_h, a.input_w, a.crop_size, a.scale_jitter, a.color_jitter, a.greyscale,
+                                   a.invert)
             train_loader = DeviceLoader(DeviceImages(data.cached, a.input_channels, self.device), train_ids, augment,
                                         sampler, a.batch_size, a.seed)
         else:

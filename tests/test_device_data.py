@@ -213,3 +213,22 @@ def test_device_and_worker_loaders_give_the_same_split_and_sizes(tmp_path, monke
     device, workers = built["device"], built["workers"]
     assert device[0].equals(workers[0])
     assert device[1:] == workers[1:]
+
+
+def test_greyscale_and_invert_as_often_as_albumentations_draws_them():
+    rng = np.random.default_rng(0)
+    image = (rng.random((16, 16, 3)) * 80 + 20).astype(np.uint8)
+    image[..., 0] //= 3  # coloured and dark: grey outputs have equal channels, inverted ones a bright mean
+    mask = np.zeros((16, 16, 1), np.uint8)
+    shares = {}
+    for name, (out, _) in {
+            "ours": ours([image], [mask], BatchAugment(16, 16, color_jitter=False, greyscale=0.3, invert=0.4), n=3000),
+            "albumentations": theirs(image, mask, dataset.train_transform(16, 16, color_jitter=False, greyscale=0.3,
+                                                                           invert=0.4), 1500)}.items():
+        grey_ = (out.amax(1) - out.amin(1)).amax((1, 2)) < 1e-4
+        inverted = out.mean((1, 2, 3)) > 0.5
+        shares[name] = np.array([grey_.float().mean(), inverted.float().mean(), (grey_ & inverted).float().mean()])
+    np.testing.assert_allclose(shares["ours"], [0.3, 0.4, 0.12], atol=0.03)  # independent draws
+    # albumentations draws each with the same probability, but a Compose seeded per sample (as dataset.Dataset
+    # does) gives every transform in it the same random number, so here grey images are always inverted too
+    np.testing.assert_allclose(shares["albumentations"][:2], [0.3, 0.4], atol=0.04)
