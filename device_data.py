@@ -60,11 +60,6 @@ class DeviceImages:
     def __len__(self):
         return len(self.shapes)
 
-    @staticmethod
-    def nbytes(shapes, input_channels, classes, eight_bit=True):
-        """Bytes the packed set of images with ``shapes`` [(h, w), ...] takes on the device."""
-        return sum(h * w for h, w in shapes) * (input_channels * (1 if eight_bit else 2) + classes)
-
     def _view(self, flat, i, channels):
         h, w = self.shapes[i]
         start = self.offsets[i] * channels

@@ -1,7 +1,6 @@
 """device_data.py against today's albumentations pipeline (dataset.train_transform): the same distributions of
 flips/rotations, crop positions, scale and colour jitter; and --loader device against --loader workers."""
 import numpy as np
-import pytest
 import torch
 
 import dataset
