@@ -20,7 +20,7 @@ LOG_EVERY = 20
 
 def cpu_has_fast_bf16():
     """True when the CPU computes bf16 natively (AMX tiles or AVX512-BF16): there bf16 autocast with channels_last
-    trains 2-3.6x faster than fp32 (docs/speed.md). Without them oneDNN emulates bf16, slower than fp32."""
+    trains faster than fp32 (docs/speed.md). Without them oneDNN emulates bf16, slower than fp32."""
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_amx_tile_supported",
                                                                         "_is_avx512_bf16_supported"))
 
