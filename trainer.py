@@ -61,23 +61,15 @@ def decoded_bytes(dataset_dir, ids, img_ext):
     return per_image * len(ids)
 
 
-def fits_in_memory(dataset_dir, ids, img_ext):
-    """True when the decoded images take under a quarter of the RAM."""
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return decoded_bytes(dataset_dir, ids, img_ext) < ram / 4
-
-
-def train_on_device(loader, cache, device, dataset_dir, ids, img_ext):
-    """--loader: True to keep the training set on ``device`` and augment batches there (device_data.py). auto
-    does so when images are cached (--cache True) and fit a quarter of the device's free memory (of the RAM on
-    the CPU)."""
+def train_on_device(loader, cached, decoded, device):
+    """--loader: True to keep the training set on ``device`` and augment batches there (device_data.py). auto does
+    so when the images are cached (--cache True and they fit a quarter of the RAM) and, on a GPU, their ``decoded``
+    bytes also fit a quarter of its free memory."""
     if loader != "auto":
         return loader == "device"
-    if not cache:
-        return False
     if device.type != "cuda":
-        return fits_in_memory(dataset_dir, ids, img_ext)
-    return decoded_bytes(dataset_dir, ids, img_ext) < torch.cuda.mem_get_info(device)[0] / 4
+        return cached
+    return cached and decoded < torch.cuda.mem_get_info(device)[0] / 4
 
 
 def make_eval_loader(args, dataset_dir, ids, device, cache=False):
@@ -257,8 +249,9 @@ class Trainer:
             raise UsageError(f"--batch_size {a.batch_size} is larger than the {len(train_ids)} training images"
                              f"{f' per process ({world} processes)' if world > 1 else ''}; the last incomplete "
                              "batch is dropped, so no step would run: lower --batch_size")
-        self._cache = a.cache and fits_in_memory(self.dataset_dir, train_ids, a.img_ext)
-        self.on_device = train_on_device(a.loader, a.cache, self.device, self.dataset_dir, train_ids, a.img_ext)
+        decoded = decoded_bytes(self.dataset_dir, train_ids, a.img_ext)
+        self._cache = a.cache and decoded < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4
+        self.on_device = train_on_device(a.loader, self._cache, decoded, self.device)
         transform = None if self.on_device else train_transform(a.input_h, a.input_w, a.crop_size, a.scale_jitter,
                                                                 a.color_jitter, a.greyscale, a.invert)
         data = Dataset(train_ids, self.dataset_dir, a.img_ext, a.mask_ext, a.num_classes, a.input_channels,
