@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils import DataError, UsageError
+from utils import DataError
 
 NB_FILTER = [32, 64, 128, 256, 512]
 DEPTH = len(NB_FILTER) - 1
@@ -60,13 +60,13 @@ def encoder_in_channels(i, input_channels):
 class UNet(nn.Module):
     """The plain U-Net: encoder X0_0..X4_0, decoder X3_1, X2_2, X1_3, X0_4, 1x1 head ``final``.
 
-    ``deep_supervision=True`` is refused (UsageError): UNet has a single output.
+    ``deep_supervision=True`` is refused (ValueError): UNet has a single output.
     """
 
     def __init__(self, num_classes, input_channels=3, deep_supervision=False, **kwargs):
         super().__init__()
         if deep_supervision:
-            raise UsageError("UNet has no deep supervision; use --arch NestedUNet or --deep_supervision False")
+            raise ValueError("deep_supervision: UNet has a single output; use NestedUNet for deep supervision")
         self.input_channels = input_channels
         self.pool = nn.MaxPool2d(2, 2)
         self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
@@ -116,13 +116,13 @@ class NestedUNet(nn.Module):
             self.final = nn.Conv2d(NB_FILTER[0], num_classes, kernel_size=1)
 
     def check_prune(self, prune):
-        """Raise UsageError unless ``prune`` is None, or 1..4 on a deep-supervision model."""
+        """Raise ValueError unless ``prune`` is None, or 1..4 on a deep-supervision model."""
         if prune is None:
             return
         if not self.deep_supervision:
-            raise UsageError("pruning needs the deep-supervision heads: build NestedUNet with --deep_supervision True")
+            raise ValueError("prune needs the deep-supervision heads: build NestedUNet with deep_supervision=True")
         if prune not in range(1, DEPTH + 1):
-            raise UsageError(f"prune must be one of 1..{DEPTH} (the head X0_L to keep), got {prune!r}")
+            raise ValueError(f"prune must be one of 1..{DEPTH} (the head X0_L to keep), got {prune!r}")
 
     def top_row(self, x, depth):
         """Compute only the nodes Xi_j with i + j <= depth, diagonal by diagonal; return [X0_1..X0_depth].
@@ -168,19 +168,17 @@ def count_parameters(model, prune=None):
     if prune is None:
         return sum(p.numel() for p in model.parameters())
     if not hasattr(model, "pruned_modules"):
-        raise UsageError(f"{type(model).__name__} cannot be pruned; only NestedUNet with deep supervision can")
+        raise ValueError(f"model: {type(model).__name__} cannot be pruned; only NestedUNet with deep supervision can")
     params = {id(p): p for module in model.pruned_modules(prune) for p in module.parameters()}
     return sum(p.numel() for p in params.values())
 
 
 def build_model(arch, num_classes, input_channels, deep_supervision):
-    """Instantiate ``ARCHS[arch]``; an unknown name or a non-positive size is a UsageError."""
+    """Instantiate ``ARCHS[arch]``; an unknown name or a non-positive size is a ValueError naming the parameter."""
     if arch not in ARCHS:
-        raise UsageError(f"--arch {arch!r} is not one of: {', '.join(ARCHS)}")
-    if num_classes < 1:
-        raise UsageError(f"--num_classes must be at least 1, got {num_classes}")
-    if input_channels < 1:
-        raise UsageError(f"--input_channels must be at least 1, got {input_channels}")
+        raise ValueError(f"arch {arch!r} is not one of: {', '.join(ARCHS)}")
+    if num_classes < 1 or input_channels < 1:
+        raise ValueError(f"num_classes and input_channels must be at least 1, got {num_classes} and {input_channels}")
     return ARCHS[arch](num_classes, input_channels=input_channels, deep_supervision=deep_supervision)
 
 

@@ -11,8 +11,11 @@ file in every clone forever, so replace the bundled model only with a clearly be
 import argparse
 import os
 
+import torch
+
 import config
-from utils import ArgumentParser, UsageError, atomic_torch_save, atomic_write, run_cli, sha256_file
+from checkpoints import atomic_torch_save, load_checkpoint
+from utils import ArgumentParser, UsageError, atomic_write, run_cli, sha256_file
 
 COPIED = ("config.yml", "split.csv", "log.csv")
 
@@ -30,10 +33,6 @@ def build_parser():
 
 def main(argv):
     args = build_parser().parse_args(argv)
-    import torch
-
-    from trainer import load_checkpoint
-
     src = config.run_dir(args.name)
     missing = [f for f in ("model.pth",) + COPIED if not os.path.isfile(os.path.join(src, f))]
     if missing:

@@ -9,38 +9,47 @@ import os
 
 import yaml
 
-from utils import AMP_MODES, ArgumentParser, UsageError, amp_mode, check_run_name, compile_mode, str2bool
+from instances import MIN_CONFIDENCE, MIN_SIZE, SEPARATIONS
+from utils import (AMP_MODES, ArgumentParser, UsageError, amp_mode, atomic_write, check_run_name, compile_mode,
+                   device_name, integer, str2bool)
 
 MODELS_DIR = "models"
 # the model that ships with the toolkit (pretrained/<name>/: config.yml, model.pth and its .sha256, a model card)
 PRETRAINED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained")
 INPUTS_DIR = "inputs"
-SEPARATIONS = ("watershed", "cc", "borders")  # the ways instances.py splits a mask into nuclei
+# The choices of the flags, here so that --help answers without importing torch; the modules that implement them
+# (archs.ARCHS, losses.LOSSES, trainer.build_optimizer and build_scheduler) use the same names.
+ARCHS = ("UNet", "NestedUNet")
+LOSSES = ("BCEDiceLoss", "LovaszHingeLoss", "BCEWithLogitsLoss")
+OPTIMIZERS = ("SGD", "Adam", "AdamW")
+SCHEDULERS = ("CosineAnnealingLR", "ReduceLROnPlateau", "MultiStepLR", "ConstantLR")
 LOADERS = ("auto", "device", "workers")  # where training batches are augmented (dataset.py / device_data.py)
+SKIPPED_IN_CONFIG = ("help", "config", "resume", "overwrite", "debug")  # flags of one invocation, not of the run
 
 
-def build_train_parser():
-    """The argparse parser of train.py; every option has a default that ``--help`` shows."""
+def build_train_parser(exit_on_error=True):
+    """The argparse parser of train.py; every option has a default that ``--help`` shows. With
+    ``exit_on_error=False`` a bad value raises argparse.ArgumentError instead of exiting (YAML files)."""
     p = ArgumentParser(
-        prog="train.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="train.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter, exit_on_error=exit_on_error,
         description="Train a UNet or UNet++ (NestedUNet) on inputs/<dataset>/images + masks/<class>/.")
     p.add_argument("--config", default=None, help="YAML recipe (e.g. configs/seed_dsb2018_96_NestedUNet_wDS.yml); "
                    "flags given on the command line override it")
     p.add_argument("--name", default=None, help="run name; default <dataset>_<arch>_wDS|woDS; files go to models/<name>/")
-    p.add_argument("--epochs", default=100, type=int, help="number of epochs")
-    p.add_argument("-b", "--batch_size", default=16, type=int,
+    p.add_argument("--epochs", default=100, type=integer, help="number of epochs")
+    p.add_argument("-b", "--batch_size", default=16, type=integer,
                    help="batch size per process (with torchrun, the effective batch is this times the world size)")
     g = p.add_argument_group("model")
-    g.add_argument("--arch", default="NestedUNet", help="UNet or NestedUNet")
+    g.add_argument("--arch", default="NestedUNet", choices=ARCHS, help="the network")
     g.add_argument("--deep_supervision", default=False, type=str2bool, help="NestedUNet's 4 heads (True/False)")
-    g.add_argument("--input_channels", default=3, type=int, help="image channels the network takes")
-    g.add_argument("--num_classes", default=1, type=int, help="output channels = mask class folders")
+    g.add_argument("--input_channels", default=3, type=integer, help="image channels the network takes")
+    g.add_argument("--num_classes", default=1, type=integer, help="output channels = mask class folders")
     g.add_argument("--borders", default=False, type=str2bool,
                    help="also learn where touching nuclei meet (one more output channel, made from the instance "
                         "labels inputs/<dataset>/labels/<id>.png) and split nuclei along it (True/False)")
-    g.add_argument("--input_w", default=96, type=int, help="resize width (multiple of 16)")
-    g.add_argument("--input_h", default=96, type=int, help="resize height (multiple of 16)")
-    g.add_argument("--loss", default="BCEDiceLoss", help="BCEDiceLoss, LovaszHingeLoss or BCEWithLogitsLoss")
+    g.add_argument("--input_w", default=96, type=integer, help="resize width (multiple of 16)")
+    g.add_argument("--input_h", default=96, type=integer, help="resize height (multiple of 16)")
+    g.add_argument("--loss", default="BCEDiceLoss", choices=LOSSES, help="the loss on the logits")
     g.add_argument("--init", default=None,
                    help="fine-tune: start from the weights of run NAME (models/NAME/model.pth) or of a .pth file, "
                         "with a fresh optimizer and schedule; the network flags must match")
@@ -51,8 +60,8 @@ def build_train_parser():
     g.add_argument("--val_size", default=0.2, type=float, help="fraction of ids in the validation split")
     g.add_argument("--test_size", default=0.0, type=float,
                    help="fraction held out as a test split never used for any choice (0 = the seed's 2-way split)")
-    g.add_argument("--split_seed", default=41, type=int, help="random_state of the split (41 as in the seed)")
-    g.add_argument("--crop_size", default=0, type=int,
+    g.add_argument("--split_seed", default=41, type=integer, help="random_state of the split (41 as in the seed)")
+    g.add_argument("--crop_size", default=0, type=integer,
                    help="train on random crops of this size at full resolution and validate on whole images "
                         "(0 = resize everything to input_h x input_w as the seed does)")
     g.add_argument("--scale_jitter", default=0.0, type=float, help="random rescale by 1 +- this before cropping")
@@ -72,35 +81,33 @@ def build_train_parser():
                    help="device: keep the decoded training set as one tensor on the training device and augment whole "
                         "batches there (no worker processes); workers: albumentations in DataLoader workers; auto: "
                         "device when the set fits a quarter of the device's free memory")
-    g.add_argument("--num_workers", default=min(4, os.cpu_count() or 1), type=int,
+    g.add_argument("--num_workers", default=min(4, os.cpu_count() or 1), type=integer,
                    help="DataLoader worker processes (the seed's 4, capped at the number of CPUs)")
     g = p.add_argument_group("optimizer")
-    g.add_argument("--optimizer", default="SGD", help="SGD, Adam or AdamW")
+    g.add_argument("--optimizer", default="SGD", choices=OPTIMIZERS, help="the optimizer")
     g.add_argument("--lr", "--learning_rate", default=1e-3, type=float, help="initial learning rate")
     g.add_argument("--momentum", default=0.9, type=float, help="SGD momentum")
     g.add_argument("--weight_decay", default=1e-4, type=float, help="weight decay")
     g.add_argument("--nesterov", default=False, type=str2bool, help="SGD Nesterov momentum")
     g = p.add_argument_group("scheduler")
-    g.add_argument("--scheduler", default="CosineAnnealingLR",
-                   help="CosineAnnealingLR, ReduceLROnPlateau, MultiStepLR or ConstantLR")
+    g.add_argument("--scheduler", default="CosineAnnealingLR", choices=SCHEDULERS,
+                   help="the learning-rate schedule, stepped once per epoch")
     g.add_argument("--min_lr", default=1e-5, type=float, help="CosineAnnealingLR's final learning rate")
-    g.add_argument("--warmup_epochs", default=0, type=int, help="linear learning-rate warm-up epochs before the scheduler")
+    g.add_argument("--warmup_epochs", default=0, type=integer, help="linear learning-rate warm-up epochs before the scheduler")
     g.add_argument("--factor", default=0.1, type=float, help="ReduceLROnPlateau factor")
-    g.add_argument("--patience", default=2, type=int, help="ReduceLROnPlateau patience (epochs)")
+    g.add_argument("--patience", default=2, type=integer, help="ReduceLROnPlateau patience (epochs)")
     g.add_argument("--milestones", default="1,2", type=str, help="MultiStepLR epochs, comma-separated")
     g.add_argument("--gamma", default=2 / 3, type=float, help="MultiStepLR factor")
-    g.add_argument("--precise_bn", default=0, type=int,
+    g.add_argument("--precise_bn", default=0, type=integer,
                    help="before each validation, recompute the BatchNorm statistics as the average over this many "
                         "training batches (0: PyTorch's running averages); steadies validation when batches differ "
                         "a lot, as in crop training on mixed image types")
-    g.add_argument("--early_stopping", default=-1, type=int, help="stop after this many epochs without a better "
+    g.add_argument("--early_stopping", default=-1, type=integer, help="stop after this many epochs without a better "
                    "val IoU (-1 = never)")
     g = p.add_argument_group("run")
-    g.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu or cuda")
-    g.add_argument("--seed", default=0, type=int, help="seed of weights, shuffling and augmentation")
-    g.add_argument("--amp", default="auto", type=amp_mode, metavar="{" + ",".join(AMP_MODES) + "}",
-                   help="precision: auto = bf16 autocast on a CUDA GPU that has it (else fp16 + GradScaler) and on a "
-                        "CPU with native bf16 (AMX or AVX512-BF16; else fp32); True/False mean auto/fp32")
+    add_device_arg(g)
+    g.add_argument("--seed", default=0, type=integer, help="seed of weights, shuffling and augmentation")
+    add_amp_arg(g)
     g.add_argument("--channels_last", default=True, type=str2bool, help="channels_last memory format")
     g.add_argument("--compile", default=False, type=compile_mode,
                    help="torch.compile the model (slow start): True, or a mode such as reduce-overhead (CUDA graphs "
@@ -113,32 +120,12 @@ def build_train_parser():
     return p
 
 
-def _coerce(action, key, value, source):
-    """Check and convert a YAML value with the flag's own argparse type; error names the key."""
-    if value is None or action.type is None:
-        return value
-    if action.type in (str2bool, amp_mode, compile_mode):  # these also take YAML's true/false
-        if isinstance(value, (bool, str)):
-            try:
-                return action.type(value)
-            except argparse.ArgumentTypeError:
-                pass
-        expected = {str2bool: "true or false", amp_mode: " or ".join(AMP_MODES),
-                    compile_mode: "true, false or a torch.compile mode"}[action.type]
-        raise UsageError(f"{source}: '{key}' must be {expected}, got {value!r}")
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise UsageError(f"{source}: '{key}' must be a {action.type.__name__}, got {value!r}")
-    try:
-        converted = action.type(value)
-    except (TypeError, ValueError):
-        raise UsageError(f"{source}: '{key}' must be a {action.type.__name__}, got {value!r}") from None
-    if action.type is int and isinstance(value, float) and value != converted:
-        raise UsageError(f"{source}: '{key}' must be an int, got {value!r}")
-    return converted
-
-
 def read_yaml_config(path, parser):
-    """Load a YAML recipe with yaml.safe_load and check every key against the parser's flags."""
+    """Load a YAML recipe with yaml.safe_load and parse its values with train.py's own parser: {flag: value}.
+
+    Each ``key: value`` is read as the command-line flag ``--key=value`` (true/false as True/False, null as the
+    flag's default), so a recipe accepts exactly what the command line does.
+    """
     if not os.path.isfile(path):
         raise UsageError(f"--config {path}: file not found")
     try:
@@ -148,11 +135,17 @@ def read_yaml_config(path, parser):
         raise UsageError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise UsageError(f"--config {path}: expected 'flag: value' lines, got a {type(data).__name__}")
-    actions = {a.dest: a for a in parser._actions}
-    unknown = sorted(k for k in data if k not in actions or k in ("help", "config"))
+    flags = {a.dest: a.option_strings[-1] for a in parser._actions
+             if a.option_strings and a.dest not in SKIPPED_IN_CONFIG}
+    unknown = sorted(str(k) for k in data if k not in flags)
     if unknown:
-        raise UsageError(f"--config {path}: unknown keys {', '.join(map(str, unknown))}; see python train.py --help")
-    return {k: _coerce(actions[k], k, v, path) for k, v in data.items()}
+        raise UsageError(f"--config {path}: unknown keys {', '.join(unknown)}; see python train.py --help")
+    argv = [f"{flags[k]}={v}" for k, v in data.items() if v is not None]
+    try:
+        parsed = build_train_parser(exit_on_error=False).parse_args(argv)
+    except argparse.ArgumentError as e:
+        raise UsageError(f"--config {path}: {e}") from None
+    return {k: getattr(parsed, k) for k, v in data.items() if v is not None}
 
 
 def default_run_name(args):
@@ -200,6 +193,8 @@ def check_train_args(args):
                          "sum is below 1")
     if args.lr <= 0:
         raise UsageError(f"--lr must be positive, got {args.lr}")
+    if args.warmup_epochs and args.scheduler == "ReduceLROnPlateau":
+        raise UsageError("--warmup_epochs cannot be combined with --scheduler ReduceLROnPlateau")
     if args.balance < 0:
         raise UsageError(f"--balance must not be negative, got {args.balance} (0 = uniform, 1 = each kind equally "
                          "often)")
@@ -247,10 +242,7 @@ def saved_run_dir(name):
 
 def save_run_config(args, path):
     """Write the run's flags as plain YAML (only the flags; derived values are left out)."""
-    from utils import atomic_write
-
-    keys = [a.dest for a in build_train_parser()._actions if a.dest not in ("help", "config", "resume", "overwrite",
-                                                                             "debug")]
+    keys = [a.dest for a in build_train_parser()._actions if a.dest not in SKIPPED_IN_CONFIG]
     with atomic_write(path) as f:
         yaml.safe_dump({k: getattr(args, k) for k in keys}, f, sort_keys=False)
 
@@ -270,21 +262,45 @@ def load_run_config(name):
     return args
 
 
+def add_device_arg(p):
+    """--device, as train.py, val.py, predict.py and bench/ take it."""
+    p.add_argument("--device", default="auto", type=device_name,
+                   help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
+
+
 def add_amp_arg(p):
-    """val.py's and predict.py's --amp (the same choices as train.py's)."""
+    """--amp, as train.py, val.py, predict.py and bench/ take it (engine.Precision.choose resolves it)."""
     p.add_argument("--amp", default="auto", type=amp_mode, metavar="{" + ",".join(AMP_MODES) + "}",
-                   help="precision: auto = bf16 on a GPU or CPU with native bf16, else fp16 (GPU) or fp32; "
-                        "bf16, fp16 (CUDA) or fp32 force one")
+                   help="precision: auto = bf16 autocast on a CUDA GPU that has it (else fp16 + GradScaler) and on a "
+                        "CPU with native bf16 (AMX or AVX512-BF16; else fp32); True/False mean auto/fp32")
 
 
 def add_separation_args(p):
     """val.py's and predict.py's --separation, --min_size and --min_confidence: how a predicted mask becomes
-    nuclei (resolved by instances.choose_separation and instances.object_filters)."""
+    nuclei (resolved by :func:`choose_separation` and :func:`object_filters`)."""
     p.add_argument("--separation", default=None, choices=SEPARATIONS,
                    help="how touching nuclei are split: watershed on the distance transform, the learned borders of "
                         "a run trained with --borders True, or plain connected components (default: borders for a "
                         "run trained with --borders True, else watershed)")
-    p.add_argument("--min_size", type=int, default=None, help="drop objects smaller than this many pixels "
-                   "(default: instances.MIN_SIZE, 3)")
-    p.add_argument("--min_confidence", type=float, default=None, help="drop objects whose mean probability is "
-                   "below this; 0 keeps all (default: instances.MIN_CONFIDENCE, 0.85)")
+    p.add_argument("--min_size", type=integer, default=MIN_SIZE, help="drop objects smaller than this many pixels")
+    p.add_argument("--min_confidence", type=float, default=MIN_CONFIDENCE,
+                   help="drop objects whose mean probability is below this; 0 keeps all")
+
+
+def object_filters(min_size=MIN_SIZE, min_confidence=MIN_CONFIDENCE):
+    """The keyword arguments of instances.split_instances for --min_size and --min_confidence; a UsageError naming
+    the flag unless min_size >= 0 and 0 <= min_confidence < 1."""
+    if min_size < 0:
+        raise UsageError(f"--min_size must not be negative, got {min_size}")
+    if not 0 <= min_confidence < 1:
+        raise UsageError(f"--min_confidence must be at least 0 and below 1, got {min_confidence}")
+    return {"min_size": min_size, "min_confidence": min_confidence}
+
+
+def choose_separation(requested, borders, name):
+    """The --separation for run ``name`` (``borders``: trained with --borders True): ``requested``, or when that
+    is None 'borders' for a borders run and 'watershed' for the others (docs/results.md). A UsageError when
+    borders are asked of a run without them."""
+    if requested == "borders" and not borders:
+        raise UsageError(f"--separation borders needs a run trained with --borders True; {name} was not")
+    return requested or ("borders" if borders else "watershed")

@@ -13,15 +13,14 @@ Three layouts (:class:`Layout`); the first is the one pytorch-nested-unet used::
     inputs/<dataset>/<id>_masks<mask_ext>
 
 With label images the binary mask (one class) is every labelled pixel, and the labels serve the instance score and
-``--borders``. TIFF files are read with tifffile (16-bit, OME and ImageJ TIFFs), everything else with OpenCV.
+``--borders``. The files are read by image_files.py (PNG/JPEG/BMP with OpenCV, TIFF with tifffile).
 
 With ``borders=True`` (train.py --borders True) the labels are required: each sample gets one more target
 channel after the classes, the pixels where two nuclei touch (:func:`instances.touching_borders`).
 
-Images may be grey, RGB, RGBA (alpha is dropped) or 16-bit. 8-bit images are divided by 255; 16-bit (and
-float) images are scaled to [0, 1] by their own minimum and maximum, because microscopes rarely use the whole
-16-bit range. The network then sees ``(x - 0.5) / 0.25``, applied once. Masks hold 0/255 or 0/1 and become
-{0, 1}; resizing uses linear interpolation for images and nearest for masks, so targets stay hard.
+Images are scaled to [0, 1] as image_files.image_to_float says; the network then sees ``(x - 0.5) / 0.25``
+(:func:`normalize`), applied once. Resizing uses linear interpolation for images and nearest for masks, so
+targets stay hard.
 """
 import os
 
@@ -30,108 +29,28 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations' import
 import albumentations as A
 import cv2
 import numpy as np
-import tifffile
+import pandas as pd
 import torch
+from sklearn.model_selection import train_test_split
+from tqdm import tqdm
 
+import distributed
+from image_files import decode_image, image_to_float, read_label_image, read_labels, read_mask  # noqa: F401
+from instances import touching_borders
 from utils import DataError, UsageError
 
 NORM_MEAN = 0.5
 NORM_STD = 0.25
 
 
-# ---------------------------------------------------------------------------------------------- reading files
-
-TIFF_EXTS = (".tif", ".tiff")
-
-
-def _imread(path, flags, what):
-    """cv2.imread (tifffile for TIFFs) with a DataError naming the file when it is missing or not a readable image."""
-    path = str(path)
-    if not os.path.isfile(path):
-        raise DataError(f"{what} file {path} does not exist")
-    if path.lower().endswith(TIFF_EXTS):
-        return _read_tiff(path, what)
-    img = cv2.imread(path, flags)
-    if img is None or img.size == 0:
-        raise DataError(f"cannot read {what} {path}: the file is not a readable image (truncated or wrong format?)")
-    return img
+def normalize(x):
+    """Image values in [0, 1] (numpy or torch, any shape) -> what the network sees, ``(x - 0.5) / 0.25``."""
+    return (x - NORM_MEAN) / NORM_STD
 
 
-def _read_tiff(path, what):
-    """A 2D TIFF (first series) -> [H, W] or [H, W, C], channels last."""
-    try:
-        img = tifffile.imread(path, series=0)
-    except Exception as e:  # tifffile raises TiffFileError, ValueError, ... for damaged files
-        raise DataError(f"cannot read {what} {path}: not a readable TIFF ({str(e).splitlines()[0][:80]})") from None
-    img = np.squeeze(img)
-    if img.ndim == 3 and img.shape[0] in (3, 4) and img.shape[2] not in (3, 4):
-        img = np.moveaxis(img, 0, 2)  # channels first (ImageJ hyperstacks) -> last
-    if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] > 4):
-        raise DataError(f"{what} {path} has shape {img.shape}: a 2D image (grey or up to 4 channels) is needed, "
-                        "not a stack; save one plane per file")
-    return img
-
-
-def decode_image(path):
-    """Read an image file as stored: uint8 or uint16 array [H, W, C] in RGB order, alpha dropped."""
-    img = _imread(path, cv2.IMREAD_UNCHANGED, "image")
-    if img.ndim == 2:
-        img = img[:, :, None]
-    if img.shape[2] == 4:
-        img = img[:, :, :3]
-    if img.shape[2] == 3 and not path.lower().endswith(TIFF_EXTS):  # OpenCV reads BGR, tifffile RGB
-        img = img[:, :, ::-1]
-    return np.ascontiguousarray(img)
-
-
-def read_label_image(path):
-    """Read an instance label image (0 = background, one integer per nucleus; 8/16/32-bit PNG or TIFF) -> int32
-    [H, W]. A colour image or float values are a DataError naming the file."""
-    labels = _imread(path, cv2.IMREAD_UNCHANGED, "label image")
-    if labels.ndim == 3:
-        if (labels != labels[:, :, :1]).any():
-            raise DataError(f"label image {path} is a colour image; label images hold one integer per nucleus in a "
-                            "single channel (0 = background)")
-        labels = labels[:, :, 0]
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise DataError(f"label image {path} holds {labels.dtype} values; label images hold integers, one per "
-                        "nucleus (save them as 16-bit PNG or integer TIFF)")
-    return labels.astype(np.int32)
-
-
-def image_to_float(img, input_channels):
-    """Decoded image [H, W, C] (uint8, uint16 or float) -> float32 [H, W, input_channels] in [0, 1].
-
-    uint8 is divided by 255; other types are min-max scaled per image. Grey images are repeated to 3 channels
-    when the model wants 3; colour images are converted to grey when it wants 1.
-    """
-    if img.dtype == np.uint8:
-        out = img.astype(np.float32) / 255.0
-    else:
-        out = img.astype(np.float32)
-        lo, hi = float(out.min()), float(out.max())
-        out = (out - lo) / (hi - lo) if hi > lo else np.zeros_like(out)
-    channels = out.shape[2]
-    if channels == input_channels:
-        return out
-    if channels == 1:
-        return np.repeat(out, input_channels, axis=2)
-    if input_channels == 1:
-        return cv2.cvtColor(out, cv2.COLOR_RGB2GRAY)[:, :, None]
-    raise DataError(f"an image has {channels} channels but --input_channels is {input_channels}")
-
-
-def read_mask(path):
-    """Read a mask file -> uint8 [H, W] with values {0, 1}. Accepts 0/255 or 0/1; anything else is an error."""
-    mask = _imread(path, cv2.IMREAD_GRAYSCALE, "mask")
-    values = np.unique(mask)
-    if set(values.tolist()) <= {0, 255}:
-        return (mask > 0).astype(np.uint8)
-    if set(values.tolist()) <= {0, 1}:
-        return mask
-    shown = ", ".join(str(v) for v in values[:8]) + (" ..." if len(values) > 8 else "")
-    raise DataError(f"mask {path} has values {{{shown}}}; masks must hold only 0/255 or 0/1 "
-                    "(a JPEG mask or a resized soft mask? save hard masks as PNG)")
+def denormalize(x):
+    """The inverse of :func:`normalize`: network input values -> image values in [0, 1] (not clipped)."""
+    return x * NORM_STD + NORM_MEAN
 
 
 # ----------------------------------------------------------------------------------------- listing a dataset
@@ -316,8 +235,6 @@ class Dataset(torch.utils.data.Dataset):
         self.seed = seed
         self.cached = None
         if cache:
-            from tqdm import tqdm
-
             self.cached = [self.load(i) for i in tqdm(range(len(self.img_ids)), desc="caching", leave=False,
                                                       disable=len(self.img_ids) < 200)]
 
@@ -335,8 +252,6 @@ class Dataset(torch.utils.data.Dataset):
         else:
             masks = [(labels > 0).astype(np.uint8)]
         if self.borders:
-            from instances import touching_borders
-
             masks.append(touching_borders(labels))
         return img, np.stack(masks, axis=-1)
 
@@ -371,11 +286,60 @@ class Dataset(torch.utils.data.Dataset):
             self.transform.set_random_seed(int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0]))
             out = self.transform(image=img, mask=mask)
             img, mask = out["image"], out["mask"]
-        img = (img.reshape(img.shape[0], img.shape[1], -1) - NORM_MEAN) / NORM_STD
+        img = normalize(img.reshape(img.shape[0], img.shape[1], -1))
         mask = mask.reshape(mask.shape[0], mask.shape[1], -1)
         return (torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float32)),
                 torch.from_numpy(np.ascontiguousarray(mask.transpose(2, 0, 1), dtype=np.float32)),
                 {"img_id": self.img_ids[index]})
+
+
+def eval_loader(dataset_dir, ids, reading, size, batch_size, num_workers, pin_memory=False, cache=False):
+    """A DataLoader over ``ids`` at evaluation size, in order. ``reading``: dict(img_ext, mask_ext, num_classes,
+    input_channels, borders) for :class:`Dataset`; ``size``: (input_h, input_w, crop_size); crop-trained runs
+    (crop_size > 0) see whole images, whose sizes differ, so one per batch. Under DDP each process gets every
+    world_size-th id, so every image is seen exactly once."""
+    input_h, input_w, crop_size = size
+    shard = ids[distributed.rank()::distributed.world_size()]
+    data = Dataset(shard, dataset_dir, transform=eval_transform(input_h, input_w, crop_size), cache=cache, **reading)
+    return torch.utils.data.DataLoader(data, batch_size=1 if crop_size else batch_size, shuffle=False,
+                                       num_workers=num_workers, pin_memory=pin_memory,
+                                       persistent_workers=num_workers > 0)
+
+
+def reading_of(cfg):
+    """The :class:`Dataset` arguments of a run's flags ``cfg`` that say how its files are read."""
+    return {k: getattr(cfg, k) for k in ("img_ext", "mask_ext", "num_classes", "input_channels", "borders")}
+
+
+# ---------------------------------------------------------------------------------------------------- splits
+
+SPLITS = ("train", "val", "test")
+
+
+def make_split(ids, val_size=0.2, test_size=0.0, random_state=41):
+    """Split sorted ids into train/val(/test) the way the seed did: train_test_split(random_state=41).
+
+    With test_size 0 this is exactly the seed's 80/20 split. With a test part, the test ids are drawn first
+    and the validation ids from the rest. Returns a DataFrame with columns img_id, split.
+    """
+    ids = sorted(ids)
+    rest, test = (ids, []) if test_size == 0 else train_test_split(ids, test_size=test_size, random_state=random_state)
+    train, val = train_test_split(rest, test_size=val_size / (1 - test_size), random_state=random_state)
+    rows = [(i, "train") for i in train] + [(i, "val") for i in val] + [(i, "test") for i in test]
+    return pd.DataFrame(rows, columns=["img_id", "split"])
+
+
+def read_split(path):
+    """split.csv -> DataFrame(img_id, split), checked."""
+    split = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if list(split.columns) != ["img_id", "split"] or not split["split"].isin(SPLITS).all():
+        raise DataError(f"{path} must have columns img_id,split with values train/val/test")
+    return split
+
+
+def split_ids(split, part):
+    """The ids of ``part`` ('train', 'val' or 'test') in a split DataFrame, in file order."""
+    return split.loc[split["split"] == part, "img_id"].tolist()
 
 
 # ---------------------------------------------------------------------------------------- balancing image kinds

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dataset import NORM_MEAN, NORM_STD, image_to_float
+from dataset import image_to_float, normalize
 
 GREY = (0.299, 0.587, 0.114)  # OpenCV's RGB -> grey weights, which albumentations' contrast and saturation use
 COLOUR_P, JITTER = 0.8, 0.2
@@ -103,7 +103,7 @@ class BatchAugment:
             images = where_drawn(self.greyscale, grey(images).expand_as(images), images, generator)
         if self.invert:
             images = where_drawn(self.invert, 1 - images, images, generator)
-        return (images - NORM_MEAN) / NORM_STD, masks.float()
+        return normalize(images), masks.float()
 
     def geometry(self, data, indices, generator):
         """Resize or crop (after the scale jitter): images float [B, C, oh, ow] in [0, 1], masks uint8."""

@@ -5,17 +5,36 @@ Scores and losses are accumulated on the device; the host reads them once per ep
 bar every ``LOG_EVERY`` steps).
 """
 import contextlib
+import random
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
+from archs import crop_to, pad_to_multiple
 from distributed import reduce_sum
 from losses import loss_over_heads
 from metrics import SegmentationMeter
 from utils import UsageError, amp_mode
 
 LOG_EVERY = 20
+
+
+def choose_device(requested="auto"):
+    """--device (utils.device_name: auto, cpu, cuda or cuda:N) -> torch.device; auto picks CUDA when available.
+    Asking for CUDA where PyTorch sees none is a UsageError."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA GPU is visible to PyTorch; use --device cpu or auto")
+    return torch.device(requested)
+
+
+def seed_everything(seed):
+    """Seed Python, NumPy and torch (CPU and CUDA) so that a CPU run is repeatable."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def cpu_has_fast_bf16():
@@ -94,15 +113,11 @@ def forward(model, images, prune=None, tta=False):
         outs = [[o.flip(f) if f else o for o in (out if heads else [out])] for out, f in zip(outs, FLIPS)]
         mean = [torch.stack(per_flip).mean(0) for per_flip in zip(*outs)]
         return mean if heads else mean[0]
-    h, w = images.shape[-2:]
-    pad_h, pad_w = -h % 16, -w % 16
-    if pad_h or pad_w:
-        mode = "reflect" if pad_h < h and pad_w < w else "replicate"
-        images = F.pad(images, (0, pad_w, 0, pad_h), mode=mode)
-    out = model(images) if prune is None else model(images, prune=prune)
-    if pad_h or pad_w:
-        out = [o[..., :h, :w] for o in out] if isinstance(out, list) else out[..., :h, :w]
-    return out
+    padded, size = pad_to_multiple(images)
+    out = model(padded) if prune is None else model(padded, prune=prune)
+    if padded is images:
+        return out
+    return [crop_to(o, size) for o in out] if isinstance(out, list) else crop_to(out, size)
 
 
 def step(model, images, masks, criterion, precision, optimizer=None, prune=None, tta=False):

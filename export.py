@@ -14,9 +14,16 @@ Uses PyTorch's TorchScript-based exporter (``dynamo=False``), which needs the ``
 is run once on a random input and its largest difference from PyTorch is printed.
 """
 import argparse
+import io
 import os
+import warnings
 
-from utils import ArgumentParser, run_cli
+import numpy as np
+import torch
+
+from checkpoints import load_run
+from config import output_channels, run_dir
+from utils import ArgumentParser, UsageError, UserError, atomic_write, run_cli
 
 OPSET = 17
 
@@ -38,8 +45,6 @@ def build_parser():
 def export_module(model, prune=None):
     """An nn.Module in eval mode returning only the logits tensor [B, K, H, W] that the export keeps: the
     final head (deep supervision), or head ``prune``."""
-    import torch
-
     class FinalHead(torch.nn.Module):
         def __init__(self, net):
             super().__init__()
@@ -57,13 +62,6 @@ def export_module(model, prune=None):
 def export_onnx(module, example, path):
     """Trace ``module`` on ``example`` [1, C, H, W] and write ONNX (opset 17, dynamic batch/height/width)
     atomically to ``path``; returns the number of bytes written."""
-    import io
-    import warnings
-
-    import torch
-
-    from utils import UserError, atomic_write
-
     try:
         import onnx  # noqa: F401  (the TorchScript exporter needs it)
     except ImportError:
@@ -88,9 +86,6 @@ def onnxruntime_difference(path, module, example):
         import onnxruntime as ort
     except ImportError:
         return None
-    import numpy as np
-    import torch
-
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     got = session.run(None, {"image": example.numpy()})[0]
     with torch.no_grad():
@@ -100,17 +95,10 @@ def onnxruntime_difference(path, module, example):
 
 def main(argv):
     args = build_parser().parse_args(argv)
-    from utils import UsageError
-
     for flag in ("height", "width"):
         value = getattr(args, flag)
         if value < 16 or value % 16:
             raise UsageError(f"--{flag} {value} must be a positive multiple of 16")
-    import torch
-
-    from config import output_channels, run_dir
-    from trainer import load_run
-
     device = torch.device("cpu")
     cfg, model = load_run(args.name, device, args.prune)
     path = args.output or os.path.join(run_dir(args.name), "model.onnx")

@@ -25,53 +25,24 @@ then drops the objects the network is unsure of: those whose mean probability is
 """
 import numpy as np
 from scipy import ndimage as ndi
+from skimage.morphology import reconstruction
+from skimage.segmentation import watershed
 
-from config import SEPARATIONS
-from utils import UsageError
-
-# Defaults chosen by the mean DSB score of watershed on the true masks (a perfect semantic prediction), with
-# connected components in brackets: synthetic 96x96 (160 images) 0.70 (0.41), DSB2018 stage1_train resized to
-# 96x96 (first 300) 0.77 (0.66), DSB2018 at full size (first 60) 0.86 (0.75).
+SEPARATIONS = ("watershed", "cc", "borders")
+# The defaults below were chosen on validation images; the measurements: docs/results.md, "How the post-processing
+# defaults were chosen".
 MIN_SIZE = 3  # pixels
 MIN_DISTANCE = 2  # pixels
 H = 0.05  # in log(1 + distance): a saddle about 5% below the lower peak separates two nuclei
 SIGMA = 1.0  # pixels
-# Chosen among 0.1, 0.15, 0.2, 0.3, 0.5 and 1.0 on two full-size NestedUNet --borders runs (50 and 100 epochs; flip
-# TTA, 134 DSB2018 val images): 0.5 is the best on both, DSB 0.586 and 0.610 against 0.570 and 0.588 for the
-# distance watershed and 0.556 and 0.588 for one marker per core. A 2-fold cross-validation over 0.2-1.0 gains
-# 0.015 and 0.022 over the watershed; it picks 0.5 or 0.7, which differ by 0.001.
 H_BORDERS = 0.5
-# Chosen on three models' predictions (DSB score of the default watershed without -> with the filter at 0.85):
-# full-size NestedUNet on 134 DSB2018 val images 0.561 -> 0.574 (flip TTA; 0.578 at 0.9), 96x96 UNet on the same
-# images 0.310 -> 0.312 (0.311 at 0.9), the 10-epoch synthetic UNet of the quick start 0.475 -> 0.482 (0.464 at
-# 0.9, which drops real nuclei of a less sure network). Most of what it drops are faint spurious blobs.
 MIN_CONFIDENCE = 0.85  # mean probability of an object
-
-
-def object_filters(min_size=None, min_confidence=None):
-    """The keyword arguments of :func:`split_instances` for the --min_size / --min_confidence flags (None =
-    this module's default); a UsageError naming the flag unless min_size >= 0 and 0 <= min_confidence < 1."""
-    if min_size is not None and min_size < 0:
-        raise UsageError(f"--min_size must not be negative, got {min_size}")
-    if min_confidence is not None and not 0 <= min_confidence < 1:
-        raise UsageError(f"--min_confidence must be at least 0 and below 1, got {min_confidence}")
-    return {"min_size": MIN_SIZE if min_size is None else min_size,
-            "min_confidence": MIN_CONFIDENCE if min_confidence is None else min_confidence}
-
-
-def choose_separation(requested, borders, name):
-    """The --separation for run ``name`` (``borders``: trained with --borders True): ``requested``, or when that
-    is None 'borders' for a borders run (on two full-size runs its DSB2018 score beats the watershed's by 0.016
-    and 0.023) and 'watershed' for the others. A UsageError when borders are asked of a run without them."""
-    if requested == "borders" and not borders:
-        raise UsageError(f"--separation borders needs a run trained with --borders True; {name} was not")
-    return requested or ("borders" if borders else "watershed")
 
 
 def _check_prob(prob):
     prob = np.asarray(prob)
     if prob.ndim != 2:
-        raise UsageError(f"a probability map must be 2-D [H, W]; got shape {prob.shape}")
+        raise ValueError(f"prob: a probability map must be 2-D [H, W]; got shape {prob.shape}")
     return prob
 
 
@@ -122,8 +93,6 @@ def watershed_markers(distance, min_distance=MIN_DISTANCE, h=H):
     two) are one marker, and a marker is kept when one of its pixels is the highest within ``min_distance``
     (a square window).
     """
-    from skimage.morphology import reconstruction
-
     inside = distance > 0
     height = np.log1p(distance.astype(np.float64))
     if not inside.any() or h > np.ptp(height):
@@ -171,8 +140,6 @@ def flood(elevation, markers, mask, min_size):
     A component of the mask that holds no marker becomes one object of its own, so the union of the objects
     is the mask. Returns int32 [H, W], objects 1..N, those below ``min_size`` pixels removed.
     """
-    from skimage.segmentation import watershed
-
     labels = watershed(elevation, markers, mask=mask) if markers.any() else np.zeros(mask.shape, np.int32)
     missed = mask & (labels == 0)
     if missed.any():
@@ -194,7 +161,7 @@ def border_instances(prob, border, threshold=0.5, min_size=MIN_SIZE, min_distanc
     prob = _check_prob(prob)
     border = _check_prob(border)
     if border.shape != prob.shape:
-        raise UsageError(f"the border map {border.shape} and the probability map {prob.shape} differ in shape")
+        raise ValueError(f"border {border.shape} and prob {prob.shape} differ in shape")
     mask = prob > threshold
     markers = watershed_markers(smoothed_distance(mask & (border <= threshold), sigma), min_distance, h)
     return flood(border, markers, mask, min_size)
@@ -230,36 +197,8 @@ def split_instances(prob, method="watershed", threshold=0.5, min_size=MIN_SIZE, 
         labels = connected_components(prob, threshold, min_size=min_size)
     elif method == "borders":
         if border is None:
-            raise UsageError("--separation borders needs a run trained with --borders True")
+            raise ValueError("method 'borders' needs the border map (a run trained with --borders True)")
         labels = border_instances(prob, border, threshold, min_size=min_size)
     else:
-        raise UsageError(f"--separation {method!r} is not one of {', '.join(SEPARATIONS)}")
+        raise ValueError(f"method {method!r} is not one of {', '.join(SEPARATIONS)}")
     return remove_unsure(labels, prob, min_confidence)
-
-
-def read_labels(path, shape=None):
-    """Read an instance label image (0 background, 1..N objects; PNG or TIFF, see dataset.read_label_image) ->
-    int32 [H, W].
-
-    With ``shape`` = (H, W) different from the file's, the labels are resized with nearest-neighbour (so a
-    label stays a label; an object too small for the new size may vanish).
-    """
-    import cv2
-
-    from dataset import read_label_image
-
-    labels = read_label_image(path)
-    if shape is not None and tuple(labels.shape) != tuple(shape):
-        labels = cv2.resize(labels.astype(np.float32), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
-    return labels.astype(np.int32)
-
-
-def dsb_scores(prob, true_labels, methods=("watershed", "cc"), **kwargs):
-    """DSB2018 score of each separation method on one image: {method: score in [0, 1]}.
-
-    prob: float [H, W] in [0, 1]; true_labels: int [H, W] of the same shape (0 background, 1..N); ``kwargs``
-    (e.g. ``border``) go to :func:`split_instances`.
-    """
-    from metrics import dsb_score
-
-    return {m: dsb_score(true_labels, split_instances(prob, m, **kwargs)) for m in methods}

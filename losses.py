@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lovasz_losses import in_float32, lovasz_hinge
-from utils import DataError, UsageError
+from utils import DataError
 
 DICE_SMOOTH = 1e-5
 
@@ -98,11 +98,11 @@ class WithBorderChannel(nn.Module):
 
 
 def build_loss(name, border_after=None):
-    """Instantiate ``LOSSES[name]``; an unknown name is a UsageError naming --loss. ``border_after`` = K: the
+    """Instantiate ``LOSSES[name]``; an unknown name is a ValueError. ``border_after`` = K: the
     targets hold K mask classes and then a border channel (--borders True), each scored by its own term
     (:class:`WithBorderChannel`)."""
     if name not in LOSSES:
-        raise UsageError(f"--loss {name!r} is not one of: {', '.join(LOSSES)}")
+        raise ValueError(f"name {name!r} is not one of: {', '.join(LOSSES)}")
     criterion = LOSSES[name]()
     return criterion if border_after is None else WithBorderChannel(criterion, border_after)
 

@@ -7,8 +7,9 @@ empty union is 1.
 """
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from distributed import reduce_sum
+from instances import split_instances
 from losses import check_same_shape
 from utils import DataError
 
@@ -65,8 +66,7 @@ class SegmentationMeter:
 
     def all_reduce(self):
         """Sum ``state`` over torch.distributed ranks when a process group is initialised."""
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.state)
+        reduce_sum(self.state)
 
     def compute(self):
         """dict(iou, dice: pooled over all pixels; iou_mean, dice_mean: mean of per-image scores), floats."""
@@ -132,3 +132,12 @@ def dsb_score(true_labels, pred_labels):
     true_positives = (iou[None] > DSB_THRESHOLDS[:, None, None]).sum(axis=(1, 2))
     precision = true_positives / (n_true + n_pred - true_positives)
     return float(precision.mean())
+
+
+def dsb_scores(prob, true_labels, methods=("watershed", "cc"), **kwargs):
+    """DSB2018 score of each separation method on one image: {method: score in [0, 1]}.
+
+    prob: float [H, W] in [0, 1]; true_labels: int [H, W] of the same shape (0 background, 1..N); ``kwargs``
+    (e.g. ``border``, ``min_size``) go to :func:`instances.split_instances`.
+    """
+    return {m: dsb_score(true_labels, split_instances(prob, m, **kwargs)) for m in methods}

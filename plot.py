@@ -8,7 +8,13 @@ train.py redraws models/<name>/curves.png after every epoch. The best epoch (hig
 import argparse
 import os
 
-from utils import UsageError, run_cli
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from config import run_dir, saved_run_dir  # noqa: E402
+from utils import UsageError, atomic_write, run_cli  # noqa: E402
 
 
 def plot_runs(logs, names, out_path):
@@ -16,13 +22,6 @@ def plot_runs(logs, names, out_path):
 
     logs: pandas DataFrames with log.csv's columns (missing or NaN values are skipped); names: one per log.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from utils import atomic_write
-
     fig, (ax_loss, ax_score, ax_lr) = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
     for i, (log, name) in enumerate(zip(logs, names)):
         colour = f"C{i}"
@@ -68,9 +67,7 @@ def main(argv):
                    "compare.png for several)")
     p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     args = p.parse_args(argv)
-    import pandas as pd
-
-    from config import run_dir, saved_run_dir
+    import pandas as pd  # deferred: --help answers at once
 
     logs = []
     for name in args.name:

@@ -1,16 +1,19 @@
-"""Small helpers shared by the scripts: user-facing errors, flag parsing, device choice, seeding, atomic writes.
+"""Small helpers shared by the scripts: user-facing errors, flag types, atomic writes, dataset folders.
 
-Kept free of heavy imports at module level so that ``python train.py --help`` answers quickly; torch is
-imported inside the functions that need it.
+Only the standard library and OpenCV here (no torch), so that every script's ``--help`` answers at once.
 """
 import argparse
 import ctypes
 import ctypes.util
+import hashlib
 import os
-import random
+import re
+import shutil
 import sys
 import tempfile
 from contextlib import contextmanager
+
+import cv2
 
 
 class UserError(Exception):
@@ -85,8 +88,6 @@ def user_message(e):
     An error raised in a worker process comes back as ``DataError("Caught DataError in DataLoader worker
     process 0.\nOriginal Traceback ...\nutils.DataError: <message>")``; the user only needs <message>.
     """
-    import re
-
     text = str(e)
     if "Original Traceback" not in text:
         return text
@@ -114,6 +115,25 @@ def str2bool(v):
     if s in ("false", "0", "no", "n", "f", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected True or False (or 1/0), got {v!r}")
+
+
+def integer(v):
+    """Parse an integer for argparse; also a whole float such as 8.0 (YAML recipes hold those)."""
+    try:
+        number = float(v)
+    except (TypeError, ValueError):
+        number = None
+    if isinstance(v, bool) or number is None or not number.is_integer():
+        raise argparse.ArgumentTypeError(f"expected an integer, got {v!r}")
+    return int(number)
+
+
+def device_name(v):
+    """Parse --device for argparse: auto, cpu, cuda or cuda:N."""
+    s = str(v).strip().lower()
+    if s not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", s):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {v!r}")
+    return s
 
 
 AMP_MODES = ("auto", "bf16", "fp16", "fp32")
@@ -150,29 +170,6 @@ def check_run_name(name):
     return name
 
 
-def choose_device(requested="auto"):
-    """Return a torch.device: 'auto' picks CUDA when available, else CPU; 'cuda' without CUDA is an error."""
-    import torch
-
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but no CUDA GPU is visible to PyTorch; use --device cpu or auto")
-    if requested not in ("cpu",) and not requested.startswith("cuda"):
-        raise UsageError(f"--device {requested!r} is not one of auto, cpu, cuda")
-    return torch.device(requested)
-
-
-def seed_everything(seed):
-    """Seed Python, NumPy and torch (CPU and CUDA) so that a CPU run is repeatable."""
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -199,18 +196,8 @@ def atomic_write(path, mode="w", **kwargs):
         raise
 
 
-def atomic_torch_save(obj, path):
-    """``torch.save`` through :func:`atomic_write`: the file at ``path`` is always a complete checkpoint."""
-    import torch
-
-    with atomic_write(path, "wb") as f:
-        torch.save(obj, f)
-
-
 def sha256_file(path):
     """Hex SHA-256 of a file's bytes."""
-    import hashlib
-
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -220,10 +207,7 @@ def sha256_file(path):
 
 def atomic_imwrite(path, image):
     """Write an image with OpenCV atomically; the format comes from ``path``'s extension (PNG keeps 16 bit)."""
-    import cv2
-
-    ext = os.path.splitext(path)[1] or ".png"
-    ok, buf = cv2.imencode(ext, image)
+    ok, buf = cv2.imencode(os.path.splitext(path)[1] or ".png", image)
     if not ok:
         raise DataError(f"could not encode an image for {path}")
     with atomic_write(path, "wb") as f:
@@ -242,8 +226,6 @@ def check_replaceable_dataset(dst, flag):
 
 def replace_folder(tmp, dst):
     """Move the finished folder ``tmp`` to ``dst`` (absent, an empty folder, or an old dataset folder)."""
-    import shutil
-
     if os.path.isdir(dst) and not os.listdir(dst):
         os.rmdir(dst)
     if not os.path.lexists(dst):

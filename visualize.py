@@ -1,4 +1,5 @@
-"""Pictures a person can open: prediction overlays and a summary grid of the worst and best images.
+"""Pictures a person can open: prediction overlays, outlines of nuclei, and a summary grid of the worst and best
+images.
 
 An overlay panel is ``image | ground truth | prediction | errors`` side by side; in the errors panel false
 positives (predicted, not true) are magenta and false negatives (true, missed) are cyan, on the grey image.
@@ -7,42 +8,48 @@ import os
 
 import cv2
 import numpy as np
+from skimage.segmentation import find_boundaries
 
-from dataset import NORM_MEAN, NORM_STD
 from utils import atomic_imwrite
 
 FALSE_POSITIVE = (255, 0, 255)  # BGR magenta
 FALSE_NEGATIVE = (255, 255, 0)  # BGR cyan
 TRUE_POSITIVE = (0, 200, 0)
+OUTLINE = (0, 255, 255)  # BGR yellow
 GAP = 4
 
 
-def denormalize(image):
-    """Network input [C, H, W] (torch, normalised) -> uint8 BGR [H, W, 3] for drawing."""
-    img = (image.float().cpu().numpy().transpose(1, 2, 0) * NORM_STD + NORM_MEAN).clip(0, 1)
-    img = (img * 255).round().astype(np.uint8)
-    return cv2.cvtColor(img, cv2.COLOR_GRAY2BGR) if img.shape[2] == 1 else cv2.cvtColor(img[:, :, :3],
-                                                                                         cv2.COLOR_RGB2BGR)
+def to_bgr(image):
+    """float [H, W, C] in [0, 1] (values outside are clipped), C = 1 or 3 -> uint8 BGR [H, W, 3] for drawing."""
+    img = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+    if img.shape[2] == 1:
+        return cv2.cvtColor(img[:, :, 0], cv2.COLOR_GRAY2BGR)
+    return cv2.cvtColor(img[:, :, :3], cv2.COLOR_RGB2BGR)
 
 
-def _outline(canvas, mask, colour):
+def draw_outlines(image_bgr, mask, colour=OUTLINE, labels=None):
+    """A copy of ``image_bgr`` with the outline of each object (``labels``, int [H, W]: inner boundaries, so
+    touching nuclei stay apart) or of the mask (bool [H, W]: its contours) drawn in ``colour``."""
+    out = image_bgr.copy()
+    if labels is not None:
+        out[find_boundaries(labels, mode="inner")] = colour
+        return out
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
-    cv2.drawContours(canvas, contours, -1, colour, 1)
-    return canvas
+    cv2.drawContours(out, contours, -1, colour, 1)
+    return out
 
 
 def overlay_panel(image, truth, prob, threshold=0.5):
     """image uint8 BGR [H, W, 3], truth bool [H, W], prob float [H, W] in [0, 1] -> uint8 BGR [H, 4W + 3*GAP, 3]."""
     pred = prob > threshold
     grey = cv2.cvtColor(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR)
-    truth_panel = _outline(image.copy(), truth, TRUE_POSITIVE)
-    pred_panel = _outline(image.copy(), pred, FALSE_POSITIVE)
     errors = grey.copy()
     errors[pred & truth] = TRUE_POSITIVE
     errors[pred & ~truth] = FALSE_POSITIVE
     errors[~pred & truth] = FALSE_NEGATIVE
     gap = np.full((image.shape[0], GAP, 3), 255, np.uint8)
-    return np.concatenate([image, gap, truth_panel, gap, pred_panel, gap, errors], axis=1)
+    return np.concatenate([image, gap, draw_outlines(image, truth, TRUE_POSITIVE), gap,
+                           draw_outlines(image, pred, FALSE_POSITIVE), gap, errors], axis=1)
 
 
 def write_summary(overlay_dir, scores, out_path, k=4, row_height=128):

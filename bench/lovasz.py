@@ -1,5 +1,5 @@
 """Batched Lovasz hinge (lovasz_losses.lovasz_hinge) against the seed's per-image Python loop
-(lovasz_losses.lovasz_hinge_per_image_loop): forward + backward on the same random logits and masks.
+(bench/lovasz_reference.py): forward + backward on the same random logits and masks.
 
 For each case (batch x height x width) and device it checks that the two losses and their gradients agree
 (max abs difference printed), then times forward + backward of each (median of ``--repeats`` runs after
@@ -22,7 +22,8 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from lovasz_losses import lovasz_hinge, lovasz_hinge_per_image_loop  # noqa: E402
+from lovasz_losses import lovasz_hinge  # noqa: E402
+from lovasz_reference import lovasz_hinge_per_image_loop  # noqa: E402
 
 IMPLS = {"batched": lovasz_hinge, "loop": lovasz_hinge_per_image_loop}
 

@@ -41,10 +41,10 @@ def build_parser():
 def load_batches(cfg, ids, device):
     """Every batch of the split's evaluation loader, moved to ``device`` once: [(images, masks)]."""
     from config import INPUTS_DIR
-    from trainer import make_eval_loader
+    from dataset import eval_loader, reading_of
 
-    cfg.num_workers = 0
-    loader = make_eval_loader(cfg, os.path.join(INPUTS_DIR, cfg.dataset), ids, device)
+    loader = eval_loader(os.path.join(INPUTS_DIR, cfg.dataset), ids, reading_of(cfg),
+                         (cfg.input_h, cfg.input_w, cfg.crop_size), cfg.batch_size, 0)
     return [(images.to(device), masks.to(device)) for images, masks, _ in loader]
 
 
@@ -91,9 +91,9 @@ def main(argv):
 
     from archs import count_parameters
     from config import load_run_config, saved_run_dir
-    from engine import Precision
-    from trainer import load_run, read_split
-    from utils import choose_device
+    from checkpoints import load_run
+    from dataset import read_split
+    from engine import Precision, choose_device
 
     cfg = load_run_config(args.name)
     if not (cfg.arch == "NestedUNet" and cfg.deep_supervision):

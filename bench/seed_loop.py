@@ -11,7 +11,7 @@ keeps from the seed, on purpose:
   are started again at every epoch;
 * fp32, plain ``.to(device)`` copies (the seed's ``input.cuda()``);
 * the seed's losses: BCEDiceLoss as the seed wrote it, or the Lovasz hinge as a Python loop over the images
-  (:func:`lovasz_losses.lovasz_hinge_per_image_loop`);
+  (:func:`lovasz_reference.lovasz_hinge_per_image_loop`);
 * a host synchronisation at every step: ``loss.item()`` into an AverageMeter and the seed's ``iou_score``,
   which copies the output to the host and thresholds it in numpy.
 
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lovasz_losses import lovasz_hinge_per_image_loop
+from lovasz_reference import lovasz_hinge_per_image_loop
 
 
 class SeedDataset(torch.utils.data.Dataset):

@@ -7,7 +7,7 @@ epochs of
     cv2 decode of every PNG at every item, the seed's augmentations and double normalisation, workers started
     again every epoch, fp32, a host sync per step (``loss.item()`` and a numpy IoU);
 (b) ``ours``: a Trainer built with ``config.parse_train_args`` exactly as train.py builds it, whose training half
-    ``Trainer.train_epoch`` (the first half of ``Trainer.run_epoch``: ``engine.train_one_epoch`` on the
+    ``Trainer.train_epoch`` (the training part of ``Trainer.fit``'s epoch: ``engine.train_one_epoch`` on the
     Trainer's cached loader with persistent workers, its model, optimizer and precision) is called as is.
 
 Both see the same training split of the same images, the same model architecture and initial weights, the same
@@ -173,8 +173,8 @@ def _build_seed(spec):
     from archs import build_model
     from dataset import list_ids
     from seed_loop import seed_criterion, seed_loader, seed_train_epoch
-    from trainer import make_split
-    from utils import choose_device, seed_everything
+    from dataset import make_split
+    from engine import choose_device, seed_everything
 
     device = choose_device(spec["device"])
     dataset_dir = os.path.join("inputs", spec["dataset"])

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for path in (ROOT, ROOT / "bench"):  # the scripts' modules; bench/ for the reference implementations
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 # The test machine's few cores are shared: one intra-op thread is faster for these tiny tensors than
 # threads fighting over busy cores.

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import archs
+import config
 from archs import NestedUNet, UNet, build_model, count_parameters, crop_to, pad_to_multiple
 from utils import DataError, UsageError
 
@@ -49,7 +50,7 @@ def test_deep_supervision_returns_four_heads(ds_model):
 
 
 def test_unet_refuses_deep_supervision():
-    with pytest.raises(UsageError, match="UNet has no deep supervision; use --arch NestedUNet or --deep_supervision False"):
+    with pytest.raises(ValueError, match="deep_supervision: UNet has a single output"):
         UNet(1, deep_supervision=True)
 
 
@@ -103,23 +104,23 @@ def test_pruned_parameter_counts(ds_model):
 
 def test_prune_needs_deep_supervision_and_a_valid_level(ds_model):
     x = torch.randn(1, 3, 32, 32)
-    with pytest.raises(UsageError, match="--deep_supervision True"):
+    with pytest.raises(ValueError, match="deep_supervision=True"):
         NestedUNet(1)(x, prune=2)
     for bad in (0, 5):
-        with pytest.raises(UsageError, match="prune must be one of 1..4"):
+        with pytest.raises(ValueError, match="prune must be one of 1..4"):
             ds_model(x, prune=bad)
-    with pytest.raises(UsageError, match="cannot be pruned"):
+    with pytest.raises(ValueError, match="cannot be pruned"):
         count_parameters(UNet(1), prune=2)
 
 
 def test_build_model_registry_and_unknown_arch():
-    assert set(archs.ARCHS) == {"UNet", "NestedUNet"}
+    assert set(archs.ARCHS) == {"UNet", "NestedUNet"} == set(config.ARCHS)  # --arch's choices
     model = build_model("NestedUNet", 2, 1, True)
     assert isinstance(model, NestedUNet) and model.deep_supervision and model.final4.out_channels == 2
     assert model.conv0_0.conv1.in_channels == 1
-    with pytest.raises(UsageError, match=r"--arch 'UNet\+\+' is not one of: UNet, NestedUNet"):
+    with pytest.raises(ValueError, match=r"arch 'UNet\+\+' is not one of: UNet, NestedUNet"):
         build_model("UNet++", 1, 3, False)
-    with pytest.raises(UsageError, match="--num_classes"):
+    with pytest.raises(ValueError, match="num_classes"):
         build_model("UNet", 0, 3, False)
 
 

@@ -56,6 +56,8 @@ CASES = {
     "init_from_the_run_itself": (train("--name", "nomodel", "--init", "nomodel", "--overwrite"), 2,
                                  ["--init nomodel", "models/nomodel/", "another --name"]),
     "negative_balance": (train("--balance", "-0.5"), 2, ["--balance", "-0.5"]),
+    "unet_with_deep_supervision": (train("--deep_supervision", "True"), 2, ["UNet has no deep supervision",
+                                                                            "--arch NestedUNet"]),
     "val_without_model": (["val.py", "--name", "nomodel", "--device", "cpu"], 2, ["models/nomodel/model.pth"]),
     "val_unknown_run": (["val.py", "--name", "ghost", "--device", "cpu"], 2, ["ghost", "models/ghost/config.yml"]),
     "name_with_dots": (train("--name", "../x"), 2, ["--name", "../x"]),

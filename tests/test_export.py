@@ -42,7 +42,7 @@ def run_dir(tmp_path, monkeypatch):
 
 
 def onnx_vs_torch(path, name, x, prune=None):
-    from trainer import load_run
+    from checkpoints import load_run
 
     _, model = load_run(name, torch.device("cpu"))
     with torch.no_grad():

@@ -3,9 +3,11 @@ import cv2
 import numpy as np
 import pytest
 
-from instances import (MIN_CONFIDENCE, connected_components, dsb_scores, object_filters, read_labels, split_instances,
-                       touching_borders, watershed_instances, watershed_markers)
-from metrics import dsb_score
+from config import object_filters
+from dataset import read_labels
+from instances import (MIN_CONFIDENCE, connected_components, split_instances, touching_borders, watershed_instances,
+                       watershed_markers)
+from metrics import dsb_score, dsb_scores
 from utils import UsageError
 
 
@@ -113,9 +115,9 @@ def test_object_filters_defaults_and_flag_errors():
 
 
 def test_bad_method_and_shape():
-    with pytest.raises(UsageError, match="separation"):
+    with pytest.raises(ValueError, match="method 'magic'"):
         split_instances(np.zeros((8, 8)), "magic")
-    with pytest.raises(UsageError, match="2-D"):
+    with pytest.raises(ValueError, match="2-D"):
         connected_components(np.zeros((1, 8, 8)))
 
 
@@ -158,9 +160,9 @@ def test_border_separation_splits_touching_discs_along_the_predicted_border():
     assert scores["borders"] > scores["cc"]
     # with no border predicted the touching discs stay one object: the cores' h is strict, the borders split
     assert split_instances(prob, "borders", border=np.zeros_like(prob)).max() == 1
-    with pytest.raises(UsageError, match="--borders True"):
+    with pytest.raises(ValueError, match="--borders True"):
         split_instances(prob, "borders")
-    with pytest.raises(UsageError, match="differ in shape"):
+    with pytest.raises(ValueError, match="differ in shape"):
         split_instances(prob, "borders", border=border[1:])
 
 

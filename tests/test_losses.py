@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from losses import LOSSES, BCEDiceLoss, BCEWithLogitsLoss, LovaszHingeLoss, build_loss, loss_over_heads
-from lovasz_losses import lovasz_hinge, lovasz_hinge_flat, lovasz_hinge_per_image_loop
-from utils import DataError, UsageError
+from lovasz_losses import lovasz_hinge
+from lovasz_reference import lovasz_hinge_flat, lovasz_hinge_per_image_loop
+import config
+from utils import DataError
 
 # One 2x2 image; target [[0, 1], [0, 1]].
 TARGET = torch.tensor([[[[0.0, 1.0], [0.0, 1.0]]]])
@@ -129,9 +131,9 @@ def test_loss_over_heads_is_the_mean_over_heads():
 
 
 def test_build_loss_registry_and_unknown_name():
-    assert set(LOSSES) == {"BCEWithLogitsLoss", "BCEDiceLoss", "LovaszHingeLoss"}
+    assert set(LOSSES) == {"BCEWithLogitsLoss", "BCEDiceLoss", "LovaszHingeLoss"} == set(config.LOSSES)  # --loss
     assert isinstance(build_loss("LovaszHingeLoss"), LovaszHingeLoss)
-    with pytest.raises(UsageError, match="--loss 'Dice' is not one of: BCEWithLogitsLoss, BCEDiceLoss, LovaszHingeLoss"):
+    with pytest.raises(ValueError, match="name 'Dice' is not one of: BCEWithLogitsLoss, BCEDiceLoss, LovaszHingeLoss"):
         build_loss("Dice")
 
 

@@ -15,8 +15,9 @@ import pytest
 import torch
 import yaml
 
+import checkpoints
+import inference
 import predict
-import trainer
 from utils import DataError, UsageError, run_cli
 
 
@@ -147,8 +148,8 @@ def crop_cfg(num_classes=1):
 def test_tiling_places_and_normalises_windows_exactly(shape, tile, overlap):
     rng = np.random.default_rng(0)
     image = rng.random(shape + (3,), dtype=np.float32)
-    whole = predict.Predictor(Pointwise(), crop_cfg(), torch.device("cpu"), tile=512).predict(image)
-    tiled = predict.Predictor(Pointwise(), crop_cfg(), torch.device("cpu"), tile, overlap, batch_size=5).predict(image)
+    whole = inference.Predictor(Pointwise(), crop_cfg(), torch.device("cpu"), tile=512).predict(image)
+    tiled = inference.Predictor(Pointwise(), crop_cfg(), torch.device("cpu"), tile, overlap, batch_size=5).predict(image)
     assert whole.std() > 0.1
     assert tiled.shape == (1,) + shape
     np.testing.assert_allclose(tiled, whole, atol=1e-5)
@@ -157,9 +158,9 @@ def test_tiling_places_and_normalises_windows_exactly(shape, tile, overlap):
 def test_tiling_blends_the_seams_of_a_real_network(in_runs):
     """The trained UNet++ with its logits standardised (so that probabilities span 0..1): windows that overlap
     by 32 pixels with linear-ramp blending stay close to the whole-image prediction, far closer than hard seams."""
-    cfg, net = trainer.load_run("pc", torch.device("cpu"))
+    cfg, net = checkpoints.load_run("pc", torch.device("cpu"))
     image = cv2.cvtColor(sample_bgr(96, 160), cv2.COLOR_BGR2RGB).astype(np.float32) / 255
-    x = torch.from_numpy(predict.Predictor(net, cfg, torch.device("cpu")).normalise(image))[None]
+    x = torch.from_numpy(inference.network_input(image))[None]
     with torch.no_grad():
         logits = net(x)[-1]
     centre, scale = logits.mean().item(), 1 / logits.std().item()
@@ -169,11 +170,11 @@ def test_tiling_blends_the_seams_of_a_real_network(in_runs):
             return [(o - centre) * scale for o in net(x)]
 
     model = Standardised().eval()
-    whole = predict.Predictor(model, cfg, torch.device("cpu"), tile=512).predict(image)
+    whole = inference.Predictor(model, cfg, torch.device("cpu"), tile=512).predict(image)
     assert whole.std() > 0.1
     errors = {}
     for overlap in (0, 32):
-        predictor = predict.Predictor(model, cfg, torch.device("cpu"), tile=64, overlap=overlap, batch_size=8)
+        predictor = inference.Predictor(model, cfg, torch.device("cpu"), tile=64, overlap=overlap, batch_size=8)
         tiled = predictor.predict(image)
         errors[overlap] = np.abs(tiled - whole).mean()
     assert errors[32] < 0.02
@@ -181,10 +182,10 @@ def test_tiling_blends_the_seams_of_a_real_network(in_runs):
 
 
 def test_blend_weights_and_window_starts():
-    w = predict.blend_weights(64, 48, 16)
+    w = inference.blend_weights(64, 48, 16)
     assert w.shape == (64, 48) and w.min() > 0 and w.max() == 1 and w[32, 24] == 1
-    assert predict.window_starts(150, 64, 32) == [0, 32, 64, 86]
-    assert predict.window_starts(40, 64, 32) == [0]
+    assert inference.window_starts(150, 64, 32) == [0, 32, 64, 86]
+    assert inference.window_starts(40, 64, 32) == [0]
 
 
 def test_prune_and_tta(in_runs, tmp_path):
@@ -277,12 +278,12 @@ def test_windows_sized_from_the_memory_budget(monkeypatch):
     """tile None: the whole image when its forward pass fits the budget, else the largest windows that fit; both
     give the whole-image probabilities (Pointwise: exactly)."""
     image = np.random.default_rng(1).random((100, 150, 3), dtype=np.float32)
-    whole = predict.Predictor(Pointwise(), crop_cfg(), torch.device("cpu"), tile=512).predict(image)
-    roomy = predict.Predictor(Pointwise(), crop_cfg(), torch.device("cpu"))
+    whole = inference.Predictor(Pointwise(), crop_cfg(), torch.device("cpu"), tile=512).predict(image)
+    roomy = inference.Predictor(Pointwise(), crop_cfg(), torch.device("cpu"))
     assert roomy.tile ** 2 >= 100 * 150
-    monkeypatch.setattr(predict, "memory_budget", lambda device: 64 * 64 * 4)  # Pointwise: 4 bytes per pixel
-    tight = predict.Predictor(Pointwise(), crop_cfg(), torch.device("cpu"), overlap=16)
+    monkeypatch.setattr(inference, "memory_budget", lambda device: 64 * 64 * 4)  # Pointwise: 4 bytes per pixel
+    tight = inference.Predictor(Pointwise(), crop_cfg(), torch.device("cpu"), overlap=16)
     assert tight.tile == 64 and tight.batch_size == 1
     for predictor in (roomy, tight):
         np.testing.assert_allclose(predictor.predict(image), whole, atol=1e-5)
-    assert predict.tile_for_budget(3472, 6e9) == 1312 and predict.tile_for_budget(1e9, 1) == 64
+    assert inference.tile_for_budget(3472, 6e9) == 1312 and inference.tile_for_budget(1e9, 1) == 64

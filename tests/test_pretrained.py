@@ -11,7 +11,7 @@ import torch
 
 import predict
 from config import PRETRAINED_DIR
-from trainer import load_run
+from checkpoints import load_run
 
 NAME = "nuclei"
 RAW = Path(__file__).resolve().parents[2] / "shared" / "data" / "dsb2018" / "stage1_train"

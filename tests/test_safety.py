@@ -17,12 +17,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import checkpoints
 import engine
 import train
 import trainer
 import val
+from checkpoints import atomic_torch_save
 from dataset import Dataset, decode_image, eval_transform, read_mask
-from utils import DataError, atomic_torch_save, atomic_write, run_cli
+from utils import DataError, atomic_write, run_cli
 
 SMALL = ["--dataset", "tiny", "--arch", "UNet", "--input_w", "32", "--input_h", "32", "-b", "2",
          "--num_workers", "0", "--device", "cpu", "--seed", "3"]
@@ -337,7 +339,7 @@ def test_bundled_run_loads_from_pretrained_unless_models_has_it(tmp_path, monkey
     torch.save({k: v.half() for k, v in net.state_dict().items()}, bundled / "model.pth")  # fp16, as shipped
     (bundled / "model.pth.sha256").write_text(sha256_file(bundled / "model.pth") + "  model.pth\n")
     (bundled / "config.yml").write_text("arch: UNet\ndeep_supervision: false\nname: nuclei\n")
-    cfg, model = trainer.load_run("nuclei", torch.device("cpu"))
+    cfg, model = checkpoints.load_run("nuclei", torch.device("cpu"))
     assert cfg.arch == "UNet" and next(model.parameters()).dtype == torch.float32
     assert torch.allclose(model.state_dict()["final.weight"], net.state_dict()["final.weight"], atol=1e-3)
     assert config.init_weights_path("nuclei") == str(bundled / "model.pth")
@@ -353,7 +355,7 @@ def test_bundled_run_loads_from_pretrained_unless_models_has_it(tmp_path, monkey
         f.seek(200)
         f.write(bytes([byte[0] ^ 1]))
     with pytest.raises(DataError, match="SHA-256 differs"):
-        trainer.load_run("nuclei", torch.device("cpu"))
+        checkpoints.load_run("nuclei", torch.device("cpu"))
 
 
 def test_bundle_writes_fp16_weights_that_load_by_name(tiny_workdir, monkeypatch):
@@ -374,6 +376,6 @@ def test_bundle_writes_fp16_weights_that_load_by_name(tiny_workdir, monkeypatch)
     import shutil
 
     shutil.rmtree(tiny_workdir / "models" / "mine")  # only the bundled copy is left
-    _, model = trainer.load_run("mine", torch.device("cpu"))
+    _, model = checkpoints.load_run("mine", torch.device("cpu"))
     predict.main(["--name", "mine", "--input", "inputs/tiny/images", "--output", "out", "--device", "cpu"])
     assert len(os.listdir("out")) == len(os.listdir("inputs/tiny/images"))

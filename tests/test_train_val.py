@@ -19,7 +19,7 @@ import train
 import val
 from conftest import ROOT, TINY_NAME, make_synthetic, train_argv
 from dataset import decode_image, image_modality
-from instances import read_labels
+from dataset import read_labels
 from utils import DataError, UsageError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

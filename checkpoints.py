@@ -1,0 +1,99 @@
+"""Weights on disk: the training state a run resumes from, and trained runs loaded for inference.
+
+Every file is loaded with ``torch.load(weights_only=True)``: tensors and plain types only, so a file that would
+need arbitrary code to load is refused and never executed. A weights file with ``<path>.sha256`` beside it (the
+bundled model) must match that checksum. val.py, predict.py, export.py and bundle.py load runs through here
+without importing the training code.
+"""
+import os
+import warnings
+
+import torch
+
+from archs import build_model
+from config import load_run_config, output_channels, saved_run_dir
+from utils import DataError, UsageError, atomic_write, sha256_file
+
+
+def atomic_torch_save(obj, path):
+    """``torch.save`` through utils.atomic_write: the file at ``path`` is always a complete checkpoint."""
+    with atomic_write(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def load_checkpoint(path, device):
+    """The tensors and plain types saved at ``path`` (a state dict, or a last.pth dict), mapped to ``device``."""
+    if not os.path.isfile(path):
+        raise UsageError(f"{path} not found: has the run saved weights yet? (train it first)")
+    if os.path.isfile(path + ".sha256"):
+        check_sha256(path)
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for unsafe or broken files
+        raise DataError(f"refusing to load {path}: {_load_failure(e)}; only load weights saved by this toolkit or "
+                        "from a source you trust") from None
+
+
+def _load_failure(error):
+    """Why torch.load failed, in a few words: torch's own reason, without its advice about its API."""
+    text = str(error).strip()
+    if text.startswith("Weights only load failed"):
+        body = text.partition("\n")[2].split("Check the documentation")[0].split("WeightsUnpickler error:")[-1]
+        return ("it holds something other than tensors and plain types (which could run code) or is damaged "
+                f"({' '.join(body.split())[:100]})")
+    return f"it is damaged or not a PyTorch checkpoint ({text.splitlines()[0][:100] if text else type(error)})"
+
+
+def check_sha256(path):
+    """Compare ``path``'s SHA-256 with the first word of ``path``.sha256; a DataError when they differ."""
+    with open(path + ".sha256") as f:
+        words = f.read().split()
+    if sha256_file(path) != (words[0].lower() if words else ""):
+        raise DataError(f"refusing to load {path}: its SHA-256 differs from {path}.sha256 (damaged or replaced); "
+                        "restore it with git checkout, or delete the .sha256 file only if you made the weights "
+                        "yourself")
+
+
+def load_weights(net, weights, path, problem, fix=""):
+    """``net.load_state_dict(weights)``; a mismatch is a DataError naming ``path``, the ``problem`` and the ``fix``."""
+    try:
+        net.load_state_dict(weights)
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise DataError(f"{path} {problem} ({str(e).splitlines()[0][:120]}){'; ' + fix if fix else ''}") from None
+
+
+def load_run(name, device, prune=None):
+    """models/<name> (or the bundled pretrained/<name>): (config Namespace, model in eval mode on ``device``).
+    ``prune`` (predict/val/export --prune) needs NestedUNet + DS."""
+    cfg = load_run_config(name)
+    if prune is not None and not (cfg.arch == "NestedUNet" and cfg.deep_supervision):
+        raise UsageError(f"--prune needs a NestedUNet trained with deep supervision; {name} is {cfg.arch} "
+                         f"{'with' if cfg.deep_supervision else 'without'} deep supervision")
+    path = os.path.join(saved_run_dir(name), "model.pth")
+    weights = load_checkpoint(path, device)
+    model = build_model(cfg.arch, output_channels(cfg), cfg.input_channels, cfg.deep_supervision).to(device)
+    load_weights(model, weights, path, "does not match the run's config.yml")
+    return cfg, model.eval()
+
+
+def save_training_state(path, net, optimizer, scheduler, scaler, epoch, best):
+    """Write everything to resume after ``epoch`` (1-based, completed) atomically: tensors and plain types only.
+    ``best``: dict(best_iou, best_epoch, stale_epochs)."""
+    atomic_torch_save({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                       "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, **best,
+                       "torch_rng": torch.get_rng_state()}, path)
+
+
+def load_training_state(path, net, optimizer, scheduler, scaler, device):
+    """Restore what :func:`save_training_state` wrote into the given objects and torch's RNG; returns
+    (epoch, dict(best_iou, best_epoch, stale_epochs))."""
+    ckpt = load_checkpoint(path, device)
+    fix = "resume with the run's own settings or start again with --overwrite"
+    for target, key in ((net, "model"), (optimizer, "optimizer"), (scheduler, "scheduler"), (scaler, "scaler")):
+        if key not in ckpt:
+            raise DataError(f"{path} has no '{key}': it is not a last.pth of this toolkit; {fix}")
+        load_weights(target, ckpt[key], path, "does not match this run's flags", fix)
+    torch.set_rng_state(ckpt["torch_rng"].cpu())  # map_location may have moved it to the GPU
+    return ckpt["epoch"], {k: ckpt[k] for k in ("best_iou", "best_epoch", "stale_epochs")}

@@ -1,0 +1,116 @@
+"""What val.py scores and writes for each image a run evaluates: probability PNGs, per-image IoU/Dice with the
+image's kind, DSB2018 instance scores where instance labels exist, overlays; then scores.csv, summary.png and the
+printed summary.
+
+Scores are those of engine.evaluate (one step function for every loop); this module only turns each batch into
+files and table rows.
+"""
+import os
+
+import numpy as np
+import pandas as pd
+import torch
+
+from config import INPUTS_DIR, saved_run_dir
+from dataset import MODALITIES, denormalize, list_ids, read_split, split_ids
+from image_files import read_labels
+from metrics import dsb_scores, per_image_scores
+from utils import UsageError, atomic_imwrite, atomic_write
+from visualize import overlay_panel, to_bgr, write_summary
+
+# what val.py prints for each separation (instances.SEPARATIONS), in the order the DSB2018 scores follow the chosen one
+SEPARATION_NAMES = {"cc": "connected components", "watershed": "watershed", "borders": "learned borders"}
+
+
+def evaluation_ids(name, split, dataset, run_dataset, reading):
+    """(dataset folder, ids to score, what they are): the ``split`` ids (default val) of run ``name``'s split.csv,
+    or with ``dataset`` every image of that folder (inputs/<dataset>, or a path holding images/). ``run_dataset``:
+    the run's --dataset; ``reading``: its img_ext, mask_ext and num_classes."""
+    if dataset is not None:
+        if split is not None:
+            raise UsageError("--split picks ids of the run's own dataset; with --dataset every image is scored, so "
+                             "give one of the two")
+        folder = dataset if os.path.isdir(os.path.join(dataset, "images")) else os.path.join(INPUTS_DIR, dataset)
+        ids = list_ids(folder, reading["img_ext"], reading["mask_ext"], reading["num_classes"])
+        return folder, ids, f"all of {folder} (not trained on)"
+    split = split or "val"
+    run = saved_run_dir(name)
+    ids = split_ids(read_split(os.path.join(run, "split.csv")), split)
+    if not ids:
+        raise UsageError(f"{run}/split.csv has no '{split}' ids (train with --test_size for a test split)")
+    return os.path.join(INPUTS_DIR, run_dataset), ids, f"{split} split"
+
+
+def separation_order(chosen, borders):
+    """The separations to score, ``chosen`` first; 'borders' only for a run trained with --borders True."""
+    methods = [m for m in SEPARATION_NAMES if m != "borders" or borders]
+    methods.insert(0, methods.pop(methods.index(chosen)))
+    return methods
+
+
+class ImageWriter:
+    """``engine.evaluate``'s ``on_batch``: per image, writes ``<out_dir>/<class>/<id>.png`` (probability x 255;
+    ``borders/`` for the border channel), the overlay (unless ``overlays`` is False) and a row of scores.
+
+    classes: the mask classes K (a channel after them is the learned border map); kinds: {img_id: image kind};
+    labels: {img_id: label image path} of the images with instance labels, scored by each of ``methods``
+    (instances.split_instances with ``filters``), the first one also in the row.
+    """
+
+    def __init__(self, out_dir, classes, kinds, labels, methods, filters, overlays=True):
+        self.out_dir, self.classes, self.kinds, self.labels = out_dir, classes, kinds, labels
+        self.methods, self.filters, self.overlays = methods, filters, overlays
+        self.rows, self.dsb = [], {m: [] for m in methods}
+
+    def __call__(self, meta, images, logits, masks):
+        """images [B, C, H, W] normalised, logits [B, K(+1), H, W], masks [B, K(+1), H, W] in {0, 1}."""
+        k = self.classes
+        probs = torch.sigmoid(logits).cpu().numpy()
+        ious, dices = (s.cpu().numpy() for s in per_image_scores(logits[:, :k], masks[:, :k]))
+        for i, img_id in enumerate(meta["img_id"]):
+            for c in range(probs.shape[1]):
+                atomic_imwrite(os.path.join(self.out_dir, str(c) if c < k else "borders", img_id + ".png"),
+                               np.round(probs[i, c] * 255).astype(np.uint8))
+            row = {"img_id": img_id, "iou": float(ious[i]), "dice": float(dices[i]), "kind": self.kinds[img_id]}
+            if img_id in self.labels:  # DSB2018 instance score at the evaluated size
+                truth = read_labels(self.labels[img_id], probs.shape[2:])
+                border = probs[i, k] if probs.shape[1] > k else None
+                for method, score in dsb_scores(probs[i, 0], truth, self.methods, border=border,
+                                                **self.filters).items():
+                    self.dsb[method].append(score)
+                row["dsb"] = self.dsb[self.methods[0]][-1]
+            self.rows.append(row)
+            if self.overlays:
+                image = to_bgr(denormalize(images[i].float().cpu().numpy().transpose(1, 2, 0)))
+                atomic_imwrite(os.path.join(self.out_dir, "overlays", img_id + ".png"),
+                               overlay_panel(image, masks[i, 0].cpu().numpy() > 0, probs[i, 0]))
+
+    def write_table(self):
+        """Write scores.csv (worst IoU first) and, with overlays, summary.png; returns the table."""
+        table = pd.DataFrame(self.rows).sort_values("iou", kind="stable").reset_index(drop=True)
+        with atomic_write(os.path.join(self.out_dir, "scores.csv")) as f:
+            table.to_csv(f, index=False, float_format="%.6f")
+        if self.overlays:
+            write_summary(os.path.join(self.out_dir, "overlays"), table, os.path.join(self.out_dir, "summary.png"))
+        return table
+
+    def dsb_means(self):
+        """{method: mean DSB2018 score over the labelled images}, empty when none has labels."""
+        return {m: float(np.mean(v)) for m, v in self.dsb.items() if v}
+
+
+def summary(title, scores, table, dsb, out_dir, overlays):
+    """The lines val.py prints: pooled and per-image IoU/Dice, IoU by image kind, DSB2018 scores, worst image."""
+    per_kind = table.groupby("kind")["iou"].agg(["size", "mean"])
+    by_kind = ", ".join(f"{k} {per_kind['mean'][k]:.4f} ({per_kind['size'][k]})" for k in MODALITIES
+                        if k in per_kind.index)
+    lines = [f"{title}:",
+             f"  IoU  {scores['iou']:.4f} pooled   {scores['iou_mean']:.4f} mean per image",
+             f"  Dice {scores['dice']:.4f} pooled   {scores['dice_mean']:.4f} mean per image",
+             f"  mean IoU by image kind (images): {by_kind}"]
+    if dsb:
+        lines.append(f"  DSB2018 score {', '.join(f'{v:.4f} ({SEPARATION_NAMES[m]})' for m, v in dsb.items())}, "
+                     f"mean over the {table['dsb'].notna().sum()} images with instance labels")
+    lines.append(f"  worst image {table['img_id'][0]} (IoU {table['iou'][0]:.3f}); files in {out_dir}/ "
+                 f"(scores.csv, {'overlays/, summary.png, ' if overlays else ''}probability PNGs per class)")
+    return "\n".join(lines)

@@ -1,0 +1,115 @@
+"""Reading image, mask and label files: PNG/JPEG/BMP with OpenCV, TIFF with tifffile (16-bit, OME and ImageJ).
+
+Images may be grey, RGB, RGBA (alpha is dropped) or 16-bit. 8-bit images are divided by 255; 16-bit (and float)
+images are scaled to [0, 1] by their own minimum and maximum, because microscopes rarely use the whole 16-bit
+range. Masks hold 0/255 or 0/1 and become {0, 1}; label images hold one integer per nucleus, 0 = background. Every
+unreadable or inconsistent file is a DataError naming it.
+"""
+import os
+
+import cv2
+import numpy as np
+import tifffile
+
+from utils import DataError
+
+TIFF_EXTS = (".tif", ".tiff")
+
+
+def _imread(path, flags, what):
+    """cv2.imread (tifffile for TIFFs) with a DataError naming the file when it is missing or not a readable image."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise DataError(f"{what} file {path} does not exist")
+    if path.lower().endswith(TIFF_EXTS):
+        return _read_tiff(path, what)
+    img = cv2.imread(path, flags)
+    if img is None or img.size == 0:
+        raise DataError(f"cannot read {what} {path}: the file is not a readable image (truncated or wrong format?)")
+    return img
+
+
+def _read_tiff(path, what):
+    """A 2D TIFF (first series) -> [H, W] or [H, W, C], channels last."""
+    try:
+        img = tifffile.imread(path, series=0)
+    except Exception as e:  # tifffile raises TiffFileError, ValueError, ... for damaged files
+        raise DataError(f"cannot read {what} {path}: not a readable TIFF ({str(e).splitlines()[0][:80]})") from None
+    img = np.squeeze(img)
+    if img.ndim == 3 and img.shape[0] in (3, 4) and img.shape[2] not in (3, 4):
+        img = np.moveaxis(img, 0, 2)  # channels first (ImageJ hyperstacks) -> last
+    if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] > 4):
+        raise DataError(f"{what} {path} has shape {img.shape}: a 2D image (grey or up to 4 channels) is needed, "
+                        "not a stack; save one plane per file")
+    return img
+
+
+def decode_image(path):
+    """Read an image file as stored: uint8 or uint16 array [H, W, C] in RGB order, alpha dropped."""
+    img = _imread(path, cv2.IMREAD_UNCHANGED, "image")
+    if img.ndim == 2:
+        img = img[:, :, None]
+    if img.shape[2] == 4:
+        img = img[:, :, :3]
+    if img.shape[2] == 3 and not path.lower().endswith(TIFF_EXTS):  # OpenCV reads BGR, tifffile RGB
+        img = img[:, :, ::-1]
+    return np.ascontiguousarray(img)
+
+
+def read_label_image(path):
+    """Read an instance label image (0 = background, one integer per nucleus; 8/16/32-bit PNG or TIFF) -> int32
+    [H, W]. A colour image or float values are a DataError naming the file."""
+    labels = _imread(path, cv2.IMREAD_UNCHANGED, "label image")
+    if labels.ndim == 3:
+        if (labels != labels[:, :, :1]).any():
+            raise DataError(f"label image {path} is a colour image; label images hold one integer per nucleus in a "
+                            "single channel (0 = background)")
+        labels = labels[:, :, 0]
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"label image {path} holds {labels.dtype} values; label images hold integers, one per "
+                        "nucleus (save them as 16-bit PNG or integer TIFF)")
+    return labels.astype(np.int32)
+
+
+def read_labels(path, shape=None):
+    """:func:`read_label_image`, resized with nearest-neighbour to ``shape`` = (H, W) when that differs from the
+    file's (a label stays a label; an object too small for the new size may vanish) -> int32 [H, W]."""
+    labels = read_label_image(path)
+    if shape is not None and tuple(labels.shape) != tuple(shape):
+        labels = cv2.resize(labels.astype(np.float32), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
+    return labels.astype(np.int32)
+
+
+def image_to_float(img, input_channels):
+    """Decoded image [H, W, C] (uint8, uint16 or float) -> float32 [H, W, input_channels] in [0, 1].
+
+    uint8 is divided by 255; other types are min-max scaled per image. Grey images are repeated to 3 channels
+    when the model wants 3; colour images are converted to grey when it wants 1.
+    """
+    if img.dtype == np.uint8:
+        out = img.astype(np.float32) / 255.0
+    else:
+        out = img.astype(np.float32)
+        lo, hi = float(out.min()), float(out.max())
+        out = (out - lo) / (hi - lo) if hi > lo else np.zeros_like(out)
+    channels = out.shape[2]
+    if channels == input_channels:
+        return out
+    if channels == 1:
+        return np.repeat(out, input_channels, axis=2)
+    if input_channels == 1:
+        return cv2.cvtColor(out, cv2.COLOR_RGB2GRAY)[:, :, None]
+    raise DataError(f"an image has {channels} channels but --input_channels is {input_channels}")
+
+
+def read_mask(path):
+    """Read a mask file -> uint8 [H, W] with values {0, 1}. Accepts 0/255 or 0/1; anything else is an error."""
+    mask = _imread(path, cv2.IMREAD_GRAYSCALE, "mask")
+    values = np.unique(mask)
+    if set(values.tolist()) <= {0, 255}:
+        return (mask > 0).astype(np.uint8)
+    if set(values.tolist()) <= {0, 1}:
+        return mask
+    shown = ", ".join(str(v) for v in values[:8]) + (" ..." if len(values) > 8 else "")
+    raise DataError(f"mask {path} has values {{{shown}}}; masks must hold only 0/255 or 0/1 "
+                    "(a JPEG mask or a resized soft mask? save hard masks as PNG)")

@@ -1,0 +1,144 @@
+"""Probabilities for whole images of any size from a trained network: predict.py, and anything else that segments.
+
+A run trained on resized images (``crop_size`` 0, the seed's way) sees each image resized to its input_h x input_w,
+and the probability is resized back (linear). A run trained on crops predicts at full resolution: the whole image
+at once (padded to a multiple of 16 by engine.forward) whenever its forward pass fits the memory budget (a quarter
+of the free RAM, half of a GPU's free memory), else overlapping windows, as large as the budget allows (or a given
+tile), blended with a weight that falls off linearly over ``overlap`` pixels towards each window edge and
+normalised by the summed weights, so there are no seams.
+"""
+import os
+
+import cv2
+import numpy as np
+import torch
+
+from config import output_channels
+from dataset import normalize
+from engine import Precision, forward
+
+
+def blend_weights(height, width, overlap):
+    """Weight map float32 [height, width] for blending windows: 1 inside, falling linearly to 1/(overlap+1) at
+    the edges over ``overlap`` pixels. Always > 0, so every pixel of the image gets a defined average."""
+
+    def ramp(n):
+        i = np.arange(n)
+        return np.minimum(np.minimum(i + 1, n - i), overlap + 1) / (overlap + 1)
+
+    return np.outer(ramp(height), ramp(width)).astype(np.float32)
+
+
+def window_starts(size, tile, overlap):
+    """Start offsets of windows of length min(tile, size) covering 0..size with at least ``overlap`` shared."""
+    if size <= tile:
+        return [0]
+    return list(range(0, size - tile, tile - overlap)) + [size - tile]
+
+
+def forward_bytes_per_pixel(model, channels, device):
+    """Upper bound of the memory one input pixel costs in a forward pass: the bytes of every layer's output on
+    a small probe input, per pixel (inference frees most of them; the bound is safe)."""
+
+    total = [0]
+
+    def count(module, inputs, output):
+        outputs = output if isinstance(output, (list, tuple)) else [output]
+        total[0] += sum(o.numel() * o.element_size() for o in outputs if isinstance(o, torch.Tensor))
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    hooks = [m.register_forward_hook(count) for m in leaves]
+    try:
+        with torch.inference_mode():
+            model(torch.zeros(1, channels, 64, 64, device=device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return total[0] / (64 * 64)
+
+
+def memory_budget(device):
+    """Bytes prediction may use: half of a GPU's free memory, a quarter of the available RAM on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 2
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") // 4
+
+
+def tile_for_budget(bytes_per_pixel, budget):
+    """The side of the largest square window (a multiple of 16, at least 64) whose forward pass fits ``budget``."""
+    return max(64, int((budget / max(bytes_per_pixel, 1.0)) ** 0.5) // 16 * 16)
+
+
+def network_input(image):
+    """float32 [H, W, C] in [0, 1] -> the network's input for it: normalised, float32 [C, H, W], contiguous."""
+    return np.ascontiguousarray(normalize(image).transpose(2, 0, 1), dtype=np.float32)
+
+
+class Predictor:
+    """Probabilities for whole images: float32 [K, H, W] in [0, 1] at the image's own size.
+
+    ``predict(image)`` takes the image as training sees it before normalisation: float32 [H, W, C] in [0, 1]
+    (:func:`dataset.image_to_float`). ``tile`` None sizes the windows from the memory budget
+    (:func:`memory_budget`), so an image is predicted whole whenever it fits; ``amp`` is --amp
+    (engine.Precision.choose).
+    """
+
+    def __init__(self, model, cfg, device, tile=None, overlap=64, batch_size=4, prune=None, tta=False, amp="auto"):
+        self.model, self.cfg, self.device = model, cfg, device
+        self.overlap, self.batch_size = overlap, batch_size
+        self.prune, self.tta = prune, tta
+        self.precision = Precision.choose(device, amp)
+        self.model = self.precision.prepare(model)
+        if tile is None:
+            per_pixel = forward_bytes_per_pixel(self.model, cfg.input_channels, device)
+            budget = memory_budget(device)
+            tile = tile_for_budget(per_pixel, budget)
+            self.batch_size = max(1, min(batch_size, int(budget // (per_pixel * tile * tile))))
+        self.tile = tile
+
+    def probabilities(self, batch):
+        """Normalised batch [B, C, h, w] (numpy float32) -> probabilities [B, K, h, w] (numpy float32)."""
+        x = torch.from_numpy(batch).to(self.device)
+        if self.precision.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), self.precision.autocast():
+            out = forward(self.model, x, prune=self.prune, tta=self.tta)
+        if isinstance(out, list):
+            out = out[-1]
+        return torch.sigmoid(out.float()).cpu().numpy()
+
+    def run_batches(self, pieces):
+        """Pieces [C, h, w] of one size -> their probabilities, ``batch_size`` at a time."""
+        out = []
+        for i in range(0, len(pieces), self.batch_size):
+            out.append(self.probabilities(np.stack(pieces[i:i + self.batch_size])))
+        return [o for chunk in out for o in chunk]
+
+    def predict(self, image):
+        """float32 [H, W, C] in [0, 1] -> probabilities float32 [K, H, W] in [0, 1], the image's own size."""
+        height, width = image.shape[:2]
+        if not self.cfg.crop_size:  # trained on resized images: predict at the training size, resize back
+            small = cv2.resize(image, (self.cfg.input_w, self.cfg.input_h), interpolation=cv2.INTER_LINEAR)
+            prob = self.run_batches([network_input(small.reshape(small.shape[0], small.shape[1], -1))])[0]
+            return np.stack([cv2.resize(p, (width, height), interpolation=cv2.INTER_LINEAR) for p in prob])
+        x = network_input(image)
+        if height * width <= self.tile * self.tile:
+            return self.run_batches([x])[0]
+        return self.predict_tiled(x)
+
+    def predict_tiled(self, x):
+        """Normalised image [C, H, W] -> probabilities [K, H, W] from blended overlapping windows."""
+        _, height, width = x.shape
+        th, tw = min(self.tile, height), min(self.tile, width)
+        weight = blend_weights(th, tw, self.overlap)
+        corners = [(y, x0) for y in window_starts(height, self.tile, self.overlap)
+                   for x0 in window_starts(width, self.tile, self.overlap)]
+        total = np.zeros((output_channels(self.cfg), height, width), np.float32)
+        weights = np.zeros((height, width), np.float32)
+        for i in range(0, len(corners), self.batch_size):
+            chunk = corners[i:i + self.batch_size]
+            probs = self.probabilities(np.stack([x[:, y:y + th, x0:x0 + tw] for y, x0 in chunk]))
+            for (y, x0), p in zip(chunk, probs):
+                total[:, y:y + th, x0:x0 + tw] += p * weight
+                weights[y:y + th, x0:x0 + tw] += weight
+        return total / weights
