@@ -11,7 +11,7 @@ import warnings
 import torch
 
 from archs import build_model
-from config import load_run_config, output_channels, saved_run_dir
+from config import init_weights_path, load_run_config, output_channels, saved_run_dir
 from utils import DataError, UsageError, atomic_write, sha256_file
 
 
@@ -76,6 +76,25 @@ def load_run(name, device, prune=None):
     model = build_model(cfg.arch, output_channels(cfg), cfg.input_channels, cfg.deep_supervision).to(device)
     load_weights(model, weights, path, "does not match the run's config.yml")
     return cfg, model.eval()
+
+
+def load_init_weights(net, init, device):
+    """--init NAME or PATH: copy the weights of run NAME (its model.pth) or of a .pth file (a state dict or a
+    last.pth) into ``net`` for fine-tuning; a different network is a DataError naming the flags to match."""
+    path = init_weights_path(init)
+    if not os.path.isfile(path):
+        raise UsageError(f"--init {init}: no such .pth file, and no run with {path}; give a run name from models/ "
+                         "or a weights file")
+    weights = load_checkpoint(path, device)
+    weights = weights.get("model", weights)  # a last.pth holds the weights under "model"
+    expected = net.state_dict()
+    missing, unknown = set(expected) - set(weights), set(weights) - set(expected)
+    if missing or unknown or any(weights[k].shape != v.shape for k, v in expected.items()):
+        differs = (f"{len(missing)} of this network's {len(expected)} tensors missing, {len(unknown)} unknown"
+                   if missing or unknown else "tensor shapes differ")
+        raise DataError(f"--init {init}: {path} holds a different network ({differs}); use the --arch, "
+                        "--deep_supervision, --input_channels, --num_classes and --borders of the run it comes from")
+    load_weights(net, weights, path, "does not fit this network")
 
 
 def save_training_state(path, net, optimizer, scheduler, scaler, epoch, best):

@@ -39,7 +39,16 @@ def build_train_parser(exit_on_error=True):
     p.add_argument("--epochs", default=100, type=integer, help="number of epochs")
     p.add_argument("-b", "--batch_size", default=16, type=integer,
                    help="batch size per process (with torchrun, the effective batch is this times the world size)")
-    g = p.add_argument_group("model")
+    _add_model_args(p.add_argument_group("model"))
+    _add_data_args(p.add_argument_group("data"))
+    _add_optimizer_args(p.add_argument_group("optimizer"))
+    _add_scheduler_args(p.add_argument_group("scheduler"))
+    _add_run_args(p.add_argument_group("run"))
+    return p
+
+
+def _add_model_args(g):
+    """The network and its loss."""
     g.add_argument("--arch", default="NestedUNet", choices=ARCHS, help="the network")
     g.add_argument("--deep_supervision", default=False, type=str2bool, help="NestedUNet's 4 heads (True/False)")
     g.add_argument("--input_channels", default=3, type=integer, help="image channels the network takes")
@@ -53,7 +62,10 @@ def build_train_parser(exit_on_error=True):
     g.add_argument("--init", default=None,
                    help="fine-tune: start from the weights of run NAME (models/NAME/model.pth) or of a .pth file, "
                         "with a fresh optimizer and schedule; the network flags must match")
-    g = p.add_argument_group("data")
+
+
+def _add_data_args(g):
+    """The dataset, its split and the augmentation."""
     g.add_argument("--dataset", default="dsb2018_96", help="folder under inputs/; 'synthetic' is generated on first use")
     g.add_argument("--img_ext", default=".png", help="image file extension")
     g.add_argument("--mask_ext", default=".png", help="mask file extension")
@@ -83,13 +95,19 @@ def build_train_parser(exit_on_error=True):
                         "device when the set fits a quarter of the device's free memory")
     g.add_argument("--num_workers", default=min(4, os.cpu_count() or 1), type=integer,
                    help="DataLoader worker processes (the seed's 4, capped at the number of CPUs)")
-    g = p.add_argument_group("optimizer")
+
+
+def _add_optimizer_args(g):
+    """The optimizer."""
     g.add_argument("--optimizer", default="SGD", choices=OPTIMIZERS, help="the optimizer")
     g.add_argument("--lr", "--learning_rate", default=1e-3, type=float, help="initial learning rate")
     g.add_argument("--momentum", default=0.9, type=float, help="SGD momentum")
     g.add_argument("--weight_decay", default=1e-4, type=float, help="weight decay")
     g.add_argument("--nesterov", default=False, type=str2bool, help="SGD Nesterov momentum")
-    g = p.add_argument_group("scheduler")
+
+
+def _add_scheduler_args(g):
+    """The learning-rate schedule and when to stop."""
     g.add_argument("--scheduler", default="CosineAnnealingLR", choices=SCHEDULERS,
                    help="the learning-rate schedule, stepped once per epoch")
     g.add_argument("--min_lr", default=1e-5, type=float, help="CosineAnnealingLR's final learning rate")
@@ -104,7 +122,10 @@ def build_train_parser(exit_on_error=True):
                         "a lot, as in crop training on mixed image types")
     g.add_argument("--early_stopping", default=-1, type=integer, help="stop after this many epochs without a better "
                    "val IoU (-1 = never)")
-    g = p.add_argument_group("run")
+
+
+def _add_run_args(g):
+    """Device, precision, seeds, resuming."""
     add_device_arg(g)
     g.add_argument("--seed", default=0, type=integer, help="seed of weights, shuffling and augmentation")
     add_amp_arg(g)
@@ -117,7 +138,6 @@ def build_train_parser(exit_on_error=True):
                    help="continue models/<name>/last.pth; give the run name here or with --name")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
     g.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
-    return p
 
 
 def read_yaml_config(path, parser):

@@ -28,13 +28,21 @@ Usage::
                                  [--dst FOLDER] [--num_workers N] [--limit N]
 """
 import argparse
+import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
 
-from utils import DataError, UsageError, check_replaceable_dataset, replace_folder, run_cli
+import cv2
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from utils import (ArgumentParser, DataError, UsageError, atomic_imwrite, check_replaceable_dataset, integer,
+                   replace_folder, run_cli)
 
 DEFAULT_SRC = os.path.join("inputs", "data-science-bowl-2018", "stage1_train")
 DOWNLOAD_HINT = (
@@ -53,8 +61,6 @@ def default_dst(img_size, src=DEFAULT_SRC):
 def rle_decode(encoded, height, width):
     """Kaggle's run-length encoding -> bool [height, width]: 'start length ...' pairs, pixels numbered from 1 top to
     bottom, then left to right (column-major)."""
-    import numpy as np
-
     values = np.asarray(str(encoded).split(), dtype=np.int64)
     if values.size % 2 or (values.size and (values[0::2].min() < 1 or (values[0::2] + values[1::2]).max() - 1 >
                                             height * width)):
@@ -68,8 +74,6 @@ def rle_decode(encoded, height, width):
 def csv_labels(csv_path, sid):
     """16-bit instance labels of image ``sid`` from a Kaggle solution CSV (ImageId, EncodedPixels, Height, Width):
     nucleus i (row order) has value i; None when the CSV has no row for it."""
-    import numpy as np
-
     rows = _read_csv(csv_path)
     rows = rows[rows["ImageId"] == sid]
     if not len(rows):
@@ -86,8 +90,6 @@ _CSV = {}
 
 def _read_csv(path):
     """The solution CSV, read once per process."""
-    import pandas as pd
-
     if path not in _CSV:
         try:
             table = pd.read_csv(path, dtype={"ImageId": str, "EncodedPixels": str})
@@ -112,8 +114,6 @@ def list_samples(src):
 
 
 def _read(path, flags):
-    import cv2
-
     image = cv2.imread(path, flags)
     if image is None:
         raise DataError(f"cannot read {path}: not a readable PNG (corrupt or truncated download?)")
@@ -125,9 +125,6 @@ def load_sample(sample_dir, masks_csv=None):
 
     The nuclei come from the mask PNGs (nucleus i in sorted file order has value i; a later mask owns any
     overlap), or from the rows of ``masks_csv`` for this id (row order)."""
-    import cv2
-    import numpy as np
-
     sid = os.path.basename(os.path.normpath(sample_dir))
     image_path = os.path.join(sample_dir, "images", sid + ".png")
     if not os.path.isfile(image_path):
@@ -161,11 +158,6 @@ def load_sample(sample_dir, masks_csv=None):
 
 def convert_sample(sample_dir, out_dir, img_size, masks_csv=None):
     """Convert one sample into ``out_dir`` (images/, masks/0/, labels/); returns (id, number of nuclei)."""
-    import cv2
-    import numpy as np
-
-    from utils import atomic_imwrite
-
     sid = os.path.basename(os.path.normpath(sample_dir))
     image, labels, count = load_sample(sample_dir, masks_csv)
     union = np.where(labels > 0, 255, 0).astype(np.uint8)
@@ -192,28 +184,23 @@ class _Job:
 
 
 def _init_worker():
-    import signal
-
-    import cv2
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled once, in the parent
     cv2.setNumThreads(1)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description="Convert Kaggle's raw DSB2018 stage1_train (or stage1_test) into images/, masks/0/ and labels/.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = ArgumentParser(
+        prog="preprocess_dsb2018.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Convert Kaggle's raw DSB2018 stage1_train (or stage1_test) into images/, masks/0/ and labels/.")
     p.add_argument("--src", default=DEFAULT_SRC, help="raw stage1_train folder (one sub-folder per sample)")
-    p.add_argument("--img_size", type=int, default=96, help="output height and width; 0 keeps the original size")
+    p.add_argument("--img_size", type=integer, default=96, help="output height and width; 0 keeps the original size")
     p.add_argument("--dst", default=None, help="output folder (default inputs/dsb2018_<img_size> or inputs/dsb2018_full; "
                    "dsb2018_test_... for a --src named stage1_test)")
     p.add_argument("--masks_csv", default=None,
                    help="read the nuclei from this run-length CSV (Kaggle's stage1_solution.csv: ImageId, "
                         "EncodedPixels, Height, Width) instead of the masks/ folders")
-    p.add_argument("--num_workers", type=int, default=os.cpu_count() or 1, help="worker processes")
-    p.add_argument("--limit", type=int, default=None, help="only convert the first N samples (sorted ids)")
+    p.add_argument("--num_workers", type=integer, default=os.cpu_count() or 1, help="worker processes")
+    p.add_argument("--limit", type=integer, default=None, help="only convert the first N samples (sorted ids)")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     return p.parse_args(argv)
 
@@ -234,8 +221,6 @@ def main(argv=None):
     if args.limit is not None:
         ids = ids[: args.limit]
 
-    from tqdm import tqdm
-
     start = time.time()
     dst_abs = os.path.abspath(dst)
     os.makedirs(os.path.dirname(dst_abs), exist_ok=True)
@@ -247,8 +232,6 @@ def main(argv=None):
         job = _Job(args.src, tmp, args.img_size, args.masks_csv)
         workers = min(args.num_workers, len(ids))
         if workers > 1:
-            import multiprocessing
-
             # spawn, not fork: fork can deadlock in a threaded parent
             pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker)
             results = pool.imap(job, ids, chunksize=4)

@@ -24,7 +24,11 @@ import sys
 import tempfile
 import time
 
-from utils import UsageError, check_replaceable_dataset, replace_folder, run_cli
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from utils import ArgumentParser, at_least, atomic_imwrite, check_replaceable_dataset, replace_folder, run_cli
 
 DEFAULT_OUT = os.path.join("inputs", "synthetic")
 STYLES = ("fluorescence", "brightfield")
@@ -42,17 +46,12 @@ def style_of(index):
 
 def _smooth_noise(rng, size, sigma):
     """A smooth random field with zero mean and unit standard deviation."""
-    import cv2
-    import numpy as np
-
     field = cv2.GaussianBlur(rng.standard_normal((size, size)).astype(np.float32), (0, 0), sigma)
     return (field - field.mean()) / (field.std() + 1e-6)
 
 
 def _draw_nuclei(rng, size):
     """Draw the nuclei: returns (labels int32, density float32 in [0, 1]) before blur and noise."""
-    import numpy as np
-
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     scale = size / 96.0
     labels = np.zeros((size, size), np.int32)
@@ -77,29 +76,7 @@ def _draw_nuclei(rng, size):
             ]
         else:  # anywhere; nuclei near the border are cut
             candidates = [tuple(rng.uniform(0.0, size, 2)) for _ in range(6)]
-        c, s = np.cos(theta), np.sin(theta)
-        inside = None
-        for cx, cy in candidates:
-            if not (0.0 <= cx < size and 0.0 <= cy < size):
-                continue
-            dx, dy = xx - cx, yy - cy
-            u = (dx * c + dy * s) / a
-            v = (-dx * s + dy * c) / b
-            phi = np.arctan2(v, u)
-            boundary = 1.0 + wob[0] * np.sin(2 * phi + wph[0]) + wob[1] * np.sin(3 * phi + wph[1])
-            region = np.sqrt(u * u + v * v) <= boundary
-            area = int(region.sum())
-            if area < 12:
-                continue
-            # overlaps are allowed but must leave each earlier nucleus mostly visible (no slivers) and, for a
-            # freely placed nucleus, stay small
-            covered = np.bincount(labels[region], minlength=k)[1:]
-            if covered.sum() > (0.3 if touching else 0.05) * area:
-                continue
-            if np.any(covered > 0.3 * np.maximum(np.bincount(labels.ravel(), minlength=k)[1:], 1)):
-                continue
-            inside = region
-            break
+        inside, (cx, cy) = _place(candidates, xx, yy, size, (a, b, theta, wob, wph), labels, k, touching)
         if inside is None:
             continue
         labels[inside] = k
@@ -117,10 +94,37 @@ def _draw_nuclei(rng, size):
     return lut[labels], density
 
 
+def _place(candidates, xx, yy, size, shape, labels, k, touching):
+    """The first of the ``candidates`` centres (x, y) where nucleus ``k`` (``shape``: semi-axes a, b, angle theta,
+    two outline wobbles and their phases) fits among the ``labels`` drawn so far: (region bool [size, size],
+    centre), or (None, (None, None))."""
+    a, b, theta, wob, wph = shape
+    c, s = np.cos(theta), np.sin(theta)
+    for cx, cy in candidates:
+        if not (0.0 <= cx < size and 0.0 <= cy < size):
+            continue
+        dx, dy = xx - cx, yy - cy
+        u = (dx * c + dy * s) / a
+        v = (-dx * s + dy * c) / b
+        phi = np.arctan2(v, u)
+        boundary = 1.0 + wob[0] * np.sin(2 * phi + wph[0]) + wob[1] * np.sin(3 * phi + wph[1])
+        region = np.sqrt(u * u + v * v) <= boundary
+        area = int(region.sum())
+        if area < 12:
+            continue
+        # overlaps are allowed but must leave each earlier nucleus mostly visible (no slivers) and, for a
+        # freely placed nucleus, stay small
+        covered = np.bincount(labels[region], minlength=k)[1:]
+        if covered.sum() > (0.3 if touching else 0.05) * area:
+            continue
+        if np.any(covered > 0.3 * np.maximum(np.bincount(labels.ravel(), minlength=k)[1:], 1)):
+            continue
+        return region, (cx, cy)
+    return None, (None, None)
+
+
 def _illumination(rng, size):
     """A smooth linear gradient around 1, e.g. 0.75 .. 1.25 across the image."""
-    import numpy as np
-
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / max(size - 1, 1)
     ang = rng.uniform(0.0, 2 * np.pi)
     ramp = (xx - 0.5) * np.cos(ang) + (yy - 0.5) * np.sin(ang)
@@ -129,9 +133,6 @@ def _illumination(rng, size):
 
 def render(index, size=96, seed=0):
     """Render synthetic image ``index``: returns (image uint8 HxWx3 BGR, mask uint8 0/255, labels uint16)."""
-    import cv2
-    import numpy as np
-
     rng = np.random.default_rng(seed + index)
     labels, density = _draw_nuclei(rng, size)
     blur = rng.uniform(0.6, 1.4)
@@ -168,14 +169,8 @@ def generate_synthetic(out_dir, num_images=160, size=96, seed=0, progress=False)
     Files are written in place (each one atomically); use :func:`ensure_synthetic` or the CLI to build a whole
     dataset folder atomically.
     """
-    from tqdm import tqdm
-
-    from utils import atomic_imwrite
-
-    if num_images < 1:
-        raise UsageError(f"--num_images must be at least 1, got {num_images}")
-    if size < 16:
-        raise UsageError(f"--size must be at least 16 pixels, got {size}")
+    if num_images < 1 or size < 16:
+        raise ValueError(f"num_images must be at least 1 and size at least 16, got {num_images} and {size}")
     for sub in ("images", os.path.join("masks", "0"), "labels"):
         os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
     ids = []
@@ -222,26 +217,18 @@ def ensure_synthetic(dataset_dir, num_images=160, size=96, seed=0, progress=True
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description="Generate a deterministic synthetic nuclei dataset (images/, masks/0/, labels/).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = ArgumentParser(prog="synthetic.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Generate a deterministic synthetic nuclei dataset (images/, masks/0/, labels/).")
     p.add_argument("--out", default=DEFAULT_OUT, help="output dataset folder (replaced if it is an old dataset)")
-    p.add_argument("--num_images", type=int, default=160, help="number of images (half of each style)")
-    p.add_argument("--size", type=int, default=96, help="image height and width in pixels")
-    p.add_argument("--seed", type=int, default=0, help="image i uses numpy default_rng(seed + i)")
+    p.add_argument("--num_images", type=at_least(1), default=160, help="number of images (half of each style)")
+    p.add_argument("--size", type=at_least(16), default=96, help="image height and width in pixels")
+    p.add_argument("--seed", type=at_least(0), default=0, help="image i uses numpy default_rng(seed + i)")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.num_images < 1:
-        raise UsageError(f"--num_images must be at least 1, got {args.num_images}")
-    if args.size < 16:
-        raise UsageError(f"--size must be at least 16 pixels, got {args.size}")
-    if args.seed < 0:
-        raise UsageError(f"--seed must be >= 0, got {args.seed}")
     check_replaceable_dataset(args.out, "--out")
     start = time.time()
     ids = _build_atomically(args.out, args.num_images, args.size, args.seed, progress=True)

@@ -15,8 +15,8 @@ import torch
 
 import distributed
 from archs import build_model
-from checkpoints import atomic_torch_save, load_checkpoint, load_training_state, load_weights, save_training_state
-from config import INPUTS_DIR, init_weights_path, output_channels, run_dir, save_run_config
+from checkpoints import atomic_torch_save, load_init_weights, load_training_state, save_training_state
+from config import INPUTS_DIR, output_channels, run_dir, save_run_config
 from dataset import (MODALITIES, Dataset, EpochSampler, WeightedDistributedSampler, balance_weights, decode_image,
                      eval_loader, find_layout, list_ids, make_split, read_split, reading_of, split_ids,
                      train_transform)
@@ -63,7 +63,7 @@ class Trainer:
         if args.resume:
             self._resume()
         elif args.init:
-            self._load_init_weights(args.init)
+            load_init_weights(self.net, args.init, self.device)
         self.model = wrap_model(self.net, self.device, args.sync_bn, args.compile)
         if self.main:  # set up without an error: now the run folder may be written
             self._create_run_folder()
@@ -90,7 +90,7 @@ class Trainer:
         """Train from start_epoch to --epochs. Each epoch: train -> recalibrate BatchNorm -> evaluate -> schedule
         -> log -> checkpoint."""
         a = self.args
-        self._say(self._header())
+        self._say(run_header(self.args, self.split, self.device, self.precision, self.on_device, self.start_epoch))
         for epoch in range(self.start_epoch, a.epochs):
             if epoch > 0 and 0 <= a.early_stopping <= self.best["stale_epochs"]:  # as the seed: at least one epoch
                 self._say(f"early stopping: no better val IoU for {self.best['stale_epochs']} epochs")
@@ -201,24 +201,6 @@ class Trainer:
             for k in MODALITIES if (kinds == k).any()))
         return weights
 
-    def _load_init_weights(self, init):
-        """--init NAME or PATH: copy those weights into the new network (fine-tuning)."""
-        path = init_weights_path(init)
-        if not os.path.isfile(path):
-            raise UsageError(f"--init {init}: no such .pth file, and no run with {path}; give a run name from models/ "
-                             "or a weights file")
-        weights = load_checkpoint(path, self.device)
-        weights = weights.get("model", weights)  # a last.pth holds the weights under "model"
-        expected = self.net.state_dict()
-        missing, unknown = set(expected) - set(weights), set(weights) - set(expected)
-        if missing or unknown or any(weights[k].shape != v.shape for k, v in expected.items()):
-            differs = (f"{len(missing)} of this network's {len(expected)} tensors missing, {len(unknown)} unknown"
-                       if missing or unknown else "tensor shapes differ")
-            raise DataError(f"--init {init}: {path} holds a different network ({differs}); use the --arch, "
-                            "--deep_supervision, --input_channels, --num_classes and --borders of the run it comes "
-                            "from")
-        load_weights(self.net, weights, path, "does not fit this network")
-
     def _resume(self):
         """--resume: the network, optimizer, schedule and scaler of last.pth, and log.csv up to its epoch."""
         self.start_epoch, self.best = load_training_state(os.path.join(self.dir, "last.pth"), self.net,
@@ -237,15 +219,6 @@ class Trainer:
         save_run_config(self.args, os.path.join(self.dir, "config.yml"))
         with atomic_write(os.path.join(self.dir, "split.csv")) as f:
             self.split.to_csv(f, index=False)
-
-    def _header(self):
-        a = self.args
-        counts = " / ".join(f"{len(self.ids(p))} {p}" for p in ("train", "val", "test") if self.ids(p))
-        loader = "batches augmented on the device" if self.on_device else f"{a.num_workers} loader workers"
-        processes = f", {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
-        resuming = f", resuming after epoch {self.start_epoch}" if self.start_epoch else ""
-        return (f"{a.name}: {a.arch}{' + deep supervision' if a.deep_supervision else ''}, {a.loss}, {counts} images, "
-                f"on {self.device} ({self.precision.describe()}; {loader}{processes}){resuming}")
 
     def _say(self, text):
         if self.main:
@@ -284,6 +257,16 @@ def epoch_line(row, epochs, improved):
 
 
 # --------------------------------------------------------------------------------------------- setting up
+
+def run_header(a, split, device, precision, on_device, start_epoch):
+    """The line train.py prints before the first epoch: the network, the split, the device and how it runs."""
+    counts = " / ".join(f"{len(split_ids(split, p))} {p}" for p in ("train", "val", "test") if split_ids(split, p))
+    loader = "batches augmented on the device" if on_device else f"{a.num_workers} loader workers"
+    processes = f", {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
+    resuming = f", resuming after epoch {start_epoch}" if start_epoch else ""
+    return (f"{a.name}: {a.arch}{' + deep supervision' if a.deep_supervision else ''}, {a.loss}, {counts} images, "
+            f"on {device} ({precision.describe()}; {loader}{processes}){resuming}")
+
 
 def check_run_folder(path, name, resume, overwrite):
     """Before any work: a resumed run needs its last.pth; a new one an empty place or --overwrite."""

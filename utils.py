@@ -128,6 +128,18 @@ def integer(v):
     return int(number)
 
 
+def at_least(minimum):
+    """An argparse type: an integer (:func:`integer`) of at least ``minimum``."""
+    def parse(v):
+        number = integer(v)
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {v!r}")
+        return number
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
 def device_name(v):
     """Parse --device for argparse: auto, cpu, cuda or cuda:N."""
     s = str(v).strip().lower()

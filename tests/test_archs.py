@@ -5,7 +5,7 @@ import torch
 import archs
 import config
 from archs import NestedUNet, UNet, build_model, count_parameters, crop_to, pad_to_multiple
-from utils import DataError, UsageError
+from utils import DataError
 
 SIZE_MESSAGE = (
     "input is 30x32; height and width must be multiples of 16: "

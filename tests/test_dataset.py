@@ -321,7 +321,7 @@ def test_image_and_mask_get_the_same_flip_or_rotation(tmp_path):
 
 
 def test_borders_channel_comes_from_the_instance_labels(tmp_path):
-    from dataset import read_labels
+    from image_files import read_labels
     from instances import touching_borders
 
     ids = make_synthetic(tmp_path)

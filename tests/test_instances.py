@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from config import object_filters
-from dataset import read_labels
+from image_files import read_labels
 from instances import (MIN_CONFIDENCE, connected_components, split_instances, touching_borders, watershed_instances,
                        watershed_markers)
 from metrics import dsb_score, dsb_scores

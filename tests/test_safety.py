@@ -326,7 +326,6 @@ def test_bundled_run_loads_from_pretrained_unless_models_has_it(tmp_path, monkey
     """A run in pretrained/<name>/ loads by name (val, predict, --init); models/<name>/ wins; its weights must
     match their .sha256."""
     import config
-    import trainer
     from archs import build_model
     from utils import DataError, sha256_file
 
@@ -363,7 +362,6 @@ def test_bundle_writes_fp16_weights_that_load_by_name(tiny_workdir, monkeypatch)
     import config
     import predict
     import train
-    import trainer
     from conftest import train_argv
 
     monkeypatch.setattr(config, "PRETRAINED_DIR", str(tiny_workdir / "pretrained"))

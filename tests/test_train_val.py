@@ -19,7 +19,7 @@ import train
 import val
 from conftest import ROOT, TINY_NAME, make_synthetic, train_argv
 from dataset import decode_image, image_modality
-from dataset import read_labels
+from image_files import read_labels
 from utils import DataError, UsageError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -378,7 +378,8 @@ def test_dsb2018_preprocess_train_val(tmp_path, monkeypatch):
 
 def test_init_starts_from_another_runs_weights_and_balance_draws_by_kind(tiny_workdir, capsys):
     from config import parse_train_args
-    from trainer import Trainer, load_checkpoint
+    from checkpoints import load_checkpoint
+    from trainer import Trainer
 
     train.main(train_argv("base", epochs=1))
     for init, saved in (("base", "model.pth"), ("models/base/last.pth", "last.pth")):
