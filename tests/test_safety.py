@@ -5,6 +5,7 @@ give a DataError naming the file.
 The scripts run in-process here (``run_cli(main, argv)`` in a temporary working directory), which is much
 cheaper than a subprocess and goes through the same code as ``python train.py``.
 """
+import contextlib
 import os
 import pickle
 import shlex
@@ -60,12 +61,8 @@ def workdir(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("safety")
     synthetic.generate_synthetic(str(root / "inputs" / "tiny"), num_images=10, size=32)
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
+    with contextlib.chdir(root):
         assert cli(train.main, ["--name", "good", "--epochs", "1", *SMALL]) == 0
-    finally:
-        os.chdir(cwd)
     return root
 
 
