@@ -1,4 +1,5 @@
-"""The one training/evaluation step and the epoch loops built on it.
+"""The one training/evaluation step and the epoch loops built on it, and where and how it runs: the device
+(:func:`choose_device`), the precision (:class:`Precision`) and the seeds.
 
 train.py, val.py, predict.py and bench/ all go through these functions, so what is measured is what users run.
 Scores and losses are accumulated on the device; the host reads them once per epoch (and for the progress
