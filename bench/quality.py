@@ -20,11 +20,16 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import pandas as pd  # noqa: E402  (after the path set-up above)
+import torch  # noqa: E402
+
+import val  # noqa: E402
+from config import parse_train_args  # noqa: E402
+from utils import atomic_write  # noqa: E402
+
 
 def hardware():
     """'NVIDIA H100 80GB HBM3' or the CPU model with its core count."""
-    import torch
-
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     model = platform.processor() or "CPU"
@@ -39,10 +44,6 @@ def hardware():
 def run_recipe(config, extra, train=True):
     """Train one recipe; returns (its flags, seconds, command). ``train=False`` only reads the finished run's
     log.csv, whose epoch times give the seconds (e.g. after a benchmark stopped during evaluation)."""
-    import pandas as pd
-
-    from config import parse_train_args
-
     args = parse_train_args(["--config", config] + extra)
     cmd = ["train.py", "--config", config] + extra
     if train:
@@ -55,17 +56,11 @@ def run_recipe(config, extra, train=True):
 
 
 def evaluate_run(name, split, tta):
-    import val
-
     return val.main(["--name", name, "--split", split, "--no_overlays"] + (["--tta"] if tta else []))
 
 
 def append_row(path, row):
     """Add one result row to the CSV at ``path``, atomically; a row with new columns widens the table."""
-    import pandas as pd
-
-    from utils import atomic_write
-
     table = pd.DataFrame([row])
     if os.path.isfile(path):
         table = pd.concat([pd.read_csv(path), table], ignore_index=True)
@@ -84,13 +79,9 @@ def main(argv=None):
                    help="do not train: evaluate the runs already in models/ (wall time: their log's epoch times)")
     p.add_argument("--out", default=os.path.join(REPO, "bench", "results", "quality.csv"))
     args = p.parse_args(argv)
-    import pandas as pd
-
-    import config as config_module
-
     rows = []
     for path in args.configs:
-        recipe = config_module.parse_train_args(["--config", path])
+        recipe = parse_train_args(["--config", path])
         name = recipe.name + args.suffix
         extra = ["--name", name] + (["--epochs", str(args.epochs)] if args.epochs else [])
         if recipe.init and args.suffix and not recipe.init.endswith(".pth"):
