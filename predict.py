@@ -157,26 +157,27 @@ def write_instances(out_dir, img_id, prob, num_classes, threshold, separation, f
     return labels
 
 
-def predict_all(predictor, files, ids, args, cfg, filters):
-    """Predict every file and write what the flags ask for; returns (mean foreground fraction, objects table or
-    None, megapixels)."""
+def predict_all(predictor, files, ids, out_dir, input_channels, num_classes, threshold, save_prob=False,
+                separation=None, filters=None, overlay=False):
+    """Predict every file into ``out_dir``: the masks (and probabilities with ``save_prob``), the nuclei when a
+    ``separation`` is given (with ``filters``), the outlines with ``overlay``. Returns (mean foreground fraction,
+    objects table or None, megapixels)."""
     fractions, tables, pixels = [], [], 0
     for path, img_id in zip(tqdm(files, desc="predict", unit="img", dynamic_ncols=True), ids):
-        image = image_to_float(decode_image(path), cfg.input_channels)
+        image = image_to_float(decode_image(path), input_channels)
         prob = predictor.predict(image)
-        masks = write_masks(args.output, img_id, prob, cfg.num_classes, args.threshold, args.save_prob)
+        masks = write_masks(out_dir, img_id, prob, num_classes, threshold, save_prob)
         labels = None
-        if args.instances:
-            labels = write_instances(args.output, img_id, prob, cfg.num_classes, args.threshold, args.separation,
-                                     filters)
+        if separation:
+            labels = write_instances(out_dir, img_id, prob, num_classes, threshold, separation, filters)
             tables.append(object_rows(img_id, labels))
-        if args.overlay:
-            atomic_imwrite(os.path.join(args.output, f"{img_id}_overlay.png"),
+        if overlay:
+            atomic_imwrite(os.path.join(out_dir, f"{img_id}_overlay.png"),
                            draw_outlines(to_bgr(image), masks[0], labels=labels))
         fractions.append(float(masks[0].mean()))
         pixels += image.shape[0] * image.shape[1]
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=OBJECT_COLUMNS)
-    return float(np.mean(fractions)), table if args.instances else None, pixels / 1e6
+    return float(np.mean(fractions)), table if separation else None, pixels / 1e6
 
 
 def main(argv):
@@ -192,12 +193,14 @@ def main(argv):
 
     device = choose_device(args.device)
     cfg, model = load_run(args.name, device, args.prune)
-    args.separation = choose_separation(args.separation, cfg.borders, args.name)
+    separation = choose_separation(args.separation, cfg.borders, args.name)
     predictor = Predictor(model, cfg, device, args.tile or None, args.overlap, args.batch_size, args.prune, args.tta,
                           args.amp)
     os.makedirs(args.output, exist_ok=True)
     started = time.time()
-    foreground, objects, megapixels = predict_all(predictor, files, ids, args, cfg, filters)
+    foreground, objects, megapixels = predict_all(
+        predictor, files, ids, args.output, cfg.input_channels, cfg.num_classes, args.threshold, args.save_prob,
+        separation if args.instances else None, filters, args.overlay)
     if objects is not None:
         with atomic_write(os.path.join(args.output, "objects.csv")) as f:
             objects.to_csv(f, index=False, float_format="%.2f")
@@ -207,7 +210,7 @@ def main(argv):
     print(f"{args.name}: {len(files)} images ({megapixels:.2f} Mpx, {how}"
           f"{', TTA' if args.tta else ''}{f', pruned at L={args.prune}' if args.prune else ''}) in {seconds:.1f}s on "
           f"{device} ({predictor.precision.describe()}); mean foreground {100 * foreground:.1f}%"
-          f"{f', {len(objects)} objects ({args.separation}) in objects.csv' if objects is not None else ''}; "
+          f"{f', {len(objects)} objects ({separation}) in objects.csv' if objects is not None else ''}; "
           f"files in {args.output}/")
     return {"images": len(files), "seconds": seconds}
 

@@ -19,8 +19,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from config import add_amp_arg  # noqa: E402
-from utils import ArgumentParser, run_cli  # noqa: E402
+import torch  # noqa: E402  (after the path set-up above)
+
+from archs import count_parameters  # noqa: E402
+from checkpoints import load_run  # noqa: E402
+from config import INPUTS_DIR, add_amp_arg, add_device_arg, load_run_config, saved_run_dir  # noqa: E402
+from dataset import eval_loader, read_split, reading_of, split_ids  # noqa: E402
+from engine import Precision, choose_device, forward  # noqa: E402
+from metrics import SegmentationMeter  # noqa: E402
+from utils import ArgumentParser, UsageError, run_cli  # noqa: E402
 
 LEVELS = (1, 2, 3, 4)
 
@@ -32,7 +39,7 @@ def build_parser():
     p.add_argument("--split", default="val", choices=["val", "test", "train"], help="which ids of split.csv")
     p.add_argument("--repeats", type=int, default=5, help="timed passes per L (the median is reported)")
     p.add_argument("--batch_size", type=int, default=None, help="default: the run's batch size")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    add_device_arg(p)
     add_amp_arg(p)
     p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     return p
@@ -40,17 +47,12 @@ def build_parser():
 
 def load_batches(cfg, ids, device):
     """Every batch of the split's evaluation loader, moved to ``device`` once: [(images, masks)]."""
-    from config import INPUTS_DIR
-    from dataset import eval_loader, reading_of
-
     loader = eval_loader(os.path.join(INPUTS_DIR, cfg.dataset), ids, reading_of(cfg),
                          (cfg.input_h, cfg.input_w, cfg.crop_size), cfg.batch_size, 0)
     return [(images.to(device), masks.to(device)) for images, masks, _ in loader]
 
 
 def sync(device):
-    import torch
-
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -58,11 +60,6 @@ def sync(device):
 def measure(model, batches, prune, precision, repeats, classes):
     """(images/s as the median over ``repeats`` timed passes after a warm-up pass, pooled scores dict over the
     first ``classes`` channels)."""
-    import torch
-
-    from engine import forward
-    from metrics import SegmentationMeter
-
     fmt = torch.channels_last if precision.channels_last else torch.contiguous_format
     inputs = [images.contiguous(memory_format=fmt) for images, _ in batches]
     meter = SegmentationMeter(precision.device)
@@ -83,18 +80,8 @@ def measure(model, batches, prune, precision, repeats, classes):
 
 def main(argv):
     args = build_parser().parse_args(argv)
-    from utils import UsageError
-
     if args.repeats < 1:
         raise UsageError(f"--repeats must be at least 1, got {args.repeats}")
-    import torch
-
-    from archs import count_parameters
-    from config import load_run_config, saved_run_dir
-    from checkpoints import load_run
-    from dataset import read_split
-    from engine import Precision, choose_device
-
     cfg = load_run_config(args.name)
     if not (cfg.arch == "NestedUNet" and cfg.deep_supervision):
         raise UsageError(f"bench/prune.py needs a NestedUNet trained with deep supervision; {args.name} is "
@@ -105,8 +92,7 @@ def main(argv):
     cfg, model = load_run(args.name, device)
     precision = Precision.choose(device, args.amp)
     model = precision.prepare(model)
-    split = read_split(os.path.join(saved_run_dir(args.name), "split.csv"))
-    ids = split.loc[split["split"] == args.split, "img_id"].tolist()
+    ids = split_ids(read_split(os.path.join(saved_run_dir(args.name), "split.csv")), args.split)
     if not ids:
         raise UsageError(f"{saved_run_dir(args.name)}/split.csv has no '{args.split}' ids")
     cfg.batch_size = args.batch_size or cfg.batch_size

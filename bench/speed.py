@@ -26,6 +26,7 @@ removed at the end. The table is followed, as the last line, by one JSON object 
     python bench/speed.py --device cuda --batch_sizes 16,64 --loss BCEDiceLoss,LovaszHingeLoss
 """
 import argparse
+import gc
 import json
 import os
 import platform
@@ -44,7 +45,18 @@ for _p in (ROOT, BENCH_DIR):
         sys.path.insert(0, _p)
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from utils import keep_freed_memory  # noqa: E402  (after the path set-up above)
+import torch  # noqa: E402  (after the path set-up above)
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from archs import build_model  # noqa: E402
+from config import parse_train_args  # noqa: E402
+from dataset import list_ids, make_split  # noqa: E402
+from engine import choose_device, seed_everything  # noqa: E402
+from losses import build_loss, loss_over_heads  # noqa: E402
+from seed_loop import seed_criterion, seed_loader, seed_train_epoch  # noqa: E402
+from synthetic import ensure_synthetic  # noqa: E402
+from trainer import Trainer  # noqa: E402
+from utils import keep_freed_memory  # noqa: E402
 
 ARCH_ROWS = {"UNet": ("UNet", False), "NestedUNet": ("NestedUNet", False), "NestedUNet_wDS": ("NestedUNet", True)}
 LOOPS = ("seed", "ours")
@@ -109,8 +121,6 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "R
 
 def peak_flops(device):
     """The device's dense bf16 peak in FLOP/s, or None (CPUs and unlisted GPUs)."""
-    import torch
-
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
@@ -120,12 +130,6 @@ def peak_flops(device):
 def training_flops_per_image(spec, device):
     """FLOPs of one training step per image (forward + backward, counted by torch's FlopCounterMode on one image of
     the benchmark's size)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from archs import build_model
-    from losses import build_loss, loss_over_heads
-
     model = build_model(spec["arch"], 1, 3, spec["ds"]).to(device)
     x = torch.randn(1, 3, spec["size"], spec["size"], device=device)
     y = torch.zeros(1, 1, spec["size"], spec["size"], device=device)
@@ -139,17 +143,12 @@ def _max_rss_mib(who=resource.RUSAGE_SELF):
 
 
 def _sync(device):
-    import torch
-
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def _build_ours(spec):
     """A Trainer from train.py's own flags; returns (epoch function, steps per epoch, description)."""
-    from config import parse_train_args
-    from trainer import Trainer
-
     argv = ["--dataset", spec["dataset"], "--arch", spec["arch"], "--deep_supervision", str(spec["ds"]),
             "--batch_size", str(spec["batch_size"]), "--loss", spec["loss"], "--num_workers", str(spec["num_workers"]),
             "--device", spec["device"], "--amp", spec["amp"], "--channels_last", spec["channels_last"],
@@ -168,14 +167,6 @@ def _build_ours(spec):
 
 def _build_seed(spec):
     """The seed's loop on the same training ids (the seed's 80/20 split, random_state 41)."""
-    import torch
-
-    from archs import build_model
-    from dataset import list_ids
-    from seed_loop import seed_criterion, seed_loader, seed_train_epoch
-    from dataset import make_split
-    from engine import choose_device, seed_everything
-
     device = choose_device(spec["device"])
     dataset_dir = os.path.join("inputs", spec["dataset"])
     split = make_split(list_ids(dataset_dir, ".png", ".png", 1))
@@ -201,8 +192,6 @@ def _build_seed(spec):
 
 def measure(spec):
     """Build one loop, run warm-up and timed epochs; returns a dict of figures."""
-    import torch
-
     rss_before = _max_rss_mib()
     if spec["loop"] == "ours":
         keep_freed_memory()  # as train.py does (utils.run_cli)
@@ -241,8 +230,6 @@ def measure(spec):
         out["mem_kind"] = "peak_rss"
     out["rss_at_start_mib"] = round(rss_before, 1)
     del holder, epoch  # shuts the loader's workers down, so their peak is counted below
-    import gc
-
     gc.collect()
     if not spec["in_process"]:
         out["worker_peak_rss_mib"] = round(_max_rss_mib(resource.RUSAGE_CHILDREN), 1)
@@ -268,8 +255,6 @@ def prepare_dataset(args, workdir):
     inputs = os.path.join(workdir, "inputs")
     os.makedirs(inputs, exist_ok=True)
     if args.dataset == "synthetic":
-        from synthetic import ensure_synthetic
-
         ensure_synthetic(os.path.join(inputs, "synthetic"), args.num_images, args.size, seed=0, progress=False)
         return "synthetic"
     candidates = [args.dataset, os.path.join("inputs", args.dataset), os.path.join(ROOT, "inputs", args.dataset)]
@@ -282,8 +267,6 @@ def prepare_dataset(args, workdir):
 
 
 def device_list(requested):
-    import torch
-
     if requested == "auto":
         return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if requested not in ("cpu", "cuda"):
@@ -305,8 +288,6 @@ def cpu_name():
 
 
 def device_name(device):
-    import torch
-
     if device == "cuda":
         return torch.cuda.get_device_name(0)
     return f"{cpu_name()} ({os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads)"
@@ -336,8 +317,6 @@ def main(argv=None):
     if args._worker:
         print(json.dumps(measure(json.loads(args._worker))), flush=True)
         return 0
-    import torch
-
     devices = device_list(args.device)
     workdir = tempfile.mkdtemp(prefix="bench_speed_")
     old_cwd = os.getcwd()
