@@ -78,6 +78,10 @@ def _add_data_args(g):
                         "(0 = resize everything to input_h x input_w as the seed does)")
     g.add_argument("--scale_jitter", default=0.0, type=float, help="random rescale by 1 +- this before cropping")
     g.add_argument("--color_jitter", default=True, type=str2bool, help="colour/brightness/contrast jitter")
+    g.add_argument("--stain_jitter", default=0.0, type=float,
+                   help="probability of re-staining a training image as H&E with a random stain matrix and intensity "
+                        "(albumentations' HEStain; RGB runs, --loader workers): bright-field images then look like the "
+                        "stained kinds")
     g.add_argument("--greyscale", default=0.0, type=float,
                    help="probability of turning a training image grey (stain colours then matter less)")
     g.add_argument("--invert", default=0.0, type=float,
@@ -222,7 +226,10 @@ def check_train_args(args):
         if os.path.abspath(init_weights_path(args.init)).startswith(os.path.abspath(run_dir(args.name)) + os.sep):
             raise UsageError(f"--init {args.init} lies in models/{args.name}/, the folder of the run being started; "
                              "give the new run another --name")
-    for flag in ("greyscale", "invert"):
+    if args.stain_jitter and (args.input_channels != 3 or args.loader == "device"):
+        raise UsageError("--stain_jitter re-stains RGB images in the loader workers: it needs --input_channels 3 and "
+                         "--loader workers or auto")
+    for flag in ("greyscale", "invert", "stain_jitter"):
         if not 0 <= getattr(args, flag) <= 1:
             raise UsageError(f"--{flag} is a probability between 0 and 1, got {getattr(args, flag)}")
     if not 0 <= args.scale_jitter < 1:

@@ -178,14 +178,16 @@ def check_labels(layout, ids):
                         f"{len(missing)} of {len(ids)} images, e.g. {_few(missing)}")
 
 
-def train_transform(input_h, input_w, crop_size=0, scale_jitter=0.0, color_jitter=True, greyscale=0.0, invert=0.0):
+def train_transform(input_h, input_w, crop_size=0, scale_jitter=0.0, color_jitter=True, greyscale=0.0, invert=0.0,
+                    stain_jitter=0.0):
     """Augmentation for training (albumentations 2.x): resize or random crop, the eight flips/rotations, jitter.
 
     With ``crop_size`` > 0 the image keeps its resolution and a random crop_size x crop_size window is taken
     (reflect-padded when the image is smaller); otherwise it is resized to input_h x input_w as in the seed.
     ``scale_jitter`` s rescales by a random factor in [1 - s, 1 + s] first. ``greyscale`` and ``invert`` are the
     probabilities of turning the image grey (3 channels of OpenCV's grey) and of inverting it (1 - x), in that order,
-    after the colour jitter.
+    after the colour jitter. ``stain_jitter`` is the probability of re-staining an RGB image as H&E with a random
+    preset stain matrix and intensity (A.HEStain), before the colour jitter.
     """
     size = []
     if scale_jitter > 0:
@@ -195,7 +197,7 @@ def train_transform(input_h, input_w, crop_size=0, scale_jitter=0.0, color_jitte
                  A.RandomCrop(crop_size, crop_size)]
     else:
         size.append(A.Resize(input_h, input_w))
-    colour = []
+    colour = [A.HEStain(method="random_preset", p=stain_jitter)] if stain_jitter else []
     if color_jitter:
         colour = [A.OneOf([A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05, p=1.0),
                            A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=1.0)], p=0.8)]

@@ -174,10 +174,11 @@ class Trainer:
                              "batch is dropped, so no step would run: lower --batch_size")
         decoded = decoded_bytes(self.dataset_dir, train_ids, a.img_ext)
         self._cache = a.cache and decoded < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4
-        on_device = train_on_device(a.loader, self._cache, decoded, self.device)
+        on_device = train_on_device(a.loader, self._cache and not a.stain_jitter, decoded, self.device)
         augment = (a.input_h, a.input_w, a.crop_size, a.scale_jitter, a.color_jitter, a.greyscale, a.invert)
-        data = Dataset(train_ids, self.dataset_dir, transform=None if on_device else train_transform(*augment),
-                       seed=a.seed, cache=self._cache or on_device, **reading_of(a))
+        transform = None if on_device else train_transform(*augment, stain_jitter=a.stain_jitter)
+        data = Dataset(train_ids, self.dataset_dir, transform=transform, seed=a.seed, cache=self._cache or on_device,
+                       **reading_of(a))
         if a.crop_size:
             check_crop(data, a.crop_size)
         if a.balance:

@@ -137,6 +137,8 @@ def test_path_like_dataset_name_in_default_name_refused():
     (["--val_size", "0"], "--val_size"), (["--val_size", "0.6", "--test_size", "0.5"], "--test_size"),
     (["--lr", "0"], "--lr"), (["--milestones", "a,b"], "--milestones"),
     (["--num_workers", "-1"], "--num_workers"), (["--crop_size", "-16"], "--crop_size"),
+    (["--stain_jitter", "1.5"], "--stain_jitter"), (["--stain_jitter", "0.5", "--loader", "device"], "--stain_jitter"),
+    (["--stain_jitter", "0.5", "--input_channels", "1"], "--input_channels 3"),
 ])
 def test_bad_values_refused_naming_the_flag(argv, flag):
     with pytest.raises(UsageError) as e:

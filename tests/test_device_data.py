@@ -231,3 +231,20 @@ def test_greyscale_and_invert_as_often_as_albumentations_draws_them():
     # albumentations draws each with the same probability, but a Compose seeded per sample (as dataset.Dataset
     # does) gives every transform in it the same random number, so here grey images are always inverted too
     np.testing.assert_allclose(shares["albumentations"][:2], [0.3, 0.4], atol=0.04)
+
+
+def test_stain_jitter_restains_as_often_as_asked_and_runs_in_workers(tmp_path, monkeypatch):
+    """--stain_jitter P: albumentations' HEStain colours a grey bright-field image in about P of the draws, keeps
+    values in [0, 1] and leaves the mask alone; --loader auto then augments in the workers (HEStain is theirs)."""
+    rng = np.random.default_rng(0)
+    image = np.repeat((rng.random((16, 16, 1)) * 60 + 180).astype(np.uint8), 3, axis=2)  # grey, bright background
+    mask = (rng.random((16, 16, 1)) > 0.5).astype(np.uint8)
+    out, hard = theirs(image, mask, dataset.train_transform(16, 16, color_jitter=False, stain_jitter=0.3), 600)
+    coloured = (out.amax(1) - out.amin(1)).amax((1, 2)) > 1e-3
+    assert abs(coloured.float().mean().item() - 0.3) < 0.06
+    assert out.min() >= 0 and out.max() <= 1
+    assert set(hard.unique().tolist()) <= {0, 1} and (hard.sum((1, 2, 3)) == int(mask.sum())).all()
+    make_synthetic(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    with Trainer(parse_train_args(train_argv("stain", "--stain_jitter", "0.5")), progress=False) as t:
+        assert not t.on_device and isinstance(t.train_loader, torch.utils.data.DataLoader)
