@@ -310,13 +310,20 @@ def add_separation_args(p):
                         "a run trained with --borders True, or plain connected components (default: borders for a "
                         "run trained with --borders True, else watershed)")
     p.add_argument("--min_size", type=integer, default=MIN_SIZE, help="drop objects smaller than this many pixels")
-    p.add_argument("--min_confidence", type=float, default=MIN_CONFIDENCE,
-                   help="drop objects whose mean probability is below this; 0 keeps all")
+    p.add_argument("--min_confidence", type=float, default=None,
+                   help=f"drop objects whose mean probability is below this; 0 keeps all (default: {MIN_CONFIDENCE}, "
+                        "or 0 for a run trained with LovaszHingeLoss, whose sigmoid is a margin, not a probability)")
 
 
-def object_filters(min_size=MIN_SIZE, min_confidence=MIN_CONFIDENCE):
+def object_filters(min_size=MIN_SIZE, min_confidence=None, loss=None):
     """The keyword arguments of instances.split_instances for --min_size and --min_confidence; a UsageError naming
-    the flag unless min_size >= 0 and 0 <= min_confidence < 1."""
+    the flag unless min_size >= 0 and 0 <= min_confidence < 1.
+
+    ``min_confidence`` None is instances.MIN_CONFIDENCE, except for a run trained with ``loss`` LovaszHingeLoss: the
+    hinge pushes its logits to the margin 1, so its nuclei have a mean sigmoid of about sigmoid(1) = 0.73, and the
+    filter, chosen on BCE-trained networks, would drop every one of them. There it is off."""
+    if min_confidence is None:
+        min_confidence = 0.0 if loss == "LovaszHingeLoss" else MIN_CONFIDENCE
     if min_size < 0:
         raise UsageError(f"--min_size must not be negative, got {min_size}")
     if not 0 <= min_confidence < 1:

@@ -183,7 +183,7 @@ def predict_all(predictor, files, ids, out_dir, input_channels, num_classes, thr
 def main(argv):
     args = build_parser().parse_args(argv)
     check_args(args)
-    filters = object_filters(args.min_size, args.min_confidence)
+    object_filters(args.min_size, args.min_confidence)  # flag errors before the heavy imports
     files = list_images(args.input)
     ids = image_ids(files, args.output)
     # Heavy imports only now, so that --help and flag errors answer at once.
@@ -193,6 +193,7 @@ def main(argv):
 
     device = choose_device(args.device)
     cfg, model = load_run(args.name, device, args.prune)
+    filters = object_filters(args.min_size, args.min_confidence, cfg.loss)
     separation = choose_separation(args.separation, cfg.borders, args.name)
     predictor = Predictor(model, cfg, device, args.tile or None, args.overlap, args.batch_size, args.prune, args.tta,
                           args.amp)

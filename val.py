@@ -52,7 +52,7 @@ def build_parser():
 
 def main(argv):
     args = build_parser().parse_args(argv)
-    filters = object_filters(args.min_size, args.min_confidence)
+    object_filters(args.min_size, args.min_confidence)  # flag errors before the heavy imports
     # Heavy imports only now, so that --help and flag errors answer at once.
     from checkpoints import load_run
     from dataset import eval_loader, reading_of
@@ -62,6 +62,7 @@ def main(argv):
 
     device = choose_device(args.device)
     cfg, model = load_run(args.name, device, args.prune)
+    filters = object_filters(args.min_size, args.min_confidence, cfg.loss)
     separation = choose_separation(args.separation, cfg.borders, args.name)
     dataset_dir, ids, part = evaluation_ids(args.name, args.split, args.dataset, cfg.dataset, reading_of(cfg))
     loader = eval_loader(dataset_dir, ids, reading_of(cfg), (cfg.input_h, cfg.input_w, cfg.crop_size),

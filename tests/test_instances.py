@@ -108,6 +108,10 @@ def test_min_confidence_drops_unsure_objects_and_renumbers():
 def test_object_filters_defaults_and_flag_errors():
     assert object_filters() == {"min_size": 3, "min_confidence": MIN_CONFIDENCE}
     assert object_filters(10, 0) == {"min_size": 10, "min_confidence": 0}
+    # a Lovasz-trained network's nuclei sit at sigmoid(1) = 0.73: the filter would drop them all, so it is off
+    assert object_filters(loss="LovaszHingeLoss")["min_confidence"] == 0
+    assert object_filters(loss="BCEDiceLoss")["min_confidence"] == MIN_CONFIDENCE
+    assert object_filters(3, 0.5, loss="LovaszHingeLoss")["min_confidence"] == 0.5  # a given value wins
     with pytest.raises(UsageError, match="--min_confidence"):
         object_filters(min_confidence=1.0)
     with pytest.raises(UsageError, match="--min_size"):
