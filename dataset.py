@@ -199,8 +199,8 @@ def train_transform(input_h, input_w, crop_size=0, scale_jitter=0.0, color_jitte
         size.append(A.Resize(input_h, input_w))
     colour = [A.HEStain(method="random_preset", p=stain_jitter)] if stain_jitter else []
     if color_jitter:
-        colour = [A.OneOf([A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05, p=1.0),
-                           A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=1.0)], p=0.8)]
+        colour.append(A.OneOf([A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05, p=1.0),
+                               A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=1.0)], p=0.8))
     if greyscale:
         colour.append(A.ToGray(p=greyscale))
     if invert:

@@ -239,7 +239,7 @@ def test_stain_jitter_restains_as_often_as_asked_and_runs_in_workers(tmp_path, m
     rng = np.random.default_rng(0)
     image = np.repeat((rng.random((16, 16, 1)) * 60 + 180).astype(np.uint8), 3, axis=2)  # grey, bright background
     mask = (rng.random((16, 16, 1)) > 0.5).astype(np.uint8)
-    out, hard = theirs(image, mask, dataset.train_transform(16, 16, color_jitter=False, stain_jitter=0.3), 600)
+    out, hard = theirs(image, mask, dataset.train_transform(16, 16, stain_jitter=0.3), 600)  # with colour jitter
     coloured = (out.amax(1) - out.amin(1)).amax((1, 2)) > 1e-3
     assert abs(coloured.float().mean().item() - 0.3) < 0.06
     assert out.min() >= 0 and out.max() <= 1
