@@ -35,7 +35,7 @@ from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 import distributed
-from image_files import decode_image, image_to_float, read_label_image, read_mask  # noqa: F401 (tests read them here)
+from image_files import decode_image, image_to_float, read_label_image, read_mask
 from instances import touching_borders
 from utils import DataError, UsageError
 
