@@ -11,7 +11,7 @@ import warnings
 import torch
 
 from archs import build_model
-from config import init_weights_path, load_run_config, output_channels, saved_run_dir
+from config import init_is_run, init_weights_path, load_run_config, output_channels, saved_run_dir
 from utils import DataError, UsageError, atomic_write, sha256_file
 
 
@@ -78,13 +78,20 @@ def load_run(name, device, prune=None):
     return cfg, model.eval()
 
 
-def load_init_weights(net, init, device):
+def load_init_weights(net, init, device, normalization="fixed"):
     """--init NAME or PATH: copy the weights of run NAME (its model.pth) or of a .pth file (a state dict or a
-    last.pth) into ``net`` for fine-tuning; a different network is a DataError naming the flags to match."""
+    last.pth) into ``net`` for fine-tuning; a different network is a DataError naming the flags to match, and a
+    run trained with another --normalization than ``normalization`` a UsageError (its weights expect images
+    read its way)."""
     path = init_weights_path(init)
     if not os.path.isfile(path):
         raise UsageError(f"--init {init}: no such .pth file, and no run with {path}; give a run name from models/ "
                          "or a weights file")
+    if init_is_run(init):
+        theirs = load_run_config(init).normalization
+        if theirs != normalization:
+            raise UsageError(f"--init {init} was trained with --normalization {theirs}; fine-tune it with the same "
+                             f"(--normalization {theirs}), not {normalization}")
     weights = load_checkpoint(path, device)
     weights = weights.get("model", weights)  # a last.pth holds the weights under "model"
     expected = net.state_dict()

@@ -23,6 +23,7 @@ ARCHS = ("UNet", "NestedUNet")
 LOSSES = ("BCEDiceLoss", "LovaszHingeLoss", "BCEWithLogitsLoss")
 OPTIMIZERS = ("SGD", "Adam", "AdamW")
 SCHEDULERS = ("CosineAnnealingLR", "ReduceLROnPlateau", "MultiStepLR", "ConstantLR")
+NORMALIZATIONS = ("fixed", "percentile")  # image_files.image_to_float
 LOADERS = ("auto", "device", "workers")  # where training batches are augmented (dataset.py / device_data.py)
 SKIPPED_IN_CONFIG = ("help", "config", "resume", "overwrite", "debug")  # flags of one invocation, not of the run
 
@@ -73,9 +74,17 @@ def _add_data_args(g):
     g.add_argument("--test_size", default=0.0, type=float,
                    help="fraction held out as a test split never used for any choice (0 = the seed's 2-way split)")
     g.add_argument("--split_seed", default=41, type=integer, help="random_state of the split (41 as in the seed)")
+    g.add_argument("--split_file", default=None,
+                   help="a CSV with columns img_id,split (train/val/test) to use instead of a random split: your own "
+                        "assignment, e.g. one that keeps whole experiments or image kinds out of training; "
+                        "--val_size, --test_size and --split_seed are then ignored; ids it lacks are not used")
     g.add_argument("--crop_size", default=0, type=integer,
                    help="train on random crops of this size at full resolution and validate on whole images "
                         "(0 = resize everything to input_h x input_w as the seed does)")
+    g.add_argument("--normalization", default="fixed", choices=NORMALIZATIONS,
+                   help="how an image's values become [0, 1] before the network (in training, val.py and predict.py "
+                        "alike): fixed = 8-bit / 255 and 16-bit by its min and max, as the seed; percentile = each "
+                        "image stretched from its 1st to its 99.8th percentile (CSBDeep/StarDist's normalize)")
     g.add_argument("--scale_jitter", default=0.0, type=float, help="random rescale by 1 +- this before cropping")
     g.add_argument("--color_jitter", default=True, type=str2bool, help="colour/brightness/contrast jitter")
     g.add_argument("--stain_jitter", default=0.0, type=float,
@@ -240,11 +249,16 @@ def check_train_args(args):
         raise UsageError(f"--milestones {args.milestones!r} must be comma-separated epochs such as 30,60") from None
 
 
+def init_is_run(init):
+    """Whether --init names a run (models/<name> or pretrained/<name>) rather than a weights file: a path ends in
+    .pth, has a folder, or exists."""
+    return not (init.endswith(".pth") or os.sep in init or os.path.isfile(init))
+
+
 def init_weights_path(init):
-    """--init NAME or PATH -> the weights file: a path as given (ends in .pth, has a folder, or exists), else
-    the model.pth of run NAME (:func:`saved_run_dir`)."""
-    is_file = init.endswith(".pth") or os.sep in init or os.path.isfile(init)
-    return init if is_file else os.path.join(saved_run_dir(init), "model.pth")
+    """--init NAME or PATH -> the weights file: a path as given, else the model.pth of run NAME
+    (:func:`saved_run_dir`)."""
+    return os.path.join(saved_run_dir(init), "model.pth") if init_is_run(init) else init
 
 
 def output_channels(args):

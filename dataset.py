@@ -18,9 +18,9 @@ With label images the binary mask (one class) is every labelled pixel, and the l
 With ``borders=True`` (train.py --borders True) the labels are required: each sample gets one more target
 channel after the classes, the pixels where two nuclei touch (:func:`instances.touching_borders`).
 
-Images are scaled to [0, 1] as image_files.image_to_float says; the network then sees ``(x - 0.5) / 0.25``
-(:func:`normalize`), applied once. Resizing uses linear interpolation for images and nearest for masks, so
-targets stay hard.
+Images are scaled to [0, 1] as image_files.image_to_float says (``normalization`` 'fixed' or 'percentile'); the
+network then sees ``(x - 0.5) / 0.25`` (:func:`normalize`), applied once. Resizing uses linear interpolation for
+images and nearest for masks, so targets stay hard.
 """
 import os
 
@@ -226,8 +226,9 @@ class Dataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, img_ids, dataset_dir, img_ext=".png", mask_ext=".png", num_classes=1, input_channels=3,
-                 transform=None, seed=0, cache=False, borders=False):
+                 transform=None, seed=0, cache=False, borders=False, normalization="fixed"):
         self.img_ids = list(img_ids)
+        self.normalization = normalization
         self.layout = find_layout(dataset_dir, img_ext, mask_ext)
         self.borders = borders
         if borders:
@@ -283,7 +284,7 @@ class Dataset(torch.utils.data.Dataset):
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         img, mask = self.cached[index] if self.cached is not None else self.load(index)
-        img = image_to_float(img, self.input_channels)
+        img = image_to_float(img, self.input_channels, self.normalization)
         if self.transform is not None:
             self.transform.set_random_seed(int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0]))
             out = self.transform(image=img, mask=mask)
@@ -310,7 +311,8 @@ def eval_loader(dataset_dir, ids, reading, size, batch_size, num_workers, pin_me
 
 def reading_of(cfg):
     """The :class:`Dataset` arguments of a run's flags ``cfg`` that say how its files are read."""
-    return {k: getattr(cfg, k) for k in ("img_ext", "mask_ext", "num_classes", "input_channels", "borders")}
+    return {k: getattr(cfg, k)
+            for k in ("img_ext", "mask_ext", "num_classes", "input_channels", "borders", "normalization")}
 
 
 # ---------------------------------------------------------------------------------------------------- splits

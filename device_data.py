@@ -34,11 +34,13 @@ class DeviceImages:
     """Decoded samples packed into one flat image tensor and one flat mask tensor on ``device``.
 
     ``samples``: (image as stored [H, W, C] uint8/uint16/float, mask uint8 [H, W, K] in {0, 1}) pairs, as
-    ``dataset.Dataset.load`` returns them. ``image(i)`` is a view [input_channels, h, w] (uint8 0..255 or float16
+    ``dataset.Dataset.load`` returns them, scaled to [0, 1] by ``image_to_float(img, input_channels,
+    normalization)`` and stored as uint8 when every file is 8-bit (a percentile-stretched image then to the
+    nearest 1/255). ``image(i)`` is a view [input_channels, h, w] (uint8 0..255 or float16
     0..1) and ``mask(i)`` a view [K, h, w] (uint8 0/1) of sample i.
     """
 
-    def __init__(self, samples, input_channels, device):
+    def __init__(self, samples, input_channels, device, normalization="fixed"):
         self.eight_bit = all(img.dtype == np.uint8 for img, _ in samples)
         self.shapes = [img.shape[:2] for img, _ in samples]
         self.channels, self.classes = input_channels, samples[0][1].shape[2]
@@ -48,7 +50,7 @@ class DeviceImages:
         images = torch.empty(sum(sizes) * self.channels, dtype=dtype)
         masks = torch.empty(sum(sizes) * self.classes, dtype=torch.uint8)
         for (img, mask), offset, size in zip(samples, self.offsets, sizes):
-            x = image_to_float(img, input_channels)
+            x = image_to_float(img, input_channels, normalization)
             x = np.round(x * 255).astype(np.uint8) if self.eight_bit else x.astype(np.float16)
             images[offset * self.channels:(offset + size) * self.channels] = torch.from_numpy(
                 np.ascontiguousarray(x.transpose(2, 0, 1))).reshape(-1)

@@ -3,7 +3,8 @@
     python export.py --name dsb2018_96_NestedUNet_wDS                 # -> models/<name>/model.onnx
     python export.py --name dsb2018_96_NestedUNet_wDS --prune 2 --output small.onnx
 
-The ONNX graph has one input ``image``: float32 [batch, C, height, width], the image scaled to [0, 1] and then
+The ONNX graph has one input ``image``: float32 [batch, C, height, width], the image scaled to [0, 1] as the run
+was trained (``--normalization``: /255, or stretched by its own percentiles; image_files.image_to_float) and then
 normalised as in training, ``(x - 0.5) / 0.25`` (see dataset.py); batch, height and width are dynamic, but height
 and width must be multiples of 16 (pad first, as predict.py does). It has one output ``logits``: float32
 [batch, K, height, width]; apply a sigmoid for probabilities. A deep-supervision NestedUNet is exported with its
@@ -112,7 +113,9 @@ def main(argv):
     check = f"; ONNX Runtime vs PyTorch max |diff| {diff:.2e}" if diff is not None else \
         " (install onnxruntime to check it)"
     print(f"wrote {path} ({size / 2**20:.1f} MiB, opset {OPSET}, {cfg.arch} {head}): input 'image' float32 "
-          f"[batch, {cfg.input_channels}, height, width] normalised (x - 0.5) / 0.25 with height and width "
+          f"[batch, {cfg.input_channels}, height, width], the image scaled to [0, 1] "
+          f"({'by its 1st and 99.8th percentiles' if cfg.normalization == 'percentile' else '8-bit / 255'}) then "
+          f"(x - 0.5) / 0.25, with height and width "
           f"multiples of 16, output 'logits' [batch, {output_channels(cfg)}, height, width]"
           f"{' (the last channel: touching borders)' if cfg.borders else ''}{check}")
     return {"path": path, "bytes": size, "max_abs_diff": diff}

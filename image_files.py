@@ -2,7 +2,8 @@
 
 Images may be grey, RGB, RGBA (alpha is dropped) or 16-bit. 8-bit images are divided by 255; 16-bit (and float)
 images are scaled to [0, 1] by their own minimum and maximum, because microscopes rarely use the whole 16-bit
-range. Masks hold 0/255 or 0/1 and become {0, 1}; label images hold one integer per nucleus, 0 = background. Every
+range; a run trained with ``--normalization percentile`` stretches every image by its own percentiles instead.
+Masks hold 0/255 or 0/1 and become {0, 1}; label images hold one integer per nucleus, 0 = background. Every
 unreadable or inconsistent file is a DataError naming it.
 """
 import os
@@ -14,6 +15,8 @@ import tifffile
 from utils import DataError
 
 TIFF_EXTS = (".tif", ".tiff")
+NORMALIZATIONS = ("fixed", "percentile")  # train.py --normalization
+PERCENTILES = (1.0, 99.8)  # CSBDeep's and StarDist's default normalize(x, 1, 99.8)
 
 
 def _imread(path, flags, what):
@@ -80,13 +83,18 @@ def read_labels(path, shape=None):
     return labels.astype(np.int32)
 
 
-def image_to_float(img, input_channels):
+def image_to_float(img, input_channels, normalization="fixed"):
     """Decoded image [H, W, C] (uint8, uint16 or float) -> float32 [H, W, input_channels] in [0, 1].
 
-    uint8 is divided by 255; other types are min-max scaled per image. Grey images are repeated to 3 channels
-    when the model wants 3; colour images are converted to grey when it wants 1.
+    ``normalization`` 'fixed': uint8 is divided by 255, other types are min-max scaled per image. 'percentile':
+    every image is stretched from its 1st to its 99.8th percentile (over all its channels, so colours keep their
+    balance) and clipped to [0, 1] (:func:`stretch_percentiles`), so dim, faint or low-contrast images look alike.
+    Grey images are repeated to 3 channels when the model wants 3; colour images are converted to grey when it
+    wants 1.
     """
-    if img.dtype == np.uint8:
+    if normalization == "percentile":
+        out = stretch_percentiles(img.astype(np.float32))
+    elif img.dtype == np.uint8:
         out = img.astype(np.float32) / 255.0
     else:
         out = img.astype(np.float32)
@@ -100,6 +108,15 @@ def image_to_float(img, input_channels):
     if input_channels == 1:
         return cv2.cvtColor(out, cv2.COLOR_RGB2GRAY)[:, :, None]
     raise DataError(f"an image has {channels} channels but --input_channels is {input_channels}")
+
+
+def stretch_percentiles(x, low=PERCENTILES[0], high=PERCENTILES[1]):
+    """float32 [H, W, C], any range -> float32 [H, W, C] in [0, 1]: ``(x - p_low) / (p_high - p_low)``, clipped,
+    with the percentiles taken over all pixels and channels. A flat image (p_high == p_low) becomes all zeros."""
+    lo, hi = np.percentile(x, (low, high))
+    if hi <= lo:
+        return np.zeros_like(x)
+    return np.clip((x - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 
 
 def read_mask(path):

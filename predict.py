@@ -28,7 +28,6 @@ from skimage.measure import regionprops_table
 from tqdm import tqdm
 
 from config import add_amp_arg, add_device_arg, add_separation_args, choose_separation, object_filters
-from image_files import decode_image, image_to_float
 from instances import split_instances
 from utils import ArgumentParser, DataError, UsageError, atomic_imwrite, atomic_write, run_cli
 from visualize import draw_outlines, to_bgr
@@ -157,14 +156,14 @@ def write_instances(out_dir, img_id, prob, num_classes, threshold, separation, f
     return labels
 
 
-def predict_all(predictor, files, ids, out_dir, input_channels, num_classes, threshold, save_prob=False,
+def predict_all(predictor, files, ids, out_dir, num_classes, threshold, save_prob=False,
                 separation=None, filters=None, overlay=False):
     """Predict every file into ``out_dir``: the masks (and probabilities with ``save_prob``), the nuclei when a
     ``separation`` is given (with ``filters``), the outlines with ``overlay``. Returns (mean foreground fraction,
     objects table or None, megapixels)."""
     fractions, tables, pixels = [], [], 0
     for path, img_id in zip(tqdm(files, desc="predict", unit="img", dynamic_ncols=True), ids):
-        image = image_to_float(decode_image(path), input_channels)
+        image = predictor.read_image(path)
         prob = predictor.predict(image)
         masks = write_masks(out_dir, img_id, prob, num_classes, threshold, save_prob)
         labels = None
@@ -200,7 +199,7 @@ def main(argv):
     os.makedirs(args.output, exist_ok=True)
     started = time.time()
     foreground, objects, megapixels = predict_all(
-        predictor, files, ids, args.output, cfg.input_channels, cfg.num_classes, args.threshold, args.save_prob,
+        predictor, files, ids, args.output, cfg.num_classes, args.threshold, args.save_prob,
         separation if args.instances else None, filters, args.overlay)
     if objects is not None:
         with atomic_write(os.path.join(args.output, "objects.csv")) as f:

@@ -47,7 +47,7 @@ class Trainer:
         self.dataset_dir = dataset_folder(args.dataset, self.main)
         ids = list_ids(self.dataset_dir, args.img_ext, args.mask_ext, args.num_classes)
         self.split = load_or_make_split(os.path.join(self.dir, "split.csv"), self.dataset_dir, ids, args.resume,
-                                        args.val_size, args.test_size, args.split_seed)
+                                        args.val_size, args.test_size, args.split_seed, args.split_file)
         self.train_loader, self.on_device = self._train_loader()
         self.val_loader = self.make_eval_loader(self.ids("val"))
         seed_everything(args.seed)
@@ -63,7 +63,7 @@ class Trainer:
         if args.resume:
             self._resume()
         elif args.init:
-            load_init_weights(self.net, args.init, self.device)
+            load_init_weights(self.net, args.init, self.device, args.normalization)
         self.model = wrap_model(self.net, self.device, args.sync_bn, args.compile)
         if self.main:  # set up without an error: now the run folder may be written
             self._create_run_folder()
@@ -187,7 +187,7 @@ class Trainer:
             sampler = torch.utils.data.DistributedSampler(data, num_replicas=world, rank=distributed.rank(),
                                                           shuffle=True, seed=a.seed)
         if on_device:
-            images = DeviceImages(data.cached, a.input_channels, self.device)
+            images = DeviceImages(data.cached, a.input_channels, self.device, a.normalization)
             return DeviceLoader(images, train_ids, BatchAugment(*augment), sampler, a.batch_size, a.seed), True
         return torch.utils.data.DataLoader(
             data, batch_size=a.batch_size, sampler=EpochSampler(sampler), num_workers=a.num_workers, drop_last=True,
@@ -289,18 +289,30 @@ def dataset_folder(dataset, main):
     return path
 
 
-def load_or_make_split(path, dataset_dir, ids, resume, val_size, test_size, split_seed):
-    """The run's split: its split.csv at ``path`` when resuming, else a new dataset.make_split of ``ids`` (the
-    samples of ``dataset_dir``)."""
+def load_or_make_split(path, dataset_dir, ids, resume, val_size, test_size, split_seed, split_file=None):
+    """The run's split: its split.csv at ``path`` when resuming, else the given ``split_file`` (--split_file), else
+    a new dataset.make_split of ``ids`` (the samples of ``dataset_dir``)."""
     if resume and os.path.isfile(path):
-        split = read_split(path)
-        missing = sorted(set(split["img_id"]) - set(ids))
-        if missing:
-            raise DataError(f"{path} names ids that are no longer in {dataset_dir}: {', '.join(missing[:3])}")
+        return checked_split(read_split(path), path, dataset_dir, ids)
+    if split_file:
+        if not os.path.isfile(split_file):
+            raise UsageError(f"--split_file {split_file}: no such file; give a CSV with columns img_id,split")
+        split = checked_split(read_split(split_file), f"--split_file {split_file}", dataset_dir, ids)
+        if not split_ids(split, "train") or not split_ids(split, "val"):
+            raise DataError(f"--split_file {split_file} needs at least one 'train' and one 'val' id")
         return split
     if len(ids) < 3:
         raise DataError(f"{dataset_dir} has {len(ids)} samples; at least 3 are needed to train and validate")
     return make_split(ids, val_size, test_size, split_seed)
+
+
+def checked_split(split, source, dataset_dir, ids):
+    """``split`` (read from ``source``) unchanged, or a DataError when it names ids that ``dataset_dir`` lacks."""
+    missing = sorted(set(split["img_id"]) - set(ids))
+    if missing:
+        raise DataError(f"{source} names ids that are not in {dataset_dir}: {', '.join(missing[:3])}"
+                        f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''}")
+    return split
 
 
 def decoded_bytes(dataset_dir, ids, img_ext):

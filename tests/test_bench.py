@@ -4,6 +4,12 @@ import os
 import subprocess
 import sys
 
+import pandas as pd
+import pytest
+
+import group_split  # bench/, on the path through conftest
+from utils import UsageError
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -92,3 +98,16 @@ def test_kernel_time_rows(tmp_path):
     assert [r["allocator"] for r in summary["rows"]] == ["default", "keep_freed_memory"] * 2
     for row in summary["rows"]:
         assert row["images_per_s"] > 0 and row["minor_faults"] >= 0 and row["sys_s"] >= 0
+
+
+def test_group_split_holds_out_whole_groups():
+    groups = ["a"] * 50 + ["b"] * 12 + ["c"] * 9 + ["d"] * 8 + ["e"] * 6 + ["f"] * 15
+    ids = [f"id{i:03d}" for i in range(len(groups))]
+    split = group_split.group_split(ids, groups, 0.2)
+    assert split["img_id"].tolist() == ids
+    by_group = pd.crosstab(pd.Series(groups), split["split"].to_numpy())
+    assert ((by_group["train"] == 0) | (by_group["val"] == 0)).all()  # no group on both sides
+    assert by_group.loc["a", "val"] == 0  # the largest group always trains
+    assert abs((split["split"] == "val").mean() - 0.2) <= 0.03
+    with pytest.raises(UsageError, match="--val_size"):
+        group_split.group_split(ids[:51], groups[:51], 0.2)  # 'a' + one 'b': no draw near 20 %

@@ -7,6 +7,8 @@ import time
 import pytest
 import yaml
 
+import config
+import image_files
 from conftest import ROOT
 from config import build_train_parser, default_run_name, parse_train_args, read_yaml_config
 from utils import UsageError
@@ -28,6 +30,12 @@ def test_defaults_are_the_seed_ones():
                                                                                  16, 96, 96)
     assert a.deep_supervision is False and a.val_size == 0.2 and a.split_seed == 41 and a.test_size == 0.0
     assert a.name == "dsb2018_96_NestedUNet_woDS"
+    assert a.normalization == "fixed"  # the seed's /255
+
+
+def test_normalization_choices_are_those_image_files_implements():
+    assert config.NORMALIZATIONS == image_files.NORMALIZATIONS
+    assert parse_train_args(["--normalization", "percentile"]).normalization == "percentile"
 
 
 def test_yaml_config_loads_and_flags_override(tmp_path):

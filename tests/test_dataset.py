@@ -68,6 +68,27 @@ def test_16bit_scaled_by_own_min_max(tmp_path, channels):
     assert np.isfinite(flat).all() and flat.max() == 0
 
 
+def test_percentile_normalization_against_hand_computed_percentiles():
+    """0..999 in one channel: numpy's linear percentile puts p1 at 9.99 and p99.8 at 997.002 (positions 999 * p)."""
+    img = np.arange(1000, dtype=np.uint16).reshape(25, 40, 1)
+    out = image_to_float(img, 1, "percentile")
+    lo, hi = 0.01 * 999, 0.998 * 999
+    np.testing.assert_allclose(out[:, :, 0], np.clip((img[:, :, 0] - lo) / (hi - lo), 0, 1), atol=1e-6)
+    assert (out == 0).sum() == 10 and (out == 1).sum() == 2  # 0..9 below p1, 998 and 999 above p99.8
+
+
+def test_percentile_normalization_ignores_gain_and_offset_and_keeps_colour_balance():
+    rng = np.random.default_rng(0)
+    bright = rng.integers(0, 128, (32, 32, 3)).astype(np.uint8) * 2
+    bright[..., 2] = bright[..., 2] // 4 * 2  # a stained-like image: less blue (still even, so halving is exact)
+    dim = bright // 2 + 3  # the same image, half the gain and an offset: exact in uint8
+    a, b = image_to_float(bright, 3, "percentile"), image_to_float(dim, 3, "percentile")
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    assert not np.allclose(image_to_float(bright, 3), image_to_float(dim, 3), atol=0.1)  # 'fixed' keeps the gain
+    assert a.min() == 0 and a.max() == 1 and a[..., 2].mean() < a[..., 0].mean() - 0.1
+    assert image_to_float(np.full((4, 4, 3), 9, np.uint8), 3, "percentile").max() == 0  # a flat image
+
+
 @pytest.mark.parametrize("value", [255, 1])
 def test_masks_0_255_and_0_1_become_0_1(tmp_path, value):
     mask = np.zeros((8, 8), np.uint8)

@@ -248,3 +248,15 @@ def test_stain_jitter_restains_as_often_as_asked_and_runs_in_workers(tmp_path, m
     monkeypatch.chdir(tmp_path)
     with Trainer(parse_train_args(train_argv("stain", "--stain_jitter", "0.5")), progress=False) as t:
         assert not t.on_device and isinstance(t.train_loader, torch.utils.data.DataLoader)
+
+
+def test_device_images_store_the_percentile_stretched_image():
+    """--normalization percentile on --loader device: the stored image is the workers' float image to 1/255."""
+    rng = np.random.default_rng(1)
+    image = (rng.random((20, 24, 3)) * 90 + 20).astype(np.uint8)  # a dim, low-contrast image
+    mask = np.zeros((20, 24, 1), np.uint8)
+    data = DeviceImages([(image, mask)], 3, torch.device("cpu"), "percentile")
+    stored = data.as_unit_float(data.image(0)).numpy().transpose(1, 2, 0)
+    expected = dataset.image_to_float(image, 3, "percentile")
+    np.testing.assert_allclose(stored, expected, atol=0.5 / 255 + 1e-6)
+    assert stored.max() == 1 and stored.min() == 0

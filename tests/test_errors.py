@@ -55,6 +55,8 @@ CASES = {
                            ["--init unet.pth", "different network", "--arch"]),
     "init_from_the_run_itself": (train("--name", "nomodel", "--init", "nomodel", "--overwrite"), 2,
                                  ["--init nomodel", "models/nomodel/", "another --name"]),
+    "init_other_normalization": (train("--init", "pctrun"), 2, ["--init pctrun", "--normalization percentile"]),
+    "unknown_normalization": (train("--normalization", "zscore"), 2, ["--normalization", "zscore", "percentile"]),
     "negative_balance": (train("--balance", "-0.5"), 2, ["--balance", "-0.5"]),
     "unet_with_deep_supervision": (train("--deep_supervision", "True"), 2, ["UNet has no deep supervision",
                                                                             "--arch NestedUNet"]),
@@ -106,6 +108,12 @@ def _prepare(root):
     save_run_config(parse_train_args(["--name", "nomodel", "--dataset", "good", *SMALL]), str(run / "config.yml"))
     (run / "split.csv").write_text("img_id,split\n" + "".join(f"syn_000{i},{'val' if i > 7 else 'train'}\n"
                                                               for i in range(10)))
+    # A finished UNet run trained with --normalization percentile, for --init with the default normalization.
+    run = root / "models" / "pctrun"
+    run.mkdir(parents=True)
+    pct = parse_train_args(["--name", "pctrun", "--dataset", "good", "--normalization", "percentile", *SMALL])
+    save_run_config(pct, str(run / "config.yml"))
+    shutil.copy(root / "unet.pth", run / "model.pth")
 
 
 def _argv(case_id, command):

@@ -49,6 +49,7 @@ def runs(tmp_path_factory):
 
         p_weights = torch.load(os.path.join("models", "p", "model.pth"), weights_only=True)
         make_run("pc", p_weights, crop_size=32)
+        make_run("pp", p_weights, normalization="percentile")
         torch.manual_seed(0)
         make_run("u", build_model("UNet", 1, 3, False).state_dict(), arch="UNet", deep_supervision=False)
         make_run("nomodel")
@@ -115,6 +116,25 @@ def test_odd_sizes_and_formats_keep_their_size(in_runs, tmp_path, capsys):
             assert row.area == int((labels == row.label).sum())
             assert 0 <= row.bbox_min_y < row.bbox_max_y <= shape[0] and 0 <= row.bbox_min_x < row.bbox_max_x <= shape[1]
     assert not (out / "notes.png").exists()
+
+
+def test_percentile_run_predicts_a_dimmed_image_as_the_original(in_runs, tmp_path):
+    """predict.py reads images as the run was trained (--normalization from its config.yml): with 'percentile' an
+    image at half the gain gives the same probabilities; with 'fixed' (run p, same weights) it does not."""
+    bright = sample_bgr(48, 40) // 2 * 2  # even values, so halving is exact
+    write(tmp_path / "in" / "bright.png", bright)
+    write(tmp_path / "in" / "dim.png", bright // 2)
+    probs = {}
+    for run in ("pp", "p"):
+        cfg, model = checkpoints.load_run(run, torch.device("cpu"))
+        predictor = inference.Predictor(model, cfg, torch.device("cpu"), amp="fp32")  # no bf16 rounding
+        probs[run] = [predictor.predict(predictor.read_image(str(tmp_path / "in" / f"{n}.png")))
+                      for n in ("bright", "dim")]
+    np.testing.assert_allclose(*probs["pp"], atol=1e-4)
+    assert np.abs(probs["p"][0] - probs["p"][1]).max() > 1e-3
+    predict.main(["--name", "pp", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+                  "--device", "cpu", "--amp", "fp32"])
+    np.testing.assert_array_equal(read(tmp_path / "out" / "bright.png"), read(tmp_path / "out" / "dim.png"))
 
 
 def test_crop_trained_run_tiles_large_images(in_runs, tmp_path):

@@ -17,6 +17,7 @@ from sklearn.model_selection import train_test_split
 import engine
 import train
 import val
+from archs import build_model
 from conftest import ROOT, TINY_NAME, make_synthetic, train_argv
 from dataset import decode_image, image_modality
 from image_files import read_labels
@@ -121,15 +122,13 @@ def test_log_csv(work, key):
 
 @pytest.mark.parametrize("key", list(RUNS))
 def test_model_pth_is_a_plain_state_dict(work, key):
-    from archs import build_model
-
     root, _, _ = work
     weights = torch.load(root / "models" / key / "model.pth", map_location="cpu", weights_only=True)
     assert isinstance(weights, dict) and weights
     assert all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items())
     arch, _ = RUNS[key]
-    model = build_model(arch, 1, 3, key == "nested")
     model = build_model(arch, 2 if key == "borders" else 1, 3, key == "nested")
+    model.load_state_dict(weights)  # strict: every key and shape of the network, nothing else
 
 
 @pytest.mark.parametrize("key", list(RUNS))
@@ -310,6 +309,34 @@ def test_test_split(tmp_path, monkeypatch):
     scores = val.main(["--name", "three", "--split", "test", "--device", "cpu", "--no_overlays"])
     assert 0 <= scores["iou"] <= 1
     assert sorted(os.listdir(tmp_path / "outputs" / "three" / "0")) == sorted(i + ".png" for i in test_ids)
+
+
+def test_split_file_is_used_as_given(tmp_path, monkeypatch):
+    ids = sorted(make_synthetic(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    given = pd.DataFrame({"img_id": ids[:8], "split": ["train"] * 4 + ["val"] * 3 + ["test"]})  # 2 ids unused
+    given.to_csv(tmp_path / "mine.csv", index=False)
+    train.main(train_argv("given", "--split_file", "mine.csv", "--val_size", "0.5", epochs=1))
+    pd.testing.assert_frame_equal(read_split(tmp_path, "given"), given)
+    val.main(["--name", "given", "--device", "cpu", "--no_overlays"])
+    assert sorted(os.listdir(tmp_path / "outputs" / "given" / "0")) == sorted(i + ".png" for i in ids[4:7])
+
+
+@pytest.mark.parametrize("rows, error, words", [
+    (None, UsageError, "no such file"),
+    ([("nope", "train"), ("other", "val")], DataError, "nope"),
+    ([("{0}", "train"), ("{1}", "train")], DataError, "at least one 'train' and one 'val'"),
+    ([("{0}", "train"), ("{1}", "validation")], DataError, "train/val/test"),
+])
+def test_split_file_errors_name_the_file(tmp_path, monkeypatch, rows, error, words):
+    ids = sorted(make_synthetic(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    if rows is not None:
+        pd.DataFrame([(i.format(*ids), s) for i, s in rows], columns=["img_id", "split"]).to_csv("s.csv", index=False)
+    with pytest.raises(error, match="s.csv") as e:
+        train.main(train_argv("bad_split", "--split_file", "s.csv", epochs=1))
+    assert words in str(e.value)
+    assert not (tmp_path / "models" / "bad_split").exists()
 
 
 def test_crop_training_validates_whole_images(tmp_path, monkeypatch):
