@@ -37,7 +37,8 @@ def image_groups(dataset_dir, ids):
 
 
 def group_split(ids, groups, val_size, tolerance=0.03, tries=1000):
-    """DataFrame(img_id, split): whole groups in 'val', about ``val_size`` of the ids, never the largest group."""
+    """(DataFrame(img_id, split), the random_state drawn): whole groups in 'val', about ``val_size`` of the ids,
+    never the largest group."""
     groups = np.asarray(groups)
     names, counts = np.unique(groups, return_counts=True)
     largest = names[counts.argmax()]
@@ -47,7 +48,7 @@ def group_split(ids, groups, val_size, tolerance=0.03, tries=1000):
         if abs(len(val) / len(ids) - val_size) <= tolerance and largest not in groups[val]:
             is_val = np.zeros(len(ids), bool)
             is_val[val] = True
-            return pd.DataFrame({"img_id": ids, "split": np.where(is_val, "val", "train")})
+            return pd.DataFrame({"img_id": ids, "split": np.where(is_val, "val", "train")}), seed
     raise UsageError(f"no draw of whole groups gives --val_size {val_size} (within {tolerance}); try another size")
 
 
@@ -63,14 +64,14 @@ def main(argv):
         raise UsageError(f"--sizes_from {args.sizes_from}: no images/ folder; run preprocess_dsb2018.py --img_size 0")
     ids = sorted(list_ids(args.sizes_from))
     groups = image_groups(args.sizes_from, ids)
-    split = group_split(ids, groups, args.val_size)
+    split, seed = group_split(ids, groups, args.val_size)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with atomic_write(args.output) as f:
         split.to_csv(f, index=False)
     table = pd.crosstab(pd.Series(groups, name="group"), pd.Series(split["split"].to_numpy(), name="split"))
     print(table.to_string())
     print(f"{args.output}: {int((split['split'] == 'train').sum())} train / {int((split['split'] == 'val').sum())} "
-          "val images, no group in both")
+          f"val images, no group in both (GroupShuffleSplit random_state {seed})")
 
 
 if __name__ == "__main__":

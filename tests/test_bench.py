@@ -103,7 +103,7 @@ def test_kernel_time_rows(tmp_path):
 def test_group_split_holds_out_whole_groups():
     groups = ["a"] * 50 + ["b"] * 12 + ["c"] * 9 + ["d"] * 8 + ["e"] * 6 + ["f"] * 15
     ids = [f"id{i:03d}" for i in range(len(groups))]
-    split = group_split.group_split(ids, groups, 0.2)
+    split, _ = group_split.group_split(ids, groups, 0.2)
     assert split["img_id"].tolist() == ids
     by_group = pd.crosstab(pd.Series(groups), split["split"].to_numpy())
     assert ((by_group["train"] == 0) | (by_group["val"] == 0)).all()  # no group on both sides
