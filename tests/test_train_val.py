@@ -30,10 +30,14 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # 0.5 and rounds to 128, could disagree; that does not happen with real weights.)
 PRED_THRESHOLD = 127.5
 
+# unet: albumentations in a DataLoader; the others augment on the device. borders: + a touching-border channel,
+# trained but not scored. --precise_bn 2: after 4 steps BatchNorm's running statistics are still mostly their
+# initial values, so an eval-mode prediction would be all one class or not depending on the CPU's bf16
+# rounding; recomputed on the training images they give partly-foreground predictions on every machine.
 RUNS = {
-    "unet": ("UNet", ["--loader", "workers"]),  # albumentations in a DataLoader; the others augment on the device
-    "nested": ("NestedUNet", ["--deep_supervision", "True", "--lr", "0.003"]),
-    "borders": ("UNet", ["--borders", "True"]),  # + a touching-border channel, trained but not scored
+    "unet": ("UNet", ["--loader", "workers", "--precise_bn", "2"]),
+    "nested": ("NestedUNet", ["--deep_supervision", "True", "--lr", "0.003", "--precise_bn", "2"]),
+    "borders": ("UNet", ["--borders", "True", "--precise_bn", "2"]),
 }
 
 
