@@ -1,10 +1,11 @@
 """Tests for archs.py: parameter fingerprints, shapes, input checks, pruning and padding. CPU, 32x32 inputs."""
 import pytest
 import torch
+from torch import nn
 
 import archs
 import config
-from archs import NestedUNet, UNet, build_model, count_parameters, crop_to, pad_to_multiple
+from archs import NestedUNet, UNet, Upsample2x, build_model, count_parameters, crop_to, pad_to_multiple
 from utils import DataError
 
 SIZE_MESSAGE = (
@@ -148,3 +149,29 @@ def test_padded_input_runs_through_the_model_and_crops_back():
     padded, hw = pad_to_multiple(x)
     out = crop_to(UNet(2).eval()(padded), hw)
     assert out.shape == (1, 2, 20, 17)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_upsample2x_matches_nn_upsample_in_values_and_gradients(channels_last):
+    """The channels_last gradient is a layout change only: outputs and input gradients equal the seed's
+    nn.Upsample. Behind a channel slice of a cat (the gradient the model gives it), the gradient that reaches
+    the interpolation is channels_last-contiguous for a channels_last input."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 6, 10)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    skip = torch.randn(2, 4, 12, 20)
+    weights = torch.arange(12.0).view(1, 12, 1, 1)
+    results = {}
+    for name, up in (("seed", nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)),
+                     ("ours", Upsample2x())):
+        xi = x.detach().clone().requires_grad_()
+        out = up(xi)
+        reached = []
+        out.register_hook(reached.append)  # runs after Upsample2x's own hook: sees what the kernel gets
+        torch.cat([skip, out], 1).mul(weights).sum().backward()
+        results[name] = (out.detach(), xi.grad, reached[0])
+    torch.testing.assert_close(results["ours"][0], results["seed"][0], rtol=0, atol=0)
+    torch.testing.assert_close(results["ours"][1], results["seed"][1], rtol=1e-6, atol=1e-6)
+    assert results["ours"][2].is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert not results["seed"][2].is_contiguous(memory_format=torch.channels_last)
