@@ -33,7 +33,7 @@ PRED_THRESHOLD = 127.5
 # unet: albumentations in a DataLoader; the others augment on the device. borders: + a touching-border channel,
 # trained but not scored. --precise_bn 2: after 4 steps BatchNorm's running statistics are still mostly their
 # initial values, so an eval-mode prediction would be all one class or not depending on the CPU's bf16
-# rounding; recomputed on the training images they give partly-foreground predictions on every machine.
+# rounding; recomputed on the training images they give partly-foreground predictions in bf16 and fp32 alike.
 RUNS = {
     "unet": ("UNet", ["--loader", "workers", "--precise_bn", "2"]),
     "nested": ("NestedUNet", ["--deep_supervision", "True", "--lr", "0.003", "--precise_bn", "2"]),
