@@ -4,10 +4,12 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 
-import group_split  # bench/, on the path through conftest
+import compare_scores  # bench/, on the path through conftest
+import group_split
 from utils import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,3 +113,34 @@ def test_group_split_holds_out_whole_groups():
     assert abs((split["split"] == "val").mean() - 0.2) <= 0.03
     with pytest.raises(UsageError, match="--val_size"):
         group_split.group_split(ids[:51], groups[:51], 0.2)  # 'a' + one 'b': no draw near 20 %
+
+
+def test_bootstrap_interval_matches_the_normal_approximation():
+    """For 400 paired differences the bootstrap interval of the mean is close to mean +- 1.96 sd / sqrt(n)."""
+    diffs = np.random.default_rng(1).normal(0.02, 0.1, size=400)
+    low, high = compare_scores.bootstrap_interval(diffs)
+    half = 1.96 * diffs.std(ddof=1) / np.sqrt(len(diffs))
+    assert low == pytest.approx(diffs.mean() - half, abs=0.1 * half)
+    assert high == pytest.approx(diffs.mean() + half, abs=0.1 * half)
+
+
+def test_compare_scores_pairs_by_image_id_in_any_order():
+    rng = np.random.default_rng(2)
+    a = pd.DataFrame({"img_id": [f"i{k}" for k in range(30)], "iou": rng.uniform(0.5, 0.9, 30),
+                      "dsb": rng.uniform(0.2, 0.6, 30), "kind": ["fluorescence"] * 20 + ["stained"] * 10})
+    b = a.sample(frac=1, random_state=0).assign(iou=lambda t: t["iou"] + 0.05, dsb=lambda t: t["dsb"] - 0.01)
+    table = compare_scores.compare(a.set_index("img_id"), b.set_index("img_id"), groups="kind")
+    row = table.set_index(["images", "score"])
+    assert row.loc[("all", "iou"), "b_minus_a"] == pytest.approx(0.05)
+    assert row.loc[("all", "iou"), ["ci_low", "ci_high"]].tolist() == pytest.approx([0.05, 0.05])
+    assert row.loc[("all", "iou"), "b_better"] == 30 and row.loc[("all", "dsb"), "b_worse"] == 30
+    assert row.loc[("stained", "dsb"), "n"] == 10 and row.loc[("stained", "dsb"), "ci_high"] < 0
+
+
+def test_compare_scores_refuses_tables_without_common_images(tmp_path):
+    pd.DataFrame({"img_id": ["x"], "iou": [0.5]}).to_csv(tmp_path / "a.csv", index=False)
+    pd.DataFrame({"img_id": ["y"], "iou": [0.5]}).to_csv(tmp_path / "b.csv", index=False)
+    with pytest.raises(UsageError, match="share no img_id"):
+        compare_scores.main([str(tmp_path / "a.csv"), str(tmp_path / "b.csv")])
+    with pytest.raises(UsageError, match="no such file"):
+        compare_scores.main([str(tmp_path / "missing.csv"), str(tmp_path / "b.csv")])

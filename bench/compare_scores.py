@@ -1,0 +1,90 @@
+"""Is model B better than model A on the same images? A paired comparison of two val.py scores.csv files.
+
+    python val.py --name nuclei --output outputs/nuclei_val
+    python val.py --name dsb2018_full_UNet_crop256_borders
+    python bench/compare_scores.py outputs/nuclei_val/scores.csv outputs/dsb2018_full_UNet_crop256_borders/scores.csv
+
+For each score both files hold (iou, dice, dsb): the mean over the images both scored of B - A, a 95 % bootstrap
+interval of that mean (the images drawn again with replacement, 10,000 times, seed 0), and on how many images B
+is better and worse. The same for each image kind. B is "clearly better" on a score (the rule for replacing the
+bundled model) when the interval's lower end is above 0. Differences are paired by img_id, so the order of the
+rows does not matter.
+"""
+import argparse
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import numpy as np  # noqa: E402  (after the path set-up above)
+import pandas as pd  # noqa: E402
+
+from utils import UsageError, run_cli  # noqa: E402
+
+SCORES = ("iou", "dice", "dsb")
+
+
+def read_scores(path):
+    """val.py's scores.csv as a DataFrame indexed by img_id; a missing file or one without img_id is a UsageError."""
+    if not os.path.isfile(path):
+        raise UsageError(f"{path}: no such file; run val.py first (it writes <output>/scores.csv)")
+    table = pd.read_csv(path)
+    if "img_id" not in table.columns:
+        raise UsageError(f"{path} has no img_id column; give a scores.csv written by val.py")
+    return table.set_index("img_id")
+
+
+def paired(a, b):
+    """The rows of ``a`` and ``b`` (DataFrames indexed by img_id) for the images both hold, in one order."""
+    common = a.index.intersection(b.index)
+    if common.empty:
+        raise UsageError("the two score tables share no img_id; compare two evaluations of the same images")
+    return a.loc[common], b.loc[common]
+
+
+def bootstrap_interval(diffs, draws=10_000, level=0.95, seed=0):
+    """(low, high): the percentile bootstrap interval of mean(diffs), diffs a 1-D array of paired differences."""
+    rng = np.random.default_rng(seed)
+    means = diffs[rng.integers(0, len(diffs), size=(draws, len(diffs)))].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def compare(a, b, groups=None):
+    """One row per (group, score) both tables hold: images, mean A, mean B, mean B - A, its 95 % interval, and on
+    how many images B is better / worse. ``groups``: a column to compare within as well ('kind'), or None."""
+    a, b = paired(a, b)
+    parts = [("all", a.index)]
+    if groups is not None and groups in a.columns:
+        parts += [(g, a.index[a[groups] == g]) for g in sorted(a[groups].unique())]
+    rows = []
+    for name, ids in parts:
+        for score in (s for s in SCORES if s in a.columns and s in b.columns):
+            x, y = a.loc[ids, score].to_numpy(float), b.loc[ids, score].to_numpy(float)
+            keep = ~(np.isnan(x) | np.isnan(y))
+            diffs = y[keep] - x[keep]
+            if not len(diffs):
+                continue
+            low, high = bootstrap_interval(diffs)
+            rows.append({"images": name, "n": len(diffs), "score": score, "mean_a": x[keep].mean(),
+                         "mean_b": y[keep].mean(), "b_minus_a": diffs.mean(), "ci_low": low, "ci_high": high,
+                         "b_better": int((diffs > 0).sum()), "b_worse": int((diffs < 0).sum())})
+    return pd.DataFrame(rows)
+
+
+def main(argv):
+    p = argparse.ArgumentParser(description="Paired comparison of two val.py scores.csv files (B against A), with "
+                                            "95 % bootstrap intervals; B is clearly better where ci_low > 0.")
+    p.add_argument("a", help="scores.csv of model A (the one in use)")
+    p.add_argument("b", help="scores.csv of model B (the candidate)")
+    args = p.parse_args(argv)
+    table = compare(read_scores(args.a), read_scores(args.b), groups="kind")
+    print(f"A = {args.a}\nB = {args.b}")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    return table
+
+
+if __name__ == "__main__":
+    run_cli(main)
