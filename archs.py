@@ -11,6 +11,7 @@ Node ``Xi_j`` of the nested network sits at depth ``i`` (resolution H/2^i, ``nb_
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from utils import DataError
 
@@ -201,6 +202,22 @@ def build_model(arch, num_classes, input_channels, deep_supervision):
     if num_classes < 1 or input_channels < 1:
         raise ValueError(f"num_classes and input_channels must be at least 1, got {num_classes} and {input_channels}")
     return ARCHS[arch](num_classes, input_channels=input_channels, deep_supervision=deep_supervision)
+
+
+def fold_batchnorm(model):
+    """Fold every VGGBlock's BatchNorm into the conv before it, in place, for inference; returns ``model``.
+
+    In eval mode a BatchNorm is a fixed per-channel scale and shift, so conv followed by it is one conv with
+    scaled weights and a shifted bias: the same outputs up to float rounding, without a pass over every
+    activation. Training needs the BatchNorm layers, so a model in training mode is refused (ValueError).
+    """
+    if model.training:
+        raise ValueError("fold_batchnorm is for inference: call model.eval() first")
+    for block in model.modules():
+        if isinstance(block, VGGBlock) and isinstance(block.bn1, nn.BatchNorm2d):
+            block.conv1, block.bn1 = fuse_conv_bn_eval(block.conv1, block.bn1), nn.Identity()
+            block.conv2, block.bn2 = fuse_conv_bn_eval(block.conv2, block.bn2), nn.Identity()
+    return model
 
 
 def pad_to_multiple(x, multiple=SIZE_MULTIPLE):

@@ -10,7 +10,7 @@ import warnings
 
 import torch
 
-from archs import build_model
+from archs import build_model, fold_batchnorm
 from config import init_is_run, init_weights_path, load_run_config, output_channels, saved_run_dir
 from utils import DataError, UsageError, atomic_write, sha256_file
 
@@ -65,8 +65,9 @@ def load_weights(net, weights, path, problem, fix=""):
 
 
 def load_run(name, device, prune=None):
-    """models/<name> (or the bundled pretrained/<name>): (config Namespace, model in eval mode on ``device``).
-    ``prune`` (predict/val/export --prune) needs NestedUNet + DS."""
+    """models/<name> (or the bundled pretrained/<name>): (config Namespace, model in eval mode on ``device``, its
+    BatchNorm folded into the convs for inference: archs.fold_batchnorm). ``prune`` (predict/val/export --prune)
+    needs NestedUNet + DS."""
     cfg = load_run_config(name)
     if prune is not None and not (cfg.arch == "NestedUNet" and cfg.deep_supervision):
         raise UsageError(f"--prune needs a NestedUNet trained with deep supervision; {name} is {cfg.arch} "
@@ -75,7 +76,7 @@ def load_run(name, device, prune=None):
     weights = load_checkpoint(path, device)
     model = build_model(cfg.arch, output_channels(cfg), cfg.input_channels, cfg.deep_supervision).to(device)
     load_weights(model, weights, path, "does not match the run's config.yml")
-    return cfg, model.eval()
+    return cfg, fold_batchnorm(model.eval())
 
 
 def load_init_weights(net, init, device, normalization="fixed"):

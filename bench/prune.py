@@ -21,9 +21,10 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402  (after the path set-up above)
 
-from archs import count_parameters  # noqa: E402
+from archs import build_model, count_parameters  # noqa: E402
 from checkpoints import load_run  # noqa: E402
-from config import INPUTS_DIR, add_amp_arg, add_device_arg, load_run_config, saved_run_dir  # noqa: E402
+from config import (INPUTS_DIR, add_amp_arg, add_device_arg, load_run_config, output_channels,  # noqa: E402
+                    saved_run_dir)
 from dataset import eval_loader, read_split, reading_of, split_ids  # noqa: E402
 from engine import Precision, choose_device, forward  # noqa: E402
 from metrics import SegmentationMeter  # noqa: E402
@@ -97,10 +98,12 @@ def main(argv):
         raise UsageError(f"{saved_run_dir(args.name)}/split.csv has no '{args.split}' ids")
     cfg.batch_size = args.batch_size or cfg.batch_size
     batches = load_batches(cfg, ids, device)
+    # counted on the network as trained: load_run folds BatchNorm into the convs, which drops its parameters
+    trained = build_model(cfg.arch, output_channels(cfg), cfg.input_channels, cfg.deep_supervision)
     rows = []
     for level in LEVELS:
         speed, scores = measure(model, batches, level, precision, args.repeats, cfg.num_classes)
-        rows.append({"prune": level, "params": count_parameters(model, level), "images_per_s": round(speed, 2),
+        rows.append({"prune": level, "params": count_parameters(trained, level), "images_per_s": round(speed, 2),
                      "iou": round(scores["iou"], 4), "dice": round(scores["dice"], 4)})
     full = rows[-1]
     size = "whole images" if cfg.crop_size else f"{cfg.input_h}x{cfg.input_w}"

@@ -1,4 +1,6 @@
 """Tests for archs.py: parameter fingerprints, shapes, input checks, pruning and padding. CPU, 32x32 inputs."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -175,3 +177,30 @@ def test_upsample2x_matches_nn_upsample_in_values_and_gradients(channels_last):
     torch.testing.assert_close(results["ours"][1], results["seed"][1], rtol=1e-6, atol=1e-6)
     assert results["ours"][2].is_contiguous(memory_format=torch.channels_last) == channels_last
     assert not results["seed"][2].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("arch,ds", [("UNet", False), ("NestedUNet", True)])
+def test_fold_batchnorm_keeps_the_eval_outputs(arch, ds):
+    """Folded into the convs, BatchNorm with non-trivial statistics gives the eval-mode outputs to fp32 rounding."""
+    torch.manual_seed(0)
+    model = archs.build_model(arch, 1, 3, ds)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        folded = archs.fold_batchnorm(copy.deepcopy(model))
+        got = folded(x)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    for e, g in zip(expected if ds else [expected], got if ds else [got]):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+
+
+def test_fold_batchnorm_refuses_a_model_in_training_mode():
+    with pytest.raises(ValueError, match="model.eval"):
+        archs.fold_batchnorm(archs.build_model("UNet", 1, 3, False))

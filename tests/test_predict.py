@@ -290,6 +290,7 @@ def test_bench_prune_runs_on_a_tiny_run(in_runs, capsys):
     assert [r["prune"] for r in rows] == [1, 2, 3, 4]
     assert all(r["images_per_s"] > 0 and 0 <= r["iou"] <= 1 for r in rows)
     assert rows[0]["params"] < rows[1]["params"] < rows[2]["params"] < rows[3]["params"]
+    assert rows[3]["params"] == 9_163_329  # the whole trained network, BatchNorm included (as docs/results.md)
     with pytest.raises(UsageError, match="deep supervision"):
         bench_prune.main(["--name", "u"])
 
