@@ -6,6 +6,7 @@ bundled model) must match that checksum. val.py, predict.py, export.py and bundl
 without importing the training code.
 """
 import os
+import re
 import warnings
 
 import torch
@@ -83,7 +84,7 @@ def load_init_weights(net, init, device, normalization="fixed"):
     """--init NAME or PATH: copy the weights of run NAME (its model.pth) or of a .pth file (a state dict or a
     last.pth) into ``net`` for fine-tuning; a different network is a DataError naming the flags to match, and a
     run trained with another --normalization than ``normalization`` a UsageError (its weights expect images
-    read its way)."""
+    read its way). Returns True when the border channel of a --borders run was left out (``net`` has none)."""
     path = init_weights_path(init)
     if not os.path.isfile(path):
         raise UsageError(f"--init {init}: no such .pth file, and no run with {path}; give a run name from models/ "
@@ -96,6 +97,7 @@ def load_init_weights(net, init, device, normalization="fixed"):
     weights = load_checkpoint(path, device)
     weights = weights.get("model", weights)  # a last.pth holds the weights under "model"
     expected = net.state_dict()
+    weights, dropped = without_border_channel(weights, expected)
     missing, unknown = set(expected) - set(weights), set(weights) - set(expected)
     if missing or unknown or any(weights[k].shape != v.shape for k, v in expected.items()):
         differs = (f"{len(missing)} of this network's {len(expected)} tensors missing, {len(unknown)} unknown"
@@ -103,6 +105,19 @@ def load_init_weights(net, init, device, normalization="fixed"):
         raise DataError(f"--init {init}: {path} holds a different network ({differs}); use the --arch, "
                         "--deep_supervision, --input_channels, --num_classes and --borders of the run it comes from")
     load_weights(net, weights, path, "does not fit this network")
+    return dropped
+
+
+def without_border_channel(weights, expected):
+    """(weights, dropped): ``weights`` with the heads' last output channel (the learned border map of a --borders
+    run) dropped when that is all that differs from the state dict ``expected``, so that a --borders run can be
+    fine-tuned on data without instance labels; else ``weights`` unchanged and dropped False."""
+    differ = [k for k, v in expected.items() if k in weights and weights[k].shape != v.shape]
+    heads = all(re.fullmatch(r"final\d?\.(weight|bias)", k) and weights[k].shape[1:] == expected[k].shape[1:]
+                and weights[k].shape[0] == expected[k].shape[0] + 1 for k in differ)
+    if not differ or not heads:
+        return weights, False
+    return {k: v[:expected[k].shape[0]] if k in differ else v for k, v in weights.items()}, True
 
 
 def save_training_state(path, net, optimizer, scheduler, scaler, epoch, best):

@@ -428,6 +428,22 @@ def test_init_starts_from_another_runs_weights_and_balance_draws_by_kind(tiny_wo
     assert len(pd.read_csv("models/tuned/log.csv")) == 1
 
 
+def test_init_from_a_borders_run_leaves_its_border_channel_out(tiny_workdir, capsys):
+    """A --borders run fine-tuned without --borders (data with masks but no instance labels): every weight is
+    copied, the heads' mask channel too; only the border channel is left out."""
+    from config import parse_train_args
+    from checkpoints import load_checkpoint
+    from trainer import Trainer
+
+    train.main(train_argv("withborders", "--borders", "True", epochs=1))
+    weights = load_checkpoint("models/withborders/model.pth", "cpu")
+    with Trainer(parse_train_args(train_argv("plain", "--init", "withborders", epochs=1)), progress=False) as t:
+        state = t.net.state_dict()
+    assert weights["final.weight"].shape[0] == 2 and state["final.weight"].shape[0] == 1
+    assert all(torch.equal(v, weights[k][:1] if k.startswith("final.") else weights[k]) for k, v in state.items())
+    assert "--init withborders: its learned-border channel is left out" in capsys.readouterr().out
+
+
 def test_val_scores_every_image_of_another_dataset(work, capsys):
     """val.py --dataset: a dataset the run never saw, every image scored at the run's size, outputs beside (never
     over) the run's own validation outputs; the pooled IoU is the one the written files give."""
