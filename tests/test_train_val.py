@@ -195,10 +195,12 @@ def test_val_scores_recomputed_from_written_files(work, key):
 
 @pytest.mark.parametrize("key", list(RUNS))
 def test_val_matches_best_epoch_of_training(work, key):
-    """model.pth holds the epoch with the best val IoU; val.py on the same split scores it the same."""
+    """model.pth holds the epoch with the best val IoU; val.py on the same split scores it the same, up to the
+    few pixels that bf16 rounding moves across the threshold once val.py has folded BatchNorm into the convs
+    (measured: at most 0.0019 here; 0.0004 mean IoU on the bundled model's 134 validation images)."""
     root, _, all_scores = work
     log = pd.read_csv(root / "models" / key / "log.csv")
-    assert all_scores[key]["iou"] == pytest.approx(log["val_iou"].max(), abs=1e-6)
+    assert all_scores[key]["iou"] == pytest.approx(log["val_iou"].max(), abs=0.005)
 
 
 def test_borders_run_scores_nuclei_and_splits_along_borders(work, monkeypatch, capsys):
@@ -247,8 +249,9 @@ def test_precise_bn_run_is_reproduced_by_val(tmp_path, monkeypatch):
     exactly as the best epoch of the log."""
     make_synthetic(tmp_path)
     monkeypatch.chdir(tmp_path)
-    train.main(train_argv("pbn", "--precise_bn", "1"))
-    scores = val.main(["--name", "pbn", "--device", "cpu", "--no_overlays"])
+    # fp32: val.py folds BatchNorm into the convs, which in bf16 moves a few pixels across the threshold
+    train.main(train_argv("pbn", "--precise_bn", "1", "--amp", "fp32"))
+    scores = val.main(["--name", "pbn", "--device", "cpu", "--no_overlays", "--amp", "fp32"])
     assert scores["iou"] == pytest.approx(pd.read_csv(tmp_path / "models" / "pbn" / "log.csv")["val_iou"].max(),
                                           abs=1e-6)
 
