@@ -10,7 +10,6 @@ is better and worse. The same for each image kind. B is "clearly better" on a sc
 bundled model) when the interval's lower end is above 0. Differences are paired by img_id, so the order of the
 rows does not matter.
 """
-import argparse
 import os
 import sys
 
@@ -20,7 +19,7 @@ sys.path.insert(0, REPO)
 import numpy as np  # noqa: E402  (after the path set-up above)
 import pandas as pd  # noqa: E402
 
-from utils import UsageError, run_cli  # noqa: E402
+from utils import ArgumentParser, UsageError, run_cli  # noqa: E402
 
 SCORES = ("iou", "dice", "dsb")
 
@@ -29,7 +28,7 @@ def read_scores(path):
     """val.py's scores.csv as a DataFrame indexed by img_id; a missing file or one without img_id is a UsageError."""
     if not os.path.isfile(path):
         raise UsageError(f"{path}: no such file; run val.py first (it writes <output>/scores.csv)")
-    table = pd.read_csv(path)
+    table = pd.read_csv(path, dtype={"img_id": str})
     if "img_id" not in table.columns:
         raise UsageError(f"{path} has no img_id column; give a scores.csv written by val.py")
     return table.set_index("img_id")
@@ -75,8 +74,9 @@ def compare(a, b, groups=None):
 
 
 def main(argv):
-    p = argparse.ArgumentParser(description="Paired comparison of two val.py scores.csv files (B against A), with "
-                                            "95 % bootstrap intervals; B is clearly better where ci_low > 0.")
+    p = ArgumentParser(prog="compare_scores.py",
+                       description="Paired comparison of two val.py scores.csv files (B against A), with 95 % "
+                                   "bootstrap intervals; B is clearly better where ci_low > 0.")
     p.add_argument("a", help="scores.csv of model A (the one in use)")
     p.add_argument("b", help="scores.csv of model B (the candidate)")
     args = p.parse_args(argv)
