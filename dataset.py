@@ -31,27 +31,12 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 import distributed
-from image_files import decode_image, image_to_float, read_label_image, read_mask
+from image_files import decode_image, image_to_float, normalize, read_label_image, read_mask
 from instances import touching_borders
 from utils import DataError, UsageError
-
-NORM_MEAN = 0.5
-NORM_STD = 0.25
-
-
-def normalize(x):
-    """Image values in [0, 1] (numpy or torch, any shape) -> what the network sees, ``(x - 0.5) / 0.25``."""
-    return (x - NORM_MEAN) / NORM_STD
-
-
-def denormalize(x):
-    """The inverse of :func:`normalize`: network input values -> image values in [0, 1] (not clipped)."""
-    return x * NORM_STD + NORM_MEAN
-
 
 # ----------------------------------------------------------------------------------------- listing a dataset
 
@@ -318,19 +303,6 @@ def reading_of(cfg):
 # ---------------------------------------------------------------------------------------------------- splits
 
 SPLITS = ("train", "val", "test")
-
-
-def make_split(ids, val_size=0.2, test_size=0.0, random_state=41):
-    """Split sorted ids into train/val(/test) the way the seed did: train_test_split(random_state=41).
-
-    With test_size 0 this is exactly the seed's 80/20 split. With a test part, the test ids are drawn first
-    and the validation ids from the rest. Returns a DataFrame with columns img_id, split.
-    """
-    ids = sorted(ids)
-    rest, test = (ids, []) if test_size == 0 else train_test_split(ids, test_size=test_size, random_state=random_state)
-    train, val = train_test_split(rest, test_size=val_size / (1 - test_size), random_state=random_state)
-    rows = [(i, "train") for i in train] + [(i, "val") for i in val] + [(i, "test") for i in test]
-    return pd.DataFrame(rows, columns=["img_id", "split"])
 
 
 def read_split(path):

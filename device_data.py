@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dataset import image_to_float, normalize
+from image_files import image_to_float, normalize
 
 GREY = (0.299, 0.587, 0.114)  # OpenCV's RGB -> grey weights, which albumentations' contrast and saturation use
 COLOUR_P, JITTER = 0.8, 0.2

@@ -12,8 +12,8 @@ import pandas as pd
 import torch
 
 from config import INPUTS_DIR, saved_run_dir
-from dataset import MODALITIES, denormalize, list_ids, read_split, split_ids
-from image_files import read_labels
+from dataset import MODALITIES, list_ids, read_split, split_ids
+from image_files import denormalize, read_labels
 from metrics import dsb_scores, per_image_scores
 from utils import UsageError, atomic_imwrite, atomic_write
 from visualize import overlay_panel, to_bgr, write_summary

@@ -4,7 +4,8 @@ Images may be grey, RGB, RGBA (alpha is dropped) or 16-bit. 8-bit images are div
 images are scaled to [0, 1] by their own minimum and maximum, because microscopes rarely use the whole 16-bit
 range; a run trained with ``--normalization percentile`` stretches every image by its own percentiles instead.
 Masks hold 0/255 or 0/1 and become {0, 1}; label images hold one integer per nucleus, 0 = background. Every
-unreadable or inconsistent file is a DataError naming it.
+unreadable or inconsistent file is a DataError naming it. The network then sees ``(x - 0.5) / 0.25`` of those
+[0, 1] values (:func:`normalize`), in training and at prediction alike.
 """
 import os
 
@@ -17,6 +18,8 @@ from utils import DataError
 TIFF_EXTS = (".tif", ".tiff")
 NORMALIZATIONS = ("fixed", "percentile")  # train.py --normalization
 PERCENTILES = (1.0, 99.8)  # CSBDeep's and StarDist's default normalize(x, 1, 99.8)
+NORM_MEAN = 0.5
+NORM_STD = 0.25
 
 
 def _imread(path, flags, what):
@@ -108,6 +111,16 @@ def image_to_float(img, input_channels, normalization="fixed"):
     if input_channels == 1:
         return cv2.cvtColor(out, cv2.COLOR_RGB2GRAY)[:, :, None]
     raise DataError(f"an image has {channels} channels but --input_channels is {input_channels}")
+
+
+def normalize(x):
+    """Image values in [0, 1] (numpy or torch, any shape) -> what the network sees, ``(x - 0.5) / 0.25``."""
+    return (x - NORM_MEAN) / NORM_STD
+
+
+def denormalize(x):
+    """The inverse of :func:`normalize`: network input values -> image values in [0, 1] (not clipped)."""
+    return x * NORM_STD + NORM_MEAN
 
 
 def stretch_percentiles(x, low=PERCENTILES[0], high=PERCENTILES[1]):

@@ -14,9 +14,8 @@ import numpy as np
 import torch
 
 from config import output_channels
-from dataset import normalize
 from engine import Precision, forward
-from image_files import decode_image, image_to_float
+from image_files import decode_image, image_to_float, normalize
 
 
 def blend_weights(height, width, overlap):

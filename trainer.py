@@ -12,13 +12,14 @@ import time
 import numpy as np
 import pandas as pd
 import torch
+from sklearn.model_selection import train_test_split
 
 import distributed
 from archs import build_model
 from checkpoints import atomic_torch_save, load_init_weights, load_training_state, save_training_state
 from config import INPUTS_DIR, output_channels, run_dir, save_run_config
 from dataset import (MODALITIES, Dataset, EpochSampler, WeightedDistributedSampler, balance_weights, decode_image,
-                     eval_loader, find_layout, list_ids, make_split, read_split, reading_of, split_ids,
+                     eval_loader, find_layout, list_ids, read_split, reading_of, split_ids,
                      train_transform)
 from device_data import BatchAugment, DeviceImages, DeviceLoader
 from engine import (NonFiniteLoss, Precision, choose_device, evaluate, recalibrate_batchnorm, seed_everything,
@@ -290,9 +291,22 @@ def dataset_folder(dataset, main):
     return path
 
 
+def make_split(ids, val_size=0.2, test_size=0.0, random_state=41):
+    """Split sorted ids into train/val(/test) the way the seed did: train_test_split(random_state=41).
+
+    With test_size 0 this is exactly the seed's 80/20 split. With a test part, the test ids are drawn first
+    and the validation ids from the rest. Returns a DataFrame with columns img_id, split (dataset.SPLITS).
+    """
+    ids = sorted(ids)
+    rest, test = (ids, []) if test_size == 0 else train_test_split(ids, test_size=test_size, random_state=random_state)
+    train, val = train_test_split(rest, test_size=val_size / (1 - test_size), random_state=random_state)
+    rows = [(i, "train") for i in train] + [(i, "val") for i in val] + [(i, "test") for i in test]
+    return pd.DataFrame(rows, columns=["img_id", "split"])
+
+
 def load_or_make_split(path, dataset_dir, ids, resume, val_size, test_size, split_seed, split_file=None):
     """The run's split: its split.csv at ``path`` when resuming, else the given ``split_file`` (--split_file), else
-    a new dataset.make_split of ``ids`` (the samples of ``dataset_dir``)."""
+    a new :func:`make_split` of ``ids`` (the samples of ``dataset_dir``)."""
     if resume and os.path.isfile(path):
         return checked_split(read_split(path), path, dataset_dir, ids)
     if split_file:

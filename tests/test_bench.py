@@ -102,6 +102,15 @@ def test_kernel_time_rows(tmp_path):
         assert row["images_per_s"] > 0 and row["minor_faults"] >= 0 and row["sys_s"] >= 0
 
 
+def test_fold_bn_times_both_networks_and_they_agree(tmp_path):
+    summary = run_script("fold_bn.py", ["--arch", "NestedUNet", "--deep_supervision", "--height", "36", "--width",
+                                        "44", "--amp", "fp32", "--device", "cpu", "--pairs", "2"], tmp_path)
+    assert summary["bench"] == "fold_bn" and summary["precision"].startswith("fp32") and summary["pairs"] == 2
+    assert set(summary["seconds_per_image"]) == {"unfolded", "folded"} and summary["speedup"] > 0
+    assert summary["max_logit_difference"] < 1e-4  # in fp32 folding changes only the rounding
+    assert os.listdir(tmp_path) == []
+
+
 def test_group_split_holds_out_whole_groups():
     groups = ["a"] * 50 + ["b"] * 12 + ["c"] * 9 + ["d"] * 8 + ["e"] * 6 + ["f"] * 15
     ids = [f"id{i:03d}" for i in range(len(groups))]

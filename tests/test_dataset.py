@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import make_layout, make_synthetic, write_image
-from dataset import (MODALITIES, NORM_MEAN, NORM_STD, Dataset, WeightedDistributedSampler, balance_weights,
-                     decode_image, eval_transform, image_modality, image_to_float, list_ids, read_mask,
-                     train_transform)
+from dataset import (MODALITIES, Dataset, WeightedDistributedSampler, balance_weights, decode_image, eval_transform,
+                     image_modality, image_to_float, list_ids, read_mask, train_transform)
+from image_files import NORM_MEAN, NORM_STD
 from utils import DataError, UsageError
 
 IDS = ["a", "b", "c"]

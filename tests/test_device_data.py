@@ -4,6 +4,7 @@ import numpy as np
 import torch
 
 import dataset
+import image_files
 from config import parse_train_args
 from conftest import make_synthetic, train_argv
 from device_data import BatchAugment, DeviceImages, DeviceLoader, colour_jitter, d4, shift_hue
@@ -23,7 +24,7 @@ def ours(images, masks, augment, n=N, seed=0):
     """n augmentations of sample 0 of (images, masks): float images [n, C, h, w] in [0, 1], masks [n, K, h, w]."""
     data = DeviceImages(list(zip(images, masks)), images[0].shape[2], torch.device("cpu"))
     out, hard = augment(data, [0] * n, torch.Generator().manual_seed(seed))
-    return out * dataset.NORM_STD + dataset.NORM_MEAN, hard
+    return out * image_files.NORM_STD + image_files.NORM_MEAN, hard
 
 
 def theirs(image, mask, transform, n):
@@ -183,7 +184,7 @@ def test_mixed_sizes_and_16_bit_images_are_resized_and_scaled():
     images, hard = BatchAugment(32, 32, color_jitter=False)(data, [0, 1, 0], torch.Generator().manual_seed(0))
     assert images.shape == (3, 3, 32, 32) and hard.shape == (3, 1, 32, 32)
     assert hard[0].min() == 1 and hard[1].max() == 0
-    unit = images * dataset.NORM_STD + dataset.NORM_MEAN
+    unit = images * image_files.NORM_STD + image_files.NORM_MEAN
     assert unit.min() >= 0 and unit.max() <= 1 and unit[0].max() > 0.95  # min-max scaled, as in training
 
 
