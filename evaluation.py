@@ -6,6 +6,7 @@ Scores are those of engine.evaluate (one step function for every loop); this mod
 files and table rows.
 """
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
@@ -55,38 +56,71 @@ class ImageWriter:
     classes: the mask classes K (a channel after them is the learned border map); kinds: {img_id: image kind};
     labels: {img_id: label image path} of the images with instance labels, scored by each of ``methods``
     (instances.split_instances with ``filters``), the first one also in the row.
+
+    The per-image work (instance separation, PNG encoding) waits until about ``buffer_mb`` MB of predictions
+    have come, then runs in ``workers`` threads (default: one per CPU) while the network waits; OpenCV, NumPy,
+    SciPy and scikit-image release the GIL in it. Run beside the network instead, the two only compete for the
+    cores. Rows keep the order of the images. Use it as a context manager, so that an error or Ctrl-C stops the
+    threads.
     """
 
-    def __init__(self, out_dir, classes, kinds, labels, methods, filters, overlays=True):
+    def __init__(self, out_dir, classes, kinds, labels, methods, filters, overlays=True, workers=None,
+                 buffer_mb=256):
         self.out_dir, self.classes, self.kinds, self.labels = out_dir, classes, kinds, labels
         self.methods, self.filters, self.overlays = methods, filters, overlays
         self.rows, self.dsb = [], {m: [] for m in methods}
+        self.pool = ThreadPoolExecutor(workers or os.cpu_count() or 1)
+        self.waiting, self.waiting_bytes, self.buffer_bytes = [], 0, buffer_mb * 2 ** 20
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.pool.shutdown(cancel_futures=True)
 
     def __call__(self, meta, images, logits, masks):
         """images [B, C, H, W] normalised, logits [B, K(+1), H, W], masks [B, K(+1), H, W] in {0, 1}."""
         k = self.classes
         probs = torch.sigmoid(logits).cpu().numpy()
         ious, dices = (s.cpu().numpy() for s in per_image_scores(logits[:, :k], masks[:, :k]))
+        images = images.float().cpu().numpy().transpose(0, 2, 3, 1) if self.overlays else [None] * len(probs)
+        truths = masks[:, 0].cpu().numpy() > 0
         for i, img_id in enumerate(meta["img_id"]):
-            for c in range(probs.shape[1]):
-                atomic_imwrite(os.path.join(self.out_dir, str(c) if c < k else "borders", img_id + ".png"),
-                               np.round(probs[i, c] * 255).astype(np.uint8))
-            row = {"img_id": img_id, "iou": float(ious[i]), "dice": float(dices[i]), "kind": self.kinds[img_id]}
-            if img_id in self.labels:  # DSB2018 instance score at the evaluated size
-                truth = read_labels(self.labels[img_id], probs.shape[2:])
-                border = probs[i, k] if probs.shape[1] > k else None
-                for method, score in dsb_scores(probs[i, 0], truth, self.methods, border=border,
-                                                **self.filters).items():
-                    self.dsb[method].append(score)
-                row["dsb"] = self.dsb[self.methods[0]][-1]
+            self.waiting.append((img_id, probs[i], images[i], truths[i], float(ious[i]), float(dices[i])))
+            self.waiting_bytes += probs[i].nbytes + truths[i].nbytes + (images[i].nbytes if self.overlays else 0)
+        if self.waiting_bytes >= self.buffer_bytes:
+            self._write_waiting()
+
+    def _write_image(self, img_id, prob, image, truth, iou, dice):
+        """One image's files and (row, {method: DSB2018 score}); prob float [K(+1), H, W] in [0, 1], image
+        normalised [H, W, C] (None without overlays), truth bool [H, W] (class 0)."""
+        k = self.classes
+        for c in range(prob.shape[0]):
+            atomic_imwrite(os.path.join(self.out_dir, str(c) if c < k else "borders", img_id + ".png"),
+                           np.round(prob[c] * 255).astype(np.uint8))
+        row, dsb = {"img_id": img_id, "iou": iou, "dice": dice, "kind": self.kinds[img_id]}, {}
+        if img_id in self.labels:  # DSB2018 instance score at the evaluated size
+            truth_labels = read_labels(self.labels[img_id], prob.shape[1:])
+            border = prob[k] if prob.shape[0] > k else None
+            dsb = dsb_scores(prob[0], truth_labels, self.methods, border=border, **self.filters)
+            row["dsb"] = dsb[self.methods[0]]
+        if image is not None:
+            atomic_imwrite(os.path.join(self.out_dir, "overlays", img_id + ".png"),
+                           overlay_panel(to_bgr(denormalize(image)), truth, prob[0]))
+        return row, dsb
+
+    def _write_waiting(self):
+        """Write the waiting images in the threads and keep their rows and scores, in order."""
+        for row, dsb in self.pool.map(lambda job: self._write_image(*job), self.waiting):
             self.rows.append(row)
-            if self.overlays:
-                image = to_bgr(denormalize(images[i].float().cpu().numpy().transpose(1, 2, 0)))
-                atomic_imwrite(os.path.join(self.out_dir, "overlays", img_id + ".png"),
-                               overlay_panel(image, masks[i, 0].cpu().numpy() > 0, probs[i, 0]))
+            for method, score in dsb.items():
+                self.dsb[method].append(score)
+        self.waiting, self.waiting_bytes = [], 0
 
     def write_table(self):
-        """Write scores.csv (worst IoU first) and, with overlays, summary.png; returns the table."""
+        """Wait for the images still being written, then write scores.csv (worst IoU first) and, with overlays,
+        summary.png; returns the table."""
+        self._write_waiting()
         table = pd.DataFrame(self.rows).sort_values("iou", kind="stable").reset_index(drop=True)
         with atomic_write(os.path.join(self.out_dir, "scores.csv")) as f:
             table.to_csv(f, index=False, float_format="%.6f")

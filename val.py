@@ -71,13 +71,13 @@ def main(argv):
     out_dir = args.output or os.path.join("outputs", args.name if args.dataset is None else
                                           f"{args.name}_on_{os.path.basename(os.path.normpath(args.dataset))}")
     labels = {i: data.layout.labels(i) for i in ids if data.layout.labels(i) is not None}
-    writer = ImageWriter(out_dir, cfg.num_classes, dict(zip(data.img_ids, data.modalities())), labels,
-                         separation_order(separation, cfg.borders), filters, overlays=not args.no_overlays)
     precision = Precision.choose(device, args.amp)
     criterion = build_loss(cfg.loss, border_after=cfg.num_classes if cfg.borders else None)
-    scores = evaluate(precision.prepare(model), loader, criterion, precision, desc="eval", prune=args.prune,
-                      tta=args.tta, on_batch=writer, classes=cfg.num_classes)
-    table = writer.write_table()
+    with ImageWriter(out_dir, cfg.num_classes, dict(zip(data.img_ids, data.modalities())), labels,
+                     separation_order(separation, cfg.borders), filters, overlays=not args.no_overlays) as writer:
+        scores = evaluate(precision.prepare(model), loader, criterion, precision, desc="eval", prune=args.prune,
+                          tta=args.tta, on_batch=writer, classes=cfg.num_classes)
+        table = writer.write_table()
     dsb = writer.dsb_means()
     title = f"{args.name} ({part}, {len(ids)} images, {precision.describe()}" + (", flip TTA" if args.tta else "") + \
         (f", pruned at L={args.prune}" if args.prune else "") + ")"

@@ -1,0 +1,56 @@
+"""evaluation.ImageWriter: the per-image work done in threads, in batches of waiting images, gives the rows,
+scores and files of one image at a time."""
+import os
+
+import numpy as np
+import torch
+from conftest import write_image
+
+from evaluation import ImageWriter
+from image_files import read_label_image
+from metrics import dsb_scores
+
+
+def _batches(folder, rng, num_batches=3, batch=2, size=24):
+    """Random logits and images, masks and label files of blobs: [(meta, images, logits, masks)] and the label
+    paths {img_id: path}."""
+    batches, labels = [], {}
+    for b in range(num_batches):
+        ids = [f"img{b}{i}" for i in range(batch)]
+        truth = np.zeros((batch, size, size), np.uint16)
+        for i, img_id in enumerate(ids):
+            for n, (y, x) in enumerate(rng.integers(2, size - 6, (3, 2))):
+                truth[i, y:y + 5, x:x + 5] = n + 1
+            labels[img_id] = write_image(os.path.join(folder, "labels", img_id + ".png"), truth[i])
+        masks = torch.from_numpy(truth[:, None] > 0).float()
+        logits = torch.from_numpy(4 * masks.numpy() - 2 + rng.normal(0, 1.5, masks.shape).astype(np.float32))
+        images = torch.from_numpy(rng.normal(0, 1, (batch, 3, size, size)).astype(np.float32))
+        batches.append(({"img_id": ids}, images, logits, masks))
+    return batches, labels
+
+
+def _write(out_dir, batches, labels, **kwargs):
+    kinds = {i: "fluorescence" for meta, *_ in batches for i in meta["img_id"]}
+    with ImageWriter(str(out_dir), 1, kinds, labels, ["watershed", "cc"], {"min_size": 3, "min_confidence": 0.5},
+                     **kwargs) as writer:
+        for batch in batches:
+            writer(*batch)
+        return writer.write_table(), writer.dsb_means()
+
+
+def test_threads_and_waiting_give_what_one_image_at_a_time_gives(tmp_path):
+    batches, labels = _batches(tmp_path, np.random.default_rng(0))
+    one, one_dsb = _write(tmp_path / "one", batches, labels, workers=1, buffer_mb=0)
+    many, many_dsb = _write(tmp_path / "many", batches, labels, workers=2, buffer_mb=1)
+    assert one.equals(many) and one_dsb == many_dsb
+    assert len(one) == 6 and one["dsb"].notna().all()
+    for name in ("0", "overlays"):
+        for img_id in one["img_id"]:
+            a, b = (open(os.path.join(tmp_path, run, name, img_id + ".png"), "rb").read() for run in ("one", "many"))
+            assert a == b, f"{name}/{img_id}.png differs"
+    # the scores are those of each image on its own
+    meta, _, logits, _ = batches[1]
+    expected = dsb_scores(torch.sigmoid(logits[1, 0]).numpy(), read_label_image(labels[meta["img_id"][1]]),
+                          ["watershed", "cc"], min_size=3, min_confidence=0.5)
+    assert one.set_index("img_id")["dsb"][meta["img_id"][1]] == expected["watershed"]
+
