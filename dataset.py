@@ -23,6 +23,7 @@ network then sees ``(x - 0.5) / 0.25`` (:func:`normalize`), applied once. Resizi
 images and nearest for masks, so targets stay hard.
 """
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations' import otherwise calls the network
 
@@ -261,10 +262,12 @@ class Dataset(torch.utils.data.Dataset):
         return labels
 
     def modalities(self):
-        """:func:`image_modality` of every sample, in order (from the cache, else decoding only the images)."""
+        """:func:`image_modality` of every sample, in order (from the cache, else decoding only the images, in one
+        thread per CPU: OpenCV and NumPy release the GIL)."""
         if self.cached is not None:
             return [image_modality(img) for img, _ in self.cached]
-        return [image_modality(decode_image(self.layout.image(i))) for i in self.img_ids]
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            return list(pool.map(lambda i: image_modality(decode_image(self.layout.image(i))), self.img_ids))
 
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (0, key)
