@@ -6,7 +6,6 @@ Scores are those of engine.evaluate (one step function for every loop); this mod
 files and table rows.
 """
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
@@ -16,7 +15,7 @@ from config import INPUTS_DIR, saved_run_dir
 from dataset import MODALITIES, list_ids, read_split, split_ids
 from image_files import denormalize, read_labels
 from metrics import dsb_scores, per_image_scores
-from utils import UsageError, atomic_imwrite, atomic_write
+from utils import BatchedThreads, UsageError, atomic_imwrite, atomic_write
 from visualize import overlay_panel, to_bgr, write_summary
 
 # what val.py prints for each separation (instances.SEPARATIONS), in the order the DSB2018 scores follow the chosen one
@@ -57,11 +56,9 @@ class ImageWriter:
     labels: {img_id: label image path} of the images with instance labels, scored by each of ``methods``
     (instances.split_instances with ``filters``), the first one also in the row.
 
-    The per-image work (instance separation, PNG encoding) waits until about ``buffer_mb`` MB of predictions
-    have come, then runs in ``workers`` threads (default: one per CPU) while the network waits; OpenCV, NumPy,
-    SciPy and scikit-image release the GIL in it. Run beside the network instead, the two only compete for the
-    cores. Rows keep the order of the images. Use it as a context manager, so that an error or Ctrl-C stops the
-    threads.
+    The per-image work (instance separation, PNG encoding) runs in threads after every ``buffer_mb`` MB of
+    predictions (utils.BatchedThreads, ``workers`` threads); rows keep the order of the images. Use it as a context
+    manager, so that an error or Ctrl-C stops the threads.
     """
 
     def __init__(self, out_dir, classes, kinds, labels, methods, filters, overlays=True, workers=None,
@@ -69,14 +66,13 @@ class ImageWriter:
         self.out_dir, self.classes, self.kinds, self.labels = out_dir, classes, kinds, labels
         self.methods, self.filters, self.overlays = methods, filters, overlays
         self.rows, self.dsb = [], {m: [] for m in methods}
-        self.pool = ThreadPoolExecutor(workers or os.cpu_count() or 1)
-        self.waiting, self.waiting_bytes, self.buffer_bytes = [], 0, buffer_mb * 2 ** 20
+        self.jobs = BatchedThreads(self._keep, buffer_mb, workers)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self.pool.shutdown(cancel_futures=True)
+        self.jobs.close()
 
     def __call__(self, meta, images, logits, masks):
         """images [B, C, H, W] normalised, logits [B, K(+1), H, W], masks [B, K(+1), H, W] in {0, 1}."""
@@ -86,10 +82,9 @@ class ImageWriter:
         images = images.float().cpu().numpy().transpose(0, 2, 3, 1) if self.overlays else [None] * len(probs)
         truths = masks[:, 0].cpu().numpy() > 0
         for i, img_id in enumerate(meta["img_id"]):
-            self.waiting.append((img_id, probs[i], images[i], truths[i], float(ious[i]), float(dices[i])))
-            self.waiting_bytes += probs[i].nbytes + truths[i].nbytes + (images[i].nbytes if self.overlays else 0)
-        if self.waiting_bytes >= self.buffer_bytes:
-            self._write_waiting()
+            self.jobs.submit(self._write_image, img_id, probs[i], images[i], truths[i], float(ious[i]),
+                             float(dices[i]), nbytes=probs[i].nbytes + truths[i].nbytes +
+                             (images[i].nbytes if self.overlays else 0))
 
     def _write_image(self, img_id, prob, image, truth, iou, dice):
         """One image's files and (row, {method: DSB2018 score}); prob float [K(+1), H, W] in [0, 1], image
@@ -109,18 +104,17 @@ class ImageWriter:
                            overlay_panel(to_bgr(denormalize(image)), truth, prob[0]))
         return row, dsb
 
-    def _write_waiting(self):
-        """Write the waiting images in the threads and keep their rows and scores, in order."""
-        for row, dsb in self.pool.map(lambda job: self._write_image(*job), self.waiting):
-            self.rows.append(row)
-            for method, score in dsb.items():
-                self.dsb[method].append(score)
-        self.waiting, self.waiting_bytes = [], 0
+    def _keep(self, result):
+        """Keep an image's row and scores: ``result`` = (row, {method: DSB2018 score})."""
+        row, dsb = result
+        self.rows.append(row)
+        for method, score in dsb.items():
+            self.dsb[method].append(score)
 
     def write_table(self):
         """Wait for the images still being written, then write scores.csv (worst IoU first) and, with overlays,
         summary.png; returns the table."""
-        self._write_waiting()
+        self.jobs.flush()
         table = pd.DataFrame(self.rows).sort_values("iou", kind="stable").reset_index(drop=True)
         with atomic_write(os.path.join(self.out_dir, "scores.csv")) as f:
             table.to_csv(f, index=False, float_format="%.6f")

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from config import add_amp_arg, add_device_arg, add_separation_args, choose_separation, object_filters
 from instances import split_instances
-from utils import ArgumentParser, DataError, UsageError, atomic_imwrite, atomic_write, run_cli
+from utils import ArgumentParser, BatchedThreads, DataError, UsageError, atomic_imwrite, atomic_write, run_cli
 from visualize import draw_outlines, to_bgr
 
 IMAGE_EXTS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
@@ -156,27 +156,37 @@ def write_instances(out_dir, img_id, prob, num_classes, threshold, separation, f
     return labels
 
 
+def write_outputs(out_dir, img_id, image, prob, num_classes, threshold, save_prob, separation, filters, overlay):
+    """One image's files (see :func:`predict_all`): image as read [H, W, C], prob float32 [K(+1), H, W] in [0, 1].
+    Returns (foreground fraction of class 0, its objects table or None, pixels)."""
+    masks = write_masks(out_dir, img_id, prob, num_classes, threshold, save_prob)
+    labels = table = None
+    if separation:
+        labels = write_instances(out_dir, img_id, prob, num_classes, threshold, separation, filters)
+        table = object_rows(img_id, labels)
+    if overlay:
+        atomic_imwrite(os.path.join(out_dir, f"{img_id}_overlay.png"), draw_outlines(to_bgr(image), masks[0],
+                                                                                   labels=labels))
+    return float(masks[0].mean()), table, image.shape[0] * image.shape[1]
+
+
 def predict_all(predictor, files, ids, out_dir, num_classes, threshold, save_prob=False,
                 separation=None, filters=None, overlay=False):
     """Predict every file into ``out_dir``: the masks (and probabilities with ``save_prob``), the nuclei when a
-    ``separation`` is given (with ``filters``), the outlines with ``overlay``. Returns (mean foreground fraction,
-    objects table or None, megapixels)."""
-    fractions, tables, pixels = [], [], 0
-    for path, img_id in zip(tqdm(files, desc="predict", unit="img", dynamic_ncols=True), ids):
-        image = predictor.read_image(path)
-        prob = predictor.predict(image)
-        masks = write_masks(out_dir, img_id, prob, num_classes, threshold, save_prob)
-        labels = None
-        if separation:
-            labels = write_instances(out_dir, img_id, prob, num_classes, threshold, separation, filters)
-            tables.append(object_rows(img_id, labels))
-        if overlay:
-            atomic_imwrite(os.path.join(out_dir, f"{img_id}_overlay.png"),
-                           draw_outlines(to_bgr(image), masks[0], labels=labels))
-        fractions.append(float(masks[0].mean()))
-        pixels += image.shape[0] * image.shape[1]
-    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=OBJECT_COLUMNS)
-    return float(np.mean(fractions)), table if separation else None, pixels / 1e6
+    ``separation`` is given (with ``filters``), the outlines with ``overlay``. The files are written in threads
+    after every 256 MB of predictions (utils.BatchedThreads). Returns (mean foreground fraction, objects table or
+    None, megapixels)."""
+    results = []
+    with BatchedThreads(results.append) as jobs:
+        for path, img_id in zip(tqdm(files, desc="predict", unit="img", dynamic_ncols=True), ids):
+            image = predictor.read_image(path)
+            prob = predictor.predict(image)
+            jobs.submit(write_outputs, out_dir, img_id, image, prob, num_classes, threshold, save_prob, separation,
+                        filters, overlay, nbytes=image.nbytes + prob.nbytes)
+        jobs.flush()
+    fractions, tables, pixels = zip(*results)
+    table = pd.concat(tables, ignore_index=True) if separation else None
+    return float(np.mean(fractions)), table, sum(pixels) / 1e6
 
 
 def main(argv):

@@ -11,6 +11,7 @@ import re
 import shutil
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import cv2
@@ -224,6 +225,46 @@ def atomic_imwrite(path, image):
         raise DataError(f"could not encode an image for {path}")
     with atomic_write(path, "wb") as f:
         f.write(buf.tobytes())
+
+
+class BatchedThreads:
+    """Run ``fn(*args)`` jobs in one thread per CPU (or ``workers``), a batch at a time, and hand each result to
+    ``on_result`` in the order the jobs were submitted.
+
+    Jobs wait until the waiting ones hold ``buffer_mb`` MB (``nbytes`` each, as the caller counts them) or until
+    :meth:`flush`; then they all run while the caller waits. Meant for per-image work in libraries that release
+    the GIL (OpenCV, NumPy, SciPy, scikit-image) after a network that already uses every core: run beside it, the
+    threads only compete with it for the cores. A context manager: leaving it stops the threads and drops the
+    jobs not yet run.
+    """
+
+    def __init__(self, on_result, buffer_mb=256, workers=None):
+        self.on_result = on_result
+        self.pool = ThreadPoolExecutor(workers or os.cpu_count() or 1)
+        self.waiting, self.waiting_bytes, self.buffer_bytes = [], 0, buffer_mb * 2 ** 20
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        """Stop the threads; jobs not yet run are dropped."""
+        self.pool.shutdown(cancel_futures=True)
+
+    def submit(self, fn, *args, nbytes=0):
+        """Queue ``fn(*args)``; run the queue once it holds ``buffer_mb`` MB."""
+        self.waiting.append((fn, args))
+        self.waiting_bytes += nbytes
+        if self.waiting_bytes >= self.buffer_bytes:
+            self.flush()
+
+    def flush(self):
+        """Run every waiting job and pass the results to ``on_result``, in order."""
+        for result in self.pool.map(lambda job: job[0](*job[1]), self.waiting):
+            self.on_result(result)
+        self.waiting, self.waiting_bytes = [], 0
 
 
 def check_replaceable_dataset(dst, flag):

@@ -1,14 +1,17 @@
-"""evaluation.ImageWriter: the per-image work done in threads, in batches of waiting images, gives the rows,
-scores and files of one image at a time."""
+"""utils.BatchedThreads, and evaluation.ImageWriter on it: the per-image work done in threads, in batches of
+waiting images, gives the rows, scores and files of one image at a time."""
 import os
+import time
 
 import numpy as np
+import pytest
 import torch
 from conftest import write_image
 
 from evaluation import ImageWriter
 from image_files import read_label_image
 from metrics import dsb_scores
+from utils import BatchedThreads, DataError
 
 
 def _batches(folder, rng, num_batches=3, batch=2, size=24):
@@ -54,3 +57,28 @@ def test_threads_and_waiting_give_what_one_image_at_a_time_gives(tmp_path):
                           ["watershed", "cc"], min_size=3, min_confidence=0.5)
     assert one.set_index("img_id")["dsb"][meta["img_id"][1]] == expected["watershed"]
 
+
+
+def _square_slowly(x):
+    time.sleep(0.002 * (10 - x))  # the later jobs finish first
+    return x * x
+
+
+def _fail(path):
+    raise DataError(f"{path}: broken")
+
+
+def test_batched_threads_run_when_the_buffer_fills_and_keep_the_order():
+    got = []
+    with BatchedThreads(got.append, buffer_mb=1, workers=3) as jobs:
+        jobs.submit(_square_slowly, 3, nbytes=2 ** 19)
+        assert got == []  # half the buffer: the job waits
+        jobs.submit(_square_slowly, 2, nbytes=2 ** 19)
+        assert got == [9, 4]
+        for x in range(10):
+            jobs.submit(_square_slowly, x)
+        jobs.flush()
+        assert got == [9, 4] + [x * x for x in range(10)]
+        jobs.submit(_fail, "a.png")
+        with pytest.raises(DataError, match="a.png: broken"):
+            jobs.flush()
