@@ -165,8 +165,8 @@ def write_outputs(out_dir, img_id, image, prob, num_classes, threshold, save_pro
         labels = write_instances(out_dir, img_id, prob, num_classes, threshold, separation, filters)
         table = object_rows(img_id, labels)
     if overlay:
-        atomic_imwrite(os.path.join(out_dir, f"{img_id}_overlay.png"), draw_outlines(to_bgr(image), masks[0],
-                                                                                   labels=labels))
+        atomic_imwrite(os.path.join(out_dir, f"{img_id}_overlay.png"),
+                       draw_outlines(to_bgr(image), masks[0], labels=labels))
     return float(masks[0].mean()), table, image.shape[0] * image.shape[1]
 
 

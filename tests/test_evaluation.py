@@ -58,7 +58,6 @@ def test_threads_and_waiting_give_what_one_image_at_a_time_gives(tmp_path):
     assert one.set_index("img_id")["dsb"][meta["img_id"][1]] == expected["watershed"]
 
 
-
 def _square_slowly(x):
     time.sleep(0.002 * (10 - x))  # the later jobs finish first
     return x * x
