@@ -56,7 +56,7 @@ class Trainer:
         self.net = self.precision.prepare(net.to(self.device))
         self.criterion = build_loss(args.loss, border_after=args.num_classes if args.borders else None)
         self.optimizer = build_optimizer(args.optimizer, self.net.parameters(), args.lr, args.momentum, args.nesterov,
-                                         args.weight_decay, fused=self.device.type == "cuda")
+                                         args.weight_decay, fused=fused_update(args.optimizer, self.device.type))
         self.scheduler = build_scheduler(args.scheduler, self.optimizer, args.epochs, args.warmup_epochs, args.min_lr,
                                          args.factor, args.patience, args.milestone_list, args.gamma)
         self.start_epoch, self.best = 0, {"best_iou": -1.0, "best_epoch": 0, "stale_epochs": 0}
@@ -357,13 +357,24 @@ def check_crop(data, crop_size):
                              f"({h}x{w}); use a --crop_size of at most {min(h, w) // 16 * 16}")
 
 
+def fused_update(name, device_type):
+    """Whether optimizer ``name`` has the single-kernel ("fused") update on ``device_type`` ('cpu' or 'cuda'): one
+    pass over each parameter instead of one per elementwise operation. On the CPU it came with torch 2.4 (Adam,
+    AdamW and SGD), as SGD's did on CUDA; Adam's and AdamW's on CUDA are older."""
+    if device_type not in ("cpu", "cuda"):
+        return False
+    return torch.__version__ >= "2.4" or (device_type == "cuda" and name != "SGD")
+
+
 def build_optimizer(name, params, lr, momentum, nesterov, weight_decay, fused=False):
-    """``name`` (config.OPTIMIZERS) over ``params``; ``fused``: Adam/AdamW's single-kernel CUDA update."""
+    """``name`` (config.OPTIMIZERS) over ``params``; ``fused``: the single-kernel update (see :func:`fused_update`)."""
+    implementation = {"fused": True} if fused else {}  # else torch's default (torch 2.2's SGD has no fused flag)
     if name == "SGD":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                               **implementation)
     if name in ("Adam", "AdamW"):
         cls = torch.optim.Adam if name == "Adam" else torch.optim.AdamW
-        return cls(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+        return cls(params, lr=lr, weight_decay=weight_decay, **implementation)
     raise ValueError(f"name {name!r} is not one of SGD, Adam, AdamW")
 
 

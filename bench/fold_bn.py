@@ -3,20 +3,18 @@ against the same network unfolded, side by side in one process.
 
 Both copies hold the same weights and random non-trivial BatchNorm statistics. They run ``engine.step`` without
 an optimizer (val.py's evaluation step: forward and loss) on one random image, in pairs of ``--steps`` steps
-each (the order swapped every pair) after a warm-up. The script prints the median seconds per image of each, the
-speed-up as the median over the pairs of their time ratio, and the largest difference between their logits. On
-a shared CPU whose speed drifts by up to 2x within minutes, a ratio taken within each pair of neighbouring
-blocks stays steady where the ratio of two overall medians does not. By default a UNet on one 520x696 field
-(the size of most DSB2018 fluorescence images).
+each (the order swapped every pair; speed.time_in_pairs) after a warm-up. The script prints the median seconds
+per image of each, the speed-up as the median over the pairs of their time ratio, and the largest difference
+between their logits. By default a UNet on one 520x696 field (the size of most DSB2018 fluorescence images).
 
     python bench/fold_bn.py
     python bench/fold_bn.py --arch NestedUNet --deep_supervision --height 256 --width 320
 """
 import argparse
 import copy
+import functools
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -28,7 +26,7 @@ import torch  # noqa: E402
 from archs import build_model, fold_batchnorm  # noqa: E402
 from engine import Precision, choose_device, forward, step  # noqa: E402
 from losses import build_loss  # noqa: E402
-from speed import cpu_name  # noqa: E402
+from speed import cpu_name, time_in_pairs  # noqa: E402
 from utils import keep_freed_memory  # noqa: E402
 
 
@@ -80,18 +78,14 @@ def main(argv=None):
     criterion = build_loss("BCEDiceLoss")
     images, masks = precision.to_device(torch.rand(1, 3, args.height, args.width),
                                         (torch.rand(1, 1, args.height, args.width) > 0.5).float())
-    times = {name: [] for name in networks}
     with torch.inference_mode():
         with precision.autocast():
             logits = {name: forward(model, images) for name, model in networks.items()}
         difference = max((a.float() - b.float()).abs().max().item() for a, b in
                          zip(*(out if isinstance(out, list) else [out] for out in logits.values())))
-        for pair in range(args.pairs):
-            for name in (("unfolded", "folded") if pair % 2 == 0 else ("folded", "unfolded")):
-                times[name].append(seconds_per_image(networks[name], images, masks, criterion, precision,
-                                                     args.steps))
-    median = {name: statistics.median(values) for name, values in times.items()}
-    speedup = statistics.median(a / b for a, b in zip(times["unfolded"], times["folded"]))
+        median, speedup = time_in_pairs(
+            {name: functools.partial(seconds_per_image, model, images, masks, criterion, precision, args.steps)
+             for name, model in networks.items()}, args.pairs)
     arch = args.arch + (" + DS" if args.deep_supervision else "")
     print(f"{arch}, {args.height}x{args.width}, {precision.describe().split(';')[0]} on {device}: "
           f"unfolded {median['unfolded'] * 1e3:.0f} ms/image, folded {median['folded'] * 1e3:.0f} ms/image, "

@@ -276,6 +276,21 @@ def device_list(requested):
     return [requested]
 
 
+def time_in_pairs(runs, pairs):
+    """Time each of two ``runs`` ({name: function -> seconds}) ``pairs`` times, in turn, the order swapped every
+    pair. Returns ({name: median seconds}, the median over the pairs of first / second). On a shared CPU whose
+    speed drifts by up to 2x within minutes, a ratio taken within each pair of neighbouring runs stays steady
+    where the ratio of two overall medians does not."""
+    (first, run_first), (second, run_second) = runs.items()
+    times = {first: [], second: []}
+    for pair in range(pairs):
+        order = ((first, run_first), (second, run_second))
+        for name, run in (order if pair % 2 == 0 else order[::-1]):
+            times[name].append(run())
+    ratio = statistics.median(a / b for a, b in zip(times[first], times[second]))
+    return {name: statistics.median(values) for name, values in times.items()}, ratio
+
+
 def cpu_name():
     try:
         with open("/proc/cpuinfo") as f:

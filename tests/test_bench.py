@@ -111,6 +111,14 @@ def test_fold_bn_times_both_networks_and_they_agree(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_fused_optimizer_times_both_updates(tmp_path):
+    summary = run_script("fused_optimizer.py", ["--arch", "UNet", "--batch_size", "2", "--size", "32", "--amp", "fp32",
+                                                "--device", "cpu", "--pairs", "2", "--steps", "1"], tmp_path)
+    assert summary["bench"] == "fused_optimizer" and summary["optimizer"] == "AdamW" and summary["pairs"] == 2
+    assert set(summary["images_per_s"]) == {"default", "fused"} and summary["speedup"] > 0
+    assert os.listdir(tmp_path) == []
+
+
 def test_group_split_holds_out_whole_groups():
     groups = ["a"] * 50 + ["b"] * 12 + ["c"] * 9 + ["d"] * 8 + ["e"] * 6 + ["f"] * 15
     ids = [f"id{i:03d}" for i in range(len(groups))]

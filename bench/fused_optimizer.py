@@ -1,0 +1,95 @@
+"""The training step with the optimizer's single-kernel ("fused") update (trainer.fused_update, what train.py
+uses wherever torch has it) against torch's default per-tensor update, side by side in one process.
+
+Two copies of the same network, each with its own optimizer (``--optimizer``, the recipes' AdamW by default),
+run ``engine.step`` with the update on one random batch, in pairs of ``--steps`` steps each (the order swapped
+every pair; speed.time_in_pairs) after a warm-up step each. The script prints the median images/s of each and
+the speed-up as the median over the pairs of their time ratio. By default a NestedUNet with deep supervision,
+batch 16 at 96x96: the 96x96 recipes' step, where the update is a larger share than at full size.
+
+    python bench/fused_optimizer.py
+    python bench/fused_optimizer.py --arch UNet --optimizer SGD
+"""
+import argparse
+import copy
+import functools
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from archs import build_model  # noqa: E402
+from engine import Precision, choose_device, step  # noqa: E402
+from losses import build_loss  # noqa: E402
+from speed import cpu_name, time_in_pairs  # noqa: E402
+from trainer import build_optimizer, fused_update  # noqa: E402
+from utils import keep_freed_memory  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--arch", default="NestedUNet", choices=["UNet", "NestedUNet"])
+    p.add_argument("--deep_supervision", type=int, default=1, choices=[0, 1], help="NestedUNet's deep supervision")
+    p.add_argument("--optimizer", default="AdamW", choices=["Adam", "AdamW", "SGD"])
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--size", type=int, default=96, help="image height and width")
+    p.add_argument("--amp", default="auto", help="--amp as in train.py: auto, bf16, fp32 (fp16 on CUDA)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--pairs", type=int, default=10, help="timed pairs of blocks")
+    p.add_argument("--steps", type=int, default=3, help="training steps per block")
+    return p.parse_args(argv)
+
+
+def seconds_per_image(model, optimizer, images, masks, criterion, precision, steps):
+    """Wall seconds of one training step (``engine.step`` with ``optimizer``) per image, averaged over ``steps``."""
+    sync = torch.cuda.synchronize if precision.device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step(model, images, masks, criterion, precision, optimizer)
+    sync()
+    return (time.perf_counter() - start) / steps / images.shape[0]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    keep_freed_memory()
+    device = choose_device(args.device)
+    if not fused_update(args.optimizer, device.type):
+        raise SystemExit(f"torch {torch.__version__} has no fused {args.optimizer} update on {device.type}")
+    precision = Precision.choose(device, args.amp)
+    torch.manual_seed(0)
+    deep_supervision = bool(args.deep_supervision and args.arch == "NestedUNet")
+    model = precision.prepare(build_model(args.arch, 1, 3, deep_supervision).to(device)).train()
+    models = {"default": model, "fused": copy.deepcopy(model)}
+    criterion = build_loss("BCEDiceLoss")
+    images, masks = precision.to_device(torch.rand(args.batch_size, 3, args.size, args.size),
+                                        (torch.rand(args.batch_size, 1, args.size, args.size) > 0.5).float())
+    runs = {}
+    for name, net in models.items():
+        optimizer = build_optimizer(args.optimizer, net.parameters(), 1e-3, 0.9, False, 1e-4, fused=name == "fused")
+        runs[name] = functools.partial(seconds_per_image, net, optimizer, images, masks, criterion, precision,
+                                       args.steps)
+        seconds_per_image(net, optimizer, images, masks, criterion, precision, 1)  # warm-up, optimizer state
+    median, speedup = time_in_pairs(runs, args.pairs)
+    arch = args.arch + (" + DS" if deep_supervision else "")
+    print(f"{arch}, batch {args.batch_size} at {args.size}x{args.size}, {args.optimizer}, "
+          f"{precision.describe().split(';')[0]} on {device}: default update {1 / median['default']:.1f} img/s, "
+          f"fused {1 / median['fused']:.1f} img/s, {speedup:.2f}x (median of the pairs' ratios)")
+    print(json.dumps({"bench": "fused_optimizer", "cpu": cpu_name(), "cpus": os.cpu_count(),
+                      "torch": torch.__version__, "device": str(device),
+                      "precision": precision.describe().split(";")[0], "arch": arch, "optimizer": args.optimizer,
+                      "batch_size": args.batch_size, "size": args.size, "pairs": args.pairs, "steps": args.steps,
+                      "images_per_s": {k: round(1 / v, 2) for k, v in median.items()},
+                      "speedup": round(speedup, 3)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
