@@ -16,7 +16,6 @@ import functools
 import json
 import os
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -24,9 +23,9 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from archs import build_model, fold_batchnorm  # noqa: E402
-from engine import Precision, choose_device, forward, step  # noqa: E402
+from engine import Precision, choose_device, forward  # noqa: E402
 from losses import build_loss  # noqa: E402
-from speed import cpu_name, time_in_pairs  # noqa: E402
+from speed import add_pair_args, cpu_name, seconds_per_image, time_in_pairs  # noqa: E402
 from utils import keep_freed_memory  # noqa: E402
 
 
@@ -37,10 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--deep_supervision", action="store_true")
     p.add_argument("--height", type=int, default=520)
     p.add_argument("--width", type=int, default=696)
-    p.add_argument("--amp", default="auto", help="--amp as in val.py: auto, bf16, fp32 (fp16 on CUDA)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--pairs", type=int, default=20, help="timed pairs of blocks")
-    p.add_argument("--steps", type=int, default=1, help="steps per block")
+    add_pair_args(p, pairs=20, steps=1)
     return p.parse_args(argv)
 
 
@@ -56,17 +52,6 @@ def two_networks(arch, deep_supervision, precision):
             module.bias.data.uniform_(-0.5, 0.5)
     folded = fold_batchnorm(copy.deepcopy(model))
     return (precision.prepare(model.to(precision.device)), precision.prepare(folded.to(precision.device)))
-
-
-def seconds_per_image(model, images, masks, criterion, precision, steps):
-    """Wall seconds of one ``engine.step`` (no optimizer), averaged over ``steps``, synchronised on CUDA."""
-    sync = torch.cuda.synchronize if precision.device.type == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step(model, images, masks, criterion, precision)
-    sync()
-    return (time.perf_counter() - start) / steps / images.shape[0]
 
 
 def main(argv=None):

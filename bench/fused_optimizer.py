@@ -16,7 +16,6 @@ import functools
 import json
 import os
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -24,9 +23,9 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from archs import build_model  # noqa: E402
-from engine import Precision, choose_device, step  # noqa: E402
+from engine import Precision, choose_device  # noqa: E402
 from losses import build_loss  # noqa: E402
-from speed import cpu_name, time_in_pairs  # noqa: E402
+from speed import add_pair_args, cpu_name, seconds_per_image, time_in_pairs  # noqa: E402
 from trainer import build_optimizer, fused_update  # noqa: E402
 from utils import keep_freed_memory  # noqa: E402
 
@@ -39,22 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--optimizer", default="AdamW", choices=["Adam", "AdamW", "SGD"])
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--size", type=int, default=96, help="image height and width")
-    p.add_argument("--amp", default="auto", help="--amp as in train.py: auto, bf16, fp32 (fp16 on CUDA)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--pairs", type=int, default=10, help="timed pairs of blocks")
-    p.add_argument("--steps", type=int, default=3, help="training steps per block")
+    add_pair_args(p, pairs=10, steps=3)
     return p.parse_args(argv)
-
-
-def seconds_per_image(model, optimizer, images, masks, criterion, precision, steps):
-    """Wall seconds of one training step (``engine.step`` with ``optimizer``) per image, averaged over ``steps``."""
-    sync = torch.cuda.synchronize if precision.device.type == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step(model, images, masks, criterion, precision, optimizer)
-    sync()
-    return (time.perf_counter() - start) / steps / images.shape[0]
 
 
 def main(argv=None):
@@ -74,9 +59,9 @@ def main(argv=None):
     runs = {}
     for name, net in models.items():
         optimizer = build_optimizer(args.optimizer, net.parameters(), 1e-3, 0.9, False, 1e-4, fused=name == "fused")
-        runs[name] = functools.partial(seconds_per_image, net, optimizer, images, masks, criterion, precision,
-                                       args.steps)
-        seconds_per_image(net, optimizer, images, masks, criterion, precision, 1)  # warm-up, optimizer state
+        runs[name] = functools.partial(seconds_per_image, net, images, masks, criterion, precision, args.steps,
+                                       optimizer)
+        seconds_per_image(net, images, masks, criterion, precision, 1, optimizer)  # warm-up, optimizer state
     median, speedup = time_in_pairs(runs, args.pairs)
     arch = args.arch + (" + DS" if deep_supervision else "")
     print(f"{arch}, batch {args.batch_size} at {args.size}x{args.size}, {args.optimizer}, "

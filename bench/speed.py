@@ -51,7 +51,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from archs import build_model  # noqa: E402
 from config import parse_train_args  # noqa: E402
 from dataset import list_ids  # noqa: E402
-from engine import choose_device, seed_everything  # noqa: E402
+from engine import choose_device, seed_everything, step  # noqa: E402
 from losses import build_loss, loss_over_heads  # noqa: E402
 from seed_loop import seed_criterion, seed_loader, seed_train_epoch  # noqa: E402
 from synthetic import ensure_synthetic  # noqa: E402
@@ -274,6 +274,25 @@ def device_list(requested):
     if requested == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU is visible to PyTorch")
     return [requested]
+
+
+def add_pair_args(p, pairs, steps):
+    """The flags of the scripts that alternate two variants in one process: --amp, --device, --pairs, --steps."""
+    p.add_argument("--amp", default="auto", help="--amp as in train.py and val.py: auto, bf16, fp32 (fp16 on CUDA)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--pairs", type=int, default=pairs, help="timed pairs of blocks")
+    p.add_argument("--steps", type=int, default=steps, help="steps per block")
+
+
+def seconds_per_image(model, images, masks, criterion, precision, steps, optimizer=None):
+    """Wall seconds of one ``engine.step`` (with the update when ``optimizer`` is given) per image, averaged over
+    ``steps``, synchronised on CUDA."""
+    _sync(precision.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step(model, images, masks, criterion, precision, optimizer)
+    _sync(precision.device)
+    return (time.perf_counter() - start) / steps / images.shape[0]
 
 
 def time_in_pairs(runs, pairs):
