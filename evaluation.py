@@ -66,7 +66,7 @@ class ImageWriter:
         self.out_dir, self.classes, self.kinds, self.labels = out_dir, classes, kinds, labels
         self.methods, self.filters, self.overlays = methods, filters, overlays
         self.rows, self.dsb = [], {m: [] for m in methods}
-        self.jobs = BatchedThreads(self._keep, buffer_mb, workers)
+        self.jobs = BatchedThreads(self._keep, buffer_mb, workers, desc="scores and PNGs")
 
     def __enter__(self):
         return self

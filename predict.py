@@ -177,7 +177,7 @@ def predict_all(predictor, files, ids, out_dir, num_classes, threshold, save_pro
     after every 256 MB of predictions (utils.BatchedThreads). Returns (mean foreground fraction, objects table or
     None, megapixels)."""
     results = []
-    with BatchedThreads(results.append) as jobs:
+    with BatchedThreads(results.append, desc="write") as jobs:
         for path, img_id in zip(tqdm(files, desc="predict", unit="img", dynamic_ncols=True), ids):
             image = predictor.read_image(path)
             prob = predictor.predict(image)

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import cv2
+from tqdm import tqdm
 
 
 class UserError(Exception):
@@ -234,12 +235,13 @@ class BatchedThreads:
     Jobs wait until the waiting ones hold ``buffer_mb`` MB (``nbytes`` each, as the caller counts them) or until
     :meth:`flush`; then they all run while the caller waits. Meant for per-image work in libraries that release
     the GIL (OpenCV, NumPy, SciPy, scikit-image) after a network that already uses every core: run beside it, the
-    threads only compete with it for the cores. A context manager: leaving it stops the threads and drops the
-    jobs not yet run.
+    threads only compete with it for the cores. With ``desc``, a flush shows a progress bar of that name, so that
+    the caller's own bar does not seem stuck while the jobs run. A context manager: leaving it stops the threads
+    and drops the jobs not yet run.
     """
 
-    def __init__(self, on_result, buffer_mb=256, workers=None):
-        self.on_result = on_result
+    def __init__(self, on_result, buffer_mb=256, workers=None, desc=None):
+        self.on_result, self.desc = on_result, desc
         self.pool = ThreadPoolExecutor(workers or os.cpu_count() or 1)
         self.waiting, self.waiting_bytes, self.buffer_bytes = [], 0, buffer_mb * 2 ** 20
 
@@ -262,7 +264,9 @@ class BatchedThreads:
 
     def flush(self):
         """Run every waiting job and pass the results to ``on_result``, in order."""
-        for result in self.pool.map(lambda job: job[0](*job[1]), self.waiting):
+        results = self.pool.map(lambda job: job[0](*job[1]), self.waiting)
+        for result in tqdm(results, desc=self.desc, total=len(self.waiting), unit="img", leave=False,
+                           disable=self.desc is None or not self.waiting, dynamic_ncols=True):
             self.on_result(result)
         self.waiting, self.waiting_bytes = [], 0
 

@@ -81,3 +81,18 @@ def test_batched_threads_run_when_the_buffer_fills_and_keep_the_order():
         jobs.submit(_fail, "a.png")
         with pytest.raises(DataError, match="a.png: broken"):
             jobs.flush()
+
+
+def test_batched_threads_show_a_bar_while_they_run_only_when_named(capsys):
+    got = []
+    with BatchedThreads(got.append, workers=2, desc="scores and PNGs") as jobs:
+        for x in range(4):
+            jobs.submit(_square_slowly, x)
+        jobs.flush()
+        jobs.flush()  # nothing waiting: no bar
+    assert got == [0, 1, 4, 9]
+    assert capsys.readouterr().err.count(" 0/4 [") == 1  # one bar, over the 4 jobs
+    with BatchedThreads(got.append, workers=2) as jobs:
+        jobs.submit(_square_slowly, 5)
+        jobs.flush()
+    assert got[-1] == 25 and capsys.readouterr().err == ""
