@@ -20,7 +20,7 @@ RAW = Path(__file__).resolve().parents[2] / "shared" / "data" / "dsb2018" / "sta
 REAL_IDS = ("05040e2e959c3f5632558fc9683fec88f0010026c555b499066346f67fdd0e13",
             "6eefe1f0d9c2d2c2380db3ecd2113a566ace7dfc917687bb5033b4af5b8293aa")
 IOU_REAL = 0.8  # measured 0.93 and 0.91 (24 and 33 nuclei: 25 and 35 found), bf16 on an Intel Xeon (AMX)
-IOU_SYNTHETIC = 0.6  # measured 0.92 and 0.93 on the two synthetic images below
+IOU_SYNTHETIC = 0.6  # measured 0.94 and 0.83 on the two synthetic images below
 
 
 def test_bundled_model_loads_by_name_and_predicts_the_synthetic_nuclei(tmp_path, monkeypatch):
