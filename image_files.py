@@ -22,44 +22,107 @@ NORM_MEAN = 0.5
 NORM_STD = 0.25
 
 
-def _imread(path, flags, what):
-    """cv2.imread (tifffile for TIFFs) with a DataError naming the file when it is missing or not a readable image."""
-    path = str(path)
+def _check_exists(path, what):
     if not os.path.isfile(path):
         raise DataError(f"{what} file {path} does not exist")
+
+
+def _imread(path, flags, what):
+    """cv2.imread (tifffile for TIFFs) with a DataError naming the file when it is missing or not a readable image.
+    A TIFF must hold one 2D image: [H, W] or [H, W, C]."""
+    path = str(path)
+    _check_exists(path, what)
     if path.lower().endswith(TIFF_EXTS):
-        return _read_tiff(path, what)
+        img = _one_plane(*tiff_planes(path, what), path, what)
+        return img[:, :, 0] if img.shape[2] == 1 else img
     img = cv2.imread(path, flags)
     if img is None or img.size == 0:
         raise DataError(f"cannot read {what} {path}: the file is not a readable image (truncated or wrong format?)")
     return img
 
 
-def _read_tiff(path, what):
-    """A 2D TIFF (first series) -> [H, W] or [H, W, C], channels last."""
+def _one_plane(planes, plane_axes, path, what):
+    """planes [N, H, W, C] -> the image [H, W, C]; a stack (N > 1) is a DataError naming the file."""
+    if len(planes) > 1:
+        raise DataError(f"{what} {path} is a stack of {len(planes)} planes (axes {plane_axes}); training and val.py "
+                        "read one 2D image per file: save one plane per file (predict.py segments stacks plane by "
+                        "plane)")
+    return planes[0]
+
+
+def tiff_layout(shape, axes):
+    """Where the planes and the colour are in a TIFF series of ``shape`` with tifffile's ``axes`` (e.g. "TYX",
+    "ZCYX", "YXS", "QYX"). Returns (order, plane_axes): the axes' indices in the order planes, Y, X, colour
+    (axes of one element left out), and the letters of the plane axes ("" for a 2D image). Raises ValueError with
+    the reason when the series is no grey or colour image or stack of them.
+
+    Colour is the S axis (RGB samples), else a C axis of 3 or 4. Without axis metadata (tifffile's Q or I),
+    3 or 4 leading pages are colour channels too (channels-first RGB files are common), so a stack of 3 or 4
+    planes needs its axes recorded (ImageJ or OME TIFF). Every other axis of more than one element is a plane
+    axis (T, Z, Q, I, ...); a C axis of another size is an error: the nucleus channel has to be chosen first.
+    """
+    kept = [i for i, n in enumerate(shape) if n > 1 or axes[i] in "YX"]
+    if "Y" not in axes or "X" not in axes:
+        raise ValueError(f"axes {axes} have no Y and X")
+    colour = [i for i in kept if axes[i] == "S"] or [i for i in kept if axes[i] == "C" and shape[i] in (3, 4)]
+    if not colour and len(kept) == 3 and axes[kept[0]] in "QI" and shape[kept[0]] in (3, 4):
+        colour = [kept[0]]
+    channels = [i for i in kept if axes[i] == "C" and i not in colour]
+    if channels:
+        raise ValueError(f"{shape[channels[0]]} channels (axis C of {axes}); save the nucleus channel alone, or "
+                         "an RGB image")
+    planes = [i for i in kept if axes[i] not in "YX" and i not in colour]
+    return planes + [axes.index("Y"), axes.index("X")] + colour, "".join(axes[i] for i in planes)
+
+
+def tiff_planes(path, what="image"):
+    """The first series of a TIFF as planes: array [N, H, W, C] as stored (N = 1 for a 2D image; C = 1 for grey),
+    and the letters of its plane axes ("" for a 2D image). See :func:`tiff_layout`."""
     try:
-        img = tifffile.imread(path, series=0)
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            img, axes = series.asarray(), series.axes
     except Exception as e:  # tifffile raises TiffFileError, ValueError, ... for damaged files
         raise DataError(f"cannot read {what} {path}: not a readable TIFF ({str(e).splitlines()[0][:80]})") from None
-    img = np.squeeze(img)
-    if img.ndim == 3 and img.shape[0] in (3, 4) and img.shape[2] not in (3, 4):
-        img = np.moveaxis(img, 0, 2)  # channels first (ImageJ hyperstacks) -> last
-    if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] > 4):
-        raise DataError(f"{what} {path} has shape {img.shape}: a 2D image (grey or up to 4 channels) is needed, "
-                        "not a stack; save one plane per file")
-    return img
+    try:
+        order, plane_axes = tiff_layout(img.shape, axes)
+    except ValueError as e:
+        raise DataError(f"{what} {path} has shape {img.shape}: {e}") from None
+    ones = [i for i in range(img.ndim) if i not in order]
+    height, width = img.shape[axes.index("Y")], img.shape[axes.index("X")]
+    count = int(np.prod([img.shape[i] for i in order[:len(plane_axes)]]))
+    return img.transpose(order + ones).reshape(count, height, width, -1), plane_axes
+
+
+def tiff_plane_axes(path):
+    """The plane axes of a TIFF's first series, from its header alone ("" for a 2D image; :func:`tiff_layout`):
+    lets predict.py know a stack before reading it. An unreadable file gives "" (reading it names the problem)."""
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            return tiff_layout(series.shape, series.axes)[1]
+    except Exception:
+        return ""
+
+
+def decode_planes(path):
+    """Read an image file as stored: (uint8 or uint16 array [N, H, W, C] in RGB order, alpha dropped; the letters
+    of its plane axes). N > 1 only for a TIFF stack (time, z or pages; :func:`tiff_layout`), else 1 and ""."""
+    path = str(path)
+    if path.lower().endswith(TIFF_EXTS):
+        _check_exists(path, "image")
+        planes, plane_axes = tiff_planes(path)  # tifffile reads RGB
+    else:
+        img = _imread(path, cv2.IMREAD_UNCHANGED, "image")
+        img = img[:, :, None] if img.ndim == 2 else img
+        planes, plane_axes = (img[:, :, 2::-1] if img.shape[2] >= 3 else img)[None], ""  # OpenCV reads BGR(A)
+    return np.ascontiguousarray(planes[..., :3]), plane_axes
 
 
 def decode_image(path):
-    """Read an image file as stored: uint8 or uint16 array [H, W, C] in RGB order, alpha dropped."""
-    img = _imread(path, cv2.IMREAD_UNCHANGED, "image")
-    if img.ndim == 2:
-        img = img[:, :, None]
-    if img.shape[2] == 4:
-        img = img[:, :, :3]
-    if img.shape[2] == 3 and not path.lower().endswith(TIFF_EXTS):  # OpenCV reads BGR, tifffile RGB
-        img = img[:, :, ::-1]
-    return np.ascontiguousarray(img)
+    """Read a 2D image file as stored: uint8 or uint16 array [H, W, C] in RGB order, alpha dropped. A stack is a
+    DataError naming the file."""
+    return _one_plane(*decode_planes(path), path, "image")
 
 
 def read_label_image(path):

@@ -15,7 +15,7 @@ import torch
 
 from config import output_channels
 from engine import Precision, forward
-from image_files import decode_image, image_to_float, normalize
+from image_files import decode_planes, image_to_float, normalize
 
 
 def blend_weights(height, width, overlap):
@@ -78,7 +78,7 @@ class Predictor:
     """Probabilities for whole images: float32 [K, H, W] in [0, 1] at the image's own size.
 
     ``predict(image)`` takes the image as training sees it before normalisation: float32 [H, W, C] in [0, 1]
-    (:meth:`read_image`). ``tile`` None sizes the windows from the memory budget
+    (:meth:`as_input`). ``tile`` None sizes the windows from the memory budget
     (:func:`memory_budget`), so an image is predicted whole whenever it fits; ``amp`` is --amp
     (engine.Precision.choose).
     """
@@ -96,10 +96,14 @@ class Predictor:
             self.batch_size = max(1, min(batch_size, int(budget // (per_pixel * tile * tile))))
         self.tile = tile
 
-    def read_image(self, path):
-        """The image file at ``path`` as this run's network sees it before normalisation: float32 [H, W, C] in
-        [0, 1] (the run's input_channels and --normalization)."""
-        return image_to_float(decode_image(path), self.cfg.input_channels, self.cfg.normalization)
+    def read_planes(self, path):
+        """The image file at ``path`` as stored: [N, H, W, C] (N planes: 1, or a TIFF stack's; image_files.decode_planes)."""
+        return decode_planes(path)[0]
+
+    def as_input(self, image):
+        """One image (or plane) as stored, [H, W, C], as this run's network sees it before normalisation: float32
+        [H, W, C] in [0, 1] (the run's input_channels and --normalization)."""
+        return image_to_float(image, self.cfg.input_channels, self.cfg.normalization)
 
     def probabilities(self, batch):
         """Normalised batch [B, C, h, w] (numpy float32) -> probabilities [B, K, h, w] (numpy float32)."""

@@ -13,7 +13,13 @@ exactly as in training. For each image ``<id>`` (its file name without the exten
     <id>_prob.png        --save_prob: the probability x 255 (8-bit)
     <id>_overlay.png     --overlay: the image with the outlines of the predicted nuclei
     <id>_instances.png   --instances: 16-bit labels, 0 background, nuclei 1..N
-    objects.csv          --instances: one row per nucleus (area, centroid, bounding box; bbox_max is exclusive)
+    objects.csv          --instances: one row per nucleus (image, plane, area, centroid, bounding box; bbox_max is
+                         exclusive)
+
+A TIFF stack (time points, z planes or pages; image_files.tiff_layout) is segmented plane by plane, each plane
+as an image of its own, and gives ImageJ TIFF stacks instead, one page per plane: ``<id>.tif``,
+``<id>_prob.tif``, ``<id>_overlay.tif`` (RGB), ``<id>_instances.tif`` (each plane's nuclei numbered 1..N on their
+own: no tracking between planes); objects.csv's ``plane`` counts from 0 (0 for every 2D image).
 
 Runs with several classes write ``<id>_class<c>.png`` (and ``_prob``) per class; instances use class 0. A run
 trained with ``--borders True`` also predicts where nuclei touch; ``--separation borders`` splits nuclei there.
@@ -28,12 +34,14 @@ from skimage.measure import regionprops_table
 from tqdm import tqdm
 
 from config import add_amp_arg, add_device_arg, add_separation_args, choose_separation, object_filters
+from image_files import TIFF_EXTS, tiff_plane_axes
 from instances import split_instances
-from utils import ArgumentParser, BatchedThreads, DataError, UsageError, atomic_imwrite, atomic_write, run_cli
+from utils import (ArgumentParser, BatchedThreads, DataError, UsageError, atomic_imwrite, atomic_tiff_write,
+                   atomic_write, run_cli)
 from visualize import draw_outlines, to_bgr
 
 IMAGE_EXTS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
-OBJECT_COLUMNS = ["image", "label", "area", "centroid_y", "centroid_x", "bbox_min_y", "bbox_min_x", "bbox_max_y",
+OBJECT_COLUMNS = ["image", "plane", "label", "area", "centroid_y", "centroid_x", "bbox_min_y", "bbox_min_x", "bbox_max_y",
                   "bbox_max_x"]
 
 
@@ -102,91 +110,136 @@ def list_images(paths):
     return list(unique.values())
 
 
-def image_ids(files, out_dir):
+def stack_axes(files):
+    """The plane axes of each file ("" for a 2D image; "T", "Z", "TZ", ... for a TIFF stack), from the TIFF
+    headers alone, so that the output names are known before any image is read."""
+    return [tiff_plane_axes(f) if f.lower().endswith(TIFF_EXTS) else "" for f in files]
+
+
+def image_ids(files, out_dir, stacks):
     """The output id of each file (its name without the extension); two inputs with one id, or an output that
-    would overwrite an input, are UsageErrors."""
+    would overwrite an input (``<id>.png``, or ``<id>.tif`` for a stack), are UsageErrors."""
     ids = {}
-    for f in files:
+    for f, stack in zip(files, stacks):
         stem = os.path.splitext(os.path.basename(f))[0]
         if stem in ids:
             raise UsageError(f"{ids[stem]} and {f} would both write {stem}.png; predict them into different --output "
                              "folders")
         ids[stem] = f
-        mask_path = os.path.abspath(os.path.join(out_dir, stem + ".png"))
+        mask_path = os.path.abspath(os.path.join(out_dir, stem + (".tif" if stack else ".png")))
         if mask_path == os.path.abspath(f):
             raise UsageError(f"--output {out_dir} would overwrite the input {f}; choose another --output folder")
     return list(ids)
 
 
-# ---------------------------------------------------------------------------------------------- the network
+# ---------------------------------------------------------------------------------------------- the outputs
 
-def object_rows(img_id, labels):
+def object_rows(img_id, plane, labels):
     """regionprops_table of a label image -> DataFrame with OBJECT_COLUMNS (bbox_max exclusive)."""
     table = regionprops_table(labels, properties=("label", "area", "centroid", "bbox"))
     frame = pd.DataFrame({
-        "image": img_id, "label": table["label"], "area": table["area"].astype(int),
+        "image": img_id, "plane": plane, "label": table["label"], "area": table["area"].astype(int),
         "centroid_y": table["centroid-0"], "centroid_x": table["centroid-1"],
         "bbox_min_y": table["bbox-0"], "bbox_min_x": table["bbox-1"],
         "bbox_max_y": table["bbox-2"], "bbox_max_x": table["bbox-3"]})
     return frame[OBJECT_COLUMNS]
 
 
-def write_masks(out_dir, img_id, prob, num_classes, threshold, save_prob):
-    """Write ``<id>.png`` (0/255; ``<id>_class<c>.png`` per class for several classes) and, with ``save_prob``,
-    the probability x 255 beside it. prob: float32 [K, H, W] in [0, 1]. Returns the masks, bool [classes, H, W]."""
+def segment(img_id, image, prob, num_classes, threshold, save_prob, separation, filters, overlay):
+    """The outputs of image ``img_id`` (or of one plane of it): image as read, float32 [H, W, C] in [0, 1]; prob
+    float32 [K(+1), H, W] in [0, 1] (a channel after the classes is the learned border map).
+
+    Returns (arrays, labels): arrays maps each output's file-name suffix to its picture: "" (``_class<c>`` per
+    class for several classes) the mask, uint8 0/255 [H, W]; with ``save_prob`` ``_prob`` the probability x 255;
+    with a ``separation`` ``_instances``, the nuclei of class 0 (instances.split_instances with ``filters``, the
+    min_size / min_confidence keywords), uint16 [H, W]; with ``overlay`` ``_overlay``, the outlines on the image,
+    BGR uint8 [H, W, 3]. labels: int32 [H, W], or None without a separation.
+    """
     masks = prob[:num_classes] > threshold
+    arrays, labels = {}, None
     for c in range(num_classes):
         suffix = "" if num_classes == 1 else f"_class{c}"
-        atomic_imwrite(os.path.join(out_dir, f"{img_id}{suffix}.png"), masks[c].astype(np.uint8) * 255)
+        arrays[suffix] = masks[c].astype(np.uint8) * 255
         if save_prob:
-            atomic_imwrite(os.path.join(out_dir, f"{img_id}{suffix}_prob.png"),
-                           np.round(np.clip(prob[c], 0, 1) * 255).astype(np.uint8))
-    return masks
-
-
-def write_instances(out_dir, img_id, prob, num_classes, threshold, separation, filters):
-    """Split class 0 into nuclei (instances.split_instances with ``separation`` and ``filters``, the min_size /
-    min_confidence keywords; a channel after the classes is the learned border map) and write ``<id>_instances.png``
-    (16-bit labels). Returns the labels, int32 [H, W]."""
-    border = prob[num_classes] if prob.shape[0] > num_classes else None
-    labels = split_instances(prob[0], separation, threshold=threshold, border=border, **filters)
-    if labels.max() > 65535:
-        raise DataError(f"{img_id}: {labels.max()} objects do not fit a 16-bit label image")
-    atomic_imwrite(os.path.join(out_dir, f"{img_id}_instances.png"), labels.astype(np.uint16))
-    return labels
-
-
-def write_outputs(out_dir, img_id, image, prob, num_classes, threshold, save_prob, separation, filters, overlay):
-    """One image's files (see :func:`predict_all`): image as read [H, W, C], prob float32 [K(+1), H, W] in [0, 1].
-    Returns (foreground fraction of class 0, its objects table or None, pixels)."""
-    masks = write_masks(out_dir, img_id, prob, num_classes, threshold, save_prob)
-    labels = table = None
+            arrays[suffix + "_prob"] = np.round(np.clip(prob[c], 0, 1) * 255).astype(np.uint8)
     if separation:
-        labels = write_instances(out_dir, img_id, prob, num_classes, threshold, separation, filters)
-        table = object_rows(img_id, labels)
+        border = prob[num_classes] if prob.shape[0] > num_classes else None
+        labels = split_instances(prob[0], separation, threshold=threshold, border=border, **filters)
+        if labels.max() > 65535:
+            raise DataError(f"{img_id}: {labels.max()} objects do not fit a 16-bit label image")
+        arrays["_instances"] = labels.astype(np.uint16)
     if overlay:
-        atomic_imwrite(os.path.join(out_dir, f"{img_id}_overlay.png"),
-                       draw_outlines(to_bgr(image), masks[0], labels=labels))
-    return float(masks[0].mean()), table, image.shape[0] * image.shape[1]
+        arrays["_overlay"] = draw_outlines(to_bgr(image), masks[0], labels=labels)
+    return arrays, labels
 
 
-def predict_all(predictor, files, ids, out_dir, num_classes, threshold, save_prob=False,
+def write_image(out_dir, img_id, arrays):
+    """A 2D image's outputs (:func:`segment`) as ``<id><suffix>.png``."""
+    for suffix, array in arrays.items():
+        atomic_imwrite(os.path.join(out_dir, f"{img_id}{suffix}.png"), array)
+
+
+def write_stack(out_dir, img_id, planes, plane_axes):
+    """A stack's outputs as ImageJ TIFF stacks ``<id><suffix>.tif``, one page per plane in the input's order
+    (axis Z for a z-stack, T otherwise): planes is the list of :func:`segment` arrays of each plane."""
+    axis = "Z" if plane_axes == "Z" else "T"
+    for suffix in planes[0]:
+        stack = np.stack([arrays[suffix] for arrays in planes])
+        if suffix == "_overlay":
+            stack = stack[..., ::-1]  # BGR -> RGB
+        atomic_tiff_write(os.path.join(out_dir, f"{img_id}{suffix}.tif"), stack, axis + "YX")
+
+
+def predict_plane(source, plane, image, prob, options, out_dir):
+    """The job run in a thread for each plane of ``source`` = (img_id, its number of planes, its plane axes):
+    :func:`segment`, and for a 2D image (``out_dir`` given) its files. Returns (source, arrays or None once
+    written, foreground fraction of class 0, objects table or None, pixels)."""
+    img_id = source[0]
+    arrays, labels = segment(img_id, image, prob, **options)
+    table = object_rows(img_id, plane, labels) if labels is not None else None
+    if out_dir is not None:
+        write_image(out_dir, img_id, arrays)
+        arrays = None
+    fraction = float((prob[0] > options["threshold"]).mean())
+    return source, arrays, fraction, table, image.shape[0] * image.shape[1]
+
+
+def predict_all(predictor, files, ids, stacks, out_dir, num_classes, threshold, save_prob=False,
                 separation=None, filters=None, overlay=False):
     """Predict every file into ``out_dir``: the masks (and probabilities with ``save_prob``), the nuclei when a
-    ``separation`` is given (with ``filters``), the outlines with ``overlay``. The files are written in threads
-    after every 256 MB of predictions (utils.BatchedThreads). Returns (mean foreground fraction, objects table or
-    None, megapixels)."""
-    results = []
-    with BatchedThreads(results.append, desc="write") as jobs:
-        for path, img_id in zip(tqdm(files, desc="predict", unit="img", dynamic_ncols=True), ids):
-            image = predictor.read_image(path)
-            prob = predictor.predict(image)
-            jobs.submit(write_outputs, out_dir, img_id, image, prob, num_classes, threshold, save_prob, separation,
-                        filters, overlay, nbytes=image.nbytes + prob.nbytes)
+    ``separation`` is given (with ``filters``), the outlines with ``overlay``; PNGs for a 2D image, TIFF stacks
+    for a stack (``stacks``: the plane axes of each file, :func:`stack_axes`), each plane predicted as an image of
+    its own. The per-plane work runs in threads after every 256 MB of predictions (utils.BatchedThreads).
+    Returns (mean foreground fraction, objects table or None, megapixels, planes)."""
+    options = dict(num_classes=num_classes, threshold=threshold, save_prob=save_prob, separation=separation,
+                   filters=filters, overlay=overlay)
+    fractions, tables, pixels = [], [], []
+    waiting = {}  # img_id -> the arrays of its planes done so far
+
+    def collect(result):
+        (img_id, count, plane_axes), arrays, fraction, table, n_pixels = result
+        fractions.append(fraction)
+        tables.append(table)
+        pixels.append(n_pixels)
+        if arrays is not None:
+            waiting.setdefault(img_id, []).append(arrays)
+            if len(waiting[img_id]) == count:
+                write_stack(out_dir, img_id, waiting.pop(img_id), plane_axes)
+
+    bar = tqdm(total=len(files), desc="predict", unit="img", dynamic_ncols=True)
+    with bar, BatchedThreads(collect, desc="write") as jobs:
+        for path, img_id, plane_axes in zip(files, ids, stacks):
+            planes = predictor.read_planes(path)
+            bar.total += len(planes) - 1
+            for plane, image in enumerate(planes):
+                image = predictor.as_input(image)
+                prob = predictor.predict(image)
+                jobs.submit(predict_plane, (img_id, len(planes), plane_axes), plane, image, prob, options,
+                            None if plane_axes else out_dir, nbytes=image.nbytes + prob.nbytes)
+                bar.update()
         jobs.flush()
-    fractions, tables, pixels = zip(*results)
     table = pd.concat(tables, ignore_index=True) if separation else None
-    return float(np.mean(fractions)), table, sum(pixels) / 1e6
+    return float(np.mean(fractions)), table, sum(pixels) / 1e6, len(fractions)
 
 
 def main(argv):
@@ -194,7 +247,8 @@ def main(argv):
     check_args(args)
     object_filters(args.min_size, args.min_confidence)  # flag errors before the heavy imports
     files = list_images(args.input)
-    ids = image_ids(files, args.output)
+    stacks = stack_axes(files)
+    ids = image_ids(files, args.output, stacks)
     # Heavy imports only now, so that --help and flag errors answer at once.
     from checkpoints import load_run
     from engine import choose_device
@@ -208,8 +262,8 @@ def main(argv):
                           args.amp)
     os.makedirs(args.output, exist_ok=True)
     started = time.time()
-    foreground, objects, megapixels = predict_all(
-        predictor, files, ids, args.output, cfg.num_classes, args.threshold, args.save_prob,
+    foreground, objects, megapixels, planes = predict_all(
+        predictor, files, ids, stacks, args.output, cfg.num_classes, args.threshold, args.save_prob,
         separation if args.instances else None, filters, args.overlay)
     if objects is not None:
         with atomic_write(os.path.join(args.output, "objects.csv")) as f:
@@ -217,12 +271,13 @@ def main(argv):
     seconds = time.time() - started
     how = f"resized to {cfg.input_h}x{cfg.input_w}" if not cfg.crop_size else \
         f"full size, windows up to {predictor.tile}x{predictor.tile}"
-    print(f"{args.name}: {len(files)} images ({megapixels:.2f} Mpx, {how}"
+    stacked = f", {planes} planes in all" if planes > len(files) else ""
+    print(f"{args.name}: {len(files)} image{'s' if len(files) > 1 else ''} ({megapixels:.2f} Mpx{stacked}, {how}"
           f"{', TTA' if args.tta else ''}{f', pruned at L={args.prune}' if args.prune else ''}) in {seconds:.1f}s on "
           f"{device} ({predictor.precision.describe()}); mean foreground {100 * foreground:.1f}%"
           f"{f', {len(objects)} objects ({separation}) in objects.csv' if objects is not None else ''}; "
           f"files in {args.output}/")
-    return {"images": len(files), "seconds": seconds}
+    return {"images": len(files), "planes": planes, "seconds": seconds}
 
 
 if __name__ == "__main__":

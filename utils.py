@@ -6,6 +6,7 @@ import argparse
 import ctypes
 import ctypes.util
 import hashlib
+import io
 import os
 import re
 import shutil
@@ -15,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import cv2
+import tifffile
 from tqdm import tqdm
 
 
@@ -226,6 +228,17 @@ def atomic_imwrite(path, image):
         raise DataError(f"could not encode an image for {path}")
     with atomic_write(path, "wb") as f:
         f.write(buf.tobytes())
+
+
+def atomic_tiff_write(path, stack, axes):
+    """Write a stack [N, H, W] (or RGB [N, H, W, 3]) of uint8/uint16 pages atomically as an ImageJ TIFF whose
+    plane axis is the first letter of ``axes`` ("TYX" or "ZYX"), so that Fiji opens it as a stack."""
+    rgb = stack.ndim == 4
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, stack, imagej=True, photometric="rgb" if rgb else "minisblack",
+                     metadata={"axes": axes + ("S" if rgb else "")})
+    with atomic_write(path, "wb") as f:
+        f.write(buffer.getbuffer())
 
 
 class BatchedThreads:

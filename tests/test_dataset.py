@@ -10,6 +10,7 @@ import torch
 from conftest import make_layout, make_synthetic, write_image
 from dataset import (MODALITIES, Dataset, WeightedDistributedSampler, balance_weights, decode_image, eval_transform,
                      image_modality, image_to_float, list_ids, read_mask, train_transform)
+import image_files
 from image_files import NORM_MEAN, NORM_STD
 from utils import DataError, UsageError
 
@@ -500,5 +501,43 @@ def test_tiff_images_channels_first_and_stacks(tmp_path):
     assert decode_image(str(tmp_path / "chw.tif")).shape == (20, 30, 3)
     np.testing.assert_array_equal(decode_image(str(tmp_path / "chw.tif"))[..., 0], rgb[0])  # RGB order kept
     tifffile.imwrite(tmp_path / "stack.tif", np.zeros((7, 20, 30), np.uint16))
-    with pytest.raises(DataError, match="not a stack"):
+    with pytest.raises(DataError, match="stack.tif is a stack of 7 planes.*one plane per file"):
         decode_image(str(tmp_path / "stack.tif"))
+
+
+@pytest.mark.parametrize("shape, axes, order, plane_axes", [
+    ((20, 30), "YX", [0, 1], ""),
+    ((20, 30, 3), "YXS", [0, 1, 2], ""),
+    ((3, 20, 30), "QYX", [1, 2, 0], ""),  # no axis metadata: 3 leading pages are colour channels
+    ((7, 20, 30), "QYX", [0, 1, 2], "Q"),
+    ((3, 20, 30), "TYX", [0, 1, 2], "T"),  # recorded axes: 3 time points are planes
+    ((2, 1, 4, 20, 30), "TCZYX", [0, 2, 3, 4], "TZ"),  # an axis of one element is left out
+    ((5, 3, 20, 30), "ZCYX", [0, 2, 3, 1], "Z"),
+    ((5, 20, 30, 3), "QYXS", [0, 1, 2, 3], "Q"),
+])
+def test_tiff_layout_finds_planes_and_colour(shape, axes, order, plane_axes):
+    assert image_files.tiff_layout(shape, axes) == (order, plane_axes)
+
+
+def test_tiff_layout_refuses_channels_to_choose_from():
+    with pytest.raises(ValueError, match="2 channels.*nucleus channel"):
+        image_files.tiff_layout((4, 2, 20, 30), "ZCYX")
+
+
+def test_tiff_stacks_read_as_planes(tmp_path):
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    movie = rng.integers(0, 60000, (2, 3, 20, 30), dtype=np.uint16)  # T, Z, Y, X
+    tifffile.imwrite(tmp_path / "movie.tif", movie, imagej=True, metadata={"axes": "TZYX"})
+    planes, plane_axes = image_files.decode_planes(tmp_path / "movie.tif")
+    assert plane_axes == "TZ" and image_files.tiff_plane_axes(str(tmp_path / "movie.tif")) == "TZ"
+    np.testing.assert_array_equal(planes[..., 0], movie.reshape(6, 20, 30))
+    colour = rng.integers(0, 255, (4, 20, 30, 3), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "colour.tif", colour)
+    planes, plane_axes = image_files.decode_planes(tmp_path / "colour.tif")
+    np.testing.assert_array_equal(planes, colour)  # RGB order kept
+    assert image_files.tiff_plane_axes(str(tmp_path / "broken.tif")) == ""
+    tifffile.imwrite(tmp_path / "two.tif", np.zeros((4, 2, 20, 30), np.uint16), ome=True, metadata={"axes": "ZCYX"})
+    with pytest.raises(DataError, match="two.tif has shape .*2 channels"):
+        image_files.decode_planes(tmp_path / "two.tif")

@@ -118,6 +118,40 @@ def test_odd_sizes_and_formats_keep_their_size(in_runs, tmp_path, capsys):
     assert not (out / "notes.png").exists()
 
 
+def test_stacks_are_predicted_plane_by_plane(in_runs, tmp_path, capsys):
+    """A TIFF stack (16-bit, three time points) gives TIFF stacks whose pages are what each plane, saved as an image
+    of its own, gives; objects.csv numbers the planes."""
+    import tifffile
+
+    grey = sample_bgr(40, 36)[:, :, 0].astype(np.uint16)
+    stack = np.stack([grey * 180, grey[::-1] * 90 + 7, grey[:, ::-1] * 250])  # each plane scaled on its own
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in" / "movie.tif", stack, imagej=True, metadata={"axes": "TYX"})
+    for t, plane in enumerate(stack):
+        write(tmp_path / "single" / f"t{t}.png", plane)
+    # --min_confidence 0: this barely trained network is unsure of everything; keep its objects to compare them
+    flags = ["--name", "pc", "--instances", "--overlay", "--save_prob", "--min_confidence", "0", "--device", "cpu",
+             "--amp", "fp32"]
+    predict.main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), *flags])
+    assert "1 image (0.00 Mpx, 3 planes in all" in capsys.readouterr().out
+    predict.main(["--input", str(tmp_path / "single"), "--output", str(tmp_path / "one_by_one"), *flags])
+    for suffix in ("", "_prob", "_instances", "_overlay"):
+        with tifffile.TiffFile(tmp_path / "out" / f"movie{suffix}.tif") as tif:
+            assert tif.series[0].axes[0] == "T"
+            pages = tif.asarray()
+        assert len(pages) == 3
+        for t in range(3):
+            expected = read(tmp_path / "one_by_one" / f"t{t}{suffix}.png")
+            np.testing.assert_array_equal(pages[t], expected[..., ::-1] if suffix == "_overlay" else expected)
+    objects = pd.read_csv(tmp_path / "out" / "objects.csv")
+    one_by_one = pd.read_csv(tmp_path / "one_by_one" / "objects.csv")
+    assert len(objects) > 0 and set(objects["plane"]) <= {0, 1, 2} and set(one_by_one["plane"]) == {0}
+    pd.testing.assert_frame_equal(objects.drop(columns=["image"]),
+                                  one_by_one.assign(plane=one_by_one["image"].str[1].astype(int)).drop(columns=["image"]))
+    with pytest.raises(UsageError, match="overwrite the input"):
+        predict.main(["--name", "pc", "--input", str(tmp_path / "in" / "movie.tif"), "--output", str(tmp_path / "in")])
+
+
 def test_percentile_run_predicts_a_dimmed_image_as_the_original(in_runs, tmp_path):
     """predict.py reads images as the run was trained (--normalization from its config.yml): with 'percentile' an
     image at half the gain gives the same probabilities; with 'fixed' (run p, same weights) it does not."""
@@ -128,7 +162,7 @@ def test_percentile_run_predicts_a_dimmed_image_as_the_original(in_runs, tmp_pat
     for run in ("pp", "p"):
         cfg, model = checkpoints.load_run(run, torch.device("cpu"))
         predictor = inference.Predictor(model, cfg, torch.device("cpu"), amp="fp32")  # no bf16 rounding
-        probs[run] = [predictor.predict(predictor.read_image(str(tmp_path / "in" / f"{n}.png")))
+        probs[run] = [predictor.predict(predictor.as_input(predictor.read_planes(str(tmp_path / "in" / f"{n}.png"))[0]))
                       for n in ("bright", "dim")]
     np.testing.assert_allclose(*probs["pp"], atol=1e-4)
     assert np.abs(probs["p"][0] - probs["p"][1]).max() > 1e-3
