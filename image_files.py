@@ -51,33 +51,32 @@ def _one_plane(planes, plane_axes, path, what):
 
 
 def tiff_layout(shape, axes):
-    """Where the planes and the colour are in a TIFF series of ``shape`` with tifffile's ``axes`` (e.g. "TYX",
-    "ZCYX", "YXS", "QYX"). Returns (order, plane_axes): the axes' indices in the order planes, Y, X, colour
-    (axes of one element left out), and the letters of the plane axes ("" for a 2D image). Raises ValueError with
-    the reason when the series is no grey or colour image or stack of them.
+    """Where the planes and the channels are in a TIFF series of ``shape`` with tifffile's ``axes`` (e.g. "TYX",
+    "ZCYX", "YXS", "QYX"). Returns (order, plane_axes, channel_axis): the axes' indices in the order planes, Y, X,
+    channels (axes of one element left out), the letters of the plane axes ("" for a 2D image) and the letter of
+    the channel axis ("" for grey). Raises ValueError with the reason when the series is no image or stack.
 
-    Colour is the S axis (RGB samples), else a C axis of 3 or 4. Without axis metadata (tifffile's Q or I),
-    3 or 4 leading pages are colour channels too (channels-first RGB files are common), so a stack of 3 or 4
-    planes needs its axes recorded (ImageJ or OME TIFF). Every other axis of more than one element is a plane
-    axis (T, Z, Q, I, ...); a C axis of another size is an error: the nucleus channel has to be chosen first.
+    The channels are the S axis (RGB samples) or the C axis (channels of any number). Without axis metadata
+    (tifffile's Q or I), 3 or 4 leading pages are the colours of one image too (channels-first RGB files are
+    common), so a stack of 3 or 4 planes needs its axes recorded (ImageJ or OME TIFF). Every other axis of more
+    than one element is a plane axis (T, Z, Q, I, ...).
     """
-    kept = [i for i, n in enumerate(shape) if n > 1 or axes[i] in "YX"]
     if "Y" not in axes or "X" not in axes:
         raise ValueError(f"axes {axes} have no Y and X")
-    colour = [i for i in kept if axes[i] == "S"] or [i for i in kept if axes[i] == "C" and shape[i] in (3, 4)]
-    if not colour and len(kept) == 3 and axes[kept[0]] in "QI" and shape[kept[0]] in (3, 4):
-        colour = [kept[0]]
-    channels = [i for i in kept if axes[i] == "C" and i not in colour]
-    if channels:
-        raise ValueError(f"{shape[channels[0]]} channels (axis C of {axes}); save the nucleus channel alone, or "
-                         "an RGB image")
-    planes = [i for i in kept if axes[i] not in "YX" and i not in colour]
-    return planes + [axes.index("Y"), axes.index("X")] + colour, "".join(axes[i] for i in planes)
+    kept = [i for i, n in enumerate(shape) if n > 1 or axes[i] in "YX"]
+    channels = [i for i in kept if axes[i] in "SC"]
+    if not channels and len(kept) == 3 and axes[kept[0]] in "QI" and shape[kept[0]] in (3, 4):
+        channels = [kept[0]]
+    if len(channels) > 1:
+        raise ValueError(f"two channel axes (S and C of {axes})")
+    planes = [i for i in kept if axes[i] not in "YX" and i not in channels]
+    return (planes + [axes.index("Y"), axes.index("X")] + channels, "".join(axes[i] for i in planes),
+            "".join(axes[i] for i in channels))
 
 
 def tiff_planes(path, what="image"):
-    """The first series of a TIFF as planes: array [N, H, W, C] as stored (N = 1 for a 2D image; C = 1 for grey),
-    and the letters of its plane axes ("" for a 2D image). See :func:`tiff_layout`."""
+    """The first series of a TIFF as planes: array [N, H, W, C] as stored (N = 1 for a 2D image; C = 1 for grey;
+    an RGBA image's alpha dropped), and the letters of its plane axes ("" for a 2D image). See :func:`tiff_layout`."""
     try:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
@@ -85,13 +84,14 @@ def tiff_planes(path, what="image"):
     except Exception as e:  # tifffile raises TiffFileError, ValueError, ... for damaged files
         raise DataError(f"cannot read {what} {path}: not a readable TIFF ({str(e).splitlines()[0][:80]})") from None
     try:
-        order, plane_axes = tiff_layout(img.shape, axes)
+        order, plane_axes, channel_axis = tiff_layout(img.shape, axes)
     except ValueError as e:
         raise DataError(f"{what} {path} has shape {img.shape}: {e}") from None
     ones = [i for i in range(img.ndim) if i not in order]
     height, width = img.shape[axes.index("Y")], img.shape[axes.index("X")]
     count = int(np.prod([img.shape[i] for i in order[:len(plane_axes)]]))
-    return img.transpose(order + ones).reshape(count, height, width, -1), plane_axes
+    planes = img.transpose(order + ones).reshape(count, height, width, -1)
+    return (planes[..., :3] if channel_axis == "S" else planes), plane_axes
 
 
 def tiff_plane_axes(path):
@@ -107,7 +107,8 @@ def tiff_plane_axes(path):
 
 def decode_planes(path):
     """Read an image file as stored: (uint8 or uint16 array [N, H, W, C] in RGB order, alpha dropped; the letters
-    of its plane axes). N > 1 only for a TIFF stack (time, z or pages; :func:`tiff_layout`), else 1 and ""."""
+    of its plane axes). N > 1 only for a TIFF stack (time, z or pages; :func:`tiff_layout`), else 1 and "". C is
+    1 (grey), 3 (RGB) or, for a TIFF with a channel axis, any number of channels (:func:`select_channel`)."""
     path = str(path)
     if path.lower().endswith(TIFF_EXTS):
         _check_exists(path, "image")
@@ -116,13 +117,33 @@ def decode_planes(path):
         img = _imread(path, cv2.IMREAD_UNCHANGED, "image")
         img = img[:, :, None] if img.ndim == 2 else img
         planes, plane_axes = (img[:, :, 2::-1] if img.shape[2] >= 3 else img)[None], ""  # OpenCV reads BGR(A)
-    return np.ascontiguousarray(planes[..., :3]), plane_axes
+    return np.ascontiguousarray(planes), plane_axes
+
+
+def select_channel(planes, channel, path):
+    """planes [N, H, W, C] of the image file ``path`` -> the planes the network reads: channel ``channel``
+    (0-based, RGB order; predict.py --channel) as grey [N, H, W, 1], or with ``channel`` None the planes as they
+    are when grey or RGB. Any other number of channels, or a channel the image lacks, is a DataError."""
+    count = planes.shape[3]
+    if channel is None:
+        if count not in (1, 3):
+            raise DataError(f"image {path} has {count} channels; the network reads grey or RGB: choose the nucleus "
+                            f"channel with --channel (0 to {count - 1}), or save it alone")
+        return planes
+    if not 0 <= channel < count:
+        raise DataError(f"--channel {channel}: image {path} has {count} channel{'s' if count > 1 else ''} "
+                        f"(0 to {count - 1})")
+    return planes[..., channel:channel + 1]
 
 
 def decode_image(path):
-    """Read a 2D image file as stored: uint8 or uint16 array [H, W, C] in RGB order, alpha dropped. A stack is a
-    DataError naming the file."""
-    return _one_plane(*decode_planes(path), path, "image")
+    """Read a 2D grey or RGB image file as stored: uint8 or uint16 array [H, W, C] (C 1 or 3, RGB order), alpha
+    dropped. A stack, or another number of channels, is a DataError naming the file."""
+    image = _one_plane(*decode_planes(path), path, "image")
+    if image.shape[2] not in (1, 3):
+        raise DataError(f"image {path} has {image.shape[2]} channels; training and val.py read grey or RGB images: "
+                        "save the nucleus channel alone (predict.py --channel picks it)")
+    return image
 
 
 def read_label_image(path):

@@ -19,7 +19,8 @@ exactly as in training. For each image ``<id>`` (its file name without the exten
 A TIFF stack (time points, z planes or pages; image_files.tiff_layout) is segmented plane by plane, each plane
 as an image of its own, and gives ImageJ TIFF stacks instead, one page per plane: ``<id>.tif``,
 ``<id>_prob.tif``, ``<id>_overlay.tif`` (RGB), ``<id>_instances.tif`` (each plane's nuclei numbered 1..N on their
-own: no tracking between planes); objects.csv's ``plane`` counts from 0 (0 for every 2D image).
+own: no tracking between planes); objects.csv's ``plane`` counts from 0 (0 for every 2D image). ``--channel K``
+reads channel K of multi-channel images (a TIFF's C axis, or a colour of RGB) as a grey image.
 
 Runs with several classes write ``<id>_class<c>.png`` (and ``_prob``) per class; instances use class 0. A run
 trained with ``--borders True`` also predicts where nuclei touch; ``--separation borders`` splits nuclei there.
@@ -34,7 +35,7 @@ from skimage.measure import regionprops_table
 from tqdm import tqdm
 
 from config import add_amp_arg, add_device_arg, add_separation_args, choose_separation, object_filters
-from image_files import TIFF_EXTS, tiff_plane_axes
+from image_files import TIFF_EXTS, select_channel, tiff_plane_axes
 from instances import split_instances
 from utils import (ArgumentParser, BatchedThreads, DataError, UsageError, atomic_imwrite, atomic_tiff_write,
                    atomic_write, run_cli)
@@ -57,6 +58,9 @@ def build_parser():
                         "(a multiple of 16); 0 = the largest that fits the memory budget, so a whole image whenever "
                         "it fits")
     p.add_argument("--overlap", type=int, default=64, help="pixels shared by neighbouring windows")
+    p.add_argument("--channel", type=int, default=None, metavar="K",
+                   help="the nucleus channel of multi-channel images (0-based; RGB: 0 red, 1 green, 2 blue), read as "
+                        "a grey image; needed for TIFFs with other than 1 or 3 channels")
     p.add_argument("--tta", action="store_true", help="average the four flips (test-time augmentation)")
     p.add_argument("--threshold", type=float, default=0.5, help="probability above which a pixel is a nucleus")
     p.add_argument("--save_prob", action="store_true", help="also write <id>_prob.png (probability x 255)")
@@ -78,6 +82,8 @@ def check_args(args):
         raise UsageError(f"--tile {args.tile} must be 0 (from the memory budget) or a positive multiple of 16")
     if args.tile and not 0 <= args.overlap < args.tile:
         raise UsageError(f"--overlap {args.overlap} must be at least 0 and less than --tile ({args.tile})")
+    if args.channel is not None and args.channel < 0:
+        raise UsageError(f"--channel {args.channel} must be 0 or more (0 = the first channel)")
     if args.batch_size < 1:
         raise UsageError(f"--batch_size must be at least 1, got {args.batch_size}")
     if not 0 < args.threshold < 1:
@@ -205,11 +211,11 @@ def predict_plane(source, plane, image, prob, options, out_dir):
 
 
 def predict_all(predictor, files, ids, stacks, out_dir, num_classes, threshold, save_prob=False,
-                separation=None, filters=None, overlay=False):
+                separation=None, filters=None, overlay=False, channel=None):
     """Predict every file into ``out_dir``: the masks (and probabilities with ``save_prob``), the nuclei when a
     ``separation`` is given (with ``filters``), the outlines with ``overlay``; PNGs for a 2D image, TIFF stacks
     for a stack (``stacks``: the plane axes of each file, :func:`stack_axes`), each plane predicted as an image of
-    its own. The per-plane work runs in threads after every 256 MB of predictions (utils.BatchedThreads).
+    its own; ``channel`` picks one channel of each (image_files.select_channel). The per-plane work runs in threads after every 256 MB of predictions (utils.BatchedThreads).
     Returns (mean foreground fraction, objects table or None, megapixels, planes)."""
     options = dict(num_classes=num_classes, threshold=threshold, save_prob=save_prob, separation=separation,
                    filters=filters, overlay=overlay)
@@ -229,7 +235,7 @@ def predict_all(predictor, files, ids, stacks, out_dir, num_classes, threshold, 
     bar = tqdm(total=len(files), desc="predict", unit="img", dynamic_ncols=True)
     with bar, BatchedThreads(collect, desc="write") as jobs:
         for path, img_id, plane_axes in zip(files, ids, stacks):
-            planes = predictor.read_planes(path)
+            planes = select_channel(predictor.read_planes(path), channel, path)
             bar.total += len(planes) - 1
             for plane, image in enumerate(planes):
                 image = predictor.as_input(image)
@@ -264,14 +270,15 @@ def main(argv):
     started = time.time()
     foreground, objects, megapixels, planes = predict_all(
         predictor, files, ids, stacks, args.output, cfg.num_classes, args.threshold, args.save_prob,
-        separation if args.instances else None, filters, args.overlay)
+        separation if args.instances else None, filters, args.overlay, args.channel)
     if objects is not None:
         with atomic_write(os.path.join(args.output, "objects.csv")) as f:
             objects.to_csv(f, index=False, float_format="%.2f")
     seconds = time.time() - started
     how = f"resized to {cfg.input_h}x{cfg.input_w}" if not cfg.crop_size else \
         f"full size, windows up to {predictor.tile}x{predictor.tile}"
-    stacked = f", {planes} planes in all" if planes > len(files) else ""
+    stacked = (f", {planes} planes in all" if planes > len(files) else "") + \
+        (f", channel {args.channel}" if args.channel is not None else "")
     print(f"{args.name}: {len(files)} image{'s' if len(files) > 1 else ''} ({megapixels:.2f} Mpx{stacked}, {how}"
           f"{', TTA' if args.tta else ''}{f', pruned at L={args.prune}' if args.prune else ''}) in {seconds:.1f}s on "
           f"{device} ({predictor.precision.describe()}); mean foreground {100 * foreground:.1f}%"

@@ -505,23 +505,23 @@ def test_tiff_images_channels_first_and_stacks(tmp_path):
         decode_image(str(tmp_path / "stack.tif"))
 
 
-@pytest.mark.parametrize("shape, axes, order, plane_axes", [
-    ((20, 30), "YX", [0, 1], ""),
-    ((20, 30, 3), "YXS", [0, 1, 2], ""),
-    ((3, 20, 30), "QYX", [1, 2, 0], ""),  # no axis metadata: 3 leading pages are colour channels
-    ((7, 20, 30), "QYX", [0, 1, 2], "Q"),
-    ((3, 20, 30), "TYX", [0, 1, 2], "T"),  # recorded axes: 3 time points are planes
-    ((2, 1, 4, 20, 30), "TCZYX", [0, 2, 3, 4], "TZ"),  # an axis of one element is left out
-    ((5, 3, 20, 30), "ZCYX", [0, 2, 3, 1], "Z"),
-    ((5, 20, 30, 3), "QYXS", [0, 1, 2, 3], "Q"),
+@pytest.mark.parametrize("shape, axes, layout", [
+    ((20, 30), "YX", ([0, 1], "", "")),
+    ((20, 30, 3), "YXS", ([0, 1, 2], "", "S")),
+    ((3, 20, 30), "QYX", ([1, 2, 0], "", "Q")),  # no axis metadata: 3 leading pages are colour channels
+    ((7, 20, 30), "QYX", ([0, 1, 2], "Q", "")),
+    ((3, 20, 30), "TYX", ([0, 1, 2], "T", "")),  # recorded axes: 3 time points are planes
+    ((2, 1, 4, 20, 30), "TCZYX", ([0, 2, 3, 4], "TZ", "")),  # an axis of one element is left out
+    ((5, 2, 20, 30), "ZCYX", ([0, 2, 3, 1], "Z", "C")),
+    ((5, 20, 30, 3), "QYXS", ([0, 1, 2, 3], "Q", "S")),
 ])
-def test_tiff_layout_finds_planes_and_colour(shape, axes, order, plane_axes):
-    assert image_files.tiff_layout(shape, axes) == (order, plane_axes)
+def test_tiff_layout_finds_planes_and_channels(shape, axes, layout):
+    assert image_files.tiff_layout(shape, axes) == layout
 
 
-def test_tiff_layout_refuses_channels_to_choose_from():
-    with pytest.raises(ValueError, match="2 channels.*nucleus channel"):
-        image_files.tiff_layout((4, 2, 20, 30), "ZCYX")
+def test_tiff_layout_refuses_two_channel_axes():
+    with pytest.raises(ValueError, match="two channel axes"):
+        image_files.tiff_layout((4, 2, 20, 30, 3), "ZCYXS")
 
 
 def test_tiff_stacks_read_as_planes(tmp_path):
@@ -538,6 +538,15 @@ def test_tiff_stacks_read_as_planes(tmp_path):
     planes, plane_axes = image_files.decode_planes(tmp_path / "colour.tif")
     np.testing.assert_array_equal(planes, colour)  # RGB order kept
     assert image_files.tiff_plane_axes(str(tmp_path / "broken.tif")) == ""
-    tifffile.imwrite(tmp_path / "two.tif", np.zeros((4, 2, 20, 30), np.uint16), ome=True, metadata={"axes": "ZCYX"})
-    with pytest.raises(DataError, match="two.tif has shape .*2 channels"):
-        image_files.decode_planes(tmp_path / "two.tif")
+    two = rng.integers(0, 60000, (4, 2, 20, 30), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "two.tif", two, ome=True, metadata={"axes": "ZCYX"})
+    planes, plane_axes = image_files.decode_planes(tmp_path / "two.tif")
+    assert plane_axes == "Z" and planes.shape == (4, 20, 30, 2)
+    np.testing.assert_array_equal(image_files.select_channel(planes, 1, "two.tif")[..., 0], two[:, 1])
+    with pytest.raises(DataError, match="two.tif has 2 channels.*--channel \\(0 to 1\\)"):
+        image_files.select_channel(planes, None, "two.tif")
+    with pytest.raises(DataError, match="--channel 2: image two.tif has 2 channels"):
+        image_files.select_channel(planes, 2, "two.tif")
+    tifffile.imwrite(tmp_path / "two2d.tif", two[0], ome=True, metadata={"axes": "CYX"})
+    with pytest.raises(DataError, match="two2d.tif has 2 channels; training and val.py read grey or RGB"):
+        decode_image(str(tmp_path / "two2d.tif"))

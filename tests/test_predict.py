@@ -152,6 +152,37 @@ def test_stacks_are_predicted_plane_by_plane(in_runs, tmp_path, capsys):
         predict.main(["--name", "pc", "--input", str(tmp_path / "in" / "movie.tif"), "--output", str(tmp_path / "in")])
 
 
+def test_channel_picks_the_nucleus_channel(in_runs, tmp_path):
+    """--channel K predicts channel K of a multi-channel TIFF stack or of an RGB image as the grey image alone."""
+    import tifffile
+
+    nuclei = sample_bgr(40, 36)[:, :, 0].astype(np.uint16) * 200
+    noise = np.random.default_rng(0).integers(0, 60000, nuclei.shape, dtype=np.uint16)
+    stack = np.stack([np.stack([noise, nuclei]), np.stack([noise[::-1], nuclei[::-1]])])  # Z, C, Y, X
+    tifffile.imwrite(tmp_path / "two.tif", stack, ome=True, metadata={"axes": "ZCYX"})
+    rgb_nuclei = sample_bgr(40, 36)[:, :, 0]
+    write(tmp_path / "rgb.png", np.dstack([rgb_nuclei, rgb_nuclei // 3, rgb_nuclei // 2]))  # BGR: nuclei in blue
+    write(tmp_path / "alone" / "z0.png", nuclei)
+    write(tmp_path / "alone" / "z1.png", nuclei[::-1])
+    write(tmp_path / "alone" / "blue.png", rgb_nuclei)
+    flags = ["--name", "pc", "--device", "cpu", "--amp", "fp32"]
+    predict.main(["--input", str(tmp_path / "two.tif"), "--output", str(tmp_path / "out"), "--channel", "1", *flags])
+    predict.main(["--input", str(tmp_path / "rgb.png"), "--output", str(tmp_path / "out"), "--channel", "2", *flags])
+    predict.main(["--input", str(tmp_path / "alone"), "--output", str(tmp_path / "alone_out"), *flags])
+    pages = tifffile.imread(tmp_path / "out" / "two.tif")
+    np.testing.assert_array_equal(pages[0], read(tmp_path / "alone_out" / "z0.png"))
+    np.testing.assert_array_equal(pages[1], read(tmp_path / "alone_out" / "z1.png"))
+    np.testing.assert_array_equal(read(tmp_path / "out" / "rgb.png"), read(tmp_path / "alone_out" / "blue.png"))
+    with pytest.raises(DataError, match="two.tif has 2 channels.*--channel"):
+        predict.main(["--input", str(tmp_path / "two.tif"), "--output", str(tmp_path / "out"), *flags])
+    with pytest.raises(DataError, match="--channel 3: image .*rgb.png has 3 channels"):
+        predict.main(["--input", str(tmp_path / "rgb.png"), "--output", str(tmp_path / "out"), "--channel", "3",
+                      *flags])
+    with pytest.raises(UsageError, match="--channel -1"):
+        predict.main(["--input", str(tmp_path / "rgb.png"), "--output", str(tmp_path / "out"), "--channel", "-1",
+                      *flags])
+
+
 def test_percentile_run_predicts_a_dimmed_image_as_the_original(in_runs, tmp_path):
     """predict.py reads images as the run was trained (--normalization from its config.yml): with 'percentile' an
     image at half the gain gives the same probabilities; with 'fixed' (run p, same weights) it does not."""
