@@ -177,8 +177,11 @@ def image_to_float(img, input_channels, normalization="fixed"):
     every image is stretched from its 1st to its 99.8th percentile (over all its channels, so colours keep their
     balance) and clipped to [0, 1] (:func:`stretch_percentiles`), so dim, faint or low-contrast images look alike.
     Grey images are repeated to 3 channels when the model wants 3; colour images are converted to grey when it
-    wants 1.
+    wants 1. A grey image stored in three equal channels is read as the one-channel image it is, so that both
+    files give the same values (the percentiles of three copies differ slightly from those of one).
     """
+    if img.shape[2] == 3 and (img == img[:, :, :1]).all():
+        img = img[:, :, :1]
     if normalization == "percentile":
         out = stretch_percentiles(img.astype(np.float32))
     elif img.dtype == np.uint8:

@@ -8,7 +8,7 @@ Raw layout (as unzipped from stage1_train.zip)::
 
 Output layout::
 
-    <dst>/images/<id>.png         3-channel 8-bit image (alpha dropped; grey images stay 3-channel)
+    <dst>/images/<id>.png         8-bit image, 3 channels (alpha dropped), or 1 for a grey image
     <dst>/masks/0/<id>.png        hard 0/255 semantic mask (union of the nuclei)
     <dst>/labels/<id>.png         16-bit instance labels: nucleus i (sorted mask-file order) has value i
 
@@ -167,6 +167,8 @@ def convert_sample(sample_dir, out_dir, img_size, masks_csv=None):
         union = cv2.resize(union, size, interpolation=cv2.INTER_LINEAR)
         labels = cv2.resize(labels, size, interpolation=cv2.INTER_NEAREST)
     mask = np.where(union >= 128, 255, 0).astype(np.uint8)
+    if (image == image[:, :, :1]).all():
+        image = image[:, :, 0]  # grey: one channel is half the file, and reads back as the same three channels
     atomic_imwrite(os.path.join(out_dir, "images", sid + ".png"), image)
     atomic_imwrite(os.path.join(out_dir, "masks", "0", sid + ".png"), mask)
     atomic_imwrite(os.path.join(out_dir, "labels", sid + ".png"), labels)

@@ -550,3 +550,15 @@ def test_tiff_stacks_read_as_planes(tmp_path):
     tifffile.imwrite(tmp_path / "two2d.tif", two[0], ome=True, metadata={"axes": "CYX"})
     with pytest.raises(DataError, match="two2d.tif has 2 channels; training and val.py read grey or RGB"):
         decode_image(str(tmp_path / "two2d.tif"))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_grey_in_three_channels_reads_as_grey(dtype):
+    """A grey image stored as one channel or as three equal ones gives the network the same values (the percentiles
+    of three copies would differ slightly)."""
+    grey = np.random.default_rng(0).integers(0, np.iinfo(dtype).max, (37, 29, 1)).astype(dtype)
+    for normalization in image_files.NORMALIZATIONS:
+        for input_channels in (1, 3):
+            np.testing.assert_array_equal(image_files.image_to_float(grey, input_channels, normalization),
+                                          image_files.image_to_float(np.repeat(grey, 3, axis=2), input_channels,
+                                                                     normalization))

@@ -64,7 +64,9 @@ def raw(tmp_path):
 
 
 def _read_out(dst, sid):
+    """The written image (grey ones, stored as one channel, repeated to three), mask and labels."""
     img = cv2.imread(str(dst / "images" / f"{sid}.png"), cv2.IMREAD_UNCHANGED)
+    img = np.repeat(img[..., None], 3, axis=2) if img is not None and img.ndim == 2 else img
     mask = cv2.imread(str(dst / "masks" / "0" / f"{sid}.png"), cv2.IMREAD_UNCHANGED)
     lab = cv2.imread(str(dst / "labels" / f"{sid}.png"), cv2.IMREAD_UNCHANGED)
     assert img is not None and mask is not None and lab is not None
@@ -81,9 +83,11 @@ def test_full_size_exact(raw, tmp_path, monkeypatch):
     assert pre.main(["--src", str(src), "--img_size", "0", "--num_workers", "1"]) == 0
     dst = tmp_path / "inputs" / "dsb2018_full"
     assert sorted(os.listdir(dst / "images")) == ["aaa.png", "bbb.png", "ccc.png"]
+    stored = {sid: cv2.imread(str(dst / "images" / f"{sid}.png"), cv2.IMREAD_UNCHANGED).ndim for sid in samples}
+    assert stored == {"aaa": 3, "bbb": 2, "ccc": 3}  # the grey image is stored as one channel
     for sid, (bgr, masks) in samples.items():
         img, mask, lab = _read_out(dst, sid)
-        assert img.shape == bgr.shape and img.dtype == np.uint8, sid  # original size, 3 channels
+        assert img.shape == bgr.shape and img.dtype == np.uint8, sid  # original size
         assert np.array_equal(img, bgr), sid  # alpha dropped, colour untouched; grey -> 3 equal channels
         assert np.array_equal(mask, _union(masks)), sid
         assert lab.dtype == np.uint16 and lab.shape == bgr.shape[:2]
