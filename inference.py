@@ -80,11 +80,13 @@ class Predictor:
     ``predict(image)`` takes the image as training sees it before normalisation: float32 [H, W, C] in [0, 1]
     (:meth:`as_input`). ``tile`` None sizes the windows from the memory budget
     (:func:`memory_budget`), so an image is predicted whole whenever it fits; ``amp`` is --amp
-    (engine.Precision.choose).
+    (engine.Precision.choose). A crop-trained run predicts the image resized by ``scale`` (so that its nuclei have
+    the size the network learned) and returns the probabilities at the image's own size.
     """
 
-    def __init__(self, model, cfg, device, tile=None, overlap=64, batch_size=4, prune=None, tta=False, amp="auto"):
-        self.model, self.cfg, self.device = model, cfg, device
+    def __init__(self, model, cfg, device, tile=None, overlap=64, batch_size=4, prune=None, tta=False, amp="auto",
+                 scale=1.0):
+        self.model, self.cfg, self.device, self.scale = model, cfg, device, scale
         self.overlap, self.batch_size = overlap, batch_size
         self.prune, self.tta = prune, tta
         self.precision = Precision.choose(device, amp)
@@ -97,7 +99,8 @@ class Predictor:
         self.tile = tile
 
     def read_planes(self, path):
-        """The image file at ``path`` as stored: [N, H, W, C] (N planes: 1, or a TIFF stack's; image_files.decode_planes)."""
+        """The image file at ``path`` as stored: [N, H, W, C], N planes (1, or a TIFF stack's; see
+        image_files.decode_planes)."""
         return decode_planes(path)[0]
 
     def as_input(self, image):
@@ -127,11 +130,20 @@ class Predictor:
         """float32 [H, W, C] in [0, 1] -> probabilities float32 [K, H, W] in [0, 1], the image's own size."""
         height, width = image.shape[:2]
         if not self.cfg.crop_size:  # trained on resized images: predict at the training size, resize back
-            small = cv2.resize(image, (self.cfg.input_w, self.cfg.input_h), interpolation=cv2.INTER_LINEAR)
-            prob = self.run_batches([network_input(small.reshape(small.shape[0], small.shape[1], -1))])[0]
-            return np.stack([cv2.resize(p, (width, height), interpolation=cv2.INTER_LINEAR) for p in prob])
+            size, interpolation = (self.cfg.input_w, self.cfg.input_h), cv2.INTER_LINEAR
+        elif self.scale != 1:
+            size = (max(16, round(width * self.scale)), max(16, round(height * self.scale)))
+            interpolation = cv2.INTER_AREA if self.scale < 1 else cv2.INTER_LINEAR
+        else:
+            return self.predict_full_size(image)
+        resized = cv2.resize(image, size, interpolation=interpolation).reshape(size[1], size[0], -1)
+        prob = self.predict_full_size(resized)
+        return np.stack([cv2.resize(p, (width, height), interpolation=cv2.INTER_LINEAR) for p in prob])
+
+    def predict_full_size(self, image):
+        """float32 [H, W, C] in [0, 1] -> probabilities [K, H, W]: whole when it fits the budget, else in windows."""
         x = network_input(image)
-        if height * width <= self.tile * self.tile:
+        if x.shape[1] * x.shape[2] <= self.tile * self.tile:
             return self.run_batches([x])[0]
         return self.predict_tiled(x)
 

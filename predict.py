@@ -42,8 +42,8 @@ from utils import (ArgumentParser, BatchedThreads, DataError, UsageError, atomic
 from visualize import draw_outlines, to_bgr
 
 IMAGE_EXTS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
-OBJECT_COLUMNS = ["image", "plane", "label", "area", "centroid_y", "centroid_x", "bbox_min_y", "bbox_min_x", "bbox_max_y",
-                  "bbox_max_x"]
+OBJECT_COLUMNS = ["image", "plane", "label", "area", "centroid_y", "centroid_x", "bbox_min_y", "bbox_min_x",
+                  "bbox_max_y", "bbox_max_x"]
 
 
 def build_parser():
@@ -61,6 +61,9 @@ def build_parser():
     p.add_argument("--channel", type=int, default=None, metavar="K",
                    help="the nucleus channel of multi-channel images (0-based; RGB: 0 red, 1 green, 2 blue), read as "
                         "a grey image; needed for TIFFs with other than 1 or 3 channels")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="crop-trained runs: predict each image resized by this factor, so that its nuclei have the "
+                        "size the run was trained on (e.g. 0.5 for nuclei twice as wide as in training)")
     p.add_argument("--tta", action="store_true", help="average the four flips (test-time augmentation)")
     p.add_argument("--threshold", type=float, default=0.5, help="probability above which a pixel is a nucleus")
     p.add_argument("--save_prob", action="store_true", help="also write <id>_prob.png (probability x 255)")
@@ -82,6 +85,8 @@ def check_args(args):
         raise UsageError(f"--tile {args.tile} must be 0 (from the memory budget) or a positive multiple of 16")
     if args.tile and not 0 <= args.overlap < args.tile:
         raise UsageError(f"--overlap {args.overlap} must be at least 0 and less than --tile ({args.tile})")
+    if not 0.05 <= args.scale <= 20:
+        raise UsageError(f"--scale {args.scale} must be between 0.05 and 20 (1 = the image as it is)")
     if args.channel is not None and args.channel < 0:
         raise UsageError(f"--channel {args.channel} must be 0 or more (0 = the first channel)")
     if args.batch_size < 1:
@@ -210,12 +215,19 @@ def predict_plane(source, plane, image, prob, options, out_dir):
     return source, arrays, fraction, table, image.shape[0] * image.shape[1]
 
 
+def median_diameter(objects):
+    """The median diameter of the nuclei in an objects table, in pixels: that of a disk of each one's area
+    (compare it with the nuclei the run was trained on, and pass --scale when they differ a lot)."""
+    return float(np.median(2 * np.sqrt(objects["area"] / np.pi)))
+
+
 def predict_all(predictor, files, ids, stacks, out_dir, num_classes, threshold, save_prob=False,
                 separation=None, filters=None, overlay=False, channel=None):
     """Predict every file into ``out_dir``: the masks (and probabilities with ``save_prob``), the nuclei when a
     ``separation`` is given (with ``filters``), the outlines with ``overlay``; PNGs for a 2D image, TIFF stacks
     for a stack (``stacks``: the plane axes of each file, :func:`stack_axes`), each plane predicted as an image of
-    its own; ``channel`` picks one channel of each (image_files.select_channel). The per-plane work runs in threads after every 256 MB of predictions (utils.BatchedThreads).
+    its own; ``channel`` picks one channel of each (image_files.select_channel). The per-plane work runs in
+    threads after every 256 MB of predictions (utils.BatchedThreads).
     Returns (mean foreground fraction, objects table or None, megapixels, planes)."""
     options = dict(num_classes=num_classes, threshold=threshold, save_prob=save_prob, separation=separation,
                    filters=filters, overlay=overlay)
@@ -262,10 +274,13 @@ def main(argv):
 
     device = choose_device(args.device)
     cfg, model = load_run(args.name, device, args.prune)
+    if args.scale != 1 and not cfg.crop_size:
+        raise UsageError(f"--scale: run {args.name} was trained on images resized to {cfg.input_h}x{cfg.input_w}, "
+                         "and predicts every image at that size; --scale is for runs trained on crops")
     filters = object_filters(args.min_size, args.min_confidence, cfg.loss)
     separation = choose_separation(args.separation, cfg.borders, args.name)
     predictor = Predictor(model, cfg, device, args.tile or None, args.overlap, args.batch_size, args.prune, args.tta,
-                          args.amp)
+                          args.amp, args.scale)
     os.makedirs(args.output, exist_ok=True)
     started = time.time()
     foreground, objects, megapixels, planes = predict_all(
@@ -275,14 +290,16 @@ def main(argv):
         with atomic_write(os.path.join(args.output, "objects.csv")) as f:
             objects.to_csv(f, index=False, float_format="%.2f")
     seconds = time.time() - started
+    size = f"scaled by {args.scale:g}" if args.scale != 1 else "full size"
     how = f"resized to {cfg.input_h}x{cfg.input_w}" if not cfg.crop_size else \
-        f"full size, windows up to {predictor.tile}x{predictor.tile}"
+        f"{size}, windows up to {predictor.tile}x{predictor.tile}"
     stacked = (f", {planes} planes in all" if planes > len(files) else "") + \
         (f", channel {args.channel}" if args.channel is not None else "")
     print(f"{args.name}: {len(files)} image{'s' if len(files) > 1 else ''} ({megapixels:.2f} Mpx{stacked}, {how}"
           f"{', TTA' if args.tta else ''}{f', pruned at L={args.prune}' if args.prune else ''}) in {seconds:.1f}s on "
           f"{device} ({predictor.precision.describe()}); mean foreground {100 * foreground:.1f}%"
-          f"{f', {len(objects)} objects ({separation}) in objects.csv' if objects is not None else ''}; "
+          f"{f', {len(objects)} objects ({separation}) in objects.csv' if objects is not None else ''}"
+          f"{f', median diameter {median_diameter(objects):.0f} px' if objects is not None and len(objects) else ''}; "
           f"files in {args.output}/")
     return {"images": len(files), "planes": planes, "seconds": seconds}
 

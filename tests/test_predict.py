@@ -4,6 +4,8 @@ One tiny NestedUNet + deep supervision run is trained once (1 epoch on 8 synthet
 training). Copies of it with ``crop_size: 32`` in config.yml (full-resolution prediction), a UNet run with
 random weights, and a run without model.pth are made beside it without training.
 """
+import importlib.util
+import json
 import os
 import shutil
 from argparse import Namespace
@@ -183,6 +185,32 @@ def test_channel_picks_the_nucleus_channel(in_runs, tmp_path):
                       *flags])
 
 
+def test_scale_predicts_the_resized_image(in_runs, tmp_path):
+    """--scale S (a crop-trained run): the probabilities of the image resized by S, resized back to its size."""
+    cfg, model = checkpoints.load_run("pc", torch.device("cpu"))
+    image = sample_bgr(50, 38).astype(np.float32) / 255
+    plain = inference.Predictor(model, cfg, torch.device("cpu"), amp="fp32")
+    for scale, size, interpolation in ((0.5, (19, 25), cv2.INTER_AREA), (2.5, (95, 125), cv2.INTER_LINEAR)):
+        prob = inference.Predictor(model, cfg, torch.device("cpu"), amp="fp32", scale=scale).predict(image)
+        expected = plain.predict(cv2.resize(image, size, interpolation=interpolation))
+        expected = np.stack([cv2.resize(p, (38, 50), interpolation=cv2.INTER_LINEAR) for p in expected])
+        assert prob.shape == (expected.shape[0], 50, 38)
+        np.testing.assert_allclose(prob, expected, atol=1e-6)
+    image_path = write(tmp_path / "a.png", sample_bgr(50, 38))
+    predict.main(["--name", "pc", "--input", image_path, "--output", str(tmp_path / "out"), "--scale", "0.5",
+                  "--device", "cpu"])
+    assert read(tmp_path / "out" / "a.png").shape == (50, 38)
+    with pytest.raises(UsageError, match="--scale is for runs trained on crops"):
+        predict.main(["--name", "p", "--input", image_path, "--output", str(tmp_path / "out"), "--scale", "0.5"])
+    with pytest.raises(UsageError, match="--scale 0.0 must be between"):
+        predict.main(["--name", "pc", "--input", image_path, "--output", str(tmp_path / "out"), "--scale", "0"])
+
+
+def test_median_diameter_is_that_of_disks_of_the_areas():
+    areas = np.pi * np.array([5.0, 10.0, 20.0]) ** 2
+    assert predict.median_diameter(pd.DataFrame({"area": areas})) == pytest.approx(20.0)
+
+
 def test_percentile_run_predicts_a_dimmed_image_as_the_original(in_runs, tmp_path):
     """predict.py reads images as the run was trained (--normalization from its config.yml): with 'percentile' an
     image at half the gain gives the same probabilities; with 'fixed' (run p, same weights) it does not."""
@@ -341,14 +369,28 @@ def test_val_reports_the_dsb_score(in_runs, tmp_path, capsys):
         assert 0 <= scores["dsb"] <= 1 and 0 <= scores["dsb_cc"] <= 1
 
 
-def test_bench_prune_runs_on_a_tiny_run(in_runs, capsys):
-    import importlib.util
-    import json
+def load_bench(name):
+    """bench/<name>.py as a module (its file name may clash with other modules on the path)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(predict.__file__)), "bench", name + ".py")
+    spec = importlib.util.spec_from_file_location("bench_" + name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    path = os.path.join(os.path.dirname(os.path.abspath(predict.__file__)), "bench", "prune.py")
-    spec = importlib.util.spec_from_file_location("bench_prune", path)
-    bench_prune = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_prune)
+
+def test_bench_scale_scores_resized_images(in_runs, capsys):
+    """bench/scale.py on the tiny crop-trained run: at factor 1 --scale changes nothing; every score in [0, 1]."""
+    result = load_bench("scale").main(["--name", "pc", "--factors", "1,2", "--limit", "2", "--device", "cpu"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+    assert [r["factor"] for r in result["rows"]] == [1.0, 2.0] and result["images"] == 2
+    assert result["rows"][0]["as_is"] == result["rows"][0]["scaled"]
+    assert all(0 <= v <= 1 for r in result["rows"] for how in ("as_is", "scaled") for v in r[how].values())
+    with pytest.raises(UsageError, match="crop-trained"):
+        load_bench("scale").main(["--name", "p"])
+
+
+def test_bench_prune_runs_on_a_tiny_run(in_runs, capsys):
+    bench_prune = load_bench("prune")
     bench_prune.main(["--name", "p", "--repeats", "1", "--device", "cpu"])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     rows = json.loads(last)["rows"]

@@ -1,0 +1,118 @@
+"""Nuclei of another size than the training set's: what predict.py --scale gives back.
+
+    python bench/scale.py --name nuclei --factors 0.5,2,3 --limit 30
+
+Validation images of a crop-trained run (the first ``--limit`` ids of its split.csv, from the run's dataset),
+resized by each factor (images linearly, or by area when shrinking; label images by nearest neighbour), so that
+their nuclei are that many times as wide as the network learned, as at another magnification. Each is predicted
+as it is and with ``--scale 1/factor`` (inference.Predictor, predict.py's path, and predict.segment for the
+nuclei with the run's default separation), and scored against the resized labels: pooled and mean IoU of the
+mask, and the DSB2018 score (metrics.dsb_score). Factor 1 is the images as they are. Prints a table, then as the
+last line one JSON object with every figure.
+"""
+import argparse
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import cv2  # noqa: E402  (after the path set-up above)
+import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from checkpoints import load_run  # noqa: E402
+from config import (INPUTS_DIR, add_amp_arg, add_device_arg, choose_separation, load_run_config,  # noqa: E402
+                    object_filters, saved_run_dir)
+from dataset import read_split, split_ids  # noqa: E402
+from engine import choose_device  # noqa: E402
+from image_files import decode_image, read_label_image  # noqa: E402
+from inference import Predictor  # noqa: E402
+from metrics import dsb_score  # noqa: E402
+from predict import segment  # noqa: E402
+from utils import ArgumentParser, UsageError, run_cli  # noqa: E402
+
+
+def build_parser():
+    p = ArgumentParser(prog="bench/scale.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Scores of a crop-trained run on validation images resized by each factor, "
+                                   "predicted as they are and with --scale 1/factor.")
+    p.add_argument("--name", required=True, help="a crop-trained run (a folder in models/, or nuclei)")
+    p.add_argument("--factors", default="0.5,2,3", help="comma-separated resize factors of the images")
+    p.add_argument("--limit", type=int, default=30, help="the first this many validation images")
+    add_device_arg(p)
+    add_amp_arg(p)
+    p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    return p
+
+
+def resized(image, labels, factor):
+    """image [H, W, C] and labels int32 [H, W] resized by ``factor`` (at least 16 pixels a side)."""
+    height, width = labels.shape
+    size = (max(16, round(width * factor)), max(16, round(height * factor)))
+    image = cv2.resize(image, size, interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
+    labels = cv2.resize(labels.astype(np.float32), size, interpolation=cv2.INTER_NEAREST).astype(np.int32)
+    return image.reshape(size[1], size[0], -1), labels
+
+
+def score(predictor, samples, options):
+    """Pooled IoU, mean IoU and mean DSB2018 score of ``predictor`` on samples [(img_id, image, labels)]."""
+    inter = union = 0
+    ious, dsbs = [], []
+    for img_id, image, labels in samples:
+        image = predictor.as_input(image)
+        arrays, found = segment(img_id, image, predictor.predict(image), **options)
+        mask, truth = arrays[""] > 0, labels > 0
+        i, u = int((mask & truth).sum()), int((mask | truth).sum())
+        inter, union = inter + i, union + u
+        ious.append(i / u if u else 1.0)
+        dsbs.append(dsb_score(labels, found))
+    return {"iou": inter / max(union, 1), "iou_mean": float(np.mean(ious)), "dsb": float(np.mean(dsbs))}
+
+
+def main(argv):
+    args = build_parser().parse_args(argv)
+    try:
+        factors = [float(f) for f in args.factors.split(",")]
+    except ValueError:
+        raise UsageError(f"--factors {args.factors}: give numbers separated by commas, e.g. 0.5,2,3") from None
+    if args.limit < 1 or min(factors) <= 0:
+        raise UsageError("--limit must be at least 1 and every factor above 0")
+    cfg = load_run_config(args.name)
+    if not cfg.crop_size:
+        raise UsageError(f"{args.name} was trained on resized images; bench/scale.py needs a crop-trained run")
+    labels_dir = os.path.join(INPUTS_DIR, cfg.dataset, "labels")
+    if not os.path.isdir(labels_dir):
+        raise UsageError(f"{labels_dir} does not exist: the DSB2018 score needs the instance labels of "
+                         f"inputs/{cfg.dataset} (python preprocess_dsb2018.py --img_size 0)")
+    ids = split_ids(read_split(os.path.join(saved_run_dir(args.name), "split.csv")), "val")[:args.limit]
+    device = choose_device(args.device)
+    cfg, model = load_run(args.name, device)
+    options = dict(num_classes=cfg.num_classes, threshold=0.5, save_prob=False, overlay=False,
+                   separation=choose_separation(None, cfg.borders, args.name),
+                   filters=object_filters(loss=cfg.loss))
+    originals = [(i, decode_image(os.path.join(INPUTS_DIR, cfg.dataset, "images", i + cfg.img_ext)),
+                  read_label_image(os.path.join(labels_dir, i + ".png"))) for i in ids]
+    rows = []
+    for factor in tqdm(factors, desc="factors", dynamic_ncols=True):
+        samples = [(i, *resized(image, labels, factor)) for i, image, labels in originals]
+        row = {"factor": factor}
+        for how, scale in (("as_is", 1.0), ("scaled", 1 / factor)):
+            predictor = Predictor(model, cfg, device, amp=args.amp, scale=scale)
+            row[how] = {k: round(v, 4) for k, v in score(predictor, samples, options).items()}
+        rows.append(row)
+    print(f"{args.name}: {len(ids)} validation images resized by each factor, on {device} "
+          f"({Predictor(model, cfg, device, amp=args.amp).precision.describe()}); separation {options['separation']}")
+    print(f"{'factor':>6}  {'as they are: IoU pooled / mean, DSB2018':>40}  {'--scale 1/factor: the same':>40}")
+    for r in rows:
+        cells = [f"{r[h]['iou']:.4f} / {r[h]['iou_mean']:.4f}, {r[h]['dsb']:.3f}" for h in ("as_is", "scaled")]
+        print(f"{r['factor']:>6g}  {cells[0]:>40}  {cells[1]:>40}")
+    result = {"name": args.name, "images": len(ids), "device": str(device), "rows": rows}
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    run_cli(main)
