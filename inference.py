@@ -15,7 +15,7 @@ import torch
 
 from config import output_channels
 from engine import Precision, forward
-from image_files import decode_planes, image_to_float, normalize
+from image_files import image_to_float, normalize
 
 
 def blend_weights(height, width, overlap):
@@ -97,11 +97,6 @@ class Predictor:
             tile = tile_for_budget(per_pixel, budget)
             self.batch_size = max(1, min(batch_size, int(budget // (per_pixel * tile * tile))))
         self.tile = tile
-
-    def read_planes(self, path):
-        """The image file at ``path`` as stored: [N, H, W, C], N planes (1, or a TIFF stack's; see
-        image_files.decode_planes)."""
-        return decode_planes(path)[0]
 
     def as_input(self, image):
         """One image (or plane) as stored, [H, W, C], as this run's network sees it before normalisation: float32

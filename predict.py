@@ -35,7 +35,7 @@ from skimage.measure import regionprops_table
 from tqdm import tqdm
 
 from config import add_amp_arg, add_device_arg, add_separation_args, choose_separation, object_filters
-from image_files import TIFF_EXTS, select_channel, tiff_plane_axes
+from image_files import TIFF_EXTS, decode_planes, select_channel, tiff_plane_axes
 from instances import split_instances
 from utils import (ArgumentParser, BatchedThreads, DataError, UsageError, atomic_imwrite, atomic_tiff_write,
                    atomic_write, run_cli)
@@ -247,7 +247,7 @@ def predict_all(predictor, files, ids, stacks, out_dir, num_classes, threshold, 
     bar = tqdm(total=len(files), desc="predict", unit="img", dynamic_ncols=True)
     with bar, BatchedThreads(collect, desc="write") as jobs:
         for path, img_id, plane_axes in zip(files, ids, stacks):
-            planes = select_channel(predictor.read_planes(path), channel, path)
+            planes = select_channel(decode_planes(path)[0], channel, path)
             bar.total += len(planes) - 1
             for plane, image in enumerate(planes):
                 image = predictor.as_input(image)

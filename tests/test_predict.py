@@ -20,6 +20,7 @@ import yaml
 import checkpoints
 import inference
 import predict
+from image_files import decode_image
 from utils import DataError, UsageError, run_cli
 
 
@@ -221,7 +222,7 @@ def test_percentile_run_predicts_a_dimmed_image_as_the_original(in_runs, tmp_pat
     for run in ("pp", "p"):
         cfg, model = checkpoints.load_run(run, torch.device("cpu"))
         predictor = inference.Predictor(model, cfg, torch.device("cpu"), amp="fp32")  # no bf16 rounding
-        probs[run] = [predictor.predict(predictor.as_input(predictor.read_planes(str(tmp_path / "in" / f"{n}.png"))[0]))
+        probs[run] = [predictor.predict(predictor.as_input(decode_image(str(tmp_path / "in" / f"{n}.png"))))
                       for n in ("bright", "dim")]
     np.testing.assert_allclose(*probs["pp"], atol=1e-4)
     assert np.abs(probs["p"][0] - probs["p"][1]).max() > 1e-3
