@@ -215,10 +215,10 @@ def predict_plane(source, plane, image, prob, options, out_dir):
     return source, arrays, fraction, table, image.shape[0] * image.shape[1]
 
 
-def median_diameter(objects):
-    """The median diameter of the nuclei in an objects table, in pixels: that of a disk of each one's area
+def median_diameter(areas):
+    """The median diameter of nuclei of these areas (pixels), in pixels: that of a disk of each one's area
     (compare it with the nuclei the run was trained on, and pass --scale when they differ a lot)."""
-    return float(np.median(2 * np.sqrt(objects["area"] / np.pi)))
+    return float(np.median(2 * np.sqrt(np.asarray(areas, np.float64) / np.pi)))
 
 
 def predict_all(predictor, files, ids, stacks, out_dir, num_classes, threshold, save_prob=False,
@@ -291,6 +291,8 @@ def main(argv):
             objects.to_csv(f, index=False, float_format="%.2f")
     seconds = time.time() - started
     size = f"scaled by {args.scale:g}" if args.scale != 1 else "full size"
+    found = "" if objects is None else f", {len(objects)} objects ({separation}) in objects.csv" + \
+        (f", median diameter {median_diameter(objects['area']):.0f} px" if len(objects) else "")
     how = f"resized to {cfg.input_h}x{cfg.input_w}" if not cfg.crop_size else \
         f"{size}, windows up to {predictor.tile}x{predictor.tile}"
     stacked = (f", {planes} planes in all" if planes > len(files) else "") + \
@@ -298,8 +300,7 @@ def main(argv):
     print(f"{args.name}: {len(files)} image{'s' if len(files) > 1 else ''} ({megapixels:.2f} Mpx{stacked}, {how}"
           f"{', TTA' if args.tta else ''}{f', pruned at L={args.prune}' if args.prune else ''}) in {seconds:.1f}s on "
           f"{device} ({predictor.precision.describe()}); mean foreground {100 * foreground:.1f}%"
-          f"{f', {len(objects)} objects ({separation}) in objects.csv' if objects is not None else ''}"
-          f"{f', median diameter {median_diameter(objects):.0f} px' if objects is not None and len(objects) else ''}; "
+          f"{found}; "
           f"files in {args.output}/")
     return {"images": len(files), "planes": planes, "seconds": seconds}
 

@@ -5,8 +5,10 @@
 Validation images of a crop-trained run (the first ``--limit`` ids of its split.csv, from the run's dataset),
 resized by each factor (images linearly, or by area when shrinking; label images by nearest neighbour), so that
 their nuclei are that many times as wide as the network learned, as at another magnification. Each is predicted
-as it is and with ``--scale 1/factor`` (inference.Predictor, predict.py's path, and predict.segment for the
-nuclei with the run's default separation), and scored against the resized labels: pooled and mean IoU of the
+as it is, with ``--scale 1/factor``, and with the scale a user would read off predict.py: the median diameter of
+the training split's nuclei over the median diameter predict.py prints for these images as they are
+(predict.median_diameter). Prediction is inference.Predictor, predict.py's path, and predict.segment for the
+nuclei with the run's default separation; the scores, against the resized labels: pooled and mean IoU of the
 mask, and the DSB2018 score (metrics.dsb_score). Factor 1 is the images as they are. Prints a table, then as the
 last line one JSON object with every figure.
 """
@@ -31,7 +33,7 @@ from engine import choose_device  # noqa: E402
 from image_files import decode_image, read_label_image  # noqa: E402
 from inference import Predictor  # noqa: E402
 from metrics import dsb_score  # noqa: E402
-from predict import segment  # noqa: E402
+from predict import median_diameter, segment  # noqa: E402
 from utils import ArgumentParser, UsageError, run_cli  # noqa: E402
 
 
@@ -57,10 +59,17 @@ def resized(image, labels, factor):
     return image.reshape(size[1], size[0], -1), labels
 
 
+def nucleus_areas(labels):
+    """The pixel count of each nucleus of a label image int32 [H, W] (0 = background)."""
+    counts = np.bincount(labels.ravel())[1:]
+    return counts[counts > 0]
+
+
 def score(predictor, samples, options):
-    """Pooled IoU, mean IoU and mean DSB2018 score of ``predictor`` on samples [(img_id, image, labels)]."""
+    """Pooled IoU, mean IoU, mean DSB2018 score of ``predictor`` on samples [(img_id, image, labels)], and the
+    median diameter of all the nuclei it found (0 when it found none)."""
     inter = union = 0
-    ious, dsbs = [], []
+    ious, dsbs, areas = [], [], []
     for img_id, image, labels in samples:
         image = predictor.as_input(image)
         arrays, found = segment(img_id, image, predictor.predict(image), **options)
@@ -69,7 +78,9 @@ def score(predictor, samples, options):
         inter, union = inter + i, union + u
         ious.append(i / u if u else 1.0)
         dsbs.append(dsb_score(labels, found))
-    return {"iou": inter / max(union, 1), "iou_mean": float(np.mean(ious)), "dsb": float(np.mean(dsbs))}
+        areas.append(nucleus_areas(found))
+    return {"iou": inter / max(union, 1), "iou_mean": float(np.mean(ious)), "dsb": float(np.mean(dsbs)),
+            "diameter": median_diameter(np.concatenate(areas)) if sum(map(len, areas)) else 0.0}
 
 
 def main(argv):
@@ -87,7 +98,10 @@ def main(argv):
     if not os.path.isdir(labels_dir):
         raise UsageError(f"{labels_dir} does not exist: the DSB2018 score needs the instance labels of "
                          f"inputs/{cfg.dataset} (python preprocess_dsb2018.py --img_size 0)")
-    ids = split_ids(read_split(os.path.join(saved_run_dir(args.name), "split.csv")), "val")[:args.limit]
+    split = read_split(os.path.join(saved_run_dir(args.name), "split.csv"))
+    ids = split_ids(split, "val")[:args.limit]
+    trained = median_diameter(np.concatenate([nucleus_areas(read_label_image(os.path.join(labels_dir, i + ".png")))
+                                              for i in split_ids(split, "train")]))
     device = choose_device(args.device)
     cfg, model = load_run(args.name, device)
     options = dict(num_classes=cfg.num_classes, threshold=0.5, save_prob=False, overlay=False,
@@ -99,17 +113,24 @@ def main(argv):
     for factor in tqdm(factors, desc="factors", dynamic_ncols=True):
         samples = [(i, *resized(image, labels, factor)) for i, image, labels in originals]
         row = {"factor": factor}
-        for how, scale in (("as_is", 1.0), ("scaled", 1 / factor)):
+        for how in ("as_is", "scaled", "read_off"):
+            found = row["as_is"]["diameter"] if how == "read_off" else 0  # nothing found: nothing to read off
+            scale = {"as_is": 1.0, "scaled": 1 / factor}.get(how) or (trained / found if found else 1.0)
             predictor = Predictor(model, cfg, device, amp=args.amp, scale=scale)
-            row[how] = {k: round(v, 4) for k, v in score(predictor, samples, options).items()}
+            scores = score(predictor, samples, options)
+            row[how] = {"scale": round(scale, 4), **{k: round(v, 4) for k, v in scores.items()}}
         rows.append(row)
     print(f"{args.name}: {len(ids)} validation images resized by each factor, on {device} "
-          f"({Predictor(model, cfg, device, amp=args.amp).precision.describe()}); separation {options['separation']}")
-    print(f"{'factor':>6}  {'as they are: IoU pooled / mean, DSB2018':>40}  {'--scale 1/factor: the same':>40}")
+          f"({Predictor(model, cfg, device, amp=args.amp).precision.describe()}); separation {options['separation']}; "
+          f"training nuclei {trained:.1f} px across (median)")
+    print(f"{'factor':>6}  {'as they are: IoU pooled / mean, DSB2018':>40}  {'--scale 1/factor':>24}  "
+          f"{'--scale read off (S)':>30}")
     for r in rows:
-        cells = [f"{r[h]['iou']:.4f} / {r[h]['iou_mean']:.4f}, {r[h]['dsb']:.3f}" for h in ("as_is", "scaled")]
-        print(f"{r['factor']:>6g}  {cells[0]:>40}  {cells[1]:>40}")
-    result = {"name": args.name, "images": len(ids), "device": str(device), "rows": rows}
+        cells = [f"{r[h]['iou']:.4f} / {r[h]['iou_mean']:.4f}, {r[h]['dsb']:.3f}"
+                 for h in ("as_is", "scaled", "read_off")]
+        print(f"{r['factor']:>6g}  {cells[0]:>40}  {cells[1]:>24}  {cells[2]:>22} ({r['read_off']['scale']:.2f})")
+    result = {"name": args.name, "images": len(ids), "device": str(device), "trained_diameter": round(trained, 2),
+              "rows": rows}
     print(json.dumps(result))
     return result
 

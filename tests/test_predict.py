@@ -209,7 +209,7 @@ def test_scale_predicts_the_resized_image(in_runs, tmp_path):
 
 def test_median_diameter_is_that_of_disks_of_the_areas():
     areas = np.pi * np.array([5.0, 10.0, 20.0]) ** 2
-    assert predict.median_diameter(pd.DataFrame({"area": areas})) == pytest.approx(20.0)
+    assert predict.median_diameter(areas) == pytest.approx(20.0)
 
 
 def test_percentile_run_predicts_a_dimmed_image_as_the_original(in_runs, tmp_path):
@@ -385,7 +385,9 @@ def test_bench_scale_scores_resized_images(in_runs, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
     assert [r["factor"] for r in result["rows"]] == [1.0, 2.0] and result["images"] == 2
     assert result["rows"][0]["as_is"] == result["rows"][0]["scaled"]
-    assert all(0 <= v <= 1 for r in result["rows"] for how in ("as_is", "scaled") for v in r[how].values())
+    assert [r["scaled"]["scale"] for r in result["rows"]] == [1.0, 0.5] and result["trained_diameter"] > 0
+    assert all(0 <= r[how][k] <= 1 for r in result["rows"] for how in ("as_is", "scaled", "read_off")
+               for k in ("iou", "iou_mean", "dsb"))
     with pytest.raises(UsageError, match="crop-trained"):
         load_bench("scale").main(["--name", "p"])
 
