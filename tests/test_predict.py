@@ -4,6 +4,7 @@ One tiny NestedUNet + deep supervision run is trained once (1 epoch on 8 synthet
 training). Copies of it with ``crop_size: 32`` in config.yml (full-resolution prediction), a UNet run with
 random weights, and a run without model.pth are made beside it without training.
 """
+import functools
 import importlib.util
 import json
 import os
@@ -20,6 +21,7 @@ import yaml
 import checkpoints
 import inference
 import predict
+import utils
 from image_files import decode_image
 from utils import DataError, UsageError, run_cli
 
@@ -121,9 +123,10 @@ def test_odd_sizes_and_formats_keep_their_size(in_runs, tmp_path, capsys):
     assert not (out / "notes.png").exists()
 
 
-def test_stacks_are_predicted_plane_by_plane(in_runs, tmp_path, capsys):
+def test_stacks_are_predicted_plane_by_plane(in_runs, tmp_path, capsys, monkeypatch):
     """A TIFF stack (16-bit, three time points) gives TIFF stacks whose pages are what each plane, saved as an image
-    of its own, gives; objects.csv numbers the planes."""
+    of its own, gives; objects.csv numbers the planes. Two stacks written with a flush of the threads after every
+    plane give the same."""
     import tifffile
 
     grey = sample_bgr(40, 36)[:, :, 0].astype(np.uint16)
@@ -153,6 +156,13 @@ def test_stacks_are_predicted_plane_by_plane(in_runs, tmp_path, capsys):
                                   one_by_one.assign(plane=one_by_one["image"].str[1].astype(int)).drop(columns=["image"]))
     with pytest.raises(UsageError, match="overwrite the input"):
         predict.main(["--name", "pc", "--input", str(tmp_path / "in" / "movie.tif"), "--output", str(tmp_path / "in")])
+    tifffile.imwrite(tmp_path / "in" / "movie2.tif", stack[::-1], imagej=True, metadata={"axes": "TYX"})
+    monkeypatch.setattr(predict, "BatchedThreads", functools.partial(utils.BatchedThreads, buffer_mb=0))
+    predict.main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "flushed"), *flags])
+    for suffix in ("", "_prob", "_instances", "_overlay"):
+        pages = tifffile.imread(tmp_path / "out" / f"movie{suffix}.tif")
+        np.testing.assert_array_equal(tifffile.imread(tmp_path / "flushed" / f"movie{suffix}.tif"), pages)
+        np.testing.assert_array_equal(tifffile.imread(tmp_path / "flushed" / f"movie2{suffix}.tif"), pages[::-1])
 
 
 def test_channel_picks_the_nucleus_channel(in_runs, tmp_path):
