@@ -122,17 +122,19 @@ def decode_planes(path):
 
 def select_channel(planes, channel, path):
     """planes [N, H, W, C] of the image file ``path`` -> the planes the network reads: channel ``channel``
-    (0-based, RGB order; predict.py --channel) as grey [N, H, W, 1], or with ``channel`` None the planes as they
-    are when grey or RGB. Any other number of channels, or a channel the image lacks, is a DataError."""
+    (0-based, RGB order; predict.py --channel) as grey [N, H, W, 1] (a grey image as it is), or with ``channel``
+    None the planes as they are when grey or RGB. Any other number of channels, or a channel the image lacks, is a
+    DataError."""
     count = planes.shape[3]
+    if count == 1:
+        return planes
     if channel is None:
         if count not in (1, 3):
             raise DataError(f"image {path} has {count} channels; the network reads grey or RGB: choose the nucleus "
                             f"channel with --channel (0 to {count - 1}), or save it alone")
         return planes
     if not 0 <= channel < count:
-        raise DataError(f"--channel {channel}: image {path} has {count} channel{'s' if count > 1 else ''} "
-                        f"(0 to {count - 1})")
+        raise DataError(f"--channel {channel}: image {path} has {count} channels (0 to {count - 1})")
     return planes[..., channel:channel + 1]
 
 

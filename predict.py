@@ -60,7 +60,8 @@ def build_parser():
     p.add_argument("--overlap", type=int, default=64, help="pixels shared by neighbouring windows")
     p.add_argument("--channel", type=int, default=None, metavar="K",
                    help="the nucleus channel of multi-channel images (0-based; RGB: 0 red, 1 green, 2 blue), read as "
-                        "a grey image; needed for TIFFs with other than 1 or 3 channels")
+                        "a grey image (grey images are read as they are); needed for TIFFs with other than 1 or 3 "
+                        "channels")
     p.add_argument("--scale", type=float, default=1.0,
                    help="crop-trained runs: predict each image resized by this factor, so that its nuclei have the "
                         "size the run was trained on (e.g. 0.5 for nuclei twice as wide as in training)")

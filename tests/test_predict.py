@@ -181,11 +181,14 @@ def test_channel_picks_the_nucleus_channel(in_runs, tmp_path):
     flags = ["--name", "pc", "--device", "cpu", "--amp", "fp32"]
     predict.main(["--input", str(tmp_path / "two.tif"), "--output", str(tmp_path / "out"), "--channel", "1", *flags])
     predict.main(["--input", str(tmp_path / "rgb.png"), "--output", str(tmp_path / "out"), "--channel", "2", *flags])
+    predict.main(["--input", str(tmp_path / "alone" / "z0.png"), "--output", str(tmp_path / "grey_out"), "--channel",
+                  "1", *flags])  # a grey image is its own nucleus channel
     predict.main(["--input", str(tmp_path / "alone"), "--output", str(tmp_path / "alone_out"), *flags])
     pages = tifffile.imread(tmp_path / "out" / "two.tif")
     np.testing.assert_array_equal(pages[0], read(tmp_path / "alone_out" / "z0.png"))
     np.testing.assert_array_equal(pages[1], read(tmp_path / "alone_out" / "z1.png"))
     np.testing.assert_array_equal(read(tmp_path / "out" / "rgb.png"), read(tmp_path / "alone_out" / "blue.png"))
+    np.testing.assert_array_equal(read(tmp_path / "grey_out" / "z0.png"), read(tmp_path / "alone_out" / "z0.png"))
     with pytest.raises(DataError, match="two.tif has 2 channels.*--channel"):
         predict.main(["--input", str(tmp_path / "two.tif"), "--output", str(tmp_path / "out"), *flags])
     with pytest.raises(DataError, match="--channel 3: image .*rgb.png has 3 channels"):
