@@ -112,13 +112,13 @@ def main(argv):
     rows = []
     for factor in tqdm(factors, desc="factors", dynamic_ncols=True):
         samples = [(i, *resized(image, labels, factor)) for i, image, labels in originals]
-        row = {"factor": factor}
+        row, scales = {"factor": factor}, {"as_is": 1.0, "scaled": 1 / factor}
         for how in ("as_is", "scaled", "read_off"):
-            found = row["as_is"]["diameter"] if how == "read_off" else 0  # nothing found: nothing to read off
-            scale = {"as_is": 1.0, "scaled": 1 / factor}.get(how) or (trained / found if found else 1.0)
-            predictor = Predictor(model, cfg, device, amp=args.amp, scale=scale)
-            scores = score(predictor, samples, options)
-            row[how] = {"scale": round(scale, 4), **{k: round(v, 4) for k, v in scores.items()}}
+            if how == "read_off":  # what predict.py printed for the images as they are (none found: nothing to read)
+                found = row["as_is"]["diameter"]
+                scales[how] = trained / found if found else 1.0
+            scores = score(Predictor(model, cfg, device, amp=args.amp, scale=scales[how]), samples, options)
+            row[how] = {"scale": round(scales[how], 4), **{k: round(v, 4) for k, v in scores.items()}}
         rows.append(row)
     print(f"{args.name}: {len(ids)} validation images resized by each factor, on {device} "
           f"({Predictor(model, cfg, device, amp=args.amp).precision.describe()}); separation {options['separation']}; "
