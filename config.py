@@ -23,7 +23,7 @@ ARCHS = ("UNet", "NestedUNet")
 LOSSES = ("BCEDiceLoss", "LovaszHingeLoss", "BCEWithLogitsLoss")
 OPTIMIZERS = ("SGD", "Adam", "AdamW")
 SCHEDULERS = ("CosineAnnealingLR", "ReduceLROnPlateau", "MultiStepLR", "ConstantLR")
-NORMALIZATIONS = ("fixed", "percentile")  # image_files.image_to_float
+NORMALIZATIONS = ("fixed", "percentile", "percentile_dark")  # image_files.image_to_float
 LOADERS = ("auto", "device", "workers")  # where training batches are augmented (dataset.py / device_data.py)
 SKIPPED_IN_CONFIG = ("help", "config", "resume", "overwrite", "debug")  # flags of one invocation, not of the run
 
@@ -84,7 +84,8 @@ def _add_data_args(g):
     g.add_argument("--normalization", default="fixed", choices=NORMALIZATIONS,
                    help="how an image's values become [0, 1] before the network (in training, val.py and predict.py "
                         "alike): fixed = 8-bit / 255 and 16-bit by its min and max, as the seed; percentile = each "
-                        "image stretched from its 1st to its 99.8th percentile (CSBDeep/StarDist's normalize)")
+                        "image stretched from its 1st to its 99.8th percentile (CSBDeep/StarDist's normalize); "
+                        "percentile_dark = the same, and images with a bright background inverted")
     g.add_argument("--scale_jitter", default=0.0, type=float, help="random rescale by 1 +- this before cropping")
     g.add_argument("--color_jitter", default=True, type=str2bool, help="colour/brightness/contrast jitter")
     g.add_argument("--stain_jitter", default=0.0, type=float,

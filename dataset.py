@@ -18,9 +18,9 @@ With label images the binary mask (one class) is every labelled pixel, and the l
 With ``borders=True`` (train.py --borders True) the labels are required: each sample gets one more target
 channel after the classes, the pixels where two nuclei touch (:func:`instances.touching_borders`).
 
-Images are scaled to [0, 1] as image_files.image_to_float says (``normalization`` 'fixed' or 'percentile'); the
-network then sees ``(x - 0.5) / 0.25`` (:func:`normalize`), applied once. Resizing uses linear interpolation for
-images and nearest for masks, so targets stay hard.
+Images are scaled to [0, 1] as image_files.image_to_float says (``normalization``: fixed, percentile or
+percentile_dark); the network then sees ``(x - 0.5) / 0.25`` (:func:`normalize`), applied once. Resizing uses
+linear interpolation for images and nearest for masks, so targets stay hard.
 """
 import os
 from concurrent.futures import ThreadPoolExecutor

@@ -27,6 +27,11 @@ from config import output_channels, run_dir
 from utils import ArgumentParser, UsageError, UserError, atomic_write, run_cli
 
 OPSET = 17
+SCALING = {  # how image_files.image_to_float scales an image for each --normalization, in the printed input contract
+    "fixed": "8-bit / 255, 16-bit by its min and max",
+    "percentile": "by its 1st and 99.8th percentiles",
+    "percentile_dark": "by its 1st and 99.8th percentiles, inverted when its mean is above 0.5",
+}
 
 
 def build_parser():
@@ -112,10 +117,8 @@ def main(argv):
         ("final head X0,4" if cfg.arch == "NestedUNet" and cfg.deep_supervision else "single output")
     check = f"; ONNX Runtime vs PyTorch max |diff| {diff:.2e}" if diff is not None else \
         " (install onnxruntime to check it)"
-    scaling = "by its 1st and 99.8th percentiles" if cfg.normalization == "percentile" else \
-        "8-bit / 255, 16-bit by its min and max"
     print(f"wrote {path} ({size / 2**20:.1f} MiB, opset {OPSET}, {cfg.arch} {head}): input 'image' float32 "
-          f"[batch, {cfg.input_channels}, height, width], the image scaled to [0, 1] ({scaling}) then "
+          f"[batch, {cfg.input_channels}, height, width], the image scaled to [0, 1] ({SCALING[cfg.normalization]}) then "
           f"(x - 0.5) / 0.25, with height and width "
           f"multiples of 16, output 'logits' [batch, {output_channels(cfg)}, height, width]"
           f"{' (the last channel: touching borders)' if cfg.borders else ''}{check}")

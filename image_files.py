@@ -16,7 +16,7 @@ import tifffile
 from utils import DataError
 
 TIFF_EXTS = (".tif", ".tiff")
-NORMALIZATIONS = ("fixed", "percentile")  # train.py --normalization
+NORMALIZATIONS = ("fixed", "percentile", "percentile_dark")  # train.py --normalization
 PERCENTILES = (1.0, 99.8)  # CSBDeep's and StarDist's default normalize(x, 1, 99.8)
 NORM_MEAN = 0.5
 NORM_STD = 0.25
@@ -178,14 +178,18 @@ def image_to_float(img, input_channels, normalization="fixed"):
     ``normalization`` 'fixed': uint8 is divided by 255, other types are min-max scaled per image. 'percentile':
     every image is stretched from its 1st to its 99.8th percentile (over all its channels, so colours keep their
     balance) and clipped to [0, 1] (:func:`stretch_percentiles`), so dim, faint or low-contrast images look alike.
+    'percentile_dark': the same, then an image with a bright background (mean above 0.5: stained or bright-field,
+    dark nuclei) is inverted, so that every image shows bright nuclei on a dark background, as fluorescence does.
     Grey images are repeated to 3 channels when the model wants 3; colour images are converted to grey when it
     wants 1. A grey image stored in three equal channels is read as the one-channel image it is, so that both
     files give the same values (the percentiles of three copies differ slightly from those of one).
     """
     if img.shape[2] == 3 and (img == img[:, :, :1]).all():
         img = img[:, :, :1]
-    if normalization == "percentile":
+    if normalization in ("percentile", "percentile_dark"):
         out = stretch_percentiles(img.astype(np.float32))
+        if normalization == "percentile_dark" and out.mean() > 0.5:
+            out = 1.0 - out
     elif img.dtype == np.uint8:
         out = img.astype(np.float32) / 255.0
     else:

@@ -90,6 +90,22 @@ def test_percentile_normalization_ignores_gain_and_offset_and_keeps_colour_balan
     assert image_to_float(np.full((4, 4, 3), 9, np.uint8), 3, "percentile").max() == 0  # a flat image
 
 
+def test_percentile_dark_inverts_bright_backgrounds_only():
+    """A stained-like image (dark nuclei on a bright background) becomes 1 - its percentile stretch; a
+    fluorescence-like one (bright nuclei on a dark background) is left as 'percentile' gives it."""
+    rng = np.random.default_rng(1)
+    dark = rng.integers(0, 40, (32, 32, 3)).astype(np.uint8)
+    dark[8:16, 8:16] = 220  # a bright nucleus
+    bright = (255 - dark).copy()
+    bright[..., 1] //= 2  # coloured, as a stain is
+    np.testing.assert_array_equal(image_to_float(dark, 3, "percentile_dark"), image_to_float(dark, 3, "percentile"))
+    inverted = image_to_float(bright, 3, "percentile_dark")
+    np.testing.assert_allclose(inverted, 1 - image_to_float(bright, 3, "percentile"), atol=1e-6)
+    assert inverted.mean() < 0.5 and inverted[8:16, 8:16].mean() > 0.8  # the nucleus is bright now
+    grey = image_to_float(bright, 1, "percentile_dark")  # a 1-channel run sees the inverted image in grey
+    assert grey.shape == (32, 32, 1) and grey[8:16, 8:16].mean() > 0.8 and grey.mean() < 0.5
+
+
 @pytest.mark.parametrize("value", [255, 1])
 def test_masks_0_255_and_0_1_become_0_1(tmp_path, value):
     mask = np.zeros((8, 8), np.uint8)

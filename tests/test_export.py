@@ -10,6 +10,7 @@ ort = pytest.importorskip("onnxruntime", reason="checking the exported model nee
                                                 "(pip install onnxruntime)")
 
 import export  # noqa: E402
+import image_files  # noqa: E402
 from archs import build_model  # noqa: E402
 from utils import UsageError  # noqa: E402
 
@@ -51,6 +52,10 @@ def onnx_vs_torch(path, name, x, prune=None):
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": x.numpy()})[0]
     assert got.shape == want.shape
     return np.abs(got - want).max()
+
+
+def test_every_normalization_has_its_scaling_in_the_printed_contract():
+    assert set(export.SCALING) == set(image_files.NORMALIZATIONS)
 
 
 def test_export_matches_pytorch_with_dynamic_shapes(run_dir, capsys):

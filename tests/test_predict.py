@@ -22,7 +22,7 @@ import checkpoints
 import inference
 import predict
 import utils
-from image_files import decode_image
+from image_files import decode_image, image_to_float
 from utils import DataError, UsageError, run_cli
 
 
@@ -55,6 +55,7 @@ def runs(tmp_path_factory):
         p_weights = torch.load(os.path.join("models", "p", "model.pth"), weights_only=True)
         make_run("pc", p_weights, crop_size=32)
         make_run("pp", p_weights, normalization="percentile")
+        make_run("pd", p_weights, normalization="percentile_dark")
         torch.manual_seed(0)
         make_run("u", build_model("UNet", 1, 3, False).state_dict(), arch="UNet", deep_supervision=False)
         make_run("nomodel")
@@ -242,6 +243,24 @@ def test_percentile_run_predicts_a_dimmed_image_as_the_original(in_runs, tmp_pat
     predict.main(["--name", "pp", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
                   "--device", "cpu", "--amp", "fp32"])
     np.testing.assert_array_equal(read(tmp_path / "out" / "bright.png"), read(tmp_path / "out" / "dim.png"))
+
+
+def test_percentile_dark_run_inverts_bright_background_images(in_runs, tmp_path):
+    """predict.py reads images as a 'percentile_dark' run was trained: a fluorescence-like image (dark background)
+    as a 'percentile' run reads it (run pp, same weights: the same mask), its negative (a bright background, as a
+    stained image has) inverted, so that its nuclei are bright again."""
+    dark = sample_bgr(48, 40)
+    write(tmp_path / "in" / "dark.png", dark)
+    for run in ("pd", "pp"):
+        predict.main(["--name", run, "--input", str(tmp_path / "in"), "--output", str(tmp_path / run),
+                      "--device", "cpu", "--amp", "fp32"])
+    np.testing.assert_array_equal(read(tmp_path / "pd" / "dark.png"), read(tmp_path / "pp" / "dark.png"))
+    cfg, model = checkpoints.load_run("pd", torch.device("cpu"))
+    predictor = inference.Predictor(model, cfg, torch.device("cpu"), amp="fp32")
+    negative = 255 - dark[:, :, ::-1]  # RGB, as decode_image gives it
+    seen = predictor.as_input(negative)
+    np.testing.assert_allclose(seen, 1 - image_to_float(negative, 3, "percentile"), atol=1e-6)
+    assert seen.mean() < 0.5 and image_to_float(negative, 3, "percentile").mean() > 0.5
 
 
 def test_crop_trained_run_tiles_large_images(in_runs, tmp_path):
