@@ -129,7 +129,7 @@ def select_channel(planes, channel, path):
     if count == 1:
         return planes
     if channel is None:
-        if count not in (1, 3):
+        if count != 3:
             raise DataError(f"image {path} has {count} channels; the network reads grey or RGB: choose the nucleus "
                             f"channel with --channel (0 to {count - 1}), or save it alone")
         return planes
