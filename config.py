@@ -10,8 +10,8 @@ import os
 import yaml
 
 from instances import MIN_CONFIDENCE, MIN_SIZE, SEPARATIONS
-from utils import (AMP_MODES, ArgumentParser, UsageError, amp_mode, atomic_write, check_run_name, compile_mode,
-                   device_name, integer, str2bool)
+from utils import (AMP_MODES, ArgumentParser, UsageError, amp_mode, atomic_write, bool_or_auto, check_run_name,
+                   compile_mode, device_name, integer, str2bool)
 
 MODELS_DIR = "models"
 # the model that ships with the toolkit (pretrained/<name>/: config.yml, model.pth and its .sha256, a model card)
@@ -143,7 +143,8 @@ def _add_run_args(g):
     add_device_arg(g)
     g.add_argument("--seed", default=0, type=integer, help="seed of weights, shuffling and augmentation")
     add_amp_arg(g)
-    g.add_argument("--channels_last", default=True, type=str2bool, help="channels_last memory format")
+    g.add_argument("--channels_last", default="auto", type=bool_or_auto,
+                   help="channels_last memory format: auto (on, except for fp32 training on a CPU), True or False")
     g.add_argument("--compile", default=False, type=compile_mode,
                    help="torch.compile the model (slow start): True, or a mode such as reduce-overhead (CUDA graphs "
                         "for the fixed-shape training step) or max-autotune")

@@ -62,6 +62,8 @@ class Precision:
 
     @classmethod
     def choose(cls, device, amp="auto", channels_last=True):
+        """``channels_last``: True, False or ``"auto"`` (train.py's default): on, except in fp32 on a CPU, where
+        oneDNN's convolution backward is faster in NCHW (bench/memory_format.py). Inference keeps True."""
         mode = amp_mode(amp)
         cuda = device.type == "cuda"
         reason = ""
@@ -70,12 +72,17 @@ class Precision:
                 mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
             else:
                 mode = "bf16" if cpu_has_fast_bf16() else "fp32"
-                reason = "the CPU has native bf16" if mode == "bf16" else "no native bf16 on this CPU"
+                reason = "--amp auto: " + ("the CPU has native bf16" if mode == "bf16" else "no native bf16 on this CPU")
+        elif mode == "bf16" and not cuda and not cpu_has_fast_bf16():
+            # Said in the run's header line: an emulated bf16 step can be many times slower than fp32.
+            reason = "--amp bf16 on a CPU without native bf16: emulated, far slower than fp32 (use --amp auto)"
         if mode == "fp16" and not cuda:
             raise UsageError("--amp fp16 needs a CUDA GPU; on the CPU use --amp bf16 or fp32 (or auto)")
         if mode == "bf16" and cuda and not torch.cuda.is_bf16_supported():
             raise UsageError("--amp bf16: this GPU does not support bf16; use --amp fp16 or auto")
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[mode]
+        if channels_last == "auto":
+            channels_last = cuda or dtype is not None
         return cls(device, dtype, channels_last, reason)
 
     def autocast(self):
@@ -96,7 +103,7 @@ class Precision:
     def describe(self):
         amp = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + GradScaler"}
         return (amp[self.amp_dtype] + (", channels_last" if self.channels_last else "") +
-                (f"; --amp auto: {self.reason}" if self.reason else ""))
+                (f"; {self.reason}" if self.reason else ""))
 
 
 FLIPS = ((), (-1,), (-2,), (-2, -1))

@@ -121,6 +121,11 @@ def str2bool(v):
     raise argparse.ArgumentTypeError(f"expected True or False (or 1/0), got {v!r}")
 
 
+def bool_or_auto(v):
+    """Parse auto or True/False (as str2bool) for argparse: 'auto' or a bool."""
+    return "auto" if str(v).strip().lower() == "auto" else str2bool(v)
+
+
 def integer(v):
     """Parse an integer for argparse; also a whole float such as 8.0 (YAML recipes hold those)."""
     try:

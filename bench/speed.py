@@ -86,7 +86,7 @@ def parse_args(argv=None):
     p.add_argument("--num_workers", default=None, type=int,
                    help="DataLoader workers for both loops (default min(4, CPU count); the seed's default is 4)")
     p.add_argument("--amp", default="auto", help="ours: --amp (auto, bf16, fp16, fp32)")
-    p.add_argument("--channels_last", default="True", help="ours: --channels_last")
+    p.add_argument("--channels_last", default="auto", help="ours: --channels_last")
     p.add_argument("--loader", default="auto", help="ours: --loader (auto, device, workers)")
     p.add_argument("--in_process", action="store_true",
                    help="measure in this process (no subprocesses); memory is then a high-water-mark increase")

@@ -119,6 +119,14 @@ def test_fused_optimizer_times_both_updates(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_memory_format_times_both_layouts(tmp_path):
+    summary = run_script("memory_format.py", ["--arch", "UNet", "--batch_size", "2", "--size", "32", "--amp", "fp32",
+                                              "--device", "cpu", "--pairs", "2", "--steps", "1"], tmp_path)
+    assert summary["bench"] == "memory_format" and summary["precision"] == "fp32" and summary["pairs"] == 2
+    assert set(summary["images_per_s"]) == {"channels_last", "nchw"} and summary["channels_last_speedup"] > 0
+    assert os.listdir(tmp_path) == []
+
+
 def test_group_split_holds_out_whole_groups():
     groups = ["a"] * 50 + ["b"] * 12 + ["c"] * 9 + ["d"] * 8 + ["e"] * 6 + ["f"] * 15
     ids = [f"id{i:03d}" for i in range(len(groups))]

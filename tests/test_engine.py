@@ -37,10 +37,16 @@ def test_amp_auto_follows_the_cpu_and_can_be_forced(monkeypatch):
     monkeypatch.setattr(engine, "cpu_has_fast_bf16", lambda: False)
     slow = Precision.choose(cpu, True)  # the flag's old value
     assert slow.amp_dtype is None and "no native bf16" in slow.describe()
-    assert Precision.choose(cpu, "bf16").amp_dtype == torch.bfloat16  # forced even without native bf16
+    forced = Precision.choose(cpu, "bf16")  # forced even without native bf16, with a warning in the header
+    assert forced.amp_dtype == torch.bfloat16 and "emulated" in forced.describe()
     assert Precision.choose(cpu, "False").amp_dtype is None
     with pytest.raises(UsageError, match="fp16 needs a CUDA GPU"):
         Precision.choose(cpu, "fp16")
+    # --channels_last auto: NCHW only for fp32 on a CPU; True/False force it
+    assert not Precision.choose(cpu, "fp32", "auto").channels_last
+    assert Precision.choose(cpu, "fp32", True).channels_last
+    assert Precision.choose(cpu, "bf16", "auto").channels_last
+    assert not Precision.choose(cpu, "bf16", False).channels_last
 
 
 def test_bf16_step_keeps_the_loss_in_fp32_and_close_to_fp32():
