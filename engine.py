@@ -72,7 +72,8 @@ class Precision:
                 mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
             else:
                 mode = "bf16" if cpu_has_fast_bf16() else "fp32"
-                reason = "--amp auto: " + ("the CPU has native bf16" if mode == "bf16" else "no native bf16 on this CPU")
+                reason = "--amp auto: " + ("the CPU has native bf16" if mode == "bf16" else
+                                           "no native bf16 on this CPU")
         elif mode == "bf16" and not cuda and not cpu_has_fast_bf16():
             # Said in the run's header line: an emulated bf16 step can be many times slower than fp32.
             reason = "--amp bf16 on a CPU without native bf16: emulated, far slower than fp32 (use --amp auto)"

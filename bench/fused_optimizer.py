@@ -22,10 +22,10 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from archs import build_model  # noqa: E402
 from engine import Precision, choose_device  # noqa: E402
 from losses import build_loss  # noqa: E402
-from speed import add_pair_args, cpu_name, seconds_per_image, time_in_pairs  # noqa: E402
+from speed import (add_pair_args, add_step_args, cpu_name, seconds_per_image, step_model_and_batch,  # noqa: E402
+                   time_in_pairs)
 from trainer import build_optimizer, fused_update  # noqa: E402
 from utils import keep_freed_memory  # noqa: E402
 
@@ -33,11 +33,8 @@ from utils import keep_freed_memory  # noqa: E402
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--arch", default="NestedUNet", choices=["UNet", "NestedUNet"])
-    p.add_argument("--deep_supervision", type=int, default=1, choices=[0, 1], help="NestedUNet's deep supervision")
+    add_step_args(p)
     p.add_argument("--optimizer", default="AdamW", choices=["Adam", "AdamW", "SGD"])
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--size", type=int, default=96, help="image height and width")
     add_pair_args(p, pairs=10, steps=3)
     return p.parse_args(argv)
 
@@ -49,13 +46,11 @@ def main(argv=None):
     if not fused_update(args.optimizer, device.type):
         raise SystemExit(f"torch {torch.__version__} has no fused {args.optimizer} update on {device.type}")
     precision = Precision.choose(device, args.amp)
-    torch.manual_seed(0)
-    deep_supervision = bool(args.deep_supervision and args.arch == "NestedUNet")
-    model = precision.prepare(build_model(args.arch, 1, 3, deep_supervision).to(device)).train()
+    model, batch, arch = step_model_and_batch(args, device)
+    model = precision.prepare(model)
     models = {"default": model, "fused": copy.deepcopy(model)}
     criterion = build_loss("BCEDiceLoss")
-    images, masks = precision.to_device(torch.rand(args.batch_size, 3, args.size, args.size),
-                                        (torch.rand(args.batch_size, 1, args.size, args.size) > 0.5).float())
+    images, masks = precision.to_device(*batch)
     runs = {}
     for name, net in models.items():
         optimizer = build_optimizer(args.optimizer, net.parameters(), 1e-3, 0.9, False, 1e-4, fused=name == "fused")
@@ -63,7 +58,6 @@ def main(argv=None):
                                        optimizer)
         seconds_per_image(net, images, masks, criterion, precision, 1, optimizer)  # warm-up, optimizer state
     median, speedup = time_in_pairs(runs, args.pairs)
-    arch = args.arch + (" + DS" if deep_supervision else "")
     print(f"{arch}, batch {args.batch_size} at {args.size}x{args.size}, {args.optimizer}, "
           f"{precision.describe().split(';')[0]} on {device}: default update {1 / median['default']:.1f} img/s, "
           f"fused {1 / median['fused']:.1f} img/s, {speedup:.2f}x (median of the pairs' ratios)")

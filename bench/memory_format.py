@@ -22,10 +22,10 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from archs import build_model  # noqa: E402
 from engine import Precision, choose_device  # noqa: E402
 from losses import build_loss  # noqa: E402
-from speed import add_pair_args, cpu_name, seconds_per_image, time_in_pairs  # noqa: E402
+from speed import (add_pair_args, add_step_args, cpu_name, seconds_per_image, step_model_and_batch,  # noqa: E402
+                   time_in_pairs)
 from trainer import build_optimizer, fused_update  # noqa: E402
 from utils import keep_freed_memory  # noqa: E402
 
@@ -33,10 +33,7 @@ from utils import keep_freed_memory  # noqa: E402
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--arch", default="NestedUNet", choices=["UNet", "NestedUNet"])
-    p.add_argument("--deep_supervision", type=int, default=1, choices=[0, 1], help="NestedUNet's deep supervision")
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--size", type=int, default=96, help="image height and width")
+    add_step_args(p)
     add_pair_args(p, pairs=8, steps=2)
     return p.parse_args(argv)
 
@@ -45,12 +42,8 @@ def main(argv=None):
     args = parse_args(argv)
     keep_freed_memory()
     device = choose_device(args.device)
-    torch.manual_seed(0)
-    deep_supervision = bool(args.deep_supervision and args.arch == "NestedUNet")
-    model = build_model(args.arch, 1, 3, deep_supervision).to(device).train()
+    model, batch, arch = step_model_and_batch(args, device)
     criterion = build_loss("BCEDiceLoss")
-    batch = (torch.rand(args.batch_size, 3, args.size, args.size),
-             (torch.rand(args.batch_size, 1, args.size, args.size) > 0.5).float())
     runs = {}
     for name in ("channels_last", "nchw"):
         precision = Precision.choose(device, args.amp, channels_last=name == "channels_last")
@@ -62,7 +55,6 @@ def main(argv=None):
                                        optimizer)
         runs[name]()  # warm-up: oneDNN's kernels for these shapes, the optimizer's state
     median, speedup = time_in_pairs(runs, args.pairs)
-    arch = args.arch + (" + DS" if deep_supervision else "")
     dtype = precision.describe().split(";")[0].split(",")[0]
     print(f"{arch}, batch {args.batch_size} at {args.size}x{args.size}, {dtype} on {device} ({cpu_name()}): "
           f"NCHW {1 / median['nchw']:.2f} img/s, channels_last {1 / median['channels_last']:.2f} img/s, "

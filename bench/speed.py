@@ -284,6 +284,26 @@ def add_pair_args(p, pairs, steps):
     p.add_argument("--steps", type=int, default=steps, help="steps per block")
 
 
+def add_step_args(p, batch_size=16, size=96):
+    """The flags of the scripts that time one training step: --arch, --deep_supervision, --batch_size, --size."""
+    p.add_argument("--arch", default="NestedUNet", choices=["UNet", "NestedUNet"])
+    p.add_argument("--deep_supervision", type=int, default=1, choices=[0, 1], help="NestedUNet's deep supervision")
+    p.add_argument("--batch_size", type=int, default=batch_size)
+    p.add_argument("--size", type=int, default=size, help="image height and width")
+
+
+def step_model_and_batch(args, device):
+    """For the scripts of :func:`add_step_args`: the seeded network of --arch/--deep_supervision in train mode on
+    ``device``, a random batch on the CPU (images [B, 3, S, S] in [0, 1), masks [B, 1, S, S] in {0, 1}) and the
+    network's label. Returns (model, (images, masks), label)."""
+    torch.manual_seed(0)
+    deep_supervision = bool(args.deep_supervision and args.arch == "NestedUNet")
+    model = build_model(args.arch, 1, 3, deep_supervision).to(device).train()
+    batch = (torch.rand(args.batch_size, 3, args.size, args.size),
+             (torch.rand(args.batch_size, 1, args.size, args.size) > 0.5).float())
+    return model, batch, args.arch + (" + DS" if deep_supervision else "")
+
+
 def seconds_per_image(model, images, masks, criterion, precision, steps, optimizer=None):
     """Wall seconds of one ``engine.step`` (with the update when ``optimizer`` is given) per image, averaged over
     ``steps``, synchronised on CUDA."""
