@@ -21,7 +21,7 @@ COPIED = ("config.yml", "split.csv", "log.csv")
 
 
 def build_parser():
-    p = ArgumentParser(prog="bundle.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = ArgumentParser(prog="bundle.py",
                        description="Copy models/<name>/ to pretrained/<as>/ with fp16 weights and their SHA-256.")
     p.add_argument("--name", required=True, help="run name (a folder in models/)")
     p.add_argument("--as", dest="bundle_name", default=None,

@@ -32,7 +32,7 @@ def build_train_parser(exit_on_error=True):
     """The argparse parser of train.py; every option has a default that ``--help`` shows. With
     ``exit_on_error=False`` a bad value raises argparse.ArgumentError instead of exiting (YAML files)."""
     p = ArgumentParser(
-        prog="train.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter, exit_on_error=exit_on_error,
+        prog="train.py", exit_on_error=exit_on_error,
         description="Train a UNet or UNet++ (NestedUNet) on inputs/<dataset>/images + masks/<class>/.")
     p.add_argument("--config", default=None, help="YAML recipe (e.g. configs/seed_dsb2018_96_NestedUNet_wDS.yml); "
                    "flags given on the command line override it")

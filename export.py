@@ -35,7 +35,7 @@ SCALING = {  # how image_files.image_to_float scales an image for each --normali
 
 
 def build_parser():
-    p = ArgumentParser(prog="export.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = ArgumentParser(prog="export.py",
                        description="Export models/<name>/model.pth to ONNX (dynamic batch, height and width).")
     p.add_argument("--name", required=True, help="run name (a folder in models/)")
     p.add_argument("--output", default=None, help="the .onnx file to write (default models/<name>/model.onnx)")

@@ -47,7 +47,7 @@ OBJECT_COLUMNS = ["image", "plane", "label", "area", "centroid_y", "centroid_x",
 
 
 def build_parser():
-    p = ArgumentParser(prog="predict.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = ArgumentParser(prog="predict.py",
                        description="Segment images (files or folders) with models/<name>/model.pth.")
     p.add_argument("--name", required=True, help="run name (a folder in models/)")
     p.add_argument("--input", required=True, nargs="+", metavar="PATH",

@@ -192,7 +192,7 @@ def _init_worker():
 
 def parse_args(argv=None):
     p = ArgumentParser(
-        prog="preprocess_dsb2018.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="preprocess_dsb2018.py",
         description="Convert Kaggle's raw DSB2018 stage1_train (or stage1_test) into images/, masks/0/ and labels/.")
     p.add_argument("--src", default=DEFAULT_SRC, help="raw stage1_train folder (one sub-folder per sample)")
     p.add_argument("--img_size", type=integer, default=96, help="output height and width; 0 keeps the original size")

@@ -217,7 +217,7 @@ def ensure_synthetic(dataset_dir, num_images=160, size=96, seed=0, progress=True
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(prog="synthetic.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = ArgumentParser(prog="synthetic.py",
                        description="Generate a deterministic synthetic nuclei dataset (images/, masks/0/, labels/).")
     p.add_argument("--out", default=DEFAULT_OUT, help="output dataset folder (replaced if it is an old dataset)")
     p.add_argument("--num_images", type=at_least(1), default=160, help="number of images (half of each style)")

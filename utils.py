@@ -101,9 +101,24 @@ def user_message(e):
     return text[last.end():].strip() if last else text.strip().splitlines()[-1]
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help lines end with ``(default: X)`` where that tells something: not for a default of None (the help says
+    what happens then), not for on/off switches, and not where the help already names its default."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        if action.default is None or action.nargs == 0 or "default" in help:
+            return help
+        return super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are one line, ``prog: error: <message> (see: python prog --help)``, exit code 2,
-    instead of the whole usage text above the message."""
+    instead of the whole usage text above the message, and whose --help shows the defaults (HelpFormatter)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see: python {self.prog} --help)\n")

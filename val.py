@@ -25,7 +25,7 @@ from utils import ArgumentParser, integer, run_cli
 
 
 def build_parser():
-    p = ArgumentParser(prog="val.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = ArgumentParser(prog="val.py",
                        description="Evaluate models/<name>/model.pth on the run's own split. When "
                                    "inputs/<dataset>/labels/ exists, also the DSB2018 instance score of the nuclei "
                                    "that --separation, --min_size and --min_confidence make (the other separations "

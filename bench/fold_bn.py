@@ -10,7 +10,6 @@ between their logits. By default a UNet on one 520x696 field (the size of most D
     python bench/fold_bn.py
     python bench/fold_bn.py --arch NestedUNet --deep_supervision --height 256 --width 320
 """
-import argparse
 import copy
 import functools
 import json
@@ -26,12 +25,11 @@ from archs import build_model, fold_batchnorm  # noqa: E402
 from engine import Precision, choose_device, forward  # noqa: E402
 from losses import build_loss  # noqa: E402
 from speed import add_pair_args, cpu_name, seconds_per_image, time_in_pairs  # noqa: E402
-from utils import keep_freed_memory  # noqa: E402
+from utils import ArgumentParser, keep_freed_memory  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(prog="bench/fold_bn.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="UNet", choices=["UNet", "NestedUNet"])
     p.add_argument("--deep_supervision", action="store_true")
     p.add_argument("--height", type=int, default=520)

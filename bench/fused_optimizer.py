@@ -10,7 +10,6 @@ batch 16 at 96x96: the 96x96 recipes' step, where the update is a larger share t
     python bench/fused_optimizer.py
     python bench/fused_optimizer.py --arch UNet --optimizer SGD
 """
-import argparse
 import copy
 import functools
 import json
@@ -27,12 +26,11 @@ from losses import build_loss  # noqa: E402
 from speed import (add_pair_args, add_step_args, cpu_name, seconds_per_image, step_model_and_batch,  # noqa: E402
                    time_in_pairs)
 from trainer import build_optimizer, fused_update  # noqa: E402
-from utils import keep_freed_memory  # noqa: E402
+from utils import ArgumentParser, keep_freed_memory  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(prog="bench/fused_optimizer.py", description=__doc__.split("\n\n")[0])
     add_step_args(p)
     p.add_argument("--optimizer", default="AdamW", choices=["Adam", "AdamW", "SGD"])
     add_pair_args(p, pairs=10, steps=3)

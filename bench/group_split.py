@@ -11,7 +11,6 @@ and never the largest group is taken, so the draw depends on the training images
 read from ``--sizes_from`` (a prepared full-size dataset, for the original sizes); the split is valid for any
 dataset with the same ids (dsb2018_96 too).
 """
-import argparse
 import os
 import sys
 
@@ -24,7 +23,7 @@ from sklearn.model_selection import GroupShuffleSplit  # noqa: E402
 
 from dataset import image_modality, list_ids  # noqa: E402
 from image_files import decode_image  # noqa: E402
-from utils import UsageError, atomic_write, run_cli  # noqa: E402
+from utils import ArgumentParser, UsageError, atomic_write, run_cli  # noqa: E402
 
 
 def image_groups(dataset_dir, ids):
@@ -53,8 +52,7 @@ def group_split(ids, groups, val_size, tolerance=0.03, tries=1000):
 
 
 def main(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(prog="bench/group_split.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes_from", default=os.path.join("inputs", "dsb2018_full"),
                    help="a full-size prepared dataset (preprocess_dsb2018.py --img_size 0)")
     p.add_argument("--val_size", default=0.2, type=float, help="fraction of the images in whole validation groups")

@@ -25,12 +25,11 @@ from archs import build_model  # noqa: E402
 from engine import Precision, step  # noqa: E402
 from losses import build_loss  # noqa: E402
 from speed import cpu_name  # noqa: E402
-from utils import keep_freed_memory  # noqa: E402
+from utils import ArgumentParser, keep_freed_memory  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(prog="bench/kernel_time.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="UNet", choices=["UNet", "NestedUNet"])
     p.add_argument("--deep_supervision", action="store_true")
     p.add_argument("--size", type=int, default=256, help="image height and width")

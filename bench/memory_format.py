@@ -10,7 +10,6 @@ step); ``--arch UNet --batch_size 8 --size 256`` is the full-size crop recipe's 
     python bench/memory_format.py --amp fp32
     python bench/memory_format.py --amp fp32 --arch UNet --batch_size 8 --size 256
 """
-import argparse
 import copy
 import functools
 import json
@@ -27,12 +26,11 @@ from losses import build_loss  # noqa: E402
 from speed import (add_pair_args, add_step_args, cpu_name, seconds_per_image, step_model_and_batch,  # noqa: E402
                    time_in_pairs)
 from trainer import build_optimizer, fused_update  # noqa: E402
-from utils import keep_freed_memory  # noqa: E402
+from utils import ArgumentParser, keep_freed_memory  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(prog="bench/memory_format.py", description=__doc__.split("\n\n")[0])
     add_step_args(p)
     add_pair_args(p, pairs=8, steps=2)
     return p.parse_args(argv)

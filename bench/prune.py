@@ -34,7 +34,7 @@ LEVELS = (1, 2, 3, 4)
 
 
 def build_parser():
-    p = ArgumentParser(prog="bench/prune.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = ArgumentParser(prog="bench/prune.py",
                        description="Parameters, speed and scores of a NestedUNet+DS run pruned at L = 1..4.")
     p.add_argument("--name", required=True, help="run name (a folder in models/); NestedUNet with deep supervision")
     p.add_argument("--split", default="val", choices=["val", "test", "train"], help="which ids of split.csv")

@@ -38,7 +38,7 @@ from utils import ArgumentParser, UsageError, run_cli  # noqa: E402
 
 
 def build_parser():
-    p = ArgumentParser(prog="bench/scale.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = ArgumentParser(prog="bench/scale.py",
                        description="Scores of a crop-trained run on validation images resized by each factor, "
                                    "predicted as they are and with --scale 1/factor.")
     p.add_argument("--name", required=True, help="a crop-trained run (a folder in models/, or nuclei)")

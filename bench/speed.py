@@ -56,15 +56,14 @@ from losses import build_loss, loss_over_heads  # noqa: E402
 from seed_loop import seed_criterion, seed_loader, seed_train_epoch  # noqa: E402
 from synthetic import ensure_synthetic  # noqa: E402
 from trainer import Trainer, make_split  # noqa: E402
-from utils import keep_freed_memory  # noqa: E402
+from utils import ArgumentParser, keep_freed_memory  # noqa: E402
 
 ARCH_ROWS = {"UNet": ("UNet", False), "NestedUNet": ("NestedUNet", False), "NestedUNet_wDS": ("NestedUNet", True)}
 LOOPS = ("seed", "ours")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(prog="bench/speed.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
                    help="small run: 1 step per epoch, 1 warm-up and 2 timed epochs (unless given explicitly)")
     p.add_argument("--device", default="auto", help="auto (CPU, plus CUDA when present), cpu or cuda")

@@ -186,3 +186,17 @@ def test_help_is_quick_and_lists_flags(tmp_path):
     assert "--deep_supervision" in out.stdout and "--config" in out.stdout and "--crop_size" in out.stdout
     assert took < 15, f"train.py --help took {took:.1f}s (heavy imports at module level?)"
     assert not os.listdir(tmp_path), "--help wrote files"
+
+
+def test_help_shows_a_default_only_where_it_tells_something():
+    from utils import ArgumentParser
+
+    p = ArgumentParser(prog="x.py")
+    p.add_argument("--size", type=int, default=3, help="pixels")
+    p.add_argument("--name", help="a run")
+    p.add_argument("--tta", action="store_true", help="flips")
+    p.add_argument("--sep", default="auto", help="how (default: learned borders when trained with them)")
+    text = " ".join(p.format_help().split())
+    assert "pixels (default: 3)" in text
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "them) (default" not in text
