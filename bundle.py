@@ -8,7 +8,6 @@ under models/<name>/ always wins over pretrained/<name>/ when both exist. Git ke
 file in every clone forever, so replace the bundled model only with a clearly better one; the model card
 (pretrained/<name>/README.md) is written by hand.
 """
-import argparse
 import os
 
 import torch

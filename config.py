@@ -87,6 +87,9 @@ def _add_data_args(g):
                         "image stretched from its 1st to its 99.8th percentile (CSBDeep/StarDist's normalize); "
                         "percentile_dark = the same, and images with a bright background inverted")
     g.add_argument("--scale_jitter", default=0.0, type=float, help="random rescale by 1 +- this before cropping")
+    g.add_argument("--nucleus_diameter", default=0.0, type=float,
+                   help="crop-trained runs: the median diameter in pixels of the training split's nuclei, which "
+                        "predict.py --scale auto resizes images towards; 0 = measured from the training split at start")
     g.add_argument("--color_jitter", default=True, type=str2bool, help="colour/brightness/contrast jitter")
     g.add_argument("--stain_jitter", default=0.0, type=float,
                    help="probability of re-staining a training image as H&E with a random stain matrix and intensity "
@@ -243,6 +246,9 @@ def check_train_args(args):
     for flag in ("greyscale", "invert", "stain_jitter"):
         if not 0 <= getattr(args, flag) <= 1:
             raise UsageError(f"--{flag} is a probability between 0 and 1, got {getattr(args, flag)}")
+    if args.nucleus_diameter < 0:
+        raise UsageError(f"--nucleus_diameter must be 0 (measured) or a diameter in pixels, got "
+                         f"{args.nucleus_diameter}")
     if not 0 <= args.scale_jitter < 1:
         raise UsageError(f"--scale_jitter must be in [0, 1), got {args.scale_jitter}")
     try:

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 import distributed
 from image_files import decode_image, image_to_float, normalize, read_label_image, read_mask
-from instances import touching_borders
+from instances import median_diameter, nucleus_areas, touching_borders
 from utils import DataError, UsageError
 
 # ----------------------------------------------------------------------------------------- listing a dataset
@@ -154,6 +154,22 @@ def list_ids(dataset_dir, img_ext=".png", mask_ext=".png", num_classes=1):
 
 
 # ------------------------------------------------------------------------------------------------ transforms
+
+def nucleus_diameter(dataset_dir, ids, img_ext=".png", mask_ext=".png"):
+    """The median diameter in pixels (instances.median_diameter) of the nuclei of samples ``ids``: from their
+    instance labels, or where a sample has none from the connected components of its class-0 mask (touching nuclei
+    then count as one). 0.0 when there are no nuclei."""
+    layout = find_layout(dataset_dir, img_ext, mask_ext)
+    areas = []
+    for img_id in ids:
+        path = layout.labels(img_id)
+        if path is None:
+            labels = cv2.connectedComponents((read_mask(layout.mask(img_id, 0)) > 0).astype(np.uint8))[1]
+        else:
+            labels = read_label_image(path)
+        areas.append(nucleus_areas(labels))
+    return median_diameter(np.concatenate(areas)) if areas else 0.0
+
 
 def check_labels(layout, ids):
     """--borders needs instance labels for every id; raise a DataError naming the missing ones."""

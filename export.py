@@ -14,7 +14,6 @@ Uses PyTorch's TorchScript-based exporter (``dynamo=False``), which needs the ``
 ``onnxscript``; opset 17. The file is written atomically. When ``onnxruntime`` is installed the exported model
 is run once on a random input and its largest difference from PyTorch is printed.
 """
-import argparse
 import io
 import os
 import warnings

@@ -121,14 +121,16 @@ class Predictor:
             out.append(self.probabilities(np.stack(pieces[i:i + self.batch_size])))
         return [o for chunk in out for o in chunk]
 
-    def predict(self, image):
-        """float32 [H, W, C] in [0, 1] -> probabilities float32 [K, H, W] in [0, 1], the image's own size."""
+    def predict(self, image, scale=None):
+        """float32 [H, W, C] in [0, 1] -> probabilities float32 [K, H, W] in [0, 1], the image's own size.
+        ``scale`` (a crop-trained run) overrides the predictor's for this image."""
         height, width = image.shape[:2]
+        scale = self.scale if scale is None else scale
         if not self.cfg.crop_size:  # trained on resized images: predict at the training size, resize back
             size, interpolation = (self.cfg.input_w, self.cfg.input_h), cv2.INTER_LINEAR
-        elif self.scale != 1:
-            size = (max(16, round(width * self.scale)), max(16, round(height * self.scale)))
-            interpolation = cv2.INTER_AREA if self.scale < 1 else cv2.INTER_LINEAR
+        elif scale != 1:
+            size = (max(16, round(width * scale)), max(16, round(height * scale)))
+            interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
         else:
             return self.predict_full_size(image)
         resized = cv2.resize(image, size, interpolation=interpolation).reshape(size[1], size[0], -1)

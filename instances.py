@@ -37,6 +37,10 @@ H = 0.05  # in log(1 + distance): a saddle about 5% below the lower peak separat
 SIGMA = 1.0  # pixels
 H_BORDERS = 0.5
 MIN_CONFIDENCE = 0.85  # mean probability of an object
+# --scale auto rescales an image only when its nuclei are more than this factor wider or narrower than the training
+# set's: within it rescaling gained nothing on validation (docs/results.md, "Nuclei of another size").
+AUTO_SCALE_BAND = 1.5
+AUTO_SCALE_MOST = 4.0  # and by no more than this either way: specks or a whole-image blob are not nuclei to size by
 
 
 def _check_prob(prob):
@@ -202,3 +206,25 @@ def split_instances(prob, method="watershed", threshold=0.5, min_size=MIN_SIZE, 
     else:
         raise ValueError(f"method {method!r} is not one of {', '.join(SEPARATIONS)}")
     return remove_unsure(labels, prob, min_confidence)
+
+
+def nucleus_areas(labels):
+    """The pixel count of each object of a label image int [H, W] (0 = background): int64 [N]."""
+    counts = np.bincount(labels.ravel())[1:]
+    return counts[counts > 0]
+
+
+def median_diameter(areas):
+    """The median diameter (pixels) of objects of these areas (pixels): that of a disk of each one's area; 0.0 for
+    no objects."""
+    areas = np.asarray(areas, np.float64)
+    return float(np.median(2 * np.sqrt(areas / np.pi))) if areas.size else 0.0
+
+
+def auto_scale(found, trained, band=AUTO_SCALE_BAND, most=AUTO_SCALE_MOST):
+    """The factor that resizes an image whose nuclei are ``found`` pixels across (median diameter) so that they are
+    ``trained`` pixels across: trained / found when they differ by more than ``band`` either way (at most ``most``
+    times larger or smaller), else 1.0 (and 1.0 when nothing was found)."""
+    if found <= 0 or trained / band <= found <= trained * band:
+        return 1.0
+    return float(np.clip(trained / found, 1 / most, most))

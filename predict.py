@@ -25,7 +25,6 @@ reads channel K of multi-channel images (a TIFF's C axis, or a colour of RGB) as
 Runs with several classes write ``<id>_class<c>.png`` (and ``_prob``) per class; instances use class 0. A run
 trained with ``--borders True`` also predicts where nuclei touch; ``--separation borders`` splits nuclei there.
 """
-import argparse
 import os
 import time
 
@@ -36,9 +35,9 @@ from tqdm import tqdm
 
 from config import add_amp_arg, add_device_arg, add_separation_args, choose_separation, object_filters
 from image_files import TIFF_EXTS, decode_planes, select_channel, tiff_plane_axes
-from instances import split_instances
+from instances import AUTO_SCALE_BAND, auto_scale, median_diameter, nucleus_areas, split_instances
 from utils import (ArgumentParser, BatchedThreads, DataError, UsageError, atomic_imwrite, atomic_tiff_write,
-                   atomic_write, run_cli)
+                   atomic_write, float_or_auto, run_cli)
 from visualize import draw_outlines, to_bgr
 
 IMAGE_EXTS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
@@ -62,9 +61,11 @@ def build_parser():
                    help="the nucleus channel of multi-channel images (0-based; RGB: 0 red, 1 green, 2 blue), read as "
                         "a grey image (grey images are read as they are); needed for TIFFs with other than 1 or 3 "
                         "channels")
-    p.add_argument("--scale", type=float, default=1.0,
+    p.add_argument("--scale", type=float_or_auto, default=1.0,
                    help="crop-trained runs: predict each image resized by this factor, so that its nuclei have the "
-                        "size the run was trained on (e.g. 0.5 for nuclei twice as wide as in training)")
+                        "size the run was trained on (e.g. 0.5 for nuclei twice as wide as in training); auto = "
+                        "predict each image as it is, and again resized when its nuclei are more than "
+                        f"{AUTO_SCALE_BAND:g} times as wide or as narrow as the run's training nuclei")
     p.add_argument("--tta", action="store_true", help="average the four flips (test-time augmentation)")
     p.add_argument("--threshold", type=float, default=0.5, help="probability above which a pixel is a nucleus")
     p.add_argument("--save_prob", action="store_true", help="also write <id>_prob.png (probability x 255)")
@@ -86,7 +87,7 @@ def check_args(args):
         raise UsageError(f"--tile {args.tile} must be 0 (from the memory budget) or a positive multiple of 16")
     if args.tile and not 0 <= args.overlap < args.tile:
         raise UsageError(f"--overlap {args.overlap} must be at least 0 and less than --tile ({args.tile})")
-    if not 0.05 <= args.scale <= 20:
+    if args.scale != "auto" and not 0.05 <= args.scale <= 20:
         raise UsageError(f"--scale {args.scale} must be between 0.05 and 20 (1 = the image as it is)")
     if args.channel is not None and args.channel < 0:
         raise UsageError(f"--channel {args.channel} must be 0 or more (0 = the first channel)")
@@ -216,23 +217,29 @@ def predict_plane(source, plane, image, prob, options, out_dir):
     return source, arrays, fraction, table, image.shape[0] * image.shape[1]
 
 
-def median_diameter(areas):
-    """The median diameter of nuclei of these areas (pixels), in pixels: that of a disk of each one's area
-    (compare it with the nuclei the run was trained on, and pass --scale when they differ a lot)."""
-    return float(np.median(2 * np.sqrt(np.asarray(areas, np.float64) / np.pi)))
+def auto_scaled(predictor, image, prob, trained_diameter, threshold, separation, filters):
+    """--scale auto for one image, float32 [H, W, C] in [0, 1], whose probabilities as it is are ``prob`` [K, H, W]:
+    its nuclei (``separation`` with ``filters``) measured, and the image predicted again resized by
+    instances.auto_scale when they are far from ``trained_diameter`` pixels across. Returns (probabilities at the
+    image's size, the scale used)."""
+    border = prob[predictor.cfg.num_classes] if prob.shape[0] > predictor.cfg.num_classes else None
+    labels = split_instances(prob[0], separation, threshold=threshold, border=border, **filters)
+    scale = auto_scale(median_diameter(nucleus_areas(labels)), trained_diameter)
+    return (prob if scale == 1 else predictor.predict(image, scale)), scale
 
 
 def predict_all(predictor, files, ids, stacks, out_dir, num_classes, threshold, save_prob=False,
-                separation=None, filters=None, overlay=False, channel=None):
+                separation=None, filters=None, overlay=False, channel=None, auto=None):
     """Predict every file into ``out_dir``: the masks (and probabilities with ``save_prob``), the nuclei when a
     ``separation`` is given (with ``filters``), the outlines with ``overlay``; PNGs for a 2D image, TIFF stacks
     for a stack (``stacks``: the plane axes of each file, :func:`stack_axes`), each plane predicted as an image of
-    its own; ``channel`` picks one channel of each (image_files.select_channel). The per-plane work runs in
-    threads after every 256 MB of predictions (utils.BatchedThreads).
-    Returns (mean foreground fraction, objects table or None, megapixels, planes)."""
+    its own; ``channel`` picks one channel of each (image_files.select_channel); ``auto`` = (the run's training
+    nucleus diameter, separation) for --scale auto (:func:`auto_scaled`). The per-plane work runs in threads after
+    every 256 MB of predictions (utils.BatchedThreads).
+    Returns (mean foreground fraction, objects table or None, megapixels, planes, the scale of each plane)."""
     options = dict(num_classes=num_classes, threshold=threshold, save_prob=save_prob, separation=separation,
                    filters=filters, overlay=overlay)
-    fractions, tables, pixels = [], [], []
+    fractions, tables, pixels, scales = [], [], [], []
     waiting = {}  # img_id -> the arrays of its planes done so far
 
     def collect(result):
@@ -252,13 +259,16 @@ def predict_all(predictor, files, ids, stacks, out_dir, num_classes, threshold, 
             bar.total += len(planes) - 1
             for plane, image in enumerate(planes):
                 image = predictor.as_input(image)
-                prob = predictor.predict(image)
+                prob, scale = predictor.predict(image), predictor.scale
+                if auto:
+                    prob, scale = auto_scaled(predictor, image, prob, auto[0], threshold, auto[1], filters)
+                scales.append(scale)
                 jobs.submit(predict_plane, (img_id, len(planes), plane_axes), plane, image, prob, options,
                             None if plane_axes else out_dir, nbytes=image.nbytes + prob.nbytes)
                 bar.update()
         jobs.flush()
     table = pd.concat(tables, ignore_index=True) if separation else None
-    return float(np.mean(fractions)), table, sum(pixels) / 1e6, len(fractions)
+    return float(np.mean(fractions)), table, sum(pixels) / 1e6, len(fractions), scales
 
 
 def main(argv):
@@ -278,20 +288,29 @@ def main(argv):
     if args.scale != 1 and not cfg.crop_size:
         raise UsageError(f"--scale: run {args.name} was trained on images resized to {cfg.input_h}x{cfg.input_w}, "
                          "and predicts every image at that size; --scale is for runs trained on crops")
+    auto = args.scale == "auto"
+    if auto and not cfg.nucleus_diameter:
+        raise UsageError(f"--scale auto: run {args.name} records no training nucleus diameter (trained before "
+                         "train.py recorded it); give --scale FACTOR, or the diameter in its config.yml as "
+                         "nucleus_diameter")
     filters = object_filters(args.min_size, args.min_confidence, cfg.loss)
     separation = choose_separation(args.separation, cfg.borders, args.name)
     predictor = Predictor(model, cfg, device, args.tile or None, args.overlap, args.batch_size, args.prune, args.tta,
-                          args.amp, args.scale)
+                          args.amp, 1.0 if auto else args.scale)
     os.makedirs(args.output, exist_ok=True)
     started = time.time()
-    foreground, objects, megapixels, planes = predict_all(
+    foreground, objects, megapixels, planes, scales = predict_all(
         predictor, files, ids, stacks, args.output, cfg.num_classes, args.threshold, args.save_prob,
-        separation if args.instances else None, filters, args.overlay, args.channel)
+        separation if args.instances else None, filters, args.overlay, args.channel,
+        (cfg.nucleus_diameter, separation) if auto else None)
     if objects is not None:
         with atomic_write(os.path.join(args.output, "objects.csv")) as f:
             objects.to_csv(f, index=False, float_format="%.2f")
     seconds = time.time() - started
-    size = f"scaled by {args.scale:g}" if args.scale != 1 else "full size"
+    rescaled = [x for x in scales if x != 1]
+    size = (f"scaled by {args.scale:g}" if args.scale not in (1, "auto") else "full size") + \
+        (f"; --scale auto: {len(rescaled)} of {planes} rescaled" + (f" by {min(rescaled):.2g}-{max(rescaled):.2g}"
+                                                                    if rescaled else "") if auto else "")
     found = "" if objects is None else f", {len(objects)} objects ({separation}) in objects.csv" + \
         (f", median diameter {median_diameter(objects['area']):.0f} px" if len(objects) else "")
     how = f"resized to {cfg.input_h}x{cfg.input_w}" if not cfg.crop_size else \
@@ -303,7 +322,7 @@ def main(argv):
           f"{device} ({predictor.precision.describe()}); mean foreground {100 * foreground:.1f}%"
           f"{found}; "
           f"files in {args.output}/")
-    return {"images": len(files), "planes": planes, "seconds": seconds}
+    return {"images": len(files), "planes": planes, "seconds": seconds, "scales": scales}
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ Usage::
     python preprocess_dsb2018.py [--src inputs/data-science-bowl-2018/stage1_train] [--img_size 96]
                                  [--dst FOLDER] [--num_workers N] [--limit N]
 """
-import argparse
 import multiprocessing
 import os
 import shutil

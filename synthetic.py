@@ -17,7 +17,6 @@ Usage::
 
     python synthetic.py [--out inputs/synthetic] [--num_images 160] [--size 96] [--seed 0]
 """
-import argparse
 import os
 import shutil
 import sys

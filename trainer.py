@@ -19,7 +19,7 @@ from archs import build_model
 from checkpoints import atomic_torch_save, load_init_weights, load_training_state, save_training_state
 from config import INPUTS_DIR, output_channels, run_dir, save_run_config
 from dataset import (MODALITIES, Dataset, EpochSampler, WeightedDistributedSampler, balance_weights, decode_image,
-                     eval_loader, find_layout, list_ids, read_split, reading_of, split_ids,
+                     eval_loader, find_layout, list_ids, nucleus_diameter, read_split, reading_of, split_ids,
                      train_transform)
 from device_data import BatchAugment, DeviceImages, DeviceLoader
 from engine import (NonFiniteLoss, Precision, choose_device, evaluate, recalibrate_batchnorm, seed_everything,
@@ -68,6 +68,9 @@ class Trainer:
                 self._say(f"--init {args.init}: its learned-border channel is left out (this run has --borders False)")
         self.model = wrap_model(self.net, self.device, args.sync_bn, args.compile)
         if self.main:  # set up without an error: now the run folder may be written
+            if args.crop_size and not args.nucleus_diameter:  # recorded for predict.py --scale auto
+                args.nucleus_diameter = round(nucleus_diameter(self.dataset_dir, self.ids("train"), args.img_ext,
+                                                               args.mask_ext), 2)
             self._create_run_folder()
         distributed.barrier()
         self.started = time.time()

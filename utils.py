@@ -141,6 +141,16 @@ def bool_or_auto(v):
     return "auto" if str(v).strip().lower() == "auto" else str2bool(v)
 
 
+def float_or_auto(v):
+    """Parse auto or a number for argparse: 'auto' or a float."""
+    if str(v).strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {v!r}") from None
+
+
 def integer(v):
     """Parse an integer for argparse; also a whole float such as 8.0 (YAML recipes hold those)."""
     try:

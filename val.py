@@ -17,7 +17,6 @@ DSB2018 instance score, when inputs/<dataset>/labels/ holds 16-bit instance labe
 --separation, the other ways printed beside it), overlays/<id>.png (image | truth | prediction | errors) and
 summary.png.
 """
-import argparse
 import os
 
 from config import add_amp_arg, add_device_arg, add_separation_args, choose_separation, object_filters

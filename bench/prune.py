@@ -8,7 +8,6 @@ median over ``--repeats`` timed passes over the split, after one warm-up pass, o
 already on the device so that only the network is timed), and pooled IoU and Dice on the split (the same
 evaluation as val.py --prune L). Prints a table, then as the last line one JSON object with every figure.
 """
-import argparse
 import json
 import os
 import statistics

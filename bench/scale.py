@@ -5,14 +5,13 @@
 Validation images of a crop-trained run (the first ``--limit`` ids of its split.csv, from the run's dataset),
 resized by each factor (images linearly, or by area when shrinking; label images by nearest neighbour), so that
 their nuclei are that many times as wide as the network learned, as at another magnification. Each is predicted
-as it is, with ``--scale 1/factor``, and with the scale a user would read off predict.py: the median diameter of
-the training split's nuclei over the median diameter predict.py prints for these images as they are
-(predict.median_diameter). Prediction is inference.Predictor, predict.py's path, and predict.segment for the
-nuclei with the run's default separation; the scores, against the resized labels: pooled and mean IoU of the
-mask, and the DSB2018 score (metrics.dsb_score). Factor 1 is the images as they are. Prints a table, then as the
-last line one JSON object with every figure.
+as it is, with ``--scale 1/factor``, with the scale a user would read off predict.py (the median diameter of the
+training split's nuclei over the median diameter predict.py prints for these images as they are:
+instances.median_diameter), and with ``--scale auto`` (each image on its own: predict.auto_scaled). Prediction is
+inference.Predictor, predict.py's path, and predict.segment for the nuclei with the run's default separation; the
+scores, against the resized labels: pooled and mean IoU of the mask, and the DSB2018 score (metrics.dsb_score).
+Factor 1 is the images as they are. Prints a table, then as the last line one JSON object with every figure.
 """
-import argparse
 import json
 import os
 import sys
@@ -28,13 +27,17 @@ from tqdm import tqdm  # noqa: E402
 from checkpoints import load_run  # noqa: E402
 from config import (INPUTS_DIR, add_amp_arg, add_device_arg, choose_separation, load_run_config,  # noqa: E402
                     object_filters, saved_run_dir)
-from dataset import read_split, split_ids  # noqa: E402
+from dataset import nucleus_diameter, read_split, split_ids  # noqa: E402
 from engine import choose_device  # noqa: E402
 from image_files import decode_image, read_label_image  # noqa: E402
 from inference import Predictor  # noqa: E402
 from metrics import dsb_score  # noqa: E402
-from predict import median_diameter, segment  # noqa: E402
+from instances import median_diameter, nucleus_areas  # noqa: E402
+from predict import auto_scaled, segment  # noqa: E402
 from utils import ArgumentParser, UsageError, run_cli  # noqa: E402
+
+
+HOWS = ("as_is", "scaled", "read_off", "auto")  # how each resized image is predicted (module docstring)
 
 
 def build_parser():
@@ -59,20 +62,20 @@ def resized(image, labels, factor):
     return image.reshape(size[1], size[0], -1), labels
 
 
-def nucleus_areas(labels):
-    """The pixel count of each nucleus of a label image int32 [H, W] (0 = background)."""
-    counts = np.bincount(labels.ravel())[1:]
-    return counts[counts > 0]
-
-
-def score(predictor, samples, options):
+def score(predictor, samples, options, trained=None):
     """Pooled IoU, mean IoU, mean DSB2018 score of ``predictor`` on samples [(img_id, image, labels)], and the
-    median diameter of all the nuclei it found (0 when it found none)."""
-    inter = union = 0
+    median diameter of all the nuclei it found (0 when it found none); with ``trained`` (the training nuclei's
+    diameter) each image as predict.py --scale auto predicts it, and how many of them it rescaled."""
+    inter = union = rescaled = 0
     ious, dsbs, areas = [], [], []
     for img_id, image, labels in samples:
         image = predictor.as_input(image)
-        arrays, found = segment(img_id, image, predictor.predict(image), **options)
+        prob = predictor.predict(image)
+        if trained:
+            prob, scale = auto_scaled(predictor, image, prob, trained, options["threshold"], options["separation"],
+                                      options["filters"])
+            rescaled += scale != 1
+        arrays, found = segment(img_id, image, prob, **options)
         mask, truth = arrays[""] > 0, labels > 0
         i, u = int((mask & truth).sum()), int((mask | truth).sum())
         inter, union = inter + i, union + u
@@ -80,7 +83,7 @@ def score(predictor, samples, options):
         dsbs.append(dsb_score(labels, found))
         areas.append(nucleus_areas(found))
     return {"iou": inter / max(union, 1), "iou_mean": float(np.mean(ious)), "dsb": float(np.mean(dsbs)),
-            "diameter": median_diameter(np.concatenate(areas)) if sum(map(len, areas)) else 0.0}
+            "diameter": median_diameter(np.concatenate(areas)), **({"rescaled": rescaled} if trained else {})}
 
 
 def main(argv):
@@ -100,8 +103,8 @@ def main(argv):
                          f"inputs/{cfg.dataset} (python preprocess_dsb2018.py --img_size 0)")
     split = read_split(os.path.join(saved_run_dir(args.name), "split.csv"))
     ids = split_ids(split, "val")[:args.limit]
-    trained = median_diameter(np.concatenate([nucleus_areas(read_label_image(os.path.join(labels_dir, i + ".png")))
-                                              for i in split_ids(split, "train")]))
+    trained = cfg.nucleus_diameter or nucleus_diameter(os.path.join(INPUTS_DIR, cfg.dataset), split_ids(split, "train"),
+                                                       cfg.img_ext, cfg.mask_ext)
     device = choose_device(args.device)
     cfg, model = load_run(args.name, device)
     options = dict(num_classes=cfg.num_classes, threshold=0.5, save_prob=False, overlay=False,
@@ -113,22 +116,24 @@ def main(argv):
     for factor in tqdm(factors, desc="factors", dynamic_ncols=True):
         samples = [(i, *resized(image, labels, factor)) for i, image, labels in originals]
         row, scales = {"factor": factor}, {"as_is": 1.0, "scaled": 1 / factor}
-        for how in ("as_is", "scaled", "read_off"):
+        for how in HOWS:
             if how == "read_off":  # what predict.py printed for the images as they are (none found: nothing to read)
                 found = row["as_is"]["diameter"]
                 scales[how] = trained / found if found else 1.0
-            scores = score(Predictor(model, cfg, device, amp=args.amp, scale=scales[how]), samples, options)
-            row[how] = {"scale": round(scales[how], 4), **{k: round(v, 4) for k, v in scores.items()}}
+            scores = score(Predictor(model, cfg, device, amp=args.amp, scale=scales.get(how, 1.0)), samples, options,
+                           trained if how == "auto" else None)
+            row[how] = {**({"scale": round(scales[how], 4)} if how in scales else {}),
+                        **{k: round(v, 4) for k, v in scores.items()}}
         rows.append(row)
     print(f"{args.name}: {len(ids)} validation images resized by each factor, on {device} "
           f"({Predictor(model, cfg, device, amp=args.amp).precision.describe()}); separation {options['separation']}; "
           f"training nuclei {trained:.1f} px across (median)")
     print(f"{'factor':>6}  {'as they are: IoU pooled / mean, DSB2018':>40}  {'--scale 1/factor':>24}  "
-          f"{'--scale read off (S)':>30}")
+          f"{'--scale read off (S)':>30}  {'--scale auto':>35}")
     for r in rows:
-        cells = [f"{r[h]['iou']:.4f} / {r[h]['iou_mean']:.4f}, {r[h]['dsb']:.3f}"
-                 for h in ("as_is", "scaled", "read_off")]
-        print(f"{r['factor']:>6g}  {cells[0]:>40}  {cells[1]:>24}  {cells[2]:>22} ({r['read_off']['scale']:.2f})")
+        cells = [f"{r[h]['iou']:.4f} / {r[h]['iou_mean']:.4f}, {r[h]['dsb']:.3f}" for h in HOWS]
+        print(f"{r['factor']:>6g}  {cells[0]:>40}  {cells[1]:>24}  {cells[2]:>22} ({r['read_off']['scale']:.2f})  "
+              f"{cells[3]:>22} ({r['auto']['rescaled']} rescaled)")
     result = {"name": args.name, "images": len(ids), "device": str(device), "trained_diameter": round(trained, 2),
               "rows": rows}
     print(json.dumps(result))

@@ -147,6 +147,7 @@ def test_path_like_dataset_name_in_default_name_refused():
     (["--num_workers", "-1"], "--num_workers"), (["--crop_size", "-16"], "--crop_size"),
     (["--stain_jitter", "1.5"], "--stain_jitter"), (["--stain_jitter", "0.5", "--loader", "device"], "--stain_jitter"),
     (["--stain_jitter", "0.5", "--input_channels", "1"], "--input_channels 3"),
+    (["--nucleus_diameter", "-2"], "--nucleus_diameter"),
 ])
 def test_bad_values_refused_naming_the_flag(argv, flag):
     with pytest.raises(UsageError) as e:

@@ -6,10 +6,11 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from skimage.measure import regionprops
 
 from conftest import make_layout, make_synthetic, write_image
 from dataset import (MODALITIES, Dataset, WeightedDistributedSampler, balance_weights, decode_image, eval_transform,
-                     image_modality, image_to_float, list_ids, read_mask, train_transform)
+                     image_modality, image_to_float, list_ids, nucleus_diameter, read_mask, train_transform)
 import image_files
 from image_files import NORM_MEAN, NORM_STD
 from utils import DataError, UsageError
@@ -578,3 +579,13 @@ def test_grey_in_three_channels_reads_as_grey(dtype):
             np.testing.assert_array_equal(image_files.image_to_float(grey, input_channels, normalization),
                                           image_files.image_to_float(np.repeat(grey, 3, axis=2), input_channels,
                                                                      normalization))
+
+
+def test_nucleus_diameter_from_the_labels_or_else_the_mask_components(tmp_path):
+    ids = make_synthetic(tmp_path)
+    root = tmp_path / "inputs" / "tiny"
+    labels = [image_files.read_label_image(str(root / "labels" / f"{i}.png")) for i in ids[:4]]
+    expected = np.median([r.equivalent_diameter_area for lab in labels for r in regionprops(lab)])
+    assert nucleus_diameter(str(root), ids[:4]) == pytest.approx(expected)
+    masks_only = make_layout(tmp_path / "squares", ["a", "b"], size=16)  # one 6 x 8 square each
+    assert nucleus_diameter(masks_only, ["a", "b"]) == pytest.approx(2 * np.sqrt(48 / np.pi))

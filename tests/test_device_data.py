@@ -1,7 +1,10 @@
 """device_data.py against today's albumentations pipeline (dataset.train_transform): the same distributions of
 flips/rotations, crop positions, scale and colour jitter; and --loader device against --loader workers."""
 import numpy as np
+import pytest
 import torch
+import yaml
+from skimage.measure import regionprops
 
 import dataset
 import image_files
@@ -213,6 +216,13 @@ def test_device_and_worker_loaders_give_the_same_split_and_sizes(tmp_path, monke
     device, workers = built["device"], built["workers"]
     assert device[0].equals(workers[0])
     assert device[1:] == workers[1:]
+    # a crop-trained run records its training nuclei's median diameter for predict.py --scale auto
+    train_ids = dataset.split_ids(device[0], "train")
+    labels_dir = tmp_path / "inputs" / "tiny" / "labels"
+    labels = [image_files.read_label_image(str(labels_dir / f"{i}.png")) for i in train_ids]
+    diameters = [r.equivalent_diameter_area for lab in labels for r in regionprops(lab)]
+    saved = yaml.safe_load((tmp_path / "models" / "l_device" / "config.yml").read_text())["nucleus_diameter"]
+    assert saved == pytest.approx(np.median(diameters), abs=0.01) and saved > 0
 
 
 def test_greyscale_and_invert_as_often_as_albumentations_draws_them():

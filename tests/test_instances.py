@@ -5,8 +5,8 @@ import pytest
 
 from config import object_filters
 from image_files import read_labels
-from instances import (MIN_CONFIDENCE, connected_components, split_instances, touching_borders, watershed_instances,
-                       watershed_markers)
+from instances import (MIN_CONFIDENCE, auto_scale, connected_components, median_diameter, nucleus_areas,
+                       split_instances, touching_borders, watershed_instances, watershed_markers)
 from metrics import dsb_score, dsb_scores
 from utils import UsageError
 
@@ -183,3 +183,31 @@ def test_border_separation_joins_a_sliver_cut_off_by_a_spurious_border():
         assert sliver.sum() >= 10
         labels = split_instances(prob, "borders", border=border)
         assert labels.max() == 1 and np.array_equal(labels > 0, prob > 0.5)
+
+
+def disc_labels(radii, shape=(200, 200)):
+    """Non-touching discs of these radii in a row: int32 labels 1..N."""
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    labels, x = np.zeros(shape, np.int32), 0
+    for k, r in enumerate(radii, 1):
+        x += r + 2
+        labels[(yy - shape[0] // 2) ** 2 + (xx - x) ** 2 <= r * r] = k
+        x += r + 1
+    return labels
+
+
+def test_median_diameter_is_that_of_discs_of_the_areas():
+    areas = np.pi * np.array([5.0, 10.0, 20.0]) ** 2
+    assert median_diameter(areas) == pytest.approx(20.0)
+    assert median_diameter([]) == 0.0
+    labels = disc_labels([6, 10, 14])
+    np.testing.assert_array_equal(nucleus_areas(labels), [(labels == k).sum() for k in (1, 2, 3)])
+    assert median_diameter(nucleus_areas(labels)) == pytest.approx(20.0, abs=0.3)
+
+
+def test_auto_scale_resizes_only_nuclei_far_from_the_training_size():
+    assert auto_scale(0.0, 19.4) == 1.0  # nothing found: nothing to size by
+    assert auto_scale(19.4 * 1.4, 19.4) == 1.0 and auto_scale(19.4 / 1.4, 19.4) == 1.0  # within the band
+    assert auto_scale(60.0, 20.0) == pytest.approx(1 / 3)
+    assert auto_scale(8.0, 20.0) == pytest.approx(2.5)
+    assert auto_scale(400.0, 20.0) == pytest.approx(0.25) and auto_scale(1.0, 20.0) == pytest.approx(4.0)

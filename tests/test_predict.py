@@ -54,6 +54,7 @@ def runs(tmp_path_factory):
 
         p_weights = torch.load(os.path.join("models", "p", "model.pth"), weights_only=True)
         make_run("pc", p_weights, crop_size=32)
+        make_run("pa", p_weights, crop_size=32, nucleus_diameter=3.0)  # the nuclei it finds: mostly rescaled
         make_run("pp", p_weights, normalization="percentile")
         make_run("pd", p_weights, normalization="percentile_dark")
         torch.manual_seed(0)
@@ -221,9 +222,47 @@ def test_scale_predicts_the_resized_image(in_runs, tmp_path):
         predict.main(["--name", "pc", "--input", image_path, "--output", str(tmp_path / "out"), "--scale", "0"])
 
 
-def test_median_diameter_is_that_of_disks_of_the_areas():
-    areas = np.pi * np.array([5.0, 10.0, 20.0]) ** 2
-    assert predict.median_diameter(areas) == pytest.approx(20.0)
+def test_auto_scaled_predicts_again_only_images_with_nuclei_far_from_the_training_size():
+    """--scale auto for one image: its nuclei measured in the first prediction; predicted again, resized, only when
+    they are far from the training size."""
+    yy, xx = np.mgrid[:200, :200]
+
+    class Resizing:  # stands in for inference.Predictor: records the scales asked for
+        cfg = Namespace(num_classes=1)
+        asked = []
+
+        def predict(self, image, scale=None):
+            self.asked.append(scale)
+            return np.zeros((1, 200, 200), np.float32)
+
+    for radius, scale in ((30, 1 / 3), (12, 1.0), (0, 1.0)):
+        prob = ((yy - 100) ** 2 + (xx - 100) ** 2 <= radius * radius).astype(np.float32)[None]
+        Resizing.asked = []
+        out, used = predict.auto_scaled(Resizing(), None, prob, 20.0, 0.5, "cc", dict(min_size=3, min_confidence=0))
+        assert used == pytest.approx(scale, rel=0.02)
+        assert Resizing.asked == ([] if scale == 1 else [used])
+        assert (out is prob) == (scale == 1)
+
+
+def test_scale_auto_is_the_fixed_scale_it_chose_and_needs_a_recorded_diameter(in_runs, tmp_path, capsys):
+    folder = tmp_path / "images"
+    for k, (h, w) in enumerate(((50, 38), (96, 80), (40, 64))):
+        write(folder / f"i{k}.png", sample_bgr(h, w))
+    flags = ["--name", "pa", "--input", str(folder), "--instances", "--min_confidence", "0", "--device", "cpu"]
+    auto = predict.main([*flags, "--output", str(tmp_path / "auto"), "--scale", "auto"])
+    assert "--scale auto:" in capsys.readouterr().out and len(auto["scales"]) == 3
+    assert any(s != 1 for s in auto["scales"])  # so that the comparison below covers a rescaled image
+    for k, scale in enumerate(auto["scales"]):
+        fixed = tmp_path / f"fixed{k}"
+        predict.main([*flags[:3], str(folder / f"i{k}.png"), *flags[4:], "--output", str(fixed), "--scale", str(scale)])
+        np.testing.assert_array_equal(read(tmp_path / "auto" / f"i{k}.png"), read(fixed / f"i{k}.png"))
+    with pytest.raises(UsageError, match="run pc records no training nucleus diameter"):
+        predict.main(["--name", "pc", "--input", str(folder), "--output", str(tmp_path / "o"), "--scale", "auto"])
+    with pytest.raises(UsageError, match="--scale is for runs trained on crops"):
+        predict.main(["--name", "p", "--input", str(folder), "--output", str(tmp_path / "o"), "--scale", "auto"])
+    with pytest.raises(SystemExit):
+        run_cli(predict.main, ["--name", "pa", "--input", str(folder), "--output", str(tmp_path / "o"), "--scale", "x"])
+    assert "--scale: expected a number or auto, got 'x'" in capsys.readouterr().err
 
 
 def test_percentile_run_predicts_a_dimmed_image_as_the_original(in_runs, tmp_path):
