@@ -2,15 +2,16 @@
 
     python bench/scale.py --name nuclei --factors 0.5,2,3 --limit 30
 
-Validation images of a crop-trained run (the first ``--limit`` ids of its split.csv, from the run's dataset),
-resized by each factor (images linearly, or by area when shrinking; label images by nearest neighbour), so that
-their nuclei are that many times as wide as the network learned, as at another magnification. Each is predicted
-as it is, with ``--scale 1/factor``, with the scale a user would read off predict.py (the median diameter of the
-training split's nuclei over the median diameter predict.py prints for these images as they are:
-instances.median_diameter), and with ``--scale auto`` (each image on its own: predict.auto_scaled). Prediction is
-inference.Predictor, predict.py's path, and predict.segment for the nuclei with the run's default separation; the
-scores, against the resized labels: pooled and mean IoU of the mask, and the DSB2018 score (metrics.dsb_score).
-Factor 1 is the images as they are. Prints a table, then as the last line one JSON object with every figure.
+Validation images of a crop-trained run (the first ``--limit`` ids of its split.csv, from the run's dataset; or
+with ``--dataset`` the images of another dataset, such as the test set), resized by each factor (images linearly,
+or by area when shrinking; label images by nearest neighbour), so that their nuclei are that many times as wide as
+the network learned, as at another magnification. Each is predicted as it is, with ``--scale 1/factor``, with the
+scale a user would read off predict.py (the median diameter of the training split's nuclei over the median
+diameter predict.py prints for these images as they are: instances.median_diameter), and with ``--scale auto``
+(each image on its own: predict.auto_scaled). Prediction is inference.Predictor, predict.py's path, and
+predict.segment for the nuclei with the run's default separation; the scores, against the resized labels: pooled
+and mean IoU of the mask, and the DSB2018 score (metrics.dsb_score). Factor 1 is the images as they are. Prints a
+table, then as the last line one JSON object with every figure.
 """
 import json
 import os
@@ -27,8 +28,9 @@ from tqdm import tqdm  # noqa: E402
 from checkpoints import load_run  # noqa: E402
 from config import (INPUTS_DIR, add_amp_arg, add_device_arg, choose_separation, load_run_config,  # noqa: E402
                     object_filters, saved_run_dir)
-from dataset import nucleus_diameter, read_split, split_ids  # noqa: E402
+from dataset import nucleus_diameter, read_split, reading_of, split_ids  # noqa: E402
 from engine import choose_device  # noqa: E402
+from evaluation import evaluation_ids  # noqa: E402
 from image_files import decode_image, read_label_image  # noqa: E402
 from inference import Predictor  # noqa: E402
 from metrics import dsb_score  # noqa: E402
@@ -46,7 +48,10 @@ def build_parser():
                                    "predicted as they are and with --scale 1/factor.")
     p.add_argument("--name", required=True, help="a crop-trained run (a folder in models/, or nuclei)")
     p.add_argument("--factors", default="0.5,2,3", help="comma-separated resize factors of the images")
-    p.add_argument("--limit", type=int, default=30, help="the first this many validation images")
+    p.add_argument("--limit", type=int, default=30, help="the first this many validation images (0: all)")
+    p.add_argument("--dataset", default=None,
+                   help="every image of inputs/<dataset>/ instead of the run's validation split (one it was not "
+                        "trained on, with labels/), e.g. the test set; --factors 1 scores it as it is")
     add_device_arg(p)
     add_amp_arg(p)
     p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
@@ -92,17 +97,18 @@ def main(argv):
         factors = [float(f) for f in args.factors.split(",")]
     except ValueError:
         raise UsageError(f"--factors {args.factors}: give numbers separated by commas, e.g. 0.5,2,3") from None
-    if args.limit < 1 or min(factors) <= 0:
-        raise UsageError("--limit must be at least 1 and every factor above 0")
+    if args.limit < 0 or min(factors) <= 0:
+        raise UsageError("--limit must be 0 (all) or more and every factor above 0")
     cfg = load_run_config(args.name)
     if not cfg.crop_size:
         raise UsageError(f"{args.name} was trained on resized images; bench/scale.py needs a crop-trained run")
-    labels_dir = os.path.join(INPUTS_DIR, cfg.dataset, "labels")
+    folder, ids, part = evaluation_ids(args.name, None, args.dataset, cfg.dataset, reading_of(cfg))
+    ids = ids[:args.limit or None]
+    labels_dir = os.path.join(folder, "labels")
     if not os.path.isdir(labels_dir):
         raise UsageError(f"{labels_dir} does not exist: the DSB2018 score needs the instance labels of "
-                         f"inputs/{cfg.dataset} (python preprocess_dsb2018.py --img_size 0)")
+                         f"{folder} (python preprocess_dsb2018.py --img_size 0)")
     split = read_split(os.path.join(saved_run_dir(args.name), "split.csv"))
-    ids = split_ids(split, "val")[:args.limit]
     trained = cfg.nucleus_diameter or nucleus_diameter(os.path.join(INPUTS_DIR, cfg.dataset), split_ids(split, "train"),
                                                        cfg.img_ext, cfg.mask_ext)
     device = choose_device(args.device)
@@ -110,7 +116,7 @@ def main(argv):
     options = dict(num_classes=cfg.num_classes, threshold=0.5, save_prob=False, overlay=False,
                    separation=choose_separation(None, cfg.borders, args.name),
                    filters=object_filters(loss=cfg.loss))
-    originals = [(i, decode_image(os.path.join(INPUTS_DIR, cfg.dataset, "images", i + cfg.img_ext)),
+    originals = [(i, decode_image(os.path.join(folder, "images", i + cfg.img_ext)),
                   read_label_image(os.path.join(labels_dir, i + ".png"))) for i in ids]
     rows = []
     for factor in tqdm(factors, desc="factors", dynamic_ncols=True):
@@ -120,12 +126,15 @@ def main(argv):
             if how == "read_off":  # what predict.py printed for the images as they are (none found: nothing to read)
                 found = row["as_is"]["diameter"]
                 scales[how] = trained / found if found else 1.0
+            if how == "scaled" and factor == 1:  # the same as "as_is"
+                row[how] = row["as_is"]
+                continue
             scores = score(Predictor(model, cfg, device, amp=args.amp, scale=scales.get(how, 1.0)), samples, options,
                            trained if how == "auto" else None)
             row[how] = {**({"scale": round(scales[how], 4)} if how in scales else {}),
                         **{k: round(v, 4) for k, v in scores.items()}}
         rows.append(row)
-    print(f"{args.name}: {len(ids)} validation images resized by each factor, on {device} "
+    print(f"{args.name}: {len(ids)} images ({part}) resized by each factor, on {device} "
           f"({Predictor(model, cfg, device, amp=args.amp).precision.describe()}); separation {options['separation']}; "
           f"training nuclei {trained:.1f} px across (median)")
     print(f"{'factor':>6}  {'as they are: IoU pooled / mean, DSB2018':>40}  {'--scale 1/factor':>24}  "
@@ -134,8 +143,8 @@ def main(argv):
         cells = [f"{r[h]['iou']:.4f} / {r[h]['iou_mean']:.4f}, {r[h]['dsb']:.3f}" for h in HOWS]
         print(f"{r['factor']:>6g}  {cells[0]:>40}  {cells[1]:>24}  {cells[2]:>22} ({r['read_off']['scale']:.2f})  "
               f"{cells[3]:>22} ({r['auto']['rescaled']} rescaled)")
-    result = {"name": args.name, "images": len(ids), "device": str(device), "trained_diameter": round(trained, 2),
-              "rows": rows}
+    result = {"name": args.name, "images": len(ids), "of": part, "device": str(device),
+              "trained_diameter": round(trained, 2), "rows": rows}
     print(json.dumps(result))
     return result
 

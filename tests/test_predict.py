@@ -451,14 +451,18 @@ def load_bench(name):
 
 
 def test_bench_scale_scores_resized_images(in_runs, capsys):
-    """bench/scale.py on the tiny crop-trained run: at factor 1 --scale changes nothing; every score in [0, 1]."""
+    """bench/scale.py on the tiny crop-trained runs: every score in [0, 1]; --scale auto's column counts the images
+    it rescaled; --dataset scores every image of another dataset."""
     result = load_bench("scale").main(["--name", "pc", "--factors", "1,2", "--limit", "2", "--device", "cpu"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
     assert [r["factor"] for r in result["rows"]] == [1.0, 2.0] and result["images"] == 2
-    assert result["rows"][0]["as_is"] == result["rows"][0]["scaled"]
     assert [r["scaled"]["scale"] for r in result["rows"]] == [1.0, 0.5] and result["trained_diameter"] > 0
-    assert all(0 <= r[how][k] <= 1 for r in result["rows"] for how in ("as_is", "scaled", "read_off")
+    assert all(0 <= r[how][k] <= 1 for r in result["rows"] for how in ("as_is", "scaled", "read_off", "auto")
                for k in ("iou", "iou_mean", "dsb"))
+    assert all(0 <= r["auto"]["rescaled"] <= 2 for r in result["rows"])
+    every = load_bench("scale").main(["--name", "pa", "--factors", "1", "--limit", "0", "--dataset", "synthetic",
+                                      "--device", "cpu"])
+    assert every["images"] == 8 and every["trained_diameter"] == 3.0
     with pytest.raises(UsageError, match="crop-trained"):
         load_bench("scale").main(["--name", "p"])
 
