@@ -153,8 +153,6 @@ def list_ids(dataset_dir, img_ext=".png", mask_ext=".png", num_classes=1):
     return sorted(ids)
 
 
-# ------------------------------------------------------------------------------------------------ transforms
-
 def nucleus_diameter(dataset_dir, ids, img_ext=".png", mask_ext=".png"):
     """The median diameter in pixels (instances.median_diameter) of the nuclei of samples ``ids``: from their
     instance labels, or where a sample has none from the connected components of its class-0 mask (touching nuclei
@@ -170,6 +168,8 @@ def nucleus_diameter(dataset_dir, ids, img_ext=".png", mask_ext=".png"):
         areas.append(nucleus_areas(labels))
     return median_diameter(np.concatenate(areas)) if areas else 0.0
 
+
+# ------------------------------------------------------------------------------------------------ transforms
 
 def check_labels(layout, ids):
     """--borders needs instance labels for every id; raise a DataError naming the missing ones."""

@@ -271,6 +271,15 @@ def predict_all(predictor, files, ids, stacks, out_dir, num_classes, threshold, 
     return float(np.mean(fractions)), table, sum(pixels) / 1e6, len(fractions), scales
 
 
+def sizing(scale, scales):
+    """How the images were sized, for the summary line: --scale ``scale`` and the scale of each plane."""
+    if scale != "auto":
+        return "full size" if scale == 1 else f"scaled by {scale:g}"
+    rescaled = [s for s in scales if s != 1]
+    return f"--scale auto: {len(rescaled)} of {len(scales)} rescaled" + \
+        (f" by {min(rescaled):.2g}-{max(rescaled):.2g}" if rescaled else "")
+
+
 def main(argv):
     args = build_parser().parse_args(argv)
     check_args(args)
@@ -307,10 +316,7 @@ def main(argv):
         with atomic_write(os.path.join(args.output, "objects.csv")) as f:
             objects.to_csv(f, index=False, float_format="%.2f")
     seconds = time.time() - started
-    rescaled = [x for x in scales if x != 1]
-    size = (f"scaled by {args.scale:g}" if args.scale not in (1, "auto") else "full size") + \
-        (f"; --scale auto: {len(rescaled)} of {planes} rescaled" + (f" by {min(rescaled):.2g}-{max(rescaled):.2g}"
-                                                                    if rescaled else "") if auto else "")
+    size = sizing(args.scale, scales)
     found = "" if objects is None else f", {len(objects)} objects ({separation}) in objects.csv" + \
         (f", median diameter {median_diameter(objects['area']):.0f} px" if len(objects) else "")
     how = f"resized to {cfg.input_h}x{cfg.input_w}" if not cfg.crop_size else \
