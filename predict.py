@@ -275,9 +275,9 @@ def sizing(scale, scales):
     """How the images were sized, for the summary line: --scale ``scale`` and the scale of each plane."""
     if scale != "auto":
         return "full size" if scale == 1 else f"scaled by {scale:g}"
-    rescaled = [s for s in scales if s != 1]
-    return f"--scale auto: {len(rescaled)} of {len(scales)} rescaled" + \
-        (f" by {min(rescaled):.2g}-{max(rescaled):.2g}" if rescaled else "")
+    rescaled = sorted({f"{s:.2g}" for s in scales if s != 1}, key=float)
+    by = f" by {rescaled[0]}" + (f"-{rescaled[-1]}" if len(rescaled) > 1 else "") if rescaled else ""
+    return f"--scale auto: {sum(s != 1 for s in scales)} of {len(scales)} rescaled{by}"
 
 
 def main(argv):

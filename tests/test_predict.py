@@ -242,6 +242,9 @@ def test_auto_scaled_predicts_again_only_images_with_nuclei_far_from_the_trainin
         assert used == pytest.approx(scale, rel=0.02)
         assert Resizing.asked == ([] if scale == 1 else [used])
         assert (out is prob) == (scale == 1)
+    assert predict.sizing("auto", [1.0, 1.53, 1.5]) == "--scale auto: 2 of 3 rescaled by 1.5"
+    assert predict.sizing("auto", [0.25, 1.0, 2.5]) == "--scale auto: 2 of 3 rescaled by 0.25-2.5"
+    assert (predict.sizing(1.0, [1.0]), predict.sizing(0.5, [0.5])) == ("full size", "scaled by 0.5")
 
 
 def test_scale_auto_is_the_fixed_scale_it_chose_and_needs_a_recorded_diameter(in_runs, tmp_path, capsys):
