@@ -28,7 +28,7 @@ from tqdm import tqdm  # noqa: E402
 from checkpoints import load_run  # noqa: E402
 from config import (INPUTS_DIR, add_amp_arg, add_device_arg, choose_separation, load_run_config,  # noqa: E402
                     object_filters, saved_run_dir)
-from dataset import nucleus_diameter, read_split, reading_of, split_ids  # noqa: E402
+from dataset import MODALITIES, image_modality, nucleus_diameter, read_split, reading_of, split_ids  # noqa: E402
 from engine import choose_device  # noqa: E402
 from evaluation import evaluation_ids  # noqa: E402
 from image_files import decode_image, read_label_image  # noqa: E402
@@ -67,8 +67,9 @@ def resized(image, labels, factor):
     return image.reshape(size[1], size[0], -1), labels
 
 
-def score(predictor, samples, options, trained=None):
-    """Pooled IoU, mean IoU, mean DSB2018 score of ``predictor`` on samples [(img_id, image, labels)], and the
+def score(predictor, samples, options, kinds, trained=None):
+    """Pooled IoU, mean IoU, mean DSB2018 score of ``predictor`` on samples [(img_id, image, labels)], the mean IoU
+    and DSB2018 score of each image kind (``kinds``: the kind of each sample, dataset.image_modality), and the
     median diameter of all the nuclei it found (0 when it found none); with ``trained`` (the training nuclei's
     diameter) each image as predict.py --scale auto predicts it, and how many of them it rescaled."""
     inter = union = rescaled = 0
@@ -87,8 +88,12 @@ def score(predictor, samples, options, trained=None):
         ious.append(i / u if u else 1.0)
         dsbs.append(dsb_score(labels, found))
         areas.append(nucleus_areas(found))
+    by_kind = {k: {"images": kinds.count(k), **{name: float(np.mean([v for v, kk in zip(values, kinds) if kk == k]))
+                                                for name, values in (("iou_mean", ious), ("dsb", dsbs))}}
+               for k in MODALITIES if k in kinds}
     return {"iou": inter / max(union, 1), "iou_mean": float(np.mean(ious)), "dsb": float(np.mean(dsbs)),
-            "diameter": median_diameter(np.concatenate(areas)), **({"rescaled": rescaled} if trained else {})}
+            "diameter": median_diameter(np.concatenate(areas)), "by_kind": by_kind,
+            **({"rescaled": rescaled} if trained else {})}
 
 
 def main(argv):
@@ -118,6 +123,7 @@ def main(argv):
                    filters=object_filters(loss=cfg.loss))
     originals = [(i, decode_image(os.path.join(folder, "images", i + cfg.img_ext)),
                   read_label_image(os.path.join(labels_dir, i + ".png"))) for i in ids]
+    kinds = [image_modality(image) for _, image, _ in originals]
     rows = []
     for factor in tqdm(factors, desc="factors", dynamic_ncols=True):
         samples = [(i, *resized(image, labels, factor)) for i, image, labels in originals]
@@ -130,9 +136,9 @@ def main(argv):
                 row[how] = row["as_is"]
                 continue
             scores = score(Predictor(model, cfg, device, amp=args.amp, scale=scales.get(how, 1.0)), samples, options,
-                           trained if how == "auto" else None)
+                           kinds, trained if how == "auto" else None)
             row[how] = {**({"scale": round(scales[how], 4)} if how in scales else {}),
-                        **{k: round(v, 4) for k, v in scores.items()}}
+                        **{k: (round(v, 4) if k != "by_kind" else v) for k, v in scores.items()}}
         rows.append(row)
     print(f"{args.name}: {len(ids)} images ({part}) resized by each factor, on {device} "
           f"({Predictor(model, cfg, device, amp=args.amp).precision.describe()}); separation {options['separation']}; "
@@ -143,6 +149,9 @@ def main(argv):
         cells = [f"{r[h]['iou']:.4f} / {r[h]['iou_mean']:.4f}, {r[h]['dsb']:.3f}" for h in HOWS]
         print(f"{r['factor']:>6g}  {cells[0]:>40}  {cells[1]:>24}  {cells[2]:>22} ({r['read_off']['scale']:.2f})  "
               f"{cells[3]:>22} ({r['auto']['rescaled']} rescaled)")
+        for kind, of_kind in r["as_is"]["by_kind"].items():  # the four ways in the same order
+            cells = [f"{r[h]['by_kind'][kind]['iou_mean']:.4f}, {r[h]['by_kind'][kind]['dsb']:.3f}" for h in HOWS]
+            print(f"{'':>6}  {kind} ({of_kind['images']} images), mean IoU, DSB2018: {' | '.join(cells)}")
     result = {"name": args.name, "images": len(ids), "of": part, "device": str(device),
               "trained_diameter": round(trained, 2), "rows": rows}
     print(json.dumps(result))

@@ -463,6 +463,7 @@ def test_bench_scale_scores_resized_images(in_runs, capsys):
     assert all(0 <= r[how][k] <= 1 for r in result["rows"] for how in ("as_is", "scaled", "read_off", "auto")
                for k in ("iou", "iou_mean", "dsb"))
     assert all(0 <= r["auto"]["rescaled"] <= 2 for r in result["rows"])
+    assert sum(k["images"] for k in result["rows"][0]["auto"]["by_kind"].values()) == 2
     every = load_bench("scale").main(["--name", "pa", "--factors", "1", "--limit", "0", "--dataset", "synthetic",
                                       "--device", "cpu"])
     assert every["images"] == 8 and every["trained_diameter"] == 3.0
