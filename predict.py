@@ -271,6 +271,15 @@ def predict_all(predictor, files, ids, stacks, out_dir, num_classes, threshold, 
     return float(np.mean(fractions)), table, sum(pixels) / 1e6, len(fractions), scales
 
 
+def diameter_note(found, trained, scale):
+    """The summary's note on the nuclei's median diameter ``found`` (pixels): with a hint to try --scale auto when
+    the images were predicted as they are and the nuclei are far from the ``trained`` diameter (0: unknown)."""
+    note = f", median diameter {found:.0f} px"
+    if scale == 1 and trained and auto_scale(found, trained) != 1:
+        note += f" (the run learned {trained:.0f} px: try --scale auto)"
+    return note
+
+
 def sizing(scale, scales):
     """How the images were sized, for the summary line: --scale ``scale`` and the scale of each plane."""
     if scale != "auto":
@@ -318,7 +327,7 @@ def main(argv):
     seconds = time.time() - started
     size = sizing(args.scale, scales)
     found = "" if objects is None else f", {len(objects)} objects ({separation}) in objects.csv" + \
-        (f", median diameter {median_diameter(objects['area']):.0f} px" if len(objects) else "")
+        (diameter_note(median_diameter(objects["area"]), cfg.nucleus_diameter, args.scale) if len(objects) else "")
     how = f"resized to {cfg.input_h}x{cfg.input_w}" if not cfg.crop_size else \
         f"{size}, windows up to {predictor.tile}x{predictor.tile}"
     stacked = (f", {planes} planes in all" if planes > len(files) else "") + \
