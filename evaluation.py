@@ -12,8 +12,9 @@ import pandas as pd
 import torch
 
 from config import INPUTS_DIR, saved_run_dir
-from dataset import MODALITIES, list_ids, read_split, split_ids
+from dataset import MODALITIES, list_ids, nucleus_diameter, read_split, split_ids
 from image_files import denormalize, read_labels
+from instances import auto_scale
 from metrics import dsb_scores, per_image_scores
 from utils import BatchedThreads, UsageError, atomic_imwrite, atomic_write
 from visualize import overlay_panel, to_bgr, write_summary
@@ -142,3 +143,15 @@ def summary(title, scores, table, dsb, out_dir, overlays):
     lines.append(f"  worst image {table['img_id'][0]} (IoU {table['iou'][0]:.3f}); files in {out_dir}/ "
                  f"(scores.csv, {'overlays/, summary.png, ' if overlays else ''}probability PNGs per class)")
     return "\n".join(lines)
+
+
+def size_hint(dataset_dir, ids, reading, trained):
+    """The line val.py adds when the nuclei of images ``ids`` (from their labels or masks: dataset.nucleus_diameter)
+    are far from the ``trained`` diameter of a crop-trained run (instances.auto_scale): their median diameter and
+    the predict.py --scale that sizes them as in training. "" when they are close."""
+    found = nucleus_diameter(dataset_dir, ids, reading["img_ext"], reading["mask_ext"])
+    scale = auto_scale(found, trained)
+    if scale == 1:
+        return ""
+    return (f"  nuclei here are {found:.0f} px across (median), the run learned {trained:.0f} px: predict.py "
+            f"--scale {scale:.2g} (or --scale auto) sizes them as in training")

@@ -56,7 +56,7 @@ def main(argv):
     from checkpoints import load_run
     from dataset import eval_loader, reading_of
     from engine import Precision, choose_device, evaluate
-    from evaluation import ImageWriter, evaluation_ids, separation_order, summary
+    from evaluation import ImageWriter, evaluation_ids, separation_order, size_hint, summary
     from losses import build_loss
 
     device = choose_device(args.device)
@@ -81,6 +81,10 @@ def main(argv):
     title = f"{args.name} ({part}, {len(ids)} images, {precision.describe()}" + (", flip TTA" if args.tta else "") + \
         (f", pruned at L={args.prune}" if args.prune else "") + ")"
     print(summary(title, scores, table, dsb, out_dir, not args.no_overlays))
+    if cfg.crop_size and cfg.nucleus_diameter:
+        hint = size_hint(dataset_dir, ids, reading_of(cfg), cfg.nucleus_diameter)
+        if hint:
+            print(hint)
     if dsb:
         scores.update(dsb=float(table["dsb"].mean()), **{f"dsb_{m}": v for m, v in dsb.items()})
     return scores

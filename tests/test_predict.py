@@ -449,6 +449,22 @@ def test_val_reports_the_dsb_score(in_runs, tmp_path, capsys):
         assert 0 <= scores["dsb"] <= 1 and 0 <= scores["dsb_cc"] <= 1
 
 
+def test_val_names_the_scale_when_the_nuclei_are_far_from_the_training_size(in_runs, tmp_path, capsys):
+    """pa learned (so its config.yml says) nuclei 3 px across: val.py prints the median diameter of the labelled
+    nuclei it scored and the --scale that sizes them as in training; pc records no diameter and says nothing."""
+    import val
+    from dataset import nucleus_diameter, read_split, split_ids
+
+    ids = split_ids(read_split(os.path.join("models", "pa", "split.csv")), "val")
+    found = nucleus_diameter(os.path.join("inputs", "synthetic"), ids)
+    assert found > 4.5  # far enough from 3 px for the hint
+    val.main(["--name", "pa", "--output", str(tmp_path / "pa"), "--no_overlays", "--device", "cpu"])
+    assert (f"nuclei here are {found:.0f} px across (median), the run learned 3 px: predict.py --scale "
+            f"{3 / found:.2g} (or --scale auto)") in capsys.readouterr().out
+    val.main(["--name", "pc", "--output", str(tmp_path / "pc"), "--no_overlays", "--device", "cpu"])
+    assert "nuclei here are" not in capsys.readouterr().out
+
+
 def load_bench(name):
     """bench/<name>.py as a module (its file name may clash with other modules on the path)."""
     path = os.path.join(os.path.dirname(os.path.abspath(predict.__file__)), "bench", name + ".py")
