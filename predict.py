@@ -158,7 +158,7 @@ def object_rows(img_id, plane, labels):
     return frame[OBJECT_COLUMNS]
 
 
-def segment(img_id, image, prob, num_classes, threshold, save_prob, separation, filters, overlay):
+def segment(img_id, image, prob, num_classes, threshold, save_prob, separation, filters, overlay, nuclei=None):
     """The outputs of image ``img_id`` (or of one plane of it): image as read, float32 [H, W, C] in [0, 1]; prob
     float32 [K(+1), H, W] in [0, 1] (a channel after the classes is the learned border map).
 
@@ -166,7 +166,8 @@ def segment(img_id, image, prob, num_classes, threshold, save_prob, separation, 
     class for several classes) the mask, uint8 0/255 [H, W]; with ``save_prob`` ``_prob`` the probability x 255;
     with a ``separation`` ``_instances``, the nuclei of class 0 (instances.split_instances with ``filters``, the
     min_size / min_confidence keywords), uint16 [H, W]; with ``overlay`` ``_overlay``, the outlines on the image,
-    BGR uint8 [H, W, 3]. labels: int32 [H, W], or None without a separation.
+    BGR uint8 [H, W, 3]. labels: int32 [H, W], or None without a separation. ``nuclei``: the labels that
+    split_instances already gave for this ``prob`` with the same separation and filters (--scale auto), reused.
     """
     masks = prob[:num_classes] > threshold
     arrays, labels = {}, None
@@ -177,7 +178,8 @@ def segment(img_id, image, prob, num_classes, threshold, save_prob, separation, 
             arrays[suffix + "_prob"] = np.round(np.clip(prob[c], 0, 1) * 255).astype(np.uint8)
     if separation:
         border = prob[num_classes] if prob.shape[0] > num_classes else None
-        labels = split_instances(prob[0], separation, threshold=threshold, border=border, **filters)
+        labels = nuclei if nuclei is not None else \
+            split_instances(prob[0], separation, threshold=threshold, border=border, **filters)
         if labels.max() > 65535:
             raise DataError(f"{img_id}: {labels.max()} objects do not fit a 16-bit label image")
         arrays["_instances"] = labels.astype(np.uint16)
@@ -203,12 +205,12 @@ def write_stack(out_dir, img_id, planes, plane_axes):
         atomic_tiff_write(os.path.join(out_dir, f"{img_id}{suffix}.tif"), stack, axis + "YX")
 
 
-def predict_plane(source, plane, image, prob, options, out_dir):
+def predict_plane(source, plane, image, prob, options, out_dir, nuclei=None):
     """The job run in a thread for each plane of ``source`` = (img_id, its number of planes, its plane axes):
-    :func:`segment`, and for a 2D image (``out_dir`` given) its files. Returns (source, arrays or None once
-    written, foreground fraction of class 0, objects table or None, pixels)."""
+    :func:`segment` (``nuclei`` as there), and for a 2D image (``out_dir`` given) its files. Returns (source, arrays
+    or None once written, foreground fraction of class 0, objects table or None, pixels)."""
     img_id = source[0]
-    arrays, labels = segment(img_id, image, prob, **options)
+    arrays, labels = segment(img_id, image, prob, **options, nuclei=nuclei)
     table = object_rows(img_id, plane, labels) if labels is not None else None
     if out_dir is not None:
         write_image(out_dir, img_id, arrays)
@@ -221,11 +223,14 @@ def auto_scaled(predictor, image, prob, trained_diameter, threshold, separation,
     """--scale auto for one image, float32 [H, W, C] in [0, 1], whose probabilities as it is are ``prob`` [K, H, W]:
     its nuclei (``separation`` with ``filters``) measured, and the image predicted again resized by
     instances.auto_scale when they are far from ``trained_diameter`` pixels across. Returns (probabilities at the
-    image's size, the scale used)."""
+    image's size, the scale used, the nuclei measured when they are those of the probabilities returned, else
+    None)."""
     border = prob[predictor.cfg.num_classes] if prob.shape[0] > predictor.cfg.num_classes else None
     labels = split_instances(prob[0], separation, threshold=threshold, border=border, **filters)
     scale = auto_scale(median_diameter(nucleus_areas(labels)), trained_diameter)
-    return (prob if scale == 1 else predictor.predict(image, scale)), scale
+    if scale == 1:
+        return prob, scale, labels
+    return predictor.predict(image, scale), scale, None
 
 
 def predict_all(predictor, files, ids, stacks, out_dir, num_classes, threshold, save_prob=False,
@@ -259,12 +264,13 @@ def predict_all(predictor, files, ids, stacks, out_dir, num_classes, threshold, 
             bar.total += len(planes) - 1
             for plane, image in enumerate(planes):
                 image = predictor.as_input(image)
-                prob, scale = predictor.predict(image), predictor.scale
+                prob, scale, nuclei = predictor.predict(image), predictor.scale, None
                 if auto:
-                    prob, scale = auto_scaled(predictor, image, prob, auto[0], threshold, auto[1], filters)
+                    prob, scale, nuclei = auto_scaled(predictor, image, prob, auto[0], threshold, auto[1], filters)
                 scales.append(scale)
                 jobs.submit(predict_plane, (img_id, len(planes), plane_axes), plane, image, prob, options,
-                            None if plane_axes else out_dir, nbytes=image.nbytes + prob.nbytes)
+                            None if plane_axes else out_dir, nuclei,
+                            nbytes=image.nbytes + prob.nbytes + (0 if nuclei is None else nuclei.nbytes))
                 bar.update()
         jobs.flush()
     table = pd.concat(tables, ignore_index=True) if separation else None

@@ -76,12 +76,12 @@ def score(predictor, samples, options, kinds, trained=None):
     ious, dsbs, areas = [], [], []
     for img_id, image, labels in samples:
         image = predictor.as_input(image)
-        prob = predictor.predict(image)
+        prob, nuclei = predictor.predict(image), None
         if trained:
-            prob, scale = auto_scaled(predictor, image, prob, trained, options["threshold"], options["separation"],
-                                      options["filters"])
+            prob, scale, nuclei = auto_scaled(predictor, image, prob, trained, options["threshold"],
+                                              options["separation"], options["filters"])
             rescaled += scale != 1
-        arrays, found = segment(img_id, image, prob, **options)
+        arrays, found = segment(img_id, image, prob, **options, nuclei=nuclei)
         mask, truth = arrays[""] > 0, labels > 0
         i, u = int((mask & truth).sum()), int((mask | truth).sum())
         inter, union = inter + i, union + u

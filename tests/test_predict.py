@@ -23,6 +23,7 @@ import inference
 import predict
 import utils
 from image_files import decode_image, image_to_float
+from instances import split_instances
 from utils import DataError, UsageError, run_cli
 
 
@@ -238,10 +239,15 @@ def test_auto_scaled_predicts_again_only_images_with_nuclei_far_from_the_trainin
     for radius, scale in ((30, 1 / 3), (12, 1.0), (0, 1.0)):
         prob = ((yy - 100) ** 2 + (xx - 100) ** 2 <= radius * radius).astype(np.float32)[None]
         Resizing.asked = []
-        out, used = predict.auto_scaled(Resizing(), None, prob, 20.0, 0.5, "cc", dict(min_size=3, min_confidence=0))
+        out, used, nuclei = predict.auto_scaled(Resizing(), None, prob, 20.0, 0.5, "cc",
+                                                dict(min_size=3, min_confidence=0))
         assert used == pytest.approx(scale, rel=0.02)
         assert Resizing.asked == ([] if scale == 1 else [used])
         assert (out is prob) == (scale == 1)
+        if scale == 1:  # the nuclei it measured are those of the probabilities it returns: reused for the outputs
+            np.testing.assert_array_equal(nuclei, split_instances(prob[0], "cc", min_size=3, min_confidence=0))
+        else:
+            assert nuclei is None
     assert predict.sizing("auto", [1.0, 1.53, 1.5]) == "--scale auto: 2 of 3 rescaled by 1.5"
     assert predict.sizing("auto", [0.25, 1.0, 2.5]) == "--scale auto: 2 of 3 rescaled by 0.25-2.5"
     assert (predict.sizing(1.0, [1.0]), predict.sizing(0.5, [0.5])) == ("full size", "scaled by 0.5")
@@ -252,7 +258,8 @@ def test_auto_scaled_predicts_again_only_images_with_nuclei_far_from_the_trainin
             predict.diameter_note(40.0, 0.0, 1.0)} == {", median diameter 40 px"}
 
 
-def test_scale_auto_is_the_fixed_scale_it_chose_and_needs_a_recorded_diameter(in_runs, tmp_path, capsys):
+def test_scale_auto_is_the_fixed_scale_it_chose_and_needs_a_recorded_diameter(in_runs, tmp_path, capsys,
+                                                                              monkeypatch):
     folder = tmp_path / "images"
     for k, (h, w) in enumerate(((50, 38), (96, 80), (40, 64))):
         write(folder / f"i{k}.png", sample_bgr(h, w))
@@ -264,6 +271,14 @@ def test_scale_auto_is_the_fixed_scale_it_chose_and_needs_a_recorded_diameter(in
         fixed = tmp_path / f"fixed{k}"
         predict.main([*flags[:3], str(folder / f"i{k}.png"), *flags[4:], "--output", str(fixed), "--scale", str(scale)])
         np.testing.assert_array_equal(read(tmp_path / "auto" / f"i{k}.png"), read(fixed / f"i{k}.png"))
+    # images --scale auto leaves as they are keep the nuclei it measured: the same outputs as --scale 1
+    monkeypatch.setattr(predict, "auto_scale", lambda found, trained: 1.0)
+    predict.main([*flags, "--output", str(tmp_path / "kept"), "--scale", "auto", "--overlay"])
+    predict.main([*flags, "--output", str(tmp_path / "plain"), "--overlay"])
+    for k in range(3):
+        for suffix in ("_instances", "_overlay"):
+            np.testing.assert_array_equal(read(tmp_path / "kept" / f"i{k}{suffix}.png"),
+                                          read(tmp_path / "plain" / f"i{k}{suffix}.png"))
     with pytest.raises(UsageError, match="run pc records no training nucleus diameter"):
         predict.main(["--name", "pc", "--input", str(folder), "--output", str(tmp_path / "o"), "--scale", "auto"])
     with pytest.raises(UsageError, match="--scale is for runs trained on crops"):
