@@ -26,6 +26,11 @@ SCHEDULERS = ("CosineAnnealingLR", "ReduceLROnPlateau", "MultiStepLR", "Constant
 NORMALIZATIONS = ("fixed", "percentile", "percentile_dark")  # image_files.image_to_float
 LOADERS = ("auto", "device", "workers")  # where training batches are augmented (dataset.py / device_data.py)
 SKIPPED_IN_CONFIG = ("help", "config", "resume", "overwrite", "debug")  # flags of one invocation, not of the run
+# What --resume may change: the length, how the run is executed, and its name (a run folder moved to another name).
+# Every other flag is restored from last.pth and config.yml (the optimizer's state holds the learning rate, the
+# schedule its own length), so a new value would be written to config.yml without being used.
+CHANGEABLE_ON_RESUME = ("name", "epochs", "early_stopping", "device", "amp", "channels_last", "compile", "sync_bn",
+                        "num_workers", "loader", "cache", "precise_bn")
 
 
 def build_train_parser(exit_on_error=True):
@@ -207,12 +212,26 @@ def parse_train_args(argv):
         saved = os.path.join(run_dir(name), "config.yml")
         if not os.path.isfile(saved):
             raise UsageError(f"--resume {name}: {saved} not found; is the run name right? (runs are in models/)")
-        parser.set_defaults(**{**read_yaml_config(saved, parser), "name": name})
+        saved_values = read_yaml_config(saved, parser)
+        parser.set_defaults(**{**saved_values, "name": name})
     args = parser.parse_args(argv)
+    if first.resume:
+        check_unchanged_on_resume(args, saved_values, name)
     args.resume = bool(args.resume)
     args.name = check_run_name(args.name or default_run_name(args))
     check_train_args(args)
     return args
+
+
+def check_unchanged_on_resume(args, saved_values, name):
+    """A resumed run keeps its settings: only the flags in CHANGEABLE_ON_RESUME may differ from its config.yml."""
+    changed = [k for k, v in saved_values.items() if k not in CHANGEABLE_ON_RESUME and getattr(args, k) != v]
+    if changed:
+        k = changed[0]
+        raise UsageError(f"--resume {name}: --{k} {getattr(args, k)} differs from the run's {saved_values[k]}; a "
+                         "resumed run keeps its settings (only --epochs, --early_stopping and how it runs, such as "
+                         f"--device or --num_workers, may change). To train on with other settings, start a new run "
+                         f"from its weights: --init {name} --name <new name>")
 
 
 def check_train_args(args):

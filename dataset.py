@@ -23,6 +23,7 @@ percentile_dark); the network then sees ``(x - 0.5) / 0.25`` (:func:`normalize`)
 linear interpolation for images and nearest for masks, so targets stay hard.
 """
 import os
+import signal
 from concurrent.futures import ThreadPoolExecutor
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations' import otherwise calls the network
@@ -310,7 +311,14 @@ def eval_loader(dataset_dir, ids, reading, size, batch_size, num_workers, pin_me
     data = Dataset(shard, dataset_dir, transform=eval_transform(input_h, input_w, crop_size), cache=cache, **reading)
     return torch.utils.data.DataLoader(data, batch_size=1 if crop_size else batch_size, shuffle=False,
                                        num_workers=num_workers, pin_memory=pin_memory,
-                                       persistent_workers=num_workers > 0)
+                                       persistent_workers=num_workers > 0, worker_init_fn=ignore_sigterm)
+
+
+def ignore_sigterm(worker_id):
+    """DataLoader ``worker_init_fn``: a SIGTERM sent to the whole process group (``timeout``, a batch system
+    ending a job) is for the main process, which stops cleanly and then shuts its workers down; a worker killed
+    first would make the main process fail with a DataLoader traceback instead."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def reading_of(cfg):

@@ -19,8 +19,8 @@ from archs import build_model
 from checkpoints import atomic_torch_save, load_init_weights, load_training_state, save_training_state
 from config import INPUTS_DIR, output_channels, run_dir, save_run_config
 from dataset import (MODALITIES, Dataset, EpochSampler, WeightedDistributedSampler, balance_weights, decode_image,
-                     eval_loader, find_layout, list_ids, nucleus_diameter, read_split, reading_of, split_ids,
-                     train_transform)
+                     eval_loader, find_layout, ignore_sigterm, list_ids, nucleus_diameter, read_split, reading_of,
+                     split_ids, train_transform)
 from device_data import BatchAugment, DeviceImages, DeviceLoader
 from engine import (NonFiniteLoss, Precision, choose_device, evaluate, recalibrate_batchnorm, seed_everything,
                     train_one_epoch)
@@ -196,7 +196,8 @@ class Trainer:
             return DeviceLoader(images, train_ids, BatchAugment(*augment), sampler, a.batch_size, a.seed), True
         return torch.utils.data.DataLoader(
             data, batch_size=a.batch_size, sampler=EpochSampler(sampler), num_workers=a.num_workers, drop_last=True,
-            pin_memory=self.device.type == "cuda", persistent_workers=a.num_workers > 0), False
+            pin_memory=self.device.type == "cuda", persistent_workers=a.num_workers > 0,
+            worker_init_fn=ignore_sigterm), False
 
     def _balance_weights(self, data):
         """--balance: sampling weights of the training images by kind; says how often each kind is drawn."""
@@ -209,9 +210,17 @@ class Trainer:
 
     def _resume(self):
         """--resume: the network, optimizer, schedule and scaler of last.pth, and log.csv up to its epoch."""
+        lengths = [part.T_max for part in cosine_parts(self.scheduler)]
         self.start_epoch, self.best = load_training_state(os.path.join(self.dir, "last.pth"), self.net,
                                                           self.optimizer, self.scheduler, self.precision.scaler,
                                                           self.device)
+        # A run given more --epochs stretches its cosine from the current rate to --min_lr over the new length;
+        # the saved length would make the rate climb back up after the old last epoch.
+        for part, length in zip(cosine_parts(self.scheduler), lengths):
+            part.T_max = length
+        if self.start_epoch >= self.args.epochs:
+            raise UsageError(f"--resume {self.args.name}: the run has already trained its {self.start_epoch} epochs; "
+                             f"pass a larger --epochs to train on (e.g. --epochs {self.start_epoch + 10})")
         log_path = os.path.join(self.dir, "log.csv")
         if os.path.isfile(log_path):
             log = pd.read_csv(log_path)
@@ -398,6 +407,12 @@ def build_scheduler(name, optimizer, epochs, warmup_epochs, min_lr, factor, pati
         return schedule
     warmup = lr_scheduler.LinearLR(optimizer, start_factor=1 / (warmup_epochs + 1), total_iters=warmup_epochs)
     return lr_scheduler.SequentialLR(optimizer, [warmup, schedule], milestones=[warmup_epochs])
+
+
+def cosine_parts(scheduler):
+    """The CosineAnnealingLR schedules in ``scheduler`` (itself, or the part after a warm-up)."""
+    parts = scheduler._schedulers if isinstance(scheduler, torch.optim.lr_scheduler.SequentialLR) else [scheduler]
+    return [p for p in parts if isinstance(p, torch.optim.lr_scheduler.CosineAnnealingLR)]
 
 
 def wrap_model(net, device, sync_bn, compile_mode):

@@ -138,3 +138,25 @@ def test_interrupt_then_resume_matches_uninterrupted_run(workdir, reference, sig
     # The training was not degenerate (otherwise equal numbers would prove little).
     assert log["loss"].nunique() == EPOCHS
 
+
+
+def test_sigterm_to_the_process_group_stops_cleanly_with_loader_workers(workdir):
+    """``timeout`` and batch systems send SIGTERM to the whole process group, DataLoader workers included: the run
+    still stops as after Ctrl-C (exit 130, how to resume, no traceback), not on a dead worker."""
+    name = "group_killed"
+    proc = subprocess.Popen(train_cmd(*first_run_args(name), "--num_workers", "1", "--loader", "workers",
+                                      "--epochs", "50"),  # later flags win
+                            cwd=workdir, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        wait_for_first_epoch(proc, workdir / "models" / name)
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, (proc.returncode, err[-2000:])
+    assert "Traceback" not in err, err[-2000:]
+    assert f"--resume {name}" in out + err, out + err
+    check_run_files_complete(workdir / "models" / name)

@@ -291,6 +291,29 @@ def test_same_name_twice_is_refused(work, monkeypatch):
     assert (model.stat().st_mtime_ns, model.read_bytes()) == before
 
 
+def test_resume_with_more_epochs_keeps_the_cosine_falling_and_refuses_other_changes(tiny_workdir):
+    """A cosine run resumed with more --epochs goes on falling from its last rate to --min_lr over the new length,
+    and a finished one stays at --min_lr (the saved schedule alone would climb back up after its last epoch); a
+    flag that the saved state overrides (--lr) is refused, not written to config.yml unused; a run that has
+    trained all its epochs says so."""
+    log = tiny_workdir / "models" / "more" / "log.csv"
+    train.main(train_argv("more", "--optimizer", "SGD", "--lr", "0.1", "--min_lr", "0.001", "--early_stopping", "0",
+                          epochs=4))  # stops after epoch 1 of 4
+    config = (tiny_workdir / "models" / "more" / "config.yml").read_text()
+    with pytest.raises(UsageError, match=r"--lr 0\.5 differs from the run's 0\.1.*--init more"):
+        train.main(["--resume", "more", "--lr", "0.5", "--epochs", "6"])
+    assert (tiny_workdir / "models" / "more" / "config.yml").read_text() == config
+    train.main(["--resume", "more", "--epochs", "6", "--early_stopping", "-1"])
+    lr = pd.read_csv(log)["lr"].tolist()
+    assert len(lr) == 6 and lr[0] == 0.1 and all(a > b for a, b in zip(lr, lr[1:])) and lr[-1] > 0.001, lr
+    with pytest.raises(UsageError, match="already trained its 6 epochs; pass a larger --epochs"):
+        train.main(["--resume", "more"])
+    train.main(["--resume", "more", "--epochs", "8"])
+    lr = pd.read_csv(log)["lr"].tolist()
+    assert len(lr) == 8 and lr[6:] == pytest.approx([0.001, 0.001]), lr
+    assert yaml.safe_load((tiny_workdir / "models" / "more" / "config.yml").read_text())["epochs"] == 8
+
+
 def test_early_stopping_zero_still_trains_one_epoch(work, monkeypatch):
     """As in the seed, --early_stopping N stops once N epochs in a row brought no better val IoU; 0 stops after
     the first epoch (and must not stop before it)."""
