@@ -104,13 +104,20 @@ def find_layout(dataset_dir, img_ext=".png", mask_ext=".png"):
 def _check_pairs(ids, other_ids, other_dir, what, ext, flag):
     """Raise a DataError when the images and their masks or labels in ``other_dir`` do not pair up."""
     if not other_ids:
-        others = sorted({os.path.splitext(f)[1] for f in os.listdir(other_dir) if os.path.splitext(f)[1]})
-        hint = f"; found {', '.join(others)} files: pass {flag}" if others else ""
-        raise DataError(f"no {ext} {what}s in {other_dir}{hint}")
+        raise DataError(f"no {ext} {what}s in {other_dir}{_extension_hint(other_dir, flag)}")
     if ids - other_ids:
         raise DataError(f"{len(ids - other_ids)} images have no {what} in {other_dir}: {_few(ids - other_ids)}")
     if other_ids - ids:
         raise DataError(f"{len(other_ids - ids)} {what}s in {other_dir} have no image: {_few(other_ids - ids)}")
+
+
+def _extension_hint(folder, flag):
+    """'; found .tif files: pass --img_ext .tif' for the file extensions in ``folder`` ('' when it has none)."""
+    found = sorted({os.path.splitext(f)[1] for f in os.listdir(folder) if os.path.splitext(f)[1]})
+    if not found:
+        return ""
+    return f"; found {', '.join(found)} files: pass " + (f"{flag} {found[0]}" if len(found) == 1 else
+                                                          f"{flag} with one of them")
 
 
 def list_ids(dataset_dir, img_ext=".png", mask_ext=".png", num_classes=1):
@@ -123,9 +130,7 @@ def list_ids(dataset_dir, img_ext=".png", mask_ext=".png", num_classes=1):
     img_dir = os.path.join(dataset_dir, "images") if layout.kind != "cellpose" else dataset_dir
     ids = layout.image_ids()
     if not ids:
-        others = sorted({os.path.splitext(f)[1] for f in os.listdir(img_dir) if os.path.splitext(f)[1]})
-        hint = f"; found {', '.join(others)} files: pass --img_ext" if others else ""
-        raise DataError(f"no {img_ext} images in {img_dir}{hint}")
+        raise DataError(f"no {img_ext} images in {img_dir}{_extension_hint(img_dir, '--img_ext')}")
     if layout.kind != "masks":
         if num_classes != 1:
             raise UsageError(f"--num_classes {num_classes}: a dataset of label images ({dataset_dir}) has one class, "

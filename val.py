@@ -35,6 +35,9 @@ def build_parser():
     p.add_argument("--dataset", default=None,
                    help="score every image of inputs/<dataset>/ instead (a dataset the run was not trained on, e.g. "
                         "the test set that preprocess_dsb2018.py makes from stage1_test)")
+    p.add_argument("--img_ext", default=None, help="image file extension (default: the run's), e.g. .tif for a "
+                                                   "--dataset stored otherwise than the run's training data")
+    p.add_argument("--mask_ext", default=None, help="mask or label image file extension (default: the run's)")
     p.add_argument("--tta", action="store_true", help="average the four flips (test-time augmentation)")
     p.add_argument("--prune", type=int, default=None, choices=[1, 2, 3, 4],
                    help="NestedUNet with deep supervision: run only the sub-network up to head X0,L")
@@ -63,8 +66,9 @@ def main(argv):
     cfg, model = load_run(args.name, device, args.prune)
     filters = object_filters(args.min_size, args.min_confidence, cfg.loss)
     separation = choose_separation(args.separation, cfg.borders, args.name)
-    dataset_dir, ids, part = evaluation_ids(args.name, args.split, args.dataset, cfg.dataset, reading_of(cfg))
-    loader = eval_loader(dataset_dir, ids, reading_of(cfg), (cfg.input_h, cfg.input_w, cfg.crop_size),
+    reading = {**reading_of(cfg), "img_ext": args.img_ext or cfg.img_ext, "mask_ext": args.mask_ext or cfg.mask_ext}
+    dataset_dir, ids, part = evaluation_ids(args.name, args.split, args.dataset, cfg.dataset, reading)
+    loader = eval_loader(dataset_dir, ids, reading, (cfg.input_h, cfg.input_w, cfg.crop_size),
                          args.batch_size or cfg.batch_size, args.num_workers)
     data = loader.dataset
     out_dir = args.output or os.path.join("outputs", args.name if args.dataset is None else
@@ -82,7 +86,7 @@ def main(argv):
         (f", pruned at L={args.prune}" if args.prune else "") + ")"
     print(summary(title, scores, table, dsb, out_dir, not args.no_overlays))
     if cfg.crop_size and cfg.nucleus_diameter:
-        hint = size_hint(dataset_dir, ids, reading_of(cfg), cfg.nucleus_diameter)
+        hint = size_hint(dataset_dir, ids, reading, cfg.nucleus_diameter)
         if hint:
             print(hint)
     if dsb:

@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+import tifffile
 import torch
 import yaml
 from sklearn.model_selection import train_test_split
@@ -495,6 +496,29 @@ def test_val_scores_every_image_of_another_dataset(work, capsys):
         inter, union = inter + int((pred & truth).sum()), union + int((pred | truth).sum())
     assert scores["iou"] == pytest.approx(inter / union, abs=1e-3)
     assert "all of inputs/unseen (not trained on), 5 images" in capsys.readouterr().out
+
+
+def test_val_reads_a_dataset_stored_with_other_extensions(work):
+    """A run trained on PNGs scores a copy of a dataset whose images are TIFFs and masks BMPs: the error without
+    --img_ext names the value to pass, and with --img_ext/--mask_ext the scores are those of the PNG dataset."""
+    root, _, _ = work
+    with cwd(root):
+        make_synthetic(root, name="as_png", num_images=4, size=32, seed=3)
+        png, other = root / "inputs" / "as_png", root / "inputs" / "as_tif"
+        (other / "masks" / "0").mkdir(parents=True)
+        (other / "images").mkdir()
+        for f in os.listdir(png / "images"):
+            stem = os.path.splitext(f)[0]
+            tifffile.imwrite(other / "images" / f"{stem}.tif", cv2.imread(str(png / "images" / f))[..., ::-1])
+            cv2.imwrite(str(other / "masks" / "0" / f"{stem}.bmp"), cv2.imread(str(png / "masks" / "0" / f), 0))
+        with pytest.raises(DataError, match=r"found \.tif files: pass --img_ext \.tif"):
+            val.main(["--name", "unet", "--dataset", "as_tif", "--device", "cpu"])
+        with pytest.raises(DataError, match=r"found \.bmp files: pass --mask_ext \.bmp"):
+            val.main(["--name", "unet", "--dataset", "as_tif", "--img_ext", ".tif", "--device", "cpu"])
+        common = ["--name", "unet", "--device", "cpu", "--amp", "fp32", "--no_overlays"]
+        want = val.main([*common, "--dataset", "as_png"])
+        got = val.main([*common, "--dataset", "as_tif", "--img_ext", ".tif", "--mask_ext", ".bmp"])
+    assert got["iou"] == pytest.approx(want["iou"], abs=1e-6) and got["iou_mean"] == pytest.approx(want["iou_mean"])
 
 
 def test_trains_and_scores_a_cellpose_layout_of_label_images(tiny_workdir, tiny_ids):
