@@ -37,7 +37,7 @@ from config import add_amp_arg, add_device_arg, add_separation_args, choose_sepa
 from image_files import TIFF_EXTS, decode_planes, select_channel, tiff_plane_axes
 from instances import AUTO_SCALE_BAND, auto_scale, median_diameter, nucleus_areas, split_instances
 from utils import (ArgumentParser, BatchedThreads, DataError, UsageError, atomic_imwrite, atomic_tiff_write,
-                   atomic_write, float_or_auto, run_cli)
+                   atomic_write, check_output_folder, float_or_auto, run_cli)
 from visualize import draw_outlines, to_bgr
 
 IMAGE_EXTS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
@@ -95,6 +95,7 @@ def check_args(args):
         raise UsageError(f"--batch_size must be at least 1, got {args.batch_size}")
     if not 0 < args.threshold < 1:
         raise UsageError(f"--threshold must be between 0 and 1, got {args.threshold}")
+    check_output_folder(args.output)
 
 
 # ------------------------------------------------------------------------------------------------ the inputs
@@ -342,7 +343,7 @@ def main(argv):
           f"{', TTA' if args.tta else ''}{f', pruned at L={args.prune}' if args.prune else ''}) in {seconds:.1f}s on "
           f"{device} ({predictor.precision.describe()}); mean foreground {100 * foreground:.1f}%"
           f"{found}; "
-          f"files in {args.output}/")
+          f"files in {os.path.join(args.output, '')}")
     return {"images": len(files), "planes": planes, "seconds": seconds, "scales": scales}
 
 

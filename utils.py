@@ -56,7 +56,8 @@ def run_cli(main, argv=None):
         if "--debug" in argv:
             raise
         prog = os.path.basename(sys.argv[0]) or "toolkit"
-        print(f"{prog}: error: {user_message(e)}", file=sys.stderr)
+        clear_line = "\r\033[K" if sys.stderr.isatty() else ""  # over a progress bar the error stopped
+        print(f"{clear_line}{prog}: error: {user_message(e)}", file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
@@ -312,6 +313,12 @@ class BatchedThreads:
                            disable=self.desc is None or not self.waiting, dynamic_ncols=True):
             self.on_result(result)
         self.waiting, self.waiting_bytes = [], 0
+
+
+def check_output_folder(path, flag="--output"):
+    """Refuse an output folder that exists as a file (before any work; os.makedirs would fail later)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is a file; give a folder for the outputs")
 
 
 def check_replaceable_dataset(dst, flag):

@@ -20,7 +20,7 @@ summary.png.
 import os
 
 from config import add_amp_arg, add_device_arg, add_separation_args, choose_separation, object_filters
-from utils import ArgumentParser, integer, run_cli
+from utils import ArgumentParser, check_output_folder, integer, run_cli
 
 
 def build_parser():
@@ -55,6 +55,8 @@ def build_parser():
 def main(argv):
     args = build_parser().parse_args(argv)
     object_filters(args.min_size, args.min_confidence)  # flag errors before the heavy imports
+    if args.output:
+        check_output_folder(args.output)
     # Heavy imports only now, so that --help and flag errors answer at once.
     from checkpoints import load_run
     from dataset import eval_loader, reading_of
