@@ -2,6 +2,10 @@
 
 Used by the tests (as the oracle of the batched loss), bench/lovasz.py and bench/seed_loop.py; never by training.
 """
+if __name__ == "__main__":  # a module, not a command
+    raise SystemExit(f"{__file__} is imported by the tests, bench/lovasz.py and bench/seed_loop.py; it is not a "
+                     "command (see python bench/lovasz.py --help)")
+
 import torch
 import torch.nn.functional as F
 

@@ -18,6 +18,10 @@ keeps from the seed, on purpose:
 The seed's tqdm progress bar is left out (our loop is timed with its bar off too). The model is our archs.py,
 which is the seed's architecture with the same layers and state-dict keys.
 """
+if __name__ == "__main__":  # a module, not a command
+    raise SystemExit(f"{__file__} is imported by bench/speed.py; it is not a command "
+                     "(see python bench/speed.py --help)")
+
 import os
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
