@@ -302,10 +302,21 @@ def saved_run_dir(name):
     """The folder of a trained run to load: models/<name>, or the bundled pretrained/<name> when models/ has no run
     of that name (a run of your own wins)."""
     own = run_dir(name)
-    bundled = os.path.join(PRETRAINED_DIR, name)
-    if not os.path.isfile(os.path.join(own, "config.yml")) and os.path.isfile(os.path.join(bundled, "config.yml")):
-        return bundled
+    if not os.path.isfile(os.path.join(own, "config.yml")) and is_bundled_name(name):
+        return os.path.join(PRETRAINED_DIR, name)
     return own
+
+
+def derived_files_dir(name):
+    """Where files made from run ``name`` go (export.py's model.onnx, plot.py's curves.png): models/<name>/, or
+    outputs/<name>/ for the bundled run, since pretrained/ is part of the repository and a models/<name>/ folder
+    would take the bundled run's place."""
+    return os.path.join("outputs", name) if saved_run_dir(name) != run_dir(name) else run_dir(name)
+
+
+def is_bundled_name(name):
+    """True when pretrained/<name>/ holds a bundled run (a run trained under that name hides it)."""
+    return os.path.isfile(os.path.join(PRETRAINED_DIR, name, "config.yml"))
 
 
 def save_run_config(args, path):

@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from config import run_dir, saved_run_dir  # noqa: E402
+from config import derived_files_dir, saved_run_dir  # noqa: E402
 from utils import UsageError, atomic_write, run_cli  # noqa: E402
 
 
@@ -64,7 +64,7 @@ def main(argv):
     p = argparse.ArgumentParser(prog="plot.py", description="Plot training curves from models/<name>/log.csv.")
     p.add_argument("--name", nargs="+", required=True, help="one or more run names")
     p.add_argument("--out", default=None, help="PNG to write (default models/<name>/curves.png for one run, "
-                   "compare.png for several)")
+                   "outputs/<name>/curves.png for the bundled run, compare.png for several)")
     p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     args = p.parse_args(argv)
     import pandas as pd  # deferred: --help answers at once
@@ -78,7 +78,8 @@ def main(argv):
         if "epoch" not in log:
             raise UsageError(f"{path} has no 'epoch' column: is it a log.csv written by train.py?")
         logs.append(log)
-    out = args.out or (os.path.join(run_dir(args.name[0]), "curves.png") if len(args.name) == 1 else "compare.png")
+    out = args.out or (os.path.join(derived_files_dir(args.name[0]), "curves.png") if len(args.name) == 1 else
+                       "compare.png")
     plot_runs(logs, args.name, out)
     print(f"wrote {out}")
 

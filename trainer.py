@@ -17,7 +17,7 @@ from sklearn.model_selection import train_test_split
 import distributed
 from archs import build_model
 from checkpoints import atomic_torch_save, load_init_weights, load_training_state, save_training_state
-from config import INPUTS_DIR, output_channels, run_dir, save_run_config
+from config import INPUTS_DIR, is_bundled_name, output_channels, run_dir, save_run_config
 from dataset import (MODALITIES, Dataset, EpochSampler, WeightedDistributedSampler, balance_weights, decode_image,
                      eval_loader, find_layout, ignore_sigterm, list_ids, nucleus_diameter, read_split, reading_of,
                      split_ids, train_transform)
@@ -71,6 +71,9 @@ class Trainer:
             if args.crop_size and not args.nucleus_diameter:  # recorded for predict.py --scale auto
                 args.nucleus_diameter = round(nucleus_diameter(self.dataset_dir, self.ids("train"), args.img_ext,
                                                                args.mask_ext), 2)
+            if is_bundled_name(args.name) and not args.resume:
+                self._say(f"note: models/{args.name} takes the place of the bundled run pretrained/{args.name} for "
+                          f"predict.py and val.py --name {args.name}; remove it to use the bundled one again")
             self._create_run_folder()
         distributed.barrier()
         self.started = time.time()

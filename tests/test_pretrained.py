@@ -9,10 +9,13 @@ import pandas as pd
 import pytest
 import torch
 
+import plot
 import predict
 import synthetic
+import train
 from config import PRETRAINED_DIR
 from checkpoints import load_run
+from conftest import train_argv
 
 NAME = "nuclei"
 RAW = Path(__file__).resolve().parents[2] / "shared" / "data" / "dsb2018" / "stage1_train"
@@ -51,3 +54,15 @@ def test_bundled_model_finds_the_nuclei_of_two_real_fields(tmp_path):
         iou = (pred & truth).sum() / (pred | truth).sum()
         found = (table["image"] == sid).sum()
         assert iou > IOU_REAL and 0.7 * len(masks) <= found <= 1.3 * len(masks), (sid, iou, found, len(masks))
+
+
+def test_files_made_from_the_bundled_run_do_not_hide_it_and_a_run_of_that_name_says_it_does(tiny_workdir, capsys):
+    """plot.py of the bundled run writes to outputs/nuclei/, not models/nuclei/ (which would stand for a run of
+    one's own); training a run named nuclei says that it now takes the bundled run's place, and then it does."""
+    plot.main(["--name", NAME])
+    assert (tiny_workdir / "outputs" / NAME / "curves.png").is_file()
+    assert not (tiny_workdir / "models").exists()
+    assert load_run(NAME, torch.device("cpu"))[0].crop_size  # still the bundled, crop-trained run
+    train.main(train_argv(NAME))
+    assert f"models/{NAME} takes the place of the bundled run" in capsys.readouterr().out
+    assert load_run(NAME, torch.device("cpu"))[0].crop_size == 0  # the 32x32 run just trained
