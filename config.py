@@ -178,17 +178,17 @@ def read_yaml_config(path, parser):
         raise UsageError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise UsageError(f"--config {path}: expected 'flag: value' lines, got a {type(data).__name__}")
-    flags = {a.dest: a.option_strings[-1] for a in parser._actions
-             if a.option_strings and a.dest not in SKIPPED_IN_CONFIG}
-    unknown = sorted(str(k) for k in data if k not in flags)
+    dests = {o[2:]: a.dest for a in parser._actions if a.dest not in SKIPPED_IN_CONFIG
+             for o in a.option_strings if o.startswith("--")}  # every long name: lr and learning_rate alike
+    unknown = sorted(str(k) for k in data if k not in dests)
     if unknown:
         raise UsageError(f"--config {path}: unknown keys {', '.join(unknown)}; see python train.py --help")
-    argv = [f"{flags[k]}={v}" for k, v in data.items() if v is not None]
+    argv = [f"--{k}={v}" for k, v in data.items() if v is not None]
     try:
         parsed = build_train_parser(exit_on_error=False).parse_args(argv)
     except argparse.ArgumentError as e:
         raise UsageError(f"--config {path}: {e}") from None
-    return {k: getattr(parsed, k) for k, v in data.items() if v is not None}
+    return {dests[k]: getattr(parsed, dests[k]) for k, v in data.items() if v is not None}
 
 
 def default_run_name(args):

@@ -106,9 +106,13 @@ def _check_pairs(ids, other_ids, other_dir, what, ext, flag):
     if not other_ids:
         raise DataError(f"no {ext} {what}s in {other_dir}{_extension_hint(other_dir, flag)}")
     if ids - other_ids:
-        raise DataError(f"{len(ids - other_ids)} images have no {what} in {other_dir}: {_few(ids - other_ids)}")
+        n = len(ids - other_ids)
+        raise DataError(f"{n} image{' has' if n == 1 else 's have'} no {what} in {other_dir}: {_few(ids - other_ids)}"
+                        f"; give every image its {what}, named like the image")
     if other_ids - ids:
-        raise DataError(f"{len(other_ids - ids)} {what}s in {other_dir} have no image: {_few(other_ids - ids)}")
+        n = len(other_ids - ids)
+        raise DataError(f"{n} {what}{' has' if n == 1 else 's have'} no image in {other_dir}: "
+                        f"{_few(other_ids - ids)}; give every {what} its image, named like it")
 
 
 def _extension_hint(folder, flag):
@@ -183,7 +187,8 @@ def check_labels(layout, ids):
     if missing:
         raise DataError(f"--borders True needs instance labels {layout.dataset_dir}/labels/<id>.png (16-bit, "
                         f"0 = background, 1..N one per nucleus; preprocess_dsb2018.py writes them); missing for "
-                        f"{len(missing)} of {len(ids)} images, e.g. {_few(missing)}")
+                        f"{len(missing)} of {len(ids)} images, e.g. {_few(missing)}; without them train with "
+                        "--borders False")
 
 
 def train_transform(input_h, input_w, crop_size=0, scale_jitter=0.0, color_jitter=True, greyscale=0.0, invert=0.0,

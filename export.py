@@ -36,7 +36,7 @@ SCALING = {  # how image_files.image_to_float scales an image for each --normali
 def build_parser():
     p = ArgumentParser(prog="export.py",
                        description="Export models/<name>/model.pth to ONNX (dynamic batch, height and width).")
-    p.add_argument("--name", required=True, help="run name (a folder in models/)")
+    p.add_argument("--name", required=True, help="run name: a folder in models/, or nuclei (the bundled model)")
     p.add_argument("--output", default=None, help="the .onnx file to write (default models/<name>/model.onnx; for "
                                                   "the bundled run outputs/<name>/model.onnx)")
     p.add_argument("--height", type=int, default=96, help="height of the example input used for tracing "

@@ -235,4 +235,4 @@ def read_mask(path):
         return mask
     shown = ", ".join(str(v) for v in values[:8]) + (" ..." if len(values) > 8 else "")
     raise DataError(f"mask {path} has values {{{shown}}}; masks must hold only 0/255 or 0/1 "
-                    "(a JPEG mask or a resized soft mask? save hard masks as PNG)")
+                    "(a colour or JPEG mask, or a resized soft mask? save hard grey masks as PNG)")

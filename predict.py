@@ -48,7 +48,7 @@ OBJECT_COLUMNS = ["image", "plane", "label", "area", "centroid_y", "centroid_x",
 def build_parser():
     p = ArgumentParser(prog="predict.py",
                        description="Segment images (files or folders) with models/<name>/model.pth.")
-    p.add_argument("--name", required=True, help="run name (a folder in models/)")
+    p.add_argument("--name", required=True, help="run name: a folder in models/, or nuclei (the bundled model)")
     p.add_argument("--input", required=True, nargs="+", metavar="PATH",
                    help=f"image files and/or folders (their {'/'.join(e[1:] for e in IMAGE_EXTS)} files, any case)")
     p.add_argument("--output", required=True, metavar="DIR", help="folder for the outputs (created if needed)")

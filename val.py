@@ -29,7 +29,7 @@ def build_parser():
                                    "inputs/<dataset>/labels/ exists, also the DSB2018 instance score of the nuclei "
                                    "that --separation, --min_size and --min_confidence make (the other separations "
                                    "printed beside it).")
-    p.add_argument("--name", required=True, help="run name (a folder in models/)")
+    p.add_argument("--name", required=True, help="run name: a folder in models/, or nuclei (the bundled model)")
     p.add_argument("--split", default=None, choices=["val", "test", "train"],
                    help="which ids of split.csv (default val)")
     p.add_argument("--dataset", default=None,

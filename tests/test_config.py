@@ -52,6 +52,9 @@ def test_yaml_config_loads_and_flags_override(tmp_path):
     # the flag may come before --config too
     c = parse_train_args(["--epochs", "5", "--config", cfg])
     assert c.epochs == 5
+    # a key may be any long name of its flag, as on the command line
+    d = parse_train_args(["--config", write_yaml(tmp_path / "alias.yml", {"learning_rate": 0.02})])
+    assert d.lr == 0.02
 
 
 def test_repo_configs_parse():

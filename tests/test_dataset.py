@@ -497,7 +497,7 @@ def test_label_image_errors_name_the_file(tmp_path):
     tifffile.imwrite(tmp_path / "labels" / "a.tif", np.dstack([labels, labels * 2, labels]).astype(np.uint16))
     tifffile.imwrite(tmp_path / "labels" / "b.tif", labels.astype(np.float32) / 3)
     tifffile.imwrite(tmp_path / "labels" / "c.tif", labels[:20])
-    with pytest.raises(DataError, match="1 images have no label image .*: d"):
+    with pytest.raises(DataError, match="1 image has no label image .*: d"):
         list_ids(str(tmp_path), ".tif", ".tif")
     tifffile.imwrite(tmp_path / "labels" / "d.tif", labels)
     data = Dataset(["a", "b", "c", "d"], str(tmp_path), ".tif", ".tif")
