@@ -94,15 +94,16 @@ def tiff_planes(path, what="image"):
     return (planes[..., :3] if channel_axis == "S" else planes), plane_axes
 
 
-def tiff_plane_axes(path):
-    """The plane axes of a TIFF's first series, from its header alone ("" for a 2D image; :func:`tiff_layout`):
-    lets predict.py know a stack before reading it. An unreadable file gives "" (reading it names the problem)."""
+def tiff_header_layout(path):
+    """(plane axes, channel axis) of a TIFF's first series, from its header alone (:func:`tiff_layout`; "" for
+    none): lets predict.py know a stack before reading it. A channel axis Q or I means pages without axis
+    metadata taken as colours. An unreadable file gives ("", "") (reading it names the problem)."""
     try:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
-            return tiff_layout(series.shape, series.axes)[1]
+            return tiff_layout(series.shape, series.axes)[1:]
     except Exception:
-        return ""
+        return "", ""
 
 
 def decode_planes(path):

@@ -34,7 +34,7 @@ from skimage.measure import regionprops_table
 from tqdm import tqdm
 
 from config import add_amp_arg, add_device_arg, add_separation_args, choose_separation, object_filters
-from image_files import TIFF_EXTS, decode_planes, select_channel, tiff_plane_axes
+from image_files import TIFF_EXTS, decode_planes, select_channel, tiff_header_layout
 from instances import AUTO_SCALE_BAND, auto_scale, median_diameter, nucleus_areas, split_instances
 from utils import (ArgumentParser, BatchedThreads, DataError, UsageError, atomic_imwrite, atomic_tiff_write,
                    atomic_write, check_output_folder, float_or_auto, run_cli)
@@ -124,10 +124,19 @@ def list_images(paths):
     return list(unique.values())
 
 
-def stack_axes(files):
-    """The plane axes of each file ("" for a 2D image; "T", "Z", "TZ", ... for a TIFF stack), from the TIFF
-    headers alone, so that the output names are known before any image is read."""
-    return [tiff_plane_axes(f) if f.lower().endswith(TIFF_EXTS) else "" for f in files]
+def tiff_layouts(files):
+    """(plane axes, channel axis) of each file (("", "") for a 2D image that is not a TIFF; plane axes "T", "Z",
+    "TZ", ... for a TIFF stack), from the TIFF headers alone, so that the output names are known before any
+    image is read."""
+    return [tiff_header_layout(f) if f.lower().endswith(TIFF_EXTS) else ("", "") for f in files]
+
+
+def colour_page_notes(files, layouts):
+    """A line for each TIFF whose 3 or 4 pages, without ImageJ or OME axes, are read as the colours of one image
+    (channels-first RGB is common; a short stack saved without axes looks the same)."""
+    return [f"note: {f} has 3 or 4 pages and no ImageJ or OME axes: read as the colours of one image; save it as an "
+            "ImageJ or OME TIFF with its axes to segment the pages one by one"
+            for f, (_, channel) in zip(files, layouts) if channel in ("Q", "I")]
 
 
 def image_ids(files, out_dir, stacks):
@@ -238,7 +247,7 @@ def predict_all(predictor, files, ids, stacks, out_dir, num_classes, threshold, 
                 separation=None, filters=None, overlay=False, channel=None, auto=None):
     """Predict every file into ``out_dir``: the masks (and probabilities with ``save_prob``), the nuclei when a
     ``separation`` is given (with ``filters``), the outlines with ``overlay``; PNGs for a 2D image, TIFF stacks
-    for a stack (``stacks``: the plane axes of each file, :func:`stack_axes`), each plane predicted as an image of
+    for a stack (``stacks``: the plane axes of each file, :func:`tiff_layouts`), each plane predicted as an image of
     its own; ``channel`` picks one channel of each (image_files.select_channel); ``auto`` = (the run's training
     nucleus diameter, separation) for --scale auto (:func:`auto_scaled`). The per-plane work runs in threads after
     every 256 MB of predictions (utils.BatchedThreads).
@@ -301,8 +310,11 @@ def main(argv):
     check_args(args)
     object_filters(args.min_size, args.min_confidence)  # flag errors before the heavy imports
     files = list_images(args.input)
-    stacks = stack_axes(files)
+    layouts = tiff_layouts(files)
+    stacks = [planes for planes, _ in layouts]
     ids = image_ids(files, args.output, stacks)
+    for note in colour_page_notes(files, layouts):
+        print(note)
     # Heavy imports only now, so that --help and flag errors answer at once.
     from checkpoints import load_run
     from engine import choose_device

@@ -168,6 +168,22 @@ def test_stacks_are_predicted_plane_by_plane(in_runs, tmp_path, capsys, monkeypa
         np.testing.assert_array_equal(tifffile.imread(tmp_path / "flushed" / f"movie2{suffix}.tif"), pages[::-1])
 
 
+def test_three_pages_without_axes_are_read_as_colours_with_a_note(tmp_path):
+    """3 pages without ImageJ or OME axes are one image's colours (channels-first RGB); predict.py says so, since a
+    short stack saved that way looks the same. The same pages with ImageJ axes, or an RGB TIFF, get no note."""
+    import tifffile
+
+    pages = np.zeros((3, 20, 24), np.uint16)
+    tifffile.imwrite(tmp_path / "plain.tif", pages, photometric="minisblack")  # 3 pages, axes unknown ("QYX")
+    tifffile.imwrite(tmp_path / "movie.tif", pages, imagej=True, metadata={"axes": "TYX"})
+    tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((20, 24, 3), np.uint8), photometric="rgb")
+    files = [str(tmp_path / f) for f in ("plain.tif", "movie.tif", "rgb.tif")]
+    layouts = predict.tiff_layouts(files)
+    assert [planes for planes, _ in layouts] == ["", "T", ""]
+    notes = predict.colour_page_notes(files, layouts)
+    assert len(notes) == 1 and files[0] in notes[0] and "ImageJ or OME TIFF" in notes[0]
+
+
 def test_channel_picks_the_nucleus_channel(in_runs, tmp_path):
     """--channel K predicts channel K of a multi-channel TIFF stack or of an RGB image as the grey image alone."""
     import tifffile
