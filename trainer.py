@@ -156,8 +156,9 @@ class Trainer:
         best = self.log.loc[self.log["epoch"] == self.best["best_epoch"]].iloc[0]
         test = (f"\nthe test split ({len(self.ids('test'))} images) was kept out of every choice; score it once, "
                 f"at the end: python val.py --name {self.args.name} --split test") if self.ids("test") else ""
-        self._say(f"done: {len(self.log)} epochs in {time.time() - self.started:.0f}s (this session) on "
-                  f"{self.device}\nbest epoch {self.best['best_epoch']}: val IoU {best['val_iou']:.4f} (pooled), "
+        seconds, now = time.time() - self.started, len(self.log) - self.start_epoch
+        took = f"in {seconds:.0f}s" if not self.start_epoch else f"({now} of them in {seconds:.0f}s after resuming)"
+        self._say(f"done: {len(self.log)} epoch{'s' if len(self.log) > 1 else ''} {took} on {self.device}\nbest epoch {self.best['best_epoch']}: val IoU {best['val_iou']:.4f} (pooled), "
                   f"{best['val_iou_mean']:.4f} (mean per image), val Dice {best['val_dice']:.4f}\n"
                   f"files: {self.dir}/ (log.csv, curves.png, model.pth, last.pth); evaluate with: "
                   f"python val.py --name {self.args.name}{test}")
