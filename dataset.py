@@ -321,14 +321,19 @@ def eval_loader(dataset_dir, ids, reading, size, batch_size, num_workers, pin_me
     data = Dataset(shard, dataset_dir, transform=eval_transform(input_h, input_w, crop_size), cache=cache, **reading)
     return torch.utils.data.DataLoader(data, batch_size=1 if crop_size else batch_size, shuffle=False,
                                        num_workers=num_workers, pin_memory=pin_memory,
-                                       persistent_workers=num_workers > 0, worker_init_fn=ignore_sigterm)
+                                       persistent_workers=num_workers > 0, worker_init_fn=quiet_sigterm)
 
 
-def ignore_sigterm(worker_id):
-    """DataLoader ``worker_init_fn``: a SIGTERM sent to the whole process group (``timeout``, a batch system
-    ending a job) is for the main process, which stops cleanly and then shuts its workers down; a worker killed
-    first would make the main process fail with a DataLoader traceback instead."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def quiet_sigterm(worker_id):
+    """DataLoader ``worker_init_fn``: a worker ends with exit status 0 on SIGTERM. When the whole process group gets
+    SIGTERM (``timeout``, a batch system ending a job), the main process then stops cleanly on its own SIGTERM; a
+    worker killed by the signal would make it fail with a DataLoader traceback instead. (Ignoring the signal is no
+    way out: multiprocessing ends leftover workers at exit with SIGTERM and waits for them.)"""
+    signal.signal(signal.SIGTERM, _exit_quietly)
+
+
+def _exit_quietly(signum, frame):
+    os._exit(0)
 
 
 def reading_of(cfg):

@@ -140,21 +140,36 @@ def test_interrupt_then_resume_matches_uninterrupted_run(workdir, reference, sig
 
 
 
-def test_sigterm_to_the_process_group_stops_cleanly_with_loader_workers(workdir):
-    """``timeout`` and batch systems send SIGTERM to the whole process group, DataLoader workers included: the run
-    still stops as after Ctrl-C (exit 130, how to resume, no traceback), not on a dead worker."""
-    name = "group_killed"
+def test_run_with_loader_workers_and_warmup_exits(workdir):
+    """Finished, a run with persistent loader workers exits (its workers are ended at exit by SIGTERM; they must
+    not ignore it, or the exit waits for them for ever)."""
+    name = "workers_exit"
+    done = subprocess.run(train_cmd(*first_run_args(name), "--num_workers", "1", "--loader", "workers",
+                                    "--warmup_epochs", "1", "--epochs", "1"),  # later flags win
+                          cwd=workdir, env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("group", [True, False], ids=["SIGTERM_to_the_group", "SIGINT_to_the_main_process"])
+def test_stops_cleanly_with_loader_workers(workdir, group):
+    """``timeout`` and batch systems send SIGTERM to the whole process group, DataLoader workers included; Ctrl-C
+    from another program reaches the main process alone. Either way the run stops as after Ctrl-C at a terminal
+    (exit 130, how to resume, no traceback), neither on a dead worker nor waiting for one."""
+    name = f"stopped_with_workers_{group}"
     proc = subprocess.Popen(train_cmd(*first_run_args(name), "--num_workers", "1", "--loader", "workers",
                                       "--epochs", "50"),  # later flags win
                             cwd=workdir, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=default_sigint)
     try:
         wait_for_first_epoch(proc, workdir / "models" / name)
-        os.killpg(proc.pid, signal.SIGTERM)
+        if group:
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
     assert proc.returncode == 130, (proc.returncode, err[-2000:])
     assert "Traceback" not in err, err[-2000:]
