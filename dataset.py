@@ -348,10 +348,17 @@ SPLITS = ("train", "val", "test")
 
 
 def read_split(path):
-    """split.csv -> DataFrame(img_id, split), checked."""
-    split = pd.read_csv(path, dtype=str, keep_default_na=False)
+    """split.csv -> DataFrame(img_id, split), checked: the two columns, known parts, each id once."""
+    try:
+        split = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        split = pd.DataFrame()
     if list(split.columns) != ["img_id", "split"] or not split["split"].isin(SPLITS).all():
         raise DataError(f"{path} must have columns img_id,split with values train/val/test")
+    twice = split["img_id"][split["img_id"].duplicated()].unique().tolist()
+    if twice:
+        raise DataError(f"{path} lists {len(twice)} id{'s' if len(twice) > 1 else ''} more than once, e.g. "
+                        f"{twice[0]}; give each image one part")
     return split
 
 

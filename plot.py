@@ -67,6 +67,8 @@ def main(argv):
                    "outputs/<name>/curves.png for the bundled run, compare.png for several)")
     p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     args = p.parse_args(argv)
+    if args.out and not args.out.lower().endswith(".png"):
+        raise UsageError(f"--out {args.out}: plot.py writes PNG; give a name ending in .png")
     import pandas as pd  # deferred: --help answers at once
 
     logs = []
@@ -74,7 +76,10 @@ def main(argv):
         path = os.path.join(saved_run_dir(name), "log.csv")
         if not os.path.isfile(path):
             raise UsageError(f"--name {name}: {path} not found (has the run finished an epoch?)")
-        log = pd.read_csv(path)
+        try:
+            log = pd.read_csv(path)
+        except pd.errors.EmptyDataError:
+            log = pd.DataFrame()
         if "epoch" not in log:
             raise UsageError(f"{path} has no 'epoch' column: is it a log.csv written by train.py?")
         logs.append(log)

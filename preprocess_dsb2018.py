@@ -32,7 +32,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import time
 
 import cv2
@@ -41,7 +40,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from utils import (ArgumentParser, DataError, UsageError, atomic_imwrite, check_replaceable_dataset, integer,
-                   replace_folder, run_cli)
+                   replace_folder, run_cli, temp_folder_beside)
 
 DEFAULT_SRC = os.path.join("inputs", "data-science-bowl-2018", "stage1_train")
 DOWNLOAD_HINT = (
@@ -223,9 +222,7 @@ def main(argv=None):
         ids = ids[: args.limit]
 
     start = time.time()
-    dst_abs = os.path.abspath(dst)
-    os.makedirs(os.path.dirname(dst_abs), exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(dst_abs), prefix="." + os.path.basename(dst_abs) + ".tmp-")
+    tmp = temp_folder_beside(dst)
     pool = None
     try:
         for sub in ("images", os.path.join("masks", "0"), "labels"):
@@ -245,7 +242,7 @@ def main(argv=None):
             pool.close()
             pool.join()
             pool = None
-        replace_folder(tmp, dst_abs)
+        replace_folder(tmp, os.path.abspath(dst))
     except BaseException:
         if pool is not None:
             pool.terminate()

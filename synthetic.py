@@ -20,14 +20,14 @@ Usage::
 import os
 import shutil
 import sys
-import tempfile
 import time
 
 import cv2
 import numpy as np
 from tqdm import tqdm
 
-from utils import ArgumentParser, at_least, atomic_imwrite, check_replaceable_dataset, replace_folder, run_cli
+from utils import (ArgumentParser, at_least, atomic_imwrite, check_replaceable_dataset, replace_folder, run_cli,
+                   temp_folder_beside)
 
 DEFAULT_OUT = os.path.join("inputs", "synthetic")
 STYLES = ("fluorescence", "brightfield")
@@ -186,9 +186,7 @@ def generate_synthetic(out_dir, num_images=160, size=96, seed=0, progress=False)
 def _build_atomically(dataset_dir, num_images, size, seed, progress):
     """Generate into a temporary folder beside ``dataset_dir`` and move it into place only when complete."""
     dataset_dir = os.path.abspath(dataset_dir)
-    parent = os.path.dirname(dataset_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(dataset_dir) + ".tmp-")
+    tmp = temp_folder_beside(dataset_dir)
     try:
         ids = generate_synthetic(tmp, num_images, size, seed, progress=progress)
         replace_folder(tmp, dataset_dir)

@@ -321,6 +321,16 @@ def check_output_folder(path, flag="--output"):
         raise UsageError(f"{flag} {path} is a file; give a folder for the outputs")
 
 
+def temp_folder_beside(path):
+    """A new empty folder beside ``path`` (same file system, so :func:`replace_folder` can move it there), with the
+    permissions os.makedirs would give (mkdtemp makes it private)."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(path), prefix="." + os.path.basename(path) + ".tmp-")
+    os.chmod(tmp, 0o777 & ~_UMASK)
+    return tmp
+
+
 def check_replaceable_dataset(dst, flag):
     """Refuse to write a dataset over ``dst`` unless it is absent, empty, or a dataset folder (has images/)."""
     if os.path.lexists(dst):

@@ -59,3 +59,13 @@ def test_plot_missing_run_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UsageError, match="models/nope/log.csv"):
         plot.main(["--name", "nope"])
+
+
+def test_plot_empty_log_and_non_png_name_are_clear_errors(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("models/empty")
+    open("models/empty/log.csv", "w").close()
+    with pytest.raises(UsageError, match="models/empty/log.csv has no 'epoch' column"):
+        plot.main(["--name", "empty"])
+    with pytest.raises(UsageError, match="--out c.jpg: plot.py writes PNG"):
+        plot.main(["--name", "empty", "--out", "c.jpg"])

@@ -124,6 +124,9 @@ def test_ensure_synthetic_generates_then_is_idempotent(tmp_path):
     target = tmp_path / "inputs" / "synthetic"
     assert synthetic.ensure_synthetic(str(target), num_images=4, size=32, progress=False) == str(target)
     assert len(os.listdir(target / "images")) == 4
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(target).st_mode & 0o777 == 0o777 & ~umask  # as os.makedirs would make it, not private
     before = _files(target)
     mtimes = {p: os.stat(target / p).st_mtime_ns for p in before}
     assert synthetic.ensure_synthetic(str(target), num_images=10, size=48, progress=False) == str(target)

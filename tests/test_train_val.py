@@ -358,11 +358,16 @@ def test_split_file_is_used_as_given(tmp_path, monkeypatch):
     ([("nope", "train"), ("other", "val")], DataError, "nope"),
     ([("{0}", "train"), ("{1}", "train")], DataError, "at least one 'train' and one 'val'"),
     ([("{0}", "train"), ("{1}", "validation")], DataError, "train/val/test"),
+    ([("{0}", "train"), ("{1}", "train"), ("{1}", "val")], DataError, "more than once, e.g. {1}"),
+    ("", DataError, "columns img_id,split"),  # an empty file
 ])
 def test_split_file_errors_name_the_file(tmp_path, monkeypatch, rows, error, words):
     ids = sorted(make_synthetic(tmp_path))
     monkeypatch.chdir(tmp_path)
-    if rows is not None:
+    words = words.format(*ids)
+    if rows == "":
+        (tmp_path / "s.csv").write_text("")
+    elif rows is not None:
         pd.DataFrame([(i.format(*ids), s) for i, s in rows], columns=["img_id", "split"]).to_csv("s.csv", index=False)
     with pytest.raises(error, match="s.csv") as e:
         train.main(train_argv("bad_split", "--split_file", "s.csv", epochs=1))
