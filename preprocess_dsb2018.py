@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from utils import (ArgumentParser, DataError, UsageError, atomic_imwrite, check_replaceable_dataset, integer,
+from utils import (ArgumentParser, DataError, UsageError, atomic_imwrite, check_replaceable, integer,
                    replace_folder, run_cli, temp_folder_beside)
 
 DEFAULT_SRC = os.path.join("inputs", "data-science-bowl-2018", "stage1_train")
@@ -216,7 +216,7 @@ def main(argv=None):
     dst = args.dst or default_dst(args.img_size, args.src)
     if args.masks_csv is not None and not os.path.isfile(args.masks_csv):
         raise UsageError(f"--masks_csv {args.masks_csv}: no such file")
-    check_replaceable_dataset(dst, "--dst")
+    check_replaceable(dst, "--dst")
     ids = list_samples(args.src)
     if args.limit is not None:
         ids = ids[: args.limit]

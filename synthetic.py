@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from utils import (ArgumentParser, at_least, atomic_imwrite, check_replaceable_dataset, replace_folder, run_cli,
+from utils import (ArgumentParser, at_least, atomic_imwrite, check_replaceable, replace_folder, run_cli,
                    temp_folder_beside)
 
 DEFAULT_OUT = os.path.join("inputs", "synthetic")
@@ -206,7 +206,7 @@ def ensure_synthetic(dataset_dir, num_images=160, size=96, seed=0, progress=True
     """
     if os.path.isdir(os.path.join(dataset_dir, "images")):
         return dataset_dir
-    check_replaceable_dataset(dataset_dir, "the synthetic dataset folder")
+    check_replaceable(dataset_dir, "the synthetic dataset folder")
     if progress:
         print(f"generating {num_images} synthetic images into {dataset_dir}", file=sys.stderr)
     _build_atomically(dataset_dir, num_images, size, seed, progress)
@@ -226,7 +226,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    check_replaceable_dataset(args.out, "--out")
+    check_replaceable(args.out, "--out")
     start = time.time()
     ids = _build_atomically(args.out, args.num_images, args.size, args.seed, progress=True)
     print(

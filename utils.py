@@ -331,14 +331,15 @@ def temp_folder_beside(path):
     return tmp
 
 
-def check_replaceable_dataset(dst, flag):
-    """Refuse to write a dataset over ``dst`` unless it is absent, empty, or a dataset folder (has images/)."""
+def check_replaceable(dst, flag, marker="images", what="a dataset folder"):
+    """Refuse to write a folder over ``dst`` unless it is absent, empty, or ``what`` this toolkit wrote before
+    (it holds ``marker``: images/ for a dataset, scores.csv for val.py's outputs)."""
     if os.path.lexists(dst):
         if not os.path.isdir(dst):
             raise UsageError(f"{flag} {dst} exists and is not a folder; choose another {flag}")
-        if os.listdir(dst) and not os.path.isdir(os.path.join(dst, "images")):
-            raise UsageError(f"{flag} {dst} exists and is not a dataset folder (no images/ inside); "
-                             f"refusing to replace it, choose another {flag}")
+        if os.listdir(dst) and not os.path.exists(os.path.join(dst, marker)):
+            raise UsageError(f"{flag} {dst} exists and is not {what} (no {marker} inside); refusing to replace it, "
+                             f"choose another {flag}")
 
 
 def replace_folder(tmp, dst):

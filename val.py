@@ -7,7 +7,8 @@ predicted.
 
 With ``--dataset`` every image of inputs/<dataset>/ is scored, at the run's evaluation size (resized for a run
 trained on resized images, the image's own size for a crop-trained run), and the outputs go to
-outputs/<name>_on_<dataset>/, never over the run's own validation outputs.
+outputs/<name>_on_<dataset>/, never over the run's own validation outputs (``--split test``: outputs/<name>_test/).
+Each evaluation's outputs replace the folder as a whole once complete, so its files never mix with an earlier one's.
 
 Reads models/<name>/config.yml, model.pth and split.csv; prints pooled IoU, mean per-image IoU and mean
 per-image Dice; writes outputs/<name>/<class>/<id>.png (probability x 255, 8-bit PNG; runs trained with
@@ -18,9 +19,10 @@ DSB2018 instance score, when inputs/<dataset>/labels/ holds 16-bit instance labe
 summary.png.
 """
 import os
+import shutil
 
 from config import add_amp_arg, add_device_arg, add_separation_args, choose_separation, object_filters
-from utils import ArgumentParser, check_output_folder, integer, run_cli
+from utils import ArgumentParser, at_least, check_replaceable, integer, replace_folder, run_cli, temp_folder_beside
 
 
 def build_parser():
@@ -44,19 +46,31 @@ def build_parser():
     add_separation_args(p)
     add_device_arg(p)
     add_amp_arg(p)
-    p.add_argument("--batch_size", type=integer, default=None, help="default: the run's batch size")
+    p.add_argument("--batch_size", type=at_least(1), default=None, help="default: the run's batch size")
     p.add_argument("--num_workers", type=integer, default=0, help="DataLoader workers")
-    p.add_argument("--output", default=None, help="folder for the outputs (default outputs/<name>)")
+    p.add_argument("--output", default=None, help="folder for the outputs, replaced as a whole (default "
+                                                  "outputs/<name>; outputs/<name>_test for --split test, "
+                                                  "outputs/<name>_on_<dataset> for --dataset)")
     p.add_argument("--no_overlays", action="store_true", help="skip overlays/ and summary.png")
     p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     return p
 
 
+def output_folder(name, split, dataset, output):
+    """--output, else outputs/<name> for the validation split, outputs/<name>_<split> for another split and
+    outputs/<name>_on_<dataset> for another dataset: one evaluation's files never mix with another's."""
+    if output:
+        return output
+    if dataset is not None:
+        return os.path.join("outputs", f"{name}_on_{os.path.basename(os.path.normpath(dataset))}")
+    return os.path.join("outputs", name if split in (None, "val") else f"{name}_{split}")
+
+
 def main(argv):
     args = build_parser().parse_args(argv)
     object_filters(args.min_size, args.min_confidence)  # flag errors before the heavy imports
-    if args.output:
-        check_output_folder(args.output)
+    out_dir = output_folder(args.name, args.split, args.dataset, args.output)
+    check_replaceable(out_dir, "--output", "scores.csv", "an output folder of val.py")
     # Heavy imports only now, so that --help and flag errors answer at once.
     from checkpoints import load_run
     from dataset import eval_loader, reading_of
@@ -73,16 +87,20 @@ def main(argv):
     loader = eval_loader(dataset_dir, ids, reading, (cfg.input_h, cfg.input_w, cfg.crop_size),
                          args.batch_size or cfg.batch_size, args.num_workers)
     data = loader.dataset
-    out_dir = args.output or os.path.join("outputs", args.name if args.dataset is None else
-                                          f"{args.name}_on_{os.path.basename(os.path.normpath(args.dataset))}")
     labels = {i: data.layout.labels(i) for i in ids if data.layout.labels(i) is not None}
     precision = Precision.choose(device, args.amp)
     criterion = build_loss(cfg.loss, border_after=cfg.num_classes if cfg.borders else None)
-    with ImageWriter(out_dir, cfg.num_classes, dict(zip(data.img_ids, data.modalities())), labels,
-                     separation_order(separation, cfg.borders), filters, overlays=not args.no_overlays) as writer:
-        scores = evaluate(precision.prepare(model), loader, criterion, precision, desc="eval", prune=args.prune,
-                          tta=args.tta, on_batch=writer, classes=cfg.num_classes)
-        table = writer.write_table()
+    tmp = temp_folder_beside(out_dir)  # the outputs of one evaluation replace the folder as a whole when complete
+    try:
+        with ImageWriter(tmp, cfg.num_classes, dict(zip(data.img_ids, data.modalities())), labels,
+                         separation_order(separation, cfg.borders), filters, overlays=not args.no_overlays) as writer:
+            scores = evaluate(precision.prepare(model), loader, criterion, precision, desc="eval", prune=args.prune,
+                              tta=args.tta, on_batch=writer, classes=cfg.num_classes)
+            table = writer.write_table()
+        replace_folder(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     dsb = writer.dsb_means()
     title = f"{args.name} ({part}, {len(ids)} images, {precision.describe()}" + (", flip TTA" if args.tta else "") + \
         (f", pruned at L={args.prune}" if args.prune else "") + ")"

@@ -337,9 +337,22 @@ def test_test_split(tmp_path, monkeypatch):
     assert split_ids(split, "val") == list(val_ids)
     assert split_ids(split, "train") == list(train_ids)
     assert sorted(split["img_id"]) == sorted(ids)
+    val.main(["--name", "three", "--device", "cpu"])
     scores = val.main(["--name", "three", "--split", "test", "--device", "cpu", "--no_overlays"])
     assert 0 <= scores["iou"] <= 1
-    assert sorted(os.listdir(tmp_path / "outputs" / "three" / "0")) == sorted(i + ".png" for i in test_ids)
+    # each split in its own folder (outputs/<name>_test), never mixed with the validation outputs
+    assert sorted(os.listdir(tmp_path / "outputs" / "three_test" / "0")) == sorted(i + ".png" for i in test_ids)
+    assert sorted(os.listdir(tmp_path / "outputs" / "three" / "0")) == sorted(i + ".png" for i in val_ids)
+    # evaluated again, a folder is replaced as a whole: no overlays left from the run with them
+    assert (tmp_path / "outputs" / "three" / "overlays").is_dir()
+    val.main(["--name", "three", "--device", "cpu", "--no_overlays"])
+    assert sorted(os.listdir(tmp_path / "outputs" / "three")) == ["0", "scores.csv"]
+    assert not [f for f in os.listdir(tmp_path / "outputs") if f.startswith(".")]  # no temporary folder left
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(UsageError, match="--output mine exists and is not an output folder of val.py"):
+        val.main(["--name", "three", "--device", "cpu", "--output", "mine"])
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
 def test_split_file_is_used_as_given(tmp_path, monkeypatch):
