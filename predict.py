@@ -251,10 +251,12 @@ def predict_all(predictor, files, ids, stacks, out_dir, num_classes, threshold, 
     its own; ``channel`` picks one channel of each (image_files.select_channel); ``auto`` = (the run's training
     nucleus diameter, separation) for --scale auto (:func:`auto_scaled`). The per-plane work runs in threads after
     every 256 MB of predictions (utils.BatchedThreads).
-    Returns (mean foreground fraction, objects table or None, megapixels, planes, the scale of each plane)."""
+    A file that cannot be read (a DataError) is left out, and the others are predicted.
+    Returns (mean foreground fraction, objects table or None, megapixels, planes, the scale of each plane, the
+    errors of the files left out)."""
     options = dict(num_classes=num_classes, threshold=threshold, save_prob=save_prob, separation=separation,
                    filters=filters, overlay=overlay)
-    fractions, tables, pixels, scales = [], [], [], []
+    fractions, tables, pixels, scales, left_out = [], [], [], [], []
     waiting = {}  # img_id -> the arrays of its planes done so far
 
     def collect(result):
@@ -270,7 +272,12 @@ def predict_all(predictor, files, ids, stacks, out_dir, num_classes, threshold, 
     bar = tqdm(total=len(files), desc="predict", unit="img", dynamic_ncols=True)
     with bar, BatchedThreads(collect, desc="write") as jobs:
         for path, img_id, plane_axes in zip(files, ids, stacks):
-            planes = select_channel(decode_planes(path)[0], channel, path)
+            try:
+                planes = select_channel(decode_planes(path)[0], channel, path)
+            except DataError as e:
+                left_out.append(str(e))
+                bar.update()
+                continue
             bar.total += len(planes) - 1
             for plane, image in enumerate(planes):
                 image = predictor.as_input(image)
@@ -283,8 +290,11 @@ def predict_all(predictor, files, ids, stacks, out_dir, num_classes, threshold, 
                             nbytes=image.nbytes + prob.nbytes + (0 if nuclei is None else nuclei.nbytes))
                 bar.update()
         jobs.flush()
+    if not fractions:
+        raise DataError(left_out[0] if len(left_out) == 1 else f"none of the {len(files)} files could be read: "
+                        f"{left_out[0]}")
     table = pd.concat(tables, ignore_index=True) if separation else None
-    return float(np.mean(fractions)), table, sum(pixels) / 1e6, len(fractions), scales
+    return float(np.mean(fractions)), table, sum(pixels) / 1e6, len(fractions), scales, left_out
 
 
 def diameter_note(found, trained, scale):
@@ -336,7 +346,7 @@ def main(argv):
                           args.amp, 1.0 if auto else args.scale)
     os.makedirs(args.output, exist_ok=True)
     started = time.time()
-    foreground, objects, megapixels, planes, scales = predict_all(
+    foreground, objects, megapixels, planes, scales, left_out = predict_all(
         predictor, files, ids, stacks, args.output, cfg.num_classes, args.threshold, args.save_prob,
         separation if args.instances else None, filters, args.overlay, args.channel,
         (cfg.nucleus_diameter, separation) if auto else None)
@@ -345,17 +355,22 @@ def main(argv):
             objects.to_csv(f, index=False, float_format="%.2f")
     seconds = time.time() - started
     size = sizing(args.scale, scales)
-    found = "" if objects is None else f", {len(objects)} objects ({separation}) in objects.csv" + \
+    found = "" if objects is None else f", {len(objects)} object{'s' * (len(objects) != 1)} ({separation}) in " \
+        "objects.csv" + \
         (diameter_note(median_diameter(objects["area"]), cfg.nucleus_diameter, args.scale) if len(objects) else "")
     how = f"resized to {cfg.input_h}x{cfg.input_w}" if not cfg.crop_size else \
         f"{size}, windows up to {predictor.tile}x{predictor.tile}"
-    stacked = (f", {planes} planes in all" if planes > len(files) else "") + \
+    done = len(files) - len(left_out)
+    stacked = (f", {planes} planes in all" if planes > done else "") + \
         (f", channel {args.channel}" if args.channel is not None else "")
-    print(f"{args.name}: {len(files)} image{'s' if len(files) > 1 else ''} ({megapixels:.2f} Mpx{stacked}, {how}"
+    print(f"{args.name}: {done} image{'s' if done > 1 else ''} ({megapixels:.2f} Mpx{stacked}, {how}"
           f"{', TTA' if args.tta else ''}{f', pruned at L={args.prune}' if args.prune else ''}) in {seconds:.1f}s on "
           f"{device} ({predictor.precision.describe()}); mean foreground {100 * foreground:.1f}%"
           f"{found}; "
           f"files in {os.path.join(args.output, '')}")
+    if left_out:
+        raise DataError(f"{len(left_out)} of {len(files)} files could not be read and were left out (the others are "
+                        f"in {os.path.join(args.output, '')}): {left_out[0]}" + (" ..." if len(left_out) > 1 else ""))
     return {"images": len(files), "planes": planes, "seconds": seconds, "scales": scales}
 
 
