@@ -37,8 +37,9 @@ def build_parser():
     p = ArgumentParser(prog="export.py",
                        description="Export models/<name>/model.pth to ONNX (dynamic batch, height and width).")
     p.add_argument("--name", required=True, help="run name: a folder in models/, or nuclei (the bundled model)")
-    p.add_argument("--output", default=None, help="the .onnx file to write (default models/<name>/model.onnx; for "
-                                                  "the bundled run outputs/<name>/model.onnx)")
+    p.add_argument("--output", default=None, help="the .onnx file to write (default models/<name>/model.onnx, "
+                                                  "model_L<L>.onnx with --prune; for the bundled run in "
+                                                  "outputs/<name>/)")
     p.add_argument("--height", type=int, default=96, help="height of the example input used for tracing "
                    "(a multiple of 16; the exported model accepts any multiple of 16)")
     p.add_argument("--width", type=int, default=96, help="width of the example input (a multiple of 16)")
@@ -107,7 +108,8 @@ def main(argv):
             raise UsageError(f"--{flag} {value} must be a positive multiple of 16")
     device = torch.device("cpu")
     cfg, model = load_run(args.name, device, args.prune)
-    path = args.output or os.path.join(derived_files_dir(args.name), "model.onnx")
+    path = args.output or os.path.join(derived_files_dir(args.name),
+                                       f"model_L{args.prune}.onnx" if args.prune else "model.onnx")
     module = export_module(model, args.prune)
     torch.manual_seed(0)
     example = torch.randn(1, cfg.input_channels, args.height, args.width)

@@ -77,6 +77,9 @@ def test_export_pruned_and_unet(run_dir):
     assert os.path.getsize(run_dir / "ds2.onnx") < os.path.getsize(run_dir / "models" / "ds" / "model.pth") / 4
     export.main(["--name", "u", "--output", "u.onnx", "--height", "32", "--width", "32"])
     assert onnx_vs_torch(run_dir / "u.onnx", "u", torch.randn(3, 1, 16, 32)) < 1e-4
+    # by default a pruned export has a name of its own, beside (not over) the whole network's model.onnx
+    result = export.main(["--name", "ds", "--prune", "1", "--height", "32", "--width", "32"])
+    assert result["path"] == os.path.join("models", "ds", "model_L1.onnx")
 
 
 def test_export_errors(run_dir):
