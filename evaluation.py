@@ -141,7 +141,8 @@ def summary(title, scores, table, dsb, out_dir, overlays):
         lines.append(f"  DSB2018 score {', '.join(f'{v:.4f} ({SEPARATION_NAMES[m]})' for m, v in dsb.items())}, "
                      f"mean over the {table['dsb'].notna().sum()} images with instance labels")
     lines.append(f"  worst image {table['img_id'][0]} (IoU {table['iou'][0]:.3f}); files in "
-                 f"{os.path.join(out_dir, '')} (scores.csv, {'overlays/, summary.png, ' if overlays else ''}probability PNGs per class)")
+                 f"{os.path.join(out_dir, '')} (scores.csv, {'overlays/, summary.png, ' if overlays else ''}"
+                 "probability PNGs per class)")
     return "\n".join(lines)
 
 

@@ -19,7 +19,7 @@ from archs import build_model
 from checkpoints import atomic_torch_save, load_init_weights, load_training_state, save_training_state
 from config import INPUTS_DIR, is_bundled_name, output_channels, run_dir, save_run_config
 from dataset import (MODALITIES, Dataset, EpochSampler, WeightedDistributedSampler, balance_weights, decode_image,
-                     eval_loader, find_layout, quiet_sigterm, list_ids, nucleus_diameter, read_split, reading_of,
+                     eval_loader, find_layout, list_ids, nucleus_diameter, quiet_sigterm, read_split, reading_of,
                      split_ids, train_transform)
 from device_data import BatchAugment, DeviceImages, DeviceLoader
 from engine import (NonFiniteLoss, Precision, choose_device, evaluate, recalibrate_batchnorm, seed_everything,
@@ -158,7 +158,8 @@ class Trainer:
                 f"at the end: python val.py --name {self.args.name} --split test") if self.ids("test") else ""
         seconds, now = time.time() - self.started, len(self.log) - self.start_epoch
         took = f"in {seconds:.0f}s" if not self.start_epoch else f"({now} of them in {seconds:.0f}s after resuming)"
-        self._say(f"done: {len(self.log)} epoch{'s' if len(self.log) > 1 else ''} {took} on {self.device}\nbest epoch {self.best['best_epoch']}: val IoU {best['val_iou']:.4f} (pooled), "
+        self._say(f"done: {len(self.log)} epoch{'s' if len(self.log) > 1 else ''} {took} on {self.device}\n"
+                  f"best epoch {self.best['best_epoch']}: val IoU {best['val_iou']:.4f} (pooled), "
                   f"{best['val_iou_mean']:.4f} (mean per image), val Dice {best['val_dice']:.4f}\n"
                   f"files: {self.dir}/ (log.csv, curves.png, model.pth, last.pth); evaluate with: "
                   f"python val.py --name {self.args.name}{test}")
