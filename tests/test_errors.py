@@ -66,7 +66,7 @@ CASES = {
     "name_absolute": (train("--name", "/tmp/x"), 2, ["--name", "/tmp/x"]),
     "val_name_with_dots": (["val.py", "--name", "../x"], 2, ["--name", "../x"]),
     "val_output_is_a_file": (["val.py", "--name", "pctrun", "--output", "unet.pth"], 2,
-                             ["--output unet.pth", "is a file", "folder"]),
+                             ["--output unet.pth", "is not a folder", "choose another --output"]),
     "predict_output_is_a_file": (["predict.py", "--name", "pctrun", "--input", "inputs/good/images", "--output",
                                   "unet.pth"], 2, ["--output unet.pth", "is a file", "folder"]),
     "resume_with_another_lr": (["train.py", "--name", "nomodel", "--resume", "--lr", "0.5"], 2,
