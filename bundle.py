@@ -1,6 +1,6 @@
 """Make a finished run the toolkit's bundled model: pretrained/<name>/ with fp16 weights and their SHA-256.
 
-    python bundle.py --name dsb2018_full_UNet_crop256_balance --as nuclei
+    python bundle.py --name dsb2018_full_UNet_crop256_borders_longer --as nuclei
 
 Writes pretrained/<as>/model.pth (the best weights, stored as fp16: half the size, and the network is evaluated
 in fp32 or bf16 anyway), model.pth.sha256 (checked on every load), config.yml, split.csv and log.csv. A run

@@ -1,7 +1,7 @@
 """Train a UNet or UNet++ (NestedUNet) for nucleus segmentation.
 
     python train.py --dataset dsb2018_96 --arch NestedUNet --deep_supervision True
-    python train.py --config configs/dsb2018_96_NestedUNet_wDS.yml --epochs 20
+    python train.py --config configs/seed_dsb2018_96_NestedUNet_wDS.yml --epochs 20
     python train.py --resume dsb2018_96_NestedUNet_wDS            # continue after a crash or Ctrl-C
     torchrun --nproc_per_node=4 train.py ...                      # several GPUs (DDP)
 
