@@ -26,11 +26,12 @@ SCHEDULERS = ("CosineAnnealingLR", "ReduceLROnPlateau", "MultiStepLR", "Constant
 NORMALIZATIONS = ("fixed", "percentile", "percentile_dark")  # image_files.image_to_float
 LOADERS = ("auto", "device", "workers")  # where training batches are augmented (dataset.py / device_data.py)
 SKIPPED_IN_CONFIG = ("help", "config", "resume", "overwrite", "debug")  # flags of one invocation, not of the run
-# What --resume may change: the length, how the run is executed, and its name (a run folder moved to another name).
-# Every other flag is restored from last.pth and config.yml (the optimizer's state holds the learning rate, the
-# schedule its own length), so a new value would be written to config.yml without being used.
-CHANGEABLE_ON_RESUME = ("name", "epochs", "early_stopping", "device", "amp", "channels_last", "compile", "sync_bn",
-                        "num_workers", "loader", "cache", "precise_bn")
+# What --resume may change: the length, how the run is executed, its name (a run folder moved to another name) and
+# where its dataset is (moved to another disk or machine; split.csv checks that its ids are the same). Every other
+# flag is restored from last.pth and config.yml (the optimizer's state holds the learning rate, the schedule its own
+# length, split.csv the split), so a new value would be written to config.yml without being used.
+CHANGEABLE_ON_RESUME = ("name", "dataset", "epochs", "early_stopping", "device", "amp", "channels_last", "compile",
+                        "sync_bn", "num_workers", "loader", "cache", "precise_bn")
 
 
 def build_train_parser(exit_on_error=True):
@@ -224,11 +225,14 @@ def parse_train_args(argv):
 
 
 def check_unchanged_on_resume(args, saved_values, name):
-    """A resumed run keeps its settings: only the flags in CHANGEABLE_ON_RESUME may differ from its config.yml."""
-    changed = [k for k, v in saved_values.items() if k not in CHANGEABLE_ON_RESUME and getattr(args, k) != v]
+    """A resumed run keeps its settings: only the flags in CHANGEABLE_ON_RESUME may differ from its config.yml
+    (a flag it does not hold, written as null or by an older version, had its default)."""
+    defaults = vars(build_train_parser().parse_args([]))
+    saved = {k: saved_values.get(k, v) for k, v in defaults.items() if k not in SKIPPED_IN_CONFIG}
+    changed = [k for k, v in saved.items() if k not in CHANGEABLE_ON_RESUME and getattr(args, k) != v]
     if changed:
         k = changed[0]
-        raise UsageError(f"--resume {name}: --{k} {getattr(args, k)} differs from the run's {saved_values[k]}; a "
+        raise UsageError(f"--resume {name}: --{k} {getattr(args, k)} differs from the run's {saved[k]}; a "
                          "resumed run keeps its settings (only --epochs, --early_stopping and how it runs, such as "
                          f"--device or --num_workers, may change). To train on with other settings, start a new run "
                          f"from its weights: --init {name} --name <new name>")
@@ -309,9 +313,9 @@ def saved_run_dir(name):
 
 def derived_files_dir(name):
     """Where files made from run ``name`` go (export.py's model.onnx, plot.py's curves.png): models/<name>/, or
-    outputs/<name>/ for the bundled run, since pretrained/ is part of the repository and a models/<name>/ folder
-    would take the bundled run's place."""
-    return os.path.join("outputs", name) if saved_run_dir(name) != run_dir(name) else run_dir(name)
+    outputs/<name>_files/ for the bundled run, since pretrained/ is part of the repository, a models/<name>/ folder
+    would take the bundled run's place, and outputs/<name>/ is val.py's, replaced by every evaluation."""
+    return os.path.join("outputs", f"{name}_files") if saved_run_dir(name) != run_dir(name) else run_dir(name)
 
 
 def is_bundled_name(name):

@@ -39,7 +39,7 @@ def build_parser():
     p.add_argument("--name", required=True, help="run name: a folder in models/, or nuclei (the bundled model)")
     p.add_argument("--output", default=None, help="the .onnx file to write (default models/<name>/model.onnx, "
                                                   "model_L<L>.onnx with --prune; for the bundled run in "
-                                                  "outputs/<name>/)")
+                                                  "outputs/<name>_files/)")
     p.add_argument("--height", type=int, default=96, help="height of the example input used for tracing "
                    "(a multiple of 16; the exported model accepts any multiple of 16)")
     p.add_argument("--width", type=int, default=96, help="width of the example input (a multiple of 16)")

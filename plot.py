@@ -64,7 +64,7 @@ def main(argv):
     p = argparse.ArgumentParser(prog="plot.py", description="Plot training curves from models/<name>/log.csv.")
     p.add_argument("--name", nargs="+", required=True, help="one or more run names")
     p.add_argument("--out", default=None, help="PNG to write (default models/<name>/curves.png for one run, "
-                   "outputs/<name>/curves.png for the bundled run, compare.png for several)")
+                   "outputs/<name>_files/curves.png for the bundled run, compare.png for several)")
     p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     args = p.parse_args(argv)
     if args.out and not args.out.lower().endswith(".png"):

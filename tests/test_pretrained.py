@@ -57,10 +57,12 @@ def test_bundled_model_finds_the_nuclei_of_two_real_fields(tmp_path):
 
 
 def test_files_made_from_the_bundled_run_do_not_hide_it_and_a_run_of_that_name_says_it_does(tiny_workdir, capsys):
-    """plot.py of the bundled run writes to outputs/nuclei/, not models/nuclei/ (which would stand for a run of
-    one's own); training a run named nuclei says that it now takes the bundled run's place, and then it does."""
+    """plot.py of the bundled run writes to outputs/nuclei_files/, not models/nuclei/ (which would stand for a run
+    of one's own) nor outputs/nuclei/ (val.py's, replaced by each evaluation); training a run named nuclei says
+    that it now takes the bundled run's place, and then it does."""
     plot.main(["--name", NAME])
-    assert (tiny_workdir / "outputs" / NAME / "curves.png").is_file()
+    assert os.listdir(tiny_workdir / "outputs") == [f"{NAME}_files"]
+    assert (tiny_workdir / "outputs" / f"{NAME}_files" / "curves.png").is_file()
     assert not (tiny_workdir / "models").exists()
     assert load_run(NAME, torch.device("cpu"))[0].crop_size  # still the bundled, crop-trained run
     train.main(train_argv(NAME))

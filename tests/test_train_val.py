@@ -303,8 +303,12 @@ def test_resume_with_more_epochs_keeps_the_cosine_falling_and_refuses_other_chan
     config = (tiny_workdir / "models" / "more" / "config.yml").read_text()
     with pytest.raises(UsageError, match=r"--lr 0\.5 differs from the run's 0\.1.*--init more"):
         train.main(["--resume", "more", "--lr", "0.5", "--epochs", "6"])
+    with pytest.raises(UsageError, match=r"--init other differs from the run's None"):  # saved as null
+        train.main(["--resume", "more", "--init", "other", "--epochs", "6"])
     assert (tiny_workdir / "models" / "more" / "config.yml").read_text() == config
-    train.main(["--resume", "more", "--epochs", "6", "--early_stopping", "-1"])
+    # the dataset may have moved: another spelling of its folder is accepted (split.csv checks its ids)
+    train.main(["--resume", "more", "--epochs", "6", "--early_stopping", "-1",
+                "--dataset", str(tiny_workdir / "inputs" / TINY_NAME)])
     lr = pd.read_csv(log)["lr"].tolist()
     assert len(lr) == 6 and lr[0] == 0.1 and all(a > b for a, b in zip(lr, lr[1:])) and lr[-1] > 0.001, lr
     with pytest.raises(UsageError, match="already trained its 6 epochs; pass a larger --epochs"):
