@@ -251,7 +251,7 @@ def predict_all(predictor, files, ids, stacks, out_dir, num_classes, threshold, 
     its own; ``channel`` picks one channel of each (image_files.select_channel); ``auto`` = (the run's training
     nucleus diameter, separation) for --scale auto (:func:`auto_scaled`). The per-plane work runs in threads after
     every 256 MB of predictions (utils.BatchedThreads).
-    A file that cannot be read (a DataError) is left out, and the others are predicted.
+    A file that cannot be read or used (a DataError) is left out, and the others are predicted.
     Returns (mean foreground fraction, objects table or None, megapixels, planes, the scale of each plane, the
     errors of the files left out)."""
     options = dict(num_classes=num_classes, threshold=threshold, save_prob=save_prob, separation=separation,
@@ -369,8 +369,9 @@ def main(argv):
           f"{found}; "
           f"files in {os.path.join(args.output, '')}")
     if left_out:
-        raise DataError(f"{len(left_out)} of {len(files)} files could not be read and were left out (the others are "
-                        f"in {os.path.join(args.output, '')}): {left_out[0]}" + (" ..." if len(left_out) > 1 else ""))
+        raise DataError(f"{len(left_out)} of {len(files)} files were left out (the others are in "
+                        f"{os.path.join(args.output, '')}): " + "; ".join(left_out[:5]) +
+                        (f"; and {len(left_out) - 5} more" if len(left_out) > 5 else ""))
     return {"images": len(files), "planes": planes, "seconds": seconds, "scales": scales}
 
 

@@ -27,7 +27,7 @@ from engine import (NonFiniteLoss, Precision, choose_device, evaluate, recalibra
 from losses import build_loss
 from plot import plot_runs
 from synthetic import ensure_synthetic
-from utils import DataError, UsageError, UserError, atomic_write
+from utils import DataError, UsageError, UserError, atomic_write, raise_keyboard_interrupt
 
 
 class Trainer:
@@ -79,7 +79,7 @@ class Trainer:
         self.started = time.time()
 
     def __enter__(self):
-        self._previous_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        self._previous_sigterm = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
         return self
 
     def __exit__(self, exc_type, exc, tb):
@@ -432,7 +432,3 @@ def wrap_model(net, device, sync_bn, compile_mode):
     if compile_mode:
         model = torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
     return model
-
-
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt

@@ -10,6 +10,7 @@ import io
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -46,10 +47,12 @@ def run_cli(main, argv=None):
     """Run ``main(argv)`` and turn a UserError into a one-line message and its exit code.
 
     With ``--debug`` among the arguments the full traceback is shown instead. Ctrl-C exits with 130
-    and a short message; the scripts themselves make sure no half-written file is left behind.
+    and a short message, and so does SIGTERM; the scripts themselves make sure no half-written file is left
+    behind.
     """
     argv = sys.argv[1:] if argv is None else argv
     keep_freed_memory()
+    previous = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     try:
         return main(argv)
     except UserError as e:
@@ -62,6 +65,14 @@ def run_cli(main, argv=None):
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def raise_keyboard_interrupt(signum, frame):
+    """Signal handler: SIGTERM (a job killed, ``timeout``) is handled as Ctrl-C, so that a script cleans up its
+    temporary files as it does for Ctrl-C."""
+    raise KeyboardInterrupt
 
 
 def keep_freed_memory():
@@ -333,7 +344,11 @@ def temp_folder_beside(path):
 
 def check_replaceable(dst, flag, marker="images", what="a dataset folder"):
     """Refuse to write a folder over ``dst`` unless it is absent, empty, or ``what`` this toolkit wrote before
-    (it holds ``marker``: images/ for a dataset, scores.csv for val.py's outputs)."""
+    (it holds ``marker``: images/ for a dataset, scores.csv for val.py's outputs), and never the current folder
+    or one that holds it."""
+    real = os.path.realpath(dst)
+    if os.path.commonpath([os.getcwd(), real]) == real:
+        raise UsageError(f"{flag} {dst} is the current folder or holds it; choose another {flag}")
     if os.path.lexists(dst):
         if not os.path.isdir(dst):
             raise UsageError(f"{flag} {dst} exists and is not a folder; choose another {flag}")

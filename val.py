@@ -71,6 +71,7 @@ def main(argv):
     object_filters(args.min_size, args.min_confidence)  # flag errors before the heavy imports
     out_dir = output_folder(args.name, args.split, args.dataset, args.output)
     check_replaceable(out_dir, "--output", "scores.csv", "an output folder of val.py")
+    folder = os.path.realpath(out_dir)  # a symbolic link's folder is replaced, not the link
     # Heavy imports only now, so that --help and flag errors answer at once.
     from checkpoints import load_run
     from dataset import eval_loader, reading_of
@@ -90,14 +91,14 @@ def main(argv):
     labels = {i: data.layout.labels(i) for i in ids if data.layout.labels(i) is not None}
     precision = Precision.choose(device, args.amp)
     criterion = build_loss(cfg.loss, border_after=cfg.num_classes if cfg.borders else None)
-    tmp = temp_folder_beside(out_dir)  # the outputs of one evaluation replace the folder as a whole when complete
+    tmp = temp_folder_beside(folder)  # the outputs of one evaluation replace the folder as a whole when complete
     try:
         with ImageWriter(tmp, cfg.num_classes, dict(zip(data.img_ids, data.modalities())), labels,
                          separation_order(separation, cfg.borders), filters, overlays=not args.no_overlays) as writer:
             scores = evaluate(precision.prepare(model), loader, criterion, precision, desc="eval", prune=args.prune,
                               tta=args.tta, on_batch=writer, classes=cfg.num_classes)
             table = writer.write_table()
-        replace_folder(tmp, out_dir)
+        replace_folder(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -4,6 +4,8 @@ Everything runs in temporary directories (the scripts use the relative folders i
 """
 import math
 import os
+import signal
+import time
 from contextlib import contextmanager
 
 import cv2
@@ -22,7 +24,7 @@ from archs import build_model
 from conftest import ROOT, TINY_NAME, make_synthetic, train_argv
 from dataset import decode_image, image_modality
 from image_files import read_labels
-from utils import DataError, UsageError
+from utils import DataError, UsageError, run_cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # val.py writes round(sigmoid(logit) * 255) as 8-bit PNG and the metrics count a pixel as predicted when
@@ -354,9 +356,38 @@ def test_test_split(tmp_path, monkeypatch):
     assert not [f for f in os.listdir(tmp_path / "outputs") if f.startswith(".")]  # no temporary folder left
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
-    with pytest.raises(UsageError, match="--output mine exists and is not an output folder of val.py"):
+    with pytest.raises(UsageError, match="mine exists and is not an output folder of val.py"):
         val.main(["--name", "three", "--device", "cpu", "--output", "mine"])
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+    with pytest.raises(UsageError, match="--output .* is the current folder or holds it"):
+        val.main(["--name", "three", "--device", "cpu", "--output", "."])
+    # a symbolic link to an output folder: the folder it points to gets the new outputs, the link stays
+    (tmp_path / "link").symlink_to(tmp_path / "outputs" / "three_test")
+    val.main(["--name", "three", "--split", "test", "--device", "cpu", "--output", "link"])
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "outputs" / "three_test" / "overlays").is_dir()
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]
+
+
+def test_val_stopped_by_sigterm_keeps_the_old_outputs_and_no_temporary_folder(work, monkeypatch):
+    """SIGTERM (a killed job) mid-evaluation is handled as Ctrl-C: exit 130, the previous outputs intact, the
+    temporary folder of the unfinished evaluation removed."""
+    root, _, _ = work
+    monkeypatch.chdir(root)
+    before = sorted(os.listdir(root / "outputs" / "unet"))
+    scores = (root / "outputs" / "unet" / "scores.csv").read_bytes()
+
+    def killed(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises KeyboardInterrupt before this ends
+
+    monkeypatch.setattr(engine, "evaluate", killed)
+    with pytest.raises(SystemExit) as e:
+        run_cli(val.main, ["--name", "unet", "--device", "cpu"])
+    assert e.value.code == 130
+    assert sorted(os.listdir(root / "outputs" / "unet")) == before
+    assert (root / "outputs" / "unet" / "scores.csv").read_bytes() == scores
+    assert not [f for f in os.listdir(root / "outputs") if f.startswith(".")]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # run_cli puts the previous handler back
 
 
 def test_split_file_is_used_as_given(tmp_path, monkeypatch):
