@@ -22,7 +22,8 @@ import os
 import shutil
 
 from config import add_amp_arg, add_device_arg, add_separation_args, choose_separation, object_filters
-from utils import ArgumentParser, at_least, check_replaceable, integer, replace_folder, run_cli, temp_folder_beside
+from utils import (ArgumentParser, at_least, check_replaceable, check_run_name, integer, replace_folder, run_cli,
+                   temp_folder_beside)
 
 
 def build_parser():
@@ -69,6 +70,7 @@ def output_folder(name, split, dataset, output):
 def main(argv):
     args = build_parser().parse_args(argv)
     object_filters(args.min_size, args.min_confidence)  # flag errors before the heavy imports
+    check_run_name(args.name)  # before it names a folder
     out_dir = output_folder(args.name, args.split, args.dataset, args.output)
     check_replaceable(out_dir, "--output", "scores.csv", "an output folder of val.py")
     folder = os.path.realpath(out_dir)  # a symbolic link's folder is replaced, not the link
