@@ -29,7 +29,6 @@ Usage::
 """
 import multiprocessing
 import os
-import shutil
 import signal
 import sys
 import time
@@ -39,8 +38,8 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from utils import (ArgumentParser, DataError, UsageError, atomic_imwrite, check_replaceable, integer,
-                   replace_folder, run_cli, temp_folder_beside)
+from utils import (ArgumentParser, DataError, UsageError, atomic_imwrite, check_replaceable,
+                   folder_replaced_when_done, integer, run_cli)
 
 DEFAULT_SRC = os.path.join("inputs", "data-science-bowl-2018", "stage1_train")
 DOWNLOAD_HINT = (
@@ -222,33 +221,30 @@ def main(argv=None):
         ids = ids[: args.limit]
 
     start = time.time()
-    tmp = temp_folder_beside(dst)
     pool = None
-    try:
-        for sub in ("images", os.path.join("masks", "0"), "labels"):
-            os.makedirs(os.path.join(tmp, sub))
-        job = _Job(args.src, tmp, args.img_size, args.masks_csv)
-        workers = min(args.num_workers, len(ids))
-        if workers > 1:
-            # spawn, not fork: fork can deadlock in a threaded parent
-            pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker)
-            results = pool.imap(job, ids, chunksize=4)
-        else:
-            results = map(job, ids)
-        nuclei = 0
-        for _, n in tqdm(results, total=len(ids), desc="dsb2018", unit="sample", leave=False):
-            nuclei += n
-        if pool is not None:
-            pool.close()
-            pool.join()
-            pool = None
-        replace_folder(tmp, os.path.abspath(dst))
-    except BaseException:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with folder_replaced_when_done(dst) as tmp:
+        try:
+            for sub in ("images", os.path.join("masks", "0"), "labels"):
+                os.makedirs(os.path.join(tmp, sub))
+            job = _Job(args.src, tmp, args.img_size, args.masks_csv)
+            workers = min(args.num_workers, len(ids))
+            if workers > 1:
+                # spawn, not fork: fork can deadlock in a threaded parent
+                pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker)
+                results = pool.imap(job, ids, chunksize=4)
+            else:
+                results = map(job, ids)
+            nuclei = 0
+            for _, n in tqdm(results, total=len(ids), desc="dsb2018", unit="sample", leave=False):
+                nuclei += n
+            if pool is not None:
+                pool.close()
+                pool.join()
+        except BaseException:
+            if pool is not None:
+                pool.terminate()
+                pool.join()
+            raise
     size = "original size" if args.img_size == 0 else f"{args.img_size}x{args.img_size}"
     print(f"wrote {len(ids)} samples ({nuclei} nuclei, {size}) to {dst} in {time.time() - start:.1f} s")
     return 0

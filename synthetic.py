@@ -18,7 +18,6 @@ Usage::
     python synthetic.py [--out inputs/synthetic] [--num_images 160] [--size 96] [--seed 0]
 """
 import os
-import shutil
 import sys
 import time
 
@@ -26,8 +25,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from utils import (ArgumentParser, at_least, atomic_imwrite, check_replaceable, replace_folder, run_cli,
-                   temp_folder_beside)
+from utils import ArgumentParser, at_least, atomic_imwrite, check_replaceable, folder_replaced_when_done, run_cli
 
 DEFAULT_OUT = os.path.join("inputs", "synthetic")
 STYLES = ("fluorescence", "brightfield")
@@ -185,15 +183,8 @@ def generate_synthetic(out_dir, num_images=160, size=96, seed=0, progress=False)
 
 def _build_atomically(dataset_dir, num_images, size, seed, progress):
     """Generate into a temporary folder beside ``dataset_dir`` and move it into place only when complete."""
-    dataset_dir = os.path.abspath(dataset_dir)
-    tmp = temp_folder_beside(dataset_dir)
-    try:
-        ids = generate_synthetic(tmp, num_images, size, seed, progress=progress)
-        replace_folder(tmp, dataset_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return ids
+    with folder_replaced_when_done(dataset_dir) as tmp:
+        return generate_synthetic(tmp, num_images, size, seed, progress=progress)
 
 
 

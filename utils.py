@@ -342,6 +342,20 @@ def temp_folder_beside(path):
     return tmp
 
 
+@contextmanager
+def folder_replaced_when_done(dst):
+    """Build a folder that takes the place of ``dst`` only when complete: yields a new empty folder beside it; when
+    the block succeeds it replaces ``dst`` (:func:`replace_folder`), when it fails (an error, Ctrl-C, SIGTERM) it is
+    removed and ``dst`` stays as it was."""
+    tmp = temp_folder_beside(dst)
+    try:
+        yield tmp
+        replace_folder(tmp, os.path.abspath(dst))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def check_replaceable(dst, flag, marker="images", what="a dataset folder"):
     """Refuse to write a folder over ``dst`` unless it is absent, empty, or ``what`` this toolkit wrote before
     (it holds ``marker``: images/ for a dataset, scores.csv for val.py's outputs), and never the current folder

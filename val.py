@@ -19,11 +19,10 @@ DSB2018 instance score, when inputs/<dataset>/labels/ holds 16-bit instance labe
 summary.png.
 """
 import os
-import shutil
 
 from config import add_amp_arg, add_device_arg, add_separation_args, choose_separation, object_filters
-from utils import (ArgumentParser, at_least, check_replaceable, check_run_name, integer, replace_folder, run_cli,
-                   temp_folder_beside)
+from utils import (ArgumentParser, at_least, check_replaceable, check_run_name, folder_replaced_when_done, integer,
+                   run_cli)
 
 
 def build_parser():
@@ -93,17 +92,13 @@ def main(argv):
     labels = {i: data.layout.labels(i) for i in ids if data.layout.labels(i) is not None}
     precision = Precision.choose(device, args.amp)
     criterion = build_loss(cfg.loss, border_after=cfg.num_classes if cfg.borders else None)
-    tmp = temp_folder_beside(folder)  # the outputs of one evaluation replace the folder as a whole when complete
-    try:
-        with ImageWriter(tmp, cfg.num_classes, dict(zip(data.img_ids, data.modalities())), labels,
-                         separation_order(separation, cfg.borders), filters, overlays=not args.no_overlays) as writer:
-            scores = evaluate(precision.prepare(model), loader, criterion, precision, desc="eval", prune=args.prune,
-                              tta=args.tta, on_batch=writer, classes=cfg.num_classes)
-            table = writer.write_table()
-        replace_folder(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    # the outputs of one evaluation replace the folder as a whole when complete
+    with folder_replaced_when_done(folder) as tmp, \
+            ImageWriter(tmp, cfg.num_classes, dict(zip(data.img_ids, data.modalities())), labels,
+                        separation_order(separation, cfg.borders), filters, overlays=not args.no_overlays) as writer:
+        scores = evaluate(precision.prepare(model), loader, criterion, precision, desc="eval", prune=args.prune,
+                          tta=args.tta, on_batch=writer, classes=cfg.num_classes)
+        table = writer.write_table()
     dsb = writer.dsb_means()
     title = f"{args.name} ({part}, {len(ids)} images, {precision.describe()}" + (", flip TTA" if args.tta else "") + \
         (f", pruned at L={args.prune}" if args.prune else "") + ")"
