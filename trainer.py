@@ -86,11 +86,20 @@ class Trainer:
         signal.signal(signal.SIGTERM, self._previous_sigterm)
         distributed.cleanup()
         if exc_type is KeyboardInterrupt and self.main:
-            done = getattr(self, "saved_epoch", self.start_epoch)
-            print(f"\nstopped during epoch {done + 1}; {self.dir}/last.pth holds epoch {done}. Continue with: "
-                  f"python train.py --resume {self.args.name}" if done else
-                  "\nstopped during epoch 1, before any epoch was saved; start again with --overwrite", flush=True)
+            print(f"\nstopped during epoch {self._where_to_go_on()}", flush=True)
+        if exc_type is RuntimeError and str(exc).startswith("DataLoader worker") and self.main:
+            # the kernel's out-of-memory killer picks a loader worker first: say so, not a traceback
+            raise UserError(f"a data loader {str(exc)[len('DataLoader '):].strip().rstrip('.')} (out of memory?) "
+                            f"during epoch {self._where_to_go_on(' --num_workers 0')}") from None
         return False
+
+    def _where_to_go_on(self, flags=""):
+        """'N; <what was saved>. <the command that continues>' for a run stopped during epoch N."""
+        done = getattr(self, "saved_epoch", self.start_epoch)
+        if not done:
+            return "1, before any epoch was saved; start again with --overwrite" + flags
+        return (f"{done + 1}; {self.dir}/last.pth holds epoch {done}. Continue with: python train.py --resume "
+                f"{self.args.name}{flags}")
 
     # --------------------------------------------------------------------------------------------- the loop
 

@@ -175,3 +175,41 @@ def test_stops_cleanly_with_loader_workers(workdir, group):
     assert "Traceback" not in err, err[-2000:]
     assert f"--resume {name}" in out + err, out + err
     check_run_files_complete(workdir / "models" / name)
+
+
+def child_pids(parent):
+    """The processes whose parent is ``parent`` (Linux: field 4 of /proc/<pid>/stat, after the parenthesised name)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # the process ended meanwhile
+        if int(fields[1]) == parent:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def test_killed_loader_worker_is_a_one_line_error(workdir):
+    """The kernel's out-of-memory killer ends a loader worker with SIGKILL: the run says so in one line, with the
+    command that continues from the last saved epoch, instead of PyTorch's traceback."""
+    name = "worker_killed"
+    proc = subprocess.Popen(train_cmd(*first_run_args(name), "--num_workers", "1", "--loader", "workers",
+                                      "--epochs", "50"),  # later flags win
+                            cwd=workdir, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        wait_for_first_epoch(proc, workdir / "models" / name)
+        workers = child_pids(proc.pid)
+        assert workers, "the run has no loader worker to kill"
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 1, (proc.returncode, err[-2000:])
+    assert "Traceback" not in err, err[-2000:]
+    assert "killed by signal" in err and f"--resume {name} --num_workers 0" in err, err[-2000:]
+    check_run_files_complete(workdir / "models" / name)
