@@ -5,8 +5,8 @@
 
 For each L: the parameters that sub-network uses (archs.count_parameters), its throughput in images/s (the
 median over ``--repeats`` timed passes over the split, after one warm-up pass, on one device, the images
-already on the device so that only the network is timed), and pooled IoU and Dice on the split (the same
-evaluation as val.py --prune L). Prints a table, then as the last line one JSON object with every figure.
+already on the device so that only the network is timed), and pooled IoU and Dice on the split (engine.evaluate,
+the evaluation of val.py --prune L). Prints a table, then as the last line one JSON object with every figure.
 """
 import json
 import os
@@ -25,9 +25,9 @@ from checkpoints import load_run  # noqa: E402
 from config import (INPUTS_DIR, add_amp_arg, add_device_arg, load_run_config, output_channels,  # noqa: E402
                     saved_run_dir)
 from dataset import eval_loader, read_split, reading_of, split_ids  # noqa: E402
-from engine import Precision, choose_device, forward  # noqa: E402
-from metrics import SegmentationMeter  # noqa: E402
-from utils import ArgumentParser, UsageError, run_cli  # noqa: E402
+from engine import Precision, choose_device, evaluate, forward  # noqa: E402
+from losses import build_loss  # noqa: E402
+from utils import ArgumentParser, UsageError, at_least, run_cli  # noqa: E402
 
 LEVELS = (1, 2, 3, 4)
 
@@ -37,19 +37,12 @@ def build_parser():
                        description="Parameters, speed and scores of a NestedUNet+DS run pruned at L = 1..4.")
     p.add_argument("--name", required=True, help="run name (a folder in models/); NestedUNet with deep supervision")
     p.add_argument("--split", default="val", choices=["val", "test", "train"], help="which ids of split.csv")
-    p.add_argument("--repeats", type=int, default=5, help="timed passes per L (the median is reported)")
-    p.add_argument("--batch_size", type=int, default=None, help="default: the run's batch size")
+    p.add_argument("--repeats", type=at_least(1), default=5, help="timed passes per L (the median is reported)")
+    p.add_argument("--batch_size", type=at_least(1), default=None, help="default: the run's batch size")
     add_device_arg(p)
     add_amp_arg(p)
     p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     return p
-
-
-def load_batches(cfg, ids, device):
-    """Every batch of the split's evaluation loader, moved to ``device`` once: [(images, masks)]."""
-    loader = eval_loader(os.path.join(INPUTS_DIR, cfg.dataset), ids, reading_of(cfg),
-                         (cfg.input_h, cfg.input_w, cfg.crop_size), cfg.batch_size, 0)
-    return [(images.to(device), masks.to(device)) for images, masks, _ in loader]
 
 
 def sync(device):
@@ -57,31 +50,22 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def measure(model, batches, prune, precision, repeats, classes):
-    """(images/s as the median over ``repeats`` timed passes after a warm-up pass, pooled scores dict over the
-    first ``classes`` channels)."""
-    fmt = torch.channels_last if precision.channels_last else torch.contiguous_format
-    inputs = [images.contiguous(memory_format=fmt) for images, _ in batches]
-    meter = SegmentationMeter(precision.device)
-    with torch.inference_mode(), precision.autocast():
-        for x, (_, masks) in zip(inputs, batches):  # warm-up pass, also the scores
-            meter.update(forward(model, x, prune=prune).float()[:, :classes], masks[:, :classes])
-        sync(precision.device)
-        times = []
+def throughput(model, inputs, prune, device, repeats):
+    """Images/s of the network pruned at ``prune`` on ``inputs`` (batches [B, C, H, W] already on ``device`` as
+    the model takes them): the median over ``repeats`` timed passes. Run it after a warm-up pass."""
+    times = []
+    with torch.inference_mode():
         for _ in range(repeats):
             start = time.perf_counter()
             for x in inputs:
                 forward(model, x, prune=prune)
-            sync(precision.device)
+            sync(device)
             times.append(time.perf_counter() - start)
-    num_images = sum(x.shape[0] for x in inputs)
-    return num_images / statistics.median(times), meter.compute()
+    return sum(x.shape[0] for x in inputs) / statistics.median(times)
 
 
 def main(argv):
     args = build_parser().parse_args(argv)
-    if args.repeats < 1:
-        raise UsageError(f"--repeats must be at least 1, got {args.repeats}")
     cfg = load_run_config(args.name)
     if not (cfg.arch == "NestedUNet" and cfg.deep_supervision):
         raise UsageError(f"bench/prune.py needs a NestedUNet trained with deep supervision; {args.name} is "
@@ -96,12 +80,17 @@ def main(argv):
     if not ids:
         raise UsageError(f"{saved_run_dir(args.name)}/split.csv has no '{args.split}' ids")
     cfg.batch_size = args.batch_size or cfg.batch_size
-    batches = load_batches(cfg, ids, device)
+    loader = eval_loader(os.path.join(INPUTS_DIR, cfg.dataset), ids, reading_of(cfg),
+                         (cfg.input_h, cfg.input_w, cfg.crop_size), cfg.batch_size, 0)
+    inputs = [precision.to_device(images, masks)[0] for images, masks, _ in loader]  # as evaluate() passes them
+    criterion = build_loss(cfg.loss, border_after=cfg.num_classes if cfg.borders else None)
     # counted on the network as trained: load_run folds BatchNorm into the convs, which drops its parameters
     trained = build_model(cfg.arch, output_channels(cfg), cfg.input_channels, cfg.deep_supervision)
     rows = []
     for level in LEVELS:
-        speed, scores = measure(model, batches, level, precision, args.repeats, cfg.num_classes)
+        scores = evaluate(model, loader, criterion, precision, progress=False, prune=level,
+                          classes=cfg.num_classes)  # also the warm-up pass
+        speed = throughput(model, inputs, level, device, args.repeats)
         rows.append({"prune": level, "params": count_parameters(trained, level), "images_per_s": round(speed, 2),
                      "iou": round(scores["iou"], 4), "dice": round(scores["dice"], 4)})
     full = rows[-1]

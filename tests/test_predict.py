@@ -15,13 +15,19 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+import tifffile
 import torch
 import yaml
 
 import checkpoints
 import inference
 import predict
+import synthetic
+import train
 import utils
+import val
+from archs import build_model
+from dataset import nucleus_diameter, read_split, split_ids
 from image_files import decode_image, image_to_float
 from instances import split_instances
 from utils import DataError, UsageError, run_cli
@@ -30,10 +36,6 @@ from utils import DataError, UsageError, run_cli
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A folder with inputs/synthetic and models/{p, pc, u, nomodel}; returns its path (tests chdir into it)."""
-    import synthetic
-    import train
-    from archs import build_model
-
     root = tmp_path_factory.mktemp("predict_runs")
     old = os.getcwd()
     os.chdir(root)
@@ -130,7 +132,6 @@ def test_stacks_are_predicted_plane_by_plane(in_runs, tmp_path, capsys, monkeypa
     """A TIFF stack (16-bit, three time points) gives TIFF stacks whose pages are what each plane, saved as an image
     of its own, gives; objects.csv numbers the planes. Two stacks written with a flush of the threads after every
     plane give the same."""
-    import tifffile
 
     grey = sample_bgr(40, 36)[:, :, 0].astype(np.uint16)
     stack = np.stack([grey * 180, grey[::-1] * 90 + 7, grey[:, ::-1] * 250])  # each plane scaled on its own
@@ -171,7 +172,6 @@ def test_stacks_are_predicted_plane_by_plane(in_runs, tmp_path, capsys, monkeypa
 def test_three_pages_without_axes_are_read_as_colours_with_a_note(tmp_path):
     """3 pages without ImageJ or OME axes are one image's colours (channels-first RGB); predict.py says so, since a
     short stack saved that way looks the same. The same pages with ImageJ axes, or an RGB TIFF, get no note."""
-    import tifffile
 
     pages = np.zeros((3, 20, 24), np.uint16)
     tifffile.imwrite(tmp_path / "plain.tif", pages, photometric="minisblack")  # 3 pages, axes unknown ("QYX")
@@ -186,7 +186,6 @@ def test_three_pages_without_axes_are_read_as_colours_with_a_note(tmp_path):
 
 def test_channel_picks_the_nucleus_channel(in_runs, tmp_path):
     """--channel K predicts channel K of a multi-channel TIFF stack or of an RGB image as the grey image alone."""
-    import tifffile
 
     nuclei = sample_bgr(40, 36)[:, :, 0].astype(np.uint16) * 200
     noise = np.random.default_rng(0).integers(0, 60000, nuclei.shape, dtype=np.uint16)
@@ -466,10 +465,6 @@ def test_errors_name_the_problem(in_runs, tmp_path):
 def test_val_reports_the_dsb_score(in_runs, tmp_path, capsys):
     """val.py adds the DSB2018 instance score when inputs/<dataset>/labels/ exists, also at another evaluation
     size (p16 evaluates at 16x16: the 32x32 labels are resized with nearest)."""
-    import yaml
-
-    import val
-
     for name in ("p", "p16"):
         if name == "p16" and not os.path.isdir(os.path.join("models", "p16")):
             shutil.copytree(os.path.join("models", "p"), os.path.join("models", "p16"))
@@ -489,8 +484,6 @@ def test_val_reports_the_dsb_score(in_runs, tmp_path, capsys):
 def test_val_names_the_scale_when_the_nuclei_are_far_from_the_training_size(in_runs, tmp_path, capsys):
     """pa learned (so its config.yml says) nuclei 3 px across: val.py prints the median diameter of the labelled
     nuclei it scored and the --scale that sizes them as in training; pc records no diameter and says nothing."""
-    import val
-    from dataset import nucleus_diameter, read_split, split_ids
 
     ids = split_ids(read_split(os.path.join("models", "pa", "split.csv")), "val")
     found = nucleus_diameter(os.path.join("inputs", "synthetic"), ids)
@@ -529,7 +522,8 @@ def test_bench_scale_scores_resized_images(in_runs, capsys):
         load_bench("scale").main(["--name", "p"])
 
 
-def test_bench_prune_runs_on_a_tiny_run(in_runs, capsys):
+def test_bench_prune_runs_on_a_tiny_run(in_runs, capsys, tmp_path):
+    """Every L's figures, and its scores are val.py --prune L's."""
     bench_prune = load_bench("prune")
     bench_prune.main(["--name", "p", "--repeats", "1", "--device", "cpu"])
     last = capsys.readouterr().out.strip().splitlines()[-1]
@@ -538,6 +532,9 @@ def test_bench_prune_runs_on_a_tiny_run(in_runs, capsys):
     assert all(r["images_per_s"] > 0 and 0 <= r["iou"] <= 1 for r in rows)
     assert rows[0]["params"] < rows[1]["params"] < rows[2]["params"] < rows[3]["params"]
     assert rows[3]["params"] == 9_163_329  # the whole trained network, BatchNorm included (as docs/results.md)
+    scored = val.main(["--name", "p", "--prune", "2", "--output", str(tmp_path / "p2"), "--no_overlays",
+                       "--device", "cpu"])
+    assert rows[1]["iou"] == round(scored["iou"], 4) and rows[1]["dice"] == round(scored["dice"], 4)
     with pytest.raises(UsageError, match="deep supervision"):
         bench_prune.main(["--name", "u"])
 
