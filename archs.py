@@ -185,6 +185,12 @@ class NestedUNet(nn.Module):
 ARCHS = {"UNet": UNet, "NestedUNet": NestedUNet}
 
 
+def final_logits(output):
+    """The final head's logits [B, K, H, W] of a model's ``output``: the last of deep supervision's list of heads,
+    or the one tensor of a model without it."""
+    return output[-1] if isinstance(output, (list, tuple)) else output
+
+
 def count_parameters(model, prune=None):
     """Number of parameters of ``model``; with ``prune=L`` only those the depth-L sub-network uses."""
     if prune is None:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from archs import crop_to, pad_to_multiple
+from archs import crop_to, final_logits, pad_to_multiple
 from distributed import reduce_sum
 from losses import loss_over_heads
 from metrics import SegmentationMeter
@@ -143,8 +143,7 @@ def step(model, images, masks, criterion, precision, optimizer=None, prune=None,
         precision.scaler.scale(loss).backward()
         precision.scaler.step(optimizer)
         precision.scaler.update()
-    final = outputs[-1] if isinstance(outputs, list) else outputs
-    return loss.detach(), final.detach().float()
+    return loss.detach(), final_logits(outputs).detach().float()
 
 
 class NonFiniteLoss(RuntimeError):

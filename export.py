@@ -21,6 +21,7 @@ import warnings
 import numpy as np
 import torch
 
+from archs import final_logits
 from checkpoints import load_run
 from config import derived_files_dir, output_channels
 from utils import ArgumentParser, UsageError, UserError, atomic_write, run_cli
@@ -58,8 +59,7 @@ def export_module(model, prune=None):
             self.net = net
 
         def forward(self, x):
-            out = self.net(x) if prune is None else self.net(x, prune=prune)
-            return out[-1] if isinstance(out, (list, tuple)) else out
+            return final_logits(self.net(x) if prune is None else self.net(x, prune=prune))
 
     # eval() on the wrapper itself: the exporter restores the wrapper's own mode afterwards, and a wrapper left
     # in training mode would put the network's BatchNorm layers back into training mode with it.

@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import torch
 
+from archs import final_logits
 from config import output_channels
 from engine import Precision, forward
 from image_files import image_to_float, normalize
@@ -109,10 +110,8 @@ class Predictor:
         if self.precision.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), self.precision.autocast():
-            out = forward(self.model, x, prune=self.prune, tta=self.tta)
-        if isinstance(out, list):
-            out = out[-1]
-        return torch.sigmoid(out.float()).cpu().numpy()
+            logits = final_logits(forward(self.model, x, prune=self.prune, tta=self.tta))
+        return torch.sigmoid(logits.float()).cpu().numpy()
 
     def run_batches(self, pieces):
         """Pieces [C, h, w] of one size -> their probabilities, ``batch_size`` at a time."""
