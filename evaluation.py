@@ -14,7 +14,7 @@ import torch
 from config import INPUTS_DIR, saved_run_dir
 from dataset import MODALITIES, list_ids, nucleus_diameter, read_split, split_ids
 from image_files import denormalize, read_labels
-from instances import auto_scale
+from instances import auto_scale, border_map
 from metrics import dsb_scores, per_image_scores
 from utils import BatchedThreads, UsageError, atomic_imwrite, atomic_write
 from visualize import overlay_panel, to_bgr, write_summary
@@ -97,8 +97,7 @@ class ImageWriter:
         row, dsb = {"img_id": img_id, "iou": iou, "dice": dice, "kind": self.kinds[img_id]}, {}
         if img_id in self.labels:  # DSB2018 instance score at the evaluated size
             truth_labels = read_labels(self.labels[img_id], prob.shape[1:])
-            border = prob[k] if prob.shape[0] > k else None
-            dsb = dsb_scores(prob[0], truth_labels, self.methods, border=border, **self.filters)
+            dsb = dsb_scores(prob[0], truth_labels, self.methods, border=border_map(prob, k), **self.filters)
             row["dsb"] = dsb[self.methods[0]]
         if image is not None:
             atomic_imwrite(os.path.join(self.out_dir, "overlays", img_id + ".png"),

@@ -185,6 +185,12 @@ def touching_borders(labels, width=1):
     return ((labels > 0) & ((highest != labels) | (lowest != labels))).astype(np.uint8)
 
 
+def border_map(prob, num_classes):
+    """The predicted border map [H, W] among probabilities [K, H, W] (K = ``num_classes``, then the border channel
+    of a run trained with --borders True), or None when there is none."""
+    return prob[num_classes] if prob.shape[0] > num_classes else None
+
+
 def split_instances(prob, method="watershed", threshold=0.5, min_size=MIN_SIZE, min_confidence=MIN_CONFIDENCE,
                     border=None, **kwargs):
     """Label the objects of a probability map [H, W] (values in [0, 1]) -> int32 [H, W], objects 1..N.

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from config import add_amp_arg, add_device_arg, add_separation_args, choose_separation, object_filters
 from image_files import TIFF_EXTS, decode_planes, select_channel, tiff_header_layout
-from instances import AUTO_SCALE_BAND, auto_scale, median_diameter, nucleus_areas, split_instances
+from instances import AUTO_SCALE_BAND, auto_scale, border_map, median_diameter, nucleus_areas, split_instances
 from utils import (ArgumentParser, BatchedThreads, DataError, UsageError, atomic_imwrite, atomic_tiff_write,
                    atomic_write, check_output_folder, float_or_auto, run_cli)
 from visualize import draw_outlines, to_bgr
@@ -187,9 +187,8 @@ def segment(img_id, image, prob, num_classes, threshold, save_prob, separation, 
         if save_prob:
             arrays[suffix + "_prob"] = np.round(np.clip(prob[c], 0, 1) * 255).astype(np.uint8)
     if separation:
-        border = prob[num_classes] if prob.shape[0] > num_classes else None
         labels = nuclei if nuclei is not None else \
-            split_instances(prob[0], separation, threshold=threshold, border=border, **filters)
+            split_instances(prob[0], separation, threshold=threshold, border=border_map(prob, num_classes), **filters)
         if labels.max() > 65535:
             raise DataError(f"{img_id}: {labels.max()} objects do not fit a 16-bit label image")
         arrays["_instances"] = labels.astype(np.uint16)
@@ -235,7 +234,7 @@ def auto_scaled(predictor, image, prob, trained_diameter, threshold, separation,
     instances.auto_scale when they are far from ``trained_diameter`` pixels across. Returns (probabilities at the
     image's size, the scale used, the nuclei measured when they are those of the probabilities returned, else
     None)."""
-    border = prob[predictor.cfg.num_classes] if prob.shape[0] > predictor.cfg.num_classes else None
+    border = border_map(prob, predictor.cfg.num_classes)
     labels = split_instances(prob[0], separation, threshold=threshold, border=border, **filters)
     scale = auto_scale(median_diameter(nucleus_areas(labels)), trained_diameter)
     if scale == 1:
