@@ -49,14 +49,14 @@ import torch  # noqa: E402  (after the path set-up above)
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from archs import build_model  # noqa: E402
-from config import parse_train_args  # noqa: E402
+from config import add_amp_arg, add_device_arg, parse_train_args  # noqa: E402
 from dataset import list_ids  # noqa: E402
 from engine import choose_device, seed_everything, step  # noqa: E402
 from losses import build_loss, loss_over_heads  # noqa: E402
 from seed_loop import seed_criterion, seed_loader, seed_train_epoch  # noqa: E402
 from synthetic import ensure_synthetic  # noqa: E402
 from trainer import Trainer, make_split  # noqa: E402
-from utils import ArgumentParser, keep_freed_memory  # noqa: E402
+from utils import ArgumentParser, at_least, keep_freed_memory  # noqa: E402
 
 ARCH_ROWS = {"UNet": ("UNet", False), "NestedUNet": ("NestedUNet", False), "NestedUNet_wDS": ("NestedUNet", True)}
 LOOPS = ("seed", "ours")
@@ -277,10 +277,10 @@ def device_list(requested):
 
 def add_pair_args(p, pairs, steps):
     """The flags of the scripts that alternate two variants in one process: --amp, --device, --pairs, --steps."""
-    p.add_argument("--amp", default="auto", help="--amp as in train.py and val.py: auto, bf16, fp32 (fp16 on CUDA)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--pairs", type=int, default=pairs, help="timed pairs of blocks")
-    p.add_argument("--steps", type=int, default=steps, help="steps per block")
+    add_amp_arg(p)
+    add_device_arg(p)
+    p.add_argument("--pairs", type=at_least(1), default=pairs, help="timed pairs of blocks")
+    p.add_argument("--steps", type=at_least(1), default=steps, help="steps per block")
 
 
 def add_step_args(p, batch_size=16, size=96):
