@@ -85,7 +85,7 @@ class UNet(nn.Module):
     ``deep_supervision=True`` is refused (ValueError): UNet has a single output.
     """
 
-    def __init__(self, num_classes, input_channels=3, deep_supervision=False, **kwargs):
+    def __init__(self, num_classes, input_channels=3, deep_supervision=False):
         super().__init__()
         if deep_supervision:
             raise ValueError("deep_supervision: UNet has a single output; use NestedUNet for deep supervision")
@@ -118,7 +118,7 @@ class NestedUNet(nn.Module):
     X0_1..X0_4. ``forward(x, prune=L)`` (deep supervision only) runs the depth-L sub-network alone.
     """
 
-    def __init__(self, num_classes, input_channels=3, deep_supervision=False, **kwargs):
+    def __init__(self, num_classes, input_channels=3, deep_supervision=False):
         super().__init__()
         self.input_channels = input_channels
         self.deep_supervision = deep_supervision
