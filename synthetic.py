@@ -7,8 +7,8 @@ Writes the layout the training scripts read::
     <out>/labels/syn_0000.png     16-bit instance labels (0 background, 1..N one per nucleus)
 
 Even-numbered images are fluorescence-like (bright grey nuclei on a dark background, stored as 3 equal
-channels); odd-numbered ones are stained brightfield-like (dark purple/blue nuclei on a light pinkish
-background). Nuclei are slightly irregular ellipses of varied size and orientation with some texture; some
+channels); odd-numbered ones are stained-like (dark purple/blue nuclei on a light pinkish background, as
+H&E-stained tissue; val.py counts them as the 'stained' kind). Nuclei are slightly irregular ellipses of varied size and orientation with some texture; some
 touch or overlap (the later-drawn nucleus owns the overlap in the labels). The images get a Gaussian blur,
 noise and a smooth illumination gradient. Image ``i`` uses only ``numpy.random.default_rng(seed + i)``, so
 each image is reproducible on its own.
@@ -28,7 +28,7 @@ from tqdm import tqdm
 from utils import ArgumentParser, at_least, atomic_imwrite, check_replaceable, folder_replaced_when_done, run_cli
 
 DEFAULT_OUT = os.path.join("inputs", "synthetic")
-STYLES = ("fluorescence", "brightfield")
+STYLES = ("fluorescence", "stained")  # named as dataset.image_modality names the kinds
 
 
 def image_id(index):
@@ -37,7 +37,7 @@ def image_id(index):
 
 
 def style_of(index):
-    """Even indices are fluorescence-like, odd ones brightfield-like (so the two styles are half each)."""
+    """Even indices are fluorescence-like, odd ones stained-like (so the two styles are half each)."""
     return STYLES[index % 2]
 
 

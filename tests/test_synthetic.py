@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import synthetic  # noqa: E402
+from dataset import image_modality  # noqa: E402
 from utils import UsageError  # noqa: E402
 
 N = 12
@@ -79,9 +80,10 @@ def test_both_styles_present(dataset):
             assert r > g and b > g and outside > 150, f"{sid}: background should be light pink"
             nb, ng, nr = (img[mask][:, c].mean() for c in range(3))
             assert nb > ng and inside < outside - 40, f"{sid}: nuclei should be dark purple/blue"
-            styles.append("brightfield")
+            styles.append("stained")
+        assert image_modality(img.astype(np.uint8)) == styles[-1] == synthetic.style_of(int(sid.split("_")[1])), sid
     assert styles.count("fluorescence") == N // 2
-    assert styles.count("brightfield") == N // 2
+    assert styles.count("stained") == N // 2
 
 
 def _touching(lab):
