@@ -2,7 +2,7 @@
 flags that val.py and predict.py share.
 
 The flag names and defaults are those of pytorch-nested-unet's train.py, so old command lines keep working;
-the additions are listed in the README. No heavy imports here: ``--help`` must answer at once.
+the additions are listed in the README. No torch here (the slow import): ``--help`` must answer at once.
 """
 import argparse
 import os

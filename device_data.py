@@ -17,7 +17,7 @@ the model, and a GPU is not fed by CPU workers. It draws the same augmentations 
 
 The random numbers come from a CPU generator seeded by (seed, epoch), so an epoch's augmentations are the same on
 any device and after a resume. Images are stored as uint8 (8-bit files, exact) or float16 in [0, 1] (16-bit
-files, after the per-image min-max scaling of dataset.image_to_float); masks as uint8 in {0, 1}.
+files, after the per-image min-max scaling of image_files.image_to_float); masks as uint8 in {0, 1}.
 """
 import numpy as np
 import torch

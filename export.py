@@ -5,7 +5,7 @@
 
 The ONNX graph has one input ``image``: float32 [batch, C, height, width], the image scaled to [0, 1] as the run
 was trained (``--normalization``: /255, or stretched by its own percentiles; image_files.image_to_float) and then
-normalised as in training, ``(x - 0.5) / 0.25`` (see dataset.py); batch, height and width are dynamic, but height
+normalised as in training, ``(x - 0.5) / 0.25`` (image_files.normalize); batch, height and width are dynamic, but height
 and width must be multiples of 16 (pad first, as predict.py does). It has one output ``logits``: float32
 [batch, K, height, width]; apply a sigmoid for probabilities. A deep-supervision NestedUNet is exported with its
 final head only (X0,4), or with head L and only the nodes it needs when ``--prune L`` is given.

@@ -18,12 +18,13 @@ import distributed
 from archs import build_model
 from checkpoints import atomic_torch_save, load_init_weights, load_training_state, save_training_state
 from config import INPUTS_DIR, is_bundled_name, output_channels, run_dir, save_run_config
-from dataset import (MODALITIES, Dataset, EpochSampler, WeightedDistributedSampler, balance_weights, decode_image,
-                     eval_loader, find_layout, list_ids, nucleus_diameter, quiet_sigterm, read_split, reading_of,
-                     split_ids, train_transform)
+from dataset import (MODALITIES, Dataset, EpochSampler, WeightedDistributedSampler, balance_weights, eval_loader,
+                     find_layout, list_ids, nucleus_diameter, quiet_sigterm, read_split, reading_of, split_ids,
+                     train_transform)
 from device_data import BatchAugment, DeviceImages, DeviceLoader
 from engine import (NonFiniteLoss, Precision, choose_device, evaluate, recalibrate_batchnorm, seed_everything,
                     train_one_epoch)
+from image_files import decode_image
 from losses import build_loss
 from plot import plot_runs
 from synthetic import ensure_synthetic

@@ -1,6 +1,6 @@
 """Small helpers shared by the scripts: user-facing errors, flag types, atomic writes, dataset folders.
 
-Only the standard library and OpenCV here (no torch), so that every script's ``--help`` answers at once.
+No torch here (the slow import), so that every script's ``--help`` answers at once.
 """
 import argparse
 import ctypes

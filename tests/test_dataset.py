@@ -9,10 +9,10 @@ import torch
 from skimage.measure import regionprops
 
 from conftest import make_layout, make_synthetic, write_image
-from dataset import (MODALITIES, Dataset, WeightedDistributedSampler, balance_weights, decode_image, eval_transform,
-                     image_modality, image_to_float, list_ids, nucleus_diameter, read_mask, train_transform)
+from dataset import (MODALITIES, Dataset, WeightedDistributedSampler, balance_weights, eval_transform, image_modality,
+                     list_ids, nucleus_diameter, train_transform)
 import image_files
-from image_files import NORM_MEAN, NORM_STD
+from image_files import NORM_MEAN, NORM_STD, decode_image, image_to_float, read_mask
 from utils import DataError, UsageError
 
 IDS = ["a", "b", "c"]
