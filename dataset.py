@@ -31,7 +31,6 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations' import
 import albumentations as A
 import cv2
 import numpy as np
-import pandas as pd
 import torch
 from tqdm import tqdm
 
@@ -340,31 +339,6 @@ def reading_of(cfg):
     """The :class:`Dataset` arguments of a run's flags ``cfg`` that say how its files are read."""
     return {k: getattr(cfg, k)
             for k in ("img_ext", "mask_ext", "num_classes", "input_channels", "borders", "normalization")}
-
-
-# ---------------------------------------------------------------------------------------------------- splits
-
-SPLITS = ("train", "val", "test")
-
-
-def read_split(path):
-    """split.csv -> DataFrame(img_id, split), checked: the two columns, known parts, each id once."""
-    try:
-        split = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except pd.errors.EmptyDataError:
-        split = pd.DataFrame()
-    if list(split.columns) != ["img_id", "split"] or not split["split"].isin(SPLITS).all():
-        raise DataError(f"{path} must have columns img_id,split with values train/val/test")
-    twice = split["img_id"][split["img_id"].duplicated()].unique().tolist()
-    if twice:
-        raise DataError(f"{path} lists {len(twice)} id{'s' if len(twice) > 1 else ''} more than once, e.g. "
-                        f"{twice[0]}; give each image one part")
-    return split
-
-
-def split_ids(split, part):
-    """The ids of ``part`` ('train', 'val' or 'test') in a split DataFrame, in file order."""
-    return split.loc[split["split"] == part, "img_id"].tolist()
 
 
 # ---------------------------------------------------------------------------------------- balancing image kinds

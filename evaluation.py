@@ -12,7 +12,8 @@ import pandas as pd
 import torch
 
 from config import INPUTS_DIR, saved_run_dir
-from dataset import MODALITIES, list_ids, nucleus_diameter, read_split, split_ids
+from dataset import MODALITIES, list_ids, nucleus_diameter
+from splits import read_split, split_ids
 from image_files import denormalize, read_labels
 from instances import auto_scale, border_map
 from metrics import dsb_scores, per_image_scores

@@ -12,23 +12,22 @@ import time
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.model_selection import train_test_split
 
 import distributed
 from archs import build_model
 from checkpoints import atomic_torch_save, load_init_weights, load_training_state, save_training_state
 from config import INPUTS_DIR, is_bundled_name, output_channels, run_dir, save_run_config
 from dataset import (MODALITIES, Dataset, EpochSampler, WeightedDistributedSampler, balance_weights, eval_loader,
-                     find_layout, list_ids, nucleus_diameter, quiet_sigterm, read_split, reading_of, split_ids,
-                     train_transform)
+                     find_layout, list_ids, nucleus_diameter, quiet_sigterm, reading_of, train_transform)
 from device_data import BatchAugment, DeviceImages, DeviceLoader
 from engine import (NonFiniteLoss, Precision, choose_device, evaluate, recalibrate_batchnorm, seed_everything,
                     train_one_epoch)
 from image_files import decode_image
 from losses import build_loss
 from plot import plot_runs
+from splits import load_or_make_split, split_ids
 from synthetic import ensure_synthetic
-from utils import DataError, UsageError, UserError, atomic_write, raise_keyboard_interrupt
+from utils import UsageError, UserError, atomic_write, raise_keyboard_interrupt
 
 
 class Trainer:
@@ -316,45 +315,6 @@ def dataset_folder(dataset, main):
         ensure_synthetic(path)
     distributed.barrier()
     return path
-
-
-def make_split(ids, val_size=0.2, test_size=0.0, random_state=41):
-    """Split sorted ids into train/val(/test) the way the seed did: train_test_split(random_state=41).
-
-    With test_size 0 this is exactly the seed's 80/20 split. With a test part, the test ids are drawn first
-    and the validation ids from the rest. Returns a DataFrame with columns img_id, split (dataset.SPLITS).
-    """
-    ids = sorted(ids)
-    rest, test = (ids, []) if test_size == 0 else train_test_split(ids, test_size=test_size, random_state=random_state)
-    train, val = train_test_split(rest, test_size=val_size / (1 - test_size), random_state=random_state)
-    rows = [(i, "train") for i in train] + [(i, "val") for i in val] + [(i, "test") for i in test]
-    return pd.DataFrame(rows, columns=["img_id", "split"])
-
-
-def load_or_make_split(path, dataset_dir, ids, resume, val_size, test_size, split_seed, split_file=None):
-    """The run's split: its split.csv at ``path`` when resuming, else the given ``split_file`` (--split_file), else
-    a new :func:`make_split` of ``ids`` (the samples of ``dataset_dir``)."""
-    if resume and os.path.isfile(path):
-        return checked_split(read_split(path), path, dataset_dir, ids)
-    if split_file:
-        if not os.path.isfile(split_file):
-            raise UsageError(f"--split_file {split_file}: no such file; give a CSV with columns img_id,split")
-        split = checked_split(read_split(split_file), f"--split_file {split_file}", dataset_dir, ids)
-        if not split_ids(split, "train") or not split_ids(split, "val"):
-            raise DataError(f"--split_file {split_file} needs at least one 'train' and one 'val' id")
-        return split
-    if len(ids) < 3:
-        raise DataError(f"{dataset_dir} has {len(ids)} samples; at least 3 are needed to train and validate")
-    return make_split(ids, val_size, test_size, split_seed)
-
-
-def checked_split(split, source, dataset_dir, ids):
-    """``split`` (read from ``source``) unchanged, or a DataError when it names ids that ``dataset_dir`` lacks."""
-    missing = sorted(set(split["img_id"]) - set(ids))
-    if missing:
-        raise DataError(f"{source} names ids that are not in {dataset_dir}: {', '.join(missing[:3])}"
-                        f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''}")
-    return split
 
 
 def decoded_bytes(dataset_dir, ids, img_ext):

@@ -24,9 +24,10 @@ from archs import build_model, count_parameters  # noqa: E402
 from checkpoints import load_run  # noqa: E402
 from config import (INPUTS_DIR, add_amp_arg, add_device_arg, load_run_config, output_channels,  # noqa: E402
                     saved_run_dir)
-from dataset import eval_loader, read_split, reading_of, split_ids  # noqa: E402
+from dataset import eval_loader, reading_of  # noqa: E402
 from engine import Precision, choose_device, evaluate, forward  # noqa: E402
 from losses import build_loss  # noqa: E402
+from splits import read_split, split_ids  # noqa: E402
 from utils import ArgumentParser, UsageError, at_least, run_cli  # noqa: E402
 
 LEVELS = (1, 2, 3, 4)

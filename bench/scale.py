@@ -28,7 +28,7 @@ from tqdm import tqdm  # noqa: E402
 from checkpoints import load_run  # noqa: E402
 from config import (INPUTS_DIR, add_amp_arg, add_device_arg, choose_separation, load_run_config,  # noqa: E402
                     object_filters, saved_run_dir)
-from dataset import MODALITIES, image_modality, nucleus_diameter, read_split, reading_of, split_ids  # noqa: E402
+from dataset import MODALITIES, image_modality, nucleus_diameter, reading_of  # noqa: E402
 from engine import choose_device  # noqa: E402
 from evaluation import evaluation_ids  # noqa: E402
 from image_files import decode_image, read_label_image  # noqa: E402
@@ -36,6 +36,7 @@ from inference import Predictor  # noqa: E402
 from metrics import dsb_score  # noqa: E402
 from instances import median_diameter, nucleus_areas  # noqa: E402
 from predict import auto_scaled, segment  # noqa: E402
+from splits import read_split, split_ids  # noqa: E402
 from utils import ArgumentParser, UsageError, run_cli  # noqa: E402
 
 

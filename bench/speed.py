@@ -54,8 +54,9 @@ from dataset import list_ids  # noqa: E402
 from engine import choose_device, seed_everything, step  # noqa: E402
 from losses import build_loss, loss_over_heads  # noqa: E402
 from seed_loop import seed_criterion, seed_loader, seed_train_epoch  # noqa: E402
+from splits import make_split  # noqa: E402
 from synthetic import ensure_synthetic  # noqa: E402
-from trainer import Trainer, make_split  # noqa: E402
+from trainer import Trainer  # noqa: E402
 from utils import ArgumentParser, at_least, keep_freed_memory  # noqa: E402
 
 ARCH_ROWS = {"UNet": ("UNet", False), "NestedUNet": ("NestedUNet", False), "NestedUNet_wDS": ("NestedUNet", True)}

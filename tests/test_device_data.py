@@ -8,6 +8,7 @@ from skimage.measure import regionprops
 
 import dataset
 import image_files
+import splits
 from config import parse_train_args
 from conftest import make_synthetic, train_argv
 from device_data import BatchAugment, DeviceImages, DeviceLoader, colour_jitter, d4, shift_hue
@@ -217,7 +218,7 @@ def test_device_and_worker_loaders_give_the_same_split_and_sizes(tmp_path, monke
     assert device[0].equals(workers[0])
     assert device[1:] == workers[1:]
     # a crop-trained run records its training nuclei's median diameter for predict.py --scale auto
-    train_ids = dataset.split_ids(device[0], "train")
+    train_ids = splits.split_ids(device[0], "train")
     labels_dir = tmp_path / "inputs" / "tiny" / "labels"
     labels = [image_files.read_label_image(str(labels_dir / f"{i}.png")) for i in train_ids]
     diameters = [r.equivalent_diameter_area for lab in labels for r in regionprops(lab)]

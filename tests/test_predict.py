@@ -27,7 +27,8 @@ import train
 import utils
 import val
 from archs import build_model
-from dataset import nucleus_diameter, read_split, split_ids
+from dataset import nucleus_diameter
+from splits import read_split, split_ids
 from image_files import decode_image, image_to_float
 from instances import split_instances
 from utils import DataError, UsageError, run_cli

@@ -1,0 +1,70 @@
+"""A run's split of its samples into train, val and test parts: made as the seed made it, given as a CSV
+(--split_file), or read back from models/<name>/split.csv (columns img_id,split).
+"""
+import os
+
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+from utils import DataError, UsageError
+
+SPLITS = ("train", "val", "test")
+
+
+def read_split(path):
+    """split.csv -> DataFrame(img_id, split), checked: the two columns, known parts, each id once."""
+    try:
+        split = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        split = pd.DataFrame()
+    if list(split.columns) != ["img_id", "split"] or not split["split"].isin(SPLITS).all():
+        raise DataError(f"{path} must have columns img_id,split with values train/val/test")
+    twice = split["img_id"][split["img_id"].duplicated()].unique().tolist()
+    if twice:
+        raise DataError(f"{path} lists {len(twice)} id{'s' if len(twice) > 1 else ''} more than once, e.g. "
+                        f"{twice[0]}; give each image one part")
+    return split
+
+
+def split_ids(split, part):
+    """The ids of ``part`` ('train', 'val' or 'test') in a split DataFrame, in file order."""
+    return split.loc[split["split"] == part, "img_id"].tolist()
+
+
+def make_split(ids, val_size=0.2, test_size=0.0, random_state=41):
+    """Split sorted ids into train/val(/test) the way the seed did: train_test_split(random_state=41).
+
+    With test_size 0 this is exactly the seed's 80/20 split. With a test part, the test ids are drawn first
+    and the validation ids from the rest. Returns a DataFrame with columns img_id, split (:data:`SPLITS`).
+    """
+    ids = sorted(ids)
+    rest, test = (ids, []) if test_size == 0 else train_test_split(ids, test_size=test_size, random_state=random_state)
+    train, val = train_test_split(rest, test_size=val_size / (1 - test_size), random_state=random_state)
+    rows = [(i, "train") for i in train] + [(i, "val") for i in val] + [(i, "test") for i in test]
+    return pd.DataFrame(rows, columns=["img_id", "split"])
+
+
+def load_or_make_split(path, dataset_dir, ids, resume, val_size, test_size, split_seed, split_file=None):
+    """The run's split: its split.csv at ``path`` when resuming, else the given ``split_file`` (--split_file), else
+    a new :func:`make_split` of ``ids`` (the samples of ``dataset_dir``)."""
+    if resume and os.path.isfile(path):
+        return checked_split(read_split(path), path, dataset_dir, ids)
+    if split_file:
+        if not os.path.isfile(split_file):
+            raise UsageError(f"--split_file {split_file}: no such file; give a CSV with columns img_id,split")
+        split = checked_split(read_split(split_file), f"--split_file {split_file}", dataset_dir, ids)
+        if not split_ids(split, "train") or not split_ids(split, "val"):
+            raise DataError(f"--split_file {split_file} needs at least one 'train' and one 'val' id")
+        return split
+    if len(ids) < 3:
+        raise DataError(f"{dataset_dir} has {len(ids)} samples; at least 3 are needed to train and validate")
+    return make_split(ids, val_size, test_size, split_seed)
+
+
+def checked_split(split, source, dataset_dir, ids):
+    """``split`` (read from ``source``) unchanged, or a DataError when it names ids that ``dataset_dir`` lacks."""
+    missing = sorted(set(split["img_id"]) - set(ids))
+    if missing:
+        raise DataError(f"{source} names ids that are not in {dataset_dir}: {', '.join(missing[:3])}"
+                        f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''}")
+    return split
