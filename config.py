@@ -254,6 +254,8 @@ def check_train_args(args):
                          "sum is below 1")
     if args.lr <= 0:
         raise UsageError(f"--lr must be positive, got {args.lr}")
+    if args.arch == "UNet" and args.deep_supervision:
+        raise UsageError("UNet has no deep supervision; use --arch NestedUNet or --deep_supervision False")
     if args.warmup_epochs and args.scheduler == "ReduceLROnPlateau":
         raise UsageError("--warmup_epochs cannot be combined with --scheduler ReduceLROnPlateau")
     if args.balance < 0:

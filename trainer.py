@@ -41,8 +41,6 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         self.precision = Precision.choose(self.device, args.amp, args.channels_last)
-        if args.arch == "UNet" and args.deep_supervision:
-            raise UsageError("UNet has no deep supervision; use --arch NestedUNet or --deep_supervision False")
         if self.main:
             check_run_folder(self.dir, args.name, args.resume, args.overwrite)
         self.dataset_dir = dataset_folder(args.dataset, self.main)

@@ -39,16 +39,18 @@ def test_normalization_choices_are_those_image_files_implements():
 
 
 def test_yaml_config_loads_and_flags_override(tmp_path):
-    cfg = write_yaml(tmp_path / "r.yml", {"arch": "UNet", "epochs": 7, "batch_size": 4, "deep_supervision": True,
-                                          "lr": 0.05, "dataset": "mine", "input_w": 64})
+    cfg = write_yaml(tmp_path / "r.yml", {"arch": "NestedUNet", "epochs": 7, "batch_size": 4,
+                                          "deep_supervision": True, "lr": 0.05, "dataset": "mine", "input_w": 64})
     a = parse_train_args(["--config", cfg])
     assert (a.arch, a.epochs, a.batch_size, a.deep_supervision, a.lr, a.dataset, a.input_w) == \
-        ("UNet", 7, 4, True, 0.05, "mine", 64)
+        ("NestedUNet", 7, 4, True, 0.05, "mine", 64)
     assert a.input_h == 96  # untouched keys keep their defaults
     b = parse_train_args(["--config", cfg, "--epochs", "3", "--deep_supervision", "False", "-b", "2",
-                          "--arch", "NestedUNet"])
-    assert (b.epochs, b.deep_supervision, b.batch_size, b.arch, b.lr) == (3, False, 2, "NestedUNet", 0.05)
-    assert b.name == "mine_NestedUNet_woDS"
+                          "--arch", "UNet"])
+    assert (b.epochs, b.deep_supervision, b.batch_size, b.arch, b.lr) == (3, False, 2, "UNet", 0.05)
+    assert b.name == "mine_UNet_woDS"
+    with pytest.raises(UsageError, match="UNet has no deep supervision"):  # refused with the flags, not later
+        parse_train_args(["--config", cfg, "--arch", "UNet"])
     # the flag may come before --config too
     c = parse_train_args(["--epochs", "5", "--config", cfg])
     assert c.epochs == 5
