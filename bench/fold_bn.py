@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from archs import build_model, fold_batchnorm  # noqa: E402
 from engine import Precision, choose_device, forward  # noqa: E402
 from losses import build_loss  # noqa: E402
-from speed import add_pair_args, cpu_name, seconds_per_image, time_in_pairs  # noqa: E402
+from timing import add_pair_args, cpu_name, seconds_per_image, time_in_pairs  # noqa: E402
 from utils import ArgumentParser, keep_freed_memory  # noqa: E402
 
 

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from archs import build_model  # noqa: E402
 from engine import Precision, step  # noqa: E402
 from losses import build_loss  # noqa: E402
-from speed import cpu_name  # noqa: E402
+from timing import cpu_name  # noqa: E402
 from utils import ArgumentParser, keep_freed_memory  # noqa: E402
 
 

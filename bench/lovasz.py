@@ -24,6 +24,7 @@ import torch  # noqa: E402
 
 from lovasz_losses import lovasz_hinge  # noqa: E402
 from lovasz_reference import lovasz_hinge_per_image_loop  # noqa: E402
+from timing import cpu_name, device_list, sync  # noqa: E402
 
 IMPLS = {"batched": lovasz_hinge, "loop": lovasz_hinge_per_image_loop}
 
@@ -48,27 +49,6 @@ def parse_args(argv=None):
     return args
 
 
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        if names:
-            return names[0]
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_list(requested):
-    if requested == "auto":
-        return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA GPU is visible to PyTorch")
-    if requested not in ("cpu", "cuda"):
-        raise SystemExit(f"--device {requested!r} is not one of auto, cpu, cuda")
-    return [requested]
-
-
 def make_inputs(b, h, w, device, seed=0):
     """Logits ~ 2*N(0, 1) and blob-like masks (some images empty, one full), the same on every device."""
     g = torch.Generator().manual_seed(seed)
@@ -86,11 +66,6 @@ def fwd_bwd(fn, logits, labels):
     loss = fn(x, labels)
     loss.backward()
     return loss.detach(), x.grad
-
-
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def time_impl(fn, logits, labels, device, warmup, repeats):

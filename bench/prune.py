@@ -28,6 +28,7 @@ from dataset import eval_loader, reading_of  # noqa: E402
 from engine import Precision, choose_device, evaluate, forward  # noqa: E402
 from losses import build_loss  # noqa: E402
 from splits import read_split, split_ids  # noqa: E402
+from timing import sync  # noqa: E402
 from utils import ArgumentParser, UsageError, at_least, run_cli  # noqa: E402
 
 LEVELS = (1, 2, 3, 4)
@@ -44,11 +45,6 @@ def build_parser():
     add_amp_arg(p)
     p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     return p
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def throughput(model, inputs, prune, device, repeats):

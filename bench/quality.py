@@ -12,7 +12,6 @@ bench/results/quality.csv (appending) and prints one JSON line last.
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import torch  # noqa: E402
 
 import val  # noqa: E402
 from config import parse_train_args  # noqa: E402
+from timing import cpu_name  # noqa: E402
 from utils import atomic_write  # noqa: E402
 
 
@@ -32,13 +32,7 @@ def hardware():
     """'NVIDIA H100 80GB HBM3' or the CPU model with its core count."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    model = platform.processor() or "CPU"
-    if os.path.isfile("/proc/cpuinfo"):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{model}, {os.cpu_count()} cores"
+    return f"{cpu_name()}, {os.cpu_count()} cores"
 
 
 def run_recipe(config, extra, train=True):

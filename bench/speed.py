@@ -49,15 +49,16 @@ import torch  # noqa: E402  (after the path set-up above)
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from archs import build_model  # noqa: E402
-from config import add_amp_arg, add_device_arg, parse_train_args  # noqa: E402
+from config import parse_train_args  # noqa: E402
 from dataset import list_ids  # noqa: E402
-from engine import choose_device, seed_everything, step  # noqa: E402
+from engine import choose_device, seed_everything  # noqa: E402
 from losses import build_loss, loss_over_heads  # noqa: E402
 from seed_loop import seed_criterion, seed_loader, seed_train_epoch  # noqa: E402
 from splits import make_split  # noqa: E402
 from synthetic import ensure_synthetic  # noqa: E402
+from timing import cpu_name, device_list, sync  # noqa: E402
 from trainer import Trainer  # noqa: E402
-from utils import ArgumentParser, at_least, keep_freed_memory  # noqa: E402
+from utils import ArgumentParser, keep_freed_memory  # noqa: E402
 
 ARCH_ROWS = {"UNet": ("UNet", False), "NestedUNet": ("NestedUNet", False), "NestedUNet_wDS": ("NestedUNet", True)}
 LOOPS = ("seed", "ours")
@@ -142,11 +143,6 @@ def _max_rss_mib(who=resource.RUSAGE_SELF):
     return resource.getrusage(who).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _build_ours(spec):
     """A Trainer from train.py's own flags; returns (epoch function, steps per epoch, description)."""
     argv = ["--dataset", spec["dataset"], "--arch", spec["arch"], "--deep_supervision", str(spec["ds"]),
@@ -199,15 +195,15 @@ def measure(spec):
     holder, epoch, steps, device, precision = build(spec)
     for e in range(spec["warmup"]):
         epoch(e)
-    _sync(device)
+    sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times, last = [], None
     for r in range(spec["repeats"]):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         last = epoch(spec["warmup"] + r)
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     images = steps * spec["batch_size"]
     epoch_s = statistics.median(times)
@@ -264,81 +260,6 @@ def prepare_dataset(args, workdir):
     name = os.path.basename(found.rstrip("/"))
     os.symlink(found, os.path.join(inputs, name))
     return name
-
-
-def device_list(requested):
-    if requested == "auto":
-        return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    if requested not in ("cpu", "cuda"):
-        raise SystemExit(f"--device {requested!r} is not one of auto, cpu, cuda")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA GPU is visible to PyTorch")
-    return [requested]
-
-
-def add_pair_args(p, pairs, steps):
-    """The flags of the scripts that alternate two variants in one process: --amp, --device, --pairs, --steps."""
-    add_amp_arg(p)
-    add_device_arg(p)
-    p.add_argument("--pairs", type=at_least(1), default=pairs, help="timed pairs of blocks")
-    p.add_argument("--steps", type=at_least(1), default=steps, help="steps per block")
-
-
-def add_step_args(p, batch_size=16, size=96):
-    """The flags of the scripts that time one training step: --arch, --deep_supervision, --batch_size, --size."""
-    p.add_argument("--arch", default="NestedUNet", choices=["UNet", "NestedUNet"])
-    p.add_argument("--deep_supervision", type=int, default=1, choices=[0, 1], help="NestedUNet's deep supervision")
-    p.add_argument("--batch_size", type=int, default=batch_size)
-    p.add_argument("--size", type=int, default=size, help="image height and width")
-
-
-def step_model_and_batch(args, device):
-    """For the scripts of :func:`add_step_args`: the seeded network of --arch/--deep_supervision in train mode on
-    ``device``, a random batch on the CPU (images [B, 3, S, S] in [0, 1), masks [B, 1, S, S] in {0, 1}) and the
-    network's label. Returns (model, (images, masks), label)."""
-    torch.manual_seed(0)
-    deep_supervision = bool(args.deep_supervision and args.arch == "NestedUNet")
-    model = build_model(args.arch, 1, 3, deep_supervision).to(device).train()
-    batch = (torch.rand(args.batch_size, 3, args.size, args.size),
-             (torch.rand(args.batch_size, 1, args.size, args.size) > 0.5).float())
-    return model, batch, args.arch + (" + DS" if deep_supervision else "")
-
-
-def seconds_per_image(model, images, masks, criterion, precision, steps, optimizer=None):
-    """Wall seconds of one ``engine.step`` (with the update when ``optimizer`` is given) per image, averaged over
-    ``steps``, synchronised on CUDA."""
-    _sync(precision.device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step(model, images, masks, criterion, precision, optimizer)
-    _sync(precision.device)
-    return (time.perf_counter() - start) / steps / images.shape[0]
-
-
-def time_in_pairs(runs, pairs):
-    """Time each of two ``runs`` ({name: function -> seconds}) ``pairs`` times, in turn, the order swapped every
-    pair. Returns ({name: median seconds}, the median over the pairs of first / second). On a shared CPU whose
-    speed drifts by up to 2x within minutes, a ratio taken within each pair of neighbouring runs stays steady
-    where the ratio of two overall medians does not."""
-    (first, run_first), (second, run_second) = runs.items()
-    times = {first: [], second: []}
-    for pair in range(pairs):
-        order = ((first, run_first), (second, run_second))
-        for name, run in (order if pair % 2 == 0 else order[::-1]):
-            times[name].append(run())
-    ratio = statistics.median(a / b for a, b in zip(times[first], times[second]))
-    return {name: statistics.median(values) for name, values in times.items()}, ratio
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def device_name(device):
