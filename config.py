@@ -9,6 +9,7 @@ import os
 
 import yaml
 
+from image_files import NORMALIZATIONS
 from instances import MIN_CONFIDENCE, MIN_SIZE, SEPARATIONS
 from utils import (AMP_MODES, ArgumentParser, UsageError, amp_mode, atomic_write, bool_or_auto, check_run_name,
                    compile_mode, device_name, integer, str2bool)
@@ -23,7 +24,6 @@ ARCHS = ("UNet", "NestedUNet")
 LOSSES = ("BCEDiceLoss", "LovaszHingeLoss", "BCEWithLogitsLoss")
 OPTIMIZERS = ("SGD", "Adam", "AdamW")
 SCHEDULERS = ("CosineAnnealingLR", "ReduceLROnPlateau", "MultiStepLR", "ConstantLR")
-NORMALIZATIONS = ("fixed", "percentile", "percentile_dark")  # image_files.image_to_float
 LOADERS = ("auto", "device", "workers")  # where training batches are augmented (dataset.py / device_data.py)
 SKIPPED_IN_CONFIG = ("help", "config", "resume", "overwrite", "debug")  # flags of one invocation, not of the run
 # What --resume may change: the length, how the run is executed, its name (a run folder moved to another name) and

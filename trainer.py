@@ -81,11 +81,15 @@ class Trainer:
         return self
 
     def __exit__(self, exc_type, exc, tb):
+        worker_died = exc_type is RuntimeError and str(exc).startswith("DataLoader worker")
+        if worker_died:
+            # PyTorch's SIGCHLD handler raises this again whenever another child process ends; first stop it
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, self._previous_sigterm)
         distributed.cleanup()
         if exc_type is KeyboardInterrupt and self.main:
             print(f"\nstopped during epoch {self._where_to_go_on()}", flush=True)
-        if exc_type is RuntimeError and str(exc).startswith("DataLoader worker") and self.main:
+        if worker_died and self.main:
             # the kernel's out-of-memory killer picks a loader worker first: say so, not a traceback
             raise UserError(f"a data loader {str(exc)[len('DataLoader '):].strip().rstrip('.')} (out of memory?) "
                             f"during epoch {self._where_to_go_on(' --num_workers 0')}") from None
