@@ -4,6 +4,7 @@ The scripts read and write the relative folders ``inputs/``, ``models/`` and ``o
 them first changes into a temporary directory so that nothing is written into the repository.
 """
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import cv2
 import numpy as np
 import pytest
 import torch
+
+import synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 for path in (ROOT, ROOT / "bench"):  # the scripts' modules; bench/ for the reference implementations
@@ -53,8 +56,6 @@ def make_layout(dataset_dir, ids, size=16, num_classes=1, img_ext=".png", mask_e
 
 def make_synthetic(root, name=TINY_NAME, num_images=TINY_NUM, size=TINY_SIZE, seed=0):
     """synthetic.generate_synthetic into <root>/inputs/<name>; returns the sorted ids."""
-    import synthetic
-
     return synthetic.generate_synthetic(os.path.join(str(root), "inputs", name), num_images=num_images, size=size,
                                         seed=seed)
 
@@ -70,8 +71,6 @@ def _tiny_template(tmp_path_factory):
 @pytest.fixture
 def tiny_workdir(tmp_path, monkeypatch, _tiny_template):
     """tmp_path holding inputs/tiny (10 synthetic 32x32 images), made the current directory."""
-    import shutil
-
     src, _ = _tiny_template
     shutil.copytree(src, tmp_path / "inputs" / TINY_NAME)
     monkeypatch.chdir(tmp_path)

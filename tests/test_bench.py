@@ -10,6 +10,7 @@ import pytest
 
 import compare_scores  # bench/, on the path through conftest
 import group_split
+from conftest import make_synthetic
 from utils import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,9 +54,6 @@ def test_lovasz_quick(tmp_path):
 
 def test_quality_tiny_recipe_row(tmp_path):
     """bench/quality.py trains a recipe, evaluates val (with TTA) and test, and appends one widened CSV row."""
-    import pandas as pd
-    from conftest import make_synthetic
-
     make_synthetic(tmp_path)
     recipe = tmp_path / "tiny.yml"
     recipe.write_text("name: tiny_UNet\ndataset: tiny\narch: UNet\ninput_w: 32\ninput_h: 32\nbatch_size: 4\n"
@@ -81,8 +79,6 @@ def test_quality_tiny_recipe_row(tmp_path):
 
 def test_quality_fine_tuning_recipe_starts_from_the_same_suffix_run(tmp_path):
     """A recipe with ``init: <run>`` benchmarked with --suffix S fine-tunes <run>S, the base run of that benchmark."""
-    from conftest import make_synthetic
-
     make_synthetic(tmp_path)
     common = "dataset: tiny\narch: UNet\ninput_w: 32\ninput_h: 32\nbatch_size: 4\nnum_workers: 0\noptimizer: AdamW\n"
     (tmp_path / "base.yml").write_text("name: tiny_base\n" + common)

@@ -5,6 +5,7 @@ import os
 import cv2
 import numpy as np
 import pytest
+import tifffile
 import torch
 from skimage.measure import regionprops
 
@@ -12,7 +13,8 @@ from conftest import make_layout, make_synthetic, write_image
 from dataset import (MODALITIES, Dataset, WeightedDistributedSampler, balance_weights, eval_transform, image_modality,
                      list_ids, nucleus_diameter, train_transform)
 import image_files
-from image_files import NORM_MEAN, NORM_STD, decode_image, image_to_float, read_mask
+from image_files import NORM_MEAN, NORM_STD, decode_image, image_to_float, read_labels, read_mask
+from instances import touching_borders
 from utils import DataError, UsageError
 
 IDS = ["a", "b", "c"]
@@ -360,9 +362,6 @@ def test_image_and_mask_get_the_same_flip_or_rotation(tmp_path):
 
 
 def test_borders_channel_comes_from_the_instance_labels(tmp_path):
-    from image_files import read_labels
-    from instances import touching_borders
-
     ids = make_synthetic(tmp_path)
     root = tmp_path / "inputs" / "tiny"
     data = Dataset(ids, str(root), borders=True)
@@ -452,10 +451,6 @@ def _label_sample(rng, size=24):
 
 @pytest.mark.parametrize("kind", ["stardist_labels", "stardist_masks", "cellpose"])
 def test_label_image_datasets_give_masks_and_borders(tmp_path, kind, capfd):
-    import tifffile
-
-    from instances import touching_borders
-
     rng = np.random.default_rng(0)
     samples = {f"s{i}": _label_sample(rng) for i in range(3)}
     for sid, (image, labels) in samples.items():
@@ -486,8 +481,6 @@ def test_label_image_datasets_give_masks_and_borders(tmp_path, kind, capfd):
 
 
 def test_label_image_errors_name_the_file(tmp_path):
-    import tifffile
-
     rng = np.random.default_rng(0)
     (tmp_path / "images").mkdir()
     (tmp_path / "labels").mkdir()
@@ -509,10 +502,6 @@ def test_label_image_errors_name_the_file(tmp_path):
 
 
 def test_tiff_images_channels_first_and_stacks(tmp_path):
-    import tifffile
-
-    from dataset import decode_image
-
     rgb = np.random.default_rng(0).integers(0, 255, (3, 20, 30), dtype=np.uint8)
     tifffile.imwrite(tmp_path / "chw.tif", rgb, photometric="minisblack")
     assert decode_image(str(tmp_path / "chw.tif")).shape == (20, 30, 3)
@@ -542,8 +531,6 @@ def test_tiff_layout_refuses_two_channel_axes():
 
 
 def test_tiff_stacks_read_as_planes(tmp_path):
-    import tifffile
-
     rng = np.random.default_rng(0)
     movie = rng.integers(0, 60000, (2, 3, 20, 30), dtype=np.uint16)  # T, Z, Y, X
     tifffile.imwrite(tmp_path / "movie.tif", movie, imagej=True, metadata={"axes": "TZYX"})

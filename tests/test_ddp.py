@@ -7,12 +7,12 @@ import sys
 import pandas as pd
 import pytest
 
+from synthetic import generate_synthetic
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_torchrun_two_cpu_processes(tmp_path):
-    from synthetic import generate_synthetic
-
     generate_synthetic(str(tmp_path / "inputs" / "synthetic"), num_images=13, size=32, seed=3)
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",

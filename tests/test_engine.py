@@ -1,8 +1,14 @@
 """engine.recalibrate_batchnorm: precise BatchNorm statistics against a direct computation."""
+import argparse
+
 import pytest
 import torch
 
-from engine import Precision, recalibrate_batchnorm
+import engine
+from archs import build_model
+from engine import Precision, recalibrate_batchnorm, step
+from losses import build_loss
+from utils import UsageError, amp_mode, compile_mode
 
 
 def test_precise_bn_is_the_plain_average_over_the_first_batches():
@@ -27,9 +33,6 @@ def test_precise_bn_is_the_plain_average_over_the_first_batches():
 
 
 def test_amp_auto_follows_the_cpu_and_can_be_forced(monkeypatch):
-    import engine
-    from utils import UsageError
-
     cpu = torch.device("cpu")
     monkeypatch.setattr(engine, "cpu_has_fast_bf16", lambda: True)
     fast = Precision.choose(cpu, "auto")
@@ -50,10 +53,6 @@ def test_amp_auto_follows_the_cpu_and_can_be_forced(monkeypatch):
 
 
 def test_bf16_step_keeps_the_loss_in_fp32_and_close_to_fp32():
-    from archs import build_model
-    from engine import step
-    from losses import build_loss
-
     torch.manual_seed(0)
     model = build_model("UNet", 1, 3, False)
     images, masks = torch.randn(2, 3, 32, 32), (torch.rand(2, 1, 32, 32) > 0.5).float()
@@ -69,10 +68,6 @@ def test_bf16_step_keeps_the_loss_in_fp32_and_close_to_fp32():
 
 
 def test_amp_flag_reads_old_and_new_values():
-    import argparse
-
-    from utils import amp_mode, compile_mode
-
     assert [amp_mode(v) for v in (True, "true", "False", 0, "BF16", "fp32")] == ["auto", "auto", "fp32", "fp32",
                                                                                    "bf16", "fp32"]
     assert [compile_mode(v) for v in (False, "True", "reduce-overhead")] == [False, "default", "reduce-overhead"]

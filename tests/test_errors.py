@@ -15,6 +15,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
+
+import synthetic
+from archs import build_model
+from config import parse_train_args, save_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--arch", "UNet", "--input_w", "32", "--input_h", "32", "--epochs", "1", "-b", "2", "--num_workers", "0",
@@ -81,9 +86,6 @@ def _copy(src, dst):
 
 def _prepare(root):
     """inputs/good (10 synthetic 32x32 samples) and one broken variant of it per data error; models/nomodel."""
-    import synthetic
-    from config import parse_train_args, save_run_config
-
     good = root / "inputs" / "good"
     synthetic.generate_synthetic(str(good), num_images=10, size=32)
     (root / "inputs" / "empty" / "images").mkdir(parents=True)
@@ -104,9 +106,6 @@ def _prepare(root):
     soft[4:12, 4:12], soft[20:28, 20:28] = 128, 255
     cv2.imwrite(str(d / "masks" / "0" / "syn_0001.png"), soft)
     # UNet weights, for --init with another network.
-    import torch
-    from archs import build_model
-
     torch.save(build_model("UNet", 1, 3, False).state_dict(), root / "unet.pth")
     # A run that saved its config and split but no weights yet.
     run = root / "models" / "nomodel"

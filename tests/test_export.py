@@ -4,6 +4,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import yaml
 
 onnx = pytest.importorskip("onnx", reason="export.py needs the onnx package (pip install onnx)")
 ort = pytest.importorskip("onnxruntime", reason="checking the exported model needs onnxruntime "
@@ -12,6 +13,8 @@ ort = pytest.importorskip("onnxruntime", reason="checking the exported model nee
 import export  # noqa: E402
 import image_files  # noqa: E402
 from archs import build_model  # noqa: E402
+from checkpoints import load_run  # noqa: E402
+from config import build_train_parser  # noqa: E402
 from utils import UsageError  # noqa: E402
 
 
@@ -19,10 +22,6 @@ from utils import UsageError  # noqa: E402
 def run_dir(tmp_path, monkeypatch):
     """models/ds (NestedUNet + deep supervision) and models/u (UNet, 1 input channel, 2 classes), random
     weights with non-trivial BatchNorm statistics, written as train.py writes them (config.yml + model.pth)."""
-    import yaml
-
-    from config import build_train_parser
-
     monkeypatch.chdir(tmp_path)
     defaults = vars(build_train_parser().parse_args([]))
     for key in ("config", "resume", "overwrite", "debug"):
@@ -43,8 +42,6 @@ def run_dir(tmp_path, monkeypatch):
 
 
 def onnx_vs_torch(path, name, x, prune=None):
-    from checkpoints import load_run
-
     _, model = load_run(name, torch.device("cpu"))
     with torch.no_grad():
         out = model(x) if prune is None else model(x, prune=prune)

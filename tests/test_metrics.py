@@ -4,7 +4,7 @@ import pytest
 import torch
 from sklearn.metrics import f1_score, jaccard_score
 
-from metrics import SegmentationMeter, dsb_score, per_image_scores
+from metrics import SegmentationMeter, consecutive_labels, dsb_score, per_image_scores
 from utils import DataError
 
 
@@ -207,8 +207,6 @@ def test_dsb_rejects_bad_label_images():
 
 @pytest.mark.parametrize("low,high,scale", [(0, 50, 1), (3, 9, 1), (0, 1, 1), (0, 3, 1_000_000)])
 def test_consecutive_labels_match_the_sorted_unique_values(low, high, scale):
-    from metrics import consecutive_labels
-
     labels = np.random.default_rng(low + high).integers(low, high, (30, 40)) * scale
     values, inverse = np.unique(labels.ravel(), return_inverse=True)
     want = inverse if values[0] == 0 else inverse + 1  # background 0, objects 1..N in the order of their values

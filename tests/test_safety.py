@@ -9,6 +9,7 @@ import contextlib
 import os
 import pickle
 import shlex
+import shutil
 
 import cv2
 import numpy as np
@@ -18,14 +19,20 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import bundle
 import checkpoints
+import config
 import engine
+import predict
+import synthetic
 import train
 import trainer
 import val
+from archs import build_model
 from checkpoints import atomic_torch_save
+from conftest import train_argv
 from dataset import Dataset, decode_image, eval_transform, read_mask
-from utils import DataError, atomic_write, run_cli
+from utils import DataError, atomic_write, run_cli, sha256_file
 
 SMALL = ["--dataset", "tiny", "--arch", "UNet", "--input_w", "32", "--input_h", "32", "-b", "2",
          "--num_workers", "0", "--device", "cpu", "--seed", "3"]
@@ -57,8 +64,6 @@ class Payload:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """inputs/tiny (10 synthetic 32x32 samples) and models/good, one finished 1-epoch run."""
-    import synthetic
-
     root = tmp_path_factory.mktemp("safety")
     synthetic.generate_synthetic(str(root / "inputs" / "tiny"), num_images=10, size=32)
     with contextlib.chdir(root):
@@ -322,10 +327,6 @@ def test_corrupt_png_gives_array_or_dataerror_naming_the_file(corrupt_dir, case)
 def test_bundled_run_loads_from_pretrained_unless_models_has_it(tmp_path, monkeypatch):
     """A run in pretrained/<name>/ loads by name (val, predict, --init); models/<name>/ wins; its weights must
     match their .sha256."""
-    import config
-    from archs import build_model
-    from utils import DataError, sha256_file
-
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(config, "PRETRAINED_DIR", str(tmp_path / "pretrained"))
     bundled = tmp_path / "pretrained" / "nuclei"
@@ -355,12 +356,6 @@ def test_bundled_run_loads_from_pretrained_unless_models_has_it(tmp_path, monkey
 
 
 def test_bundle_writes_fp16_weights_that_load_by_name(tiny_workdir, monkeypatch):
-    import bundle
-    import config
-    import predict
-    import train
-    from conftest import train_argv
-
     monkeypatch.setattr(config, "PRETRAINED_DIR", str(tiny_workdir / "pretrained"))
     train.main(train_argv("mine", epochs=1))
     bundle.main(["--name", "mine"])
@@ -368,8 +363,6 @@ def test_bundle_writes_fp16_weights_that_load_by_name(tiny_workdir, monkeypatch)
     assert sorted(os.listdir(shipped)) == ["config.yml", "log.csv", "model.pth", "model.pth.sha256", "split.csv"]
     weights = torch.load(shipped / "model.pth", weights_only=True)
     assert all(v.dtype == torch.float16 for v in weights.values() if v.is_floating_point())
-    import shutil
-
     shutil.rmtree(tiny_workdir / "models" / "mine")  # only the bundled copy is left
     _, model = checkpoints.load_run("mine", torch.device("cpu"))
     predict.main(["--name", "mine", "--input", "inputs/tiny/images", "--output", "out", "--device", "cpu"])

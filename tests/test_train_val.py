@@ -4,6 +4,7 @@ Everything runs in temporary directories (the scripts use the relative folders i
 """
 import math
 import os
+import shutil
 import signal
 import time
 from contextlib import contextmanager
@@ -18,12 +19,17 @@ import yaml
 from sklearn.model_selection import train_test_split
 
 import engine
+import predict
+import preprocess_dsb2018
 import train
 import val
 from archs import build_model
+from checkpoints import load_checkpoint
+from config import parse_train_args
 from conftest import ROOT, TINY_NAME, make_synthetic, train_argv
 from dataset import decode_image, image_modality
 from image_files import read_labels
+from trainer import Trainer
 from utils import DataError, UsageError, run_cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -209,8 +215,6 @@ def test_val_matches_best_epoch_of_training(work, key):
 def test_borders_run_scores_nuclei_and_splits_along_borders(work, monkeypatch, capsys):
     """A --borders run: 2 output channels, the border probabilities in outputs/<name>/borders/, the DSB2018 score
     for all three separations; val.py and predict.py split along the borders unless --separation says otherwise."""
-    import predict
-
     root, _, all_scores = work
     scores = all_scores["borders"]
     assert yaml.safe_load((root / "models" / "borders" / "config.yml").read_text())["borders"] is True
@@ -468,8 +472,6 @@ DSB_SRC = (ROOT / ".." / "shared" / "data" / "dsb2018" / "stage1_train").resolve
 def test_dsb2018_preprocess_train_val(tmp_path, monkeypatch):
     if not DSB_SRC.is_dir():
         pytest.skip(f"DSB2018 stage1_train not found at {DSB_SRC} (../shared/data/dsb2018/stage1_train from the repo)")
-    import preprocess_dsb2018
-
     dst = tmp_path / "inputs" / "dsb2018_32"
     preprocess_dsb2018.main(["--src", str(DSB_SRC), "--limit", "12", "--img_size", "32", "--dst", str(dst),
                              "--num_workers", "1"])
@@ -488,10 +490,6 @@ def test_dsb2018_preprocess_train_val(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------- fine-tuning, balancing
 
 def test_init_starts_from_another_runs_weights_and_balance_draws_by_kind(tiny_workdir, capsys):
-    from config import parse_train_args
-    from checkpoints import load_checkpoint
-    from trainer import Trainer
-
     train.main(train_argv("base", epochs=1))
     for init, saved in (("base", "model.pth"), ("models/base/last.pth", "last.pth")):
         weights = load_checkpoint(f"models/base/{saved}", "cpu")
@@ -511,10 +509,6 @@ def test_init_starts_from_another_runs_weights_and_balance_draws_by_kind(tiny_wo
 def test_init_from_a_borders_run_leaves_its_border_channel_out(tiny_workdir, capsys):
     """A --borders run fine-tuned without --borders (data with masks but no instance labels): every weight is
     copied, the heads' mask channel too; only the border channel is left out."""
-    from config import parse_train_args
-    from checkpoints import load_checkpoint
-    from trainer import Trainer
-
     train.main(train_argv("withborders", "--borders", "True", epochs=1))
     weights = load_checkpoint("models/withborders/model.pth", "cpu")
     with Trainer(parse_train_args(train_argv("plain", "--init", "withborders", epochs=1)), progress=False) as t:
@@ -577,8 +571,6 @@ def test_val_reads_a_dataset_stored_with_other_extensions(work):
 def test_trains_and_scores_a_cellpose_layout_of_label_images(tiny_workdir, tiny_ids):
     """The tiny set as Cellpose shares data (<id>_img.png + <id>_masks.png, label images): a --borders run trains
     on it and val.py scores its nuclei with the DSB2018 metric, no conversion by hand."""
-    import shutil
-
     folder = tiny_workdir / "inputs" / "cellpose"
     folder.mkdir()
     for sid in tiny_ids:
