@@ -250,8 +250,8 @@ def check_train_args(args):
     if args.crop_size < 0 or args.num_workers < 0 or args.warmup_epochs < 0 or args.precise_bn < 0:
         raise UsageError("--crop_size, --num_workers, --warmup_epochs and --precise_bn must not be negative")
     if not 0 < args.val_size < 1 or not 0 <= args.test_size < 1 or args.val_size + args.test_size >= 1:
-        raise UsageError(f"--val_size {args.val_size} and --test_size {args.test_size} must be fractions whose "
-                         "sum is below 1")
+        raise UsageError(f"--val_size {args.val_size} and --test_size {args.test_size}: the validation part must be "
+                         "above 0 (the best epoch is chosen on it), the test part at least 0, and their sum below 1")
     if args.lr <= 0:
         raise UsageError(f"--lr must be positive, got {args.lr}")
     if args.arch == "UNet" and args.deep_supervision:

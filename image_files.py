@@ -151,7 +151,8 @@ def decode_image(path):
 
 def read_label_image(path):
     """Read an instance label image (0 = background, one integer per nucleus; 8/16/32-bit PNG or TIFF) -> int32
-    [H, W]. A colour image or float values are a DataError naming the file."""
+    [H, W]. A colour image, float values or a binary mask (one value for several separate objects) are a
+    DataError naming the file."""
     labels = _imread(path, cv2.IMREAD_UNCHANGED, "label image")
     if labels.ndim == 3:
         if (labels != labels[:, :, :1]).any():
@@ -161,6 +162,11 @@ def read_label_image(path):
     if not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"label image {path} holds {labels.dtype} values; label images hold integers, one per "
                         "nucleus (save them as 16-bit PNG or integer TIFF)")
+    top, inside = labels.max(), labels > 0
+    if top > 0 and (labels[inside] == top).all() and cv2.connectedComponents(inside.astype(np.uint8))[0] > 2:
+        raise DataError(f"label image {path} gives one value ({top}) to several separate objects: it is a "
+                        f"binary mask; put masks in masks/0/<id>{os.path.splitext(path)[1]} (a folder per class), or "
+                        "number the nuclei 1..N in label images")
     return labels.astype(np.int32)
 
 
@@ -227,13 +233,15 @@ def stretch_percentiles(x, low=PERCENTILES[0], high=PERCENTILES[1]):
 
 
 def read_mask(path):
-    """Read a mask file -> uint8 [H, W] with values {0, 1}. Accepts 0/255 or 0/1; anything else is an error."""
-    mask = _imread(path, cv2.IMREAD_GRAYSCALE, "mask")
+    """Read a mask file -> uint8 [H, W] with values {0, 1}. Accepts 0/255 or 0/1, and 0/65535 in a 16-bit file (a
+    colour file is read as its grey); anything else is an error."""
+    mask = _imread(path, cv2.IMREAD_UNCHANGED, "mask")  # not IMREAD_GRAYSCALE: it maps 16-bit 0/1 to 0/0
+    if mask.ndim == 3:
+        mask = cv2.cvtColor(mask[:, :, :3], cv2.COLOR_BGR2GRAY) if mask.shape[2] >= 3 else mask[:, :, 0]
     values = np.unique(mask)
-    if set(values.tolist()) <= {0, 255}:
+    if set(values.tolist()) <= {0, 1} or set(values.tolist()) <= {0, 255} or \
+            (mask.dtype == np.uint16 and set(values.tolist()) <= {0, 65535}):
         return (mask > 0).astype(np.uint8)
-    if set(values.tolist()) <= {0, 1}:
-        return mask
     shown = ", ".join(str(v) for v in values[:8]) + (" ..." if len(values) > 8 else "")
-    raise DataError(f"mask {path} has values {{{shown}}}; masks must hold only 0/255 or 0/1 "
+    raise DataError(f"mask {path} has values {{{shown}}}; masks must hold only 0/255 or 0/1 (0/65535 in 16 bits) "
                     "(a colour or JPEG mask, or a resized soft mask? save hard grey masks as PNG)")

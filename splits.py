@@ -58,7 +58,11 @@ def load_or_make_split(path, dataset_dir, ids, resume, val_size, test_size, spli
         return split
     if len(ids) < 3:
         raise DataError(f"{dataset_dir} has {len(ids)} samples; at least 3 are needed to train and validate")
-    return make_split(ids, val_size, test_size, split_seed)
+    try:
+        return make_split(ids, val_size, test_size, split_seed)
+    except ValueError:  # scikit-learn: a part would be empty
+        raise UsageError(f"--val_size {val_size} and --test_size {test_size} leave an empty part of the "
+                         f"{len(ids)} samples of {dataset_dir}; give smaller fractions") from None
 
 
 def checked_split(split, source, dataset_dir, ids):

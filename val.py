@@ -75,7 +75,7 @@ def main(argv):
     folder = os.path.realpath(out_dir)  # a symbolic link's folder is replaced, not the link
     # Heavy imports only now, so that --help and flag errors answer at once.
     from checkpoints import load_run
-    from dataset import eval_loader, reading_of
+    from dataset import eval_loader, find_layout, reading_of
     from engine import Precision, choose_device, evaluate
     from evaluation import ImageWriter, evaluation_ids, separation_order, size_hint, summary
     from losses import build_loss
@@ -86,10 +86,15 @@ def main(argv):
     separation = choose_separation(args.separation, cfg.borders, args.name)
     reading = {**reading_of(cfg), "img_ext": args.img_ext or cfg.img_ext, "mask_ext": args.mask_ext or cfg.mask_ext}
     dataset_dir, ids, part = evaluation_ids(args.name, args.split, args.dataset, cfg.dataset, reading)
+    layout = find_layout(dataset_dir, reading["img_ext"], reading["mask_ext"])
+    labels = {i: layout.labels(i) for i in ids if layout.labels(i) is not None}
+    if cfg.borders and len(labels) < len(ids):  # the border target comes from the labels: score the masks alone
+        print(f"note: {len(ids) - len(labels)} of {len(ids)} images have no instance labels in {dataset_dir}: the "
+              "border channel and the DSB2018 score are left out")
+        reading["borders"], labels = False, {}
     loader = eval_loader(dataset_dir, ids, reading, (cfg.input_h, cfg.input_w, cfg.crop_size),
                          args.batch_size or cfg.batch_size, args.num_workers)
     data = loader.dataset
-    labels = {i: data.layout.labels(i) for i in ids if data.layout.labels(i) is not None}
     precision = Precision.choose(device, args.amp)
     criterion = build_loss(cfg.loss, border_after=cfg.num_classes if cfg.borders else None)
     # the outputs of one evaluation replace the folder as a whole when complete

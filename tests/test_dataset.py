@@ -13,7 +13,7 @@ from conftest import make_layout, make_synthetic, write_image
 from dataset import (MODALITIES, Dataset, WeightedDistributedSampler, balance_weights, eval_transform, image_modality,
                      list_ids, nucleus_diameter, train_transform)
 import image_files
-from image_files import NORM_MEAN, NORM_STD, decode_image, image_to_float, read_labels, read_mask
+from image_files import NORM_MEAN, NORM_STD, decode_image, image_to_float, read_label_image, read_labels, read_mask
 from instances import touching_borders
 from utils import DataError, UsageError
 
@@ -109,12 +109,20 @@ def test_percentile_dark_inverts_bright_backgrounds_only():
     assert grey.shape == (32, 32, 1) and grey[8:16, 8:16].mean() > 0.8 and grey.mean() < 0.5
 
 
-@pytest.mark.parametrize("value", [255, 1])
-def test_masks_0_255_and_0_1_become_0_1(tmp_path, value):
-    mask = np.zeros((8, 8), np.uint8)
+@pytest.mark.parametrize("dtype, value, ext", [(np.uint8, 255, ".png"), (np.uint8, 1, ".png"),
+                                               (np.uint16, 1, ".png"), (np.uint16, 65535, ".png"),
+                                               (np.uint16, 1, ".tif"), (np.uint16, 65535, ".tif")])
+def test_masks_0_255_and_0_1_become_0_1(tmp_path, dtype, value, ext):
+    """8-bit 0/255 or 0/1, 16-bit 0/1 or 0/65535, PNG or TIFF (a 16-bit 0/1 PNG read as grey is all 0)."""
+    mask = np.zeros((8, 8), dtype)
     mask[2:5, 1:6] = value
-    out = read_mask(write_image(tmp_path / "m.png", mask))
-    assert set(np.unique(out).tolist()) == {0, 1}
+    path = str(tmp_path / f"m{ext}")
+    if ext == ".tif":
+        tifffile.imwrite(path, mask)
+    else:
+        cv2.imwrite(path, mask)
+    out = read_mask(path)
+    assert out.dtype == np.uint8 and set(np.unique(out).tolist()) == {0, 1}
     np.testing.assert_array_equal(out, mask > 0)
 
 
@@ -499,6 +507,17 @@ def test_label_image_errors_name_the_file(tmp_path):
         with pytest.raises(DataError, match=message):
             data.load(index)
     assert data.load(3)[1].sum() == (labels > 0).sum()
+
+
+def test_binary_mask_given_as_a_label_image_is_refused(tmp_path):
+    """A 0/255 mask saved where label images go (masks/<id>.png without the class folder 0/) would be one nucleus
+    per image; one object alone may hold one value."""
+    binary = np.zeros((24, 24), np.uint8)
+    binary[2:6, 2:6] = binary[12:18, 10:16] = 255
+    with pytest.raises(DataError, match=r"m.png gives one value \(255\) to several separate objects.*masks/0/"):
+        read_label_image(write_image(tmp_path / "m.png", binary))
+    binary[12:18, 10:16] = 0
+    assert read_label_image(write_image(tmp_path / "one.png", binary)).max() == 255
 
 
 def test_tiff_images_channels_first_and_stacks(tmp_path):

@@ -54,6 +54,8 @@ CASES = {
     "zero_input_w": (train("--input_w", "0"), 2, ["--input_w", "0"]),
     "non_numeric_epochs": (train("--epochs", "ten"), 2, ["--epochs", "ten"]),
     "batch_larger_than_train_set": (train("-b", "16"), 2, ["--batch_size 16", "8 training images"]),
+    "val_size_leaves_no_training_image": (train("--val_size", "0.95"), 2, ["--val_size 0.95", "empty part",
+                                                                          "smaller fractions"]),
     "cuda_without_gpu": (train("--device", "cuda"), 2, ["--device cuda", "--device cpu"]),
     "init_unknown_run": (train("--init", "ghost"), 2, ["--init ghost", "models/ghost/model.pth"]),
     "init_other_network": (train("--arch", "NestedUNet", "--init", "unet.pth"), 1,

@@ -242,6 +242,14 @@ def test_borders_run_scores_nuclei_and_splits_along_borders(work, monkeypatch, c
                                                          "objects.csv"])
     instances = {out: read_labels(root / out / f"{val_ids[0]}_instances.png") for out in ("pred", "predborders")}
     assert np.array_equal(instances["pred"], instances["predborders"])
+    # a dataset without instance labels: the masks are scored as with them, the border channel and DSB left out
+    shutil.copytree(root / "inputs" / TINY_NAME, root / "inputs" / "no_labels", ignore=shutil.ignore_patterns("labels"))
+    labelled, unlabelled = (val.main(["--name", "borders", "--dataset", dataset, "--device", "cpu", "--no_overlays"])
+                            for dataset in (TINY_NAME, "no_labels"))
+    assert "border channel and the DSB2018 score are left out" in capsys.readouterr().out
+    masks_only = ("iou", "dice", "iou_mean", "dice_mean")
+    assert {k: unlabelled[k] for k in masks_only} == {k: labelled[k] for k in masks_only}
+    assert "dsb" in labelled and "dsb" not in unlabelled
     with pytest.raises(UsageError, match="--borders True"):
         val.main(["--name", "unet", "--separation", "borders", "--device", "cpu"])
     with pytest.raises(UsageError, match="--min_confidence"):
