@@ -540,6 +540,15 @@ def test_bench_prune_runs_on_a_tiny_run(in_runs, capsys, tmp_path):
         bench_prune.main(["--name", "u"])
 
 
+@pytest.mark.parametrize("free_pages, budget_pages", [(900, 250), (600, 250), (300, 150)])
+def test_cpu_memory_budget_is_a_quarter_of_the_ram_unless_little_is_free(monkeypatch, free_pages, budget_pages):
+    """A quarter of the RAM whatever is free while over half of it is (the same windows, the same predictions from
+    run to run), half of the free RAM when less is free."""
+    pages = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 1000, "SC_AVPHYS_PAGES": free_pages}
+    monkeypatch.setattr(inference.os, "sysconf", pages.__getitem__)
+    assert inference.memory_budget(torch.device("cpu")) == 4096 * budget_pages
+
+
 def test_windows_sized_from_the_memory_budget(monkeypatch):
     """tile None: the whole image when its forward pass fits the budget, else the largest windows that fit; both
     give the whole-image probabilities (Pointwise: exactly)."""
