@@ -80,20 +80,23 @@ def load_run(name, device, prune=None):
     return cfg, fold_batchnorm(model.eval())
 
 
-def load_init_weights(net, init, device, normalization="fixed"):
+def load_init_weights(net, init, device, normalization="fixed", num_classes=1):
     """--init NAME or PATH: copy the weights of run NAME (its model.pth) or of a .pth file (a state dict or a
     last.pth) into ``net`` for fine-tuning; a different network is a DataError naming the flags to match, and a
-    run trained with another --normalization than ``normalization`` a UsageError (its weights expect images
-    read its way). Returns True when the border channel of a --borders run was left out (``net`` has none)."""
+    run trained with another --normalization than ``normalization`` (its weights expect images read its way) or
+    another --num_classes than ``num_classes`` a UsageError. Returns True when the border channel of a --borders run was left out (``net`` has none)."""
     path = init_weights_path(init)
     if not os.path.isfile(path):
         raise UsageError(f"--init {init}: no such .pth file, and no run with {path}; give a run name from models/ "
                          "or a weights file")
     if init_is_run(init):
-        theirs = load_run_config(init).normalization
-        if theirs != normalization:
-            raise UsageError(f"--init {init} was trained with --normalization {theirs}; fine-tune it with the same "
-                             f"(--normalization {theirs}), not {normalization}")
+        theirs = load_run_config(init)
+        if theirs.normalization != normalization:
+            raise UsageError(f"--init {init} was trained with --normalization {theirs.normalization}; fine-tune it "
+                             f"with the same (--normalization {theirs.normalization}), not {normalization}")
+        if theirs.num_classes != num_classes:  # else its second class could pass for a border channel
+            raise UsageError(f"--init {init} was trained with --num_classes {theirs.num_classes}; fine-tune it with "
+                             f"the same (--num_classes {theirs.num_classes}), not {num_classes}")
     weights = load_checkpoint(path, device)
     weights = weights.get("model", weights)  # a last.pth holds the weights under "model"
     expected = net.state_dict()

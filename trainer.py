@@ -62,7 +62,7 @@ class Trainer:
         if args.resume:
             self._resume()
         elif args.init:
-            if load_init_weights(self.net, args.init, self.device, args.normalization):
+            if load_init_weights(self.net, args.init, self.device, args.normalization, args.num_classes):
                 self._say(f"--init {args.init}: its learned-border channel is left out (this run has --borders False)")
         self.model = wrap_model(self.net, self.device, args.sync_bn, args.compile)
         if self.main:  # set up without an error: now the run folder may be written

@@ -63,6 +63,7 @@ CASES = {
     "init_from_the_run_itself": (train("--name", "nomodel", "--init", "nomodel", "--overwrite"), 2,
                                  ["--init nomodel", "models/nomodel/", "another --name"]),
     "init_other_normalization": (train("--init", "pctrun"), 2, ["--init pctrun", "--normalization percentile"]),
+    "init_other_num_classes": (train("--init", "tworun"), 2, ["--init tworun", "--num_classes 2", "not 1"]),
     "unknown_normalization": (train("--normalization", "zscore"), 2, ["--normalization", "zscore", "percentile"]),
     "negative_balance": (train("--balance", "-0.5"), 2, ["--balance", "-0.5"]),
     "unet_with_deep_supervision": (train("--deep_supervision", "True"), 2, ["UNet has no deep supervision",
@@ -121,6 +122,12 @@ def _prepare(root):
     pct = parse_train_args(["--name", "pctrun", "--dataset", "good", "--normalization", "percentile", *SMALL])
     save_run_config(pct, str(run / "config.yml"))
     shutil.copy(root / "unet.pth", run / "model.pth")
+    # A finished 2-class UNet run, whose second class could pass for a border channel in a 1-class run.
+    run = root / "models" / "tworun"
+    run.mkdir(parents=True)
+    save_run_config(parse_train_args(["--name", "tworun", "--dataset", "good", "--num_classes", "2", *SMALL]),
+                    str(run / "config.yml"))
+    torch.save(build_model("UNet", 2, 3, False).state_dict(), run / "model.pth")
 
 
 def _argv(case_id, command):
