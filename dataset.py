@@ -78,8 +78,7 @@ class Layout:
 
     def image_ids(self):
         if self.kind == "cellpose":
-            suffix = f"_img{self.img_ext}"
-            return {f[: -len(suffix)] for f in os.listdir(self.dataset_dir) if f.endswith(suffix)}
+            return _ids_in(self.dataset_dir, f"_img{self.img_ext}")
         return _ids_in(os.path.join(self.dataset_dir, "images"), self.img_ext)
 
 
@@ -88,10 +87,13 @@ def find_layout(dataset_dir, img_ext=".png", mask_ext=".png"):
     labels/ (no masks/) or directly in masks/ the 'labels' layout; <id>_img files beside <id>_masks files Cellpose's."""
     img_dir, mask_dir = os.path.join(dataset_dir, "images"), os.path.join(dataset_dir, "masks")
     if not os.path.isdir(img_dir):
-        if os.path.isdir(dataset_dir) and any(f.endswith(f"_img{img_ext}") for f in os.listdir(dataset_dir)):
+        if os.path.isdir(dataset_dir) and _ids_in(dataset_dir, f"_img{img_ext}"):
             return Layout(dataset_dir, "cellpose", img_ext, mask_ext)
+        cellpose = sorted({f.rsplit("_img", 1)[1] for f in (os.listdir(dataset_dir) if os.path.isdir(dataset_dir)
+                                                                else []) if "_img." in f and not f.startswith(".")})
+        hint = f"; found Cellpose-style <name>_img{cellpose[0]} files: pass --img_ext {cellpose[0]}" if cellpose else ""
         raise DataError(f"dataset folder {img_dir} not found: run preprocess_dsb2018.py, use --dataset synthetic, "
-                        "or lay out your data as in the README ('Your own data')")
+                        f"or lay out your data as in the README ('Your own data'){hint}")
     if os.path.isdir(mask_dir) and _ids_in(mask_dir, mask_ext):
         return Layout(dataset_dir, "labels", img_ext, mask_ext, mask_dir)
     labels_dir = os.path.join(dataset_dir, "labels")
@@ -139,8 +141,7 @@ def list_ids(dataset_dir, img_ext=".png", mask_ext=".png", num_classes=1):
             raise UsageError(f"--num_classes {num_classes}: a dataset of label images ({dataset_dir}) has one class, "
                              "the nuclei; use --num_classes 1")
         if layout.kind == "cellpose":
-            suffix = f"_masks{mask_ext}"
-            label_ids = {f[: -len(suffix)] for f in os.listdir(dataset_dir) if f.endswith(suffix)}
+            label_ids = _ids_in(dataset_dir, f"_masks{mask_ext}")
             _check_pairs(ids, label_ids, dataset_dir, "label image (<id>_masks)", mask_ext, "--mask_ext")
         else:
             _check_pairs(ids, _ids_in(layout.label_dir, mask_ext), layout.label_dir, "label image", mask_ext,
@@ -153,9 +154,13 @@ def list_ids(dataset_dir, img_ext=".png", mask_ext=".png", num_classes=1):
     class_dirs = sorted((d for d in os.listdir(mask_dir) if os.path.isdir(os.path.join(mask_dir, d))
                          and not d.startswith(".")), key=lambda d: (len(d), d))  # numeric order: 0, 1, ..., 10
     expected = [str(c) for c in range(num_classes)]
+    if not class_dirs:
+        raise DataError(f"no class folders in {mask_dir}: masks go in masks/0/<id>{mask_ext} (label images in "
+                        f"masks/<id>{mask_ext}){_extension_hint(mask_dir, '--mask_ext')}")
     if class_dirs != expected:
-        raise UsageError(f"--num_classes {num_classes} expects mask folders {expected} in {mask_dir}, "
-                         f"found {class_dirs}; set --num_classes to the number of class folders")
+        raise UsageError(f"{mask_dir} holds the class folders {class_dirs}, but a run with --num_classes "
+                         f"{num_classes} reads {expected}: train with --num_classes {len(class_dirs)} (val.py: score "
+                         "a dataset with the run's classes)")
     for c in expected:
         folder = os.path.join(mask_dir, c)
         _check_pairs(ids, _ids_in(folder, mask_ext), folder, "mask", mask_ext, "--mask_ext")
@@ -232,8 +237,8 @@ class Dataset(torch.utils.data.Dataset):
 
     ``dataset[i]`` or ``dataset[(epoch, i)]`` returns ``(image, mask, {'img_id': id})``:
     image float32 [input_channels, H, W], normalised ``(x - 0.5) / 0.25`` from [0, 1];
-    mask float32 [num_classes (+1 with borders), H, W] in {0, 1}. The augmentation of sample i in a given epoch is seeded by
-    (seed, epoch, i), so a run is repeatable and a resumed run sees the same augmentations.
+    mask float32 [num_classes (+1 with borders), H, W] in {0, 1}. The augmentation of sample i in a given epoch is
+    seeded by (seed, epoch, i), so a run is repeatable and a resumed run sees the same augmentations.
     ``cache=True`` decodes every file once, in this process, before training (workers share it).
     """
 

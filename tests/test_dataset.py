@@ -509,6 +509,37 @@ def test_label_image_errors_name_the_file(tmp_path):
     assert data.load(3)[1].sum() == (labels > 0).sum()
 
 
+def test_layout_mistakes_name_the_fix(tmp_path):
+    """Label images in masks/ of another extension than --mask_ext, an empty masks/, Cellpose files of another
+    extension than --img_ext (and macOS's ._ files beside them, skipped)."""
+    image, labels = _label_sample(np.random.default_rng(0))
+    stardist = tmp_path / "stardist"
+    for sid in ("a", "b"):
+        write_image(stardist / "images" / f"{sid}.png", image)
+        tifffile.imwrite(write_dir(stardist / "masks") / f"{sid}.tif", labels)
+    with pytest.raises(DataError, match="no class folders in .*masks.*found .tif files: pass --mask_ext .tif"):
+        list_ids(str(stardist))
+    assert list_ids(str(stardist), mask_ext=".tif") == ["a", "b"]
+    empty = tmp_path / "empty"
+    write_image(empty / "images" / "a.png", image)
+    write_dir(empty / "masks")
+    with pytest.raises(DataError, match="no class folders in .*masks: masks go in masks/0/<id>.png"):
+        list_ids(str(empty))
+    cellpose = write_dir(tmp_path / "cellpose")
+    for sid in ("a", "b"):
+        write_image(cellpose / f"{sid}_img.png", image)
+        write_image(cellpose / f"{sid}_masks.png", labels)
+    (cellpose / "._a_img.png").write_bytes(b"AppleDouble")
+    with pytest.raises(DataError, match="found Cellpose-style <name>_img.png files: pass --img_ext .png"):
+        list_ids(str(cellpose), img_ext=".tif")
+    assert list_ids(str(cellpose)) == ["a", "b"]
+
+
+def write_dir(path):
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def test_binary_mask_given_as_a_label_image_is_refused(tmp_path):
     """A 0/255 mask saved where label images go (masks/<id>.png without the class folder 0/) would be one nucleus
     per image; one object alone may hold one value."""
