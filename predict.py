@@ -296,6 +296,28 @@ def predict_all(predictor, files, ids, stacks, out_dir, num_classes, threshold, 
     return float(np.mean(fractions)), table, sum(pixels) / 1e6, len(fractions), scales, left_out
 
 
+OUTPUT_SUFFIXES = ("", "_prob", "_instances", "_overlay")  # of a one-class run's files (see the module docstring)
+
+
+def earlier_outputs_note(args, files, ids, stacks):
+    """A note naming the files in ``args.output`` that an earlier prediction of a one-class run wrote for these
+    images and this one did not (``<id>_instances.png`` and objects.csv when --instances is left out now, a .png
+    where a .tif stack is written now), which would pass for this one's; '' when there are none. The input files
+    themselves are never named."""
+    suffixes = [""] + ["_prob"] * args.save_prob + ["_instances"] * args.instances + ["_overlay"] * args.overlay
+    written = {f"{i}{s}{'.tif' if axes else '.png'}" for i, axes in zip(ids, stacks) for s in suffixes}
+    names = [f"{i}{s}{ext}" for i in ids for s in OUTPUT_SUFFIXES for ext in (".png", ".tif")]
+    names += [] if args.instances else ["objects.csv"]
+    inputs = {os.path.abspath(f) for f in files}
+    earlier = [n for n in names if n not in written and os.path.isfile(os.path.join(args.output, n))
+               and os.path.abspath(os.path.join(args.output, n)) not in inputs]
+    if not earlier:
+        return ""
+    return (f"note: {os.path.join(args.output, '')} also holds {len(earlier)} file{'s' * (len(earlier) > 1)} of an "
+            f"earlier prediction that this one did not write: {', '.join(earlier[:3])}"
+            f"{' ...' if len(earlier) > 3 else ''}; remove them, or predict into a new --output")
+
+
 def diameter_note(found, trained, scale):
     """The summary's note on the nuclei's median diameter ``found`` (pixels): with a hint to try --scale auto when
     the images were predicted as they are and the nuclei are far from the ``trained`` diameter (0: unknown)."""
@@ -367,6 +389,9 @@ def main(argv):
           f"{device} ({predictor.precision.describe()}); mean foreground {100 * foreground:.1f}%"
           f"{found}; "
           f"files in {os.path.join(args.output, '')}")
+    earlier = earlier_outputs_note(args, files, ids, stacks) if cfg.num_classes == 1 else ""
+    if earlier:
+        print(earlier)
     if left_out:
         raise DataError(f"{len(left_out)} of {len(files)} files were left out (the others are in "
                         f"{os.path.join(args.output, '')}): " + "; ".join(left_out[:5]) +
