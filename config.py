@@ -12,7 +12,7 @@ import yaml
 from image_files import NORMALIZATIONS
 from instances import MIN_CONFIDENCE, MIN_SIZE, SEPARATIONS
 from utils import (AMP_MODES, ArgumentParser, UsageError, amp_mode, atomic_write, bool_or_auto, check_run_name,
-                   compile_mode, device_name, integer, str2bool)
+                   compile_mode, device_name, file_extension, integer, str2bool)
 
 MODELS_DIR = "models"
 # the model that ships with the toolkit (pretrained/<name>/: config.yml, model.pth and its .sha256, a model card)
@@ -74,8 +74,8 @@ def _add_model_args(g):
 def _add_data_args(g):
     """The dataset, its split and the augmentation."""
     g.add_argument("--dataset", default="dsb2018_96", help="folder under inputs/; 'synthetic' is generated on first use")
-    g.add_argument("--img_ext", default=".png", help="image file extension")
-    g.add_argument("--mask_ext", default=".png", help="mask file extension")
+    g.add_argument("--img_ext", default=".png", type=file_extension, help="image file extension")
+    g.add_argument("--mask_ext", default=".png", type=file_extension, help="mask file extension")
     g.add_argument("--val_size", default=0.2, type=float, help="fraction of ids in the validation split")
     g.add_argument("--test_size", default=0.0, type=float,
                    help="fraction held out as a test split never used for any choice (0 = the seed's 2-way split)")

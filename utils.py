@@ -174,6 +174,14 @@ def integer(v):
     return int(number)
 
 
+def file_extension(v):
+    """An argparse type: a file name extension with its dot, such as .png or .tif."""
+    if not v.startswith(".") or len(v) < 2 or "/" in v or "\\" in v:
+        raise argparse.ArgumentTypeError(f"expected an extension with its dot, such as .{v.strip('.') or 'png'}; "
+                                         f"got {v!r}")
+    return v
+
+
 def at_least(minimum):
     """An argparse type: an integer (:func:`integer`) of at least ``minimum``."""
     def parse(v):
