@@ -219,6 +219,7 @@ def parse_train_args(argv):
     if first.resume:
         check_unchanged_on_resume(args, saved_values, name)
     args.resume = bool(args.resume)
+    check_dataset_name(args.dataset)  # before the run name made from it
     args.name = check_run_name(args.name or default_run_name(args))
     check_train_args(args)
     return args
@@ -236,6 +237,14 @@ def check_unchanged_on_resume(args, saved_values, name):
                          "resumed run keeps its settings (only --epochs, --early_stopping and how it runs, such as "
                          f"--device or --num_workers, may change). To train on with other settings, start a new run "
                          f"from its weights: --init {name} --name <new name>")
+
+
+def check_dataset_name(dataset):
+    """--dataset names a folder in inputs/; a path to a dataset elsewhere (or to inputs/<name>) is a UsageError
+    with the name to give."""
+    if not os.path.isdir(os.path.join(INPUTS_DIR, dataset)) and dataset != "synthetic" and os.path.isdir(dataset):
+        raise UsageError(f"--dataset {dataset}: give the name of a folder in {INPUTS_DIR}/, not a path (--dataset "
+                         f"{os.path.basename(os.path.normpath(dataset))} once the folder is there, or linked there)")
 
 
 def check_train_args(args):

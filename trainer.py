@@ -5,6 +5,7 @@ atomically (temporary file, then os.replace), only by the main process, so a cra
 each file either in its old or its new complete version. The folder is created only once the run is set up.
 """
 import os
+import shlex
 import shutil
 import signal
 import time
@@ -101,7 +102,7 @@ class Trainer:
         if not done:
             return "1, before any epoch was saved; start again with --overwrite" + flags
         return (f"{done + 1}; {self.dir}/last.pth holds epoch {done}. Continue with: python train.py --resume "
-                f"{self.args.name}{flags}")
+                f"{shlex.quote(self.args.name)}{flags}")
 
     # --------------------------------------------------------------------------------------------- the loop
 
@@ -139,10 +140,10 @@ class Trainer:
                                    max_steps=max_steps, classes=a.num_classes)
         except NonFiniteLoss as e:
             kept = f"{self.dir}/last.pth still holds epoch {epoch}" if epoch else "no epoch was saved"
+            resume = f" (with --resume {shlex.quote(a.name)})" if epoch else ""
             raise UserError(f"the loss became NaN or infinite at epoch {epoch + 1}, step {e.step + 1}; {kept}. "
                             "Try a lower --lr (start again with --overwrite: a resumed run keeps its saved learning "
-                            f"rate), --amp fp32{f' (with --resume {a.name})' if epoch else ''}, or check the data"
-                            ) from None
+                            f"rate), --amp fp32{resume}, or check the data") from None
 
     def _save_epoch(self, epoch, row, improved):
         """Append ``row`` to log.csv, redraw curves.png, save model.pth when ``improved``, then last.pth."""
@@ -165,15 +166,16 @@ class Trainer:
         if not self.main or not len(self.log):
             return
         best = self.log.loc[self.log["epoch"] == self.best["best_epoch"]].iloc[0]
+        name = shlex.quote(self.args.name)  # pasted into a shell
         test = (f"\nthe test split ({len(self.ids('test'))} images) was kept out of every choice; score it once, "
-                f"at the end: python val.py --name {self.args.name} --split test") if self.ids("test") else ""
+                f"at the end: python val.py --name {name} --split test") if self.ids("test") else ""
         seconds, now = time.time() - self.started, len(self.log) - self.start_epoch
         took = f"in {seconds:.0f}s" if not self.start_epoch else f"({now} of them in {seconds:.0f}s after resuming)"
         self._say(f"done: {len(self.log)} epoch{'s' if len(self.log) > 1 else ''} {took} on {self.device}\n"
                   f"best epoch {self.best['best_epoch']}: val IoU {best['val_iou']:.4f} (pooled), "
                   f"{best['val_iou_mean']:.4f} (mean per image), val Dice {best['val_dice']:.4f}\n"
                   f"files: {self.dir}/ (log.csv, curves.png, model.pth, last.pth); evaluate with: "
-                  f"python val.py --name {self.args.name}{test}")
+                  f"python val.py --name {name}{test}")
 
     # ----------------------------------------------------------------------------------------- setting up
 

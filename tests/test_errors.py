@@ -53,6 +53,8 @@ CASES = {
     "negative_batch": (train("-b", "-1"), 2, ["--batch_size", "-1"]),
     "zero_input_w": (train("--input_w", "0"), 2, ["--input_w", "0"]),
     "non_numeric_epochs": (train("--epochs", "ten"), 2, ["--epochs", "ten"]),
+    "dataset_given_as_a_path": (train(dataset="inputs/good"), 2, ["--dataset inputs/good", "not a path",
+                                                                  "--dataset good"]),
     "extension_without_dot": (train("--img_ext", "png"), 2, ["--img_ext", "with its dot, such as .png"]),
     "val_extension_without_dot": (["val.py", "--name", "pctrun", "--mask_ext", "tif"], 2,
                                   ["--mask_ext", "with its dot, such as .tif"]),
