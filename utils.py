@@ -52,6 +52,8 @@ def run_cli(main, argv=None):
     """
     argv = sys.argv[1:] if argv is None else argv
     keep_freed_memory()
+    # OpenCV logs a file it cannot decode on stderr itself; the DataError that names the file says it in one line
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_FATAL)
     previous = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     try:
         return main(argv)
