@@ -125,6 +125,18 @@ def _extension_hint(folder, flag):
                                                           f"{flag} with one of them")
 
 
+def images_left_out(dataset_dir, img_ext):
+    """A note naming the files in ``dataset_dir``/images/ that are not ``<id><img_ext>`` (another type, or .PNG
+    for .png), which no run reads; '' when there are none."""
+    folder = os.path.join(dataset_dir, "images")
+    other = sorted(f for f in (os.listdir(folder) if os.path.isdir(folder) else [])
+                   if not f.endswith(img_ext) and not f.startswith(".") and os.path.isfile(os.path.join(folder, f)))
+    if not other:
+        return ""
+    return (f"note: {len(other)} file{'s are' if len(other) > 1 else ' is'} in {folder} without the extension "
+            f"{img_ext} and left out: {_few(other)} (one --img_ext for all images)")
+
+
 def list_ids(dataset_dir, img_ext=".png", mask_ext=".png", num_classes=1):
     """Check the layout under ``dataset_dir`` and return the sorted sample ids.
 

@@ -19,7 +19,8 @@ from archs import build_model
 from checkpoints import atomic_torch_save, load_init_weights, load_training_state, save_training_state
 from config import INPUTS_DIR, is_bundled_name, output_channels, run_dir, save_run_config
 from dataset import (MODALITIES, Dataset, EpochSampler, WeightedDistributedSampler, balance_weights, eval_loader,
-                     find_layout, list_ids, nucleus_diameter, quiet_sigterm, reading_of, train_transform)
+                     find_layout, images_left_out, list_ids, nucleus_diameter, quiet_sigterm, reading_of,
+                     train_transform)
 from device_data import BatchAugment, DeviceImages, DeviceLoader
 from engine import (NonFiniteLoss, Precision, choose_device, evaluate, recalibrate_batchnorm, seed_everything,
                     train_one_epoch)
@@ -46,6 +47,9 @@ class Trainer:
             check_run_folder(self.dir, args.name, args.resume, args.overwrite)
         self.dataset_dir = dataset_folder(args.dataset, self.main)
         ids = list_ids(self.dataset_dir, args.img_ext, args.mask_ext, args.num_classes)
+        left_out = images_left_out(self.dataset_dir, args.img_ext)
+        if left_out:
+            self._say(left_out)
         self.split = load_or_make_split(os.path.join(self.dir, "split.csv"), self.dataset_dir, ids, args.resume,
                                         args.val_size, args.test_size, args.split_seed, args.split_file)
         self.train_loader, self.on_device = self._train_loader()

@@ -11,7 +11,7 @@ from skimage.measure import regionprops
 
 from conftest import make_layout, make_synthetic, write_image
 from dataset import (MODALITIES, Dataset, WeightedDistributedSampler, balance_weights, eval_transform, image_modality,
-                     list_ids, nucleus_diameter, train_transform)
+                     images_left_out, list_ids, nucleus_diameter, train_transform)
 import image_files
 from image_files import NORM_MEAN, NORM_STD, decode_image, image_to_float, read_label_image, read_labels, read_mask
 from instances import touching_borders
@@ -533,6 +533,18 @@ def test_layout_mistakes_name_the_fix(tmp_path):
     with pytest.raises(DataError, match="found Cellpose-style <name>_img.png files: pass --img_ext .png"):
         list_ids(str(cellpose), img_ext=".tif")
     assert list_ids(str(cellpose)) == ["a", "b"]
+
+
+def test_images_of_another_extension_are_named(tmp_path):
+    """train.py notes the images its --img_ext leaves out (a .tif or .PNG among .png files)."""
+    make_layout(tmp_path, ["a", "b"])
+    assert images_left_out(str(tmp_path), ".png") == ""
+    for name in ("c.tif", "d.PNG", ".DS_Store"):
+        (tmp_path / "images" / name).write_bytes(b"")
+    assert images_left_out(str(tmp_path), ".png").startswith("note: 2 files are in ") and \
+        images_left_out(str(tmp_path), ".png").endswith("without the extension .png and left out: c.tif, d.PNG "
+                                                        "(one --img_ext for all images)")
+    assert list_ids(str(tmp_path)) == ["a", "b"]
 
 
 def write_dir(path):
