@@ -353,9 +353,10 @@ def main(argv):
 
     device = choose_device(args.device)
     cfg, model = load_run(args.name, device, args.prune)
-    if args.scale != 1 and not cfg.crop_size:
-        raise UsageError(f"--scale: run {args.name} was trained on images resized to {cfg.input_h}x{cfg.input_w}, "
-                         "and predicts every image at that size; --scale is for runs trained on crops")
+    if (args.scale != 1 or args.tile) and not cfg.crop_size:
+        flag = "--scale" if args.scale != 1 else "--tile"
+        raise UsageError(f"{flag}: run {args.name} was trained on images resized to {cfg.input_h}x{cfg.input_w}, "
+                         f"and predicts every image at that size; {flag} is for runs trained on crops")
     auto = args.scale == "auto"
     if auto and not cfg.nucleus_diameter:
         raise UsageError(f"--scale auto: run {args.name} records no training nucleus diameter (trained before "

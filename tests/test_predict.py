@@ -235,6 +235,8 @@ def test_scale_predicts_the_resized_image(in_runs, tmp_path):
     assert read(tmp_path / "out" / "a.png").shape == (50, 38)
     with pytest.raises(UsageError, match="--scale is for runs trained on crops"):
         predict.main(["--name", "p", "--input", image_path, "--output", str(tmp_path / "out"), "--scale", "0.5"])
+    with pytest.raises(UsageError, match="--tile is for runs trained on crops"):  # was ignored without a word
+        predict.main(["--name", "p", "--input", image_path, "--output", str(tmp_path / "out"), "--tile", "128"])
     with pytest.raises(UsageError, match="--scale 0.0 must be between"):
         predict.main(["--name", "pc", "--input", image_path, "--output", str(tmp_path / "out"), "--scale", "0"])
 
