@@ -43,8 +43,10 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         self.precision = Precision.choose(self.device, args.amp, args.channels_last)
-        if self.main:
-            check_run_folder(self.dir, args.name, args.resume, args.overwrite)
+        if args.sync_bn and self.device.type != "cuda":
+            raise UsageError("--sync_bn True: SyncBatchNorm synchronises BatchNorm across CUDA GPUs only; leave it out "
+                             "on the CPU")
+        check_run_folder(self.dir, args.name, args.resume, args.overwrite)  # every process, or the others hang
         self.dataset_dir = dataset_folder(args.dataset, self.main)
         ids = list_ids(self.dataset_dir, args.img_ext, args.mask_ext, args.num_classes)
         left_out = images_left_out(self.dataset_dir, args.img_ext)
@@ -196,9 +198,10 @@ class Trainer:
         over albumentations in workers (--loader), shuffled or --balance'd by DDP-aware samplers."""
         a, train_ids, world = self.args, self.ids("train"), distributed.world_size()
         if len(train_ids) // world < a.batch_size:
-            raise UsageError(f"--batch_size {a.batch_size} is larger than the {len(train_ids)} training images"
-                             f"{f' per process ({world} processes)' if world > 1 else ''}; the last incomplete "
-                             "batch is dropped, so no step would run: lower --batch_size")
+            shared = f" per process ({len(train_ids)} for {world} processes)" if world > 1 else ""
+            raise UsageError(f"--batch_size {a.batch_size} is larger than the {len(train_ids) // world} training "
+                             f"images{shared}; the last incomplete batch is dropped, so no step would run: lower "
+                             "--batch_size")
         decoded = decoded_bytes(self.dataset_dir, train_ids, a.img_ext)
         self._cache = a.cache and decoded < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4
         on_device = train_on_device(a.loader, self._cache and not a.stain_jitter, decoded, self.device)
