@@ -139,6 +139,8 @@ def load_training_state(path, net, optimizer, scheduler, scaler, device):
     for target, key in ((net, "model"), (optimizer, "optimizer"), (scheduler, "scheduler"), (scaler, "scaler")):
         if key not in ckpt:
             raise DataError(f"{path} has no '{key}': it is not a last.pth of this toolkit; {fix}")
+        if key == "scaler" and not ckpt[key]:
+            continue  # saved without fp16 (a disabled GradScaler); resumed in fp16 (--amp, --device), it starts anew
         load_weights(target, ckpt[key], path, "does not match this run's flags", fix)
     torch.set_rng_state(ckpt["torch_rng"].cpu())  # map_location may have moved it to the GPU
     return ckpt["epoch"], {k: ckpt[k] for k in ("best_iou", "best_epoch", "stale_epochs")}

@@ -367,3 +367,17 @@ def test_bundle_writes_fp16_weights_that_load_by_name(tiny_workdir, monkeypatch)
     _, model = checkpoints.load_run("mine", torch.device("cpu"))
     predict.main(["--name", "mine", "--input", "inputs/tiny/images", "--output", "out", "--device", "cpu"])
     assert len(os.listdir("out")) == len(os.listdir("inputs/tiny/images"))
+
+
+def test_state_saved_without_fp16_resumes_with_fp16(tmp_path):
+    """A run saved with a disabled GradScaler (CPU, bf16 or fp32) and resumed where --amp picks fp16 (a GPU without
+    bf16): the scaler starts anew instead of the resume being refused (its empty state does not load)."""
+    net = build_model("UNet", 1, 3, False)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer)
+    path = str(tmp_path / "last.pth")
+    checkpoints.save_training_state(path, net, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False), 3,
+                                    {"best_iou": 0.5, "best_epoch": 2, "stale_epochs": 1})
+    fp16 = torch.amp.GradScaler("cpu", enabled=True)
+    epoch, best = checkpoints.load_training_state(path, net, optimizer, scheduler, fp16, torch.device("cpu"))
+    assert epoch == 3 and best["best_epoch"] == 2 and fp16.is_enabled()
