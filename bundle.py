@@ -9,12 +9,13 @@ file in every clone forever, so replace the bundled model only with a clearly be
 (pretrained/<name>/README.md) is written by hand.
 """
 import os
+import shutil
 
 import torch
 
 import config
-from checkpoints import atomic_torch_save, load_checkpoint
-from utils import ArgumentParser, UsageError, atomic_write, run_cli, sha256_file
+from checkpoints import load_checkpoint
+from utils import ArgumentParser, UsageError, folder_replaced_when_done, run_cli, sha256_file
 
 COPIED = ("config.yml", "split.csv", "log.csv")
 
@@ -39,15 +40,18 @@ def main(argv):
     weights = load_checkpoint(os.path.join(src, "model.pth"), torch.device("cpu"))
     name = config.check_run_name(args.bundle_name or args.name)
     dst = os.path.join(config.PRETRAINED_DIR, name)
-    os.makedirs(dst, exist_ok=True)
-    path = os.path.join(dst, "model.pth")
-    atomic_torch_save({k: v.half() if v.is_floating_point() else v for k, v in weights.items()}, path)
-    with atomic_write(path + ".sha256") as f:
-        f.write(f"{sha256_file(path)}  model.pth\n")
-    for copied in COPIED:
-        with open(os.path.join(src, copied), "rb") as f, atomic_write(os.path.join(dst, copied), "wb") as out:
-            out.write(f.read())
-    print(f"wrote {dst}/ (model.pth {os.path.getsize(path) / 2**20:.1f} MiB fp16, its SHA-256, {', '.join(COPIED)}); "
+    # built beside, then put in place whole: stopped halfway, new weights never sit beside the old checksum
+    with folder_replaced_when_done(dst) as tmp:
+        if os.path.isdir(dst):  # the model card and its pictures stay
+            shutil.copytree(dst, tmp, dirs_exist_ok=True)
+        path = os.path.join(tmp, "model.pth")
+        torch.save({k: v.half() if v.is_floating_point() else v for k, v in weights.items()}, path)
+        with open(path + ".sha256", "w") as f:
+            f.write(f"{sha256_file(path)}  model.pth\n")
+        for copied in COPIED:
+            shutil.copyfile(os.path.join(src, copied), os.path.join(tmp, copied))
+    size = os.path.getsize(os.path.join(dst, "model.pth"))
+    print(f"wrote {dst}/ (model.pth {size / 2**20:.1f} MiB fp16, its SHA-256, {', '.join(COPIED)}); "
           f"use it with: python predict.py --name {name} --input <images> --output <folder> --instances")
     return dst
 

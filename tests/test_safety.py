@@ -367,6 +367,23 @@ def test_bundle_writes_fp16_weights_that_load_by_name(tiny_workdir, monkeypatch)
     _, model = checkpoints.load_run("mine", torch.device("cpu"))
     predict.main(["--name", "mine", "--input", "inputs/tiny/images", "--output", "out", "--device", "cpu"])
     assert len(os.listdir("out")) == len(os.listdir("inputs/tiny/images"))
+    # bundled again from another run: the model card stays, and a bundling stopped halfway leaves the old bundle
+    (shipped / "README.md").write_text("model card")
+    before = {f: (shipped / f).read_bytes() for f in os.listdir(shipped)}
+    train.main(train_argv("better", "--seed", "1", epochs=1))
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(bundle.shutil, "copyfile", stopped)
+        bundle.main(["--name", "better", "--as", "mine"])
+    assert {f: (shipped / f).read_bytes() for f in os.listdir(shipped)} == before
+    assert sorted(os.listdir(shipped.parent)) == ["mine"]  # no temporary folder left
+    bundle.main(["--name", "better", "--as", "mine"])
+    assert (shipped / "README.md").read_text() == "model card" and (shipped / "model.pth").read_bytes() != \
+        before["model.pth"]
+    checkpoints.load_run("mine", torch.device("cpu"))  # its checksum matches
 
 
 def test_state_saved_without_fp16_resumes_with_fp16(tmp_path):
