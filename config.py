@@ -173,10 +173,12 @@ def read_yaml_config(path, parser):
     if not os.path.isfile(path):
         raise UsageError(f"--config {path}: file not found")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f) or {}
     except yaml.YAMLError as e:
         raise UsageError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"--config {path}: not UTF-8 text; save it as UTF-8") from None
     if not isinstance(data, dict):
         raise UsageError(f"--config {path}: expected 'flag: value' lines, got a {type(data).__name__}")
     dests = {o[2:]: a.dest for a in parser._actions if a.dest not in SKIPPED_IN_CONFIG

@@ -64,6 +64,13 @@ def run_cli(main, argv=None):
         clear_line = "\r\033[K" if sys.stderr.isatty() else ""  # over a progress bar the error stopped
         print(f"{clear_line}{prog}: error: {user_message(e)}", file=sys.stderr)
         sys.exit(e.exit_code)
+    except OSError as e:  # a path that cannot be written or read: a folder where a file goes, no permission, disk full
+        if "--debug" in argv or e.strerror is None:
+            raise
+        prog = os.path.basename(sys.argv[0]) or "toolkit"
+        print(f"{prog}: error: {e.filename2 or e.filename or ''}: {e.strerror} (check the path, its permissions and "
+              "the free disk space; --debug shows where)", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)

@@ -7,9 +7,10 @@ import time
 import pytest
 import yaml
 
+import train
 from conftest import ROOT
 from config import build_train_parser, default_run_name, parse_train_args, read_yaml_config
-from utils import UsageError
+from utils import ArgumentParser, UsageError, run_cli
 
 
 @pytest.fixture(autouse=True)
@@ -170,13 +171,31 @@ def test_yaml_bad_values_checked_too(tmp_path):
 
 
 def test_usage_error_exit_code_2():
-    from utils import run_cli
-
-    import train
-
     with pytest.raises(SystemExit) as e:
         run_cli(train.main, ["--epochs", "0"])
     assert e.value.code == 2
+
+
+def test_a_path_that_cannot_be_written_is_a_one_line_error(capsys):
+    """An OSError naming a file (a folder where a file goes, no permission, a full disk): one line, exit 1."""
+    def main(argv):
+        raise IsADirectoryError(21, "Is a directory", "models/.base.tmp", None, "models/base")
+
+    with pytest.raises(SystemExit) as e:
+        run_cli(main, [])
+    assert e.value.code == 1
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        "error: models/base: Is a directory (check the path, its permissions and the free disk space; --debug shows "
+        "where)")
+    with pytest.raises(IsADirectoryError):
+        run_cli(main, ["--debug"])
+
+
+def test_recipe_that_is_not_utf8_is_named(tmp_path):
+    recipe = tmp_path / "windows.yml"
+    recipe.write_text("dataset: mine\n", encoding="utf-16")
+    with pytest.raises(UsageError, match="windows.yml: not UTF-8 text; save it as UTF-8"):
+        parse_train_args(["--config", str(recipe)])
 
 
 def test_help_is_quick_and_lists_flags(tmp_path):
@@ -192,8 +211,6 @@ def test_help_is_quick_and_lists_flags(tmp_path):
 
 
 def test_help_shows_a_default_only_where_it_tells_something():
-    from utils import ArgumentParser
-
     p = ArgumentParser(prog="x.py")
     p.add_argument("--size", type=int, default=3, help="pixels")
     p.add_argument("--name", help="a run")
