@@ -184,6 +184,10 @@ def read_yaml_config(path, parser):
     dests = {o[2:]: a.dest for a in parser._actions if a.dest not in SKIPPED_IN_CONFIG
              for o in a.option_strings if o.startswith("--")}  # every long name: lr and learning_rate alike
     unknown = sorted(str(k) for k in data if k not in dests)
+    of_one_command = [k for k in unknown if k in SKIPPED_IN_CONFIG]
+    if of_one_command:
+        raise UsageError(f"--config {path}: {', '.join(of_one_command)}: a flag of one command, not of a recipe; "
+                         "give it on the command line")
     if unknown:
         raise UsageError(f"--config {path}: unknown keys {', '.join(unknown)}; see python train.py --help")
     argv = [f"--{k}={v}" for k, v in data.items() if v is not None]

@@ -159,7 +159,12 @@ def str2bool(v):
 
 def bool_or_auto(v):
     """Parse auto or True/False (as str2bool) for argparse: 'auto' or a bool."""
-    return "auto" if str(v).strip().lower() == "auto" else str2bool(v)
+    if str(v).strip().lower() == "auto":
+        return "auto"
+    try:
+        return str2bool(v)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected auto, True or False (or 1/0), got {v!r}") from None
 
 
 def float_or_auto(v):

@@ -68,6 +68,8 @@ def test_yaml_unknown_key_named(tmp_path):
     with pytest.raises(UsageError) as e:
         parse_train_args(["--config", cfg])
     assert "deep_supervison" in str(e.value) and cfg in str(e.value)
+    with pytest.raises(UsageError, match="resume: a flag of one command, not of a recipe; give it on the command"):
+        parse_train_args(["--config", write_yaml(tmp_path / "resume.yml", {"resume": True})])
 
 
 @pytest.mark.parametrize("key,value", [("epochs", "many"), ("epochs", 2.5), ("lr", "fast"), ("lr", [1, 2]),
