@@ -90,7 +90,7 @@ class Predictor:
 
     def __init__(self, model, cfg, device, tile=None, overlap=64, batch_size=4, prune=None, tta=False, amp="auto",
                  scale=1.0):
-        self.model, self.cfg, self.device, self.scale = model, cfg, device, scale
+        self.cfg, self.device, self.scale = cfg, device, scale
         self.overlap, self.batch_size = overlap, batch_size
         self.prune, self.tta = prune, tta
         self.precision = Precision.choose(device, amp)

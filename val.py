@@ -87,7 +87,7 @@ def main(argv):
     reading = {**reading_of(cfg), "img_ext": args.img_ext or cfg.img_ext, "mask_ext": args.mask_ext or cfg.mask_ext}
     dataset_dir, ids, part = evaluation_ids(args.name, args.split, args.dataset, cfg.dataset, reading)
     layout = find_layout(dataset_dir, reading["img_ext"], reading["mask_ext"])
-    labels = {i: layout.labels(i) for i in ids if layout.labels(i) is not None}
+    labels = {i: path for i, path in zip(ids, map(layout.labels, ids)) if path is not None}
     if cfg.borders and len(labels) < len(ids):  # the border target comes from the labels: score the masks alone
         print(f"note: {len(ids) - len(labels)} of {len(ids)} images have no instance labels in {dataset_dir}: the "
               "border channel and the DSB2018 score are left out")
