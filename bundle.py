@@ -11,10 +11,7 @@ file in every clone forever, so replace the bundled model only with a clearly be
 import os
 import shutil
 
-import torch
-
 import config
-from checkpoints import load_checkpoint
 from utils import ArgumentParser, UsageError, folder_replaced_when_done, run_cli, sha256_file
 
 COPIED = ("config.yml", "split.csv", "log.csv")
@@ -37,6 +34,11 @@ def main(argv):
     missing = [f for f in ("model.pth",) + COPIED if not os.path.isfile(os.path.join(src, f))]
     if missing:
         raise UsageError(f"{src} lacks {', '.join(missing)}: bundle a finished run")
+    # Heavy imports only now, so that --help and flag errors answer at once.
+    import torch
+
+    from checkpoints import load_checkpoint
+
     weights = load_checkpoint(os.path.join(src, "model.pth"), torch.device("cpu"))
     name = config.check_run_name(args.bundle_name or args.name)
     dst = os.path.join(config.PRETRAINED_DIR, name)
