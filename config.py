@@ -19,7 +19,7 @@ MODELS_DIR = "models"
 PRETRAINED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained")
 INPUTS_DIR = "inputs"
 # The choices of the flags, here so that --help answers without importing torch; the modules that implement them
-# (archs.ARCHS, losses.LOSSES, trainer.build_optimizer and build_scheduler) use the same names.
+# (archs.ARCHS, losses.LOSSES, optim.build_optimizer and build_scheduler) use the same names.
 ARCHS = ("UNet", "NestedUNet")
 LOSSES = ("BCEDiceLoss", "LovaszHingeLoss", "BCEWithLogitsLoss")
 OPTIMIZERS = ("SGD", "Adam", "AdamW")

@@ -1,4 +1,4 @@
-"""The training step with the optimizer's single-kernel ("fused") update (trainer.fused_update, what train.py
+"""The training step with the optimizer's single-kernel ("fused") update (optim.fused_update, what train.py
 uses wherever torch has it) against torch's default per-tensor update, side by side in one process.
 
 Two copies of the same network, each with its own optimizer (``--optimizer``, the recipes' AdamW by default),
@@ -23,9 +23,9 @@ import torch  # noqa: E402
 
 from engine import Precision, choose_device  # noqa: E402
 from losses import build_loss  # noqa: E402
+from optim import build_optimizer, fused_update  # noqa: E402
 from timing import (add_pair_args, add_step_args, cpu_name, seconds_per_image, step_model_and_batch,  # noqa: E402
                     time_in_pairs)
-from trainer import build_optimizer, fused_update  # noqa: E402
 from utils import ArgumentParser, keep_freed_memory  # noqa: E402
 
 

@@ -1,9 +1,9 @@
-"""trainer.build_optimizer: the single-kernel ("fused") update, used wherever torch has it, follows torch's default
+"""optim.build_optimizer: the single-kernel ("fused") update, used wherever torch has it, follows torch's default
 per-tensor update."""
 import pytest
 import torch
 
-from trainer import build_optimizer, fused_update
+from optim import build_optimizer, fused_update
 
 
 @pytest.mark.parametrize("name", ["Adam", "AdamW", "SGD"])
