@@ -44,9 +44,9 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         self.precision = Precision.choose(self.device, args.amp, args.channels_last)
-        if args.sync_bn and self.device.type != "cuda":
-            raise UsageError("--sync_bn True: SyncBatchNorm synchronises BatchNorm across CUDA GPUs only; leave it out "
-                             "on the CPU")
+        if args.sync_bn and distributed.is_initialized() and self.device.type != "cuda":
+            raise UsageError("--sync_bn True: SyncBatchNorm synchronises BatchNorm across CUDA GPUs only; pass "
+                             "--sync_bn False on the CPU")
         check_run_folder(self.dir, args.name, args.resume, args.overwrite)  # every process, or the others hang
         self.dataset_dir = dataset_folder(args.dataset, self.main)
         ids = list_ids(self.dataset_dir, args.img_ext, args.mask_ext, args.num_classes)

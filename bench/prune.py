@@ -47,16 +47,16 @@ def build_parser():
     return p
 
 
-def throughput(model, inputs, prune, device, repeats):
-    """Images/s of the network pruned at ``prune`` on ``inputs`` (batches [B, C, H, W] already on ``device`` as
-    the model takes them): the median over ``repeats`` timed passes. Run it after a warm-up pass."""
+def throughput(model, inputs, prune, precision, repeats):
+    """Images/s of the network pruned at ``prune`` on ``inputs`` (batches [B, C, H, W] already on the device as
+    the model takes them) in ``precision``: the median over ``repeats`` timed passes. Run it after a warm-up pass."""
     times = []
-    with torch.inference_mode():
+    with torch.inference_mode(), precision.autocast():
         for _ in range(repeats):
             start = time.perf_counter()
             for x in inputs:
                 forward(model, x, prune=prune)
-            sync(device)
+            sync(precision.device)
             times.append(time.perf_counter() - start)
     return sum(x.shape[0] for x in inputs) / statistics.median(times)
 
@@ -87,7 +87,7 @@ def main(argv):
     for level in LEVELS:
         scores = evaluate(model, loader, criterion, precision, progress=False, prune=level,
                           classes=cfg.num_classes)  # also the warm-up pass
-        speed = throughput(model, inputs, level, device, args.repeats)
+        speed = throughput(model, inputs, level, precision, args.repeats)
         rows.append({"prune": level, "params": count_parameters(trained, level), "images_per_s": round(speed, 2),
                      "iou": round(scores["iou"], 4), "dice": round(scores["dice"], 4)})
     full = rows[-1]

@@ -44,3 +44,10 @@ def test_torchrun_two_cpu_processes(tmp_path):
                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert pd.read_csv(run_dir / "log.csv")["epoch"].tolist() == [1, 2]
+
+    # Mistakes under torchrun: each process says it in one line (no gloo or SyncBatchNorm traceback).
+    for extra, message in ((["--name", "ddp"], "models/ddp already holds a run"),
+                           (["--name", "ddp_sync", "--sync_bn", "True"], "--sync_bn True: SyncBatchNorm")):
+        failed = subprocess.run(cmd[:-2] + extra, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert failed.returncode != 0 and failed.stderr.count(f"train.py: error: {message}") == 2, failed.stderr
+        assert "gloo" not in failed.stderr and "ValueError" not in failed.stderr, failed.stderr[-3000:]

@@ -53,7 +53,6 @@ CASES = {
     "negative_batch": (train("-b", "-1"), 2, ["--batch_size", "-1"]),
     "zero_input_w": (train("--input_w", "0"), 2, ["--input_w", "0"]),
     "non_numeric_epochs": (train("--epochs", "ten"), 2, ["--epochs", "ten"]),
-    "sync_bn_on_the_cpu": (train("--sync_bn", "True", "--device", "cpu"), 2, ["--sync_bn True", "CUDA GPUs only"]),
     "dataset_given_as_a_path": (train(dataset="inputs/good"), 2, ["--dataset inputs/good", "not a path",
                                                                   "--dataset good"]),
     "extension_without_dot": (train("--img_ext", "png"), 2, ["--img_ext", "with its dot, such as .png"]),

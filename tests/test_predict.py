@@ -539,7 +539,7 @@ def test_bench_scale_scores_resized_images(in_runs, capsys):
         load_bench("scale").main(["--name", "p"])
 
 
-def test_bench_prune_runs_on_a_tiny_run(in_runs, capsys, tmp_path):
+def test_bench_prune_runs_on_a_tiny_run(in_runs, capsys, tmp_path, monkeypatch):
     """Every L's figures, and its scores are val.py --prune L's."""
     bench_prune = load_bench("prune")
     bench_prune.main(["--name", "p", "--repeats", "1", "--device", "cpu"])
@@ -552,6 +552,16 @@ def test_bench_prune_runs_on_a_tiny_run(in_runs, capsys, tmp_path):
     scored = val.main(["--name", "p", "--prune", "2", "--output", str(tmp_path / "p2"), "--no_overlays",
                        "--device", "cpu"])
     assert rows[1]["iou"] == round(scored["iou"], 4) and rows[1]["dice"] == round(scored["dice"], 4)
+    autocast = []  # the timed passes run in the precision the table names
+
+    def recording_forward(*args, **kwargs):
+        autocast.append(torch.is_autocast_enabled("cpu"))
+        return predict_forward(*args, **kwargs)
+
+    predict_forward = bench_prune.forward
+    monkeypatch.setattr(bench_prune, "forward", recording_forward)
+    bench_prune.main(["--name", "p", "--repeats", "1", "--device", "cpu", "--amp", "bf16"])
+    assert "bf16 autocast" in capsys.readouterr().out and autocast and all(autocast)
     with pytest.raises(UsageError, match="deep supervision"):
         bench_prune.main(["--name", "u"])
 
