@@ -12,7 +12,8 @@ import warnings
 import torch
 
 from archs import build_model, fold_batchnorm
-from config import init_is_run, init_weights_path, load_run_config, output_channels, saved_run_dir
+from config import (init_is_run, init_weights_path, load_run_config, output_channels, read_run_config,
+                    saved_run_dir)
 from utils import DataError, UsageError, atomic_write, sha256_file
 
 
@@ -83,14 +84,17 @@ def load_run(name, device, prune=None):
 def load_init_weights(net, init, device, normalization="fixed", num_classes=1):
     """--init NAME or PATH: copy the weights of run NAME (its model.pth) or of a .pth file (a state dict or a
     last.pth) into ``net`` for fine-tuning; a different network is a DataError naming the flags to match, and a
-    run trained with another --normalization than ``normalization`` (its weights expect images read its way) or
-    another --num_classes than ``num_classes`` a UsageError. Returns True when the border channel of a --borders run was left out (``net`` has none)."""
+    run (or a file with its run's config.yml beside it) trained with another --normalization than
+    ``normalization`` (its weights expect images read its way) or another --num_classes than ``num_classes`` a
+    UsageError. Returns True when the border channel of a --borders run was left out (``net`` has none)."""
     path = init_weights_path(init)
     if not os.path.isfile(path):
         raise UsageError(f"--init {init}: no such .pth file, and no run with {path}; give a run name from models/ "
                          "or a weights file")
-    if init_is_run(init):
-        theirs = load_run_config(init)
+    beside = os.path.join(os.path.dirname(path), "config.yml")  # a run's model.pth or last.pth given as a path
+    theirs = load_run_config(init) if init_is_run(init) else read_run_config(beside) if os.path.isfile(beside) \
+        else None
+    if theirs is not None:
         if theirs.normalization != normalization:
             raise UsageError(f"--init {init} was trained with --normalization {theirs.normalization}; fine-tune it "
                              f"with the same (--normalization {theirs.normalization}), not {normalization}")

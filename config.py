@@ -354,6 +354,11 @@ def load_run_config(name):
     path = os.path.join(saved_run_dir(name), "config.yml")
     if not os.path.isfile(path):
         raise UsageError(f"no run named {name!r}: {path} not found (train it first, or check --name)")
+    return read_run_config(path)
+
+
+def read_run_config(path):
+    """A run's config.yml at ``path``, read as :func:`load_run_config` reads it: an argparse Namespace."""
     parser = build_train_parser()
     values = read_yaml_config(path, parser)
     args = parser.parse_args([])

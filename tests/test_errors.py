@@ -69,6 +69,8 @@ CASES = {
                                  ["--init nomodel", "models/nomodel/", "another --name"]),
     "init_other_normalization": (train("--init", "pctrun"), 2, ["--init pctrun", "--normalization percentile"]),
     "init_other_num_classes": (train("--init", "tworun"), 2, ["--init tworun", "--num_classes 2", "not 1"]),
+    "init_file_of_other_num_classes": (train("--init", "models/tworun/model.pth"), 2,
+                                       ["--init models/tworun/model.pth", "--num_classes 2", "not 1"]),
     "unknown_normalization": (train("--normalization", "zscore"), 2, ["--normalization", "zscore", "percentile"]),
     "negative_balance": (train("--balance", "-0.5"), 2, ["--balance", "-0.5"]),
     "unet_with_deep_supervision": (train("--deep_supervision", "True"), 2, ["UNet has no deep supervision",
