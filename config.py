@@ -199,8 +199,9 @@ def read_yaml_config(path, parser):
 
 
 def default_run_name(args):
-    """The seed's naming: <dataset>_<arch>_wDS or _woDS."""
-    return f"{args.dataset}_{args.arch}_{'wDS' if args.deep_supervision else 'woDS'}"
+    """The seed's naming: <dataset>_<arch>_wDS or _woDS (the dataset folder's own name when --dataset is a path)."""
+    dataset = os.path.basename(os.path.normpath(args.dataset))
+    return f"{dataset}_{args.arch}_{'wDS' if args.deep_supervision else 'woDS'}"
 
 
 def parse_train_args(argv):
@@ -247,8 +248,11 @@ def check_unchanged_on_resume(args, saved_values, name):
 
 
 def check_dataset_name(dataset):
-    """--dataset names a folder in inputs/; a path to a dataset elsewhere (or to inputs/<name>) is a UsageError
-    with the name to give."""
+    """--dataset names a folder in inputs/, or is the absolute path of a dataset elsewhere; a relative path that
+    leaves inputs/ ('..') or means the current folder's (inputs/<name>) is a UsageError with the name to give."""
+    if ".." in dataset.replace("\\", "/").split("/") and not os.path.isabs(dataset):
+        raise UsageError(f"--dataset {dataset}: give the name of a folder in {INPUTS_DIR}/, or the absolute path of a "
+                         "dataset elsewhere")
     if not os.path.isdir(os.path.join(INPUTS_DIR, dataset)) and dataset != "synthetic" and os.path.isdir(dataset):
         raise UsageError(f"--dataset {dataset}: give the name of a folder in {INPUTS_DIR}/, not a path (--dataset "
                          f"{os.path.basename(os.path.normpath(dataset))} once the folder is there, or linked there)")

@@ -68,8 +68,9 @@ def run_cli(main, argv=None):
         if "--debug" in argv or e.strerror is None:
             raise
         prog = os.path.basename(sys.argv[0]) or "toolkit"
-        print(f"{prog}: error: {e.filename2 or e.filename or ''}: {e.strerror} (check the path, its permissions and "
-              "the free disk space; --debug shows where)", file=sys.stderr)
+        where = e.filename2 or e.filename
+        print(f"{prog}: error: {f'{where}: ' if where else ''}{e.strerror} (check the path, its permissions and the "
+              "free disk space)", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
@@ -191,8 +192,8 @@ def integer(v):
 def file_extension(v):
     """An argparse type: a file name extension with its dot, such as .png or .tif."""
     if not v.startswith(".") or len(v) < 2 or "/" in v or "\\" in v:
-        raise argparse.ArgumentTypeError(f"expected an extension with its dot, such as .{v.strip('.') or 'png'}; "
-                                         f"got {v!r}")
+        suggestion = "." + (v.replace("*", "").strip(".") or "png")
+        raise argparse.ArgumentTypeError(f"expected an extension with its dot, such as {suggestion}; got {v!r}")
     return v
 
 

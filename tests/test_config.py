@@ -128,6 +128,8 @@ def test_default_name():
     assert parse_train_args(["--dataset", "foo", "--name", "mine"]).name == "mine"
     a = parse_train_args(["--dataset", "d", "--arch", "NestedUNet", "--deep_supervision", "1"])
     assert default_run_name(a) == "d_NestedUNet_wDS"
+    # a dataset elsewhere, given by its absolute path, names the run by its folder (was a path as the run name)
+    assert parse_train_args(["--dataset", str(ROOT / "configs") + "/", "--arch", "UNet"]).name == "configs_UNet_woDS"
 
 
 @pytest.mark.parametrize("name", ["../x", "a/b", "..", ".", "/tmp/abs", os.path.abspath("abs_run"), "a\\b"])
@@ -187,8 +189,7 @@ def test_a_path_that_cannot_be_written_is_a_one_line_error(capsys):
         run_cli(main, [])
     assert e.value.code == 1
     assert capsys.readouterr().err.splitlines()[-1].endswith(
-        "error: models/base: Is a directory (check the path, its permissions and the free disk space; --debug shows "
-        "where)")
+        "error: models/base: Is a directory (check the path, its permissions and the free disk space)")
     with pytest.raises(IsADirectoryError):
         run_cli(main, ["--debug"])
 
