@@ -169,6 +169,9 @@ def list_ids(dataset_dir, img_ext=".png", mask_ext=".png", num_classes=1):
     if not class_dirs:
         raise DataError(f"no class folders in {mask_dir}: masks go in masks/0/<id>{mask_ext} (label images in "
                         f"masks/<id>{mask_ext}){_extension_hint(mask_dir, '--mask_ext')}")
+    if class_dirs != [str(c) for c in range(len(class_dirs))]:
+        raise DataError(f"{mask_dir} holds the class folders {class_dirs}; name them 0, 1, ... (one per class, "
+                        "masks/0/<id> for nuclei alone)")
     if class_dirs != expected:
         raise UsageError(f"{mask_dir} holds the class folders {class_dirs}, but a run with --num_classes "
                          f"{num_classes} reads {expected}: train with --num_classes {len(class_dirs)} (val.py: score "

@@ -90,7 +90,7 @@ def main(argv):
     labels = {i: path for i, path in zip(ids, map(layout.labels, ids)) if path is not None}
     if cfg.borders and len(labels) < len(ids):  # the border target comes from the labels: score the masks alone
         print(f"note: {len(ids) - len(labels)} of {len(ids)} images have no instance labels in {dataset_dir}: the "
-              "border channel and the DSB2018 score are left out")
+              "masks alone are scored, for every image (no border or DSB2018 score; the border PNGs are written)")
         reading["borders"], labels = False, {}
     loader = eval_loader(dataset_dir, ids, reading, (cfg.input_h, cfg.input_w, cfg.crop_size),
                          args.batch_size or cfg.batch_size, args.num_workers)

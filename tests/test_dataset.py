@@ -525,6 +525,9 @@ def test_layout_mistakes_name_the_fix(tmp_path):
     write_dir(empty / "masks")
     with pytest.raises(DataError, match="no class folders in .*masks: masks go in masks/0/<id>.png"):
         list_ids(str(empty))
+    write_dir(empty / "masks" / "nuclei")
+    with pytest.raises(DataError, match=r"holds the class folders \['nuclei'\]; name them 0, 1, \.\.\."):
+        list_ids(str(empty))
     cellpose = write_dir(tmp_path / "cellpose")
     for sid in ("a", "b"):
         write_image(cellpose / f"{sid}_img.png", image)
