@@ -3,7 +3,7 @@ against the same network unfolded, side by side in one process.
 
 Both copies hold the same weights and random non-trivial BatchNorm statistics. They run ``engine.step`` without
 an optimizer (val.py's evaluation step: forward and loss) on one random image, in pairs of ``--steps`` steps
-each (the order swapped every pair; speed.time_in_pairs) after a warm-up. The script prints the median seconds
+each (the order swapped every pair; timing.time_in_pairs) after a warm-up. The script prints the median seconds
 per image of each, the speed-up as the median over the pairs of their time ratio, and the largest difference
 between their logits. By default a UNet on one 520x696 field (the size of most DSB2018 fluorescence images).
 
@@ -25,7 +25,7 @@ from archs import build_model, fold_batchnorm  # noqa: E402
 from engine import Precision, choose_device, forward  # noqa: E402
 from losses import build_loss  # noqa: E402
 from timing import add_pair_args, cpu_name, seconds_per_image, time_in_pairs  # noqa: E402
-from utils import ArgumentParser, keep_freed_memory  # noqa: E402
+from utils import ArgumentParser, run_cli  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -54,7 +54,6 @@ def two_networks(arch, deep_supervision, precision):
 
 def main(argv=None):
     args = parse_args(argv)
-    keep_freed_memory()
     device = choose_device(args.device)
     precision = Precision.choose(device, args.amp)
     networks = dict(zip(("unfolded", "folded"), two_networks(args.arch, args.deep_supervision, precision)))
@@ -82,4 +81,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))  # the glibc malloc settings of train.py (utils.keep_freed_memory), one-line errors

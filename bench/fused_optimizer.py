@@ -3,7 +3,7 @@ uses wherever torch has it) against torch's default per-tensor update, side by s
 
 Two copies of the same network, each with its own optimizer (``--optimizer``, the recipes' AdamW by default),
 run ``engine.step`` with the update on one random batch, in pairs of ``--steps`` steps each (the order swapped
-every pair; speed.time_in_pairs) after a warm-up step each. The script prints the median images/s of each and
+every pair; timing.time_in_pairs) after a warm-up step each. The script prints the median images/s of each and
 the speed-up as the median over the pairs of their time ratio. By default a NestedUNet with deep supervision,
 batch 16 at 96x96: the 96x96 recipes' step, where the update is a larger share than at full size.
 
@@ -26,7 +26,7 @@ from losses import build_loss  # noqa: E402
 from optim import build_optimizer, fused_update  # noqa: E402
 from timing import (add_pair_args, add_step_args, cpu_name, seconds_per_image, step_model_and_batch,  # noqa: E402
                     time_in_pairs)
-from utils import ArgumentParser, keep_freed_memory  # noqa: E402
+from utils import ArgumentParser, run_cli  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -39,7 +39,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    keep_freed_memory()
     device = choose_device(args.device)
     if not fused_update(args.optimizer, device.type):
         raise SystemExit(f"torch {torch.__version__} has no fused {args.optimizer} update on {device.type}")
@@ -69,4 +68,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))  # the glibc malloc settings of train.py (utils.keep_freed_memory), one-line errors

@@ -2,7 +2,7 @@
 one process: which layout `--channels_last auto` should pick on this machine.
 
 Two copies of the same network, one per layout, each with its own AdamW, run ``engine.step`` with the update on one
-random batch, in pairs of ``--steps`` steps each (the order swapped every pair; speed.time_in_pairs) after a warm-up
+random batch, in pairs of ``--steps`` steps each (the order swapped every pair; timing.time_in_pairs) after a warm-up
 step each. The script prints the median images/s of each and the speed-up of channels_last as the median over the
 pairs of their time ratio. By default a NestedUNet with deep supervision, batch 16 at 96x96 (the 96x96 recipes'
 step); ``--arch UNet --batch_size 8 --size 256`` is the full-size crop recipe's step.
@@ -26,7 +26,7 @@ from losses import build_loss  # noqa: E402
 from optim import build_optimizer, fused_update  # noqa: E402
 from timing import (add_pair_args, add_step_args, cpu_name, seconds_per_image, step_model_and_batch,  # noqa: E402
                     time_in_pairs)
-from utils import ArgumentParser, keep_freed_memory  # noqa: E402
+from utils import ArgumentParser, run_cli  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -38,7 +38,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    keep_freed_memory()
     device = choose_device(args.device)
     model, batch, arch = step_model_and_batch(args, device)
     criterion = build_loss("BCEDiceLoss")
@@ -67,4 +66,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))  # the glibc malloc settings of train.py (utils.keep_freed_memory), one-line errors

@@ -2,6 +2,10 @@
 flags and the model and batch of the scripts that time one training step, and the alternating pairs of timed
 blocks that keep a ratio steady on a shared CPU whose speed drifts.
 """
+if __name__ == "__main__":  # a module, not a command
+    raise SystemExit(f"{__file__} is imported by the other bench/ scripts; it is not a command "
+                     "(see python bench/speed.py --help)")
+
 import platform
 import statistics
 import time
