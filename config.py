@@ -208,11 +208,14 @@ def parse_train_args(argv):
     """Parse train.py's command line (with ``--config`` merged underneath) and check sizes and names."""
     parser = build_train_parser()
     first, _ = parser.parse_known_args(argv)
-    recipe = read_yaml_config(first.config, parser) if first.config else {}
-    parser.set_defaults(**recipe)
+    if first.config and first.resume:  # the recipe's epochs would silently extend the run, its other values clash
+        raise UsageError(f"--resume continues a run with its own saved settings (models/<name>/config.yml); leave "
+                         f"out --config {first.config} (more epochs: --epochs N)")
+    if first.config:
+        parser.set_defaults(**read_yaml_config(first.config, parser))
     if first.resume:
-        # A resumed run starts from its saved flags; a --config recipe's and this command line's (e.g. more
-        # --epochs) win, and are checked as changes.
+        # A resumed run starts from its saved flags; flags on this command line (e.g. more --epochs) win, and are
+        # checked as changes.
         name = first.resume if isinstance(first.resume, str) else first.name
         if not name:
             raise UsageError("--resume needs the run name: --resume NAME (or --resume --name NAME)")
@@ -222,7 +225,7 @@ def parse_train_args(argv):
         if not os.path.isfile(saved):
             raise UsageError(f"--resume {name}: {saved} not found; is the run name right? (runs are in models/)")
         saved_values = read_yaml_config(saved, parser)
-        parser.set_defaults(**{**saved_values, **recipe, "name": name})
+        parser.set_defaults(**{**saved_values, "name": name})
     args = parser.parse_args(argv)
     if first.resume:
         check_unchanged_on_resume(args, saved_values, name)
