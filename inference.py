@@ -3,7 +3,7 @@
 A run trained on resized images (``crop_size`` 0, the seed's way) sees each image resized to its input_h x input_w,
 and the probability is resized back (linear). A run trained on crops predicts at full resolution: the whole image
 at once (padded to a multiple of 16 by engine.forward) whenever its forward pass fits the memory budget (a quarter
-of the RAM, less when under half of it is free; half of a GPU's free memory), else overlapping windows, as large as the budget allows (or a given
+of the RAM, or of the free RAM when less than half is free; half of a GPU's free memory), else overlapping windows, as large as the budget allows (or a given
 tile), blended with a weight that falls off linearly over ``overlap`` pixels towards each window edge and
 normalised by the summed weights, so there are no seams.
 """
@@ -59,13 +59,13 @@ def forward_bytes_per_pixel(model, channels, device):
 
 
 def memory_budget(device):
-    """Bytes prediction may use: half of a GPU's free memory; on the CPU a quarter of the RAM, or half of the free
-    RAM when that is less. So on a machine with RAM to spare the windows, and the predictions, are the same from
-    run to run (sized from the free RAM alone, they changed with it)."""
+    """Bytes prediction may use: half of a GPU's free memory; on the CPU a quarter of the RAM while at least half of
+    it is free, else a quarter of the free RAM. So on a machine with RAM to spare the windows, and the predictions,
+    are the same from run to run (sized from the free RAM alone, they changed with it)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0] // 2
-    page = os.sysconf("SC_PAGE_SIZE")
-    return min(page * os.sysconf("SC_PHYS_PAGES") // 4, page * os.sysconf("SC_AVPHYS_PAGES") // 2)
+    page, total, free = os.sysconf("SC_PAGE_SIZE"), os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_AVPHYS_PAGES")
+    return page * (total if 2 * free >= total else free) // 4
 
 
 def tile_for_budget(bytes_per_pixel, budget):
