@@ -37,9 +37,11 @@ def build_parser():
     p.add_argument("--dataset", default=None,
                    help="score every image of inputs/<dataset>/ instead (a dataset the run was not trained on, e.g. "
                         "the test set that preprocess_dsb2018.py makes from stage1_test)")
-    p.add_argument("--img_ext", default=None, type=file_extension, help="image file extension (default: the run's), e.g. .tif for a "
-                                                   "--dataset stored otherwise than the run's training data")
-    p.add_argument("--mask_ext", default=None, type=file_extension, help="mask or label image file extension (default: the run's)")
+    p.add_argument("--img_ext", default=None, type=file_extension,
+                   help="image file extension (default: the run's), e.g. .tif for a --dataset stored otherwise than "
+                        "the run's training data")
+    p.add_argument("--mask_ext", default=None, type=file_extension,
+                   help="mask or label image file extension (default: the run's)")
     p.add_argument("--tta", action="store_true", help="average the four flips (test-time augmentation)")
     p.add_argument("--prune", type=int, default=None, choices=[1, 2, 3, 4],
                    help="NestedUNet with deep supervision: run only the sub-network up to head X0,L")
