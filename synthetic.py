@@ -10,8 +10,8 @@ Even-numbered images are fluorescence-like (bright grey nuclei on a dark backgro
 channels); odd-numbered ones are stained-like (dark purple/blue nuclei on a light pinkish background, as
 H&E-stained tissue; val.py counts them as the 'stained' kind). Nuclei are slightly irregular ellipses of varied
 size and orientation with some texture; some touch or overlap (the later-drawn nucleus owns the overlap in the
-labels). The images get a Gaussian blur, noise and a smooth illumination gradient. Image ``i`` uses only ``numpy.random.default_rng(seed + i)``, so
-each image is reproducible on its own.
+labels). The images get a Gaussian blur, noise and a smooth illumination gradient. Image ``i`` uses only
+``numpy.random.default_rng(seed + i)``, so each image is reproducible on its own.
 
 Usage::
 
