@@ -55,6 +55,9 @@ def test_yaml_config_loads_and_flags_override(tmp_path):
     # a key may be any long name of its flag, as on the command line
     d = parse_train_args(["--config", write_yaml(tmp_path / "alias.yml", {"learning_rate": 0.02})])
     assert d.lr == 0.02
+    # a YAML list as the command line's comma-separated values
+    e = parse_train_args(["--config", write_yaml(tmp_path / "steps.yml", {"milestones": [10, 20]})])
+    assert e.milestone_list == [10, 20]
 
 
 def test_repo_configs_parse():
