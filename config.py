@@ -190,8 +190,9 @@ def read_yaml_config(path, parser):
                          "give it on the command line")
     if unknown:
         raise UsageError(f"--config {path}: unknown keys {', '.join(unknown)}; see python train.py --help")
-    # a YAML list (milestones: [30, 60]) is written as the command line writes it: 30,60
-    argv = [f"--{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in data.items() if v is not None]
+    # milestones as a YAML list ([30, 60]) is written as the command line writes it: 30,60
+    argv = [f"--{k}={','.join(map(str, v)) if isinstance(v, list) and dests[k] == 'milestones' else v}"
+            for k, v in data.items() if v is not None]
     try:
         parsed = build_train_parser(exit_on_error=False).parse_args(argv)
     except argparse.ArgumentError as e:
