@@ -150,28 +150,39 @@ def test_run_with_loader_workers_and_warmup_exits(workdir):
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+def run_with_workers_stopped_after_epoch_1(workdir, name, stop, **popen):
+    """Start a run with a loader worker, wait until its first epoch is saved, call ``stop(proc)``; returns (exit
+    code, stdout, stderr)."""
+    proc = subprocess.Popen(train_cmd(*first_run_args(name), "--num_workers", "1", "--loader", "workers",
+                                      "--epochs", "50"),  # later flags win
+                            cwd=workdir, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **popen)
+    try:
+        wait_for_first_epoch(proc, workdir / "models" / name)
+        stop(proc)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    return proc.returncode, out, err
+
+
 @pytest.mark.parametrize("group", [True, False], ids=["SIGTERM_to_the_group", "SIGINT_to_the_main_process"])
 def test_stops_cleanly_with_loader_workers(workdir, group):
     """``timeout`` and batch systems send SIGTERM to the whole process group, DataLoader workers included; Ctrl-C
     from another program reaches the main process alone. Either way the run stops as after Ctrl-C at a terminal
     (exit 130, how to resume, no traceback), neither on a dead worker nor waiting for one."""
     name = f"stopped_with_workers_{group}"
-    proc = subprocess.Popen(train_cmd(*first_run_args(name), "--num_workers", "1", "--loader", "workers",
-                                      "--epochs", "50"),  # later flags win
-                            cwd=workdir, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, preexec_fn=default_sigint)
-    try:
-        wait_for_first_epoch(proc, workdir / "models" / name)
+
+    def stop(proc):
         if group:
             os.killpg(proc.pid, signal.SIGTERM)
         else:
             proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-    assert proc.returncode == 130, (proc.returncode, err[-2000:])
+
+    code, out, err = run_with_workers_stopped_after_epoch_1(workdir, name, stop, preexec_fn=default_sigint)
+    assert code == 130, (code, err[-2000:])
     assert "Traceback" not in err, err[-2000:]
     assert f"--resume {name}" in out + err, out + err
     check_run_files_complete(workdir / "models" / name)
@@ -195,21 +206,14 @@ def test_killed_loader_worker_is_a_one_line_error(workdir):
     command that continues from the last saved epoch, instead of PyTorch's traceback (also when the other loader's
     worker ends afterwards, which makes PyTorch raise the error again)."""
     name = "worker_killed"
-    proc = subprocess.Popen(train_cmd(*first_run_args(name), "--num_workers", "1", "--loader", "workers",
-                                      "--epochs", "50"),  # later flags win
-                            cwd=workdir, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        wait_for_first_epoch(proc, workdir / "models" / name)
+
+    def kill_a_worker(proc):
         workers = sorted(child_pids(proc.pid))
         assert workers, "the run has no loader worker to kill"
         os.kill(workers[0], signal.SIGKILL)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-    assert proc.returncode == 1, (proc.returncode, err[-2000:])
+
+    code, out, err = run_with_workers_stopped_after_epoch_1(workdir, name, kill_a_worker)
+    assert code == 1, (code, err[-2000:])
     assert "Traceback" not in err, err[-2000:]
     assert "killed by signal" in err and f"--resume {name} --num_workers 0" in err, err[-2000:]
     check_run_files_complete(workdir / "models" / name)
