@@ -239,8 +239,8 @@ def read_mask(path):
     if mask.ndim == 3:
         mask = cv2.cvtColor(mask[:, :, :3], cv2.COLOR_BGR2GRAY) if mask.shape[2] >= 3 else mask[:, :, 0]
     values = np.unique(mask)
-    if set(values.tolist()) <= {0, 1} or set(values.tolist()) <= {0, 255} or \
-            (mask.dtype == np.uint16 and set(values.tolist()) <= {0, 65535}):
+    present = set(values.tolist())
+    if present <= {0, 1} or present <= {0, 255} or (mask.dtype == np.uint16 and present <= {0, 65535}):
         return (mask > 0).astype(np.uint8)
     shown = ", ".join(str(v) for v in values[:8]) + (" ..." if len(values) > 8 else "")
     raise DataError(f"mask {path} has values {{{shown}}}; masks must hold only 0/255 or 0/1 (0/65535 in 16 bits) "
