@@ -7,8 +7,9 @@
 For each score both files hold (iou, dice, dsb): the mean over the images both scored of B - A, a 95 % bootstrap
 interval of that mean (the images drawn again with replacement, 10,000 times, seed 0), and on how many images B
 is better and worse. The same for each image kind. B is "clearly better" on a score (the rule for replacing the
-bundled model) when the interval's lower end is above 0. Differences are paired by img_id, so the order of the
-rows does not matter.
+bundled model) when the interval's lower end is above 0. Differences are paired by img_id and resampled in the
+order of the sorted ids, so the order of the rows does not matter; images only one file holds are left out and
+counted in a note. A score compared on a single image gets no interval (NaN).
 """
 import os
 import sys
@@ -31,12 +32,17 @@ def read_scores(path):
     table = pd.read_csv(path, dtype={"img_id": str})
     if "img_id" not in table.columns:
         raise UsageError(f"{path} has no img_id column; give a scores.csv written by val.py")
+    repeated = table["img_id"][table["img_id"].duplicated()].unique()
+    if len(repeated):
+        raise UsageError(f"{path} lists {len(repeated)} img_id more than once (e.g. {repeated[0]}); give one "
+                         "val.py scores.csv, not several joined")
     return table.set_index("img_id")
 
 
 def paired(a, b):
-    """The rows of ``a`` and ``b`` (DataFrames indexed by img_id) for the images both hold, in one order."""
-    common = a.index.intersection(b.index)
+    """The rows of ``a`` and ``b`` (DataFrames indexed by img_id) for the images both hold, in the order of the
+    sorted ids: the bootstrap's draws then land on the same images whatever order the files list them in."""
+    common = a.index.intersection(b.index).sort_values()
     if common.empty:
         raise UsageError("the two score tables share no img_id; compare two evaluations of the same images")
     return a.loc[common], b.loc[common]
@@ -66,7 +72,7 @@ def compare(a, b, groups=None):
             diffs = y[keep] - x[keep]
             if not len(diffs):
                 continue
-            low, high = bootstrap_interval(diffs)
+            low, high = bootstrap_interval(diffs) if len(diffs) > 1 else (np.nan, np.nan)
             rows.append({"images": name, "n": len(diffs), "score": score, "mean_a": x[keep].mean(),
                          "mean_b": y[keep].mean(), "b_minus_a": diffs.mean(), "ci_low": low, "ci_high": high,
                          "b_better": int((diffs > 0).sum()), "b_worse": int((diffs < 0).sum())})
@@ -80,8 +86,12 @@ def main(argv):
     p.add_argument("a", help="scores.csv of model A (the one in use)")
     p.add_argument("b", help="scores.csv of model B (the candidate)")
     args = p.parse_args(argv)
-    table = compare(read_scores(args.a), read_scores(args.b), groups="kind")
+    a, b = read_scores(args.a), read_scores(args.b)
+    table = compare(a, b, groups="kind")
     print(f"A = {args.a}\nB = {args.b}")
+    for path, only in ((args.a, a.index.difference(b.index)), (args.b, b.index.difference(a.index))):
+        if len(only):
+            print(f"note: {len(only)} images only in {path} (e.g. {only[0]}) are left out")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     return table
 

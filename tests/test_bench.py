@@ -158,6 +158,30 @@ def test_compare_scores_pairs_by_image_id_in_any_order():
     assert row.loc[("stained", "dsb"), "n"] == 10 and row.loc[("stained", "dsb"), "ci_high"] < 0
 
 
+def test_compare_scores_interval_does_not_depend_on_the_row_order():
+    """The bootstrap resamples the images in one order (their sorted ids), so shuffling A's rows, as val.py's
+    order by score does, gives the same interval; a single image gets none."""
+    rng = np.random.default_rng(3)
+    ids = [f"i{k:03d}" for k in range(134)]
+    a = pd.DataFrame({"iou": rng.uniform(0.5, 0.9, 134)}, index=pd.Index(ids, name="img_id"))
+    b = a.assign(iou=a["iou"] + rng.normal(0.005, 0.03, 134))
+    intervals = {tuple(compare_scores.compare(a.sample(frac=1, random_state=s), b)[["ci_low", "ci_high"]].iloc[0])
+                 for s in range(5)}
+    assert len(intervals) == 1
+    single = compare_scores.compare(a.iloc[:1], b.iloc[:1])
+    assert single["n"][0] == 1 and np.isnan(single["ci_low"][0]) and np.isnan(single["ci_high"][0])
+
+
+def test_compare_scores_names_left_out_images_and_refuses_repeated_ids(tmp_path, capsys):
+    pd.DataFrame({"img_id": ["x", "y", "z"], "iou": [0.5, 0.6, 0.7]}).to_csv(tmp_path / "a.csv", index=False)
+    pd.DataFrame({"img_id": ["x", "y"], "iou": [0.6, 0.7]}).to_csv(tmp_path / "b.csv", index=False)
+    compare_scores.main([str(tmp_path / "a.csv"), str(tmp_path / "b.csv")])
+    assert f"note: 1 images only in {tmp_path / 'a.csv'} (e.g. z) are left out" in capsys.readouterr().out
+    pd.DataFrame({"img_id": ["x", "x"], "iou": [0.6, 0.7]}).to_csv(tmp_path / "b.csv", index=False)
+    with pytest.raises(UsageError, match="b.csv lists 1 img_id more than once"):
+        compare_scores.main([str(tmp_path / "a.csv"), str(tmp_path / "b.csv")])
+
+
 def test_compare_scores_refuses_tables_without_common_images(tmp_path):
     pd.DataFrame({"img_id": ["x"], "iou": [0.5]}).to_csv(tmp_path / "a.csv", index=False)
     pd.DataFrame({"img_id": ["y"], "iou": [0.5]}).to_csv(tmp_path / "b.csv", index=False)
