@@ -175,7 +175,7 @@ def read_labels(path, shape=None):
     file's (a label stays a label; an object too small for the new size may vanish) -> int32 [H, W]."""
     labels = read_label_image(path)
     if shape is not None and tuple(labels.shape) != tuple(shape):
-        labels = cv2.resize(labels.astype(np.float32), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
+        labels = cv2.resize(labels, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)  # int32: ids exact
     return labels.astype(np.int32)
 
 

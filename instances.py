@@ -180,8 +180,9 @@ def touching_borders(labels, width=1):
     labels = np.asarray(labels)
     size = 2 * int(width) + 1
     highest = ndi.maximum_filter(labels, size=size, mode="nearest")
-    lowest = ndi.minimum_filter(np.where(labels > 0, labels, np.iinfo(labels.dtype).max), size=size,
-                                mode="nearest")
+    # Background counts as the highest id, so that it never lowers a nucleus's minimum; the dtype's own maximum
+    # would not do, as scipy's filters wrap it around for 64-bit integers.
+    lowest = ndi.minimum_filter(np.where(labels > 0, labels, labels.max()), size=size, mode="nearest")
     return ((labels > 0) & ((highest != labels) | (lowest != labels))).astype(np.uint8)
 
 

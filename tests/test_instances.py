@@ -2,6 +2,7 @@
 import cv2
 import numpy as np
 import pytest
+import tifffile
 
 from config import object_filters
 from image_files import read_labels
@@ -135,6 +136,9 @@ def test_read_labels_resizes_with_nearest(tmp_path):
     assert same.dtype == np.int32 and np.array_equal(same, labels)
     small = read_labels(path, (10, 15))
     assert small.shape == (10, 15) and set(np.unique(small).tolist()) == {0, 1, 300}
+    big_ids = np.where(labels == 1, 2**24 + 1, np.where(labels > 0, 2**24, 0)).astype(np.int32)  # not floats
+    tifffile.imwrite(tmp_path / "big.tif", big_ids)
+    assert set(np.unique(read_labels(str(tmp_path / "big.tif"), (10, 15))).tolist()) == {0, 2**24, 2**24 + 1}
 
 
 def test_touching_borders_marks_both_sides_of_a_contact_only():
@@ -149,6 +153,8 @@ def test_touching_borders_marks_both_sides_of_a_contact_only():
     assert np.array_equal(border, expected)
     assert touching_borders(labels, width=2)[2:6, 7:11].all()
     assert touching_borders(np.zeros((5, 5), np.uint16)).max() == 0
+    for dtype in (np.uint8, np.uint16, np.int64, np.uint64):  # int64: numpy's default, skimage.measure.label's
+        assert np.array_equal(touching_borders(labels.astype(dtype)), expected), dtype
 
 
 def test_border_separation_splits_touching_discs_along_the_predicted_border():
