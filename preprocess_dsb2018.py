@@ -58,12 +58,15 @@ def default_dst(img_size, src=DEFAULT_SRC):
 def rle_decode(encoded, height, width):
     """Kaggle's run-length encoding -> bool [height, width]: 'start length ...' pairs, pixels numbered from 1 top to
     bottom, then left to right (column-major)."""
-    values = np.asarray(str(encoded).split(), dtype=np.int64)
-    if values.size % 2 or (values.size and (values[0::2].min() < 1 or (values[0::2] + values[1::2]).max() - 1 >
-                                            height * width)):
+    words = str(encoded).split()
+    values = np.asarray([int(w) for w in words if w.isdigit()], dtype=np.int64)  # not 'nan' (an empty cell), '-2'
+    starts, lengths = values[0::2], values[1::2]
+    well_formed = len(values) == len(words) and len(starts) == len(lengths) and (
+        not len(values) or (values.min() >= 1 and (starts + lengths).max() - 1 <= height * width))
+    if not well_formed:
         raise DataError(f"a run-length mask of a {height}x{width} image is malformed: {str(encoded)[:60]}")
     flat = np.zeros(height * width, bool)
-    for start, length in zip(values[0::2] - 1, values[1::2]):
+    for start, length in zip(starts - 1, lengths):
         flat[start:start + length] = True
     return flat.reshape(width, height).T
 
