@@ -58,6 +58,30 @@ def test_threads_and_waiting_give_what_one_image_at_a_time_gives(tmp_path):
     assert one.set_index("img_id")["dsb"][meta["img_id"][1]] == expected["watershed"]
 
 
+def test_rows_score_the_mask_channel_against_a_numpy_reference(tmp_path):
+    """A row's IoU and Dice are those of class 0 alone, computed here from the definitions: the border channel
+    after it (here all wrong) does not count, and an image with empty truth and prediction scores 1."""
+    rng = np.random.default_rng(1)
+    batches, labels = _batches(tmp_path, rng, num_batches=2)
+    meta, images, logits, masks = batches[0]
+    logits[1, 0], masks[1, 0] = -5.0, 0.0  # nothing to find and nothing found
+    batches[0] = (meta, images, torch.cat([logits, -logits], 1), torch.cat([masks, masks], 1))
+    meta, images, logits, masks = batches[1]
+    batches[1] = (meta, images, torch.cat([logits, -logits], 1), torch.cat([masks, masks], 1))
+    kinds = {i: "fluorescence" for meta, *_ in batches for i in meta["img_id"]}
+    with ImageWriter(str(tmp_path / "out"), 1, kinds, {}, ["watershed"], {}, overlays=False, workers=1) as writer:
+        for batch in batches:
+            writer(*batch)
+        rows = writer.write_table().set_index("img_id")
+    for meta, _, logits, masks in batches:
+        for i, img_id in enumerate(meta["img_id"]):
+            pred, truth = logits[i, 0].numpy() > 0, masks[i, 0].numpy() > 0.5
+            both, either, total = (pred & truth).sum(), (pred | truth).sum(), pred.sum() + truth.sum()
+            assert rows["iou"][img_id] == pytest.approx(both / either if either else 1.0, abs=1e-6)
+            assert rows["dice"][img_id] == pytest.approx(2 * both / total if total else 1.0, abs=1e-6)
+    assert rows["iou"][batches[0][0]["img_id"][1]] == 1.0
+
+
 def _square_slowly(x):
     time.sleep(0.002 * (10 - x))  # the later jobs finish first
     return x * x

@@ -1,6 +1,7 @@
 """Tests for losses.py and lovasz_losses.py: hand-worked values, batched vs looped Lovasz, float32, heads."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -95,6 +96,31 @@ def test_per_image_loop_is_the_mean_of_single_images():
     torch.testing.assert_close(lovasz_hinge_per_image_loop(logits, labels), expected)
     # Per image, not pooled over the batch: the batch as one flat image gives a different value.
     assert not torch.allclose(expected, lovasz_hinge_flat(logits.reshape(-1), labels.reshape(-1)))
+
+
+def lovasz_from_the_definition(errors, truth):
+    """The Lovasz extension of the Jaccard loss at the hinge errors (paper, eq. 8-9), with sets: add the pixels in
+    order of decreasing error and weigh each error by how much the Jaccard loss of the mispredicted set grows."""
+    def jaccard_loss(wrong):  # pixels of ``truth`` left out and background taken in
+        if not wrong.any():
+            return 0.0
+        return 1.0 - (truth.sum() - (wrong & truth).sum()) / (truth.sum() + (wrong & ~truth).sum())
+
+    wrong, before, loss = np.zeros(len(errors), bool), 0.0, 0.0
+    for i in sorted(range(len(errors)), key=lambda j: -errors[j]):
+        wrong[i] = True
+        after = jaccard_loss(wrong)
+        loss += max(errors[i], 0.0) * (after - before)
+        before = after
+    return loss
+
+
+def test_lovasz_equals_the_extension_written_from_its_definition():
+    logits, labels = random_batch_with_empty_and_full_images(6, shape=(5, 2, 5, 5))
+    flat_logits, flat_labels = logits.reshape(10, -1).double().numpy(), labels.reshape(10, -1).numpy() > 0.5
+    expected = np.mean([lovasz_from_the_definition(1.0 - lg * np.where(lb, 1.0, -1.0), lb)
+                        for lg, lb in zip(flat_logits, flat_labels)])
+    assert LovaszHingeLoss()(logits, labels).item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_multiclass_lovasz_treats_each_class_as_an_image():
