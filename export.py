@@ -10,23 +10,14 @@ and width must be multiples of 16 (pad first, as predict.py does). It has one ou
 [batch, K, height, width]; apply a sigmoid for probabilities. A deep-supervision NestedUNet is exported with its
 final head only (X0,4), or with head L and only the nodes it needs when ``--prune L`` is given.
 
-Uses PyTorch's TorchScript-based exporter (``dynamo=False``), which needs the ``onnx`` package but not
-``onnxscript``; opset 17. The file is written atomically. When ``onnxruntime`` is installed the exported model
-is run once on a random input and its largest difference from PyTorch is printed.
+The export itself (opset 17, PyTorch's TorchScript-based exporter, which needs the ``onnx`` package) is in
+onnx_export.py. The file is written atomically. When ``onnxruntime`` is installed the exported model is run once
+on a random input and its largest difference from PyTorch is printed.
 """
-import io
 import os
-import warnings
 
-import numpy as np
-import torch
+from utils import ArgumentParser, UsageError, run_cli
 
-from archs import final_logits
-from checkpoints import load_run
-from config import derived_files_dir, output_channels
-from utils import ArgumentParser, UsageError, UserError, atomic_write, run_cli
-
-OPSET = 17
 SCALING = {  # how image_files.image_to_float scales an image for each --normalization, in the printed input contract
     "fixed": "8-bit / 255, 16-bit by its min and max",
     "percentile": "by its 1st and 99.8th percentiles",
@@ -50,64 +41,19 @@ def build_parser():
     return p
 
 
-def export_module(model, prune=None):
-    """An nn.Module in eval mode returning only the logits tensor [B, K, H, W] that the export keeps: the
-    final head (deep supervision), or head ``prune``."""
-    class FinalHead(torch.nn.Module):
-        def __init__(self, net):
-            super().__init__()
-            self.net = net
-
-        def forward(self, x):
-            return final_logits(self.net(x) if prune is None else self.net(x, prune=prune))
-
-    # eval() on the wrapper itself: the exporter restores the wrapper's own mode afterwards, and a wrapper left
-    # in training mode would put the network's BatchNorm layers back into training mode with it.
-    return FinalHead(model).eval()
-
-
-def export_onnx(module, example, path):
-    """Trace ``module`` on ``example`` [1, C, H, W] and write ONNX (opset 17, dynamic batch/height/width)
-    atomically to ``path``; returns the number of bytes written."""
-    try:
-        import onnx  # noqa: F401  (the TorchScript exporter needs it)
-    except ImportError:
-        raise UserError("exporting to ONNX needs the 'onnx' package: pip install onnx") from None
-    buffer = io.BytesIO()
-    dynamic = {0: "batch", 2: "height", 3: "width"}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # TracerWarnings about the shape checks, the legacy-exporter notice
-        torch.onnx.export(module, (example,), buffer, dynamo=False, opset_version=OPSET, input_names=["image"],
-                          output_names=["logits"], dynamic_axes={"image": dynamic, "logits": dynamic},
-                          do_constant_folding=True)
-    data = buffer.getvalue()
-    onnx.checker.check_model(onnx.load_from_string(data))
-    with atomic_write(path, "wb") as f:
-        f.write(data)
-    return len(data)
-
-
-def onnxruntime_difference(path, module, example):
-    """Largest |ONNX Runtime - PyTorch| on ``example``, or None when onnxruntime is not installed."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return None
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    got = session.run(None, {"image": example.numpy()})[0]
-    with torch.no_grad():
-        want = module(example).numpy()
-    return float(np.abs(got - want).max())
-
-
 def main(argv):
     args = build_parser().parse_args(argv)
     for flag in ("height", "width"):
         value = getattr(args, flag)
         if value < 16 or value % 16:
             raise UsageError(f"--{flag} {value} must be a positive multiple of 16")
-    device = torch.device("cpu")
-    cfg, model = load_run(args.name, device, args.prune)
+    # Heavy imports only now, so that --help and flag errors answer at once.
+    import torch
+    from checkpoints import load_run
+    from config import derived_files_dir, output_channels
+    from onnx_export import OPSET, export_module, export_onnx, onnxruntime_difference
+
+    cfg, model = load_run(args.name, torch.device("cpu"), args.prune)
     path = args.output or os.path.join(derived_files_dir(args.name),
                                        f"model_L{args.prune}.onnx" if args.prune else "model.onnx")
     module = export_module(model, args.prune)
