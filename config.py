@@ -235,7 +235,21 @@ def parse_train_args(argv):
     check_dataset_name(args.dataset)  # before the run name made from it
     args.name = check_run_name(args.name or default_run_name(args))
     check_train_args(args)
+    if args.init and not args.resume:
+        check_init_outside_run(args.init, args.name)
     return args
+
+
+def check_init_outside_run(init, name):
+    """--init must not be the run being started: its folder is written over, and a run of a bundled model's name
+    (``--init nuclei --name nuclei``) would afterwards stand for the weights it started from. Checked when a run
+    starts only, not when a finished run's config.yml is read."""
+    if init == name and init_is_run(init):
+        raise UsageError(f"--init {init} --name {name}: the new run would take the place of the run it starts from "
+                         f"(models/{name}/ wins over pretrained/{name}/); give the new run another --name")
+    if os.path.abspath(init_weights_path(init)).startswith(os.path.abspath(run_dir(name)) + os.sep):
+        raise UsageError(f"--init {init} lies in models/{name}/, the folder of the run being started; give the new "
+                         "run another --name")
 
 
 def check_unchanged_on_resume(args, saved_values, name):
@@ -286,10 +300,6 @@ def check_train_args(args):
     if args.balance < 0:
         raise UsageError(f"--balance must not be negative, got {args.balance} (0 = uniform, 1 = each kind equally "
                          "often)")
-    if args.init and not args.resume:
-        if os.path.abspath(init_weights_path(args.init)).startswith(os.path.abspath(run_dir(args.name)) + os.sep):
-            raise UsageError(f"--init {args.init} lies in models/{args.name}/, the folder of the run being started; "
-                             "give the new run another --name")
     if args.stain_jitter and (args.input_channels != 3 or args.loader == "device"):
         raise UsageError("--stain_jitter re-stains RGB images in the loader workers: it needs --input_channels 3 and "
                          "--loader workers or auto")

@@ -67,6 +67,8 @@ CASES = {
                            ["--init unet.pth", "different network", "--arch"]),
     "init_from_the_run_itself": (train("--name", "nomodel", "--init", "nomodel", "--overwrite"), 2,
                                  ["--init nomodel", "models/nomodel/", "another --name"]),
+    "init_bundled_into_its_own_name": (train("--init", "nuclei", "--name", "nuclei"), 2,
+                                       ["--init nuclei --name nuclei", "pretrained/nuclei/", "another --name"]),
     "init_other_normalization": (train("--init", "pctrun"), 2, ["--init pctrun", "--normalization percentile"]),
     "init_other_num_classes": (train("--init", "tworun"), 2, ["--init tworun", "--num_classes 2", "not 1"]),
     "init_file_of_other_num_classes": (train("--init", "models/tworun/model.pth"), 2,

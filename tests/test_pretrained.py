@@ -68,3 +68,7 @@ def test_files_made_from_the_bundled_run_do_not_hide_it_and_a_run_of_that_name_s
     train.main(train_argv(NAME))
     assert f"models/{NAME} takes the place of the bundled run" in capsys.readouterr().out
     assert load_run(NAME, torch.device("cpu"))[0].crop_size == 0  # the 32x32 run just trained
+    # its config.yml names the run it started from, even its own name (written by an older version): it loads
+    config = tiny_workdir / "models" / NAME / "config.yml"
+    config.write_text(config.read_text().replace("init: null", f"init: {NAME}"))
+    assert load_run(NAME, torch.device("cpu"))[0].init == NAME
