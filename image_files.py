@@ -107,13 +107,17 @@ def tiff_header_layout(path):
 
 
 def decode_planes(path):
-    """Read an image file as stored: (uint8 or uint16 array [N, H, W, C] in RGB order, alpha dropped; the letters
-    of its plane axes). N > 1 only for a TIFF stack (time, z or pages; :func:`tiff_layout`), else 1 and "". C is
-    1 (grey), 3 (RGB) or, for a TIFF with a channel axis, any number of channels (:func:`select_channel`)."""
+    """Read an image file as stored: (uint8 or uint16 array [N, H, W, C] in RGB order, or the float or other
+    integer type of a TIFF, alpha dropped; the letters of its plane axes). N > 1 only for a TIFF stack (time, z or
+    pages; :func:`tiff_layout`), else 1 and "". C is 1 (grey), 3 (RGB) or, for a TIFF with a channel axis, any
+    number of channels (:func:`select_channel`). A float image with NaN or infinite values is a DataError."""
     path = str(path)
     if path.lower().endswith(TIFF_EXTS):
         _check_exists(path, "image")
         planes, plane_axes = tiff_planes(path)  # tifffile reads RGB
+        if planes.dtype.kind == "f" and not np.isfinite(planes).all():  # they would turn the whole image to NaN
+            raise DataError(f"image {path} holds NaN or infinite values (from registration or stitching?); replace "
+                            "them, e.g. by 0 (Fiji: Process > Math > Remove NaNs), and save it again")
     else:
         img = _imread(path, cv2.IMREAD_UNCHANGED, "image")
         img = img[:, :, None] if img.ndim == 2 else img

@@ -595,6 +595,16 @@ def test_tiff_layout_refuses_two_channel_axes():
         image_files.tiff_layout((4, 2, 20, 30, 3), "ZCYXS")
 
 
+def test_a_float_tiff_with_nan_is_named_not_read_as_an_empty_image(tmp_path):
+    image = np.random.default_rng(0).uniform(0, 100, (20, 30)).astype(np.float32)
+    tifffile.imwrite(tmp_path / "fine.tif", image)
+    np.testing.assert_array_equal(image_files.decode_image(tmp_path / "fine.tif")[..., 0], image)
+    image[:3] = np.nan  # the margin a registration leaves
+    tifffile.imwrite(tmp_path / "registered.tif", image)
+    with pytest.raises(DataError, match=r"registered.tif holds NaN or infinite values.*Remove NaNs"):
+        image_files.decode_image(tmp_path / "registered.tif")
+
+
 def test_tiff_stacks_read_as_planes(tmp_path):
     rng = np.random.default_rng(0)
     movie = rng.integers(0, 60000, (2, 3, 20, 30), dtype=np.uint16)  # T, Z, Y, X
