@@ -8,6 +8,7 @@ unreadable or inconsistent file is a DataError naming it. The network then sees 
 [0, 1] values (:func:`normalize`), in training and at prediction alike.
 """
 import os
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -94,16 +95,28 @@ def tiff_planes(path, what="image"):
     return (planes[..., :3] if channel_axis == "S" else planes), plane_axes
 
 
-def tiff_header_layout(path):
-    """(plane axes, channel axis) of a TIFF's first series, from its header alone (:func:`tiff_layout`; "" for
-    none): lets predict.py know a stack before reading it. A channel axis Q or I means pages without axis
-    metadata taken as colours. An unreadable file gives ("", "") (reading it names the problem)."""
+class TiffHeader(NamedTuple):
+    """What a TIFF's header says, before its pixels are read (:func:`tiff_header`): the plane axes and the channel
+    axis of its first series (:func:`tiff_layout`; "" for none; a channel axis Q or I means pages without axis
+    metadata taken as colours), its number of channels (1 for grey) and its number of series (positions or scenes;
+    only the first is read). The defaults describe a 2D image."""
+    plane_axes: str = ""
+    channel_axis: str = ""
+    channels: int = 1
+    series: int = 1
+
+
+def tiff_header(path):
+    """The :class:`TiffHeader` of a TIFF: lets predict.py know a stack before reading it. An unreadable file gives
+    the defaults (reading it names the problem)."""
     try:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
-            return tiff_layout(series.shape, series.axes)[1:]
+            order, plane_axes, channel_axis = tiff_layout(series.shape, series.axes)
+            channels = series.shape[order[-1]] if channel_axis else 1
+            return TiffHeader(plane_axes, channel_axis, channels, len(tif.series))
     except Exception:
-        return "", ""
+        return TiffHeader()
 
 
 def decode_planes(path):

@@ -34,7 +34,7 @@ from skimage.measure import regionprops_table
 from tqdm import tqdm
 
 from config import add_amp_arg, add_device_arg, add_separation_args, choose_separation, object_filters
-from image_files import TIFF_EXTS, decode_planes, select_channel, tiff_header_layout
+from image_files import TIFF_EXTS, TiffHeader, decode_planes, select_channel, tiff_header
 from instances import AUTO_SCALE_BAND, auto_scale, border_map, median_diameter, nucleus_areas, split_instances
 from utils import (ArgumentParser, BatchedThreads, DataError, UsageError, atomic_imwrite, atomic_tiff_write,
                    atomic_write, check_output_folder, float_or_auto, run_cli)
@@ -124,19 +124,30 @@ def list_images(paths):
     return list(unique.values())
 
 
-def tiff_layouts(files):
-    """(plane axes, channel axis) of each file (("", "") for a 2D image that is not a TIFF; plane axes "T", "Z",
-    "TZ", ... for a TIFF stack), from the TIFF headers alone, so that the output names are known before any
-    image is read."""
-    return [tiff_header_layout(f) if f.lower().endswith(TIFF_EXTS) else ("", "") for f in files]
+def tiff_headers(files):
+    """The image_files.TiffHeader of each file (the defaults for an image that is not a TIFF): plane axes "T",
+    "Z", "TZ", ... for a TIFF stack, from the headers alone, so that the output names are known before any image
+    is read."""
+    return [tiff_header(f) if f.lower().endswith(TIFF_EXTS) else TiffHeader() for f in files]
 
 
-def colour_page_notes(files, layouts):
-    """A line for each TIFF whose 3 or 4 pages, without ImageJ or OME axes, are read as the colours of one image
-    (channels-first RGB is common; a short stack saved without axes looks the same)."""
-    return [f"note: {f} has 3 or 4 pages and no ImageJ or OME axes: read as the colours of one image; save it as an "
-            "ImageJ or OME TIFF with its axes to segment the pages one by one"
-            for f, (_, channel) in zip(files, layouts) if channel in ("Q", "I")]
+def tiff_notes(files, headers, channel):
+    """A line for each TIFF read otherwise than its header might suggest: 3 or 4 pages without ImageJ or OME axes
+    read as the colours of one image (channels-first RGB is common; a short stack saved without axes looks the
+    same), 3 channels on a C axis read as RGB when no ``channel`` is chosen (fluorescence channels, unlike RGB
+    samples on an S axis), and the series after the first (positions or scenes), which are not read."""
+    notes = []
+    for f, header in zip(files, headers):
+        if header.channel_axis in ("Q", "I"):
+            notes.append(f"note: {f} has 3 or 4 pages and no ImageJ or OME axes: read as the colours of one image; "
+                         "save it as an ImageJ or OME TIFF with its axes to segment the pages one by one")
+        if header.channel_axis == "C" and header.channels == 3 and channel is None:
+            notes.append(f"note: {f} has 3 channels (axis C): read as the colours of one RGB image; for "
+                         "fluorescence channels give the nucleus channel with --channel (0 to 2)")
+        if header.series > 1:
+            notes.append(f"note: {f} holds {header.series} series (positions or scenes): only the first is "
+                         "segmented; save each series as a file of its own")
+    return notes
 
 
 def image_ids(files, out_dir, stacks):
@@ -246,7 +257,7 @@ def predict_all(predictor, files, ids, stacks, out_dir, num_classes, threshold, 
                 separation=None, filters=None, overlay=False, channel=None, auto=None):
     """Predict every file into ``out_dir``: the masks (and probabilities with ``save_prob``), the nuclei when a
     ``separation`` is given (with ``filters``), the outlines with ``overlay``; PNGs for a 2D image, TIFF stacks
-    for a stack (``stacks``: the plane axes of each file, :func:`tiff_layouts`), each plane predicted as an image of
+    for a stack (``stacks``: the plane axes of each file, :func:`tiff_headers`), each plane predicted as an image of
     its own; ``channel`` picks one channel of each (image_files.select_channel); ``auto`` = (the run's training
     nucleus diameter, separation) for --scale auto (:func:`auto_scaled`). The per-plane work runs in threads after
     every 256 MB of predictions (utils.BatchedThreads).
@@ -318,6 +329,21 @@ def earlier_outputs_note(args, files, ids, stacks):
             f"{' ...' if len(earlier) > 3 else ''}; remove them, or predict into a new --output")
 
 
+def objects_csv_note(out_dir, ids):
+    """Before objects.csv in ``out_dir`` is replaced: a note naming the images of an earlier prediction whose rows
+    it held and this one's will not (those not in ``ids``), or '' when there are none (or no readable file)."""
+    try:
+        earlier = pd.read_csv(os.path.join(out_dir, "objects.csv"), usecols=["image"], dtype=str)["image"]
+    except (OSError, ValueError, pd.errors.ParserError):
+        return ""
+    others = sorted(set(earlier) - set(ids))
+    if not others:
+        return ""
+    return (f"note: {os.path.join(out_dir, 'objects.csv')} held the nuclei of {len(others)} other image"
+            f"{'s' * (len(others) > 1)} of an earlier prediction ({', '.join(others[:3])}{' ...' * (len(others) > 3)})"
+            "; it now holds this prediction's only (their other files stay)")
+
+
 def diameter_note(found, trained, scale):
     """The summary's note on the nuclei's median diameter ``found`` (pixels): with a hint to try --scale auto when
     the images were predicted as they are and the nuclei are far from the ``trained`` diameter (0: unknown)."""
@@ -341,10 +367,10 @@ def main(argv):
     check_args(args)
     object_filters(args.min_size, args.min_confidence)  # flag errors before the heavy imports
     files = list_images(args.input)
-    layouts = tiff_layouts(files)
-    stacks = [planes for planes, _ in layouts]
+    headers = tiff_headers(files)
+    stacks = [header.plane_axes for header in headers]
     ids = image_ids(files, args.output, stacks)
-    for note in colour_page_notes(files, layouts):
+    for note in tiff_notes(files, headers, args.channel):
         print(note)
     # Heavy imports only now, so that --help and flag errors answer at once.
     from checkpoints import load_run
@@ -366,6 +392,7 @@ def main(argv):
     separation = choose_separation(args.separation, cfg.borders, args.name)
     predictor = Predictor(model, cfg, device, args.tile or None, args.overlap, args.batch_size, args.prune, args.tta,
                           args.amp, 1.0 if auto else args.scale)
+    replaced_rows = objects_csv_note(args.output, ids) if args.instances else ""
     os.makedirs(args.output, exist_ok=True)
     started = time.time()
     foreground, objects, megapixels, planes, scales, left_out = predict_all(
@@ -391,8 +418,9 @@ def main(argv):
           f"{found}; "
           f"files in {os.path.join(args.output, '')}")
     earlier = earlier_outputs_note(args, files, ids, stacks) if cfg.num_classes == 1 else ""
-    if earlier:
-        print(earlier)
+    for note in (earlier, replaced_rows):
+        if note:
+            print(note)
     if left_out:
         raise DataError(f"{len(left_out)} of {len(files)} files were left out (the others are in "
                         f"{os.path.join(args.output, '')}): " + "; ".join(left_out[:5]) +

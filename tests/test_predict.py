@@ -179,10 +179,27 @@ def test_three_pages_without_axes_are_read_as_colours_with_a_note(tmp_path):
     tifffile.imwrite(tmp_path / "movie.tif", pages, imagej=True, metadata={"axes": "TYX"})
     tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((20, 24, 3), np.uint8), photometric="rgb")
     files = [str(tmp_path / f) for f in ("plain.tif", "movie.tif", "rgb.tif")]
-    layouts = predict.tiff_layouts(files)
-    assert [planes for planes, _ in layouts] == ["", "T", ""]
-    notes = predict.colour_page_notes(files, layouts)
+    headers = predict.tiff_headers(files)
+    assert [header.plane_axes for header in headers] == ["", "T", ""]
+    notes = predict.tiff_notes(files, headers, None)
     assert len(notes) == 1 and files[0] in notes[0] and "ImageJ or OME TIFF" in notes[0]
+
+
+def test_three_fluorescence_channels_and_further_series_are_named(tmp_path):
+    """3 channels on a C axis (DAPI, GFP, RFP) are read as RGB unless --channel picks one: a note says so. Series
+    after the first (positions of a multi-position OME-TIFF) are not read: a note names them."""
+    channels = np.zeros((3, 20, 24), np.uint16)
+    tifffile.imwrite(tmp_path / "composite.tif", channels, imagej=True, metadata={"axes": "CYX"})
+    with tifffile.TiffWriter(tmp_path / "positions.tif", ome=True) as tif:
+        for _ in range(3):
+            tif.write(channels[0], metadata={"axes": "YX"})
+    files = [str(tmp_path / f) for f in ("composite.tif", "positions.tif")]
+    headers = predict.tiff_headers(files)
+    assert [(h.channel_axis, h.channels, h.series) for h in headers] == [("C", 3, 1), ("", 1, 3)]
+    notes = predict.tiff_notes(files, headers, None)
+    assert len(notes) == 2 and "composite.tif has 3 channels (axis C)" in notes[0] and "--channel" in notes[0]
+    assert "positions.tif holds 3 series" in notes[1] and "only the first" in notes[1]
+    assert predict.tiff_notes(files, headers, 0) == notes[1:]  # a channel chosen: no note on the channels
 
 
 def test_channel_picks_the_nucleus_channel(in_runs, tmp_path):
@@ -439,8 +456,16 @@ def test_files_of_an_earlier_prediction_are_named(in_runs, tmp_path, capsys):
     predict.main(["--name", "pc", "--input", image, "--output", out, "--device", "cpu"])
     assert ("also holds 3 files of an earlier prediction that this one did not write: a_instances.png, "
             "a_overlay.png, objects.csv") in capsys.readouterr().out
-    predict.main(["--name", "pc", "--input", image, "--output", out, "--instances", "--overlay", "--device", "cpu"])
+    predict.main(["--name", "pc", "--input", image, "--output", out, "--instances", "--overlay", "--device", "cpu",
+                  "--min_confidence", "0"])
     assert "earlier prediction" not in capsys.readouterr().out
+    assert "a" in set(pd.read_csv(os.path.join(out, "objects.csv"), dtype={"image": str})["image"])
+    # another image into the same folder: objects.csv is replaced, and the image whose rows it loses is named
+    other = write(tmp_path / "in2" / "b.png", sample_bgr(40, 40))
+    predict.main(["--name", "pc", "--input", other, "--output", out, "--instances", "--device", "cpu"])
+    assert (f"note: {os.path.join(out, 'objects.csv')} held the nuclei of 1 other image of an earlier prediction "
+            "(a)") in capsys.readouterr().out
+    assert set(pd.read_csv(os.path.join(out, "objects.csv"), dtype={"image": str})["image"]) <= {"b"}
 
 
 def test_errors_name_the_problem(in_runs, tmp_path):
