@@ -26,13 +26,14 @@ SEPARATION_NAMES = {"cc": "connected components", "watershed": "watershed", "bor
 
 def evaluation_ids(name, split, dataset, run_dataset, reading):
     """(dataset folder, ids to score, what they are): the ``split`` ids (default val) of run ``name``'s split.csv,
-    or with ``dataset`` every image of that folder (inputs/<dataset>, or a path holding images/). ``run_dataset``:
+    or with ``dataset`` every image of that folder (inputs/<dataset>, or a folder path, of any layout). ``run_dataset``:
     the run's --dataset; ``reading``: its img_ext, mask_ext and num_classes."""
     if dataset is not None:
         if split is not None:
             raise UsageError("--split picks ids of the run's own dataset; with --dataset every image is scored, so "
                              "give one of the two")
-        folder = dataset if os.path.isdir(os.path.join(dataset, "images")) else os.path.join(INPUTS_DIR, dataset)
+        named = os.path.join(INPUTS_DIR, dataset)  # a name in inputs/ first, else a folder path of any layout
+        folder = dataset if not os.path.isdir(named) and os.path.isdir(dataset) else named
         ids = list_ids(folder, reading["img_ext"], reading["mask_ext"], reading["num_classes"])
         return folder, ids, f"all of {folder} (not trained on)"
     split = split or "val"

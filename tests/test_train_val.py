@@ -593,3 +593,8 @@ def test_trains_and_scores_a_cellpose_layout_of_label_images(tiny_workdir, tiny_
     assert 0 <= scores["dsb"] <= 1 and 0 <= scores["iou"] <= 1
     assert len(os.listdir(tiny_workdir / "outputs" / "cp" / "borders")) == len(split_ids(read_split(tiny_workdir,
                                                                                                   "cp"), "val"))
+    # every image of it, given as a folder path (no images/ folder in this layout) as well as by name
+    for dataset in (os.path.join("inputs", "cellpose"), str(folder), "cellpose"):
+        val.main(["--name", "cp", "--dataset", dataset, "--device", "cpu", "--no_overlays"])
+        table = pd.read_csv(tiny_workdir / "outputs" / "cp_on_cellpose" / "scores.csv", dtype={"img_id": str})
+        assert sorted(table["img_id"]) == sorted(tiny_ids)
