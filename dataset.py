@@ -10,7 +10,8 @@ Three layouts (:class:`Layout`); the first is the one pytorch-nested-unet used::
     inputs/<dataset>/labels/<id><mask_ext>            # 0 = background; or masks/<id><mask_ext>, no class folders
 
     inputs/<dataset>/<id>_img<img_ext>                # Cellpose's layout: image and label image side by side
-    inputs/<dataset>/<id>_masks<mask_ext>
+    inputs/<dataset>/<id>_masks<mask_ext>             # (or <id><img_ext> + <id>_masks<mask_ext>, Cellpose's own
+                                                      # training folders; its <id>_flows files are left out)
 
 With label images the binary mask (one class) is every labelled pixel, and the labels serve the instance score and
 ``--borders``. The files are read by image_files.py (PNG/JPEG/BMP with OpenCV, TIFF with tifffile).
@@ -50,17 +51,21 @@ def _few(ids, n=3):
     return ", ".join(ids[:n]) + (f" and {len(ids) - n} more" if len(ids) > n else "")
 
 
+CELLPOSE_NOT_IMAGES = ("_masks", "_flows")  # files beside the images in Cellpose's folders without _img
+
+
 class Layout:
     """Where the files of sample ``img_id`` are in a dataset folder of one of the three layouts (module docstring):
-    ``kind`` is 'masks', 'labels' (label images in ``label_dir``) or 'cellpose'."""
+    ``kind`` is 'masks', 'labels' (label images in ``label_dir``) or 'cellpose' (images named <id>``img_suffix``,
+    '_img' or '')."""
 
-    def __init__(self, dataset_dir, kind, img_ext=".png", mask_ext=".png", label_dir=None):
+    def __init__(self, dataset_dir, kind, img_ext=".png", mask_ext=".png", label_dir=None, img_suffix="_img"):
         self.dataset_dir, self.kind, self.img_ext, self.mask_ext = dataset_dir, kind, img_ext, mask_ext
-        self.label_dir = label_dir
+        self.label_dir, self.img_suffix = label_dir, img_suffix
 
     def image(self, img_id):
         if self.kind == "cellpose":
-            return os.path.join(self.dataset_dir, f"{img_id}_img{self.img_ext}")
+            return os.path.join(self.dataset_dir, f"{img_id}{self.img_suffix}{self.img_ext}")
         return os.path.join(self.dataset_dir, "images", img_id + self.img_ext)
 
     def mask(self, img_id, c):
@@ -78,19 +83,23 @@ class Layout:
 
     def image_ids(self):
         if self.kind == "cellpose":
-            return _ids_in(self.dataset_dir, f"_img{self.img_ext}")
+            ids = _ids_in(self.dataset_dir, f"{self.img_suffix}{self.img_ext}")
+            return ids if self.img_suffix else {i for i in ids if not i.endswith(CELLPOSE_NOT_IMAGES)}
         return _ids_in(os.path.join(self.dataset_dir, "images"), self.img_ext)
 
 
 def find_layout(dataset_dir, img_ext=".png", mask_ext=".png"):
     """The :class:`Layout` of ``dataset_dir``: class folders under masks/ make the 'masks' layout; label images in
-    labels/ (no masks/) or directly in masks/ the 'labels' layout; <id>_img files beside <id>_masks files Cellpose's."""
+    labels/ (no masks/) or directly in masks/ the 'labels' layout; <id>_img files (or without images/, any images)
+    beside <id>_masks files Cellpose's."""
     img_dir, mask_dir = os.path.join(dataset_dir, "images"), os.path.join(dataset_dir, "masks")
     if not os.path.isdir(img_dir):
-        if os.path.isdir(dataset_dir) and _ids_in(dataset_dir, f"_img{img_ext}"):
+        files = os.listdir(dataset_dir) if os.path.isdir(dataset_dir) else []
+        if files and _ids_in(dataset_dir, f"_img{img_ext}"):
             return Layout(dataset_dir, "cellpose", img_ext, mask_ext)
-        cellpose = sorted({f.rsplit("_img", 1)[1] for f in (os.listdir(dataset_dir) if os.path.isdir(dataset_dir)
-                                                                else []) if "_img." in f and not f.startswith(".")})
+        cellpose = sorted({f.rsplit("_img", 1)[1] for f in files if "_img." in f and not f.startswith(".")})
+        if not cellpose and files and _ids_in(dataset_dir, f"_masks{mask_ext}"):
+            return Layout(dataset_dir, "cellpose", img_ext, mask_ext, img_suffix="")
         hint = f"; found Cellpose-style <name>_img{cellpose[0]} files: pass --img_ext {cellpose[0]}" if cellpose else ""
         raise DataError(f"dataset folder {img_dir} not found: run preprocess_dsb2018.py, use --dataset synthetic, "
                         f"or lay out your data as in the README ('Your own data'){hint}")

@@ -580,14 +580,18 @@ def test_val_reads_a_dataset_stored_with_other_extensions(work):
     assert got["iou"] == pytest.approx(want["iou"], abs=1e-6) and got["iou_mean"] == pytest.approx(want["iou_mean"])
 
 
-def test_trains_and_scores_a_cellpose_layout_of_label_images(tiny_workdir, tiny_ids):
-    """The tiny set as Cellpose shares data (<id>_img.png + <id>_masks.png, label images): a --borders run trains
+@pytest.mark.parametrize("img_suffix", ["_img", ""])
+def test_trains_and_scores_a_cellpose_layout_of_label_images(tiny_workdir, tiny_ids, img_suffix):
+    """The tiny set as Cellpose shares data (<id>_img.png + <id>_masks.png, label images) and as its own training
+    folders hold it (<id>.png + <id>_masks.png, with the <id>_flows.tif it writes there): a --borders run trains
     on it and val.py scores its nuclei with the DSB2018 metric, no conversion by hand."""
     folder = tiny_workdir / "inputs" / "cellpose"
     folder.mkdir()
     for sid in tiny_ids:
-        shutil.copy(tiny_workdir / "inputs" / TINY_NAME / "images" / f"{sid}.png", folder / f"{sid}_img.png")
+        shutil.copy(tiny_workdir / "inputs" / TINY_NAME / "images" / f"{sid}.png", folder / f"{sid}{img_suffix}.png")
         shutil.copy(tiny_workdir / "inputs" / TINY_NAME / "labels" / f"{sid}.png", folder / f"{sid}_masks.png")
+        if not img_suffix:
+            shutil.copy(folder / f"{sid}.png", folder / f"{sid}_flows.png")
     train.main(train_argv("cp", "--borders", "True", dataset="cellpose", epochs=1))
     scores = val.main(["--name", "cp", "--device", "cpu", "--no_overlays"])
     assert 0 <= scores["dsb"] <= 1 and 0 <= scores["iou"] <= 1
