@@ -5,6 +5,7 @@ The flag names and defaults are those of pytorch-nested-unet's train.py, so old 
 the additions are listed in the README. No torch here (the slow import): ``--help`` must answer at once.
 """
 import argparse
+import math
 import os
 
 import yaml
@@ -291,30 +292,51 @@ def check_train_args(args):
     if not 0 < args.val_size < 1 or not 0 <= args.test_size < 1 or args.val_size + args.test_size >= 1:
         raise UsageError(f"--val_size {args.val_size} and --test_size {args.test_size}: the validation part must be "
                          "above 0 (the best epoch is chosen on it), the test part at least 0, and their sum below 1")
-    if args.lr <= 0:
-        raise UsageError(f"--lr must be positive, got {args.lr}")
     if args.arch == "UNet" and args.deep_supervision:
         raise UsageError("UNet has no deep supervision; use --arch NestedUNet or --deep_supervision False")
     if args.warmup_epochs and args.scheduler == "ReduceLROnPlateau":
         raise UsageError("--warmup_epochs cannot be combined with --scheduler ReduceLROnPlateau")
-    if args.balance < 0:
-        raise UsageError(f"--balance must not be negative, got {args.balance} (0 = uniform, 1 = each kind equally "
-                         "often)")
     if args.stain_jitter and (args.input_channels != 3 or args.loader == "device"):
         raise UsageError("--stain_jitter re-stains RGB images in the loader workers: it needs --input_channels 3 and "
                          "--loader workers or auto")
-    for flag in ("greyscale", "invert", "stain_jitter"):
-        if not 0 <= getattr(args, flag) <= 1:
-            raise UsageError(f"--{flag} is a probability between 0 and 1, got {getattr(args, flag)}")
-    if args.nucleus_diameter < 0:
-        raise UsageError(f"--nucleus_diameter must be 0 (measured) or a diameter in pixels, got "
-                         f"{args.nucleus_diameter}")
-    if not 0 <= args.scale_jitter < 1:
-        raise UsageError(f"--scale_jitter must be in [0, 1), got {args.scale_jitter}")
+    check_number_ranges(args)
+    if args.nesterov and args.optimizer == "SGD" and args.momentum == 0:
+        raise UsageError("--nesterov True needs a --momentum above 0")
+    if args.batch_size == 1 and (args.crop_size or min(args.input_w, args.input_h)) == 16:
+        raise UsageError("16-pixel images in batches of 1 leave BatchNorm one value per channel at the network's "
+                         "1x1 bottom; use images of 32 or more, or --batch_size 2 or more")
     try:
         args.milestone_list = [int(m) for m in str(args.milestones).split(",") if m.strip()]
     except ValueError:
         raise UsageError(f"--milestones {args.milestones!r} must be comma-separated epochs such as 30,60") from None
+    if any(m < 1 for m in args.milestone_list):
+        raise UsageError(f"--milestones {args.milestones!r}: epochs count from 1")
+
+
+def check_number_ranges(args):
+    """Every number flag finite and in its range (a negative --min_lr or --gamma would train with a negative
+    learning rate without a word), naming the flag."""
+    rules = {
+        "lr": (lambda v: v > 0, "above 0"),
+        "min_lr": (lambda v: 0 <= v <= args.lr or args.scheduler != "CosineAnnealingLR",
+                   f"between 0 and --lr {args.lr} (the cosine schedule's last learning rate)"),
+        "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+        "weight_decay": (lambda v: v >= 0, "0 or more"),
+        "factor": (lambda v: 0 < v < 1, "between 0 and 1 (ReduceLROnPlateau's factor)"),
+        "patience": (lambda v: v >= 0, "0 or more"),
+        "gamma": (lambda v: 0 < v <= 1, "in (0, 1] (MultiStepLR's factor)"),
+        "seed": (lambda v: 0 <= v < 2 ** 32, "in [0, 2^32)"),
+        "split_seed": (lambda v: 0 <= v < 2 ** 32, "in [0, 2^32)"),
+        "balance": (lambda v: 0 <= v <= 1, "between 0 (uniform) and 1 (each kind equally often)"),
+        "nucleus_diameter": (lambda v: v >= 0, "0 (measured) or a diameter in pixels"),
+        "scale_jitter": (lambda v: 0 <= v < 1, "in [0, 1)"),
+        **{flag: (lambda v: 0 <= v <= 1, "a probability between 0 and 1") for flag in ("greyscale", "invert",
+                                                                                         "stain_jitter")},
+    }
+    for flag, (allowed, what) in rules.items():
+        value = getattr(args, flag)
+        if not (math.isfinite(value) and allowed(value)):
+            raise UsageError(f"--{flag} must be {what}, got {value}")
 
 
 def init_is_run(init):

@@ -22,7 +22,7 @@ import os
 
 from config import add_amp_arg, add_device_arg, add_separation_args, choose_separation, object_filters
 from utils import (ArgumentParser, at_least, check_replaceable, check_run_name, file_extension,
-                   folder_replaced_when_done, integer, run_cli)
+                   folder_replaced_when_done, run_cli)
 
 
 def build_parser():
@@ -49,7 +49,7 @@ def build_parser():
     add_device_arg(p)
     add_amp_arg(p)
     p.add_argument("--batch_size", type=at_least(1), default=None, help="default: the run's batch size")
-    p.add_argument("--num_workers", type=integer, default=0, help="DataLoader workers")
+    p.add_argument("--num_workers", type=at_least(0), default=0, help="DataLoader workers")
     p.add_argument("--output", default=None, help="folder for the outputs, replaced as a whole (default "
                                                   "outputs/<name>; outputs/<name>_test for --split test, "
                                                   "outputs/<name>_on_<dataset> for --dataset)")
