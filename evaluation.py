@@ -35,7 +35,9 @@ def evaluation_ids(name, split, dataset, run_dataset, reading):
         named = os.path.join(INPUTS_DIR, dataset)  # a name in inputs/ first, else a folder path of any layout
         folder = dataset if not os.path.isdir(named) and os.path.isdir(dataset) else named
         ids = list_ids(folder, reading["img_ext"], reading["mask_ext"], reading["num_classes"])
-        return folder, ids, f"all of {folder} (not trained on)"
+        own = os.path.realpath(folder) == os.path.realpath(os.path.join(INPUTS_DIR, run_dataset))
+        return folder, ids, f"all of {folder}" + (", the run's own dataset: its training images included" if own
+                                                  else " (not trained on)")
     split = split or "val"
     run = saved_run_dir(name)
     ids = split_ids(read_split(os.path.join(run, "split.csv")), split)

@@ -555,6 +555,9 @@ def test_val_scores_every_image_of_another_dataset(work, capsys):
         inter, union = inter + int((pred & truth).sum()), union + int((pred | truth).sum())
     assert scores["iou"] == pytest.approx(inter / union, abs=1e-3)
     assert "all of inputs/unseen (not trained on), 5 images" in capsys.readouterr().out
+    with cwd(root):  # the run's own dataset: said to hold the images it trained on
+        val.main(["--name", "unet", "--dataset", TINY_NAME, "--device", "cpu", "--no_overlays"])
+    assert f"all of inputs/{TINY_NAME}, the run's own dataset: its training images included" in capsys.readouterr().out
 
 
 def test_val_reads_a_dataset_stored_with_other_extensions(work):
