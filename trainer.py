@@ -30,7 +30,7 @@ from optim import build_optimizer, build_scheduler, cosine_parts, fused_update, 
 from plot import plot_runs
 from splits import load_or_make_split, split_ids
 from synthetic import ensure_synthetic
-from utils import UsageError, UserError, atomic_write, raise_keyboard_interrupt
+from utils import UsageError, UserError, atomic_write, interrupts_held, raise_keyboard_interrupt
 
 
 class Trainer:
@@ -157,16 +157,17 @@ class Trainer:
         if not self.main:
             return
         self.log = pd.concat([self.log.dropna(axis=1, how="all"), pd.DataFrame([row])], ignore_index=True)
-        if improved:
-            atomic_torch_save(self.net.state_dict(), os.path.join(self.dir, "model.pth"))
-        with atomic_write(os.path.join(self.dir, "log.csv")) as f:
-            self.log.to_csv(f, index=False)
-        plot_runs([self.log], [self.args.name], os.path.join(self.dir, "curves.png"))
-        # last.pth is written last: it is the commit point. Stopped before it, --resume redoes this epoch and
-        # drops its row from log.csv, so the log never misses an epoch.
-        save_training_state(os.path.join(self.dir, "last.pth"), self.net, self.optimizer, self.scheduler,
-                            self.precision.scaler, epoch, self.best)
-        self.saved_epoch = epoch
+        with interrupts_held():  # a Ctrl-C here takes effect once the epoch's files all agree
+            if improved:
+                atomic_torch_save(self.net.state_dict(), os.path.join(self.dir, "model.pth"))
+            with atomic_write(os.path.join(self.dir, "log.csv")) as f:
+                self.log.to_csv(f, index=False)
+            plot_runs([self.log], [self.args.name], os.path.join(self.dir, "curves.png"))
+            # last.pth is written last: it is the commit point. A crash before it: --resume redoes this epoch and
+            # drops its row from log.csv, so the log never misses an epoch.
+            save_training_state(os.path.join(self.dir, "last.pth"), self.net, self.optimizer, self.scheduler,
+                                self.precision.scaler, epoch, self.best)
+            self.saved_epoch = epoch
 
     def print_summary(self):
         """The end-of-run summary: best epoch and its scores, time, where the files are, what to run next."""
@@ -253,10 +254,13 @@ class Trainer:
             self.log = log[log["epoch"] <= self.start_epoch].reset_index(drop=True)
 
     def _create_run_folder(self):
-        """models/<name>/ with config.yml and split.csv (a new run replaces an old folder with --overwrite)."""
+        """models/<name>/ with config.yml and split.csv (a new run replaces an old folder with --overwrite). A resumed
+        run's folder loses the temporary files that a save cut off by a killed process left (.<file>.*.tmp)."""
         if not self.args.resume and os.path.isdir(self.dir):
             shutil.rmtree(self.dir)
         os.makedirs(self.dir, exist_ok=True)
+        for stale in (f for f in os.listdir(self.dir) if f.startswith(".") and f.endswith(".tmp")):
+            os.remove(os.path.join(self.dir, stale))
         save_run_config(self.args, os.path.join(self.dir, "config.yml"))
         with atomic_write(os.path.join(self.dir, "split.csv")) as f:
             self.split.to_csv(f, index=False)
@@ -303,11 +307,16 @@ def run_header(a, split, device, precision, on_device, start_epoch):
 
 def check_run_folder(path, name, resume, overwrite):
     """Before any work: a resumed run needs its last.pth; a new one an empty place or --overwrite."""
+    if overwrite and resume:
+        raise UsageError(f"--resume {name} continues the run and --overwrite starts it again; give one of the two")
     if resume:
         if not os.path.isfile(os.path.join(path, "last.pth")):
             raise UsageError(f"--resume {name}: {path}/last.pth not found (the run saved no epoch yet); start it "
                              "again with --overwrite")
     elif os.path.isdir(path) and os.listdir(path) and not overwrite:
+        if not os.path.isfile(os.path.join(path, "last.pth")):
+            raise UsageError(f"{path} holds a run that saved no epoch (it stopped in epoch 1); pass --overwrite to "
+                             "start it again, or choose another --name")
         raise UsageError(f"{path} already holds a run; pass --resume to continue it, --overwrite to replace it, or "
                          "choose another --name")
 

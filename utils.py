@@ -277,6 +277,23 @@ def atomic_write(path, mode="w", **kwargs):
         raise
 
 
+@contextmanager
+def interrupts_held():
+    """Hold Ctrl-C (SIGINT) and SIGTERM until the block ends, then act on the first one received: files written
+    together in the block (a run's model.pth, log.csv and last.pth of one epoch) are all of one moment, and
+    torch.save, which turns a KeyboardInterrupt into a RuntimeError, is never cut off. Main thread only."""
+    received = []
+    held = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+            for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in held.items():
+            signal.signal(sig, handler)
+        if received:
+            signal.raise_signal(received[0])
+
+
 def sha256_file(path):
     """Hex SHA-256 of a file's bytes."""
     digest = hashlib.sha256()

@@ -10,6 +10,7 @@ import os
 import pickle
 import shlex
 import shutil
+import signal
 
 import cv2
 import numpy as np
@@ -32,7 +33,7 @@ from archs import build_model
 from checkpoints import atomic_torch_save
 from conftest import train_argv
 from dataset import Dataset, decode_image, eval_transform, read_mask
-from utils import DataError, atomic_write, run_cli, sha256_file
+from utils import DataError, atomic_write, interrupts_held, run_cli, sha256_file
 
 SMALL = ["--dataset", "tiny", "--arch", "UNet", "--input_w", "32", "--input_h", "32", "-b", "2",
          "--num_workers", "0", "--device", "cpu", "--seed", "3"]
@@ -180,6 +181,27 @@ def test_existing_run_needs_overwrite(in_workdir, capsys):
     err = capsys.readouterr().err
     assert "--overwrite" in err and "--resume" in err and "models/good" in err
     assert {n: (run / n).read_bytes() for n in before} == before
+    assert cli(train.main, ["--resume", "good", "--overwrite", "--epochs", "2"]) == 2
+    assert "give one of the two" in capsys.readouterr().err
+    assert {n: (run / n).read_bytes() for n in before} == before
+
+
+def test_a_run_stopped_before_its_first_save_is_started_again_with_overwrite(in_workdir, capsys):
+    """A run that failed in epoch 1 left config.yml and split.csv only: the message names --overwrite, not
+    --resume (which would refuse it in turn)."""
+    shutil.copytree(in_workdir / "models" / "good", in_workdir / "models" / "early",
+                    ignore=shutil.ignore_patterns("*.pth", "log.csv", "curves.png"))
+    assert cli(train.main, ["--name", "early", "--epochs", "1", *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert "saved no epoch" in err and "--overwrite" in err and "--resume" not in err
+
+
+def test_resume_removes_the_temporary_files_of_a_killed_save(in_workdir):
+    shutil.copytree(in_workdir / "models" / "good", in_workdir / "models" / "killed")
+    (in_workdir / "models" / "killed" / ".last.pth.k2j4.tmp").write_bytes(b"PK half a checkpoint")
+    epochs = len(pd.read_csv(in_workdir / "models" / "killed" / "log.csv"))
+    assert cli(train.main, ["--resume", "killed", "--epochs", str(epochs + 1)]) == 0
+    assert no_temp_files(in_workdir / "models" / "killed") == []
 
 
 # ---------------------------------------------------------------------------------------------- atomic writes
@@ -210,6 +232,38 @@ def test_atomic_torch_save_interrupted_keeps_the_old_checkpoint(tmp_path, monkey
     monkeypatch.undo()
     assert torch.load(path, weights_only=True)["epoch"] == 1
     assert os.listdir(tmp_path) == ["last.pth"]
+
+
+def test_ctrl_c_while_an_epoch_is_saved_takes_effect_once_its_files_agree(in_workdir, monkeypatch, capsys):
+    """Ctrl-C after model.pth of epoch 2 is written but before last.pth: the save completes, then the run stops
+    with its one-line message, and model.pth, log.csv and last.pth are all of epoch 2 (cut off there, --resume
+    would have redone epoch 2 while model.pth held the first try's weights)."""
+    real_plot = trainer.plot_runs
+    calls = []
+
+    def plot_then_interrupt(*args, **kwargs):
+        real_plot(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(trainer, "plot_runs", plot_then_interrupt)
+    assert cli(train.main, ["--name", "held", "--epochs", "3", *SMALL]) == 130
+    assert "stopped during epoch 3; " in capsys.readouterr().out
+    run = in_workdir / "models" / "held"
+    assert no_temp_files(run) == []
+    assert torch.load(run / "last.pth", weights_only=True)["epoch"] == 2
+    assert pd.read_csv(run / "log.csv")["epoch"].tolist() == [1, 2]
+
+
+def test_interrupts_held_act_after_the_block():
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("after the signal")
+    assert done == ["after the signal"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 # ------------------------------------------------------------------------------------------------- NaN loss
