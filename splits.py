@@ -17,6 +17,9 @@ def read_split(path):
         split = pd.read_csv(path, dtype=str, keep_default_na=False)
     except pd.errors.EmptyDataError:
         split = pd.DataFrame()
+    except (UnicodeDecodeError, pd.errors.ParserError) as e:  # UTF-16 from a spreadsheet, an unclosed quote
+        raise DataError(f"{path} is not a readable CSV ({str(e).splitlines()[0][:60]}); save it as a plain UTF-8 "
+                        "CSV with columns img_id,split") from None
     if list(split.columns) != ["img_id", "split"] or not split["split"].isin(SPLITS).all():
         raise DataError(f"{path} must have columns img_id,split with values train/val/test")
     twice = split["img_id"][split["img_id"].duplicated()].unique().tolist()
@@ -45,9 +48,12 @@ def make_split(ids, val_size=0.2, test_size=0.0, random_state=41):
 
 
 def load_or_make_split(path, dataset_dir, ids, resume, val_size, test_size, split_seed, split_file=None):
-    """The run's split: its split.csv at ``path`` when resuming, else the given ``split_file`` (--split_file), else
+    """The run's split: its split.csv at ``path`` when resuming (a DataError when it is gone), else the given ``split_file`` (--split_file), else
     a new :func:`make_split` of ``ids`` (the samples of ``dataset_dir``)."""
-    if resume and os.path.isfile(path):
+    if resume:
+        if not os.path.isfile(path):  # made again, it would differ if the dataset has changed since
+            raise DataError(f"{path} not found; a resumed run keeps the split it started with (restore it, or start "
+                            "again with --overwrite)")
         return checked_split(read_split(path), path, dataset_dir, ids)
     if split_file:
         if not os.path.isfile(split_file):

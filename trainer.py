@@ -30,7 +30,7 @@ from optim import build_optimizer, build_scheduler, cosine_parts, fused_update, 
 from plot import plot_runs
 from splits import load_or_make_split, split_ids
 from synthetic import ensure_synthetic
-from utils import UsageError, UserError, atomic_write, interrupts_held, raise_keyboard_interrupt
+from utils import DataError, UsageError, UserError, atomic_write, interrupts_held, raise_keyboard_interrupt
 
 
 class Trainer:
@@ -248,10 +248,16 @@ class Trainer:
         if self.start_epoch >= self.args.epochs:
             raise UsageError(f"--resume {self.args.name}: the run has already trained its {self.start_epoch} epochs; "
                              f"pass a larger --epochs to train on (e.g. --epochs {self.start_epoch + 10})")
+        if 0 <= self.args.early_stopping <= self.best["stale_epochs"]:
+            raise UsageError(f"--resume {self.args.name}: the run stopped early, {self.best['stale_epochs']} epochs "
+                             f"without a better val IoU (--early_stopping {self.args.early_stopping}); pass a larger "
+                             "--early_stopping (or -1, off) to train on")
         log_path = os.path.join(self.dir, "log.csv")
-        if os.path.isfile(log_path):
-            log = pd.read_csv(log_path)
-            self.log = log[log["epoch"] <= self.start_epoch].reset_index(drop=True)
+        if not os.path.isfile(log_path):
+            raise DataError(f"--resume {self.args.name}: {log_path} not found; a resumed run continues its log "
+                            "(restore it, or start again with --overwrite)")
+        log = pd.read_csv(log_path)
+        self.log = log[log["epoch"] <= self.start_epoch].reset_index(drop=True)
 
     def _create_run_folder(self):
         """models/<name>/ with config.yml and split.csv (a new run replaces an old folder with --overwrite). A resumed

@@ -196,6 +196,34 @@ def test_a_run_stopped_before_its_first_save_is_started_again_with_overwrite(in_
     assert "saved no epoch" in err and "--overwrite" in err and "--resume" not in err
 
 
+@pytest.mark.parametrize("lost", ["log.csv", "split.csv"])
+def test_resume_without_its_log_or_split_is_refused(in_workdir, capsys, lost):
+    name = "lost_" + lost.split(".")[0]
+    shutil.copytree(in_workdir / "models" / "good", in_workdir / "models" / name)
+    (in_workdir / "models" / name / lost).unlink()
+    epochs = len(pd.read_csv(in_workdir / "models" / "good" / "log.csv"))
+    assert cli(train.main, ["--resume", name, "--epochs", str(epochs + 1)]) == 1
+    err = capsys.readouterr().err
+    assert f"models/{name}/{lost} not found" in err and "--overwrite" in err and "Traceback" not in err
+
+
+def test_resume_of_an_early_stopped_run_names_the_flag(in_workdir, capsys):
+    assert cli(train.main, ["--name", "early_stop", "--epochs", "3", "--early_stopping", "0", *SMALL]) == 0
+    assert "early stopping" in capsys.readouterr().out
+    assert cli(train.main, ["--resume", "early_stop", "--epochs", "5"]) == 2
+    assert "pass a larger --early_stopping (or -1, off)" in capsys.readouterr().err
+    assert cli(train.main, ["--resume", "early_stop", "--epochs", "3", "--early_stopping", "-1"]) == 0
+
+
+@pytest.mark.parametrize("content", ["img_id,split\nsyn_0001,train\n".encode("utf-16"),
+                                     b'img_id,split\n"syn_0001,train\n'], ids=["utf16", "unclosed_quote"])
+def test_unreadable_split_file_is_named(in_workdir, capsys, content):
+    (in_workdir / "split.csv").write_bytes(content)
+    assert cli(train.main, ["--name", "s", "--split_file", "split.csv", *SMALL]) == 1
+    err = capsys.readouterr().err
+    assert "split.csv is not a readable CSV" in err and "UTF-8" in err and "Traceback" not in err
+
+
 def test_resume_removes_the_temporary_files_of_a_killed_save(in_workdir):
     shutil.copytree(in_workdir / "models" / "good", in_workdir / "models" / "killed")
     (in_workdir / "models" / "killed" / ".last.pth.k2j4.tmp").write_bytes(b"PK half a checkpoint")
