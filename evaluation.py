@@ -40,6 +40,9 @@ def evaluation_ids(name, split, dataset, run_dataset, reading):
                                                   else " (not trained on)")
     split = split or "val"
     run = saved_run_dir(name)
+    if not os.path.isfile(os.path.join(run, "split.csv")):
+        raise UsageError(f"{run}/split.csv not found: val.py scores the run's {split} split as written there; to "
+                         "score every image of a dataset instead, give --dataset <set>")
     ids = split_ids(read_split(os.path.join(run, "split.csv")), split)
     if not ids:
         raise UsageError(f"{run}/split.csv has no '{split}' ids (train with --test_size for a test split)")

@@ -94,6 +94,8 @@ CASES = {
                                                                             "--arch NestedUNet"]),
     "val_without_model": (["val.py", "--name", "nomodel", "--device", "cpu"], 2, ["models/nomodel/model.pth"]),
     "val_unknown_run": (["val.py", "--name", "ghost", "--device", "cpu"], 2, ["ghost", "models/ghost/config.yml"]),
+    "val_run_without_split": (["val.py", "--name", "pctrun", "--device", "cpu"], 2,
+                              ["models/pctrun/split.csv not found", "--dataset <set>"]),
     "name_with_dots": (train("--name", "../x"), 2, ["--name", "../x"]),
     "name_absolute": (train("--name", "/tmp/x"), 2, ["--name", "/tmp/x"]),
     "val_name_with_dots": (["val.py", "--name", "../x"], 2, ["--name", "../x"]),
