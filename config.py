@@ -296,6 +296,9 @@ def check_train_args(args):
         raise UsageError("UNet has no deep supervision; use --arch NestedUNet or --deep_supervision False")
     if args.warmup_epochs and args.scheduler == "ReduceLROnPlateau":
         raise UsageError("--warmup_epochs cannot be combined with --scheduler ReduceLROnPlateau")
+    if args.loader == "device" and not args.cache:
+        raise UsageError("--loader device keeps the decoded training set in memory, so --cache False cannot apply; "
+                         "give --loader workers (or auto) with --cache False")
     if args.stain_jitter and (args.input_channels != 3 or args.loader == "device"):
         raise UsageError("--stain_jitter re-stains RGB images in the loader workers: it needs --input_channels 3 and "
                          "--loader workers or auto")

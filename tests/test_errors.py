@@ -87,6 +87,8 @@ CASES = {
     "infinite_balance": (train("--balance", "inf"), 2, ["--balance must be between 0 (uniform) and 1"]),
     "nesterov_without_momentum": (train("--optimizer", "SGD", "--nesterov", "True", "--momentum", "0"), 2,
                                   ["--nesterov True needs a --momentum above 0"]),
+    "device_loader_without_cache": (train("--loader", "device", "--cache", "False"), 2,
+                                    ["--loader device", "--cache False", "--loader workers"]),
     "milestone_zero": (train("--scheduler", "MultiStepLR", "--milestones", "0,2"), 2, ["--milestones", "from 1"]),
     "bottleneck_of_one_value": (train("--input_w", "16", "--input_h", "16", "-b", "1"), 2,
                                 ["16-pixel images in batches of 1", "--batch_size 2"]),
