@@ -165,39 +165,41 @@ def _add_run_args(g):
     g.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
 
 
-def read_yaml_config(path, parser):
+def read_yaml_config(path, parser, label=None):
     """Load a YAML recipe with yaml.safe_load and parse its values with train.py's own parser: {flag: value}.
 
     Each ``key: value`` is read as the command-line flag ``--key=value`` (true/false as True/False, null as the
-    flag's default), so a recipe accepts exactly what the command line does.
+    flag's default), so a recipe accepts exactly what the command line does. Errors name the file as ``label``
+    (default '--config <path>'; a run's own config.yml is named by its path alone).
     """
+    label = label or f"--config {path}"
     if not os.path.isfile(path):
-        raise UsageError(f"--config {path}: file not found")
+        raise UsageError(f"{label}: file not found")
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f) or {}
     except yaml.YAMLError as e:
-        raise UsageError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise UsageError(f"{label}: not valid YAML ({str(e).splitlines()[0]})") from None
     except UnicodeDecodeError:
-        raise UsageError(f"--config {path}: not UTF-8 text; save it as UTF-8") from None
+        raise UsageError(f"{label}: not UTF-8 text; save it as UTF-8") from None
     if not isinstance(data, dict):
-        raise UsageError(f"--config {path}: expected 'flag: value' lines, got a {type(data).__name__}")
+        raise UsageError(f"{label}: expected 'flag: value' lines, got a {type(data).__name__}")
     dests = {o[2:]: a.dest for a in parser._actions if a.dest not in SKIPPED_IN_CONFIG
              for o in a.option_strings if o.startswith("--")}  # every long name: lr and learning_rate alike
     unknown = sorted(str(k) for k in data if k not in dests)
     of_one_command = [k for k in unknown if k in SKIPPED_IN_CONFIG]
     if of_one_command:
-        raise UsageError(f"--config {path}: {', '.join(of_one_command)}: a flag of one command, not of a recipe; "
+        raise UsageError(f"{label}: {', '.join(of_one_command)}: a flag of one command, not of a recipe; "
                          "give it on the command line")
     if unknown:
-        raise UsageError(f"--config {path}: unknown keys {', '.join(unknown)}; see python train.py --help")
+        raise UsageError(f"{label}: unknown keys {', '.join(unknown)}; see python train.py --help")
     # milestones as a YAML list ([30, 60]) is written as the command line writes it: 30,60
     argv = [f"--{k}={','.join(map(str, v)) if isinstance(v, list) and dests[k] == 'milestones' else v}"
             for k, v in data.items() if v is not None]
     try:
         parsed = build_train_parser(exit_on_error=False).parse_args(argv)
     except argparse.ArgumentError as e:
-        raise UsageError(f"--config {path}: {e}") from None
+        raise UsageError(f"{label}: {e}") from None
     return {dests[k]: getattr(parsed, dests[k]) for k, v in data.items() if v is not None}
 
 
@@ -227,7 +229,7 @@ def parse_train_args(argv):
         saved = os.path.join(run_dir(name), "config.yml")
         if not os.path.isfile(saved):
             raise UsageError(f"--resume {name}: {saved} not found; is the run name right? (runs are in models/)")
-        saved_values = read_yaml_config(saved, parser)
+        saved_values = read_yaml_config(saved, parser, saved)
         parser.set_defaults(**{**saved_values, "name": name})
     args = parser.parse_args(argv)
     if first.resume:
@@ -235,7 +237,12 @@ def parse_train_args(argv):
     args.resume = bool(args.resume)
     check_dataset_name(args.dataset)  # before the run name made from it
     args.name = check_run_name(args.name or default_run_name(args))
-    check_train_args(args)
+    try:
+        check_train_args(args)
+    except UsageError as e:
+        if not first.config:
+            raise
+        raise UsageError(f"{e} (on the command line or in --config {first.config})") from None
     if args.init and not args.resume:
         check_init_outside_run(args.init, args.name)
     return args
@@ -404,11 +411,14 @@ def load_run_config(name):
 def read_run_config(path):
     """A run's config.yml at ``path``, read as :func:`load_run_config` reads it: an argparse Namespace."""
     parser = build_train_parser()
-    values = read_yaml_config(path, parser)
+    values = read_yaml_config(path, parser, path)
     args = parser.parse_args([])
     for k, v in values.items():
         setattr(args, k, v)
-    check_train_args(args)
+    try:
+        check_train_args(args)
+    except UsageError as e:
+        raise UsageError(f"{path}: {e}") from None
     return args
 
 

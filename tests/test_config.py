@@ -9,7 +9,7 @@ import yaml
 
 import train
 from conftest import ROOT
-from config import build_train_parser, default_run_name, parse_train_args, read_yaml_config
+from config import build_train_parser, default_run_name, parse_train_args, read_run_config, read_yaml_config
 from utils import ArgumentParser, UsageError, run_cli
 
 
@@ -64,6 +64,21 @@ def test_repo_configs_parse():
     configs = sorted((ROOT / "configs").glob("*.y*ml"))
     for path in configs:
         parse_train_args(["--config", str(path)])
+
+
+def test_a_bad_value_in_a_recipe_or_a_saved_run_names_its_file(tmp_path):
+    recipe = tmp_path / "zero.yml"
+    recipe.write_text("epochs: 0\n")
+    with pytest.raises(UsageError, match=r"--epochs must be a positive number, got 0 \(on the command line or in "
+                                         r"--config .*zero.yml\)"):
+        parse_train_args(["--config", str(recipe)])
+    saved = tmp_path / "config.yml"  # a run's own config.yml, as val.py and predict.py read it: no --config flag
+    saved.write_text("epochs: 0\n")
+    with pytest.raises(UsageError, match=r"^\S*config.yml: --epochs must be a positive number"):
+        read_run_config(str(saved))
+    saved.write_text("epoch: 3\n")
+    with pytest.raises(UsageError, match=r"^\S*config.yml: unknown keys epoch"):
+        read_run_config(str(saved))
 
 
 def test_yaml_unknown_key_named(tmp_path):
