@@ -2,7 +2,7 @@
 predicted.
 
     python val.py --name dsb2018_96_NestedUNet_wDS
-    python val.py --name dsb2018_96_NestedUNet_wDS --split test --tta
+    python val.py --name dsb2018_96_NestedUNet_wDS_3way --split test --tta     # a run trained with --test_size
     python val.py --name dsb2018_full_UNet_crop256 --dataset dsb2018_test_full     # every image of a test set
 
 With ``--dataset`` every image of inputs/<dataset>/ is scored, at the run's evaluation size (resized for a run

@@ -1,7 +1,7 @@
 """What pruning a deep-supervision UNet++ costs and saves: for L = 1..4, the depth-L sub-network alone.
 
     python bench/prune.py --name dsb2018_96_NestedUNet_wDS
-    python bench/prune.py --name dsb2018_96_NestedUNet_wDS --split test --repeats 10 --device cpu
+    python bench/prune.py --name dsb2018_96_NestedUNet_wDS_3way --split test --repeats 10 --device cpu
 
 For each L: the parameters that sub-network uses (archs.count_parameters), its throughput in images/s (the
 median over ``--repeats`` timed passes over the split, after one warm-up pass, on one device, the images
