@@ -7,6 +7,7 @@ the additions are listed in the README. No torch here (the slow import): ``--hel
 import argparse
 import math
 import os
+import re
 
 import yaml
 
@@ -216,8 +217,8 @@ def parse_train_args(argv):
     if first.config and first.resume:  # the recipe's epochs would silently extend the run, its other values clash
         raise UsageError(f"--resume continues a run with its own saved settings (models/<name>/config.yml); leave "
                          f"out --config {first.config} (more epochs: --epochs N)")
-    if first.config:
-        parser.set_defaults(**read_yaml_config(first.config, parser))
+    recipe = read_yaml_config(first.config, parser) if first.config else {}
+    parser.set_defaults(**recipe)
     if first.resume:
         # A resumed run starts from its saved flags; flags on this command line (e.g. more --epochs) win, and are
         # checked as changes.
@@ -239,20 +240,30 @@ def parse_train_args(argv):
     args.name = check_run_name(args.name or default_run_name(args))
     try:
         check_train_args(args)
+        if not args.resume:
+            check_new_run_args(args)
     except UsageError as e:
-        if not first.config:
-            raise
-        raise UsageError(f"{e} (on the command line or in --config {first.config})") from None
+        raise UsageError(f"{e}{recipe_note(e, recipe, argv, first.config)}") from None
     if args.init and not args.resume:
         check_init_outside_run(args.init, args.name)
     return args
+
+
+def recipe_note(error, recipe, argv, config):
+    """' (set in --config <recipe>)' when the flag an error names came from the recipe (``recipe``: its values)
+    rather than the command line ``argv``; else ''."""
+    named = re.match(r"--(\w+)", str(error))
+    flag = named.group(1) if named else None
+    if flag not in recipe or any(a.split("=")[0] == f"--{flag}" for a in argv):
+        return ""
+    return f" (set in --config {config})"
 
 
 def check_init_outside_run(init, name):
     """--init must not be the run being started: its folder is written over, and a run of a bundled model's name
     (``--init nuclei --name nuclei``) would afterwards stand for the weights it started from. Checked when a run
     starts only, not when a finished run's config.yml is read."""
-    if init == name and init_is_run(init):
+    if init == name and init_is_run(init) and is_bundled_name(init):
         raise UsageError(f"--init {init} --name {name}: the new run would take the place of the run it starts from "
                          f"(models/{name}/ wins over pretrained/{name}/); give the new run another --name")
     if os.path.abspath(init_weights_path(init)).startswith(os.path.abspath(run_dir(name)) + os.sep):
@@ -286,7 +297,8 @@ def check_dataset_name(dataset):
 
 
 def check_train_args(args):
-    """Reject sizes and counts that cannot work, naming the flag."""
+    """Reject sizes and counts that cannot work, naming the flag: what every run's settings must pass, a saved
+    run's config.yml too (:func:`read_run_config`)."""
     for flag in ("epochs", "batch_size", "input_channels", "num_classes", "input_w", "input_h"):
         if getattr(args, flag) <= 0:
             raise UsageError(f"--{flag} must be a positive number, got {getattr(args, flag)}")
@@ -303,50 +315,54 @@ def check_train_args(args):
         raise UsageError("UNet has no deep supervision; use --arch NestedUNet or --deep_supervision False")
     if args.warmup_epochs and args.scheduler == "ReduceLROnPlateau":
         raise UsageError("--warmup_epochs cannot be combined with --scheduler ReduceLROnPlateau")
-    if args.loader == "device" and not args.cache:
-        raise UsageError("--loader device keeps the decoded training set in memory, so --cache False cannot apply; "
-                         "give --loader workers (or auto) with --cache False")
     if args.stain_jitter and (args.input_channels != 3 or args.loader == "device"):
         raise UsageError("--stain_jitter re-stains RGB images in the loader workers: it needs --input_channels 3 and "
                          "--loader workers or auto")
-    check_number_ranges(args)
-    if args.nesterov and args.optimizer == "SGD" and args.momentum == 0:
-        raise UsageError("--nesterov True needs a --momentum above 0")
-    if args.batch_size == 1 and (args.crop_size or min(args.input_w, args.input_h)) == 16:
-        raise UsageError("16-pixel images in batches of 1 leave BatchNorm one value per channel at the network's "
-                         "1x1 bottom; use images of 32 or more, or --batch_size 2 or more")
     try:
         args.milestone_list = [int(m) for m in str(args.milestones).split(",") if m.strip()]
     except ValueError:
         raise UsageError(f"--milestones {args.milestones!r} must be comma-separated epochs such as 30,60") from None
-    if any(m < 1 for m in args.milestone_list):
-        raise UsageError(f"--milestones {args.milestones!r}: epochs count from 1")
 
 
-def check_number_ranges(args):
-    """Every number flag finite and in its range (a negative --min_lr or --gamma would train with a negative
-    learning rate without a word), naming the flag."""
+def check_new_run_args(args):
+    """What a run being started must pass besides :func:`check_train_args`: every number flag that the chosen
+    optimizer and schedule use finite and in its range (a negative --min_lr or --gamma would train with a negative
+    learning rate without a word), and combinations that would fail later. Not applied to saved runs, which older
+    versions may have started with values outside these ranges."""
     rules = {
         "lr": (lambda v: v > 0, "above 0"),
-        "min_lr": (lambda v: 0 <= v <= args.lr or args.scheduler != "CosineAnnealingLR",
-                   f"between 0 and --lr {args.lr} (the cosine schedule's last learning rate)"),
-        "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
         "weight_decay": (lambda v: v >= 0, "0 or more"),
-        "factor": (lambda v: 0 < v < 1, "between 0 and 1 (ReduceLROnPlateau's factor)"),
-        "patience": (lambda v: v >= 0, "0 or more"),
-        "gamma": (lambda v: 0 < v <= 1, "in (0, 1] (MultiStepLR's factor)"),
         "seed": (lambda v: 0 <= v < 2 ** 32, "in [0, 2^32)"),
         "split_seed": (lambda v: 0 <= v < 2 ** 32, "in [0, 2^32)"),
-        "balance": (lambda v: 0 <= v <= 1, "between 0 (uniform) and 1 (each kind equally often)"),
+        "balance": (lambda v: 0 <= v <= 10, "between 0 (uniform) and 10 (1: each kind equally often)"),
         "nucleus_diameter": (lambda v: v >= 0, "0 (measured) or a diameter in pixels"),
         "scale_jitter": (lambda v: 0 <= v < 1, "in [0, 1)"),
         **{flag: (lambda v: 0 <= v <= 1, "a probability between 0 and 1") for flag in ("greyscale", "invert",
                                                                                          "stain_jitter")},
     }
+    if args.scheduler == "CosineAnnealingLR":
+        rules["min_lr"] = (lambda v: 0 <= v <= args.lr, f"between 0 and --lr {args.lr} (the cosine schedule's last "
+                                                        "learning rate)")
+    if args.scheduler == "ReduceLROnPlateau":
+        rules.update(factor=(lambda v: 0 < v < 1, "between 0 and 1"), patience=(lambda v: v >= 0, "0 or more"))
+    if args.scheduler == "MultiStepLR":
+        rules["gamma"] = (lambda v: 0 < v <= 1, "in (0, 1] (MultiStepLR's factor)")
+    if args.optimizer == "SGD":
+        rules["momentum"] = (lambda v: 0 <= v < 1, "in [0, 1)")
     for flag, (allowed, what) in rules.items():
         value = getattr(args, flag)
         if not (math.isfinite(value) and allowed(value)):
             raise UsageError(f"--{flag} must be {what}, got {value}")
+    if args.scheduler == "MultiStepLR" and any(m < 1 for m in args.milestone_list):
+        raise UsageError(f"--milestones {args.milestones!r}: epochs count from 1")
+    if args.nesterov and args.optimizer == "SGD" and args.momentum == 0:
+        raise UsageError("--nesterov True needs a --momentum above 0")
+    if args.loader == "device" and not args.cache:
+        raise UsageError("--loader device keeps the decoded training set in memory, so --cache False cannot apply; "
+                         "give --loader workers (or auto) with --cache False")
+    if args.batch_size == 1 and (args.crop_size or min(args.input_w, args.input_h)) == 16:
+        raise UsageError("16-pixel images in batches of 1 leave BatchNorm one value per channel at the network's "
+                         "1x1 bottom; use images of 32 or more, or --batch_size 2 or more")
 
 
 def init_is_run(init):

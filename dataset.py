@@ -100,7 +100,10 @@ def find_layout(dataset_dir, img_ext=".png", mask_ext=".png"):
         cellpose = sorted({f.rsplit("_img", 1)[1] for f in files if "_img." in f and not f.startswith(".")})
         if not cellpose and files and _ids_in(dataset_dir, f"_masks{mask_ext}"):
             return Layout(dataset_dir, "cellpose", img_ext, mask_ext, img_suffix="")
-        hint = f"; found Cellpose-style <name>_img{cellpose[0]} files: pass --img_ext {cellpose[0]}" if cellpose else ""
+        masks = sorted({f.rsplit("_masks", 1)[1] for f in files if "_masks." in f and not f.startswith(".")})
+        hint = (f"; found Cellpose-style <name>_img{cellpose[0]} files: pass --img_ext {cellpose[0]}" if cellpose else
+                f"; found Cellpose-style <name>_masks{masks[0]} files: pass --mask_ext {masks[0]} (and the images' "
+                "--img_ext)" if masks else "")
         raise DataError(f"dataset folder {img_dir} not found: run preprocess_dsb2018.py, use --dataset synthetic, "
                         f"or lay out your data as in the README ('Your own data'){hint}")
     if os.path.isdir(mask_dir) and _ids_in(mask_dir, mask_ext):

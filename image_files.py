@@ -123,14 +123,11 @@ def decode_planes(path):
     """Read an image file as stored: (uint8 or uint16 array [N, H, W, C] in RGB order, or the float or other
     integer type of a TIFF, alpha dropped; the letters of its plane axes). N > 1 only for a TIFF stack (time, z or
     pages; :func:`tiff_layout`), else 1 and "". C is 1 (grey), 3 (RGB) or, for a TIFF with a channel axis, any
-    number of channels (:func:`select_channel`). A float image with NaN or infinite values is a DataError."""
+    number of channels (:func:`select_channel`)."""
     path = str(path)
     if path.lower().endswith(TIFF_EXTS):
         _check_exists(path, "image")
         planes, plane_axes = tiff_planes(path)  # tifffile reads RGB
-        if planes.dtype.kind == "f" and not np.isfinite(planes).all():  # they would turn the whole image to NaN
-            raise DataError(f"image {path} holds NaN or infinite values (from registration or stitching?); replace "
-                            "them, e.g. by 0 (Fiji: Process > Math > Remove NaNs), and save it again")
     else:
         img = _imread(path, cv2.IMREAD_UNCHANGED, "image")
         img = img[:, :, None] if img.ndim == 2 else img
@@ -138,28 +135,35 @@ def decode_planes(path):
     return np.ascontiguousarray(planes), plane_axes
 
 
+def check_finite(planes, path):
+    """``planes`` (any shape) as they are, or a DataError naming ``path`` when a float image holds NaN or infinite
+    values, which would turn the whole image to NaN once scaled."""
+    if planes.dtype.kind == "f" and not np.isfinite(planes).all():
+        raise DataError(f"image {path} holds NaN or infinite values (from registration or stitching?); replace "
+                        "them, e.g. by 0 (Fiji: Process > Math > Remove NaNs), and save it again")
+    return planes
+
+
 def select_channel(planes, channel, path):
     """planes [N, H, W, C] of the image file ``path`` -> the planes the network reads: channel ``channel``
     (0-based, RGB order; predict.py --channel) as grey [N, H, W, 1] (a grey image as it is), or with ``channel``
-    None the planes as they are when grey or RGB. Any other number of channels, or a channel the image lacks, is a
-    DataError."""
+    None the planes as they are when grey or RGB. Any other number of channels, a channel the image lacks, or NaN
+    in the planes read (:func:`check_finite`) is a DataError."""
     count = planes.shape[3]
-    if count == 1:
-        return planes
-    if channel is None:
-        if count != 3:
+    if count == 1 or channel is None:
+        if count not in (1, 3):
             raise DataError(f"image {path} has {count} channels; the network reads grey or RGB: choose the nucleus "
                             f"channel with --channel (0 to {count - 1}), or save it alone")
-        return planes
+        return check_finite(planes, path)
     if not 0 <= channel < count:
         raise DataError(f"--channel {channel}: image {path} has {count} channels (0 to {count - 1})")
-    return planes[..., channel:channel + 1]
+    return check_finite(planes[..., channel:channel + 1], path)
 
 
 def decode_image(path):
     """Read a 2D grey or RGB image file as stored: uint8 or uint16 array [H, W, C] (C 1 or 3, RGB order), alpha
-    dropped. A stack, or another number of channels, is a DataError naming the file."""
-    image = _one_plane(*decode_planes(path), path, "image")
+    dropped. A stack, another number of channels or NaN values is a DataError naming the file."""
+    image = check_finite(_one_plane(*decode_planes(path), path, "image"), path)
     if image.shape[2] not in (1, 3):
         raise DataError(f"image {path} has {image.shape[2]} channels; training and val.py read grey or RGB images: "
                         "save the nucleus channel alone (predict.py --channel picks it)")

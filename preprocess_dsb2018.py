@@ -62,7 +62,7 @@ def rle_decode(encoded, height, width):
     values = np.asarray([int(w) for w in words if w.isdigit()], dtype=np.int64)  # not 'nan' (an empty cell), '-2'
     starts, lengths = values[0::2], values[1::2]
     well_formed = len(values) == len(words) and len(starts) == len(lengths) and (
-        not len(values) or (values.min() >= 1 and (starts + lengths).max() - 1 <= height * width))
+        not len(values) or (starts.min() >= 1 and (starts + lengths).max() - 1 <= height * width))
     if not well_formed:
         raise DataError(f"a run-length mask of a {height}x{width} image is malformed: {str(encoded)[:60]}")
     flat = np.zeros(height * width, bool)

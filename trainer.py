@@ -204,7 +204,7 @@ class Trainer:
             raise UsageError(f"--batch_size {a.batch_size} is larger than the {len(train_ids) // world} training "
                              f"images{shared}; the last incomplete batch is dropped, so no step would run: lower "
                              "--batch_size")
-        decoded = decoded_bytes(self.dataset_dir, train_ids, a.img_ext)
+        decoded = decoded_bytes(self.dataset_dir, train_ids, a.img_ext, a.mask_ext)
         self._cache = a.cache and decoded < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4
         on_device = train_on_device(a.loader, self._cache and not a.stain_jitter, decoded, self.device)
         augment = (a.input_h, a.input_w, a.crop_size, a.scale_jitter, a.color_jitter, a.greyscale, a.invert)
@@ -249,8 +249,9 @@ class Trainer:
             raise UsageError(f"--resume {self.args.name}: the run has already trained its {self.start_epoch} epochs; "
                              f"pass a larger --epochs to train on (e.g. --epochs {self.start_epoch + 10})")
         if 0 <= self.args.early_stopping <= self.best["stale_epochs"]:
-            raise UsageError(f"--resume {self.args.name}: the run stopped early, {self.best['stale_epochs']} epochs "
-                             f"without a better val IoU (--early_stopping {self.args.early_stopping}); pass a larger "
+            stale = self.best["stale_epochs"]
+            raise UsageError(f"--resume {self.args.name}: its last {stale} epochs brought no better val IoU, so "
+                             f"--early_stopping {self.args.early_stopping} stops it at once; pass a larger "
                              "--early_stopping (or -1, off) to train on")
         log_path = os.path.join(self.dir, "log.csv")
         if not os.path.isfile(log_path):
@@ -320,7 +321,7 @@ def check_run_folder(path, name, resume, overwrite):
             raise UsageError(f"--resume {name}: {path}/last.pth not found (the run saved no epoch yet); start it "
                              "again with --overwrite")
     elif os.path.isdir(path) and os.listdir(path) and not overwrite:
-        if not os.path.isfile(os.path.join(path, "last.pth")):
+        if not any(os.path.isfile(os.path.join(path, f)) for f in ("last.pth", "model.pth")):
             raise UsageError(f"{path} holds a run that saved no epoch (it stopped in epoch 1); pass --overwrite to "
                              "start it again, or choose another --name")
         raise UsageError(f"{path} already holds a run; pass --resume to continue it, --overwrite to replace it, or "
@@ -336,9 +337,9 @@ def dataset_folder(dataset, main):
     return path
 
 
-def decoded_bytes(dataset_dir, ids, img_ext):
+def decoded_bytes(dataset_dir, ids, img_ext, mask_ext):
     """Estimate the decoded size of the images ``ids`` (bytes) from the first 8 of them, with a 1.4 margin."""
-    layout = find_layout(dataset_dir, img_ext)
+    layout = find_layout(dataset_dir, img_ext, mask_ext)
     per_image = np.mean([decode_image(layout.image(i)).nbytes * 1.4 for i in ids[:8]] or [0])
     return per_image * len(ids)
 

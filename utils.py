@@ -279,7 +279,7 @@ def atomic_write(path, mode="w", **kwargs):
 
 @contextmanager
 def interrupts_held():
-    """Hold Ctrl-C (SIGINT) and SIGTERM until the block ends, then act on the first one received: files written
+    """Hold Ctrl-C (SIGINT) and SIGTERM until the block ends, then act on those received: files written
     together in the block (a run's model.pth, log.csv and last.pth of one epoch) are all of one moment, and
     torch.save, which turns a KeyboardInterrupt into a RuntimeError, is never cut off. Main thread only."""
     received = []
@@ -290,8 +290,8 @@ def interrupts_held():
     finally:
         for sig, handler in held.items():
             signal.signal(sig, handler)
-        if received:
-            signal.raise_signal(received[0])
+    for sig in received:  # only when the block succeeded: an error inside it is the one to report
+        signal.raise_signal(sig)  # one ignored before the block (SIG_IGN) does nothing, and the next one acts
 
 
 def sha256_file(path):

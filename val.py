@@ -35,8 +35,8 @@ def build_parser():
     p.add_argument("--split", default=None, choices=["val", "test", "train"],
                    help="which ids of split.csv (default val)")
     p.add_argument("--dataset", default=None,
-                   help="score every image of inputs/<dataset>/ instead (a dataset the run was not trained on, e.g. "
-                        "the test set that preprocess_dsb2018.py makes from stage1_test)")
+                   help="score every image of inputs/<dataset>/ (or of a folder path) instead: a dataset the run was "
+                        "not trained on, e.g. the test set that preprocess_dsb2018.py makes from stage1_test")
     p.add_argument("--img_ext", default=None, type=file_extension,
                    help="image file extension (default: the run's), e.g. .tif for a --dataset stored otherwise than "
                         "the run's training data")

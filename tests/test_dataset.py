@@ -536,6 +536,13 @@ def test_layout_mistakes_name_the_fix(tmp_path):
     with pytest.raises(DataError, match="found Cellpose-style <name>_img.png files: pass --img_ext .png"):
         list_ids(str(cellpose), img_ext=".tif")
     assert list_ids(str(cellpose)) == ["a", "b"]
+    own = write_dir(tmp_path / "cellpose_own")  # Cellpose's training folders: <id>.tif + <id>_masks.tif
+    for sid in ("a", "b"):
+        tifffile.imwrite(own / f"{sid}.tif", image)
+        tifffile.imwrite(own / f"{sid}_masks.tif", labels)
+    with pytest.raises(DataError, match=r"found Cellpose-style <name>_masks.tif files: pass --mask_ext .tif"):
+        list_ids(str(own))
+    assert list_ids(str(own), img_ext=".tif", mask_ext=".tif") == ["a", "b"]
 
 
 def test_images_of_another_extension_are_named(tmp_path):
@@ -603,6 +610,11 @@ def test_a_float_tiff_with_nan_is_named_not_read_as_an_empty_image(tmp_path):
     tifffile.imwrite(tmp_path / "registered.tif", image)
     with pytest.raises(DataError, match=r"registered.tif holds NaN or infinite values.*Remove NaNs"):
         image_files.decode_image(tmp_path / "registered.tif")
+    # a NaN margin in one channel only: the other channel, picked by predict.py --channel, reads as it is
+    channels = np.stack([np.nan_to_num(image), image])[None].transpose(0, 2, 3, 1)  # [1, H, W, 2]
+    assert np.isfinite(image_files.select_channel(channels, 0, "two.tif")).all()
+    with pytest.raises(DataError, match="two.tif holds NaN"):
+        image_files.select_channel(channels, 1, "two.tif")
 
 
 def test_tiff_stacks_read_as_planes(tmp_path):

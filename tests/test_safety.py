@@ -194,6 +194,11 @@ def test_a_run_stopped_before_its_first_save_is_started_again_with_overwrite(in_
     assert cli(train.main, ["--name", "early", "--epochs", "1", *SMALL]) == 2
     err = capsys.readouterr().err
     assert "saved no epoch" in err and "--overwrite" in err and "--resume" not in err
+    # a finished run whose last.pth was removed (val.py and predict.py need only model.pth) is not one of those
+    shutil.copytree(in_workdir / "models" / "good", in_workdir / "models" / "slim",
+                    ignore=shutil.ignore_patterns("last.pth"))
+    assert cli(train.main, ["--name", "slim", "--epochs", "1", *SMALL]) == 2
+    assert "already holds a run" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("lost", ["log.csv", "split.csv"])
@@ -292,6 +297,10 @@ def test_interrupts_held_act_after_the_block():
             done.append("after the signal")
     assert done == ["after the signal"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(OSError, match="No space left"):  # an error inside the block is the one reported
+        with interrupts_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            raise OSError(28, "No space left on device")
 
 
 # ------------------------------------------------------------------------------------------------- NaN loss

@@ -583,19 +583,24 @@ def test_val_reads_a_dataset_stored_with_other_extensions(work):
     assert got["iou"] == pytest.approx(want["iou"], abs=1e-6) and got["iou_mean"] == pytest.approx(want["iou_mean"])
 
 
-@pytest.mark.parametrize("img_suffix", ["_img", ""])
-def test_trains_and_scores_a_cellpose_layout_of_label_images(tiny_workdir, tiny_ids, img_suffix):
+@pytest.mark.parametrize("img_suffix,ext", [("_img", ".png"), ("", ".png"), ("", ".tif")])
+def test_trains_and_scores_a_cellpose_layout_of_label_images(tiny_workdir, tiny_ids, img_suffix, ext):
     """The tiny set as Cellpose shares data (<id>_img.png + <id>_masks.png, label images) and as its own training
     folders hold it (<id>.png + <id>_masks.png, with the <id>_flows.tif it writes there): a --borders run trains
     on it and val.py scores its nuclei with the DSB2018 metric, no conversion by hand."""
     folder = tiny_workdir / "inputs" / "cellpose"
     folder.mkdir()
     for sid in tiny_ids:
-        shutil.copy(tiny_workdir / "inputs" / TINY_NAME / "images" / f"{sid}.png", folder / f"{sid}{img_suffix}.png")
-        shutil.copy(tiny_workdir / "inputs" / TINY_NAME / "labels" / f"{sid}.png", folder / f"{sid}_masks.png")
+        for part, name in (("images", f"{sid}{img_suffix}"), ("labels", f"{sid}_masks")):
+            array = cv2.imread(str(tiny_workdir / "inputs" / TINY_NAME / part / f"{sid}.png"), cv2.IMREAD_UNCHANGED)
+            if ext == ".png":
+                cv2.imwrite(str(folder / f"{name}.png"), array)
+            else:  # tifffile writes RGB, OpenCV read BGR
+                tifffile.imwrite(folder / f"{name}.tif", array[..., ::-1] if array.ndim == 3 else array)
         if not img_suffix:
-            shutil.copy(folder / f"{sid}.png", folder / f"{sid}_flows.png")
-    train.main(train_argv("cp", "--borders", "True", dataset="cellpose", epochs=1))
+            shutil.copy(folder / f"{sid}{ext}", folder / f"{sid}_flows{ext}")
+    train.main(train_argv("cp", "--borders", "True", "--img_ext", ext, "--mask_ext", ext, dataset="cellpose",
+                          epochs=1))
     scores = val.main(["--name", "cp", "--device", "cpu", "--no_overlays"])
     assert 0 <= scores["dsb"] <= 1 and 0 <= scores["iou"] <= 1
     assert len(os.listdir(tiny_workdir / "outputs" / "cp" / "borders")) == len(split_ids(read_split(tiny_workdir,
