@@ -302,6 +302,8 @@ def check_train_args(args):
     for flag in ("epochs", "batch_size", "input_channels", "num_classes", "input_w", "input_h"):
         if getattr(args, flag) <= 0:
             raise UsageError(f"--{flag} must be a positive number, got {getattr(args, flag)}")
+    if args.input_channels not in (1, 3):
+        raise UsageError(f"--input_channels {args.input_channels}: the network reads grey (1) or RGB (3) images")
     for flag in ("input_w", "input_h", "crop_size"):
         if getattr(args, flag) % 16:
             raise UsageError(f"--{flag} {getattr(args, flag)} must be a multiple of 16 (the network halves the "
