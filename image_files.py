@@ -98,12 +98,13 @@ def tiff_planes(path, what="image"):
 class TiffHeader(NamedTuple):
     """What a TIFF's header says, before its pixels are read (:func:`tiff_header`): the plane axes and the channel
     axis of its first series (:func:`tiff_layout`; "" for none; a channel axis Q or I means pages without axis
-    metadata taken as colours), its number of channels (1 for grey) and its number of series (positions or scenes;
-    only the first is read). The defaults describe a 2D image."""
+    metadata taken as colours), its number of channels (1 for grey), its number of series (positions or scenes;
+    only the first is read) and the length of each plane axis. The defaults describe a 2D image."""
     plane_axes: str = ""
     channel_axis: str = ""
     channels: int = 1
     series: int = 1
+    plane_shape: tuple = ()
 
 
 def tiff_header(path):
@@ -114,7 +115,8 @@ def tiff_header(path):
             series = tif.series[0]
             order, plane_axes, channel_axis = tiff_layout(series.shape, series.axes)
             channels = series.shape[order[-1]] if channel_axis else 1
-            return TiffHeader(plane_axes, channel_axis, channels, len(tif.series))
+            plane_shape = tuple(series.shape[i] for i in order[:len(plane_axes)])
+            return TiffHeader(plane_axes, channel_axis, channels, len(tif.series), plane_shape)
     except Exception:
         return TiffHeader()
 

@@ -214,19 +214,22 @@ def write_image(out_dir, img_id, arrays):
         atomic_imwrite(os.path.join(out_dir, f"{img_id}{suffix}.png"), array)
 
 
-def write_stack(out_dir, img_id, planes, plane_axes):
-    """A stack's outputs as ImageJ TIFF stacks ``<id><suffix>.tif``, one page per plane in the input's order
-    (axis Z for a z-stack, T otherwise): planes is the list of :func:`segment` arrays of each plane."""
-    axis = "Z" if plane_axes == "Z" else "T"
+def write_stack(out_dir, img_id, planes, header):
+    """A stack's outputs as ImageJ TIFF stacks ``<id><suffix>.tif``, one page per plane in the input's order:
+    planes is the list of :func:`segment` arrays of each plane, ``header`` the input's image_files.TiffHeader. The
+    input's plane axes are kept where ImageJ holds them in that order (T, Z, T and Z); others become one T axis."""
+    axes = header.plane_axes if header.plane_axes in ("T", "Z", "TZ") else "T"
+    shape = header.plane_shape if axes == header.plane_axes else (len(planes),)
     for suffix in planes[0]:
         stack = np.stack([arrays[suffix] for arrays in planes])
+        stack = stack.reshape(*shape, *stack.shape[1:])
         if suffix == "_overlay":
             stack = stack[..., ::-1]  # BGR -> RGB
-        atomic_tiff_write(os.path.join(out_dir, f"{img_id}{suffix}.tif"), stack, axis + "YX")
+        atomic_tiff_write(os.path.join(out_dir, f"{img_id}{suffix}.tif"), stack, axes + "YX")
 
 
 def predict_plane(source, plane, image, prob, options, out_dir, nuclei=None):
-    """The job run in a thread for each plane of ``source`` = (img_id, its number of planes, its plane axes):
+    """The job run in a thread for each plane of ``source`` = (img_id, its number of planes, its TiffHeader):
     :func:`segment` (``nuclei`` as there), and for a 2D image (``out_dir`` given) its files. Returns (source, arrays
     or None once written, foreground fraction of class 0, objects table or None, pixels)."""
     img_id = source[0]
@@ -253,11 +256,11 @@ def auto_scaled(predictor, image, prob, trained_diameter, threshold, separation,
     return predictor.predict(image, scale), scale, None
 
 
-def predict_all(predictor, files, ids, stacks, out_dir, num_classes, threshold, save_prob=False,
+def predict_all(predictor, files, ids, headers, out_dir, num_classes, threshold, save_prob=False,
                 separation=None, filters=None, overlay=False, channel=None, auto=None):
     """Predict every file into ``out_dir``: the masks (and probabilities with ``save_prob``), the nuclei when a
     ``separation`` is given (with ``filters``), the outlines with ``overlay``; PNGs for a 2D image, TIFF stacks
-    for a stack (``stacks``: the plane axes of each file, :func:`tiff_headers`), each plane predicted as an image of
+    for a stack (``headers``: each file's :func:`tiff_headers` entry, its plane axes), each plane predicted as an image of
     its own; ``channel`` picks one channel of each (image_files.select_channel); ``auto`` = (the run's training
     nucleus diameter, separation) for --scale auto (:func:`auto_scaled`). The per-plane work runs in threads after
     every 256 MB of predictions (utils.BatchedThreads).
@@ -270,18 +273,18 @@ def predict_all(predictor, files, ids, stacks, out_dir, num_classes, threshold, 
     waiting = {}  # img_id -> the arrays of its planes done so far
 
     def collect(result):
-        (img_id, count, plane_axes), arrays, fraction, table, n_pixels = result
+        (img_id, count, header), arrays, fraction, table, n_pixels = result
         fractions.append(fraction)
         tables.append(table)
         pixels.append(n_pixels)
         if arrays is not None:
             waiting.setdefault(img_id, []).append(arrays)
             if len(waiting[img_id]) == count:
-                write_stack(out_dir, img_id, waiting.pop(img_id), plane_axes)
+                write_stack(out_dir, img_id, waiting.pop(img_id), header)
 
     bar = tqdm(total=len(files), desc="predict", unit="img", dynamic_ncols=True)
     with bar, BatchedThreads(collect, desc="write") as jobs:
-        for path, img_id, plane_axes in zip(files, ids, stacks):
+        for path, img_id, header in zip(files, ids, headers):
             try:
                 planes = select_channel(decode_planes(path)[0], channel, path)
             except DataError as e:
@@ -295,8 +298,8 @@ def predict_all(predictor, files, ids, stacks, out_dir, num_classes, threshold, 
                 if auto:
                     prob, scale, nuclei = auto_scaled(predictor, image, prob, auto[0], threshold, auto[1], filters)
                 scales.append(scale)
-                jobs.submit(predict_plane, (img_id, len(planes), plane_axes), plane, image, prob, options,
-                            None if plane_axes else out_dir, nuclei,
+                jobs.submit(predict_plane, (img_id, len(planes), header), plane, image, prob, options,
+                            None if header.plane_axes else out_dir, nuclei,
                             nbytes=image.nbytes + prob.nbytes + (0 if nuclei is None else nuclei.nbytes))
                 bar.update()
         jobs.flush()
@@ -396,7 +399,7 @@ def main(argv):
     os.makedirs(args.output, exist_ok=True)
     started = time.time()
     foreground, objects, megapixels, planes, scales, left_out = predict_all(
-        predictor, files, ids, stacks, args.output, cfg.num_classes, args.threshold, args.save_prob,
+        predictor, files, ids, headers, args.output, cfg.num_classes, args.threshold, args.save_prob,
         separation if args.instances else None, filters, args.overlay, args.channel,
         (cfg.nucleus_diameter, separation) if auto else None)
     if objects is not None:

@@ -313,9 +313,9 @@ def atomic_imwrite(path, image):
 
 
 def atomic_tiff_write(path, stack, axes):
-    """Write a stack [N, H, W] (or RGB [N, H, W, 3]) of uint8/uint16 pages atomically as an ImageJ TIFF whose
-    plane axis is the first letter of ``axes`` ("TYX" or "ZYX"), so that Fiji opens it as a stack."""
-    rgb = stack.ndim == 4
+    """Write a stack of uint8/uint16 pages atomically as an ImageJ TIFF with ``axes`` ("TYX", "ZYX" or "TZYX": the
+    stack [N, H, W], [T, Z, H, W], or RGB with a last axis of 3), so that Fiji opens it as a stack or hyperstack."""
+    rgb = stack.ndim == len(axes) + 1
     buffer = io.BytesIO()
     tifffile.imwrite(buffer, stack, imagej=True, photometric="rgb" if rgb else "minisblack",
                      metadata={"axes": axes + ("S" if rgb else "")})

@@ -185,6 +185,27 @@ def test_three_pages_without_axes_are_read_as_colours_with_a_note(tmp_path):
     assert len(notes) == 1 and files[0] in notes[0] and "ImageJ or OME TIFF" in notes[0]
 
 
+def test_a_stack_of_time_points_and_z_planes_keeps_both_axes(in_runs, tmp_path):
+    """A TZCYX hyperstack (2 time points x 3 z planes, 2 channels) gives TZYX outputs, each page the one of its
+    plane in the input's order, so that they lie on the input in Fiji; objects.csv numbers the planes t * Z + z."""
+    grey = sample_bgr(40, 36)[:, :, 0].astype(np.uint16)
+    planes = np.stack([grey * (50 + 20 * k) for k in range(6)]).reshape(2, 3, 40, 36)
+    hyperstack = np.stack([planes, planes[..., ::-1]], axis=2)  # T, Z, C, Y, X; the nuclei in channel 0
+    tifffile.imwrite(tmp_path / "tzc.tif", hyperstack, imagej=True, metadata={"axes": "TZCYX"})
+    tifffile.imwrite(tmp_path / "flat.tif", planes.reshape(6, 40, 36), imagej=True, metadata={"axes": "TYX"})
+    flags = ["--name", "pc", "--channel", "0", "--instances", "--min_confidence", "0", "--device", "cpu",
+             "--amp", "fp32"]
+    predict.main(["--input", str(tmp_path / "tzc.tif"), "--output", str(tmp_path / "out"), *flags])
+    predict.main(["--input", str(tmp_path / "flat.tif"), "--output", str(tmp_path / "flat_out"), *flags])
+    for suffix in ("", "_instances"):
+        with tifffile.TiffFile(tmp_path / "out" / f"tzc{suffix}.tif") as tif:
+            assert tif.series[0].axes == "TZYX" and tif.series[0].shape == (2, 3, 40, 36)
+            pages = tif.asarray()
+        np.testing.assert_array_equal(pages.reshape(6, 40, 36), tifffile.imread(tmp_path / "flat_out" /
+                                                                                f"flat{suffix}.tif"))
+    assert set(pd.read_csv(tmp_path / "out" / "objects.csv")["plane"]) <= set(range(6))
+
+
 def test_three_fluorescence_channels_and_further_series_are_named(tmp_path):
     """3 channels on a C axis (DAPI, GFP, RFP) are read as RGB unless --channel picks one: a note says so. Series
     after the first (positions of a multi-position OME-TIFF) are not read: a note names them."""
