@@ -261,9 +261,9 @@ def predict_all(predictor, files, ids, headers, out_dir, num_classes, threshold,
     """Predict every file into ``out_dir``: the masks (and probabilities with ``save_prob``), the nuclei when a
     ``separation`` is given (with ``filters``), the outlines with ``overlay``; PNGs for a 2D image, TIFF stacks
     for a stack (``headers``: each file's :func:`tiff_headers` entry, its plane axes), each plane predicted as an
-    image of its own; ``channel`` picks one channel of each (image_files.select_channel); ``auto`` = (the run's training
-    nucleus diameter, separation) for --scale auto (:func:`auto_scaled`). The per-plane work runs in threads after
-    every 256 MB of predictions (utils.BatchedThreads).
+    image of its own; ``channel`` picks one channel of each (image_files.select_channel); ``auto`` = (the run's
+    training nucleus diameter, separation) for --scale auto (:func:`auto_scaled`). The per-plane work runs in threads
+    after every 256 MB of predictions (utils.BatchedThreads).
     A file that cannot be read or used (a DataError) is left out, and the others are predicted.
     Returns (mean foreground fraction, objects table or None, megapixels, planes, the scale of each plane, the
     errors of the files left out)."""
