@@ -48,8 +48,8 @@ def make_split(ids, val_size=0.2, test_size=0.0, random_state=41):
 
 
 def load_or_make_split(path, dataset_dir, ids, resume, val_size, test_size, split_seed, split_file=None):
-    """The run's split: its split.csv at ``path`` when resuming (a DataError when it is gone), else the given ``split_file`` (--split_file), else
-    a new :func:`make_split` of ``ids`` (the samples of ``dataset_dir``)."""
+    """The run's split: its split.csv at ``path`` when resuming (a DataError when it is gone), else the given
+    ``split_file`` (--split_file), else a new :func:`make_split` of ``ids`` (the samples of ``dataset_dir``)."""
     if resume:
         if not os.path.isfile(path):  # made again, it would differ if the dataset has changed since
             raise DataError(f"{path} not found; a resumed run keeps the split it started with (restore it, or start "
