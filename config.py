@@ -111,7 +111,7 @@ def _add_data_args(g):
     g.add_argument("--balance", default=0.0, type=float,
                    help="draw training images of the rarer kinds (fluorescence, stained, bright-field) more often: "
                         "weight n^-balance, n = training images of that kind (0 = uniform, 1 = each kind equally "
-                        "often)")
+                        "often, up to 10: the rarer kinds more often than the common ones)")
     g.add_argument("--cache", default=True, type=str2bool,
                    help="decode every image once into memory when the dataset fits (under a quarter of RAM)")
     g.add_argument("--loader", default="auto", choices=LOADERS,
@@ -135,7 +135,8 @@ def _add_scheduler_args(g):
     """The learning-rate schedule and when to stop."""
     g.add_argument("--scheduler", default="CosineAnnealingLR", choices=SCHEDULERS,
                    help="the learning-rate schedule, stepped once per epoch")
-    g.add_argument("--min_lr", default=1e-5, type=float, help="CosineAnnealingLR's final learning rate")
+    g.add_argument("--min_lr", default=1e-5, type=float,
+                   help="the lowest learning rate: CosineAnnealingLR's last, ReduceLROnPlateau's floor")
     g.add_argument("--warmup_epochs", default=0, type=integer, help="linear learning-rate warm-up epochs before the scheduler")
     g.add_argument("--factor", default=0.1, type=float, help="ReduceLROnPlateau factor")
     g.add_argument("--patience", default=2, type=integer, help="ReduceLROnPlateau patience (epochs)")
@@ -240,6 +241,7 @@ def parse_train_args(argv):
     args.name = check_run_name(args.name or default_run_name(args))
     try:
         check_train_args(args)
+        check_how_it_runs(args)
         if not args.resume:
             check_new_run_args(args)
     except UsageError as e:
@@ -249,14 +251,29 @@ def parse_train_args(argv):
     return args
 
 
+def check_how_it_runs(args):
+    """Combinations of the flags that a resumed run may change (CHANGEABLE_ON_RESUME), checked for new and resumed
+    runs alike."""
+    if args.loader == "device" and not args.cache:
+        raise UsageError("--loader device keeps the decoded training set in memory, so --cache False cannot apply; "
+                         "give --loader workers (or auto) with --cache False")
+
+
 def recipe_note(error, recipe, argv, config):
-    """' (set in --config <recipe>)' when the flag an error names came from the recipe (``recipe``: its values)
-    rather than the command line ``argv``; else ''."""
-    named = re.match(r"--(\w+)", str(error))
-    flag = named.group(1) if named else None
-    if flag not in recipe or any(a.split("=")[0] == f"--{flag}" for a in argv):
+    """Where a flag error's value came from when a recipe was given: ' (set in --config <recipe>)' when the flag
+    the error names was set by the recipe (``recipe``: its values) and not by the command line ``argv`` (under any
+    of its spellings), '' when the command line set it, ' (on the command line or in --config <recipe>)' for an
+    error that names no flag first; '' without a recipe."""
+    if not config:
         return ""
-    return f" (set in --config {config})"
+    named = re.match(r"--(\w+)", str(error))
+    if not named:
+        return f" (on the command line or in --config {config})"
+    unset = object()
+    parser = build_train_parser()
+    parser.set_defaults(**{a.dest: unset for a in parser._actions})
+    given = {k for k, v in vars(parser.parse_known_args(argv)[0]).items() if v is not unset}
+    return f" (set in --config {config})" if named.group(1) in recipe and named.group(1) not in given else ""
 
 
 def check_init_outside_run(init, name):
@@ -302,8 +319,6 @@ def check_train_args(args):
     for flag in ("epochs", "batch_size", "input_channels", "num_classes", "input_w", "input_h"):
         if getattr(args, flag) <= 0:
             raise UsageError(f"--{flag} must be a positive number, got {getattr(args, flag)}")
-    if args.input_channels not in (1, 3):
-        raise UsageError(f"--input_channels {args.input_channels}: the network reads grey (1) or RGB (3) images")
     for flag in ("input_w", "input_h", "crop_size"):
         if getattr(args, flag) % 16:
             raise UsageError(f"--{flag} {getattr(args, flag)} must be a multiple of 16 (the network halves the "
@@ -327,23 +342,24 @@ def check_train_args(args):
 
 
 def check_new_run_args(args):
-    """What a run being started must pass besides :func:`check_train_args`: every number flag that the chosen
-    optimizer and schedule use finite and in its range (a negative --min_lr or --gamma would train with a negative
-    learning rate without a word), and combinations that would fail later. Not applied to saved runs, which older
-    versions may have started with values outside these ranges."""
+    """What a run being started must pass besides :func:`check_train_args`: its number flags (those of the optimizer
+    and schedule it uses) finite and in range (a negative --min_lr or --gamma would train with a negative learning
+    rate without a word), and combinations that would fail later. Not applied to saved runs, which older versions
+    may have started with values outside these ranges (:func:`check_how_it_runs` is)."""
     rules = {
         "lr": (lambda v: v > 0, "above 0"),
         "weight_decay": (lambda v: v >= 0, "0 or more"),
         "seed": (lambda v: 0 <= v < 2 ** 32, "in [0, 2^32)"),
         "split_seed": (lambda v: 0 <= v < 2 ** 32, "in [0, 2^32)"),
         "balance": (lambda v: 0 <= v <= 10, "between 0 (uniform) and 10 (1: each kind equally often)"),
+        "input_channels": (lambda v: v in (1, 3), "1 (grey) or 3 (RGB)"),
         "nucleus_diameter": (lambda v: v >= 0, "0 (measured) or a diameter in pixels"),
         "scale_jitter": (lambda v: 0 <= v < 1, "in [0, 1)"),
         **{flag: (lambda v: 0 <= v <= 1, "a probability between 0 and 1") for flag in ("greyscale", "invert",
                                                                                          "stain_jitter")},
     }
-    if args.scheduler == "CosineAnnealingLR":
-        rules["min_lr"] = (lambda v: 0 <= v <= args.lr, f"between 0 and --lr {args.lr} (the cosine schedule's last "
+    if args.scheduler in ("CosineAnnealingLR", "ReduceLROnPlateau"):
+        rules["min_lr"] = (lambda v: 0 <= v <= args.lr, f"between 0 and --lr {args.lr} (the schedule's lowest "
                                                         "learning rate)")
     if args.scheduler == "ReduceLROnPlateau":
         rules.update(factor=(lambda v: 0 < v < 1, "between 0 and 1"), patience=(lambda v: v >= 0, "0 or more"))
@@ -359,9 +375,6 @@ def check_new_run_args(args):
         raise UsageError(f"--milestones {args.milestones!r}: epochs count from 1")
     if args.nesterov and args.optimizer == "SGD" and args.momentum == 0:
         raise UsageError("--nesterov True needs a --momentum above 0")
-    if args.loader == "device" and not args.cache:
-        raise UsageError("--loader device keeps the decoded training set in memory, so --cache False cannot apply; "
-                         "give --loader workers (or auto) with --cache False")
     if args.batch_size == 1 and (args.crop_size or min(args.input_w, args.input_h)) == 16:
         raise UsageError("16-pixel images in batches of 1 leave BatchNorm one value per channel at the network's "
                          "1x1 bottom; use images of 32 or more, or --batch_size 2 or more")

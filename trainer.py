@@ -250,8 +250,8 @@ class Trainer:
                              f"pass a larger --epochs to train on (e.g. --epochs {self.start_epoch + 10})")
         if 0 <= self.args.early_stopping <= self.best["stale_epochs"]:
             stale = self.best["stale_epochs"]
-            raise UsageError(f"--resume {self.args.name}: its last {stale} epochs brought no better val IoU, so "
-                             f"--early_stopping {self.args.early_stopping} stops it at once; pass a larger "
+            raise UsageError(f"--resume {self.args.name}: --early_stopping {self.args.early_stopping} would stop it "
+                             f"at once ({stale} epoch{'s' * (stale != 1)} since its best val IoU); pass a larger "
                              "--early_stopping (or -1, off) to train on")
         log_path = os.path.join(self.dir, "log.csv")
         if not os.path.isfile(log_path):
@@ -316,16 +316,22 @@ def check_run_folder(path, name, resume, overwrite):
     """Before any work: a resumed run needs its last.pth; a new one an empty place or --overwrite."""
     if overwrite and resume:
         raise UsageError(f"--resume {name} continues the run and --overwrite starts it again; give one of the two")
+    weights = os.path.isfile(os.path.join(path, "model.pth"))
     if resume:
         if not os.path.isfile(os.path.join(path, "last.pth")):
-            raise UsageError(f"--resume {name}: {path}/last.pth not found (the run saved no epoch yet); start it "
-                             "again with --overwrite")
+            why = ("it was removed; start a new run from the weights with --init " + name + " --name <new name>"
+                   if weights else "the run saved no epoch yet; start it again with --overwrite")
+            raise UsageError(f"--resume {name}: {path}/last.pth, which resuming needs, is not there: {why}")
     elif os.path.isdir(path) and os.listdir(path) and not overwrite:
-        if not any(os.path.isfile(os.path.join(path, f)) for f in ("last.pth", "model.pth")):
-            raise UsageError(f"{path} holds a run that saved no epoch (it stopped in epoch 1); pass --overwrite to "
-                             "start it again, or choose another --name")
-        raise UsageError(f"{path} already holds a run; pass --resume to continue it, --overwrite to replace it, or "
-                         "choose another --name")
+        if os.path.isfile(os.path.join(path, "last.pth")):
+            raise UsageError(f"{path} already holds a run; pass --resume to continue it, --overwrite to replace it, "
+                             "or choose another --name")
+        if weights:
+            raise UsageError(f"{path} already holds a run (without the last.pth that --resume needs); pass "
+                             f"--overwrite to replace it, or choose another --name (--init {name} starts from its "
+                             "weights)")
+        raise UsageError(f"{path} holds a run that saved no epoch (it stopped in epoch 1); pass --overwrite to "
+                         "start it again, or choose another --name")
 
 
 def dataset_folder(dataset, main):

@@ -71,8 +71,15 @@ def test_a_bad_value_in_a_recipe_or_a_saved_run_names_its_file(tmp_path):
     recipe.write_text("epochs: 0\n")
     with pytest.raises(UsageError, match=r"--epochs must be a positive number, got 0 \(set in --config .*zero.yml\)$"):
         parse_train_args(["--config", str(recipe)])
-    with pytest.raises(UsageError, match=r"--epochs must be a positive number, got -1$"):  # the command line's value
-        parse_train_args(["--config", str(recipe), "--epochs", "-1"])
+    for given in (["--epochs", "-1"], ["--epochs=-1"], ["--epoch", "-1"]):  # the command line's value
+        with pytest.raises(UsageError, match=r"--epochs must be a positive number, got -1$"):
+            parse_train_args(["--config", str(recipe), *given])
+    recipe.write_text("batch_size: 0\narch: UNet\n")
+    with pytest.raises(UsageError, match=r"got 0$"):  # an alias of the flag
+        parse_train_args(["--config", str(recipe), "-b", "0"])
+    with pytest.raises(UsageError, match=r"no deep supervision.*\(on the command line or in --config .*zero.yml\)$"):
+        parse_train_args(["--config", str(recipe), "-b", "2", "--deep_supervision", "True"])
+    recipe.write_text("epochs: 0\n")
     with pytest.raises(UsageError, match=r"--min_lr must be between 0 and --lr 5e-06 .*got 1e-05$"):  # the default
         parse_train_args(["--config", str(recipe), "--epochs", "2", "--lr", "5e-6"])
     saved = tmp_path / "config.yml"  # a run's own config.yml, as val.py and predict.py read it: no --config flag
@@ -88,11 +95,14 @@ def test_a_saved_run_loads_with_values_only_new_runs_are_refused(tmp_path):
     """Ranges checked when a run starts do not lock out runs an older version started (or values the run's
     optimizer and schedule never used)."""
     saved = tmp_path / "config.yml"
-    saved.write_text("lr: 5.0e-06\nbalance: 12\ngamma: 1.5\nmomentum: 1.0\nloader: device\ncache: false\n")
+    saved.write_text("lr: 5.0e-06\nbalance: 12\ngamma: 1.5\nmomentum: 1.0\nloader: device\ncache: false\n"
+                     "input_channels: 4\n")
     assert read_run_config(str(saved)).gamma == 1.5
     parse_train_args(["--scheduler", "CosineAnnealingLR", "--gamma", "1.5", "--optimizer", "Adam", "--momentum", "1"])
     with pytest.raises(UsageError, match="--balance must be between 0"):
         parse_train_args(["--balance", "12"])
+    with pytest.raises(UsageError, match=r"--min_lr must be between 0 and --lr"):  # the plateau's floor too
+        parse_train_args(["--scheduler", "ReduceLROnPlateau", "--min_lr", "inf"])
 
 
 def test_yaml_unknown_key_named(tmp_path):

@@ -75,7 +75,7 @@ CASES = {
                                        ["--init models/tworun/model.pth", "--num_classes 2", "not 1"]),
     "unknown_normalization": (train("--normalization", "zscore"), 2, ["--normalization", "zscore", "percentile"]),
     "negative_balance": (train("--balance", "-0.5"), 2, ["--balance", "-0.5"]),
-    "two_input_channels": (train("--input_channels", "2"), 2, ["--input_channels 2", "grey (1) or RGB (3)"]),
+    "two_input_channels": (train("--input_channels", "2"), 2, ["--input_channels must be 1 (grey) or 3 (RGB)"]),
     "negative_min_lr": (train("--min_lr", "-1"), 2, ["--min_lr must be between 0 and --lr", "got -1.0"]),
     "min_lr_above_lr": (train("--min_lr", "0.1"), 2, ["--min_lr must be between 0 and --lr 0.001"]),
     "negative_gamma": (train("--scheduler", "MultiStepLR", "--gamma", "-1"), 2, ["--gamma must be in (0, 1]"]),

@@ -276,6 +276,7 @@ def test_rle_decode_inverts_the_encoding():
     mask = rng.random((7, 11)) > 0.6
     np.testing.assert_array_equal(pre.rle_decode(_encode(mask), 7, 11), mask)
     assert pre.rle_decode("1 3 10 2", 4, 3).T.ravel().nonzero()[0].tolist() == [0, 1, 2, 9, 10]
+    assert not pre.rle_decode("1 0", 7, 11).any()  # a run of no pixels
     for bad in ("70 20", "5 -2", "nan", float("nan"), "1 3 x 2"):  # past the end, negative, an empty CSV cell
         with pytest.raises(DataError, match="malformed"):
             pre.rle_decode(bad, 7, 11)

@@ -198,7 +198,10 @@ def test_a_run_stopped_before_its_first_save_is_started_again_with_overwrite(in_
     shutil.copytree(in_workdir / "models" / "good", in_workdir / "models" / "slim",
                     ignore=shutil.ignore_patterns("last.pth"))
     assert cli(train.main, ["--name", "slim", "--epochs", "1", *SMALL]) == 2
-    assert "already holds a run" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "already holds a run (without the last.pth that --resume needs)" in err and "--init slim" in err
+    assert cli(train.main, ["--resume", "slim", "--epochs", "9"]) == 2
+    assert "it was removed; start a new run from the weights with --init slim" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("lost", ["log.csv", "split.csv"])
@@ -216,7 +219,9 @@ def test_resume_of_an_early_stopped_run_names_the_flag(in_workdir, capsys):
     assert cli(train.main, ["--name", "early_stop", "--epochs", "3", "--early_stopping", "0", *SMALL]) == 0
     assert "early stopping" in capsys.readouterr().out
     assert cli(train.main, ["--resume", "early_stop", "--epochs", "5"]) == 2
-    assert "pass a larger --early_stopping (or -1, off)" in capsys.readouterr().err
+    assert "--early_stopping 0 would stop it at once" in capsys.readouterr().err
+    assert cli(train.main, ["--resume", "early_stop", "--epochs", "5", "--loader", "device", "--cache", "False"]) == 2
+    assert "--cache False cannot apply" in capsys.readouterr().err  # checked on resume too
     assert cli(train.main, ["--resume", "early_stop", "--epochs", "3", "--early_stopping", "-1"]) == 0
 
 
