@@ -108,6 +108,11 @@ def list_images(paths):
     found = []
     for path in paths:
         if os.path.isdir(path):
+            subfolders = sorted(f for f in os.listdir(path) if os.path.isdir(os.path.join(path, f))
+                                and not f.startswith("."))
+            if subfolders:
+                print(f"note: the subfolders of {path} are not searched ({', '.join(subfolders[:3])}"
+                      f"{' ...' if len(subfolders) > 3 else ''}); give them as --input too")
             files = sorted(os.path.join(path, f) for f in os.listdir(path)
                            if f.lower().endswith(IMAGE_EXTS) and not f.startswith(".")
                            and os.path.isfile(os.path.join(path, f)))

@@ -489,6 +489,13 @@ def test_files_of_an_earlier_prediction_are_named(in_runs, tmp_path, capsys):
     assert set(pd.read_csv(os.path.join(out, "objects.csv"), dtype={"image": str})["image"]) <= {"b"}
 
 
+def test_subfolders_of_an_input_folder_are_named(tmp_path, capsys):
+    write(tmp_path / "plate" / "a.png", np.zeros((8, 8), np.uint8))
+    (tmp_path / "plate" / "well_B2").mkdir()
+    assert predict.list_images([str(tmp_path / "plate")]) == [str(tmp_path / "plate" / "a.png")]
+    assert f"note: the subfolders of {tmp_path / 'plate'} are not searched (well_B2)" in capsys.readouterr().out
+
+
 def test_errors_name_the_problem(in_runs, tmp_path):
     image = write(tmp_path / "a.png", sample_bgr(32, 32))
     out = str(tmp_path / "out")
