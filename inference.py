@@ -100,6 +100,8 @@ class Predictor:
             budget = memory_budget(device)
             tile = tile_for_budget(per_pixel, budget)
             self.batch_size = max(1, min(batch_size, int(budget // (per_pixel * tile * tile))))
+            # a small budget can give windows no larger than --overlap; windows then still advance by half their side
+            self.overlap = min(overlap, tile // 2)
         self.tile = tile
 
     def as_input(self, image):

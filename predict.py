@@ -56,7 +56,8 @@ def build_parser():
                    help="crop-trained runs: images with more than tile^2 pixels are predicted in tile x tile windows "
                         "(a multiple of 16); 0 = the largest that fits the memory budget, so a whole image whenever "
                         "it fits")
-    p.add_argument("--overlap", type=int, default=64, help="pixels shared by neighbouring windows")
+    p.add_argument("--overlap", type=int, default=64,
+                   help="pixels shared by neighbouring windows (at most half a window sized from the budget)")
     p.add_argument("--channel", type=int, default=None, metavar="K",
                    help="the nucleus channel of multi-channel images (0-based; RGB: 0 red, 1 green, 2 blue), read as "
                         "a grey image (grey images are read as they are); needed for TIFFs with other than 1 or 3 "
@@ -85,8 +86,9 @@ def build_parser():
 def check_args(args):
     if args.tile < 0 or args.tile % 16:
         raise UsageError(f"--tile {args.tile} must be 0 (from the memory budget) or a positive multiple of 16")
-    if args.tile and not 0 <= args.overlap < args.tile:
-        raise UsageError(f"--overlap {args.overlap} must be at least 0 and less than --tile ({args.tile})")
+    if args.overlap < 0 or (args.tile and args.overlap >= args.tile):
+        raise UsageError(f"--overlap {args.overlap} must be at least 0" +
+                         (f" and less than --tile ({args.tile})" if args.tile else ""))
     if args.scale != "auto" and not 0.05 <= args.scale <= 20:
         raise UsageError(f"--scale {args.scale} must be between 0.05 and 20 (1 = the image as it is)")
     if args.channel is not None and args.channel < 0:

@@ -511,6 +511,8 @@ def test_errors_name_the_problem(in_runs, tmp_path):
         predict.main(["--name", "absent", "--input", image, "--output", out])
     with pytest.raises(UsageError, match="--tile"):
         predict.main(["--name", "p", "--input", image, "--output", out, "--tile", "50"])
+    with pytest.raises(UsageError, match="--overlap -20 must be at least 0$"):  # windows sized from the budget
+        predict.main(["--name", "p", "--input", image, "--output", out, "--overlap", "-20"])
     with pytest.raises(UsageError, match="--min_confidence"):
         predict.main(["--name", "p", "--input", image, "--output", out, "--min_confidence", "1"])
     other = write(tmp_path / "sub" / "a.jpg", sample_bgr(32, 32))
@@ -628,15 +630,17 @@ def test_cpu_memory_budget_is_a_quarter_of_the_ram_unless_little_is_free(monkeyp
     assert inference.memory_budget(torch.device("cpu")) == 4096 * budget_pages
 
 
-def test_windows_sized_from_the_memory_budget(monkeypatch):
+@pytest.mark.parametrize("overlap", [16, 64])
+def test_windows_sized_from_the_memory_budget(monkeypatch, overlap):
     """tile None: the whole image when its forward pass fits the budget, else the largest windows that fit; both
-    give the whole-image probabilities (Pointwise: exactly)."""
+    give the whole-image probabilities (Pointwise: exactly), also when --overlap (default 64) is as large as the
+    smallest window."""
     image = np.random.default_rng(1).random((100, 150, 3), dtype=np.float32)
     whole = inference.Predictor(Pointwise(), crop_cfg(), torch.device("cpu"), tile=512).predict(image)
     roomy = inference.Predictor(Pointwise(), crop_cfg(), torch.device("cpu"))
     assert roomy.tile ** 2 >= 100 * 150
     monkeypatch.setattr(inference, "memory_budget", lambda device: 64 * 64 * 4)  # Pointwise: 4 bytes per pixel
-    tight = inference.Predictor(Pointwise(), crop_cfg(), torch.device("cpu"), overlap=16)
+    tight = inference.Predictor(Pointwise(), crop_cfg(), torch.device("cpu"), overlap=overlap)
     assert tight.tile == 64 and tight.batch_size == 1
     for predictor in (roomy, tight):
         np.testing.assert_allclose(predictor.predict(image), whole, atol=1e-5)
