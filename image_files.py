@@ -246,10 +246,14 @@ def denormalize(x):
     return x * NORM_STD + NORM_MEAN
 
 
-def stretch_percentiles(x, low=PERCENTILES[0], high=PERCENTILES[1]):
+def stretch_percentiles(x):
     """float32 [H, W, C], any range -> float32 [H, W, C] in [0, 1]: ``(x - p_low) / (p_high - p_low)``, clipped,
-    with the percentiles taken over all pixels and channels. A flat image (p_high == p_low) becomes all zeros."""
-    lo, hi = np.percentile(x, (low, high))
+    with the percentiles (:data:`PERCENTILES`) taken over all pixels and channels. When they are equal (a few
+    nuclei on an exactly flat background, over 98.8 % of the pixels one value) the image is stretched from its
+    minimum to its maximum instead, so the nuclei stay; a flat image becomes all zeros."""
+    lo, hi = np.percentile(x, PERCENTILES)
+    if hi <= lo:
+        lo, hi = x.min(), x.max()
     if hi <= lo:
         return np.zeros_like(x)
     return np.clip((x - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)

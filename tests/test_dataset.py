@@ -93,6 +93,22 @@ def test_percentile_normalization_ignores_gain_and_offset_and_keeps_colour_balan
     assert image_to_float(np.full((4, 4, 3), 9, np.uint8), 3, "percentile").max() == 0  # a flat image
 
 
+@pytest.mark.parametrize("normalization", ["percentile", "percentile_dark"])
+def test_percentile_keeps_a_few_nuclei_on_an_exactly_flat_background(normalization):
+    """Over 98.8 % of the pixels one value makes the 1st and 99.8th percentiles equal: the image is stretched from
+    its minimum to its maximum instead of becoming all zeros (the nuclei lost). Dark nuclei on a saturated
+    background too (percentile_dark inverts them to bright)."""
+    img = np.zeros((100, 100, 1), np.uint16)
+    img[50:53, 50:53] = 200
+    out = image_to_float(img, 1, normalization)
+    assert out[50:53, 50:53].min() == 1 and out.sum() == 9
+    stained = np.full((100, 100, 3), 255, np.uint8)
+    stained[10:13, 10:13] = (90, 40, 120)
+    out = image_to_float(stained, 3, normalization)
+    nucleus, background = out[10:13, 10:13].mean(), out[20:, 20:].mean()
+    assert (background == 1 and nucleus < 0.5) if normalization == "percentile" else (background == 0 and nucleus > 0.5)
+
+
 def test_percentile_dark_inverts_bright_backgrounds_only():
     """A stained-like image (dark nuclei on a bright background) becomes 1 - its percentile stretch; a
     fluorescence-like one (bright nuclei on a dark background) is left as 'percentile' gives it."""
