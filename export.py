@@ -21,7 +21,8 @@ from utils import ArgumentParser, UsageError, run_cli
 SCALING = {  # how image_files.image_to_float scales an image for each --normalization, in the printed input contract
     "fixed": "8-bit / 255, 16-bit by its min and max",
     "percentile": "by its 1st and 99.8th percentiles (min and max when they are equal)",
-    "percentile_dark": "by its 1st and 99.8th percentiles (min and max when equal), inverted when its mean is above 0.5",
+    "percentile_dark": "by its 1st and 99.8th percentiles (min and max when equal), inverted when its mean is "
+                       "above 0.5",
 }
 
 
