@@ -21,7 +21,8 @@ channel after the classes, the pixels where two nuclei touch (:func:`instances.t
 
 Images are scaled to [0, 1] as image_files.image_to_float says (``normalization``: fixed, percentile or
 percentile_dark); the network then sees ``(x - 0.5) / 0.25`` (:func:`normalize`), applied once. Resizing uses
-linear interpolation for images and nearest for masks, so targets stay hard.
+linear interpolation for images and nearest for masks (image_files.NEAREST, aligned with the linear one), so
+targets stay hard.
 """
 import os
 import signal
@@ -36,7 +37,7 @@ import torch
 from tqdm import tqdm
 
 import distributed
-from image_files import decode_image, image_to_float, normalize, read_label_image, read_mask
+from image_files import NEAREST, decode_image, image_to_float, normalize, read_label_image, read_mask
 from instances import median_diameter, nucleus_areas, touching_borders
 from utils import DataError, UsageError
 
@@ -240,7 +241,7 @@ def train_transform(input_h, input_w, crop_size=0, scale_jitter=0.0, color_jitte
         size += [A.PadIfNeeded(crop_size, crop_size, border_mode=cv2.BORDER_REFLECT_101),
                  A.RandomCrop(crop_size, crop_size)]
     else:
-        size.append(A.Resize(input_h, input_w))
+        size.append(A.Resize(input_h, input_w, mask_interpolation=NEAREST))
     colour = [A.HEStain(method="random_preset", p=stain_jitter)] if stain_jitter else []
     if color_jitter:
         colour.append(A.OneOf([A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05, p=1.0),
@@ -254,7 +255,7 @@ def train_transform(input_h, input_w, crop_size=0, scale_jitter=0.0, color_jitte
 
 def eval_transform(input_h, input_w, crop_size=0):
     """Evaluation: resize to input_h x input_w, or (crop training) keep the original size."""
-    return A.Compose([] if crop_size else [A.Resize(input_h, input_w)])
+    return A.Compose([] if crop_size else [A.Resize(input_h, input_w, mask_interpolation=NEAREST)])
 
 
 # --------------------------------------------------------------------------------------------------- dataset

@@ -18,6 +18,10 @@ from utils import DataError
 
 TIFF_EXTS = (".tif", ".tiff")
 NORMALIZATIONS = ("fixed", "percentile", "percentile_dark")  # train.py --normalization
+# Nearest-neighbour resizing with pixel centres aligned as INTER_LINEAR aligns them (cv2.INTER_NEAREST samples
+# each output pixel's top-left corner: shrunk 1000 -> 96 px, its labels sat half a pixel off the linearly resized
+# image and mask)
+NEAREST = cv2.INTER_NEAREST_EXACT
 PERCENTILES = (1.0, 99.8)  # CSBDeep's and StarDist's default normalize(x, 1, 99.8)
 NORM_MEAN = 0.5
 NORM_STD = 0.25
@@ -198,7 +202,7 @@ def read_labels(path, shape=None):
     file's (a label stays a label; an object too small for the new size may vanish) -> int32 [H, W]."""
     labels = read_label_image(path)
     if shape is not None and tuple(labels.shape) != tuple(shape):
-        labels = cv2.resize(labels, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)  # int32: ids exact
+        labels = cv2.resize(labels, (shape[1], shape[0]), interpolation=NEAREST)  # int32: ids exact
     return labels.astype(np.int32)
 
 

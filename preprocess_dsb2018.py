@@ -14,8 +14,8 @@ Output layout::
 
 Images are resized with INTER_LINEAR to ``--img_size`` squared (as the original pytorch-nested-unet did); the
 semantic mask is resized with INTER_LINEAR and thresholded at 128 (hard 0/255, where the original kept soft
-values); the labels are resized with INTER_NEAREST, so a nucleus too small to survive the resize loses its
-number (the numbers are never reassigned). ``--img_size 0`` keeps every image at its original size.
+values); the labels are resized with INTER_NEAREST_EXACT (nearest-neighbour, pixel centres aligned with the
+linear resize's), so a nucleus too small to survive the resize loses its number (the numbers are never reassigned). ``--img_size 0`` keeps every image at its original size.
 A ``--src`` whose folder name holds ``test`` (stage1_test) goes to ``inputs/dsb2018_test_<img_size>`` or
 ``inputs/dsb2018_test_full``: a test set, scored with ``val.py --name <run> --dataset dsb2018_test_full``.
 
@@ -165,7 +165,7 @@ def convert_sample(sample_dir, out_dir, img_size, masks_csv=None):
         size = (img_size, img_size)
         image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
         union = cv2.resize(union, size, interpolation=cv2.INTER_LINEAR)
-        labels = cv2.resize(labels, size, interpolation=cv2.INTER_NEAREST)
+        labels = cv2.resize(labels, size, interpolation=cv2.INTER_NEAREST_EXACT)
     mask = np.where(union >= 128, 255, 0).astype(np.uint8)
     if (image == image[:, :, :1]).all():
         image = image[:, :, 0]  # grey: one channel is half the file, and reads back as the same three channels

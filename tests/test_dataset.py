@@ -338,6 +338,24 @@ def test_resizing_keeps_masks_hard(tmp_path, transform):
     assert values == {0.0, 1.0}
 
 
+@pytest.mark.parametrize("transform", [eval_transform(32, 48), train_transform(32, 48, color_jitter=False)],
+                         ids=["eval", "train"])
+def test_resized_masks_stay_on_their_image(tmp_path, transform):
+    """A disc drawn in the image and in its mask, 99x141 resized to 32x48: the mask is the linearly resized image
+    thresholded at half, give or take a pixel (cv2.INTER_NEAREST moved it half an input pixel up and left: 37
+    pixels off here). Label images are resized the same way (evaluation at a 96x96 run's size)."""
+    yy, xx = np.mgrid[:99, :141]
+    disc = (((yy - 49) ** 2 + (xx - 70) ** 2) < 40 ** 2).astype(np.uint8)
+    out = transform(image=np.repeat(disc[..., None] * 255, 3, axis=2), mask=disc)
+    mask, image = out["mask"], out["image"][..., 0] / 255.0
+    assert mask.shape == image.shape == (32, 48) or mask.shape == image.shape == (48, 32)  # D4 may transpose
+    assert np.sum(mask != (image > 0.5)) <= 2
+    if mask.shape == (32, 48):
+        path = os.path.join(tmp_path, "labels.png")
+        cv2.imwrite(path, disc.astype(np.uint16) * 7)
+        np.testing.assert_array_equal(read_labels(path, (32, 48)) > 0, mask > 0)
+
+
 def test_eval_transform_with_crop_keeps_size(tmp_path):
     ids = make_synthetic(tmp_path, "syn", num_images=2, size=48)
     image, mask, _ = Dataset(ids, str(tmp_path / "inputs" / "syn"), transform=eval_transform(32, 32, crop_size=32))[0]

@@ -120,9 +120,10 @@ def test_resized_hard_masks(raw, tmp_path, monkeypatch):
         full = np.zeros(masks[0].shape, np.uint16)
         for i, m in enumerate(masks, start=1):
             full[m > 0] = i
-        assert np.array_equal(lab, cv2.resize(full, (24, 24), interpolation=cv2.INTER_NEAREST)), sid
-        # nearest-neighbour labels and the thresholded mask agree on almost every pixel
-        assert np.mean((lab > 0) != (mask > 0)) < 0.1, sid
+        assert np.array_equal(lab, cv2.resize(full, (24, 24), interpolation=cv2.INTER_NEAREST_EXACT)), sid
+        # the labels and the thresholded mask agree on almost every pixel (pixel centres aligned: with
+        # cv2.INTER_NEAREST the labels sat half an input pixel up and left, 3-5 % of pixels off here)
+        assert np.mean((lab > 0) != (mask > 0)) < 0.03, sid
 
 
 def test_pool_matches_single_process_and_limit(raw, tmp_path):

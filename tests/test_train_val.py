@@ -550,7 +550,7 @@ def test_val_scores_every_image_of_another_dataset(work, capsys):
         prob = cv2.imread(str(out / "0" / f"{sid}.png"), cv2.IMREAD_UNCHANGED)
         truth = cv2.imread(str(root / "inputs" / "unseen" / "masks" / "0" / f"{sid}.png"), cv2.IMREAD_UNCHANGED)
         assert prob.shape == (32, 32)  # the run's 32x32 evaluation size, not the dataset's 48x48
-        truth = cv2.resize(truth, (32, 32), interpolation=cv2.INTER_NEAREST) > 0
+        truth = cv2.resize(truth, (32, 32), interpolation=cv2.INTER_NEAREST_EXACT) > 0
         pred = prob > PRED_THRESHOLD
         inter, union = inter + int((pred & truth).sum()), union + int((pred | truth).sum())
     assert scores["iou"] == pytest.approx(inter / union, abs=1e-3)
