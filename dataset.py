@@ -290,7 +290,7 @@ class Dataset(torch.utils.data.Dataset):
         return len(self.img_ids)
 
     def load(self, index):
-        """Decode sample ``index`` -> (image as stored [H, W, C] uint8/uint16, mask uint8 [H, W, K] in {0,1})."""
+        """Decode sample ``index`` -> (image as stored [H, W, C] (decode_image), mask uint8 [H, W, K] in {0,1})."""
         img_id = self.img_ids[index]
         img_path = self.layout.image(img_id)
         img = decode_image(img_path)

@@ -1,9 +1,9 @@
 """The training set as one tensor on the training device, augmented a whole batch at a time there.
 
-``train.py --loader device`` (and ``auto`` when the decoded set fits a quarter of the device's free memory) uses
-this instead of DataLoader workers running albumentations per sample: on a 2-core CPU the cores then all go to
-the model, and a GPU is not fed by CPU workers. It draws the same augmentations as ``dataset.train_transform``
-(tests/test_device_data.py compares the two distributions):
+``train.py --loader device`` (and ``auto`` when the images are cached and, on a GPU, fit a quarter of its free
+memory) uses this instead of DataLoader workers running albumentations per sample: on a 2-core CPU the cores then
+all go to the model, and a GPU is not fed by CPU workers. It draws the same augmentations as
+``dataset.train_transform`` (tests/test_device_data.py compares the two distributions):
 
 - size: resize to input_h x input_w (bilinear for images, nearest for masks), or a random crop_size window at
   full resolution, uniform over the positions; ``scale_jitter`` s first rescales about the centre by a factor

@@ -184,7 +184,8 @@ def _bar(loader, desc, enabled):
 
 def train_one_epoch(model, loader, criterion, optimizer, precision, desc="train", progress=True, max_steps=None,
                     classes=None):
-    """Train for one pass over ``loader``; returns dict(loss, iou) averaged over the epoch's images.
+    """Train for one pass over ``loader``; returns dict(loss, iou): the loss averaged over the epoch's images, the
+    IoU pooled over all their pixels (as val_iou).
 
     ``classes``: IoU over the first ``classes`` channels only (the mask classes; a --borders channel after them
     is trained but not scored); None scores every channel.

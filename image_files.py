@@ -167,8 +167,8 @@ def select_channel(planes, channel, path):
 
 
 def decode_image(path):
-    """Read a 2D grey or RGB image file as stored: uint8 or uint16 array [H, W, C] (C 1 or 3, RGB order), alpha
-    dropped. A stack, another number of channels or NaN values is a DataError naming the file."""
+    """Read a 2D grey or RGB image file as stored: array [H, W, C] (C 1 or 3, RGB order), alpha dropped; uint8 or
+    uint16, or a TIFF's own type (float, int32...). A stack, another number of channels or NaN values is a DataError naming the file."""
     image = check_finite(_one_plane(*decode_planes(path), path, "image"), path)
     if image.shape[2] not in (1, 3):
         raise DataError(f"image {path} has {image.shape[2]} channels; training and val.py read grey or RGB images: "

@@ -19,7 +19,8 @@ Three ways to number the objects:
   instead of becoming a spurious object). The mask is then flooded from the markers along rising border
   probability, so again the union of the objects is the thresholded mask.
 
-Every function returns an int32 label image of the input's shape: 0 is background and the objects are
+Every separation (:func:`connected_components`, :func:`watershed_instances`, :func:`border_instances`,
+:func:`split_instances`) returns an int32 label image of the input's shape: 0 is background and the objects are
 numbered 1..N consecutively. ``min_size`` (pixels) removes specks smaller than that. :func:`split_instances`
 then drops the objects the network is unsure of: those whose mean probability is below ``min_confidence``.
 """

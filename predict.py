@@ -103,7 +103,8 @@ def check_args(args):
 # ------------------------------------------------------------------------------------------------ the inputs
 
 def list_images(paths):
-    """Files and folders -> sorted image paths (folders: their image files, not recursive), duplicates removed.
+    """Files and folders -> image paths in the order given (a folder: its image files sorted, not recursive),
+    duplicates removed.
 
     A path that does not exist, or a folder without images, is a DataError naming it.
     """
