@@ -5,16 +5,16 @@
 
 train.py redraws models/<name>/curves.png after every epoch. The best epoch (highest val IoU) is marked.
 """
-import argparse
 import os
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
 
 from config import derived_files_dir, saved_run_dir  # noqa: E402
-from utils import UsageError, atomic_write, run_cli  # noqa: E402
+from utils import ArgumentParser, UsageError, atomic_write, run_cli  # noqa: E402
 
 
 def plot_runs(logs, names, out_path):
@@ -61,7 +61,7 @@ def _line(ax, log, column, colour, style, label):
 
 
 def main(argv):
-    p = argparse.ArgumentParser(prog="plot.py", description="Plot training curves from models/<name>/log.csv.")
+    p = ArgumentParser(prog="plot.py", description="Plot training curves from models/<name>/log.csv.")
     p.add_argument("--name", nargs="+", required=True, help="one or more run names")
     p.add_argument("--out", default=None, help="PNG to write (default models/<name>/curves.png for one run, "
                    "outputs/<name>_files/curves.png for the bundled run, compare.png for several)")
@@ -69,8 +69,6 @@ def main(argv):
     args = p.parse_args(argv)
     if args.out and not args.out.lower().endswith(".png"):
         raise UsageError(f"--out {args.out}: plot.py writes PNG; give a name ending in .png")
-    import pandas as pd  # deferred: --help answers at once
-
     logs = []
     for name in args.name:
         path = os.path.join(saved_run_dir(name), "log.csv")
