@@ -26,6 +26,8 @@ Runs with several classes write ``<id>_class<c>.png`` (and ``_prob``) per class;
 trained with ``--borders True`` also predicts where nuclei touch; ``--separation borders`` splits nuclei there.
 """
 import os
+import re
+import sys
 import time
 
 import numpy as np
@@ -37,7 +39,7 @@ from config import add_amp_arg, add_device_arg, add_separation_args, choose_sepa
 from image_files import TIFF_EXTS, TiffHeader, decode_planes, select_channel, tiff_header
 from instances import AUTO_SCALE_BAND, auto_scale, border_map, median_diameter, nucleus_areas, split_instances
 from utils import (ArgumentParser, BatchedThreads, DataError, UsageError, atomic_imwrite, atomic_tiff_write,
-                   atomic_write, check_output_folder, float_or_auto, run_cli)
+                   atomic_write, check_output_folder, float_or_auto, remove_killed_writes, run_cli)
 from visualize import draw_outlines, to_bgr
 
 IMAGE_EXTS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
@@ -318,20 +320,29 @@ def predict_all(predictor, files, ids, headers, out_dir, num_classes, threshold,
     return float(np.mean(fractions)), table, sum(pixels) / 1e6, len(fractions), scales, left_out
 
 
-OUTPUT_SUFFIXES = ("", "_prob", "_instances", "_overlay")  # of a one-class run's files (see the module docstring)
+def output_stems(name):
+    """The image ids that a file of predict.py's outputs (module docstring) can belong to: 'a_class1_prob.png' ->
+    {'a_class1_prob', 'a_class1', 'a'} (an id may itself end like a suffix); set() for other files."""
+    stem, ext = os.path.splitext(name)
+    if ext not in (".png", ".tif"):
+        return set()
+    kind = re.sub(r"(_prob|_instances|_overlay)$", "", stem)
+    return {stem, kind, re.sub(r"_class\d+$", "", kind)}
 
 
-def earlier_outputs_note(args, files, ids, stacks):
-    """A note naming the files in ``args.output`` that an earlier prediction of a one-class run wrote for these
-    images and this one did not (``<id>_instances.png`` and objects.csv when --instances is left out now, a .png
-    where a .tif stack is written now), which would pass for this one's; '' when there are none. The input files
-    themselves are never named."""
-    suffixes = [""] + ["_prob"] * args.save_prob + ["_instances"] * args.instances + ["_overlay"] * args.overlay
+def earlier_outputs_note(args, files, ids, stacks, num_classes):
+    """A note naming the files in ``args.output`` that an earlier prediction wrote for these images and this one
+    did not (``<id>_instances.png`` and objects.csv when --instances is left out now, a .png where a .tif stack
+    is written now, ``<id>_class<c>.png`` of a run with other classes), which would pass for this one's; '' when
+    there are none. The input files themselves are never named."""
+    classes = [""] if num_classes == 1 else [f"_class{c}" for c in range(num_classes)]
+    suffixes = [c + p for c in classes for p in ["", "_prob"][:1 + args.save_prob]]
+    suffixes += ["_instances"] * args.instances + ["_overlay"] * args.overlay
     written = {f"{i}{s}{'.tif' if axes else '.png'}" for i, axes in zip(ids, stacks) for s in suffixes}
-    names = [f"{i}{s}{ext}" for i in ids for s in OUTPUT_SUFFIXES for ext in (".png", ".tif")]
-    names += [] if args.instances else ["objects.csv"]
-    inputs = {os.path.abspath(f) for f in files}
-    earlier = [n for n in names if n not in written and os.path.isfile(os.path.join(args.output, n))
+    written |= {"objects.csv"} if args.instances else set()
+    inputs, ids = {os.path.abspath(f) for f in files}, set(ids)
+    earlier = [n for n in sorted(os.listdir(args.output)) if n not in written and (n == "objects.csv" or
+               output_stems(n) & ids) and os.path.isfile(os.path.join(args.output, n))
                and os.path.abspath(os.path.join(args.output, n)) not in inputs]
     if not earlier:
         return ""
@@ -404,12 +415,21 @@ def main(argv):
     predictor = Predictor(model, cfg, device, args.tile or None, args.overlap, args.batch_size, args.prune, args.tta,
                           args.amp, 1.0 if auto else args.scale)
     replaced_rows = objects_csv_note(args.output, ids) if args.instances else ""
+    held_files = os.path.isdir(args.output) and any(os.scandir(args.output))
     os.makedirs(args.output, exist_ok=True)
+    remove_killed_writes(args.output)
     started = time.time()
-    foreground, objects, megapixels, planes, scales, left_out = predict_all(
-        predictor, files, ids, headers, args.output, cfg.num_classes, args.threshold, args.save_prob,
-        separation if args.instances else None, filters, args.overlay, args.channel,
-        (cfg.nucleus_diameter, separation) if auto else None)
+    try:
+        foreground, objects, megapixels, planes, scales, left_out = predict_all(
+            predictor, files, ids, headers, args.output, cfg.num_classes, args.threshold, args.save_prob,
+            separation if args.instances else None, filters, args.overlay, args.channel,
+            (cfg.nucleus_diameter, separation) if auto else None)
+    except BaseException:
+        if held_files:  # the images done now have this prediction's files, the others an earlier one's
+            print(f"note: {os.path.join(args.output, '')} held files before this prediction, which stopped before "
+                  "its end: it now mixes the two (objects.csv is the earlier one's); predict all the images again",
+                  file=sys.stderr)
+        raise
     if objects is not None:
         with atomic_write(os.path.join(args.output, "objects.csv")) as f:
             objects.to_csv(f, index=False, float_format="%.2f")
@@ -428,8 +448,7 @@ def main(argv):
           f"{device} ({predictor.precision.describe()}); mean foreground {100 * foreground:.1f}%"
           f"{found}; "
           f"files in {os.path.join(args.output, '')}")
-    earlier = earlier_outputs_note(args, files, ids, stacks) if cfg.num_classes == 1 else ""
-    for note in (earlier, replaced_rows):
+    for note in (earlier_outputs_note(args, files, ids, stacks, cfg.num_classes), replaced_rows):
         if note:
             print(note)
     if left_out:

@@ -30,7 +30,8 @@ from optim import build_optimizer, build_scheduler, cosine_parts, fused_update, 
 from plot import plot_runs
 from splits import load_or_make_split, split_ids
 from synthetic import ensure_synthetic
-from utils import DataError, UsageError, UserError, atomic_write, interrupts_held, raise_keyboard_interrupt
+from utils import (DataError, UsageError, UserError, atomic_write, interrupts_held, raise_keyboard_interrupt,
+                   remove_killed_writes)
 
 
 class Trainer:
@@ -95,6 +96,7 @@ class Trainer:
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, self._previous_sigterm)
         distributed.cleanup()
+        self._restore_replaced_run()
         if exc_type is KeyboardInterrupt and self.main:
             print(f"\nstopped during epoch {self._where_to_go_on()}", flush=True)
         if worker_died and self.main:
@@ -107,7 +109,8 @@ class Trainer:
         """'N; <what was saved>. <the command that continues>' for a run stopped during epoch N."""
         done = getattr(self, "saved_epoch", self.start_epoch)
         if not done:
-            return "1, before any epoch was saved; start again with --overwrite" + flags
+            kept = f"; {self.dir} holds the run it was to replace again" if getattr(self, "restored", False) else ""
+            return f"1, before any epoch was saved{kept}; start again with --overwrite" + flags
         return (f"{done + 1}; {self.dir}/last.pth holds epoch {done}. Continue with: python train.py --resume "
                 f"{shlex.quote(self.args.name)}{flags}")
 
@@ -168,6 +171,8 @@ class Trainer:
             save_training_state(os.path.join(self.dir, "last.pth"), self.net, self.optimizer, self.scheduler,
                                 self.precision.scaler, epoch, self.best)
             self.saved_epoch = epoch
+        if os.path.isdir(replaced_run_dir(self.dir)):  # the new run has an epoch: the one it replaces may go
+            shutil.rmtree(replaced_run_dir(self.dir))
 
     def print_summary(self):
         """The end-of-run summary: best epoch and its scores, time, where the files are, what to run next."""
@@ -264,13 +269,22 @@ class Trainer:
         """models/<name>/ with config.yml and split.csv (a new run replaces an old folder with --overwrite). A resumed
         run's folder loses the temporary files that a save cut off by a killed process left (.<file>.*.tmp)."""
         if not self.args.resume and os.path.isdir(self.dir):
-            shutil.rmtree(self.dir)
+            os.rename(self.dir, replaced_run_dir(self.dir))  # kept until this run has saved an epoch
         os.makedirs(self.dir, exist_ok=True)
-        for stale in (f for f in os.listdir(self.dir) if f.startswith(".") and f.endswith(".tmp")):
-            os.remove(os.path.join(self.dir, stale))
+        remove_killed_writes(self.dir)
         save_run_config(self.args, os.path.join(self.dir, "config.yml"))
         with atomic_write(os.path.join(self.dir, "split.csv")) as f:
             self.split.to_csv(f, index=False)
+
+    def _restore_replaced_run(self):
+        """A run that stops before saving an epoch gives back the folder it was to --overwrite: nothing is lost to a
+        Ctrl-C or an error right after a start with the wrong flags."""
+        replaced = replaced_run_dir(self.dir)
+        if self.main and not getattr(self, "saved_epoch", 0) and os.path.isdir(replaced):
+            with interrupts_held():
+                shutil.rmtree(self.dir, ignore_errors=True)
+                os.rename(replaced, self.dir)
+            self.restored = True
 
     def _say(self, text):
         if self.main:
@@ -312,8 +326,18 @@ def run_header(a, split, device, precision, on_device, start_epoch):
             f"on {device} ({precision.describe()}; {loader}{processes}){resuming}")
 
 
+def replaced_run_dir(path):
+    """models/.<name>.replaced: where --overwrite keeps the old run of ``path`` until the new one saves an epoch."""
+    head, name = os.path.split(os.path.normpath(path))
+    return os.path.join(head, f".{name}.replaced")
+
+
 def check_run_folder(path, name, resume, overwrite):
-    """Before any work: a resumed run needs its last.pth; a new one an empty place or --overwrite."""
+    """Before any work: a resumed run needs its last.pth; a new one an empty place or --overwrite; no run is left
+    aside by an --overwrite that was killed before it saved an epoch."""
+    if os.path.isdir(replaced_run_dir(path)):
+        raise UsageError(f"{replaced_run_dir(path)} holds the run that an --overwrite of {name}, killed before it "
+                         f"saved an epoch, was to replace: move it back to {path} (or remove it) first")
     if overwrite and resume:
         raise UsageError(f"--resume {name} continues the run and --overwrite starts it again; give one of the two")
     weights = os.path.isfile(os.path.join(path, "model.pth"))

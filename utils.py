@@ -5,6 +5,7 @@ No torch here (the slow import), so that every script's ``--help`` answers at on
 import argparse
 import ctypes
 import ctypes.util
+import glob
 import hashlib
 import io
 import os
@@ -372,12 +373,23 @@ def check_output_folder(path, flag="--output"):
         raise UsageError(f"{flag} {path} is a file; give a folder for the outputs")
 
 
+def remove_killed_writes(folder):
+    """Remove the temporary files (.<name>.<random>.tmp) that :func:`atomic_write` leaves in ``folder`` when its
+    process is killed (SIGKILL, out of memory), so that they do not pile up unseen."""
+    for stale in glob.glob(os.path.join(glob.escape(folder), ".*.tmp")):
+        os.remove(stale)
+
+
 def temp_folder_beside(path):
     """A new empty folder beside ``path`` (same file system, so :func:`replace_folder` can move it there), with the
-    permissions os.makedirs would give (mkdtemp makes it private)."""
+    permissions os.makedirs would give (mkdtemp makes it private). Such folders that a killed process left
+    beside ``path`` are removed first."""
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(path), prefix="." + os.path.basename(path) + ".tmp-")
+    prefix = "." + os.path.basename(path) + ".tmp-"
+    for stale in glob.glob(os.path.join(glob.escape(os.path.dirname(path)), glob.escape(prefix) + "*")):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=prefix)
     os.chmod(tmp, 0o777 & ~_UMASK)
     return tmp
 
@@ -412,13 +424,16 @@ def check_replaceable(dst, flag, marker="images", what="a dataset folder"):
 
 
 def replace_folder(tmp, dst):
-    """Move the finished folder ``tmp`` to ``dst`` (absent, an empty folder, or an old dataset folder)."""
+    """Move the finished folder ``tmp`` to ``dst`` (absent, an empty folder, or an old dataset folder). The two
+    renames that swap an old folder, and the old folder's removal, run with Ctrl-C and SIGTERM held, so ``dst`` never
+    goes missing between them and the old one is not left behind."""
     if os.path.isdir(dst) and not os.listdir(dst):
         os.rmdir(dst)
     if not os.path.lexists(dst):
         os.replace(tmp, dst)
         return
     old = tmp + ".old"
-    os.rename(dst, old)
-    os.replace(tmp, dst)
-    shutil.rmtree(old, ignore_errors=True)
+    with interrupts_held():
+        os.rename(dst, old)
+        os.replace(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)

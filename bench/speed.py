@@ -32,6 +32,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -58,7 +59,7 @@ from splits import make_split  # noqa: E402
 from synthetic import ensure_synthetic  # noqa: E402
 from timing import cpu_name, device_list, sync  # noqa: E402
 from trainer import Trainer  # noqa: E402
-from utils import ArgumentParser, keep_freed_memory  # noqa: E402
+from utils import ArgumentParser, keep_freed_memory, raise_keyboard_interrupt  # noqa: E402
 
 ARCH_ROWS = {"UNet": ("UNet", False), "NestedUNet": ("NestedUNet", False), "NestedUNet_wDS": ("NestedUNet", True)}
 LOOPS = ("seed", "ours")
@@ -292,6 +293,9 @@ def main(argv=None):
     if args._worker:
         print(json.dumps(measure(json.loads(args._worker))), flush=True)
         return 0
+    # SIGTERM as Ctrl-C: the measuring subprocess is killed and the work folder removed (not run_cli: its malloc
+    # settings would apply to the seed loop of --in_process too)
+    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     devices = device_list(args.device)
     workdir = tempfile.mkdtemp(prefix="bench_speed_")
     old_cwd = os.getcwd()
@@ -345,4 +349,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit("interrupted")

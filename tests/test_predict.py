@@ -489,6 +489,31 @@ def test_files_of_an_earlier_prediction_are_named(in_runs, tmp_path, capsys):
     assert set(pd.read_csv(os.path.join(out, "objects.csv"), dtype={"image": str})["image"]) <= {"b"}
 
 
+def test_files_of_a_run_with_other_classes_and_of_a_killed_prediction(in_runs, tmp_path, capsys, monkeypatch):
+    """A two-class run's files for these images are named too (not only a one-class run's); the temporary files of
+    a killed prediction are removed; a prediction stopped midway into a folder that held files says it mixes."""
+    image = write(tmp_path / "in" / "a.png", sample_bgr(40, 40))
+    out = tmp_path / "out"
+    for name in ("a_class0.png", "a_class1_prob.png", "b_class1.png"):
+        write(out / name, np.zeros((40, 40), np.uint8))
+    (out / ".a.png.x1y2z3.tmp").write_bytes(b"\x89PNG half")
+    predict.main(["--name", "pc", "--input", image, "--output", str(out), "--device", "cpu"])
+    assert "also holds 2 files of an earlier prediction that this one did not write: a_class0.png, " \
+           "a_class1_prob.png;" in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == ["a.png", "a_class0.png", "a_class1_prob.png", "b_class1.png"]
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(predict, "predict_all", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        predict.main(["--name", "pc", "--input", image, "--output", str(out), "--device", "cpu"])
+    assert "held files before this prediction, which stopped before its end" in capsys.readouterr().err
+    with pytest.raises(KeyboardInterrupt):
+        predict.main(["--name", "pc", "--input", image, "--output", str(tmp_path / "new"), "--device", "cpu"])
+    assert "held files" not in capsys.readouterr().err
+
+
 def test_subfolders_of_an_input_folder_are_named(tmp_path, capsys):
     write(tmp_path / "plate" / "a.png", np.zeros((8, 8), np.uint8))
     (tmp_path / "plate" / "well_B2").mkdir()

@@ -28,12 +28,13 @@ import predict
 import synthetic
 import train
 import trainer
+import utils
 import val
 from archs import build_model
 from checkpoints import atomic_torch_save
 from conftest import train_argv
 from dataset import Dataset, decode_image, eval_transform, read_mask
-from utils import DataError, atomic_write, interrupts_held, run_cli, sha256_file
+from utils import DataError, UsageError, atomic_write, interrupts_held, run_cli, sha256_file
 
 SMALL = ["--dataset", "tiny", "--arch", "UNet", "--input_w", "32", "--input_h", "32", "-b", "2",
          "--num_workers", "0", "--device", "cpu", "--seed", "3"]
@@ -292,6 +293,56 @@ def test_ctrl_c_while_an_epoch_is_saved_takes_effect_once_its_files_agree(in_wor
     assert no_temp_files(run) == []
     assert torch.load(run / "last.pth", weights_only=True)["epoch"] == 2
     assert pd.read_csv(run / "log.csv")["epoch"].tolist() == [1, 2]
+
+
+def test_overwrite_stopped_before_its_first_epoch_gives_the_old_run_back(in_workdir, monkeypatch, capsys):
+    """Ctrl-C in epoch 1 of an --overwrite run (started with the wrong flags): the run it was to replace is back,
+    file for file; once the new run saves an epoch the old one is gone, and no hidden copy is left behind."""
+    assert cli(train.main, ["--name", "kept", "--epochs", "1", *SMALL]) == 0
+    runs = in_workdir / "models"
+    before = {f: (runs / "kept" / f).read_bytes() for f in sorted(os.listdir(runs / "kept"))}
+    real_train = trainer.train_one_epoch
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "train_one_epoch", interrupted)
+    assert cli(train.main, ["--name", "kept", "--epochs", "2", "--lr", "0.5", "--overwrite", *SMALL]) == 130
+    assert "models/kept holds the run it was to replace again" in capsys.readouterr().out
+    assert {f: (runs / "kept" / f).read_bytes() for f in sorted(os.listdir(runs / "kept"))} == before
+    assert no_temp_files(runs) == []
+    monkeypatch.setattr(trainer, "train_one_epoch", real_train)
+    assert cli(train.main, ["--name", "kept", "--epochs", "1", "--lr", "0.5", "--overwrite", *SMALL]) == 0
+    assert no_temp_files(runs) == [] and "lr: 0.5" in (runs / "kept" / "config.yml").read_text()
+    os.rename(runs / "kept", runs / ".kept.replaced")  # as a killed --overwrite leaves it
+    with pytest.raises(UsageError, match="move it back to models/kept"):
+        train.main(["--name", "kept", "--epochs", "1", "--overwrite", *SMALL])
+
+
+def test_a_folder_replaced_never_goes_missing_and_killed_builds_are_cleared(tmp_path, monkeypatch):
+    """Ctrl-C between the two renames that swap a finished folder in (bundle.py, val.py, datasets): the swap
+    completes first, so the folder is never missing. The hidden build folders a killed process left beside it are
+    removed by the next build."""
+    dst = tmp_path / "nuclei"
+    dst.mkdir()
+    (dst / "model.pth").write_text("old")
+    (tmp_path / ".nuclei.tmp-killed").mkdir()
+    (tmp_path / ".nuclei.tmp-killed.old").mkdir()
+    (tmp_path / ".other.tmp-keep").mkdir()
+    real_rename = os.rename
+
+    def rename_then_interrupt(src, target):
+        real_rename(src, target)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(os, "rename", rename_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        with utils.folder_replaced_when_done(dst) as tmp:
+            with open(os.path.join(tmp, "model.pth"), "w") as f:
+                f.write("new")
+    monkeypatch.undo()
+    assert (dst / "model.pth").read_text() == "new"
+    assert sorted(os.listdir(tmp_path)) == [".other.tmp-keep", "nuclei"]
 
 
 def test_interrupts_held_act_after_the_block():
