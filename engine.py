@@ -154,10 +154,27 @@ class NonFiniteLoss(RuntimeError):
         self.step = step_index
 
 
-def _mean_loss(loss_sum, seen):
-    """Loss averaged over every image seen, on all processes together."""
-    totals = reduce_sum(torch.stack([loss_sum, torch.full_like(loss_sum, seen)]))
-    return (totals[0] / totals[1].clamp(min=1)).item()
+class EpochTotals:
+    """An epoch's loss and pixel scores, summed batch by batch on the device (no host sync), then reduced over
+    the processes: what train_one_epoch and evaluate both report."""
+
+    def __init__(self, device, classes=None):
+        self.meter = SegmentationMeter(device)
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.seen, self.classes = 0, classes
+
+    def add(self, loss, logits, masks):
+        """One batch: its mean loss (0-dim), logits and masks [B, K(+1), H, W], scored over the first ``classes``
+        channels (the mask classes; None: all). Returns its per-image (iou [B], dice [B]) on the device."""
+        self.loss_sum += loss.double() * logits.shape[0]
+        self.seen += logits.shape[0]
+        return self.meter.update(logits[:, :self.classes], masks[:, :self.classes])
+
+    def result(self):
+        """dict(loss: averaged over every image of every process, iou, dice, iou_mean, dice_mean)."""
+        self.meter.all_reduce()
+        totals = reduce_sum(torch.stack([self.loss_sum, torch.full_like(self.loss_sum, self.seen)]))
+        return {"loss": (totals[0] / totals[1].clamp(min=1)).item(), **self.meter.compute()}
 
 
 class HostCopy:
@@ -194,9 +211,7 @@ def train_one_epoch(model, loader, criterion, optimizer, precision, desc="train"
     (and at progress-bar updates) so the device never waits for the host.
     """
     model.train()
-    meter = SegmentationMeter(precision.device)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=precision.device)
-    seen = 0
+    totals = EpochTotals(precision.device, classes)
     first_bad = torch.full((), -1, dtype=torch.long, device=precision.device)
     bar = _bar(loader, desc, progress)
     shown = None  # the loss and first bad step of the last progress update, on their way to the host
@@ -205,9 +220,7 @@ def train_one_epoch(model, loader, criterion, optimizer, precision, desc="train"
         loss, logits = step(model, images, masks, criterion, precision, optimizer)
         bad = ~torch.isfinite(loss) & (first_bad < 0)
         first_bad = torch.where(bad, torch.full_like(first_bad, i), first_bad)
-        loss_sum += loss.double() * images.shape[0]
-        seen += images.shape[0]
-        meter.update(logits[:, :classes], masks[:, :classes])
+        totals.add(loss, logits, masks)
         if progress and i % LOG_EVERY == 0:
             if shown is not None and shown.ready():
                 value, bad_step = shown.values()
@@ -217,10 +230,10 @@ def train_one_epoch(model, loader, criterion, optimizer, precision, desc="train"
             shown = HostCopy(torch.stack([loss.double(), first_bad.double()]))
         if max_steps is not None and i + 1 >= max_steps:
             break
-    meter.all_reduce()
+    result = totals.result()
     if first_bad.item() >= 0:
         raise NonFiniteLoss(int(first_bad.item()))
-    return {"loss": _mean_loss(loss_sum, seen), "iou": meter.compute()["iou"]}
+    return {"loss": result["loss"], "iou": result["iou"]}
 
 
 @torch.no_grad()
@@ -259,20 +272,16 @@ def evaluate(model, loader, criterion, precision, desc="val", progress=True, pru
     iou/dice are pooled over the split (sum of intersections / sum of unions); iou_mean/dice_mean average the
     per-image scores, over the first ``classes`` channels (None: all; see :func:`train_one_epoch`). ``prune`` L
     runs NestedUNet only up to head L; ``tta`` averages flips.
-    ``on_batch(meta, images, logits, masks)`` is called per batch (val.py writes its files there).
+    ``on_batch(meta, images, logits, masks, scores)`` is called per batch with its per-image scores = (iou [B],
+    dice [B]) (val.py writes its files and rows there).
     Under DDP each rank evaluates its own shard and the sums are reduced over ranks.
     """
     model.eval()
-    meter = SegmentationMeter(precision.device)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=precision.device)
-    seen = 0
+    totals = EpochTotals(precision.device, classes)
     for images, masks, meta in _bar(loader, desc, progress):
         images, masks = precision.to_device(images, masks)
         loss, logits = step(model, images, masks, criterion, precision, prune=prune, tta=tta)
-        loss_sum += loss.double() * images.shape[0]
-        seen += images.shape[0]
-        meter.update(logits[:, :classes], masks[:, :classes])
+        scores = totals.add(loss, logits, masks)
         if on_batch is not None:
-            on_batch(meta, images, logits, masks)
-    meter.all_reduce()
-    return {"loss": _mean_loss(loss_sum, seen), **meter.compute()}
+            on_batch(meta, images, logits, masks, scores)
+    return totals.result()

@@ -16,7 +16,7 @@ from dataset import MODALITIES, list_ids, nucleus_diameter
 from splits import read_split, split_ids
 from image_files import denormalize, read_labels
 from instances import auto_scale, border_map
-from metrics import dsb_scores, per_image_scores
+from metrics import dsb_scores
 from utils import BatchedThreads, UsageError, atomic_imwrite, atomic_write
 from visualize import overlay_panel, to_bgr, write_summary
 
@@ -82,11 +82,11 @@ class ImageWriter:
     def __exit__(self, *exc):
         self.jobs.close()
 
-    def __call__(self, meta, images, logits, masks):
-        """images [B, C, H, W] normalised, logits [B, K(+1), H, W], masks [B, K(+1), H, W] in {0, 1}."""
-        k = self.classes
+    def __call__(self, meta, images, logits, masks, scores):
+        """images [B, C, H, W] normalised, logits [B, K(+1), H, W], masks [B, K(+1), H, W] in {0, 1}, scores the
+        per-image (iou [B], dice [B]) of the K mask classes that engine.evaluate computed."""
         probs = torch.sigmoid(logits).cpu().numpy()
-        ious, dices = (s.cpu().numpy() for s in per_image_scores(logits[:, :k], masks[:, :k]))
+        ious, dices = (s.cpu().numpy() for s in scores)
         images = images.float().cpu().numpy().transpose(0, 2, 3, 1) if self.overlays else [None] * len(probs)
         truths = masks[:, 0].cpu().numpy() > 0
         for i, img_id in enumerate(meta["img_id"]):

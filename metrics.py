@@ -58,11 +58,13 @@ class SegmentationMeter:
         self.state = torch.zeros(7, dtype=torch.float64, device=device)
 
     def update(self, logits, target):
-        """Add a batch: logits [B, K, H, W], target [B, K, H, W] in {0, 1}."""
+        """Add a batch: logits [B, K, H, W], target [B, K, H, W] in {0, 1}. Returns its per-image scores
+        (iou [B], dice [B]) as :func:`per_image_scores`, on the device."""
         counts = pixel_counts(logits, target)
         per_image = scores_from_counts(*counts)
         self.state[:6] += torch.stack([values.sum() for values in counts + per_image])
         self.state[6] += logits.shape[0]
+        return per_image
 
     def all_reduce(self):
         """Sum ``state`` over torch.distributed ranks when a process group is initialised."""

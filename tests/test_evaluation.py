@@ -1,5 +1,6 @@
-"""utils.BatchedThreads, and evaluation.ImageWriter on it: the per-image work done in threads, in batches of
-waiting images, gives the rows, scores and files of one image at a time."""
+"""utils.BatchedThreads, and evaluation.ImageWriter on it, fed by engine.evaluate: the per-image work done in
+threads, in batches of waiting images, gives the rows, scores and files of one image at a time, and the rows'
+scores are those of the definitions."""
 import os
 import time
 
@@ -8,7 +9,9 @@ import pytest
 import torch
 from conftest import write_image
 
+from engine import Precision, evaluate
 from evaluation import ImageWriter
+from losses import build_loss
 from image_files import read_label_image
 from metrics import dsb_scores
 from utils import BatchedThreads, DataError
@@ -32,12 +35,29 @@ def _batches(folder, rng, num_batches=3, batch=2, size=24):
     return batches, labels
 
 
+class Replay(torch.nn.Module):
+    """A stand-in network whose outputs are the given logits, one batch per call, in order."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = list(logits)
+
+    def forward(self, images):
+        return self.logits.pop(0)
+
+
+def _evaluate(writer, batches, classes=1):
+    """engine.evaluate over ``batches`` [(meta, images, logits, masks)] with ``writer`` as its on_batch."""
+    loader = [(images, masks, meta) for meta, images, _, masks in batches]
+    return evaluate(Replay(logits for _, _, logits, _ in batches), loader, build_loss("BCEWithLogitsLoss"),
+                    Precision.choose(torch.device("cpu"), "fp32"), progress=False, on_batch=writer, classes=classes)
+
+
 def _write(out_dir, batches, labels, **kwargs):
     kinds = {i: "fluorescence" for meta, *_ in batches for i in meta["img_id"]}
     with ImageWriter(str(out_dir), 1, kinds, labels, ["watershed", "cc"], {"min_size": 3, "min_confidence": 0.5},
                      **kwargs) as writer:
-        for batch in batches:
-            writer(*batch)
+        _evaluate(writer, batches)
         return writer.write_table(), writer.dsb_means()
 
 
@@ -70,8 +90,7 @@ def test_rows_score_the_mask_channel_against_a_numpy_reference(tmp_path):
     batches[1] = (meta, images, torch.cat([logits, -logits], 1), torch.cat([masks, masks], 1))
     kinds = {i: "fluorescence" for meta, *_ in batches for i in meta["img_id"]}
     with ImageWriter(str(tmp_path / "out"), 1, kinds, {}, ["watershed"], {}, overlays=False, workers=1) as writer:
-        for batch in batches:
-            writer(*batch)
+        _evaluate(writer, batches)
         rows = writer.write_table().set_index("img_id")
     for meta, _, logits, masks in batches:
         for i, img_id in enumerate(meta["img_id"]):
