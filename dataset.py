@@ -39,17 +39,12 @@ from tqdm import tqdm
 import distributed
 from image_files import NEAREST, decode_image, image_to_float, normalize, read_label_image, read_mask
 from instances import median_diameter, nucleus_areas, touching_borders
-from utils import DataError, UsageError
+from utils import DataError, UsageError, first_few
 
 # ----------------------------------------------------------------------------------------- listing a dataset
 
 def _ids_in(folder, ext):
     return {f[: -len(ext)] for f in os.listdir(folder) if f.endswith(ext) and not f.startswith(".")}
-
-
-def _few(ids, n=3):
-    ids = sorted(ids)
-    return ", ".join(ids[:n]) + (f" and {len(ids) - n} more" if len(ids) > n else "")
 
 
 CELLPOSE_NOT_IMAGES = ("_masks", "_flows")  # files beside the images in Cellpose's folders without _img
@@ -121,12 +116,12 @@ def _check_pairs(ids, other_ids, other_dir, what, ext, flag):
         raise DataError(f"no {ext} {what}s in {other_dir}{_extension_hint(other_dir, flag)}")
     if ids - other_ids:
         n = len(ids - other_ids)
-        raise DataError(f"{n} image{' has' if n == 1 else 's have'} no {what} in {other_dir}: {_few(ids - other_ids)}"
-                        f"; give every image its {what}, named like the image")
+        raise DataError(f"{n} image{' has' if n == 1 else 's have'} no {what} in {other_dir}: "
+                        f"{first_few(ids - other_ids)}; give every image its {what}, named like the image")
     if other_ids - ids:
         n = len(other_ids - ids)
         raise DataError(f"{n} {what}{' has' if n == 1 else 's have'} no image in {other_dir}: "
-                        f"{_few(other_ids - ids)}; give every {what} its image, named like it")
+                        f"{first_few(other_ids - ids)}; give every {what} its image, named like it")
 
 
 def _extension_hint(folder, flag):
@@ -147,7 +142,7 @@ def images_left_out(dataset_dir, img_ext):
     if not other:
         return ""
     return (f"note: {len(other)} file{'s are' if len(other) > 1 else ' is'} in {folder} without the extension "
-            f"{img_ext} and left out: {_few(other)} (one --img_ext for all images)")
+            f"{img_ext} and left out: {first_few(other)} (one --img_ext for all images)")
 
 
 def list_ids(dataset_dir, img_ext=".png", mask_ext=".png", num_classes=1):
@@ -219,7 +214,7 @@ def check_labels(layout, ids):
     if missing:
         raise DataError(f"--borders True needs instance labels {layout.dataset_dir}/labels/<id>.png (16-bit, "
                         f"0 = background, 1..N one per nucleus; preprocess_dsb2018.py writes them); missing for "
-                        f"{len(missing)} of {len(ids)} images, e.g. {_few(missing)}; without them train with "
+                        f"{len(missing)} of {len(ids)} images, e.g. {first_few(missing)}; without them train with "
                         "--borders False")
 
 

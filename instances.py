@@ -194,17 +194,17 @@ def border_map(prob, num_classes):
 
 
 def split_instances(prob, method="watershed", threshold=0.5, min_size=MIN_SIZE, min_confidence=MIN_CONFIDENCE,
-                    border=None, **kwargs):
+                    border=None):
     """Label the objects of a probability map [H, W] (values in [0, 1]) -> int32 [H, W], objects 1..N.
 
-    method: 'watershed' (:func:`watershed_instances`, splits touching nuclei; ``kwargs`` go to it), 'cc'
+    method: 'watershed' (:func:`watershed_instances`, splits touching nuclei), 'cc'
     (:func:`connected_components`) or 'borders' (:func:`border_instances`; needs ``border``, the predicted
     border map [H, W]). Then objects whose mean probability is below ``min_confidence`` (0 keeps all) are
     dropped. The same ``min_size`` and ``min_confidence`` apply to all, so comparing them measures the
     separation alone.
     """
     if method == "watershed":
-        labels = watershed_instances(prob, threshold, min_size=min_size, **kwargs)
+        labels = watershed_instances(prob, threshold, min_size=min_size)
     elif method == "cc":
         labels = connected_components(prob, threshold, min_size=min_size)
     elif method == "borders":

@@ -6,7 +6,7 @@ import os
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from utils import DataError, UsageError
+from utils import DataError, UsageError, first_few
 
 SPLITS = ("train", "val", "test")
 
@@ -75,6 +75,5 @@ def checked_split(split, source, dataset_dir, ids):
     """``split`` (read from ``source``) unchanged, or a DataError when it names ids that ``dataset_dir`` lacks."""
     missing = sorted(set(split["img_id"]) - set(ids))
     if missing:
-        raise DataError(f"{source} names ids that are not in {dataset_dir}: {', '.join(missing[:3])}"
-                        f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''}")
+        raise DataError(f"{source} names ids that are not in {dataset_dir}: {first_few(missing)}")
     return split

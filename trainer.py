@@ -122,7 +122,7 @@ class Trainer:
         a = self.args
         self._say(run_header(self.args, self.split, self.device, self.precision, self.on_device, self.start_epoch))
         for epoch in range(self.start_epoch, a.epochs):
-            if epoch > 0 and 0 <= a.early_stopping <= self.best["stale_epochs"]:  # as the seed: at least one epoch
+            if epoch > 0 and stops_early(self.best, a.early_stopping):  # as the seed: at least one epoch
                 self._say(f"early stopping: no better val IoU for {self.best['stale_epochs']} epochs")
                 break
             started, lr = time.time(), self.optimizer.param_groups[0]["lr"]
@@ -253,7 +253,7 @@ class Trainer:
         if self.start_epoch >= self.args.epochs:
             raise UsageError(f"--resume {self.args.name}: the run has already trained its {self.start_epoch} epochs; "
                              f"pass a larger --epochs to train on (e.g. --epochs {self.start_epoch + 10})")
-        if 0 <= self.args.early_stopping <= self.best["stale_epochs"]:
+        if stops_early(self.best, self.args.early_stopping):
             stale = self.best["stale_epochs"]
             raise UsageError(f"--resume {self.args.name}: --early_stopping {self.args.early_stopping} would stop it "
                              f"at once ({stale} epoch{'s' * (stale != 1)} since its best val IoU); pass a larger "
@@ -299,6 +299,11 @@ def track_best(best, epoch, val_iou):
     best.update({"best_iou": val_iou, "best_epoch": epoch, "stale_epochs": 0} if improved else
                 {"stale_epochs": best["stale_epochs"] + 1})
     return improved
+
+
+def stops_early(best, early_stopping):
+    """True once ``early_stopping`` epochs (--early_stopping; -1 off) have passed without a better val IoU."""
+    return 0 <= early_stopping <= best["stale_epochs"]
 
 
 def log_row(epoch, lr, train, val, seconds):

@@ -367,6 +367,12 @@ class BatchedThreads:
         self.waiting, self.waiting_bytes = [], 0
 
 
+def first_few(items, n=3):
+    """'a, b, c and 4 more': the first ``n`` of ``items`` sorted, for a message."""
+    items = sorted(items)
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
 def check_output_folder(path, flag="--output"):
     """Refuse an output folder that exists as a file (before any work; os.makedirs would fail later)."""
     if os.path.exists(path) and not os.path.isdir(path):
