@@ -415,7 +415,8 @@ def main(argv):
     predictor = Predictor(model, cfg, device, args.tile or None, args.overlap, args.batch_size, args.prune, args.tta,
                           args.amp, 1.0 if auto else args.scale)
     replaced_rows = objects_csv_note(args.output, ids) if args.instances else ""
-    held_files = os.path.isdir(args.output) and any(os.scandir(args.output))
+    held_outputs = os.path.isdir(args.output) and any(n == "objects.csv" or output_stems(n) & set(ids)
+                                                      for n in os.listdir(args.output))
     os.makedirs(args.output, exist_ok=True)
     remove_killed_writes(args.output)
     started = time.time()
@@ -424,11 +425,11 @@ def main(argv):
             predictor, files, ids, headers, args.output, cfg.num_classes, args.threshold, args.save_prob,
             separation if args.instances else None, filters, args.overlay, args.channel,
             (cfg.nucleus_diameter, separation) if auto else None)
-    except BaseException:
-        if held_files:  # the images done now have this prediction's files, the others an earlier one's
-            print(f"note: {os.path.join(args.output, '')} held files before this prediction, which stopped before "
-                  "its end: it now mixes the two (objects.csv is the earlier one's); predict all the images again",
-                  file=sys.stderr)
+    except KeyboardInterrupt:
+        if held_outputs:  # the images done now have this prediction's files, the others an earlier one's
+            print(f"note: {os.path.join(args.output, '')} held outputs of an earlier prediction of these images, "
+                  "and this one stopped before its end: it may now mix the two (objects.csv is the earlier one's); "
+                  "predict all the images again", file=sys.stderr)
         raise
     if objects is not None:
         with atomic_write(os.path.join(args.output, "objects.csv")) as f:

@@ -171,8 +171,8 @@ class Trainer:
             save_training_state(os.path.join(self.dir, "last.pth"), self.net, self.optimizer, self.scheduler,
                                 self.precision.scaler, epoch, self.best)
             self.saved_epoch = epoch
-        if os.path.isdir(replaced_run_dir(self.dir)):  # the new run has an epoch: the one it replaces may go
-            shutil.rmtree(replaced_run_dir(self.dir))
+            if os.path.isdir(replaced_run_dir(self.dir)):  # the new run has an epoch: the one it replaces may go
+                shutil.rmtree(replaced_run_dir(self.dir))
 
     def print_summary(self):
         """The end-of-run summary: best epoch and its scores, time, where the files are, what to run next."""
@@ -267,23 +267,31 @@ class Trainer:
 
     def _create_run_folder(self):
         """models/<name>/ with config.yml and split.csv (a new run replaces an old folder with --overwrite). A resumed
-        run's folder loses the temporary files that a save cut off by a killed process left (.<file>.*.tmp)."""
-        if not self.args.resume and os.path.isdir(self.dir):
-            os.rename(self.dir, replaced_run_dir(self.dir))  # kept until this run has saved an epoch
-        os.makedirs(self.dir, exist_ok=True)
-        remove_killed_writes(self.dir)
-        save_run_config(self.args, os.path.join(self.dir, "config.yml"))
-        with atomic_write(os.path.join(self.dir, "split.csv")) as f:
-            self.split.to_csv(f, index=False)
+        run's folder loses the temporary files that a save cut off by a killed process left. A symlinked run folder
+        stays a link: its target is what is replaced."""
+        real, replaced = os.path.realpath(self.dir), replaced_run_dir(self.dir)
+        if os.path.isdir(replaced):  # left by a process killed after this folder's run saved an epoch
+            shutil.rmtree(replaced)
+        if not self.args.resume and os.path.isdir(real):
+            os.rename(real, replaced)  # kept until this run has saved an epoch
+        try:
+            os.makedirs(real, exist_ok=True)
+            remove_killed_writes(real)
+            save_run_config(self.args, os.path.join(real, "config.yml"))
+            with atomic_write(os.path.join(real, "split.csv")) as f:
+                self.split.to_csv(f, index=False)
+        except BaseException:
+            self._restore_replaced_run()
+            raise
 
     def _restore_replaced_run(self):
         """A run that stops before saving an epoch gives back the folder it was to --overwrite: nothing is lost to a
         Ctrl-C or an error right after a start with the wrong flags."""
-        replaced = replaced_run_dir(self.dir)
+        real, replaced = os.path.realpath(self.dir), replaced_run_dir(self.dir)
         if self.main and not getattr(self, "saved_epoch", 0) and os.path.isdir(replaced):
             with interrupts_held():
-                shutil.rmtree(self.dir, ignore_errors=True)
-                os.rename(replaced, self.dir)
+                shutil.rmtree(real, ignore_errors=True)
+                os.rename(replaced, real)
             self.restored = True
 
     def _say(self, text):
@@ -332,15 +340,16 @@ def run_header(a, split, device, precision, on_device, start_epoch):
 
 
 def replaced_run_dir(path):
-    """models/.<name>.replaced: where --overwrite keeps the old run of ``path`` until the new one saves an epoch."""
-    head, name = os.path.split(os.path.normpath(path))
+    """models/.<name>.replaced (beside the target of a symlinked run folder): where --overwrite keeps the old run of
+    ``path`` until the new one saves an epoch."""
+    head, name = os.path.split(os.path.realpath(path))
     return os.path.join(head, f".{name}.replaced")
 
 
 def check_run_folder(path, name, resume, overwrite):
     """Before any work: a resumed run needs its last.pth; a new one an empty place or --overwrite; no run is left
     aside by an --overwrite that was killed before it saved an epoch."""
-    if os.path.isdir(replaced_run_dir(path)):
+    if os.path.isdir(replaced_run_dir(path)) and not os.path.isfile(os.path.join(path, "last.pth")):
         raise UsageError(f"{replaced_run_dir(path)} holds the run that an --overwrite of {name}, killed before it "
                          f"saved an epoch, was to replace: move it back to {path} (or remove it) first")
     if overwrite and resume:

@@ -5,7 +5,6 @@ No torch here (the slow import), so that every script's ``--help`` answers at on
 import argparse
 import ctypes
 import ctypes.util
-import glob
 import hashlib
 import io
 import os
@@ -264,7 +263,7 @@ def atomic_write(path, mode="w", **kwargs):
     """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, mode, **kwargs) as f:
             yield f
@@ -379,23 +378,43 @@ def check_output_folder(path, flag="--output"):
         raise UsageError(f"{flag} {path} is a file; give a folder for the outputs")
 
 
+KILLED_WRITE = re.compile(r"\..+\.(\d+)\.\w{8}\.tmp")  # atomic_write's .<name>.<pid>.<random>.tmp
+
+
+def process_gone(pid):
+    """True when no process ``pid`` runs on this machine (the writer of a temporary file was killed)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's process
+        return False
+    return False
+
+
 def remove_killed_writes(folder):
-    """Remove the temporary files (.<name>.<random>.tmp) that :func:`atomic_write` leaves in ``folder`` when its
-    process is killed (SIGKILL, out of memory), so that they do not pile up unseen."""
-    for stale in glob.glob(os.path.join(glob.escape(folder), ".*.tmp")):
-        os.remove(stale)
+    """Remove the temporary files that :func:`atomic_write` leaves in ``folder`` when its process is killed
+    (SIGKILL, out of memory), so that they do not pile up unseen: only files named as it names them, of a
+    process that no longer runs (another one writing there now keeps its own)."""
+    for entry in os.scandir(folder):
+        m = KILLED_WRITE.fullmatch(entry.name)
+        if m and entry.is_file(follow_symlinks=False) and process_gone(int(m.group(1))):
+            os.remove(entry.path)
 
 
 def temp_folder_beside(path):
     """A new empty folder beside ``path`` (same file system, so :func:`replace_folder` can move it there), with the
-    permissions os.makedirs would give (mkdtemp makes it private). Such folders that a killed process left
-    beside ``path`` are removed first."""
+    permissions os.makedirs would give (mkdtemp makes it private). Such folders (.<name>.tmp-<pid>-<random>) that a
+    killed process left beside ``path`` are removed first; those of a process still building are kept."""
     path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    prefix = "." + os.path.basename(path) + ".tmp-"
-    for stale in glob.glob(os.path.join(glob.escape(os.path.dirname(path)), glob.escape(prefix) + "*")):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=prefix)
+    parent, prefix = os.path.dirname(path), "." + os.path.basename(path) + ".tmp-"
+    os.makedirs(parent, exist_ok=True)
+    killed = re.compile(re.escape(prefix) + r"(\d+)-\w+(\.old)?")
+    for entry in os.scandir(parent):
+        m = killed.fullmatch(entry.name)
+        if m and entry.is_dir(follow_symlinks=False) and process_gone(int(m.group(1))):
+            shutil.rmtree(entry.path, ignore_errors=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f"{prefix}{os.getpid()}-")
     os.chmod(tmp, 0o777 & ~_UMASK)
     return tmp
 

@@ -31,7 +31,7 @@ from config import (INPUTS_DIR, add_amp_arg, add_device_arg, choose_separation, 
 from dataset import MODALITIES, image_modality, nucleus_diameter, reading_of  # noqa: E402
 from engine import choose_device  # noqa: E402
 from evaluation import evaluation_ids  # noqa: E402
-from image_files import decode_image, read_label_image  # noqa: E402
+from image_files import NEAREST, decode_image, read_label_image  # noqa: E402
 from inference import Predictor  # noqa: E402
 from metrics import dsb_score  # noqa: E402
 from instances import median_diameter, nucleus_areas  # noqa: E402
@@ -64,7 +64,7 @@ def resized(image, labels, factor):
     height, width = labels.shape
     size = (max(16, round(width * factor)), max(16, round(height * factor)))
     image = cv2.resize(image, size, interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
-    labels = cv2.resize(labels.astype(np.float32), size, interpolation=cv2.INTER_NEAREST).astype(np.int32)
+    labels = cv2.resize(labels.astype(np.int32), size, interpolation=NEAREST)  # int32: ids exact
     return image.reshape(size[1], size[0], -1), labels
 
 

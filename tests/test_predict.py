@@ -496,11 +496,12 @@ def test_files_of_a_run_with_other_classes_and_of_a_killed_prediction(in_runs, t
     out = tmp_path / "out"
     for name in ("a_class0.png", "a_class1_prob.png", "b_class1.png"):
         write(out / name, np.zeros((40, 40), np.uint8))
-    (out / ".a.png.x1y2z3.tmp").write_bytes(b"\x89PNG half")
+    (out / ".a.png.4999999.x1y2z3ab.tmp").write_bytes(b"\x89PNG half")  # pid above Linux's highest: killed
+    (out / ".notes.tmp").write_text("the user's")
     predict.main(["--name", "pc", "--input", image, "--output", str(out), "--device", "cpu"])
     assert "also holds 2 files of an earlier prediction that this one did not write: a_class0.png, " \
            "a_class1_prob.png;" in capsys.readouterr().out
-    assert sorted(os.listdir(out)) == ["a.png", "a_class0.png", "a_class1_prob.png", "b_class1.png"]
+    assert sorted(os.listdir(out)) == [".notes.tmp", "a.png", "a_class0.png", "a_class1_prob.png", "b_class1.png"]
 
     def stopped(*args, **kwargs):
         raise KeyboardInterrupt
@@ -508,10 +509,10 @@ def test_files_of_a_run_with_other_classes_and_of_a_killed_prediction(in_runs, t
     monkeypatch.setattr(predict, "predict_all", stopped)
     with pytest.raises(KeyboardInterrupt):
         predict.main(["--name", "pc", "--input", image, "--output", str(out), "--device", "cpu"])
-    assert "held files before this prediction, which stopped before its end" in capsys.readouterr().err
+    assert "held outputs of an earlier prediction of these images, and this one stopped" in capsys.readouterr().err
     with pytest.raises(KeyboardInterrupt):
         predict.main(["--name", "pc", "--input", image, "--output", str(tmp_path / "new"), "--device", "cpu"])
-    assert "held files" not in capsys.readouterr().err
+    assert "held outputs" not in capsys.readouterr().err
 
 
 def test_subfolders_of_an_input_folder_are_named(tmp_path, capsys):

@@ -49,6 +49,9 @@ def cli(main, argv):
     return 0
 
 
+DEAD_PID = 4999999  # above the highest process id Linux gives (2^22)
+
+
 def no_temp_files(folder):
     return [n for n in os.listdir(folder) if n.startswith(".") or n.endswith(".tmp")]
 
@@ -237,10 +240,12 @@ def test_unreadable_split_file_is_named(in_workdir, capsys, content):
 
 def test_resume_removes_the_temporary_files_of_a_killed_save(in_workdir):
     shutil.copytree(in_workdir / "models" / "good", in_workdir / "models" / "killed")
-    (in_workdir / "models" / "killed" / ".last.pth.k2j4.tmp").write_bytes(b"PK half a checkpoint")
+    # a killed process's save (pid 4999999: above Linux's highest), and a file of the user's that looks alike
+    (in_workdir / "models" / "killed" / f".last.pth.{DEAD_PID}.k2j4ab_c.tmp").write_bytes(b"PK half a checkpoint")
+    (in_workdir / "models" / "killed" / ".notes.tmp").write_text("mine")
     epochs = len(pd.read_csv(in_workdir / "models" / "killed" / "log.csv"))
     assert cli(train.main, ["--resume", "killed", "--epochs", str(epochs + 1)]) == 0
-    assert no_temp_files(in_workdir / "models" / "killed") == []
+    assert no_temp_files(in_workdir / "models" / "killed") == [".notes.tmp"]
 
 
 # ---------------------------------------------------------------------------------------------- atomic writes
@@ -312,8 +317,25 @@ def test_overwrite_stopped_before_its_first_epoch_gives_the_old_run_back(in_work
     assert {f: (runs / "kept" / f).read_bytes() for f in sorted(os.listdir(runs / "kept"))} == before
     assert no_temp_files(runs) == []
     monkeypatch.setattr(trainer, "train_one_epoch", real_train)
-    assert cli(train.main, ["--name", "kept", "--epochs", "1", "--lr", "0.5", "--overwrite", *SMALL]) == 0
+    real_plot = trainer.plot_runs
+
+    def plot_then_interrupt(*args, **kwargs):  # Ctrl-C while the new run's first epoch is saved
+        real_plot(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(trainer, "plot_runs", plot_then_interrupt)
+    assert cli(train.main, ["--name", "kept", "--epochs", "2", "--lr", "0.5", "--overwrite", *SMALL]) == 130
     assert no_temp_files(runs) == [] and "lr: 0.5" in (runs / "kept" / "config.yml").read_text()
+    assert torch.load(runs / "kept" / "last.pth", weights_only=True)["epoch"] == 1
+    monkeypatch.setattr(trainer, "plot_runs", real_plot)
+    elsewhere = in_workdir / "disk2" / "kept"  # a run folder that is a link to another disk stays a link
+    shutil.move(runs / "kept", elsewhere)
+    os.symlink(elsewhere, runs / "kept")
+    assert cli(train.main, ["--name", "kept", "--epochs", "1", "--lr", "0.3", "--overwrite", *SMALL]) == 0
+    assert os.path.islink(runs / "kept") and "lr: 0.3" in (elsewhere / "config.yml").read_text()
+    assert no_temp_files(runs) == no_temp_files(elsewhere.parent) == []
+    os.remove(runs / "kept")
+    shutil.move(elsewhere, runs / "kept")
     os.rename(runs / "kept", runs / ".kept.replaced")  # as a killed --overwrite leaves it
     with pytest.raises(UsageError, match="move it back to models/kept"):
         train.main(["--name", "kept", "--epochs", "1", "--overwrite", *SMALL])
@@ -322,12 +344,13 @@ def test_overwrite_stopped_before_its_first_epoch_gives_the_old_run_back(in_work
 def test_a_folder_replaced_never_goes_missing_and_killed_builds_are_cleared(tmp_path, monkeypatch):
     """Ctrl-C between the two renames that swap a finished folder in (bundle.py, val.py, datasets): the swap
     completes first, so the folder is never missing. The hidden build folders a killed process left beside it are
-    removed by the next build."""
+    removed by the next build; one of a process still running (this one) is kept."""
     dst = tmp_path / "nuclei"
     dst.mkdir()
     (dst / "model.pth").write_text("old")
-    (tmp_path / ".nuclei.tmp-killed").mkdir()
-    (tmp_path / ".nuclei.tmp-killed.old").mkdir()
+    (tmp_path / f".nuclei.tmp-{DEAD_PID}-killed1").mkdir()
+    (tmp_path / f".nuclei.tmp-{DEAD_PID}-killed1.old").mkdir()
+    (tmp_path / f".nuclei.tmp-{os.getpid()}-building").mkdir()
     (tmp_path / ".other.tmp-keep").mkdir()
     real_rename = os.rename
 
@@ -342,7 +365,7 @@ def test_a_folder_replaced_never_goes_missing_and_killed_builds_are_cleared(tmp_
                 f.write("new")
     monkeypatch.undo()
     assert (dst / "model.pth").read_text() == "new"
-    assert sorted(os.listdir(tmp_path)) == [".other.tmp-keep", "nuclei"]
+    assert sorted(os.listdir(tmp_path)) == [f".nuclei.tmp-{os.getpid()}-building", ".other.tmp-keep", "nuclei"]
 
 
 def test_interrupts_held_act_after_the_block():
