@@ -480,19 +480,23 @@ def add_separation_args(p):
                         "or 0 for a run trained with LovaszHingeLoss, whose sigmoid is a margin, not a probability)")
 
 
+def check_object_filters(min_size, min_confidence):
+    """A UsageError naming the flag unless --min_size >= 0 and 0 <= --min_confidence < 1 (None: the default)."""
+    if min_size < 0:
+        raise UsageError(f"--min_size must not be negative, got {min_size}")
+    if min_confidence is not None and not 0 <= min_confidence < 1:
+        raise UsageError(f"--min_confidence must be at least 0 and below 1, got {min_confidence}")
+
+
 def object_filters(min_size=MIN_SIZE, min_confidence=None, loss=None):
-    """The keyword arguments of instances.split_instances for --min_size and --min_confidence; a UsageError naming
-    the flag unless min_size >= 0 and 0 <= min_confidence < 1.
+    """The keyword arguments of instances.split_instances for --min_size and --min_confidence (checked by
+    :func:`check_object_filters`).
 
     ``min_confidence`` None is instances.MIN_CONFIDENCE, except for a run trained with ``loss`` LovaszHingeLoss: the
     hinge pushes its logits to the margin 1, so its nuclei have a mean sigmoid of about sigmoid(1) = 0.73, and the
     filter, chosen on BCE-trained networks, would drop every one of them. There it is off."""
     if min_confidence is None:
         min_confidence = 0.0 if loss == "LovaszHingeLoss" else MIN_CONFIDENCE
-    if min_size < 0:
-        raise UsageError(f"--min_size must not be negative, got {min_size}")
-    if not 0 <= min_confidence < 1:
-        raise UsageError(f"--min_confidence must be at least 0 and below 1, got {min_confidence}")
     return {"min_size": min_size, "min_confidence": min_confidence}
 
 

@@ -35,7 +35,8 @@ import pandas as pd
 from skimage.measure import regionprops_table
 from tqdm import tqdm
 
-from config import add_amp_arg, add_device_arg, add_separation_args, choose_separation, object_filters
+from config import (add_amp_arg, add_device_arg, add_separation_args, check_object_filters, choose_separation,
+                    object_filters)
 from image_files import TIFF_EXTS, TiffHeader, decode_planes, select_channel, tiff_header
 from instances import AUTO_SCALE_BAND, auto_scale, border_map, median_diameter, nucleus_areas, split_instances
 from utils import (ArgumentParser, BatchedThreads, DataError, UsageError, atomic_imwrite, atomic_tiff_write,
@@ -387,7 +388,7 @@ def sizing(scale, scales):
 def main(argv):
     args = build_parser().parse_args(argv)
     check_args(args)
-    object_filters(args.min_size, args.min_confidence)  # flag errors before the heavy imports
+    check_object_filters(args.min_size, args.min_confidence)  # before the heavy imports
     files = list_images(args.input)
     headers = tiff_headers(files)
     stacks = [header.plane_axes for header in headers]

@@ -56,7 +56,7 @@ class Trainer:
             self._say(left_out)
         self.split = load_or_make_split(os.path.join(self.dir, "split.csv"), self.dataset_dir, ids, args.resume,
                                         args.val_size, args.test_size, args.split_seed, args.split_file)
-        self.train_loader, self.on_device = self._train_loader()
+        self.train_loader, self.on_device, self.cache = self._train_loader()
         self.val_loader = self.make_eval_loader(self.ids("val"))
         seed_everything(args.seed)
         net = build_model(args.arch, output_channels(args), args.input_channels, args.deep_supervision)
@@ -198,11 +198,12 @@ class Trainer:
     def make_eval_loader(self, ids):
         a = self.args
         return eval_loader(self.dataset_dir, ids, reading_of(a), (a.input_h, a.input_w, a.crop_size), a.batch_size,
-                           a.num_workers, pin_memory=self.device.type == "cuda", cache=self._cache)
+                           a.num_workers, pin_memory=self.device.type == "cuda", cache=self.cache)
 
     def _train_loader(self):
-        """(the training loader, whether it augments on the device): device_data.DeviceLoader or a DataLoader
-        over albumentations in workers (--loader), shuffled or --balance'd by DDP-aware samplers."""
+        """(the training loader, whether it augments on the device, whether images are cached: --cache and the
+        training set fits a quarter of the RAM): device_data.DeviceLoader or a DataLoader over albumentations in
+        workers (--loader), shuffled or --balance'd by DDP-aware samplers."""
         a, train_ids, world = self.args, self.ids("train"), distributed.world_size()
         if len(train_ids) // world < a.batch_size:
             shared = f" per process ({len(train_ids)} for {world} processes)" if world > 1 else ""
@@ -210,11 +211,11 @@ class Trainer:
                              f"images{shared}; the last incomplete batch is dropped, so no step would run: lower "
                              "--batch_size")
         decoded = decoded_bytes(self.dataset_dir, train_ids, a.img_ext, a.mask_ext)
-        self._cache = a.cache and decoded < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4
-        on_device = train_on_device(a.loader, self._cache and not a.stain_jitter, decoded, self.device)
+        cache = a.cache and decoded < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4
+        on_device = train_on_device(a.loader, cache and not a.stain_jitter, decoded, self.device)
         augment = (a.input_h, a.input_w, a.crop_size, a.scale_jitter, a.color_jitter, a.greyscale, a.invert)
         transform = None if on_device else train_transform(*augment, stain_jitter=a.stain_jitter)
-        data = Dataset(train_ids, self.dataset_dir, transform=transform, seed=a.seed, cache=self._cache or on_device,
+        data = Dataset(train_ids, self.dataset_dir, transform=transform, seed=a.seed, cache=cache or on_device,
                        **reading_of(a))
         if a.crop_size:
             check_crop(data, a.crop_size)
@@ -225,11 +226,11 @@ class Trainer:
                                                           shuffle=True, seed=a.seed)
         if on_device:
             images = DeviceImages(data.cached, a.input_channels, self.device, a.normalization)
-            return DeviceLoader(images, train_ids, BatchAugment(*augment), sampler, a.batch_size, a.seed), True
+            return DeviceLoader(images, train_ids, BatchAugment(*augment), sampler, a.batch_size, a.seed), True, cache
         return torch.utils.data.DataLoader(
             data, batch_size=a.batch_size, sampler=EpochSampler(sampler), num_workers=a.num_workers, drop_last=True,
             pin_memory=self.device.type == "cuda", persistent_workers=a.num_workers > 0,
-            worker_init_fn=quiet_sigterm), False
+            worker_init_fn=quiet_sigterm), False, cache
 
     def _balance_weights(self, data):
         """--balance: sampling weights of the training images by kind; says how often each kind is drawn."""

@@ -44,7 +44,8 @@ class DataError(UserError):
 
 
 def run_cli(main, argv=None):
-    """Run ``main(argv)`` and turn a UserError into a one-line message and its exit code.
+    """Run ``main(argv)`` and turn a UserError into a one-line message and its exit code. The process first keeps
+    freed memory (:func:`keep_freed_memory`) and silences OpenCV's own log (the errors name the file instead).
 
     With ``--debug`` among the arguments the full traceback is shown instead. Ctrl-C exits with 130
     and a short message, and so does SIGTERM; the scripts themselves make sure no half-written file is left

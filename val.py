@@ -20,7 +20,8 @@ summary.png.
 """
 import os
 
-from config import add_amp_arg, add_device_arg, add_separation_args, choose_separation, object_filters
+from config import (add_amp_arg, add_device_arg, add_separation_args, check_object_filters, choose_separation,
+                    object_filters)
 from utils import (ArgumentParser, at_least, check_replaceable, check_run_name, file_extension,
                    folder_replaced_when_done, run_cli)
 
@@ -70,7 +71,7 @@ def output_folder(name, split, dataset, output):
 
 def main(argv):
     args = build_parser().parse_args(argv)
-    object_filters(args.min_size, args.min_confidence)  # flag errors before the heavy imports
+    check_object_filters(args.min_size, args.min_confidence)  # before the heavy imports
     check_run_name(args.name)  # before it names a folder
     out_dir = output_folder(args.name, args.split, args.dataset, args.output)
     check_replaceable(out_dir, "--output", "scores.csv", "an output folder of val.py")

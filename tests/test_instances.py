@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from config import object_filters
+from config import check_object_filters, object_filters
 from image_files import read_labels
 from instances import (MIN_CONFIDENCE, auto_scale, connected_components, median_diameter, nucleus_areas,
                        split_instances, touching_borders, watershed_instances, watershed_markers)
@@ -114,9 +114,10 @@ def test_object_filters_defaults_and_flag_errors():
     assert object_filters(loss="BCEDiceLoss")["min_confidence"] == MIN_CONFIDENCE
     assert object_filters(3, 0.5, loss="LovaszHingeLoss")["min_confidence"] == 0.5  # a given value wins
     with pytest.raises(UsageError, match="--min_confidence"):
-        object_filters(min_confidence=1.0)
+        check_object_filters(3, 1.0)
     with pytest.raises(UsageError, match="--min_size"):
-        object_filters(min_size=-1)
+        check_object_filters(-1, None)
+    check_object_filters(0, None)
 
 
 def test_bad_method_and_shape():
