@@ -263,14 +263,16 @@ class Dataset(torch.utils.data.Dataset):
     mask float32 [num_classes (+1 with borders), H, W] in {0, 1}. The augmentation of sample i in a given epoch is
     seeded by (seed, epoch, i), so a run is repeatable and a resumed run sees the same augmentations.
     ``cache=True`` decodes every file once, in this process, before training (workers share it).
+    ``border_size`` (h, w): the size a run trained on resized images sees (:func:`reading_of`); its border target is
+    drawn at that size (:func:`border_target`), so that resizing keeps the lines whole.
     """
 
     def __init__(self, img_ids, dataset_dir, img_ext=".png", mask_ext=".png", num_classes=1, input_channels=3,
-                 transform=None, seed=0, cache=False, borders=False, normalization="fixed"):
+                 transform=None, seed=0, cache=False, borders=False, normalization="fixed", border_size=None):
         self.img_ids = list(img_ids)
         self.normalization = normalization
         self.layout = find_layout(dataset_dir, img_ext, mask_ext)
-        self.borders = borders
+        self.borders, self.border_size = borders, border_size
         if borders:
             check_labels(self.layout, self.img_ids)
         self.num_classes, self.input_channels = num_classes, input_channels
@@ -295,7 +297,7 @@ class Dataset(torch.utils.data.Dataset):
         else:
             masks = [(labels > 0).astype(np.uint8)]
         if self.borders:
-            masks.append(touching_borders(labels))
+            masks.append(border_target(labels, self.border_size))
         return img, np.stack(masks, axis=-1)
 
     def read_mask(self, img_id, c, img_path, shape):
@@ -365,8 +367,19 @@ def _exit_quietly(signum, frame):
 
 def reading_of(cfg):
     """The :class:`Dataset` arguments of a run's flags ``cfg`` that say how its files are read."""
-    return {k: getattr(cfg, k)
-            for k in ("img_ext", "mask_ext", "num_classes", "input_channels", "borders", "normalization")}
+    return {**{k: getattr(cfg, k)
+               for k in ("img_ext", "mask_ext", "num_classes", "input_channels", "borders", "normalization")},
+            "border_size": None if cfg.crop_size else (cfg.input_h, cfg.input_w)}
+
+
+def border_target(labels, size=None):
+    """The --borders target of instance labels int [H, W]: uint8 [H, W] in {0, 1} (instances.touching_borders).
+    With ``size`` (h, w), the size the labels will be resized to, it is drawn at that size and resized back: drawn
+    at the file's size, the 2-pixel lines would mostly fall between the pixels that nearest-neighbour keeps."""
+    if size is None or labels.shape == tuple(size):
+        return touching_borders(labels)
+    small = touching_borders(cv2.resize(labels, (size[1], size[0]), interpolation=NEAREST))
+    return cv2.resize(small, (labels.shape[1], labels.shape[0]), interpolation=NEAREST)
 
 
 # ---------------------------------------------------------------------------------------- balancing image kinds

@@ -356,6 +356,21 @@ def test_resized_masks_stay_on_their_image(tmp_path, transform):
         np.testing.assert_array_equal(read_labels(path, (32, 48)) > 0, mask > 0)
 
 
+def test_border_target_of_a_resized_run_is_drawn_at_its_size(tmp_path):
+    """A --borders run trained on 96x96 images resized to 32x32: its border target is touching_borders of the
+    labels at 32x32 (drawn at 96x96 and shrunk, most of the lines fell between the pixels kept)."""
+    ids = make_synthetic(tmp_path, "syn", num_images=6, size=96)
+    root = str(tmp_path / "inputs" / "syn")
+    ds = Dataset(ids, root, transform=eval_transform(32, 32), borders=True, border_size=(32, 32))
+    drawn = 0
+    for i, img_id in enumerate(ids):
+        expected = touching_borders(read_labels(os.path.join(root, "labels", img_id + ".png"), (32, 32)))
+        np.testing.assert_array_equal(ds[i][1][-1].numpy(), expected)
+        drawn += expected.sum()
+    assert drawn > 0
+    assert Dataset(ids, root, borders=True, border_size=(32, 32)).load(0)[1].shape[:2] == (96, 96)
+
+
 def test_eval_transform_with_crop_keeps_size(tmp_path):
     ids = make_synthetic(tmp_path, "syn", num_images=2, size=48)
     image, mask, _ = Dataset(ids, str(tmp_path / "inputs" / "syn"), transform=eval_transform(32, 32, crop_size=32))[0]
