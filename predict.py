@@ -416,7 +416,8 @@ def main(argv):
     predictor = Predictor(model, cfg, device, args.tile or None, args.overlap, args.batch_size, args.prune, args.tta,
                           args.amp, 1.0 if auto else args.scale)
     replaced_rows = objects_csv_note(args.output, ids) if args.instances else ""
-    held_outputs = os.path.isdir(args.output) and any(n == "objects.csv" or output_stems(n) & set(ids)
+    id_set = set(ids)
+    held_outputs = os.path.isdir(args.output) and any(n == "objects.csv" or output_stems(n) & id_set
                                                       for n in os.listdir(args.output))
     os.makedirs(args.output, exist_ok=True)
     remove_killed_writes(args.output)
