@@ -131,7 +131,7 @@ class BatchAugment:
     def window(self, shape, scale, start):
         """Where output pixels come from in an image of ``shape`` rescaled by ``scale`` (rows, columns: each axis
         its own factor, as albumentations' Affine) about its centre: (row slice, column slice, grid [1, oh, ow, 2]
-        in grid_sample's coordinates of that window)."""
+        in grid_sample's align_corners=True coordinates of that window)."""
         axes = []
         for size, out, u, scale in zip(shape, (self.out_h, self.out_w), start, scale):
             if self.crop_size:  # a window of the rescaled image, at a uniform integer position
@@ -142,7 +142,9 @@ class BatchAugment:
             src = centre + (pos - centre) / scale
             lo = max(int(np.floor(src.min().item())) - 1, 0)
             hi = min(int(np.ceil(src.max().item())) + 2, size)
-            axes.append((slice(lo, hi), (2 * (src - lo) + 1) / (hi - lo) - 1))
+            # align_corners=True: -1 and 1 are the centres of the window's end pixels, so grid_sample's reflection
+            # mirrors about them, as OpenCV's BORDER_REFLECT_101 that albumentations' Affine uses
+            axes.append((slice(lo, hi), 2 * (src - lo) / max(hi - lo - 1, 1) - 1))
         (ys, gy), (xs, gx) = axes
         grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1)[None].float()
         return ys, xs, grid
@@ -150,10 +152,10 @@ class BatchAugment:
 
 def sample_window(image, mask, grid):
     """Image [C, h, w] float and mask [K, h, w] uint8 sampled at ``grid`` [1, oh, ow, 2] (bilinear / nearest,
-    reflected outside): ([1, C, oh, ow], [1, K, oh, ow] uint8)."""
+    align_corners=True, reflected about the end pixels' centres outside): ([1, C, oh, ow], [1, K, oh, ow] uint8)."""
     grid = grid.to(image.device)
-    out = F.grid_sample(image[None], grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-    hard = F.grid_sample(mask[None].float(), grid, mode="nearest", padding_mode="reflection", align_corners=False)
+    out = F.grid_sample(image[None], grid, mode="bilinear", padding_mode="reflection", align_corners=True)
+    hard = F.grid_sample(mask[None].float(), grid, mode="nearest", padding_mode="reflection", align_corners=True)
     return out.clamp(0, 1), hard.to(torch.uint8)
 
 

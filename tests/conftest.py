@@ -15,6 +15,7 @@ import torch
 
 import synthetic
 
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # set before a test module imports albumentations
 ROOT = Path(__file__).resolve().parents[1]
 for path in (ROOT, ROOT / "bench"):  # the scripts' modules; bench/ for the reference implementations
     if str(path) not in sys.path:

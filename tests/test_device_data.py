@@ -1,5 +1,7 @@
 """device_data.py against today's albumentations pipeline (dataset.train_transform): the same distributions of
 flips/rotations, crop positions, scale and colour jitter; and --loader device against --loader workers."""
+import albumentations as A
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,7 @@ import image_files
 import splits
 from config import parse_train_args
 from conftest import make_synthetic, train_argv
-from device_data import BatchAugment, DeviceImages, DeviceLoader, colour_jitter, d4, shift_hue
+from device_data import BatchAugment, DeviceImages, DeviceLoader, colour_jitter, d4, sample_window, shift_hue
 from trainer import Trainer
 
 N = 4000
@@ -122,6 +124,21 @@ def test_scale_jitter_draws_the_same_range_of_sizes():
     np.testing.assert_allclose(spread["ours"], spread["albumentations"], atol=0.03)
     factors = np.random.default_rng(0).uniform(0.75, 1.25, (100000, 2))  # one per axis, as albumentations' Affine
     np.testing.assert_allclose(spread["ours"], np.quantile(np.sqrt(factors.prod(1)), [0.05, 0.5, 0.95]), atol=0.03)
+
+
+@pytest.mark.parametrize("scale", [0.8, 1.2])
+def test_a_rescale_fills_the_margins_as_albumentations_affine(scale):
+    """One fixed factor both ways: the same pixels, the margins of a shrunk image mirrored about the end pixels'
+    centres (OpenCV's BORDER_REFLECT_101), not about their edges."""
+    h, w = 40, 48
+    yy, xx = np.mgrid[:h, :w]
+    wave = lambda t, period: np.abs(t % period - period / 2) / (period / 2)  # noqa: E731 (continuous, no flat parts)
+    image = np.dstack([wave(xx + 0.3 * yy, 9), wave(yy, 7), wave(0.5 * xx + yy, 11)]).astype(np.float32)
+    ys, xs, grid = BatchAugment(h, w, scale_jitter=0.25).window((h, w), (scale, scale), (0.3, 0.6))
+    out, _ = sample_window(torch.from_numpy(image.transpose(2, 0, 1).copy())[:, ys, xs],
+                           torch.zeros(1, h, w, dtype=torch.uint8)[:, ys, xs], grid)
+    alb = A.Affine(scale=(scale, scale), border_mode=cv2.BORDER_REFLECT_101, p=1.0)(image=image)["image"]
+    np.testing.assert_allclose(out[0].numpy(), alb.transpose(2, 0, 1), atol=1e-4)
 
 
 def test_colour_jitter_draws_the_same_changes():
