@@ -58,7 +58,7 @@ def build_train_parser(exit_on_error=True):
 
 def _add_model_args(g):
     """The network and its loss."""
-    g.add_argument("--arch", default="NestedUNet", choices=ARCHS, help="the network")
+    g.add_argument("--arch", "-a", default="NestedUNet", choices=ARCHS, help="the network")
     g.add_argument("--deep_supervision", default=False, type=str2bool, help="NestedUNet's 4 heads (True/False)")
     g.add_argument("--input_channels", default=3, type=integer, help="image channels the network takes")
     g.add_argument("--num_classes", default=1, type=integer, help="output channels = mask class folders")
