@@ -1,4 +1,4 @@
-"""Train and evaluate recipes from configs/ one after another and print the README's results table.
+"""Train and evaluate recipes from configs/ one after another and print a table of their scores (docs/results.md).
 
     python bench/quality.py configs/dsb2018_96_*_bcedice.yml configs/dsb2018_96_*_lovasz.yml
     python bench/quality.py configs/dsb2018_96_UNet_bcedice.yml --epochs 10 --suffix _cpu10
