@@ -17,7 +17,7 @@ from splits import read_split, split_ids
 from image_files import denormalize, read_labels
 from instances import auto_scale, border_map
 from metrics import dsb_scores
-from utils import BatchedThreads, UsageError, atomic_imwrite, atomic_write
+from utils import BatchedThreads, DataError, UsageError, atomic_imwrite, atomic_write, first_few
 from visualize import overlay_panel, to_bgr, write_summary
 
 # what val.py prints for each separation (instances.SEPARATIONS), in the order the DSB2018 scores follow the chosen one
@@ -46,7 +46,13 @@ def evaluation_ids(name, split, dataset, run_dataset, reading):
     ids = split_ids(read_split(os.path.join(run, "split.csv")), split)
     if not ids:
         raise UsageError(f"{run}/split.csv has no '{split}' ids (train with --test_size for a test split)")
-    return os.path.join(INPUTS_DIR, run_dataset), ids, f"{split} split"
+    folder = os.path.join(INPUTS_DIR, run_dataset)
+    missing = sorted(set(ids) - set(list_ids(folder, reading["img_ext"], reading["mask_ext"], reading["num_classes"])))
+    if missing:  # found now, not by the loader after part of the evaluation
+        raise DataError(f"{len(missing)} of the {len(ids)} {split} images in {run}/split.csv are not in {folder}, "
+                        f"e.g. {first_few(missing)}: prepare that dataset again in full, or score another with "
+                        "--dataset <set>")
+    return folder, ids, f"{split} split"
 
 
 def separation_order(chosen, borders):

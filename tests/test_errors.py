@@ -99,6 +99,9 @@ CASES = {
     "val_unknown_run": (["val.py", "--name", "ghost", "--device", "cpu"], 2, ["ghost", "models/ghost/config.yml"]),
     "val_run_without_split": (["val.py", "--name", "pctrun", "--device", "cpu"], 2,
                               ["models/pctrun/split.csv not found", "--dataset <set>"]),
+    "val_split_ids_missing_from_the_dataset": (["val.py", "--name", "partrun", "--device", "cpu"], 1,
+                                               ["1 of the 3 val images in models/partrun/split.csv", "inputs/good",
+                                                "syn_0042", "--dataset <set>"]),
     "name_with_dots": (train("--name", "../x"), 2, ["--name", "../x"]),
     "name_absolute": (train("--name", "/tmp/x"), 2, ["--name", "/tmp/x"]),
     "val_name_with_dots": (["val.py", "--name", "../x"], 2, ["--name", "../x"]),
@@ -151,6 +154,13 @@ def _prepare(root):
     pct = parse_train_args(["--name", "pctrun", "--dataset", "good", "--normalization", "percentile", *SMALL])
     save_run_config(pct, str(run / "config.yml"))
     shutil.copy(root / "unet.pth", run / "model.pth")
+    # A finished run whose split names an image its dataset no longer holds (a dataset prepared again in part).
+    run = root / "models" / "partrun"
+    run.mkdir(parents=True)
+    save_run_config(parse_train_args(["--name", "partrun", "--dataset", "good", *SMALL]), str(run / "config.yml"))
+    shutil.copy(root / "unet.pth", run / "model.pth")
+    (run / "split.csv").write_text("img_id,split\n" + "".join(f"syn_000{i},train\n" for i in range(8))
+                                   + "syn_0008,val\nsyn_0009,val\nsyn_0042,val\n")
     # A finished 2-class UNet run, whose second class could pass for a border channel in a 1-class run.
     run = root / "models" / "tworun"
     run.mkdir(parents=True)
