@@ -44,7 +44,9 @@ from utils import DataError, UsageError, first_few
 # ----------------------------------------------------------------------------------------- listing a dataset
 
 def _ids_in(folder, ext):
-    return {f[: -len(ext)] for f in os.listdir(folder) if f.endswith(ext) and not f.startswith(".")}
+    """The ids of the files <id><ext> in ``folder`` (not hidden, not folders)."""
+    return {f[: -len(ext)] for f in os.listdir(folder)
+            if f.endswith(ext) and not f.startswith(".") and os.path.isfile(os.path.join(folder, f))}
 
 
 CELLPOSE_NOT_IMAGES = ("_masks", "_flows")  # files beside the images in Cellpose's folders without _img
@@ -103,6 +105,11 @@ def find_layout(dataset_dir, img_ext=".png", mask_ext=".png"):
         raise DataError(f"dataset folder {img_dir} not found: run preprocess_dsb2018.py, use --dataset synthetic, "
                         f"or lay out your data as in the README ('Your own data'){hint}")
     if os.path.isdir(mask_dir) and _ids_in(mask_dir, mask_ext):
+        classes = sorted(d for d in os.listdir(mask_dir) if d.isdigit() and os.path.isdir(os.path.join(mask_dir, d)))
+        if classes:  # which one the user meant cannot be told
+            raise DataError(f"{mask_dir} holds both class folders ({', '.join(classes)}) and {mask_ext} files "
+                            f"({first_few(sorted(_ids_in(mask_dir, mask_ext)))}): masks go in masks/<class>/<id>, "
+                            "label images directly in masks/<id>; move the other kind out")
         return Layout(dataset_dir, "labels", img_ext, mask_ext, mask_dir)
     labels_dir = os.path.join(dataset_dir, "labels")
     if not os.path.isdir(mask_dir) and os.path.isdir(labels_dir):

@@ -36,6 +36,9 @@ CASES = {
     "empty_image_folder": (train(dataset="empty"), 1, ["no .png images", "inputs/empty/images"]),
     "images_without_masks": (train(dataset="nomask"), 1, ["have no mask", "syn_0001", "syn_0002"]),
     "masks_without_images": (train(dataset="noimg"), 1, ["have no image", "syn_0003", "syn_0004"]),
+    "mask_files_beside_class_folders": (train(dataset="straymask"), 1, ["straymask/masks holds both class folders (0)",
+                                                                      "preview", "move the other kind out"]),
+    "folder_named_like_an_image": (train(dataset="dirimage"), 1, ["has 2 samples"]),  # no 'extra' without a mask
     "truncated_image_cached": (train("--cache", "True", dataset="trunc"), 1, ["trunc/images/syn_0002.png"]),
     "truncated_image_uncached": (train("--cache", "False", dataset="trunc"), 1, ["trunc/images/syn_0002.png"]),
     "truncated_image_uncached_worker": (train("--cache", "False", "--num_workers", "1", dataset="trunc"), 1,
@@ -131,6 +134,13 @@ def _prepare(root):
     d = _copy(good, root / "inputs" / "noimg")
     for i in ("syn_0003", "syn_0004"):
         os.remove(d / "images" / f"{i}.png")
+    d = _copy(good, root / "inputs" / "straymask")
+    shutil.copy(d / "masks" / "0" / "syn_0001.png", d / "masks" / "preview.png")
+    d = _copy(good, root / "inputs" / "dirimage")  # 2 images and a folder images/extra.png/, which is no image
+    for i in range(2, 10):
+        for sub in ("images", "masks/0"):
+            os.remove(d / sub / f"syn_000{i}.png")
+    (d / "images" / "extra.png").mkdir()
     d = _copy(good, root / "inputs" / "trunc")
     data = (d / "images" / "syn_0002.png").read_bytes()
     (d / "images" / "syn_0002.png").write_bytes(data[: len(data) // 3])
