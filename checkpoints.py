@@ -8,6 +8,7 @@ without importing the training code.
 import os
 import re
 import warnings
+from textwrap import shorten
 
 import torch
 
@@ -44,8 +45,9 @@ def _load_failure(error):
     if text.startswith("Weights only load failed"):
         body = text.partition("\n")[2].split("Check the documentation")[0].split("WeightsUnpickler error:")[-1]
         return ("it holds something other than tensors and plain types (which could run code) or is damaged "
-                f"({' '.join(body.split())[:100]})")
-    return f"it is damaged or not a PyTorch checkpoint ({text.splitlines()[0][:100] if text else type(error)})"
+                f"({shorten(body, 100, placeholder='...')})")
+    reason = shorten(text, 100, placeholder="...") if text else type(error).__name__
+    return f"it is damaged or not a PyTorch checkpoint ({reason})"
 
 
 def check_sha256(path):
@@ -58,12 +60,29 @@ def check_sha256(path):
                         "yourself")
 
 
-def load_weights(net, weights, path, problem, fix=""):
-    """``net.load_state_dict(weights)``; a mismatch is a DataError naming ``path``, the ``problem`` and the ``fix``."""
-    try:
-        net.load_state_dict(weights)
-    except (KeyError, RuntimeError, ValueError) as e:
-        raise DataError(f"{path} {problem} ({str(e).splitlines()[0][:120]}){'; ' + fix if fix else ''}") from None
+def load_weights(target, state, path, problem, fix=""):
+    """``target.load_state_dict(state)`` (a network, optimizer, scheduler or scaler); a mismatch is a DataError
+    naming ``path``, the ``problem``, how a network's tensors differ and the ``fix``."""
+    differs = network_mismatch(state, target.state_dict()) if isinstance(target, torch.nn.Module) else ""
+    if not differs:
+        try:
+            target.load_state_dict(state)
+            return
+        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as e:
+            differs = shorten(str(e), 160, placeholder="...")
+    raise DataError(f"{path} {problem} ({differs}){'; ' + fix if fix else ''}")
+
+
+def network_mismatch(weights, expected):
+    """How the state dict ``weights`` differs from the network's ``expected`` one (names, then shapes); '' if not."""
+    if not isinstance(weights, dict):
+        return f"it holds a {type(weights).__name__}, not a state dict"
+    missing, unknown = set(expected) - set(weights), set(weights) - set(expected)
+    if missing or unknown:
+        return f"{len(missing)} of the network's {len(expected)} tensors missing, {len(unknown)} unknown"
+    shapes = [k for k, v in expected.items() if weights[k].shape != v.shape]
+    return (f"{len(shapes)} tensors of another shape, e.g. {shapes[0]} {tuple(weights[shapes[0]].shape)} instead of "
+            f"{tuple(expected[shapes[0]].shape)}" if shapes else "")
 
 
 def load_run(name, device, prune=None):
@@ -77,7 +96,9 @@ def load_run(name, device, prune=None):
     path = os.path.join(saved_run_dir(name), "model.pth")
     weights = load_checkpoint(path, device)
     model = build_model(cfg.arch, output_channels(cfg), cfg.input_channels, cfg.deep_supervision).to(device)
-    load_weights(model, weights, path, "does not match the run's config.yml")
+    load_weights(model, weights, path, "does not match the run's config.yml",
+                 f"its arch, deep_supervision, input_channels, num_classes and borders must be those "
+                 f"{os.path.dirname(path)} was trained with")
     return cfg, fold_batchnorm(model.eval())
 
 
@@ -105,10 +126,8 @@ def load_init_weights(net, init, device, normalization="fixed", num_classes=1):
     weights = weights.get("model", weights)  # a last.pth holds the weights under "model"
     expected = net.state_dict()
     weights, dropped = without_border_channel(weights, expected)
-    missing, unknown = set(expected) - set(weights), set(weights) - set(expected)
-    if missing or unknown or any(weights[k].shape != v.shape for k, v in expected.items()):
-        differs = (f"{len(missing)} of this network's {len(expected)} tensors missing, {len(unknown)} unknown"
-                   if missing or unknown else "tensor shapes differ")
+    differs = network_mismatch(weights, expected)
+    if differs:
         raise DataError(f"--init {init}: {path} holds a different network ({differs}); use the --arch, "
                         "--deep_supervision, --input_channels, --num_classes and --borders of the run it comes from")
     load_weights(net, weights, path, "does not fit this network")

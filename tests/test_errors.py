@@ -105,6 +105,9 @@ CASES = {
     "val_split_ids_missing_from_the_dataset": (["val.py", "--name", "partrun", "--device", "cpu"], 1,
                                                ["1 of the 3 val images in models/partrun/split.csv", "inputs/good",
                                                 "syn_0042", "--dataset <set>"]),
+    "val_weights_of_another_network": (["val.py", "--name", "archrun", "--device", "cpu"], 1,
+                                       ["models/archrun/model.pth does not match the run's config.yml",
+                                        "tensors missing", "its arch, deep_supervision"]),
     "name_with_dots": (train("--name", "../x"), 2, ["--name", "../x"]),
     "name_absolute": (train("--name", "/tmp/x"), 2, ["--name", "/tmp/x"]),
     "val_name_with_dots": (["val.py", "--name", "../x"], 2, ["--name", "../x"]),
@@ -171,6 +174,13 @@ def _prepare(root):
     shutil.copy(root / "unet.pth", run / "model.pth")
     (run / "split.csv").write_text("img_id,split\n" + "".join(f"syn_000{i},train\n" for i in range(8))
                                    + "syn_0008,val\nsyn_0009,val\nsyn_0042,val\n")
+    # A run whose config.yml names another network than its weights (edited by hand).
+    run = root / "models" / "archrun"
+    run.mkdir(parents=True)
+    save_run_config(parse_train_args(["--name", "archrun", "--dataset", "good", *SMALL, "--arch", "NestedUNet"]),
+                    str(run / "config.yml"))
+    shutil.copy(root / "unet.pth", run / "model.pth")
+    shutil.copy(root / "models" / "nomodel" / "split.csv", run / "split.csv")
     # A finished 2-class UNet run, whose second class could pass for a border channel in a 1-class run.
     run = root / "models" / "tworun"
     run.mkdir(parents=True)
