@@ -440,8 +440,16 @@ def load_run_config(name):
     return read_run_config(path)
 
 
+# The keys the original pytorch-nested-unet's train.py writes to config.yml; this toolkit writes more.
+ORIGINAL_KEYS = {"name", "epochs", "batch_size", "arch", "deep_supervision", "input_channels", "num_classes",
+                 "input_w", "input_h", "loss", "dataset", "img_ext", "mask_ext", "optimizer", "lr", "momentum",
+                 "weight_decay", "nesterov", "scheduler", "min_lr", "factor", "patience", "milestones", "gamma",
+                 "early_stopping", "num_workers"}
+
+
 def read_run_config(path):
-    """A run's config.yml at ``path``, read as :func:`load_run_config` reads it: an argparse Namespace."""
+    """A run's config.yml at ``path``, read as :func:`load_run_config` reads it: an argparse Namespace. A run of
+    the original pytorch-nested-unet is refused: its weights expect inputs scaled its way."""
     parser = build_train_parser()
     values = read_yaml_config(path, parser, path)
     args = parser.parse_args([])
@@ -451,6 +459,11 @@ def read_run_config(path):
         check_train_args(args)
     except UsageError as e:
         raise UsageError(f"{path}: {e}") from None
+    if values and set(values) <= ORIGINAL_KEYS:
+        raise UsageError(f"{path} holds only the keys of the original pytorch-nested-unet's config.yml: its weights "
+                         "expect that code's input scaling (albumentations' Normalize, then / 255), which this "
+                         "toolkit does not make, so they would segment wrongly here; train the model again here with "
+                         "the same flags (or, for weights trained here, add 'normalization: fixed' to the file)")
     return args
 
 

@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import yaml
 
 import synthetic
 from archs import build_model
@@ -108,6 +109,10 @@ CASES = {
     "val_weights_of_another_network": (["val.py", "--name", "archrun", "--device", "cpu"], 1,
                                        ["models/archrun/model.pth does not match the run's config.yml",
                                         "tensors missing", "its arch, deep_supervision"]),
+    "val_run_of_the_original": (["val.py", "--name", "origrun", "--dataset", "good", "--device", "cpu"], 2,
+                                ["models/origrun/config.yml holds only the keys of the original pytorch-nested-unet",
+                                 "train the model again here"]),
+    "init_from_a_run_of_the_original": (train("--init", "origrun"), 2, ["models/origrun/config.yml holds only"]),
     "name_with_dots": (train("--name", "../x"), 2, ["--name", "../x"]),
     "name_absolute": (train("--name", "/tmp/x"), 2, ["--name", "/tmp/x"]),
     "val_name_with_dots": (["val.py", "--name", "../x"], 2, ["--name", "../x"]),
@@ -181,6 +186,17 @@ def _prepare(root):
                     str(run / "config.yml"))
     shutil.copy(root / "unet.pth", run / "model.pth")
     shutil.copy(root / "models" / "nomodel" / "split.csv", run / "split.csv")
+    # A run of the original pytorch-nested-unet: its train.py's config.yml (yaml.dump of its flags) and weights.
+    run = root / "models" / "origrun"
+    run.mkdir(parents=True)
+    original = {"name": "origrun", "epochs": 100, "batch_size": 16, "arch": "UNet", "deep_supervision": False,
+                "input_channels": 3, "num_classes": 1, "input_w": 96, "input_h": 96, "loss": "BCEDiceLoss",
+                "dataset": "good", "img_ext": ".png", "mask_ext": ".png", "optimizer": "SGD", "lr": 0.001,
+                "momentum": 0.9, "weight_decay": 0.0001, "nesterov": False, "scheduler": "CosineAnnealingLR",
+                "min_lr": 1e-05, "factor": 0.1, "patience": 2, "milestones": "1,2", "gamma": 0.6666666666666666,
+                "early_stopping": -1, "num_workers": 4}
+    (run / "config.yml").write_text(yaml.dump(original))
+    shutil.copy(root / "unet.pth", run / "model.pth")
     # A finished 2-class UNet run, whose second class could pass for a border channel in a 1-class run.
     run = root / "models" / "tworun"
     run.mkdir(parents=True)

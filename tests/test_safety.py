@@ -505,14 +505,14 @@ def test_bundled_run_loads_from_pretrained_unless_models_has_it(tmp_path, monkey
     net = build_model("UNet", 1, 3, False)
     torch.save({k: v.half() for k, v in net.state_dict().items()}, bundled / "model.pth")  # fp16, as shipped
     (bundled / "model.pth.sha256").write_text(sha256_file(bundled / "model.pth") + "  model.pth\n")
-    (bundled / "config.yml").write_text("arch: UNet\ndeep_supervision: false\nname: nuclei\n")
+    (bundled / "config.yml").write_text("arch: UNet\ndeep_supervision: false\nname: nuclei\nnormalization: fixed\n")
     cfg, model = checkpoints.load_run("nuclei", torch.device("cpu"))
     assert cfg.arch == "UNet" and next(model.parameters()).dtype == torch.float32
     assert torch.allclose(model.state_dict()["final.weight"], net.state_dict()["final.weight"], atol=1e-3)
     assert config.init_weights_path("nuclei") == str(bundled / "model.pth")
     own = tmp_path / "models" / "nuclei"
     own.mkdir(parents=True)
-    (own / "config.yml").write_text("arch: NestedUNet\ndeep_supervision: true\nname: nuclei\n")
+    (own / "config.yml").write_text("arch: NestedUNet\ndeep_supervision: true\nname: nuclei\nnormalization: fixed\n")
     assert config.saved_run_dir("nuclei") == os.path.join("models", "nuclei")
     assert config.load_run_config("nuclei").arch == "NestedUNet"
     (own / "config.yml").unlink()
