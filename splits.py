@@ -29,6 +29,16 @@ def read_split(path):
     return split
 
 
+def held_out_seen_in_training(split, weights_path):
+    """The val and test ids of ``split`` that the run whose weights are ``weights_path`` (--init) trained on, by its
+    split.csv beside them (sorted; empty when there is none): scores on them overstate the fine-tuned run."""
+    path = os.path.join(os.path.dirname(weights_path), "split.csv")
+    if not os.path.isfile(path):
+        return []
+    trained = set(split_ids(read_split(path), "train"))
+    return sorted(trained & set(split.loc[split["split"] != "train", "img_id"]))
+
+
 def split_ids(split, part):
     """The ids of ``part`` ('train', 'val' or 'test') in a split DataFrame, in file order."""
     return split.loc[split["split"] == part, "img_id"].tolist()

@@ -17,7 +17,7 @@ import torch
 import distributed
 from archs import build_model
 from checkpoints import atomic_torch_save, load_init_weights, load_training_state, save_training_state
-from config import INPUTS_DIR, is_bundled_name, output_channels, run_dir, save_run_config
+from config import INPUTS_DIR, init_weights_path, is_bundled_name, output_channels, run_dir, save_run_config
 from dataset import (MODALITIES, Dataset, EpochSampler, WeightedDistributedSampler, balance_weights, eval_loader,
                      find_layout, images_left_out, list_ids, nucleus_diameter, quiet_sigterm, reading_of,
                      train_transform)
@@ -28,9 +28,9 @@ from image_files import decode_image
 from losses import build_loss
 from optim import build_optimizer, build_scheduler, cosine_parts, fused_update, step_scheduler
 from plot import plot_runs
-from splits import load_or_make_split, split_ids
+from splits import held_out_seen_in_training, load_or_make_split, split_ids
 from synthetic import ensure_synthetic
-from utils import (DataError, UsageError, UserError, atomic_write, interrupts_held, raise_keyboard_interrupt,
+from utils import (DataError, UsageError, UserError, atomic_write, first_few, interrupts_held, raise_keyboard_interrupt,
                    remove_killed_writes)
 
 
@@ -73,6 +73,11 @@ class Trainer:
         elif args.init:
             if load_init_weights(self.net, args.init, self.device, args.normalization, args.num_classes):
                 self._say(f"--init {args.init}: its learned-border channel is left out (this run has --borders False)")
+            seen = held_out_seen_in_training(self.split, init_weights_path(args.init))
+            if seen:
+                self._say(f"note: {len(seen)} of this run's {len(self.ids('val') + self.ids('test'))} val/test images "
+                          f"were training images of --init {args.init} (e.g. {first_few(seen)}), so their scores "
+                          "overstate; to hold them out, give --split_file with val/test images it did not train on")
         self.model = wrap_model(self.net, self.device, args.sync_bn, args.compile)
         if self.main:  # set up without an error: now the run folder may be written
             if args.crop_size and not args.nucleus_diameter:  # recorded for predict.py --scale auto
@@ -123,7 +128,8 @@ class Trainer:
         self._say(run_header(self.args, self.split, self.device, self.precision, self.on_device, self.start_epoch))
         for epoch in range(self.start_epoch, a.epochs):
             if epoch > 0 and stops_early(self.best, a.early_stopping):  # as the seed: at least one epoch
-                self._say(f"early stopping: no better val IoU for {self.best['stale_epochs']} epochs")
+                stale = self.best["stale_epochs"]
+                self._say(f"early stopping: no better val IoU for {stale} epoch{'s' * (stale != 1)}")
                 break
             started, lr = time.time(), self.optimizer.param_groups[0]["lr"]
             train = self.train_epoch(epoch)
@@ -252,8 +258,10 @@ class Trainer:
         for part, length in zip(cosine_parts(self.scheduler), lengths):
             part.T_max = length
         if self.start_epoch >= self.args.epochs:
+            at_min = (" (at --min_lr: its cosine schedule has ended; to train at a higher rate, start a new run with "
+                      f"--init {self.args.name} --name <new name>)") if lengths else ""
             raise UsageError(f"--resume {self.args.name}: the run has already trained its {self.start_epoch} epochs; "
-                             f"pass a larger --epochs to train on (e.g. --epochs {self.start_epoch + 10})")
+                             f"pass a larger --epochs to train on (e.g. --epochs {self.start_epoch + 10}){at_min}")
         if stops_early(self.best, self.args.early_stopping):
             stale = self.best["stale_epochs"]
             raise UsageError(f"--resume {self.args.name}: --early_stopping {self.args.early_stopping} would stop it "

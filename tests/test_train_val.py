@@ -329,7 +329,8 @@ def test_resume_with_more_epochs_keeps_the_cosine_falling_and_refuses_other_chan
                 "--dataset", str(tiny_workdir / "inputs" / TINY_NAME)])
     lr = pd.read_csv(log)["lr"].tolist()
     assert len(lr) == 6 and lr[0] == 0.1 and all(a > b for a, b in zip(lr, lr[1:])) and lr[-1] > 0.001, lr
-    with pytest.raises(UsageError, match="already trained its 6 epochs; pass a larger --epochs"):
+    with pytest.raises(UsageError, match=r"already trained its 6 epochs; pass a larger --epochs .*\(at --min_lr: "
+                                         r"its cosine schedule has ended.*--init more --name <new name>\)$"):
         train.main(["--resume", "more"])
     train.main(["--resume", "more", "--epochs", "8"])
     lr = pd.read_csv(log)["lr"].tolist()
@@ -513,9 +514,16 @@ def test_init_starts_from_another_runs_weights_and_balance_draws_by_kind(tiny_wo
             t.fit()
     out = capsys.readouterr().out
     assert "--balance 1: " in out and all(f"{kinds.count(k)} {k} images" in out for k in set(kinds))
+    assert "training images of --init" not in out  # the same split: its val images stay held out
     cfg = yaml.safe_load(open("models/tuned/config.yml"))
     assert cfg["init"] == "models/base/last.pth" and cfg["balance"] == 1
     assert len(pd.read_csv("models/tuned/log.csv")) == 1
+    # another split of the same images: the val images base trained on are named
+    with Trainer(parse_train_args(train_argv("resplit", "--init", "base", "--split_seed", "7")), progress=False) as t:
+        base_train = set(pd.read_csv("models/base/split.csv").query("split == 'train'").img_id)
+        seen = sorted(base_train & set(t.ids("val")))
+    assert seen and f"note: {len(seen)} of this run's 2 val/test images were training images of --init base" in \
+        capsys.readouterr().out
 
 
 def test_init_from_a_borders_run_leaves_its_border_channel_out(tiny_workdir, capsys):
