@@ -102,26 +102,31 @@ def load_run(name, device, prune=None):
     return cfg, fold_batchnorm(model.eval())
 
 
-def load_init_weights(net, init, device, normalization="fixed", num_classes=1):
+# The flags of an --init run that the fine-tuning run must share (its weights' shapes, and the images they expect)
+INIT_FLAGS = ("arch", "deep_supervision", "input_channels", "num_classes", "normalization")
+
+
+def load_init_weights(net, init, device, flags):
     """--init NAME or PATH: copy the weights of run NAME (its model.pth) or of a .pth file (a state dict or a
-    last.pth) into ``net`` for fine-tuning; a different network is a DataError naming the flags to match, and a
-    run (or a file with its run's config.yml beside it) trained with another --normalization than
-    ``normalization`` (its weights expect images read its way) or another --num_classes than ``num_classes`` a
-    UsageError. Returns True when the border channel of a --borders run was left out (``net`` has none)."""
+    last.pth) into ``net``, built from the train.py ``flags``, for fine-tuning. A run (or a file with its run's
+    config.yml beside it) trained with other :data:`INIT_FLAGS`, or without the --borders that ``flags`` ask for,
+    is a UsageError naming them; other weights that do not fit a DataError. Returns True when the border channel
+    of a --borders run was left out (``net`` has none)."""
     path = init_weights_path(init)
     if not os.path.isfile(path):
+        hint = f"; a run's folder is not a file: give --init {os.path.basename(os.path.normpath(init))}" \
+            if os.path.isfile(os.path.join(init, "model.pth")) else ""
         raise UsageError(f"--init {init}: no such .pth file, and no run with {path}; give a run name from models/ "
-                         "or a weights file")
+                         f"or a weights file{hint}")
     beside = os.path.join(os.path.dirname(path), "config.yml")  # a run's model.pth or last.pth given as a path
     theirs = load_run_config(init) if init_is_run(init) else read_run_config(beside) if os.path.isfile(beside) \
         else None
     if theirs is not None:
-        if theirs.normalization != normalization:
-            raise UsageError(f"--init {init} was trained with --normalization {theirs.normalization}; fine-tune it "
-                             f"with the same (--normalization {theirs.normalization}), not {normalization}")
-        if theirs.num_classes != num_classes:  # else its second class could pass for a border channel
-            raise UsageError(f"--init {init} was trained with --num_classes {theirs.num_classes}; fine-tune it with "
-                             f"the same (--num_classes {theirs.num_classes}), not {num_classes}")
+        differ = [k for k in INIT_FLAGS if getattr(theirs, k) != getattr(flags, k)]
+        differ += ["borders"] if flags.borders and not theirs.borders else []
+        if differ:
+            was, given = (" ".join(f"--{k} {getattr(run, k)}" for k in differ) for run in (theirs, flags))
+            raise UsageError(f"--init {init} was trained with {was}; fine-tune it with the same (not {given})")
     weights = load_checkpoint(path, device)
     weights = weights.get("model", weights)  # a last.pth holds the weights under "model"
     expected = net.state_dict()

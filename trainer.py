@@ -71,7 +71,7 @@ class Trainer:
         if args.resume:
             self._resume()
         elif args.init:
-            if load_init_weights(self.net, args.init, self.device, args.normalization, args.num_classes):
+            if load_init_weights(self.net, args.init, self.device, args):
                 self._say(f"--init {args.init}: its learned-border channel is left out (this run has --borders False)")
             seen = held_out_seen_in_training(self.split, init_weights_path(args.init))
             if seen:
