@@ -239,7 +239,7 @@ def parse_train_args(argv):
         check_unchanged_on_resume(args, saved_values, name)
     args.resume = bool(args.resume)
     check_dataset_name(args.dataset)  # before the run name made from it
-    args.name = check_run_name(args.name or default_run_name(args))
+    args.name = check_run_name(default_run_name(args) if args.name is None else args.name)
     try:
         check_train_args(args)
         check_how_it_runs(args)

@@ -343,7 +343,7 @@ def run_header(a, split, device, precision, on_device, start_epoch):
     counts = " / ".join(f"{len(split_ids(split, p))} {p}" for p in ("train", "val", "test") if split_ids(split, p))
     loader = "batches augmented on the device" if on_device else f"{a.num_workers} loader workers"
     processes = f", {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
-    resuming = f", resuming after epoch {start_epoch}" if start_epoch else ""
+    resuming = f", resuming after epoch {start_epoch}" if start_epoch else f", from --init {a.init}" if a.init else ""
     return (f"{a.name}: {a.arch}{' + deep supervision' if a.deep_supervision else ''}, {a.loss}, {counts} images, "
             f"on {device} ({precision.describe()}; {loader}{processes}){resuming}")
 

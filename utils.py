@@ -248,7 +248,9 @@ def compile_mode(v):
 def check_run_name(name):
     """A run name is a plain folder name: no path separators, no '..', not absolute."""
     if not name or name in (".", "..") or os.path.isabs(name) or "/" in name or "\\" in name:
-        raise UsageError(f"--name {name!r} must be a plain name such as 'dsb2018_96_NestedUNet_wDS', not a path")
+        plain = os.path.basename(os.path.normpath(name)) if name else ""
+        example = plain if plain not in ("", ".", "..") else "dsb2018_96_NestedUNet_wDS"
+        raise UsageError(f"--name {name!r} must be a plain name such as {example!r}, not a path")
     return name
 
 

@@ -515,6 +515,7 @@ def test_init_starts_from_another_runs_weights_and_balance_draws_by_kind(tiny_wo
     out = capsys.readouterr().out
     assert "--balance 1: " in out and all(f"{kinds.count(k)} {k} images" in out for k in set(kinds))
     assert "training images of --init" not in out  # the same split: its val images stay held out
+    assert "on cpu (" in out and ", from --init base" in out  # the run's header line says where it starts
     cfg = yaml.safe_load(open("models/tuned/config.yml"))
     assert cfg["init"] == "models/base/last.pth" and cfg["balance"] == 1
     assert len(pd.read_csv("models/tuned/log.csv")) == 1
