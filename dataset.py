@@ -120,7 +120,8 @@ def find_layout(dataset_dir, img_ext=".png", mask_ext=".png"):
 def _check_pairs(ids, other_ids, other_dir, what, ext, flag):
     """Raise a DataError when the images and their masks or labels in ``other_dir`` do not pair up."""
     if not other_ids:
-        raise DataError(f"no {ext} {what}s in {other_dir}{_extension_hint(other_dir, flag)}")
+        hint = _extension_hint(other_dir, flag) or f"; give every image its {what} there, named like it (<id>{ext})"
+        raise DataError(f"no {ext} {what}s in {other_dir}{hint}")
     if ids - other_ids:
         n = len(ids - other_ids)
         raise DataError(f"{n} image{' has' if n == 1 else 's have'} no {what} in {other_dir}: "

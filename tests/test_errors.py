@@ -35,6 +35,8 @@ def train(*args, dataset="good"):
 CASES = {
     "missing_dataset": (train(dataset="nowhere"), 1, ["inputs/nowhere/images", "not found"]),
     "empty_image_folder": (train(dataset="empty"), 1, ["no .png images", "inputs/empty/images"]),
+    "empty_class_folder": (train(dataset="empty0"), 1, ["no .png masks in inputs/empty0/masks/0",
+                                                         "give every image its mask there, named like it"]),
     "images_without_masks": (train(dataset="nomask"), 1, ["have no mask", "syn_0001", "syn_0002"]),
     "masks_without_images": (train(dataset="noimg"), 1, ["have no image", "syn_0003", "syn_0004"]),
     "mask_files_beside_class_folders": (train(dataset="straymask"), 1, ["straymask/masks holds both class folders (0)",
@@ -153,6 +155,9 @@ def _prepare(root):
     d = _copy(good, root / "inputs" / "noimg")
     for i in ("syn_0003", "syn_0004"):
         os.remove(d / "images" / f"{i}.png")
+    d = _copy(good, root / "inputs" / "empty0")
+    shutil.rmtree(d / "masks" / "0")
+    (d / "masks" / "0").mkdir()
     d = _copy(good, root / "inputs" / "straymask")
     shutil.copy(d / "masks" / "0" / "syn_0001.png", d / "masks" / "preview.png")
     d = _copy(good, root / "inputs" / "dirimage")  # 2 images and a folder images/extra.png/, which is no image
