@@ -258,6 +258,15 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def made_in(folder, make, **kwargs):
+    """``make(dir=folder, **kwargs)`` (tempfile.mkstemp or mkdtemp); an OSError (a read-only folder, a full disk)
+    names ``folder``, where the user can act, not the temporary name."""
+    try:
+        return make(dir=folder, **kwargs)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, folder) from None
+
+
 @contextmanager
 def atomic_write(path, mode="w", **kwargs):
     """Open a temporary file beside ``path`` and move it over ``path`` only when the block succeeds.
@@ -266,7 +275,7 @@ def atomic_write(path, mode="w", **kwargs):
     """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.{os.getpid()}.", suffix=".tmp")
+    fd, tmp = made_in(directory, tempfile.mkstemp, prefix=f".{os.path.basename(path)}.{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, mode, **kwargs) as f:
             yield f
@@ -417,7 +426,7 @@ def temp_folder_beside(path):
         m = killed.fullmatch(entry.name)
         if m and entry.is_dir(follow_symlinks=False) and process_gone(int(m.group(1))):
             shutil.rmtree(entry.path, ignore_errors=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f"{prefix}{os.getpid()}-")
+    tmp = made_in(parent, tempfile.mkdtemp, prefix=f"{prefix}{os.getpid()}-")
     os.chmod(tmp, 0o777 & ~_UMASK)
     return tmp
 

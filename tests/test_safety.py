@@ -262,6 +262,23 @@ def test_atomic_write_keeps_the_old_file(tmp_path, exc):
     assert os.listdir(tmp_path) == ["log.csv"]
 
 
+def test_a_folder_that_takes_no_file_is_named_in_the_error(tmp_path, monkeypatch, capsys):
+    """A read-only models/ or outputs/ (faked: this user may be root): the one-line error names the folder, not
+    the temporary file that could not be made in it."""
+    def refuse(dir, **kwargs):
+        raise PermissionError(13, "Permission denied", os.path.join(dir, ".config.yml.123.abc.tmp"))
+    monkeypatch.setattr(utils.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(utils.tempfile, "mkdtemp", refuse)
+
+    def write():
+        with atomic_write(tmp_path / "config.yml") as f:
+            f.write("x")
+    for main in (lambda argv: write(), lambda argv: utils.temp_folder_beside(tmp_path / "outputs")):
+        with pytest.raises(SystemExit):
+            run_cli(main, [])
+        assert f" error: {tmp_path}: Permission denied (check the path" in capsys.readouterr().err
+
+
 def test_atomic_torch_save_interrupted_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "last.pth"
     atomic_torch_save({"epoch": 1, "w": torch.ones(3)}, path)
