@@ -168,8 +168,20 @@ def _add_run_args(g):
     g.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, refusing a key given twice (YAML would keep the last one without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        twice = next((key for key in keys if keys.count(key) > 1), None)
+        if twice is not None:
+            raise yaml.constructor.ConstructorError(None, None, f"{twice} is given twice", node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml_config(path, parser, label=None):
-    """Load a YAML recipe with yaml.safe_load and parse its values with train.py's own parser: {flag: value}.
+    """Load a YAML recipe with yaml.safe_load's loader (:class:`RecipeLoader`) and parse its values with train.py's
+    own parser: {flag: value}.
 
     Each ``key: value`` is read as the command-line flag ``--key=value`` (true/false as True/False, null as the
     flag's default), so a recipe accepts exactly what the command line does. Errors name the file as ``label``
@@ -180,7 +192,7 @@ def read_yaml_config(path, parser, label=None):
         raise UsageError(f"{label}: file not found")
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
+            data = yaml.load(f, Loader=RecipeLoader) or {}
     except yaml.YAMLError as e:
         raise UsageError(f"{label}: not valid YAML ({str(e).splitlines()[0]})") from None
     except UnicodeDecodeError:
@@ -196,6 +208,12 @@ def read_yaml_config(path, parser, label=None):
                          "give it on the command line")
     if unknown:
         raise UsageError(f"{label}: unknown keys {', '.join(unknown)}; see python train.py --help")
+    names = {}
+    for k in data:
+        names.setdefault(dests[k], []).append(k)
+    twice = next((keys for keys in names.values() if len(keys) > 1), None)
+    if twice:
+        raise UsageError(f"{label}: {' and '.join(twice)} set the same flag; keep one")
     # milestones as a YAML list ([30, 60]) is written as the command line writes it: 30,60
     argv = [f"--{k}={','.join(map(str, v)) if isinstance(v, list) and dests[k] == 'milestones' else v}"
             for k, v in data.items() if v is not None]

@@ -115,6 +115,14 @@ def test_yaml_unknown_key_named(tmp_path):
         parse_train_args(["--config", write_yaml(tmp_path / "resume.yml", {"resume": True})])
 
 
+def test_a_flag_set_twice_in_a_recipe_is_refused(tmp_path):
+    """YAML keeps the last of two equal keys, and two names of one flag would both apply: neither silently."""
+    with pytest.raises(UsageError, match=r"twice.yml: not valid YAML \(lr is given twice\)"):
+        parse_train_args(["--config", write_yaml(tmp_path / "twice.yml", "lr: 0.1\nepochs: 2\nlr: 0.01\n")])
+    with pytest.raises(UsageError, match=r"alias.yml: lr and learning_rate set the same flag; keep one"):
+        parse_train_args(["--config", write_yaml(tmp_path / "alias.yml", "lr: 0.1\nlearning_rate: 0.01\n")])
+
+
 @pytest.mark.parametrize("key,value", [("epochs", "many"), ("epochs", 2.5), ("lr", "fast"), ("lr", [1, 2]),
                                        ("deep_supervision", "maybe"), ("batch_size", True)])
 def test_yaml_wrong_type_named(tmp_path, key, value):
