@@ -8,14 +8,13 @@ without importing the training code.
 import os
 import re
 import warnings
-from textwrap import shorten
 
 import torch
 
 from archs import build_model, fold_batchnorm
 from config import (init_is_run, init_weights_path, load_run_config, output_channels, read_run_config,
                     saved_run_dir)
-from utils import DataError, UsageError, atomic_write, sha256_file
+from utils import DataError, UsageError, atomic_write, clipped, sha256_file
 
 
 def atomic_torch_save(obj, path):
@@ -45,8 +44,8 @@ def _load_failure(error):
     if text.startswith("Weights only load failed"):
         body = text.partition("\n")[2].split("Check the documentation")[0].split("WeightsUnpickler error:")[-1]
         return ("it holds something other than tensors and plain types (which could run code) or is damaged "
-                f"({shorten(body, 100, placeholder='...')})")
-    reason = shorten(text, 100, placeholder="...") if text else type(error).__name__
+                f"({clipped(body, 100)})")
+    reason = clipped(text, 100) if text else type(error).__name__
     return f"it is damaged or not a PyTorch checkpoint ({reason})"
 
 
@@ -69,7 +68,7 @@ def load_weights(target, state, path, problem, fix=""):
             target.load_state_dict(state)
             return
         except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as e:
-            differs = shorten(str(e), 160, placeholder="...")
+            differs = clipped(e, 160)
     raise DataError(f"{path} {problem} ({differs}){'; ' + fix if fix else ''}")
 
 
@@ -114,10 +113,8 @@ def load_init_weights(net, init, device, flags):
     of a --borders run was left out (``net`` has none)."""
     path = init_weights_path(init)
     if not os.path.isfile(path):
-        hint = f"; a run's folder is not a file: give --init {os.path.basename(os.path.normpath(init))}" \
-            if os.path.isfile(os.path.join(init, "model.pth")) else ""
         raise UsageError(f"--init {init}: no such .pth file, and no run with {path}; give a run name from models/ "
-                         f"or a weights file{hint}")
+                         f"or a weights file{run_folder_hint(init)}")
     beside = os.path.join(os.path.dirname(path), "config.yml")  # a run's model.pth or last.pth given as a path
     theirs = load_run_config(init) if init_is_run(init) else read_run_config(beside) if os.path.isfile(beside) \
         else None
@@ -137,6 +134,18 @@ def load_init_weights(net, init, device, flags):
                         "--deep_supervision, --input_channels, --num_classes and --borders of the run it comes from")
     load_weights(net, weights, path, "does not fit this network")
     return dropped
+
+
+def run_folder_hint(folder):
+    """'; for a run's folder give its name, --init <name>' (or its model.pth outside models/ and pretrained/) when
+    ``folder`` holds a run's weights; else ''."""
+    if not os.path.isfile(os.path.join(folder, "model.pth")):
+        return ""
+    name = os.path.basename(os.path.normpath(folder))
+    by_name = saved_run_dir(name) if name not in ("", ".", "..") else ""
+    if os.path.isdir(by_name) and os.path.samefile(folder, by_name):
+        return f"; for a run's folder give its name, --init {name}"
+    return f"; for a run's folder give its weights, --init {os.path.join(folder, 'model.pth')}"
 
 
 def without_border_channel(weights, expected):

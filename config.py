@@ -91,7 +91,7 @@ def _add_data_args(g):
                         "(0 = resize everything to input_h x input_w as the seed does)")
     g.add_argument("--normalization", default="fixed", choices=NORMALIZATIONS,
                    help="how an image's values become [0, 1] before the network (in training, val.py and predict.py "
-                        "alike): fixed = 8-bit / 255 and 16-bit by its min and max, as the seed; percentile = each "
+                        "alike): fixed = 8-bit / 255 and 16-bit by its min and max; percentile = each "
                         "image stretched from its 1st to its 99.8th percentile (CSBDeep/StarDist's normalize); "
                         "percentile_dark = the same, and images with a bright background inverted")
     g.add_argument("--scale_jitter", default=0.0, type=float, help="random rescale by 1 +- this before cropping")
@@ -467,9 +467,15 @@ ORIGINAL_KEYS = {"name", "epochs", "batch_size", "arch", "deep_supervision", "in
 
 def read_run_config(path):
     """A run's config.yml at ``path``, read as :func:`load_run_config` reads it: an argparse Namespace. A run of
-    the original pytorch-nested-unet is refused: its weights expect inputs scaled its way."""
+    the original pytorch-nested-unet (:data:`ORIGINAL_KEYS`, all of them) is refused: its weights expect inputs
+    scaled its way."""
     parser = build_train_parser()
     values = read_yaml_config(path, parser, path)
+    if set(values) == ORIGINAL_KEYS:  # before the checks: the original took values this toolkit refuses
+        raise UsageError(f"{path} is the original pytorch-nested-unet's config.yml (its keys, none of this "
+                         "toolkit's): its weights expect that code's input scaling (albumentations' Normalize, then "
+                         "/ 255), which this toolkit does not make, so they would segment wrongly here; train the "
+                         "model again here with the same flags")
     args = parser.parse_args([])
     for k, v in values.items():
         setattr(args, k, v)
@@ -477,11 +483,6 @@ def read_run_config(path):
         check_train_args(args)
     except UsageError as e:
         raise UsageError(f"{path}: {e}") from None
-    if values and set(values) <= ORIGINAL_KEYS:
-        raise UsageError(f"{path} holds only the keys of the original pytorch-nested-unet's config.yml: its weights "
-                         "expect that code's input scaling (albumentations' Normalize, then / 255), which this "
-                         "toolkit does not make, so they would segment wrongly here; train the model again here with "
-                         "the same flags (or, for weights trained here, add 'normalization: fixed' to the file)")
     return args
 
 

@@ -44,9 +44,10 @@ from utils import DataError, UsageError, first_few
 # ----------------------------------------------------------------------------------------- listing a dataset
 
 def _ids_in(folder, ext):
-    """The ids of the files <id><ext> in ``folder`` (not hidden, not folders)."""
+    """The ids of the files <id><ext> in ``folder`` (not hidden, not folders; a broken link counts, so that
+    reading it names it)."""
     return {f[: -len(ext)] for f in os.listdir(folder)
-            if f.endswith(ext) and not f.startswith(".") and os.path.isfile(os.path.join(folder, f))}
+            if f.endswith(ext) and not f.startswith(".") and not os.path.isdir(os.path.join(folder, f))}
 
 
 CELLPOSE_NOT_IMAGES = ("_masks", "_flows")  # files beside the images in Cellpose's folders without _img

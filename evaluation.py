@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 
 from config import INPUTS_DIR, saved_run_dir
-from dataset import MODALITIES, list_ids, nucleus_diameter
+from dataset import MODALITIES, find_layout, list_ids, nucleus_diameter
 from splits import read_split, split_ids
 from image_files import denormalize, read_labels
 from instances import auto_scale, border_map
@@ -47,11 +47,11 @@ def evaluation_ids(name, split, dataset, run_dataset, reading):
     if not ids:
         raise UsageError(f"{run}/split.csv has no '{split}' ids (train with --test_size for a test split)")
     folder = os.path.join(INPUTS_DIR, run_dataset)
-    missing = sorted(set(ids) - set(list_ids(folder, reading["img_ext"], reading["mask_ext"], reading["num_classes"])))
+    missing = sorted(set(ids) - find_layout(folder, reading["img_ext"], reading["mask_ext"]).image_ids())
     if missing:  # found now, not by the loader after part of the evaluation
-        raise DataError(f"{len(missing)} of the {len(ids)} {split} images in {run}/split.csv are not in {folder}, "
-                        f"e.g. {first_few(missing)}: prepare that dataset again in full, or score another with "
-                        "--dataset <set>")
+        raise DataError(f"{len(missing)} of the {len(ids)} {split} images in {run}/split.csv "
+                        f"{'is' if len(missing) == 1 else 'are'} not in {folder}, e.g. {first_few(missing)}: prepare "
+                        "that dataset again in full, or score another with --dataset <set>")
     return folder, ids, f"{split} split"
 
 

@@ -30,10 +30,12 @@ def read_split(path):
 
 
 def held_out_seen_in_training(split, weights_path):
-    """The val and test ids of ``split`` that the run whose weights are ``weights_path`` (--init) trained on, by its
-    split.csv beside them (sorted; empty when there is none): scores on them overstate the fine-tuned run."""
-    path = os.path.join(os.path.dirname(weights_path), "split.csv")
-    if not os.path.isfile(path):
+    """The val and test ids of ``split`` named like training images of the run whose weights are ``weights_path``
+    (--init), by the split.csv of its run folder (sorted; empty when it is no run's): if they are the same images,
+    scores on them overstate the fine-tuned run."""
+    folder = os.path.dirname(weights_path)
+    path = os.path.join(folder, "split.csv")
+    if not (os.path.isfile(path) and os.path.isfile(os.path.join(folder, "config.yml"))):
         return []
     trained = set(split_ids(read_split(path), "train"))
     return sorted(trained & set(split.loc[split["split"] != "train", "img_id"]))

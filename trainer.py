@@ -75,9 +75,11 @@ class Trainer:
                 self._say(f"--init {args.init}: its learned-border channel is left out (this run has --borders False)")
             seen = held_out_seen_in_training(self.split, init_weights_path(args.init))
             if seen:
+                fix = "" if args.split_file else "; to hold them out, give --split_file with val/test images it did " \
+                                                 "not train on"
                 self._say(f"note: {len(seen)} of this run's {len(self.ids('val') + self.ids('test'))} val/test images "
-                          f"were training images of --init {args.init} (e.g. {first_few(seen)}), so their scores "
-                          "overstate; to hold them out, give --split_file with val/test images it did not train on")
+                          f"are named like training images of --init {args.init} (e.g. {first_few(seen)}): if they "
+                          f"are the same images, their scores overstate{fix}")
         self.model = wrap_model(self.net, self.device, args.sync_bn, args.compile)
         if self.main:  # set up without an error: now the run folder may be written
             if args.crop_size and not args.nucleus_diameter:  # recorded for predict.py --scale auto
@@ -258,8 +260,8 @@ class Trainer:
         for part, length in zip(cosine_parts(self.scheduler), lengths):
             part.T_max = length
         if self.start_epoch >= self.args.epochs:
-            at_min = (" (at --min_lr: its cosine schedule has ended; to train at a higher rate, start a new run with "
-                      f"--init {self.args.name} --name <new name>)") if lengths else ""
+            at_min = ("; they would train at --min_lr, where its cosine schedule has ended: to train at a higher "
+                      f"rate, start a new run with --init {self.args.name} --name <new name>") if lengths else ""
             raise UsageError(f"--resume {self.args.name}: the run has already trained its {self.start_epoch} epochs; "
                              f"pass a larger --epochs to train on (e.g. --epochs {self.start_epoch + 10}){at_min}")
         if stops_early(self.best, self.args.early_stopping):

@@ -29,7 +29,7 @@ def test_defaults_are_the_seed_ones():
                                                                                  16, 96, 96)
     assert a.deep_supervision is False and a.val_size == 0.2 and a.split_seed == 41 and a.test_size == 0.0
     assert a.name == "dsb2018_96_NestedUNet_woDS"
-    assert a.normalization == "fixed"  # the seed's /255
+    assert a.normalization == "fixed"  # 8-bit / 255, as the seed divided
     assert parse_train_args(["-a", "UNet", "-b", "4"]).arch == "UNet"  # the seed's short flags
 
 

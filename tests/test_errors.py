@@ -21,6 +21,7 @@ import yaml
 import synthetic
 from archs import build_model
 from config import parse_train_args, save_run_config
+from utils import clipped
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--arch", "UNet", "--input_w", "32", "--input_h", "32", "--epochs", "1", "-b", "2", "--num_workers", "0",
@@ -80,7 +81,11 @@ CASES = {
                                     ["--init pctrun was trained with --arch UNet --input_channels 3",
                                      "(not --arch NestedUNet --input_channels 1)"]),
     "init_a_run_folder": (train("--init", "models/pctrun"), 2, ["--init models/pctrun: no such .pth file",
-                                                                 "give --init pctrun"]),
+                                                                 "give its name, --init pctrun"]),
+    "init_a_run_folder_elsewhere": (train("--init", "elsewhere/pctrun"), 2,
+                                    ["give its weights, --init elsewhere/pctrun/model.pth"]),
+    "init_without_borders_for_borders": (train("--init", "partrun", "--borders", "True"), 2,
+                                         ["--init partrun was trained with --borders False", "(not --borders True)"]),
     "init_other_normalization": (train("--init", "pctrun"), 2, ["--init pctrun", "--normalization percentile"]),
     "init_other_num_classes": (train("--init", "tworun"), 2, ["--init tworun was trained with --num_classes 2",
                                                               "(not --num_classes 1)"]),
@@ -114,18 +119,18 @@ CASES = {
     "val_run_without_split": (["val.py", "--name", "pctrun", "--device", "cpu"], 2,
                               ["models/pctrun/split.csv not found", "--dataset <set>"]),
     "val_split_ids_missing_from_the_dataset": (["val.py", "--name", "partrun", "--device", "cpu"], 1,
-                                               ["1 of the 3 val images in models/partrun/split.csv", "inputs/good",
-                                                "syn_0042", "--dataset <set>"]),
+                                               ["1 of the 3 val images in models/partrun/split.csv is not in "
+                                                "inputs/good", "syn_0042", "--dataset <set>"]),
     "val_weights_of_another_network": (["val.py", "--name", "archrun", "--device", "cpu"], 1,
                                        ["models/archrun/model.pth does not match the run's config.yml",
                                         "tensors missing", "its arch, deep_supervision"]),
     "val_run_of_the_original": (["val.py", "--name", "origrun", "--dataset", "good", "--device", "cpu"], 2,
-                                ["models/origrun/config.yml holds only the keys of the original pytorch-nested-unet",
+                                ["models/origrun/config.yml is the original pytorch-nested-unet's config.yml",
                                  "train the model again here"]),
-    "init_from_a_run_of_the_original": (train("--init", "origrun"), 2, ["models/origrun/config.yml holds only"]),
+    "init_from_a_run_of_the_original": (train("--init", "origrun"), 2, ["models/origrun/config.yml is the original"]),
     "name_with_dots": (train("--name", "../x"), 2, ["--name", "../x"]),
     "name_absolute": (train("--name", "/tmp/x"), 2, ["--name", "/tmp/x"]),
-    "name_empty": (train("--name", ""), 2, ["--name '' must be a plain name"]),
+    "name_empty": (train("--name", ""), 2, ["--name is empty", "or leave it out"]),
     "val_name_of_the_run_folder": (["val.py", "--name", "models/pctrun/"], 2,
                                    ["--name 'models/pctrun/' must be a plain name such as 'pctrun'"]),
     "val_name_with_dots": (["val.py", "--name", "../x"], 2, ["--name", "../x"]),
@@ -205,7 +210,7 @@ def _prepare(root):
     # A run of the original pytorch-nested-unet: its train.py's config.yml (yaml.dump of its flags) and weights.
     run = root / "models" / "origrun"
     run.mkdir(parents=True)
-    original = {"name": "origrun", "epochs": 100, "batch_size": 16, "arch": "UNet", "deep_supervision": False,
+    original = {"name": "origrun", "epochs": 100, "batch_size": 16, "arch": "UNet", "deep_supervision": True,
                 "input_channels": 3, "num_classes": 1, "input_w": 96, "input_h": 96, "loss": "BCEDiceLoss",
                 "dataset": "good", "img_ext": ".png", "mask_ext": ".png", "optimizer": "SGD", "lr": 0.001,
                 "momentum": 0.9, "weight_decay": 0.0001, "nesterov": False, "scheduler": "CosineAnnealingLR",
@@ -213,6 +218,7 @@ def _prepare(root):
                 "early_stopping": -1, "num_workers": 4}
     (run / "config.yml").write_text(yaml.dump(original))
     shutil.copy(root / "unet.pth", run / "model.pth")
+    shutil.copytree(root / "models" / "pctrun", root / "elsewhere" / "pctrun")  # a run's folder outside models/
     # A finished 2-class UNet run, whose second class could pass for a border channel in a 1-class run.
     run = root / "models" / "tworun"
     run.mkdir(parents=True)
@@ -373,3 +379,9 @@ def test_zygote_matches_real_interpreter(root, results, case_id):
     real = run_real(root, case_id, [*command, "--name", f"real_{case_id}"] if command[0] == "train.py" else command)
     assert real.returncode == results[case_id].returncode
     assert message_lines(real.stderr) == message_lines(results[case_id].stderr)
+
+
+def test_clipped_cuts_after_a_word_or_inside_a_long_first_one():
+    assert clipped("a  b\nc", 10) == "a b c"
+    assert clipped("alpha beta gamma delta", 14) == "alpha beta..."
+    assert clipped("x" * 150 + " tail", 100) == "x" * 97 + "..."
