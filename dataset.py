@@ -26,6 +26,8 @@ targets stay hard.
 """
 import os
 import signal
+import sys
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations' import otherwise calls the network
@@ -359,19 +361,35 @@ def eval_loader(dataset_dir, ids, reading, size, batch_size, num_workers, pin_me
     data = Dataset(shard, dataset_dir, transform=eval_transform(input_h, input_w, crop_size), cache=cache, **reading)
     return torch.utils.data.DataLoader(data, batch_size=1 if crop_size else batch_size, shuffle=False,
                                        num_workers=num_workers, pin_memory=pin_memory,
-                                       persistent_workers=num_workers > 0, worker_init_fn=quiet_sigterm)
+                                       persistent_workers=num_workers > 0, worker_init_fn=quiet_worker)
 
 
-def quiet_sigterm(worker_id):
-    """DataLoader ``worker_init_fn``: a worker ends with exit status 0 on SIGTERM. When the whole process group gets
-    SIGTERM (``timeout``, a batch system ending a job), the main process then stops cleanly on its own SIGTERM; a
-    worker killed by the signal would make it fail with a DataLoader traceback instead. (Ignoring the signal is no
-    way out: multiprocessing ends leftover workers at exit with SIGTERM and waits for them.)"""
+def quiet_worker(worker_id):
+    """DataLoader ``worker_init_fn``: a worker stops without a traceback when the run stops.
+
+    It ends with exit status 0 on SIGTERM. When the whole process group gets SIGTERM (``timeout``, a batch system
+    ending a job), the main process then stops cleanly on its own SIGTERM; a worker killed by the signal would make
+    it fail with a DataLoader traceback instead. (Ignoring the signal is no way out: multiprocessing ends leftover
+    workers at exit with SIGTERM and waits for them.) And the thread through which it hands a batch's memory to the
+    main process (multiprocessing's resource_sharer) prints nothing when the main process stops in the middle of
+    taking one (Ctrl-C): that thread reports through sys.excepthook, which then passes over its errors."""
     signal.signal(signal.SIGTERM, _exit_quietly)
+    sys.excepthook = quiet_about_fd_server
 
 
 def _exit_quietly(signum, frame):
     os._exit(0)
+
+
+RESOURCE_SHARER = os.path.join("multiprocessing", "resource_sharer.py")
+
+
+def quiet_about_fd_server(exc_type, exc, tb):
+    """sys.excepthook of a loader worker: errors raised in multiprocessing's resource_sharer are not printed (the
+    main process left mid-handshake); every other goes to the default hook."""
+    if not any(frame.f_code.co_filename.endswith(RESOURCE_SHARER) for frame, _ in traceback.walk_tb(tb)):
+        sys.__excepthook__(exc_type, exc, tb)
+
 
 
 def reading_of(cfg):

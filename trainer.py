@@ -19,7 +19,7 @@ from archs import build_model
 from checkpoints import atomic_torch_save, load_init_weights, load_training_state, save_training_state
 from config import INPUTS_DIR, init_weights_path, is_bundled_name, output_channels, run_dir, save_run_config
 from dataset import (MODALITIES, Dataset, EpochSampler, WeightedDistributedSampler, balance_weights, eval_loader,
-                     find_layout, images_left_out, list_ids, nucleus_diameter, quiet_sigterm, reading_of,
+                     find_layout, images_left_out, list_ids, nucleus_diameter, quiet_worker, reading_of,
                      train_transform)
 from device_data import BatchAugment, DeviceImages, DeviceLoader
 from engine import (NonFiniteLoss, Precision, choose_device, evaluate, recalibrate_batchnorm, seed_everything,
@@ -238,7 +238,7 @@ class Trainer:
         return torch.utils.data.DataLoader(
             data, batch_size=a.batch_size, sampler=EpochSampler(sampler), num_workers=a.num_workers, drop_last=True,
             pin_memory=self.device.type == "cuda", persistent_workers=a.num_workers > 0,
-            worker_init_fn=quiet_sigterm), False, cache
+            worker_init_fn=quiet_worker), False, cache
 
     def _balance_weights(self, data):
         """--balance: sampling weights of the training images by kind; says how often each kind is drawn."""

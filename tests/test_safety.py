@@ -11,6 +11,7 @@ import pickle
 import shlex
 import shutil
 import signal
+import sys
 
 import cv2
 import numpy as np
@@ -23,6 +24,7 @@ from hypothesis import strategies as st
 import bundle
 import checkpoints
 import config
+import dataset
 import engine
 import predict
 import synthetic
@@ -277,6 +279,20 @@ def test_a_folder_that_takes_no_file_is_named_in_the_error(tmp_path, monkeypatch
         with pytest.raises(SystemExit):
             run_cli(main, [])
         assert f" error: {tmp_path}: Permission denied (check the path" in capsys.readouterr().err
+
+
+def test_a_loader_worker_is_quiet_about_its_fd_server_only(capsys):
+    """The race behind a traceback after Ctrl-C (the main process left while a worker's resource_sharer thread
+    handed it a batch): errors raised in that module are not printed by the worker's excepthook; others are."""
+    def raised_in(filename):
+        try:
+            exec(compile("raise EOFError('peer gone')", filename, "exec"))
+        except EOFError:
+            return sys.exc_info()
+    dataset.quiet_about_fd_server(*raised_in(os.path.join("/usr", "lib", "multiprocessing", "resource_sharer.py")))
+    assert capsys.readouterr().err == ""
+    dataset.quiet_about_fd_server(*raised_in("our_code.py"))
+    assert "EOFError: peer gone" in capsys.readouterr().err
 
 
 def test_atomic_torch_save_interrupted_keeps_the_old_checkpoint(tmp_path, monkeypatch):
