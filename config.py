@@ -12,9 +12,15 @@ import re
 import yaml
 
 from image_files import NORMALIZATIONS
-from instances import MIN_CONFIDENCE, MIN_SIZE, SEPARATIONS
 from utils import (AMP_MODES, ArgumentParser, UsageError, amp_mode, atomic_write, bool_or_auto, check_run_name,
                    compile_mode, device_name, file_extension, integer, str2bool)
+
+# Nucleus separation (instances.py) and its object filters: the flags' choices and defaults, chosen on validation
+# images (docs/results.md, "How the post-processing defaults were chosen"). Kept here, not in instances.py, so that
+# --help answers without importing SciPy and scikit-image.
+SEPARATIONS = ("watershed", "cc", "borders")
+MIN_SIZE = 3  # pixels
+MIN_CONFIDENCE = 0.85  # mean probability of an object
 
 MODELS_DIR = "models"
 # the model that ships with the toolkit (pretrained/<name>/: config.yml, model.pth and its .sha256, a model card)
@@ -524,7 +530,7 @@ def object_filters(min_size=MIN_SIZE, min_confidence=None, loss=None):
     """The keyword arguments of instances.split_instances for --min_size and --min_confidence (checked by
     :func:`check_object_filters`).
 
-    ``min_confidence`` None is instances.MIN_CONFIDENCE, except for a run trained with ``loss`` LovaszHingeLoss: the
+    ``min_confidence`` None is MIN_CONFIDENCE, except for a run trained with ``loss`` LovaszHingeLoss: the
     hinge pushes its logits to the margin 1, so its nuclei have a mean sigmoid of about sigmoid(1) = 0.73, and the
     filter, chosen on BCE-trained networks, would drop every one of them. There it is off."""
     if min_confidence is None:

@@ -20,7 +20,7 @@ from metrics import dsb_scores
 from utils import BatchedThreads, DataError, UsageError, atomic_imwrite, atomic_write, first_few
 from visualize import overlay_panel, to_bgr, write_summary
 
-# what val.py prints for each separation (instances.SEPARATIONS), in the order the DSB2018 scores follow the chosen one
+# what val.py prints for each separation (config.SEPARATIONS), in the order the DSB2018 scores follow the chosen one
 SEPARATION_NAMES = {"cc": "connected components", "watershed": "watershed", "borders": "learned borders"}
 
 

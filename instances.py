@@ -29,15 +29,14 @@ from scipy import ndimage as ndi
 from skimage.morphology import reconstruction
 from skimage.segmentation import watershed
 
-SEPARATIONS = ("watershed", "cc", "borders")
-# The defaults below were chosen on validation images; the measurements: docs/results.md, "How the post-processing
-# defaults were chosen".
-MIN_SIZE = 3  # pixels
+from config import MIN_CONFIDENCE, MIN_SIZE, SEPARATIONS
+
+# The defaults below (and MIN_SIZE and MIN_CONFIDENCE, flags' defaults, in config.py) were chosen on validation
+# images; the measurements: docs/results.md, "How the post-processing defaults were chosen".
 MIN_DISTANCE = 2  # pixels
 H = 0.05  # in log(1 + distance): a saddle about 5% below the lower peak separates two nuclei
 SIGMA = 1.0  # pixels
 H_BORDERS = 0.5
-MIN_CONFIDENCE = 0.85  # mean probability of an object
 # --scale auto rescales an image only when its nuclei are more than this factor wider or narrower than the training
 # set's: within it rescaling gained nothing on validation (docs/results.md, "Nuclei of another size").
 AUTO_SCALE_BAND = 1.5
