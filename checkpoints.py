@@ -142,7 +142,7 @@ def run_folder_hint(folder):
     if not os.path.isfile(os.path.join(folder, "model.pth")):
         return ""
     name = os.path.basename(os.path.normpath(folder))
-    by_name = saved_run_dir(name) if name not in ("", ".", "..") else ""
+    by_name = saved_run_dir(name) if name not in ("", ".", "..") and "\\" not in name else ""
     if os.path.isdir(by_name) and os.path.samefile(folder, by_name):
         return f"; for a run's folder give its name, --init {name}"
     return f"; for a run's folder give its weights, --init {os.path.join(folder, 'model.pth')}"

@@ -271,6 +271,8 @@ def parse_train_args(argv):
             check_new_run_args(args)
     except UsageError as e:
         raise UsageError(f"{e}{recipe_note(e, recipe, argv, first.config)}") from None
+    if args.init == "":
+        raise UsageError("--init is empty; give a run name or a .pth file (or leave it out to start from scratch)")
     if args.init and not args.resume:
         check_init_outside_run(args.init, args.name)
     return args

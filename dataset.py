@@ -24,6 +24,7 @@ percentile_dark); the network then sees ``(x - 0.5) / 0.25`` (:func:`normalize`)
 linear interpolation for images and nearest for masks (image_files.NEAREST, aligned with the linear one), so
 targets stay hard.
 """
+import multiprocessing
 import os
 import signal
 import sys
@@ -385,11 +386,11 @@ RESOURCE_SHARER = os.path.join("multiprocessing", "resource_sharer.py")
 
 
 def quiet_about_fd_server(exc_type, exc, tb):
-    """sys.excepthook of a loader worker: errors raised in multiprocessing's resource_sharer are not printed (the
-    main process left mid-handshake); every other goes to the default hook."""
-    if not any(frame.f_code.co_filename.endswith(RESOURCE_SHARER) for frame, _ in traceback.walk_tb(tb)):
+    """sys.excepthook of a loader worker: a lost connection in multiprocessing's resource_sharer (the main process
+    left mid-handshake) is not printed; every other error (too many open files, say) goes to the default hook."""
+    gone = issubclass(exc_type, (EOFError, ConnectionError, multiprocessing.AuthenticationError))
+    if not (gone and any(frame.f_code.co_filename.endswith(RESOURCE_SHARER) for frame, _ in traceback.walk_tb(tb))):
         sys.__excepthook__(exc_type, exc, tb)
-
 
 
 def reading_of(cfg):

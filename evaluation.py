@@ -47,7 +47,10 @@ def evaluation_ids(name, split, dataset, run_dataset, reading):
     if not ids:
         raise UsageError(f"{run}/split.csv has no '{split}' ids (train with --test_size for a test split)")
     folder = os.path.join(INPUTS_DIR, run_dataset)
-    missing = sorted(set(ids) - find_layout(folder, reading["img_ext"], reading["mask_ext"]).image_ids())
+    images = find_layout(folder, reading["img_ext"], reading["mask_ext"]).image_ids()
+    if not images:  # another extension, most likely: list_ids names the folder and the extensions it holds
+        list_ids(folder, reading["img_ext"], reading["mask_ext"], reading["num_classes"])
+    missing = sorted(set(ids) - images)
     if missing:  # found now, not by the loader after part of the evaluation
         raise DataError(f"{len(missing)} of the {len(ids)} {split} images in {run}/split.csv "
                         f"{'is' if len(missing) == 1 else 'are'} not in {folder}, e.g. {first_few(missing)}: prepare "

@@ -251,19 +251,21 @@ def check_run_name(name):
         raise UsageError("--name is empty; give a plain name such as 'dsb2018_96_NestedUNet_wDS' (or leave it out)")
     if name in (".", "..") or os.path.isabs(name) or "/" in name or "\\" in name:
         plain = os.path.basename(os.path.normpath(name))
-        example = plain if plain not in (".", "..") and "\\" not in plain else "dsb2018_96_NestedUNet_wDS"
+        example = plain if plain not in ("", ".", "..") and "\\" not in plain else "dsb2018_96_NestedUNet_wDS"
         raise UsageError(f"--name {name!r} must be a plain name such as {example!r}, not a path")
     return name
 
 
 def clipped(text, width):
-    """``text`` on one line, at most ``width`` characters: cut after a whole word, or inside a first word that is
-    longer, with '...' where it was cut."""
+    """``text`` on one line, at most ``width`` (>= 3) characters: cut after a whole word, or inside a first word
+    that is longer, with '...' where it was cut."""
     text = " ".join(str(text).split())
     if len(text) <= width:
         return text
-    cut = text[:width - 3]
-    return (cut.rsplit(" ", 1)[0] if " " in cut else cut) + "..."
+    cut = text[:max(width - 3, 0)]
+    if " " in cut and text[len(cut)] != " ":  # the cut splits a word: drop it
+        cut = cut.rsplit(" ", 1)[0]
+    return cut.rstrip() + "..."
 
 
 _UMASK = os.umask(0)

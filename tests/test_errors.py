@@ -131,6 +131,10 @@ CASES = {
     "name_with_dots": (train("--name", "../x"), 2, ["--name", "../x"]),
     "name_absolute": (train("--name", "/tmp/x"), 2, ["--name", "/tmp/x"]),
     "name_empty": (train("--name", ""), 2, ["--name is empty", "or leave it out"]),
+    "init_empty": (train("--init", ""), 2, ["--init is empty", "start from scratch"]),
+    "val_name_slash": (["val.py", "--name", "/"], 2, ["must be a plain name such as 'dsb2018_96_NestedUNet_wDS'"]),
+    "val_split_read_with_another_extension": (["val.py", "--name", "partrun", "--img_ext", ".tif", "--device", "cpu"],
+                                              1, ["no .tif images in inputs/good/images", "pass --img_ext .png"]),
     "val_name_of_the_run_folder": (["val.py", "--name", "models/pctrun/"], 2,
                                    ["--name 'models/pctrun/' must be a plain name such as 'pctrun'"]),
     "val_name_with_dots": (["val.py", "--name", "../x"], 2, ["--name", "../x"]),
@@ -384,4 +388,5 @@ def test_zygote_matches_real_interpreter(root, results, case_id):
 def test_clipped_cuts_after_a_word_or_inside_a_long_first_one():
     assert clipped("a  b\nc", 10) == "a b c"
     assert clipped("alpha beta gamma delta", 14) == "alpha beta..."
+    assert clipped("alpha beta gamma", 13) == "alpha beta..."  # a cut at a word's end keeps the word
     assert clipped("x" * 150 + " tail", 100) == "x" * 97 + "..."

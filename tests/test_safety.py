@@ -293,6 +293,9 @@ def test_a_loader_worker_is_quiet_about_its_fd_server_only(capsys):
     assert capsys.readouterr().err == ""
     dataset.quiet_about_fd_server(*raised_in("our_code.py"))
     assert "EOFError: peer gone" in capsys.readouterr().err
+    too_many = raised_in(os.path.join("multiprocessing", "resource_sharer.py"))[2]  # another error there is printed
+    dataset.quiet_about_fd_server(OSError, OSError(24, "Too many open files"), too_many)
+    assert "Too many open files" in capsys.readouterr().err
 
 
 def test_atomic_torch_save_interrupted_keeps_the_old_checkpoint(tmp_path, monkeypatch):
