@@ -409,8 +409,8 @@ def check_new_run_args(args):
 
 def init_is_run(init):
     """Whether --init names a run (models/<name> or pretrained/<name>) rather than a weights file: a path ends in
-    .pth, has a folder, or exists."""
-    return not (init.endswith(".pth") or os.sep in init or os.path.isfile(init))
+    .pth, has a folder (or is . or ..), or exists."""
+    return not (init.endswith(".pth") or os.sep in init or init in (".", "..") or os.path.isfile(init))
 
 
 def init_weights_path(init):

@@ -174,7 +174,7 @@ def list_ids(dataset_dir, img_ext=".png", mask_ext=".png", num_classes=1):
                              "the nuclei; use --num_classes 1")
         if layout.kind == "cellpose":
             label_ids = _ids_in(dataset_dir, f"_masks{mask_ext}")
-            _check_pairs(ids, label_ids, dataset_dir, "label image (<id>_masks)", mask_ext, "--mask_ext")
+            _check_pairs(ids, label_ids, dataset_dir, "<id>_masks label image", mask_ext, "--mask_ext")
         else:
             _check_pairs(ids, _ids_in(layout.label_dir, mask_ext), layout.label_dir, "label image", mask_ext,
                          "--mask_ext")

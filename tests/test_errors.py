@@ -132,6 +132,7 @@ CASES = {
     "name_absolute": (train("--name", "/tmp/x"), 2, ["--name", "/tmp/x"]),
     "name_empty": (train("--name", ""), 2, ["--name is empty", "or leave it out"]),
     "init_empty": (train("--init", ""), 2, ["--init is empty", "start from scratch"]),
+    "init_the_current_folder": (train("--init", "."), 2, ["--init .: no such .pth file"]),
     "val_name_slash": (["val.py", "--name", "/"], 2, ["must be a plain name such as 'dsb2018_96_NestedUNet_wDS'"]),
     "val_split_read_with_another_extension": (["val.py", "--name", "partrun", "--img_ext", ".tif", "--device", "cpu"],
                                               1, ["no .tif images in inputs/good/images", "pass --img_ext .png"]),
