@@ -71,15 +71,7 @@ class Trainer:
         if args.resume:
             self._resume()
         elif args.init:
-            if load_init_weights(self.net, args.init, self.device, args):
-                self._say(f"--init {args.init}: its learned-border channel is left out (this run has --borders False)")
-            seen = held_out_seen_in_training(self.split, init_weights_path(args.init))
-            if seen:
-                fix = "" if args.split_file else "; to hold them out, give --split_file with val/test images it did " \
-                                                 "not train on"
-                self._say(f"note: {len(seen)} of this run's {len(self.ids('val') + self.ids('test'))} val/test images "
-                          f"are named like training images of --init {args.init} (e.g. {first_few(seen)}): if they "
-                          f"are the same images, their scores overstate{fix}")
+            self._start_from_init()
         self.model = wrap_model(self.net, self.device, args.sync_bn, args.compile)
         if self.main:  # set up without an error: now the run folder may be written
             if args.crop_size and not args.nucleus_diameter:  # recorded for predict.py --scale auto
@@ -304,6 +296,20 @@ class Trainer:
                 shutil.rmtree(real, ignore_errors=True)
                 os.rename(replaced, real)
             self.restored = True
+
+    def _start_from_init(self):
+        """--init: the network's weights from that run or file; a note when its border channel is left out, and one
+        naming this run's val/test images that it trained on (by its split.csv)."""
+        a = self.args
+        if load_init_weights(self.net, a.init, self.device, a):
+            self._say(f"--init {a.init}: its learned-border channel is left out (this run has --borders False)")
+        seen = held_out_seen_in_training(self.split, init_weights_path(a.init))
+        if seen:
+            fix = "" if a.split_file else "; to hold them out, give --split_file with val/test images it did not " \
+                                          "train on"
+            self._say(f"note: {len(seen)} of this run's {len(self.ids('val') + self.ids('test'))} val/test images are "
+                      f"named like training images of --init {a.init} (e.g. {first_few(seen)}): if they are the same "
+                      f"images, their scores overstate{fix}")
 
     def _say(self, text):
         if self.main:
