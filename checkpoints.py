@@ -128,11 +128,8 @@ def load_init_weights(net, init, device, flags):
     weights = weights.get("model", weights)  # a last.pth holds the weights under "model"
     expected = net.state_dict()
     weights, dropped = without_border_channel(weights, expected)
-    differs = network_mismatch(weights, expected)
-    if differs:
-        raise DataError(f"--init {init}: {path} holds a different network ({differs}); use the --arch, "
-                        "--deep_supervision, --input_channels, --num_classes and --borders of the run it comes from")
-    load_weights(net, weights, path, "does not fit this network")
+    load_weights(net, weights, f"--init {init}: {path}", "holds a different network", "use the --arch, "
+                 "--deep_supervision, --input_channels, --num_classes and --borders of the run it comes from")
     return dropped
 
 
