@@ -24,8 +24,13 @@ def setup(device):
     return device
 
 
-def cleanup():
+def cleanup(finished):
+    """Leave the process group. ``finished``: every process ended its work normally, so they first wait for each
+    other and none tears the group down while rank 0 still writes its files (gloo has aborted a process that did);
+    after an error or Ctrl-C they do not wait, as another process may never arrive."""
     if is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

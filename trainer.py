@@ -94,7 +94,7 @@ class Trainer:
             # PyTorch's SIGCHLD handler raises this again whenever another child process ends; first stop it
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, self._previous_sigterm)
-        distributed.cleanup()
+        distributed.cleanup(finished=exc_type is None)
         self._restore_replaced_run()
         if exc_type is KeyboardInterrupt and self.main:
             print(f"\nstopped during epoch {self._where_to_go_on()}", flush=True)
