@@ -219,6 +219,7 @@ class Trainer:
                        **reading_of(a))
         if a.crop_size:
             check_crop(data, a.crop_size)
+        check_foreground(data)
         if a.balance:
             sampler = WeightedDistributedSampler(self._balance_weights(data), world, distributed.rank(), a.seed)
         else:
@@ -423,6 +424,19 @@ def check_crop(data, crop_size):
         if min(h, w) < crop_size:
             raise UsageError(f"--crop_size {crop_size} is larger than image {data.layout.image(data.img_ids[i])} "
                              f"({h}x{w}); use a --crop_size of at most {min(h, w) // 16 * 16}")
+
+
+def check_foreground(data):
+    """Refuse a training set whose masks are all empty: nothing to learn, and every score would read 0. Masks are read
+    until the first with a foreground pixel, so a usual training set costs one read."""
+    for i in range(len(data)):
+        if (data.cached[i] if data.cached else data.load(i))[1].any():
+            return
+    layout, first = data.layout, data.img_ids[0]
+    path = layout.mask(first, 0) if layout.kind == "masks" else layout.labels(first)
+    raise UsageError(f"every training mask is empty (none has a pixel above 0; the first is {path}): a mask marks "
+                     "nuclei with values above 0 on a background of 0; check that --dataset names the folder with "
+                     "your masks")
 
 
 def wrap_model(net, device, sync_bn, compile_mode):

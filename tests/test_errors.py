@@ -49,6 +49,9 @@ CASES = {
                                         ["trunc/images/syn_0002.png"]),
     "mask_other_size": (train(dataset="msize"), 1, ["msize/masks/0/syn_0001.png", "16x16", "32x32"]),
     "mask_values": (train(dataset="mvals"), 1, ["mvals/masks/0/syn_0001.png", "128", "0/255"]),
+    "all_masks_empty_cached": (train("--cache", "True", dataset="blank"), 2, ["every training mask is empty",
+                                                                            "inputs/blank/masks/0/syn_0"]),
+    "all_masks_empty_uncached": (train("--cache", "False", dataset="blank"), 2, ["every training mask is empty"]),
     "num_classes_mismatch": (train("--num_classes", "2"), 2, ["--num_classes 2", "['0']"]),
     "wrong_img_ext": (train("--img_ext", ".jpg"), 1, ["no .jpg images", "--img_ext", ".png"]),
     "image_smaller_than_crop": (train("--crop_size", "64"), 2, ["--crop_size 64", "32x32"]),
@@ -184,6 +187,9 @@ def _prepare(root):
     soft = np.zeros((32, 32), np.uint8)
     soft[4:12, 4:12], soft[20:28, 20:28] = 128, 255
     cv2.imwrite(str(d / "masks" / "0" / "syn_0001.png"), soft)
+    d = _copy(good, root / "inputs" / "blank")  # every mask empty
+    for f in (d / "masks" / "0").iterdir():
+        cv2.imwrite(str(f), np.zeros((32, 32), np.uint8))
     # UNet weights, for --init with another network.
     torch.save(build_model("UNet", 1, 3, False).state_dict(), root / "unet.pth")
     # A run that saved its config and split but no weights yet.
