@@ -434,7 +434,7 @@ def check_foreground(data):
             return
     layout, first = data.layout, data.img_ids[0]
     path = layout.mask(first, 0) if layout.kind == "masks" else layout.labels(first)
-    raise UsageError(f"every training mask is empty (none has a pixel above 0; the first is {path}): a mask marks "
+    raise DataError(f"every training mask is empty (none has a pixel above 0; the first is {path}): a mask marks "
                      "nuclei with values above 0 on a background of 0; check that --dataset names the folder with "
                      "your masks")
 
