@@ -435,8 +435,8 @@ def check_foreground(data):
     layout, first = data.layout, data.img_ids[0]
     path = layout.mask(first, 0) if layout.kind == "masks" else layout.labels(first)
     raise DataError(f"every training mask is empty (none has a pixel above 0; the first is {path}): a mask marks "
-                     "nuclei with values above 0 on a background of 0; check that --dataset names the folder with "
-                     "your masks")
+                    "nuclei with values above 0 on a background of 0; check that --dataset names the folder with "
+                    "your masks")
 
 
 def wrap_model(net, device, sync_bn, compile_mode):
