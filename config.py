@@ -262,19 +262,20 @@ def parse_train_args(argv):
     if first.resume:
         check_unchanged_on_resume(args, saved_values, name)
     args.resume = bool(args.resume)
-    check_dataset_name(args.dataset)  # before the run name made from it
-    args.name = check_run_name(default_run_name(args) if args.name is None else args.name)
     try:
+        check_dataset_name(args.dataset)  # before the run name made from it
+        args.name = check_run_name(default_run_name(args) if args.name is None else args.name)
         check_train_args(args)
         check_how_it_runs(args)
         if not args.resume:
             check_new_run_args(args)
+        if args.init == "":
+            raise UsageError("--init is empty; give a run name or a .pth file (or leave it out to start from "
+                             "scratch)")
+        if args.init and not args.resume:
+            check_init_outside_run(args.init, args.name)
     except UsageError as e:
         raise UsageError(f"{e}{recipe_note(e, recipe, argv, first.config)}") from None
-    if args.init == "":
-        raise UsageError("--init is empty; give a run name or a .pth file (or leave it out to start from scratch)")
-    if args.init and not args.resume:
-        check_init_outside_run(args.init, args.name)
     return args
 
 

@@ -80,6 +80,9 @@ def test_a_bad_value_in_a_recipe_or_a_saved_run_names_its_file(tmp_path):
         parse_train_args(["--config", str(recipe), "-b", "0"])
     with pytest.raises(UsageError, match=r"no deep supervision.*\(on the command line or in --config .*zero.yml\)$"):
         parse_train_args(["--config", str(recipe), "-b", "2", "--deep_supervision", "True"])
+    recipe.write_text("name: runs/a\n")  # the run name's check too
+    with pytest.raises(UsageError, match=r"not a path \(set in --config .*zero.yml\)$"):
+        parse_train_args(["--config", str(recipe)])
     recipe.write_text("epochs: 0\n")
     with pytest.raises(UsageError, match=r"--min_lr must be between 0 and --lr 5e-06 .*got 1e-05$"):  # the default
         parse_train_args(["--config", str(recipe), "--epochs", "2", "--lr", "5e-6"])
