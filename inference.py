@@ -7,10 +7,9 @@ of the RAM, or of the free RAM when less than half is free; half of a GPU's free
 windows, as large as the budget allows (or a given tile), blended with a weight that falls off linearly over
 ``overlap`` pixels towards each window edge and normalised by the summed weights, so there are no seams.
 """
-import os
-
 import cv2
 import numpy as np
+import psutil
 import torch
 
 from archs import final_logits
@@ -60,12 +59,14 @@ def forward_bytes_per_pixel(model, channels, device):
 
 def memory_budget(device):
     """Bytes prediction may use: half of a GPU's free memory; on the CPU a quarter of the RAM while at least half of
-    it is free, else a quarter of the free RAM. So on a machine with RAM to spare the windows, and the predictions,
-    are the same from run to run (sized from the free RAM alone, they changed with it)."""
+    it is available, else a quarter of the available RAM. So on a machine with RAM to spare the windows, and the
+    predictions, are the same from run to run (sized from the free RAM alone, they changed with it). Available RAM
+    counts the page cache the kernel can drop: the never-used RAM alone shrinks as files are read, however much is
+    to spare."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0] // 2
-    page, total, free = os.sysconf("SC_PAGE_SIZE"), os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_AVPHYS_PAGES")
-    return page * (total if 2 * free >= total else free) // 4
+    ram = psutil.virtual_memory()
+    return (ram.total if 2 * ram.available >= ram.total else ram.available) // 4
 
 
 def tile_for_budget(bytes_per_pixel, budget):

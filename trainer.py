@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pandas as pd
+import psutil
 import torch
 
 import distributed
@@ -211,7 +212,7 @@ class Trainer:
                              f"images{shared}; the last incomplete batch is dropped, so no step would run: lower "
                              "--batch_size")
         decoded = decoded_bytes(self.dataset_dir, train_ids, a.img_ext, a.mask_ext)
-        cache = a.cache and decoded < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4
+        cache = a.cache and decoded < psutil.virtual_memory().total / 4
         on_device = train_on_device(a.loader, cache and not a.stain_jitter, decoded, self.device)
         augment = (a.input_h, a.input_w, a.crop_size, a.scale_jitter, a.color_jitter, a.greyscale, a.invert)
         transform = None if on_device else train_transform(*augment, stain_jitter=a.stain_jitter)
