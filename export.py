@@ -10,6 +10,12 @@ and width must be multiples of 16 (pad first, as predict.py does). It has one ou
 [batch, K, height, width]; apply a sigmoid for probabilities. A deep-supervision NestedUNet is exported with its
 final head only (X0,4), or with head L and only the nodes it needs when ``--prune L`` is given.
 
+To get predict.py's probabilities from it, prepare each image as predict.py does (inference.Predictor): channels
+in RGB order (OpenCV reads BGR: convert), a grey image repeated to 3 channels; a run trained on resized images
+(``crop_size`` 0) takes the image resized to its input_h x input_w (bilinear) and its output is resized back; then
+pad the bottom and right edges by reflection (numpy's ``reflect``, PyTorch's ``F.pad(mode="reflect")``) to
+multiples of 16 and crop the output back. Zero padding or BGR order change the result well beyond rounding.
+
 The export itself (opset 17, PyTorch's TorchScript-based exporter, which needs the ``onnx`` package) is in
 onnx_export.py. The file is written atomically. When ``onnxruntime`` is installed the exported model is run once
 on a random input and its largest difference from PyTorch is printed.
@@ -64,12 +70,15 @@ def main(argv):
     diff = onnxruntime_difference(path, module, example)
     head = f"head X0,{args.prune} (pruned)" if args.prune else \
         ("final head X0,4" if cfg.arch == "NestedUNet" and cfg.deep_supervision else "single output")
+    resized = "" if cfg.crop_size else f"; trained on resized images: resize each image to {cfg.input_h}x{cfg.input_w}"
+    channels = "channels in RGB order" if cfg.input_channels == 3 else f"{cfg.input_channels} channel(s), grey"
+    scaled = SCALING[cfg.normalization]
     check = f"; ONNX Runtime vs PyTorch max |diff| {diff:.2e}" if diff is not None else \
         " (install onnxruntime to check it)"
     print(f"wrote {path} ({size / 2**20:.1f} MiB, opset {OPSET}, {cfg.arch} {head}): input 'image' float32 "
-          f"[batch, {cfg.input_channels}, height, width], the image scaled to [0, 1] ({SCALING[cfg.normalization]}) then "
-          f"(x - 0.5) / 0.25, with height and width "
-          f"multiples of 16, output 'logits' [batch, {output_channels(cfg)}, height, width]"
+          f"[batch, {cfg.input_channels}, height, width], the image scaled to [0, 1] ({scaled}) then "
+          f"(x - 0.5) / 0.25, {channels}, height and width multiples of 16 (pad the bottom and right "
+          f"by reflection){resized}, output 'logits' [batch, {output_channels(cfg)}, height, width]"
           f"{' (the last channel: touching borders)' if cfg.borders else ''}{check}")
     return {"path": path, "bytes": size, "max_abs_diff": diff}
 

@@ -1,6 +1,7 @@
 """Tests for export.py: the ONNX model computes what PyTorch computes (needs onnx and onnxruntime)."""
 import os
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -15,29 +16,35 @@ import image_files  # noqa: E402
 from archs import build_model  # noqa: E402
 from checkpoints import load_run  # noqa: E402
 from config import build_train_parser  # noqa: E402
+from inference import Predictor  # noqa: E402
 from utils import UsageError  # noqa: E402
+
+
+def write_run(name, arch, deep_supervision, input_channels, num_classes, **values):
+    """models/<name>: random weights with non-trivial BatchNorm statistics, written as train.py writes them
+    (config.yml with the default flags and ``values``, model.pth)."""
+    defaults = vars(build_train_parser().parse_args([]))
+    for key in ("config", "resume", "overwrite", "debug"):
+        defaults.pop(key)
+    model = build_model(arch, num_classes, input_channels, deep_supervision)
+    for m in model.modules():  # eval-mode BatchNorm that is not the identity
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    os.makedirs(os.path.join("models", name))
+    with open(os.path.join("models", name, "config.yml"), "w") as f:
+        yaml.safe_dump({**defaults, "name": name, "arch": arch, "deep_supervision": deep_supervision,
+                        "input_channels": input_channels, "num_classes": num_classes, **values}, f)
+    torch.save(model.state_dict(), os.path.join("models", name, "model.pth"))
 
 
 @pytest.fixture
 def run_dir(tmp_path, monkeypatch):
-    """models/ds (NestedUNet + deep supervision) and models/u (UNet, 1 input channel, 2 classes), random
-    weights with non-trivial BatchNorm statistics, written as train.py writes them (config.yml + model.pth)."""
+    """models/ds (NestedUNet + deep supervision) and models/u (UNet, 1 input channel, 2 classes)."""
     monkeypatch.chdir(tmp_path)
-    defaults = vars(build_train_parser().parse_args([]))
-    for key in ("config", "resume", "overwrite", "debug"):
-        defaults.pop(key)
     torch.manual_seed(0)
-    for name, arch, ds, channels, classes in (("ds", "NestedUNet", True, 3, 1), ("u", "UNet", False, 1, 2)):
-        model = build_model(arch, classes, channels, ds)
-        for m in model.modules():  # eval-mode BatchNorm that is not the identity
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-        os.makedirs(os.path.join("models", name))
-        with open(os.path.join("models", name, "config.yml"), "w") as f:
-            yaml.safe_dump({**defaults, "name": name, "arch": arch, "deep_supervision": ds, "input_channels": channels,
-                            "num_classes": classes}, f)
-        torch.save(model.state_dict(), os.path.join("models", name, "model.pth"))
+    write_run("ds", "NestedUNet", True, 3, 1)
+    write_run("u", "UNet", False, 1, 2)
     return tmp_path
 
 
@@ -77,6 +84,42 @@ def test_export_pruned_and_unet(run_dir):
     # by default a pruned export has a name of its own, beside (not over) the whole network's model.onnx
     result = export.main(["--name", "ds", "--prune", "1", "--height", "32", "--width", "32"])
     assert result["path"] == os.path.join("models", "ds", "model_L1.onnx")
+
+
+def documented_probabilities(onnx_path, image_path, resize_to=None):
+    """export.py's docstring followed step by step with OpenCV, numpy and ONNX Runtime: float32 [K, H, W]."""
+    image = cv2.cvtColor(cv2.imread(str(image_path)), cv2.COLOR_BGR2RGB).astype(np.float32) / 255
+    height, width = image.shape[:2]
+    if resize_to:
+        image = cv2.resize(image, resize_to[::-1], interpolation=cv2.INTER_LINEAR)
+    x = ((image - 0.5) / 0.25).transpose(2, 0, 1)[None]
+    h, w = x.shape[2:]
+    x = np.pad(x, ((0, 0), (0, 0), (0, -h % 16), (0, -w % 16)), mode="reflect")
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    prob = 1 / (1 + np.exp(-session.run(None, {"image": x})[0][0, :, :h, :w]))
+    return np.stack([cv2.resize(p, (width, height)) for p in prob]) if resize_to else prob
+
+
+@pytest.mark.parametrize("arch, crop_size", [("NestedUNet", 0), ("UNet", 32)],
+                         ids=["trained_resized", "trained_on_crops"])
+def test_the_documented_input_gives_predict_pys_probabilities(run_dir, arch, crop_size, capsys):
+    """A colour image of odd size (padded, and for the resized-trained run resized) prepared as export.py says."""
+    write_run("r", arch, arch == "NestedUNet", 3, 1, crop_size=crop_size)
+    export.main(["--name", "r", "--height", "32", "--width", "32"])
+    printed = capsys.readouterr().out
+    assert "RGB order" in printed and "by reflection" in printed
+    assert ("resize each image to 96x96" in printed) == (not crop_size)
+    rng = np.random.default_rng(0)
+    colour = cv2.GaussianBlur(rng.integers(0, 256, (37, 45, 3), dtype=np.uint8), (5, 5), 0)
+    colour[:, :, 0] //= 3  # channels that differ, so that BGR order would show
+    cv2.imwrite(str(run_dir / "colour.png"), colour)
+    cfg, model = load_run("r", torch.device("cpu"))
+    predictor = Predictor(model, cfg, torch.device("cpu"), amp="fp32")
+    want = predictor.predict(predictor.as_input(image_files.decode_image(str(run_dir / "colour.png"))))
+    got = documented_probabilities(run_dir / "models" / "r" / "model.onnx", run_dir / "colour.png",
+                                   None if crop_size else (96, 96))
+    assert got.shape == want.shape == (1, 37, 45)
+    assert np.abs(got - want).max() < 1e-4
 
 
 def test_export_errors(run_dir):
