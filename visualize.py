@@ -29,10 +29,11 @@ def to_bgr(image):
 
 def draw_outlines(image_bgr, mask, colour=OUTLINE, labels=None):
     """A copy of ``image_bgr`` with the outline of each object (``labels``, int [H, W]: inner boundaries, so
-    touching nuclei stay apart) or of the mask (bool [H, W]: its contours) drawn in ``colour``."""
+    touching nuclei stay apart) or of the mask (bool [H, W]: its contours) drawn in ``colour``. Either outline is
+    closed along the image's edge (labels are padded with background first, as findContours sees the mask)."""
     out = image_bgr.copy()
     if labels is not None:
-        out[find_boundaries(labels, mode="inner")] = colour
+        out[find_boundaries(np.pad(labels, 1), mode="inner")[1:-1, 1:-1]] = colour
         return out
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
     cv2.drawContours(out, contours, -1, colour, 1)
