@@ -2,7 +2,8 @@
 images.
 
 An overlay panel is ``image | ground truth | prediction | errors`` side by side; in the errors panel false
-positives (predicted, not true) are magenta and false negatives (true, missed) are cyan, on the grey image.
+positives (predicted, not true) are magenta, false negatives (true, missed) cyan and true positives green, on the grey
+image.
 """
 import os
 
@@ -68,7 +69,7 @@ def write_summary(overlay_dir, scores, out_path, k=4, row_height=128):
                     (0, 0, 0), 1, cv2.LINE_AA)
         rows.append(np.concatenate([label, panel], axis=0))
     header = np.full((22, rows[0].shape[1], 3), 255, np.uint8)
-    cv2.putText(header, "image | truth | prediction | errors (FP magenta, FN cyan)", (4, 16),
+    cv2.putText(header, "image | truth | prediction | errors (TP green, FP magenta, FN cyan)", (4, 16),
                 cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
     rows.insert(0, header)
     width = max(r.shape[1] for r in rows)
