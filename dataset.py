@@ -42,15 +42,17 @@ from tqdm import tqdm
 import distributed
 from image_files import NEAREST, decode_image, image_to_float, normalize, read_label_image, read_mask
 from instances import median_diameter, nucleus_areas, touching_borders
-from utils import DataError, UsageError, first_few
+from utils import DataError, UsageError, check_utf8_names, first_few
 
 # ----------------------------------------------------------------------------------------- listing a dataset
 
 def _ids_in(folder, ext):
     """The ids of the files <id><ext> in ``folder`` (not hidden, not folders; a broken link counts, so that
     reading it names it)."""
-    return {f[: -len(ext)] for f in os.listdir(folder)
-            if f.endswith(ext) and not f.startswith(".") and not os.path.isdir(os.path.join(folder, f))}
+    files = [f for f in os.listdir(folder)
+             if f.endswith(ext) and not f.startswith(".") and not os.path.isdir(os.path.join(folder, f))]
+    check_utf8_names(os.path.join(folder, f) for f in files)
+    return {f[: -len(ext)] for f in files}
 
 
 CELLPOSE_NOT_IMAGES = ("_masks", "_flows")  # files beside the images in Cellpose's folders without _img

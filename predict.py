@@ -40,7 +40,8 @@ from config import (add_amp_arg, add_device_arg, add_separation_args, check_obje
 from image_files import TIFF_EXTS, TiffHeader, decode_planes, select_channel, tiff_header
 from instances import AUTO_SCALE_BAND, auto_scale, border_map, median_diameter, nucleus_areas, split_instances
 from utils import (ArgumentParser, BatchedThreads, DataError, UsageError, atomic_imwrite, atomic_tiff_write,
-                   atomic_write, check_output_folder, float_or_auto, remove_killed_writes, run_cli)
+                   atomic_write, check_output_folder, check_utf8_names, first_few, float_or_auto,
+                   remove_killed_writes, run_cli)
 from visualize import draw_outlines, to_bgr
 
 IMAGE_EXTS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
@@ -119,9 +120,14 @@ def list_images(paths):
             if subfolders:
                 print(f"note: the subfolders of {path} are not searched ({', '.join(subfolders[:3])}"
                       f"{' ...' if len(subfolders) > 3 else ''}); give them as --input too")
-            files = sorted(os.path.join(path, f) for f in os.listdir(path)
-                           if f.lower().endswith(IMAGE_EXTS) and not f.startswith(".")
-                           and os.path.isfile(os.path.join(path, f)))
+            # a broken link counts, so that reading it names it among the files left out
+            names = [f for f in os.listdir(path) if not f.startswith(".") and not os.path.isdir(os.path.join(path, f))]
+            files = sorted(os.path.join(path, f) for f in names if f.lower().endswith(IMAGE_EXTS))
+            others = [f for f in names if not f.lower().endswith(IMAGE_EXTS)]
+            if others:
+                print(f"note: {path}: {len(others)} file{'s' * (len(others) != 1)} not named like "
+                      f"{'/'.join(e[1:] for e in IMAGE_EXTS)} images left out ({first_few(others)}); give one as "
+                      "--input to try reading it")
             if not files:
                 raise DataError(f"--input {path}: the folder holds no {'/'.join(e[1:] for e in IMAGE_EXTS)} images")
             found += files
@@ -129,6 +135,7 @@ def list_images(paths):
             found.append(path)
         else:
             raise DataError(f"--input {path}: no such file or folder")
+    check_utf8_names(found)
     unique = {}
     for f in found:
         unique.setdefault(os.path.abspath(f), f)

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from utils import (ArgumentParser, DataError, UsageError, atomic_imwrite, check_replaceable,
+from utils import (ArgumentParser, DataError, UsageError, atomic_imwrite, check_replaceable, check_utf8_names,
                    folder_replaced_when_done, integer, run_cli)
 
 DEFAULT_SRC = os.path.join("inputs", "data-science-bowl-2018", "stage1_train")
@@ -108,6 +108,7 @@ def list_samples(src):
     if not os.path.isdir(src):
         raise DataError(f"--src {src} does not exist; {DOWNLOAD_HINT}")
     ids = sorted(e.name for e in os.scandir(src) if e.is_dir() and not e.name.startswith("."))
+    check_utf8_names(os.path.join(src, i) for i in ids)
     if not ids:
         raise DataError(f"--src {src} contains no sample folders; {DOWNLOAD_HINT}")
     return ids
@@ -140,6 +141,7 @@ def load_sample(sample_dir, masks_csv=None):
         return image, labels, int(labels.max())
     mask_dir = os.path.join(sample_dir, "masks")
     mask_files = sorted(f for f in os.listdir(mask_dir) if f.lower().endswith(".png")) if os.path.isdir(mask_dir) else []
+    check_utf8_names(os.path.join(mask_dir, f) for f in mask_files)
     if not mask_files:
         raise DataError(f"sample folder {sample_dir} has no masks: expected PNG files in {mask_dir} (or pass "
                         "--masks_csv with the run-length CSV)")

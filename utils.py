@@ -256,6 +256,22 @@ def check_run_name(name):
     return name
 
 
+def printable_path(path):
+    """``path`` as it can be printed: bytes that are not UTF-8 (which Python keeps as surrogates) as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def check_utf8_names(paths):
+    """Refuse a file name that is not valid UTF-8 (a Latin-1 name unzipped from a Windows archive, say): OpenCV
+    crashes reading it, and no message or CSV file could hold it."""
+    for path in paths:
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(f"the name {printable_path(path)} is not valid UTF-8; rename it (e.g. convmv -f "
+                            "latin1 -t utf8 --notest <file>)") from None
+
+
 def clipped(text, width):
     """``text`` on one line, at most ``width`` (>= 3) characters: cut after a whole word, or inside a first word
     that is longer, with '...' where it was cut."""

@@ -52,6 +52,8 @@ CASES = {
     "all_masks_empty_cached": (train("--cache", "True", dataset="blank"), 1, ["every training mask is empty",
                                                                             "inputs/blank/masks/0/syn_0"]),
     "all_masks_empty_uncached": (train("--cache", "False", dataset="blank"), 1, ["every training mask is empty"]),
+    "file_name_not_utf8": (train(dataset="latin1"), 1, ["latin1/images/Zellkern_\\xe4.png is not valid UTF-8",
+                                                        "rename it"]),
     "num_classes_mismatch": (train("--num_classes", "2"), 2, ["--num_classes 2", "['0']"]),
     "wrong_img_ext": (train("--img_ext", ".jpg"), 1, ["no .jpg images", "--img_ext", ".png"]),
     "image_smaller_than_crop": (train("--crop_size", "64"), 2, ["--crop_size 64", "32x32"]),
@@ -190,6 +192,9 @@ def _prepare(root):
     d = _copy(good, root / "inputs" / "blank")  # every mask empty
     for f in (d / "masks" / "0").iterdir():
         cv2.imwrite(str(f), np.zeros((32, 32), np.uint8))
+    d = _copy(good, root / "inputs" / "latin1")  # a file name in Latin-1, as unzipped from a Windows archive
+    for sub in ("images", "masks/0"):
+        os.rename(d / sub / "syn_0001.png", os.fsdecode(os.fsencode(d / sub) + b"/Zellkern_\xe4.png"))
     # UNet weights, for --init with another network.
     torch.save(build_model("UNet", 1, 3, False).state_dict(), root / "unet.pth")
     # A run that saved its config and split but no weights yet.

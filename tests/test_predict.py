@@ -522,6 +522,23 @@ def test_subfolders_of_an_input_folder_are_named(tmp_path, capsys):
     assert f"note: the subfolders of {tmp_path / 'plate'} are not searched (well_B2)" in capsys.readouterr().out
 
 
+def test_a_folder_s_other_files_are_named_and_a_broken_link_kept_to_be_named(tmp_path, capsys):
+    write(tmp_path / "plate" / "a.png", np.zeros((8, 8), np.uint8))
+    for other in ("b.webp", "notes.txt"):
+        (tmp_path / "plate" / other).write_bytes(b"")
+    (tmp_path / "plate" / "broken.png").symlink_to(tmp_path / "gone.png")
+    assert predict.list_images([str(tmp_path / "plate")]) == [str(tmp_path / "plate" / n) for n in ("a.png",
+                                                                                                 "broken.png")]
+    assert "2 files not named like png/" in capsys.readouterr().out
+
+
+def test_a_file_name_that_is_not_utf8_is_refused_before_any_output(tmp_path):
+    write(tmp_path / "plate" / "a.png", np.zeros((8, 8), np.uint8))
+    shutil.copy(tmp_path / "plate" / "a.png", os.fsdecode(os.fsencode(tmp_path / "plate") + b"/Zellkern_\xe4.png"))
+    with pytest.raises(DataError, match=r"plate/Zellkern_\\xe4.png is not valid UTF-8; rename it"):
+        predict.list_images([str(tmp_path / "plate")])
+
+
 def test_errors_name_the_problem(in_runs, tmp_path):
     image = write(tmp_path / "a.png", sample_bgr(32, 32))
     out = str(tmp_path / "out")
