@@ -169,19 +169,36 @@ def tiff_notes(files, headers, channel):
 
 
 def image_ids(files, out_dir, stacks):
-    """The output id of each file (its name without the extension); two inputs with one id, or an output that
-    would overwrite an input (``<id>.png``, or ``<id>.tif`` for a stack), are UsageErrors."""
-    ids = {}
+    """The output id of each file (its name without the extension); an output that would overwrite an input
+    (``<id>.png``, or ``<id>.tif`` for a stack) is a UsageError."""
+    ids = []
     for f, stack in zip(files, stacks):
-        stem = os.path.splitext(os.path.basename(f))[0]
-        if stem in ids:
-            raise UsageError(f"{ids[stem]} and {f} would both write {stem}.png; predict them into different --output "
-                             "folders")
-        ids[stem] = f
-        mask_path = os.path.abspath(os.path.join(out_dir, stem + (".tif" if stack else ".png")))
+        ids.append(os.path.splitext(os.path.basename(f))[0])
+        mask_path = os.path.abspath(os.path.join(out_dir, ids[-1] + (".tif" if stack else ".png")))
         if mask_path == os.path.abspath(f):
             raise UsageError(f"--output {out_dir} would overwrite the input {f}; choose another --output folder")
-    return list(ids)
+    return ids
+
+
+def output_suffixes(num_classes, save_prob, instances, overlay):
+    """The file-name suffixes of the outputs of one image (module docstring), as :func:`segment` names them."""
+    classes = [""] if num_classes == 1 else [f"_class{c}" for c in range(num_classes)]
+    suffixes = [c + p for c in classes for p in ["", "_prob"][:1 + save_prob]]
+    return suffixes + ["_instances"] * instances + ["_overlay"] * overlay
+
+
+def output_files(files, ids, stacks, suffixes):
+    """{output file name: the input that writes it}. Two inputs that would write one file (two with one id, or 'x'
+    and 'x_prob' with --save_prob) are a UsageError: one output would silently replace the other."""
+    written = {}
+    for f, img_id, stack in zip(files, ids, stacks):
+        for suffix in suffixes:
+            name = f"{img_id}{suffix}{'.tif' if stack else '.png'}"
+            if name in written:
+                raise UsageError(f"{written[name]} and {f} would both write {name}; rename one, or predict them into "
+                                 "different --output folders")
+            written[name] = f
+    return written
 
 
 # ---------------------------------------------------------------------------------------------- the outputs
@@ -338,16 +355,12 @@ def output_stems(name):
     return {stem, kind, re.sub(r"_class\d+$", "", kind)}
 
 
-def earlier_outputs_note(args, files, ids, stacks, num_classes):
+def earlier_outputs_note(args, files, ids, written):
     """A note naming the files in ``args.output`` that an earlier prediction wrote for these images and this one
-    did not (``<id>_instances.png`` and objects.csv when --instances is left out now, a .png where a .tif stack
-    is written now, ``<id>_class<c>.png`` of a run with other classes), which would pass for this one's; '' when
-    there are none. The input files themselves are never named."""
-    classes = [""] if num_classes == 1 else [f"_class{c}" for c in range(num_classes)]
-    suffixes = [c + p for c in classes for p in ["", "_prob"][:1 + args.save_prob]]
-    suffixes += ["_instances"] * args.instances + ["_overlay"] * args.overlay
-    written = {f"{i}{s}{'.tif' if axes else '.png'}" for i, axes in zip(ids, stacks) for s in suffixes}
-    written |= {"objects.csv"} if args.instances else set()
+    did not (not in ``written``, :func:`output_files`: ``<id>_instances.png`` and objects.csv when --instances is
+    left out now, a .png where a .tif stack is written now, ``<id>_class<c>.png`` of a run with other classes),
+    which would pass for this one's; '' when there are none. The input files themselves are never named."""
+    written = set(written) | ({"objects.csv"} if args.instances else set())
     inputs, ids = {os.path.abspath(f) for f in files}, set(ids)
     earlier = [n for n in sorted(os.listdir(args.output)) if n not in written and (n == "objects.csv" or
                output_stems(n) & ids) and os.path.isfile(os.path.join(args.output, n))
@@ -418,6 +431,8 @@ def main(argv):
         raise UsageError(f"--scale auto: run {args.name} records no training nucleus diameter (trained before "
                          "train.py recorded it); give --scale FACTOR, or the diameter in its config.yml as "
                          "nucleus_diameter")
+    written = output_files(files, ids, stacks, output_suffixes(cfg.num_classes, args.save_prob, args.instances,
+                                                               args.overlay))
     filters = object_filters(args.min_size, args.min_confidence, cfg.loss)
     separation = choose_separation(args.separation, cfg.borders, args.name)
     predictor = Predictor(model, cfg, device, args.tile or None, args.overlap, args.batch_size, args.prune, args.tta,
@@ -458,7 +473,7 @@ def main(argv):
           f"{device} ({predictor.precision.describe()}); mean foreground {100 * foreground:.1f}%"
           f"{found}; "
           f"files in {os.path.join(args.output, '')}")
-    for note in (earlier_outputs_note(args, files, ids, stacks, cfg.num_classes), replaced_rows):
+    for note in (earlier_outputs_note(args, files, ids, written), replaced_rows):
         if note:
             print(note)
     if left_out:

@@ -563,6 +563,10 @@ def test_errors_name_the_problem(in_runs, tmp_path):
         predict.main(["--name", "p", "--input", image, other, "--output", out])
     with pytest.raises(UsageError, match="overwrite the input"):
         predict.main(["--name", "p", "--input", image, "--output", str(tmp_path)])
+    named_like_an_output = write(tmp_path / "a_prob.png", sample_bgr(32, 32))  # a's --save_prob file
+    with pytest.raises(UsageError, match=r"a\.png and .*a_prob\.png would both write a_prob\.png; rename one"):
+        predict.main(["--name", "p", "--input", image, named_like_an_output, "--output", out, "--save_prob"])
+    assert not os.path.exists(out)
     broken = tmp_path / "broken" / "b.png"
     broken.parent.mkdir()
     broken.write_bytes(b"not a png")
