@@ -10,6 +10,7 @@ import os
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 
 from config import INPUTS_DIR, saved_run_dir
 from dataset import MODALITIES, find_layout, list_ids, nucleus_diameter
@@ -20,6 +21,7 @@ from metrics import dsb_scores
 from utils import BatchedThreads, DataError, UsageError, atomic_imwrite, atomic_write, first_few
 from visualize import overlay_panel, to_bgr, write_summary
 
+EVALUATION_FILE = "evaluation.yml"
 # what val.py prints for each separation (config.SEPARATIONS), in the order the DSB2018 scores follow the chosen one
 SEPARATION_NAMES = {"cc": "connected components", "watershed": "watershed", "borders": "learned borders"}
 
@@ -56,6 +58,34 @@ def evaluation_ids(name, split, dataset, run_dataset, reading):
                         f"{'is' if len(missing) == 1 else 'are'} not in {folder}, e.g. {first_few(missing)}: prepare "
                         "that dataset again in full, or score another with --dataset <set>")
     return folder, ids, f"{split} split"
+
+
+def evaluation_record(name, split, dataset, folder):
+    """What an evaluation scored, as evaluation.yml in its output folder records it: the run, the dataset folder
+    (resolved) and the split ('val' by default; 'every image' with --dataset)."""
+    return {"run": name, "dataset": os.path.realpath(folder),
+            "split": "every image" if dataset is not None else split or "val"}
+
+
+def check_same_evaluation(out_dir, record):
+    """A default output folder is replaced only by the evaluation it holds (its evaluation.yml): the folders of two
+    can share a name (run r's --split test and a run named r_test both give outputs/r_test), and one would
+    silently replace the other. A folder without the file (older, or unreadable) is replaced."""
+    try:
+        with open(os.path.join(out_dir, EVALUATION_FILE)) as f:
+            held = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return
+    if isinstance(held, dict) and held != record:
+        split = held.get("split")
+        raise UsageError(f"{out_dir} holds the evaluation of run {held.get('run')} ("
+                         f"{split if split == 'every image' else f'{split} split'} of {held.get('dataset')}), not this "
+                         "one; give --output to write this one elsewhere, or remove that folder")
+
+
+def write_evaluation_record(folder, record):
+    with open(os.path.join(folder, EVALUATION_FILE), "w") as f:  # inside the folder replaced when complete
+        yaml.safe_dump(record, f)
 
 
 def separation_order(chosen, borders):

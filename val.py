@@ -8,7 +8,9 @@ predicted.
 With ``--dataset`` every image of inputs/<dataset>/ is scored, at the run's evaluation size (resized for a run
 trained on resized images, the image's own size for a crop-trained run), and the outputs go to
 outputs/<name>_on_<dataset>/, never over the run's own validation outputs (``--split test``: outputs/<name>_test/).
-Each evaluation's outputs replace the folder as a whole once complete, so its files never mix with an earlier one's.
+Each evaluation's outputs replace the folder as a whole once complete, so its files never mix with an earlier one's;
+its evaluation.yml says what was scored, and a default folder that holds another evaluation (run r's --split test and
+a run named r_test share outputs/r_test) is refused instead of replaced.
 
 Reads models/<name>/config.yml, model.pth and split.csv; prints pooled IoU, mean per-image IoU and mean
 per-image Dice; writes outputs/<name>/<class>/<id>.png (probability x 255, 8-bit PNG; runs trained with
@@ -80,7 +82,8 @@ def main(argv):
     from checkpoints import load_run
     from dataset import eval_loader, find_layout, reading_of
     from engine import Precision, choose_device, evaluate
-    from evaluation import ImageWriter, evaluation_ids, separation_order, size_hint, summary
+    from evaluation import (ImageWriter, check_same_evaluation, evaluation_ids, evaluation_record, separation_order,
+                            size_hint, summary, write_evaluation_record)
     from losses import build_loss
 
     device = choose_device(args.device)
@@ -89,6 +92,9 @@ def main(argv):
     separation = choose_separation(args.separation, cfg.borders, args.name)
     reading = {**reading_of(cfg), "img_ext": args.img_ext or cfg.img_ext, "mask_ext": args.mask_ext or cfg.mask_ext}
     dataset_dir, ids, part = evaluation_ids(args.name, args.split, args.dataset, cfg.dataset, reading)
+    record = evaluation_record(args.name, args.split, args.dataset, dataset_dir)
+    if not args.output:
+        check_same_evaluation(out_dir, record)
     layout = find_layout(dataset_dir, reading["img_ext"], reading["mask_ext"])
     labels = {i: path for i, path in zip(ids, map(layout.labels, ids)) if path is not None}
     if cfg.borders and len(labels) < len(ids):  # the border target comes from the labels: score the masks alone
@@ -107,6 +113,7 @@ def main(argv):
         scores = evaluate(precision.prepare(model), loader, criterion, precision, desc="eval", prune=args.prune,
                           tta=args.tta, on_batch=writer, classes=cfg.num_classes)
         table = writer.write_table()
+        write_evaluation_record(tmp, record)
     dsb = writer.dsb_means()
     title = f"{args.name} ({part}, {len(ids)} images, {precision.describe()}" + (", flip TTA" if args.tta else "") + \
         (f", pruned at L={args.prune}" if args.prune else "") + ")"

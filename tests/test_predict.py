@@ -600,6 +600,27 @@ def test_val_reports_the_dsb_score(in_runs, tmp_path, capsys):
         assert 0 <= scores["dsb"] <= 1 and 0 <= scores["dsb_cc"] <= 1
 
 
+def test_val_keeps_another_evaluation_s_default_folder(in_runs, tmp_path):
+    """Two datasets whose folders end in the same name give one default output folder: the second evaluation is
+    refused, not written over the first; the same evaluation again replaces its own."""
+    for parent in ("a", "b"):
+        shutil.copytree(os.path.join("inputs", "synthetic"), tmp_path / parent / "test")
+    quiet = ["--no_overlays", "--device", "cpu"]
+    try:
+        val.main(["--name", "p", "--dataset", str(tmp_path / "a" / "test"), *quiet])
+        with open(os.path.join("outputs", "p_on_test", "evaluation.yml")) as f:
+            assert yaml.safe_load(f) == {"run": "p", "dataset": os.path.realpath(tmp_path / "a" / "test"),
+                                         "split": "every image"}
+        with pytest.raises(UsageError, match=r"outputs/p_on_test holds the evaluation of run p \(every image of "
+                                             r".*a/test\), not this one; give --output"):
+            val.main(["--name", "p", "--dataset", str(tmp_path / "b" / "test"), *quiet])
+        val.main(["--name", "p", "--dataset", str(tmp_path / "a" / "test"), *quiet])
+        val.main(["--name", "p", "--dataset", str(tmp_path / "b" / "test"), "--output", str(tmp_path / "b_out"),
+                  *quiet])
+    finally:
+        shutil.rmtree(os.path.join("outputs", "p_on_test"), ignore_errors=True)
+
+
 def test_val_names_the_scale_when_the_nuclei_are_far_from_the_training_size(in_runs, tmp_path, capsys):
     """pa learned (so its config.yml says) nuclei 3 px across: val.py prints the median diameter of the labelled
     nuclei it scored and the --scale that sizes them as in training; pc records no diameter and says nothing."""

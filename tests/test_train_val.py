@@ -378,7 +378,7 @@ def test_test_split(tmp_path, monkeypatch):
     # evaluated again, a folder is replaced as a whole: no overlays left from the run with them
     assert (tmp_path / "outputs" / "three" / "overlays").is_dir()
     val.main(["--name", "three", "--device", "cpu", "--no_overlays"])
-    assert sorted(os.listdir(tmp_path / "outputs" / "three")) == ["0", "scores.csv"]
+    assert sorted(os.listdir(tmp_path / "outputs" / "three")) == ["0", "evaluation.yml", "scores.csv"]
     assert not [f for f in os.listdir(tmp_path / "outputs") if f.startswith(".")]  # no temporary folder left
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
