@@ -175,7 +175,12 @@ def _add_run_args(g):
 
 
 class RecipeLoader(yaml.SafeLoader):
-    """yaml.safe_load's loader, refusing a key given twice (YAML would keep the last one without a word)."""
+    """yaml.safe_load's loader, refusing a key given twice (YAML would keep the last one without a word), and
+    keeping each value's text as written (null aside) for train.py's parser to read as it reads the command line:
+    YAML's own guesses turn the name ``no`` into False, ``012`` into 10 (octal) and the dataset ``0001`` into 1."""
+
+    yaml_implicit_resolvers = {first: [(tag, regexp) for tag, regexp in resolvers if tag.endswith(":null")]
+                               for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 
     def construct_mapping(self, node, deep=False):
         keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
@@ -189,8 +194,8 @@ def read_yaml_config(path, parser, label=None):
     """Load a YAML recipe with yaml.safe_load's loader (:class:`RecipeLoader`) and parse its values with train.py's
     own parser: {flag: value}.
 
-    Each ``key: value`` is read as the command-line flag ``--key=value`` (true/false as True/False, null as the
-    flag's default), so a recipe accepts exactly what the command line does. Errors name the file as ``label``
+    Each ``key: value`` is read as the command-line flag ``--key=value`` (its text as written; null as the flag's
+    default), so a recipe accepts exactly what the command line does. Errors name the file as ``label``
     (default '--config <path>'; a run's own config.yml is named by its path alone).
     """
     label = label or f"--config {path}"

@@ -61,6 +61,18 @@ def test_yaml_config_loads_and_flags_override(tmp_path):
     assert e.milestone_list == [10, 20]
 
 
+def test_a_recipe_value_is_read_as_written_as_on_the_command_line(tmp_path):
+    """YAML would read the name no as False, 012 as 10 (octal) and 0001 as 1; the parser gets the text."""
+    recipe = tmp_path / "r.yml"
+    recipe.write_text("name: no\ndataset: '0001'\nepochs: 012\ndeep_supervision: on\nlr: 1e-3\ninit: null\n")
+    args = parse_train_args(["--config", str(recipe)])
+    assert (args.name, args.dataset, args.epochs, args.deep_supervision, args.lr, args.init) == \
+        ("no", "0001", 12, True, 0.001, None)
+    recipe.write_text("name: 012\ndataset: 0001\n")
+    args = parse_train_args(["--config", str(recipe)])
+    assert (args.name, args.dataset) == ("012", "0001")
+
+
 def test_repo_configs_parse():
     configs = sorted((ROOT / "configs").glob("*.y*ml"))
     for path in configs:
