@@ -80,7 +80,7 @@ def main(argv):
     folder = os.path.realpath(out_dir)  # a symbolic link's folder is replaced, not the link
     # Heavy imports only now, so that --help and flag errors answer at once.
     from checkpoints import load_run
-    from dataset import eval_loader, find_layout, reading_of
+    from dataset import eval_loader, find_layout, images_left_out, reading_of
     from engine import Precision, choose_device, evaluate
     from evaluation import (ImageWriter, check_same_evaluation, evaluation_ids, evaluation_record, separation_order,
                             size_hint, summary, write_evaluation_record)
@@ -92,6 +92,9 @@ def main(argv):
     separation = choose_separation(args.separation, cfg.borders, args.name)
     reading = {**reading_of(cfg), "img_ext": args.img_ext or cfg.img_ext, "mask_ext": args.mask_ext or cfg.mask_ext}
     dataset_dir, ids, part = evaluation_ids(args.name, args.split, args.dataset, cfg.dataset, reading)
+    left_out = images_left_out(dataset_dir, reading["img_ext"]) if args.dataset is not None else ""
+    if left_out:
+        print(left_out)
     record = evaluation_record(args.name, args.split, args.dataset, dataset_dir)
     if not args.output:
         check_same_evaluation(out_dir, record)

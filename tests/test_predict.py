@@ -600,14 +600,17 @@ def test_val_reports_the_dsb_score(in_runs, tmp_path, capsys):
         assert 0 <= scores["dsb"] <= 1 and 0 <= scores["dsb_cc"] <= 1
 
 
-def test_val_keeps_another_evaluation_s_default_folder(in_runs, tmp_path):
+def test_val_keeps_another_evaluation_s_default_folder(in_runs, tmp_path, capsys):
     """Two datasets whose folders end in the same name give one default output folder: the second evaluation is
-    refused, not written over the first; the same evaluation again replaces its own."""
+    refused, not written over the first; the same evaluation again replaces its own. An image with another
+    extension is named as left out."""
     for parent in ("a", "b"):
         shutil.copytree(os.path.join("inputs", "synthetic"), tmp_path / parent / "test")
     quiet = ["--no_overlays", "--device", "cpu"]
     try:
+        shutil.copy(tmp_path / "a" / "test" / "images" / "syn_0000.png", tmp_path / "a" / "test" / "images" / "e.PNG")
         val.main(["--name", "p", "--dataset", str(tmp_path / "a" / "test"), *quiet])
+        assert "note: 1 file is in" in capsys.readouterr().out  # e.PNG, left out as train.py says
         with open(os.path.join("outputs", "p_on_test", "evaluation.yml")) as f:
             assert yaml.safe_load(f) == {"run": "p", "dataset": os.path.realpath(tmp_path / "a" / "test"),
                                          "split": "every image"}
