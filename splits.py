@@ -83,6 +83,16 @@ def load_or_make_split(path, dataset_dir, ids, resume, val_size, test_size, spli
                          f"{len(ids)} samples of {dataset_dir}; give smaller fractions") from None
 
 
+def unlisted_note(split, source, dataset_dir, ids):
+    """A note naming the samples of ``dataset_dir`` (``ids``) that ``split`` (read from ``source``) puts in no part,
+    so that no run step reads them; '' when it lists them all."""
+    unlisted = sorted(set(ids) - set(split["img_id"]))
+    if not unlisted:
+        return ""
+    return (f"note: {source} lists {len(ids) - len(unlisted)} of the {len(ids)} images of {dataset_dir}; the "
+            f"other {len(unlisted)} are in no part and left out: {first_few(unlisted)}")
+
+
 def checked_split(split, source, dataset_dir, ids):
     """``split`` (read from ``source``) unchanged, or a DataError when it names ids that ``dataset_dir`` lacks."""
     missing = sorted(set(split["img_id"]) - set(ids))

@@ -29,7 +29,7 @@ from image_files import decode_image
 from losses import build_loss
 from optim import build_optimizer, build_scheduler, cosine_parts, fused_update, step_scheduler
 from plot import plot_runs
-from splits import held_out_seen_in_training, load_or_make_split, split_ids
+from splits import held_out_seen_in_training, load_or_make_split, split_ids, unlisted_note
 from synthetic import ensure_synthetic
 from utils import (DataError, UsageError, UserError, atomic_write, first_few, interrupts_held, raise_keyboard_interrupt,
                    remove_killed_writes)
@@ -57,6 +57,10 @@ class Trainer:
             self._say(left_out)
         self.split = load_or_make_split(os.path.join(self.dir, "split.csv"), self.dataset_dir, ids, args.resume,
                                         args.val_size, args.test_size, args.split_seed, args.split_file)
+        unlisted = unlisted_note(self.split, f"--split_file {args.split_file}", self.dataset_dir, ids) \
+            if args.split_file and not args.resume else ""
+        if unlisted:
+            self._say(unlisted)
         self.train_loader, self.on_device, self.cache = self._train_loader()
         self.val_loader = self.make_eval_loader(self.ids("val"))
         seed_everything(args.seed)

@@ -416,12 +416,14 @@ def test_val_stopped_by_sigterm_keeps_the_old_outputs_and_no_temporary_folder(wo
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # run_cli puts the previous handler back
 
 
-def test_split_file_is_used_as_given(tmp_path, monkeypatch):
+def test_split_file_is_used_as_given(tmp_path, monkeypatch, capsys):
     ids = sorted(make_synthetic(tmp_path))
     monkeypatch.chdir(tmp_path)
     given = pd.DataFrame({"img_id": ids[:8], "split": ["train"] * 4 + ["val"] * 3 + ["test"]})  # 2 ids unused
     given.to_csv(tmp_path / "mine.csv", index=False)
     train.main(train_argv("given", "--split_file", "mine.csv", "--val_size", "0.5", epochs=1))
+    assert (f"note: --split_file mine.csv lists 8 of the 10 images of inputs/tiny; the other 2 are in no part "
+            f"and left out: {ids[8]}, {ids[9]}") in capsys.readouterr().out
     pd.testing.assert_frame_equal(read_split(tmp_path, "given"), given)
     val.main(["--name", "given", "--device", "cpu", "--no_overlays"])
     assert sorted(os.listdir(tmp_path / "outputs" / "given" / "0")) == sorted(i + ".png" for i in ids[4:7])
