@@ -7,6 +7,7 @@ without importing the training code.
 """
 import os
 import re
+import shlex
 import warnings
 
 import torch
@@ -113,8 +114,12 @@ def load_init_weights(net, init, device, flags):
     of a --borders run was left out (``net`` has none)."""
     path = init_weights_path(init)
     if not os.path.isfile(path):
+        if os.path.isdir(init):
+            hint = run_folder_hint(init)
+            raise UsageError(f"--init {init} is a run's folder{hint}" if hint else
+                             f"--init {init} is a folder; give a run name from models/ or a weights file")
         raise UsageError(f"--init {init}: no such .pth file, and no run with {path}; give a run name from models/ "
-                         f"or a weights file{run_folder_hint(init)}")
+                         "or a weights file")
     beside = os.path.join(os.path.dirname(path), "config.yml")  # a run's model.pth or last.pth given as a path
     theirs = load_run_config(init) if init_is_run(init) else read_run_config(beside) if os.path.isfile(beside) \
         else None
@@ -141,8 +146,8 @@ def run_folder_hint(folder):
     name = os.path.basename(os.path.normpath(folder))
     by_name = saved_run_dir(name) if name not in ("", ".", "..") and "\\" not in name else ""
     if os.path.isdir(by_name) and os.path.samefile(folder, by_name):
-        return f"; for a run's folder give its name, --init {name}"
-    return f"; for a run's folder give its weights, --init {os.path.join(folder, 'model.pth')}"
+        return f"; for a run's folder give its name, --init {shlex.quote(name)}"
+    return f"; for a run's folder give its weights, --init {shlex.quote(os.path.join(folder, 'model.pth'))}"
 
 
 def without_border_channel(weights, expected):

@@ -85,10 +85,10 @@ CASES = {
                                           "--normalization", "percentile"), 2,
                                     ["--init pctrun was trained with --arch UNet --input_channels 3",
                                      "(not --arch NestedUNet --input_channels 1)"]),
-    "init_a_run_folder": (train("--init", "models/pctrun"), 2, ["--init models/pctrun: no such .pth file",
+    "init_a_run_folder": (train("--init", "models/pctrun"), 2, ["--init models/pctrun is a run's folder",
                                                                  "give its name, --init pctrun"]),
-    "init_a_run_folder_elsewhere": (train("--init", "elsewhere/pctrun"), 2,
-                                    ["give its weights, --init elsewhere/pctrun/model.pth"]),
+    "init_a_run_folder_elsewhere": (train("--init", "elsewhere/pct run"), 2,
+                                    ["give its weights, --init 'elsewhere/pct run/model.pth'"]),
     "init_without_borders_for_borders": (train("--init", "partrun", "--borders", "True"), 2,
                                          ["--init partrun was trained with --borders False", "(not --borders True)"]),
     "init_other_normalization": (train("--init", "pctrun"), 2, ["--init pctrun", "--normalization percentile"]),
@@ -137,7 +137,7 @@ CASES = {
     "name_absolute": (train("--name", "/tmp/x"), 2, ["--name", "/tmp/x"]),
     "name_empty": (train("--name", ""), 2, ["--name is empty", "or leave it out"]),
     "init_empty": (train("--init", ""), 2, ["--init is empty", "start from scratch"]),
-    "init_the_current_folder": (train("--init", "."), 2, ["--init .: no such .pth file"]),
+    "init_the_current_folder": (train("--init", "."), 2, ["--init . is a folder; give a run name"]),
     "val_name_slash": (["val.py", "--name", "/"], 2, ["must be a plain name such as 'dsb2018_96_NestedUNet_wDS'"]),
     "val_split_read_with_another_extension": (["val.py", "--name", "partrun", "--img_ext", ".tif", "--device", "cpu"],
                                               1, ["no .tif images in inputs/good/images", "pass --img_ext .png"]),
@@ -234,7 +234,7 @@ def _prepare(root):
                 "early_stopping": -1, "num_workers": 4}
     (run / "config.yml").write_text(yaml.dump(original))
     shutil.copy(root / "unet.pth", run / "model.pth")
-    shutil.copytree(root / "models" / "pctrun", root / "elsewhere" / "pctrun")  # a run's folder outside models/
+    shutil.copytree(root / "models" / "pctrun", root / "elsewhere" / "pct run")  # a run's folder outside models/
     # A finished 2-class UNet run, whose second class could pass for a border channel in a 1-class run.
     run = root / "models" / "tworun"
     run.mkdir(parents=True)
