@@ -12,8 +12,8 @@ import re
 import yaml
 
 from image_files import NORMALIZATIONS
-from utils import (AMP_MODES, ArgumentParser, UsageError, amp_mode, atomic_write, bool_or_auto, check_run_name,
-                   compile_mode, device_name, file_extension, integer, str2bool)
+from utils import (AMP_MODES, ArgumentParser, UsageError, amp_mode, atomic_write, bool_or_auto, check_new_run_name,
+                   check_run_name, compile_mode, device_name, file_extension, integer, str2bool)
 
 # Nucleus separation (instances.py) and its object filters: the flags' choices and defaults, chosen on validation
 # images (docs/results.md, "How the post-processing defaults were chosen"). Kept here, not in instances.py, so that
@@ -258,7 +258,7 @@ def parse_train_args(argv):
             raise UsageError("--resume needs the run name: --resume NAME (or --resume --name NAME)")
         if first.name and first.name != name:
             raise UsageError(f"--resume {name} and --name {first.name} disagree; give the run name once")
-        saved = os.path.join(run_dir(name), "config.yml")
+        saved = os.path.join(MODELS_DIR, check_run_name(name, "--resume"), "config.yml")
         if not os.path.isfile(saved):
             raise UsageError(f"--resume {name}: {saved} not found; is the run name right? (runs are in models/)")
         saved_values = read_yaml_config(saved, parser, saved)
@@ -273,6 +273,7 @@ def parse_train_args(argv):
         check_train_args(args)
         check_how_it_runs(args)
         if not args.resume:
+            check_new_run_name(args.name)
             check_new_run_args(args)
         if args.init == "":
             raise UsageError("--init is empty; give a run name or a .pth file (or leave it out to start from "

@@ -245,15 +245,24 @@ def compile_mode(v):
     return s
 
 
-def check_run_name(name):
+def check_run_name(name, flag="--name"):
     """A run name is a plain folder name: no path separators, no '..', not absolute."""
     if not name:
-        raise UsageError("--name is empty; give a plain name such as 'dsb2018_96_NestedUNet_wDS' (or leave it out)")
+        raise UsageError(f"{flag} is empty; give a plain name such as 'dsb2018_96_NestedUNet_wDS' (or leave it out)")
     if name in (".", "..") or os.path.isabs(name) or "/" in name or "\\" in name:
         plain = os.path.basename(os.path.normpath(name))
         example = plain if plain not in ("", ".", "..") and "\\" not in plain else "dsb2018_96_NestedUNet_wDS"
-        raise UsageError(f"--name {name!r} must be a plain name such as {example!r}, not a path")
+        raise UsageError(f"{flag} {name!r} must be a plain name such as {example!r}, not a path")
     return name
+
+
+def check_new_run_name(name):
+    """A new run's name also has no leading '-' (the commands printed to evaluate it would read it as a flag), no
+    space at either end and no control character (unseen in ``ls``). Runs named so before still load."""
+    if name.startswith("-") or name != name.strip() or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        example = re.sub(r"[\x00-\x1f\x7f]", "", name).strip().lstrip("-") or "dsb2018_96_NestedUNet_wDS"
+        raise UsageError(f"--name {name!r} must not start with '-', start or end with a space, or hold a control "
+                         f"character; such as {example!r}")
 
 
 def printable_path(path):

@@ -136,6 +136,9 @@ CASES = {
     "name_with_dots": (train("--name", "../x"), 2, ["--name", "../x"]),
     "name_absolute": (train("--name", "/tmp/x"), 2, ["--name", "/tmp/x"]),
     "name_empty": (train("--name", ""), 2, ["--name is empty", "or leave it out"]),
+    "name_leading_dash": (train("--name=-run"), 2, ["--name '-run' must not start with '-'", "such as 'run'"]),
+    "name_trailing_space": (train("--name", "run "), 2, ["--name 'run ' must not", "such as 'run'"]),
+    "resume_a_path": (["train.py", "--resume", "models/run/"], 2, ["--resume 'models/run/' must be a plain name"]),
     "init_empty": (train("--init", ""), 2, ["--init is empty", "start from scratch"]),
     "init_the_current_folder": (train("--init", "."), 2, ["--init . is a folder; give a run name"]),
     "val_name_slash": (["val.py", "--name", "/"], 2, ["must be a plain name such as 'dsb2018_96_NestedUNet_wDS'"]),
@@ -245,7 +248,7 @@ def _prepare(root):
 
 def _argv(case_id, command):
     argv = list(command)
-    if argv[0] == "train.py" and "--name" not in argv:
+    if argv[0] == "train.py" and not any(a.startswith(("--name", "--resume")) for a in argv):
         argv += ["--name", case_id]
     return argv
 
