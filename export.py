@@ -54,6 +54,9 @@ def main(argv):
         value = getattr(args, flag)
         if value < 16 or value % 16:
             raise UsageError(f"--{flag} {value} must be a positive multiple of 16")
+    if args.output and (os.path.isdir(args.output) or args.output.endswith(("/", os.sep))):
+        raise UsageError(f"--output {args.output} is a folder; give the file to write, e.g. "
+                         f"{os.path.join(args.output, 'model.onnx')}")
     # Heavy imports only now, so that --help and flag errors answer at once.
     import torch
     from checkpoints import load_run

@@ -127,4 +127,7 @@ def test_export_errors(run_dir):
         export.main(["--name", "u", "--prune", "2"])
     with pytest.raises(UsageError, match="multiple of 16"):
         export.main(["--name", "ds", "--height", "40"])
+    for folder in ("models", "onnx_files/"):  # an existing folder, or one named as a folder
+        with pytest.raises(UsageError, match=f"--output {folder} is a folder; give the file to write, e.g. "):
+            export.main(["--name", "u", "--output", folder])
     assert not os.path.exists(run_dir / "models" / "u" / "model.onnx")
