@@ -458,10 +458,11 @@ def is_bundled_name(name):
 
 
 def save_run_config(args, path):
-    """Write the run's flags as plain YAML (only the flags; derived values are left out)."""
+    """Write the run's flags as plain YAML, UTF-8 (only the flags; derived values are left out; a name such as
+    'Zellkern_ä' stays readable, not an escape)."""
     keys = [a.dest for a in build_train_parser()._actions if a.dest not in SKIPPED_IN_CONFIG]
-    with atomic_write(path) as f:
-        yaml.safe_dump({k: getattr(args, k) for k in keys}, f, sort_keys=False)
+    with atomic_write(path, encoding="utf-8") as f:
+        yaml.safe_dump({k: getattr(args, k) for k in keys}, f, sort_keys=False, allow_unicode=True)
 
 
 def load_run_config(name):

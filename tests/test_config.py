@@ -9,7 +9,8 @@ import yaml
 
 import train
 from conftest import ROOT
-from config import build_train_parser, default_run_name, parse_train_args, read_run_config, read_yaml_config
+from config import (build_train_parser, default_run_name, parse_train_args, read_run_config, read_yaml_config,
+                    save_run_config)
 from utils import ArgumentParser, UsageError, run_cli
 
 
@@ -71,6 +72,15 @@ def test_a_recipe_value_is_read_as_written_as_on_the_command_line(tmp_path):
     recipe.write_text("name: 012\ndataset: 0001\n")
     args = parse_train_args(["--config", str(recipe)])
     assert (args.name, args.dataset) == ("012", "0001")
+
+
+def test_a_saved_config_round_trips_names_as_written(tmp_path):
+    """config.yml keeps a non-ASCII or YAML-ambiguous name readable and reads it back unchanged."""
+    args = parse_train_args(["--name", "Zellkern_ä", "--dataset", "no"])
+    save_run_config(args, str(tmp_path / "config.yml"))
+    assert "name: Zellkern_ä" in (tmp_path / "config.yml").read_text(encoding="utf-8")
+    saved = read_run_config(str(tmp_path / "config.yml"))
+    assert (saved.name, saved.dataset) == ("Zellkern_ä", "no")
 
 
 def test_repo_configs_parse():
