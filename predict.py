@@ -35,8 +35,8 @@ import pandas as pd
 from skimage.measure import regionprops_table
 from tqdm import tqdm
 
-from config import (add_amp_arg, add_device_arg, add_separation_args, check_object_filters, choose_separation,
-                    object_filters)
+from config import (MIN_SIZE, add_amp_arg, add_device_arg, add_separation_args, check_object_filters,
+                    choose_separation, object_filters)
 from image_files import TIFF_EXTS, TiffHeader, decode_planes, select_channel, tiff_header
 from instances import AUTO_SCALE_BAND, auto_scale, border_map, median_diameter, nucleus_areas, split_instances
 from utils import (ArgumentParser, BatchedThreads, DataError, UsageError, atomic_imwrite, atomic_tiff_write,
@@ -80,7 +80,8 @@ def build_parser():
     add_separation_args(p)
     p.add_argument("--prune", type=int, default=None, choices=[1, 2, 3, 4],
                    help="NestedUNet with deep supervision: run only the sub-network up to head X0,L")
-    p.add_argument("--batch_size", type=int, default=4, help="windows (or resized images) per forward pass")
+    p.add_argument("--batch_size", type=int, default=4,
+                   help="windows per forward pass (a run trained on resized images predicts one image at a time)")
     add_device_arg(p)
     add_amp_arg(p)
     p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
@@ -90,9 +91,8 @@ def build_parser():
 def check_args(args):
     if args.tile < 0 or args.tile % 16:
         raise UsageError(f"--tile {args.tile} must be 0 (from the memory budget) or a positive multiple of 16")
-    if args.overlap < 0 or (args.tile and args.overlap >= args.tile):
-        raise UsageError(f"--overlap {args.overlap} must be at least 0" +
-                         (f" and less than --tile ({args.tile})" if args.tile else ""))
+    if args.overlap < 0:
+        raise UsageError(f"--overlap {args.overlap} must be at least 0")
     if args.scale != "auto" and not 0.05 <= args.scale <= 20:
         raise UsageError(f"--scale {args.scale} must be between 0.05 and 20 (1 = the image as it is)")
     if args.channel is not None and args.channel < 0:
@@ -101,6 +101,12 @@ def check_args(args):
         raise UsageError(f"--batch_size must be at least 1, got {args.batch_size}")
     if not 0 < args.threshold < 1:
         raise UsageError(f"--threshold must be between 0 and 1, got {args.threshold}")
+    shaping = [flag for flag, given in (("--separation", args.separation is not None),
+                                        ("--min_size", args.min_size != MIN_SIZE),
+                                        ("--min_confidence", args.min_confidence is not None)) if given]
+    if shaping and not args.instances:
+        raise UsageError(f"{' and '.join(shaping)} shape the nuclei of --instances (the mask does not depend on "
+                         f"{'them' if len(shaping) > 1 else 'it'}); add --instances")
     check_output_folder(args.output)
 
 
@@ -426,6 +432,8 @@ def main(argv):
         flag = "--scale" if args.scale != 1 else "--tile"
         raise UsageError(f"{flag}: run {args.name} was trained on images resized to {cfg.input_h}x{cfg.input_w}, "
                          f"and predicts every image at that size; {flag} is for runs trained on crops")
+    if args.tile and args.overlap >= args.tile:
+        raise UsageError(f"--overlap {args.overlap} must be less than --tile ({args.tile})")
     auto = args.scale == "auto"
     if auto and not cfg.nucleus_diameter:
         raise UsageError(f"--scale auto: run {args.name} records no training nucleus diameter (trained before "

@@ -554,6 +554,12 @@ def test_errors_name_the_problem(in_runs, tmp_path):
         predict.main(["--name", "absent", "--input", image, "--output", out])
     with pytest.raises(UsageError, match="--tile"):
         predict.main(["--name", "p", "--input", image, "--output", out, "--tile", "50"])
+    with pytest.raises(UsageError, match="--tile: run p was trained on images resized"):  # not --overlap's limit
+        predict.main(["--name", "p", "--input", image, "--output", out, "--tile", "32"])
+    with pytest.raises(UsageError, match=r"--overlap 64 must be less than --tile \(32\)"):
+        predict.main(["--name", "pc", "--input", image, "--output", out, "--tile", "32"])
+    with pytest.raises(UsageError, match="--separation and --min_size shape the nuclei of --instances .*; add "):
+        predict.main(["--name", "p", "--input", image, "--output", out, "--separation", "cc", "--min_size", "9"])
     with pytest.raises(UsageError, match="--overlap -20 must be at least 0$"):  # windows sized from the budget
         predict.main(["--name", "p", "--input", image, "--output", out, "--overlap", "-20"])
     with pytest.raises(UsageError, match="--min_confidence"):
