@@ -81,7 +81,8 @@ def _add_model_args(g):
 
 def _add_data_args(g):
     """The dataset, its split and the augmentation."""
-    g.add_argument("--dataset", default="dsb2018_96", help="folder under inputs/; 'synthetic' is generated on first use")
+    g.add_argument("--dataset", default="dsb2018_96", help="folder under inputs/ (or a folder's path); 'synthetic' is "
+                                                           "generated on first use")
     g.add_argument("--img_ext", default=".png", type=file_extension, help="image file extension")
     g.add_argument("--mask_ext", default=".png", type=file_extension, help="mask file extension")
     g.add_argument("--val_size", default=0.2, type=float, help="fraction of ids in the validation split")
@@ -100,7 +101,7 @@ def _add_data_args(g):
                         "alike): fixed = 8-bit / 255 and 16-bit by its min and max; percentile = each "
                         "image stretched from its 1st to its 99.8th percentile (CSBDeep/StarDist's normalize); "
                         "percentile_dark = the same, and images with a bright background inverted")
-    g.add_argument("--scale_jitter", default=0.0, type=float, help="random rescale by 1 +- this before cropping")
+    g.add_argument("--scale_jitter", default=0.0, type=float, help="random rescale by 1 +- this (before the crop, or the resize)")
     g.add_argument("--nucleus_diameter", default=0.0, type=float,
                    help="crop-trained runs: the median diameter in pixels of the training split's nuclei, which "
                         "predict.py --scale auto resizes images towards; 0 = measured from the training split at start")
@@ -147,7 +148,7 @@ def _add_scheduler_args(g):
     g.add_argument("--warmup_epochs", default=0, type=integer, help="linear learning-rate warm-up epochs before the scheduler")
     g.add_argument("--factor", default=0.1, type=float, help="ReduceLROnPlateau factor")
     g.add_argument("--patience", default=2, type=integer, help="ReduceLROnPlateau patience (epochs)")
-    g.add_argument("--milestones", default="1,2", type=str, help="MultiStepLR epochs, comma-separated")
+    g.add_argument("--milestones", default="1,2", type=str, help="MultiStepLR epochs, comma-separated (counted after --warmup_epochs)")
     g.add_argument("--gamma", default=2 / 3, type=float, help="MultiStepLR factor")
     g.add_argument("--precise_bn", default=0, type=integer,
                    help="before each validation, recompute the BatchNorm statistics as the average over this many "
@@ -169,7 +170,7 @@ def _add_run_args(g):
                         "for the fixed-shape training step) or max-autotune")
     g.add_argument("--sync_bn", default=False, type=str2bool, help="SyncBatchNorm across processes under torchrun")
     g.add_argument("--resume", nargs="?", const=True, default=False,
-                   help="continue models/<name>/last.pth; give the run name here or with --name")
+                   help="continue models/<name>/last.pth; give the run name here or with --name (default: a new run)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
     g.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
 
@@ -405,8 +406,14 @@ def check_new_run_args(args):
         value = getattr(args, flag)
         if not (math.isfinite(value) and allowed(value)):
             raise UsageError(f"--{flag} must be {what}, got {value}")
+    if args.scheduler == "MultiStepLR" and not args.milestone_list:
+        raise UsageError(f"--milestones {args.milestones!r}: MultiStepLR needs at least one epoch to lower the rate "
+                         "at, such as 30,60 (a constant rate: --scheduler ConstantLR)")
     if args.scheduler == "MultiStepLR" and any(m < 1 for m in args.milestone_list):
         raise UsageError(f"--milestones {args.milestones!r}: epochs count from 1")
+    if args.greyscale and args.input_channels == 1:
+        raise UsageError("--greyscale turns colour images grey, and --input_channels 1 reads every image grey "
+                         "already; leave --greyscale out")
     if args.nesterov and args.optimizer == "SGD" and args.momentum == 0:
         raise UsageError("--nesterov True needs a --momentum above 0")
     if args.batch_size == 1 and (args.crop_size or min(args.input_w, args.input_h)) == 16:

@@ -231,6 +231,8 @@ def test_path_like_dataset_name_in_default_name_refused():
     (["--stain_jitter", "1.5"], "--stain_jitter"), (["--stain_jitter", "0.5", "--loader", "device"], "--stain_jitter"),
     (["--stain_jitter", "0.5", "--input_channels", "1"], "--input_channels 3"),
     (["--nucleus_diameter", "-2"], "--nucleus_diameter"),
+    (["--scheduler", "MultiStepLR", "--milestones", ""], "MultiStepLR needs at least one epoch"),
+    (["--greyscale", "0.2", "--input_channels", "1"], "--greyscale"),
 ])
 def test_bad_values_refused_naming_the_flag(argv, flag):
     with pytest.raises(UsageError) as e:
