@@ -51,10 +51,10 @@ class Trainer:
                              "--sync_bn False on the CPU")
         check_run_folder(self.dir, args.name, args.resume, args.overwrite)  # every process, or the others hang
         self.dataset_dir = dataset_folder(args.dataset, self.main)
-        ids = list_ids(self.dataset_dir, args.img_ext, args.mask_ext, args.num_classes)
-        left_out = images_left_out(self.dataset_dir, args.img_ext)
+        left_out = images_left_out(self.dataset_dir, args.img_ext)  # first: it explains a mask without its image
         if left_out:
             self._say(left_out)
+        ids = list_ids(self.dataset_dir, args.img_ext, args.mask_ext, args.num_classes)
         self.split = load_or_make_split(os.path.join(self.dir, "split.csv"), self.dataset_dir, ids, args.resume,
                                         args.val_size, args.test_size, args.split_seed, args.split_file)
         unlisted = unlisted_note(self.split, f"--split_file {args.split_file}", self.dataset_dir, ids) \

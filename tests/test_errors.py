@@ -54,6 +54,7 @@ CASES = {
     "all_masks_empty_uncached": (train("--cache", "False", dataset="blank"), 1, ["every training mask is empty"]),
     "file_name_not_utf8": (train(dataset="latin1"), 1, ["latin1/images/Zellkern_\\xe4.png is not valid UTF-8",
                                                         "rename it"]),
+    "image_with_another_extension": (train(dataset="upper"), 1, ["1 mask has no image", "syn_0002"]),
     "num_classes_mismatch": (train("--num_classes", "2"), 2, ["--num_classes 2", "['0']"]),
     "wrong_img_ext": (train("--img_ext", ".jpg"), 1, ["no .jpg images", "--img_ext", ".png"]),
     "image_smaller_than_crop": (train("--crop_size", "64"), 2, ["--crop_size 64", "32x32"]),
@@ -192,6 +193,8 @@ def _prepare(root):
     soft = np.zeros((32, 32), np.uint8)
     soft[4:12, 4:12], soft[20:28, 20:28] = 128, 255
     cv2.imwrite(str(d / "masks" / "0" / "syn_0001.png"), soft)
+    d = _copy(good, root / "inputs" / "upper")
+    os.rename(d / "images" / "syn_0002.png", d / "images" / "syn_0002.PNG")
     d = _copy(good, root / "inputs" / "blank")  # every mask empty
     for f in (d / "masks" / "0").iterdir():
         cv2.imwrite(str(f), np.zeros((32, 32), np.uint8))
@@ -366,6 +369,13 @@ def test_bad_input_gives_one_clear_line(results, case_id):
     message = " ".join(lines)
     for needle in needles:
         assert needle in message, (needle, message)
+
+
+def test_an_image_left_out_for_its_extension_is_named_before_its_mask_s_error(results):
+    """images/syn_0002.PNG beside .png images: the note naming it comes before the error that its mask has no
+    image, which it explains."""
+    r = results["image_with_another_extension"]
+    assert "left out: syn_0002.PNG" in r.stdout, r.stdout
 
 
 # Cases that fail while the run is being set up (split, loaders, network), after models/<name>/ was made.
