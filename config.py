@@ -259,7 +259,8 @@ def parse_train_args(argv):
             raise UsageError("--resume needs the run name: --resume NAME (or --resume --name NAME)")
         if first.name and first.name != name:
             raise UsageError(f"--resume {name} and --name {first.name} disagree; give the run name once")
-        saved = os.path.join(MODELS_DIR, check_run_name(name, "--resume"), "config.yml")
+        flag = "--resume" if isinstance(first.resume, str) else "--name"
+        saved = os.path.join(MODELS_DIR, check_run_name(name, flag), "config.yml")
         if not os.path.isfile(saved):
             raise UsageError(f"--resume {name}: {saved} not found; is the run name right? (runs are in models/)")
         saved_values = read_yaml_config(saved, parser, saved)
@@ -270,11 +271,12 @@ def parse_train_args(argv):
     args.resume = bool(args.resume)
     try:
         check_dataset_name(args.dataset)  # before the run name made from it
-        args.name = check_run_name(default_run_name(args) if args.name is None else args.name)
+        given = args.name is not None
+        args.name = check_run_name(args.name if given else default_run_name(args))
         check_train_args(args)
         check_how_it_runs(args)
         if not args.resume:
-            check_new_run_name(args.name)
+            check_new_run_name(args.name, given)
             check_new_run_args(args)
         if args.init == "":
             raise UsageError("--init is empty; give a run name or a .pth file (or leave it out to start from "
@@ -473,8 +475,8 @@ def save_run_config(args, path):
 
 
 def load_run_config(name):
-    """Read the run's config.yml (models/<name>/ or the bundled pretrained/<name>/) with yaml.safe_load, check its
-    keys, and return an argparse Namespace."""
+    """Read the run's config.yml (models/<name>/ or the bundled pretrained/<name>/) as a recipe is read
+    (:func:`read_yaml_config`), check its keys, and return an argparse Namespace."""
     path = os.path.join(saved_run_dir(name), "config.yml")
     if not os.path.isfile(path):
         raise UsageError(f"no run named {name!r}: {path} not found (train it first, or check --name)")

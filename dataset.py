@@ -42,7 +42,7 @@ from tqdm import tqdm
 import distributed
 from image_files import NEAREST, decode_image, image_to_float, normalize, read_label_image, read_mask
 from instances import median_diameter, nucleus_areas, touching_borders
-from utils import DataError, UsageError, check_utf8_names, first_few
+from utils import DataError, UsageError, check_utf8_names, first_few, printable_path
 
 # ----------------------------------------------------------------------------------------- listing a dataset
 
@@ -151,7 +151,7 @@ def images_left_out(dataset_dir, img_ext):
     """A note naming the files in ``dataset_dir``/images/ that are not ``<id><img_ext>`` (another type, or .PNG
     for .png), which no run reads; '' when there are none."""
     folder = os.path.join(dataset_dir, "images")
-    other = sorted(f for f in (os.listdir(folder) if os.path.isdir(folder) else [])
+    other = sorted(printable_path(f) for f in (os.listdir(folder) if os.path.isdir(folder) else [])
                    if not f.endswith(img_ext) and not f.startswith(".") and os.path.isfile(os.path.join(folder, f)))
     if not other:
         return ""

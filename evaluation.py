@@ -61,10 +61,19 @@ def evaluation_ids(name, split, dataset, run_dataset, reading):
 
 
 def evaluation_record(name, split, dataset, folder):
-    """What an evaluation scored, as evaluation.yml in its output folder records it: the run, the dataset folder
-    (resolved) and the split ('val' by default; 'every image' with --dataset)."""
-    return {"run": name, "dataset": os.path.realpath(folder),
-            "split": "every image" if dataset is not None else split or "val"}
+    """What an evaluation scored, as evaluation.yml in its output folder records it: the run and the split ('val' by
+    default), or with --dataset every image of that folder (resolved; a run's own split stays the same evaluation
+    when its dataset folder moves)."""
+    if dataset is None:
+        return {"run": name, "split": split or "val"}
+    return {"run": name, "split": "every image", "dataset": os.path.realpath(folder)}
+
+
+def describe_evaluation(record):
+    """'run r (test split)' or 'run r (every image of /data/test)' for a message."""
+    split = record.get("split")
+    what = f"every image of {record.get('dataset')}" if split == "every image" else f"{split} split"
+    return f"run {record.get('run')} ({what})"
 
 
 def check_same_evaluation(out_dir, record):
@@ -77,13 +86,13 @@ def check_same_evaluation(out_dir, record):
     except (OSError, yaml.YAMLError):
         return
     if isinstance(held, dict) and held != record:
-        split = held.get("split")
-        raise UsageError(f"{out_dir} holds the evaluation of run {held.get('run')} ("
-                         f"{split if split == 'every image' else f'{split} split'} of {held.get('dataset')}), not this "
-                         "one; give --output to write this one elsewhere, or remove that folder")
+        raise UsageError(f"{out_dir} holds the evaluation of {describe_evaluation(held)}, not of "
+                         f"{describe_evaluation(record)}; give --output to write this one elsewhere, or remove that "
+                         "folder")
 
 
 def write_evaluation_record(folder, record):
+    """evaluation.yml in ``folder``: ``record`` (:func:`evaluation_record`)."""
     with open(os.path.join(folder, EVALUATION_FILE), "w") as f:  # inside the folder replaced when complete
         yaml.safe_dump(record, f)
 

@@ -3,7 +3,7 @@
 A run trained on resized images (``crop_size`` 0, the seed's way) sees each image resized to its input_h x input_w,
 and the probability is resized back (linear). A run trained on crops predicts at full resolution: the whole image
 at once (padded to a multiple of 16 by engine.forward) whenever its forward pass fits the memory budget (a quarter
-of the RAM, or of the free RAM when less than half is free; half of a GPU's free memory), else overlapping
+of the RAM, or of the available RAM when less than half is available; half of a GPU's free memory), else overlapping
 windows, as large as the budget allows (or a given tile), blended with a weight that falls off linearly over
 ``overlap`` pixels towards each window edge and normalised by the summed weights, so there are no seams.
 """

@@ -40,7 +40,7 @@ from config import (MIN_SIZE, add_amp_arg, add_device_arg, add_separation_args, 
 from image_files import TIFF_EXTS, TiffHeader, decode_planes, select_channel, tiff_header
 from instances import AUTO_SCALE_BAND, auto_scale, border_map, median_diameter, nucleus_areas, split_instances
 from utils import (ArgumentParser, BatchedThreads, DataError, UsageError, atomic_imwrite, atomic_tiff_write,
-                   atomic_write, check_output_folder, check_utf8_names, first_few, float_or_auto,
+                   atomic_write, check_output_folder, check_utf8_names, first_few, float_or_auto, printable_path,
                    remove_killed_writes, run_cli)
 from visualize import draw_outlines, to_bgr
 
@@ -104,9 +104,11 @@ def check_args(args):
     shaping = [flag for flag, given in (("--separation", args.separation is not None),
                                         ("--min_size", args.min_size != MIN_SIZE),
                                         ("--min_confidence", args.min_confidence is not None)) if given]
-    if shaping and not args.instances:
-        raise UsageError(f"{' and '.join(shaping)} shape the nuclei of --instances (the mask does not depend on "
-                         f"{'them' if len(shaping) > 1 else 'it'}); add --instances")
+    if shaping and not (args.instances or args.scale == "auto"):  # --scale auto measures the nuclei it finds
+        several = len(shaping) > 1
+        raise UsageError(f"{' and '.join(shaping)} shape{'' if several else 's'} the nuclei of --instances (and "
+                         f"of --scale auto); the mask does not depend on {'them' if several else 'it'}: add "
+                         "--instances")
     check_output_folder(args.output)
 
 
@@ -124,14 +126,15 @@ def list_images(paths):
             subfolders = sorted(f for f in os.listdir(path) if os.path.isdir(os.path.join(path, f))
                                 and not f.startswith("."))
             if subfolders:
-                print(f"note: the subfolders of {path} are not searched ({', '.join(subfolders[:3])}"
+                subfolders = [printable_path(f) for f in subfolders]
+                print(f"note: the subfolders of {printable_path(path)} are not searched ({', '.join(subfolders[:3])}"
                       f"{' ...' if len(subfolders) > 3 else ''}); give them as --input too")
             # a broken link counts, so that reading it names it among the files left out
             names = [f for f in os.listdir(path) if not f.startswith(".") and not os.path.isdir(os.path.join(path, f))]
             files = sorted(os.path.join(path, f) for f in names if f.lower().endswith(IMAGE_EXTS))
-            others = [f for f in names if not f.lower().endswith(IMAGE_EXTS)]
+            others = [printable_path(f) for f in names if not f.lower().endswith(IMAGE_EXTS)]
             if others:
-                print(f"note: {path}: {len(others)} file{'s' * (len(others) != 1)} not named like "
+                print(f"note: {printable_path(path)}: {len(others)} file{'s' * (len(others) != 1)} not named like "
                       f"{'/'.join(e[1:] for e in IMAGE_EXTS)} images left out ({first_few(others)}); give one as "
                       "--input to try reading it")
             if not files:
@@ -175,15 +178,19 @@ def tiff_notes(files, headers, channel):
 
 
 def image_ids(files, out_dir, stacks):
-    """The output id of each file (its name without the extension); an output that would overwrite an input
-    (``<id>.png``, or ``<id>.tif`` for a stack) is a UsageError."""
-    ids = []
+    """The output id of each file (its name without the extension); two inputs with one id, or an output that
+    would overwrite an input (``<id>.png``, or ``<id>.tif`` for a stack), are UsageErrors."""
+    ids = {}
     for f, stack in zip(files, stacks):
-        ids.append(os.path.splitext(os.path.basename(f))[0])
-        mask_path = os.path.abspath(os.path.join(out_dir, ids[-1] + (".tif" if stack else ".png")))
+        stem = os.path.splitext(os.path.basename(f))[0]
+        if stem in ids:  # even when their outputs differ (a .png and a .tif stack), objects.csv's rows would mix
+            raise UsageError(f"{ids[stem]} and {f} have one id, {stem}, for their outputs and objects.csv; rename "
+                             "one, or predict them into different --output folders")
+        ids[stem] = f
+        mask_path = os.path.abspath(os.path.join(out_dir, stem + (".tif" if stack else ".png")))
         if mask_path == os.path.abspath(f):
             raise UsageError(f"--output {out_dir} would overwrite the input {f}; choose another --output folder")
-    return ids
+    return list(ids)
 
 
 def output_suffixes(num_classes, save_prob, instances, overlay):
@@ -194,8 +201,8 @@ def output_suffixes(num_classes, save_prob, instances, overlay):
 
 
 def output_files(files, ids, stacks, suffixes):
-    """{output file name: the input that writes it}. Two inputs that would write one file (two with one id, or 'x'
-    and 'x_prob' with --save_prob) are a UsageError: one output would silently replace the other."""
+    """{output file name: the input that writes it}. Two inputs that would write one file ('x' and 'x_prob' with
+    --save_prob) are a UsageError: one output would silently replace the other."""
     written = {}
     for f, img_id, stack in zip(files, ids, stacks):
         for suffix in suffixes:

@@ -9,10 +9,12 @@ import hashlib
 import io
 import os
 import re
+import shlex
 import shutil
 import signal
 import sys
 import tempfile
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -256,13 +258,16 @@ def check_run_name(name, flag="--name"):
     return name
 
 
-def check_new_run_name(name):
+def check_new_run_name(name, given=True):
     """A new run's name also has no leading '-' (the commands printed to evaluate it would read it as a flag), no
-    space at either end and no control character (unseen in ``ls``). Runs named so before still load."""
-    if name.startswith("-") or name != name.strip() or any(ord(c) < 32 or ord(c) == 127 for c in name):
-        example = re.sub(r"[\x00-\x1f\x7f]", "", name).strip().lstrip("-") or "dsb2018_96_NestedUNet_wDS"
-        raise UsageError(f"--name {name!r} must not start with '-', start or end with a space, or hold a control "
-                         f"character; such as {example!r}")
+    space at either end and no control character (unseen in ``ls``). Runs named so before still load. ``given``:
+    by --name, else made from --dataset (the message says so)."""
+    control = [c for c in name if unicodedata.category(c) == "Cc"]
+    if name.startswith("-") or name != name.strip() or control:
+        example = "".join(c for c in name if c not in control).strip().lstrip("-") or "dsb2018_96_NestedUNet_wDS"
+        what = f"--name {name!r}" if given else f"the run name {name!r} (made from --dataset)"
+        raise UsageError(f"{what} must not start with '-', start or end with a space, or hold a control character; "
+                         f"give --name {shlex.quote(example)}")
 
 
 def printable_path(path):

@@ -233,6 +233,9 @@ def test_path_like_dataset_name_in_default_name_refused():
     (["--nucleus_diameter", "-2"], "--nucleus_diameter"),
     (["--scheduler", "MultiStepLR", "--milestones", ""], "MultiStepLR needs at least one epoch"),
     (["--greyscale", "0.2", "--input_channels", "1"], "--greyscale"),
+    (["--name", "a\x85b"], "control character; give --name ab"),  # C1 controls too
+    (["--dataset", "/data/-x"], "the run name '-x_NestedUNet_woDS' (made from --dataset)"),
+    (["--resume", "--name", "models/x"], "--name 'models/x' must be a plain name"),
 ])
 def test_bad_values_refused_naming_the_flag(argv, flag):
     with pytest.raises(UsageError) as e:

@@ -9,6 +9,8 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
+import sys
 from argparse import Namespace
 
 import cv2
@@ -20,6 +22,7 @@ import torch
 import yaml
 
 import checkpoints
+import evaluation
 import inference
 import predict
 import synthetic
@@ -27,6 +30,7 @@ import train
 import utils
 import val
 from archs import build_model
+from conftest import ROOT
 from dataset import nucleus_diameter
 from splits import read_split, split_ids
 from image_files import decode_image, image_to_float
@@ -524,12 +528,16 @@ def test_subfolders_of_an_input_folder_are_named(tmp_path, capsys):
 
 def test_a_folder_s_other_files_are_named_and_a_broken_link_kept_to_be_named(tmp_path, capsys):
     write(tmp_path / "plate" / "a.png", np.zeros((8, 8), np.uint8))
-    for other in ("b.webp", "notes.txt"):
+    for other in ("b.webp", os.fsdecode(b"notiz_\xe4.txt")):  # a name that is not UTF-8 is printed escaped
         (tmp_path / "plate" / other).write_bytes(b"")
     (tmp_path / "plate" / "broken.png").symlink_to(tmp_path / "gone.png")
     assert predict.list_images([str(tmp_path / "plate")]) == [str(tmp_path / "plate" / n) for n in ("a.png",
                                                                                                  "broken.png")]
     assert "2 files not named like png/" in capsys.readouterr().out
+    done = subprocess.run([sys.executable, "-c", f"import predict; predict.list_images([{str(tmp_path / 'plate')!r}])"],
+                          cwd=ROOT, env=dict(os.environ, PYTHONIOENCODING="utf-8:strict", NO_ALBUMENTATIONS_UPDATE="1"),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "b.webp, notiz_\\xe4.txt" in done.stdout, done.stderr[-500:]
 
 
 def test_a_file_name_that_is_not_utf8_is_refused_before_any_output(tmp_path):
@@ -558,8 +566,11 @@ def test_errors_name_the_problem(in_runs, tmp_path):
         predict.main(["--name", "p", "--input", image, "--output", out, "--tile", "32"])
     with pytest.raises(UsageError, match=r"--overlap 64 must be less than --tile \(32\)"):
         predict.main(["--name", "pc", "--input", image, "--output", out, "--tile", "32"])
-    with pytest.raises(UsageError, match="--separation and --min_size shape the nuclei of --instances .*; add "):
+    with pytest.raises(UsageError, match="--separation and --min_size shape the nuclei of --instances .*: add "):
         predict.main(["--name", "p", "--input", image, "--output", out, "--separation", "cc", "--min_size", "9"])
+    # --scale auto measures the nuclei it finds with them
+    predict.check_args(predict.build_parser().parse_args(["--name", "pa", "--input", image, "--output", out,
+                                                          "--scale", "auto", "--min_confidence", "0"]))
     with pytest.raises(UsageError, match="--overlap -20 must be at least 0$"):  # windows sized from the budget
         predict.main(["--name", "p", "--input", image, "--output", out, "--overlap", "-20"])
     with pytest.raises(UsageError, match="--min_confidence"):
@@ -621,13 +632,24 @@ def test_val_keeps_another_evaluation_s_default_folder(in_runs, tmp_path, capsys
             assert yaml.safe_load(f) == {"run": "p", "dataset": os.path.realpath(tmp_path / "a" / "test"),
                                          "split": "every image"}
         with pytest.raises(UsageError, match=r"outputs/p_on_test holds the evaluation of run p \(every image of "
-                                             r".*a/test\), not this one; give --output"):
+                                             r".*a/test\), not of run p \(every image of .*b/test\); give --output"):
             val.main(["--name", "p", "--dataset", str(tmp_path / "b" / "test"), *quiet])
         val.main(["--name", "p", "--dataset", str(tmp_path / "a" / "test"), *quiet])
         val.main(["--name", "p", "--dataset", str(tmp_path / "b" / "test"), "--output", str(tmp_path / "b_out"),
                   *quiet])
     finally:
         shutil.rmtree(os.path.join("outputs", "p_on_test"), ignore_errors=True)
+
+
+def test_a_run_s_split_is_one_evaluation_wherever_its_dataset_lies(tmp_path):
+    """A run's own split is identified by run and split (its dataset folder may move); run r's test split and the
+    validation split of a run named r_test are two evaluations."""
+    evaluation.write_evaluation_record(str(tmp_path), evaluation.evaluation_record("r", None, None, "/old/place"))
+    evaluation.check_same_evaluation(str(tmp_path), evaluation.evaluation_record("r", "val", None, "/new/place"))
+    evaluation.write_evaluation_record(str(tmp_path), evaluation.evaluation_record("r", "test", None, "/data"))
+    with pytest.raises(UsageError, match=r"holds the evaluation of run r \(test split\), not of run r_test \(val "
+                                         r"split\); give --output"):
+        evaluation.check_same_evaluation(str(tmp_path), evaluation.evaluation_record("r_test", None, None, "/data"))
 
 
 def test_val_names_the_scale_when_the_nuclei_are_far_from_the_training_size(in_runs, tmp_path, capsys):
