@@ -15,9 +15,9 @@ from utils import run_cli
 def main(argv):
     args = parse_train_args(argv)
     # Heavy imports only now, so that --help and flag errors answer at once.
-    from trainer import Trainer
+    from trainer import Trainer, run_lock
 
-    with Trainer(args) as trainer:
+    with run_lock(args.name), Trainer(args) as trainer:
         trainer.fit()
         trainer.print_summary()
 

@@ -9,6 +9,7 @@ import shlex
 import shutil
 import signal
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import pandas as pd
@@ -18,7 +19,8 @@ import torch
 import distributed
 from archs import build_model
 from checkpoints import atomic_torch_save, load_init_weights, load_training_state, save_training_state
-from config import INPUTS_DIR, init_weights_path, is_bundled_name, output_channels, run_dir, save_run_config
+from config import (INPUTS_DIR, MODELS_DIR, init_weights_path, is_bundled_name, output_channels, run_dir,
+                    save_run_config)
 from dataset import (MODALITIES, Dataset, EpochSampler, WeightedDistributedSampler, balance_weights, eval_loader,
                      find_layout, images_left_out, list_ids, nucleus_diameter, quiet_worker, reading_of,
                      train_transform)
@@ -31,8 +33,8 @@ from optim import build_optimizer, build_scheduler, cosine_parts, fused_update, 
 from plot import plot_runs
 from splits import held_out_seen_in_training, load_or_make_split, split_ids, unlisted_note
 from synthetic import ensure_synthetic
-from utils import (DataError, UsageError, UserError, atomic_write, first_few, interrupts_held, raise_keyboard_interrupt,
-                   remove_killed_writes)
+from utils import (DataError, UsageError, UserError, atomic_write, first_few, interrupts_held, locked,
+                   raise_keyboard_interrupt, remove_killed_writes)
 
 
 class Trainer:
@@ -393,6 +395,22 @@ def check_run_folder(path, name, resume, overwrite):
                              "weights)")
         raise UsageError(f"{path} holds a run that saved no epoch (it stopped in epoch 1); pass --overwrite to "
                          "start it again, or choose another --name")
+
+
+@contextmanager
+def run_lock(name):
+    """One train.py at a time per run name: held around the whole run (models/.<name>.lock), so that a second one (a
+    new run of that name, --overwrite, --resume) is refused before it touches the folder; two would mix their files,
+    or one would delete the other's. Under torchrun the main process (rank 0) holds it."""
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    with locked(os.path.join(MODELS_DIR, f".{name}.lock")) as holder:
+        if holder is not None:
+            by = f" (pid {holder})" if holder else ""
+            raise UsageError(f"models/{name} is being trained by another process{by}; wait for it to end, or choose "
+                             "another --name")
+        yield
 
 
 def dataset_folder(dataset, main):

@@ -5,6 +5,7 @@ No torch here (the slow import), so that every script's ``--help`` answers at on
 import argparse
 import ctypes
 import ctypes.util
+import fcntl
 import hashlib
 import io
 import os
@@ -300,6 +301,26 @@ def clipped(text, width):
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+
+@contextmanager
+def locked(path):
+    """Hold an exclusive lock on the file ``path`` (made if absent) for the block; the system drops it when the
+    process ends, killed or not. Yields None when taken, else the pid of the process that holds it (text, '' if
+    unknown), and the block runs without the lock."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield os.read(fd, 32).decode("ascii", "replace").strip()
+            return
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield None
+    finally:
+        os.close(fd)
 
 
 def made_in(folder, make, **kwargs):

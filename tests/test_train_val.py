@@ -6,6 +6,8 @@ import math
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from contextlib import contextmanager
 
@@ -414,6 +416,31 @@ def test_val_stopped_by_sigterm_keeps_the_old_outputs_and_no_temporary_folder(wo
     assert (root / "outputs" / "unet" / "scores.csv").read_bytes() == scores
     assert not [f for f in os.listdir(root / "outputs") if f.startswith(".")]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # run_cli puts the previous handler back
+
+
+def test_a_run_being_trained_is_refused_to_a_second_train_py(tmp_path, monkeypatch):
+    """While a process holds models/.<name>.lock (a train.py of that run), a new run of the name, --overwrite and
+    --resume are refused before they touch the folder; the lock goes with the process, killed or not."""
+    make_synthetic(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    train.main(train_argv("busy", epochs=1))
+    code = ("import time, utils\nwith utils.locked('models/.busy.lock') as holder:\n    print(holder or 'held', "
+            "flush=True)\n    time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for argv in (train_argv("busy", "--overwrite", epochs=1), ["--resume", "busy", "--epochs", "2"],
+                     train_argv("busy", epochs=1)):
+            with pytest.raises(UsageError, match=rf"models/busy is being trained by another process \(pid "
+                                                 rf"{holder.pid}\); wait for it to end, or choose another --name"):
+                train.main(argv)
+        assert pd.read_csv(tmp_path / "models" / "busy" / "log.csv")["epoch"].tolist() == [1]
+        assert not (tmp_path / "models" / ".busy.replaced").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    train.main(["--resume", "busy", "--epochs", "2"])
 
 
 def test_split_file_is_used_as_given(tmp_path, monkeypatch, capsys):
