@@ -305,21 +305,33 @@ os.umask(_UMASK)
 
 @contextmanager
 def locked(path):
-    """Hold an exclusive lock on the file ``path`` (made if absent) for the block; the system drops it when the
-    process ends, killed or not. Yields None when taken, else the pid of the process that holds it (text, '' if
-    unknown), and the block runs without the lock."""
+    """Hold an exclusive lock on the file ``path`` for the block: the file exists while it is held and is removed
+    after; the system drops the lock when the process ends, killed or not (the file then stays, unlocked, and the
+    next holder takes it). Yields None when taken, else the pid of the process that holds it (text, '' if unknown),
+    and the block runs without the lock."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            yield os.read(fd, 32).decode("ascii", "replace").strip()
+            holder = os.read(fd, 32).decode("ascii", "replace").strip()
+            os.close(fd)
+            yield holder
             return
+        try:
+            opened, named = os.fstat(fd), os.stat(path)
+            if (opened.st_dev, opened.st_ino) == (named.st_dev, named.st_ino):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the last holder removed the file as this one opened it: open the path again
+    try:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         yield None
     finally:
+        os.remove(path)
         os.close(fd)
 
 

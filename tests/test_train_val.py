@@ -420,7 +420,8 @@ def test_val_stopped_by_sigterm_keeps_the_old_outputs_and_no_temporary_folder(wo
 
 def test_a_run_being_trained_is_refused_to_a_second_train_py(tmp_path, monkeypatch):
     """While a process holds models/.<name>.lock (a train.py of that run), a new run of the name, --overwrite and
-    --resume are refused before they touch the folder; the lock goes with the process, killed or not."""
+    --resume are refused before they touch the folder; the lock goes with the process, killed or not, and the file
+    with the next run that holds it."""
     make_synthetic(tmp_path)
     monkeypatch.chdir(tmp_path)
     train.main(train_argv("busy", epochs=1))
@@ -440,7 +441,8 @@ def test_a_run_being_trained_is_refused_to_a_second_train_py(tmp_path, monkeypat
     finally:
         holder.kill()
         holder.wait()
-    train.main(["--resume", "busy", "--epochs", "2"])
+    train.main(["--resume", "busy", "--epochs", "2"])  # the killed holder's lock file is taken, then removed
+    assert not [f for f in os.listdir(tmp_path / "models") if f.startswith(".")]
 
 
 def test_split_file_is_used_as_given(tmp_path, monkeypatch, capsys):
