@@ -382,7 +382,8 @@ def check_run_folder(path, name, resume, overwrite):
     weights = os.path.isfile(os.path.join(path, "model.pth"))
     if resume:
         if not os.path.isfile(os.path.join(path, "last.pth")):
-            why = ("it was removed; start a new run from the weights with --init " + name + " --name <new name>"
+            why = ("it was removed, or the run was killed while it saved its first epoch; start a new run from its "
+                   f"weights with --init {shlex.quote(name)} --name <new name>, or this one again with --overwrite"
                    if weights else "the run saved no epoch yet; start it again with --overwrite")
             raise UsageError(f"--resume {name}: {path}/last.pth, which resuming needs, is not there: {why}")
     elif os.path.isdir(path) and os.listdir(path) and not overwrite:
