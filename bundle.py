@@ -30,7 +30,10 @@ def build_parser():
 
 def main(argv):
     args = build_parser().parse_args(argv)
-    src = config.run_dir(args.name)
+    name = config.check_run_name(args.bundle_name or args.name, "--as" if args.bundle_name else "--name")
+    src = config.run_dir(config.check_run_name(args.name, "--name"))
+    if not os.path.isdir(src):
+        raise UsageError(f"--name {args.name}: no run of that name in models/{config.run_name_suggestion(args.name)}")
     missing = [f for f in ("model.pth",) + COPIED if not os.path.isfile(os.path.join(src, f))]
     if missing:
         raise UsageError(f"{src} lacks {', '.join(missing)}: bundle a finished run")
@@ -40,7 +43,6 @@ def main(argv):
     from checkpoints import load_checkpoint
 
     weights = load_checkpoint(os.path.join(src, "model.pth"), torch.device("cpu"))
-    name = config.check_run_name(args.bundle_name or args.name)
     dst = os.path.join(config.PRETRAINED_DIR, name)
     # built beside, then put in place whole: stopped halfway, new weights never sit beside the old checksum
     with folder_replaced_when_done(dst) as tmp:

@@ -5,6 +5,7 @@ The flag names and defaults are those of pytorch-nested-unet's train.py, so old 
 the additions are listed in the README. No torch here (the slow import): ``--help`` must answer at once.
 """
 import argparse
+import difflib
 import math
 import os
 import re
@@ -13,7 +14,7 @@ import yaml
 
 from image_files import NORMALIZATIONS
 from utils import (AMP_MODES, ArgumentParser, UsageError, amp_mode, atomic_write, bool_or_auto, check_new_run_name,
-                   check_run_name, compile_mode, device_name, file_extension, integer, str2bool)
+                   check_run_name, compile_mode, device_name, file_extension, integer, path_arg, str2bool)
 
 # Nucleus separation (instances.py) and its object filters: the flags' choices and defaults, chosen on validation
 # images (docs/results.md, "How the post-processing defaults were chosen"). Kept here, not in instances.py, so that
@@ -48,7 +49,8 @@ def build_train_parser(exit_on_error=True):
     p = ArgumentParser(
         prog="train.py", exit_on_error=exit_on_error,
         description="Train a UNet or UNet++ (NestedUNet) on inputs/<dataset>/images + masks/<class>/.")
-    p.add_argument("--config", default=None, help="YAML recipe (e.g. configs/seed_dsb2018_96_NestedUNet_wDS.yml); "
+    p.add_argument("--config", type=path_arg, default=None,
+                   help="YAML recipe (e.g. configs/seed_dsb2018_96_NestedUNet_wDS.yml); "
                    "flags given on the command line override it")
     p.add_argument("--name", default=None, help="run name; default <dataset>_<arch>_wDS|woDS; files go to models/<name>/")
     p.add_argument("--epochs", default=100, type=integer, help="number of epochs")
@@ -81,7 +83,8 @@ def _add_model_args(g):
 
 def _add_data_args(g):
     """The dataset, its split and the augmentation."""
-    g.add_argument("--dataset", default="dsb2018_96", help="folder under inputs/ (or a folder's path); 'synthetic' is "
+    g.add_argument("--dataset", type=path_arg, default="dsb2018_96",
+                   help="folder under inputs/ (or a folder's path); 'synthetic' is "
                                                            "generated on first use")
     g.add_argument("--img_ext", default=".png", type=file_extension, help="image file extension")
     g.add_argument("--mask_ext", default=".png", type=file_extension, help="mask file extension")
@@ -89,7 +92,7 @@ def _add_data_args(g):
     g.add_argument("--test_size", default=0.0, type=float,
                    help="fraction held out as a test split never used for any choice (0 = the seed's 2-way split)")
     g.add_argument("--split_seed", default=41, type=integer, help="random_state of the split (41 as in the seed)")
-    g.add_argument("--split_file", default=None,
+    g.add_argument("--split_file", type=path_arg, default=None,
                    help="a CSV with columns img_id,split (train/val/test) to use instead of a random split: your own "
                         "assignment, e.g. one that keeps whole experiments or image kinds out of training; "
                         "--val_size, --test_size and --split_seed are then ignored; ids it lacks are not used")
@@ -184,10 +187,12 @@ class RecipeLoader(yaml.SafeLoader):
                                for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 
     def construct_mapping(self, node, deep=False):
-        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
-        twice = next((key for key in keys if keys.count(key) > 1), None)
-        if twice is not None:
-            raise yaml.constructor.ConstructorError(None, None, f"{twice} is given twice", node.start_mark)
+        seen = []  # a list: a key may be unhashable (a YAML list), which super() then refuses
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"{key} is given twice", key_node.start_mark)
+            seen.append(key)
         return super().construct_mapping(node, deep)
 
 
@@ -200,13 +205,15 @@ def read_yaml_config(path, parser, label=None):
     (default '--config <path>'; a run's own config.yml is named by its path alone).
     """
     label = label or f"--config {path}"
+    if os.path.isdir(path):
+        raise UsageError(f"{label}: is a folder; give the recipe's .yml file")
     if not os.path.isfile(path):
         raise UsageError(f"{label}: file not found")
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.load(f, Loader=RecipeLoader) or {}
     except yaml.YAMLError as e:
-        raise UsageError(f"{label}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise UsageError(f"{label}: not valid YAML ({yaml_error_text(e)})") from None
     except UnicodeDecodeError:
         raise UsageError(f"{label}: not UTF-8 text; save it as UTF-8") from None
     if not isinstance(data, dict):
@@ -234,6 +241,16 @@ def read_yaml_config(path, parser, label=None):
     except argparse.ArgumentError as e:
         raise UsageError(f"{label}: {e}") from None
     return {dests[k]: getattr(parsed, dests[k]) for k, v in data.items() if v is not None}
+
+
+def yaml_error_text(error):
+    """A YAML parse error in one line, with where it is: 'line 2, column 1: found character '\\t' that cannot
+    start any token' (the problem's mark, else the context's; its first line when it has neither)."""
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    problem = getattr(error, "problem", None) or getattr(error, "context", None)
+    if mark is None or problem is None:
+        return str(error).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
 
 
 def default_run_name(args):
@@ -291,6 +308,9 @@ def parse_train_args(argv):
 def check_how_it_runs(args):
     """Combinations of the flags that a resumed run may change (CHANGEABLE_ON_RESUME), checked for new and resumed
     runs alike."""
+    if args.early_stopping < -1:
+        raise UsageError(f"--early_stopping {args.early_stopping}: give a number of epochs (0 or more), or -1 to "
+                         "train all --epochs")
     if args.loader == "device" and not args.cache:
         raise UsageError("--loader device keeps the decoded training set in memory, so --cache False cannot apply; "
                          "give --loader workers (or auto) with --cache False")
@@ -360,8 +380,9 @@ def check_train_args(args):
         if getattr(args, flag) % 16:
             raise UsageError(f"--{flag} {getattr(args, flag)} must be a multiple of 16 (the network halves the "
                              "size four times)")
-    if args.crop_size < 0 or args.num_workers < 0 or args.warmup_epochs < 0 or args.precise_bn < 0:
-        raise UsageError("--crop_size, --num_workers, --warmup_epochs and --precise_bn must not be negative")
+    for flag in ("crop_size", "num_workers", "warmup_epochs", "precise_bn"):
+        if getattr(args, flag) < 0:
+            raise UsageError(f"--{flag} must not be negative, got {getattr(args, flag)}")
     if not 0 < args.val_size < 1 or not 0 <= args.test_size < 1 or args.val_size + args.test_size >= 1:
         raise UsageError(f"--val_size {args.val_size} and --test_size {args.test_size}: the validation part must be "
                          "above 0 (the best epoch is chosen on it), the test part at least 0, and their sum below 1")
@@ -423,6 +444,22 @@ def check_new_run_args(args):
                          "1x1 bottom; use images of 32 or more, or --batch_size 2 or more")
 
 
+def schedule_note(args):
+    """A note when the learning-rate schedule does not fit in --epochs: a warm-up that never reaches --lr, or
+    MultiStepLR milestones at or after the last epoch (the rate is never lowered at them); '' otherwise. Not an
+    error: a short trial run of a long recipe (--epochs 1) is a fair thing to do."""
+    notes = []
+    if args.warmup_epochs >= args.epochs:
+        notes.append(f"--warmup_epochs {args.warmup_epochs} is not shorter than --epochs {args.epochs}: the learning "
+                     f"rate stays below --lr {args.lr} for the whole run")
+    late = [m for m in args.milestone_list if args.warmup_epochs + m >= args.epochs]
+    if args.scheduler == "MultiStepLR" and late:
+        notes.append(f"--milestones {','.join(map(str, late))} fall at or after the last epoch (counted after "
+                     f"--warmup_epochs {args.warmup_epochs}, of --epochs {args.epochs}): the rate is not lowered "
+                     "there")
+    return "; ".join(f"note: {n}" for n in notes)
+
+
 def init_is_run(init):
     """Whether --init names a run (models/<name> or pretrained/<name>) rather than a weights file: a path ends in
     .pth, has a folder (or is . or ..), or exists."""
@@ -474,12 +511,25 @@ def save_run_config(args, path):
         yaml.safe_dump({k: getattr(args, k) for k in keys}, f, sort_keys=False, allow_unicode=True)
 
 
+def run_name_suggestion(name):
+    """' (did you mean X?)' naming the run in models/ or the bundled run in pretrained/ whose name is closest to
+    ``name`` (difflib, ignoring case), or '' when none is close."""
+    runs = {}
+    for folder, what in ((PRETRAINED_DIR, ", the bundled model"), (MODELS_DIR, "")):
+        if os.path.isdir(folder):
+            runs.update({n: what for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n, "config.yml"))})
+    lowered = {n.lower(): n for n in runs}
+    close = difflib.get_close_matches(name.lower(), lowered, n=1, cutoff=0.75)
+    return f" (did you mean {lowered[close[0]]}{runs[lowered[close[0]]]}?)" if close else ""
+
+
 def load_run_config(name):
     """Read the run's config.yml (models/<name>/ or the bundled pretrained/<name>/) as a recipe is read
     (:func:`read_yaml_config`), check its keys, and return an argparse Namespace."""
     path = os.path.join(saved_run_dir(name), "config.yml")
     if not os.path.isfile(path):
-        raise UsageError(f"no run named {name!r}: {path} not found (train it first, or check --name)")
+        raise UsageError(f"no run named {name!r}: {path} not found{run_name_suggestion(name)} (train it first, or "
+                         "check --name)")
     return read_run_config(path)
 
 

@@ -27,8 +27,14 @@ def choose_device(requested="auto"):
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but no CUDA GPU is visible to PyTorch; use --device cpu or auto")
-    return torch.device(requested)
+        raise UsageError(f"--device {requested} was asked for but no CUDA GPU is visible to PyTorch; use --device cpu "
+                         "or auto")
+    device = torch.device(requested)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise UsageError(f"--device {requested}: PyTorch sees {count} CUDA GPU{'s' * (count > 1)} (cuda:0 to "
+                         f"cuda:{count - 1}); give one of those, or --device auto")
+    return device
 
 
 def seed_everything(seed):

@@ -22,7 +22,7 @@ on a random input and its largest difference from PyTorch is printed.
 """
 import os
 
-from utils import ArgumentParser, UsageError, run_cli
+from utils import ArgumentParser, UsageError, path_arg, run_cli
 
 SCALING = {  # how image_files.image_to_float scales an image for each --normalization, in the printed input contract
     "fixed": "8-bit / 255, 16-bit by its min and max",
@@ -36,7 +36,8 @@ def build_parser():
     p = ArgumentParser(prog="export.py",
                        description="Export models/<name>/model.pth to ONNX (dynamic batch, height and width).")
     p.add_argument("--name", required=True, help="run name: a folder in models/, or nuclei (the bundled model)")
-    p.add_argument("--output", default=None, help="the .onnx file to write (default models/<name>/model.onnx, "
+    p.add_argument("--output", type=path_arg, default=None,
+                   help="the .onnx file to write (default models/<name>/model.onnx, "
                                                   "model_L<L>.onnx with --prune; for the bundled run in "
                                                   "outputs/<name>_files/)")
     p.add_argument("--height", type=int, default=96, help="height of the example input used for tracing "

@@ -13,8 +13,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from config import derived_files_dir, saved_run_dir  # noqa: E402
-from utils import ArgumentParser, UsageError, atomic_write, run_cli  # noqa: E402
+from config import derived_files_dir, run_name_suggestion, saved_run_dir  # noqa: E402
+from utils import ArgumentParser, UsageError, atomic_write, path_arg, run_cli  # noqa: E402
 
 
 def plot_runs(logs, names, out_path):
@@ -63,7 +63,8 @@ def _line(ax, log, column, colour, style, label):
 def main(argv):
     p = ArgumentParser(prog="plot.py", description="Plot training curves from models/<name>/log.csv.")
     p.add_argument("--name", nargs="+", required=True, help="one or more run names")
-    p.add_argument("--out", default=None, help="PNG to write (default models/<name>/curves.png for one run, "
+    p.add_argument("--out", type=path_arg, default=None,
+                   help="PNG to write (default models/<name>/curves.png for one run, "
                    "outputs/<name>_files/curves.png for the bundled run, compare.png for several)")
     p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     args = p.parse_args(argv)
@@ -73,6 +74,8 @@ def main(argv):
     for name in args.name:
         path = os.path.join(saved_run_dir(name), "log.csv")
         if not os.path.isfile(path):
+            if not os.path.isfile(os.path.join(saved_run_dir(name), "config.yml")):
+                raise UsageError(f"--name {name}: no run of that name in models/{run_name_suggestion(name)}")
             raise UsageError(f"--name {name}: {path} not found (has the run finished an epoch?)")
         try:
             log = pd.read_csv(path)

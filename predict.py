@@ -40,8 +40,8 @@ from config import (MIN_SIZE, add_amp_arg, add_device_arg, add_separation_args, 
 from image_files import TIFF_EXTS, TiffHeader, decode_planes, select_channel, tiff_header
 from instances import AUTO_SCALE_BAND, auto_scale, border_map, median_diameter, nucleus_areas, split_instances
 from utils import (ArgumentParser, BatchedThreads, DataError, UsageError, atomic_imwrite, atomic_tiff_write,
-                   atomic_write, check_output_folder, check_utf8_names, first_few, float_or_auto, printable_path,
-                   remove_killed_writes, run_cli)
+                   atomic_write, check_output_folder, check_utf8_names, first_few, float_or_auto, path_arg,
+                   printable_path, remove_killed_writes, run_cli)
 from visualize import draw_outlines, to_bgr
 
 IMAGE_EXTS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
@@ -53,9 +53,10 @@ def build_parser():
     p = ArgumentParser(prog="predict.py",
                        description="Segment images (files or folders) with models/<name>/model.pth.")
     p.add_argument("--name", required=True, help="run name: a folder in models/, or nuclei (the bundled model)")
-    p.add_argument("--input", required=True, nargs="+", metavar="PATH",
+    p.add_argument("--input", type=path_arg, required=True, nargs="+", metavar="PATH",
                    help=f"image files and/or folders (their {'/'.join(e[1:] for e in IMAGE_EXTS)} files, any case)")
-    p.add_argument("--output", required=True, metavar="DIR", help="folder for the outputs (created if needed)")
+    p.add_argument("--output", type=path_arg, required=True, metavar="DIR",
+                   help="folder for the outputs (created if needed)")
     p.add_argument("--tile", type=int, default=0,
                    help="crop-trained runs: images with more than tile^2 pixels are predicted in tile x tile windows "
                         "(a multiple of 16); 0 = the largest that fits the memory budget, so a whole image whenever "
@@ -110,6 +111,10 @@ def check_args(args):
                          f"of --scale auto); the mask does not depend on {'them' if several else 'it'}: add "
                          "--instances")
     check_output_folder(args.output)
+    same = [p for p in args.input if os.path.isdir(p) and os.path.realpath(p) == os.path.realpath(args.output)]
+    if same:  # the masks would lie among the images, and the next run would read them as images
+        raise UsageError(f"--output {args.output} is the --input folder {same[0]}; write the outputs to a folder of "
+                         "their own (a subfolder is fine)")
 
 
 # ------------------------------------------------------------------------------------------------ the inputs

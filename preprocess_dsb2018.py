@@ -39,7 +39,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from utils import (ArgumentParser, DataError, UsageError, atomic_imwrite, check_replaceable, check_utf8_names,
-                   folder_replaced_when_done, integer, run_cli)
+                   folder_replaced_when_done, integer, path_arg, run_cli)
 
 DEFAULT_SRC = os.path.join("inputs", "data-science-bowl-2018", "stage1_train")
 DOWNLOAD_HINT = (
@@ -111,6 +111,10 @@ def list_samples(src):
     check_utf8_names(os.path.join(src, i) for i in ids)
     if not ids:
         raise DataError(f"--src {src} contains no sample folders; {DOWNLOAD_HINT}")
+    sample_id = os.path.basename(os.path.normpath(src))
+    if "images" in ids and os.path.isfile(os.path.join(src, "images", sample_id + ".png")):
+        raise DataError(f"--src {src} is one sample (it holds images/); give the folder that holds one folder per "
+                        f"sample: --src {os.path.dirname(os.path.normpath(src)) or '.'}")
     return ids
 
 
@@ -196,11 +200,13 @@ def parse_args(argv=None):
     p = ArgumentParser(
         prog="preprocess_dsb2018.py",
         description="Convert Kaggle's raw DSB2018 stage1_train (or stage1_test) into images/, masks/0/ and labels/.")
-    p.add_argument("--src", default=DEFAULT_SRC, help="raw stage1_train folder (one sub-folder per sample)")
+    p.add_argument("--src", type=path_arg, default=DEFAULT_SRC,
+                   help="raw stage1_train folder (one sub-folder per sample)")
     p.add_argument("--img_size", type=integer, default=96, help="output height and width; 0 keeps the original size")
-    p.add_argument("--dst", default=None, help="output folder (default inputs/dsb2018_<img_size> or inputs/dsb2018_full; "
+    p.add_argument("--dst", type=path_arg, default=None,
+                   help="output folder (default inputs/dsb2018_<img_size> or inputs/dsb2018_full; "
                    "dsb2018_test_... for a --src named stage1_test)")
-    p.add_argument("--masks_csv", default=None,
+    p.add_argument("--masks_csv", type=path_arg, default=None,
                    help="read the nuclei from this run-length CSV (Kaggle's stage1_solution.csv: ImageId, "
                         "EncodedPixels, Height, Width) instead of the masks/ folders")
     p.add_argument("--num_workers", type=integer, default=os.cpu_count() or 1, help="worker processes")

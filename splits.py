@@ -11,20 +11,30 @@ from utils import DataError, UsageError, first_few
 SPLITS = ("train", "val", "test")
 
 
-def read_split(path):
-    """split.csv -> DataFrame(img_id, split), checked: the two columns, known parts, each id once."""
+def read_split(path, label=None):
+    """split.csv -> DataFrame(img_id, split), checked: the two columns, known parts, each id once. Errors name the
+    file as ``label`` (default: its path)."""
+    label = label or path
     try:
         split = pd.read_csv(path, dtype=str, keep_default_na=False)
     except pd.errors.EmptyDataError:
         split = pd.DataFrame()
     except (UnicodeDecodeError, pd.errors.ParserError) as e:  # UTF-16 from a spreadsheet, an unclosed quote
-        raise DataError(f"{path} is not a readable CSV ({str(e).splitlines()[0][:60]}); save it as a plain UTF-8 "
+        raise DataError(f"{label} is not a readable CSV ({str(e).splitlines()[0][:60]}); save it as a plain UTF-8 "
                         "CSV with columns img_id,split") from None
-    if list(split.columns) != ["img_id", "split"] or not split["split"].isin(SPLITS).all():
-        raise DataError(f"{path} must have columns img_id,split with values train/val/test")
+    columns = [str(c) for c in split.columns]
+    if columns != ["img_id", "split"]:
+        found = ",".join(columns) if columns else "none"
+        raise DataError(f"{label} must have the columns img_id,split (found: {found}); separate them with commas, no "
+                        "spaces")
+    wrong = ~split["split"].isin(SPLITS)
+    if wrong.any():
+        row = int(wrong.to_numpy().argmax())
+        raise DataError(f"{label}: {split['img_id'].iloc[row]!r} has the part {split['split'].iloc[row]!r}; each "
+                        "must be train, val or test (no spaces)")
     twice = split["img_id"][split["img_id"].duplicated()].unique().tolist()
     if twice:
-        raise DataError(f"{path} lists {len(twice)} id{'s' if len(twice) > 1 else ''} more than once, e.g. "
+        raise DataError(f"{label} lists {len(twice)} id{'s' if len(twice) > 1 else ''} more than once, e.g. "
                         f"{twice[0]}; give each image one part")
     return split
 
@@ -69,8 +79,10 @@ def load_or_make_split(path, dataset_dir, ids, resume, val_size, test_size, spli
         return checked_split(read_split(path), path, dataset_dir, ids)
     if split_file:
         if not os.path.isfile(split_file):
-            raise UsageError(f"--split_file {split_file}: no such file; give a CSV with columns img_id,split")
-        split = checked_split(read_split(split_file), f"--split_file {split_file}", dataset_dir, ids)
+            what = "is a folder" if os.path.isdir(split_file) else "no such file"
+            raise UsageError(f"--split_file {split_file}: {what}; give a CSV with columns img_id,split")
+        label = f"--split_file {split_file}"
+        split = checked_split(read_split(split_file, label), label, dataset_dir, ids)
         if not split_ids(split, "train") or not split_ids(split, "val"):
             raise DataError(f"--split_file {split_file} needs at least one 'train' and one 'val' id")
         return split

@@ -25,7 +25,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from utils import ArgumentParser, at_least, atomic_imwrite, check_replaceable, folder_replaced_when_done, run_cli
+from utils import (ArgumentParser, at_least, atomic_imwrite, check_replaceable, folder_replaced_when_done, path_arg,
+                   run_cli)
 
 DEFAULT_OUT = os.path.join("inputs", "synthetic")
 STYLES = ("fluorescence", "stained")  # named as dataset.image_modality names the kinds
@@ -207,7 +208,8 @@ def ensure_synthetic(dataset_dir, num_images=160, size=96, seed=0, progress=True
 def parse_args(argv=None):
     p = ArgumentParser(prog="synthetic.py",
                        description="Generate a deterministic synthetic nuclei dataset (images/, masks/0/, labels/).")
-    p.add_argument("--out", default=DEFAULT_OUT, help="output dataset folder (replaced if it is an old dataset)")
+    p.add_argument("--out", type=path_arg, default=DEFAULT_OUT,
+                   help="output dataset folder (replaced if it is an old dataset)")
     p.add_argument("--num_images", type=at_least(1), default=160, help="number of images (half of each style)")
     p.add_argument("--size", type=at_least(16), default=96, help="image height and width in pixels")
     p.add_argument("--seed", type=at_least(0), default=0, help="image i uses numpy default_rng(seed + i)")

@@ -20,7 +20,7 @@ import distributed
 from archs import build_model
 from checkpoints import atomic_torch_save, load_init_weights, load_training_state, save_training_state
 from config import (INPUTS_DIR, MODELS_DIR, init_weights_path, is_bundled_name, output_channels, run_dir,
-                    save_run_config)
+                    save_run_config, schedule_note)
 from dataset import (MODALITIES, Dataset, EpochSampler, WeightedDistributedSampler, balance_weights, eval_loader,
                      find_layout, images_left_out, list_ids, nucleus_diameter, quiet_worker, reading_of,
                      train_transform)
@@ -52,7 +52,7 @@ class Trainer:
             raise UsageError("--sync_bn True: SyncBatchNorm synchronises BatchNorm across CUDA GPUs only; pass "
                              "--sync_bn False on the CPU")
         check_run_folder(self.dir, args.name, args.resume, args.overwrite)  # every process, or the others hang
-        self.dataset_dir = dataset_folder(args.dataset, self.main)
+        self.dataset_dir = dataset_folder(args.dataset, self.main, args.name if args.resume else None)
         left_out = images_left_out(self.dataset_dir, args.img_ext)  # first: it explains a mask without its image
         if left_out:
             self._say(left_out)
@@ -63,6 +63,8 @@ class Trainer:
             if args.split_file and not args.resume else ""
         if unlisted:
             self._say(unlisted)
+        if schedule_note(args):
+            self._say(schedule_note(args))
         self.train_loader, self.on_device, self.cache = self._train_loader()
         self.val_loader = self.make_eval_loader(self.ids("val"))
         seed_everything(args.seed)
@@ -130,7 +132,8 @@ class Trainer:
         for epoch in range(self.start_epoch, a.epochs):
             if epoch > 0 and stops_early(self.best, a.early_stopping):  # as the seed: at least one epoch
                 stale = self.best["stale_epochs"]
-                self._say(f"early stopping: no better val IoU for {stale} epoch{'s' * (stale != 1)}")
+                self._say(f"early stopping after epoch {epoch}: {stale} epoch{'s' * (stale != 1)} without a better "
+                          f"val IoU (--early_stopping {a.early_stopping})")
                 break
             started, lr = time.time(), self.optimizer.param_groups[0]["lr"]
             train = self.train_epoch(epoch)
@@ -414,9 +417,13 @@ def run_lock(name):
         yield
 
 
-def dataset_folder(dataset, main):
-    """inputs/<dataset>; the built-in 'synthetic' set is generated there on first use (by the main process)."""
+def dataset_folder(dataset, main, resume=None):
+    """inputs/<dataset>; the built-in 'synthetic' set is generated there on first use (by the main process).
+    ``resume``: the name of the run being resumed, whose dataset must be there (a DataError naming it if not)."""
     path = os.path.join(INPUTS_DIR, dataset)
+    if resume and dataset != "synthetic" and not os.path.isdir(path):
+        raise DataError(f"--resume {resume}: the run's dataset {path} is not there: put it back (or link it there), "
+                        "or give --dataset with its new name or path (the same images)")
     if dataset == "synthetic" and main:
         ensure_synthetic(path)
     distributed.barrier()

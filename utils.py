@@ -140,11 +140,24 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are one line, ``prog: error: <message> (see: python prog --help)``, exit code 2,
-    instead of the whole usage text above the message, and whose --help shows the defaults (HelpFormatter)."""
+    instead of the whole usage text above the message, and whose --help shows the defaults (HelpFormatter).
+
+    Flags are taken by their whole names only: argparse's abbreviations would read train.py's ``--scale 0.5`` (a
+    predict.py flag) as ``--scale_jitter 0.5``. One flag given under two of its names (``--lr 0.1
+    --learning_rate 0.01``) is refused rather than the last one kept without a word."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        for action in self._actions:
+            names = sorted({a.split("=", 1)[0] for a in args if a.split("=", 1)[0] in action.option_strings})
+            if len(names) > 1:
+                self.error(f"{' and '.join(names)} set the same flag; keep one")
+        return super().parse_known_args(args, namespace)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see: python {self.prog} --help)\n")
@@ -191,6 +204,13 @@ def integer(v):
     if isinstance(v, bool) or number is None or not number.is_integer():
         raise argparse.ArgumentTypeError(f"expected an integer, got {v!r}")
     return int(number)
+
+
+def path_arg(v):
+    """An argparse type: a file or folder path, not empty (an empty --output would silently mean the default)."""
+    if not v.strip():
+        raise argparse.ArgumentTypeError(f"expected a path, got {v!r}")
+    return v
 
 
 def file_extension(v):
@@ -462,9 +482,15 @@ def first_few(items, n=3):
 
 
 def check_output_folder(path, flag="--output"):
-    """Refuse an output folder that exists as a file (before any work; os.makedirs would fail later)."""
+    """Refuse, before any work, an output folder that exists as a file or that this user cannot write in (or
+    create: its nearest existing parent is checked); os.makedirs or the first write would fail after the work."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise UsageError(f"{flag} {path} is a file; give a folder for the outputs")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: no permission to write in {existing}; give a folder you can write to")
 
 
 KILLED_WRITE = re.compile(r"\..+\.(\d+)\.\w{8}\.tmp")  # atomic_write's .<name>.<pid>.<random>.tmp

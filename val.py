@@ -25,7 +25,7 @@ import os
 from config import (add_amp_arg, add_device_arg, add_separation_args, check_object_filters, choose_separation,
                     object_filters)
 from utils import (ArgumentParser, at_least, check_replaceable, check_run_name, file_extension,
-                   folder_replaced_when_done, run_cli)
+                   folder_replaced_when_done, path_arg, run_cli)
 
 
 def build_parser():
@@ -37,7 +37,7 @@ def build_parser():
     p.add_argument("--name", required=True, help="run name: a folder in models/, or nuclei (the bundled model)")
     p.add_argument("--split", default=None, choices=["val", "test", "train"],
                    help="which ids of split.csv (default val)")
-    p.add_argument("--dataset", default=None,
+    p.add_argument("--dataset", type=path_arg, default=None,
                    help="score every image of inputs/<dataset>/ (or of a folder path) instead: a dataset the run was "
                         "not trained on, e.g. the test set that preprocess_dsb2018.py makes from stage1_test")
     p.add_argument("--img_ext", default=None, type=file_extension,
@@ -53,7 +53,7 @@ def build_parser():
     add_amp_arg(p)
     p.add_argument("--batch_size", type=at_least(1), default=None, help="default: the run's batch size")
     p.add_argument("--num_workers", type=at_least(0), default=0, help="DataLoader workers")
-    p.add_argument("--output", default=None, help="folder for the outputs, replaced as a whole (default "
+    p.add_argument("--output", type=path_arg, default=None, help="folder for the outputs, replaced as a whole (default "
                                                   "outputs/<name>; outputs/<name>_test for --split test, "
                                                   "outputs/<name>_on_<dataset> for --dataset)")
     p.add_argument("--no_overlays", action="store_true", help="skip overlays/ and summary.png")

@@ -10,7 +10,7 @@ import yaml
 import train
 from conftest import ROOT
 from config import (build_train_parser, default_run_name, parse_train_args, read_run_config, read_yaml_config,
-                    save_run_config)
+                    save_run_config, schedule_note)
 from utils import ArgumentParser, UsageError, run_cli
 
 
@@ -94,7 +94,7 @@ def test_a_bad_value_in_a_recipe_or_a_saved_run_names_its_file(tmp_path):
     recipe.write_text("epochs: 0\n")
     with pytest.raises(UsageError, match=r"--epochs must be a positive number, got 0 \(set in --config .*zero.yml\)$"):
         parse_train_args(["--config", str(recipe)])
-    for given in (["--epochs", "-1"], ["--epochs=-1"], ["--epoch", "-1"]):  # the command line's value
+    for given in (["--epochs", "-1"], ["--epochs=-1"]):  # the command line's value
         with pytest.raises(UsageError, match=r"--epochs must be a positive number, got -1$"):
             parse_train_args(["--config", str(recipe), *given])
     recipe.write_text("batch_size: 0\narch: UNet\n")
@@ -142,10 +142,56 @@ def test_yaml_unknown_key_named(tmp_path):
 
 def test_a_flag_set_twice_in_a_recipe_is_refused(tmp_path):
     """YAML keeps the last of two equal keys, and two names of one flag would both apply: neither silently."""
-    with pytest.raises(UsageError, match=r"twice.yml: not valid YAML \(lr is given twice\)"):
+    with pytest.raises(UsageError, match=r"twice.yml: not valid YAML \(line 3, column 1: lr is given twice\)"):
         parse_train_args(["--config", write_yaml(tmp_path / "twice.yml", "lr: 0.1\nepochs: 2\nlr: 0.01\n")])
     with pytest.raises(UsageError, match=r"alias.yml: lr and learning_rate set the same flag; keep one"):
         parse_train_args(["--config", write_yaml(tmp_path / "alias.yml", "lr: 0.1\nlearning_rate: 0.01\n")])
+
+
+def test_a_flag_given_under_two_names_or_shortened_is_refused(capsys):
+    """argparse keeps the last of two names of one flag, and reads a shortened name as the flag it starts: train.py
+    --scale 0.5 (a predict.py flag) would train with --scale_jitter 0.5 without a word."""
+    for argv, message in ((["--lr", "0.1", "--learning_rate=0.01"], "--learning_rate and --lr set the same flag"),
+                          (["--scale", "0.5"], "unrecognized arguments: --scale 0.5"),
+                          (["--channel", "1"], "unrecognized arguments: --channel 1")):
+        with pytest.raises(SystemExit) as e:
+            parse_train_args(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert parse_train_args(["--lr", "0.1", "--lr", "0.01"]).lr == 0.01  # one name twice: the last, as usual
+
+
+def test_a_negative_count_in_a_recipe_names_its_flag_and_the_recipe(tmp_path):
+    cfg = write_yaml(tmp_path / "r.yml", {"num_workers": -1})
+    with pytest.raises(UsageError, match=r"--num_workers must not be negative, got -1 \(set in --config "):
+        parse_train_args(["--config", cfg])
+
+
+def test_a_yaml_syntax_error_says_where(tmp_path):
+    with pytest.raises(UsageError, match=r"tab.yml: not valid YAML \(line 2, column 1: found character '\\t' that "
+                                         "cannot start any token"):
+        parse_train_args(["--config", write_yaml(tmp_path / "tab.yml", "epochs: 2\n\tlr: 0.1\n")])
+    with pytest.raises(UsageError, match=r"indent.yml: not valid YAML \(line 2, column 4: mapping values are not "):
+        parse_train_args(["--config", write_yaml(tmp_path / "indent.yml", "a: 1\n  b: 2\n")])
+    with pytest.raises(UsageError, match=r"key.yml: not valid YAML \(line 1, column 1: found unhashable key"):
+        parse_train_args(["--config", write_yaml(tmp_path / "key.yml", "[1, 2]: 3\n")])
+
+
+def test_a_folder_given_for_a_file_or_an_empty_path_is_named(tmp_path, capsys):
+    with pytest.raises(UsageError, match="--config .*: is a folder; give the recipe's .yml file"):
+        parse_train_args(["--config", str(tmp_path)])
+    with pytest.raises(SystemExit) as e:
+        parse_train_args(["--dataset", ""])
+    assert e.value.code == 2 and "argument --dataset: expected a path, got ''" in capsys.readouterr().err
+
+
+def test_a_schedule_longer_than_the_run_gets_a_note():
+    assert schedule_note(parse_train_args(["--epochs", "3", "--warmup_epochs", "1"])) == ""
+    assert "--warmup_epochs 3 is not shorter than --epochs 3: the learning rate stays below --lr" in schedule_note(
+        parse_train_args(["--epochs", "3", "--warmup_epochs", "3"]))
+    multistep = ["--scheduler", "MultiStepLR", "--epochs", "5", "--warmup_epochs", "1"]
+    assert schedule_note(parse_train_args(multistep + ["--milestones", "3"])) == ""
+    assert "--milestones 4,9 fall at or after the last epoch" in schedule_note(
+        parse_train_args(multistep + ["--milestones", "2,4,9"]))
 
 
 @pytest.mark.parametrize("key,value", [("epochs", "many"), ("epochs", 2.5), ("lr", "fast"), ("lr", [1, 2]),
@@ -236,6 +282,7 @@ def test_path_like_dataset_name_in_default_name_refused():
     (["--name", "a\x85b"], "control character; give --name ab"),  # C1 controls too
     (["--dataset", "/data/-x"], "the run name '-x_NestedUNet_woDS' (made from --dataset)"),
     (["--resume", "--name", "models/x"], "--name 'models/x' must be a plain name"),
+    (["--early_stopping", "-5"], "--early_stopping -5: give a number of epochs (0 or more), or -1"),
 ])
 def test_bad_values_refused_naming_the_flag(argv, flag):
     with pytest.raises(UsageError) as e:

@@ -75,6 +75,7 @@ CASES = {
     "val_size_leaves_no_training_image": (train("--val_size", "0.95"), 2, ["--val_size 0.95", "empty part",
                                                                           "smaller fractions"]),
     "cuda_without_gpu": (train("--device", "cuda"), 2, ["--device cuda", "--device cpu"]),
+    "cuda_index_without_gpu": (train("--device", "cuda:3"), 2, ["--device cuda:3 was asked for"]),
     "init_unknown_run": (train("--init", "ghost"), 2, ["--init ghost", "models/ghost/model.pth"]),
     "init_other_network": (train("--arch", "NestedUNet", "--init", "unet.pth"), 1,
                            ["--init unet.pth", "different network", "--arch"]),
@@ -122,6 +123,16 @@ CASES = {
                                                                             "--arch NestedUNet"]),
     "val_without_model": (["val.py", "--name", "nomodel", "--device", "cpu"], 2, ["models/nomodel/model.pth"]),
     "val_unknown_run": (["val.py", "--name", "ghost", "--device", "cpu"], 2, ["ghost", "models/ghost/config.yml"]),
+    "val_misspelt_run": (["val.py", "--name", "pctrum", "--device", "cpu"], 2, ["models/pctrum/config.yml not found "
+                                                                                "(did you mean pctrun?)"]),
+    "val_misspelt_bundled_run": (["val.py", "--name", "Nuclei", "--device", "cpu"], 2,
+                                 ["(did you mean nuclei, the bundled model?)"]),
+    "val_run_of_a_moved_dataset": (["val.py", "--name", "movedrun", "--device", "cpu"], 1,
+                                   ["run movedrun was trained on inputs/moved, which is not there: put it back",
+                                    "--dataset <set>"]),
+    "resume_run_of_a_moved_dataset": (["train.py", "--resume", "movedrun"], 1,
+                                      ["--resume movedrun: the run's dataset inputs/moved is not there",
+                                       "give --dataset with its new name"]),
     "val_run_without_split": (["val.py", "--name", "pctrun", "--device", "cpu"], 2,
                               ["models/pctrun/split.csv not found", "--dataset <set>"]),
     "val_split_ids_missing_from_the_dataset": (["val.py", "--name", "partrun", "--device", "cpu"], 1,
@@ -222,6 +233,13 @@ def _prepare(root):
     shutil.copy(root / "unet.pth", run / "model.pth")
     (run / "split.csv").write_text("img_id,split\n" + "".join(f"syn_000{i},train\n" for i in range(8))
                                    + "syn_0008,val\nsyn_0009,val\nsyn_0042,val\n")
+    # A finished run whose dataset has been moved away since (its last.pth stands for a run to resume).
+    run = root / "models" / "movedrun"
+    run.mkdir(parents=True)
+    save_run_config(parse_train_args(["--name", "movedrun", "--dataset", "moved", *SMALL]), str(run / "config.yml"))
+    shutil.copy(root / "unet.pth", run / "model.pth")
+    shutil.copy(root / "unet.pth", run / "last.pth")
+    shutil.copy(root / "models" / "nomodel" / "split.csv", run / "split.csv")
     # A run whose config.yml names another network than its weights (edited by hand).
     run = root / "models" / "archrun"
     run.mkdir(parents=True)

@@ -57,8 +57,14 @@ def test_plot_cli_compares_several_runs(tmp_path, monkeypatch):
 
 def test_plot_missing_run_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(UsageError, match="models/nope/log.csv"):
+    with pytest.raises(UsageError, match="--name nope: no run of that name in models/$"):
         plot.main(["--name", "nope"])
+    os.makedirs("models/nope")
+    open("models/nope/config.yml", "w").close()  # a run that has not finished an epoch
+    with pytest.raises(UsageError, match="models/nope/log.csv not found"):
+        plot.main(["--name", "nope"])
+    with pytest.raises(UsageError, match=r"--name nopes: no run of that name in models/ \(did you mean nope\?\)"):
+        plot.main(["--name", "nopes"])
 
 
 def test_plot_empty_log_and_non_png_name_are_clear_errors(tmp_path, monkeypatch):

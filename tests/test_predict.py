@@ -547,7 +547,7 @@ def test_a_file_name_that_is_not_utf8_is_refused_before_any_output(tmp_path):
         predict.list_images([str(tmp_path / "plate")])
 
 
-def test_errors_name_the_problem(in_runs, tmp_path):
+def test_errors_name_the_problem(in_runs, tmp_path, monkeypatch):
     image = write(tmp_path / "a.png", sample_bgr(32, 32))
     out = str(tmp_path / "out")
     with pytest.raises(DataError, match="missing.png"):
@@ -580,6 +580,12 @@ def test_errors_name_the_problem(in_runs, tmp_path):
         predict.main(["--name", "p", "--input", image, other, "--output", out])
     with pytest.raises(UsageError, match="overwrite the input"):
         predict.main(["--name", "p", "--input", image, "--output", str(tmp_path)])
+    with monkeypatch.context() as m:  # as a user without write permission there (the tests may run as root)
+        m.setattr(os, "access", lambda p, mode: p != str(tmp_path))
+        with pytest.raises(UsageError, match=f"--output {out}: no permission to write in {tmp_path}; give a folder"):
+            predict.main(["--name", "p", "--input", image, "--output", out])
+    with pytest.raises(UsageError, match=r"--output .*sub/ is the --input folder .*sub; write the outputs to a "):
+        predict.main(["--name", "p", "--input", str(tmp_path / "sub"), "--output", str(tmp_path / "sub") + "/"])
     named_like_an_output = write(tmp_path / "a_prob.png", sample_bgr(32, 32))  # a's --save_prob file
     with pytest.raises(UsageError, match=r"a\.png and .*a_prob\.png would both write a_prob\.png; rename one"):
         predict.main(["--name", "p", "--input", image, named_like_an_output, "--output", out, "--save_prob"])

@@ -186,6 +186,12 @@ def test_sample_without_masks(raw, tmp_path):
     assert not dst.exists() and not _leftovers(tmp_path)
 
 
+def test_one_sample_given_as_src_names_the_folder_to_give(raw, tmp_path):
+    src, _ = raw
+    with pytest.raises(DataError, match=f"--src {src / 'aaa'} is one sample .*: --src {src}$"):
+        pre.main(["--src", str(src / "aaa"), "--dst", str(tmp_path / "out")])
+
+
 def test_sample_without_image(raw, tmp_path):
     src, _ = raw
     (src / "ccc" / "images" / "ccc.png").unlink()

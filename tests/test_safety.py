@@ -565,6 +565,10 @@ def test_bundled_run_loads_from_pretrained_unless_models_has_it(tmp_path, monkey
 def test_bundle_writes_fp16_weights_that_load_by_name(tiny_workdir, monkeypatch):
     monkeypatch.setattr(config, "PRETRAINED_DIR", str(tiny_workdir / "pretrained"))
     train.main(train_argv("mine", epochs=1))
+    with pytest.raises(UsageError, match=r"--name mines: no run of that name in models/ \(did you mean mine\?\)"):
+        bundle.main(["--name", "mines"])
+    with pytest.raises(UsageError, match="--as '../x' must be a plain name"):
+        bundle.main(["--name", "mine", "--as", "../x"])
     bundle.main(["--name", "mine"])
     shipped = tiny_workdir / "pretrained" / "mine"
     assert sorted(os.listdir(shipped)) == ["config.yml", "log.csv", "model.pth", "model.pth.sha256", "split.csv"]

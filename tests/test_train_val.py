@@ -462,16 +462,22 @@ def test_split_file_is_used_as_given(tmp_path, monkeypatch, capsys):
     (None, UsageError, "no such file"),
     ([("nope", "train"), ("other", "val")], DataError, "nope"),
     ([("{0}", "train"), ("{1}", "train")], DataError, "at least one 'train' and one 'val'"),
-    ([("{0}", "train"), ("{1}", "validation")], DataError, "train/val/test"),
+    ([("{0}", "train"), ("{1}", "validation")], DataError, "'{1}' has the part 'validation'; each must be train"),
+    ([("{0}", "train"), ("{1}", " val")], DataError, "'{1}' has the part ' val'"),
     ([("{0}", "train"), ("{1}", "train"), ("{1}", "val")], DataError, "more than once, e.g. {1}"),
-    ("", DataError, "columns img_id,split"),  # an empty file
+    ("", DataError, "columns img_id,split (found: none)"),  # an empty file
+    ("img_id;split\n{0};train\n{1};val\n", DataError, "columns img_id,split (found: img_id;split); separate them "
+                                                       "with commas"),
+    ("folder", UsageError, "--split_file s.csv: is a folder"),
 ])
 def test_split_file_errors_name_the_file(tmp_path, monkeypatch, rows, error, words):
     ids = sorted(make_synthetic(tmp_path))
     monkeypatch.chdir(tmp_path)
     words = words.format(*ids)
-    if rows == "":
-        (tmp_path / "s.csv").write_text("")
+    if rows == "folder":
+        (tmp_path / "s.csv").mkdir()
+    elif isinstance(rows, str):
+        (tmp_path / "s.csv").write_text(rows.format(*ids))
     elif rows is not None:
         pd.DataFrame([(i.format(*ids), s) for i, s in rows], columns=["img_id", "split"]).to_csv("s.csv", index=False)
     with pytest.raises(error, match="s.csv") as e:
