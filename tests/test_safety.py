@@ -224,7 +224,8 @@ def test_resume_without_its_log_or_split_is_refused(in_workdir, capsys, lost):
 
 def test_resume_of_an_early_stopped_run_names_the_flag(in_workdir, capsys):
     assert cli(train.main, ["--name", "early_stop", "--epochs", "3", "--early_stopping", "0", *SMALL]) == 0
-    assert "early stopping" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "early stopping after epoch 1: 0 epochs without a better val IoU (--early_stopping 0)" in out
     assert cli(train.main, ["--resume", "early_stop", "--epochs", "5"]) == 2
     assert "--early_stopping 0 would stop it at once" in capsys.readouterr().err
     assert cli(train.main, ["--resume", "early_stop", "--epochs", "5", "--loader", "device", "--cache", "False"]) == 2
