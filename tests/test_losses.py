@@ -45,6 +45,23 @@ def test_bce_dice_takes_the_mean_of_per_sample_dice():
     assert BCEDiceLoss()(logits, target).item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_bce_dice_gradient_is_that_of_its_formula_written_out():
+    """The gradient that trains the network, not only the loss value: both terms must pass it on (a Dice computed
+    on detached probabilities would report the same loss and train on BCE alone). Reference: the formula written
+    with torch.log and sums in float64, differentiated by autograd."""
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 1, 8, 8, dtype=torch.float64) * 3).requires_grad_()
+    target = (torch.rand(3, 1, 8, 8) > 0.6).double()
+    BCEDiceLoss()(logits, target).backward()
+    ours = logits.grad.clone()
+    logits.grad = None
+    p = 1 / (1 + torch.exp(-logits))
+    bce = -(target * torch.log(p) + (1 - target) * torch.log(1 - p)).mean()
+    dice = (2 * (p * target).sum((1, 2, 3)) + 1e-5) / (p.sum((1, 2, 3)) + target.sum((1, 2, 3)) + 1e-5)
+    (0.5 * bce + 1 - dice.mean()).backward()
+    torch.testing.assert_close(ours, logits.grad, rtol=1e-4, atol=1e-7)
+
+
 def test_lovasz_by_hand_with_ties():
     # Hinge errors 1 - x * (2t - 1): [1, -1, -1, 1]; relu keeps the two errors of 1 (pixels 0 and 3, labels 0
     # and 1). Their summed Lovasz gradient is the Jaccard loss of that prefix: gts = 2, I = 2 - 1 = 1,
@@ -180,6 +197,9 @@ def test_border_channel_is_a_loss_term_of_its_own(name):
         assert criterion(logits, target).item() > 10 * plain(logits, target).item()
     with pytest.raises(DataError, match="--num_classes"):
         criterion(logits[:, :1], target)
+    # val.py on a dataset without instance labels: a target of the mask classes alone scores the mask channels
+    assert criterion(logits, target[:, :1]).item() == pytest.approx(plain(logits[:, :1], target[:, :1]).item(),
+                                                                    rel=1e-6)
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))

@@ -205,7 +205,7 @@ def test_dsb_rejects_bad_label_images():
         dsb_score(np.zeros((4, 4), int), np.zeros((4, 4), float))
 
 
-@pytest.mark.parametrize("low,high,scale", [(0, 50, 1), (3, 9, 1), (0, 1, 1), (0, 3, 1_000_000)])
+@pytest.mark.parametrize("low,high,scale", [(0, 50, 1), (3, 9, 1), (0, 1, 1), (0, 3, 1_000_000), (1, 4, 1_000_000)])
 def test_consecutive_labels_match_the_sorted_unique_values(low, high, scale):
     labels = np.random.default_rng(low + high).integers(low, high, (30, 40)) * scale
     values, inverse = np.unique(labels.ravel(), return_inverse=True)

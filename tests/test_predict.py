@@ -265,7 +265,8 @@ def test_scale_predicts_the_resized_image(in_runs, tmp_path):
     cfg, model = checkpoints.load_run("pc", torch.device("cpu"))
     image = sample_bgr(50, 38).astype(np.float32) / 255
     plain = inference.Predictor(model, cfg, torch.device("cpu"), amp="fp32")
-    for scale, size, interpolation in ((0.5, (19, 25), cv2.INTER_AREA), (2.5, (95, 125), cv2.INTER_LINEAR)):
+    for scale, size, interpolation in ((0.5, (19, 25), cv2.INTER_AREA), (0.3, (16, 16), cv2.INTER_AREA),
+                                       (2.5, (95, 125), cv2.INTER_LINEAR)):  # 0.3: area differs from linear
         prob = inference.Predictor(model, cfg, torch.device("cpu"), amp="fp32", scale=scale).predict(image)
         expected = plain.predict(cv2.resize(image, size, interpolation=interpolation))
         expected = np.stack([cv2.resize(p, (38, 50), interpolation=cv2.INTER_LINEAR) for p in expected])
@@ -405,6 +406,31 @@ class Pointwise(torch.nn.Module):
 
     def forward(self, x):
         return 3 * x[:, :1] - x[:, 1:2] + 0.5 * x[:, 2:3]
+
+
+class ShapeRecorder(Pointwise):
+    """Pointwise, noting the shape of every input it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def forward(self, x):
+        self.shapes.append(tuple(x.shape))
+        return super().forward(x)
+
+
+def test_a_run_trained_on_resized_non_square_images_predicts_at_its_training_size():
+    """--input_h 32 --input_w 48: every image goes through the network at 32 rows by 48 columns, and comes back at
+    its own size (rows and columns not swapped on the way)."""
+    cfg = Namespace(crop_size=0, input_h=32, input_w=48, num_classes=1, borders=False, input_channels=3)
+    model = ShapeRecorder()
+    image = np.random.default_rng(0).random((40, 70, 3), dtype=np.float32)
+    prob = inference.Predictor(model, cfg, torch.device("cpu"), tile=512, amp="fp32").predict(image)
+    assert model.shapes == [(1, 3, 32, 48)] and prob.shape == (1, 40, 70)
+    resized = cv2.resize(image, (48, 32), interpolation=cv2.INTER_LINEAR)
+    expected = inference.Predictor(Pointwise(), crop_cfg(), torch.device("cpu"), tile=512, amp="fp32").predict(resized)
+    np.testing.assert_allclose(prob[0], cv2.resize(expected[0], (70, 40), interpolation=cv2.INTER_LINEAR), atol=1e-6)
 
 
 def crop_cfg(num_classes=1):
@@ -734,6 +760,12 @@ def test_cpu_memory_budget_is_a_quarter_of_the_ram_unless_little_is_available(mo
     ram = Namespace(total=1000, available=available, free=available // 10)
     monkeypatch.setattr(inference.psutil, "virtual_memory", lambda: ram)
     assert inference.memory_budget(torch.device("cpu")) == budget
+
+
+def test_gpu_memory_budget_is_half_of_the_free_memory(monkeypatch):
+    """On a GPU shared with other processes, what is free counts, not its size (torch: (free, total) bytes)."""
+    monkeypatch.setattr(inference.torch.cuda, "mem_get_info", lambda device: (1_000_000_000, 80_000_000_000))
+    assert inference.memory_budget(torch.device("cuda")) == 500_000_000
 
 
 @pytest.mark.parametrize("overlap", [16, 64])

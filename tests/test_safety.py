@@ -598,6 +598,44 @@ def test_bundle_writes_fp16_weights_that_load_by_name(tiny_workdir, monkeypatch)
     checkpoints.load_run("mine", torch.device("cpu"))  # its checksum matches
 
 
+def test_training_state_round_trips_every_part(tmp_path):
+    """last.pth gives back what a resumed run continues with: the early-stopping count (patience does not start
+    over), the fp16 loss scale, the optimizer's moments and the RNG draws that come next."""
+    torch.manual_seed(0)
+    net = build_model("UNet", 1, 3, False)
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.1)
+    net(torch.rand(2, 3, 16, 16)).mean().backward()
+    optimizer.step()
+    scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer)
+    path = str(tmp_path / "last.pth")
+    best = {"best_iou": 0.5, "best_epoch": 2, "stale_epochs": 3}
+    checkpoints.save_training_state(path, net, optimizer, scheduler, torch.amp.GradScaler("cpu", init_scale=1024.0),
+                                    5, best)
+    next_draw = torch.rand(4)
+    fresh = build_model("UNet", 1, 3, False)
+    fresh_optimizer = torch.optim.Adam(fresh.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    epoch, restored = checkpoints.load_training_state(path, fresh, fresh_optimizer,
+                                                      torch.optim.lr_scheduler.ConstantLR(fresh_optimizer), scaler,
+                                                      torch.device("cpu"))
+    assert (epoch, restored) == (5, best)
+    assert scaler.state_dict()["scale"] == 1024.0
+    moments = [optimizer.state[p]["exp_avg"] for p in net.parameters()]
+    torch.testing.assert_close([fresh_optimizer.state[p]["exp_avg"] for p in fresh.parameters()], moments)
+    torch.testing.assert_close(torch.rand(4), next_draw)
+
+
+def test_only_one_extra_head_channel_passes_for_a_border_channel():
+    """Weights of a --borders run (one channel more in the heads) load into a run without borders, the border
+    channel left out; weights of a network with more classes are not cut down to fit."""
+    one = build_model("NestedUNet", 1, 3, True).state_dict()
+    for channels, dropped in ((2, True), (3, False)):
+        weights = build_model("NestedUNet", channels, 3, True).state_dict()
+        kept, was_dropped = checkpoints.without_border_channel(weights, one)
+        assert was_dropped == dropped
+        assert all(kept[k].shape == (v.shape if dropped else weights[k].shape) for k, v in one.items())
+
+
 def test_state_saved_without_fp16_resumes_with_fp16(tmp_path):
     """A run saved with a disabled GradScaler (CPU, bf16 or fp32) and resumed where --amp picks fp16 (a GPU without
     bf16): the scaler starts anew instead of the resume being refused (its empty state does not load)."""

@@ -1,0 +1,24 @@
+"""Tests for splits.py: the seed's split and the --init leak note, against counts and sets written out here."""
+import pandas as pd
+
+from splits import held_out_seen_in_training, make_split, split_ids
+
+
+def test_a_test_part_takes_its_share_of_all_images_and_val_its_share_too():
+    """--val_size and --test_size are fractions of the whole dataset: 0.2 and 0.2 of 100 images are 20 and 20,
+    the rest trains (val is drawn from what the test part leaves, so its fraction there is 0.2 / 0.8)."""
+    split = make_split([f"id{i:03d}" for i in range(100)], val_size=0.2, test_size=0.2)
+    assert [len(split_ids(split, part)) for part in ("train", "val", "test")] == [60, 20, 20]
+    assert sorted(split["img_id"]) == [f"id{i:03d}" for i in range(100)]  # each image in one part
+
+
+def test_the_leak_note_counts_test_images_as_held_out_too(tmp_path):
+    """Fine-tuning (--init) from a run that trained on some of this run's val or test images: both parts are
+    named, since scores on either would overstate."""
+    folder = tmp_path / "base"
+    folder.mkdir()
+    (folder / "config.yml").write_text("arch: UNet\n")
+    pd.DataFrame({"img_id": ["a", "b", "c", "d"], "split": ["train", "train", "train", "val"]}).to_csv(
+        folder / "split.csv", index=False)
+    mine = pd.DataFrame({"img_id": ["a", "b", "c", "d"], "split": ["val", "test", "train", "test"]})
+    assert held_out_seen_in_training(mine, str(folder / "model.pth")) == ["a", "b"]
