@@ -136,8 +136,8 @@ class BatchAugment:
         for size, out, u, scale in zip(shape, (self.out_h, self.out_w), start, scale):
             if self.crop_size:  # a window of the rescaled image, at a uniform integer position
                 pos = int(u * (size - out + 1)) + torch.arange(out, dtype=torch.float64)
-            else:  # resize: half-pixel centres, as OpenCV's INTER_LINEAR
-                pos = (torch.arange(out, dtype=torch.float64) + 0.5) * size / out - 0.5
+            else:  # resize: half-pixel centres, the edge pixels repeated beyond them, as OpenCV's INTER_LINEAR
+                pos = ((torch.arange(out, dtype=torch.float64) + 0.5) * size / out - 0.5).clamp(0, size - 1)
             centre = (size - 1) / 2
             src = centre + (pos - centre) / scale
             lo = max(int(np.floor(src.min().item())) - 1, 0)

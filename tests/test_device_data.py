@@ -289,3 +289,102 @@ def test_device_images_store_the_percentile_stretched_image():
     expected = dataset.image_to_float(image, 3, "percentile")
     np.testing.assert_allclose(stored, expected, atol=0.5 / 255 + 1e-6)
     assert stored.max() == 1 and stored.min() == 0
+
+
+@pytest.mark.parametrize("scale_jitter", [0.0, 1e-6])
+def test_crops_come_from_every_row_and_column_pair(scale_jitter):
+    """A crop's row and column offsets are drawn independently, each over every valid position (0 .. size - crop
+    inclusive), as albumentations' RandomCrop: all 5 x 5 corners of a 16-pixel crop of a 20 x 20 image occur, with
+    and without scale jitter (a near-identity factor here, so that the crop's pixels keep their unique codes)."""
+    image, mask = codes(20, 20), np.zeros((20, 20, 1), np.uint8)
+    augment = BatchAugment(0, 0, crop_size=16, scale_jitter=scale_jitter, color_jitter=False)
+    out, _ = ours([image], [mask], augment, n=400)
+    alb, _ = theirs(image, mask, dataset.train_transform(0, 0, crop_size=16, color_jitter=False), 300)
+    every = {(r, c) for r in range(5) for c in range(5)}
+    for outs in (out, alb):
+        corners = crop_corners(outs, image)
+        assert {tuple(c) for c in corners.tolist()} == every
+        assert abs(np.corrcoef(corners[:, 0], corners[:, 1])[0, 1]) < 0.15
+
+
+def test_an_image_is_augmented_alike_whatever_else_is_in_its_batch():
+    """Per-image augmentation: with the same random state, image a comes out the same in the batches [a, b] and
+    [a, c] (colour jitter's contrast pulls toward the image's own mean grey, not the batch's)."""
+    rng = np.random.default_rng(0)
+    a = (rng.random((16, 16, 3)) * 120 + 60).astype(np.uint8)
+    b, c = np.full_like(a, 10), np.full_like(a, 245)  # a dark and a bright neighbour
+    mask = np.zeros((16, 16, 1), np.uint8)
+    data = DeviceImages([(a, mask), (b, mask), (c, mask)], 3, torch.device("cpu"))
+    changed = 0
+    for seed in range(10):
+        with_b, _ = BatchAugment(16, 16)(data, [0, 1], torch.Generator().manual_seed(seed))
+        with_c, _ = BatchAugment(16, 16)(data, [0, 2], torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(with_b[0], with_c[0], atol=1e-6, rtol=0)
+        changed += d4_index(with_b[0] * image_files.NORM_STD + image_files.NORM_MEAN,
+                            torch.from_numpy(a.transpose(2, 0, 1)).float() / 255) == -1
+    assert changed >= 3  # the colour jitter did change a in most of these draws
+
+
+def test_greyscale_is_opencvs_rgb_to_grey():
+    """greyscale=1: every output's three channels are OpenCV's grey of the RGB image (cv2.COLOR_RGB2GRAY, the
+    weights of albumentations' ToGray), up to the flip/rotation drawn."""
+    rng = np.random.default_rng(0)
+    image = (rng.random((12, 12, 3)) * 255).astype(np.uint8)
+    image[..., 2] //= 4  # unequal channels, so that the weights' order matters
+    out, _ = ours([image], [np.zeros((12, 12, 1), np.uint8)],
+                  BatchAugment(12, 12, color_jitter=False, greyscale=1.0), n=16)
+    expected = torch.from_numpy(cv2.cvtColor(image.astype(np.float32) / 255, cv2.COLOR_RGB2GRAY))[None]
+    for o in out:
+        torch.testing.assert_close(o, o[:1].expand_as(o), atol=1e-6, rtol=0)
+        assert d4_index(o[:1], expected) != -1
+
+
+def test_hue_shifts_stay_within_albumentations_hue_limit():
+    """Colour jitter turns the hue (OpenCV's HSV, of a mid-saturated colour that the other parts leave the hue of)
+    by at most ColorJitter's hue limit in train_transform (0.05 of the circle), and uses that whole range."""
+    colour = np.array([0.6, 0.35, 0.3], np.float32)
+    image = np.tile(colour, (4, 4, 1))
+    jitter = dataset.train_transform(16, 16).transforms[-1].transforms[0]
+    limit = max(abs(h) for h in jitter.hue)
+
+    def shifts(outs):
+        hue = cv2.cvtColor(np.ascontiguousarray(outs.numpy().transpose(0, 2, 3, 1)).reshape(-1, 4, 3),
+                           cv2.COLOR_RGB2HSV)[..., 0] / 360
+        base = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)[0, 0, 0] / 360
+        return np.abs((hue - base + 0.5) % 1 - 0.5).max(1)
+
+    alb = []
+    for k in range(300):
+        jitter.set_random_seed(k)
+        alb.append(jitter(image=image)["image"].transpose(2, 0, 1))
+    theirs_ = shifts(torch.from_numpy(np.stack(alb)))
+    ours_ = shifts(colour_jitter(torch.from_numpy(image.transpose(2, 0, 1).copy())[None].repeat(2000, 1, 1, 1),
+                                 torch.Generator().manual_seed(0)))
+    for s in (ours_, theirs_):
+        assert s.max() <= limit + 1e-3 and s.max() > 0.9 * limit, s.max()
+    np.testing.assert_allclose(np.quantile(ours_[ours_ > 1e-3], [0.25, 0.5, 0.75]),
+                               np.quantile(theirs_[theirs_ > 1e-3], [0.25, 0.5, 0.75]), atol=0.006)
+
+
+@pytest.mark.parametrize("size", [(20, 24), (50, 44)])
+def test_resize_is_opencvs_bilinear_resize(size):
+    """Without jitter the resize is the workers' A.Resize: cv2.resize(INTER_LINEAR) (half-pixel centres, edge
+    pixels repeated when enlarging) of the stored image, up to the flip drawn, enlarging or shrinking."""
+    h, w = size
+    image = (np.random.default_rng(0).random((h, w, 3)) * 255).astype(np.uint8)
+    out, _ = ours([image], [np.zeros((h, w, 1), np.uint8)], BatchAugment(32, 28, color_jitter=False), n=8)
+    expected = torch.from_numpy(cv2.resize(image.astype(np.float32) / 255, (28, 32), interpolation=cv2.INTER_LINEAR)
+                                .transpose(2, 0, 1))
+    for o in out:  # a non-square output is only flipped: transforms 0-3
+        assert min((apply_d4(expected, k) - o).abs().max().item() for k in range(4)) < 1e-5
+
+
+def test_the_last_partial_batch_is_dropped_as_by_the_workers_loader():
+    """10 samples in batches of 4: two full batches, as the workers' DataLoader (drop_last=True) gives."""
+    data = DeviceImages([(codes(8, 8), np.zeros((8, 8, 1), np.uint8))] * 10, 3, torch.device("cpu"))
+    sampler = torch.utils.data.DistributedSampler(range(10), num_replicas=1, rank=0, shuffle=True, seed=0)
+    loader = DeviceLoader(data, [f"s{i}" for i in range(10)], BatchAugment(8, 8), sampler, 4, seed=0)
+    workers = torch.utils.data.DataLoader(range(10), batch_size=4, sampler=sampler, drop_last=True)
+    batches = list(loader)
+    assert len(loader) == len(batches) == len(workers) == 2
+    assert all(images.shape[0] == masks.shape[0] == len(meta["img_id"]) == 4 for images, masks, meta in batches)
