@@ -3,11 +3,14 @@ import cv2
 import numpy as np
 import pytest
 import tifffile
+from scipy import ndimage as ndi
+from skimage.morphology import h_maxima
 
 from config import check_object_filters, object_filters
 from image_files import read_labels
 from instances import (MIN_CONFIDENCE, auto_scale, connected_components, median_diameter, nucleus_areas,
-                       split_instances, touching_borders, watershed_instances, watershed_markers)
+                       smoothed_distance, split_instances, touching_borders, watershed_instances,
+                       watershed_markers)
 from metrics import dsb_score, dsb_scores
 from utils import UsageError
 
@@ -218,3 +221,125 @@ def test_auto_scale_resizes_only_nuclei_far_from_the_training_size():
     assert auto_scale(60.0, 20.0) == pytest.approx(1 / 3)
     assert auto_scale(8.0, 20.0) == pytest.approx(2.5)
     assert auto_scale(400.0, 20.0) == pytest.approx(0.25) and auto_scale(1.0, 20.0) == pytest.approx(4.0)
+
+
+def test_cc_joins_pixels_that_touch_diagonally():
+    """'cc' uses 8-connectivity: two squares that touch only at a corner are one object, as scipy's labelling
+    with a full 3x3 structure says."""
+    prob = np.zeros((12, 12), np.float32)
+    prob[2:5, 2:5] = 0.9
+    prob[5:8, 5:8] = 0.9  # its corner (5, 5) touches (4, 4) diagonally
+    expected, count = ndi.label(prob > 0.5, structure=np.ones((3, 3), bool))
+    assert count == 1
+    labels = connected_components(prob, min_size=0)
+    assert np.array_equal(labels, expected)
+    assert split_instances(prob, "cc", min_size=0, min_confidence=0).max() == 1
+
+
+def test_threshold_is_strict_and_reaches_every_separation():
+    """``threshold`` decides what is foreground for every separation (predict.py --threshold): a blob of
+    probability 0.4 is one object at threshold 0.3 and nothing at 0.5; a pixel exactly at the threshold is
+    background (``prob > threshold``)."""
+    prob = np.zeros((24, 24), np.float32)
+    prob[6:18, 6:18] = 0.4
+    mask = prob > 0.3
+    for method in ("watershed", "cc", "borders"):
+        border = np.zeros_like(prob) if method == "borders" else None
+        low = split_instances(prob, method, threshold=0.3, min_confidence=0, border=border)
+        assert low.max() == 1 and np.array_equal(low > 0, mask), method
+        assert split_instances(prob, method, threshold=0.5, min_confidence=0, border=border).max() == 0, method
+        assert split_instances(prob, method, threshold=0.4, min_confidence=0, border=border).max() == 0, method
+
+
+def test_min_confidence_compares_the_mean_probability():
+    """An object is kept when its mean probability reaches ``min_confidence`` (a mean exactly at it is kept); a
+    few confident pixels do not save an unsure object. Half 0.875 / half 0.625: mean 0.75."""
+    prob = np.zeros((16, 24), np.float32)
+    prob[4:12, 4:10] = 0.875
+    prob[4:12, 10:16] = 0.625
+    mean = prob[prob > 0.5].mean()
+    assert mean == 0.75
+    for method in ("cc", "watershed"):
+        assert split_instances(prob, method, min_confidence=0.8).max() == 0, method
+        kept = split_instances(prob, method, min_confidence=0.7)
+        assert kept.max() == 1 and np.array_equal(kept > 0, prob > 0.5), method
+        assert split_instances(prob, method, min_confidence=0.75).max() == 1, method
+
+
+def test_smoothed_distance_is_zero_outside_the_mask():
+    """The smoothed distance map stays inside the mask: 0 on every background pixel, positive on the mask; with
+    sigma 0 it is the plain Euclidean distance transform."""
+    mask = np.zeros((20, 20), bool)
+    mask[5:15, 4:12] = True
+    for sigma in (0, 1.0, 2.0):
+        distance = smoothed_distance(mask, sigma)
+        assert distance.shape == mask.shape and (distance[~mask] == 0).all(), sigma
+        assert (distance[mask] > 0).all(), sigma
+    assert np.array_equal(smoothed_distance(mask, 0), ndi.distance_transform_edt(mask))
+
+
+def test_h_sets_how_deep_a_saddle_splits_two_peaks():
+    """Two equal peaks get a marker each exactly when the saddle between them is at least ``h`` deep (in
+    log(1 + distance)): a saddle a little deeper than h splits them, one a little shallower does not."""
+    deeper = two_bumps(13)  # saddle about 0.073 below the tops
+    assert 0.06 < saddle_depth(deeper) < 0.08
+    assert watershed_markers(deeper, min_distance=2, h=0.05).max() == 2
+    assert watershed_markers(deeper, min_distance=2, h=0.07).max() == 2
+    assert watershed_markers(deeper, min_distance=2, h=0.08).max() == 1
+    shallower = two_bumps(12.5)  # saddle about 0.044 below the tops
+    assert 0.04 < saddle_depth(shallower) < 0.05
+    assert watershed_markers(shallower, min_distance=2, h=0.05).max() == 1
+    assert watershed_markers(shallower, min_distance=2, h=0.04).max() == 2
+
+
+def test_a_lower_peak_on_a_shallow_saddle_gets_no_marker():
+    """A lower peak whose saddle towards the higher one is less than ``h`` deep is a bump of the same nucleus:
+    no marker of its own; deeper than h, it gets one (as skimage.morphology.h_maxima says)."""
+    y, x = np.mgrid[:40, :80].astype(np.float64)
+    high, bump = 8 * np.exp(-((x - 30) ** 2 + (y - 20) ** 2) / 60), np.exp(-((x - 40) ** 2 + (y - 20) ** 2) / 20)
+    for low, expected in ((5.0, 1), (6.0, 2)):  # the lower peak's saddle: about 0.03 deep, then about 0.09
+        bumps = high + low * bump
+        assert (bumps == ndi.maximum_filter(bumps, size=3)).sum() == 2  # two peaks either way
+        _, count = ndi.label(h_maxima(np.log1p(bumps), 0.05), structure=np.ones((3, 3), bool))
+        assert count == expected
+        assert watershed_markers(bumps, min_distance=2, h=0.05).max() == expected, low
+
+
+def test_border_separation_cuts_along_the_ridge_of_the_predicted_border():
+    """The mask is flooded along rising border probability, so two touching nuclei are cut at the border's most
+    probable line, even off-centre and with a lopsided band above the threshold: every pixel left of the ridge
+    (column 10) is one object, every pixel right of it the other."""
+    prob = np.zeros((16, 40), np.float32)
+    prob[2:14, 2:38] = 0.99
+    border = np.zeros_like(prob)
+    border[2:14, 9:17] = [0.6, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6]  # ridge at column 10
+    labels = split_instances(prob, "borders", border=border)
+    assert labels.max() == 2 and np.array_equal(labels > 0, prob > 0.5)
+    left, right = labels[2:14, 2:10], labels[2:14, 11:38]
+    assert np.unique(left).size == 1 and np.unique(right).size == 1 and left[0, 0] != right[0, 0]
+
+
+def test_border_separation_keeps_a_nucleus_covered_by_predicted_border():
+    """A nucleus whose border probability is high everywhere has no core and so no marker; it is still an object
+    of its own (not dropped, not merged with another), so the union of the objects is the mask."""
+    prob = np.full((24, 40), 0.01, np.float32)
+    cv2.circle(prob, (12, 12), 8, 0.99, -1)
+    cv2.circle(prob, (31, 12), 3, 0.99, -1)
+    border = np.zeros_like(prob)
+    cv2.circle(border, (31, 12), 3, 0.9, -1)  # the small disc is all border
+    mask = prob > 0.5
+    expected, count = ndi.label(mask, structure=np.ones((3, 3), bool))
+    assert count == 2
+    labels = split_instances(prob, "borders", border=border)
+    assert labels.max() == 2 and np.array_equal(labels > 0, mask)
+    for k in (1, 2):  # each object is exactly one disc
+        disc = np.unique(expected[labels == k])
+        assert disc.size == 1 and np.array_equal(labels == k, expected == disc[0])
+
+
+def test_auto_scale_band_edges_keep_the_scale():
+    """Nuclei exactly ``band`` times wider or narrower than the training set's are within the band: no rescale;
+    just outside it they are rescaled."""
+    assert auto_scale(20.0 * 1.5, 20.0) == 1.0 and auto_scale(20.0 / 1.5, 20.0) == 1.0
+    assert auto_scale(30.5, 20.0) == pytest.approx(20.0 / 30.5)
+    assert auto_scale(13.0, 20.0) == pytest.approx(20.0 / 13.0)
