@@ -30,10 +30,12 @@ def build_parser():
 
 def main(argv):
     args = build_parser().parse_args(argv)
-    name = config.check_run_name(args.bundle_name or args.name, "--as" if args.bundle_name else "--name")
+    given = args.bundle_name is not None
+    name = config.check_run_name(args.bundle_name if given else args.name, "--as" if given else "--name")
     src = config.run_dir(config.check_run_name(args.name, "--name"))
     if not os.path.isdir(src):
-        raise UsageError(f"--name {args.name}: no run of that name in models/{config.run_name_suggestion(args.name)}")
+        raise UsageError(f"--name {args.name}: no run of that name in models/"
+                         f"{config.run_name_suggestion(args.name, bundled=False)}")
     missing = [f for f in ("model.pth",) + COPIED if not os.path.isfile(os.path.join(src, f))]
     if missing:
         raise UsageError(f"{src} lacks {', '.join(missing)}: bundle a finished run")

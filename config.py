@@ -9,6 +9,7 @@ import difflib
 import math
 import os
 import re
+from collections.abc import Hashable
 
 import yaml
 
@@ -187,12 +188,14 @@ class RecipeLoader(yaml.SafeLoader):
                                for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 
     def construct_mapping(self, node, deep=False):
-        seen = []  # a list: a key may be unhashable (a YAML list), which super() then refuses
+        seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):  # a YAML list or mapping as a key: super() refuses it
+                continue
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"{key} is given twice", key_node.start_mark)
-            seen.append(key)
+            seen.add(key)
         return super().construct_mapping(node, deep)
 
 
@@ -233,14 +236,16 @@ def read_yaml_config(path, parser, label=None):
     twice = next((keys for keys in names.values() if len(keys) > 1), None)
     if twice:
         raise UsageError(f"{label}: {' and '.join(twice)} set the same flag; keep one")
+    # an empty split_file is how earlier versions saved "none" in a run's config.yml
+    data = {k: v for k, v in data.items() if v is not None and not (dests[k] == "split_file" and v == "")}
     # milestones as a YAML list ([30, 60]) is written as the command line writes it: 30,60
     argv = [f"--{k}={','.join(map(str, v)) if isinstance(v, list) and dests[k] == 'milestones' else v}"
-            for k, v in data.items() if v is not None]
+            for k, v in data.items()]
     try:
         parsed = build_train_parser(exit_on_error=False).parse_args(argv)
     except argparse.ArgumentError as e:
         raise UsageError(f"{label}: {e}") from None
-    return {dests[k]: getattr(parsed, dests[k]) for k, v in data.items() if v is not None}
+    return {dests[k]: getattr(parsed, dests[k]) for k in data}
 
 
 def yaml_error_text(error):
@@ -511,11 +516,11 @@ def save_run_config(args, path):
         yaml.safe_dump({k: getattr(args, k) for k in keys}, f, sort_keys=False, allow_unicode=True)
 
 
-def run_name_suggestion(name):
-    """' (did you mean X?)' naming the run in models/ or the bundled run in pretrained/ whose name is closest to
-    ``name`` (difflib, ignoring case), or '' when none is close."""
+def run_name_suggestion(name, bundled=True):
+    """' (did you mean X?)' naming the run in models/ (or, with ``bundled``, the bundled run in pretrained/) whose
+    name is closest to ``name`` (difflib, ignoring case), or '' when none is close."""
     runs = {}
-    for folder, what in ((PRETRAINED_DIR, ", the bundled model"), (MODELS_DIR, "")):
+    for folder, what in ((PRETRAINED_DIR, ", the bundled model"), (MODELS_DIR, ""))[not bundled:]:
         if os.path.isdir(folder):
             runs.update({n: what for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n, "config.yml"))})
     lowered = {n.lower(): n for n in runs}

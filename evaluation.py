@@ -50,8 +50,10 @@ def evaluation_ids(name, split, dataset, run_dataset, reading):
         raise UsageError(f"{run}/split.csv has no '{split}' ids (train with --test_size for a test split)")
     folder = os.path.join(INPUTS_DIR, run_dataset)
     if not os.path.isdir(folder):
-        raise DataError(f"run {name} was trained on {folder}, which is not there: put it back (or link it there), or "
-                        "score another dataset with --dataset <set>")
+        how = {"synthetic": "python synthetic.py"}.get(run_dataset, "put it back, link it there, or prepare it again "
+                                                                   "(DSB2018: python preprocess_dsb2018.py --help)")
+        raise DataError(f"run {name} was trained on {folder}, which is not there: {how}; or score another dataset "
+                        "with --dataset <set>")
     images = find_layout(folder, reading["img_ext"], reading["mask_ext"]).image_ids()
     if not images:  # another extension, most likely: list_ids names the folder and the extensions it holds
         list_ids(folder, reading["img_ext"], reading["mask_ext"], reading["num_classes"])

@@ -63,8 +63,9 @@ class Trainer:
             if args.split_file and not args.resume else ""
         if unlisted:
             self._say(unlisted)
-        if schedule_note(args):
-            self._say(schedule_note(args))
+        note = schedule_note(args)
+        if note:
+            self._say(note)
         self.train_loader, self.on_device, self.cache = self._train_loader()
         self.val_loader = self.make_eval_loader(self.ids("val"))
         seed_everything(args.seed)
@@ -422,8 +423,8 @@ def dataset_folder(dataset, main, resume=None):
     ``resume``: the name of the run being resumed, whose dataset must be there (a DataError naming it if not)."""
     path = os.path.join(INPUTS_DIR, dataset)
     if resume and dataset != "synthetic" and not os.path.isdir(path):
-        raise DataError(f"--resume {resume}: the run's dataset {path} is not there: put it back (or link it there), "
-                        "or give --dataset with its new name or path (the same images)")
+        raise DataError(f"--resume {resume}: the dataset {path} is not there: put it back (or link it there), or "
+                        "give --dataset with the folder's name or path now (the same images)")
     if dataset == "synthetic" and main:
         ensure_synthetic(path)
     distributed.barrier()

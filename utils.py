@@ -153,14 +153,23 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def parse_known_args(self, args=None, namespace=None):
         args = sys.argv[1:] if args is None else list(args)
+        flags = [flag_name(a) for a in (args[:args.index("--")] if "--" in args else args)]
         for action in self._actions:
-            names = sorted({a.split("=", 1)[0] for a in args if a.split("=", 1)[0] in action.option_strings})
+            names = sorted({f for f in flags if f in action.option_strings})
             if len(names) > 1:
                 self.error(f"{' and '.join(names)} set the same flag; keep one")
         return super().parse_known_args(args, namespace)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see: python {self.prog} --help)\n")
+
+
+def flag_name(token):
+    """The flag a command-line token names: '--lr' of '--lr=0.1', '-b' of '-b16' (a short flag with its value
+    attached), the token itself otherwise."""
+    if token.startswith("--"):
+        return token.split("=", 1)[0]
+    return token[:2] if token.startswith("-") and len(token) > 2 else token
 
 
 def str2bool(v):
@@ -489,6 +498,8 @@ def check_output_folder(path, flag="--output"):
     existing = os.path.abspath(path)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"{flag} {path}: {existing} is a file; give a folder for the outputs")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"{flag} {path}: no permission to write in {existing}; give a folder you can write to")
 

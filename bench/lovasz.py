@@ -8,7 +8,6 @@ warm-up) and prints the speed-up. The last line is one JSON object with all the 
     python bench/lovasz.py --quick
     python bench/lovasz.py                          # B=16 96x96 and B=16 256x256, CPU and CUDA when present
 """
-import argparse
 import json
 import os
 import platform
@@ -25,12 +24,13 @@ import torch  # noqa: E402
 from lovasz_losses import lovasz_hinge  # noqa: E402
 from lovasz_reference import lovasz_hinge_per_image_loop  # noqa: E402
 from timing import cpu_name, device_list, sync  # noqa: E402
+from utils import ArgumentParser  # noqa: E402
 
 IMPLS = {"batched": lovasz_hinge, "loop": lovasz_hinge_per_image_loop}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="bench/lovasz.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="one small case, few repeats")
     p.add_argument("--device", default="auto", help="auto (CPU, plus CUDA when present), cpu or cuda")
     p.add_argument("--cases", default=None, help="comma-separated BxHxW, default 16x96x96,16x256x256 "

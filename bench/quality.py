@@ -25,7 +25,7 @@ import torch  # noqa: E402
 import val  # noqa: E402
 from config import parse_train_args  # noqa: E402
 from timing import cpu_name  # noqa: E402
-from utils import atomic_write  # noqa: E402
+from utils import ArgumentParser, atomic_write  # noqa: E402
 
 
 def hardware():
@@ -63,7 +63,8 @@ def append_row(path, row):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="bench/quality.py", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("configs", nargs="+", help="recipes to run, in order")
     p.add_argument("--epochs", type=int, default=None, help="override the recipes' epochs (say so in the table)")
     p.add_argument("--suffix", default="", help="appended to each run name (e.g. _cpu10), and to the --init run of a "

@@ -5,10 +5,12 @@ import sys
 import time
 
 import pytest
+import torch
 import yaml
 
 import train
 from conftest import ROOT
+from optim import build_scheduler
 from config import (build_train_parser, default_run_name, parse_train_args, read_run_config, read_yaml_config,
                     save_run_config, schedule_note)
 from utils import ArgumentParser, UsageError, run_cli
@@ -158,6 +160,9 @@ def test_a_flag_given_under_two_names_or_shortened_is_refused(capsys):
             parse_train_args(argv)
         assert e.value.code == 2 and message in capsys.readouterr().err
     assert parse_train_args(["--lr", "0.1", "--lr", "0.01"]).lr == 0.01  # one name twice: the last, as usual
+    with pytest.raises(SystemExit):  # a short flag with its value attached
+        parse_train_args(["-b16", "--batch_size", "8"])
+    assert "--batch_size and -b set the same flag" in capsys.readouterr().err
 
 
 def test_a_negative_count_in_a_recipe_names_its_flag_and_the_recipe(tmp_path):
@@ -172,8 +177,17 @@ def test_a_yaml_syntax_error_says_where(tmp_path):
         parse_train_args(["--config", write_yaml(tmp_path / "tab.yml", "epochs: 2\n\tlr: 0.1\n")])
     with pytest.raises(UsageError, match=r"indent.yml: not valid YAML \(line 2, column 4: mapping values are not "):
         parse_train_args(["--config", write_yaml(tmp_path / "indent.yml", "a: 1\n  b: 2\n")])
-    with pytest.raises(UsageError, match=r"key.yml: not valid YAML \(line 1, column 1: found unhashable key"):
-        parse_train_args(["--config", write_yaml(tmp_path / "key.yml", "[1, 2]: 3\n")])
+    for text in ("[1, 2]: 3\n", "[a]: 1\n[b]: 2\n"):
+        with pytest.raises(UsageError, match=r"key.yml: not valid YAML \(line 1, column 1: found unhashable key"):
+            parse_train_args(["--config", write_yaml(tmp_path / "key.yml", text)])
+
+
+def test_a_saved_run_with_an_empty_split_file_loads(tmp_path):
+    """Earlier versions saved 'no split file' as an empty value; such a run still loads (as having none)."""
+    path = tmp_path / "config.yml"
+    save_run_config(parse_train_args(["--name", "old"]), str(path))
+    path.write_text(path.read_text().replace("split_file: null", "split_file: ''"))
+    assert "split_file: ''" in path.read_text() and read_run_config(str(path)).split_file is None
 
 
 def test_a_folder_given_for_a_file_or_an_empty_path_is_named(tmp_path, capsys):
@@ -185,13 +199,42 @@ def test_a_folder_given_for_a_file_or_an_empty_path_is_named(tmp_path, capsys):
 
 
 def test_a_schedule_longer_than_the_run_gets_a_note():
-    assert schedule_note(parse_train_args(["--epochs", "3", "--warmup_epochs", "1"])) == ""
+    assert schedule_note(parse_train_args(["--epochs", "3", "--warmup_epochs", "2"])) == ""  # reaches --lr in epoch 3
     assert "--warmup_epochs 3 is not shorter than --epochs 3: the learning rate stays below --lr" in schedule_note(
         parse_train_args(["--epochs", "3", "--warmup_epochs", "3"]))
     multistep = ["--scheduler", "MultiStepLR", "--epochs", "5", "--warmup_epochs", "1"]
     assert schedule_note(parse_train_args(multistep + ["--milestones", "3"])) == ""
     assert "--milestones 4,9 fall at or after the last epoch" in schedule_note(
         parse_train_args(multistep + ["--milestones", "2,4,9"]))
+
+
+def learning_rates(epochs, warmup, scheduler, milestones):
+    """The rate of each epoch of a run, from optim.build_scheduler stepped as train.py steps it (--lr 1)."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    schedule = build_scheduler(scheduler, optimizer, epochs, warmup, 0.0, 0.1, 2, milestones, 0.5)
+    rates = []
+    for _ in range(epochs):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    return rates
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 3, 5])
+@pytest.mark.parametrize("warmup", [0, 1, 2, 3, 5])
+def test_the_schedule_note_agrees_with_the_rates_the_scheduler_gives(epochs, warmup):
+    """The note names exactly the warm-ups that never reach --lr and the milestones at which the rate is never
+    lowered, as the schedule itself, stepped once per epoch, shows."""
+    milestones = [1, 2, 4]
+    argv = ["--epochs", str(epochs), "--warmup_epochs", str(warmup), "--lr", "1", "--min_lr", "0"]
+    note = schedule_note(parse_train_args(argv))
+    assert ("--warmup_epochs" in note) == (max(learning_rates(epochs, warmup, "CosineAnnealingLR", [])) < 1 - 1e-9)
+    note = schedule_note(parse_train_args(argv + ["--scheduler", "MultiStepLR", "--milestones", "1,2,4"]))
+    rates = learning_rates(epochs, warmup, "MultiStepLR", milestones)
+    lowered = sum(later < earlier for earlier, later in zip(rates, rates[1:]))  # the warm-up only raises it
+    unused = [m for m in milestones if warmup + m >= epochs]
+    assert lowered == len(milestones) - len(unused)
+    assert (f"--milestones {','.join(map(str, unused))} fall" in note) == bool(unused)
 
 
 @pytest.mark.parametrize("key,value", [("epochs", "many"), ("epochs", 2.5), ("lr", "fast"), ("lr", [1, 2]),

@@ -73,3 +73,12 @@ def test_amp_flag_reads_old_and_new_values():
     assert [compile_mode(v) for v in (False, "True", "reduce-overhead")] == [False, "default", "reduce-overhead"]
     with pytest.raises(argparse.ArgumentTypeError):
         amp_mode("half")
+
+
+def test_a_gpu_index_beyond_the_visible_gpus_is_named(monkeypatch):
+    """--device cuda:3 on a machine with one GPU: the error names the flag and the GPUs there are."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UsageError, match=r"--device cuda:3: PyTorch sees 1 CUDA GPU \(cuda:0 to cuda:0\)"):
+        engine.choose_device("cuda:3")
+    assert engine.choose_device("cuda:0") == torch.device("cuda:0")

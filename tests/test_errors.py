@@ -131,7 +131,7 @@ CASES = {
                                    ["run movedrun was trained on inputs/moved, which is not there: put it back",
                                     "--dataset <set>"]),
     "resume_run_of_a_moved_dataset": (["train.py", "--resume", "movedrun"], 1,
-                                      ["--resume movedrun: the run's dataset inputs/moved is not there",
+                                      ["--resume movedrun: the dataset inputs/moved is not there",
                                        "give --dataset with its new name"]),
     "val_run_without_split": (["val.py", "--name", "pctrun", "--device", "cpu"], 2,
                               ["models/pctrun/split.csv not found", "--dataset <set>"]),

@@ -610,6 +610,8 @@ def test_errors_name_the_problem(in_runs, tmp_path, monkeypatch):
         m.setattr(os, "access", lambda p, mode: p != str(tmp_path))
         with pytest.raises(UsageError, match=f"--output {out}: no permission to write in {tmp_path}; give a folder"):
             predict.main(["--name", "p", "--input", image, "--output", out])
+    with pytest.raises(UsageError, match=f"--output {image}/out: {image} is a file; give a folder"):
+        predict.main(["--name", "p", "--input", image, "--output", f"{image}/out"])
     with pytest.raises(UsageError, match=r"--output .*sub/ is the --input folder .*sub; write the outputs to a "):
         predict.main(["--name", "p", "--input", str(tmp_path / "sub"), "--output", str(tmp_path / "sub") + "/"])
     named_like_an_output = write(tmp_path / "a_prob.png", sample_bgr(32, 32))  # a's --save_prob file

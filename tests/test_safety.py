@@ -570,6 +570,8 @@ def test_bundle_writes_fp16_weights_that_load_by_name(tiny_workdir, monkeypatch)
         bundle.main(["--name", "mines"])
     with pytest.raises(UsageError, match="--as '../x' must be a plain name"):
         bundle.main(["--name", "mine", "--as", "../x"])
+    with pytest.raises(UsageError, match="--as is empty"):
+        bundle.main(["--name", "mine", "--as", ""])
     bundle.main(["--name", "mine"])
     shipped = tiny_workdir / "pretrained" / "mine"
     assert sorted(os.listdir(shipped)) == ["config.yml", "log.csv", "model.pth", "model.pth.sha256", "split.csv"]
