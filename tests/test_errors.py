@@ -132,7 +132,7 @@ CASES = {
                                     "--dataset <set>"]),
     "resume_run_of_a_moved_dataset": (["train.py", "--resume", "movedrun"], 1,
                                       ["--resume movedrun: the dataset inputs/moved is not there",
-                                       "give --dataset with its new name"]),
+                                       "give --dataset with the folder's name or path now"]),
     "val_run_without_split": (["val.py", "--name", "pctrun", "--device", "cpu"], 2,
                               ["models/pctrun/split.csv not found", "--dataset <set>"]),
     "val_split_ids_missing_from_the_dataset": (["val.py", "--name", "partrun", "--device", "cpu"], 1,
