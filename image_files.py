@@ -103,12 +103,16 @@ class TiffHeader(NamedTuple):
     """What a TIFF's header says, before its pixels are read (:func:`tiff_header`): the plane axes and the channel
     axis of its first series (:func:`tiff_layout`; "" for none; a channel axis Q or I means pages without axis
     metadata taken as colours), its number of channels (1 for grey), its number of series (positions or scenes;
-    only the first is read) and the length of each plane axis. The defaults describe a 2D image."""
+    only the first is read), the length of each plane axis, whether the channels are stored before the rows (planar
+    RGB, or a stack written without axes that tifffile took for one) and the size of a plane (height, width; (0, 0)
+    when unknown). The defaults describe a 2D image."""
     plane_axes: str = ""
     channel_axis: str = ""
     channels: int = 1
     series: int = 1
     plane_shape: tuple = ()
+    channels_first: bool = False
+    plane_size: tuple = (0, 0)
 
 
 def tiff_header(path):
@@ -117,10 +121,14 @@ def tiff_header(path):
     try:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
-            order, plane_axes, channel_axis = tiff_layout(series.shape, series.axes)
-            channels = series.shape[order[-1]] if channel_axis else 1
-            plane_shape = tuple(series.shape[i] for i in order[:len(plane_axes)])
-            return TiffHeader(plane_axes, channel_axis, channels, len(tif.series), plane_shape)
+            shape, axes = series.shape, series.axes
+            order, plane_axes, channel_axis = tiff_layout(shape, axes)
+            channels = shape[order[-1]] if channel_axis else 1
+            plane_shape = tuple(shape[i] for i in order[:len(plane_axes)])
+            channels_first = bool(channel_axis) and order[-1] < axes.index("Y")
+            plane_size = (shape[axes.index("Y")], shape[axes.index("X")])
+            return TiffHeader(plane_axes, channel_axis, channels, len(tif.series), plane_shape, channels_first,
+                              plane_size)
     except Exception:
         return TiffHeader()
 

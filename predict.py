@@ -167,7 +167,9 @@ def tiff_notes(files, headers, channel):
     """A line for each TIFF read otherwise than its header might suggest: 3 or 4 pages without ImageJ or OME axes
     read as the colours of one image (channels-first RGB is common; a short stack saved without axes looks the
     same), 3 channels on a C axis read as RGB when no ``channel`` is chosen (fluorescence channels, unlike RGB
-    samples on an S axis), and the series after the first (positions or scenes), which are not read."""
+    samples on an S axis), 3 or 4 samples stored before the rows (planar RGB, as tifffile writes an array [3 or 4,
+    H, W] without axes), planes under 16 pixels on a side (axes most likely lost), and the series after the first
+    (positions or scenes), which are not read."""
     notes = []
     for f, header in zip(files, headers):
         if header.channel_axis in ("Q", "I"):
@@ -176,6 +178,15 @@ def tiff_notes(files, headers, channel):
         if header.channel_axis == "C" and header.channels == 3 and channel is None:
             notes.append(f"note: {f} has 3 channels (axis C): read as the colours of one RGB image; for "
                          "fluorescence channels give the nucleus channel with --channel (0 to 2)")
+        if header.channel_axis == "S" and header.channels_first:
+            notes.append(f"note: {f} stores {header.channels} samples before its rows (planar RGB): read as the "
+                         "colours of one image; if they are the planes of a stack, save it as an ImageJ or OME TIFF "
+                         "with its axes")
+        if 0 < min(header.plane_size) < 16:
+            (height, width), planes = header.plane_size, int(np.prod(header.plane_shape or (1,)))
+            notes.append(f"note: {f} is read as {planes} plane(s) of {height}x{width} pixels, too small to hold a "
+                         "nucleus: was it saved without its axes? (an array [H, W, 2] written without them reads as "
+                         "H planes)")
         if header.series > 1:
             notes.append(f"note: {f} holds {header.series} series (positions or scenes): only the first is "
                          "segmented; save each series as a file of its own")

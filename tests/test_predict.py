@@ -189,6 +189,22 @@ def test_three_pages_without_axes_are_read_as_colours_with_a_note(tmp_path):
     assert len(notes) == 1 and files[0] in notes[0] and "ImageJ or OME TIFF" in notes[0]
 
 
+def test_arrays_written_without_axes_that_read_otherwise_get_a_note(tmp_path):
+    """tifffile.imwrite of a bare array guesses: [4, H, W] became planar RGBA (the 4th plane dropped as alpha) and
+    [H, W, 2] becomes H planes of W x 2 pixels. Both are read as the file says, with a note; a planar RGB image of
+    ordinary size gets the first note only."""
+    tifffile.imwrite(tmp_path / "four.tif", np.zeros((4, 32, 32), np.uint8), photometric="rgb",
+                     planarconfig="separate")  # what tifffile (2026.3) writes for a bare [4, H, W] array
+    tifffile.imwrite(tmp_path / "two.tif", np.zeros((32, 32, 2), np.uint8))
+    files = [str(tmp_path / f) for f in ("four.tif", "two.tif")]
+    headers = predict.tiff_headers(files)
+    assert [(h.channel_axis, h.channels_first, h.plane_size) for h in headers] == [("S", True, (32, 32)),
+                                                                                   ("", False, (32, 2))]
+    notes = predict.tiff_notes(files, headers, None)
+    assert len(notes) == 2 and "four.tif stores 4 samples before its rows (planar RGB)" in notes[0]
+    assert "two.tif is read as 32 plane(s) of 32x2 pixels, too small to hold a nucleus" in notes[1]
+
+
 def test_a_stack_of_time_points_and_z_planes_keeps_both_axes(in_runs, tmp_path):
     """A TZCYX hyperstack (2 time points x 3 z planes, 2 channels) gives TZYX outputs, each page the one of its
     plane in the input's order, so that they lie on the input in Fiji; objects.csv numbers the planes t * Z + z."""
