@@ -187,6 +187,18 @@ class ImageWriter:
         return {m: float(np.mean(v)) for m, v in self.dsb.items() if v}
 
 
+def model_epoch(name):
+    """'epoch N of M' for run ``name``'s model.pth: the first epoch of its log.csv with the highest val IoU (the one
+    train.py keeps), of the M epochs logged so far (fewer than --epochs while it still trains); '' without a log
+    that says."""
+    try:
+        log = pd.read_csv(os.path.join(saved_run_dir(name), "log.csv"))
+        best = int(log["epoch"][log["val_iou"].idxmax()])
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, KeyError, TypeError, ValueError):
+        return ""
+    return f"epoch {best} of {int(log['epoch'].max())}"
+
+
 def summary(title, scores, table, dsb, out_dir, overlays):
     """The lines val.py prints: pooled and per-image IoU/Dice, IoU by image kind, DSB2018 scores, worst image."""
     per_kind = table.groupby("kind")["iou"].agg(["size", "mean"])

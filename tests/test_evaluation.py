@@ -10,7 +10,7 @@ import torch
 from conftest import write_image
 
 from engine import Precision, evaluate
-from evaluation import ImageWriter
+from evaluation import ImageWriter, model_epoch
 from losses import build_loss
 from image_files import read_label_image
 from metrics import dsb_scores
@@ -139,3 +139,17 @@ def test_batched_threads_show_a_bar_while_they_run_only_when_named(capsys):
         jobs.submit(_square_slowly, 5)
         jobs.flush()
     assert got[-1] == 25 and capsys.readouterr().err == ""
+
+
+def test_the_model_is_named_by_its_epoch_from_the_log(tmp_path, monkeypatch):
+    """val.py's title says which epoch model.pth holds: the first with the highest val IoU (train.py keeps that one)
+    of the epochs logged so far, so that a run still training is not taken for a finished one; '' without a log."""
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("models/r")
+    assert model_epoch("r") == ""
+    with open("models/r/log.csv", "w") as f:
+        f.write("epoch,val_iou\n1,0.5\n2,0.7\n3,0.6\n4,0.7\n")
+    assert model_epoch("r") == "epoch 2 of 4"
+    with open("models/r/log.csv", "w") as f:
+        f.write("epoch,loss\n1,0.5\n")  # no val_iou column
+    assert model_epoch("r") == ""
