@@ -84,22 +84,25 @@ def describe_evaluation(record):
 def check_same_evaluation(out_dir, record):
     """A default output folder is replaced only by the evaluation it holds (its evaluation.yml): the folders of two
     can share a name (run r's --split test and a run named r_test both give outputs/r_test), and one would
-    silently replace the other. A folder without the file (older, or unreadable) is replaced."""
+    silently replace the other. A folder without the file (older, or unreadable) is replaced, and so is the same
+    evaluation made with other settings (its ``settings`` key)."""
     try:
         with open(os.path.join(out_dir, EVALUATION_FILE)) as f:
             held = yaml.safe_load(f)
     except (OSError, yaml.YAMLError):
         return
-    if isinstance(held, dict) and held != record:
+    if isinstance(held, dict) and {key: held.get(key) for key in record} != record:
         raise UsageError(f"{out_dir} holds the evaluation of {describe_evaluation(held)}, not of "
                          f"{describe_evaluation(record)}; give --output to write this one elsewhere, or remove that "
                          "folder")
 
 
-def write_evaluation_record(folder, record):
-    """evaluation.yml in ``folder``: ``record`` (:func:`evaluation_record`)."""
+def write_evaluation_record(folder, record, settings):
+    """evaluation.yml in ``folder``: ``record`` (:func:`evaluation_record`) and, under ``settings``, how it was
+    scored (the model's epoch, precision, --tta, --prune, separation and object filters), so that a folder of
+    outputs says which command made it."""
     with open(os.path.join(folder, EVALUATION_FILE), "w") as f:  # inside the folder replaced when complete
-        yaml.safe_dump(record, f)
+        yaml.safe_dump({**record, "settings": settings}, f, sort_keys=False)
 
 
 def separation_order(chosen, borders):

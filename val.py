@@ -116,9 +116,11 @@ def main(argv):
         scores = evaluate(precision.prepare(model), loader, criterion, precision, desc="eval", prune=args.prune,
                           tta=args.tta, on_batch=writer, classes=cfg.num_classes)
         table = writer.write_table()
-        write_evaluation_record(tmp, record)
+        epoch = model_epoch(args.name)
+        write_evaluation_record(tmp, record, {"model": epoch or "model.pth", "precision": precision.describe(),
+                                              "tta": args.tta, "prune": args.prune, "separation": separation,
+                                              **filters})
     dsb = writer.dsb_means()
-    epoch = model_epoch(args.name)
     title = f"{args.name} ({epoch + ', ' if epoch else ''}{part}, {len(ids)} images, {precision.describe()}" + \
         (", flip TTA" if args.tta else "") + (f", pruned at L={args.prune}" if args.prune else "") + ")"
     print(summary(title, scores, table, dsb, out_dir, not args.no_overlays))

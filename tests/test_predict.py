@@ -679,12 +679,17 @@ def test_val_keeps_another_evaluation_s_default_folder(in_runs, tmp_path, capsys
         val.main(["--name", "p", "--dataset", str(tmp_path / "a" / "test"), *quiet])
         assert "note: 1 file is in" in capsys.readouterr().out  # e.PNG, left out as train.py says
         with open(os.path.join("outputs", "p_on_test", "evaluation.yml")) as f:
-            assert yaml.safe_load(f) == {"run": "p", "dataset": os.path.realpath(tmp_path / "a" / "test"),
-                                         "split": "every image"}
+            held = yaml.safe_load(f)
+        assert held.pop("settings")["tta"] is False
+        assert held == {"run": "p", "dataset": os.path.realpath(tmp_path / "a" / "test"), "split": "every image"}
         with pytest.raises(UsageError, match=r"outputs/p_on_test holds the evaluation of run p \(every image of "
                                              r".*a/test\), not of run p \(every image of .*b/test\); give --output"):
             val.main(["--name", "p", "--dataset", str(tmp_path / "b" / "test"), *quiet])
-        val.main(["--name", "p", "--dataset", str(tmp_path / "a" / "test"), *quiet])
+        val.main(["--name", "p", "--dataset", str(tmp_path / "a" / "test"), "--tta", "--min_size", "3", *quiet])
+        with open(os.path.join("outputs", "p_on_test", "evaluation.yml")) as f:  # replaced, with its new settings
+            settings = yaml.safe_load(f)["settings"]
+        assert settings["tta"] is True and settings["min_size"] == 3 and settings["prune"] is None
+        assert settings["separation"] == "watershed" and settings["model"].startswith("epoch ")
         val.main(["--name", "p", "--dataset", str(tmp_path / "b" / "test"), "--output", str(tmp_path / "b_out"),
                   *quiet])
     finally:
@@ -694,9 +699,11 @@ def test_val_keeps_another_evaluation_s_default_folder(in_runs, tmp_path, capsys
 def test_a_run_s_split_is_one_evaluation_wherever_its_dataset_lies(tmp_path):
     """A run's own split is identified by run and split (its dataset folder may move); run r's test split and the
     validation split of a run named r_test are two evaluations."""
-    evaluation.write_evaluation_record(str(tmp_path), evaluation.evaluation_record("r", None, None, "/old/place"))
+    evaluation.write_evaluation_record(str(tmp_path), evaluation.evaluation_record("r", None, None, "/old/place"),
+                                       {"tta": False})
     evaluation.check_same_evaluation(str(tmp_path), evaluation.evaluation_record("r", "val", None, "/new/place"))
-    evaluation.write_evaluation_record(str(tmp_path), evaluation.evaluation_record("r", "test", None, "/data"))
+    evaluation.write_evaluation_record(str(tmp_path), evaluation.evaluation_record("r", "test", None, "/data"),
+                                       {"tta": True})
     with pytest.raises(UsageError, match=r"holds the evaluation of run r \(test split\), not of run r_test \(val "
                                          r"split\); give --output"):
         evaluation.check_same_evaluation(str(tmp_path), evaluation.evaluation_record("r_test", None, None, "/data"))
