@@ -28,8 +28,13 @@ NORM_STD = 0.25
 
 
 def _check_exists(path, what):
+    """A DataError naming the file unless it exists and this user may read it (OpenCV says neither: it returns
+    None for both)."""
     if not os.path.isfile(path):
         raise DataError(f"{what} file {path} does not exist")
+    if not os.access(path, os.R_OK):
+        raise DataError(f"cannot read {what} {path}: permission denied; make it readable (chmod a+r) or run as a "
+                        "user who may read it")
 
 
 def _imread(path, flags, what):

@@ -166,6 +166,18 @@ def test_unreadable_or_truncated_image(tmp_path, content):
     assert str(bad) in str(e.value)
 
 
+@pytest.mark.parametrize("ext", [".png", ".tif"])
+def test_a_file_this_user_may_not_read_is_named_as_such(tmp_path, monkeypatch, ext):
+    """OpenCV returns None for a file it may not open, as for a broken one: the message says which it is. (Tests run
+    as root here, who may read every file, so os.access answers for a user who may not.)"""
+    path = write_image(tmp_path / f"locked{ext}", np.zeros((32, 32), np.uint8))
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(path) else real_access(p, mode))
+    for read in (decode_image, read_mask, read_label_image):
+        with pytest.raises(DataError, match=f"cannot read .* {path}: permission denied; make it readable"):
+            read(str(path))
+
+
 def test_unreadable_image_inside_dataset(tmp_path):
     root = make_layout(tmp_path / "ds", IDS)
     path = os.path.join(root, "images", "b.png")
