@@ -15,9 +15,9 @@ a run named r_test share outputs/r_test) is refused instead of replaced.
 Reads models/<name>/config.yml, model.pth and split.csv; prints pooled IoU, mean per-image IoU and mean
 per-image Dice; writes outputs/<name>/<class>/<id>.png (probability x 255, 8-bit PNG; runs trained with
 --borders True also borders/<id>.png), scores.csv (one row per image, worst first, with its kind: fluorescence,
-stained or bright-field, see dataset.image_modality; with a ``dsb`` column, the
-DSB2018 instance score, when inputs/<dataset>/labels/ holds 16-bit instance labels: nuclei split by
---separation, the other ways printed beside it), overlays/<id>.png (image | truth | prediction | errors) and
+stained or bright-field, see dataset.image_modality; with a ``dsb`` column, the DSB2018 instance score, when the
+dataset has instance labels (labels/, or a StarDist or Cellpose label-image layout, see dataset.find_layout): nuclei
+split by --separation, the other ways printed beside it), overlays/<id>.png (image | truth | prediction | errors) and
 summary.png.
 """
 import os
@@ -30,10 +30,10 @@ from utils import (ArgumentParser, at_least, check_replaceable, check_run_name, 
 
 def build_parser():
     p = ArgumentParser(prog="val.py",
-                       description="Evaluate models/<name>/model.pth on the run's own split. When "
-                                   "inputs/<dataset>/labels/ exists, also the DSB2018 instance score of the nuclei "
-                                   "that --separation, --min_size and --min_confidence make (the other separations "
-                                   "printed beside it).")
+                       description="Evaluate models/<name>/model.pth on the run's own split. When the dataset "
+                                   "has instance labels (labels/ or label images), also the DSB2018 instance score "
+                                   "of the nuclei that --separation, --min_size and --min_confidence make (the other "
+                                   "separations printed beside it).")
     p.add_argument("--name", required=True, help="run name: a folder in models/, or nuclei (the bundled model)")
     p.add_argument("--split", default=None, choices=["val", "test", "train"],
                    help="which ids of split.csv (default val)")

@@ -1,8 +1,8 @@
 """Is model B better than model A on the same images? A paired comparison of two val.py scores.csv files.
 
-    python val.py --name nuclei --output outputs/nuclei_val
-    python val.py --name dsb2018_full_UNet_crop256_borders
-    python bench/compare_scores.py outputs/nuclei_val/scores.csv outputs/dsb2018_full_UNet_crop256_borders/scores.csv
+    python val.py --name nuclei --output outputs/nuclei_val          # A: the bundled model
+    python val.py --name borders_longer_dark                           # B: a candidate trained on the same split
+    python bench/compare_scores.py outputs/nuclei_val/scores.csv outputs/borders_longer_dark/scores.csv
 
 For each score both files hold (iou, dice, dsb): the mean over the images both scored of B - A, a 95 % bootstrap
 interval of that mean (the images drawn again with replacement, 10,000 times, seed 0), and on how many images B
