@@ -5,7 +5,6 @@ No torch here (the slow import), so that every script's ``--help`` answers at on
 import argparse
 import ctypes
 import ctypes.util
-import fcntl
 import hashlib
 import io
 import os
@@ -22,6 +21,10 @@ from contextlib import contextmanager
 import cv2
 import tifffile
 from tqdm import tqdm
+
+if sys.platform == "win32":  # file locks, signals and process checks below are POSIX's
+    sys.exit("error: this toolkit runs on Linux and macOS; on Windows, run it in WSL (Windows Subsystem for Linux)")
+import fcntl  # noqa: E402  (POSIX only: after the check above)
 
 
 class UserError(Exception):
@@ -377,11 +380,14 @@ def made_in(folder, make, **kwargs):
 def atomic_write(path, mode="w", **kwargs):
     """Open a temporary file beside ``path`` and move it over ``path`` only when the block succeeds.
 
-    A crash or Ctrl-C inside the block leaves the old file untouched and no partial file behind.
+    A crash or Ctrl-C inside the block leaves the old file untouched and no partial file behind. Text is written in
+    UTF-8 whatever the locale.
     """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = made_in(directory, tempfile.mkstemp, prefix=f".{os.path.basename(path)}.{os.getpid()}.", suffix=".tmp")
+    if "b" not in mode:
+        kwargs.setdefault("encoding", "utf-8")  # not the locale's: the toolkit reads its CSVs back as UTF-8
     try:
         with os.fdopen(fd, mode, **kwargs) as f:
             yield f

@@ -11,6 +11,7 @@ import pickle
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
 
 import cv2
@@ -264,6 +265,30 @@ def test_atomic_write_keeps_the_old_file(tmp_path, exc):
             raise exc()
     assert path.read_text() == "old\n"
     assert os.listdir(tmp_path) == ["log.csv"]
+
+
+def test_atomic_write_writes_utf8_whatever_the_locale(tmp_path, monkeypatch):
+    """CSVs the toolkit writes (split.csv, scores.csv, objects.csv) hold image names and are read back as UTF-8: a
+    locale of another encoding (Windows' cp1252, a Latin-1 Linux) must not decide how they are written."""
+    real_fdopen = os.fdopen
+
+    def fdopen_latin1(fd, mode="r", *args, **kwargs):
+        if "b" not in mode and kwargs.get("encoding") is None:
+            kwargs["encoding"] = "cp1252"  # what a text file without an encoding gets on such a machine
+        return real_fdopen(fd, mode, *args, **kwargs)
+    monkeypatch.setattr(os, "fdopen", fdopen_latin1)
+    with atomic_write(tmp_path / "split.csv") as f:
+        f.write("img_id,split\ncafé 細胞,val\n")
+    assert pd.read_csv(tmp_path / "split.csv", encoding="utf-8")["img_id"].tolist() == ["café 細胞"]
+
+
+def test_windows_is_named_at_start_not_a_missing_module():
+    """utils needs POSIX (fcntl locks, signals): on Windows every script says so in one line, not ModuleNotFound."""
+    code = "import sys; sys.platform = 'win32'; import utils"
+    done = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          capture_output=True, text=True)
+    assert done.returncode == 1 and done.stderr.strip() == ("error: this toolkit runs on Linux and macOS; on Windows, "
+                                                            "run it in WSL (Windows Subsystem for Linux)")
 
 
 def test_a_folder_that_takes_no_file_is_named_in_the_error(tmp_path, monkeypatch, capsys):
