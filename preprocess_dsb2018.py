@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from image_files import read_mask
 from utils import (ArgumentParser, DataError, UsageError, atomic_imwrite, check_replaceable, check_utf8_names,
                    folder_replaced_when_done, integer, path_arg, run_cli)
 
@@ -97,8 +98,10 @@ def _read_csv(path):
             raise DataError(f"--masks_csv {path}: cannot read it ({str(e).splitlines()[0][:100]})") from None
         missing = {"ImageId", "EncodedPixels", "Height", "Width"} - set(table.columns)
         if missing:
+            semicolons = len(table.columns) == 1 and ";" in str(table.columns[0])  # a spreadsheet's CSV
             raise DataError(f"--masks_csv {path} lacks the columns {', '.join(sorted(missing))} (Kaggle's "
-                            "stage1_solution.csv has ImageId,EncodedPixels,Height,Width)")
+                            "stage1_solution.csv has ImageId,EncodedPixels,Height,Width)" +
+                            ("; its fields are separated by ';': save it with commas" if semicolons else ""))
         _CSV[path] = table
     return _CSV[path]
 
@@ -128,8 +131,9 @@ def _read(path, flags):
 def load_sample(sample_dir, masks_csv=None):
     """Read one raw sample: returns (image uint8 HxWx3 BGR, instance labels uint16 HxW, number of nuclei).
 
-    The nuclei come from the mask PNGs (nucleus i in sorted file order has value i; a later mask owns any
-    overlap), or from the rows of ``masks_csv`` for this id (row order)."""
+    The nuclei come from the mask PNGs, 0/255 or 0/1 (nucleus i in sorted file order has value i; a later mask owns
+    any overlap; hidden files such as a Mac's ._ copies are skipped), or from the rows of ``masks_csv`` for this id
+    (row order). The number counts the nuclei the labels hold."""
     sid = os.path.basename(os.path.normpath(sample_dir))
     image_path = os.path.join(sample_dir, "images", sid + ".png")
     if not os.path.isfile(image_path):
@@ -142,9 +146,10 @@ def load_sample(sample_dir, masks_csv=None):
         if labels.shape != image.shape[:2]:
             raise DataError(f"--masks_csv {masks_csv} gives {sid} the size {labels.shape[1]}x{labels.shape[0]} but "
                             f"the image is {image.shape[1]}x{image.shape[0]}")
-        return image, labels, int(labels.max())
+        return image, labels, count_nuclei(labels)
     mask_dir = os.path.join(sample_dir, "masks")
-    mask_files = sorted(f for f in os.listdir(mask_dir) if f.lower().endswith(".png")) if os.path.isdir(mask_dir) else []
+    mask_files = sorted(f for f in os.listdir(mask_dir) if f.lower().endswith(".png") and not f.startswith(".")) \
+        if os.path.isdir(mask_dir) else []
     check_utf8_names(os.path.join(mask_dir, f) for f in mask_files)
     if not mask_files:
         raise DataError(f"sample folder {sample_dir} has no masks: expected PNG files in {mask_dir} (or pass "
@@ -155,11 +160,16 @@ def load_sample(sample_dir, masks_csv=None):
     labels = np.zeros(image.shape[:2], np.uint16)
     for i, f in enumerate(mask_files, start=1):
         path = os.path.join(mask_dir, f)
-        m = _read(path, cv2.IMREAD_GRAYSCALE)
+        m = read_mask(path)
         if m.shape != image.shape[:2]:
             raise DataError(f"{path} is {m.shape[1]}x{m.shape[0]} but the image is {image.shape[1]}x{image.shape[0]}")
-        labels[m >= 128] = i
-    return image, labels, len(mask_files)
+        labels[m > 0] = i
+    return image, labels, count_nuclei(labels)
+
+
+def count_nuclei(labels):
+    """The number of distinct nuclei (values > 0) in ``labels`` [H, W]."""
+    return int(np.count_nonzero(np.bincount(labels.ravel())[1:]))
 
 
 def convert_sample(sample_dir, out_dir, img_size, masks_csv=None):

@@ -126,6 +126,27 @@ def test_resized_hard_masks(raw, tmp_path, monkeypatch):
         assert np.mean((lab > 0) != (mask > 0)) < 0.03, sid
 
 
+def test_masks_saved_as_0_1_hidden_files_and_the_count_of_nuclei(raw, tmp_path, capsys):
+    """Per-nucleus masks saved as 0/1 (8- or 16-bit) give the labels of 0/255 ones (they were read as empty), a
+    Mac's ._ copy beside them is skipped, and the summary counts the nuclei the labels hold."""
+    src, samples = raw
+    pre.main(["--src", str(src), "--img_size", "0", "--dst", str(tmp_path / "as_255"), "--num_workers", "1"])
+    for k, m in enumerate(samples["aaa"][1]):
+        dtype = np.uint16 if k == 0 else np.uint8
+        assert cv2.imwrite(str(src / "aaa" / "masks" / f"m{k:02d}.png"), (m > 0).astype(dtype))
+    (src / "aaa" / "masks" / "._m00.png").write_bytes(b"\x00\x05\x16\x07Mac OS X")
+    capsys.readouterr()
+    pre.main(["--src", str(src), "--img_size", "0", "--dst", str(tmp_path / "as_1"), "--num_workers", "1"])
+    assert "(6 nuclei," in capsys.readouterr().out  # 3 + 2 + 1
+    for sid in samples:
+        for got, want in zip(_read_out(tmp_path / "as_1", sid), _read_out(tmp_path / "as_255", sid)):
+            np.testing.assert_array_equal(got, want)
+    soft = src / "bbb" / "masks" / "m00.png"
+    assert cv2.imwrite(str(soft), samples["bbb"][1][0] // 2)  # 0/127: neither convention
+    with pytest.raises(DataError, match=f"mask {soft} has values {{0, 127}}"):
+        pre.main(["--src", str(src), "--img_size", "0", "--dst", str(tmp_path / "soft"), "--num_workers", "1"])
+
+
 def test_pool_matches_single_process_and_limit(raw, tmp_path):
     src, _ = raw
     one, two = tmp_path / "one", tmp_path / "two"
@@ -307,6 +328,10 @@ def test_masks_csv_gives_the_labels_of_the_mask_pngs(raw, tmp_path):
     with pytest.raises(DataError, match="lacks the columns"):
         bad = tmp_path / "bad.csv"
         bad.write_text("ImageId,Pixels\naaa,1 2\n")
+        pre._CSV.clear()
+        pre.main(["--src", str(src), "--dst", str(tmp_path / "bad"), "--num_workers", "1", "--masks_csv", str(bad)])
+    with pytest.raises(DataError, match="its fields are separated by ';': save it with commas"):
+        bad.write_text("ImageId;EncodedPixels;Height;Width\naaa;1 2;40;56\n")
         pre._CSV.clear()
         pre.main(["--src", str(src), "--dst", str(tmp_path / "bad"), "--num_workers", "1", "--masks_csv", str(bad)])
 
