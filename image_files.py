@@ -278,10 +278,15 @@ def stretch_percentiles(x):
 
 def read_mask(path):
     """Read a mask file -> uint8 [H, W] with values {0, 1}. Accepts 0/255 or 0/1, and 0/65535 in a 16-bit file (a
-    colour file is read as its grey); anything else is an error."""
+    colour file is read as its grey; a file whose colour is one flat value throughout, its shape drawn in the alpha
+    channel alone, as a transparent layer, is read as its alpha); anything else is an error."""
     mask = _imread(path, cv2.IMREAD_UNCHANGED, "mask")  # not IMREAD_GRAYSCALE: it maps 16-bit 0/1 to 0/0
     if mask.ndim == 3:
-        mask = cv2.cvtColor(mask[:, :, :3], cv2.COLOR_BGR2GRAY) if mask.shape[2] >= 3 else mask[:, :, 0]
+        colour, alpha = mask[:, :, :-1], mask[:, :, -1]
+        if mask.shape[2] in (2, 4) and colour.min() == colour.max() and alpha.min() != alpha.max():
+            mask = alpha
+        else:
+            mask = cv2.cvtColor(mask[:, :, :3], cv2.COLOR_BGR2GRAY) if mask.shape[2] >= 3 else mask[:, :, 0]
     values = np.unique(mask)
     present = set(values.tolist())
     if present <= {0, 1} or present <= {0, 255} or (mask.dtype == np.uint16 and present <= {0, 65535}):

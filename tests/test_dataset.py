@@ -142,6 +142,23 @@ def test_masks_0_255_and_0_1_become_0_1(tmp_path, dtype, value, ext):
     np.testing.assert_array_equal(out, mask > 0)
 
 
+@pytest.mark.parametrize("colour", [0, 255])
+def test_a_mask_drawn_in_its_alpha_channel_is_read_from_it(tmp_path, colour):
+    """A transparent layer saved as a mask: flat colour, the shape in alpha (was all background under black and all
+    foreground under white). A mask whose colour holds the shape keeps ignoring its alpha."""
+    shape = np.zeros((32, 32), np.uint8)
+    shape[8:20, 8:20] = 255
+    layer = np.zeros((32, 32, 4), np.uint8)
+    layer[..., :3], layer[..., 3] = colour, shape
+    np.testing.assert_array_equal(read_mask(write_image(tmp_path / "layer.png", layer)), shape > 0)
+    grey_alpha = np.stack([np.full_like(shape, colour), shape], axis=-1)  # LA: grey + alpha
+    tifffile.imwrite(tmp_path / "la.tif", grey_alpha, photometric="minisblack", extrasamples=["unassalpha"])
+    np.testing.assert_array_equal(read_mask(str(tmp_path / "la.tif")), shape > 0)
+    drawn = np.zeros((32, 32, 4), np.uint8)
+    drawn[..., 0], drawn[..., 1], drawn[..., 2], drawn[..., 3] = shape, shape, shape, 255 - shape
+    np.testing.assert_array_equal(read_mask(write_image(tmp_path / "drawn.png", drawn)), shape > 0)
+
+
 def test_mask_with_grey_values_is_refused(tmp_path):
     mask = np.zeros((8, 8), np.uint8)
     mask[0, :4] = 128
