@@ -130,12 +130,21 @@ def _check_pairs(ids, other_ids, other_dir, what, ext, flag):
         raise DataError(f"no {ext} {what}s in {other_dir}{hint}")
     if ids - other_ids:
         n = len(ids - other_ids)
+        twins = case_twins(other_dir, ids - other_ids, ext)
+        hint = (f" (found {first_few(twins)}: names differ in upper/lower case, which a Mac or Windows ignores and "
+                "this does not)") if twins else ""
         raise DataError(f"{n} image{' has' if n == 1 else 's have'} no {what} in {other_dir}: "
-                        f"{first_few(ids - other_ids)}; give every image its {what}, named like the image")
+                        f"{first_few(ids - other_ids)}; give every image its {what}, named like the image{hint}")
     if other_ids - ids:
         n = len(other_ids - ids)
         raise DataError(f"{n} {what}{' has' if n == 1 else 's have'} no image in {other_dir}: "
                         f"{first_few(other_ids - ids)}; give every {what} its image, named like it")
+
+
+def case_twins(folder, ids, ext):
+    """The files in ``folder`` named <id><ext> for one of ``ids`` but for upper/lower case (sorted)."""
+    wanted = {(i + ext).casefold() for i in ids}
+    return sorted(f for f in os.listdir(folder) if f.casefold() in wanted)
 
 
 def _extension_hint(folder, flag):

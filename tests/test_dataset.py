@@ -246,6 +246,16 @@ def test_image_without_mask(tmp_path):
     assert "b" in msg.split(":")[-1] and os.path.join(root, "masks", "0") in msg and "no mask" in msg
 
 
+@pytest.mark.parametrize("twin", ["b.PNG", "B.png"])
+def test_a_mask_named_in_another_case_is_named_in_the_error(tmp_path, twin):
+    """On a Mac or Windows b.PNG opens as b.png; here it does not, and the message says why the mask is missing."""
+    root = make_layout(tmp_path / "ds", IDS)
+    os.rename(os.path.join(root, "masks", "0", "b.png"), os.path.join(root, "masks", "0", twin))
+    with pytest.raises(DataError, match=f"1 image has no mask in .*: b; give every image its mask, named like the "
+                                        f"image \\(found {twin}: names differ in upper/lower case"):
+        list_ids(root)
+
+
 def test_mask_without_image(tmp_path):
     root = make_layout(tmp_path / "ds", IDS + ["zz_orphan"])
     os.remove(os.path.join(root, "images", "zz_orphan.png"))
