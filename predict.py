@@ -194,19 +194,23 @@ def tiff_notes(files, headers, channel):
 
 
 def image_ids(files, out_dir, stacks):
-    """The output id of each file (its name without the extension); two inputs with one id, or an output that
-    would overwrite an input (``<id>.png``, or ``<id>.tif`` for a stack), are UsageErrors."""
+    """The output id of each file (its name without the extension); two inputs with one id (also one that differs
+    only in upper/lower case, which a Mac's or Windows' disk does not tell apart), or an output that would
+    overwrite an input (``<id>.png``, or ``<id>.tif`` for a stack; the same file under another case too), are
+    UsageErrors."""
     ids = {}
     for f, stack in zip(files, stacks):
         stem = os.path.splitext(os.path.basename(f))[0]
-        if stem in ids:  # even when their outputs differ (a .png and a .tif stack), objects.csv's rows would mix
-            raise UsageError(f"{ids[stem]} and {f} have one id, {stem}, for their outputs and objects.csv; rename "
-                             "one, or predict them into different --output folders")
-        ids[stem] = f
+        if stem.casefold() in ids:  # even when their outputs differ (a .png and a .tif stack), objects.csv's rows
+            held = ids[stem.casefold()]  # would mix
+            raise UsageError(f"{held[1]} and {f} have one id, {held[0]}" + (f" / {stem}" if held[0] != stem else "") +
+                             ", for their outputs and objects.csv; rename one, or predict them into different "
+                             "--output folders")
+        ids[stem.casefold()] = (stem, f)
         mask_path = os.path.abspath(os.path.join(out_dir, stem + (".tif" if stack else ".png")))
-        if mask_path == os.path.abspath(f):
+        if mask_path == os.path.abspath(f) or (os.path.exists(mask_path) and os.path.samefile(mask_path, f)):
             raise UsageError(f"--output {out_dir} would overwrite the input {f}; choose another --output folder")
-    return list(ids)
+    return [stem for stem, _ in ids.values()]
 
 
 def output_suffixes(num_classes, save_prob, instances, overlay):

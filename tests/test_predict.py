@@ -667,6 +667,19 @@ def test_val_reports_the_dsb_score(in_runs, tmp_path, capsys):
         assert 0 <= scores["dsb"] <= 1 and 0 <= scores["dsb_cc"] <= 1
 
 
+def test_ids_that_differ_in_case_and_an_input_under_another_case_are_refused(tmp_path):
+    """On a Mac's or Windows' disk Cell and cell are one file: their outputs would overwrite each other, and the mask
+    Cell.png would overwrite the input Cell.PNG (a hard link stands in for such a disk here)."""
+    with pytest.raises(UsageError, match="a/Cell.png and .*b/cell.png have one id, Cell / cell, for their outputs"):
+        predict.image_ids([str(tmp_path / "a" / "Cell.png"), str(tmp_path / "b" / "cell.png")], str(tmp_path / "o"),
+                          [False, False])
+    image = write(tmp_path / "out" / "Cell.PNG", np.zeros((8, 8), np.uint8))
+    assert predict.image_ids([image], str(tmp_path / "out"), [False]) == ["Cell"]  # another file on this disk
+    os.link(image, tmp_path / "out" / "Cell.png")
+    with pytest.raises(UsageError, match=f"--output {tmp_path / 'out'} would overwrite the input {image}"):
+        predict.image_ids([image], str(tmp_path / "out"), [False])
+
+
 def test_val_keeps_another_evaluation_s_default_folder(in_runs, tmp_path, capsys):
     """Two datasets whose folders end in the same name give one default output folder: the second evaluation is
     refused, not written over the first; the same evaluation again replaces its own. An image with another
