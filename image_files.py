@@ -1,4 +1,5 @@
 """Reading image, mask and label files: PNG/JPEG/BMP with OpenCV, TIFF with tifffile (16-bit, OME and ImageJ).
+A JPEG is turned as its EXIF orientation tag says. A mask drawn in its alpha channel alone is read from it.
 
 Images may be grey, RGB, RGBA (alpha is dropped) or 16-bit. 8-bit images are divided by 255; 16-bit (and float)
 images are scaled to [0, 1] by their own minimum and maximum, because microscopes rarely use the whole 16-bit
@@ -17,6 +18,7 @@ import tifffile
 from utils import DataError
 
 TIFF_EXTS = (".tif", ".tiff")
+JPEG_EXTS = (".jpg", ".jpeg")
 NORMALIZATIONS = ("fixed", "percentile", "percentile_dark")  # train.py --normalization
 # Nearest-neighbour resizing with pixel centres aligned as INTER_LINEAR aligns them (cv2.INTER_NEAREST samples
 # each output pixel's top-left corner: shrunk 1000 -> 96 px, its labels sat half a pixel off the linearly resized
@@ -148,7 +150,10 @@ def decode_planes(path):
         _check_exists(path, "image")
         planes, plane_axes = tiff_planes(path)  # tifffile reads RGB
     else:
-        img = _imread(path, cv2.IMREAD_UNCHANGED, "image")
+        # a JPEG is turned as its EXIF orientation says (a phone's, or a viewer's "rotate"), as every viewer shows
+        # it and as its mask was drawn; IMREAD_UNCHANGED would ignore the tag
+        flags = cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH if path.lower().endswith(JPEG_EXTS) else cv2.IMREAD_UNCHANGED
+        img = _imread(path, flags, "image")
         img = img[:, :, None] if img.ndim == 2 else img
         planes, plane_axes = (img[:, :, 2::-1] if img.shape[2] >= 3 else img)[None], ""  # OpenCV reads BGR(A)
     return np.ascontiguousarray(planes), plane_axes

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from PIL import Image
 from skimage.measure import regionprops
 
 from conftest import make_layout, make_synthetic, write_image
@@ -181,6 +182,22 @@ def test_unreadable_or_truncated_image(tmp_path, content):
     with pytest.raises(DataError) as e:
         read_mask(str(bad))
     assert str(bad) in str(e.value)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_jpeg_is_turned_as_its_exif_orientation_says(tmp_path, channels):
+    """A phone's or a viewer's rotation is an EXIF tag: the image must come out as every viewer shows it (and as
+    its mask was drawn), not as stored."""
+    shown = np.zeros((24, 40), np.uint8)
+    shown[4:10, 4:30] = 255
+    stored = np.ascontiguousarray(np.rot90(shown, 1))  # 40 x 24, tag 6: turn 90 degrees clockwise to show
+    picture = Image.fromarray(stored if channels == 1 else np.stack([stored] * 3, axis=-1))
+    exif = picture.getexif()
+    exif[0x0112] = 6
+    picture.save(tmp_path / "turned.jpg", exif=exif, quality=100)
+    image = decode_image(str(tmp_path / "turned.jpg"))
+    assert image.shape[:2] == (24, 40)
+    assert np.abs(image[..., 0].astype(int) - shown).max() < 32  # JPEG at quality 100: near, not exact
 
 
 @pytest.mark.parametrize("ext", [".png", ".tif"])
