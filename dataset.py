@@ -285,7 +285,8 @@ class Dataset(torch.utils.data.Dataset):
     image float32 [input_channels, H, W], normalised ``(x - 0.5) / 0.25`` from [0, 1];
     mask float32 [num_classes (+1 with borders), H, W] in {0, 1}. The augmentation of sample i in a given epoch is
     seeded by (seed, epoch, i), so a run is repeatable and a resumed run sees the same augmentations.
-    ``cache=True`` decodes every file once, in this process, before training (workers share it).
+    ``cache=True`` decodes every file once, in this process, before training (forked workers share it; under the
+    spawn start method, macOS's default, each worker receives a copy).
     ``border_size`` (h, w): the size a run trained on resized images sees (:func:`reading_of`); its border target is
     drawn at that size (:func:`border_target`), so that resizing keeps the lines whole.
     """

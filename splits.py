@@ -22,6 +22,7 @@ def read_split(path, label=None):
     except (UnicodeDecodeError, pd.errors.ParserError) as e:  # UTF-16 from a spreadsheet, an unclosed quote
         raise DataError(f"{label} is not a readable CSV ({str(e).splitlines()[0][:60]}); save it as a plain UTF-8 "
                         "CSV with columns img_id,split") from None
+    split = split[(split != "").any(axis=1)].reset_index(drop=True)  # rows of bare commas a spreadsheet leaves
     columns = [str(c) for c in split.columns]
     if columns != ["img_id", "split"]:
         found = ",".join(columns) if columns else "none"

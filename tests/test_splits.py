@@ -1,7 +1,7 @@
 """Tests for splits.py: the seed's split and the --init leak note, against counts and sets written out here."""
 import pandas as pd
 
-from splits import held_out_seen_in_training, make_split, split_ids
+from splits import held_out_seen_in_training, make_split, read_split, split_ids
 
 
 def test_a_test_part_takes_its_share_of_all_images_and_val_its_share_too():
@@ -22,3 +22,10 @@ def test_the_leak_note_counts_test_images_as_held_out_too(tmp_path):
         folder / "split.csv", index=False)
     mine = pd.DataFrame({"img_id": ["a", "b", "c", "d"], "split": ["val", "test", "train", "test"]})
     assert held_out_seen_in_training(mine, str(folder / "model.pth")) == ["a", "b"]
+
+
+def test_the_empty_rows_a_spreadsheet_leaves_are_skipped(tmp_path):
+    """Excel saves rows of bare commas below the data; they are no ids (they were read as an id '' of part '')."""
+    (tmp_path / "s.csv").write_text("img_id,split\r\na,train\r\nb,val\r\n,\r\n,\r\n")
+    split = read_split(str(tmp_path / "s.csv"))
+    assert split.to_dict("list") == {"img_id": ["a", "b"], "split": ["train", "val"]}
