@@ -207,7 +207,11 @@ def read_label_image(path):
     if not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"label image {path} holds {labels.dtype} values; label images hold integers, one per "
                         "nucleus (save them as 16-bit PNG or integer TIFF)")
-    top, inside = labels.max(), labels > 0
+    low, top = int(labels.min()), int(labels.max())
+    if low < 0 or top > np.iinfo(np.int32).max:  # int32 below: larger values would wrap to negative ones
+        raise DataError(f"label image {path} holds the value {low if low < 0 else top}; labels are 0 for the "
+                        f"background and 1 to {np.iinfo(np.int32).max} for the nuclei (number them 1..N)")
+    inside = labels > 0
     if top > 0 and (labels[inside] == top).all() and cv2.connectedComponents(inside.astype(np.uint8))[0] > 2:
         raise DataError(f"label image {path} gives one value ({top}) to several separate objects: it is a "
                         f"binary mask; put masks in masks/0/<id>{os.path.splitext(path)[1]} (a folder per class), or "
@@ -239,15 +243,15 @@ def image_to_float(img, input_channels, normalization="fixed"):
     if img.shape[2] == 3 and (img == img[:, :, :1]).all():
         img = img[:, :, :1]
     if normalization in ("percentile", "percentile_dark"):
-        out = stretch_percentiles(img.astype(np.float32))
+        out = stretch_percentiles(img.astype(np.float64 if img.dtype.kind == "f" else np.float32))
         if normalization == "percentile_dark" and out.mean() > 0.5:
             out = 1.0 - out
     elif img.dtype == np.uint8:
         out = img.astype(np.float32) / 255.0
-    else:
-        out = img.astype(np.float32)
+    else:  # float images in float64: a value beyond float32's range would become inf, then NaN everywhere
+        out = img.astype(np.float64 if img.dtype.kind == "f" else np.float32)
         lo, hi = float(out.min()), float(out.max())
-        out = (out - lo) / (hi - lo) if hi > lo else np.zeros_like(out)
+        out = ((out - lo) / (hi - lo) if hi > lo else np.zeros_like(out)).astype(np.float32)
     channels = out.shape[2]
     if channels == input_channels:
         return out
@@ -269,7 +273,7 @@ def denormalize(x):
 
 
 def stretch_percentiles(x):
-    """float32 [H, W, C], any range -> float32 [H, W, C] in [0, 1]: ``(x - p_low) / (p_high - p_low)``, clipped,
+    """float [H, W, C], any range -> float32 [H, W, C] in [0, 1]: ``(x - p_low) / (p_high - p_low)``, clipped,
     with the percentiles (:data:`PERCENTILES`) taken over all pixels and channels. When they are equal (a few
     nuclei on an exactly flat background, over 98.8 % of the pixels one value) the image is stretched from its
     minimum to its maximum instead, so the nuclei stay; a flat image becomes all zeros."""
@@ -277,7 +281,7 @@ def stretch_percentiles(x):
     if hi <= lo:
         lo, hi = x.min(), x.max()
     if hi <= lo:
-        return np.zeros_like(x)
+        return np.zeros(x.shape, np.float32)
     return np.clip((x - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 
 

@@ -216,9 +216,9 @@ def split_instances(prob, method="watershed", threshold=0.5, min_size=MIN_SIZE, 
 
 
 def nucleus_areas(labels):
-    """The pixel count of each object of a label image int [H, W] (0 = background): int64 [N]."""
-    counts = np.bincount(labels.ravel())[1:]
-    return counts[counts > 0]
+    """The pixel count of each object of a label image int [H, W] (0 = background), in label order: int64 [N].
+    (np.unique, not np.bincount, whose memory grows with the largest label value.)"""
+    return np.unique(labels[labels > 0], return_counts=True)[1].astype(np.int64)
 
 
 def median_diameter(areas):

@@ -464,8 +464,8 @@ def main(argv):
     auto = args.scale == "auto"
     if auto and not cfg.nucleus_diameter:
         raise UsageError(f"--scale auto: run {args.name} records no training nucleus diameter (trained before "
-                         "train.py recorded it); give --scale FACTOR, or the diameter in its config.yml as "
-                         "nucleus_diameter")
+                         "train.py recorded it, or its training labels held no nuclei); give --scale FACTOR, or the "
+                         "diameter in its config.yml as nucleus_diameter")
     written = output_files(files, ids, stacks, output_suffixes(cfg.num_classes, args.save_prob, args.instances,
                                                                args.overlay))
     filters = object_filters(args.min_size, args.min_confidence, cfg.loss)

@@ -138,7 +138,11 @@ def load_sample(sample_dir, masks_csv=None):
     image_path = os.path.join(sample_dir, "images", sid + ".png")
     if not os.path.isfile(image_path):
         raise DataError(f"sample folder {sample_dir} has no image: expected {image_path}")
-    image = _read(image_path, cv2.IMREAD_COLOR)  # RGBA -> BGR with alpha dropped; grey -> 3 channels
+    image = _read(image_path, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)  # RGBA -> BGR, alpha dropped; grey -> 3
+    if image.dtype != np.uint8:  # IMREAD_COLOR alone would divide 16-bit values by 256: a dim image turned black
+        raise DataError(f"{image_path} is a {image.dtype.itemsize * 8}-bit image; this script converts the 8-bit "
+                        "images of DSB2018's layout: put 16-bit images in the dataset layout of the README's \"your "
+                        "own data\" (images/ and masks/0/), which reads them as they are")
     if masks_csv is not None:
         labels = csv_labels(masks_csv, sid)
         if labels is None:

@@ -87,6 +87,10 @@ class Trainer:
             if args.crop_size and not args.nucleus_diameter:  # recorded for predict.py --scale auto
                 args.nucleus_diameter = round(nucleus_diameter(self.dataset_dir, self.ids("train"), args.img_ext,
                                                                args.mask_ext), 2)
+                if not args.nucleus_diameter:
+                    self._say(f"note: the training images' label images in {self.dataset_dir} hold no nuclei (stale "
+                              "labels beside the masks?), so no nucleus diameter is recorded: predict.py --scale auto "
+                              "will need --nucleus_diameter D given here")
             if is_bundled_name(args.name) and not args.resume:
                 self._say(f"note: models/{args.name} takes the place of the bundled run pretrained/{args.name} for "
                           f"predict.py and val.py --name {args.name}; remove it to use the bundled one again")
@@ -454,8 +458,11 @@ def check_crop(data, crop_size):
     for i in range(len(data)) if data.cached else [0]:
         h, w = (data.cached[i][0] if data.cached else data.load(i)[0]).shape[:2]
         if min(h, w) < crop_size:
+            largest = min(h, w) // 16 * 16
+            fix = (f"use a --crop_size of at most {largest}" if largest else
+                   "leave it out of the training images (--split_file), or train on resized images (no --crop_size)")
             raise UsageError(f"--crop_size {crop_size} is larger than image {data.layout.image(data.img_ids[i])} "
-                             f"({h}x{w}); use a --crop_size of at most {min(h, w) // 16 * 16}")
+                             f"({h}x{w}); {fix}")
 
 
 def check_foreground(data):

@@ -160,6 +160,26 @@ def test_a_mask_drawn_in_its_alpha_channel_is_read_from_it(tmp_path, colour):
     np.testing.assert_array_equal(read_mask(write_image(tmp_path / "drawn.png", drawn)), shape > 0)
 
 
+@pytest.mark.parametrize("dtype, value", [(np.int32, -1), (np.uint32, 3_000_000_000), (np.int64, 2**31)])
+def test_label_values_below_0_or_beyond_int32_are_refused_by_name(tmp_path, dtype, value):
+    """A nucleus labelled -1 became background of the training target, and 3e9 wrapped to a negative label."""
+    labels = np.zeros((16, 16), dtype)
+    labels[2:5, 2:5], labels[8:12, 8:12] = 1, value
+    path = str(tmp_path / "labels.tif")
+    tifffile.imwrite(path, labels)
+    with pytest.raises(DataError, match=f"label image {path} holds the value {value}; labels are 0 for the background"):
+        read_label_image(path)
+
+
+@pytest.mark.parametrize("image", [np.array([[0.0, 0.5], [1.0, 1e39]]), np.array([[-3.4e38, 0.0], [1.0, 3.4e38]])])
+@pytest.mark.parametrize("normalization", ["fixed", "percentile"])
+def test_float_images_beyond_float32_s_range_stay_finite(image, normalization):
+    """Finite values too large for float32 became inf, then NaN over the whole image (an empty prediction)."""
+    out = image_to_float(image[:, :, None], 1, normalization)
+    assert out.dtype == np.float32 and np.isfinite(out).all() and 0 <= out.min() and out.max() <= 1
+    assert out[1, 1, 0] == 1.0 and out[0, 0, 0] <= out[1, 0, 0]
+
+
 def test_mask_with_grey_values_is_refused(tmp_path):
     mask = np.zeros((8, 8), np.uint8)
     mask[0, :4] = 128

@@ -147,6 +147,15 @@ def test_masks_saved_as_0_1_hidden_files_and_the_count_of_nuclei(raw, tmp_path, 
         pre.main(["--src", str(src), "--img_size", "0", "--dst", str(tmp_path / "soft"), "--num_workers", "1"])
 
 
+def test_a_16_bit_image_is_refused_not_darkened(raw, tmp_path):
+    """OpenCV's IMREAD_COLOR divides 16-bit values by 256: a dim 16-bit image was written all black."""
+    src, _ = raw
+    path = src / "bbb" / "images" / "bbb.png"
+    assert cv2.imwrite(str(path), np.full((48, 48), 200, np.uint16))
+    with pytest.raises(DataError, match=f"{path} is a 16-bit image; this script converts the 8-bit images"):
+        pre.main(["--src", str(src), "--img_size", "0", "--dst", str(tmp_path / "out"), "--num_workers", "1"])
+
+
 def test_pool_matches_single_process_and_limit(raw, tmp_path):
     src, _ = raw
     one, two = tmp_path / "one", tmp_path / "two"

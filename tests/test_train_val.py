@@ -665,3 +665,26 @@ def test_trains_and_scores_a_cellpose_layout_of_label_images(tiny_workdir, tiny_
         val.main(["--name", "cp", "--dataset", dataset, "--device", "cpu", "--no_overlays"])
         table = pd.read_csv(tiny_workdir / "outputs" / "cp_on_cellpose" / "scores.csv", dtype={"img_id": str})
         assert sorted(table["img_id"]) == sorted(tiny_ids)
+
+
+def test_crop_training_names_an_image_too_small_for_any_crop_and_stale_labels(tmp_path, monkeypatch, capsys):
+    """An image under 16 px can take no --crop_size (the hint said 'at most 0', which means no crops); label images
+    without nuclei beside masks that have them record no diameter, and the note says so."""
+    make_synthetic(tmp_path, "crops", size=32)
+    monkeypatch.chdir(tmp_path)
+    small = tmp_path / "inputs" / "crops" / "images" / "syn_0000.png"
+    cv2.imwrite(str(small), cv2.resize(cv2.imread(str(small)), (15, 15)))
+    mask = tmp_path / "inputs" / "crops" / "masks" / "0" / "syn_0000.png"
+    cv2.imwrite(str(mask), cv2.resize(cv2.imread(str(mask), cv2.IMREAD_UNCHANGED), (15, 15),
+                                      interpolation=cv2.INTER_NEAREST))
+    os.remove(tmp_path / "inputs" / "crops" / "labels" / "syn_0000.png")
+    with pytest.raises(UsageError, match=r"--crop_size 32 is larger than image .*syn_0000.png \(15x15\); leave it out "
+                                         r"of the training images \(--split_file\), or train on resized images"):
+        train.main(train_argv("small", "--crop_size", "32", "--dataset", "crops", "--val_size", "0.5", epochs=1))
+    shutil.rmtree(tmp_path / "inputs" / "crops")
+    make_synthetic(tmp_path, "crops", size=32)
+    for path in (tmp_path / "inputs" / "crops" / "labels").iterdir():
+        cv2.imwrite(str(path), np.zeros((32, 32), np.uint16))
+    capsys.readouterr()
+    train.main(train_argv("stale", "--crop_size", "32", "--dataset", "crops", epochs=1))
+    assert "label images in inputs/crops hold no nuclei (stale labels beside the masks?)" in capsys.readouterr().out
