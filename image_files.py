@@ -201,8 +201,9 @@ def read_label_image(path):
     labels = _imread(path, cv2.IMREAD_UNCHANGED, "label image")
     if labels.ndim == 3:
         if (labels != labels[:, :, :1]).any():
-            raise DataError(f"label image {path} is a colour image; label images hold one integer per nucleus in a "
-                            "single channel (0 = background)")
+            raise DataError(f"label image {path} is a colour image (or an indexed, palette PNG, which reads as its "
+                            "colours); label images hold one integer per nucleus in a single grey channel (0 = "
+                            "background): save them as 16-bit grey PNG or TIFF")
         labels = labels[:, :, 0]
     if not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"label image {path} holds {labels.dtype} values; label images hold integers, one per "

@@ -788,3 +788,15 @@ def test_nucleus_diameter_from_the_labels_or_else_the_mask_components(tmp_path):
     assert nucleus_diameter(str(root), ids[:4]) == pytest.approx(expected)
     masks_only = make_layout(tmp_path / "squares", ["a", "b"], size=16)  # one 6 x 8 square each
     assert nucleus_diameter(masks_only, ["a", "b"]) == pytest.approx(2 * np.sqrt(48 / np.pi))
+
+
+def test_a_palette_png_of_labels_is_named_as_such(tmp_path):
+    """labelme, VOC and CVAT save label images as indexed PNGs: OpenCV reads their colours, so the message names
+    that case and the fix."""
+    labels = np.zeros((16, 16), np.uint8)
+    labels[2:6, 2:6], labels[9:14, 9:14] = 1, 2
+    picture = Image.fromarray(labels, mode="P")
+    picture.putpalette([0, 0, 0, 128, 0, 0, 0, 128, 0] + [0] * 759)
+    picture.save(tmp_path / "labels.png")
+    with pytest.raises(DataError, match="is a colour image \\(or an indexed, palette PNG.*save them as 16-bit grey"):
+        read_label_image(str(tmp_path / "labels.png"))
