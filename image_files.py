@@ -286,21 +286,34 @@ def stretch_percentiles(x):
     return np.clip((x - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 
 
+def layer_alpha(mask, path):
+    """The alpha channel [H, W] of a mask drawn as a transparent layer, else None: a PNG or BMP read with four
+    channels (OpenCV's fourth is always alpha; a TIFF's may be any channel) whose colour is one flat value in each
+    channel and whose alpha varies (the shape), or is 0 throughout (nothing drawn)."""
+    if mask.ndim != 3 or mask.shape[2] != 4 or str(path).lower().endswith(TIFF_EXTS):
+        return None
+    colour, alpha = mask[:, :, :3], mask[:, :, 3]
+    if not (colour == colour[:1, :1]).all() or (alpha.min() == alpha.max() != 0):
+        return None
+    return alpha
+
+
 def read_mask(path):
     """Read a mask file -> uint8 [H, W] with values {0, 1}. Accepts 0/255 or 0/1, and 0/65535 in a 16-bit file (a
-    colour file is read as its grey; a file whose colour is one flat value throughout, its shape drawn in the alpha
-    channel alone, as a transparent layer, is read as its alpha); anything else is an error."""
+    colour file is read as its grey; a transparent layer, :func:`layer_alpha`, as its alpha); anything else is an
+    error."""
     mask = _imread(path, cv2.IMREAD_UNCHANGED, "mask")  # not IMREAD_GRAYSCALE: it maps 16-bit 0/1 to 0/0
-    if mask.ndim == 3:
-        colour, alpha = mask[:, :, :-1], mask[:, :, -1]
-        if mask.shape[2] in (2, 4) and colour.min() == colour.max() and alpha.min() != alpha.max():
-            mask = alpha
-        else:
-            mask = cv2.cvtColor(mask[:, :, :3], cv2.COLOR_BGR2GRAY) if mask.shape[2] >= 3 else mask[:, :, 0]
+    alpha = layer_alpha(mask, path)
+    if alpha is not None:
+        mask = alpha
+    elif mask.ndim == 3:
+        mask = cv2.cvtColor(mask[:, :, :3], cv2.COLOR_BGR2GRAY) if mask.shape[2] >= 3 else mask[:, :, 0]
     values = np.unique(mask)
     present = set(values.tolist())
     if present <= {0, 1} or present <= {0, 255} or (mask.dtype == np.uint16 and present <= {0, 65535}):
         return (mask > 0).astype(np.uint8)
     shown = ", ".join(str(v) for v in values[:8]) + (" ..." if len(values) > 8 else "")
-    raise DataError(f"mask {path} has values {{{shown}}}; masks must hold only 0/255 or 0/1 (0/65535 in 16 bits) "
+    raise DataError(f"mask {path} has values {{{shown}}}" + (" in its alpha channel (a transparent layer, read as "
+                    "its alpha: draw the nuclei fully opaque)" if alpha is not None else "") +
+                    "; masks must hold only 0/255 or 0/1 (0/65535 in 16 bits) "
                     "(a colour or JPEG mask, or a resized soft mask? save hard grey masks as PNG)")

@@ -143,24 +143,41 @@ def test_masks_0_255_and_0_1_become_0_1(tmp_path, dtype, value, ext):
     np.testing.assert_array_equal(out, mask > 0)
 
 
-@pytest.mark.parametrize("colour", [0, 255])
+@pytest.mark.parametrize("colour", [(0, 0, 0), (255, 255, 255), (0, 0, 255)])
 def test_a_mask_drawn_in_its_alpha_channel_is_read_from_it(tmp_path, colour):
-    """A transparent layer saved as a mask: flat colour, the shape in alpha (was all background under black and all
-    foreground under white). A mask whose colour holds the shape keeps ignoring its alpha."""
+    """A transparent layer saved as a mask: flat colour (black, white or red), the shape in alpha (was all background
+    under black and all foreground under white); nothing drawn (alpha 0 throughout) is empty. A mask whose colour
+    holds the shape keeps ignoring its alpha, and so does an opaque flat one."""
     shape = np.zeros((32, 32), np.uint8)
     shape[8:20, 8:20] = 255
     layer = np.zeros((32, 32, 4), np.uint8)
     layer[..., :3], layer[..., 3] = colour, shape
     np.testing.assert_array_equal(read_mask(write_image(tmp_path / "layer.png", layer)), shape > 0)
-    grey_alpha = np.stack([np.full_like(shape, colour), shape], axis=-1)  # LA: grey + alpha
-    tifffile.imwrite(tmp_path / "la.tif", grey_alpha, photometric="minisblack", extrasamples=["unassalpha"])
-    np.testing.assert_array_equal(read_mask(str(tmp_path / "la.tif")), shape > 0)
+    Image.fromarray(np.stack([np.full_like(shape, 255), shape], axis=-1), mode="LA").save(tmp_path / "la.png")
+    np.testing.assert_array_equal(read_mask(str(tmp_path / "la.png")), shape > 0)  # grey + alpha
+    layer[..., 3] = 0
+    assert read_mask(write_image(tmp_path / "nothing.png", layer)).sum() == 0
     drawn = np.zeros((32, 32, 4), np.uint8)
     drawn[..., 0], drawn[..., 1], drawn[..., 2], drawn[..., 3] = shape, shape, shape, 255 - shape
     np.testing.assert_array_equal(read_mask(write_image(tmp_path / "drawn.png", drawn)), shape > 0)
+    if colour[0] == colour[2]:  # opaque flat black or white: an empty or a full mask, as before
+        layer[..., 3] = 255
+        assert read_mask(write_image(tmp_path / "opaque.png", layer)).sum() == (0 if colour[0] == 0 else 32 * 32)
 
 
-@pytest.mark.parametrize("dtype, value", [(np.int32, -1), (np.uint32, 3_000_000_000), (np.int64, 2**31)])
+def test_a_half_transparent_layer_is_named_and_tiff_channels_are_not_alpha(tmp_path):
+    """Soft alpha values are named as the layer's; a two-channel TIFF (ImageJ CYX: nuclei, cells) is no layer: its
+    first channel is the mask, even where it is empty and the second is not."""
+    layer = np.zeros((32, 32, 4), np.uint8)
+    layer[8:20, 8:20, 3] = 127
+    with pytest.raises(DataError, match=r"has values \{0, 127\} in its alpha channel \(a transparent layer"):
+        read_mask(write_image(tmp_path / "half.png", layer))
+    cells = np.zeros((2, 32, 32), np.uint8)
+    cells[1, 4:24, 4:24] = 255
+    tifffile.imwrite(tmp_path / "cyx.tif", cells, imagej=True, metadata={"axes": "CYX"})
+    assert read_mask(str(tmp_path / "cyx.tif")).sum() == 0
+
+
 def test_label_values_below_0_or_beyond_int32_are_refused_by_name(tmp_path, dtype, value):
     """A nucleus labelled -1 became background of the training target, and 3e9 wrapped to a negative label."""
     labels = np.zeros((16, 16), dtype)
