@@ -123,14 +123,15 @@ def find_layout(dataset_dir, img_ext=".png", mask_ext=".png"):
     return Layout(dataset_dir, "masks", img_ext, mask_ext)
 
 
-def _check_pairs(ids, other_ids, other_dir, what, ext, flag):
-    """Raise a DataError when the images and their masks or labels in ``other_dir`` do not pair up."""
+def _check_pairs(ids, other_ids, other_dir, what, ext, flag, name_suffix=""):
+    """Raise a DataError when the images and their masks or labels in ``other_dir`` (named <id>``name_suffix``
+    ``ext``) do not pair up."""
     if not other_ids:
         hint = _extension_hint(other_dir, flag) or f"; give every image its {what} there, named like it (<id>{ext})"
         raise DataError(f"no {ext} {what}s in {other_dir}{hint}")
     if ids - other_ids:
         n = len(ids - other_ids)
-        twins = case_twins(other_dir, ids - other_ids, ext)
+        twins = case_twins(other_dir, ids - other_ids, name_suffix + ext)
         hint = (f" (found {first_few(twins)}: names differ in upper/lower case, which a Mac or Windows ignores and "
                 "this does not)") if twins else ""
         raise DataError(f"{n} image{' has' if n == 1 else 's have'} no {what} in {other_dir}: "
@@ -141,10 +142,11 @@ def _check_pairs(ids, other_ids, other_dir, what, ext, flag):
                         f"{first_few(other_ids - ids)}; give every {what} its image, named like it")
 
 
-def case_twins(folder, ids, ext):
-    """The files in ``folder`` named <id><ext> for one of ``ids`` but for upper/lower case (sorted)."""
-    wanted = {(i + ext).casefold() for i in ids}
-    return sorted(f for f in os.listdir(folder) if f.casefold() in wanted)
+def case_twins(folder, ids, suffix):
+    """The files in ``folder`` named <id><suffix> for one of ``ids`` but for upper/lower case (sorted; not hidden)."""
+    wanted = {i + suffix for i in ids}
+    folded = {name.casefold() for name in wanted}
+    return sorted(f for f in os.listdir(folder) if f.casefold() in folded and f not in wanted and not f.startswith("."))
 
 
 def _extension_hint(folder, flag):
@@ -185,7 +187,7 @@ def list_ids(dataset_dir, img_ext=".png", mask_ext=".png", num_classes=1):
                              "the nuclei; use --num_classes 1")
         if layout.kind == "cellpose":
             label_ids = _ids_in(dataset_dir, f"_masks{mask_ext}")
-            _check_pairs(ids, label_ids, dataset_dir, "<id>_masks label image", mask_ext, "--mask_ext")
+            _check_pairs(ids, label_ids, dataset_dir, "<id>_masks label image", mask_ext, "--mask_ext", "_masks")
         else:
             _check_pairs(ids, _ids_in(layout.label_dir, mask_ext), layout.label_dir, "label image", mask_ext,
                          "--mask_ext")

@@ -685,6 +685,13 @@ def test_layout_mistakes_name_the_fix(tmp_path):
     with pytest.raises(DataError, match=r"found Cellpose-style <name>_masks.tif files: pass --mask_ext .tif"):
         list_ids(str(own))
     assert list_ids(str(own), img_ext=".tif", mask_ext=".tif") == ["a", "b"]
+    os.rename(cellpose / "b_masks.png", cellpose / "B_masks.png")  # the hint names the label file, not an image
+    with pytest.raises(DataError, match=r"1 image has no <id>_masks label image in .*: b; .* \(found B_masks.png: "):
+        list_ids(str(cellpose))
+    os.rename(own / "b_masks.tif", own / "b_Masks.tif")  # images without _img: b.tif itself is no twin
+    with pytest.raises(DataError, match=r"no <id>_masks label image in .*: b, b_Masks; .*named like the image "
+                                        r"\(found b_Masks.tif: "):  # (b_Masks.tif reads as an image of its own)
+        list_ids(str(own), img_ext=".tif", mask_ext=".tif")
 
 
 def test_images_of_another_extension_are_named(tmp_path):
