@@ -40,7 +40,8 @@ import torch
 from tqdm import tqdm
 
 import distributed
-from image_files import NEAREST, decode_image, image_to_float, normalize, read_label_image, read_mask
+from image_files import (JPEG_EXTS, NEAREST, decode_image, image_to_float, normalize, read_label_image,
+                         read_mask)
 from instances import median_diameter, nucleus_areas, touching_borders
 from utils import DataError, UsageError, check_utf8_names, first_few, printable_path
 
@@ -330,8 +331,11 @@ class Dataset(torch.utils.data.Dataset):
         path = self.layout.mask(img_id, c)
         mask = read_mask(path)
         if mask.shape != shape:
+            turned = mask.shape == shape[::-1] and str(img_path).lower().endswith(JPEG_EXTS)
             raise DataError(f"mask {path} is {mask.shape[0]}x{mask.shape[1]} but its image {img_path} is "
-                            f"{shape[0]}x{shape[1]}; a mask must have its image's size")
+                            f"{shape[0]}x{shape[1]}; a mask must have its image's size" +
+                            ("; the JPEG is read turned as its EXIF orientation says, as viewers show it: save the "
+                             "mask as the image is shown" if turned else ""))
         return mask
 
     def read_labels(self, img_id, shape):

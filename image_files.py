@@ -185,8 +185,9 @@ def select_channel(planes, channel, path):
 
 
 def decode_image(path):
-    """Read a 2D grey or RGB image file as stored: array [H, W, C] (C 1 or 3, RGB order), alpha dropped; uint8 or
-    uint16, or a TIFF's own type (float, int32...). A stack, another number of channels or NaN values is a DataError naming the file."""
+    """Read a 2D grey or RGB image file as stored (a JPEG turned by its EXIF tag): array [H, W, C] (C 1 or 3, RGB
+    order), alpha dropped; uint8 or uint16, or a TIFF's own type (float, int32...). A stack, another number of
+    channels or NaN values is a DataError naming the file."""
     image = check_finite(_one_plane(*decode_planes(path), path, "image"), path)
     if image.shape[2] not in (1, 3):
         raise DataError(f"image {path} has {image.shape[2]} channels; training and val.py read grey or RGB images: "
@@ -244,15 +245,15 @@ def image_to_float(img, input_channels, normalization="fixed"):
     if img.shape[2] == 3 and (img == img[:, :, :1]).all():
         img = img[:, :, :1]
     if normalization in ("percentile", "percentile_dark"):
-        out = stretch_percentiles(img.astype(np.float64 if img.dtype.kind == "f" else np.float32))
+        out = stretch_percentiles(img.astype(working_float(img), copy=False))
         if normalization == "percentile_dark" and out.mean() > 0.5:
             out = 1.0 - out
     elif img.dtype == np.uint8:
         out = img.astype(np.float32) / 255.0
-    else:  # float images in float64: a value beyond float32's range would become inf, then NaN everywhere
-        out = img.astype(np.float64 if img.dtype.kind == "f" else np.float32)
+    else:
+        out = img.astype(working_float(img), copy=False)
         lo, hi = float(out.min()), float(out.max())
-        out = ((out - lo) / (hi - lo) if hi > lo else np.zeros_like(out)).astype(np.float32)
+        out = ((out - lo) / (hi - lo) if hi > lo else np.zeros_like(out)).astype(np.float32, copy=False)
     channels = out.shape[2]
     if channels == input_channels:
         return out
@@ -261,6 +262,15 @@ def image_to_float(img, input_channels, normalization="fixed"):
     if input_channels == 1:
         return cv2.cvtColor(out, cv2.COLOR_RGB2GRAY)[:, :, None]
     raise DataError(f"an image has {channels} channels but --input_channels is {input_channels}")
+
+
+def working_float(img):
+    """float32 to scale ``img`` in, or float64 for a float image whose values or range go beyond float32's (they
+    would become inf, then NaN over the whole image)."""
+    if img.dtype.kind != "f" or img.dtype.itemsize <= 2:
+        return np.float32
+    lo, hi = float(img.min()), float(img.max())
+    return np.float64 if max(-lo, hi, hi - lo) > float(np.finfo(np.float32).max) else np.float32
 
 
 def normalize(x):

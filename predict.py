@@ -208,9 +208,17 @@ def image_ids(files, out_dir, stacks):
                              "--output folders")
         ids[stem.casefold()] = (stem, f)
         mask_path = os.path.abspath(os.path.join(out_dir, stem + (".tif" if stack else ".png")))
-        if mask_path == os.path.abspath(f) or (os.path.exists(mask_path) and os.path.samefile(mask_path, f)):
+        if mask_path == os.path.abspath(f) or same_file(mask_path, f):
             raise UsageError(f"--output {out_dir} would overwrite the input {f}; choose another --output folder")
     return [stem for stem, _ in ids.values()]
+
+
+def same_file(a, b):
+    """True when paths ``a`` and ``b`` both exist and are one file (also under another case on a Mac's disk)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # either is missing (a broken link is named when it is read)
+        return False
 
 
 def output_suffixes(num_classes, save_prob, instances, overlay):

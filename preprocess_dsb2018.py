@@ -2,9 +2,11 @@
 
 Raw layout (as unzipped from stage1_train.zip)::
 
-    <src>/<id>/images/<id>.png    RGBA image
-    <src>/<id>/masks/*.png        one 0/255 mask per nucleus (or, with --masks_csv, none: Kaggle's stage1_test
-                                  ships its ground truth as stage1_solution.csv, one run-length row per nucleus)
+    <src>/<id>/images/<id>.png    8-bit RGBA, RGB or grey image (16-bit ones are refused: see the README's "your
+                                  own data" for a layout that reads them as they are)
+    <src>/<id>/masks/*.png        one 0/255 (or 0/1) mask per nucleus, hidden files such as ._* skipped (or, with
+                                  --masks_csv, none: Kaggle's stage1_test ships its ground truth as
+                                  stage1_solution.csv, one run-length row per nucleus)
 
 Output layout::
 
@@ -124,7 +126,8 @@ def list_samples(src):
 def _read(path, flags):
     image = cv2.imread(path, flags)
     if image is None:
-        raise DataError(f"cannot read {path}: not a readable PNG (corrupt or truncated download?)")
+        raise DataError(f"cannot read {path}: " + ("not a readable PNG (corrupt or truncated download?)" if
+                                                   os.access(path, os.R_OK) else "permission denied"))
     return image
 
 

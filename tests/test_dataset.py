@@ -235,6 +235,13 @@ def test_a_jpeg_is_turned_as_its_exif_orientation_says(tmp_path, channels):
     image = decode_image(str(tmp_path / "turned.jpg"))
     assert image.shape[:2] == (24, 40)
     assert np.abs(image[..., 0].astype(int) - shown).max() < 32  # JPEG at quality 100: near, not exact
+    root = make_layout(tmp_path / "ds", ["a"])  # a mask saved from the stored, unturned pixels is named as such
+    os.remove(os.path.join(root, "images", "a.png"))
+    os.rename(tmp_path / "turned.jpg", os.path.join(root, "images", "a.jpg"))
+    write_image(os.path.join(root, "masks", "0", "a.png"), np.where(stored > 127, 255, 0).astype(np.uint8))
+    with pytest.raises(DataError, match="is 40x24 but its image .*a.jpg is 24x40; .*; the JPEG is read turned as "
+                                        "its EXIF orientation says"):
+        Dataset(["a"], root, num_classes=1, input_channels=3, img_ext=".jpg")[0]
 
 
 @pytest.mark.parametrize("ext", [".png", ".tif"])

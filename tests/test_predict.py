@@ -821,3 +821,11 @@ def test_windows_sized_from_the_memory_budget(monkeypatch, overlap):
     for predictor in (roomy, tight):
         np.testing.assert_allclose(predictor.predict(image), whole, atol=1e-5)
     assert inference.tile_for_budget(3472, 6e9) == 1312 and inference.tile_for_budget(1e9, 1) == 64
+
+
+def test_a_broken_link_among_the_inputs_is_no_crash_of_the_overwrite_check(tmp_path):
+    """os.path.samefile raised FileNotFoundError for a broken link whose output name already existed."""
+    os.makedirs(tmp_path / "out")
+    (tmp_path / "out" / "x.png").write_bytes(b"an earlier mask")
+    os.symlink(tmp_path / "gone.png", tmp_path / "x.png")
+    assert predict.image_ids([str(tmp_path / "x.png")], str(tmp_path / "out"), [False]) == ["x"]

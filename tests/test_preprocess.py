@@ -230,13 +230,20 @@ def test_sample_without_image(raw, tmp_path):
     assert str(src / "ccc") in str(e.value) and "no image" in str(e.value)
 
 
-def test_unreadable_png(raw, tmp_path):
+def test_unreadable_png(raw, tmp_path, monkeypatch):
     src, _ = raw
+    real_imread = cv2.imread
     bad = src / "aaa" / "masks" / "m01.png"
     bad.write_bytes(b"not a png at all")
     with pytest.raises(DataError) as e:
         pre.main(["--src", str(src), "--dst", str(tmp_path / "out"), "--num_workers", "1"])
     assert str(bad) in str(e.value)
+    assert cv2.imwrite(str(bad), np.zeros((40, 56), np.uint8))
+    image = src / "bbb" / "images" / "bbb.png"  # as a user who may not read it (the tests may run as root)
+    monkeypatch.setattr(os, "access", lambda p, mode: str(p) != str(image))
+    monkeypatch.setattr(pre.cv2, "imread", lambda p, flags: None if str(p) == str(image) else real_imread(p, flags))
+    with pytest.raises(DataError, match=f"cannot read {image}: permission denied"):
+        pre.main(["--src", str(src), "--dst", str(tmp_path / "out"), "--num_workers", "1"])
 
 
 def test_existing_dst_replaced_only_on_success(raw, tmp_path):
