@@ -43,7 +43,7 @@ import distributed
 from image_files import (JPEG_EXTS, NEAREST, decode_image, image_to_float, normalize, read_label_image,
                          read_mask)
 from instances import median_diameter, nucleus_areas, touching_borders
-from utils import DataError, UsageError, check_utf8_names, first_few, printable_path
+from utils import NEAR_NAMES, DataError, UsageError, check_utf8_names, first_few, near_names, printable_path
 
 # ----------------------------------------------------------------------------------------- listing a dataset
 
@@ -132,22 +132,15 @@ def _check_pairs(ids, other_ids, other_dir, what, ext, flag, name_suffix=""):
         raise DataError(f"no {ext} {what}s in {other_dir}{hint}")
     if ids - other_ids:
         n = len(ids - other_ids)
-        twins = case_twins(other_dir, ids - other_ids, name_suffix + ext)
-        hint = (f" (found {first_few(twins)}: names differ in upper/lower case, which a Mac or Windows ignores and "
-                "this does not)") if twins else ""
+        twins = near_names([i + name_suffix + ext for i in ids - other_ids],
+                           [f for f in os.listdir(other_dir) if not f.startswith(".")])
+        hint = f" (found {first_few(twins)}: {NEAR_NAMES})" if twins else ""
         raise DataError(f"{n} image{' has' if n == 1 else 's have'} no {what} in {other_dir}: "
                         f"{first_few(ids - other_ids)}; give every image its {what}, named like the image{hint}")
     if other_ids - ids:
         n = len(other_ids - ids)
         raise DataError(f"{n} {what}{' has' if n == 1 else 's have'} no image in {other_dir}: "
                         f"{first_few(other_ids - ids)}; give every {what} its image, named like it")
-
-
-def case_twins(folder, ids, suffix):
-    """The files in ``folder`` named <id><suffix> for one of ``ids`` but for upper/lower case (sorted; not hidden)."""
-    wanted = {i + suffix for i in ids}
-    folded = {name.casefold() for name in wanted}
-    return sorted(f for f in os.listdir(folder) if f.casefold() in folded and f not in wanted and not f.startswith("."))
 
 
 def _extension_hint(folder, flag):

@@ -6,7 +6,7 @@ import os
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from utils import DataError, UsageError, first_few
+from utils import NEAR_NAMES, DataError, UsageError, first_few, near_names
 
 SPLITS = ("train", "val", "test")
 
@@ -110,5 +110,7 @@ def checked_split(split, source, dataset_dir, ids):
     """``split`` (read from ``source``) unchanged, or a DataError when it names ids that ``dataset_dir`` lacks."""
     missing = sorted(set(split["img_id"]) - set(ids))
     if missing:
-        raise DataError(f"{source} names ids that are not in {dataset_dir}: {first_few(missing)}")
+        near = near_names(missing, ids)
+        raise DataError(f"{source} names ids that are not in {dataset_dir}: {first_few(missing)}" +
+                        (f" (it has {first_few(near)}: {NEAR_NAMES})" if near else ""))
     return split

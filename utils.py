@@ -496,6 +496,19 @@ def first_few(items, n=3):
     return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
+NEAR_NAMES = ("the names differ only in upper/lower case or in how accents are encoded, which a Mac or Windows "
+              "ignores and this does not")
+
+
+def near_names(wanted, available):
+    """The names of ``available`` equal to one of ``wanted`` but for upper/lower case or the encoding of accents
+    (Unicode NFC against NFD, as a Mac writes them), sorted; for a message (:data:`NEAR_NAMES`)."""
+    def key(name):
+        return unicodedata.normalize("NFC", name).casefold()
+    keys, exact = {key(w) for w in wanted}, set(wanted)
+    return sorted(a for a in available if a not in exact and key(a) in keys)
+
+
 def check_output_folder(path, flag="--output"):
     """Refuse, before any work, an output folder that exists as a file or that this user cannot write in (or
     create: its nearest existing parent is checked); os.makedirs or the first write would fail after the work."""

@@ -1,6 +1,7 @@
 """Tests for dataset.py: image/mask readers, layout checks with their error messages, the Dataset and its
 augmentation seeding."""
 import os
+import unicodedata
 
 import cv2
 import numpy as np
@@ -313,7 +314,17 @@ def test_a_mask_named_in_another_case_is_named_in_the_error(tmp_path, twin):
     root = make_layout(tmp_path / "ds", IDS)
     os.rename(os.path.join(root, "masks", "0", "b.png"), os.path.join(root, "masks", "0", twin))
     with pytest.raises(DataError, match=f"1 image has no mask in .*: b; give every image its mask, named like the "
-                                        f"image \\(found {twin}: names differ in upper/lower case"):
+                                        f"image \\(found {twin}: the names differ only in upper/lower case"):
+        list_ids(root)
+
+
+def test_a_mask_named_with_accents_encoded_otherwise_is_named_in_the_error(tmp_path):
+    """A Mac-made zip stores 'café' decomposed (NFD): it looks like the image's name and is not."""
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    root = make_layout(tmp_path / "ds", ["a", nfc])
+    os.rename(os.path.join(root, "masks", "0", f"{nfc}.png"), os.path.join(root, "masks", "0", f"{nfd}.png"))
+    with pytest.raises(DataError, match=f"1 image has no mask in .*: {nfc}; .*\\(found {nfd}.png: the names differ "
+                                        "only in upper/lower case or in how accents are encoded"):
         list_ids(root)
 
 

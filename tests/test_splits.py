@@ -1,7 +1,11 @@
 """Tests for splits.py: the seed's split and the --init leak note, against counts and sets written out here."""
-import pandas as pd
+import unicodedata
 
-from splits import held_out_seen_in_training, make_split, read_split, split_ids
+import pandas as pd
+import pytest
+
+from splits import checked_split, held_out_seen_in_training, make_split, read_split, split_ids
+from utils import DataError
 
 
 def test_a_test_part_takes_its_share_of_all_images_and_val_its_share_too():
@@ -29,3 +33,13 @@ def test_the_empty_rows_a_spreadsheet_leaves_are_skipped(tmp_path):
     (tmp_path / "s.csv").write_text("img_id,split\r\na,train\r\nb,val\r\n,\r\n,\r\n")
     split = read_split(str(tmp_path / "s.csv"))
     assert split.to_dict("list") == {"img_id": ["a", "b"], "split": ["train", "val"]}
+
+
+def test_a_split_id_with_accents_encoded_otherwise_is_named():
+    """An id typed on Linux (NFC) against a file name from a Mac (NFD): the error names the near match."""
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    split = pd.DataFrame({"img_id": [nfc, "b"], "split": ["val", "train"]})
+    with pytest.raises(DataError, match=f"s.csv names ids that are not in data: {nfc} \\(it has {nfd}: the names "
+                                        "differ only in upper/lower case or in how accents are encoded"):
+        checked_split(split, "s.csv", "data", [nfd, "b"])
+    assert checked_split(split, "s.csv", "data", [nfc, "b"]) is split
