@@ -179,6 +179,7 @@ def test_a_half_transparent_layer_is_named_and_tiff_channels_are_not_alpha(tmp_p
     assert read_mask(str(tmp_path / "cyx.tif")).sum() == 0
 
 
+@pytest.mark.parametrize("dtype, value", [(np.int32, -1), (np.uint32, 3_000_000_000), (np.int64, 2**31)])
 def test_label_values_below_0_or_beyond_int32_are_refused_by_name(tmp_path, dtype, value):
     """A nucleus labelled -1 became background of the training target, and 3e9 wrapped to a negative label."""
     labels = np.zeros((16, 16), dtype)
