@@ -42,8 +42,10 @@ def main(argv):
     # Heavy imports only now, so that --help and flag errors answer at once.
     import torch
 
-    from checkpoints import load_checkpoint
+    from checkpoints import load_checkpoint, load_run
 
+    load_run(args.name, torch.device("cpu"))  # refused now, as predict.py would refuse it: a config.yml it cannot
+    # use (the original pytorch-nested-unet's), or weights that do not fit it
     weights = load_checkpoint(os.path.join(src, "model.pth"), torch.device("cpu"))
     dst = os.path.join(config.PRETRAINED_DIR, name)
     # built beside, then put in place whole: stopped halfway, new weights never sit beside the old checksum

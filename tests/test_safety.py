@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -623,6 +624,12 @@ def test_bundle_writes_fp16_weights_that_load_by_name(tiny_workdir, monkeypatch)
     assert (shipped / "README.md").read_text() == "model card" and (shipped / "model.pth").read_bytes() != \
         before["model.pth"]
     checkpoints.load_run("mine", torch.device("cpu"))  # its checksum matches
+    # a run that predict.py could not load is refused before anything is written, not bundled with a usage line
+    cfg = yaml.safe_load((tiny_workdir / "models" / "better" / "config.yml").read_text())
+    (tiny_workdir / "models" / "better" / "config.yml").write_text(yaml.safe_dump({**cfg, "arch": "NestedUNet"}))
+    with pytest.raises(DataError, match="does not match the run's config.yml"):
+        bundle.main(["--name", "better", "--as", "broken"])
+    assert sorted(os.listdir(shipped.parent)) == ["mine"]
 
 
 def test_training_state_round_trips_every_part(tmp_path):
