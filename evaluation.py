@@ -220,6 +220,21 @@ def summary(title, scores, table, dsb, out_dir, overlays):
     return "\n".join(lines)
 
 
+def training_diameter(name, cfg):
+    """The median nucleus diameter (pixels) of run ``name``'s training images: the one its config.yml records, or
+    for a run trained before train.py recorded it, measured now from the training ids of its split.csv in its
+    dataset (dataset.nucleus_diameter, as train.py measures it); 0.0 when neither can be had."""
+    if cfg.nucleus_diameter:
+        return cfg.nucleus_diameter
+    split, folder = os.path.join(saved_run_dir(name), "split.csv"), os.path.join(INPUTS_DIR, cfg.dataset)
+    if not (os.path.isfile(split) and os.path.isdir(folder)):
+        return 0.0
+    try:
+        return round(nucleus_diameter(folder, split_ids(read_split(split), "train"), cfg.img_ext, cfg.mask_ext), 2)
+    except DataError:  # the dataset changed since: nothing to measure by
+        return 0.0
+
+
 def size_hint(dataset_dir, ids, reading, trained):
     """The line val.py adds when the nuclei of images ``ids`` (from their labels or masks: dataset.nucleus_diameter)
     are far from the ``trained`` diameter of a crop-trained run (instances.auto_scale): their median diameter and

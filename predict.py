@@ -459,6 +459,7 @@ def main(argv):
     # Heavy imports only now, so that --help and flag errors answer at once.
     from checkpoints import load_run
     from engine import choose_device
+    from evaluation import training_diameter
     from inference import Predictor
 
     device = choose_device(args.device)
@@ -470,10 +471,16 @@ def main(argv):
     if args.tile and args.overlap >= args.tile:
         raise UsageError(f"--overlap {args.overlap} must be less than --tile ({args.tile})")
     auto = args.scale == "auto"
+    if auto and not cfg.nucleus_diameter:  # a run trained before train.py recorded it
+        cfg.nucleus_diameter = training_diameter(args.name, cfg)
+        if cfg.nucleus_diameter:
+            print(f"note: run {args.name} records no training nucleus diameter; measured now from its training "
+                  f"images: {cfg.nucleus_diameter:.1f} px")
     if auto and not cfg.nucleus_diameter:
         raise UsageError(f"--scale auto: run {args.name} records no training nucleus diameter (trained before "
-                         "train.py recorded it, or its training labels held no nuclei); give --scale FACTOR, or the "
-                         "diameter in its config.yml as nucleus_diameter")
+                         "train.py recorded it, or its training labels held no nuclei) and its training images are "
+                         "not there to measure it; give --scale FACTOR, or the diameter in its config.yml as "
+                         "nucleus_diameter")
     written = output_files(files, ids, stacks, output_suffixes(cfg.num_classes, args.save_prob, args.instances,
                                                                args.overlay))
     filters = object_filters(args.min_size, args.min_confidence, cfg.loss)

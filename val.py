@@ -83,7 +83,7 @@ def main(argv):
     from dataset import eval_loader, find_layout, images_left_out, reading_of
     from engine import Precision, choose_device, evaluate
     from evaluation import (ImageWriter, check_same_evaluation, evaluation_ids, evaluation_record, model_epoch,
-                            separation_order, size_hint, summary, write_evaluation_record)
+                            separation_order, size_hint, summary, training_diameter, write_evaluation_record)
     from losses import build_loss
 
     device = choose_device(args.device)
@@ -124,8 +124,9 @@ def main(argv):
     title = f"{args.name} ({epoch + ', ' if epoch else ''}{part}, {len(ids)} images, {precision.describe()}" + \
         (", flip TTA" if args.tta else "") + (f", pruned at L={args.prune}" if args.prune else "") + ")"
     print(summary(title, scores, table, dsb, out_dir, not args.no_overlays))
-    if cfg.crop_size and cfg.nucleus_diameter:
-        hint = size_hint(dataset_dir, ids, reading, cfg.nucleus_diameter)
+    trained = training_diameter(args.name, cfg) if cfg.crop_size else 0.0
+    if trained:
+        hint = size_hint(dataset_dir, ids, reading, trained)
         if hint:
             print(hint)
     if dsb:

@@ -356,8 +356,25 @@ def test_scale_auto_is_the_fixed_scale_it_chose_and_needs_a_recorded_diameter(in
         for suffix in ("_instances", "_overlay"):
             np.testing.assert_array_equal(read(tmp_path / "kept" / f"i{k}{suffix}.png"),
                                           read(tmp_path / "plain" / f"i{k}{suffix}.png"))
-    with pytest.raises(UsageError, match="run pc records no training nucleus diameter"):
-        predict.main(["--name", "pc", "--input", str(folder), "--output", str(tmp_path / "o"), "--scale", "auto"])
+    # a crop run trained before train.py recorded the diameter: measured from its training images while they are
+    # there (as train.py measures it), else refused
+    capsys.readouterr()
+    predict.main(["--name", "pc", "--input", str(folder), "--output", str(tmp_path / "o"), "--scale", "auto"])
+    cfg = yaml.safe_load(open(os.path.join("models", "pc", "config.yml")))
+    train_ids = split_ids(read_split(os.path.join("models", "pc", "split.csv")), "train")
+    expected = nucleus_diameter(os.path.join("inputs", cfg["dataset"]), train_ids)
+    assert f"note: run pc records no training nucleus diameter; measured now from its training images: " \
+           f"{expected:.1f} px" in capsys.readouterr().out
+    shutil.copytree(os.path.join("models", "pc"), os.path.join("models", "pc_gone"))
+    try:
+        with open(os.path.join("models", "pc_gone", "config.yml"), "w") as f:
+            yaml.safe_dump({**cfg, "name": "pc_gone", "dataset": "gone"}, f)
+        with pytest.raises(UsageError, match="run pc_gone records no training nucleus diameter .* and its training "
+                                             "images are not there to measure it"):
+            predict.main(["--name", "pc_gone", "--input", str(folder), "--output", str(tmp_path / "o"), "--scale",
+                          "auto"])
+    finally:
+        shutil.rmtree(os.path.join("models", "pc_gone"))
     with pytest.raises(UsageError, match="--scale is for runs trained on crops"):
         predict.main(["--name", "p", "--input", str(folder), "--output", str(tmp_path / "o"), "--scale", "auto"])
     with pytest.raises(SystemExit):
