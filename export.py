@@ -4,17 +4,21 @@
     python export.py --name dsb2018_96_NestedUNet_wDS --prune 2 --output small.onnx
 
 The ONNX graph has one input ``image``: float32 [batch, C, height, width], the image scaled to [0, 1] as the run
-was trained (``--normalization``: /255, or stretched by its own percentiles; image_files.image_to_float) and then
+was trained (``--normalization``: /255, or stretched by its own 1st and 99.8th percentiles taken over all its
+channels at once and clipped to [0, 1], unlike CSBDeep's per-call defaults; image_files.image_to_float) and then
 normalised as in training, ``(x - 0.5) / 0.25`` (image_files.normalize); batch, height and width are dynamic, but height
 and width must be multiples of 16 (pad first, as predict.py does). It has one output ``logits``: float32
 [batch, K, height, width]; apply a sigmoid for probabilities. A deep-supervision NestedUNet is exported with its
 final head only (X0,4), or with head L and only the nodes it needs when ``--prune L`` is given.
 
 To get predict.py's probabilities from it, prepare each image as predict.py does (inference.Predictor): channels
-in RGB order (OpenCV reads BGR: convert), a grey image repeated to 3 channels; a run trained on resized images
-(``crop_size`` 0) takes the image resized to its input_h x input_w (bilinear) and its output is resized back; then
-pad the bottom and right edges by reflection (numpy's ``reflect``, PyTorch's ``F.pad(mode="reflect")``) to
-multiples of 16 and crop the output back. Zero padding or BGR order change the result well beyond rounding.
+in RGB order (OpenCV reads BGR: convert), a grey image (also one saved as three equal channels) taken as one channel
+and repeated to 3; scale it to [0, 1] first; a run trained on resized images (``crop_size`` 0) then takes the
+scaled image resized to its input_h x input_w (bilinear) and its output is resized back; then pad the bottom and
+right edges by reflection (numpy's ``reflect``, PyTorch's ``F.pad(mode="reflect")``) to multiples of 16 and crop
+the output back. Zero padding or BGR order change the result well beyond rounding. The exported model is fp32:
+compare it with ``predict.py --amp fp32``, since predict.py runs bf16 on CPUs and GPUs that have it (probabilities
+then differ by up to about 0.02).
 
 The export itself (opset 17, PyTorch's TorchScript-based exporter, which needs the ``onnx`` package) is in
 onnx_export.py. The file is written atomically. When ``onnxruntime`` is installed the exported model is run once
@@ -26,9 +30,10 @@ from utils import ArgumentParser, UsageError, path_arg, run_cli
 
 SCALING = {  # how image_files.image_to_float scales an image for each --normalization, in the printed input contract
     "fixed": "8-bit / 255, 16-bit by its min and max",
-    "percentile": "by its 1st and 99.8th percentiles (min and max when they are equal)",
-    "percentile_dark": "by its 1st and 99.8th percentiles (min and max when equal), inverted when its mean is "
-                       "above 0.5",
+    "percentile": "by its 1st and 99.8th percentiles over all channels at once (min and max when they are equal), "
+                  "clipped to [0, 1]",
+    "percentile_dark": "by its 1st and 99.8th percentiles over all channels at once (min and max when equal), "
+                       "clipped to [0, 1], inverted when its mean is above 0.5",
 }
 
 

@@ -176,8 +176,12 @@ def tiff_notes(files, headers, channel):
             notes.append(f"note: {f} has 3 or 4 pages and no ImageJ or OME axes: read as the colours of one image; "
                          "save it as an ImageJ or OME TIFF with its axes to segment the pages one by one")
         if header.channel_axis == "C" and header.channels == 3 and channel is None:
-            notes.append(f"note: {f} has 3 channels (axis C): read as the colours of one RGB image; for "
-                         "fluorescence channels give the nucleus channel with --channel (0 to 2)")
+            notes.append(f"note: {f} has 3 channels (axis C): read as the colours of one RGB image, as train.py "
+                         "reads it; for a run trained on the nucleus channel alone, give it with --channel (0 to 2)")
+        if channel is not None and header.channels == 1 and header.plane_axes:
+            notes.append(f"note: {f} has no channel axis: its planes (axes {header.plane_axes}) are segmented one by "
+                         "one and --channel does not apply; if they are channels, save it as an ImageJ or OME TIFF "
+                         "with a C axis")
         if header.channel_axis == "S" and header.channels_first:
             notes.append(f"note: {f} stores {header.channels} samples before its rows (planar RGB): read as the "
                          "colours of one image; if they are the planes of a stack, save it as an ImageJ or OME TIFF "

@@ -241,6 +241,12 @@ def test_three_fluorescence_channels_and_further_series_are_named(tmp_path):
     assert len(notes) == 2 and "composite.tif has 3 channels (axis C)" in notes[0] and "--channel" in notes[0]
     assert "positions.tif holds 3 series" in notes[1] and "only the first" in notes[1]
     assert predict.tiff_notes(files, headers, 0) == notes[1:]  # a channel chosen: no note on the channels
+    tifffile.imwrite(tmp_path / "two_pages.tif", channels[:2])  # 2 channels written without axes: 2 planes
+    pages = [str(tmp_path / "two_pages.tif")]
+    assert predict.tiff_notes(pages, predict.tiff_headers(pages), None) == []
+    assert predict.tiff_notes(pages, predict.tiff_headers(pages), 1) == [
+        f"note: {pages[0]} has no channel axis: its planes (axes Q) are segmented one by one and --channel does not "
+        "apply; if they are channels, save it as an ImageJ or OME TIFF with a C axis"]
 
 
 def test_channel_picks_the_nucleus_channel(in_runs, tmp_path):
