@@ -13,8 +13,8 @@ import warnings
 import torch
 
 from archs import build_model, fold_batchnorm
-from config import (init_is_run, init_weights_path, load_run_config, output_channels, read_run_config,
-                    saved_run_dir)
+from config import (INIT_FLAGS, init_is_run, init_weights_path, load_run_config, output_channels,
+                    read_run_config, saved_run_dir)
 from utils import DataError, UsageError, atomic_write, clipped, sha256_file
 
 
@@ -102,16 +102,13 @@ def load_run(name, device, prune=None):
     return cfg, fold_batchnorm(model.eval())
 
 
-# The flags of an --init run that the fine-tuning run must share (its weights' shapes, and the images they expect)
-INIT_FLAGS = ("arch", "deep_supervision", "input_channels", "num_classes", "normalization")
-
-
 def load_init_weights(net, init, device, flags):
     """--init NAME or PATH: copy the weights of run NAME (its model.pth) or of a .pth file (a state dict or a
     last.pth) into ``net``, built from the train.py ``flags``, for fine-tuning. A run (or a file with its run's
     config.yml beside it) trained with other :data:`INIT_FLAGS`, or without the --borders that ``flags`` ask for,
-    is a UsageError naming them; other weights that do not fit a DataError. Returns True when the border channel
-    of a --borders run was left out (``net`` has none)."""
+    is a UsageError naming them; other weights that do not fit a DataError. Returns a note for the user ('' for
+    none): the border channel of a --borders run left out (``net`` has none), or how the output channels of a bare
+    .pth file, whose run is unknown, were taken."""
     path = init_weights_path(init)
     if not os.path.isfile(path):
         if os.path.isdir(init):
@@ -135,7 +132,17 @@ def load_init_weights(net, init, device, flags):
     weights, dropped = without_border_channel(weights, expected)
     load_weights(net, weights, f"--init {init}: {path}", "holds a different network", "use the --arch, "
                  "--deep_supervision, --input_channels, --num_classes and --borders of the run it comes from")
-    return dropped
+    outputs = output_channels(flags)
+    if theirs is not None:
+        return "its learned-border channel is left out (this run has --borders False)" if dropped else ""
+    if dropped:  # a file without its run: its extra channel may as well be a class
+        return (f"{path} has no config.yml beside it: its last output channel (a learned-border map, or a class) is "
+                f"left out to fit this run's {outputs} output channel{'s' if outputs > 1 else ''}")
+    if outputs > 1:
+        return (f"{path} has no config.yml beside it: its {outputs} output channels are taken as this run's "
+                "classes (and border map) in their order; if it was trained with --borders, its last channel is a "
+                "border map")
+    return ""
 
 
 def run_folder_hint(folder):

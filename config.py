@@ -350,6 +350,10 @@ def check_init_outside_run(init, name):
                          "run another --name")
 
 
+# The flags of an --init run that the fine-tuning run must share (its weights' shapes, and the images they expect)
+INIT_FLAGS = ("arch", "deep_supervision", "input_channels", "num_classes", "normalization")
+
+
 def check_unchanged_on_resume(args, saved_values, name):
     """A resumed run keeps its settings: only the flags in CHANGEABLE_ON_RESUME may differ from its config.yml
     (a flag it does not hold, written as null or by an older version, had its default)."""
@@ -358,10 +362,14 @@ def check_unchanged_on_resume(args, saved_values, name):
     changed = [k for k, v in saved.items() if k not in CHANGEABLE_ON_RESUME and getattr(args, k) != v]
     if changed:
         k = changed[0]
+        fresh = [f for f in changed if f in INIT_FLAGS or (f == "borders" and args.borders)]
+        then = (f"{', '.join('--' + f for f in fresh)} change{'s' if len(fresh) == 1 else ''} the network or the "
+                "images it expects, so --init cannot carry its weights over either: train a new run from scratch"
+                if fresh else
+                f"To train on with other settings, start a new run from its weights: --init {name} --name <new name>")
         raise UsageError(f"--resume {name}: --{k} {getattr(args, k)} differs from the run's {saved[k]}; a "
                          "resumed run keeps its settings (only --epochs, --early_stopping and how it runs, such as "
-                         f"--device or --num_workers, may change). To train on with other settings, start a new run "
-                         f"from its weights: --init {name} --name <new name>")
+                         f"--device or --num_workers, may change). {then}")
 
 
 def check_dataset_name(dataset):

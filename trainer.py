@@ -317,8 +317,9 @@ class Trainer:
         """--init: the network's weights from that run or file; a note when its border channel is left out, and one
         naming this run's val/test images that it trained on (by its split.csv)."""
         a = self.args
-        if load_init_weights(self.net, a.init, self.device, a):
-            self._say(f"--init {a.init}: its learned-border channel is left out (this run has --borders False)")
+        note = load_init_weights(self.net, a.init, self.device, a)
+        if note:
+            self._say(f"--init {a.init}: {note}")
         seen = held_out_seen_in_training(self.split, init_weights_path(a.init))
         if seen:
             fix = "" if a.split_file else "; to hold them out, give --split_file with val/test images it did not " \

@@ -583,6 +583,33 @@ def test_init_from_a_borders_run_leaves_its_border_channel_out(tiny_workdir, cap
     assert weights["final.weight"].shape[0] == 2 and state["final.weight"].shape[0] == 1
     assert all(torch.equal(v, weights[k][:1] if k.startswith("final.") else weights[k]) for k, v in state.items())
     assert "--init withborders: its learned-border channel is left out" in capsys.readouterr().out
+    # the same weights as a bare file, without the config.yml that says the extra channel is a border map: a note
+    # that does not guess, and one for a two-class run that takes the two channels as its classes
+    shutil.copy("models/withborders/model.pth", "bare.pth")
+    with Trainer(parse_train_args(train_argv("plain2", "--init", "bare.pth", epochs=1)), progress=False):
+        pass
+    assert ("--init bare.pth: bare.pth has no config.yml beside it: its last output channel (a learned-border map, "
+            "or a class) is left out to fit this run's 1 output channel") in capsys.readouterr().out
+    shutil.copytree("inputs/tiny/masks/0", "inputs/tiny/masks/1")
+    try:
+        with Trainer(parse_train_args(train_argv("two", "--init", "bare.pth", "--num_classes", "2", epochs=1)),
+                     progress=False):
+            pass
+    finally:
+        shutil.rmtree("inputs/tiny/masks/1")
+    assert ("--init bare.pth: bare.pth has no config.yml beside it: its 2 output channels are taken as this run's "
+            "classes (and border map) in their order; if it was trained with --borders, its last channel is a border "
+            "map") in capsys.readouterr().out
+
+
+def test_resume_with_a_flag_that_changes_the_weights_says_start_again(tiny_workdir):
+    """--init would refuse another --num_classes (or arch, ...): the message does not suggest it for those."""
+    train.main(train_argv("kept", epochs=1))
+    with pytest.raises(UsageError, match="--num_classes changes the network or the images it expects, so --init "
+                                         "cannot carry its weights over either: train a new run from scratch$"):
+        train.main(["--resume", "kept", "--num_classes", "2", "--epochs", "2"])
+    with pytest.raises(UsageError, match="start a new run from its weights: --init kept --name <new name>$"):
+        train.main(["--resume", "kept", "--lr", "0.5", "--epochs", "2"])
 
 
 def test_val_scores_every_image_of_another_dataset(work, capsys):
