@@ -524,7 +524,8 @@ def main(argv):
         (f", channel {args.channel}" if args.channel is not None else "")
     print(f"{args.name}: {done} image{'s' if done > 1 else ''} ({megapixels:.2f} Mpx{stacked}, {how}"
           f"{', TTA' if args.tta else ''}{f', pruned at L={args.prune}' if args.prune else ''}) in {seconds:.1f}s on "
-          f"{device} ({predictor.precision.describe()}); mean foreground {100 * foreground:.1f}%"
+          f"{device} ({predictor.precision.describe()}); mean foreground "
+          f"{'of class 0 ' if cfg.num_classes > 1 else ''}{100 * foreground:.1f}%"
           f"{found}; "
           f"files in {os.path.join(args.output, '')}")
     for note in (earlier_outputs_note(args, files, ids, written), replaced_rows):

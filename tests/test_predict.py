@@ -852,3 +852,23 @@ def test_a_broken_link_among_the_inputs_is_no_crash_of_the_overwrite_check(tmp_p
     (tmp_path / "out" / "x.png").write_bytes(b"an earlier mask")
     os.symlink(tmp_path / "gone.png", tmp_path / "x.png")
     assert predict.image_ids([str(tmp_path / "x.png")], str(tmp_path / "out"), [False]) == ["x"]
+
+
+def test_a_two_class_run_names_the_class_of_its_foreground_line(in_runs, tmp_path, capsys):
+    """The summary's foreground share is class 0's (the nuclei): with several classes the line says so."""
+    cfg = yaml.safe_load(open(os.path.join("models", "p", "config.yml")))
+    os.makedirs(os.path.join("models", "two"), exist_ok=True)
+    with open(os.path.join("models", "two", "config.yml"), "w") as f:
+        yaml.safe_dump({**cfg, "name": "two", "num_classes": 2}, f)
+    torch.save(build_model(cfg["arch"], 2, 3, cfg["deep_supervision"]).state_dict(),
+               os.path.join("models", "two", "model.pth"))
+    image = write(tmp_path / "in" / "a.png", sample_bgr(32, 32))
+    try:
+        predict.main(["--name", "two", "--input", image, "--output", str(tmp_path / "out"), "--device", "cpu"])
+        assert "mean foreground of class 0 " in capsys.readouterr().out
+        assert sorted(os.listdir(tmp_path / "out")) == ["a_class0.png", "a_class1.png"]
+        predict.main(["--name", "p", "--input", image, "--output", str(tmp_path / "one"), "--device", "cpu"])
+        out = capsys.readouterr().out
+        assert "mean foreground " in out and "of class 0" not in out
+    finally:
+        shutil.rmtree(os.path.join("models", "two"))
