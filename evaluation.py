@@ -210,6 +210,7 @@ def summary(title, scores, table, dsb, out_dir, overlays):
     lines = [f"{title}:",
              f"  IoU  {scores['iou']:.4f} pooled   {scores['iou_mean']:.4f} mean per image",
              f"  Dice {scores['dice']:.4f} pooled   {scores['dice_mean']:.4f} mean per image",
+             *by_class_line(scores),
              f"  mean IoU by image kind (images): {by_kind}"]
     if dsb:
         lines.append(f"  DSB2018 score {', '.join(f'{v:.4f} ({SEPARATION_NAMES[m]})' for m, v in dsb.items())}, "
@@ -218,6 +219,16 @@ def summary(title, scores, table, dsb, out_dir, overlays):
                  f"{os.path.join(out_dir, '')} (scores.csv, {'overlays/, summary.png, ' if overlays else ''}"
                  "probability PNGs per class)")
     return "\n".join(lines)
+
+
+def by_class_line(scores):
+    """['  IoU / Dice by class (pooled): 0 x / y, 1 ...'] for a run of several classes (metrics.SegmentationMeter's
+    iou_class<c>), [] for one class."""
+    classes = [k[len("iou_class"):] for k in scores if k.startswith("iou_class")]
+    if not classes:
+        return []
+    return ["  IoU / Dice by class (pooled): " +
+            ", ".join(f"{c} {scores[f'iou_class{c}']:.4f} / {scores[f'dice_class{c}']:.4f}" for c in classes)]
 
 
 def training_diameter(name, cfg):

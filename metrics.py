@@ -51,11 +51,13 @@ class SegmentationMeter:
     """Accumulates pixel scores over batches on ``device`` without synchronising with the host.
 
     ``state`` is one float64 tensor [7]: sums of intersection, union, predicted pixels, true pixels,
-    per-image IoU, per-image Dice, and the number of images. With deep supervision pass the last head.
+    per-image IoU, per-image Dice, and the number of images; ``by_class`` float64 [K, 4] the first four per class.
+    With deep supervision pass the last head.
     """
 
     def __init__(self, device):
         self.state = torch.zeros(7, dtype=torch.float64, device=device)
+        self.by_class = None  # [K, 4], once the first batch says K
 
     def update(self, logits, target):
         """Add a batch: logits [B, K, H, W], target [B, K, H, W] in {0, 1}. Returns its per-image scores
@@ -64,23 +66,34 @@ class SegmentationMeter:
         per_image = scores_from_counts(*counts)
         self.state[:6] += torch.stack([values.sum() for values in counts + per_image])
         self.state[6] += logits.shape[0]
+        by_class = torch.stack([values.sum(0) for values in counts], 1)
+        self.by_class = by_class if self.by_class is None else self.by_class + by_class
         return per_image
 
     def all_reduce(self):
-        """Sum ``state`` over torch.distributed ranks when a process group is initialised."""
+        """Sum ``state`` and ``by_class`` over torch.distributed ranks when a process group is initialised."""
         reduce_sum(self.state)
+        if self.by_class is not None:
+            reduce_sum(self.by_class)
 
     def compute(self):
-        """dict(iou, dice: pooled over all pixels; iou_mean, dice_mean: mean of per-image scores), floats."""
+        """dict(iou, dice: pooled over all pixels of every class; iou_mean, dice_mean: mean of per-image scores),
+        floats; with several classes also iou_class<c>, dice_class<c>: class c's pooled over its pixels."""
         intersection, union, pred_sum, target_sum, iou_sum, dice_sum, num_images = self.state.tolist()
         if num_images == 0:
             raise DataError("no images were scored: the evaluation set is empty; check the image folder and split")
-        return {
-            "iou": intersection / union if union > 0 else 1.0,
-            "dice": 2 * intersection / (pred_sum + target_sum) if pred_sum + target_sum > 0 else 1.0,
-            "iou_mean": iou_sum / num_images,
-            "dice_mean": dice_sum / num_images,
-        }
+        scores = {**pooled_scores(intersection, union, pred_sum, target_sum), "iou_mean": iou_sum / num_images,
+                  "dice_mean": dice_sum / num_images}
+        classes = self.by_class.tolist() if self.by_class is not None and len(self.by_class) > 1 else []
+        for c, counts in enumerate(classes):
+            scores.update({f"{k}_class{c}": v for k, v in pooled_scores(*counts).items()})
+        return scores
+
+
+def pooled_scores(intersection, union, pred_sum, target_sum):
+    """dict(iou, dice) from pixel counts summed over images (floats); 1 where both masks are empty."""
+    return {"iou": intersection / union if union > 0 else 1.0,
+            "dice": 2 * intersection / (pred_sum + target_sum) if pred_sum + target_sum > 0 else 1.0}
 
 
 def consecutive_labels(labels):

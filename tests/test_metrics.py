@@ -70,6 +70,27 @@ def test_meter_pooled_and_mean_scores_match_sklearn():
     assert scores["iou"] != pytest.approx(scores["iou_mean"])  # pooled and per-image mean really differ here
 
 
+def test_meter_scores_each_class_as_sklearn_does_and_keeps_the_log_columns():
+    """With several classes, each class's pooled IoU / Dice over its own pixels of every image (sklearn on that
+    class's pixels alone); one class adds no keys, and the first four keys keep log.csv's column order."""
+    batches = [random_batch(seed, shape=(3, 3, 8, 8)) for seed in range(2)]
+    meter = SegmentationMeter("cpu")
+    for logits, target in batches:
+        meter.update(logits, target)
+    scores = meter.compute()
+    logits = torch.cat([b[0] for b in batches])
+    target = torch.cat([b[1] for b in batches])
+    assert list(scores)[:4] == ["iou", "dice", "iou_mean", "dice_mean"]
+    for c in range(3):
+        truth, pred = target[:, c].numpy().ravel().astype(int), (logits[:, c] > 0).numpy().ravel().astype(int)
+        assert scores[f"iou_class{c}"] == pytest.approx(jaccard_score(truth, pred), rel=1e-12)
+        assert scores[f"dice_class{c}"] == pytest.approx(f1_score(truth, pred), rel=1e-12)
+    assert len({scores[f"iou_class{c}"] for c in range(3)}) == 3
+    one = SegmentationMeter("cpu")
+    one.update(logits[:, :1], target[:, :1])
+    assert list(one.compute()) == ["iou", "dice", "iou_mean", "dice_mean"]
+
+
 def test_meter_over_batches_equals_one_shot():
     batches = [random_batch(seed, shape=(b, 1, 8, 8)) for seed, b in zip(range(3), (4, 2, 3))]
     several = SegmentationMeter("cpu")

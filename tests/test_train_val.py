@@ -715,3 +715,28 @@ def test_crop_training_names_an_image_too_small_for_any_crop_and_stale_labels(tm
     capsys.readouterr()
     train.main(train_argv("stale", "--crop_size", "32", "--dataset", "crops", epochs=1))
     assert "label images in inputs/crops hold no nuclei (stale labels beside the masks?)" in capsys.readouterr().out
+
+
+def test_two_classes_are_scored_each_and_the_scores_are_those_of_the_written_pngs(tiny_workdir, capsys):
+    """A two-class run: log.csv and val.py give each class's pooled IoU and Dice, and val.py's are those that its
+    probability PNGs (thresholded at 128) give against the masks, recomputed here with numpy."""
+    rings = tiny_workdir / "inputs" / "tiny" / "masks" / "1"
+    rings.mkdir()
+    for path in (tiny_workdir / "inputs" / "tiny" / "masks" / "0").iterdir():  # class 1: a ring around the nuclei
+        nuclei = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        cv2.imwrite(str(rings / path.name), cv2.dilate(nuclei, np.ones((5, 5), np.uint8)) - nuclei)
+    train.main(train_argv("two", "--num_classes", "2", epochs=2))
+    assert {"val_iou_class0", "val_dice_class1"} <= set(pd.read_csv("models/two/log.csv").columns)
+    capsys.readouterr()
+    scores = val.main(["--name", "two", "--device", "cpu", "--amp", "fp32", "--no_overlays"])
+    printed = capsys.readouterr().out
+    val_ids = split_ids(pd.read_csv("models/two/split.csv", dtype=str), "val")
+    for c in (0, 1):
+        pred = np.stack([cv2.imread(f"outputs/two/{c}/{i}.png", cv2.IMREAD_GRAYSCALE) >= 128 for i in val_ids])
+        truth = np.stack([cv2.imread(f"inputs/tiny/masks/{c}/{i}.png", cv2.IMREAD_GRAYSCALE) > 0 for i in val_ids])
+        iou = (pred & truth).sum() / (pred | truth).sum()
+        dice = 2 * (pred & truth).sum() / (pred.sum() + truth.sum())
+        assert scores[f"iou_class{c}"] == pytest.approx(iou, abs=0.01)
+        assert scores[f"dice_class{c}"] == pytest.approx(dice, abs=0.01)
+        assert f"{c} {scores[f'iou_class{c}']:.4f} / {scores[f'dice_class{c}']:.4f}" in printed
+    assert "IoU / Dice by class (pooled): 0 " in printed
