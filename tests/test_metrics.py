@@ -54,14 +54,16 @@ def test_logit_zero_is_background():
     assert iou.item() == 0.0 and dice.item() == 0.0
 
 
-def test_meter_pooled_and_mean_scores_match_sklearn():
-    batches = [random_batch(seed) for seed in range(3)]
+def scored_batches(batches):
+    """A meter's scores over ``batches`` of (logits, target), and the batches concatenated: (scores, logits, target)."""
     meter = SegmentationMeter("cpu")
     for logits, target in batches:
         meter.update(logits, target)
-    scores = meter.compute()
-    logits = torch.cat([b[0] for b in batches])
-    target = torch.cat([b[1] for b in batches])
+    return meter.compute(), torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+
+
+def test_meter_pooled_and_mean_scores_match_sklearn():
+    scores, logits, target = scored_batches([random_batch(seed) for seed in range(3)])
     truth, pred = target.numpy().ravel().astype(int), (logits > 0).numpy().ravel().astype(int)
     assert scores["iou"] == pytest.approx(jaccard_score(truth, pred), rel=1e-12)
     assert scores["dice"] == pytest.approx(f1_score(truth, pred), rel=1e-12)
@@ -73,13 +75,7 @@ def test_meter_pooled_and_mean_scores_match_sklearn():
 def test_meter_scores_each_class_as_sklearn_does_and_keeps_the_log_columns():
     """With several classes, each class's pooled IoU / Dice over its own pixels of every image (sklearn on that
     class's pixels alone); one class adds no keys, and the first four keys keep log.csv's column order."""
-    batches = [random_batch(seed, shape=(3, 3, 8, 8)) for seed in range(2)]
-    meter = SegmentationMeter("cpu")
-    for logits, target in batches:
-        meter.update(logits, target)
-    scores = meter.compute()
-    logits = torch.cat([b[0] for b in batches])
-    target = torch.cat([b[1] for b in batches])
+    scores, logits, target = scored_batches([random_batch(seed, shape=(3, 3, 8, 8)) for seed in range(2)])
     assert list(scores)[:4] == ["iou", "dice", "iou_mean", "dice_mean"]
     for c in range(3):
         truth, pred = target[:, c].numpy().ravel().astype(int), (logits[:, c] > 0).numpy().ravel().astype(int)
