@@ -11,7 +11,6 @@ and in the precision ``--amp auto`` picks on this CPU.
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -26,6 +25,8 @@ from engine import Precision, step  # noqa: E402
 from losses import build_loss  # noqa: E402
 from timing import cpu_name  # noqa: E402
 from utils import ArgumentParser, keep_freed_memory  # noqa: E402
+
+import resource  # noqa: E402  (POSIX only: after utils, which names WSL on Windows)
 
 
 def parse_args(argv=None):

@@ -30,7 +30,6 @@ import gc
 import json
 import os
 import platform
-import resource
 import shutil
 import signal
 import statistics
@@ -60,6 +59,8 @@ from synthetic import ensure_synthetic  # noqa: E402
 from timing import cpu_name, device_list, sync  # noqa: E402
 from trainer import Trainer  # noqa: E402
 from utils import ArgumentParser, keep_freed_memory, raise_keyboard_interrupt  # noqa: E402
+
+import resource  # noqa: E402  (POSIX only: after utils, which names WSL on Windows)
 
 ARCH_ROWS = {"UNet": ("UNet", False), "NestedUNet": ("NestedUNet", False), "NestedUNet_wDS": ("NestedUNet", True)}
 LOOPS = ("seed", "ours")
