@@ -77,7 +77,7 @@ def _add_model_args(g):
     g.add_argument("--input_w", default=96, type=integer, help="resize width (multiple of 16)")
     g.add_argument("--input_h", default=96, type=integer, help="resize height (multiple of 16)")
     g.add_argument("--loss", default="BCEDiceLoss", choices=LOSSES, help="the loss on the logits")
-    g.add_argument("--init", default=None,
+    g.add_argument("--init", default=None, type=os.path.expanduser,
                    help="fine-tune: start from the weights of run NAME (models/NAME/model.pth) or of a .pth file, "
                         "with a fresh optimizer and schedule; the network flags must match")
 

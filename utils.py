@@ -219,10 +219,11 @@ def integer(v):
 
 
 def path_arg(v):
-    """An argparse type: a file or folder path, not empty (an empty --output would silently mean the default)."""
+    """An argparse type: a file or folder path, not empty (an empty --output would silently mean the default), with
+    ~ expanded as the shell would (it does not in a YAML recipe or after --flag=)."""
     if not v.strip():
         raise argparse.ArgumentTypeError(f"expected a path, got {v!r}")
-    return v
+    return os.path.expanduser(v)
 
 
 def file_extension(v):

@@ -190,6 +190,17 @@ def test_a_saved_run_with_an_empty_split_file_loads(tmp_path):
     assert "split_file: ''" in path.read_text() and read_run_config(str(path)).split_file is None
 
 
+def test_a_home_folder_path_in_a_recipe_is_expanded(tmp_path, monkeypatch):
+    """The shell expands ~ on a command line but not in a YAML recipe or after --flag=: the toolkit does."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "split.csv").write_text("id,split\n")
+    args = parse_train_args(["--config", write_yaml(tmp_path / "home.yml", "split_file: ~/split.csv\n")])
+    assert args.split_file == str(tmp_path / "split.csv")
+    assert parse_train_args(["--split_file=~/split.csv"]).split_file == str(tmp_path / "split.csv")
+    torch.save({}, tmp_path / "w.pth")
+    assert parse_train_args(["--init=~/w.pth"]).init == str(tmp_path / "w.pth")
+
+
 def test_a_folder_given_for_a_file_or_an_empty_path_is_named(tmp_path, capsys):
     with pytest.raises(UsageError, match="--config .*: is a folder; give the recipe's .yml file"):
         parse_train_args(["--config", str(tmp_path)])
