@@ -300,6 +300,7 @@ def parse_train_args(argv):
         if not args.resume:
             check_new_run_name(args.name, given)
             check_new_run_args(args)
+            check_size_flags_used(args, argv, recipe)
         if args.init == "":
             raise UsageError("--init is empty; give a run name or a .pth file (or leave it out to start from "
                              "scratch)")
@@ -331,11 +332,25 @@ def recipe_note(error, recipe, argv, config):
     named = re.match(r"--(\w+)", str(error))
     if not named:
         return f" (on the command line or in --config {config})"
+    return f" (set in --config {config})" if named.group(1) in recipe and named.group(1) not in given_flags(argv) \
+        else ""
+
+
+def given_flags(argv):
+    """The dests of the flags that the command line ``argv`` sets, under any of their spellings."""
     unset = object()
     parser = build_train_parser()
     parser.set_defaults(**{a.dest: unset for a in parser._actions})
-    given = {k for k, v in vars(parser.parse_known_args(argv)[0]).items() if v is not unset}
-    return f" (set in --config {config})" if named.group(1) in recipe and named.group(1) not in given else ""
+    return {k for k, v in vars(parser.parse_known_args(argv)[0]).items() if v is not unset}
+
+
+def check_size_flags_used(args, argv, recipe):
+    """--input_w/--input_h set beside --crop_size would be ignored without a word (a crop run trains on crops at full
+    resolution and validates on whole images), so a new run that sets them there is refused."""
+    unused = [f for f in ("input_w", "input_h") if f in recipe or f in given_flags(argv)]
+    if args.crop_size and unused:
+        raise UsageError(f"--{unused[0]} is not used with --crop_size {args.crop_size} (training crops are taken at "
+                         f"full resolution and validation sees whole images); leave --{' and --'.join(unused)} out")
 
 
 def check_init_outside_run(init, name):

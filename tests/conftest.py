@@ -84,7 +84,9 @@ def tiny_ids(_tiny_template):
 
 
 def train_argv(name, *extra, dataset=TINY_NAME, arch="UNet", epochs=2, batch=4):
-    """A small CPU train.py command line (32x32, no workers, Adam so that predictions are not all one class)."""
-    return ["--name", name, "--dataset", dataset, "--arch", arch, "--input_w", "32", "--input_h", "32",
+    """A small CPU train.py command line (32x32 unless --crop_size is in ``extra``, no workers, Adam so that
+    predictions are not all one class)."""
+    size = [] if "--crop_size" in extra else ["--input_w", "32", "--input_h", "32"]
+    return ["--name", name, "--dataset", dataset, "--arch", arch, *size,
             "--epochs", str(epochs), "-b", str(batch), "--num_workers", "0", "--device", "cpu",
             "--optimizer", "Adam", "--lr", "0.01", *extra]

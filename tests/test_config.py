@@ -345,8 +345,18 @@ def test_bad_values_refused_naming_the_flag(argv, flag):
 
 
 def test_sizes_multiple_of_16_accepted():
-    a = parse_train_args(["--input_w", "32", "--input_h", "48", "--crop_size", "64"])
-    assert (a.input_w, a.input_h, a.crop_size) == (32, 48, 64)
+    a = parse_train_args(["--input_w", "32", "--input_h", "48"])
+    assert (a.input_w, a.input_h, a.crop_size) == (32, 48, 0)
+    assert parse_train_args(["--crop_size", "64"]).crop_size == 64
+
+
+def test_resize_flags_beside_crop_size_refused(tmp_path):
+    """A crop run never resizes: --input_w/--input_h beside --crop_size would be ignored without a word."""
+    with pytest.raises(UsageError, match=r"^--input_h is not used with --crop_size 64 .* leave --input_h out$"):
+        parse_train_args(["--input_h", "48", "--crop_size", "64"])
+    with pytest.raises(UsageError, match=r"^--input_w is not used .* leave --input_w and --input_h out \(set in"):
+        parse_train_args(["--config", write_yaml(tmp_path / "r.yml", {"input_w": 32, "input_h": 32}),
+                          "--crop_size", "64"])
 
 
 def test_yaml_bad_values_checked_too(tmp_path):

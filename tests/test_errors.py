@@ -29,7 +29,8 @@ SMALL = ["--arch", "UNet", "--input_w", "32", "--input_h", "32", "--epochs", "1"
 
 
 def train(*args, dataset="good"):
-    return ["train.py", "--dataset", dataset, *SMALL, *args]
+    small = [a for a in SMALL if a not in ("--input_w", "--input_h", "32")] if "--crop_size" in args else SMALL
+    return ["train.py", "--dataset", dataset, *small, *args]
 
 
 # id: (command, expected exit code, strings that the error message must contain)
