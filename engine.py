@@ -44,6 +44,13 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def grad_scaler(enabled):
+    """The fp16 loss scaler for CUDA: torch.amp.GradScaler("cuda") since torch 2.3, torch.cuda.amp's before."""
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler("cuda", enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled)
+
+
 def cpu_has_fast_bf16():
     """True when the CPU computes bf16 natively (AMX tiles or AVX512-BF16): there bf16 autocast with channels_last
     trains faster than fp32 (docs/speed.md). Without them oneDNN emulates bf16, slower than fp32."""
@@ -64,7 +71,7 @@ class Precision:
         self.amp_dtype = amp_dtype
         self.channels_last = channels_last
         self.reason = reason
-        self.scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+        self.scaler = grad_scaler(enabled=amp_dtype == torch.float16)
 
     @classmethod
     def choose(cls, device, amp="auto", channels_last=True):

@@ -14,6 +14,8 @@ from archs import final_logits
 from utils import UserError, atomic_write
 
 OPSET = 17
+# torch 2.4 added the dynamo exporter and the flag that picks the TorchScript one, the only one before
+TORCHSCRIPT_EXPORTER = {"dynamo": False} if torch.__version__ >= "2.4" else {}
 
 
 def export_module(model, prune=None):
@@ -43,9 +45,9 @@ def export_onnx(module, example, path):
     dynamic = {0: "batch", 2: "height", 3: "width"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TracerWarnings about the shape checks, the legacy-exporter notice
-        torch.onnx.export(module, (example,), buffer, dynamo=False, opset_version=OPSET, input_names=["image"],
-                          output_names=["logits"], dynamic_axes={"image": dynamic, "logits": dynamic},
-                          do_constant_folding=True)
+        torch.onnx.export(module, (example,), buffer, **TORCHSCRIPT_EXPORTER, opset_version=OPSET,
+                          input_names=["image"], output_names=["logits"],
+                          dynamic_axes={"image": dynamic, "logits": dynamic}, do_constant_folding=True)
     data = buffer.getvalue()
     onnx.checker.check_model(onnx.load_from_string(data))
     with atomic_write(path, "wb") as f:

@@ -49,6 +49,16 @@ class DataError(UserError):
     exit_code = 1
 
 
+def quiet_opencv():
+    """Keep OpenCV from logging a file it cannot decode on stderr itself: the DataError that names the file says it
+    in one line. Its logging module is cv2.utils.logging since OpenCV 4.13, cv2.setLogLevel before (1: fatal)."""
+    logging = getattr(cv2.utils, "logging", None)
+    if logging is not None:
+        logging.setLogLevel(logging.LOG_LEVEL_FATAL)
+    else:
+        cv2.setLogLevel(1)
+
+
 def run_cli(main, argv=None):
     """Run ``main(argv)`` and turn a UserError into a one-line message and its exit code. The process first keeps
     freed memory (:func:`keep_freed_memory`) and silences OpenCV's own log (the errors name the file instead).
@@ -59,8 +69,7 @@ def run_cli(main, argv=None):
     """
     argv = sys.argv[1:] if argv is None else argv
     keep_freed_memory()
-    # OpenCV logs a file it cannot decode on stderr itself; the DataError that names the file says it in one line
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_FATAL)
+    quiet_opencv()
     previous = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     try:
         return main(argv)

@@ -138,7 +138,9 @@ def test_a_rescale_fills_the_margins_as_albumentations_affine(scale):
     out, _ = sample_window(torch.from_numpy(image.transpose(2, 0, 1).copy())[:, ys, xs],
                            torch.zeros(1, h, w, dtype=torch.uint8)[:, ys, xs], grid)
     alb = A.Affine(scale=(scale, scale), border_mode=cv2.BORDER_REFLECT_101, p=1.0)(image=image)["image"]
-    np.testing.assert_allclose(out[0].numpy(), alb.transpose(2, 0, 1), atol=1e-4)
+    # OpenCV 4's warpAffine rounds its sample positions to 1/32 pixel (up to 0.003 here); OpenCV 5's does not
+    atol = 1e-4 if int(cv2.__version__.split(".")[0]) >= 5 else 5e-3
+    np.testing.assert_allclose(out[0].numpy(), alb.transpose(2, 0, 1), atol=atol)
 
 
 def test_colour_jitter_draws_the_same_changes():
