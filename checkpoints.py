@@ -25,7 +25,9 @@ def atomic_torch_save(obj, path):
 
 
 def load_checkpoint(path, device):
-    """The tensors and plain types saved at ``path`` (a state dict, or a last.pth dict), mapped to ``device``."""
+    """The tensors and plain types saved at ``path`` (a state dict, or a last.pth dict), mapped to ``device``; a
+    DataError when a float tensor holds NaN or infinite values (weights of a run that diverged, saved by an earlier
+    version: they predict nothing, without a word)."""
     if not os.path.isfile(path):
         raise UsageError(f"{path} not found: has the run saved weights yet? (train it first)")
     if os.path.isfile(path + ".sha256"):
@@ -33,10 +35,26 @@ def load_checkpoint(path, device):
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location=device, weights_only=True)
+            saved = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for unsafe or broken files
         raise DataError(f"refusing to load {path}: {_load_failure(e)}; only load weights saved by this toolkit or "
                         "from a source you trust") from None
+    if holds_non_finite(saved):
+        raise DataError(f"{path} holds NaN or infinite weights: its training diverged; train again with a lower "
+                        "--lr")
+    return saved
+
+
+def holds_non_finite(saved):
+    """Whether ``saved`` (a tensor, or dicts, lists and tuples of them and of plain values) holds a float tensor
+    with a NaN or infinite value."""
+    if isinstance(saved, torch.Tensor):
+        return saved.is_floating_point() and not bool(torch.isfinite(saved).all())
+    if isinstance(saved, dict):
+        return any(holds_non_finite(v) for v in saved.values())
+    if isinstance(saved, (list, tuple)):
+        return any(holds_non_finite(v) for v in saved)
+    return False
 
 
 def _load_failure(error):

@@ -4,6 +4,7 @@ train.py is its command line; bench/speed.py drives the same class. Every file i
 atomically (temporary file, then os.replace), only by the main process, so a crash, Ctrl-C or SIGTERM leaves
 each file either in its old or its new complete version. The folder is created only once the run is set up.
 """
+import math
 import os
 import shlex
 import shutil
@@ -147,6 +148,9 @@ class Trainer:
             distributed.broadcast_buffers(self.net)
             val = evaluate(self.model, self.val_loader, self.criterion, self.precision, desc="val",
                            progress=self.progress and self.main, classes=a.num_classes)
+            if not math.isfinite(val["loss"]):  # weights that diverged at the epoch's last steps: never saved
+                raise self._diverged(epoch, f"the validation loss became NaN or infinite after epoch {epoch + 1}'s "
+                                            "training (its weights diverged)")
             step_scheduler(self.scheduler, val["loss"])
             improved = track_best(self.best, epoch + 1, val["iou"])
             row = log_row(epoch + 1, lr, train, val, time.time() - started)
@@ -164,11 +168,17 @@ class Trainer:
                                    desc=f"epoch {epoch + 1}/{a.epochs}", progress=self.progress and self.main,
                                    max_steps=max_steps, classes=a.num_classes)
         except NonFiniteLoss as e:
-            kept = f"{self.dir}/last.pth still holds epoch {epoch}" if epoch else "no epoch was saved"
-            resume = f" (with --resume {shlex.quote(a.name)})" if epoch else ""
-            raise UserError(f"the loss became NaN or infinite at epoch {epoch + 1}, step {e.step + 1}; {kept}. "
-                            "Try a lower --lr (start again with --overwrite: a resumed run keeps its saved learning "
-                            f"rate), --amp fp32{resume}, or check the data") from None
+            raise self._diverged(epoch, f"the loss became NaN or infinite at epoch {epoch + 1}, step {e.step + 1}") \
+                from None
+
+    def _diverged(self, epoch, what):
+        """The UserError for a run that diverged in epoch ``epoch`` (counted from 0; nothing of it saved): ``what``
+        happened, what is kept, what to try."""
+        a = self.args
+        kept = f"{self.dir}/last.pth still holds epoch {epoch}" if epoch else "no epoch was saved"
+        resume = f" (with --resume {shlex.quote(a.name)})" if epoch else ""
+        return UserError(f"{what}; {kept}. Try a lower --lr or --weight_decay (start again with --overwrite: a "
+                         f"resumed run keeps its saved learning rate), --amp fp32{resume}, or check the data")
 
     def _save_epoch(self, epoch, row, improved):
         """Append ``row`` to log.csv, redraw curves.png, save model.pth when ``improved``, then last.pth."""

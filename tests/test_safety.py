@@ -134,6 +134,34 @@ def test_malicious_checkpoint_is_refused(in_workdir, capsys, script, fmt):
     assert "Traceback" not in err
 
 
+
+@pytest.mark.parametrize("script", ["val", "predict", "resume"])
+def test_weights_of_a_diverged_run_are_refused(in_workdir, capsys, script):
+    """A model.pth or last.pth holding NaN weights (a run that diverged under an earlier version) would predict
+    nothing without a word; loading it names the file and the cause instead."""
+    name = f"nan_{script}"
+    run = copy_run_without_weights(in_workdir, "good", name)
+    good = in_workdir / "models" / "good"
+    weights = torch.load(good / "model.pth", weights_only=True)
+    first = next(v for v in weights.values() if v.is_floating_point())
+    first[(0,) * first.dim()] = float("nan")
+    torch.save(weights, run / "model.pth")
+    state = torch.load(good / "last.pth", weights_only=True)
+    state["model"] = weights
+    torch.save(state, run / "last.pth")
+    capsys.readouterr()
+    if script == "val":
+        code, target = cli(val.main, ["--name", name, "--device", "cpu"]), "model.pth"
+    elif script == "predict":
+        argv = ["--name", name, "--input", str(in_workdir / "inputs" / "tiny" / "images"), "--output",
+                str(in_workdir / "pred_nan"), "--device", "cpu"]
+        code, target = cli(predict.main, argv), "model.pth"
+    else:
+        code, target = cli(train.main, ["--resume", name, "--epochs", "2"]), "last.pth"
+    err = capsys.readouterr().err
+    assert code == 1 and f"models/{name}/{target} holds NaN or infinite weights" in err, err
+    assert "Traceback" not in err and not (in_workdir / "pred_nan").exists()
+
 # ------------------------------------------------------------------------------------------------------ YAML
 
 def test_yaml_python_tag_in_config_is_refused(in_workdir, capsys):
@@ -486,6 +514,19 @@ def test_huge_learning_rate_stops_in_the_first_epoch(in_workdir, capsys):
     assert not (run / "last.pth").exists() and not (run / "model.pth").exists()
     assert no_temp_files(run) == []
 
+
+
+def test_weights_that_diverge_at_the_last_step_are_never_saved(in_workdir, capsys):
+    """AdamW's decay of 1e10 wrecks the weights in the epoch's one update, after its training loss was
+    computed: the validation loss catches it, before model.pth or last.pth (once written as the best epoch)."""
+    argv = ["--name", "decay", "--epochs", "2", "--optimizer", "AdamW", "--weight_decay", "1e10", *SMALL, "-b", "8"]
+    assert cli(train.main, argv) == 1
+    err = capsys.readouterr().err
+    assert "the validation loss became NaN or infinite after epoch 1's training" in err, err
+    assert "no epoch was saved" in err and "--weight_decay" in err and "Traceback" not in err
+    run = in_workdir / "models" / "decay"
+    assert not (run / "last.pth").exists() and not (run / "model.pth").exists()
+    assert no_temp_files(run) == []
 
 # ------------------------------------------------------------------------------------ corrupt image files
 
