@@ -5,6 +5,7 @@ need arbitrary code to load is refused and never executed. A weights file with `
 bundled model) must match that checksum. val.py, predict.py, export.py and bundle.py load runs through here
 without importing the training code.
 """
+import io
 import os
 import re
 import shlex
@@ -19,9 +20,13 @@ from utils import DataError, UsageError, atomic_write, clipped, sha256_file
 
 
 def atomic_torch_save(obj, path):
-    """``torch.save`` through utils.atomic_write: the file at ``path`` is always a complete checkpoint."""
+    """``torch.save`` through utils.atomic_write: the file at ``path`` is always a complete checkpoint. Serialised
+    in memory first: torch.save writing to the file itself turns a full disk into a RuntimeError that names no
+    file, where a plain write raises the OSError that the scripts report in one line."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     with atomic_write(path, "wb") as f:
-        torch.save(obj, f)
+        f.write(buffer.getbuffer())
 
 
 def load_checkpoint(path, device):

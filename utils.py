@@ -369,8 +369,11 @@ def locked(path):
             pass
         os.close(fd)  # the last holder removed the file as this one opened it: open the path again
     try:
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+        except OSError as e:  # a full disk: name the lock file
+            raise type(e)(e.errno, e.strerror, path) from None
         yield None
     finally:
         os.remove(path)
@@ -405,9 +408,11 @@ def atomic_write(path, mode="w", **kwargs):
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the permissions open() would
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.errno is not None and e.filename is None:
+            raise type(e)(e.errno, e.strerror, path) from None  # a write or fsync (a full disk): name the file
         raise
 
 

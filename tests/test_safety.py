@@ -36,7 +36,7 @@ import utils
 import val
 from archs import build_model
 from checkpoints import atomic_torch_save
-from conftest import train_argv
+from conftest import ROOT, train_argv
 from dataset import Dataset, decode_image, eval_transform, read_mask
 from utils import DataError, UsageError, atomic_write, interrupts_held, run_cli, sha256_file
 
@@ -472,6 +472,34 @@ def test_interrupts_held_act_after_the_block():
         with interrupts_held():
             os.kill(os.getpid(), signal.SIGINT)
             raise OSError(28, "No space left on device")
+
+
+FULL_DISK = """
+import os, resource, signal, sys
+import torch
+from checkpoints import atomic_torch_save
+from utils import atomic_write
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, as one on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+try:
+    {write}
+except OSError as e:
+    print(e.filename, e.strerror, sorted(os.listdir(".")))
+"""
+
+
+@pytest.mark.parametrize("write", ["atomic_torch_save(torch.zeros(100_000), 'model.pth')",
+                                   "with atomic_write('log.csv') as f: f.write('x' * 200_000)"])
+def test_a_full_disk_is_an_oserror_naming_the_file(tmp_path, write):
+    """A disk that fills while a file is written (a file-size limit stands in for it): an OSError naming the file,
+    which the scripts print in one line, and no temporary file left; torch.save itself raised a RuntimeError."""
+    code = FULL_DISK.format(write=write)
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    name = "model.pth" if "torch" in write else "log.csv"
+    assert out.stdout.split("[")[0].strip() == f"{name} File too large", out.stdout
+    assert out.stdout.rstrip().endswith("[]"), out.stdout
 
 
 # ------------------------------------------------------------------------------------------------- NaN loss
