@@ -69,6 +69,10 @@ class Trainer:
             self._say(note)
         self.train_loader, self.on_device, self.cache = self._train_loader()
         self.val_loader = self.make_eval_loader(self.ids("val"))
+        if self.main and not has_foreground(self.val_loader.dataset):
+            self._say("note: every validation mask is empty, so val IoU reads 1 for an epoch that predicts nothing "
+                      "and 0 otherwise and cannot choose the best epoch; give a --split_file whose validation images "
+                      "have nuclei")
         seed_everything(args.seed)
         net = build_model(args.arch, output_channels(args), args.input_channels, args.deep_supervision)
         self.net = self.precision.prepare(net.to(self.device))
@@ -476,12 +480,16 @@ def check_crop(data, crop_size):
                              f"({h}x{w}); {fix}")
 
 
+def has_foreground(data):
+    """Whether any mask of Dataset ``data`` has a pixel above 0. Masks are read until the first that has one, so a
+    usual dataset costs one read."""
+    return any((data.cached[i] if data.cached else data.load(i))[1].any() for i in range(len(data)))
+
+
 def check_foreground(data):
-    """Refuse a training set whose masks are all empty: nothing to learn, and every score would read 0. Masks are read
-    until the first with a foreground pixel, so a usual training set costs one read."""
-    for i in range(len(data)):
-        if (data.cached[i] if data.cached else data.load(i))[1].any():
-            return
+    """Refuse a training set whose masks are all empty: nothing to learn, and every score would read 0."""
+    if has_foreground(data):
+        return
     layout, first = data.layout, data.img_ids[0]
     path = layout.mask(first, 0) if layout.kind == "masks" else layout.labels(first)
     raise DataError(f"every training mask is empty (none has a pixel above 0; the first is {path}): a mask marks "
