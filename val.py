@@ -121,7 +121,8 @@ def main(argv):
                                               "tta": args.tta, "prune": args.prune, "separation": separation,
                                               **filters})
     dsb = writer.dsb_means()
-    title = f"{args.name} ({epoch + ', ' if epoch else ''}{part}, {len(ids)} images, {precision.describe()}" + \
+    size = f" at {cfg.input_h}x{cfg.input_w}" if not cfg.crop_size else ""  # where the scores and nuclei were taken
+    title = f"{args.name} ({epoch + ', ' if epoch else ''}{part}, {len(ids)} images{size}, {precision.describe()}" + \
         (", flip TTA" if args.tta else "") + (f", pruned at L={args.prune}" if args.prune else "") + ")"
     print(summary(title, scores, table, dsb, out_dir, not args.no_overlays))
     trained = training_diameter(args.name, cfg) if cfg.crop_size else 0.0

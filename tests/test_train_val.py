@@ -248,7 +248,9 @@ def test_borders_run_scores_nuclei_and_splits_along_borders(work, monkeypatch, c
     shutil.copytree(root / "inputs" / TINY_NAME, root / "inputs" / "no_labels", ignore=shutil.ignore_patterns("labels"))
     labelled, unlabelled = (val.main(["--name", "borders", "--dataset", dataset, "--device", "cpu", "--no_overlays"])
                             for dataset in (TINY_NAME, "no_labels"))
-    assert "the masks alone are scored, for every image" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "the masks alone are scored, for every image" in printed
+    assert "all of inputs/no_labels (not trained on), 10 images at 32x32, " in printed  # where scores are taken
     masks_only = ("iou", "dice", "iou_mean", "dice_mean")
     assert {k: unlabelled[k] for k in masks_only} == {k: labelled[k] for k in masks_only}
     assert "dsb" in labelled and "dsb" not in unlabelled
