@@ -33,6 +33,7 @@ INPUTS_DIR = "inputs"
 ARCHS = ("UNet", "NestedUNet")
 LOSSES = ("BCEDiceLoss", "LovaszHingeLoss", "BCEWithLogitsLoss")
 OPTIMIZERS = ("SGD", "Adam", "AdamW")
+SGD_MOMENTUM = 0.9  # the seed's default
 SCHEDULERS = ("CosineAnnealingLR", "ReduceLROnPlateau", "MultiStepLR", "ConstantLR")
 LOADERS = ("auto", "device", "workers")  # where training batches are augmented (dataset.py / device_data.py)
 SKIPPED_IN_CONFIG = ("help", "config", "resume", "overwrite", "debug")  # flags of one invocation, not of the run
@@ -138,7 +139,7 @@ def _add_optimizer_args(g):
     """The optimizer."""
     g.add_argument("--optimizer", default="SGD", choices=OPTIMIZERS, help="the optimizer")
     g.add_argument("--lr", "--learning_rate", default=1e-3, type=float, help="initial learning rate")
-    g.add_argument("--momentum", default=0.9, type=float, help="SGD momentum")
+    g.add_argument("--momentum", default=SGD_MOMENTUM, type=float, help="SGD momentum")
     g.add_argument("--weight_decay", default=1e-4, type=float, help="weight decay")
     g.add_argument("--nesterov", default=False, type=str2bool, help="SGD Nesterov momentum")
 
@@ -485,6 +486,20 @@ def schedule_note(args):
         notes.append(f"--milestones {','.join(map(str, late))} fall at or after the last epoch (counted after "
                      f"--warmup_epochs {args.warmup_epochs}, of --epochs {args.epochs}): the rate is not lowered "
                      "there")
+    return "; ".join(f"note: {n}" for n in notes)
+
+
+def unused_flags_note(args):
+    """A note naming flags set away from their defaults that the run's other flags leave without effect (SGD's
+    --momentum and --nesterov beside Adam or AdamW; --nucleus_diameter, which predict.py --scale reads, without
+    --crop_size); '' otherwise. Not an error: the seed's config.yml files hold momentum beside Adam."""
+    notes = []
+    sgd = [f"--momentum {args.momentum:g}"] * (args.momentum != SGD_MOMENTUM) + ["--nesterov True"] * args.nesterov
+    if args.optimizer != "SGD" and sgd:
+        notes.append(f"{' and '.join(sgd)}: SGD's, not {args.optimizer}'s; no effect here")
+    if args.nucleus_diameter and not args.crop_size:
+        notes.append(f"--nucleus_diameter {args.nucleus_diameter:g}: for a --crop_size run (predict.py --scale reads "
+                     "it); no effect here")
     return "; ".join(f"note: {n}" for n in notes)
 
 

@@ -21,7 +21,7 @@ import distributed
 from archs import build_model
 from checkpoints import atomic_torch_save, load_init_weights, load_training_state, save_training_state
 from config import (INPUTS_DIR, MODELS_DIR, init_weights_path, is_bundled_name, output_channels, run_dir,
-                    save_run_config, schedule_note)
+                    save_run_config, schedule_note, unused_flags_note)
 from dataset import (MODALITIES, Dataset, EpochSampler, WeightedDistributedSampler, balance_weights, eval_loader,
                      find_layout, images_left_out, list_ids, nucleus_diameter, quiet_worker, reading_of,
                      train_transform)
@@ -64,9 +64,9 @@ class Trainer:
             if args.split_file and not args.resume else ""
         if unlisted:
             self._say(unlisted)
-        note = schedule_note(args)
-        if note:
-            self._say(note)
+        for note in (schedule_note(args), unused_flags_note(args)):
+            if note:
+                self._say(note)
         self.train_loader, self.on_device, self.cache = self._train_loader()
         self.val_loader = self.make_eval_loader(self.ids("val"))
         if self.main and not has_foreground(self.val_loader.dataset):

@@ -12,7 +12,7 @@ import train
 from conftest import ROOT
 from optim import build_scheduler
 from config import (build_train_parser, default_run_name, parse_train_args, read_run_config, read_yaml_config,
-                    save_run_config, schedule_note)
+                    save_run_config, schedule_note, unused_flags_note)
 from utils import ArgumentParser, UsageError, run_cli
 
 
@@ -218,6 +218,16 @@ def test_a_schedule_longer_than_the_run_gets_a_note():
     assert "--milestones 4,9 fall at or after the last epoch" in schedule_note(
         parse_train_args(multistep + ["--milestones", "2,4,9"]))
 
+
+
+def test_flags_that_the_others_leave_without_effect_get_a_note():
+    assert unused_flags_note(parse_train_args(["--optimizer", "Adam"])) == ""  # the seed's momentum 0.9 beside it
+    assert unused_flags_note(parse_train_args(["--optimizer", "SGD", "--momentum", "0.5", "--nesterov", "True"])) == ""
+    assert unused_flags_note(parse_train_args(["--optimizer", "AdamW", "--momentum", "0.5", "--nesterov", "True"])) \
+        == "note: --momentum 0.5 and --nesterov True: SGD's, not AdamW's; no effect here"
+    assert unused_flags_note(parse_train_args(["--crop_size", "32", "--nucleus_diameter", "12"])) == ""
+    assert unused_flags_note(parse_train_args(["--nucleus_diameter", "12"])) == \
+        "note: --nucleus_diameter 12: for a --crop_size run (predict.py --scale reads it); no effect here"
 
 def learning_rates(epochs, warmup, scheduler, milestones):
     """The rate of each epoch of a run, from optim.build_scheduler stepped as train.py steps it (--lr 1)."""
