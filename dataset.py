@@ -201,8 +201,8 @@ def list_ids(dataset_dir, img_ext=".png", mask_ext=".png", num_classes=1):
                         "masks/0/<id> for nuclei alone)")
     if class_dirs != expected:
         raise UsageError(f"{mask_dir} holds the class folders {class_dirs}, but a run with --num_classes "
-                         f"{num_classes} reads {expected}: train with --num_classes {len(class_dirs)} (val.py: score "
-                         "a dataset with the run's classes)")
+                         f"{num_classes} reads {expected}: the dataset and the run need the same classes (to train "
+                         f"on these: --num_classes {len(class_dirs)})")
     for c in expected:
         folder = os.path.join(mask_dir, c)
         _check_pairs(ids, _ids_in(folder, mask_ext), folder, "mask", mask_ext, "--mask_ext")
