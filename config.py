@@ -296,12 +296,13 @@ def parse_train_args(argv):
         check_dataset_name(args.dataset)  # before the run name made from it
         given = args.name is not None
         args.name = check_run_name(args.name if given else default_run_name(args))
+        if not args.resume:  # before the size checks: a crop run's --input_w need not be a multiple of 16
+            check_size_flags_used(args, argv, recipe)
         check_train_args(args)
         check_how_it_runs(args)
         if not args.resume:
             check_new_run_name(args.name, given)
             check_new_run_args(args)
-            check_size_flags_used(args, argv, recipe)
         if args.init == "":
             raise UsageError("--init is empty; give a run name or a .pth file (or leave it out to start from "
                              "scratch)")

@@ -363,7 +363,7 @@ def test_sizes_multiple_of_16_accepted():
 def test_resize_flags_beside_crop_size_refused(tmp_path):
     """A crop run never resizes: --input_w/--input_h beside --crop_size would be ignored without a word."""
     with pytest.raises(UsageError, match=r"^--input_h is not used with --crop_size 64 .* leave --input_h out$"):
-        parse_train_args(["--input_h", "48", "--crop_size", "64"])
+        parse_train_args(["--input_h", "40", "--crop_size", "64"])  # not "must be a multiple of 16"
     with pytest.raises(UsageError, match=r"^--input_w is not used .* leave --input_w and --input_h out \(set in"):
         parse_train_args(["--config", write_yaml(tmp_path / "r.yml", {"input_w": 32, "input_h": 32}),
                           "--crop_size", "64"])
