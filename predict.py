@@ -441,6 +441,15 @@ def diameter_note(found, trained, scale):
     return note
 
 
+def none_kept_note(foreground, min_confidence):
+    """The summary's note when no object was kept although the masks have ``foreground`` (fraction of pixels): the
+    objects the --min_confidence filter dropped (a barely trained network's), with which nothing could be measured
+    for --scale auto either; '' when there is no foreground or no filter."""
+    if not (foreground and min_confidence):
+        return ""
+    return f" (every one dropped by --min_confidence {min_confidence:g} or --min_size: try --min_confidence 0)"
+
+
 def sizing(scale, scales):
     """How the images were sized, for the summary line: --scale ``scale`` and the scale of each plane."""
     if scale != "auto":
@@ -516,7 +525,8 @@ def main(argv):
     size = sizing(args.scale, scales)
     found = "" if objects is None else f", {len(objects)} object{'s' * (len(objects) != 1)} ({separation}) in " \
         "objects.csv" + \
-        (diameter_note(median_diameter(objects["area"]), cfg.nucleus_diameter, args.scale) if len(objects) else "")
+        (diameter_note(median_diameter(objects["area"]), cfg.nucleus_diameter, args.scale) if len(objects) else
+         none_kept_note(foreground, filters["min_confidence"]))
     how = f"resized to {cfg.input_h}x{cfg.input_w}" if not cfg.crop_size else \
         f"{size}, windows up to {predictor.tile}x{predictor.tile}"
     done = len(files) - len(left_out)

@@ -110,7 +110,11 @@ def test_odd_sizes_and_formats_keep_their_size(in_runs, tmp_path, capsys):
     predict.main(["--name", "p", "--input", str(folder), extra, "--output", str(out), "--instances", "--overlay",
                   "--save_prob", "--min_confidence", "0", "--device", "cpu"])
     summary = capsys.readouterr().out
-    assert "4 images" in summary and "objects.csv" in summary
+    assert "4 images" in summary and "objects.csv" in summary and "try --min_confidence 0" not in summary
+    predict.main(["--name", "p", "--input", extra, "--output", str(tmp_path / "strict"), "--instances",
+                  "--min_confidence", "0.999", "--device", "cpu"])
+    assert "0 objects (watershed) in objects.csv (every one dropped by --min_confidence 0.999 or --min_size: try " \
+        "--min_confidence 0)" in capsys.readouterr().out
     sizes = {"grey": (519, 161), "rgba": (64, 48), "deep": (50, 70), "photo": (40, 36)}
     table = pd.read_csv(out / "objects.csv")
     assert list(table.columns) == predict.OBJECT_COLUMNS
