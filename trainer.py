@@ -209,7 +209,8 @@ class Trainer:
             return
         best = self.log.loc[self.log["epoch"] == self.best["best_epoch"]].iloc[0]
         name = shlex.quote(self.args.name)  # pasted into a shell
-        test = (f"\nthe test split ({len(self.ids('test'))} images) was kept out of every choice; score it once, "
+        held = len(self.ids("test"))
+        test = (f"\nthe test split ({held} image{'s' * (held != 1)}) was kept out of every choice; score it once, "
                 f"at the end: python val.py --name {name} --split test") if self.ids("test") else ""
         seconds, now = time.time() - self.started, len(self.log) - self.start_epoch
         took = f"in {seconds:.0f}s" if not self.start_epoch else f"({now} of them in {seconds:.0f}s after resuming)"
@@ -297,6 +298,10 @@ class Trainer:
                             "(restore it, or start again with --overwrite)")
         log = pd.read_csv(log_path)
         self.log = log[log["epoch"] <= self.start_epoch].reset_index(drop=True)
+        exported = sorted(f for f in os.listdir(self.dir) if f.endswith(".onnx"))
+        if exported and self.main:
+            self._say(f"note: {', '.join(exported)} in {self.dir} hold{'s' * (len(exported) == 1)} the network of an "
+                      "earlier epoch; run export.py again after training")
 
     def _create_run_folder(self):
         """models/<name>/ with config.yml and split.csv (a new run replaces an old folder with --overwrite). A resumed

@@ -319,7 +319,7 @@ def test_same_name_twice_is_refused(work, monkeypatch):
     assert (model.stat().st_mtime_ns, model.read_bytes()) == before
 
 
-def test_resume_with_more_epochs_keeps_the_cosine_falling_and_refuses_other_changes(tiny_workdir):
+def test_resume_with_more_epochs_keeps_the_cosine_falling_and_refuses_other_changes(tiny_workdir, capsys):
     """A cosine run resumed with more --epochs goes on falling from its last rate to --min_lr over the new length,
     and a finished one stays at --min_lr (the saved schedule alone would climb back up after its last epoch); a
     flag that the saved state overrides (--lr) is refused, not written to config.yml unused; a run that has
@@ -345,9 +345,11 @@ def test_resume_with_more_epochs_keeps_the_cosine_falling_and_refuses_other_chan
     with pytest.raises(UsageError, match=r"already trained its 6 epochs; pass a larger --epochs .*; they would train "
                                          r"at --min_lr, where its cosine schedule has ended.*--init more --name"):
         train.main(["--resume", "more"])
+    (tiny_workdir / "models" / "more" / "model.onnx").write_bytes(b"exported before")
     train.main(["--resume", "more", "--epochs", "8"])
     lr = pd.read_csv(log)["lr"].tolist()
     assert len(lr) == 8 and lr[6:] == pytest.approx([0.001, 0.001]), lr
+    assert "note: model.onnx in models/more holds the network of an earlier epoch" in capsys.readouterr().out
     assert yaml.safe_load((tiny_workdir / "models" / "more" / "config.yml").read_text())["epochs"] == 8
 
 
