@@ -570,10 +570,13 @@ def temp_folder_beside(path):
     parent, prefix = os.path.dirname(path), "." + os.path.basename(path) + ".tmp-"
     os.makedirs(parent, exist_ok=True)
     killed = re.compile(re.escape(prefix) + r"(\d+)-\w+(\.old)?")
-    for entry in os.scandir(parent):
-        m = killed.fullmatch(entry.name)
-        if m and entry.is_dir(follow_symlinks=False) and process_gone(int(m.group(1))):
-            shutil.rmtree(entry.path, ignore_errors=True)
+    left = [e.path for e in os.scandir(parent) if (m := killed.fullmatch(e.name)) and e.is_dir(follow_symlinks=False)
+            and process_gone(int(m.group(1)))]
+    for old in (f for f in left if f.endswith(".old") and not os.path.lexists(path)):
+        # killed between replace_folder's two renames: its finished folder, else the old one, takes the place
+        os.rename(old[:-len(".old")] if os.path.isdir(old[:-len(".old")]) else old, path)
+    for folder in left:
+        shutil.rmtree(folder, ignore_errors=True)
     tmp = made_in(parent, tempfile.mkdtemp, prefix=f"{prefix}{os.getpid()}-")
     os.chmod(tmp, 0o777 & ~_UMASK)
     return tmp

@@ -460,6 +460,23 @@ def test_a_folder_replaced_never_goes_missing_and_killed_builds_are_cleared(tmp_
     assert sorted(os.listdir(tmp_path)) == [f".nuclei.tmp-{os.getpid()}-building", ".other.tmp-keep", "nuclei"]
 
 
+@pytest.mark.parametrize("finished", [True, False])
+def test_a_swap_killed_between_its_renames_is_completed_by_the_next_build(tmp_path, finished):
+    """SIGKILL (which cannot be held) after replace_folder moved the old folder aside and before the finished one
+    took its place: the next build beside it puts the finished folder there (or, were it gone, the old one back)
+    instead of clearing both as a killed build's leftovers."""
+    dst, new = tmp_path / "nuclei", tmp_path / f".nuclei.tmp-{DEAD_PID}-k1"
+    old = tmp_path / f"{new.name}.old"
+    old.mkdir()
+    (old / "model.pth").write_text("old")
+    if finished:
+        new.mkdir()
+        (new / "model.pth").write_text("new")
+    utils.temp_folder_beside(dst)
+    assert (dst / "model.pth").read_text() == ("new" if finished else "old")
+    assert not new.exists() and not old.exists()
+
+
 def test_interrupts_held_act_after_the_block():
     done = []
     with pytest.raises(KeyboardInterrupt):
