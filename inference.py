@@ -9,13 +9,13 @@ windows, as large as the budget allows (or a given tile), blended with a weight 
 """
 import cv2
 import numpy as np
-import psutil
 import torch
 
 from archs import final_logits
 from config import output_channels
 from engine import Precision, forward
 from image_files import image_to_float, normalize
+from utils import ram
 
 
 def blend_weights(height, width, overlap):
@@ -62,11 +62,11 @@ def memory_budget(device):
     it is available, else a quarter of the available RAM. So on a machine with RAM to spare the windows, and the
     predictions, are the same from run to run (sized from the free RAM alone, they changed with it). Available RAM
     counts the page cache the kernel can drop: the never-used RAM alone shrinks as files are read, however much is
-    to spare."""
+    to spare. RAM means what a container's or batch job's memory limit leaves (utils.ram)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0] // 2
-    ram = psutil.virtual_memory()
-    return (ram.total if 2 * ram.available >= ram.total else ram.available) // 4
+    total, available = ram()
+    return (total if 2 * available >= total else available) // 4
 
 
 def tile_for_budget(bytes_per_pixel, budget):

@@ -14,7 +14,6 @@ from contextlib import contextmanager
 
 import numpy as np
 import pandas as pd
-import psutil
 import torch
 
 import distributed
@@ -35,7 +34,7 @@ from plot import plot_runs
 from splits import held_out_seen_in_training, load_or_make_split, split_ids, unlisted_note
 from synthetic import ensure_synthetic
 from utils import (DataError, UsageError, UserError, atomic_write, first_few, interrupts_held, locked,
-                   raise_keyboard_interrupt, remove_killed_writes)
+                   raise_keyboard_interrupt, ram, remove_killed_writes)
 
 
 class Trainer:
@@ -241,7 +240,7 @@ class Trainer:
                              f"images{shared}; the last incomplete batch is dropped, so no step would run: lower "
                              "--batch_size")
         decoded = decoded_bytes(self.dataset_dir, train_ids, a.img_ext, a.mask_ext)
-        cache = a.cache and decoded < psutil.virtual_memory().total / 4
+        cache = a.cache and decoded < ram()[0] / 4
         on_device = train_on_device(a.loader, cache and not a.stain_jitter, decoded, self.device)
         augment = (a.input_h, a.input_w, a.crop_size, a.scale_jitter, a.color_jitter, a.greyscale, a.invert)
         transform = None if on_device else train_transform(*augment, stain_jitter=a.stain_jitter)

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import cv2
+import psutil
 import tifffile
 from tqdm import tqdm
 
@@ -99,6 +100,52 @@ def raise_keyboard_interrupt(signum, frame):
     """Signal handler: SIGTERM (a job killed, ``timeout``) is handled as Ctrl-C, so that a script cleans up its
     temporary files as it does for Ctrl-C."""
     raise KeyboardInterrupt
+
+
+def ram():
+    """(total, available) bytes of RAM this process may use: psutil's (available counts the page cache the kernel
+    can drop), capped by the memory limit of its cgroup or of one above it (a container's, a batch job's such as
+    Slurm's --mem): going past that limit gets the process killed, however much RAM the machine has."""
+    memory = psutil.virtual_memory()
+    total, available = memory.total, memory.available
+    for limit, used in cgroup_memory():
+        total, available = min(total, limit), min(available, max(limit - used, 0))
+    return total, available
+
+
+def cgroup_memory(root="/"):
+    """[(limit, used)] bytes of each memory cgroup with a limit from this process's own up to the top, as
+    /proc/self/cgroup names them under ``root``: cgroup v2's memory.max and memory.current, or v1's
+    memory.limit_in_bytes and memory.usage_in_bytes, ``used`` less the inactive page cache (memory.stat), which the
+    kernel drops before it kills. A container that shows its own cgroup as / is read there."""
+    try:
+        with open(os.path.join(root, "proc", "self", "cgroup")) as f:
+            entries = [line.rstrip("\n").split(":", 2) for line in f if line.count(":") >= 2]
+    except OSError:
+        return []
+    v2 = [path for number, controllers, path in entries if number == "0" and not controllers]
+    v1 = [path for _, controllers, path in entries if "memory" in controllers.split(",")]
+    mount, files = (("memory",), ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")) if v1 \
+        else ((), ("memory.max", "memory.current", "inactive_file"))
+    if not (v1 or v2):
+        return []
+    found, path = [], (v1 or v2)[0].strip("/")
+    while True:
+        folder = os.path.join(root, "sys", "fs", "cgroup", *mount, *path.split("/"))
+        try:
+            with open(os.path.join(folder, files[0])) as f:
+                limit = f.read().strip()
+            with open(os.path.join(folder, files[1])) as f:
+                used = int(f.read())
+            with open(os.path.join(folder, "memory.stat")) as f:
+                stat = dict(line.split() for line in f if len(line.split()) == 2)
+            if limit.isdigit() and int(limit) < 2 ** 60:  # "max", or v1's 2^63 rounded to pages: no limit
+                found.append((int(limit), used - int(stat.get(files[2], 0))))
+        except (OSError, ValueError):
+            pass
+        if not path:
+            return found
+        path = os.path.dirname(path)
 
 
 def keep_freed_memory():

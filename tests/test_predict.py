@@ -822,9 +822,42 @@ def test_cpu_memory_budget_is_a_quarter_of_the_ram_unless_little_is_available(mo
     """A quarter of the RAM whatever is available while half of it or more is (the same windows, the same
     predictions from run to run), a quarter of the available RAM when less is. Available, not merely unused: the
     page cache, which grows as files are read, counts as available."""
-    ram = Namespace(total=1000, available=available, free=available // 10)
-    monkeypatch.setattr(inference.psutil, "virtual_memory", lambda: ram)
+    monkeypatch.setattr(inference, "ram", lambda: (1000, available))
     assert inference.memory_budget(torch.device("cpu")) == budget
+
+
+def write_cgroups(root, own, folders, v1=False):
+    """A fake /proc/self/cgroup naming ``own`` ('0::/path' for cgroup v2, '4:memory:/path' for v1), and the files of
+    each {folder under sys/fs/cgroup: (limit, used bytes, inactive page cache bytes)}."""
+    (root / "proc" / "self").mkdir(parents=True)
+    (root / "proc" / "self" / "cgroup").write_text(f"7:blkio:/\n{own}\n")
+    names = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file") if v1 else \
+        ("memory.max", "memory.current", "inactive_file")
+    for folder, (limit, used, cache) in folders.items():
+        path = root / "sys" / "fs" / "cgroup" / folder
+        path.mkdir(parents=True, exist_ok=True)
+        (path / names[0]).write_text(f"{limit}\n")
+        (path / names[1]).write_text(f"{used}\n")
+        (path / "memory.stat").write_text(f"active_file 5\n{names[2]} {cache}\n")
+
+
+def test_the_memory_limit_of_a_container_or_batch_job_caps_the_ram(tmp_path, monkeypatch):
+    """A Slurm job's limit sits on a cgroup above the process's own (v2), a container's on the cgroup it shows as
+    its root (v1); page cache that the kernel can drop does not count as used. No limit: psutil's figures."""
+    write_cgroups(tmp_path / "slurm", "0::/job_7/step_0",
+                  {"job_7": (2000, 1500, 100), "job_7/step_0": ("max", 1200, 100), "": ("max", 9000, 0)})
+    assert utils.cgroup_memory(str(tmp_path / "slurm")) == [(2000, 1400)]
+    write_cgroups(tmp_path / "docker", "4:memory:/docker/abc", {"memory": (3000, 800, 300)}, v1=True)
+    assert utils.cgroup_memory(str(tmp_path / "docker")) == [(3000, 500)]
+    unlimited = (9223372036854771712, 800, 0)  # v1's "no limit"
+    write_cgroups(tmp_path / "none", "4:memory:/user", {"memory/user": unlimited, "memory": unlimited}, v1=True)
+    assert utils.cgroup_memory(str(tmp_path / "none")) == []
+    assert utils.cgroup_memory(str(tmp_path / "nowhere")) == []
+    monkeypatch.setattr(utils.psutil, "virtual_memory", lambda: Namespace(total=10_000, available=6000))
+    monkeypatch.setattr(utils, "cgroup_memory", lambda: [(2000, 1400)])
+    assert utils.ram() == (2000, 600)
+    monkeypatch.setattr(utils, "cgroup_memory", lambda: [])
+    assert utils.ram() == (10_000, 6000)
 
 
 def test_gpu_memory_budget_is_half_of_the_free_memory(monkeypatch):
