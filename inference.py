@@ -10,6 +10,7 @@ windows, as large as the budget allows (or a given tile), blended with a weight 
 import cv2
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from archs import final_logits
 from config import output_channels
@@ -158,7 +159,9 @@ class Predictor:
                    for x0 in window_starts(width, self.tile, self.overlap)]
         total = np.zeros((output_channels(self.cfg), height, width), np.float32)
         weights = np.zeros((height, width), np.float32)
-        for i in range(0, len(corners), self.batch_size):
+        starts = range(0, len(corners), self.batch_size)
+        # a bar of its own for an image of many windows: predict.py's counts images, and one can take minutes
+        for i in tqdm(starts, desc="windows", unit="batch", leave=False, dynamic_ncols=True, disable=len(starts) < 8):
             chunk = corners[i:i + self.batch_size]
             probs = self.probabilities(np.stack([x[:, y:y + th, x0:x0 + tw] for y, x0 in chunk]))
             for (y, x0), p in zip(chunk, probs):

@@ -429,9 +429,10 @@ def test_percentile_dark_run_inverts_bright_background_images(in_runs, tmp_path)
     assert seen.mean() < 0.5 and image_to_float(negative, 3, "percentile").mean() > 0.5
 
 
-def test_crop_trained_run_tiles_large_images(in_runs, tmp_path):
+def test_crop_trained_run_tiles_large_images(in_runs, tmp_path, capsys):
     """A crop-trained run predicts at full size; --tile 64 on a 96x160 image gives the same size and nearly the
-    whole-image probabilities (this barely trained network is smooth, so within 2/255)."""
+    whole-image probabilities (this barely trained network is smooth, so within 2/255). An image of 8 batches of
+    windows or more has a progress bar of its own."""
     image = write(tmp_path / "big.png", sample_bgr(96, 160))
     outs = {}
     for tile in ("64", "512"):
@@ -441,6 +442,10 @@ def test_crop_trained_run_tiles_large_images(in_runs, tmp_path):
         outs[tile] = read(out / "big_prob.png").astype(int)
         assert outs[tile].shape == (96, 160) and read(out / "big.png").shape == (96, 160)
     assert np.abs(outs["64"] - outs["512"]).max() <= 2
+    assert "windows" not in capsys.readouterr().err  # 5 batches of 3
+    predict.main(["--name", "pc", "--input", image, "--output", str(tmp_path / "one"), "--tile", "64", "--overlap",
+                  "32", "--batch_size", "1", "--device", "cpu"])
+    assert "windows:" in capsys.readouterr().err
 
 
 class Pointwise(torch.nn.Module):
