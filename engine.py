@@ -53,9 +53,22 @@ def grad_scaler(enabled):
 
 def cpu_has_fast_bf16():
     """True when the CPU computes bf16 natively (AMX tiles or AVX512-BF16): there bf16 autocast with channels_last
-    trains faster than fp32 (docs/speed.md). Without them oneDNN emulates bf16, slower than fp32."""
-    return any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_amx_tile_supported",
-                                                                        "_is_avx512_bf16_supported"))
+    trains faster than fp32 (docs/speed.md). Without them oneDNN emulates bf16, slower than fp32. torch asks the CPU
+    since 2.5; before, Linux's /proc/cpuinfo says."""
+    probes = [getattr(torch.cpu, p, None) for p in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    if any(probes):
+        return any(probe() for probe in probes if probe)
+    return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
+
+
+def cpu_flags(path="/proc/cpuinfo"):
+    """The feature flags of the first CPU in Linux's ``path`` ('flags : fpu ... avx512_bf16 ...'); empty elsewhere."""
+    try:
+        with open(path) as f:
+            line = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return set()
+    return set(line.partition(":")[2].split())
 
 
 class Precision:

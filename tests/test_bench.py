@@ -11,6 +11,7 @@ import pytest
 import compare_scores  # bench/, on the path through conftest
 import group_split
 from conftest import make_synthetic
+from optim import fused_update
 from utils import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -107,6 +108,7 @@ def test_fold_bn_times_both_networks_and_they_agree(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.skipif(not fused_update("AdamW", "cpu"), reason="the fused update on the CPU came with torch 2.4")
 def test_fused_optimizer_times_both_updates(tmp_path):
     summary = run_script("fused_optimizer.py", ["--arch", "UNet", "--batch_size", "2", "--size", "32", "--amp", "fp32",
                                                 "--device", "cpu", "--pairs", "2", "--steps", "1"], tmp_path)

@@ -32,6 +32,20 @@ def test_precise_bn_is_the_plain_average_over_the_first_batches():
     torch.testing.assert_close(bn.running_mean, before)  # 0 = off
 
 
+@pytest.mark.parametrize("flags, fast", [("fpu avx512f avx512_bf16", True), ("fpu amx_tile amx_bf16", True),
+                                         ("fpu avx2 avx512f", False)])
+def test_native_bf16_is_found_without_torchs_probes(tmp_path, monkeypatch, flags, fast):
+    """torch before 2.5 has no CPU probes: /proc/cpuinfo's flags tell instead (bf16 was taken for emulated)."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        monkeypatch.delattr(torch.cpu, probe, raising=False)
+    read_flags = engine.cpu_flags
+    assert read_flags(str(cpuinfo)) == set(flags.split()) and read_flags(str(tmp_path / "none")) == set()
+    monkeypatch.setattr(engine, "cpu_flags", lambda: read_flags(str(cpuinfo)))
+    assert engine.cpu_has_fast_bf16() is fast
+
+
 def test_amp_auto_follows_the_cpu_and_can_be_forced(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr(engine, "cpu_has_fast_bf16", lambda: True)

@@ -811,7 +811,9 @@ def test_bench_prune_runs_on_a_tiny_run(in_runs, capsys, tmp_path, monkeypatch):
     autocast = []  # the timed passes run in the precision the table names
 
     def recording_forward(*args, **kwargs):
-        autocast.append(torch.is_autocast_enabled("cpu"))
+        # torch 2.4 took the device here; torch.is_autocast_cpu_enabled() before (deprecated since)
+        autocast.append(torch.is_autocast_enabled("cpu") if torch.__version__ >= "2.4" else
+                        torch.is_autocast_cpu_enabled())
         return predict_forward(*args, **kwargs)
 
     predict_forward = bench_prune.forward

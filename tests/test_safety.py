@@ -54,6 +54,7 @@ def cli(main, argv):
 
 
 DEAD_PID = 4999999  # above the highest process id Linux gives (2^22)
+CPU_SCALER = pytest.mark.skipif(not hasattr(torch.amp, "GradScaler"), reason="a CPU GradScaler came with torch 2.3")
 
 
 def no_temp_files(folder):
@@ -718,6 +719,7 @@ def test_bundle_writes_fp16_weights_that_load_by_name(tiny_workdir, monkeypatch)
     assert sorted(os.listdir(shipped.parent)) == ["mine"]
 
 
+@CPU_SCALER
 def test_training_state_round_trips_every_part(tmp_path):
     """last.pth gives back what a resumed run continues with: the early-stopping count (patience does not start
     over), the fp16 loss scale, the optimizer's moments and the RNG draws that come next."""
@@ -756,6 +758,7 @@ def test_only_one_extra_head_channel_passes_for_a_border_channel():
         assert all(kept[k].shape == (v.shape if dropped else weights[k].shape) for k, v in one.items())
 
 
+@CPU_SCALER
 def test_state_saved_without_fp16_resumes_with_fp16(tmp_path):
     """A run saved with a disabled GradScaler (CPU, bf16 or fp32) and resumed where --amp picks fp16 (a GPU without
     bf16): the scaler starts anew instead of the resume being refused (its empty state does not load)."""
