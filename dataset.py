@@ -340,6 +340,11 @@ class Dataset(torch.utils.data.Dataset):
                             f"{shape[0]}x{shape[1]}; instance labels must have their image's size")
         return labels
 
+    def has_foreground(self):
+        """Whether any mask has a pixel above 0. Masks are read until the first that has one, so a usual dataset
+        costs one read."""
+        return any((self.cached[i] if self.cached else self.load(i))[1].any() for i in range(len(self)))
+
     def modalities(self):
         """:func:`image_modality` of every sample, in order (from the cache, else decoding only the images, in one
         thread per CPU: OpenCV and NumPy release the GIL)."""

@@ -68,7 +68,7 @@ class Trainer:
                 self._say(note)
         self.train_loader, self.on_device, self.cache = self._train_loader()
         self.val_loader = self.make_eval_loader(self.ids("val"))
-        if self.main and not has_foreground(self.val_loader.dataset):
+        if self.main and not self.val_loader.dataset.has_foreground():
             self._say("note: every validation mask is empty, so val IoU reads 1 for an epoch that predicts nothing "
                       "and 0 otherwise and cannot choose the best epoch; give a --split_file whose validation images "
                       "have nuclei")
@@ -484,15 +484,9 @@ def check_crop(data, crop_size):
                              f"({h}x{w}); {fix}")
 
 
-def has_foreground(data):
-    """Whether any mask of Dataset ``data`` has a pixel above 0. Masks are read until the first that has one, so a
-    usual dataset costs one read."""
-    return any((data.cached[i] if data.cached else data.load(i))[1].any() for i in range(len(data)))
-
-
 def check_foreground(data):
     """Refuse a training set whose masks are all empty: nothing to learn, and every score would read 0."""
-    if has_foreground(data):
+    if data.has_foreground():
         return
     layout, first = data.layout, data.img_ids[0]
     path = layout.mask(first, 0) if layout.kind == "masks" else layout.labels(first)

@@ -721,9 +721,9 @@ def test_crop_training_names_an_image_too_small_for_any_crop_and_stale_labels(tm
     assert "label images in inputs/crops hold no nuclei (stale labels beside the masks?)" in capsys.readouterr().out
 
 
-def test_a_validation_split_without_nuclei_is_noted(tiny_workdir, tiny_ids, capsys):
+def test_a_validation_split_without_nuclei_is_noted_in_training_and_by_val_py(tiny_workdir, tiny_ids, capsys):
     """Empty masks in every validation image: val IoU cannot choose the best epoch (1 for a network that finds
-    nothing, 0 otherwise), and train.py says so before training."""
+    nothing, 0 otherwise): train.py says so before training, val.py before scoring."""
     split = tiny_workdir / "split.csv"
     pd.DataFrame({"img_id": tiny_ids, "split": ["val"] * 2 + ["train"] * (len(tiny_ids) - 2)}).to_csv(split,
                                                                                                    index=False)
@@ -731,8 +731,11 @@ def test_a_validation_split_without_nuclei_is_noted(tiny_workdir, tiny_ids, caps
         cv2.imwrite(str(tiny_workdir / "inputs" / "tiny" / "masks" / "0" / f"{i}.png"), np.zeros((32, 32), np.uint8))
     train.main(train_argv("blank_val", "--split_file", str(split), epochs=1))
     assert "note: every validation mask is empty, so val IoU reads 1" in capsys.readouterr().out
+    val.main(["--name", "blank_val", "--device", "cpu", "--no_overlays"])
+    assert "note: every mask of these 2 images is empty: IoU and Dice read 1" in capsys.readouterr().out
     train.main(train_argv("usual", epochs=1))
-    assert "every validation mask is empty" not in capsys.readouterr().out
+    val.main(["--name", "usual", "--device", "cpu", "--no_overlays"])
+    assert "is empty" not in capsys.readouterr().out
 def test_two_classes_are_scored_each_and_the_scores_are_those_of_the_written_pngs(tiny_workdir, capsys):
     """A two-class run: log.csv and val.py give each class's pooled IoU and Dice, and val.py's are those that its
     probability PNGs (thresholded at 128) give against the masks, recomputed here with numpy."""
