@@ -45,8 +45,8 @@ def load_checkpoint(path, device):
         raise DataError(f"refusing to load {path}: {_load_failure(e)}; only load weights saved by this toolkit or "
                         "from a source you trust") from None
     if holds_non_finite(saved):
-        raise DataError(f"{path} holds NaN or infinite weights: its training diverged; train again with a lower "
-                        "--lr")
+        raise DataError(f"{path} holds NaN or infinite weights, as a training that diverged leaves them: use other "
+                        "weights, or train again with a lower --lr")
     return saved
 
 

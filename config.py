@@ -34,6 +34,7 @@ ARCHS = ("UNet", "NestedUNet")
 LOSSES = ("BCEDiceLoss", "LovaszHingeLoss", "BCEWithLogitsLoss")
 OPTIMIZERS = ("SGD", "Adam", "AdamW")
 SGD_MOMENTUM = 0.9  # the seed's default
+INPUT_SIZE = 96  # the seed's --input_w and --input_h
 SCHEDULERS = ("CosineAnnealingLR", "ReduceLROnPlateau", "MultiStepLR", "ConstantLR")
 LOADERS = ("auto", "device", "workers")  # where training batches are augmented (dataset.py / device_data.py)
 SKIPPED_IN_CONFIG = ("help", "config", "resume", "overwrite", "debug")  # flags of one invocation, not of the run
@@ -75,8 +76,10 @@ def _add_model_args(g):
     g.add_argument("--borders", default=False, type=str2bool,
                    help="also learn where touching nuclei meet (one more output channel, made from the instance "
                         "labels inputs/<dataset>/labels/<id>.png) and split nuclei along it (True/False)")
-    g.add_argument("--input_w", default=96, type=integer, help="resize width (multiple of 16)")
-    g.add_argument("--input_h", default=96, type=integer, help="resize height (multiple of 16)")
+    g.add_argument("--input_w", default=INPUT_SIZE, type=integer, help="resize width (multiple of 16; not with "
+                                                                       "--crop_size)")
+    g.add_argument("--input_h", default=INPUT_SIZE, type=integer, help="resize height (multiple of 16; not with "
+                                                                       "--crop_size)")
     g.add_argument("--loss", default="BCEDiceLoss", choices=LOSSES, help="the loss on the logits")
     g.add_argument("--init", default=None, type=os.path.expanduser,
                    help="fine-tune: start from the weights of run NAME (models/NAME/model.pth) or of a .pth file, "
@@ -297,7 +300,7 @@ def parse_train_args(argv):
         given = args.name is not None
         args.name = check_run_name(args.name if given else default_run_name(args))
         if not args.resume:  # before the size checks: a crop run's --input_w need not be a multiple of 16
-            check_size_flags_used(args, argv, recipe)
+            check_size_flags_used(args, argv)
         check_train_args(args)
         check_how_it_runs(args)
         if not args.resume:
@@ -346,13 +349,15 @@ def given_flags(argv):
     return {k for k, v in vars(parser.parse_known_args(argv)[0]).items() if v is not unset}
 
 
-def check_size_flags_used(args, argv, recipe):
-    """--input_w/--input_h set beside --crop_size would be ignored without a word (a crop run trains on crops at full
-    resolution and validates on whole images), so a new run that sets them there is refused."""
-    unused = [f for f in ("input_w", "input_h") if f in recipe or f in given_flags(argv)]
+def check_size_flags_used(args, argv):
+    """--input_w/--input_h given on the command line beside --crop_size would be ignored without a word (a crop run
+    trains on crops at full resolution and validates on whole images), so a new run is refused; a recipe's get a
+    note (:func:`unused_flags_note`)."""
+    unused = [f for f in ("input_w", "input_h") if f in given_flags(argv)]
     if args.crop_size and unused:
         raise UsageError(f"--{unused[0]} is not used with --crop_size {args.crop_size} (training crops are taken at "
-                         f"full resolution and validation sees whole images); leave --{' and --'.join(unused)} out")
+                         f"full resolution and validation sees whole images); leave --{' and --'.join(unused)} out, "
+                         "or give --crop_size 0 to train on resized images")
 
 
 def check_init_outside_run(init, name):
@@ -493,7 +498,8 @@ def schedule_note(args):
 def unused_flags_note(args):
     """A note naming flags set away from their defaults that the run's other flags leave without effect (SGD's
     --momentum and --nesterov beside Adam or AdamW; --nucleus_diameter, which predict.py --scale reads, without
-    --crop_size); '' otherwise. Not an error: the seed's config.yml files hold momentum beside Adam."""
+    --crop_size; a recipe's --input_h/--input_w with --crop_size); '' otherwise. Not an error: the seed's config.yml
+    files hold momentum beside Adam."""
     notes = []
     sgd = [f"--momentum {args.momentum:g}"] * (args.momentum != SGD_MOMENTUM) + ["--nesterov True"] * args.nesterov
     if args.optimizer != "SGD" and sgd:
@@ -501,6 +507,9 @@ def unused_flags_note(args):
     if args.nucleus_diameter and not args.crop_size:
         notes.append(f"--nucleus_diameter {args.nucleus_diameter:g}: for a --crop_size run (predict.py --scale reads "
                      "it); no effect here")
+    if args.crop_size and (args.input_h, args.input_w) != (INPUT_SIZE, INPUT_SIZE):
+        notes.append(f"--input_h/--input_w {args.input_h}x{args.input_w}: for a run on resized images; no effect with "
+                     f"--crop_size {args.crop_size}")
     return "; ".join(f"note: {n}" for n in notes)
 
 

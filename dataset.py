@@ -45,6 +45,7 @@ from image_files import (JPEG_EXTS, NEAREST, decode_image, image_to_float, norma
 from instances import median_diameter, nucleus_areas, touching_borders
 from utils import NEAR_NAMES, DataError, UsageError, check_utf8_names, first_few, near_names, printable_path
 
+
 # ----------------------------------------------------------------------------------------- listing a dataset
 
 def _ids_in(folder, ext):

@@ -159,12 +159,15 @@ class Predictor:
                    for x0 in window_starts(width, self.tile, self.overlap)]
         total = np.zeros((output_channels(self.cfg), height, width), np.float32)
         weights = np.zeros((height, width), np.float32)
-        starts = range(0, len(corners), self.batch_size)
         # a bar of its own for an image of many windows: predict.py's counts images, and one can take minutes
-        for i in tqdm(starts, desc="windows", unit="batch", leave=False, dynamic_ncols=True, disable=len(starts) < 8):
+        bar = tqdm(total=len(corners), desc="windows", unit="window", leave=False, dynamic_ncols=True,
+                   disable=len(corners) < 8 * self.batch_size)
+        for i in range(0, len(corners), self.batch_size):
             chunk = corners[i:i + self.batch_size]
             probs = self.probabilities(np.stack([x[:, y:y + th, x0:x0 + tw] for y, x0 in chunk]))
             for (y, x0), p in zip(chunk, probs):
                 total[:, y:y + th, x0:x0 + tw] += p * weight
                 weights[y:y + th, x0:x0 + tw] += weight
+            bar.update(len(chunk))
+        bar.close()
         return total / weights

@@ -441,13 +441,14 @@ def diameter_note(found, trained, scale):
     return note
 
 
-def none_kept_note(foreground, min_confidence):
+def none_kept_note(foreground, min_size, min_confidence):
     """The summary's note when no object was kept although the masks have ``foreground`` (fraction of pixels): the
-    objects the --min_confidence filter dropped (a barely trained network's), with which nothing could be measured
-    for --scale auto either; '' when there is no foreground or no filter."""
-    if not (foreground and min_confidence):
+    filters dropped them all (a barely trained network's objects fall below --min_confidence), so --scale auto had
+    nothing to measure either; '' when there is no foreground."""
+    if not foreground:
         return ""
-    return f" (every one dropped by --min_confidence {min_confidence:g} or --min_size: try --min_confidence 0)"
+    return (f" (the filters --min_confidence {min_confidence:g} and --min_size {min_size} dropped every one: try "
+            "--min_confidence 0 or a smaller --min_size)")
 
 
 def sizing(scale, scales):
@@ -526,7 +527,7 @@ def main(argv):
     found = "" if objects is None else f", {len(objects)} object{'s' * (len(objects) != 1)} ({separation}) in " \
         "objects.csv" + \
         (diameter_note(median_diameter(objects["area"]), cfg.nucleus_diameter, args.scale) if len(objects) else
-         none_kept_note(foreground, filters["min_confidence"]))
+         none_kept_note(foreground, **filters))
     how = f"resized to {cfg.input_h}x{cfg.input_w}" if not cfg.crop_size else \
         f"{size}, windows up to {predictor.tile}x{predictor.tile}"
     done = len(files) - len(left_out)

@@ -188,8 +188,6 @@ def _build_atomically(dataset_dir, num_images, size, seed, progress):
         return generate_synthetic(tmp, num_images, size, seed, progress=progress)
 
 
-
-
 def ensure_synthetic(dataset_dir, num_images=160, size=96, seed=0, progress=True):
     """Generate the synthetic dataset into ``dataset_dir`` unless ``dataset_dir/images`` already exists.
 

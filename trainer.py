@@ -68,7 +68,8 @@ class Trainer:
                 self._say(note)
         self.train_loader, self.on_device, self.cache = self._train_loader()
         self.val_loader = self.make_eval_loader(self.ids("val"))
-        if self.main and not self.val_loader.dataset.has_foreground():
+        shards_with_nuclei = torch.tensor(float(self.val_loader.dataset.has_foreground()), device=self.device)
+        if not distributed.reduce_sum(shards_with_nuclei).item():  # under DDP each process holds a shard
             self._say("note: every validation mask is empty, so val IoU reads 1 for an epoch that predicts nothing "
                       "and 0 otherwise and cannot choose the best epoch; give a --split_file whose validation images "
                       "have nuclei")
@@ -298,9 +299,9 @@ class Trainer:
         log = pd.read_csv(log_path)
         self.log = log[log["epoch"] <= self.start_epoch].reset_index(drop=True)
         exported = sorted(f for f in os.listdir(self.dir) if f.endswith(".onnx"))
-        if exported and self.main:
-            self._say(f"note: {', '.join(exported)} in {self.dir} hold{'s' * (len(exported) == 1)} the network of an "
-                      "earlier epoch; run export.py again after training")
+        if exported:
+            self._say(f"note: {', '.join(exported)} in {self.dir} {'was' if len(exported) == 1 else 'were'} exported "
+                      "before this training resumed; run export.py again after it")
 
     def _create_run_folder(self):
         """models/<name>/ with config.yml and split.csv (a new run replaces an old folder with --overwrite). A resumed

@@ -19,13 +19,14 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import cv2
-import psutil
 import tifffile
 from tqdm import tqdm
 
 if sys.platform == "win32":  # file locks, signals and process checks below are POSIX's
     sys.exit("error: this toolkit runs on Linux and macOS; on Windows, run it in WSL (Windows Subsystem for Linux)")
 import fcntl  # noqa: E402  (POSIX only: after the check above)
+
+import psutil  # noqa: E402  (after the check: it refuses a platform it does not know, as the tests fake Windows)
 
 
 class UserError(Exception):
@@ -419,8 +420,9 @@ def locked(path):
         try:
             os.ftruncate(fd, 0)
             os.write(fd, str(os.getpid()).encode())
-        except OSError as e:  # a full disk: name the lock file
-            raise type(e)(e.errno, e.strerror, path) from None
+        except OSError as e:
+            e.filename = path  # a full disk: name the lock file
+            raise
         yield None
     finally:
         os.remove(path)
@@ -458,8 +460,8 @@ def atomic_write(path, mode="w", **kwargs):
     except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        if isinstance(e, OSError) and e.errno is not None and e.filename is None:
-            raise type(e)(e.errno, e.strerror, path) from None  # a write or fsync (a full disk): name the file
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = path  # a write or fsync (a full disk) names no file
         raise
 
 
@@ -612,16 +614,25 @@ def remove_killed_writes(folder):
 def temp_folder_beside(path):
     """A new empty folder beside ``path`` (same file system, so :func:`replace_folder` can move it there), with the
     permissions os.makedirs would give (mkdtemp makes it private). Such folders (.<name>.tmp-<pid>-<random>) that a
-    killed process left beside ``path`` are removed first; those of a process still building are kept."""
+    killed process left beside ``path`` are removed first, those of a process still building kept; one killed
+    between :func:`replace_folder`'s two renames (``path`` missing, the old folder aside as <build>.old) is completed
+    first: its finished build, else the old folder, takes the place."""
     path = os.path.abspath(path)
     parent, prefix = os.path.dirname(path), "." + os.path.basename(path) + ".tmp-"
     os.makedirs(parent, exist_ok=True)
     killed = re.compile(re.escape(prefix) + r"(\d+)-\w+(\.old)?")
     left = [e.path for e in os.scandir(parent) if (m := killed.fullmatch(e.name)) and e.is_dir(follow_symlinks=False)
             and process_gone(int(m.group(1)))]
-    for old in (f for f in left if f.endswith(".old") and not os.path.lexists(path)):
-        # killed between replace_folder's two renames: its finished folder, else the old one, takes the place
-        os.rename(old[:-len(".old")] if os.path.isdir(old[:-len(".old")]) else old, path)
+    swaps = sorted((f for f in left if f.endswith(".old")), key=lambda old: not os.path.isdir(old[:-len(".old")]))
+    for old in swaps:  # those whose finished build is there first
+        if os.path.lexists(path):
+            break
+        finished = old[:-len(".old")]
+        try:
+            os.rename(finished if os.path.isdir(finished) else old, path)
+        except OSError:
+            if not os.path.lexists(path):  # else another process completed it first
+                raise
     for folder in left:
         shutil.rmtree(folder, ignore_errors=True)
     tmp = made_in(parent, tempfile.mkdtemp, prefix=f"{prefix}{os.getpid()}-")
@@ -633,11 +644,12 @@ def temp_folder_beside(path):
 def folder_replaced_when_done(dst):
     """Build a folder that takes the place of ``dst`` only when complete: yields a new empty folder beside it; when
     the block succeeds it replaces ``dst`` (:func:`replace_folder`), when it fails (an error, Ctrl-C, SIGTERM) it is
-    removed and ``dst`` stays as it was."""
+    removed and ``dst`` stays as it was. A symlinked ``dst`` stays a link: its target is what is replaced."""
+    dst = os.path.realpath(dst)
     tmp = temp_folder_beside(dst)
     try:
         yield tmp
-        replace_folder(tmp, os.path.abspath(dst))
+        replace_folder(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -108,8 +108,9 @@ def main(argv):
                          args.batch_size or cfg.batch_size, args.num_workers)
     data = loader.dataset
     if not data.has_foreground():
-        print(f"note: every mask of these {len(ids)} images is empty: IoU and Dice read 1 for a network that finds "
-              "nothing and 0 for one that finds anything (are these the right masks?)")
+        print(f"note: every mask of {'these' if len(ids) > 1 else 'this'} {len(ids)} image{'s' * (len(ids) > 1)} is "
+              "empty: pooled IoU and Dice read 1 for a network that finds nothing and 0 for one that finds anything "
+              "(are these the right masks?)")
     precision = Precision.choose(device, args.amp)
     criterion = build_loss(cfg.loss, border_after=cfg.num_classes if cfg.borders else None)
     # the outputs of one evaluation replace the folder as a whole when complete

@@ -219,7 +219,6 @@ def test_a_schedule_longer_than_the_run_gets_a_note():
         parse_train_args(multistep + ["--milestones", "2,4,9"]))
 
 
-
 def test_flags_that_the_others_leave_without_effect_get_a_note():
     assert unused_flags_note(parse_train_args(["--optimizer", "Adam"])) == ""  # the seed's momentum 0.9 beside it
     assert unused_flags_note(parse_train_args(["--optimizer", "SGD", "--momentum", "0.5", "--nesterov", "True"])) == ""
@@ -228,6 +227,7 @@ def test_flags_that_the_others_leave_without_effect_get_a_note():
     assert unused_flags_note(parse_train_args(["--crop_size", "32", "--nucleus_diameter", "12"])) == ""
     assert unused_flags_note(parse_train_args(["--nucleus_diameter", "12"])) == \
         "note: --nucleus_diameter 12: for a --crop_size run (predict.py --scale reads it); no effect here"
+
 
 def learning_rates(epochs, warmup, scheduler, milestones):
     """The rate of each epoch of a run, from optim.build_scheduler stepped as train.py steps it (--lr 1)."""
@@ -362,11 +362,18 @@ def test_sizes_multiple_of_16_accepted():
 
 def test_resize_flags_beside_crop_size_refused(tmp_path):
     """A crop run never resizes: --input_w/--input_h beside --crop_size would be ignored without a word."""
-    with pytest.raises(UsageError, match=r"^--input_h is not used with --crop_size 64 .* leave --input_h out$"):
+    with pytest.raises(UsageError, match=r"^--input_h is not used with --crop_size 64 .* leave --input_h out, or "):
         parse_train_args(["--input_h", "40", "--crop_size", "64"])  # not "must be a multiple of 16"
-    with pytest.raises(UsageError, match=r"^--input_w is not used .* leave --input_w and --input_h out \(set in"):
-        parse_train_args(["--config", write_yaml(tmp_path / "r.yml", {"input_w": 32, "input_h": 32}),
-                          "--crop_size", "64"])
+    with pytest.raises(UsageError, match=r"^--input_w is not used .* leave --input_w and --input_h out, or give "
+                                         r"--crop_size 0 to train on resized images$"):
+        parse_train_args(["--config", write_yaml(tmp_path / "c.yml", {"crop_size": 64}), "--input_w", "32",
+                          "--input_h=32"])
+    # a recipe's sizes, with --crop_size given here: a note (the recipe is not the user's to edit)
+    args = parse_train_args(["--config", write_yaml(tmp_path / "r.yml", {"input_w": 32, "input_h": 48}),
+                             "--crop_size", "64"])
+    assert unused_flags_note(args) == "note: --input_h/--input_w 48x32: for a run on resized images; no effect with " \
+                                      "--crop_size 64"
+    assert unused_flags_note(parse_train_args(["--crop_size", "64"])) == ""
 
 
 def test_yaml_bad_values_checked_too(tmp_path):

@@ -24,13 +24,13 @@ from config import parse_train_args, save_run_config
 from utils import clipped
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["--arch", "UNet", "--input_w", "32", "--input_h", "32", "--epochs", "1", "-b", "2", "--num_workers", "0",
-         "--device", "cpu"]
+SIZE = ["--input_w", "32", "--input_h", "32"]
+SMALL = [*SIZE, "--arch", "UNet", "--epochs", "1", "-b", "2", "--num_workers", "0", "--device", "cpu"]
 
 
 def train(*args, dataset="good"):
-    small = [a for a in SMALL if a not in ("--input_w", "--input_h", "32")] if "--crop_size" in args else SMALL
-    return ["train.py", "--dataset", dataset, *small, *args]
+    """A small train.py command line, 32x32 unless ``args`` crop."""
+    return ["train.py", "--dataset", dataset, *(SMALL[len(SIZE):] if "--crop_size" in args else SMALL), *args]
 
 
 # id: (command, expected exit code, strings that the error message must contain)

@@ -113,8 +113,13 @@ def test_odd_sizes_and_formats_keep_their_size(in_runs, tmp_path, capsys):
     assert "4 images" in summary and "objects.csv" in summary and "try --min_confidence 0" not in summary
     predict.main(["--name", "p", "--input", extra, "--output", str(tmp_path / "strict"), "--instances",
                   "--min_confidence", "0.999", "--device", "cpu"])
-    assert "0 objects (watershed) in objects.csv (every one dropped by --min_confidence 0.999 or --min_size: try " \
-        "--min_confidence 0)" in capsys.readouterr().out
+    assert "0 objects (watershed) in objects.csv (the filters --min_confidence 0.999 and --min_size 3 dropped every " \
+        "one: try --min_confidence 0 or a smaller --min_size)" in capsys.readouterr().out
+    blank = write(tmp_path / "blank" / "blank.png", np.zeros((40, 36), np.uint8))  # nothing found: nothing dropped
+    predict.main(["--name", "p", "--input", blank, "--output", str(tmp_path / "none"), "--instances", "--device",
+                  "cpu", "--threshold", "0.99"])
+    summary = capsys.readouterr().out
+    assert "mean foreground 0.0%, 0 objects (watershed) in objects.csv; files" in summary, summary
     sizes = {"grey": (519, 161), "rgba": (64, 48), "deep": (50, 70), "photo": (40, 36)}
     table = pd.read_csv(out / "objects.csv")
     assert list(table.columns) == predict.OBJECT_COLUMNS
@@ -854,8 +859,12 @@ def test_the_memory_limit_of_a_container_or_batch_job_caps_the_ram(tmp_path, mon
     write_cgroups(tmp_path / "slurm", "0::/job_7/step_0",
                   {"job_7": (2000, 1500, 100), "job_7/step_0": ("max", 1200, 100), "": ("max", 9000, 0)})
     assert utils.cgroup_memory(str(tmp_path / "slurm")) == [(2000, 1400)]
-    write_cgroups(tmp_path / "docker", "4:memory:/docker/abc", {"memory": (3000, 800, 300)}, v1=True)
+    # hybrid hosts (this project's CI among them): the memory controller on v1, an empty v2 hierarchy beside it
+    write_cgroups(tmp_path / "docker", "4:memory:/docker/abc\n0::/", {"memory": (3000, 800, 300)}, v1=True)
     assert utils.cgroup_memory(str(tmp_path / "docker")) == [(3000, 500)]
+    write_cgroups(tmp_path / "slurm_v1", "4:memory:/slurm/job_8\n0::/",
+                  {"memory/slurm/job_8": (4000, 1000, 0), "memory": (9223372036854771712, 5000, 0)}, v1=True)
+    assert utils.cgroup_memory(str(tmp_path / "slurm_v1")) == [(4000, 1000)]
     unlimited = (9223372036854771712, 800, 0)  # v1's "no limit"
     write_cgroups(tmp_path / "none", "4:memory:/user", {"memory/user": unlimited, "memory": unlimited}, v1=True)
     assert utils.cgroup_memory(str(tmp_path / "none")) == []

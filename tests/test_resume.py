@@ -139,7 +139,6 @@ def test_interrupt_then_resume_matches_uninterrupted_run(workdir, reference, sig
     assert log["loss"].nunique() == EPOCHS
 
 
-
 def test_run_with_loader_workers_and_warmup_exits(workdir):
     """Finished, a run with persistent loader workers exits (its workers are ended at exit by SIGTERM; they must
     not ignore it, or the exit waits for them for ever)."""

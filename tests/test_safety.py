@@ -135,7 +135,6 @@ def test_malicious_checkpoint_is_refused(in_workdir, capsys, script, fmt):
     assert "Traceback" not in err
 
 
-
 @pytest.mark.parametrize("script", ["val", "predict", "resume"])
 def test_weights_of_a_diverged_run_are_refused(in_workdir, capsys, script):
     """A model.pth or last.pth holding NaN weights (a run that diverged under an earlier version) would predict
@@ -162,6 +161,7 @@ def test_weights_of_a_diverged_run_are_refused(in_workdir, capsys, script):
     err = capsys.readouterr().err
     assert code == 1 and f"models/{name}/{target} holds NaN or infinite weights" in err, err
     assert "Traceback" not in err and not (in_workdir / "pred_nan").exists()
+
 
 # ------------------------------------------------------------------------------------------------------ YAML
 
@@ -478,6 +478,38 @@ def test_a_swap_killed_between_its_renames_is_completed_by_the_next_build(tmp_pa
     assert not new.exists() and not old.exists()
 
 
+def test_of_several_killed_swaps_the_one_with_a_finished_build_wins(tmp_path, monkeypatch):
+    """The folder's entries in name order, so that the swap without a finished build comes first."""
+    class InNameOrder(list):  # os.scandir's result is also a context manager
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+    real_scandir = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda path=".": InNameOrder(sorted(real_scandir(path), key=lambda e: e.name)))
+    for name, text in (("a.old", "oldest"), ("b", "newest"), ("b.old", "older")):  # a's build is gone, b's is there
+        folder = tmp_path / f".nuclei.tmp-{DEAD_PID}-{name}"
+        folder.mkdir()
+        (folder / "model.pth").write_text(text)
+    utils.temp_folder_beside(tmp_path / "nuclei")
+    assert (tmp_path / "nuclei" / "model.pth").read_text() == "newest"
+    assert not [name for name in os.listdir(tmp_path) if str(DEAD_PID) in name]  # the others cleared
+
+
+def test_a_symlinked_folder_stays_a_link_when_replaced(tmp_path):
+    """inputs/<set> linked to another disk: the new folder is built beside the target and replaces it there."""
+    target, link = tmp_path / "big_disk" / "dsb", tmp_path / "inputs" / "dsb"
+    target.mkdir(parents=True)
+    (target / "old.png").write_text("old")
+    link.parent.mkdir()
+    link.symlink_to(target)
+    with utils.folder_replaced_when_done(link) as tmp:
+        with open(os.path.join(tmp, "new.png"), "w") as f:
+            f.write("new")
+    assert link.is_symlink() and os.listdir(target) == ["new.png"] and os.listdir(link.parent) == ["dsb"]
+
+
 def test_interrupts_held_act_after_the_block():
     done = []
     with pytest.raises(KeyboardInterrupt):
@@ -561,7 +593,6 @@ def test_huge_learning_rate_stops_in_the_first_epoch(in_workdir, capsys):
     assert no_temp_files(run) == []
 
 
-
 def test_weights_that_diverge_at_the_last_step_are_never_saved(in_workdir, capsys):
     """AdamW's decay of 1e10 wrecks the weights in the epoch's one update, after its training loss was
     computed: the validation loss catches it, before model.pth or last.pth (once written as the best epoch)."""
@@ -573,6 +604,7 @@ def test_weights_that_diverge_at_the_last_step_are_never_saved(in_workdir, capsy
     run = in_workdir / "models" / "decay"
     assert not (run / "last.pth").exists() and not (run / "model.pth").exists()
     assert no_temp_files(run) == []
+
 
 # ------------------------------------------------------------------------------------ corrupt image files
 

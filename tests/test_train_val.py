@@ -349,7 +349,7 @@ def test_resume_with_more_epochs_keeps_the_cosine_falling_and_refuses_other_chan
     train.main(["--resume", "more", "--epochs", "8"])
     lr = pd.read_csv(log)["lr"].tolist()
     assert len(lr) == 8 and lr[6:] == pytest.approx([0.001, 0.001]), lr
-    assert "note: model.onnx in models/more holds the network of an earlier epoch" in capsys.readouterr().out
+    assert "note: model.onnx in models/more was exported before this training resumed" in capsys.readouterr().out
     assert yaml.safe_load((tiny_workdir / "models" / "more" / "config.yml").read_text())["epochs"] == 8
 
 
@@ -732,10 +732,12 @@ def test_a_validation_split_without_nuclei_is_noted_in_training_and_by_val_py(ti
     train.main(train_argv("blank_val", "--split_file", str(split), epochs=1))
     assert "note: every validation mask is empty, so val IoU reads 1" in capsys.readouterr().out
     val.main(["--name", "blank_val", "--device", "cpu", "--no_overlays"])
-    assert "note: every mask of these 2 images is empty: IoU and Dice read 1" in capsys.readouterr().out
+    assert "note: every mask of these 2 images is empty: pooled IoU and Dice read 1" in capsys.readouterr().out
     train.main(train_argv("usual", epochs=1))
     val.main(["--name", "usual", "--device", "cpu", "--no_overlays"])
     assert "is empty" not in capsys.readouterr().out
+
+
 def test_two_classes_are_scored_each_and_the_scores_are_those_of_the_written_pngs(tiny_workdir, capsys):
     """A two-class run: log.csv and val.py give each class's pooled IoU and Dice, and val.py's are those that its
     probability PNGs (thresholded at 128) give against the masks, recomputed here with numpy."""
