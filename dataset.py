@@ -43,7 +43,8 @@ import distributed
 from image_files import (JPEG_EXTS, NEAREST, decode_image, image_to_float, normalize, read_label_image,
                          read_mask)
 from instances import median_diameter, nucleus_areas, touching_borders
-from utils import NEAR_NAMES, DataError, UsageError, check_utf8_names, first_few, near_names, printable_path
+from utils import (NEAR_NAMES, STOP_SIGNALS, DataError, UsageError, check_utf8_names, first_few, near_names,
+                   printable_path)
 
 
 # ----------------------------------------------------------------------------------------- listing a dataset
@@ -391,7 +392,9 @@ def quiet_worker(worker_id):
     workers at exit with SIGTERM and waits for them.) And the thread through which it hands a batch's memory to the
     main process (multiprocessing's resource_sharer) prints nothing when the main process stops in the middle of
     taking one (Ctrl-C): that thread reports through sys.excepthook, which then passes over its errors."""
-    signal.signal(signal.SIGTERM, _exit_quietly)
+    for sig in STOP_SIGNALS:
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, _exit_quietly)
     sys.excepthook = quiet_about_fd_server
 
 

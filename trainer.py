@@ -34,7 +34,7 @@ from plot import plot_runs
 from splits import held_out_seen_in_training, load_or_make_split, split_ids, unlisted_note
 from synthetic import ensure_synthetic
 from utils import (DataError, UsageError, UserError, atomic_write, first_few, interrupts_held, locked,
-                   raise_keyboard_interrupt, ram, remove_killed_writes)
+                   ram, remove_killed_writes, stop_signals_as_interrupts)
 
 
 class Trainer:
@@ -104,7 +104,8 @@ class Trainer:
         self.started = time.time()
 
     def __enter__(self):
-        self._previous_sigterm = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
+        self._signals = stop_signals_as_interrupts()
+        self._signals.__enter__()
         return self
 
     def __exit__(self, exc_type, exc, tb):
@@ -112,7 +113,7 @@ class Trainer:
         if worker_died:
             # PyTorch's SIGCHLD handler raises this again whenever another child process ends; first stop it
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.signal(signal.SIGTERM, self._previous_sigterm)
+        self._signals.__exit__(None, None, None)
         distributed.cleanup(finished=exc_type is None)
         self._restore_replaced_run()
         if exc_type is KeyboardInterrupt and self.main:

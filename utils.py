@@ -66,15 +66,15 @@ def run_cli(main, argv=None):
     freed memory (:func:`keep_freed_memory`) and silences OpenCV's own log (the errors name the file instead).
 
     With ``--debug`` among the arguments the full traceback is shown instead. Ctrl-C exits with 130
-    and a short message, and so does SIGTERM; the scripts themselves make sure no half-written file is left
-    behind.
+    and a short message, and so do the signals that end a job (:data:`STOP_SIGNALS`); the scripts themselves make
+    sure no half-written file is left behind.
     """
     argv = sys.argv[1:] if argv is None else argv
     keep_freed_memory()
     quiet_opencv()
-    previous = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     try:
-        return main(argv)
+        with stop_signals_as_interrupts():
+            return main(argv)
     except UserError as e:
         if "--debug" in argv:
             raise
@@ -93,13 +93,31 @@ def run_cli(main, argv=None):
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)
+
+
+# What ends a job besides Ctrl-C: kill and timeout (SIGTERM), a closed terminal (SIGHUP), a batch system's warning
+# before its time limit (Slurm's --signal: SIGUSR1 or SIGUSR2, which would otherwise kill at once)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
+@contextmanager
+def stop_signals_as_interrupts():
+    """Within the block, :data:`STOP_SIGNALS` stop the script as Ctrl-C does (a KeyboardInterrupt), so that it
+    cleans up its temporary files and says how to go on; one that is ignored (nohup's SIGHUP) stays ignored."""
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    for sig, handler in previous.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(sig, raise_keyboard_interrupt)
+    try:
+        yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
 def raise_keyboard_interrupt(signum, frame):
-    """Signal handler: SIGTERM (a job killed, ``timeout``) is handled as Ctrl-C, so that a script cleans up its
-    temporary files as it does for Ctrl-C."""
+    """Signal handler: a signal that ends a job (:data:`STOP_SIGNALS`) is handled as Ctrl-C, so that a script cleans
+    up its temporary files as it does for Ctrl-C."""
     raise KeyboardInterrupt
 
 
@@ -467,12 +485,12 @@ def atomic_write(path, mode="w", **kwargs):
 
 @contextmanager
 def interrupts_held():
-    """Hold Ctrl-C (SIGINT) and SIGTERM until the block ends, then act on those received: files written
+    """Hold Ctrl-C (SIGINT) and :data:`STOP_SIGNALS` until the block ends, then act on those received: files written
     together in the block (a run's model.pth, log.csv and last.pth of one epoch) are all of one moment, and
     torch.save, which turns a KeyboardInterrupt into a RuntimeError, is never cut off. Main thread only."""
     received = []
     held = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
-            for sig in (signal.SIGINT, signal.SIGTERM)}
+            for sig in (signal.SIGINT, *STOP_SIGNALS)}
     try:
         yield
     finally:

@@ -104,7 +104,9 @@ def check_run_files_complete(run):
     return ckpt["epoch"]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+# SIGHUP: a terminal closed without nohup; SIGUSR1: Slurm's --signal before the time limit (both killed at once)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1],
+                         ids=["SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1"])
 def test_interrupt_then_resume_matches_uninterrupted_run(workdir, reference, sig):
     name = f"stopped_{sig.name}"
     run = workdir / "models" / name
@@ -121,6 +123,7 @@ def test_interrupt_then_resume_matches_uninterrupted_run(workdir, reference, sig
     assert proc.returncode == 130, (proc.returncode, err[-2000:])
     assert "Traceback" not in err, err
     assert f"--resume {name}" in out + err, out + err
+    assert not (workdir / "models" / f".{name}.lock").exists()
     saved = check_run_files_complete(run)
     assert 1 <= saved < EPOCHS, "the signal should have arrived mid-run"
 

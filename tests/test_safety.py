@@ -510,6 +510,19 @@ def test_a_symlinked_folder_stays_a_link_when_replaced(tmp_path):
     assert link.is_symlink() and os.listdir(target) == ["new.png"] and os.listdir(link.parent) == ["dsb"]
 
 
+def test_signals_that_end_a_job_stop_as_ctrl_c_unless_ignored():
+    """nohup ignores SIGHUP: it stays ignored; the others stop the script as Ctrl-C does, and are given back."""
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with utils.stop_signals_as_interrupts():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGUSR1)
+        assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
 def test_interrupts_held_act_after_the_block():
     done = []
     with pytest.raises(KeyboardInterrupt):
