@@ -15,7 +15,8 @@ import yaml
 
 from image_files import NORMALIZATIONS
 from utils import (AMP_MODES, ArgumentParser, UsageError, amp_mode, atomic_write, bool_or_auto, check_new_run_name,
-                   check_run_name, compile_mode, device_name, file_extension, integer, path_arg, str2bool)
+                   check_run_name, compile_mode, device_name, file_extension, integer, path_arg, str2bool,
+                   usable_cpus)
 
 # Nucleus separation (instances.py) and its object filters: the flags' choices and defaults, chosen on validation
 # images (docs/results.md, "How the post-processing defaults were chosen"). Kept here, not in instances.py, so that
@@ -134,8 +135,8 @@ def _add_data_args(g):
                         "batches there (no worker processes); workers: albumentations in DataLoader workers; auto: "
                         "device when the images are cached (--cache) and not --stain_jitter'd, and on a GPU they "
                         "also fit a quarter of its free memory")
-    g.add_argument("--num_workers", default=min(4, os.cpu_count() or 1), type=integer,
-                   help="DataLoader worker processes (the seed's 4, capped at the number of CPUs)")
+    g.add_argument("--num_workers", default=min(4, usable_cpus()), type=integer,
+                   help="DataLoader worker processes (the seed's 4, capped at the CPUs this process may use)")
 
 
 def _add_optimizer_args(g):

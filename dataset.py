@@ -44,7 +44,7 @@ from image_files import (JPEG_EXTS, NEAREST, decode_image, image_to_float, norma
                          read_mask)
 from instances import median_diameter, nucleus_areas, touching_borders
 from utils import (NEAR_NAMES, STOP_SIGNALS, DataError, UsageError, check_utf8_names, first_few, near_names,
-                   printable_path)
+                   printable_path, usable_cpus)
 
 
 # ----------------------------------------------------------------------------------------- listing a dataset
@@ -349,10 +349,10 @@ class Dataset(torch.utils.data.Dataset):
 
     def modalities(self):
         """:func:`image_modality` of every sample, in order (from the cache, else decoding only the images, in one
-        thread per CPU: OpenCV and NumPy release the GIL)."""
+        thread per usable CPU: OpenCV and NumPy release the GIL)."""
         if self.cached is not None:
             return [image_modality(img) for img, _ in self.cached]
-        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        with ThreadPoolExecutor(usable_cpus()) as pool:
             return list(pool.map(lambda i: image_modality(decode_image(self.layout.image(i))), self.img_ids))
 
     def __getitem__(self, key):

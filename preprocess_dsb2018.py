@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from image_files import read_mask
 from utils import (ArgumentParser, DataError, UsageError, atomic_imwrite, check_replaceable, check_utf8_names,
-                   folder_replaced_when_done, integer, path_arg, run_cli)
+                   folder_replaced_when_done, integer, path_arg, run_cli, usable_cpus)
 
 DEFAULT_SRC = os.path.join("inputs", "data-science-bowl-2018", "stage1_train")
 DOWNLOAD_HINT = (
@@ -226,7 +226,7 @@ def parse_args(argv=None):
     p.add_argument("--masks_csv", type=path_arg, default=None,
                    help="read the nuclei from this run-length CSV (Kaggle's stage1_solution.csv: ImageId, "
                         "EncodedPixels, Height, Width) instead of the masks/ folders")
-    p.add_argument("--num_workers", type=integer, default=os.cpu_count() or 1, help="worker processes")
+    p.add_argument("--num_workers", type=integer, default=usable_cpus(), help="worker processes")
     p.add_argument("--limit", type=integer, default=None, help="only convert the first N samples (sorted ids)")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     return p.parse_args(argv)

@@ -121,6 +121,14 @@ def raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def usable_cpus():
+    """The CPUs this process may run on: those a batch job or taskset gave it (Slurm's --cpus-per-task), not all of
+    the machine's (os.cpu_count); macOS, which cannot restrict them, counts all."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def ram():
     """(total, available) bytes of RAM this process may use: psutil's (available counts the page cache the kernel
     can drop), capped by the memory limit of its cgroup or of one above it (a container's, a batch job's such as
@@ -530,7 +538,7 @@ def atomic_tiff_write(path, stack, axes):
 
 
 class BatchedThreads:
-    """Run ``fn(*args)`` jobs in one thread per CPU (or ``workers``), a batch at a time, and hand each result to
+    """Run ``fn(*args)`` jobs in one thread per usable CPU (or ``workers``), a batch at a time, and hand each result to
     ``on_result`` in the order the jobs were submitted.
 
     Jobs wait until the waiting ones hold ``buffer_mb`` MB (``nbytes`` each, as the caller counts them) or until
@@ -543,7 +551,7 @@ class BatchedThreads:
 
     def __init__(self, on_result, buffer_mb=256, workers=None, desc=None):
         self.on_result, self.desc = on_result, desc
-        self.pool = ThreadPoolExecutor(workers or os.cpu_count() or 1)
+        self.pool = ThreadPoolExecutor(workers or usable_cpus())
         self.waiting, self.waiting_bytes, self.buffer_bytes = [], 0, buffer_mb * 2 ** 20
 
     def __enter__(self):

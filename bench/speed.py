@@ -58,7 +58,7 @@ from splits import make_split  # noqa: E402
 from synthetic import ensure_synthetic  # noqa: E402
 from timing import cpu_name, device_list, sync  # noqa: E402
 from trainer import Trainer  # noqa: E402
-from utils import ArgumentParser, keep_freed_memory, raise_keyboard_interrupt  # noqa: E402
+from utils import ArgumentParser, keep_freed_memory, raise_keyboard_interrupt, usable_cpus  # noqa: E402
 
 import resource  # noqa: E402  (POSIX only: after utils, which names WSL on Windows)
 
@@ -102,7 +102,7 @@ def parse_args(argv=None):
     args.repeats = 3 if args.repeats is None else args.repeats
     args.warmup = 1 if args.warmup is None else args.warmup
     if args.num_workers is None:
-        args.num_workers = min(4, os.cpu_count() or 1)
+        args.num_workers = min(4, usable_cpus())
     args.arch_list = [a.strip() for a in args.archs.split(",") if a.strip()]
     unknown = [a for a in args.arch_list if a not in ARCH_ROWS]
     if unknown:

@@ -190,6 +190,13 @@ def test_a_saved_run_with_an_empty_split_file_loads(tmp_path):
     assert "split_file: ''" in path.read_text() and read_run_config(str(path)).split_file is None
 
 
+def test_the_default_workers_count_the_cpus_the_job_was_given(monkeypatch):
+    """A batch job's or taskset's CPUs (the affinity), not the machine's: 4 workers on 1 allowed CPU oversubscribe."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert parse_train_args([]).num_workers == 1
+
+
 def test_a_home_folder_path_in_a_recipe_is_expanded(tmp_path, monkeypatch):
     """The shell expands ~ on a command line but not in a YAML recipe or after --flag=: the toolkit does."""
     monkeypatch.setenv("HOME", str(tmp_path))
