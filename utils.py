@@ -5,6 +5,7 @@ No torch here (the slow import), so that every script's ``--help`` answers at on
 import argparse
 import ctypes
 import ctypes.util
+import errno
 import hashlib
 import io
 import os
@@ -424,7 +425,8 @@ def locked(path):
     """Hold an exclusive lock on the file ``path`` for the block: the file exists while it is held and is removed
     after; the system drops the lock when the process ends, killed or not (the file then stays, unlocked, and the
     next holder takes it). Yields None when taken, else the pid of the process that holds it (text, '' if unknown),
-    and the block runs without the lock."""
+    and the block runs without the lock. On a file system that takes no locks (a Lustre or NFS mount without them)
+    the block runs as if it held it, after a note."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -435,6 +437,14 @@ def locked(path):
             os.close(fd)
             yield holder
             return
+        except OSError as e:
+            if e.errno not in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP):
+                os.close(fd)
+                e.filename = path
+                raise
+            print(f"note: {path}: this file system takes no file locks ({e.strerror}), so nothing stops a second "
+                  "process from writing the same files", file=sys.stderr)
+            break
         try:
             opened, named = os.fstat(fd), os.stat(path)
             if (opened.st_dev, opened.st_ino) == (named.st_dev, named.st_ino):

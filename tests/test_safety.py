@@ -6,6 +6,7 @@ The scripts run in-process here (``run_cli(main, argv)`` in a temporary working 
 cheaper than a subprocess and goes through the same code as ``python train.py``.
 """
 import contextlib
+import errno
 import os
 import pickle
 import shlex
@@ -521,6 +522,26 @@ def test_signals_that_end_a_job_stop_as_ctrl_c_unless_ignored():
         assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
     finally:
         signal.signal(signal.SIGHUP, previous)
+
+
+@pytest.mark.parametrize("code", [errno.ENOSYS, errno.ENOLCK, errno.EACCES])
+def test_a_file_system_without_locks_gets_a_note_not_a_refusal(tmp_path, monkeypatch, capsys, code):
+    """A Lustre mount without -o flock (ENOSYS), an NFS one without a lock manager (ENOLCK): train.py refused every
+    run with 'Function not implemented' and no file named; the block now runs after a note. Another error names the
+    lock file."""
+    def no_locks(fd, operation):
+        raise OSError(code, os.strerror(code))
+    monkeypatch.setattr(utils.fcntl, "flock", no_locks)
+    path = tmp_path / ".run.lock"
+    if code == errno.EACCES:
+        with pytest.raises(PermissionError) as e, utils.locked(str(path)):
+            pass
+        assert e.value.filename == str(path)
+        return
+    with utils.locked(str(path)) as holder:
+        assert holder is None and path.read_text() == str(os.getpid())
+    assert not path.exists()
+    assert f"note: {path}: this file system takes no file locks" in capsys.readouterr().err
 
 
 def test_interrupts_held_act_after_the_block():
