@@ -13,6 +13,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import unicodedata
@@ -483,7 +484,7 @@ def atomic_write(path, mode="w", **kwargs):
     """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = made_in(directory, tempfile.mkstemp, prefix=f".{os.path.basename(path)}.{os.getpid()}.", suffix=".tmp")
+    fd, tmp = made_in(directory, tempfile.mkstemp, prefix=f".{os.path.basename(path)}.{writer()}.", suffix=".tmp")
     if "b" not in mode:
         kwargs.setdefault("encoding", "utf-8")  # not the locale's: the toolkit reads its CSVs back as UTF-8
     try:
@@ -623,11 +624,26 @@ def check_output_folder(path, flag="--output"):
         raise UsageError(f"{flag} {path}: no permission to write in {existing}; give a folder you can write to")
 
 
-KILLED_WRITE = re.compile(r"\..+\.(\d+)\.\w{8}\.tmp")  # atomic_write's .<name>.<pid>.<random>.tmp
+# Who writes a temporary file or folder, in its name: <pid>@<host>, so that on a file system shared between machines
+# (a cluster's) only this machine's are judged by their pid; names without @<host> are of earlier versions
+HOST = re.sub(r"[^A-Za-z0-9-]", "", socket.gethostname().split(".")[0]) or "host"
+WRITER_PATTERN = r"(\d+)(?:@([A-Za-z0-9-]+))?"
+KILLED_WRITE = re.compile(r"\..+\." + WRITER_PATTERN + r"\.\w{8}\.tmp")  # atomic_write's .<name>.<writer>.<random>.tmp
+
+
+def writer():
+    """This process as the writer of a temporary file: '<pid>@<host>'."""
+    return f"{os.getpid()}@{HOST}"
+
+
+def writer_gone(pid, host):
+    """True when the writer of a temporary file, process ``pid`` on ``host`` (None: this machine), was killed; a
+    writer on another machine is never taken for gone."""
+    return host in (None, HOST) and process_gone(pid)
 
 
 def process_gone(pid):
-    """True when no process ``pid`` runs on this machine (the writer of a temporary file was killed)."""
+    """True when no process ``pid`` runs on this machine."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -643,7 +659,7 @@ def remove_killed_writes(folder):
     process that no longer runs (another one writing there now keeps its own)."""
     for entry in os.scandir(folder):
         m = KILLED_WRITE.fullmatch(entry.name)
-        if m and entry.is_file(follow_symlinks=False) and process_gone(int(m.group(1))):
+        if m and entry.is_file(follow_symlinks=False) and writer_gone(int(m.group(1)), m.group(2)):
             os.remove(entry.path)
 
 
@@ -656,9 +672,9 @@ def temp_folder_beside(path):
     path = os.path.abspath(path)
     parent, prefix = os.path.dirname(path), "." + os.path.basename(path) + ".tmp-"
     os.makedirs(parent, exist_ok=True)
-    killed = re.compile(re.escape(prefix) + r"(\d+)-\w+(\.old)?")
+    killed = re.compile(re.escape(prefix) + WRITER_PATTERN + r"-\w+(\.old)?")
     left = [e.path for e in os.scandir(parent) if (m := killed.fullmatch(e.name)) and e.is_dir(follow_symlinks=False)
-            and process_gone(int(m.group(1)))]
+            and writer_gone(int(m.group(1)), m.group(2))]
     swaps = sorted((f for f in left if f.endswith(".old")), key=lambda old: not os.path.isdir(old[:-len(".old")]))
     for old in swaps:  # those whose finished build is there first
         if os.path.lexists(path):
@@ -671,7 +687,7 @@ def temp_folder_beside(path):
                 raise
     for folder in left:
         shutil.rmtree(folder, ignore_errors=True)
-    tmp = made_in(parent, tempfile.mkdtemp, prefix=f"{prefix}{os.getpid()}-")
+    tmp = made_in(parent, tempfile.mkdtemp, prefix=f"{prefix}{writer()}-")
     os.chmod(tmp, 0o777 & ~_UMASK)
     return tmp
 

@@ -544,6 +544,22 @@ def test_a_file_system_without_locks_gets_a_note_not_a_refusal(tmp_path, monkeyp
     assert f"note: {path}: this file system takes no file locks" in capsys.readouterr().err
 
 
+def test_temporary_files_of_another_machine_are_left_to_it(tmp_path):
+    """On a file system shared between machines (a cluster's) a pid says nothing about another machine's writer:
+    its temporary files and folders stay; this machine's of a killed process go, in the names of earlier versions
+    too."""
+    here, other = f"{DEAD_PID}@{utils.HOST}", f"{DEAD_PID}@{utils.HOST}x"
+    names = [f".a.png.{here}.k2j4ab_c.tmp", f".b.png.{other}.k2j4ab_c.tmp", f".c.png.{DEAD_PID}.k2j4ab_c.tmp"]
+    for name in names:
+        (tmp_path / name).write_text("half")
+    for writer in (here, other, str(DEAD_PID)):
+        (tmp_path / f".out.tmp-{writer}-abc").mkdir()
+    utils.remove_killed_writes(str(tmp_path))
+    made = utils.temp_folder_beside(str(tmp_path / "out"))
+    assert os.path.basename(made).startswith(f".out.tmp-{os.getpid()}@{utils.HOST}-")
+    assert sorted(os.listdir(tmp_path)) == sorted([names[1], f".out.tmp-{other}-abc", os.path.basename(made)])
+
+
 def test_interrupts_held_act_after_the_block():
     done = []
     with pytest.raises(KeyboardInterrupt):
