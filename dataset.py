@@ -37,14 +37,13 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import distributed
 from image_files import (JPEG_EXTS, NEAREST, decode_image, image_to_float, normalize, read_label_image,
                          read_mask)
 from instances import median_diameter, nucleus_areas, touching_borders
 from utils import (NEAR_NAMES, STOP_SIGNALS, DataError, UsageError, check_utf8_names, first_few, near_names,
-                   printable_path, usable_cpus)
+                   printable_path, progress_bar, usable_cpus)
 
 
 # ----------------------------------------------------------------------------------------- listing a dataset
@@ -302,8 +301,8 @@ class Dataset(torch.utils.data.Dataset):
         self.seed = seed
         self.cached = None
         if cache:
-            self.cached = [self.load(i) for i in tqdm(range(len(self.img_ids)), desc="caching", leave=False,
-                                                      disable=len(self.img_ids) < 200)]
+            self.cached = [self.load(i) for i in progress_bar(range(len(self.img_ids)), desc="caching", leave=False,
+                                                              disable=len(self.img_ids) < 200)]
 
     def __len__(self):
         return len(self.img_ids)

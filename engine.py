@@ -10,13 +10,12 @@ import random
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from archs import crop_to, final_logits, pad_to_multiple
 from distributed import reduce_sum
 from losses import loss_over_heads
 from metrics import SegmentationMeter
-from utils import UsageError, amp_mode
+from utils import UsageError, amp_mode, progress_bar
 
 LOG_EVERY = 20
 
@@ -222,7 +221,7 @@ class HostCopy:
 
 
 def _bar(loader, desc, enabled):
-    return tqdm(loader, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True)
+    return progress_bar(loader, desc=desc, leave=False, disable=not enabled)
 
 
 def train_one_epoch(model, loader, criterion, optimizer, precision, desc="train", progress=True, max_steps=None,

@@ -10,13 +10,12 @@ windows, as large as the budget allows (or a given tile), blended with a weight 
 import cv2
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from archs import final_logits
 from config import output_channels
 from engine import Precision, forward
 from image_files import image_to_float, normalize
-from utils import ram
+from utils import progress_bar, ram
 
 
 def blend_weights(height, width, overlap):
@@ -160,8 +159,8 @@ class Predictor:
         total = np.zeros((output_channels(self.cfg), height, width), np.float32)
         weights = np.zeros((height, width), np.float32)
         # a bar of its own for an image of many windows: predict.py's counts images, and one can take minutes
-        bar = tqdm(total=len(corners), desc="windows", unit="window", leave=False, dynamic_ncols=True,
-                   disable=len(corners) < 8 * self.batch_size)
+        bar = progress_bar(total=len(corners), desc="windows", unit="window", leave=False,
+                           disable=len(corners) < 8 * self.batch_size)
         for i in range(0, len(corners), self.batch_size):
             chunk = corners[i:i + self.batch_size]
             probs = self.probabilities(np.stack([x[:, y:y + th, x0:x0 + tw] for y, x0 in chunk]))

@@ -33,7 +33,6 @@ import time
 import numpy as np
 import pandas as pd
 from skimage.measure import regionprops_table
-from tqdm import tqdm
 
 from config import (MIN_SIZE, add_amp_arg, add_device_arg, add_separation_args, check_object_filters,
                     choose_separation, object_filters)
@@ -41,7 +40,7 @@ from image_files import TIFF_EXTS, TiffHeader, decode_planes, select_channel, ti
 from instances import AUTO_SCALE_BAND, auto_scale, border_map, median_diameter, nucleus_areas, split_instances
 from utils import (ArgumentParser, BatchedThreads, DataError, UsageError, atomic_imwrite, atomic_tiff_write,
                    atomic_write, check_output_folder, check_utf8_names, first_few, float_or_auto, path_arg,
-                   printable_path, remove_killed_writes, run_cli)
+                   printable_path, progress_bar, remove_killed_writes, run_cli)
 from visualize import draw_outlines, to_bgr
 
 IMAGE_EXTS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
@@ -362,7 +361,7 @@ def predict_all(predictor, files, ids, headers, out_dir, num_classes, threshold,
             if len(waiting[img_id]) == count:
                 write_stack(out_dir, img_id, waiting.pop(img_id), header)
 
-    bar = tqdm(total=len(files), desc="predict", unit="img", dynamic_ncols=True)
+    bar = progress_bar(total=len(files), desc="predict", unit="img")
     with bar, BatchedThreads(collect, desc="write") as jobs:
         for path, img_id, header in zip(files, ids, headers):
             try:

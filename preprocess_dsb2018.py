@@ -38,11 +38,10 @@ import time
 import cv2
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from image_files import read_mask
 from utils import (ArgumentParser, DataError, UsageError, atomic_imwrite, check_replaceable, check_utf8_names,
-                   folder_replaced_when_done, integer, path_arg, run_cli, usable_cpus)
+                   folder_replaced_when_done, integer, path_arg, progress_bar, run_cli, usable_cpus)
 
 DEFAULT_SRC = os.path.join("inputs", "data-science-bowl-2018", "stage1_train")
 DOWNLOAD_HINT = (
@@ -263,7 +262,7 @@ def main(argv=None):
             else:
                 results = map(job, ids)
             nuclei = 0
-            for _, n in tqdm(results, total=len(ids), desc="dsb2018", unit="sample", leave=False):
+            for _, n in progress_bar(results, total=len(ids), desc="dsb2018", unit="sample", leave=False):
                 nuclei += n
             if pool is not None:
                 pool.close()

@@ -23,10 +23,9 @@ import time
 
 import cv2
 import numpy as np
-from tqdm import tqdm
 
 from utils import (ArgumentParser, at_least, atomic_imwrite, check_replaceable, folder_replaced_when_done, path_arg,
-                   run_cli)
+                   progress_bar, run_cli)
 
 DEFAULT_OUT = os.path.join("inputs", "synthetic")
 STYLES = ("fluorescence", "stained")  # named as dataset.image_modality names the kinds
@@ -172,7 +171,7 @@ def generate_synthetic(out_dir, num_images=160, size=96, seed=0, progress=False)
     for sub in ("images", os.path.join("masks", "0"), "labels"):
         os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
     ids = []
-    for index in tqdm(range(num_images), desc="synthetic", unit="img", disable=not progress, leave=False):
+    for index in progress_bar(range(num_images), desc="synthetic", unit="img", disable=not progress, leave=False):
         image, mask, labels = render(index, size, seed)
         name = image_id(index)
         atomic_imwrite(os.path.join(out_dir, "images", name + ".png"), image)

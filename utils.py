@@ -123,6 +123,14 @@ def raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def progress_bar(iterable=None, **kwargs):
+    """tqdm with the toolkit's defaults: redrawn as work goes on at a terminal; written at most every 30 s to a file
+    (a batch job's log), which would otherwise take a line's worth of bar ten times a second."""
+    kwargs.setdefault("mininterval", 0.1 if sys.stderr.isatty() else 30)
+    kwargs.setdefault("dynamic_ncols", True)
+    return tqdm(iterable, **kwargs)
+
+
 def usable_cpus():
     """The CPUs this process may run on: those a batch job or taskset gave it (Slurm's --cpus-per-task), not all of
     the machine's (os.cpu_count); macOS, which cannot restrict them, counts all."""
@@ -585,8 +593,8 @@ class BatchedThreads:
     def flush(self):
         """Run every waiting job and pass the results to ``on_result``, in order."""
         results = self.pool.map(lambda job: job[0](*job[1]), self.waiting)
-        for result in tqdm(results, desc=self.desc, total=len(self.waiting), unit="img", leave=False,
-                           disable=self.desc is None or not self.waiting, dynamic_ncols=True):
+        for result in progress_bar(results, desc=self.desc, total=len(self.waiting), unit="img", leave=False,
+                                   disable=self.desc is None or not self.waiting):
             self.on_result(result)
         self.waiting, self.waiting_bytes = [], 0
 

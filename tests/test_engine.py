@@ -1,10 +1,12 @@
 """engine.recalibrate_batchnorm: precise BatchNorm statistics against a direct computation."""
 import argparse
+import io
 
 import pytest
 import torch
 
 import engine
+import utils
 from archs import build_model
 from engine import Precision, recalibrate_batchnorm, step
 from losses import build_loss
@@ -30,6 +32,13 @@ def test_precise_bn_is_the_plain_average_over_the_first_batches():
     before = bn.running_mean.clone()
     recalibrate_batchnorm(model, batches, Precision(torch.device("cpu")), max_batches=0)
     torch.testing.assert_close(bn.running_mean, before)  # 0 = off
+
+
+def test_progress_bars_in_a_log_file_are_written_every_30_s(monkeypatch):
+    """A batch job's log (stderr not a terminal) got a bar's line ten times a second: megabytes for a long run."""
+    assert utils.progress_bar(range(3), file=io.StringIO()).mininterval == 30  # pytest's stderr is no terminal
+    monkeypatch.setattr(utils.sys.stderr, "isatty", lambda: True)
+    assert utils.progress_bar(range(3), file=io.StringIO()).mininterval == 0.1
 
 
 @pytest.mark.parametrize("flags, fast", [("fpu avx512f avx512_bf16", True), ("fpu amx_tile amx_bf16", True),
