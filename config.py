@@ -27,7 +27,8 @@ MIN_CONFIDENCE = 0.85  # mean probability of an object
 
 MODELS_DIR = "models"
 # the model that ships with the toolkit (pretrained/<name>/: config.yml, model.pth and its .sha256, a model card)
-PRETRAINED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained")
+CODE_DIR = os.path.dirname(os.path.abspath(__file__))
+PRETRAINED_DIR = os.path.join(CODE_DIR, "pretrained")
 INPUTS_DIR = "inputs"
 # The choices of the flags, here so that --help answers without importing torch; the modules that implement them
 # (archs.ARCHS, losses.LOSSES, optim.build_optimizer and build_scheduler) use the same names.
@@ -216,7 +217,9 @@ def read_yaml_config(path, parser, label=None):
     if os.path.isdir(path):
         raise UsageError(f"{label}: is a folder; give the recipe's .yml file")
     if not os.path.isfile(path):
-        raise UsageError(f"{label}: file not found")
+        shipped = os.path.join(CODE_DIR, path)  # a recipe of configs/, run from another folder
+        raise UsageError(f"{label}: file not found" + (f"; the recipes ship beside the scripts: --config {shipped}"
+                                                       if not os.path.isabs(path) and os.path.isfile(shipped) else ""))
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.load(f, Loader=RecipeLoader) or {}

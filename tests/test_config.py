@@ -197,6 +197,15 @@ def test_the_default_workers_count_the_cpus_the_job_was_given(monkeypatch):
     assert parse_train_args([]).num_workers == 1
 
 
+def test_a_shipped_recipe_named_from_another_folder_is_pointed_to(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a batch job's working folder: models/ and inputs/ here, the code elsewhere
+    with pytest.raises(UsageError, match=r"--config configs/synthetic_UNet.yml: file not found; the recipes ship "
+                                         f"beside the scripts: --config {ROOT}/configs/synthetic_UNet.yml$"):
+        parse_train_args(["--config", "configs/synthetic_UNet.yml"])
+    with pytest.raises(UsageError, match=r"--config configs/mine.yml: file not found$"):
+        parse_train_args(["--config", "configs/mine.yml"])
+
+
 def test_a_home_folder_path_in_a_recipe_is_expanded(tmp_path, monkeypatch):
     """The shell expands ~ on a command line but not in a YAML recipe or after --flag=: the toolkit does."""
     monkeypatch.setenv("HOME", str(tmp_path))
