@@ -9,6 +9,7 @@ import difflib
 import math
 import os
 import re
+import shlex
 from collections.abc import Hashable
 
 import yaml
@@ -218,7 +219,8 @@ def read_yaml_config(path, parser, label=None):
         raise UsageError(f"{label}: is a folder; give the recipe's .yml file")
     if not os.path.isfile(path):
         shipped = os.path.join(CODE_DIR, path)  # a recipe of configs/, run from another folder
-        raise UsageError(f"{label}: file not found" + (f"; the recipes ship beside the scripts: --config {shipped}"
+        raise UsageError(f"{label}: file not found" + (f"; the recipes ship beside the scripts: --config "
+                                                       f"{shlex.quote(shipped)}"
                                                        if not os.path.isabs(path) and os.path.isfile(shipped) else ""))
     try:
         with open(path, encoding="utf-8") as f:

@@ -392,7 +392,7 @@ def quiet_worker(worker_id):
     main process (multiprocessing's resource_sharer) prints nothing when the main process stops in the middle of
     taking one (Ctrl-C): that thread reports through sys.excepthook, which then passes over its errors."""
     for sig in STOP_SIGNALS:
-        if signal.getsignal(sig) is not signal.SIG_IGN:
+        if not (sig == signal.SIGHUP and signal.getsignal(sig) is signal.SIG_IGN):  # nohup's stays ignored
             signal.signal(sig, _exit_quietly)
     sys.excepthook = quiet_about_fd_server
 

@@ -159,14 +159,13 @@ class Predictor:
         total = np.zeros((output_channels(self.cfg), height, width), np.float32)
         weights = np.zeros((height, width), np.float32)
         # a bar of its own for an image of many windows: predict.py's counts images, and one can take minutes
-        bar = progress_bar(total=len(corners), desc="windows", unit="window", leave=False,
-                           disable=len(corners) < 8 * self.batch_size)
-        for i in range(0, len(corners), self.batch_size):
-            chunk = corners[i:i + self.batch_size]
-            probs = self.probabilities(np.stack([x[:, y:y + th, x0:x0 + tw] for y, x0 in chunk]))
-            for (y, x0), p in zip(chunk, probs):
-                total[:, y:y + th, x0:x0 + tw] += p * weight
-                weights[y:y + th, x0:x0 + tw] += weight
-            bar.update(len(chunk))
-        bar.close()
+        with progress_bar(total=len(corners), desc="windows", unit="window", leave=False,
+                          disable=len(corners) < 8 * self.batch_size) as bar:
+            for i in range(0, len(corners), self.batch_size):
+                chunk = corners[i:i + self.batch_size]
+                probs = self.probabilities(np.stack([x[:, y:y + th, x0:x0 + tw] for y, x0 in chunk]))
+                for (y, x0), p in zip(chunk, probs):
+                    total[:, y:y + th, x0:x0 + tw] += p * weight
+                    weights[y:y + th, x0:x0 + tw] += weight
+                bar.update(len(chunk))
         return total / weights

@@ -442,12 +442,13 @@ def diameter_note(found, trained, scale):
 
 def none_kept_note(foreground, min_size, min_confidence):
     """The summary's note when no object was kept although the masks have ``foreground`` (fraction of pixels): the
-    filters dropped them all (a barely trained network's objects fall below --min_confidence), so --scale auto had
-    nothing to measure either; '' when there is no foreground."""
-    if not foreground:
+    filters that are on dropped them all (a barely trained network's objects fall below --min_confidence), so
+    --scale auto had nothing to measure either; '' when there is no foreground or no filter is on."""
+    on = [f"--min_confidence {min_confidence:g}"] * bool(min_confidence) + [f"--min_size {min_size}"] * bool(min_size)
+    tries = ["--min_confidence 0"] * bool(min_confidence) + ["a smaller --min_size"] * bool(min_size)
+    if not (foreground and on):
         return ""
-    return (f" (the filters --min_confidence {min_confidence:g} and --min_size {min_size} dropped every one: try "
-            "--min_confidence 0 or a smaller --min_size)")
+    return f" (the filter{'s' * (len(on) > 1)} {' and '.join(on)} dropped every one: try {' or '.join(tries)})"
 
 
 def sizing(scale, scales):

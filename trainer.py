@@ -1,8 +1,8 @@
 """One training run: data split and loaders, model, optimizer and schedule, the epoch loop, logs and checkpoints.
 
 train.py is its command line; bench/speed.py drives the same class. Every file in models/<name>/ is written
-atomically (temporary file, then os.replace), only by the main process, so a crash, Ctrl-C or SIGTERM leaves
-each file either in its old or its new complete version. The folder is created only once the run is set up.
+atomically (temporary file, then os.replace), only by the main process, so a crash, Ctrl-C or a signal that ends a
+job leaves each file either in its old or its new complete version. The folder is created only once the run is set up.
 """
 import math
 import os

@@ -105,10 +105,11 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 @contextmanager
 def stop_signals_as_interrupts():
     """Within the block, :data:`STOP_SIGNALS` stop the script as Ctrl-C does (a KeyboardInterrupt), so that it
-    cleans up its temporary files and says how to go on; one that is ignored (nohup's SIGHUP) stays ignored."""
+    cleans up its temporary files and says how to go on; SIGHUP that nohup ignores stays ignored. (A handler set
+    outside Python reads as None and is given back as the default.)"""
     previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     for sig, handler in previous.items():
-        if handler is not signal.SIG_IGN:
+        if not (sig == signal.SIGHUP and handler is signal.SIG_IGN):
             signal.signal(sig, raise_keyboard_interrupt)
     try:
         yield
@@ -119,14 +120,26 @@ def stop_signals_as_interrupts():
 
 def raise_keyboard_interrupt(signum, frame):
     """Signal handler: a signal that ends a job (:data:`STOP_SIGNALS`) is handled as Ctrl-C, so that a script cleans
-    up its temporary files as it does for Ctrl-C."""
+    up its temporary files as it does for Ctrl-C. After SIGHUP the terminal is gone and printing to it would fail
+    (EIO) before the cleanup ends: what is printed then goes nowhere, as under nohup."""
+    if signum == signal.SIGHUP:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for fd in (1, 2):
+            if os.isatty(fd):
+                os.dup2(devnull, fd)
     raise KeyboardInterrupt
 
 
 def progress_bar(iterable=None, **kwargs):
-    """tqdm with the toolkit's defaults: redrawn as work goes on at a terminal; written at most every 30 s to a file
-    (a batch job's log), which would otherwise take a line's worth of bar ten times a second."""
-    kwargs.setdefault("mininterval", 0.1 if sys.stderr.isatty() else 30)
+    """tqdm with the toolkit's defaults: redrawn as work goes on at a terminal; written every 30 s to a file (a batch
+    job's log), which would otherwise take a line's worth of bar ten times a second."""
+    try:
+        terminal = sys.stderr is not None and sys.stderr.isatty()
+    except ValueError:  # closed
+        terminal = False
+    if not terminal:
+        kwargs.setdefault("mininterval", 30)
+        kwargs.setdefault("maxinterval", kwargs["mininterval"])  # tqdm's monitor redraws after 10 s otherwise
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm(iterable, **kwargs)
 
@@ -447,7 +460,7 @@ def locked(path):
             yield holder
             return
         except OSError as e:
-            if e.errno not in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP):
+            if e.errno not in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP):
                 os.close(fd)
                 e.filename = path
                 raise
@@ -492,7 +505,7 @@ def atomic_write(path, mode="w", **kwargs):
     """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = made_in(directory, tempfile.mkstemp, prefix=f".{os.path.basename(path)}.{writer()}.", suffix=".tmp")
+    fd, tmp = made_in(directory, tempfile.mkstemp, prefix=f".{temp_stem(path)}.{writer()}.", suffix=".tmp")
     if "b" not in mode:
         kwargs.setdefault("encoding", "utf-8")  # not the locale's: the toolkit reads its CSVs back as UTF-8
     try:
@@ -505,7 +518,7 @@ def atomic_write(path, mode="w", **kwargs):
     except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        if isinstance(e, OSError) and e.filename is None:
+        if isinstance(e, OSError) and e.errno is not None and e.filename is None:
             e.filename = path  # a write or fsync (a full disk) names no file
         raise
 
@@ -522,7 +535,7 @@ def interrupts_held():
         yield
     finally:
         for sig, handler in held.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
     for sig in received:  # only when the block succeeded: an error inside it is the one to report
         signal.raise_signal(sig)  # one ignored before the block (SIG_IGN) does nothing, and the next one acts
 
@@ -634,9 +647,25 @@ def check_output_folder(path, flag="--output"):
 
 # Who writes a temporary file or folder, in its name: <pid>@<host>, so that on a file system shared between machines
 # (a cluster's) only this machine's are judged by their pid; names without @<host> are of earlier versions
-HOST = re.sub(r"[^A-Za-z0-9-]", "", socket.gethostname().split(".")[0]) or "host"
-WRITER_PATTERN = r"(\d+)(?:@([A-Za-z0-9-]+))?"
-KILLED_WRITE = re.compile(r"\..+\." + WRITER_PATTERN + r"\.\w{8}\.tmp")  # atomic_write's .<name>.<writer>.<random>.tmp
+def host_name(raw):
+    """``raw`` (socket.gethostname()) as a file name part: letters, digits and '-', at most 32 characters, with a
+    short hash of ``raw`` when it had to be changed (10.1.2.3 and 10.1.2.4 must stay two machines)."""
+    clean = re.sub(r"[^A-Za-z0-9-]", "-", raw)
+    if clean != raw or len(clean) > 32 or not clean:
+        clean = f"{clean[:24]}-{hashlib.sha1(raw.encode()).hexdigest()[:7]}"
+    return clean
+
+
+HOST = host_name(socket.gethostname())
+WRITER_PATTERN = r"(\d{1,7})(?:@([A-Za-z0-9-]+))?"  # pids are below 2^22 on Linux
+# atomic_write's .<name>.<writer>.<random>.tmp (tempfile's random part: 8 of a-z, 0-9 and _)
+KILLED_WRITE = re.compile(r"\..+\." + WRITER_PATTERN + r"\.[a-z0-9_]{8}\.tmp", re.ASCII)
+
+
+def temp_stem(path):
+    """The part of a temporary name taken from ``path``'s file name: at most 100 bytes of it, so that the name with
+    its writer and random part stays within the file systems' 255 bytes."""
+    return os.path.basename(path).encode()[:100].decode("utf-8", "ignore")
 
 
 def writer():
@@ -673,14 +702,14 @@ def remove_killed_writes(folder):
 
 def temp_folder_beside(path):
     """A new empty folder beside ``path`` (same file system, so :func:`replace_folder` can move it there), with the
-    permissions os.makedirs would give (mkdtemp makes it private). Such folders (.<name>.tmp-<pid>-<random>) that a
+    permissions os.makedirs would give (mkdtemp makes it private). Such folders (.<name>.tmp-<writer>-<random>) that a
     killed process left beside ``path`` are removed first, those of a process still building kept; one killed
     between :func:`replace_folder`'s two renames (``path`` missing, the old folder aside as <build>.old) is completed
     first: its finished build, else the old folder, takes the place."""
     path = os.path.abspath(path)
-    parent, prefix = os.path.dirname(path), "." + os.path.basename(path) + ".tmp-"
+    parent, prefix = os.path.dirname(path), "." + temp_stem(path) + ".tmp-"
     os.makedirs(parent, exist_ok=True)
-    killed = re.compile(re.escape(prefix) + WRITER_PATTERN + r"-\w+(\.old)?")
+    killed = re.compile(re.escape(prefix) + WRITER_PATTERN + r"-\w+(\.old)?", re.ASCII)
     left = [e.path for e in os.scandir(parent) if (m := killed.fullmatch(e.name)) and e.is_dir(follow_symlinks=False)
             and writer_gone(int(m.group(1)), m.group(2))]
     swaps = sorted((f for f in left if f.endswith(".old")), key=lambda old: not os.path.isdir(old[:-len(".old")]))
@@ -703,8 +732,9 @@ def temp_folder_beside(path):
 @contextmanager
 def folder_replaced_when_done(dst):
     """Build a folder that takes the place of ``dst`` only when complete: yields a new empty folder beside it; when
-    the block succeeds it replaces ``dst`` (:func:`replace_folder`), when it fails (an error, Ctrl-C, SIGTERM) it is
-    removed and ``dst`` stays as it was. A symlinked ``dst`` stays a link: its target is what is replaced."""
+    the block succeeds it replaces ``dst`` (:func:`replace_folder`), when it fails (an error, Ctrl-C, one of
+    :data:`STOP_SIGNALS`) it is removed and ``dst`` stays as it was. A symlinked ``dst`` stays a link: its target is
+    what is replaced."""
     dst = os.path.realpath(dst)
     tmp = temp_folder_beside(dst)
     try:
@@ -732,8 +762,8 @@ def check_replaceable(dst, flag, marker="images", what="a dataset folder"):
 
 def replace_folder(tmp, dst):
     """Move the finished folder ``tmp`` to ``dst`` (absent, an empty folder, or an old dataset folder). The two
-    renames that swap an old folder, and the old folder's removal, run with Ctrl-C and SIGTERM held, so ``dst`` never
-    goes missing between them and the old one is not left behind."""
+    renames that swap an old folder, and the old folder's removal, run with Ctrl-C and :data:`STOP_SIGNALS` held, so
+    ``dst`` never goes missing between them and the old one is not left behind."""
     if os.path.isdir(dst) and not os.listdir(dst):
         os.rmdir(dst)
     if not os.path.lexists(dst):

@@ -9,6 +9,7 @@ import contextlib
 import errno
 import os
 import pickle
+import re
 import shlex
 import shutil
 import signal
@@ -554,10 +555,19 @@ def test_temporary_files_of_another_machine_are_left_to_it(tmp_path):
         (tmp_path / name).write_text("half")
     for writer in (here, other, str(DEAD_PID)):
         (tmp_path / f".out.tmp-{writer}-abc").mkdir()
+    (tmp_path / ".notes.99999999999.k2j4ab_c.tmp").write_text("not a pid")  # was an OverflowError
     utils.remove_killed_writes(str(tmp_path))
     made = utils.temp_folder_beside(str(tmp_path / "out"))
     assert os.path.basename(made).startswith(f".out.tmp-{os.getpid()}@{utils.HOST}-")
-    assert sorted(os.listdir(tmp_path)) == sorted([names[1], f".out.tmp-{other}-abc", os.path.basename(made)])
+    assert sorted(os.listdir(tmp_path)) == sorted([names[1], f".out.tmp-{other}-abc", os.path.basename(made),
+                                                   ".notes.99999999999.k2j4ab_c.tmp"])
+    assert utils.host_name("node1") == "node1"  # machines whose names differ stay apart in the file names
+    assert len({utils.host_name(h) for h in ("10.1.2.3", "10.1.2.4", "node_1", "node1", "n" * 64)}) == 5
+    assert all(re.fullmatch(r"[A-Za-z0-9-]{1,32}", utils.host_name(h)) for h in ("10.1.2.3", "Zellkern-ä", "n" * 64))
+    long_name = tmp_path / ("z" * 250 + ".png")  # a temporary name of it stays within 255 bytes
+    with atomic_write(long_name, "wb") as f:
+        f.write(b"png")
+    assert long_name.read_bytes() == b"png"
 
 
 def test_interrupts_held_act_after_the_block():
