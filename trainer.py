@@ -10,7 +10,7 @@ import shlex
 import shutil
 import signal
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import numpy as np
 import pandas as pd
@@ -104,8 +104,8 @@ class Trainer:
         self.started = time.time()
 
     def __enter__(self):
-        self._signals = stop_signals_as_interrupts()
-        self._signals.__enter__()
+        self._signals = ExitStack()
+        self._signals.enter_context(stop_signals_as_interrupts())
         return self
 
     def __exit__(self, exc_type, exc, tb):
@@ -113,7 +113,7 @@ class Trainer:
         if worker_died:
             # PyTorch's SIGCHLD handler raises this again whenever another child process ends; first stop it
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        self._signals.__exit__(None, None, None)
+        self._signals.close()
         distributed.cleanup(finished=exc_type is None)
         self._restore_replaced_run()
         if exc_type is KeyboardInterrupt and self.main:
