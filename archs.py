@@ -182,6 +182,8 @@ class NestedUNet(nn.Module):
         return blocks + [getattr(self, f"final{prune}")]
 
 
+# train.py's --arch: config.ARCHS lists the same names (without importing torch, so that --help answers at once),
+# and config.DEEP_SUPERVISION_ARCHS those built with deep_supervision=True (the others raise ValueError).
 ARCHS = {"UNet": UNet, "NestedUNet": NestedUNet}
 
 

@@ -32,8 +32,10 @@ CODE_DIR = os.path.dirname(os.path.abspath(__file__))
 PRETRAINED_DIR = os.path.join(CODE_DIR, "pretrained")
 INPUTS_DIR = "inputs"
 # The choices of the flags, here so that --help answers without importing torch; the modules that implement them
-# (archs.ARCHS, losses.LOSSES, optim.build_optimizer and build_scheduler) use the same names.
+# (archs.ARCHS, losses.LOSSES, optim.build_optimizer and build_scheduler) use the same names (tests/test_archs.py and
+# tests/test_losses.py check that the lists agree).
 ARCHS = ("UNet", "NestedUNet")
+DEEP_SUPERVISION_ARCHS = ("NestedUNet",)  # the networks with several heads; the others refuse --deep_supervision True
 LOSSES = ("BCEDiceLoss", "LovaszHingeLoss", "BCEWithLogitsLoss")
 OPTIMIZERS = ("SGD", "Adam", "AdamW")
 SGD_MOMENTUM = 0.9  # the seed's default
@@ -427,8 +429,9 @@ def check_train_args(args):
     if not 0 < args.val_size < 1 or not 0 <= args.test_size < 1 or args.val_size + args.test_size >= 1:
         raise UsageError(f"--val_size {args.val_size} and --test_size {args.test_size}: the validation part must be "
                          "above 0 (the best epoch is chosen on it), the test part at least 0, and their sum below 1")
-    if args.arch == "UNet" and args.deep_supervision:
-        raise UsageError("UNet has no deep supervision; use --arch NestedUNet or --deep_supervision False")
+    if args.deep_supervision and args.arch not in DEEP_SUPERVISION_ARCHS:
+        raise UsageError(f"{args.arch} has no deep supervision; use --arch {' or '.join(DEEP_SUPERVISION_ARCHS)} or "
+                         "--deep_supervision False")
     if args.warmup_epochs and args.scheduler == "ReduceLROnPlateau":
         raise UsageError("--warmup_epochs cannot be combined with --scheduler ReduceLROnPlateau")
     if args.stain_jitter and (args.input_channels != 3 or args.loader == "device"):

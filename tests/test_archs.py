@@ -1,5 +1,10 @@
-"""Tests for archs.py: parameter fingerprints, shapes, input checks, pruning and padding. CPU, 32x32 inputs."""
+"""Tests for archs.py: parameter fingerprints, shapes, input checks, pruning and padding. CPU, 32x32 inputs.
+
+The tests parametrized over ``archs.ARCHS`` are what train.py, val.py, predict.py and export.py rely on of every
+network: one added to the registry is checked by them without further edits here.
+"""
 import copy
+import re
 
 import pytest
 import torch
@@ -7,8 +12,10 @@ from torch import nn
 
 import archs
 import config
-from archs import NestedUNet, UNet, Upsample2x, build_model, count_parameters, crop_to, pad_to_multiple
-from utils import DataError
+from archs import (NestedUNet, UNet, Upsample2x, VGGBlock, build_model, count_parameters, crop_to, final_logits,
+                   pad_to_multiple)
+from config import DEEP_SUPERVISION_ARCHS, parse_train_args
+from utils import DataError, UsageError
 
 SIZE_MESSAGE = (
     "input is 30x32; height and width must be multiples of 16: "
@@ -57,20 +64,56 @@ def test_unet_refuses_deep_supervision():
         UNet(1, deep_supervision=True)
 
 
-@pytest.mark.parametrize("model_cls", [UNet, NestedUNet])
-def test_size_not_multiple_of_16_is_refused_before_any_conv(model_cls):
-    model = model_cls(1)
+def heads(output):
+    """The logits tensors of a model's output: the list of deep supervision's heads, or the one tensor."""
+    return output if isinstance(output, list) else [output]
+
+
+@pytest.mark.parametrize("arch", archs.ARCHS)
+def test_every_arch_gives_logits_of_the_input_size_and_trains_every_parameter(arch):
+    torch.manual_seed(0)
+    for deep_supervision in (False, True) if arch in DEEP_SUPERVISION_ARCHS else (False,):
+        model = build_model(arch, 2, 1, deep_supervision)
+        output = model(torch.randn(2, 1, 32, 48))
+        assert all(out.shape == (2, 2, 32, 48) for out in heads(output)), (arch, deep_supervision)
+        assert final_logits(output).shape == (2, 2, 32, 48)
+        sum(out.mean() for out in heads(output)).backward()
+        untrained = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum()]
+        assert not untrained, (arch, deep_supervision, untrained[:3])
+
+
+@pytest.mark.parametrize("arch", archs.ARCHS)
+def test_deep_supervision_is_refused_exactly_where_config_refuses_it(arch):
+    """A network outside config.DEEP_SUPERVISION_ARCHS must refuse deep_supervision=True (one silently building a
+    single head would train a run that its config.yml, its name and train.py's first line call deep-supervised)."""
+    argv = ["--arch", arch, "--deep_supervision", "True"]
+    if arch in DEEP_SUPERVISION_ARCHS:
+        assert len(heads(build_model(arch, 1, 3, True)(torch.randn(1, 3, 32, 32)))) > 1
+        assert parse_train_args(argv).deep_supervision
+    else:
+        with pytest.raises(ValueError, match="deep_supervision"):
+            build_model(arch, 1, 3, True)
+        with pytest.raises(UsageError, match=f"^{arch} has no deep supervision; use --arch NestedUNet or "):
+            parse_train_args(argv)
+
+
+@pytest.mark.parametrize("arch", archs.ARCHS)
+def test_size_not_multiple_of_16_is_refused_before_any_conv(arch):
+    model = build_model(arch, 1, 3, False)
     convs_run = []
-    model.conv0_0.register_forward_pre_hook(lambda module, inputs: convs_run.append(module))
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            module.register_forward_pre_hook(lambda module, inputs: convs_run.append(module))
     with pytest.raises(DataError) as info:
         model(torch.randn(1, 3, 30, 32))
     assert str(info.value) == SIZE_MESSAGE
     assert convs_run == []
 
 
-def test_wrong_channel_count_names_the_flag():
+@pytest.mark.parametrize("arch", archs.ARCHS)
+def test_wrong_channel_count_names_the_flag(arch):
     with pytest.raises(DataError, match="--input_channels 1"):
-        UNet(1)(torch.randn(1, 1, 32, 32))
+        build_model(arch, 1, 3, False)(torch.randn(1, 1, 32, 32))
 
 
 def test_prune_equals_the_matching_head_of_the_full_forward(ds_model):
@@ -117,11 +160,13 @@ def test_prune_needs_deep_supervision_and_a_valid_level(ds_model):
 
 
 def test_build_model_registry_and_unknown_arch():
-    assert set(archs.ARCHS) == {"UNet", "NestedUNet"} == set(config.ARCHS)  # --arch's choices
+    assert list(archs.ARCHS) == list(config.ARCHS), "--arch's choices: name each network of archs.ARCHS in " \
+        "config.ARCHS too, in the same order"
+    assert set(DEEP_SUPERVISION_ARCHS) <= set(config.ARCHS)
     model = build_model("NestedUNet", 2, 1, True)
     assert isinstance(model, NestedUNet) and model.deep_supervision and model.final4.out_channels == 2
     assert model.conv0_0.conv1.in_channels == 1
-    with pytest.raises(ValueError, match=r"arch 'UNet\+\+' is not one of: UNet, NestedUNet"):
+    with pytest.raises(ValueError, match=re.escape(f"arch 'UNet++' is not one of: {', '.join(archs.ARCHS)}")):
         build_model("UNet++", 1, 3, False)
     with pytest.raises(ValueError, match="num_classes"):
         build_model("UNet", 0, 3, False)
@@ -179,10 +224,12 @@ def test_upsample2x_matches_nn_upsample_in_values_and_gradients(channels_last):
     assert not results["seed"][2].is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("arch,ds", [("UNet", False), ("NestedUNet", True)])
-def test_fold_batchnorm_keeps_the_eval_outputs(arch, ds):
-    """Folded into the convs, BatchNorm with non-trivial statistics gives the eval-mode outputs to fp32 rounding."""
+@pytest.mark.parametrize("arch", archs.ARCHS)
+def test_fold_batchnorm_keeps_the_eval_outputs(arch):
+    """Folded into the convs, BatchNorm with non-trivial statistics gives the eval-mode outputs to fp32 rounding
+    (val.py and predict.py run every network folded)."""
     torch.manual_seed(0)
+    ds = arch in DEEP_SUPERVISION_ARCHS
     model = archs.build_model(arch, 1, 3, ds)
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
@@ -196,7 +243,7 @@ def test_fold_batchnorm_keeps_the_eval_outputs(arch, ds):
         expected = model(x)
         folded = archs.fold_batchnorm(copy.deepcopy(model))
         got = folded(x)
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert not any(isinstance(m, VGGBlock) and isinstance(m.bn1, nn.BatchNorm2d) for m in folded.modules())
     for e, g in zip(expected if ds else [expected], got if ds else [got]):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
 
