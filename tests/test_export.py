@@ -13,9 +13,9 @@ ort = pytest.importorskip("onnxruntime", reason="checking the exported model nee
 
 import export  # noqa: E402
 import image_files  # noqa: E402
-from archs import build_model  # noqa: E402
+from archs import ARCHS, build_model  # noqa: E402
 from checkpoints import load_run  # noqa: E402
-from config import build_train_parser  # noqa: E402
+from config import DEEP_SUPERVISION_ARCHS, build_train_parser  # noqa: E402
 from inference import Predictor  # noqa: E402
 from utils import UsageError  # noqa: E402
 
@@ -62,17 +62,20 @@ def test_every_normalization_has_its_scaling_in_the_printed_contract():
     assert set(export.SCALING) == set(image_files.NORMALIZATIONS)
 
 
-def test_export_matches_pytorch_with_dynamic_shapes(run_dir, capsys):
-    result = export.main(["--name", "ds", "--height", "32", "--width", "32"])
-    path = run_dir / "models" / "ds" / "model.onnx"
-    assert result["path"] == os.path.join("models", "ds", "model.onnx") and path.is_file()
+@pytest.mark.parametrize("arch", ARCHS)
+def test_export_matches_pytorch_with_dynamic_shapes(run_dir, capsys, arch):
+    """Every network of archs.ARCHS (with deep supervision where it has it), traced at one size, runs at others."""
+    write_run(arch, arch, arch in DEEP_SUPERVISION_ARCHS, 3, 1)
+    result = export.main(["--name", arch, "--height", "32", "--width", "32"])
+    path = run_dir / "models" / arch / "model.onnx"
+    assert result["path"] == os.path.join("models", arch, "model.onnx") and path.is_file()
     assert result["max_abs_diff"] < 1e-4
     assert "ONNX Runtime vs PyTorch" in capsys.readouterr().out
     graph = onnx.load(str(path)).graph
     assert [i.name for i in graph.input] == ["image"] and [o.name for o in graph.output] == ["logits"]
     torch.manual_seed(1)
     for shape in ((1, 3, 32, 32), (2, 3, 48, 64)):  # another batch size and another image size than traced
-        assert onnx_vs_torch(path, "ds", torch.randn(*shape)) < 1e-4
+        assert onnx_vs_torch(path, arch, torch.randn(*shape)) < 1e-4
 
 
 def test_export_pruned_and_unet(run_dir):
