@@ -71,6 +71,8 @@ class LovaszHingeLoss(nn.Module):
         return lovasz_hinge(logits.reshape(num_images, -1), target.reshape(num_images, -1))
 
 
+# train.py's --loss: config.LOSSES lists the same names (without importing torch, so that --help answers at once).
+# tests/test_losses.py checks every loss here: float32 under autocast, finite, lower for better logits, --borders.
 LOSSES = {
     "BCEWithLogitsLoss": BCEWithLogitsLoss,
     "BCEDiceLoss": BCEDiceLoss,

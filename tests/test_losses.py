@@ -1,5 +1,10 @@
-"""Tests for losses.py and lovasz_losses.py: hand-worked values, batched vs looped Lovasz, float32, heads."""
+"""Tests for losses.py and lovasz_losses.py: hand-worked values, batched vs looped Lovasz, float32, heads.
+
+The tests parametrized over ``LOSSES`` are what training relies on of every loss: one added to the registry is
+checked by them without further edits here.
+"""
 import math
+import re
 
 import numpy as np
 import pytest
@@ -174,10 +179,30 @@ def test_loss_over_heads_is_the_mean_over_heads():
 
 
 def test_build_loss_registry_and_unknown_name():
-    assert set(LOSSES) == {"BCEWithLogitsLoss", "BCEDiceLoss", "LovaszHingeLoss"} == set(config.LOSSES)  # --loss
+    assert set(LOSSES) == set(config.LOSSES), "--loss's choices: name each loss of losses.LOSSES in config.LOSSES too"
     assert isinstance(build_loss("LovaszHingeLoss"), LovaszHingeLoss)
-    with pytest.raises(ValueError, match="name 'Dice' is not one of: BCEWithLogitsLoss, BCEDiceLoss, LovaszHingeLoss"):
+    with pytest.raises(ValueError, match=re.escape(f"name 'Dice' is not one of: {', '.join(LOSSES)}")):
         build_loss("Dice")
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_every_loss_is_finite_and_lower_for_better_logits(name):
+    """On a batch with an empty and a full mask: a finite scalar >= 0 with a finite gradient, also for logits far
+    beyond where float32's sigmoid is 0 or 1 (log(sigmoid(x)) is -inf there, and a NaN loss stops a run), and lower
+    for logits that agree with the masks than for ones that do not (a loss of the wrong sign trains towards the
+    wrong masks without an error)."""
+    logits, labels = random_batch_with_empty_and_full_images(7)
+    criterion = build_loss(name)
+    right = (labels * 2 - 1) * 200
+    losses = []
+    for x in (right, logits, -right):
+        x = x.clone().requires_grad_()
+        loss = criterion(x, labels)
+        loss.backward()
+        assert loss.shape == () and torch.isfinite(loss) and loss.item() >= 0, (name, loss)
+        assert torch.isfinite(x.grad).all(), name
+        losses.append(loss.item())
+    assert losses[0] < losses[1] < losses[2], (name, losses)
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
