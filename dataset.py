@@ -238,6 +238,12 @@ def check_labels(layout, ids):
                         "--borders False")
 
 
+# train.py's flags that train_transform and device_data.BatchAugment both take, by these names: the trainer passes
+# them to whichever loader --loader picks (on a CPU with the images cached, BatchAugment), so an augmentation that
+# only one of the two draws does nothing in the other's runs (tests/test_device_data.py checks both take these).
+AUGMENTATION_FLAGS = ("input_h", "input_w", "crop_size", "scale_jitter", "color_jitter", "greyscale", "invert")
+
+
 def train_transform(input_h, input_w, crop_size=0, scale_jitter=0.0, color_jitter=True, greyscale=0.0, invert=0.0,
                     stain_jitter=0.0):
     """Augmentation for training (albumentations 2.x): resize or random crop, the eight flips/rotations, jitter.
@@ -247,7 +253,8 @@ def train_transform(input_h, input_w, crop_size=0, scale_jitter=0.0, color_jitte
     ``scale_jitter`` s rescales by a random factor in [1 - s, 1 + s] first. ``greyscale`` and ``invert`` are the
     probabilities of turning the image grey (3 channels of OpenCV's grey) and of inverting it (1 - x), in that order,
     after the colour jitter. ``stain_jitter`` is the probability of re-staining an RGB image as H&E with a random
-    preset stain matrix and intensity (A.HEStain), before the colour jitter.
+    preset stain matrix and intensity (A.HEStain), before the colour jitter; it runs in the loader workers alone
+    (train.py picks them for it), every other augmentation also in device_data.BatchAugment (AUGMENTATION_FLAGS).
     """
     size = []
     if scale_jitter > 0:

@@ -21,9 +21,9 @@ from archs import build_model
 from checkpoints import atomic_torch_save, load_init_weights, load_training_state, save_training_state
 from config import (INPUTS_DIR, MODELS_DIR, init_weights_path, is_bundled_name, output_channels, run_dir,
                     save_run_config, schedule_note, unused_flags_note)
-from dataset import (MODALITIES, Dataset, EpochSampler, WeightedDistributedSampler, balance_weights, eval_loader,
-                     find_layout, images_left_out, list_ids, nucleus_diameter, quiet_worker, reading_of,
-                     train_transform)
+from dataset import (AUGMENTATION_FLAGS, MODALITIES, Dataset, EpochSampler, WeightedDistributedSampler,
+                     balance_weights, eval_loader, find_layout, images_left_out, list_ids, nucleus_diameter,
+                     quiet_worker, reading_of, train_transform)
 from device_data import BatchAugment, DeviceImages, DeviceLoader
 from engine import (NonFiniteLoss, Precision, choose_device, evaluate, recalibrate_batchnorm, seed_everything,
                     train_one_epoch)
@@ -244,8 +244,8 @@ class Trainer:
         decoded = decoded_bytes(self.dataset_dir, train_ids, a.img_ext, a.mask_ext)
         cache = a.cache and decoded < ram()[0] / 4
         on_device = train_on_device(a.loader, cache and not a.stain_jitter, decoded, self.device)
-        augment = (a.input_h, a.input_w, a.crop_size, a.scale_jitter, a.color_jitter, a.greyscale, a.invert)
-        transform = None if on_device else train_transform(*augment, stain_jitter=a.stain_jitter)
+        augment = {flag: getattr(a, flag) for flag in AUGMENTATION_FLAGS}
+        transform = None if on_device else train_transform(**augment, stain_jitter=a.stain_jitter)
         data = Dataset(train_ids, self.dataset_dir, transform=transform, seed=a.seed, cache=cache or on_device,
                        **reading_of(a))
         if a.crop_size:
@@ -258,7 +258,7 @@ class Trainer:
                                                           shuffle=True, seed=a.seed)
         if on_device:
             images = DeviceImages(data.cached, a.input_channels, self.device, a.normalization)
-            return DeviceLoader(images, train_ids, BatchAugment(*augment), sampler, a.batch_size, a.seed), True, cache
+            return DeviceLoader(images, train_ids, BatchAugment(**augment), sampler, a.batch_size, a.seed), True, cache
         return torch.utils.data.DataLoader(
             data, batch_size=a.batch_size, sampler=EpochSampler(sampler), num_workers=a.num_workers, drop_last=True,
             pin_memory=self.device.type == "cuda", persistent_workers=a.num_workers > 0,

@@ -1,5 +1,7 @@
 """device_data.py against today's albumentations pipeline (dataset.train_transform): the same distributions of
 flips/rotations, crop positions, scale and colour jitter; and --loader device against --loader workers."""
+import inspect
+
 import albumentations as A
 import cv2
 import numpy as np
@@ -11,7 +13,7 @@ from skimage.measure import regionprops
 import dataset
 import image_files
 import splits
-from config import parse_train_args
+from config import build_train_parser, parse_train_args
 from conftest import make_synthetic, train_argv
 from device_data import BatchAugment, DeviceImages, DeviceLoader, colour_jitter, d4, sample_window, shift_hue
 from trainer import Trainer
@@ -220,6 +222,19 @@ def test_an_epoch_repeats_and_the_next_differs(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(first, [b[0] for b in loader]))
     sampler.set_epoch(1)
     assert not torch.equal(first[0], next(iter(loader))[0])
+
+
+def test_both_loaders_take_every_augmentation_flag():
+    """An augmentation added to dataset.train_transform alone would do nothing with --loader device, which --loader
+    auto picks on a CPU when the images are cached (the default): both take dataset.AUGMENTATION_FLAGS, which
+    train.py passes them, and no other (but stain_jitter, which runs in the workers alone)."""
+    flags = {action.dest for action in build_train_parser()._actions}
+    assert set(dataset.AUGMENTATION_FLAGS) <= flags
+    assert tuple(inspect.signature(BatchAugment).parameters) == dataset.AUGMENTATION_FLAGS, \
+        "draw the augmentation in device_data.BatchAugment too, and name its flag in dataset.AUGMENTATION_FLAGS"
+    assert tuple(inspect.signature(dataset.train_transform).parameters) == (*dataset.AUGMENTATION_FLAGS,
+                                                                           "stain_jitter"), \
+        "draw the augmentation in device_data.BatchAugment too, and name its flag in dataset.AUGMENTATION_FLAGS"
 
 
 def test_device_and_worker_loaders_give_the_same_split_and_sizes(tmp_path, monkeypatch):
