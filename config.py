@@ -241,7 +241,8 @@ def read_yaml_config(path, parser, label=None):
         raise UsageError(f"{label}: {', '.join(of_one_command)}: a flag of one command, not of a recipe; "
                          "give it on the command line")
     if unknown:
-        raise UsageError(f"{label}: unknown keys {', '.join(unknown)}; see python train.py --help")
+        raise UsageError(f"{label}: unknown keys {', '.join(closest_flag(k, dests) for k in unknown)}; see python "
+                         "train.py --help")
     names = {}
     for k in data:
         names.setdefault(dests[k], []).append(k)
@@ -571,6 +572,12 @@ def save_run_config(args, path):
     keys = [a.dest for a in build_train_parser()._actions if a.dest not in SKIPPED_IN_CONFIG]
     with atomic_write(path, encoding="utf-8") as f:
         yaml.safe_dump({k: getattr(args, k) for k in keys}, f, sort_keys=False, allow_unicode=True)
+
+
+def closest_flag(key, flags):
+    """``key``, with ' (did you mean F?)' naming the one of ``flags`` closest to it (difflib), when one is close."""
+    close = difflib.get_close_matches(key, flags, n=1, cutoff=0.75)
+    return f"{key} (did you mean {close[0]}?)" if close else key
 
 
 def run_name_suggestion(name, bundled=True):

@@ -117,6 +117,9 @@ def test_a_bad_value_in_a_recipe_or_a_saved_run_names_its_file(tmp_path):
     saved.write_text("epoch: 3\n")
     with pytest.raises(UsageError, match=r"^\S*config.yml: unknown keys epoch"):
         read_run_config(str(saved))
+    recipe.write_text("optimiser: AdamW\nwarmup: 3\nfoo: 1\n")  # a typo is named with the flag it misses
+    with pytest.raises(UsageError, match=r"unknown keys foo, optimiser \(did you mean optimizer\?\), warmup; see "):
+        parse_train_args(["--config", str(recipe)])
 
 
 def test_a_saved_run_loads_with_values_only_new_runs_are_refused(tmp_path):
