@@ -22,6 +22,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from archs import build_model, fold_batchnorm  # noqa: E402
+from config import ARCHS  # noqa: E402
 from engine import Precision, choose_device, forward  # noqa: E402
 from losses import build_loss  # noqa: E402
 from timing import add_pair_args, cpu_name, seconds_per_image, time_in_pairs  # noqa: E402
@@ -30,7 +31,7 @@ from utils import ArgumentParser, run_cli  # noqa: E402
 
 def parse_args(argv=None):
     p = ArgumentParser(prog="bench/fold_bn.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", default="UNet", choices=["UNet", "NestedUNet"])
+    p.add_argument("--arch", default="UNet", choices=ARCHS)
     p.add_argument("--deep_supervision", action="store_true")
     p.add_argument("--height", type=int, default=520)
     p.add_argument("--width", type=int, default=696)

@@ -21,6 +21,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from archs import build_model  # noqa: E402
+from config import ARCHS  # noqa: E402
 from engine import Precision, step  # noqa: E402
 from losses import build_loss  # noqa: E402
 from timing import cpu_name  # noqa: E402
@@ -31,7 +32,7 @@ import resource  # noqa: E402  (POSIX only: after utils, which names WSL on Wind
 
 def parse_args(argv=None):
     p = ArgumentParser(prog="bench/kernel_time.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", default="UNet", choices=["UNet", "NestedUNet"])
+    p.add_argument("--arch", default="UNet", choices=ARCHS)
     p.add_argument("--deep_supervision", action="store_true")
     p.add_argument("--size", type=int, default=256, help="image height and width")
     p.add_argument("--batch", type=int, default=8)

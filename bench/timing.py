@@ -13,7 +13,7 @@ import time
 import torch
 
 from archs import build_model
-from config import add_amp_arg, add_device_arg
+from config import ARCHS, DEEP_SUPERVISION_ARCHS, add_amp_arg, add_device_arg
 from engine import step
 from utils import at_least
 
@@ -45,7 +45,7 @@ def add_pair_args(p, pairs, steps):
 
 def add_step_args(p, batch_size=16, size=96):
     """The flags of the scripts that time one training step: --arch, --deep_supervision, --batch_size, --size."""
-    p.add_argument("--arch", default="NestedUNet", choices=["UNet", "NestedUNet"])
+    p.add_argument("--arch", default="NestedUNet", choices=ARCHS)
     p.add_argument("--deep_supervision", type=int, default=1, choices=[0, 1], help="NestedUNet's deep supervision")
     p.add_argument("--batch_size", type=int, default=batch_size)
     p.add_argument("--size", type=int, default=size, help="image height and width")
@@ -56,7 +56,7 @@ def step_model_and_batch(args, device):
     ``device``, a random batch on the CPU (images [B, 3, S, S] in [0, 1), masks [B, 1, S, S] in {0, 1}) and the
     network's label. Returns (model, (images, masks), label)."""
     torch.manual_seed(0)
-    deep_supervision = bool(args.deep_supervision and args.arch == "NestedUNet")
+    deep_supervision = bool(args.deep_supervision and args.arch in DEEP_SUPERVISION_ARCHS)
     model = build_model(args.arch, 1, 3, deep_supervision).to(device).train()
     batch = (torch.rand(args.batch_size, 3, args.size, args.size),
              (torch.rand(args.batch_size, 1, args.size, args.size) > 0.5).float())

@@ -9,10 +9,14 @@ import pandas as pd
 import pytest
 
 import compare_scores  # bench/, on the path through conftest
+import fold_bn
 import group_split
+import kernel_time
+import timing
+from config import ARCHS
 from conftest import make_synthetic
 from optim import fused_update
-from utils import UsageError
+from utils import ArgumentParser, UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -191,3 +195,11 @@ def test_compare_scores_refuses_tables_without_common_images(tmp_path):
         compare_scores.main([str(tmp_path / "a.csv"), str(tmp_path / "b.csv")])
     with pytest.raises(UsageError, match="no such file"):
         compare_scores.main([str(tmp_path / "missing.csv"), str(tmp_path / "b.csv")])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_network_benchmarks_take_every_network(arch):
+    step_flags = ArgumentParser()
+    timing.add_step_args(step_flags)
+    for parse in (fold_bn.parse_args, kernel_time.parse_args, step_flags.parse_args):
+        assert parse(["--arch", arch]).arch == arch
