@@ -8,6 +8,7 @@ import ctypes.util
 import errno
 import hashlib
 import io
+import math
 import os
 import re
 import shlex
@@ -145,11 +146,37 @@ def progress_bar(iterable=None, **kwargs):
 
 
 def usable_cpus():
-    """The CPUs this process may run on: those a batch job or taskset gave it (Slurm's --cpus-per-task), not all of
-    the machine's (os.cpu_count); macOS, which cannot restrict them, counts all."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    """The CPUs this process may run on (>= 1): those a batch job or taskset gave it (Slurm's --cpus-per-task), not
+    all of the machine's (os.cpu_count), and no more than the CPU time its cgroup's quota allows (a container's
+    --cpus, a Kubernetes limit; :func:`cgroup_cpus`). macOS, which cannot restrict them, counts all."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = cgroup_cpus()
+    return cpus if quota is None else min(cpus, quota)
+
+
+def cgroup_cpus(root="/"):
+    """The CPUs' worth of time (an int >= 1, rounded up: 0.5 CPU gives 1) that the tightest CFS quota of this
+    process's cgroup or of one above it allows, as :func:`cgroup_folders` finds them under ``root``: cgroup v2's
+    cpu.max ("<quota> <period>", "max <period>" for none) or v1's cpu.cfs_quota_us / cpu.cfs_period_us (-1 for
+    none). None when no quota is set."""
+    folders, v1 = cgroup_folders("cpu", root)
+    limits = []
+    for folder in folders:
+        try:
+            if v1:
+                with open(os.path.join(folder, "cpu.cfs_quota_us")) as f:
+                    quota = f.read().strip()
+                with open(os.path.join(folder, "cpu.cfs_period_us")) as f:
+                    period = int(f.read())
+            else:
+                with open(os.path.join(folder, "cpu.max")) as f:
+                    quota, period = f.read().split()
+                period = int(period)
+            if quota.isdigit() and period > 0:  # "max" or -1: no quota
+                limits.append(max(1, math.ceil(int(quota) / period)))
+        except (OSError, ValueError):
+            pass
+    return min(limits, default=None)
 
 
 def ram():
@@ -165,23 +192,14 @@ def ram():
 
 def cgroup_memory(root="/"):
     """[(limit, used)] bytes of each memory cgroup with a limit from this process's own up to the top, as
-    /proc/self/cgroup names them under ``root``: cgroup v2's memory.max and memory.current, or v1's
+    :func:`cgroup_folders` finds them under ``root``: cgroup v2's memory.max and memory.current, or v1's
     memory.limit_in_bytes and memory.usage_in_bytes, ``used`` less the inactive page cache (memory.stat), which the
-    kernel drops before it kills. A container that shows its own cgroup as / is read there."""
-    try:
-        with open(os.path.join(root, "proc", "self", "cgroup")) as f:
-            entries = [line.rstrip("\n").split(":", 2) for line in f if line.count(":") >= 2]
-    except OSError:
-        return []
-    v2 = [path for number, controllers, path in entries if number == "0" and not controllers]
-    v1 = [path for _, controllers, path in entries if "memory" in controllers.split(",")]
-    mount, files = (("memory",), ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")) if v1 \
-        else ((), ("memory.max", "memory.current", "inactive_file"))
-    if not (v1 or v2):
-        return []
-    found, path = [], (v1 or v2)[0].strip("/")
-    while True:
-        folder = os.path.join(root, "sys", "fs", "cgroup", *mount, *path.split("/"))
+    kernel drops before it kills."""
+    folders, v1 = cgroup_folders("memory", root)
+    files = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file") if v1 \
+        else ("memory.max", "memory.current", "inactive_file")
+    found = []
+    for folder in folders:
         try:
             with open(os.path.join(folder, files[0])) as f:
                 limit = f.read().strip()
@@ -193,9 +211,30 @@ def cgroup_memory(root="/"):
                 found.append((int(limit), used - int(stat.get(files[2], 0))))
         except (OSError, ValueError):
             pass
-        if not path:
-            return found
+    return found
+
+
+def cgroup_folders(controller, root="/"):
+    """([folder], v1): the folders under ``root``/sys/fs/cgroup of this process's cgroups that hold ``controller``'s
+    files ('cpu', 'memory'), its own first and then each one above it up to the top, as ``root``/proc/self/cgroup
+    names them: in cgroup v1's hierarchy of that controller when it has one (hybrid hosts keep an empty v2 one
+    beside it), else in v2's (``v1`` False). A container that shows its own cgroup as / is read at the top, where
+    it is mounted. ([], False) without /proc/self/cgroup (macOS) or a matching line."""
+    try:
+        with open(os.path.join(root, "proc", "self", "cgroup")) as f:
+            entries = [line.rstrip("\n").split(":", 2) for line in f if line.count(":") >= 2]
+    except OSError:
+        return [], False
+    v1 = [path for _, controllers, path in entries if controller in controllers.split(",")]
+    v2 = [path for number, controllers, path in entries if number == "0" and not controllers]
+    if not (v1 or v2):
+        return [], False
+    top = os.path.join(root, "sys", "fs", "cgroup", *((controller,) if v1 else ()))
+    path, folders = (v1 or v2)[0].strip("/"), []
+    while path:
+        folders.append(os.path.join(top, path))
         path = os.path.dirname(path)
+    return folders + [top], bool(v1)
 
 
 def keep_freed_memory():

@@ -55,6 +55,17 @@ def make_layout(dataset_dir, ids, size=16, num_classes=1, img_ext=".png", mask_e
     return str(dataset_dir)
 
 
+def write_cgroups(root, own, files):
+    """A fake /proc/self/cgroup under ``root`` naming ``own`` ('0::/path' for cgroup v2, '4:memory:/path' for v1)
+    after another controller's line, and the ``files`` under its sys/fs/cgroup: {path below it: text}."""
+    (root / "proc" / "self").mkdir(parents=True)
+    (root / "proc" / "self" / "cgroup").write_text(f"7:blkio:/\n{own}\n")
+    for name, text in files.items():
+        path = root / "sys" / "fs" / "cgroup" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{text}\n")
+
+
 def make_synthetic(root, name=TINY_NAME, num_images=TINY_NUM, size=TINY_SIZE, seed=0):
     """synthetic.generate_synthetic into <root>/inputs/<name>; returns the sorted ids."""
     return synthetic.generate_synthetic(os.path.join(str(root), "inputs", name), num_images=num_images, size=size,

@@ -1,4 +1,5 @@
 """Tests for config.py: train.py's flags, --config YAML recipes, names and argument checks."""
+import functools
 import os
 import subprocess
 import sys
@@ -9,7 +10,8 @@ import torch
 import yaml
 
 import train
-from conftest import ROOT
+import utils
+from conftest import ROOT, write_cgroups
 from optim import build_scheduler
 from config import (build_train_parser, default_run_name, parse_train_args, read_run_config, read_yaml_config,
                     save_run_config, schedule_note, unused_flags_note)
@@ -198,6 +200,33 @@ def test_the_default_workers_count_the_cpus_the_job_was_given(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     assert parse_train_args([]).num_workers == 1
+
+
+def test_a_cpu_quota_caps_the_cpus_the_job_was_given(tmp_path, monkeypatch):
+    """A container's --cpus or a Kubernetes limit is a CFS quota on the process's cgroup or one above it, the
+    tightest of which counts, rounded up (1.5 CPUs: 2, 0.5 CPU: still 1); the affinity counts when it is smaller."""
+    write_cgroups(tmp_path / "k8s", "0::/kubepods/pod1/ctr",
+                  {"kubepods/pod1/ctr/cpu.max": "max 100000", "kubepods/pod1/cpu.max": "150000 100000",
+                   "kubepods/cpu.max": "400000 100000", "cpu.max": "max 100000"})
+    assert utils.cgroup_cpus(str(tmp_path / "k8s")) == 2
+    write_cgroups(tmp_path / "half", "0::/docker/abc", {"cpu.max": "50000 100000"})  # its own cgroup shown as /
+    assert utils.cgroup_cpus(str(tmp_path / "half")) == 1
+    # v1 (cpu and cpuacct mounted together, /sys/fs/cgroup/cpu linked to them) on a hybrid host
+    write_cgroups(tmp_path / "docker_v1", "3:cpu,cpuacct:/docker/abc\n0::/",
+                  {"cpu/cpu.cfs_quota_us": 300000, "cpu/cpu.cfs_period_us": 100000})
+    assert utils.cgroup_cpus(str(tmp_path / "docker_v1")) == 3
+    write_cgroups(tmp_path / "none_v1", "3:cpu,cpuacct:/user\n0::/",
+                  {"cpu/user/cpu.cfs_quota_us": -1, "cpu/user/cpu.cfs_period_us": 100000,
+                   "cpu/cpu.cfs_quota_us": -1, "cpu/cpu.cfs_period_us": 100000})
+    assert utils.cgroup_cpus(str(tmp_path / "none_v1")) is None
+    assert utils.cgroup_cpus(str(tmp_path / "nowhere")) is None
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(utils, "cgroup_cpus", functools.partial(utils.cgroup_cpus, str(tmp_path / "half")))
+    assert utils.usable_cpus() == 1 and parse_train_args([]).num_workers == 1
+    monkeypatch.setattr(utils, "cgroup_cpus", lambda: 16)
+    assert utils.usable_cpus() == 8
+    monkeypatch.setattr(utils, "cgroup_cpus", lambda: None)
+    assert utils.usable_cpus() == 8
 
 
 def test_a_shipped_recipe_named_from_another_folder_is_pointed_to(tmp_path, monkeypatch):

@@ -30,7 +30,7 @@ import train
 import utils
 import val
 from archs import build_model
-from conftest import ROOT
+from conftest import ROOT, write_cgroups
 from dataset import nucleus_diameter
 from splits import read_split, split_ids
 from image_files import decode_image, image_to_float
@@ -838,35 +838,36 @@ def test_cpu_memory_budget_is_a_quarter_of_the_ram_unless_little_is_available(mo
     assert inference.memory_budget(torch.device("cpu")) == budget
 
 
-def write_cgroups(root, own, folders, v1=False):
-    """A fake /proc/self/cgroup naming ``own`` ('0::/path' for cgroup v2, '4:memory:/path' for v1), and the files of
-    each {folder under sys/fs/cgroup: (limit, used bytes, inactive page cache bytes)}."""
-    (root / "proc" / "self").mkdir(parents=True)
-    (root / "proc" / "self" / "cgroup").write_text(f"7:blkio:/\n{own}\n")
+def memory_files(folders, v1=False):
+    """The memory files of each {folder under sys/fs/cgroup: (limit, used bytes, inactive page cache bytes)}, as
+    conftest.write_cgroups takes them."""
     names = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file") if v1 else \
         ("memory.max", "memory.current", "inactive_file")
+    files = {}
     for folder, (limit, used, cache) in folders.items():
-        path = root / "sys" / "fs" / "cgroup" / folder
-        path.mkdir(parents=True, exist_ok=True)
-        (path / names[0]).write_text(f"{limit}\n")
-        (path / names[1]).write_text(f"{used}\n")
-        (path / "memory.stat").write_text(f"active_file 5\n{names[2]} {cache}\n")
+        files.update({os.path.join(folder, names[0]): limit, os.path.join(folder, names[1]): used,
+                      os.path.join(folder, "memory.stat"): f"active_file 5\n{names[2]} {cache}"})
+    return files
 
 
 def test_the_memory_limit_of_a_container_or_batch_job_caps_the_ram(tmp_path, monkeypatch):
     """A Slurm job's limit sits on a cgroup above the process's own (v2), a container's on the cgroup it shows as
     its root (v1); page cache that the kernel can drop does not count as used. No limit: psutil's figures."""
     write_cgroups(tmp_path / "slurm", "0::/job_7/step_0",
-                  {"job_7": (2000, 1500, 100), "job_7/step_0": ("max", 1200, 100), "": ("max", 9000, 0)})
+                  memory_files({"job_7": (2000, 1500, 100), "job_7/step_0": ("max", 1200, 100),
+                                "": ("max", 9000, 0)}))
     assert utils.cgroup_memory(str(tmp_path / "slurm")) == [(2000, 1400)]
     # hybrid hosts (this project's CI among them): the memory controller on v1, an empty v2 hierarchy beside it
-    write_cgroups(tmp_path / "docker", "4:memory:/docker/abc\n0::/", {"memory": (3000, 800, 300)}, v1=True)
+    write_cgroups(tmp_path / "docker", "4:memory:/docker/abc\n0::/",
+                  memory_files({"memory": (3000, 800, 300)}, v1=True))
     assert utils.cgroup_memory(str(tmp_path / "docker")) == [(3000, 500)]
     write_cgroups(tmp_path / "slurm_v1", "4:memory:/slurm/job_8\n0::/",
-                  {"memory/slurm/job_8": (4000, 1000, 0), "memory": (9223372036854771712, 5000, 0)}, v1=True)
+                  memory_files({"memory/slurm/job_8": (4000, 1000, 0), "memory": (9223372036854771712, 5000, 0)},
+                               v1=True))
     assert utils.cgroup_memory(str(tmp_path / "slurm_v1")) == [(4000, 1000)]
     unlimited = (9223372036854771712, 800, 0)  # v1's "no limit"
-    write_cgroups(tmp_path / "none", "4:memory:/user", {"memory/user": unlimited, "memory": unlimited}, v1=True)
+    write_cgroups(tmp_path / "none", "4:memory:/user",
+                  memory_files({"memory/user": unlimited, "memory": unlimited}, v1=True))
     assert utils.cgroup_memory(str(tmp_path / "none")) == []
     assert utils.cgroup_memory(str(tmp_path / "nowhere")) == []
     monkeypatch.setattr(utils.psutil, "virtual_memory", lambda: Namespace(total=10_000, available=6000))
