@@ -25,7 +25,7 @@ from archs import build_model, fold_batchnorm  # noqa: E402
 from config import ARCHS  # noqa: E402
 from engine import Precision, choose_device, forward  # noqa: E402
 from losses import build_loss  # noqa: E402
-from timing import add_pair_args, cpu_name, seconds_per_image, time_in_pairs  # noqa: E402
+from timing import add_pair_args, cpu_counts, cpu_name, seconds_per_image, time_in_pairs  # noqa: E402
 from utils import ArgumentParser, run_cli  # noqa: E402
 
 
@@ -73,7 +73,7 @@ def main(argv=None):
     print(f"{arch}, {args.height}x{args.width}, {precision.describe().split(';')[0]} on {device}: "
           f"unfolded {median['unfolded'] * 1e3:.0f} ms/image, folded {median['folded'] * 1e3:.0f} ms/image, "
           f"{speedup:.2f}x (median of the pairs' ratios); largest logit difference {difference:.2g}")
-    print(json.dumps({"bench": "fold_bn", "cpu": cpu_name(), "cpus": os.cpu_count(), "torch": torch.__version__,
+    print(json.dumps({"bench": "fold_bn", "cpu": cpu_name(), **cpu_counts(), "torch": torch.__version__,
                       "device": str(device), "precision": precision.describe().split(";")[0], "arch": arch,
                       "size": [args.height, args.width], "pairs": args.pairs, "steps": args.steps,
                       "seconds_per_image": {k: round(v, 5) for k, v in median.items()},

@@ -24,8 +24,8 @@ import torch  # noqa: E402
 from engine import Precision, choose_device  # noqa: E402
 from losses import build_loss  # noqa: E402
 from optim import build_optimizer, fused_update  # noqa: E402
-from timing import (add_pair_args, add_step_args, cpu_name, seconds_per_image, step_model_and_batch,  # noqa: E402
-                    time_in_pairs)
+from timing import (add_pair_args, add_step_args, cpu_counts, cpu_name, seconds_per_image,  # noqa: E402
+                    step_model_and_batch, time_in_pairs)
 from utils import ArgumentParser, run_cli  # noqa: E402
 
 
@@ -58,7 +58,7 @@ def main(argv=None):
     print(f"{arch}, batch {args.batch_size} at {args.size}x{args.size}, {args.optimizer}, "
           f"{precision.describe().split(';')[0]} on {device}: default update {1 / median['default']:.1f} img/s, "
           f"fused {1 / median['fused']:.1f} img/s, {speedup:.2f}x (median of the pairs' ratios)")
-    print(json.dumps({"bench": "fused_optimizer", "cpu": cpu_name(), "cpus": os.cpu_count(),
+    print(json.dumps({"bench": "fused_optimizer", "cpu": cpu_name(), **cpu_counts(),
                       "torch": torch.__version__, "device": str(device),
                       "precision": precision.describe().split(";")[0], "arch": arch, "optimizer": args.optimizer,
                       "batch_size": args.batch_size, "size": args.size, "pairs": args.pairs, "steps": args.steps,

@@ -24,7 +24,7 @@ from archs import build_model  # noqa: E402
 from config import ARCHS  # noqa: E402
 from engine import Precision, step  # noqa: E402
 from losses import build_loss  # noqa: E402
-from timing import cpu_name  # noqa: E402
+from timing import cpu_counts, cpu_name  # noqa: E402
 from utils import ArgumentParser, keep_freed_memory  # noqa: E402
 
 import resource  # noqa: E402  (POSIX only: after utils, which names WSL on Windows)
@@ -82,7 +82,7 @@ def main(argv=None):
             print(f"{rows[-1]['precision']:28} {allocator:18} {rows[-1]['images_per_s']:8.2f} img/s  "
                   f"user {rows[-1]['user_s']:6.1f} s  sys {rows[-1]['sys_s']:5.1f} s  "
                   f"minor faults {rows[-1]['minor_faults']:>10,}", flush=True)
-    print(json.dumps({"bench": "kernel_time", "cpu": cpu_name(), "cpus": os.cpu_count(), "torch": torch.__version__,
+    print(json.dumps({"bench": "kernel_time", "cpu": cpu_name(), **cpu_counts(), "torch": torch.__version__,
                       "arch": args.arch, "deep_supervision": args.deep_supervision, "size": args.size,
                       "batch": args.batch, "optimizer": args.optimizer, "steps": args.steps, "rows": rows}))
     return 0

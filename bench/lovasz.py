@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 from lovasz_losses import lovasz_hinge  # noqa: E402
 from lovasz_reference import lovasz_hinge_per_image_loop  # noqa: E402
-from timing import cpu_name, device_list, sync  # noqa: E402
+from timing import cpu_counts, cpu_name, device_list, sync  # noqa: E402
 from utils import ArgumentParser  # noqa: E402
 
 IMPLS = {"batched": lovasz_hinge, "loop": lovasz_hinge_per_image_loop}
@@ -109,7 +109,7 @@ def main(argv=None):
               f"{r['speedup']:>7.2f}x")
     devices = {d: (torch.cuda.get_device_name(0) if d == "cuda" else cpu_name()) for d in {r["device"] for r in rows}}
     print(json.dumps({"bench": "lovasz", "torch": torch.__version__, "python": platform.python_version(),
-                      "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "devices": devices,
+                      **cpu_counts(), "torch_threads": torch.get_num_threads(), "devices": devices,
                       "repeats": args.repeats, "warmup": args.warmup, "quick": args.quick, "rows": rows,
                       "all_agree": all(r["agree"] for r in rows)}), flush=True)
     return 0 if all(r["agree"] for r in rows) else 1

@@ -24,15 +24,15 @@ import torch  # noqa: E402
 
 import val  # noqa: E402
 from config import parse_train_args  # noqa: E402
-from timing import cpu_name  # noqa: E402
+from timing import cpu_name, cpus_text  # noqa: E402
 from utils import ArgumentParser, atomic_write  # noqa: E402
 
 
 def hardware():
-    """'NVIDIA H100 80GB HBM3' or the CPU model with its core count."""
+    """'NVIDIA H100 80GB HBM3' or the CPU model with the logical CPUs this process may use (and the machine's)."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    return f"{cpu_name()}, {os.cpu_count()} cores"
+    return f"{cpu_name()}, {cpus_text()}"
 
 
 def run_recipe(config, extra, train=True):

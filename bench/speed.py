@@ -56,7 +56,7 @@ from losses import build_loss, loss_over_heads  # noqa: E402
 from seed_loop import seed_criterion, seed_loader, seed_train_epoch  # noqa: E402
 from splits import make_split  # noqa: E402
 from synthetic import ensure_synthetic  # noqa: E402
-from timing import cpu_name, device_list, sync  # noqa: E402
+from timing import cpu_counts, cpu_name, cpus_text, device_list, sync  # noqa: E402
 from trainer import Trainer  # noqa: E402
 from utils import ArgumentParser, keep_freed_memory, raise_keyboard_interrupt, usable_cpus  # noqa: E402
 
@@ -267,7 +267,7 @@ def prepare_dataset(args, workdir):
 def device_name(device):
     if device == "cuda":
         return torch.cuda.get_device_name(0)
-    return f"{cpu_name()} ({os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads)"
+    return f"{cpu_name()} ({cpus_text()}, {torch.get_num_threads()} torch threads)"
 
 
 def mfu(m):
@@ -334,7 +334,7 @@ def main(argv=None):
           f"{args.warmup} warm-up)")
     summary = {
         "bench": "speed", "torch": torch.__version__, "python": platform.python_version(),
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        **cpu_counts(), "torch_threads": torch.get_num_threads(),
         "devices": {d: device_name(d) for d in devices}, "dataset": args.dataset, "image_size": args.size,
         "num_workers": args.num_workers, "steps_cap": args.steps, "repeats": args.repeats, "warmup": args.warmup,
         "in_process": args.in_process, "quick": args.quick, "amp": args.amp, "channels_last": args.channels_last,

@@ -6,6 +6,7 @@ if __name__ == "__main__":  # a module, not a command
     raise SystemExit(f"{__file__} is imported by the other bench/ scripts; it is not a command "
                      "(see python bench/speed.py --help)")
 
+import os
 import platform
 import statistics
 import time
@@ -15,7 +16,7 @@ import torch
 from archs import build_model
 from config import ARCHS, DEEP_SUPERVISION_ARCHS, add_amp_arg, add_device_arg
 from engine import step
-from utils import at_least
+from utils import at_least, usable_cpus
 
 
 def sync(device):
@@ -99,3 +100,18 @@ def cpu_name():
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def cpu_counts():
+    """The CPUs a timing had, for a JSON summary: ``cpus``, those this process may use (its affinity and cgroup CPU
+    quota, utils.usable_cpus), and ``cpu_count``, the machine's logical CPUs (os.cpu_count)."""
+    return {"cpus": usable_cpus(), "cpu_count": os.cpu_count()}
+
+
+def cpus_text():
+    """The CPUs a timing had, for a header: '2 logical CPUs', or '2 of 64 logical CPUs' when this process may use
+    fewer than the machine has (taskset, a batch job, a container's CPU quota)."""
+    counts = cpu_counts()
+    if counts["cpus"] == counts["cpu_count"]:
+        return f"{counts['cpus']} logical CPU{'s' if counts['cpus'] > 1 else ''}"
+    return f"{counts['cpus']} of {counts['cpu_count']} logical CPUs"

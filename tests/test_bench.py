@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import compare_scores  # bench/, on the path through conftest
 import fold_bn
@@ -19,23 +20,40 @@ from optim import fused_update
 from utils import ArgumentParser, UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# how a script run by run_script names its CPUs in a header
+ONE_CPU = f"1 of {os.cpu_count()} logical CPUs" if os.cpu_count() > 1 else "1 logical CPU"
+
+
+def on_one_cpu():
+    """preexec_fn: the script may run on one of this process's CPUs (as under taskset -c), fewer than the machine's
+    where it has several."""
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
 
 def run_script(name, args, cwd, timeout=240):
+    """Run bench/<name> on one CPU (:func:`on_one_cpu`); returns its JSON summary, the last line of its output."""
     env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", name), *args], cwd=cwd, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=timeout)
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=timeout,
+                          preexec_fn=on_one_cpu)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def assert_names_its_cpus(summary):
+    """A timing names the CPUs it had (one, :func:`run_script`), and the machine's."""
+    assert summary["cpus"] == 1 and summary["cpu_count"] == os.cpu_count()
 
 
 def test_speed_quick_smallest(tmp_path):
     summary = run_script("speed.py", ["--quick", "--device", "cpu", "--archs", "UNet", "--batch_sizes", "4",
                                       "--num_images", "24", "--size", "32", "--steps", "1", "--repeats", "1",
                                       "--warmup", "0", "--num_workers", "1"], tmp_path)
-    for key in ("bench", "torch", "cpu_count", "devices", "rows", "geomean_ratio"):
+    for key in ("bench", "torch", "devices", "rows", "geomean_ratio"):
         assert key in summary
     assert summary["bench"] == "speed" and "cpu" in summary["devices"]
+    assert_names_its_cpus(summary)
+    assert f"({ONE_CPU}, " in summary["devices"]["cpu"]
     (row,) = summary["rows"]
     assert row["arch"] == "UNet" and row["batch_size"] == 4 and row["device"] == "cpu"
     for loop in ("seed", "ours"):
@@ -49,9 +67,10 @@ def test_speed_quick_smallest(tmp_path):
 def test_lovasz_quick(tmp_path):
     summary = run_script("lovasz.py", ["--quick", "--device", "cpu", "--cases", "4x32x32", "--repeats", "2",
                                        "--warmup", "1"], tmp_path)
-    for key in ("bench", "torch", "cpu_count", "devices", "rows", "all_agree"):
+    for key in ("bench", "torch", "devices", "rows", "all_agree"):
         assert key in summary
     assert summary["all_agree"] is True
+    assert_names_its_cpus(summary)
     (row,) = summary["rows"]
     for key in ("loss_max_abs_diff", "grad_max_abs_diff", "batched_ms", "loop_ms", "speedup"):
         assert key in row
@@ -68,6 +87,7 @@ def test_quality_tiny_recipe_row(tmp_path):
     (row,) = run_script("quality.py", [str(recipe), "--epochs", "1", "--suffix", "_t", "--out", str(out)], tmp_path)
     assert row["run"] == "tiny_UNet_t" and row["epochs"] == 1 and row["arch"] == "UNet"
     assert row["command"] == f"python train.py --config {recipe} --name tiny_UNet_t --epochs 1"
+    assert torch.cuda.is_available() or row["hardware"].endswith(", " + ONE_CPU)
     for key in ("val_iou", "val_iou_mean", "val_dice_mean", "val_iou_tta", "test_iou", "test_iou_mean", "dsb",
                 "dsb_cc"):
         assert 0.0 <= row[key] <= 1.0, key
@@ -98,6 +118,7 @@ def test_kernel_time_rows(tmp_path):
     summary = run_script("kernel_time.py", ["--size", "32", "--batch", "2", "--steps", "1", "--amps", "fp32,auto"],
                          tmp_path)
     assert summary["bench"] == "kernel_time" and len(summary["rows"]) == 4
+    assert_names_its_cpus(summary)
     assert [r["allocator"] for r in summary["rows"]] == ["default", "keep_freed_memory"] * 2
     for row in summary["rows"]:
         assert row["images_per_s"] > 0 and row["minor_faults"] >= 0 and row["sys_s"] >= 0
@@ -109,6 +130,7 @@ def test_fold_bn_times_both_networks_and_they_agree(tmp_path):
     assert summary["bench"] == "fold_bn" and summary["precision"].startswith("fp32") and summary["pairs"] == 2
     assert set(summary["seconds_per_image"]) == {"unfolded", "folded"} and summary["speedup"] > 0
     assert summary["max_logit_difference"] < 1e-4  # in fp32 folding changes only the rounding
+    assert_names_its_cpus(summary)
     assert os.listdir(tmp_path) == []
 
 
@@ -118,6 +140,7 @@ def test_fused_optimizer_times_both_updates(tmp_path):
                                                 "--device", "cpu", "--pairs", "2", "--steps", "1"], tmp_path)
     assert summary["bench"] == "fused_optimizer" and summary["optimizer"] == "AdamW" and summary["pairs"] == 2
     assert set(summary["images_per_s"]) == {"default", "fused"} and summary["speedup"] > 0
+    assert_names_its_cpus(summary)
     assert os.listdir(tmp_path) == []
 
 
@@ -126,6 +149,7 @@ def test_memory_format_times_both_layouts(tmp_path):
                                               "--device", "cpu", "--pairs", "2", "--steps", "1"], tmp_path)
     assert summary["bench"] == "memory_format" and summary["precision"] == "fp32" and summary["pairs"] == 2
     assert set(summary["images_per_s"]) == {"channels_last", "nchw"} and summary["channels_last_speedup"] > 0
+    assert_names_its_cpus(summary)
     assert os.listdir(tmp_path) == []
 
 
