@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -58,7 +57,7 @@ from splits import make_split  # noqa: E402
 from synthetic import ensure_synthetic  # noqa: E402
 from timing import cpu_counts, cpu_name, cpus_text, device_list, sync  # noqa: E402
 from trainer import Trainer  # noqa: E402
-from utils import ArgumentParser, keep_freed_memory, raise_keyboard_interrupt, usable_cpus  # noqa: E402
+from utils import ArgumentParser, keep_freed_memory, stop_signals_as_interrupts, usable_cpus  # noqa: E402
 
 import resource  # noqa: E402  (POSIX only: after utils, which names WSL on Windows)
 
@@ -294,9 +293,6 @@ def main(argv=None):
     if args._worker:
         print(json.dumps(measure(json.loads(args._worker))), flush=True)
         return 0
-    # SIGTERM as Ctrl-C: the measuring subprocess is killed and the work folder removed (not run_cli: its malloc
-    # settings would apply to the seed loop of --in_process too)
-    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     devices = device_list(args.device)
     workdir = tempfile.mkdtemp(prefix="bench_speed_")
     old_cwd = os.getcwd()
@@ -350,7 +346,11 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # the signals that end a job (utils.STOP_SIGNALS) as Ctrl-C: the measuring subprocess is killed and the work
+    # folder removed (not run_cli: its malloc settings would apply to the seed loop of --in_process too)
     try:
-        sys.exit(main())
+        with stop_signals_as_interrupts():
+            sys.exit(main())
     except KeyboardInterrupt:
-        sys.exit("interrupted")
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)

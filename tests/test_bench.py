@@ -1,11 +1,14 @@
 """The benchmark scripts run end to end and end with their JSON summary. Speed itself is never asserted."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 import torch
 
@@ -62,6 +65,34 @@ def test_speed_quick_smallest(tmp_path):
         assert row[loop]["steps_per_epoch"] == 1 and row[loop]["images_per_s"] > 0
     assert row["ratio"] > 0
     assert os.listdir(tmp_path) == []  # everything went to a temporary folder, removed afterwards
+
+
+def test_speed_stops_on_a_signal_that_ends_a_job(tmp_path):
+    """SIGUSR1 (Slurm's warning before the time limit, one of utils.STOP_SIGNALS) stops bench/speed.py as Ctrl-C
+    does: exit 130, its measuring subprocess killed, its work folder removed."""
+    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", TMPDIR=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "bench", "speed.py"), "--quick", "--device", "cpu",
+                             "--archs", "UNet", "--batch_sizes", "4", "--num_images", "24", "--size", "32",
+                             "--num_workers", "0", "--warmup", "1000"],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    measuring = []
+    try:
+        deadline = time.monotonic() + 120
+        while not measuring and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            measuring = psutil.Process(proc.pid).children()
+        proc.send_signal(signal.SIGUSR1)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        for process in measuring:  # left behind by a speed.py that the signal killed
+            if process.is_running():
+                process.kill()
+    assert measuring and proc.returncode == 130 and err.endswith("interrupted\n"), (proc.returncode, err[-2000:])
+    assert not measuring[0].is_running()
+    assert os.listdir(tmp_path) == []
 
 
 def test_lovasz_quick(tmp_path):
