@@ -19,6 +19,10 @@ from config import (INIT_FLAGS, init_is_run, init_weights_path, load_run_config,
 from utils import DataError, UsageError, atomic_write, clipped, sha256_file
 
 
+# what last.pth holds beside the epoch about the best epoch so far (trainer.track_best's dict)
+BEST_KEYS = ("best_iou", "best_epoch", "stale_epochs")
+
+
 def atomic_torch_save(obj, path):
     """``torch.save`` through utils.atomic_write: the file at ``path`` is always a complete checkpoint. Serialised
     in memory first: torch.save writing to the file itself turns a full disk into a RuntimeError that names no
@@ -200,6 +204,16 @@ def save_training_state(path, net, optimizer, scheduler, scaler, epoch, best):
                        "torch_rng": torch.get_rng_state()}, path)
 
 
+def saved_progress(path):
+    """(epoch, dict(best_iou, best_epoch, stale_epochs)) of the last.pth at ``path``, read on the CPU without
+    restoring anything: how far the run has come."""
+    ckpt = load_checkpoint(path, "cpu")
+    if not isinstance(ckpt, dict) or "epoch" not in ckpt:  # e.g. a model.pth copied over it: a plain state dict
+        raise DataError(f"{path} has no 'epoch': it is not a last.pth of this toolkit; restore it, or start the run "
+                        "again with --overwrite")
+    return ckpt["epoch"], {k: ckpt[k] for k in BEST_KEYS}
+
+
 def load_training_state(path, net, optimizer, scheduler, scaler, device):
     """Restore what :func:`save_training_state` wrote into the given objects and torch's RNG; returns
     (epoch, dict(best_iou, best_epoch, stale_epochs))."""
@@ -212,4 +226,4 @@ def load_training_state(path, net, optimizer, scheduler, scaler, device):
             continue  # saved without fp16 (a disabled GradScaler); resumed in fp16 (--amp, --device), it starts anew
         load_weights(target, ckpt[key], path, "does not match this run's flags", fix)
     torch.set_rng_state(ckpt["torch_rng"].cpu())  # map_location may have moved it to the GPU
-    return ckpt["epoch"], {k: ckpt[k] for k in ("best_iou", "best_epoch", "stale_epochs")}
+    return ckpt["epoch"], {k: ckpt[k] for k in BEST_KEYS}

@@ -42,7 +42,8 @@ SGD_MOMENTUM = 0.9  # the seed's default
 INPUT_SIZE = 96  # the seed's --input_w and --input_h
 SCHEDULERS = ("CosineAnnealingLR", "ReduceLROnPlateau", "MultiStepLR", "ConstantLR")
 LOADERS = ("auto", "device", "workers")  # where training batches are augmented (dataset.py / device_data.py)
-SKIPPED_IN_CONFIG = ("help", "config", "resume", "overwrite", "debug")  # flags of one invocation, not of the run
+# flags of one invocation, not of the run
+SKIPPED_IN_CONFIG = ("help", "config", "resume", "auto_resume", "overwrite", "debug")
 # What --resume may change: the length, how the run is executed, its name (a run folder moved to another name) and
 # where its dataset is (moved to another disk or machine; split.csv checks that its ids are the same). Every other
 # flag is restored from last.pth and config.yml (the optimizer's state holds the learning rate, the schedule its own
@@ -184,6 +185,10 @@ def _add_run_args(g):
     g.add_argument("--sync_bn", default=False, type=str2bool, help="SyncBatchNorm across processes under torchrun")
     g.add_argument("--resume", nargs="?", const=True, default=False,
                    help="continue models/<name>/last.pth; give the run name here or with --name (default: a new run)")
+    g.add_argument("--auto_resume", action="store_true",
+                   help="one command for every start of a requeued batch job: continue models/<name>/last.pth when "
+                        "it is there (this command's flags and --config must agree with the run's settings), else "
+                        "start the run (again, when it saved no epoch); a run that has finished says so and exits 0")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
     g.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
 
@@ -278,33 +283,37 @@ def default_run_name(args):
 
 
 def parse_train_args(argv):
-    """Parse train.py's command line (with ``--config`` merged underneath) and check sizes and names."""
+    """Parse train.py's command line (with ``--config`` merged underneath) and check sizes and names. With
+    --auto_resume, ``args.resume`` is True when the run it names has a models/<name>/last.pth to continue."""
     parser = build_train_parser()
     first, _ = parser.parse_known_args(argv)
+    if first.auto_resume and (first.resume or first.overwrite):
+        raise UsageError("--auto_resume continues the run when models/<name>/last.pth is there and starts it "
+                         f"otherwise; leave out {'--resume' if first.resume else '--overwrite'}")
     if first.config and first.resume:  # the recipe's epochs would silently extend the run, its other values clash
         raise UsageError(f"--resume continues a run with its own saved settings (models/<name>/config.yml); leave "
                          f"out --config {first.config} (more epochs: --epochs N)")
     recipe = read_yaml_config(first.config, parser) if first.config else {}
     parser.set_defaults(**recipe)
+    name = None  # of the saved run this command continues
     if first.resume:
-        # A resumed run starts from its saved flags; flags on this command line (e.g. more --epochs) win, and are
-        # checked as changes.
-        name = first.resume if isinstance(first.resume, str) else first.name
-        if not name:
-            raise UsageError("--resume needs the run name: --resume NAME (or --resume --name NAME)")
-        if first.name and first.name != name:
-            raise UsageError(f"--resume {name} and --name {first.name} disagree; give the run name once")
-        flag = "--resume" if isinstance(first.resume, str) else "--name"
-        saved = os.path.join(MODELS_DIR, check_run_name(name, flag), "config.yml")
+        name = resume_name(first)
+    elif first.auto_resume:
+        name = auto_resume_name(parser.parse_args(argv))
+    if name:
+        # A resumed run starts from its saved flags; the recipe's and this command line's (e.g. more --epochs) win,
+        # and are checked as changes.
+        how = f"--resume {name}" if first.resume else "--auto_resume"
+        saved = os.path.join(MODELS_DIR, name, "config.yml")
         if not os.path.isfile(saved):
-            raise UsageError(f"--resume {name}: {saved} not found; is the run name right? (runs are in models/)")
+            raise UsageError(f"{how}: {saved} not found; is the run name right? (runs are in models/)")
         saved_values = read_yaml_config(saved, parser, saved)
-        parser.set_defaults(**{**saved_values, "name": name})
+        parser.set_defaults(**{**saved_values, **recipe, "name": name})
     args = parser.parse_args(argv)
-    if first.resume:
-        check_unchanged_on_resume(args, saved_values, name)
-    args.resume = bool(args.resume)
+    args.resume = bool(name)
     try:
+        if name:
+            check_unchanged_on_resume(args, saved_values, name, how)
         check_dataset_name(args.dataset)  # before the run name made from it
         given = args.name is not None
         args.name = check_run_name(args.name if given else default_run_name(args))
@@ -323,6 +332,23 @@ def parse_train_args(argv):
     except UsageError as e:
         raise UsageError(f"{e}{recipe_note(e, recipe, argv, first.config)}") from None
     return args
+
+
+def resume_name(first):
+    """The run that --resume NAME (or --resume --name NAME) continues, checked as a plain name."""
+    name = first.resume if isinstance(first.resume, str) else first.name
+    if not name:
+        raise UsageError("--resume needs the run name: --resume NAME (or --resume --name NAME)")
+    if first.name and first.name != name:
+        raise UsageError(f"--resume {name} and --name {first.name} disagree; give the run name once")
+    return check_run_name(name, "--resume" if isinstance(first.resume, str) else "--name")
+
+
+def auto_resume_name(args):
+    """--auto_resume: the name of the run that ``args`` (parsed as a new run) names, when models/<name>/last.pth is
+    there to continue; None when the run is to be started."""
+    name = check_run_name(args.name if args.name is not None else default_run_name(args))
+    return name if os.path.isfile(os.path.join(MODELS_DIR, name, "last.pth")) else None
 
 
 def check_how_it_runs(args):
@@ -385,9 +411,11 @@ def check_init_outside_run(init, name):
 INIT_FLAGS = ("arch", "deep_supervision", "input_channels", "num_classes", "normalization")
 
 
-def check_unchanged_on_resume(args, saved_values, name):
+def check_unchanged_on_resume(args, saved_values, name, how):
     """A resumed run keeps its settings: only the flags in CHANGEABLE_ON_RESUME may differ from its config.yml
-    (a flag it does not hold, written as null or by an older version, had its default)."""
+    (a flag it does not hold, written as null or by an older version, had its default). ``how``: the flag that
+    resumes it (--resume NAME or --auto_resume), for the message, which starts with the flag that differs (so that
+    :func:`recipe_note` can say when a recipe set it)."""
     defaults = vars(build_train_parser().parse_args([]))
     saved = {k: saved_values.get(k, v) for k, v in defaults.items() if k not in SKIPPED_IN_CONFIG}
     changed = [k for k, v in saved.items() if k not in CHANGEABLE_ON_RESUME and getattr(args, k) != v]
@@ -398,9 +426,9 @@ def check_unchanged_on_resume(args, saved_values, name):
                 "images it expects, so --init cannot carry its weights over either: train a new run from scratch"
                 if fresh else
                 f"To train on with other settings, start a new run from its weights: --init {name} --name <new name>")
-        raise UsageError(f"--resume {name}: --{k} {getattr(args, k)} differs from the run's {saved[k]}; a "
-                         "resumed run keeps its settings (only --epochs, --early_stopping and how it runs, such as "
-                         f"--device or --num_workers, may change). {then}")
+        raise UsageError(f"--{k} {getattr(args, k)} differs from the run's {saved[k]}; {how} continues "
+                         f"{run_dir(name)} with its settings (only --epochs, --early_stopping and how it runs, such "
+                         f"as --device or --num_workers, may change). {then}")
 
 
 def check_dataset_name(dataset):

@@ -13,6 +13,11 @@ def launched_by_torchrun():
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def launched_rank():
+    """This process's rank as torchrun gave it (0 without torchrun), known before the process group is set up."""
+    return int(os.environ.get("RANK", 0))
+
+
 def setup(device):
     """Initialise the process group when launched by torchrun; returns the device this process uses."""
     if not launched_by_torchrun():

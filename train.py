@@ -3,6 +3,7 @@
     python train.py --dataset dsb2018_96 --arch NestedUNet --deep_supervision True
     python train.py --config configs/seed_dsb2018_96_NestedUNet_wDS.yml --epochs 20
     python train.py --resume dsb2018_96_NestedUNet_wDS            # continue after a crash or Ctrl-C
+    python train.py --config configs/... --auto_resume            # a requeued job: start, continue, or say done
     torchrun --nproc_per_node=4 train.py ...                      # several GPUs (DDP)
 
 Writes models/<name>/: config.yml, split.csv, log.csv (one row per epoch), model.pth (best weights by val IoU,
@@ -15,11 +16,18 @@ from utils import run_cli
 def main(argv):
     args = parse_train_args(argv)
     # Heavy imports only now, so that --help and flag errors answer at once.
-    from trainer import Trainer, run_lock
+    from distributed import launched_rank
+    from trainer import Trainer, completion_note, run_lock
 
-    with run_lock(args.name), Trainer(args) as trainer:
-        trainer.fit()
-        trainer.print_summary()
+    with run_lock(args.name):
+        complete = args.auto_resume and args.resume and completion_note(args)
+        if complete:  # exit 0: a requeued job of a finished run ends its loop instead of failing or training again
+            if launched_rank() == 0:
+                print(complete, flush=True)
+            return
+        with Trainer(args) as trainer:
+            trainer.fit()
+            trainer.print_summary()
 
 
 if __name__ == "__main__":

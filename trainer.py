@@ -18,7 +18,8 @@ import torch
 
 import distributed
 from archs import build_model
-from checkpoints import atomic_torch_save, load_init_weights, load_training_state, save_training_state
+from checkpoints import (atomic_torch_save, load_init_weights, load_training_state, save_training_state,
+                         saved_progress)
 from config import (INPUTS_DIR, MODELS_DIR, init_weights_path, is_bundled_name, output_channels, run_dir,
                     save_run_config, schedule_note, unused_flags_note)
 from dataset import (AUGMENTATION_FLAGS, MODALITIES, Dataset, EpochSampler, WeightedDistributedSampler,
@@ -51,7 +52,8 @@ class Trainer:
         if args.sync_bn and distributed.is_initialized() and self.device.type != "cuda":
             raise UsageError("--sync_bn True: SyncBatchNorm synchronises BatchNorm across CUDA GPUs only; pass "
                              "--sync_bn False on the CPU")
-        check_run_folder(self.dir, args.name, args.resume, args.overwrite)  # every process, or the others hang
+        # every process, or the others hang
+        check_run_folder(self.dir, args.name, args.resume, args.overwrite, args.auto_resume)
         self.dataset_dir = dataset_folder(args.dataset, self.main, args.name if args.resume else None)
         left_out = images_left_out(self.dataset_dir, args.img_ext)  # first: it explains a mask without its image
         if left_out:
@@ -129,7 +131,8 @@ class Trainer:
         done = getattr(self, "saved_epoch", self.start_epoch)
         if not done:
             kept = f"; {self.dir} holds the run it was to replace again" if getattr(self, "restored", False) else ""
-            return f"1, before any epoch was saved{kept}; start again with --overwrite" + flags
+            again = f"the same command{' and' * bool(flags)}" if self.args.auto_resume else "--overwrite"
+            return f"1, before any epoch was saved{kept}; start again with {again}{flags}"
         return (f"{done + 1}; {self.dir}/last.pth holds epoch {done}. Continue with: python train.py --resume "
                 f"{shlex.quote(self.args.name)}{flags}")
 
@@ -311,8 +314,10 @@ class Trainer:
         real, replaced = os.path.realpath(self.dir), replaced_run_dir(self.dir)
         if os.path.isdir(replaced):  # left by a process killed after this folder's run saved an epoch
             shutil.rmtree(replaced)
-        if not self.args.resume and os.path.isdir(real):
-            os.rename(real, replaced)  # kept until this run has saved an epoch
+        # kept until this run has saved an epoch; --auto_resume starts a run that saved no epoch again in its folder
+        # (nothing there to keep, and a folder set aside by a killed job would stop the next one)
+        if not (self.args.resume or self.args.auto_resume) and os.path.isdir(real):
+            os.rename(real, replaced)
         try:
             os.makedirs(real, exist_ok=True)
             remove_killed_writes(real)
@@ -400,9 +405,10 @@ def replaced_run_dir(path):
     return os.path.join(head, f".{name}.replaced")
 
 
-def check_run_folder(path, name, resume, overwrite):
-    """Before any work: a resumed run needs its last.pth; a new one an empty place or --overwrite; no run is left
-    aside by an --overwrite that was killed before it saved an epoch."""
+def check_run_folder(path, name, resume, overwrite, auto_resume):
+    """Before any work: a resumed run needs its last.pth; a new one an empty place, --overwrite, or with
+    ``auto_resume`` (--auto_resume) a run that saved no epoch; no run is left aside by an --overwrite that was
+    killed before it saved an epoch."""
     if os.path.isdir(replaced_run_dir(path)) and not os.path.isfile(os.path.join(path, "last.pth")):
         raise UsageError(f"{replaced_run_dir(path)} holds the run that an --overwrite of {name}, killed before it "
                          f"saved an epoch, was to replace: move it back to {path} (or remove it) first")
@@ -423,8 +429,9 @@ def check_run_folder(path, name, resume, overwrite):
             raise UsageError(f"{path} already holds a run (without the last.pth that --resume needs); pass "
                              f"--overwrite to replace it, or choose another --name (--init {name} starts from its "
                              "weights)")
-        raise UsageError(f"{path} holds a run that saved no epoch (it stopped in epoch 1); pass --overwrite to "
-                         "start it again, or choose another --name")
+        if not auto_resume:
+            raise UsageError(f"{path} holds a run that saved no epoch (it stopped in epoch 1); pass --overwrite to "
+                             "start it again, or choose another --name")
 
 
 @contextmanager
@@ -432,7 +439,7 @@ def run_lock(name):
     """One train.py at a time per run name: held around the whole run (models/.<name>.lock), so that a second one (a
     new run of that name, --overwrite, --resume) is refused before it touches the folder; two would mix their files,
     or one would delete the other's. Under torchrun the main process (rank 0) holds it."""
-    if os.environ.get("RANK", "0") != "0":
+    if distributed.launched_rank() != 0:
         yield
         return
     with locked(os.path.join(MODELS_DIR, f".{name}.lock")) as holder:
@@ -441,6 +448,20 @@ def run_lock(name):
             raise UsageError(f"models/{name} is being trained by another process{by}; wait for it to end, or choose "
                              "another --name")
         yield
+
+
+def completion_note(args):
+    """--auto_resume of a saved run: a line saying that it is complete, when its last.pth has trained all --epochs or
+    --early_stopping has ended it; '' when it has epochs left to train. Read before any set-up, so that a requeued
+    job of a finished run ends at once, and the same way in every process of torchrun."""
+    epoch, best = saved_progress(os.path.join(run_dir(args.name), "last.pth"))
+    if epoch >= args.epochs:
+        why = f"it has trained its {epoch} epoch{'s' * (epoch != 1)} (--epochs {args.epochs})"
+    elif stops_early(best, args.early_stopping):
+        why = f"early stopping ended it after epoch {epoch} (--early_stopping {args.early_stopping})"
+    else:
+        return ""
+    return f"{run_dir(args.name)} is complete: {why}; nothing left to train"
 
 
 def dataset_folder(dataset, main, resume=None):

@@ -145,6 +145,8 @@ def test_yaml_unknown_key_named(tmp_path):
     assert "deep_supervison" in str(e.value) and cfg in str(e.value)
     with pytest.raises(UsageError, match="resume: a flag of one command, not of a recipe; give it on the command"):
         parse_train_args(["--config", write_yaml(tmp_path / "resume.yml", {"resume": True})])
+    with pytest.raises(UsageError, match="auto_resume: a flag of one command, not of a recipe"):
+        parse_train_args(["--config", write_yaml(tmp_path / "auto.yml", {"auto_resume": True})])
 
 
 def test_a_flag_set_twice_in_a_recipe_is_refused(tmp_path):
@@ -395,6 +397,8 @@ def test_path_like_dataset_name_in_default_name_refused():
     (["--dataset", "/data/-x"], "the run name '-x_NestedUNet_woDS' (made from --dataset)"),
     (["--resume", "--name", "models/x"], "--name 'models/x' must be a plain name"),
     (["--early_stopping", "-5"], "--early_stopping -5: give a number of epochs (0 or more), or -1"),
+    (["--auto_resume", "--resume", "x"], "starts it otherwise; leave out --resume"),
+    (["--auto_resume", "--overwrite"], "starts it otherwise; leave out --overwrite"),
 ])
 def test_bad_values_refused_naming_the_flag(argv, flag):
     with pytest.raises(UsageError) as e:

@@ -1,10 +1,11 @@
-"""Interrupting a real training run (SIGTERM, SIGINT) and resuming it with ``--resume NAME``.
+"""Interrupting a real training run (SIGTERM, SIGINT) and resuming it with ``--resume NAME`` or ``--auto_resume``.
 
 The interrupted run must exit with 130 and say how to resume, leave only complete files in models/<name>/, and
 the resumed run must log every epoch exactly once with the same numbers as an uninterrupted run of the same seed
 (CPU, one thread, so the arithmetic is the same).
 """
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,9 @@ import torch
 import yaml
 
 import synthetic
+import train
+import trainer
+from utils import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 3
@@ -222,3 +226,92 @@ def test_killed_loader_worker_is_a_one_line_error(workdir):
     assert "killed by signal" in err or "exited unexpectedly" in err, err[-2000:]
     assert f"--resume {name} --num_workers 0" in err, err[-2000:]
     check_run_files_complete(workdir / "models" / name)
+
+
+# ------------------------------------------------------------------------ --auto_resume: one command, every start
+
+RECIPE = "dataset: tiny\narch: UNet\ninput_w: 32\ninput_h: 32\nepochs: 2\nbatch_size: 2\nnum_workers: 0\n" \
+         "device: cpu\nseed: 7\noptimizer: Adam\nlr: 0.003\n"
+
+
+def cli(argv):
+    """train.py's command line, run in this process (cheaper than a subprocess): its exit code."""
+    try:
+        run_cli(train.main, argv)
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def stop_after_epoch_1(monkeypatch):
+    """Stop the next run as a job's SIGTERM does, right after its first epoch is saved."""
+    def line_then_stop(row, *args):
+        if row["epoch"] == 1:
+            raise KeyboardInterrupt
+        return trainer.epoch_line(row, *args)
+
+    monkeypatch.setattr(trainer, "epoch_line", line_then_stop)
+
+
+def test_auto_resume_starts_continues_as_resume_does_and_ends(workdir, monkeypatch, capsys):
+    """One unchanged command line (a recipe and --name, as a requeued batch job runs it) starts the run, continues
+    it with the numbers of a plain --resume, then says it is complete and exits 0 without training; a flag of the
+    command line or of the recipe that differs from the run's is refused."""
+    monkeypatch.chdir(workdir)
+    (workdir / "auto.yml").write_text(RECIPE)
+    cmd = ["--config", "auto.yml", "--name", "auto", "--auto_resume"]
+    run = workdir / "models" / "auto"
+    with monkeypatch.context() as m:
+        stop_after_epoch_1(m)
+        assert cli(cmd) == 130
+    assert torch.load(run / "last.pth", weights_only=True)["epoch"] == 1
+    shutil.copytree(run, workdir / "models" / "plain")
+    assert cli(cmd) == 0 and "resuming after epoch 1" in capsys.readouterr().out
+    assert cli(["--resume", "plain"]) == 0
+    log, plain = (pd.read_csv(workdir / "models" / n / "log.csv") for n in ("auto", "plain"))
+    assert log["epoch"].tolist() == [1, 2] and log["loss"].nunique() == 2
+    pd.testing.assert_frame_equal(log[NUMERIC], plain[NUMERIC], check_exact=True)
+
+    finished = {f: (run / f).read_bytes() for f in os.listdir(run)}
+    capsys.readouterr()
+    assert cli(cmd) == 0
+    out = capsys.readouterr().out
+    assert out == "models/auto is complete: it has trained its 2 epochs (--epochs 2); nothing left to train\n"
+    assert {f: (run / f).read_bytes() for f in os.listdir(run)} == finished
+    assert cli(cmd + ["--lr", "0.01"]) == 2
+    assert "--lr 0.01 differs from the run's 0.003; --auto_resume continues models/auto" in capsys.readouterr().err
+    (workdir / "auto.yml").write_text(RECIPE.replace("arch: UNet", "arch: NestedUNet"))
+    assert cli(cmd) == 2
+    err = capsys.readouterr().err
+    assert "--arch NestedUNet differs from the run's UNet" in err and err.endswith("(set in --config auto.yml)\n")
+
+
+def test_auto_resume_starts_again_after_a_kill_in_epoch_1_and_ends_an_early_stopped_run(workdir, monkeypatch, capsys):
+    """A job stopped or killed (SIGKILL: no clean-up) before its first epoch was saved leaves config.yml and
+    split.csv: the same command starts the run again in its folder (no folder set aside that would stop the next
+    job). A run that --early_stopping ended is complete: exit 0, nothing trained."""
+    monkeypatch.chdir(workdir)
+    cmd = [*first_run_args("auto_early"), "--early_stopping", "0", "--auto_resume"]
+    run = workdir / "models" / "auto_early"
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "train_one_epoch", stopped)
+        assert cli(cmd) == 130
+        assert "before any epoch was saved; start again with the same command" in capsys.readouterr().out
+        assert sorted(os.listdir(run)) == ["config.yml", "split.csv"]
+        m.setattr(trainer.Trainer, "_restore_replaced_run", lambda self: None)  # what a SIGKILL leaves undone
+        assert cli(cmd) == 130
+    assert cli(cmd) == 0
+    assert "early stopping after epoch 1" in capsys.readouterr().out
+    assert [n for n in os.listdir(workdir / "models") if n.startswith(".auto_early")] == []
+    finished = {f: (run / f).read_bytes() for f in os.listdir(run)}
+    assert cli(cmd) == 0
+    assert "models/auto_early is complete: early stopping ended it after epoch 1 (--early_stopping 0)" in \
+        capsys.readouterr().out
+    assert {f: (run / f).read_bytes() for f in os.listdir(run)} == finished
+    shutil.copy(run / "model.pth", run / "last.pth")  # a plain state dict: no epoch to read
+    assert cli(cmd) == 1
+    assert "models/auto_early/last.pth has no 'epoch': it is not a last.pth of this toolkit" in capsys.readouterr().err
