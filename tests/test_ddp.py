@@ -45,6 +45,14 @@ def test_torchrun_two_cpu_processes(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert pd.read_csv(run_dir / "log.csv")["epoch"].tolist() == [1, 2]
 
+    # --auto_resume of the finished run (a requeued job): every process ends with exit 0 and trains nothing; rank 0
+    # alone says so
+    done = subprocess.run(cmd + ["--auto_resume", "--epochs", "2"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout == "models/ddp is complete: it has trained its 2 epochs (--epochs 2); nothing left to train\n"
+    assert pd.read_csv(run_dir / "log.csv")["epoch"].tolist() == [1, 2]
+
     # Mistakes under torchrun: each process says it in one line (no gloo or SyncBatchNorm traceback).
     for extra, message in ((["--name", "ddp"], "models/ddp already holds a run"),
                            (["--name", "ddp_sync", "--sync_bn", "True"], "--sync_bn True: SyncBatchNorm")):
