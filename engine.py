@@ -1,5 +1,5 @@
 """The one training/evaluation step and the epoch loops built on it, and where and how it runs: the device
-(:func:`choose_device`), the precision (:class:`Precision`) and the seeds.
+(:func:`choose_device`, :func:`fit_threads_to_cpus`), the precision (:class:`Precision`) and the seeds.
 
 train.py, val.py, predict.py and bench/ all go through these functions, so what is measured is what users run.
 Scores and losses are accumulated on the device; the host reads them once per epoch (and for the progress
@@ -15,7 +15,7 @@ from archs import crop_to, final_logits, pad_to_multiple
 from distributed import reduce_sum
 from losses import loss_over_heads
 from metrics import SegmentationMeter
-from utils import UsageError, amp_mode, progress_bar
+from utils import UsageError, amp_mode, progress_bar, usable_cpus
 
 LOG_EVERY = 20
 
@@ -34,6 +34,15 @@ def choose_device(requested="auto"):
         raise UsageError(f"--device {requested}: PyTorch sees {count} CUDA GPU{'s' * (count > 1)} (cuda:0 to "
                          f"cuda:{count - 1}); give one of those, or --device auto")
     return device
+
+
+def fit_threads_to_cpus():
+    """Cap torch's CPU threads at the CPUs this process may use (utils.usable_cpus): torch sizes its thread pool by
+    the CPU affinity alone, so under a CPU quota (docker --cpus, a Kubernetes limit) the threads beyond it only wait
+    for their turn, and every step waits for the slowest. Never raises the count (torchrun's OMP_NUM_THREADS=1
+    stays)."""
+    if usable_cpus() < torch.get_num_threads():
+        torch.set_num_threads(usable_cpus())
 
 
 def seed_everything(seed):

@@ -472,11 +472,12 @@ def main(argv):
         print(note)
     # Heavy imports only now, so that --help and flag errors answer at once.
     from checkpoints import load_run
-    from engine import choose_device
+    from engine import choose_device, fit_threads_to_cpus
     from evaluation import training_diameter
     from inference import Predictor
 
     device = choose_device(args.device)
+    fit_threads_to_cpus()
     cfg, model = load_run(args.name, device, args.prune)
     if (args.scale != 1 or args.tile) and not cfg.crop_size:
         flag = "--scale" if args.scale != 1 else "--tile"

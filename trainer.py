@@ -26,8 +26,8 @@ from dataset import (AUGMENTATION_FLAGS, MODALITIES, Dataset, EpochSampler, Weig
                      balance_weights, eval_loader, find_layout, images_left_out, list_ids, nucleus_diameter,
                      quiet_worker, reading_of, train_transform)
 from device_data import BatchAugment, DeviceImages, DeviceLoader
-from engine import (NonFiniteLoss, Precision, choose_device, evaluate, recalibrate_batchnorm, seed_everything,
-                    train_one_epoch)
+from engine import (NonFiniteLoss, Precision, choose_device, evaluate, fit_threads_to_cpus, recalibrate_batchnorm,
+                    seed_everything, train_one_epoch)
 from image_files import decode_image
 from losses import build_loss
 from optim import build_optimizer, build_scheduler, cosine_parts, fused_update, step_scheduler
@@ -45,6 +45,7 @@ class Trainer:
         self.args, self.progress = args, progress
         self.dir = run_dir(args.name)
         self.device = distributed.setup(choose_device(args.device))
+        fit_threads_to_cpus()
         self.main = distributed.is_main()
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True

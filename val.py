@@ -81,12 +81,13 @@ def main(argv):
     # Heavy imports only now, so that --help and flag errors answer at once.
     from checkpoints import load_run
     from dataset import eval_loader, find_layout, images_left_out, reading_of
-    from engine import Precision, choose_device, evaluate
+    from engine import Precision, choose_device, evaluate, fit_threads_to_cpus
     from evaluation import (ImageWriter, check_same_evaluation, evaluation_ids, evaluation_record, model_epoch,
                             separation_order, size_hint, summary, training_diameter, write_evaluation_record)
     from losses import build_loss
 
     device = choose_device(args.device)
+    fit_threads_to_cpus()
     cfg, model = load_run(args.name, device, args.prune)
     filters = object_filters(args.min_size, args.min_confidence, cfg.loss)
     separation = choose_separation(args.separation, cfg.borders, args.name)

@@ -105,3 +105,16 @@ def test_a_gpu_index_beyond_the_visible_gpus_is_named(monkeypatch):
     with pytest.raises(UsageError, match=r"--device cuda:3: PyTorch sees 1 CUDA GPU \(cuda:0 to cuda:0\)"):
         engine.choose_device("cuda:3")
     assert engine.choose_device("cuda:0") == torch.device("cuda:0")
+
+
+@pytest.mark.parametrize("cpus", [1, 64])
+def test_torch_threads_never_exceed_the_cpus_a_quota_allows(monkeypatch, cpus):
+    """A CPU quota below torch's thread count (which follows the affinity only) caps the threads; a larger count of
+    usable CPUs never raises them."""
+    before = torch.get_num_threads()
+    monkeypatch.setattr(engine, "usable_cpus", lambda: cpus)
+    try:
+        engine.fit_threads_to_cpus()
+        assert torch.get_num_threads() == min(cpus, before)
+    finally:
+        torch.set_num_threads(before)
