@@ -40,7 +40,7 @@ from image_files import TIFF_EXTS, TiffHeader, decode_planes, select_channel, ti
 from instances import AUTO_SCALE_BAND, auto_scale, border_map, median_diameter, nucleus_areas, split_instances
 from utils import (ArgumentParser, BatchedThreads, DataError, UsageError, atomic_imwrite, atomic_tiff_write,
                    atomic_write, check_output_folder, check_utf8_names, first_few, float_or_auto, path_arg,
-                   printable_path, progress_bar, remove_killed_writes, run_cli)
+                   printable_path, progress_bar, remove_killed_writes, run_cli, written_alone)
 from visualize import draw_outlines, to_bgr
 
 IMAGE_EXTS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
@@ -502,27 +502,29 @@ def main(argv):
     separation = choose_separation(args.separation, cfg.borders, args.name)
     predictor = Predictor(model, cfg, device, args.tile or None, args.overlap, args.batch_size, args.prune, args.tta,
                           args.amp, 1.0 if auto else args.scale)
-    replaced_rows = objects_csv_note(args.output, ids) if args.instances else ""
-    id_set = set(ids)
-    held_outputs = os.path.isdir(args.output) and any(n == "objects.csv" or output_stems(n) & id_set
-                                                      for n in os.listdir(args.output))
-    os.makedirs(args.output, exist_ok=True)
-    remove_killed_writes(args.output)
-    started = time.time()
-    try:
-        foreground, objects, megapixels, planes, scales, left_out = predict_all(
-            predictor, files, ids, headers, args.output, cfg.num_classes, args.threshold, args.save_prob,
-            separation if args.instances else None, filters, args.overlay, args.channel,
-            (cfg.nucleus_diameter, separation) if auto else None)
-    except KeyboardInterrupt:
-        if held_outputs:  # the images done now have this prediction's files, the others an earlier one's
-            print(f"note: {os.path.join(args.output, '')} held outputs of an earlier prediction of these images, "
-                  "and this one stopped before its end: it may now mix the two (objects.csv is the earlier one's); "
-                  "predict all the images again", file=sys.stderr)
-        raise
-    if objects is not None:
-        with atomic_write(os.path.join(args.output, "objects.csv")) as f:
-            objects.to_csv(f, index=False, float_format="%.2f")
+    # One predict.py at a time writes a folder: two would interleave their files, and objects.csv would hold the
+    # nuclei of the one that ended last. The lock file (hidden, as --input skips it) creates the folder.
+    with written_alone(args.output, os.path.join(args.output, ".predict.lock"), "--output"):
+        replaced_rows = objects_csv_note(args.output, ids) if args.instances else ""
+        id_set = set(ids)
+        held_outputs = any(n == "objects.csv" or output_stems(n) & id_set for n in os.listdir(args.output))
+        remove_killed_writes(args.output)
+        started = time.time()
+        try:
+            foreground, objects, megapixels, planes, scales, left_out = predict_all(
+                predictor, files, ids, headers, args.output, cfg.num_classes, args.threshold, args.save_prob,
+                separation if args.instances else None, filters, args.overlay, args.channel,
+                (cfg.nucleus_diameter, separation) if auto else None)
+        except KeyboardInterrupt:
+            if held_outputs:  # the images done now have this prediction's files, the others an earlier one's
+                print(f"note: {os.path.join(args.output, '')} held outputs of an earlier prediction of these images, "
+                      "and this one stopped before its end: it may now mix the two (objects.csv is the earlier one's); "
+                      "predict all the images again", file=sys.stderr)
+            raise
+        if objects is not None:
+            with atomic_write(os.path.join(args.output, "objects.csv")) as f:
+                objects.to_csv(f, index=False, float_format="%.2f")
+        notes = [earlier_outputs_note(args, files, ids, written), replaced_rows]
     seconds = time.time() - started
     size = sizing(args.scale, scales)
     found = "" if objects is None else f", {len(objects)} object{'s' * (len(objects) != 1)} ({separation}) in " \
@@ -540,7 +542,7 @@ def main(argv):
           f"{'of class 0 ' if cfg.num_classes > 1 else ''}{100 * foreground:.1f}%"
           f"{found}; "
           f"files in {os.path.join(args.output, '')}")
-    for note in (earlier_outputs_note(args, files, ids, written), replaced_rows):
+    for note in notes:
         if note:
             print(note)
     if left_out:

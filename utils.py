@@ -526,6 +526,19 @@ def locked(path):
         os.close(fd)
 
 
+@contextmanager
+def written_alone(folder, lock_file, flag):
+    """One process at a time writes ``folder``: the block holds ``lock_file`` (:func:`locked`), and a second process
+    is refused with a UsageError naming the folder, the first one's pid and ``flag``, before it writes anything
+    there; two at once would mix their files, or one would replace what the other wrote."""
+    with locked(lock_file) as holder:
+        if holder is not None:
+            by = f" (pid {holder})" if holder else ""
+            raise UsageError(f"{folder} is being written by another process{by}; wait for it to end, or choose "
+                             f"another {flag}")
+        yield
+
+
 def made_in(folder, make, **kwargs):
     """``make(dir=folder, **kwargs)`` (tempfile.mkstemp or mkdtemp); an OSError (a read-only folder, a full disk)
     names ``folder``, where the user can act, not the temporary name."""

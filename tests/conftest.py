@@ -5,7 +5,9 @@ them first changes into a temporary directory so that nothing is written into th
 """
 import os
 import shutil
+import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -101,3 +103,19 @@ def train_argv(name, *extra, dataset=TINY_NAME, arch="UNet", epochs=2, batch=4):
     return ["--name", name, "--dataset", dataset, "--arch", arch, *size,
             "--epochs", str(epochs), "-b", str(batch), "--num_workers", "0", "--device", "cpu",
             "--optimizer", "Adam", "--lr", "0.01", *extra]
+
+
+@contextmanager
+def held_by_another_process(lock_file):
+    """Another process holding ``lock_file`` (utils.locked), as a script does while it writes; yields its pid and
+    kills it at the end (the lock goes with it, the file stays, as after a killed script)."""
+    code = ("import sys, time, utils\nwith utils.locked(sys.argv[1]) as holder:\n"
+            "    print(holder or 'held', flush=True)\n    time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(lock_file)], env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()

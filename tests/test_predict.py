@@ -8,6 +8,7 @@ import functools
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -30,7 +31,7 @@ import train
 import utils
 import val
 from archs import build_model
-from conftest import ROOT, write_cgroups
+from conftest import ROOT, held_by_another_process, write_cgroups
 from dataset import nucleus_diameter
 from splits import read_split, split_ids
 from image_files import decode_image, image_to_float
@@ -570,6 +571,23 @@ def test_files_of_an_earlier_prediction_are_named(in_runs, tmp_path, capsys):
     assert (f"note: {os.path.join(out, 'objects.csv')} held the nuclei of 1 other image of an earlier prediction "
             "(a)") in capsys.readouterr().out
     assert set(pd.read_csv(os.path.join(out, "objects.csv"), dtype={"image": str})["image"]) <= {"b"}
+
+
+def test_one_predict_at_a_time_writes_a_folder(in_runs, tmp_path):
+    """Two predict.py into one --output both went on, their files interleaved and objects.csv held the nuclei of the
+    one that ended last: while one writes the folder (out/.predict.lock) a second is refused before it writes there;
+    one into another folder goes on, and the folder is free again once the first ends, killed or not."""
+    image = write(tmp_path / "in" / "a.png", sample_bgr(32, 32))
+    out = tmp_path / "out"
+    argv = ["--name", "p", "--input", image, "--instances", "--device", "cpu"]
+    with held_by_another_process(out / ".predict.lock") as pid:
+        with pytest.raises(UsageError, match=rf"^{re.escape(str(out))} is being written by another process \(pid "
+                                             rf"{pid}\); wait for it to end, or choose another --output$"):
+            predict.main([*argv, "--output", str(out)])
+        assert os.listdir(out) == [".predict.lock"]
+        predict.main([*argv, "--output", str(tmp_path / "other")])
+    predict.main([*argv, "--output", str(out)])
+    assert sorted(os.listdir(out)) == ["a.png", "a_instances.png", "objects.csv"]
 
 
 def test_files_of_a_run_with_other_classes_and_of_a_killed_prediction(in_runs, tmp_path, capsys, monkeypatch):

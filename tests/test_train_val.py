@@ -6,8 +6,6 @@ import math
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from contextlib import contextmanager
 
@@ -28,7 +26,7 @@ import val
 from archs import build_model
 from checkpoints import load_checkpoint
 from config import parse_train_args
-from conftest import ROOT, TINY_NAME, make_synthetic, train_argv
+from conftest import ROOT, TINY_NAME, held_by_another_process, make_synthetic, train_argv
 from dataset import decode_image, image_modality
 from image_files import read_labels
 from trainer import Trainer
@@ -429,22 +427,14 @@ def test_a_run_being_trained_is_refused_to_a_second_train_py(tmp_path, monkeypat
     make_synthetic(tmp_path)
     monkeypatch.chdir(tmp_path)
     train.main(train_argv("busy", epochs=1))
-    code = ("import time, utils\nwith utils.locked('models/.busy.lock') as holder:\n    print(holder or 'held', "
-            "flush=True)\n    time.sleep(120)")
-    holder = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)),
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with held_by_another_process(tmp_path / "models" / ".busy.lock") as pid:
         for argv in (train_argv("busy", "--overwrite", epochs=1), ["--resume", "busy", "--epochs", "2"],
                      train_argv("busy", epochs=1)):
             with pytest.raises(UsageError, match=rf"models/busy is being trained by another process \(pid "
-                                                 rf"{holder.pid}\); wait for it to end, or choose another --name"):
+                                                 rf"{pid}\); wait for it to end, or choose another --name"):
                 train.main(argv)
         assert pd.read_csv(tmp_path / "models" / "busy" / "log.csv")["epoch"].tolist() == [1]
         assert not (tmp_path / "models" / ".busy.replaced").exists()
-    finally:
-        holder.kill()
-        holder.wait()
     train.main(["--resume", "busy", "--epochs", "2"])  # the killed holder's lock file is taken, then removed
     assert not [f for f in os.listdir(tmp_path / "models") if f.startswith(".")]
 
