@@ -526,6 +526,13 @@ def locked(path):
         os.close(fd)
 
 
+def lock_file_beside(folder):
+    """The lock file of a folder replaced as a whole (a lock file inside would go with it): .<name>.lock beside its
+    real path, so that a symbolic link and its target share one, as train.py's models/.<name>.lock."""
+    real = os.path.realpath(folder)
+    return os.path.join(os.path.dirname(real), f".{temp_stem(real)}.lock")
+
+
 @contextmanager
 def written_alone(folder, lock_file, flag):
     """One process at a time writes ``folder``: the block holds ``lock_file`` (:func:`locked`), and a second process

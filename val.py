@@ -25,7 +25,7 @@ import os
 from config import (add_amp_arg, add_device_arg, add_separation_args, check_object_filters, choose_separation,
                     object_filters)
 from utils import (ArgumentParser, at_least, check_replaceable, check_run_name, file_extension,
-                   folder_replaced_when_done, path_arg, run_cli)
+                   folder_replaced_when_done, lock_file_beside, path_arg, run_cli, written_alone)
 
 
 def build_parser():
@@ -77,6 +77,15 @@ def main(argv):
     check_run_name(args.name)  # before it names a folder
     out_dir = output_folder(args.name, args.split, args.dataset, args.output)
     check_replaceable(out_dir, "--output", "scores.csv", "an output folder of val.py")
+    # One val.py at a time writes a folder: the one that ended last would replace the other's outputs, also those of
+    # another evaluation that check_same_evaluation refuses to replace
+    with written_alone(out_dir, lock_file_beside(out_dir), "--output"):
+        return evaluate_into(args, out_dir)
+
+
+def evaluate_into(args, out_dir):
+    """Score run ``args.name`` as the flags say, write the outputs into ``out_dir`` (replaced as a whole when
+    complete) and print the summary; returns the scores (engine.evaluate's, and the DSB2018 means)."""
     folder = os.path.realpath(out_dir)  # a symbolic link's folder is replaced, not the link
     # Heavy imports only now, so that --help and flag errors answer at once.
     from checkpoints import load_run

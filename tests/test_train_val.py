@@ -420,6 +420,29 @@ def test_val_stopped_by_sigterm_keeps_the_old_outputs_and_no_temporary_folder(wo
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # run_cli puts the previous handler back
 
 
+def test_one_val_at_a_time_writes_an_output_folder(work, monkeypatch):
+    """Two val.py into one folder both went on, and the one that ended last replaced the other's outputs, also those
+    of another evaluation that it refuses to replace when run after it (run r's --split test and a run named r_test
+    share outputs/r_test): while one writes the folder (outputs/.<name>.lock, beside it) a second is refused, by
+    another path too, before it replaces anything; one into another folder goes on."""
+    root, _, _ = work
+    monkeypatch.chdir(root)
+    scores = (root / "outputs" / "unet" / "scores.csv").read_bytes()
+    (root / "link").symlink_to(root / "outputs" / "unet")
+    with held_by_another_process(root / "outputs" / ".unet.lock") as pid:
+        for output in ([], ["--output", "link"]):
+            with pytest.raises(UsageError, match=rf"^{output[-1] if output else 'outputs/unet'} is being written by "
+                                                 rf"another process \(pid {pid}\); wait for it to end, or choose "
+                                                 "another --output$"):
+                val.main(["--name", "unet", "--device", "cpu", *output])
+        val.main(["--name", "unet", "--device", "cpu", "--output", "elsewhere", "--no_overlays"])
+    assert (root / "outputs" / "unet" / "scores.csv").read_bytes() == scores
+    assert [f for f in os.listdir(root / "outputs") if f.startswith(".")] == [".unet.lock"]  # the killed holder's
+    for path in (root / "outputs" / ".unet.lock", root / "link"):  # the module's other tests see no trace
+        os.remove(path)
+    shutil.rmtree(root / "elsewhere")
+
+
 def test_a_run_being_trained_is_refused_to_a_second_train_py(tmp_path, monkeypatch):
     """While a process holds models/.<name>.lock (a train.py of that run), a new run of the name, --overwrite and
     --resume are refused before they touch the folder; the lock goes with the process, killed or not, and the file
