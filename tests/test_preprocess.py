@@ -1,5 +1,6 @@
 """Tests for preprocess_dsb2018.py on a tiny fake raw DSB2018 folder (and on the real one when it is present)."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import preprocess_dsb2018 as pre  # noqa: E402
+from conftest import held_by_another_process  # noqa: E402
 from utils import DataError, UsageError  # noqa: E402
 
 REAL_SRC = ROOT.parent / "shared" / "data" / "dsb2018" / "stage1_train"
@@ -259,6 +261,20 @@ def test_existing_dst_replaced_only_on_success(raw, tmp_path):
     pre.main(["--src", str(src), "--dst", str(dst), "--num_workers", "1", "--limit", "2"])
     assert sorted(os.listdir(dst / "images")) == ["aaa.png", "bbb.png"]
     assert not _leftovers(tmp_path)
+
+
+def test_one_process_at_a_time_writes_a_dataset_folder(raw, tmp_path):
+    """Two conversions into one --dst both went on, and the one that ended last replaced the other's dataset: while
+    one writes it (.<dst>.lock beside it) a second is refused before it builds anything; one into another folder
+    goes on."""
+    src, _ = raw
+    dst = tmp_path / "out"
+    with held_by_another_process(tmp_path / ".out.lock") as pid:
+        with pytest.raises(UsageError, match=rf"^{re.escape(str(dst))} is being written by another process \(pid "
+                                             rf"{pid}\); wait for it to end, or choose another --dst$"):
+            pre.main(["--src", str(src), "--dst", str(dst), "--num_workers", "1"])
+        assert not dst.exists() and _leftovers(tmp_path) == [".out.lock"]
+        pre.main(["--src", str(src), "--dst", str(tmp_path / "other"), "--num_workers", "1", "--limit", "1"])
 
 
 def test_bad_flags(raw, tmp_path):
