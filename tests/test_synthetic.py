@@ -1,5 +1,6 @@
 """Tests for synthetic.py: determinism, layout, value sets, label/mask consistency, styles, touching nuclei."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import synthetic  # noqa: E402
+from conftest import held_by_another_process  # noqa: E402
 from dataset import image_modality  # noqa: E402
 from utils import UsageError  # noqa: E402
 
@@ -163,6 +165,17 @@ def test_ensure_synthetic_refuses_foreign_folder(tmp_path):
     with pytest.raises(UsageError):
         synthetic.ensure_synthetic(str(target), num_images=2, size=32, progress=False)
     assert (target / "notes.txt").read_text() == "keep me"
+
+
+def test_one_process_at_a_time_writes_an_out_folder(tmp_path):
+    """Two synthetic.py into one --out both went on, and the one that ended last replaced the other's dataset: while
+    one writes it (.<out>.lock beside it) a second is refused before it generates anything."""
+    out = tmp_path / "out"
+    with held_by_another_process(tmp_path / ".out.lock") as pid:
+        with pytest.raises(UsageError, match=rf"^{re.escape(str(out))} is being written by another process \(pid "
+                                             rf"{pid}\); wait for it to end, or choose another --out$"):
+            synthetic.main(["--out", str(out), "--num_images", "2", "--size", "32"])
+    assert os.listdir(tmp_path) == [".out.lock"]
 
 
 def test_cli(tmp_path):
