@@ -573,6 +573,12 @@ def run_dir(name):
     return os.path.join(MODELS_DIR, check_run_name(name))
 
 
+def run_lock_file(name):
+    """models/.<name>.lock: held by the train.py that trains run ``name`` (trainer.run_lock), and by an export.py
+    that writes into its folder, so that neither writes there while the other does."""
+    return os.path.join(MODELS_DIR, f".{check_run_name(name)}.lock")
+
+
 def saved_run_dir(name):
     """The folder of a trained run to load: models/<name>, or the bundled pretrained/<name> when models/ has no run
     of that name (a run of your own wins)."""

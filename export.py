@@ -25,8 +25,9 @@ onnx_export.py. The file is written atomically. When ``onnxruntime`` is installe
 on a random input and its largest difference from PyTorch is printed.
 """
 import os
+from contextlib import nullcontext
 
-from utils import ArgumentParser, UsageError, path_arg, run_cli
+from utils import ArgumentParser, UsageError, path_arg, run_cli, written_alone
 
 SCALING = {  # how image_files.image_to_float scales an image for each --normalization, in the printed input contract
     "fixed": "8-bit / 255, 16-bit by its min and max",
@@ -66,16 +67,21 @@ def main(argv):
     # Heavy imports only now, so that --help and flag errors answer at once.
     import torch
     from checkpoints import load_run
-    from config import derived_files_dir, output_channels
+    from config import derived_files_dir, output_channels, run_dir, run_lock_file
     from onnx_export import OPSET, export_module, export_onnx, onnxruntime_difference
 
-    cfg, model = load_run(args.name, torch.device("cpu"), args.prune)
     path = args.output or os.path.join(derived_files_dir(args.name),
                                        f"model_L{args.prune}.onnx" if args.prune else "model.onnx")
-    module = export_module(model, args.prune)
-    torch.manual_seed(0)
-    example = torch.randn(1, cfg.input_channels, args.height, args.width)
-    size = export_onnx(module, example, path)
+    # Into the run's own folder only while no train.py writes it: a file exported mid-training would go stale there
+    # without a word, and the weights loaded before an --overwrite replaced the run would land in the new run's folder
+    folder = os.path.realpath(run_dir(args.name))
+    in_run = os.path.commonpath([folder, os.path.realpath(os.path.dirname(os.path.abspath(path)))]) == folder
+    with written_alone(run_dir(args.name), run_lock_file(args.name), "--output") if in_run else nullcontext():
+        cfg, model = load_run(args.name, torch.device("cpu"), args.prune)
+        module = export_module(model, args.prune)
+        torch.manual_seed(0)
+        example = torch.randn(1, cfg.input_channels, args.height, args.width)
+        size = export_onnx(module, example, path)
     diff = onnxruntime_difference(path, module, example)
     head = f"head X0,{args.prune} (pruned)" if args.prune else \
         ("final head X0,4" if cfg.arch == "NestedUNet" and cfg.deep_supervision else "single output")

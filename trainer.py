@@ -20,7 +20,7 @@ import distributed
 from archs import build_model
 from checkpoints import (atomic_torch_save, load_init_weights, load_training_state, save_training_state,
                          saved_progress)
-from config import (INPUTS_DIR, MODELS_DIR, init_weights_path, is_bundled_name, output_channels, run_dir,
+from config import (INPUTS_DIR, init_weights_path, is_bundled_name, output_channels, run_dir, run_lock_file,
                     save_run_config, schedule_note, unused_flags_note)
 from dataset import (AUGMENTATION_FLAGS, MODALITIES, Dataset, EpochSampler, WeightedDistributedSampler,
                      balance_weights, eval_loader, find_layout, images_left_out, list_ids, nucleus_diameter,
@@ -439,15 +439,16 @@ def check_run_folder(path, name, resume, overwrite, auto_resume):
 def run_lock(name):
     """One train.py at a time per run name: held around the whole run (models/.<name>.lock), so that a second one (a
     new run of that name, --overwrite, --resume) is refused before it touches the folder; two would mix their files,
-    or one would delete the other's. Under torchrun the main process (rank 0) holds it."""
+    or one would delete the other's; an export.py into the folder holds it too (config.run_lock_file). Under torchrun
+    the main process (rank 0) holds it."""
     if distributed.launched_rank() != 0:
         yield
         return
-    with locked(os.path.join(MODELS_DIR, f".{name}.lock")) as holder:
+    with locked(run_lock_file(name)) as holder:
         if holder is not None:
             by = f" (pid {holder})" if holder else ""
-            raise UsageError(f"models/{name} is being trained by another process{by}; wait for it to end, or choose "
-                             "another --name")
+            raise UsageError(f"models/{name} is being trained or exported by another process{by}; wait for it to end, "
+                             "or choose another --name")
         yield
 
 

@@ -16,6 +16,7 @@ import image_files  # noqa: E402
 from archs import ARCHS, build_model  # noqa: E402
 from checkpoints import load_run  # noqa: E402
 from config import DEEP_SUPERVISION_ARCHS, build_train_parser  # noqa: E402
+from conftest import held_by_another_process  # noqa: E402
 from inference import Predictor  # noqa: E402
 from utils import UsageError  # noqa: E402
 
@@ -134,3 +135,16 @@ def test_export_errors(run_dir):
         with pytest.raises(UsageError, match=f"--output {folder} is a folder; give the file to write, e.g. "):
             export.main(["--name", "u", "--output", folder])
     assert not os.path.exists(run_dir / "models" / "u" / "model.onnx")
+
+
+def test_export_into_a_run_being_trained_is_refused(run_dir):
+    """export.py into models/<name>/ went on while a train.py trained the run: the file went stale there without a
+    word, and the weights loaded before an --overwrite replaced the run landed in the new run's folder. While a train.py
+    holds models/.<name>.lock it is refused; an --output elsewhere exports the weights so far."""
+    with held_by_another_process(run_dir / "models" / ".u.lock") as pid:
+        with pytest.raises(UsageError, match=rf"^models/u is being written by another process \(pid {pid}\); wait for "
+                                             "it to end, or choose another --output$"):
+            export.main(["--name", "u", "--height", "32", "--width", "32"])
+        assert not os.path.exists(run_dir / "models" / "u" / "model.onnx")
+        export.main(["--name", "u", "--height", "32", "--width", "32", "--output", "u.onnx"])
+    assert os.path.isfile(run_dir / "u.onnx")

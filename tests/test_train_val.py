@@ -453,7 +453,7 @@ def test_a_run_being_trained_is_refused_to_a_second_train_py(tmp_path, monkeypat
     with held_by_another_process(tmp_path / "models" / ".busy.lock") as pid:
         for argv in (train_argv("busy", "--overwrite", epochs=1), ["--resume", "busy", "--epochs", "2"],
                      train_argv("busy", epochs=1)):
-            with pytest.raises(UsageError, match=rf"models/busy is being trained by another process \(pid "
+            with pytest.raises(UsageError, match=rf"models/busy is being trained or exported by another process \(pid "
                                                  rf"{pid}\); wait for it to end, or choose another --name"):
                 train.main(argv)
         assert pd.read_csv(tmp_path / "models" / "busy" / "log.csv")["epoch"].tolist() == [1]
