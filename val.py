@@ -98,6 +98,7 @@ def evaluate_into(args, out_dir):
     device = choose_device(args.device)
     fit_threads_to_cpus()
     cfg, model = load_run(args.name, device, args.prune)
+    epoch = model_epoch(args.name)  # with the weights: a train.py of the run may save a better epoch meanwhile
     filters = object_filters(args.min_size, args.min_confidence, cfg.loss)
     separation = choose_separation(args.separation, cfg.borders, args.name)
     reading = {**reading_of(cfg), "img_ext": args.img_ext or cfg.img_ext, "mask_ext": args.mask_ext or cfg.mask_ext}
@@ -130,7 +131,6 @@ def evaluate_into(args, out_dir):
         scores = evaluate(precision.prepare(model), loader, criterion, precision, desc="eval", prune=args.prune,
                           tta=args.tta, on_batch=writer, classes=cfg.num_classes)
         table = writer.write_table()
-        epoch = model_epoch(args.name)
         write_evaluation_record(tmp, record, {"model": epoch or "model.pth", "precision": precision.describe(),
                                               "tta": args.tta, "prune": args.prune, "separation": separation,
                                               **filters})

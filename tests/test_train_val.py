@@ -443,6 +443,30 @@ def test_one_val_at_a_time_writes_an_output_folder(work, monkeypatch):
     shutil.rmtree(root / "elsewhere")
 
 
+def test_val_names_the_epoch_of_the_weights_it_loaded(work, monkeypatch, tmp_path):
+    """val.py read log.csv after the evaluation: when a train.py of the run saved a better epoch meanwhile, its title
+    and evaluation.yml named that epoch, not the one of the weights it had evaluated."""
+    root, _, _ = work
+    monkeypatch.chdir(root)
+    log_path = root / "models" / "unet" / "log.csv"
+    log = pd.read_csv(log_path)
+    real_evaluate = engine.evaluate
+
+    def better_epoch_saved_meanwhile(*args, **kwargs):
+        later = log.iloc[[-1]].assign(epoch=len(log) + 1, val_iou=1.0)
+        pd.concat([log, later]).to_csv(log_path, index=False)
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "evaluate", better_epoch_saved_meanwhile)
+    try:
+        val.main(["--name", "unet", "--device", "cpu", "--output", str(tmp_path / "out"), "--no_overlays"])
+    finally:
+        log.to_csv(log_path, index=False)
+    best = int(log["epoch"][log["val_iou"].idxmax()])
+    with open(tmp_path / "out" / "evaluation.yml") as f:
+        assert yaml.safe_load(f)["settings"]["model"] == f"epoch {best} of {len(log)}"
+
+
 def test_a_run_being_trained_is_refused_to_a_second_train_py(tmp_path, monkeypatch):
     """While a process holds models/.<name>.lock (a train.py of that run), a new run of the name, --overwrite and
     --resume are refused before they touch the folder; the lock goes with the process, killed or not, and the file
