@@ -15,7 +15,7 @@ import export  # noqa: E402
 import image_files  # noqa: E402
 from archs import ARCHS, build_model  # noqa: E402
 from checkpoints import load_run  # noqa: E402
-from config import DEEP_SUPERVISION_ARCHS, build_train_parser  # noqa: E402
+from config import DEEP_SUPERVISION_ARCHS, SKIPPED_IN_CONFIG, build_train_parser  # noqa: E402
 from conftest import held_by_another_process  # noqa: E402
 from inference import Predictor  # noqa: E402
 from utils import UsageError  # noqa: E402
@@ -24,9 +24,7 @@ from utils import UsageError  # noqa: E402
 def write_run(name, arch, deep_supervision, input_channels, num_classes, **values):
     """models/<name>: random weights with non-trivial BatchNorm statistics, written as train.py writes them
     (config.yml with the default flags and ``values``, model.pth)."""
-    defaults = vars(build_train_parser().parse_args([]))
-    for key in ("config", "resume", "overwrite", "debug"):
-        defaults.pop(key)
+    defaults = {k: v for k, v in vars(build_train_parser().parse_args([])).items() if k not in SKIPPED_IN_CONFIG}
     model = build_model(arch, num_classes, input_channels, deep_supervision)
     for m in model.modules():  # eval-mode BatchNorm that is not the identity
         if isinstance(m, torch.nn.BatchNorm2d):
