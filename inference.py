@@ -38,7 +38,8 @@ def window_starts(size, tile, overlap):
 
 def forward_bytes_per_pixel(model, channels, device):
     """Upper bound of the memory one input pixel costs in a forward pass: the bytes of every layer's output on
-    a small probe input, per pixel (inference frees most of them; the bound is safe)."""
+    a small probe input, per pixel (inference frees most of them; the bound is safe). The probe runs in eval mode,
+    so that a network being trained keeps its BatchNorm statistics."""
 
     total = [0]
 
@@ -48,10 +49,13 @@ def forward_bytes_per_pixel(model, channels, device):
 
     leaves = [m for m in model.modules() if not list(m.children())]
     hooks = [m.register_forward_hook(count) for m in leaves]
+    training = model.training
+    model.eval()
     try:
         with torch.inference_mode():
             model(torch.zeros(1, channels, 64, 64, device=device))
     finally:
+        model.train(training)
         for h in hooks:
             h.remove()
     return total[0] / (64 * 64)
@@ -72,6 +76,16 @@ def memory_budget(device):
 def tile_for_budget(bytes_per_pixel, budget):
     """The side of the largest square window (a multiple of 16, at least 64) whose forward pass fits ``budget``."""
     return max(64, int((budget / max(bytes_per_pixel, 1.0)) ** 0.5) // 16 * 16)
+
+
+def windows_within_budget(model, channels, device):
+    """(tile, how many tile x tile windows fit at once) for ``model`` on ``device`` (inputs of ``channels``): the
+    side of the largest square window whose forward pass fits the memory budget (:func:`memory_budget`,
+    :func:`tile_for_budget`), and how many such windows one forward pass can hold (0 when not even one)."""
+    per_pixel = forward_bytes_per_pixel(model, channels, device)
+    budget = memory_budget(device)
+    tile = tile_for_budget(per_pixel, budget)
+    return tile, int(budget // (per_pixel * tile * tile))
 
 
 def network_input(image):
@@ -97,10 +111,8 @@ class Predictor:
         self.precision = Precision.choose(device, amp)
         self.model = self.precision.prepare(model)
         if tile is None:
-            per_pixel = forward_bytes_per_pixel(self.model, cfg.input_channels, device)
-            budget = memory_budget(device)
-            tile = tile_for_budget(per_pixel, budget)
-            self.batch_size = max(1, min(batch_size, int(budget // (per_pixel * tile * tile))))
+            tile, fits = windows_within_budget(self.model, cfg.input_channels, device)
+            self.batch_size = max(1, min(batch_size, fits))
             # a small budget can give windows no larger than --overlap; windows then still advance by half their side
             self.overlap = min(overlap, tile // 2)
         self.tile = tile
@@ -169,3 +181,55 @@ class Predictor:
                     weights[y:y + th, x0:x0 + tw] += weight
                 bar.update(len(chunk))
         return total / weights
+
+
+class WindowedNetwork(torch.nn.Module):
+    """``model`` on normalised images [B, C, H, W] (H and W multiples of 16, as engine.forward pads them): the whole
+    image when it has at most ``tile`` x ``tile`` pixels, else overlapping windows of that size whose outputs are
+    blended as :meth:`Predictor.predict_tiled` blends probabilities (:func:`blend_weights`, ``overlap`` pixels, at
+    most half a window), here the logits. Returns what ``model`` returns: logits [B, K, H, W], or a list of them
+    (deep supervision), float32 when windowed.
+
+    What val.py and train.py's validation run a crop-trained run's whole images through (:func:`whole_image_network`),
+    so that an image whose forward pass exceeds the memory budget (a whole slide) is scored in windows, as predict.py
+    predicts it, instead of exhausting the memory.
+    """
+
+    def __init__(self, model, tile, overlap=64):
+        super().__init__()
+        self.model, self.tile, self.overlap = model, tile, min(overlap, tile // 2)
+
+    def forward(self, x, **kwargs):
+        height, width = x.shape[-2:]
+        if height * width <= self.tile * self.tile:
+            return self.model(x, **kwargs)
+        th, tw = min(self.tile, height), min(self.tile, width)
+        weight = torch.from_numpy(blend_weights(th, tw, self.overlap)).to(x.device)
+        corners = [(y, x0) for y in window_starts(height, self.tile, self.overlap)
+                   for x0 in window_starts(width, self.tile, self.overlap)]
+        totals, weights = None, torch.zeros((height, width), device=x.device)
+        # val.py's bar counts images, and one image of many windows can take minutes
+        with progress_bar(total=len(corners), desc="windows", unit="window", leave=False,
+                          disable=len(corners) < 8) as bar:
+            for y, x0 in corners:
+                out = self.model(x[:, :, y:y + th, x0:x0 + tw], **kwargs)
+                heads = out if isinstance(out, list) else [out]
+                if totals is None:
+                    totals = [torch.zeros(head.shape[:2] + (height, width), device=x.device) for head in heads]
+                for total, head in zip(totals, heads):
+                    total[:, :, y:y + th, x0:x0 + tw] += head.float() * weight
+                weights[y:y + th, x0:x0 + tw] += weight
+                bar.update()
+        blended = [total.div_(weights) for total in totals]
+        return blended if isinstance(out, list) else blended[0]
+
+
+def whole_image_network(model, cfg, device, probe=None):
+    """The network val.py and train.py's validation run images through for a run of flags ``cfg``: a crop-trained
+    run sees whole images of any size, so ``model`` in windows of the memory budget (:class:`WindowedNetwork`,
+    :func:`windows_within_budget` measured on ``probe``, the bare network of a DDP or compiled ``model``; default
+    ``model``); a run trained on resized images sees them at its training size: ``model`` itself."""
+    if not cfg.crop_size:
+        return model
+    tile, _ = windows_within_budget(model if probe is None else probe, cfg.input_channels, device)
+    return WindowedNetwork(model, tile)

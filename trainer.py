@@ -29,6 +29,7 @@ from device_data import BatchAugment, DeviceImages, DeviceLoader
 from engine import (NonFiniteLoss, Precision, choose_device, evaluate, fit_threads_to_cpus, recalibrate_batchnorm,
                     seed_everything, train_one_epoch)
 from image_files import decode_image
+from inference import whole_image_network
 from losses import build_loss
 from optim import build_optimizer, build_scheduler, cosine_parts, fused_update, step_scheduler
 from plot import plot_runs
@@ -91,6 +92,7 @@ class Trainer:
         elif args.init:
             self._start_from_init()
         self.model = wrap_model(self.net, self.device, args.sync_bn, args.compile)
+        self.val_model = whole_image_network(self.model, args, self.device, probe=self.net)
         if self.main:  # set up without an error: now the run folder may be written
             if args.crop_size and not args.nucleus_diameter:  # recorded for predict.py --scale auto
                 args.nucleus_diameter = round(nucleus_diameter(self.dataset_dir, self.ids("train"), args.img_ext,
@@ -155,7 +157,7 @@ class Trainer:
             if a.precise_bn:
                 recalibrate_batchnorm(self.net, self.train_loader, self.precision, a.precise_bn)
             distributed.broadcast_buffers(self.net)
-            val = evaluate(self.model, self.val_loader, self.criterion, self.precision, desc="val",
+            val = evaluate(self.val_model, self.val_loader, self.criterion, self.precision, desc="val",
                            progress=self.progress and self.main, classes=a.num_classes)
             if not math.isfinite(val["loss"]):  # weights that diverged at the epoch's last steps: never saved
                 raise self._diverged(epoch, f"the validation loss became NaN or infinite after epoch {epoch + 1}'s "

@@ -6,7 +6,8 @@ predicted.
     python val.py --name dsb2018_full_UNet_crop256 --dataset dsb2018_test_full     # every image of a test set
 
 With ``--dataset`` every image of inputs/<dataset>/ is scored, at the run's evaluation size (resized for a run
-trained on resized images, the image's own size for a crop-trained run), and the outputs go to
+trained on resized images, the image's own size for a crop-trained run: in windows when its forward pass exceeds the
+memory budget, inference.WindowedNetwork), and the outputs go to
 outputs/<name>_on_<dataset>/, never over the run's own validation outputs (``--split test``: outputs/<name>_test/).
 Each evaluation's outputs replace the folder as a whole once complete, so its files never mix with an earlier one's;
 its evaluation.yml says what was scored, and a default folder that holds another evaluation (run r's --split test and
@@ -93,6 +94,7 @@ def evaluate_into(args, out_dir):
     from engine import Precision, choose_device, evaluate, fit_threads_to_cpus
     from evaluation import (ImageWriter, check_same_evaluation, evaluation_ids, evaluation_record, model_epoch,
                             separation_order, size_hint, summary, training_diameter, write_evaluation_record)
+    from inference import whole_image_network
     from losses import build_loss
 
     device = choose_device(args.device)
@@ -124,11 +126,12 @@ def evaluate_into(args, out_dir):
               "(are these the right masks?)")
     precision = Precision.choose(device, args.amp)
     criterion = build_loss(cfg.loss, border_after=cfg.num_classes if cfg.borders else None)
+    network = whole_image_network(precision.prepare(model), cfg, device)  # in windows when an image exceeds memory
     # the outputs of one evaluation replace the folder as a whole when complete
     with folder_replaced_when_done(folder) as tmp, \
             ImageWriter(tmp, cfg.num_classes, dict(zip(data.img_ids, data.modalities())), labels,
                         separation_order(separation, cfg.borders), filters, overlays=not args.no_overlays) as writer:
-        scores = evaluate(precision.prepare(model), loader, criterion, precision, desc="eval", prune=args.prune,
+        scores = evaluate(network, loader, criterion, precision, desc="eval", prune=args.prune,
                           tta=args.tta, on_batch=writer, classes=cfg.num_classes)
         table = writer.write_table()
         write_evaluation_record(tmp, record, {"model": epoch or "model.pth", "precision": precision.describe(),

@@ -4,6 +4,7 @@ One tiny NestedUNet + deep supervision run is trained once (1 epoch on 8 synthet
 training). Copies of it with ``crop_size: 32`` in config.yml (full-resolution prediction), a UNet run with
 random weights, and a run without model.pth are made beside it without training.
 """
+import copy
 import functools
 import importlib.util
 import json
@@ -501,6 +502,39 @@ def test_tiling_places_and_normalises_windows_exactly(shape, tile, overlap):
     assert whole.std() > 0.1
     assert tiled.shape == (1,) + shape
     np.testing.assert_allclose(tiled, whole, atol=1e-5)
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_windowed_network_gives_the_whole_image_logits_of_every_head(heads):
+    """val.py's and train.py's windows (inference.WindowedNetwork): a pointwise network gets exactly its whole-image
+    logits, from windows of at most tile x tile pixels, for each deep-supervision head; an image that fits is run
+    whole."""
+    class Heads(ShapeRecorder):
+        def forward(self, x):
+            out = super().forward(x)
+            return [out * (h + 1) for h in range(heads)] if heads > 1 else out
+
+    x = torch.from_numpy(np.random.default_rng(0).random((2, 3, 96, 160), dtype=np.float32))
+    whole = Heads()(x)
+    model = Heads()
+    windowed = inference.WindowedNetwork(model, tile=64, overlap=32)(x)
+    for a, b in zip(*(o if heads > 1 else [o] for o in (windowed, whole))):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert model.shapes and all(shape[-2:] == (64, 64) for shape in model.shapes)
+    model.shapes.clear()
+    inference.WindowedNetwork(model, tile=160)(x)
+    assert model.shapes == [(2, 3, 96, 160)]
+
+
+def test_sizing_windows_leaves_a_network_in_training_as_it_was():
+    """train.py sizes its validation windows (inference.forward_bytes_per_pixel) on the network it trains: the probe
+    leaves its mode and BatchNorm statistics as they were."""
+    net = build_model("UNet", 1, 3, False).train()
+    before = copy.deepcopy(net.state_dict())
+    assert inference.forward_bytes_per_pixel(net, 3, torch.device("cpu")) > 0
+    assert net.training
+    for key, value in net.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
 
 
 def test_tiling_blends_the_seams_of_a_real_network(in_runs):

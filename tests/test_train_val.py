@@ -18,10 +18,13 @@ import torch
 import yaml
 from sklearn.model_selection import train_test_split
 
+import checkpoints
 import engine
+import inference
 import predict
 import preprocess_dsb2018
 import train
+import trainer
 import val
 from archs import build_model
 from checkpoints import load_checkpoint
@@ -547,6 +550,39 @@ def test_crop_training_validates_whole_images(tmp_path, monkeypatch):
     for sid in val_ids:
         prob = valid_png(tmp_path / "outputs" / "crop" / "0" / f"{sid}.png")
         assert prob.shape == (48, 48)
+
+
+def test_crop_runs_validate_images_beyond_the_memory_budget_in_windows(tmp_path, monkeypatch):
+    """A crop-trained run validates whole images, in train.py and val.py: one whose forward pass exceeds the memory
+    budget goes through the network in windows (64 x 64 here, the smallest), as predict.py predicts it, instead of
+    exhausting the memory (a whole slide); the scores stay those of the whole image, nearly."""
+    make_synthetic(tmp_path, "tiny96", num_images=6, size=96)
+    monkeypatch.chdir(tmp_path)
+    seen = set()  # (training mode, input size) of every forward pass of the network
+
+    def recorded(net):
+        net.register_forward_pre_hook(lambda module, inputs: seen.add((module.training, inputs[0].shape[-2:])))
+        return net
+
+    def recorded_run(*args):
+        cfg, net = real_load(*args)
+        return cfg, recorded(net)
+
+    real_build, real_load = trainer.build_model, checkpoints.load_run
+    monkeypatch.setattr(trainer, "build_model", lambda *args: recorded(real_build(*args)))
+    monkeypatch.setattr(checkpoints, "load_run", recorded_run)
+    monkeypatch.setattr(inference, "memory_budget", lambda device: 1)
+    train.main(train_argv("windows", "--crop_size", "32", "--dataset", "tiny96", "--precise_bn", "2", epochs=1))
+    windowed = val.main(["--name", "windows", "--device", "cpu"])
+    assert (True, (32, 32)) in seen and (False, (64, 64)) in seen and (False, (96, 96)) not in seen
+    log = pd.read_csv(tmp_path / "models" / "windows" / "log.csv")
+    assert windowed["iou"] == pytest.approx(log["val_iou"].max(), abs=0.005)
+    monkeypatch.undo()  # the real memory budget: each image whole
+    monkeypatch.chdir(tmp_path)
+    whole = val.main(["--name", "windows", "--device", "cpu", "--output", "whole"])
+    assert whole["iou"] == pytest.approx(windowed["iou"], abs=0.02)
+    sid = split_ids(read_split(tmp_path, "windows"), "val")[0]
+    assert valid_png(tmp_path / "whole" / "0" / f"{sid}.png").std() > 10  # not one value everywhere
 
 
 def test_missing_dataset_is_a_data_error(tmp_path, monkeypatch):
