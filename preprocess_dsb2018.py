@@ -77,9 +77,8 @@ def rle_decode(encoded, height, width):
 def csv_labels(csv_path, sid):
     """16-bit instance labels of image ``sid`` from a Kaggle solution CSV (ImageId, EncodedPixels, Height, Width):
     nucleus i (row order) has value i; None when the CSV has no row for it."""
-    rows = _read_csv(csv_path)
-    rows = rows[rows["ImageId"] == sid]
-    if not len(rows):
+    rows = _read_csv(csv_path).get(sid)
+    if rows is None:
         return None
     height, width = int(rows["Height"].iloc[0]), int(rows["Width"].iloc[0])
     labels = np.zeros((height, width), np.uint16)
@@ -92,7 +91,8 @@ _CSV = {}
 
 
 def _read_csv(path):
-    """The solution CSV, read once per process."""
+    """The solution CSV's rows by image, {ImageId: DataFrame of its rows in file order}, read and grouped once per
+    process: picking each image's rows out of the whole table made a large dataset's preprocessing quadratic."""
     if path not in _CSV:
         try:
             table = pd.read_csv(path, dtype={"ImageId": str, "EncodedPixels": str})
@@ -104,7 +104,7 @@ def _read_csv(path):
             raise DataError(f"--masks_csv {path} lacks the columns {', '.join(sorted(missing))} (Kaggle's "
                             "stage1_solution.csv has ImageId,EncodedPixels,Height,Width)" +
                             ("; its fields are separated by ';': save it with commas" if semicolons else ""))
-        _CSV[path] = table
+        _CSV[path] = dict(tuple(table.groupby("ImageId", sort=False)))
     return _CSV[path]
 
 
