@@ -116,18 +116,17 @@ class ImageWriter:
     """``engine.evaluate``'s ``on_batch``: per image, writes ``<out_dir>/<class>/<id>.png`` (probability x 255;
     ``borders/`` for the border channel), the overlay (unless ``overlays`` is False) and a row of scores.
 
-    classes: the mask classes K (a channel after them is the learned border map); kinds: {img_id: image kind};
-    labels: {img_id: label image path} of the images with instance labels, scored by each of ``methods``
-    (instances.split_instances with ``filters``), the first one also in the row.
+    classes: the mask classes K (a channel after them is the learned border map); labels: {img_id: label image path}
+    of the images with instance labels, scored by each of ``methods`` (instances.split_instances with ``filters``),
+    the first one also in the row.
 
     The per-image work (instance separation, PNG encoding) runs in threads after every ``buffer_mb`` MB of
     predictions (utils.BatchedThreads, ``workers`` threads); rows keep the order of the images. Use it as a context
     manager, so that an error or Ctrl-C stops the threads.
     """
 
-    def __init__(self, out_dir, classes, kinds, labels, methods, filters, overlays=True, workers=None,
-                 buffer_mb=256):
-        self.out_dir, self.classes, self.kinds, self.labels = out_dir, classes, kinds, labels
+    def __init__(self, out_dir, classes, labels, methods, filters, overlays=True, workers=None, buffer_mb=256):
+        self.out_dir, self.classes, self.labels = out_dir, classes, labels
         self.methods, self.filters, self.overlays = methods, filters, overlays
         self.rows, self.dsb = [], {m: [] for m in methods}
         self.jobs = BatchedThreads(self._keep, buffer_mb, workers, desc="scores and PNGs")
@@ -139,25 +138,26 @@ class ImageWriter:
         self.jobs.close()
 
     def __call__(self, meta, images, logits, masks, scores):
-        """images [B, C, H, W] normalised, logits [B, K(+1), H, W], masks [B, K(+1), H, W] in {0, 1}, scores the
-        per-image (iou [B], dice [B]) of the K mask classes that engine.evaluate computed."""
+        """meta {'img_id': [B], 'kind': [B]} (dataset.eval_loader with kinds), images [B, C, H, W] normalised, logits
+        [B, K(+1), H, W], masks [B, K(+1), H, W] in {0, 1}, scores the per-image (iou [B], dice [B]) of the K mask
+        classes that engine.evaluate computed."""
         probs = torch.sigmoid(logits).cpu().numpy()
         ious, dices = (s.cpu().numpy() for s in scores)
         images = images.float().cpu().numpy().transpose(0, 2, 3, 1) if self.overlays else [None] * len(probs)
         truths = masks[:, 0].cpu().numpy() > 0
-        for i, img_id in enumerate(meta["img_id"]):
-            self.jobs.submit(self._write_image, img_id, probs[i], images[i], truths[i], float(ious[i]),
+        for i, (img_id, kind) in enumerate(zip(meta["img_id"], meta["kind"])):
+            self.jobs.submit(self._write_image, img_id, kind, probs[i], images[i], truths[i], float(ious[i]),
                              float(dices[i]), nbytes=probs[i].nbytes + truths[i].nbytes +
                              (images[i].nbytes if self.overlays else 0))
 
-    def _write_image(self, img_id, prob, image, truth, iou, dice):
-        """One image's files and (row, {method: DSB2018 score}); prob float [K(+1), H, W] in [0, 1], image
-        normalised [H, W, C] (None without overlays), truth bool [H, W] (class 0)."""
+    def _write_image(self, img_id, kind, prob, image, truth, iou, dice):
+        """One image's files and (row, {method: DSB2018 score}); kind its image kind, prob float [K(+1), H, W] in
+        [0, 1], image normalised [H, W, C] (None without overlays), truth bool [H, W] (class 0)."""
         k = self.classes
         for c in range(prob.shape[0]):
             atomic_imwrite(os.path.join(self.out_dir, str(c) if c < k else "borders", img_id + ".png"),
                            np.round(prob[c] * 255).astype(np.uint8))
-        row, dsb = {"img_id": img_id, "iou": iou, "dice": dice, "kind": self.kinds[img_id]}, {}
+        row, dsb = {"img_id": img_id, "iou": iou, "dice": dice, "kind": kind}, {}
         if img_id in self.labels:  # DSB2018 instance score at the evaluated size
             truth_labels = read_labels(self.labels[img_id], prob.shape[1:])
             dsb = dsb_scores(prob[0], truth_labels, self.methods, border=border_map(prob, k), **self.filters)

@@ -118,7 +118,7 @@ def evaluate_into(args, out_dir):
               "masks alone are scored, for every image (no border or DSB2018 score; the border PNGs are written)")
         reading["borders"], labels = False, {}
     loader = eval_loader(dataset_dir, ids, reading, (cfg.input_h, cfg.input_w, cfg.crop_size),
-                         args.batch_size or cfg.batch_size, args.num_workers)
+                         args.batch_size or cfg.batch_size, args.num_workers, kinds=True)
     data = loader.dataset
     if not data.has_foreground():
         print(f"note: every mask of {'these' if len(ids) > 1 else 'this'} {len(ids)} image{'s' * (len(ids) > 1)} is "
@@ -129,8 +129,8 @@ def evaluate_into(args, out_dir):
     network = whole_image_network(precision.prepare(model), cfg, device)  # in windows when an image exceeds memory
     # the outputs of one evaluation replace the folder as a whole when complete
     with folder_replaced_when_done(folder) as tmp, \
-            ImageWriter(tmp, cfg.num_classes, dict(zip(data.img_ids, data.modalities())), labels,
-                        separation_order(separation, cfg.borders), filters, overlays=not args.no_overlays) as writer:
+            ImageWriter(tmp, cfg.num_classes, labels, separation_order(separation, cfg.borders), filters,
+                        overlays=not args.no_overlays) as writer:
         scores = evaluate(network, loader, criterion, precision, desc="eval", prune=args.prune,
                           tta=args.tta, on_batch=writer, classes=cfg.num_classes)
         table = writer.write_table()

@@ -31,7 +31,7 @@ def _batches(folder, rng, num_batches=3, batch=2, size=24):
         masks = torch.from_numpy(truth[:, None] > 0).float()
         logits = torch.from_numpy(4 * masks.numpy() - 2 + rng.normal(0, 1.5, masks.shape).astype(np.float32))
         images = torch.from_numpy(rng.normal(0, 1, (batch, 3, size, size)).astype(np.float32))
-        batches.append(({"img_id": ids}, images, logits, masks))
+        batches.append(({"img_id": ids, "kind": ["fluorescence"] * batch}, images, logits, masks))
     return batches, labels
 
 
@@ -54,8 +54,7 @@ def _evaluate(writer, batches, classes=1):
 
 
 def _write(out_dir, batches, labels, **kwargs):
-    kinds = {i: "fluorescence" for meta, *_ in batches for i in meta["img_id"]}
-    with ImageWriter(str(out_dir), 1, kinds, labels, ["watershed", "cc"], {"min_size": 3, "min_confidence": 0.5},
+    with ImageWriter(str(out_dir), 1, labels, ["watershed", "cc"], {"min_size": 3, "min_confidence": 0.5},
                      **kwargs) as writer:
         _evaluate(writer, batches)
         return writer.write_table(), writer.dsb_means()
@@ -88,8 +87,7 @@ def test_rows_score_the_mask_channel_against_a_numpy_reference(tmp_path):
     batches[0] = (meta, images, torch.cat([logits, -logits], 1), torch.cat([masks, masks], 1))
     meta, images, logits, masks = batches[1]
     batches[1] = (meta, images, torch.cat([logits, -logits], 1), torch.cat([masks, masks], 1))
-    kinds = {i: "fluorescence" for meta, *_ in batches for i in meta["img_id"]}
-    with ImageWriter(str(tmp_path / "out"), 1, kinds, {}, ["watershed"], {}, overlays=False, workers=1) as writer:
+    with ImageWriter(str(tmp_path / "out"), 1, {}, ["watershed"], {}, overlays=False, workers=1) as writer:
         _evaluate(writer, batches)
         rows = writer.write_table().set_index("img_id")
     for meta, _, logits, masks in batches:
