@@ -213,10 +213,11 @@ def list_ids(dataset_dir, img_ext=".png", mask_ext=".png", num_classes=1):
 def nucleus_diameter(dataset_dir, ids, img_ext=".png", mask_ext=".png"):
     """The median diameter in pixels (instances.median_diameter) of the nuclei of samples ``ids``: from their
     instance labels, or where a sample has none from the connected components of its class-0 mask (touching nuclei
-    then count as one). 0.0 when there are no nuclei."""
+    then count as one). 0.0 when there are no nuclei. Every file is read: a bar shows it for 200 samples or more
+    (train.py's start and val.py's end for a crop-trained run; 3000 label images of 1000 x 1000 take about 20 s)."""
     layout = find_layout(dataset_dir, img_ext, mask_ext)
     areas = []
-    for img_id in ids:
+    for img_id in progress_bar(ids, desc="nucleus sizes", unit="img", leave=False, disable=len(ids) < 200):
         path = layout.labels(img_id)
         if path is None:
             labels = cv2.connectedComponents((read_mask(layout.mask(img_id, 0)) > 0).astype(np.uint8))[1]
