@@ -1,12 +1,14 @@
 """Shared fixtures for the dataset / config / train+val tests.
 
 The scripts read and write the relative folders ``inputs/``, ``models/`` and ``outputs/``; every test that runs
-them first changes into a temporary directory so that nothing is written into the repository.
+them first changes into a temporary directory so that nothing is written into the repository (a session that
+leaves something there ends with an error naming it).
 """
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,6 +28,13 @@ for path in (ROOT, ROOT / "bench"):  # the scripts' modules; bench/ for the refe
 # The test machine's few cores are shared: one intra-op thread is faster for these tiny tensors than
 # threads fighting over busy cores.
 torch.set_num_threads(1)
+
+# what a test that writes into the current folder instead of its tmp_path leaves: the checkout's top, the folders the
+# scripts write and bench/quality.py's default output folder (Python's and pytest's own caches aside)
+CHECKED_FOLDERS = ("", "models", "outputs", "inputs", os.path.join("bench", "results"))
+CACHES = ("__pycache__", ".pytest_cache")
+CHECKOUT_BEFORE = pytest.StashKey[set]()
+HYPOTHESIS_DIR = pytest.StashKey[str]()
 
 TINY_NAME = "tiny"
 TINY_NUM = 10
@@ -72,6 +81,36 @@ def make_synthetic(root, name=TINY_NAME, num_images=TINY_NUM, size=TINY_SIZE, se
     """synthetic.generate_synthetic into <root>/inputs/<name>; returns the sorted ids."""
     return synthetic.generate_synthetic(os.path.join(str(root), "inputs", name), num_images=num_images, size=size,
                                         seed=seed)
+
+
+def checkout_entries():
+    """The paths (relative to the checkout) of the entries of CHECKED_FOLDERS, less CACHES."""
+    return {os.path.join(folder, name) for folder in CHECKED_FOLDERS if (ROOT / folder).is_dir()
+            for name in os.listdir(ROOT / folder) if name not in CACHES}
+
+
+def pytest_configure(config):
+    """Notes the checkout's entries before the test modules are imported; gives Hypothesis a folder of this run for
+    its example database and caches (by default .hypothesis/ in the folder pytest was started in, the checkout,
+    written as test_safety.py is imported), removed at the end."""
+    config.stash[CHECKOUT_BEFORE] = checkout_entries()
+    if "HYPOTHESIS_STORAGE_DIRECTORY" not in os.environ:  # one the user chose stays
+        config.stash[HYPOTHESIS_DIR] = os.environ["HYPOTHESIS_STORAGE_DIRECTORY"] = tempfile.mkdtemp(
+            prefix="hypothesis-")
+
+
+def pytest_unconfigure(config):
+    if HYPOTHESIS_DIR in config.stash:
+        del os.environ["HYPOTHESIS_STORAGE_DIRECTORY"]
+        shutil.rmtree(config.stash[HYPOTHESIS_DIR], ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _checkout_unchanged(pytestconfig):
+    """An error at the last test's teardown when the tests left files in the checkout instead of their tmp_path."""
+    yield
+    left = sorted(checkout_entries() - pytestconfig.stash[CHECKOUT_BEFORE])
+    assert not left, f"the tests left {left} in {ROOT}: write them under tmp_path"
 
 
 @pytest.fixture(scope="session")
