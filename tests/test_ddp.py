@@ -14,8 +14,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_torchrun_two_cpu_processes(tmp_path):
     generate_synthetic(str(tmp_path / "inputs" / "synthetic"), num_images=13, size=32, seed=3)
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    # --standalone: a free port (a fixed --master_port fails while another run holds it); TMPDIR: where torchrun
+    # leaves its torchelastic_* log folders
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", TMPDIR=str(tmp_path))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(REPO, "train.py"), "--dataset", "synthetic", "--arch", "UNet", "--epochs", "1",
            "--input_w", "32", "--input_h", "32", "-b", "2", "--num_workers", "0", "--optimizer", "Adam",
            "--device", "cpu", "--name", "ddp"]
