@@ -237,12 +237,18 @@ def run_measurement(spec, workdir):
     if spec["in_process"]:
         return measure(spec)
     env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--_worker", json.dumps(spec)], cwd=workdir,
-                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with subprocess.Popen([sys.executable, os.path.abspath(__file__), "--_worker", json.dumps(spec)], cwd=workdir,
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            out, err = proc.communicate()
+        except KeyboardInterrupt:  # Ctrl-C or a stop signal: the measurement ends with the script
+            proc.kill()
+            proc.wait()  # subprocess.run waits 0.25 s at most, then leaves a killed child slow to exit to init
+            raise
     if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        sys.stderr.write(out[-4000:] + err[-4000:])
         raise SystemExit(f"measurement {spec['loop']} {spec['arch']} failed (exit {proc.returncode})")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(out.strip().splitlines()[-1])
 
 
 # ----------------------------------------------------------------------------------------------- the driver
