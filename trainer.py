@@ -119,6 +119,9 @@ class Trainer:
             # PyTorch's SIGCHLD handler raises this again whenever another child process ends; first stop it
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         self._signals.close()
+        # the loaders' workers end now, through their own exit (which removes their pymp-* folders in TMPDIR), not
+        # at the interpreter's exit, where multiprocessing ends them with SIGTERM and quiet_worker's os._exit
+        self.train_loader = self.val_loader = None
         distributed.cleanup(finished=exc_type is None)
         self._restore_replaced_run()
         if exc_type is KeyboardInterrupt and self.main:

@@ -315,3 +315,16 @@ def test_auto_resume_starts_again_after_a_kill_in_epoch_1_and_ends_an_early_stop
     shutil.copy(run / "model.pth", run / "last.pth")  # a plain state dict: no epoch to read
     assert cli(cmd) == 1
     assert "models/auto_early/last.pth has no 'epoch': it is not a last.pth of this toolkit" in capsys.readouterr().err
+
+
+def test_loader_workers_leave_no_temporary_folders(workdir, tmp_path):
+    """A run with loader workers ends them before the interpreter exits: multiprocessing's SIGTERM at exit would end
+    them through quiet_worker's os._exit, which skips the removal of their pymp-* folders in TMPDIR."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    args = first_run_args("workers")
+    args[args.index("--num_workers") + 1] = "1"
+    run = subprocess.run(train_cmd(*args, "--epochs", "1", "--loader", "workers"), cwd=workdir,
+                         env=dict(ENV, TMPDIR=str(tmp)), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert not list(tmp.glob("pymp-*"))
