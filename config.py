@@ -306,7 +306,9 @@ def parse_train_args(argv):
         how = f"--resume {name}" if first.resume else "--auto_resume"
         saved = os.path.join(MODELS_DIR, name, "config.yml")
         if not os.path.isfile(saved):
-            raise UsageError(f"{how}: {saved} not found; is the run name right? (runs are in models/)")
+            hint = ("it holds the run's settings beside its last.pth: restore it" if first.auto_resume else
+                    "is the run name right? (runs are in models/)")
+            raise UsageError(f"{how}: {saved} not found; {hint}")
         saved_values = read_yaml_config(saved, parser, saved)
         parser.set_defaults(**{**saved_values, **recipe, "name": name})
     args = parser.parse_args(argv)

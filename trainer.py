@@ -432,9 +432,12 @@ def check_run_folder(path, name, resume, overwrite, auto_resume):
             raise UsageError(f"{path} already holds a run; pass --resume to continue it, --overwrite to replace it, "
                              "or choose another --name")
         if weights:
-            raise UsageError(f"{path} already holds a run (without the last.pth that --resume needs); pass "
-                             f"--overwrite to replace it, or choose another --name (--init {name} starts from its "
-                             "weights)")
+            # --auto_resume cannot tell a run killed while it saved epoch 1 from a finished one whose last.pth was
+            # removed, so it never trains over the weights: one run by hand decides
+            replace = "run this command once with --overwrite instead of --auto_resume" if auto_resume else \
+                "pass --overwrite"
+            raise UsageError(f"{path} already holds a run (without the last.pth that --resume needs); {replace} to "
+                             f"replace it, or choose another --name (--init {name} starts from its weights)")
         if not auto_resume:
             raise UsageError(f"{path} holds a run that saved no epoch (it stopped in epoch 1); pass --overwrite to "
                              "start it again, or choose another --name")

@@ -284,12 +284,17 @@ def test_auto_resume_starts_continues_as_resume_does_and_ends(workdir, monkeypat
     assert cli(cmd) == 2
     err = capsys.readouterr().err
     assert "--arch NestedUNet differs from the run's UNet" in err and err.endswith("(set in --config auto.yml)\n")
+    (run / "config.yml").rename(run / "config.yml.bak")
+    assert cli(cmd) == 2
+    assert "models/auto/config.yml not found; it holds the run's settings beside its last.pth" in \
+        capsys.readouterr().err
 
 
 def test_auto_resume_starts_again_after_a_kill_in_epoch_1_and_ends_an_early_stopped_run(workdir, monkeypatch, capsys):
     """A job stopped or killed (SIGKILL: no clean-up) before its first epoch was saved leaves config.yml and
     split.csv: the same command starts the run again in its folder (no folder set aside that would stop the next
-    job). A run that --early_stopping ended is complete: exit 0, nothing trained."""
+    job). A run that --early_stopping ended is complete: exit 0, nothing trained. Weights without last.pth are never
+    trained over: the message says how to replace them by hand (--overwrite cannot go with --auto_resume)."""
     monkeypatch.chdir(workdir)
     cmd = [*first_run_args("auto_early"), "--early_stopping", "0", "--auto_resume"]
     run = workdir / "models" / "auto_early"
@@ -315,6 +320,9 @@ def test_auto_resume_starts_again_after_a_kill_in_epoch_1_and_ends_an_early_stop
     shutil.copy(run / "model.pth", run / "last.pth")  # a plain state dict: no epoch to read
     assert cli(cmd) == 1
     assert "models/auto_early/last.pth has no 'epoch': it is not a last.pth of this toolkit" in capsys.readouterr().err
+    os.remove(run / "last.pth")  # weights without last.pth: killed while saving epoch 1, or a finished run's removed
+    assert cli(cmd) == 2
+    assert "run this command once with --overwrite instead of --auto_resume to replace it" in capsys.readouterr().err
 
 
 def test_loader_workers_leave_no_temporary_folders(workdir, tmp_path):
