@@ -192,12 +192,13 @@ class WindowedNetwork(torch.nn.Module):
 
     What val.py and train.py's validation run a crop-trained run's whole images through (:func:`whole_image_network`),
     so that an image whose forward pass exceeds the memory budget (a whole slide) is scored in windows, as predict.py
-    predicts it, instead of exhausting the memory.
+    predicts it, instead of exhausting the memory. ``progress``: a bar over the windows of an image of many.
     """
 
-    def __init__(self, model, tile, overlap=64):
+    def __init__(self, model, tile, overlap=64, progress=True):
         super().__init__()
         self.model, self.tile, self.overlap = model, tile, min(overlap, tile // 2)
+        self.progress = progress
 
     def forward(self, x, **kwargs):
         height, width = x.shape[-2:]
@@ -210,7 +211,7 @@ class WindowedNetwork(torch.nn.Module):
         totals, weights = None, torch.zeros((height, width), device=x.device)
         # val.py's bar counts images, and one image of many windows can take minutes
         with progress_bar(total=len(corners), desc="windows", unit="window", leave=False,
-                          disable=len(corners) < 8) as bar:
+                          disable=not self.progress or len(corners) < 8) as bar:
             for y, x0 in corners:
                 out = self.model(x[:, :, y:y + th, x0:x0 + tw], **kwargs)
                 heads = out if isinstance(out, list) else [out]
@@ -224,12 +225,13 @@ class WindowedNetwork(torch.nn.Module):
         return blended if isinstance(out, list) else blended[0]
 
 
-def whole_image_network(model, cfg, device, probe=None):
+def whole_image_network(model, cfg, device, probe=None, progress=True):
     """The network val.py and train.py's validation run images through for a run of flags ``cfg``: a crop-trained
     run sees whole images of any size, so ``model`` in windows of the memory budget (:class:`WindowedNetwork`,
     :func:`windows_within_budget` measured on ``probe``, the bare network of a DDP or compiled ``model``; default
-    ``model``); a run trained on resized images sees them at its training size: ``model`` itself."""
+    ``model``; ``progress``: its bar over the windows); a run trained on resized images sees them at its training
+    size: ``model`` itself."""
     if not cfg.crop_size:
         return model
     tile, _ = windows_within_budget(model if probe is None else probe, cfg.input_channels, device)
-    return WindowedNetwork(model, tile)
+    return WindowedNetwork(model, tile, progress=progress)

@@ -92,7 +92,8 @@ class Trainer:
         elif args.init:
             self._start_from_init()
         self.model = wrap_model(self.net, self.device, args.sync_bn, args.compile)
-        self.val_model = whole_image_network(self.model, args, self.device, probe=self.net)
+        self.val_model = whole_image_network(self.model, args, self.device, probe=self.net,
+                                             progress=self.progress and self.main)
         if self.main:  # set up without an error: now the run folder may be written
             if args.crop_size and not args.nucleus_diameter:  # recorded for predict.py --scale auto
                 args.nucleus_diameter = round(nucleus_diameter(self.dataset_dir, self.ids("train"), args.img_ext,

@@ -978,3 +978,13 @@ def test_a_two_class_run_names_the_class_of_its_foreground_line(in_runs, tmp_pat
         assert "mean foreground " in out and "of class 0" not in out
     finally:
         shutil.rmtree(os.path.join("models", "two"))
+
+
+def test_windowed_network_bar_follows_the_progress_flag(capsys):
+    """The bar over an image's windows is drawn only where the evaluation draws bars (not on other DDP ranks, nor
+    with train.py's bars off)."""
+    x = torch.zeros(1, 3, 96, 160)
+    inference.WindowedNetwork(ShapeRecorder(), tile=64, overlap=32, progress=False)(x)
+    assert "windows" not in capsys.readouterr().err
+    inference.WindowedNetwork(ShapeRecorder(), tile=64, overlap=32)(x)
+    assert "windows" in capsys.readouterr().err
