@@ -29,6 +29,7 @@ import os
 import re
 import sys
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import pandas as pd
@@ -502,9 +503,13 @@ def main(argv):
     separation = choose_separation(args.separation, cfg.borders, args.name)
     predictor = Predictor(model, cfg, device, args.tile or None, args.overlap, args.batch_size, args.prune, args.tta,
                           args.amp, 1.0 if auto else args.scale)
-    # One predict.py at a time writes a folder: two would interleave their files, and objects.csv would hold the
-    # nuclei of the one that ended last. The lock file (hidden, as --input skips it) creates the folder.
-    with written_alone(args.output, os.path.join(args.output, ".predict.lock"), "--output"):
+    # One predict.py --instances at a time writes a folder: objects.csv would hold the nuclei of the one that ended
+    # last. Without it, jobs that share a folder (an array job's shards of one image set) write their images' own
+    # files. The lock file is hidden, as --input skips it.
+    os.makedirs(args.output, exist_ok=True)
+    alone = written_alone(args.output, os.path.join(args.output, ".predict.lock"), "--output") if args.instances \
+        else nullcontext()
+    with alone:
         replaced_rows = objects_csv_note(args.output, ids) if args.instances else ""
         id_set = set(ids)
         held_outputs = any(n == "objects.csv" or output_stems(n) & id_set for n in os.listdir(args.output))

@@ -608,9 +608,10 @@ def test_files_of_an_earlier_prediction_are_named(in_runs, tmp_path, capsys):
 
 
 def test_one_predict_at_a_time_writes_a_folder(in_runs, tmp_path):
-    """Two predict.py into one --output both went on, their files interleaved and objects.csv held the nuclei of the
-    one that ended last: while one writes the folder (out/.predict.lock) a second is refused before it writes there;
-    one into another folder goes on, and the folder is free again once the first ends, killed or not."""
+    """Two predict.py --instances into one --output both went on, and objects.csv held the nuclei of the one that
+    ended last: while one writes the folder (out/.predict.lock) a second is refused before it writes there; one
+    into another folder goes on, and so does one without --instances (the shards of an array job write their own
+    images' files); the folder is free again once the first ends, killed or not."""
     image = write(tmp_path / "in" / "a.png", sample_bgr(32, 32))
     out = tmp_path / "out"
     argv = ["--name", "p", "--input", image, "--instances", "--device", "cpu"]
@@ -620,6 +621,8 @@ def test_one_predict_at_a_time_writes_a_folder(in_runs, tmp_path):
             predict.main([*argv, "--output", str(out)])
         assert os.listdir(out) == [".predict.lock"]
         predict.main([*argv, "--output", str(tmp_path / "other")])
+        predict.main([*argv[:-3], "--device", "cpu", "--output", str(out)])
+        assert sorted(os.listdir(out)) == [".predict.lock", "a.png"]
     predict.main([*argv, "--output", str(out)])
     assert sorted(os.listdir(out)) == ["a.png", "a_instances.png", "objects.csv"]
 
