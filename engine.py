@@ -41,8 +41,9 @@ def fit_threads_to_cpus():
     the CPU affinity alone, so under a CPU quota (docker --cpus, a Kubernetes limit) the threads beyond it only wait
     for their turn, and every step waits for the slowest. Never raises the count (torchrun's OMP_NUM_THREADS=1
     stays)."""
-    if usable_cpus() < torch.get_num_threads():
-        torch.set_num_threads(usable_cpus())
+    cpus = usable_cpus()
+    if cpus < torch.get_num_threads():
+        torch.set_num_threads(cpus)
 
 
 def seed_everything(seed):

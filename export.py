@@ -76,7 +76,7 @@ def main(argv):
     # without a word, and the weights loaded before an --overwrite replaced the run would land in the new run's folder
     folder = os.path.realpath(run_dir(args.name))
     in_run = os.path.commonpath([folder, os.path.realpath(os.path.dirname(os.path.abspath(path)))]) == folder
-    with written_alone(run_dir(args.name), run_lock_file(args.name), "--output") if in_run else nullcontext():
+    with written_alone(run_dir(args.name), "--output", run_lock_file(args.name)) if in_run else nullcontext():
         cfg, model = load_run(args.name, torch.device("cpu"), args.prune)
         module = export_module(model, args.prune)
         torch.manual_seed(0)

@@ -507,7 +507,7 @@ def main(argv):
     # last. Without it, jobs that share a folder (an array job's shards of one image set) write their images' own
     # files. The lock file is hidden, as --input skips it.
     os.makedirs(args.output, exist_ok=True)
-    alone = written_alone(args.output, os.path.join(args.output, ".predict.lock"), "--output") if args.instances \
+    alone = written_alone(args.output, "--output", os.path.join(args.output, ".predict.lock")) if args.instances \
         else nullcontext()
     with alone:
         replaced_rows = objects_csv_note(args.output, ids) if args.instances else ""

@@ -41,7 +41,7 @@ import pandas as pd
 
 from image_files import read_mask
 from utils import (ArgumentParser, DataError, UsageError, atomic_imwrite, check_replaceable, check_utf8_names,
-                   folder_replaced_when_done, integer, lock_file_beside, path_arg, progress_bar, run_cli, usable_cpus,
+                   folder_replaced_when_done, integer, path_arg, progress_bar, run_cli, usable_cpus,
                    written_alone)
 
 DEFAULT_SRC = os.path.join("inputs", "data-science-bowl-2018", "stage1_train")
@@ -251,7 +251,7 @@ def main(argv=None):
     start = time.time()
     pool = None
     # One process at a time writes a folder: the one that ended last would replace the other's dataset
-    with written_alone(dst, lock_file_beside(dst), "--dst"), folder_replaced_when_done(dst) as tmp:
+    with written_alone(dst, "--dst"), folder_replaced_when_done(dst) as tmp:
         try:
             for sub in ("images", os.path.join("masks", "0"), "labels"):
                 os.makedirs(os.path.join(tmp, sub))

@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 
 from utils import (ArgumentParser, at_least, atomic_imwrite, check_replaceable, folder_replaced_when_done,
-                   lock_file_beside, path_arg, progress_bar, run_cli, written_alone)
+                   path_arg, progress_bar, run_cli, written_alone)
 
 DEFAULT_OUT = os.path.join("inputs", "synthetic")
 STYLES = ("fluorescence", "stained")  # named as dataset.image_modality names the kinds
@@ -219,7 +219,7 @@ def main(argv=None):
     check_replaceable(args.out, "--out")
     start = time.time()
     # One process at a time writes a folder: the one that ended last would replace the other's dataset
-    with written_alone(args.out, lock_file_beside(args.out), "--out"):
+    with written_alone(args.out, "--out"):
         ids = _build_atomically(args.out, args.num_images, args.size, args.seed, progress=True)
     print(
         f"wrote {len(ids)} synthetic images ({args.size}x{args.size}, seed {args.seed}) "

@@ -534,11 +534,12 @@ def lock_file_beside(folder):
 
 
 @contextmanager
-def written_alone(folder, lock_file, flag):
-    """One process at a time writes ``folder``: the block holds ``lock_file`` (:func:`locked`), and a second process
-    is refused with a UsageError naming the folder, the first one's pid and ``flag``, before it writes anything
-    there; two at once would mix their files, or one would replace what the other wrote."""
-    with locked(lock_file) as holder:
+def written_alone(folder, flag, lock_file=None):
+    """One process at a time writes ``folder``: the block holds ``lock_file`` (:func:`locked`; by default
+    :func:`lock_file_beside` the folder), and a second process is refused with a UsageError naming the folder, the
+    first one's pid and ``flag``, before it writes anything there; two at once would mix their files, or one would
+    replace what the other wrote."""
+    with locked(lock_file or lock_file_beside(folder)) as holder:
         if holder is not None:
             by = f" (pid {holder})" if holder else ""
             raise UsageError(f"{folder} is being written by another process{by}; wait for it to end, or choose "

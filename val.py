@@ -26,7 +26,7 @@ import os
 from config import (add_amp_arg, add_device_arg, add_separation_args, check_object_filters, choose_separation,
                     object_filters)
 from utils import (ArgumentParser, at_least, check_replaceable, check_run_name, file_extension,
-                   folder_replaced_when_done, lock_file_beside, path_arg, run_cli, written_alone)
+                   folder_replaced_when_done, path_arg, run_cli, written_alone)
 
 
 def build_parser():
@@ -80,7 +80,7 @@ def main(argv):
     check_replaceable(out_dir, "--output", "scores.csv", "an output folder of val.py")
     # One val.py at a time writes a folder: the one that ended last would replace the other's outputs, also those of
     # another evaluation that check_same_evaluation refuses to replace
-    with written_alone(out_dir, lock_file_beside(out_dir), "--output"):
+    with written_alone(out_dir, "--output"):
         return evaluate_into(args, out_dir)
 
 
