@@ -461,6 +461,35 @@ def sizing(scale, scales):
     return f"--scale auto: {sum(s != 1 for s in scales)} of {len(scales)} rescaled{by}"
 
 
+def check_flags_for_run(args, cfg):
+    """Refuse the flags that the loaded run cannot serve (its size, windows)."""
+    if (args.scale != 1 or args.tile) and not cfg.crop_size:
+        flag = "--scale" if args.scale != 1 else "--tile"
+        raise UsageError(f"{flag}: run {args.name} was trained on images resized to {cfg.input_h}x{cfg.input_w}, "
+                         f"and predicts every image at that size; {flag} is for runs trained on crops")
+    if args.tile and args.overlap >= args.tile:
+        raise UsageError(f"--overlap {args.overlap} must be less than --tile ({args.tile})")
+
+
+def summary_line(args, cfg, predictor, device, done, megapixels, planes, seconds, foreground, objects, separation,
+                 filters, scales):
+    """The one line predict.py ends with: what was predicted, how, how long, what was found, where."""
+    size = sizing(args.scale, scales)
+    found = "" if objects is None else f", {len(objects)} object{'s' * (len(objects) != 1)} ({separation}) in " \
+        "objects.csv" + \
+        (diameter_note(median_diameter(objects["area"]), cfg.nucleus_diameter, args.scale) if len(objects) else
+         none_kept_note(foreground, **filters))
+    how = f"resized to {cfg.input_h}x{cfg.input_w}" if not cfg.crop_size else \
+        f"{size}, windows up to {predictor.tile}x{predictor.tile}"
+    stacked = (f", {planes} planes in all" if planes > done else "") + \
+        (f", channel {args.channel}" if args.channel is not None else "")
+    return (f"{args.name}: {done} image{'s' if done > 1 else ''} ({megapixels:.2f} Mpx{stacked}, {how}"
+            f"{', TTA' if args.tta else ''}{f', pruned at L={args.prune}' if args.prune else ''}) in {seconds:.1f}s on "
+            f"{device} ({predictor.precision.describe()}); mean foreground "
+            f"{'of class 0 ' if cfg.num_classes > 1 else ''}{100 * foreground:.1f}%{found}; "
+            f"files in {os.path.join(args.output, '')}")
+
+
 def main(argv):
     args = build_parser().parse_args(argv)
     check_args(args)
@@ -480,12 +509,7 @@ def main(argv):
     device = choose_device(args.device)
     fit_threads_to_cpus()
     cfg, model = load_run(args.name, device, args.prune)
-    if (args.scale != 1 or args.tile) and not cfg.crop_size:
-        flag = "--scale" if args.scale != 1 else "--tile"
-        raise UsageError(f"{flag}: run {args.name} was trained on images resized to {cfg.input_h}x{cfg.input_w}, "
-                         f"and predicts every image at that size; {flag} is for runs trained on crops")
-    if args.tile and args.overlap >= args.tile:
-        raise UsageError(f"--overlap {args.overlap} must be less than --tile ({args.tile})")
+    check_flags_for_run(args, cfg)
     auto = args.scale == "auto"
     if auto and not cfg.nucleus_diameter:  # a run trained before train.py recorded it
         cfg.nucleus_diameter = training_diameter(args.name, cfg)
@@ -531,22 +555,8 @@ def main(argv):
                 objects.to_csv(f, index=False, float_format="%.2f")
         notes = [earlier_outputs_note(args, files, ids, written), replaced_rows]
     seconds = time.time() - started
-    size = sizing(args.scale, scales)
-    found = "" if objects is None else f", {len(objects)} object{'s' * (len(objects) != 1)} ({separation}) in " \
-        "objects.csv" + \
-        (diameter_note(median_diameter(objects["area"]), cfg.nucleus_diameter, args.scale) if len(objects) else
-         none_kept_note(foreground, **filters))
-    how = f"resized to {cfg.input_h}x{cfg.input_w}" if not cfg.crop_size else \
-        f"{size}, windows up to {predictor.tile}x{predictor.tile}"
-    done = len(files) - len(left_out)
-    stacked = (f", {planes} planes in all" if planes > done else "") + \
-        (f", channel {args.channel}" if args.channel is not None else "")
-    print(f"{args.name}: {done} image{'s' if done > 1 else ''} ({megapixels:.2f} Mpx{stacked}, {how}"
-          f"{', TTA' if args.tta else ''}{f', pruned at L={args.prune}' if args.prune else ''}) in {seconds:.1f}s on "
-          f"{device} ({predictor.precision.describe()}); mean foreground "
-          f"{'of class 0 ' if cfg.num_classes > 1 else ''}{100 * foreground:.1f}%"
-          f"{found}; "
-          f"files in {os.path.join(args.output, '')}")
+    print(summary_line(args, cfg, predictor, device, len(files) - len(left_out), megapixels, planes, seconds,
+                       foreground, objects, separation, filters, scales))
     for note in notes:
         if note:
             print(note)
