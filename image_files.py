@@ -4,9 +4,11 @@ A JPEG is turned as its EXIF orientation tag says. A mask drawn in its alpha cha
 Images may be grey, RGB, RGBA (alpha is dropped) or 16-bit. 8-bit images are divided by 255; 16-bit (and float)
 images are scaled to [0, 1] by their own minimum and maximum, because microscopes rarely use the whole 16-bit
 range; a run trained with ``--normalization percentile`` stretches every image by its own percentiles instead.
-Masks hold 0/255 or 0/1 and become {0, 1}; label images hold one integer per nucleus, 0 = background. Every
-unreadable or inconsistent file is a DataError naming it. The network then sees ``(x - 0.5) / 0.25`` of those
-[0, 1] values (:func:`normalize`), in training and at prediction alike.
+Masks hold 0/255 or 0/1 and become {0, 1}; label images hold one integer per nucleus, 0 = background; an indexed
+(palette) PNG mask or label image is read as its indices, as a TIFF's are, where its palette only colours them
+(an annotation tool's or ImageJ's LUT). Every unreadable or inconsistent file is a DataError naming it. The
+network then sees ``(x - 0.5) / 0.25`` of those [0, 1] values (:func:`normalize`), in training and at prediction
+alike.
 """
 import os
 from typing import NamedTuple
@@ -14,11 +16,13 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 import tifffile
+from PIL import PngImagePlugin
 
 from utils import DataError
 
 TIFF_EXTS = (".tif", ".tiff")
 JPEG_EXTS = (".jpg", ".jpeg")
+INVERTING_LUT = np.repeat(np.arange(255, -1, -1, dtype=np.uint8)[:, None], 3, axis=1)  # ImageJ's: i shown 255 - i
 NORMALIZATIONS = ("fixed", "percentile", "percentile_dark")  # train.py --normalization
 # Nearest-neighbour resizing with pixel centres aligned as INTER_LINEAR aligns them (cv2.INTER_NEAREST samples
 # each output pixel's top-left corner: shrunk 1000 -> 96 px, its labels sat half a pixel off the linearly resized
@@ -51,6 +55,34 @@ def _imread(path, flags, what):
     if img is None or img.size == 0:
         raise DataError(f"cannot read {what} {path}: the file is not a readable image (truncated or wrong format?)")
     return img
+
+
+def _read_values(path, what):
+    """A mask's or label image's values as stored: :func:`_imread` unchanged, but an indexed (palette) PNG as its
+    indices [H, W] where :func:`_palette_indices` says they are the values."""
+    stored = _imread(path, cv2.IMREAD_UNCHANGED, what)
+    if stored.ndim == 2 or not str(path).lower().endswith(".png"):
+        return stored
+    try:
+        with PngImagePlugin.PngImageFile(path) as png:  # not Image.open: its pixel limit refuses large scans
+            indices = _palette_indices(png) if png.mode == "P" else None
+    except Exception as e:  # PIL raises SyntaxError, OSError, ... for damaged files
+        raise DataError(f"cannot read {what} {path}: not a readable PNG ({str(e).splitlines()[0][:80]})") from None
+    return stored if indices is None else indices
+
+
+def _palette_indices(png):
+    """The indices [H, W] of an indexed PNG when its palette only colours them on screen, else None (OpenCV's
+    reading, the palette's colours, are the values). The indices are the values under ImageJ's inverting LUT (a
+    binary mask, 255 = nucleus, shown black, read inverted from the colours) and under colours on a black index 0
+    (the classes or ids of labelme, VOC, CVAT, or of an ImageJ LUT such as glasbey_on_dark). A grey palette, or
+    colours on another index 0, is a PNG optimiser's reordering of the colours, which are then the values."""
+    indices = np.asarray(png)
+    palette = np.asarray(png.getpalette(), np.uint8).reshape(-1, 3)
+    used = palette[np.unique(indices)]
+    if palette.shape == INVERTING_LUT.shape and (palette == INVERTING_LUT).all():
+        return indices
+    return indices if (palette[0] == 0).all() and (used != used[:, :1]).any() else None
 
 
 def _one_plane(planes, plane_axes, path, what):
@@ -197,14 +229,13 @@ def decode_image(path):
 
 def read_label_image(path):
     """Read an instance label image (0 = background, one integer per nucleus; 8/16/32-bit PNG or TIFF) -> int32
-    [H, W]. A colour image, float values or a binary mask (one value for several separate objects) are a
-    DataError naming the file."""
-    labels = _imread(path, cv2.IMREAD_UNCHANGED, "label image")
+    [H, W]; an indexed PNG may give its indices (:func:`_read_values`). A colour image, float values or a binary
+    mask (one value for several separate objects) are a DataError naming the file."""
+    labels = _read_values(path, "label image")
     if labels.ndim == 3:
         if (labels != labels[:, :, :1]).any():
-            raise DataError(f"label image {path} is a colour image (or an indexed, palette PNG, which reads as its "
-                            "colours); label images hold one integer per nucleus in a single grey channel (0 = "
-                            "background): save them as 16-bit grey PNG or TIFF")
+            raise DataError(f"label image {path} is a colour image; label images hold one integer per nucleus in a "
+                            "single grey channel (0 = background): save them as 16-bit grey PNG or TIFF")
         labels = labels[:, :, 0]
     if not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"label image {path} holds {labels.dtype} values; label images hold integers, one per "
@@ -310,9 +341,9 @@ def layer_alpha(mask, path):
 
 def read_mask(path):
     """Read a mask file -> uint8 [H, W] with values {0, 1}. Accepts 0/255 or 0/1, and 0/65535 in a 16-bit file (a
-    colour file is read as its grey; a transparent layer, :func:`layer_alpha`, as its alpha); anything else is an
-    error."""
-    mask = _imread(path, cv2.IMREAD_UNCHANGED, "mask")  # not IMREAD_GRAYSCALE: it maps 16-bit 0/1 to 0/0
+    colour file is read as its grey, an indexed PNG may be read as its indices (:func:`_read_values`), a
+    transparent layer (:func:`layer_alpha`) as its alpha); anything else is an error."""
+    mask = _read_values(path, "mask")  # not IMREAD_GRAYSCALE: it maps 16-bit 0/1 to 0/0
     alpha = layer_alpha(mask, path)
     if alpha is not None:
         mask = alpha

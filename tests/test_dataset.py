@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from skimage.measure import regionprops
 
 import dataset
@@ -845,13 +845,33 @@ def test_nucleus_diameter_shows_a_bar_for_many_samples(tmp_path, monkeypatch):
     assert [(bar["desc"], bar["disable"]) for bar in bars] == [("nucleus sizes", True), ("nucleus sizes", False)]
 
 
-def test_a_palette_png_of_labels_is_named_as_such(tmp_path):
-    """labelme, VOC and CVAT save label images as indexed PNGs: OpenCV reads their colours, so the message names
-    that case and the fix."""
+def test_an_indexed_png_mask_or_label_image_is_read_as_its_palette_means(tmp_path):
+    """labelme, VOC and CVAT save label images as indexed PNGs, ImageJ a binary mask with an inverting LUT (255 =
+    nucleus, shown black) too: the indices are the ids and the mask, the palette only colours them on screen. A PNG
+    optimiser's palette, grey in any order, holds the values instead."""
     labels = np.zeros((16, 16), np.uint8)
     labels[2:6, 2:6], labels[9:14, 9:14] = 1, 2
     picture = Image.fromarray(labels, mode="P")
     picture.putpalette([0, 0, 0, 128, 0, 0, 0, 128, 0] + [0] * 759)
     picture.save(tmp_path / "labels.png")
-    with pytest.raises(DataError, match="is a colour image \\(or an indexed, palette PNG.*save them as 16-bit grey"):
-        read_label_image(str(tmp_path / "labels.png"))
+    np.testing.assert_array_equal(read_label_image(str(tmp_path / "labels.png")), labels)
+    inverting = [v for i in range(256) for v in (255 - i,) * 3]
+    picture = Image.fromarray(labels * 127, mode="P")  # ids 127 and 254: the inverting LUT shows them 128 and 1
+    picture.putpalette(inverting)
+    picture.save(tmp_path / "inverted_labels.png")
+    np.testing.assert_array_equal(read_label_image(str(tmp_path / "inverted_labels.png")), labels * 127)
+    picture = Image.fromarray(np.where(labels > 0, 255, 0).astype(np.uint8), mode="P")
+    picture.putpalette(inverting)
+    note = PngImagePlugin.PngInfo()
+    note.add_text("Software", "ImageJ")
+    picture.save(tmp_path / "mask.png", pnginfo=note)
+    np.testing.assert_array_equal(read_mask(str(tmp_path / "mask.png")), labels > 0)
+    picture = Image.fromarray((labels == 0).astype(np.uint8), mode="P")  # an optimiser's order: white first
+    picture.putpalette([255, 255, 255, 0, 0, 0])
+    picture.save(tmp_path / "optimised.png")
+    np.testing.assert_array_equal(read_mask(str(tmp_path / "optimised.png")), labels > 0)  # as shown
+    damaged = bytearray((tmp_path / "mask.png").read_bytes())  # a text's bad checksum, which libpng only warns about
+    damaged[damaged.index(b"tEXt") + 4] ^= 0xFF
+    (tmp_path / "mask.png").write_bytes(damaged)
+    with pytest.raises(DataError, match="cannot read mask .*mask.png: not a readable PNG"):
+        read_mask(str(tmp_path / "mask.png"))
