@@ -22,6 +22,7 @@ from utils import DataError
 
 TIFF_EXTS = (".tif", ".tiff")
 JPEG_EXTS = (".jpg", ".jpeg")
+JPEG_SIGNATURE = b"\xff\xd8\xff"
 INVERTING_LUT = np.repeat(np.arange(255, -1, -1, dtype=np.uint8)[:, None], 3, axis=1)  # ImageJ's: i shown 255 - i
 NORMALIZATIONS = ("fixed", "percentile", "percentile_dark")  # train.py --normalization
 # Nearest-neighbour resizing with pixel centres aligned as INTER_LINEAR aligns them (cv2.INTER_NEAREST samples
@@ -59,8 +60,13 @@ def _imread(path, flags, what):
 
 def _read_values(path, what):
     """A mask's or label image's values as stored: :func:`_imread` unchanged, but an indexed (palette) PNG as its
-    indices [H, W] where :func:`_palette_indices` says they are the values."""
+    indices [H, W] where :func:`_palette_indices` says they are the values. A JPEG, whatever its name, is a
+    DataError."""
     stored = _imread(path, cv2.IMREAD_UNCHANGED, what)
+    with open(path, "rb") as f:
+        if f.read(3) == JPEG_SIGNATURE:  # even at quality 75 a 0/1 mask's edges flip and keep only 0 and 1
+            raise DataError(f"{what} {path} is a JPEG, whose lossy compression changes values at the nuclei's edges "
+                            f"(pixels flip, ids blur into others); save {what}s as PNG or TIFF")
     if stored.ndim == 2 or not str(path).lower().endswith(".png"):
         return stored
     try:
@@ -357,4 +363,4 @@ def read_mask(path):
     raise DataError(f"mask {path} has values {{{shown}}}" + (" in its alpha channel (a transparent layer, read as "
                     "its alpha: draw the nuclei fully opaque)" if alpha is not None else "") +
                     "; masks must hold only 0/255 or 0/1 (0/65535 in 16 bits) "
-                    "(a colour or JPEG mask, or a resized soft mask? save hard grey masks as PNG)")
+                    "(a colour mask, or a resized soft mask? save hard grey masks as PNG)")

@@ -210,6 +210,21 @@ def test_mask_with_grey_values_is_refused(tmp_path):
     assert path in str(e.value) and "128" in str(e.value)
 
 
+@pytest.mark.parametrize("name", ["mask.jpg", "mask.png"])
+def test_a_jpeg_mask_or_label_image_is_refused(tmp_path, name):
+    """At quality 75 (PIL's default) a 0/1 mask decodes to 0 and 1 alone with most nuclei pixels flipped, and a
+    label image's ids blur into their neighbours': no value check sees it. A JPEG renamed .png is one too."""
+    mask = np.zeros((32, 32), np.uint8)
+    mask[4:11, 5:11], mask[18:25, 20:26] = 1, 1
+    ok, jpeg = cv2.imencode(".jpg", mask, [cv2.IMWRITE_JPEG_QUALITY, 75])
+    assert set(np.unique(cv2.imdecode(jpeg, cv2.IMREAD_UNCHANGED)).tolist()) <= {0, 1}  # passes the value check
+    (tmp_path / name).write_bytes(jpeg.tobytes())
+    for read, what in ((read_mask, "mask"), (read_label_image, "label image")):
+        with pytest.raises(DataError, match=f"{what} .*{name} is a JPEG, whose lossy compression .* save {what}s as "
+                                            "PNG or TIFF"):
+            read(str(tmp_path / name))
+
+
 @pytest.mark.parametrize("content", [b"not an image at all", "truncated"])
 def test_unreadable_or_truncated_image(tmp_path, content):
     good = write_image(tmp_path / "good.png", np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8))
