@@ -141,7 +141,10 @@ def load_sample(sample_dir, masks_csv=None):
     image_path = os.path.join(sample_dir, "images", sid + ".png")
     if not os.path.isfile(image_path):
         raise DataError(f"sample folder {sample_dir} has no image: expected {image_path}")
-    image = _read(image_path, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)  # RGBA -> BGR, alpha dropped; grey -> 3
+    # RGBA -> BGR, alpha dropped; grey -> 3. Not turned by a PNG's EXIF orientation tag, as IMREAD_COLOR alone
+    # does: read_mask reads the masks as stored, and a square image lay turned against its nuclei
+    flags = cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH | cv2.IMREAD_IGNORE_ORIENTATION
+    image = _read(image_path, flags)
     if image.dtype != np.uint8:  # IMREAD_COLOR alone would divide 16-bit values by 256: a dim image turned black
         raise DataError(f"{image_path} is a {image.dtype.itemsize * 8}-bit image; this script converts the 8-bit "
                         "images of DSB2018's layout: put 16-bit images in the dataset layout of the README's \"your "

@@ -8,6 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -147,6 +148,22 @@ def test_masks_saved_as_0_1_hidden_files_and_the_count_of_nuclei(raw, tmp_path, 
     assert cv2.imwrite(str(soft), samples["bbb"][1][0] // 2)  # 0/127: neither convention
     with pytest.raises(DataError, match=f"mask {soft} has values {{0, 127}}"):
         pre.main(["--src", str(src), "--img_size", "0", "--dst", str(tmp_path / "soft"), "--num_workers", "1"])
+
+
+def test_an_exif_orientation_tag_leaves_the_image_on_its_masks(raw, tmp_path):
+    """IMREAD_COLOR turns a PNG as its EXIF orientation tag says, read_mask does not: the square image lay turned
+    against its masks, without a word. Both are read as stored."""
+    src, samples = raw
+    bgr, masks = samples["bbb"]
+    picture = Image.fromarray(bgr[..., 0])
+    exif = picture.getexif()
+    exif[0x0112] = 6  # turn 90 degrees clockwise to show
+    picture.save(src / "bbb" / "images" / "bbb.png", exif=exif)
+    assert not np.array_equal(cv2.imread(str(src / "bbb" / "images" / "bbb.png"), cv2.IMREAD_COLOR), bgr)  # turned
+    pre.main(["--src", str(src), "--img_size", "0", "--dst", str(tmp_path / "out"), "--num_workers", "1"])
+    img, mask, _ = _read_out(tmp_path / "out", "bbb")
+    np.testing.assert_array_equal(img, bgr)
+    np.testing.assert_array_equal(mask, _union(masks))
 
 
 def test_a_16_bit_image_is_refused_not_darkened(raw, tmp_path):
