@@ -1,6 +1,8 @@
 """The bundled model (pretrained/nuclei/): loads by name on a fresh clone, matches its checksum, and finds nuclei
 in real images without any training."""
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -72,3 +74,29 @@ def test_files_made_from_the_bundled_run_do_not_hide_it_and_a_run_of_that_name_s
     config = tiny_workdir / "models" / NAME / "config.yml"
     config.write_text(config.read_text().replace("init: null", f"init: {NAME}"))
     assert load_run(NAME, torch.device("cpu"))[0].init == NAME
+
+
+def readme_python_lines():
+    """The code block of the README's "From Python (a notebook)" section, as written there."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### From Python (a notebook)", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_python_lines_give_predict_py_s_nuclei(tmp_path):
+    """The README's lines, run in a Python started elsewhere with the toolkit on its path, give the mask and the
+    labels that predict.py writes for the same file."""
+    synthetic.generate_synthetic(str(tmp_path / "syn"), num_images=1, size=128, seed=5)
+    (image,) = (tmp_path / "syn" / "images").iterdir()
+    os.replace(image, tmp_path / "cells.png")
+    code = readme_python_lines() + "import numpy\nnumpy.save('labels.npy', labels)\nnumpy.save('mask.npy', mask)\n"
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root, "CUDA_VISIBLE_DEVICES": ""}
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True)
+    predict.main(["--name", NAME, "--input", str(tmp_path / "cells.png"), "--output", str(tmp_path / "out"),
+                  "--instances", "--device", "cpu"])
+    labels = np.load(tmp_path / "labels.npy")
+    assert labels.max() >= 3
+    assert np.array_equal(labels, cv2.imread(str(tmp_path / "out" / "cells_instances.png"), cv2.IMREAD_UNCHANGED))
+    assert np.array_equal(np.load(tmp_path / "mask.npy"),
+                          cv2.imread(str(tmp_path / "out" / "cells.png"), cv2.IMREAD_GRAYSCALE) > 0)
