@@ -487,10 +487,16 @@ def locked(path):
     after; the system drops the lock when the process ends, killed or not (the file then stays, unlocked, and the
     next holder takes it). Yields None when taken, else the pid of the process that holds it (text, '' if unknown),
     and the block runs without the lock. On a file system that takes no locks (a Lustre or NFS mount without them)
-    the block runs as if it held it, after a note."""
+    the block runs as if it held it, after a note. A symbolic link at ``path`` is a DataError."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:  # not through a link (one in a folder from elsewhere): the pid written below would replace its target
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            raise DataError(f"{path} is a symbolic link, not a lock file of this toolkit: remove the link (the file "
+                            "it points to is left as it is)") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -863,3 +863,19 @@ def test_state_saved_without_fp16_resumes_with_fp16(tmp_path):
     fp16 = torch.amp.GradScaler("cpu", enabled=True)
     epoch, best = checkpoints.load_training_state(path, net, optimizer, scheduler, fp16, torch.device("cpu"))
     assert epoch == 3 and best["best_epoch"] == 2 and fp16.is_enabled()
+
+
+def test_a_lock_file_that_is_a_symbolic_link_is_refused_and_its_target_kept(tmp_path, monkeypatch, capsys):
+    """An output folder from elsewhere (a colleague's zip) may hold .predict.lock as a link to any file: taking the
+    lock truncated that file and wrote this process's pid into it. Now a one-line error, and the target stays."""
+    target = tmp_path / "notes.txt"
+    target.write_text("precious")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".predict.lock").symlink_to(target)
+    monkeypatch.chdir(tmp_path)
+    argv = ["--name", "nuclei", "--input", str(tmp_path / "in.png"), "--output", str(out), "--instances"]
+    cv2.imwrite(str(tmp_path / "in.png"), np.zeros((32, 32), np.uint8))
+    assert cli(predict.main, argv) == 1
+    assert ".predict.lock is a symbolic link" in capsys.readouterr().err
+    assert target.read_text() == "precious" and (out / ".predict.lock").is_symlink()
