@@ -29,6 +29,9 @@ NORMALIZATIONS = ("fixed", "percentile", "percentile_dark")  # train.py --normal
 # each output pixel's top-left corner: shrunk 1000 -> 96 px, its labels sat half a pixel off the linearly resized
 # image and mask)
 NEAREST = cv2.INTER_NEAREST_EXACT
+# The most pixels OpenCV decodes in one image (its CV_IO_MAX_IMAGE_PIXELS): more is a damaged header or a
+# decompression bomb (a small file that decodes to gigabytes); tifffile, which has no such limit, gets the same one
+MAX_PIXELS = 1 << 30
 PERCENTILES = (1.0, 99.8)  # CSBDeep's and StarDist's default normalize(x, 1, 99.8)
 NORM_MEAN = 0.5
 NORM_STD = 0.25
@@ -52,7 +55,7 @@ def _imread(path, flags, what):
     if path.lower().endswith(TIFF_EXTS):
         img = _one_plane(*tiff_planes(path, what), path, what)
         return img[:, :, 0] if img.shape[2] == 1 else img
-    img = cv2.imread(path, flags)
+    img = opencv_read(path, flags, what)
     if img is None or img.size == 0:
         raise DataError(f"cannot read {what} {path}: the file is not a readable image (truncated or wrong format?)")
     return img
@@ -89,6 +92,17 @@ def _palette_indices(png):
     if palette.shape == INVERTING_LUT.shape and (palette == INVERTING_LUT).all():
         return indices
     return indices if (palette[0] == 0).all() and (used != used[:, :1]).any() else None
+
+
+def opencv_read(path, flags, what):
+    """cv2.imread (None for a file it cannot decode), with a DataError naming the file where OpenCV raises instead:
+    a header that claims more than :data:`MAX_PIXELS` pixels, or no memory for them."""
+    try:
+        return cv2.imread(path, flags)
+    except cv2.error as e:
+        reason = f"it claims more than {MAX_PIXELS} pixels, OpenCV's limit" if "MAX_IMAGE_PIXELS" in e.err else e.err
+        raise DataError(f"cannot read {what} {path}: {reason} (a damaged file, or a decompression bomb; a real image "
+                        "that large must be cut into smaller files)") from None
 
 
 def _one_plane(planes, plane_axes, path, what):
@@ -130,7 +144,14 @@ def tiff_planes(path, what="image"):
     try:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
+            size = dict(zip(series.axes, series.shape))
+            if size.get("Y", 0) * size.get("X", 0) > MAX_PIXELS:
+                raise DataError(f"cannot read {what} {path}: its planes are {size['X']}x{size['Y']} pixels, more than "
+                                f"the {MAX_PIXELS} that OpenCV decodes in one image (a damaged file, or a "
+                                "decompression bomb; a real image that large must be cut into smaller files)")
             img, axes = series.asarray(), series.axes
+    except DataError:
+        raise
     except Exception as e:  # tifffile raises TiffFileError, ValueError, ... for damaged files
         raise DataError(f"cannot read {what} {path}: not a readable TIFF ({str(e).splitlines()[0][:80]})") from None
     try:

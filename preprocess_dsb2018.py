@@ -39,7 +39,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from image_files import read_mask
+from image_files import opencv_read, read_mask
 from utils import (ArgumentParser, DataError, UsageError, atomic_imwrite, check_replaceable, check_utf8_names,
                    folder_replaced_when_done, integer, path_arg, progress_bar, run_cli, usable_cpus,
                    written_alone)
@@ -124,7 +124,7 @@ def list_samples(src):
 
 
 def _read(path, flags):
-    image = cv2.imread(path, flags)
+    image = opencv_read(path, flags, "image")
     if image is None:
         raise DataError(f"cannot read {path}: " + ("not a readable PNG (corrupt or truncated download?)" if
                                                    os.access(path, os.R_OK) else "permission denied"))

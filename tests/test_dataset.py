@@ -2,6 +2,7 @@
 augmentation seeding."""
 import os
 import unicodedata
+import zlib
 
 import cv2
 import numpy as np
@@ -890,3 +891,22 @@ def test_an_indexed_png_mask_or_label_image_is_read_as_its_palette_means(tmp_pat
     (tmp_path / "mask.png").write_bytes(damaged)
     with pytest.raises(DataError, match="cannot read mask .*mask.png: not a readable PNG"):
         read_mask(str(tmp_path / "mask.png"))
+
+
+def test_an_image_whose_header_claims_gigapixels_is_named_not_decoded(tmp_path):
+    """A decompression bomb, or a damaged header: a PNG claiming more pixels than OpenCV decodes was a cv2.error
+    traceback; a TIFF claiming as many had tifffile allocate them all (no limit of its own). Both are now refused
+    from the header, before any pixel is read."""
+    side = 1 << 16  # 2^32 pixels, over OpenCV's 2^30
+    cv2.imwrite(str(tmp_path / "small.png"), np.zeros((16, 16), np.uint8))
+    data = bytearray((tmp_path / "small.png").read_bytes())
+    data[16:24] = side.to_bytes(4, "big") * 2  # IHDR's width and height, then its CRC
+    data[29:33] = zlib.crc32(data[12:29]).to_bytes(4, "big")
+    (tmp_path / "bomb.png").write_bytes(bytes(data))
+    tifffile.imwrite(tmp_path / "bomb.tif", np.zeros((16, 16), np.uint8))
+    with tifffile.TiffFile(tmp_path / "bomb.tif", mode="r+") as tif:
+        for tag in ("ImageWidth", "ImageLength", "RowsPerStrip"):
+            tif.pages[0].tags[tag].overwrite(side)
+    for name in ("bomb.png", "bomb.tif"):
+        with pytest.raises(DataError, match=rf"{name}: .*more than.*decompression bomb"):
+            decode_image(tmp_path / name)
