@@ -39,7 +39,7 @@ def load_checkpoint(path, device):
     version: they predict nothing, without a word)."""
     if not os.path.isfile(path):
         raise UsageError(f"{path} not found: has the run saved weights yet? (train it first)")
-    if os.path.isfile(path + ".sha256"):
+    if os.path.lexists(path + ".sha256"):  # a folder or a broken link there fails to open: not a skipped check
         check_sha256(path)
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
@@ -78,10 +78,16 @@ def _load_failure(error):
 
 
 def check_sha256(path):
-    """Compare ``path``'s SHA-256 with the first word of ``path``.sha256; a DataError when they differ."""
-    with open(path + ".sha256") as f:
+    """Compare ``path``'s SHA-256 with the first word of ``path``.sha256; a DataError when that is no SHA-256 or
+    they differ."""
+    with open(path + ".sha256", "rb") as f:
         words = f.read().split()
-    if sha256_file(path) != (words[0].lower() if words else ""):
+    expected = words[0].decode("ascii", "replace").lower() if words else ""
+    if not re.fullmatch(r"[0-9a-f]{64}", expected):
+        raise DataError(f"refusing to load {path}: {path}.sha256 holds no SHA-256 (64 hexadecimal digits, as "
+                        "sha256sum writes it); restore it with git checkout, or delete it only if you made the "
+                        "weights yourself")
+    if sha256_file(path) != expected:
         raise DataError(f"refusing to load {path}: its SHA-256 differs from {path}.sha256 (damaged or replaced); "
                         "restore it with git checkout, or delete the .sha256 file only if you made the weights "
                         "yourself")

@@ -879,3 +879,21 @@ def test_a_lock_file_that_is_a_symbolic_link_is_refused_and_its_target_kept(tmp_
     assert cli(predict.main, argv) == 1
     assert ".predict.lock is a symbolic link" in capsys.readouterr().err
     assert target.read_text() == "precious" and (out / ".predict.lock").is_symlink()
+
+
+@pytest.mark.parametrize("checksum", [b"\xff\xfe not text", b"", b"hello  model.pth\n", "folder"])
+def test_a_sha256_file_that_holds_no_checksum_is_named(tmp_path, checksum):
+    """A .sha256 beside the weights that is not UTF-8 was a UnicodeDecodeError traceback, one without a checksum
+    blamed the weights ('damaged or replaced'), and a folder (or a broken link) in its place skipped the check."""
+    path = tmp_path / "model.pth"
+    torch.save({"w": torch.zeros(2)}, path)
+    if checksum == "folder":
+        (tmp_path / "model.pth.sha256").mkdir()
+        with pytest.raises(IsADirectoryError):
+            checkpoints.load_checkpoint(str(path), "cpu")
+        return
+    (tmp_path / "model.pth.sha256").write_bytes(checksum)
+    with pytest.raises(DataError, match=r"model.pth.sha256 holds no SHA-256"):
+        checkpoints.load_checkpoint(str(path), "cpu")
+    (tmp_path / "model.pth.sha256").write_text(sha256_file(path).upper() + "  model.pth\n")
+    assert torch.equal(checkpoints.load_checkpoint(str(path), "cpu")["w"], torch.zeros(2))
