@@ -14,7 +14,7 @@ from collections.abc import Hashable
 
 import yaml
 
-from image_files import NORMALIZATIONS
+from image_files import MAX_PIXELS, NORMALIZATIONS
 from utils import (AMP_MODES, ArgumentParser, UsageError, amp_mode, atomic_write, bool_or_auto, check_new_run_name,
                    check_run_name, compile_mode, device_name, file_extension, integer, path_arg, str2bool,
                    usable_cpus)
@@ -454,6 +454,10 @@ def check_train_args(args):
         if getattr(args, flag) % 16:
             raise UsageError(f"--{flag} {getattr(args, flag)} must be a multiple of 16 (the network halves the "
                              "size four times)")
+    if args.input_w * args.input_h > MAX_PIXELS:  # every image is resized to it: OpenCV could not even allocate it
+        raise UsageError(f"--input_w {args.input_w} and --input_h {args.input_h}: images resized to "
+                         f"{args.input_w}x{args.input_h} would have more than the {MAX_PIXELS} pixels OpenCV handles "
+                         "in one image; give the size the run trains on, such as 96 or 256")
     for flag in ("crop_size", "num_workers", "warmup_epochs", "precise_bn"):
         if getattr(args, flag) < 0:
             raise UsageError(f"--{flag} must not be negative, got {getattr(args, flag)}")

@@ -116,6 +116,9 @@ def test_a_bad_value_in_a_recipe_or_a_saved_run_names_its_file(tmp_path):
     saved.write_text("epochs: 0\n")
     with pytest.raises(UsageError, match=r"^\S*config.yml: --epochs must be a positive number"):
         read_run_config(str(saved))
+    saved.write_text("input_w: 1600000\ninput_h: 1600000\n")  # was a cv2.error traceback, resizing the first image
+    with pytest.raises(UsageError, match=r"^\S*config.yml: --input_w 1600000 and --input_h 1600000: .* more than "):
+        read_run_config(str(saved))
     saved.write_text("epoch: 3\n")
     with pytest.raises(UsageError, match=r"^\S*config.yml: unknown keys epoch"):
         read_run_config(str(saved))
