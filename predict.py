@@ -511,6 +511,10 @@ def main(argv):
     cfg, model = load_run(args.name, device, args.prune)
     check_flags_for_run(args, cfg)
     auto = args.scale == "auto"
+    if auto and not cfg.nucleus_diameter >= 0:  # NaN or negative: no image's nuclei would ever be far from it
+        raise UsageError(f"--scale auto: run {args.name}'s config.yml holds nucleus_diameter {cfg.nucleus_diameter}, "
+                         "not a diameter in pixels; give the diameter there (0: measured from its training images), "
+                         "or give --scale FACTOR")
     if auto and not cfg.nucleus_diameter:  # a run trained before train.py recorded it
         cfg.nucleus_diameter = training_diameter(args.name, cfg)
         if cfg.nucleus_diameter:

@@ -390,6 +390,13 @@ def test_scale_auto_is_the_fixed_scale_it_chose_and_needs_a_recorded_diameter(in
                                              "images are not there to measure it"):
             predict.main(["--name", "pc_gone", "--input", str(folder), "--output", str(tmp_path / "o"), "--scale",
                           "auto"])
+        for diameter in ("nan", -19.4):  # a config.yml edited by hand: was auto leaving every image as it is
+            with open(os.path.join("models", "pc_gone", "config.yml"), "w") as f:
+                yaml.safe_dump({**cfg, "name": "pc_gone", "nucleus_diameter": diameter}, f)
+            with pytest.raises(UsageError, match=rf"run pc_gone's config.yml holds nucleus_diameter {diameter}, not a "
+                                                 "diameter in pixels"):
+                predict.main(["--name", "pc_gone", "--input", str(folder), "--output", str(tmp_path / "o"),
+                              "--scale", "auto"])
     finally:
         shutil.rmtree(os.path.join("models", "pc_gone"))
     with pytest.raises(UsageError, match="--scale is for runs trained on crops"):
