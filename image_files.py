@@ -6,7 +6,8 @@ images are scaled to [0, 1] by their own minimum and maximum, because microscope
 range; a run trained with ``--normalization percentile`` stretches every image by its own percentiles instead.
 Masks hold 0/255 or 0/1 and become {0, 1}; label images hold one integer per nucleus, 0 = background; an indexed
 (palette) PNG mask or label image is read as its indices, as a TIFF's are, where its palette only colours them
-(an annotation tool's or ImageJ's LUT). Every unreadable or inconsistent file is a DataError naming it. The
+(an annotation tool's or ImageJ's LUT), and so is an indexed PNG image whose palette ramps one colour up from black
+(Fiji saves an 8-bit image shown with its Blue or Green LUT so): its indices are the intensities. Every unreadable or inconsistent file is a DataError naming it. The
 network then sees ``(x - 0.5) / 0.25`` of those [0, 1] values (:func:`normalize`), in training and at prediction
 alike.
 """
@@ -70,28 +71,44 @@ def _read_values(path, what):
         if f.read(3) == JPEG_SIGNATURE:  # even at quality 75 a 0/1 mask's edges flip and keep only 0 and 1
             raise DataError(f"{what} {path} is a JPEG, whose lossy compression changes values at the nuclei's edges "
                             f"(pixels flip, ids blur into others); save {what}s as PNG or TIFF")
-    if stored.ndim == 2 or not str(path).lower().endswith(".png"):
-        return stored
+    indexed = _png_palette(path, what) if stored.ndim == 3 else None
+    return stored if indexed is None or not _palette_indices(*indexed) else indexed[0]
+
+
+def _png_palette(path, what):
+    """(indices uint8 [H, W], palette uint8 [P, 3]) of an indexed (palette) PNG, read with PIL since OpenCV gives
+    only the colours; None for any other file."""
+    with open(path, "rb") as f:
+        header = f.read(26)
+    if header[:8] != b"\x89PNG\r\n\x1a\n" or header[25:26] != b"\x03":  # IHDR colour type 3: indexed
+        return None
     try:
         with PngImagePlugin.PngImageFile(path) as png:  # not Image.open: its pixel limit refuses large scans
-            indices = _palette_indices(png) if png.mode == "P" else None
+            return np.asarray(png), np.asarray(png.getpalette(), np.uint8).reshape(-1, 3)
     except Exception as e:  # PIL raises SyntaxError, OSError, ... for damaged files
         raise DataError(f"cannot read {what} {path}: not a readable PNG ({str(e).splitlines()[0][:80]})") from None
-    return stored if indices is None else indices
 
 
-def _palette_indices(png):
-    """The indices [H, W] of an indexed PNG when its palette only colours them on screen, else None (OpenCV's
-    reading, the palette's colours, are the values). The indices are the values under ImageJ's inverting LUT (a
-    binary mask, 255 = nucleus, shown black, read inverted from the colours) and under colours on a black index 0
-    (the classes or ids of labelme, VOC, CVAT, or of an ImageJ LUT such as glasbey_on_dark). A grey palette, or
-    colours on another index 0, is a PNG optimiser's reordering of the colours, which are then the values."""
-    indices = np.asarray(png)
-    palette = np.asarray(png.getpalette(), np.uint8).reshape(-1, 3)
+def _palette_indices(indices, palette):
+    """Whether an indexed PNG's indices [H, W] are its values and its palette [P, 3] only colours them on screen
+    (else OpenCV's reading, the palette's colours, are the values). The indices are the values under ImageJ's
+    inverting LUT (a binary mask, 255 = nucleus, shown black, read inverted from the colours) and under colours on
+    a black index 0 (the classes or ids of labelme, VOC, CVAT, or of an ImageJ LUT such as glasbey_on_dark). A grey
+    palette, or colours on another index 0, is a PNG optimiser's reordering of the colours, which are then the
+    values."""
     used = palette[np.unique(indices)]
     if palette.shape == INVERTING_LUT.shape and (palette == INVERTING_LUT).all():
-        return indices
-    return indices if (palette[0] == 0).all() and (used != used[:, :1]).any() else None
+        return True
+    return bool((palette[0] == 0).all() and (used != used[:, :1]).any())
+
+
+def _one_hue_ramp(palette):
+    """Whether a palette [P, 3] is one colour ramped up from black over 256 entries: an ImageJ LUT such as Blue,
+    Green or Cyan on an 8-bit image, whose indices are the intensities that a microscope measured."""
+    if palette.shape != (256, 3) or not palette[-1].any():
+        return False
+    ramp = np.outer(np.arange(256) / 255, palette[-1].astype(np.float64))
+    return bool(np.abs(palette - ramp).max() <= 1)
 
 
 def opencv_read(path, flags, what):
@@ -213,6 +230,9 @@ def decode_planes(path):
         # it and as its mask was drawn; IMREAD_UNCHANGED would ignore the tag
         flags = cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH if path.lower().endswith(JPEG_EXTS) else cv2.IMREAD_UNCHANGED
         img = _imread(path, flags, "image")
+        indexed = _png_palette(path, "image") if img.ndim == 3 else None
+        if indexed is not None and _one_hue_ramp(indexed[1]):  # Fiji's 8-bit image with a LUT: the LUT only shows it
+            img = indexed[0]
         img = img[:, :, None] if img.ndim == 2 else img
         planes, plane_axes = (img[:, :, 2::-1] if img.shape[2] >= 3 else img)[None], ""  # OpenCV reads BGR(A)
     return np.ascontiguousarray(planes), plane_axes

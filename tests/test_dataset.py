@@ -893,6 +893,23 @@ def test_an_indexed_png_mask_or_label_image_is_read_as_its_palette_means(tmp_pat
         read_mask(str(tmp_path / "mask.png"))
 
 
+
+@pytest.mark.parametrize("lut", [(0, 0, 255), (0, 255, 0), (0, 255, 255)])  # Fiji's Blue, Green, Cyan
+def test_an_8_bit_png_image_saved_with_a_one_colour_lut_is_read_as_its_intensities(tmp_path, lut):
+    """Fiji saves an 8-bit image shown with a one-colour LUT (a DAPI channel in Blue) as an indexed PNG; its indices
+    are what the microscope measured, and were read as the LUT's colours (the bundled model then found a quarter of
+    the nuclei). A palette of other colours (a quantised photograph) stays its colours."""
+    rng = np.random.default_rng(0)
+    intensities = rng.integers(0, 256, (24, 32), dtype=np.uint8)
+    picture = Image.fromarray(intensities, mode="P")
+    picture.putpalette([round(i * c / 255) for i in range(256) for c in lut])
+    picture.save(tmp_path / "dapi.png")
+    np.testing.assert_array_equal(decode_image(str(tmp_path / "dapi.png")), intensities[:, :, None])
+    colours = rng.integers(0, 256, (256, 3), dtype=np.uint8)
+    picture.putpalette(colours.ravel().tolist())
+    picture.save(tmp_path / "photo.png")
+    np.testing.assert_array_equal(decode_image(str(tmp_path / "photo.png")), colours[intensities])
+
 def test_an_image_whose_header_claims_gigapixels_is_named_not_decoded(tmp_path):
     """A decompression bomb, or a damaged header: a PNG claiming more pixels than OpenCV decodes was a cv2.error
     traceback; a TIFF claiming as many had tifffile allocate them all (no limit of its own). Both are now refused
