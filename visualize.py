@@ -1,9 +1,9 @@
 """Pictures a person can open: prediction overlays, outlines of nuclei, and a summary grid of the worst and best
 images.
 
-An overlay panel is ``image | ground truth | prediction | errors`` side by side; in the errors panel false
-positives (predicted, not true) are magenta, false negatives (true, missed) cyan and true positives green, on the grey
-image.
+An overlay panel is ``image | ground truth | prediction | errors`` side by side: the truth outlined in green and the
+prediction in magenta, and in the errors panel false positives (predicted, not true) magenta, false negatives (true,
+missed) cyan and true positives green, each on the grey image.
 """
 import os
 
@@ -50,8 +50,9 @@ def overlay_panel(image, truth, prob, threshold=0.5):
     errors[pred & ~truth] = FALSE_POSITIVE
     errors[~pred & truth] = FALSE_NEGATIVE
     gap = np.full((image.shape[0], GAP, 3), 255, np.uint8)
-    return np.concatenate([image, gap, draw_outlines(image, truth, TRUE_POSITIVE), gap,
-                           draw_outlines(image, pred, FALSE_POSITIVE), gap, errors], axis=1)
+    # outlines on the grey image: on a stain's purple the magenta outline hardly shows (CIEDE2000 17; 32 on any grey)
+    return np.concatenate([image, gap, draw_outlines(grey, truth, TRUE_POSITIVE), gap,
+                           draw_outlines(grey, pred, FALSE_POSITIVE), gap, errors], axis=1)
 
 
 def write_summary(overlay_dir, scores, out_path, k=4, row_height=128):

@@ -1,9 +1,11 @@
 """Tests for visualize.py's outlines: an object's outline from its label is the outline OpenCV traces around its
 mask, also where the object is cut by the image's edge."""
+import cv2
 import numpy as np
 import pytest
+from skimage.segmentation import find_boundaries
 
-from visualize import OUTLINE, draw_outlines
+from visualize import FALSE_POSITIVE, GAP, OUTLINE, TRUE_POSITIVE, draw_outlines, overlay_panel
 
 
 def outline_pixels(shape, mask=None, labels=None):
@@ -28,3 +30,22 @@ def test_touching_nuclei_keep_an_outline_each():
     labels[2:8, 2:10], labels[2:8, 10:18] = 1, 2
     drawn = outline_pixels(labels.shape, labels=labels)
     assert drawn[4, 9] and drawn[4, 10]  # both sides of the line where they touch
+
+
+def test_outlines_stand_out_on_a_stained_image():
+    """Both outlines of an overlay panel differ clearly (CIEDE2000 >= 25) from the nucleus pixels beside them, also on
+    an H&E-like stain whose purple is close to the prediction's magenta."""
+    from skimage.color import deltaE_ciede2000, rgb2lab
+    yy, xx = np.mgrid[:40, :40]
+    nucleus = (yy - 20) ** 2 + (xx - 20) ** 2 <= 10 ** 2
+    image = np.full((40, 40, 3), 245, np.uint8)
+    image[nucleus] = (200, 90, 150)  # BGR of DSB2018's stained nuclei, RGB (150, 90, 200)
+    panel = overlay_panel(image, nucleus, nucleus.astype(np.float32))
+    inside = nucleus & ~find_boundaries(np.pad(nucleus, 1), mode="inner")[1:-1, 1:-1]
+    beside = inside & ~cv2.erode(inside.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    for i, colour in ((1, TRUE_POSITIVE), (2, FALSE_POSITIVE)):
+        drawn = panel[:, i * (40 + GAP):i * (40 + GAP) + 40]
+        outline = (drawn == colour).all(axis=2)
+        assert outline.any()
+        lab = rgb2lab(drawn[:, :, ::-1].astype(np.float32) / 255)
+        assert deltaE_ciede2000(lab[beside], rgb2lab(np.float32(colour[::-1])[None] / 255)).min() >= 25
