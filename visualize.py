@@ -55,15 +55,26 @@ def overlay_panel(image, truth, prob, threshold=0.5):
                            draw_outlines(grey, pred, FALSE_POSITIVE), gap, errors], axis=1)
 
 
+def shrunk_panel(panel, height):
+    """An overlay panel (uint8 BGR, :func:`overlay_panel`) drawn again ``height`` pixels high, from its image and the
+    truth and prediction its errors panel holds (exactly: its colours are never grey). Shrinking the panel itself
+    would blend its 1 pixel outlines into the image (8x smaller: no outline left to see)."""
+    width = (panel.shape[1] - 3 * GAP) // 4
+    image, errors = panel[:, :width], panel[:, -width:]
+    truth, pred = ((errors == TRUE_POSITIVE).all(axis=2) | (errors == colour).all(axis=2)
+                   for colour in (FALSE_NEGATIVE, FALSE_POSITIVE))
+    size = (max(round(width * height / panel.shape[0]), 1), height)
+    truth, pred = (cv2.resize(m.astype(np.float32), size, interpolation=cv2.INTER_AREA) for m in (truth, pred))
+    return overlay_panel(cv2.resize(image, size, interpolation=cv2.INTER_AREA), truth > 0.5, pred)
+
+
 def write_summary(overlay_dir, scores, out_path, k=4, row_height=128):
     """Grid of the k worst and k best overlays by IoU (scores: DataFrame with img_id, iou), labelled, as PNG."""
     scores = scores.sort_values("iou", kind="stable")
     chosen = list(scores.head(k).itertuples()) + list(scores.tail(min(k, max(len(scores) - k, 0))).itertuples())
     rows = []
     for rank, row in enumerate(chosen):
-        panel = cv2.imread(os.path.join(overlay_dir, row.img_id + ".png"))
-        scale = row_height / panel.shape[0]
-        panel = cv2.resize(panel, (max(int(panel.shape[1] * scale), 1), row_height), interpolation=cv2.INTER_AREA)
+        panel = shrunk_panel(cv2.imread(os.path.join(overlay_dir, row.img_id + ".png")), row_height)
         label = np.full((22, panel.shape[1], 3), 255, np.uint8)
         kind = "worst" if rank < k else "best"
         cv2.putText(label, f"{kind}: {row.img_id[:24]}  IoU {row.iou:.3f}", (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45,

@@ -1,11 +1,13 @@
 """Tests for visualize.py's outlines: an object's outline from its label is the outline OpenCV traces around its
-mask, also where the object is cut by the image's edge."""
+mask, also where the object is cut by the image's edge; outlines that can be seen, in overlays and the summary."""
 import cv2
 import numpy as np
+import pandas as pd
 import pytest
+from scipy import ndimage
 from skimage.segmentation import find_boundaries
 
-from visualize import FALSE_POSITIVE, GAP, OUTLINE, TRUE_POSITIVE, draw_outlines, overlay_panel
+from visualize import FALSE_POSITIVE, GAP, OUTLINE, TRUE_POSITIVE, draw_outlines, overlay_panel, write_summary
 
 
 def outline_pixels(shape, mask=None, labels=None):
@@ -49,3 +51,21 @@ def test_outlines_stand_out_on_a_stained_image():
         assert outline.any()
         lab = rgb2lab(drawn[:, :, ::-1].astype(np.float32) / 255)
         assert deltaE_ciede2000(lab[beside], rgb2lab(np.float32(colour[::-1])[None] / 255)).min() >= 25
+
+
+def test_summary_keeps_the_outlines_of_a_large_image(tmp_path):
+    """summary.png shows a 1024 x 1024 image 128 pixels high: the truth's outlines are still drawn there, in their
+    colour, around each nucleus (not blended into the image by shrinking the 1 pixel lines 8 times)."""
+    yy, xx = np.mgrid[:1024, :1024]
+    truth = np.zeros((1024, 1024), bool)
+    for y, x in ((200, 200), (200, 800), (800, 500)):
+        truth |= (yy - y) ** 2 + (xx - x) ** 2 <= 80 ** 2
+    image = np.full((1024, 1024, 3), 128, np.uint8)
+    (tmp_path / "overlays").mkdir()
+    cv2.imwrite(str(tmp_path / "overlays" / "a.png"), overlay_panel(image, truth, np.zeros(truth.shape)))
+    write_summary(str(tmp_path / "overlays"), pd.DataFrame({"img_id": ["a"], "iou": [0.0]}), str(tmp_path / "s.png"))
+    summary = cv2.imread(str(tmp_path / "s.png")).astype(int)
+    green = np.abs(summary - TRUE_POSITIVE).sum(axis=2) <= 30
+    assert green.sum() >= 3 * 2 * np.pi * 10 * 0.8  # three circles 10 pixels in radius at 128 / 1024
+    labelled, count = ndimage.label(green, np.ones((3, 3)))
+    assert count == 3
