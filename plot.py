@@ -12,6 +12,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from config import derived_files_dir, run_name_suggestion, saved_run_dir  # noqa: E402
 from utils import ArgumentParser, UsageError, atomic_write, path_arg, run_cli  # noqa: E402
@@ -26,12 +27,12 @@ def plot_runs(logs, names, out_path):
     for i, (log, name) in enumerate(zip(logs, names)):
         colour = f"C{i}"
         label = (lambda s: f"{name} {s}") if len(logs) > 1 else (lambda s: s)
-        _line(ax_loss, log, "loss", colour, "--", label("train loss"))
-        _line(ax_loss, log, "val_loss", colour, "-", label("val loss"))
-        _line(ax_score, log, "iou", colour, "--", label("train IoU"))
-        _line(ax_score, log, "val_iou", colour, "-", label("val IoU"))
-        _line(ax_score, log, "val_dice", colour, ":", label("val Dice"))
-        _line(ax_lr, log, "lr", colour, "-", label("lr"))
+        _line(ax_loss, log, "loss", colour, "--", "o", label("train loss"))
+        _line(ax_loss, log, "val_loss", colour, "-", "s", label("val loss"))
+        _line(ax_score, log, "iou", colour, "--", "o", label("train IoU"))
+        _line(ax_score, log, "val_iou", colour, "-", "s", label("val IoU"))
+        _line(ax_score, log, "val_dice", colour, ":", "^", label("val Dice"))
+        _line(ax_lr, log, "lr", colour, "-", "o", label("lr"))
         if "val_iou" in log and log["val_iou"].notna().any():
             best = log.loc[log["val_iou"].idxmax()]
             ax_score.scatter([best["epoch"]], [best["val_iou"]], color=colour, marker="*", s=160, zorder=3,
@@ -41,6 +42,7 @@ def plot_runs(logs, names, out_path):
     for ax, title in ((ax_loss, "loss"), (ax_score, "IoU / Dice (threshold 0.5)"), (ax_lr, "learning rate")):
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
@@ -52,12 +54,13 @@ def plot_runs(logs, names, out_path):
     plt.close(fig)
 
 
-def _line(ax, log, column, colour, style, label):
+def _line(ax, log, column, colour, style, marker, label):
+    """The marker of each series differs, for a log of a few epochs: a series of one point has no line style."""
     if column not in log:
         return
     data = log[["epoch", column]].dropna()
     if len(data):
-        ax.plot(data["epoch"], data[column], style, color=colour, marker="o" if len(data) < 3 else None, label=label)
+        ax.plot(data["epoch"], data[column], style, color=colour, marker=marker if len(data) < 3 else None, label=label)
 
 
 def main(argv):

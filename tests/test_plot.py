@@ -75,3 +75,21 @@ def test_plot_empty_log_and_non_png_name_are_clear_errors(tmp_path, monkeypatch)
         plot.main(["--name", "empty"])
     with pytest.raises(UsageError, match="--out c.jpg: plot.py writes PNG"):
         plot.main(["--name", "empty", "--out", "c.jpg"])
+
+
+def _figure(monkeypatch, tmp_path, logs, names):
+    """The matplotlib figure that plot_runs draws (kept open), its three panels."""
+    figures = []
+    monkeypatch.setattr(plot.plt, "close", figures.append)
+    plot_runs(logs, names, str(tmp_path / "curves.png"))
+    return figures[0].axes[:3]
+
+
+def test_a_run_of_one_epoch_tells_its_series_apart(monkeypatch, tmp_path):
+    """One point per series has no line to tell train from val by: each series of a panel has its own marker, and
+    the epoch axis has whole epochs only."""
+    for ax in _figure(monkeypatch, tmp_path, [_log(1)], ["a"]):
+        markers = [line.get_marker() for line in ax.get_lines() if len(line.get_xdata()) == 1]
+        assert markers and "None" not in markers and len(set(markers)) == len(markers)
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks == [1.0]
