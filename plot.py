@@ -39,8 +39,12 @@ def plot_runs(logs, names, out_path):
                              label=label(f"best epoch {int(best['epoch'])}: val IoU {best['val_iou']:.4f}"))
             for ax in (ax_loss, ax_lr):
                 ax.axvline(best["epoch"], color=colour, alpha=0.3, linewidth=1)
-    for ax, title in ((ax_loss, "loss"), (ax_score, "IoU / Dice (threshold 0.5)"), (ax_lr, "learning rate")):
+    if len(names) == 1:  # several runs are named in the legends
+        fig.suptitle(f"run {names[0]}")
+    for ax, title, quantity in ((ax_loss, "loss", "loss"), (ax_score, "IoU / Dice (threshold 0.5)", "IoU / Dice"),
+                                (ax_lr, "learning rate", "learning rate")):
         ax.set_title(title)
+        ax.set_ylabel(quantity)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.grid(alpha=0.3)

@@ -93,3 +93,11 @@ def test_a_run_of_one_epoch_tells_its_series_apart(monkeypatch, tmp_path):
         assert markers and "None" not in markers and len(set(markers)) == len(markers)
         ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
         assert ticks == [1.0]
+
+
+def test_curves_name_their_run_and_label_their_axes(monkeypatch, tmp_path):
+    """A curves.png opened on its own says which run it shows, and every axis what it measures."""
+    axes = _figure(monkeypatch, tmp_path, [_log(4)], ["dsb_unet"])
+    assert "dsb_unet" in axes[0].figure.get_suptitle()
+    for ax in axes:
+        assert ax.get_xlabel() == "epoch" and ax.get_ylabel()
