@@ -174,15 +174,16 @@ class ImageWriter:
         for method, score in dsb.items():
             self.dsb[method].append(score)
 
-    def write_table(self):
+    def write_table(self, title):
         """Wait for the images still being written, then write scores.csv (worst IoU first) and, with overlays,
-        summary.png; returns the table."""
+        summary.png under ``title``; returns the table."""
         self.jobs.flush()
         table = pd.DataFrame(self.rows).sort_values("iou", kind="stable").reset_index(drop=True)
         with atomic_write(os.path.join(self.out_dir, "scores.csv")) as f:
             table.to_csv(f, index=False, float_format="%.6f")
         if self.overlays:
-            write_summary(os.path.join(self.out_dir, "overlays"), table, os.path.join(self.out_dir, "summary.png"))
+            write_summary(os.path.join(self.out_dir, "overlays"), table, os.path.join(self.out_dir, "summary.png"),
+                          title)
         return table
 
     def dsb_means(self):

@@ -127,21 +127,21 @@ def evaluate_into(args, out_dir):
     precision = Precision.choose(device, args.amp)
     criterion = build_loss(cfg.loss, border_after=cfg.num_classes if cfg.borders else None)
     network = whole_image_network(precision.prepare(model), cfg, device)  # in windows when an image exceeds memory
+    size = f" at {cfg.input_h}x{cfg.input_w}" if not cfg.crop_size else ""  # where the scores and nuclei were taken
+    what = f"{args.name} ({epoch + ', ' if epoch else ''}{part}, {len(ids)} images{size}"
+    how = (", flip TTA" if args.tta else "") + (f", pruned at L={args.prune}" if args.prune else "") + ")"
     # the outputs of one evaluation replace the folder as a whole when complete
     with folder_replaced_when_done(folder) as tmp, \
             ImageWriter(tmp, cfg.num_classes, labels, separation_order(separation, cfg.borders), filters,
                         overlays=not args.no_overlays) as writer:
         scores = evaluate(network, loader, criterion, precision, desc="eval", prune=args.prune,
                           tta=args.tta, on_batch=writer, classes=cfg.num_classes)
-        table = writer.write_table()
+        table = writer.write_table(what + how)  # summary.png's title, without the precision to fit its width
         write_evaluation_record(tmp, record, {"model": epoch or "model.pth", "precision": precision.describe(),
                                               "tta": args.tta, "prune": args.prune, "separation": separation,
                                               **filters})
     dsb = writer.dsb_means()
-    size = f" at {cfg.input_h}x{cfg.input_w}" if not cfg.crop_size else ""  # where the scores and nuclei were taken
-    title = f"{args.name} ({epoch + ', ' if epoch else ''}{part}, {len(ids)} images{size}, {precision.describe()}" + \
-        (", flip TTA" if args.tta else "") + (f", pruned at L={args.prune}" if args.prune else "") + ")"
-    print(summary(title, scores, table, dsb, out_dir, not args.no_overlays))
+    print(summary(f"{what}, {precision.describe()}{how}", scores, table, dsb, out_dir, not args.no_overlays))
     trained = training_diameter(args.name, cfg) if cfg.crop_size else 0.0
     if trained:
         hint = size_hint(dataset_dir, ids, reading, trained)

@@ -68,22 +68,26 @@ def shrunk_panel(panel, height):
     return overlay_panel(cv2.resize(image, size, interpolation=cv2.INTER_AREA), truth > 0.5, pred)
 
 
-def write_summary(overlay_dir, scores, out_path, k=4, row_height=128):
-    """Grid of the k worst and k best overlays by IoU (scores: DataFrame with img_id, iou), labelled, as PNG."""
+def text_row(text, width):
+    """A white uint8 BGR row [22, width, 3] with ``text`` written in it, smaller where it would not fit."""
+    row = np.full((22, width, 3), 255, np.uint8)
+    size = 0.45 * min(1.0, (width - 8) / cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1)[0][0])
+    cv2.putText(row, text, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, size, (0, 0, 0), 1, cv2.LINE_AA)
+    return row
+
+
+def write_summary(overlay_dir, scores, out_path, title, k=4, row_height=128):
+    """Grid of the k worst and k best overlays by IoU (scores: DataFrame with img_id, iou), labelled, as PNG, under
+    ``title`` (which run, which images)."""
     scores = scores.sort_values("iou", kind="stable")
     chosen = list(scores.head(k).itertuples()) + list(scores.tail(min(k, max(len(scores) - k, 0))).itertuples())
     rows = []
     for rank, row in enumerate(chosen):
         panel = shrunk_panel(cv2.imread(os.path.join(overlay_dir, row.img_id + ".png")), row_height)
-        label = np.full((22, panel.shape[1], 3), 255, np.uint8)
-        kind = "worst" if rank < k else "best"
-        cv2.putText(label, f"{kind}: {row.img_id[:24]}  IoU {row.iou:.3f}", (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
-                    (0, 0, 0), 1, cv2.LINE_AA)
+        label = text_row(f"{'worst' if rank < k else 'best'}: {row.img_id[:24]}  IoU {row.iou:.3f}", panel.shape[1])
         rows.append(np.concatenate([label, panel], axis=0))
-    header = np.full((22, rows[0].shape[1], 3), 255, np.uint8)
-    cv2.putText(header, "image | truth | prediction | errors (TP green, FP magenta, FN cyan)", (4, 16),
-                cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
-    rows.insert(0, header)
     width = max(r.shape[1] for r in rows)
+    rows[:0] = [text_row(title, width),
+                text_row("image | truth | prediction | errors (TP green, FP magenta, FN cyan)", width)]
     rows = [np.pad(r, ((0, GAP), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
     atomic_imwrite(out_path, np.concatenate(rows, axis=0))

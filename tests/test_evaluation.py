@@ -57,7 +57,7 @@ def _write(out_dir, batches, labels, **kwargs):
     with ImageWriter(str(out_dir), 1, labels, ["watershed", "cc"], {"min_size": 3, "min_confidence": 0.5},
                      **kwargs) as writer:
         _evaluate(writer, batches)
-        return writer.write_table(), writer.dsb_means()
+        return writer.write_table("run r (val split)"), writer.dsb_means()
 
 
 def test_threads_and_waiting_give_what_one_image_at_a_time_gives(tmp_path):
@@ -89,7 +89,7 @@ def test_rows_score_the_mask_channel_against_a_numpy_reference(tmp_path):
     batches[1] = (meta, images, torch.cat([logits, -logits], 1), torch.cat([masks, masks], 1))
     with ImageWriter(str(tmp_path / "out"), 1, {}, ["watershed"], {}, overlays=False, workers=1) as writer:
         _evaluate(writer, batches)
-        rows = writer.write_table().set_index("img_id")
+        rows = writer.write_table("run r (val split)").set_index("img_id")
     for meta, _, logits, masks in batches:
         for i, img_id in enumerate(meta["img_id"]):
             pred, truth = logits[i, 0].numpy() > 0, masks[i, 0].numpy() > 0.5

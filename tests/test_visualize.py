@@ -63,9 +63,27 @@ def test_summary_keeps_the_outlines_of_a_large_image(tmp_path):
     image = np.full((1024, 1024, 3), 128, np.uint8)
     (tmp_path / "overlays").mkdir()
     cv2.imwrite(str(tmp_path / "overlays" / "a.png"), overlay_panel(image, truth, np.zeros(truth.shape)))
-    write_summary(str(tmp_path / "overlays"), pd.DataFrame({"img_id": ["a"], "iou": [0.0]}), str(tmp_path / "s.png"))
+    write_summary(str(tmp_path / "overlays"), pd.DataFrame({"img_id": ["a"], "iou": [0.0]}), str(tmp_path / "s.png"),
+                  "run r")
     summary = cv2.imread(str(tmp_path / "s.png")).astype(int)
     green = np.abs(summary - TRUE_POSITIVE).sum(axis=2) <= 30
     assert green.sum() >= 3 * 2 * np.pi * 10 * 0.8  # three circles 10 pixels in radius at 128 / 1024
     labelled, count = ndimage.label(green, np.ones((3, 3)))
     assert count == 3
+
+
+def test_summary_names_the_evaluation_in_full(tmp_path):
+    """summary.png's first line says which run and images it shows, all of it within the picture, also when the
+    title is longer than the grid of a 96 x 96 run is wide; the colours' key follows."""
+    (tmp_path / "overlays").mkdir()
+    truth = np.zeros((96, 96), bool)
+    truth[30:60, 30:60] = True
+    cv2.imwrite(str(tmp_path / "overlays" / "a.png"), overlay_panel(np.zeros((96, 96, 3), np.uint8), truth, truth))
+    title = "dsb2018_96_NestedUNet_wDS_bcedice (epoch 87 of 100, all of /data/dsb2018_test_96 (not trained on), " \
+            "65 images at 96x96, flip TTA)"
+    write_summary(str(tmp_path / "overlays"), pd.DataFrame({"img_id": ["a"], "iou": [0.5]}), str(tmp_path / "s.png"),
+                  title)
+    dark = cv2.imread(str(tmp_path / "s.png")).min(axis=2) < 128
+    title_row, key_row = dark[:22], dark[22:44]
+    assert title_row.any() and key_row.any()
+    assert not title_row[:, -4:].any()  # the title ends inside the picture
