@@ -146,6 +146,22 @@ def test_masks_0_255_and_0_1_become_0_1(tmp_path, dtype, value, ext):
     np.testing.assert_array_equal(out, mask > 0)
 
 
+def test_a_valid_mask_is_checked_without_sorting_its_pixels(tmp_path, monkeypatch):
+    """preprocess_dsb2018.py reads one mask per nucleus, and np.unique over every pixel doubled each read's time:
+    it runs only to name the values of a refused mask."""
+    calls = []
+    unique = np.unique
+    monkeypatch.setattr(np, "unique", lambda *args, **kwargs: calls.append(args[0].size) or unique(*args, **kwargs))
+    mask = np.zeros((64, 64), np.uint8)
+    mask[8:20, 8:20] = 255
+    np.testing.assert_array_equal(read_mask(write_image(tmp_path / "m.png", mask)), mask > 0)
+    assert calls == []
+    mask[0, 0] = 7
+    with pytest.raises(DataError, match=r"has values \{0, 7, 255\}"):
+        read_mask(write_image(tmp_path / "soft.png", mask))
+    assert calls == [64 * 64]
+
+
 @pytest.mark.parametrize("colour", [(0, 0, 0), (255, 255, 255), (0, 0, 255)])
 def test_a_mask_drawn_in_its_alpha_channel_is_read_from_it(tmp_path, colour):
     """A transparent layer saved as a mask: flat colour (black, white or red), the shape in alpha (was all background
