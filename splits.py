@@ -4,7 +4,6 @@
 import os
 
 import pandas as pd
-from sklearn.model_selection import train_test_split
 
 from utils import NEAR_NAMES, DataError, UsageError, first_few, near_names
 
@@ -63,6 +62,10 @@ def make_split(ids, val_size=0.2, test_size=0.0, random_state=41):
     With test_size 0 this is exactly the seed's 80/20 split. With a test part, the test ids are drawn first
     and the validation ids from the rest. Returns a DataFrame with columns img_id, split (:data:`SPLITS`).
     """
+    # here, not at the top: scikit-learn takes over half a second of CPU to import, and val.py and predict.py read
+    # splits (through evaluation.py) without ever making one
+    from sklearn.model_selection import train_test_split
+
     ids = sorted(ids)
     rest, test = (ids, []) if test_size == 0 else train_test_split(ids, test_size=test_size, random_state=random_state)
     train, val = train_test_split(rest, test_size=val_size / (1 - test_size), random_state=random_state)

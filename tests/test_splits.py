@@ -1,9 +1,12 @@
 """Tests for splits.py: the seed's split and the --init leak note, against counts and sets written out here."""
+import subprocess
+import sys
 import unicodedata
 
 import pandas as pd
 import pytest
 
+from conftest import ROOT
 from splits import checked_split, held_out_seen_in_training, make_split, read_split, split_ids
 from utils import DataError
 
@@ -43,3 +46,12 @@ def test_a_split_id_with_accents_encoded_otherwise_is_named():
                                         "differ only in upper/lower case or in how accents are encoded"):
         checked_split(split, "s.csv", "data", [nfd, "b"])
     assert checked_split(split, "s.csv", "data", [nfc, "b"]) is split
+
+
+def test_val_and_predict_s_modules_do_not_import_scikit_learn():
+    """val.py and predict.py read splits (through evaluation.py) but never make one: scikit-learn, which only
+    make_split uses, cost each of their runs over half a second of CPU to import."""
+    code = "import sys, evaluation, predict; print(sorted(m for m in sys.modules if m.split('.')[0] == 'sklearn'))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
