@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 import tempfile
+import traceback
 import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -79,6 +80,7 @@ def run_cli(main, argv=None):
         with stop_signals_as_interrupts():
             return main(argv)
     except UserError as e:
+        release_locals(e)
         if "--debug" in argv:
             raise
         prog = os.path.basename(sys.argv[0]) or "toolkit"
@@ -86,6 +88,7 @@ def run_cli(main, argv=None):
         print(f"{clear_line}{prog}: error: {user_message(e)}", file=sys.stderr)
         sys.exit(e.exit_code)
     except OSError as e:  # a path that cannot be written or read: a folder where a file goes, no permission, disk full
+        release_locals(e)
         if "--debug" in argv or e.strerror is None:
             raise
         prog = os.path.basename(sys.argv[0]) or "toolkit"
@@ -93,9 +96,22 @@ def run_cli(main, argv=None):
         print(f"{prog}: error: {f'{where}: ' if where else ''}{e.strerror} (check the path, its permissions and the "
               "free disk space)", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        release_locals(e)
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def release_locals(error):
+    """Clear the local variables of the finished frames that ``error`` and the errors it chains passed through (a
+    traceback keeps only the code and line numbers). They may hold a DataLoader: freed now, it ends its workers
+    through their own exit, which removes their pymp-* folders in TMPDIR. Kept with the error, it would live until the
+    interpreter's exit whenever the error is in a reference cycle (as one a loader worker raised is, through its
+    re-raising frame), and multiprocessing would then end the workers with SIGTERM (dataset.quiet_worker's os._exit,
+    which skips that removal); a loader freed by the garbage collector also waits 5 s for each worker first."""
+    while error is not None:
+        traceback.clear_frames(error.__traceback__)
+        error = error.__cause__ or error.__context__
 
 
 # What ends a job besides Ctrl-C: kill and timeout (SIGTERM), a closed terminal (SIGHUP), a batch system's warning

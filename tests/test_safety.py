@@ -7,6 +7,7 @@ cheaper than a subprocess and goes through the same code as ``python train.py``.
 """
 import contextlib
 import errno
+import gc
 import os
 import pickle
 import re
@@ -19,6 +20,7 @@ import sys
 import cv2
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 import torch
 import yaml
@@ -355,6 +357,36 @@ def test_a_loader_worker_is_quiet_about_its_fd_server_only(capsys):
     too_many = raised_in(os.path.join("multiprocessing", "resource_sharer.py"))[2]  # another error there is printed
     dataset.quiet_about_fd_server(OSError, OSError(24, "Too many open files"), too_many)
     assert "Too many open files" in capsys.readouterr().err
+
+
+class UnreadableImages(torch.utils.data.Dataset):
+    """Four samples whose files cannot be read: each one is a DataError, raised in the loader worker."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        raise DataError(f"cannot read image {index}.png")
+
+
+def test_an_error_in_a_loader_worker_ends_the_workers_before_the_exit():
+    """The error a loader worker raised holds itself through the frame that re-raised it (a reference cycle), and with
+    its frames the loader: run_cli ends the workers now, through their own exit (which removes their pymp-* folders in
+    TMPDIR), not multiprocessing at the interpreter's exit with SIGTERM. The garbage collector, which would end them
+    after 5 s each, is held off."""
+    def main(argv):
+        loader = torch.utils.data.DataLoader(UnreadableImages(), num_workers=1, persistent_workers=True,
+                                             worker_init_fn=dataset.quiet_worker)
+        for _ in loader:
+            pass
+
+    before = set(psutil.Process().children())
+    gc.disable()
+    try:
+        assert cli(main, []) == 1
+        assert set(psutil.Process().children()) <= before
+    finally:
+        gc.enable()
 
 
 def test_atomic_torch_save_interrupted_keeps_the_old_checkpoint(tmp_path, monkeypatch):
