@@ -87,13 +87,16 @@ def csv_labels(csv_path, sid):
     return labels
 
 
-_CSV = {}
+_CSV = {}  # {(path, modification time, size): _read_csv's table}, for the last CSV read
 
 
 def _read_csv(path):
     """The solution CSV's rows by image, {ImageId: DataFrame of its rows in file order}, read and grouped once per
-    process: picking each image's rows out of the whole table made a large dataset's preprocessing quadratic."""
-    if path not in _CSV:
+    process: picking each image's rows out of the whole table made a large dataset's preprocessing quadratic. A CSV
+    changed since (fixed, and given again in one Python session) is read again."""
+    stat = os.stat(path)
+    key = (os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
+    if key not in _CSV:
         try:
             table = pd.read_csv(path, dtype={"ImageId": str, "EncodedPixels": str})
         except (OSError, ValueError) as e:
@@ -104,8 +107,9 @@ def _read_csv(path):
             raise DataError(f"--masks_csv {path} lacks the columns {', '.join(sorted(missing))} (Kaggle's "
                             "stage1_solution.csv has ImageId,EncodedPixels,Height,Width)" +
                             ("; its fields are separated by ';': save it with commas" if semicolons else ""))
-        _CSV[path] = dict(tuple(table.groupby("ImageId", sort=False)))
-    return _CSV[path]
+        _CSV.clear()
+        _CSV[key] = dict(tuple(table.groupby("ImageId", sort=False)))
+    return _CSV[key]
 
 
 def list_samples(src):

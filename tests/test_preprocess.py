@@ -397,7 +397,25 @@ def test_masks_csv_is_grouped_by_image_once(tmp_path, monkeypatch):
     monkeypatch.setattr(pre, "_CSV", {})
     np.testing.assert_array_equal(pre.csv_labels(str(csv), "x"), a + 2 * b)
     assert pre.csv_labels(str(csv), "w") is None
-    assert sorted(pre._CSV[str(csv)]) == ["x", "y", "z"]  # the rows of each image, picked out once
+    [table] = pre._CSV.values()
+    assert sorted(table) == ["x", "y", "z"]  # the rows of each image, picked out once
+
+
+def test_masks_csv_changed_in_one_session_is_read_again(tmp_path, monkeypatch):
+    """A notebook that preprocesses again after fixing the CSV gets the fixed nuclei, not those of the table it read
+    first; one table is kept, the last CSV's."""
+    a, b = np.zeros((4, 5), bool), np.zeros((4, 5), bool)
+    a[0, :2], b[3, 4] = True, True
+    csv = tmp_path / "solution.csv"
+    monkeypatch.setattr(pre, "_CSV", {})
+    csv.write_text(f"ImageId,EncodedPixels,Height,Width\nx,{_encode(a)},4,5\n")
+    np.testing.assert_array_equal(pre.csv_labels(str(csv), "x"), a)
+    csv.write_text(f"ImageId,EncodedPixels,Height,Width\nx,{_encode(b)},4,5\nx,{_encode(a)},4,5\n")
+    np.testing.assert_array_equal(pre.csv_labels(str(csv), "x"), b + 2 * a)
+    other = tmp_path / "other.csv"
+    other.write_text(f"ImageId,EncodedPixels,Height,Width\ny,{_encode(b)},4,5\n")
+    np.testing.assert_array_equal(pre.csv_labels(str(other), "y"), b)
+    assert len(pre._CSV) == 1
 
 
 def test_default_dst_names_a_test_source():
