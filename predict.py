@@ -45,6 +45,7 @@ from utils import (ArgumentParser, BatchedThreads, DataError, UsageError, atomic
 from visualize import draw_outlines, to_bgr
 
 IMAGE_EXTS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+MERGED_TABLES = 1000  # objects tables of this many images are held as one
 OBJECT_COLUMNS = ["image", "plane", "label", "area", "centroid_y", "centroid_x", "bbox_min_y", "bbox_min_x",
                   "bbox_max_y", "bbox_max_x"]
 
@@ -349,13 +350,17 @@ def predict_all(predictor, files, ids, headers, out_dir, num_classes, threshold,
     errors of the files left out)."""
     options = dict(num_classes=num_classes, threshold=threshold, save_prob=save_prob, separation=separation,
                    filters=filters, overlay=overlay)
-    fractions, tables, pixels, scales, left_out = [], [], [], [], []
+    fractions, tables, merged, pixels, scales, left_out = [], [], [], [], [], []
     waiting = {}  # img_id -> the arrays of its planes done so far
 
     def collect(result):
         (img_id, count, header), arrays, fraction, table, n_pixels = result
         fractions.append(fraction)
-        tables.append(table)
+        if table is not None:
+            tables.append(table)
+            if len(tables) == MERGED_TABLES:  # an image's own DataFrame takes ~10 times the bytes of its rows
+                merged.append(pd.concat(tables, ignore_index=True))
+                tables.clear()
         pixels.append(n_pixels)
         if arrays is not None:
             waiting.setdefault(img_id, []).append(arrays)
@@ -386,7 +391,7 @@ def predict_all(predictor, files, ids, headers, out_dir, num_classes, threshold,
     if not fractions:
         raise DataError(left_out[0] if len(left_out) == 1 else f"none of the {len(files)} files could be read: "
                         f"{left_out[0]}")
-    table = pd.concat(tables, ignore_index=True) if separation else None
+    table = pd.concat(merged + tables, ignore_index=True) if separation else None
     return float(np.mean(fractions)), table, sum(pixels) / 1e6, len(fractions), scales, left_out
 
 

@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import weakref
 from argparse import Namespace
 
 import cv2
@@ -998,3 +999,41 @@ def test_windowed_network_bar_follows_the_progress_flag(capsys):
     assert "windows" not in capsys.readouterr().err
     inference.WindowedNetwork(ShapeRecorder(), tile=64, overlap=32)(x)
     assert "windows" in capsys.readouterr().err
+
+
+def test_objects_tables_of_many_images_are_merged_as_they_come(tmp_path, monkeypatch):
+    """--instances over tens of thousands of images: the objects table of each image, a DataFrame ten times the bytes
+    of its rows, is merged with the others every MERGED_TABLES images instead of all being held until the end; the
+    rows of objects.csv stay those of every image, in order."""
+    class TwoNuclei:  # stands in for inference.Predictor: two square nuclei in every image
+        scale = 1.0
+
+        def as_input(self, image):
+            return image_to_float(image, 3)
+
+        def predict(self, image):
+            prob = np.zeros((1, 16, 16), np.float32)
+            prob[0, 2:6, 2:6] = prob[0, 9:14, 9:14] = 1
+            return prob
+
+    files = [write(tmp_path / "in" / f"i{k:02d}.png", np.zeros((16, 16, 3), np.uint8)) for k in range(12)]
+    ids = [f"i{k:02d}" for k in range(12)]
+    held, most = [], [0]
+
+    def object_rows(*args):
+        most[0] = max(most[0], sum(table() is not None for table in held))
+        table = rows(*args)
+        held.append(weakref.ref(table))
+        return table
+
+    rows = predict.object_rows
+    monkeypatch.setattr(predict, "object_rows", object_rows)
+    monkeypatch.setattr(predict, "MERGED_TABLES", 4, raising=False)
+    # the jobs of each image run at once, so that a table is held only when predict_all keeps it
+    monkeypatch.setattr(predict, "BatchedThreads", functools.partial(utils.BatchedThreads, buffer_mb=0))
+    os.makedirs(tmp_path / "out")
+    _, table, *_ = predict.predict_all(TwoNuclei(), files, ids, predict.tiff_headers(files), str(tmp_path / "out"), 1,
+                                       0.5, separation="cc", filters=dict(min_size=0, min_confidence=0))
+    assert table["image"].tolist() == [i for i in ids for _ in range(2)]
+    assert table["area"].tolist() == [16, 25] * 12
+    assert most[0] < 4
