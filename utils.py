@@ -80,17 +80,17 @@ def run_cli(main, argv=None):
         with stop_signals_as_interrupts():
             return main(argv)
     except UserError as e:
-        release_locals(e)
-        if "--debug" in argv:
+        if "--debug" in argv:  # a debugger's post-mortem still sees the frames' variables
             raise
+        release_locals(e)
         prog = os.path.basename(sys.argv[0]) or "toolkit"
         clear_line = "\r\033[K" if sys.stderr.isatty() else ""  # over a progress bar the error stopped
         print(f"{clear_line}{prog}: error: {user_message(e)}", file=sys.stderr)
         sys.exit(e.exit_code)
     except OSError as e:  # a path that cannot be written or read: a folder where a file goes, no permission, disk full
-        release_locals(e)
         if "--debug" in argv or e.strerror is None:
             raise
+        release_locals(e)
         prog = os.path.basename(sys.argv[0]) or "toolkit"
         where = e.filename2 or e.filename
         print(f"{prog}: error: {f'{where}: ' if where else ''}{e.strerror} (check the path, its permissions and the "
@@ -109,7 +109,9 @@ def release_locals(error):
     interpreter's exit whenever the error is in a reference cycle (as one a loader worker raised is, through its
     re-raising frame), and multiprocessing would then end the workers with SIGTERM (dataset.quiet_worker's os._exit,
     which skips that removal); a loader freed by the garbage collector also waits 5 s for each worker first."""
-    while error is not None:
+    seen = set()
+    while error is not None and id(error) not in seen:  # a chain set by hand may loop
+        seen.add(id(error))
         traceback.clear_frames(error.__traceback__)
         error = error.__cause__ or error.__context__
 
