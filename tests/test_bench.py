@@ -16,6 +16,7 @@ import compare_scores  # bench/, on the path through conftest
 import fold_bn
 import group_split
 import kernel_time
+import profile_step
 import timing
 from config import ARCHS
 from conftest import make_synthetic
@@ -184,6 +185,20 @@ def test_memory_format_times_both_layouts(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_profile_step_shares_the_step_among_its_operators(tmp_path):
+    summary = run_script("profile_step.py", ["--arch", "UNet", "--batch_size", "2", "--size", "32", "--amp", "fp32",
+                                             "--device", "cpu", "--steps", "1", "--warmup", "1", "--rows", "400",
+                                             "--by_shape"], tmp_path)
+    assert summary["bench"] == "profile_step" and summary["precision"].startswith("fp32") and summary["arch"] == "UNet"
+    ops = {op["op"] for op in summary["ops"]}
+    assert {"aten::mkldnn_convolution", "aten::convolution_backward", "aten::native_batch_norm"} <= ops, ops
+    assert 0.99 < sum(op["share"] for op in summary["ops"]) < 1.01  # every operator listed: the whole step
+    first_conv = [op for op in summary["ops"] if op["op"] == "aten::mkldnn_convolution" and "[2, 3, 32, 32]" in
+                  op["shapes"]]
+    assert len(first_conv) == 1 and first_conv[0]["calls_per_step"] == 1  # the input layer, by its shape
+    assert_names_its_cpus(summary)
+    assert os.listdir(tmp_path) == []
+
 def test_group_split_holds_out_whole_groups():
     groups = ["a"] * 50 + ["b"] * 12 + ["c"] * 9 + ["d"] * 8 + ["e"] * 6 + ["f"] * 15
     ids = [f"id{i:03d}" for i in range(len(groups))]
@@ -256,5 +271,5 @@ def test_compare_scores_refuses_tables_without_common_images(tmp_path):
 def test_the_network_benchmarks_take_every_network(arch):
     step_flags = ArgumentParser()
     timing.add_step_args(step_flags)
-    for parse in (fold_bn.parse_args, kernel_time.parse_args, step_flags.parse_args):
+    for parse in (fold_bn.parse_args, kernel_time.parse_args, profile_step.parse_args, step_flags.parse_args):
         assert parse(["--arch", arch]).arch == arch
