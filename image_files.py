@@ -84,9 +84,13 @@ def _png_palette(path, what):
         return None
     try:
         with PngImagePlugin.PngImageFile(path) as png:  # not Image.open: its pixel limit refuses large scans
-            return np.asarray(png), np.asarray(png.getpalette(), np.uint8).reshape(-1, 3)
+            indices, palette = np.asarray(png), np.asarray(png.getpalette(), np.uint8).reshape(-1, 3)
     except Exception as e:  # PIL raises SyntaxError, OSError, ... for damaged files
         raise DataError(f"cannot read {what} {path}: not a readable PNG ({str(e).splitlines()[0][:80]})") from None
+    if indices.max(initial=0) >= len(palette):  # libpng shows such pixels black: a mask's nuclei would vanish
+        raise DataError(f"cannot read {what} {path}: its pixels use palette entry {indices.max()} of a palette of "
+                        f"{len(palette)} colours (a damaged file); save it again")
+    return indices, palette
 
 
 def _palette_indices(indices, palette):

@@ -910,6 +910,25 @@ def test_an_indexed_png_mask_or_label_image_is_read_as_its_palette_means(tmp_pat
 
 
 
+def test_an_indexed_png_whose_pixels_pass_its_palette_is_named(tmp_path):
+    """A 4-bit palette PNG of two colours whose nuclei use index 3: libpng shows them black (an empty mask), and
+    indexing the palette with them was an IndexError traceback."""
+    mask = np.zeros((16, 16), np.uint8)
+    mask[3:8, 3:8] = 3
+
+    def chunk(kind, data):
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    rows = b"".join(b"\0" + bytes((a << 4) | b for a, b in zip(row[::2], row[1::2])) for row in mask.tolist())
+    (tmp_path / "m.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", bytes([0, 0, 0, 16] * 2 + [4, 3, 0, 0, 0]))
+                                     + chunk(b"PLTE", bytes([0, 0, 0, 255, 255, 255])) +
+                                     chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    for read, what in ((read_mask, "mask"), (read_label_image, "label image")):
+        with pytest.raises(DataError, match=f"cannot read {what} .*m.png: its pixels use palette entry 3 of a "
+                                            "palette of 2 colours"):
+            read(str(tmp_path / "m.png"))
+
+
 @pytest.mark.parametrize("lut", [(0, 0, 255), (0, 255, 0), (0, 255, 255)])  # Fiji's Blue, Green, Cyan
 def test_an_8_bit_png_image_saved_with_a_one_colour_lut_is_read_as_its_intensities(tmp_path, lut):
     """Fiji saves an 8-bit image shown with a one-colour LUT (a DAPI channel in Blue) as an indexed PNG; its indices
