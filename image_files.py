@@ -11,6 +11,7 @@ Masks hold 0/255 or 0/1 and become {0, 1}; label images hold one integer per nuc
 network then sees ``(x - 0.5) / 0.25`` of those [0, 1] values (:func:`normalize`), in training and at prediction
 alike.
 """
+import io
 import os
 from typing import NamedTuple
 
@@ -79,11 +80,21 @@ def _png_palette(path, what):
     """(indices uint8 [H, W], palette uint8 [P, 3]) of an indexed (palette) PNG, read with PIL since OpenCV gives
     only the colours; None for any other file."""
     with open(path, "rb") as f:
-        header = f.read(26)
-    if header[:8] != b"\x89PNG\r\n\x1a\n" or header[25:26] != b"\x03":  # IHDR colour type 3: indexed
-        return None
+        data = f.read(26)
+        if data[:8] != b"\x89PNG\r\n\x1a\n" or data[25:26] != b"\x03":  # IHDR colour type 3: indexed
+            return None
+        data += f.read()
+    # its critical chunks alone (IHDR, PLTE, IDAT, IEND: a capital first letter): libpng, which OpenCV reads with,
+    # skips an ancillary chunk it cannot use (a text's bad checksum) where PIL refuses the whole file
+    chunks, at = [data[:8]], 8
+    while at + 8 <= len(data):
+        end = at + 12 + int.from_bytes(data[at:at + 4], "big")
+        if data[at + 4:at + 5].isupper():
+            chunks.append(data[at:end])
+        at = end
     try:
-        with PngImagePlugin.PngImageFile(path) as png:  # not Image.open: its pixel limit refuses large scans
+        # not Image.open: its pixel limit refuses large scans
+        with PngImagePlugin.PngImageFile(io.BytesIO(b"".join(chunks)), path) as png:
             indices, palette = np.asarray(png), np.asarray(png.getpalette(), np.uint8).reshape(-1, 3)
     except Exception as e:  # PIL raises SyntaxError, OSError, ... for damaged files
         raise DataError(f"cannot read {what} {path}: not a readable PNG ({str(e).splitlines()[0][:80]})") from None
