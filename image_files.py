@@ -20,7 +20,7 @@ import numpy as np
 import tifffile
 from PIL import PngImagePlugin
 
-from utils import DataError
+from utils import DataError, ram
 
 TIFF_EXTS = (".tif", ".tiff")
 JPEG_EXTS = (".jpg", ".jpeg")
@@ -32,7 +32,8 @@ NORMALIZATIONS = ("fixed", "percentile", "percentile_dark")  # train.py --normal
 # image and mask)
 NEAREST = cv2.INTER_NEAREST_EXACT
 # The most pixels OpenCV decodes in one image (its CV_IO_MAX_IMAGE_PIXELS): more is a damaged header or a
-# decompression bomb (a small file that decodes to gigabytes); tifffile, which has no such limit, gets the same one
+# decompression bomb (a small file that decodes to gigabytes). tifffile has no limit: a TIFF is refused when its
+# header claims more bytes than the memory available, and a whole-slide scan that fits is read
 MAX_PIXELS = 1 << 30
 PERCENTILES = (1.0, 99.8)  # CSBDeep's and StarDist's default normalize(x, 1, 99.8)
 NORM_MEAN = 0.5
@@ -176,11 +177,12 @@ def tiff_planes(path, what="image"):
     try:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
-            size = dict(zip(series.axes, series.shape))
-            if size.get("Y", 0) * size.get("X", 0) > MAX_PIXELS:
-                raise DataError(f"cannot read {what} {path}: its planes are {size['X']}x{size['Y']} pixels, more than "
-                                f"the {MAX_PIXELS} that OpenCV decodes in one image (a damaged file, or a "
-                                "decompression bomb; a real image that large must be cut into smaller files)")
+            available = ram()[1]
+            if series.nbytes > available:  # tifffile allocates whatever the header claims
+                raise DataError(f"cannot read {what} {path}: its header claims {series.nbytes / 2**30:.1f} GiB of "
+                                f"pixels {tuple(series.shape)}, more than the {available / 2**30:.1f} GiB of memory "
+                                "available (a damaged file, a decompression bomb, or an image too large for this "
+                                "machine: cut it into smaller files)")
             img, axes = series.asarray(), series.axes
     except DataError:
         raise

@@ -965,10 +965,10 @@ def test_an_8_bit_png_image_saved_with_a_one_colour_lut_is_read_as_its_intensiti
     picture.save(tmp_path / "photo.png")
     np.testing.assert_array_equal(decode_image(str(tmp_path / "photo.png")), colours[intensities])
 
-def test_an_image_whose_header_claims_gigapixels_is_named_not_decoded(tmp_path):
+def test_an_image_whose_header_claims_gigapixels_is_named_not_decoded(tmp_path, monkeypatch):
     """A decompression bomb, or a damaged header: a PNG claiming more pixels than OpenCV decodes was a cv2.error
-    traceback; a TIFF claiming as many had tifffile allocate them all (no limit of its own). Both are now refused
-    from the header, before any pixel is read."""
+    traceback; a TIFF claiming more bytes than the memory had tifffile try to allocate them all (no limit of its
+    own). Both are now refused from the header, before any pixel is read."""
     side = 1 << 16  # 2^32 pixels, over OpenCV's 2^30
     cv2.imwrite(str(tmp_path / "small.png"), np.zeros((16, 16), np.uint8))
     data = bytearray((tmp_path / "small.png").read_bytes())
@@ -979,6 +979,18 @@ def test_an_image_whose_header_claims_gigapixels_is_named_not_decoded(tmp_path):
     with tifffile.TiffFile(tmp_path / "bomb.tif", mode="r+") as tif:
         for tag in ("ImageWidth", "ImageLength", "RowsPerStrip"):
             tif.pages[0].tags[tag].overwrite(side)
+    monkeypatch.setattr(image_files, "ram", lambda: (2**32, 2**31))  # 2 GiB available: 4 GiB claimed
     for name in ("bomb.png", "bomb.tif"):
         with pytest.raises(DataError, match=rf"{name}: .*more than.*decompression bomb"):
             decode_image(tmp_path / name)
+
+
+def test_a_tiff_is_read_when_its_pixels_fit_the_memory_available(tmp_path, monkeypatch):
+    """The limit for a TIFF is the memory, not OpenCV's pixel count: a whole-slide scan of more than 2^30 pixels
+    that fits is read (it was, before that limit came in), one that does not is named."""
+    tifffile.imwrite(tmp_path / "scan.tif", np.arange(40 * 50, dtype=np.uint16).reshape(40, 50))
+    monkeypatch.setattr(image_files, "ram", lambda: (2**40, 40 * 50 * 2))
+    assert decode_image(tmp_path / "scan.tif").shape == (40, 50, 1)
+    monkeypatch.setattr(image_files, "ram", lambda: (2**40, 40 * 50 * 2 - 1))
+    with pytest.raises(DataError, match=r"scan.tif: its header claims 0.0 GiB of pixels \(40, 50\), more than"):
+        decode_image(tmp_path / "scan.tif")
