@@ -70,6 +70,13 @@ def cpu_has_fast_bf16():
     return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
 
 
+def cuda_has_fast_bf16(device):
+    """True when the GPU ``device`` computes bf16 natively (compute capability 8.0, Ampere, or later). Not
+    torch.cuda.is_bf16_supported(): by default it is also True on older GPUs (T4, V100), which emulate bf16 far
+    slower than their fp16, and it asks the current GPU, not ``device``."""
+    return torch.cuda.get_device_properties(device).major >= 8
+
+
 def cpu_flags(path="/proc/cpuinfo"):
     """The feature flags of the first CPU in Linux's ``path`` ('flags : fpu ... avx512_bf16 ...'); empty elsewhere."""
     try:
@@ -84,7 +91,7 @@ class Precision:
     """How the step runs on its device: autocast dtype (None = fp32), channels_last, and the fp16 GradScaler.
 
     ``Precision.choose(device, amp, channels_last)`` resolves ``--amp`` (utils.AMP_MODES): ``auto`` is bf16 on a
-    CUDA GPU that supports it (else fp16 with a GradScaler) and on a CPU with native bf16 (else fp32); ``bf16``,
+    CUDA GPU that has it natively (else fp16 with a GradScaler) and on a CPU with native bf16 (else fp32); ``bf16``,
     ``fp16`` (CUDA only) and ``fp32`` force one. Losses and metrics are computed in fp32 in every mode.
     """
 
@@ -104,7 +111,7 @@ class Precision:
         reason = ""
         if mode == "auto":
             if cuda:
-                mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+                mode = "bf16" if cuda_has_fast_bf16(device) else "fp16"
             else:
                 mode = "bf16" if cpu_has_fast_bf16() else "fp32"
                 reason = "--amp auto: " + ("the CPU has native bf16" if mode == "bf16" else
@@ -114,8 +121,9 @@ class Precision:
             reason = "--amp bf16 on a CPU without native bf16: emulated, far slower than fp32 (use --amp auto)"
         if mode == "fp16" and not cuda:
             raise UsageError("--amp fp16 needs a CUDA GPU; on the CPU use --amp bf16 or fp32 (or auto)")
-        if mode == "bf16" and cuda and not torch.cuda.is_bf16_supported():
-            raise UsageError("--amp bf16: this GPU does not support bf16; use --amp fp16 or auto")
+        if mode == "bf16" and cuda and not cuda_has_fast_bf16(device):
+            raise UsageError("--amp bf16: this GPU has no native bf16 (it needs compute capability 8.0, Ampere, or "
+                             "later); use --amp fp16 or auto")
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[mode]
         if channels_last == "auto":
             channels_last = cuda or dtype is not None

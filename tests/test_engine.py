@@ -1,6 +1,7 @@
 """engine.recalibrate_batchnorm: precise BatchNorm statistics against a direct computation."""
 import argparse
 import io
+import types
 
 import pytest
 import torch
@@ -73,6 +74,29 @@ def test_amp_auto_follows_the_cpu_and_can_be_forced(monkeypatch):
     assert Precision.choose(cpu, "fp32", True).channels_last
     assert Precision.choose(cpu, "bf16", "auto").channels_last
     assert not Precision.choose(cpu, "bf16", False).channels_last
+
+
+def fake_gpus(monkeypatch, majors):
+    """PyTorch sees GPUs of compute capability ``majors``[i].x as cuda:i, and cuda:0 is the current one; a bf16
+    tensor can be made on each (true of every CUDA GPU, so torch's emulation probe answers True)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(majors))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True, raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: types.SimpleNamespace(major=majors[torch.device(device or "cuda").index
+                                                                              or 0]))
+
+
+def test_amp_auto_takes_fp16_on_a_gpu_without_native_bf16(monkeypatch):
+    """A T4 or V100 (compute capability 7.x) emulates bf16 far slower than its fp16: auto picks fp16 + GradScaler
+    there and bf16 only on Ampere or later, asking the GPU of --device, not the current one."""
+    fake_gpus(monkeypatch, [7, 8])
+    t4, a100 = torch.device("cuda:0"), torch.device("cuda:1")
+    assert Precision.choose(t4, "auto").amp_dtype == torch.float16
+    assert Precision.choose(a100, "auto").amp_dtype == torch.bfloat16
+    with pytest.raises(UsageError, match="--amp bf16: this GPU has no native bf16"):
+        Precision.choose(t4, "bf16")
 
 
 def test_bf16_step_keeps_the_loss_in_fp32_and_close_to_fp32():
