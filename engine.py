@@ -21,8 +21,8 @@ LOG_EVERY = 20
 
 
 def choose_device(requested="auto"):
-    """--device (utils.device_name: auto, cpu, cuda or cuda:N) -> torch.device; auto picks CUDA when available.
-    Asking for CUDA where PyTorch sees none is a UsageError."""
+    """--device (utils.device_name: auto, cpu, cuda or cuda:N) -> torch.device; auto picks CUDA when available, and
+    cuda:N becomes torch's current GPU. Asking for CUDA where PyTorch sees none is a UsageError."""
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested.startswith("cuda") and not torch.cuda.is_available():
@@ -33,6 +33,10 @@ def choose_device(requested="auto"):
         count = torch.cuda.device_count()
         raise UsageError(f"--device {requested}: PyTorch sees {count} CUDA GPU{'s' * (count > 1)} (cuda:0 to "
                          f"cuda:{count - 1}); give one of those, or --device auto")
+    if device.type == "cuda" and device.index is not None:
+        # torch puts on the current GPU what it is not given a device for: the DataLoader's pin_memory thread and
+        # HostCopy's CUDA event, which on cuda:0 would open a context there and wait for none of cuda:N's work
+        torch.cuda.set_device(device)
     return device
 
 

@@ -126,9 +126,21 @@ def test_a_gpu_index_beyond_the_visible_gpus_is_named(monkeypatch):
     """--device cuda:3 on a machine with one GPU: the error names the flag and the GPUs there are."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
     with pytest.raises(UsageError, match=r"--device cuda:3: PyTorch sees 1 CUDA GPU \(cuda:0 to cuda:0\)"):
         engine.choose_device("cuda:3")
     assert engine.choose_device("cuda:0") == torch.device("cuda:0")
+
+
+def test_the_gpu_of_device_becomes_the_current_one(monkeypatch):
+    """--device cuda:1: torch's current GPU is cuda:1, so that HostCopy's CUDA event (recorded on the current GPU's
+    stream) waits for the loss's copy queued on cuda:1, and the DataLoader's pin_memory thread opens no context on
+    cuda:0, perhaps another job's GPU."""
+    fake_gpus(monkeypatch, [8, 8])
+    current = []
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    assert engine.choose_device("cuda:1") == torch.device("cuda:1")
+    assert current == [torch.device("cuda:1")]
 
 
 @pytest.mark.parametrize("cpus", [1, 64])
