@@ -8,6 +8,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from utils import UsageError
+
 
 def launched_by_torchrun():
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -19,11 +21,17 @@ def launched_rank():
 
 
 def setup(device):
-    """Initialise the process group when launched by torchrun; returns the device this process uses."""
+    """Initialise the process group when launched by torchrun; returns the device this process uses (on CUDA the GPU
+    of its LOCAL_RANK; a UsageError when there is no such GPU)."""
     if not launched_by_torchrun():
         return device
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        local_rank, count = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+        if local_rank >= count:
+            raise UsageError(f"torchrun started local process {local_rank} but PyTorch sees {count} CUDA "
+                             f"GPU{'s' * (count != 1)} here, and each process takes one: give torchrun "
+                             f"--nproc_per_node={count} or fewer (or train.py --device cpu)")
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device

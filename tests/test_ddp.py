@@ -1,13 +1,16 @@
 """Two CPU processes with gloo via torchrun: files written once, and the reduced validation IoU equals a
-single-process evaluation of the same weights on the same images."""
+single-process evaluation of the same weights on the same images; more processes than GPUs is a usage error."""
 import os
 import subprocess
 import sys
 
 import pandas as pd
 import pytest
+import torch
 
+import distributed
 from synthetic import generate_synthetic
+from utils import UsageError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,3 +64,17 @@ def test_torchrun_two_cpu_processes(tmp_path):
         failed = subprocess.run(cmd[:-2] + extra, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert failed.returncode != 0 and failed.stderr.count(f"train.py: error: {message}") == 2, failed.stderr
         assert "gloo" not in failed.stderr and "ValueError" not in failed.stderr, failed.stderr[-3000:]
+
+
+def test_torchrun_with_more_processes_than_gpus_is_a_usage_error(monkeypatch):
+    """torchrun --nproc_per_node=4 on a machine with 2 GPUs: local process 2 has no GPU; it says so and the fix,
+    before it sets a GPU or joins the group (there CUDA's 'invalid device ordinal' came with a traceback)."""
+    for name, value in (("RANK", "2"), ("LOCAL_RANK", "2"), ("WORLD_SIZE", "4")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    called = []
+    monkeypatch.setattr(torch.cuda, "set_device", called.append)
+    monkeypatch.setattr(distributed.dist, "init_process_group", called.append)
+    with pytest.raises(UsageError, match=r"sees 2 CUDA GPUs .* --nproc_per_node=2 or fewer"):
+        distributed.setup(torch.device("cuda"))
+    assert called == []
