@@ -131,6 +131,11 @@ class Trainer:
             # the kernel's out-of-memory killer picks a loader worker first: say so, not a traceback
             raise UserError(f"a data loader {str(exc)[len('DataLoader '):].strip().rstrip('.')} (out of memory?) "
                             f"during epoch {self._where_to_go_on(' --num_workers 0')}") from None
+        if exc_type is torch.cuda.OutOfMemoryError and self.main:
+            # a batch too large for the GPU: the same flags run out again, and --batch_size is the run's own
+            raise UserError(f"{self.device} ran out of memory during epoch {self._where_to_go_on()}. Unless other "
+                            "processes held its memory, a batch is too large for it: start again (--overwrite) with "
+                            "a smaller --batch_size or --crop_size") from None
         return False
 
     def _where_to_go_on(self, flags=""):

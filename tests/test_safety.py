@@ -685,6 +685,19 @@ def test_huge_learning_rate_stops_in_the_first_epoch(in_workdir, capsys):
     assert no_temp_files(run) == []
 
 
+def test_a_gpu_that_runs_out_of_memory_names_the_batch_size(in_workdir, capsys, monkeypatch):
+    """CUDA's out-of-memory error in a training step (a --batch_size too large for the GPU) is a one-line error that
+    names the flag and how to go on, not a traceback."""
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(engine, "step", out_of_memory)
+    assert cli(train.main, ["--name", "oom", "--epochs", "1", *SMALL]) == 1
+    err = capsys.readouterr().err
+    assert "cpu ran out of memory during epoch 1, before any epoch was saved" in err, err
+    assert "--batch_size" in err and "Traceback" not in err
+
+
 def test_weights_that_diverge_at_the_last_step_are_never_saved(in_workdir, capsys):
     """AdamW's decay of 1e10 wrecks the weights in the epoch's one update, after its training loss was
     computed: the validation loss catches it, before model.pth or last.pth (once written as the best epoch)."""
