@@ -96,10 +96,26 @@ def run_cli(main, argv=None):
         print(f"{prog}: error: {f'{where}: ' if where else ''}{e.strerror} (check the path, its permissions and the "
               "free disk space)", file=sys.stderr)
         sys.exit(1)
+    except (MemoryError, RuntimeError) as e:  # torch's allocators raise RuntimeErrors (CUDA's a subclass of it)
+        if "--debug" in argv or not out_of_memory(e):
+            raise
+        release_locals(e)
+        prog = os.path.basename(sys.argv[0]) or "toolkit"
+        first = (str(e).strip().splitlines() or ["MemoryError"])[0][:160]
+        print(f"{prog}: error: out of memory ({first}); give a smaller --batch_size (predict.py and val.py: also "
+              "--tile; train.py: --crop_size), or free the memory other processes hold", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt as e:
         release_locals(e)
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def out_of_memory(error):
+    """Whether ``error`` says an allocation failed: Python's MemoryError, torch's CPU allocator ("can't allocate
+    memory") or CUDA's OutOfMemoryError ("out of memory")."""
+    text = str(error)
+    return isinstance(error, MemoryError) or "out of memory" in text or "can't allocate memory" in text
 
 
 def release_locals(error):

@@ -342,6 +342,28 @@ def test_a_folder_that_takes_no_file_is_named_in_the_error(tmp_path, monkeypatch
         assert f" error: {tmp_path}: Permission denied (check the path" in capsys.readouterr().err
 
 
+
+@pytest.mark.parametrize("error", [
+    torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 15.77 GiB total capacity)"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried "
+                 "to allocate 6442450944 bytes. Error code 12 (Cannot allocate memory)"),
+    MemoryError()])
+def test_running_out_of_memory_is_one_line_naming_the_flags_that_need_less(error, capsys):
+    """A --batch_size or --tile too large for the GPU or the RAM (predict.py, val.py, a device data set too large):
+    a one-line error and exit code 1, not torch's traceback; any other RuntimeError stays a traceback."""
+    def main(argv):
+        raise error
+    with pytest.raises(SystemExit) as stop:
+        run_cli(main, [])
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and len(err.strip().splitlines()) == 1
+    assert "error: out of memory (" in err and "--batch_size" in err and "--tile" in err
+
+    def bug(argv):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    with pytest.raises(RuntimeError, match="mat1"):
+        run_cli(bug, [])
+
 def test_a_loader_worker_is_quiet_about_its_fd_server_only(capsys):
     """The race behind a traceback after Ctrl-C (the main process left while a worker's resource_sharer thread
     handed it a batch): errors raised in that module are not printed by the worker's excepthook; others are."""
