@@ -7,9 +7,9 @@ range; a run trained with ``--normalization percentile`` stretches every image b
 Masks hold 0/255 or 0/1 and become {0, 1}; label images hold one integer per nucleus, 0 = background; an indexed
 (palette) PNG mask or label image is read as its indices, as a TIFF's are, where its palette only colours them
 (an annotation tool's or ImageJ's LUT), and so is an indexed PNG image whose palette ramps one colour up from black
-(Fiji saves an 8-bit image shown with its Blue or Green LUT so): its indices are the intensities. Every unreadable or inconsistent file is a DataError naming it. The
-network then sees ``(x - 0.5) / 0.25`` of those [0, 1] values (:func:`normalize`), in training and at prediction
-alike.
+(Fiji saves an 8-bit image shown with its Blue or Green LUT so): its indices are the intensities. Every unreadable
+or inconsistent file is a DataError naming it. The network then sees ``(x - 0.5) / 0.25`` of those [0, 1] values
+(:func:`normalize`), in training and at prediction alike.
 """
 import io
 import os
