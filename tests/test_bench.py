@@ -199,6 +199,7 @@ def test_profile_step_shares_the_step_among_its_operators(tmp_path):
     assert_names_its_cpus(summary)
     assert os.listdir(tmp_path) == []
 
+
 def test_group_split_holds_out_whole_groups():
     groups = ["a"] * 50 + ["b"] * 12 + ["c"] * 9 + ["d"] * 8 + ["e"] * 6 + ["f"] * 15
     ids = [f"id{i:03d}" for i in range(len(groups))]

@@ -929,7 +929,6 @@ def test_an_indexed_png_with_a_bad_text_checksum_is_read_as_libpng_reads_it(tmp_
     np.testing.assert_array_equal(read_mask(damaged(picture, "mask.png")), mask)
 
 
-
 def test_an_indexed_png_whose_pixels_pass_its_palette_is_named(tmp_path):
     """A 4-bit palette PNG of two colours whose nuclei use index 3: libpng shows them black (an empty mask), and
     indexing the palette with them was an IndexError traceback."""
@@ -964,6 +963,7 @@ def test_an_8_bit_png_image_saved_with_a_one_colour_lut_is_read_as_its_intensiti
     picture.putpalette(colours.ravel().tolist())
     picture.save(tmp_path / "photo.png")
     np.testing.assert_array_equal(decode_image(str(tmp_path / "photo.png")), colours[intensities])
+
 
 def test_an_image_whose_header_claims_gigapixels_is_named_not_decoded(tmp_path, monkeypatch):
     """A decompression bomb, or a damaged header: a PNG claiming more pixels than OpenCV decodes was a cv2.error

@@ -342,7 +342,6 @@ def test_a_folder_that_takes_no_file_is_named_in_the_error(tmp_path, monkeypatch
         assert f" error: {tmp_path}: Permission denied (check the path" in capsys.readouterr().err
 
 
-
 @pytest.mark.parametrize("error", [
     torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 15.77 GiB total capacity)"),
     RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried "
@@ -363,6 +362,7 @@ def test_running_out_of_memory_is_one_line_naming_the_flags_that_need_less(error
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
     with pytest.raises(RuntimeError, match="mat1"):
         run_cli(bug, [])
+
 
 def test_a_loader_worker_is_quiet_about_its_fd_server_only(capsys):
     """The race behind a traceback after Ctrl-C (the main process left while a worker's resource_sharer thread
