@@ -15,6 +15,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import traceback
@@ -802,10 +803,10 @@ def remove_killed_writes(folder):
 
 def temp_folder_beside(path):
     """A new empty folder beside ``path`` (same file system, so :func:`replace_folder` can move it there), with the
-    permissions os.makedirs would give (mkdtemp makes it private). Such folders (.<name>.tmp-<writer>-<random>) that a
-    killed process left beside ``path`` are removed first, those of a process still building kept; one killed
-    between :func:`replace_folder`'s two renames (``path`` missing, the old folder aside as <build>.old) is completed
-    first: its finished build, else the old folder, takes the place."""
+    permissions os.makedirs would give (mkdtemp makes it private), a group's set-group-ID bit included. Such folders
+    (.<name>.tmp-<writer>-<random>) that a killed process left beside ``path`` are removed first, those of a process
+    still building kept; one killed between :func:`replace_folder`'s two renames (``path`` missing, the old folder
+    aside as <build>.old) is completed first: its finished build, else the old folder, takes the place."""
     path = os.path.abspath(path)
     parent, prefix = os.path.dirname(path), "." + temp_stem(path) + ".tmp-"
     os.makedirs(parent, exist_ok=True)
@@ -825,7 +826,9 @@ def temp_folder_beside(path):
     for folder in left:
         shutil.rmtree(folder, ignore_errors=True)
     tmp = made_in(parent, tempfile.mkdtemp, prefix=f"{prefix}{writer()}-")
-    os.chmod(tmp, 0o777 & ~_UMASK)
+    # mkdir gave it the set-group-ID bit of a group's shared folder; a chmod without it would clear it, and what is
+    # made inside would get the user's own group, which the colleagues cannot read or replace
+    os.chmod(tmp, 0o777 & ~_UMASK | os.stat(tmp).st_mode & stat.S_ISGID)
     return tmp
 
 

@@ -14,6 +14,7 @@ import re
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 
@@ -564,6 +565,18 @@ def test_a_symlinked_folder_stays_a_link_when_replaced(tmp_path):
         with open(os.path.join(tmp, "new.png"), "w") as f:
             f.write("new")
     assert link.is_symlink() and os.listdir(target) == ["new.png"] and os.listdir(link.parent) == ["dsb"]
+
+
+def test_a_folder_replaced_in_a_group_s_shared_folder_keeps_its_group(tmp_path):
+    """A project folder shared by a group (chmod g+s): val.py's outputs, a dataset or a bundled run built there keep
+    the set-group-ID bit, so that the folders made inside belong to the group, as os.makedirs would make them."""
+    shared = tmp_path / "project"
+    shared.mkdir()
+    os.chmod(shared, 0o2770)
+    with utils.folder_replaced_when_done(shared / "outputs") as tmp:
+        os.mkdir(os.path.join(tmp, "overlays"))
+    assert os.stat(shared / "outputs").st_mode & stat.S_ISGID
+    assert os.stat(shared / "outputs" / "overlays").st_mode & stat.S_ISGID
 
 
 def test_signals_that_end_a_job_stop_as_ctrl_c_unless_ignored():
