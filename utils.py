@@ -522,16 +522,20 @@ def locked(path):
     after; the system drops the lock when the process ends, killed or not (the file then stays, unlocked, and the
     next holder takes it). Yields None when taken, else the pid of the process that holds it (text, '' if unknown),
     and the block runs without the lock. On a file system that takes no locks (a Lustre or NFS mount without them)
-    the block runs as if it held it, after a note. A symbolic link at ``path`` is a DataError."""
+    the block runs as if it held it, after a note. A symbolic link at ``path`` is a DataError, and so is another
+    user's lock file that this user may not read."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     while True:
+        others = False
         try:  # not through a link (one in a folder from elsewhere): the pid written below would replace its target
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
         except OSError as e:
-            if e.errno != errno.ELOOP:
+            if e.errno == errno.ELOOP:
+                raise DataError(f"{path} is a symbolic link, not a lock file of this toolkit: remove the link (the "
+                                "file it points to is left as it is)") from None
+            if e.errno != errno.EACCES or not os.path.isfile(path):
                 raise
-            raise DataError(f"{path} is a symbolic link, not a lock file of this toolkit: remove the link (the file "
-                            "it points to is left as it is)") from None
+            fd, others = others_lock_file(path), True
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -547,6 +551,12 @@ def locked(path):
             print(f"note: {path}: this file system takes no file locks ({e.strerror}), so nothing stops a second "
                   "process from writing the same files", file=sys.stderr)
             break
+        if others:  # its process ended (it would hold the lock): remove the file, still locked, and make one's own
+            try:
+                os.remove(path)
+            finally:
+                os.close(fd)
+            continue
         try:
             opened, named = os.fstat(fd), os.stat(path)
             if (opened.st_dev, opened.st_ino) == (named.st_dev, named.st_ino):
@@ -565,6 +575,16 @@ def locked(path):
     finally:
         os.remove(path)
         os.close(fd)
+
+
+def others_lock_file(path):
+    """A read-only descriptor of the lock file ``path`` that another user's process made without write permission
+    for this user (their umask): enough to take the lock, or to learn that it is held and by whom."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except PermissionError:
+        raise DataError(f"{path} is another user's lock file, which this user may not read: it marks a folder that "
+                        "their process writes; remove it once no process of theirs runs here") from None
 
 
 def lock_file_beside(folder):

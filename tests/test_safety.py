@@ -41,7 +41,7 @@ import utils
 import val
 from archs import build_model
 from checkpoints import atomic_torch_save
-from conftest import ROOT, train_argv
+from conftest import ROOT, held_by_another_process, train_argv
 from dataset import Dataset, decode_image, eval_transform, read_mask
 from utils import DataError, UsageError, atomic_write, interrupts_held, run_cli, sha256_file
 
@@ -610,6 +610,28 @@ def test_a_file_system_without_locks_gets_a_note_not_a_refusal(tmp_path, monkeyp
         assert holder is None and path.read_text() == str(os.getpid())
     assert not path.exists()
     assert f"note: {path}: this file system takes no file locks" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write any file")
+def test_a_lock_file_this_user_may_not_write_is_taken_or_its_holder_named(tmp_path):
+    """A colleague's lock file in a shared folder, made with umask 022 (rw-r--r--), that their killed job left: the
+    other users were refused ('Permission denied') until someone removed it by hand; while their job runs, the
+    others learn that it does and its pid. (A file of this user without write permission stands for it: the
+    permissions bind the owner too.) One this user may not even read is named as such."""
+    path = tmp_path / ".out.lock"
+    path.write_text(str(DEAD_PID))
+    path.chmod(0o444)
+    with utils.locked(str(path)) as holder:
+        assert holder is None and path.read_text() == str(os.getpid())
+    assert not path.exists()
+    with held_by_another_process(path) as pid:
+        path.chmod(0o444)
+        with utils.locked(str(path)) as holder:
+            assert holder == str(pid)
+        path.chmod(0)
+        with pytest.raises(DataError, match="another user's lock file"):
+            with utils.locked(str(path)):
+                pass
 
 
 def test_temporary_files_of_another_machine_are_left_to_it(tmp_path):
