@@ -15,9 +15,9 @@ from collections.abc import Hashable
 import yaml
 
 from image_files import MAX_PIXELS, NORMALIZATIONS
-from utils import (AMP_MODES, ArgumentParser, UsageError, amp_mode, atomic_write, bool_or_auto, check_new_run_name,
-                   check_run_name, compile_mode, device_name, file_extension, integer, path_arg, str2bool,
-                   usable_cpus)
+from utils import (AMP_MODES, ArgumentParser, DataError, UsageError, amp_mode, atomic_write, bool_or_auto,
+                   check_new_run_name, check_run_name, compile_mode, device_name, file_extension, integer, path_arg,
+                   str2bool, usable_cpus)
 
 # Nucleus separation (instances.py) and its object filters: the flags' choices and defaults, chosen on validation
 # images (docs/results.md, "How the post-processing defaults were chosen"). Kept here, not in instances.py, so that
@@ -304,7 +304,7 @@ def parse_train_args(argv):
         # A resumed run starts from its saved flags; the recipe's and this command line's (e.g. more --epochs) win,
         # and are checked as changes.
         how = f"--resume {name}" if first.resume else "--auto_resume"
-        saved = os.path.join(MODELS_DIR, name, "config.yml")
+        saved = os.path.join(run_dir(name), "config.yml")
         if not os.path.isfile(saved):
             hint = ("it holds the run's settings beside its last.pth: restore it" if first.auto_resume else
                     "is the run name right? (runs are in models/)")
@@ -575,8 +575,14 @@ def output_channels(args):
 
 
 def run_dir(name):
-    """models/<name>, after checking that name is a plain name."""
-    return os.path.join(MODELS_DIR, check_run_name(name))
+    """models/<name>, after checking that name is a plain name and that this user may read the folder if it exists."""
+    path = os.path.join(MODELS_DIR, check_run_name(name))
+    # another user's private run (their umask 077 in a shared project folder) would look absent ("no run named ...,
+    # train it first"), and a new run of that name would then fail on the folder
+    if os.path.isdir(path) and not os.access(path, os.R_OK | os.X_OK):
+        raise DataError(f"{path} is a run folder this user may not read; its owner can share it (chmod -R g+rX "
+                        f"{path}), or name another run")
+    return path
 
 
 def run_lock_file(name):

@@ -634,6 +634,22 @@ def test_a_lock_file_this_user_may_not_write_is_taken_or_its_holder_named(tmp_pa
                 pass
 
 
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may read any folder")
+def test_a_run_folder_this_user_may_not_read_is_named_not_taken_for_absent(tmp_path, monkeypatch):
+    """A colleague's private run in a shared project folder (their umask 077): val.py, predict.py and --resume said
+    there was no run of that name, to train it first. (A folder of this user without permissions stands for it.)"""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "theirs").mkdir(parents=True)
+    (tmp_path / "models" / "theirs" / "config.yml").write_text("name: theirs\n")
+    (tmp_path / "models" / "theirs").chmod(0)
+    try:
+        for load in (lambda: config.load_run_config("theirs"), lambda: config.parse_train_args(["--resume", "theirs"])):
+            with pytest.raises(DataError, match="models/theirs is a run folder this user may not read"):
+                load()
+    finally:
+        (tmp_path / "models" / "theirs").chmod(0o700)
+
+
 def test_temporary_files_of_another_machine_are_left_to_it(tmp_path):
     """On a file system shared between machines (a cluster's) a pid says nothing about another machine's writer:
     its temporary files and folders stay; this machine's of a killed process go, in the names of earlier versions
