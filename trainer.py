@@ -426,6 +426,11 @@ def check_run_folder(path, name, resume, overwrite, auto_resume):
                          f"saved an epoch, was to replace: move it back to {path} (or remove it) first")
     if overwrite and resume:
         raise UsageError(f"--resume {name} continues the run and --overwrite starts it again; give one of the two")
+    # the old run is removed once the new one saves its first epoch: fail now, not then, leaving it set aside where
+    # every later --resume and --overwrite of the name would fail to remove it again
+    if overwrite and os.path.isdir(path) and not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"--overwrite {name}: this user may not remove the files in {path} (another user's run); its "
+                         "owner can remove it, or choose another --name")
     weights = os.path.isfile(os.path.join(path, "model.pth"))
     if resume:
         if not os.path.isfile(os.path.join(path, "last.pth")):

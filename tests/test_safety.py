@@ -228,6 +228,23 @@ def test_existing_run_needs_overwrite(in_workdir, capsys):
     assert {n: (run / n).read_bytes() for n in before} == before
 
 
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may remove any file")
+def test_overwrite_of_a_run_this_user_may_not_remove_is_refused_before_training(in_workdir, capsys):
+    """A colleague's run in a shared project folder, made with umask 022: --overwrite set it aside, trained an epoch,
+    then failed to remove it ('model.pth: Permission denied'), and every later --resume or --overwrite of the name
+    failed the same way. (A run of this user without write permission stands for it.)"""
+    run = in_workdir / "models" / "theirs"
+    shutil.copytree(in_workdir / "models" / "good", run)
+    run.chmod(0o555)
+    try:
+        assert cli(train.main, ["--name", "theirs", "--epochs", "1", "--overwrite", *SMALL]) == 2
+    finally:
+        run.chmod(0o755)
+    assert "may not remove the files in models/theirs" in capsys.readouterr().err
+    assert not (in_workdir / "models" / ".theirs.replaced").exists()
+    shutil.rmtree(run)
+
+
 def test_a_run_stopped_before_its_first_save_is_started_again_with_overwrite(in_workdir, capsys):
     """A run that failed in epoch 1 left config.yml and split.csv only: the message names --overwrite, not
     --resume (which would refuse it in turn)."""
