@@ -15,7 +15,7 @@ import yaml
 from config import INPUTS_DIR, saved_run_dir
 from dataset import MODALITIES, find_layout, list_ids, nucleus_diameter
 from splits import read_split, split_ids
-from image_files import denormalize, read_labels
+from image_files import decode_image, denormalize, read_labels
 from instances import auto_scale, border_map
 from metrics import dsb_scores
 from utils import BatchedThreads, DataError, UsageError, atomic_imwrite, atomic_write, first_few
@@ -26,10 +26,11 @@ EVALUATION_FILE = "evaluation.yml"
 SEPARATION_NAMES = {"cc": "connected components", "watershed": "watershed", "borders": "learned borders"}
 
 
-def evaluation_ids(name, split, dataset, run_dataset, reading):
+def evaluation_ids(name, split, dataset, cfg, reading):
     """(dataset folder, ids to score, what they are): the ``split`` ids (default val) of run ``name``'s split.csv,
-    or with ``dataset`` every image of that folder (inputs/<dataset>, or a folder path, of any layout). ``run_dataset``:
-    the run's --dataset; ``reading``: its img_ext, mask_ext and num_classes."""
+    or with ``dataset`` every image of that folder (inputs/<dataset>, or a folder path, of any layout). ``cfg``: the
+    run's flags; ``reading``: the img_ext, mask_ext and num_classes to read the images with."""
+    run_dataset = cfg.dataset
     if dataset is not None:
         if split is not None:
             raise UsageError("--split picks ids of the run's own dataset; with --dataset every image is scored, so "
@@ -37,8 +38,10 @@ def evaluation_ids(name, split, dataset, run_dataset, reading):
         named = os.path.join(INPUTS_DIR, dataset)  # a name in inputs/ first, else a folder path of any layout
         folder = dataset if not os.path.isdir(named) and os.path.isdir(dataset) else named
         ids = list_ids(folder, reading["img_ext"], reading["mask_ext"], reading["num_classes"])
-        own = os.path.realpath(folder) == os.path.realpath(os.path.join(INPUTS_DIR, run_dataset))
-        return folder, ids, f"all of {folder}" + (", the run's own dataset: its training images included" if own
+        if os.path.realpath(folder) == os.path.realpath(os.path.join(INPUTS_DIR, run_dataset)):
+            return folder, ids, f"all of {folder}, the run's own dataset: its training images included"
+        copies = training_copies(name, cfg, folder, ids, reading)
+        return folder, ids, f"all of {folder}" + (f", {len(copies)} of them the run's training images" if copies
                                                   else " (not trained on)")
     split = split or "val"
     run = saved_run_dir(name)
@@ -63,6 +66,19 @@ def evaluation_ids(name, split, dataset, run_dataset, reading):
                         f"{'is' if len(missing) == 1 else 'are'} not in {folder}, e.g. {first_few(missing)}: prepare "
                         "that dataset again in full, or score another with --dataset <set>")
     return folder, ids, f"{split} split"
+
+
+def training_copies(name, cfg, folder, ids, reading):
+    """The ``ids`` of ``folder`` whose image is, pixel for pixel, run ``name``'s training image of the same id (its
+    split.csv; its flags ``cfg`` say where that image is): a copy in another folder, layout or file type. Empty when
+    the run's dataset is not in inputs/."""
+    split, run_folder = os.path.join(saved_run_dir(name), "split.csv"), os.path.join(INPUTS_DIR, cfg.dataset)
+    if not (os.path.isfile(split) and os.path.isdir(run_folder)):
+        return []
+    theirs = find_layout(run_folder, cfg.img_ext, cfg.mask_ext)
+    ours = find_layout(folder, reading["img_ext"], reading["mask_ext"])
+    named = sorted(set(split_ids(read_split(split), "train")) & set(ids) & theirs.image_ids())
+    return [i for i in named if np.array_equal(decode_image(theirs.image(i)), decode_image(ours.image(i)))]
 
 
 def evaluation_record(name, split, dataset, folder):

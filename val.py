@@ -104,7 +104,7 @@ def evaluate_into(args, out_dir):
     filters = object_filters(args.min_size, args.min_confidence, cfg.loss)
     separation = choose_separation(args.separation, cfg.borders, args.name)
     reading = {**reading_of(cfg), "img_ext": args.img_ext or cfg.img_ext, "mask_ext": args.mask_ext or cfg.mask_ext}
-    dataset_dir, ids, part = evaluation_ids(args.name, args.split, args.dataset, cfg.dataset, reading)
+    dataset_dir, ids, part = evaluation_ids(args.name, args.split, args.dataset, cfg, reading)
     left_out = images_left_out(dataset_dir, reading["img_ext"]) if args.dataset is not None else ""
     if left_out:
         print(left_out)

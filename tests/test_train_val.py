@@ -266,7 +266,7 @@ def test_borders_run_scores_nuclei_and_splits_along_borders(work, monkeypatch, c
                             for dataset in (TINY_NAME, "no_labels"))
     printed = capsys.readouterr().out
     assert "the masks alone are scored, for every image" in printed
-    assert "all of inputs/no_labels (not trained on), 10 images at 32x32, " in printed  # where scores are taken
+    assert "all of inputs/no_labels, 8 of them the run's training images, 10 images at 32x32, " in printed
     masks_only = ("iou", "dice", "iou_mean", "dice_mean")
     assert {k: unlabelled[k] for k in masks_only} == {k: labelled[k] for k in masks_only}
     assert "dsb" in labelled and "dsb" not in unlabelled
@@ -706,7 +706,8 @@ def test_resume_with_a_flag_that_changes_the_weights_says_start_again(tiny_workd
 
 def test_val_scores_every_image_of_another_dataset(work, capsys):
     """val.py --dataset: a dataset the run never saw, every image scored at the run's size, outputs beside (never
-    over) the run's own validation outputs; the pooled IoU is the one the written files give."""
+    over) the run's own validation outputs; the pooled IoU is the one the written files give. The title says which
+    of the images the run trained on."""
     root, _, all_scores = work
     with cwd(root):
         other = make_synthetic(root, name="unseen", num_images=5, size=48, seed=7)
@@ -732,6 +733,10 @@ def test_val_scores_every_image_of_another_dataset(work, capsys):
     with cwd(root):  # the run's own dataset: said to hold the images it trained on
         val.main(["--name", "unet", "--dataset", TINY_NAME, "--device", "cpu", "--no_overlays"])
     assert f"all of inputs/{TINY_NAME}, the run's own dataset: its training images included" in capsys.readouterr().out
+    shutil.copytree(root / "inputs" / TINY_NAME, root / "inputs" / "tiny_copy")
+    with cwd(root):  # a copy of it elsewhere: its training images counted by their pixels ("unseen" shares names)
+        val.main(["--name", "unet", "--dataset", "tiny_copy", "--device", "cpu", "--no_overlays"])
+    assert "all of inputs/tiny_copy, 8 of them the run's training images, 10 images" in capsys.readouterr().out
 
 
 def test_val_reads_a_dataset_stored_with_other_extensions(work):
