@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 import distributed
-from image_files import (JPEG_EXTS, NEAREST, decode_image, image_to_float, normalize, read_label_image,
+from image_files import (CELLPOSE_NOT_IMAGES, JPEG_EXTS, NEAREST, decode_image, image_to_float, normalize, read_label_image,
                          read_mask)
 from instances import median_diameter, nucleus_areas, touching_borders
 from utils import (NEAR_NAMES, STOP_SIGNALS, DataError, UsageError, check_utf8_names, first_few, near_names,
@@ -55,9 +55,6 @@ def _ids_in(folder, ext):
              if f.endswith(ext) and not f.startswith(".") and not os.path.isdir(os.path.join(folder, f))]
     check_utf8_names(os.path.join(folder, f) for f in files)
     return {f[: -len(ext)] for f in files}
-
-
-CELLPOSE_NOT_IMAGES = ("_masks", "_flows")  # files beside the images in Cellpose's folders without _img
 
 
 class Layout:

@@ -24,6 +24,7 @@ from utils import DataError, ram
 
 TIFF_EXTS = (".tif", ".tiff")
 JPEG_EXTS = (".jpg", ".jpeg")
+CELLPOSE_NOT_IMAGES = ("_masks", "_flows")  # files beside the images in Cellpose's folders: <id>_masks, <id>_flows
 JPEG_SIGNATURE = b"\xff\xd8\xff"
 INVERTING_LUT = np.repeat(np.arange(255, -1, -1, dtype=np.uint8)[:, None], 3, axis=1)  # ImageJ's: i shown 255 - i
 NORMALIZATIONS = ("fixed", "percentile", "percentile_dark")  # train.py --normalization

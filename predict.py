@@ -37,7 +37,7 @@ from skimage.measure import regionprops_table
 
 from config import (MIN_SIZE, add_amp_arg, add_device_arg, add_separation_args, check_object_filters,
                     choose_separation, object_filters)
-from image_files import TIFF_EXTS, TiffHeader, decode_planes, select_channel, tiff_header
+from image_files import CELLPOSE_NOT_IMAGES, TIFF_EXTS, TiffHeader, decode_planes, select_channel, tiff_header
 from instances import AUTO_SCALE_BAND, auto_scale, border_map, median_diameter, nucleus_areas, split_instances
 from utils import (ArgumentParser, BatchedThreads, DataError, UsageError, atomic_imwrite, atomic_tiff_write,
                    atomic_write, check_output_folder, check_utf8_names, first_few, float_or_auto, path_arg,
@@ -145,7 +145,13 @@ def list_images(paths):
                       "--input to try reading it")
             if not files:
                 raise DataError(f"--input {path}: the folder holds no {'/'.join(e[1:] for e in IMAGE_EXTS)} images")
-            found += files
+            companions = cellpose_companions(files)
+            if companions:
+                print(f"note: {printable_path(path)}: {len(companions)} Cellpose label or flow file"
+                      f"{'s' * (len(companions) != 1)} beside {'their images' if len(companions) != 1 else 'its image'}"
+                      f" left out ({first_few([printable_path(os.path.basename(f)) for f in companions])}); give one "
+                      "as --input to segment it")
+            found += [f for f in files if f not in companions]
         elif os.path.isfile(path):
             found.append(path)
         else:
@@ -155,6 +161,20 @@ def list_images(paths):
     for f in found:
         unique.setdefault(os.path.abspath(f), f)
     return list(unique.values())
+
+
+def cellpose_companions(files):
+    """The files of a folder's image ``files`` that are Cellpose's <id>_masks or <id>_flows beside the image
+    <id>_img or <id> (dataset.py's Cellpose layouts): label images and flows, which segmented as images would give
+    nonsense nuclei under names like a label image's."""
+    stems = {os.path.splitext(os.path.basename(f))[0] for f in files}
+    companions = []
+    for f in files:
+        stem = os.path.splitext(os.path.basename(f))[0]
+        image = next((stem[:-len(end)] for end in CELLPOSE_NOT_IMAGES if stem.endswith(end)), None)
+        if image is not None and {image, image + "_img"} & stems:
+            companions.append(f)
+    return companions
 
 
 def tiff_headers(files):

@@ -682,6 +682,19 @@ def test_a_folder_s_other_files_are_named_and_a_broken_link_kept_to_be_named(tmp
     assert done.returncode == 0 and "b.webp, notiz_\\xe4.txt" in done.stdout, done.stderr[-500:]
 
 
+
+def test_cellpose_label_images_beside_their_images_are_left_out(tmp_path, capsys):
+    """A Cellpose folder given as --input: its <id>_masks label images and <id>_flows files are not segmented as
+    images (their outputs would take a label image's name); an image that is only named like one stays."""
+    for name in ("a_img.png", "a_masks.png", "b.tif", "b_masks.png", "b_flows.tif", "c_masks.png"):
+        write(tmp_path / "plate" / name, np.zeros((8, 8), np.uint8))
+    assert predict.list_images([str(tmp_path / "plate")]) == [str(tmp_path / "plate" / n) for n in ("a_img.png",
+                                                                                                 "b.tif",
+                                                                                                 "c_masks.png")]
+    assert "3 Cellpose label or flow files beside their images left out (a_masks.png, b_flows.tif, b_masks.png)" \
+        in capsys.readouterr().out
+    assert predict.list_images([str(tmp_path / "plate" / "a_masks.png")]) == [str(tmp_path / "plate" / "a_masks.png")]
+
 def test_a_file_name_that_is_not_utf8_is_refused_before_any_output(tmp_path):
     write(tmp_path / "plate" / "a.png", np.zeros((8, 8), np.uint8))
     shutil.copy(tmp_path / "plate" / "a.png", os.fsdecode(os.fsencode(tmp_path / "plate") + b"/Zellkern_\xe4.png"))
