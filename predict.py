@@ -151,7 +151,8 @@ def list_images(paths):
                       f"{'s' * (len(companions) != 1)} beside {'their images' if len(companions) != 1 else 'its image'}"
                       f" left out ({first_few([printable_path(os.path.basename(f)) for f in companions])}); give one "
                       "as --input to segment it")
-            found += [f for f in files if f not in companions]
+            left_out = set(companions)
+            found += [f for f in files if f not in left_out]
         elif os.path.isfile(path):
             found.append(path)
         else:
