@@ -150,6 +150,18 @@ def _extension_hint(folder, flag):
                                                           f"{flag} with one of them")
 
 
+def _mask_extension_too(layout, mask_ext):
+    """' and --mask_ext .tif (...)' when the masks or label images of ``layout`` are all of one other type than
+    ``mask_ext`` too, so that the error about the images' type names both flags at once; else ''."""
+    folder = layout.label_dir if layout.kind == "labels" else os.path.join(layout.dataset_dir, "masks", "0")
+    if layout.kind == "cellpose" or not os.path.isdir(folder):
+        return ""
+    found = {os.path.splitext(f)[1] for f in os.listdir(folder) if not f.startswith(".")} - {""}
+    if len(found) != 1 or mask_ext in found:
+        return ""
+    return f" and --mask_ext {found.pop()} (the type of the files in {folder})"
+
+
 def images_left_out(dataset_dir, img_ext):
     """A note naming the files in ``dataset_dir``/images/ that are not ``<id><img_ext>`` (another type, or .PNG
     for .png), which no run reads; '' when there are none."""
@@ -172,7 +184,8 @@ def list_ids(dataset_dir, img_ext=".png", mask_ext=".png", num_classes=1):
     img_dir = os.path.join(dataset_dir, "images") if layout.kind != "cellpose" else dataset_dir
     ids = layout.image_ids()
     if not ids:
-        raise DataError(f"no {img_ext} images in {img_dir}{_extension_hint(img_dir, '--img_ext')}")
+        raise DataError(f"no {img_ext} images in {img_dir}{_extension_hint(img_dir, '--img_ext')}"
+                        f"{_mask_extension_too(layout, mask_ext)}")
     if layout.kind != "masks":
         if num_classes != 1:
             raise UsageError(f"--num_classes {num_classes}: a dataset of label images ({dataset_dir}) has one class, "

@@ -752,7 +752,8 @@ def test_val_reads_a_dataset_stored_with_other_extensions(work):
             stem = os.path.splitext(f)[0]
             tifffile.imwrite(other / "images" / f"{stem}.tif", cv2.imread(str(png / "images" / f))[..., ::-1])
             cv2.imwrite(str(other / "masks" / "0" / f"{stem}.bmp"), cv2.imread(str(png / "masks" / "0" / f), 0))
-        with pytest.raises(DataError, match=r"found \.tif files: pass --img_ext \.tif"):
+        # both flags named at once, not one error after the other
+        with pytest.raises(DataError, match=r"found \.tif files: pass --img_ext \.tif and --mask_ext \.bmp \(the "):
             val.main(["--name", "unet", "--dataset", "as_tif", "--device", "cpu"])
         with pytest.raises(DataError, match=r"found \.bmp files: pass --mask_ext \.bmp"):
             val.main(["--name", "unet", "--dataset", "as_tif", "--img_ext", ".tif", "--device", "cpu"])
