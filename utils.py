@@ -536,6 +536,8 @@ def locked(path):
             if e.errno != errno.EACCES or not os.path.isfile(path):
                 raise
             fd, others = others_lock_file(path), True
+            if fd is None:  # removed meanwhile by the process that took it over: open the path again
+                continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -551,19 +553,21 @@ def locked(path):
             print(f"note: {path}: this file system takes no file locks ({e.strerror}), so nothing stops a second "
                   "process from writing the same files", file=sys.stderr)
             break
-        if others:  # its process ended (it would hold the lock): remove the file, still locked, and make one's own
-            try:
-                os.remove(path)
-            finally:
-                os.close(fd)
-            continue
         try:
             opened, named = os.fstat(fd), os.stat(path)
-            if (opened.st_dev, opened.st_ino) == (named.st_dev, named.st_ino):
-                break
+            current = (opened.st_dev, opened.st_ino) == (named.st_dev, named.st_ino)
         except FileNotFoundError:
-            pass
-        os.close(fd)  # the last holder removed the file as this one opened it: open the path again
+            current = False
+        if current and not others:
+            break
+        try:
+            # another user's file whose process ended (it would hold the lock): removed, still locked, as a releasing
+            # holder removes its own, and this process makes its own. Only while the path still names it: a process
+            # that took it over first may have replaced it by its own lock file, held.
+            if current:
+                os.remove(path)
+        finally:
+            os.close(fd)  # else the last holder removed the file as this one opened it: open the path again
     try:
         try:
             os.ftruncate(fd, 0)
@@ -579,9 +583,12 @@ def locked(path):
 
 def others_lock_file(path):
     """A read-only descriptor of the lock file ``path`` that another user's process made without write permission
-    for this user (their umask): enough to take the lock, or to learn that it is held and by whom."""
+    for this user (their umask): enough to take the lock, or to learn that it is held and by whom. None when the file
+    is gone (another process took it over and removed it)."""
     try:
         return os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
     except PermissionError:
         raise DataError(f"{path} is another user's lock file, which this user may not read: it marks a folder that "
                         "their process writes; remove it once no process of theirs runs here") from None

@@ -651,6 +651,51 @@ def test_a_lock_file_this_user_may_not_write_is_taken_or_its_holder_named(tmp_pa
                 pass
 
 
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write any file")
+def test_two_processes_taking_over_a_colleague_s_lock_file_do_not_both_hold_it(tmp_path, monkeypatch):
+    """Two scripts find the read-only lock file of a colleague's killed job: the first takes it over (removes it,
+    makes its own, holds it) while the second has it open. The second then removed the first one's lock file and
+    made its own: both wrote the folder, each believing it alone did. Now it finds the first one holding the lock."""
+    path = tmp_path / ".out.lock"
+    path.write_text(str(DEAD_PID))
+    path.chmod(0o444)
+    first, read_only, held = utils.locked(str(path)), utils.others_lock_file, []
+
+    def first_takes_over_meanwhile(lock_file):
+        fd = read_only(lock_file)
+        if not held:
+            held.append("taking")
+            held[0] = first.__enter__()
+        return fd
+
+    monkeypatch.setattr(utils, "others_lock_file", first_takes_over_meanwhile)
+    with utils.locked(str(path)) as second:
+        assert held == [None] and second == str(os.getpid())
+    assert path.read_text() == str(os.getpid())
+    first.__exit__(None, None, None)
+    assert not path.exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write any file")
+def test_a_colleague_s_lock_file_removed_as_it_is_opened_is_made_anew(tmp_path, monkeypatch):
+    """The read-only lock file, removed by the one who takes it over (or by its owner) between the two opens: it was a
+    'No such file or directory' error; the lock is free, so it is taken."""
+    path = tmp_path / ".out.lock"
+    path.write_text(str(DEAD_PID))
+    path.chmod(0o444)
+    read_only = utils.others_lock_file
+
+    def removed_first(lock_file):
+        if os.path.exists(lock_file):
+            os.remove(lock_file)
+        return read_only(lock_file)
+
+    monkeypatch.setattr(utils, "others_lock_file", removed_first)
+    with utils.locked(str(path)) as holder:
+        assert holder is None and path.read_text() == str(os.getpid())
+    assert not path.exists()
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may read any folder")
 def test_a_run_folder_this_user_may_not_read_is_named_not_taken_for_absent(tmp_path, monkeypatch):
     """A colleague's private run in a shared project folder (their umask 077): val.py, predict.py and --resume said
