@@ -66,6 +66,12 @@ def quiet_opencv():
         cv2.setLogLevel(1)
 
 
+# What run_cli's out-of-memory error tells each script's user to lower: only flags that script has (a run's own
+# --batch_size changes only when it starts again)
+MEMORY_FLAGS = {"train.py": "a smaller --batch_size or --crop_size (with --overwrite)",
+                "predict.py": "a smaller --batch_size or --tile", "val.py": "a smaller --batch_size"}
+
+
 def run_cli(main, argv=None):
     """Run ``main(argv)`` and turn a UserError into a one-line message and its exit code. The process first keeps
     freed memory (:func:`keep_freed_memory`) and silences OpenCV's own log (the errors name the file instead).
@@ -103,8 +109,8 @@ def run_cli(main, argv=None):
         release_locals(e)
         prog = os.path.basename(sys.argv[0]) or "toolkit"
         first = (str(e).strip().splitlines() or ["MemoryError"])[0][:160]
-        print(f"{prog}: error: out of memory ({first}); give a smaller --batch_size (predict.py and val.py: also "
-              "--tile; train.py: --crop_size), or free the memory other processes hold", file=sys.stderr)
+        fix = f"give {MEMORY_FLAGS[prog]}, or " if prog in MEMORY_FLAGS else ""
+        print(f"{prog}: error: out of memory ({first}); {fix}free the memory other processes hold", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt as e:
         release_locals(e)

@@ -365,11 +365,12 @@ def test_a_folder_that_takes_no_file_is_named_in_the_error(tmp_path, monkeypatch
     RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried "
                  "to allocate 6442450944 bytes. Error code 12 (Cannot allocate memory)"),
     MemoryError()])
-def test_running_out_of_memory_is_one_line_naming_the_flags_that_need_less(error, capsys):
+def test_running_out_of_memory_is_one_line_naming_the_flags_that_need_less(error, capsys, monkeypatch):
     """A --batch_size or --tile too large for the GPU or the RAM (predict.py, val.py, a device data set too large):
     a one-line error and exit code 1, not torch's traceback; any other RuntimeError stays a traceback."""
     def main(argv):
         raise error
+    monkeypatch.setattr(sys, "argv", ["predict.py"])
     with pytest.raises(SystemExit) as stop:
         run_cli(main, [])
     err = capsys.readouterr().err
@@ -380,6 +381,22 @@ def test_running_out_of_memory_is_one_line_naming_the_flags_that_need_less(error
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
     with pytest.raises(RuntimeError, match="mat1"):
         run_cli(bug, [])
+
+
+@pytest.mark.parametrize("script, named, absent", [("val.py", ["--batch_size"], ["--tile", "--crop_size"]),
+                                                   ("train.py", ["--batch_size", "--crop_size"], ["--tile"]),
+                                                   ("export.py", [], ["--batch_size", "--tile", "--crop_size"])])
+def test_running_out_of_memory_names_only_flags_the_script_has(script, named, absent, capsys, monkeypatch):
+    """val.py has no --tile (its windows follow the memory), export.py no --batch_size: the error told their users to
+    give them, which only gave 'unrecognized arguments'."""
+    def main(argv):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(sys, "argv", [script])
+    with pytest.raises(SystemExit):
+        run_cli(main, [])
+    err = capsys.readouterr().err
+    assert err.startswith(f"{script}: error: out of memory (CUDA out of memory.") and "free the memory" in err
+    assert all(flag in err for flag in named) and not any(flag in err for flag in absent), err
 
 
 def test_a_loader_worker_is_quiet_about_its_fd_server_only(capsys):
