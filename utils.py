@@ -556,9 +556,10 @@ def locked(path):
                 os.close(fd)
                 e.filename = path
                 raise
-            print(f"note: {path}: this file system takes no file locks ({e.strerror}), so nothing stops a second "
-                  "process from writing the same files", file=sys.stderr)
-            break
+            if not others:  # another user's file, opened read-only, would not take this pid: replaced first, below
+                print(f"note: {path}: this file system takes no file locks ({e.strerror}), so nothing stops a "
+                      "second process from writing the same files", file=sys.stderr)
+                break
         try:
             opened, named = os.fstat(fd), os.stat(path)
             current = (opened.st_dev, opened.st_ino) == (named.st_dev, named.st_ino)

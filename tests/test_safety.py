@@ -713,6 +713,23 @@ def test_a_colleague_s_lock_file_removed_as_it_is_opened_is_made_anew(tmp_path, 
     assert not path.exists()
 
 
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write any file")
+def test_a_colleague_s_lock_file_on_a_file_system_without_locks_is_replaced(tmp_path, monkeypatch, capsys):
+    """A Lustre or NFS mount without locks, and a colleague's read-only lock file left there: after the note, the
+    block was to run, but writing this pid into the read-only file failed ('Invalid argument') on every run until
+    someone removed the file by hand. It is replaced by one's own, as where locks work."""
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(utils.fcntl, "flock", no_locks)
+    path = tmp_path / ".run.lock"
+    path.write_text(str(DEAD_PID))
+    path.chmod(0o444)
+    with utils.locked(str(path)) as holder:
+        assert holder is None and path.read_text() == str(os.getpid())
+    assert not path.exists()
+    assert capsys.readouterr().err.count(f"note: {path}: this file system takes no file locks") == 1
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may read any folder")
 def test_a_run_folder_this_user_may_not_read_is_named_not_taken_for_absent(tmp_path, monkeypatch):
     """A colleague's private run in a shared project folder (their umask 077): val.py, predict.py and --resume said
