@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from archs import crop_to, final_logits, pad_to_multiple
-from distributed import reduce_sum
+from distributed import launched_by_torchrun, reduce_sum
 from losses import loss_over_heads
 from metrics import SegmentationMeter
 from utils import UsageError, amp_mode, progress_bar, usable_cpus
@@ -33,9 +33,10 @@ def choose_device(requested="auto"):
         count = torch.cuda.device_count()
         raise UsageError(f"--device {requested}: PyTorch sees {count} CUDA GPU{'s' * (count > 1)} (cuda:0 to "
                          f"cuda:{count - 1}); give one of those, or --device auto")
-    if device.type == "cuda" and device.index is not None:
+    if device.type == "cuda" and device.index is not None and not launched_by_torchrun():
         # torch puts on the current GPU what it is not given a device for: the DataLoader's pin_memory thread and
-        # HostCopy's CUDA event, which on cuda:0 would open a context there and wait for none of cuda:N's work
+        # HostCopy's CUDA event, which on cuda:0 would open a context there and wait for none of cuda:N's work.
+        # Under torchrun each process takes the GPU of its LOCAL_RANK (distributed.setup) and opens no other.
         torch.cuda.set_device(device)
     return device
 

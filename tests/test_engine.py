@@ -141,6 +141,10 @@ def test_the_gpu_of_device_becomes_the_current_one(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", current.append)
     assert engine.choose_device("cuda:1") == torch.device("cuda:1")
     assert current == [torch.device("cuda:1")]
+    monkeypatch.setenv("RANK", "0")  # under torchrun: the rank's own GPU, set by distributed.setup, and no other
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    engine.choose_device("cuda:1")
+    assert current == [torch.device("cuda:1")]
 
 
 @pytest.mark.parametrize("cpus", [1, 64])
