@@ -646,18 +646,28 @@ def test_a_file_system_without_locks_gets_a_note_not_a_refusal(tmp_path, monkeyp
     assert f"note: {path}: this file system takes no file locks" in capsys.readouterr().err
 
 
+def left_by_a_colleague(lock_file):
+    """A lock file (a Path) as another user's killed job leaves it: a pid no process has, and read-only for this
+    user (a file of this user without write permission stands for it: the permissions bind the owner too)."""
+    lock_file.write_text(str(DEAD_PID))
+    lock_file.chmod(0o444)
+
+
+def assert_taken_and_removed(lock_file):
+    """utils.locked takes ``lock_file`` (a Path), holding it with this pid, and removes it on release."""
+    with utils.locked(str(lock_file)) as holder:
+        assert holder is None and lock_file.read_text() == str(os.getpid())
+    assert not lock_file.exists()
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write any file")
 def test_a_lock_file_this_user_may_not_write_is_taken_or_its_holder_named(tmp_path):
     """A colleague's lock file in a shared folder, made with umask 022 (rw-r--r--), that their killed job left: the
     other users were refused ('Permission denied') until someone removed it by hand; while their job runs, the
-    others learn that it does and its pid. (A file of this user without write permission stands for it: the
-    permissions bind the owner too.) One this user may not even read is named as such."""
+    others learn that it does and its pid. One this user may not even read is named as such."""
     path = tmp_path / ".out.lock"
-    path.write_text(str(DEAD_PID))
-    path.chmod(0o444)
-    with utils.locked(str(path)) as holder:
-        assert holder is None and path.read_text() == str(os.getpid())
-    assert not path.exists()
+    left_by_a_colleague(path)
+    assert_taken_and_removed(path)
     with held_by_another_process(path) as pid:
         path.chmod(0o444)
         with utils.locked(str(path)) as holder:
@@ -674,8 +684,7 @@ def test_two_processes_taking_over_a_colleague_s_lock_file_do_not_both_hold_it(t
     makes its own, holds it) while the second has it open. The second then removed the first one's lock file and
     made its own: both wrote the folder, each believing it alone did. Now it finds the first one holding the lock."""
     path = tmp_path / ".out.lock"
-    path.write_text(str(DEAD_PID))
-    path.chmod(0o444)
+    left_by_a_colleague(path)
     first, read_only, held = utils.locked(str(path)), utils.others_lock_file, []
 
     def first_takes_over_meanwhile(lock_file):
@@ -698,8 +707,7 @@ def test_a_colleague_s_lock_file_removed_as_it_is_opened_is_made_anew(tmp_path, 
     """The read-only lock file, removed by the one who takes it over (or by its owner) between the two opens: it was a
     'No such file or directory' error; the lock is free, so it is taken."""
     path = tmp_path / ".out.lock"
-    path.write_text(str(DEAD_PID))
-    path.chmod(0o444)
+    left_by_a_colleague(path)
     read_only = utils.others_lock_file
 
     def removed_first(lock_file):
@@ -722,11 +730,8 @@ def test_a_colleague_s_lock_file_on_a_file_system_without_locks_is_replaced(tmp_
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
     monkeypatch.setattr(utils.fcntl, "flock", no_locks)
     path = tmp_path / ".run.lock"
-    path.write_text(str(DEAD_PID))
-    path.chmod(0o444)
-    with utils.locked(str(path)) as holder:
-        assert holder is None and path.read_text() == str(os.getpid())
-    assert not path.exists()
+    left_by_a_colleague(path)
+    assert_taken_and_removed(path)
     assert capsys.readouterr().err.count(f"note: {path}: this file system takes no file locks") == 1
 
 
