@@ -168,6 +168,11 @@ def _add_scheduler_args(g):
                    help="before each validation, recompute the BatchNorm statistics as the average over this many "
                         "training batches (0: PyTorch's running averages); steadies validation when batches differ "
                         "a lot, as in crop training on mixed image types")
+    g.add_argument("--freeze_bn", default=False, type=str2bool,
+                   help="fine-tuning (--init): keep every BatchNorm layer's running statistics as the weights it "
+                        "starts from have them (their scale and shift still train), and skip --precise_bn; for a "
+                        "small set of one image kind, whose own statistics differ from those the weights were fitted "
+                        "to (True/False)")
     g.add_argument("--early_stopping", default=-1, type=integer, help="stop after this many epochs without a better "
                    "val IoU (-1 = never)")
 
@@ -516,6 +521,9 @@ def check_new_run_args(args):
     if args.greyscale and args.input_channels == 1:
         raise UsageError("--greyscale turns colour images grey, and --input_channels 1 reads every image grey "
                          "already; leave --greyscale out")
+    if args.freeze_bn and not args.init:
+        raise UsageError("--freeze_bn True keeps the BatchNorm statistics of the weights a run starts from, which "
+                         "from scratch are untrained (mean 0, variance 1); give --init RUN, or --freeze_bn False")
     if args.nesterov and args.optimizer == "SGD" and args.momentum == 0:
         raise UsageError("--nesterov True needs a --momentum above 0")
     if args.batch_size == 1 and (args.crop_size or min(args.input_w, args.input_h)) == 16:

@@ -247,18 +247,34 @@ def _bar(loader, desc, enabled):
     return progress_bar(loader, desc=desc, leave=False, disable=not enabled)
 
 
+def batchnorm_layers(model):
+    """Every BatchNorm layer of ``model`` (SyncBatchNorm and those inside a DDP or torch.compile wrapper too)."""
+    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+def train_mode(model, freeze_bn=False):
+    """Put ``model`` in training mode; with ``freeze_bn`` (--freeze_bn) its BatchNorm layers stay in eval mode, so
+    they normalise with, and keep, the running statistics of the weights the run started from (their affine weight
+    and bias still train): a few images of one kind would otherwise replace the statistics those weights were
+    fitted to with their own."""
+    model.train()
+    if freeze_bn:
+        for m in batchnorm_layers(model):
+            m.eval()
+
+
 def train_one_epoch(model, loader, criterion, optimizer, precision, desc="train", progress=True, max_steps=None,
-                    classes=None):
+                    classes=None, freeze_bn=False):
     """Train for one pass over ``loader``; returns dict(loss, iou): the loss averaged over the epoch's images, the
     IoU pooled over all their pixels (as val_iou).
 
     ``classes``: IoU over the first ``classes`` channels only (the mask classes; a --borders channel after them
-    is trained but not scored); None scores every channel.
+    is trained but not scored); None scores every channel. ``freeze_bn``: see :func:`train_mode`.
 
     Raises NonFiniteLoss (with the first bad step) when the loss was NaN or infinite; checked once per epoch
     (and at progress-bar updates) so the device never waits for the host.
     """
-    model.train()
+    train_mode(model, freeze_bn)
     totals = EpochTotals(precision.device, classes)
     first_bad = torch.full((), -1, dtype=torch.long, device=precision.device)
     bar = _bar(loader, desc, progress)
@@ -292,7 +308,7 @@ def recalibrate_batchnorm(model, loader, precision, max_batches):
     when batches differ a lot (crops of bright-field and fluorescence images) that makes the evaluated network
     swing from epoch to epoch. Pass the bare model, not the DDP wrapper.
     """
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    norms = batchnorm_layers(model)
     if not norms or max_batches <= 0:
         return
     momenta = [m.momentum for m in norms]

@@ -91,7 +91,8 @@ class Trainer:
             self._resume()
         elif args.init:
             self._start_from_init()
-        self.model = wrap_model(self.net, self.device, args.sync_bn, args.compile)
+        # frozen BatchNorm layers use their saved statistics, the same in every process: nothing to synchronise
+        self.model = wrap_model(self.net, self.device, args.sync_bn and not args.freeze_bn, args.compile)
         self.val_model = whole_image_network(self.model, args, self.device, probe=self.net,
                                              progress=self.progress and self.main)
         if self.main:  # set up without an error: now the run folder may be written
@@ -163,7 +164,7 @@ class Trainer:
                 break
             started, lr = time.time(), self.optimizer.param_groups[0]["lr"]
             train = self.train_epoch(epoch)
-            if a.precise_bn:
+            if a.precise_bn and not a.freeze_bn:
                 recalibrate_batchnorm(self.net, self.train_loader, self.precision, a.precise_bn)
             distributed.broadcast_buffers(self.net)
             val = evaluate(self.val_model, self.val_loader, self.criterion, self.precision, desc="val",
@@ -186,7 +187,7 @@ class Trainer:
         try:
             return train_one_epoch(self.model, self.train_loader, self.criterion, self.optimizer, self.precision,
                                    desc=f"epoch {epoch + 1}/{a.epochs}", progress=self.progress and self.main,
-                                   max_steps=max_steps, classes=a.num_classes)
+                                   max_steps=max_steps, classes=a.num_classes, freeze_bn=a.freeze_bn)
         except NonFiniteLoss as e:
             raise self._diverged(epoch, f"the loss became NaN or infinite at epoch {epoch + 1}, step {e.step + 1}") \
                 from None
@@ -406,8 +407,12 @@ def run_header(a, split, device, precision, on_device, start_epoch):
     loader = "batches augmented on the device" if on_device else f"{a.num_workers} loader workers"
     processes = f", {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
     resuming = f", resuming after epoch {start_epoch}" if start_epoch else f", from --init {a.init}" if a.init else ""
+    frozen = ""
+    if a.freeze_bn:
+        skipped = f" (--precise_bn {a.precise_bn} skipped)" if a.precise_bn else ""
+        frozen = f"; BatchNorm frozen at the statistics of --init {a.init}{skipped}"
     return (f"{a.name}: {a.arch}{' + deep supervision' if a.deep_supervision else ''}, {a.loss}, {counts} images, "
-            f"on {device} ({precision.describe()}; {loader}{processes}){resuming}")
+            f"on {device} ({precision.describe()}; {loader}{processes}){resuming}{frozen}")
 
 
 def replaced_run_dir(path):

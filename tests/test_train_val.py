@@ -855,3 +855,26 @@ def test_two_classes_are_scored_each_and_the_scores_are_those_of_the_written_png
         assert scores[f"dice_class{c}"] == pytest.approx(dice, abs=0.01)
         assert f"{c} {scores[f'iou_class{c}']:.4f} / {scores[f'dice_class{c}']:.4f}" in printed
     assert "IoU / Dice by class (pooled): 0 " in printed
+
+
+@pytest.mark.parametrize("loader", ["workers", "device"])
+def test_freeze_bn_keeps_the_init_statistics_while_the_weights_train(tiny_workdir, capsys, loader):
+    """--freeze_bn True: every BatchNorm's running statistics stay those of --init (through training and a
+    --precise_bn that it skips) while convolutions and the BatchNorm scale train; False: they change."""
+    train.main(train_argv("base", epochs=1))
+    start = load_checkpoint("models/base/model.pth", "cpu")
+    for frozen in (True, False):
+        train.main(train_argv(f"tuned_{frozen}", "--init", "base", "--freeze_bn", str(frozen), "--precise_bn", "1",
+                              "--loader", loader, epochs=1))
+        tuned = load_checkpoint(f"models/tuned_{frozen}/last.pth", "cpu")["model"]
+        stats = [k for k in start if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+        assert stats and all(torch.equal(tuned[k], start[k]) for k in stats) == frozen
+        assert not torch.equal(tuned["conv0_0.conv1.weight"], start["conv0_0.conv1.weight"])
+        assert not torch.equal(tuned["conv0_0.bn1.weight"], start["conv0_0.bn1.weight"])
+        assert yaml.safe_load(open(f"models/tuned_{frozen}/config.yml"))["freeze_bn"] is frozen
+    out = capsys.readouterr().out
+    assert out.count("; BatchNorm frozen at the statistics of --init base (--precise_bn 1 skipped)") == 1
+    with pytest.raises(UsageError, match="--freeze_bn False differs from the run's True"):
+        parse_train_args(["--resume", "tuned_True", "--epochs", "2", "--freeze_bn", "False"])
+    with pytest.raises(UsageError, match="--freeze_bn True keeps the BatchNorm statistics .* give --init RUN"):
+        parse_train_args(train_argv("scratch", "--freeze_bn", "True"))
