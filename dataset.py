@@ -104,7 +104,9 @@ def find_layout(dataset_dir, img_ext=".png", mask_ext=".png"):
         if not cellpose and files and _ids_in(dataset_dir, f"_masks{mask_ext}"):
             return Layout(dataset_dir, "cellpose", img_ext, mask_ext, img_suffix="")
         masks = sorted({f.rsplit("_masks", 1)[1] for f in files if "_masks." in f and not f.startswith(".")})
-        hint = (f"; found Cellpose-style <name>_img{cellpose[0]} files: pass --img_ext {cellpose[0]}" if cellpose else
+        other_masks = f" and --mask_ext {masks[0]}" if len(masks) == 1 and masks[0] != mask_ext else ""
+        hint = (f"; found Cellpose-style <name>_img{cellpose[0]} files: pass --img_ext {cellpose[0]}{other_masks}"
+                if cellpose else
                 f"; found Cellpose-style <name>_masks{masks[0]} files: pass --mask_ext {masks[0]} (and the images' "
                 "--img_ext)" if masks else "")
         raise DataError(f"dataset folder {img_dir} not found: run preprocess_dsb2018.py, use --dataset synthetic, "
@@ -153,7 +155,10 @@ def _extension_hint(folder, flag):
 def _mask_extension_too(layout, mask_ext):
     """' and --mask_ext .tif (...)' when the masks or label images of ``layout`` are all of one other type than
     ``mask_ext`` too, so that the error about the images' type names both flags at once; else ''."""
-    folder = layout.label_dir if layout.kind == "labels" else os.path.join(layout.dataset_dir, "masks", "0")
+    masks = os.path.join(layout.dataset_dir, "masks")
+    folder = layout.label_dir if layout.kind == "labels" else os.path.join(masks, "0")
+    if layout.kind == "masks" and not os.path.isdir(folder):  # label images of another type than --mask_ext
+        folder = masks  # directly in masks/ are not found as such, so that layout reads as 'masks'
     if layout.kind == "cellpose" or not os.path.isdir(folder):
         return ""
     found = {os.path.splitext(f)[1] for f in os.listdir(folder) if not f.startswith(".")} - {""}

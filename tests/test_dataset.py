@@ -714,6 +714,12 @@ def test_layout_mistakes_name_the_fix(tmp_path):
     with pytest.raises(DataError, match="no class folders in .*masks.*found .tif files: pass --mask_ext .tif"):
         list_ids(str(stardist))
     assert list_ids(str(stardist), mask_ext=".tif") == ["a", "b"]
+    for sid in ("a", "b"):  # the images of another type too: both flags in one error, not one after the other
+        os.remove(stardist / "images" / f"{sid}.png")
+        tifffile.imwrite(stardist / "images" / f"{sid}.tif", image)
+    with pytest.raises(DataError, match=r"pass --img_ext .tif and --mask_ext .tif \(the type of the files in "
+                                        r".*masks\)"):
+        list_ids(str(stardist))
     empty = tmp_path / "empty"
     write_image(empty / "images" / "a.png", image)
     write_dir(empty / "masks")
@@ -730,6 +736,13 @@ def test_layout_mistakes_name_the_fix(tmp_path):
     with pytest.raises(DataError, match="found Cellpose-style <name>_img.png files: pass --img_ext .png"):
         list_ids(str(cellpose), img_ext=".tif")
     assert list_ids(str(cellpose)) == ["a", "b"]
+    cellpose_tif = write_dir(tmp_path / "cellpose_tif")
+    for sid in ("a", "b"):
+        tifffile.imwrite(cellpose_tif / f"{sid}_img.tif", image)
+        tifffile.imwrite(cellpose_tif / f"{sid}_masks.tif", labels)
+    with pytest.raises(DataError, match="found Cellpose-style <name>_img.tif files: pass --img_ext .tif and --mask_ext "
+                                        ".tif$"):
+        list_ids(str(cellpose_tif))
     own = write_dir(tmp_path / "cellpose_own")  # Cellpose's training folders: <id>.tif + <id>_masks.tif
     for sid in ("a", "b"):
         tifffile.imwrite(own / f"{sid}.tif", image)
