@@ -70,15 +70,29 @@ def evaluation_ids(name, split, dataset, cfg, reading):
 
 def training_copies(name, cfg, folder, ids, reading):
     """The ``ids`` of ``folder`` whose image is, pixel for pixel, run ``name``'s training image of the same id (its
-    split.csv; its flags ``cfg`` say where that image is): a copy in another folder, layout or file type. Empty when
-    the run's dataset is not in inputs/."""
+    split.csv; its flags ``cfg`` say where that image is): a copy in another folder, layout, file type or bit depth
+    (:func:`same_picture`). Empty when the run's dataset is not in inputs/."""
     split, run_folder = os.path.join(saved_run_dir(name), "split.csv"), os.path.join(INPUTS_DIR, cfg.dataset)
     if not (os.path.isfile(split) and os.path.isdir(run_folder)):
         return []
     theirs = find_layout(run_folder, cfg.img_ext, cfg.mask_ext)
     ours = find_layout(folder, reading["img_ext"], reading["mask_ext"])
     named = sorted(set(split_ids(read_split(split), "train")) & set(ids) & theirs.image_ids())
-    return [i for i in named if np.array_equal(decode_image(theirs.image(i)), decode_image(ours.image(i)))]
+    return [i for i in named if same_picture(decode_image(theirs.image(i)), decode_image(ours.image(i)))]
+
+
+def same_picture(a, b):
+    """Whether two decoded images [H, W, C] are one picture: the same values, or the same fraction of their integer
+    types' range (an 8-bit image saved as 16-bit, x 257), a grey one stored in one channel or three equal ones."""
+    a, b = (x[:, :, :1] if (x == x[:, :, :1]).all() else x for x in (a, b))
+    if a.shape != b.shape:
+        return False
+    if np.array_equal(a, b):
+        return True
+    if a.dtype.kind != "u" or b.dtype.kind != "u":
+        return False
+    # exact in uint64 for types up to 32 bits: a / max_a == b / max_b
+    return np.array_equal(a.astype(np.uint64) * np.iinfo(b.dtype).max, b.astype(np.uint64) * np.iinfo(a.dtype).max)
 
 
 def evaluation_record(name, split, dataset, folder):

@@ -3,14 +3,16 @@ threads, in batches of waiting images, gives the rows, scores and files of one i
 scores are those of the definitions."""
 import os
 import time
+from argparse import Namespace
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 from conftest import write_image
 
 from engine import Precision, evaluate
-from evaluation import ImageWriter, model_epoch
+from evaluation import ImageWriter, model_epoch, training_copies
 from losses import build_loss
 from image_files import read_label_image
 from metrics import dsb_scores
@@ -151,3 +153,24 @@ def test_the_model_is_named_by_its_epoch_from_the_log(tmp_path, monkeypatch):
     with open("models/r/log.csv", "w") as f:
         f.write("epoch,loss\n1,0.5\n")  # no val_iou column
     assert model_epoch("r") == ""
+
+
+def test_training_copies_are_found_in_another_bit_depth_and_channel_count(tmp_path, monkeypatch):
+    """val.py --dataset: a training image saved again as 16-bit (x 257), or its grey values in three equal channels,
+    is the run's training image; another picture of the same name, or a copy of a validation image, is not."""
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    grey = {i: rng.integers(0, 256, (16, 16), dtype=np.uint8) for i in "abcd"}
+    for i, img in grey.items():
+        write_image(tmp_path / "inputs" / "theirs" / "images" / f"{i}.png", img)
+    os.makedirs(tmp_path / "models" / "r")
+    (tmp_path / "models" / "r" / "split.csv").write_text("img_id,split\na,train\nb,train\nc,train\nd,val\n")
+    ours = tmp_path / "ours" / "images"
+    os.makedirs(ours)
+    tifffile.imwrite(ours / "a.tif", grey["a"].astype(np.uint16) * 257)
+    tifffile.imwrite(ours / "b.tif", np.dstack([grey["b"]] * 3))
+    tifffile.imwrite(ours / "c.tif", 255 - grey["c"])
+    tifffile.imwrite(ours / "d.tif", grey["d"])
+    cfg = Namespace(dataset="theirs", img_ext=".png", mask_ext=".png")
+    reading = {"img_ext": ".tif", "mask_ext": ".png", "num_classes": 1}
+    assert training_copies("r", cfg, str(tmp_path / "ours"), list("abcd"), reading) == ["a", "b"]
