@@ -71,11 +71,14 @@ def evaluation_ids(name, split, dataset, cfg, reading):
 def training_copies(name, cfg, folder, ids, reading):
     """The ``ids`` of ``folder`` whose image is, pixel for pixel, run ``name``'s training image of the same id (its
     split.csv; its flags ``cfg`` say where that image is): a copy in another folder, layout, file type or bit depth
-    (:func:`same_picture`). Empty when the run's dataset is not in inputs/."""
+    (:func:`same_picture`). Empty when the run's dataset is not in inputs/, or no longer in a layout it reads."""
     split, run_folder = os.path.join(saved_run_dir(name), "split.csv"), os.path.join(INPUTS_DIR, cfg.dataset)
     if not (os.path.isfile(split) and os.path.isdir(run_folder)):
         return []
-    theirs = find_layout(run_folder, cfg.img_ext, cfg.mask_ext)
+    try:
+        theirs = find_layout(run_folder, cfg.img_ext, cfg.mask_ext)
+    except DataError:  # its error would name the run's folder, not the one being scored, and stop that evaluation
+        return []
     ours = find_layout(folder, reading["img_ext"], reading["mask_ext"])
     named = sorted(set(split_ids(read_split(split), "train")) & set(ids) & theirs.image_ids())
     return [i for i in named if same_picture(decode_image(theirs.image(i)), decode_image(ours.image(i)))]

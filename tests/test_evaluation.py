@@ -174,3 +174,16 @@ def test_training_copies_are_found_in_another_bit_depth_and_channel_count(tmp_pa
     cfg = Namespace(dataset="theirs", img_ext=".png", mask_ext=".png")
     reading = {"img_ext": ".tif", "mask_ext": ".png", "num_classes": 1}
     assert training_copies("r", cfg, str(tmp_path / "ours"), list("abcd"), reading) == ["a", "b"]
+
+
+def test_training_copies_of_a_run_whose_dataset_was_rearranged_are_none(tmp_path, monkeypatch):
+    """The run's dataset folder without its images/ (moved or rearranged): the folder being scored is still scored,
+    not refused with an error about the run's folder."""
+    monkeypatch.chdir(tmp_path)
+    os.makedirs(tmp_path / "inputs" / "theirs" / "imgs")
+    os.makedirs(tmp_path / "models" / "r")
+    (tmp_path / "models" / "r" / "split.csv").write_text("img_id,split\na,train\n")
+    write_image(tmp_path / "ours" / "images" / "a.png", np.zeros((16, 16), np.uint8))
+    cfg = Namespace(dataset="theirs", img_ext=".png", mask_ext=".png")
+    reading = {"img_ext": ".png", "mask_ext": ".png", "num_classes": 1}
+    assert training_copies("r", cfg, str(tmp_path / "ours"), ["a"], reading) == []
