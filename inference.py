@@ -4,7 +4,7 @@ A run trained on resized images (``crop_size`` 0, the seed's way) sees each imag
 and the probability is resized back (linear). A run trained on crops predicts at full resolution: the whole image
 at once (padded to a multiple of 16 by engine.forward) whenever its forward pass fits the memory budget (a quarter
 of the RAM, or of the available RAM when less than half is available; half of a GPU's free memory), else overlapping
-windows, as large as the budget allows (or a given tile), blended with a weight that falls off linearly over
+windows, as large as the budget allows beside the image's whole-image sums (or a given tile), blended with a weight that falls off linearly over
 ``overlap`` pixels towards each window edge and normalised by the summed weights, so there are no seams.
 """
 import cv2
@@ -15,7 +15,7 @@ from archs import final_logits
 from config import output_channels
 from engine import Precision, forward
 from image_files import image_to_float, normalize
-from utils import progress_bar, ram
+from utils import DataError, progress_bar, ram
 
 
 def blend_weights(height, width, overlap):
@@ -37,9 +37,10 @@ def window_starts(size, tile, overlap):
 
 
 def forward_bytes_per_pixel(model, channels, device):
-    """Upper bound of the memory one input pixel costs in a forward pass: the bytes of every layer's output on
-    a small probe input, per pixel (inference frees most of them; the bound is safe). The probe runs in eval mode,
-    so that a network being trained keeps its BatchNorm statistics."""
+    """(upper bound of the memory one input pixel costs in a forward pass: the bytes of every layer's output on
+    a small probe input, per pixel (inference frees most of them; the bound is safe); the channels of its output,
+    summed over the deep-supervision heads). The probe runs in eval mode, so that a network being trained keeps its
+    BatchNorm statistics."""
 
     total = [0]
 
@@ -53,12 +54,12 @@ def forward_bytes_per_pixel(model, channels, device):
     model.eval()
     try:
         with torch.inference_mode():
-            model(torch.zeros(1, channels, 64, 64, device=device))
+            out = model(torch.zeros(1, channels, 64, 64, device=device))
     finally:
         model.train(training)
         for h in hooks:
             h.remove()
-    return total[0] / (64 * 64)
+    return total[0] / (64 * 64), sum(head.shape[1] for head in (out if isinstance(out, list) else [out]))
 
 
 def memory_budget(device):
@@ -78,14 +79,36 @@ def tile_for_budget(bytes_per_pixel, budget):
     return max(64, int((budget / max(bytes_per_pixel, 1.0)) ** 0.5) // 16 * 16)
 
 
-def windows_within_budget(model, channels, device):
-    """(tile, how many tile x tile windows fit at once) for ``model`` on ``device`` (inputs of ``channels``): the
-    side of the largest square window whose forward pass fits the memory budget (:func:`memory_budget`,
-    :func:`tile_for_budget`), and how many such windows one forward pass can hold (0 when not even one)."""
-    per_pixel = forward_bytes_per_pixel(model, channels, device)
-    budget = memory_budget(device)
-    tile = tile_for_budget(per_pixel, budget)
-    return tile, int(budget // (per_pixel * tile * tile))
+class WindowBudget:
+    """The windows of ``model`` (inputs of ``channels``) within the memory budget of ``device``
+    (:func:`memory_budget`): ``tile``, the side of the largest square window whose forward pass fits it, ``fits``, how
+    many such windows one forward pass can hold (0 when not even one), and, for an image of any size, the windows
+    that fit beside its whole-image buffers (:meth:`windows`)."""
+
+    def __init__(self, model, channels, device):
+        self.per_pixel, self.outputs = forward_bytes_per_pixel(model, channels, device)
+        self.budget = memory_budget(device)
+        self.tile = tile_for_budget(self.per_pixel, self.budget)
+        self.fits = int(self.budget // (self.per_pixel * self.tile * self.tile))
+
+    def windows(self, height, width, held, batch=1):
+        """(side at most ``tile``, how many fit at once) of the largest square windows of ``batch`` images whose
+        forward pass fits the budget beside ``held`` bytes of a height x width image's whole-image buffers
+        (:func:`check_room`)."""
+        room = self.budget - held
+        check_room(room, held, self.budget, height, width, batch * self.per_pixel * 64 * 64)
+        tile = min(self.tile, tile_for_budget(batch * self.per_pixel, room))
+        return tile, int(room // (batch * self.per_pixel * tile * tile))
+
+
+def check_room(room, held, budget, height, width, smallest=0):
+    """DataError when ``room`` bytes, what a budget of ``budget`` leaves beside ``held`` bytes of a height x width
+    image's whole-image buffers, cannot hold ``smallest`` bytes (64 x 64 windows) or nothing at all."""
+    if room < smallest:
+        raise DataError(f"a {height}x{width} image needs {(held + smallest) / 2**30:.2f} GiB in windows (its "
+                        f"whole-image sums beside the smallest windows), more than the memory budget of "
+                        f"{budget / 2**30:.2f} GiB: free the memory other processes hold, use a device or machine "
+                        "with more, or cut the image into parts")
 
 
 def network_input(image):
@@ -110,8 +133,9 @@ class Predictor:
         self.prune, self.tta = prune, tta
         self.precision = Precision.choose(device, amp)
         self.model = self.precision.prepare(model)
+        self.budget = None if tile is not None else WindowBudget(self.model, cfg.input_channels, device)
         if tile is None:
-            tile, fits = windows_within_budget(self.model, cfg.input_channels, device)
+            tile, fits = self.budget.tile, self.budget.fits
             self.batch_size = max(1, min(batch_size, fits))
             # a small budget can give windows no larger than --overlap; windows then still advance by half their side
             self.overlap = min(overlap, tile // 2)
@@ -162,25 +186,36 @@ class Predictor:
         return self.predict_tiled(x)
 
     def predict_tiled(self, x):
-        """Normalised image [C, H, W] -> probabilities [K, H, W] from blended overlapping windows."""
+        """Normalised image [C, H, W] -> probabilities [K, H, W] from blended overlapping windows (sized from the
+        budget: smaller where the image, the sums and the weights leave too little of it for those of the predictor)."""
         _, height, width = x.shape
-        th, tw = min(self.tile, height), min(self.tile, width)
-        weight = blend_weights(th, tw, self.overlap)
-        corners = [(y, x0) for y in window_starts(height, self.tile, self.overlap)
-                   for x0 in window_starts(width, self.tile, self.overlap)]
-        total = np.zeros((output_channels(self.cfg), height, width), np.float32)
+        channels = output_channels(self.cfg)
+        tile, overlap, batch_size = self.tile, self.overlap, self.batch_size
+        if self.budget is not None:
+            held = x.nbytes + (channels + 1) * height * width * 4
+            if self.device.type == "cpu":
+                tile, fits = self.budget.windows(height, width, held)
+                batch_size, overlap = max(1, min(batch_size, fits)), min(overlap, tile // 2)
+            else:  # the image, the sums and the weights are in the RAM, the windows alone on the GPU
+                ram_budget = memory_budget(torch.device("cpu"))
+                check_room(ram_budget - held, held, ram_budget, height, width)
+        th, tw = min(tile, height), min(tile, width)
+        weight = blend_weights(th, tw, overlap)
+        corners = [(y, x0) for y in window_starts(height, tile, overlap) for x0 in window_starts(width, tile, overlap)]
+        total = np.zeros((channels, height, width), np.float32)
         weights = np.zeros((height, width), np.float32)
         # a bar of its own for an image of many windows: predict.py's counts images, and one can take minutes
         with progress_bar(total=len(corners), desc="windows", unit="window", leave=False,
-                          disable=len(corners) < 8 * self.batch_size) as bar:
-            for i in range(0, len(corners), self.batch_size):
-                chunk = corners[i:i + self.batch_size]
+                          disable=len(corners) < 8 * batch_size) as bar:
+            for i in range(0, len(corners), batch_size):
+                chunk = corners[i:i + batch_size]
                 probs = self.probabilities(np.stack([x[:, y:y + th, x0:x0 + tw] for y, x0 in chunk]))
                 for (y, x0), p in zip(chunk, probs):
                     total[:, y:y + th, x0:x0 + tw] += p * weight
                     weights[y:y + th, x0:x0 + tw] += weight
                 bar.update(len(chunk))
-        return total / weights
+        total /= weights  # in place: a second [K, H, W] would take as much as the sums
+        return total
 
 
 class WindowedNetwork(torch.nn.Module):
@@ -195,19 +230,23 @@ class WindowedNetwork(torch.nn.Module):
     predicts it, instead of exhausting the memory. ``progress``: a bar over the windows of an image of many.
     """
 
-    def __init__(self, model, tile, overlap=64, progress=True):
+    def __init__(self, model, tile, overlap=64, progress=True, budget=None):
         super().__init__()
         self.model, self.tile, self.overlap = model, tile, min(overlap, tile // 2)
-        self.progress = progress
+        self.progress, self.budget = progress, budget
 
     def forward(self, x, **kwargs):
         height, width = x.shape[-2:]
         if height * width <= self.tile * self.tile:
             return self.model(x, **kwargs)
-        th, tw = min(self.tile, height), min(self.tile, width)
-        weight = torch.from_numpy(blend_weights(th, tw, self.overlap)).to(x.device)
-        corners = [(y, x0) for y in window_starts(height, self.tile, self.overlap)
-                   for x0 in window_starts(width, self.tile, self.overlap)]
+        tile, overlap = self.tile, self.overlap
+        if self.budget is not None:  # the input, every head's sums and the weights stay beside the windows
+            held = x.numel() * x.element_size() + (len(x) * self.budget.outputs + 1) * height * width * 4
+            tile, _ = self.budget.windows(height, width, held, batch=len(x))
+            overlap = min(overlap, tile // 2)
+        th, tw = min(tile, height), min(tile, width)
+        weight = torch.from_numpy(blend_weights(th, tw, overlap)).to(x.device)
+        corners = [(y, x0) for y in window_starts(height, tile, overlap) for x0 in window_starts(width, tile, overlap)]
         totals, weights = None, torch.zeros((height, width), device=x.device)
         # val.py's bar counts images, and one image of many windows can take minutes
         with progress_bar(total=len(corners), desc="windows", unit="window", leave=False,
@@ -228,10 +267,10 @@ class WindowedNetwork(torch.nn.Module):
 def whole_image_network(model, cfg, device, probe=None, progress=True):
     """The network val.py and train.py's validation run images through for a run of flags ``cfg``: a crop-trained
     run sees whole images of any size, so ``model`` in windows of the memory budget (:class:`WindowedNetwork`,
-    :func:`windows_within_budget` measured on ``probe``, the bare network of a DDP or compiled ``model``; default
+    :class:`WindowBudget` measured on ``probe``, the bare network of a DDP or compiled ``model``; default
     ``model``; ``progress``: its bar over the windows); a run trained on resized images sees them at its training
     size: ``model`` itself."""
     if not cfg.crop_size:
         return model
-    tile, _ = windows_within_budget(model if probe is None else probe, cfg.input_channels, device)
-    return WindowedNetwork(model, tile, progress=progress)
+    budget = WindowBudget(model if probe is None else probe, cfg.input_channels, device)
+    return WindowedNetwork(model, budget.tile, progress=progress, budget=budget)

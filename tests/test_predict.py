@@ -534,12 +534,59 @@ def test_windowed_network_gives_the_whole_image_logits_of_every_head(heads):
     assert model.shapes == [(2, 3, 96, 160)]
 
 
+class WideHeads(ShapeRecorder):
+    """ShapeRecorder's logits in ``heads`` deep-supervision heads, behind a layer of 96 channels that makes its
+    forward pass cost 384 bytes per input pixel (inference.forward_bytes_per_pixel), as a real network's costs more
+    than its whole-image sums."""
+
+    def __init__(self, heads):
+        super().__init__()
+        self.heads, self.wide = heads, torch.nn.Identity()
+
+    def forward(self, x):
+        self.wide(x.repeat(1, 32, 1, 1))
+        out = super().forward(x)
+        return [out * (h + 1) for h in range(self.heads)] if self.heads > 1 else out
+
+
+@pytest.mark.parametrize("heads", [1, 4])
+def test_windows_fit_the_memory_budget_beside_the_whole_image_sums(monkeypatch, heads):
+    """A whole slide in windows holds whole-image buffers beside them: val.py's and train.py's input, float32 sums of
+    every head and weights on the device (inference.WindowedNetwork), predict.py's input, sums and weights
+    (inference.Predictor). The windows get what the budget leaves: buffers and windows fit it together, the outputs
+    stay the whole image's, and a budget that cannot hold them with 64 x 64 windows is a one-line DataError."""
+    x = torch.from_numpy(np.random.default_rng(0).random((1, 3, 192, 320), dtype=np.float32))
+    pixels = 192 * 320
+    held = {"windowed": (3 + heads + 1) * pixels * 4, "predictor": (3 + 1 + 1) * pixels * 4}
+    for budget in (4_000_000, held["windowed"] + 384 * 64 * 64):
+        monkeypatch.setattr(inference, "memory_budget", lambda device: budget)
+        model = WideHeads(heads)
+        network = inference.whole_image_network(model, crop_cfg(), torch.device("cpu"), progress=False)
+        model.shapes.clear()  # the probe's
+        windowed = network(x)
+        whole = WideHeads(heads)(x)
+        for a, b in zip(*(o if heads > 1 else [o] for o in (windowed, whole))):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+        assert model.shapes and all(b * 384 * h * w + held["windowed"] <= budget for b, _, h, w in model.shapes)
+        if heads == 1:
+            model = WideHeads(1)
+            predictor = inference.Predictor(model, crop_cfg(), torch.device("cpu"), batch_size=8)
+            model.shapes.clear()
+            prob = predictor.predict(x[0].numpy().transpose(1, 2, 0) * 0.25 + 0.5)  # normalised back to x
+            np.testing.assert_allclose(prob, torch.sigmoid(whole[0]).numpy(), atol=1e-5)
+            assert model.shapes and all(b * 384 * h * w + held["predictor"] <= budget for b, _, h, w in model.shapes)
+    monkeypatch.setattr(inference, "memory_budget", lambda device: held["windowed"] + 384 * 64 * 64 - 1)
+    with pytest.raises(DataError, match=r"^a 192x320 image needs 0\.00 GiB in windows \(its whole-image sums beside "
+                                        r"the smallest windows\), more than the memory budget of 0\.00 GiB: free"):
+        inference.whole_image_network(WideHeads(heads), crop_cfg(), torch.device("cpu"))(x)
+
+
 def test_sizing_windows_leaves_a_network_in_training_as_it_was():
     """train.py sizes its validation windows (inference.forward_bytes_per_pixel) on the network it trains: the probe
     leaves its mode and BatchNorm statistics as they were."""
     net = build_model("UNet", 1, 3, False).train()
     before = copy.deepcopy(net.state_dict())
-    assert inference.forward_bytes_per_pixel(net, 3, torch.device("cpu")) > 0
+    assert inference.forward_bytes_per_pixel(net, 3, torch.device("cpu"))[0] > 0
     assert net.training
     for key, value in net.state_dict().items():
         torch.testing.assert_close(value, before[key], rtol=0, atol=0)
@@ -968,8 +1015,9 @@ def test_windows_sized_from_the_memory_budget(monkeypatch, overlap):
     whole = inference.Predictor(Pointwise(), crop_cfg(), torch.device("cpu"), tile=512).predict(image)
     roomy = inference.Predictor(Pointwise(), crop_cfg(), torch.device("cpu"))
     assert roomy.tile ** 2 >= 100 * 150
-    monkeypatch.setattr(inference, "memory_budget", lambda device: 64 * 64 * 4)  # Pointwise: 4 bytes per pixel
-    tight = inference.Predictor(Pointwise(), crop_cfg(), torch.device("cpu"), overlap=overlap)
+    # 64 x 64 windows of WideHeads (384 bytes per pixel) beside the image, the sums and the weights (5 floats a pixel)
+    monkeypatch.setattr(inference, "memory_budget", lambda device: 64 * 64 * 384 + 100 * 150 * 5 * 4)
+    tight = inference.Predictor(WideHeads(1), crop_cfg(), torch.device("cpu"), overlap=overlap)
     assert tight.tile == 64 and tight.batch_size == 1
     for predictor in (roomy, tight):
         np.testing.assert_allclose(predictor.predict(image), whole, atol=1e-5)

@@ -586,7 +586,9 @@ def test_crop_runs_validate_images_beyond_the_memory_budget_in_windows(tmp_path,
     real_build, real_load = trainer.build_model, checkpoints.load_run
     monkeypatch.setattr(trainer, "build_model", lambda *args: recorded(real_build(*args)))
     monkeypatch.setattr(checkpoints, "load_run", recorded_run)
-    monkeypatch.setattr(inference, "memory_budget", lambda device: 1)
+    # 64 x 64 windows beside a 96 x 96 image's input, sums and weights (5 floats a pixel)
+    per_pixel, _ = inference.forward_bytes_per_pixel(build_model("UNet", 1, 3, False), 3, torch.device("cpu"))
+    monkeypatch.setattr(inference, "memory_budget", lambda device: per_pixel * 64 * 64 + 96 * 96 * 5 * 4)
     train.main(train_argv("windows", "--crop_size", "32", "--dataset", "tiny96", "--precise_bn", "2", epochs=1))
     windowed = val.main(["--name", "windows", "--device", "cpu"])
     assert (True, (32, 32)) in seen and (False, (64, 64)) in seen and (False, (96, 96)) not in seen
