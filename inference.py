@@ -4,8 +4,9 @@ A run trained on resized images (``crop_size`` 0, the seed's way) sees each imag
 and the probability is resized back (linear). A run trained on crops predicts at full resolution: the whole image
 at once (padded to a multiple of 16 by engine.forward) whenever its forward pass fits the memory budget (a quarter
 of the RAM, or of the available RAM when less than half is available; half of a GPU's free memory), else overlapping
-windows, as large as the budget allows beside the image's whole-image sums (or a given tile), blended with a weight that falls off linearly over
-``overlap`` pixels towards each window edge and normalised by the summed weights, so there are no seams.
+windows, as large as the budget allows beside the image's whole-image sums (or a given tile), blended with a weight
+that falls off linearly over ``overlap`` pixels towards each window edge and normalised by the summed weights, so
+there are no seams.
 """
 import cv2
 import numpy as np
@@ -86,6 +87,7 @@ class WindowBudget:
     that fit beside its whole-image buffers (:meth:`windows`)."""
 
     def __init__(self, model, channels, device):
+        self.device = device
         self.per_pixel, self.outputs = forward_bytes_per_pixel(model, channels, device)
         self.budget = memory_budget(device)
         self.tile = tile_for_budget(self.per_pixel, self.budget)
@@ -93,22 +95,29 @@ class WindowBudget:
 
     def windows(self, height, width, held, batch=1):
         """(side at most ``tile``, how many fit at once) of the largest square windows of ``batch`` images whose
-        forward pass fits the budget beside ``held`` bytes of a height x width image's whole-image buffers
+        forward pass fits the budget beside ``held`` bytes of a height x width image's whole-image buffers; 64 x 64
+        windows where the budget leaves less, while they and the buffers fit the memory available
         (:func:`check_room`)."""
-        room = self.budget - held
-        check_room(room, held, self.budget, height, width, batch * self.per_pixel * 64 * 64)
+        smallest = batch * self.per_pixel * 64 * 64
+        room = max(self.budget - held, smallest)
+        check_room(held + smallest, memory_available(self.device), height, width)
         tile = min(self.tile, tile_for_budget(batch * self.per_pixel, room))
-        return tile, int(room // (batch * self.per_pixel * tile * tile))
+        return tile, max(1, int(room // (batch * self.per_pixel * tile * tile)))
 
 
-def check_room(room, held, budget, height, width, smallest=0):
-    """DataError when ``room`` bytes, what a budget of ``budget`` leaves beside ``held`` bytes of a height x width
-    image's whole-image buffers, cannot hold ``smallest`` bytes (64 x 64 windows) or nothing at all."""
-    if room < smallest:
-        raise DataError(f"a {height}x{width} image needs {(held + smallest) / 2**30:.2f} GiB in windows (its "
-                        f"whole-image sums beside the smallest windows), more than the memory budget of "
-                        f"{budget / 2**30:.2f} GiB: free the memory other processes hold, use a device or machine "
-                        "with more, or cut the image into parts")
+def memory_available(device):
+    """Bytes free now on ``device``: a GPU's free memory, or the RAM available to this process (utils.ram)."""
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else ram()[1]
+
+
+def check_room(needed, available, height, width):
+    """DataError when a height x width image's whole-image buffers and its smallest windows, ``needed`` bytes,
+    exceed the ``available`` bytes of its device."""
+    if needed > available:
+        raise DataError(f"a {height}x{width} image needs {needed / 2**30:.2f} GiB in windows (its whole-image sums "
+                        f"beside the smallest windows), more than the {available / 2**30:.2f} GiB of memory available: "
+                        "free the memory other processes hold, use a device or machine with more, or cut the image "
+                        "into parts")
 
 
 def network_input(image):
@@ -197,8 +206,7 @@ class Predictor:
                 tile, fits = self.budget.windows(height, width, held)
                 batch_size, overlap = max(1, min(batch_size, fits)), min(overlap, tile // 2)
             else:  # the image, the sums and the weights are in the RAM, the windows alone on the GPU
-                ram_budget = memory_budget(torch.device("cpu"))
-                check_room(ram_budget - held, held, ram_budget, height, width)
+                check_room(held, memory_available(torch.device("cpu")), height, width)
         th, tw = min(tile, height), min(tile, width)
         weight = blend_weights(th, tw, overlap)
         corners = [(y, x0) for y in window_starts(height, tile, overlap) for x0 in window_starts(width, tile, overlap)]

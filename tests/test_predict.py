@@ -554,7 +554,8 @@ def test_windows_fit_the_memory_budget_beside_the_whole_image_sums(monkeypatch, 
     """A whole slide in windows holds whole-image buffers beside them: val.py's and train.py's input, float32 sums of
     every head and weights on the device (inference.WindowedNetwork), predict.py's input, sums and weights
     (inference.Predictor). The windows get what the budget leaves: buffers and windows fit it together, the outputs
-    stay the whole image's, and a budget that cannot hold them with 64 x 64 windows is a one-line DataError."""
+    stay the whole image's. A budget that cannot hold them with 64 x 64 windows runs those where the memory available
+    holds them, and is a one-line DataError where it does not."""
     x = torch.from_numpy(np.random.default_rng(0).random((1, 3, 192, 320), dtype=np.float32))
     pixels = 192 * 320
     held = {"windowed": (3 + heads + 1) * pixels * 4, "predictor": (3 + 1 + 1) * pixels * 4}
@@ -576,9 +577,16 @@ def test_windows_fit_the_memory_budget_beside_the_whole_image_sums(monkeypatch, 
             np.testing.assert_allclose(prob, torch.sigmoid(whole[0]).numpy(), atol=1e-5)
             assert model.shapes and all(b * 384 * h * w + held["predictor"] <= budget for b, _, h, w in model.shapes)
     monkeypatch.setattr(inference, "memory_budget", lambda device: held["windowed"] + 384 * 64 * 64 - 1)
+    model = WideHeads(heads)
+    network = inference.whole_image_network(model, crop_cfg(), torch.device("cpu"), progress=False)
+    model.shapes.clear()
+    for a, b in zip(*(o if heads > 1 else [o] for o in (network(x), WideHeads(heads)(x)))):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert {(h, w) for _, _, h, w in model.shapes} == {(64, 64)}
+    monkeypatch.setattr(inference, "memory_available", lambda device: held["windowed"] + 384 * 64 * 64 - 1)
     with pytest.raises(DataError, match=r"^a 192x320 image needs 0\.00 GiB in windows \(its whole-image sums beside "
-                                        r"the smallest windows\), more than the memory budget of 0\.00 GiB: free"):
-        inference.whole_image_network(WideHeads(heads), crop_cfg(), torch.device("cpu"))(x)
+                                        r"the smallest windows\), more than the 0\.00 GiB of memory available: free"):
+        network(x)
 
 
 def test_sizing_windows_leaves_a_network_in_training_as_it_was():
@@ -729,7 +737,6 @@ def test_a_folder_s_other_files_are_named_and_a_broken_link_kept_to_be_named(tmp
     assert done.returncode == 0 and "b.webp, notiz_\\xe4.txt" in done.stdout, done.stderr[-500:]
 
 
-
 def test_cellpose_label_images_beside_their_images_are_left_out(tmp_path, capsys):
     """A Cellpose folder given as --input: its <id>_masks label images and <id>_flows files are not segmented as
     images (their outputs would take a label image's name); an image that is only named like one stays."""
@@ -741,6 +748,7 @@ def test_cellpose_label_images_beside_their_images_are_left_out(tmp_path, capsys
     assert "3 Cellpose label or flow files beside their images left out (a_masks.png, b_flows.tif, b_masks.png)" \
         in capsys.readouterr().out
     assert predict.list_images([str(tmp_path / "plate" / "a_masks.png")]) == [str(tmp_path / "plate" / "a_masks.png")]
+
 
 def test_a_file_name_that_is_not_utf8_is_refused_before_any_output(tmp_path):
     write(tmp_path / "plate" / "a.png", np.zeros((8, 8), np.uint8))
