@@ -532,18 +532,9 @@ def locked(path):
     user's lock file that this user may not read."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     while True:
-        others = False
-        try:  # not through a link (one in a folder from elsewhere): the pid written below would replace its target
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
-        except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise DataError(f"{path} is a symbolic link, not a lock file of this toolkit: remove the link (the "
-                                "file it points to is left as it is)") from None
-            if e.errno != errno.EACCES or not os.path.isfile(path):
-                raise
-            fd, others = others_lock_file(path), True
-            if fd is None:  # removed meanwhile by the process that took it over: open the path again
-                continue
+        fd, others = open_lock_file(path)
+        if fd is None:  # another user's, removed meanwhile by the process that took it over: open the path again
+            continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -586,6 +577,21 @@ def locked(path):
     finally:
         os.remove(path)
         os.close(fd)
+
+
+def open_lock_file(path):
+    """(descriptor, whether it is another user's read-only file: :func:`others_lock_file`) of the lock file ``path``,
+    made when missing; (None, True) when another user's file went as it was opened. Not through a symbolic link (one
+    in a folder from elsewhere: the pid written into it would replace its target), which is a DataError."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666), False
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise DataError(f"{path} is a symbolic link, not a lock file of this toolkit: remove the link (the file it "
+                            "points to is left as it is)") from None
+        if e.errno != errno.EACCES or not os.path.isfile(path):
+            raise
+        return others_lock_file(path), True
 
 
 def others_lock_file(path):
