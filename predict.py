@@ -400,9 +400,15 @@ def predict_all(predictor, files, ids, headers, out_dir, num_classes, threshold,
             bar.total += len(planes) - 1
             for plane, image in enumerate(planes):
                 image = predictor.as_input(image)
-                prob, scale, nuclei = predictor.predict(image), predictor.scale, None
-                if auto:
-                    prob, scale, nuclei = auto_scaled(predictor, image, prob, auto[0], threshold, auto[1], filters)
+                try:
+                    prob, scale, nuclei = predictor.predict(image), predictor.scale, None
+                    if auto:
+                        prob, scale, nuclei = auto_scaled(predictor, image, prob, auto[0], threshold, auto[1],
+                                                          filters)
+                except DataError as e:  # an image too large for the memory available: the others are predicted
+                    left_out.append(f"{path}: {e}")
+                    bar.update(len(planes) - plane)
+                    break
                 scales.append(scale)
                 jobs.submit(predict_plane, (img_id, len(planes), header), plane, image, prob, options,
                             None if header.plane_axes else out_dir, nuclei,

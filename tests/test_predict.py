@@ -589,6 +589,20 @@ def test_windows_fit_the_memory_budget_beside_the_whole_image_sums(monkeypatch, 
         network(x)
 
 
+def test_an_image_too_large_for_the_memory_available_is_left_out_and_the_others_predicted(in_runs, tmp_path,
+                                                                                          monkeypatch):
+    """predict.py's promise for a file it cannot use: a slide whose whole-image sums and smallest windows exceed the
+    memory available is named at the end (exit code 1), and the images that fit are predicted (the run stopped)."""
+    write(tmp_path / "in" / "small.png", sample_bgr(48, 48))
+    write(tmp_path / "in" / "slide.png", sample_bgr(400, 400))
+    monkeypatch.setattr(inference, "memory_budget", lambda device: 1)  # windows of 64 x 64, the smallest
+    monkeypatch.setattr(inference, "memory_available", lambda device: 1_000_000)  # less than the slide's sums
+    with pytest.raises(DataError, match=r"1 of 2 files were left out .*slide\.png: a 400x400 image needs"):
+        predict.main(["--name", "pc", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+                      "--device", "cpu"])
+    assert read(tmp_path / "out" / "small.png").shape == (48, 48) and not (tmp_path / "out" / "slide.png").exists()
+
+
 def test_sizing_windows_leaves_a_network_in_training_as_it_was():
     """train.py sizes its validation windows (inference.forward_bytes_per_pixel) on the network it trains: the probe
     leaves its mode and BatchNorm statistics as they were."""
