@@ -45,6 +45,8 @@ from utils import (ArgumentParser, BatchedThreads, DataError, UsageError, atomic
 from visualize import draw_outlines, to_bgr
 
 IMAGE_EXTS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+# Cellpose's outputs beside an image <id>: _cp_masks before _masks, whose ending it shares
+CELLPOSE_OUTPUTS = ("_cp_masks", "_cp_output", "_outlines", "_dP") + CELLPOSE_NOT_IMAGES
 MERGED_TABLES = 1000  # objects tables of this many images are held as one
 OBJECT_COLUMNS = ["image", "plane", "label", "area", "centroid_y", "centroid_x", "bbox_min_y", "bbox_min_x",
                   "bbox_max_y", "bbox_max_x"]
@@ -147,7 +149,7 @@ def list_images(paths):
                 raise DataError(f"--input {path}: the folder holds no {'/'.join(e[1:] for e in IMAGE_EXTS)} images")
             companions = cellpose_companions(files)
             if companions:
-                print(f"note: {printable_path(path)}: {len(companions)} Cellpose label or flow file"
+                print(f"note: {printable_path(path)}: {len(companions)} Cellpose label, flow or output file"
                       f"{'s' * (len(companions) != 1)} beside {'their images' if len(companions) != 1 else 'its image'}"
                       f" left out ({first_few([printable_path(os.path.basename(f)) for f in companions])}); give one "
                       "as --input to segment it")
@@ -165,14 +167,15 @@ def list_images(paths):
 
 
 def cellpose_companions(files):
-    """The files of a folder's image ``files`` that are Cellpose's <id>_masks or <id>_flows beside the image
-    <id>_img or <id> (dataset.py's Cellpose layouts): label images and flows, which segmented as images would give
-    nonsense nuclei under names like a label image's."""
+    """The files of a folder's image ``files`` that Cellpose keeps beside the image <id>_img or <id> (dataset.py's
+    Cellpose layouts, and what Cellpose writes there: <id>_cp_masks, _cp_output, _outlines, _flows, _dP): label
+    images, flows and pictures, which segmented as images would give nonsense nuclei under names like a label
+    image's."""
     stems = {os.path.splitext(os.path.basename(f))[0] for f in files}
     companions = []
     for f in files:
         stem = os.path.splitext(os.path.basename(f))[0]
-        image = next((stem[:-len(end)] for end in CELLPOSE_NOT_IMAGES if stem.endswith(end)), None)
+        image = next((stem[:-len(end)] for end in CELLPOSE_OUTPUTS if stem.endswith(end)), None)
         if image is not None and {image, image + "_img"} & stems:
             companions.append(f)
     return companions

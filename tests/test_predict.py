@@ -759,9 +759,20 @@ def test_cellpose_label_images_beside_their_images_are_left_out(tmp_path, capsys
     assert predict.list_images([str(tmp_path / "plate")]) == [str(tmp_path / "plate" / n) for n in ("a_img.png",
                                                                                                  "b.tif",
                                                                                                  "c_masks.png")]
-    assert "3 Cellpose label or flow files beside their images left out (a_masks.png, b_flows.tif, b_masks.png)" \
+    assert "3 Cellpose label, flow or output files beside their images left out (a_masks.png, b_flows.tif, b_masks.png)" \
         in capsys.readouterr().out
     assert predict.list_images([str(tmp_path / "plate" / "a_masks.png")]) == [str(tmp_path / "plate" / "a_masks.png")]
+
+
+def test_what_cellpose_wrote_beside_an_image_is_left_out(tmp_path, capsys):
+    """Cellpose's --save_png/--save_outlines/--save_flows outputs beside d.png: its label image d_cp_masks.png (the
+    _masks ending alone would take it for the label image of an image d_cp), the picture d_cp_output.png, ..."""
+    for name in ("d.png", "d_cp_masks.png", "d_cp_masks.tif", "d_cp_output.png", "d_outlines.png", "d_flows.tif",
+                 "d_dP.tif", "e_outlines.png"):
+        write(tmp_path / "plate" / name, np.zeros((8, 8), np.uint8))
+    assert predict.list_images([str(tmp_path / "plate")]) == [str(tmp_path / "plate" / n) for n in ("d.png",
+                                                                                                 "e_outlines.png")]
+    assert "6 Cellpose label, flow or output files beside their images left out" in capsys.readouterr().out
 
 
 def test_a_file_name_that_is_not_utf8_is_refused_before_any_output(tmp_path):
