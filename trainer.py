@@ -57,16 +57,7 @@ class Trainer:
         # every process, or the others hang
         check_run_folder(self.dir, args.name, args.resume, args.overwrite, args.auto_resume)
         self.dataset_dir = dataset_folder(args.dataset, self.main, args.name if args.resume else None)
-        left_out = images_left_out(self.dataset_dir, args.img_ext)  # first: it explains a mask without its image
-        if left_out:
-            self._say(left_out)
-        ids = list_ids(self.dataset_dir, args.img_ext, args.mask_ext, args.num_classes)
-        self.split = load_or_make_split(os.path.join(self.dir, "split.csv"), self.dataset_dir, ids, args.resume,
-                                        args.val_size, args.test_size, args.split_seed, args.split_file)
-        unlisted = unlisted_note(self.split, f"--split_file {args.split_file}", self.dataset_dir, ids) \
-            if args.split_file and not args.resume else ""
-        if unlisted:
-            self._say(unlisted)
+        self.split = self._load_split()
         for note in (schedule_note(args), unused_flags_note(args)):
             if note:
                 self._say(note)
@@ -97,12 +88,7 @@ class Trainer:
                                              progress=self.progress and self.main)
         if self.main:  # set up without an error: now the run folder may be written
             if args.crop_size and not args.nucleus_diameter:  # recorded for predict.py --scale auto
-                args.nucleus_diameter = round(nucleus_diameter(self.dataset_dir, self.ids("train"), args.img_ext,
-                                                               args.mask_ext), 2)
-                if not args.nucleus_diameter:
-                    self._say(f"note: the training images' label images in {self.dataset_dir} hold no nuclei (stale "
-                              "labels beside the masks?), so no nucleus diameter is recorded: predict.py --scale auto "
-                              "will need --nucleus_diameter D given here")
+                self._measure_nucleus_diameter()
             if is_bundled_name(args.name) and not args.resume:
                 self._say(f"note: models/{args.name} takes the place of the bundled run pretrained/{args.name} for "
                           f"predict.py and val.py --name {args.name}; remove it to use the bundled one again")
@@ -246,6 +232,33 @@ class Trainer:
         a = self.args
         return eval_loader(self.dataset_dir, ids, reading_of(a), (a.input_h, a.input_w, a.crop_size), a.batch_size,
                            a.num_workers, pin_memory=self.device.type == "cuda", cache=self.cache)
+
+    def _load_split(self):
+        """The run's split of the dataset's ids (splits.load_or_make_split), after a note on the files left out (first:
+        it explains a mask without its image) and, for a new run's --split_file, one on the images it does not list."""
+        args = self.args
+        left_out = images_left_out(self.dataset_dir, args.img_ext)
+        if left_out:
+            self._say(left_out)
+        ids = list_ids(self.dataset_dir, args.img_ext, args.mask_ext, args.num_classes)
+        split = load_or_make_split(os.path.join(self.dir, "split.csv"), self.dataset_dir, ids, args.resume,
+                                   args.val_size, args.test_size, args.split_seed, args.split_file)
+        unlisted = unlisted_note(split, f"--split_file {args.split_file}", self.dataset_dir, ids) \
+            if args.split_file and not args.resume else ""
+        if unlisted:
+            self._say(unlisted)
+        return split
+
+    def _measure_nucleus_diameter(self):
+        """Set ``args.nucleus_diameter`` to the training images' median nucleus diameter (pixels, 2 decimals;
+        dataset.nucleus_diameter), with a note when their labels hold no nuclei (0: none recorded)."""
+        args = self.args
+        args.nucleus_diameter = round(nucleus_diameter(self.dataset_dir, self.ids("train"), args.img_ext,
+                                                       args.mask_ext), 2)
+        if not args.nucleus_diameter:
+            self._say(f"note: the training images' label images in {self.dataset_dir} hold no nuclei (stale "
+                      "labels beside the masks?), so no nucleus diameter is recorded: predict.py --scale auto "
+                      "will need --nucleus_diameter D given here")
 
     def _train_loader(self):
         """(the training loader, whether it augments on the device, whether images are cached: --cache and the
