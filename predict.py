@@ -361,6 +361,16 @@ def auto_scaled(predictor, image, prob, trained_diameter, threshold, separation,
     return predictor.predict(image, scale), scale, None
 
 
+def probabilities(predictor, image, threshold, filters, auto=None):
+    """Image float32 [H, W, C] in [0, 1] -> (probabilities float32 [K, H, W] in [0, 1] at its size, the scale used,
+    the nuclei measured or None): at the predictor's --scale, or with ``auto`` (as :func:`predict_all` takes it) as
+    :func:`auto_scaled` sizes it."""
+    prob = predictor.predict(image)
+    if not auto:
+        return prob, predictor.scale, None
+    return auto_scaled(predictor, image, prob, auto[0], threshold, auto[1], filters)
+
+
 def predict_all(predictor, files, ids, headers, out_dir, num_classes, threshold, save_prob=False,
                 separation=None, filters=None, overlay=False, channel=None, auto=None):
     """Predict every file into ``out_dir``: the masks (and probabilities with ``save_prob``), the nuclei when a
@@ -404,10 +414,7 @@ def predict_all(predictor, files, ids, headers, out_dir, num_classes, threshold,
             for plane, image in enumerate(planes):
                 image = predictor.as_input(image)
                 try:
-                    prob, scale, nuclei = predictor.predict(image), predictor.scale, None
-                    if auto:
-                        prob, scale, nuclei = auto_scaled(predictor, image, prob, auto[0], threshold, auto[1],
-                                                          filters)
+                    prob, scale, nuclei = probabilities(predictor, image, threshold, filters, auto)
                 except DataError as e:  # an image too large for the memory available: the others are predicted
                     left_out.append(f"{path}: {e}")
                     bar.update(len(planes) - plane)
