@@ -442,6 +442,13 @@ def output_stems(name):
     return {stem, kind, re.sub(r"_class\d+$", "", kind)}
 
 
+def holds_outputs(out_dir, ids):
+    """True when ``out_dir`` holds objects.csv or anything named like an output of one of the images ``ids``
+    (:func:`output_stems`)."""
+    ids = set(ids)
+    return any(n == "objects.csv" or output_stems(n) & ids for n in os.listdir(out_dir))
+
+
 def earlier_outputs_note(args, files, ids, written):
     """A note naming the files in ``args.output`` that an earlier prediction wrote for these images and this one
     did not (not in ``written``, :func:`output_files`: ``<id>_instances.png`` and objects.csv when --instances is
@@ -532,6 +539,14 @@ def summary_line(args, cfg, predictor, device, done, megapixels, planes, seconds
             f"files in {os.path.join(args.output, '')}")
 
 
+def left_out_error(left_out, total, out_dir):
+    """The DataError predict.py ends with when files were left out: ``left_out`` their errors (the first 5 named),
+    of ``total`` files, the others predicted into ``out_dir``."""
+    return DataError(f"{len(left_out)} of {total} files were left out (the others are in "
+                     f"{os.path.join(out_dir, '')}): " + "; ".join(left_out[:5]) +
+                     (f"; and {len(left_out) - 5} more" if len(left_out) > 5 else ""))
+
+
 def main(argv):
     args = build_parser().parse_args(argv)
     check_args(args)
@@ -581,8 +596,7 @@ def main(argv):
         else nullcontext()
     with alone:
         replaced_rows = objects_csv_note(args.output, ids) if args.instances else ""
-        id_set = set(ids)
-        held_outputs = any(n == "objects.csv" or output_stems(n) & id_set for n in os.listdir(args.output))
+        held_outputs = holds_outputs(args.output, ids)
         remove_killed_writes(args.output)
         started = time.time()
         try:
@@ -607,9 +621,7 @@ def main(argv):
         if note:
             print(note)
     if left_out:
-        raise DataError(f"{len(left_out)} of {len(files)} files were left out (the others are in "
-                        f"{os.path.join(args.output, '')}): " + "; ".join(left_out[:5]) +
-                        (f"; and {len(left_out) - 5} more" if len(left_out) > 5 else ""))
+        raise left_out_error(left_out, len(files), args.output)
     return {"images": len(files), "planes": planes, "seconds": seconds, "scales": scales}
 
 
