@@ -7,23 +7,23 @@ train.py redraws models/<name>/curves.png after every epoch. The best epoch (hig
 """
 import os
 
-import matplotlib
+import pandas as pd
+# A Figure of its own, not pyplot's: no backend is chosen (matplotlib.use would switch the one a notebook or script
+# that imports train.py shows its own figures with) and no figure is left in pyplot's list
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from config import derived_files_dir, run_name_suggestion, saved_run_dir  # noqa: E402
-from utils import ArgumentParser, UsageError, atomic_write, path_arg, run_cli  # noqa: E402
+from config import derived_files_dir, run_name_suggestion, saved_run_dir
+from utils import ArgumentParser, UsageError, atomic_write, path_arg, run_cli
 
 
 def plot_runs(logs, names, out_path):
-    """Draw one figure of three panels for one or more runs and write it atomically as PNG.
+    """Draw one figure of three panels for one or more runs and write it atomically as PNG; returns the Figure.
 
     logs: pandas DataFrames with log.csv's columns (missing or NaN values are skipped); names: one per log.
     """
-    fig, (ax_loss, ax_score, ax_lr) = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
+    fig = Figure(figsize=(15, 4.2), layout="constrained")
+    ax_loss, ax_score, ax_lr = fig.subplots(1, 3)
     for i, (log, name) in enumerate(zip(logs, names)):
         colour = f"C{i}"
         label = (lambda s: f"{name} {s}") if len(logs) > 1 else (lambda s: s)
@@ -55,7 +55,7 @@ def plot_runs(logs, names, out_path):
         ax_lr.set_yscale("log")
     with atomic_write(out_path, "wb") as f:
         fig.savefig(f, format="png", dpi=90)
-    plt.close(fig)
+    return fig
 
 
 def _line(ax, log, column, colour, style, marker, label):

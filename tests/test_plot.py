@@ -1,7 +1,10 @@
 """plot.py: curves for one run, for a log with one row or NaN values, and several runs on one figure."""
+import importlib
 import os
 
 import cv2
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
@@ -77,27 +80,38 @@ def test_plot_empty_log_and_non_png_name_are_clear_errors(tmp_path, monkeypatch)
         plot.main(["--name", "empty", "--out", "c.jpg"])
 
 
-def _figure(monkeypatch, tmp_path, logs, names):
-    """The matplotlib figure that plot_runs draws (kept open), its three panels."""
-    figures = []
-    monkeypatch.setattr(plot.plt, "close", figures.append)
-    plot_runs(logs, names, str(tmp_path / "curves.png"))
-    return figures[0].axes[:3]
+def _figure(tmp_path, logs, names):
+    """The three panels of the matplotlib figure that plot_runs draws."""
+    return plot_runs(logs, names, str(tmp_path / "curves.png")).axes[:3]
 
 
-def test_a_run_of_one_epoch_tells_its_series_apart(monkeypatch, tmp_path):
+def test_a_run_of_one_epoch_tells_its_series_apart(tmp_path):
     """One point per series has no line to tell train from val by: each series of a panel has its own marker, and
     the epoch axis has whole epochs only."""
-    for ax in _figure(monkeypatch, tmp_path, [_log(1)], ["a"]):
+    for ax in _figure(tmp_path, [_log(1)], ["a"]):
         markers = [line.get_marker() for line in ax.get_lines() if len(line.get_xdata()) == 1]
         assert markers and "None" not in markers and len(set(markers)) == len(markers)
         ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
         assert ticks == [1.0]
 
 
-def test_curves_name_their_run_and_label_their_axes(monkeypatch, tmp_path):
+def test_curves_name_their_run_and_label_their_axes(tmp_path):
     """A curves.png opened on its own says which run it shows, and every axis what it measures."""
-    axes = _figure(monkeypatch, tmp_path, [_log(4)], ["dsb_unet"])
+    axes = _figure(tmp_path, [_log(4)], ["dsb_unet"])
     assert "dsb_unet" in axes[0].figure.get_suptitle()
     for ax in axes:
         assert ax.get_xlabel() == "epoch" and ax.get_ylabel()
+
+
+def test_drawing_curves_keeps_the_sessions_backend_and_figures(tmp_path):
+    """A notebook or script that imports plot.py (train.py does) keeps the matplotlib backend it shows its own
+    figures with, and curves.png leaves no figure in pyplot's list."""
+    before = matplotlib.get_backend()
+    plt.switch_backend("svg")  # stands for a notebook's inline backend
+    try:
+        importlib.reload(plot)
+        plot.plot_runs([_log(3)], ["a"], str(tmp_path / "curves.png"))
+        assert matplotlib.get_backend() == "svg"
+        assert plt.get_fignums() == []
+    finally:
+        plt.switch_backend(before)
