@@ -79,8 +79,9 @@ def main(argv):
     with written_alone(run_dir(args.name), "--output", run_lock_file(args.name)) if in_run else nullcontext():
         cfg, model = load_run(args.name, torch.device("cpu"), args.prune)
         module = export_module(model, args.prune)
-        torch.manual_seed(0)
-        example = torch.randn(1, cfg.input_channels, args.height, args.width)
+        # a generator of its own: torch's global one is the session's (a notebook's own draws)
+        example = torch.randn(1, cfg.input_channels, args.height, args.width,
+                              generator=torch.Generator().manual_seed(0))
         size = export_onnx(module, example, path)
     diff = onnxruntime_difference(path, module, example)
     head = f"head X0,{args.prune} (pruned)" if args.prune else \

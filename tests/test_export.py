@@ -124,6 +124,17 @@ def test_the_documented_input_gives_predict_pys_probabilities(run_dir, arch, cro
     assert np.abs(got - want).max() < 1e-4
 
 
+def test_export_leaves_the_sessions_random_numbers_alone(run_dir):
+    """Its example input comes from a generator of its own: a notebook's torch draws after an export go on from its
+    own seed, not from the example's seed 0."""
+    after = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        export.main(["--name", "u", "--output", f"u{seed}.onnx"])
+        after.append(torch.rand(3).tolist())
+    assert after[0] != after[1]
+
+
 def test_export_errors(run_dir):
     with pytest.raises(UsageError, match="--prune needs a NestedUNet"):
         export.main(["--name", "u", "--prune", "2"])
