@@ -58,6 +58,22 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+@contextlib.contextmanager
+def random_states_kept():
+    """Give Python's, NumPy's and torch's global random states back after the block (torch's of the CPU, and of the
+    current GPU when CUDA is already in use): a run seeds them (:func:`seed_everything`), and a notebook or script
+    that trains between its own random draws goes on with its own numbers, not with ones that the run's --seed
+    fixed."""
+    python, numpy = random.getstate(), np.random.get_state()
+    gpus = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []  # not a context on every GPU
+    with torch.random.fork_rng(devices=gpus):
+        try:
+            yield
+        finally:
+            random.setstate(python)
+            np.random.set_state(numpy)
+
+
 def grad_scaler(enabled):
     """The fp16 loss scaler for CUDA: torch.amp.GradScaler("cuda") since torch 2.3, torch.cuda.amp's before."""
     if hasattr(torch.amp, "GradScaler"):

@@ -17,9 +17,10 @@ def main(argv):
     args = parse_train_args(argv)
     # Heavy imports only now, so that --help and flag errors answer at once.
     from distributed import launched_rank
+    from engine import random_states_kept
     from trainer import Trainer, completion_note, run_lock
 
-    with run_lock(args.name):
+    with random_states_kept(), run_lock(args.name):
         complete = args.auto_resume and args.resume and completion_note(args)
         if complete:  # exit 0: a requeued job of a finished run ends its loop instead of failing or training again
             if launched_rank() == 0:

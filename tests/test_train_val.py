@@ -4,6 +4,7 @@ Everything runs in temporary directories (the scripts use the relative folders i
 """
 import math
 import os
+import random
 import shutil
 import signal
 import time
@@ -322,6 +323,21 @@ def test_seed_makes_cpu_runs_repeatable(work, monkeypatch):
     b = pd.read_csv(root / "models" / "unet_again" / "log.csv")
     for column in ("lr", "loss", "iou", "val_loss", "val_iou", "val_dice"):
         assert a[column].tolist() == b[column].tolist(), column
+
+
+def test_training_gives_the_sessions_random_numbers_back(tiny_workdir):
+    """A notebook that trains between its own random draws goes on with its own numbers: train.py seeds Python,
+    NumPy and torch for the run (--seed) and then gives their states back."""
+    def draws():
+        return random.random(), np.random.rand(), torch.rand(1).item()
+
+    for state in (random.seed, np.random.seed, torch.manual_seed):
+        state(5)
+    expected = draws()
+    for state in (random.seed, np.random.seed, torch.manual_seed):
+        state(5)
+    train.main(train_argv("own_numbers", epochs=1))
+    assert draws() == expected
 
 
 def test_same_name_twice_is_refused(work, monkeypatch):
