@@ -518,8 +518,20 @@ def clipped(text, width):
     return cut.rstrip() + "..."
 
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+def current_umask():
+    """This process's umask now, not at the import: a notebook or script may set its own later. Linux's
+    /proc/self/status tells it without changing it; elsewhere it is set and put back, the strictest meanwhile, in
+    case another thread creates a file then."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 @contextmanager
@@ -654,7 +666,7 @@ def atomic_write(path, mode="w", **kwargs):
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the permissions open() would
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 files; give the permissions open() would
         os.replace(tmp, path)
     except BaseException as e:
         if os.path.exists(tmp):
@@ -868,7 +880,7 @@ def temp_folder_beside(path):
     tmp = made_in(parent, tempfile.mkdtemp, prefix=f"{prefix}{writer()}-")
     # mkdir gave it the set-group-ID bit of a group's shared folder; a chmod without it would clear it, and what is
     # made inside would get the user's own group, which the colleagues cannot read or replace
-    os.chmod(tmp, 0o777 & ~_UMASK | os.stat(tmp).st_mode & stat.S_ISGID)
+    os.chmod(tmp, 0o777 & ~current_umask() | os.stat(tmp).st_mode & stat.S_ISGID)
     return tmp
 
 

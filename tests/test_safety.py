@@ -43,7 +43,8 @@ from archs import build_model
 from checkpoints import atomic_torch_save
 from conftest import ROOT, held_by_another_process, train_argv
 from dataset import Dataset, decode_image, eval_transform, read_mask
-from utils import DataError, UsageError, atomic_write, interrupts_held, run_cli, sha256_file
+from utils import (DataError, UsageError, atomic_write, interrupts_held, run_cli, sha256_file,
+                   temp_folder_beside)
 
 SMALL = ["--dataset", "tiny", "--arch", "UNet", "--input_w", "32", "--input_h", "32", "-b", "2",
          "--num_workers", "0", "--device", "cpu", "--seed", "3"]
@@ -317,6 +318,20 @@ def test_atomic_write_keeps_the_old_file(tmp_path, exc):
             raise exc()
     assert path.read_text() == "old\n"
     assert os.listdir(tmp_path) == ["log.csv"]
+
+
+def test_files_and_folders_follow_a_umask_set_after_the_import(tmp_path):
+    """A notebook that sets umask 077 after importing the toolkit (its images are private) gets private files and
+    folders from it, as from open() and os.makedirs, not those of the umask at the import."""
+    previous = os.umask(0o077)
+    try:
+        with atomic_write(tmp_path / "log.csv") as f:
+            f.write("epoch\n")
+        folder = temp_folder_beside(tmp_path / "outputs")
+    finally:
+        os.umask(previous)
+    assert os.stat(tmp_path / "log.csv").st_mode & 0o777 == 0o600
+    assert os.stat(folder).st_mode & 0o777 == 0o700
 
 
 def test_atomic_write_writes_utf8_whatever_the_locale(tmp_path, monkeypatch):
