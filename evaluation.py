@@ -22,6 +22,7 @@ from utils import BatchedThreads, DataError, UsageError, atomic_imwrite, atomic_
 from visualize import overlay_panel, to_bgr, write_summary
 
 EVALUATION_FILE = "evaluation.yml"
+MIN_IMAGES_FOR_INTERVAL = 10  # fewer images resample to intervals too narrow to mean anything
 # what val.py prints for each separation (config.SEPARATIONS), in the order the DSB2018 scores follow the chosen one
 SEPARATION_NAMES = {"cc": "connected components", "watershed": "watershed", "borders": "learned borders"}
 
@@ -249,10 +250,38 @@ def summary(title, scores, table, dsb, out_dir, overlays):
     if dsb:
         lines.append(f"  DSB2018 score {', '.join(f'{v:.4f} ({SEPARATION_NAMES[m]})' for m, v in dsb.items())}, "
                      f"mean over the {table['dsb'].notna().sum()} images with instance labels")
+    lines += interval_line(table, next(iter(dsb), None))
     lines.append(f"  worst image {table['img_id'][0]} (IoU {table['iou'][0]:.3f}); files in "
                  f"{os.path.join(out_dir, '')} (scores.csv, {'overlays/, summary.png, ' if overlays else ''}"
                  "probability PNGs per class)")
     return "\n".join(lines)
+
+
+def interval_line(table, separation):
+    """['  95 % interval ... IoU lo-hi, DSB2018 lo-hi'] for the per-image means of ``table`` (scores.csv's rows; the
+    dsb column is ``separation``'s), [] for fewer than MIN_IMAGES_FOR_INTERVAL images: how far the mean of as many
+    other images of the same kinds might fall, to weigh a difference between two runs against."""
+    n = len(table)
+    if n < MIN_IMAGES_FOR_INTERVAL:
+        return []
+    parts = [f"IoU {'-'.join(f'{v:.3f}' for v in bootstrap_interval(table['iou'].to_numpy()))}"]
+    dsb = table["dsb"].dropna().to_numpy() if "dsb" in table else []
+    if len(dsb) >= MIN_IMAGES_FOR_INTERVAL:
+        parts.append(f"DSB2018 ({SEPARATION_NAMES[separation]}) {'-'.join(f'{v:.3f}' for v in bootstrap_interval(dsb))}")
+    return [f"  95 % interval of the means per image (bootstrap over the {n} images): {', '.join(parts)}"]
+
+
+def bootstrap_interval(values, level=0.95, draws=2000, seed=0):
+    """The percentile bootstrap interval (low, high) of the mean of ``values`` (float [N]): the central ``level``
+    of the means of ``draws`` resamples of N values with replacement (a fixed ``seed``: the same scores print the same
+    interval)."""
+    rng = np.random.default_rng(seed)
+    values = np.asarray(values, np.float64)
+    chunk = max(1, 2 ** 22 // len(values))  # resampled indices of at most 32 MiB at a time
+    means = np.concatenate([values[rng.integers(0, len(values), (min(chunk, draws - start), len(values)))].mean(1)
+                            for start in range(0, draws, chunk)])
+    tail = (1 - level) / 2 * 100
+    return tuple(float(v) for v in np.percentile(means, [tail, 100 - tail]))
 
 
 def by_class_line(scores):

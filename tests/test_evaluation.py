@@ -6,13 +6,14 @@ import time
 from argparse import Namespace
 
 import numpy as np
+import pandas as pd
 import pytest
 import tifffile
 import torch
 from conftest import write_image
 
 from engine import Precision, evaluate
-from evaluation import ImageWriter, model_epoch, training_copies
+from evaluation import ImageWriter, bootstrap_interval, interval_line, model_epoch, summary, training_copies
 from losses import build_loss
 from image_files import read_label_image
 from metrics import dsb_scores
@@ -187,3 +188,36 @@ def test_training_copies_of_a_run_whose_dataset_was_rearranged_are_none(tmp_path
     cfg = Namespace(dataset="theirs", img_ext=".png", mask_ext=".png")
     reading = {"img_ext": ".png", "mask_ext": ".png", "num_classes": 1}
     assert training_copies("r", cfg, str(tmp_path / "ours"), ["a"], reading) == []
+
+
+@pytest.mark.parametrize("n", [40, 300, 6000], ids=["few", "many", "chunked"])
+def test_the_bootstrap_interval_matches_scipy_and_the_normal_approximation(n):
+    """The percentile interval of the mean against scipy.stats.bootstrap's (its own resamples) and mean +- 1.96
+    s / sqrt(n): each within a sixth of the half-width (the resampling's own scatter is about a twentieth)."""
+    stats = pytest.importorskip("scipy.stats")
+    values = np.random.default_rng(3).beta(5, 2, n)
+    low, high = bootstrap_interval(values)
+    half = 1.96 * values.std() / np.sqrt(n)
+    reference = stats.bootstrap((values,), np.mean, confidence_level=0.95, n_resamples=4000, method="percentile",
+                                random_state=np.random.default_rng(7)).confidence_interval
+    for a, b in ((low, reference.low), (high, reference.high), (low, values.mean() - half),
+                 (high, values.mean() + half)):
+        assert abs(a - b) < half / 6, (a, b, half)
+    assert bootstrap_interval(values) == (low, high)  # the same scores print the same interval
+    assert bootstrap_interval(np.full(20, 0.7)) == pytest.approx((0.7, 0.7))
+
+
+def test_the_summary_gives_the_interval_of_the_means_from_ten_images():
+    table = pd.DataFrame({"img_id": [f"i{k}" for k in range(10)], "iou": np.linspace(0.5, 0.9, 10),
+                          "dice": np.linspace(0.6, 0.95, 10), "kind": "fluorescence",
+                          "dsb": [np.nan] + list(np.linspace(0.2, 0.6, 9))})
+    scores = {"iou": 0.7, "iou_mean": 0.7, "dice": 0.8, "dice_mean": 0.8}
+    text = summary("run", scores, table, {"watershed": 0.4, "cc": 0.35}, "outputs/run", False)
+    low, high = bootstrap_interval(table["iou"].to_numpy())
+    assert f"  95 % interval of the means per image (bootstrap over the 10 images): IoU {low:.3f}-{high:.3f}\n" in text
+    assert low < 0.7 < high
+    # nine images with DSB2018 scores are too few for theirs; ten are enough
+    table.loc[0, "dsb"] = 0.3
+    assert "DSB2018 (watershed) 0." in interval_line(table, "watershed")[0]
+    assert interval_line(table.iloc[:9], "watershed") == []
+
