@@ -264,10 +264,12 @@ def interval_line(table, separation):
     n = len(table)
     if n < MIN_IMAGES_FOR_INTERVAL:
         return []
-    parts = [f"IoU {'-'.join(f'{v:.3f}' for v in bootstrap_interval(table['iou'].to_numpy()))}"]
+    low, high = bootstrap_interval(table["iou"].to_numpy())
+    parts = [f"IoU {low:.3f}-{high:.3f}"]
     dsb = table["dsb"].dropna().to_numpy() if "dsb" in table else []
     if len(dsb) >= MIN_IMAGES_FOR_INTERVAL:
-        parts.append(f"DSB2018 ({SEPARATION_NAMES[separation]}) {'-'.join(f'{v:.3f}' for v in bootstrap_interval(dsb))}")
+        low, high = bootstrap_interval(dsb)
+        parts.append(f"DSB2018 ({SEPARATION_NAMES[separation]}) {low:.3f}-{high:.3f}")
     return [f"  95 % interval of the means per image (bootstrap over the {n} images): {', '.join(parts)}"]
 
 
