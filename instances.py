@@ -69,12 +69,17 @@ def remove_unsure(labels, prob, min_confidence):
     labels: int [H, W], 0 background, objects 1..N; prob: float [H, W] in [0, 1]. Returns int32 [H, W].
     """
     labels = np.asarray(labels, np.int32)
-    count = int(labels.max()) if labels.size else 0
-    if count == 0 or min_confidence <= 0:
+    if not labels.size or labels.max() == 0 or min_confidence <= 0:
         return labels
-    mean = np.asarray(ndi.mean(prob, labels, np.arange(1, count + 1)))
-    keep = np.concatenate([[False], mean >= min_confidence])
+    keep = np.concatenate([[False], mean_probability(labels, prob) >= min_confidence])
     return remove_small(np.where(keep[labels], labels, 0), 1)
+
+
+def mean_probability(labels, prob):
+    """The mean of ``prob`` (float [H, W] in [0, 1]) over each object of ``labels`` (int [H, W], 0 background),
+    the network's confidence in it: float64 [N] for labels 1..N, N the largest."""
+    count = int(labels.max()) if labels.size else 0
+    return np.asarray(ndi.mean(prob, labels, np.arange(1, count + 1)), np.float64)
 
 
 def connected_components(prob, threshold=0.5, min_size=0):

@@ -13,8 +13,8 @@ exactly as in training. For each image ``<id>`` (its file name without the exten
     <id>_prob.png        --save_prob: the probability x 255 (8-bit)
     <id>_overlay.png     --overlay: the image with the outlines of the predicted nuclei
     <id>_instances.png   --instances: 16-bit labels, 0 background, nuclei 1..N
-    objects.csv          --instances: one row per nucleus (image, plane, area, centroid, bounding box; bbox_max is
-                         exclusive)
+    objects.csv          --instances: one row per nucleus (OBJECT_COLUMNS: image, plane, area, centroid, bounding
+                         box with bbox_max exclusive, intensity, shape, confidence; object_rows)
 
 A TIFF stack (time points, z planes or pages; image_files.tiff_layout) is segmented plane by plane, each plane
 as an image of its own, and gives ImageJ TIFF stacks instead, one page per plane: ``<id>.tif``,
@@ -38,7 +38,8 @@ from skimage.measure import regionprops_table
 from config import (MIN_SIZE, add_amp_arg, add_device_arg, add_separation_args, check_object_filters,
                     choose_separation, object_filters)
 from image_files import CELLPOSE_NOT_IMAGES, TIFF_EXTS, TiffHeader, decode_planes, select_channel, tiff_header
-from instances import AUTO_SCALE_BAND, auto_scale, border_map, median_diameter, nucleus_areas, split_instances
+from instances import (AUTO_SCALE_BAND, auto_scale, border_map, mean_probability, median_diameter, nucleus_areas,
+                       split_instances)
 from utils import (ArgumentParser, BatchedThreads, DataError, UsageError, atomic_imwrite, atomic_tiff_write,
                    atomic_write, check_output_folder, check_utf8_names, first_few, float_or_auto, path_arg,
                    printable_path, progress_bar, remove_killed_writes, run_cli, written_alone)
@@ -49,7 +50,11 @@ IMAGE_EXTS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 CELLPOSE_OUTPUTS = ("_cp_masks", "_cp_output", "_outlines", "_dP") + CELLPOSE_NOT_IMAGES
 MERGED_TABLES = 1000  # objects tables of this many images are held as one
 OBJECT_COLUMNS = ["image", "plane", "label", "area", "centroid_y", "centroid_x", "bbox_min_y", "bbox_min_x",
-                  "bbox_max_y", "bbox_max_x"]
+                  "bbox_max_y", "bbox_max_x", "mean_intensity", "integrated_intensity", "perimeter", "eccentricity",
+                  "solidity", "major_axis_length", "minor_axis_length", "confidence"]
+# A colour image's intensity is its grey value, with OpenCV's weights for RGB -> grey: one set of columns for the
+# grey and colour images of a run.
+GREY_WEIGHTS = np.array([0.299, 0.587, 0.114])
 
 
 def build_parser():
@@ -273,14 +278,24 @@ def output_files(files, ids, stacks, suffixes):
 
 # ---------------------------------------------------------------------------------------------- the outputs
 
-def object_rows(img_id, plane, labels):
-    """regionprops_table of a label image -> DataFrame with OBJECT_COLUMNS (bbox_max exclusive)."""
-    table = regionprops_table(labels, properties=("label", "area", "centroid", "bbox"))
+def object_rows(img_id, plane, labels, raw, prob):
+    """regionprops_table of a label image int [H, W] -> DataFrame with OBJECT_COLUMNS: lengths in pixels (bbox_max
+    exclusive); the intensity of ``raw``, the plane as read [H, W, C] (C 1 or 3: GREY_WEIGHTS), in its own units;
+    the confidence, the mean of ``prob`` float [H, W] in [0, 1] (instances.mean_probability)."""
+    table = regionprops_table(labels, intensity_image=raw, properties=(
+        "label", "area", "centroid", "bbox", "intensity_mean", "perimeter", "eccentricity", "solidity",
+        "axis_major_length", "axis_minor_length"))
+    means = np.stack([table[f"intensity_mean-{c}"] for c in range(raw.shape[2])], axis=1)
+    mean = means[:, 0] if raw.shape[2] == 1 else means @ GREY_WEIGHTS
     frame = pd.DataFrame({
         "image": img_id, "plane": plane, "label": table["label"], "area": table["area"].astype(int),
         "centroid_y": table["centroid-0"], "centroid_x": table["centroid-1"],
         "bbox_min_y": table["bbox-0"], "bbox_min_x": table["bbox-1"],
-        "bbox_max_y": table["bbox-2"], "bbox_max_x": table["bbox-3"]})
+        "bbox_max_y": table["bbox-2"], "bbox_max_x": table["bbox-3"],
+        "mean_intensity": mean, "integrated_intensity": mean * table["area"],
+        "perimeter": table["perimeter"], "eccentricity": table["eccentricity"], "solidity": table["solidity"],
+        "major_axis_length": table["axis_major_length"], "minor_axis_length": table["axis_minor_length"],
+        "confidence": mean_probability(labels, prob)[table["label"] - 1]})
     return frame[OBJECT_COLUMNS]
 
 
@@ -333,13 +348,14 @@ def write_stack(out_dir, img_id, planes, header):
         atomic_tiff_write(os.path.join(out_dir, f"{img_id}{suffix}.tif"), stack, axes + "YX")
 
 
-def predict_plane(source, plane, image, prob, options, out_dir, nuclei=None):
+def predict_plane(source, plane, image, prob, options, out_dir, nuclei=None, raw=None):
     """The job run in a thread for each plane of ``source`` = (img_id, its number of planes, its TiffHeader):
-    :func:`segment` (``nuclei`` as there), and for a 2D image (``out_dir`` given) its files. Returns (source, arrays
-    or None once written, foreground fraction of class 0, objects table or None, pixels)."""
+    :func:`segment` (``nuclei`` as there), and for a 2D image (``out_dir`` given) its files. ``raw``: the plane as
+    read [H, W, C], whose intensity the objects table measures (with a separation). Returns (source, arrays or None
+    once written, foreground fraction of class 0, objects table or None, pixels)."""
     img_id = source[0]
     arrays, labels = segment(img_id, image, prob, **options, nuclei=nuclei)
-    table = object_rows(img_id, plane, labels) if labels is not None else None
+    table = object_rows(img_id, plane, labels, raw, prob[0]) if labels is not None else None
     if out_dir is not None:
         write_image(out_dir, img_id, arrays)
         arrays = None
@@ -411,8 +427,8 @@ def predict_all(predictor, files, ids, headers, out_dir, num_classes, threshold,
                 bar.update()
                 continue
             bar.total += len(planes) - 1
-            for plane, image in enumerate(planes):
-                image = predictor.as_input(image)
+            for plane, raw in enumerate(planes):
+                image = predictor.as_input(raw)
                 try:
                     prob, scale, nuclei = probabilities(predictor, image, threshold, filters, auto)
                 except DataError as e:  # an image too large for the memory available: the others are predicted
@@ -420,9 +436,12 @@ def predict_all(predictor, files, ids, headers, out_dir, num_classes, threshold,
                     bar.update(len(planes) - plane)
                     break
                 scales.append(scale)
+                # a copy: a view would hold the whole stack (or all the channels of --channel) until the jobs run
+                measured = raw.copy() if separation else None
                 jobs.submit(predict_plane, (img_id, len(planes), header), plane, image, prob, options,
-                            None if header.plane_axes else out_dir, nuclei,
-                            nbytes=image.nbytes + prob.nbytes + (0 if nuclei is None else nuclei.nbytes))
+                            None if header.plane_axes else out_dir, nuclei, measured,
+                            nbytes=image.nbytes + prob.nbytes + sum(a.nbytes for a in (nuclei, measured)
+                                                                    if a is not None))
                 bar.update()
         jobs.flush()
     if not fractions:

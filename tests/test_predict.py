@@ -1131,3 +1131,59 @@ def test_objects_tables_of_many_images_are_merged_as_they_come(tmp_path, monkeyp
     assert table["image"].tolist() == [i for i in ids for _ in range(2)]
     assert table["area"].tolist() == [16, 25] * 12
     assert most[0] < 4
+
+
+def test_objects_csv_measures_each_nucleus_in_the_image_as_read(tmp_path):
+    """objects.csv's intensity (of the file as read: 16-bit values, a colour image's grey value as OpenCV converts
+    it, a stack's own plane), shape and confidence (the mean probability) of each nucleus, against numpy computed
+    on each one's pixels; the grey and colour images of one run get the same columns, none empty."""
+    yy, xx = np.mgrid[:64, :64]
+    shapes = np.zeros((64, 64), np.int32)
+    shapes[(yy - 16) ** 2 + (xx - 16) ** 2 <= 64] = 1  # a disc (numbered in raster order, as --separation cc does)
+    shapes[30:40, 40:50] = 2
+    shapes[30:32, 44:46] = 0  # a notch in the 10 x 10 square, whose convex hull stays the square: solidity 0.96
+    shapes[50:55, 5:25] = 3  # a 5 x 20 rectangle: perimeter 2 * (4 + 19) through the outer pixels' centres
+    rng = np.random.default_rng(0)
+    prob = np.where(shapes > 0, rng.uniform(0.55, 1.0, shapes.shape), 0).astype(np.float32)
+
+    class Known:  # stands in for inference.Predictor: these nuclei, with these probabilities, in every image
+        scale = 1.0
+
+        def as_input(self, image):
+            return image_to_float(image, 3)
+
+        def predict(self, image):
+            return prob[None]
+
+    grey = rng.integers(0, 65536, (64, 64)).astype(np.uint16)
+    grey[shapes == 1] = 1000
+    rgb = rng.integers(0, 256, (64, 64, 3)).astype(np.uint8)
+    files = [write(tmp_path / "in" / "grey.png", grey), write(tmp_path / "in" / "rgb.png", rgb[..., ::-1])]
+    tifffile.imwrite(tmp_path / "in" / "stack.tif", np.stack([grey // 2, grey]), imagej=True, metadata={"axes": "TYX"})
+    files.append(str(tmp_path / "in" / "stack.tif"))
+    os.makedirs(tmp_path / "out")
+    _, table, *_ = predict.predict_all(Known(), files, ["grey", "rgb", "stack"], predict.tiff_headers(files),
+                                       str(tmp_path / "out"), 1, 0.5, separation="cc",
+                                       filters=dict(min_size=0, min_confidence=0))
+    assert list(table.columns) == predict.OBJECT_COLUMNS and not table.isna().any().any()
+    assert table[["image", "plane"]].drop_duplicates().values.tolist() == [["grey", 0], ["rgb", 0], ["stack", 0],
+                                                                           ["stack", 1]]
+    values = {("grey", 0): grey, ("rgb", 0): cv2.cvtColor(rgb.astype(np.float32), cv2.COLOR_RGB2GRAY),
+              ("stack", 0): grey // 2, ("stack", 1): grey}
+    for row in table.itertuples():
+        nucleus = shapes == row.label
+        ys, xs = np.nonzero(nucleus)
+        small, large = np.linalg.eigvalsh(np.cov([ys, xs], bias=True))
+        pixels = values[row.image, row.plane][nucleus].astype(np.float64)
+        assert row.area == nucleus.sum()
+        assert row.mean_intensity == pytest.approx(pixels.mean(), rel=1e-5)
+        assert row.integrated_intensity == pytest.approx(pixels.sum(), rel=1e-5)
+        assert row.confidence == pytest.approx(prob[nucleus].mean(), rel=1e-5)
+        assert row.major_axis_length == pytest.approx(4 * np.sqrt(large), rel=1e-6)
+        assert row.minor_axis_length == pytest.approx(4 * np.sqrt(small), rel=1e-6)
+        assert row.eccentricity == pytest.approx(np.sqrt(1 - small / large), abs=1e-6)
+    disc, notched, rectangle = (table[(table["image"] == "grey") & (table["label"] == k)].iloc[0] for k in (1, 2, 3))
+    assert (disc["mean_intensity"], disc["integrated_intensity"]) == (1000, 1000 * disc["area"])
+    assert disc["eccentricity"] < 1e-6 and disc["perimeter"] == pytest.approx(2 * np.pi * 8, rel=0.1)
+    assert (rectangle["perimeter"], rectangle["solidity"]) == (46, 1)
+    assert notched["solidity"] == pytest.approx(96 / 100)
