@@ -52,6 +52,10 @@ MERGED_TABLES = 1000  # objects tables of this many images are held as one
 OBJECT_COLUMNS = ["image", "plane", "label", "area", "centroid_y", "centroid_x", "bbox_min_y", "bbox_min_x",
                   "bbox_max_y", "bbox_max_x", "mean_intensity", "integrated_intensity", "perimeter", "eccentricity",
                   "solidity", "major_axis_length", "minor_axis_length", "confidence"]
+# objects.csv's decimals: 2 for pixel positions and lengths, 4 for ratios, the confidence and intensities (a float
+# image's in [0, 1] among them)
+OBJECT_DECIMALS = {c: 4 if c in ("mean_intensity", "integrated_intensity", "eccentricity", "solidity", "confidence")
+                   else 2 for c in OBJECT_COLUMNS}
 # A colour image's intensity is its grey value, with OpenCV's weights for RGB -> grey: one set of columns for the
 # grey and colour images of a run.
 GREY_WEIGHTS = np.array([0.299, 0.587, 0.114])
@@ -631,7 +635,7 @@ def main(argv):
             raise
         if objects is not None:
             with atomic_write(os.path.join(args.output, "objects.csv")) as f:
-                objects.to_csv(f, index=False, float_format="%.2f")
+                objects.round(OBJECT_DECIMALS).to_csv(f, index=False)
         notes = [earlier_outputs_note(args, files, ids, written), replaced_rows]
     seconds = time.time() - started
     print(summary_line(args, cfg, predictor, device, len(files) - len(left_out), megapixels, planes, seconds,

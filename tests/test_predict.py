@@ -1133,6 +1133,21 @@ def test_objects_tables_of_many_images_are_merged_as_they_come(tmp_path, monkeyp
     assert most[0] < 4
 
 
+def test_a_float_image_s_intensities_keep_four_decimals_in_objects_csv(in_runs, tmp_path):
+    """A float TIFF in [0, 1]: its nuclei's mean intensity to 4 decimals (2 would round 0.004 away), from the
+    image as read over each nucleus of <id>_instances.png."""
+    image = (sample_bgr(48, 40)[:, :, 0] / 255).astype(np.float32)
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in" / "f.tif", image)
+    predict.main(["--name", "p", "--input", str(tmp_path / "in" / "f.tif"), "--output", str(tmp_path / "out"),
+                  "--instances", "--min_confidence", "0", "--device", "cpu"])
+    table = pd.read_csv(tmp_path / "out" / "objects.csv")
+    labels = read(tmp_path / "out" / "f_instances.png")
+    assert len(table) > 0
+    for row in table.itertuples():
+        assert abs(row.mean_intensity - image[labels == row.label].mean()) <= 5.1e-5, row
+
+
 def test_objects_csv_measures_each_nucleus_in_the_image_as_read(tmp_path):
     """objects.csv's intensity (of the file as read: 16-bit values, a colour image's grey value as OpenCV converts
     it, a stack's own plane), shape and confidence (the mean probability) of each nucleus, against numpy computed
