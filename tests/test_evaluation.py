@@ -177,6 +177,25 @@ def test_training_copies_are_found_in_another_bit_depth_and_channel_count(tmp_pa
     assert training_copies("r", cfg, str(tmp_path / "ours"), list("abcd"), reading) == ["a", "b"]
 
 
+def test_training_copies_include_a_training_field_under_another_id_at_another_contrast(tmp_path, monkeypatch):
+    """A test set that holds a training field again, stretched to another contrast and named otherwise (4 of
+    DSB2018's stage1_test images are such copies of stage1_train ones): scored as unseen, it overstates the run;
+    another field of the same size, or a copy of a validation image, is no training image."""
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    fields = {i: rng.integers(0, 150, (48, 64), dtype=np.uint8) for i in ("t", "u", "v")}
+    for i, img in fields.items():
+        write_image(tmp_path / "inputs" / "theirs" / "images" / f"{i}.png", img)
+    os.makedirs(tmp_path / "models" / "r")
+    (tmp_path / "models" / "r" / "split.csv").write_text("img_id,split\nt,train\nu,train\nv,val\n")
+    write_image(tmp_path / "ours" / "images" / "x.png", (fields["t"] * 1.6 + 10).astype(np.uint8))
+    write_image(tmp_path / "ours" / "images" / "y.png", rng.integers(0, 150, (48, 64), dtype=np.uint8))
+    write_image(tmp_path / "ours" / "images" / "z.png", fields["v"])
+    cfg = Namespace(dataset="theirs", img_ext=".png", mask_ext=".png")
+    reading = {"img_ext": ".png", "mask_ext": ".png", "num_classes": 1}
+    assert training_copies("r", cfg, str(tmp_path / "ours"), list("xyz"), reading) == ["x"]
+
+
 def test_training_copies_of_a_run_whose_dataset_was_rearranged_are_none(tmp_path, monkeypatch):
     """The run's dataset folder without its images/ (moved or rearranged): the folder being scored is still scored,
     not refused with an error about the run's folder."""
