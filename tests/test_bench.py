@@ -17,6 +17,7 @@ import fold_bn
 import group_split
 import kernel_time
 import profile_step
+import split_overlap
 import timing
 from config import ARCHS
 from conftest import make_synthetic
@@ -211,6 +212,23 @@ def test_group_split_holds_out_whole_groups():
     assert abs((split["split"] == "val").mean() - 0.2) <= 0.03
     with pytest.raises(UsageError, match="--val_size"):
         group_split.group_split(ids[:51], groups[:51], 0.2)  # 'a' + one 'b': no draw near 20 %
+
+
+def test_split_overlap_finds_overlapping_tiles_and_fields_at_another_contrast():
+    """A validation tile cut from the slide of a training tile, 40x44 pixels of them in common, and a training field
+    at another contrast share content; another slide does not, nor does an image whose only windows in common with
+    a training image are its empty background."""
+    rng = np.random.default_rng(0)
+    slide = rng.integers(0, 150, (80, 100, 3), dtype=np.uint8)
+    sparse, other_sparse = np.zeros((48, 64, 3), np.uint8), np.zeros((48, 64, 3), np.uint8)
+    sparse[:8, :8], other_sparse[40:, 56:] = rng.integers(1, 256, (2, 8, 8, 3), dtype=np.uint8)
+    other = rng.integers(0, 150, (48, 64, 3), dtype=np.uint8)
+    images = {"tile": slide[:48, :64], "sparse": sparse, "overlapping": slide[8:56, 20:84],
+              "stretched": (slide[:48, :64] * 1.5).astype(np.uint8), "other": other, "background": other_sparse}
+    found = split_overlap.shared_content(images, ["overlapping", "stretched", "other", "background"],
+                                         ["tile", "sparse"])
+    assert found == {"overlapping": "40x44 pixels identical with tile (at offset 8, 20 in it)",
+                     "stretched": "the field of tile at another contrast"}
 
 
 def test_bootstrap_interval_matches_the_normal_approximation():
