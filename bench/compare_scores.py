@@ -20,6 +20,7 @@ sys.path.insert(0, REPO)
 import numpy as np  # noqa: E402  (after the path set-up above)
 import pandas as pd  # noqa: E402
 
+from evaluation import bootstrap_interval  # noqa: E402
 from utils import ArgumentParser, UsageError, run_cli  # noqa: E402
 
 SCORES = ("iou", "dice", "dsb")
@@ -48,15 +49,6 @@ def paired(a, b):
     return a.loc[common], b.loc[common]
 
 
-def bootstrap_interval(diffs, draws=10_000, level=0.95, seed=0):
-    """(low, high): the percentile bootstrap interval of mean(diffs), diffs a 1-D array of paired differences."""
-    rng = np.random.default_rng(seed)
-    means = diffs[rng.integers(0, len(diffs), size=(draws, len(diffs)))].mean(axis=1)
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
-    return float(low), float(high)
-
-
 def compare(a, b, groups=None):
     """One row per (group, score) both tables hold: images, mean A, mean B, mean B - A, its 95 % interval, and on
     how many images B is better / worse. ``groups``: a column to compare within as well ('kind'), or None."""
@@ -72,7 +64,7 @@ def compare(a, b, groups=None):
             diffs = y[keep] - x[keep]
             if not len(diffs):
                 continue
-            low, high = bootstrap_interval(diffs) if len(diffs) > 1 else (np.nan, np.nan)
+            low, high = bootstrap_interval(diffs, draws=10_000) if len(diffs) > 1 else (np.nan, np.nan)
             rows.append({"images": name, "n": len(diffs), "score": score, "mean_a": x[keep].mean(),
                          "mean_b": y[keep].mean(), "b_minus_a": diffs.mean(), "ci_low": low, "ci_high": high,
                          "b_better": int((diffs > 0).sum()), "b_worse": int((diffs < 0).sum())})

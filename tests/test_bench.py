@@ -231,15 +231,6 @@ def test_split_overlap_finds_overlapping_tiles_and_fields_at_another_contrast():
                      "stretched": "the field of tile at another contrast"}
 
 
-def test_bootstrap_interval_matches_the_normal_approximation():
-    """For 400 paired differences the bootstrap interval of the mean is close to mean +- 1.96 sd / sqrt(n)."""
-    diffs = np.random.default_rng(1).normal(0.02, 0.1, size=400)
-    low, high = compare_scores.bootstrap_interval(diffs)
-    half = 1.96 * diffs.std(ddof=1) / np.sqrt(len(diffs))
-    assert low == pytest.approx(diffs.mean() - half, abs=0.1 * half)
-    assert high == pytest.approx(diffs.mean() + half, abs=0.1 * half)
-
-
 def test_compare_scores_pairs_by_image_id_in_any_order():
     rng = np.random.default_rng(2)
     a = pd.DataFrame({"img_id": [f"i{k}" for k in range(30)], "iou": rng.uniform(0.5, 0.9, 30),
