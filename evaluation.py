@@ -33,9 +33,10 @@ SEPARATION_NAMES = {"cc": "connected components", "watershed": "watershed", "bor
 
 
 def evaluation_ids(name, split, dataset, cfg, reading):
-    """(dataset folder, ids to score, what they are): the ``split`` ids (default val) of run ``name``'s split.csv,
-    or with ``dataset`` every image of that folder (inputs/<dataset>, or a folder path, of any layout). ``cfg``: the
-    run's flags; ``reading``: the img_ext, mask_ext and num_classes to read the images with."""
+    """(dataset folder, ids to score, what they are, those of them the run trained on): the ``split`` ids (default
+    val) of run ``name``'s split.csv, or with ``dataset`` every image of that folder (inputs/<dataset>, or a folder
+    path, of any layout). ``cfg``: the run's flags; ``reading``: the img_ext, mask_ext and num_classes to read the
+    images with."""
     run_dataset = cfg.dataset
     if dataset is not None:
         if split is not None:
@@ -45,10 +46,13 @@ def evaluation_ids(name, split, dataset, cfg, reading):
         folder = dataset if not os.path.isdir(named) and os.path.isdir(dataset) else named
         ids = list_ids(folder, reading["img_ext"], reading["mask_ext"], reading["num_classes"])
         if os.path.realpath(folder) == os.path.realpath(os.path.join(INPUTS_DIR, run_dataset)):
-            return folder, ids, f"all of {folder}, the run's own dataset: its training images included"
+            split_file = os.path.join(saved_run_dir(name), "split.csv")
+            trained = set(split_ids(read_split(split_file), "train")) if os.path.isfile(split_file) else set()
+            return (folder, ids, f"all of {folder}, the run's own dataset: its training images included",
+                    [i for i in ids if i in trained])
         copies = training_copies(name, cfg, folder, ids, reading)
         return folder, ids, f"all of {folder}" + (f", {len(copies)} of them the run's training images" if copies
-                                                  else " (not trained on)")
+                                                  else " (not trained on)"), copies
     split = split or "val"
     run = saved_run_dir(name)
     if not os.path.isfile(os.path.join(run, "split.csv")):
@@ -71,7 +75,7 @@ def evaluation_ids(name, split, dataset, cfg, reading):
         raise DataError(f"{len(missing)} of the {len(ids)} {split} images in {run}/split.csv "
                         f"{'is' if len(missing) == 1 else 'are'} not in {folder}, e.g. {first_few(missing)}: prepare "
                         "that dataset again in full, or score another with --dataset <set>")
-    return folder, ids, f"{split} split"
+    return folder, ids, f"{split} split", []
 
 
 def training_copies(name, cfg, folder, ids, reading):
@@ -273,8 +277,9 @@ def model_epoch(name):
     return f"epoch {best} of {int(log['epoch'].max())}"
 
 
-def summary(title, scores, table, dsb, out_dir, overlays):
-    """The lines val.py prints: pooled and per-image IoU/Dice, IoU by image kind, DSB2018 scores, worst image."""
+def summary(title, scores, table, dsb, out_dir, overlays, trained=()):
+    """The lines val.py prints: pooled and per-image IoU/Dice, IoU by image kind, DSB2018 scores, their intervals,
+    the scores without the images ``trained`` on (ids), worst image."""
     per_kind = table.groupby("kind")["iou"].agg(["size", "mean"])
     by_kind = ", ".join(f"{k} {per_kind['mean'][k]:.4f} ({per_kind['size'][k]})" for k in MODALITIES
                         if k in per_kind.index)
@@ -287,6 +292,7 @@ def summary(title, scores, table, dsb, out_dir, overlays):
         lines.append(f"  DSB2018 score {', '.join(f'{v:.4f} ({SEPARATION_NAMES[m]})' for m, v in dsb.items())}, "
                      f"mean over the {table['dsb'].notna().sum()} images with instance labels")
     lines += interval_line(table, next(iter(dsb), None))
+    lines += untrained_line(table, trained, next(iter(dsb), None))
     lines.append(f"  worst image {table['img_id'][0]} (IoU {table['iou'][0]:.3f}); files in "
                  f"{os.path.join(out_dir, '')} (scores.csv, {'overlays/, summary.png, ' if overlays else ''}"
                  "probability PNGs per class)")
@@ -307,6 +313,20 @@ def interval_line(table, separation):
         low, high = bootstrap_interval(dsb)
         parts.append(f"DSB2018 ({SEPARATION_NAMES[separation]}) {low:.3f}-{high:.3f}")
     return [f"  95 % interval of the means per image (bootstrap over the {n} images): {', '.join(parts)}"]
+
+
+def untrained_line(table, trained, separation):
+    """['  without the run's N training images (M): IoU x mean per image, DSB2018 y (separation)'] for a ``table``
+    (scores.csv's rows; its dsb column is ``separation``'s) of which the ids ``trained`` are images the run trained
+    on; [] when none are, or all: the scores of the images the run had not seen."""
+    unseen = table[~table["img_id"].isin(set(trained))]
+    if len(unseen) in (0, len(table)):
+        return []
+    dsb = unseen["dsb"].dropna() if "dsb" in unseen else []
+    dsb_text = f", DSB2018 {dsb.mean():.4f} ({SEPARATION_NAMES[separation]})" if len(dsb) else ""
+    trained_count = len(table) - len(unseen)
+    return [f"  without the run's {trained_count} training image{'s' * (trained_count != 1)} ({len(unseen)}): IoU "
+            f"{unseen['iou'].mean():.4f} mean per image{dsb_text}"]
 
 
 def bootstrap_interval(values, level=0.95, draws=2000, seed=0):

@@ -104,7 +104,7 @@ def evaluate_into(args, out_dir):
     filters = object_filters(args.min_size, args.min_confidence, cfg.loss)
     separation = choose_separation(args.separation, cfg.borders, args.name)
     reading = {**reading_of(cfg), "img_ext": args.img_ext or cfg.img_ext, "mask_ext": args.mask_ext or cfg.mask_ext}
-    dataset_dir, ids, part = evaluation_ids(args.name, args.split, args.dataset, cfg, reading)
+    dataset_dir, ids, part, trained = evaluation_ids(args.name, args.split, args.dataset, cfg, reading)
     left_out = images_left_out(dataset_dir, reading["img_ext"]) if args.dataset is not None else ""
     if left_out:
         print(left_out)
@@ -141,7 +141,8 @@ def evaluate_into(args, out_dir):
                                               "tta": args.tta, "prune": args.prune, "separation": separation,
                                               **filters})
     dsb = writer.dsb_means()
-    print(summary(f"{what}, {precision.describe()}{how}", scores, table, dsb, out_dir, not args.no_overlays))
+    print(summary(f"{what}, {precision.describe()}{how}", scores, table, dsb, out_dir, not args.no_overlays,
+                  trained))
     trained = training_diameter(args.name, cfg) if cfg.crop_size else 0.0
     if trained:
         hint = size_hint(dataset_dir, ids, reading, trained)

@@ -108,7 +108,7 @@ def main(argv):
     cfg = load_run_config(args.name)
     if not cfg.crop_size:
         raise UsageError(f"{args.name} was trained on resized images; bench/scale.py needs a crop-trained run")
-    folder, ids, part = evaluation_ids(args.name, None, args.dataset, cfg, reading_of(cfg))
+    folder, ids, part, _ = evaluation_ids(args.name, None, args.dataset, cfg, reading_of(cfg))
     ids = ids[:args.limit or None]
     labels_dir = os.path.join(folder, "labels")
     if not os.path.isdir(labels_dir):

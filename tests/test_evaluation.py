@@ -13,7 +13,8 @@ import torch
 from conftest import write_image
 
 from engine import Precision, evaluate
-from evaluation import ImageWriter, bootstrap_interval, interval_line, model_epoch, summary, training_copies
+from evaluation import (ImageWriter, bootstrap_interval, interval_line, model_epoch, summary, training_copies,
+                        untrained_line)
 from losses import build_loss
 from image_files import read_label_image
 from metrics import dsb_scores
@@ -239,4 +240,13 @@ def test_the_summary_gives_the_interval_of_the_means_from_ten_images():
     table.loc[0, "dsb"] = 0.3
     assert "DSB2018 (watershed) 0." in interval_line(table, "watershed")[0]
     assert interval_line(table.iloc[:9], "watershed") == []
+
+
+def test_the_scores_without_the_images_trained_on_are_their_means():
+    table = pd.DataFrame({"img_id": ["a", "b", "c", "d"], "iou": [0.9, 0.5, 0.7, 0.2], "dsb": [0.8, np.nan, 0.4, 0.1]})
+    assert untrained_line(table, ["a", "x"], "borders") == [
+        "  without the run's 1 training image (3): IoU 0.4667 mean per image, DSB2018 0.2500 (learned borders)"]
+    assert untrained_line(table, [], "borders") == [] and untrained_line(table, list("abcd"), "borders") == []
+    assert untrained_line(table[["img_id", "iou"]], ["d"], None) == [
+        "  without the run's 1 training image (3): IoU 0.7000 mean per image"]
 

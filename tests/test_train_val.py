@@ -750,7 +750,15 @@ def test_val_scores_every_image_of_another_dataset(work, capsys):
     assert "all of inputs/unseen (not trained on), 5 images" in capsys.readouterr().out
     with cwd(root):  # the run's own dataset: said to hold the images it trained on
         val.main(["--name", "unet", "--dataset", TINY_NAME, "--device", "cpu", "--no_overlays"])
-    assert f"all of inputs/{TINY_NAME}, the run's own dataset: its training images included" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"all of inputs/{TINY_NAME}, the run's own dataset: its training images included" in printed
+    # and the scores of the images it did not train on, from scores.csv and split.csv
+    table = pd.read_csv(root / "outputs" / f"unet_on_{TINY_NAME}" / "scores.csv", dtype={"img_id": str})
+    split = pd.read_csv(root / "models" / "unet" / "split.csv", dtype=str)
+    trained = set(split.loc[split["split"] == "train", "img_id"])
+    unseen = table[~table["img_id"].isin(trained)]
+    assert f"without the run's {len(table) - len(unseen)} training images ({len(unseen)}): IoU " \
+        f"{unseen['iou'].mean():.4f} mean per image, DSB2018 {unseen['dsb'].mean():.4f}" in printed, printed
     shutil.copytree(root / "inputs" / TINY_NAME, root / "inputs" / "tiny_copy")
     with cwd(root):  # a copy of it elsewhere: its training images counted by their pixels ("unseen" shares names)
         val.main(["--name", "unet", "--dataset", "tiny_copy", "--device", "cpu", "--no_overlays"])
