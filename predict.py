@@ -15,12 +15,15 @@ exactly as in training. For each image ``<id>`` (its file name without the exten
     <id>_instances.png   --instances: 16-bit labels, 0 background, nuclei 1..N
     objects.csv          --instances: one row per nucleus (OBJECT_COLUMNS: image, plane, area, centroid, bounding
                          box with bbox_max exclusive, intensity, shape, confidence; object_rows)
+    images.csv           one row per image predicted, also one without nuclei (IMAGE_COLUMNS: image, plane, size,
+                         scale, foreground of class 0; with --instances its nuclei and their mean and median area,
+                         else empty; image_row)
 
 A TIFF stack (time points, z planes or pages; image_files.tiff_layout) is segmented plane by plane, each plane
 as an image of its own, and gives ImageJ TIFF stacks instead, one page per plane: ``<id>.tif``,
 ``<id>_prob.tif``, ``<id>_overlay.tif`` (RGB), ``<id>_instances.tif`` (each plane's nuclei numbered 1..N on their
-own: no tracking between planes); objects.csv's ``plane`` counts from 0 (0 for every 2D image). ``--channel K``
-reads channel K of multi-channel images (a TIFF's C axis, or a colour of RGB) as a grey image.
+own: no tracking between planes); objects.csv's and images.csv's ``plane`` counts from 0 (0 for every 2D image).
+``--channel K`` reads channel K of multi-channel images (a TIFF's C axis, or a colour of RGB) as a grey image.
 
 Runs with several classes write ``<id>_class<c>.png`` (and ``_prob``) per class; instances use class 0. A run
 trained with ``--borders True`` also predicts where nuclei touch; ``--separation borders`` splits nuclei there.
@@ -29,6 +32,7 @@ import os
 import re
 import sys
 import time
+from collections import namedtuple
 from contextlib import nullcontext
 
 import numpy as np
@@ -41,8 +45,8 @@ from image_files import CELLPOSE_NOT_IMAGES, TIFF_EXTS, TiffHeader, decode_plane
 from instances import (AUTO_SCALE_BAND, auto_scale, border_map, mean_probability, median_diameter, nucleus_areas,
                        split_instances)
 from utils import (ArgumentParser, BatchedThreads, DataError, UsageError, atomic_imwrite, atomic_tiff_write,
-                   atomic_write, check_output_folder, check_utf8_names, first_few, float_or_auto, path_arg,
-                   printable_path, progress_bar, remove_killed_writes, run_cli, written_alone)
+                   atomic_write, check_output_folder, check_utf8_names, first_few, float_or_auto, interrupts_held,
+                   path_arg, printable_path, progress_bar, remove_killed_writes, run_cli, written_alone)
 from visualize import draw_outlines, to_bgr
 
 IMAGE_EXTS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
@@ -56,6 +60,13 @@ OBJECT_COLUMNS = ["image", "plane", "label", "area", "centroid_y", "centroid_x",
 # image's in [0, 1] among them)
 OBJECT_DECIMALS = {c: 4 if c in ("mean_intensity", "integrated_intensity", "eccentricity", "solidity", "confidence")
                    else 2 for c in OBJECT_COLUMNS}
+# images.csv: a row per plane predicted, so that one without nuclei counts 0 (objects.csv has no row for it). The
+# columns are the same with and without --instances (nuclei, mean_area and median_area then empty), so that the tables
+# of two runs concatenate; the areas are empty for no nuclei.
+IMAGE_COLUMNS = ["image", "plane", "height", "width", "scale", "foreground", "nuclei", "mean_area", "median_area"]
+ImageRow = namedtuple("ImageRow", IMAGE_COLUMNS)  # a tuple, not a DataFrame: tens of thousands are held to the end
+IMAGE_DECIMALS = {"scale": 4, "foreground": 4, "mean_area": 2, "median_area": 2}
+TABLES = ("objects.csv", "images.csv")
 # A colour image's intensity is its grey value, with OpenCV's weights for RGB -> grey: one set of columns for the
 # grey and colour images of a run.
 GREY_WEIGHTS = np.array([0.299, 0.587, 0.114])
@@ -89,7 +100,8 @@ def build_parser():
     p.add_argument("--save_prob", action="store_true", help="also write <id>_prob.png (probability x 255)")
     p.add_argument("--overlay", action="store_true", help="also write <id>_overlay.png (outlines on the image)")
     p.add_argument("--instances", action="store_true",
-                   help="also write <id>_instances.png (16-bit labels) and objects.csv")
+                   help="also write <id>_instances.png (16-bit labels) and objects.csv, and count the nuclei of "
+                        "each image in images.csv")
     add_separation_args(p)
     p.add_argument("--prune", type=int, default=None, choices=[1, 2, 3, 4],
                    help="NestedUNet with deep supervision: run only the sub-network up to head X0,L")
@@ -352,19 +364,31 @@ def write_stack(out_dir, img_id, planes, header):
         atomic_tiff_write(os.path.join(out_dir, f"{img_id}{suffix}.tif"), stack, axes + "YX")
 
 
-def predict_plane(source, plane, image, prob, options, out_dir, nuclei=None, raw=None):
-    """The job run in a thread for each plane of ``source`` = (img_id, its number of planes, its TiffHeader):
-    :func:`segment` (``nuclei`` as there), and for a 2D image (``out_dir`` given) its files. ``raw``: the plane as
-    read [H, W, C], whose intensity the objects table measures (with a separation). Returns (source, arrays or None
-    once written, foreground fraction of class 0, objects table or None, pixels)."""
+def image_row(img_id, plane, prob, threshold, scale, objects):
+    """The images.csv row (ImageRow) of a plane predicted at ``scale``: its size and foreground fraction of class 0
+    from ``prob`` float [K, H, W] in [0, 1]; with ``objects`` (its :func:`object_rows` table, or None without
+    --instances) the number of nuclei and their mean and median area in pixels (None: empty in the file)."""
+    count = mean_area = median_area = None
+    if objects is not None:
+        count = len(objects)
+        if count:
+            mean_area, median_area = float(objects["area"].mean()), float(objects["area"].median())
+    return ImageRow(img_id, plane, prob.shape[1], prob.shape[2], scale, float((prob[0] > threshold).mean()), count,
+                    mean_area, median_area)
+
+
+def predict_plane(source, plane, scale, image, prob, options, out_dir, nuclei=None, raw=None):
+    """The job run in a thread for each plane of ``source`` = (img_id, its number of planes, its TiffHeader),
+    predicted at ``scale``: :func:`segment` (``nuclei`` as there), and for a 2D image (``out_dir`` given) its files.
+    ``raw``: the plane as read [H, W, C], whose intensity the objects table measures (with a separation). Returns
+    (source, arrays or None once written, its :func:`image_row`, objects table or None)."""
     img_id = source[0]
     arrays, labels = segment(img_id, image, prob, **options, nuclei=nuclei)
     table = object_rows(img_id, plane, labels, raw, prob[0]) if labels is not None else None
     if out_dir is not None:
         write_image(out_dir, img_id, arrays)
         arrays = None
-    fraction = float((prob[0] > options["threshold"]).mean())
-    return source, arrays, fraction, table, image.shape[0] * image.shape[1]
+    return source, arrays, image_row(img_id, plane, prob, options["threshold"], scale, table), table
 
 
 def auto_scaled(predictor, image, prob, trained_diameter, threshold, separation, filters):
@@ -400,22 +424,21 @@ def predict_all(predictor, files, ids, headers, out_dir, num_classes, threshold,
     training nucleus diameter, separation) for --scale auto (:func:`auto_scaled`). The per-plane work runs in threads
     after every 256 MB of predictions (utils.BatchedThreads).
     A file that cannot be read or used (a DataError) is left out, and the others are predicted.
-    Returns (mean foreground fraction, objects table or None, megapixels, planes, the scale of each plane, the
-    errors of the files left out)."""
+    Returns (the :func:`image_row` of each plane predicted, objects table or None, the errors of the files left
+    out)."""
     options = dict(num_classes=num_classes, threshold=threshold, save_prob=save_prob, separation=separation,
                    filters=filters, overlay=overlay)
-    fractions, tables, merged, pixels, scales, left_out = [], [], [], [], [], []
+    rows, tables, merged, left_out = [], [], [], []
     waiting = {}  # img_id -> the arrays of its planes done so far
 
     def collect(result):
-        (img_id, count, header), arrays, fraction, table, n_pixels = result
-        fractions.append(fraction)
+        (img_id, count, header), arrays, row, table = result
+        rows.append(row)
         if table is not None:
             tables.append(table)
             if len(tables) == MERGED_TABLES:  # an image's own DataFrame takes ~10 times the bytes of its rows
                 merged.append(pd.concat(tables, ignore_index=True))
                 tables.clear()
-        pixels.append(n_pixels)
         if arrays is not None:
             waiting.setdefault(img_id, []).append(arrays)
             if len(waiting[img_id]) == count:
@@ -439,20 +462,32 @@ def predict_all(predictor, files, ids, headers, out_dir, num_classes, threshold,
                     left_out.append(f"{path}: {e}")
                     bar.update(len(planes) - plane)
                     break
-                scales.append(scale)
                 # a copy: a view would hold the whole stack (or all the channels of --channel) until the jobs run
                 measured = raw.copy() if separation else None
-                jobs.submit(predict_plane, (img_id, len(planes), header), plane, image, prob, options,
+                jobs.submit(predict_plane, (img_id, len(planes), header), plane, scale, image, prob, options,
                             None if header.plane_axes else out_dir, nuclei, measured,
                             nbytes=image.nbytes + prob.nbytes + sum(a.nbytes for a in (nuclei, measured)
                                                                     if a is not None))
                 bar.update()
         jobs.flush()
-    if not fractions:
+    if not rows:
         raise DataError(left_out[0] if len(left_out) == 1 else f"none of the {len(files)} files could be read: "
                         f"{left_out[0]}")
     table = pd.concat(merged + tables, ignore_index=True) if separation else None
-    return float(np.mean(fractions)), table, sum(pixels) / 1e6, len(fractions), scales, left_out
+    return rows, table, left_out
+
+
+def write_tables(out_dir, rows, objects):
+    """images.csv of the ImageRows ``rows`` and, unless ``objects`` is None, objects.csv into ``out_dir``, each
+    atomically; a Ctrl-C while they are written takes effect once both are this prediction's."""
+    images = pd.DataFrame(rows, columns=IMAGE_COLUMNS).astype({"nuclei": "Int64", "mean_area": float,
+                                                                "median_area": float})
+    with interrupts_held():
+        if objects is not None:
+            with atomic_write(os.path.join(out_dir, "objects.csv")) as f:
+                objects.round(OBJECT_DECIMALS).to_csv(f, index=False)
+        with atomic_write(os.path.join(out_dir, "images.csv")) as f:
+            images.round(IMAGE_DECIMALS).to_csv(f, index=False)
 
 
 def output_stems(name):
@@ -466,10 +501,20 @@ def output_stems(name):
 
 
 def holds_outputs(out_dir, ids):
-    """True when ``out_dir`` holds objects.csv or anything named like an output of one of the images ``ids``
-    (:func:`output_stems`)."""
+    """True when ``out_dir`` holds objects.csv, images.csv or anything named like an output of one of the images
+    ``ids`` (:func:`output_stems`)."""
     ids = set(ids)
-    return any(n == "objects.csv" or output_stems(n) & ids for n in os.listdir(out_dir))
+    return any(n in TABLES or output_stems(n) & ids for n in os.listdir(out_dir))
+
+
+def stopped_note(out_dir):
+    """The note for a prediction stopped before its end in ``out_dir``, which held outputs of an earlier prediction
+    of its images (:func:`holds_outputs`): the images done now have this one's files, the others the earlier one's,
+    and so do the tables there (written only at the end)."""
+    tables = [n for n in TABLES if os.path.isfile(os.path.join(out_dir, n))]
+    held = f" ({' and '.join(tables)} {'are' if len(tables) > 1 else 'is'} the earlier one's)" if tables else ""
+    return (f"note: {os.path.join(out_dir, '')} held outputs of an earlier prediction of these images, and this one "
+            f"stopped before its end: it may now mix the two{held}; predict all the images again")
 
 
 def earlier_outputs_note(args, files, ids, written):
@@ -489,19 +534,26 @@ def earlier_outputs_note(args, files, ids, written):
             f"{' ...' if len(earlier) > 3 else ''}; remove them, or predict into a new --output")
 
 
-def objects_csv_note(out_dir, ids):
-    """Before objects.csv in ``out_dir`` is replaced: a note naming the images of an earlier prediction whose rows
-    it held and this one's will not (those not in ``ids``), or '' when there are none (or no readable file)."""
-    try:
-        earlier = pd.read_csv(os.path.join(out_dir, "objects.csv"), usecols=["image"], dtype=str)["image"]
-    except (OSError, ValueError, pd.errors.ParserError):
-        return ""
-    others = sorted(set(earlier) - set(ids))
+def replaced_rows_note(out_dir, ids, tables):
+    """Before the ``tables`` (objects.csv, images.csv) in ``out_dir`` are replaced: a note naming the images of an
+    earlier prediction whose rows they held and this one's will not (those not in ``ids``), or '' when there are none
+    (or no readable file)."""
+    named, others = [], set()
+    for name in tables:
+        try:
+            earlier = pd.read_csv(os.path.join(out_dir, name), usecols=["image"], dtype=str)["image"]
+        except (OSError, ValueError, pd.errors.ParserError):
+            continue
+        if set(earlier) - set(ids):
+            named.append(name)
+            others |= set(earlier) - set(ids)
     if not others:
         return ""
-    return (f"note: {os.path.join(out_dir, 'objects.csv')} held the nuclei of {len(others)} other image"
+    others = sorted(others)
+    return (f"note: {os.path.join(out_dir, '')}{' and '.join(named)} held the rows of {len(others)} other image"
             f"{'s' * (len(others) > 1)} of an earlier prediction ({', '.join(others[:3])}{' ...' * (len(others) > 3)})"
-            "; it now holds this prediction's only (their other files stay)")
+            f"; {'they now hold' if len(named) > 1 else 'it now holds'} this prediction's only (their other files "
+            "stay)")
 
 
 def diameter_note(found, trained, scale):
@@ -543,14 +595,19 @@ def check_flags_for_run(args, cfg):
         raise UsageError(f"--overlap {args.overlap} must be less than --tile ({args.tile})")
 
 
-def summary_line(args, cfg, predictor, device, done, megapixels, planes, seconds, foreground, objects, separation,
-                 filters, scales):
-    """The one line predict.py ends with: what was predicted, how, how long, what was found, where."""
-    size = sizing(args.scale, scales)
+def summary_line(args, cfg, predictor, device, done, rows, seconds, objects, separation, filters):
+    """The one line predict.py ends with: what was predicted (``rows``, the ImageRow of each plane), how, how long,
+    what was found, where."""
+    size = sizing(args.scale, [row.scale for row in rows])
+    planes, megapixels = len(rows), sum(row.height * row.width for row in rows) / 1e6
+    foreground = float(np.mean([row.foreground for row in rows]))
     found = "" if objects is None else f", {len(objects)} object{'s' * (len(objects) != 1)} ({separation}) in " \
         "objects.csv" + \
         (diameter_note(median_diameter(objects["area"]), cfg.nucleus_diameter, args.scale) if len(objects) else
          none_kept_note(foreground, **filters))
+    empty = sum(row.nuclei == 0 for row in rows)
+    table = f"; a row per {'plane' if planes > done else 'image'} in images.csv" + \
+        (f" ({empty} with no nuclei)" if objects is not None else "")
     how = f"resized to {cfg.input_h}x{cfg.input_w}" if not cfg.crop_size else \
         f"{size}, windows up to {predictor.tile}x{predictor.tile}"
     stacked = (f", {planes} planes in all" if planes > done else "") + \
@@ -558,7 +615,7 @@ def summary_line(args, cfg, predictor, device, done, megapixels, planes, seconds
     return (f"{args.name}: {done} image{'s' if done > 1 else ''} ({megapixels:.2f} Mpx{stacked}, {how}"
             f"{', TTA' if args.tta else ''}{f', pruned at L={args.prune}' if args.prune else ''}) in {seconds:.1f}s on "
             f"{device} ({predictor.precision.describe()}); mean foreground "
-            f"{'of class 0 ' if cfg.num_classes > 1 else ''}{100 * foreground:.1f}%{found}; "
+            f"{'of class 0 ' if cfg.num_classes > 1 else ''}{100 * foreground:.1f}%{found}{table}; "
             f"files in {os.path.join(args.output, '')}")
 
 
@@ -613,39 +670,37 @@ def main(argv):
                           args.amp, 1.0 if auto else args.scale)
     # One predict.py --instances at a time writes a folder: objects.csv would hold the nuclei of the one that ended
     # last. Without it, jobs that share a folder (an array job's shards of one image set) write their images' own
-    # files. The lock file is hidden, as --input skips it.
+    # files, and images.csv holds those of the one that ended last. The lock file is hidden, as --input skips it.
     os.makedirs(args.output, exist_ok=True)
     alone = written_alone(args.output, "--output", os.path.join(args.output, ".predict.lock")) if args.instances \
         else nullcontext()
     with alone:
-        replaced_rows = objects_csv_note(args.output, ids) if args.instances else ""
-        held_outputs = holds_outputs(args.output, ids)
+        stopped = stopped_note(args.output) if holds_outputs(args.output, ids) else ""
         remove_killed_writes(args.output)
         started = time.time()
         try:
-            foreground, objects, megapixels, planes, scales, left_out = predict_all(
+            rows, objects, left_out = predict_all(
                 predictor, files, ids, headers, args.output, cfg.num_classes, args.threshold, args.save_prob,
                 separation if args.instances else None, filters, args.overlay, args.channel,
                 (cfg.nucleus_diameter, separation) if auto else None)
         except KeyboardInterrupt:
-            if held_outputs:  # the images done now have this prediction's files, the others an earlier one's
-                print(f"note: {os.path.join(args.output, '')} held outputs of an earlier prediction of these images, "
-                      "and this one stopped before its end: it may now mix the two (objects.csv is the earlier one's); "
-                      "predict all the images again", file=sys.stderr)
+            if stopped:
+                print(stopped, file=sys.stderr)
             raise
-        if objects is not None:
-            with atomic_write(os.path.join(args.output, "objects.csv")) as f:
-                objects.round(OBJECT_DECIMALS).to_csv(f, index=False)
+        # read only now, just before they are replaced: a job without --instances, which shares the folder with
+        # others (an array job's shards), names the images of one that ended before it
+        replaced_rows = replaced_rows_note(args.output, ids, TABLES if args.instances else TABLES[1:])
+        write_tables(args.output, rows, objects)
         notes = [earlier_outputs_note(args, files, ids, written), replaced_rows]
     seconds = time.time() - started
-    print(summary_line(args, cfg, predictor, device, len(files) - len(left_out), megapixels, planes, seconds,
-                       foreground, objects, separation, filters, scales))
+    print(summary_line(args, cfg, predictor, device, len(files) - len(left_out), rows, seconds, objects, separation,
+                       filters))
     for note in notes:
         if note:
             print(note)
     if left_out:
         raise left_out_error(left_out, len(files), args.output)
-    return {"images": len(files), "planes": planes, "seconds": seconds, "scales": scales}
+    return {"images": len(files), "planes": len(rows), "seconds": seconds, "scales": [row.scale for row in rows]}
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import weakref
@@ -122,7 +123,8 @@ def test_odd_sizes_and_formats_keep_their_size(in_runs, tmp_path, capsys):
     predict.main(["--name", "p", "--input", blank, "--output", str(tmp_path / "none"), "--instances", "--device",
                   "cpu", "--threshold", "0.99"])
     summary = capsys.readouterr().out
-    assert "mean foreground 0.0%, 0 objects (watershed) in objects.csv; files" in summary, summary
+    assert ("mean foreground 0.0%, 0 objects (watershed) in objects.csv; a row per image in images.csv (1 with no "
+            "nuclei); files") in summary, summary
     sizes = {"grey": (519, 161), "rgba": (64, 48), "deep": (50, 70), "photo": (40, 36)}
     table = pd.read_csv(out / "objects.csv")
     assert list(table.columns) == predict.OBJECT_COLUMNS
@@ -679,8 +681,8 @@ def test_files_of_an_earlier_prediction_are_named(in_runs, tmp_path, capsys):
     # another image into the same folder: objects.csv is replaced, and the image whose rows it loses is named
     other = write(tmp_path / "in2" / "b.png", sample_bgr(40, 40))
     predict.main(["--name", "pc", "--input", other, "--output", out, "--instances", "--device", "cpu"])
-    assert (f"note: {os.path.join(out, 'objects.csv')} held the nuclei of 1 other image of an earlier prediction "
-            "(a)") in capsys.readouterr().out
+    assert (f"note: {os.path.join(out, '')}objects.csv and images.csv held the rows of 1 other image of an earlier "
+            "prediction (a); they now hold this prediction's only") in capsys.readouterr().out
     assert set(pd.read_csv(os.path.join(out, "objects.csv"), dtype={"image": str})["image"]) <= {"b"}
 
 
@@ -699,9 +701,9 @@ def test_one_predict_at_a_time_writes_a_folder(in_runs, tmp_path):
         assert os.listdir(out) == [".predict.lock"]
         predict.main([*argv, "--output", str(tmp_path / "other")])
         predict.main([*argv[:-3], "--device", "cpu", "--output", str(out)])
-        assert sorted(os.listdir(out)) == [".predict.lock", "a.png"]
+        assert sorted(os.listdir(out)) == [".predict.lock", "a.png", "images.csv"]
     predict.main([*argv, "--output", str(out)])
-    assert sorted(os.listdir(out)) == ["a.png", "a_instances.png", "objects.csv"]
+    assert sorted(os.listdir(out)) == ["a.png", "a_instances.png", "images.csv", "objects.csv"]
 
 
 def test_files_of_a_run_with_other_classes_and_of_a_killed_prediction(in_runs, tmp_path, capsys, monkeypatch):
@@ -716,7 +718,8 @@ def test_files_of_a_run_with_other_classes_and_of_a_killed_prediction(in_runs, t
     predict.main(["--name", "pc", "--input", image, "--output", str(out), "--device", "cpu"])
     assert "also holds 2 files of an earlier prediction that this one did not write: a_class0.png, " \
            "a_class1_prob.png;" in capsys.readouterr().out
-    assert sorted(os.listdir(out)) == [".notes.tmp", "a.png", "a_class0.png", "a_class1_prob.png", "b_class1.png"]
+    assert sorted(os.listdir(out)) == [".notes.tmp", "a.png", "a_class0.png", "a_class1_prob.png", "b_class1.png",
+                                       "images.csv"]
 
     def stopped(*args, **kwargs):
         raise KeyboardInterrupt
@@ -728,6 +731,91 @@ def test_files_of_a_run_with_other_classes_and_of_a_killed_prediction(in_runs, t
     with pytest.raises(KeyboardInterrupt):
         predict.main(["--name", "pc", "--input", image, "--output", str(tmp_path / "new"), "--device", "cpu"])
     assert "held outputs" not in capsys.readouterr().err
+
+
+def test_images_csv_counts_the_nuclei_of_every_image_and_plane(in_runs, tmp_path, monkeypatch):
+    """images.csv has a row per image and per plane of a stack, also for one without nuclei (0 nuclei, where
+    objects.csv has no row); its counts and areas are those of the distinct labels of <id>_instances.png / .tif, its
+    foreground that of the mask. Without --instances the same columns, the counts empty."""
+    # the probability is the image's own grey value: nuclei where the discs are, none in a black image or plane
+    monkeypatch.setattr(inference.Predictor, "predict", lambda self, image, scale=None: image.mean(axis=2)[None])
+    yy, xx = np.mgrid[:48, :48]
+
+    def discs(*centres):
+        return np.any([(yy - y) ** 2 + (xx - x) ** 2 <= 16 for y, x in centres], axis=0).astype(np.uint8) * 255
+
+    black = np.zeros((48, 48), np.uint8)
+    write(tmp_path / "in" / "cells.png", discs((8, 8), (8, 30), (30, 20), (40, 40)))
+    write(tmp_path / "in" / "empty.png", black)
+    tifffile.imwrite(tmp_path / "in" / "movie.tif", np.stack([discs((10, 10)), black, discs((20, 20), (35, 8))]),
+                     imagej=True, metadata={"axes": "TYX"})
+    out = tmp_path / "out"
+    argv = ["--name", "pc", "--input", str(tmp_path / "in"), "--device", "cpu"]
+    predict.main([*argv, "--output", str(out), "--instances", "--separation", "cc", "--min_confidence", "0"])
+    table = pd.read_csv(out / "images.csv")
+    assert list(table.columns) == predict.IMAGE_COLUMNS
+    assert table[["image", "plane"]].values.tolist() == [["cells", 0], ["empty", 0], ["movie", 0], ["movie", 1],
+                                                         ["movie", 2]]
+    assert table["nuclei"].tolist() == [4, 0, 1, 0, 2]  # the discs drawn
+    planes = {(img_id, 0): (read(out / f"{img_id}_instances.png"), read(out / f"{img_id}.png"))
+              for img_id in ("cells", "empty")}
+    planes.update(((("movie", t), pair) for t, pair in enumerate(zip(tifffile.imread(out / "movie_instances.tif"),
+                                                                     tifffile.imread(out / "movie.tif")))))
+    for row in table.itertuples():
+        labels, mask = planes[row.image, row.plane]
+        areas = np.unique(labels[labels > 0], return_counts=True)[1]
+        assert (row.nuclei, row.height, row.width, row.scale) == (len(areas), 48, 48, 1)
+        assert row.foreground == pytest.approx((mask == 255).mean(), abs=5e-5)
+        if len(areas):
+            assert (row.mean_area, row.median_area) == pytest.approx((areas.mean(), np.median(areas)), abs=5e-3)
+        else:
+            assert np.isnan(row.mean_area) and np.isnan(row.median_area)
+    assert set(pd.read_csv(out / "objects.csv")["image"]) == {"cells", "movie"}
+    predict.main([*argv, "--output", str(tmp_path / "plain")])
+    plain = pd.read_csv(tmp_path / "plain" / "images.csv")
+    assert list(plain.columns) == predict.IMAGE_COLUMNS
+    assert plain[["nuclei", "mean_area", "median_area"]].isna().all().all()
+    pd.testing.assert_frame_equal(plain.iloc[:, :6], table.iloc[:, :6])
+
+
+def test_images_csv_is_replaced_whole_and_an_earlier_one_that_stays_is_named(in_runs, tmp_path, capsys, monkeypatch):
+    """images.csv is this prediction's only: the images whose rows an earlier one held are named; a prediction
+    stopped before its end leaves the earlier one as it was, and its note names it; a Ctrl-C while the tables are
+    written takes effect once both are this prediction's (neither half-written, nor one old beside one new)."""
+    a = write(tmp_path / "in" / "a.png", sample_bgr(32, 32))
+    b = write(tmp_path / "in2" / "b.png", sample_bgr(32, 32))
+    out = tmp_path / "out"
+    argv = ["--name", "pc", "--output", str(out), "--device", "cpu"]
+    predict.main([*argv, "--input", a])
+    assert "held the rows" not in capsys.readouterr().out
+    predict.main([*argv, "--input", b])
+    assert (f"note: {out / 'images.csv'} held the rows of 1 other image of an earlier prediction (a); it now holds "
+            "this prediction's only") in capsys.readouterr().out
+    assert pd.read_csv(out / "images.csv")["image"].tolist() == ["b"]
+    earlier = (out / "images.csv").read_bytes()
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(predict, "predict_all", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            predict.main([*argv, "--input", b])
+    assert "it may now mix the two (images.csv is the earlier one's)" in capsys.readouterr().err
+    assert (out / "images.csv").read_bytes() == earlier
+    to_csv = pd.DataFrame.to_csv
+
+    def interrupted(self, *args, **kwargs):  # Ctrl-C as objects.csv, the first table, is written
+        os.kill(os.getpid(), signal.SIGINT)
+        return to_csv(self, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(pd.DataFrame, "to_csv", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            predict.main([*argv, "--input", a, "--instances", "--min_confidence", "0"])
+    assert pd.read_csv(out / "images.csv")["image"].tolist() == ["a"]
+    assert set(pd.read_csv(out / "objects.csv", dtype={"image": str})["image"]) == {"a"}
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
 
 
 def test_subfolders_of_an_input_folder_are_named(tmp_path, capsys):
@@ -838,7 +926,8 @@ def test_errors_name_the_problem(in_runs, tmp_path, monkeypatch):
     write(tmp_path / "broken" / "c.png", sample_bgr(40, 24))
     with pytest.raises(DataError, match=r"1 of 3 files were left out .*b\.png"):
         predict.main(["--name", "p", "--input", str(broken.parent), "--output", out, "--device", "cpu"])
-    assert sorted(os.listdir(out)) == ["a.png", "c.png"]
+    assert sorted(os.listdir(out)) == ["a.png", "c.png", "images.csv"]
+    assert pd.read_csv(os.path.join(out, "images.csv"))["image"].tolist() == ["a", "c"]  # b: named, not a row
 
 
 def test_val_reports_the_dsb_score(in_runs, tmp_path, capsys):
@@ -1077,7 +1166,7 @@ def test_a_two_class_run_names_the_class_of_its_foreground_line(in_runs, tmp_pat
     try:
         predict.main(["--name", "two", "--input", image, "--output", str(tmp_path / "out"), "--device", "cpu"])
         assert "mean foreground of class 0 " in capsys.readouterr().out
-        assert sorted(os.listdir(tmp_path / "out")) == ["a_class0.png", "a_class1.png"]
+        assert sorted(os.listdir(tmp_path / "out")) == ["a_class0.png", "a_class1.png", "images.csv"]
         predict.main(["--name", "p", "--input", image, "--output", str(tmp_path / "one"), "--device", "cpu"])
         out = capsys.readouterr().out
         assert "mean foreground " in out and "of class 0" not in out
