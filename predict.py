@@ -430,6 +430,7 @@ def predict_all(predictor, files, ids, headers, out_dir, num_classes, threshold,
                    filters=filters, overlay=overlay)
     rows, tables, merged, left_out = [], [], [], []
     waiting = {}  # img_id -> the arrays of its planes done so far
+    dropped = set()  # the stacks left out at a later plane: the rows of the planes before it go too
 
     def collect(result):
         (img_id, count, header), arrays, row, table = result
@@ -439,7 +440,7 @@ def predict_all(predictor, files, ids, headers, out_dir, num_classes, threshold,
             if len(tables) == MERGED_TABLES:  # an image's own DataFrame takes ~10 times the bytes of its rows
                 merged.append(pd.concat(tables, ignore_index=True))
                 tables.clear()
-        if arrays is not None:
+        if arrays is not None and img_id not in dropped:
             waiting.setdefault(img_id, []).append(arrays)
             if len(waiting[img_id]) == count:
                 write_stack(out_dir, img_id, waiting.pop(img_id), header)
@@ -460,6 +461,8 @@ def predict_all(predictor, files, ids, headers, out_dir, num_classes, threshold,
                     prob, scale, nuclei = probabilities(predictor, image, threshold, filters, auto)
                 except DataError as e:  # an image too large for the memory available: the others are predicted
                     left_out.append(f"{path}: {e}")
+                    dropped.add(img_id)
+                    waiting.pop(img_id, None)
                     bar.update(len(planes) - plane)
                     break
                 # a copy: a view would hold the whole stack (or all the channels of --channel) until the jobs run
@@ -470,10 +473,13 @@ def predict_all(predictor, files, ids, headers, out_dir, num_classes, threshold,
                                                                     if a is not None))
                 bar.update()
         jobs.flush()
+    rows = [row for row in rows if row.image not in dropped]
     if not rows:
         raise DataError(left_out[0] if len(left_out) == 1 else f"none of the {len(files)} files could be read: "
                         f"{left_out[0]}")
     table = pd.concat(merged + tables, ignore_index=True) if separation else None
+    if dropped and table is not None:
+        table = table[~table["image"].isin(dropped)].reset_index(drop=True)
     return rows, table, left_out
 
 

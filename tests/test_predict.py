@@ -605,6 +605,43 @@ def test_an_image_too_large_for_the_memory_available_is_left_out_and_the_others_
     assert read(tmp_path / "out" / "small.png").shape == (48, 48) and not (tmp_path / "out" / "slide.png").exists()
 
 
+def test_a_stack_left_out_at_a_later_plane_leaves_no_rows(tmp_path):
+    """A stack whose second plane does not fit the memory available (--scale auto may enlarge one plane 4 times and
+    not the others) is left out whole: its first plane is no row of images.csv or objects.csv, and no stack of it is
+    written; the image after it is predicted. Left out alone, it is the error that names it."""
+    class SecondTooLarge:  # stands in for inference.Predictor: a square nucleus; the second image predicted too large
+        scale = 1.0
+
+        def __init__(self):
+            self.calls = 0
+
+        def as_input(self, image):
+            return image_to_float(image, 3)
+
+        def predict(self, image):
+            self.calls += 1
+            if self.calls == 2:
+                raise DataError("a 64x64 image needs 9.00 GiB in windows")
+            prob = np.zeros((1, 16, 16), np.float32)
+            prob[0, 2:6, 2:6] = 1
+            return prob
+
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in" / "movie.tif", np.zeros((3, 16, 16), np.uint8), imagej=True,
+                     metadata={"axes": "TYX"})
+    files = [str(tmp_path / "in" / "movie.tif"), write(tmp_path / "in" / "after.png", np.zeros((16, 16), np.uint8))]
+    os.makedirs(tmp_path / "out")
+    options = dict(separation="cc", filters=dict(min_size=0, min_confidence=0))
+    rows, table, left_out = predict.predict_all(SecondTooLarge(), files, ["movie", "after"],
+                                                predict.tiff_headers(files), str(tmp_path / "out"), 1, 0.5, **options)
+    assert [(row.image, row.nuclei) for row in rows] == [("after", 1)] and table["image"].tolist() == ["after"]
+    assert left_out == [f"{files[0]}: a 64x64 image needs 9.00 GiB in windows"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["after.png", "after_instances.png"]
+    with pytest.raises(DataError, match=r"movie\.tif: a 64x64 image needs"):
+        predict.predict_all(SecondTooLarge(), files[:1], ["movie"], predict.tiff_headers(files[:1]),
+                            str(tmp_path / "out"), 1, 0.5, **options)
+
+
 def test_sizing_windows_leaves_a_network_in_training_as_it_was():
     """train.py sizes its validation windows (inference.forward_bytes_per_pixel) on the network it trains: the probe
     leaves its mode and BatchNorm statistics as they were."""
