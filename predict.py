@@ -15,9 +15,9 @@ exactly as in training. For each image ``<id>`` (its file name without the exten
     <id>_instances.png   --instances: 16-bit labels, 0 background, nuclei 1..N
     objects.csv          --instances: one row per nucleus (OBJECT_COLUMNS: image, plane, area, centroid, bounding
                          box with bbox_max exclusive, intensity, shape, confidence; object_rows)
-    images.csv           one row per image predicted, also one without nuclei (IMAGE_COLUMNS: image, plane, size,
-                         scale, foreground of class 0; with --instances its nuclei and their mean and median area,
-                         else empty; image_row)
+    images.csv           --instances: one row per image predicted, also one without nuclei (IMAGE_COLUMNS: image,
+                         plane, size, scale, foreground of class 0, its nuclei and their mean and median area;
+                         image_row)
 
 A TIFF stack (time points, z planes or pages; image_files.tiff_layout) is segmented plane by plane, each plane
 as an image of its own, and gives ImageJ TIFF stacks instead, one page per plane: ``<id>.tif``,
@@ -60,9 +60,8 @@ OBJECT_COLUMNS = ["image", "plane", "label", "area", "centroid_y", "centroid_x",
 # image's in [0, 1] among them)
 OBJECT_DECIMALS = {c: 4 if c in ("mean_intensity", "integrated_intensity", "eccentricity", "solidity", "confidence")
                    else 2 for c in OBJECT_COLUMNS}
-# images.csv: a row per plane predicted, so that one without nuclei counts 0 (objects.csv has no row for it). The
-# columns are the same with and without --instances (nuclei, mean_area and median_area then empty), so that the tables
-# of two runs concatenate; the areas are empty for no nuclei.
+# images.csv (--instances): a row per plane predicted, so that one without nuclei counts 0 (objects.csv has no row for
+# it); the areas are empty for no nuclei.
 IMAGE_COLUMNS = ["image", "plane", "height", "width", "scale", "foreground", "nuclei", "mean_area", "median_area"]
 ImageRow = namedtuple("ImageRow", IMAGE_COLUMNS)  # a tuple, not a DataFrame: tens of thousands are held to the end
 IMAGE_DECIMALS = {"scale": 4, "foreground": 4, "mean_area": 2, "median_area": 2}
@@ -484,14 +483,13 @@ def predict_all(predictor, files, ids, headers, out_dir, num_classes, threshold,
 
 
 def write_tables(out_dir, rows, objects):
-    """images.csv of the ImageRows ``rows`` and, unless ``objects`` is None, objects.csv into ``out_dir``, each
+    """objects.csv of the ``objects`` table and images.csv of the ImageRows ``rows`` into ``out_dir``, each
     atomically; a Ctrl-C while they are written takes effect once both are this prediction's."""
     images = pd.DataFrame(rows, columns=IMAGE_COLUMNS).astype({"nuclei": "Int64", "mean_area": float,
                                                                 "median_area": float})
     with interrupts_held():
-        if objects is not None:
-            with atomic_write(os.path.join(out_dir, "objects.csv")) as f:
-                objects.round(OBJECT_DECIMALS).to_csv(f, index=False)
+        with atomic_write(os.path.join(out_dir, "objects.csv")) as f:
+            objects.round(OBJECT_DECIMALS).to_csv(f, index=False)
         with atomic_write(os.path.join(out_dir, "images.csv")) as f:
             images.round(IMAGE_DECIMALS).to_csv(f, index=False)
 
@@ -612,8 +610,8 @@ def summary_line(args, cfg, predictor, device, done, rows, seconds, objects, sep
         (diameter_note(median_diameter(objects["area"]), cfg.nucleus_diameter, args.scale) if len(objects) else
          none_kept_note(foreground, **filters))
     empty = sum(row.nuclei == 0 for row in rows)
-    table = f"; a row per {'plane' if planes > done else 'image'} in images.csv" + \
-        (f" ({empty} with no nuclei)" if objects is not None else "")
+    table = "" if objects is None else \
+        f"; a row per {'plane' if planes > done else 'image'} in images.csv ({empty} with no nuclei)"
     how = f"resized to {cfg.input_h}x{cfg.input_w}" if not cfg.crop_size else \
         f"{size}, windows up to {predictor.tile}x{predictor.tile}"
     stacked = (f", {planes} planes in all" if planes > done else "") + \
@@ -674,9 +672,9 @@ def main(argv):
     separation = choose_separation(args.separation, cfg.borders, args.name)
     predictor = Predictor(model, cfg, device, args.tile or None, args.overlap, args.batch_size, args.prune, args.tta,
                           args.amp, 1.0 if auto else args.scale)
-    # One predict.py --instances at a time writes a folder: objects.csv would hold the nuclei of the one that ended
-    # last. Without it, jobs that share a folder (an array job's shards of one image set) write their images' own
-    # files, and images.csv holds those of the one that ended last. The lock file is hidden, as --input skips it.
+    # One predict.py --instances at a time writes a folder: objects.csv and images.csv would hold the rows of the one
+    # that ended last. Without it, jobs that share a folder (an array job's shards of one image set) write their
+    # images' own files. The lock file is hidden, as --input skips it.
     os.makedirs(args.output, exist_ok=True)
     alone = written_alone(args.output, "--output", os.path.join(args.output, ".predict.lock")) if args.instances \
         else nullcontext()
@@ -693,10 +691,10 @@ def main(argv):
             if stopped:
                 print(stopped, file=sys.stderr)
             raise
-        # read only now, just before they are replaced: a job without --instances, which shares the folder with
-        # others (an array job's shards), names the images of one that ended before it
-        replaced_rows = replaced_rows_note(args.output, ids, TABLES if args.instances else TABLES[1:])
-        write_tables(args.output, rows, objects)
+        replaced_rows = ""
+        if args.instances:
+            replaced_rows = replaced_rows_note(args.output, ids, TABLES)
+            write_tables(args.output, rows, objects)
         notes = [earlier_outputs_note(args, files, ids, written), replaced_rows]
     seconds = time.time() - started
     print(summary_line(args, cfg, predictor, device, len(files) - len(left_out), rows, seconds, objects, separation,

@@ -738,7 +738,7 @@ def test_one_predict_at_a_time_writes_a_folder(in_runs, tmp_path):
         assert os.listdir(out) == [".predict.lock"]
         predict.main([*argv, "--output", str(tmp_path / "other")])
         predict.main([*argv[:-3], "--device", "cpu", "--output", str(out)])
-        assert sorted(os.listdir(out)) == [".predict.lock", "a.png", "images.csv"]
+        assert sorted(os.listdir(out)) == [".predict.lock", "a.png"]
     predict.main([*argv, "--output", str(out)])
     assert sorted(os.listdir(out)) == ["a.png", "a_instances.png", "images.csv", "objects.csv"]
 
@@ -755,8 +755,7 @@ def test_files_of_a_run_with_other_classes_and_of_a_killed_prediction(in_runs, t
     predict.main(["--name", "pc", "--input", image, "--output", str(out), "--device", "cpu"])
     assert "also holds 2 files of an earlier prediction that this one did not write: a_class0.png, " \
            "a_class1_prob.png;" in capsys.readouterr().out
-    assert sorted(os.listdir(out)) == [".notes.tmp", "a.png", "a_class0.png", "a_class1_prob.png", "b_class1.png",
-                                       "images.csv"]
+    assert sorted(os.listdir(out)) == [".notes.tmp", "a.png", "a_class0.png", "a_class1_prob.png", "b_class1.png"]
 
     def stopped(*args, **kwargs):
         raise KeyboardInterrupt
@@ -773,7 +772,7 @@ def test_files_of_a_run_with_other_classes_and_of_a_killed_prediction(in_runs, t
 def test_images_csv_counts_the_nuclei_of_every_image_and_plane(in_runs, tmp_path, monkeypatch):
     """images.csv has a row per image and per plane of a stack, also for one without nuclei (0 nuclei, where
     objects.csv has no row); its counts and areas are those of the distinct labels of <id>_instances.png / .tif, its
-    foreground that of the mask. Without --instances the same columns, the counts empty."""
+    foreground that of the mask. Without --instances there is none."""
     # the probability is the image's own grey value: nuclei where the discs are, none in a black image or plane
     monkeypatch.setattr(inference.Predictor, "predict", lambda self, image, scale=None: image.mean(axis=2)[None])
     yy, xx = np.mgrid[:48, :48]
@@ -809,10 +808,7 @@ def test_images_csv_counts_the_nuclei_of_every_image_and_plane(in_runs, tmp_path
             assert np.isnan(row.mean_area) and np.isnan(row.median_area)
     assert set(pd.read_csv(out / "objects.csv")["image"]) == {"cells", "movie"}
     predict.main([*argv, "--output", str(tmp_path / "plain")])
-    plain = pd.read_csv(tmp_path / "plain" / "images.csv")
-    assert list(plain.columns) == predict.IMAGE_COLUMNS
-    assert plain[["nuclei", "mean_area", "median_area"]].isna().all().all()
-    pd.testing.assert_frame_equal(plain.iloc[:, :6], table.iloc[:, :6])
+    assert "images.csv" not in os.listdir(tmp_path / "plain")
 
 
 def test_images_csv_is_replaced_whole_and_an_earlier_one_that_stays_is_named(in_runs, tmp_path, capsys, monkeypatch):
@@ -822,12 +818,12 @@ def test_images_csv_is_replaced_whole_and_an_earlier_one_that_stays_is_named(in_
     a = write(tmp_path / "in" / "a.png", sample_bgr(32, 32))
     b = write(tmp_path / "in2" / "b.png", sample_bgr(32, 32))
     out = tmp_path / "out"
-    argv = ["--name", "pc", "--output", str(out), "--device", "cpu"]
+    argv = ["--name", "pc", "--output", str(out), "--device", "cpu", "--instances", "--min_confidence", "0"]
     predict.main([*argv, "--input", a])
     assert "held the rows" not in capsys.readouterr().out
     predict.main([*argv, "--input", b])
-    assert (f"note: {out / 'images.csv'} held the rows of 1 other image of an earlier prediction (a); it now holds "
-            "this prediction's only") in capsys.readouterr().out
+    assert (f"note: {os.path.join(out, '')}objects.csv and images.csv held the rows of 1 other image of an earlier "
+            "prediction (a); they now hold this prediction's only") in capsys.readouterr().out
     assert pd.read_csv(out / "images.csv")["image"].tolist() == ["b"]
     earlier = (out / "images.csv").read_bytes()
 
@@ -838,7 +834,7 @@ def test_images_csv_is_replaced_whole_and_an_earlier_one_that_stays_is_named(in_
         m.setattr(predict, "predict_all", stopped)
         with pytest.raises(KeyboardInterrupt):
             predict.main([*argv, "--input", b])
-    assert "it may now mix the two (images.csv is the earlier one's)" in capsys.readouterr().err
+    assert "it may now mix the two (objects.csv and images.csv are the earlier one's)" in capsys.readouterr().err
     assert (out / "images.csv").read_bytes() == earlier
     to_csv = pd.DataFrame.to_csv
 
@@ -849,7 +845,7 @@ def test_images_csv_is_replaced_whole_and_an_earlier_one_that_stays_is_named(in_
     with monkeypatch.context() as m:
         m.setattr(pd.DataFrame, "to_csv", interrupted)
         with pytest.raises(KeyboardInterrupt):
-            predict.main([*argv, "--input", a, "--instances", "--min_confidence", "0"])
+            predict.main([*argv, "--input", a])
     assert pd.read_csv(out / "images.csv")["image"].tolist() == ["a"]
     assert set(pd.read_csv(out / "objects.csv", dtype={"image": str})["image"]) == {"a"}
     assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
@@ -963,8 +959,7 @@ def test_errors_name_the_problem(in_runs, tmp_path, monkeypatch):
     write(tmp_path / "broken" / "c.png", sample_bgr(40, 24))
     with pytest.raises(DataError, match=r"1 of 3 files were left out .*b\.png"):
         predict.main(["--name", "p", "--input", str(broken.parent), "--output", out, "--device", "cpu"])
-    assert sorted(os.listdir(out)) == ["a.png", "c.png", "images.csv"]
-    assert pd.read_csv(os.path.join(out, "images.csv"))["image"].tolist() == ["a", "c"]  # b: named, not a row
+    assert sorted(os.listdir(out)) == ["a.png", "c.png"]
 
 
 def test_val_reports_the_dsb_score(in_runs, tmp_path, capsys):
@@ -1203,7 +1198,7 @@ def test_a_two_class_run_names_the_class_of_its_foreground_line(in_runs, tmp_pat
     try:
         predict.main(["--name", "two", "--input", image, "--output", str(tmp_path / "out"), "--device", "cpu"])
         assert "mean foreground of class 0 " in capsys.readouterr().out
-        assert sorted(os.listdir(tmp_path / "out")) == ["a_class0.png", "a_class1.png", "images.csv"]
+        assert sorted(os.listdir(tmp_path / "out")) == ["a_class0.png", "a_class1.png"]
         predict.main(["--name", "p", "--input", image, "--output", str(tmp_path / "one"), "--device", "cpu"])
         out = capsys.readouterr().out
         assert "mean foreground " in out and "of class 0" not in out
