@@ -81,8 +81,8 @@ def evaluation_ids(name, split, dataset, cfg, reading):
 def training_copies(name, cfg, folder, ids, reading):
     """The ``ids`` of ``folder`` whose image is one of run ``name``'s training images (its split.csv; its flags
     ``cfg`` say where they are): the one of the same id, pixel for pixel, in another folder, layout, file type or bit
-    depth (:func:`same_picture`), or one of any id showing the same field at another contrast (:func:`same_field`).
-    Empty when the run's dataset is not in inputs/, or no longer in a layout it reads."""
+    depth (:func:`same_picture`), or one of any id showing the same field at another contrast or size
+    (:func:`same_field`). Empty when the run's dataset is not in inputs/, or no longer in a layout it reads."""
     split, run_folder = os.path.join(saved_run_dir(name), "split.csv"), os.path.join(INPUTS_DIR, cfg.dataset)
     if not (os.path.isfile(split) and os.path.isdir(run_folder)):
         return []
@@ -91,20 +91,21 @@ def training_copies(name, cfg, folder, ids, reading):
     except DataError:  # its error would name the run's folder, not the one being scored, and stop that evaluation
         return []
     ours = find_layout(folder, reading["img_ext"], reading["mask_ext"])
-    trained = set(split_ids(read_split(split), "train")) & theirs.image_ids()
-    # DSB2018's stage1_test holds 4 fields of stage1_train stretched to other contrasts, under other ids: only a
-    # comparison with every training image finds them, by thumbnails first since a full one per pair costs too much
-    prints = {}
-    for i in sorted(trained):
-        image = decode_image(theirs.image(i))
-        prints.setdefault(image.shape[:2], []).append((i, field_print(image)))
-    copies = []
-    for i in ids:
+    trained = sorted(set(split_ids(read_split(split), "train")) & theirs.image_ids())
+    if not (trained and ids):
+        return []
+    # DSB2018's stage1_test holds 4 fields of stage1_train stretched to other contrasts, under other ids, and
+    # inputs/dsb2018_96 is dsb2018_full resized: only a comparison with every training image, of any size, finds
+    # them, by thumbnails first (all pairs in one product) since a full one per pair costs too much
+    prints = np.stack([field_print(decode_image(theirs.image(j))) for j in trained])
+    close = np.stack([field_print(decode_image(ours.image(i))) for i in ids]) @ prints.T >= FIELD_PRINT_MATCH
+    named, copies = set(trained), []
+    for i, candidates in zip(ids, close):
+        if i not in named and not candidates.any():
+            continue
         image = decode_image(ours.image(i))
-        fingerprint = field_print(image)
-        if (i in trained and same_picture(decode_image(theirs.image(i)), image)) or any(
-                fingerprint @ p >= FIELD_PRINT_MATCH and same_field(decode_image(theirs.image(j)), image)
-                for j, p in prints.get(image.shape[:2], [])):
+        if (i in named and same_picture(decode_image(theirs.image(i)), image)) or any(
+                same_field(decode_image(theirs.image(trained[k])), image) for k in np.flatnonzero(candidates)):
             copies.append(i)
     return copies
 
@@ -119,10 +120,16 @@ def field_print(image):
 
 
 def same_field(a, b):
-    """Whether two decoded images [H, W, C] of one size show one field, whatever their contrast: their grey pixels'
-    correlation is at least :data:`FIELD_MATCH`."""
-    a, b = (x.astype(np.float64).mean(2).ravel() for x in (a, b))
-    return a.shape == b.shape and a.std() > 0 and b.std() > 0 and np.corrcoef(a, b)[0, 1] >= FIELD_MATCH
+    """Whether two decoded images [H, W, C] show one field, whatever their contrast and size: their grey pixels'
+    correlation is at least :data:`FIELD_MATCH`, for two sizes at half the smaller one's."""
+    a, b = (x.astype(np.float64).mean(2) for x in (a, b))
+    if a.shape != b.shape:
+        # both averaged down: a copy resized without antialiasing (preprocess_dsb2018.py's INTER_LINEAR) keeps its
+        # aliasing, which at the smaller size alone took some DSB2018 fields to a correlation of 0.97
+        size = (max(1, min(a.shape[1], b.shape[1]) // 2), max(1, min(a.shape[0], b.shape[0]) // 2))
+        a, b = (cv2.resize(x, size, interpolation=cv2.INTER_AREA) for x in (a, b))
+    a, b = a.ravel(), b.ravel()
+    return a.std() > 0 and b.std() > 0 and np.corrcoef(a, b)[0, 1] >= FIELD_MATCH
 
 
 def same_picture(a, b):

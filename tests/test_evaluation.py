@@ -5,6 +5,7 @@ import os
 import time
 from argparse import Namespace
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -195,6 +196,24 @@ def test_training_copies_include_a_training_field_under_another_id_at_another_co
     cfg = Namespace(dataset="theirs", img_ext=".png", mask_ext=".png")
     reading = {"img_ext": ".png", "mask_ext": ".png", "num_classes": 1}
     assert training_copies("r", cfg, str(tmp_path / "ours"), list("xyz"), reading) == ["x"]
+
+
+def test_training_copies_include_a_training_field_resized_to_another_size(tmp_path, monkeypatch):
+    """A dataset that holds the training images resized (inputs/dsb2018_96 is dsb2018_full at 96x96, OpenCV's
+    linear resize, which changes the aspect ratio) is scored as the run's training images, not as unseen ones; a
+    validation field resized likewise is not one."""
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    fields = {i: cv2.normalize(cv2.GaussianBlur(rng.random((120, 160)), (0, 0), 3), None, 0, 255,
+                               cv2.NORM_MINMAX).astype(np.uint8) for i in ("t", "v")}
+    for i, img in fields.items():
+        write_image(tmp_path / "inputs" / "theirs" / "images" / f"{i}.png", img)
+        write_image(tmp_path / "ours" / "images" / f"{i}.png", cv2.resize(img, (48, 48)))  # INTER_LINEAR
+    os.makedirs(tmp_path / "models" / "r")
+    (tmp_path / "models" / "r" / "split.csv").write_text("img_id,split\nt,train\nv,val\n")
+    cfg = Namespace(dataset="theirs", img_ext=".png", mask_ext=".png")
+    reading = {"img_ext": ".png", "mask_ext": ".png", "num_classes": 1}
+    assert training_copies("r", cfg, str(tmp_path / "ours"), ["t", "v"], reading) == ["t"]
 
 
 def test_training_copies_of_a_run_whose_dataset_was_rearranged_are_none(tmp_path, monkeypatch):
