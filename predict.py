@@ -545,7 +545,9 @@ def replaced_rows_note(out_dir, ids, tables):
     named, others = [], set()
     for name in tables:
         try:
-            earlier = pd.read_csv(os.path.join(out_dir, name), usecols=["image"], dtype=str)["image"]
+            # no missing-value words: images named NA, null or None (pandas 2.0 added it) are read as the names
+            earlier = pd.read_csv(os.path.join(out_dir, name), usecols=["image"], dtype=str,
+                                  keep_default_na=False)["image"]
         except (OSError, ValueError, pd.errors.ParserError):
             continue
         if set(earlier) - set(ids):

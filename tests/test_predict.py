@@ -851,6 +851,21 @@ def test_images_csv_is_replaced_whole_and_an_earlier_one_that_stays_is_named(in_
     assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
 
 
+def test_images_named_like_missing_values_are_named_when_their_rows_are_replaced(in_runs, tmp_path, capsys):
+    """The earlier tables' image column was read with pandas' missing-value words: images NA.png and None.png (a
+    missing value from pandas 2.0) came back as NaN, so predicting them again into their folder stopped with a
+    TypeError before the new tables were written, and a note named NaN for images that were still there."""
+    for name in ("NA", "None", "null"):
+        write(tmp_path / "in" / f"{name}.png", sample_bgr(32, 32))
+    argv = ["--name", "pc", "--output", str(tmp_path / "out"), "--device", "cpu", "--instances"]
+    predict.main([*argv, "--input", str(tmp_path / "in")])
+    predict.main([*argv, "--input", str(tmp_path / "in")])
+    assert "held the rows" not in capsys.readouterr().out
+    predict.main([*argv, "--input", write(tmp_path / "in2" / "b.png", sample_bgr(32, 32))])
+    assert ("held the rows of 3 other images of an earlier prediction (NA, None, null)"
+            in capsys.readouterr().out)
+
+
 def test_subfolders_of_an_input_folder_are_named(tmp_path, capsys):
     write(tmp_path / "plate" / "a.png", np.zeros((8, 8), np.uint8))
     (tmp_path / "plate" / "well_B2").mkdir()
