@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import cv2
 import numpy as np
 import pandas as pd
 import psutil
@@ -214,9 +215,9 @@ def test_group_split_holds_out_whole_groups():
         group_split.group_split(ids[:51], groups[:51], 0.2)  # 'a' + one 'b': no draw near 20 %
 
 
-def test_split_overlap_finds_overlapping_tiles_and_fields_at_another_contrast():
+def test_split_overlap_finds_overlapping_tiles_and_fields_at_another_contrast_or_size():
     """A validation tile cut from the slide of a training tile, 40x44 pixels of them in common, and a training field
-    at another contrast share content; another slide does not, nor does an image whose only windows in common with
+    at another contrast or size share content; another slide does not, nor does an image whose only windows in common with
     a training image are its empty background."""
     rng = np.random.default_rng(0)
     slide = rng.integers(0, 150, (80, 100, 3), dtype=np.uint8)
@@ -224,11 +225,15 @@ def test_split_overlap_finds_overlapping_tiles_and_fields_at_another_contrast():
     sparse[:8, :8], other_sparse[40:, 56:] = rng.integers(1, 256, (2, 8, 8, 3), dtype=np.uint8)
     other = rng.integers(0, 150, (48, 64, 3), dtype=np.uint8)
     images = {"tile": slide[:48, :64], "sparse": sparse, "overlapping": slide[8:56, 20:84],
-              "stretched": (slide[:48, :64] * 1.5).astype(np.uint8), "other": other, "background": other_sparse}
-    found = split_overlap.shared_content(images, ["overlapping", "stretched", "other", "background"],
-                                         ["tile", "sparse"])
+              "stretched": (slide[:48, :64] * 1.5).astype(np.uint8), "other": other, "background": other_sparse,
+              "smooth": cv2.GaussianBlur(rng.integers(0, 256, (96, 128), dtype=np.uint8), (0, 0), 4)[..., None]}
+    # a field shrunk to half its size: smooth, as a microscope field is at the scale of a 32x32 thumbnail and noise is not
+    images["shrunk"] = cv2.resize(images["smooth"], (64, 48), interpolation=cv2.INTER_AREA)[..., None]
+    found = split_overlap.shared_content(images, ["overlapping", "stretched", "other", "background", "shrunk"],
+                                         ["tile", "sparse", "smooth"])
     assert found == {"overlapping": "40x44 pixels identical with tile (at offset 8, 20 in it)",
-                     "stretched": "the field of tile at another contrast"}
+                     "stretched": "the field of tile at another contrast or size",
+                     "shrunk": "the field of smooth at another contrast or size"}
 
 
 def test_compare_scores_pairs_by_image_id_in_any_order():
