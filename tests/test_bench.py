@@ -217,8 +217,8 @@ def test_group_split_holds_out_whole_groups():
 
 def test_split_overlap_finds_overlapping_tiles_and_fields_at_another_contrast_or_size():
     """A validation tile cut from the slide of a training tile, 40x44 pixels of them in common, and a training field
-    at another contrast or size share content; another slide does not, nor does an image whose only windows in common with
-    a training image are its empty background."""
+    at another contrast or size share content; another slide does not, nor does an image whose only windows in
+    common with a training image are its empty background."""
     rng = np.random.default_rng(0)
     slide = rng.integers(0, 150, (80, 100, 3), dtype=np.uint8)
     sparse, other_sparse = np.zeros((48, 64, 3), np.uint8), np.zeros((48, 64, 3), np.uint8)
@@ -227,7 +227,7 @@ def test_split_overlap_finds_overlapping_tiles_and_fields_at_another_contrast_or
     images = {"tile": slide[:48, :64], "sparse": sparse, "overlapping": slide[8:56, 20:84],
               "stretched": (slide[:48, :64] * 1.5).astype(np.uint8), "other": other, "background": other_sparse,
               "smooth": cv2.GaussianBlur(rng.integers(0, 256, (96, 128), dtype=np.uint8), (0, 0), 4)[..., None]}
-    # a field shrunk to half its size: smooth, as a microscope field is at the scale of a 32x32 thumbnail and noise is not
+    # a field shrunk to half its size: smooth, as a microscope field is at the scale of a 32x32 thumbnail (noise is not)
     images["shrunk"] = cv2.resize(images["smooth"], (64, 48), interpolation=cv2.INTER_AREA)[..., None]
     found = split_overlap.shared_content(images, ["overlapping", "stretched", "other", "background", "shrunk"],
                                          ["tile", "sparse", "smooth"])
