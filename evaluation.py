@@ -6,6 +6,7 @@ Scores are those of engine.evaluate (one step function for every loop); this mod
 files and table rows.
 """
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
@@ -19,7 +20,8 @@ from splits import read_split, split_ids
 from image_files import decode_image, denormalize, read_labels
 from instances import auto_scale, border_map
 from metrics import dsb_scores
-from utils import BatchedThreads, DataError, UsageError, atomic_imwrite, atomic_write, first_few
+from utils import (BatchedThreads, DataError, UsageError, atomic_imwrite, atomic_write, first_few, progress_bar,
+                   usable_cpus)
 from visualize import overlay_panel, to_bgr, write_summary
 
 EVALUATION_FILE = "evaluation.yml"
@@ -97,8 +99,8 @@ def training_copies(name, cfg, folder, ids, reading):
     # DSB2018's stage1_test holds 4 fields of stage1_train stretched to other contrasts, under other ids, and
     # inputs/dsb2018_96 is dsb2018_full resized: only a comparison with every training image, of any size, finds
     # them, by thumbnails first (all pairs in one product) since a full one per pair costs too much
-    prints = np.stack([field_print(decode_image(theirs.image(j))) for j in trained])
-    close = np.stack([field_print(decode_image(ours.image(i))) for i in ids]) @ prints.T >= FIELD_PRINT_MATCH
+    prints = field_prints([theirs.image(j) for j in trained] + [ours.image(i) for i in ids])
+    close = prints[len(trained):] @ prints[:len(trained)].T >= FIELD_PRINT_MATCH
     named, copies = set(trained), []
     for i, candidates in zip(ids, close):
         if i not in named and not candidates.any():
@@ -108,6 +110,15 @@ def training_copies(name, cfg, folder, ids, reading):
                 same_field(decode_image(theirs.image(trained[k])), image) for k in np.flatnonzero(candidates)):
             copies.append(i)
     return copies
+
+
+def field_prints(paths):
+    """:func:`field_print` of each image file of ``paths``, float [N, 1024], read in threads (OpenCV's decoding runs
+    beside Python) under a progress bar: many thousand training images take a while."""
+    with ThreadPoolExecutor(usable_cpus()) as pool:
+        prints = pool.map(lambda path: field_print(decode_image(path)), paths)
+        return np.stack(list(progress_bar(prints, total=len(paths), desc="looking for training images", unit="img",
+                                          leave=False)))
 
 
 def field_print(image):
