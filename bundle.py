@@ -12,7 +12,8 @@ import os
 import shutil
 
 import config
-from utils import ArgumentParser, UsageError, folder_replaced_when_done, run_cli, sha256_file
+from files import folder_replaced_when_done, sha256_file
+from utils import ArgumentParser, UsageError, run_cli
 
 COPIED = ("config.yml", "split.csv", "log.csv")
 

@@ -16,7 +16,8 @@ import torch
 from archs import build_model, fold_batchnorm
 from config import (INIT_FLAGS, init_is_run, init_weights_path, load_run_config, output_channels,
                     read_run_config, saved_run_dir)
-from utils import DataError, UsageError, atomic_write, clipped, sha256_file
+from files import atomic_write, sha256_file
+from utils import DataError, UsageError, clipped
 
 
 # what last.pth holds beside the epoch about the best epoch so far (trainer.track_best's dict)
@@ -24,7 +25,7 @@ BEST_KEYS = ("best_iou", "best_epoch", "stale_epochs")
 
 
 def atomic_torch_save(obj, path):
-    """``torch.save`` through utils.atomic_write: the file at ``path`` is always a complete checkpoint. Serialised
+    """``torch.save`` through files.atomic_write: the file at ``path`` is always a complete checkpoint. Serialised
     in memory first: torch.save writing to the file itself turns a full disk into a RuntimeError that names no
     file, where a plain write raises the OSError that the scripts report in one line."""
     buffer = io.BytesIO()

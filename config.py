@@ -14,10 +14,10 @@ from collections.abc import Hashable
 
 import yaml
 
+from files import atomic_write
 from image_files import MAX_PIXELS, NORMALIZATIONS
-from utils import (AMP_MODES, ArgumentParser, DataError, UsageError, amp_mode, atomic_write, bool_or_auto,
-                   check_new_run_name, check_run_name, compile_mode, device_name, file_extension, integer, path_arg,
-                   str2bool, usable_cpus)
+from utils import (AMP_MODES, ArgumentParser, DataError, UsageError, amp_mode, bool_or_auto, check_new_run_name,
+                   check_run_name, compile_mode, device_name, file_extension, integer, path_arg, str2bool, usable_cpus)
 
 # Nucleus separation (instances.py) and its object filters: the flags' choices and defaults, chosen on validation
 # images (docs/results.md, "How the post-processing defaults were chosen"). Kept here, not in instances.py, so that

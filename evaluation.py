@@ -16,12 +16,12 @@ import yaml
 
 from config import INPUTS_DIR, saved_run_dir
 from dataset import MODALITIES, find_layout, list_ids, nucleus_diameter
+from files import atomic_imwrite, atomic_write
 from splits import read_split, split_ids
 from image_files import decode_image, denormalize, read_labels
 from instances import auto_scale, border_map
 from metrics import dsb_scores
-from utils import (BatchedThreads, DataError, UsageError, atomic_imwrite, atomic_write, first_few, progress_bar,
-                   usable_cpus)
+from utils import BatchedThreads, DataError, UsageError, first_few, progress_bar, usable_cpus
 from visualize import overlay_panel, to_bgr, write_summary
 
 EVALUATION_FILE = "evaluation.yml"

@@ -27,7 +27,8 @@ on a random input and its largest difference from PyTorch is printed.
 import os
 from contextlib import nullcontext
 
-from utils import ArgumentParser, UsageError, path_arg, run_cli, written_alone
+from files import written_alone
+from utils import ArgumentParser, UsageError, path_arg, run_cli
 
 SCALING = {  # how image_files.image_to_float scales an image for each --normalization, in the printed input contract
     "fixed": "8-bit / 255, 16-bit by its min and max",

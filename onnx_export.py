@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from archs import final_logits
-from utils import UserError, atomic_write
+from files import atomic_write
+from utils import UserError
 
 OPSET = 17
 # torch 2.4 added the dynamo exporter and the flag that picks the TorchScript one, the only one before

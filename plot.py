@@ -14,7 +14,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from config import derived_files_dir, run_name_suggestion, saved_run_dir
-from utils import ArgumentParser, UsageError, atomic_write, path_arg, run_cli
+from files import atomic_write
+from utils import ArgumentParser, UsageError, path_arg, run_cli
 
 
 def plot_runs(logs, names, out_path):

@@ -41,12 +41,13 @@ from skimage.measure import regionprops_table
 
 from config import (MIN_SIZE, add_amp_arg, add_device_arg, add_separation_args, check_object_filters,
                     choose_separation, object_filters)
+from files import (atomic_imwrite, atomic_tiff_write, atomic_write, check_output_folder, interrupts_held,
+                   remove_killed_writes, written_alone)
 from image_files import CELLPOSE_NOT_IMAGES, TIFF_EXTS, TiffHeader, decode_planes, select_channel, tiff_header
 from instances import (AUTO_SCALE_BAND, auto_scale, border_map, mean_probability, median_diameter, nucleus_areas,
                        split_instances)
-from utils import (ArgumentParser, BatchedThreads, DataError, UsageError, atomic_imwrite, atomic_tiff_write,
-                   atomic_write, check_output_folder, check_utf8_names, first_few, float_or_auto, interrupts_held,
-                   path_arg, printable_path, progress_bar, remove_killed_writes, run_cli, written_alone)
+from utils import (ArgumentParser, BatchedThreads, DataError, UsageError, check_utf8_names, first_few, float_or_auto,
+                   path_arg, printable_path, progress_bar, run_cli)
 from visualize import draw_outlines, to_bgr
 
 IMAGE_EXTS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")

@@ -39,10 +39,10 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from files import atomic_imwrite, check_replaceable, folder_replaced_when_done, written_alone
 from image_files import opencv_read, read_mask
-from utils import (ArgumentParser, DataError, UsageError, atomic_imwrite, check_replaceable, check_utf8_names,
-                   folder_replaced_when_done, integer, path_arg, progress_bar, run_cli, usable_cpus,
-                   written_alone)
+from utils import (ArgumentParser, DataError, UsageError, check_utf8_names, integer, path_arg, progress_bar, run_cli,
+                   usable_cpus)
 
 DEFAULT_SRC = os.path.join("inputs", "data-science-bowl-2018", "stage1_train")
 DOWNLOAD_HINT = (

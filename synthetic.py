@@ -24,8 +24,8 @@ import time
 import cv2
 import numpy as np
 
-from utils import (ArgumentParser, at_least, atomic_imwrite, check_replaceable, folder_replaced_when_done,
-                   path_arg, progress_bar, run_cli, written_alone)
+from files import atomic_imwrite, check_replaceable, folder_replaced_when_done, written_alone
+from utils import ArgumentParser, at_least, path_arg, progress_bar, run_cli
 
 DEFAULT_OUT = os.path.join("inputs", "synthetic")
 STYLES = ("fluorescence", "stained")  # named as dataset.image_modality names the kinds

@@ -28,6 +28,7 @@ from dataset import (AUGMENTATION_FLAGS, MODALITIES, Dataset, EpochSampler, Weig
 from device_data import BatchAugment, DeviceImages, DeviceLoader
 from engine import (NonFiniteLoss, Precision, choose_device, evaluate, fit_threads_to_cpus, recalibrate_batchnorm,
                     seed_everything, train_one_epoch)
+from files import atomic_write, interrupts_held, locked, remove_killed_writes
 from image_files import decode_image
 from inference import whole_image_network
 from losses import build_loss
@@ -35,8 +36,7 @@ from optim import build_optimizer, build_scheduler, cosine_parts, fused_update, 
 from plot import plot_runs
 from splits import held_out_seen_in_training, load_or_make_split, split_ids, unlisted_note
 from synthetic import ensure_synthetic
-from utils import (DataError, UsageError, UserError, atomic_write, first_few, interrupts_held, locked,
-                   ram, remove_killed_writes, stop_signals_as_interrupts)
+from utils import DataError, UsageError, UserError, first_few, ram, stop_signals_as_interrupts
 
 
 class Trainer:

@@ -25,8 +25,8 @@ import os
 
 from config import (add_amp_arg, add_device_arg, add_separation_args, check_object_filters, choose_separation,
                     object_filters)
-from utils import (ArgumentParser, at_least, check_replaceable, check_run_name, file_extension,
-                   folder_replaced_when_done, path_arg, run_cli, written_alone)
+from files import check_replaceable, folder_replaced_when_done, written_alone
+from utils import ArgumentParser, at_least, check_run_name, file_extension, path_arg, run_cli
 
 
 def build_parser():

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 from skimage.segmentation import find_boundaries
 
-from utils import atomic_imwrite
+from files import atomic_imwrite
 
 FALSE_POSITIVE = (255, 0, 255)  # BGR magenta
 FALSE_NEGATIVE = (255, 255, 0)  # BGR cyan

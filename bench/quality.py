@@ -24,8 +24,9 @@ import torch  # noqa: E402
 
 import val  # noqa: E402
 from config import parse_train_args  # noqa: E402
+from files import atomic_write  # noqa: E402
 from timing import cpu_name, cpus_text  # noqa: E402
-from utils import ArgumentParser, atomic_write  # noqa: E402
+from utils import ArgumentParser  # noqa: E402
 
 
 def hardware():

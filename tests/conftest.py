@@ -146,9 +146,9 @@ def train_argv(name, *extra, dataset=TINY_NAME, arch="UNet", epochs=2, batch=4):
 
 @contextmanager
 def held_by_another_process(lock_file):
-    """Another process holding ``lock_file`` (utils.locked), as a script does while it writes; yields its pid and
+    """Another process holding ``lock_file`` (files.locked), as a script does while it writes; yields its pid and
     kills it at the end (the lock goes with it, the file stays, as after a killed script)."""
-    code = ("import sys, time, utils\nwith utils.locked(sys.argv[1]) as holder:\n"
+    code = ("import files, sys, time\nwith files.locked(sys.argv[1]) as holder:\n"
             "    print(holder or 'held', flush=True)\n    time.sleep(120)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(lock_file)], env=dict(os.environ, PYTHONPATH=str(ROOT)),
                               stdout=subprocess.PIPE, text=True)

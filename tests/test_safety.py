@@ -33,6 +33,7 @@ import checkpoints
 import config
 import dataset
 import engine
+import files
 import predict
 import synthetic
 import train
@@ -43,8 +44,8 @@ from archs import build_model
 from checkpoints import atomic_torch_save
 from conftest import ROOT, held_by_another_process, train_argv
 from dataset import Dataset, decode_image, eval_transform, read_mask
-from utils import (DataError, UsageError, atomic_write, interrupts_held, run_cli, sha256_file,
-                   temp_folder_beside)
+from files import atomic_write, interrupts_held, sha256_file, temp_folder_beside
+from utils import DataError, UsageError, run_cli
 
 SMALL = ["--dataset", "tiny", "--arch", "UNet", "--input_w", "32", "--input_h", "32", "-b", "2",
          "--num_workers", "0", "--device", "cpu", "--seed", "3"]
@@ -349,9 +350,11 @@ def test_atomic_write_writes_utf8_whatever_the_locale(tmp_path, monkeypatch):
     assert pd.read_csv(tmp_path / "split.csv", encoding="utf-8")["img_id"].tolist() == ["café 細胞"]
 
 
-def test_windows_is_named_at_start_not_a_missing_module():
-    """utils needs POSIX (fcntl locks, signals): on Windows every script says so in one line, not ModuleNotFound."""
-    code = "import sys; sys.platform = 'win32'; import utils"
+@pytest.mark.parametrize("module", ["utils", "files"])
+def test_windows_is_named_at_start_not_a_missing_module(module):
+    """utils and files need POSIX (signals, fcntl locks): on Windows every script says so in one line, not
+    ModuleNotFound, whichever of them it imports first."""
+    code = f"import sys; sys.platform = 'win32'; sys.modules['fcntl'] = None; import {module}"  # no fcntl there
     done = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                           capture_output=True, text=True)
     assert done.returncode == 1 and done.stderr.strip() == ("error: this toolkit runs on Linux and macOS; on Windows, "
@@ -363,13 +366,13 @@ def test_a_folder_that_takes_no_file_is_named_in_the_error(tmp_path, monkeypatch
     the temporary file that could not be made in it."""
     def refuse(dir, **kwargs):
         raise PermissionError(13, "Permission denied", os.path.join(dir, ".config.yml.123.abc.tmp"))
-    monkeypatch.setattr(utils.tempfile, "mkstemp", refuse)
-    monkeypatch.setattr(utils.tempfile, "mkdtemp", refuse)
+    monkeypatch.setattr(files.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(files.tempfile, "mkdtemp", refuse)
 
     def write():
         with atomic_write(tmp_path / "config.yml") as f:
             f.write("x")
-    for main in (lambda argv: write(), lambda argv: utils.temp_folder_beside(tmp_path / "outputs")):
+    for main in (lambda argv: write(), lambda argv: files.temp_folder_beside(tmp_path / "outputs")):
         with pytest.raises(SystemExit):
             run_cli(main, [])
         assert f" error: {tmp_path}: Permission denied (check the path" in capsys.readouterr().err
@@ -559,7 +562,7 @@ def test_a_folder_replaced_never_goes_missing_and_killed_builds_are_cleared(tmp_
 
     monkeypatch.setattr(os, "rename", rename_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
-        with utils.folder_replaced_when_done(dst) as tmp:
+        with files.folder_replaced_when_done(dst) as tmp:
             with open(os.path.join(tmp, "model.pth"), "w") as f:
                 f.write("new")
     monkeypatch.undo()
@@ -579,7 +582,7 @@ def test_a_swap_killed_between_its_renames_is_completed_by_the_next_build(tmp_pa
     if finished:
         new.mkdir()
         (new / "model.pth").write_text("new")
-    utils.temp_folder_beside(dst)
+    files.temp_folder_beside(dst)
     assert (dst / "model.pth").read_text() == ("new" if finished else "old")
     assert not new.exists() and not old.exists()
 
@@ -598,7 +601,7 @@ def test_of_several_killed_swaps_the_one_with_a_finished_build_wins(tmp_path, mo
         folder = tmp_path / f".nuclei.tmp-{DEAD_PID}-{name}"
         folder.mkdir()
         (folder / "model.pth").write_text(text)
-    utils.temp_folder_beside(tmp_path / "nuclei")
+    files.temp_folder_beside(tmp_path / "nuclei")
     assert (tmp_path / "nuclei" / "model.pth").read_text() == "newest"
     assert not [name for name in os.listdir(tmp_path) if str(DEAD_PID) in name]  # the others cleared
 
@@ -610,7 +613,7 @@ def test_a_symlinked_folder_stays_a_link_when_replaced(tmp_path):
     (target / "old.png").write_text("old")
     link.parent.mkdir()
     link.symlink_to(target)
-    with utils.folder_replaced_when_done(link) as tmp:
+    with files.folder_replaced_when_done(link) as tmp:
         with open(os.path.join(tmp, "new.png"), "w") as f:
             f.write("new")
     assert link.is_symlink() and os.listdir(target) == ["new.png"] and os.listdir(link.parent) == ["dsb"]
@@ -622,7 +625,7 @@ def test_a_folder_replaced_in_a_group_s_shared_folder_keeps_its_group(tmp_path):
     shared = tmp_path / "project"
     shared.mkdir()
     os.chmod(shared, 0o2770)
-    with utils.folder_replaced_when_done(shared / "outputs") as tmp:
+    with files.folder_replaced_when_done(shared / "outputs") as tmp:
         os.mkdir(os.path.join(tmp, "overlays"))
     assert os.stat(shared / "outputs").st_mode & stat.S_ISGID
     assert os.stat(shared / "outputs" / "overlays").st_mode & stat.S_ISGID
@@ -648,14 +651,14 @@ def test_a_file_system_without_locks_gets_a_note_not_a_refusal(tmp_path, monkeyp
     lock file."""
     def no_locks(fd, operation):
         raise OSError(code, os.strerror(code))
-    monkeypatch.setattr(utils.fcntl, "flock", no_locks)
+    monkeypatch.setattr(files.fcntl, "flock", no_locks)
     path = tmp_path / ".run.lock"
     if code == errno.EACCES:
-        with pytest.raises(PermissionError) as e, utils.locked(str(path)):
+        with pytest.raises(PermissionError) as e, files.locked(str(path)):
             pass
         assert e.value.filename == str(path)
         return
-    with utils.locked(str(path)) as holder:
+    with files.locked(str(path)) as holder:
         assert holder is None and path.read_text() == str(os.getpid())
     assert not path.exists()
     assert f"note: {path}: this file system takes no file locks" in capsys.readouterr().err
@@ -669,8 +672,8 @@ def left_by_a_colleague(lock_file):
 
 
 def assert_taken_and_removed(lock_file):
-    """utils.locked takes ``lock_file`` (a Path), holding it with this pid, and removes it on release."""
-    with utils.locked(str(lock_file)) as holder:
+    """files.locked takes ``lock_file`` (a Path), holding it with this pid, and removes it on release."""
+    with files.locked(str(lock_file)) as holder:
         assert holder is None and lock_file.read_text() == str(os.getpid())
     assert not lock_file.exists()
 
@@ -685,11 +688,11 @@ def test_a_lock_file_this_user_may_not_write_is_taken_or_its_holder_named(tmp_pa
     assert_taken_and_removed(path)
     with held_by_another_process(path) as pid:
         path.chmod(0o444)
-        with utils.locked(str(path)) as holder:
+        with files.locked(str(path)) as holder:
             assert holder == str(pid)
         path.chmod(0)
         with pytest.raises(DataError, match="another user's lock file"):
-            with utils.locked(str(path)):
+            with files.locked(str(path)):
                 pass
 
 
@@ -700,7 +703,7 @@ def test_two_processes_taking_over_a_colleague_s_lock_file_do_not_both_hold_it(t
     made its own: both wrote the folder, each believing it alone did. Now it finds the first one holding the lock."""
     path = tmp_path / ".out.lock"
     left_by_a_colleague(path)
-    first, read_only, held = utils.locked(str(path)), utils.others_lock_file, []
+    first, read_only, held = files.locked(str(path)), files.others_lock_file, []
 
     def first_takes_over_meanwhile(lock_file):
         fd = read_only(lock_file)
@@ -709,8 +712,8 @@ def test_two_processes_taking_over_a_colleague_s_lock_file_do_not_both_hold_it(t
             held[0] = first.__enter__()
         return fd
 
-    monkeypatch.setattr(utils, "others_lock_file", first_takes_over_meanwhile)
-    with utils.locked(str(path)) as second:
+    monkeypatch.setattr(files, "others_lock_file", first_takes_over_meanwhile)
+    with files.locked(str(path)) as second:
         assert held == [None] and second == str(os.getpid())
     assert path.read_text() == str(os.getpid())
     first.__exit__(None, None, None)
@@ -723,15 +726,15 @@ def test_a_colleague_s_lock_file_removed_as_it_is_opened_is_made_anew(tmp_path, 
     'No such file or directory' error; the lock is free, so it is taken."""
     path = tmp_path / ".out.lock"
     left_by_a_colleague(path)
-    read_only = utils.others_lock_file
+    read_only = files.others_lock_file
 
     def removed_first(lock_file):
         if os.path.exists(lock_file):
             os.remove(lock_file)
         return read_only(lock_file)
 
-    monkeypatch.setattr(utils, "others_lock_file", removed_first)
-    with utils.locked(str(path)) as holder:
+    monkeypatch.setattr(files, "others_lock_file", removed_first)
+    with files.locked(str(path)) as holder:
         assert holder is None and path.read_text() == str(os.getpid())
     assert not path.exists()
 
@@ -743,7 +746,7 @@ def test_a_colleague_s_lock_file_on_a_file_system_without_locks_is_replaced(tmp_
     someone removed the file by hand. It is replaced by one's own, as where locks work."""
     def no_locks(fd, operation):
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
-    monkeypatch.setattr(utils.fcntl, "flock", no_locks)
+    monkeypatch.setattr(files.fcntl, "flock", no_locks)
     path = tmp_path / ".run.lock"
     left_by_a_colleague(path)
     assert_taken_and_removed(path)
@@ -770,21 +773,21 @@ def test_temporary_files_of_another_machine_are_left_to_it(tmp_path):
     """On a file system shared between machines (a cluster's) a pid says nothing about another machine's writer:
     its temporary files and folders stay; this machine's of a killed process go, in the names of earlier versions
     too."""
-    here, other = f"{DEAD_PID}@{utils.HOST}", f"{DEAD_PID}@{utils.HOST}x"
+    here, other = f"{DEAD_PID}@{files.HOST}", f"{DEAD_PID}@{files.HOST}x"
     names = [f".a.png.{here}.k2j4ab_c.tmp", f".b.png.{other}.k2j4ab_c.tmp", f".c.png.{DEAD_PID}.k2j4ab_c.tmp"]
     for name in names:
         (tmp_path / name).write_text("half")
     for writer in (here, other, str(DEAD_PID)):
         (tmp_path / f".out.tmp-{writer}-abc").mkdir()
     (tmp_path / ".notes.99999999999.k2j4ab_c.tmp").write_text("not a pid")  # was an OverflowError
-    utils.remove_killed_writes(str(tmp_path))
-    made = utils.temp_folder_beside(str(tmp_path / "out"))
-    assert os.path.basename(made).startswith(f".out.tmp-{os.getpid()}@{utils.HOST}-")
+    files.remove_killed_writes(str(tmp_path))
+    made = files.temp_folder_beside(str(tmp_path / "out"))
+    assert os.path.basename(made).startswith(f".out.tmp-{os.getpid()}@{files.HOST}-")
     assert sorted(os.listdir(tmp_path)) == sorted([names[1], f".out.tmp-{other}-abc", os.path.basename(made),
                                                    ".notes.99999999999.k2j4ab_c.tmp"])
-    assert utils.host_name("node1") == "node1"  # machines whose names differ stay apart in the file names
-    assert len({utils.host_name(h) for h in ("10.1.2.3", "10.1.2.4", "node_1", "node1", "n" * 64)}) == 5
-    assert all(re.fullmatch(r"[A-Za-z0-9-]{1,32}", utils.host_name(h)) for h in ("10.1.2.3", "Zellkern-ä", "n" * 64))
+    assert files.host_name("node1") == "node1"  # machines whose names differ stay apart in the file names
+    assert len({files.host_name(h) for h in ("10.1.2.3", "10.1.2.4", "node_1", "node1", "n" * 64)}) == 5
+    assert all(re.fullmatch(r"[A-Za-z0-9-]{1,32}", files.host_name(h)) for h in ("10.1.2.3", "Zellkern-ä", "n" * 64))
     long_name = tmp_path / ("z" * 250 + ".png")  # a temporary name of it stays within 255 bytes
     with atomic_write(long_name, "wb") as f:
         f.write(b"png")
@@ -809,7 +812,7 @@ FULL_DISK = """
 import os, resource, signal, sys
 import torch
 from checkpoints import atomic_torch_save
-from utils import atomic_write
+from files import atomic_write
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, as one on a full disk
 resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
 try:
