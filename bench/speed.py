@@ -57,7 +57,7 @@ from splits import make_split  # noqa: E402
 from synthetic import ensure_synthetic  # noqa: E402
 from timing import cpu_counts, cpu_name, cpus_text, device_list, sync  # noqa: E402
 from trainer import Trainer  # noqa: E402
-from utils import ArgumentParser, keep_freed_memory, stop_signals_as_interrupts, usable_cpus  # noqa: E402
+from utils import ArgumentParser, compile_mode, keep_freed_memory, stop_signals_as_interrupts, usable_cpus  # noqa: E402
 
 import resource  # noqa: E402  (POSIX only: after utils, which names WSL on Windows)
 
@@ -90,6 +90,7 @@ def parse_args(argv=None):
     p.add_argument("--amp", default="auto", help="ours: --amp (auto, bf16, fp16, fp32)")
     p.add_argument("--channels_last", default="auto", help="ours: --channels_last")
     p.add_argument("--loader", default="auto", help="ours: --loader (auto, device, workers)")
+    p.add_argument("--compile", default=False, type=compile_mode, help="ours: --compile (e.g. reduce-overhead: the step in CUDA graphs)")
     p.add_argument("--in_process", action="store_true",
                    help="measure in this process (no subprocesses); memory is then a high-water-mark increase")
     p.add_argument("--seed", default=0, type=int, help="weights, shuffling and augmentation seed")
@@ -149,7 +150,7 @@ def _build_ours(spec):
     argv = ["--dataset", spec["dataset"], "--arch", spec["arch"], "--deep_supervision", str(spec["ds"]),
             "--batch_size", str(spec["batch_size"]), "--loss", spec["loss"], "--num_workers", str(spec["num_workers"]),
             "--device", spec["device"], "--amp", spec["amp"], "--channels_last", spec["channels_last"],
-            "--loader", spec["loader"],
+            "--loader", spec["loader"], "--compile", str(spec["compile"]),
             "--input_h", str(spec["size"]), "--input_w", str(spec["size"]), "--seed", str(spec["seed"]),
             "--epochs", str(spec["warmup"] + spec["repeats"]), "--name", f"bench_{os.getpid()}", "--overwrite"]
     trainer = Trainer(parse_train_args(argv), progress=False)
@@ -318,7 +319,7 @@ def main(argv=None):
                                     "loss": loss, "dataset": dataset, "size": args.size, "steps": args.steps,
                                     "repeats": args.repeats, "warmup": args.warmup, "num_workers": args.num_workers,
                                     "amp": args.amp, "channels_last": args.channels_last, "loader": args.loader,
-                                    "seed": args.seed,
+                                    "compile": args.compile, "seed": args.seed,
                                     "in_process": args.in_process}
                             print(f"[{device}] {arch_row} batch {batch} {loss}: {loop} ...", file=sys.stderr,
                                   flush=True)
@@ -340,7 +341,7 @@ def main(argv=None):
         "devices": {d: device_name(d) for d in devices}, "dataset": args.dataset, "image_size": args.size,
         "num_workers": args.num_workers, "steps_cap": args.steps, "repeats": args.repeats, "warmup": args.warmup,
         "in_process": args.in_process, "quick": args.quick, "amp": args.amp, "channels_last": args.channels_last,
-        "loader": args.loader,
+        "loader": args.loader, "compile": args.compile,
         "memory": ("MiB; peak_mem_mib is, on CPU, the peak RSS of the measuring process (ru_maxrss; with "
                    "--in_process the increase of that high-water mark) and on CUDA "
                    "torch.cuda.max_memory_allocated; worker_peak_rss_mib is the largest DataLoader worker's "

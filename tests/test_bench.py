@@ -98,6 +98,28 @@ def test_speed_stops_on_a_signal_that_ends_a_job(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_gpu_session_dry_runs_every_part_and_sends_back_eight_files(tmp_path):
+    """bench/gpu_session.sh --dry: the device session's steps on the CPU (speed.py eager and with --compile, both
+    recipes, val.py on the validation split and on another dataset), 8 files under $OUT (what the device tool sends
+    back) with a summary of every part, and its work folder removed."""
+    out, tmp = tmp_path / "out", tmp_path / "tmp"
+    tmp.mkdir()
+    env = dict(os.environ, OUT=str(out), TMPDIR=str(tmp), PYTHON=sys.executable)
+    proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_session.sh"), "--dry"], cwd=tmp_path, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert sorted(os.listdir(out)) == ["b16.log", "b16_log.csv", "b16_test_scores.csv", "b16_val_scores.csv",
+                                       "b64.log", "b64_log.csv", "speed.log", "summary.json"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [row["compile"] for row in summary["a_speed"]] == [False, False]
+    assert all(row["ours_img_s"] > 0 and row["ratio"] > 0 for row in summary["a_speed"])
+    assert summary["b_recipe"]["epochs"] == 1 and summary["c_recipe_b64"]["epochs"] == 1
+    assert summary["b_val"]["iou"] == pytest.approx(summary["b_recipe"]["best_val_iou"], abs=1e-4)
+    assert 0 <= summary["b_test"]["iou"] <= 1 and "dsb" in summary["b_test"]
+    assert summary["b_goal_met"] is False  # one epoch is not the 100-epoch row
+    assert len(pd.read_csv(out / "b16_test_scores.csv")) == 4  # every image of the other dataset
+    assert not [name for name in os.listdir(tmp) if name.startswith("tmp.")]  # mktemp -d's work folder
+
 def test_lovasz_quick(tmp_path):
     summary = run_script("lovasz.py", ["--quick", "--device", "cpu", "--cases", "4x32x32", "--repeats", "2",
                                        "--warmup", "1"], tmp_path)
