@@ -28,6 +28,7 @@ own: no tracking between planes); objects.csv's and images.csv's ``plane`` count
 Runs with several classes write ``<id>_class<c>.png`` (and ``_prob``) per class; instances use class 0. A run
 trained with ``--borders True`` also predicts where nuclei touch; ``--separation borders`` splits nuclei there.
 """
+import math
 import os
 import re
 import sys
@@ -57,10 +58,13 @@ MERGED_TABLES = 1000  # objects tables of this many images are held as one
 OBJECT_COLUMNS = ["image", "plane", "label", "area", "centroid_y", "centroid_x", "bbox_min_y", "bbox_min_x",
                   "bbox_max_y", "bbox_max_x", "mean_intensity", "integrated_intensity", "perimeter", "eccentricity",
                   "solidity", "major_axis_length", "minor_axis_length", "confidence"]
-# objects.csv's decimals: 2 for pixel positions and lengths, 4 for ratios, the confidence and intensities (a float
-# image's in [0, 1] among them)
-OBJECT_DECIMALS = {c: 4 if c in ("mean_intensity", "integrated_intensity", "eccentricity", "solidity", "confidence")
-                   else 2 for c in OBJECT_COLUMNS}
+INTENSITIES = ("mean_intensity", "integrated_intensity")
+# objects.csv's decimals: 2 for pixel positions and lengths, 4 for ratios and the confidence. The intensities are in
+# the image's own units, which may be anything (a float image's in [0, 1], or 1e-6): 4 decimals, or INTENSITY_DIGITS
+# significant digits where those keep more (round_intensities).
+OBJECT_DECIMALS = {c: 4 if c in ("eccentricity", "solidity", "confidence") else 2 for c in OBJECT_COLUMNS
+                   if c not in INTENSITIES}
+INTENSITY_DIGITS = 6
 # images.csv (--instances): a row per plane predicted, so that one without nuclei counts 0 (objects.csv has no row for
 # it); the areas are empty for no nuclei.
 IMAGE_COLUMNS = ["image", "plane", "height", "width", "scale", "foreground", "nuclei", "mean_area", "median_area"]
@@ -490,9 +494,15 @@ def write_tables(out_dir, rows, objects):
                                                                 "median_area": float})
     with interrupts_held():
         with atomic_write(os.path.join(out_dir, "objects.csv")) as f:
-            objects.round(OBJECT_DECIMALS).to_csv(f, index=False)
+            objects.round(OBJECT_DECIMALS).assign(**{c: round_intensities(objects[c]) for c in INTENSITIES}).to_csv(
+                f, index=False)
         with atomic_write(os.path.join(out_dir, "images.csv")) as f:
             images.round(IMAGE_DECIMALS).to_csv(f, index=False)
+
+
+def round_intensities(values):
+    """Intensities (a float Series) to 4 decimals, or to INTENSITY_DIGITS significant digits where those keep more."""
+    return values.map(lambda v: round(v, max(4, INTENSITY_DIGITS - 1 - math.floor(math.log10(abs(v))))) if v else v)
 
 
 def output_stems(name):

@@ -1269,10 +1269,12 @@ def test_objects_tables_of_many_images_are_merged_as_they_come(tmp_path, monkeyp
     assert most[0] < 4
 
 
-def test_a_float_image_s_intensities_keep_four_decimals_in_objects_csv(in_runs, tmp_path):
-    """A float TIFF in [0, 1]: its nuclei's mean intensity to 4 decimals (2 would round 0.004 away), from the
-    image as read over each nucleus of <id>_instances.png."""
-    image = (sample_bgr(48, 40)[:, :, 0] / 255).astype(np.float32)
+@pytest.mark.parametrize("unit", [1 / 255, 1e-6 / 255])
+def test_a_float_image_s_intensities_keep_their_digits_in_objects_csv(in_runs, tmp_path, unit):
+    """A float TIFF in [0, 1], or in far smaller units (4 decimals would write 0 for every nucleus): its nuclei's
+    mean and integrated intensity to 6 significant digits, from the image as read over each nucleus of
+    <id>_instances.png."""
+    image = (sample_bgr(48, 40)[:, :, 0] * unit).astype(np.float32)
     (tmp_path / "in").mkdir()
     tifffile.imwrite(tmp_path / "in" / "f.tif", image)
     predict.main(["--name", "p", "--input", str(tmp_path / "in" / "f.tif"), "--output", str(tmp_path / "out"),
@@ -1281,7 +1283,9 @@ def test_a_float_image_s_intensities_keep_four_decimals_in_objects_csv(in_runs, 
     labels = read(tmp_path / "out" / "f_instances.png")
     assert len(table) > 0
     for row in table.itertuples():
-        assert abs(row.mean_intensity - image[labels == row.label].mean()) <= 5.1e-5, row
+        pixels = image[labels == row.label].astype(np.float64)
+        assert row.mean_intensity == pytest.approx(pixels.mean(), rel=1e-5), row
+        assert row.integrated_intensity == pytest.approx(pixels.sum(), rel=1e-5), row
 
 
 def test_objects_csv_measures_each_nucleus_in_the_image_as_read(tmp_path):
