@@ -28,6 +28,7 @@ own: no tracking between planes); objects.csv's and images.csv's ``plane`` count
 Runs with several classes write ``<id>_class<c>.png`` (and ``_prob``) per class; instances use class 0. A run
 trained with ``--borders True`` also predicts where nuclei touch; ``--separation borders`` splits nuclei there.
 """
+import io
 import math
 import os
 import re
@@ -573,6 +574,23 @@ def replaced_rows_note(out_dir, ids, tables):
             "stay)")
 
 
+def pandas_ids_note(columns):
+    """A note when pandas' read_csv with its defaults would lose ids of an image column of the tables (``columns``,
+    the ids each holds): 0001 read as the number 1, or 1 as 1.0 beside a missing one; NA, null or nan as missing.
+    With the arguments that keep them; '' otherwise (1, 2, ... read as the numbers they are)."""
+    changed = {}
+    for ids in columns:
+        read = pd.read_csv(io.StringIO(pd.DataFrame({"image": ids}).to_csv(index=False)))["image"]
+        changed.update((i, f"{i} as {'missing' if pd.isna(r) else r}") for i, r in zip(ids, read)
+                       if pd.isna(r) or str(r) != i)
+    if not changed:
+        return ""
+    shown = sorted(changed.values())
+    return (f"note: pandas.read_csv with its defaults reads these image ids as other values ({', '.join(shown[:3])}"
+            f"{' ...' * (len(shown) > 3)}); read objects.csv and images.csv with dtype={{'image': str}}, "
+            "keep_default_na=False, na_values=['']")
+
+
 def diameter_note(found, trained, scale):
     """The summary's note on the nuclei's median diameter ``found`` (pixels): with a hint to try --scale auto when
     the images were predicted as they are and the nuclei are far from the ``trained`` diameter (0: unknown)."""
@@ -708,7 +726,9 @@ def main(argv):
         if args.instances:
             replaced_rows = replaced_rows_note(args.output, ids, TABLES)
             write_tables(args.output, rows, objects)
-        notes = [earlier_outputs_note(args, files, ids, written), replaced_rows]
+        notes = [earlier_outputs_note(args, files, ids, written), replaced_rows,
+                 pandas_ids_note([list(dict.fromkeys(row.image for row in rows)), objects["image"].unique()])
+                 if args.instances else ""]
     seconds = time.time() - started
     print(summary_line(args, cfg, predictor, device, len(files) - len(left_out), rows, seconds, objects, separation,
                        filters))

@@ -811,6 +811,34 @@ def test_images_csv_counts_the_nuclei_of_every_image_and_plane(in_runs, tmp_path
     assert "images.csv" not in os.listdir(tmp_path / "plain")
 
 
+def test_image_ids_that_pandas_reads_as_numbers_or_missing_get_a_note_with_the_call_that_keeps_them(
+        in_runs, tmp_path, monkeypatch, capsys):
+    """Ids like 0001 (read back by pandas' defaults as 1.0: the leading zeros lost, 1 and 0001 merged) or NA (read
+    as missing): a note gives the read_csv arguments that read both tables back as written, areas still numbers;
+    ordinary ids get no note."""
+    monkeypatch.setattr(inference.Predictor, "predict", lambda self, image, scale=None: image.mean(axis=2)[None])
+    disc = np.zeros((32, 32), np.uint8)
+    disc[8:16, 8:16] = 255
+    for name in ("0001", "NA", "0002"):
+        write(tmp_path / "in" / f"{name}.png", disc if name != "0002" else np.zeros_like(disc))
+    out = tmp_path / "out"
+    argv = ["--name", "pc", "--input", str(tmp_path / "in"), "--device", "cpu", "--instances", "--separation", "cc",
+            "--min_confidence", "0"]
+    predict.main([*argv, "--output", str(out)])
+    printed = capsys.readouterr().out
+    assert pd.read_csv(out / "images.csv")["image"].isna().any()  # what the note is for
+    assert ("note: pandas.read_csv with its defaults reads these image ids as other values (0001 as 1.0, 0002 as 2.0, "
+            "NA as missing); read objects.csv and images.csv with dtype={'image': str}, keep_default_na=False, "
+            "na_values=['']") in printed
+    kept = dict(dtype={"image": str}, keep_default_na=False, na_values=[""])
+    images, objects = (pd.read_csv(out / name, **kept) for name in ("images.csv", "objects.csv"))
+    assert images["image"].tolist() == ["0001", "0002", "NA"] and objects["image"].tolist() == ["0001", "NA"]
+    assert images["mean_area"].dtype == float and np.isnan(images["mean_area"][1])
+    write(tmp_path / "plain" / "cells.png", disc)
+    predict.main([*argv[:2], "--input", str(tmp_path / "plain"), *argv[4:], "--output", str(tmp_path / "out2")])
+    assert "note: pandas" not in capsys.readouterr().out
+
+
 def test_images_csv_is_replaced_whole_and_an_earlier_one_that_stays_is_named(in_runs, tmp_path, capsys, monkeypatch):
     """images.csv is this prediction's only: the images whose rows an earlier one held are named; a prediction
     stopped before its end leaves the earlier one as it was, and its note names it; a Ctrl-C while the tables are
