@@ -30,7 +30,8 @@ def read_scores(path):
     """val.py's scores.csv as a DataFrame indexed by img_id; a missing file or one without img_id is a UsageError."""
     if not os.path.isfile(path):
         raise UsageError(f"{path}: no such file; run val.py first (it writes <output>/scores.csv)")
-    table = pd.read_csv(path, dtype={"img_id": str})
+    # only an empty cell (a score val.py could not give) is missing: images named NA, None or null keep their ids
+    table = pd.read_csv(path, dtype={"img_id": str}, keep_default_na=False, na_values=[""])
     if "img_id" not in table.columns:
         raise UsageError(f"{path} has no img_id column; give a scores.csv written by val.py")
     repeated = table["img_id"][table["img_id"].duplicated()].unique()

@@ -295,6 +295,18 @@ def test_compare_scores_names_left_out_images_and_refuses_repeated_ids(tmp_path,
         compare_scores.main([str(tmp_path / "a.csv"), str(tmp_path / "b.csv")])
 
 
+def test_compare_scores_keeps_images_named_like_missing_values(tmp_path):
+    """Images NA.png and null.png (pandas' missing-value words) were read as two NaN ids: a val.py scores.csv of
+    them was refused as listing one img_id twice. An empty score is still a missing one."""
+    for name, iou in (("a", [0.5, 0.6, 0.7]), ("b", [0.6, 0.7, 0.8])):
+        (tmp_path / f"{name}.csv").write_text("img_id,iou,dsb\n" + "".join(
+            f"{i},{v},{'' if i == 'x' else v}\n" for i, v in zip(["NA", "null", "x"], iou)))
+    table = compare_scores.main([str(tmp_path / "a.csv"), str(tmp_path / "b.csv")]).set_index("score")
+    assert table.loc["iou", "n"] == 3 and table.loc["iou", "b_minus_a"] == pytest.approx(0.1)
+    assert table.loc["dsb", "n"] == 2
+    assert compare_scores.read_scores(str(tmp_path / "a.csv")).index.tolist() == ["NA", "null", "x"]
+
+
 def test_compare_scores_refuses_tables_without_common_images(tmp_path):
     pd.DataFrame({"img_id": ["x"], "iou": [0.5]}).to_csv(tmp_path / "a.csv", index=False)
     pd.DataFrame({"img_id": ["y"], "iou": [0.5]}).to_csv(tmp_path / "b.csv", index=False)
