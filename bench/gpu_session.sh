@@ -26,6 +26,8 @@ DRY=0
 [ "${1:-}" = --dry ] && DRY=1
 : "${OUT:?OUT must name the folder for the results}"
 mkdir -p "$OUT"
+# the logs are appended to and the summary reads every row of them: an earlier session's would pass for this one's
+[ -z "$(ls -A "$OUT")" ] || { echo "error: OUT=$OUT is not empty: give a new or empty folder" >&2; exit 1; }
 END=$((SECONDS + ${GPU_SESSION_SECONDS:-540} - 15))  # 15 s kept for the copies and the summary
 export NO_ALBUMENTATIONS_UPDATE=1 PYTHONUNBUFFERED=1
 WORK=$(mktemp -d)

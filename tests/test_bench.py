@@ -120,6 +120,21 @@ def test_gpu_session_dry_runs_every_part_and_sends_back_eight_files(tmp_path):
     assert len(pd.read_csv(out / "b16_test_scores.csv")) == 4  # every image of the other dataset
     assert not [name for name in os.listdir(tmp) if name.startswith("tmp.")]  # mktemp -d's work folder
 
+
+def test_gpu_session_refuses_an_out_folder_that_holds_an_earlier_session_s_files(tmp_path):
+    """$OUT with files of an earlier session (a --dry run again into the same folder): its logs were appended to
+    and the summary counted their rows too (4 speed rows for 2), and a part that failed this time left the earlier
+    CSV in place, reported as this session's."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "speed.log").write_text("earlier\n")
+    proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_session.sh"), "--dry"], cwd=tmp_path,
+                          env=dict(os.environ, OUT=str(out), PYTHON=sys.executable), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1 and proc.stderr == f"error: OUT={out} is not empty: give a new or empty folder\n"
+    assert os.listdir(out) == ["speed.log"] and proc.stdout == ""
+
+
 def test_lovasz_quick(tmp_path):
     summary = run_script("lovasz.py", ["--quick", "--device", "cpu", "--cases", "4x32x32", "--repeats", "2",
                                        "--warmup", "1"], tmp_path)
