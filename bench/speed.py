@@ -90,7 +90,8 @@ def parse_args(argv=None):
     p.add_argument("--amp", default="auto", help="ours: --amp (auto, bf16, fp16, fp32)")
     p.add_argument("--channels_last", default="auto", help="ours: --channels_last")
     p.add_argument("--loader", default="auto", help="ours: --loader (auto, device, workers)")
-    p.add_argument("--compile", default=False, type=compile_mode, help="ours: --compile (e.g. reduce-overhead: the step in CUDA graphs)")
+    p.add_argument("--compile", default=False, type=compile_mode,
+                   help="ours: --compile (e.g. reduce-overhead: the step in CUDA graphs)")
     p.add_argument("--in_process", action="store_true",
                    help="measure in this process (no subprocesses); memory is then a high-water-mark increase")
     p.add_argument("--seed", default=0, type=int, help="weights, shuffling and augmentation seed")

@@ -923,8 +923,8 @@ def test_cellpose_label_images_beside_their_images_are_left_out(tmp_path, capsys
     assert predict.list_images([str(tmp_path / "plate")]) == [str(tmp_path / "plate" / n) for n in ("a_img.png",
                                                                                                  "b.tif",
                                                                                                  "c_masks.png")]
-    assert "3 Cellpose label, flow or output files beside their images left out (a_masks.png, b_flows.tif, b_masks.png)" \
-        in capsys.readouterr().out
+    assert "3 Cellpose label, flow or output files beside their images left out (a_masks.png, b_flows.tif, " \
+        "b_masks.png)" in capsys.readouterr().out
     assert predict.list_images([str(tmp_path / "plate" / "a_masks.png")]) == [str(tmp_path / "plate" / "a_masks.png")]
 
 
