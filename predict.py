@@ -535,12 +535,12 @@ def stopped_note(out_dir):
 
 def earlier_outputs_note(args, files, ids, written):
     """A note naming the files in ``args.output`` that an earlier prediction wrote for these images and this one
-    did not (not in ``written``, :func:`output_files`: ``<id>_instances.png`` and objects.csv when --instances is
-    left out now, a .png where a .tif stack is written now, ``<id>_class<c>.png`` of a run with other classes),
-    which would pass for this one's; '' when there are none. The input files themselves are never named."""
-    written = set(written) | ({"objects.csv"} if args.instances else set())
+    did not (not in ``written``, :func:`output_files`: ``<id>_instances.png``, objects.csv and images.csv when
+    --instances is left out now, a .png where a .tif stack is written now, ``<id>_class<c>.png`` of a run with other
+    classes), which would pass for this one's; '' when there are none. The input files themselves are never named."""
+    written = set(written) | (set(TABLES) if args.instances else set())
     inputs, ids = {os.path.abspath(f) for f in files}, set(ids)
-    earlier = [n for n in sorted(os.listdir(args.output)) if n not in written and (n == "objects.csv" or
+    earlier = [n for n in sorted(os.listdir(args.output)) if n not in written and (n in TABLES or
                output_stems(n) & ids) and os.path.isfile(os.path.join(args.output, n))
                and os.path.abspath(os.path.join(args.output, n)) not in inputs]
     if not earlier:

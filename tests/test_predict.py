@@ -702,15 +702,15 @@ def test_prune_and_tta(in_runs, tmp_path):
 
 
 def test_files_of_an_earlier_prediction_are_named(in_runs, tmp_path, capsys):
-    """Predicting again into the same folder with fewer outputs: the earlier run's instances, overlays and
-    objects.csv stay, named in a note so that they do not pass for this run's."""
+    """Predicting again into the same folder with fewer outputs: the earlier run's instances, overlays,
+    objects.csv and images.csv stay, named in a note so that they do not pass for this run's."""
     image = write(tmp_path / "in" / "a.png", sample_bgr(40, 40))
     out = str(tmp_path / "out")
     predict.main(["--name", "pc", "--input", image, "--output", out, "--instances", "--overlay", "--device", "cpu"])
     assert "earlier prediction" not in capsys.readouterr().out
     predict.main(["--name", "pc", "--input", image, "--output", out, "--device", "cpu"])
-    assert ("also holds 3 files of an earlier prediction that this one did not write: a_instances.png, "
-            "a_overlay.png, objects.csv") in capsys.readouterr().out
+    assert ("also holds 4 files of an earlier prediction that this one did not write: a_instances.png, "
+            "a_overlay.png, images.csv ...") in capsys.readouterr().out
     predict.main(["--name", "pc", "--input", image, "--output", out, "--instances", "--overlay", "--device", "cpu",
                   "--min_confidence", "0"])
     assert "earlier prediction" not in capsys.readouterr().out
