@@ -334,17 +334,18 @@ def interval_line(table, separation):
 
 
 def untrained_line(table, trained, separation):
-    """['  without the run's N training images (M): IoU x mean per image, DSB2018 y (separation)'] for a ``table``
-    (scores.csv's rows; its dsb column is ``separation``'s) of which the ids ``trained`` are images the run trained
-    on; [] when none are, or all: the scores of the images the run had not seen."""
-    unseen = table[~table["img_id"].isin(set(trained))]
+    """['  without the run's N training images (M): IoU x mean per image, DSB2018 y (separation); they are a, b, c']
+    for a ``table`` (scores.csv's rows; its dsb column is ``separation``'s) of which the ids ``trained`` are images
+    the run trained on; [] when none are, or all: the scores of the images the run had not seen."""
+    seen = table["img_id"].isin(set(trained))
+    unseen = table[~seen]
     if len(unseen) in (0, len(table)):
         return []
     dsb = unseen["dsb"].dropna() if "dsb" in unseen else []
     dsb_text = f", DSB2018 {dsb.mean():.4f} ({SEPARATION_NAMES[separation]})" if len(dsb) else ""
     trained_count = len(table) - len(unseen)
     return [f"  without the run's {trained_count} training image{'s' * (trained_count != 1)} ({len(unseen)}): IoU "
-            f"{unseen['iou'].mean():.4f} mean per image{dsb_text}"]
+            f"{unseen['iou'].mean():.4f} mean per image{dsb_text}; they are {first_few(table['img_id'][seen])}"]
 
 
 def bootstrap_interval(values, level=0.95, draws=2000, seed=0):
