@@ -98,7 +98,9 @@ def _read_csv(path):
     key = (os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
     if key not in _CSV:
         try:
-            table = pd.read_csv(path, dtype={"ImageId": str, "EncodedPixels": str})
+            # an image named NA or null stays a name, not a missing id that would lose its rows
+            table = pd.read_csv(path, dtype={"ImageId": str, "EncodedPixels": str}, keep_default_na=False,
+                                na_values=[""])
         except (OSError, ValueError) as e:
             raise DataError(f"--masks_csv {path}: cannot read it ({str(e).splitlines()[0][:100]})") from None
         missing = {"ImageId", "EncodedPixels", "Height", "Width"} - set(table.columns)

@@ -431,3 +431,16 @@ def test_real_solution_csv_matches_the_test_masks():
         _, from_png, count = pre.load_sample(str(REAL_TEST / sid))
         _, from_csv, csv_count = pre.load_sample(str(REAL_TEST / sid), str(REAL_SOLUTION))
         assert count == csv_count > 0 and _same_partition(from_png, from_csv), sid
+
+
+def test_masks_csv_image_named_like_a_missing_value_keeps_its_rows(tmp_path, monkeypatch):
+    """An image id such as NA or null is a name in the solution CSV (pandas reads those words as missing by
+    default, which dropped the image's rows: 'has no row for image NA')."""
+    a = np.zeros((4, 5), bool)
+    a[1, 1:3] = True
+    csv = tmp_path / "solution.csv"
+    rows = "".join(f"{sid},{_encode(a)},4,5\n" for sid in ("NA", "null"))
+    csv.write_text("ImageId,EncodedPixels,Height,Width\n" + rows)
+    monkeypatch.setattr(pre, "_CSV", {})
+    for sid in ("NA", "null"):
+        np.testing.assert_array_equal(pre.csv_labels(str(csv), sid), a)
