@@ -95,11 +95,15 @@ def run_cli(main, argv=None):
               "free disk space)", file=sys.stderr)
         sys.exit(1)
     except (MemoryError, RuntimeError) as e:  # torch's allocators raise RuntimeErrors (CUDA's a subclass of it)
-        if "--debug" in argv or not out_of_memory(e):
+        if "--debug" in argv or not (out_of_memory(e) or compile_failed(e)):
             raise
         release_locals(e)
         prog = os.path.basename(sys.argv[0]) or "toolkit"
-        first = (str(e).strip().splitlines() or ["MemoryError"])[0][:160]
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        if compile_failed(e):
+            print(f"{prog}: error: --compile: torch.compile failed ({first}); leave out --compile, or fix its cause "
+                  "(a working C++ compiler for the CPU, free space in TMPDIR)", file=sys.stderr)
+            sys.exit(1)
         fix = f"give {MEMORY_FLAGS[prog]}, or " if prog in MEMORY_FLAGS else ""
         print(f"{prog}: error: out of memory ({first}); {fix}free the memory other processes hold", file=sys.stderr)
         sys.exit(1)
@@ -114,6 +118,13 @@ def out_of_memory(error):
     memory") or CUDA's OutOfMemoryError ("out of memory")."""
     text = str(error)
     return isinstance(error, MemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def compile_failed(error):
+    """Whether ``error`` is torch.compile's own (dynamo's or inductor's: no C++ compiler, a full TMPDIR, an operation
+    it cannot compile), raised at the first step of a --compile run as a page of internal traceback. Told by the
+    class's module, so that --help need not import torch."""
+    return type(error).__module__.startswith(("torch._dynamo", "torch._inductor"))
 
 
 def release_locals(error):

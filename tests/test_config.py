@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+import torch._dynamo.exc
 import yaml
 
 import train
@@ -456,6 +457,29 @@ def test_a_path_that_cannot_be_written_is_a_one_line_error(capsys):
         "error: models/base: Is a directory (check the path, its permissions and the free disk space)")
     with pytest.raises(IsADirectoryError):
         run_cli(main, ["--debug"])
+
+
+def test_a_failed_torch_compile_is_a_one_line_error(capsys):
+    """torch.compile fails at a --compile run's first step (no C++ compiler, a full TMPDIR) with a page of its own
+    traceback (105 lines for CXX=/bin/false): one line naming --compile and the fix, exit 1; other RuntimeErrors
+    still show theirs."""
+    def main(argv):
+        raise torch._dynamo.exc.TorchDynamoException("InvalidCxxCompiler: No working C++ compiler found\nmore")
+
+    with pytest.raises(SystemExit) as e:
+        run_cli(main, [])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "error: --compile: torch.compile failed (InvalidCxxCompiler: No working C++ compiler " \
+        "found); leave out --compile" in err[0]
+    with pytest.raises(torch._dynamo.exc.TorchDynamoException):
+        run_cli(main, ["--debug"])
+
+    def bug(argv):
+        raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        run_cli(bug, [])
 
 
 def test_recipe_that_is_not_utf8_is_named(tmp_path):
