@@ -1,0 +1,290 @@
+"""The command lines of the documentation (README.md, docs/*.md, pretrained/*/README.md and the comments of
+configs/*.yml) are accepted by the scripts they call: each one is parsed by its script's own parser, in this process,
+and stopped there, so that nothing runs. A renamed flag or choice would otherwise leave the docs wrong without a word.
+"""
+import argparse
+import importlib
+import io
+import os
+import re
+import shlex
+from contextlib import redirect_stdout
+from pathlib import Path
+from typing import NamedTuple
+from unittest import mock
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ("README.md", "docs/*.md", "pretrained/*/README.md", "configs/*.yml")
+# <name>, my/<run>/x, "train.py ..." (more flags), N, X.yml, A/scores.csv: stand for a value of the reader's
+PLACEHOLDER = re.compile(r"<[^>]*>|\.\.\.|\b[A-Z]\b")
+SHELL_FENCES = ("", "bash", "sh", "shell", "console")
+LAUNCHERS = ("python", "python3", "torchrun")
+SEPARATORS = ("&&", "||", ";", "|")
+
+# Commands that record how a result was obtained in another checkout, not what to type in this one:
+# {(doc, command as extracted): why it is kept as it is}.
+HISTORY = {}
+# Flags of another script named in a command's comment: {(doc, flag): why}.
+OTHER_SCRIPTS_FLAGS = {
+    ("pretrained/nuclei/README.md", "--scale"): "bench/scale.py's table has a column of predict.py's --scale auto",
+}
+
+
+class Command(NamedTuple):
+    doc: str  # the file, relative to the checkout
+    line: int  # where the command starts in it
+    text: str  # as written, continuation lines joined, its comment left out
+    script: str  # e.g. "train.py", "bench/speed.py"
+    argv: list
+    comment_flags: tuple = ()  # the flags its trailing comment names ("# and --amp fp32"), less its launcher's
+
+
+def shell_lines(text):
+    """(line number, shell text) of a markdown file: the logical lines of its shell code blocks (``\\`` continuations
+    joined) and its inline code spans (a span broken over lines joined with spaces)."""
+    prose, lines, fence, pending = [], [], None, None
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if stripped.startswith("```"):
+            fence = stripped[3:].strip().lower() if fence is None else None
+            prose.append("")
+            continue
+        prose.append(line if fence is None else "")
+        if fence is None or fence not in SHELL_FENCES:
+            continue
+        start, joined = pending or (number, "")
+        joined += " " + stripped
+        pending = (start, joined[:-1]) if joined.endswith("\\") else None
+        if pending is None:
+            lines.append((start, joined.strip()))
+    text = "\n".join(prose)
+    lines += [(text.count("\n", 0, m.start()) + 1, " ".join(m.group(1).split()))
+              for m in re.finditer(r"`([^`]+)`", text)]
+    return sorted(lines, key=lambda numbered: numbered[0])
+
+
+def yaml_comment_lines(text):
+    """(line number, shell text) of a recipe's comment lines."""
+    return [(number, line.strip()[1:].strip()) for number, line in enumerate(text.splitlines(), 1)
+            if line.strip().startswith("#")]
+
+
+def expand_braces(token):
+    """A shell's brace expansion of one {a,b} group: configs/x_{a,b}.yml -> [configs/x_a.yml, configs/x_b.yml]."""
+    m = re.search(r"\{([^{}]*,[^{}]*)\}", token)
+    return [token[:m.start()] + part + token[m.end():] for part in m.group(1).split(",")] if m else [token]
+
+
+def commands_in(doc, lines):
+    """The Commands of our scripts among ``lines`` ((line number, shell text)) of ``doc``: each part of a line chained
+    with &&, ;, || or |, launched by python (or torchrun) with a .py file, its trailing # comment left out, the
+    brackets of an optional part ([--tta]) and a bare ``...`` (more flags) dropped. Parts that run no .py file
+    (pip, git, python -m pytest) are not ours."""
+    found = []
+    for number, line in lines:
+        m = re.search(r"(^|\s)#", line)
+        line, comment = (line[:m.start()], line[m.end():]) if m else (line, "")
+        if not any(os.path.basename(w) in LAUNCHERS for w in line.split()):  # prose, or a command of no script
+            continue
+        try:
+            words = shlex.split(line)
+        except ValueError as e:
+            raise ValueError(f"{doc}:{number}: {e}: {line}") from None
+        parts, part = [], []
+        for word in words + [";"]:
+            if word in SEPARATORS:
+                parts.append(part)
+                part = []
+            else:
+                part.append(word)
+        for part in parts:
+            launcher = next((i for i, w in enumerate(part) if os.path.basename(w) in LAUNCHERS), None)
+            if launcher is None or part[launcher + 1: launcher + 2] == ["-m"]:
+                continue
+            script = next((i for i in range(launcher + 1, len(part)) if part[i].endswith(".py")), None)
+            if script is None:
+                continue
+            argv = [e for w in part[script + 1:] if w != "..." for e in expand_braces(w.lstrip("[").rstrip("]"))]
+            named = () if part is not parts[-1] else tuple(
+                f for f in re.findall(r"(?<![\w-])--\w+", comment) if f not in {w.split("=")[0] for w in part[:script]})
+            found.append(Command(doc, number, " ".join(part), os.path.normpath(part[script]), argv, named))
+    return found
+
+
+def doc_commands():
+    """Every Command of the DOCS."""
+    found = []
+    for pattern in DOCS:
+        for path in sorted(ROOT.glob(pattern)):
+            doc, text = str(path.relative_to(ROOT)), path.read_text(encoding="utf-8")
+            found += commands_in(doc, yaml_comment_lines(text) if path.suffix == ".yml" else shell_lines(text))
+    return found
+
+
+class _Parsed(Exception):
+    """The command line under check parsed; raised instead of returning it, so that main goes no further."""
+
+    def __init__(self, parser):
+        super().__init__(parser.prog)
+        self.parser = parser
+
+
+class _Exited(Exception):
+    """argparse exiting: ``status`` 2 and a message for a refused command line, 0 after --help."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def stand_ins(parser, argv):
+    """``argv`` with each placeholder value of an option (--epochs N, --split <split>) replaced by one that the
+    option takes (its first choice, else the placeholder itself when its type takes it, else "1"): a placeholder
+    stands for any valid value."""
+    argv = list(argv)
+    for i in range(1, len(argv)):
+        action = parser._option_string_actions.get(argv[i - 1])
+        if action is None or action.nargs is not None or not PLACEHOLDER.search(argv[i]):
+            continue
+        if action.choices:
+            argv[i] = str(next(iter(action.choices)))
+        elif action.type is not None:
+            try:
+                action.type(argv[i])
+            except (TypeError, ValueError, argparse.ArgumentTypeError):
+                argv[i] = "1"
+    return argv
+
+
+def refusal(command, other_flags=()):
+    """Why the script of ``command`` refuses its arguments, or the flags its comment names (less ``other_flags``)
+    are not its own (one line); None when all is well.
+
+    The script's main(argv) runs up to its first parse of ``argv``, which is stopped there: train.py's pre-parse
+    of --config and --resume (parse_known_args) is a parse of the whole command line by the full parser, with
+    unknown flags refused here as its later parse_args refuses them. A bare ``python X.py`` of the prose names the
+    script, so its required flags are not asked for."""
+    path = ROOT / command.script
+    if not path.is_file():
+        return f"no such script {command.script}"
+    module = importlib.import_module(path.stem)  # bench/ is on the path (conftest.py)
+    assert Path(module.__file__).resolve() == path, f"{path.stem} imports {module.__file__}, not {path}"
+    if not hasattr(module, "main"):
+        return f"{command.script} is not a command (it has no main)"
+    recipes = [w.split("=")[-1] for w in command.argv if w.endswith(".yml")]  # --config=x.yml too
+    missing = [r for r in recipes if not PLACEHOLDER.search(r) and not (ROOT / r).is_file()]
+    if missing:
+        return f"no such recipe {missing[0]}"
+    parse_known_args = argparse.ArgumentParser.parse_known_args
+
+    def parse_once(parser, args=None, namespace=None):
+        assert args is not None and list(args) == command.argv, \
+            f"{command.script}'s main parsed {args!r} before its command line {command.argv!r}"
+        _, extras = parse_known_args(parser, stand_ins(parser, args), namespace)
+        if extras:
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
+        raise _Parsed(parser)
+
+    def exit_(parser, status=0, message=None):
+        raise _Exited(status, message)
+
+    with mock.patch.object(argparse.ArgumentParser, "parse_known_args", parse_once), \
+            mock.patch.object(argparse.ArgumentParser, "exit", exit_), redirect_stdout(io.StringIO()):
+        try:
+            module.main(list(command.argv))
+        except _Parsed as parsed:
+            unknown = [f for f in command.comment_flags
+                       if f not in parsed.parser._option_string_actions and f not in other_flags]
+            return f"its comment names {unknown[0]}, not a flag of {command.script}" if unknown else None
+        except _Exited as e:
+            if e.status == 0 or (not command.argv and "arguments are required" in e.message):
+                return None
+            return (e.message or f"exit status {e.status}").strip()
+    raise AssertionError(f"{command.script}'s main returned without parsing its command line")
+
+
+def problems(commands, history=None, other_flags=None):
+    """'doc:line: command' and why, of each of ``commands`` that is refused, less those of ``history`` ({(doc,
+    text): reason}); ``other_flags``: {(doc, flag): reason} for a comment's flag of another script. Also the
+    entries of both that no command met any more."""
+    history, other_flags = history or {}, other_flags or {}
+    found, met = [], set()
+    for c in commands:
+        if (c.doc, c.text) in history:
+            met.add((c.doc, c.text))
+            continue
+        others = {f for doc, f in other_flags if doc == c.doc}
+        met |= {(c.doc, f) for f in others & set(c.comment_flags)}
+        why = refusal(c, others)
+        if why:
+            found.append(f"{c.doc}:{c.line}: {c.text}\n    {why}")
+    found += [f"allowed but no longer in the docs: {key}" for key in {**history, **other_flags}.keys() - met]
+    return found
+
+
+def test_documented_commands_parse():
+    commands = doc_commands()
+    assert len(commands) > 150, f"only {len(commands)} commands found in {DOCS}: is the extraction broken?"
+    found = problems(commands, HISTORY, OTHER_SCRIPTS_FLAGS)
+    assert not found, f"{len(found)} documented commands are refused:\n" + "\n".join(found)
+
+
+def test_extraction_and_a_stale_flag():
+    doc = """Intro with `python val.py --name <name> --split test` inline, and a wrapped `python
+bench/compare_scores.py A/scores.csv B/scores.csv` one; `python bench/scale.py` names a script.
+
+```bash
+python3 -m venv .venv && pip install -r requirements.txt && python train.py --config configs/synthetic_UNet.yml
+python train.py --config configs/dsb2018_96_UNet_bcedice.yml --epochs N \\
+    --name u96   # a comment: and --amp fp32
+torchrun --nproc_per_node=4 train.py ...   # each machine its own --nproc_per_node
+  python export.py --name <run> [--prune L]
+python -m pytest -q tests/test_docs.py
+python val.py --name u96 --no_overlays_at_all
+python val.py --name u96   # and --tta_at_all
+```
+
+```python
+python_looking = "python train.py --nothing"
+```
+"""
+    found = commands_in("doc.md", shell_lines(doc))
+    assert [(c.line, c.script, c.argv, c.comment_flags) for c in found] == [
+        (1, "val.py", ["--name", "<name>", "--split", "test"], ()),
+        (1, "bench/compare_scores.py", ["A/scores.csv", "B/scores.csv"], ()),
+        (2, "bench/scale.py", [], ()),
+        (5, "train.py", ["--config", "configs/synthetic_UNet.yml"], ()),
+        (6, "train.py", ["--config", "configs/dsb2018_96_UNet_bcedice.yml", "--epochs", "N", "--name", "u96"],
+         ("--amp",)),
+        (8, "train.py", [], ()),
+        (9, "export.py", ["--name", "<run>", "--prune", "L"], ()),
+        (11, "val.py", ["--name", "u96", "--no_overlays_at_all"], ()),
+        (12, "val.py", ["--name", "u96"], ("--tta_at_all",)),
+    ]
+    assert problems(found) == [
+        "doc.md:11: python val.py --name u96 --no_overlays_at_all\n    val.py: error: unrecognized arguments: "
+        "--no_overlays_at_all (see: python val.py --help)",
+        "doc.md:12: python val.py --name u96\n    its comment names --tta_at_all, not a flag of val.py"]
+    assert problems(found, {("doc.md", "python val.py --name u96 --no_overlays_at_all"): "history"},
+                    {("doc.md", "--tta_at_all"): "another script's"}) == []
+    assert problems(found[:1], {("doc.md", "python gone.py"): "history"}) == [
+        "allowed but no longer in the docs: ('doc.md', 'python gone.py')"]
+
+
+def test_refusals_name_the_problem():
+    def refused(script, *argv):
+        return refusal(Command("doc.md", 1, "", script, list(argv)))
+
+    assert "invalid choice: 'Unet'" in refused("train.py", "--arch", "Unet")
+    assert "expected an integer, got 'ten'" in refused("train.py", "--epochs", "ten")
+    assert "expected one argument" in refused("predict.py", "--name", "nuclei", "--input", "x/", "--output")
+    assert "unrecognized arguments: --scale_jitter_x" in refused("train.py", "--resume", "run", "--scale_jitter_x",
+                                                                 "1")
+    assert "the following arguments are required: --name" in refused("bench/scale.py", "--limit", "3")
+    assert refused("train.py", "--config", "configs/no_such.yml") == "no such recipe configs/no_such.yml"
+    assert refused("train.py", "--config=configs/no_such.yml") == "no such recipe configs/no_such.yml"
+    assert refused("train.py", "--config=configs/synthetic_UNet.yml") is None
+    assert refused("no_such.py") == "no such script no_such.py"
+    assert refused("bench/timing.py") == "bench/timing.py is not a command (it has no main)"
+    assert refused("train.py", "--help") is None
+    assert refused("bench/speed.py", "--quick", "--device", "cpu") is None
