@@ -224,13 +224,17 @@ def atomic_imwrite(path, image):
         f.write(buf.tobytes())
 
 
-def atomic_tiff_write(path, stack, axes):
+def atomic_tiff_write(path, stack, axes, pixel_size=None):
     """Write a stack of uint8/uint16 pages atomically as an ImageJ TIFF with ``axes`` ("TYX", "ZYX" or "TZYX": the
-    stack [N, H, W], [T, Z, H, W], or RGB with a last axis of 3), so that Fiji opens it as a stack or hyperstack."""
+    stack [N, H, W], [T, Z, H, W], or RGB with a last axis of 3), so that Fiji opens it as a stack or hyperstack,
+    calibrated in micrometres with ``pixel_size`` (um per pixel)."""
     rgb = stack.ndim == len(axes) + 1
     buffer = io.BytesIO()
-    tifffile.imwrite(buffer, stack, imagej=True, photometric="rgb" if rgb else "minisblack",
-                     metadata={"axes": axes + ("S" if rgb else "")})
+    metadata, resolution = {"axes": axes + ("S" if rgb else "")}, None
+    if pixel_size is not None:
+        metadata["unit"], resolution = "um", (1 / pixel_size, 1 / pixel_size)
+    tifffile.imwrite(buffer, stack, imagej=True, photometric="rgb" if rgb else "minisblack", metadata=metadata,
+                     resolution=resolution)
     with atomic_write(path, "wb") as f:
         f.write(buffer.getbuffer())
 

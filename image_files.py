@@ -12,6 +12,7 @@ or inconsistent file is a DataError naming it. The network then sees ``(x - 0.5)
 (:func:`normalize`), in training and at prediction alike.
 """
 import io
+import math
 import os
 from typing import NamedTuple
 
@@ -36,6 +37,16 @@ NEAREST = cv2.INTER_NEAREST_EXACT
 # decompression bomb (a small file that decodes to gigabytes). tifffile has no limit: a TIFF is refused when its
 # header claims more bytes than the memory available, and a whole-slide scan that fits is read
 MAX_PIXELS = 1 << 30
+# Micrometres per unit of length, as ImageJ's `unit` and OME's PhysicalSizeXUnit name it (lower case): another unit
+# gives no pixel size (tiff_pixel_size); "pixel" is an uncalibrated image's
+MICROMETRES = {"m": 1e6, "cm": 1e4, "mm": 1e3, "micron": 1, "microns": 1, "um": 1, "\u00b5m": 1, "\u03bcm": 1,
+               "nm": 1e-3, "\u00e5": 1e-4, "in": 25400, "inch": 25400}
+UNCALIBRATED = ("", "pixel", "pixels")
+RESOLUTION_UNITS = {2: "inch", 3: "cm"}  # the TIFF ResolutionUnit tag's INCH and CENTIMETER
+SQUARE = 1e-6  # pixel sizes X and Y that differ by more, relatively, are non-square
+# Pixel sizes in micrometres (1 pm to 1 m) that a TIFF's resolution, a fraction of two 32-bit integers, holds as
+# pixels per micrometre: tifffile fails to write a finer one, and writes a coarser one as 0
+PIXEL_SIZES = (1e-6, 1e6)
 PERCENTILES = (1.0, 99.8)  # CSBDeep's and StarDist's default normalize(x, 1, 99.8)
 NORM_MEAN = 0.5
 NORM_STD = 0.25
@@ -205,8 +216,9 @@ class TiffHeader(NamedTuple):
     axis of its first series (:func:`tiff_layout`; "" for none; a channel axis Q or I means pages without axis
     metadata taken as colours), its number of channels (1 for grey), its number of series (positions or scenes;
     only the first is read), the length of each plane axis, whether the channels are stored before the rows (planar
-    RGB, or a stack written without axes that tifffile took for one) and the size of a plane (height, width; (0, 0)
-    when unknown). The defaults describe a 2D image."""
+    RGB, or a stack written without axes that tifffile took for one), the size of a plane (height, width; (0, 0)
+    when unknown) and its pixel size in micrometres, or None with the problem that left it out
+    (:func:`tiff_pixel_size`). The defaults describe a 2D image without a pixel size."""
     plane_axes: str = ""
     channel_axis: str = ""
     channels: int = 1
@@ -214,6 +226,52 @@ class TiffHeader(NamedTuple):
     plane_shape: tuple = ()
     channels_first: bool = False
     plane_size: tuple = (0, 0)
+    pixel_size: float = None
+    pixel_size_problem: str = ""
+
+
+def tiff_pixel_size(tif):
+    """The pixel size in micrometres of an open tifffile.TiffFile from its OME metadata (PhysicalSizeX/Y and their
+    units, micrometres by default) or its ImageJ metadata (XResolution/YResolution, pixels per ImageJ's ``unit``, or
+    else per the ResolutionUnit tag's centimetre or inch). Returns (size or None, problem): the problem says why
+    metadata that is there gives no size (non-square pixels, an unknown unit, not a size), '' when there is none.
+    A plain TIFF's resolution is not read: it is mostly a print resolution (72 dpi would be 353 um pixels)."""
+    if tif.is_ome:
+        try:
+            images = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]
+            pixels = (images[0] if isinstance(images, list) else images)["Pixels"]
+            sizes = pixels.get("PhysicalSizeX"), pixels.get("PhysicalSizeY")
+            units = pixels.get("PhysicalSizeXUnit", "\u00b5m"), pixels.get("PhysicalSizeYUnit", "\u00b5m")
+        except Exception as e:
+            # tifffile reads the image without it: a damaged XML gives no size, and the header keeps its axes
+            return None, f"unreadable OME metadata ({str(e).splitlines()[0][:80]})"
+        if sizes == (None, None):
+            return None, ""
+        if None in sizes:
+            return None, f"PhysicalSize{'XY'[sizes.index(None)]} missing beside PhysicalSize{'YX'[sizes.index(None)]}"
+    elif tif.is_imagej and 282 in tif.pages.first.tags:  # XResolution
+        page, metadata = tif.pages.first, tif.imagej_metadata or {}
+        unit = str(metadata.get("unit", "")).strip()
+        if unit.lower() in UNCALIBRATED:
+            unit = RESOLUTION_UNITS.get(page.resolutionunit, "")
+            if not unit:
+                return None, ""
+        units = unit, str(metadata.get("yunit", unit)).strip()
+        sizes = [1 / r if r > 0 else math.nan for r in page.resolution]  # the resolution is in pixels per unit
+    else:
+        return None, ""
+    unknown = [str(u) for u in units if str(u).lower() not in MICROMETRES]
+    if unknown:
+        return None, f"unknown unit of length {unknown[0]!r}"
+    try:
+        x, y = (float(s) * MICROMETRES[str(u).lower()] for s, u in zip(sizes, units))
+    except (TypeError, ValueError):  # an OME size that is not a number (tifffile reads "1,5" as a tuple)
+        return None, f"pixel size {sizes[0]} x {sizes[1]} is not a size"
+    if not (PIXEL_SIZES[0] <= x <= PIXEL_SIZES[1] and PIXEL_SIZES[0] <= y <= PIXEL_SIZES[1]):
+        return None, f"pixel size {x:g} x {y:g} um is not between {PIXEL_SIZES[0]:g} and {PIXEL_SIZES[1]:g} um"
+    if abs(x - y) > SQUARE * max(x, y):
+        return None, f"non-square pixels ({x:g} x {y:g} um)"
+    return x, ""
 
 
 def tiff_header(path):
@@ -229,7 +287,7 @@ def tiff_header(path):
             channels_first = bool(channel_axis) and order[-1] < axes.index("Y")
             plane_size = (shape[axes.index("Y")], shape[axes.index("X")])
             return TiffHeader(plane_axes, channel_axis, channels, len(tif.series), plane_shape, channels_first,
-                              plane_size)
+                              plane_size, *tiff_pixel_size(tif))
     except Exception:
         return TiffHeader()
 

@@ -23,6 +23,9 @@ A TIFF stack (time points, z planes or pages; image_files.tiff_layout) is segmen
 as an image of its own, and gives ImageJ TIFF stacks instead, one page per plane: ``<id>.tif``,
 ``<id>_prob.tif``, ``<id>_overlay.tif`` (RGB), ``<id>_instances.tif`` (each plane's nuclei numbered 1..N on their
 own: no tracking between planes); objects.csv's and images.csv's ``plane`` counts from 0 (0 for every 2D image).
+``--pixel_size UM``, or else a TIFF's own ImageJ or OME calibration (image_files.tiff_pixel_size), gives both tables'
+``pixel_size_um`` and objects.csv's area and lengths in micrometres (``_um2``, ``_um``; empty without a pixel
+size), and calibrates the TIFF stacks written.
 ``--channel K`` reads channel K of multi-channel images (a TIFF's C axis, or a colour of RGB) as a grey image.
 
 Runs with several classes write ``<id>_class<c>.png`` (and ``_prob``) per class; instances use class 0. A run
@@ -45,7 +48,8 @@ from config import (MIN_SIZE, add_amp_arg, add_device_arg, add_separation_args, 
                     choose_separation, object_filters)
 from files import (atomic_imwrite, atomic_tiff_write, atomic_write, check_output_folder, interrupts_held,
                    remove_killed_writes, written_alone)
-from image_files import CELLPOSE_NOT_IMAGES, TIFF_EXTS, TiffHeader, decode_planes, select_channel, tiff_header
+from image_files import (CELLPOSE_NOT_IMAGES, PIXEL_SIZES, TIFF_EXTS, TiffHeader, decode_planes, select_channel,
+                         tiff_header)
 from instances import (AUTO_SCALE_BAND, auto_scale, border_map, mean_probability, median_diameter, nucleus_areas,
                        split_instances)
 from utils import (ArgumentParser, BatchedThreads, DataError, UsageError, check_utf8_names, first_few, float_or_auto,
@@ -58,17 +62,22 @@ CELLPOSE_OUTPUTS = ("_cp_masks", "_cp_output", "_outlines", "_dP") + CELLPOSE_NO
 MERGED_TABLES = 1000  # objects tables of this many images are held as one
 OBJECT_COLUMNS = ["image", "plane", "label", "area", "centroid_y", "centroid_x", "bbox_min_y", "bbox_min_x",
                   "bbox_max_y", "bbox_max_x", "mean_intensity", "integrated_intensity", "perimeter", "eccentricity",
-                  "solidity", "major_axis_length", "minor_axis_length", "confidence"]
-INTENSITIES = ("mean_intensity", "integrated_intensity")
-# objects.csv's decimals: 2 for pixel positions and lengths, 4 for ratios and the confidence. The intensities are in
-# the image's own units, which may be anything (a float image's in [0, 1], or 1e-6): 4 decimals, or INTENSITY_DIGITS
-# significant digits where those keep more (round_intensities).
+                  "solidity", "major_axis_length", "minor_axis_length", "confidence", "pixel_size_um", "area_um2",
+                  "perimeter_um", "major_axis_length_um", "minor_axis_length_um"]
+# the micrometre columns of objects.csv: each pixel column times the pixel size to this power
+IN_MICROMETRES = {"area": 2, "perimeter": 1, "major_axis_length": 1, "minor_axis_length": 1}
+# Columns whose values may be anything: the intensities, in the image's own units (a float image's in [0, 1], or
+# 1e-6), and the pixel size (0.065 um under a 100x objective); 4 decimals, or SIGNIFICANT_DIGITS significant digits
+# where those keep more (round_significant).
+SIGNIFICANT = ("mean_intensity", "integrated_intensity", "pixel_size_um")
+# objects.csv's decimals: 2 for positions and lengths (in pixels or micrometres), 4 for ratios and the confidence
 OBJECT_DECIMALS = {c: 4 if c in ("eccentricity", "solidity", "confidence") else 2 for c in OBJECT_COLUMNS
-                   if c not in INTENSITIES}
-INTENSITY_DIGITS = 6
+                   if c not in SIGNIFICANT}
+SIGNIFICANT_DIGITS = 6
 # images.csv (--instances): a row per plane predicted, so that one without nuclei counts 0 (objects.csv has no row for
-# it); the areas are empty for no nuclei.
-IMAGE_COLUMNS = ["image", "plane", "height", "width", "scale", "foreground", "nuclei", "mean_area", "median_area"]
+# it); the areas are empty for no nuclei, the pixel size when unknown.
+IMAGE_COLUMNS = ["image", "plane", "height", "width", "scale", "foreground", "nuclei", "mean_area", "median_area",
+                 "pixel_size_um"]
 ImageRow = namedtuple("ImageRow", IMAGE_COLUMNS)  # a tuple, not a DataFrame: tens of thousands are held to the end
 IMAGE_DECIMALS = {"scale": 4, "foreground": 4, "mean_area": 2, "median_area": 2}
 TABLES = ("objects.csv", "images.csv")
@@ -107,6 +116,10 @@ def build_parser():
     p.add_argument("--instances", action="store_true",
                    help="also write <id>_instances.png (16-bit labels) and objects.csv, and count the nuclei of "
                         "each image in images.csv")
+    p.add_argument("--pixel_size", type=float, default=None, metavar="UM",
+                   help="micrometres per pixel of every input, for objects.csv's _um columns and the TIFF stacks' "
+                        "calibration; default: each TIFF's own ImageJ or OME calibration where it has one (square "
+                        "pixels), none for other images (their _um columns empty)")
     add_separation_args(p)
     p.add_argument("--prune", type=int, default=None, choices=[1, 2, 3, 4],
                    help="NestedUNet with deep supervision: run only the sub-network up to head X0,L")
@@ -131,6 +144,9 @@ def check_args(args):
         raise UsageError(f"--batch_size must be at least 1, got {args.batch_size}")
     if not 0 < args.threshold < 1:
         raise UsageError(f"--threshold must be between 0 and 1, got {args.threshold}")
+    if args.pixel_size is not None and not PIXEL_SIZES[0] <= args.pixel_size <= PIXEL_SIZES[1]:
+        raise UsageError(f"--pixel_size {args.pixel_size:g} must be micrometres per pixel between {PIXEL_SIZES[0]:g} "
+                         f"and {PIXEL_SIZES[1]:g} (e.g. 0.325), or left out to read each TIFF's calibration")
     shaping = [flag for flag, given in (("--separation", args.separation is not None),
                                         ("--min_size", args.min_size != MIN_SIZE),
                                         ("--min_confidence", args.min_confidence is not None)) if given]
@@ -248,6 +264,12 @@ def tiff_notes(files, headers, channel):
     return notes
 
 
+def pixel_size_warnings(files, headers):
+    """A line for each TIFF whose calibration was there but gave no pixel size (image_files.tiff_pixel_size)."""
+    return [f"warning: {f}: {header.pixel_size_problem}: no pixel size read, its _um columns are left empty; give "
+            "--pixel_size UM" for f, header in zip(files, headers) if header.pixel_size_problem]
+
+
 def image_ids(files, out_dir, stacks):
     """The output id of each file (its name without the extension); two inputs with one id (also one that differs
     only in upper/lower case, which a Mac's or Windows' disk does not tell apart), or an output that would
@@ -299,10 +321,11 @@ def output_files(files, ids, stacks, suffixes):
 
 # ---------------------------------------------------------------------------------------------- the outputs
 
-def object_rows(img_id, plane, labels, raw, prob):
+def object_rows(img_id, plane, labels, raw, prob, pixel_size=None):
     """regionprops_table of a label image int [H, W] -> DataFrame with OBJECT_COLUMNS: lengths in pixels (bbox_max
     exclusive); the intensity of ``raw``, the plane as read [H, W, C] (C 1 or 3: GREY_WEIGHTS), in its own units;
-    the confidence, the mean of ``prob`` float [H, W] in [0, 1] (instances.mean_probability)."""
+    the confidence, the mean of ``prob`` float [H, W] in [0, 1] (instances.mean_probability); the area and lengths
+    in micrometres with ``pixel_size`` (um per pixel), NaN (empty in the file) without."""
     table = regionprops_table(labels, intensity_image=raw, properties=(
         "label", "area", "centroid", "bbox", "intensity_mean", "perimeter", "eccentricity", "solidity",
         "axis_major_length", "axis_minor_length"))
@@ -317,6 +340,10 @@ def object_rows(img_id, plane, labels, raw, prob):
         "perimeter": table["perimeter"], "eccentricity": table["eccentricity"], "solidity": table["solidity"],
         "major_axis_length": table["axis_major_length"], "minor_axis_length": table["axis_minor_length"],
         "confidence": mean_probability(labels, prob)[table["label"] - 1]})
+    size = np.nan if pixel_size is None else pixel_size
+    frame["pixel_size_um"] = float(size)
+    for column, power in IN_MICROMETRES.items():
+        frame[f"{column}_um{'2' if power == 2 else ''}"] = frame[column] * size ** power
     return frame[OBJECT_COLUMNS]
 
 
@@ -358,7 +385,8 @@ def write_image(out_dir, img_id, arrays):
 def write_stack(out_dir, img_id, planes, header):
     """A stack's outputs as ImageJ TIFF stacks ``<id><suffix>.tif``, one page per plane in the input's order:
     planes is the list of :func:`segment` arrays of each plane, ``header`` the input's image_files.TiffHeader. The
-    input's plane axes are kept where ImageJ holds them in that order (T, Z, T and Z); others become one T axis."""
+    input's plane axes are kept where ImageJ holds them in that order (T, Z, T and Z); others become one T axis. The
+    header's pixel size is their calibration, so that Fiji measures them in micrometres."""
     axes = header.plane_axes if header.plane_axes in ("T", "Z", "TZ") else "T"
     shape = header.plane_shape if axes == header.plane_axes else (len(planes),)
     for suffix in planes[0]:
@@ -366,34 +394,36 @@ def write_stack(out_dir, img_id, planes, header):
         stack = stack.reshape(*shape, *stack.shape[1:])
         if suffix == "_overlay":
             stack = stack[..., ::-1]  # BGR -> RGB
-        atomic_tiff_write(os.path.join(out_dir, f"{img_id}{suffix}.tif"), stack, axes + "YX")
+        atomic_tiff_write(os.path.join(out_dir, f"{img_id}{suffix}.tif"), stack, axes + "YX", header.pixel_size)
 
 
-def image_row(img_id, plane, prob, threshold, scale, objects):
+def image_row(img_id, plane, prob, threshold, scale, objects, pixel_size=None):
     """The images.csv row (ImageRow) of a plane predicted at ``scale``: its size and foreground fraction of class 0
     from ``prob`` float [K, H, W] in [0, 1]; with ``objects`` (its :func:`object_rows` table, or None without
-    --instances) the number of nuclei and their mean and median area in pixels (None: empty in the file)."""
+    --instances) the number of nuclei and their mean and median area in pixels (None: empty in the file); its
+    ``pixel_size`` in micrometres (None: unknown)."""
     count = mean_area = median_area = None
     if objects is not None:
         count = len(objects)
         if count:
             mean_area, median_area = float(objects["area"].mean()), float(objects["area"].median())
     return ImageRow(img_id, plane, prob.shape[1], prob.shape[2], scale, float((prob[0] > threshold).mean()), count,
-                    mean_area, median_area)
+                    mean_area, median_area, pixel_size)
 
 
 def predict_plane(source, plane, scale, image, prob, options, out_dir, nuclei=None, raw=None):
     """The job run in a thread for each plane of ``source`` = (img_id, its number of planes, its TiffHeader),
     predicted at ``scale``: :func:`segment` (``nuclei`` as there), and for a 2D image (``out_dir`` given) its files.
     ``raw``: the plane as read [H, W, C], whose intensity the objects table measures (with a separation). Returns
-    (source, arrays or None once written, its :func:`image_row`, objects table or None)."""
-    img_id = source[0]
+    (source, arrays or None once written, its :func:`image_row`, objects table or None); the TiffHeader's pixel
+    size gives the measurements in micrometres."""
+    img_id, pixel_size = source[0], source[2].pixel_size
     arrays, labels = segment(img_id, image, prob, **options, nuclei=nuclei)
-    table = object_rows(img_id, plane, labels, raw, prob[0]) if labels is not None else None
+    table = object_rows(img_id, plane, labels, raw, prob[0], pixel_size) if labels is not None else None
     if out_dir is not None:
         write_image(out_dir, img_id, arrays)
         arrays = None
-    return source, arrays, image_row(img_id, plane, prob, options["threshold"], scale, table), table
+    return source, arrays, image_row(img_id, plane, prob, options["threshold"], scale, table, pixel_size), table
 
 
 def auto_scaled(predictor, image, prob, trained_diameter, threshold, separation, filters):
@@ -492,18 +522,21 @@ def write_tables(out_dir, rows, objects):
     """objects.csv of the ``objects`` table and images.csv of the ImageRows ``rows`` into ``out_dir``, each
     atomically; a Ctrl-C while they are written takes effect once both are this prediction's."""
     images = pd.DataFrame(rows, columns=IMAGE_COLUMNS).astype({"nuclei": "Int64", "mean_area": float,
-                                                                "median_area": float})
+                                                                "median_area": float, "pixel_size_um": float})
     with interrupts_held():
         with atomic_write(os.path.join(out_dir, "objects.csv")) as f:
-            objects.round(OBJECT_DECIMALS).assign(**{c: round_intensities(objects[c]) for c in INTENSITIES}).to_csv(
+            objects.round(OBJECT_DECIMALS).assign(**{c: round_significant(objects[c]) for c in SIGNIFICANT}).to_csv(
                 f, index=False)
         with atomic_write(os.path.join(out_dir, "images.csv")) as f:
-            images.round(IMAGE_DECIMALS).to_csv(f, index=False)
+            images.round(IMAGE_DECIMALS).assign(pixel_size_um=round_significant(images["pixel_size_um"])).to_csv(
+                f, index=False)
 
 
-def round_intensities(values):
-    """Intensities (a float Series) to 4 decimals, or to INTENSITY_DIGITS significant digits where those keep more."""
-    return values.map(lambda v: round(v, max(4, INTENSITY_DIGITS - 1 - math.floor(math.log10(abs(v))))) if v else v)
+def round_significant(values):
+    """A float Series to 4 decimals, or to SIGNIFICANT_DIGITS significant digits where those keep more; NaN (an
+    unknown pixel size) stays."""
+    return values.map(lambda v: round(v, max(4, SIGNIFICANT_DIGITS - 1 - math.floor(math.log10(abs(v)))))
+                      if v and math.isfinite(v) else v)
 
 
 def output_stems(name):
@@ -668,9 +701,11 @@ def main(argv):
     check_object_filters(args.min_size, args.min_confidence)  # before the heavy imports
     files = list_images(args.input)
     headers = tiff_headers(files)
+    if args.pixel_size is not None:  # the flag's size replaces each file's own, and what kept it from one
+        headers = [header._replace(pixel_size=args.pixel_size, pixel_size_problem="") for header in headers]
     stacks = [header.plane_axes for header in headers]
     ids = image_ids(files, args.output, stacks)
-    for note in tiff_notes(files, headers, args.channel):
+    for note in tiff_notes(files, headers, args.channel) + pixel_size_warnings(files, headers):
         print(note)
     # Heavy imports only now, so that --help and flag errors answer at once.
     from checkpoints import load_run

@@ -24,9 +24,11 @@ import pytest
 import tifffile
 import torch
 import yaml
+from skimage.measure import perimeter
 
 import checkpoints
 import evaluation
+import image_files
 import inference
 import predict
 import synthetic
@@ -1319,7 +1321,8 @@ def test_a_float_image_s_intensities_keep_their_digits_in_objects_csv(in_runs, t
 def test_objects_csv_measures_each_nucleus_in_the_image_as_read(tmp_path):
     """objects.csv's intensity (of the file as read: 16-bit values, a colour image's grey value as OpenCV converts
     it, a stack's own plane), shape and confidence (the mean probability) of each nucleus, against numpy computed
-    on each one's pixels; the grey and colour images of one run get the same columns, none empty."""
+    on each one's pixels; the grey and colour images of one run get the same columns, none empty but
+    the micrometres (no pixel size)."""
     yy, xx = np.mgrid[:64, :64]
     shapes = np.zeros((64, 64), np.int32)
     shapes[(yy - 16) ** 2 + (xx - 16) ** 2 <= 64] = 1  # a disc (numbered in raster order, as --separation cc does)
@@ -1348,7 +1351,9 @@ def test_objects_csv_measures_each_nucleus_in_the_image_as_read(tmp_path):
     _, table, *_ = predict.predict_all(Known(), files, ["grey", "rgb", "stack"], predict.tiff_headers(files),
                                        str(tmp_path / "out"), 1, 0.5, separation="cc",
                                        filters=dict(min_size=0, min_confidence=0))
-    assert list(table.columns) == predict.OBJECT_COLUMNS and not table.isna().any().any()
+    in_micrometres = table.filter(like="_um")  # no pixel size: PNGs and an uncalibrated stack
+    assert list(table.columns) == predict.OBJECT_COLUMNS and in_micrometres.isna().all().all()
+    assert not table.drop(columns=in_micrometres.columns).isna().any().any()
     assert table[["image", "plane"]].drop_duplicates().values.tolist() == [["grey", 0], ["rgb", 0], ["stack", 0],
                                                                            ["stack", 1]]
     values = {("grey", 0): grey, ("rgb", 0): cv2.cvtColor(rgb.astype(np.float32), cv2.COLOR_RGB2GRAY),
@@ -1370,3 +1375,119 @@ def test_objects_csv_measures_each_nucleus_in_the_image_as_read(tmp_path):
     assert disc["eccentricity"] < 1e-6 and disc["perimeter"] == pytest.approx(2 * np.pi * 8, rel=0.1)
     assert (rectangle["perimeter"], rectangle["solidity"]) == (46, 1)
     assert notched["solidity"] == pytest.approx(96 / 100)
+
+
+def calibrated_tiffs(folder, plane):
+    """TIFFs of the 2D ``plane`` (uint8 [H, W]) in ``folder``, each with a calibration as a microscope's software
+    writes it. Returns {file name: the pixel size in micrometres that it gives, None for none}."""
+    stack = np.stack([plane, plane[::-1]])
+    tifffile.imwrite(folder / "imagej.tif", stack, imagej=True, resolution=(1 / 0.325, 1 / 0.325),
+                     metadata={"axes": "TYX", "unit": "micron"})
+    tifffile.imwrite(folder / "imagej_cm.tif", plane, imagej=True, resolution=(2e4, 2e4),  # 20000 px per cm
+                     resolutionunit="CENTIMETER")
+    tifffile.imwrite(folder / "ome.tif", plane, ome=True, metadata={  # in nm; PhysicalSizeY in the default um
+        "axes": "YX", "PhysicalSizeX": 650, "PhysicalSizeXUnit": "nm", "PhysicalSizeY": 0.65})
+    tifffile.imwrite(folder / "non_square.tif", stack, imagej=True, resolution=(1 / 0.3, 1 / 0.4),
+                     metadata={"axes": "TYX", "unit": "um"})
+    tifffile.imwrite(folder / "ome_pixels.tif", plane, ome=True, metadata={  # an unknown unit of length
+        "axes": "YX", "PhysicalSizeX": 1, "PhysicalSizeXUnit": "pc", "PhysicalSizeY": 1, "PhysicalSizeYUnit": "pc"})
+    tifffile.imwrite(folder / "print.tif", plane, resolution=(72, 72), resolutionunit="INCH")  # no ImageJ or OME
+    tifffile.imwrite(folder / "uncalibrated.tif", stack, imagej=True, metadata={"axes": "TYX"})
+    return {"imagej.tif": 0.325, "imagej_cm.tif": 0.5, "ome.tif": 0.65, "non_square.tif": None, "ome_pixels.tif": None,
+            "print.tif": None, "uncalibrated.tif": None}
+
+
+def test_a_tiff_s_pixel_size_is_read_from_its_imagej_or_ome_calibration_and_never_guessed(tmp_path):
+    """ImageJ's unit (or its ResolutionUnit) and OME's PhysicalSizeX/Y with their units give the pixel size in
+    micrometres; non-square pixels or an unknown unit give none and a problem to name; a plain TIFF's resolution (a
+    print resolution, 72 dpi) and an uncalibrated ImageJ TIFF give none and no problem."""
+    expected = calibrated_tiffs(tmp_path, np.zeros((16, 16), np.uint8))
+    headers = {name: image_files.tiff_header(str(tmp_path / name)) for name in expected}
+    assert {name: header.pixel_size and round(header.pixel_size, 9) for name, header in headers.items()} == expected
+    assert headers["imagej.tif"].plane_axes == "T"  # the rest of the header as it was
+    assert headers["non_square.tif"].pixel_size_problem == "non-square pixels (0.3 x 0.4 um)"
+    assert headers["ome_pixels.tif"].pixel_size_problem == "unknown unit of length 'pc'"
+    assert [name for name, header in headers.items() if header.pixel_size_problem] == ["non_square.tif",
+                                                                                      "ome_pixels.tif"]
+    # sizes that are no size leave the rest of the header as it was: without its axes a stack's planes would each
+    # write <id>.png over the one before
+    for name, size in (("tiny.tif", 1e-9), ("listed.tif", "1,5")):
+        tifffile.imwrite(tmp_path / name, np.zeros((2, 16, 16), np.uint8), ome=True,
+                         metadata={"axes": "TYX", "PhysicalSizeX": size, "PhysicalSizeY": size})
+        header = image_files.tiff_header(str(tmp_path / name))
+        assert (header.plane_axes, header.pixel_size) == ("T", None) and header.pixel_size_problem.startswith(
+            "pixel size"), header
+
+
+def test_objects_and_images_csv_give_micrometres_from_the_pixel_size_and_the_stacks_carry_it(tmp_path, monkeypatch,
+                                                                                              capsys):
+    """objects.csv's _um columns are its pixel columns times the pixel size (squared for the area), measured here
+    again on <id>_instances; images.csv gives the pixel size too; both are empty without one (a PNG, non-square
+    pixels, which get a warning naming the file). The TIFF stacks written carry the calibration, so Fiji measures in
+    micrometres. --pixel_size replaces every image's own."""
+    monkeypatch.setattr(inference.Predictor, "predict", lambda self, image, scale=None: image.mean(axis=2)[None])
+    yy, xx = np.mgrid[:48, :48]
+    plane = np.zeros((48, 48), np.uint8)
+    for y, x, r in ((10, 10, 4), (12, 32, 6), (34, 18, 3), (36, 38, 5)):
+        plane[(yy - y) ** 2 + ((xx - x) / 1.5) ** 2 <= r * r] = 255  # ellipses: the two axes differ
+    (tmp_path / "in").mkdir()
+    expected = calibrated_tiffs(tmp_path / "in", plane)
+    write(tmp_path / "in" / "plain.png", plane)
+    expected = {os.path.splitext(name)[0]: size for name, size in {**expected, "plain.png": None}.items()}
+    argv = ["--name", "nuclei", "--input", str(tmp_path / "in"), "--device", "cpu", "--instances", "--separation",
+            "cc", "--min_confidence", "0"]
+    kept = dict(dtype={"image": str}, keep_default_na=False, na_values=[""])
+    for flag, out in (([], tmp_path / "out"), (["--pixel_size", "0.25"], tmp_path / "flag")):
+        predict.main([*argv, "--output", str(out), *flag])
+        warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning")]
+        objects, images = (pd.read_csv(out / name, **kept) for name in ("objects.csv", "images.csv"))
+        assert list(objects.columns) == predict.OBJECT_COLUMNS and list(images.columns) == predict.IMAGE_COLUMNS
+        assert set(objects["image"]) == set(expected) and (objects.groupby("image").size() >= 4).all()
+        sizes = expected if not flag else dict.fromkeys(expected, 0.25)
+        for row in images.itertuples():
+            assert row.pixel_size_um == pytest.approx(sizes[row.image]) if sizes[row.image] else \
+                np.isnan(row.pixel_size_um), row
+        for row in objects.itertuples():
+            size = sizes[row.image]
+            stack = out / f"{row.image}_instances.tif"
+            labels = tifffile.imread(stack)[row.plane] if stack.exists() else read(out / f"{row.image}_instances.png")
+            nucleus = labels == row.label
+            ys, xs = np.nonzero(nucleus)
+            small, large = np.linalg.eigvalsh(np.cov([ys, xs], bias=True))
+            in_pixels = dict(area_um2=nucleus.sum(), perimeter_um=perimeter(nucleus),
+                             major_axis_length_um=4 * np.sqrt(large), minor_axis_length_um=4 * np.sqrt(small))
+            for column, value in in_pixels.items():
+                if size is None:
+                    assert np.isnan(getattr(row, column)) and np.isnan(row.pixel_size_um), row
+                else:
+                    power = 2 if column == "area_um2" else 1
+                    assert getattr(row, column) == pytest.approx(value * size ** power, abs=0.005), (column, row)
+                    assert row.pixel_size_um == pytest.approx(size)
+        for name in ("imagej", "non_square", "uncalibrated"):
+            with tifffile.TiffFile(out / f"{name}_instances.tif") as tif:
+                resolution, unit = tif.pages.first.resolution, tif.imagej_metadata.get("unit")
+            if sizes[name]:
+                assert (unit, resolution) == ("um", pytest.approx((1 / sizes[name],) * 2)), name
+                assert image_files.tiff_header(str(out / f"{name}_instances.tif")).pixel_size == \
+                    pytest.approx(sizes[name])
+            else:
+                assert unit is None and resolution == (1, 1), name
+        if flag:
+            assert warnings == []
+        else:
+            assert warnings == [f"warning: {tmp_path / 'in' / name}: {problem}: no pixel size read, its _um columns are "
+                                "left empty; give --pixel_size UM" for name, problem in (
+                                    ("non_square.tif", "non-square pixels (0.3 x 0.4 um)"),
+                                    ("ome_pixels.tif", "unknown unit of length 'pc'"))]
+
+
+@pytest.mark.parametrize("value", ["0", "-0.5", "nan", "inf", "1e-9", "1e9"])
+def test_a_pixel_size_that_is_no_size_is_refused_naming_the_flag(tmp_path, value, capsys):
+    image = write(tmp_path / "a.png", np.zeros((16, 16), np.uint8))
+    with pytest.raises(SystemExit) as stop:
+        run_cli(predict.main, ["--name", "nuclei", "--input", image, "--output", str(tmp_path / "out"),
+                               f"--pixel_size={value}"])
+    message = capsys.readouterr().err
+    assert stop.value.code != 0 and len(message.splitlines()) == 1 and "Traceback" not in message
+    assert f"error: --pixel_size {float(value):g} must be micrometres per pixel between 1e-06 and 1e+06" in message
+    assert not (tmp_path / "out").exists()
