@@ -189,7 +189,8 @@ def count_nuclei(labels):
 
 
 def convert_sample(sample_dir, out_dir, img_size, masks_csv=None):
-    """Convert one sample into ``out_dir`` (images/, masks/0/, labels/); returns (id, number of nuclei)."""
+    """Convert one sample into ``out_dir`` (images/, masks/0/, labels/); returns (id, nuclei its labels/ image
+    holds, nuclei of the original): a nucleus narrower than a pixel at ``img_size`` has none left."""
     sid = os.path.basename(os.path.normpath(sample_dir))
     image, labels, count = load_sample(sample_dir, masks_csv)
     union = np.where(labels > 0, 255, 0).astype(np.uint8)
@@ -204,7 +205,7 @@ def convert_sample(sample_dir, out_dir, img_size, masks_csv=None):
     atomic_imwrite(os.path.join(out_dir, "images", sid + ".png"), image)
     atomic_imwrite(os.path.join(out_dir, "masks", "0", sid + ".png"), mask)
     atomic_imwrite(os.path.join(out_dir, "labels", sid + ".png"), labels)
-    return sid, count
+    return sid, count_nuclei(labels), count
 
 
 class _Job:
@@ -272,9 +273,9 @@ def main(argv=None):
                 results = pool.imap(job, ids, chunksize=4)
             else:
                 results = map(job, ids)
-            nuclei = 0
-            for _, n in progress_bar(results, total=len(ids), desc="dsb2018", unit="sample", leave=False):
-                nuclei += n
+            nuclei = original = 0
+            for _, kept, n in progress_bar(results, total=len(ids), desc="dsb2018", unit="sample", leave=False):
+                nuclei, original = nuclei + kept, original + n
             if pool is not None:
                 pool.close()
                 pool.join()
@@ -284,7 +285,8 @@ def main(argv=None):
                 pool.join()
             raise
     size = "original size" if args.img_size == 0 else f"{args.img_size}x{args.img_size}"
-    print(f"wrote {len(ids)} samples ({nuclei} nuclei, {size}) to {dst} in {time.time() - start:.1f} s")
+    lost = f"; {original - nuclei} of the {original} nuclei were too small to keep a pixel" if original > nuclei else ""
+    print(f"wrote {len(ids)} samples ({nuclei} nuclei, {size}{lost}) to {dst} in {time.time() - start:.1f} s")
     return 0
 
 

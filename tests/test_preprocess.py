@@ -150,6 +150,18 @@ def test_masks_saved_as_0_1_hidden_files_and_the_count_of_nuclei(raw, tmp_path, 
         pre.main(["--src", str(src), "--img_size", "0", "--dst", str(tmp_path / "soft"), "--num_workers", "1"])
 
 
+def test_the_count_of_nuclei_is_that_of_the_resized_labels(tmp_path, capsys):
+    """A nucleus too small for --img_size is not in the written labels, and the summary does not count it."""
+    src = tmp_path / "stage1_train"
+    shape = (48, 48)
+    _write_sample(src, "aaa", np.full(shape + (3,), 90, np.uint8),
+                  [_disk(shape, 24, 24, 10), _rect(shape, 0, 0, 1, 1)])  # 48 -> 12 samples pixels 2, 6, ...
+    pre.main(["--src", str(src), "--img_size", "12", "--dst", str(tmp_path / "out"), "--num_workers", "1"])
+    lab = _read_out(tmp_path / "out", "aaa")[2]
+    assert np.unique(lab[lab > 0]).tolist() == [1]
+    assert "(1 nuclei, 12x12; 1 of the 2 nuclei were too small to keep a pixel)" in capsys.readouterr().out
+
+
 def test_an_exif_orientation_tag_leaves_the_image_on_its_masks(raw, tmp_path):
     """IMREAD_COLOR turns a PNG as its EXIF orientation tag says, read_mask does not: the square image lay turned
     against its masks, without a word. Both are read as stored."""
