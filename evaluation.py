@@ -329,7 +329,7 @@ def interval_line(table, separation):
     dsb = table["dsb"].dropna().to_numpy() if "dsb" in table else []
     if len(dsb) >= MIN_IMAGES_FOR_INTERVAL:
         low, high = bootstrap_interval(dsb)
-        parts.append(f"DSB2018 ({SEPARATION_NAMES[separation]}) {low:.3f}-{high:.3f}")
+        parts.append(f"DSB2018 ({SEPARATION_NAMES[separation]}{labelled(len(dsb), n)}) {low:.3f}-{high:.3f}")
     return [f"  95 % interval of the means per image (bootstrap over the {n} images): {', '.join(parts)}"]
 
 
@@ -342,10 +342,17 @@ def untrained_line(table, trained, separation):
     if len(unseen) in (0, len(table)):
         return []
     dsb = unseen["dsb"].dropna() if "dsb" in unseen else []
-    dsb_text = f", DSB2018 {dsb.mean():.4f} ({SEPARATION_NAMES[separation]})" if len(dsb) else ""
+    dsb_text = f", DSB2018 {dsb.mean():.4f} ({SEPARATION_NAMES[separation]}{labelled(len(dsb), len(unseen))})" \
+        if len(dsb) else ""
     trained_count = len(table) - len(unseen)
     return [f"  without the run's {trained_count} training image{'s' * (trained_count != 1)} ({len(unseen)}): IoU "
             f"{unseen['iou'].mean():.4f} mean per image{dsb_text}; they are {first_few(table['img_id'][seen])}"]
+
+
+def labelled(scored, images):
+    """', over the N with instance labels' when a DSB2018 figure is of fewer images (``scored``) than the ``images``
+    its line counts, else ''."""
+    return f", over the {scored} with instance labels" if scored < images else ""
 
 
 def bootstrap_interval(values, level=0.95, draws=2000, seed=0):

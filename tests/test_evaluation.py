@@ -255,6 +255,13 @@ def test_the_summary_gives_the_interval_of_the_means_from_ten_images():
     low, high = bootstrap_interval(table["iou"].to_numpy())
     assert f"  95 % interval of the means per image (bootstrap over the 10 images): IoU {low:.3f}-{high:.3f}\n" in text
     assert low < 0.7 < high
+    with_labels = pd.DataFrame({"img_id": [f"i{k}" for k in range(11)], "iou": np.linspace(0.5, 0.9, 11),
+                                "dsb": list(np.linspace(0.2, 0.6, 10)) + [np.nan]})
+    low, high = bootstrap_interval(with_labels["dsb"].dropna().to_numpy())
+    # the line bootstraps 11 images; the DSB2018 interval says it is of the 10 that have scores
+    assert ("(bootstrap over the 11 images): IoU" in interval_line(with_labels, "watershed")[0] and
+            f"DSB2018 (watershed, over the 10 with instance labels) {low:.3f}-{high:.3f}" in
+            interval_line(with_labels, "watershed")[0])
     # nine images with DSB2018 scores are too few for theirs; ten are enough
     table.loc[0, "dsb"] = 0.3
     assert "DSB2018 (watershed) 0." in interval_line(table, "watershed")[0]
@@ -264,8 +271,9 @@ def test_the_summary_gives_the_interval_of_the_means_from_ten_images():
 def test_the_scores_without_the_images_trained_on_are_their_means():
     table = pd.DataFrame({"img_id": ["a", "b", "c", "d"], "iou": [0.9, 0.5, 0.7, 0.2], "dsb": [0.8, np.nan, 0.4, 0.1]})
     assert untrained_line(table, ["a", "x"], "borders") == [
-        "  without the run's 1 training image (3): IoU 0.4667 mean per image, DSB2018 0.2500 (learned borders); they "
-        "are a"]
+        "  without the run's 1 training image (3): IoU 0.4667 mean per image, DSB2018 0.2500 (learned borders, over "
+        "the 2 with instance labels); they are a"]
+    assert "DSB2018 0.4333 (learned borders); they are b" in untrained_line(table, ["b"], "borders")[0]
     assert untrained_line(table, [], "borders") == [] and untrained_line(table, list("abcd"), "borders") == []
     assert untrained_line(table[["img_id", "iou"]], ["d"], None) == [
         "  without the run's 1 training image (3): IoU 0.7000 mean per image; they are d"]
