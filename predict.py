@@ -236,32 +236,35 @@ def tiff_notes(files, headers, channel):
     same), 3 channels on a C axis read as RGB when no ``channel`` is chosen (fluorescence channels, unlike RGB
     samples on an S axis), 3 or 4 samples stored before the rows (planar RGB, as tifffile writes an array [3 or 4,
     H, W] without axes), planes under 16 pixels on a side (axes most likely lost), and the series after the first
-    (positions or scenes), which are not read."""
-    notes = []
+    (positions or scenes), which are not read. Files that get the same note share its line."""
+    notes = {}  # note -> its files: a folder of a thousand alike TIFFs gives one line, not a thousand
     for f, header in zip(files, headers):
         if header.channel_axis in ("Q", "I"):
-            notes.append(f"note: {f} has 3 or 4 pages and no ImageJ or OME axes: read as the colours of one image; "
-                         "save it as an ImageJ or OME TIFF with its axes to segment the pages one by one")
+            notes.setdefault("has 3 or 4 pages and no ImageJ or OME axes: read as the colours of one image; save it "
+                             "as an ImageJ or OME TIFF with its axes to segment the pages one by one", []).append(f)
         if header.channel_axis == "C" and header.channels == 3 and channel is None:
-            notes.append(f"note: {f} has 3 channels (axis C): read as the colours of one RGB image, as train.py "
-                         "reads it; for a run trained on the nucleus channel alone, give it with --channel (0 to 2)")
+            notes.setdefault("has 3 channels (axis C): read as the colours of one RGB image, as train.py reads it; "
+                             "for a run trained on the nucleus channel alone, give it with --channel (0 to 2)",
+                             []).append(f)
         if channel is not None and header.channels == 1 and header.plane_axes:
-            notes.append(f"note: {f} has no channel axis: its planes (axes {header.plane_axes}) are segmented one by "
-                         "one and --channel does not apply; if they are channels, save it as an ImageJ or OME TIFF "
-                         "with a C axis")
+            notes.setdefault(f"has no channel axis: its planes (axes {header.plane_axes}) are segmented one by one "
+                             "and --channel does not apply; if they are channels, save it as an ImageJ or OME TIFF "
+                             "with a C axis", []).append(f)
         if header.channel_axis == "S" and header.channels_first:
-            notes.append(f"note: {f} stores {header.channels} samples before its rows (planar RGB): read as the "
-                         "colours of one image; if they are the planes of a stack, save it as an ImageJ or OME TIFF "
-                         "with its axes")
+            notes.setdefault(f"stores {header.channels} samples before its rows (planar RGB): read as the colours of "
+                             "one image; if they are the planes of a stack, save it as an ImageJ or OME TIFF with its "
+                             "axes", []).append(f)
         if 0 < min(header.plane_size) < 16:
             (height, width), planes = header.plane_size, int(np.prod(header.plane_shape or (1,)))
-            notes.append(f"note: {f} is read as {planes} plane(s) of {height}x{width} pixels, too small to hold a "
-                         "nucleus: was it saved without its axes? (an array [H, W, 2] written without them reads as "
-                         "H planes)")
+            notes.setdefault(f"is read as {planes} plane(s) of {height}x{width} pixels, too small to hold a nucleus: "
+                             "was it saved without its axes? (an array [H, W, 2] written without them reads as H "
+                             "planes)", []).append(f)
         if header.series > 1:
-            notes.append(f"note: {f} holds {header.series} series (positions or scenes): only the first is "
-                         "segmented; save each series as a file of its own")
-    return notes
+            notes.setdefault(f"holds {header.series} series (positions or scenes): only the first is segmented; "
+                             "save each series as a file of its own", []).append(f)
+    return [f"note: {named[0]} {note}" + (f" (the same for {len(named) - 1} more file{'s' * (len(named) > 2)}: "
+                                          f"{first_few(named[1:])})" if len(named) > 1 else "")
+            for note, named in notes.items()]
 
 
 def pixel_size_warnings(files, headers):

@@ -265,6 +265,17 @@ def test_three_fluorescence_channels_and_further_series_are_named(tmp_path):
         "apply; if they are channels, save it as an ImageJ or OME TIFF with a C axis"]
 
 
+def test_files_that_get_the_same_note_share_its_line(tmp_path):
+    """A folder of alike TIFFs (a microscope's export) gets each note once, naming how many files it is about,
+    not a line per file above the summary."""
+    files = [str(tmp_path / f"well{k}.tif") for k in range(4)]
+    for f in files:
+        tifffile.imwrite(f, np.zeros((3, 20, 24), np.uint16), imagej=True, metadata={"axes": "CYX"})
+    notes = predict.tiff_notes(files, predict.tiff_headers(files), None)
+    assert len(notes) == 1 and notes[0].startswith(f"note: {files[0]} has 3 channels (axis C)")
+    assert notes[0].endswith(f"(the same for 3 more files: {files[1]}, {files[2]}, {files[3]})")
+
+
 def test_channel_picks_the_nucleus_channel(in_runs, tmp_path):
     """--channel K predicts channel K of a multi-channel TIFF stack or of an RGB image as the grey image alone."""
 
