@@ -14,7 +14,13 @@ DICE_SMOOTH = 1e-5
 
 
 def check_same_shape(logits, target):
-    """Raise DataError unless the model output and the mask batch have the same shape."""
+    """Raise DataError unless the model output and the mask batch are batches [B, K, H, W] of the same shape."""
+    if logits.dim() != 4 or target.dim() != 4:
+        # a [B, H, W] pair would be taken as B images of H classes: each row scored as a class of its own
+        raise DataError(
+            f"model output has shape {list(logits.shape)} and the masks {list(target.shape)}; both must be "
+            "[B, K, H, W] (K classes): give single-class batches [B, H, W] their class axis, x[:, None]"
+        )
     if logits.shape != target.shape:
         raise DataError(
             f"model output has shape {list(logits.shape)} but the masks have shape {list(target.shape)}: "

@@ -231,3 +231,13 @@ def test_border_channel_is_a_loss_term_of_its_own(name):
 def test_shape_mismatch_names_num_classes(name):
     with pytest.raises(DataError, match="--num_classes"):
         build_loss(name)(torch.zeros(1, 2, 4, 4), torch.zeros(1, 1, 4, 4))
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_a_batch_without_its_class_axis_is_refused(name):
+    """[B, H, W] logits and masks (a single-class batch as many libraries hold it) would be B images of H classes:
+    the Lovasz hinge of each row on its own instead of each image's; every loss refuses them, so that swapping
+    losses never turns a right loss into a wrong one."""
+    logits, labels = random_batch_with_empty_and_full_images(7, shape=(3, 1, 8, 8))
+    with pytest.raises(DataError, match=r"\[B, K, H, W\].*x\[:, None\]"):
+        build_loss(name)(logits[:, 0], labels[:, 0])

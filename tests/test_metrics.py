@@ -133,6 +133,16 @@ def test_shape_mismatch_is_a_data_error():
         per_image_scores(torch.zeros(1, 2, 4, 4), torch.zeros(1, 1, 4, 4))
 
 
+def test_a_batch_without_its_class_axis_is_refused():
+    """[B, H, W] logits and masks would be scored as B images of H classes, each row a class: the mean of the rows'
+    IoUs, not the image's."""
+    logits, target = random_batch(2, shape=(2, 1, 8, 8))
+    with pytest.raises(DataError, match=r"\[B, K, H, W\].*x\[:, None\]"):
+        per_image_scores(logits[:, 0], target[:, 0])
+    with pytest.raises(DataError, match=r"\[B, K, H, W\]"):
+        SegmentationMeter("cpu").update(logits[:, 0], target[:, 0])
+
+
 # ---- 2018 Data Science Bowl score ----
 
 def square(shape, top, left, height, width, label=1, into=None):
