@@ -8,6 +8,8 @@ windows, as large as the budget allows beside the image's whole-image sums (or a
 that falls off linearly over ``overlap`` pixels towards each window edge and normalised by the summed weights, so
 there are no seams.
 """
+import contextlib
+
 import cv2
 import numpy as np
 import torch
@@ -37,6 +39,20 @@ def window_starts(size, tile, overlap):
     return list(range(0, size - tile, tile - overlap)) + [size - tile]
 
 
+@contextlib.contextmanager
+def eval_mode(model):
+    """``model`` in eval mode for the block, then each of its modules back in its own mode: in training mode
+    BatchNorm would normalise by the batch's statistics and fold them into the running ones of a network that is
+    being trained (or was built and loaded by hand, which leaves it in training mode)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def forward_bytes_per_pixel(model, channels, device):
     """(upper bound of the memory one input pixel costs in a forward pass: the bytes of every layer's output on
     a small probe input, per pixel (inference frees most of them; the bound is safe); the channels of its output,
@@ -51,13 +67,10 @@ def forward_bytes_per_pixel(model, channels, device):
 
     leaves = [m for m in model.modules() if not list(m.children())]
     hooks = [m.register_forward_hook(count) for m in leaves]
-    training = model.training
-    model.eval()
     try:
-        with torch.inference_mode():
+        with eval_mode(model), torch.inference_mode():
             out = model(torch.zeros(1, channels, 64, 64, device=device))
     finally:
-        model.train(training)
         for h in hooks:
             h.remove()
     return total[0] / (64 * 64), sum(head.shape[1] for head in (out if isinstance(out, list) else [out]))
@@ -132,7 +145,8 @@ class Predictor:
     (:meth:`as_input`). ``tile`` None sizes the windows from the memory budget
     (:func:`memory_budget`), so an image is predicted whole whenever it fits; ``amp`` is --amp
     (engine.Precision.choose). A crop-trained run predicts the image resized by ``scale`` (so that its nuclei have
-    the size the network learned) and returns the probabilities at the image's own size.
+    the size the network learned) and returns the probabilities at the image's own size. ``model`` predicts in eval
+    mode, also while it is being trained, and keeps its mode and its BatchNorm statistics (:func:`eval_mode`).
     """
 
     def __init__(self, model, cfg, device, tile=None, overlap=64, batch_size=4, prune=None, tta=False, amp="auto",
@@ -160,7 +174,7 @@ class Predictor:
         x = torch.from_numpy(batch).to(self.device)
         if self.precision.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), self.precision.autocast():
+        with eval_mode(self.model), torch.inference_mode(), self.precision.autocast():
             logits = final_logits(forward(self.model, x, prune=self.prune, tta=self.tta))
         return torch.sigmoid(logits.float()).cpu().numpy()
 

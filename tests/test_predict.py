@@ -515,6 +515,23 @@ def crop_cfg(num_classes=1):
     return Namespace(crop_size=32, input_h=32, input_w=32, num_classes=num_classes, borders=False, input_channels=3)
 
 
+def test_a_network_in_training_mode_predicts_as_in_eval_mode_and_keeps_its_statistics():
+    """A Predictor on a network being trained (or built and loaded by hand, in training mode): BatchNorm would
+    normalise by the image's own statistics and fold them into the network's running ones. It predicts in eval mode
+    and gives every module its own mode back (a frozen BatchNorm stays frozen)."""
+    torch.manual_seed(0)
+    model = build_model("UNet", 1, 3, False)
+    model.conv1_0.bn1.eval()  # as --freeze_bn leaves it
+    statistics = copy.deepcopy(model.state_dict())
+    image = np.random.default_rng(0).random((32, 48, 3), dtype=np.float32)
+    prob = inference.Predictor(model, crop_cfg(), torch.device("cpu"), tile=512, amp="fp32").predict(image)
+    assert model.training and not model.conv1_0.bn1.training and model.conv0_0.bn1.training
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, statistics[key], rtol=0, atol=0, msg=key)
+    expected = inference.Predictor(model.eval(), crop_cfg(), torch.device("cpu"), tile=512, amp="fp32").predict(image)
+    np.testing.assert_array_equal(prob, expected)
+
+
 @pytest.mark.parametrize("shape,tile,overlap", [((100, 150), 32, 8), ((96, 160), 64, 32), ((70, 33), 32, 0),
                                                 ((17, 300), 48, 16)])
 def test_tiling_places_and_normalises_windows_exactly(shape, tile, overlap):
