@@ -138,6 +138,21 @@ def network_input(image):
     return np.ascontiguousarray(normalize(image).transpose(2, 0, 1), dtype=np.float32)
 
 
+def check_scaled(image):
+    """ValueError unless ``image`` is a float array [H, W, C] with values near [0, 1] (an interpolation's overshoot
+    passes): the network would take an image as stored, 0-255 say, for one far brighter than any it learned, and
+    predict nonsense without an error."""
+    if not isinstance(image, np.ndarray):
+        given = type(image).__name__
+    elif image.ndim == 3 and image.dtype.kind == "f" and (not image.size or -0.5 <= image.min() <= image.max() <= 1.5):
+        return
+    else:
+        given = f"{image.dtype} {list(image.shape)}"
+        given += f" from {image.min():g} to {image.max():g}" if image.size else ""
+    raise ValueError(f"Predictor.predict takes an image float [H, W, C] in [0, 1], not {given}: give it "
+                     "predictor.as_input(image)")
+
+
 class Predictor:
     """Probabilities for whole images: float32 [K, H, W] in [0, 1] at the image's own size.
 
@@ -165,9 +180,11 @@ class Predictor:
         self.tile = tile
 
     def as_input(self, image):
-        """One image (or plane) as stored, [H, W, C], as this run's network sees it before normalisation: float32
-        [H, W, C] in [0, 1] (the run's input_channels and --normalization)."""
-        return image_to_float(image, self.cfg.input_channels, self.cfg.normalization)
+        """One image (or plane) as stored, [H, W, C] or grey [H, W], as this run's network sees it before
+        normalisation: float32 [H, W, C] in [0, 1] (the run's input_channels and --normalization)."""
+        image = np.asarray(image)
+        return image_to_float(image[:, :, None] if image.ndim == 2 else image, self.cfg.input_channels,
+                              self.cfg.normalization)
 
     def probabilities(self, batch):
         """Normalised batch [B, C, h, w] (numpy float32) -> probabilities [B, K, h, w] (numpy float32)."""
@@ -187,7 +204,9 @@ class Predictor:
 
     def predict(self, image, scale=None):
         """float32 [H, W, C] in [0, 1] -> probabilities float32 [K, H, W] in [0, 1], the image's own size.
-        ``scale`` (a crop-trained run) overrides the predictor's for this image."""
+        ``scale`` (a crop-trained run) overrides the predictor's for this image. An image as stored (integers, or
+        floats far outside [0, 1]) is a ValueError: :meth:`as_input` first."""
+        check_scaled(image)
         height, width = image.shape[:2]
         scale = self.scale if scale is None else scale
         if not self.cfg.crop_size:  # trained on resized images: predict at the training size, resize back

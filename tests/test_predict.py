@@ -515,6 +515,23 @@ def crop_cfg(num_classes=1):
     return Namespace(crop_size=32, input_h=32, input_w=32, num_classes=num_classes, borders=False, input_channels=3)
 
 
+def test_an_image_as_stored_is_refused_and_a_grey_one_without_its_channel_axis_is_read():
+    """Predictor.predict takes the image scaled to [0, 1] (as_input): given one as stored (uint8, or its floats
+    0-255) the network saw a far brighter image than any it learned and predicted without an error. as_input takes a
+    grey image [H, W], as most readers give one, as [H, W, 1]."""
+    cfg = Namespace(**vars(crop_cfg()), normalization="fixed")
+    predictor = inference.Predictor(Pointwise(), cfg, torch.device("cpu"), tile=512, amp="fp32")
+    stored = (np.random.default_rng(0).random((20, 30, 3)) * 255).astype(np.uint8)
+    for image in (stored, stored.astype(np.float32), predictor.as_input(stored)[:, :, 0]):
+        with pytest.raises(ValueError, match=r"float \[H, W, C\] in \[0, 1\].*predictor\.as_input"):
+            predictor.predict(image)
+    grey = stored[:, :, 0]
+    np.testing.assert_array_equal(predictor.as_input(grey), predictor.as_input(grey[:, :, None]))
+    overshoot = cv2.resize(predictor.as_input(stored), (60, 40), interpolation=cv2.INTER_CUBIC)
+    assert overshoot.min() < 0 < 1 < overshoot.max()  # what a user's own resizing may give: predicted
+    assert predictor.predict(overshoot).shape == (1, 40, 60)
+
+
 def test_a_network_in_training_mode_predicts_as_in_eval_mode_and_keeps_its_statistics():
     """A Predictor on a network being trained (or built and loaded by hand, in training mode): BatchNorm would
     normalise by the image's own statistics and fold them into the network's running ones. It predicts in eval mode
