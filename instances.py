@@ -43,10 +43,15 @@ AUTO_SCALE_BAND = 1.5
 AUTO_SCALE_MOST = 4.0  # and by no more than this either way: specks or a whole-image blob are not nuclei to size by
 
 
-def _check_prob(prob):
+def _check_prob(prob, name="prob"):
     prob = np.asarray(prob)
     if prob.ndim != 2:
-        raise ValueError(f"prob: a probability map must be 2-D [H, W]; got shape {prob.shape}")
+        raise ValueError(f"{name}: a probability map must be 2-D [H, W]; got shape {prob.shape}")
+    # a map of 0-255 (predict.py's <id>_prob.png) would pass every threshold below 1 and every min_confidence; the
+    # margin lets through the rounding of a map that was resized or blended
+    if prob.size and not -1e-3 <= prob.min() <= prob.max() <= 1 + 1e-3:
+        raise ValueError(f"{name}: a probability map holds values in [0, 1], not {prob.min():g} to {prob.max():g} "
+                         "(a <id>_prob.png of predict.py holds 255 x the probability: divide it by 255)")
     return prob
 
 
@@ -168,7 +173,7 @@ def border_instances(prob, border, threshold=0.5, min_size=MIN_SIZE, min_distanc
     rising border probability. Returns int32 [H, W], 0 background, objects 1..N.
     """
     prob = _check_prob(prob)
-    border = _check_prob(border)
+    border = _check_prob(border, "border")
     if border.shape != prob.shape:
         raise ValueError(f"border {border.shape} and prob {prob.shape} differ in shape")
     mask = prob > threshold

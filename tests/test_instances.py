@@ -8,7 +8,7 @@ import tifffile
 from scipy import ndimage as ndi
 from skimage.morphology import h_maxima
 
-from config import check_object_filters, object_filters
+from config import SEPARATIONS, check_object_filters, object_filters
 from image_files import read_labels
 from instances import (MIN_CONFIDENCE, auto_scale, connected_components, median_diameter, nucleus_areas,
                        smoothed_distance, split_instances, touching_borders, watershed_instances,
@@ -130,6 +130,22 @@ def test_bad_method_and_shape():
         split_instances(np.zeros((8, 8)), "magic")
     with pytest.raises(ValueError, match="2-D"):
         connected_components(np.zeros((1, 8, 8)))
+
+
+@pytest.mark.parametrize("method", SEPARATIONS)
+def test_a_probability_map_of_0_to_255_is_refused(method):
+    """predict.py's <id>_prob.png read back (255 x the probability): every pixel above 0.5 / 255 would be
+    foreground and every object would pass min_confidence; the nuclei, the mask and the scores would be wrong."""
+    truth, prob = two_touching_discs()
+    stored = np.round(prob * 255).astype(np.uint8)
+    border = touching_borders(truth).astype(np.float32)
+    with pytest.raises(ValueError, match=r"prob: .*\[0, 1\], not 3 to 252 .*divide it by 255"):
+        split_instances(stored, method, border=border)
+    if method == "borders":
+        with pytest.raises(ValueError, match=r"border: .*\[0, 1\], not 0 to 255"):
+            split_instances(prob, method, border=border * 255)
+    found = split_instances(prob, method, border=border).max()
+    assert split_instances(stored / 255, method, border=border).max() == found >= 1
 
 
 def test_read_labels_resizes_with_nearest(tmp_path):
