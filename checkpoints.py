@@ -122,14 +122,15 @@ def network_mismatch(weights, expected):
 def load_run(name, device, prune=None):
     """models/<name> (or the bundled pretrained/<name>): (config Namespace, model in eval mode on ``device``, its
     BatchNorm folded into the convs for inference: archs.fold_batchnorm). ``prune`` (predict/val/export --prune)
-    needs NestedUNet + DS."""
+    needs NestedUNet + DS. torch's random state is left as it was."""
     cfg = load_run_config(name)
     if prune is not None and not (cfg.arch == "NestedUNet" and cfg.deep_supervision):
         raise UsageError(f"--prune needs a NestedUNet trained with deep supervision; {name} is {cfg.arch} "
                          f"{'with' if cfg.deep_supervision else 'without'} deep supervision")
     path = os.path.join(saved_run_dir(name), "model.pth")
     weights = load_checkpoint(path, device)
-    model = build_model(cfg.arch, output_channels(cfg), cfg.input_channels, cfg.deep_supervision).to(device)
+    with torch.random.fork_rng(devices=[]):  # the random initial weights, all replaced, are no draws of the caller's
+        model = build_model(cfg.arch, output_channels(cfg), cfg.input_channels, cfg.deep_supervision).to(device)
     load_weights(model, weights, path, "does not match the run's config.yml",
                  f"its arch, deep_supervision, input_channels, num_classes and borders must be those "
                  f"{os.path.dirname(path)} was trained with")

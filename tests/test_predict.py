@@ -515,6 +515,16 @@ def crop_cfg(num_classes=1):
     return Namespace(crop_size=32, input_h=32, input_w=32, num_classes=num_classes, borders=False, input_channels=3)
 
 
+def test_loading_a_run_leaves_torch_s_random_numbers_alone():
+    """A notebook that loads the bundled model between its own seeded draws gets the numbers it would without it
+    (building the network draws its random initial weights, which the saved ones then replace)."""
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    checkpoints.load_run("nuclei", torch.device("cpu"))
+    torch.testing.assert_close(torch.rand(4), expected, rtol=0, atol=0)
+
+
 def test_an_image_as_stored_is_refused_and_a_grey_one_without_its_channel_axis_is_read():
     """Predictor.predict takes the image scaled to [0, 1] (as_input): given one as stored (uint8, or its floats
     0-255) the network saw a far brighter image than any it learned and predicted without an error. as_input takes a
