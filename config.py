@@ -438,6 +438,12 @@ def check_unchanged_on_resume(args, saved_values, name, how):
                          f"as --device or --num_workers, may change). {then}")
 
 
+def dataset_folder(dataset):
+    """The folder of a dataset given as a name in inputs/ (first) or as a folder path."""
+    named = os.path.join(INPUTS_DIR, dataset)
+    return dataset if not os.path.isdir(named) and os.path.isdir(dataset) else named
+
+
 def check_dataset_name(dataset):
     """--dataset names a folder in inputs/, or is the absolute path of a dataset elsewhere; a relative path that
     leaves inputs/ ('..') or means the current folder's (inputs/<name>) is a UsageError with the name to give."""

@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 import yaml
 
-from config import INPUTS_DIR, saved_run_dir
+from config import INPUTS_DIR, dataset_folder, saved_run_dir
 from dataset import MODALITIES, find_layout, list_ids, nucleus_diameter
 from files import atomic_imwrite, atomic_write
 from splits import read_split, split_ids
@@ -44,8 +44,7 @@ def evaluation_ids(name, split, dataset, cfg, reading):
         if split is not None:
             raise UsageError("--split picks ids of the run's own dataset; with --dataset every image is scored, so "
                              "give one of the two")
-        named = os.path.join(INPUTS_DIR, dataset)  # a name in inputs/ first, else a folder path of any layout
-        folder = dataset if not os.path.isdir(named) and os.path.isdir(dataset) else named
+        folder = dataset_folder(dataset)  # of any layout
         ids = list_ids(folder, reading["img_ext"], reading["mask_ext"], reading["num_classes"])
         if os.path.realpath(folder) == os.path.realpath(os.path.join(INPUTS_DIR, run_dataset)):
             split_file = os.path.join(saved_run_dir(name), "split.csv")
@@ -319,8 +318,9 @@ def summary(title, scores, table, dsb, out_dir, overlays, trained=()):
 
 def interval_line(table, separation):
     """['  95 % interval ... IoU lo-hi, DSB2018 lo-hi'] for the per-image means of ``table`` (scores.csv's rows; the
-    dsb column is ``separation``'s), [] for fewer than MIN_IMAGES_FOR_INTERVAL images: how far the mean of as many
-    other images of the same kinds might fall, to weigh a difference between two runs against."""
+    dsb column is ``separation``'s, None for nuclei made elsewhere), [] for fewer than MIN_IMAGES_FOR_INTERVAL
+    images: how far the mean of as many other images of the same kinds might fall, to weigh a difference between two
+    runs against."""
     n = len(table)
     if n < MIN_IMAGES_FOR_INTERVAL:
         return []
@@ -329,7 +329,9 @@ def interval_line(table, separation):
     dsb = table["dsb"].dropna().to_numpy() if "dsb" in table else []
     if len(dsb) >= MIN_IMAGES_FOR_INTERVAL:
         low, high = bootstrap_interval(dsb)
-        parts.append(f"DSB2018 ({SEPARATION_NAMES[separation]}{labelled(len(dsb), n)}) {low:.3f}-{high:.3f}")
+        # score.py's nuclei were made elsewhere, by no separation of ours
+        detail = (SEPARATION_NAMES.get(separation, "") + labelled(len(dsb), n)).lstrip(", ")
+        parts.append(f"DSB2018{f' ({detail})' if detail else ''} {low:.3f}-{high:.3f}")
     return [f"  95 % interval of the means per image (bootstrap over the {n} images): {', '.join(parts)}"]
 
 

@@ -354,6 +354,36 @@ def read_label_image(path):
     """Read an instance label image (0 = background, one integer per nucleus; 8/16/32-bit PNG or TIFF) -> int32
     [H, W]; an indexed PNG may give its indices (:func:`_read_values`). A colour image, float values or a binary
     mask (one value for several separate objects) are a DataError naming the file."""
+    labels = _label_values(path)
+    if _binary_components(labels) is not None:
+        raise DataError(f"label image {path} gives one value ({labels.max()}) to several separate objects: it is a "
+                        f"binary mask; put masks in masks/0/<id>{os.path.splitext(path)[1]} (a folder per class), or "
+                        "number the nuclei 1..N in label images")
+    return labels
+
+
+def read_labels_or_components(path):
+    """:func:`read_label_image`, but a binary mask (one value for several separate objects) is read as its connected
+    components (8-connectivity, as instances.connected_components: touching nuclei stay one) -> (int32 [H, W],
+    whether the file was such a mask)."""
+    labels = _label_values(path)
+    components = _binary_components(labels)
+    return (labels, False) if components is None else (components, True)
+
+
+def _binary_components(labels):
+    """The connected components (int32 [H, W], 8-connectivity) of a label image int32 [H, W] that gives one value to
+    several separate objects (a binary mask); None for any other."""
+    inside = labels > 0
+    top = labels.max(initial=0)
+    if top == 0 or (labels[inside] != top).any():
+        return None
+    count, components = cv2.connectedComponents(inside.astype(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+    return components if count > 2 else None
+
+
+def _label_values(path):
+    """A label image's values as int32 [H, W], checked as :func:`read_label_image` says (a binary mask passes)."""
     labels = _read_values(path, "label image")
     if labels.ndim == 3:
         if (labels != labels[:, :, :1]).any():
@@ -367,11 +397,6 @@ def read_label_image(path):
     if low < 0 or top > np.iinfo(np.int32).max:  # int32 below: larger values would wrap to negative ones
         raise DataError(f"label image {path} holds the value {low if low < 0 else top}; labels are 0 for the "
                         f"background and 1 to {np.iinfo(np.int32).max} for the nuclei (number them 1..N)")
-    inside = labels > 0
-    if top > 0 and (labels[inside] == top).all() and cv2.connectedComponents(inside.astype(np.uint8))[0] > 2:
-        raise DataError(f"label image {path} gives one value ({top}) to several separate objects: it is a "
-                        f"binary mask; put masks in masks/0/<id>{os.path.splitext(path)[1]} (a folder per class), or "
-                        "number the nuclei 1..N in label images")
     return labels.astype(np.int32)
 
 

@@ -140,13 +140,24 @@ def dsb_score(true_labels, pred_labels):
     images have no objects, 0.0 when exactly one has none.
     """
     check_label_images(true_labels, pred_labels)
-    iou = object_iou(true_labels, pred_labels)
+    return dsb_score_of_iou(object_iou(true_labels, pred_labels))
+
+
+def dsb_score_of_iou(iou):
+    """:func:`dsb_score` from the objects' IoU matrix [N_true, N_pred] (:func:`object_iou`)."""
     n_true, n_pred = iou.shape
     if n_true == 0 and n_pred == 0:
         return 1.0
-    true_positives = (iou[None] > DSB_THRESHOLDS[:, None, None]).sum(axis=(1, 2))
-    precision = true_positives / (n_true + n_pred - true_positives)
+    matched = true_positives(iou)
+    precision = matched / (n_true + n_pred - matched)
     return float(precision.mean())
+
+
+def true_positives(iou, thresholds=DSB_THRESHOLDS):
+    """The matched pairs of true and predicted objects at each IoU threshold (IoU > t; one-to-one for t >= 0.5, as
+    two objects cannot both overlap one by more than half): int [T] for ``thresholds`` [T], from the IoU matrix
+    [N_true, N_pred] (:func:`object_iou`)."""
+    return (iou[None] > np.asarray(thresholds)[:, None, None]).sum(axis=(1, 2))
 
 
 def dsb_scores(prob, true_labels, methods=("watershed", "cc"), **kwargs):
