@@ -11,7 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 import cv2
 import numpy as np
 import pandas as pd
-import torch
 import yaml
 
 from config import INPUTS_DIR, dataset_folder, saved_run_dir
@@ -19,6 +18,7 @@ from dataset import MODALITIES, find_layout, list_ids, nucleus_diameter
 from files import atomic_imwrite, atomic_write
 from splits import read_split, split_ids
 from image_files import decode_image, denormalize, read_labels
+from inference import host_probabilities
 from instances import auto_scale, border_map
 from metrics import dsb_scores
 from utils import BatchedThreads, DataError, UsageError, first_few, progress_bar, usable_cpus
@@ -232,7 +232,7 @@ class ImageWriter:
         """meta {'img_id': [B], 'kind': [B]} (dataset.eval_loader with kinds), images [B, C, H, W] normalised, logits
         [B, K(+1), H, W], masks [B, K(+1), H, W] in {0, 1}, scores the per-image (iou [B], dice [B]) of the K mask
         classes that engine.evaluate computed."""
-        probs = torch.sigmoid(logits).cpu().numpy()
+        probs = host_probabilities(logits)
         ious, dices = (s.cpu().numpy() for s in scores)
         images = images.float().cpu().numpy().transpose(0, 2, 3, 1) if self.overlays else [None] * len(probs)
         truths = masks[:, 0].cpu().numpy() > 0

@@ -138,6 +138,16 @@ def network_input(image):
     return np.ascontiguousarray(normalize(image).transpose(2, 0, 1), dtype=np.float32)
 
 
+def host_probabilities(logits):
+    """Logits [B, K, H, W] on any device -> their sigmoid, numpy float32 [B, K, H, W] in [0, 1]; a DataError when the
+    network put out NaN, which every threshold would read as background (and instances.py refuses)."""
+    probs = torch.sigmoid(logits.float()).cpu().numpy()
+    if np.isnan(probs).any():
+        raise DataError("the network put out NaN for an image: its arithmetic overflowed (--amp fp16 has the "
+                        "smallest range: try --amp fp32), or its weights are those of a training that diverged")
+    return probs
+
+
 def check_scaled(image):
     """ValueError unless ``image`` is a float array [H, W, C] with values near [0, 1] (an interpolation's overshoot
     passes): the network would take an image as stored, 0-255 say, for one far brighter than any it learned, and
@@ -193,7 +203,7 @@ class Predictor:
             x = x.contiguous(memory_format=torch.channels_last)
         with eval_mode(self.model), torch.inference_mode(), self.precision.autocast():
             logits = final_logits(forward(self.model, x, prune=self.prune, tta=self.tta))
-        return torch.sigmoid(logits.float()).cpu().numpy()
+        return host_probabilities(logits)
 
     def run_batches(self, pieces):
         """Pieces [C, h, w] of one size -> their probabilities, ``batch_size`` at a time."""

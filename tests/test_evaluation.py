@@ -104,6 +104,15 @@ def test_rows_score_the_mask_channel_against_a_numpy_reference(tmp_path):
     assert rows["iou"][batches[0][0]["img_id"][1]] == 1.0
 
 
+
+def test_nan_output_is_a_data_error(tmp_path):
+    """A network that puts out NaN (an overflow) is a DataError saying so, not instances.py's ValueError with a
+    traceback about 0-255 probability maps."""
+    batches, labels = _batches(tmp_path, np.random.default_rng(2), num_batches=1)
+    batches[0][2][1, 0, :3] = float("nan")
+    with pytest.raises(DataError, match="the network put out NaN"):
+        _write(tmp_path / "out", batches, labels, workers=1)
+
 def _square_slowly(x):
     time.sleep(0.002 * (10 - x))  # the later jobs finish first
     return x * x

@@ -309,6 +309,17 @@ def test_channel_picks_the_nucleus_channel(in_runs, tmp_path):
                       *flags])
 
 
+
+def test_nan_output_is_a_data_error(in_runs):
+    """Probabilities of NaN (the network's arithmetic overflowed) are a DataError, which predict.py reports for the
+    file; every threshold read them as background, and --instances ended in a traceback."""
+    cfg, model = checkpoints.load_run("pc", torch.device("cpu"))
+    with torch.no_grad():
+        next(model.parameters())[0] = float("nan")
+    predictor = inference.Predictor(model, cfg, torch.device("cpu"), amp="fp32")
+    with pytest.raises(DataError, match="the network put out NaN"):
+        predictor.predict(sample_bgr(40, 40).astype(np.float32) / 255)
+
 def test_scale_predicts_the_resized_image(in_runs, tmp_path):
     """--scale S (a crop-trained run): the probabilities of the image resized by S, resized back to its size."""
     cfg, model = checkpoints.load_run("pc", torch.device("cpu"))
