@@ -15,11 +15,15 @@ from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ("README.md", "docs/*.md", "pretrained/*/README.md", "configs/*.yml")
-# <name>, my/<run>/x, "train.py ..." (more flags), N, X.yml, A/scores.csv: stand for a value of the reader's
-PLACEHOLDER = re.compile(r"<[^>]*>|\.\.\.|\b[A-Z]\b")
+# <name>, my/<run>/x, "train.py ..." (more flags), N, X.yml, A/scores.csv, $EPOCHS: stand for a value of the reader's
+PLACEHOLDER = re.compile(r"<[^>]*>|\.\.\.|\b[A-Z]\b|\$\{?\w+")
 SHELL_FENCES = ("", "bash", "sh", "shell", "console")
 LAUNCHERS = ("python", "python3", "torchrun")
-SEPARATORS = ("&&", "||", ";", "|")
+SEPARATORS = ("&&", "||", ";", "|", "&")
+# an output redirection, which the shell takes off the command line: "> log.txt", ">>log", "2>&1", "&> all.log"
+REDIRECTION = re.compile(r"(\d*|&)>>?")
+# a recipe's comment line that is a command, not prose that names one: "# python train.py ...", "# VAR=1 torchrun ..."
+COMMAND_COMMENT = re.compile(r"(\w+=\S*\s+)*(\S*/)?(python3?|torchrun)\s")
 
 # Commands that record how a result was obtained in another checkout, not what to type in this one:
 # {(doc, command as extracted): why it is kept as it is}.
@@ -64,9 +68,10 @@ def shell_lines(text):
 
 
 def yaml_comment_lines(text):
-    """(line number, shell text) of a recipe's comment lines."""
-    return [(number, line.strip()[1:].strip()) for number, line in enumerate(text.splitlines(), 1)
-            if line.strip().startswith("#")]
+    """(line number, shell text) of a recipe's comment lines that are commands (:data:`COMMAND_COMMENT`)."""
+    comments = [(number, line.strip()[1:].strip()) for number, line in enumerate(text.splitlines(), 1)
+                if line.strip().startswith("#")]
+    return [(number, comment) for number, comment in comments if COMMAND_COMMENT.match(comment)]
 
 
 def expand_braces(token):
@@ -77,8 +82,8 @@ def expand_braces(token):
 
 def commands_in(doc, lines):
     """The Commands of our scripts among ``lines`` ((line number, shell text)) of ``doc``: each part of a line chained
-    with &&, ;, || or |, launched by python (or torchrun) with a .py file, its trailing # comment left out, the
-    brackets of an optional part ([--tta]) and a bare ``...`` (more flags) dropped. Parts that run no .py file
+    with &&, ;, ||, | or &, launched by python (or torchrun) with a .py file, its trailing # comment and output
+    redirections left out, the brackets of an optional part ([--tta]) and a bare ``...`` (more flags) dropped. Parts that run no .py file
     (pip, git, python -m pytest) are not ours."""
     found = []
     for number, line in lines:
@@ -90,13 +95,21 @@ def commands_in(doc, lines):
             words = shlex.split(line)
         except ValueError as e:
             raise ValueError(f"{doc}:{number}: {e}: {line}") from None
-        parts, part = [], []
-        for word in words + [";"]:
-            if word in SEPARATORS:
+        parts, part, words = [], [], iter(words + [";"])
+        for word in words:
+            # "$r;": shlex keeps a separator on the word before it
+            ends = word not in SEPARATORS and word.endswith((";", "&"))
+            word = word[:-1] if ends else word
+            if REDIRECTION.fullmatch(word):  # its target is the next word
+                next(words, None)
+            elif word in SEPARATORS:
                 parts.append(part)
                 part = []
-            else:
+            elif not REDIRECTION.match(word):  # else a redirection with its target: ">log", "2>&1"
                 part.append(word)
+            if ends:
+                parts.append(part)
+                part = []
         for part in parts:
             launcher = next((i for i, w in enumerate(part) if os.path.basename(w) in LAUNCHERS), None)
             if launcher is None or part[launcher + 1: launcher + 2] == ["-m"]:
@@ -242,6 +255,8 @@ torchrun --nproc_per_node=4 train.py ...   # each machine its own --nproc_per_no
 python -m pytest -q tests/test_docs.py
 python val.py --name u96 --no_overlays_at_all
 python val.py --name u96   # and --tta_at_all
+python val.py --name u96 --split test > val.txt 2>&1 &
+for r in a b; do python val.py --name $r --batch_size $B 2>>errors.log; done
 ```
 
 ```python
@@ -260,6 +275,8 @@ python_looking = "python train.py --nothing"
         (9, "export.py", ["--name", "<run>", "--prune", "L"], ()),
         (11, "val.py", ["--name", "u96", "--no_overlays_at_all"], ()),
         (12, "val.py", ["--name", "u96"], ("--tta_at_all",)),
+        (13, "val.py", ["--name", "u96", "--split", "test"], ()),  # the shell's redirections and & are not its own
+        (14, "val.py", ["--name", "$r", "--batch_size", "$B"], ()),
     ]
     assert problems(found) == [
         "doc.md:11: python val.py --name u96 --no_overlays_at_all\n    val.py: error: unrecognized arguments: "
@@ -269,6 +286,9 @@ python_looking = "python train.py --nothing"
                     {("doc.md", "--tta_at_all"): "another script's"}) == []
     assert problems(found[:1], {("doc.md", "python gone.py"): "history"}) == [
         "allowed but no longer in the docs: ('doc.md', 'python gone.py')"]
+    # a recipe's prose that names a command is not one (its apostrophe made shlex fail)
+    recipe = "# the seed's recipe: python train.py with these flags\n# python val.py --name u96\nepochs: 3\n"
+    assert [(c.line, c.argv) for c in commands_in("r.yml", yaml_comment_lines(recipe))] == [(2, ["--name", "u96"])]
 
 
 def test_refusals_name_the_problem():
