@@ -67,10 +67,12 @@ OBJECT_COLUMNS = ["image", "plane", "label", "area", "centroid_y", "centroid_x",
 # the micrometre columns of objects.csv: each pixel column times the pixel size to this power
 IN_MICROMETRES = {"area": 2, "perimeter": 1, "major_axis_length": 1, "minor_axis_length": 1}
 # Columns whose values may be anything: the intensities, in the image's own units (a float image's in [0, 1], or
-# 1e-6), and the pixel size (0.065 um under a 100x objective); 4 decimals, or SIGNIFICANT_DIGITS significant digits
-# where those keep more (round_significant).
-SIGNIFICANT = ("mean_intensity", "integrated_intensity", "pixel_size_um")
-# objects.csv's decimals: 2 for positions and lengths (in pixels or micrometres), 4 for ratios and the confidence
+# 1e-6), the pixel size (0.065 um under a 100x objective) and the micrometres (at 0.01 um per pixel, 2 decimals wrote
+# nuclei of 85 and 99 px alike as 0.01 um2); 4 decimals, or SIGNIFICANT_DIGITS significant digits where those keep
+# more (round_significant).
+SIGNIFICANT = ("mean_intensity", "integrated_intensity", "pixel_size_um", "area_um2", "perimeter_um",
+               "major_axis_length_um", "minor_axis_length_um")
+# objects.csv's decimals: 2 for pixel positions and lengths, 4 for ratios and the confidence
 OBJECT_DECIMALS = {c: 4 if c in ("eccentricity", "solidity", "confidence") else 2 for c in OBJECT_COLUMNS
                    if c not in SIGNIFICANT}
 SIGNIFICANT_DIGITS = 6

@@ -320,6 +320,20 @@ def test_nan_output_is_a_data_error(in_runs):
     with pytest.raises(DataError, match="the network put out NaN"):
         predictor.predict(sample_bgr(40, 40).astype(np.float32) / 255)
 
+
+def test_micrometres_keep_their_digits_at_a_small_pixel_size(tmp_path):
+    """objects.csv's _um columns keep 6 significant digits: at 0.01 um per pixel, 2 decimals wrote nuclei of 99 and
+    90 px alike as 0.01 um2."""
+    labels = np.zeros((40, 40), np.int32)
+    labels[2:11, 2:13], labels[20:30, 20:29] = 1, 2
+    table = predict.object_rows("a", 0, labels, np.ones((40, 40, 1), np.uint8), np.full((40, 40), 0.9), 0.01)
+    predict.write_tables(str(tmp_path), [], table)
+    written = pd.read_csv(tmp_path / "objects.csv")
+    assert list(written["area"]) == [99, 90]
+    np.testing.assert_allclose(written["area_um2"], written["area"] * 1e-4, rtol=1e-6)
+    for column in ("perimeter", "major_axis_length", "minor_axis_length"):
+        np.testing.assert_allclose(written[f"{column}_um"], table[column] * 0.01, rtol=1e-5)
+
 def test_scale_predicts_the_resized_image(in_runs, tmp_path):
     """--scale S (a crop-trained run): the probabilities of the image resized by S, resized back to its size."""
     cfg, model = checkpoints.load_run("pc", torch.device("cpu"))
