@@ -270,9 +270,15 @@ def tiff_notes(files, headers, channel):
 
 
 def pixel_size_warnings(files, headers):
-    """A line for each TIFF whose calibration was there but gave no pixel size (image_files.tiff_pixel_size)."""
-    return [f"warning: {f}: {header.pixel_size_problem}: no pixel size read, its _um columns are left empty; give "
-            "--pixel_size UM" for f, header in zip(files, headers) if header.pixel_size_problem]
+    """One line naming the TIFFs whose calibration was there but gave no pixel size (image_files.tiff_pixel_size),
+    with the first one's problem: a folder of a thousand alike TIFFs gives one line, not a thousand; [] for none."""
+    named = [(f, header.pixel_size_problem) for f, header in zip(files, headers) if header.pixel_size_problem]
+    if not named:
+        return []
+    more = [f for f, _ in named[1:]]
+    others = f" (also {len(more)} more file{'s' * (len(more) > 1)}: {first_few(more)})" if more else ""
+    return [f"warning: {named[0][0]}: {named[0][1]}: no pixel size read{others}, their _um columns are left empty; "
+            "give --pixel_size UM"]
 
 
 def image_ids(files, out_dir, stacks):
