@@ -1,8 +1,11 @@
 """The command lines of the documentation (README.md, docs/*.md, pretrained/*/README.md and the comments of
-configs/*.yml) are accepted by the scripts they call: each one is parsed by its script's own parser, in this process,
-and stopped there, so that nothing runs. A renamed flag or choice would otherwise leave the docs wrong without a word.
+configs/*.yml) and of the scripts' own --help (their module docstrings, and their parsers' descriptions and epilogs
+written elsewhere) are accepted by the scripts they call: each one is parsed by its script's own parser, in this
+process, and stopped there, so that nothing runs. A renamed flag or choice would otherwise leave the docs wrong
+without a word.
 """
 import argparse
+import ast
 import importlib
 import io
 import os
@@ -15,6 +18,7 @@ from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ("README.md", "docs/*.md", "pretrained/*/README.md", "configs/*.yml")
+SCRIPTS = ("*.py", "bench/*.py")  # their module docstrings, --help's text
 # <name>, my/<run>/x, "train.py ..." (more flags), N, X.yml, A/scores.csv, $EPOCHS: stand for a value of the reader's
 PLACEHOLDER = re.compile(r"<[^>]*>|\.\.\.|\b[A-Z]\b|\$\{?\w+")
 SHELL_FENCES = ("", "bash", "sh", "shell", "console")
@@ -31,6 +35,17 @@ HISTORY = {}
 # Flags of another script named in a command's comment: {(doc, flag): why}.
 OTHER_SCRIPTS_FLAGS = {
     ("pretrained/nuclei/README.md", "--scale"): "bench/scale.py's table has a column of predict.py's --scale auto",
+}
+# The same two for the scripts' docstrings and --help (doc: the script, "X.py --help" for a parser's own text).
+# Commands that the shell changes before the script sees them, which this test does not redo: {(doc, command): why}.
+DOCSTRING_SHELL = {
+    ("bench/quality.py",
+     "python bench/quality.py configs/dsb2018_96_*_bcedice.yml configs/dsb2018_96_*_lovasz.yml"):
+        "the shell expands each glob to the 96x96 recipes of that loss; checked unexpanded, it names no recipe",
+}
+DOCSTRING_OTHER_FLAGS = {
+    ("val.py", "--test_size"): "the run's split comes from train.py's --test_size",
+    ("score.py", "--instances"): "the label images scored are those of predict.py --instances",
 }
 
 
@@ -131,6 +146,68 @@ def doc_commands():
         for path in sorted(ROOT.glob(pattern)):
             doc, text = str(path.relative_to(ROOT)), path.read_text(encoding="utf-8")
             found += commands_in(doc, yaml_comment_lines(text) if path.suffix == ".yml" else shell_lines(text))
+    return found
+
+
+def docstring_lines(text, first=1):
+    """(line number, shell text) of a docstring whose first line is line ``first`` of its file: the logical lines of
+    its indented (literal) blocks, a line indented deeper than the line before it, or following a ``\\``, joined to
+    it (as preprocess_dsb2018.py's usage wraps), and its inline code spans (``x`` or `x`, joined over lines)."""
+    lines, pending, prose = [], None, []
+    for number, line in enumerate(text.splitlines(), first):
+        indent = len(line) - len(line.lstrip())
+        prose.append("" if indent else line)
+        if pending and line.strip() and (pending[1].endswith("\\") or indent > pending[2]):
+            pending = (pending[0], pending[1].rstrip("\\").rstrip() + " " + line.strip(), pending[2])
+            continue
+        if pending:
+            lines.append(pending[:2])
+        pending = (number, line.strip(), indent) if indent and line.strip() else None
+    lines += [pending[:2]] if pending else []
+    text = "\n".join(prose)
+    lines += [(first + text.count("\n", 0, m.start()), " ".join(m.group(2).split()))
+              for m in re.finditer(r"(``?)(.+?)\1", text, re.S)]
+    return sorted(lines, key=lambda numbered: numbered[0])
+
+
+def docstring_commands(doc, source):
+    """The Commands of the module docstring of ``source`` (the text of the script ``doc``), its lines numbered as in
+    the file."""
+    tree = ast.parse(source)
+    text = ast.get_docstring(tree, clean=False)  # a module's docstring starts at column 0: its lines as in the file
+    return commands_in(doc, docstring_lines(text, tree.body[0].lineno)) if text else []
+
+
+def parser_of(script):
+    """The parser that the script's main(argv) first parses with (None for a module with no main)."""
+    module = importlib.import_module(Path(script).stem)
+    if not hasattr(module, "main"):
+        return None
+
+    def stop(parser, args=None, namespace=None):
+        raise _Parsed(parser)
+
+    with mock.patch.object(argparse.ArgumentParser, "parse_known_args", stop), redirect_stdout(io.StringIO()):
+        try:
+            module.main([])
+        except _Parsed as parsed:
+            return parsed.parser
+    raise AssertionError(f"{script}'s main returned without parsing its command line")
+
+
+def script_commands():
+    """Every Command of the SCRIPTS' --help: their module docstrings (which most parsers' descriptions quote) and
+    their parsers' descriptions and epilogs not taken from the docstring."""
+    found = []
+    for pattern in SCRIPTS:
+        for path in sorted(ROOT.glob(pattern)):
+            doc, source = str(path.relative_to(ROOT)), path.read_text(encoding="utf-8")
+            found += docstring_commands(doc, source)
+            parser = parser_of(doc)
+            docstring = ast.get_docstring(ast.parse(source), clean=False) or ""
+            for text in (parser.description, parser.epilog) if parser else ():
+                if text and text not in docstring:
+                    found += commands_in(f"{doc} --help", docstring_lines(text))
     return found
 
 
@@ -240,6 +317,45 @@ def test_documented_commands_parse():
     assert len(commands) > 150, f"only {len(commands)} commands found in {DOCS}: is the extraction broken?"
     found = problems(commands, HISTORY, OTHER_SCRIPTS_FLAGS)
     assert not found, f"{len(found)} documented commands are refused:\n" + "\n".join(found)
+
+
+def test_script_docstring_commands_parse():
+    commands = script_commands()
+    assert len(commands) > 40, f"only {len(commands)} commands found in the docstrings of {SCRIPTS}: is the " \
+                               "extraction broken?"
+    found = problems(commands, DOCSTRING_SHELL, DOCSTRING_OTHER_FLAGS)
+    assert not found, f"{len(found)} commands of the scripts' docstrings are refused:\n" + "\n".join(found)
+
+
+def test_docstring_extraction_and_a_stale_flag():
+    source = '''"""Evaluate a run.
+
+    python val.py --name u96 --split test    # a run trained with --test_size
+    python val.py --name u96 --no_tta_at_all \\\\
+        --tta
+    python preprocess_dsb2018.py [--img_size 96]
+                                 [--limit N]
+
+Scored as ``val.py --name <run>`` scores, or with `python
+val.py --name u96 --dataset_gone x` in the prose; train.py's --test_size and python's own words are prose.
+"""
+import sys
+'''
+    found = docstring_commands("val.py", source)
+    assert [(c.line, c.script, c.argv, c.comment_flags) for c in found] == [
+        (3, "val.py", ["--name", "u96", "--split", "test"], ("--test_size",)),
+        (4, "val.py", ["--name", "u96", "--no_tta_at_all", "--tta"], ()),
+        (6, "preprocess_dsb2018.py", ["--img_size", "96", "--limit", "N"], ()),
+        (9, "val.py", ["--name", "u96", "--dataset_gone", "x"], ()),
+    ]
+    assert problems(found, other_flags={("val.py", "--test_size"): "train.py's"}) == [
+        "val.py:4: python val.py --name u96 --no_tta_at_all --tta\n    val.py: error: unrecognized arguments: "
+        "--no_tta_at_all (see: python val.py --help)",
+        "val.py:9: python val.py --name u96 --dataset_gone x\n    val.py: error: unrecognized arguments: "
+        "--dataset_gone x (see: python val.py --help)"]
+    assert docstring_commands("val.py", "import sys\n") == []
+    assert parser_of("export.py").description.startswith("Export models/<name>/model.pth to ONNX")
+    assert parser_of("bench/timing.py") is None
 
 
 def test_extraction_and_a_stale_flag():
