@@ -27,6 +27,7 @@ removed at the end. The table is followed, as the last line, by one JSON object 
 """
 import argparse
 import gc
+import itertools
 import json
 import os
 import platform
@@ -146,6 +147,11 @@ def _max_rss_mib(who=resource.RUSAGE_SELF):
     return resource.getrusage(who).ru_maxrss / 1024.0  # Linux: KiB
 
 
+# A run name per measurement: the --in_process ones share a pid, and saving no epoch, each would leave the run an
+# --overwrite of the one before set aside, which the third refused
+RUN_NUMBERS = itertools.count()
+
+
 def _build_ours(spec):
     """A Trainer from train.py's own flags; returns (epoch function, steps per epoch, description)."""
     argv = ["--dataset", spec["dataset"], "--arch", spec["arch"], "--deep_supervision", str(spec["ds"]),
@@ -153,7 +159,7 @@ def _build_ours(spec):
             "--device", spec["device"], "--amp", spec["amp"], "--channels_last", spec["channels_last"],
             "--loader", spec["loader"], "--compile", str(spec["compile"]),
             "--input_h", str(spec["size"]), "--input_w", str(spec["size"]), "--seed", str(spec["seed"]),
-            "--epochs", str(spec["warmup"] + spec["repeats"]), "--name", f"bench_{os.getpid()}", "--overwrite"]
+            "--epochs", str(spec["warmup"] + spec["repeats"]), "--name", f"bench_{os.getpid()}_{next(RUN_NUMBERS)}"]
     trainer = Trainer(parse_train_args(argv), progress=False)
     steps = min(len(trainer.train_loader), spec["steps"] or len(trainer.train_loader))
 

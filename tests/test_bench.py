@@ -70,6 +70,15 @@ def test_speed_quick_smallest(tmp_path):
     assert os.listdir(tmp_path) == []  # everything went to a temporary folder, removed afterwards
 
 
+def test_speed_in_process_measures_more_than_two_runs(tmp_path):
+    """--in_process builds every Trainer in one process: the third one of a pid's run name was refused (the second's
+    --overwrite had set the first aside, and no measurement saves an epoch to drop it)."""
+    summary = run_script("speed.py", ["--quick", "--in_process", "--device", "cpu", "--archs", "UNet,UNet,UNet",
+                                      "--batch_sizes", "4", "--num_images", "24", "--size", "32", "--steps", "1",
+                                      "--repeats", "1", "--warmup", "0", "--num_workers", "0"], tmp_path)
+    assert len(summary["rows"]) == 3 and all(row["ours"]["images_per_s"] > 0 for row in summary["rows"])
+
+
 def test_speed_stops_on_a_signal_that_ends_a_job(tmp_path):
     """SIGUSR1 (Slurm's warning before the time limit, one of utils.STOP_SIGNALS) stops bench/speed.py as Ctrl-C
     does: exit 130, its measuring subprocess killed, its work folder removed."""
