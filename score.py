@@ -137,7 +137,9 @@ def score_image(img_id, pred_path, labels_path, mask_path):
     n_true, n_pred = iou.shape
     tp = int(true_positives(iou, [0.5])[0])
     return {**row, "dsb": dsb_score_of_iou(iou), "tp": tp, "fp": n_pred - tp, "fn": n_true - tp,
-            "precision": tp / n_pred if n_pred else 1.0, "recall": tp / n_true if n_true else 1.0,
+            # an empty side scores 1 only when the other is empty too: a tool that finds nothing is no precise one
+            "precision": tp / n_pred if n_pred else float(n_true == 0),
+            "recall": tp / n_true if n_true else float(n_pred == 0),
             "f1": 2 * tp / (n_true + n_pred) if n_true + n_pred else 1.0, "true_nuclei": n_true,
             "pred_nuclei": n_pred}, counts, binary
 

@@ -218,3 +218,21 @@ def test_predict_py_s_outputs_score_as_val_py_scores_them(tmp_path, monkeypatch,
         assert nuclei.loc[img_id, "dsb"] == pytest.approx(expected.loc[img_id, "dsb"], abs=1e-6)
     assert (nuclei["iou"] <= masks["iou"] + 1e-9).all()
     assert "2 predictions are a binary mask" in capsys.readouterr().out
+
+
+def test_an_empty_side_scores_1_only_when_both_are_empty(tmp_path, capsys):
+    """Nothing found where there were nuclei has precision 0, not 1 (no false positives, but nothing right either);
+    nuclei found where there were none recall 0: F1 and the DSB2018 score say 0 there too."""
+    nuclei, empty = random_labels(np.random.default_rng(5)), np.zeros((SIZE, SIZE), np.int32)
+    cases = {"missed": (nuclei, empty), "invented": (empty, nuclei), "both_empty": (empty, empty)}
+    for img_id, (_, pred) in cases.items():
+        write_image(tmp_path / "pred" / f"{img_id}.png", pred.astype(np.uint16))
+    truths = {img_id: truth for img_id, (truth, _) in cases.items()}
+    code, out, _ = run(["--pred", str(tmp_path / "pred"), "--truth", labelled_dataset(tmp_path / "data", truths)],
+                       capsys)
+    table = read_scores(tmp_path / "pred" / "scores.csv")
+    assert code == 0
+    assert table.loc["missed", ["precision", "recall", "f1", "dsb"]].tolist() == [0, 0, 0, 0]
+    assert table.loc["invented", ["precision", "recall", "f1", "dsb"]].tolist() == [0, 0, 0, 0]
+    assert table.loc["both_empty", ["precision", "recall", "f1", "dsb"]].tolist() == [1, 1, 1, 1]
+    assert f"precision {1 / 3:.4f}, recall {1 / 3:.4f}" in out
