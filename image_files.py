@@ -352,8 +352,9 @@ def decode_image(path):
 
 def read_label_image(path):
     """Read an instance label image (0 = background, one integer per nucleus; 8/16/32-bit PNG or TIFF) -> int32
-    [H, W]; an indexed PNG may give its indices (:func:`_read_values`). A colour image, float values or a binary
-    mask (one value for several separate objects) are a DataError naming the file."""
+    [H, W]; an indexed PNG may give its indices (:func:`_read_values`), a float TIFF of whole numbers (Fiji's) its
+    values. A colour image, fractional float values or a binary mask (one value for several separate objects) are a
+    DataError naming the file."""
     labels = _label_values(path)
     if _binary_components(labels) is not None:
         raise DataError(f"label image {path} gives one value ({labels.max()}) to several separate objects: it is a "
@@ -390,9 +391,12 @@ def _label_values(path):
             raise DataError(f"label image {path} is a colour image; label images hold one integer per nucleus in a "
                             "single grey channel (0 = background): save them as 16-bit grey PNG or TIFF")
         labels = labels[:, :, 0]
+    # Fiji saves label images as 32-bit float, which holds every id up to 2**24 exactly
+    if labels.dtype.kind == "f" and np.isfinite(labels).all() and (labels == np.round(labels)).all():
+        labels = labels.astype(np.int64)
     if not np.issubdtype(labels.dtype, np.integer):
-        raise DataError(f"label image {path} holds {labels.dtype} values; label images hold integers, one per "
-                        "nucleus (save them as 16-bit PNG or integer TIFF)")
+        raise DataError(f"label image {path} holds {labels.dtype} values with fractions or NaN; label images hold "
+                        "integers, one per nucleus (save them as 16-bit PNG or integer TIFF)")
     low, top = int(labels.min()), int(labels.max())
     if low < 0 or top > np.iinfo(np.int32).max:  # int32 below: larger values would wrap to negative ones
         raise DataError(f"label image {path} holds the value {low if low < 0 else top}; labels are 0 for the "

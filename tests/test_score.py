@@ -147,7 +147,7 @@ def one_image(tmp_path, pred, name="x.png", truth=None):
 def test_mistakes_give_one_line_naming_the_file_and_the_fix(tmp_path, capsys, case):
     labels = random_labels(np.random.default_rng(3)).astype(np.uint16)
     argv = one_image(tmp_path, {"size": labels[:20], "colour": np.dstack([labels % 256, labels * 0, labels * 0])
-                                .astype(np.uint8), "float": labels.astype(np.float32)}.get(case, labels),
+                                .astype(np.uint8), "float": labels.astype(np.float32) / 3}.get(case, labels),
                      "x.tif" if case == "float" else "x.png")
     if case == "two candidates":
         write_image(tmp_path / "pred" / "x_cp_masks.png", labels)
@@ -158,7 +158,7 @@ def test_mistakes_give_one_line_naming_the_file_and_the_fix(tmp_path, capsys, ca
     code, out, err = run(argv, capsys)
     expected = {"two candidates": "x.png and x_cp_masks.png; choose with --suffix _cp_masks or --suffix ''",
                 "no prediction": "1 of 2 images have no prediction in", "size": "x.png is 32x20 pixels, its truth",
-                "colour": "x.png is a colour image", "float": "x.tif holds float32 values",
+                "colour": "x.png is a colour image", "float": "x.tif holds float32 values with fractions",
                 "the truth itself": "is the truth of x itself"}[case]
     assert code != 0 and expected in err and err.count("\n") == 1 and "Traceback" not in err, err
     assert not (tmp_path / "pred" / "scores.csv").exists()
@@ -236,3 +236,11 @@ def test_an_empty_side_scores_1_only_when_both_are_empty(tmp_path, capsys):
     assert table.loc["invented", ["precision", "recall", "f1", "dsb"]].tolist() == [0, 0, 0, 0]
     assert table.loc["both_empty", ["precision", "recall", "f1", "dsb"]].tolist() == [1, 1, 1, 1]
     assert f"precision {1 / 3:.4f}, recall {1 / 3:.4f}" in out
+
+
+def test_fiji_s_float_label_images_score_as_their_whole_numbers(tmp_path):
+    """Fiji saves a label image as 32-bit float: its values are the ids, exactly (float32 holds each up to 2**24)."""
+    truth = random_labels(np.random.default_rng(6)) + 70000 * (random_labels(np.random.default_rng(6)) > 0)
+    argv = one_image(tmp_path, truth.astype(np.float32), "x.tif", truth=truth)
+    table = score.main(argv).set_index("img_id")
+    assert table.loc["x", ["dsb", "tp", "fp", "pred_nuclei"]].tolist() == [1.0, 8, 0, 8]
