@@ -56,10 +56,13 @@ def truth_files(dataset, img_ext, mask_ext):
     """{id: (label image path or None, binary mask path or None)} of every image of dataset ``dataset`` (a name in
     inputs/ or a path; dataset.list_ids checks its layout), and its folder. The mask is class 0's of the 'masks'
     layout, which val.py scores pixels by; label-image layouts derive their foreground from the labels."""
-    from config import dataset_folder
+    from config import INPUTS_DIR, dataset_folder
     from dataset import find_layout, list_ids
 
     folder = dataset_folder(dataset)
+    if not os.path.isdir(folder):  # find_layout's message names train.py's --dataset
+        raise DataError(f"--truth {dataset}: no dataset of that name in {INPUTS_DIR}/ and no such folder; give the "
+                        "folder of the annotated images (images/ and labels/, or another layout of 'Your own data')")
     layout = find_layout(folder, img_ext, mask_ext)
     masks = os.path.join(folder, "masks")
     classes = sum(d.isdigit() for d in os.listdir(masks)) if layout.kind == "masks" and os.path.isdir(masks) else 1

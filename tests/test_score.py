@@ -143,7 +143,8 @@ def one_image(tmp_path, pred, name="x.png", truth=None):
     return ["--pred", str(tmp_path / "pred"), "--truth", labelled_dataset(tmp_path / "data", {"x": truth})]
 
 
-@pytest.mark.parametrize("case", ["two candidates", "no prediction", "size", "colour", "float", "the truth itself"])
+@pytest.mark.parametrize("case", ["two candidates", "no prediction", "size", "colour", "float", "the truth itself",
+                                  "no truth"])
 def test_mistakes_give_one_line_naming_the_file_and_the_fix(tmp_path, capsys, case):
     labels = random_labels(np.random.default_rng(3)).astype(np.uint16)
     argv = one_image(tmp_path, {"size": labels[:20], "colour": np.dstack([labels % 256, labels * 0, labels * 0])
@@ -155,11 +156,14 @@ def test_mistakes_give_one_line_naming_the_file_and_the_fix(tmp_path, capsys, ca
         labelled_dataset(tmp_path / "data", {"y": labels})
     if case == "the truth itself":
         argv[1] = str(tmp_path / "data" / "labels")
+    if case == "no truth":
+        argv[3] = str(tmp_path / "annotated")
     code, out, err = run(argv, capsys)
     expected = {"two candidates": "x.png and x_cp_masks.png; choose with --suffix _cp_masks or --suffix ''",
                 "no prediction": "1 of 2 images have no prediction in", "size": "x.png is 32x20 pixels, its truth",
                 "colour": "x.png is a colour image", "float": "x.tif holds float32 values with fractions",
-                "the truth itself": "is the truth of x itself"}[case]
+                "the truth itself": "is the truth of x itself",
+                "no truth": f"--truth {tmp_path / 'annotated'}: no dataset of that name in inputs/"}[case]
     assert code != 0 and expected in err and err.count("\n") == 1 and "Traceback" not in err, err
     assert not (tmp_path / "pred" / "scores.csv").exists()
 
