@@ -17,17 +17,12 @@ precision, recall and F1 (1 where nothing was to find and nothing was found), an
 predicted nuclei. Then a summary like val.py's.
 """
 import os
-import shlex
 
-from utils import ArgumentParser, DataError, UsageError, file_extension, first_few, path_arg, run_cli
+from utils import ArgumentParser, UsageError, file_extension, first_few, path_arg, run_cli
 
 # What tools append to an image's name in the label images they write: predict.py --instances, Cellpose, the
 # Cellpose layout's truth, and common hand-made names
 PRED_SUFFIXES = ("_instances", "_cp_masks", "_masks", "_labels", "_label")
-# Other files that tools write beside them: predict.py's probabilities and overlays, the Cellpose layout's images
-OTHER_OUTPUTS = ("_prob", "_overlay", "_img")
-COLUMNS = ["img_id", "iou", "dice", "dsb", "tp", "fp", "fn", "precision", "recall", "f1", "true_nuclei",
-           "pred_nuclei", "prediction"]
 
 
 def build_parser():
@@ -52,130 +47,6 @@ def build_parser():
     return p
 
 
-def truth_files(dataset, img_ext, mask_ext):
-    """{id: (label image path or None, binary mask path or None)} of every image of dataset ``dataset`` (a name in
-    inputs/ or a path; dataset.list_ids checks its layout), and its folder. The mask is class 0's of the 'masks'
-    layout, which val.py scores pixels by; label-image layouts derive their foreground from the labels."""
-    from config import INPUTS_DIR, dataset_folder
-    from dataset import find_layout, list_ids
-
-    folder = dataset_folder(dataset)
-    if not os.path.isdir(folder):  # find_layout's message names train.py's --dataset
-        raise DataError(f"--truth {dataset}: no dataset of that name in {INPUTS_DIR}/ and no such folder; give the "
-                        "folder of the annotated images (images/ and labels/, or another layout of 'Your own data')")
-    layout = find_layout(folder, img_ext, mask_ext)
-    masks = os.path.join(folder, "masks")
-    classes = sum(d.isdigit() for d in os.listdir(masks)) if layout.kind == "masks" and os.path.isdir(masks) else 1
-    ids = list_ids(folder, img_ext, mask_ext, max(classes, 1))  # class 0 is the nuclei
-    return {i: (layout.labels(i), layout.mask(i, 0) if layout.kind == "masks" else None) for i in ids}, folder
-
-
-def pair_predictions(pred_dir, ids, suffix):
-    """{id: the prediction file of each of ``ids`` in ``pred_dir``} (named <id><suffix>, for ``suffix`` None with no
-    suffix or one of PRED_SUFFIXES), and the image files there that belong to no id. An id with two predictions or
-    none is a DataError naming them."""
-    from predict import CELLPOSE_OUTPUTS, IMAGE_EXTS
-    from utils import check_utf8_names
-
-    if not os.path.isdir(pred_dir):
-        raise DataError(f"--pred {pred_dir}: no such folder; give the folder of the predicted label images")
-    names = sorted(f for f in os.listdir(pred_dir) if f.lower().endswith(IMAGE_EXTS) and not f.startswith(".")
-                   and not os.path.isdir(os.path.join(pred_dir, f)))
-    check_utf8_names(names)
-    wanted = ("", *PRED_SUFFIXES) if suffix is None else (suffix,)
-    known = ("", *PRED_SUFFIXES, *OTHER_OUTPUTS, *CELLPOSE_OUTPUTS, *wanted)
-    candidates, strays = {i: [] for i in ids}, []
-
-    def owner(stem, endings):
-        return next((stem[:len(stem) - len(e)] for e in endings
-                     if stem.endswith(e) and stem[:len(stem) - len(e)] in candidates), None)
-
-    for name in names:
-        stem = os.path.splitext(name)[0]
-        img_id = owner(stem, wanted)
-        if img_id is not None:
-            candidates[img_id].append(name)
-        elif owner(stem, known) is None:
-            strays.append(name)
-    for img_id, found in candidates.items():
-        if len(found) > 1:
-            ends = [os.path.splitext(f)[0][len(img_id):] for f in found]
-            fix = (f"choose with --suffix {shlex.quote(ends[1])} or --suffix {shlex.quote(ends[0])}"
-                   if ends[0] != ends[1] else "keep one of them")
-            raise DataError(f"{img_id} has two predictions in {pred_dir}: {found[0]} and {found[1]}; {fix}")
-    missing = [i for i, found in candidates.items() if not found]
-    if missing:
-        names_like = f"<id>{suffix}" if suffix is not None else f"<id> or <id> plus one of {', '.join(PRED_SUFFIXES)}"
-        raise DataError(f"{len(missing)} of {len(ids)} images have no prediction in {pred_dir}: {first_few(missing)}; "
-                        f"name each prediction {names_like} (.png or .tif), or score a dataset of the images "
-                        "predicted")
-    return {i: os.path.join(pred_dir, found[0]) for i, found in candidates.items()}, strays
-
-
-def score_image(img_id, pred_path, labels_path, mask_path):
-    """One image's row of COLUMNS (the instance scores NaN without ``labels_path``), its pixel counts
-    (intersection, union, predicted, true) and whether the prediction was a binary mask."""
-    import numpy as np
-
-    from image_files import read_label_image, read_labels_or_components, read_mask
-    from metrics import dsb_score_of_iou, object_iou, pooled_scores, true_positives
-
-    pred, binary = read_labels_or_components(pred_path)
-    truth = read_label_image(labels_path) if labels_path else None
-    true_mask = read_mask(mask_path) > 0 if mask_path else truth > 0
-    if pred.shape != true_mask.shape:
-        raise DataError(f"prediction {pred_path} is {pred.shape[1]}x{pred.shape[0]} pixels, its truth "
-                        f"{labels_path or mask_path} {true_mask.shape[1]}x{true_mask.shape[0]}: segment the image at "
-                        "its size in the dataset")
-    if truth is not None and truth.shape != true_mask.shape:
-        raise DataError(f"label image {labels_path} is {truth.shape[1]}x{truth.shape[0]} pixels, its mask "
-                        f"{mask_path} {true_mask.shape[1]}x{true_mask.shape[0]}: give them one size")
-    pred_mask = pred > 0
-    counts = [int((pred_mask & true_mask).sum()), int((pred_mask | true_mask).sum()), int(pred_mask.sum()),
-              int(true_mask.sum())]
-    row = {"img_id": img_id, **pooled_scores(*counts), "prediction": os.path.basename(pred_path)}
-    if truth is None:
-        return {**row, "pred_nuclei": len(np.unique(pred[pred_mask]))}, counts, binary
-    iou = object_iou(truth, pred)
-    n_true, n_pred = iou.shape
-    tp = int(true_positives(iou, [0.5])[0])
-    return {**row, "dsb": dsb_score_of_iou(iou), "tp": tp, "fp": n_pred - tp, "fn": n_true - tp,
-            # an empty side scores 1 only when the other is empty too: a tool that finds nothing is no precise one
-            "precision": tp / n_pred if n_pred else float(n_true == 0),
-            "recall": tp / n_true if n_true else float(n_pred == 0),
-            "f1": 2 * tp / (n_true + n_pred) if n_true + n_pred else 1.0, "true_nuclei": n_true,
-            "pred_nuclei": n_pred}, counts, binary
-
-
-def summary(table, counts, pred_dir, folder, output):
-    """The lines score.py prints: pooled and mean IoU, mean Dice, DSB2018, F1 / precision / recall at IoU 0.5, the
-    bootstrap interval (evaluation.interval_line), the worst image. ``counts``: the pixel counts summed."""
-    from evaluation import interval_line
-    from metrics import pooled_scores
-
-    pooled = pooled_scores(*counts)
-    labelled = table["dsb"].notna()
-    lines = [f"{pred_dir} against {folder} ({len(table)} images):",
-             f"  IoU  {pooled['iou']:.4f} pooled   {table['iou'].mean():.4f} mean per image",
-             f"  Dice {pooled['dice']:.4f} pooled   {table['dice'].mean():.4f} mean per image"]
-    if labelled.any():
-        nuclei = table[labelled]
-        over = f", over the {labelled.sum()} images with instance labels" if not labelled.all() else ""
-        lines += [f"  DSB2018 score {nuclei['dsb'].mean():.4f} mean per image{over}",
-                  f"  at IoU 0.5: F1 {nuclei['f1'].mean():.4f}, precision {nuclei['precision'].mean():.4f}, recall "
-                  f"{nuclei['recall'].mean():.4f} (means per image); {nuclei['tp'].sum()} of "
-                  f"{nuclei['true_nuclei'].sum()} true nuclei found, {nuclei['fp'].sum()} false positives"]
-    if not labelled.all():
-        lines.append(f"  {(~labelled).sum()} of {len(table)} images have no instance labels in {folder} (labels/ "
-                     "or a label-image layout): their masks alone are scored (IoU and Dice; the DSB2018 score and "
-                     "F1 need instance labels)")
-    lines += interval_line(table, None)
-    worst = table.iloc[0]
-    dsb = f", DSB2018 {worst['dsb']:.3f}" if labelled.iloc[0] else ""
-    lines.append(f"  worst image {worst['img_id']} (IoU {worst['iou']:.3f}{dsb}); per image in {output}")
-    return "\n".join(lines)
-
-
 def main(argv):
     args = build_parser().parse_args(argv)
     output = args.output or os.path.join(args.pred, "scores.csv")
@@ -186,10 +57,11 @@ def main(argv):
     import pandas as pd
 
     from files import atomic_write
+    from scoring import COLUMNS, pair_predictions, score_image, summary, truth_files
     from utils import BatchedThreads
 
     truths, folder = truth_files(args.truth, args.img_ext, args.mask_ext)
-    preds, strays = pair_predictions(args.pred, sorted(truths), args.suffix)
+    preds, strays = pair_predictions(args.pred, sorted(truths), args.suffix, PRED_SUFFIXES)
     for img_id, pred in preds.items():
         if any(truth and os.path.exists(truth) and os.path.samefile(pred, truth) for truth in truths[img_id]):
             raise UsageError(f"--pred {args.pred}: {pred} is the truth of {img_id} itself; give the folder of the "
