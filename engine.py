@@ -229,7 +229,8 @@ class EpochTotals:
 
     def add(self, loss, logits, masks):
         """One batch: its mean loss (0-dim), logits and masks [B, K(+1), H, W], scored over the first ``classes``
-        channels (the mask classes; None: all). Returns its per-image (iou [B], dice [B]) on the device."""
+        channels (the mask classes; None: all). Returns its scores per image and mask class (iou [B, K], dice
+        [B, K]) on the device."""
         self.loss_sum += loss.double() * logits.shape[0]
         self.seen += logits.shape[0]
         return self.meter.update(logits[:, :self.classes], masks[:, :self.classes])
@@ -352,8 +353,9 @@ def evaluate(model, loader, criterion, precision, desc="val", progress=True, pru
     iou/dice are pooled over the split (sum of intersections / sum of unions); iou_mean/dice_mean average the
     per-image scores, over the first ``classes`` channels (None: all; see :func:`train_one_epoch`). ``prune`` L
     runs NestedUNet only up to head L; ``tta`` averages flips.
-    ``on_batch(meta, images, logits, masks, scores)`` is called per batch with its per-image scores = (iou [B],
-    dice [B]) (val.py writes its files and rows there).
+    ``on_batch(meta, images, logits, masks, scores)`` is called per batch with its scores per image and class =
+    (iou [B, K], dice [B, K]), the K scored classes; iou_mean/dice_mean average their means over K (val.py writes its
+    files and rows there).
     Under DDP each rank evaluates its own shard and the sums are reduced over ranks.
     """
     model.eval()

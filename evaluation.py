@@ -230,29 +230,33 @@ class ImageWriter:
 
     def __call__(self, meta, images, logits, masks, scores):
         """meta {'img_id': [B], 'kind': [B]} (dataset.eval_loader with kinds), images [B, C, H, W] normalised, logits
-        [B, K(+1), H, W], masks [B, K(+1), H, W] in {0, 1}, scores the per-image (iou [B], dice [B]) of the K mask
-        classes that engine.evaluate computed."""
+        [B, K(+1), H, W], masks [B, K(+1), H, W] in {0, 1}, scores the (iou [B, K], dice [B, K]) of each image's K
+        mask classes that engine.evaluate computed."""
         probs = host_probabilities(logits)
         ious, dices = (s.cpu().numpy() for s in scores)
         images = images.float().cpu().numpy().transpose(0, 2, 3, 1) if self.overlays else [None] * len(probs)
         truths = masks[:, 0].cpu().numpy() > 0
         for i, (img_id, kind) in enumerate(zip(meta["img_id"], meta["kind"])):
-            self.jobs.submit(self._write_image, img_id, kind, probs[i], images[i], truths[i], float(ious[i]),
-                             float(dices[i]), nbytes=probs[i].nbytes + truths[i].nbytes +
+            self.jobs.submit(self._write_image, img_id, kind, probs[i], images[i], truths[i], ious[i], dices[i],
+                             nbytes=probs[i].nbytes + truths[i].nbytes +
                              (images[i].nbytes if self.overlays else 0))
 
     def _write_image(self, img_id, kind, prob, image, truth, iou, dice):
         """One image's files and (row, {method: DSB2018 score}); kind its image kind, prob float [K(+1), H, W] in
-        [0, 1], image normalised [H, W, C] (None without overlays), truth bool [H, W] (class 0)."""
+        [0, 1], image normalised [H, W, C] (None without overlays), truth bool [H, W] (class 0), iou and dice float
+        [K] its classes' scores (the row's iou and dice: their mean; with K > 1 also each, iou_class<c>)."""
         k = self.classes
         for c in range(prob.shape[0]):
             atomic_imwrite(os.path.join(self.out_dir, str(c) if c < k else "borders", img_id + ".png"),
                            np.round(prob[c] * 255).astype(np.uint8))
-        row, dsb = {"img_id": img_id, "iou": iou, "dice": dice, "kind": kind}, {}
+        row, dsb = {"img_id": img_id, "iou": float(iou.mean()), "dice": float(dice.mean()), "kind": kind}, {}
         if img_id in self.labels:  # DSB2018 instance score at the evaluated size
             truth_labels = read_labels(self.labels[img_id], prob.shape[1:])
             dsb = dsb_scores(prob[0], truth_labels, self.methods, border=border_map(prob, k), **self.filters)
             row["dsb"] = dsb[self.methods[0]]
+        if k > 1:
+            for c in range(k):
+                row.update({f"iou_class{c}": float(iou[c]), f"dice_class{c}": float(dice[c])})
         if image is not None:
             atomic_imwrite(os.path.join(self.out_dir, "overlays", img_id + ".png"),
                            overlay_panel(to_bgr(denormalize(image)), truth, prob[0]))

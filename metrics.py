@@ -32,11 +32,9 @@ def ratio_or_one(numerator, denominator):
     return torch.where(denominator > 0, numerator / denominator.clamp(min=1), ones)
 
 
-def scores_from_counts(intersection, union, pred_sum, target_sum):
-    """Per-image (iou [B], dice [B]) from the [B, K] counts of :func:`pixel_counts`: mean over classes."""
-    iou = ratio_or_one(intersection, union)
-    dice = ratio_or_one(2 * intersection, pred_sum + target_sum)
-    return iou.mean(1), dice.mean(1)
+def class_scores(intersection, union, pred_sum, target_sum):
+    """Per image and class (iou [B, K], dice [B, K]) from the [B, K] counts of :func:`pixel_counts`."""
+    return ratio_or_one(intersection, union), ratio_or_one(2 * intersection, pred_sum + target_sum)
 
 
 def per_image_scores(logits, target):
@@ -44,7 +42,7 @@ def per_image_scores(logits, target):
 
     Each image's score is the mean over its classes; an empty prediction on an empty truth scores 1.
     """
-    return scores_from_counts(*pixel_counts(logits, target))
+    return tuple(s.mean(1) for s in class_scores(*pixel_counts(logits, target)))
 
 
 class SegmentationMeter:
@@ -60,15 +58,16 @@ class SegmentationMeter:
         self.by_class = None  # [K, 4], once the first batch says K
 
     def update(self, logits, target):
-        """Add a batch: logits [B, K, H, W], target [B, K, H, W] in {0, 1}. Returns its per-image scores
-        (iou [B], dice [B]) as :func:`per_image_scores`, on the device."""
+        """Add a batch: logits [B, K, H, W], target [B, K, H, W] in {0, 1}. Returns its scores per image and class
+        (iou [B, K], dice [B, K]) on the device; their means over classes are :func:`per_image_scores`."""
         counts = pixel_counts(logits, target)
-        per_image = scores_from_counts(*counts)
+        per_class = class_scores(*counts)
+        per_image = tuple(s.mean(1) for s in per_class)
         self.state[:6] += torch.stack([values.sum() for values in counts + per_image])
         self.state[6] += logits.shape[0]
         by_class = torch.stack([values.sum(0) for values in counts], 1)
         self.by_class = by_class if self.by_class is None else self.by_class + by_class
-        return per_image
+        return per_class
 
     def all_reduce(self):
         """Sum ``state`` and ``by_class`` over torch.distributed ranks when a process group is initialised."""

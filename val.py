@@ -16,10 +16,10 @@ a run named r_test share outputs/r_test) is refused instead of replaced.
 Reads models/<name>/config.yml, model.pth and split.csv; prints pooled IoU, mean per-image IoU and mean
 per-image Dice; writes outputs/<name>/<class>/<id>.png (probability x 255, 8-bit PNG; runs trained with
 --borders True also borders/<id>.png), scores.csv (one row per image, worst first, with its kind: fluorescence,
-stained or bright-field, see dataset.image_modality; with a ``dsb`` column, the DSB2018 instance score, when the
-dataset has instance labels (labels/, or a StarDist or Cellpose label-image layout, see dataset.find_layout): nuclei
-split by --separation, the other ways printed beside it), overlays/<id>.png (image | truth | prediction | errors) and
-summary.png.
+stained or bright-field, see dataset.image_modality; for a run of several classes the IoU and Dice of each class
+after their means; with a ``dsb`` column, the DSB2018 instance score, when the dataset has instance labels (labels/,
+or a StarDist or Cellpose label-image layout, see dataset.find_layout): nuclei split by --separation, the other ways
+printed beside it), overlays/<id>.png (image | truth | prediction | errors) and summary.png.
 """
 import os
 

@@ -104,7 +104,6 @@ def test_rows_score_the_mask_channel_against_a_numpy_reference(tmp_path):
     assert rows["iou"][batches[0][0]["img_id"][1]] == 1.0
 
 
-
 def test_nan_output_is_a_data_error(tmp_path):
     """A network that puts out NaN (an overflow) is a DataError saying so, not instances.py's ValueError with a
     traceback about 0-255 probability maps."""
@@ -112,6 +111,38 @@ def test_nan_output_is_a_data_error(tmp_path):
     batches[0][2][1, 0, :3] = float("nan")
     with pytest.raises(DataError, match="the network put out NaN"):
         _write(tmp_path / "out", batches, labels, workers=1)
+
+
+def test_rows_of_two_classes_give_each_class_and_their_mean(tmp_path):
+    """With two classes a row's iou and dice are the mean of the image's classes, and iou_class<c> / dice_class<c>
+    each class's, from the definitions here (a class empty in truth and prediction scores 1)."""
+    batches, _ = _batches(tmp_path, np.random.default_rng(2), num_batches=2)
+    for b, (meta, images, logits, masks) in enumerate(batches):
+        shifted = torch.from_numpy(np.roll(masks.numpy(), 3, axis=-1))  # class 1: the nuclei moved aside
+        batches[b] = (meta, images, torch.cat([logits, 4 * shifted - 2 + torch.randn_like(shifted)], 1),
+                      torch.cat([masks, shifted], 1))
+    meta, images, logits, masks = batches[0]
+    logits[0, 1], masks[0, 1] = -5.0, 0.0  # class 1 of the first image: nothing to find and nothing found
+    with ImageWriter(str(tmp_path / "out"), 2, {}, ["watershed"], {}, overlays=False, workers=1) as writer:
+        _evaluate(writer, batches, classes=2)
+        table = writer.write_table("run r (val split)")
+    assert list(table.columns) == ["img_id", "iou", "dice", "kind", "iou_class0", "dice_class0", "iou_class1",
+                                   "dice_class1"]
+    rows = table.set_index("img_id")
+    for meta, _, logits, masks in batches:
+        for i, img_id in enumerate(meta["img_id"]):
+            pred, truth = logits[i].numpy() > 0, masks[i].numpy() > 0.5
+            both, either = (pred & truth).sum((1, 2)), (pred | truth).sum((1, 2))
+            total = pred.sum((1, 2)) + truth.sum((1, 2))
+            iou = np.where(either > 0, both / np.maximum(either, 1), 1.0)
+            dice = np.where(total > 0, 2 * both / np.maximum(total, 1), 1.0)
+            for c in (0, 1):
+                assert rows[f"iou_class{c}"][img_id] == pytest.approx(iou[c], abs=1e-12)
+                assert rows[f"dice_class{c}"][img_id] == pytest.approx(dice[c], abs=1e-12)
+            assert rows["iou"][img_id] == pytest.approx(iou.mean(), abs=1e-12)
+            assert rows["dice"][img_id] == pytest.approx(dice.mean(), abs=1e-12)
+    assert rows["iou_class1"][batches[0][0]["img_id"][0]] == 1.0
+
 
 def _square_slowly(x):
     time.sleep(0.002 * (10 - x))  # the later jobs finish first

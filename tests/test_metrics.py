@@ -82,6 +82,15 @@ def test_meter_scores_each_class_as_sklearn_does_and_keeps_the_log_columns():
         assert scores[f"iou_class{c}"] == pytest.approx(jaccard_score(truth, pred), rel=1e-12)
         assert scores[f"dice_class{c}"] == pytest.approx(f1_score(truth, pred), rel=1e-12)
     assert len({scores[f"iou_class{c}"] for c in range(3)}) == 3
+    # what update returns per image and class: sklearn on that image's class alone, with per_image_scores the mean
+    iou, dice = SegmentationMeter("cpu").update(logits, target)
+    assert iou.shape == dice.shape == (6, 3)
+    for c in range(3):
+        np.testing.assert_allclose(iou[:, c].numpy(), sklearn_per_image(logits[:, c:c + 1], target[:, c:c + 1],
+                                                                         jaccard_score), rtol=1e-12)
+        np.testing.assert_allclose(dice[:, c].numpy(), sklearn_per_image(logits[:, c:c + 1], target[:, c:c + 1],
+                                                                          f1_score), rtol=1e-12)
+    torch.testing.assert_close((iou.mean(1), dice.mean(1)), per_image_scores(logits, target), rtol=0, atol=0)
     one = SegmentationMeter("cpu")
     one.update(logits[:, :1], target[:, :1])
     assert list(one.compute()) == ["iou", "dice", "iou_mean", "dice_mean"]

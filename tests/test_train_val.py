@@ -172,7 +172,7 @@ def test_val_outputs(work, key):
     assert sorted(os.listdir(out / "overlays")) == sorted(i + ".png" for i in val_ids)
     valid_png(out / "summary.png")
     table = pd.read_csv(out / "scores.csv", dtype={"img_id": str})
-    assert list(table.columns[:4]) == ["img_id", "iou", "dice", "kind"]
+    assert list(table.columns) == ["img_id", "iou", "dice", "kind", "dsb"]  # one class: no columns by class
     assert sorted(table["img_id"]) == sorted(val_ids)
     for sid, kind in zip(table["img_id"], table["kind"]):
         assert kind == image_modality(decode_image(str(root / "inputs" / TINY_NAME / "images" / f"{sid}.png")))
@@ -859,8 +859,10 @@ def test_a_validation_split_without_nuclei_is_noted_in_training_and_by_val_py(ti
 
 
 def test_two_classes_are_scored_each_and_the_scores_are_those_of_the_written_pngs(tiny_workdir, capsys):
-    """A two-class run: log.csv and val.py give each class's pooled IoU and Dice, and val.py's are those that its
-    probability PNGs (thresholded at 128) give against the masks, recomputed here with numpy."""
+    """A two-class run: log.csv and val.py give each class's pooled IoU and Dice, and scores.csv each image's, after
+    its columns of one class (the mean of the image's classes); they are those that its probability PNGs
+    (thresholded at 128) give against the masks, recomputed here with numpy, and the pooled ones sum the images'
+    pixel counts."""
     rings = tiny_workdir / "inputs" / "tiny" / "masks" / "1"
     rings.mkdir()
     for path in (tiny_workdir / "inputs" / "tiny" / "masks" / "0").iterdir():  # class 1: a ring around the nuclei
@@ -872,14 +874,24 @@ def test_two_classes_are_scored_each_and_the_scores_are_those_of_the_written_png
     scores = val.main(["--name", "two", "--device", "cpu", "--amp", "fp32", "--no_overlays"])
     printed = capsys.readouterr().out
     val_ids = split_ids(pd.read_csv("models/two/split.csv", dtype=str), "val")
+    table = pd.read_csv("outputs/two/scores.csv", dtype={"img_id": str}).set_index("img_id").loc[val_ids]
+    assert list(table.columns) == ["iou", "dice", "kind", "dsb", "iou_class0", "dice_class0", "iou_class1",
+                                   "dice_class1"]
+    per_class = {}
     for c in (0, 1):
         pred = np.stack([cv2.imread(f"outputs/two/{c}/{i}.png", cv2.IMREAD_GRAYSCALE) >= 128 for i in val_ids])
         truth = np.stack([cv2.imread(f"inputs/tiny/masks/{c}/{i}.png", cv2.IMREAD_GRAYSCALE) > 0 for i in val_ids])
-        iou = (pred & truth).sum() / (pred | truth).sum()
-        dice = 2 * (pred & truth).sum() / (pred.sum() + truth.sum())
-        assert scores[f"iou_class{c}"] == pytest.approx(iou, abs=0.01)
-        assert scores[f"dice_class{c}"] == pytest.approx(dice, abs=0.01)
+        both, either = (pred & truth).sum((1, 2)), (pred | truth).sum((1, 2))
+        total = pred.sum((1, 2)) + truth.sum((1, 2))
+        assert either.all() and total.all()  # every image has nuclei and rings: no 0 / 0 here
+        per_class[c] = both / either, 2 * both / total
+        np.testing.assert_allclose(table[f"iou_class{c}"], per_class[c][0], atol=1e-6)
+        np.testing.assert_allclose(table[f"dice_class{c}"], per_class[c][1], atol=1e-6)
+        assert scores[f"iou_class{c}"] == pytest.approx(both.sum() / either.sum(), abs=1e-9)
+        assert scores[f"dice_class{c}"] == pytest.approx(2 * both.sum() / total.sum(), abs=1e-9)
         assert f"{c} {scores[f'iou_class{c}']:.4f} / {scores[f'dice_class{c}']:.4f}" in printed
+    np.testing.assert_allclose(table["iou"], (per_class[0][0] + per_class[1][0]) / 2, atol=1e-6)
+    np.testing.assert_allclose(table["dice"], (per_class[0][1] + per_class[1][1]) / 2, atol=1e-6)
     assert "IoU / Dice by class (pooled): 0 " in printed
 
 
