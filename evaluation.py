@@ -278,7 +278,7 @@ class ImageWriter:
             table.to_csv(f, index=False, float_format="%.6f")
         if self.overlays:
             write_summary(os.path.join(self.out_dir, "overlays"), table, os.path.join(self.out_dir, "summary.png"),
-                          title)
+                          title, classes=self.classes)
         return table
 
     def dsb_means(self):
@@ -300,7 +300,8 @@ def model_epoch(name):
 
 def summary(title, scores, table, dsb, out_dir, overlays, trained=()):
     """The lines val.py prints: pooled and per-image IoU/Dice, IoU by image kind, DSB2018 scores, their intervals,
-    the scores without the images ``trained`` on (ids), worst image."""
+    the scores without the images ``trained`` on (ids), worst image (with several classes: by the mean of its
+    classes, and the worst of each class)."""
     per_kind = table.groupby("kind")["iou"].agg(["size", "mean"])
     by_kind = ", ".join(f"{k} {per_kind['mean'][k]:.4f} ({per_kind['size'][k]})" for k in MODALITIES
                         if k in per_kind.index)
@@ -314,7 +315,13 @@ def summary(title, scores, table, dsb, out_dir, overlays, trained=()):
                      f"mean over the {table['dsb'].notna().sum()} images with instance labels")
     lines += interval_line(table, next(iter(dsb), None))
     lines += untrained_line(table, trained, next(iter(dsb), None))
-    lines.append(f"  worst image {table['img_id'][0]} (IoU {table['iou'][0]:.3f}); files in "
+    classes = scored_classes(table)
+    if classes:
+        worst = [table[f"iou_class{c}"].idxmin() for c in classes]
+        lines.append("  worst image by class: " + ", ".join(
+            f"{c} {table['img_id'][i]} (IoU {table[f'iou_class{c}'][i]:.3f})" for c, i in zip(classes, worst)))
+    mean = ", the mean of its classes" if classes else ""
+    lines.append(f"  worst image {table['img_id'][0]} (IoU {table['iou'][0]:.3f}{mean}); files in "
                  f"{os.path.join(out_dir, '')} (scores.csv, {'overlays/, summary.png, ' if overlays else ''}"
                  "probability PNGs per class)")
     return "\n".join(lines)
@@ -374,10 +381,16 @@ def bootstrap_interval(values, level=0.95, draws=2000, seed=0):
     return tuple(float(v) for v in np.percentile(means, [tail, 100 - tail]))
 
 
+def scored_classes(names):
+    """The classes c ('0', '1', ...) of the iou_class<c> among ``names`` (a scores dict's keys or scores.csv's
+    columns); [] for a run of one class, which has none."""
+    return [k[len("iou_class"):] for k in names if k.startswith("iou_class")]
+
+
 def by_class_line(scores):
     """['  IoU / Dice by class (pooled): 0 x / y, 1 ...'] for a run of several classes (metrics.SegmentationMeter's
     iou_class<c>), [] for one class."""
-    classes = [k[len("iou_class"):] for k in scores if k.startswith("iou_class")]
+    classes = scored_classes(scores)
     if not classes:
         return []
     return ["  IoU / Dice by class (pooled): " +

@@ -19,7 +19,7 @@ per-image Dice; writes outputs/<name>/<class>/<id>.png (probability x 255, 8-bit
 stained or bright-field, see dataset.image_modality; for a run of several classes the IoU and Dice of each class
 after their means; with a ``dsb`` column, the DSB2018 instance score, when the dataset has instance labels (labels/,
 or a StarDist or Cellpose label-image layout, see dataset.find_layout): nuclei split by --separation, the other ways
-printed beside it), overlays/<id>.png (image | truth | prediction | errors) and summary.png.
+printed beside it), overlays/<id>.png (image | truth | prediction | errors; class 0's) and summary.png.
 """
 import os
 

@@ -76,18 +76,23 @@ def text_row(text, width):
     return row
 
 
-def write_summary(overlay_dir, scores, out_path, title, k=4, row_height=128):
+def write_summary(overlay_dir, scores, out_path, title, k=4, row_height=128, classes=1):
     """Grid of the k worst and k best overlays by IoU (scores: DataFrame with img_id, iou), labelled, as PNG, under
-    ``title`` (which run, which images)."""
+    ``title`` (which run, which images). With several ``classes`` the IoU is the mean of an image's classes and the
+    overlays show class 0, so each row also gives class 0's IoU (scores' iou_class0)."""
     scores = scores.sort_values("iou", kind="stable")
     chosen = list(scores.head(k).itertuples()) + list(scores.tail(min(k, max(len(scores) - k, 0))).itertuples())
     rows = []
     for rank, row in enumerate(chosen):
         panel = shrunk_panel(cv2.imread(os.path.join(overlay_dir, row.img_id + ".png")), row_height)
-        label = text_row(f"{'worst' if rank < k else 'best'}: {row.img_id[:24]}  IoU {row.iou:.3f}", panel.shape[1])
+        shown = f" (class 0 {row.iou_class0:.3f})" if classes > 1 else ""
+        label = text_row(f"{'worst' if rank < k else 'best'}: {row.img_id[:24]}  IoU {row.iou:.3f}{shown}",
+                         panel.shape[1])
         rows.append(np.concatenate([label, panel], axis=0))
     width = max(r.shape[1] for r in rows)
     rows[:0] = [text_row(title, width),
                 text_row("image | truth | prediction | errors (TP green, FP magenta, FN cyan)", width)]
+    if classes > 1:
+        rows.insert(2, text_row(f"panels of class 0; IoU: the mean of the {classes} classes (class 0's)", width))
     rows = [np.pad(r, ((0, GAP), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
     atomic_imwrite(out_path, np.concatenate(rows, axis=0))

@@ -115,7 +115,8 @@ def test_nan_output_is_a_data_error(tmp_path):
 
 def test_rows_of_two_classes_give_each_class_and_their_mean(tmp_path):
     """With two classes a row's iou and dice are the mean of the image's classes, and iou_class<c> / dice_class<c>
-    each class's, from the definitions here (a class empty in truth and prediction scores 1)."""
+    each class's, from the definitions here (a class empty in truth and prediction scores 1); the worst image of
+    each class is printed, and the worst image by the mean says so."""
     batches, _ = _batches(tmp_path, np.random.default_rng(2), num_batches=2)
     for b, (meta, images, logits, masks) in enumerate(batches):
         shifted = torch.from_numpy(np.roll(masks.numpy(), 3, axis=-1))  # class 1: the nuclei moved aside
@@ -124,7 +125,7 @@ def test_rows_of_two_classes_give_each_class_and_their_mean(tmp_path):
     meta, images, logits, masks = batches[0]
     logits[0, 1], masks[0, 1] = -5.0, 0.0  # class 1 of the first image: nothing to find and nothing found
     with ImageWriter(str(tmp_path / "out"), 2, {}, ["watershed"], {}, overlays=False, workers=1) as writer:
-        _evaluate(writer, batches, classes=2)
+        scores = _evaluate(writer, batches, classes=2)
         table = writer.write_table("run r (val split)")
     assert list(table.columns) == ["img_id", "iou", "dice", "kind", "iou_class0", "dice_class0", "iou_class1",
                                    "dice_class1"]
@@ -142,6 +143,13 @@ def test_rows_of_two_classes_give_each_class_and_their_mean(tmp_path):
             assert rows["iou"][img_id] == pytest.approx(iou.mean(), abs=1e-12)
             assert rows["dice"][img_id] == pytest.approx(dice.mean(), abs=1e-12)
     assert rows["iou_class1"][batches[0][0]["img_id"][0]] == 1.0
+    text = summary("run", scores, table, {}, "outputs/run", False)
+    worst = [rows[f"iou_class{c}"].idxmin() for c in (0, 1)]
+    assert (f"  worst image by class: 0 {worst[0]} (IoU {rows['iou_class0'].min():.3f}), 1 {worst[1]} "
+            f"(IoU {rows['iou_class1'].min():.3f})\n") in text
+    assert f"  worst image {table['img_id'][0]} (IoU {table['iou'][0]:.3f}, the mean of its classes); files" in text
+    assert "worst image by class" not in summary("run", scores, table[["img_id", "iou", "dice", "kind"]], {},
+                                                 "outputs/run", False)
 
 
 def _square_slowly(x):

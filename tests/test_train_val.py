@@ -862,7 +862,7 @@ def test_two_classes_are_scored_each_and_the_scores_are_those_of_the_written_png
     """A two-class run: log.csv and val.py give each class's pooled IoU and Dice, and scores.csv each image's, after
     its columns of one class (the mean of the image's classes); they are those that its probability PNGs
     (thresholded at 128) give against the masks, recomputed here with numpy, and the pooled ones sum the images'
-    pixel counts."""
+    pixel counts. The worst image of each class is printed."""
     rings = tiny_workdir / "inputs" / "tiny" / "masks" / "1"
     rings.mkdir()
     for path in (tiny_workdir / "inputs" / "tiny" / "masks" / "0").iterdir():  # class 1: a ring around the nuclei
@@ -890,9 +890,12 @@ def test_two_classes_are_scored_each_and_the_scores_are_those_of_the_written_png
         assert scores[f"iou_class{c}"] == pytest.approx(both.sum() / either.sum(), abs=1e-9)
         assert scores[f"dice_class{c}"] == pytest.approx(2 * both.sum() / total.sum(), abs=1e-9)
         assert f"{c} {scores[f'iou_class{c}']:.4f} / {scores[f'dice_class{c}']:.4f}" in printed
+        worst = table[f"iou_class{c}"].idxmin()
+        assert f"{c} {worst} (IoU {table[f'iou_class{c}'][worst]:.3f})" in printed
     np.testing.assert_allclose(table["iou"], (per_class[0][0] + per_class[1][0]) / 2, atol=1e-6)
     np.testing.assert_allclose(table["dice"], (per_class[0][1] + per_class[1][1]) / 2, atol=1e-6)
     assert "IoU / Dice by class (pooled): 0 " in printed
+    assert "worst image by class: 0 " in printed and ", the mean of its classes); files in" in printed
 
 
 @pytest.mark.parametrize("loader", ["workers", "device"])

@@ -7,6 +7,7 @@ import pytest
 from scipy import ndimage
 from skimage.segmentation import find_boundaries
 
+import visualize
 from visualize import FALSE_POSITIVE, GAP, OUTLINE, TRUE_POSITIVE, draw_outlines, overlay_panel, write_summary
 
 
@@ -87,3 +88,27 @@ def test_summary_names_the_evaluation_in_full(tmp_path):
     title_row, key_row = dark[:22], dark[22:44]
     assert title_row.any() and key_row.any()
     assert not title_row[:, -4:].any()  # the title ends inside the picture
+
+
+def test_summary_of_several_classes_says_which_class_its_panels_show(tmp_path, monkeypatch):
+    """The overlays show class 0; with two classes the rows' IoU is the mean of both, so each row also gives class
+    0's and a line says what the panels and the IoU are. One class: no such line or figure."""
+    (tmp_path / "overlays").mkdir()
+    truth = np.zeros((32, 32), bool)
+    truth[8:20, 8:20] = True
+    cv2.imwrite(str(tmp_path / "overlays" / "a.png"), overlay_panel(np.zeros((32, 32, 3), np.uint8), truth, truth))
+    written, text_row = [], visualize.text_row
+
+    def recorded(text, width):
+        written.append(text)
+        return text_row(text, width)
+
+    monkeypatch.setattr(visualize, "text_row", recorded)
+    table = pd.DataFrame({"img_id": ["a"], "iou": [0.6], "iou_class0": [1.0], "iou_class1": [0.2]})
+    write_summary(str(tmp_path / "overlays"), table, str(tmp_path / "s.png"), "run r", classes=2)
+    assert "worst: a  IoU 0.600 (class 0 1.000)" in written
+    assert "panels of class 0; IoU: the mean of the 2 classes (class 0's)" in written
+    written.clear()
+    write_summary(str(tmp_path / "overlays"), table[["img_id", "iou"]], str(tmp_path / "s.png"), "run r")
+    assert written == ["worst: a  IoU 0.600", "run r",
+                       "image | truth | prediction | errors (TP green, FP magenta, FN cyan)"]
