@@ -12,7 +12,7 @@ No torch here (the slow import), as in utils.
 """
 import errno
 import hashlib
-import io
+import math
 import os
 import re
 import shutil
@@ -24,6 +24,7 @@ import tempfile
 from contextlib import contextmanager
 
 import cv2
+import numpy as np
 import tifffile
 
 from utils import STOP_SIGNALS, DataError, UsageError
@@ -224,19 +225,35 @@ def atomic_imwrite(path, image):
         f.write(buf.tobytes())
 
 
-def atomic_tiff_write(path, stack, axes, pixel_size=None):
-    """Write a stack of uint8/uint16 pages atomically as an ImageJ TIFF with ``axes`` ("TYX", "ZYX" or "TZYX": the
-    stack [N, H, W], [T, Z, H, W], or RGB with a last axis of 3), so that Fiji opens it as a stack or hyperstack,
-    calibrated in micrometres with ``pixel_size`` (um per pixel)."""
-    rgb = stack.ndim == len(axes) + 1
-    buffer = io.BytesIO()
+@contextmanager
+def atomic_tiff_pages(path, shape, dtype, axes, pixel_size=None):
+    """Write an ImageJ TIFF page by page, atomically as :func:`atomic_write` does: a stack of ``shape`` and
+    ``dtype`` (uint8/uint16) with ``axes`` ("TYX", "ZYX" or "TZYX": [N, H, W], [T, Z, H, W], or RGB with a last axis
+    of 3), so that Fiji opens it as a stack or hyperstack, calibrated in micrometres with ``pixel_size`` (um per
+    pixel). Yields ``write(index, page)``, which puts page ``index`` (counted over the plane axes in C order) [H, W]
+    or [H, W, 3] in its place, in any order, so that no page is held. With every page written, the file is the one
+    tifffile.imwrite of the whole stack gives."""
+    rgb = len(shape) == len(axes) + 1
     metadata, resolution = {"axes": axes + ("S" if rgb else "")}, None
     if pixel_size is not None:
         metadata["unit"], resolution = "um", (1 / pixel_size, 1 / pixel_size)
-    tifffile.imwrite(buffer, stack, imagej=True, photometric="rgb" if rgb else "minisblack", metadata=metadata,
-                     resolution=resolution)
+    page_shape, dtype = tuple(shape[len(axes) - 2:]), np.dtype(dtype)
+    pages, page_bytes = math.prod(shape[:len(axes) - 2]), math.prod(page_shape) * dtype.itemsize
     with atomic_write(path, "wb") as f:
-        f.write(buffer.getbuffer())
+        # the header and a hole for the pixels: an uncompressed ImageJ TIFF holds its pages one after another there.
+        # A FileHandle to name the file: tifffile wants a name, and os.fdopen's file has its number for one
+        offset, _ = tifffile.imwrite(tifffile.FileHandle(f, name=os.path.basename(path)), shape=shape, dtype=dtype,
+                                     returnoffset=True, imagej=True, photometric="rgb" if rgb else "minisblack",
+                                     metadata=metadata, resolution=resolution)
+
+        def write(index, page):
+            if not 0 <= index < pages or page.shape != page_shape or page.dtype != dtype:  # would garble the file
+                raise ValueError(f"{path}: page {index} {page.dtype} {page.shape}, expected one of {pages} pages "
+                                 f"{dtype} {page_shape}")
+            f.seek(offset + index * page_bytes)
+            f.write(np.ascontiguousarray(page))
+
+        yield write
 
 
 def check_output_folder(path, flag="--output"):

@@ -38,7 +38,7 @@ import re
 import sys
 import time
 from collections import namedtuple
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 
 import numpy as np
 import pandas as pd
@@ -46,7 +46,7 @@ from skimage.measure import regionprops_table
 
 from config import (MIN_SIZE, add_amp_arg, add_device_arg, add_separation_args, check_object_filters,
                     choose_separation, object_filters)
-from files import (atomic_imwrite, atomic_tiff_write, atomic_write, check_output_folder, interrupts_held,
+from files import (atomic_imwrite, atomic_tiff_pages, atomic_write, check_output_folder, interrupts_held,
                    remove_killed_writes, written_alone)
 from image_files import (CELLPOSE_NOT_IMAGES, PIXEL_SIZES, TIFF_EXTS, TiffHeader, decode_planes, select_channel,
                          tiff_header)
@@ -393,19 +393,26 @@ def write_image(out_dir, img_id, arrays):
         atomic_imwrite(os.path.join(out_dir, f"{img_id}{suffix}.png"), array)
 
 
-def write_stack(out_dir, img_id, planes, header):
-    """A stack's outputs as ImageJ TIFF stacks ``<id><suffix>.tif``, one page per plane in the input's order:
-    planes is the list of :func:`segment` arrays of each plane, ``header`` the input's image_files.TiffHeader. The
-    input's plane axes are kept where ImageJ holds them in that order (T, Z, T and Z); others become one T axis. The
-    header's pixel size is their calibration, so that Fiji measures them in micrometres."""
+def open_stack(out_dir, img_id, arrays, count, header):
+    """The TIFF stacks ``<id><suffix>.tif`` of a stack of ``count`` planes, opened when the :func:`segment` arrays of
+    a first plane arrive: (an ExitStack that completes them when closed, where an error removes them,
+    {suffix: write(plane, array)}, which writes a plane's array into its page of files.atomic_tiff_pages). The
+    input's plane axes (``header``, its image_files.TiffHeader) are kept where ImageJ holds them in that order (T, Z,
+    T and Z); others become one T axis. The header's pixel size is their calibration, so that Fiji measures them in
+    micrometres."""
     axes = header.plane_axes if header.plane_axes in ("T", "Z", "TZ") else "T"
-    shape = header.plane_shape if axes == header.plane_axes else (len(planes),)
-    for suffix in planes[0]:
-        stack = np.stack([arrays[suffix] for arrays in planes])
-        stack = stack.reshape(*shape, *stack.shape[1:])
-        if suffix == "_overlay":
-            stack = stack[..., ::-1]  # BGR -> RGB
-        atomic_tiff_write(os.path.join(out_dir, f"{img_id}{suffix}.tif"), stack, axes + "YX", header.pixel_size)
+    shape = header.plane_shape if axes == header.plane_axes else (count,)
+    with ExitStack() as opened:  # one that fails to open removes those opened before it
+        writes = {suffix: opened.enter_context(atomic_tiff_pages(
+            os.path.join(out_dir, f"{img_id}{suffix}.tif"), (*shape, *array.shape), array.dtype, axes + "YX",
+            header.pixel_size)) for suffix, array in arrays.items()}
+        return opened.pop_all(), writes
+
+
+def write_planes(writes, plane, arrays):
+    """A plane's :func:`segment` ``arrays`` into their pages of the stacks being written (:func:`open_stack`)."""
+    for suffix, array in arrays.items():
+        writes[suffix](plane, array[..., ::-1] if suffix == "_overlay" else array)  # BGR -> RGB
 
 
 def image_row(img_id, plane, prob, threshold, scale, objects, pixel_size=None):
@@ -466,16 +473,19 @@ def predict_all(predictor, files, ids, headers, out_dir, num_classes, threshold,
     """Predict every file into ``out_dir``: the masks (and probabilities with ``save_prob``), the nuclei when a
     ``separation`` is given (with ``filters``), the outlines with ``overlay``; PNGs for a 2D image, TIFF stacks
     for a stack (``headers``: each file's :func:`tiff_headers` entry, its plane axes), each plane predicted as an
-    image of its own; ``channel`` picks one channel of each (image_files.select_channel); ``auto`` = (the run's
-    training nucleus diameter, separation) for --scale auto (:func:`auto_scaled`). The per-plane work runs in threads
-    after every 256 MB of predictions (utils.BatchedThreads).
+    image of its own and its outputs written into their pages as they come (:func:`open_stack`); ``channel`` picks
+    one channel of each (image_files.select_channel); ``auto`` = (the run's training nucleus diameter, separation)
+    for --scale auto (:func:`auto_scaled`). The per-plane work runs in threads after every 256 MB of predictions
+    (utils.BatchedThreads).
     A file that cannot be read or used (a DataError) is left out, and the others are predicted.
     Returns (the :func:`image_row` of each plane predicted, objects table or None, the errors of the files left
     out)."""
     options = dict(num_classes=num_classes, threshold=threshold, save_prob=save_prob, separation=separation,
                    filters=filters, overlay=overlay)
     rows, tables, merged, left_out = [], [], [], []
-    waiting = {}  # img_id -> the arrays of its planes done so far
+    # img_id -> [its stacks being written (open_stack), their write functions, the planes still to come]: each
+    # plane's outputs go to their pages as they come, so that a long time-lapse's are never all in memory
+    writing = {}
     dropped = set()  # the stacks left out at a later plane: the rows of the planes before it go too
 
     def collect(result):
@@ -487,38 +497,52 @@ def predict_all(predictor, files, ids, headers, out_dir, num_classes, threshold,
                 merged.append(pd.concat(tables, ignore_index=True))
                 tables.clear()
         if arrays is not None and img_id not in dropped:
-            waiting.setdefault(img_id, []).append(arrays)
-            if len(waiting[img_id]) == count:
-                write_stack(out_dir, img_id, waiting.pop(img_id), header)
+            if img_id not in writing:
+                writing[img_id] = [*open_stack(out_dir, img_id, arrays, count, header), count]
+            stack = writing[img_id]
+            write_planes(stack[1], row.plane, arrays)
+            stack[2] -= 1
+            if not stack[2]:
+                writing.pop(img_id)[0].close()
+
+    def discard(img_id):
+        """Remove the temporary files of a stack left unfinished, inside the handler of the error that stops it."""
+        if img_id in writing:
+            writing.pop(img_id)[0].__exit__(*sys.exc_info())
 
     bar = progress_bar(total=len(files), desc="predict", unit="img")
-    with bar, BatchedThreads(collect, desc="write") as jobs:
-        for path, img_id, header in zip(files, ids, headers):
-            try:
-                planes = select_channel(decode_planes(path)[0], channel, path)
-            except DataError as e:
-                left_out.append(str(e))
-                bar.update()
-                continue
-            bar.total += len(planes) - 1
-            for plane, raw in enumerate(planes):
-                image = predictor.as_input(raw)
+    try:
+        with bar, BatchedThreads(collect, desc="write") as jobs:
+            for path, img_id, header in zip(files, ids, headers):
                 try:
-                    prob, scale, nuclei = probabilities(predictor, image, threshold, filters, auto)
-                except DataError as e:  # an image too large for the memory available: the others are predicted
-                    left_out.append(f"{path}: {e}")
-                    dropped.add(img_id)
-                    waiting.pop(img_id, None)
-                    bar.update(len(planes) - plane)
-                    break
-                # a copy: a view would hold the whole stack (or all the channels of --channel) until the jobs run
-                measured = raw.copy() if separation else None
-                jobs.submit(predict_plane, (img_id, len(planes), header), plane, scale, image, prob, options,
-                            None if header.plane_axes else out_dir, nuclei, measured,
-                            nbytes=image.nbytes + prob.nbytes + sum(a.nbytes for a in (nuclei, measured)
-                                                                    if a is not None))
-                bar.update()
-        jobs.flush()
+                    planes = select_channel(decode_planes(path)[0], channel, path)
+                except DataError as e:
+                    left_out.append(str(e))
+                    bar.update()
+                    continue
+                bar.total += len(planes) - 1
+                for plane, raw in enumerate(planes):
+                    image = predictor.as_input(raw)
+                    try:
+                        prob, scale, nuclei = probabilities(predictor, image, threshold, filters, auto)
+                    except DataError as e:  # an image too large for the memory available: the others go on
+                        left_out.append(f"{path}: {e}")
+                        dropped.add(img_id)
+                        discard(img_id)
+                        bar.update(len(planes) - plane)
+                        break
+                    # a copy: a view would hold the whole stack (or all the channels of --channel) until the jobs run
+                    measured = raw.copy() if separation else None
+                    jobs.submit(predict_plane, (img_id, len(planes), header), plane, scale, image, prob, options,
+                                None if header.plane_axes else out_dir, nuclei, measured,
+                                nbytes=image.nbytes + prob.nbytes + sum(a.nbytes for a in (nuclei, measured)
+                                                                        if a is not None))
+                    bar.update()
+            jobs.flush()
+    except BaseException:  # an error or Ctrl-C: no stack is left half-written
+        for img_id in list(writing):
+            discard(img_id)
+        raise
     rows = [row for row in rows if row.image not in dropped]
     if not rows:
         raise DataError(left_out[0] if len(left_out) == 1 else f"none of the {len(files)} files could be read: "

@@ -28,6 +28,7 @@ from skimage.measure import perimeter
 
 import checkpoints
 import evaluation
+import files
 import image_files
 import inference
 import predict
@@ -188,6 +189,159 @@ def test_stacks_are_predicted_plane_by_plane(in_runs, tmp_path, capsys, monkeypa
         pages = tifffile.imread(tmp_path / "out" / f"movie{suffix}.tif")
         np.testing.assert_array_equal(tifffile.imread(tmp_path / "flushed" / f"movie{suffix}.tif"), pages)
         np.testing.assert_array_equal(tifffile.imread(tmp_path / "flushed" / f"movie2{suffix}.tif"), pages[::-1])
+
+
+@pytest.mark.parametrize("shape, axes, dtype, pixel_size", [
+    ((5, 20, 12), "TYX", np.uint8, 0.325), ((2, 3, 20, 12), "TZYX", np.uint16, None),
+    ((4, 20, 12, 3), "ZYX", np.uint8, 0.1)])  # ImageJ's RGB is 8-bit
+def test_a_tiff_written_page_by_page_is_the_one_written_whole(tmp_path, shape, axes, pixel_size, dtype):
+    """files.atomic_tiff_pages, its pages given in any order, writes the bytes that tifffile.imwrite of the whole
+    stack writes (what predict.py wrote before): an ImageJ hyperstack with its axes, calibration, RGB pages; a page
+    of another shape or type, or beyond the stack, is refused."""
+    stack = np.random.default_rng(0).integers(0, 250, shape).astype(dtype)
+    rgb = len(shape) > len(axes)
+    metadata, resolution = {"axes": axes + "S" * rgb}, None
+    if pixel_size is not None:
+        metadata["unit"], resolution = "um", (1 / pixel_size, 1 / pixel_size)
+    tifffile.imwrite(tmp_path / "whole.tif", stack, imagej=True, photometric="rgb" if rgb else "minisblack",
+                     metadata=metadata, resolution=resolution)
+    pages = stack.reshape(-1, *shape[len(axes) - 2:])
+    with files.atomic_tiff_pages(str(tmp_path / "paged.tif"), shape, dtype, axes, pixel_size) as write:
+        for index in np.random.default_rng(1).permutation(len(pages)):
+            write(index, pages[index])
+        for index, page in ((len(pages), pages[0]), (0, pages[0][:-1]), (0, pages[0].astype(np.int32))):
+            with pytest.raises(ValueError, match="expected one of"):
+                write(index, page)
+    assert (tmp_path / "paged.tif").read_bytes() == (tmp_path / "whole.tif").read_bytes()
+    with tifffile.TiffFile(tmp_path / "paged.tif") as tif:
+        assert tif.series[0].axes == axes[:-2] + "YX" + "S" * rgb and tif.imagej_metadata["images"] == len(pages)
+        np.testing.assert_array_equal(tif.asarray(), stack)
+    assert sorted(os.listdir(tmp_path)) == ["paged.tif", "whole.tif"]  # no temporary file left
+
+
+def stack_flags(model="pc"):
+    """predict.py's flags for every output of a stack (--min_confidence 0: the barely trained network's objects)."""
+    return ["--name", model, "--instances", "--overlay", "--save_prob", "--min_confidence", "0", "--device", "cpu",
+            "--amp", "fp32"]
+
+
+def movie(folder, planes=6):
+    """A 16-bit ImageJ time-lapse ``folder``/movie.tif of ``planes`` 40x36 planes, calibrated; returns its path."""
+    grey = sample_bgr(40, 36)[:, :, 0].astype(np.uint16)
+    stack = np.stack([np.roll(grey, 3 * t, axis=1) * (100 + 30 * t) for t in range(planes)])
+    os.makedirs(folder, exist_ok=True)
+    tifffile.imwrite(folder / "movie.tif", stack, imagej=True, metadata={"axes": "TYX", "unit": "um"},
+                     resolution=(1 / 0.5, 1 / 0.5))
+    return str(folder / "movie.tif")
+
+
+STACK_OUTPUTS = ["movie.tif", "movie_instances.tif", "movie_overlay.tif", "movie_prob.tif"]
+
+
+def test_stack_planes_that_finish_out_of_order_land_in_their_pages(in_runs, tmp_path, monkeypatch):
+    """The planes' outputs reach the stacks being written in the order their jobs finish; each lands in its own
+    page: the stacks are those of the planes finished in order."""
+    path = movie(tmp_path / "in")
+    predict.main(["--input", path, "--output", str(tmp_path / "in_order"), *stack_flags()])
+
+    class FinishingBackwards(utils.BatchedThreads):
+        def flush(self):
+            self.waiting.reverse()
+            super().flush()
+
+    monkeypatch.setattr(predict, "BatchedThreads", FinishingBackwards)
+    predict.main(["--input", path, "--output", str(tmp_path / "backwards"), *stack_flags()])
+    for name in STACK_OUTPUTS:
+        assert (tmp_path / "backwards" / name).read_bytes() == (tmp_path / "in_order" / name).read_bytes(), name
+    with tifffile.TiffFile(tmp_path / "in_order" / "movie_overlay.tif") as tif:
+        assert tif.series[0].axes == "TYXS" and tif.pages.first.resolution == (2.0, 2.0)
+
+
+def test_a_stack_s_outputs_are_written_as_its_planes_come_not_held_to_its_end(in_runs, tmp_path, monkeypatch):
+    """The outputs of a stack's planes are not all held until its last plane is done (a 500-frame time-lapse's
+    would not fit in memory): with the jobs run after each plane, at most 2 planes' outputs are alive at once."""
+    alive, most = set(), []
+    segment = predict.segment
+
+    def counted(*args, **kwargs):
+        arrays, labels = segment(*args, **kwargs)
+        alive.add(id(arrays[""]))
+        weakref.finalize(arrays[""], alive.discard, id(arrays[""]))
+        most.append(len(alive))
+        return arrays, labels
+
+    monkeypatch.setattr(predict, "segment", counted)
+    monkeypatch.setattr(predict, "BatchedThreads", functools.partial(utils.BatchedThreads, buffer_mb=0))
+    predict.main(["--input", movie(tmp_path / "in", planes=8), "--output", str(tmp_path / "out"), *stack_flags()])
+    assert len(most) == 8 and max(most) <= 2
+    assert tifffile.imread(tmp_path / "out" / "movie_prob.tif").shape == (8, 40, 36)
+
+
+def interrupted(at, error):
+    """A stand-in for inference.Predictor.predict that raises ``error`` at its ``at``-th call."""
+    real, calls = inference.Predictor.predict, []
+
+    def predict_plane(self, image, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == at:
+            raise error
+        return real(self, image, *args, **kwargs)
+    return predict_plane
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt(), DataError("no memory for this plane"),
+                                   RuntimeError("a bug in a job")])
+def test_a_stack_stopped_midway_leaves_no_file_of_it(in_runs, tmp_path, monkeypatch, error):
+    """Ctrl-C, an error, or a plane left out (a DataError: the other images go on) after some planes' pages are
+    written leaves no <id>*.tif and no temporary file; an earlier prediction's stacks stay as they were."""
+    path = movie(tmp_path / "in")
+    out = tmp_path / "out"
+    os.makedirs(out)
+    (out / "movie_prob.tif").write_bytes(b"an earlier prediction's")
+    monkeypatch.setattr(predict, "BatchedThreads", functools.partial(utils.BatchedThreads, buffer_mb=0))
+    if isinstance(error, RuntimeError):  # in a job, run in a thread
+        segment = predict.segment
+
+        def failing(img_id, image, prob, *args, **kwargs):
+            if failing.calls == 3:
+                raise error
+            failing.calls += 1
+            return segment(img_id, image, prob, *args, **kwargs)
+        failing.calls = 0
+        monkeypatch.setattr(predict, "segment", failing)
+    else:
+        monkeypatch.setattr(inference.Predictor, "predict", interrupted(4, error))
+    other = write(tmp_path / "in" / "other.png", sample_bgr(40, 36))
+    with pytest.raises(type(error)):  # the one DataError left out is the error that names it, after the other image
+        predict.main(["--input", path, other, "--output", str(out), *stack_flags()])
+    left = sorted(os.listdir(out))
+    assert [n for n in left if n.startswith("movie") or n.startswith(".")] == ["movie_prob.tif"]
+    assert (out / "movie_prob.tif").read_bytes() == b"an earlier prediction's"
+    if isinstance(error, DataError):
+        assert "other.png" in left
+
+
+def test_a_stack_killed_midway_leaves_only_temporary_files_that_the_next_run_removes(in_runs, tmp_path):
+    """A prediction killed outright (SIGKILL, out of memory) after some planes' pages are written leaves their
+    temporary files, named as files.remove_killed_writes knows them, and no <id>*.tif; the next run removes them."""
+    path, out = movie(tmp_path / "in"), tmp_path / "out"
+    killed = (f"import functools, os, sys; sys.path.insert(0, {str(ROOT)!r}); import inference, predict, utils\n"
+              "predict.BatchedThreads = functools.partial(utils.BatchedThreads, buffer_mb=0)\n"
+              "real, calls = inference.Predictor.predict, []\n"
+              "def predict_plane(self, *args, **kwargs):\n"
+              "    calls.append(1)\n"
+              "    if len(calls) == 4:\n"
+              "        os._exit(9)\n"
+              "    return real(self, *args, **kwargs)\n"
+              "inference.Predictor.predict = predict_plane\n"
+              f"predict.main(sys.argv[1:])\n")
+    done = subprocess.run([sys.executable, "-c", killed, "--input", path, "--output", str(out), *stack_flags()],
+                          capture_output=True, text=True, env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})
+    assert done.returncode == 9, done.stderr[-2000:]
+    temporary = [n for n in os.listdir(out) if files.KILLED_WRITE.fullmatch(n)]
+    assert len(temporary) == 4 and not [n for n in os.listdir(out) if n.startswith("movie")]
+    predict.main(["--input", path, "--output", str(out), *stack_flags()])
+    assert sorted(os.listdir(out)) == ["images.csv", *STACK_OUTPUTS, "objects.csv"]
 
 
 def test_three_pages_without_axes_are_read_as_colours_with_a_note(tmp_path):
