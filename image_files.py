@@ -43,6 +43,9 @@ MICROMETRES = {"m": 1e6, "cm": 1e4, "mm": 1e3, "micron": 1, "microns": 1, "um": 
                "nm": 1e-3, "\u00e5": 1e-4, "in": 25400, "inch": 25400}
 UNCALIBRATED = ("", "pixel", "pixels")
 RESOLUTION_UNITS = {2: "inch", 3: "cm"}  # the TIFF ResolutionUnit tag's INCH and CENTIMETER
+# Whole dots per inch up to this are a print or screen resolution (72, 96, 300, 1200: 21-353 um pixels), which
+# software writes by default; a microscope's pixels are finer than 20 um
+PRINT_DPI = 1200
 SQUARE = 1e-6  # pixel sizes X and Y that differ by more, relatively, are non-square
 # Pixel sizes in micrometres (1 pm to 1 m) that a TIFF's resolution, a fraction of two 32-bit integers, holds as
 # pixels per micrometre: tifffile fails to write a finer one, and writes a coarser one as 0
@@ -235,7 +238,8 @@ def tiff_pixel_size(tif):
     units, micrometres by default) or its ImageJ metadata (XResolution/YResolution, pixels per ImageJ's ``unit``, or
     else per the ResolutionUnit tag's centimetre or inch). Returns (size or None, problem): the problem says why
     metadata that is there gives no size (non-square pixels, an unknown unit, not a size), '' when there is none.
-    A plain TIFF's resolution is not read: it is mostly a print resolution (72 dpi would be 353 um pixels)."""
+    A plain TIFF's resolution is not read: it is mostly a print resolution (72 dpi would be 353 um pixels); nor is
+    an ImageJ TIFF's whole number of dots per inch up to PRINT_DPI without ImageJ's unit."""
     if tif.is_ome:
         try:
             images = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]
@@ -254,8 +258,8 @@ def tiff_pixel_size(tif):
         unit = str(metadata.get("unit", "")).strip()
         if unit.lower() in UNCALIBRATED:
             unit = RESOLUTION_UNITS.get(page.resolutionunit, "")
-            if not unit:
-                return None, ""
+            if not unit or (unit == "inch" and all(r <= PRINT_DPI and float(r).is_integer() for r in page.resolution)):
+                return None, ""  # 72 or 300 dots per inch: a print resolution, as in a plain TIFF
         units = unit, str(metadata.get("yunit", unit)).strip()
         sizes = [1 / r if r > 0 else math.nan for r in page.resolution]  # the resolution is in pixels per unit
     else:

@@ -98,8 +98,8 @@ def expand_braces(token):
 def commands_in(doc, lines):
     """The Commands of our scripts among ``lines`` ((line number, shell text)) of ``doc``: each part of a line chained
     with &&, ;, ||, | or &, launched by python (or torchrun) with a .py file, its trailing # comment and output
-    redirections left out, the brackets of an optional part ([--tta]) and a bare ``...`` (more flags) dropped. Parts that run no .py file
-    (pip, git, python -m pytest) are not ours."""
+    redirections left out, the brackets of an optional part ([--tta]) and a bare ``...`` (more flags) dropped.
+    Parts that run no .py file (pip, git, python -m pytest) are not ours."""
     found = []
     for number, line in lines:
         m = re.search(r"(^|\s)#", line)

@@ -463,7 +463,6 @@ def test_channel_picks_the_nucleus_channel(in_runs, tmp_path):
                       *flags])
 
 
-
 def test_nan_output_is_a_data_error(in_runs):
     """Probabilities of NaN (the network's arithmetic overflowed) are a DataError, which predict.py reports for the
     file; every threshold read them as background, and --instances ended in a traceback."""
@@ -487,6 +486,7 @@ def test_micrometres_keep_their_digits_at_a_small_pixel_size(tmp_path):
     np.testing.assert_allclose(written["area_um2"], written["area"] * 1e-4, rtol=1e-6)
     for column in ("perimeter", "major_axis_length", "minor_axis_length"):
         np.testing.assert_allclose(written[f"{column}_um"], table[column] * 0.01, rtol=1e-5)
+
 
 def test_scale_predicts_the_resized_image(in_runs, tmp_path):
     """--scale S (a crop-trained run): the probabilities of the image resized by S, resized back to its size."""
@@ -1626,15 +1626,17 @@ def calibrated_tiffs(folder, plane):
     tifffile.imwrite(folder / "ome_pixels.tif", plane, ome=True, metadata={  # an unknown unit of length
         "axes": "YX", "PhysicalSizeX": 1, "PhysicalSizeXUnit": "pc", "PhysicalSizeY": 1, "PhysicalSizeYUnit": "pc"})
     tifffile.imwrite(folder / "print.tif", plane, resolution=(72, 72), resolutionunit="INCH")  # no ImageJ or OME
+    tifffile.imwrite(folder / "imagej_print.tif", plane, imagej=True, resolution=(72, 72), resolutionunit="INCH")
     tifffile.imwrite(folder / "uncalibrated.tif", stack, imagej=True, metadata={"axes": "TYX"})
     return {"imagej.tif": 0.325, "imagej_cm.tif": 0.5, "ome.tif": 0.65, "non_square.tif": None, "ome_pixels.tif": None,
-            "print.tif": None, "uncalibrated.tif": None}
+            "print.tif": None, "imagej_print.tif": None, "uncalibrated.tif": None}
 
 
 def test_a_tiff_s_pixel_size_is_read_from_its_imagej_or_ome_calibration_and_never_guessed(tmp_path):
     """ImageJ's unit (or its ResolutionUnit) and OME's PhysicalSizeX/Y with their units give the pixel size in
     micrometres; non-square pixels or an unknown unit give none and a problem to name; a plain TIFF's resolution (a
-    print resolution, 72 dpi) and an uncalibrated ImageJ TIFF give none and no problem."""
+    print resolution, 72 dpi; also in an ImageJ TIFF without ImageJ's unit, 353 um pixels before) and an
+    uncalibrated ImageJ TIFF give none and no problem."""
     expected = calibrated_tiffs(tmp_path, np.zeros((16, 16), np.uint8))
     headers = {name: image_files.tiff_header(str(tmp_path / name)) for name in expected}
     assert {name: header.pixel_size and round(header.pixel_size, 9) for name, header in headers.items()} == expected
