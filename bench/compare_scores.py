@@ -4,7 +4,8 @@
     python val.py --name borders_longer_dark                           # B: a candidate trained on the same split
     python bench/compare_scores.py outputs/nuclei_val/scores.csv outputs/borders_longer_dark/scores.csv
 
-For each score both files hold (iou, dice, dsb): the mean over the images both scored of B - A, a 95 % bootstrap
+For each score both files hold (iou, dice, dsb; score.py's f1; a run of several classes' iou_class<c> and
+dice_class<c>): the mean over the images both scored of B - A, a 95 % bootstrap
 interval of that mean (the images drawn again with replacement, 10,000 times, seed 0), and on how many images B
 is better and worse. The same for each image kind. B is "clearly better" on a score (the rule for replacing the
 bundled model) when the interval's lower end is above 0. Differences are paired by img_id and resampled in the
@@ -12,6 +13,7 @@ order of the sorted ids, so the order of the rows does not matter; images only o
 counted in a note. A score compared on a single image gets no interval (NaN).
 """
 import os
+import re
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,7 +25,8 @@ import pandas as pd  # noqa: E402
 from evaluation import bootstrap_interval  # noqa: E402
 from utils import ArgumentParser, UsageError, run_cli  # noqa: E402
 
-SCORES = ("iou", "dice", "dsb")
+SCORES = ("iou", "dice", "dsb", "f1")
+PER_CLASS = re.compile(r"(iou|dice)_class\d+")  # val.py's columns for a run of several classes
 
 
 def read_scores(path):
@@ -50,6 +53,11 @@ def paired(a, b):
     return a.loc[common], b.loc[common]
 
 
+def shared_scores(a, b):
+    """The score columns both tables hold: SCORES, then the per-class ones, in ``a``'s order."""
+    return [c for c in a.columns if c in b.columns and (c in SCORES or PER_CLASS.fullmatch(c))]
+
+
 def compare(a, b, groups=None):
     """One row per (group, score) both tables hold: images, mean A, mean B, mean B - A, its 95 % interval, and on
     how many images B is better / worse. ``groups``: a column to compare within as well ('kind'), or None."""
@@ -59,7 +67,7 @@ def compare(a, b, groups=None):
         parts += [(g, a.index[a[groups] == g]) for g in sorted(a[groups].unique())]
     rows = []
     for name, ids in parts:
-        for score in (s for s in SCORES if s in a.columns and s in b.columns):
+        for score in shared_scores(a, b):
             x, y = a.loc[ids, score].to_numpy(float), b.loc[ids, score].to_numpy(float)
             keep = ~(np.isnan(x) | np.isnan(y))
             diffs = y[keep] - x[keep]

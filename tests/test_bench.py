@@ -295,6 +295,18 @@ def test_compare_scores_pairs_by_image_id_in_any_order():
     assert row.loc[("stained", "dsb"), "n"] == 10 and row.loc[("stained", "dsb"), "ci_high"] < 0
 
 
+def test_compare_scores_compares_each_class_and_score_py_s_f1():
+    """A run of several classes is compared class by class (val.py's iou_class<c>, dice_class<c>), two tools by
+    score.py's F1 too; counts and names are not scores."""
+    ids = [f"i{k}" for k in range(12)]
+    a = pd.DataFrame({"img_id": ids, "iou": 0.5, "dice": 0.6, "iou_class0": 0.7, "dice_class0": 0.8,
+                      "iou_class1": 0.3, "dice_class1": 0.4, "f1": 0.5, "tp": 3, "prediction": "x.png"})
+    b = a.assign(iou_class1=0.4, f1=0.45)
+    table = compare_scores.compare(a.set_index("img_id"), b.set_index("img_id")).set_index("score")
+    assert list(table.index) == ["iou", "dice", "iou_class0", "dice_class0", "iou_class1", "dice_class1", "f1"]
+    assert table.loc["iou_class1", "b_minus_a"] == pytest.approx(0.1) and table.loc["f1", "b_worse"] == 12
+
+
 def test_compare_scores_interval_does_not_depend_on_the_row_order():
     """The bootstrap resamples the images in one order (their sorted ids), so shuffling A's rows, as val.py's
     order by score does, gives the same interval; a single image gets none."""
