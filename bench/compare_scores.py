@@ -10,7 +10,8 @@ interval of that mean (the images drawn again with replacement, 10,000 times, se
 is better and worse. The same for each image kind. B is "clearly better" on a score (the rule for replacing the
 bundled model) when the interval's lower end is above 0. Differences are paired by img_id and resampled in the
 order of the sorted ids, so the order of the rows does not matter; images only one file holds are left out and
-counted in a note. A score compared on a single image gets no interval (NaN).
+counted in a note. A score compared on a single image gets no interval (NaN). Two files of different classes
+(iou_class<c> columns) are refused: a run of several classes scores an image by the mean of its classes.
 """
 import os
 import re
@@ -22,7 +23,7 @@ sys.path.insert(0, REPO)
 import numpy as np  # noqa: E402  (after the path set-up above)
 import pandas as pd  # noqa: E402
 
-from evaluation import bootstrap_interval  # noqa: E402
+from evaluation import bootstrap_interval, scored_classes  # noqa: E402
 from utils import ArgumentParser, UsageError, run_cli  # noqa: E402
 
 SCORES = ("iou", "dice", "dsb", "f1")
@@ -42,6 +43,18 @@ def read_scores(path):
         raise UsageError(f"{path} lists {len(repeated)} img_id more than once (e.g. {repeated[0]}); give one "
                          "val.py scores.csv, not several joined")
     return table.set_index("img_id")
+
+
+def check_same_classes(*named):
+    """A UsageError unless the (path, table) ``named`` score the same classes: the iou and dice of a run of several
+    classes are the mean of an image's classes, not the one class of another run."""
+    held = [(path, scored_classes(table.columns)) for path, table in named]
+    if held[0][1] != held[1][1]:
+        raise UsageError(" and ".join(f"{path} scores {f'{len(c)} classes (iou_class<c>)' if c else 'one class'}"
+                                      for path, c in held) +
+                         ": their iou and dice (the mean of an image's classes) are not one score; compare "
+                         "evaluations of runs with the same classes (val.py again for a scores.csv written before "
+                         "it gave each class's columns)")
 
 
 def paired(a, b):
@@ -88,6 +101,7 @@ def main(argv):
     p.add_argument("b", help="scores.csv of model B (the candidate)")
     args = p.parse_args(argv)
     a, b = read_scores(args.a), read_scores(args.b)
+    check_same_classes((args.a, a), (args.b, b))
     table = compare(a, b, groups="kind")
     print(f"A = {args.a}\nB = {args.b}")
     for path, only in ((args.a, a.index.difference(b.index)), (args.b, b.index.difference(a.index))):

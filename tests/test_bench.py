@@ -352,6 +352,18 @@ def test_compare_scores_refuses_tables_without_common_images(tmp_path):
         compare_scores.main([str(tmp_path / "missing.csv"), str(tmp_path / "b.csv")])
 
 
+def test_compare_scores_refuses_tables_of_different_classes(tmp_path):
+    """A run of several classes scores an image's iou by the mean of its classes: against a run of one class the
+    difference was printed as if one score (a two-class B 0.03 'better' than a one-class A)."""
+    pd.DataFrame({"img_id": ["x", "y"], "iou": [0.5, 0.6]}).to_csv(tmp_path / "a.csv", index=False)
+    pd.DataFrame({"img_id": ["x", "y"], "iou": [0.55, 0.65], "iou_class0": [0.5, 0.6],
+                  "iou_class1": [0.6, 0.7]}).to_csv(tmp_path / "b.csv", index=False)
+    with pytest.raises(UsageError, match=r"a.csv scores one class and .*b.csv scores 2 classes"):
+        compare_scores.main([str(tmp_path / "a.csv"), str(tmp_path / "b.csv")])
+    table = compare_scores.main([str(tmp_path / "b.csv"), str(tmp_path / "b.csv")]).set_index("score")
+    assert table.loc["iou", "n"] == 2
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_the_network_benchmarks_take_every_network(arch):
     step_flags = ArgumentParser()
