@@ -250,8 +250,12 @@ def atomic_tiff_pages(path, shape, dtype, axes, pixel_size=None):
             if not 0 <= index < pages or page.shape != page_shape or page.dtype != dtype:  # would garble the file
                 raise ValueError(f"{path}: page {index} {page.dtype} {page.shape}, expected one of {pages} pages "
                                  f"{dtype} {page_shape}")
-            f.seek(offset + index * page_bytes)
-            f.write(np.ascontiguousarray(page))
+            try:
+                f.seek(offset + index * page_bytes)
+                f.write(np.ascontiguousarray(page))
+            except OSError as e:  # a full disk names no file; the stacks removed with this one would name theirs
+                e.filename = path if e.filename is None else e.filename
+                raise
 
         yield write
 

@@ -4,7 +4,9 @@ One tiny NestedUNet + deep supervision run is trained once (1 epoch on 8 synthet
 training). Copies of it with ``crop_size: 32`` in config.yml (full-resolution prediction), a UNet run with
 random weights, and a run without model.pth are made beside it without training.
 """
+import contextlib
 import copy
+import errno
 import functools
 import importlib.util
 import json
@@ -217,6 +219,43 @@ def test_a_tiff_written_page_by_page_is_the_one_written_whole(tmp_path, shape, a
         assert tif.series[0].axes == axes[:-2] + "YX" + "S" * rgb and tif.imagej_metadata["images"] == len(pages)
         np.testing.assert_array_equal(tif.asarray(), stack)
     assert sorted(os.listdir(tmp_path)) == ["paged.tif", "whole.tif"]  # no temporary file left
+
+
+class FullDisk:
+    """A file whose writes fail as on a full disk once ``full`` holds anything (ENOSPC, naming no file)."""
+
+    def __init__(self, f, full):
+        self.f, self.full = f, full
+
+    def write(self, data):
+        if self.full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def test_a_page_that_cannot_be_written_names_its_own_stack(tmp_path, monkeypatch):
+    """A page of movie_prob.tif that a full disk refuses is an error naming movie_prob.tif, not the stack of the
+    same image that removing them named last (movie_overlay.tif); no file of them is left."""
+    real, full = files.atomic_write, []
+
+    @contextlib.contextmanager
+    def atomic_write(path, *args, **kwargs):
+        with real(path, *args, **kwargs) as f:
+            yield FullDisk(f, full) if path.endswith("_prob.tif") else f
+
+    monkeypatch.setattr(files, "atomic_write", atomic_write)
+    arrays = {"": np.zeros((4, 3), np.uint8), "_prob": np.zeros((4, 3), np.uint8),
+              "_overlay": np.zeros((4, 3, 3), np.uint8)}
+    opened, writes = predict.open_stack(str(tmp_path), "movie", arrays, 2,
+                                        image_files.TiffHeader("T", plane_shape=(2,)))
+    full.append("the disk")
+    with pytest.raises(OSError) as raised, opened:  # as predict_all's discard removes the stack
+        predict.write_planes(writes, 0, arrays)
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(tmp_path / "movie_prob.tif")
+    assert os.listdir(tmp_path) == []
 
 
 def stack_flags(model="pc"):
