@@ -14,6 +14,7 @@ or inconsistent file is a DataError naming it. The network then sees ``(x - 0.5)
 import io
 import math
 import os
+import re
 from typing import NamedTuple
 
 import cv2
@@ -233,6 +234,12 @@ class TiffHeader(NamedTuple):
     pixel_size_problem: str = ""
 
 
+def imagej_text(value):
+    """A value of ImageJ's TIFF description with its \\uXXXX escapes decoded: ImageJ escapes every character beyond
+    ASCII (Fiji's micrometre is unit=\\u00B5m), and tifffile keeps the escape."""
+    return re.sub(r"\\u([0-9a-fA-F]{4})", lambda m: chr(int(m.group(1), 16)), str(value)).strip()
+
+
 def tiff_pixel_size(tif):
     """The pixel size in micrometres of an open tifffile.TiffFile from its OME metadata (PhysicalSizeX/Y and their
     units, micrometres by default) or its ImageJ metadata (XResolution/YResolution, pixels per ImageJ's ``unit``, or
@@ -255,12 +262,12 @@ def tiff_pixel_size(tif):
             return None, f"PhysicalSize{'XY'[sizes.index(None)]} missing beside PhysicalSize{'YX'[sizes.index(None)]}"
     elif tif.is_imagej and 282 in tif.pages.first.tags:  # XResolution
         page, metadata = tif.pages.first, tif.imagej_metadata or {}
-        unit = str(metadata.get("unit", "")).strip()
+        unit = imagej_text(metadata.get("unit", ""))
         if unit.lower() in UNCALIBRATED:
             unit = RESOLUTION_UNITS.get(page.resolutionunit, "")
             if not unit or (unit == "inch" and all(r <= PRINT_DPI and float(r).is_integer() for r in page.resolution)):
                 return None, ""  # 72 or 300 dots per inch: a print resolution, as in a plain TIFF
-        units = unit, str(metadata.get("yunit", unit)).strip()
+        units = unit, imagej_text(metadata.get("yunit", unit))
         sizes = [1 / r if r > 0 else math.nan for r in page.resolution]  # the resolution is in pixels per unit
     else:
         return None, ""

@@ -1656,6 +1656,8 @@ def calibrated_tiffs(folder, plane):
     stack = np.stack([plane, plane[::-1]])
     tifffile.imwrite(folder / "imagej.tif", stack, imagej=True, resolution=(1 / 0.325, 1 / 0.325),
                      metadata={"axes": "TYX", "unit": "micron"})
+    tifffile.imwrite(folder / "fiji_um.tif", plane, imagej=True, resolution=(1 / 0.4, 1 / 0.4),
+                     metadata={"unit": "\\u00B5m"})  # Fiji's micrometre, escaped as ImageJ writes it
     tifffile.imwrite(folder / "imagej_cm.tif", plane, imagej=True, resolution=(2e4, 2e4),  # 20000 px per cm
                      resolutionunit="CENTIMETER")
     tifffile.imwrite(folder / "ome.tif", plane, ome=True, metadata={  # in nm; PhysicalSizeY in the default um
@@ -1667,8 +1669,8 @@ def calibrated_tiffs(folder, plane):
     tifffile.imwrite(folder / "print.tif", plane, resolution=(72, 72), resolutionunit="INCH")  # no ImageJ or OME
     tifffile.imwrite(folder / "imagej_print.tif", plane, imagej=True, resolution=(72, 72), resolutionunit="INCH")
     tifffile.imwrite(folder / "uncalibrated.tif", stack, imagej=True, metadata={"axes": "TYX"})
-    return {"imagej.tif": 0.325, "imagej_cm.tif": 0.5, "ome.tif": 0.65, "non_square.tif": None, "ome_pixels.tif": None,
-            "print.tif": None, "imagej_print.tif": None, "uncalibrated.tif": None}
+    return {"imagej.tif": 0.325, "fiji_um.tif": 0.4, "imagej_cm.tif": 0.5, "ome.tif": 0.65, "non_square.tif": None,
+            "ome_pixels.tif": None, "print.tif": None, "imagej_print.tif": None, "uncalibrated.tif": None}
 
 
 def test_a_tiff_s_pixel_size_is_read_from_its_imagej_or_ome_calibration_and_never_guessed(tmp_path):
