@@ -446,13 +446,19 @@ def dataset_folder(dataset):
 
 def check_dataset_name(dataset):
     """--dataset names a folder in inputs/, or is the absolute path of a dataset elsewhere; a relative path that
-    leaves inputs/ ('..') or means the current folder's (inputs/<name>) is a UsageError with the name to give."""
+    leaves inputs/ ('..'), means the current folder's (inputs/<name>) or a folder elsewhere is a UsageError with the
+    name or the absolute path to give."""
     if ".." in dataset.replace("\\", "/").split("/") and not os.path.isabs(dataset):
         raise UsageError(f"--dataset {dataset}: give the name of a folder in {INPUTS_DIR}/, or the absolute path of a "
                          "dataset elsewhere")
     if not os.path.isdir(os.path.join(INPUTS_DIR, dataset)) and dataset != "synthetic" and os.path.isdir(dataset):
-        raise UsageError(f"--dataset {dataset}: give the name of a folder in {INPUTS_DIR}/, not a path (--dataset "
-                         f"{os.path.basename(os.path.normpath(dataset))} once the folder is there, or linked there)")
+        name = os.path.basename(os.path.normpath(dataset))
+        if os.path.dirname(os.path.abspath(dataset)) == os.path.abspath(INPUTS_DIR):
+            raise UsageError(f"--dataset {dataset}: give the name of a folder in {INPUTS_DIR}/, not a path "
+                             f"(--dataset {name})")
+        # the run records --dataset as given, and val.py or --resume run from another folder would read another one
+        raise UsageError(f"--dataset {dataset} is not in {INPUTS_DIR}/: give its absolute path (--dataset "
+                         f"{os.path.abspath(dataset)}) or move or link it to {INPUTS_DIR}/{name}")
 
 
 def check_train_args(args):

@@ -384,6 +384,20 @@ def test_path_like_dataset_name_in_default_name_refused():
         parse_train_args(["--dataset", "../elsewhere"])
 
 
+def test_a_relative_dataset_folder_outside_inputs_is_refused_with_its_absolute_path(tmp_path, monkeypatch):
+    """A folder beside inputs/ (the README's mine/) was refused with '--dataset mine once the folder is there':
+    the very flag given, so no fix."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "inputs" / "good").mkdir(parents=True)
+    (tmp_path / "data" / "mine").mkdir(parents=True)
+    for given, fix in (("data/mine", f"--dataset {tmp_path / 'data' / 'mine'}) or move or link it to inputs/mine"),
+                       ("inputs/good", "not a path (--dataset good)")):
+        with pytest.raises(UsageError) as e:
+            parse_train_args(["--dataset", given])
+        assert str(e.value).startswith(f"--dataset {given}") and str(e.value).endswith(fix), e.value
+    assert parse_train_args(["--dataset", str(tmp_path / "data" / "mine")]).name == "mine_NestedUNet_woDS"
+
+
 @pytest.mark.parametrize("argv,flag", [
     (["--input_w", "100"], "--input_w"), (["--input_h", "40"], "--input_h"), (["--crop_size", "50"], "--crop_size"),
     (["--epochs", "0"], "--epochs"), (["--epochs", "-3"], "--epochs"),
