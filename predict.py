@@ -16,8 +16,8 @@ exactly as in training. For each image ``<id>`` (its file name without the exten
     objects.csv          --instances: one row per nucleus (OBJECT_COLUMNS: image, plane, area, centroid, bounding
                          box with bbox_max exclusive, intensity, shape, confidence; object_rows)
     images.csv           --instances: one row per image predicted, also one without nuclei (IMAGE_COLUMNS: image,
-                         plane, size, scale, foreground of class 0, its nuclei and their mean and median area;
-                         image_row)
+                         plane, size, scale, foreground of class 0, its nuclei and their mean and median area,
+                         the pixel size; image_row; then those areas in square micrometres)
 
 A TIFF stack (time points, z planes or pages; image_files.tiff_layout) is segmented plane by plane, each plane
 as an image of its own, and gives ImageJ TIFF stacks instead, one page per plane: ``<id>.tif``,
@@ -82,6 +82,9 @@ IMAGE_COLUMNS = ["image", "plane", "height", "width", "scale", "foreground", "nu
                  "pixel_size_um"]
 ImageRow = namedtuple("ImageRow", IMAGE_COLUMNS)  # a tuple, not a DataFrame: tens of thousands are held to the end
 IMAGE_DECIMALS = {"scale": 4, "foreground": 4, "mean_area": 2, "median_area": 2}
+# images.csv's columns of any size, 4 decimals or SIGNIFICANT_DIGITS significant digits: the pixel size and the
+# areas in square micrometres, which write_tables adds after IMAGE_COLUMNS
+IMAGE_SIGNIFICANT = ("pixel_size_um", "mean_area_um2", "median_area_um2")
 TABLES = ("objects.csv", "images.csv")
 # A colour image's intensity is its grey value, with OpenCV's weights for RGB -> grey: one set of columns for the
 # grey and colour images of a run.
@@ -558,12 +561,14 @@ def write_tables(out_dir, rows, objects):
     atomically; a Ctrl-C while they are written takes effect once both are this prediction's."""
     images = pd.DataFrame(rows, columns=IMAGE_COLUMNS).astype({"nuclei": "Int64", "mean_area": float,
                                                                 "median_area": float, "pixel_size_um": float})
+    for area in ("mean_area", "median_area"):
+        images[f"{area}_um2"] = images[area] * images["pixel_size_um"] ** 2
     with interrupts_held():
         with atomic_write(os.path.join(out_dir, "objects.csv")) as f:
             objects.round(OBJECT_DECIMALS).assign(**{c: round_significant(objects[c]) for c in SIGNIFICANT}).to_csv(
                 f, index=False)
         with atomic_write(os.path.join(out_dir, "images.csv")) as f:
-            images.round(IMAGE_DECIMALS).assign(pixel_size_um=round_significant(images["pixel_size_um"])).to_csv(
+            images.round(IMAGE_DECIMALS).assign(**{c: round_significant(images[c]) for c in IMAGE_SIGNIFICANT}).to_csv(
                 f, index=False)
 
 

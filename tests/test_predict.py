@@ -1064,7 +1064,7 @@ def test_images_csv_counts_the_nuclei_of_every_image_and_plane(in_runs, tmp_path
     argv = ["--name", "pc", "--input", str(tmp_path / "in"), "--device", "cpu"]
     predict.main([*argv, "--output", str(out), "--instances", "--separation", "cc", "--min_confidence", "0"])
     table = pd.read_csv(out / "images.csv")
-    assert list(table.columns) == predict.IMAGE_COLUMNS
+    assert list(table.columns) == [*predict.IMAGE_COLUMNS, "mean_area_um2", "median_area_um2"]
     assert table[["image", "plane"]].values.tolist() == [["cells", 0], ["empty", 0], ["movie", 0], ["movie", 1],
                                                          ["movie", 2]]
     assert table["nuclei"].tolist() == [4, 0, 1, 0, 2]  # the discs drawn
@@ -1718,12 +1718,17 @@ def test_objects_and_images_csv_give_micrometres_from_the_pixel_size_and_the_sta
         predict.main([*argv, "--output", str(out), *flag])
         warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning")]
         objects, images = (pd.read_csv(out / name, **kept) for name in ("objects.csv", "images.csv"))
-        assert list(objects.columns) == predict.OBJECT_COLUMNS and list(images.columns) == predict.IMAGE_COLUMNS
+        assert list(objects.columns) == predict.OBJECT_COLUMNS
+        assert list(images.columns) == [*predict.IMAGE_COLUMNS, "mean_area_um2", "median_area_um2"]
         assert set(objects["image"]) == set(expected) and (objects.groupby("image").size() >= 4).all()
         sizes = expected if not flag else dict.fromkeys(expected, 0.25)
         for row in images.itertuples():
             assert row.pixel_size_um == pytest.approx(sizes[row.image]) if sizes[row.image] else \
                 np.isnan(row.pixel_size_um), row
+            areas = objects.loc[(objects["image"] == row.image) & (objects["plane"] == row.plane), "area_um2"]
+            for column, value in (("mean_area_um2", areas.mean()), ("median_area_um2", areas.median())):
+                assert getattr(row, column) == pytest.approx(value, rel=1e-5) if sizes[row.image] else \
+                    np.isnan(getattr(row, column)), (column, row)
         for row in objects.itertuples():
             size = sizes[row.image]
             stack = out / f"{row.image}_instances.tif"
