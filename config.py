@@ -439,26 +439,35 @@ def check_unchanged_on_resume(args, saved_values, name, how):
 
 
 def dataset_folder(dataset):
-    """The folder of a dataset given as a name in inputs/ (first) or as a folder path."""
+    """The folder of a dataset given as a name in inputs/ (first) or as a folder path; ./<name> is the current
+    folder's, also when inputs/<name> exists (:func:`in_current_folder`)."""
     named = os.path.join(INPUTS_DIR, dataset)
-    return dataset if not os.path.isdir(named) and os.path.isdir(dataset) else named
+    return dataset if os.path.isdir(dataset) and (in_current_folder(dataset) or not os.path.isdir(named)) else named
+
+
+def in_current_folder(dataset):
+    """Whether ``dataset`` is written as a path of the current folder (./mine): a path, never a name in inputs/."""
+    return dataset.replace("\\", "/").startswith("./")
 
 
 def check_dataset_name(dataset):
     """--dataset names a folder in inputs/, or is the absolute path of a dataset elsewhere; a relative path that
-    leaves inputs/ ('..'), means the current folder's (inputs/<name>) or a folder elsewhere is a UsageError with the
-    name or the absolute path to give."""
+    leaves inputs/ ('..'), means the current folder's (inputs/<name>) or a folder elsewhere (./<name> too, when
+    inputs/<name> is another) is a UsageError with the name or the absolute path to give."""
     if ".." in dataset.replace("\\", "/").split("/") and not os.path.isabs(dataset):
         raise UsageError(f"--dataset {dataset}: give the name of a folder in {INPUTS_DIR}/, or the absolute path of a "
                          "dataset elsewhere")
-    if not os.path.isdir(os.path.join(INPUTS_DIR, dataset)) and dataset != "synthetic" and os.path.isdir(dataset):
+    if ((in_current_folder(dataset) or not os.path.isdir(os.path.join(INPUTS_DIR, dataset))) and dataset != "synthetic"
+            and os.path.isdir(dataset)):
         name = os.path.basename(os.path.normpath(dataset))
         if os.path.dirname(os.path.abspath(dataset)) == os.path.abspath(INPUTS_DIR):
             raise UsageError(f"--dataset {dataset}: give the name of a folder in {INPUTS_DIR}/, not a path "
                              f"(--dataset {name})")
         # the run records --dataset as given, and val.py or --resume run from another folder would read another one
+        named = os.path.join(INPUTS_DIR, name)
+        other = f"--dataset {name} for {named}" if os.path.isdir(named) else f"move or link it to {named}"
         raise UsageError(f"--dataset {dataset} is not in {INPUTS_DIR}/: give its absolute path (--dataset "
-                         f"{os.path.abspath(dataset)}) or move or link it to {INPUTS_DIR}/{name}")
+                         f"{os.path.abspath(dataset)}) or {other}")
 
 
 def check_train_args(args):

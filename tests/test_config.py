@@ -14,8 +14,8 @@ import train
 import utils
 from conftest import ROOT, write_cgroups
 from optim import build_scheduler
-from config import (build_train_parser, default_run_name, parse_train_args, read_run_config, read_yaml_config,
-                    save_run_config, schedule_note, unused_flags_note)
+from config import (build_train_parser, dataset_folder, default_run_name, parse_train_args, read_run_config,
+                    read_yaml_config, save_run_config, schedule_note, unused_flags_note)
 from utils import ArgumentParser, UsageError, run_cli
 
 
@@ -396,6 +396,20 @@ def test_a_relative_dataset_folder_outside_inputs_is_refused_with_its_absolute_p
             parse_train_args(["--dataset", given])
         assert str(e.value).startswith(f"--dataset {given}") and str(e.value).endswith(fix), e.value
     assert parse_train_args(["--dataset", str(tmp_path / "data" / "mine")]).name == "mine_NestedUNet_woDS"
+
+
+def test_a_dataset_of_the_current_folder_is_not_taken_from_inputs_of_the_same_name(tmp_path):
+    """./mine is the current folder's mine/: with an inputs/mine too, score.py --truth ./mine scored against
+    inputs/mine, and train.py --dataset ./mine trained on it, without a word."""
+    for folder in ("inputs/mine", "mine"):
+        (tmp_path / folder).mkdir(parents=True)
+    assert dataset_folder("./mine") == "./mine"
+    assert dataset_folder("mine") == os.path.join("inputs", "mine")  # a name: inputs/ first
+    with pytest.raises(UsageError) as e:
+        parse_train_args(["--dataset", "./mine"])
+    assert str(e.value).endswith(f"give its absolute path (--dataset {tmp_path / 'mine'}) or --dataset mine for "
+                                 "inputs/mine"), e.value
+    assert parse_train_args(["--dataset", "mine"]).dataset == "mine"
 
 
 @pytest.mark.parametrize("argv,flag", [
