@@ -18,7 +18,9 @@ predicted nuclei. Then a summary like val.py's.
 """
 import os
 
-from utils import ArgumentParser, UsageError, file_extension, first_few, path_arg, run_cli
+import numpy as np
+
+from utils import ArgumentParser, BatchedThreads, UsageError, file_extension, first_few, path_arg, run_cli
 
 # What tools append to an image's name in the label images they write: predict.py --instances, Cellpose, the
 # Cellpose layout's truth, and common hand-made names
@@ -53,12 +55,10 @@ def main(argv):
     if os.path.isdir(output):
         raise UsageError(f"--output {output} is a folder; give the path of the CSV file to write")
     # Heavy imports only now, so that --help and flag errors answer at once.
-    import numpy as np
     import pandas as pd
 
     from files import atomic_write
     from scoring import COLUMNS, pair_predictions, score_image, summary, truth_files
-    from utils import BatchedThreads
 
     truths, folder = truth_files(args.truth, args.img_ext, args.mask_ext)
     preds, strays = pair_predictions(args.pred, sorted(truths), args.suffix, PRED_SUFFIXES)
