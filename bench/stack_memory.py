@@ -6,10 +6,12 @@
 Builds a 16-bit ImageJ time-lapse (TYX, ``--frames`` planes of ``--size`` x ``--size``, bright blobs the size of
 the bundled model's nuclei on a noisy background, calibrated at 0.325 um per pixel) in a temporary folder, and runs
 ``predict.py --name nuclei --instances --overlay --save_prob`` on it from each checkout (default: this one), each
-in a fresh process, timed by os.wait4: peak RSS ("Maximum resident set size") and wall time. Each checkout's
-``<id>*.tif`` are read back with tifffile and compared with the first checkout's: pixels, dtype, axes, ImageJ
-metadata and resolution. Prints a table, then as the last line one JSON object with every figure.
+in a fresh process, timed by os.wait4: peak RSS ("Maximum resident set size") and wall time, all runs before any
+output is read back. Each checkout's ``<id>*.tif`` are then read back with tifffile and compared with the first
+checkout's: pixels, dtype, axes, ImageJ metadata and resolution; then every file written, the tables too, byte for
+byte. Prints a table, then as the last line one JSON object with every figure.
 """
+import filecmp
 import json
 import os
 import subprocess
@@ -73,7 +75,8 @@ def read_stack(path):
 
 
 def differences(out_dir, reference_dir, img_id):
-    """The outputs of ``out_dir`` that differ from ``reference_dir``'s, with what differs."""
+    """The outputs of ``out_dir`` that differ from ``reference_dir``'s, with what differs: the stacks read back, then
+    every file (the stacks, objects.csv, images.csv) byte for byte."""
     found = []
     for suffix in SUFFIXES:
         name = f"{img_id}{suffix}.tif"
@@ -82,6 +85,10 @@ def differences(out_dir, reference_dir, img_id):
             found.append(f"{name}: pixels")
         found += [f"{name}: {what}" for what, a, b in zip(("axes", "ImageJ metadata", "resolution"), new[1:], old[1:])
                   if a != b]
+    for name in sorted(set(os.listdir(out_dir)) | set(os.listdir(reference_dir))):
+        new, old = os.path.join(out_dir, name), os.path.join(reference_dir, name)
+        if not (os.path.isfile(new) and os.path.isfile(old) and filecmp.cmp(new, old, shallow=False)):
+            found.append(f"{name}: bytes")
     return found
 
 
@@ -99,9 +106,12 @@ def main(argv):
         stack = os.path.join(tmp, "movie.tif")
         make_stack(stack, args.frames, args.size)
         print(f"input: {args.frames} x {args.size}x{args.size} uint16 TYX, {os.path.getsize(stack) / 2**20:.0f} MiB")
-        for k, checkout in enumerate(args.checkouts):
+        # Every run before any output is read back: a child's peak RSS counts this process's memory at the fork,
+        # which reading a 1000-frame run's stacks took to 3 GiB, above the next run's own peak
+        runs = [run_predict(os.path.abspath(checkout), stack, os.path.join(tmp, f"out{k}"), args.device)
+                for k, checkout in enumerate(args.checkouts)]
+        for k, (checkout, (rss, seconds)) in enumerate(zip(args.checkouts, runs)):
             out_dir = os.path.join(tmp, f"out{k}")
-            rss, seconds = run_predict(os.path.abspath(checkout), stack, out_dir, args.device)
             written = sum(os.path.getsize(os.path.join(out_dir, n)) for n in os.listdir(out_dir)) / 2**20
             diff = differences(out_dir, os.path.join(tmp, "out0"), "movie")
             rows.append({"checkout": os.path.abspath(checkout), "peak_rss_mib": round(rss),

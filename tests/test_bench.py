@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import psutil
 import pytest
+import tifffile
 import torch
 
 import compare_scores  # bench/, on the path through conftest
@@ -19,6 +20,7 @@ import group_split
 import kernel_time
 import profile_step
 import split_overlap
+import stack_memory
 import timing
 from config import ARCHS
 from conftest import make_synthetic
@@ -370,3 +372,25 @@ def test_the_network_benchmarks_take_every_network(arch):
     timing.add_step_args(step_flags)
     for parse in (fold_bn.parse_args, kernel_time.parse_args, profile_step.parse_args, step_flags.parse_args):
         assert parse(["--arch", arch]).arch == arch
+
+
+def test_stack_memory_runs_every_checkout_before_reading_any_output_back(tmp_path, monkeypatch, capsys):
+    """A child's peak RSS counts this process's memory at the fork: reading a 1000-frame run's stacks back before the
+    next run (3 GiB) had that run report 3064 MiB for a predict.py whose own peak is under 1 GiB. Every checkout
+    runs first; outputs written alike are identical byte for byte."""
+    calls = []
+
+    def run_predict(checkout, stack, out_dir, device):
+        calls.append("run")
+        os.makedirs(out_dir)
+        for suffix in stack_memory.SUFFIXES:
+            tifffile.imwrite(os.path.join(out_dir, f"movie{suffix}.tif"), np.zeros((2, 4, 4), np.uint8), imagej=True)
+        return 100.0, 1.0
+
+    read_stack = stack_memory.read_stack
+    monkeypatch.setattr(stack_memory, "run_predict", run_predict)
+    monkeypatch.setattr(stack_memory, "read_stack", lambda path: calls.append("read") or read_stack(path))
+    stack_memory.main(["--frames", "2", "--size", "32", "--checkouts", str(tmp_path), str(tmp_path)])
+    assert calls[:2] == ["run", "run"] and set(calls[2:]) == {"read"}
+    summary = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert [row["same_as_first"] for row in summary["rows"]] == [True, True]
