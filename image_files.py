@@ -15,6 +15,7 @@ import io
 import math
 import os
 import re
+from contextlib import ExitStack, contextmanager
 from typing import NamedTuple
 
 import cv2
@@ -36,7 +37,8 @@ NORMALIZATIONS = ("fixed", "percentile", "percentile_dark")  # train.py --normal
 NEAREST = cv2.INTER_NEAREST_EXACT
 # The most pixels OpenCV decodes in one image (its CV_IO_MAX_IMAGE_PIXELS): more is a damaged header or a
 # decompression bomb (a small file that decodes to gigabytes). tifffile has no limit: a TIFF is refused when its
-# header claims more bytes than the memory available, and a whole-slide scan that fits is read
+# header claims more bytes than the memory available (one page of a stack read page by page, read_planes), and a
+# whole-slide scan that fits is read
 MAX_PIXELS = 1 << 30
 # Micrometres per unit of length, as ImageJ's `unit` and OME's PhysicalSizeXUnit name it (lower case): another unit
 # gives no pixel size (tiff_pixel_size); "pixel" is an uncalibrated image's
@@ -187,23 +189,40 @@ def tiff_layout(shape, axes):
             "".join(axes[i] for i in channels))
 
 
+def _check_claim(nbytes, shape, path, what):
+    """A DataError naming the file when a TIFF's header claims more bytes of pixels (``nbytes``, of an array of
+    ``shape``) than the memory available: tifffile allocates whatever the header claims."""
+    available = ram()[1]
+    if nbytes > available:
+        raise DataError(f"cannot read {what} {path}: its header claims {nbytes / 2**30:.1f} GiB of pixels "
+                        f"{tuple(shape)}, more than the {available / 2**30:.1f} GiB of memory available (a damaged "
+                        "file, a decompression bomb, or an image too large for this machine: cut it into smaller "
+                        "files)")
+
+
+def _unreadable_tiff(path, what, error):
+    """The DataError for a TIFF that tifffile fails to read (TiffFileError, ValueError, ... for damaged files)."""
+    return DataError(f"cannot read {what} {path}: not a readable TIFF ({str(error).splitlines()[0][:80]})")
+
+
 def tiff_planes(path, what="image"):
     """The first series of a TIFF as planes: array [N, H, W, C] as stored (N = 1 for a 2D image; C = 1 for grey;
     an RGBA image's alpha dropped), and the letters of its plane axes ("" for a 2D image). See :func:`tiff_layout`."""
     try:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
-            available = ram()[1]
-            if series.nbytes > available:  # tifffile allocates whatever the header claims
-                raise DataError(f"cannot read {what} {path}: its header claims {series.nbytes / 2**30:.1f} GiB of "
-                                f"pixels {tuple(series.shape)}, more than the {available / 2**30:.1f} GiB of memory "
-                                "available (a damaged file, a decompression bomb, or an image too large for this "
-                                "machine: cut it into smaller files)")
+            _check_claim(series.nbytes, series.shape, path, what)
             img, axes = series.asarray(), series.axes
     except DataError:
         raise
-    except Exception as e:  # tifffile raises TiffFileError, ValueError, ... for damaged files
-        raise DataError(f"cannot read {what} {path}: not a readable TIFF ({str(e).splitlines()[0][:80]})") from None
+    except Exception as e:
+        raise _unreadable_tiff(path, what, e) from None
+    return _as_planes(img, axes, path, what)
+
+
+def _as_planes(img, axes, path, what):
+    """tifffile's array ``img`` of a TIFF's first series, or of one of its pages, with its ``axes`` -> (planes [N, H,
+    W, C] as stored, alpha dropped; the letters of the plane axes), as :func:`tiff_planes` gives them."""
     try:
         order, plane_axes, channel_axis = tiff_layout(img.shape, axes)
     except ValueError as e:
@@ -348,6 +367,77 @@ def select_channel(planes, channel, path):
     if not 0 <= channel < count:
         raise DataError(f"--channel {channel}: image {path} has {count} channels (0 to {count - 1})")
     return check_finite(planes[..., channel:channel + 1], path)
+
+
+@contextmanager
+def read_planes(path, channel):
+    """The planes of the image file ``path`` that the network reads, as a sequence of arrays [H, W, C]
+    (:func:`select_channel` with ``channel``, its checks and messages). A TIFF stack whose every plane is one page
+    (:func:`_page_per_plane`: T, Z or TZ planes of grey or RGB pages) is read a page at a time as it is indexed, its
+    file open until the block ends, so that a 500-frame time-lapse is never held whole; any other file is read whole
+    (:func:`decode_planes`). A DataError names the file: on entering, or on indexing for a page that is damaged or
+    holds NaN."""
+    opened = _page_per_plane(str(path))
+    if opened is None:
+        yield select_channel(decode_planes(path)[0], channel, path)
+        return
+    tif, series = opened
+    with tif:
+        yield _PagePlanes(series, path, channel)
+
+
+def _page_per_plane(path):
+    """(an open tifffile.TiffFile, its first series) when that series is a stack of one page per plane
+    (:func:`_one_page_per_plane`), else None, the file closed. The memory check is on one page, all that is held at
+    once: a DataError when it claims more than the memory available."""
+    if not path.lower().endswith(TIFF_EXTS):
+        return None
+    try:
+        tif = tifffile.TiffFile(path)
+    except Exception:  # the whole read names the problem
+        return None
+    with ExitStack() as closing:  # closed unless handed on
+        closing.callback(tif.close)
+        if _one_page_per_plane(tif.series[0]):
+            page = tif.series[0].keyframe
+            _check_claim(page.nbytes, page.shape, path, "image")
+            closing.pop_all()
+            return tif, tif.series[0]
+    return None
+
+
+def _one_page_per_plane(series):
+    """Whether a tifffile series is a stack whose every plane is one page of the file, there and shaped as the first:
+    plane axes before the page's rows, no channel axis across pages (a hyperstack's C, 3 pages without axes taken as
+    colours), not an ImageJ stack stored past its first page alone."""
+    try:
+        page = series.keyframe
+        plane_axes, channel_axis = tiff_layout(series.shape, series.axes)[1:]
+        page_axes, page_channel = tiff_layout(page.shape, page.axes)[1:]
+        return bool(plane_axes and not page_axes and channel_axis == page_channel and series.transform is None
+                    and not series.is_truncated and len(series) * page.size == series.size
+                    and all(p is not None and p.shape == page.shape and p.dtype == page.dtype for p in series))
+    except Exception:  # a series tiff_layout refuses, a page missing: read whole, which says what is wrong
+        return False
+
+
+class _PagePlanes:
+    """The planes of an open TIFF series of one page per plane (:func:`_page_per_plane`): ``planes[i]`` reads page i
+    -> [H, W, C] as :func:`read_planes` gives it."""
+
+    def __init__(self, series, path, channel):
+        self.series, self.path, self.channel = series, path, channel
+
+    def __len__(self):
+        return len(self.series)
+
+    def __getitem__(self, index):
+        try:
+            stored = self.series[index].asarray()
+        except Exception as e:
+            raise _unreadable_tiff(self.path, "image", e) from None
+        planes = _as_planes(stored, self.series.keyframe.axes, self.path, "image")[0]
+        return select_channel(np.ascontiguousarray(planes), self.channel, self.path)[0]
 
 
 def decode_image(path):

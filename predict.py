@@ -48,8 +48,7 @@ from config import (MIN_SIZE, add_amp_arg, add_device_arg, add_separation_args, 
                     choose_separation, object_filters)
 from files import (atomic_imwrite, atomic_tiff_pages, atomic_write, check_output_folder, interrupts_held,
                    remove_killed_writes, written_alone)
-from image_files import (CELLPOSE_NOT_IMAGES, PIXEL_SIZES, TIFF_EXTS, TiffHeader, decode_planes, select_channel,
-                         tiff_header)
+from image_files import CELLPOSE_NOT_IMAGES, PIXEL_SIZES, TIFF_EXTS, TiffHeader, read_planes, tiff_header
 from instances import (AUTO_SCALE_BAND, auto_scale, border_map, mean_probability, median_diameter, nucleus_areas,
                        split_instances)
 from utils import (ArgumentParser, BatchedThreads, DataError, UsageError, check_utf8_names, first_few, float_or_auto,
@@ -476,8 +475,9 @@ def predict_all(predictor, files, ids, headers, out_dir, num_classes, threshold,
     """Predict every file into ``out_dir``: the masks (and probabilities with ``save_prob``), the nuclei when a
     ``separation`` is given (with ``filters``), the outlines with ``overlay``; PNGs for a 2D image, TIFF stacks
     for a stack (``headers``: each file's :func:`tiff_headers` entry, its plane axes), each plane predicted as an
-    image of its own and its outputs written into their pages as they come (:func:`open_stack`); ``channel`` picks
-    one channel of each (image_files.select_channel); ``auto`` = (the run's training nucleus diameter, separation)
+    image of its own, read from its page when each plane is one page (image_files.read_planes), and its outputs
+    written into their pages as they come (:func:`open_stack`); ``channel`` picks one channel of each
+    (image_files.select_channel); ``auto`` = (the run's training nucleus diameter, separation)
     for --scale auto (:func:`auto_scaled`). The per-plane work runs in threads after every 256 MB of predictions
     (utils.BatchedThreads).
     A file that cannot be read or used (a DataError) is left out, and the others are predicted.
@@ -513,34 +513,44 @@ def predict_all(predictor, files, ids, headers, out_dir, num_classes, threshold,
         if img_id in writing:
             writing.pop(img_id)[0].__exit__(*sys.exc_info())
 
+    def leave_out(img_id, error, planes_left):
+        """Leave out a file at one of its planes, inside the handler of its ``error``: the planes before it go too."""
+        left_out.append(error)
+        dropped.add(img_id)
+        discard(img_id)
+        bar.update(planes_left)
+
     bar = progress_bar(total=len(files), desc="predict", unit="img")
     try:
         with bar, BatchedThreads(collect, desc="write") as jobs:
             for path, img_id, header in zip(files, ids, headers):
-                try:
-                    planes = select_channel(decode_planes(path)[0], channel, path)
-                except DataError as e:
-                    left_out.append(str(e))
-                    bar.update()
-                    continue
-                bar.total += len(planes) - 1
-                for plane, raw in enumerate(planes):
-                    image = predictor.as_input(raw)
+                with ExitStack() as reading:  # a stack read page by page keeps its file open until its last plane
                     try:
-                        prob, scale, nuclei = probabilities(predictor, image, threshold, filters, auto)
-                    except DataError as e:  # an image too large for the memory available: the others go on
-                        left_out.append(f"{path}: {e}")
-                        dropped.add(img_id)
-                        discard(img_id)
-                        bar.update(len(planes) - plane)
-                        break
-                    # a copy: a view would hold the whole stack (or all the channels of --channel) until the jobs run
-                    measured = raw.copy() if separation else None
-                    jobs.submit(predict_plane, (img_id, len(planes), header), plane, scale, image, prob, options,
-                                None if header.plane_axes else out_dir, nuclei, measured,
-                                nbytes=image.nbytes + prob.nbytes + sum(a.nbytes for a in (nuclei, measured)
-                                                                        if a is not None))
-                    bar.update()
+                        planes = reading.enter_context(read_planes(path, channel))
+                    except DataError as e:
+                        left_out.append(str(e))
+                        bar.update()
+                        continue
+                    bar.total += len(planes) - 1
+                    for plane in range(len(planes)):
+                        try:
+                            raw = planes[plane]
+                        except DataError as e:  # a page read now is damaged or holds NaN: the message names the file
+                            leave_out(img_id, str(e), len(planes) - plane)
+                            break
+                        image = predictor.as_input(raw)
+                        try:
+                            prob, scale, nuclei = probabilities(predictor, image, threshold, filters, auto)
+                        except DataError as e:  # an image too large for the memory available: the others go on
+                            leave_out(img_id, f"{path}: {e}", len(planes) - plane)
+                            break
+                        # a copy: a view would hold a stack read whole (or all channels of --channel) until the jobs run
+                        measured = raw.copy() if separation else None
+                        jobs.submit(predict_plane, (img_id, len(planes), header), plane, scale, image, prob, options,
+                                    None if header.plane_axes else out_dir, nuclei, measured,
+                                    nbytes=image.nbytes + prob.nbytes + sum(a.nbytes for a in (nuclei, measured)
+                                                                            if a is not None))
+                        bar.update()
             jobs.flush()
     except BaseException:  # an error or Ctrl-C: no stack is left half-written
         for img_id in list(writing):

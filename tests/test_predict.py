@@ -22,6 +22,7 @@ from argparse import Namespace
 import cv2
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 import tifffile
 import torch
@@ -355,6 +356,7 @@ def test_a_stack_stopped_midway_leaves_no_file_of_it(in_runs, tmp_path, monkeypa
         predict.main(["--input", path, other, "--output", str(out), *stack_flags()])
     left = sorted(os.listdir(out))
     assert [n for n in left if n.startswith("movie") or n.startswith(".")] == ["movie_prob.tif"]
+    assert open_count(path) == 0
     assert (out / "movie_prob.tif").read_bytes() == b"an earlier prediction's"
     if isinstance(error, DataError):
         assert "other.png" in left
@@ -915,6 +917,160 @@ def test_a_stack_left_out_at_a_later_plane_leaves_no_rows(tmp_path):
     with pytest.raises(DataError, match=r"movie\.tif: a 64x64 image needs"):
         predict.predict_all(SecondTooLarge(), files[:1], ["movie"], predict.tiff_headers(files[:1]),
                             str(tmp_path / "out"), 1, 0.5, **options)
+
+
+def stack_layouts(folder):
+    """TIFF stacks of 4 planes of 40x36 with the synthetic nuclei, in ``folder``: (those whose every plane is one page,
+    which image_files.read_planes reads page by page; [(path, --channel)] of those it reads whole)."""
+    grey = sample_bgr(40, 36)[:, :, 0].astype(np.uint16)
+    planes = np.stack([np.roll(grey, 3 * t, axis=1) * (100 + 30 * t) for t in range(4)])
+    rgb = np.stack([cv2.cvtColor(sample_bgr(40, 36), cv2.COLOR_BGR2RGB)] * 4)
+    rgb[1:] //= 2
+    os.makedirs(folder, exist_ok=True)
+    stacks = {"tyx.tif": (planes, dict(imagej=True, metadata={"axes": "TYX"})),
+              "tzyx.tif": (planes.reshape(2, 2, 40, 36), dict(imagej=True, metadata={"axes": "TZYX"})),
+              "rgb.tif": (rgb, dict(imagej=True, photometric="rgb", metadata={"axes": "TYXS"})),
+              "planar.tif": (rgb.transpose(0, 3, 1, 2), dict(photometric="rgb", planarconfig="separate",
+                                                             metadata={"axes": "TSYX"})),
+              "float.tif": ((planes / 7).astype(np.float32), dict(imagej=True, metadata={"axes": "TYX"})),
+              "ome.ome.tif": (planes.reshape(2, 2, 40, 36), dict(ome=True, metadata={"axes": "TZYX"})),
+              "zlib.tif": (planes, dict(imagej=True, compression="zlib", metadata={"axes": "TYX"})),
+              "lzw.tif": (planes, dict(photometric="minisblack", compression="lzw", predictor=True,
+                                        metadata={"axes": "TYX"})),
+              # read whole: a channel axis across pages, 3 pages taken as colours, an ImageJ stack stored after its
+              # first page alone, a 2D image
+              "tzc.tif": (np.stack([planes, planes[..., ::-1]], 1).reshape(2, 2, 2, 40, 36),
+                          dict(imagej=True, metadata={"axes": "TZCYX"})),
+              "three.tif": (planes[:3], dict(photometric="minisblack")),
+              "truncated.tif": (planes, dict(imagej=True, truncate=True, metadata={"axes": "TYX"})),
+              "flat.tif": (planes[0], {})}
+    for name, (array, options) in stacks.items():
+        tifffile.imwrite(folder / name, array, **options)
+    paths = [str(folder / name) for name in stacks]
+    return paths[:8], [(path, 0 if path.endswith("tzc.tif") else None) for path in paths[8:]]
+
+
+def open_count(path):
+    """How many files this process holds open on ``path``."""
+    return sum(f.path == os.path.realpath(path) for f in psutil.Process().open_files())
+
+
+def test_a_stack_of_one_page_per_plane_is_read_page_by_page(in_runs, tmp_path, monkeypatch):
+    """image_files.read_planes reads a stack whose every plane is one page (T, Z, TZ of grey or RGB pages, ImageJ,
+    OME or plain, compressed or not) a page at a time, never decoding it whole, and gives the planes of the whole
+    read (values and dtype); every other layout is read whole. The file is open while the planes are read, and
+    closed after."""
+    lazy, whole = stack_layouts(tmp_path)
+    decoded, decode_planes = [], image_files.decode_planes
+    monkeypatch.setattr(image_files, "decode_planes", lambda path: decoded.append(path) or decode_planes(path))
+    for path in lazy:
+        expected = image_files.select_channel(decode_planes(path)[0], None, path)
+        with image_files.read_planes(path, None) as planes:
+            assert open_count(path) == 1
+            read = [planes[i] for i in range(len(planes))]
+        assert not decoded and open_count(path) == 0, path
+        assert len(read) == len(expected) == 4, path
+        for got, plane in zip(read, expected):
+            assert got.dtype == plane.dtype and np.array_equal(got, plane), path
+    for path, channel in whole:
+        with image_files.read_planes(path, channel) as planes:
+            assert len(planes) in (1, 3, 4)
+        assert decoded == [path] and open_count(path) == 0
+        decoded.clear()
+
+
+def test_stacks_read_page_by_page_give_the_outputs_of_the_whole_read(in_runs, tmp_path, monkeypatch):
+    """predict.py's outputs (the TIFF stacks, objects.csv, images.csv) of stacks read page by page are, byte for
+    byte, those of the same stacks read whole."""
+    lazy, _ = stack_layouts(tmp_path / "in")
+    predict.main(["--input", *lazy, "--output", str(tmp_path / "pages"), *stack_flags()])
+    monkeypatch.setattr(image_files, "_page_per_plane", lambda path: None)
+    predict.main(["--input", *lazy, "--output", str(tmp_path / "whole"), *stack_flags()])
+    names = sorted(os.listdir(tmp_path / "whole"))
+    assert sorted(os.listdir(tmp_path / "pages")) == names and len(names) == 4 * len(lazy) + 2
+    for name in names:
+        assert (tmp_path / "pages" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+
+
+class SquareNuclei:
+    """Stands in for inference.Predictor: a square nucleus in every plane; counts its calls and whether ``path`` is
+    open at each; raises ``error`` at call ``at``."""
+    scale = 1.0
+
+    def __init__(self, path, error=None, at=0):
+        self.path, self.error, self.at, self.open = path, error, at, []
+
+    def as_input(self, image):
+        return image_to_float(image, 3)
+
+    def predict(self, image):
+        self.open.append(open_count(self.path))
+        if self.error is not None and len(self.open) == self.at:
+            raise self.error
+        prob = np.zeros((1,) + image.shape[:2], np.float32)
+        prob[0, 2:6, 2:6] = 1
+        return prob
+
+
+def test_a_nan_in_a_later_plane_leaves_the_stack_out_as_the_whole_read_did(tmp_path):
+    """A float stack read page by page whose third plane holds NaN is left out with the message of the whole read,
+    once its first two planes are predicted: their rows and files go too, its file is closed, and the image after it
+    is predicted."""
+    stack = np.zeros((4, 16, 16), np.float32)
+    stack[:, 4:9, 4:9], stack[2, 0, 0] = 1, np.nan
+    (tmp_path / "in").mkdir()
+    path = str(tmp_path / "in" / "movie.tif")
+    tifffile.imwrite(path, stack, imagej=True, metadata={"axes": "TYX"})
+    with pytest.raises(DataError) as whole:
+        image_files.select_channel(image_files.decode_planes(path)[0], None, path)
+    files = [path, write(tmp_path / "in" / "after.png", np.zeros((16, 16), np.uint8))]
+    os.makedirs(tmp_path / "out")
+    predictor = SquareNuclei(path)
+    rows, table, left_out = predict.predict_all(predictor, files, ["movie", "after"], predict.tiff_headers(files),
+                                                str(tmp_path / "out"), 1, 0.5, separation="cc",
+                                                filters=dict(min_size=0, min_confidence=0))
+    assert predictor.open == [1, 1, 0]  # movie's planes 0 and 1, its file open; then after.png
+    assert left_out == [str(whole.value)] and "holds NaN" in left_out[0]
+    assert [(row.image, row.nuclei) for row in rows] == [("after", 1)] and table["image"].tolist() == ["after"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["after.png", "after_instances.png"]
+    assert open_count(path) == 0
+
+
+@pytest.mark.parametrize("error", [None, KeyboardInterrupt(), RuntimeError("a bug"), DataError("too large")])
+def test_a_stack_read_page_by_page_is_closed_on_every_exit(tmp_path, error):
+    """The file of a stack read page by page is closed at its end, after Ctrl-C or an error at one of its planes,
+    and after a plane left out."""
+    (tmp_path / "in").mkdir()
+    path = str(tmp_path / "in" / "movie.tif")
+    tifffile.imwrite(path, np.zeros((4, 16, 16), np.uint16), imagej=True, metadata={"axes": "TYX"})
+    predictor = SquareNuclei(path, error, at=2)
+    run = functools.partial(predict.predict_all, predictor, [path], ["movie"], predict.tiff_headers([path]),
+                            str(tmp_path / "out"), 1, 0.5)
+    os.makedirs(tmp_path / "out")
+    with pytest.raises(type(error)) if error is not None else contextlib.nullcontext():
+        run()
+    assert predictor.open == [1] * (4 if error is None else 2) and open_count(path) == 0
+    assert os.listdir(tmp_path / "out") == ([] if error else ["movie.tif"])
+
+
+def test_a_stack_read_page_by_page_needs_the_memory_of_one_page(in_runs, tmp_path, monkeypatch):
+    """A stack read page by page holds one page at a time: it is read when the memory available holds a page (the
+    whole read's check, on the whole stack, would refuse it), and refused, with the whole read's message on that
+    page, when not; a stack read whole still needs memory for all of it."""
+    lazy, whole = stack_layouts(tmp_path)
+    tyx, tzc = lazy[0], whole[0][0]
+    page = 40 * 36 * 2
+    monkeypatch.setattr(image_files, "ram", lambda: (2**40, page))
+    with image_files.read_planes(tyx, None) as planes:
+        assert [planes[i].shape for i in range(len(planes))] == [(40, 36, 1)] * 4
+    with pytest.raises(DataError, match=r"tzc.tif: its header claims 0.0 GiB of pixels \(2, 2, 2, 40, 36\), more "
+                                        "than"):
+        image_files.read_planes(tzc, 0).__enter__()
+    monkeypatch.setattr(image_files, "ram", lambda: (2**40, page - 1))
+    with pytest.raises(DataError, match=r"tyx.tif: its header claims 0.0 GiB of pixels \(40, 36\), more than the "
+                                        r"0.0 GiB of memory available \(a damaged file"):
+        image_files.read_planes(tyx, None).__enter__()
+    assert open_count(tyx) == 0
 
 
 def test_sizing_windows_leaves_a_network_in_training_as_it_was():
