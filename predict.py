@@ -675,11 +675,14 @@ def pandas_ids_note(columns):
 
 
 def diameter_note(found, trained, scale):
-    """The summary's note on the nuclei's median diameter ``found`` (pixels): with a hint to try --scale auto when
-    the images were predicted as they are and the nuclei are far from the ``trained`` diameter (0: unknown)."""
+    """The summary's note on the nuclei's median diameter ``found`` (pixels): with a hint to try the --scale that
+    sizes them as in training when the images were predicted as they are and the nuclei are far from the ``trained``
+    diameter (0: unknown). One scale for the folder, as val.py's hint says: --scale auto judges each image alone,
+    and its noise cost the bundled model's validation images 0.014 DSB2018 (docs/results.md)."""
     note = f", median diameter {found:.0f} px"
-    if scale == 1 and trained and auto_scale(found, trained) != 1:
-        note += f" (the run learned {trained:.0f} px: try --scale auto)"
+    fix = auto_scale(found, trained) if trained else 1.0
+    if scale == 1 and fix != 1:
+        note += f" (the run learned {trained:.0f} px: try --scale {fix:.2g}, or --scale auto for mixed magnifications)"
     return note
 
 

@@ -581,7 +581,8 @@ def test_auto_scaled_predicts_again_only_images_with_nuclei_far_from_the_trainin
     assert predict.sizing("auto", [1.0, 1.53, 1.5]) == "--scale auto: 2 of 3 rescaled by 1.5"
     assert predict.sizing("auto", [0.25, 1.0, 2.5]) == "--scale auto: 2 of 3 rescaled by 0.25-2.5"
     assert (predict.sizing(1.0, [1.0]), predict.sizing(0.5, [0.5])) == ("full size", "scaled by 0.5")
-    assert predict.diameter_note(40.0, 19.4, 1.0) == ", median diameter 40 px (the run learned 19 px: try --scale auto)"
+    assert predict.diameter_note(40.0, 19.4, 1.0) == ", median diameter 40 px (the run learned 19 px: try --scale " \
+        "0.48, or --scale auto for mixed magnifications)"
     assert predict.diameter_note(22.0, 19.4, 1.0) == ", median diameter 22 px"  # within the band
     # already --scale auto or a given scale, or a run that records no diameter: no hint
     assert {predict.diameter_note(40.0, 19.4, "auto"), predict.diameter_note(40.0, 19.4, 0.5),
