@@ -1,0 +1,52 @@
+"""Nuclei as ImageJ regions of interest: ``predict.py --rois`` writes each image's nuclei as ``<id>_rois.zip``, which
+Fiji's ROI Manager opens (drag it onto Fiji, or File > Open), to measure, edit or count them there.
+
+Each nucleus is one polygon (roifile's ImagejRoi, sub-pixel coordinates) through the midpoints between its edge
+pixels and their outside neighbours, so that the pixels whose centres it encloses, as ImageJ fills a polygon, are
+exactly the nucleus's (its largest 8-connected part; a hole inside it is not outlined).
+"""
+import zipfile
+
+import numpy as np
+from roifile import ImagejRoi
+from scipy import ndimage as ndi
+from skimage.measure import find_contours
+
+from files import atomic_write
+
+
+def outline(mask):
+    """The outline of the True pixels of a bool mask [h, w] as (x, y) float [N, 2] in ImageJ's coordinates, where
+    pixel (row r, column c) covers [c, c + 1) x [r, r + 1): the longest closed contour at 0.5 (marching squares, the
+    True pixels 8-connected), the outline of the largest part when the mask has several."""
+    # padded so that a region touching the edge closes; contour (row, col) in the padded array's pixel-centre units
+    contours = find_contours(np.pad(mask, 1).astype(np.uint8), 0.5, fully_connected="high")
+    ring = max(contours, key=len)
+    return ring[:, ::-1] - 0.5  # -1 for the pad, +0.5 from pixel centres to ImageJ's pixel corners
+
+
+def nucleus_rois(labels, plane=0, planes=(1, 1)):
+    """The ImagejRoi of each nucleus of a label image int [H, W] (0 background, nuclei 1..N, objects.csv's
+    ``label``), in label order, named ``<label>`` (2D) or ``<plane>-<label>`` (a stack's plane, 0-based as in
+    objects.csv), zero-padded to 4 digits. ``planes``: the stack's (T, Z) sizes, for the plane's position in it
+    (1-based, as ImageJ counts: the stack position, and the frame and slice of a hyperstack)."""
+    prefix = f"{plane:04d}-" if planes != (1, 1) else ""
+    rois = []
+    for label, box in enumerate(ndi.find_objects(labels), start=1):
+        if box is None:
+            continue
+        xy = outline(labels[box] == label) + (box[1].start, box[0].start)
+        roi = ImagejRoi.frompoints(xy, name=f"{prefix}{label:04d}")
+        if planes != (1, 1):
+            roi.position = plane + 1
+            roi.t_position, roi.z_position = plane // planes[1] + 1, plane % planes[1] + 1
+        rois.append(roi)
+    return rois
+
+
+def write_rois(path, rois):
+    """``rois`` (ImagejRoi) as the zip file ImageJ's ROI Manager saves and opens, one ``<name>.roi`` each,
+    replacing ``path`` when complete."""
+    with atomic_write(path, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as archive:
+        for roi in rois:
+            archive.writestr(f"{roi.name}.roi", roi.tobytes())

@@ -1,0 +1,86 @@
+"""Tests for rois.py: each nucleus's ImageJ ROI encloses exactly its pixels, checked by an independent polygon test
+(matplotlib's Path at ImageJ's pixel centres), after a round trip through the zip file as roifile reads it."""
+import numpy as np
+import pytest
+from matplotlib.path import Path
+from roifile import roiread
+from scipy import ndimage as ndi
+from skimage.measure import label as connected
+from skimage.segmentation import relabel_sequential
+
+from rois import nucleus_rois, write_rois
+
+
+def enclosed_pixels(coordinates, shape):
+    """bool [H, W]: the pixels whose centres (c + 0.5, r + 0.5 in ImageJ's coordinates) lie inside the polygon
+    ``coordinates`` (x, y) [N, 2], as ImageJ fills a polygon ROI."""
+    rows, cols = np.mgrid[0:shape[0], 0:shape[1]]
+    centres = np.c_[cols.ravel() + 0.5, rows.ravel() + 0.5]
+    return Path(coordinates).contains_points(centres).reshape(shape)
+
+
+def blobs(seed, shape=(24, 30)):
+    """Random 8-connected nuclei int32 [H, W] without holes, touching the edges and each other (the blobs cut in
+    two halves), with parts joined only diagonally."""
+    rng = np.random.default_rng(seed)
+    right = np.arange(shape[1]) >= shape[1] // 2
+    labels = connected(np.where(rng.random(shape) < 0.4, 1 + right, 0), connectivity=2)
+    for label in range(1, labels.max() + 1):  # fill each one's holes (and nuclei in them): a polygon has no holes
+        labels[ndi.binary_fill_holes(labels == label)] = label
+    return relabel_sequential(labels)[0]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_each_roi_encloses_exactly_its_nucleus_after_the_zip(tmp_path, seed):
+    labels = blobs(seed)
+    assert labels.max() > 3
+    write_rois(tmp_path / "a_rois.zip", nucleus_rois(labels))
+    back = roiread(tmp_path / "a_rois.zip")
+    assert [int(roi.name) for roi in back] == list(range(1, labels.max() + 1))
+    for roi in back:
+        assert np.array_equal(enclosed_pixels(roi.coordinates(), labels.shape), labels == int(roi.name)), roi.name
+
+
+def test_single_pixels_lines_and_a_whole_image():
+    labels = np.zeros((9, 9), np.int32)
+    labels[0, 0] = 1
+    labels[4, 1:8] = 2
+    labels[6:9, 8] = 3
+    for roi in nucleus_rois(labels):
+        assert np.array_equal(enclosed_pixels(roi.coordinates(), labels.shape), labels == int(roi.name))
+    whole = nucleus_rois(np.ones((5, 7), np.int32))[0].coordinates()
+    assert (whole.min(axis=0) >= -0.5).all() and (whole.max(axis=0) <= (7.5, 5.5)).all()
+    assert np.array_equal(enclosed_pixels(whole, (5, 7)), np.ones((5, 7), bool))
+
+
+def test_labels_missing_from_the_image_are_skipped_and_names_follow_the_labels():
+    labels = np.zeros((10, 10), np.int32)
+    labels[1:3, 1:3], labels[6:9, 6:9] = 2, 12345
+    assert [roi.name for roi in nucleus_rois(labels)] == ["0002", "12345"]
+
+
+def test_stack_planes_get_their_position_and_a_name_with_the_plane():
+    labels = np.zeros((6, 6), np.int32)
+    labels[2:4, 2:4] = 1
+    roi, = nucleus_rois(labels, plane=5, planes=(3, 2))  # time points of 2 z planes: plane 5 is t 3, z 2
+    assert (roi.name, roi.position, roi.t_position, roi.z_position) == ("0005-0001", 6, 3, 2)
+    roi, = nucleus_rois(labels, plane=4, planes=(7, 1))
+    assert (roi.name, roi.position, roi.t_position, roi.z_position) == ("0004-0001", 5, 5, 1)
+    roi, = nucleus_rois(labels)
+    assert (roi.name, roi.position) == ("0001", 0)
+
+
+def test_no_nuclei_write_an_empty_archive_and_a_failed_write_leaves_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "a_rois.zip"
+    write_rois(path, [])
+    assert roiread(path) == []
+    before = path.read_bytes()
+
+    def broken(*args):
+        raise OSError("disk full")
+    roi, = nucleus_rois(np.pad(np.ones((2, 2), np.int32), 2))
+    monkeypatch.setattr(type(roi), "tobytes", broken)
+    with pytest.raises(OSError):
+        write_rois(path, [roi])
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_rois.zip"]
