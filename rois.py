@@ -6,6 +6,7 @@ pixels and their outside neighbours, so that the pixels whose centres it enclose
 exactly the nucleus's (its largest 8-connected part; a hole inside it is not outlined).
 """
 import zipfile
+from contextlib import contextmanager
 
 import numpy as np
 from roifile import ImagejRoi
@@ -44,9 +45,13 @@ def nucleus_rois(labels, plane=0, planes=(1, 1)):
     return rois
 
 
-def write_rois(path, rois):
-    """``rois`` (ImagejRoi) as the zip file ImageJ's ROI Manager saves and opens, one ``<name>.roi`` each,
-    replacing ``path`` when complete."""
+@contextmanager
+def rois_archive(path):
+    """The zip file of ImageJ ROIs that ImageJ's ROI Manager saves and opens, one ``<name>.roi`` each: yields
+    add(rois), which appends ImagejRois (a stack's plane by plane, so that they are never all in memory); the file
+    replaces ``path`` when the block completes, and nothing of it is left after an error or Ctrl-C."""
     with atomic_write(path, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as archive:
-        for roi in rois:
-            archive.writestr(f"{roi.name}.roi", roi.tobytes())
+        def add(rois):
+            for roi in rois:
+                archive.writestr(f"{roi.name}.roi", roi.tobytes())
+        yield add

@@ -8,7 +8,7 @@ from scipy import ndimage as ndi
 from skimage.measure import label as connected
 from skimage.segmentation import relabel_sequential
 
-from rois import nucleus_rois, write_rois
+from rois import nucleus_rois, rois_archive
 
 
 def enclosed_pixels(coordinates, shape):
@@ -34,7 +34,8 @@ def blobs(seed, shape=(24, 30)):
 def test_each_roi_encloses_exactly_its_nucleus_after_the_zip(tmp_path, seed):
     labels = blobs(seed)
     assert labels.max() > 3
-    write_rois(tmp_path / "a_rois.zip", nucleus_rois(labels))
+    with rois_archive(tmp_path / "a_rois.zip") as add:
+        add(nucleus_rois(labels))
     back = roiread(tmp_path / "a_rois.zip")
     assert [int(roi.name) for roi in back] == list(range(1, labels.max() + 1))
     for roi in back:
@@ -70,17 +71,27 @@ def test_stack_planes_get_their_position_and_a_name_with_the_plane():
     assert (roi.name, roi.position) == ("0001", 0)
 
 
-def test_no_nuclei_write_an_empty_archive_and_a_failed_write_leaves_the_old_file(tmp_path, monkeypatch):
-    path = tmp_path / "a_rois.zip"
-    write_rois(path, [])
-    assert roiread(path) == []
-    before = path.read_bytes()
+def test_planes_added_one_by_one_and_no_nuclei(tmp_path):
+    labels = np.zeros((8, 8), np.int32)
+    labels[1:4, 1:4], labels[5:7, 5:7] = 1, 2
+    with rois_archive(tmp_path / "s_rois.zip") as add:
+        for plane, kept in enumerate((labels, labels * (labels == 1), labels * 0)):  # the last holds no nucleus
+            add(nucleus_rois(kept, plane, (3, 1)))
+    assert [roi.name for roi in roiread(tmp_path / "s_rois.zip")] == ["0000-0001", "0000-0002", "0001-0001"]
+    with rois_archive(tmp_path / "e_rois.zip") as add:
+        add([])
+    assert roiread(tmp_path / "e_rois.zip") == []
 
-    def broken(*args):
-        raise OSError("disk full")
-    roi, = nucleus_rois(np.pad(np.ones((2, 2), np.int32), 2))
-    monkeypatch.setattr(type(roi), "tobytes", broken)
-    with pytest.raises(OSError):
-        write_rois(path, [roi])
-    assert path.read_bytes() == before
+
+def test_an_error_or_ctrl_c_while_writing_leaves_the_old_file(tmp_path):
+    path = tmp_path / "a_rois.zip"
+    labels = np.pad(np.ones((2, 2), np.int32), 2)
+    with rois_archive(path) as add:
+        add(nucleus_rois(labels))
+    before = path.read_bytes()
+    for stop in (OSError("disk full"), KeyboardInterrupt()):
+        with pytest.raises(type(stop)), rois_archive(path) as add:
+            add(nucleus_rois(labels * 2))
+            raise stop
+        assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_rois.zip"]
