@@ -18,6 +18,11 @@ exactly as in training. For each image ``<id>`` (its file name without the exten
     images.csv           --instances: one row per image predicted, also one without nuclei (IMAGE_COLUMNS: image,
                          plane, size, scale, foreground of class 0, its nuclei and their mean and median area,
                          the pixel size; image_row; then those areas in square micrometres)
+    prediction.yml       what made the outputs (prediction_record): the run, its weights' SHA-256, the command and
+                         its --input, the settings, how many images were predicted and left out. It is the last
+                         prediction's, written at its end; one that stops before its end leaves none, so that no
+                         record passes for the files it mixes. Predictions that share a folder (an array job's shards
+                         without --instances) leave the record of the one that ended last, naming its --input only.
 
 A TIFF stack (time points, z planes or pages; image_files.tiff_layout) is segmented plane by plane, each plane
 as an image of its own, and gives ImageJ TIFF stacks instead, one page per plane: ``<id>.tif``,
@@ -35,19 +40,22 @@ import io
 import math
 import os
 import re
+import shlex
 import sys
 import time
 from collections import namedtuple
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, nullcontext, suppress
+from datetime import datetime, timezone
 
 import numpy as np
 import pandas as pd
+import yaml
 from skimage.measure import regionprops_table
 
 from config import (MIN_SIZE, add_amp_arg, add_device_arg, add_separation_args, check_object_filters,
-                    choose_separation, object_filters)
+                    choose_separation, object_filters, saved_run_dir)
 from files import (atomic_imwrite, atomic_tiff_pages, atomic_write, check_output_folder, interrupts_held,
-                   remove_killed_writes, written_alone)
+                   remove_killed_writes, sha256_file, written_alone)
 from image_files import CELLPOSE_NOT_IMAGES, PIXEL_SIZES, TIFF_EXTS, TiffHeader, read_planes, tiff_header
 from instances import (AUTO_SCALE_BAND, auto_scale, border_map, mean_probability, median_diameter, nucleus_areas,
                        split_instances)
@@ -85,6 +93,7 @@ IMAGE_DECIMALS = {"scale": 4, "foreground": 4, "mean_area": 2, "median_area": 2}
 # areas in square micrometres, which write_tables adds after IMAGE_COLUMNS
 IMAGE_SIGNIFICANT = ("pixel_size_um", "mean_area_um2", "median_area_um2")
 TABLES = ("objects.csv", "images.csv")
+PREDICTION_FILE = "prediction.yml"
 # A colour image's intensity is its grey value, with OpenCV's weights for RGB -> grey: one set of columns for the
 # grey and colour images of a run.
 GREY_WEIGHTS = np.array([0.299, 0.587, 0.114])
@@ -740,6 +749,40 @@ def summary_line(args, cfg, predictor, device, done, rows, seconds, objects, sep
             f"files in {os.path.join(args.output, '')}")
 
 
+def prediction_record(args, argv, cfg, predictor, device, weights, separation, filters, rows, left_out):
+    """What prediction.yml holds: the run, the folder it was loaded from and ``weights`` = (the path of its weights
+    file, their SHA-256, the model's epoch: evaluation.model_epoch), taken as they were loaded; the command
+    (``argv``) and the --input it covered, when and with what; under ``settings`` those that change the outputs,
+    under evaluation.prediction_settings' keys as val.py's evaluation.yml has them (the ``separation`` and
+    ``filters`` null where no nuclei were made); how many images and planes (``rows``) were predicted, and the
+    errors of the files ``left_out``."""
+    import torch
+
+    from evaluation import prediction_settings
+
+    path, sha256, epoch = weights
+    shaped = args.instances or args.scale == "auto"  # without either, no nuclei are made
+    settings = prediction_settings(epoch, predictor.precision.describe(), args.tta, args.prune,
+                                   separation if shaped else None, filters if shaped else dict.fromkeys(filters))
+    settings.update(threshold=args.threshold, scale=args.scale)
+    if args.scale == "auto":
+        settings["training_diameter"] = float(cfg.nucleus_diameter)
+    crop = bool(cfg.crop_size)  # a run trained on resized images predicts each image whole at its training size
+    settings.update(input_size=None if crop else [cfg.input_h, cfg.input_w],
+                    tile=int(predictor.tile) if crop else None, overlap=int(predictor.overlap) if crop else None,
+                    channel=args.channel,
+                    pixel_size=args.pixel_size if args.pixel_size is not None else "from each TIFF", amp=args.amp,
+                    instances=args.instances, save_prob=args.save_prob, overlay=args.overlay)
+    used = str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+    return {"run": args.name, "run_folder": os.path.realpath(os.path.dirname(path)), "weights_sha256": sha256,
+            "command": shlex.join(["predict.py", *argv]),
+            "working_directory": os.getcwd(), "input": [os.path.abspath(p) for p in args.input],
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "torch": str(torch.__version__),
+            "device": used, "settings": settings,
+            "predicted": {"images": len({row.image for row in rows}), "planes": len(rows)},
+            "left_out": {"files": len(left_out), "errors": left_out}}
+
+
 def left_out_error(left_out, total, out_dir):
     """The DataError predict.py ends with when files were left out: ``left_out`` their errors (the first 5 named),
     of ``total`` files, the others predicted into ``out_dir``."""
@@ -763,12 +806,15 @@ def main(argv):
     # Heavy imports only now, so that --help and flag errors answer at once.
     from checkpoints import load_run
     from engine import choose_device, fit_threads_to_cpus
-    from evaluation import training_diameter
+    from evaluation import model_epoch, training_diameter
     from inference import Predictor
 
     device = choose_device(args.device)
     fit_threads_to_cpus()
     cfg, model = load_run(args.name, device, args.prune)
+    path = os.path.join(saved_run_dir(args.name), "model.pth")
+    # with the weights loaded: a train.py of the run may save others while the images are predicted
+    weights = (path, sha256_file(path), model_epoch(args.name))
     check_flags_for_run(args, cfg)
     auto = args.scale == "auto"
     if auto and not cfg.nucleus_diameter >= 0:  # NaN or negative: no image's nuclei would ever be far from it
@@ -800,6 +846,9 @@ def main(argv):
     with alone:
         stopped = stopped_note(args.output) if holds_outputs(args.output, ids) else ""
         remove_killed_writes(args.output)
+        record = os.path.join(args.output, PREDICTION_FILE)
+        with suppress(FileNotFoundError):  # an earlier prediction's would pass for a stopped one's mixed files
+            os.remove(record)
         started = time.time()
         try:
             rows, objects, left_out = predict_all(
@@ -814,6 +863,10 @@ def main(argv):
         if args.instances:
             replaced_rows = replaced_rows_note(args.output, ids, TABLES)
             write_tables(args.output, rows, objects)
+        with atomic_write(record) as f:
+            yaml.safe_dump(prediction_record(args, argv, cfg, predictor, device, weights, separation, filters, rows,
+                                             left_out), f, sort_keys=False, allow_unicode=True,
+                           width=math.inf)  # the command on one line, to copy
         notes = [earlier_outputs_note(args, files, ids, written), replaced_rows,
                  pandas_ids_note([list(dict.fromkeys(row.image for row in rows)), objects["image"].unique()])
                  if args.instances else ""]

@@ -93,7 +93,8 @@ def evaluate_into(args, out_dir):
     from dataset import eval_loader, find_layout, images_left_out, reading_of
     from engine import Precision, choose_device, evaluate, fit_threads_to_cpus
     from evaluation import (ImageWriter, check_same_evaluation, evaluation_ids, evaluation_record, model_epoch,
-                            separation_order, size_hint, summary, training_diameter, write_evaluation_record)
+                            prediction_settings, separation_order, size_hint, summary, training_diameter,
+                            write_evaluation_record)
     from inference import whole_image_network
     from losses import build_loss
 
@@ -137,9 +138,8 @@ def evaluate_into(args, out_dir):
         scores = evaluate(network, loader, criterion, precision, desc="eval", prune=args.prune,
                           tta=args.tta, on_batch=writer, classes=cfg.num_classes)
         table = writer.write_table(what + how)  # summary.png's title, without the precision to fit its width
-        write_evaluation_record(tmp, record, {"model": epoch or "model.pth", "precision": precision.describe(),
-                                              "tta": args.tta, "prune": args.prune, "separation": separation,
-                                              **filters})
+        write_evaluation_record(tmp, record, prediction_settings(epoch, precision.describe(), args.tta, args.prune,
+                                                                 separation, filters))
     dsb = writer.dsb_means()
     print(summary(f"{what}, {precision.describe()}{how}", scores, table, dsb, out_dir, not args.no_overlays,
                   trained))

@@ -8,16 +8,19 @@ import contextlib
 import copy
 import errno
 import functools
+import hashlib
 import importlib.util
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import weakref
 from argparse import Namespace
+from datetime import datetime, timezone
 
 import cv2
 import numpy as np
@@ -382,7 +385,7 @@ def test_a_stack_killed_midway_leaves_only_temporary_files_that_the_next_run_rem
     temporary = [n for n in os.listdir(out) if files.KILLED_WRITE.fullmatch(n)]
     assert len(temporary) == 4 and not [n for n in os.listdir(out) if n.startswith("movie")]
     predict.main(["--input", path, "--output", str(out), *stack_flags()])
-    assert sorted(os.listdir(out)) == ["images.csv", *STACK_OUTPUTS, "objects.csv"]
+    assert sorted(os.listdir(out)) == ["images.csv", *STACK_OUTPUTS, "objects.csv", "prediction.yml"]
 
 
 def test_three_pages_without_axes_are_read_as_colours_with_a_note(tmp_path):
@@ -597,6 +600,8 @@ def test_scale_auto_is_the_fixed_scale_it_chose_and_needs_a_recorded_diameter(in
     flags = ["--name", "pa", "--input", str(folder), "--instances", "--min_confidence", "0", "--device", "cpu"]
     auto = predict.main([*flags, "--output", str(tmp_path / "auto"), "--scale", "auto"])
     assert "--scale auto:" in capsys.readouterr().out and len(auto["scales"]) == 3
+    settings = read_record(tmp_path / "auto")["settings"]
+    assert (settings["scale"], settings["training_diameter"]) == ("auto", 3.0)  # run pa's config.yml
     assert any(s != 1 for s in auto["scales"])  # so that the comparison below covers a rescaled image
     for k, scale in enumerate(auto["scales"]):
         fixed = tmp_path / f"fixed{k}"
@@ -619,6 +624,7 @@ def test_scale_auto_is_the_fixed_scale_it_chose_and_needs_a_recorded_diameter(in
     expected = nucleus_diameter(os.path.join("inputs", cfg["dataset"]), train_ids)
     assert f"note: run pc records no training nucleus diameter; measured now from its training images: " \
            f"{expected:.1f} px" in capsys.readouterr().out
+    assert read_record(tmp_path / "o")["settings"]["training_diameter"] == pytest.approx(expected, abs=0.005)
     shutil.copytree(os.path.join("models", "pc"), os.path.join("models", "pc_gone"))
     try:
         with open(os.path.join("models", "pc_gone", "config.yml"), "w") as f:
@@ -988,8 +994,8 @@ def test_stacks_read_page_by_page_give_the_outputs_of_the_whole_read(in_runs, tm
     monkeypatch.setattr(image_files, "_page_per_plane", lambda path: None)
     predict.main(["--input", *lazy, "--output", str(tmp_path / "whole"), *stack_flags()])
     names = sorted(os.listdir(tmp_path / "whole"))
-    assert sorted(os.listdir(tmp_path / "pages")) == names and len(names) == 4 * len(lazy) + 2
-    for name in names:
+    assert sorted(os.listdir(tmp_path / "pages")) == names and len(names) == 4 * len(lazy) + 3
+    for name in set(names) - {"prediction.yml"}:  # the record names its own --output and time
         assert (tmp_path / "pages" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
 
 
@@ -1155,6 +1161,108 @@ def test_files_of_an_earlier_prediction_are_named(in_runs, tmp_path, capsys):
     assert set(pd.read_csv(os.path.join(out, "objects.csv"), dtype={"image": str})["image"]) <= {"b"}
 
 
+def read_record(out):
+    """The prediction.yml in folder ``out``, as yaml.safe_load reads it."""
+    with open(os.path.join(out, "prediction.yml"), encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+def printed_precision(printed):
+    """The precision that predict.py's summary line names: '... in 0.4s on cpu (fp32, channels_last); mean ...'."""
+    return re.search(r" on \S+ \((.*?)\); mean foreground", printed).group(1)
+
+
+def test_prediction_yml_records_what_made_the_outputs(in_runs, tmp_path, capsys):
+    """prediction.yml says which run, weights, command and settings made a folder of outputs: the weights' SHA-256
+    is that of the file loaded, the flags those given, the precision the one printed, the settings named as in
+    val.py's evaluation.yml of the same run and flags; it counts the images and planes predicted and names the file
+    left out; the command, on one line, gives the flags back."""
+    folder = tmp_path / "in"
+    write(folder / "a.png", sample_bgr(40, 36))
+    tifffile.imwrite(folder / "movie.tif", np.stack([sample_bgr(32, 32)[:, :, 0]] * 3), imagej=True,
+                     metadata={"axes": "TYX"})
+    (folder / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    shaping = ["--tta", "--separation", "watershed", "--min_size", "5", "--min_confidence", "0.2", "--device", "cpu"]
+    argv = ["--name", "p", "--input", str(folder), "--output", str(out), "--instances", "--threshold", "0.3",
+            "--pixel_size", "0.5", *shaping]
+    started = datetime.now(timezone.utc).replace(microsecond=0)
+    with pytest.raises(DataError, match="1 of 3 files were left out"):
+        predict.main(argv)
+    ended = datetime.now(timezone.utc)
+    printed = capsys.readouterr().out
+    record = read_record(out)
+    with open(os.path.join("models", "p", "model.pth"), "rb") as f:
+        assert record["weights_sha256"] == hashlib.sha256(f.read()).hexdigest()
+    assert (record["run"], record["run_folder"]) == ("p", os.path.realpath(os.path.join("models", "p")))
+    command = [line for line in (out / "prediction.yml").read_text().splitlines() if line.startswith("command:")]
+    assert shlex.split(yaml.safe_load(command[0])["command"]) == ["predict.py", *argv]
+    assert record["input"] == [str(folder)] and record["working_directory"] == os.path.realpath(in_runs)
+    assert started <= datetime.strptime(record["date"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc) <= ended
+    assert (record["torch"], record["device"]) == (torch.__version__, "cpu")
+    settings = record["settings"]
+    assert settings["precision"] == printed_precision(printed)
+    assert settings["model"] == "epoch 1 of 1"  # the fixture's run trained one epoch
+    assert {k: settings[k] for k in ("threshold", "separation", "min_size", "min_confidence", "tta", "prune", "scale",
+                                     "pixel_size", "channel", "amp", "input_size", "tile", "instances")} == {
+        "threshold": 0.3, "separation": "watershed", "min_size": 5, "min_confidence": 0.2, "tta": True,
+        "prune": None, "scale": 1.0, "pixel_size": 0.5, "channel": None, "amp": "auto", "input_size": [32, 32],
+        "tile": None, "instances": True}  # run p predicts each image resized to 32x32, in no windows
+    assert record["predicted"] == {"images": 2, "planes": 4}
+    assert record["left_out"]["files"] == 1 and "broken.png" in record["left_out"]["errors"][0]
+    val.main(["--name", "p", "--output", str(tmp_path / "val"), "--no_overlays", *shaping])
+    evaluated = yaml.safe_load(open(tmp_path / "val" / "evaluation.yml"))["settings"]
+    assert {k: settings[k] for k in evaluated} == evaluated
+
+
+def test_prediction_yml_names_the_windows_used_and_no_nuclei_settings_without_nuclei(in_runs, tmp_path, capsys):
+    """A crop-trained run's record gives the windows used (--tile 0: those the summary line names, from the memory
+    budget) and the model as model.pth where its run has no log; without --instances no nuclei are made, and the
+    separation and filters are null rather than settings that shaped nothing; the pixel size comes from each
+    TIFF without --pixel_size."""
+    image = write(tmp_path / "in" / "a.png", sample_bgr(96, 160))
+    predict.main(["--name", "pc", "--input", image, "--output", str(tmp_path / "tiled"), "--tile", "64",
+                  "--overlap", "32", "--device", "cpu"])
+    settings = read_record(tmp_path / "tiled")["settings"]
+    assert (settings["tile"], settings["overlap"], settings["input_size"]) == (64, 32, None)
+    assert (settings["separation"], settings["min_size"], settings["min_confidence"]) == (None, None, None)
+    assert (settings["model"], settings["pixel_size"], settings["instances"]) == ("model.pth", "from each TIFF", False)
+    capsys.readouterr()
+    predict.main(["--name", "pc", "--input", image, "--output", str(tmp_path / "budget"), "--device", "cpu"])
+    tile = int(re.search(r"windows up to (\d+)x\1", capsys.readouterr().out).group(1))
+    assert read_record(tmp_path / "budget")["settings"]["tile"] == tile
+
+
+def test_a_prediction_that_stops_before_its_end_leaves_no_prediction_yml(in_runs, tmp_path, monkeypatch):
+    """An earlier prediction's prediction.yml would pass for the mixed files of one that stopped before its end: it
+    is gone before the first output is written (so also when killed outright), and only a prediction that ends
+    writes one; Ctrl-C, an error, or every file left out leaves none."""
+    image = write(tmp_path / "in" / "a.png", sample_bgr(32, 32))
+    out = tmp_path / "out"
+    argv = ["--name", "p", "--input", image, "--output", str(out), "--device", "cpu"]
+    predict.main(argv)
+    assert read_record(out)["predicted"] == {"images": 1, "planes": 1}
+    predict_all, held = predict.predict_all, []
+
+    def stopped(*args, **kwargs):
+        held.append(os.path.exists(out / "prediction.yml"))
+        predict_all(*args, **kwargs)  # a.png written again
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(predict, "predict_all", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            predict.main(argv)
+    assert held == [False] and not (out / "prediction.yml").exists()
+    predict.main(argv)
+    broken = tmp_path / "broken" / "b.png"
+    broken.parent.mkdir()
+    broken.write_bytes(b"not a png")
+    with pytest.raises(DataError, match="b.png"):
+        predict.main([*argv[:2], "--input", str(broken), *argv[4:]])
+    assert sorted(os.listdir(out)) == ["a.png"]
+
+
 def test_one_predict_at_a_time_writes_a_folder(in_runs, tmp_path):
     """Two predict.py --instances into one --output both went on, and objects.csv held the nuclei of the one that
     ended last: while one writes the folder (out/.predict.lock) a second is refused before it writes there; one
@@ -1170,9 +1278,9 @@ def test_one_predict_at_a_time_writes_a_folder(in_runs, tmp_path):
         assert os.listdir(out) == [".predict.lock"]
         predict.main([*argv, "--output", str(tmp_path / "other")])
         predict.main([*argv[:-3], "--device", "cpu", "--output", str(out)])
-        assert sorted(os.listdir(out)) == [".predict.lock", "a.png"]
+        assert sorted(os.listdir(out)) == [".predict.lock", "a.png", "prediction.yml"]
     predict.main([*argv, "--output", str(out)])
-    assert sorted(os.listdir(out)) == ["a.png", "a_instances.png", "images.csv", "objects.csv"]
+    assert sorted(os.listdir(out)) == ["a.png", "a_instances.png", "images.csv", "objects.csv", "prediction.yml"]
 
 
 def test_files_of_a_run_with_other_classes_and_of_a_killed_prediction(in_runs, tmp_path, capsys, monkeypatch):
@@ -1187,7 +1295,8 @@ def test_files_of_a_run_with_other_classes_and_of_a_killed_prediction(in_runs, t
     predict.main(["--name", "pc", "--input", image, "--output", str(out), "--device", "cpu"])
     assert "also holds 2 files of an earlier prediction that this one did not write: a_class0.png, " \
            "a_class1_prob.png;" in capsys.readouterr().out
-    assert sorted(os.listdir(out)) == [".notes.tmp", "a.png", "a_class0.png", "a_class1_prob.png", "b_class1.png"]
+    assert sorted(os.listdir(out)) == [".notes.tmp", "a.png", "a_class0.png", "a_class1_prob.png", "b_class1.png",
+                                       "prediction.yml"]
 
     def stopped(*args, **kwargs):
         raise KeyboardInterrupt
@@ -1434,7 +1543,7 @@ def test_errors_name_the_problem(in_runs, tmp_path, monkeypatch):
     write(tmp_path / "broken" / "c.png", sample_bgr(40, 24))
     with pytest.raises(DataError, match=r"1 of 3 files were left out .*b\.png"):
         predict.main(["--name", "p", "--input", str(broken.parent), "--output", out, "--device", "cpu"])
-    assert sorted(os.listdir(out)) == ["a.png", "c.png"]
+    assert sorted(os.listdir(out)) == ["a.png", "c.png", "prediction.yml"]
 
 
 def test_val_reports_the_dsb_score(in_runs, tmp_path, capsys):
@@ -1673,7 +1782,7 @@ def test_a_two_class_run_names_the_class_of_its_foreground_line(in_runs, tmp_pat
     try:
         predict.main(["--name", "two", "--input", image, "--output", str(tmp_path / "out"), "--device", "cpu"])
         assert "mean foreground of class 0 " in capsys.readouterr().out
-        assert sorted(os.listdir(tmp_path / "out")) == ["a_class0.png", "a_class1.png"]
+        assert sorted(os.listdir(tmp_path / "out")) == ["a_class0.png", "a_class1.png", "prediction.yml"]
         predict.main(["--name", "p", "--input", image, "--output", str(tmp_path / "one"), "--device", "cpu"])
         out = capsys.readouterr().out
         assert "mean foreground " in out and "of class 0" not in out

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 import plot
 import predict
@@ -37,6 +38,11 @@ def test_bundled_model_loads_by_name_and_predicts_the_synthetic_nuclei(tmp_path,
     predict.main(["--name", NAME, "--input", "inputs/syn/images", "--output", "out", "--instances",
                   "--device", "cpu"])
     table = pd.read_csv("out/objects.csv")
+    with open("out/prediction.yml") as f:
+        record = yaml.safe_load(f)
+    with open(os.path.join(PRETRAINED_DIR, NAME, "model.pth.sha256")) as f:  # the checksum bundle.py wrote
+        assert record["weights_sha256"] == f.read().split()[0]
+    assert record["run_folder"] == os.path.realpath(os.path.join(PRETRAINED_DIR, NAME))
     for sid in sorted(os.listdir("inputs/syn/images")):
         truth = cv2.imread(f"inputs/syn/masks/0/{sid}", cv2.IMREAD_GRAYSCALE) > 0
         pred = cv2.imread(f"out/{sid}", cv2.IMREAD_GRAYSCALE) > 0
