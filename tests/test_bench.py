@@ -377,12 +377,14 @@ def test_the_network_benchmarks_take_every_network(arch):
 def test_stack_memory_runs_every_checkout_before_reading_any_output_back(tmp_path, monkeypatch, capsys):
     """A child's peak RSS counts this process's memory at the fork: reading a 1000-frame run's stacks back before the
     next run (3 GiB) had that run report 3064 MiB for a predict.py whose own peak is under 1 GiB. Every checkout
-    runs first; outputs written alike are identical byte for byte."""
+    runs first; outputs written alike are identical byte for byte (prediction.yml, each run's own record, aside)."""
     calls = []
 
     def run_predict(checkout, stack, out_dir, device):
         calls.append("run")
         os.makedirs(out_dir)
+        with open(os.path.join(out_dir, "prediction.yml"), "w") as f:  # of its own folder and time
+            f.write(f"command: predict.py --output {out_dir}\n")
         for suffix in stack_memory.SUFFIXES:
             tifffile.imwrite(os.path.join(out_dir, f"movie{suffix}.tif"), np.zeros((2, 4, 4), np.uint8), imagej=True)
         return 100.0, 1.0
