@@ -751,6 +751,15 @@ def object_filters(min_size=MIN_SIZE, min_confidence=None, loss=None):
     return {"min_size": min_size, "min_confidence": min_confidence}
 
 
+def prediction_settings(epoch, precision, tta, prune, separation, filters):
+    """The settings that change what a run's network and nuclei give, under the keys that val.py's evaluation.yml
+    and predict.py's prediction.yml share: the model's ``epoch`` (evaluation.model_epoch; 'model.pth' when its log does
+    not say), the ``precision`` (engine.Precision.describe), --tta, --prune, the ``separation`` and the object
+    ``filters`` (:func:`object_filters`: min_size, min_confidence)."""
+    return {"model": epoch or "model.pth", "precision": precision, "tta": tta, "prune": prune,
+            "separation": separation, **filters}
+
+
 def choose_separation(requested, borders, name):
     """The --separation for run ``name`` (``borders``: trained with --borders True): ``requested``, or when that
     is None 'borders' for a borders run and 'watershed' for the others (docs/results.md). A UsageError when

@@ -188,18 +188,9 @@ def check_same_evaluation(out_dir, record):
                          "folder")
 
 
-def prediction_settings(epoch, precision, tta, prune, separation, filters):
-    """The settings that change what a run's network and nuclei give, under the keys that val.py's evaluation.yml
-    and predict.py's prediction.yml share: the model's ``epoch`` (:func:`model_epoch`; 'model.pth' when its log does
-    not say), the ``precision`` (engine.Precision.describe), --tta, --prune, the ``separation`` and the object
-    ``filters`` (config.object_filters: min_size, min_confidence)."""
-    return {"model": epoch or "model.pth", "precision": precision, "tta": tta, "prune": prune,
-            "separation": separation, **filters}
-
-
 def write_evaluation_record(folder, record, settings):
     """evaluation.yml in ``folder``: ``record`` (:func:`evaluation_record`) and, under ``settings``, how it was
-    scored (:func:`prediction_settings`), so that a folder of outputs says which command made it."""
+    scored (config.prediction_settings), so that a folder of outputs says which command made it."""
     with open(os.path.join(folder, EVALUATION_FILE), "w") as f:  # inside the folder replaced when complete
         yaml.safe_dump({**record, "settings": settings}, f, sort_keys=False)
 

@@ -53,7 +53,7 @@ import yaml
 from skimage.measure import regionprops_table
 
 from config import (MIN_SIZE, add_amp_arg, add_device_arg, add_separation_args, check_object_filters,
-                    choose_separation, object_filters, saved_run_dir)
+                    choose_separation, object_filters, prediction_settings, saved_run_dir)
 from files import (atomic_imwrite, atomic_tiff_pages, atomic_write, check_output_folder, interrupts_held,
                    remove_killed_writes, sha256_file, written_alone)
 from image_files import CELLPOSE_NOT_IMAGES, PIXEL_SIZES, TIFF_EXTS, TiffHeader, read_planes, tiff_header
@@ -749,17 +749,13 @@ def summary_line(args, cfg, predictor, device, done, rows, seconds, objects, sep
             f"files in {os.path.join(args.output, '')}")
 
 
-def prediction_record(args, argv, cfg, predictor, device, weights, separation, filters, rows, left_out):
+def prediction_record(args, argv, cfg, predictor, platform, weights, separation, filters, rows, left_out):
     """What prediction.yml holds: the run, the folder it was loaded from and ``weights`` = (the path of its weights
     file, their SHA-256, the model's epoch: evaluation.model_epoch), taken as they were loaded; the command
     (``argv``) and the --input it covered, when and with what; under ``settings`` those that change the outputs,
-    under evaluation.prediction_settings' keys as val.py's evaluation.yml has them (the ``separation`` and
+    under config.prediction_settings' keys as val.py's evaluation.yml has them (the ``separation`` and
     ``filters`` null where no nuclei were made); how many images and planes (``rows``) were predicted, and the
-    errors of the files ``left_out``."""
-    import torch
-
-    from evaluation import prediction_settings
-
+    errors of the files ``left_out``; ``platform``: {'torch': its version, 'device': the device used}."""
     path, sha256, epoch = weights
     shaped = args.instances or args.scale == "auto"  # without either, no nuclei are made
     settings = prediction_settings(epoch, predictor.precision.describe(), args.tta, args.prune,
@@ -773,12 +769,10 @@ def prediction_record(args, argv, cfg, predictor, device, weights, separation, f
                     channel=args.channel,
                     pixel_size=args.pixel_size if args.pixel_size is not None else "from each TIFF", amp=args.amp,
                     instances=args.instances, save_prob=args.save_prob, overlay=args.overlay)
-    used = str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
     return {"run": args.name, "run_folder": os.path.realpath(os.path.dirname(path)), "weights_sha256": sha256,
             "command": shlex.join(["predict.py", *argv]),
             "working_directory": os.getcwd(), "input": [os.path.abspath(p) for p in args.input],
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "torch": str(torch.__version__),
-            "device": used, "settings": settings,
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), **platform, "settings": settings,
             "predicted": {"images": len({row.image for row in rows}), "planes": len(rows)},
             "left_out": {"files": len(left_out), "errors": left_out}}
 
@@ -804,6 +798,8 @@ def main(argv):
     for note in tiff_notes(files, headers, args.channel) + pixel_size_warnings(files, headers):
         print(note)
     # Heavy imports only now, so that --help and flag errors answer at once.
+    import torch
+
     from checkpoints import load_run
     from engine import choose_device, fit_threads_to_cpus
     from evaluation import model_epoch, training_diameter
@@ -811,6 +807,8 @@ def main(argv):
 
     device = choose_device(args.device)
     fit_threads_to_cpus()
+    platform = {"torch": str(torch.__version__),
+                "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")}
     cfg, model = load_run(args.name, device, args.prune)
     path = os.path.join(saved_run_dir(args.name), "model.pth")
     # with the weights loaded: a train.py of the run may save others while the images are predicted
@@ -864,7 +862,7 @@ def main(argv):
             replaced_rows = replaced_rows_note(args.output, ids, TABLES)
             write_tables(args.output, rows, objects)
         with atomic_write(record) as f:
-            yaml.safe_dump(prediction_record(args, argv, cfg, predictor, device, weights, separation, filters, rows,
+            yaml.safe_dump(prediction_record(args, argv, cfg, predictor, platform, weights, separation, filters, rows,
                                              left_out), f, sort_keys=False, allow_unicode=True,
                            width=math.inf)  # the command on one line, to copy
         notes = [earlier_outputs_note(args, files, ids, written), replaced_rows,

@@ -24,7 +24,7 @@ printed beside it), overlays/<id>.png (image | truth | prediction | errors; clas
 import os
 
 from config import (add_amp_arg, add_device_arg, add_separation_args, check_object_filters, choose_separation,
-                    object_filters)
+                    object_filters, prediction_settings)
 from files import check_replaceable, folder_replaced_when_done, written_alone
 from utils import ArgumentParser, at_least, check_run_name, file_extension, path_arg, run_cli
 
@@ -93,8 +93,7 @@ def evaluate_into(args, out_dir):
     from dataset import eval_loader, find_layout, images_left_out, reading_of
     from engine import Precision, choose_device, evaluate, fit_threads_to_cpus
     from evaluation import (ImageWriter, check_same_evaluation, evaluation_ids, evaluation_record, model_epoch,
-                            prediction_settings, separation_order, size_hint, summary, training_diameter,
-                            write_evaluation_record)
+                            separation_order, size_hint, summary, training_diameter, write_evaluation_record)
     from inference import whole_image_network
     from losses import build_loss
 
