@@ -13,6 +13,8 @@ exactly as in training. For each image ``<id>`` (its file name without the exten
     <id>_prob.png        --save_prob: the probability x 255 (8-bit)
     <id>_overlay.png     --overlay: the image with the outlines of the predicted nuclei
     <id>_instances.png   --instances: 16-bit labels, 0 background, nuclei 1..N
+    <id>_rois.zip        --rois (implies --instances): each nucleus as an ImageJ ROI named by its label, for Fiji's
+                         ROI Manager (rois.py)
     objects.csv          --instances: one row per nucleus (OBJECT_COLUMNS: image, plane, area, centroid, bounding
                          box with bbox_max exclusive, intensity, shape, confidence; object_rows)
     images.csv           --instances: one row per image predicted, also one without nuclei (IMAGE_COLUMNS: image,
@@ -27,7 +29,7 @@ exactly as in training. For each image ``<id>`` (its file name without the exten
 A TIFF stack (time points, z planes or pages; image_files.tiff_layout) is segmented plane by plane, each plane
 as an image of its own, and gives ImageJ TIFF stacks instead, one page per plane: ``<id>.tif``,
 ``<id>_prob.tif``, ``<id>_overlay.tif`` (RGB), ``<id>_instances.tif`` (each plane's nuclei numbered 1..N on their
-own: no tracking between planes); objects.csv's and images.csv's ``plane`` counts from 0 (0 for every 2D image).
+own: no tracking between planes), and one ``<id>_rois.zip`` (each ROI named ``<plane>-<label>``, at its plane); objects.csv's and images.csv's ``plane`` counts from 0 (0 for every 2D image).
 ``--pixel_size UM``, or else a TIFF's own ImageJ or OME calibration (image_files.tiff_pixel_size), gives both tables'
 ``pixel_size_um`` and objects.csv's area and lengths in micrometres (``_um2``, ``_um``; empty without a pixel
 size), and calibrates the TIFF stacks written.
@@ -59,6 +61,7 @@ from files import (atomic_imwrite, atomic_tiff_pages, atomic_write, check_output
 from image_files import CELLPOSE_NOT_IMAGES, PIXEL_SIZES, TIFF_EXTS, TiffHeader, read_planes, tiff_header
 from instances import (AUTO_SCALE_BAND, auto_scale, border_map, mean_probability, median_diameter, nucleus_areas,
                        split_instances)
+from rois import nucleus_rois, rois_archive
 from utils import (ArgumentParser, BatchedThreads, DataError, UsageError, check_utf8_names, first_few, float_or_auto,
                    path_arg, printable_path, progress_bar, run_cli)
 from visualize import draw_outlines, to_bgr
@@ -129,6 +132,9 @@ def build_parser():
     p.add_argument("--instances", action="store_true",
                    help="also write <id>_instances.png (16-bit labels) and objects.csv, and count the nuclei of "
                         "each image in images.csv")
+    p.add_argument("--rois", action="store_true",
+                   help="also write <id>_rois.zip: each nucleus as an ImageJ ROI enclosing exactly its pixels, named "
+                        "by its label in objects.csv, for Fiji's ROI Manager (implies --instances)")
     p.add_argument("--pixel_size", type=float, default=None, metavar="UM",
                    help="micrometres per pixel of every input, for objects.csv's _um columns and the TIFF stacks' "
                         "calibration; default: each TIFF's own ImageJ or OME calibration where it has one (square "
@@ -145,6 +151,7 @@ def build_parser():
 
 
 def check_args(args):
+    args.instances = args.instances or args.rois
     if args.tile < 0 or args.tile % 16:
         raise UsageError(f"--tile {args.tile} must be 0 (from the memory budget) or a positive multiple of 16")
     if args.overlap < 0:
@@ -320,11 +327,17 @@ def same_file(a, b):
         return False
 
 
-def output_suffixes(num_classes, save_prob, instances, overlay):
+def output_suffixes(num_classes, save_prob, instances, overlay, rois=False):
     """The file-name suffixes of the outputs of one image (module docstring), as :func:`segment` names them."""
     classes = [""] if num_classes == 1 else [f"_class{c}" for c in range(num_classes)]
     suffixes = [c + p for c in classes for p in ["", "_prob"][:1 + save_prob]]
-    return suffixes + ["_instances"] * instances + ["_overlay"] * overlay
+    return suffixes + ["_instances"] * instances + ["_overlay"] * overlay + ["_rois"] * rois
+
+
+def output_name(img_id, suffix, stack):
+    """The file name of image ``img_id``'s output ``suffix``: a PNG for a 2D image, a TIFF stack for a stack, and
+    the ROIs' zip file for either."""
+    return f"{img_id}{suffix}{'.zip' if suffix == '_rois' else '.tif' if stack else '.png'}"
 
 
 def output_files(files, ids, stacks, suffixes):
@@ -333,7 +346,7 @@ def output_files(files, ids, stacks, suffixes):
     written = {}
     for f, img_id, stack in zip(files, ids, stacks):
         for suffix in suffixes:
-            name = f"{img_id}{suffix}{'.tif' if stack else '.png'}"
+            name = output_name(img_id, suffix, stack)
             if name in written:
                 raise UsageError(f"{written[name]} and {f} would both write {name}; rename one, or predict them into "
                                  "different --output folders")
@@ -369,15 +382,17 @@ def object_rows(img_id, plane, labels, raw, prob, pixel_size=None):
     return frame[OBJECT_COLUMNS]
 
 
-def segment(img_id, image, prob, num_classes, threshold, save_prob, separation, filters, overlay, nuclei=None):
+def segment(img_id, image, prob, num_classes, threshold, save_prob, separation, filters, overlay, rois=False,
+            nuclei=None, plane=0, planes=(1, 1)):
     """The outputs of image ``img_id`` (or of one plane of it): image as read, float32 [H, W, C] in [0, 1]; prob
     float32 [K(+1), H, W] in [0, 1] (a channel after the classes is the learned border map).
 
     Returns (arrays, labels): arrays maps each output's file-name suffix to its picture: "" (``_class<c>`` per
     class for several classes) the mask, uint8 0/255 [H, W]; with ``save_prob`` ``_prob`` the probability x 255;
     with a ``separation`` ``_instances``, the nuclei of class 0 (instances.split_instances with ``filters``, the
-    min_size / min_confidence keywords), uint16 [H, W]; with ``overlay`` ``_overlay``, the outlines on the image,
-    BGR uint8 [H, W, 3]. labels: int32 [H, W], or None without a separation. ``nuclei``: the labels that
+    min_size / min_confidence keywords), uint16 [H, W]; with ``rois`` (and a separation) ``_rois``, their ImagejRois
+    (rois.nucleus_rois, at ``plane`` of a stack of ``planes`` (T, Z)); with ``overlay`` ``_overlay``, the outlines on
+    the image, BGR uint8 [H, W, 3]. labels: int32 [H, W], or None without a separation. ``nuclei``: the labels that
     split_instances already gave for this ``prob`` with the same separation and filters (--scale auto), reused.
     """
     masks = prob[:num_classes] > threshold
@@ -393,31 +408,72 @@ def segment(img_id, image, prob, num_classes, threshold, save_prob, separation, 
         if labels.max() > 65535:
             raise DataError(f"{img_id}: {labels.max()} objects do not fit a 16-bit label image")
         arrays["_instances"] = labels.astype(np.uint16)
+        if rois:
+            arrays["_rois"] = nucleus_rois(labels, plane, planes)
     if overlay:
         arrays["_overlay"] = draw_outlines(to_bgr(image), masks[0], labels=labels)
     return arrays, labels
 
 
 def write_image(out_dir, img_id, arrays):
-    """A 2D image's outputs (:func:`segment`) as ``<id><suffix>.png``."""
+    """A 2D image's outputs (:func:`segment`) as ``<id><suffix>.png`` (the ROIs as ``<id>_rois.zip``)."""
     for suffix, array in arrays.items():
-        atomic_imwrite(os.path.join(out_dir, f"{img_id}{suffix}.png"), array)
+        path = os.path.join(out_dir, output_name(img_id, suffix, stack=False))
+        if suffix == "_rois":
+            with rois_archive(path) as add:
+                add(array)
+        else:
+            atomic_imwrite(path, array)
+
+
+def stack_layout(header, count):
+    """The plane axes and their shape of the stacks written for a stack of ``count`` planes (its
+    image_files.TiffHeader ``header``): the input's where ImageJ holds them in that order (T, Z, T and Z); others
+    become one T axis."""
+    axes = header.plane_axes if header.plane_axes in ("T", "Z", "TZ") else "T"
+    return axes, header.plane_shape if axes == header.plane_axes else (count,)
+
+
+def plane_grid(header, count):
+    """(T, Z): the time points and z planes of the stacks written for a stack (:func:`stack_layout`); (1, 1) for a
+    2D image (no plane axes)."""
+    if not header.plane_axes:
+        return 1, 1
+    axes, shape = stack_layout(header, count)
+    return {"T": (shape[0], 1), "Z": (1, shape[0]), "TZ": tuple(shape)}[axes]
 
 
 def open_stack(out_dir, img_id, arrays, count, header):
     """The TIFF stacks ``<id><suffix>.tif`` of a stack of ``count`` planes, opened when the :func:`segment` arrays of
     a first plane arrive: (an ExitStack that completes them when closed, where an error removes them,
-    {suffix: write(plane, array)}, which writes a plane's array into its page of files.atomic_tiff_pages). The
-    input's plane axes (``header``, its image_files.TiffHeader) are kept where ImageJ holds them in that order (T, Z,
-    T and Z); others become one T axis. The header's pixel size is their calibration, so that Fiji measures them in
-    micrometres."""
-    axes = header.plane_axes if header.plane_axes in ("T", "Z", "TZ") else "T"
-    shape = header.plane_shape if axes == header.plane_axes else (count,)
+    {suffix: write(plane, array)}, which writes a plane's array into its page of files.atomic_tiff_pages, or its
+    ROIs into ``<id>_rois.zip``). The plane axes are :func:`stack_layout`'s. The header's pixel size is their
+    calibration, so that Fiji measures them in micrometres."""
+    axes, shape = stack_layout(header, count)
     with ExitStack() as opened:  # one that fails to open removes those opened before it
-        writes = {suffix: opened.enter_context(atomic_tiff_pages(
-            os.path.join(out_dir, f"{img_id}{suffix}.tif"), (*shape, *array.shape), array.dtype, axes + "YX",
-            header.pixel_size)) for suffix, array in arrays.items()}
+        writes = {}
+        for suffix, array in arrays.items():
+            path = os.path.join(out_dir, output_name(img_id, suffix, stack=True))
+            if suffix == "_rois":
+                writes[suffix] = in_plane_order(opened.enter_context(rois_archive(path)))
+            else:
+                writes[suffix] = opened.enter_context(atomic_tiff_pages(
+                    path, (*shape, *array.shape), array.dtype, axes + "YX", header.pixel_size))
         return opened.pop_all(), writes
+
+
+def in_plane_order(add):
+    """write(plane, rois) for a stack's planes 0, 1, ... in any order: ``add`` gets their ROIs in plane order (the
+    order of Fiji's ROI Manager), those of a plane that comes early held until the planes before it came."""
+    early, coming = {}, 0
+
+    def write(plane, rois):
+        nonlocal coming
+        early[plane] = rois
+        while coming in early:
+            add(early.pop(coming))
+            coming += 1
+    return write
 
 
 def write_planes(writes, plane, arrays):
@@ -446,8 +502,10 @@ def predict_plane(source, plane, scale, image, prob, options, out_dir, nuclei=No
     ``raw``: the plane as read [H, W, C], whose intensity the objects table measures (with a separation). Returns
     (source, arrays or None once written, its :func:`image_row`, objects table or None); the TiffHeader's pixel
     size gives the measurements in micrometres."""
-    img_id, pixel_size = source[0], source[2].pixel_size
-    arrays, labels = segment(img_id, image, prob, **options, nuclei=nuclei)
+    img_id, count, header = source
+    pixel_size = header.pixel_size
+    arrays, labels = segment(img_id, image, prob, **options, nuclei=nuclei, plane=plane,
+                             planes=plane_grid(header, count))
     table = object_rows(img_id, plane, labels, raw, prob[0], pixel_size) if labels is not None else None
     if out_dir is not None:
         write_image(out_dir, img_id, arrays)
@@ -480,9 +538,9 @@ def probabilities(predictor, image, threshold, filters, auto=None):
 
 
 def predict_all(predictor, files, ids, headers, out_dir, num_classes, threshold, save_prob=False,
-                separation=None, filters=None, overlay=False, channel=None, auto=None):
+                separation=None, filters=None, overlay=False, channel=None, auto=None, rois=False):
     """Predict every file into ``out_dir``: the masks (and probabilities with ``save_prob``), the nuclei when a
-    ``separation`` is given (with ``filters``), the outlines with ``overlay``; PNGs for a 2D image, TIFF stacks
+    ``separation`` is given (with ``filters``; their ImageJ ROIs with ``rois``), the outlines with ``overlay``; PNGs for a 2D image, TIFF stacks
     for a stack (``headers``: each file's :func:`tiff_headers` entry, its plane axes), each plane predicted as an
     image of its own, read from its page when each plane is one page (image_files.read_planes), and its outputs
     written into their pages as they come (:func:`open_stack`); ``channel`` picks one channel of each
@@ -493,7 +551,7 @@ def predict_all(predictor, files, ids, headers, out_dir, num_classes, threshold,
     Returns (the :func:`image_row` of each plane predicted, objects table or None, the errors of the files left
     out)."""
     options = dict(num_classes=num_classes, threshold=threshold, save_prob=save_prob, separation=separation,
-                   filters=filters, overlay=overlay)
+                   filters=filters, overlay=overlay, rois=rois)
     rows, tables, merged, left_out = [], [], [], []
     # img_id -> [its stacks being written (open_stack), their write functions, the planes still to come]: each
     # plane's outputs go to their pages as they come, so that a long time-lapse's are never all in memory
@@ -602,9 +660,9 @@ def output_stems(name):
     """The image ids that a file of predict.py's outputs (module docstring) can belong to: 'a_class1_prob.png' ->
     {'a_class1_prob', 'a_class1', 'a'} (an id may itself end like a suffix); set() for other files."""
     stem, ext = os.path.splitext(name)
-    if ext not in (".png", ".tif"):
+    if ext not in (".png", ".tif") and not (ext == ".zip" and stem.endswith("_rois")):
         return set()
-    kind = re.sub(r"(_prob|_instances|_overlay)$", "", stem)
+    kind = re.sub(r"(_prob|_instances|_overlay|_rois)$", "", stem)
     return {stem, kind, re.sub(r"_class\d+$", "", kind)}
 
 
@@ -768,7 +826,7 @@ def prediction_record(args, argv, cfg, predictor, platform, weights, separation,
                     tile=int(predictor.tile) if crop else None, overlap=int(predictor.overlap) if crop else None,
                     channel=args.channel,
                     pixel_size=args.pixel_size if args.pixel_size is not None else "from each TIFF", amp=args.amp,
-                    instances=args.instances, save_prob=args.save_prob, overlay=args.overlay)
+                    instances=args.instances, rois=args.rois, save_prob=args.save_prob, overlay=args.overlay)
     return {"run": args.name, "run_folder": os.path.realpath(os.path.dirname(path)), "weights_sha256": sha256,
             "command": shlex.join(["predict.py", *argv]),
             "working_directory": os.getcwd(), "input": [os.path.abspath(p) for p in args.input],
@@ -830,7 +888,7 @@ def main(argv):
                          "not there to measure it; give --scale FACTOR, or the diameter in its config.yml as "
                          "nucleus_diameter")
     written = output_files(files, ids, stacks, output_suffixes(cfg.num_classes, args.save_prob, args.instances,
-                                                               args.overlay))
+                                                               args.overlay, args.rois))
     filters = object_filters(args.min_size, args.min_confidence, cfg.loss)
     separation = choose_separation(args.separation, cfg.borders, args.name)
     predictor = Predictor(model, cfg, device, args.tile or None, args.overlap, args.batch_size, args.prune, args.tta,
@@ -852,7 +910,7 @@ def main(argv):
             rows, objects, left_out = predict_all(
                 predictor, files, ids, headers, args.output, cfg.num_classes, args.threshold, args.save_prob,
                 separation if args.instances else None, filters, args.overlay, args.channel,
-                (cfg.nucleus_diameter, separation) if auto else None)
+                (cfg.nucleus_diameter, separation) if auto else None, args.rois)
         except KeyboardInterrupt:
             if stopped:
                 print(stopped, file=sys.stderr)

@@ -30,6 +30,8 @@ import pytest
 import tifffile
 import torch
 import yaml
+from matplotlib.path import Path
+from roifile import roiread
 from skimage.measure import perimeter
 
 import checkpoints
@@ -264,8 +266,8 @@ def test_a_page_that_cannot_be_written_names_its_own_stack(tmp_path, monkeypatch
 
 def stack_flags(model="pc"):
     """predict.py's flags for every output of a stack (--min_confidence 0: the barely trained network's objects)."""
-    return ["--name", model, "--instances", "--overlay", "--save_prob", "--min_confidence", "0", "--device", "cpu",
-            "--amp", "fp32"]
+    return ["--name", model, "--instances", "--rois", "--overlay", "--save_prob", "--min_confidence", "0", "--device",
+            "cpu", "--amp", "fp32"]
 
 
 def movie(folder, planes=6):
@@ -278,7 +280,7 @@ def movie(folder, planes=6):
     return str(folder / "movie.tif")
 
 
-STACK_OUTPUTS = ["movie.tif", "movie_instances.tif", "movie_overlay.tif", "movie_prob.tif"]
+STACK_OUTPUTS = ["movie.tif", "movie_instances.tif", "movie_overlay.tif", "movie_prob.tif", "movie_rois.zip"]
 
 
 def test_stack_planes_that_finish_out_of_order_land_in_their_pages(in_runs, tmp_path, monkeypatch):
@@ -383,7 +385,7 @@ def test_a_stack_killed_midway_leaves_only_temporary_files_that_the_next_run_rem
                           capture_output=True, text=True, env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})
     assert done.returncode == 9, done.stderr[-2000:]
     temporary = [n for n in os.listdir(out) if files.KILLED_WRITE.fullmatch(n)]
-    assert len(temporary) == 4 and not [n for n in os.listdir(out) if n.startswith("movie")]
+    assert len(temporary) == len(STACK_OUTPUTS) and not [n for n in os.listdir(out) if n.startswith("movie")]
     predict.main(["--input", path, "--output", str(out), *stack_flags()])
     assert sorted(os.listdir(out)) == ["images.csv", *STACK_OUTPUTS, "objects.csv", "prediction.yml"]
 
@@ -438,6 +440,41 @@ def test_a_stack_of_time_points_and_z_planes_keeps_both_axes(in_runs, tmp_path):
         np.testing.assert_array_equal(pages.reshape(6, 40, 36), tifffile.imread(tmp_path / "flat_out" /
                                                                                 f"flat{suffix}.tif"))
     assert set(pd.read_csv(tmp_path / "out" / "objects.csv")["plane"]) <= set(range(6))
+
+
+def enclosed_pixels(roi, shape):
+    """bool [H, W]: the pixels whose centres ImageJ's polygon fill finds inside ``roi`` (matplotlib's Path test)."""
+    rows, cols = np.mgrid[0:shape[0], 0:shape[1]]
+    inside = Path(roi.coordinates()).contains_points(np.c_[cols.ravel() + 0.5, rows.ravel() + 0.5])
+    return inside.reshape(shape)
+
+
+def test_rois_are_the_nuclei_of_objects_csv_in_plane_order(in_runs, tmp_path):
+    """--rois (implying --instances) writes <id>_rois.zip: one ROI per row of objects.csv, named by its label (and
+    plane), enclosing exactly that nucleus's pixels of <id>_instances; a T x Z stack's ROIs sit at their time point
+    and z plane, in plane order."""
+    image = write(tmp_path / "in" / "flat.png", sample_bgr(40, 36))
+    grey = sample_bgr(40, 36)[:, :, 0].astype(np.uint16)
+    planes = np.stack([np.roll(grey, 4 * k, axis=0) * (60 + 20 * k) for k in range(6)]).reshape(2, 3, 40, 36)
+    tifffile.imwrite(tmp_path / "in" / "tz.tif", planes, imagej=True, metadata={"axes": "TZYX"})
+    out = tmp_path / "out"
+    predict.main(["--input", image, str(tmp_path / "in" / "tz.tif"), "--output", str(out), "--name", "pc", "--rois",
+                  "--min_confidence", "0", "--device", "cpu", "--amp", "fp32"])
+    objects = pd.read_csv(out / "objects.csv")
+    flat = roiread(out / "flat_rois.zip")
+    labels = read(out / "flat_instances.png")
+    assert [int(roi.name) for roi in flat] == list(objects.query("image == 'flat'")["label"]) and flat
+    for roi in flat:
+        assert np.array_equal(enclosed_pixels(roi, labels.shape), labels == int(roi.name)), roi.name
+    stack = roiread(out / "tz_rois.zip")
+    rows = objects.query("image == 'tz'")
+    assert [roi.name for roi in stack] == [f"{p:04d}-{k:04d}" for p, k in zip(rows["plane"], rows["label"])]
+    assert list(rows["plane"]) == sorted(rows["plane"]) and rows["plane"].nunique() > 2
+    stack_labels = tifffile.imread(out / "tz_instances.tif").reshape(6, 40, 36)
+    for roi, plane in zip(stack, rows["plane"]):
+        assert (roi.position, roi.t_position, roi.z_position) == (plane + 1, plane // 3 + 1, plane % 3 + 1)
+        label = int(roi.name.split("-")[1])
+        assert np.array_equal(enclosed_pixels(roi, (40, 36)), stack_labels[plane] == label), roi.name
 
 
 def test_three_fluorescence_channels_and_further_series_are_named(tmp_path):
@@ -987,14 +1024,14 @@ def test_a_stack_of_one_page_per_plane_is_read_page_by_page(in_runs, tmp_path, m
 
 
 def test_stacks_read_page_by_page_give_the_outputs_of_the_whole_read(in_runs, tmp_path, monkeypatch):
-    """predict.py's outputs (the TIFF stacks, objects.csv, images.csv) of stacks read page by page are, byte for
+    """predict.py's outputs (the TIFF stacks, ROIs, objects.csv, images.csv) of stacks read page by page are, byte for
     byte, those of the same stacks read whole."""
     lazy, _ = stack_layouts(tmp_path / "in")
     predict.main(["--input", *lazy, "--output", str(tmp_path / "pages"), *stack_flags()])
     monkeypatch.setattr(image_files, "_page_per_plane", lambda path: None)
     predict.main(["--input", *lazy, "--output", str(tmp_path / "whole"), *stack_flags()])
     names = sorted(os.listdir(tmp_path / "whole"))
-    assert sorted(os.listdir(tmp_path / "pages")) == names and len(names) == 4 * len(lazy) + 3
+    assert sorted(os.listdir(tmp_path / "pages")) == names and len(names) == len(STACK_OUTPUTS) * len(lazy) + 3
     for name in set(names) - {"prediction.yml"}:  # the record names its own --output and time
         assert (tmp_path / "pages" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
 
