@@ -29,7 +29,8 @@ exactly as in training. For each image ``<id>`` (its file name without the exten
 A TIFF stack (time points, z planes or pages; image_files.tiff_layout) is segmented plane by plane, each plane
 as an image of its own, and gives ImageJ TIFF stacks instead, one page per plane: ``<id>.tif``,
 ``<id>_prob.tif``, ``<id>_overlay.tif`` (RGB), ``<id>_instances.tif`` (each plane's nuclei numbered 1..N on their
-own: no tracking between planes), and one ``<id>_rois.zip`` (each ROI named ``<plane>-<label>``, at its plane); objects.csv's and images.csv's ``plane`` counts from 0 (0 for every 2D image).
+own: no tracking between planes), and one ``<id>_rois.zip`` (each ROI named ``<plane>-<label>``, at its plane);
+objects.csv's and images.csv's ``plane`` counts from 0 (0 for every 2D image).
 ``--pixel_size UM``, or else a TIFF's own ImageJ or OME calibration (image_files.tiff_pixel_size), gives both tables'
 ``pixel_size_um`` and objects.csv's area and lengths in micrometres (``_um2``, ``_um``; empty without a pixel
 size), and calibrates the TIFF stacks written.
@@ -540,12 +541,12 @@ def probabilities(predictor, image, threshold, filters, auto=None):
 def predict_all(predictor, files, ids, headers, out_dir, num_classes, threshold, save_prob=False,
                 separation=None, filters=None, overlay=False, channel=None, auto=None, rois=False):
     """Predict every file into ``out_dir``: the masks (and probabilities with ``save_prob``), the nuclei when a
-    ``separation`` is given (with ``filters``; their ImageJ ROIs with ``rois``), the outlines with ``overlay``; PNGs for a 2D image, TIFF stacks
-    for a stack (``headers``: each file's :func:`tiff_headers` entry, its plane axes), each plane predicted as an
-    image of its own, read from its page when each plane is one page (image_files.read_planes), and its outputs
-    written into their pages as they come (:func:`open_stack`); ``channel`` picks one channel of each
-    (image_files.select_channel); ``auto`` = (the run's training nucleus diameter, separation)
-    for --scale auto (:func:`auto_scaled`). The per-plane work runs in threads after every 256 MB of predictions
+    ``separation`` is given (with ``filters``; their ImageJ ROIs with ``rois``), the outlines with ``overlay``;
+    PNGs for a 2D image, TIFF stacks for a stack (``headers``: each file's :func:`tiff_headers` entry, its plane
+    axes), each plane predicted as an image of its own, read from its page when each plane is one page
+    (image_files.read_planes), and its outputs written into their pages as they come (:func:`open_stack`);
+    ``channel`` picks one channel of each (image_files.select_channel); ``auto`` = (the run's training nucleus
+    diameter, separation) for --scale auto (:func:`auto_scaled`). The per-plane work runs in threads after every 256 MB of predictions
     (utils.BatchedThreads).
     A file that cannot be read or used (a DataError) is left out, and the others are predicted.
     Returns (the :func:`image_row` of each plane predicted, objects table or None, the errors of the files left
