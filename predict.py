@@ -546,8 +546,8 @@ def predict_all(predictor, files, ids, headers, out_dir, num_classes, threshold,
     axes), each plane predicted as an image of its own, read from its page when each plane is one page
     (image_files.read_planes), and its outputs written into their pages as they come (:func:`open_stack`);
     ``channel`` picks one channel of each (image_files.select_channel); ``auto`` = (the run's training nucleus
-    diameter, separation) for --scale auto (:func:`auto_scaled`). The per-plane work runs in threads after every 256 MB of predictions
-    (utils.BatchedThreads).
+    diameter, separation) for --scale auto (:func:`auto_scaled`). The per-plane work runs in threads after every
+    256 MB of predictions (utils.BatchedThreads).
     A file that cannot be read or used (a DataError) is left out, and the others are predicted.
     Returns (the :func:`image_row` of each plane predicted, objects table or None, the errors of the files left
     out)."""
