@@ -158,11 +158,19 @@ def same_picture(a, b):
 
 def evaluation_record(name, split, dataset, folder):
     """What an evaluation scored, as evaluation.yml in its output folder records it: the run and the split ('val' by
-    default), or with --dataset every image of that folder (resolved; a run's own split stays the same evaluation
-    when its dataset folder moves)."""
+    default), or with --dataset every image of that folder (:func:`dataset_key`; a run's own split stays the same
+    evaluation when its dataset folder moves)."""
     if dataset is None:
         return {"run": name, "split": split or "val"}
-    return {"run": name, "split": "every image", "dataset": os.path.realpath(folder)}
+    return {"run": name, "split": "every image", "dataset": dataset_key(folder)}
+
+
+def dataset_key(folder):
+    """The dataset ``folder`` as evaluation.yml records it: resolved, and relative to the current folder when it lies
+    in it (inputs/<name>), so that a checkout moved or copied elsewhere, outputs/ and inputs/ with it, holds the same
+    evaluations; a path recorded absolute inside the current folder (older versions) gives the same key."""
+    real, here = os.path.realpath(folder), os.path.realpath(os.curdir)
+    return os.path.relpath(real, here) if os.path.commonpath([real, here]) == here else real
 
 
 def describe_evaluation(record):
@@ -182,6 +190,8 @@ def check_same_evaluation(out_dir, record):
             held = yaml.safe_load(f)
     except (OSError, yaml.YAMLError):
         return
+    if isinstance(held, dict) and isinstance(held.get("dataset"), str):
+        held["dataset"] = dataset_key(held["dataset"])
     if isinstance(held, dict) and {key: held.get(key) for key in record} != record:
         raise UsageError(f"{out_dir} holds the evaluation of {describe_evaluation(held)}, not of "
                          f"{describe_evaluation(record)}; give --output to write this one elsewhere, or remove that "

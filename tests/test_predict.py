@@ -1657,6 +1657,31 @@ def test_a_run_s_split_is_one_evaluation_wherever_its_dataset_lies(tmp_path):
         evaluation.check_same_evaluation(str(tmp_path), evaluation.evaluation_record("r_test", None, None, "/data"))
 
 
+def test_an_evaluation_of_a_dataset_in_the_checkout_stays_one_when_the_checkout_moves(tmp_path, monkeypatch):
+    """A checkout moved or copied elsewhere (inputs/ and outputs/ with it) that scores inputs/test again replaces its
+    own evaluation, not refused as another dataset's; so does one whose evaluation.yml an older version wrote with
+    the absolute path; a dataset of that name outside the checkout is still another evaluation."""
+    for checkout in ("old", "new"):
+        os.makedirs(tmp_path / checkout / "inputs" / "test")
+    os.makedirs(tmp_path / "elsewhere" / "test")
+    os.makedirs(tmp_path / "out")
+    in_checkout = os.path.join("inputs", "test")
+    monkeypatch.chdir(tmp_path / "old")
+    evaluation.write_evaluation_record(str(tmp_path / "out"), evaluation.evaluation_record("r", None, "test",
+                                                                                           in_checkout), {})
+    monkeypatch.chdir(tmp_path / "new")
+    evaluation.check_same_evaluation(str(tmp_path / "out"), evaluation.evaluation_record("r", None, "test",
+                                                                                         in_checkout))
+    with pytest.raises(UsageError, match=r"holds the evaluation of run r \(every image of inputs/test\), not of run r "
+                                         r"\(every image of .*elsewhere/test\)"):
+        evaluation.check_same_evaluation(str(tmp_path / "out"), evaluation.evaluation_record(
+            "r", None, "test", str(tmp_path / "elsewhere" / "test")))
+    with open(tmp_path / "out" / "evaluation.yml", "w") as f:
+        yaml.safe_dump({"run": "r", "split": "every image", "dataset": str(tmp_path / "new" / "inputs" / "test")}, f)
+    evaluation.check_same_evaluation(str(tmp_path / "out"), evaluation.evaluation_record("r", None, "test",
+                                                                                         in_checkout))
+
+
 def test_val_names_the_scale_when_the_nuclei_are_far_from_the_training_size(in_runs, tmp_path, capsys):
     """pa learned (so its config.yml says) nuclei 3 px across: val.py prints the median diameter of the labelled
     nuclei it scored and the --scale that sizes them as in training; pc records no diameter and says nothing."""
