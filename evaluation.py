@@ -52,6 +52,9 @@ def evaluation_ids(name, split, dataset, cfg, reading):
             return (folder, ids, f"all of {folder}, the run's own dataset: its training images included",
                     [i for i in ids if i in trained])
         copies = training_copies(name, cfg, folder, ids, reading)
+        if copies is None:  # a run handed over without its dataset: these may well be its training images
+            return folder, ids, (f"all of {folder} (not compared with the run's training images: that needs its "
+                                 f"split.csv and its dataset {os.path.join(INPUTS_DIR, run_dataset)} as trained)"), []
         return folder, ids, f"all of {folder}" + (f", {len(copies)} of them the run's training images" if copies
                                                   else " (not trained on)"), copies
     split = split or "val"
@@ -83,14 +86,15 @@ def training_copies(name, cfg, folder, ids, reading):
     """The ``ids`` of ``folder`` whose image is one of run ``name``'s training images (its split.csv; its flags
     ``cfg`` say where they are): the one of the same id, pixel for pixel, in another folder, layout, file type or bit
     depth (:func:`same_picture`), or one of any id showing the same field at another contrast or size
-    (:func:`same_field`). Empty when the run's dataset is not in inputs/, or no longer in a layout it reads."""
+    (:func:`same_field`). None when they cannot be compared: the run has no split.csv, or its dataset is not in
+    inputs/ or no longer in a layout it reads."""
     split, run_folder = os.path.join(saved_run_dir(name), "split.csv"), os.path.join(INPUTS_DIR, cfg.dataset)
     if not (os.path.isfile(split) and os.path.isdir(run_folder)):
-        return []
+        return None
     try:
         theirs = find_layout(run_folder, cfg.img_ext, cfg.mask_ext)
     except DataError:  # its error would name the run's folder, not the one being scored, and stop that evaluation
-        return []
+        return None
     ours = find_layout(folder, reading["img_ext"], reading["mask_ext"])
     trained = sorted(set(split_ids(read_split(split), "train")) & theirs.image_ids())
     if not (trained and ids):

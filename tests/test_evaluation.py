@@ -14,8 +14,8 @@ import torch
 from conftest import write_image
 
 from engine import Precision, evaluate
-from evaluation import (ImageWriter, bootstrap_interval, interval_line, model_epoch, summary, training_copies,
-                        untrained_line)
+from evaluation import (ImageWriter, bootstrap_interval, evaluation_ids, interval_line, model_epoch, summary,
+                        training_copies, untrained_line)
 from losses import build_loss
 from image_files import read_label_image
 from metrics import dsb_scores
@@ -264,9 +264,9 @@ def test_training_copies_include_a_training_field_resized_to_another_size(tmp_pa
     assert training_copies("r", cfg, str(tmp_path / "ours"), ["t", "v"], reading) == ["t"]
 
 
-def test_training_copies_of_a_run_whose_dataset_was_rearranged_are_none(tmp_path, monkeypatch):
+def test_training_copies_of_a_run_whose_dataset_was_rearranged_are_unknown(tmp_path, monkeypatch):
     """The run's dataset folder without its images/ (moved or rearranged): the folder being scored is still scored,
-    not refused with an error about the run's folder."""
+    not refused with an error about the run's folder, and not taken for images the run never saw (None)."""
     monkeypatch.chdir(tmp_path)
     os.makedirs(tmp_path / "inputs" / "theirs" / "imgs")
     os.makedirs(tmp_path / "models" / "r")
@@ -274,7 +274,27 @@ def test_training_copies_of_a_run_whose_dataset_was_rearranged_are_none(tmp_path
     write_image(tmp_path / "ours" / "images" / "a.png", np.zeros((16, 16), np.uint8))
     cfg = Namespace(dataset="theirs", img_ext=".png", mask_ext=".png")
     reading = {"img_ext": ".png", "mask_ext": ".png", "num_classes": 1}
-    assert training_copies("r", cfg, str(tmp_path / "ours"), ["a"], reading) == []
+    assert training_copies("r", cfg, str(tmp_path / "ours"), ["a"], reading) is None
+
+
+def test_a_dataset_scored_without_the_run_s_own_is_not_called_unseen(tmp_path, monkeypatch):
+    """val.py --dataset of a run handed over without its dataset (or without its split.csv): its training images
+    cannot be looked for, so the evaluation does not claim that the run never trained on these images."""
+    monkeypatch.chdir(tmp_path)
+    write_image(tmp_path / "ours" / "images" / "a.png", np.zeros((16, 16), np.uint8))
+    write_image(tmp_path / "ours" / "masks" / "0" / "a.png", np.zeros((16, 16), np.uint8))
+    os.makedirs(tmp_path / "models" / "r")
+    (tmp_path / "models" / "r" / "split.csv").write_text("img_id,split\na,train\n")
+    cfg = Namespace(dataset="theirs", img_ext=".png", mask_ext=".png")
+    reading = {"img_ext": ".png", "mask_ext": ".png", "num_classes": 1}
+    for with_split in (True, False):
+        if not with_split:
+            os.remove(tmp_path / "models" / "r" / "split.csv")
+        assert training_copies("r", cfg, str(tmp_path / "ours"), ["a"], reading) is None
+        _, ids, part, trained = evaluation_ids("r", None, str(tmp_path / "ours"), cfg, reading)
+        assert ids == ["a"] and trained == [] and "not trained on" not in part
+        assert part.endswith("(not compared with the run's training images: that needs its split.csv and its "
+                             "dataset inputs/theirs as trained)")
 
 
 @pytest.mark.parametrize("n", [40, 300, 6000], ids=["few", "many", "chunked"])
