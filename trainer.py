@@ -326,7 +326,19 @@ class Trainer:
         if not os.path.isfile(log_path):
             raise DataError(f"--resume {self.args.name}: {log_path} not found; a resumed run continues its log "
                             "(restore it, or start again with --overwrite)")
-        log = pd.read_csv(log_path)
+        try:
+            log = pd.read_csv(log_path)
+        except pd.errors.EmptyDataError:
+            log = pd.DataFrame()
+        logged = set(log["epoch"]) if "epoch" in log else set()
+        # a log copied before last.pth (a run folder copied while it trained) would leave a gap that print_summary
+        # and val.py's "epoch N of M" look the best epoch up in
+        unlogged = [e for e in range(1, self.start_epoch + 1) if e not in logged]
+        if unlogged:
+            raise DataError(f"--resume {self.args.name}: {log_path} lacks {len(unlogged)} of the "
+                            f"{self.start_epoch} epochs that last.pth holds (the first: {unlogged[0]}; a log older "
+                            "than last.pth, copied while the run trained?); restore the log.csv saved with last.pth, "
+                            "or start again with --overwrite")
         self.log = log[log["epoch"] <= self.start_epoch].reset_index(drop=True)
         exported = sorted(f for f in os.listdir(self.dir) if f.endswith(".onnx"))
         if exported:

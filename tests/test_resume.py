@@ -290,6 +290,28 @@ def test_auto_resume_starts_continues_as_resume_does_and_ends(workdir, monkeypat
         capsys.readouterr().err
 
 
+def test_resume_refuses_a_log_older_than_last_pth(workdir, monkeypatch, capsys):
+    """A run folder copied while it trained can hold a log.csv of fewer epochs than its last.pth (or an empty one):
+    resumed, its log would miss epochs, and the summary at the end looked the best epoch up there (IndexError after
+    all the training). It is refused in one line before anything is trained; the log saved with last.pth resumes."""
+    monkeypatch.chdir(workdir)
+    assert cli([*first_run_args("stale_log"), "--epochs", "1"]) == 0
+    log = workdir / "models" / "stale_log" / "log.csv"
+    saved = log.read_text()
+    for stale in (saved.splitlines()[0] + "\n", ""):
+        log.write_text(stale)
+        capsys.readouterr()
+        assert cli(["--resume", "stale_log", "--epochs", "2"]) == 1
+        assert capsys.readouterr().err.endswith(
+            f": error: --resume stale_log: {os.path.join('models', 'stale_log', 'log.csv')} lacks 1 of the 1 "
+            "epochs that last.pth holds (the first: 1; a log older than last.pth, copied while the run trained?); "
+            "restore the log.csv saved with last.pth, or start again with --overwrite\n")
+        assert log.read_text() == stale
+    log.write_text(saved)
+    assert cli(["--resume", "stale_log", "--epochs", "2"]) == 0
+    assert pd.read_csv(log)["epoch"].tolist() == [1, 2]
+
+
 def test_auto_resume_starts_again_after_a_kill_in_epoch_1_and_ends_an_early_stopped_run(workdir, monkeypatch, capsys):
     """A job stopped or killed (SIGKILL: no clean-up) before its first epoch was saved leaves config.yml and
     split.csv: the same command starts the run again in its folder (no folder set aside that would stop the next
