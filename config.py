@@ -604,8 +604,14 @@ def output_channels(args):
 
 
 def run_dir(name):
-    """models/<name>, after checking that name is a plain name and that this user may read the folder if it exists."""
+    """models/<name>, after checking that name is a plain name, that it is no link to a missing folder, and that this
+    user may read the folder if it exists."""
     path = os.path.join(MODELS_DIR, check_run_name(name))
+    # a run shared as a link to a share that is not mounted would look absent ("train it first"), and a new run of that
+    # name would create the link's target path, a folder that the mounted share later hides
+    if os.path.islink(path) and not os.path.exists(path):
+        raise DataError(f"{path} is a link to {os.readlink(path)}, which is not there (a share not mounted, or a run "
+                        f"moved?); mount or restore it, or remove the link {path}")
     # another user's private run (their umask 077 in a shared project folder) would look absent ("no run named ...,
     # train it first"), and a new run of that name would then fail on the folder
     if os.path.isdir(path) and not os.access(path, os.R_OK | os.X_OK):

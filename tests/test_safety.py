@@ -769,6 +769,22 @@ def test_a_run_folder_this_user_may_not_read_is_named_not_taken_for_absent(tmp_p
         (tmp_path / "models" / "theirs").chmod(0o700)
 
 
+def test_a_run_linked_to_a_missing_folder_is_named_not_taken_for_absent(tmp_path, monkeypatch):
+    """models/<name> a link to a run on a share that is not mounted: val.py, predict.py and --resume said there was
+    no run of that name, to train it first, and a new run of that name created the link's target path (a folder the
+    mounted share would hide). Each names the link and its target, and nothing is created."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "shared").symlink_to(tmp_path / "share" / "shared")
+    for load in (lambda: config.load_run_config("shared"), lambda: config.parse_train_args(["--resume", "shared"]),
+                 lambda: config.run_dir("shared")):
+        with pytest.raises(DataError, match=f"^models/shared is a link to {tmp_path}/share/shared, which is not "
+                                            r"there \(a share not mounted, or a run moved\?\); mount or restore it, or "
+                                            "remove the link models/shared$"):
+            load()
+    assert not os.path.exists(tmp_path / "share")
+
+
 def test_temporary_files_of_another_machine_are_left_to_it(tmp_path):
     """On a file system shared between machines (a cluster's) a pid says nothing about another machine's writer:
     its temporary files and folders stay; this machine's of a killed process go, in the names of earlier versions
