@@ -33,7 +33,7 @@ def nucleus_rois(labels, plane=0, planes=(1, 1)):
     """The ImagejRoi of each nucleus of a label image int [H, W] (0 background, nuclei 1..N, objects.csv's
     ``label``), in label order, named ``<label>`` (2D) or ``<plane>-<label>`` (a stack's plane, 0-based as in
     objects.csv), zero-padded to 4 digits. ``planes``: the stack's (T, Z) sizes, for the plane's position in it
-    (1-based, as ImageJ counts: the stack position, and the frame and slice of a hyperstack)."""
+    (1-based, as ImageJ counts: the stack position, and with both T and Z the frame and slice of the hyperstack)."""
     prefix = f"{plane:04d}-" if planes != (1, 1) else ""
     rois = []
     for label, box in enumerate(ndi.find_objects(labels), start=1):
@@ -43,6 +43,10 @@ def nucleus_rois(labels, plane=0, planes=(1, 1)):
         roi = ImagejRoi.frompoints(xy, name=f"{prefix}{label:04d}")
         if planes != (1, 1):
             roi.position = plane + 1
+        # ImageJ drops the position of a ROI that has a frame or slice, and reads those in a hyperstack alone: a stack
+        # of one axis (a time-lapse, a z-stack) opens as a plain stack, where the ROI Manager would measure each
+        # nucleus in the plane on show
+        if min(planes) > 1:
             roi.t_position, roi.z_position = plane // planes[1] + 1, plane % planes[1] + 1
         rois.append(roi)
     return rois

@@ -60,15 +60,33 @@ def test_labels_missing_from_the_image_are_skipped_and_names_follow_the_labels()
     assert [roi.name for roi in nucleus_rois(labels)] == ["0002", "12345"]
 
 
-def test_stack_planes_get_their_position_and_a_name_with_the_plane():
+def imagej_plane(roi, planes):
+    """The 0-based plane of a stack of ``planes`` (T, Z) that Fiji's ROI Manager shows and measures ``roi`` in, or
+    None for the plane on show: ImageJ's RoiDecoder keeps a frame, slice or channel when one is set and then drops
+    the position, and RoiManager.restore reads those only in a hyperstack (T and Z both above 1; a stack of one
+    axis opens as a plain stack), the position elsewhere."""
+    if roi.c_position or roi.z_position or roi.t_position:
+        return (roi.t_position - 1) * planes[1] + roi.z_position - 1 if min(planes) > 1 else None
+    return roi.position - 1 if roi.position else None
+
+
+@pytest.mark.parametrize("planes", [(3, 2), (7, 1), (1, 4)])
+def test_stack_planes_are_where_imagej_reads_them_with_a_name_with_the_plane(tmp_path, planes):
+    """A T x Z hyperstack's ROIs at their frame and slice, a time-lapse's or z-stack's (a plain stack in ImageJ) at
+    their stack position: a frame or slice there would leave each ROI in the plane on show."""
     labels = np.zeros((6, 6), np.int32)
     labels[2:4, 2:4] = 1
+    count = planes[0] * planes[1]
+    with rois_archive(tmp_path / "s_rois.zip") as add:
+        for plane in range(count):
+            add(nucleus_rois(labels, plane, planes))
+    back = roiread(tmp_path / "s_rois.zip")
+    assert [roi.name for roi in back] == [f"{plane:04d}-0001" for plane in range(count)]
+    assert [imagej_plane(roi, planes) for roi in back] == list(range(count))
     roi, = nucleus_rois(labels, plane=5, planes=(3, 2))  # time points of 2 z planes: plane 5 is t 3, z 2
-    assert (roi.name, roi.position, roi.t_position, roi.z_position) == ("0005-0001", 6, 3, 2)
-    roi, = nucleus_rois(labels, plane=4, planes=(7, 1))
-    assert (roi.name, roi.position, roi.t_position, roi.z_position) == ("0004-0001", 5, 5, 1)
+    assert (roi.t_position, roi.z_position) == (3, 2)
     roi, = nucleus_rois(labels)
-    assert (roi.name, roi.position) == ("0001", 0)
+    assert (roi.name, roi.position, roi.t_position, roi.z_position) == ("0001", 0, 0, 0)
 
 
 def test_planes_added_one_by_one_and_no_nuclei(tmp_path):
