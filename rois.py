@@ -21,12 +21,22 @@ ENTRY_TIME = (1980, 1, 1, 0, 0, 0)
 
 def outline(mask):
     """The outline of the True pixels of a bool mask [h, w] as (x, y) float [N, 2] in ImageJ's coordinates, where
-    pixel (row r, column c) covers [c, c + 1) x [r, r + 1): the longest closed contour at 0.5 (marching squares, the
-    True pixels 8-connected), the outline of the largest part when the mask has several."""
+    pixel (row r, column c) covers [c, c + 1) x [r, r + 1): the outer closed contour at 0.5 (marching squares, the
+    True pixels 8-connected) of its largest 8-connected part (the most pixels) when the mask has several."""
+    parts, count = ndi.label(mask, structure=np.ones((3, 3), bool))
+    if count > 1:
+        mask = parts == np.argmax(np.bincount(parts.ravel())[1:]) + 1
     # padded so that a region touching the edge closes; contour (row, col) in the padded array's pixel-centre units
     contours = find_contours(np.pad(mask, 1).astype(np.uint8), 0.5, fully_connected="high")
-    ring = max(contours, key=len)
+    # the outer contour encloses its holes' contours, though a ragged hole's can be the longer
+    ring = max(contours, key=enclosed_area)
     return ring[:, ::-1] - 0.5  # -1 for the pad, +0.5 from pixel centres to ImageJ's pixel corners
+
+
+def enclosed_area(ring):
+    """The area inside a closed polygon float [N, 2] (the shoelace formula), >= 0."""
+    y, x = ring[:, 0], ring[:, 1]
+    return abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))) / 2
 
 
 def nucleus_rois(labels, plane=0, planes=(1, 1)):

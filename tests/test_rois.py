@@ -54,6 +54,23 @@ def test_single_pixels_lines_and_a_whole_image():
     assert np.array_equal(enclosed_pixels(whole, (5, 7)), np.ones((5, 7), bool))
 
 
+def test_a_ragged_hole_or_a_long_thin_part_does_not_take_the_nucleus_s_place():
+    """The longest contour was taken: a thin-walled nucleus around a comb-shaped hole got the hole's outline (the
+    hole's pixels, none of its own), and a nucleus in two parts the thin part's, not the largest part's."""
+    ring = np.zeros((16, 16), np.int32)
+    ring[1:15, 1:15] = 1
+    ring[3:13, 3:12:2] = 0  # the comb's teeth
+    ring[3, 3:12] = 0
+    assert np.array_equal(enclosed_pixels(nucleus_rois(ring)[0].coordinates(), ring.shape),
+                          ndi.binary_fill_holes(ring))
+    parts = np.zeros((20, 40), np.int32)
+    parts[1:9, 1:9] = 1  # 64 pixels
+    parts[15, 2:38] = 1  # 36 pixels in a line, its contour the longer
+    blob = parts.copy()
+    blob[15] = 0
+    assert np.array_equal(enclosed_pixels(nucleus_rois(parts)[0].coordinates(), parts.shape), blob == 1)
+
+
 def test_labels_missing_from_the_image_are_skipped_and_names_follow_the_labels():
     labels = np.zeros((10, 10), np.int32)
     labels[1:3, 1:3], labels[6:9, 6:9] = 2, 12345
