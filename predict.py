@@ -98,6 +98,8 @@ IMAGE_DECIMALS = {"scale": 4, "foreground": 4, "mean_area": 2, "median_area": 2}
 IMAGE_SIGNIFICANT = ("pixel_size_um", "mean_area_um2", "median_area_um2")
 TABLES = ("objects.csv", "images.csv")
 PREDICTION_FILE = "prediction.yml"
+# prediction.yml's pixel_size without --pixel_size: where each image's came from (images.csv holds them)
+PIXEL_SIZE_READ = "each TIFF's own calibration, none for other images (images.csv: each image's)"
 # A colour image's intensity is its grey value, with OpenCV's weights for RGB -> grey: one set of columns for the
 # grey and colour images of a run.
 GREY_WEIGHTS = np.array([0.299, 0.587, 0.114])
@@ -826,7 +828,7 @@ def prediction_record(args, argv, cfg, predictor, platform, weights, separation,
     settings.update(input_size=None if crop else [cfg.input_h, cfg.input_w],
                     tile=int(predictor.tile) if crop else None, overlap=int(predictor.overlap) if crop else None,
                     channel=args.channel,
-                    pixel_size=args.pixel_size if args.pixel_size is not None else "from each TIFF", amp=args.amp,
+                    pixel_size=args.pixel_size if args.pixel_size is not None else PIXEL_SIZE_READ, amp=args.amp,
                     instances=args.instances, rois=args.rois, save_prob=args.save_prob, overlay=args.overlay)
     return {"run": args.name, "run_folder": os.path.realpath(os.path.dirname(path)), "weights_sha256": sha256,
             "command": shlex.join(["predict.py", *argv]),
