@@ -363,23 +363,31 @@ def select_channel(planes, channel, path):
         if count not in (1, 3):
             raise DataError(f"image {path} has {count} channels; the network reads grey or RGB: choose the nucleus "
                             f"channel with --channel (0 to {count - 1}), or save it alone")
-        return check_finite(planes, path)
-    if not 0 <= channel < count:
+    elif not 0 <= channel < count:
         raise DataError(f"--channel {channel}: image {path} has {count} channels (0 to {count - 1})")
-    return check_finite(planes[..., channel:channel + 1], path)
+    return check_finite(nucleus_channel(planes, channel), path)
+
+
+def nucleus_channel(planes, channel):
+    """planes [..., C] -> what the network reads of them, unchecked (:func:`select_channel` checks): channel
+    ``channel`` (--channel) [..., 1], a view, when C > 1; else the planes themselves (grey, or ``channel`` None)."""
+    return planes if channel is None or planes.shape[-1] == 1 else planes[..., channel:channel + 1]
 
 
 @contextmanager
 def read_planes(path, channel):
-    """The planes of the image file ``path`` that the network reads, as a sequence of arrays [H, W, C]
-    (:func:`select_channel` with ``channel``, its checks and messages). A TIFF stack whose every plane is one page
+    """The planes of the image file ``path`` as stored, every channel kept, as a sequence of arrays [H, W, C], checked
+    as :func:`select_channel` checks them for ``channel`` (its messages): the network reads their
+    :func:`nucleus_channel`, and predict.py measures every channel. A TIFF stack whose every plane is one page
     (:func:`_page_per_plane`: T, Z or TZ planes of grey or RGB pages) is read a page at a time as it is indexed, its
     file open until the block ends, so that a 500-frame time-lapse is never held whole; any other file is read whole
     (:func:`decode_planes`). A DataError names the file: on entering, or on indexing for a page that is damaged or
     holds NaN."""
     opened = _page_per_plane(str(path))
     if opened is None:
-        yield select_channel(decode_planes(path)[0], channel, path)
+        planes = decode_planes(path)[0]
+        select_channel(planes, channel, path)
+        yield planes
         return
     tif, series = opened
     with tif:
@@ -436,8 +444,9 @@ class _PagePlanes:
             stored = self.series[index].asarray()
         except Exception as e:
             raise _unreadable_tiff(self.path, "image", e) from None
-        planes = _as_planes(stored, self.series.keyframe.axes, self.path, "image")[0]
-        return select_channel(np.ascontiguousarray(planes), self.channel, self.path)[0]
+        planes = np.ascontiguousarray(_as_planes(stored, self.series.keyframe.axes, self.path, "image")[0])
+        select_channel(planes, self.channel, self.path)
+        return planes[0]
 
 
 def decode_image(path):

@@ -15,8 +15,9 @@ exactly as in training. For each image ``<id>`` (its file name without the exten
     <id>_instances.png   --instances: 16-bit labels, 0 background, nuclei 1..N
     <id>_rois.zip        --rois (implies --instances): each nucleus as an ImageJ ROI named by its label, for Fiji's
                          ROI Manager (rois.py)
-    objects.csv          --instances: one row per nucleus (OBJECT_COLUMNS: image, plane, area, centroid, bounding
-                         box with bbox_max exclusive, intensity, shape, confidence; object_rows)
+    objects.csv          --instances: one row per nucleus (object_columns: image, plane, area, centroid, bounding
+                         box with bbox_max exclusive, intensity (of each channel with --channel), shape,
+                         confidence; object_rows)
     images.csv           --instances: one row per image predicted, also one without nuclei (IMAGE_COLUMNS: image,
                          plane, size, scale, foreground of class 0, its nuclei and their mean and median area,
                          the pixel size; image_row; then those areas in square micrometres)
@@ -34,7 +35,9 @@ objects.csv's and images.csv's ``plane`` counts from 0 (0 for every 2D image).
 ``--pixel_size UM``, or else a TIFF's own ImageJ or OME calibration (image_files.tiff_pixel_size), gives both tables'
 ``pixel_size_um`` and objects.csv's area and lengths in micrometres (``_um2``, ``_um``; empty without a pixel
 size), and calibrates the TIFF stacks written.
-``--channel K`` reads channel K of multi-channel images (a TIFF's C axis, or a colour of RGB) as a grey image.
+``--channel K`` reads channel K of multi-channel images (a TIFF's C axis, or a colour of RGB) as a grey image, and
+objects.csv measures their nuclei in every channel c too (``mean_intensity_c<c>``, ``integrated_intensity_c<c>``;
+empty for an image without channel c, such as a grey one), e.g. nuclei on DAPI in channel 0, a marker in channel 1.
 
 Runs with several classes write ``<id>_class<c>.png`` (and ``_prob``) per class; instances use class 0. A run
 trained with ``--borders True`` also predicts where nuclei touch; ``--separation borders`` splits nuclei there.
@@ -53,13 +56,15 @@ from datetime import datetime, timezone
 import numpy as np
 import pandas as pd
 import yaml
+from scipy import ndimage as ndi
 from skimage.measure import regionprops_table
 
 from config import (MIN_SIZE, add_amp_arg, add_device_arg, add_separation_args, check_object_filters,
                     choose_separation, object_filters, prediction_settings, saved_run_dir)
 from files import (atomic_imwrite, atomic_tiff_pages, atomic_write, check_output_folder, interrupts_held,
                    remove_killed_writes, sha256_file, written_alone)
-from image_files import CELLPOSE_NOT_IMAGES, PIXEL_SIZES, TIFF_EXTS, TiffHeader, read_planes, tiff_header
+from image_files import (CELLPOSE_NOT_IMAGES, PIXEL_SIZES, TIFF_EXTS, TiffHeader, nucleus_channel, read_planes,
+                         tiff_header)
 from instances import (AUTO_SCALE_BAND, auto_scale, border_map, mean_probability, median_diameter, nucleus_areas,
                        split_instances)
 from rois import nucleus_rois, rois_archive
@@ -75,6 +80,10 @@ OBJECT_COLUMNS = ["image", "plane", "label", "area", "centroid_y", "centroid_x",
                   "bbox_max_y", "bbox_max_x", "mean_intensity", "integrated_intensity", "perimeter", "eccentricity",
                   "solidity", "major_axis_length", "minor_axis_length", "confidence", "pixel_size_um", "area_um2",
                   "perimeter_um", "major_axis_length_um", "minor_axis_length_um"]
+# objects.csv's columns of each channel of a multi-channel image whose nucleus channel --channel picks
+# (object_columns): nuclei found in the DNA channel are measured in a marker's channel too (EdU- or Ki67-positive
+# nuclei), as CellProfiler's MeasureObjectIntensity measures them
+CHANNEL_COLUMN = re.compile(r"(mean|integrated)_intensity_c\d+$")
 # the micrometre columns of objects.csv: each pixel column times the pixel size to this power
 IN_MICROMETRES = {"area": 2, "perimeter": 1, "major_axis_length": 1, "minor_axis_length": 1}
 # Columns whose values may be anything: the intensities, in the image's own units (a float image's in [0, 1], or
@@ -122,7 +131,8 @@ def build_parser():
     p.add_argument("--channel", type=int, default=None, metavar="K",
                    help="the nucleus channel of multi-channel images (0-based; RGB: 0 red, 1 green, 2 blue), read as "
                         "a grey image (grey images are read as they are); needed for TIFFs with other than 1 or 3 "
-                        "channels")
+                        "channels. --instances then measures the nuclei in every channel (objects.csv's _c<c> "
+                        "columns)")
     p.add_argument("--scale", type=float_or_auto, default=1.0,
                    help="crop-trained runs: predict each image resized by this factor, so that its nuclei have the "
                         "size the run was trained on (e.g. 0.5 for nuclei twice as wide as in training); auto = "
@@ -359,16 +369,28 @@ def output_files(files, ids, stacks, suffixes):
 
 # ---------------------------------------------------------------------------------------------- the outputs
 
-def object_rows(img_id, plane, labels, raw, prob, pixel_size=None):
-    """regionprops_table of a label image int [H, W] -> DataFrame with OBJECT_COLUMNS: lengths in pixels (bbox_max
-    exclusive); the intensity of ``raw``, the plane as read [H, W, C] (C 1 or 3: GREY_WEIGHTS), in its own units;
-    the confidence, the mean of ``prob`` float [H, W] in [0, 1] (instances.mean_probability); the area and lengths
-    in micrometres with ``pixel_size`` (um per pixel), NaN (empty in the file) without."""
-    table = regionprops_table(labels, intensity_image=raw, properties=(
+def object_columns(channels=0):
+    """objects.csv's columns: OBJECT_COLUMNS, with those of ``channels`` channels after integrated_intensity
+    (mean_intensity_c<c> of each, then integrated_intensity_c<c>; CHANNEL_COLUMN)."""
+    at = OBJECT_COLUMNS.index("integrated_intensity") + 1
+    return OBJECT_COLUMNS[:at] + [f"{kind}_intensity_c{c}" for kind in ("mean", "integrated")
+                                  for c in range(channels)] + OBJECT_COLUMNS[at:]
+
+
+def object_rows(img_id, plane, labels, raw, prob, pixel_size=None, channel=None):
+    """regionprops_table of a label image int [H, W] -> DataFrame with :func:`object_columns`: lengths in pixels
+    (bbox_max exclusive); the intensity of ``raw``, the plane as read [H, W, C] with every channel, in its own units:
+    of the ``channel`` that --channel picks of several (image_files.nucleus_channel), else of the plane (C 1 or 3:
+    GREY_WEIGHTS), and where --channel picks one of several, of each channel c as well (``_c<c>``; NaN where the
+    nucleus holds NaN in it); the confidence, the mean of ``prob`` float [H, W] in [0, 1]
+    (instances.mean_probability); the area and lengths in micrometres with ``pixel_size`` (um per pixel), NaN (empty
+    in the file) without."""
+    nucleus = nucleus_channel(raw, channel)
+    table = regionprops_table(labels, intensity_image=nucleus, properties=(
         "label", "area", "centroid", "bbox", "intensity_mean", "perimeter", "eccentricity", "solidity",
         "axis_major_length", "axis_minor_length"))
-    means = np.stack([table[f"intensity_mean-{c}"] for c in range(raw.shape[2])], axis=1)
-    mean = means[:, 0] if raw.shape[2] == 1 else means @ GREY_WEIGHTS
+    means = np.stack([table[f"intensity_mean-{c}"] for c in range(nucleus.shape[2])], axis=1)
+    mean = means[:, 0] if nucleus.shape[2] == 1 else means @ GREY_WEIGHTS
     frame = pd.DataFrame({
         "image": img_id, "plane": plane, "label": table["label"], "area": table["area"].astype(int),
         "centroid_y": table["centroid-0"], "centroid_x": table["centroid-1"],
@@ -382,7 +404,11 @@ def object_rows(img_id, plane, labels, raw, prob, pixel_size=None):
     frame["pixel_size_um"] = float(size)
     for column, power in IN_MICROMETRES.items():
         frame[f"{column}_um{'2' if power == 2 else ''}"] = frame[column] * size ** power
-    return frame[OBJECT_COLUMNS]
+    channels = raw.shape[2] if nucleus.shape[2] < raw.shape[2] else 0
+    for c in range(channels):
+        frame[f"mean_intensity_c{c}"] = np.asarray(ndi.mean(raw[..., c], labels, table["label"]), np.float64)
+        frame[f"integrated_intensity_c{c}"] = frame[f"mean_intensity_c{c}"] * table["area"]
+    return frame[object_columns(channels)]
 
 
 def segment(img_id, image, prob, num_classes, threshold, save_prob, separation, filters, overlay, rois=False,
@@ -499,17 +525,18 @@ def image_row(img_id, plane, prob, threshold, scale, objects, pixel_size=None):
                     mean_area, median_area, pixel_size)
 
 
-def predict_plane(source, plane, scale, image, prob, options, out_dir, nuclei=None, raw=None):
+def predict_plane(source, plane, scale, image, prob, options, out_dir, nuclei=None, raw=None, channel=None):
     """The job run in a thread for each plane of ``source`` = (img_id, its number of planes, its TiffHeader),
     predicted at ``scale``: :func:`segment` (``nuclei`` as there), and for a 2D image (``out_dir`` given) its files.
-    ``raw``: the plane as read [H, W, C], whose intensity the objects table measures (with a separation). Returns
+    ``raw``: the plane as read [H, W, C] with every channel, whose intensity the objects table measures (with a
+    separation; :func:`object_rows` with --channel ``channel``). Returns
     (source, arrays or None once written, its :func:`image_row`, objects table or None); the TiffHeader's pixel
     size gives the measurements in micrometres."""
     img_id, count, header = source
     pixel_size = header.pixel_size
     arrays, labels = segment(img_id, image, prob, **options, nuclei=nuclei, plane=plane,
                              planes=plane_grid(header, count))
-    table = object_rows(img_id, plane, labels, raw, prob[0], pixel_size) if labels is not None else None
+    table = object_rows(img_id, plane, labels, raw, prob[0], pixel_size, channel) if labels is not None else None
     if out_dir is not None:
         write_image(out_dir, img_id, arrays)
         arrays = None
@@ -608,16 +635,17 @@ def predict_all(predictor, files, ids, headers, out_dir, num_classes, threshold,
                         except DataError as e:  # a page read now is damaged or holds NaN: the message names the file
                             leave_out(img_id, str(e), len(planes) - plane)
                             break
-                        image = predictor.as_input(raw)
+                        image = predictor.as_input(nucleus_channel(raw, channel))
                         try:
                             prob, scale, nuclei = probabilities(predictor, image, threshold, filters, auto)
                         except DataError as e:  # an image too large for the memory available: the others go on
                             leave_out(img_id, f"{path}: {e}", len(planes) - plane)
                             break
-                        # a copy: a view would hold a stack read whole (or all channels of --channel) until the jobs run
+                        # a copy: a view would hold a stack read whole until the jobs run; every channel, which
+                        # objects.csv measures
                         measured = raw.copy() if separation else None
                         jobs.submit(predict_plane, (img_id, len(planes), header), plane, scale, image, prob, options,
-                                    None if header.plane_axes else out_dir, nuclei, measured,
+                                    None if header.plane_axes else out_dir, nuclei, measured, channel,
                                     nbytes=image.nbytes + prob.nbytes + sum(a.nbytes for a in (nuclei, measured)
                                                                             if a is not None))
                         bar.update()
@@ -631,8 +659,10 @@ def predict_all(predictor, files, ids, headers, out_dir, num_classes, threshold,
         raise DataError(left_out[0] if len(left_out) == 1 else f"none of the {len(files)} files could be read: "
                         f"{left_out[0]}")
     table = pd.concat(merged + tables, ignore_index=True) if separation else None
-    if dropped and table is not None:
-        table = table[~table["image"].isin(dropped)].reset_index(drop=True)
+    if table is not None:  # images of other channel counts: the union of their columns, in channel order
+        table = table[object_columns(sum(bool(CHANNEL_COLUMN.match(c)) for c in table.columns) // 2)]
+        if dropped:
+            table = table[~table["image"].isin(dropped)].reset_index(drop=True)
     return rows, table, left_out
 
 
@@ -645,7 +675,8 @@ def write_tables(out_dir, rows, objects):
         images[f"{area}_um2"] = images[area] * images["pixel_size_um"] ** 2
     with interrupts_held():
         with atomic_write(os.path.join(out_dir, "objects.csv")) as f:
-            objects.round(OBJECT_DECIMALS).assign(**{c: round_significant(objects[c]) for c in SIGNIFICANT}).to_csv(
+            significant = [c for c in objects.columns if c in SIGNIFICANT or CHANNEL_COLUMN.match(c)]
+            objects.round(OBJECT_DECIMALS).assign(**{c: round_significant(objects[c]) for c in significant}).to_csv(
                 f, index=False)
         with atomic_write(os.path.join(out_dir, "images.csv")) as f:
             images.round(IMAGE_DECIMALS).assign(**{c: round_significant(images[c]) for c in IMAGE_SIGNIFICANT}).to_csv(

@@ -544,6 +544,85 @@ def test_channel_picks_the_nucleus_channel(in_runs, tmp_path):
                       *flags])
 
 
+def channel_means(planes, labels):
+    """{(plane, label): [the mean of each channel over the label's pixels]} of planes [N, H, W, C] and their labels
+    [N, H, W], computed with numpy alone."""
+    return {(p, k): [planes[p][labels[p] == k][:, c].mean() for c in range(planes.shape[3])]
+            for p in range(len(labels)) for k in np.unique(labels[p]) if k}
+
+
+def assert_channel_columns(rows, planes, labels, channels):
+    """objects.csv's ``rows`` of one image hold mean_intensity_c<c> and integrated_intensity_c<c> of each of its
+    ``channels`` channels, as numpy measures them over the planes [N, H, W, C] and the labels [N, H, W] written."""
+    expected = channel_means(planes, labels)
+    assert len(rows) == len(expected) > 0
+    for _, row in rows.iterrows():
+        area = int((labels[row["plane"]] == row["label"]).sum())
+        assert row["area"] == area
+        means = expected[row["plane"], row["label"]]
+        assert len(means) == channels
+        for c, mean in enumerate(means):
+            np.testing.assert_allclose(row[f"mean_intensity_c{c}"], mean, rtol=1e-5)
+            np.testing.assert_allclose(row[f"integrated_intensity_c{c}"], mean * area, rtol=1e-5)
+
+
+def test_objects_csv_measures_every_channel_of_a_multi_channel_image(in_runs, tmp_path, monkeypatch):
+    """With --channel, objects.csv measures each nucleus in every channel of a multi-channel image (a 2D CYX TIFF, a
+    TCYX stack read whole, an RGB time-lapse read page by page): mean_intensity_c<c> and integrated_intensity_c<c>
+    are numpy's over the pixels of the labels written, and mean_intensity is that of the --channel, as before. The
+    images of one run share the union of their columns, empty where an image lacks the channel; without --channel no
+    _c column is written. Each plane is measured from a copy of its own, which holds no stack."""
+    # the probability is the nucleus channel's own value: nuclei where the discs are
+    monkeypatch.setattr(inference.Predictor, "predict", lambda self, image, scale=None: image.mean(axis=2)[None])
+    yy, xx = np.mgrid[:40, :36]
+
+    def discs(*centres):
+        return np.any([(yy - y) ** 2 + (xx - x) ** 2 <= 16 for y, x in centres], axis=0).astype(np.uint8) * 255
+
+    rng = np.random.default_rng(0)
+    marker = rng.integers(0, 60000, (40, 36), dtype=np.uint16)
+    three = np.stack([discs((8, 8), (8, 28), (30, 18)).astype(np.uint16) * 200, marker, marker[::-1]])  # C, Y, X
+    os.makedirs(tmp_path / "in")
+    tifffile.imwrite(tmp_path / "in" / "three.tif", three, imagej=True, metadata={"axes": "CYX"})
+    movie = np.stack([np.stack([discs((10, 10), (30, 25)).astype(np.uint16) * 100, marker]),
+                      np.stack([discs((20, 20)).astype(np.uint16) * 100, marker // 3])])  # T, C, Y, X
+    tifffile.imwrite(tmp_path / "in" / "tc.tif", movie, imagej=True, metadata={"axes": "TCYX"})
+    grey = write(tmp_path / "in" / "grey.png", discs((20, 10)))
+    noise = rng.integers(0, 256, (2, 40, 36, 3), dtype=np.uint8)
+    rgb = np.stack([np.dstack([noise[t, :, :, 0], discs(*centres), noise[t, :, :, 2]])
+                    for t, centres in enumerate([((10, 10), (25, 25)), ((30, 8),)])])  # T, Y, X, S: green nuclei
+    tifffile.imwrite(tmp_path / "rgb.tif", rgb, imagej=True, photometric="rgb", metadata={"axes": "TYXS"})
+    measured, object_rows = [], predict.object_rows
+    monkeypatch.setattr(predict, "object_rows", lambda *args: measured.append(args[3]) or object_rows(*args))
+    flags = ["--name", "pc", "--instances", "--separation", "cc", "--min_confidence", "0", "--device", "cpu"]
+    predict.main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--channel", "0", *flags])
+    objects = pd.read_csv(tmp_path / "out" / "objects.csv")
+    columns = predict.OBJECT_COLUMNS  # each channel's beside the --channel's mean_intensity, integrated_intensity
+    assert list(objects.columns) == [*columns[:12], *(f"{kind}_intensity_c{c}" for kind in ("mean", "integrated")
+                                                      for c in range(3)), *columns[12:]]
+    assert objects.groupby("image").size().to_dict() == {"grey": 1, "tc": 3, "three": 3}
+    assert_channel_columns(objects.query("image == 'three'"), three.transpose(1, 2, 0)[None],
+                           read(tmp_path / "out" / "three_instances.png")[None], 3)
+    two = objects.query("image == 'tc'")
+    assert_channel_columns(two, movie.transpose(0, 2, 3, 1), tifffile.imread(tmp_path / "out" / "tc_instances.tif"), 2)
+    assert two["mean_intensity_c2"].isna().all() and two["integrated_intensity_c2"].isna().all()
+    assert objects.query("image == 'grey'").filter(like="_intensity_c").isna().all().all()
+    multi = objects.query("image != 'grey'")
+    np.testing.assert_array_equal(multi["mean_intensity"], multi["mean_intensity_c0"])
+    assert sorted(m.shape[2] for m in measured) == [1, 2, 2, 3] and all(m.base is None for m in measured)
+
+    predict.main(["--input", str(tmp_path / "rgb.tif"), "--output", str(tmp_path / "rgb_out"), "--channel", "1",
+                  *flags])
+    objects = pd.read_csv(tmp_path / "rgb_out" / "objects.csv")
+    assert list(objects.columns) == predict.object_columns(3) and len(objects) == 3
+    assert_channel_columns(objects, rgb, tifffile.imread(tmp_path / "rgb_out" / "rgb_instances.tif"), 3)
+    np.testing.assert_array_equal(objects["mean_intensity"], objects["mean_intensity_c1"])
+
+    predict.main(["--input", str(tmp_path / "in" / "three.tif"), str(tmp_path / "rgb.tif"), grey, "--output",
+                  str(tmp_path / "no_channel"), *flags])
+    assert list(pd.read_csv(tmp_path / "no_channel" / "objects.csv").columns) == predict.OBJECT_COLUMNS
+
+
 def test_nan_output_is_a_data_error(in_runs):
     """Probabilities of NaN (the network's arithmetic overflowed) are a DataError, which predict.py reports for the
     file; every threshold read them as background, and --instances ended in a traceback."""
