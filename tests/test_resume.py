@@ -40,6 +40,15 @@ def train_cmd(*args):
     return [sys.executable, str(ROOT / "train.py"), *args]
 
 
+def cli(argv):
+    """train.py's command line, run in this process (cheaper than a subprocess): its exit code."""
+    try:
+        run_cli(train.main, argv)
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
 def first_run_args(name):
     return ["--name", name, "--dataset", "tiny", "--arch", "UNet", "--input_w", "32", "--input_h", "32",
             "--epochs", str(EPOCHS), "-b", "2", "--num_workers", "0", "--device", "cpu", "--seed", "7",
@@ -111,7 +120,7 @@ def check_run_files_complete(run):
 # SIGHUP: a terminal closed without nohup; SIGUSR1: Slurm's --signal before the time limit (both killed at once)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1],
                          ids=["SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1"])
-def test_interrupt_then_resume_matches_uninterrupted_run(workdir, reference, sig):
+def test_interrupt_then_resume_matches_uninterrupted_run(workdir, reference, sig, monkeypatch, capsys):
     name = f"stopped_{sig.name}"
     run = workdir / "models" / name
     proc = subprocess.Popen(train_cmd(*first_run_args(name)), cwd=workdir, env=ENV, stdout=subprocess.PIPE,
@@ -131,10 +140,9 @@ def test_interrupt_then_resume_matches_uninterrupted_run(workdir, reference, sig
     saved = check_run_files_complete(run)
     assert 1 <= saved < EPOCHS, "the signal should have arrived mid-run"
 
-    resumed = subprocess.run(train_cmd("--resume", name), cwd=workdir, env=ENV, capture_output=True, text=True,
-                             timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"resuming after epoch {saved}" in resumed.stdout
+    monkeypatch.chdir(workdir)
+    assert cli(["--resume", name]) == 0, capsys.readouterr().err[-2000:]
+    assert f"resuming after epoch {saved}" in capsys.readouterr().out
     check_run_files_complete(run)
     log = pd.read_csv(run / "log.csv")
     assert log["epoch"].tolist() == list(range(1, EPOCHS + 1))
@@ -232,15 +240,6 @@ def test_killed_loader_worker_is_a_one_line_error(workdir):
 
 RECIPE = "dataset: tiny\narch: UNet\ninput_w: 32\ninput_h: 32\nepochs: 2\nbatch_size: 2\nnum_workers: 0\n" \
          "device: cpu\nseed: 7\noptimizer: Adam\nlr: 0.003\n"
-
-
-def cli(argv):
-    """train.py's command line, run in this process (cheaper than a subprocess): its exit code."""
-    try:
-        run_cli(train.main, argv)
-    except SystemExit as e:
-        return e.code
-    return 0
 
 
 def stop_after_epoch_1(monkeypatch):
