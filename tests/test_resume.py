@@ -154,13 +154,21 @@ def test_interrupt_then_resume_matches_uninterrupted_run(workdir, reference, sig
     assert log["loss"].nunique() == EPOCHS
 
 
-def test_run_with_loader_workers_and_warmup_exits(workdir):
+@pytest.fixture(scope="module")
+def workers_run(workdir, tmp_path_factory):
+    """One finished run with a persistent loader worker and a warm-up epoch, in a TMPDIR of its own, for the tests
+    of how such a run exits (they only read it): (its CompletedProcess, that TMPDIR)."""
+    tmp = tmp_path_factory.mktemp("workers_tmp")
+    done = subprocess.run(train_cmd(*first_run_args("workers"), "--num_workers", "1", "--loader", "workers",
+                                    "--warmup_epochs", "1", "--epochs", "1"),  # later flags win
+                          cwd=workdir, env=dict(ENV, TMPDIR=str(tmp)), capture_output=True, text=True, timeout=120)
+    return done, tmp
+
+
+def test_run_with_loader_workers_and_warmup_exits(workers_run):
     """Finished, a run with persistent loader workers exits (its workers are ended at exit by SIGTERM; they must
     not ignore it, or the exit waits for them for ever)."""
-    name = "workers_exit"
-    done = subprocess.run(train_cmd(*first_run_args(name), "--num_workers", "1", "--loader", "workers",
-                                    "--warmup_epochs", "1", "--epochs", "1"),  # later flags win
-                          cwd=workdir, env=ENV, capture_output=True, text=True, timeout=120)
+    done, _ = workers_run
     assert done.returncode == 0, done.stderr[-2000:]
 
 
@@ -346,14 +354,9 @@ def test_auto_resume_starts_again_after_a_kill_in_epoch_1_and_ends_an_early_stop
     assert "run this command once with --overwrite instead of --auto_resume to replace it" in capsys.readouterr().err
 
 
-def test_loader_workers_leave_no_temporary_folders(workdir, tmp_path):
+def test_loader_workers_leave_no_temporary_folders(workers_run):
     """A run with loader workers ends them before the interpreter exits: multiprocessing's SIGTERM at exit would end
     them through quiet_worker's os._exit, which skips the removal of their pymp-* folders in TMPDIR."""
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    args = first_run_args("workers")
-    args[args.index("--num_workers") + 1] = "1"
-    run = subprocess.run(train_cmd(*args, "--epochs", "1", "--loader", "workers"), cwd=workdir,
-                         env=dict(ENV, TMPDIR=str(tmp)), capture_output=True, text=True, timeout=300)
+    run, tmp = workers_run
     assert run.returncode == 0, run.stderr[-2000:]
     assert not list(tmp.glob("pymp-*"))
