@@ -293,6 +293,7 @@ def run_real(root, case_id, command):
 ZYGOTE = r"""
 import json, os, runpy, sys, traceback
 import config, dataset, trainer, train, val  # noqa: F401  (the expensive imports, done once)
+import sklearn.model_selection, torch._dynamo  # noqa: F401  (imported by the split and the first optimizer)
 cases, running, codes = json.load(sys.stdin), {}, {}
 def reap():
     pid, status = os.wait()
