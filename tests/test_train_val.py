@@ -258,7 +258,7 @@ def test_borders_run_scores_nuclei_and_splits_along_borders(work, monkeypatch, c
         if not separation:
             assert "objects (borders) in objects.csv" in capsys.readouterr().out
         assert sorted(os.listdir(root / out)) == sorted([f"{val_ids[0]}.png", f"{val_ids[0]}_instances.png",
-                                                         "images.csv", "objects.csv"])
+                                                         "images.csv", "objects.csv", "prediction.yml"])
     instances = {out: read_labels(root / out / f"{val_ids[0]}_instances.png") for out in ("pred", "predborders")}
     assert np.array_equal(instances["pred"], instances["predborders"])
     # a dataset without instance labels: the masks are scored as with them, the border channel and DSB left out
