@@ -567,66 +567,91 @@ def probabilities(predictor, image, threshold, filters, auto=None):
     return auto_scaled(predictor, image, prob, auto[0], threshold, auto[1], filters)
 
 
+class Gathered:
+    """The results of the :func:`predict_plane` jobs, handed over in submission order (utils.BatchedThreads'
+    ``on_result``): the images.csv rows, the objects tables, and each stack's outputs written into their pages as its
+    planes come (:func:`open_stack`), so that a long time-lapse's are never all in memory."""
+
+    def __init__(self, out_dir):
+        self.out_dir = out_dir
+        self.rows, self.tables, self.merged = [], [], []
+        # img_id -> [its stacks being written (open_stack), their write functions, the planes still to come]
+        self.writing = {}
+        self.dropped = set()  # the files left out at a later plane: the rows of the planes before it go too
+
+    def add(self, result):
+        """One plane's (source, arrays or None once written, its image row, its objects table or None)."""
+        (img_id, count, header), arrays, row, table = result
+        self.rows.append(row)
+        if table is not None:
+            self.tables.append(table)
+            if len(self.tables) == MERGED_TABLES:  # an image's own DataFrame takes ~10 times the bytes of its rows
+                self.merged.append(pd.concat(self.tables, ignore_index=True))
+                self.tables.clear()
+        if arrays is not None and img_id not in self.dropped:
+            if img_id not in self.writing:
+                self.writing[img_id] = [*open_stack(self.out_dir, img_id, arrays, count, header), count]
+            stack = self.writing[img_id]
+            write_planes(stack[1], row.plane, arrays)
+            stack[2] -= 1
+            if not stack[2]:
+                self.writing.pop(img_id)[0].close()
+
+    def drop(self, img_id):
+        """Leave out file ``img_id``, inside the handler of the error that stops it: its rows go, and a stack being
+        written is removed (the error passed on to its files, which then leave nothing)."""
+        self.dropped.add(img_id)
+        if img_id in self.writing:
+            self.writing.pop(img_id)[0].__exit__(*sys.exc_info())
+
+    def drop_unfinished(self):
+        """On an error or Ctrl-C that stops the prediction: no stack is left half-written."""
+        for img_id in list(self.writing):
+            self.drop(img_id)
+
+    def results(self, objects):
+        """(the image rows of the files kept, their objects table with ``objects``, else None). Images of other
+        channel counts share the union of their columns, in channel order."""
+        rows = [row for row in self.rows if row.image not in self.dropped]
+        if not objects:
+            return rows, None
+        table = pd.concat(self.merged + self.tables, ignore_index=True)
+        table = table[object_columns(sum(bool(CHANNEL_COLUMN.match(c)) for c in table.columns) // 2)]
+        return rows, table[~table["image"].isin(self.dropped)].reset_index(drop=True)
+
+
 def predict_all(predictor, files, ids, headers, out_dir, num_classes, threshold, save_prob=False,
                 separation=None, filters=None, overlay=False, channel=None, auto=None, rois=False):
     """Predict every file into ``out_dir``: the masks (and probabilities with ``save_prob``), the nuclei when a
     ``separation`` is given (with ``filters``; their ImageJ ROIs with ``rois``), the outlines with ``overlay``;
     PNGs for a 2D image, TIFF stacks for a stack (``headers``: each file's :func:`tiff_headers` entry, its plane
     axes), each plane predicted as an image of its own, read from its page when each plane is one page
-    (image_files.read_planes), and its outputs written into their pages as they come (:func:`open_stack`);
-    ``channel`` picks one channel of each (image_files.select_channel); ``auto`` = (the run's training nucleus
-    diameter, separation) for --scale auto (:func:`auto_scaled`). The per-plane work runs in threads after every
-    256 MB of predictions (utils.BatchedThreads).
+    (image_files.read_planes), and its outputs written into their pages as they come (:class:`Gathered`);
+    ``channel`` picks the channel the network reads (image_files.nucleus_channel); ``auto`` = (the run's training
+    nucleus diameter, separation) for --scale auto (:func:`auto_scaled`). The per-plane work (:func:`predict_plane`)
+    runs in threads after every 256 MB of predictions (utils.BatchedThreads).
     A file that cannot be read or used (a DataError) is left out, and the others are predicted.
     Returns (the :func:`image_row` of each plane predicted, objects table or None, the errors of the files left
     out)."""
     options = dict(num_classes=num_classes, threshold=threshold, save_prob=save_prob, separation=separation,
                    filters=filters, overlay=overlay, rois=rois)
-    rows, tables, merged, left_out = [], [], [], []
-    # img_id -> [its stacks being written (open_stack), their write functions, the planes still to come]: each
-    # plane's outputs go to their pages as they come, so that a long time-lapse's are never all in memory
-    writing = {}
-    dropped = set()  # the stacks left out at a later plane: the rows of the planes before it go too
-
-    def collect(result):
-        (img_id, count, header), arrays, row, table = result
-        rows.append(row)
-        if table is not None:
-            tables.append(table)
-            if len(tables) == MERGED_TABLES:  # an image's own DataFrame takes ~10 times the bytes of its rows
-                merged.append(pd.concat(tables, ignore_index=True))
-                tables.clear()
-        if arrays is not None and img_id not in dropped:
-            if img_id not in writing:
-                writing[img_id] = [*open_stack(out_dir, img_id, arrays, count, header), count]
-            stack = writing[img_id]
-            write_planes(stack[1], row.plane, arrays)
-            stack[2] -= 1
-            if not stack[2]:
-                writing.pop(img_id)[0].close()
-
-    def discard(img_id):
-        """Remove the temporary files of a stack left unfinished, inside the handler of the error that stops it."""
-        if img_id in writing:
-            writing.pop(img_id)[0].__exit__(*sys.exc_info())
+    gathered, left_out = Gathered(out_dir), []
+    bar = progress_bar(total=len(files), desc="predict", unit="img")
 
     def leave_out(img_id, error, planes_left):
         """Leave out a file at one of its planes, inside the handler of its ``error``: the planes before it go too."""
         left_out.append(error)
-        dropped.add(img_id)
-        discard(img_id)
+        gathered.drop(img_id)
         bar.update(planes_left)
 
-    bar = progress_bar(total=len(files), desc="predict", unit="img")
     try:
-        with bar, BatchedThreads(collect, desc="write") as jobs:
+        with bar, BatchedThreads(gathered.add, desc="write") as jobs:
             for path, img_id, header in zip(files, ids, headers):
                 with ExitStack() as reading:  # a stack read page by page keeps its file open until its last plane
                     try:
                         planes = reading.enter_context(read_planes(path, channel))
                     except DataError as e:
-                        left_out.append(str(e))
-                        bar.update()
+                        leave_out(img_id, str(e), 1)
                         continue
                     bar.total += len(planes) - 1
                     for plane in range(len(planes)):
@@ -650,19 +675,13 @@ def predict_all(predictor, files, ids, headers, out_dir, num_classes, threshold,
                                                                             if a is not None))
                         bar.update()
             jobs.flush()
-    except BaseException:  # an error or Ctrl-C: no stack is left half-written
-        for img_id in list(writing):
-            discard(img_id)
+    except BaseException:
+        gathered.drop_unfinished()
         raise
-    rows = [row for row in rows if row.image not in dropped]
+    rows, table = gathered.results(objects=separation is not None)
     if not rows:
         raise DataError(left_out[0] if len(left_out) == 1 else f"none of the {len(files)} files could be read: "
                         f"{left_out[0]}")
-    table = pd.concat(merged + tables, ignore_index=True) if separation else None
-    if table is not None:  # images of other channel counts: the union of their columns, in channel order
-        table = table[object_columns(sum(bool(CHANNEL_COLUMN.match(c)) for c in table.columns) // 2)]
-        if dropped:
-            table = table[~table["image"].isin(dropped)].reset_index(drop=True)
     return rows, table, left_out
 
 
