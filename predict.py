@@ -106,6 +106,7 @@ IMAGE_DECIMALS = {"scale": 4, "foreground": 4, "mean_area": 2, "median_area": 2}
 # areas in square micrometres, which write_tables adds after IMAGE_COLUMNS
 IMAGE_SIGNIFICANT = ("pixel_size_um", "mean_area_um2", "median_area_um2")
 TABLES = ("objects.csv", "images.csv")
+SCORES_FILE = "scores.csv"  # score.py's default output, beside the predictions it scored
 PREDICTION_FILE = "prediction.yml"
 # prediction.yml's pixel_size without --pixel_size: where each image's came from (images.csv holds them)
 PIXEL_SIZE_READ = "each TIFF's own calibration, none for other images (images.csv: each image's)"
@@ -740,11 +741,12 @@ def earlier_outputs_note(args, files, ids, written):
     """A note naming the files in ``args.output`` that an earlier prediction wrote for these images and this one
     did not (not in ``written``, :func:`output_files`: ``<id>_instances.png``, objects.csv and images.csv when
     --instances is left out now, a .png where a .tif stack is written now, ``<id>_class<c>.png`` of a run with other
-    classes), which would pass for this one's; '' when there are none. The input files themselves are never named."""
+    classes, and score.py's scores.csv of an earlier prediction), which would pass for this one's; '' when there are
+    none. The input files themselves are never named."""
     written = set(written) | (set(TABLES) if args.instances else set())
     inputs, ids = {os.path.abspath(f) for f in files}, set(ids)
     earlier = [n for n in sorted(os.listdir(args.output)) if n not in written and (n in TABLES or
-               output_stems(n) & ids) and os.path.isfile(os.path.join(args.output, n))
+               n == SCORES_FILE or output_stems(n) & ids) and os.path.isfile(os.path.join(args.output, n))
                and os.path.abspath(os.path.join(args.output, n)) not in inputs]
     if not earlier:
         return ""

@@ -1269,6 +1269,13 @@ def test_files_of_an_earlier_prediction_are_named(in_runs, tmp_path, capsys):
                   "--min_confidence", "0"])
     assert "earlier prediction" not in capsys.readouterr().out
     assert "a" in set(pd.read_csv(os.path.join(out, "objects.csv"), dtype={"image": str})["image"])
+    # score.py's scores.csv beside them scored the earlier prediction
+    open(os.path.join(out, "scores.csv"), "w").close()
+    predict.main(["--name", "pc", "--input", image, "--output", out, "--instances", "--overlay", "--device", "cpu",
+                  "--min_confidence", "0"])
+    assert "also holds 1 file of an earlier prediction that this one did not write: scores.csv;" in \
+        capsys.readouterr().out
+    os.remove(os.path.join(out, "scores.csv"))
     # another image into the same folder: objects.csv is replaced, and the image whose rows it loses is named
     other = write(tmp_path / "in2" / "b.png", sample_bgr(40, 40))
     predict.main(["--name", "pc", "--input", other, "--output", out, "--instances", "--device", "cpu"])
