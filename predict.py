@@ -614,7 +614,7 @@ class Gathered:
         """(the image rows of the files kept, their objects table with ``objects``, else None). Images of other
         channel counts share the union of their columns, in channel order."""
         rows = [row for row in self.rows if row.image not in self.dropped]
-        if not objects:
+        if not objects or not rows:  # every file left out: no table to concatenate, predict_all says why
             return rows, None
         table = pd.concat(self.merged + self.tables, ignore_index=True)
         table = table[object_columns(sum(bool(CHANNEL_COLUMN.match(c)) for c in table.columns) // 2)]

@@ -1386,6 +1386,21 @@ def test_a_prediction_that_stops_before_its_end_leaves_no_prediction_yml(in_runs
     assert sorted(os.listdir(out)) == ["a.png"]
 
 
+def test_every_file_left_out_with_instances_is_one_error(in_runs, tmp_path):
+    """predict.py --instances (or --rois) whose every file was left out ended in pandas' traceback "No objects to
+    concatenate": it is the error that names the file, as without --instances."""
+    broken = tmp_path / "in" / "b.png"
+    broken.parent.mkdir()
+    broken.write_bytes(b"not a png")
+    grey = write(tmp_path / "in" / "grey.png", sample_bgr(32, 32))
+    argv = ["--name", "p", "--output", str(tmp_path / "out"), "--device", "cpu", "--instances"]
+    with pytest.raises(DataError, match="b.png"):
+        predict.main([*argv, "--input", str(broken)])
+    with pytest.raises(DataError, match=r"^none of the 2 files could be read: .*b\.png"):
+        predict.main([*argv, "--rois", "--channel", "5", "--input", str(broken), grey])
+    assert not (tmp_path / "out" / "objects.csv").exists()
+
+
 def test_one_predict_at_a_time_writes_a_folder(in_runs, tmp_path):
     """Two predict.py --instances into one --output both went on, and objects.csv held the nuclei of the one that
     ended last: while one writes the folder (out/.predict.lock) a second is refused before it writes there; one
