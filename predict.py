@@ -118,48 +118,52 @@ GREY_WEIGHTS = np.array([0.299, 0.587, 0.114])
 def build_parser():
     p = ArgumentParser(prog="predict.py",
                        description="Segment images (files or folders) with models/<name>/model.pth.")
-    p.add_argument("--name", required=True, help="run name: a folder in models/, or nuclei (the bundled model)")
-    p.add_argument("--input", type=path_arg, required=True, nargs="+", metavar="PATH",
+    g = p.add_argument_group("what to segment")
+    g.add_argument("--name", required=True, help="run name: a folder in models/, or nuclei (the bundled model)")
+    g.add_argument("--input", type=path_arg, required=True, nargs="+", metavar="PATH",
                    help=f"image files and/or folders (their {'/'.join(e[1:] for e in IMAGE_EXTS)} files, any case)")
-    p.add_argument("--output", type=path_arg, required=True, metavar="DIR",
+    g.add_argument("--output", type=path_arg, required=True, metavar="DIR",
                    help="folder for the outputs (created if needed)")
-    p.add_argument("--tile", type=int, default=0,
-                   help="crop-trained runs: images with more than tile^2 pixels are predicted in tile x tile windows "
-                        "(a multiple of 16); 0 = the largest that fits the memory budget, so a whole image whenever "
-                        "it fits")
-    p.add_argument("--overlap", type=int, default=64,
-                   help="pixels shared by neighbouring windows (at most half a window sized from the budget)")
-    p.add_argument("--channel", type=int, default=None, metavar="K",
+    g.add_argument("--channel", type=int, default=None, metavar="K",
                    help="the nucleus channel of multi-channel images (0-based; RGB: 0 red, 1 green, 2 blue), read as "
                         "a grey image (grey images are read as they are); needed for TIFFs with other than 1 or 3 "
                         "channels. --instances then measures the nuclei in every channel (objects.csv's _c<c> "
                         "columns)")
-    p.add_argument("--scale", type=float_or_auto, default=1.0,
+    g.add_argument("--pixel_size", type=float, default=None, metavar="UM",
+                   help="micrometres per pixel of every input, for objects.csv's _um columns and the TIFF stacks' "
+                        "calibration; default: each TIFF's own ImageJ or OME calibration where it has one (square "
+                        "pixels), none for other images (their _um columns empty)")
+    g = p.add_argument_group("what to write besides the masks")
+    g.add_argument("--instances", action="store_true",
+                   help="also write <id>_instances.png (16-bit labels) and objects.csv, and count the nuclei of "
+                        "each image in images.csv")
+    g.add_argument("--rois", action="store_true",
+                   help="also write <id>_rois.zip: each nucleus as an ImageJ ROI enclosing exactly its pixels, named "
+                        "by its label in objects.csv, for Fiji's ROI Manager (implies --instances)")
+    g.add_argument("--overlay", action="store_true", help="also write <id>_overlay.png (outlines on the image)")
+    g.add_argument("--save_prob", action="store_true", help="also write <id>_prob.png (probability x 255)")
+    g = p.add_argument_group("how the masks and nuclei are made")
+    g.add_argument("--threshold", type=float, default=0.5, help="probability above which a pixel is a nucleus")
+    add_separation_args(g)
+    g.add_argument("--scale", type=float_or_auto, default=1.0,
                    help="crop-trained runs: predict each image resized by this factor, so that its nuclei have the "
                         "size the run was trained on (e.g. 0.5 for nuclei twice as wide as in training); auto = "
                         "predict each image as it is, and again resized when its nuclei are more than "
                         f"{AUTO_SCALE_BAND:g} times as wide or as narrow as the run's training nuclei")
-    p.add_argument("--tta", action="store_true", help="average the four flips (test-time augmentation)")
-    p.add_argument("--threshold", type=float, default=0.5, help="probability above which a pixel is a nucleus")
-    p.add_argument("--save_prob", action="store_true", help="also write <id>_prob.png (probability x 255)")
-    p.add_argument("--overlay", action="store_true", help="also write <id>_overlay.png (outlines on the image)")
-    p.add_argument("--instances", action="store_true",
-                   help="also write <id>_instances.png (16-bit labels) and objects.csv, and count the nuclei of "
-                        "each image in images.csv")
-    p.add_argument("--rois", action="store_true",
-                   help="also write <id>_rois.zip: each nucleus as an ImageJ ROI enclosing exactly its pixels, named "
-                        "by its label in objects.csv, for Fiji's ROI Manager (implies --instances)")
-    p.add_argument("--pixel_size", type=float, default=None, metavar="UM",
-                   help="micrometres per pixel of every input, for objects.csv's _um columns and the TIFF stacks' "
-                        "calibration; default: each TIFF's own ImageJ or OME calibration where it has one (square "
-                        "pixels), none for other images (their _um columns empty)")
-    add_separation_args(p)
-    p.add_argument("--prune", type=int, default=None, choices=[1, 2, 3, 4],
+    g.add_argument("--tta", action="store_true", help="average the four flips (test-time augmentation)")
+    g.add_argument("--prune", type=int, default=None, choices=[1, 2, 3, 4],
                    help="NestedUNet with deep supervision: run only the sub-network up to head X0,L")
-    p.add_argument("--batch_size", type=int, default=4,
+    g = p.add_argument_group("speed and memory")
+    g.add_argument("--tile", type=int, default=0,
+                   help="crop-trained runs: images with more than tile^2 pixels are predicted in tile x tile windows "
+                        "(a multiple of 16); 0 = the largest that fits the memory budget, so a whole image whenever "
+                        "it fits")
+    g.add_argument("--overlap", type=int, default=64,
+                   help="pixels shared by neighbouring windows (at most half a window sized from the budget)")
+    g.add_argument("--batch_size", type=int, default=4,
                    help="windows per forward pass (a run trained on resized images predicts one image at a time)")
-    add_device_arg(p)
-    add_amp_arg(p)
+    add_device_arg(g)
+    add_amp_arg(g)
     p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     return p
 
