@@ -16,7 +16,7 @@ import yaml
 from config import INPUTS_DIR, dataset_folder, saved_run_dir
 from dataset import MODALITIES, find_layout, list_ids, nucleus_diameter
 from files import atomic_imwrite, atomic_write
-from splits import read_split, split_ids
+from splits import changed_images_note, read_split, split_ids
 from image_files import decode_image, denormalize, read_labels
 from inference import host_probabilities
 from instances import auto_scale, border_map
@@ -80,6 +80,19 @@ def evaluation_ids(name, split, dataset, cfg, reading):
                         f"{'is' if len(missing) == 1 else 'are'} not in {folder}, e.g. {first_few(missing)}: prepare "
                         "that dataset again in full, or score another with --dataset <set>")
     return folder, ids, f"{split} split", []
+
+
+def changed_images(name, cfg, folder, ids, layout, split):
+    """A note when images of ``folder`` (``layout``) that run ``name`` scores (``ids``: its ``split`` split, or with
+    ``split`` None every image) are not the files whose SHA-256 its split.csv recorded (splits.changed_images_note);
+    '' when they are, when it recorded none, or when ``folder`` is not the run's dataset (``cfg``: its flags)."""
+    path = os.path.join(saved_run_dir(name), "split.csv")
+    own = os.path.realpath(folder) == os.path.realpath(os.path.join(INPUTS_DIR, cfg.dataset))
+    if not (own and os.path.isfile(path)):
+        return ""
+    meaning = (f"the scores are of these files, not of the run's {split} images" if split else
+               "the scores are of these files, and the run's training images may not be among them")
+    return changed_images_note(read_split(path), ids, split or "val/test", layout.image, folder, meaning)
 
 
 def training_copies(name, cfg, folder, ids, reading):

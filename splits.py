@@ -1,18 +1,22 @@
 """A run's split of its samples into train, val and test parts: made as the seed made it, given as a CSV
-(--split_file), or read back from models/<name>/split.csv (columns img_id,split).
+(--split_file), or read back from models/<name>/split.csv (columns img_id,split, and sha256: the SHA-256 of each val
+and test image's file when the run was split, so that val.py and --resume notice other images under the same ids).
 """
 import os
 
 import pandas as pd
 
+from files import sha256_file
 from utils import NEAR_NAMES, DataError, UsageError, first_few, near_names
 
 SPLITS = ("train", "val", "test")
+COLUMNS = ["img_id", "split"]
+FINGERPRINT = "sha256"  # split.csv's optional third column; empty for train rows
 
 
 def read_split(path, label=None):
-    """split.csv -> DataFrame(img_id, split), checked: the two columns, known parts, each id once. Errors name the
-    file as ``label`` (default: its path)."""
+    """split.csv -> DataFrame(img_id, split[, sha256]), checked: the two columns (a run's own file may add sha256),
+    known parts, each id once. Errors name the file as ``label`` (default: its path)."""
     label = label or path
     try:
         split = pd.read_csv(path, dtype=str, keep_default_na=False)
@@ -23,7 +27,7 @@ def read_split(path, label=None):
                         "CSV with columns img_id,split") from None
     split = split[(split != "").any(axis=1)].reset_index(drop=True)  # rows of bare commas a spreadsheet leaves
     columns = [str(c) for c in split.columns]
-    if columns != ["img_id", "split"]:
+    if columns not in (COLUMNS, COLUMNS + [FINGERPRINT]):
         found = ",".join(columns) if columns else "none"
         raise DataError(f"{label} must have the columns img_id,split (found: {found}); separate them with commas, no "
                         "spaces")
@@ -117,3 +121,26 @@ def checked_split(split, source, dataset_dir, ids):
         raise DataError(f"{source} names ids that are not in {dataset_dir}: {first_few(missing)}" +
                         (f" (it has {first_few(near)}: {NEAR_NAMES})" if near else ""))
     return split
+
+
+def with_fingerprints(split, image_path):
+    """``split`` (img_id, split) with the column sha256: the SHA-256 of each val and test image's file
+    (``image_path(img_id)``), '' for the train rows."""
+    # not the train rows: most of a big dataset, they would make every new run's start wait for them
+    hashed = split["split"] != "train"
+    return split[COLUMNS].assign(**{FINGERPRINT: [sha256_file(image_path(i)) if h else ""
+                                                  for i, h in zip(split["img_id"], hashed)]})
+
+
+def changed_images_note(split, ids, what, image_path, folder, meaning):
+    """A note naming those of ``ids`` ('val', 'test' or 'val/test' images: ``what``) whose file in ``folder``
+    (``image_path(img_id)``) has not the SHA-256 that ``split`` recorded when the run was split, followed by
+    ``meaning``; '' when none differs or none was recorded (a split.csv of two columns, train ids)."""
+    recorded = dict(zip(split["img_id"], split[FINGERPRINT])) if FINGERPRINT in split else {}
+    checked = [i for i in ids if recorded.get(i)]
+    changed = [i for i in checked if sha256_file(image_path(i)) != recorded[i]]
+    if not changed:
+        return ""
+    return (f"note: {len(changed)} of the {len(checked)} {what} images in {folder} are not the files the run was "
+            f"split with (their SHA-256 differs from its split.csv's: {first_few(changed)}): {meaning}; another "
+            "dataset under the same name? (a file saved again with the same pixels differs too)")

@@ -6,8 +6,9 @@
     python train.py --config configs/... --auto_resume            # a requeued job: start, continue, or say done
     torchrun --nproc_per_node=4 train.py ...                      # several GPUs (DDP)
 
-Writes models/<name>/: config.yml, split.csv, log.csv (one row per epoch), model.pth (best weights by val IoU,
-a plain state dict), last.pth (everything needed to resume), curves.png.
+Writes models/<name>/: config.yml, split.csv (with the SHA-256 of the val and test images' files), log.csv (one row
+per epoch), model.pth (best weights by val IoU, a plain state dict), last.pth (everything needed to resume),
+curves.png.
 """
 from config import parse_train_args
 from utils import run_cli

@@ -34,7 +34,8 @@ from inference import whole_image_network
 from losses import build_loss
 from optim import build_optimizer, build_scheduler, cosine_parts, fused_update, step_scheduler
 from plot import plot_runs
-from splits import held_out_seen_in_training, load_or_make_split, split_ids, unlisted_note
+from splits import (changed_images_note, held_out_seen_in_training, load_or_make_split, split_ids, unlisted_note,
+                    with_fingerprints)
 from synthetic import ensure_synthetic
 from utils import DataError, UsageError, UserError, first_few, ram, stop_signals_as_interrupts
 
@@ -235,7 +236,8 @@ class Trainer:
 
     def _load_split(self):
         """The run's split of the dataset's ids (splits.load_or_make_split), after a note on the files left out (first:
-        it explains a mask without its image) and, for a new run's --split_file, one on the images it does not list."""
+        it explains a mask without its image) and, for a new run's --split_file, one on the images it does not list; a
+        new run's with the SHA-256 of its val and test images, a resumed one's with a note when they differ from it."""
         args = self.args
         left_out = images_left_out(self.dataset_dir, args.img_ext)
         if left_out:
@@ -247,6 +249,16 @@ class Trainer:
             if args.split_file and not args.resume else ""
         if unlisted:
             self._say(unlisted)
+        if not self.main:  # only the main process writes split.csv and prints notes
+            return split
+        image_path = find_layout(self.dataset_dir, args.img_ext, args.mask_ext).image
+        if not args.resume:
+            return with_fingerprints(split, image_path)
+        changed = changed_images_note(split, split_ids(split, "val") + split_ids(split, "test"), "val/test",
+                                      image_path, self.dataset_dir, "the val scores it logs from now on are of these "
+                                      "files, not of the images of the epochs log.csv holds so far")
+        if changed:
+            self._say(changed)
         return split
 
     def _measure_nucleus_diameter(self):

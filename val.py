@@ -13,9 +13,10 @@ Each evaluation's outputs replace the folder as a whole once complete, so its fi
 its evaluation.yml says what was scored, and a default folder that holds another evaluation (run r's --split test and
 a run named r_test share outputs/r_test) is refused instead of replaced.
 
-Reads models/<name>/config.yml, model.pth and split.csv; prints pooled IoU, mean per-image IoU and mean
-per-image Dice; writes outputs/<name>/<class>/<id>.png (probability x 255, 8-bit PNG; runs trained with
---borders True also borders/<id>.png), scores.csv (one row per image, worst first, with its kind: fluorescence,
+Reads models/<name>/config.yml, model.pth and split.csv (a note when the images it scores are not the files whose
+SHA-256 it recorded); prints pooled IoU, mean per-image IoU and mean per-image Dice; writes
+outputs/<name>/<class>/<id>.png (probability x 255, 8-bit PNG; runs trained with --borders True also
+borders/<id>.png), scores.csv (one row per image, worst first, with its kind: fluorescence,
 stained or bright-field, see dataset.image_modality; for a run of several classes the IoU and Dice of each class
 after their means; with a ``dsb`` column, the DSB2018 instance score, when the dataset has instance labels (labels/,
 or a StarDist or Cellpose label-image layout, see dataset.find_layout): nuclei split by --separation, the other ways
@@ -92,8 +93,9 @@ def evaluate_into(args, out_dir):
     from checkpoints import load_run
     from dataset import eval_loader, find_layout, images_left_out, reading_of
     from engine import Precision, choose_device, evaluate, fit_threads_to_cpus
-    from evaluation import (ImageWriter, check_same_evaluation, evaluation_ids, evaluation_record, model_epoch,
-                            separation_order, size_hint, summary, training_diameter, write_evaluation_record)
+    from evaluation import (ImageWriter, changed_images, check_same_evaluation, evaluation_ids, evaluation_record,
+                            model_epoch, separation_order, size_hint, summary, training_diameter,
+                            write_evaluation_record)
     from inference import whole_image_network
     from losses import build_loss
 
@@ -112,6 +114,10 @@ def evaluate_into(args, out_dir):
     if not args.output:
         check_same_evaluation(out_dir, record)
     layout = find_layout(dataset_dir, reading["img_ext"], reading["mask_ext"])
+    changed = changed_images(args.name, cfg, dataset_dir, ids, layout,
+                             None if args.dataset is not None else args.split or "val")
+    if changed:
+        print(changed)
     labels = {i: path for i, path in zip(ids, map(layout.labels, ids)) if path is not None}
     if cfg.borders and len(labels) < len(ids):  # the border target comes from the labels: score the masks alone
         print(f"note: {len(ids) - len(labels)} of {len(ids)} images have no instance labels in {dataset_dir}: the "

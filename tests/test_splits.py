@@ -1,4 +1,5 @@
 """Tests for splits.py: the seed's split and the --init leak note, against counts and sets written out here."""
+import hashlib
 import subprocess
 import sys
 import unicodedata
@@ -7,7 +8,8 @@ import pandas as pd
 import pytest
 
 from conftest import ROOT
-from splits import checked_split, held_out_seen_in_training, make_split, read_split, split_ids
+from splits import (changed_images_note, checked_split, held_out_seen_in_training, make_split, read_split, split_ids,
+                    with_fingerprints)
 from utils import DataError
 
 
@@ -36,6 +38,30 @@ def test_the_empty_rows_a_spreadsheet_leaves_are_skipped(tmp_path):
     (tmp_path / "s.csv").write_text("img_id,split\r\na,train\r\nb,val\r\n,\r\n,\r\n")
     split = read_split(str(tmp_path / "s.csv"))
     assert split.to_dict("list") == {"img_id": ["a", "b"], "split": ["train", "val"]}
+
+
+def test_the_val_and_test_files_are_fingerprinted_and_a_changed_one_is_named(tmp_path):
+    """split.csv's third column holds the SHA-256 of each val and test image's file (train rows: empty), reads back
+    beside the two columns of an older split.csv, and names the images whose files changed since, with their count."""
+    for i in "abcd":
+        (tmp_path / f"{i}.png").write_bytes(i.encode() * 100)
+    path = str(tmp_path / "{}.png").format
+    split = with_fingerprints(pd.DataFrame({"img_id": list("abcd"), "split": ["train", "val", "test", "train"]}), path)
+    sha = {i: hashlib.sha256(i.encode() * 100).hexdigest() for i in "bc"}
+    assert split.to_dict("list") == {"img_id": list("abcd"), "split": ["train", "val", "test", "train"],
+                                     "sha256": ["", sha["b"], sha["c"], ""]}
+    split.to_csv(tmp_path / "split.csv", index=False)
+    split[["img_id", "split"]].to_csv(tmp_path / "old.csv", index=False)
+    assert read_split(str(tmp_path / "split.csv")).equals(split)
+    assert list(read_split(str(tmp_path / "old.csv")).columns) == ["img_id", "split"]
+    assert changed_images_note(split, list("abcd"), "val/test", path, "data", "so") == ""
+    (tmp_path / "c.png").write_bytes(b"other")
+    (tmp_path / "a.png").write_bytes(b"other")  # a train image: not recorded, not checked
+    assert changed_images_note(split, list("abcd"), "val/test", path, "data", "so").startswith(
+        "note: 1 of the 2 val/test images in data are not the files the run was split with (their SHA-256 differs "
+        "from its split.csv's: c): so; another dataset under the same name?")
+    assert changed_images_note(read_split(str(tmp_path / "old.csv")), list("abcd"), "val/test", path, "data",
+                               "so") == ""
 
 
 def test_a_split_id_with_accents_encoded_otherwise_is_named():

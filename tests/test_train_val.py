@@ -2,6 +2,7 @@
 
 Everything runs in temporary directories (the scripts use the relative folders inputs/, models/, outputs/).
 """
+import hashlib
 import math
 import os
 import random
@@ -111,7 +112,7 @@ def test_config_yml(work, key):
 def test_split_csv_is_the_seed_split(work, key):
     root, ids, _ = work
     split = read_split(root, key)
-    assert list(split.columns) == ["img_id", "split"]
+    assert list(split.columns) == ["img_id", "split", "sha256"]
     train_ids, val_ids = train_test_split(sorted(ids), test_size=0.2, random_state=41)
     assert split_ids(split, "train") == list(train_ids)
     assert split_ids(split, "val") == list(val_ids)
@@ -312,6 +313,37 @@ def test_val_scores_a_split_whose_dataset_gained_an_unlabelled_image(tiny_workdi
     assert val.main(["--name", "grown", "--device", "cpu", "--no_overlays"])["iou"] >= 0
 
 
+def test_val_and_resume_note_images_that_are_not_those_the_run_was_split_with(tiny_workdir, capsys):
+    """split.csv records the SHA-256 of the val and test images: the same ids holding other images (a dataset made
+    again under the same name) are noted by val.py, on the run's split and on its dataset as a whole, and by
+    --resume; the same files, or an older run's split.csv without the column, give no note."""
+    note = "are not the files the run was split with"
+    train.main(train_argv("fp", epochs=1))
+    split = read_split(tiny_workdir, "fp")
+    run = ["--name", "fp", "--device", "cpu", "--no_overlays"]
+    val.main(run)
+    assert note not in capsys.readouterr().out
+    images = tiny_workdir / "inputs" / TINY_NAME / "images"
+    changed = split_ids(split, "val")[1]
+    shutil.copy(images / f"{split_ids(split, 'train')[0]}.png", images / f"{changed}.png")
+    val.main(run)
+    assert (f"note: 1 of the 2 val images in inputs/{TINY_NAME} {note} (their SHA-256 differs from its split.csv's: "
+            f"{changed}): the scores are of these files, not of the run's val images; another dataset under the same "
+            "name?") in capsys.readouterr().out
+    val.main([*run, "--dataset", TINY_NAME])
+    assert (f"note: 1 of the 2 val/test images in inputs/{TINY_NAME} {note} (their SHA-256 differs from its "
+            f"split.csv's: {changed}): the scores are of these files, and the run's training images may not be among "
+            "them") in capsys.readouterr().out
+    train.main(["--resume", "fp", "--epochs", "2"])
+    assert (f"note: 1 of the 2 val/test images in inputs/{TINY_NAME} {note} (their SHA-256 differs from its "
+            f"split.csv's: {changed}): the val scores it logs from now on are of these files, not of the images of the "
+            "epochs log.csv holds so far") in capsys.readouterr().out
+    pd.testing.assert_frame_equal(read_split(tiny_workdir, "fp"), split)  # the recorded files, not those of now
+    split[["img_id", "split"]].to_csv(tiny_workdir / "models" / "fp" / "split.csv", index=False)  # an older run's
+    assert val.main(run)["iou"] >= 0
+    assert note not in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------------------------- other train options
 
 def test_seed_makes_cpu_runs_repeatable(work, monkeypatch):
@@ -407,6 +439,9 @@ def test_test_split(tmp_path, monkeypatch):
     assert split_ids(split, "val") == list(val_ids)
     assert split_ids(split, "train") == list(train_ids)
     assert sorted(split["img_id"]) == sorted(ids)
+    assert split["sha256"].tolist() == [  # of the val and test images' files only (train rows: empty)
+        "" if s == "train" else hashlib.sha256((tmp_path / "inputs" / TINY_NAME / "images" / f"{i}.png").read_bytes())
+        .hexdigest() for i, s in zip(split["img_id"], split["split"])]
     val.main(["--name", "three", "--device", "cpu"])
     scores = val.main(["--name", "three", "--split", "test", "--device", "cpu", "--no_overlays"])
     assert 0 <= scores["iou"] <= 1
@@ -528,7 +563,9 @@ def test_split_file_is_used_as_given(tmp_path, monkeypatch, capsys):
     train.main(train_argv("given", "--split_file", "mine.csv", "--val_size", "0.5", epochs=1))
     assert (f"note: --split_file mine.csv lists 8 of the 10 images of inputs/tiny; the other 2 are in no part "
             f"and left out: {ids[8]}, {ids[9]}") in capsys.readouterr().out
-    pd.testing.assert_frame_equal(read_split(tmp_path, "given"), given)
+    written = read_split(tmp_path, "given")
+    pd.testing.assert_frame_equal(written[["img_id", "split"]], given)
+    assert (written["sha256"] != "").tolist() == [False] * 4 + [True] * 4  # the val and test images' SHA-256
     val.main(["--name", "given", "--device", "cpu", "--no_overlays"])
     assert sorted(os.listdir(tmp_path / "outputs" / "given" / "0")) == sorted(i + ".png" for i in ids[4:7])
 
