@@ -716,11 +716,14 @@ def round_significant(values):
 
 def output_stems(name):
     """The image ids that a file of predict.py's outputs (module docstring) can belong to: 'a_class1_prob.png' ->
-    {'a_class1_prob', 'a_class1', 'a'} (an id may itself end like a suffix); set() for other files."""
+    {'a_class1_prob', 'a_class1', 'a'} (an id may itself end like a suffix), 'a_rois.zip' -> {'a'}; set() for other
+    files."""
     stem, ext = os.path.splitext(name)
-    if ext not in (".png", ".tif") and not (ext == ".zip" and stem.endswith("_rois")):
+    if ext == ".zip":  # only the ROIs: a_rois.png is image a_rois's mask, and a_rois.zip no output of image a_rois
+        return {stem[:-len("_rois")]} if stem.endswith("_rois") else set()
+    if ext not in (".png", ".tif"):
         return set()
-    kind = re.sub(r"(_prob|_instances|_overlay|_rois)$", "", stem)
+    kind = re.sub(r"(_prob|_instances|_overlay)$", "", stem)
     return {stem, kind, re.sub(r"_class\d+$", "", kind)}
 
 

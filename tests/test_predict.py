@@ -1284,6 +1284,21 @@ def test_files_of_an_earlier_prediction_are_named(in_runs, tmp_path, capsys):
     assert set(pd.read_csv(os.path.join(out, "objects.csv"), dtype={"image": str})["image"]) <= {"b"}
 
 
+def test_only_a_zip_is_taken_for_an_image_s_rois(tmp_path):
+    """<id>_rois.zip is the only output ending in _rois: image a_rois's mask a_rois.png was named as a file of an
+    earlier prediction of image a (to remove), and image a's a_rois.zip as one of image a_rois."""
+    assert predict.output_stems("a_rois.zip") == {"a"} and predict.output_stems("a_rois.png") == {"a_rois"}
+    for held, img_id, rois in (("a_rois.png", "a", True), ("a_rois.zip", "a_rois", True), ("a_rois.zip", "a", False)):
+        out = tmp_path / f"{img_id}_{rois}"
+        out.mkdir()
+        (out / held).write_bytes(b"")
+        written = predict.output_files([str(tmp_path / f"{img_id}.png")], [img_id], [""],
+                                       predict.output_suffixes(1, False, True, False, rois))
+        note = predict.earlier_outputs_note(Namespace(output=str(out), instances=True),
+                                            [str(tmp_path / f"{img_id}.png")], [img_id], written)
+        assert (held in note) == (not rois), (held, img_id, note)
+
+
 def read_record(out):
     """The prediction.yml in folder ``out``, as yaml.safe_load reads it."""
     with open(os.path.join(out, "prediction.yml"), encoding="utf-8") as f:
