@@ -440,7 +440,8 @@ def segment(img_id, image, prob, num_classes, threshold, save_prob, separation, 
         labels = nuclei if nuclei is not None else \
             split_instances(prob[0], separation, threshold=threshold, border=border_map(prob, num_classes), **filters)
         if labels.max() > 65535:
-            raise DataError(f"{img_id}: {labels.max()} objects do not fit a 16-bit label image")
+            raise DataError(f"image {img_id}: {labels.max()} nuclei do not fit a 16-bit label image; predict it in "
+                            "parts (crop it into smaller images)")
         arrays["_instances"] = labels.astype(np.uint16)
         if rois:
             arrays["_rois"] = nucleus_rois(labels, plane, planes)
@@ -535,17 +536,21 @@ def predict_plane(source, plane, scale, image, prob, options, out_dir, nuclei=No
     predicted at ``scale``: :func:`segment` (``nuclei`` as there), and for a 2D image (``out_dir`` given) its files.
     ``raw``: the plane as read [H, W, C] with every channel, whose intensity the objects table measures (with a
     separation; :func:`object_rows` with --channel ``channel``). Returns
-    (source, arrays or None once written, its :func:`image_row`, objects table or None); the TiffHeader's pixel
-    size gives the measurements in micrometres."""
+    (source, arrays or None once written, its :func:`image_row`, objects table or None, None), or (source, None,
+    None, None, the message) when the plane cannot be used (a DataError: the file is left out, the others go on);
+    the TiffHeader's pixel size gives the measurements in micrometres."""
     img_id, count, header = source
     pixel_size = header.pixel_size
-    arrays, labels = segment(img_id, image, prob, **options, nuclei=nuclei, plane=plane,
-                             planes=plane_grid(header, count))
+    try:
+        arrays, labels = segment(img_id, image, prob, **options, nuclei=nuclei, plane=plane,
+                                 planes=plane_grid(header, count))
+    except DataError as e:
+        return source, None, None, None, str(e)
     table = object_rows(img_id, plane, labels, raw, prob[0], pixel_size, channel) if labels is not None else None
     if out_dir is not None:
         write_image(out_dir, img_id, arrays)
         arrays = None
-    return source, arrays, image_row(img_id, plane, prob, options["threshold"], scale, table, pixel_size), table
+    return source, arrays, image_row(img_id, plane, prob, options["threshold"], scale, table, pixel_size), table, None
 
 
 def auto_scaled(predictor, image, prob, trained_diameter, threshold, separation, filters):
@@ -583,10 +588,17 @@ class Gathered:
         # img_id -> [its stacks being written (open_stack), their write functions, the planes still to come]
         self.writing = {}
         self.dropped = set()  # the files left out at a later plane: the rows of the planes before it go too
+        self.errors = []  # of the files left out by their jobs
 
     def add(self, result):
-        """One plane's (source, arrays or None once written, its image row, its objects table or None)."""
-        (img_id, count, header), arrays, row, table = result
+        """One plane's :func:`predict_plane` result: (source, arrays or None once written, its image row, its
+        objects table or None, None), or a file left out (source, None, None, None, its error)."""
+        (img_id, count, header), arrays, row, table, error = result
+        if error is not None:
+            if img_id not in self.dropped:
+                self.errors.append(error)
+                self.drop(img_id, (DataError, DataError(error), None))
+            return
         self.rows.append(row)
         if table is not None:
             self.tables.append(table)
@@ -602,17 +614,17 @@ class Gathered:
             if not stack[2]:
                 self.writing.pop(img_id)[0].close()
 
-    def drop(self, img_id):
-        """Leave out file ``img_id``, inside the handler of the error that stops it: its rows go, and a stack being
-        written is removed (the error passed on to its files, which then leave nothing)."""
+    def drop(self, img_id, exc_info):
+        """Leave out file ``img_id`` for the error ``exc_info`` (sys.exc_info() in its handler): its rows go, and a
+        stack being written is removed (the error passed on to its files, which then leave nothing)."""
         self.dropped.add(img_id)
         if img_id in self.writing:
-            self.writing.pop(img_id)[0].__exit__(*sys.exc_info())
+            self.writing.pop(img_id)[0].__exit__(*exc_info)
 
     def drop_unfinished(self):
         """On an error or Ctrl-C that stops the prediction: no stack is left half-written."""
         for img_id in list(self.writing):
-            self.drop(img_id)
+            self.drop(img_id, sys.exc_info())
 
     def results(self, objects):
         """(the image rows of the files kept, their objects table with ``objects``, else None). Images of other
@@ -646,7 +658,7 @@ def predict_all(predictor, files, ids, headers, out_dir, num_classes, threshold,
     def leave_out(img_id, error, planes_left):
         """Leave out a file at one of its planes, inside the handler of its ``error``: the planes before it go too."""
         left_out.append(error)
-        gathered.drop(img_id)
+        gathered.drop(img_id, sys.exc_info())
         bar.update(planes_left)
 
     try:
@@ -684,6 +696,7 @@ def predict_all(predictor, files, ids, headers, out_dir, num_classes, threshold,
         gathered.drop_unfinished()
         raise
     rows, table = gathered.results(objects=separation is not None)
+    left_out += gathered.errors
     if not rows:
         raise DataError(left_out[0] if len(left_out) == 1 else f"none of the {len(files)} files could be read: "
                         f"{left_out[0]}")

@@ -1005,6 +1005,36 @@ def test_an_image_too_large_for_the_memory_available_is_left_out_and_the_others_
     assert read(tmp_path / "out" / "small.png").shape == (48, 48) and not (tmp_path / "out" / "slide.png").exists()
 
 
+def test_an_image_with_more_nuclei_than_16_bits_hold_is_left_out_and_the_others_predicted(in_runs, tmp_path,
+                                                                                           monkeypatch):
+    """More than 65535 nuclei in an image, or in a later plane of a stack whose first pages are written, do not fit
+    its 16-bit labels: that file is left out (its stack's pages removed, no rows) and the others are predicted, as
+    for a file that cannot be read, named at the end with the fix."""
+    real, stack_planes = predict.split_instances, []
+
+    def crowded(prob, *args, **kwargs):
+        labels = real(prob, *args, **kwargs)
+        if prob.shape == (48, 44):  # the stack's planes, in order (jobs run one by one): the second one is crowded
+            stack_planes.append(1)
+        crowded = prob.shape == (52, 40) or len(stack_planes) > 1 and prob.shape == (48, 44)
+        return np.full_like(labels, 70000) if crowded else labels
+    monkeypatch.setattr(predict, "split_instances", crowded)
+    monkeypatch.setattr(predict, "BatchedThreads", functools.partial(utils.BatchedThreads, buffer_mb=0))
+    write(tmp_path / "in" / "big.png", sample_bgr(52, 40))
+    write(tmp_path / "in" / "small.png", sample_bgr(40, 36))
+    tifffile.imwrite(tmp_path / "in" / "movie.tif", np.stack([sample_bgr(48, 44)[:, :, 0]] * 3), imagej=True,
+                     metadata={"axes": "TYX"})
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=r"2 of 3 files were left out .*image big: 70000 nuclei do not fit a 16-bit "
+                                        r"label image; predict it in parts"):
+        predict.main(["--input", str(tmp_path / "in"), "--output", str(out), *stack_flags()])
+    assert sorted(n for n in os.listdir(out) if not n.startswith("small")) == ["images.csv", "objects.csv",
+                                                                               "prediction.yml"]
+    assert set(pd.read_csv(out / "images.csv")["image"]) == {"small"}
+    assert set(pd.read_csv(out / "objects.csv")["image"]) <= {"small"}
+    assert len(stack_planes) == 3
+
+
 def test_a_stack_left_out_at_a_later_plane_leaves_no_rows(tmp_path):
     """A stack whose second plane does not fit the memory available (--scale auto may enlarge one plane 4 times and
     not the others) is left out whole: its first plane is no row of images.csv or objects.csv, and no stack of it is
