@@ -39,6 +39,7 @@ import evaluation
 import files
 import image_files
 import inference
+import measurements
 import predict
 import synthetic
 import train
@@ -138,7 +139,7 @@ def test_odd_sizes_and_formats_keep_their_size(in_runs, tmp_path, capsys):
             "nuclei); files") in summary, summary
     sizes = {"grey": (519, 161), "rgba": (64, 48), "deep": (50, 70), "photo": (40, 36)}
     table = pd.read_csv(out / "objects.csv")
-    assert list(table.columns) == predict.OBJECT_COLUMNS
+    assert list(table.columns) == measurements.OBJECT_COLUMNS
     for img_id, shape in sizes.items():
         mask = read(out / f"{img_id}.png")
         assert mask.shape == shape and mask.dtype == np.uint8
@@ -592,12 +593,12 @@ def test_objects_csv_measures_every_channel_of_a_multi_channel_image(in_runs, tm
     rgb = np.stack([np.dstack([noise[t, :, :, 0], discs(*centres), noise[t, :, :, 2]])
                     for t, centres in enumerate([((10, 10), (25, 25)), ((30, 8),)])])  # T, Y, X, S: green nuclei
     tifffile.imwrite(tmp_path / "rgb.tif", rgb, imagej=True, photometric="rgb", metadata={"axes": "TYXS"})
-    measured, object_rows = [], predict.object_rows
+    measured, object_rows = [], measurements.object_rows
     monkeypatch.setattr(predict, "object_rows", lambda *args: measured.append(args[3]) or object_rows(*args))
     flags = ["--name", "pc", "--instances", "--separation", "cc", "--min_confidence", "0", "--device", "cpu"]
     predict.main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--channel", "0", *flags])
     objects = pd.read_csv(tmp_path / "out" / "objects.csv")
-    columns = predict.OBJECT_COLUMNS  # each channel's beside the --channel's mean_intensity, integrated_intensity
+    columns = measurements.OBJECT_COLUMNS  # each channel's beside the --channel's mean_intensity, integrated_intensity
     assert list(objects.columns) == [*columns[:12], *(f"{kind}_intensity_c{c}" for kind in ("mean", "integrated")
                                                       for c in range(3)), *columns[12:]]
     assert objects.groupby("image").size().to_dict() == {"grey": 1, "tc": 3, "three": 3}
@@ -614,13 +615,13 @@ def test_objects_csv_measures_every_channel_of_a_multi_channel_image(in_runs, tm
     predict.main(["--input", str(tmp_path / "rgb.tif"), "--output", str(tmp_path / "rgb_out"), "--channel", "1",
                   *flags])
     objects = pd.read_csv(tmp_path / "rgb_out" / "objects.csv")
-    assert list(objects.columns) == predict.object_columns(3) and len(objects) == 3
+    assert list(objects.columns) == measurements.object_columns(3) and len(objects) == 3
     assert_channel_columns(objects, rgb, tifffile.imread(tmp_path / "rgb_out" / "rgb_instances.tif"), 3)
     np.testing.assert_array_equal(objects["mean_intensity"], objects["mean_intensity_c1"])
 
     predict.main(["--input", str(tmp_path / "in" / "three.tif"), str(tmp_path / "rgb.tif"), grey, "--output",
                   str(tmp_path / "no_channel"), *flags])
-    assert list(pd.read_csv(tmp_path / "no_channel" / "objects.csv").columns) == predict.OBJECT_COLUMNS
+    assert list(pd.read_csv(tmp_path / "no_channel" / "objects.csv").columns) == measurements.OBJECT_COLUMNS
 
 
 def test_nan_output_is_a_data_error(in_runs):
@@ -639,8 +640,8 @@ def test_micrometres_keep_their_digits_at_a_small_pixel_size(tmp_path):
     90 px alike as 0.01 um2."""
     labels = np.zeros((40, 40), np.int32)
     labels[2:11, 2:13], labels[20:30, 20:29] = 1, 2
-    table = predict.object_rows("a", 0, labels, np.ones((40, 40, 1), np.uint8), np.full((40, 40), 0.9), 0.01)
-    predict.write_tables(str(tmp_path), [], table)
+    table = measurements.object_rows("a", 0, labels, np.ones((40, 40, 1), np.uint8), np.full((40, 40), 0.9), 0.01)
+    measurements.write_tables(str(tmp_path), [], table)
     written = pd.read_csv(tmp_path / "objects.csv")
     assert list(written["area"]) == [99, 90]
     np.testing.assert_allclose(written["area_um2"], written["area"] * 1e-4, rtol=1e-6)
@@ -1513,7 +1514,7 @@ def test_images_csv_counts_the_nuclei_of_every_image_and_plane(in_runs, tmp_path
     argv = ["--name", "pc", "--input", str(tmp_path / "in"), "--device", "cpu"]
     predict.main([*argv, "--output", str(out), "--instances", "--separation", "cc", "--min_confidence", "0"])
     table = pd.read_csv(out / "images.csv")
-    assert list(table.columns) == [*predict.IMAGE_COLUMNS, "mean_area_um2", "median_area_um2"]
+    assert list(table.columns) == [*measurements.IMAGE_COLUMNS, "mean_area_um2", "median_area_um2"]
     assert table[["image", "plane"]].values.tolist() == [["cells", 0], ["empty", 0], ["movie", 0], ["movie", 1],
                                                          ["movie", 2]]
     assert table["nuclei"].tolist() == [4, 0, 1, 0, 2]  # the discs drawn
@@ -2033,7 +2034,7 @@ def test_objects_tables_of_many_images_are_merged_as_they_come(tmp_path, monkeyp
         held.append(weakref.ref(table))
         return table
 
-    rows = predict.object_rows
+    rows = measurements.object_rows
     monkeypatch.setattr(predict, "object_rows", object_rows)
     monkeypatch.setattr(predict, "MERGED_TABLES", 4, raising=False)
     # the jobs of each image run at once, so that a table is held only when predict_all keeps it
@@ -2099,7 +2100,7 @@ def test_objects_csv_measures_each_nucleus_in_the_image_as_read(tmp_path):
                                        str(tmp_path / "out"), 1, 0.5, separation="cc",
                                        filters=dict(min_size=0, min_confidence=0))
     in_micrometres = table.filter(like="_um")  # no pixel size: PNGs and an uncalibrated stack
-    assert list(table.columns) == predict.OBJECT_COLUMNS and in_micrometres.isna().all().all()
+    assert list(table.columns) == measurements.OBJECT_COLUMNS and in_micrometres.isna().all().all()
     assert not table.drop(columns=in_micrometres.columns).isna().any().any()
     assert table[["image", "plane"]].drop_duplicates().values.tolist() == [["grey", 0], ["rgb", 0], ["stack", 0],
                                                                            ["stack", 1]]
@@ -2192,8 +2193,8 @@ def test_objects_and_images_csv_give_micrometres_from_the_pixel_size_and_the_sta
         predict.main([*argv, "--output", str(out), *flag])
         warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning")]
         objects, images = (pd.read_csv(out / name, **kept) for name in ("objects.csv", "images.csv"))
-        assert list(objects.columns) == predict.OBJECT_COLUMNS
-        assert list(images.columns) == [*predict.IMAGE_COLUMNS, "mean_area_um2", "median_area_um2"]
+        assert list(objects.columns) == measurements.OBJECT_COLUMNS
+        assert list(images.columns) == [*measurements.IMAGE_COLUMNS, "mean_area_um2", "median_area_um2"]
         assert set(objects["image"]) == set(expected) and (objects.groupby("image").size() >= 4).all()
         sizes = expected if not flag else dict.fromkeys(expected, 0.25)
         for row in images.itertuples():
