@@ -582,6 +582,9 @@ def predict_all(predictor, files, ids, headers, out_dir, num_classes, threshold,
                         continue
                     bar.total += len(planes) - 1
                     for plane in range(len(planes)):
+                        if img_id in gathered.dropped:  # by a job of an earlier plane: the rest would go for nothing
+                            bar.update(len(planes) - plane)
+                            break
                         try:
                             raw = planes[plane]
                         except DataError as e:  # a page read now is damaged or holds NaN: the message names the file

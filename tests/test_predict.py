@@ -1033,7 +1033,7 @@ def test_an_image_with_more_nuclei_than_16_bits_hold_is_left_out_and_the_others_
                                                                                "prediction.yml"]
     assert set(pd.read_csv(out / "images.csv")["image"]) == {"small"}
     assert set(pd.read_csv(out / "objects.csv")["image"]) <= {"small"}
-    assert len(stack_planes) == 3
+    assert len(stack_planes) == 2  # its third plane is not predicted once the second left it out
 
 
 def test_a_stack_left_out_at_a_later_plane_leaves_no_rows(tmp_path):
@@ -1164,6 +1164,31 @@ class SquareNuclei:
         prob = np.zeros((1,) + image.shape[:2], np.float32)
         prob[0, 2:6, 2:6] = 1
         return prob
+
+
+def test_a_stack_a_job_left_out_is_read_no_further_and_left_out_once(tmp_path, monkeypatch):
+    """A stack whose first plane holds more nuclei than 16 bits hold is left out by its job as the prediction goes
+    on (the jobs run after each plane here, as after 256 MB of planes): its later planes are not predicted for
+    nothing, and its third plane, which holds NaN, does not count it as a second file left out."""
+    real = predict.split_instances
+    monkeypatch.setattr(predict, "split_instances", lambda prob, *args, **kwargs: np.full_like(
+        real(prob, *args, **kwargs), 70000) if prob.shape == (16, 16) else real(prob, *args, **kwargs))
+    monkeypatch.setattr(predict, "BatchedThreads", functools.partial(utils.BatchedThreads, buffer_mb=0))
+    stack = np.zeros((4, 16, 16), np.float32)
+    stack[:, 4:9, 4:9], stack[2, 0, 0] = 1, np.nan
+    (tmp_path / "in").mkdir()
+    path = str(tmp_path / "in" / "movie.tif")
+    tifffile.imwrite(path, stack, imagej=True, metadata={"axes": "TYX"})
+    files = [path, write(tmp_path / "in" / "after.png", np.zeros((16, 20), np.uint8))]
+    os.makedirs(tmp_path / "out")
+    predictor = SquareNuclei(path)
+    rows, table, left_out = predict.predict_all(predictor, files, ["movie", "after"], predict.tiff_headers(files),
+                                                str(tmp_path / "out"), 1, 0.5, separation="cc",
+                                                filters=dict(min_size=0, min_confidence=0))
+    assert len(left_out) == 1 and "image movie: 70000 nuclei do not fit" in left_out[0]
+    assert predictor.open == [1, 0]  # movie's plane 0, then after.png
+    assert [(row.image, row.nuclei) for row in rows] == [("after", 1)] and table["image"].tolist() == ["after"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["after.png", "after_instances.png"]
 
 
 def test_a_nan_in_a_later_plane_leaves_the_stack_out_as_the_whole_read_did(tmp_path):
