@@ -611,7 +611,7 @@ def predict_all(predictor, files, ids, headers, out_dir, num_classes, threshold,
     rows, table = gathered.results(objects=separation is not None)
     left_out += gathered.errors
     if not rows:
-        raise DataError(left_out[0] if len(left_out) == 1 else f"none of the {len(files)} files could be read: "
+        raise DataError(left_out[0] if len(left_out) == 1 else f"none of the {len(files)} files could be predicted: "
                         f"{left_out[0]}")
     return rows, table, left_out
 

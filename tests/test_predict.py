@@ -1467,7 +1467,7 @@ def test_every_file_left_out_with_instances_is_one_error(in_runs, tmp_path):
     argv = ["--name", "p", "--output", str(tmp_path / "out"), "--device", "cpu", "--instances"]
     with pytest.raises(DataError, match="b.png"):
         predict.main([*argv, "--input", str(broken)])
-    with pytest.raises(DataError, match=r"^none of the 2 files could be read: .*b\.png"):
+    with pytest.raises(DataError, match=r"^none of the 2 files could be predicted: .*b\.png"):
         predict.main([*argv, "--rois", "--channel", "5", "--input", str(broken), grey])
     assert not (tmp_path / "out" / "objects.csv").exists()
 
