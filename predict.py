@@ -648,10 +648,11 @@ def stopped_note(out_dir):
 
 def earlier_outputs_note(args, files, ids, written):
     """A note naming the files in ``args.output`` that an earlier prediction wrote for these images and this one
-    did not (not in ``written``, :func:`output_files`: ``<id>_instances.png``, objects.csv and images.csv when
-    --instances is left out now, a .png where a .tif stack is written now, ``<id>_class<c>.png`` of a run with other
-    classes, and score.py's scores.csv of an earlier prediction), which would pass for this one's; '' when there are
-    none. The input files themselves are never named."""
+    did not (not in ``written``, :func:`output_files` of the images predicted: an image left out now,
+    ``<id>_instances.png``, objects.csv and images.csv when --instances is left out now, a .png where a .tif stack is
+    written now, ``<id>_class<c>.png`` of a run with other classes, and score.py's scores.csv of an earlier
+    prediction), which would pass for this one's; '' when there are none. The input files themselves are never
+    named."""
     written = set(written) | (set(TABLES) if args.instances else set())
     inputs, ids = {os.path.abspath(f) for f in files}, set(ids)
     earlier = [n for n in sorted(os.listdir(args.output)) if n not in written and (n in TABLES or
@@ -887,7 +888,10 @@ def main(argv):
             yaml.safe_dump(prediction_record(args, argv, cfg, predictor, platform, weights, separation, filters, rows,
                                              left_out), f, sort_keys=False, allow_unicode=True,
                            width=math.inf)  # the command on one line, to copy
-        notes = [earlier_outputs_note(args, files, ids, written), replaced_rows,
+        predicted = {row.image for row in rows}  # a file left out now wrote nothing: its earlier outputs are named
+        source_id = dict(zip(files, ids))
+        notes = [earlier_outputs_note(args, files, ids, {n: f for n, f in written.items()
+                                                         if source_id[f] in predicted}), replaced_rows,
                  pandas_ids_note([list(dict.fromkeys(row.image for row in rows)), objects["image"].unique()])
                  if args.instances else ""]
     seconds = time.time() - started

@@ -1355,6 +1355,21 @@ def test_only_a_zip_is_taken_for_an_image_s_rois(tmp_path):
         assert (held in note) == (not rois), (held, img_id, note)
 
 
+def test_the_earlier_outputs_of_an_image_left_out_now_are_named(in_runs, tmp_path, capsys):
+    """An image predicted before and left out now (unreadable) keeps its earlier mask, which would pass for this
+    prediction's: the note names it, beside the error that names the file."""
+    a, b = write(tmp_path / "in" / "a.png", sample_bgr(40, 40)), write(tmp_path / "in" / "b.png", sample_bgr(40, 40))
+    out = str(tmp_path / "out")
+    predict.main(["--name", "pc", "--input", a, b, "--output", out, "--device", "cpu"])
+    capsys.readouterr()
+    with open(b, "wb") as f:
+        f.write(b"not an image any more")
+    with pytest.raises(DataError, match=r"1 of 2 files were left out .*b\.png"):
+        predict.main(["--name", "pc", "--input", a, b, "--output", out, "--device", "cpu"])
+    assert ("also holds 1 file of an earlier prediction that this one did not write: b.png;"
+            in capsys.readouterr().out)
+
+
 def read_record(out):
     """The prediction.yml in folder ``out``, as yaml.safe_load reads it."""
     with open(os.path.join(out, "prediction.yml"), encoding="utf-8") as f:
