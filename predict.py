@@ -775,10 +775,11 @@ def summary_line(args, cfg, predictor, device, done, rows, seconds, objects, sep
 def prediction_record(args, argv, cfg, predictor, platform, weights, separation, filters, rows, left_out):
     """What prediction.yml holds: the run, the folder it was loaded from and ``weights`` = (the path of its weights
     file, their SHA-256, the model's epoch: evaluation.model_epoch), taken as they were loaded; the command
-    (``argv``) and the --input it covered, when and with what; under ``settings`` those that change the outputs,
-    under config.prediction_settings' keys as val.py's evaluation.yml has them (the ``separation`` and
-    ``filters`` null where no nuclei were made); how many images and planes (``rows``) were predicted, and the
-    errors of the files ``left_out``; ``platform``: {'torch': its version, 'device': the device used}."""
+    (``argv``, after python and this script's path, to paste in the working directory) and the --input it covered,
+    when and with what; under ``settings`` those that change the outputs, under config.prediction_settings' keys as
+    val.py's evaluation.yml has them (the ``separation`` and ``filters`` null where no nuclei were made); how many
+    images and planes (``rows``) were predicted, and the errors of the files ``left_out``; ``platform``:
+    {'torch': its version, 'device': the device used}."""
     path, sha256, epoch = weights
     shaped = args.instances or args.scale == "auto"  # without either, no nuclei are made
     settings = prediction_settings(epoch, predictor.precision.describe(), args.tta, args.prune,
@@ -793,7 +794,8 @@ def prediction_record(args, argv, cfg, predictor, platform, weights, separation,
                     pixel_size=args.pixel_size if args.pixel_size is not None else PIXEL_SIZE_READ, amp=args.amp,
                     instances=args.instances, rois=args.rois, save_prob=args.save_prob, overlay=args.overlay)
     return {"run": args.name, "run_folder": os.path.realpath(os.path.dirname(path)), "weights_sha256": sha256,
-            "command": shlex.join(["predict.py", *argv]),
+            # the script's own path: run from another folder (one that holds models/), "predict.py" names no file
+            "command": shlex.join(["python", os.path.realpath(__file__), *argv]),
             "working_directory": os.getcwd(), "input": [os.path.abspath(p) for p in args.input],
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), **platform, "settings": settings,
             "predicted": {"images": len({row.image for row in rows}), "planes": len(rows)},

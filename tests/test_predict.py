@@ -1385,7 +1385,7 @@ def test_prediction_yml_records_what_made_the_outputs(in_runs, tmp_path, capsys)
     """prediction.yml says which run, weights, command and settings made a folder of outputs: the weights' SHA-256
     is that of the file loaded, the flags those given, the precision the one printed, the settings named as in
     val.py's evaluation.yml of the same run and flags; it counts the images and planes predicted and names the file
-    left out; the command, on one line, gives the flags back."""
+    left out; the command, on one line, gives the flags back after python and predict.py's path."""
     folder = tmp_path / "in"
     write(folder / "a.png", sample_bgr(40, 36))
     tifffile.imwrite(folder / "movie.tif", np.stack([sample_bgr(32, 32)[:, :, 0]] * 3), imagej=True,
@@ -1405,8 +1405,11 @@ def test_prediction_yml_records_what_made_the_outputs(in_runs, tmp_path, capsys)
         assert record["weights_sha256"] == hashlib.sha256(f.read()).hexdigest()
     assert (record["run"], record["run_folder"]) == ("p", os.path.realpath(os.path.join("models", "p")))
     command = [line for line in (out / "prediction.yml").read_text().splitlines() if line.startswith("command:")]
-    assert shlex.split(yaml.safe_load(command[0])["command"]) == ["predict.py", *argv]
+    python, script, *flags = shlex.split(yaml.safe_load(command[0])["command"])
+    assert (python, flags) == ("python", argv)
     assert record["input"] == [str(folder)] and record["working_directory"] == os.path.realpath(in_runs)
+    # pasted in the working directory, which holds models/ but not predict.py, the command finds predict.py
+    assert os.path.samefile(os.path.join(record["working_directory"], script), predict.__file__)
     assert started <= datetime.strptime(record["date"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc) <= ended
     assert (record["torch"], record["device"]) == (torch.__version__, "cpu")
     settings = record["settings"]
