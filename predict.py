@@ -21,11 +21,12 @@ exactly as in training. For each image ``<id>`` (its file name without the exten
     images.csv           --instances: one row per image predicted, also one without nuclei (measurements.py: image,
                          plane, size, scale, foreground of class 0, its nuclei and their mean and median area,
                          the pixel size; then those areas in square micrometres)
-    prediction.yml       what made the outputs (prediction_record): the run, its weights' SHA-256, the command and
-                         its --input, the settings, how many images were predicted and left out. It is the last
-                         prediction's, written at its end; one that stops before its end leaves none, so that no
-                         record passes for the files it mixes. Predictions that share a folder (an array job's shards
-                         without --instances) leave the record of the one that ended last, naming its --input only.
+    prediction.yml       what made the outputs (prediction_record): the run, the SHA-256 of its weights and of its
+                         config.yml, the command and its --input, the settings, how many images were predicted and
+                         left out. It is the last prediction's, written at its end; one that stops before its end
+                         leaves none, so that no record passes for the files it mixes. Predictions that share a
+                         folder (an array job's shards without --instances) leave the record of the one that ended
+                         last, naming its --input only.
 
 A TIFF stack (time points, z planes or pages; image_files.tiff_layout) is segmented plane by plane, each plane
 as an image of its own, and gives ImageJ TIFF stacks instead, one page per plane: ``<id>.tif``,
@@ -774,13 +775,13 @@ def summary_line(args, cfg, predictor, device, done, rows, seconds, objects, sep
 
 def prediction_record(args, argv, cfg, predictor, platform, weights, separation, filters, rows, left_out):
     """What prediction.yml holds: the run, the folder it was loaded from and ``weights`` = (the path of its weights
-    file, their SHA-256, the model's epoch: evaluation.model_epoch), taken as they were loaded; the command
-    (``argv``, after python and this script's path, to paste in the working directory) and the --input it covered,
-    when and with what; under ``settings`` those that change the outputs, under config.prediction_settings' keys as
-    val.py's evaluation.yml has them (the ``separation`` and ``filters`` null where no nuclei were made); how many
-    images and planes (``rows``) were predicted, and the errors of the files ``left_out``; ``platform``:
-    {'torch': its version, 'device': the device used}."""
-    path, sha256, epoch = weights
+    file, their SHA-256, its config.yml's SHA-256, the model's epoch: evaluation.model_epoch), taken as they were
+    loaded; the command (``argv``, after python and this script's path, to paste in the working directory) and the
+    --input it covered, when and with what; under ``settings`` those that change the outputs, under
+    config.prediction_settings' keys as val.py's evaluation.yml has them (the ``separation`` and ``filters`` null
+    where no nuclei were made); how many images and planes (``rows``) were predicted, and the errors of the files
+    ``left_out``; ``platform``: {'torch': its version, 'device': the device used}."""
+    path, sha256, config_sha256, epoch = weights
     shaped = args.instances or args.scale == "auto"  # without either, no nuclei are made
     settings = prediction_settings(epoch, predictor.precision.describe(), args.tta, args.prune,
                                    separation if shaped else None, filters if shaped else dict.fromkeys(filters))
@@ -794,6 +795,8 @@ def prediction_record(args, argv, cfg, predictor, platform, weights, separation,
                     pixel_size=args.pixel_size if args.pixel_size is not None else PIXEL_SIZE_READ, amp=args.amp,
                     instances=args.instances, rois=args.rois, save_prob=args.save_prob, overlay=args.overlay)
     return {"run": args.name, "run_folder": os.path.realpath(os.path.dirname(path)), "weights_sha256": sha256,
+            # config.yml is read at each prediction (normalization, sizes): edited, the same weights give other outputs
+            "config_sha256": config_sha256,
             # the script's own path: run from another folder (one that holds models/), "predict.py" names no file
             "command": shlex.join(["python", os.path.realpath(__file__), *argv]),
             "working_directory": os.getcwd(), "input": [os.path.abspath(p) for p in args.input],
@@ -837,7 +840,8 @@ def main(argv):
     cfg, model = load_run(args.name, device, args.prune)
     path = os.path.join(saved_run_dir(args.name), "model.pth")
     # with the weights loaded: a train.py of the run may save others while the images are predicted
-    weights = (path, sha256_file(path), model_epoch(args.name))
+    weights = (path, sha256_file(path), sha256_file(os.path.join(os.path.dirname(path), "config.yml")),
+               model_epoch(args.name))
     check_flags_for_run(args, cfg)
     auto = args.scale == "auto"
     if auto and not cfg.nucleus_diameter >= 0:  # NaN or negative: no image's nuclei would ever be far from it

@@ -1427,6 +1427,20 @@ def test_prediction_yml_records_what_made_the_outputs(in_runs, tmp_path, capsys)
     assert {k: settings[k] for k in evaluated} == evaluated
 
 
+def test_prediction_yml_tells_runs_apart_by_their_config_yml_too(in_runs, tmp_path):
+    """Runs p and pp hold the same weights, pp's config.yml another normalization, as a config.yml edited since a
+    prediction would (other outputs: test_percentile_run_predicts_a_dimmed_image_as_the_original): the record hashes
+    config.yml beside the weights, so that the two are told apart."""
+    image = write(tmp_path / "in" / "a.png", sample_bgr(32, 32))
+    records = {}
+    for name in ("p", "pp"):
+        predict.main(["--name", name, "--input", image, "--output", str(tmp_path / name), "--device", "cpu"])
+        records[name] = read_record(tmp_path / name)
+        with open(os.path.join("models", name, "config.yml"), "rb") as f:
+            assert records[name]["config_sha256"] == hashlib.sha256(f.read()).hexdigest()
+    assert records["p"]["config_sha256"] != records["pp"]["config_sha256"]
+
+
 def test_prediction_yml_names_the_windows_used_and_no_nuclei_settings_without_nuclei(in_runs, tmp_path, capsys):
     """A crop-trained run's record gives the windows used (--tile 0: those the summary line names, from the memory
     budget) and the model as model.pth where its run has no log; without --instances no nuclei are made, and the
