@@ -1452,7 +1452,8 @@ def test_prediction_yml_names_the_windows_used_and_no_nuclei_settings_without_nu
     settings = read_record(tmp_path / "tiled")["settings"]
     assert (settings["tile"], settings["overlap"], settings["input_size"]) == (64, 32, None)
     assert (settings["separation"], settings["min_size"], settings["min_confidence"]) == (None, None, None)
-    assert (settings["model"], settings["pixel_size"], settings["instances"]) == ("model.pth", predict.PIXEL_SIZE_READ, False)
+    assert (settings["model"], settings["pixel_size"], settings["instances"]) == ("model.pth",
+                                                                                predict.PIXEL_SIZE_READ, False)
     capsys.readouterr()
     predict.main(["--name", "pc", "--input", image, "--output", str(tmp_path / "budget"), "--device", "cpu"])
     tile = int(re.search(r"windows up to (\d+)x\1", capsys.readouterr().out).group(1))
