@@ -22,11 +22,11 @@ exactly as in training. For each image ``<id>`` (its file name without the exten
                          plane, size, scale, foreground of class 0, its nuclei and their mean and median area,
                          the pixel size; then those areas in square micrometres)
     prediction.yml       what made the outputs (prediction_record): the run, the SHA-256 of its weights and of its
-                         config.yml, the command and its --input, the settings, how many images were predicted and
-                         left out. It is the last prediction's, written at its end; one that stops before its end
-                         leaves none, so that no record passes for the files it mixes. Predictions that share a
-                         folder (an array job's shards without --instances) leave the record of the one that ended
-                         last, naming its --input only.
+                         config.yml, the command and its --input, the toolkit's git commit, the settings, how many
+                         images were predicted and left out. It is the last prediction's, written at its end; one
+                         that stops before its end leaves none, so that no record passes for the files it mixes.
+                         Predictions that share a folder (an array job's shards without --instances) leave the
+                         record of the one that ended last, naming its --input only.
 
 A TIFF stack (time points, z planes or pages; image_files.tiff_layout) is segmented plane by plane, each plane
 as an image of its own, and gives ImageJ TIFF stacks instead, one page per plane: ``<id>.tif``,
@@ -48,6 +48,7 @@ import math
 import os
 import re
 import shlex
+import subprocess
 import sys
 import time
 from contextlib import ExitStack, nullcontext, suppress
@@ -773,11 +774,22 @@ def summary_line(args, cfg, predictor, device, done, rows, seconds, objects, sep
             f"files in {os.path.join(args.output, '')}")
 
 
+def code_version(folder):
+    """The toolkit's version for prediction.yml: ``git describe --always --dirty`` of the checkout in ``folder`` (a
+    commit, '-dirty' when files were changed since), or 'unknown' outside a git checkout or without git."""
+    try:
+        done = subprocess.run(["git", "-C", folder, "describe", "--always", "--dirty"], capture_output=True, text=True,
+                              timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else "unknown"
+
+
 def prediction_record(args, argv, cfg, predictor, platform, weights, separation, filters, rows, left_out):
     """What prediction.yml holds: the run, the folder it was loaded from and ``weights`` = (the path of its weights
     file, their SHA-256, its config.yml's SHA-256, the model's epoch: evaluation.model_epoch), taken as they were
     loaded; the command (``argv``, after python and this script's path, to paste in the working directory) and the
-    --input it covered, when and with what; under ``settings`` those that change the outputs, under
+    --input it covered, the toolkit's version (:func:`code_version`), when and with what; under ``settings`` those that change the outputs, under
     config.prediction_settings' keys as val.py's evaluation.yml has them (the ``separation`` and ``filters`` null
     where no nuclei were made); how many images and planes (``rows``) were predicted, and the errors of the files
     ``left_out``; ``platform``: {'torch': its version, 'device': the device used}."""
@@ -799,6 +811,8 @@ def prediction_record(args, argv, cfg, predictor, platform, weights, separation,
             "config_sha256": config_sha256,
             # the script's own path: run from another folder (one that holds models/), "predict.py" names no file
             "command": shlex.join(["python", os.path.realpath(__file__), *argv]),
+            # the code that made them: another version of the toolkit may give other outputs from the same record
+            "toolkit": code_version(os.path.dirname(os.path.realpath(__file__))),
             "working_directory": os.getcwd(), "input": [os.path.abspath(p) for p in args.input],
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), **platform, "settings": settings,
             "predicted": {"images": len({row.image for row in rows}), "planes": len(rows)},

@@ -1355,6 +1355,27 @@ def test_only_a_zip_is_taken_for_an_image_s_rois(tmp_path):
         assert (held in note) == (not rois), (held, img_id, note)
 
 
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_the_toolkit_version_is_the_checkout_s_commit_and_says_when_files_changed(tmp_path):
+    """prediction.yml's toolkit: the commit of the checkout the code runs from, '-dirty' once a tracked file changed
+    since, and 'unknown' outside a git checkout."""
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    for command in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "one"]):
+        (tmp_path / "predict.py").write_text("one")
+        subprocess.run(["git", "-C", str(tmp_path), *command], check=True, env=env)
+    commit = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, check=True).stdout.strip()
+    assert predict.code_version(str(tmp_path)) == commit
+    (tmp_path / "predict.py").write_text("two")
+    assert predict.code_version(str(tmp_path)) == commit + "-dirty"
+    (tmp_path / "elsewhere").mkdir()
+    assert predict.code_version(str(tmp_path / "elsewhere")) == commit + "-dirty"  # a folder of the checkout
+    outside = tmp_path.parent / (tmp_path.name + "_no_git")
+    outside.mkdir()
+    assert predict.code_version(str(outside)) == "unknown"
+
+
 def test_the_earlier_outputs_of_an_image_left_out_now_are_named(in_runs, tmp_path, capsys):
     """An image predicted before and left out now (unreadable) keeps its earlier mask, which would pass for this
     prediction's: the note names it, beside the error that names the file."""
