@@ -789,10 +789,11 @@ def prediction_record(args, argv, cfg, predictor, platform, weights, separation,
     """What prediction.yml holds: the run, the folder it was loaded from and ``weights`` = (the path of its weights
     file, their SHA-256, its config.yml's SHA-256, the model's epoch: evaluation.model_epoch), taken as they were
     loaded; the command (``argv``, after python and this script's path, to paste in the working directory) and the
-    --input it covered, the toolkit's version (:func:`code_version`), when and with what; under ``settings`` those that change the outputs, under
-    config.prediction_settings' keys as val.py's evaluation.yml has them (the ``separation`` and ``filters`` null
-    where no nuclei were made); how many images and planes (``rows``) were predicted, and the errors of the files
-    ``left_out``; ``platform``: {'torch': its version, 'device': the device used}."""
+    --input it covered, the toolkit's version (:func:`code_version`), when and with what; under ``settings`` those
+    that change the outputs, under config.prediction_settings' keys as val.py's evaluation.yml has them (the
+    ``separation`` and ``filters`` null where no nuclei were made); how many images and planes (``rows``) were
+    predicted, and the errors of the files ``left_out``; ``platform``: {'torch': its version, 'device': the device
+    used}."""
     path, sha256, config_sha256, epoch = weights
     shaped = args.instances or args.scale == "auto"  # without either, no nuclei are made
     settings = prediction_settings(epoch, predictor.precision.describe(), args.tta, args.prune,
