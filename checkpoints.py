@@ -17,7 +17,7 @@ from archs import build_model, fold_batchnorm
 from config import (INIT_FLAGS, init_is_run, init_weights_path, load_run_config, output_channels,
                     read_run_config, saved_run_dir)
 from files import atomic_write, sha256_file
-from utils import DataError, UsageError, clipped
+from utils import DataError, UsageError, clipped, code_version
 
 
 # what last.pth holds beside the epoch about the best epoch so far (trainer.track_best's dict)
@@ -135,6 +135,17 @@ def load_run(name, device, prune=None):
                  f"its arch, deep_supervision, input_channels, num_classes and borders must be those "
                  f"{os.path.dirname(path)} was trained with")
     return cfg, fold_batchnorm(model.eval())
+
+
+def made_by(name):
+    """What made a folder of outputs of run ``name`` (models/<name>, or the bundled pretrained/<name>), for
+    prediction.yml and evaluation.yml: the SHA-256 of its model.pth and of its config.yml (read at each prediction:
+    edited, the same weights give other outputs), and the toolkit's version (utils.code_version: another version may
+    give other outputs). Taken once the run is loaded: a train.py of the run may save others meanwhile."""
+    folder = saved_run_dir(name)
+    return {"weights_sha256": sha256_file(os.path.join(folder, "model.pth")),
+            "config_sha256": sha256_file(os.path.join(folder, "config.yml")),
+            "toolkit": code_version(os.path.dirname(os.path.abspath(__file__)))}
 
 
 def load_init_weights(net, init, device, flags):

@@ -215,11 +215,12 @@ def check_same_evaluation(out_dir, record):
                          "folder")
 
 
-def write_evaluation_record(folder, record, settings):
-    """evaluation.yml in ``folder``: ``record`` (:func:`evaluation_record`) and, under ``settings``, how it was
+def write_evaluation_record(folder, record, settings, made):
+    """evaluation.yml in ``folder``: ``record`` (:func:`evaluation_record`), what ``made`` it (checkpoints.made_by:
+    the SHA-256 of the run's weights and config.yml, the toolkit's version) and, under ``settings``, how it was
     scored (config.prediction_settings), so that a folder of outputs says which command made it."""
     with open(os.path.join(folder, EVALUATION_FILE), "w") as f:  # inside the folder replaced when complete
-        yaml.safe_dump({**record, "settings": settings}, f, sort_keys=False)
+        yaml.safe_dump({**record, **made, "settings": settings}, f, sort_keys=False)
 
 
 def separation_order(chosen, borders):

@@ -48,7 +48,6 @@ import math
 import os
 import re
 import shlex
-import subprocess
 import sys
 import time
 from contextlib import ExitStack, nullcontext, suppress
@@ -61,7 +60,7 @@ import yaml
 from config import (MIN_SIZE, add_amp_arg, add_device_arg, add_separation_args, check_object_filters,
                     choose_separation, object_filters, prediction_settings, saved_run_dir)
 from files import (atomic_imwrite, atomic_tiff_pages, atomic_write, check_output_folder, remove_killed_writes,
-                   sha256_file, written_alone)
+                   written_alone)
 from image_files import (CELLPOSE_NOT_IMAGES, PIXEL_SIZES, TIFF_EXTS, TiffHeader, nucleus_channel, read_planes,
                          tiff_header)
 from instances import AUTO_SCALE_BAND, auto_scale, border_map, median_diameter, nucleus_areas, split_instances
@@ -774,27 +773,15 @@ def summary_line(args, cfg, predictor, device, done, rows, seconds, objects, sep
             f"files in {os.path.join(args.output, '')}")
 
 
-def code_version(folder):
-    """The toolkit's version for prediction.yml: ``git describe --always --dirty`` of the checkout in ``folder`` (a
-    commit, '-dirty' when files were changed since), or 'unknown' outside a git checkout or without git."""
-    try:
-        done = subprocess.run(["git", "-C", folder, "describe", "--always", "--dirty"], capture_output=True, text=True,
-                              timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else "unknown"
-
-
 def prediction_record(args, argv, cfg, predictor, platform, weights, separation, filters, rows, left_out):
-    """What prediction.yml holds: the run, the folder it was loaded from and ``weights`` = (the path of its weights
-    file, their SHA-256, its config.yml's SHA-256, the model's epoch: evaluation.model_epoch), taken as they were
-    loaded; the command (``argv``, after python and this script's path, to paste in the working directory) and the
-    --input it covered, the toolkit's version (:func:`code_version`), when and with what; under ``settings`` those
-    that change the outputs, under config.prediction_settings' keys as val.py's evaluation.yml has them (the
-    ``separation`` and ``filters`` null where no nuclei were made); how many images and planes (``rows``) were
-    predicted, and the errors of the files ``left_out``; ``platform``: {'torch': its version, 'device': the device
-    used}."""
-    path, sha256, config_sha256, epoch = weights
+    """What prediction.yml holds: the run, and ``weights`` = (the folder it was loaded from, checkpoints.made_by:
+    the SHA-256 of its weights and config.yml and the toolkit's version, the model's epoch: evaluation.model_epoch),
+    taken as it was loaded; the command (``argv``, after python and this script's path, to paste in the working
+    directory) and the --input it covered, when and with what; under ``settings`` those that change the outputs,
+    under config.prediction_settings' keys as val.py's evaluation.yml has them (the ``separation`` and ``filters``
+    null where no nuclei were made); how many images and planes (``rows``) were predicted, and the errors of the
+    files ``left_out``; ``platform``: {'torch': its version, 'device': the device used}."""
+    folder, hashes, epoch = weights
     shaped = args.instances or args.scale == "auto"  # without either, no nuclei are made
     settings = prediction_settings(epoch, predictor.precision.describe(), args.tta, args.prune,
                                    separation if shaped else None, filters if shaped else dict.fromkeys(filters))
@@ -807,13 +794,9 @@ def prediction_record(args, argv, cfg, predictor, platform, weights, separation,
                     channel=args.channel,
                     pixel_size=args.pixel_size if args.pixel_size is not None else PIXEL_SIZE_READ, amp=args.amp,
                     instances=args.instances, rois=args.rois, save_prob=args.save_prob, overlay=args.overlay)
-    return {"run": args.name, "run_folder": os.path.realpath(os.path.dirname(path)), "weights_sha256": sha256,
-            # config.yml is read at each prediction (normalization, sizes): edited, the same weights give other outputs
-            "config_sha256": config_sha256,
+    return {"run": args.name, "run_folder": os.path.realpath(folder), **hashes,
             # the script's own path: run from another folder (one that holds models/), "predict.py" names no file
             "command": shlex.join(["python", os.path.realpath(__file__), *argv]),
-            # the code that made them: another version of the toolkit may give other outputs from the same record
-            "toolkit": code_version(os.path.dirname(os.path.realpath(__file__))),
             "working_directory": os.getcwd(), "input": [os.path.abspath(p) for p in args.input],
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), **platform, "settings": settings,
             "predicted": {"images": len({row.image for row in rows}), "planes": len(rows)},
@@ -843,7 +826,7 @@ def main(argv):
     # Heavy imports only now, so that --help and flag errors answer at once.
     import torch
 
-    from checkpoints import load_run
+    from checkpoints import load_run, made_by
     from engine import choose_device, fit_threads_to_cpus
     from evaluation import model_epoch, training_diameter
     from inference import Predictor
@@ -853,10 +836,7 @@ def main(argv):
     platform = {"torch": str(torch.__version__),
                 "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")}
     cfg, model = load_run(args.name, device, args.prune)
-    path = os.path.join(saved_run_dir(args.name), "model.pth")
-    # with the weights loaded: a train.py of the run may save others while the images are predicted
-    weights = (path, sha256_file(path), sha256_file(os.path.join(os.path.dirname(path), "config.yml")),
-               model_epoch(args.name))
+    weights = (saved_run_dir(args.name), made_by(args.name), model_epoch(args.name))
     check_flags_for_run(args, cfg)
     auto = args.scale == "auto"
     if auto and not cfg.nucleus_diameter >= 0:  # NaN or negative: no image's nuclei would ever be far from it

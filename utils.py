@@ -11,6 +11,7 @@ import os
 import re
 import shlex
 import signal
+import subprocess
 import sys
 import traceback
 import unicodedata
@@ -561,6 +562,18 @@ class BatchedThreads:
                                    disable=self.desc is None or not self.waiting):
             self.on_result(result)
         self.waiting, self.waiting_bytes = [], 0
+
+
+def code_version(folder):
+    """The toolkit's version for the records of what made a folder of outputs (prediction.yml, evaluation.yml):
+    ``git describe --always --dirty`` of the checkout in ``folder`` (a commit, '-dirty' when files were changed
+    since), or 'unknown' outside a git checkout or without git."""
+    try:
+        done = subprocess.run(["git", "-C", folder, "describe", "--always", "--dirty"], capture_output=True, text=True,
+                              timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else "unknown"
 
 
 def first_few(items, n=3):

@@ -90,7 +90,7 @@ def evaluate_into(args, out_dir):
     complete) and print the summary; returns the scores (engine.evaluate's, and the DSB2018 means)."""
     folder = os.path.realpath(out_dir)  # a symbolic link's folder is replaced, not the link
     # Heavy imports only now, so that --help and flag errors answer at once.
-    from checkpoints import load_run
+    from checkpoints import load_run, made_by
     from dataset import eval_loader, find_layout, images_left_out, reading_of
     from engine import Precision, choose_device, evaluate, fit_threads_to_cpus
     from evaluation import (ImageWriter, changed_images, check_same_evaluation, evaluation_ids, evaluation_record,
@@ -103,6 +103,7 @@ def evaluate_into(args, out_dir):
     fit_threads_to_cpus()
     cfg, model = load_run(args.name, device, args.prune)
     epoch = model_epoch(args.name)  # with the weights: a train.py of the run may save a better epoch meanwhile
+    made = made_by(args.name)
     filters = object_filters(args.min_size, args.min_confidence, cfg.loss)
     separation = choose_separation(args.separation, cfg.borders, args.name)
     reading = {**reading_of(cfg), "img_ext": args.img_ext or cfg.img_ext, "mask_ext": args.mask_ext or cfg.mask_ext}
@@ -144,7 +145,7 @@ def evaluate_into(args, out_dir):
                           tta=args.tta, on_batch=writer, classes=cfg.num_classes)
         table = writer.write_table(what + how)  # summary.png's title, without the precision to fit its width
         write_evaluation_record(tmp, record, prediction_settings(epoch, precision.describe(), args.tta, args.prune,
-                                                                 separation, filters))
+                                                                 separation, filters), made)
     dsb = writer.dsb_means()
     print(summary(f"{what}, {precision.describe()}{how}", scores, table, dsb, out_dir, not args.no_overlays,
                   trained))

@@ -1366,14 +1366,14 @@ def test_the_toolkit_version_is_the_checkout_s_commit_and_says_when_files_change
         subprocess.run(["git", "-C", str(tmp_path), *command], check=True, env=env)
     commit = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, check=True).stdout.strip()
-    assert predict.code_version(str(tmp_path)) == commit
+    assert utils.code_version(str(tmp_path)) == commit
     (tmp_path / "predict.py").write_text("two")
-    assert predict.code_version(str(tmp_path)) == commit + "-dirty"
+    assert utils.code_version(str(tmp_path)) == commit + "-dirty"
     (tmp_path / "elsewhere").mkdir()
-    assert predict.code_version(str(tmp_path / "elsewhere")) == commit + "-dirty"  # a folder of the checkout
+    assert utils.code_version(str(tmp_path / "elsewhere")) == commit + "-dirty"  # a folder of the checkout
     outside = tmp_path.parent / (tmp_path.name + "_no_git")
     outside.mkdir()
-    assert predict.code_version(str(outside)) == "unknown"
+    assert utils.code_version(str(outside)) == "unknown"
 
 
 def test_the_earlier_outputs_of_an_image_left_out_now_are_named(in_runs, tmp_path, capsys):
@@ -1444,8 +1444,12 @@ def test_prediction_yml_records_what_made_the_outputs(in_runs, tmp_path, capsys)
     assert record["predicted"] == {"images": 2, "planes": 4}
     assert record["left_out"]["files"] == 1 and "broken.png" in record["left_out"]["errors"][0]
     val.main(["--name", "p", "--output", str(tmp_path / "val"), "--no_overlays", *shaping])
-    evaluated = yaml.safe_load(open(tmp_path / "val" / "evaluation.yml"))["settings"]
-    assert {k: settings[k] for k in evaluated} == evaluated
+    evaluated = yaml.safe_load(open(tmp_path / "val" / "evaluation.yml"))
+    assert {k: settings[k] for k in evaluated["settings"]} == evaluated["settings"]
+    made = ("weights_sha256", "config_sha256", "toolkit")  # the same run and code made both folders
+    assert {k: evaluated[k] for k in made} == {k: record[k] for k in made}
+    assert evaluated["config_sha256"] == hashlib.sha256(open(os.path.join("models", "p", "config.yml"), "rb")
+                                                        .read()).hexdigest()
 
 
 def test_prediction_yml_tells_runs_apart_by_their_config_yml_too(in_runs, tmp_path):
@@ -1855,7 +1859,8 @@ def test_val_keeps_another_evaluation_s_default_folder(in_runs, tmp_path, capsys
         with open(os.path.join("outputs", "p_on_test", "evaluation.yml")) as f:
             held = yaml.safe_load(f)
         assert held.pop("settings")["tta"] is False
-        assert held == {"run": "p", "dataset": os.path.realpath(tmp_path / "a" / "test"), "split": "every image"}
+        assert {k: held[k] for k in ("run", "dataset", "split")} == {
+            "run": "p", "dataset": os.path.realpath(tmp_path / "a" / "test"), "split": "every image"}
         with pytest.raises(UsageError, match=r"outputs/p_on_test holds the evaluation of run p \(every image of "
                                              r".*a/test\), not of run p \(every image of .*b/test\); give --output"):
             val.main(["--name", "p", "--dataset", str(tmp_path / "b" / "test"), *quiet])
@@ -1874,10 +1879,10 @@ def test_a_run_s_split_is_one_evaluation_wherever_its_dataset_lies(tmp_path):
     """A run's own split is identified by run and split (its dataset folder may move); run r's test split and the
     validation split of a run named r_test are two evaluations."""
     evaluation.write_evaluation_record(str(tmp_path), evaluation.evaluation_record("r", None, None, "/old/place"),
-                                       {"tta": False})
+                                       {"tta": False}, {})
     evaluation.check_same_evaluation(str(tmp_path), evaluation.evaluation_record("r", "val", None, "/new/place"))
     evaluation.write_evaluation_record(str(tmp_path), evaluation.evaluation_record("r", "test", None, "/data"),
-                                       {"tta": True})
+                                       {"tta": True}, {})
     with pytest.raises(UsageError, match=r"holds the evaluation of run r \(test split\), not of run r_test \(val "
                                          r"split\); give --output"):
         evaluation.check_same_evaluation(str(tmp_path), evaluation.evaluation_record("r_test", None, None, "/data"))
@@ -1894,7 +1899,7 @@ def test_an_evaluation_of_a_dataset_in_the_checkout_stays_one_when_the_checkout_
     in_checkout = os.path.join("inputs", "test")
     monkeypatch.chdir(tmp_path / "old")
     evaluation.write_evaluation_record(str(tmp_path / "out"), evaluation.evaluation_record("r", None, "test",
-                                                                                           in_checkout), {})
+                                                                                           in_checkout), {}, {})
     monkeypatch.chdir(tmp_path / "new")
     evaluation.check_same_evaluation(str(tmp_path / "out"), evaluation.evaluation_record("r", None, "test",
                                                                                          in_checkout))
