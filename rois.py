@@ -4,16 +4,20 @@ Fiji's ROI Manager opens (drag it onto Fiji, or File > Open), to measure, edit o
 Each nucleus is one polygon (roifile's ImagejRoi, sub-pixel coordinates) through the midpoints between its edge
 pixels and their outside neighbours, so that the pixels whose centres it encloses, as ImageJ fills a polygon, are
 exactly the nucleus's (its largest 8-connected part; a hole inside it is not outlined).
+
+The way back: a ROI set saved from Fiji's ROI Manager (corrected, or drawn from scratch) is read as a label image
+(:func:`roi_labels`), each area ROI on the pixels whose centres it encloses, for the dataset's ``rois/`` layout.
 """
 import zipfile
 from contextlib import contextmanager
 
 import numpy as np
-from roifile import ImagejRoi
+from roifile import ROI_SUBTYPE, ROI_TYPE, ImagejRoi
 from scipy import ndimage as ndi
 from skimage.measure import find_contours
 
 from files import atomic_write
+from utils import DataError
 
 # the time stamp of every entry: the same nuclei give the same bytes (two predictions' outputs compare byte for byte)
 ENTRY_TIME = (1980, 1, 1, 0, 0, 0)
@@ -73,3 +77,155 @@ def rois_archive(path):
                 archive.writestr(zipfile.ZipInfo(f"{roi.name}.roi", ENTRY_TIME), roi.tobytes(),
                                  compress_type=zipfile.ZIP_DEFLATED)
         yield add
+
+
+# ---------------------------------------------------------------------------------- ImageJ ROIs as training labels
+
+ROI_FILES = ("_rois.zip", ".zip", ".roi")  # predict.py's <id>_rois.zip first: its stem also ends in .zip's <id>
+AREAS = (ROI_TYPE.POLYGON, ROI_TYPE.FREEHAND, ROI_TYPE.TRACED, ROI_TYPE.RECT, ROI_TYPE.OVAL)
+MAX_ROIS = np.iinfo(np.uint16).max  # one uint16 value per ROI
+SAVE_AGAIN = "save the set again from Fiji's ROI Manager (More > Save...)"
+
+
+def read_rois(path):
+    """The ImagejRois of a ROI Manager zip file or of one ``.roi`` file, in the file's order ([] for an empty zip);
+    a damaged file is a DataError naming it."""
+    try:
+        rois = ImagejRoi.fromfile(path)
+    except Exception as e:  # zipfile.BadZipFile, ValueError, struct.error, ... for damaged files
+        raise DataError(f"cannot read ImageJ ROIs {path}: not a readable ROI file ({str(e).splitlines()[0][:80]}); "
+                        f"{SAVE_AGAIN}") from None
+    return rois if isinstance(rois, list) else [rois]
+
+
+def is_area(roi):
+    """Whether an ImagejRoi encloses pixels: polygon, freehand, traced, rectangle, oval or composite; not a line,
+    point, angle, text or image ROI."""
+    return roi.roitype in AREAS and roi.subtype not in (ROI_SUBTYPE.TEXT, ROI_SUBTYPE.IMAGE)
+
+
+def box_of(roi):
+    """(left, top, right, bottom) floats of a rectangle or oval ROI in ImageJ's coordinates (pixel corners)."""
+    if roi.subpixelrect:
+        return roi.xd, roi.yd, roi.xd + roi.widthd, roi.yd + roi.heightd
+    return roi.left, roi.top, roi.right, roi.bottom
+
+
+def rings_of(roi):
+    """The closed outlines (x, y) float [N, 2] of a polygon, freehand, traced or composite ROI, in ImageJ's
+    coordinates: roifile's absolute ones (sub-pixel, or integer with left/top added); a composite has several."""
+    return [np.asarray(ring, np.float64) for ring in roi.coordinates(multi=True) if len(ring) >= 3]
+
+
+def fill_rings(rings, window):
+    """bool [h, w]: the pixels of ``window`` (top, left, h, w) whose centres lie inside the closed ``rings`` (x, y)
+    [N, 2], as ImageJ's PolygonFiller decides: even-odd (a composite's holes are out), a row's centres at y + 0.5
+    crossed by the edges with y0 <= y + 0.5 < y1, a centre exactly on an edge inside on a ring's right side only."""
+    top, left, h, w = window
+    start = np.concatenate(rings)
+    end = np.concatenate([np.roll(ring, -1, axis=0) for ring in rings])
+    low, high = np.minimum(start[:, 1], end[:, 1]), np.maximum(start[:, 1], end[:, 1])
+    # each edge crosses the rows whose centre row + 0.5 is in [low, high): horizontal edges cross none
+    first = np.clip(np.ceil(low - top - 0.5), 0, h).astype(np.int64)
+    stop = np.clip(np.ceil(high - top - 0.5), 0, h).astype(np.int64)
+    edge = np.repeat(np.arange(len(start)), stop - first)
+    row = np.arange(len(edge)) - np.repeat(np.cumsum(stop - first) - (stop - first), stop - first) + first[edge]
+    y = top + row + 0.5
+    (x0, y0), (x1, y1) = start[edge].T, end[edge].T
+    x = x0 + (y - y0) * (x1 - x0) / (y1 - y0) - left
+    # crossings sorted row by row (rows span + 1 apart, the crossings clipped into their row's span): the crossings
+    # left of a centre are the ones before it, and an odd count puts it inside
+    span = w + 3
+    keys = np.sort(row * span + np.clip(x, -1, w + 1) + 1)
+    centres = np.arange(h)[:, None] * span + np.arange(w)[None, :] + 1.5
+    left_of = np.searchsorted(keys, centres, "left") - np.searchsorted(keys, np.arange(h)[:, None] * span, "left")
+    return left_of % 2 == 1
+
+
+def fill_oval(box, window):
+    """bool [h, w]: the pixels of ``window`` (top, left, h, w) whose centres lie inside or on the ellipse inscribed in
+    ``box`` (left, top, right, bottom), ImageJ's OvalRoi.contains rule. ImageJ's own oval mask (OvalRoi.getMask,
+    1.52 on) is an integer polygon traced around the same pixel centres, so the two can differ only at a pixel whose
+    centre lies on the ellipse within rounding (none in tests/test_rois.py's ovals)."""
+    top, left, h, w = window
+    a, b = (box[2] - box[0]) / 2, (box[3] - box[1]) / 2
+    dx = (left + np.arange(w) + 0.5 - (box[0] + a)) / a
+    dy = (top + np.arange(h) + 0.5 - (box[1] + b)) / b
+    return dy[:, None] ** 2 + dx[None, :] ** 2 <= 1
+
+
+def roi_pixels(roi, shape):
+    """The pixels of an area ROI (:func:`is_area`) in an image of ``shape`` (H, W): (bool [h, w], (rows, cols)
+    slices of the image they cover), clipped to the image; None when it covers none of its pixels."""
+    composite = roi.roitype == ROI_TYPE.RECT and roi.shape_roi_size > 0
+    simple = roi.roitype in (ROI_TYPE.RECT, ROI_TYPE.OVAL) and not composite
+    rings = None if simple else rings_of(roi)
+    if rings is not None and not rings:  # a composite or polygon of fewer than 3 points encloses nothing
+        return None
+    if simple:
+        x0, y0, x1, y1 = box_of(roi)
+    else:
+        (x0, y0), (x1, y1) = np.concatenate(rings).min(axis=0), np.concatenate(rings).max(axis=0)
+    top, left = max(int(np.floor(y0)), 0), max(int(np.floor(x0)), 0)
+    bottom, right = min(int(np.ceil(y1)), shape[0]), min(int(np.ceil(x1)), shape[1])
+    if bottom <= top or right <= left:
+        return None
+    window = (top, left, bottom - top, right - left)
+    if roi.roitype == ROI_TYPE.OVAL:
+        pixels = fill_oval((x0, y0, x1, y1), window)
+    elif simple:  # a rectangle's pixel centres are inside it: its whole window, for integer and sub-pixel corners
+        pixels = fill_rings([np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]])], window)
+    else:
+        pixels = fill_rings(rings, window)
+    if not pixels.any():
+        return None
+    return pixels, (slice(top, bottom), slice(left, right))
+
+
+def check_plane(rois, path):
+    """A DataError naming the file when any of ``rois`` sits on a stack plane past the first (its position, slice
+    or frame above 1): training reads 2D images."""
+    planes = [roi for roi in rois if max(roi.position, roi.z_position, roi.t_position) > 1]
+    if planes:
+        roi = planes[0]
+        raise DataError(f"ImageJ ROIs {path}: {len(planes)} of {len(rois)} ROIs are on a stack plane past the first "
+                        f"(e.g. '{roi.name}': position {roi.position}, slice {roi.z_position}, frame "
+                        f"{roi.t_position}); training reads 2D images: draw them on a 2D image, or in Fiji's ROI "
+                        "Manager use More > Remove Slice Info, then save the set again")
+
+
+def roi_labels(path, shape):
+    """The ImageJ ROIs of ``path`` (:func:`read_rois`) as instance labels uint16 [H, W] of ``shape`` (H, W): 0 the
+    background, the area ROIs 1..N in the file's order, each on the pixels whose centres it encloses as ImageJ's
+    Measure and Fill take them (:func:`roi_pixels`), a later ROI over an earlier one where they overlap (as ImageJ
+    draws them), clipped to the image. Also returns the notes (a list of one-line strings) on ROIs left out: not
+    areas, covering no pixel of the image, pixels claimed twice. A stack plane past the first (:func:`check_plane`)
+    or more than 65,535 areas is a DataError naming the file."""
+    rois = read_rois(path)
+    check_plane(rois, path)
+    areas = [roi for roi in rois if is_area(roi)]
+    if len(areas) > MAX_ROIS:
+        raise DataError(f"ImageJ ROIs {path}: {len(areas)} area ROIs, more than the {MAX_ROIS} that a 16-bit label "
+                        "image numbers; split the image (and its ROIs) into tiles")
+    labels, twice = np.zeros(shape, np.uint16), np.zeros(shape, bool)
+    outside = 0
+    for value, roi in enumerate(areas, start=1):
+        found = roi_pixels(roi, shape)
+        if found is None:
+            outside += 1
+            continue
+        pixels, box = found
+        twice[box] |= pixels & (labels[box] > 0)
+        labels[box][pixels] = value
+    notes = []
+    if len(rois) > len(areas):
+        n = len(rois) - len(areas)
+        notes.append(f"note: {path}: {n} ROI{'s are' if n > 1 else ' is'} no area (a line, point, angle or text) "
+                     "and left out")
+    if outside:
+        notes.append(f"note: {path}: {outside} ROI{'s cover' if outside > 1 else ' covers'} no pixel of the "
+                     f"{shape[1]}x{shape[0]} image (outside it, or too small to enclose a pixel's centre)")
+    if twice.any():
+        notes.append(f"note: {path}: {int(twice.sum())} pixels lie in two ROIs or more; each goes to the later ROI "
+                     "in the file")
+    return labels, notes

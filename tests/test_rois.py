@@ -1,14 +1,19 @@
 """Tests for rois.py: each nucleus's ImageJ ROI encloses exactly its pixels, checked by an independent polygon test
 (matplotlib's Path at ImageJ's pixel centres), after a round trip through the zip file as roifile reads it."""
+import os
+import zipfile
+
 import numpy as np
 import pytest
 from matplotlib.path import Path
-from roifile import roiread
+from roifile import ROI_SUBTYPE, ROI_TYPE, ImagejRoi, roiread
 from scipy import ndimage as ndi
 from skimage.measure import label as connected
 from skimage.segmentation import relabel_sequential
 
-from rois import nucleus_rois, rois_archive
+import rois
+from rois import nucleus_rois, roi_labels, rois_archive
+from utils import DataError
 
 
 def enclosed_pixels(coordinates, shape):
@@ -130,3 +135,116 @@ def test_an_error_or_ctrl_c_while_writing_leaves_the_old_file(tmp_path):
             raise stop
         assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_rois.zip"]
+
+
+# ------------------------------------------------------------------------------ ImageJ ROI sets as training labels
+
+def save_rois(path, rois):
+    """A ROI Manager zip file of ``rois`` at ``path`` (rois_archive, predict.py's writer), folders created."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with rois_archive(path) as add:
+        add(rois)
+    return path
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_roi_sets_read_back_as_the_labels_they_were_written_from(tmp_path, seed):
+    labels = blobs(seed)
+    path = save_rois(str(tmp_path / "a_rois.zip"), nucleus_rois(labels))
+    back, notes = roi_labels(path, labels.shape)
+    assert back.dtype == np.uint16 and np.array_equal(back, labels) and notes == []
+
+
+def independent(roi, shape):
+    """bool [H, W] of a hand-made ROI by another route: matplotlib's Path at the pixel centres (each ring's inside
+    XORed, the even-odd rule), or the ellipse's equation for an oval."""
+    if roi.roitype == ROI_TYPE.OVAL:
+        rows, cols = np.mgrid[0:shape[0], 0:shape[1]] + 0.5
+        a, b = (roi.right - roi.left) / 2, (roi.bottom - roi.top) / 2
+        return ((cols - roi.left - a) / a) ** 2 + ((rows - roi.top - b) / b) ** 2 <= 1
+    inside = np.zeros(shape, bool)
+    for ring in roi.coordinates(multi=True):
+        inside ^= enclosed_pixels(ring, shape)
+    return inside
+
+
+def hand_made_rois():
+    """One ROI of each area type, as Fiji saves them: sub-pixel and integer polygons, freehand, traced, rectangle,
+    ovals and a composite with a hole."""
+    subpixel = ImagejRoi.frompoints(np.array([[2.3, 1.7], [17.6, 4.2], [12.1, 15.8], [6.4, 9.9], [1.2, 13.4]]))
+    integer = ImagejRoi.frompoints(np.array([[3, 2], [19, 7], [8, 17], [2, 12]]))  # no edge through a centre
+    integer.roitype = ROI_TYPE.POLYGON
+    traced = ImagejRoi.frompoints(np.array([[4, 3], [9, 3], [9, 6], [14, 6], [14, 12], [4, 12]]))
+    traced.roitype = ROI_TYPE.TRACED
+    outer, hole = [0, 2.2, 2.3, 1, 18.6, 2.1, 1, 17.8, 16.2, 1, 3.1, 17.4, 4], [0, 7.3, 6.2, 1, 12.4, 7.6, 1, 9.7, 12.3, 4]
+    composite = ImagejRoi(roitype=ROI_TYPE.RECT, multi_coordinates=np.array(outer + hole, np.float32),
+                          shape_roi_size=len(outer + hole), left=2, top=2, right=19, bottom=18)
+    return {"subpixel polygon": subpixel, "integer polygon": integer, "traced": traced,
+            "rectangle": ImagejRoi(roitype=ROI_TYPE.RECT, left=3, top=5, right=16, bottom=11),
+            "oval": ImagejRoi(roitype=ROI_TYPE.OVAL, left=2, top=4, right=19, bottom=15),
+            "round oval": ImagejRoi(roitype=ROI_TYPE.OVAL, left=5, top=3, right=16, bottom=14),
+            "composite with a hole": composite}
+
+
+@pytest.mark.parametrize("kind", list(hand_made_rois()))
+def test_each_area_type_fills_the_pixels_whose_centres_it_encloses(tmp_path, kind):
+    roi = hand_made_rois()[kind]
+    path = save_rois(str(tmp_path / "a.zip"), [roi])
+    labels, notes = roi_labels(path, (20, 22))
+    expected = independent(ImagejRoi.frombytes(roi.tobytes()), (20, 22))
+    assert expected.sum() > 20 and notes == []
+    assert np.array_equal(labels == 1, expected) and set(np.unique(labels)) == {0, 1}
+    if kind == "rectangle":
+        assert np.array_equal(np.argwhere(labels).min(axis=0), [5, 3]) and (labels == 1).sum() == 6 * 13
+    if kind == "composite with a hole":
+        assert not labels[9, 9]  # in the hole
+
+
+def test_a_single_roi_file_an_empty_set_and_the_notes(tmp_path):
+    one = tmp_path / "one.roi"
+    hand_made_rois()["oval"].tofile(str(one))
+    assert (roi_labels(str(one), (20, 22))[0] == 1).sum() > 100
+    empty = save_rois(str(tmp_path / "empty.zip"), [])
+    labels, notes = roi_labels(empty, (8, 9))
+    assert labels.shape == (8, 9) and not labels.any() and notes == []
+    square = ImagejRoi(roitype=ROI_TYPE.RECT, left=2, top=2, right=8, bottom=8)
+    later = ImagejRoi(roitype=ROI_TYPE.RECT, left=6, top=6, right=14, bottom=9)  # 2 x 2 over the square
+    line = ImagejRoi(roitype=ROI_TYPE.LINE, x1=1, y1=1, x2=5, y2=5)
+    text = ImagejRoi(roitype=ROI_TYPE.RECT, subtype=ROI_SUBTYPE.TEXT, left=1, top=1, right=4, bottom=3, text="a")
+    far = ImagejRoi(roitype=ROI_TYPE.RECT, left=40, top=40, right=50, bottom=50)
+    tiny = ImagejRoi.frompoints(np.array([[3.1, 3.1], [3.4, 3.1], [3.2, 3.4]]))
+    edge = ImagejRoi(roitype=ROI_TYPE.RECT, left=9, top=-3, right=30, bottom=4)  # partly outside: clipped
+    mixed = [square, line, later, text, far, tiny, edge]
+    for n, roi in enumerate(mixed):
+        roi.name = f"{n:04d}"  # the names of a zip's entries, unique as the ROI Manager keeps them
+    path = save_rois(str(tmp_path / "mixed.zip"), mixed)
+    labels, notes = roi_labels(path, (12, 12))
+    assert np.count_nonzero(labels == 1) == 36 - 4 and np.count_nonzero(labels == 2) == 6 * 3
+    assert labels[6:8, 6:8].tolist() == [[2, 2], [2, 2]] and not (labels == 3).any() and not (labels == 4).any()
+    assert np.array_equal(np.argwhere(labels == 5).max(axis=0), [3, 11]) and (labels == 5).sum() == 4 * 3
+    assert notes == [f"note: {path}: 2 ROIs are no area (a line, point, angle or text) and left out",
+                     f"note: {path}: 2 ROIs cover no pixel of the 12x12 image (outside it, or too small to enclose "
+                     "a pixel's centre)",
+                     f"note: {path}: 4 pixels lie in two ROIs or more; each goes to the later ROI in the file"]
+
+
+def test_unusable_roi_files_are_one_line_errors_naming_them(tmp_path, monkeypatch):
+    damaged = tmp_path / "damaged.zip"
+    damaged.write_bytes(b"PK\x03\x04 not a zip")
+    with zipfile.ZipFile(tmp_path / "bad_entry.zip", "w") as z:
+        z.writestr("0001.roi", b"Iout")
+    for path in (damaged, tmp_path / "bad_entry.zip"):
+        with pytest.raises(DataError, match=f"cannot read ImageJ ROIs {path}: not a readable ROI file .*; save the "
+                                            r"set again from Fiji's ROI Manager \(More > Save...\)"):
+            roi_labels(str(path), (8, 8))
+    plane = ImagejRoi(roitype=ROI_TYPE.RECT, left=1, top=1, right=3, bottom=3, name="0002", position=3)
+    staged = save_rois(str(tmp_path / "stack.zip"), [ImagejRoi(roitype=ROI_TYPE.RECT, right=2, bottom=2, name="0001"),
+                                                     plane])
+    with pytest.raises(DataError, match=f"ImageJ ROIs {staged}: 1 of 2 ROIs are on a stack plane past the first "
+                                        r"\(e.g. '0002': position 3.*Remove Slice Info"):
+        roi_labels(staged, (8, 8))
+    monkeypatch.setattr(rois, "MAX_ROIS", 2)
+    many = save_rois(str(tmp_path / "many.zip"), [ImagejRoi(roitype=ROI_TYPE.RECT, right=2, bottom=2, name=str(n))
+                                                  for n in range(3)])
+    with pytest.raises(DataError, match=f"ImageJ ROIs {many}: 3 area ROIs, more than the 2 that a 16-bit label "):
+        roi_labels(many, (8, 8))
