@@ -1,6 +1,6 @@
 """The training layouts on disk, and a torch Dataset over them.
 
-Three layouts (:class:`Layout`); the first is the one pytorch-nested-unet used::
+Four layouts (:class:`Layout`); the first is the one pytorch-nested-unet used::
 
     inputs/<dataset>/images/<id><img_ext>
     inputs/<dataset>/masks/<class>/<id><mask_ext>     # class folders 0, 1, ... one per output channel
@@ -12,6 +12,10 @@ Three layouts (:class:`Layout`); the first is the one pytorch-nested-unet used::
     inputs/<dataset>/<id>_img<img_ext>                # Cellpose's layout: image and label image side by side
     inputs/<dataset>/<id>_masks<mask_ext>             # (or <id><img_ext> + <id>_masks<mask_ext>, Cellpose's own
                                                       # training folders; its <id>_flows files are left out)
+
+    inputs/<dataset>/images/<id><img_ext>             # ImageJ ROIs (Fiji's ROI Manager, predict.py --rois): one
+    inputs/<dataset>/rois/<id>.zip                    # area ROI per nucleus (or <id>_rois.zip, or one <id>.roi),
+                                                      # drawn as label images by rois.roi_labels
 
 With label images the binary mask (one class) is every labelled pixel, and the labels serve the instance score and
 ``--borders``. The files are read by image_files.py (PNG/JPEG/BMP with OpenCV, TIFF with tifffile).
@@ -41,6 +45,7 @@ import torch
 import distributed
 from image_files import (CELLPOSE_NOT_IMAGES, JPEG_EXTS, NEAREST, decode_image, image_to_float, normalize, read_label_image,
                          read_mask)
+from rois import ROI_FILES, roi_labels
 from instances import median_diameter, nucleus_areas, touching_borders
 from utils import (NEAR_NAMES, STOP_SIGNALS, DataError, UsageError, check_utf8_names, first_few, near_names,
                    printable_path, progress_bar, usable_cpus)
@@ -58,9 +63,9 @@ def _ids_in(folder, ext):
 
 
 class Layout:
-    """Where the files of sample ``img_id`` are in a dataset folder of one of the three layouts (module docstring):
-    ``kind`` is 'masks', 'labels' (label images in ``label_dir``) or 'cellpose' (images named <id>``img_suffix``,
-    '_img' or '')."""
+    """Where the files of sample ``img_id`` are in a dataset folder of one of the four layouts (module docstring):
+    ``kind`` is 'masks', 'labels' (label images in ``label_dir``), 'rois' (ImageJ ROI sets in ``label_dir``) or
+    'cellpose' (images named <id>``img_suffix``, '_img' or '')."""
 
     def __init__(self, dataset_dir, kind, img_ext=".png", mask_ext=".png", label_dir=None, img_suffix="_img"):
         self.dataset_dir, self.kind, self.img_ext, self.mask_ext = dataset_dir, kind, img_ext, mask_ext
@@ -81,8 +86,26 @@ class Layout:
             return os.path.join(self.dataset_dir, f"{img_id}_masks{self.mask_ext}")
         if self.kind == "labels":
             return os.path.join(self.label_dir, img_id + self.mask_ext)
+        if self.kind == "rois":
+            found = [p for p in (os.path.join(self.label_dir, img_id + e) for e in ROI_FILES) if os.path.isfile(p)]
+            return found[0] if found else os.path.join(self.label_dir, img_id + ".zip")
         path = os.path.join(self.dataset_dir, "labels", img_id + ".png")
         return path if os.path.isfile(path) else None
+
+    def read_labels(self, img_id, shape=None):
+        """The instance labels of ``img_id`` -> int32 [H, W] (:func:`read_instance_labels`; ``shape`` its image's
+        (H, W) when known)."""
+        return read_instance_labels(self.labels(img_id), self.image(img_id), shape)
+
+    def roi_files(self):
+        """{id: [its ROI files' names]} of the files in the 'rois' layout's folder: <id>_rois.zip, <id>.zip or
+        <id>.roi (:data:`rois.ROI_FILES`), the id an image's where one matches, else the name's stem."""
+        images, files = self.image_ids(), {}
+        for name in sorted(os.listdir(self.label_dir)):
+            stems = [name[:-len(e)] for e in ROI_FILES if name.endswith(e) and not name.startswith(".")]
+            if stems:
+                files.setdefault(next((s for s in stems if s in images), stems[-1]), []).append(name)
+        return files
 
     def image_ids(self):
         if self.kind == "cellpose":
@@ -93,7 +116,7 @@ class Layout:
 
 def find_layout(dataset_dir, img_ext=".png", mask_ext=".png"):
     """The :class:`Layout` of ``dataset_dir``: class folders under masks/ make the 'masks' layout; label images in
-    labels/ (no masks/) or directly in masks/ the 'labels' layout; <id>_img files (or without images/, any images)
+    labels/ (no masks/) or directly in masks/ the 'labels' layout; a rois/ folder (no masks/ nor labels/) 'rois'; <id>_img files (or without images/, any images)
     beside <id>_masks files Cellpose's."""
     img_dir, mask_dir = os.path.join(dataset_dir, "images"), os.path.join(dataset_dir, "masks")
     if not os.path.isdir(img_dir):
@@ -118,7 +141,13 @@ def find_layout(dataset_dir, img_ext=".png", mask_ext=".png"):
                             f"({first_few(sorted(_ids_in(mask_dir, mask_ext)))}): masks go in masks/<class>/<id>, "
                             "label images directly in masks/<id>; move the other kind out")
         return Layout(dataset_dir, "labels", img_ext, mask_ext, mask_dir)
-    labels_dir = os.path.join(dataset_dir, "labels")
+    labels_dir, rois_dir = os.path.join(dataset_dir, "labels"), os.path.join(dataset_dir, "rois")
+    if os.path.isdir(rois_dir):
+        other = [d for d in (mask_dir, labels_dir) if os.path.isdir(d)]
+        if other:  # which one the user meant cannot be told
+            raise DataError(f"{dataset_dir} holds both ImageJ ROIs (rois/) and {os.path.basename(other[0])}/: give "
+                            "each image one kind of annotation; move the other folder out")
+        return Layout(dataset_dir, "rois", img_ext, mask_ext, rois_dir)
     if not os.path.isdir(mask_dir) and os.path.isdir(labels_dir):
         return Layout(dataset_dir, "labels", img_ext, mask_ext, labels_dir)
     return Layout(dataset_dir, "masks", img_ext, mask_ext)
@@ -159,7 +188,7 @@ def _mask_extension_too(layout, mask_ext):
     folder = layout.label_dir if layout.kind == "labels" else os.path.join(masks, "0")
     if layout.kind == "masks" and not os.path.isdir(folder):  # label images of another type than --mask_ext
         folder = masks  # directly in masks/ are not found as such, so that layout reads as 'masks'
-    if layout.kind == "cellpose" or not os.path.isdir(folder):
+    if layout.kind in ("cellpose", "rois") or not os.path.isdir(folder):
         return ""
     found = {os.path.splitext(f)[1] for f in os.listdir(folder) if not f.startswith(".")} - {""}
     if len(found) != 1 or mask_ext in found:
@@ -195,7 +224,9 @@ def list_ids(dataset_dir, img_ext=".png", mask_ext=".png", num_classes=1):
         if num_classes != 1:
             raise UsageError(f"--num_classes {num_classes}: a dataset of label images ({dataset_dir}) has one class, "
                              "the nuclei; use --num_classes 1")
-        if layout.kind == "cellpose":
+        if layout.kind == "rois":
+            check_roi_files(layout, ids)
+        elif layout.kind == "cellpose":
             label_ids = _ids_in(dataset_dir, f"_masks{mask_ext}")
             _check_pairs(ids, label_ids, dataset_dir, "<id>_masks label image", mask_ext, "--mask_ext", "_masks")
         else:
@@ -225,6 +256,38 @@ def list_ids(dataset_dir, img_ext=".png", mask_ext=".png", num_classes=1):
     return sorted(ids)
 
 
+def check_roi_files(layout, ids):
+    """Pair the images ``ids`` of a 'rois' ``layout`` with their ROI files, and decode each once, printing its notes
+    (rois.roi_labels): a DataError names an image without ROIs, ROIs without an image, two ROI files of one image or
+    a file that cannot be used."""
+    files, folder = layout.roi_files(), layout.label_dir
+    twice = {i: names for i, names in files.items() if len(names) > 1}
+    if twice:
+        img_id, names = next(iter(sorted(twice.items())))
+        raise DataError(f"image {img_id} has {len(names)} ROI files in {folder}: {', '.join(names)}; keep one")
+    for missing, what, fix in ((set(ids) - set(files), "image{s} without ImageJ ROIs", "give each image its ROI set, "
+                                "saved from Fiji's ROI Manager as <id>.zip (More > Save...; an image without nuclei: "
+                                "an empty zip file)"),
+                               (set(files) - set(ids), "ROI file{s} without an image",
+                                "name each ROI set as its image, <id>.zip, <id>_rois.zip or <id>.roi")):
+        if missing:
+            names = [files[i][0] for i in missing] if what.startswith("ROI") else missing
+            raise DataError(f"{len(missing)} {what.format(s='s' * (len(missing) > 1))} in {folder}: "
+                            f"{first_few(sorted(names))}; {fix}")
+    for img_id in progress_bar(sorted(ids), desc="ImageJ ROIs", unit="img", leave=False, disable=len(ids) < 200):
+        for note in roi_labels(layout.labels(img_id), decode_image(layout.image(img_id)).shape[:2])[1]:
+            print(note)
+
+
+def read_instance_labels(path, image_path, shape=None):
+    """The instance labels in ``path`` -> int32 [H, W] (0 = background): a label image (image_files.read_label_image),
+    or an ImageJ ROI set (rois.ROI_FILES) drawn at the size of its image ``image_path`` (``shape`` (H, W) when known)
+    by rois.roi_labels, its notes left to :func:`check_roi_files`."""
+    if not path.endswith(ROI_FILES):
+        return read_label_image(path)
+    return roi_labels(path, shape or decode_image(image_path).shape[:2])[0].astype(np.int32)
+
+
 def nucleus_diameter(dataset_dir, ids, img_ext=".png", mask_ext=".png"):
     """The median diameter in pixels (instances.median_diameter) of the nuclei of samples ``ids``: from their
     instance labels, or where a sample has none from the connected components of its class-0 mask (touching nuclei
@@ -237,7 +300,7 @@ def nucleus_diameter(dataset_dir, ids, img_ext=".png", mask_ext=".png"):
         if path is None:
             labels = cv2.connectedComponents((read_mask(layout.mask(img_id, 0)) > 0).astype(np.uint8))[1]
         else:
-            labels = read_label_image(path)
+            labels = layout.read_labels(img_id)
         areas.append(nucleus_areas(labels))
     return median_diameter(np.concatenate(areas)) if areas else 0.0
 
@@ -362,7 +425,7 @@ class Dataset(torch.utils.data.Dataset):
     def read_labels(self, img_id, shape):
         """The instance labels of ``img_id``: int32 [H, W], 0 = background."""
         path = self.layout.labels(img_id)
-        labels = read_label_image(path)
+        labels = self.layout.read_labels(img_id, shape)
         if labels.shape != shape:
             raise DataError(f"label image {path} is {labels.shape[0]}x{labels.shape[1]} but the image is "
                             f"{shape[0]}x{shape[1]}; instance labels must have their image's size")

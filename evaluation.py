@@ -14,10 +14,10 @@ import pandas as pd
 import yaml
 
 from config import INPUTS_DIR, dataset_folder, saved_run_dir
-from dataset import MODALITIES, find_layout, list_ids, nucleus_diameter
+from dataset import MODALITIES, find_layout, list_ids, nucleus_diameter, read_instance_labels
 from files import atomic_imwrite, atomic_write
 from splits import changed_images_note, read_split, split_ids
-from image_files import decode_image, denormalize, read_labels
+from image_files import decode_image, denormalize, resize_labels
 from inference import host_probabilities
 from instances import auto_scale, border_map
 from metrics import dsb_scores
@@ -234,8 +234,8 @@ class ImageWriter:
     """``engine.evaluate``'s ``on_batch``: per image, writes ``<out_dir>/<class>/<id>.png`` (probability x 255;
     ``borders/`` for the border channel), the overlay (unless ``overlays`` is False) and a row of scores.
 
-    classes: the mask classes K (a channel after them is the learned border map); labels: {img_id: label image path}
-    of the images with instance labels, scored by each of ``methods`` (instances.split_instances with ``filters``),
+    classes: the mask classes K (a channel after them is the learned border map); labels: {img_id: (label file, image file)}
+    of the images with instance labels (dataset.read_instance_labels), scored by each of ``methods`` (instances.split_instances with ``filters``),
     the first one also in the row.
 
     The per-image work (instance separation, PNG encoding) runs in threads after every ``buffer_mb`` MB of
@@ -278,7 +278,7 @@ class ImageWriter:
                            np.round(prob[c] * 255).astype(np.uint8))
         row, dsb = {"img_id": img_id, "iou": float(iou.mean()), "dice": float(dice.mean()), "kind": kind}, {}
         if img_id in self.labels:  # DSB2018 instance score at the evaluated size
-            truth_labels = read_labels(self.labels[img_id], prob.shape[1:])
+            truth_labels = resize_labels(read_instance_labels(*self.labels[img_id]), prob.shape[1:])
             dsb = dsb_scores(prob[0], truth_labels, self.methods, border=border_map(prob, k), **self.filters)
             row["dsb"] = dsb[self.methods[0]]
         if k > 1:

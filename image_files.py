@@ -517,9 +517,14 @@ def _label_values(path):
 def read_labels(path, shape=None):
     """:func:`read_label_image`, resized with nearest-neighbour to ``shape`` = (H, W) when that differs from the
     file's (a label stays a label; an object too small for the new size may vanish) -> int32 [H, W]."""
-    labels = read_label_image(path)
+    return resize_labels(read_label_image(path), shape)
+
+
+def resize_labels(labels, shape=None):
+    """Instance labels int [H, W] resized with nearest-neighbour to ``shape`` = (H, W) when that differs -> int32
+    [H, W] (a label stays a label; an object too small for the new size may vanish)."""
     if shape is not None and tuple(labels.shape) != tuple(shape):
-        labels = cv2.resize(labels, (shape[1], shape[0]), interpolation=NEAREST)  # int32: ids exact
+        labels = cv2.resize(labels.astype(np.int32), (shape[1], shape[0]), interpolation=NEAREST)  # int32: ids exact
     return labels.astype(np.int32)
 
 

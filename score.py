@@ -63,7 +63,7 @@ def main(argv):
     truths, folder = truth_files(args.truth, args.img_ext, args.mask_ext)
     preds, strays = pair_predictions(args.pred, sorted(truths), args.suffix, PRED_SUFFIXES)
     for img_id, pred in preds.items():
-        if any(truth and os.path.exists(truth) and os.path.samefile(pred, truth) for truth in truths[img_id]):
+        if any(truth and os.path.exists(truth) and os.path.samefile(pred, truth) for truth in truths[img_id][:2]):
             raise UsageError(f"--pred {args.pred}: {pred} is the truth of {img_id} itself; give the folder of the "
                              "predictions (or --suffix)")
     if strays:

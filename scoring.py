@@ -8,9 +8,9 @@ import shlex
 import numpy as np
 
 from config import INPUTS_DIR, dataset_folder
-from dataset import find_layout, list_ids
+from dataset import find_layout, list_ids, read_instance_labels
 from evaluation import interval_line
-from image_files import read_label_image, read_labels_or_components, read_mask
+from image_files import read_labels_or_components, read_mask
 from metrics import dsb_score_of_iou, object_iou, pooled_scores, true_positives
 from predict import CELLPOSE_OUTPUTS, IMAGE_EXTS
 from utils import DataError, check_utf8_names, first_few
@@ -22,8 +22,8 @@ COLUMNS = ["img_id", "iou", "dice", "dsb", "tp", "fp", "fn", "precision", "recal
 
 
 def truth_files(dataset, img_ext, mask_ext):
-    """{id: (label image path or None, binary mask path or None)} of every image of dataset ``dataset`` (a name in
-    inputs/ or a path; dataset.list_ids checks its layout), and its folder. The mask is class 0's of the 'masks'
+    """{id: (label file or None, binary mask path or None, image path)} of every image of dataset ``dataset`` (a
+    name in inputs/ or a path; dataset.list_ids checks its layout), and its folder. The mask is class 0's of the 'masks'
     layout, which val.py scores pixels by; label-image layouts derive their foreground from the labels."""
     folder = dataset_folder(dataset)
     if not os.path.isdir(folder):  # find_layout's message names train.py's --dataset
@@ -33,7 +33,8 @@ def truth_files(dataset, img_ext, mask_ext):
     masks = os.path.join(folder, "masks")
     classes = sum(d.isdigit() for d in os.listdir(masks)) if layout.kind == "masks" and os.path.isdir(masks) else 1
     ids = list_ids(folder, img_ext, mask_ext, max(classes, 1))  # class 0 is the nuclei
-    return {i: (layout.labels(i), layout.mask(i, 0) if layout.kind == "masks" else None) for i in ids}, folder
+    return {i: (layout.labels(i), layout.mask(i, 0) if layout.kind == "masks" else None, layout.image(i))
+            for i in ids}, folder
 
 
 def pair_predictions(pred_dir, ids, suffix, suffixes):
@@ -75,11 +76,12 @@ def pair_predictions(pred_dir, ids, suffix, suffixes):
     return {i: os.path.join(pred_dir, found[0]) for i, found in candidates.items()}, strays
 
 
-def score_image(img_id, pred_path, labels_path, mask_path):
-    """One image's row of COLUMNS (the instance scores NaN without ``labels_path``), its pixel counts
+def score_image(img_id, pred_path, labels_path, mask_path, image_path):
+    """One image's row of COLUMNS (the instance scores NaN without ``labels_path``, a label image or ImageJ ROIs drawn
+    at the size of ``image_path``: dataset.read_instance_labels), its pixel counts
     (intersection, union, predicted, true) and whether the prediction was a binary mask."""
     pred, binary = read_labels_or_components(pred_path)
-    truth = read_label_image(labels_path) if labels_path else None
+    truth = read_instance_labels(labels_path, image_path) if labels_path else None
     true_mask = read_mask(mask_path) > 0 if mask_path else truth > 0
     if pred.shape != true_mask.shape:
         raise DataError(f"prediction {pred_path} is {pred.shape[1]}x{pred.shape[0]} pixels, its truth "

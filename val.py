@@ -119,7 +119,7 @@ def evaluate_into(args, out_dir):
                              None if args.dataset is not None else args.split or "val")
     if changed:
         print(changed)
-    labels = {i: path for i, path in zip(ids, map(layout.labels, ids)) if path is not None}
+    labels = {i: (path, layout.image(i)) for i, path in zip(ids, map(layout.labels, ids)) if path is not None}
     if cfg.borders and len(labels) < len(ids):  # the border target comes from the labels: score the masks alone
         print(f"note: {len(ids) - len(labels)} of {len(ids)} images have no instance labels in {dataset_dir}: the "
               "masks alone are scored, for every image (no border or DSB2018 score; the border PNGs are written)")

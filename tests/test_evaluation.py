@@ -24,7 +24,7 @@ from utils import BatchedThreads, DataError
 
 def _batches(folder, rng, num_batches=3, batch=2, size=24):
     """Random logits and images, masks and label files of blobs: [(meta, images, logits, masks)] and the label
-    paths {img_id: path}."""
+    files {img_id: (path, None)}, as ImageWriter takes them (a label image needs no image file)."""
     batches, labels = [], {}
     for b in range(num_batches):
         ids = [f"img{b}{i}" for i in range(batch)]
@@ -32,7 +32,7 @@ def _batches(folder, rng, num_batches=3, batch=2, size=24):
         for i, img_id in enumerate(ids):
             for n, (y, x) in enumerate(rng.integers(2, size - 6, (3, 2))):
                 truth[i, y:y + 5, x:x + 5] = n + 1
-            labels[img_id] = write_image(os.path.join(folder, "labels", img_id + ".png"), truth[i])
+            labels[img_id] = write_image(os.path.join(folder, "labels", img_id + ".png"), truth[i]), None
         masks = torch.from_numpy(truth[:, None] > 0).float()
         logits = torch.from_numpy(4 * masks.numpy() - 2 + rng.normal(0, 1.5, masks.shape).astype(np.float32))
         images = torch.from_numpy(rng.normal(0, 1, (batch, 3, size, size)).astype(np.float32))
@@ -77,7 +77,7 @@ def test_threads_and_waiting_give_what_one_image_at_a_time_gives(tmp_path):
             assert a == b, f"{name}/{img_id}.png differs"
     # the scores are those of each image on its own
     meta, _, logits, _ = batches[1]
-    expected = dsb_scores(torch.sigmoid(logits[1, 0]).numpy(), read_label_image(labels[meta["img_id"][1]]),
+    expected = dsb_scores(torch.sigmoid(logits[1, 0]).numpy(), read_label_image(labels[meta["img_id"][1]][0]),
                           ["watershed", "cc"], min_size=3, min_confidence=0.5)
     assert one.set_index("img_id")["dsb"][meta["img_id"][1]] == expected["watershed"]
 

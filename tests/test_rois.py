@@ -1,6 +1,7 @@
 """Tests for rois.py: each nucleus's ImageJ ROI encloses exactly its pixels, checked by an independent polygon test
 (matplotlib's Path at ImageJ's pixel centres), after a round trip through the zip file as roifile reads it."""
 import os
+import shutil
 import zipfile
 
 import numpy as np
@@ -11,7 +12,10 @@ from scipy import ndimage as ndi
 from skimage.measure import label as connected
 from skimage.segmentation import relabel_sequential
 
+import dataset
 import rois
+from conftest import TINY_NAME, TINY_NUM, TINY_SIZE, make_synthetic, train_argv, write_image
+from image_files import read_label_image
 from rois import nucleus_rois, roi_labels, rois_archive
 from utils import DataError
 
@@ -147,6 +151,19 @@ def save_rois(path, rois):
     return path
 
 
+def roi_dataset(root, name="<id>_rois.zip"):
+    """inputs/tiny of synthetic images with their labels/ turned into ImageJ ROI sets rois/``name`` (no masks/ nor
+    labels/ left): (folder, ids)."""
+    ids = make_synthetic(root, num_images=TINY_NUM, size=TINY_SIZE)
+    folder = os.path.join(root, "inputs", TINY_NAME)
+    for img_id in ids:
+        labels = read_label_image(os.path.join(folder, "labels", img_id + ".png"))
+        save_rois(os.path.join(folder, "rois", name.replace("<id>", img_id)), nucleus_rois(labels))
+    shutil.rmtree(os.path.join(folder, "labels"))
+    shutil.rmtree(os.path.join(folder, "masks"))
+    return folder, ids
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_roi_sets_read_back_as_the_labels_they_were_written_from(tmp_path, seed):
     labels = blobs(seed)
@@ -248,3 +265,72 @@ def test_unusable_roi_files_are_one_line_errors_naming_them(tmp_path, monkeypatc
                                                   for n in range(3)])
     with pytest.raises(DataError, match=f"ImageJ ROIs {many}: 3 area ROIs, more than the 2 that a 16-bit label "):
         roi_labels(many, (8, 8))
+
+
+def test_a_dataset_of_roi_sets_reads_as_its_label_images(tmp_path, capsys):
+    """Masks, --borders targets, instance labels and the nucleus size of images + rois/ are those of the same
+    dataset with label images, for each of the three names a ROI set may have."""
+    ids = make_synthetic(tmp_path / "labelled", num_images=4, size=TINY_SIZE)
+    labelled = os.path.join(tmp_path, "labelled", "inputs", TINY_NAME)
+    shutil.rmtree(os.path.join(labelled, "masks"))  # StarDist's layout: the masks come from the label images
+    names = ["<id>_rois.zip", "<id>.zip", "<id>.roi"]
+    for img_id, name in zip(ids, names + names[:1]):
+        labels = read_label_image(os.path.join(labelled, "labels", img_id + ".png"))
+        folder = os.path.join(tmp_path, "inputs", TINY_NAME)
+        os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+        shutil.copy(os.path.join(labelled, "images", img_id + ".png"), os.path.join(folder, "images"))
+        if name.endswith(".roi"):  # one nucleus alone in a .roi file
+            labels = (labels == 1).astype(np.int32)
+            write_image(os.path.join(labelled, "labels", img_id + ".png"), labels.astype(np.uint16))
+            os.makedirs(os.path.join(folder, "rois"), exist_ok=True)
+            nucleus_rois(labels)[0].tofile(os.path.join(folder, "rois", img_id + ".roi"))
+        else:
+            save_rois(os.path.join(folder, "rois", name.replace("<id>", img_id)), nucleus_rois(labels))
+    assert dataset.find_layout(folder).kind == "rois" and dataset.list_ids(folder) == ids
+    assert capsys.readouterr().out == ""
+    for borders in (False, True):
+        ours, theirs = (dataset.Dataset(ids, f, borders=borders, border_size=(32, 32)) for f in (folder, labelled))
+        for i in range(len(ids)):
+            assert np.array_equal(ours.load(i)[1], theirs.load(i)[1]) and ours.load(i)[1][..., 0].any()
+    assert dataset.nucleus_diameter(folder, ids) == dataset.nucleus_diameter(labelled, ids)
+
+
+def test_a_dataset_of_roi_sets_names_what_is_wrong(tmp_path, capsys):
+    folder, ids = roi_dataset(tmp_path)
+    rois_dir = os.path.join(folder, "rois")
+    save_rois(os.path.join(rois_dir, ids[0] + ".zip"), [ImagejRoi(roitype=ROI_TYPE.LINE, x2=3, y2=3)])
+    with pytest.raises(DataError, match=f"image {ids[0]} has 2 ROI files in {rois_dir}: {ids[0]}.zip, "
+                                        f"{ids[0]}_rois.zip; keep one"):
+        dataset.list_ids(folder)
+    os.remove(os.path.join(rois_dir, ids[0] + "_rois.zip"))
+    dataset.list_ids(folder)  # a ROI set of no area ROI is an image without nuclei, with a note
+    assert capsys.readouterr().out == (f"note: {rois_dir}/{ids[0]}.zip: 1 ROI is no area (a line, point, angle or "
+                                       "text) and left out\n")
+    os.remove(os.path.join(rois_dir, ids[0] + ".zip"))
+    with pytest.raises(DataError, match=f"1 image without ImageJ ROIs in {rois_dir}: {ids[0]}; give each image its "
+                                        "ROI set, saved from Fiji's ROI Manager as <id>.zip"):
+        dataset.list_ids(folder)
+    save_rois(os.path.join(rois_dir, ids[0] + ".zip"), [])
+    save_rois(os.path.join(rois_dir, "stray_rois.zip"), [])
+    with pytest.raises(DataError, match=f"1 ROI file without an image in {rois_dir}: stray_rois.zip; name each"):
+        dataset.list_ids(folder)
+    os.remove(os.path.join(rois_dir, "stray_rois.zip"))
+    (tmp_path / "damaged.zip").write_bytes(b"no zip")
+    shutil.copy(tmp_path / "damaged.zip", os.path.join(rois_dir, ids[1] + "_rois.zip"))
+    with pytest.raises(DataError, match=f"cannot read ImageJ ROIs {rois_dir}/{ids[1]}_rois.zip: not a readable"):
+        dataset.list_ids(folder)
+    os.makedirs(os.path.join(folder, "labels"))
+    with pytest.raises(DataError, match=f"{folder} holds both ImageJ ROIs \\(rois/\\) and labels/: give each image "
+                                        "one kind of annotation"):
+        dataset.list_ids(folder)
+
+
+def test_train_and_val_on_roi_sets_with_borders_score_the_dsb2018_score(tmp_path, monkeypatch):
+    """A 1-epoch --borders run on images + rois/ and val.py's DSB2018 score of its split, as for label images."""
+    import train
+    import val
+    roi_dataset(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    train.main(train_argv("rois", "--borders", "True", epochs=1))
+    scores = val.main(["--name", "rois", "--device", "cpu", "--no_overlays"])
+    assert 0 <= scores["dsb"] <= 1 and "dsb_borders" in scores
