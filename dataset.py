@@ -43,8 +43,8 @@ import numpy as np
 import torch
 
 import distributed
-from image_files import (CELLPOSE_NOT_IMAGES, JPEG_EXTS, NEAREST, decode_image, image_to_float, normalize, read_label_image,
-                         read_mask)
+from image_files import (CELLPOSE_NOT_IMAGES, JPEG_EXTS, NEAREST, decode_image, image_to_float, normalize,
+                         read_label_image, read_mask)
 from rois import ROI_FILES, roi_labels
 from instances import median_diameter, nucleus_areas, touching_borders
 from utils import (NEAR_NAMES, STOP_SIGNALS, DataError, UsageError, check_utf8_names, first_few, near_names,
@@ -116,8 +116,8 @@ class Layout:
 
 def find_layout(dataset_dir, img_ext=".png", mask_ext=".png"):
     """The :class:`Layout` of ``dataset_dir``: class folders under masks/ make the 'masks' layout; label images in
-    labels/ (no masks/) or directly in masks/ the 'labels' layout; a rois/ folder (no masks/ nor labels/) 'rois'; <id>_img files (or without images/, any images)
-    beside <id>_masks files Cellpose's."""
+    labels/ (no masks/) or directly in masks/ the 'labels' layout; a rois/ folder (no masks/ nor labels/) 'rois';
+    <id>_img files (or without images/, any images) beside <id>_masks files Cellpose's."""
     img_dir, mask_dir = os.path.join(dataset_dir, "images"), os.path.join(dataset_dir, "masks")
     if not os.path.isdir(img_dir):
         files = os.listdir(dataset_dir) if os.path.isdir(dataset_dir) else []

@@ -234,9 +234,9 @@ class ImageWriter:
     """``engine.evaluate``'s ``on_batch``: per image, writes ``<out_dir>/<class>/<id>.png`` (probability x 255;
     ``borders/`` for the border channel), the overlay (unless ``overlays`` is False) and a row of scores.
 
-    classes: the mask classes K (a channel after them is the learned border map); labels: {img_id: (label file, image file)}
-    of the images with instance labels (dataset.read_instance_labels), scored by each of ``methods`` (instances.split_instances with ``filters``),
-    the first one also in the row.
+    classes: the mask classes K (a channel after them is the learned border map); labels: {img_id: (label file,
+    image file)} of the images with instance labels (dataset.read_instance_labels), scored by each of ``methods``
+    (instances.split_instances with ``filters``), the first one also in the row.
 
     The per-image work (instance separation, PNG encoding) runs in threads after every ``buffer_mb`` MB of
     predictions (utils.BatchedThreads, ``workers`` threads); rows keep the order of the images. Use it as a context

@@ -193,7 +193,8 @@ def hand_made_rois():
     integer.roitype = ROI_TYPE.POLYGON
     traced = ImagejRoi.frompoints(np.array([[4, 3], [9, 3], [9, 6], [14, 6], [14, 12], [4, 12]]))
     traced.roitype = ROI_TYPE.TRACED
-    outer, hole = [0, 2.2, 2.3, 1, 18.6, 2.1, 1, 17.8, 16.2, 1, 3.1, 17.4, 4], [0, 7.3, 6.2, 1, 12.4, 7.6, 1, 9.7, 12.3, 4]
+    outer = [0, 2.2, 2.3, 1, 18.6, 2.1, 1, 17.8, 16.2, 1, 3.1, 17.4, 4]  # roifile's path codes: 0 move, 1 line, 4 close
+    hole = [0, 7.3, 6.2, 1, 12.4, 7.6, 1, 9.7, 12.3, 4]
     composite = ImagejRoi(roitype=ROI_TYPE.RECT, multi_coordinates=np.array(outer + hole, np.float32),
                           shape_roi_size=len(outer + hole), left=2, top=2, right=19, bottom=18)
     return {"subpixel polygon": subpixel, "integer polygon": integer, "traced": traced,
