@@ -3,7 +3,8 @@ Fiji's ROI Manager opens (drag it onto Fiji, or File > Open), to measure, edit o
 
 Each nucleus is one polygon (roifile's ImagejRoi, sub-pixel coordinates) through the midpoints between its edge
 pixels and their outside neighbours, so that the pixels whose centres it encloses, as ImageJ fills a polygon, are
-exactly the nucleus's (its largest 8-connected part; a hole inside it is not outlined).
+exactly the nucleus's; a nucleus with a hole, or in several parts, is a composite ROI of all its outlines, which
+ImageJ fills even-odd (ShapeRoi), so that it too encloses exactly the nucleus's pixels.
 
 The way back: a ROI set saved from Fiji's ROI Manager (corrected, or drawn from scratch) is read as a label image
 (:func:`roi_labels`), each area ROI on the pixels whose centres it encloses, for the dataset's ``rois/`` layout.
@@ -23,24 +24,24 @@ from utils import DataError
 ENTRY_TIME = (1980, 1, 1, 0, 0, 0)
 
 
-def outline(mask):
-    """The outline of the True pixels of a bool mask [h, w] as (x, y) float [N, 2] in ImageJ's coordinates, where
-    pixel (row r, column c) covers [c, c + 1) x [r, r + 1): the outer closed contour at 0.5 (marching squares, the
-    True pixels 8-connected) of its largest 8-connected part (the most pixels) when the mask has several."""
-    parts, count = ndi.label(mask, structure=np.ones((3, 3), bool))
-    if count > 1:
-        mask = parts == np.argmax(np.bincount(parts.ravel())[1:]) + 1
+def outlines(mask):
+    """The outlines of the True pixels of a bool mask [h, w]: closed rings (x, y) float [N, 2] in ImageJ's
+    coordinates, where pixel (row r, column c) covers [c, c + 1) x [r, r + 1): the contours at 0.5 (marching squares,
+    the True pixels 8-connected), around each part and each hole. A pixel's centre lies inside an odd number of them
+    exactly when it is True: each ring separates True centres from False ones."""
     # padded so that a region touching the edge closes; contour (row, col) in the padded array's pixel-centre units
     contours = find_contours(np.pad(mask, 1).astype(np.uint8), 0.5, fully_connected="high")
-    # the outer contour encloses its holes' contours, though a ragged hole's can be the longer
-    ring = max(contours, key=enclosed_area)
-    return ring[:, ::-1] - 0.5  # -1 for the pad, +0.5 from pixel centres to ImageJ's pixel corners
+    return [ring[:, ::-1] - 0.5 for ring in contours]  # -1 for the pad, +0.5 from pixel centres to pixel corners
 
 
-def enclosed_area(ring):
-    """The area inside a closed polygon float [N, 2] (the shoelace formula), >= 0."""
-    y, x = ring[:, 0], ring[:, 1]
-    return abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))) / 2
+def composite_roi(rings, name):
+    """An ImageJ composite (shape) ROI named ``name`` of the closed ``rings`` (x, y) [N, 2], filled even-odd by
+    ImageJ: a move to each ring's first point, lines to the others, a close (java.awt.geom.PathIterator's codes)."""
+    path = np.concatenate([np.r_[0, ring[0], np.c_[np.ones(len(ring) - 1), ring[1:]].ravel(), 4] for ring in rings])
+    low, high = np.concatenate(rings).min(axis=0), np.concatenate(rings).max(axis=0)
+    return ImagejRoi(roitype=ROI_TYPE.RECT, name=name, multi_coordinates=path.astype(np.float32),
+                     shape_roi_size=len(path), left=int(np.floor(low[0])), top=int(np.floor(low[1])),
+                     right=int(np.ceil(high[0])), bottom=int(np.ceil(high[1])))
 
 
 def nucleus_rois(labels, plane=0, planes=(1, 1)):
@@ -53,8 +54,9 @@ def nucleus_rois(labels, plane=0, planes=(1, 1)):
     for label, box in enumerate(ndi.find_objects(labels), start=1):
         if box is None:
             continue
-        xy = outline(labels[box] == label) + (box[1].start, box[0].start)
-        roi = ImagejRoi.frompoints(xy, name=f"{prefix}{label:04d}")
+        rings = [ring + (box[1].start, box[0].start) for ring in outlines(labels[box] == label)]
+        name = f"{prefix}{label:04d}"
+        roi = ImagejRoi.frompoints(rings[0], name=name) if len(rings) == 1 else composite_roi(rings, name)
         if planes != (1, 1):
             roi.position = plane + 1
         # ImageJ drops the position of a ROI that has a frame or slice, and reads those in a hyperstack alone: a stack

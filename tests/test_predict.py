@@ -444,9 +444,13 @@ def test_a_stack_of_time_points_and_z_planes_keeps_both_axes(in_runs, tmp_path):
 
 
 def enclosed_pixels(roi, shape):
-    """bool [H, W]: the pixels whose centres ImageJ's polygon fill finds inside ``roi`` (matplotlib's Path test)."""
+    """bool [H, W]: the pixels whose centres ImageJ's fill finds inside ``roi`` (matplotlib's Path test; even-odd over
+    a composite ROI's rings)."""
     rows, cols = np.mgrid[0:shape[0], 0:shape[1]]
-    inside = Path(roi.coordinates()).contains_points(np.c_[cols.ravel() + 0.5, rows.ravel() + 0.5])
+    centres = np.c_[cols.ravel() + 0.5, rows.ravel() + 0.5]
+    inside = np.zeros(len(centres), bool)
+    for ring in roi.coordinates(multi=True):
+        inside ^= Path(ring).contains_points(centres)
     return inside.reshape(shape)
 
 

@@ -1,5 +1,6 @@
 """Tests for rois.py: each nucleus's ImageJ ROI encloses exactly its pixels, checked by an independent polygon test
-(matplotlib's Path at ImageJ's pixel centres), after a round trip through the zip file as roifile reads it."""
+(matplotlib's Path at ImageJ's pixel centres, even-odd over a composite ROI's rings), after a round trip through the
+zip file as roifile reads it."""
 import os
 import shutil
 import zipfile
@@ -28,27 +29,43 @@ def enclosed_pixels(coordinates, shape):
     return Path(coordinates).contains_points(centres).reshape(shape)
 
 
-def blobs(seed, shape=(24, 30)):
-    """Random 8-connected nuclei int32 [H, W] without holes, touching the edges and each other (the blobs cut in
-    two halves), with parts joined only diagonally."""
+def blobs(seed, shape=(24, 30), holes=False):
+    """Random 8-connected nuclei int32 [H, W], touching the edges and each other (the blobs cut in two halves), with
+    parts joined only diagonally; with ``holes``, some with holes (and nuclei in them) and some in several parts."""
     rng = np.random.default_rng(seed)
     right = np.arange(shape[1]) >= shape[1] // 2
     labels = connected(np.where(rng.random(shape) < 0.4, 1 + right, 0), connectivity=2)
-    for label in range(1, labels.max() + 1):  # fill each one's holes (and nuclei in them): a polygon has no holes
+    for label in range(1, labels.max() + 1):
         labels[ndi.binary_fill_holes(labels == label)] = label
+    if holes:  # a ring of pixels knocked out of each nucleus's inside, and every third nucleus merged into the next
+        labels[ndi.binary_erosion(labels > 0) & (rng.random(shape) < 0.3)] = 0
+        labels[labels % 3 == 0] += 1
     return relabel_sequential(labels)[0]
 
 
-@pytest.mark.parametrize("seed", range(8))
-def test_each_roi_encloses_exactly_its_nucleus_after_the_zip(tmp_path, seed):
-    labels = blobs(seed)
+def roi_pixels(roi, shape):
+    """bool [H, W]: the pixels whose centres lie inside an odd number of ``roi``'s rings, as ImageJ fills a polygon
+    and a composite (ShapeRoi, even-odd)."""
+    inside = np.zeros(shape, bool)
+    for ring in roi.coordinates(multi=True):
+        inside ^= enclosed_pixels(ring, shape)
+    return inside
+
+
+@pytest.mark.parametrize("seed,holes", [(seed, seed % 2 == 1) for seed in range(8)])
+def test_each_roi_encloses_exactly_its_nucleus_after_the_zip(tmp_path, seed, holes):
+    labels = blobs(seed, holes=holes)
     assert labels.max() > 3
+    parts = [ndi.label(labels == label, np.ones((3, 3)))[1] for label in range(1, labels.max() + 1)]
+    holed = [(ndi.binary_fill_holes(labels == label) & (labels != label)).any() for label in range(1, labels.max() + 1)]
+    assert not holes or max(parts) > 1 and any(holed)
     with rois_archive(tmp_path / "a_rois.zip") as add:
         add(nucleus_rois(labels))
     back = roiread(tmp_path / "a_rois.zip")
     assert [int(roi.name) for roi in back] == list(range(1, labels.max() + 1))
     for roi in back:
-        assert np.array_equal(enclosed_pixels(roi.coordinates(), labels.shape), labels == int(roi.name)), roi.name
+        assert np.array_equal(roi_pixels(roi, labels.shape), labels == int(roi.name)), roi.name
+        assert (roi.shape_roi_size > 0) == (len(roi.coordinates(multi=True)) > 1)  # a composite only where needed
 
 
 def test_single_pixels_lines_and_a_whole_image():
@@ -63,21 +80,22 @@ def test_single_pixels_lines_and_a_whole_image():
     assert np.array_equal(enclosed_pixels(whole, (5, 7)), np.ones((5, 7), bool))
 
 
-def test_a_ragged_hole_or_a_long_thin_part_does_not_take_the_nucleus_s_place():
-    """The longest contour was taken: a thin-walled nucleus around a comb-shaped hole got the hole's outline (the
-    hole's pixels, none of its own), and a nucleus in two parts the thin part's, not the largest part's."""
+def test_a_ragged_hole_and_a_thin_second_part_are_outlined_too():
+    """A thin-walled nucleus around a comb-shaped hole, and a nucleus in two parts: a composite ROI of all their
+    outlines encloses exactly their pixels (the outer contour alone took in the hole; the longest contour once took
+    the hole's outline, and a nucleus in two parts the thin part's)."""
     ring = np.zeros((16, 16), np.int32)
     ring[1:15, 1:15] = 1
     ring[3:13, 3:12:2] = 0  # the comb's teeth
     ring[3, 3:12] = 0
-    assert np.array_equal(enclosed_pixels(nucleus_rois(ring)[0].coordinates(), ring.shape),
-                          ndi.binary_fill_holes(ring))
     parts = np.zeros((20, 40), np.int32)
     parts[1:9, 1:9] = 1  # 64 pixels
     parts[15, 2:38] = 1  # 36 pixels in a line, its contour the longer
-    blob = parts.copy()
-    blob[15] = 0
-    assert np.array_equal(enclosed_pixels(nucleus_rois(parts)[0].coordinates(), parts.shape), blob == 1)
+    for labels in ring, parts:
+        roi = nucleus_rois(labels)[0]
+        assert roi.roitype == ROI_TYPE.RECT and roi.shape_roi_size > 0  # ImageJ's composite
+        back = ImagejRoi.frombytes(roi.tobytes())
+        assert np.array_equal(roi_pixels(back, labels.shape), labels == 1)
 
 
 def test_labels_missing_from_the_image_are_skipped_and_names_follow_the_labels():
@@ -166,7 +184,7 @@ def roi_dataset(root, name="<id>_rois.zip"):
 
 @pytest.mark.parametrize("seed", range(6))
 def test_roi_sets_read_back_as_the_labels_they_were_written_from(tmp_path, seed):
-    labels = blobs(seed)
+    labels = blobs(seed, holes=seed % 2 == 1)
     path = save_rois(str(tmp_path / "a_rois.zip"), nucleus_rois(labels))
     back, notes = roi_labels(path, labels.shape)
     assert back.dtype == np.uint16 and np.array_equal(back, labels) and notes == []
@@ -179,10 +197,7 @@ def independent(roi, shape):
         rows, cols = np.mgrid[0:shape[0], 0:shape[1]] + 0.5
         a, b = (roi.right - roi.left) / 2, (roi.bottom - roi.top) / 2
         return ((cols - roi.left - a) / a) ** 2 + ((rows - roi.top - b) / b) ** 2 <= 1
-    inside = np.zeros(shape, bool)
-    for ring in roi.coordinates(multi=True):
-        inside ^= enclosed_pixels(ring, shape)
-    return inside
+    return roi_pixels(roi, shape)
 
 
 def hand_made_rois():
