@@ -265,9 +265,12 @@ def check_roi_files(layout, ids):
     if twice:
         img_id, names = next(iter(sorted(twice.items())))
         raise DataError(f"image {img_id} has {len(names)} ROI files in {folder}: {', '.join(names)}; keep one")
-    for missing, what, fix in ((set(ids) - set(files), "image{s} without ImageJ ROIs", "give each image its ROI set, "
+    strays = [files[i][0] for i in set(files) - set(ids)]
+    # a set saved under another name (Fiji's default RoiSet.zip, a copy's "<id> (1).zip") is the one an image lacks
+    found = f"; found {first_few(strays)}, named as no image: one set per image, named as it" if strays else ""
+    for missing, what, fix in ((set(ids) - set(files), "image{s} without ImageJ ROIs", f"give each image its ROI set, "
                                 "saved from Fiji's ROI Manager as <id>.zip (More > Save...; an image without nuclei: "
-                                "an empty zip file)"),
+                                f"an empty zip file){found}"),
                                (set(files) - set(ids), "ROI file{s} without an image",
                                 "name each ROI set as its image, <id>.zip, <id>_rois.zip or <id>.roi")):
         if missing:

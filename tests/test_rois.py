@@ -2,6 +2,7 @@
 (matplotlib's Path at ImageJ's pixel centres, even-odd over a composite ROI's rings), after a round trip through the
 zip file as roifile reads it."""
 import os
+import re
 import shutil
 import zipfile
 
@@ -339,6 +340,20 @@ def test_a_dataset_of_roi_sets_names_what_is_wrong(tmp_path, capsys):
     with pytest.raises(DataError, match=f"{folder} holds both ImageJ ROIs \\(rois/\\) and labels/: give each image "
                                         "one kind of annotation"):
         dataset.list_ids(folder)
+
+
+def test_a_roi_set_saved_under_another_name_is_named_with_the_image_it_lacks(tmp_path):
+    """Fiji's ROI Manager offers RoiSet.zip, and a second download is "<id> (1).zip": the image without ROIs and the
+    set without an image are one mistake, named together."""
+    folder, ids = roi_dataset(tmp_path, name="<id>.zip")
+    rois_dir = os.path.join(folder, "rois")
+    current = ids[0] + ".zip"
+    for stray in ("RoiSet.zip", f"{ids[0]} (1).zip"):
+        os.rename(os.path.join(rois_dir, current), os.path.join(rois_dir, stray))
+        current = stray
+        with pytest.raises(DataError, match=f"1 image without ImageJ ROIs in {rois_dir}: {ids[0]}; .*; found "
+                                            rf"{re.escape(stray)}, named as no image"):
+            dataset.list_ids(folder)
 
 
 def test_train_and_val_on_roi_sets_with_borders_score_the_dsb2018_score(tmp_path, monkeypatch):
