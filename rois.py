@@ -90,14 +90,22 @@ SAVE_AGAIN = "save the set again from Fiji's ROI Manager (More > Save...)"
 
 
 def read_rois(path):
-    """The ImagejRois of a ROI Manager zip file or of one ``.roi`` file, in the file's order ([] for an empty zip);
-    a damaged file is a DataError naming it."""
+    """The ImagejRois of a ROI Manager zip file (its ``.roi`` entries, as Fiji opens it) or of one ``.roi`` file, in
+    the file's order ([] for an empty zip); a damaged file is a DataError naming it (and the zip's entry)."""
+    entry = None
     try:
-        rois = ImagejRoi.fromfile(path)
+        if not path.endswith(".zip"):
+            return [ImagejRoi.fromfile(path)]
+        with zipfile.ZipFile(path) as archive:
+            rois = []
+            # Fiji's ROI Manager reads the .roi entries alone: folders, notes or a README zipped with them are no ROIs
+            for entry in (name for name in archive.namelist() if name.endswith(".roi")):
+                rois.append(ImagejRoi.frombytes(archive.read(entry)))
+            return rois
     except Exception as e:  # zipfile.BadZipFile, ValueError, struct.error, ... for damaged files
-        raise DataError(f"cannot read ImageJ ROIs {path}: not a readable ROI file ({str(e).splitlines()[0][:80]}); "
-                        f"{SAVE_AGAIN}") from None
-    return rois if isinstance(rois, list) else [rois]
+        where = f" (entry {entry})" if entry else ""
+        raise DataError(f"cannot read ImageJ ROIs {path}{where}: not a readable ROI file "
+                        f"({str(e).splitlines()[0][:80]}); {SAVE_AGAIN}") from None
 
 
 def is_area(roi):

@@ -262,14 +262,26 @@ def test_a_single_roi_file_an_empty_set_and_the_notes(tmp_path):
                      f"note: {path}: 4 pixels lie in two ROIs or more; each goes to the later ROI in the file"]
 
 
+def test_a_zip_with_other_files_than_rois_reads_its_rois_as_fiji_does(tmp_path):
+    """Fiji's ROI Manager opens the .roi entries of a zip and passes over the rest (a folder, a notes file zipped
+    with the set)."""
+    path = save_rois(str(tmp_path / "set.zip"), [ImagejRoi(roitype=ROI_TYPE.RECT, left=1, top=2, right=4, bottom=5,
+                                                           name="0001")])
+    with zipfile.ZipFile(path, "a") as z:
+        z.writestr("notes/", b"")
+        z.writestr("notes/counted by AB.txt", b"42 nuclei")
+    labels, notes = roi_labels(path, (8, 8))
+    assert (labels == 1).sum() == 9 and labels.max() == 1 and notes == []
+
+
 def test_unusable_roi_files_are_one_line_errors_naming_them(tmp_path, monkeypatch):
     damaged = tmp_path / "damaged.zip"
     damaged.write_bytes(b"PK\x03\x04 not a zip")
     with zipfile.ZipFile(tmp_path / "bad_entry.zip", "w") as z:
         z.writestr("0001.roi", b"Iout")
-    for path in (damaged, tmp_path / "bad_entry.zip"):
-        with pytest.raises(DataError, match=f"cannot read ImageJ ROIs {path}: not a readable ROI file .*; save the "
-                                            r"set again from Fiji's ROI Manager \(More > Save...\)"):
+    for path, entry in ((damaged, ""), (tmp_path / "bad_entry.zip", r" \(entry 0001.roi\)")):
+        with pytest.raises(DataError, match=f"cannot read ImageJ ROIs {path}{entry}: not a readable ROI file .*; save "
+                                            r"the set again from Fiji's ROI Manager \(More > Save...\)"):
             roi_labels(str(path), (8, 8))
     plane = ImagejRoi(roitype=ROI_TYPE.RECT, left=1, top=1, right=3, bottom=3, name="0002", position=3)
     staged = save_rois(str(tmp_path / "stack.zip"), [ImagejRoi(roitype=ROI_TYPE.RECT, right=2, bottom=2, name="0001"),
