@@ -9,6 +9,7 @@ ImageJ fills even-odd (ShapeRoi), so that it too encloses exactly the nucleus's 
 The way back: a ROI set saved from Fiji's ROI Manager (corrected, or drawn from scratch) is read as a label image
 (:func:`roi_labels`), each area ROI on the pixels whose centres it encloses, for the dataset's ``rois/`` layout.
 """
+import os
 import zipfile
 from contextlib import contextmanager
 
@@ -92,6 +93,10 @@ SAVE_AGAIN = "save the set again from Fiji's ROI Manager (More > Save...)"
 def read_rois(path):
     """The ImagejRois of a ROI Manager zip file (its ``.roi`` entries, as Fiji opens it) or of one ``.roi`` file, in
     the file's order ([] for an empty zip); a damaged file is a DataError naming it (and the zip's entry)."""
+    if path.endswith(".zip") and os.path.getsize(path) == 0:  # Fiji saves no empty set: a hand-made "empty zip"
+        raise DataError(f"ImageJ ROIs {path} is an empty file, not a zip file: save the set again from Fiji, or for "
+                        "an image without nuclei (a set Fiji cannot save) write an empty one: python -c \"import "
+                        f"zipfile; zipfile.ZipFile('{path}', 'w').close()\"")
     entry = None
     try:
         if not path.endswith(".zip"):

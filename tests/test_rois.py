@@ -241,6 +241,13 @@ def test_a_single_roi_file_an_empty_set_and_the_notes(tmp_path):
     empty = save_rois(str(tmp_path / "empty.zip"), [])
     labels, notes = roi_labels(empty, (8, 9))
     assert labels.shape == (8, 9) and not labels.any() and notes == []
+    touched = tmp_path / "touched.zip"  # Fiji saves no empty ROI Manager: the "empty zip file" made by hand
+    touched.write_bytes(b"")
+    with pytest.raises(DataError, match=f"ImageJ ROIs {touched} is an empty file, not a zip file: .* write an empty "
+                                        "one: python -c") as error:
+        roi_labels(str(touched), (8, 9))
+    exec(str(error.value).split("python -c ")[1].strip('"'))  # the command it gives makes a set of no nuclei
+    assert not roi_labels(str(touched), (8, 9))[0].any()
     square = ImagejRoi(roitype=ROI_TYPE.RECT, left=2, top=2, right=8, bottom=8)
     later = ImagejRoi(roitype=ROI_TYPE.RECT, left=6, top=6, right=14, bottom=9)  # 2 x 2 over the square
     line = ImagejRoi(roitype=ROI_TYPE.LINE, x1=1, y1=1, x2=5, y2=5)
