@@ -245,3 +245,38 @@ def auto_scale(found, trained, band=AUTO_SCALE_BAND, most=AUTO_SCALE_MOST):
     if found <= 0 or trained / band <= found <= trained * band:
         return 1.0
     return float(np.clip(trained / found, 1 / most, most))
+
+
+def link_planes(previous, labels, min_iou, first_new):
+    """The labels of a z plane's nuclei that continue those of the plane before it (predict.py --stitch_z).
+
+    previous: int [H, W], the plane before's labels as already linked (0 background); labels: int [H, W], this
+    plane's own (0 background, nuclei 1..N); min_iou in (0, 1]. A nucleus continues the one of ``previous`` whose
+    intersection over union with it is at least ``min_iou``, one to one, the pairs taken by decreasing IoU (ties by
+    the lower previous, then own label); the others get ``first_new``, ``first_new + 1``, ... in the order of their
+    own labels. Returns int64 [N + 1]: the new label of each own label (0 stays 0; a label absent from ``labels``
+    maps to 0).
+
+    Cellpose's stitch3D (--stitch_threshold) links a nucleus only to its best match if it is also that match's best
+    one; here a nucleus whose best match went to a closer pair continues its next best one at or above ``min_iou``.
+    Above 0.5 the two agree: no nucleus then has two partners.
+    """
+    previous, labels = np.asarray(previous), np.asarray(labels)
+    count = int(labels.max()) if labels.size else 0
+    own_areas = np.bincount(labels.ravel(), minlength=count + 1)
+    both = (previous > 0) & (labels > 0)
+    # each overlapping pair (previous label, own label) as one int64 key, counted
+    pairs, overlaps = np.unique(previous[both].astype(np.int64) * (count + 1) + labels[both], return_counts=True)
+    before, own = np.divmod(pairs, count + 1)
+    iou = overlaps / (np.bincount(previous.ravel())[before] + own_areas[own] - overlaps)
+    mapping = np.zeros(count + 1, np.int64)
+    taken = set()
+    for k in np.lexsort((own, before, -iou)):
+        if iou[k] < min_iou:
+            break
+        if not mapping[own[k]] and before[k] not in taken:
+            mapping[own[k]] = before[k]
+            taken.add(before[k])
+    unlinked = 1 + np.flatnonzero((own_areas[1:] > 0) & (mapping[1:] == 0))
+    mapping[unlinked] = np.arange(first_new, first_new + len(unlinked))
+    return mapping

@@ -10,8 +10,8 @@ from skimage.morphology import h_maxima
 
 from config import SEPARATIONS, check_object_filters, object_filters
 from image_files import read_labels
-from instances import (MIN_CONFIDENCE, auto_scale, connected_components, median_diameter, nucleus_areas,
-                       smoothed_distance, split_instances, touching_borders, watershed_instances,
+from instances import (MIN_CONFIDENCE, auto_scale, connected_components, link_planes, median_diameter,
+                       nucleus_areas, smoothed_distance, split_instances, touching_borders, watershed_instances,
                        watershed_markers)
 from metrics import dsb_score, dsb_scores
 from utils import UsageError
@@ -376,3 +376,91 @@ def test_auto_scale_band_edges_keep_the_scale():
     assert auto_scale(20.0 * 1.5, 20.0) == 1.0 and auto_scale(20.0 / 1.5, 20.0) == 1.0
     assert auto_scale(30.5, 20.0) == pytest.approx(20.0 / 30.5)
     assert auto_scale(13.0, 20.0) == pytest.approx(20.0 / 13.0)
+
+
+def stitched(planes, min_iou):
+    """A z-stack's own labels int [Z, H, W] linked plane by plane with link_planes, as predict.py --stitch_z does."""
+    out, largest = [], 0
+    for z, labels in enumerate(planes):
+        mapping = link_planes(out[-1] if z else np.zeros_like(labels), labels, min_iou, largest + 1)
+        largest = max(largest, int(mapping.max()))
+        out.append(mapping[labels])
+    return np.stack(out)
+
+
+def boxes(shape, *placed):
+    """A label image int32 ``shape`` with label k + 1 on the rectangle placed[k] = (y0, y1, x0, x1)."""
+    labels = np.zeros(shape, np.int32)
+    for k, (y0, y1, x0, x1) in enumerate(placed, start=1):
+        labels[y0:y1, x0:x1] = k
+    return labels
+
+
+def test_a_nucleus_through_three_planes_keeps_one_label_and_a_new_one_gets_the_next():
+    planes = np.stack([boxes((12, 20), (2, 8, 2, 8)),
+                       boxes((12, 20), (10, 12, 16, 20), (2, 8, 3, 9)),  # a new one numbered before the continued one
+                       boxes((12, 20), (3, 9, 3, 9), (10, 12, 16, 20))])
+    out = stitched(planes, 0.5)
+    assert np.array_equal(out > 0, planes > 0) and out.max() == 2
+    assert (out[0][planes[0] == 1] == 1).all() and (out[1][planes[1] == 2] == 1).all() and \
+        (out[2][planes[2] == 1] == 1).all()
+    assert (out[1][planes[1] == 1] == 2).all() and (out[2][planes[2] == 2] == 2).all()
+
+
+def test_two_nuclei_that_touch_in_one_plane_keep_their_own_labels():
+    apart = boxes((10, 20), (2, 8, 2, 8), (2, 8, 11, 17))
+    touching = boxes((10, 20), (2, 8, 3, 10), (2, 8, 10, 16))
+    out = stitched(np.stack([apart, touching, apart]), 0.3)
+    assert out.max() == 2 and (out[:, 5, 4] == 1).all() and (out[:, 5, 14] == 2).all()
+
+
+def test_a_nucleus_that_splits_continues_in_its_larger_part_and_the_other_is_new():
+    whole = boxes((10, 20), (2, 8, 2, 18))
+    split = boxes((10, 20), (2, 8, 2, 8), (2, 8, 9, 18))  # 36 and 54 of the 96 pixels: IoU 0.375 and 0.5625
+    out = stitched(np.stack([whole, split]), 0.3)
+    assert out[1, 5, 12] == 1 and out[1, 5, 4] == 2
+
+
+def test_the_iou_threshold_is_inclusive_and_a_hair_above_it_breaks_the_link():
+    before = boxes((10, 30), (0, 10, 0, 10))
+    after = boxes((10, 30), (0, 10, 5, 15))  # 50 of 150 pixels: IoU 1/3
+    assert link_planes(before, after, 1 / 3, 2).tolist() == [0, 1]
+    assert link_planes(before, after, 1 / 3 + 1e-9, 2).tolist() == [0, 2]
+    assert link_planes(before, before, 1.0, 2).tolist() == [0, 1]
+
+
+def test_an_empty_plane_in_the_middle_breaks_the_chain():
+    nucleus = boxes((10, 10), (2, 8, 2, 8))
+    out = stitched(np.stack([nucleus, np.zeros_like(nucleus), nucleus]), 0.5)
+    assert out[0].max() == 1 and out[1].max() == 0 and out[2].max() == 2
+
+
+def slow_links(previous, labels, min_iou, first_new):
+    """link_planes computed another way: every pair's IoU from its masks, the pairs taken highest first."""
+    scored = []
+    for b in range(1, int(previous.max()) + 1):
+        for a in range(1, int(labels.max()) + 1):
+            inter = np.sum((previous == b) & (labels == a))
+            union = np.sum((previous == b) | (labels == a))
+            if inter and inter / union >= min_iou:
+                scored.append((-inter / union, b, a))
+    mapping = {}
+    for _, b, a in sorted(scored):
+        if a not in mapping and b not in mapping.values():
+            mapping[a] = b
+    for a in range(1, int(labels.max()) + 1):
+        if a not in mapping and (labels == a).any():
+            mapping[a] = first_new
+            first_new += 1
+    return [0] + [mapping.get(a, 0) for a in range(1, int(labels.max()) + 1)]
+
+
+@pytest.mark.parametrize("min_iou", [0.1, 0.25, 0.5, 0.8])
+def test_links_agree_with_a_slow_loop_over_every_pair(min_iou):
+    rng = np.random.default_rng(int(min_iou * 100))
+    for _ in range(20):
+        blobs = [ndi.label(ndi.gaussian_filter(rng.random((24, 24)), 2) > 0.52)[0] for _ in range(2)]
+        previous = np.where(blobs[0] > 0, blobs[0] + 3, 0)  # linked labels need not start at 1
+        mapping = link_planes(previous, blobs[1], min_iou, 50)
+        assert mapping.tolist() == slow_links(previous, blobs[1], min_iou, 50)
+        assert len(set(mapping[1:].tolist())) == blobs[1].max()  # one to one
