@@ -19,10 +19,10 @@ from files import atomic_write, interrupts_held
 from image_files import nucleus_channel
 from instances import mean_probability
 
-OBJECT_COLUMNS = ["image", "plane", "label", "area", "centroid_y", "centroid_x", "bbox_min_y", "bbox_min_x",
-                  "bbox_max_y", "bbox_max_x", "mean_intensity", "integrated_intensity", "perimeter", "eccentricity",
-                  "solidity", "major_axis_length", "minor_axis_length", "confidence", "pixel_size_um", "area_um2",
-                  "perimeter_um", "major_axis_length_um", "minor_axis_length_um"]
+OBJECT_COLUMNS = ["image", "plane", "t", "z", "label", "area", "centroid_y", "centroid_x", "bbox_min_y",
+                  "bbox_min_x", "bbox_max_y", "bbox_max_x", "mean_intensity", "integrated_intensity", "perimeter",
+                  "eccentricity", "solidity", "major_axis_length", "minor_axis_length", "confidence", "pixel_size_um",
+                  "area_um2", "perimeter_um", "major_axis_length_um", "minor_axis_length_um"]
 # objects.csv's columns of each channel of a multi-channel image whose nucleus channel --channel picks
 # (object_columns): nuclei found in the DNA channel are measured in a marker's channel too (EdU- or Ki67-positive
 # nuclei), as CellProfiler's MeasureObjectIntensity measures them
@@ -61,8 +61,9 @@ def object_columns(channels=0):
                                   for c in range(channels)] + OBJECT_COLUMNS[at:]
 
 
-def object_rows(img_id, plane, labels, raw, prob, pixel_size=None, channel=None):
-    """regionprops_table of a label image int [H, W] -> DataFrame with :func:`object_columns`: lengths in pixels
+def object_rows(img_id, plane, labels, raw, prob, pixel_size=None, channel=None, planes=(1, 1)):
+    """regionprops_table of a label image int [H, W] -> DataFrame with :func:`object_columns`: the ``plane``'s time
+    point and z plane in a stack of ``planes`` (T, Z) (0-based, 0 and 0 for a 2D image); lengths in pixels
     (bbox_max exclusive); the intensity of ``raw``, the plane as read [H, W, C] with every channel, in its own units:
     of the ``channel`` that --channel picks of several (image_files.nucleus_channel), else of the plane (C 1 or 3:
     GREY_WEIGHTS), and where --channel picks one of several, of each channel c as well (``_c<c>``; NaN where the
@@ -76,7 +77,8 @@ def object_rows(img_id, plane, labels, raw, prob, pixel_size=None, channel=None)
     means = np.stack([table[f"intensity_mean-{c}"] for c in range(nucleus.shape[2])], axis=1)
     mean = means[:, 0] if nucleus.shape[2] == 1 else means @ GREY_WEIGHTS
     frame = pd.DataFrame({
-        "image": img_id, "plane": plane, "label": table["label"], "area": table["area"].astype(int),
+        "image": img_id, "plane": plane, "t": plane // planes[1], "z": plane % planes[1], "label": table["label"],
+        "area": table["area"].astype(int),
         "centroid_y": table["centroid-0"], "centroid_x": table["centroid-1"],
         "bbox_min_y": table["bbox-0"], "bbox_min_x": table["bbox-1"],
         "bbox_max_y": table["bbox-2"], "bbox_max_x": table["bbox-3"],

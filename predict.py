@@ -15,9 +15,9 @@ exactly as in training. For each image ``<id>`` (its file name without the exten
     <id>_instances.png   --instances: 16-bit labels, 0 background, nuclei 1..N
     <id>_rois.zip        --rois (implies --instances): each nucleus as an ImageJ ROI named by its label, for Fiji's
                          ROI Manager (rois.py)
-    objects.csv          --instances: one row per nucleus (measurements.py: image, plane, area, centroid, bounding
-                         box with bbox_max exclusive, intensity (of each channel with --channel), shape,
-                         confidence)
+    objects.csv          --instances: one row per nucleus (measurements.py: image, plane, t, z, label, area,
+                         centroid, bounding box with bbox_max exclusive, intensity (of each channel with --channel),
+                         shape, confidence)
     images.csv           --instances: one row per image predicted, also one without nuclei (measurements.py: image,
                          plane, size, scale, foreground of class 0, its nuclei and their mean and median area,
                          the pixel size; then those areas in square micrometres)
@@ -32,7 +32,8 @@ A TIFF stack (time points, z planes or pages; image_files.tiff_layout) is segmen
 as an image of its own, and gives ImageJ TIFF stacks instead, one page per plane: ``<id>.tif``,
 ``<id>_prob.tif``, ``<id>_overlay.tif`` (RGB), ``<id>_instances.tif`` (each plane's nuclei numbered 1..N on their
 own: no tracking between planes), and one ``<id>_rois.zip`` (each ROI named ``<plane>-<label>``, at its plane);
-objects.csv's and images.csv's ``plane`` counts from 0 (0 for every 2D image).
+objects.csv's and images.csv's ``plane`` counts from 0 (0 for every 2D image), objects.csv's ``t`` and ``z`` give its
+time point and z plane.
 ``--pixel_size UM``, or else a TIFF's own ImageJ or OME calibration (image_files.tiff_pixel_size), gives both tables'
 ``pixel_size_um`` and objects.csv's area and lengths in micrometres (``_um2``, ``_um``; empty without a pixel
 size), and calibrates the TIFF stacks written.
@@ -450,13 +451,13 @@ def predict_plane(source, plane, scale, image, prob, options, out_dir, nuclei=No
     None, None, the message) when the plane cannot be used (a DataError: the file is left out, the others go on);
     the TiffHeader's pixel size gives the measurements in micrometres."""
     img_id, count, header = source
-    pixel_size = header.pixel_size
+    pixel_size, planes = header.pixel_size, plane_grid(header, count)
     try:
-        arrays, labels = segment(img_id, image, prob, **options, nuclei=nuclei, plane=plane,
-                                 planes=plane_grid(header, count))
+        arrays, labels = segment(img_id, image, prob, **options, nuclei=nuclei, plane=plane, planes=planes)
     except DataError as e:
         return source, None, None, None, str(e)
-    table = object_rows(img_id, plane, labels, raw, prob[0], pixel_size, channel) if labels is not None else None
+    table = object_rows(img_id, plane, labels, raw, prob[0], pixel_size, channel, planes) if labels is not None \
+        else None
     if out_dir is not None:
         write_image(out_dir, img_id, arrays)
         arrays = None

@@ -187,8 +187,9 @@ def test_stacks_are_predicted_plane_by_plane(in_runs, tmp_path, capsys, monkeypa
     objects = pd.read_csv(tmp_path / "out" / "objects.csv")
     one_by_one = pd.read_csv(tmp_path / "one_by_one" / "objects.csv")
     assert len(objects) > 0 and set(objects["plane"]) <= {0, 1, 2} and set(one_by_one["plane"]) == {0}
+    t = one_by_one["image"].str[1].astype(int)  # a time-lapse's plane is its time point
     pd.testing.assert_frame_equal(objects.drop(columns=["image"]),
-                                  one_by_one.assign(plane=one_by_one["image"].str[1].astype(int)).drop(columns=["image"]))
+                                  one_by_one.assign(plane=t, t=t).drop(columns=["image"]))
     with pytest.raises(UsageError, match="overwrite the input"):
         predict.main(["--name", "pc", "--input", str(tmp_path / "in" / "movie.tif"), "--output", str(tmp_path / "in")])
     tifffile.imwrite(tmp_path / "in" / "movie2.tif", stack[::-1], imagej=True, metadata={"axes": "TYX"})
@@ -424,7 +425,8 @@ def test_arrays_written_without_axes_that_read_otherwise_get_a_note(tmp_path):
 
 def test_a_stack_of_time_points_and_z_planes_keeps_both_axes(in_runs, tmp_path):
     """A TZCYX hyperstack (2 time points x 3 z planes, 2 channels) gives TZYX outputs, each page the one of its
-    plane in the input's order, so that they lie on the input in Fiji; objects.csv numbers the planes t * Z + z."""
+    plane in the input's order, so that they lie on the input in Fiji; objects.csv numbers the planes t * Z + z, and
+    gives their t and z."""
     grey = sample_bgr(40, 36)[:, :, 0].astype(np.uint16)
     planes = np.stack([grey * (50 + 20 * k) for k in range(6)]).reshape(2, 3, 40, 36)
     hyperstack = np.stack([planes, planes[..., ::-1]], axis=2)  # T, Z, C, Y, X; the nuclei in channel 0
@@ -440,7 +442,11 @@ def test_a_stack_of_time_points_and_z_planes_keeps_both_axes(in_runs, tmp_path):
             pages = tif.asarray()
         np.testing.assert_array_equal(pages.reshape(6, 40, 36), tifffile.imread(tmp_path / "flat_out" /
                                                                                 f"flat{suffix}.tif"))
-    assert set(pd.read_csv(tmp_path / "out" / "objects.csv")["plane"]) <= set(range(6))
+    objects, flat = (pd.read_csv(tmp_path / out / "objects.csv") for out in ("out", "flat_out"))
+    assert set(objects["plane"]) <= set(range(6)) and objects["t"].between(0, 1).all()
+    assert objects["z"].between(0, 2).all()
+    assert (objects["t"] * 3 + objects["z"] == objects["plane"]).all() and objects["t"].nunique() == 2
+    assert (flat["t"] == flat["plane"]).all() and (flat["z"] == 0).all()  # a time-lapse's planes are its time points
 
 
 def enclosed_pixels(roi, shape):
@@ -603,8 +609,9 @@ def test_objects_csv_measures_every_channel_of_a_multi_channel_image(in_runs, tm
     predict.main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--channel", "0", *flags])
     objects = pd.read_csv(tmp_path / "out" / "objects.csv")
     columns = measurements.OBJECT_COLUMNS  # each channel's beside the --channel's mean_intensity, integrated_intensity
-    assert list(objects.columns) == [*columns[:12], *(f"{kind}_intensity_c{c}" for kind in ("mean", "integrated")
-                                                      for c in range(3)), *columns[12:]]
+    at = columns.index("integrated_intensity") + 1
+    assert list(objects.columns) == [*columns[:at], *(f"{kind}_intensity_c{c}" for kind in ("mean", "integrated")
+                                                      for c in range(3)), *columns[at:]]
     assert objects.groupby("image").size().to_dict() == {"grey": 1, "tc": 3, "three": 3}
     assert_channel_columns(objects.query("image == 'three'"), three.transpose(1, 2, 0)[None],
                            read(tmp_path / "out" / "three_instances.png")[None], 3)
