@@ -33,7 +33,9 @@ as an image of its own, and gives ImageJ TIFF stacks instead, one page per plane
 ``<id>_prob.tif``, ``<id>_overlay.tif`` (RGB), ``<id>_instances.tif`` (each plane's nuclei numbered 1..N on their
 own: no tracking between planes), and one ``<id>_rois.zip`` (each ROI named ``<plane>-<label>``, at its plane);
 objects.csv's and images.csv's ``plane`` counts from 0 (0 for every 2D image), objects.csv's ``t`` and ``z`` give its
-time point and z plane.
+time point and z plane. ``--stitch_z IOU`` links the nuclei of a stack's z planes instead (instances.link_planes): a
+nucleus that overlaps one of the plane before with an intersection over union of at least IOU takes its label, so
+that ``image``, ``t`` and ``label`` name one nucleus in 3D in all of these outputs (each time point's numbered 1..N).
 ``--pixel_size UM``, or else a TIFF's own ImageJ or OME calibration (image_files.tiff_pixel_size), gives both tables'
 ``pixel_size_um`` and objects.csv's area and lengths in micrometres (``_um2``, ``_um``; empty without a pixel
 size), and calibrates the TIFF stacks written.
@@ -64,9 +66,10 @@ from files import (atomic_imwrite, atomic_tiff_pages, atomic_write, check_output
                    written_alone)
 from image_files import (CELLPOSE_NOT_IMAGES, PIXEL_SIZES, TIFF_EXTS, TiffHeader, nucleus_channel, read_planes,
                          tiff_header)
-from instances import AUTO_SCALE_BAND, auto_scale, border_map, median_diameter, nucleus_areas, split_instances
+from instances import (AUTO_SCALE_BAND, auto_scale, border_map, link_planes, median_diameter, nucleus_areas,
+                       split_instances)
 from measurements import CHANNEL_COLUMN, image_row, object_columns, object_rows, write_tables
-from rois import nucleus_rois, rois_archive
+from rois import nucleus_rois, relabelled, rois_archive
 from utils import (ArgumentParser, BatchedThreads, DataError, UsageError, check_utf8_names, first_few, float_or_auto,
                    path_arg, printable_path, progress_bar, run_cli)
 from visualize import draw_outlines, to_bgr
@@ -80,6 +83,7 @@ SCORES_FILE = "scores.csv"  # score.py's default output, beside the predictions 
 PREDICTION_FILE = "prediction.yml"
 # prediction.yml's pixel_size without --pixel_size: where each image's came from (images.csv holds them)
 PIXEL_SIZE_READ = "each TIFF's own calibration, none for other images (images.csv: each image's)"
+MOST_LABELS = np.iinfo(np.uint16).max  # the nuclei that <id>_instances holds, in one plane or a time point's z planes
 
 
 def build_parser():
@@ -117,6 +121,12 @@ def build_parser():
                         "size the run was trained on (e.g. 0.5 for nuclei twice as wide as in training); auto = "
                         "predict each image as it is, and again resized when its nuclei are more than "
                         f"{AUTO_SCALE_BAND:g} times as wide or as narrow as the run's training nuclei")
+    g.add_argument("--stitch_z", type=float, default=None, metavar="IOU",
+                   help="with --instances: a nucleus of a z-stack's plane continues the one of the plane before that "
+                        "it overlaps with at least this intersection over union (above 0, at most 1; e.g. 0.5; one to "
+                        "one, best first), so that <id>_instances.tif, objects.csv and the ROIs give it one label "
+                        "through z (each time point numbered 1..N); default: each plane's nuclei numbered on their "
+                        "own")
     g.add_argument("--tta", action="store_true", help="average the four flips (test-time augmentation)")
     g.add_argument("--prune", type=int, default=None, choices=[1, 2, 3, 4],
                    help="NestedUNet with deep supervision: run only the sub-network up to head X0,L")
@@ -149,6 +159,11 @@ def check_args(args):
         raise UsageError(f"--batch_size must be at least 1, got {args.batch_size}")
     if not 0 < args.threshold < 1:
         raise UsageError(f"--threshold must be between 0 and 1, got {args.threshold}")
+    if args.stitch_z is not None and not 0 < args.stitch_z <= 1:
+        raise UsageError(f"--stitch_z {args.stitch_z:g} must be an intersection over union above 0 and at most 1 "
+                         "(e.g. 0.5)")
+    if args.stitch_z is not None and not args.instances:
+        raise UsageError("--stitch_z links the nuclei of --instances through the z planes: add --instances")
     if args.pixel_size is not None and not PIXEL_SIZES[0] <= args.pixel_size <= PIXEL_SIZES[1]:
         raise UsageError(f"--pixel_size {args.pixel_size:g} must be micrometres per pixel between {PIXEL_SIZES[0]:g} "
                          f"and {PIXEL_SIZES[1]:g} (e.g. 0.325), or left out to read each TIFF's calibration")
@@ -364,7 +379,7 @@ def segment(img_id, image, prob, num_classes, threshold, save_prob, separation, 
     if separation:
         labels = nuclei if nuclei is not None else \
             split_instances(prob[0], separation, threshold=threshold, border=border_map(prob, num_classes), **filters)
-        if labels.max() > 65535:
+        if labels.max() > MOST_LABELS:
             raise DataError(f"image {img_id}: {labels.max()} nuclei do not fit a 16-bit label image; predict it in "
                             "parts (crop it into smaller images)")
         arrays["_instances"] = labels.astype(np.uint16)
@@ -492,13 +507,17 @@ def probabilities(predictor, image, threshold, filters, auto=None):
 class Gathered:
     """The results of the :func:`predict_plane` jobs, handed over in submission order (utils.BatchedThreads'
     ``on_result``): the images.csv rows, the objects tables, and each stack's outputs written into their pages as its
-    planes come (:func:`open_stack`), so that a long time-lapse's are never all in memory."""
+    planes come (:func:`open_stack`), so that a long time-lapse's are never all in memory. With ``stitch_z`` (an
+    IoU), the nuclei of a stack of several z planes are linked through them first (:meth:`link`)."""
 
-    def __init__(self, out_dir):
-        self.out_dir = out_dir
+    def __init__(self, out_dir, stitch_z=None):
+        self.out_dir, self.stitch_z = out_dir, stitch_z
         self.rows, self.tables, self.merged = [], [], []
         # img_id -> [its stacks being written (open_stack), their write functions, the planes still to come]
         self.writing = {}
+        # img_id -> [the next plane to link, the results of later planes that came before it, the previous plane's
+        # linked labels, the largest label of its time point]: the previous plane alone, as the pages are written
+        self.linking = {}
         self.dropped = set()  # the files left out at a later plane: the rows of the planes before it go too
         self.errors = []  # of the files left out by their jobs
 
@@ -508,9 +527,49 @@ class Gathered:
         (img_id, count, header), arrays, row, table, error = result
         if error is not None:
             if img_id not in self.dropped:
-                self.errors.append(error)
-                self.drop(img_id, (DataError, DataError(error), None))
-            return
+                self.leave_out(img_id, error)
+        elif self.stitch_z and table is not None and plane_grid(header, count)[1] > 1 and img_id not in self.dropped:
+            self.link(result)
+        else:
+            self.place(result)
+
+    def leave_out(self, img_id, error):
+        """Leave out file ``img_id`` for the DataError message ``error`` of its plane's job."""
+        self.errors.append(error)
+        self.drop(img_id, (DataError, DataError(error), None))
+
+    def link(self, result):
+        """A plane of a stack whose nuclei --stitch_z links through its z planes: placed once the planes before it
+        are, with its labels, objects table and ROIs relabelled by instances.link_planes against the plane before it
+        (new nuclei after the largest label of its time point). A time point with more nuclei than a 16-bit label
+        image holds leaves the file out, as one plane with as many does (:func:`segment`)."""
+        (img_id, count, header), _, row, _, _ = result
+        state = self.linking.setdefault(img_id, [0, {}, None, 0])
+        state[1][row.plane] = result
+        z_planes = plane_grid(header, count)[1]
+        while state[0] in state[1]:
+            source, arrays, row, table, _ = state[1].pop(state[0])
+            t, z = divmod(row.plane, z_planes)
+            labels = arrays["_instances"]
+            previous, largest = (state[2], state[3]) if z else (np.zeros_like(labels), 0)
+            mapping = link_planes(previous, labels, self.stitch_z, largest + 1)
+            largest = max(largest, int(mapping.max()))
+            if largest > MOST_LABELS:
+                self.leave_out(img_id, f"image {img_id}: --stitch_z: {largest} nuclei by z plane {z} of time point {t} "
+                                       "do not fit a 16-bit label image; predict it in parts (crop it into smaller "
+                                       "images, or fewer z planes) or without --stitch_z")
+                return
+            arrays["_instances"] = mapping[labels].astype(np.uint16)
+            if "_rois" in arrays:
+                arrays["_rois"] = relabelled(arrays["_rois"], mapping)
+            state[0], state[2], state[3] = state[0] + 1, arrays["_instances"], largest
+            self.place((source, arrays, row, table.assign(label=mapping[table["label"]]).sort_values("label"), None))
+        if state[0] == count:
+            self.linking.pop(img_id)
+
+    def place(self, result):
+        """A plane's result, kept: its image row and objects table, and its arrays into the stacks being written."""
+        (img_id, count, header), arrays, row, table, _ = result
         self.rows.append(row)
         if table is not None:
             self.tables.append(table)
@@ -530,6 +589,7 @@ class Gathered:
         """Leave out file ``img_id`` for the error ``exc_info`` (sys.exc_info() in its handler): its rows go, and a
         stack being written is removed (the error passed on to its files, which then leave nothing)."""
         self.dropped.add(img_id)
+        self.linking.pop(img_id, None)
         if img_id in self.writing:
             self.writing.pop(img_id)[0].__exit__(*exc_info)
 
@@ -550,21 +610,22 @@ class Gathered:
 
 
 def predict_all(predictor, files, ids, headers, out_dir, num_classes, threshold, save_prob=False,
-                separation=None, filters=None, overlay=False, channel=None, auto=None, rois=False):
+                separation=None, filters=None, overlay=False, channel=None, auto=None, rois=False, stitch_z=None):
     """Predict every file into ``out_dir``: the masks (and probabilities with ``save_prob``), the nuclei when a
     ``separation`` is given (with ``filters``; their ImageJ ROIs with ``rois``), the outlines with ``overlay``;
     PNGs for a 2D image, TIFF stacks for a stack (``headers``: each file's :func:`tiff_headers` entry, its plane
     axes), each plane predicted as an image of its own, read from its page when each plane is one page
     (image_files.read_planes), and its outputs written into their pages as they come (:class:`Gathered`);
     ``channel`` picks the channel the network reads (image_files.nucleus_channel); ``auto`` = (the run's training
-    nucleus diameter, separation) for --scale auto (:func:`auto_scaled`). The per-plane work (:func:`predict_plane`)
-    runs in threads after every 256 MB of predictions (utils.BatchedThreads).
+    nucleus diameter, separation) for --scale auto (:func:`auto_scaled`); ``stitch_z`` (an IoU) links the nuclei of a
+    stack's z planes (:meth:`Gathered.link`). The per-plane work (:func:`predict_plane`) runs in threads after every
+    256 MB of predictions (utils.BatchedThreads).
     A file that cannot be read or used (a DataError) is left out, and the others are predicted.
     Returns (the measurements.image_row of each plane predicted, objects table or None, the errors of the files left
     out)."""
     options = dict(num_classes=num_classes, threshold=threshold, save_prob=save_prob, separation=separation,
                    filters=filters, overlay=overlay, rois=rois)
-    gathered, left_out = Gathered(out_dir), []
+    gathered, left_out = Gathered(out_dir, stitch_z), []
     bar = progress_bar(total=len(files), desc="predict", unit="img")
 
     def leave_out(img_id, error, planes_left):
@@ -740,6 +801,29 @@ def sizing(scale, scales):
     return f"--scale auto: {sum(s != 1 for s in scales)} of {len(scales)} rescaled{by}"
 
 
+def stitch_notes(files, headers, stitch_z):
+    """The note naming the ``files`` (``headers``: their :func:`tiff_headers`) without z planes to link with
+    --stitch_z ``stitch_z`` (None: off): 2D images and time-lapses, predicted as without it; [] for none."""
+    flat = [f for f, header in zip(files, headers) if plane_grid(header, 1)[1] == 1]  # the count sizes a T axis alone
+    if stitch_z is None or not flat:
+        return []
+    return [f"note: --stitch_z links nuclei through z planes, and {first_few(flat)} ha{'ve' if len(flat) > 1 else 's'}"
+            " none (a 2D image, a time-lapse or a single z plane): predicted as without it"]
+
+
+def stitched_line(stitch_z, stacks, objects):
+    """The line after the summary with --stitch_z ``stitch_z``: how many nuclei in 3D each of the ``stacks`` (the
+    ids of those predicted with several z planes) holds, each time point's counted on its own (``objects``, the
+    objects table, labels linked)."""
+    if not stacks:
+        return f"--stitch_z {stitch_z:g}: no stack with several z planes was predicted, no nuclei linked"
+    linked = objects[objects["image"].isin(stacks)]
+    counts = linked.groupby(["image", "t"])["label"].nunique().groupby("image").sum().reindex(stacks, fill_value=0)
+    return (f"--stitch_z {stitch_z:g}: {counts.sum()} nuclei in 3D in {len(stacks)} z-stack{'s' * (len(stacks) > 1)} "
+            f"({first_few([f'{i}: {n}' for i, n in counts.items()])}); objects.csv's image, t and label name each "
+            "one")
+
+
 def check_flags_for_run(args, cfg):
     """Refuse the flags that the loaded run cannot serve (its size, windows)."""
     if (args.scale != 1 or args.tile) and not cfg.crop_size:
@@ -794,7 +878,8 @@ def prediction_record(args, argv, cfg, predictor, platform, weights, separation,
                     tile=int(predictor.tile) if crop else None, overlap=int(predictor.overlap) if crop else None,
                     channel=args.channel,
                     pixel_size=args.pixel_size if args.pixel_size is not None else PIXEL_SIZE_READ, amp=args.amp,
-                    instances=args.instances, rois=args.rois, save_prob=args.save_prob, overlay=args.overlay)
+                    instances=args.instances, rois=args.rois, stitch_z=args.stitch_z, save_prob=args.save_prob,
+                    overlay=args.overlay)
     return {"run": args.name, "run_folder": os.path.realpath(folder), **hashes,
             # the script's own path: run from another folder (one that holds models/), "predict.py" names no file
             "command": shlex.join(["python", os.path.realpath(__file__), *argv]),
@@ -822,7 +907,8 @@ def main(argv):
         headers = [header._replace(pixel_size=args.pixel_size, pixel_size_problem="") for header in headers]
     stacks = [header.plane_axes for header in headers]
     ids = image_ids(files, args.output, stacks)
-    for note in tiff_notes(files, headers, args.channel) + pixel_size_warnings(files, headers):
+    for note in tiff_notes(files, headers, args.channel) + pixel_size_warnings(files, headers) + \
+            stitch_notes(files, headers, args.stitch_z):
         print(note)
     # Heavy imports only now, so that --help and flag errors answer at once.
     import torch
@@ -877,7 +963,7 @@ def main(argv):
             rows, objects, left_out = predict_all(
                 predictor, files, ids, headers, args.output, cfg.num_classes, args.threshold, args.save_prob,
                 separation if args.instances else None, filters, args.overlay, args.channel,
-                (cfg.nucleus_diameter, separation) if auto else None, args.rois)
+                (cfg.nucleus_diameter, separation) if auto else None, args.rois, args.stitch_z)
         except KeyboardInterrupt:
             if stopped:
                 print(stopped, file=sys.stderr)
@@ -899,6 +985,9 @@ def main(argv):
     seconds = time.time() - started
     print(summary_line(args, cfg, predictor, device, len(files) - len(left_out), rows, seconds, objects, separation,
                        filters))
+    if args.stitch_z is not None:
+        print(stitched_line(args.stitch_z, [i for i, header in zip(ids, headers) if plane_grid(header, 1)[1] > 1
+                                            and i in predicted], objects))
     for note in notes:
         if note:
             print(note)

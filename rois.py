@@ -82,6 +82,15 @@ def rois_archive(path):
         yield add
 
 
+def relabelled(rois, mapping):
+    """A stack plane's ROIs of :func:`nucleus_rois` (named ``<plane>-<label>``) named by ``mapping[label]`` instead
+    (mapping int [N + 1], instances.link_planes'), in the order of their new labels."""
+    for roi in rois:
+        plane, label = roi.name.split("-")
+        roi.name = f"{plane}-{mapping[int(label)]:04d}"
+    return sorted(rois, key=lambda roi: int(roi.name.split("-")[1]))
+
+
 # ---------------------------------------------------------------------------------- ImageJ ROIs as training labels
 
 ROI_FILES = ("_rois.zip", ".zip", ".roi")  # predict.py's <id>_rois.zip first: its stem also ends in .zip's <id>

@@ -50,7 +50,7 @@ from conftest import ROOT, held_by_another_process, write_cgroups
 from dataset import nucleus_diameter
 from splits import read_split, split_ids
 from image_files import decode_image, image_to_float
-from instances import split_instances
+from instances import link_planes, split_instances
 from utils import DataError, UsageError, run_cli
 
 
@@ -554,6 +554,120 @@ def test_channel_picks_the_nucleus_channel(in_runs, tmp_path):
         predict.main(["--input", str(tmp_path / "rgb.png"), "--output", str(tmp_path / "out"), "--channel", "-1",
                       *flags])
 
+
+def test_stitch_z_links_the_nuclei_of_a_z_stack_alike_in_every_output(in_runs, tmp_path, capsys, monkeypatch):
+    """--stitch_z: a T x Z stack's <id>_instances.tif holds its planes' own labels linked by instances.link_planes
+    within each time point, objects.csv's t, z and labels and the ROIs' names agree with it, also when its planes
+    finish out of order; a time-lapse and a 2D image beside it get one note and their outputs without it; the
+    summary counts the 3D nuclei and prediction.yml records the IoU."""
+    planes = np.full((2, 3, 40, 36), 200, np.uint16)
+    # (y, x, radius, the z planes holding it): one through all three, moving; one that ends; one that begins; one
+    # missing from the middle plane, which comes back as another
+    for y, x, radius, zs in ((10, 9, 5, (0, 1, 2)), (10, 27, 5, (0, 1)), (29, 10, 6, (1, 2)), (29, 27, 4, (0, 2))):
+        for t, z in ((t, z) for t in range(2) for z in zs):
+            cv2.circle(planes[t, z], (x + z - t, y), radius, 3000 + 500 * z, -1)
+    movie(tmp_path / "in", planes=3)
+    tifffile.imwrite(tmp_path / "in" / "tz.tif", planes, imagej=True, metadata={"axes": "TZYX"})
+    write(tmp_path / "in" / "flat.png", sample_bgr(40, 36))
+    flags = ["--input", str(tmp_path / "in"), "--name", "pc", "--rois", "--min_confidence", "0", "--device", "cpu",
+             "--amp", "fp32"]
+    load_run = checkpoints.load_run  # the barely trained network's nucleus fills a plane: a pixel's own is no better
+    monkeypatch.setattr(checkpoints, "load_run", lambda *args: (load_run(*args)[0], Pointwise()))
+    predict.main([*flags, "--output", str(tmp_path / "own")])
+    capsys.readouterr()
+    predict.main([*flags, "--output", str(tmp_path / "linked"), "--stitch_z", "0.5"])
+    printed = capsys.readouterr().out
+    own = tifffile.imread(tmp_path / "own" / "tz_instances.tif")
+    linked = tifffile.imread(tmp_path / "linked" / "tz_instances.tif")
+    expected = np.zeros_like(own)
+    for t in range(2):
+        largest = 0
+        for z in range(3):
+            mapping = link_planes(expected[t, z - 1] if z else np.zeros_like(own[t, z]), own[t, z], 0.5, largest + 1)
+            largest = max(largest, int(mapping.max()))
+            expected[t, z] = mapping[own[t, z]]
+    assert linked.dtype == np.uint16 and np.array_equal(linked, expected)
+    assert [[int(own[t, z].max()) for z in range(3)] for t in range(2)] == [[3, 3, 3]] * 2
+    assert [[sorted(set(np.unique(linked[t, z])) - {0}) for z in range(3)] for t in range(2)] == \
+        [[[1, 2, 3], [1, 2, 4], [1, 4, 5]]] * 2
+    objects = pd.read_csv(tmp_path / "linked" / "objects.csv").query("image == 'tz'")
+    assert [(p // 3, p % 3) for p in objects["plane"]] == list(zip(objects["t"], objects["z"]))
+    for row in objects.itertuples():
+        assert row.area == int((linked[row.t, row.z] == row.label).sum())
+    assert len(objects) == sum(len(np.unique(plane)) - 1 for plane in linked.reshape(6, 40, 36))
+    rois = roiread(tmp_path / "linked" / "tz_rois.zip")
+    assert [roi.name for roi in rois] == [f"{p:04d}-{k:04d}" for p, k in zip(objects["plane"], objects["label"])]
+    for roi, row in zip(rois, objects.itertuples()):
+        assert np.array_equal(enclosed_pixels(roi, (40, 36)), linked[row.t, row.z] == row.label), roi.name
+    for name in ("movie_instances.tif", "movie_rois.zip", "flat_instances.png", "flat_rois.zip"):
+        assert (tmp_path / "linked" / name).read_bytes() == (tmp_path / "own" / name).read_bytes(), name
+    assert printed.count("note: --stitch_z") == 1 and "flat.png, " in printed and "movie.tif have none" in printed
+    count = int(linked[0].max()) + int(linked[1].max())
+    assert f"--stitch_z 0.5: {count} nuclei in 3D in 1 z-stack (tz: {count})" in printed
+    assert read_record(tmp_path / "linked")["settings"]["stitch_z"] == 0.5
+    assert read_record(tmp_path / "own")["settings"]["stitch_z"] is None
+
+    class FinishingBackwards(utils.BatchedThreads):
+        def flush(self):
+            self.waiting.reverse()
+            super().flush()
+
+    monkeypatch.setattr(predict, "BatchedThreads", FinishingBackwards)
+    predict.main([*flags, "--output", str(tmp_path / "backwards"), "--stitch_z", "0.5"])
+    for name in ("tz_instances.tif", "tz_rois.zip"):
+        assert (tmp_path / "backwards" / name).read_bytes() == (tmp_path / "linked" / name).read_bytes(), name
+    backwards = pd.read_csv(tmp_path / "backwards" / "objects.csv").query("image == 'tz'")
+    pd.testing.assert_frame_equal(backwards.sort_values(["plane", "label"]).reset_index(drop=True),
+                                  objects.reset_index(drop=True))
+
+
+def test_stitch_z_beyond_a_16_bit_label_image_leaves_the_stack_out(tmp_path, monkeypatch):
+    """A time point whose linked nuclei outnumber what <id>_instances.tif holds leaves its stack out with one line,
+    as a plane with as many nuclei does (rather than labels that wrap around); the other files are predicted."""
+    class Moving:  # stands in for inference.Predictor: two nuclei, moved past their place of the plane before
+        scale = 1.0
+
+        def __init__(self):
+            self.calls = 0
+
+        def as_input(self, image):
+            return image_to_float(image, 3)
+
+        def predict(self, image):
+            prob = np.zeros((1, 16, 16), np.float32)
+            prob[0, 2:4, 3 * self.calls:3 * self.calls + 2] = prob[0, 8:10, 3 * self.calls:3 * self.calls + 2] = 1
+            self.calls += 1
+            return prob
+
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in" / "zs.tif", np.zeros((3, 16, 16), np.uint8), imagej=True,
+                     metadata={"axes": "ZYX"})
+    files = [str(tmp_path / "in" / "zs.tif"), write(tmp_path / "in" / "after.png", np.zeros((16, 16), np.uint8))]
+    options = dict(separation="cc", filters=dict(min_size=0, min_confidence=0), stitch_z=0.5)
+    monkeypatch.setattr(predict, "MOST_LABELS", 6)
+    os.makedirs(tmp_path / "fits")
+    rows, table, left_out = predict.predict_all(Moving(), files, ["zs", "after"], predict.tiff_headers(files),
+                                                str(tmp_path / "fits"), 1, 0.5, **options)
+    assert not left_out and table.query("image == 'zs'")["label"].tolist() == [1, 2, 3, 4, 5, 6]
+    monkeypatch.setattr(predict, "MOST_LABELS", 5)
+    os.makedirs(tmp_path / "out")
+    rows, table, left_out = predict.predict_all(Moving(), files, ["zs", "after"], predict.tiff_headers(files),
+                                                str(tmp_path / "out"), 1, 0.5, **options)
+    assert left_out == ["image zs: --stitch_z: 6 nuclei by z plane 2 of time point 0 do not fit a 16-bit label "
+                        "image; predict it in parts (crop it into smaller images, or fewer z planes) or without "
+                        "--stitch_z"]
+    assert [row.image for row in rows] == ["after"] and set(table["image"]) == {"after"}
+    assert sorted(os.listdir(tmp_path / "out")) == ["after.png", "after_instances.png"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--stitch_z", "0.5"], "--stitch_z links the nuclei of --instances through the z planes: add --instances"),
+    (["--instances", "--stitch_z", "0"], "--stitch_z 0 must be an intersection over union above 0 and at most 1"),
+    (["--rois", "--stitch_z", "1.01"], "--stitch_z 1.01 must be an intersection over union above 0 and at most 1")])
+def test_stitch_z_needs_instances_and_an_iou(tmp_path, flags, message):
+    image = write(tmp_path / "in" / "a.png", np.zeros((16, 16), np.uint8))
+    with pytest.raises(UsageError, match=re.escape(message)):
+        predict.main(["--name", "p", "--input", image, "--output", str(tmp_path / "out"), *flags])
 
 def channel_means(planes, labels):
     """{(plane, label): [the mean of each channel over the label's pixels]} of planes [N, H, W, C] and their labels
