@@ -41,8 +41,8 @@ OBJECT_DECIMALS = {c: 4 if c in ("eccentricity", "solidity", "confidence") else 
 SIGNIFICANT_DIGITS = 6
 # images.csv (--instances): a row per plane predicted, so that one without nuclei counts 0 (objects.csv has no row for
 # it); the areas are empty for no nuclei, the pixel size when unknown.
-IMAGE_COLUMNS = ["image", "plane", "height", "width", "scale", "foreground", "nuclei", "mean_area", "median_area",
-                 "pixel_size_um"]
+IMAGE_COLUMNS = ["image", "plane", "t", "z", "height", "width", "scale", "foreground", "nuclei", "mean_area",
+                 "median_area", "pixel_size_um"]
 ImageRow = namedtuple("ImageRow", IMAGE_COLUMNS)  # a tuple, not a DataFrame: tens of thousands are held to the end
 IMAGE_DECIMALS = {"scale": 4, "foreground": 4, "mean_area": 2, "median_area": 2}
 # images.csv's columns of any size, 4 decimals or SIGNIFICANT_DIGITS significant digits: the pixel size and the
@@ -97,18 +97,19 @@ def object_rows(img_id, plane, labels, raw, prob, pixel_size=None, channel=None,
     return frame[object_columns(channels)]
 
 
-def image_row(img_id, plane, prob, threshold, scale, objects, pixel_size=None):
-    """The images.csv row (ImageRow) of a plane predicted at ``scale``: its size and foreground fraction of class 0
-    from ``prob`` float [K, H, W] in [0, 1]; with ``objects`` (its :func:`object_rows` table, or None without
-    --instances) the number of nuclei and their mean and median area in pixels (None: empty in the file); its
-    ``pixel_size`` in micrometres (None: unknown)."""
+def image_row(img_id, plane, prob, threshold, scale, objects, pixel_size=None, planes=(1, 1)):
+    """The images.csv row (ImageRow) of a plane predicted at ``scale``: its time point and z plane in a stack of
+    ``planes`` (T, Z) (0-based; 0 and 0 for a 2D image), its size and foreground fraction of class 0 from ``prob``
+    float [K, H, W] in [0, 1]; with ``objects`` (its :func:`object_rows` table, or None without --instances) the
+    number of nuclei and their mean and median area in pixels (None: empty in the file); its ``pixel_size`` in
+    micrometres (None: unknown)."""
     count = mean_area = median_area = None
     if objects is not None:
         count = len(objects)
         if count:
             mean_area, median_area = float(objects["area"].mean()), float(objects["area"].median())
-    return ImageRow(img_id, plane, prob.shape[1], prob.shape[2], scale, float((prob[0] > threshold).mean()), count,
-                    mean_area, median_area, pixel_size)
+    return ImageRow(img_id, plane, plane // planes[1], plane % planes[1], prob.shape[1], prob.shape[2], scale,
+                    float((prob[0] > threshold).mean()), count, mean_area, median_area, pixel_size)
 
 
 def write_tables(out_dir, rows, objects):

@@ -19,7 +19,7 @@ exactly as in training. For each image ``<id>`` (its file name without the exten
                          centroid, bounding box with bbox_max exclusive, intensity (of each channel with --channel),
                          shape, confidence)
     images.csv           --instances: one row per image predicted, also one without nuclei (measurements.py: image,
-                         plane, size, scale, foreground of class 0, its nuclei and their mean and median area,
+                         plane, t, z, size, scale, foreground of class 0, its nuclei and their mean and median area,
                          the pixel size; then those areas in square micrometres)
     prediction.yml       what made the outputs (prediction_record): the run, the SHA-256 of its weights and of its
                          config.yml, the command and its --input, the toolkit's git commit, the settings, how many
@@ -476,7 +476,7 @@ def predict_plane(source, plane, scale, image, prob, options, out_dir, nuclei=No
     if out_dir is not None:
         write_image(out_dir, img_id, arrays)
         arrays = None
-    row = image_row(img_id, plane, prob, options["threshold"], scale, table, pixel_size)
+    row = image_row(img_id, plane, prob, options["threshold"], scale, table, pixel_size, planes)
     return source, arrays, row, table, None
 
 

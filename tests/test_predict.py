@@ -447,6 +447,9 @@ def test_a_stack_of_time_points_and_z_planes_keeps_both_axes(in_runs, tmp_path):
     assert objects["z"].between(0, 2).all()
     assert (objects["t"] * 3 + objects["z"] == objects["plane"]).all() and objects["t"].nunique() == 2
     assert (flat["t"] == flat["plane"]).all() and (flat["z"] == 0).all()  # a time-lapse's planes are its time points
+    images = pd.read_csv(tmp_path / "out" / "images.csv")  # the same t and z, for each plane's row
+    assert list(images["plane"]) == list(range(6)) and list(zip(images["t"], images["z"])) == [
+        (t, z) for t in range(2) for z in range(3)]
 
 
 def enclosed_pixels(roi, shape):
@@ -668,6 +671,7 @@ def test_stitch_z_needs_instances_and_an_iou(tmp_path, flags, message):
     image = write(tmp_path / "in" / "a.png", np.zeros((16, 16), np.uint8))
     with pytest.raises(UsageError, match=re.escape(message)):
         predict.main(["--name", "p", "--input", image, "--output", str(tmp_path / "out"), *flags])
+
 
 def channel_means(planes, labels):
     """{(plane, label): [the mean of each channel over the label's pixels]} of planes [N, H, W, C] and their labels
