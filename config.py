@@ -11,10 +11,11 @@ import os
 import re
 import shlex
 from collections.abc import Hashable
+from typing import NamedTuple
 
 import yaml
 
-from files import atomic_write
+from files import atomic_write, sha256_file
 from image_files import MAX_PIXELS, NORMALIZATIONS
 from utils import (AMP_MODES, ArgumentParser, DataError, UsageError, amp_mode, bool_or_auto, check_new_run_name,
                    check_run_name, compile_mode, device_name, file_extension, integer, path_arg, str2bool, usable_cpus)
@@ -25,6 +26,9 @@ from utils import (AMP_MODES, ArgumentParser, DataError, UsageError, amp_mode, b
 SEPARATIONS = ("watershed", "cc", "borders")
 MIN_SIZE = 3  # pixels
 MIN_CONFIDENCE = 0.85  # mean probability of an object
+# val.py --tune's choice of the three for one run, in its folder: that run's defaults (post_processing)
+TUNED_FILE = "postprocessing.yml"
+TUNED_KEYS = ("separation", "min_size", "min_confidence")
 
 MODELS_DIR = "models"
 # the model that ships with the toolkit (pretrained/<name>/: config.yml, model.pth and its .sha256, a model card)
@@ -726,12 +730,14 @@ def add_amp_arg(p):
 
 def add_separation_args(p):
     """val.py's and predict.py's --separation, --min_size and --min_confidence: how a predicted mask becomes
-    nuclei (resolved by :func:`choose_separation` and :func:`object_filters`)."""
+    nuclei (resolved by :func:`post_processing`)."""
     p.add_argument("--separation", default=None, choices=SEPARATIONS,
                    help="how touching nuclei are split: watershed on the distance transform, the learned borders of "
                         "a run trained with --borders True, or plain connected components (default: borders for a "
-                        "run trained with --borders True, else watershed)")
-    p.add_argument("--min_size", type=integer, default=MIN_SIZE, help="drop objects smaller than this many pixels")
+                        "run trained with --borders True, else watershed; for all three, the run's own where val.py "
+                        f"--tune chose them on its validation split: models/<name>/{TUNED_FILE})")
+    p.add_argument("--min_size", type=integer, default=None,
+                   help=f"drop objects smaller than this many pixels (default: {MIN_SIZE})")
     p.add_argument("--min_confidence", type=float, default=None,
                    help=f"drop objects whose mean probability is below this; 0 keeps all (default: {MIN_CONFIDENCE}, "
                         "or 0 for a run trained with LovaszHingeLoss, whose sigmoid is a margin, not a probability)")
@@ -739,22 +745,23 @@ def add_separation_args(p):
 
 def check_object_filters(min_size, min_confidence):
     """A UsageError naming the flag unless --min_size >= 0 and 0 <= --min_confidence < 1 (None: the default)."""
-    if min_size < 0:
+    if min_size is not None and min_size < 0:
         raise UsageError(f"--min_size must not be negative, got {min_size}")
     if min_confidence is not None and not 0 <= min_confidence < 1:
         raise UsageError(f"--min_confidence must be at least 0 and below 1, got {min_confidence}")
 
 
-def object_filters(min_size=MIN_SIZE, min_confidence=None, loss=None):
+def object_filters(min_size=None, min_confidence=None, loss=None):
     """The keyword arguments of instances.split_instances for --min_size and --min_confidence (checked by
     :func:`check_object_filters`).
 
-    ``min_confidence`` None is MIN_CONFIDENCE, except for a run trained with ``loss`` LovaszHingeLoss: the
-    hinge pushes its logits to the margin 1, so its nuclei have a mean sigmoid of about sigmoid(1) = 0.73, and the
-    filter, chosen on BCE-trained networks, would drop every one of them. There it is off."""
+    ``min_size`` None is MIN_SIZE; ``min_confidence`` None is MIN_CONFIDENCE, except for a run trained with ``loss``
+    LovaszHingeLoss: the hinge pushes its logits to the margin 1, so its nuclei have a mean sigmoid of about
+    sigmoid(1) = 0.73, and the filter, chosen on BCE-trained networks, would drop every one of them. There it is
+    off."""
     if min_confidence is None:
         min_confidence = 0.0 if loss == "LovaszHingeLoss" else MIN_CONFIDENCE
-    return {"min_size": min_size, "min_confidence": min_confidence}
+    return {"min_size": MIN_SIZE if min_size is None else min_size, "min_confidence": min_confidence}
 
 
 def prediction_settings(epoch, precision, tta, prune, separation, filters):
@@ -773,3 +780,63 @@ def choose_separation(requested, borders, name):
     if requested == "borders" and not borders:
         raise UsageError(f"--separation borders needs a run trained with --borders True; {name} was not")
     return requested or ("borders" if borders else "watershed")
+
+
+class PostProcessing(NamedTuple):
+    """How a run's predicted masks become nuclei (:func:`post_processing`)."""
+    separation: str
+    filters: dict  # object_filters' keywords
+    # 'separation, min_size 12 tuned on validation': those of them that val.py --tune chose ('' for none); the
+    # separation's value is beside it wherever this is printed
+    tuned: str
+    note: str  # a line to print about the run's postprocessing.yml ('' for none)
+
+    def label(self):
+        """'watershed', or 'watershed; separation, min_size 12 tuned on validation': for a summary line."""
+        return f"{self.separation}; {self.tuned}" if self.tuned else self.separation
+
+
+def post_processing(name, cfg, separation=None, min_size=None, min_confidence=None):
+    """The post-processing of run ``name`` (its config ``cfg``) for val.py and predict.py: each flag that is given
+    (not None), else the value val.py --tune chose for this run (:func:`tuned_post_processing`), else the default
+    (:func:`choose_separation`, :func:`object_filters`)."""
+    tuned, note = tuned_post_processing(name, cfg.borders)
+    given = {"separation": separation, "min_size": min_size, "min_confidence": min_confidence}
+    used = {k: v for k, v in tuned.items() if given[k] is None}
+    chosen = {**given, **used}
+    return PostProcessing(choose_separation(chosen["separation"], cfg.borders, name),
+                          object_filters(chosen["min_size"], chosen["min_confidence"], cfg.loss),
+                          ", ".join(k if k == "separation" else f"{k} {v}" for k, v in used.items()) +
+                          " tuned on validation" if used else "", note)
+
+
+def tuned_post_processing(name, borders):
+    """({separation, min_size, min_confidence} that val.py --tune chose for run ``name`` (``borders``: trained with
+    --borders True), a note): read from the run folder's postprocessing.yml; ({}, '') without one, and ({}, a note)
+    when it was chosen for other weights than the run's model.pth now (trained on since: --resume, or a new run of
+    the name). A file that holds no such choice is a DataError naming it."""
+    folder = saved_run_dir(name)
+    path = os.path.join(folder, TUNED_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            tuned = yaml.safe_load(f)
+    except FileNotFoundError:
+        return {}, ""
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise DataError(f"{path} cannot be read ({type(e).__name__}): make it again with python val.py --name {name} "
+                        "--tune, or remove it") from None
+
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if not (isinstance(tuned, dict) and tuned.get("separation") in SEPARATIONS
+            and (borders or tuned["separation"] != "borders")
+            and isinstance(tuned.get("min_size"), int) and number(tuned["min_size"]) and tuned["min_size"] >= 0
+            and number(tuned.get("min_confidence")) and 0 <= tuned["min_confidence"] < 1
+            and isinstance(tuned.get("weights_sha256"), str)):
+        raise DataError(f"{path} holds no post-processing that val.py --tune chose for run {name}: make it again "
+                        f"with python val.py --name {name} --tune, or remove it")
+    if tuned["weights_sha256"] != sha256_file(os.path.join(folder, "model.pth")):
+        return {}, (f"note: {path} was chosen for other weights than the run's model.pth now (trained on since); "
+                    f"ignored: the default post-processing applies until python val.py --name {name} --tune")
+    return {k: tuned[k] for k in TUNED_KEYS}, ""

@@ -325,10 +325,11 @@ def model_epoch(name):
     return f"epoch {best} of {int(log['epoch'].max())}"
 
 
-def summary(title, scores, table, dsb, out_dir, overlays, trained=()):
-    """The lines val.py prints: pooled and per-image IoU/Dice, IoU by image kind, DSB2018 scores, their intervals,
-    the scores without the images ``trained`` on (ids), worst image (with several classes: by the mean of its
-    classes, and the worst of each class)."""
+def summary(title, scores, table, dsb, out_dir, overlays, trained=(), tuned=""):
+    """The lines val.py prints: pooled and per-image IoU/Dice, IoU by image kind, DSB2018 scores (after them the
+    filters ``tuned`` on validation: config.PostProcessing.tuned), their intervals, the scores without the images
+    ``trained`` on (ids), worst image (with several classes: by the mean of its classes, and the worst of each
+    class)."""
     per_kind = table.groupby("kind")["iou"].agg(["size", "mean"])
     by_kind = ", ".join(f"{k} {per_kind['mean'][k]:.4f} ({per_kind['size'][k]})" for k in MODALITIES
                         if k in per_kind.index)
@@ -339,7 +340,8 @@ def summary(title, scores, table, dsb, out_dir, overlays, trained=()):
              f"  mean IoU by image kind (images): {by_kind}"]
     if dsb:
         lines.append(f"  DSB2018 score {', '.join(f'{v:.4f} ({SEPARATION_NAMES[m]})' for m, v in dsb.items())}, "
-                     f"mean over the {table['dsb'].notna().sum()} images with instance labels")
+                     f"mean over the {table['dsb'].notna().sum()} images with instance labels" +
+                     (f"; {tuned}" if tuned else ""))
     lines += interval_line(table, next(iter(dsb), None))
     lines += untrained_line(table, trained, next(iter(dsb), None))
     classes = scored_classes(table)

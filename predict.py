@@ -60,8 +60,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from config import (MIN_SIZE, add_amp_arg, add_device_arg, add_separation_args, check_object_filters,
-                    choose_separation, object_filters, prediction_settings, saved_run_dir)
+from config import (add_amp_arg, add_device_arg, add_separation_args, check_object_filters, post_processing,
+                    prediction_settings, saved_run_dir)
 from files import (atomic_imwrite, atomic_tiff_pages, atomic_write, check_output_folder, remove_killed_writes,
                    written_alone)
 from image_files import (CELLPOSE_NOT_IMAGES, PIXEL_SIZES, TIFF_EXTS, TiffHeader, nucleus_channel, read_planes,
@@ -168,7 +168,7 @@ def check_args(args):
         raise UsageError(f"--pixel_size {args.pixel_size:g} must be micrometres per pixel between {PIXEL_SIZES[0]:g} "
                          f"and {PIXEL_SIZES[1]:g} (e.g. 0.325), or left out to read each TIFF's calibration")
     shaping = [flag for flag, given in (("--separation", args.separation is not None),
-                                        ("--min_size", args.min_size != MIN_SIZE),
+                                        ("--min_size", args.min_size is not None),
                                         ("--min_confidence", args.min_confidence is not None)) if given]
     if shaping and not (args.instances or args.scale == "auto"):  # --scale auto measures the nuclei it finds
         several = len(shaping) > 1
@@ -942,8 +942,10 @@ def main(argv):
                          "nucleus_diameter")
     written = output_files(files, ids, stacks, output_suffixes(cfg.num_classes, args.save_prob, args.instances,
                                                                args.overlay, args.rois))
-    filters = object_filters(args.min_size, args.min_confidence, cfg.loss)
-    separation = choose_separation(args.separation, cfg.borders, args.name)
+    post = post_processing(args.name, cfg, args.separation, args.min_size, args.min_confidence)
+    if post.note:
+        print(post.note)
+    separation, filters = post.separation, post.filters
     predictor = Predictor(model, cfg, device, args.tile or None, args.overlap, args.batch_size, args.prune, args.tta,
                           args.amp, 1.0 if auto else args.scale)
     # One predict.py --instances at a time writes a folder: objects.csv and images.csv would hold the rows of the one
@@ -983,7 +985,7 @@ def main(argv):
                  pandas_ids_note([list(dict.fromkeys(row.image for row in rows)), objects["image"].unique()])
                  if args.instances else ""]
     seconds = time.time() - started
-    print(summary_line(args, cfg, predictor, device, len(files) - len(left_out), rows, seconds, objects, separation,
+    print(summary_line(args, cfg, predictor, device, len(files) - len(left_out), rows, seconds, objects, post.label(),
                        filters))
     if args.stitch_z is not None:
         print(stitched_line(args.stitch_z, [i for i, header in zip(ids, headers) if plane_grid(header, 1)[1] > 1

@@ -21,13 +21,16 @@ stained or bright-field, see dataset.image_modality; for a run of several classe
 after their means; with a ``dsb`` column, the DSB2018 instance score, when the dataset has instance labels (labels/,
 or a StarDist or Cellpose label-image layout, see dataset.find_layout): nuclei split by --separation, the other ways
 printed beside it), overlays/<id>.png (image | truth | prediction | errors; class 0's) and summary.png.
+
+With ``--tune`` it writes no outputs: it scores a grid of post-processings on the run's validation split (tuning.py)
+and writes the best to models/<name>/postprocessing.yml, the run's defaults from then on (config.post_processing).
 """
 import os
 
-from config import (add_amp_arg, add_device_arg, add_separation_args, check_object_filters, choose_separation,
-                    object_filters, prediction_settings)
+from config import (TUNED_FILE, add_amp_arg, add_device_arg, add_separation_args, check_object_filters,
+                    load_run_config, post_processing, prediction_settings, run_dir, run_lock_file, saved_run_dir)
 from files import check_replaceable, folder_replaced_when_done, written_alone
-from utils import ArgumentParser, at_least, check_run_name, file_extension, path_arg, run_cli
+from utils import ArgumentParser, DataError, UsageError, at_least, check_run_name, file_extension, path_arg, run_cli
 
 
 def build_parser():
@@ -59,6 +62,10 @@ def build_parser():
                                                   "outputs/<name>; outputs/<name>_test for --split test, "
                                                   "outputs/<name>_on_<dataset> for --dataset)")
     p.add_argument("--no_overlays", action="store_true", help="skip overlays/ and summary.png")
+    p.add_argument("--tune", action="store_true",
+                   help="instead: choose the --separation, --min_size and --min_confidence of the best mean DSB2018 "
+                        "score on the run's validation split, from a fixed grid, and write them to "
+                        f"models/<name>/{TUNED_FILE}, where val.py and predict.py take them as the run's defaults")
     p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     return p
 
@@ -73,10 +80,37 @@ def output_folder(name, split, dataset, output):
     return os.path.join("outputs", name if split in (None, "val") else f"{name}_{split}")
 
 
+def check_tune_args(args):
+    """--tune: a UsageError for a flag it cannot take, and for a run that is not the user's own."""
+    if args.dataset is not None or args.split not in (None, "val"):
+        flag = "--dataset" if args.dataset is not None else f"--split {args.split}"
+        raise UsageError(f"{flag}: --tune chooses on the run's validation split alone (chosen on test images, their "
+                         "score would no longer be an honest one; on training images, the network knows them)")
+    given = [flag for flag, value in (("--separation", args.separation), ("--min_size", args.min_size),
+                                      ("--min_confidence", args.min_confidence), ("--output", args.output),
+                                      ("--prune", args.prune)) if value is not None]
+    given += ["--tta"] * args.tta + ["--no_overlays"] * args.no_overlays
+    if given:
+        raise UsageError(f"{' and '.join(given)}: --tune chooses the separation and filters for the network as "
+                         f"val.py and predict.py run it by default, and writes only models/<name>/{TUNED_FILE}; "
+                         f"leave {'them' if len(given) > 1 else 'it'} out")
+    load_run_config(args.name)  # no run of that name: said before a lock file is made for it
+    if saved_run_dir(args.name) != run_dir(args.name):
+        raise UsageError(f"--tune writes into the run's folder, and {args.name} is the bundled model (pretrained/"
+                         f"{args.name}, part of the toolkit), whose defaults were chosen on its validation split; to "
+                         f"tune for your images, fine-tune it on them (train.py --init {args.name} --name <run>) and "
+                         "tune that run")
+
+
 def main(argv):
     args = build_parser().parse_args(argv)
     check_object_filters(args.min_size, args.min_confidence)  # before the heavy imports
     check_run_name(args.name)  # before it names a folder
+    if args.tune:
+        check_tune_args(args)
+        # as train.py holds it: the weights cannot change while they are tuned for
+        with written_alone(run_dir(args.name), "--name", run_lock_file(args.name)):
+            return evaluate_into(args, None)
     out_dir = output_folder(args.name, args.split, args.dataset, args.output)
     check_replaceable(out_dir, "--output", "scores.csv", "an output folder of val.py")
     # One val.py at a time writes a folder: the one that ended last would replace the other's outputs, also those of
@@ -87,8 +121,8 @@ def main(argv):
 
 def evaluate_into(args, out_dir):
     """Score run ``args.name`` as the flags say, write the outputs into ``out_dir`` (replaced as a whole when
-    complete) and print the summary; returns the scores (engine.evaluate's, and the DSB2018 means)."""
-    folder = os.path.realpath(out_dir)  # a symbolic link's folder is replaced, not the link
+    complete) and print the summary; returns the scores (engine.evaluate's, and the DSB2018 means). With --tune,
+    returns the choice of :func:`tune` instead."""
     # Heavy imports only now, so that --help and flag errors answer at once.
     from checkpoints import load_run, made_by
     from dataset import eval_loader, find_layout, images_left_out, reading_of
@@ -104,15 +138,17 @@ def evaluate_into(args, out_dir):
     cfg, model = load_run(args.name, device, args.prune)
     epoch = model_epoch(args.name)  # with the weights: a train.py of the run may save a better epoch meanwhile
     made = made_by(args.name)
-    filters = object_filters(args.min_size, args.min_confidence, cfg.loss)
-    separation = choose_separation(args.separation, cfg.borders, args.name)
+    if not args.tune:  # a damaged postprocessing.yml must not stop the --tune that replaces it
+        post = post_processing(args.name, cfg, args.separation, args.min_size, args.min_confidence)
+        if post.note:
+            print(post.note)
     reading = {**reading_of(cfg), "img_ext": args.img_ext or cfg.img_ext, "mask_ext": args.mask_ext or cfg.mask_ext}
     dataset_dir, ids, part, trained = evaluation_ids(args.name, args.split, args.dataset, cfg, reading)
     left_out = images_left_out(dataset_dir, reading["img_ext"]) if args.dataset is not None else ""
     if left_out:
         print(left_out)
     record = evaluation_record(args.name, args.split, args.dataset, dataset_dir)
-    if not args.output:
+    if not (args.output or args.tune):
         check_same_evaluation(out_dir, record)
     layout = find_layout(dataset_dir, reading["img_ext"], reading["mask_ext"])
     changed = changed_images(args.name, cfg, dataset_dir, ids, layout,
@@ -120,6 +156,11 @@ def evaluate_into(args, out_dir):
     if changed:
         print(changed)
     labels = {i: (path, layout.image(i)) for i, path in zip(ids, map(layout.labels, ids)) if path is not None}
+    if args.tune and len(labels) < len(ids):
+        missing = [i for i in ids if i not in labels]
+        raise DataError(f"--tune scores the DSB2018 score of the nuclei, which needs instance labels, and "
+                        f"{len(missing)} of the {len(ids)} validation images of {args.name} have none in "
+                        f"{dataset_dir} (e.g. {missing[0]}): give the dataset labels/ (or label images), then tune")
     if cfg.borders and len(labels) < len(ids):  # the border target comes from the labels: score the masks alone
         print(f"note: {len(ids) - len(labels)} of {len(ids)} images have no instance labels in {dataset_dir}: the "
               "masks alone are scored, for every image (no border or DSB2018 score; the border PNGs are written)")
@@ -137,18 +178,23 @@ def evaluate_into(args, out_dir):
     size = f" at {cfg.input_h}x{cfg.input_w}" if not cfg.crop_size else ""  # where the scores and nuclei were taken
     what = f"{args.name} ({epoch + ', ' if epoch else ''}{part}, {len(ids)} images{size}"
     how = (", flip TTA" if args.tta else "") + (f", pruned at L={args.prune}" if args.prune else "") + ")"
+    if args.tune:
+        return tune(args.name, cfg, labels, made["weights_sha256"], f"{what}, {precision.describe()}{how}",
+                    lambda on_batch: evaluate(network, loader, criterion, precision, desc="eval", on_batch=on_batch,
+                                              classes=cfg.num_classes))
+    folder = os.path.realpath(out_dir)  # a symbolic link's folder is replaced, not the link
     # the outputs of one evaluation replace the folder as a whole when complete
     with folder_replaced_when_done(folder) as tmp, \
-            ImageWriter(tmp, cfg.num_classes, labels, separation_order(separation, cfg.borders), filters,
+            ImageWriter(tmp, cfg.num_classes, labels, separation_order(post.separation, cfg.borders), post.filters,
                         overlays=not args.no_overlays) as writer:
         scores = evaluate(network, loader, criterion, precision, desc="eval", prune=args.prune,
                           tta=args.tta, on_batch=writer, classes=cfg.num_classes)
         table = writer.write_table(what + how)  # summary.png's title, without the precision to fit its width
         write_evaluation_record(tmp, record, prediction_settings(epoch, precision.describe(), args.tta, args.prune,
-                                                                 separation, filters), made)
+                                                                 post.separation, post.filters), made)
     dsb = writer.dsb_means()
     print(summary(f"{what}, {precision.describe()}{how}", scores, table, dsb, out_dir, not args.no_overlays,
-                  trained))
+                  trained, post.tuned))
     trained = training_diameter(args.name, cfg) if cfg.crop_size else 0.0
     if trained:
         hint = size_hint(dataset_dir, ids, reading, trained)
@@ -157,6 +203,21 @@ def evaluate_into(args, out_dir):
     if dsb:
         scores.update(dsb=float(table["dsb"].mean()), **{f"dsb_{m}": v for m, v in dsb.items()})
     return scores
+
+
+def tune(name, cfg, labels, weights_sha256, title, evaluate_with):
+    """val.py --tune: run the network once over the validation images (``evaluate_with(on_batch)``, engine.evaluate),
+    score the grid on their instance ``labels`` (tuning.py), write models/<name>/postprocessing.yml for the weights
+    of ``weights_sha256`` and print the table under ``title``; returns tuning.choose's choice."""
+    from tuning import ObjectCollector, choose, grid_separations, tuning_table, write_choice
+
+    with ObjectCollector(cfg.num_classes, labels, grid_separations(cfg.borders)) as collector:
+        evaluate_with(collector)
+        images, true_areas = collector.results()
+    choice = choose(images, true_areas, name, cfg)
+    path = write_choice(name, choice, len(images), weights_sha256)
+    print(tuning_table(title, choice, len(images), path))
+    return choice
 
 
 if __name__ == "__main__":

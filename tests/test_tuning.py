@@ -1,0 +1,178 @@
+"""val.py --tune: the post-processing it writes to models/<name>/postprocessing.yml is the best of its grid on the
+run's validation split (checked against dsb_scores of every combination), val.py and predict.py take it as the
+run's defaults (a flag still wins), a file chosen for other weights is ignored with a note, and a run without one
+is as before."""
+import os
+import shutil
+from argparse import Namespace
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import TINY_NAME, train_argv
+
+import engine
+import predict
+import train
+import tuning
+import val
+from config import MIN_CONFIDENCE, MIN_SIZE, TUNED_FILE, load_run_config, post_processing
+from image_files import read_labels
+from metrics import dsb_scores
+from utils import DataError, UsageError
+
+RUN = "tuned"
+CPU = ["--device", "cpu", "--amp", "fp32"]
+
+
+def from_masks(original):
+    """engine.step with the logits of a stand-in network made from the true masks: inside a nucleus a probability
+    rising from 0.55 at the left edge to 0.99 at the right, 0.02 outside, so that each --min_confidence of the grid
+    keeps other nuclei and the defaults' 0.85 drops some that are right."""
+    def step(model, images, masks, criterion, precision, **kwargs):
+        loss, logits = original(model, images, masks, criterion, precision, **kwargs)
+        ramp = torch.linspace(0.55, 0.99, masks.shape[-1]).expand_as(masks[:, :1])
+        prob = torch.where(masks[:, :1] > 0.5, ramp, torch.full_like(ramp, 0.02))
+        return loss, torch.logit(prob).expand_as(logits).contiguous()
+    return step
+
+
+@pytest.fixture
+def tuned(tiny_workdir, monkeypatch):
+    """inputs/tiny and run RUN (1 epoch), val.py's network replaced by :func:`from_masks`; yields the workdir."""
+    train.main(train_argv(RUN, "--amp", "fp32", epochs=1))
+    monkeypatch.setattr(engine, "step", from_masks(engine.step))
+    return tiny_workdir
+
+
+def record(path):
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+def test_tune_writes_the_best_of_its_grid_and_val_and_predict_take_it_unless_a_flag_says_otherwise(tuned, monkeypatch,
+                                                                                                     capsys):
+    seen = {}
+    objects = tuning.ObjectCollector._objects
+
+    def kept(self, img_id, prob):  # the probabilities tuned on, for the brute force below
+        seen[img_id] = prob.copy()
+        return objects(self, img_id, prob)
+
+    monkeypatch.setattr(tuning.ObjectCollector, "_objects", kept)
+    val.main(["--name", RUN, "--tune", *CPU])
+    printed = capsys.readouterr().out
+    chosen = record(tuned / "models" / RUN / TUNED_FILE)
+    assert chosen["val_images"] == len(seen) == 2
+    assert chosen["grid"]["min_confidence"] == [0.0, 0.5, 0.7, 0.8, 0.85, 0.9, 0.95]
+    assert chosen["grid"]["separation"] == ["watershed", "cc"] and MIN_SIZE in chosen["grid"]["min_size"]
+    # every combination scored again the slow way: split_instances with its filters, then dsb_score
+    truth = {i: read_labels(tuned / "inputs" / TINY_NAME / "labels" / f"{i}.png") for i in seen}
+    brute = {(m, s, c): np.mean([dsb_scores(seen[i][0], truth[i], [m], min_size=s, min_confidence=c)[m] for i in seen])
+             for m in chosen["grid"]["separation"] for s in chosen["grid"]["min_size"]
+             for c in chosen["grid"]["min_confidence"]}
+    best = max(brute.values())
+    assert brute[chosen["separation"], chosen["min_size"], chosen["min_confidence"]] == pytest.approx(best)
+    assert chosen["dsb"]["tuned"] == pytest.approx(best)
+    defaults = ("watershed", MIN_SIZE, MIN_CONFIDENCE)
+    kept = max(sum(v == d for v, d in zip(c, defaults)) for c, score in brute.items() if score == pytest.approx(best))
+    assert sum(v == d for v, d in zip((chosen["separation"], chosen["min_size"], chosen["min_confidence"]),
+                                      defaults)) == kept  # of the ties, the one nearest the defaults
+    assert chosen["dsb"]["defaults"] == pytest.approx(brute["watershed", MIN_SIZE, MIN_CONFIDENCE])
+    assert chosen["dsb"]["tuned"] > chosen["dsb"]["defaults"] + 0.05  # the ramp: 0.85 drops nuclei that are right
+    assert chosen["min_confidence"] < MIN_CONFIDENCE
+    assert f"{chosen['dsb']['tuned'] - chosen['dsb']['defaults']:+.4f} over the defaults" in printed
+    choice = {k: chosen[k] for k in ("separation", "min_size", "min_confidence")}
+
+    # val.py: the choice is the run's default, and its DSB2018 score the one tuned; flags win
+    scores = val.main(["--name", RUN, "--no_overlays", *CPU])
+    assert scores["dsb"] == pytest.approx(chosen["dsb"]["tuned"])
+    assert "tuned on validation" in capsys.readouterr().out
+    settings = record(tuned / "outputs" / RUN / "evaluation.yml")["settings"]
+    assert {k: settings[k] for k in choice} == choice
+    scores = val.main(["--name", RUN, "--no_overlays", "--separation", "watershed", "--min_size", str(MIN_SIZE),
+                       "--min_confidence", str(MIN_CONFIDENCE), *CPU])
+    assert scores["dsb"] == pytest.approx(chosen["dsb"]["defaults"])
+    assert "tuned on validation" not in capsys.readouterr().out
+    val.main(["--name", RUN, "--no_overlays", "--min_confidence", "0.95", *CPU])
+    settings = record(tuned / "outputs" / RUN / "evaluation.yml")["settings"]
+    assert (settings["separation"], settings["min_size"], settings["min_confidence"]) == \
+        (choice["separation"], choice["min_size"], 0.95)
+
+    # predict.py: the same
+    image = str(tuned / "inputs" / TINY_NAME / "images" / f"{sorted(seen)[0]}.png")
+    predict.main(["--name", RUN, "--input", image, "--output", "pred", "--instances", *CPU])
+    assert "tuned on validation" in capsys.readouterr().out
+    settings = record(tuned / "pred" / "prediction.yml")["settings"]
+    assert {k: settings[k] for k in choice} == choice
+    predict.main(["--name", RUN, "--input", image, "--output", "pred", "--instances", "--min_size", "0",
+                  "--separation", "cc", *CPU])
+    settings = record(tuned / "pred" / "prediction.yml")["settings"]
+    assert (settings["separation"], settings["min_size"], settings["min_confidence"]) == \
+        ("cc", 0, choice["min_confidence"])
+
+
+@pytest.mark.parametrize("loss, confidence", [("BCEDiceLoss", MIN_CONFIDENCE), ("LovaszHingeLoss", 0.0)])
+def test_a_tie_goes_to_the_defaults(loss, confidence):
+    empty = [(0, {m: np.zeros((3, 0)) for m in ("watershed", "cc", "borders")})]  # every combination scores 1
+    choice = tuning.choose(empty, np.zeros(0, np.int64), RUN, Namespace(borders=True, loss=loss))
+    assert choice["chosen"] == choice["defaults"] == {"separation": "borders", "min_size": MIN_SIZE,
+                                                      "min_confidence": confidence}
+
+
+def test_tune_refuses_other_images_and_flags_it_chooses_and_runs_that_are_not_the_users(tuned):
+    for flags, words in ((["--dataset", TINY_NAME], "--dataset: --tune chooses on the run's validation split alone"),
+                         (["--split", "test"], "--split test: --tune chooses on the run's validation split alone"),
+                         (["--split", "train"], "--split train: "),
+                         (["--min_confidence", "0.5", "--tta"], "--min_confidence and --tta: --tune chooses"),
+                         (["--output", "x"], "--output: --tune chooses")):
+        with pytest.raises(UsageError, match=words):
+            val.main(["--name", RUN, "--tune", *flags, *CPU])
+    with pytest.raises(UsageError, match="nuclei is the bundled model"):
+        val.main(["--name", "nuclei", "--tune", *CPU])
+    with pytest.raises(UsageError, match="no run named 'missing'"):
+        val.main(["--name", "missing", "--tune", *CPU])
+    assert not os.path.exists(tuned / "models" / RUN / TUNED_FILE)
+    shutil.rmtree(tuned / "inputs" / TINY_NAME / "labels")
+    with pytest.raises(DataError, match="needs instance labels, and 2 of the 2 validation images of tuned have none"):
+        val.main(["--name", RUN, "--tune", *CPU])
+
+
+def test_a_file_chosen_for_other_weights_is_ignored_with_a_note_and_a_damaged_one_named(tuned, capsys):
+    val.main(["--name", RUN, "--tune", *CPU])
+    path = tuned / "models" / RUN / TUNED_FILE
+    assert record(path)["min_confidence"] < MIN_CONFIDENCE
+    capsys.readouterr()
+    weights = torch.load(tuned / "models" / RUN / "model.pth")
+    torch.save({k: v * 1.01 if v.is_floating_point() else v for k, v in weights.items()},
+               tuned / "models" / RUN / "model.pth")  # as a --resume that saved a better epoch would
+    val.main(["--name", RUN, "--no_overlays", *CPU])
+    printed = capsys.readouterr().out
+    assert f"note: {os.path.join('models', RUN, TUNED_FILE)} was chosen for other weights" in printed
+    assert "tuned on validation" not in printed
+    settings = record(tuned / "outputs" / RUN / "evaluation.yml")["settings"]
+    assert (settings["separation"], settings["min_size"], settings["min_confidence"]) == \
+        ("watershed", MIN_SIZE, MIN_CONFIDENCE)
+    image = str(tuned / "inputs" / TINY_NAME / "images" / "syn_0000.png")
+    predict.main(["--name", RUN, "--input", image, "--output", "pred", "--instances", *CPU])
+    assert "was chosen for other weights" in capsys.readouterr().out
+    assert record(tuned / "pred" / "prediction.yml")["settings"]["min_confidence"] == MIN_CONFIDENCE
+
+    path.write_text("separation: borders\nmin_size: 3\nmin_confidence: 0.5\nweights_sha256: x\n")  # not a borders run
+    with pytest.raises(DataError, match=f"{TUNED_FILE} holds no post-processing that val.py --tune chose"):
+        val.main(["--name", RUN, "--no_overlays", *CPU])
+    val.main(["--name", RUN, "--tune", *CPU])  # which replaces it
+    assert post_processing(RUN, load_run_config(RUN)).tuned.endswith("tuned on validation")
+
+
+def test_a_run_without_the_file_is_post_processed_as_before(tuned):
+    cfg = load_run_config(RUN)
+    assert post_processing(RUN, cfg) == ("watershed", {"min_size": MIN_SIZE, "min_confidence": MIN_CONFIDENCE}, "",
+                                         "")
+    assert post_processing(RUN, cfg, "cc", 0, 0.5)[:3] == ("cc", {"min_size": 0, "min_confidence": 0.5}, "")
+    cfg.loss, cfg.borders = "LovaszHingeLoss", True
+    assert post_processing(RUN, cfg)[:2] == ("borders", {"min_size": MIN_SIZE, "min_confidence": 0.0})
+    val.main(["--name", RUN, "--no_overlays", *CPU])
+    assert not os.path.exists(tuned / "models" / RUN / TUNED_FILE)
+
