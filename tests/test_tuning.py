@@ -1,7 +1,7 @@
 """val.py --tune: the post-processing it writes to models/<name>/postprocessing.yml is the best of its grid on the
 run's validation split (checked against dsb_scores of every combination), val.py and predict.py take it as the
-run's defaults (a flag still wins), a file chosen for other weights is ignored with a note, and a run without one
-is as before."""
+run's defaults (a flag still wins), a file chosen for other weights is ignored with a note, a run without one is
+as before, and bundle.py carries it along."""
 import os
 import shutil
 from argparse import Namespace
@@ -12,6 +12,8 @@ import torch
 import yaml
 from conftest import TINY_NAME, train_argv
 
+import bundle
+import config
 import engine
 import predict
 import train
@@ -176,3 +178,15 @@ def test_a_run_without_the_file_is_post_processed_as_before(tuned):
     val.main(["--name", RUN, "--no_overlays", *CPU])
     assert not os.path.exists(tuned / "models" / RUN / TUNED_FILE)
 
+
+
+def test_bundle_carries_the_choice_for_its_fp16_weights(tuned, monkeypatch, tmp_path):
+    monkeypatch.setattr(config, "PRETRAINED_DIR", str(tmp_path / "pretrained"))
+    val.main(["--name", RUN, "--tune", *CPU])
+    chosen = record(tuned / "models" / RUN / TUNED_FILE)
+    bundle.main(["--name", RUN, "--as", "bundled"])
+    assert post_processing("bundled", load_run_config("bundled"))[:3] == post_processing(RUN, load_run_config(RUN))[:3]
+    assert record(tmp_path / "pretrained" / "bundled" / TUNED_FILE)["dsb"] == chosen["dsb"]
+    os.remove(tuned / "models" / RUN / TUNED_FILE)  # bundled again without one: the earlier choice goes
+    bundle.main(["--name", RUN, "--as", "bundled"])
+    assert not os.path.exists(tmp_path / "pretrained" / "bundled" / TUNED_FILE)
