@@ -179,7 +179,6 @@ def test_a_run_without_the_file_is_post_processed_as_before(tuned):
     assert not os.path.exists(tuned / "models" / RUN / TUNED_FILE)
 
 
-
 def test_bundle_carries_the_choice_for_its_fp16_weights(tuned, monkeypatch, tmp_path):
     monkeypatch.setattr(config, "PRETRAINED_DIR", str(tmp_path / "pretrained"))
     val.main(["--name", RUN, "--tune", *CPU])
