@@ -802,13 +802,23 @@ def sizing(scale, scales):
 
 
 def stitch_notes(files, headers, stitch_z):
-    """The note naming the ``files`` (``headers``: their :func:`tiff_headers`) without z planes to link with
-    --stitch_z ``stitch_z`` (None: off): 2D images and time-lapses, predicted as without it; [] for none."""
-    flat = [f for f, header in zip(files, headers) if plane_grid(header, 1)[1] == 1]  # the count sizes a T axis alone
-    if stitch_z is None or not flat:
+    """The notes naming the ``files`` (``headers``: their :func:`tiff_headers`) whose z planes --stitch_z
+    ``stitch_z`` (None: off) does not link, predicted as without it: 2D images and time-lapses, and stacks whose z
+    planes are not in ImageJ's order (:func:`stack_layout` makes them one T axis); [] for none."""
+    unlinked = [(f, header) for f, header in zip(files, headers) if plane_grid(header, 1)[1] == 1]  # count: T alone
+    if stitch_z is None:
         return []
-    return [f"note: --stitch_z links nuclei through z planes, and {first_few(flat)} ha{'ve' if len(flat) > 1 else 's'}"
-            " none (a 2D image, a time-lapse or a single z plane): predicted as without it"]
+    flat = [f for f, header in unlinked if "Z" not in header.plane_axes]
+    # a time point's z planes are then not next to each other, and objects.csv numbers its planes as time points
+    shuffled = [f"{f} (axes {header.plane_axes})" for f, header in unlinked if "Z" in header.plane_axes]
+    notes = [f"note: --stitch_z links nuclei through z planes, and {first_few(flat)} ha{'ve' if len(flat) > 1 else 's'}"
+             " none (a 2D image, a time-lapse or a single z plane): predicted as without it"] if flat else []
+    if shuffled:
+        notes.append(f"note: --stitch_z links the z planes of a stack whose planes are in ImageJ's order (time points, "
+                     f"then z planes in each); {first_few(shuffled)} ha{'ve' if len(shuffled) > 1 else 's'} them in "
+                     "another order: predicted as without it, each plane a time point of its own (save it from Fiji "
+                     "as an ImageJ hyperstack to link them)")
+    return notes
 
 
 def stitched_line(stitch_z, stacks, objects):

@@ -2461,3 +2461,15 @@ def test_a_pixel_size_that_is_no_size_is_refused_naming_the_flag(tmp_path, value
     assert stop.value.code != 0 and len(message.splitlines()) == 1 and "Traceback" not in message
     assert f"error: --pixel_size {float(value):g} must be micrometres per pixel between 1e-06 and 1e+06" in message
     assert not (tmp_path / "out").exists()
+
+
+def test_stitch_z_says_a_stack_of_z_planes_in_another_order_has_them(tmp_path):
+    # an OME-TIFF of DimensionOrder XYTZC: tifffile's axes ZTYX, its z planes apart; predicted as one T axis, unlinked
+    tifffile.imwrite(tmp_path / "zt.ome.tif", np.zeros((3, 2, 16, 16), np.uint8), ome=True,
+                     metadata={"axes": "ZTYX"})
+    tifffile.imwrite(tmp_path / "movie.tif", np.zeros((2, 16, 16), np.uint8), imagej=True, metadata={"axes": "TYX"})
+    files = [str(tmp_path / "zt.ome.tif"), str(tmp_path / "movie.tif")]
+    flat, shuffled = predict.stitch_notes(files, [image_files.tiff_header(f) for f in files], 0.5)
+    assert "movie.tif has none" in flat and "zt.ome.tif" not in flat
+    assert "zt.ome.tif (axes ZT) has them in another order" in shuffled
+    assert predict.stitch_notes(files, [image_files.tiff_header(f) for f in files], None) == []
