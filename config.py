@@ -26,9 +26,10 @@ from utils import (AMP_MODES, ArgumentParser, DataError, UsageError, amp_mode, b
 SEPARATIONS = ("watershed", "cc", "borders")
 MIN_SIZE = 3  # pixels
 MIN_CONFIDENCE = 0.85  # mean probability of an object
-# val.py --tune's choice of the three for one run, in its folder: that run's defaults (post_processing)
+# val.py --tune's choice for one run, in its folder: that run's defaults (post_processing). Not --min_size: it counts
+# pixels at the size the nuclei are separated at, which --scale and a run trained on resized images change
 TUNED_FILE = "postprocessing.yml"
-TUNED_KEYS = ("separation", "min_size", "min_confidence")
+TUNED_KEYS = ("separation", "min_confidence")
 
 MODELS_DIR = "models"
 # the model that ships with the toolkit (pretrained/<name>/: config.yml, model.pth and its .sha256, a model card)
@@ -734,8 +735,8 @@ def add_separation_args(p):
     p.add_argument("--separation", default=None, choices=SEPARATIONS,
                    help="how touching nuclei are split: watershed on the distance transform, the learned borders of "
                         "a run trained with --borders True, or plain connected components (default: borders for a "
-                        "run trained with --borders True, else watershed; for all three, the run's own where val.py "
-                        f"--tune chose them on its validation split: models/<name>/{TUNED_FILE})")
+                        "run trained with --borders True, else watershed; for it and --min_confidence, the run's own "
+                        f"where val.py --tune chose them on its validation split: models/<name>/{TUNED_FILE})")
     p.add_argument("--min_size", type=integer, default=None,
                    help=f"drop objects smaller than this many pixels (default: {MIN_SIZE})")
     p.add_argument("--min_confidence", type=float, default=None,
@@ -786,20 +787,20 @@ class PostProcessing(NamedTuple):
     """How a run's predicted masks become nuclei (:func:`post_processing`)."""
     separation: str
     filters: dict  # object_filters' keywords
-    # 'separation, min_size 12 tuned on validation': those of them that val.py --tune chose ('' for none); the
+    # 'separation, min_confidence 0.5 tuned on validation': those of them that val.py --tune chose ('' for none); the
     # separation's value is beside it wherever this is printed
     tuned: str
     note: str  # a line to print about the run's postprocessing.yml ('' for none)
 
     def label(self):
-        """'watershed', or 'watershed; separation, min_size 12 tuned on validation': for a summary line."""
+        """'watershed', or 'watershed; separation, min_confidence 0.5 tuned on validation': for a summary line."""
         return f"{self.separation}; {self.tuned}" if self.tuned else self.separation
 
 
 def post_processing(name, cfg, separation=None, min_size=None, min_confidence=None):
     """The post-processing of run ``name`` (its config ``cfg``) for val.py and predict.py: each flag that is given
-    (not None), else the value val.py --tune chose for this run (:func:`tuned_post_processing`), else the default
-    (:func:`choose_separation`, :func:`object_filters`)."""
+    (not None), else the value val.py --tune chose for this run (:func:`tuned_post_processing`; not --min_size),
+    else the default (:func:`choose_separation`, :func:`object_filters`)."""
     tuned, note = tuned_post_processing(name, cfg.borders)
     given = {"separation": separation, "min_size": min_size, "min_confidence": min_confidence}
     used = {k: v for k, v in tuned.items() if given[k] is None}
@@ -811,7 +812,7 @@ def post_processing(name, cfg, separation=None, min_size=None, min_confidence=No
 
 
 def tuned_post_processing(name, borders):
-    """({separation, min_size, min_confidence} that val.py --tune chose for run ``name`` (``borders``: trained with
+    """({separation, min_confidence} that val.py --tune chose for run ``name`` (``borders``: trained with
     --borders True), a note): read from the run folder's postprocessing.yml; ({}, '') without one, and ({}, a note)
     when it was chosen for other weights than the run's model.pth now (trained on since: --resume, or a new run of
     the name). A file that holds no such choice is a DataError naming it."""
@@ -831,7 +832,6 @@ def tuned_post_processing(name, borders):
 
     if not (isinstance(tuned, dict) and tuned.get("separation") in SEPARATIONS
             and (borders or tuned["separation"] != "borders")
-            and isinstance(tuned.get("min_size"), int) and number(tuned["min_size"]) and tuned["min_size"] >= 0
             and number(tuned.get("min_confidence")) and 0 <= tuned["min_confidence"] < 1
             and isinstance(tuned.get("weights_sha256"), str)):
         raise DataError(f"{path} holds no post-processing that val.py --tune chose for run {name}: make it again "

@@ -1,6 +1,7 @@
-"""val.py --tune: the post-processing (separation x --min_size x --min_confidence, a fixed grid) that gives a run's own
-validation images the best mean DSB2018 score, written to models/<name>/postprocessing.yml, which val.py and
-predict.py then take as that run's defaults (config.post_processing).
+"""val.py --tune: the post-processing (separation x --min_confidence, a fixed grid) that gives a run's own validation
+images the best mean DSB2018 score, written to models/<name>/postprocessing.yml, which val.py and predict.py then take
+as that run's defaults (config.post_processing). --min_size stays the default: it counts pixels at the size the nuclei
+are separated at, which predict.py --scale and a run trained on resized images change (config.TUNED_KEYS).
 
 The network runs once. Each image's nuclei are separated once per separation with no filter: a filter only drops
 whole objects, and the IoU of a predicted nucleus with a true one depends on those two alone, so every combination's
@@ -12,32 +13,22 @@ from datetime import datetime, timezone
 import numpy as np
 import yaml
 
-from config import MIN_SIZE, SEPARATIONS, TUNED_FILE, TUNED_KEYS, choose_separation, object_filters, run_dir
+from config import SEPARATIONS, TUNED_FILE, TUNED_KEYS, choose_separation, object_filters, run_dir
 from dataset import read_instance_labels
 from evaluation import MIN_IMAGES_FOR_INTERVAL, SEPARATION_NAMES
 from files import atomic_write
 from image_files import resize_labels
 from inference import host_probabilities
-from instances import border_map, mean_probability, nucleus_areas, split_instances
+from instances import border_map, mean_probability, split_instances
 from metrics import object_iou, true_positives
 from utils import BatchedThreads, progress_bar
 
 CONFIDENCES = (0.0, 0.5, 0.7, 0.8, 0.85, 0.9, 0.95)  # MIN_CONFIDENCE and LovaszHingeLoss's 0 among them
-# --min_size besides MIN_SIZE: these fractions of the median area of the true nuclei as scored (at the run's
-# evaluation size), so that the grid fits small and large nuclei alike
-SIZE_FRACTIONS = (0.05, 0.1, 0.2, 0.4)
 
 
 def grid_separations(borders):
     """The separations to try: 'borders' only for a run trained with --borders True."""
     return [m for m in SEPARATIONS if m != "borders" or borders]
-
-
-def grid_sizes(true_areas):
-    """The --min_size values to try: MIN_SIZE and :data:`SIZE_FRACTIONS` of the median of ``true_areas`` (int [N],
-    pixels), at least 1, sorted."""
-    median = float(np.median(true_areas)) if len(true_areas) else 0.0
-    return sorted({MIN_SIZE, *(max(1, int(round(f * median))) for f in SIZE_FRACTIONS)} if median else {MIN_SIZE})
 
 
 def image_objects(prob, border, truth, methods):
@@ -56,7 +47,8 @@ def image_objects(prob, border, truth, methods):
 
 
 def filtered_score(n_true, objects, min_size, min_confidence):
-    """The DSB2018 score (metrics.dsb_score) of one image's nuclei after the filters: ``objects`` float [3, N] of
+    """The DSB2018 score (metrics.dsb_score) of one image's nuclei after the filters --min_size ``min_size`` and
+    --min_confidence ``min_confidence``: ``objects`` float [3, N] of
     :func:`image_objects` (a true and a predicted nucleus match at IoU > 0.5 or more, one to one, so each object's best
     IoU is all that counts), ``n_true`` its true nuclei."""
     best, area, confidence = objects
@@ -77,7 +69,7 @@ class ObjectCollector:
 
     def __init__(self, classes, labels, methods, workers=None, buffer_mb=256):
         self.classes, self.labels, self.methods = classes, labels, methods
-        self.images, self.true_areas = [], []
+        self.images = []
         self.jobs = BatchedThreads(self._keep, buffer_mb, workers, desc="nuclei to tune on")
 
     def __enter__(self):
@@ -91,42 +83,39 @@ class ObjectCollector:
             self.jobs.submit(self._objects, img_id, prob, nbytes=prob.nbytes)
 
     def _objects(self, img_id, prob):
-        """(true nuclei areas int [N], :func:`image_objects`) of one image; prob float [K(+1), H, W] in [0, 1]."""
+        """:func:`image_objects` of one image; prob float [K(+1), H, W] in [0, 1]."""
         truth = resize_labels(read_instance_labels(*self.labels[img_id]), prob.shape[1:])
-        return nucleus_areas(truth), image_objects(prob[0], border_map(prob, self.classes), truth, self.methods)
+        return image_objects(prob[0], border_map(prob, self.classes), truth, self.methods)
 
-    def _keep(self, result):
-        areas, objects = result
-        self.true_areas.append(areas)
+    def _keep(self, objects):
         self.images.append(objects)
 
     def results(self):
-        """Wait for the images still being separated; returns ([(n_true, {method: objects})] per image, the areas of
-        all their true nuclei int [N])."""
+        """Wait for the images still being separated; returns [(n_true, {method: objects})], one per image."""
         self.jobs.flush()
-        return self.images, np.concatenate(self.true_areas) if self.true_areas else np.zeros(0, np.int64)
+        return self.images
 
 
-def choose(images, true_areas, name, cfg):
-    """The grid's best for run ``name`` (config ``cfg``) on ``images`` (:meth:`ObjectCollector.results`): {'chosen':
-    {separation, min_size, min_confidence}, 'defaults': the same three as config.post_processing has them without a
-    tuned file, 'scores': {(separation, min_size, min_confidence): mean DSB2018 score}, 'grid': the values tried}.
-    Of combinations that tie, the one that keeps most of the defaults wins (the defaults themselves first), then the
-    first in the grid's order."""
-    grid = {"separation": grid_separations(cfg.borders), "min_size": grid_sizes(true_areas),
-            "min_confidence": list(CONFIDENCES)}
-    defaults = {"separation": choose_separation(None, cfg.borders, name), **object_filters(loss=cfg.loss)}
-    combinations = [(m, s, c) for m in grid["separation"] for s in grid["min_size"] for c in grid["min_confidence"]]
-    scores = {combination: float(np.mean([filtered_score(n_true, objects[combination[0]], *combination[1:])
-                                          for n_true, objects in images]))
-              for combination in progress_bar(combinations, desc="grid", unit="combination", leave=False)}
+def choose(images, name, cfg):
+    """The grid's best for run ``name`` (config ``cfg``) on ``images`` (:meth:`ObjectCollector.results`), at the
+    default --min_size: {'chosen': {separation, min_confidence}, 'defaults': the same two as config.post_processing
+    has them without a tuned file, 'scores': {(separation, min_confidence): mean DSB2018 score}, 'grid': the values
+    tried}. Of combinations that tie, the one that keeps most of the defaults wins (the defaults themselves first),
+    then the first in the grid's order."""
+    grid = {"separation": grid_separations(cfg.borders), "min_confidence": list(CONFIDENCES)}
+    filters = object_filters(loss=cfg.loss)
+    defaults = {"separation": choose_separation(None, cfg.borders, name), "min_confidence": filters["min_confidence"]}
+    combinations = [(m, c) for m in grid["separation"] for c in grid["min_confidence"]]
+    scores = {(m, c): float(np.mean([filtered_score(n_true, objects[m], filters["min_size"], c)
+                                     for n_true, objects in images]))
+              for m, c in progress_bar(combinations, desc="grid", unit="combination", leave=False)}
     default = tuple(defaults[k] for k in TUNED_KEYS)
     best = max(scores, key=lambda c: (scores[c], sum(v == d for v, d in zip(c, default))))
     return {"chosen": dict(zip(TUNED_KEYS, best)), "defaults": defaults, "scores": scores, "grid": grid}
 
 
 def write_choice(name, choice, images, weights_sha256):
-    """models/<name>/postprocessing.yml (atomically): the chosen three, the scores of the defaults and of the
+    """models/<name>/postprocessing.yml (atomically): the chosen two, the scores of the defaults and of the
     choice, the number of validation ``images``, the date, the grid, and the SHA-256 of the weights it was chosen
     for (config.tuned_post_processing ignores it for others); returns its path."""
     chosen, defaults, scores = choice["chosen"], choice["defaults"], choice["scores"]
@@ -141,8 +130,8 @@ def write_choice(name, choice, images, weights_sha256):
 
 
 def describe(settings):
-    """'watershed, min_size 3, min_confidence 0.85' of {separation, min_size, min_confidence}."""
-    return f"{settings['separation']}, min_size {settings['min_size']}, min_confidence {settings['min_confidence']:g}"
+    """'watershed, min_confidence 0.85' of {separation, min_confidence}."""
+    return f"{settings['separation']}, min_confidence {settings['min_confidence']:g}"
 
 
 def tuning_table(title, choice, images, path):
@@ -151,10 +140,10 @@ def tuning_table(title, choice, images, path):
     default_score, chosen_score = scores[tuple(defaults.values())], scores[tuple(chosen.values())]
     lines = [f"{title}: post-processing tuned on validation, mean DSB2018 score of the {images} images for each of "
              f"{len(scores)} combinations:",
-             f"  defaults                         {describe(defaults):48} {default_score:.4f}"]
+             f"  defaults                         {describe(defaults):32} {default_score:.4f}"]
     for method in choice["grid"]["separation"]:
         best = max((c for c in scores if c[0] == method), key=scores.get)
-        lines.append(f"  best with {SEPARATION_NAMES[method]:22} {describe(dict(zip(TUNED_KEYS, best))):48} "
+        lines.append(f"  best with {SEPARATION_NAMES[method]:22} {describe(dict(zip(TUNED_KEYS, best))):32} "
                      f"{scores[best]:.4f}")
     lines.append(f"  chosen: {describe(chosen)}, {chosen_score - default_score:+.4f} over the defaults" +
                  (" (they are the best)" if chosen == defaults else ""))

@@ -63,8 +63,8 @@ def build_parser():
                                                   "outputs/<name>_on_<dataset> for --dataset)")
     p.add_argument("--no_overlays", action="store_true", help="skip overlays/ and summary.png")
     p.add_argument("--tune", action="store_true",
-                   help="instead: choose the --separation, --min_size and --min_confidence of the best mean DSB2018 "
-                        "score on the run's validation split, from a fixed grid, and write them to "
+                   help="instead: choose the --separation and --min_confidence of the best mean DSB2018 score on "
+                        "the run's validation split, from a fixed grid (--min_size stays 3), and write them to "
                         f"models/<name>/{TUNED_FILE}, where val.py and predict.py take them as the run's defaults")
     p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     return p
@@ -213,8 +213,8 @@ def tune(name, cfg, labels, weights_sha256, title, evaluate_with):
 
     with ObjectCollector(cfg.num_classes, labels, grid_separations(cfg.borders)) as collector:
         evaluate_with(collector)
-        images, true_areas = collector.results()
-    choice = choose(images, true_areas, name, cfg)
+        images = collector.results()
+    choice = choose(images, name, cfg)
     path = write_choice(name, choice, len(images), weights_sha256)
     print(tuning_table(title, choice, len(images), path))
     return choice

@@ -68,24 +68,25 @@ def test_tune_writes_the_best_of_its_grid_and_val_and_predict_take_it_unless_a_f
     chosen = record(tuned / "models" / RUN / TUNED_FILE)
     assert chosen["val_images"] == len(seen) == 2
     assert chosen["grid"]["min_confidence"] == [0.0, 0.5, 0.7, 0.8, 0.85, 0.9, 0.95]
-    assert chosen["grid"]["separation"] == ["watershed", "cc"] and MIN_SIZE in chosen["grid"]["min_size"]
+    assert chosen["grid"]["separation"] == ["watershed", "cc"] and "min_size" not in chosen
     # every combination scored again the slow way: split_instances with its filters, then dsb_score
     truth = {i: read_labels(tuned / "inputs" / TINY_NAME / "labels" / f"{i}.png") for i in seen}
-    brute = {(m, s, c): np.mean([dsb_scores(seen[i][0], truth[i], [m], min_size=s, min_confidence=c)[m] for i in seen])
-             for m in chosen["grid"]["separation"] for s in chosen["grid"]["min_size"]
+    brute = {(m, c): np.mean([dsb_scores(seen[i][0], truth[i], [m], min_size=MIN_SIZE, min_confidence=c)[m]
+                              for i in seen])
+             for m in chosen["grid"]["separation"]
              for c in chosen["grid"]["min_confidence"]}
     best = max(brute.values())
-    assert brute[chosen["separation"], chosen["min_size"], chosen["min_confidence"]] == pytest.approx(best)
+    assert brute[chosen["separation"], chosen["min_confidence"]] == pytest.approx(best)
     assert chosen["dsb"]["tuned"] == pytest.approx(best)
-    defaults = ("watershed", MIN_SIZE, MIN_CONFIDENCE)
+    defaults = ("watershed", MIN_CONFIDENCE)
     kept = max(sum(v == d for v, d in zip(c, defaults)) for c, score in brute.items() if score == pytest.approx(best))
-    assert sum(v == d for v, d in zip((chosen["separation"], chosen["min_size"], chosen["min_confidence"]),
+    assert sum(v == d for v, d in zip((chosen["separation"], chosen["min_confidence"]),
                                       defaults)) == kept  # of the ties, the one nearest the defaults
-    assert chosen["dsb"]["defaults"] == pytest.approx(brute["watershed", MIN_SIZE, MIN_CONFIDENCE])
+    assert chosen["dsb"]["defaults"] == pytest.approx(brute["watershed", MIN_CONFIDENCE])
     assert chosen["dsb"]["tuned"] > chosen["dsb"]["defaults"] + 0.05  # the ramp: 0.85 drops nuclei that are right
     assert chosen["min_confidence"] < MIN_CONFIDENCE
     assert f"{chosen['dsb']['tuned'] - chosen['dsb']['defaults']:+.4f} over the defaults" in printed
-    choice = {k: chosen[k] for k in ("separation", "min_size", "min_confidence")}
+    choice = {k: chosen[k] for k in ("separation", "min_confidence")}
 
     # val.py: the choice is the run's default, and its DSB2018 score the one tuned; flags win
     scores = val.main(["--name", RUN, "--no_overlays", *CPU])
@@ -100,7 +101,7 @@ def test_tune_writes_the_best_of_its_grid_and_val_and_predict_take_it_unless_a_f
     val.main(["--name", RUN, "--no_overlays", "--min_confidence", "0.95", *CPU])
     settings = record(tuned / "outputs" / RUN / "evaluation.yml")["settings"]
     assert (settings["separation"], settings["min_size"], settings["min_confidence"]) == \
-        (choice["separation"], choice["min_size"], 0.95)
+        (choice["separation"], MIN_SIZE, 0.95)
 
     # predict.py: the same
     image = str(tuned / "inputs" / TINY_NAME / "images" / f"{sorted(seen)[0]}.png")
@@ -118,8 +119,8 @@ def test_tune_writes_the_best_of_its_grid_and_val_and_predict_take_it_unless_a_f
 @pytest.mark.parametrize("loss, confidence", [("BCEDiceLoss", MIN_CONFIDENCE), ("LovaszHingeLoss", 0.0)])
 def test_a_tie_goes_to_the_defaults(loss, confidence):
     empty = [(0, {m: np.zeros((3, 0)) for m in ("watershed", "cc", "borders")})]  # every combination scores 1
-    choice = tuning.choose(empty, np.zeros(0, np.int64), RUN, Namespace(borders=True, loss=loss))
-    assert choice["chosen"] == choice["defaults"] == {"separation": "borders", "min_size": MIN_SIZE,
+    choice = tuning.choose(empty, RUN, Namespace(borders=True, loss=loss))
+    assert choice["chosen"] == choice["defaults"] == {"separation": "borders",
                                                       "min_confidence": confidence}
 
 
@@ -161,7 +162,7 @@ def test_a_file_chosen_for_other_weights_is_ignored_with_a_note_and_a_damaged_on
     assert "was chosen for other weights" in capsys.readouterr().out
     assert record(tuned / "pred" / "prediction.yml")["settings"]["min_confidence"] == MIN_CONFIDENCE
 
-    path.write_text("separation: borders\nmin_size: 3\nmin_confidence: 0.5\nweights_sha256: x\n")  # not a borders run
+    path.write_text("separation: borders\nmin_confidence: 0.5\nweights_sha256: x\n")  # not a borders run
     with pytest.raises(DataError, match=f"{TUNED_FILE} holds no post-processing that val.py --tune chose"):
         val.main(["--name", RUN, "--no_overlays", *CPU])
     val.main(["--name", RUN, "--tune", *CPU])  # which replaces it
