@@ -26,8 +26,8 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from checkpoints import load_run  # noqa: E402
-from config import (INPUTS_DIR, add_amp_arg, add_device_arg, choose_separation, load_run_config,  # noqa: E402
-                    object_filters, saved_run_dir)
+from config import (INPUTS_DIR, add_amp_arg, add_device_arg, load_run_config, post_processing,  # noqa: E402
+                    saved_run_dir)
 from dataset import MODALITIES, image_modality, nucleus_diameter, reading_of  # noqa: E402
 from engine import choose_device  # noqa: E402
 from evaluation import evaluation_ids  # noqa: E402
@@ -119,9 +119,9 @@ def main(argv):
                                                        cfg.img_ext, cfg.mask_ext)
     device = choose_device(args.device)
     cfg, model = load_run(args.name, device)
+    post = post_processing(args.name, cfg)  # predict.py's, the run's own where val.py --tune chose them
     options = dict(num_classes=cfg.num_classes, threshold=0.5, save_prob=False, overlay=False,
-                   separation=choose_separation(None, cfg.borders, args.name),
-                   filters=object_filters(loss=cfg.loss))
+                   separation=post.separation, filters=post.filters)
     originals = [(i, decode_image(os.path.join(folder, "images", i + cfg.img_ext)),
                   read_label_image(os.path.join(labels_dir, i + ".png"))) for i in ids]
     kinds = [image_modality(image) for _, image, _ in originals]
