@@ -808,11 +808,19 @@ def stitch_notes(files, headers, stitch_z):
     unlinked = [(f, header) for f, header in zip(files, headers) if plane_grid(header, 1)[1] == 1]  # count: T alone
     if stitch_z is None:
         return []
-    flat = [f for f, header in unlinked if "Z" not in header.plane_axes]
+    # pages with no T or Z axis (tifffile's Q or I: saved without ImageJ or OME metadata, as numpy arrays often are)
+    # may well be z planes: the user is told how to mark them rather than that they are none
+    unmarked = [f for f, header in unlinked if header.plane_axes and not set(header.plane_axes) & set("TZ")]
+    flat = [f for f, header in unlinked if "Z" not in header.plane_axes and f not in unmarked]
     # a time point's z planes are then not next to each other, and objects.csv numbers its planes as time points
     shuffled = [f"{f} (axes {header.plane_axes})" for f, header in unlinked if "Z" in header.plane_axes]
     notes = [f"note: --stitch_z links nuclei through z planes, and {first_few(flat)} ha{'ve' if len(flat) > 1 else 's'}"
              " none (a 2D image, a time-lapse or a single z plane): predicted as without it"] if flat else []
+    if unmarked:
+        notes.append(f"note: --stitch_z links nuclei through z planes, and the pages of {first_few(unmarked)} have no "
+                     "axes (no ImageJ or OME metadata): predicted as without it, each page a time point of its own "
+                     "(for a z-stack, save it with a Z axis: Fiji's Image > Properties, or tifffile.imwrite(path, "
+                     "stack, imagej=True, metadata={'axes': 'ZYX'}))")
     if shuffled:
         notes.append(f"note: --stitch_z links the z planes of a stack whose planes are in ImageJ's order (time points, "
                      f"then z planes in each); {first_few(shuffled)} ha{'ve' if len(shuffled) > 1 else 's'} them in "

@@ -2463,6 +2463,19 @@ def test_a_pixel_size_that_is_no_size_is_refused_naming_the_flag(tmp_path, value
     assert not (tmp_path / "out").exists()
 
 
+def test_stitch_z_says_how_to_mark_the_z_planes_of_pages_without_axes(tmp_path):
+    # a z-stack saved from numpy without ImageJ or OME metadata (5 pages: 3 or 4 are read as colours): tifffile's
+    # axes QYX (shaped) or IYX (none)
+    tifffile.imwrite(tmp_path / "shaped.tif", np.zeros((5, 16, 16), np.uint8))
+    tifffile.imwrite(tmp_path / "bare.tif", np.zeros((5, 16, 16), np.uint8), metadata=None)
+    tifffile.imwrite(tmp_path / "movie.tif", np.zeros((2, 16, 16), np.uint8), imagej=True, metadata={"axes": "TYX"})
+    files = [str(tmp_path / name) for name in ("shaped.tif", "bare.tif", "movie.tif")]
+    flat, unmarked = predict.stitch_notes(files, [image_files.tiff_header(f) for f in files], 0.5)
+    assert "movie.tif has none" in flat and "shaped.tif" not in flat and "bare.tif" not in flat
+    assert f"the pages of {files[1]}, {files[0]} have no axes" in unmarked
+    assert "metadata={'axes': 'ZYX'}" in unmarked
+
+
 def test_stitch_z_says_a_stack_of_z_planes_in_another_order_has_them(tmp_path):
     # an OME-TIFF of DimensionOrder XYTZC: tifffile's axes ZTYX, its z planes apart; predicted as one T axis, unlinked
     tifffile.imwrite(tmp_path / "zt.ome.tif", np.zeros((3, 2, 16, 16), np.uint8), ome=True,
