@@ -15,7 +15,7 @@ import yaml
 
 from config import SEPARATIONS, TUNED_FILE, TUNED_KEYS, choose_separation, object_filters, run_dir
 from dataset import read_instance_labels
-from evaluation import MIN_IMAGES_FOR_INTERVAL, SEPARATION_NAMES
+from evaluation import MIN_IMAGES_FOR_INTERVAL, SEPARATION_NAMES, bootstrap_interval
 from files import atomic_write
 from image_files import resize_labels
 from inference import host_probabilities
@@ -99,19 +99,22 @@ class ObjectCollector:
 def choose(images, name, cfg):
     """The grid's best for run ``name`` (config ``cfg``) on ``images`` (:meth:`ObjectCollector.results`), at the
     default --min_size: {'chosen': {separation, min_confidence}, 'defaults': the same two as config.post_processing
-    has them without a tuned file, 'scores': {(separation, min_confidence): mean DSB2018 score}, 'grid': the values
-    tried}. Of combinations that tie, the one that keeps most of the defaults wins (the defaults themselves first),
-    then the first in the grid's order."""
+    has them without a tuned file, 'scores': {(separation, min_confidence): mean DSB2018 score}, 'gains': float [N],
+    each image's score with the chosen minus with the defaults, 'grid': the values tried}. Of combinations that tie,
+    the one that keeps most of the defaults wins (the defaults themselves first), then the first in the grid's
+    order."""
     grid = {"separation": grid_separations(cfg.borders), "min_confidence": list(CONFIDENCES)}
     filters = object_filters(loss=cfg.loss)
     defaults = {"separation": choose_separation(None, cfg.borders, name), "min_confidence": filters["min_confidence"]}
     combinations = [(m, c) for m in grid["separation"] for c in grid["min_confidence"]]
-    scores = {(m, c): float(np.mean([filtered_score(n_true, objects[m], filters["min_size"], c)
-                                     for n_true, objects in images]))
-              for m, c in progress_bar(combinations, desc="grid", unit="combination", leave=False)}
+    per_image = {(m, c): np.array([filtered_score(n_true, objects[m], filters["min_size"], c)
+                                   for n_true, objects in images])
+                 for m, c in progress_bar(combinations, desc="grid", unit="combination", leave=False)}
+    scores = {c: float(s.mean()) for c, s in per_image.items()}
     default = tuple(defaults[k] for k in TUNED_KEYS)
     best = max(scores, key=lambda c: (scores[c], sum(v == d for v, d in zip(c, default))))
-    return {"chosen": dict(zip(TUNED_KEYS, best)), "defaults": defaults, "scores": scores, "grid": grid}
+    return {"chosen": dict(zip(TUNED_KEYS, best)), "defaults": defaults, "scores": scores,
+            "gains": per_image[best] - per_image[default], "grid": grid}
 
 
 def write_choice(name, choice, images, weights_sha256):
@@ -135,7 +138,8 @@ def describe(settings):
 
 
 def tuning_table(title, choice, images, path):
-    """The lines val.py --tune prints: the defaults' score, the best of each separation, the choice and its gain."""
+    """The lines val.py --tune prints: the defaults' score, the best of each separation, the choice, its gain and how
+    far that gain is from 0 over the images."""
     scores, defaults, chosen = choice["scores"], choice["defaults"], choice["chosen"]
     default_score, chosen_score = scores[tuple(defaults.values())], scores[tuple(chosen.values())]
     lines = [f"{title}: post-processing tuned on validation, mean DSB2018 score of the {images} images for each of "
@@ -150,4 +154,11 @@ def tuning_table(title, choice, images, path):
     if images < MIN_IMAGES_FOR_INTERVAL:
         lines.append(f"  note: chosen on {images} images only; on others the gain may not hold")
     lines.append(f"  wrote {path}: val.py and predict.py use it for this run where no flag says otherwise")
+    if images >= MIN_IMAGES_FOR_INTERVAL and chosen != defaults:
+        # the best of the grid on these very images: a gain that some of them reverse did not hold on other images of
+        # the same kind (docs/results.md, "Per run: val.py --tune")
+        low, high = bootstrap_interval(choice["gains"])
+        interval = f"95 % interval of the gain per image (bootstrap over the {images} images) {low:+.4f} to {high:+.4f}"
+        lines.append(f"  note: {interval}, 0 within it: on other images the gain may be a loss; to keep the defaults, "
+                     "remove the file" if low <= 0 else f"  {interval}")
     return "\n".join(lines)

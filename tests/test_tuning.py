@@ -124,6 +124,23 @@ def test_a_tie_goes_to_the_defaults(loss, confidence):
                                                       "min_confidence": confidence}
 
 
+@pytest.mark.parametrize("reversed_by", [0, 5])
+def test_a_gain_that_some_images_reverse_is_said_to_be_within_their_spread(reversed_by):
+    """11 images of one true nucleus each: on 11 - ``reversed_by`` the defaults' --min_confidence 0.85 drops it (found
+    at 0.82), on the others it drops a false one (0.83) beside it: the grid's best, 0.8, gains on the first and loses
+    on the others."""
+    dropped = {m: np.array([[0.99], [100], [0.82]]) for m in ("watershed", "cc")}
+    false_kept = {m: np.array([[0.99, 0.0], [100, 100], [0.95, 0.83]]) for m in ("watershed", "cc")}
+    images = [(1, dropped)] * (11 - reversed_by) + [(1, false_kept)] * reversed_by
+    choice = tuning.choose(images, RUN, Namespace(borders=False, loss="BCEDiceLoss"))
+    assert choice["chosen"]["min_confidence"] < 0.82
+    assert choice["gains"].tolist() == [1.0] * (11 - reversed_by) + [-0.5] * reversed_by
+    table = tuning.tuning_table("t", choice, len(images), "p.yml")
+    assert "95 % interval of the gain per image (bootstrap over the 11 images)" in table
+    assert ("0 within it: on other images the gain may be a loss; to keep the defaults, remove the file" in table) \
+        == (reversed_by > 0)
+
+
 def test_tune_refuses_other_images_and_flags_it_chooses_and_runs_that_are_not_the_users(tuned):
     for flags, words in ((["--dataset", TINY_NAME], "--dataset: --tune chooses on the run's validation split alone"),
                          (["--split", "test"], "--split test: --tune chooses on the run's validation split alone"),
