@@ -802,8 +802,11 @@ def post_processing(name, cfg, separation=None, min_size=None, min_confidence=No
     (not None), else the value val.py --tune chose for this run (:func:`tuned_post_processing`; not --min_size),
     else the default (:func:`choose_separation`, :func:`object_filters`)."""
     tuned, note = tuned_post_processing(name, cfg.borders)
+    default = {"separation": choose_separation(None, cfg.borders, name),
+               "min_confidence": object_filters(loss=cfg.loss)["min_confidence"]}
     given = {"separation": separation, "min_size": min_size, "min_confidence": min_confidence}
-    used = {k: v for k, v in tuned.items() if given[k] is None}
+    # a tuning that kept a default changes nothing, and is not said to
+    used = {k: v for k, v in tuned.items() if given[k] is None and v != default[k]}
     chosen = {**given, **used}
     return PostProcessing(choose_separation(chosen["separation"], cfg.borders, name),
                           object_filters(chosen["min_size"], chosen["min_confidence"], cfg.loss),

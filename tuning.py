@@ -98,11 +98,16 @@ class ObjectCollector:
 
 def choose(images, name, cfg):
     """The grid's best for run ``name`` (config ``cfg``) on ``images`` (:meth:`ObjectCollector.results`), at the
-    default --min_size: {'chosen': {separation, min_confidence}, 'defaults': the same two as config.post_processing
-    has them without a tuned file, 'scores': {(separation, min_confidence): mean DSB2018 score}, 'gains': float [N],
-    each image's score with the chosen minus with the defaults, 'grid': the values tried}. Of combinations that tie,
-    the one that keeps most of the defaults wins (the defaults themselves first), then the first in the grid's
-    order."""
+    default --min_size, and whether it is kept: {'best': {separation, min_confidence}, 'chosen': the best when the
+    95 % bootstrap interval of its gain over the defaults per image lies above 0 (at least MIN_IMAGES_FOR_INTERVAL
+    images), else the defaults, 'defaults': the two as config.post_processing has them without a tuned file,
+    'scores': {(separation, min_confidence): mean DSB2018 score}, 'gains': float [N], each image's score with the best
+    minus with the defaults, 'interval': that interval (None with fewer images, or when the defaults are the best),
+    'grid': the values tried}. Of combinations that tie, the one that keeps most of the defaults is the best (the
+    defaults themselves first), then the first in the grid's order.
+
+    The best of 21 combinations on these very images follows them: where some images reverse its gain (0 within the
+    interval), it did not hold on other images of the same kind (docs/results.md, "Per run: val.py --tune")."""
     grid = {"separation": grid_separations(cfg.borders), "min_confidence": list(CONFIDENCES)}
     filters = object_filters(loss=cfg.loss)
     defaults = {"separation": choose_separation(None, cfg.borders, name), "min_confidence": filters["min_confidence"]}
@@ -113,17 +118,23 @@ def choose(images, name, cfg):
     scores = {c: float(s.mean()) for c, s in per_image.items()}
     default = tuple(defaults[k] for k in TUNED_KEYS)
     best = max(scores, key=lambda c: (scores[c], sum(v == d for v, d in zip(c, default))))
-    return {"chosen": dict(zip(TUNED_KEYS, best)), "defaults": defaults, "scores": scores,
-            "gains": per_image[best] - per_image[default], "grid": grid}
+    gains = per_image[best] - per_image[default]
+    interval = bootstrap_interval(gains) if best != default and len(images) >= MIN_IMAGES_FOR_INTERVAL else None
+    kept = best if interval is not None and interval[0] > 0 else default
+    return {"best": dict(zip(TUNED_KEYS, best)), "chosen": dict(zip(TUNED_KEYS, kept)), "defaults": defaults,
+            "scores": scores, "gains": gains, "interval": interval, "grid": grid}
 
 
 def write_choice(name, choice, images, weights_sha256):
-    """models/<name>/postprocessing.yml (atomically): the chosen two, the scores of the defaults and of the
-    choice, the number of validation ``images``, the date, the grid, and the SHA-256 of the weights it was chosen
-    for (config.tuned_post_processing ignores it for others); returns its path."""
-    chosen, defaults, scores = choice["chosen"], choice["defaults"], choice["scores"]
+    """models/<name>/postprocessing.yml (atomically): the chosen two (:func:`choose`), the grid's best, the scores of
+    the defaults, the choice and the best, the interval of the best's gain, the number of validation ``images``, the
+    date, the grid, and the SHA-256 of the weights it was chosen for (config.tuned_post_processing ignores it for
+    others); returns its path."""
+    chosen, defaults, scores, best = choice["chosen"], choice["defaults"], choice["scores"], choice["best"]
     record = {**chosen,
-              "dsb": {"tuned": scores[tuple(chosen.values())], "defaults": scores[tuple(defaults.values())]},
+              "dsb": {"tuned": scores[tuple(chosen.values())], "defaults": scores[tuple(defaults.values())],
+                      "best": scores[tuple(best.values())]},
+              "best": best, "best_gain_interval": list(choice["interval"]) if choice["interval"] else None,
               "defaults": defaults, "val_images": images, "weights_sha256": weights_sha256,
               "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "grid": choice["grid"]}
     path = os.path.join(run_dir(name), TUNED_FILE)
@@ -138,27 +149,29 @@ def describe(settings):
 
 
 def tuning_table(title, choice, images, path):
-    """The lines val.py --tune prints: the defaults' score, the best of each separation, the choice, its gain and how
-    far that gain is from 0 over the images."""
-    scores, defaults, chosen = choice["scores"], choice["defaults"], choice["chosen"]
-    default_score, chosen_score = scores[tuple(defaults.values())], scores[tuple(chosen.values())]
+    """The lines val.py --tune prints: the defaults' score, the best of each separation, the grid's best with the
+    interval of its gain, and what was chosen (:func:`choose`) and why."""
+    scores, defaults, chosen, best = choice["scores"], choice["defaults"], choice["chosen"], choice["best"]
+    default_score, best_score = scores[tuple(defaults.values())], scores[tuple(best.values())]
     lines = [f"{title}: post-processing tuned on validation, mean DSB2018 score of the {images} images for each of "
              f"{len(scores)} combinations:",
              f"  defaults                         {describe(defaults):32} {default_score:.4f}"]
     for method in choice["grid"]["separation"]:
-        best = max((c for c in scores if c[0] == method), key=scores.get)
-        lines.append(f"  best with {SEPARATION_NAMES[method]:22} {describe(dict(zip(TUNED_KEYS, best))):32} "
-                     f"{scores[best]:.4f}")
-    lines.append(f"  chosen: {describe(chosen)}, {chosen_score - default_score:+.4f} over the defaults" +
-                 (" (they are the best)" if chosen == defaults else ""))
-    if images < MIN_IMAGES_FOR_INTERVAL:
-        lines.append(f"  note: chosen on {images} images only; on others the gain may not hold")
-    lines.append(f"  wrote {path}: val.py and predict.py use it for this run where no flag says otherwise")
-    if images >= MIN_IMAGES_FOR_INTERVAL and chosen != defaults:
-        # the best of the grid on these very images: a gain that some of them reverse did not hold on other images of
-        # the same kind (docs/results.md, "Per run: val.py --tune")
-        low, high = bootstrap_interval(choice["gains"])
-        interval = f"95 % interval of the gain per image (bootstrap over the {images} images) {low:+.4f} to {high:+.4f}"
-        lines.append(f"  note: {interval}, 0 within it: on other images the gain may be a loss; to keep the defaults, "
-                     "remove the file" if low <= 0 else f"  {interval}")
+        top = max((c for c in scores if c[0] == method), key=scores.get)
+        lines.append(f"  best with {SEPARATION_NAMES[method]:22} {describe(dict(zip(TUNED_KEYS, top))):32} "
+                     f"{scores[top]:.4f}")
+    if best == defaults:
+        lines.append("  chosen: the defaults, the best of the grid")
+    elif choice["interval"] is None:
+        lines.append(f"  best: {describe(best)}, {best_score - default_score:+.4f} over the defaults on only "
+                     f"{images} images, too few to tell a gain from chance (at least {MIN_IMAGES_FOR_INTERVAL}): "
+                     "chosen: the defaults")
+    else:
+        low, high = choice["interval"]
+        lines.append(f"  best: {describe(best)}, {best_score - default_score:+.4f} over the defaults (95 % interval of "
+                     f"the gain per image, bootstrap over the {images} images: {low:+.4f} to {high:+.4f})")
+        lines.append(f"  chosen: {describe(best)}: it gains on nearly every image" if chosen == best else
+                     "  chosen: the defaults: 0 lies within that interval, and such gains did not hold on other "
+                     "images of the same kind (docs/results.md)")
+    lines.append(f"  wrote {path}: val.py and predict.py use its choice for this run where no flag says otherwise")
     return "\n".join(lines)

@@ -64,7 +64,8 @@ def build_parser():
     p.add_argument("--no_overlays", action="store_true", help="skip overlays/ and summary.png")
     p.add_argument("--tune", action="store_true",
                    help="instead: choose the --separation and --min_confidence of the best mean DSB2018 score on "
-                        "the run's validation split, from a fixed grid (--min_size stays 3), and write them to "
+                        "the run's validation split, from a fixed grid (--min_size stays 3), kept only when its gain "
+                        "per image has a 95 %% interval above 0 (else the defaults), and write them to "
                         f"models/<name>/{TUNED_FILE}, where val.py and predict.py take them as the run's defaults")
     p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     return p

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import TINY_NAME, train_argv
+from conftest import make_synthetic, train_argv
 
 import bundle
 import config
@@ -20,11 +20,13 @@ import train
 import tuning
 import val
 from config import MIN_CONFIDENCE, MIN_SIZE, TUNED_FILE, load_run_config, post_processing
+from files import sha256_file
 from image_files import read_labels
 from metrics import dsb_scores
 from utils import DataError, UsageError
 
 RUN = "tuned"
+DATA = "tune24"
 CPU = ["--device", "cpu", "--amp", "fp32"]
 
 
@@ -42,8 +44,10 @@ def from_masks(original):
 
 @pytest.fixture
 def tuned(tiny_workdir, monkeypatch):
-    """inputs/tiny and run RUN (1 epoch), val.py's network replaced by :func:`from_masks`; yields the workdir."""
-    train.main(train_argv(RUN, "--amp", "fp32", epochs=1))
+    """inputs/<DATA> (24 synthetic 32x32 images) and run RUN trained on half of them (1 epoch; 12 validation images,
+    enough for --tune to weigh a gain), val.py's network replaced by :func:`from_masks`; yields the workdir."""
+    make_synthetic(tiny_workdir, name=DATA, num_images=24, seed=1)
+    train.main(train_argv(RUN, "--amp", "fp32", "--val_size", "0.5", dataset=DATA, epochs=1))
     monkeypatch.setattr(engine, "step", from_masks(engine.step))
     return tiny_workdir
 
@@ -66,11 +70,11 @@ def test_tune_writes_the_best_of_its_grid_and_val_and_predict_take_it_unless_a_f
     val.main(["--name", RUN, "--tune", *CPU])
     printed = capsys.readouterr().out
     chosen = record(tuned / "models" / RUN / TUNED_FILE)
-    assert chosen["val_images"] == len(seen) == 2
+    assert chosen["val_images"] == len(seen) == 12
     assert chosen["grid"]["min_confidence"] == [0.0, 0.5, 0.7, 0.8, 0.85, 0.9, 0.95]
     assert chosen["grid"]["separation"] == ["watershed", "cc"] and "min_size" not in chosen
     # every combination scored again the slow way: split_instances with its filters, then dsb_score
-    truth = {i: read_labels(tuned / "inputs" / TINY_NAME / "labels" / f"{i}.png") for i in seen}
+    truth = {i: read_labels(tuned / "inputs" / DATA / "labels" / f"{i}.png") for i in seen}
     brute = {(m, c): np.mean([dsb_scores(seen[i][0], truth[i], [m], min_size=MIN_SIZE, min_confidence=c)[m]
                               for i in seen])
              for m in chosen["grid"]["separation"]
@@ -104,7 +108,7 @@ def test_tune_writes_the_best_of_its_grid_and_val_and_predict_take_it_unless_a_f
         (choice["separation"], MIN_SIZE, 0.95)
 
     # predict.py: the same
-    image = str(tuned / "inputs" / TINY_NAME / "images" / f"{sorted(seen)[0]}.png")
+    image = str(tuned / "inputs" / DATA / "images" / f"{sorted(seen)[0]}.png")
     predict.main(["--name", RUN, "--input", image, "--output", "pred", "--instances", *CPU])
     assert "tuned on validation" in capsys.readouterr().out
     settings = record(tuned / "pred" / "prediction.yml")["settings"]
@@ -125,24 +129,29 @@ def test_a_tie_goes_to_the_defaults(loss, confidence):
 
 
 @pytest.mark.parametrize("reversed_by", [0, 5])
-def test_a_gain_that_some_images_reverse_is_said_to_be_within_their_spread(reversed_by):
+def test_a_gain_that_some_images_reverse_keeps_the_defaults(reversed_by):
     """11 images of one true nucleus each: on 11 - ``reversed_by`` the defaults' --min_confidence 0.85 drops it (found
     at 0.82), on the others it drops a false one (0.83) beside it: the grid's best, 0.8, gains on the first and loses
-    on the others."""
+    on the others. Chosen only when its gain's bootstrap interval lies above 0 (no image reverses it); else the
+    defaults are kept, and neither val.py nor predict.py would say "tuned"."""
     dropped = {m: np.array([[0.99], [100], [0.82]]) for m in ("watershed", "cc")}
     false_kept = {m: np.array([[0.99, 0.0], [100, 100], [0.95, 0.83]]) for m in ("watershed", "cc")}
     images = [(1, dropped)] * (11 - reversed_by) + [(1, false_kept)] * reversed_by
     choice = tuning.choose(images, RUN, Namespace(borders=False, loss="BCEDiceLoss"))
-    assert choice["chosen"]["min_confidence"] < 0.82
+    assert choice["best"]["min_confidence"] < 0.82
     assert choice["gains"].tolist() == [1.0] * (11 - reversed_by) + [-0.5] * reversed_by
+    assert (choice["interval"][0] > 0) == (reversed_by == 0)
+    assert choice["chosen"] == (choice["best"] if reversed_by == 0 else choice["defaults"])
     table = tuning.tuning_table("t", choice, len(images), "p.yml")
-    assert "95 % interval of the gain per image (bootstrap over the 11 images)" in table
-    assert ("0 within it: on other images the gain may be a loss; to keep the defaults, remove the file" in table) \
-        == (reversed_by > 0)
+    assert "95 % interval of the gain per image, bootstrap over the 11 images" in table
+    assert ("chosen: the defaults: 0 lies within that interval" in table) == (reversed_by > 0)
+    few = tuning.choose(images[:9], RUN, Namespace(borders=False, loss="BCEDiceLoss"))
+    assert few["interval"] is None and few["chosen"] == few["defaults"]  # 9 images: too few to tell
+    assert "too few to tell a gain from chance" in tuning.tuning_table("t", few, 9, "p.yml")
 
 
 def test_tune_refuses_other_images_and_flags_it_chooses_and_runs_that_are_not_the_users(tuned):
-    for flags, words in ((["--dataset", TINY_NAME], "--dataset: --tune chooses on the run's validation split alone"),
+    for flags, words in ((["--dataset", DATA], "--dataset: --tune chooses on the run's validation split alone"),
                          (["--split", "test"], "--split test: --tune chooses on the run's validation split alone"),
                          (["--split", "train"], "--split train: "),
                          (["--min_confidence", "0.5", "--tta"], "--min_confidence and --tta: --tune chooses"),
@@ -154,8 +163,8 @@ def test_tune_refuses_other_images_and_flags_it_chooses_and_runs_that_are_not_th
     with pytest.raises(UsageError, match="no run named 'missing'"):
         val.main(["--name", "missing", "--tune", *CPU])
     assert not os.path.exists(tuned / "models" / RUN / TUNED_FILE)
-    shutil.rmtree(tuned / "inputs" / TINY_NAME / "labels")
-    with pytest.raises(DataError, match="needs instance labels, and 2 of the 2 validation images of tuned have none"):
+    shutil.rmtree(tuned / "inputs" / DATA / "labels")
+    with pytest.raises(DataError, match="needs instance labels, and 12 of the 12 validation images of tuned have none"):
         val.main(["--name", RUN, "--tune", *CPU])
 
 
@@ -174,7 +183,7 @@ def test_a_file_chosen_for_other_weights_is_ignored_with_a_note_and_a_damaged_on
     settings = record(tuned / "outputs" / RUN / "evaluation.yml")["settings"]
     assert (settings["separation"], settings["min_size"], settings["min_confidence"]) == \
         ("watershed", MIN_SIZE, MIN_CONFIDENCE)
-    image = str(tuned / "inputs" / TINY_NAME / "images" / "syn_0000.png")
+    image = str(tuned / "inputs" / DATA / "images" / "syn_0000.png")
     predict.main(["--name", RUN, "--input", image, "--output", "pred", "--instances", *CPU])
     assert "was chosen for other weights" in capsys.readouterr().out
     assert record(tuned / "pred" / "prediction.yml")["settings"]["min_confidence"] == MIN_CONFIDENCE
@@ -207,3 +216,15 @@ def test_bundle_carries_the_choice_for_its_fp16_weights(tuned, monkeypatch, tmp_
     os.remove(tuned / "models" / RUN / TUNED_FILE)  # bundled again without one: the earlier choice goes
     bundle.main(["--name", RUN, "--as", "bundled"])
     assert not os.path.exists(tmp_path / "pretrained" / "bundled" / TUNED_FILE)
+
+
+def test_a_file_that_kept_the_defaults_is_not_said_to_tune(tuned):
+    """--tune that kept the defaults (its best's gain within the images' spread) writes them: val.py and predict.py
+    then post-process as without the file, and do not say "tuned on validation"."""
+    path = tuned / "models" / RUN / TUNED_FILE
+    sha = sha256_file(str(tuned / "models" / RUN / "model.pth"))
+    path.write_text(f"separation: watershed\nmin_confidence: {MIN_CONFIDENCE}\nweights_sha256: {sha}\n")
+    assert post_processing(RUN, load_run_config(RUN)) == (
+        "watershed", {"min_size": MIN_SIZE, "min_confidence": MIN_CONFIDENCE}, "", "")
+    path.write_text(f"separation: cc\nmin_confidence: {MIN_CONFIDENCE}\nweights_sha256: {sha}\n")
+    assert post_processing(RUN, load_run_config(RUN))[::2] == ("cc", "separation tuned on validation")
