@@ -40,6 +40,7 @@ import files
 import image_files
 import inference
 import measurements
+import plane_outputs
 import predict
 import synthetic
 import train
@@ -257,11 +258,11 @@ def test_a_page_that_cannot_be_written_names_its_own_stack(tmp_path, monkeypatch
     monkeypatch.setattr(files, "atomic_write", atomic_write)
     arrays = {"": np.zeros((4, 3), np.uint8), "_prob": np.zeros((4, 3), np.uint8),
               "_overlay": np.zeros((4, 3, 3), np.uint8)}
-    opened, writes = predict.open_stack(str(tmp_path), "movie", arrays, 2,
-                                        image_files.TiffHeader("T", plane_shape=(2,)))
+    opened, writes = plane_outputs.open_stack(str(tmp_path), "movie", arrays, 2,
+                                              image_files.TiffHeader("T", plane_shape=(2,)))
     full.append("the disk")
     with pytest.raises(OSError) as raised, opened:  # as predict_all's discard removes the stack
-        predict.write_planes(writes, 0, arrays)
+        plane_outputs.write_planes(writes, 0, arrays)
     assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(tmp_path / "movie_prob.tif")
     assert os.listdir(tmp_path) == []
 
@@ -647,12 +648,12 @@ def test_stitch_z_beyond_a_16_bit_label_image_leaves_the_stack_out(tmp_path, mon
                      metadata={"axes": "ZYX"})
     files = [str(tmp_path / "in" / "zs.tif"), write(tmp_path / "in" / "after.png", np.zeros((16, 16), np.uint8))]
     options = dict(separation="cc", filters=dict(min_size=0, min_confidence=0), stitch_z=0.5)
-    monkeypatch.setattr(predict, "MOST_LABELS", 6)
+    monkeypatch.setattr(plane_outputs, "MOST_LABELS", 6)
     os.makedirs(tmp_path / "fits")
     rows, table, left_out = predict.predict_all(Moving(), files, ["zs", "after"], predict.tiff_headers(files),
                                                 str(tmp_path / "fits"), 1, 0.5, **options)
     assert not left_out and table.query("image == 'zs'")["label"].tolist() == [1, 2, 3, 4, 5, 6]
-    monkeypatch.setattr(predict, "MOST_LABELS", 5)
+    monkeypatch.setattr(plane_outputs, "MOST_LABELS", 5)
     os.makedirs(tmp_path / "out")
     rows, table, left_out = predict.predict_all(Moving(), files, ["zs", "after"], predict.tiff_headers(files),
                                                 str(tmp_path / "out"), 1, 0.5, **options)
@@ -2249,7 +2250,7 @@ def test_objects_tables_of_many_images_are_merged_as_they_come(tmp_path, monkeyp
 
     rows = measurements.object_rows
     monkeypatch.setattr(predict, "object_rows", object_rows)
-    monkeypatch.setattr(predict, "MERGED_TABLES", 4, raising=False)
+    monkeypatch.setattr(plane_outputs, "MERGED_TABLES", 4, raising=False)
     # the jobs of each image run at once, so that a table is held only when predict_all keeps it
     monkeypatch.setattr(predict, "BatchedThreads", functools.partial(utils.BatchedThreads, buffer_mb=0))
     os.makedirs(tmp_path / "out")
