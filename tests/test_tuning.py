@@ -42,14 +42,29 @@ def from_masks(original):
     return step
 
 
-@pytest.fixture
-def tuned(tiny_workdir, monkeypatch):
+@pytest.fixture(scope="module")
+def _tuned_template(tmp_path_factory):
     """inputs/<DATA> (24 synthetic 32x32 images) and run RUN trained on half of them (1 epoch; 12 validation images,
-    enough for --tune to weigh a gain), val.py's network replaced by :func:`from_masks`; yields the workdir."""
-    make_synthetic(tiny_workdir, name=DATA, num_images=24, seed=1)
-    train.main(train_argv(RUN, "--amp", "fp32", "--val_size", "0.5", dataset=DATA, epochs=1))
+    enough for --tune to weigh a gain), made once for the module and copied into each test's workdir."""
+    root = tmp_path_factory.mktemp("tuned_template")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        make_synthetic(root, name=DATA, num_images=24, seed=1)
+        train.main(train_argv(RUN, "--amp", "fp32", "--val_size", "0.5", dataset=DATA, epochs=1))
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+@pytest.fixture
+def tuned(tmp_path, monkeypatch, _tuned_template):
+    """A workdir holding a copy of :func:`_tuned_template`, made the current directory, val.py's network replaced by
+    :func:`from_masks`; yields the workdir."""
+    shutil.copytree(_tuned_template, tmp_path, dirs_exist_ok=True)
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(engine, "step", from_masks(engine.step))
-    return tiny_workdir
+    return tmp_path
 
 
 def record(path):
