@@ -53,7 +53,9 @@ if [ $DRY = 1 ]; then
     DEV=cpu TRAIN=syn_train TEST=syn_test
     "$PY" "$REPO/synthetic.py" --out inputs/syn_train --num_images 12 --size 32 >/dev/null || exit 1
     "$PY" "$REPO/synthetic.py" --out inputs/syn_test --num_images 4 --size 32 --seed 1000 >/dev/null || exit 1
-    SPEED=(--size 32 --num_images 24 --steps 1 --repeats 1 --warmup 0 --num_workers 0)
+    # --in_process: a fresh interpreter per measurement, as on the device, only adds its imports here (tests cover
+    # speed.py's measuring subprocesses themselves)
+    SPEED=(--size 32 --num_images 24 --steps 1 --repeats 1 --warmup 0 --num_workers 0 --in_process)
     BATCHES=(4) GRAPHS=(--compile False --batch_sizes 4)  # compiling on the CPU takes minutes
     SMALL=(--epochs 1 --input_h 32 --input_w 32 --batch_size 4 --num_workers 0)
 else
