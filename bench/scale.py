@@ -16,6 +16,7 @@ table, then as the last line one JSON object with every figure.
 import json
 import os
 import sys
+from typing import NamedTuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -47,16 +48,55 @@ def build_parser():
     p = ArgumentParser(prog="bench/scale.py",
                        description="Scores of a crop-trained run on validation images resized by each factor, "
                                    "predicted as they are and with --scale 1/factor.")
-    p.add_argument("--name", required=True, help="a crop-trained run (a folder in models/, or nuclei)")
     p.add_argument("--factors", default="0.5,2,3", help="comma-separated resize factors of the images")
-    p.add_argument("--limit", type=int, default=30, help="the first this many validation images (0: all)")
+    add_sample_args(p, "a crop-trained run (a folder in models/, or nuclei)", 30, "--factors 1")
+    return p
+
+
+def add_sample_args(p, run, limit, as_is):
+    """The flags that choose the run (``run`` says which kind), its images (``limit``: --limit's default; ``as_is``:
+    the flag that scores them as they are), the device and the precision; read by :func:`load_samples`."""
+    p.add_argument("--name", required=True, help=run)
+    p.add_argument("--limit", type=int, default=limit, help="the first this many validation images (0: all)")
     p.add_argument("--dataset", default=None,
                    help="every image of inputs/<dataset>/ instead of the run's validation split (one it was not "
-                        "trained on, with labels/), e.g. the test set; --factors 1 scores it as it is")
+                        f"trained on, with labels/), e.g. the test set; {as_is} scores it as it is")
     add_device_arg(p)
     add_amp_arg(p)
     p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
-    return p
+
+
+class Samples(NamedTuple):
+    """What :func:`load_samples` loads: the images scored and how they are predicted."""
+    ids: list
+    part: str  # what the images are (evaluation.evaluation_ids)
+    originals: list  # [(img_id, image [H, W, C] as decoded, labels int32 [H, W])]
+    kinds: list  # the kind of each image (dataset.image_modality)
+    device: object
+    cfg: object
+    model: object
+    options: dict  # predict.segment's keywords: predict.py's post-processing for the run
+
+
+def load_samples(args, cfg):
+    """The first ``args.limit`` validation images of run ``args.name`` (config ``cfg``; or of ``args.dataset``) with
+    their instance labels, and the run loaded on ``args.device`` (:class:`Samples`); a UsageError when the images
+    have no labels/."""
+    folder, ids, part, _ = evaluation_ids(args.name, None, args.dataset, cfg, reading_of(cfg))
+    ids = ids[:args.limit or None]
+    labels_dir = os.path.join(folder, "labels")
+    if not os.path.isdir(labels_dir):
+        raise UsageError(f"{labels_dir} does not exist: the DSB2018 score needs the instance labels of "
+                         f"{folder} (python preprocess_dsb2018.py --img_size 0)")
+    device = choose_device(args.device)
+    cfg, model = load_run(args.name, device)
+    post = post_processing(args.name, cfg)  # predict.py's, the run's own where val.py --tune chose them
+    options = dict(num_classes=cfg.num_classes, threshold=0.5, save_prob=False, overlay=False,
+                   separation=post.separation, filters=post.filters)
+    originals = [(i, decode_image(os.path.join(folder, "images", i + cfg.img_ext)),
+                  read_label_image(os.path.join(labels_dir, i + ".png"))) for i in ids]
+    return Samples(ids, part, originals, [image_modality(image) for _, image, _ in originals], device, cfg, model,
+                   options)
 
 
 def resized(image, labels, factor):
@@ -108,23 +148,10 @@ def main(argv):
     cfg = load_run_config(args.name)
     if not cfg.crop_size:
         raise UsageError(f"{args.name} was trained on resized images; bench/scale.py needs a crop-trained run")
-    folder, ids, part, _ = evaluation_ids(args.name, None, args.dataset, cfg, reading_of(cfg))
-    ids = ids[:args.limit or None]
-    labels_dir = os.path.join(folder, "labels")
-    if not os.path.isdir(labels_dir):
-        raise UsageError(f"{labels_dir} does not exist: the DSB2018 score needs the instance labels of "
-                         f"{folder} (python preprocess_dsb2018.py --img_size 0)")
+    ids, part, originals, kinds, device, cfg, model, options = load_samples(args, cfg)
     split = read_split(os.path.join(saved_run_dir(args.name), "split.csv"))
     trained = cfg.nucleus_diameter or nucleus_diameter(os.path.join(INPUTS_DIR, cfg.dataset), split_ids(split, "train"),
                                                        cfg.img_ext, cfg.mask_ext)
-    device = choose_device(args.device)
-    cfg, model = load_run(args.name, device)
-    post = post_processing(args.name, cfg)  # predict.py's, the run's own where val.py --tune chose them
-    options = dict(num_classes=cfg.num_classes, threshold=0.5, save_prob=False, overlay=False,
-                   separation=post.separation, filters=post.filters)
-    originals = [(i, decode_image(os.path.join(folder, "images", i + cfg.img_ext)),
-                  read_label_image(os.path.join(labels_dir, i + ".png"))) for i in ids]
-    kinds = [image_modality(image) for _, image, _ in originals]
     rows = []
     for factor in tqdm(factors, desc="factors", dynamic_ncols=True):
         samples = [(i, *resized(image, labels, factor)) for i, image, labels in originals]

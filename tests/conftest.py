@@ -16,8 +16,11 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import yaml
 
 import synthetic
+from archs import build_model
+from config import SKIPPED_IN_CONFIG, build_train_parser
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # set before a test module imports albumentations
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,6 +84,22 @@ def make_synthetic(root, name=TINY_NAME, num_images=TINY_NUM, size=TINY_SIZE, se
     """synthetic.generate_synthetic into <root>/inputs/<name>; returns the sorted ids."""
     return synthetic.generate_synthetic(os.path.join(str(root), "inputs", name), num_images=num_images, size=size,
                                         seed=seed)
+
+
+def write_run(name, arch, deep_supervision, input_channels, num_classes, **values):
+    """models/<name>: random weights with non-trivial BatchNorm statistics, written as train.py writes them
+    (config.yml with the default flags and ``values``, model.pth)."""
+    defaults = {k: v for k, v in vars(build_train_parser().parse_args([])).items() if k not in SKIPPED_IN_CONFIG}
+    model = build_model(arch, num_classes, input_channels, deep_supervision)
+    for m in model.modules():  # eval-mode BatchNorm that is not the identity
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    os.makedirs(os.path.join("models", name))
+    with open(os.path.join("models", name, "config.yml"), "w") as f:
+        yaml.safe_dump({**defaults, "name": name, "arch": arch, "deep_supervision": deep_supervision,
+                        "input_channels": input_channels, "num_classes": num_classes, **values}, f)
+    torch.save(model.state_dict(), os.path.join("models", name, "model.pth"))
 
 
 def checkout_entries():

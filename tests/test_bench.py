@@ -19,11 +19,12 @@ import fold_bn
 import group_split
 import kernel_time
 import profile_step
+import robustness
 import split_overlap
 import stack_memory
 import timing
 from config import ARCHS
-from conftest import make_synthetic
+from conftest import make_synthetic, write_run
 from optim import fused_update
 from utils import ArgumentParser, UsageError
 
@@ -194,6 +195,31 @@ def test_quality_fine_tuning_recipe_starts_from_the_same_suffix_run(tmp_path):
                                      "--suffix", "_t", "--no_tta", "--out", str(tmp_path / "q.csv")], tmp_path)
     assert [r["run"] for r in rows] == ["tiny_base_t", "tiny_tune_t"]
     assert rows[1]["command"].endswith("--name tiny_tune_t --epochs 1 --init tiny_base_t")
+
+
+def test_robustness_rows_and_the_identity_is_the_undegraded_row(tmp_path, monkeypatch, capsys):
+    """bench/robustness.py on a tiny run of random weights: after the undegraded row one row per severity, every
+    score in [0, 1]; the identity gives the undegraded row exactly, and so do the 16-bit copies of the 8-bit
+    images, which percentile normalisation turns into the same network input."""
+    ids = make_synthetic(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    write_run("r", "UNet", False, 3, 1, dataset="tiny", normalization="percentile")
+    pd.DataFrame({"img_id": ids, "split": ["train"] * 7 + ["val"] * 3}).to_csv("models/r/split.csv", index=False)
+    result = robustness.main(["--name", "r", "--degradations", "identity,hot_pixels,sixteen_bit", "--device", "cpu"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+    rows = result["rows"]
+    assert [(r["degradation"], r["severity"]) for r in rows] == [
+        ("none", "-"), ("identity", "-"), ("hot_pixels", "0.01 %"), ("hot_pixels", "0.1 %"),
+        ("sixteen_bit", "values kept"), ("sixteen_bit", "x 257")]
+    assert result["images"] == 3 and sum(k["images"] for k in rows[0]["by_kind"].values()) == 3
+    assert all(0 <= r[k] <= 1 for r in rows for k in ("iou", "iou_mean", "dsb"))
+    scores = ("iou", "iou_mean", "dsb", "by_kind", "input_change")
+    for same in (rows[1], rows[4], rows[5]):
+        assert {k: same[k] for k in scores} == {k: rows[0][k] for k in scores}
+    assert rows[2]["input_change"] > 0  # a hot pixel is a change
+    with pytest.raises(UsageError, match="--degradations blur"):
+        robustness.main(["--name", "r", "--degradations", "blur"])
 
 
 def test_kernel_time_rows(tmp_path):

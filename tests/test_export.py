@@ -5,7 +5,6 @@ import cv2
 import numpy as np
 import pytest
 import torch
-import yaml
 
 onnx = pytest.importorskip("onnx", reason="export.py needs the onnx package (pip install onnx)")
 ort = pytest.importorskip("onnxruntime", reason="checking the exported model needs onnxruntime "
@@ -13,28 +12,12 @@ ort = pytest.importorskip("onnxruntime", reason="checking the exported model nee
 
 import export  # noqa: E402
 import image_files  # noqa: E402
-from archs import ARCHS, build_model  # noqa: E402
+from archs import ARCHS  # noqa: E402
 from checkpoints import load_run  # noqa: E402
-from config import DEEP_SUPERVISION_ARCHS, SKIPPED_IN_CONFIG, build_train_parser  # noqa: E402
-from conftest import held_by_another_process  # noqa: E402
+from config import DEEP_SUPERVISION_ARCHS  # noqa: E402
+from conftest import held_by_another_process, write_run  # noqa: E402
 from inference import Predictor  # noqa: E402
 from utils import UsageError  # noqa: E402
-
-
-def write_run(name, arch, deep_supervision, input_channels, num_classes, **values):
-    """models/<name>: random weights with non-trivial BatchNorm statistics, written as train.py writes them
-    (config.yml with the default flags and ``values``, model.pth)."""
-    defaults = {k: v for k, v in vars(build_train_parser().parse_args([])).items() if k not in SKIPPED_IN_CONFIG}
-    model = build_model(arch, num_classes, input_channels, deep_supervision)
-    for m in model.modules():  # eval-mode BatchNorm that is not the identity
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-    os.makedirs(os.path.join("models", name))
-    with open(os.path.join("models", name, "config.yml"), "w") as f:
-        yaml.safe_dump({**defaults, "name": name, "arch": arch, "deep_supervision": deep_supervision,
-                        "input_channels": input_channels, "num_classes": num_classes, **values}, f)
-    torch.save(model.state_dict(), os.path.join("models", name, "model.pth"))
 
 
 @pytest.fixture
