@@ -292,6 +292,10 @@ class Trainer:
         if a.crop_size:
             check_crop(data, a.crop_size)
         check_foreground(data)
+        if a.normalization == "fixed" and self.main:
+            note = min_max_note(data)
+            if note:
+                self._say(note)
         if a.balance:
             sampler = WeightedDistributedSampler(self._balance_weights(data), world, distributed.rank(), a.seed)
         else:
@@ -579,6 +583,17 @@ def check_foreground(data):
     raise DataError(f"every training mask is empty (none has a pixel above 0; the first is {path}): a mask marks "
                     "nuclei with values above 0 on a background of 0; check that --dataset names the folder with "
                     "your masks")
+
+
+def min_max_note(data):
+    """A note ('' for none) when the training images are not 8-bit (the first one's type): --normalization fixed
+    then scales each by its own minimum and maximum, where one hot or saturated pixel darkens all the rest."""
+    stored = (data.cached[0] if data.cached else data.load(0))[0]
+    if stored.dtype == np.uint8:
+        return ""
+    return (f"note: the training images are {stored.dtype} (e.g. {data.layout.image(data.img_ids[0])}), and "
+            "--normalization fixed scales each by its own minimum and maximum, so one hot or saturated pixel darkens "
+            "the rest of its image; --normalization percentile (the bundled model's) is not thrown off by a few")
 
 
 def wrap_model(net, device, sync_bn, compile_mode):

@@ -6,6 +6,7 @@ import hashlib
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import time
@@ -956,3 +957,20 @@ def test_freeze_bn_keeps_the_init_statistics_while_the_weights_train(tiny_workdi
         parse_train_args(["--resume", "tuned_True", "--epochs", "2", "--freeze_bn", "False"])
     with pytest.raises(UsageError, match="--freeze_bn True keeps the BatchNorm statistics .* give --init RUN"):
         parse_train_args(train_argv("scratch", "--freeze_bn", "True"))
+
+
+def test_16_bit_training_images_under_fixed_normalization_get_a_note(tiny_workdir, tiny_ids, capsys):
+    """--normalization fixed scales a 16-bit image by its own minimum and maximum, so that one hot pixel darkens the
+    rest of it (bench/robustness.py): train.py says so and names the robust choice; 8-bit images get no note."""
+    images = tiny_workdir / "inputs" / "tiny" / "images"
+    assert trainer.min_max_note(trainer.Dataset(tiny_ids, images.parent)) == ""
+    for path in images.iterdir():
+        cv2.imwrite(str(path), cv2.imread(str(path), cv2.IMREAD_UNCHANGED).astype(np.uint16) * 257)
+    capsys.readouterr()
+    train.main(train_argv("wide", epochs=1))
+    out = capsys.readouterr().out
+    assert re.search(r"note: the training images are uint16 \(e\.g\. inputs/tiny/images/syn_\d{4}\.png\), and "
+                     "--normalization fixed scales each by its own minimum and maximum", out), out
+    assert "--normalization percentile (the bundled model's) is not thrown off by a few" in out
+    train.main(train_argv("robust", "--normalization", "percentile", epochs=1))
+    assert "note: the training images are" not in capsys.readouterr().out
