@@ -23,9 +23,7 @@ def plot_runs(logs, names, out_path):
 
     logs: pandas DataFrames with log.csv's columns (missing or NaN values are skipped); names: one per log.
     """
-    # fixed margins: a layout engine took a third of each redraw, and train.py redraws after every epoch
-    fig = Figure(figsize=(15, 4.2))
-    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.13, top=0.86, wspace=0.22)
+    fig = Figure(figsize=(15, 4.2), layout="constrained")
     ax_loss, ax_score, ax_lr = fig.subplots(1, 3)
     for i, (log, name) in enumerate(zip(logs, names)):
         colour = f"C{i}"
