@@ -88,9 +88,10 @@ def vignetting(image, corner, rng):
 def background_ramp(image, fraction, rng):
     """Uneven background (out-of-focus light, autofluorescence, a tilted field): a ramp added across the image, 0 at
     its left edge and ``fraction`` of the image's 99.8th percentile at its right, stored in 16 bits so that
-    nothing clips."""
+    nothing clips (a float image: as floats)."""
     ramp = np.linspace(0, fraction * float(np.percentile(image, 99.8)), image.shape[1])
-    return stored(image.astype(np.float64) + ramp[None, :, None], image.astype(np.uint16))
+    return stored(image.astype(np.float64) + ramp[None, :, None],
+                  image if image.dtype.kind == "f" else image.astype(np.uint16))
 
 
 def camera_offset(image, _, rng):
@@ -106,7 +107,7 @@ def saturation(image, gain, rng):
     its 99.8th percentile (percentile normalisation's top) to the largest value its type holds, and clipped there,
     so that everything brighter than 1/gain of that top flattens: the brightest nuclei first."""
     top = float(np.percentile(image, 99.8))
-    return stored(image * (gain * top_of(image) / max(top, 1e-12)), image)
+    return stored(np.minimum(image * (gain * top_of(image) / max(top, 1e-12)), top_of(image)), image)
 
 
 def jpeg(image, quality, rng):
@@ -210,6 +211,10 @@ def main(argv):
     if args.limit < 0:
         raise UsageError("--limit must be 0 (all) or more")
     ids, part, originals, kinds, device, cfg, model, options = load_samples(args, load_run_config(args.name))
+    wide = next(((i, image.dtype) for i, image, _ in originals if image.dtype != np.uint8), None)
+    if "sixteen_bit" in names and wide:
+        raise UsageError(f"--degradations sixteen_bit: image {wide[0]} is {wide[1]}, and sixteen_bit hands 8-bit "
+                         "images over as 16-bit ones; leave it out of --degradations")
     predictor = Remembered(Predictor(model, cfg, device, amp=args.amp))
     plans = [(name, *level) for name in names for level in DEGRADATIONS[name][1]]
     rows = []
