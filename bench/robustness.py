@@ -97,8 +97,9 @@ def background_ramp(image, fraction, rng):
 def camera_offset(image, _, rng):
     """A 12-bit camera's image in a 16-bit file (what microscope software saves): the values spread over 12 bits
     (times 15 for an 8-bit image: a gain that keeps the levels exact) plus the camera's offset of 100 counts,
-    written as a 16-bit PNG and read back. Percentile normalisation should undo it (input change: none)."""
-    gain = (TWELVE_BITS - CAMERA_OFFSET) // top_of(image) or (TWELVE_BITS - CAMERA_OFFSET) / top_of(image)
+    written as a 16-bit PNG and read back. Percentile normalisation should undo it (input change: none). 8-bit
+    images only (main refuses others: a 16-bit image has its camera's range already)."""
+    gain = (TWELVE_BITS - CAMERA_OFFSET) // top_of(image)
     return through_file(stored(image * float(gain) + CAMERA_OFFSET, image.astype(np.uint16)), ".png")
 
 
@@ -212,9 +213,10 @@ def main(argv):
         raise UsageError("--limit must be 0 (all) or more")
     ids, part, originals, kinds, device, cfg, model, options = load_samples(args, load_run_config(args.name))
     wide = next(((i, image.dtype) for i, image, _ in originals if image.dtype != np.uint8), None)
-    if "sixteen_bit" in names and wide:
-        raise UsageError(f"--degradations sixteen_bit: image {wide[0]} is {wide[1]}, and sixteen_bit hands 8-bit "
-                         "images over as 16-bit ones; leave it out of --degradations")
+    eight_bit_only = [n for n in ("camera_offset", "sixteen_bit") if n in names]
+    if eight_bit_only and wide:
+        raise UsageError(f"--degradations {eight_bit_only[0]}: image {wide[0]} is {wide[1]}, and camera_offset and "
+                         "sixteen_bit put 8-bit images into 16 bits; leave them out of --degradations")
     predictor = Remembered(Predictor(model, cfg, device, amp=args.amp))
     plans = [(name, *level) for name in names for level in DEGRADATIONS[name][1]]
     rows = []

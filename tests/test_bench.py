@@ -426,8 +426,9 @@ def test_stack_memory_runs_every_checkout_before_reading_any_output_back(tmp_pat
 
 def test_robustness_degrades_16_bit_and_float_images_as_it_says(tmp_path, monkeypatch):
     """A float image is saturated (clipped at its maximum, as top_of says) and given a ramp as floats, not rounded to
-    whole numbers; sixteen_bit, which hands 8-bit images over as 16-bit, is a UsageError naming an image that is
-    not 8-bit (times 257, a 12-bit image's values would clip at 65535)."""
+    whole numbers; sixteen_bit and camera_offset, which put 8-bit images into 16 bits, are a UsageError naming an
+    image that is not 8-bit (times 257, a 12-bit image's values would clip at 65535; the offset's gain would
+    squeeze it into 240 levels)."""
     rng = np.random.default_rng(0)
     image = rng.uniform(0, 1, (16, 16, 1)).astype(np.float32)
     saturated = robustness.saturation(image, 4, rng)
@@ -441,5 +442,7 @@ def test_robustness_degrades_16_bit_and_float_images_as_it_says(tmp_path, monkey
         cv2.imwrite(path, cv2.imread(path, cv2.IMREAD_UNCHANGED).astype(np.uint16) * 16)
     write_run("r", "UNet", False, 3, 1, dataset="tiny", normalization="percentile")
     pd.DataFrame({"img_id": ids, "split": ["train"] * 7 + ["val"] * 3}).to_csv("models/r/split.csv", index=False)
-    with pytest.raises(UsageError, match=rf"--degradations sixteen_bit: image {ids[7]} is uint16, .* leave it out"):
+    with pytest.raises(UsageError, match=rf"--degradations sixteen_bit: image {ids[7]} is uint16, .* leave them"):
         robustness.main(["--name", "r", "--degradations", "hot_pixels,sixteen_bit", "--device", "cpu"])
+    with pytest.raises(UsageError, match=rf"--degradations camera_offset: image {ids[7]} is uint16, .* leave them"):
+        robustness.main(["--name", "r", "--degradations", "camera_offset", "--device", "cpu"])

@@ -8,6 +8,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 import plot
 from plot import plot_runs
@@ -115,3 +116,14 @@ def test_drawing_curves_keeps_the_sessions_backend_and_figures(tmp_path):
         assert plt.get_fignums() == []
     finally:
         plt.switch_backend(before)
+
+
+@pytest.mark.parametrize("low, high", [(0.0012, 0.004), (-0.31, -0.12), (1e-4, 1.2e-4)])
+def test_long_loss_tick_labels_stay_inside_the_figure(tmp_path, low, high):
+    """Losses whose ticks read 0.0015, -0.30 or 0.0001150 are wider than the fixed left margin: the loss panel's y
+    label and tick labels are still drawn inside the figure."""
+    log = _log(6)
+    log["loss"], log["val_loss"] = np.linspace(high, low, 6), np.linspace(high, low, 6) * 1.01
+    fig = plot_runs([log], ["a"], str(tmp_path / "curves.png"))
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    assert fig.axes[0].get_tightbbox(renderer).x0 >= 0
