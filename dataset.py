@@ -28,6 +28,7 @@ percentile_dark); the network then sees ``(x - 0.5) / 0.25`` (:func:`normalize`)
 linear interpolation for images and nearest for masks (image_files.NEAREST, aligned with the linear one), so
 targets stay hard.
 """
+import math
 import multiprocessing
 import os
 import signal
@@ -43,8 +44,8 @@ import numpy as np
 import torch
 
 import distributed
-from image_files import (CELLPOSE_NOT_IMAGES, JPEG_EXTS, NEAREST, decode_image, image_to_float, normalize,
-                         read_label_image, read_mask)
+from image_files import (CELLPOSE_NOT_IMAGES, JPEG_EXTS, MOST_PHOTONS, NEAREST, SHOT_NOISE_P, decode_image,
+                         image_to_float, normalize, read_label_image, read_mask)
 from rois import ROI_FILES, roi_labels
 from instances import median_diameter, nucleus_areas, touching_borders
 from utils import (NEAR_NAMES, STOP_SIGNALS, DataError, UsageError, check_utf8_names, first_few, near_names,
@@ -323,18 +324,36 @@ def check_labels(layout, ids):
 # train.py's flags that train_transform and device_data.BatchAugment both take, by these names: the trainer passes
 # them to whichever loader --loader picks (on a CPU with the images cached, BatchAugment), so an augmentation that
 # only one of the two draws does nothing in the other's runs (tests/test_device_data.py checks both take these).
-AUGMENTATION_FLAGS = ("input_h", "input_w", "crop_size", "scale_jitter", "color_jitter", "greyscale", "invert")
+AUGMENTATION_FLAGS = ("input_h", "input_w", "crop_size", "scale_jitter", "color_jitter", "greyscale", "invert",
+                      "shot_noise")
+
+
+class ShotNoise(A.ImageOnlyTransform):
+    """With probability p, an image float [H, W, C] in [0, 1] -> Poisson(x n) / n clipped to [0, 1], with n (the
+    photons at the value 1) log-uniform in [photons, MOST_PHOTONS] per image. A.ShotNoise is not this: it works
+    in gamma-corrected light and draws its scale uniformly."""
+
+    def __init__(self, photons, p=SHOT_NOISE_P):
+        super().__init__(p=p)
+        self.photons = photons
+
+    def get_params(self):
+        return {"n": math.exp(self.py_random.uniform(math.log(self.photons), math.log(MOST_PHOTONS)))}
+
+    def apply(self, img, n, **params):
+        return np.minimum(self.random_generator.poisson(img * n) / n, 1).astype(np.float32)
 
 
 def train_transform(input_h, input_w, crop_size=0, scale_jitter=0.0, color_jitter=True, greyscale=0.0, invert=0.0,
-                    stain_jitter=0.0):
+                    shot_noise=0.0, stain_jitter=0.0):
     """Augmentation for training (albumentations 2.x): resize or random crop, the eight flips/rotations, jitter.
 
     With ``crop_size`` > 0 the image keeps its resolution and a random crop_size x crop_size window is taken
     (reflect-padded when the image is smaller); otherwise it is resized to input_h x input_w as in the seed.
-    ``scale_jitter`` s rescales by a random factor in [1 - s, 1 + s] first. ``greyscale`` and ``invert`` are the
-    probabilities of turning the image grey (3 channels of OpenCV's grey) and of inverting it (1 - x), in that order,
-    after the colour jitter. ``stain_jitter`` is the probability of re-staining an RGB image as H&E with a random
+    ``scale_jitter`` s rescales by a random factor in [1 - s, 1 + s] first. ``shot_noise`` photons (> 0): half the
+    images made low-light (:class:`ShotNoise`) after the flips, before any colour change. ``greyscale`` and
+    ``invert`` are the probabilities of turning the image grey (3 channels of OpenCV's grey) and of inverting it
+    (1 - x), in that order, after the colour jitter. ``stain_jitter`` is the probability of re-staining an RGB image as H&E with a random
     preset stain matrix and intensity (A.HEStain), before the colour jitter; it runs in the loader workers alone
     (train.py picks them for it), every other augmentation also in device_data.BatchAugment (AUGMENTATION_FLAGS).
     """
@@ -346,7 +365,9 @@ def train_transform(input_h, input_w, crop_size=0, scale_jitter=0.0, color_jitte
                  A.RandomCrop(crop_size, crop_size)]
     else:
         size.append(A.Resize(input_h, input_w, mask_interpolation=NEAREST))
-    colour = [A.HEStain(method="random_preset", p=stain_jitter)] if stain_jitter else []
+    colour = [ShotNoise(shot_noise)] if shot_noise else []
+    if stain_jitter:
+        colour.append(A.HEStain(method="random_preset", p=stain_jitter))
     if color_jitter:
         colour.append(A.OneOf([A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05, p=1.0),
                                A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=1.0)], p=0.8))

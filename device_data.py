@@ -9,6 +9,8 @@ all go to the model, and a GPU is not fed by CPU workers. It draws the same augm
   full resolution, uniform over the positions; ``scale_jitter`` s first rescales about the centre by a factor
   uniform in [1 - s, 1 + s], the image keeping its size (reflected at the borders, as albumentations' Affine);
 - the eight flips and rotations (D4), each with probability 1/8 (square outputs; flips only otherwise);
+- with ``shot_noise`` photons (> 0), with probability 0.5, the shot noise of a camera that collected few photons
+  (dataset.ShotNoise), before any colour change;
 - with ``color_jitter``, with probability 0.8, either (1/2 each) albumentations' ColorJitter (brightness,
   contrast and saturation factors in [0.8, 1.2], hue shift in [-0.05, 0.05] of the circle, in a random order) or
   RandomBrightnessContrast (x * (1 + a) + b, a and b in [-0.2, 0.2]), clipped to [0, 1];
@@ -19,11 +21,13 @@ The random numbers come from a CPU generator seeded by (seed, epoch), so an epoc
 any device and after a resume. Images are stored as uint8 (8-bit files, exact) or float16 in [0, 1] (16-bit
 files, after the per-image min-max scaling of image_files.image_to_float); masks as uint8 in {0, 1}.
 """
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from image_files import image_to_float, normalize
+from image_files import MOST_PHOTONS, SHOT_NOISE_P, image_to_float, normalize
 
 GREY = (0.299, 0.587, 0.114)  # OpenCV's RGB -> grey weights, which albumentations' contrast and saturation use
 COLOUR_P, JITTER = 0.8, 0.2
@@ -91,14 +95,17 @@ class BatchAugment:
     (oh, ow) is (crop_size, crop_size) or (input_h, input_w). Crop training needs every image at least crop_size
     on each side (train.py checks it once)."""
 
-    def __init__(self, input_h, input_w, crop_size=0, scale_jitter=0.0, color_jitter=True, greyscale=0.0, invert=0.0):
+    def __init__(self, input_h, input_w, crop_size=0, scale_jitter=0.0, color_jitter=True, greyscale=0.0, invert=0.0,
+                 shot_noise=0.0):
         self.out_h, self.out_w = (crop_size, crop_size) if crop_size else (input_h, input_w)
         self.crop_size, self.scale_jitter, self.color_jitter = crop_size, scale_jitter, color_jitter
-        self.greyscale, self.invert = greyscale, invert
+        self.greyscale, self.invert, self.shot_noise = greyscale, invert, shot_noise
 
     def __call__(self, data, indices, generator):
         images, masks = self.geometry(data, indices, generator)
         images, masks = d4(images, masks, generator)
+        if self.shot_noise:
+            images = shot_noise(images, self.shot_noise, generator)
         if self.color_jitter and images.shape[1] in (1, 3):
             images = colour_jitter(images, generator)
         if self.greyscale and images.shape[1] == 3:
@@ -180,6 +187,17 @@ def where_drawn(p, changed, images, generator):
     n = images.shape[0]
     pick = (torch.rand(n, generator=generator) < p).to(images.device)
     return torch.where(pick.view(n, *[1] * (images.dim() - 1)), changed, images)
+
+
+def shot_noise(images, photons, generator):
+    """With probability 0.5 per sample, images float [B, C, H, W] in [0, 1] -> Poisson(x n) / n clipped to [0, 1],
+    n log-uniform in [photons, MOST_PHOTONS] per sample, as dataset.ShotNoise. The counts are drawn on the CPU from
+    ``generator``, so that they are the same on any device."""
+    b = images.shape[0]
+    u = torch.rand(b, 2, generator=generator, dtype=torch.float64)
+    n = torch.exp(math.log(photons) + u[:, 1] * math.log(MOST_PHOTONS / photons)).float().view(b, 1, 1, 1)
+    noisy = (torch.poisson(images.cpu() * n, generator=generator) / n).clamp(max=1)
+    return torch.where((u[:, 0] < SHOT_NOISE_P).view(b, 1, 1, 1).to(images.device), noisy.to(images.device), images)
 
 
 def grey(x):

@@ -31,6 +31,9 @@ CELLPOSE_NOT_IMAGES = ("_masks", "_flows")  # files beside the images in Cellpos
 JPEG_SIGNATURE = b"\xff\xd8\xff"
 INVERTING_LUT = np.repeat(np.arange(255, -1, -1, dtype=np.uint8)[:, None], 3, axis=1)  # ImageJ's: i shown 255 - i
 NORMALIZATIONS = ("fixed", "percentile", "percentile_dark")  # train.py --normalization
+# train.py --shot_noise: the share of training images made low-light, and the most photons at the value 1 they
+# get (noise about 3 % of the signal there); dataset.ShotNoise and device_data.shot_noise draw them alike
+SHOT_NOISE_P, MOST_PHOTONS = 0.5, 1000
 # Nearest-neighbour resizing with pixel centres aligned as INTER_LINEAR aligns them (cv2.INTER_NEAREST samples
 # each output pixel's top-left corner: shrunk 1000 -> 96 px, its labels sat half a pixel off the linearly resized
 # image and mask)

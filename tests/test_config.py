@@ -14,8 +14,8 @@ import train
 import utils
 from conftest import ROOT, write_cgroups
 from optim import build_scheduler
-from config import (build_train_parser, dataset_folder, default_run_name, parse_train_args, read_run_config,
-                    read_yaml_config, save_run_config, schedule_note, unused_flags_note)
+from config import (build_train_parser, check_unchanged_on_resume, dataset_folder, default_run_name, parse_train_args,
+                    read_run_config, read_yaml_config, save_run_config, schedule_note, unused_flags_note)
 from utils import ArgumentParser, UsageError, run_cli
 
 
@@ -471,6 +471,23 @@ def test_usage_error_exit_code_2():
     with pytest.raises(SystemExit) as e:
         run_cli(train.main, ["--epochs", "0"])
     assert e.value.code == 2
+
+
+def test_shot_noise_is_off_or_a_photon_count_and_kept_on_resume(capsys):
+    """--shot_noise PHOTONS: 0 (off) or 1..1000 photons (the log-uniform range's lower end); anything else is a
+    one-line error, and a resumed run keeps the run's value, as every augmentation flag."""
+    for photons in ("0", "1", "10", "1000"):
+        assert parse_train_args(["--shot_noise", photons]).shot_noise == float(photons)
+    for photons in ("0.5", "-10", "1001", "nan"):
+        with pytest.raises(SystemExit) as e:
+            run_cli(train.main, ["--shot_noise", photons])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.endswith(
+            f"--shot_noise must be 0 (off) or a photon count from 1 to 1000, got {float(photons)}\n"), err
+    check_unchanged_on_resume(parse_train_args([]), {}, "r", "--resume r")  # an older run's config.yml: off
+    with pytest.raises(UsageError, match=r"^--shot_noise 10\.0 differs from the run's 0\.0; "):
+        check_unchanged_on_resume(parse_train_args(["--shot_noise", "10"]), {"shot_noise": 0.0}, "r", "--resume r")
 
 
 def test_a_path_that_cannot_be_written_is_a_one_line_error(capsys):

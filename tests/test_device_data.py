@@ -279,6 +279,61 @@ def test_greyscale_and_invert_as_often_as_albumentations_draws_them():
     np.testing.assert_allclose(shares["albumentations"][:2], [0.3, 0.4], atol=0.04)
 
 
+def shot_noise_draws(image, photons, n=1500):
+    """--shot_noise photons on a flat ``image`` (uint8 [h, w, 3]), n draws on each path: {path: (whether each draw
+    was left alone [n], each noisy draw's values [m, 3 h w] in [0, 1])}."""
+    mask = np.zeros(image.shape[:2] + (1,), np.uint8)
+    draws = {"ours": ours([image], [mask], BatchAugment(*image.shape[:2], color_jitter=False, shot_noise=photons),
+                          n=n)[0],
+             "albumentations": theirs(image, mask, dataset.train_transform(*image.shape[:2], color_jitter=False,
+                                                                           shot_noise=photons), n)[0]}
+    x = torch.from_numpy(image.transpose(2, 0, 1)).float() / 255
+    return {path: ((out - x).abs().amax((1, 2, 3)) < 1e-6, out[(out - x).abs().amax((1, 2, 3)) >= 1e-6].flatten(1))
+            for path, out in draws.items()}
+
+
+def test_shot_noise_is_the_poisson_law_of_a_fixed_photon_count_on_both_paths():
+    """--shot_noise 1000 (the top of the range, so every noisy image has n = 1000): half the images are left
+    alone, the others hold Poisson counts / 1000: integers, whose mean and variance are both x n."""
+    image = np.dstack([np.full((16, 16), v, np.uint8) for v in (2, 60, 200)])
+    expected = image[0, 0].astype(np.float64) / 255 * 1000
+    for path, (kept, noisy) in shot_noise_draws(image, 1000).items():
+        assert abs(kept.float().mean().item() - 0.5) < 0.04, path
+        counts = noisy.double().view(len(noisy), 3, -1).transpose(0, 1).reshape(3, -1) * 1000
+        np.testing.assert_allclose(counts, counts.round(), atol=2e-3, err_msg=path)
+        np.testing.assert_allclose(counts.mean(1), expected, rtol=0.01, err_msg=path)
+        np.testing.assert_allclose(counts.var(1), expected, rtol=0.05, err_msg=path)
+
+
+def test_shot_noise_photon_counts_are_log_uniform_alike_on_both_paths():
+    """--shot_noise 10: each noisy image's photon count n, read back from its variance (x / n on a flat image),
+    spreads log-uniformly over [10, 1000] on both paths; the mean stays x."""
+    x = 64 / 255  # low enough that Poisson(x n) / n almost never passes 1, where it is clipped
+    quantiles = np.array([0.05, 0.25, 0.5, 0.75, 0.95])
+    for path, (kept, noisy) in shot_noise_draws(np.full((32, 32, 3), 64, np.uint8), 10).items():
+        assert abs(kept.float().mean().item() - 0.5) < 0.04, path
+        assert abs(noisy.double().mean().item() - x) < 1e-3, path
+        log_n = np.log(x / noisy.double().var(1).numpy())
+        uniform = (log_n - np.log(10)) / np.log(100)
+        np.testing.assert_allclose(np.quantile(uniform, quantiles), quantiles, atol=0.05, err_msg=path)
+
+
+def test_shot_noise_0_draws_as_before():
+    """--shot_noise 0 (the default) adds no transform and draws no random number: every other augmentation is
+    drawn as it was."""
+    image, mask = codes(16, 16), np.zeros((16, 16, 1), np.uint8)
+    for shot_noise, same in ((0, True), (10, False)):
+        transform = dataset.train_transform(16, 16, greyscale=0.5, invert=0.5, shot_noise=shot_noise)
+        drawn = theirs(image, mask, transform, 64)[0]
+        assert torch.equal(drawn, theirs(image, mask, dataset.train_transform(16, 16, greyscale=0.5, invert=0.5),
+                                         64)[0]) == same
+    plain = ours([image], [mask], BatchAugment(16, 16, greyscale=0.5, invert=0.5), n=64)[0]
+    assert torch.equal(ours([image], [mask], BatchAugment(16, 16, greyscale=0.5, invert=0.5, shot_noise=0),
+                            n=64)[0], plain)
+    assert not torch.equal(ours([image], [mask], BatchAugment(16, 16, greyscale=0.5, invert=0.5, shot_noise=10),
+                                n=64)[0], plain)
+
+
 def test_stain_jitter_restains_as_often_as_asked_and_runs_in_workers(tmp_path, monkeypatch):
     """--stain_jitter P: albumentations' HEStain colours a grey bright-field image in about P of the draws, keeps
     values in [0, 1] and leaves the mask alone; --loader auto then augments in the workers (HEStain is theirs)."""
