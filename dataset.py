@@ -337,6 +337,11 @@ class ShotNoise(A.ImageOnlyTransform):
         super().__init__(p=p)
         self.photons = photons
 
+    def set_random_seed(self, seed):
+        # a Compose gives each of its transforms its own seed, the same one: from that seed this transform would
+        # draw the same numbers as the others (noisy images always inverted under --invert 0.5)
+        super().set_random_seed(None if seed is None else int(np.random.SeedSequence([seed, 1]).generate_state(1)[0]))
+
     def get_params(self):
         return {"n": math.exp(self.py_random.uniform(math.log(self.photons), math.log(MOST_PHOTONS)))}
 

@@ -318,6 +318,21 @@ def test_shot_noise_photon_counts_are_log_uniform_alike_on_both_paths():
         np.testing.assert_allclose(np.quantile(uniform, quantiles), quantiles, atol=0.05, err_msg=path)
 
 
+def test_shot_noise_is_drawn_apart_from_the_other_augmentations():
+    """The workers' Compose gives every transform the same seed, so ShotNoise's coin was InvertImg's: under
+    --invert 0.5 every noisy image was inverted and no other. Both paths: about a quarter noisy and inverted."""
+    x = 40 / 255
+    image, mask = np.full((16, 16, 3), 40, np.uint8), np.zeros((16, 16, 1), np.uint8)
+    for path, (out, _) in {
+            "ours": ours([image], [mask], BatchAugment(16, 16, color_jitter=False, invert=0.5, shot_noise=10), n=800),
+            "albumentations": theirs(image, mask, dataset.train_transform(16, 16, color_jitter=False, invert=0.5,
+                                                                           shot_noise=10), 800)}.items():
+        inverted = out.mean((1, 2, 3)) > 0.5
+        noisy = ((out - x).abs().amax((1, 2, 3)) > 1e-6) & ((1 - out - x).abs().amax((1, 2, 3)) > 1e-6)
+        shares = [inverted.float().mean().item(), noisy.float().mean().item(), (inverted & noisy).float().mean().item()]
+        np.testing.assert_allclose(shares, [0.5, 0.5, 0.25], atol=0.05, err_msg=path)
+
+
 def test_shot_noise_0_draws_as_before():
     """--shot_noise 0 (the default) adds no transform and draws no random number: every other augmentation is
     drawn as it was."""
