@@ -337,16 +337,33 @@ class ShotNoise(A.ImageOnlyTransform):
         super().__init__(p=p)
         self.photons = photons
 
-    def set_random_seed(self, seed):
-        # a Compose gives each of its transforms its own seed, the same one: from that seed this transform would
-        # draw the same numbers as the others (noisy images always inverted under --invert 0.5)
-        super().set_random_seed(None if seed is None else int(np.random.SeedSequence([seed, 1]).generate_state(1)[0]))
-
     def get_params(self):
         return {"n": math.exp(self.py_random.uniform(math.log(self.photons), math.log(MOST_PHOTONS)))}
 
     def apply(self, img, n, **params):
         return np.minimum(self.random_generator.poisson(img * n) / n, 1).astype(np.float32)
+
+
+class DrawnApart(A.Compose):
+    """A.Compose whose transforms each draw from a seed of their own, derived from the one it is given.
+    albumentations hands every transform the Compose's seed itself, so that their first draws are the same numbers:
+    every image turned grey was also inverted (--greyscale 0.5 --invert 0.5), and the flips fell with the crop
+    position, where device_data.BatchAugment draws each augmentation independently."""
+
+    def set_random_seed(self, seed):
+        super().set_random_seed(seed)
+        if seed is not None:
+            seed_apart(self.transforms, seed)
+
+
+def seed_apart(transforms, seed):
+    """Seed each of ``transforms`` (and each transform of an A.OneOf among them) from SeedSequence([seed, its
+    place])."""
+    for place, transform in enumerate(transforms):
+        own = int(np.random.SeedSequence([seed, place]).generate_state(1)[0])
+        transform.set_random_seed(own)
+        if isinstance(transform, A.BaseCompose):
+            seed_apart(transform.transforms, own)
 
 
 def train_transform(input_h, input_w, crop_size=0, scale_jitter=0.0, color_jitter=True, greyscale=0.0, invert=0.0,
@@ -380,7 +397,7 @@ def train_transform(input_h, input_w, crop_size=0, scale_jitter=0.0, color_jitte
         colour.append(A.ToGray(p=greyscale))
     if invert:
         colour.append(A.InvertImg(p=invert))
-    return A.Compose(size + [A.D4(p=1.0)] + colour)
+    return DrawnApart(size + [A.D4(p=1.0)] + colour)
 
 
 def eval_transform(input_h, input_w, crop_size=0):

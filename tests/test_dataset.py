@@ -475,12 +475,14 @@ def test_multi_class_masks(tmp_path):
 def test_resizing_keeps_masks_hard(tmp_path, transform):
     ids = make_synthetic(tmp_path, "syn", num_images=4, size=32)
     ds = Dataset(ids, str(tmp_path / "inputs" / "syn"), transform=transform)
+    seen = set()
     for i in range(len(ds)):
         image, mask, _ = ds[(0, i)]
         assert image.shape[1:] == mask.shape[1:] and image.shape[1:] != (32, 32)
         values = set(mask.unique().tolist())
         assert values <= {0.0, 1.0}
-    assert values == {0.0, 1.0}
+        seen |= values
+    assert seen == {0.0, 1.0}  # over the samples: a random crop may hold background alone
 
 
 @pytest.mark.parametrize("transform", [eval_transform(32, 48), train_transform(32, 48, color_jitter=False)],

@@ -333,6 +333,26 @@ def test_shot_noise_is_drawn_apart_from_the_other_augmentations():
         np.testing.assert_allclose(shares, [0.5, 0.5, 0.25], atol=0.05, err_msg=path)
 
 
+def test_the_workers_augmentations_are_drawn_independently_of_each_other():
+    """albumentations seeds every transform of a Compose with the same number, so that their coins fell together:
+    every image turned grey was also inverted, and no other (--greyscale 0.5 --invert 0.5). Both paths: grey,
+    inverted and the identity flip each drawn on their own (a quarter grey and inverted, 1/16 identity and grey)."""
+    rng = np.random.default_rng(0)
+    image = (rng.random((16, 16, 3)) * np.array([40, 80, 120]) + 10).astype(np.uint8)  # coloured, dark
+    mask = np.zeros((16, 16, 1), np.uint8)
+    mask[0, 1] = 1  # lands on one of eight places, one per flip or rotation
+    augment = dict(color_jitter=False, greyscale=0.5, invert=0.5)
+    for path, (out, hard) in {
+            "ours": ours([image], [mask], BatchAugment(16, 16, **augment), n=800),
+            "albumentations": theirs(image, mask, dataset.train_transform(16, 16, **augment), 800)}.items():
+        grey = (out[:, 0] - out[:, 1]).abs().amax((1, 2)) < 1e-6
+        inverted = out.mean((1, 2, 3)) > 0.5
+        identity = hard[:, 0, 0, 1] == 1
+        shares = [(grey & inverted).float().mean().item(), (grey & ~inverted).float().mean().item(),
+                  (identity & grey).float().mean().item(), (identity & inverted).float().mean().item()]
+        np.testing.assert_allclose(shares, [0.25, 0.25, 1 / 16, 1 / 16], atol=0.035, err_msg=path)
+
+
 def test_shot_noise_0_draws_as_before():
     """--shot_noise 0 (the default) adds no transform and draws no random number: every other augmentation is
     drawn as it was."""
