@@ -208,7 +208,7 @@ def main(argv):
     unknown = [n for n in names if n not in DEGRADATIONS]
     if unknown or not names:
         raise UsageError(f"--degradations {args.degradations}: give some of {', '.join(DEGRADATIONS)}, separated "
-                         "by commas")
+                         "by commas (the images as they are are always scored first)")
     if args.limit < 0:
         raise UsageError("--limit must be 0 (all) or more")
     ids, part, originals, kinds, device, cfg, model, options = load_samples(args, load_run_config(args.name))
