@@ -125,8 +125,9 @@ class Precision:
 
     @classmethod
     def choose(cls, device, amp="auto", channels_last=True):
-        """``channels_last``: True, False or ``"auto"`` (train.py's default): on, except in fp32 on a CPU, where
-        oneDNN's convolution backward is faster in NCHW (bench/memory_format.py). Inference keeps True."""
+        """``channels_last``: True, False or ``"auto"`` (train.py's default): on, except in fp32 on a CPU without
+        AVX512, where oneDNN's convolution backward is faster in NCHW (bench/memory_format.py, docs/speed.md: 0.81-0.89x
+        in channels_last on AVX2, 1.17-1.20x on AVX512). Inference keeps True."""
         mode = amp_mode(amp)
         cuda = device.type == "cuda"
         reason = ""
@@ -147,7 +148,7 @@ class Precision:
                              "later); use --amp fp16 or auto")
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[mode]
         if channels_last == "auto":
-            channels_last = cuda or dtype is not None
+            channels_last = cuda or dtype is not None or torch.backends.cpu.get_cpu_capability() == "AVX512"
         return cls(device, dtype, channels_last, reason)
 
     def autocast(self):

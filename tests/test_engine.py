@@ -69,8 +69,13 @@ def test_amp_auto_follows_the_cpu_and_can_be_forced(monkeypatch):
     assert Precision.choose(cpu, "False").amp_dtype is None
     with pytest.raises(UsageError, match="fp16 needs a CUDA GPU"):
         Precision.choose(cpu, "fp16")
-    # --channels_last auto: NCHW only for fp32 on a CPU; True/False force it
+    # --channels_last auto: NCHW only for fp32 on a CPU without AVX512 (faster there; slower on AVX512); True/False
+    # force it
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     assert not Precision.choose(cpu, "fp32", "auto").channels_last
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert Precision.choose(cpu, "fp32", "auto").channels_last
+    assert not Precision.choose(cpu, "fp32", False).channels_last
     assert Precision.choose(cpu, "fp32", True).channels_last
     assert Precision.choose(cpu, "bf16", "auto").channels_last
     assert not Precision.choose(cpu, "bf16", False).channels_last
