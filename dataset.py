@@ -375,9 +375,10 @@ def train_transform(input_h, input_w, crop_size=0, scale_jitter=0.0, color_jitte
     ``scale_jitter`` s rescales by a random factor in [1 - s, 1 + s] first. ``shot_noise`` photons (> 0): half the
     images made low-light (:class:`ShotNoise`) after the flips, before any colour change. ``greyscale`` and
     ``invert`` are the probabilities of turning the image grey (3 channels of OpenCV's grey) and of inverting it
-    (1 - x), in that order, after the colour jitter. ``stain_jitter`` is the probability of re-staining an RGB image as H&E with a random
-    preset stain matrix and intensity (A.HEStain), before the colour jitter; it runs in the loader workers alone
-    (train.py picks them for it), every other augmentation also in device_data.BatchAugment (AUGMENTATION_FLAGS).
+    (1 - x), in that order, after the colour jitter. ``stain_jitter`` is the probability of re-staining an RGB
+    image as H&E with a random preset stain matrix and intensity (A.HEStain), before the colour jitter; it runs in
+    the loader workers alone (train.py picks them for it), every other augmentation also in
+    device_data.BatchAugment (AUGMENTATION_FLAGS). Each transform draws from a seed of its own (:class:`DrawnApart`).
     """
     size = []
     if scale_jitter > 0:
