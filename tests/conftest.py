@@ -21,6 +21,7 @@ import yaml
 import synthetic
 from archs import build_model
 from config import SKIPPED_IN_CONFIG, build_train_parser
+from utils import usable_cpus
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # set before a test module imports albumentations
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +39,9 @@ CHECKED_FOLDERS = ("", "models", "outputs", "inputs", os.path.join("bench", "res
 CACHES = ("__pycache__", ".pytest_cache")
 CHECKOUT_BEFORE = pytest.StashKey[set]()
 HYPOTHESIS_DIR = pytest.StashKey[str]()
+
+# pytest-xdist's processes at most: each holds its own torch and the tests' models and data in memory
+MOST_TEST_PROCESSES = 4
 
 TINY_NAME = "tiny"
 TINY_NUM = 10
@@ -116,6 +120,14 @@ def pytest_configure(config):
     if "HYPOTHESIS_STORAGE_DIRECTORY" not in os.environ:  # one the user chose stays
         config.stash[HYPOTHESIS_DIR] = os.environ["HYPOTHESIS_STORAGE_DIRECTORY"] = tempfile.mkdtemp(
             prefix="hypothesis-")
+
+
+def pytest_xdist_auto_num_workers(config):
+    """How many processes pytest.ini's ``-n auto`` starts: one per CPU this run may use (a job's or a container's
+    share, :func:`utils.usable_cpus`, where pytest-xdist would count the whole machine's), at most
+    MOST_TEST_PROCESSES; none besides pytest's own on one CPU."""
+    cpus = min(usable_cpus(), MOST_TEST_PROCESSES)
+    return cpus if cpus > 1 else 0
 
 
 def pytest_unconfigure(config):

@@ -10,6 +10,7 @@ import torch
 import torch._dynamo.exc
 import yaml
 
+import conftest
 import train
 import utils
 from conftest import ROOT, write_cgroups
@@ -233,6 +234,14 @@ def test_a_cpu_quota_caps_the_cpus_the_job_was_given(tmp_path, monkeypatch):
     assert utils.usable_cpus() == 8
     monkeypatch.setattr(utils, "cgroup_cpus", lambda: None)
     assert utils.usable_cpus() == 8
+
+
+def test_the_test_suite_runs_one_process_per_usable_cpu_at_most_four(monkeypatch):
+    """pytest.ini's -n auto asks conftest: a 2-CPU job gets 2 processes on a 64-CPU machine (pytest-xdist alone
+    counts 64), one CPU none besides pytest's own."""
+    for cpus, processes in ((1, 0), (2, 2), (3, 3), (64, 4)):
+        monkeypatch.setattr(conftest, "usable_cpus", lambda n=cpus: n)
+        assert conftest.pytest_xdist_auto_num_workers(None) == processes
 
 
 def test_a_shipped_recipe_named_from_another_folder_is_pointed_to(tmp_path, monkeypatch):
