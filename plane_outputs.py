@@ -1,6 +1,6 @@
 """Writing each plane's outputs, and gathering the results of predict.py's plane jobs: a 2D image's PNGs, a stack's
-ImageJ TIFF stacks and ROIs written page by page as its planes come (in any order), and the images.csv rows and
-objects tables of the planes, whose nuclei --stitch_z links through a stack's z planes.
+ImageJ TIFF stacks, ROIs and GeoJSON objects written page by page as its planes come (in any order), and the
+images.csv rows and objects tables of the planes, whose nuclei --stitch_z links through a stack's z planes.
 """
 import os
 import sys
@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from files import atomic_imwrite, atomic_tiff_pages
+from geojson_objects import features_file, relabelled_features
 from instances import link_planes
 from measurements import CHANNEL_COLUMN, object_columns
 from rois import relabelled, rois_archive
@@ -17,20 +18,25 @@ from utils import DataError
 
 MERGED_TABLES = 1000  # objects tables of this many images are held as one
 MOST_LABELS = np.iinfo(np.uint16).max  # the nuclei that <id>_instances holds, in one plane or a time point's z planes
+# the outputs that list the nuclei, one file for all of a stack's planes: their writers, which yield add(nuclei)
+LISTS = {"_rois": rois_archive, "_geojson": features_file}
 
 
 def output_name(img_id, suffix, stack):
     """The file name of image ``img_id``'s output ``suffix``: a PNG for a 2D image, a TIFF stack for a stack, and
-    the ROIs' zip file for either."""
+    for either the ROIs' zip file and the GeoJSON objects' ``<id>.geojson`` (the name QuPath's export gives)."""
+    if suffix == "_geojson":
+        return f"{img_id}.geojson"
     return f"{img_id}{suffix}{'.zip' if suffix == '_rois' else '.tif' if stack else '.png'}"
 
 
 def write_image(out_dir, img_id, arrays):
-    """A 2D image's outputs (:func:`predict.segment`) as ``<id><suffix>.png`` (the ROIs as ``<id>_rois.zip``)."""
+    """A 2D image's outputs (:func:`predict.segment`) as ``<id><suffix>.png`` (the ROIs as ``<id>_rois.zip``, the
+    GeoJSON objects as ``<id>.geojson``)."""
     for suffix, array in arrays.items():
         path = os.path.join(out_dir, output_name(img_id, suffix, stack=False))
-        if suffix == "_rois":
-            with rois_archive(path) as add:
+        if suffix in LISTS:
+            with LISTS[suffix](path) as add:
                 add(array)
         else:
             atomic_imwrite(path, array)
@@ -57,15 +63,16 @@ def open_stack(out_dir, img_id, arrays, count, header):
     """The TIFF stacks ``<id><suffix>.tif`` of a stack of ``count`` planes, opened when the :func:`predict.segment`
     arrays of a first plane arrive: (an ExitStack that completes them when closed, where an error removes them,
     {suffix: write(plane, array)}, which writes a plane's array into its page of files.atomic_tiff_pages, or its
-    ROIs into ``<id>_rois.zip``). The plane axes are :func:`stack_layout`'s. The header's pixel size is their
-    calibration, so that Fiji measures them in micrometres."""
+    ROIs into ``<id>_rois.zip`` and its GeoJSON objects into ``<id>.geojson``). The plane axes are
+    :func:`stack_layout`'s. The header's pixel size is their calibration, so that Fiji measures them in
+    micrometres."""
     axes, shape = stack_layout(header, count)
     with ExitStack() as opened:  # one that fails to open removes those opened before it
         writes = {}
         for suffix, array in arrays.items():
             path = os.path.join(out_dir, output_name(img_id, suffix, stack=True))
-            if suffix == "_rois":
-                writes[suffix] = in_plane_order(opened.enter_context(rois_archive(path)))
+            if suffix in LISTS:
+                writes[suffix] = in_plane_order(opened.enter_context(LISTS[suffix](path)))
             else:
                 writes[suffix] = opened.enter_context(atomic_tiff_pages(
                     path, (*shape, *array.shape), array.dtype, axes + "YX", header.pixel_size))
@@ -73,8 +80,9 @@ def open_stack(out_dir, img_id, arrays, count, header):
 
 
 def in_plane_order(add):
-    """write(plane, rois) for a stack's planes 0, 1, ... in any order: ``add`` gets their ROIs in plane order (the
-    order of Fiji's ROI Manager), those of a plane that comes early held until the planes before it came."""
+    """write(plane, rois) for a stack's planes 0, 1, ... in any order: ``add`` gets their ROIs (or GeoJSON objects)
+    in plane order (the order of Fiji's ROI Manager), those of a plane that comes early held until the planes before
+    it came."""
     early, coming = {}, 0
 
     def write(plane, rois):
@@ -129,9 +137,9 @@ class Gathered:
 
     def link(self, result):
         """A plane of a stack whose nuclei --stitch_z links through its z planes: placed once the planes before it
-        are, with its labels, objects table and ROIs relabelled by instances.link_planes against the plane before it
-        (new nuclei after the largest label of its time point). A time point with more nuclei than a 16-bit label
-        image holds leaves the file out, as one plane with as many does (:func:`predict.segment`)."""
+        are, with its labels, objects table, ROIs and GeoJSON objects relabelled by instances.link_planes against the
+        plane before it (new nuclei after the largest label of its time point). A time point with more nuclei than a
+        16-bit label image holds leaves the file out, as one plane with as many does (:func:`predict.segment`)."""
         (img_id, count, header), _, row, _, _ = result
         state = self.linking.setdefault(img_id, [0, {}, None, 0])
         state[1][row.plane] = result
@@ -151,6 +159,8 @@ class Gathered:
             arrays["_instances"] = mapping[labels].astype(np.uint16)
             if "_rois" in arrays:
                 arrays["_rois"] = relabelled(arrays["_rois"], mapping)
+            if "_geojson" in arrays:
+                arrays["_geojson"] = relabelled_features(arrays["_geojson"], mapping)
             state[0], state[2], state[3] = state[0] + 1, arrays["_instances"], largest
             self.place((source, arrays, row, table.assign(label=mapping[table["label"]]).sort_values("label"), None))
         if state[0] == count:

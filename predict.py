@@ -16,6 +16,8 @@ exactly as in training. For each image ``<id>`` (its file name without the exten
     <id>_instances.png   --instances: 16-bit labels, 0 background, nuclei 1..N
     <id>_rois.zip        --rois (implies --instances): each nucleus as an ImageJ ROI named by its label, for Fiji's
                          ROI Manager (rois.py)
+    <id>.geojson         --geojson (implies --instances): each nucleus as a GeoJSON detection named by its label, for
+                         QuPath's File > Import objects (geojson_objects.py)
     objects.csv          --instances: one row per nucleus (measurements.py: image, plane, t, z, label, area,
                          centroid, bounding box with bbox_max exclusive, intensity (of each channel with --channel),
                          shape, confidence)
@@ -32,7 +34,8 @@ exactly as in training. For each image ``<id>`` (its file name without the exten
 A TIFF stack (time points, z planes or pages; image_files.tiff_layout) is segmented plane by plane, each plane
 as an image of its own, and gives ImageJ TIFF stacks instead, one page per plane: ``<id>.tif``,
 ``<id>_prob.tif``, ``<id>_overlay.tif`` (RGB), ``<id>_instances.tif`` (each plane's nuclei numbered 1..N on their
-own: no tracking between planes), and one ``<id>_rois.zip`` (each ROI named ``<plane>-<label>``, at its plane);
+own: no tracking between planes), and one ``<id>_rois.zip`` and ``<id>.geojson`` (each nucleus named
+``<plane>-<label>``, at its plane);
 objects.csv's and images.csv's ``plane`` counts from 0 (0 for every 2D image), objects.csv's ``t`` and ``z`` give its
 time point and z plane. ``--stitch_z IOU`` links the nuclei of a stack's z planes instead (instances.link_planes): a
 nucleus that overlaps one of the plane before with an intersection over union of at least IOU takes its label, so
@@ -69,6 +72,7 @@ from image_files import (CELLPOSE_NOT_IMAGES, PIXEL_SIZES, TIFF_EXTS, TiffHeader
 from instances import AUTO_SCALE_BAND, auto_scale, border_map, median_diameter, nucleus_areas, split_instances
 from measurements import image_row, object_rows, write_tables
 from plane_outputs import MOST_LABELS, Gathered, output_name, plane_grid, write_image
+from geojson_objects import nucleus_features
 from rois import nucleus_rois
 from utils import (ArgumentParser, BatchedThreads, DataError, UsageError, check_utf8_names, first_few, float_or_auto,
                    path_arg, printable_path, progress_bar, run_cli)
@@ -109,6 +113,9 @@ def build_parser():
     g.add_argument("--rois", action="store_true",
                    help="also write <id>_rois.zip: each nucleus as an ImageJ ROI enclosing exactly its pixels, named "
                         "by its label in objects.csv, for Fiji's ROI Manager (implies --instances)")
+    g.add_argument("--geojson", action="store_true",
+                   help="also write <id>.geojson: each nucleus as a GeoJSON detection enclosing exactly its pixels, "
+                        "named by its label in objects.csv, for QuPath's File > Import objects (implies --instances)")
     g.add_argument("--overlay", action="store_true", help="also write <id>_overlay.png (outlines on the image)")
     g.add_argument("--save_prob", action="store_true", help="also write <id>_prob.png (probability x 255)")
     g = p.add_argument_group("how the masks and nuclei are made")
@@ -144,7 +151,7 @@ def build_parser():
 
 
 def check_args(args):
-    args.instances = args.instances or args.rois
+    args.instances = args.instances or args.rois or args.geojson
     if args.tile < 0 or args.tile % 16:
         raise UsageError(f"--tile {args.tile} must be 0 (from the memory budget) or a positive multiple of 16")
     if args.overlap < 0:
@@ -325,11 +332,11 @@ def same_file(a, b):
         return False
 
 
-def output_suffixes(num_classes, save_prob, instances, overlay, rois=False):
+def output_suffixes(num_classes, save_prob, instances, overlay, rois=False, geojson=False):
     """The file-name suffixes of the outputs of one image (module docstring), as :func:`segment` names them."""
     classes = [""] if num_classes == 1 else [f"_class{c}" for c in range(num_classes)]
     suffixes = [c + p for c in classes for p in ["", "_prob"][:1 + save_prob]]
-    return suffixes + ["_instances"] * instances + ["_overlay"] * overlay + ["_rois"] * rois
+    return suffixes + ["_instances"] * instances + ["_overlay"] * overlay + ["_rois"] * rois + ["_geojson"] * geojson
 
 
 def output_files(files, ids, stacks, suffixes):
@@ -349,7 +356,7 @@ def output_files(files, ids, stacks, suffixes):
 # ---------------------------------------------------------------------------------------------- the outputs
 
 def segment(img_id, image, prob, num_classes, threshold, save_prob, separation, filters, overlay, rois=False,
-            nuclei=None, plane=0, planes=(1, 1)):
+            geojson=False, nuclei=None, plane=0, planes=(1, 1)):
     """The outputs of image ``img_id`` (or of one plane of it): image as read, float32 [H, W, C] in [0, 1]; prob
     float32 [K(+1), H, W] in [0, 1] (a channel after the classes is the learned border map).
 
@@ -357,7 +364,8 @@ def segment(img_id, image, prob, num_classes, threshold, save_prob, separation, 
     class for several classes) the mask, uint8 0/255 [H, W]; with ``save_prob`` ``_prob`` the probability x 255;
     with a ``separation`` ``_instances``, the nuclei of class 0 (instances.split_instances with ``filters``, the
     min_size / min_confidence keywords), uint16 [H, W]; with ``rois`` (and a separation) ``_rois``, their ImagejRois
-    (rois.nucleus_rois, at ``plane`` of a stack of ``planes`` (T, Z)); with ``overlay`` ``_overlay``, the outlines on
+    (rois.nucleus_rois, at ``plane`` of a stack of ``planes`` (T, Z)); with ``geojson`` ``_geojson``, their GeoJSON
+    Features (geojson_objects.nucleus_features, placed alike); with ``overlay`` ``_overlay``, the outlines on
     the image, BGR uint8 [H, W, 3]. labels: int32 [H, W], or None without a separation. ``nuclei``: the labels that
     split_instances already gave for this ``prob`` with the same separation and filters (--scale auto), reused.
     """
@@ -377,6 +385,8 @@ def segment(img_id, image, prob, num_classes, threshold, save_prob, separation, 
         arrays["_instances"] = labels.astype(np.uint16)
         if rois:
             arrays["_rois"] = nucleus_rois(labels, plane, planes)
+        if geojson:
+            arrays["_geojson"] = nucleus_features(labels, plane, planes)
     if overlay:
         arrays["_overlay"] = draw_outlines(to_bgr(image), masks[0], labels=labels)
     return arrays, labels
@@ -430,9 +440,11 @@ def probabilities(predictor, image, threshold, filters, auto=None):
 
 
 def predict_all(predictor, files, ids, headers, out_dir, num_classes, threshold, save_prob=False,
-                separation=None, filters=None, overlay=False, channel=None, auto=None, rois=False, stitch_z=None):
+                separation=None, filters=None, overlay=False, channel=None, auto=None, rois=False, stitch_z=None,
+                geojson=False):
     """Predict every file into ``out_dir``: the masks (and probabilities with ``save_prob``), the nuclei when a
-    ``separation`` is given (with ``filters``; their ImageJ ROIs with ``rois``), the outlines with ``overlay``;
+    ``separation`` is given (with ``filters``; their ImageJ ROIs with ``rois``, their GeoJSON objects with
+    ``geojson``), the outlines with ``overlay``;
     PNGs for a 2D image, TIFF stacks for a stack (``headers``: each file's :func:`tiff_headers` entry, its plane
     axes), each plane predicted as an image of its own, read from its page when each plane is one page
     (image_files.read_planes), and its outputs written into their pages as they come
@@ -444,7 +456,7 @@ def predict_all(predictor, files, ids, headers, out_dir, num_classes, threshold,
     Returns (the measurements.image_row of each plane predicted, objects table or None, the errors of the files left
     out)."""
     options = dict(num_classes=num_classes, threshold=threshold, save_prob=save_prob, separation=separation,
-                   filters=filters, overlay=overlay, rois=rois)
+                   filters=filters, overlay=overlay, rois=rois, geojson=geojson)
     gathered, left_out = Gathered(out_dir, stitch_z), []
     bar = progress_bar(total=len(files), desc="predict", unit="img")
 
@@ -501,11 +513,13 @@ def predict_all(predictor, files, ids, headers, out_dir, num_classes, threshold,
 
 def output_stems(name):
     """The image ids that a file of predict.py's outputs (module docstring) can belong to: 'a_class1_prob.png' ->
-    {'a_class1_prob', 'a_class1', 'a'} (an id may itself end like a suffix), 'a_rois.zip' -> {'a'}; set() for other
-    files."""
+    {'a_class1_prob', 'a_class1', 'a'} (an id may itself end like a suffix), 'a_rois.zip' -> {'a'}, 'a.geojson' ->
+    {'a'}; set() for other files."""
     stem, ext = os.path.splitext(name)
     if ext == ".zip":  # only the ROIs: a_rois.png is image a_rois's mask, and a_rois.zip no output of image a_rois
         return {stem[:-len("_rois")]} if stem.endswith("_rois") else set()
+    if ext == ".geojson":
+        return {stem}
     if ext not in (".png", ".tif"):
         return set()
     kind = re.sub(r"(_prob|_instances|_overlay)$", "", stem)
@@ -716,8 +730,8 @@ def prediction_record(args, argv, cfg, predictor, platform, weights, separation,
                     tile=int(predictor.tile) if crop else None, overlap=int(predictor.overlap) if crop else None,
                     channel=args.channel,
                     pixel_size=args.pixel_size if args.pixel_size is not None else PIXEL_SIZE_READ, amp=args.amp,
-                    instances=args.instances, rois=args.rois, stitch_z=args.stitch_z, save_prob=args.save_prob,
-                    overlay=args.overlay)
+                    instances=args.instances, rois=args.rois, geojson=args.geojson, stitch_z=args.stitch_z,
+                    save_prob=args.save_prob, overlay=args.overlay)
     return {"run": args.name, "run_folder": os.path.realpath(folder), **hashes,
             # the script's own path: run from another folder (one that holds models/), "predict.py" names no file
             "command": shlex.join(["python", os.path.realpath(__file__), *argv]),
@@ -779,7 +793,7 @@ def main(argv):
                          "not there to measure it; give --scale FACTOR, or the diameter in its config.yml as "
                          "nucleus_diameter")
     written = output_files(files, ids, stacks, output_suffixes(cfg.num_classes, args.save_prob, args.instances,
-                                                               args.overlay, args.rois))
+                                                               args.overlay, args.rois, args.geojson))
     post = post_processing(args.name, cfg, args.separation, args.min_size, args.min_confidence)
     if post.note:
         print(post.note)
@@ -803,7 +817,7 @@ def main(argv):
             rows, objects, left_out = predict_all(
                 predictor, files, ids, headers, args.output, cfg.num_classes, args.threshold, args.save_prob,
                 separation if args.instances else None, filters, args.overlay, args.channel,
-                (cfg.nucleus_diameter, separation) if auto else None, args.rois, args.stitch_z)
+                (cfg.nucleus_diameter, separation) if auto else None, args.rois, args.stitch_z, args.geojson)
         except KeyboardInterrupt:
             if stopped:
                 print(stopped, file=sys.stderr)

@@ -45,18 +45,23 @@ def composite_roi(rings, name):
                      right=int(np.ceil(high[0])), bottom=int(np.ceil(high[1])))
 
 
+def nucleus_name(label, plane=0, planes=(1, 1)):
+    """A nucleus's name in its image's ROIs and GeoJSON objects: ``<label>`` (2D) or ``<plane>-<label>`` (a stack's
+    plane, 0-based as in objects.csv), zero-padded to 4 digits so that lists sorted by name keep the label order."""
+    return f"{plane:04d}-{label:04d}" if planes != (1, 1) else f"{label:04d}"
+
+
 def nucleus_rois(labels, plane=0, planes=(1, 1)):
     """The ImagejRoi of each nucleus of a label image int [H, W] (0 background, nuclei 1..N, objects.csv's
-    ``label``), in label order, named ``<label>`` (2D) or ``<plane>-<label>`` (a stack's plane, 0-based as in
-    objects.csv), zero-padded to 4 digits. ``planes``: the stack's (T, Z) sizes, for the plane's position in it
-    (1-based, as ImageJ counts: the stack position, and with both T and Z the frame and slice of the hyperstack)."""
-    prefix = f"{plane:04d}-" if planes != (1, 1) else ""
+    ``label``), in label order, named by :func:`nucleus_name` (at ``plane`` of a stack). ``planes``: the stack's
+    (T, Z) sizes, for the plane's position in it (1-based, as ImageJ counts: the stack position, and with both T and Z
+    the frame and slice of the hyperstack)."""
     rois = []
     for label, box in enumerate(ndi.find_objects(labels), start=1):
         if box is None:
             continue
         rings = [ring + (box[1].start, box[0].start) for ring in outlines(labels[box] == label)]
-        name = f"{prefix}{label:04d}"
+        name = nucleus_name(label, plane, planes)
         roi = ImagejRoi.frompoints(rings[0], name=name) if len(rings) == 1 else composite_roi(rings, name)
         if planes != (1, 1):
             roi.position = plane + 1
