@@ -1,6 +1,6 @@
 """The training layouts on disk, and a torch Dataset over them.
 
-Four layouts (:class:`Layout`); the first is the one pytorch-nested-unet used::
+Five layouts (:class:`Layout`); the first is the one pytorch-nested-unet used::
 
     inputs/<dataset>/images/<id><img_ext>
     inputs/<dataset>/masks/<class>/<id><mask_ext>     # class folders 0, 1, ... one per output channel
@@ -16,6 +16,10 @@ Four layouts (:class:`Layout`); the first is the one pytorch-nested-unet used::
     inputs/<dataset>/images/<id><img_ext>             # ImageJ ROIs (Fiji's ROI Manager, predict.py --rois): one
     inputs/<dataset>/rois/<id>.zip                    # area ROI per nucleus (or <id>_rois.zip, or one <id>.roi),
                                                       # drawn as label images by rois.roi_labels
+
+    inputs/<dataset>/images/<id><img_ext>             # GeoJSON objects (QuPath's export, predict.py --geojson):
+    inputs/<dataset>/geojson/<id>.geojson             # one polygon per nucleus, drawn as label images by
+                                                      # geojson_objects.geojson_labels
 
 With label images the binary mask (one class) is every labelled pixel, and the labels serve the instance score and
 ``--borders``. The files are read by image_files.py (PNG/JPEG/BMP with OpenCV, TIFF with tifffile).
@@ -46,6 +50,7 @@ import torch
 import distributed
 from image_files import (CELLPOSE_NOT_IMAGES, JPEG_EXTS, MOST_PHOTONS, NEAREST, SHOT_NOISE_P, decode_image,
                          image_to_float, normalize, read_label_image, read_mask)
+from geojson_objects import GEOJSON_FILE, geojson_labels
 from rois import ROI_FILES, roi_labels
 from instances import median_diameter, nucleus_areas, touching_borders
 from utils import (NEAR_NAMES, STOP_SIGNALS, DataError, UsageError, check_utf8_names, first_few, near_names,
@@ -64,9 +69,9 @@ def _ids_in(folder, ext):
 
 
 class Layout:
-    """Where the files of sample ``img_id`` are in a dataset folder of one of the four layouts (module docstring):
-    ``kind`` is 'masks', 'labels' (label images in ``label_dir``), 'rois' (ImageJ ROI sets in ``label_dir``) or
-    'cellpose' (images named <id>``img_suffix``, '_img' or '')."""
+    """Where the files of sample ``img_id`` are in a dataset folder of one of the five layouts (module docstring):
+    ``kind`` is 'masks', 'labels' (label images in ``label_dir``), 'rois' (ImageJ ROI sets in ``label_dir``),
+    'geojson' (GeoJSON objects in ``label_dir``) or 'cellpose' (images named <id>``img_suffix``, '_img' or '')."""
 
     def __init__(self, dataset_dir, kind, img_ext=".png", mask_ext=".png", label_dir=None, img_suffix="_img"):
         self.dataset_dir, self.kind, self.img_ext, self.mask_ext = dataset_dir, kind, img_ext, mask_ext
@@ -90,6 +95,8 @@ class Layout:
         if self.kind == "rois":
             found = [p for p in (os.path.join(self.label_dir, img_id + e) for e in ROI_FILES) if os.path.isfile(p)]
             return found[0] if found else os.path.join(self.label_dir, img_id + ".zip")
+        if self.kind == "geojson":
+            return os.path.join(self.label_dir, img_id + GEOJSON_FILE)
         path = os.path.join(self.dataset_dir, "labels", img_id + ".png")
         return path if os.path.isfile(path) else None
 
@@ -117,7 +124,8 @@ class Layout:
 
 def find_layout(dataset_dir, img_ext=".png", mask_ext=".png"):
     """The :class:`Layout` of ``dataset_dir``: class folders under masks/ make the 'masks' layout; label images in
-    labels/ (no masks/) or directly in masks/ the 'labels' layout; a rois/ folder (no masks/ nor labels/) 'rois';
+    labels/ (no masks/) or directly in masks/ the 'labels' layout; a rois/ or geojson/ folder (no masks/ nor labels/)
+    'rois' or 'geojson';
     <id>_img files (or without images/, any images) beside <id>_masks files Cellpose's."""
     img_dir, mask_dir = os.path.join(dataset_dir, "images"), os.path.join(dataset_dir, "masks")
     if not os.path.isdir(img_dir):
@@ -142,13 +150,16 @@ def find_layout(dataset_dir, img_ext=".png", mask_ext=".png"):
                             f"({first_few(sorted(_ids_in(mask_dir, mask_ext)))}): masks go in masks/<class>/<id>, "
                             "label images directly in masks/<id>; move the other kind out")
         return Layout(dataset_dir, "labels", img_ext, mask_ext, mask_dir)
-    labels_dir, rois_dir = os.path.join(dataset_dir, "labels"), os.path.join(dataset_dir, "rois")
-    if os.path.isdir(rois_dir):
-        other = [d for d in (mask_dir, labels_dir) if os.path.isdir(d)]
-        if other:  # which one the user meant cannot be told
-            raise DataError(f"{dataset_dir} holds both ImageJ ROIs (rois/) and {os.path.basename(other[0])}/: give "
-                            "each image one kind of annotation; move the other folder out")
-        return Layout(dataset_dir, "rois", img_ext, mask_ext, rois_dir)
+    labels_dir = os.path.join(dataset_dir, "labels")
+    for kind, what in (("rois", "ImageJ ROIs"), ("geojson", "GeoJSON objects")):
+        folder = os.path.join(dataset_dir, kind)
+        if os.path.isdir(folder):
+            other = [d for d in (mask_dir, labels_dir, os.path.join(dataset_dir, "geojson")) if os.path.isdir(d)
+                     and d != folder]
+            if other:  # which one the user meant cannot be told
+                raise DataError(f"{dataset_dir} holds both {what} ({kind}/) and {os.path.basename(other[0])}/: give "
+                                "each image one kind of annotation; move the other folder out")
+            return Layout(dataset_dir, kind, img_ext, mask_ext, folder)
     if not os.path.isdir(mask_dir) and os.path.isdir(labels_dir):
         return Layout(dataset_dir, "labels", img_ext, mask_ext, labels_dir)
     return Layout(dataset_dir, "masks", img_ext, mask_ext)
@@ -189,7 +200,7 @@ def _mask_extension_too(layout, mask_ext):
     folder = layout.label_dir if layout.kind == "labels" else os.path.join(masks, "0")
     if layout.kind == "masks" and not os.path.isdir(folder):  # label images of another type than --mask_ext
         folder = masks  # directly in masks/ are not found as such, so that layout reads as 'masks'
-    if layout.kind in ("cellpose", "rois") or not os.path.isdir(folder):
+    if layout.kind in ("cellpose", "rois", "geojson") or not os.path.isdir(folder):
         return ""
     found = {os.path.splitext(f)[1] for f in os.listdir(folder) if not f.startswith(".")} - {""}
     if len(found) != 1 or mask_ext in found:
@@ -227,6 +238,8 @@ def list_ids(dataset_dir, img_ext=".png", mask_ext=".png", num_classes=1):
                              "the nuclei; use --num_classes 1")
         if layout.kind == "rois":
             check_roi_files(layout, ids)
+        elif layout.kind == "geojson":
+            check_geojson_files(layout, ids)
         elif layout.kind == "cellpose":
             label_ids = _ids_in(dataset_dir, f"_masks{mask_ext}")
             _check_pairs(ids, label_ids, dataset_dir, "<id>_masks label image", mask_ext, "--mask_ext", "_masks")
@@ -283,13 +296,36 @@ def check_roi_files(layout, ids):
             print(note)
 
 
+def check_geojson_files(layout, ids):
+    """Pair the images ``ids`` of a 'geojson' ``layout`` with their <id>.geojson files, and decode each once,
+    printing its notes (geojson_objects.geojson_labels): a DataError names an image without objects, objects without
+    an image or a file that cannot be used."""
+    folder, found = layout.label_dir, _ids_in(layout.label_dir, GEOJSON_FILE)
+    for missing, what, fix in ((set(ids) - found, "image{s} without GeoJSON objects",
+                                f"give each image its {GEOJSON_FILE} file, exported from QuPath as <id>{GEOJSON_FILE} "
+                                "(File > Export objects as GeoJSON; an image without nuclei: "
+                                '{"type": "FeatureCollection", "features": []})'),
+                               (found - set(ids), "GeoJSON file{s} without an image",
+                                f"name each as its image, <id>{GEOJSON_FILE}")):
+        if missing:
+            names = sorted(missing) if what.startswith("image") else sorted(i + GEOJSON_FILE for i in missing)
+            raise DataError(f"{len(missing)} {what.format(s='s' * (len(missing) > 1))} in {folder}: "
+                            f"{first_few(names)}; {fix}")
+    for img_id in progress_bar(sorted(ids), desc="GeoJSON", unit="img", leave=False, disable=len(ids) < 200):
+        for note in geojson_labels(layout.labels(img_id), decode_image(layout.image(img_id)).shape[:2])[1]:
+            print(note)
+
+
 def read_instance_labels(path, image_path, shape=None):
     """The instance labels in ``path`` -> int32 [H, W] (0 = background): a label image (image_files.read_label_image),
-    or an ImageJ ROI set (rois.ROI_FILES) drawn at the size of its image ``image_path`` (``shape`` (H, W) when known)
-    by rois.roi_labels, its notes left to :func:`check_roi_files`."""
-    if not path.endswith(ROI_FILES):
-        return read_label_image(path)
-    return roi_labels(path, shape or decode_image(image_path).shape[:2])[0].astype(np.int32)
+    or an ImageJ ROI set (rois.ROI_FILES) or GeoJSON objects (<id>.geojson) drawn at the size of its image
+    ``image_path`` (``shape`` (H, W) when known) by rois.roi_labels or geojson_objects.geojson_labels, their notes
+    left to :func:`check_roi_files` and :func:`check_geojson_files`."""
+    if path.endswith(ROI_FILES):
+        return roi_labels(path, shape or decode_image(image_path).shape[:2])[0].astype(np.int32)
+    if path.endswith(GEOJSON_FILE):
+        return geojson_labels(path, shape or decode_image(image_path).shape[:2])[0].astype(np.int32)
+    return read_label_image(path)
 
 
 def nucleus_diameter(dataset_dir, ids, img_ext=".png", mask_ext=".png"):

@@ -8,6 +8,10 @@ top-left pixel, as QuPath and ImageJ place them, so that the pixels whose centre
 nucleus's. Every ring is closed, exteriors counter-clockwise and holes clockwise in the coordinates' own axes (RFC
 7946; QuPath reads either way). A stack's nuclei carry their plane as QuPath writes it: the geometry's
 ``"plane": {"c": -1, "z": z, "t": t}`` (0-based; c -1 for every channel).
+
+The way back: objects exported from QuPath (File > Export objects as GeoJSON: corrected, or drawn from scratch) are
+read as a label image (:func:`geojson_labels`), each nucleus on the pixels whose centres it encloses, for the
+dataset's ``geojson/`` layout.
 """
 import json
 from contextlib import contextmanager
@@ -16,7 +20,10 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from files import atomic_write
-from rois import nucleus_name, outlines
+from rois import MAX_ROIS, fill_rings, found_pixels, nucleus_name, outlines, window_of
+from utils import DataError
+
+GEOJSON_FILE = ".geojson"  # an image's objects: <id>.geojson, as predict.py writes them and QuPath exports them
 
 
 def signed_area(ring):
@@ -89,3 +96,141 @@ def features_file(path):
                 separator = ",\n"
         yield add
         f.write("\n]}\n")
+
+
+# ------------------------------------------------------------------------------ GeoJSON objects as training labels
+
+EXPORT_AGAIN = "export them again from QuPath (File > Export objects as GeoJSON)"
+NUCLEI = ("detection", "cell")  # QuPath's objectType of nuclei it detected: a cell's nucleus is its nucleusGeometry
+
+
+def read_features(path):
+    """The Features (dicts) of a GeoJSON file, in its order: a FeatureCollection's, a JSON list of Features (as
+    QuPath 0.2 exports them) or a single Feature; a file that is not JSON, or holds none of these, is a DataError
+    naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"cannot read GeoJSON objects {path}: not JSON ({str(e).splitlines()[0][:80]}); "
+                        f"{EXPORT_AGAIN}") from None
+    kind = data.get("type") if isinstance(data, dict) else None
+    features = data if isinstance(data, list) else [data] if kind == "Feature" else \
+        data.get("features") if kind == "FeatureCollection" else None
+    if not isinstance(features, list):
+        raise DataError(f"GeoJSON objects {path}: holds a JSON {type(data).__name__}"
+                        f"{f' of type {kind!r}' if kind else ''}, not a FeatureCollection, a list of Features or a "
+                        f"Feature; {EXPORT_AGAIN}")
+    others = [n for n, feature in enumerate(features) if not (isinstance(feature, dict) and
+                                                               feature.get("type") == "Feature")]
+    if others:
+        raise DataError(f"GeoJSON objects {path}: {len(others)} of its {len(features)} features are no GeoJSON "
+                        f"Feature (the first: number {others[0] + 1}, no \"type\": \"Feature\"); {EXPORT_AGAIN}")
+    return features
+
+
+def feature_kind(feature):
+    """A Feature's QuPath objectType: 'annotation' where it has none, as QuPath imports it."""
+    properties = feature.get("properties")
+    return str(properties.get("objectType", "annotation")) if isinstance(properties, dict) else "annotation"
+
+
+def feature_name(feature, number):
+    """How a note or error names a Feature: its QuPath name, else its number in the file (1-based)."""
+    properties = feature.get("properties")
+    name = properties.get("name") if isinstance(properties, dict) else None
+    return f"'{name}'" if name is not None else f"number {number}"
+
+
+def area_rings(geometry):
+    """The rings of the polygons of a GeoJSON geometry (x, y) float [N, 2] (a Polygon's, a MultiPolygon's, a
+    GeometryCollection's polygons'): [] for no area (a Point, a LineString, their Multi kinds, null). Raises
+    ValueError for coordinates that are not lists of (x, y) numbers."""
+    kind = geometry.get("type") if isinstance(geometry, dict) else None
+    if kind == "GeometryCollection":
+        return [ring for member in geometry.get("geometries") or [] for ring in area_rings(member)]
+    if kind not in ("Polygon", "MultiPolygon"):
+        return []
+    polygons = [geometry.get("coordinates")] if kind == "Polygon" else geometry.get("coordinates")
+    rings = [np.asarray(ring, np.float64) for polygon in polygons for ring in polygon]
+    if any(ring.ndim != 2 or ring.shape[1] < 2 for ring in rings):
+        raise ValueError("a ring is no list of (x, y) points")
+    return [ring[:, :2] for ring in rings]
+
+
+def geometry_of(feature):
+    """The geometry of a Feature's nucleus: a QuPath cell's nucleusGeometry where it has one, else its geometry."""
+    return feature.get("nucleusGeometry") or feature.get("geometry")
+
+
+def plane_of(geometry):
+    """(z, t) of a geometry's QuPath "plane" member; (0, 0) without one."""
+    plane = geometry.get("plane") if isinstance(geometry, dict) else None
+    return (plane.get("z", 0), plane.get("t", 0)) if isinstance(plane, dict) else (0, 0)
+
+
+def geojson_labels(path, shape):
+    """The GeoJSON objects of ``path`` (:func:`read_features`) as instance labels uint16 [H, W] of ``shape`` (H, W):
+    0 the background, the nuclei 1..N in the file's order, each on the pixels whose centres its polygons enclose
+    (even-odd: holes out), a later one over an earlier one where they overlap. The nuclei are its detections and
+    cells (a cell's nucleusGeometry) where it has any, else its annotations. Also returns the notes (one-line
+    strings) on the objects left out: other kinds (annotations beside detections: the regions QuPath detected them
+    in; tiles, TMA cores), no areas (points, lines), enclosing no pixel centre; and on pixels claimed twice.
+    Coordinates outside the image, a stack plane past the first (training reads 2D images) or more than 65,535
+    nuclei are a DataError naming the file."""
+    features = read_features(path)
+    kinds = [feature_kind(feature) for feature in features]
+    detected = bool(set(kinds) & set(NUCLEI))
+    nuclei = [(n, f) for n, (f, kind) in enumerate(zip(features, kinds), start=1)
+              if kind in (NUCLEI if detected else ("annotation",))]
+    stacked = [(n, f) for n, f in nuclei if plane_of(geometry_of(f)) != (0, 0)]
+    if stacked:
+        (number, feature), (z, t) = stacked[0], plane_of(geometry_of(stacked[0][1]))
+        raise DataError(f"GeoJSON objects {path}: {len(stacked)} of {len(nuclei)} nuclei are on a stack plane past "
+                        f"the first (e.g. {feature_name(feature, number)}: z {z}, t {t}); training reads 2D images: "
+                        "export the objects of a 2D image")
+    labels, twice = np.zeros(shape, np.uint16), np.zeros(shape, bool)
+    value = not_areas = empty = 0
+    for number, feature in nuclei:
+        try:
+            rings = area_rings(geometry_of(feature))
+        except (TypeError, ValueError) as e:
+            raise DataError(f"GeoJSON objects {path}: object {feature_name(feature, number)} has coordinates that "
+                            f"are not (x, y) numbers ({str(e)[:80]}); {EXPORT_AGAIN}") from None
+        if not rings:
+            not_areas += 1
+            continue
+        (x0, y0), (x1, y1) = np.concatenate(rings).min(axis=0), np.concatenate(rings).max(axis=0)
+        if x0 < 0 or y0 < 0 or x1 > shape[1] or y1 > shape[0]:
+            raise DataError(f"GeoJSON objects {path}: object {feature_name(feature, number)} reaches outside the "
+                            f"{shape[1]}x{shape[0]} image (x {x0:g} to {x1:g}, y {y0:g} to {y1:g}): objects of "
+                            "another image, or of a crop or a downsampled copy; export them from this image")
+        window = window_of((x0, y0, x1, y1), shape)
+        found = found_pixels(fill_rings(rings, window), window) if window else None
+        if found is None:
+            empty += 1
+            continue
+        if value == MAX_ROIS:
+            raise DataError(f"GeoJSON objects {path}: more than the {MAX_ROIS} nuclei that a 16-bit label image "
+                            "numbers; split the image (and its objects) into tiles")
+        value += 1
+        pixels, box = found
+        twice[box] |= pixels & (labels[box] > 0)
+        labels[box][pixels] = value
+    notes = []
+    others = sorted({kind for kind in kinds if kind not in (NUCLEI if detected else ("annotation",))})
+    if others:
+        n = len(features) - len(nuclei)
+        notes.append(f"note: {path}: {n} object{'s' * (n > 1)} of {'another kind' if n == 1 else 'other kinds'} "
+                     f"than the nuclei ({'detections and cells' if detected else 'annotations'}) left out: "
+                     f"{', '.join(others)}")
+    if not_areas:
+        notes.append(f"note: {path}: {not_areas} object{'s are' if not_areas > 1 else ' is'} no area (a point or a "
+                     "line) and left out")
+    if empty:
+        notes.append(f"note: {path}: {empty} object{'s enclose' if empty > 1 else ' encloses'} no pixel's centre and "
+                     "left out")
+    if twice.any():
+        notes.append(f"note: {path}: {int(twice.sum())} pixels lie in two objects or more; each goes to the later "
+                     "object in the file")
+    return labels, notes

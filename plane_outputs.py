@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from files import atomic_imwrite, atomic_tiff_pages
-from geojson_objects import features_file, relabelled_features
+from geojson_objects import GEOJSON_FILE, features_file, relabelled_features
 from instances import link_planes
 from measurements import CHANNEL_COLUMN, object_columns
 from rois import relabelled, rois_archive
@@ -26,7 +26,7 @@ def output_name(img_id, suffix, stack):
     """The file name of image ``img_id``'s output ``suffix``: a PNG for a 2D image, a TIFF stack for a stack, and
     for either the ROIs' zip file and the GeoJSON objects' ``<id>.geojson`` (the name QuPath's export gives)."""
     if suffix == "_geojson":
-        return f"{img_id}.geojson"
+        return img_id + GEOJSON_FILE
     return f"{img_id}{suffix}{'.zip' if suffix == '_rois' else '.tif' if stack else '.png'}"
 
 

@@ -195,20 +195,33 @@ def roi_pixels(roi, shape):
         x0, y0, x1, y1 = box_of(roi)
     else:
         (x0, y0), (x1, y1) = np.concatenate(rings).min(axis=0), np.concatenate(rings).max(axis=0)
-    top, left = max(int(np.floor(y0)), 0), max(int(np.floor(x0)), 0)
-    bottom, right = min(int(np.ceil(y1)), shape[0]), min(int(np.ceil(x1)), shape[1])
-    if bottom <= top or right <= left:
+    window = window_of((x0, y0, x1, y1), shape)
+    if window is None:
         return None
-    window = (top, left, bottom - top, right - left)
     if roi.roitype == ROI_TYPE.OVAL:
         pixels = fill_oval((x0, y0, x1, y1), window)
     elif simple:  # a rectangle's pixel centres are inside it: its whole window, for integer and sub-pixel corners
         pixels = fill_rings([np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]])], window)
     else:
         pixels = fill_rings(rings, window)
+    return found_pixels(pixels, window)
+
+
+def window_of(box, shape):
+    """The window (top, left, h, w) of the pixels of an image of ``shape`` (H, W) that ``box`` (left, top, right,
+    bottom) in ImageJ's coordinates overlaps, clipped to the image; None when it overlaps none."""
+    top, left = max(int(np.floor(box[1])), 0), max(int(np.floor(box[0])), 0)
+    bottom, right = min(int(np.ceil(box[3])), shape[0]), min(int(np.ceil(box[2])), shape[1])
+    return (top, left, bottom - top, right - left) if bottom > top and right > left else None
+
+
+def found_pixels(pixels, window):
+    """(``pixels`` bool [h, w], the (rows, cols) slices of the image that their ``window`` (top, left, h, w) covers),
+    or None when no pixel is set."""
     if not pixels.any():
         return None
-    return pixels, (slice(top, bottom), slice(left, right))
+    top, left, h, w = window
+    return pixels, (slice(top, top + h), slice(left, left + w))
 
 
 def check_plane(rois, path):

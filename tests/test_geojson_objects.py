@@ -3,6 +3,7 @@ polygon test (matplotlib's Path at the pixel centres, each polygon its exterior 
 QuPath's JTS read them), after a round trip through the file as json reads it; and predict.py --geojson."""
 import json
 import os
+import shutil
 
 import cv2
 import numpy as np
@@ -12,10 +13,14 @@ import yaml
 from matplotlib.path import Path
 from scipy import ndimage as ndi
 
+import dataset
 import predict
 import synthetic
-from geojson_objects import features_file, nucleus_features, signed_area
+from conftest import TINY_NAME, TINY_SIZE, make_synthetic
+from geojson_objects import features_file, geojson_labels, nucleus_features, signed_area
+from image_files import read_label_image
 from test_rois import blobs
+from utils import DataError
 
 
 def polygons_of(geometry):
@@ -166,6 +171,8 @@ def test_predict_geojson_writes_the_nuclei_of_objects_csv_beside_the_other_outpu
     assert rows["plane"].nunique() == 6 and any(linked[t, z].max() > len(rows.query(f"plane == {3 * t + z}"))
                                                 for t in range(2) for z in range(3))  # some labels linked
     assert all(labelled_pixels(f, linked[g["t"], g["z"]]) for f, g in ((f, f["geometry"]["plane"]) for f in stack))
+    back, notes = geojson_labels(str(out / "flat.geojson"), labels.shape)
+    assert np.array_equal(back, labels) and notes == []  # reads back as the labels it was written from
     with open(out / "prediction.yml", encoding="utf-8") as f:
         assert yaml.safe_load(f)["settings"]["geojson"] is True
     capsys.readouterr()
@@ -175,3 +182,153 @@ def test_predict_geojson_writes_the_nuclei_of_objects_csv_beside_the_other_outpu
     (tmp_path / "alone" / "tz.geojson").write_text("")
     assert predict.holds_outputs(str(tmp_path / "alone"), ["tz"]) and not predict.holds_outputs(str(tmp_path / "alone"),
                                                                                                 ["flat"])
+
+
+# ------------------------------------------------------------------------------- GeoJSON objects as training labels
+
+@pytest.mark.parametrize("seed", range(6))
+def test_features_read_back_as_the_labels_they_were_written_from(tmp_path, seed):
+    labels = blobs(seed, holes=seed % 2 == 1)
+    round_trip(tmp_path / "a.geojson", nucleus_features(labels))
+    back, notes = geojson_labels(str(tmp_path / "a.geojson"), labels.shape)
+    assert back.dtype == np.uint16 and np.array_equal(back, labels) and notes == []
+
+
+def polygon(x0, y0, x1, y1, kind=None, name=None, **members):
+    """A Feature of the rectangle (x0, y0)-(x1, y1) as QuPath exports it (closed ring), of objectType ``kind``."""
+    ring = [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
+    properties = {k: v for k, v in (("objectType", kind), ("name", name)) if v is not None}
+    return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]}, "properties": properties,
+            **members}
+
+
+def write_json(path, data):
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def test_qupath_exports_of_each_shape_read_as_their_nuclei(tmp_path):
+    """A FeatureCollection, a bare list (QuPath 0.2) and a single Feature; a cell's nucleus is its nucleusGeometry;
+    detections are the nuclei beside their parent annotation, annotations alone are; points, lines, objects
+    enclosing no pixel centre and pixels claimed twice are noted."""
+    square = polygon(2, 2, 6, 6, "detection")
+    cell = polygon(0, 0, 12, 12, "cell", nucleusGeometry={"type": "Polygon", "coordinates": [
+        [[8.2, 8.3], [11.7, 8.3], [11.7, 11.6], [8.2, 11.6], [8.2, 8.3]]]})
+    region = polygon(0, 0, 12, 12, "annotation", "Tumor")
+    point = {"type": "Feature", "geometry": {"type": "Point", "coordinates": [3, 3]}, "properties":
+             {"objectType": "detection"}}
+    overlapping = polygon(5, 5, 7, 7, "detection")  # over the square's corner pixel (5, 5)
+    sliver = polygon(3.6, 3.6, 4.4, 4.4, "detection")  # between four pixel centres
+    path = write_json(tmp_path / "a.geojson", {"type": "FeatureCollection", "features": [
+        region, square, point, cell, overlapping, sliver]})
+    labels, notes = geojson_labels(path, (12, 12))
+    expected = np.zeros((12, 12), np.uint16)
+    expected[2:6, 2:6] = 1
+    expected[8:12, 8:12] = 2  # centres 8.5 .. 11.5 within 8.2 .. 11.7
+    expected[5:7, 5:7] = 3
+    assert np.array_equal(labels, expected)
+    assert notes == [f"note: {path}: 1 object of another kind than the nuclei (detections and cells) left out: "
+                     "annotation",
+                     f"note: {path}: 1 object is no area (a point or a line) and left out",
+                     f"note: {path}: 1 object encloses no pixel's centre and left out",
+                     f"note: {path}: 1 pixels lie in two objects or more; each goes to the later object in the file"]
+    drawn = [polygon(1, 1, 4, 3), polygon(5, 5, 8, 9, "annotation", "Nucleus")]  # no objectType: an annotation
+    listed = write_json(tmp_path / "list.geojson", drawn)
+    one = write_json(tmp_path / "one.geojson", drawn[1])
+    labels, notes = geojson_labels(listed, (10, 10))
+    assert notes == [] and (labels == 1).sum() == 6 and (labels == 2).sum() == 12 and labels.max() == 2
+    assert np.array_equal(geojson_labels(one, (10, 10))[0], (labels == 2).astype(np.uint16))
+    empty = write_json(tmp_path / "empty.geojson", {"type": "FeatureCollection", "features": []})
+    assert geojson_labels(empty, (4, 5))[0].shape == (4, 5) and not geojson_labels(empty, (4, 5))[0].any()
+
+
+def test_unusable_geojson_files_are_one_line_errors_naming_them(tmp_path):
+    again = r"; export them again from QuPath \(File > Export objects as GeoJSON\)"
+    cases = [
+        ("broken.geojson", '{"type": "FeatureCollection", "features": [', rf"cannot read GeoJSON objects {{}}: not "
+         rf"JSON \(Expecting value: line 1 column 44 \(char 43\)\){again}"),
+        ("table.geojson", '{"cells": 3}', rf"GeoJSON objects {{}}: holds a JSON dict, not a FeatureCollection, a list "
+         rf"of Features or a Feature{again}"),
+        ("shape.geojson", '{"type": "Polygon", "coordinates": []}', r"GeoJSON objects {}: holds a JSON dict of type "
+         r"'Polygon', not a FeatureCollection"),
+        ("mixed.geojson", json.dumps([polygon(1, 1, 3, 3), {"geometry": None}]), r"GeoJSON objects {}: 1 of its 2 "
+         r"features are no GeoJSON Feature \(the first: number 2, no \"type\": \"Feature\"\)"),
+        ("text.geojson", json.dumps([{**polygon(1, 1, 3, 3, name="7"), "geometry": {"type": "Polygon", "coordinates":
+                                                                                    [["a", "b"]]}}]),
+         rf"GeoJSON objects {{}}: object '7' has coordinates that are not \(x, y\) numbers \(.*\){again}"),
+        ("big.geojson", json.dumps([polygon(1, 1, 3, 3), polygon(10, 2, 30.5, 6)]), r"GeoJSON objects {}: object "
+         r"number 2 reaches outside the 20x10 image \(x 10 to 30.5, y 2 to 6\): objects of another image, or of a "
+         r"crop or a downsampled copy; export them from this image"),
+        ("stack.geojson", json.dumps(nucleus_features(np.pad(np.ones((2, 2), np.int32), 2), 4, (2, 3))),
+         r"GeoJSON objects {}: 1 of 1 nuclei are on a stack plane past the first \(e.g. '0004-0001': z 1, t 1\); "
+         r"training reads 2D images"),
+    ]
+    for name, text, message in cases:
+        (tmp_path / name).write_text(text)
+        path = str(tmp_path / name)
+        with pytest.raises(DataError, match="^" + message.format(path)) as error:
+            geojson_labels(path, (10, 20))
+        assert "\n" not in str(error.value)
+    (tmp_path / "latin.geojson").write_bytes(b'{"name": "\xe9"}')
+    with pytest.raises(DataError, match=f"cannot read GeoJSON objects {tmp_path / 'latin.geojson'}: not JSON"):
+        geojson_labels(str(tmp_path / "latin.geojson"), (10, 20))
+
+
+def geojson_dataset(root):
+    """inputs/tiny of synthetic images with their labels/ turned into geojson/<id>.geojson (no masks/ nor labels/
+    left), and the same dataset with its label images: (folder, the labelled one, ids)."""
+    ids = make_synthetic(root / "labelled", num_images=4, size=TINY_SIZE)
+    labelled = os.path.join(root, "labelled", "inputs", TINY_NAME)
+    folder = os.path.join(root, "inputs", TINY_NAME)
+    shutil.copytree(os.path.join(labelled, "images"), os.path.join(folder, "images"))
+    os.makedirs(os.path.join(folder, "geojson"))
+    for img_id in ids:
+        labels = read_label_image(os.path.join(labelled, "labels", img_id + ".png"))
+        with features_file(os.path.join(folder, "geojson", img_id + ".geojson")) as add:
+            add(nucleus_features(labels))
+    return folder, labelled, ids
+
+
+def test_a_dataset_of_geojson_files_reads_as_its_label_images(tmp_path, capsys):
+    """Masks, --borders targets and the nucleus size of images + geojson/ are those of the same dataset with label
+    images."""
+    folder, labelled, ids = geojson_dataset(tmp_path)
+    assert dataset.find_layout(folder).kind == "geojson" and dataset.list_ids(folder) == ids
+    assert capsys.readouterr().out == ""
+    for borders in (False, True):
+        ours, theirs = (dataset.Dataset(ids, f, borders=borders, border_size=(32, 32)) for f in (folder, labelled))
+        for i in range(len(ids)):
+            assert np.array_equal(ours.load(i)[1], theirs.load(i)[1]) and ours.load(i)[1][..., 0].any()
+    assert dataset.nucleus_diameter(folder, ids) == dataset.nucleus_diameter(labelled, ids)
+
+
+def test_a_dataset_of_geojson_files_names_what_is_wrong(tmp_path, capsys):
+    folder, _, ids = geojson_dataset(tmp_path)
+    objects = os.path.join(folder, "geojson")
+    write_json(tmp_path / "x", [{"type": "Feature", "geometry": {"type": "LineString", "coordinates": [[1, 1], [3, 3]]},
+                                 "properties": {}}])
+    shutil.copy(tmp_path / "x", os.path.join(objects, ids[0] + ".geojson"))
+    dataset.list_ids(folder)  # objects of no area: an image without nuclei, with a note
+    assert capsys.readouterr().out == (f"note: {objects}/{ids[0]}.geojson: 1 object is no area (a point or a line) "
+                                       "and left out\n")
+    os.rename(os.path.join(objects, ids[0] + ".geojson"), os.path.join(objects, ids[0] + ".png.geojson"))
+    with pytest.raises(DataError, match=rf"1 image without GeoJSON objects in {objects}: {ids[0]}; give each image its "
+                                        r".geojson file, exported from QuPath as <id>.geojson \(File > Export"):
+        dataset.list_ids(folder)
+    shutil.copy(tmp_path / "x", os.path.join(objects, ids[0] + ".geojson"))
+    with pytest.raises(DataError, match=f"1 GeoJSON file without an image in {objects}: {ids[0]}.png.geojson; name "
+                                        "each as its image, <id>.geojson"):
+        dataset.list_ids(folder)
+    os.remove(os.path.join(objects, ids[0] + ".png.geojson"))
+    (tmp_path / "x").write_text("not json")
+    shutil.copy(tmp_path / "x", os.path.join(objects, ids[1] + ".geojson"))
+    with pytest.raises(DataError, match=f"cannot read GeoJSON objects {objects}/{ids[1]}.geojson: not JSON"):
+        dataset.list_ids(folder)
+    os.makedirs(os.path.join(folder, "rois"))
+    with pytest.raises(DataError, match=f"{folder} holds both ImageJ ROIs \\(rois/\\) and geojson/: give each image "
+                                        "one kind of annotation"):
+        dataset.list_ids(folder)
+    os.rmdir(os.path.join(folder, "rois"))
+    os.makedirs(os.path.join(folder, "labels"))
+    with pytest.raises(DataError, match=f"{folder} holds both GeoJSON objects \\(geojson/\\) and labels/"):
+        dataset.list_ids(folder)
