@@ -129,10 +129,17 @@ def read_features(path):
     return features
 
 
+# QuPath 0.2 named a Feature's kind by its "id" (QuPath 0.3 on by properties.objectType, and the id is a UUID)
+LEGACY_KINDS = {"PathAnnotationObject": "annotation", "PathDetectionObject": "detection", "PathCellObject": "cell",
+                "PathTileObject": "tile", "PathTMACoreObject": "tma_core"}
+
+
 def feature_kind(feature):
-    """A Feature's QuPath objectType: 'annotation' where it has none, as QuPath imports it."""
+    """A Feature's QuPath objectType, else the kind its QuPath 0.2 "id" names; 'annotation' where it has neither,
+    as QuPath imports it."""
     properties = feature.get("properties")
-    return str(properties.get("objectType", "annotation")) if isinstance(properties, dict) else "annotation"
+    kind = properties.get("objectType") if isinstance(properties, dict) else None
+    return str(kind) if kind is not None else LEGACY_KINDS.get(str(feature.get("id")), "annotation")
 
 
 def feature_name(feature, number):
@@ -231,6 +238,7 @@ def geojson_labels(path, shape):
         notes.append(f"note: {path}: {empty} object{'s enclose' if empty > 1 else ' encloses'} no pixel's centre and "
                      "left out")
     if twice.any():
-        notes.append(f"note: {path}: {int(twice.sum())} pixels lie in two objects or more; each goes to the later "
-                     "object in the file")
+        n = int(twice.sum())
+        notes.append(f"note: {path}: {n} pixel{'s lie' if n > 1 else ' lies'} in two objects or more; each goes to "
+                     "the later object in the file")
     return labels, notes

@@ -231,13 +231,20 @@ def test_qupath_exports_of_each_shape_read_as_their_nuclei(tmp_path):
                      "annotation",
                      f"note: {path}: 1 object is no area (a point or a line) and left out",
                      f"note: {path}: 1 object encloses no pixel's centre and left out",
-                     f"note: {path}: 1 pixels lie in two objects or more; each goes to the later object in the file"]
+                     f"note: {path}: 1 pixel lies in two objects or more; each goes to the later object in the file"]
     drawn = [polygon(1, 1, 4, 3), polygon(5, 5, 8, 9, "annotation", "Nucleus")]  # no objectType: an annotation
     listed = write_json(tmp_path / "list.geojson", drawn)
     one = write_json(tmp_path / "one.geojson", drawn[1])
     labels, notes = geojson_labels(listed, (10, 10))
     assert notes == [] and (labels == 1).sum() == 6 and (labels == 2).sum() == 12 and labels.max() == 2
     assert np.array_equal(geojson_labels(one, (10, 10))[0], (labels == 2).astype(np.uint16))
+    # QuPath 0.2's list: the kind in the "id", no objectType; cells beside their parent annotation
+    legacy = [{**polygon(0, 0, 10, 10), "id": "PathAnnotationObject"},
+              {**polygon(1, 1, 4, 3), "id": "PathCellObject", "nucleusGeometry": polygon(1, 1, 3, 3)["geometry"]},
+              {**polygon(5, 5, 8, 9), "id": "PathDetectionObject"}]
+    labels, notes = geojson_labels(write_json(tmp_path / "legacy.geojson", legacy), (10, 10))
+    assert (labels == 1).sum() == 4 and (labels == 2).sum() == 12 and labels.max() == 2
+    assert len(notes) == 1 and notes[0].endswith("left out: annotation")
     empty = write_json(tmp_path / "empty.geojson", {"type": "FeatureCollection", "features": []})
     assert geojson_labels(empty, (4, 5))[0].shape == (4, 5) and not geojson_labels(empty, (4, 5))[0].any()
 
