@@ -129,16 +129,18 @@ def read_features(path):
     return features
 
 
-# QuPath 0.2 named a Feature's kind by its "id" (QuPath 0.3 on by properties.objectType, and the id is a UUID)
+# QuPath 0.2 named a Feature's kind by its "id" (QuPath 0.3 by properties.object_type, 0.4 on by
+# properties.objectType, and the id is a UUID); QuPath still reads all three, and tools that write for QuPath
+# (HoVer-Net, scripts) still write object_type
 LEGACY_KINDS = {"PathAnnotationObject": "annotation", "PathDetectionObject": "detection", "PathCellObject": "cell",
                 "PathTileObject": "tile", "PathTMACoreObject": "tma_core"}
 
 
 def feature_kind(feature):
-    """A Feature's QuPath objectType, else the kind its QuPath 0.2 "id" names; 'annotation' where it has neither,
-    as QuPath imports it."""
+    """A Feature's QuPath objectType (or QuPath 0.3's object_type), else the kind its QuPath 0.2 "id" names;
+    'annotation' where it has neither, as QuPath imports it."""
     properties = feature.get("properties")
-    kind = properties.get("objectType") if isinstance(properties, dict) else None
+    kind = properties.get("objectType", properties.get("object_type")) if isinstance(properties, dict) else None
     return str(kind) if kind is not None else LEGACY_KINDS.get(str(feature.get("id")), "annotation")
 
 

@@ -249,6 +249,23 @@ def test_qupath_exports_of_each_shape_read_as_their_nuclei(tmp_path):
     assert geojson_labels(empty, (4, 5))[0].shape == (4, 5) and not geojson_labels(empty, (4, 5))[0].any()
 
 
+def test_qupath_0_3_exports_name_the_kind_object_type(tmp_path):
+    """QuPath 0.3 (and tools writing for QuPath, HoVer-Net's export) named the kind "object_type": its detections
+    are the nuclei, not the region annotation they were detected in (which would lie under them as one nucleus)."""
+    def qupath_0_3(x0, y0, x1, y1, kind):
+        feature = polygon(x0, y0, x1, y1)
+        feature["properties"] = {"object_type": kind, "isLocked": False}
+        return feature
+
+    path = write_json(tmp_path / "a.geojson", {"type": "FeatureCollection", "features": [
+        qupath_0_3(0, 0, 10, 10, "annotation"), qupath_0_3(1, 1, 4, 4, "detection"), qupath_0_3(5, 5, 8, 8, "cell")]})
+    labels, notes = geojson_labels(path, (10, 10))
+    expected = np.zeros((10, 10), np.uint16)
+    expected[1:4, 1:4], expected[5:8, 5:8] = 1, 2
+    assert np.array_equal(labels, expected)
+    assert len(notes) == 1 and notes[0].endswith("left out: annotation")
+
+
 def test_unusable_geojson_files_are_one_line_errors_naming_them(tmp_path):
     again = r"; export them again from QuPath \(File > Export objects as GeoJSON\)"
     cases = [
