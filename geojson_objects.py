@@ -133,7 +133,7 @@ def read_features(path):
 # properties.objectType, and the id is a UUID); QuPath still reads all three, and tools that write for QuPath
 # (HoVer-Net, scripts) still write object_type
 LEGACY_KINDS = {"PathAnnotationObject": "annotation", "PathDetectionObject": "detection", "PathCellObject": "cell",
-                "PathTileObject": "tile", "PathTMACoreObject": "tma_core"}
+                "PathTileObject": "tile", "TMACoreObject": "tma_core"}
 
 
 def feature_kind(feature):

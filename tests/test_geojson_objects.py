@@ -266,6 +266,15 @@ def test_qupath_0_3_exports_name_the_kind_object_type(tmp_path):
     assert len(notes) == 1 and notes[0].endswith("left out: annotation")
 
 
+def test_a_qupath_0_2_tma_core_is_no_nucleus(tmp_path):
+    """QuPath 0.2 named a TMA core's kind "TMACoreObject" (its Java class): left out beside the nuclei drawn in it as
+    annotations, not read as one more nucleus under them."""
+    legacy = [{**polygon(0, 0, 10, 10), "id": "TMACoreObject"}, {**polygon(1, 1, 4, 4), "id": "PathAnnotationObject"}]
+    labels, notes = geojson_labels(write_json(tmp_path / "tma.geojson", legacy), (10, 10))
+    assert (labels == 1).sum() == 9 and labels.max() == 1
+    assert len(notes) == 1 and notes[0].endswith("left out: tma_core")
+
+
 def test_unusable_geojson_files_are_one_line_errors_naming_them(tmp_path):
     again = r"; export them again from QuPath \(File > Export objects as GeoJSON\)"
     cases = [
