@@ -154,7 +154,7 @@ def feature_name(feature, number):
 def area_rings(geometry):
     """The rings of the polygons of a GeoJSON geometry (x, y) float [N, 2] (a Polygon's, a MultiPolygon's, a
     GeometryCollection's polygons'): [] for no area (a Point, a LineString, their Multi kinds, null). Raises
-    ValueError for coordinates that are not lists of (x, y) numbers."""
+    ValueError for coordinates that are not lists of (x, y) finite numbers."""
     kind = geometry.get("type") if isinstance(geometry, dict) else None
     if kind == "GeometryCollection":
         return [ring for member in geometry.get("geometries") or [] for ring in area_rings(member)]
@@ -164,6 +164,8 @@ def area_rings(geometry):
     rings = [np.asarray(ring, np.float64) for polygon in polygons for ring in polygon]
     if any(ring.ndim != 2 or ring.shape[1] < 2 for ring in rings):
         raise ValueError("a ring is no list of (x, y) points")
+    if not all(np.isfinite(ring[:, :2]).all() for ring in rings):  # Python's json reads NaN and Infinity as numbers
+        raise ValueError("NaN or Infinity among them")
     return [ring[:, :2] for ring in rings]
 
 

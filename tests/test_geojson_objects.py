@@ -289,6 +289,8 @@ def test_unusable_geojson_files_are_one_line_errors_naming_them(tmp_path):
         ("text.geojson", json.dumps([{**polygon(1, 1, 3, 3, name="7"), "geometry": {"type": "Polygon", "coordinates":
                                                                                     [["a", "b"]]}}]),
          rf"GeoJSON objects {{}}: object '7' has coordinates that are not \(x, y\) numbers \(.*\){again}"),
+        ("nan.geojson", json.dumps([polygon(1, 1, float("nan"), 3)]), rf"GeoJSON objects {{}}: object number 1 has "
+         rf"coordinates that are not \(x, y\) numbers \(NaN or Infinity among them\){again}"),
         ("big.geojson", json.dumps([polygon(1, 1, 3, 3), polygon(10, 2, 30.5, 6)]), r"GeoJSON objects {}: object "
          r"number 2 reaches outside the 20x10 image \(x 10 to 30.5, y 2 to 6\): objects of another image, or of a "
          r"crop or a downsampled copy; export them from this image"),
