@@ -109,7 +109,7 @@ def read_features(path):
     QuPath 0.2 exports them) or a single Feature; a file that is not JSON, or holds none of these, is a DataError
     naming it."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark, as Windows editors save, read too
             data = json.load(f)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"cannot read GeoJSON objects {path}: not JSON ({str(e).splitlines()[0][:80]}); "
@@ -118,8 +118,9 @@ def read_features(path):
     features = data if isinstance(data, list) else [data] if kind == "Feature" else \
         data.get("features") if kind == "FeatureCollection" else None
     if not isinstance(features, list):
-        raise DataError(f"GeoJSON objects {path}: holds a JSON {type(data).__name__}"
-                        f"{f' of type {kind!r}' if kind else ''}, not a FeatureCollection, a list of Features or a "
+        held = "a FeatureCollection whose \"features\" are no list" if kind == "FeatureCollection" else \
+            f"a JSON {type(data).__name__}{f' of type {kind!r}' if kind else ''}"
+        raise DataError(f"GeoJSON objects {path}: holds {held}, not a FeatureCollection, a list of Features or a "
                         f"Feature; {EXPORT_AGAIN}")
     others = [n for n, feature in enumerate(features) if not (isinstance(feature, dict) and
                                                                feature.get("type") == "Feature")]

@@ -284,6 +284,8 @@ def test_unusable_geojson_files_are_one_line_errors_naming_them(tmp_path):
          rf"of Features or a Feature{again}"),
         ("shape.geojson", '{"type": "Polygon", "coordinates": []}', r"GeoJSON objects {}: holds a JSON dict of type "
          r"'Polygon', not a FeatureCollection"),
+        ("null.geojson", '{"type": "FeatureCollection", "features": null}', r"GeoJSON objects {}: holds a "
+         r"FeatureCollection whose \"features\" are no list, not a FeatureCollection, a list"),
         ("mixed.geojson", json.dumps([polygon(1, 1, 3, 3), {"geometry": None}]), r"GeoJSON objects {}: 1 of its 2 "
          r"features are no GeoJSON Feature \(the first: number 2, no \"type\": \"Feature\"\)"),
         ("text.geojson", json.dumps([{**polygon(1, 1, 3, 3, name="7"), "geometry": {"type": "Polygon", "coordinates":
@@ -304,6 +306,9 @@ def test_unusable_geojson_files_are_one_line_errors_naming_them(tmp_path):
         with pytest.raises(DataError, match="^" + message.format(path)) as error:
             geojson_labels(path, (10, 20))
         assert "\n" not in str(error.value)
+    bom = tmp_path / "bom.geojson"  # as a Windows editor saves it
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps([polygon(1, 1, 3, 3)]).encode())
+    assert geojson_labels(str(bom), (10, 20))[0].sum() == 4
     (tmp_path / "latin.geojson").write_bytes(b'{"name": "\xe9"}')
     with pytest.raises(DataError, match=f"cannot read GeoJSON objects {tmp_path / 'latin.geojson'}: not JSON"):
         geojson_labels(str(tmp_path / "latin.geojson"), (10, 20))
