@@ -165,7 +165,8 @@ def test_predict_geojson_writes_the_nuclei_of_objects_csv_beside_the_other_outpu
     with open(out / "tz.geojson", encoding="utf-8") as f:
         stack = json.load(f)["features"]
     rows = objects.query("image == 'tz'")
-    assert [f["properties"]["name"] for f in stack] == [f"{p:04d}-{k:04d}" for p, k in zip(rows["plane"], rows["label"])]
+    names = [f"{p:04d}-{k:04d}" for p, k in zip(rows["plane"], rows["label"])]
+    assert [f["properties"]["name"] for f in stack] == names
     assert [f["geometry"]["plane"] for f in stack] == [{"c": -1, "z": z, "t": t} for t, z in zip(rows["t"], rows["z"])]
     linked = tifffile.imread(out / "tz_instances.tif")
     assert rows["plane"].nunique() == 6 and any(linked[t, z].max() > len(rows.query(f"plane == {3 * t + z}"))
