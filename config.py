@@ -16,7 +16,7 @@ from typing import NamedTuple
 import yaml
 
 from files import atomic_write, sha256_file
-from image_files import MAX_PIXELS, MOST_PHOTONS, NORMALIZATIONS
+from image_files import MAX_PIXELS, MOST_BLUR, MOST_PHOTONS, NORMALIZATIONS
 from utils import (AMP_MODES, ArgumentParser, DataError, UsageError, amp_mode, bool_or_auto, check_new_run_name,
                    check_run_name, compile_mode, device_name, file_extension, integer, path_arg, str2bool, usable_cpus)
 
@@ -138,6 +138,10 @@ def _add_data_args(g):
                    help="replace half the training images by the shot noise of a camera that collected few photons: "
                         "x -> Poisson(x n) / n, n (photons at the value 1) log-uniform in [PHOTONS, 1000] per image "
                         "(low-light images; docs/results.md, robustness); 0 = off")
+    g.add_argument("--blur", default=0.0, type=float, metavar="SIGMA",
+                   help="defocus half the training images: a Gaussian blur of sigma (pixels of the training image) "
+                        "uniform in [0, SIGMA] per image, before the shot noise (out-of-focus images; "
+                        "docs/results.md, robustness); 0 = off")
     g.add_argument("--balance", default=0.0, type=float,
                    help="draw training images of the rarer kinds (fluorescence, stained, bright-field) more often: "
                         "weight n^-balance, n = training images of that kind (0 = uniform, 1 = each kind equally "
@@ -529,6 +533,7 @@ def check_new_run_args(args):
         "scale_jitter": (lambda v: 0 <= v < 1, "in [0, 1)"),
         "shot_noise": (lambda v: v == 0 or 1 <= v <= MOST_PHOTONS, f"0 (off) or a photon count from 1 to "
                                                                     f"{MOST_PHOTONS}"),
+        "blur": (lambda v: 0 <= v <= MOST_BLUR, f"0 (off) or a Gaussian sigma in pixels up to {MOST_BLUR}"),
         **{flag: (lambda v: 0 <= v <= 1, "a probability between 0 and 1") for flag in ("greyscale", "invert",
                                                                                          "stain_jitter")},
     }

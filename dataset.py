@@ -48,9 +48,9 @@ import numpy as np
 import torch
 
 import distributed
-from image_files import (CELLPOSE_NOT_IMAGES, JPEG_EXTS, MOST_PHOTONS, NEAREST, SHOT_NOISE_P, decode_image,
-                         image_to_float, normalize, read_label_image, read_mask)
 from geojson_objects import GEOJSON_FILE, geojson_labels
+from image_files import (BLUR_P, CELLPOSE_NOT_IMAGES, JPEG_EXTS, MOST_PHOTONS, NEAREST, SHOT_NOISE_P,
+                         decode_image, image_to_float, normalize, read_label_image, read_mask)
 from rois import ROI_FILES, roi_labels
 from instances import median_diameter, nucleus_areas, touching_borders
 from utils import (NEAR_NAMES, STOP_SIGNALS, DataError, UsageError, check_utf8_names, first_few, near_names,
@@ -361,7 +361,25 @@ def check_labels(layout, ids):
 # them to whichever loader --loader picks (on a CPU with the images cached, BatchAugment), so an augmentation that
 # only one of the two draws does nothing in the other's runs (tests/test_device_data.py checks both take these).
 AUGMENTATION_FLAGS = ("input_h", "input_w", "crop_size", "scale_jitter", "color_jitter", "greyscale", "invert",
-                      "shot_noise")
+                      "shot_noise", "blur")
+
+
+class Defocus(A.ImageOnlyTransform):
+    """With probability p, an image float [H, W, C] in [0, 1] blurred by cv2.GaussianBlur (kernel size from sigma,
+    borders reflected 101), sigma uniform in [0, blur] pixels per image. A.GaussianBlur is not this: its kernel
+    stops at 3.5 sigma (PIL's), OpenCV's at 4, and at a sigma of 0 its kernel is 0 / 0."""
+
+    def __init__(self, blur, p=BLUR_P):
+        super().__init__(p=p)
+        self.blur = blur
+
+    def get_params(self):
+        return {"sigma": self.py_random.uniform(0, self.blur)}
+
+    def apply(self, img, sigma, **params):
+        if sigma == 0:  # OpenCV refuses a sigma of 0 with no kernel size
+            return img
+        return cv2.GaussianBlur(img, (0, 0), sigma).reshape(img.shape)  # OpenCV drops a single channel's axis
 
 
 class ShotNoise(A.ImageOnlyTransform):
@@ -403,13 +421,14 @@ def seed_apart(transforms, seed):
 
 
 def train_transform(input_h, input_w, crop_size=0, scale_jitter=0.0, color_jitter=True, greyscale=0.0, invert=0.0,
-                    shot_noise=0.0, stain_jitter=0.0):
+                    shot_noise=0.0, blur=0.0, stain_jitter=0.0):
     """Augmentation for training (albumentations 2.x): resize or random crop, the eight flips/rotations, jitter.
 
     With ``crop_size`` > 0 the image keeps its resolution and a random crop_size x crop_size window is taken
     (reflect-padded when the image is smaller); otherwise it is resized to input_h x input_w as in the seed.
-    ``scale_jitter`` s rescales by a random factor in [1 - s, 1 + s] first. ``shot_noise`` photons (> 0): half the
-    images made low-light (:class:`ShotNoise`) after the flips, before any colour change. ``greyscale`` and
+    ``scale_jitter`` s rescales by a random factor in [1 - s, 1 + s] first. ``blur`` sigma (> 0): half the images
+    defocused (:class:`Defocus`) after the flips; ``shot_noise`` photons (> 0): half the images made low-light
+    (:class:`ShotNoise`) after that (optics before the camera), both before any colour change. ``greyscale`` and
     ``invert`` are the probabilities of turning the image grey (3 channels of OpenCV's grey) and of inverting it
     (1 - x), in that order, after the colour jitter. ``stain_jitter`` is the probability of re-staining an RGB
     image as H&E with a random preset stain matrix and intensity (A.HEStain), before the colour jitter; it runs in
@@ -424,7 +443,9 @@ def train_transform(input_h, input_w, crop_size=0, scale_jitter=0.0, color_jitte
                  A.RandomCrop(crop_size, crop_size)]
     else:
         size.append(A.Resize(input_h, input_w, mask_interpolation=NEAREST))
-    colour = [ShotNoise(shot_noise)] if shot_noise else []
+    colour = [Defocus(blur)] if blur else []
+    if shot_noise:
+        colour.append(ShotNoise(shot_noise))
     if stain_jitter:
         colour.append(A.HEStain(method="random_preset", p=stain_jitter))
     if color_jitter:

@@ -9,6 +9,8 @@ all go to the model, and a GPU is not fed by CPU workers. It draws the same augm
   full resolution, uniform over the positions; ``scale_jitter`` s first rescales about the centre by a factor
   uniform in [1 - s, 1 + s], the image keeping its size (reflected at the borders, as albumentations' Affine);
 - the eight flips and rotations (D4), each with probability 1/8 (square outputs; flips only otherwise);
+- with ``blur`` sigma (> 0), with probability 0.5, defocus: a Gaussian blur of sigma uniform in [0, blur] pixels
+  (dataset.Defocus, cv2.GaussianBlur's kernel and reflected borders), before the shot noise;
 - with ``shot_noise`` photons (> 0), with probability 0.5, the shot noise of a camera that collected few photons
   (dataset.ShotNoise), before any colour change;
 - with ``color_jitter``, with probability 0.8, either (1/2 each) albumentations' ColorJitter (brightness,
@@ -27,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from image_files import MOST_PHOTONS, SHOT_NOISE_P, image_to_float, normalize
+from image_files import BLUR_P, MOST_PHOTONS, SHOT_NOISE_P, image_to_float, normalize
 
 GREY = (0.299, 0.587, 0.114)  # OpenCV's RGB -> grey weights, which albumentations' contrast and saturation use
 COLOUR_P, JITTER = 0.8, 0.2
@@ -96,14 +98,16 @@ class BatchAugment:
     on each side (train.py checks it once)."""
 
     def __init__(self, input_h, input_w, crop_size=0, scale_jitter=0.0, color_jitter=True, greyscale=0.0, invert=0.0,
-                 shot_noise=0.0):
+                 shot_noise=0.0, blur=0.0):
         self.out_h, self.out_w = (crop_size, crop_size) if crop_size else (input_h, input_w)
         self.crop_size, self.scale_jitter, self.color_jitter = crop_size, scale_jitter, color_jitter
-        self.greyscale, self.invert, self.shot_noise = greyscale, invert, shot_noise
+        self.greyscale, self.invert, self.shot_noise, self.blur = greyscale, invert, shot_noise, blur
 
     def __call__(self, data, indices, generator):
         images, masks = self.geometry(data, indices, generator)
         images, masks = d4(images, masks, generator)
+        if self.blur:
+            images = defocus(images, self.blur, generator)
         if self.shot_noise:
             images = shot_noise(images, self.shot_noise, generator)
         if self.color_jitter and images.shape[1] in (1, 3):
@@ -198,6 +202,45 @@ def shot_noise(images, photons, generator):
     n = torch.exp(math.log(photons) + u[:, 1] * math.log(MOST_PHOTONS / photons)).float().view(b, 1, 1, 1)
     noisy = (torch.poisson(images.cpu() * n, generator=generator) / n).clamp(max=1)
     return torch.where((u[:, 0] < SHOT_NOISE_P).view(b, 1, 1, 1).to(images.device), noisy.to(images.device), images)
+
+
+def defocus(images, blur, generator):
+    """With probability 0.5 per sample, images float [B, C, H, W] -> :func:`gaussian_blur` of sigma uniform in
+    [0, blur] pixels per sample, as dataset.Defocus. The coins and sigmas are drawn on the CPU from ``generator``."""
+    u = torch.rand(images.shape[0], 2, generator=generator, dtype=torch.float64)
+    picked = (u[:, 0] < BLUR_P).nonzero()[:, 0]
+    # the others are left out of the convolutions, which then cost half as much
+    index = picked.to(images.device)
+    return images.index_copy(0, index, gaussian_blur(images.index_select(0, index), u[picked, 1] * blur))
+
+
+def gaussian_blur(images, sigma):
+    """images float [B, C, H, W], sigma float64 [B] (CPU; 0 leaves a sample as it is) -> each sample as
+    cv2.GaussianBlur(image, (0, 0), sigma) blurs a float image: the kernel cut where OpenCV cuts it, borders
+    reflected 101 however small the image. One grouped convolution per axis for the whole batch."""
+    b, c, h, w = images.shape
+    # OpenCV's kernel size for a float image, cvRound(8 sigma + 1) | 1 (rint, as torch.round)
+    radius = torch.div(torch.round(sigma * 8 + 1).long() | 1, 2, rounding_mode="floor")
+    r = int(radius.max()) if b else 0  # b = 0: no coin of the batch fell for defocus
+    if r == 0:
+        return images
+    x = torch.arange(-r, r + 1, dtype=torch.float64)
+    # a sample's taps beyond its own radius are 0 (the batch shares the widest); the clamp only keeps 0 / 0 out of
+    # the centre of a sigma of 0, whose kernel is then [1]
+    kernel = torch.exp(-0.5 * (x / sigma.clamp(min=1e-12).view(b, 1)) ** 2) * (x.abs() <= radius.view(b, 1))
+    kernel = (kernel / kernel.sum(1, keepdim=True)).float().repeat_interleave(c, 0).to(images.device)
+    out = images.reshape(1, b * c, h, w).index_select(3, reflected_101(w, r, images.device))
+    out = F.conv2d(out, kernel.view(b * c, 1, 1, -1), groups=b * c).index_select(2, reflected_101(h, r, images.device))
+    return F.conv2d(out, kernel.view(b * c, 1, -1, 1), groups=b * c).view(b, c, h, w)
+
+
+def reflected_101(n, r, device):
+    """The indices of a length-n axis padded by r on each side, reflected about its end pixels as OpenCV's
+    BORDER_REFLECT_101 (gfedcb|abcdefgh|gfedcba), repeatedly where r >= n, which F.pad's reflect refuses."""
+    if n == 1:
+        return torch.zeros(2 * r + 1, dtype=torch.long, device=device)
+    i = torch.arange(-r, n + r, device=device).remainder(2 * (n - 1))
+    return torch.where(i < n, i, 2 * (n - 1) - i)
 
 
 def grey(x):

@@ -34,6 +34,9 @@ NORMALIZATIONS = ("fixed", "percentile", "percentile_dark")  # train.py --normal
 # train.py --shot_noise: the share of training images made low-light, and the most photons at the value 1 they
 # get (noise about 3 % of the signal there); dataset.ShotNoise and device_data.shot_noise draw them alike
 SHOT_NOISE_P, MOST_PHOTONS = 0.5, 1000
+# train.py --blur: the share of training images defocused, and the largest sigma (px) --blur takes: at 10 px a
+# nucleus of the bundled model's 19 px is a faint smudge, past what bench/robustness.py measured (4 px)
+BLUR_P, MOST_BLUR = 0.5, 10
 # Nearest-neighbour resizing with pixel centres aligned as INTER_LINEAR aligns them (cv2.INTER_NEAREST samples
 # each output pixel's top-left corner: shrunk 1000 -> 96 px, its labels sat half a pixel off the linearly resized
 # image and mask)

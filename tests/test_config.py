@@ -499,6 +499,23 @@ def test_shot_noise_is_off_or_a_photon_count_and_kept_on_resume(capsys):
         check_unchanged_on_resume(parse_train_args(["--shot_noise", "10"]), {"shot_noise": 0.0}, "r", "--resume r")
 
 
+def test_blur_is_off_or_a_sigma_up_to_10_and_kept_on_resume(capsys):
+    """--blur SIGMA: 0 (off) or a Gaussian sigma in pixels up to 10; anything else is a one-line error, and a
+    resumed run keeps the run's value, as every augmentation flag."""
+    for sigma in ("0", "0.5", "4", "10"):
+        assert parse_train_args(["--blur", sigma]).blur == float(sigma)
+    for sigma in ("-1", "10.5", "nan", "inf"):
+        with pytest.raises(SystemExit) as e:
+            run_cli(train.main, ["--blur", sigma])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.endswith(
+            f"--blur must be 0 (off) or a Gaussian sigma in pixels up to 10, got {float(sigma)}\n"), err
+    check_unchanged_on_resume(parse_train_args([]), {}, "r", "--resume r")  # an older run's config.yml: off
+    with pytest.raises(UsageError, match=r"^--blur 4\.0 differs from the run's 0\.0; "):
+        check_unchanged_on_resume(parse_train_args(["--blur", "4"]), {"blur": 0.0}, "r", "--resume r")
+
+
 def test_a_path_that_cannot_be_written_is_a_one_line_error(capsys):
     """An OSError naming a file (a folder where a file goes, no permission, a full disk): one line, exit 1."""
     def main(argv):

@@ -15,7 +15,8 @@ import image_files
 import splits
 from config import build_train_parser, parse_train_args
 from conftest import make_synthetic, train_argv
-from device_data import BatchAugment, DeviceImages, DeviceLoader, colour_jitter, d4, sample_window, shift_hue
+from device_data import (BatchAugment, DeviceImages, DeviceLoader, colour_jitter, d4, gaussian_blur, sample_window,
+                         shift_hue)
 from trainer import Trainer
 
 N = 4000
@@ -367,6 +368,80 @@ def test_shot_noise_0_draws_as_before():
                             n=64)[0], plain)
     assert not torch.equal(ours([image], [mask], BatchAugment(16, 16, greyscale=0.5, invert=0.5, shot_noise=10),
                                 n=64)[0], plain)
+
+
+@pytest.mark.parametrize("h, w, channels", [(32, 32, 3), (96, 96, 1), (5, 40, 3)])
+def test_blur_is_opencvs_gaussian_blur_on_both_paths(h, w, channels):
+    """--blur: at a fixed sigma both paths blur as cv2.GaussianBlur(image, (0, 0), sigma) blurs a float image (the
+    same kernel length, borders reflected 101), also where the kernel (65 px at sigma 8) is wider than the image."""
+    rng = np.random.default_rng(h)
+    image = rng.random((h, w, channels)).astype(np.float32)
+    sigmas = [0.0, 0.05, 0.3, 1.0, 2.5, 4.0, 8.0]
+    expected = [image if s == 0 else cv2.GaussianBlur(image, (0, 0), s).reshape(image.shape) for s in sigmas]
+    batch = torch.from_numpy(np.stack([image] * len(sigmas)).transpose(0, 3, 1, 2)).contiguous()
+    blurred = gaussian_blur(batch, torch.tensor(sigmas, dtype=torch.float64)).numpy().transpose(0, 2, 3, 1)
+    for sigma, out, want in zip(sigmas, blurred, expected):
+        np.testing.assert_allclose(out, want, atol=1e-5, rtol=0, err_msg=f"sigma {sigma}")
+        assert sigma < 0.0625 or np.abs(want - image).max() > 1e-3  # a blur that changes the image, but OpenCV's [1]
+        np.testing.assert_allclose(dataset.Defocus(8.0).apply(image, sigma), want, atol=1e-6, rtol=0)
+    assert gaussian_blur(batch[:0], torch.zeros(0, dtype=torch.float64)).shape == (0, channels, h, w)  # none drawn
+
+
+def blur_draws(blur, background=0, n=1500, **augment):
+    """--blur on a 48 x 48 image of ``background`` (uint8) with one white pixel near its centre, n draws on each
+    path: {path: images float [n, 3, 48, 48]}."""
+    image, mask = np.full((48, 48, 3), background, np.uint8), np.zeros((48, 48, 1), np.uint8)
+    image[23, 24] = 255
+    return {"ours": ours([image], [mask], BatchAugment(48, 48, color_jitter=False, blur=blur, **augment), n=n)[0],
+            "albumentations": theirs(image, mask, dataset.train_transform(48, 48, color_jitter=False, blur=blur,
+                                                                          **augment), n)[0]}
+
+
+def test_blur_sigma_is_uniform_and_half_the_images_are_left_alone_on_both_paths():
+    """--blur 4: the white pixel spreads into a Gaussian whose spatial variance is sigma^2 (its kernel, cut at 4
+    sigma, ends 16 px from the pixel: inside the image). About half the draws keep it a single pixel (the coin's,
+    and sigmas under about 0.15 px, whose kernel rounds to [1] in float32); over all draws, the sigmas read back
+    (0 for those) are 0 with probability 1/2, else uniform over [0, 4]."""
+    quantiles = np.array([0.625, 0.75, 0.875, 0.975])  # sigmas 1, 2, 3, 3.8, where the variance reads sigma^2 back
+    yy, xx = torch.meshgrid(torch.arange(48.0), torch.arange(48.0), indexing="ij")
+    for path, out in blur_draws(4, n=2000).items():
+        spot = out[:, 0].double()
+        mass = spot.sum((1, 2))
+        np.testing.assert_allclose(mass, 1, atol=1e-4, err_msg=path)  # nothing lost at the borders, nothing added
+        assert torch.equal(out[:, 0], out[:, 1]) and torch.equal(out[:, 0], out[:, 2]), path
+        cy, cx = (spot * yy).sum((1, 2)) / mass, (spot * xx).sum((1, 2)) / mass
+        variance = (spot * ((yy - cy.view(-1, 1, 1)) ** 2 + (xx - cx.view(-1, 1, 1)) ** 2)).sum((1, 2)) / mass / 2
+        kept = spot.amax((1, 2)) == 1
+        assert abs(kept.double().mean().item() - 0.52) < 0.04, path
+        sigma = torch.where(kept, 0, variance.sqrt()).numpy()
+        assert sigma.max() <= 4 + 1e-3, path
+        np.testing.assert_allclose(np.quantile(sigma / 4, quantiles), 2 * quantiles - 1, atol=0.05, err_msg=path)
+
+
+def test_blur_comes_before_the_shot_noise_on_both_paths():
+    """Optics before the camera: with --shot_noise 1000 (1000 photons at the value 1), a noisy image holds counts /
+    1000, blurred or not, so half the draws are such counts (the grey 40 / 255 is not one); blurring after the
+    noise would leave only the quarter that was noisy and not blurred. Drawn apart: a quarter blurred alone."""
+    for path, out in blur_draws(4, background=40, n=800, shot_noise=1000).items():
+        flat = out.double().flatten(1) * 1000
+        counts = (flat - flat.round()).abs().amax(1) < 1e-3
+        blurred_alone = ~counts & (out.flatten(1).amax(1) < 1)  # else the white pixel is still 1
+        np.testing.assert_allclose([counts.double().mean().item(), blurred_alone.double().mean().item()],
+                                   [0.5, 0.25], atol=0.05, err_msg=path)
+
+
+def test_blur_0_draws_as_before():
+    """--blur 0 (the default) adds no transform and draws no random number: every other augmentation, the shot
+    noise included, is drawn as it was, bit for bit."""
+    image, mask = codes(16, 16), np.zeros((16, 16, 1), np.uint8)
+    augment = dict(greyscale=0.5, invert=0.5, shot_noise=10)
+    plain = theirs(image, mask, dataset.train_transform(16, 16, **augment), 64)[0]
+    for blur, same in ((0, True), (2, False)):
+        assert torch.equal(theirs(image, mask, dataset.train_transform(16, 16, blur=blur, **augment), 64)[0],
+                           plain) == same
+    plain = ours([image], [mask], BatchAugment(16, 16, **augment), n=64)[0]
+    for blur, same in ((0, True), (2, False)):
+        assert torch.equal(ours([image], [mask], BatchAugment(16, 16, blur=blur, **augment), n=64)[0], plain) == same
 
 
 def test_stain_jitter_restains_as_often_as_asked_and_runs_in_workers(tmp_path, monkeypatch):
