@@ -244,6 +244,16 @@ def test_the_test_suite_runs_one_process_per_usable_cpu_at_most_four(monkeypatch
         assert conftest.pytest_xdist_auto_num_workers(None) == processes
 
 
+def test_the_test_suite_without_pytest_xdist_names_it(tmp_path):
+    """An environment made before pytest.ini asked for -n (pip keeps what it has): pytest names the missing plugin
+    instead of 'unrecognized arguments: -n' (plugins not loaded stand for one not installed)."""
+    env = dict(os.environ, PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
+                           str(ROOT / "tests" / "test_metrics.py")], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode != 0 and "Missing required plugins: pytest-xdist" in done.stdout + done.stderr, done.stderr
+
+
 def test_a_shipped_recipe_named_from_another_folder_is_pointed_to(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a batch job's working folder: models/ and inputs/ here, the code elsewhere
     with pytest.raises(UsageError, match=r"--config configs/synthetic_UNet.yml: file not found; the recipes ship "
