@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 
+import dataset
 import synthetic
 from archs import build_model
 from config import SKIPPED_IN_CONFIG, build_train_parser
@@ -164,6 +165,16 @@ def tiny_workdir(tmp_path, monkeypatch, _tiny_template):
 @pytest.fixture
 def tiny_ids(_tiny_template):
     return list(_tiny_template[1])
+
+
+def assert_same_targets(folder, labelled, ids):
+    """The dataset ``folder`` (ROI sets, GeoJSON objects...) gives the training targets (masks, and --borders' border
+    maps) and nucleus diameter of the same images given as label images in ``labelled``."""
+    for borders in (False, True):
+        ours, theirs = (dataset.Dataset(ids, f, borders=borders, border_size=(32, 32)) for f in (folder, labelled))
+        for i in range(len(ids)):
+            assert np.array_equal(ours.load(i)[1], theirs.load(i)[1]) and ours.load(i)[1][..., 0].any()
+    assert dataset.nucleus_diameter(folder, ids) == dataset.nucleus_diameter(labelled, ids)
 
 
 def train_argv(name, *extra, dataset=TINY_NAME, arch="UNet", epochs=2, batch=4):

@@ -491,38 +491,24 @@ def test_usage_error_exit_code_2():
     assert e.value.code == 2
 
 
-def test_shot_noise_is_off_or_a_photon_count_and_kept_on_resume(capsys):
-    """--shot_noise PHOTONS: 0 (off) or 1..1000 photons (the log-uniform range's lower end); anything else is a
-    one-line error, and a resumed run keeps the run's value, as every augmentation flag."""
-    for photons in ("0", "1", "10", "1000"):
-        assert parse_train_args(["--shot_noise", photons]).shot_noise == float(photons)
-    for photons in ("0.5", "-10", "1001", "nan"):
+@pytest.mark.parametrize("flag, good, bad, allowed", [
+    ("shot_noise", ("0", "1", "10", "1000"), ("0.5", "-10", "1001", "nan"), "a photon count from 1 to 1000"),
+    ("blur", ("0", "0.5", "4", "10"), ("-1", "10.5", "nan", "inf"), "a Gaussian sigma in pixels up to 10")])
+def test_noise_and_blur_are_off_or_in_range_and_kept_on_resume(capsys, flag, good, bad, allowed):
+    """--shot_noise PHOTONS (the log-uniform range's lower end) and --blur SIGMA: 0 (off) or in their range; anything
+    else is a one-line error, and a resumed run keeps the run's value, as every augmentation flag."""
+    for value in good:
+        assert getattr(parse_train_args([f"--{flag}", value]), flag) == float(value)
+    for value in bad:
         with pytest.raises(SystemExit) as e:
-            run_cli(train.main, ["--shot_noise", photons])
+            run_cli(train.main, [f"--{flag}", value])
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.endswith(
-            f"--shot_noise must be 0 (off) or a photon count from 1 to 1000, got {float(photons)}\n"), err
+            f"--{flag} must be 0 (off) or {allowed}, got {float(value)}\n"), err
     check_unchanged_on_resume(parse_train_args([]), {}, "r", "--resume r")  # an older run's config.yml: off
-    with pytest.raises(UsageError, match=r"^--shot_noise 10\.0 differs from the run's 0\.0; "):
-        check_unchanged_on_resume(parse_train_args(["--shot_noise", "10"]), {"shot_noise": 0.0}, "r", "--resume r")
-
-
-def test_blur_is_off_or_a_sigma_up_to_10_and_kept_on_resume(capsys):
-    """--blur SIGMA: 0 (off) or a Gaussian sigma in pixels up to 10; anything else is a one-line error, and a
-    resumed run keeps the run's value, as every augmentation flag."""
-    for sigma in ("0", "0.5", "4", "10"):
-        assert parse_train_args(["--blur", sigma]).blur == float(sigma)
-    for sigma in ("-1", "10.5", "nan", "inf"):
-        with pytest.raises(SystemExit) as e:
-            run_cli(train.main, ["--blur", sigma])
-        assert e.value.code == 2
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and err.endswith(
-            f"--blur must be 0 (off) or a Gaussian sigma in pixels up to 10, got {float(sigma)}\n"), err
-    check_unchanged_on_resume(parse_train_args([]), {}, "r", "--resume r")  # an older run's config.yml: off
-    with pytest.raises(UsageError, match=r"^--blur 4\.0 differs from the run's 0\.0; "):
-        check_unchanged_on_resume(parse_train_args(["--blur", "4"]), {"blur": 0.0}, "r", "--resume r")
+    with pytest.raises(UsageError, match=rf"^--{flag} 4\.0 differs from the run's 0\.0; "):
+        check_unchanged_on_resume(parse_train_args([f"--{flag}", "4"]), {flag: 0.0}, "r", "--resume r")
 
 
 def test_a_path_that_cannot_be_written_is_a_one_line_error(capsys):

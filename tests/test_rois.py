@@ -16,7 +16,8 @@ from skimage.segmentation import relabel_sequential
 
 import dataset
 import rois
-from conftest import TINY_NAME, TINY_NUM, TINY_SIZE, make_synthetic, train_argv, write_image
+from conftest import TINY_NAME, TINY_NUM, TINY_SIZE, assert_same_targets, make_synthetic, train_argv, write_image
+from geojson_objects import features_file, nucleus_features
 from image_files import read_label_image
 from rois import nucleus_rois, roi_labels, rois_archive
 from utils import DataError
@@ -146,18 +147,21 @@ def test_planes_added_one_by_one_and_no_nuclei(tmp_path):
     assert roiread(tmp_path / "e_rois.zip") == []
 
 
-def test_an_error_or_ctrl_c_while_writing_leaves_the_old_file(tmp_path):
-    path = tmp_path / "a_rois.zip"
+@pytest.mark.parametrize("name, writer, nuclei", [("a_rois.zip", rois_archive, nucleus_rois),
+                                                  ("a.geojson", features_file, nucleus_features)])
+def test_an_error_or_ctrl_c_while_writing_leaves_the_old_file(tmp_path, name, writer, nuclei):
+    """The ROI set's and the GeoJSON objects' writers alike."""
+    path = tmp_path / name
     labels = np.pad(np.ones((2, 2), np.int32), 2)
-    with rois_archive(path) as add:
-        add(nucleus_rois(labels))
+    with writer(path) as add:
+        add(nuclei(labels))
     before = path.read_bytes()
     for stop in (OSError("disk full"), KeyboardInterrupt()):
-        with pytest.raises(type(stop)), rois_archive(path) as add:
-            add(nucleus_rois(labels * 2))
+        with pytest.raises(type(stop)), writer(path) as add:
+            add(nuclei(labels * 2))
             raise stop
         assert path.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_rois.zip"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
 
 
 # ------------------------------------------------------------------------------ ImageJ ROI sets as training labels
@@ -324,11 +328,7 @@ def test_a_dataset_of_roi_sets_reads_as_its_label_images(tmp_path, capsys):
             save_rois(os.path.join(folder, "rois", name.replace("<id>", img_id)), nucleus_rois(labels))
     assert dataset.find_layout(folder).kind == "rois" and dataset.list_ids(folder) == ids
     assert capsys.readouterr().out == ""
-    for borders in (False, True):
-        ours, theirs = (dataset.Dataset(ids, f, borders=borders, border_size=(32, 32)) for f in (folder, labelled))
-        for i in range(len(ids)):
-            assert np.array_equal(ours.load(i)[1], theirs.load(i)[1]) and ours.load(i)[1][..., 0].any()
-    assert dataset.nucleus_diameter(folder, ids) == dataset.nucleus_diameter(labelled, ids)
+    assert_same_targets(folder, labelled, ids)
 
 
 def test_a_dataset_of_roi_sets_names_what_is_wrong(tmp_path, capsys):
