@@ -1,6 +1,6 @@
 """Nuclei as GeoJSON objects for QuPath: ``predict.py --geojson`` writes each image's nuclei as ``<id>.geojson``, a
 FeatureCollection that QuPath imports as one detection per nucleus (File > Import objects, or drag the file onto the
-open image), to measure, classify or edit them there; other GeoJSON readers (napari, shapely) take it too.
+open image), to measure, classify or edit them there; it is plain GeoJSON (RFC 7946), for other tools too.
 
 Each nucleus is a Polygon (its outline, then the outlines of its holes), or a MultiPolygon of those for a nucleus in
 several parts: the outlines of its ImageJ ROI (rois.outlines), in pixels with (0, 0) the top-left corner of the
