@@ -82,6 +82,20 @@ def test_single_pixels_lines_and_a_whole_image():
     assert np.array_equal(enclosed_pixels(whole, (5, 7)), np.ones((5, 7), bool))
 
 
+def test_outlines_keep_only_their_corners():
+    """A straight or 45-degree run of edge pixels is one segment (the ROIs and GeoJSON files about half as large): a
+    5 x 9 block is an octagon (its corners cut at the pixel-centre midpoints), a diagonal line a quadrilateral; on
+    random masks no ring point lies inside a straight run (the pixels each ring encloses: the tests above)."""
+    assert len(rois.outlines(np.ones((5, 9), bool))[0]) == 9  # closed: the first point again
+    assert [len(ring) for ring in rois.outlines(np.eye(8, dtype=bool))] == [5]
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        for ring in rois.outlines(rng.random((12, 12)) < 0.5):
+            step = np.diff(np.r_[ring, ring[1:2]], axis=0)  # around the closing point too, but for the first point
+            straight = (step[:-1, 0] * step[1:, 1] == step[:-1, 1] * step[1:, 0]) & ((step[:-1] * step[1:]).sum(1) > 0)
+            assert not straight[:-1].any()
+
+
 def test_a_ragged_hole_and_a_thin_second_part_are_outlined_too():
     """A thin-walled nucleus around a comb-shaped hole, and a nucleus in two parts: a composite ROI of all their
     outlines encloses exactly their pixels (the outer contour alone took in the hole; the longest contour once took
