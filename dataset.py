@@ -143,13 +143,6 @@ def find_layout(dataset_dir, img_ext=".png", mask_ext=".png"):
                 "--img_ext)" if masks else "")
         raise DataError(f"dataset folder {img_dir} not found: run preprocess_dsb2018.py, use --dataset synthetic, "
                         f"or lay out your data as in the README ('Your own data'){hint}")
-    if os.path.isdir(mask_dir) and _ids_in(mask_dir, mask_ext):
-        classes = sorted(d for d in os.listdir(mask_dir) if d.isdigit() and os.path.isdir(os.path.join(mask_dir, d)))
-        if classes:  # which one the user meant cannot be told
-            raise DataError(f"{mask_dir} holds both class folders ({', '.join(classes)}) and {mask_ext} files "
-                            f"({first_few(sorted(_ids_in(mask_dir, mask_ext)))}): masks go in masks/<class>/<id>, "
-                            "label images directly in masks/<id>; move the other kind out")
-        return Layout(dataset_dir, "labels", img_ext, mask_ext, mask_dir)
     labels_dir = os.path.join(dataset_dir, "labels")
     for kind, what in (("rois", "ImageJ ROIs"), ("geojson", "GeoJSON objects")):
         folder = os.path.join(dataset_dir, kind)
@@ -160,6 +153,13 @@ def find_layout(dataset_dir, img_ext=".png", mask_ext=".png"):
                 raise DataError(f"{dataset_dir} holds both {what} ({kind}/) and {os.path.basename(other[0])}/: give "
                                 "each image one kind of annotation; move the other folder out")
             return Layout(dataset_dir, kind, img_ext, mask_ext, folder)
+    if os.path.isdir(mask_dir) and _ids_in(mask_dir, mask_ext):
+        classes = sorted(d for d in os.listdir(mask_dir) if d.isdigit() and os.path.isdir(os.path.join(mask_dir, d)))
+        if classes:  # which one the user meant cannot be told
+            raise DataError(f"{mask_dir} holds both class folders ({', '.join(classes)}) and {mask_ext} files "
+                            f"({first_few(sorted(_ids_in(mask_dir, mask_ext)))}): masks go in masks/<class>/<id>, "
+                            "label images directly in masks/<id>; move the other kind out")
+        return Layout(dataset_dir, "labels", img_ext, mask_ext, mask_dir)
     if not os.path.isdir(mask_dir) and os.path.isdir(labels_dir):
         return Layout(dataset_dir, "labels", img_ext, mask_ext, labels_dir)
     return Layout(dataset_dir, "masks", img_ext, mask_ext)

@@ -106,8 +106,8 @@ NUCLEI = ("detection", "cell")  # QuPath's objectType of nuclei it detected: a c
 
 def read_features(path):
     """The Features (dicts) of a GeoJSON file, in its order: a FeatureCollection's, a JSON list of Features (as
-    QuPath 0.2 exports them) or a single Feature; a file that is not JSON, or holds none of these, is a DataError
-    naming it."""
+    QuPath 0.2 exports them) or a single Feature, with the children nested in them (:func:`with_children`); a file
+    that is not JSON, or holds none of these, is a DataError naming it."""
     try:
         with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark, as Windows editors save, read too
             data = json.load(f)
@@ -122,12 +122,26 @@ def read_features(path):
             f"a JSON {type(data).__name__}{f' of type {kind!r}' if kind else ''}"
         raise DataError(f"GeoJSON objects {path}: holds {held}, not a FeatureCollection, a list of Features or a "
                         f"Feature; {EXPORT_AGAIN}")
+    features = with_children(features)
     others = [n for n, feature in enumerate(features) if not (isinstance(feature, dict) and
                                                                feature.get("type") == "Feature")]
     if others:
         raise DataError(f"GeoJSON objects {path}: {len(others)} of its {len(features)} features are no GeoJSON "
                         f"Feature (the first: number {others[0] + 1}, no \"type\": \"Feature\"); {EXPORT_AGAIN}")
     return features
+
+
+def with_children(features):
+    """``features`` with the Features nested in their "childObjects" lists (as QuPath writes an object's hierarchy
+    when asked to include child objects) each after its parent, depth first: the detections inside an annotation
+    are the nuclei, not the annotation they were found in."""
+    flat = []
+    for feature in features:
+        flat.append(feature)
+        children = feature.get("childObjects") if isinstance(feature, dict) else None
+        if isinstance(children, list):
+            flat.extend(with_children(children))
+    return flat
 
 
 # QuPath 0.2 named a Feature's kind by its "id" (QuPath 0.3 by properties.object_type, 0.4 on by
@@ -232,8 +246,8 @@ def geojson_labels(path, shape):
     notes = []
     others = sorted({kind for kind in kinds if kind not in (NUCLEI if detected else ("annotation",))})
     if others:
-        n = len(features) - len(nuclei)
-        notes.append(f"note: {path}: {n} object{'s' * (n > 1)} of {'another kind' if n == 1 else 'other kinds'} "
+        n, kind = len(features) - len(nuclei), "another kind" if len(others) == 1 else "other kinds"
+        notes.append(f"note: {path}: {n} object{'s' * (n > 1)} of {kind} "
                      f"than the nuclei ({'detections and cells' if detected else 'annotations'}) left out: "
                      f"{', '.join(others)}")
     if not_areas:

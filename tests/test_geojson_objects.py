@@ -254,6 +254,18 @@ def test_qupath_0_3_exports_name_the_kind_object_type(tmp_path):
     assert len(notes) == 1 and notes[0].endswith("left out: annotation")
 
 
+def test_detections_nested_in_their_annotation_are_the_nuclei(tmp_path):
+    """QuPath writes an object's children inside it ("childObjects") when asked to include them: the detections
+    nested in a region annotation (two levels deep here) are the nuclei, not the region read as one nucleus."""
+    inner = polygon(5, 5, 8, 8, "annotation", childObjects=[polygon(6, 6, 7, 7, "detection")])
+    region = polygon(0, 0, 10, 10, "annotation", "Tumor", childObjects=[polygon(1, 1, 4, 4, "detection"), inner])
+    labels, notes = geojson_labels(write_json(tmp_path / "nested.geojson", [region]), (10, 10))
+    expected = np.zeros((10, 10), np.uint16)
+    expected[1:4, 1:4], expected[6:7, 6:7] = 1, 2
+    assert np.array_equal(labels, expected)
+    assert len(notes) == 1 and "2 objects of another kind" in notes[0] and notes[0].endswith("left out: annotation")
+
+
 def test_a_qupath_0_2_tma_core_is_no_nucleus(tmp_path):
     """QuPath 0.2 named a TMA core's kind "TMACoreObject" (its Java class): left out beside the nuclei drawn in it as
     annotations, not read as one more nucleus under them."""
@@ -356,3 +368,10 @@ def test_a_dataset_of_geojson_files_names_what_is_wrong(tmp_path, capsys):
     os.makedirs(os.path.join(folder, "labels"))
     with pytest.raises(DataError, match=f"{folder} holds both GeoJSON objects \\(geojson/\\) and labels/"):
         dataset.list_ids(folder)
+    os.rename(os.path.join(folder, "labels"), os.path.join(folder, "masks"))
+    cv2.imwrite(os.path.join(folder, "masks", ids[0] + ".png"), np.zeros((4, 4), np.uint8))
+    for annotations in ("geojson", "rois"):  # label images directly in masks/: once read in place of the objects
+        os.rename(os.path.join(folder, "geojson"), os.path.join(folder, annotations))
+        with pytest.raises(DataError, match=f"{folder} holds both .* \\({annotations}/\\) and masks/: give each "):
+            dataset.list_ids(folder)
+        os.rename(os.path.join(folder, annotations), os.path.join(folder, "geojson"))
