@@ -56,7 +56,7 @@ from losses import build_loss, loss_over_heads  # noqa: E402
 from seed_loop import seed_criterion, seed_loader, seed_train_epoch  # noqa: E402
 from splits import make_split  # noqa: E402
 from synthetic import ensure_synthetic  # noqa: E402
-from timing import cpu_counts, cpu_name, cpus_text, device_list, sync  # noqa: E402
+from timing import cpu_counts, cpu_matmul_flops, cpu_name, cpus_text, device_list, sync  # noqa: E402
 from trainer import Trainer  # noqa: E402
 from utils import ArgumentParser, compile_mode, keep_freed_memory, stop_signals_as_interrupts, usable_cpus  # noqa: E402
 
@@ -284,7 +284,31 @@ def device_name(device):
 
 
 def mfu(m):
-    return f"{100 * m['mfu']:.1f}%" if m["mfu"] is not None else "-"
+    if m["mfu"] is not None:
+        return f"{100 * m['mfu']:.1f}%"
+    return f"{100 * m['matmul_share']:.0f}%*" if m.get("matmul_share") is not None else "-"
+
+
+def matmul_precision(m):
+    """The precision of a loop's matmul ceiling: 'bf16' for a bf16 loop (autocast), else 'fp32'."""
+    return "bf16" if m["precision"].startswith("bf16") else "fp32"
+
+
+def cpu_matmul_ceilings(rows):
+    """{precision: FLOP/s} of a matrix product on this CPU (timing.cpu_matmul_flops) in each precision that the
+    CPU rows' loops trained in."""
+    used = {matmul_precision(row[loop]) for row in rows if row["device"] == "cpu" for loop in LOOPS}
+    return {p: cpu_matmul_flops(torch.bfloat16 if p == "bf16" else torch.float32) for p in sorted(used)}
+
+
+def add_matmul_shares(rows, ceilings):
+    """Each CPU row's loops get matmul_share: their training FLOP/s over the matmul ceiling of their precision."""
+    for row in rows:
+        for loop in LOOPS:
+            m = row[loop]
+            if row["device"] == "cpu":
+                ceiling = ceilings[matmul_precision(m)]
+                m["matmul_share"] = round(m["images_per_s"] * m["train_flop_per_image"] / ceiling, 3)
 
 
 def print_table(rows):
@@ -336,7 +360,13 @@ def main(argv=None):
     finally:
         os.chdir(old_cwd)
         shutil.rmtree(workdir, ignore_errors=True)
+    ceilings = cpu_matmul_ceilings(rows)
+    add_matmul_shares(rows, ceilings)
     print_table(rows)
+    if ceilings:
+        print("* on the CPU, no datasheet peak: the share of a 2048x2048 matmul's speed measured here ("
+              + ", ".join(f"{p} {f / 1e12:.3f} TFLOP/s" for p, f in ceilings.items())
+              + f" on {torch.get_num_threads()} torch threads), about the most that dense convolutions reach")
     ratios = [r["ratio"] for r in rows]
     geomean = float(torch.tensor(ratios, dtype=torch.float64).log().mean().exp())
     print(f"ours/seed training throughput: geometric mean {geomean:.2f}x over {len(rows)} rows "
@@ -353,6 +383,7 @@ def main(argv=None):
                    "--in_process the increase of that high-water mark) and on CUDA "
                    "torch.cuda.max_memory_allocated; worker_peak_rss_mib is the largest DataLoader worker's "
                    "peak RSS (forked: counts pages shared with the parent)"),
+        "cpu_matmul_tflop_per_s": {p: round(f / 1e12, 4) for p, f in ceilings.items()},
         "rows": rows, "geomean_ratio": round(geomean, 3),
     }
     print(json.dumps(summary), flush=True)

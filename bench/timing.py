@@ -1,6 +1,6 @@
 """Timing helpers shared by the bench/ scripts: the CPU's name, the devices to measure on, a CUDA sync, the
-flags and the model and batch of the scripts that time one training step, and the alternating pairs of timed
-blocks that keep a ratio steady on a shared CPU whose speed drifts.
+flags and the model and batch of the scripts that time one training step, the alternating pairs of timed
+blocks that keep a ratio steady on a shared CPU whose speed drifts, and the CPU's measured matmul speed.
 """
 if __name__ == "__main__":  # a module, not a command
     raise SystemExit(f"{__file__} is imported by the other bench/ scripts; it is not a command "
@@ -115,3 +115,17 @@ def cpus_text():
     if counts["cpus"] == counts["cpu_count"]:
         return f"{counts['cpus']} logical CPU{'s' if counts['cpus'] > 1 else ''}"
     return f"{counts['cpus']} of {counts['cpu_count']} logical CPUs"
+
+
+def cpu_matmul_flops(dtype=torch.float32, size=2048, repeats=4):
+    """FLOP/s of a ``size`` x ``size`` matrix product in ``dtype`` on the CPU with the torch threads this process
+    has (the best of ``repeats`` after one untimed): what this CPU's BLAS reaches on dense work, about the most that
+    the convolutions of a training step reach; the measure of a CPU, whose peak no table here lists."""
+    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * size ** 3 / min(times)

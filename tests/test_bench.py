@@ -69,6 +69,8 @@ def test_speed_quick_smallest(tmp_path):
         for key in ("images_per_s", "epoch_s", "peak_mem_mib", "steps_per_epoch", "precision", "tflop_per_s", "mfu"):
             assert key in row[loop]
         assert row[loop]["steps_per_epoch"] == 1 and row[loop]["images_per_s"] > 0
+        assert row[loop]["mfu"] is None and 0 < row[loop]["matmul_share"] < 1  # 32x32 images: far below the ceiling
+    assert summary["cpu_matmul_tflop_per_s"]["fp32"] > 0  # the seed's loop trains in fp32
     assert row["ratio"] > 0
     assert os.listdir(tmp_path) == []  # everything went to a temporary folder, removed afterwards
 
