@@ -223,6 +223,18 @@ def save_training_state(path, net, optimizer, scheduler, scaler, epoch, best):
                        "torch_rng": torch.get_rng_state()}, path)
 
 
+def state_like_parameters(optimizer):
+    """Give each of ``optimizer``'s state tensors shaped like its parameter (momentum, Adam's moments) the
+    parameter's memory layout, values unchanged. load_state_dict keeps the layout they were saved in, and in a run
+    resumed in the other memory format (--channels_last, which auto sets by the machine: channels_last on a GPU or
+    where bf16 trained, NCHW on an AVX2 CPU in fp32) torch's update, fused or not (torch 2.13), stepped each weight
+    with another weight's momentum, without an error (tests/test_safety.py)."""
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
+                state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
 def saved_progress(path):
     """(epoch, dict(best_iou, best_epoch, stale_epochs)) of the last.pth at ``path``, read on the CPU without
     restoring anything: how far the run has come."""
@@ -244,5 +256,6 @@ def load_training_state(path, net, optimizer, scheduler, scaler, device):
         if key == "scaler" and not ckpt[key]:
             continue  # saved without fp16 (a disabled GradScaler); resumed in fp16 (--amp, --device), it starts anew
         load_weights(target, ckpt[key], path, "does not match this run's flags", fix)
+    state_like_parameters(optimizer)
     torch.set_rng_state(ckpt["torch_rng"].cpu())  # map_location may have moved it to the GPU
     return ckpt["epoch"], {k: ckpt[k] for k in BEST_KEYS}

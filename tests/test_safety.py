@@ -34,6 +34,7 @@ import config
 import dataset
 import engine
 import files
+import optim
 import predict
 import synthetic
 import train
@@ -1090,6 +1091,49 @@ def test_training_state_round_trips_every_part(tmp_path):
     moments = [optimizer.state[p]["exp_avg"] for p in net.parameters()]
     torch.testing.assert_close([fresh_optimizer.state[p]["exp_avg"] for p in fresh.parameters()], moments)
     torch.testing.assert_close(torch.rand(4), next_draw)
+
+
+@pytest.mark.parametrize("name", ["Adam", "SGD"])
+@pytest.mark.parametrize("saved_channels_last", [True, False], ids=["channels_last_to_NCHW", "NCHW_to_channels_last"])
+def test_resume_in_the_other_memory_format_takes_the_textbook_step(tmp_path, name, saved_channels_last):
+    """A run saved in one memory format and resumed in the other (--channels_last auto differs between a CPU with
+    native bf16 and an AVX2 one, and between a GPU and an AVX2 CPU): its next step is Adam's or SGD's formula,
+    computed here in float64 from last.pth. The moments restored in their saved layout were paired with the
+    parameters position by position in memory, so each weight took another weight's momentum (0.008-0.016 off
+    after one step here; the run went on without an error)."""
+    def run_parts(channels_last):
+        torch.manual_seed(0)
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        net = build_model("UNet", 1, 3, False).to(memory_format=layout)
+        optimizer = optim.build_optimizer(name, net.parameters(), 0.01, 0.9, False, 0,
+                                          fused=optim.fused_update(name, "cpu"))
+        return net, optimizer, torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+
+    net, optimizer, scheduler = run_parts(saved_channels_last)
+    net(torch.rand(2, 3, 16, 16)).mean().backward()
+    optimizer.step()
+    path = str(tmp_path / "last.pth")
+    checkpoints.save_training_state(path, net, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False), 1,
+                                    {"best_iou": 0.5, "best_epoch": 1, "stale_epochs": 0})
+    names = [n for n, _ in net.named_parameters()]
+    saved = torch.load(path, weights_only=True)
+    grads = [torch.randn(p.shape, dtype=torch.float64) for p in net.parameters()]
+    expected = []
+    for i, (n, g) in enumerate(zip(names, grads)):
+        state, weight = saved["optimizer"]["state"][i], saved["model"][n].double()
+        if name == "SGD":  # momentum 0.9, no dampening: buf <- 0.9 buf + g; w <- w - lr buf
+            expected.append(weight - 0.01 * (0.9 * state["momentum_buffer"].double() + g))
+            continue
+        m = 0.9 * state["exp_avg"].double() + 0.1 * g  # Adam, step 2, betas (0.9, 0.999), eps 1e-8
+        v = 0.999 * state["exp_avg_sq"].double() + 0.001 * g * g
+        expected.append(weight - 0.01 * (m / (1 - 0.9 ** 2)) / ((v / (1 - 0.999 ** 2)).sqrt() + 1e-8))
+    resumed, resumed_optimizer, resumed_scheduler = run_parts(not saved_channels_last)
+    checkpoints.load_training_state(path, resumed, resumed_optimizer, resumed_scheduler,
+                                    torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"))
+    for p, g in zip(resumed.parameters(), grads):
+        p.grad = torch.empty_like(p).copy_(g)  # in the parameter's layout, as backward gives it
+    resumed_optimizer.step()
+    torch.testing.assert_close([p.detach().double() for p in resumed.parameters()], expected, rtol=0, atol=1e-6)
 
 
 def test_only_one_extra_head_channel_passes_for_a_border_channel():
