@@ -396,6 +396,18 @@ def recipe_note(error, recipe, argv, config):
         else ""
 
 
+def saved_setting_note(error, args, argv):
+    """Where the flag that a resumed run's set-up error names came from, when it was not on the command line
+    ``argv`` (nor set by a recipe) but kept from the run's config.yml: ' (kept from models/<name>/config.yml; give
+    --<flag> for this machine)'. A run moved to another machine keeps the --device and --amp it started with, and
+    the error would otherwise name a flag the user never typed; '' otherwise."""
+    named = re.match(r"--(\w+)", str(error))
+    if not (args.resume and not args.config and named and named.group(1) in CHANGEABLE_ON_RESUME
+            and named.group(1) not in given_flags(argv)):
+        return ""
+    return f" (kept from {run_dir(args.name)}/config.yml; give --{named.group(1)} for this machine)"
+
+
 def given_flags(argv):
     """The dests of the flags that the command line ``argv`` sets, under any of their spellings."""
     unset = object()

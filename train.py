@@ -10,8 +10,8 @@ Writes models/<name>/: config.yml, split.csv (with the SHA-256 of the val and te
 per epoch), model.pth (best weights by val IoU, a plain state dict), last.pth (everything needed to resume),
 curves.png.
 """
-from config import parse_train_args
-from utils import run_cli
+from config import parse_train_args, saved_setting_note
+from utils import UsageError, run_cli
 
 
 def main(argv):
@@ -27,7 +27,11 @@ def main(argv):
             if launched_rank() == 0:
                 print(complete, flush=True)
             return
-        with Trainer(args) as trainer:
+        try:
+            trainer = Trainer(args)
+        except UsageError as e:
+            raise UsageError(f"{e}{saved_setting_note(e, args, argv)}") from None
+        with trainer:
             trainer.fit()
             trainer.print_summary()
 

@@ -360,3 +360,19 @@ def test_loader_workers_leave_no_temporary_folders(workers_run):
     run, tmp = workers_run
     assert run.returncode == 0, run.stderr[-2000:]
     assert not list(tmp.glob("pymp-*"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a CUDA GPU refuses --device cuda")
+def test_a_setting_kept_from_config_yml_that_this_machine_lacks_is_named_as_kept(workdir, monkeypatch, capsys):
+    """A run started on a GPU machine with --device cuda and resumed on one without: the error names config.yml, where
+    the flag the user did not type comes from, and the flag that changes it; typed, the flag gets no such note."""
+    monkeypatch.chdir(workdir)
+    run = workdir / "models" / "from_gpu"
+    run.mkdir(parents=True)
+    (run / "config.yml").write_text(yaml.safe_dump({**yaml.safe_load(RECIPE), "name": "from_gpu", "device": "cuda"}))
+    assert cli(["--resume", "from_gpu"]) == 2
+    assert capsys.readouterr().err.endswith(" error: --device cuda was asked for but no CUDA GPU is visible to "
+                                            "PyTorch; use --device cpu or auto (kept from models/from_gpu/config.yml; "
+                                            "give --device for this machine)\n")
+    assert cli(["--resume", "from_gpu", "--device", "cuda"]) == 2
+    assert "kept from" not in capsys.readouterr().err
