@@ -122,7 +122,10 @@ def read_features(path):
             f"a JSON {type(data).__name__}{f' of type {kind!r}' if kind else ''}"
         raise DataError(f"GeoJSON objects {path}: holds {held}, not a FeatureCollection, a list of Features or a "
                         f"Feature; {EXPORT_AGAIN}")
-    features = with_children(features)
+    try:
+        features = with_children(features)
+    except ValueError as e:
+        raise DataError(f"GeoJSON objects {path}: {e}; {EXPORT_AGAIN}") from None
     others = [n for n, feature in enumerate(features) if not (isinstance(feature, dict) and
                                                                feature.get("type") == "Feature")]
     if others:
@@ -134,13 +137,19 @@ def read_features(path):
 def with_children(features):
     """``features`` with the Features nested in their "childObjects" lists (as QuPath writes an object's hierarchy
     when asked to include child objects) each after its parent, depth first: the detections inside an annotation
-    are the nuclei, not the annotation they were found in."""
+    are the nuclei, not the annotation they were found in. The children of a detection or a cell are left out: parts
+    of that nucleus (QuPath's subcellular spots, detections too), not more nuclei drawn over it. Raises ValueError
+    for "childObjects" that are not a list."""
     flat = []
     for feature in features:
         flat.append(feature)
         children = feature.get("childObjects") if isinstance(feature, dict) else None
-        if isinstance(children, list):
-            flat.extend(with_children(children))
+        if children is None or feature_kind(feature) in NUCLEI:
+            continue
+        if not isinstance(children, list):  # else silently no children, and their region read as one nucleus
+            raise ValueError(f'an object\'s "childObjects" are a JSON {type(children).__name__}, not a list of '
+                             "Features")
+        flat.extend(with_children(children))
     return flat
 
 

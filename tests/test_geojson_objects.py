@@ -266,6 +266,25 @@ def test_detections_nested_in_their_annotation_are_the_nuclei(tmp_path):
     assert len(notes) == 1 and "2 objects of another kind" in notes[0] and notes[0].endswith("left out: annotation")
 
 
+def test_objects_nested_in_a_nucleus_are_parts_of_it(tmp_path):
+    """QuPath's subcellular spots are detections nested in their cell (or nucleus detection): parts of that nucleus,
+    not more nuclei drawn over it; "childObjects" that are no list are a one-line error naming the file."""
+    spot = polygon(2, 2, 3, 3, "detection", "spot", childObjects=[polygon(3, 3, 4, 4, "detection")])
+    cell = polygon(0, 0, 8, 8, "cell", childObjects=[spot], nucleusGeometry={"type": "Polygon", "coordinates": [
+        [[1, 1], [5, 1], [5, 5], [1, 5], [1, 1]]]})
+    region = polygon(0, 0, 10, 10, "annotation", childObjects=[cell, polygon(6, 6, 9, 9, "detection",
+                                                                             childObjects=[spot])])
+    labels, notes = geojson_labels(write_json(tmp_path / "spots.geojson", [region]), (10, 10))
+    expected = np.zeros((10, 10), np.uint16)
+    expected[1:5, 1:5], expected[6:9, 6:9] = 1, 2
+    assert np.array_equal(labels, expected)
+    assert notes == [f"note: {tmp_path / 'spots.geojson'}: 1 object of another kind than the nuclei (detections and "
+                     "cells) left out: annotation"]
+    region["childObjects"] = cell  # a Feature, not a list of them: once read as no children, the region a nucleus
+    with pytest.raises(DataError, match=r"spots.geojson: an object's \"childObjects\" are a JSON dict, not a list "):
+        geojson_labels(write_json(tmp_path / "spots.geojson", [region]), (10, 10))
+
+
 def test_a_qupath_0_2_tma_core_is_no_nucleus(tmp_path):
     """QuPath 0.2 named a TMA core's kind "TMACoreObject" (its Java class): left out beside the nuclei drawn in it as
     annotations, not read as one more nucleus under them."""
