@@ -227,8 +227,9 @@ def state_like_parameters(optimizer):
     """Give each of ``optimizer``'s state tensors shaped like its parameter (momentum, Adam's moments) the
     parameter's memory layout, values unchanged. load_state_dict keeps the layout they were saved in, and in a run
     resumed in the other memory format (--channels_last, which auto sets by the machine: channels_last on a GPU or
-    where bf16 trained, NCHW on an AVX2 CPU in fp32) torch's update, fused or not (torch 2.13), stepped each weight
-    with another weight's momentum, without an error (tests/test_safety.py)."""
+    where bf16 trained, NCHW on an AVX2 CPU in fp32) torch's fused update (optim.fused_update; torch 2.13 on the
+    CPU) stepped each weight with another weight's momentum, without an error (tests/test_safety.py); its foreach
+    and for-loop updates index by strides and took the same step in either layout."""
     for param, state in optimizer.state.items():
         for key, value in state.items():
             if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
