@@ -398,12 +398,15 @@ def recipe_note(error, recipe, argv, config):
 
 def saved_setting_note(error, args, argv):
     """Where the flag that a resumed run's set-up error names came from, when it was not on the command line
-    ``argv`` (nor set by a recipe) but kept from the run's config.yml: ' (kept from models/<name>/config.yml; give
-    --<flag> for this machine)'. A run moved to another machine keeps the --device and --amp it started with, and
-    the error would otherwise name a flag the user never typed; '' otherwise."""
+    ``argv`` (nor set by the recipe of --config, as a requeued --auto_resume job gives it) but kept from the run's
+    config.yml: ' (kept from models/<name>/config.yml; give --<flag> for this machine)'. A run moved to another
+    machine keeps the --device and --amp it started with, and the error would otherwise name a flag the user never
+    typed; '' otherwise."""
     named = re.match(r"--(\w+)", str(error))
-    if not (args.resume and not args.config and named and named.group(1) in CHANGEABLE_ON_RESUME
+    if not (args.resume and named and named.group(1) in CHANGEABLE_ON_RESUME
             and named.group(1) not in given_flags(argv)):
+        return ""
+    if args.config and named.group(1) in read_yaml_config(args.config, build_train_parser()):
         return ""
     return f" (kept from {run_dir(args.name)}/config.yml; give --{named.group(1)} for this machine)"
 

@@ -376,3 +376,26 @@ def test_a_setting_kept_from_config_yml_that_this_machine_lacks_is_named_as_kept
                                             "give --device for this machine)\n")
     assert cli(["--resume", "from_gpu", "--device", "cuda"]) == 2
     assert "kept from" not in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a CUDA GPU refuses --device cuda")
+def test_a_setting_kept_from_config_yml_is_named_as_kept_under_auto_resume_with_a_recipe(workdir, monkeypatch,
+                                                                                         capsys):
+    """A requeued job (a recipe that sets no --device, and --auto_resume) of a run started with --device cuda, now
+    on a machine without a GPU: the flag comes from config.yml, not from the recipe, and the error says so; set in
+    the recipe, it gets no such note."""
+    monkeypatch.chdir(workdir)
+    (workdir / "kept.yml").write_text(RECIPE.replace("device: cpu\n", ""))
+    cmd = ["--config", "kept.yml", "--name", "kept", "--auto_resume"]
+    with monkeypatch.context() as m:
+        stop_after_epoch_1(m)
+        assert cli(cmd) == 130
+    saved = workdir / "models" / "kept" / "config.yml"
+    saved.write_text(yaml.safe_dump({**yaml.safe_load(saved.read_text()), "device": "cuda"}))
+    capsys.readouterr()
+    assert cli(cmd) == 2
+    assert capsys.readouterr().err.endswith("use --device cpu or auto (kept from models/kept/config.yml; give --device "
+                                            "for this machine)\n")
+    (workdir / "kept.yml").write_text(RECIPE.replace("device: cpu", "device: cuda"))  # now the recipe's own flag
+    assert cli(cmd) == 2
+    assert "kept from" not in capsys.readouterr().err
