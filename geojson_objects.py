@@ -114,6 +114,9 @@ def read_features(path):
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"cannot read GeoJSON objects {path}: not JSON ({str(e).splitlines()[0][:80]}); "
                         f"{EXPORT_AGAIN}") from None
+    except RecursionError:  # Python's json reader nests one call per level: a few hundred levels end it
+        raise DataError(f"cannot read GeoJSON objects {path}: nested deeper than Python's JSON reader goes (objects "
+                        f"inside objects, hundreds of levels); {EXPORT_AGAIN}") from None
     kind = data.get("type") if isinstance(data, dict) else None
     features = data if isinstance(data, list) else [data] if kind == "Feature" else \
         data.get("features") if kind == "FeatureCollection" else None

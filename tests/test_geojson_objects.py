@@ -328,6 +328,10 @@ def test_unusable_geojson_files_are_one_line_errors_naming_them(tmp_path):
     bom = tmp_path / "bom.geojson"  # as a Windows editor saves it
     bom.write_bytes(b"\xef\xbb\xbf" + json.dumps([polygon(1, 1, 3, 3)]).encode())
     assert geojson_labels(str(bom), (10, 20))[0].sum() == 4
+    deep = tmp_path / "deep.geojson"  # json.load recurses once a level: past the interpreter's limit, a traceback
+    deep.write_text('{"type": "Feature", "childObjects": ' * 5000 + "[]" + "}" * 5000)
+    with pytest.raises(DataError, match=f"cannot read GeoJSON objects {deep}: nested deeper than Python's JSON"):
+        geojson_labels(str(deep), (10, 20))
     (tmp_path / "latin.geojson").write_bytes(b'{"name": "\xe9"}')
     with pytest.raises(DataError, match=f"cannot read GeoJSON objects {tmp_path / 'latin.geojson'}: not JSON"):
         geojson_labels(str(tmp_path / "latin.geojson"), (10, 20))
