@@ -166,6 +166,12 @@ class Precision:
         images = images.to(self.device, non_blocking=True).contiguous(memory_format=fmt)
         return images, masks.to(self.device, non_blocking=True)
 
+    def label(self):
+        """The precision and memory format in one token, as log.csv records each epoch's: 'bf16+channels_last',
+        'fp32', 'fp16+channels_last'..."""
+        dtype = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
+        return dtype + ("+channels_last" if self.channels_last else "")
+
     def describe(self):
         amp = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + GradScaler"}
         return (amp[self.amp_dtype] + (", channels_last" if self.channels_last else "") +

@@ -161,7 +161,7 @@ class Trainer:
                                             "training (its weights diverged)")
             step_scheduler(self.scheduler, val["loss"])
             improved = track_best(self.best, epoch + 1, val["iou"])
-            row = log_row(epoch + 1, lr, train, val, time.time() - started)
+            row = log_row(epoch + 1, lr, train, val, time.time() - started, self.device, self.precision)
             self._save_epoch(epoch + 1, row, improved)
             self._say(epoch_line(row, a.epochs, improved))
 
@@ -427,10 +427,13 @@ def stops_early(best, early_stopping):
     return 0 <= early_stopping <= best["stale_epochs"]
 
 
-def log_row(epoch, lr, train, val, seconds):
-    """One row of log.csv: epoch, lr, the training loss and IoU, every validation score (prefixed val_), seconds."""
+def log_row(epoch, lr, train, val, seconds, device, precision):
+    """One row of log.csv: epoch, lr, the training loss and IoU, every validation score (prefixed val_), seconds,
+    then where the epoch trained: the device type and the precision (engine.Precision.label). A run resumed on
+    another machine may train its later epochs in another precision or memory format (``--amp auto``)."""
     return {"epoch": epoch, "lr": lr, "loss": train["loss"], "iou": train["iou"],
-            **{f"val_{k}": v for k, v in val.items()}, "seconds": round(seconds, 2)}
+            **{f"val_{k}": v for k, v in val.items()}, "seconds": round(seconds, 2), "device": device.type,
+            "precision": precision.label()}
 
 
 def epoch_line(row, epochs, improved):

@@ -79,6 +79,8 @@ def test_amp_auto_follows_the_cpu_and_can_be_forced(monkeypatch):
     assert Precision.choose(cpu, "fp32", True).channels_last
     assert Precision.choose(cpu, "bf16", "auto").channels_last
     assert not Precision.choose(cpu, "bf16", False).channels_last
+    assert Precision.choose(cpu, "bf16", True).label() == "bf16+channels_last"
+    assert Precision.choose(cpu, "fp32", False).label() == "fp32"
 
 
 def fake_gpus(monkeypatch, majors):

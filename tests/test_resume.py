@@ -399,3 +399,17 @@ def test_a_setting_kept_from_config_yml_is_named_as_kept_under_auto_resume_with_
     (workdir / "kept.yml").write_text(RECIPE.replace("device: cpu", "device: cuda"))  # now the recipe's own flag
     assert cli(cmd) == 2
     assert "kept from" not in capsys.readouterr().err
+
+
+def test_log_records_where_each_epoch_trained(workdir, monkeypatch):
+    """log.csv names each epoch's device type and precision (engine.Precision.label): a run resumed in another
+    memory format or precision (--amp auto / --channels_last auto differ between machines) shows where it changed."""
+    monkeypatch.chdir(workdir)
+    args = first_run_args("moved")
+    args[args.index("--epochs") + 1] = "1"
+    assert cli(args + ["--channels_last", "True"]) == 0
+    assert cli(["--resume", "moved", "--epochs", "2", "--channels_last", "False"]) == 0
+    log = pd.read_csv(workdir / "models" / "moved" / "log.csv")
+    assert log["epoch"].tolist() == [1, 2]
+    assert log["device"].tolist() == ["cpu", "cpu"]
+    assert log["precision"].tolist() == ["fp32+channels_last", "fp32"]
