@@ -86,6 +86,10 @@ class Layout:
         """The binary mask of class ``c`` ('masks' layout only)."""
         return os.path.join(self.dataset_dir, "masks", str(c), img_id + self.mask_ext)
 
+    def nuclei_file(self, img_id):
+        """The file that marks the nuclei of ``img_id``: its class-0 mask in the 'masks' layout, else its labels."""
+        return self.mask(img_id, 0) if self.kind == "masks" else self.labels(img_id)
+
     def labels(self, img_id):
         """The instance label image of ``img_id``, or None (a 'masks' dataset without labels/<id>.png)."""
         if self.kind == "cellpose":

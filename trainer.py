@@ -292,10 +292,10 @@ class Trainer:
         if a.crop_size:
             check_crop(data, a.crop_size)
         check_foreground(data)
-        if a.normalization == "fixed" and self.main:
-            note = min_max_note(data)
-            if note:
-                self._say(note)
+        if self.main:
+            for note in (mostly_foreground_note(data), min_max_note(data) if a.normalization == "fixed" else ""):
+                if note:
+                    self._say(note)
         if a.balance:
             sampler = WeightedDistributedSampler(self._balance_weights(data), world, distributed.rank(), a.seed)
         else:
@@ -581,11 +581,30 @@ def check_foreground(data):
     """Refuse a training set whose masks are all empty: nothing to learn, and every score would read 0."""
     if data.has_foreground():
         return
-    layout, first = data.layout, data.img_ids[0]
-    path = layout.mask(first, 0) if layout.kind == "masks" else layout.labels(first)
+    path = data.layout.nuclei_file(data.img_ids[0])
     raise DataError(f"every training mask is empty (none has a pixel above 0; the first is {path}): a mask marks "
                     "nuclei with values above 0 on a background of 0; check that --dataset names the folder with "
                     "your masks")
+
+
+# DSB2018's masks cover 14 % of their images on average, 59 % at most; inverted, 41 % at least and 86 % on average
+MOSTLY_FOREGROUND = 0.6
+
+
+def mostly_foreground_note(data, samples=64):
+    """A note ('' for none) when the masks of the training set (up to ``samples`` of them, evenly spaced) cover more
+    than :data:`MOSTLY_FOREGROUND` of their images on average: masks drawn dark-on-light, or label images whose
+    background is not 0, would otherwise train a model of the background without a word."""
+    picked = np.unique(np.linspace(0, len(data) - 1, min(samples, len(data))).round().astype(int))
+    shares = [((data.cached[i] if data.cached else data.load(i))[1][..., :data.num_classes] > 0).any(-1).mean()
+              for i in picked]
+    if np.mean(shares) <= MOSTLY_FOREGROUND:
+        return ""
+    fullest = picked[int(np.argmax(shares))]
+    return (f"note: the training masks mark {np.mean(shares):.0%} of their pixels as nuclei on average "
+            f"({data.layout.nuclei_file(data.img_ids[fullest])}: {max(shares):.0%}); a mask marks nuclei with values "
+            "above 0 on a background of 0, so masks drawn dark on a light background must be inverted (and label "
+            "images need a background of 0)")
 
 
 def min_max_note(data):

@@ -959,6 +959,29 @@ def test_freeze_bn_keeps_the_init_statistics_while_the_weights_train(tiny_workdi
         parse_train_args(train_argv("scratch", "--freeze_bn", "True"))
 
 
+def test_masks_drawn_dark_on_light_get_a_note(tiny_workdir, tiny_ids, capsys):
+    """Masks that mark most of their images (nuclei drawn black on white, read as background) would train a model
+    of the background without a word: train.py names the share and the fullest mask (counted independently here);
+    the masks as made get no note."""
+    masks = tiny_workdir / "inputs" / "tiny" / "masks" / "0"
+    data = trainer.Dataset(tiny_ids, masks.parent.parent)
+    assert trainer.mostly_foreground_note(data) == ""
+    shares = {}
+    for path in sorted(masks.iterdir()):
+        inverted = np.where(cv2.imread(str(path), cv2.IMREAD_GRAYSCALE) > 0, 0, 255).astype(np.uint8)
+        cv2.imwrite(str(path), inverted)
+        shares[path.name] = (inverted > 0).mean()
+    capsys.readouterr()
+    train.main(train_argv("inverted", epochs=1))
+    out = capsys.readouterr().out
+    split = pd.read_csv(tiny_workdir / "models" / "inverted" / "split.csv")
+    trained = {f"{i}.png": shares[f"{i}.png"] for i in split.loc[split["split"] == "train", "img_id"]}
+    fullest = max(trained, key=trained.get)
+    expected = (f"note: the training masks mark {np.mean(list(trained.values())):.0%} of their pixels as nuclei on "
+                f"average (inputs/tiny/masks/0/{fullest}: {trained[fullest]:.0%})")
+    assert expected in out and "masks drawn dark on a light background must be inverted" in out, out
+
+
 def test_16_bit_training_images_under_fixed_normalization_get_a_note(tiny_workdir, tiny_ids, capsys):
     """--normalization fixed scales a 16-bit image by its own minimum and maximum, so that one hot pixel darkens the
     rest of it (bench/robustness.py): train.py says so and names the robust choice; 8-bit images get no note."""
