@@ -567,6 +567,40 @@ class Dataset(torch.utils.data.Dataset):
                 torch.from_numpy(np.ascontiguousarray(mask.transpose(2, 0, 1), dtype=np.float32)), meta)
 
 
+# DSB2018's masks cover 14 % of their images on average, 59 % at most; inverted, 41 % at least and 86 % on average
+MOSTLY_FOREGROUND = 0.6
+
+
+def mostly_foreground_note(data, what, samples=64):
+    """A note ('' for none) when the nuclei of Dataset ``data`` (its class-0 masks or label images, up to ``samples``
+    of them, evenly spaced; the cache's when it holds them, else read alone, without their images) cover more than
+    :data:`MOSTLY_FOREGROUND` of their images on average: masks drawn dark-on-light, or label images whose
+    background is not 0, would otherwise train a model of the background, or score one, without a word. ROI sets
+    and GeoJSON objects, drawn on a background of 0, are not checked. ``what`` names the masks in the note ('the
+    training masks')."""
+    layout = data.layout
+    if layout.kind in ("rois", "geojson"):
+        return ""
+    picked = np.unique(np.linspace(0, len(data) - 1, min(samples, len(data))).round().astype(int))
+    shares = [(nuclei_marked(data, i) > 0).mean() for i in picked]
+    if np.mean(shares) <= MOSTLY_FOREGROUND:
+        return ""
+    fullest = picked[int(np.argmax(shares))]
+    return (f"note: {what} mark {np.mean(shares):.0%} of their pixels as nuclei on average "
+            f"({layout.nuclei_file(data.img_ids[fullest])}: {max(shares):.0%}); a mask marks nuclei with values above "
+            "0 on a background of 0, so masks drawn dark on a light background must be inverted (and label images "
+            "need a background of 0)")
+
+
+def nuclei_marked(data, index):
+    """Sample ``index``'s class-0 mask (uint8, 0 background) or label image (int32) [H, W], from the cache when it
+    holds it, else read alone (no image, no size check)."""
+    if data.cached:
+        return data.cached[index][1][..., 0]
+    img_id = data.img_ids[index]
+    return read_mask(data.layout.mask(img_id, 0)) if data.layout.kind == "masks" else data.layout.read_labels(img_id)
+
+
 def eval_loader(dataset_dir, ids, reading, size, batch_size, num_workers, pin_memory=False, cache=False,
                 kinds=False):
     """A DataLoader over ``ids`` at evaluation size, in order. ``reading``: dict(img_ext, mask_ext, num_classes,

@@ -23,8 +23,8 @@ from checkpoints import (atomic_torch_save, load_init_weights, load_training_sta
 from config import (INPUTS_DIR, init_weights_path, is_bundled_name, output_channels, run_dir, run_lock_file,
                     save_run_config, schedule_note, unused_flags_note)
 from dataset import (AUGMENTATION_FLAGS, MODALITIES, Dataset, EpochSampler, WeightedDistributedSampler,
-                     balance_weights, eval_loader, find_layout, images_left_out, list_ids, nucleus_diameter,
-                     quiet_worker, reading_of, train_transform)
+                     balance_weights, eval_loader, find_layout, images_left_out, list_ids, mostly_foreground_note,
+                     nucleus_diameter, quiet_worker, reading_of, train_transform)
 from device_data import BatchAugment, DeviceImages, DeviceLoader
 from engine import (NonFiniteLoss, Precision, choose_device, evaluate, fit_threads_to_cpus, recalibrate_batchnorm,
                     seed_everything, train_one_epoch)
@@ -293,7 +293,8 @@ class Trainer:
             check_crop(data, a.crop_size)
         check_foreground(data)
         if self.main:
-            for note in (mostly_foreground_note(data), min_max_note(data) if a.normalization == "fixed" else ""):
+            fixed = a.normalization == "fixed"
+            for note in (mostly_foreground_note(data, "the training masks"), min_max_note(data) if fixed else ""):
                 if note:
                     self._say(note)
         if a.balance:
@@ -585,26 +586,6 @@ def check_foreground(data):
     raise DataError(f"every training mask is empty (none has a pixel above 0; the first is {path}): a mask marks "
                     "nuclei with values above 0 on a background of 0; check that --dataset names the folder with "
                     "your masks")
-
-
-# DSB2018's masks cover 14 % of their images on average, 59 % at most; inverted, 41 % at least and 86 % on average
-MOSTLY_FOREGROUND = 0.6
-
-
-def mostly_foreground_note(data, samples=64):
-    """A note ('' for none) when the masks of the training set (up to ``samples`` of them, evenly spaced) cover more
-    than :data:`MOSTLY_FOREGROUND` of their images on average: masks drawn dark-on-light, or label images whose
-    background is not 0, would otherwise train a model of the background without a word."""
-    picked = np.unique(np.linspace(0, len(data) - 1, min(samples, len(data))).round().astype(int))
-    shares = [((data.cached[i] if data.cached else data.load(i))[1][..., :data.num_classes] > 0).any(-1).mean()
-              for i in picked]
-    if np.mean(shares) <= MOSTLY_FOREGROUND:
-        return ""
-    fullest = picked[int(np.argmax(shares))]
-    return (f"note: the training masks mark {np.mean(shares):.0%} of their pixels as nuclei on average "
-            f"({data.layout.nuclei_file(data.img_ids[fullest])}: {max(shares):.0%}); a mask marks nuclei with values "
-            "above 0 on a background of 0, so masks drawn dark on a light background must be inverted (and label "
-            "images need a background of 0)")
 
 
 def min_max_note(data):

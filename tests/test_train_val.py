@@ -33,7 +33,7 @@ from archs import build_model
 from checkpoints import load_checkpoint
 from config import parse_train_args
 from conftest import ROOT, TINY_NAME, held_by_another_process, make_synthetic, train_argv
-from dataset import decode_image, image_modality
+from dataset import decode_image, image_modality, mostly_foreground_note
 from image_files import read_labels
 from trainer import Trainer
 from utils import DataError, UsageError, run_cli
@@ -965,7 +965,7 @@ def test_masks_drawn_dark_on_light_get_a_note(tiny_workdir, tiny_ids, capsys):
     the masks as made get no note."""
     masks = tiny_workdir / "inputs" / "tiny" / "masks" / "0"
     data = trainer.Dataset(tiny_ids, masks.parent.parent)
-    assert trainer.mostly_foreground_note(data) == ""
+    assert mostly_foreground_note(data, "the masks") == ""
     shares = {}
     for path in sorted(masks.iterdir()):
         inverted = np.where(cv2.imread(str(path), cv2.IMREAD_GRAYSCALE) > 0, 0, 255).astype(np.uint8)
@@ -980,6 +980,32 @@ def test_masks_drawn_dark_on_light_get_a_note(tiny_workdir, tiny_ids, capsys):
     expected = (f"note: the training masks mark {np.mean(list(trained.values())):.0%} of their pixels as nuclei on "
                 f"average (inputs/tiny/masks/0/{fullest}: {trained[fullest]:.0%})")
     assert expected in out and "masks drawn dark on a light background must be inverted" in out, out
+    # scored on a dataset of its own (every image counts), val.py says the same of that dataset's masks
+    val.main(["--name", "inverted", "--device", "cpu", "--dataset", "tiny", "--output", "scored", "--no_overlays"])
+    everything = (f"note: the masks of inputs/tiny mark {np.mean(list(shares.values())):.0%} of their pixels as "
+                  f"nuclei on average (inputs/tiny/masks/0/{max(shares, key=shares.get)}: {max(shares.values()):.0%})")
+    assert everything in capsys.readouterr().out
+
+
+def test_label_images_without_a_background_of_0_get_a_note(tmp_path):
+    """StarDist-layout label images whose background is 1 (a tool that counts from 1) read as one nucleus over the
+    whole image: the note names the label image, read alone (no cache); the same labels with background 0 get none."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    ids = [f"f{i}" for i in range(3)]
+    for i in ids:
+        cv2.imwrite(str(tmp_path / "images" / f"{i}.png"), rng.integers(0, 255, (32, 32), dtype=np.uint8))
+        labels = np.zeros((32, 32), np.uint16)
+        labels[4:12, 4:12], labels[16:28, 18:30] = 2, 3
+        cv2.imwrite(str(tmp_path / "labels" / f"{i}.png"), labels)
+    assert mostly_foreground_note(trainer.Dataset(ids, str(tmp_path)), "these") == ""
+    for i in ids:
+        labels = cv2.imread(str(tmp_path / "labels" / f"{i}.png"), cv2.IMREAD_UNCHANGED)
+        cv2.imwrite(str(tmp_path / "labels" / f"{i}.png"), np.where(labels == 0, 1, labels).astype(np.uint16))
+    note = mostly_foreground_note(trainer.Dataset(ids, str(tmp_path)), "these")
+    assert note.startswith(f"note: these mark 100% of their pixels as nuclei on average ({tmp_path}/labels/f0.png: "
+                           "100%)") and "label images need a background of 0" in note
 
 
 def test_16_bit_training_images_under_fixed_normalization_get_a_note(tiny_workdir, tiny_ids, capsys):
