@@ -58,7 +58,7 @@ def main(argv):
     import pandas as pd
 
     from files import atomic_write
-    from scoring import COLUMNS, pair_predictions, score_image, summary, truth_files
+    from scoring import COLUMNS, mostly_foreground_notes, pair_predictions, score_image, summary, truth_files
 
     truths, folder = truth_files(args.truth, args.img_ext, args.mask_ext)
     preds, strays = pair_predictions(args.pred, sorted(truths), args.suffix, PRED_SUFFIXES)
@@ -69,7 +69,7 @@ def main(argv):
     if strays:
         print(f"note: {len(strays)} file{'s' * (len(strays) != 1)} in {args.pred} belong{'s' * (len(strays) == 1)} "
               f"to no image of {folder} and {'are' if len(strays) != 1 else 'is'} left out: {first_few(strays)}")
-    rows, counts, binary = [], np.zeros(4, np.int64), []
+    rows, counts, binary = [], np.zeros(5, np.int64), []
 
     def keep(result):
         row, image_counts, was_binary = result
@@ -86,6 +86,8 @@ def main(argv):
         print(f"note: {len(binary)} prediction{'s are' if len(binary) != 1 else ' is'} a binary mask, scored as "
               f"{'their' if len(binary) != 1 else 'its'} connected components (touching nuclei count as one): "
               f"{first_few(binary)}")
+    for note in mostly_foreground_notes(counts, args.pred, folder):
+        print(note)
     table = pd.DataFrame(rows, columns=COLUMNS).sort_values("iou", kind="stable").reset_index(drop=True)
     for column in ("tp", "fp", "fn", "true_nuclei", "pred_nuclei"):
         table[column] = table[column].astype("Int64")  # counts as integers, empty without instance labels

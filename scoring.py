@@ -8,7 +8,7 @@ import shlex
 import numpy as np
 
 from config import INPUTS_DIR, dataset_folder
-from dataset import find_layout, list_ids, read_instance_labels
+from dataset import MOSTLY_FOREGROUND, find_layout, list_ids, read_instance_labels
 from evaluation import interval_line
 from image_files import read_labels_or_components, read_mask
 from metrics import dsb_score_of_iou, object_iou, pooled_scores, true_positives
@@ -79,7 +79,7 @@ def pair_predictions(pred_dir, ids, suffix, suffixes):
 def score_image(img_id, pred_path, labels_path, mask_path, image_path):
     """One image's row of COLUMNS (the instance scores NaN without ``labels_path``, a label image or ImageJ ROIs drawn
     at the size of ``image_path``: dataset.read_instance_labels), its pixel counts
-    (intersection, union, predicted, true) and whether the prediction was a binary mask."""
+    (intersection, union, predicted, true, all of the image's) and whether the prediction was a binary mask."""
     pred, binary = read_labels_or_components(pred_path)
     truth = read_instance_labels(labels_path, image_path) if labels_path else None
     true_mask = read_mask(mask_path) > 0 if mask_path else truth > 0
@@ -92,8 +92,8 @@ def score_image(img_id, pred_path, labels_path, mask_path, image_path):
                         f"{mask_path} {true_mask.shape[1]}x{true_mask.shape[0]}: give them one size")
     pred_mask = pred > 0
     counts = [int((pred_mask & true_mask).sum()), int((pred_mask | true_mask).sum()), int(pred_mask.sum()),
-              int(true_mask.sum())]
-    row = {"img_id": img_id, **pooled_scores(*counts), "prediction": os.path.basename(pred_path)}
+              int(true_mask.sum()), true_mask.size]
+    row = {"img_id": img_id, **pooled_scores(*counts[:4]), "prediction": os.path.basename(pred_path)}
     if truth is None:
         return {**row, "pred_nuclei": len(np.unique(pred[pred_mask]))}, counts, binary
     iou = object_iou(truth, pred)
@@ -107,10 +107,20 @@ def score_image(img_id, pred_path, labels_path, mask_path, image_path):
             "pred_nuclei": n_pred}, counts, binary
 
 
+def mostly_foreground_notes(counts, pred_dir, folder):
+    """Notes (a list, empty for none) when the predictions or the truth mark more than dataset.MOSTLY_FOREGROUND of
+    all their pixels as nuclei (``counts`` as :func:`summary`'s): label images whose background is not 0, or masks
+    drawn dark on light, would score as nuclei over the background without a word."""
+    shares = {f"the predictions in {pred_dir}": counts[2] / counts[4], f"the truth of {folder}": counts[3] / counts[4]}
+    return [f"note: {what} mark {share:.0%} of their pixels as nuclei; nuclei are values above 0 on a background of 0 "
+            "(label images with another background, or masks drawn dark on light, score the background)"
+            for what, share in shares.items() if share > MOSTLY_FOREGROUND]
+
+
 def summary(table, counts, pred_dir, folder, output):
     """The lines score.py prints: pooled and mean IoU, mean Dice, DSB2018, F1 / precision / recall at IoU 0.5, the
     bootstrap interval (evaluation.interval_line), the worst image. ``counts``: the pixel counts summed."""
-    pooled = pooled_scores(*counts)
+    pooled = pooled_scores(*counts[:4])
     labelled = table["dsb"].notna()
     lines = [f"{pred_dir} against {folder} ({len(table)} images):",
              f"  IoU  {pooled['iou']:.4f} pooled   {table['iou'].mean():.4f} mean per image",

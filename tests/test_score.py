@@ -248,3 +248,21 @@ def test_fiji_s_float_label_images_score_as_their_whole_numbers(tmp_path):
     argv = one_image(tmp_path, truth.astype(np.float32), "x.tif", truth=truth)
     table = score.main(argv).set_index("img_id")
     assert table.loc["x", ["dsb", "tp", "fp", "pred_nuclei"]].tolist() == [1.0, 8, 0, 8]
+
+
+def test_label_images_with_a_background_other_than_0_get_a_note(tmp_path, capsys):
+    """A label image whose background is 1 marks every pixel as a nucleus: score.py says so of the side that does it,
+    with the share counted here; label images with a background of 0 get no note."""
+    truth = random_labels(np.random.default_rng(3))
+    argv = one_image(tmp_path, truth, truth=truth)
+    code, out, _ = run(argv, capsys)
+    assert code == 0 and "note:" not in out
+    shifted = np.where(truth == 0, 1, truth)
+    argv = one_image(tmp_path / "shifted", shifted, truth=truth)
+    code, out, _ = run(argv, capsys)
+    assert code == 0 and f"note: the predictions in {tmp_path}/shifted/pred mark 100% of their pixels as nuclei" in out
+    assert "note: the truth of" not in out
+    argv = one_image(tmp_path / "shifted_truth", truth, truth=shifted)
+    code, out, _ = run(argv, capsys)
+    assert code == 0 and "note: the predictions in" not in out
+    assert f"note: the truth of {tmp_path}/shifted_truth/data mark 100% of their pixels as nuclei" in out, out
