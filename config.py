@@ -411,6 +411,21 @@ def saved_setting_note(error, args, argv):
     return f" (kept from {run_dir(args.name)}/config.yml; give --{named.group(1)} for this machine)"
 
 
+def fit_saved_workers(args, argv):
+    """A resumed run's --num_workers kept from its config.yml (not given on the command line ``argv`` nor by the
+    recipe of --config) that exceeds the CPUs this process may use (a run moved from a larger machine) is lowered to
+    them, as a new run's default would be: the workers only load batches, whose augmentation is seeded per image,
+    so the numbers stay the same. Returns the note that says so, '' when nothing changed."""
+    saved, cpus = args.num_workers, usable_cpus()
+    if not args.resume or saved <= cpus or "num_workers" in given_flags(argv) or \
+            (args.config and "num_workers" in read_yaml_config(args.config, build_train_parser())):
+        return ""
+    args.num_workers = cpus
+    return (f"note: --num_workers {saved}, kept from {run_dir(args.name)}/config.yml, is more than the {cpus} "
+            f"CPU{'s' * (cpus != 1)} this process may use here: {cpus} loader worker{'s' * (cpus != 1)} (give "
+            "--num_workers to choose)")
+
+
 def given_flags(argv):
     """The dests of the flags that the command line ``argv`` sets, under any of their spellings."""
     unset = object()

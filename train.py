@@ -10,12 +10,13 @@ Writes models/<name>/: config.yml, split.csv (with the SHA-256 of the val and te
 per epoch), model.pth (best weights by val IoU, a plain state dict), last.pth (everything needed to resume),
 curves.png.
 """
-from config import parse_train_args, saved_setting_note
+from config import fit_saved_workers, parse_train_args, saved_setting_note
 from utils import UsageError, run_cli
 
 
 def main(argv):
     args = parse_train_args(argv)
+    workers_note = fit_saved_workers(args, argv)
     # Heavy imports only now, so that --help and flag errors answer at once.
     from distributed import launched_rank
     from engine import random_states_kept
@@ -27,6 +28,8 @@ def main(argv):
             if launched_rank() == 0:
                 print(complete, flush=True)
             return
+        if workers_note and launched_rank() == 0:
+            print(workers_note, flush=True)
         try:
             trainer = Trainer(args)
         except UsageError as e:

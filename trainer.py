@@ -449,7 +449,8 @@ def epoch_line(row, epochs, improved):
 def run_header(a, split, device, precision, on_device, start_epoch):
     """The line train.py prints before the first epoch: the network, the split, the device and how it runs."""
     counts = " / ".join(f"{len(split_ids(split, p))} {p}" for p in ("train", "val", "test") if split_ids(split, p))
-    loader = "batches augmented on the device" if on_device else f"{a.num_workers} loader workers"
+    workers = f"{a.num_workers} loader worker{'s' * (a.num_workers != 1)}"
+    loader = "batches augmented on the device" if on_device else workers
     processes = f", {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
     resuming = f", resuming after epoch {start_epoch}" if start_epoch else f", from --init {a.init}" if a.init else ""
     frozen = ""

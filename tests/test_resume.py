@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 
+import config
 import synthetic
 import train
 import trainer
@@ -413,3 +414,27 @@ def test_log_records_where_each_epoch_trained(workdir, monkeypatch):
     assert log["epoch"].tolist() == [1, 2]
     assert log["device"].tolist() == ["cpu", "cpu"]
     assert log["precision"].tolist() == ["fp32+channels_last", "fp32"]
+
+
+def test_saved_num_workers_above_this_machine_s_cpus_is_lowered_with_a_note(workdir, monkeypatch, capsys):
+    """A run moved from a larger machine keeps its --num_workers; resumed where fewer CPUs are usable, it loads
+    with as many workers as CPUs and says so (the numbers do not depend on the worker count); a --num_workers
+    given on the command line is kept as given."""
+    monkeypatch.chdir(workdir)
+    args = first_run_args("from_big")
+    args[args.index("--epochs") + 1] = "1"
+    args[args.index("--num_workers") + 1] = "2"
+    assert cli(args + ["--loader", "workers"]) == 0
+    monkeypatch.setattr(config, "usable_cpus", lambda: 1)
+    resumed = config.parse_train_args(["--resume", "from_big", "--epochs", "2"])
+    assert config.fit_saved_workers(resumed, ["--resume", "from_big", "--epochs", "2"]) == (
+        "note: --num_workers 2, kept from models/from_big/config.yml, is more than the 1 CPU this process may use "
+        "here: 1 loader worker (give --num_workers to choose)")
+    assert resumed.num_workers == 1
+    given = ["--resume", "from_big", "--epochs", "2", "--num_workers", "2"]
+    kept = config.parse_train_args(given)
+    assert config.fit_saved_workers(kept, given) == "" and kept.num_workers == 2
+    capsys.readouterr()
+    assert cli(["--resume", "from_big", "--epochs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "is more than the 1 CPU this process may use here" in out and "1 loader worker)" in out
