@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 import tifffile
 from PIL import PngImagePlugin
+from skimage.measure import label as connected_regions
 
 from utils import DataError, ram
 
@@ -514,10 +515,30 @@ def _label_values(path):
         raise DataError(f"label image {path} holds {labels.dtype} values with fractions or NaN; label images hold "
                         "integers, one per nucleus (save them as 16-bit PNG or integer TIFF)")
     low, top = int(labels.min()), int(labels.max())
+    # ids past 255 saved in 8 bits wrap (256 -> 0, 257 -> 1) or clip to 255: nuclei vanish or share an id. A binary
+    # mask (two values) is left to read_label_image's message
+    if labels.dtype == np.uint8 and top == 255 and np.count_nonzero(np.bincount(labels.ravel())) > 2:
+        split = split_ids(labels)
+        if len(split):
+            raise DataError(f"label image {path} is 8-bit, uses the id 255 and gives one id to several separate "
+                            f"objects ({len(split)} such id{'s' * (len(split) > 1)}, e.g. {split[0]}): the tool that "
+                            "saved it wrapped or clipped the ids of more than 255 nuclei (nuclei merged or lost); "
+                            "save label images as 16-bit PNG or TIFF")
     if low < 0 or top > np.iinfo(np.int32).max:  # int32 below: larger values would wrap to negative ones
         raise DataError(f"label image {path} holds the value {low if low < 0 else top}; labels are 0 for the "
                         f"background and 1 to {np.iinfo(np.int32).max} for the nuclei (number them 1..N)")
     return labels.astype(np.int32)
+
+
+def split_ids(labels):
+    """The ids of a label image int [H, W] that each mark several separate objects (8-connectivity, as
+    :func:`_binary_components` counts them) -> sorted int array (empty when every id is one object). Such an id is
+    one nucleus to the DSB2018 score, whose IoU with each of its parts then stays below 0.5."""
+    objects = connected_regions(labels, background=0, connectivity=2)
+    owner = np.zeros(int(objects.max()) + 1, labels.dtype)
+    owner[objects.ravel()] = labels.ravel()  # every pixel of an object has its id: any one of them names it
+    ids, counts = np.unique(owner[1:], return_counts=True)
+    return ids[counts > 1]
 
 
 def read_labels(path, shape=None):

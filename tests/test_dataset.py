@@ -10,6 +10,7 @@ import pytest
 import tifffile
 import torch
 from PIL import Image, PngImagePlugin
+from scipy import ndimage as ndi
 from skimage.measure import regionprops
 
 import dataset
@@ -787,6 +788,42 @@ def test_binary_mask_given_as_a_label_image_is_refused(tmp_path):
         read_label_image(write_image(tmp_path / "m.png", binary))
     binary[12:18, 10:16] = 0
     assert read_label_image(write_image(tmp_path / "one.png", binary)).max() == 255
+
+
+def grid_labels(count, side=3, gap=2):
+    """A label image int32 of ``count`` square nuclei ``side`` px wide, ids 1..count, ``gap`` px apart."""
+    step = side + gap
+    columns = 16
+    labels = np.zeros((step * (-(-count // columns)) + gap, step * columns + gap), np.int32)
+    for i in range(count):
+        row, col = divmod(i, columns)
+        labels[gap + row * step:gap + row * step + side, gap + col * step:gap + col * step + side] = i + 1
+    return labels
+
+
+@pytest.mark.parametrize("saved", ["wrapped", "clipped"])
+def test_8bit_label_images_of_more_than_255_nuclei_are_refused(tmp_path, saved):
+    """A tool that saves 300 ids in 8 bits wraps them (256 -> 0, 257 -> 1) or clips them at 255: nuclei vanish or
+    share an id, and a perfect prediction of them scored 0.61 (wrapped) or 0.84 (clipped) without a word."""
+    labels = grid_labels(300)
+    stored = labels % 256 if saved == "wrapped" else np.minimum(labels, 255)
+    with pytest.raises(DataError, match=r"l.png is 8-bit, uses the id 255 and gives one id to several separate "
+                                        r"objects.*16-bit"):
+        read_label_image(write_image(tmp_path / "l.png", stored.astype(np.uint8)))
+    np.testing.assert_array_equal(read_label_image(write_image(tmp_path / "l16.png", labels.astype(np.uint16))),
+                                  labels)
+    full = grid_labels(255)  # 255 nuclei fit 8 bits
+    np.testing.assert_array_equal(read_label_image(write_image(tmp_path / "l255.png", full.astype(np.uint8))), full)
+
+
+def test_split_ids_are_the_ids_of_several_separate_objects():
+    labels = grid_labels(40)
+    labels[labels == 7] = 3  # 3 now marks two squares
+    labels[labels == 30] = 19
+    labels[3, 2:5] = 0  # id 1 cut in two by the background
+    expected = [v for v in np.unique(labels)[1:] if ndi.label(labels == v, np.ones((3, 3)))[1] > 1]
+    assert expected  # the checks below must see some
+    np.testing.assert_array_equal(image_files.split_ids(labels), expected)
 
 
 def test_tiff_images_channels_first_and_stacks(tmp_path):
