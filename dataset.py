@@ -50,7 +50,7 @@ import torch
 import distributed
 from geojson_objects import GEOJSON_FILE, geojson_labels
 from image_files import (BLUR_P, CELLPOSE_NOT_IMAGES, JPEG_EXTS, MOST_PHOTONS, NEAREST, SHOT_NOISE_P,
-                         decode_image, image_to_float, normalize, read_label_image, read_mask)
+                         decode_image, image_to_float, normalize, read_label_image, read_mask, split_ids)
 from rois import ROI_FILES, roi_labels
 from instances import median_diameter, nucleus_areas, touching_borders
 from utils import (NEAR_NAMES, STOP_SIGNALS, DataError, UsageError, check_utf8_names, first_few, near_names,
@@ -590,6 +590,32 @@ def mostly_foreground_note(data, what, samples=64):
             f"({layout.nuclei_file(data.img_ids[fullest])}: {max(shares):.0%}); a mask marks nuclei with values above "
             "0 on a background of 0, so masks drawn dark on a light background must be inverted (and label images "
             "need a background of 0)")
+
+
+def split_ids_note(data, what, samples=64):
+    """A note ('' for none) when, in the label images of Dataset ``data`` (up to ``samples`` of them, evenly spaced,
+    read again from their files), an id marks several separate objects (image_files.split_ids): two nuclei given one
+    id, or one cut in two. The DSB2018 score counts them as one nucleus, so that finding both parts scores a miss and
+    two false nuclei, and --borders sees no border between them; whether they are meant so cannot be told, so they
+    are read as they are. ROI sets and GeoJSON objects, one polygon per nucleus, are not checked. ``what`` names the
+    label images in the note."""
+    layout = data.layout
+    if layout.kind in ("rois", "geojson"):
+        return ""
+    picked = np.unique(np.linspace(0, len(data) - 1, min(samples, len(data))).round().astype(int))
+    split = {}
+    for i in picked:
+        img_id = data.img_ids[i]
+        if layout.labels(img_id) is not None:
+            ids = split_ids(layout.read_labels(img_id))
+            if len(ids):
+                split[layout.labels(img_id)] = ids
+    if not split:
+        return ""
+    path, ids = next(iter(split.items()))
+    return (f"note: in {len(split)} of {len(picked)} of {what} an id marks several separate objects ({path}: "
+            f"{len(ids)} id{'s' * (len(ids) > 1)}, e.g. {ids[0]}); each id is one nucleus to the DSB2018 score and "
+            "--borders: give separate nuclei ids of their own (e.g. relabel the connected components)")
 
 
 def nuclei_marked(data, index):

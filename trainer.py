@@ -24,7 +24,7 @@ from config import (INPUTS_DIR, init_weights_path, is_bundled_name, output_chann
                     save_run_config, schedule_note, unused_flags_note)
 from dataset import (AUGMENTATION_FLAGS, MODALITIES, Dataset, EpochSampler, WeightedDistributedSampler,
                      balance_weights, eval_loader, find_layout, images_left_out, list_ids, mostly_foreground_note,
-                     nucleus_diameter, quiet_worker, reading_of, train_transform)
+                     nucleus_diameter, quiet_worker, reading_of, split_ids_note, train_transform)
 from device_data import BatchAugment, DeviceImages, DeviceLoader
 from engine import (NonFiniteLoss, Precision, choose_device, evaluate, fit_threads_to_cpus, recalibrate_batchnorm,
                     seed_everything, train_one_epoch)
@@ -294,7 +294,8 @@ class Trainer:
         check_foreground(data)
         if self.main:
             fixed = a.normalization == "fixed"
-            for note in (mostly_foreground_note(data, "the training masks"), min_max_note(data) if fixed else ""):
+            for note in (mostly_foreground_note(data, "the training masks"), min_max_note(data) if fixed else "",
+                         split_ids_note(data, "the training label images")):
                 if note:
                     self._say(note)
         if a.balance:

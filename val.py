@@ -126,7 +126,8 @@ def evaluate_into(args, out_dir):
     returns the choice of :func:`tune` instead."""
     # Heavy imports only now, so that --help and flag errors answer at once.
     from checkpoints import load_run, made_by
-    from dataset import eval_loader, find_layout, images_left_out, mostly_foreground_note, reading_of
+    from dataset import (eval_loader, find_layout, images_left_out, mostly_foreground_note, reading_of,
+                         split_ids_note)
     from engine import Precision, choose_device, evaluate, fit_threads_to_cpus
     from evaluation import (ImageWriter, changed_images, check_same_evaluation, evaluation_ids, evaluation_record,
                             model_epoch, separation_order, size_hint, summary, training_diameter,
@@ -174,9 +175,10 @@ def evaluate_into(args, out_dir):
               "empty: pooled IoU and Dice read 1 for a network that finds nothing and 0 for one that finds anything "
               "(are these the right masks?)")
     elif args.dataset is not None:  # the run's own images were checked when it trained
-        note = mostly_foreground_note(data, f"the masks of {dataset_dir}")
-        if note:
-            print(note)
+        for note in (mostly_foreground_note(data, f"the masks of {dataset_dir}"),
+                     split_ids_note(data, f"the label images of {dataset_dir}")):
+            if note:
+                print(note)
     precision = Precision.choose(device, args.amp)
     criterion = build_loss(cfg.loss, border_after=cfg.num_classes if cfg.borders else None)
     network = whole_image_network(precision.prepare(model), cfg, device)  # in windows when an image exceeds memory

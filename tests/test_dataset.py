@@ -826,6 +826,22 @@ def test_split_ids_are_the_ids_of_several_separate_objects():
     np.testing.assert_array_equal(image_files.split_ids(labels), expected)
 
 
+def test_a_note_names_label_images_that_give_one_id_to_separate_objects(tmp_path):
+    """Two nuclei given one id are one nucleus to the DSB2018 score: a perfect prediction of them scored 0.375."""
+    root = tmp_path / "set"
+    for i in range(3):
+        labels = grid_labels(8, side=6)
+        if i == 1:
+            labels[labels == 8] = 2
+        write_image(write_dir(root / "images") / f"{i}.png", (labels > 0).astype(np.uint8) * 200)
+        write_image(write_dir(root / "labels") / f"{i}.png", labels.astype(np.uint16))
+    data = Dataset(["0", "1", "2"], str(root))
+    note = dataset.split_ids_note(data, "these")
+    assert note.startswith("note: in 1 of 3 of these an id marks several separate objects") and \
+        f"{root / 'labels' / '1.png'}: 1 id, e.g. 2)" in note
+    assert dataset.split_ids_note(Dataset(["0", "2"], str(root)), "these") == ""
+
+
 def test_tiff_images_channels_first_and_stacks(tmp_path):
     rgb = np.random.default_rng(0).integers(0, 255, (3, 20, 30), dtype=np.uint8)
     tifffile.imwrite(tmp_path / "chw.tif", rgb, photometric="minisblack")
