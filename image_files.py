@@ -213,11 +213,12 @@ def _unreadable_tiff(path, what, error):
 
 
 def tiff_planes(path, what="image"):
-    """The first series of a TIFF as planes: array [N, H, W, C] as stored (N = 1 for a 2D image; C = 1 for grey;
-    an RGBA image's alpha dropped), and the letters of its plane axes ("" for a 2D image). See :func:`tiff_layout`."""
+    """The first series of a TIFF (:func:`image_series`) as planes: array [N, H, W, C] as stored (N = 1 for a 2D
+    image; C = 1 for grey; an RGBA image's alpha dropped), and the letters of its plane axes ("" for a 2D image). See
+    :func:`tiff_layout`."""
     try:
         with tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
+            series = image_series(tif)
             _check_claim(series.nbytes, series.shape, path, what)
             img, axes = series.asarray(), series.axes
     except DataError:
@@ -225,6 +226,20 @@ def tiff_planes(path, what="image"):
     except Exception as e:
         raise _unreadable_tiff(path, what, e) from None
     return _as_planes(img, axes, path, what)
+
+
+def full_series(tif):
+    """The series of an open tifffile.TiffFile that are images, not a reduced-resolution copy of one (pages with
+    bit 0 of NewSubfileType set: the thumbnail or preview that scanners and some viewers store, before the image as
+    often as after it; an OME pyramid's levels belong to their series and are not series); all of them when every
+    series is such a copy."""
+    return [s for s in tif.series if not getattr(s.keyframe, "is_reduced", False)] or list(tif.series)
+
+
+def image_series(tif):
+    """The series of an open tifffile.TiffFile that is read: the first of :func:`full_series` (a thumbnail stored
+    first was read as the image, its mask then read at the thumbnail's size too)."""
+    return full_series(tif)[0]
 
 
 def _as_planes(img, axes, path, what):
@@ -316,14 +331,14 @@ def tiff_header(path):
     the defaults (reading it names the problem)."""
     try:
         with tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
+            series = image_series(tif)
             shape, axes = series.shape, series.axes
             order, plane_axes, channel_axis = tiff_layout(shape, axes)
             channels = shape[order[-1]] if channel_axis else 1
             plane_shape = tuple(shape[i] for i in order[:len(plane_axes)])
             channels_first = bool(channel_axis) and order[-1] < axes.index("Y")
             plane_size = (shape[axes.index("Y")], shape[axes.index("X")])
-            return TiffHeader(plane_axes, channel_axis, channels, len(tif.series), plane_shape, channels_first,
+            return TiffHeader(plane_axes, channel_axis, channels, len(full_series(tif)), plane_shape, channels_first,
                               plane_size, *tiff_pixel_size(tif))
     except Exception:
         return TiffHeader()
@@ -413,11 +428,12 @@ def _page_per_plane(path):
         return None
     with ExitStack() as closing:  # closed unless handed on
         closing.callback(tif.close)
-        if _one_page_per_plane(tif.series[0]):
-            page = tif.series[0].keyframe
+        series = image_series(tif)
+        if _one_page_per_plane(series):
+            page = series.keyframe
             _check_claim(page.nbytes, page.shape, path, "image")
             closing.pop_all()
-            return tif, tif.series[0]
+            return tif, series
     return None
 
 

@@ -842,6 +842,21 @@ def test_a_note_names_label_images_that_give_one_id_to_separate_objects(tmp_path
     assert dataset.split_ids_note(Dataset(["0", "2"], str(root)), "these") == ""
 
 
+def test_a_tiff_thumbnail_stored_before_the_image_is_passed_over(tmp_path):
+    """A reduced-resolution page (NewSubfileType 1) before the image is tifffile's first series: it was read as the
+    image, and a mask saved so at its size, which then matched."""
+    image = np.random.default_rng(0).integers(0, 4096, (64, 48), dtype=np.uint16)
+    mask = np.zeros((64, 48), np.uint8)
+    mask[10:30, 5:25] = 255
+    for name, full in (("i.tif", image), ("m.tif", mask)):
+        with tifffile.TiffWriter(tmp_path / name) as tif:
+            tif.write(full[::4, ::4], subfiletype=1)
+            tif.write(full)
+    np.testing.assert_array_equal(decode_image(str(tmp_path / "i.tif"))[:, :, 0], image)
+    np.testing.assert_array_equal(read_mask(str(tmp_path / "m.tif")), mask // 255)
+    assert image_files.tiff_header(str(tmp_path / "i.tif")).series == 1
+
+
 def test_tiff_images_channels_first_and_stacks(tmp_path):
     rgb = np.random.default_rng(0).integers(0, 255, (3, 20, 30), dtype=np.uint8)
     tifffile.imwrite(tmp_path / "chw.tif", rgb, photometric="minisblack")
