@@ -590,13 +590,25 @@ def check_foreground(data):
                     "your masks")
 
 
-def min_max_note(data):
-    """A note ('' for none) when the training images are not 8-bit (the first one's type): --normalization fixed
-    then scales each by its own minimum and maximum, where one hot or saturated pixel darkens all the rest."""
-    stored = (data.cached[0] if data.cached else data.load(0))[0]
-    if stored.dtype == np.uint8:
+def min_max_note(data, samples=16):
+    """A note ('' for none) when the training images (the first and up to ``samples`` more, evenly spaced) are not
+    all 8-bit: --normalization fixed scales all but 8-bit ones by their own minimum and maximum, where one hot or
+    saturated pixel darkens all the rest, and 8-bit ones beside them by 1/255, so the same brightness differs
+    between the two kinds."""
+    picked = np.unique(np.linspace(0, len(data) - 1, min(samples, len(data))).round().astype(int))
+    types = {}
+    for i in picked:
+        types.setdefault((data.cached[i] if data.cached else data.load(i))[0].dtype, data.img_ids[i])
+    byte, wide = np.dtype(np.uint8), [t for t in types if t != np.uint8]
+    if not wide:
         return ""
-    return (f"note: the training images are {stored.dtype} (e.g. {data.layout.image(data.img_ids[0])}), and "
+    image = data.layout.image(types[wide[0]])
+    if byte in types:  # scaled two ways: a dim 8-bit image stays dim, its 16-bit twin is stretched
+        return (f"note: the training images mix 8-bit and {wide[0]} ones (e.g. {data.layout.image(types[byte])} "
+                f"and {image}), and --normalization fixed divides the 8-bit ones by 255 but stretches the others "
+                "from their own minimum to their maximum, so one brightness reads differently in the two; "
+                "--normalization percentile scales every image alike")
+    return (f"note: the training images are {wide[0]} (e.g. {image}), and "
             "--normalization fixed scales each by its own minimum and maximum, so one hot or saturated pixel darkens "
             "the rest of its image; --normalization percentile (the bundled model's) is not thrown off by a few")
 

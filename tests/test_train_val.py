@@ -34,7 +34,7 @@ from checkpoints import load_checkpoint
 from config import parse_train_args
 from conftest import ROOT, TINY_NAME, held_by_another_process, make_synthetic, train_argv
 from dataset import decode_image, image_modality, mostly_foreground_note
-from image_files import read_labels
+from image_files import image_to_float, read_labels
 from trainer import Trainer
 from utils import DataError, UsageError, run_cli
 
@@ -1006,6 +1006,25 @@ def test_label_images_without_a_background_of_0_get_a_note(tmp_path):
     note = mostly_foreground_note(trainer.Dataset(ids, str(tmp_path)), "these")
     assert note.startswith(f"note: these mark 100% of their pixels as nuclei on average ({tmp_path}/labels/f0.png: "
                            "100%)") and "label images need a background of 0" in note
+
+
+def test_training_images_of_8_and_16_bits_get_a_note(tmp_path):
+    """--normalization fixed divides an 8-bit image by 255 but stretches a 16-bit one from its minimum to its maximum:
+    one dim scene saved both ways reads 0.24 and 1.0 at its brightest. A first image of 8 bits hid the rest."""
+    scene = np.zeros((32, 32), np.uint8)
+    scene[8:20, 8:20] = 60
+    mask = (scene > 0).astype(np.uint8) * 255
+    for i, image in enumerate((scene, scene, scene.astype(np.uint16) * 257)):
+        for folder, written in ((tmp_path / "images", image), (tmp_path / "masks" / "0", mask)):
+            folder.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(folder / f"{i}.png"), written)
+    brightest = [image_to_float(decode_image(str(tmp_path / "images" / f"{i}.png")), 1).max() for i in (0, 2)]
+    assert brightest == pytest.approx([60 / 255, 1.0])  # what the note is about
+    note = trainer.min_max_note(trainer.Dataset(["0", "1", "2"], str(tmp_path)))
+    assert note.startswith(f"note: the training images mix 8-bit and uint16 ones (e.g. {tmp_path}/images/0.png and "
+                           f"{tmp_path}/images/2.png)")
+    assert "--normalization percentile scales every image alike" in note
+    assert trainer.min_max_note(trainer.Dataset(["0", "1"], str(tmp_path))) == ""
 
 
 def test_16_bit_training_images_under_fixed_normalization_get_a_note(tiny_workdir, tiny_ids, capsys):
