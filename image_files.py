@@ -669,5 +669,7 @@ def read_mask(path):
     shown = ", ".join(str(v) for v in values[:8]) + (" ..." if len(values) > 8 else "")
     raise DataError(f"mask {path} has values {{{shown}}}" + (" in its alpha channel (a transparent layer, read as "
                     "its alpha: draw the nuclei fully opaque)" if alpha is not None else "") +
-                    "; masks must hold only 0/255 or 0/1 (0/65535 in 16 bits) "
-                    "(a colour mask, or a resized soft mask? save hard grey masks as PNG)")
+                    "; masks must hold only 0/255 or 0/1 (0/65535 in 16 bits) " +
+                    ("(soft edges: a drawing tool's anti-aliasing, or a resized mask; draw with anti-aliasing off, or "
+                     "threshold it at half its maximum and save it as PNG)" if len(values) > 2 else
+                     "(a class's colour? save the nuclei as 255 on 0)"))

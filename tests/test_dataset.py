@@ -857,6 +857,19 @@ def test_a_tiff_thumbnail_stored_before_the_image_is_passed_over(tmp_path):
     assert image_files.tiff_header(str(tmp_path / "i.tif")).series == 1
 
 
+def test_a_soft_edged_or_one_colour_mask_is_refused_with_its_likely_cause(tmp_path):
+    """A drawing tool's anti-aliasing leaves values 1-254 along every edge: `> 0` would fatten each nucleus by its
+    soft rim, and no threshold is the one the user meant."""
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 255
+    soft = cv2.GaussianBlur(mask, (5, 5), 1)
+    assert len(np.unique(soft)) > 3
+    with pytest.raises(DataError, match=r"soft.png has values \{0, .*anti-aliasing.*threshold it at half"):
+        read_mask(write_image(tmp_path / "soft.png", soft))
+    with pytest.raises(DataError, match=r"class.png has values \{0, 128\}.*a class's colour\? save the nuclei as "):
+        read_mask(write_image(tmp_path / "class.png", mask // 255 * 128))
+
+
 def test_tiff_images_channels_first_and_stacks(tmp_path):
     rgb = np.random.default_rng(0).integers(0, 255, (3, 20, 30), dtype=np.uint8)
     tifffile.imwrite(tmp_path / "chw.tif", rgb, photometric="minisblack")
