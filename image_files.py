@@ -531,15 +531,17 @@ def _label_values(path):
         raise DataError(f"label image {path} holds {labels.dtype} values with fractions or NaN; label images hold "
                         "integers, one per nucleus (save them as 16-bit PNG or integer TIFF)")
     low, top = int(labels.min()), int(labels.max())
-    # ids past 255 saved in 8 bits wrap (256 -> 0, 257 -> 1) or clip to 255: nuclei vanish or share an id. A binary
-    # mask (two values) is left to read_label_image's message
-    if labels.dtype == np.uint8 and top == 255 and np.count_nonzero(np.bincount(labels.ravel())) > 2:
+    # ids past 255 saved in 8 bits wrap (256 -> 0, 257 -> 1) or clip to 255: nuclei vanish or share an id (past
+    # 65535 in 16 bits alike). A binary mask (two values) is left to read_label_image's message
+    most = np.iinfo(labels.dtype).max if labels.dtype in (np.uint8, np.uint16) else None
+    if top == most and np.count_nonzero(np.bincount(labels.ravel())) > 2:
         split = split_ids(labels)
         if len(split):
-            raise DataError(f"label image {path} is 8-bit, uses the id 255 and gives one id to several separate "
-                            f"objects ({len(split)} such id{'s' * (len(split) > 1)}, e.g. {split[0]}): the tool that "
-                            "saved it wrapped or clipped the ids of more than 255 nuclei (nuclei merged or lost); "
-                            "save label images as 16-bit PNG or TIFF")
+            bits = 8 * labels.dtype.itemsize
+            raise DataError(f"label image {path} is {bits}-bit, uses the id {most} and gives one id to several "
+                            f"separate objects ({len(split)} such id{'s' * (len(split) > 1)}, e.g. {split[0]}): the "
+                            f"tool that saved it wrapped or clipped the ids of more than {most} nuclei (nuclei merged "
+                            f"or lost); save label images as {'16-bit PNG or TIFF' if bits == 8 else '32-bit TIFF'}")
     if low < 0 or top > np.iinfo(np.int32).max:  # int32 below: larger values would wrap to negative ones
         raise DataError(f"label image {path} holds the value {low if low < 0 else top}; labels are 0 for the "
                         f"background and 1 to {np.iinfo(np.int32).max} for the nuclei (number them 1..N)")

@@ -802,7 +802,7 @@ def grid_labels(count, side=3, gap=2):
 
 
 @pytest.mark.parametrize("saved", ["wrapped", "clipped"])
-def test_8bit_label_images_of_more_than_255_nuclei_are_refused(tmp_path, saved):
+def test_label_images_whose_ids_wrapped_or_clipped_at_their_bits_are_refused(tmp_path, saved):
     """A tool that saves 300 ids in 8 bits wraps them (256 -> 0, 257 -> 1) or clips them at 255: nuclei vanish or
     share an id, and a perfect prediction of them scored 0.61 (wrapped) or 0.84 (clipped) without a word."""
     labels = grid_labels(300)
@@ -812,6 +812,10 @@ def test_8bit_label_images_of_more_than_255_nuclei_are_refused(tmp_path, saved):
         read_label_image(write_image(tmp_path / "l.png", stored.astype(np.uint8)))
     np.testing.assert_array_equal(read_label_image(write_image(tmp_path / "l16.png", labels.astype(np.uint16))),
                                   labels)
+    clipped16 = grid_labels(10).astype(np.uint16)
+    clipped16[clipped16 >= 9] = 65535  # as ids 65535 and 65536 clipped in 16 bits
+    with pytest.raises(DataError, match=r"l16c.png is 16-bit, uses the id 65535 .*e\.g\. 65535.*32-bit TIFF"):
+        read_label_image(write_image(tmp_path / "l16c.png", clipped16))
     full = grid_labels(255)  # 255 nuclei fit 8 bits
     np.testing.assert_array_equal(read_label_image(write_image(tmp_path / "l255.png", full.astype(np.uint8))), full)
 
