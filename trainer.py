@@ -29,7 +29,7 @@ from device_data import BatchAugment, DeviceImages, DeviceLoader
 from engine import (NonFiniteLoss, Precision, choose_device, evaluate, fit_threads_to_cpus, recalibrate_batchnorm,
                     seed_everything, train_one_epoch)
 from files import atomic_write, interrupts_held, locked, remove_killed_writes
-from image_files import decode_image
+from image_files import TIFF_EXTS, decode_image, tiff_header
 from inference import whole_image_network
 from losses import build_loss
 from optim import build_optimizer, build_scheduler, cosine_parts, fused_update, step_scheduler
@@ -295,7 +295,7 @@ class Trainer:
         if self.main:
             fixed = a.normalization == "fixed"
             for note in (mostly_foreground_note(data, "the training masks"), min_max_note(data) if fixed else "",
-                         split_ids_note(data, "the training label images")):
+                         split_ids_note(data, "the training label images"), channels_note(data)):
                 if note:
                     self._say(note)
         if a.balance:
@@ -611,6 +611,22 @@ def min_max_note(data, samples=16):
     return (f"note: the training images are {wide[0]} (e.g. {image}), and "
             "--normalization fixed scales each by its own minimum and maximum, so one hot or saturated pixel darkens "
             "the rest of its image; --normalization percentile (the bundled model's) is not thrown off by a few")
+
+
+def channels_note(data, samples=16):
+    """A note ('' for none) when a training image (the first and up to ``samples`` more, evenly spaced) is a TIFF
+    of 3 channels on a C axis (an ImageJ hyperstack or OME TIFF of fluorescence channels, unlike RGB samples): it is
+    read as the colours of one RGB image, as 2 or 4 such channels are refused, whether or not the nuclei are what
+    the user meant the network to see."""
+    picked = np.unique(np.linspace(0, len(data) - 1, min(samples, len(data))).round().astype(int))
+    for i in picked:
+        path = data.layout.image(data.img_ids[i])
+        header = tiff_header(path) if path.lower().endswith(TIFF_EXTS) else None
+        if header is not None and header.channel_axis == "C" and header.channels == 3:
+            return (f"note: the training image {path} has 3 channels on a C axis (fluorescence channels, not RGB): "
+                    "it is read as the colours of one RGB image; to train on the nucleus channel alone, save it "
+                    "alone (Fiji: Image > Color > Split Channels)")
+    return ""
 
 
 def wrap_model(net, device, sync_bn, compile_mode):

@@ -1027,6 +1027,24 @@ def test_training_images_of_8_and_16_bits_get_a_note(tmp_path):
     assert trainer.min_max_note(trainer.Dataset(["0", "1"], str(tmp_path))) == ""
 
 
+def test_training_tiffs_of_3_fluorescence_channels_get_a_note(tmp_path):
+    """An ImageJ hyperstack of 3 channels (axis C) is read as RGB, as 2 or 4 channels are refused: whether the
+    network should see the nuclei alone cannot be told, so train.py says how it reads them."""
+    planes = np.random.default_rng(0).integers(0, 4096, (3, 32, 32), dtype=np.uint16)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:20, 8:20] = 255
+    for folder in (tmp_path / "images", tmp_path / "masks" / "0"):
+        folder.mkdir(parents=True)
+    tifffile.imwrite(tmp_path / "images" / "c.tif", planes, imagej=True, metadata={"axes": "CYX"})
+    tifffile.imwrite(tmp_path / "images" / "s.tif", planes.transpose(1, 2, 0), photometric="rgb")
+    for i in ("c", "s"):
+        cv2.imwrite(str(tmp_path / "masks" / "0" / f"{i}.png"), mask)
+    assert decode_image(str(tmp_path / "images" / "c.tif")).shape == (32, 32, 3)  # what the note is about
+    note = trainer.channels_note(trainer.Dataset(["s", "c"], str(tmp_path), img_ext=".tif"))
+    assert note.startswith(f"note: the training image {tmp_path}/images/c.tif has 3 channels on a C axis")
+    assert trainer.channels_note(trainer.Dataset(["s"], str(tmp_path), img_ext=".tif")) == ""
+
+
 def test_16_bit_training_images_under_fixed_normalization_get_a_note(tiny_workdir, tiny_ids, capsys):
     """--normalization fixed scales a 16-bit image by its own minimum and maximum, so that one hot pixel darkens the
     rest of it (bench/robustness.py): train.py says so and names the robust choice; 8-bit images get no note."""
