@@ -69,14 +69,16 @@ def main(argv):
     if strays:
         print(f"note: {len(strays)} file{'s' * (len(strays) != 1)} in {args.pred} belong{'s' * (len(strays) == 1)} "
               f"to no image of {folder} and {'are' if len(strays) != 1 else 'is'} left out: {first_few(strays)}")
-    rows, counts, binary = [], np.zeros(5, np.int64), []
+    rows, counts, binary, split = [], np.zeros(5, np.int64), [], []
 
     def keep(result):
-        row, image_counts, was_binary = result
+        row, image_counts, was_binary, split_truth = result
         rows.append(row)
         counts[:] += image_counts
         if was_binary:
             binary.append(row["prediction"])
+        if split_truth:
+            split.append(row["img_id"])
 
     with BatchedThreads(keep, desc="score") as jobs:  # reading and matching release the GIL
         for img_id, pred in preds.items():
@@ -86,6 +88,10 @@ def main(argv):
         print(f"note: {len(binary)} prediction{'s are' if len(binary) != 1 else ' is'} a binary mask, scored as "
               f"{'their' if len(binary) != 1 else 'its'} connected components (touching nuclei count as one): "
               f"{first_few(binary)}")
+    if split:
+        print(f"note: in the truth of {len(split)} image{'s' * (len(split) != 1)} an id marks several separate "
+              f"objects, each scored as one nucleus (a miss and false nuclei where a prediction separates them): "
+              f"{first_few(sorted(split))}; give separate nuclei ids of their own")
     for note in mostly_foreground_notes(counts, args.pred, folder):
         print(note)
     table = pd.DataFrame(rows, columns=COLUMNS).sort_values("iou", kind="stable").reset_index(drop=True)

@@ -10,7 +10,7 @@ import numpy as np
 from config import INPUTS_DIR, dataset_folder
 from dataset import MOSTLY_FOREGROUND, find_layout, list_ids, read_instance_labels
 from evaluation import interval_line
-from image_files import read_labels_or_components, read_mask
+from image_files import read_labels_or_components, read_mask, split_ids
 from metrics import dsb_score_of_iou, object_iou, pooled_scores, true_positives
 from predict import CELLPOSE_OUTPUTS, IMAGE_EXTS
 from utils import DataError, check_utf8_names, first_few
@@ -79,7 +79,9 @@ def pair_predictions(pred_dir, ids, suffix, suffixes):
 def score_image(img_id, pred_path, labels_path, mask_path, image_path):
     """One image's row of COLUMNS (the instance scores NaN without ``labels_path``, a label image or ImageJ ROIs drawn
     at the size of ``image_path``: dataset.read_instance_labels), its pixel counts
-    (intersection, union, predicted, true, all of the image's) and whether the prediction was a binary mask."""
+    (intersection, union, predicted, true, all of the image's), whether the prediction was a binary mask, and how
+    many ids of the truth mark several separate objects (image_files.split_ids: the score takes each for one
+    nucleus; 0 without instance labels)."""
     pred, binary = read_labels_or_components(pred_path)
     truth = read_instance_labels(labels_path, image_path) if labels_path else None
     true_mask = read_mask(mask_path) > 0 if mask_path else truth > 0
@@ -95,7 +97,7 @@ def score_image(img_id, pred_path, labels_path, mask_path, image_path):
               int(true_mask.sum()), true_mask.size]
     row = {"img_id": img_id, **pooled_scores(*counts[:4]), "prediction": os.path.basename(pred_path)}
     if truth is None:
-        return {**row, "pred_nuclei": len(np.unique(pred[pred_mask]))}, counts, binary
+        return {**row, "pred_nuclei": len(np.unique(pred[pred_mask]))}, counts, binary, 0
     iou = object_iou(truth, pred)
     n_true, n_pred = iou.shape
     tp = int(true_positives(iou, [0.5])[0])
@@ -104,7 +106,7 @@ def score_image(img_id, pred_path, labels_path, mask_path, image_path):
             "precision": tp / n_pred if n_pred else float(n_true == 0),
             "recall": tp / n_true if n_true else float(n_pred == 0),
             "f1": 2 * tp / (n_true + n_pred) if n_true + n_pred else 1.0, "true_nuclei": n_true,
-            "pred_nuclei": n_pred}, counts, binary
+            "pred_nuclei": n_pred}, counts, binary, len(split_ids(truth))
 
 
 def mostly_foreground_notes(counts, pred_dir, folder):

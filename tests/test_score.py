@@ -178,6 +178,21 @@ def test_a_binary_mask_is_scored_as_connected_components_with_a_note(tmp_path, c
     assert (row["iou"], row["pred_nuclei"], row["tp"], row["fn"]) == (1.0, 2, 1, 2)
 
 
+def test_a_truth_that_gives_one_id_to_separate_nuclei_gets_a_note(tmp_path, capsys):
+    """Two nuclei sharing an id are one nucleus to the score: a prediction that separates them scored a miss and two
+    false nuclei without a word."""
+    truth = np.zeros((SIZE, SIZE), np.int32)
+    truth[2:8, 2:8], truth[20:26, 20:26], truth[10:15, 2:8] = 1, 1, 2  # two halves: neither matches above 0.5
+    separated = np.where(truth * (np.arange(SIZE) >= 16)[None, :] == 1, 3, truth)
+    argv = one_image(tmp_path, separated.astype(np.uint16), truth=truth)
+    code, out, _ = run(argv, capsys)
+    row = read_scores(tmp_path / "pred" / "scores.csv").loc["x"]
+    assert code == 0 and (row["tp"], row["fp"], row["fn"]) == brute_force_counts(truth, separated) == (1, 2, 1)
+    assert "note: in the truth of 1 image an id marks several separate objects, each scored as one nucleus" in out
+    code, out, _ = run(one_image(tmp_path / "apart", separated.astype(np.uint16), truth=separated), capsys)
+    assert code == 0 and "several separate objects" not in out
+
+
 def test_predictions_without_truth_are_named_in_one_note_and_left_out(tmp_path, capsys):
     labels = random_labels(np.random.default_rng(4)).astype(np.uint16)
     argv = one_image(tmp_path, labels, "x_instances.png")
