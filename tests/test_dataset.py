@@ -821,12 +821,20 @@ def test_label_images_whose_ids_wrapped_or_clipped_at_their_bits_are_refused(tmp
 
 
 def test_split_ids_are_the_ids_of_several_separate_objects():
-    labels = grid_labels(40)
+    """Parts under a quarter of the median nucleus (a stray speck beside a DSB2018 nucleus) do not count."""
+    labels = grid_labels(40, side=4, gap=3)
     labels[labels == 7] = 3  # 3 now marks two squares
     labels[labels == 30] = 19
-    labels[3, 2:5] = 0  # id 1 cut in two by the background
-    expected = [v for v in np.unique(labels)[1:] if ndi.label(labels == v, np.ones((3, 3)))[1] > 1]
-    assert expected  # the checks below must see some
+    labels[3:7, 4:6] = 0  # id 1 cut in two halves by the background
+    labels[labels == 12] = 0
+    labels[4:7, 81] = 11  # a speck of 3 pixels beside 11, where 12 was
+    median = np.median([np.count_nonzero(labels == v) for v in np.unique(labels)[1:]])
+    expected = []
+    for v in np.unique(labels)[1:]:
+        parts, count = ndi.label(labels == v, np.ones((3, 3)))
+        if np.count_nonzero(np.bincount(parts.ravel())[1:] >= median / 4) > 1:
+            expected.append(v)
+    assert 11 not in expected and len(expected) == 3  # the checks below must see some of each
     np.testing.assert_array_equal(image_files.split_ids(labels), expected)
 
 
