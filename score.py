@@ -57,6 +57,7 @@ def main(argv):
     # Heavy imports only now, so that --help and flag errors answer at once.
     import pandas as pd
 
+    from dataset import SPLIT_SHARE
     from files import atomic_write
     from scoring import COLUMNS, mostly_foreground_notes, pair_predictions, score_image, summary, truth_files
 
@@ -69,7 +70,7 @@ def main(argv):
     if strays:
         print(f"note: {len(strays)} file{'s' * (len(strays) != 1)} in {args.pred} belong{'s' * (len(strays) == 1)} "
               f"to no image of {folder} and {'are' if len(strays) != 1 else 'is'} left out: {first_few(strays)}")
-    rows, counts, binary, split = [], np.zeros(5, np.int64), [], []
+    rows, counts, binary, split = [], np.zeros(5, np.int64), [], {}
 
     def keep(result):
         row, image_counts, was_binary, split_truth = result
@@ -78,7 +79,7 @@ def main(argv):
         if was_binary:
             binary.append(row["prediction"])
         if split_truth:
-            split.append(row["img_id"])
+            split[row["img_id"]] = split_truth
 
     with BatchedThreads(keep, desc="score") as jobs:  # reading and matching release the GIL
         for img_id, pred in preds.items():
@@ -88,7 +89,8 @@ def main(argv):
         print(f"note: {len(binary)} prediction{'s are' if len(binary) != 1 else ' is'} a binary mask, scored as "
               f"{'their' if len(binary) != 1 else 'its'} connected components (touching nuclei count as one): "
               f"{first_few(binary)}")
-    if split:
+    true_ids = sum(row.get("true_nuclei", 0) for row in rows)
+    if split and sum(split.values()) >= SPLIT_SHARE * true_ids:
         print(f"note: in the truth of {len(split)} image{'s' * (len(split) != 1)} an id marks several separate "
               f"objects, each scored as one nucleus (a miss and false nuclei where a prediction separates them): "
               f"{first_few(sorted(split))}; give separate nuclei ids of their own")

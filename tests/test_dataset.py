@@ -852,6 +852,13 @@ def test_a_note_names_label_images_that_give_one_id_to_separate_objects(tmp_path
     assert note.startswith("note: in 1 of 3 of these an id marks several separate objects") and \
         f"{root / 'labels' / '1.png'}: 1 id, e.g. 2)" in note
     assert dataset.split_ids_note(Dataset(["0", "2"], str(root)), "these") == ""
+    # one id split among more than a hundred (as resizing splits a few thin nuclei of DSB2018's 96x96 labels): none
+    many = grid_labels(120, side=6)
+    many[many == 120] = 2
+    write_image(root / "labels" / "1.png", many.astype(np.uint16))
+    write_image(root / "images" / "1.png", (many > 0).astype(np.uint8) * 200)
+    assert len(image_files.split_ids(many)) == 1
+    assert dataset.split_ids_note(Dataset(["0", "1", "2"], str(root)), "these") == ""
 
 
 def test_a_tiff_thumbnail_stored_before_the_image_is_passed_over(tmp_path):

@@ -191,6 +191,16 @@ def test_a_truth_that_gives_one_id_to_separate_nuclei_gets_a_note(tmp_path, caps
     assert "note: in the truth of 1 image an id marks several separate objects, each scored as one nucleus" in out
     code, out, _ = run(one_image(tmp_path / "apart", separated.astype(np.uint16), truth=separated), capsys)
     assert code == 0 and "several separate objects" not in out
+    # one such id among 120 (as resizing splits a few thin nuclei): under dataset.SPLIT_SHARE, no note
+    many = np.kron(np.arange(1, 121).reshape(8, 15), np.ones((4, 4), np.int32))
+    many = np.pad(many, 1) * np.pad(np.kron(np.ones((8, 15), np.int32), np.pad(np.ones((3, 3), np.int32), (0, 1))),
+                                    1)
+    many[many == 120] = 2
+    code, out, _ = run(one_image(tmp_path / "many", many.astype(np.uint16), truth=many), capsys)
+    assert code == 0 and "several separate objects" not in out
+    many[many == 119] = 3
+    code, out, _ = run(one_image(tmp_path / "more", many.astype(np.uint16), truth=many), capsys)
+    assert code == 0 and "note: in the truth of 1 image an id marks several separate objects" in out
 
 
 def test_predictions_without_truth_are_named_in_one_note_and_left_out(tmp_path, capsys):
