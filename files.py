@@ -194,10 +194,16 @@ def atomic_write(path, mode="w", **kwargs):
 def interrupts_held():
     """Hold Ctrl-C (SIGINT) and :data:`STOP_SIGNALS` until the block ends, then act on those received: files written
     together in the block (a run's model.pth, log.csv and last.pth of one epoch) are all of one moment, and
-    torch.save, which turns a KeyboardInterrupt into a RuntimeError, is never cut off. Main thread only."""
+    torch.save, which turns a KeyboardInterrupt into a RuntimeError, is never cut off. Main thread only.
+
+    A Python handler of SIGCHLD is held too: PyTorch's raises for a DataLoader worker that died (the out-of-memory
+    killer's SIGKILL). Raised between the write of last.pth and the line after it that records the epoch as saved,
+    it made train.py say that no epoch was saved and to start again with --overwrite."""
     received = []
-    held = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
-            for sig in (signal.SIGINT, *STOP_SIGNALS)}
+    signals = [signal.SIGINT, *STOP_SIGNALS]
+    if callable(signal.getsignal(signal.SIGCHLD)):  # left alone otherwise: a handler makes each child's exit interrupt
+        signals.append(signal.SIGCHLD)             # the system calls of C code that may not retry them
+    held = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in signals}
     try:
         yield
     finally:

@@ -245,6 +245,39 @@ def test_killed_loader_worker_is_a_one_line_error(workdir):
     check_run_files_complete(workdir / "models" / name)
 
 
+# train.py whose first loader worker dies (SIGKILL, as by the out-of-memory killer) right after epoch 1's last.pth is
+# written, before the trainer records the epoch as saved: on a loaded machine the kill of the test above can land there
+WORKER_KILLED_AT_THE_COMMIT = """
+import os, signal, time
+import psutil
+import train, trainer, utils
+save = trainer.save_training_state
+def save_then_lose_a_worker(*args):
+    save(*args)
+    worker = min(child.pid for child in psutil.Process().children())
+    os.kill(worker, signal.SIGKILL)
+    os.waitid(os.P_PID, worker, os.WEXITED | os.WNOWAIT)  # dead, and left for PyTorch to find
+    time.sleep(1)  # PyTorch's SIGCHLD handler runs meanwhile, unless held
+trainer.save_training_state = save_then_lose_a_worker
+utils.run_cli(train.main)
+"""
+
+
+def test_worker_killed_as_the_epoch_is_saved_says_to_resume_from_it(workdir):
+    """A loader worker killed between the write of last.pth and the line that records its epoch as saved: the error
+    says to resume from that epoch, not that no epoch was saved and to start again with --overwrite (which throws
+    the saved epoch away)."""
+    name = "worker_killed_at_the_commit"
+    done = subprocess.run([sys.executable, "-c", WORKER_KILLED_AT_THE_COMMIT, *first_run_args(name), "--num_workers",
+                           "1", "--loader", "workers"], cwd=workdir, env=ENV, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "killed by signal" in done.stderr, done.stderr[-2000:]
+    assert f"during epoch 2; models/{name}/last.pth holds epoch 1. Continue with: python train.py --resume {name} " \
+           "--num_workers 0" in done.stderr, done.stderr[-2000:]
+    check_run_files_complete(workdir / "models" / name)
+
+
 # ------------------------------------------------------------------------ --auto_resume: one command, every start
 
 RECIPE = "dataset: tiny\narch: UNet\ninput_w: 32\ninput_h: 32\nepochs: 2\nbatch_size: 2\nnum_workers: 0\n" \
