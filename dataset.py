@@ -32,7 +32,6 @@ percentile_dark); the network then sees ``(x - 0.5) / 0.25`` (:func:`normalize`)
 linear interpolation for images and nearest for masks (image_files.NEAREST, aligned with the linear one), so
 targets stay hard.
 """
-import math
 import multiprocessing
 import os
 import signal
@@ -40,17 +39,14 @@ import sys
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations' import otherwise calls the network
-
-import albumentations as A
 import cv2
 import numpy as np
 import torch
 
 import distributed
 from geojson_objects import GEOJSON_FILE, geojson_labels
-from image_files import (BLUR_P, CELLPOSE_NOT_IMAGES, JPEG_EXTS, MOST_PHOTONS, NEAREST, SHOT_NOISE_P,
-                         decode_image, image_to_float, normalize, read_label_image, read_mask, split_ids)
+from image_files import (CELLPOSE_NOT_IMAGES, JPEG_EXTS, NEAREST, decode_image, image_to_float, normalize,
+                         read_label_image, read_mask, split_ids)
 from rois import ROI_FILES, roi_labels
 from instances import median_diameter, nucleus_areas, touching_borders
 from utils import (NEAR_NAMES, STOP_SIGNALS, DataError, UsageError, check_utf8_names, first_few, near_names,
@@ -368,62 +364,6 @@ AUGMENTATION_FLAGS = ("input_h", "input_w", "crop_size", "scale_jitter", "color_
                       "shot_noise", "blur")
 
 
-class Defocus(A.ImageOnlyTransform):
-    """With probability p, an image float [H, W, C] in [0, 1] blurred by cv2.GaussianBlur (kernel size from sigma,
-    borders reflected 101), sigma uniform in [0, blur] pixels per image. A.GaussianBlur is not this: its kernel
-    stops at 3.5 sigma (PIL's), OpenCV's at 4, and at a sigma of 0 its kernel is 0 / 0."""
-
-    def __init__(self, blur, p=BLUR_P):
-        super().__init__(p=p)
-        self.blur = blur
-
-    def get_params(self):
-        return {"sigma": self.py_random.uniform(0, self.blur)}
-
-    def apply(self, img, sigma, **params):
-        if sigma == 0:  # OpenCV refuses a sigma of 0 with no kernel size
-            return img
-        return cv2.GaussianBlur(img, (0, 0), sigma).reshape(img.shape)  # OpenCV drops a single channel's axis
-
-
-class ShotNoise(A.ImageOnlyTransform):
-    """With probability p, an image float [H, W, C] in [0, 1] -> Poisson(x n) / n clipped to [0, 1], with n (the
-    photons at the value 1) log-uniform in [photons, MOST_PHOTONS] per image. A.ShotNoise is not this: it works
-    in gamma-corrected light and draws its scale uniformly."""
-
-    def __init__(self, photons, p=SHOT_NOISE_P):
-        super().__init__(p=p)
-        self.photons = photons
-
-    def get_params(self):
-        return {"n": math.exp(self.py_random.uniform(math.log(self.photons), math.log(MOST_PHOTONS)))}
-
-    def apply(self, img, n, **params):
-        return np.minimum(self.random_generator.poisson(img * n) / n, 1).astype(np.float32)
-
-
-class DrawnApart(A.Compose):
-    """A.Compose whose transforms each draw from a seed of their own, derived from the one it is given.
-    albumentations hands every transform the Compose's seed itself, so that their first draws are the same numbers:
-    every image turned grey was also inverted (--greyscale 0.5 --invert 0.5), and the flips fell with the crop
-    position, where device_data.BatchAugment draws each augmentation independently."""
-
-    def set_random_seed(self, seed):
-        super().set_random_seed(seed)
-        if seed is not None:
-            seed_apart(self.transforms, seed)
-
-
-def seed_apart(transforms, seed):
-    """Seed each of ``transforms`` (and each transform of an A.OneOf among them) from SeedSequence([seed, its
-    place])."""
-    for place, transform in enumerate(transforms):
-        own = int(np.random.SeedSequence([seed, place]).generate_state(1)[0])
-        transform.set_random_seed(own)
-        if isinstance(transform, A.BaseCompose):
-            seed_apart(transform.transforms, own)
-
-
 def train_transform(input_h, input_w, crop_size=0, scale_jitter=0.0, color_jitter=True, greyscale=0.0, invert=0.0,
                     shot_noise=0.0, blur=0.0, stain_jitter=0.0):
     """Augmentation for training (albumentations 2.x): resize or random crop, the eight flips/rotations, jitter.
@@ -439,6 +379,7 @@ def train_transform(input_h, input_w, crop_size=0, scale_jitter=0.0, color_jitte
     the loader workers alone (train.py picks them for it), every other augmentation also in
     device_data.BatchAugment (AUGMENTATION_FLAGS). Each transform draws from a seed of its own (:class:`DrawnApart`).
     """
+    from augment import A, Defocus, DrawnApart, ShotNoise  # albumentations: imported only now (augment.py)
     size = []
     if scale_jitter > 0:
         size.append(A.Affine(scale=(1 - scale_jitter, 1 + scale_jitter), border_mode=cv2.BORDER_REFLECT_101, p=1.0))
@@ -462,9 +403,30 @@ def train_transform(input_h, input_w, crop_size=0, scale_jitter=0.0, color_jitte
     return DrawnApart(size + [A.D4(p=1.0)] + colour)
 
 
+class Resize:
+    """Evaluation's resize of an image float [H, W, C] to ``size`` (h, w), linear, and of its mask uint8 [H, W] or
+    [H, W, K], nearest (image_files.NEAREST), as albumentations' Resize does (tests/test_dataset.py compares them)
+    without its import: ``transform(image=..., mask=...)`` -> {"image": ..., "mask": ...}."""
+
+    def __init__(self, size):
+        self.size = size
+
+    def set_random_seed(self, seed):
+        """Nothing is drawn: the Dataset seeds every transform."""
+
+    def __call__(self, image, mask):
+        return {"image": self._resized(image, cv2.INTER_LINEAR), "mask": self._resized(mask, NEAREST)}
+
+    def _resized(self, array, interpolation):
+        if array.shape[:2] == self.size:
+            return array
+        out = cv2.resize(array, self.size[::-1], interpolation=interpolation)
+        return out.reshape(*self.size, *array.shape[2:])  # OpenCV drops a single channel's axis
+
+
 def eval_transform(input_h, input_w, crop_size=0):
-    """Evaluation: resize to input_h x input_w, or (crop training) keep the original size."""
-    return A.Compose([] if crop_size else [A.Resize(input_h, input_w, mask_interpolation=NEAREST)])
+    """Evaluation: resize to input_h x input_w (:class:`Resize`), or (crop training) keep the original size (None)."""
+    return None if crop_size else Resize((input_h, input_w))
 
 
 # --------------------------------------------------------------------------------------------------- dataset

@@ -10,9 +10,9 @@ all go to the model, and a GPU is not fed by CPU workers. It draws the same augm
   uniform in [1 - s, 1 + s], the image keeping its size (reflected at the borders, as albumentations' Affine);
 - the eight flips and rotations (D4), each with probability 1/8 (square outputs; flips only otherwise);
 - with ``blur`` sigma (> 0), with probability 0.5, defocus: a Gaussian blur of sigma uniform in [0, blur] pixels
-  (dataset.Defocus, cv2.GaussianBlur's kernel and reflected borders), before the shot noise;
+  (augment.Defocus, cv2.GaussianBlur's kernel and reflected borders), before the shot noise;
 - with ``shot_noise`` photons (> 0), with probability 0.5, the shot noise of a camera that collected few photons
-  (dataset.ShotNoise), before any colour change;
+  (augment.ShotNoise), before any colour change;
 - with ``color_jitter``, with probability 0.8, either (1/2 each) albumentations' ColorJitter (brightness,
   contrast and saturation factors in [0.8, 1.2], hue shift in [-0.05, 0.05] of the circle, in a random order) or
   RandomBrightnessContrast (x * (1 + a) + b, a and b in [-0.2, 0.2]), clipped to [0, 1];
@@ -195,7 +195,7 @@ def where_drawn(p, changed, images, generator):
 
 def shot_noise(images, photons, generator):
     """With probability 0.5 per sample, images float [B, C, H, W] in [0, 1] -> Poisson(x n) / n clipped to [0, 1],
-    n log-uniform in [photons, MOST_PHOTONS] per sample, as dataset.ShotNoise. The counts are drawn on the CPU from
+    n log-uniform in [photons, MOST_PHOTONS] per sample, as augment.ShotNoise. The counts are drawn on the CPU from
     ``generator``, so that they are the same on any device."""
     b = images.shape[0]
     u = torch.rand(b, 2, generator=generator, dtype=torch.float64)
@@ -206,7 +206,7 @@ def shot_noise(images, photons, generator):
 
 def defocus(images, blur, generator):
     """With probability 0.5 per sample, images float [B, C, H, W] -> :func:`gaussian_blur` of sigma uniform in
-    [0, blur] pixels per sample, as dataset.Defocus. The coins and sigmas are drawn on the CPU from ``generator``."""
+    [0, blur] pixels per sample, as augment.Defocus. The coins and sigmas are drawn on the CPU from ``generator``."""
     u = torch.rand(images.shape[0], 2, generator=generator, dtype=torch.float64)
     picked = (u[:, 0] < BLUR_P).nonzero()[:, 0]
     # the others are left out of the convolutions, which then cost half as much

@@ -33,7 +33,7 @@ JPEG_SIGNATURE = b"\xff\xd8\xff"
 INVERTING_LUT = np.repeat(np.arange(255, -1, -1, dtype=np.uint8)[:, None], 3, axis=1)  # ImageJ's: i shown 255 - i
 NORMALIZATIONS = ("fixed", "percentile", "percentile_dark")  # train.py --normalization
 # train.py --shot_noise: the share of training images made low-light, and the most photons at the value 1 they
-# get (noise about 3 % of the signal there); dataset.ShotNoise and device_data.shot_noise draw them alike
+# get (noise about 3 % of the signal there); augment.ShotNoise and device_data.shot_noise draw them alike
 SHOT_NOISE_P, MOST_PHOTONS = 0.5, 1000
 # train.py --blur: the share of training images defocused, and the largest sigma (px) --blur takes: at 10 px a
 # nucleus of the bundled model's 19 px is a faint smudge, past what bench/robustness.py measured (4 px)

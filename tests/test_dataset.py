@@ -1,8 +1,11 @@
 """Tests for dataset.py: image/mask readers, layout checks with their error messages, the Dataset and its
 augmentation seeding."""
 import os
+import subprocess
+import sys
 import unicodedata
 import zlib
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -21,6 +24,8 @@ import image_files
 from image_files import NORM_MEAN, NORM_STD, decode_image, image_to_float, read_label_image, read_labels, read_mask
 from instances import touching_borders
 from utils import DataError, UsageError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 IDS = ["a", "b", "c"]
 
@@ -523,6 +528,33 @@ def test_eval_transform_with_crop_keeps_size(tmp_path):
     ids = make_synthetic(tmp_path, "syn", num_images=2, size=48)
     image, mask, _ = Dataset(ids, str(tmp_path / "inputs" / "syn"), transform=eval_transform(32, 32, crop_size=32))[0]
     assert image.shape == (3, 48, 48) and mask.shape == (1, 48, 48)
+
+
+@pytest.mark.parametrize("size", [(48, 40), (20, 16), (33, 33), (24, 30)], ids=["up", "down", "same", "mixed"])
+def test_eval_resize_is_albumentations_resize(size):
+    """dataset.Resize (evaluation's, without albumentations' import) gives exactly what albumentations' Resize with
+    the mask interpolation of training gives: images of 1 and 3 channels (float, as the Dataset hands them over),
+    masks of [H, W] and [H, W, K] (uint8)."""
+    import albumentations as A  # here only: the point of dataset.Resize is that the scripts' imports lack it
+    rng = np.random.default_rng(0)
+    theirs = A.Compose([A.Resize(*size, mask_interpolation=image_files.NEAREST)])
+    for image, mask in ((rng.random((33, 33, 3), np.float32), rng.integers(0, 2, (33, 33), np.uint8)),
+                        (rng.random((33, 33, 1), np.float32), rng.integers(0, 2, (33, 33, 1), np.uint8)),
+                        (rng.random((33, 33, 3), np.float32), rng.integers(0, 2, (33, 33, 5), np.uint8))):
+        want, got = theirs(image=image, mask=mask), eval_transform(*size)(image=image, mask=mask)
+        for key in ("image", "mask"):
+            assert got[key].dtype == want[key].dtype and got[key].shape == want[key].shape, key
+            np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_evaluation_scripts_load_without_albumentations():
+    """val.py and predict.py (and train.py's modules, for runs that augment on the device) do not import
+    albumentations, whose import takes seconds; training in loader workers does."""
+    code = ("import sys, predict, trainer, val, evaluation\nbefore = 'albumentations' in sys.modules\n"
+            "trainer.train_transform(16, 16)\nprint(before, 'albumentations' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.stdout.split() == ["False", "True"], done.stderr[-2000:]
 
 
 def test_augmentation_seeded_by_epoch_and_index(tmp_path):

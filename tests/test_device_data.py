@@ -10,6 +10,7 @@ import torch
 import yaml
 from skimage.measure import regionprops
 
+import augment
 import dataset
 import image_files
 import splits
@@ -383,7 +384,7 @@ def test_blur_is_opencvs_gaussian_blur_on_both_paths(h, w, channels):
     for sigma, out, want in zip(sigmas, blurred, expected):
         np.testing.assert_allclose(out, want, atol=1e-5, rtol=0, err_msg=f"sigma {sigma}")
         assert sigma < 0.0625 or np.abs(want - image).max() > 1e-3  # a blur that changes the image, but OpenCV's [1]
-        np.testing.assert_allclose(dataset.Defocus(8.0).apply(image, sigma), want, atol=1e-6, rtol=0)
+        np.testing.assert_allclose(augment.Defocus(8.0).apply(image, sigma), want, atol=1e-6, rtol=0)
     assert gaussian_blur(batch[:0], torch.zeros(0, dtype=torch.float64)).shape == (0, channels, h, w)  # none drawn
 
 
