@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, TimeoutError
 
 import cv2
 import numpy as np
@@ -39,14 +40,81 @@ def on_one_cpu():
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
 
+# Importing torch and the toolkit's modules takes seconds of a --quick benchmark's few: run_script forks each script
+# from a "zygote", one interpreter that imported them once (as tests/test_errors.py's), then runs no torch op. It
+# runs on one CPU from its start, so that OpenMP, which counts the CPUs as it loads, sees one as in a script started
+# on one CPU. The child runs the script file as __main__ with the sys.argv, sys.path, folder, stdout and stderr that
+# ``python bench/<name>`` has; the scripts' own measuring subprocesses are fresh interpreters, as ever.
+ZYGOTE = r"""
+import json, os, runpy, sys, traceback
+fresh_path = sys.path[1:]  # a script's sys.path after its own folder
+sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], "bench")]
+import pandas, torch, torch._dynamo  # noqa: F401  (the expensive imports, done once)
+import quality, speed, timing, trainer, val  # noqa: F401
+for line in sys.stdin:
+    case = json.loads(line)
+    sys.stdout.flush(); sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            for fd, name in ((1, "out"), (2, "err")):
+                f = os.open(case[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                os.dup2(f, fd); os.close(f)
+            os.chdir(case["cwd"])
+            sys.argv, sys.path[:] = [case["script"], *case["args"]], [os.path.dirname(case["script"]), *fresh_path]
+            runpy.run_path(case["script"], run_name="__main__")
+            code = 0
+        except SystemExit as e:
+            if e.code is None or isinstance(e.code, int):
+                code = e.code or 0
+            else:  # sys.exit("message"): printed, status 1, as the interpreter does
+                print(e.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush(); sys.stderr.flush()
+            os._exit(code)
+    print(pid, flush=True)
+    print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+"""
+ZYGOTES = []  # the module's one, started by the first run_script
+OUTPUTS = []  # the folder of the scripts' stdout and stderr files (the tests check that cwd is left empty)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _zygote_outputs(tmp_path_factory):
+    OUTPUTS.append(tmp_path_factory.mktemp("zygote"))
+    yield
+    for zygote in ZYGOTES:
+        zygote.stdin.close()  # it ends at the end of its input
+        zygote.wait(timeout=60)
+    ZYGOTES.clear()
+    OUTPUTS.clear()
+
+
 def run_script(name, args, cwd, timeout=240):
-    """Run bench/<name> on one CPU (:func:`on_one_cpu`); returns its JSON summary, the last line of its output."""
-    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", name), *args], cwd=cwd, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=timeout,
-                          preexec_fn=on_one_cpu)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """Run bench/<name> on one CPU (:func:`on_one_cpu`), forked from the zygote (:data:`ZYGOTE`); returns its JSON
+    summary, the last line of its output."""
+    if not ZYGOTES:
+        ZYGOTES.append(subprocess.Popen([sys.executable, "-c", ZYGOTE, ROOT], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True, preexec_fn=on_one_cpu,
+                                        env=dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")))
+    zygote, out, err = ZYGOTES[0], OUTPUTS[0] / "stdout", OUTPUTS[0] / "stderr"
+    zygote.stdin.write(json.dumps({"script": os.path.join(ROOT, "bench", name), "args": args, "cwd": str(cwd),
+                                   "out": str(out), "err": str(err)}) + "\n")
+    zygote.stdin.flush()
+    pid = int(zygote.stdout.readline())
+    with ThreadPoolExecutor(1) as waiting:
+        try:
+            code = int(waiting.submit(zygote.stdout.readline).result(timeout=timeout))
+        except TimeoutError:
+            os.kill(pid, signal.SIGKILL)  # the zygote then reads its exit status and goes on
+            raise
+    with open(out) as f, open(err) as g:
+        stdout, stderr = f.read(), g.read()
+    assert code == 0, stdout[-3000:] + stderr[-3000:]
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def assert_names_its_cpus(summary):
