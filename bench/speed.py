@@ -52,6 +52,7 @@ from archs import build_model  # noqa: E402
 from config import parse_train_args  # noqa: E402
 from dataset import list_ids  # noqa: E402
 from engine import choose_device, seed_everything  # noqa: E402
+from files import interrupts_held  # noqa: E402
 from losses import build_loss, loss_over_heads  # noqa: E402
 from seed_loop import seed_criterion, seed_loader, seed_train_epoch  # noqa: E402
 from splits import make_split  # noqa: E402
@@ -245,14 +246,20 @@ def run_measurement(spec, workdir):
     if spec["in_process"]:
         return measure(spec)
     env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")
-    with subprocess.Popen([sys.executable, os.path.abspath(__file__), "--_worker", json.dumps(spec)], cwd=workdir,
-                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
-        try:
+    proc = None
+    try:
+        # a stop signal while Popen starts the child (it exists as soon as forked) raised out of Popen, leaving the
+        # child measuring on, unknown to this script: held, it acts once the child can be killed
+        with interrupts_held():
+            proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--_worker", json.dumps(spec)],
+                                    cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        with proc:
             out, err = proc.communicate()
-        except KeyboardInterrupt:  # Ctrl-C or a stop signal: the measurement ends with the script
+    except KeyboardInterrupt:  # Ctrl-C or a stop signal: the measurement ends with the script
+        if proc is not None:
             proc.kill()
             proc.wait()  # subprocess.run waits 0.25 s at most, then leaves a killed child slow to exit to init
-            raise
+        raise
     if proc.returncode != 0:
         sys.stderr.write(out[-4000:] + err[-4000:])
         raise SystemExit(f"measurement {spec['loop']} {spec['arch']} failed (exit {proc.returncode})")

@@ -21,13 +21,14 @@ import group_split
 import kernel_time
 import profile_step
 import robustness
+import speed
 import split_overlap
 import stack_memory
 import timing
 from config import ARCHS
 from conftest import make_synthetic, write_run
 from optim import fused_update
-from utils import ArgumentParser, UsageError
+from utils import ArgumentParser, UsageError, stop_signals_as_interrupts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # how a script run by run_script names its CPUs in a header
@@ -178,6 +179,32 @@ def test_speed_stops_on_a_signal_that_ends_a_job(tmp_path):
     assert measuring and proc.returncode == 130 and err.endswith("interrupted\n"), (proc.returncode, err[-2000:])
     assert not measuring[0].is_running()
     assert os.listdir(tmp_path) == []
+
+
+def test_speed_kills_a_measuring_subprocess_that_a_stop_signal_catches_starting(tmp_path, monkeypatch):
+    """A stop signal that lands while Popen starts the measuring subprocess (the child exists from its fork on, and
+    the test above sends SIGUSR1 as soon as it sees a child): speed.py still kills the child, which went on
+    measuring after speed.py had exited."""
+    children = []
+
+    class SignalledWhileStarting(subprocess.Popen):
+        def __init__(self, args, **kwargs):
+            super().__init__(["sleep", "60"], **kwargs)  # a stand-in for the measurement, cheap to end
+
+        def _execute_child(self, *args):
+            super()._execute_child(*args)
+            children.append(psutil.Process(self.pid))
+            os.kill(os.getpid(), signal.SIGUSR1)  # before Popen returns
+
+    monkeypatch.setattr(speed.subprocess, "Popen", SignalledWhileStarting)
+    try:
+        with pytest.raises(KeyboardInterrupt), stop_signals_as_interrupts():
+            speed.run_measurement({"in_process": False}, str(tmp_path))
+        assert children and not children[0].is_running()
+    finally:
+        for child in children:
+            if child.is_running():
+                child.kill()
 
 
 def test_gpu_session_dry_runs_every_part_and_sends_back_eight_files(tmp_path):
