@@ -43,6 +43,39 @@ HYPOTHESIS_DIR = pytest.StashKey[str]()
 
 # pytest-xdist's processes at most: each holds its own torch and the tests' models and data in memory
 MOST_TEST_PROCESSES = 4
+# The start of a "zygote" (tests/test_errors.py, tests/test_bench.py): an interpreter that imports the expensive
+# modules once, runs no torch op, then forks a child per script run. fork_case's child runs the script file as
+# __main__ with its own sys.argv, folder (and sys.path when the case gives one), stdout and stderr (a file each),
+# exactly as ``python <script>`` would after its imports, and its exit status is the script's.
+ZYGOTE_FORK = r"""
+import json, os, runpy, sys, traceback
+def fork_case(case):
+    sys.stdout.flush(); sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        for fd, name in ((1, "out"), (2, "err")):
+            f = os.open(case[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.dup2(f, fd); os.close(f)
+        os.chdir(case["cwd"])
+        sys.argv = [case["script"], *case["args"]]
+        if "path" in case:
+            sys.path[:] = case["path"]
+        runpy.run_path(case["script"], run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            code = e.code or 0
+        else:  # sys.exit("message"): printed, status 1, as the interpreter does
+            print(e.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush(); sys.stderr.flush()
+        os._exit(code)
+"""
 
 TINY_NAME = "tiny"
 TINY_NUM = 10

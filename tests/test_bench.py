@@ -26,7 +26,7 @@ import split_overlap
 import stack_memory
 import timing
 from config import ARCHS
-from conftest import make_synthetic, write_run
+from conftest import ZYGOTE_FORK, make_synthetic, write_run
 from optim import fused_update
 from utils import ArgumentParser, UsageError, stop_signals_as_interrupts
 
@@ -42,40 +42,17 @@ def on_one_cpu():
 
 
 # Importing torch and the toolkit's modules takes seconds of a --quick benchmark's few: run_script forks each script
-# from a "zygote", one interpreter that imported them once (as tests/test_errors.py's), then runs no torch op. It
-# runs on one CPU from its start, so that OpenMP, which counts the CPUs as it loads, sees one as in a script started
-# on one CPU. The child runs the script file as __main__ with the sys.argv, sys.path, folder, stdout and stderr that
+# from a zygote (conftest.ZYGOTE_FORK) that imported them once. It runs on one CPU from its start, so that OpenMP,
+# which counts the CPUs as it loads, sees one as in a script started on one CPU. The child has the sys.path that
 # ``python bench/<name>`` has; the scripts' own measuring subprocesses are fresh interpreters, as ever.
-ZYGOTE = r"""
-import json, os, runpy, sys, traceback
+ZYGOTE = ZYGOTE_FORK + r"""
 fresh_path = sys.path[1:]  # a script's sys.path after its own folder
 sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], "bench")]
 import pandas, torch, torch._dynamo  # noqa: F401  (the expensive imports, done once)
 import quality, speed, timing, trainer, val  # noqa: F401
 for line in sys.stdin:
     case = json.loads(line)
-    sys.stdout.flush(); sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            for fd, name in ((1, "out"), (2, "err")):
-                f = os.open(case[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-                os.dup2(f, fd); os.close(f)
-            os.chdir(case["cwd"])
-            sys.argv, sys.path[:] = [case["script"], *case["args"]], [os.path.dirname(case["script"]), *fresh_path]
-            runpy.run_path(case["script"], run_name="__main__")
-            code = 0
-        except SystemExit as e:
-            if e.code is None or isinstance(e.code, int):
-                code = e.code or 0
-            else:  # sys.exit("message"): printed, status 1, as the interpreter does
-                print(e.code, file=sys.stderr)
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush(); sys.stderr.flush()
-            os._exit(code)
+    pid = fork_case(dict(case, path=[os.path.dirname(case["script"]), *fresh_path]))
     print(pid, flush=True)
     print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
 """

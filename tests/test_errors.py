@@ -21,6 +21,7 @@ import yaml
 import synthetic
 from archs import build_model
 from config import parse_train_args, save_run_config
+from conftest import ZYGOTE_FORK
 from utils import clipped
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -286,12 +287,9 @@ def run_real(root, case_id, command):
 
 
 # Importing torch and albumentations costs about two CPU seconds per interpreter, ten times what most cases need.
-# So the table runs through a "zygote": one fresh interpreter imports the scripts' modules once (and runs no
-# torch op), then forks one child per case; the child runs the script file as __main__ with its own sys.argv,
-# stdout and stderr (a file each), exactly as ``python train.py`` would after its imports, and its exit status
-# is the script's. test_zygote_matches_real_interpreter checks a few cases against real interpreters.
-ZYGOTE = r"""
-import json, os, runpy, sys, traceback
+# So the table runs through a zygote (conftest.ZYGOTE_FORK) that forks one child per case, four at a time.
+# test_zygote_matches_real_interpreter checks a few cases against real interpreters.
+ZYGOTE = ZYGOTE_FORK + r"""
 import config, dataset, trainer, train, val  # noqa: F401  (the expensive imports, done once)
 import sklearn.model_selection, torch._dynamo  # noqa: F401  (imported by the split and the first optimizer)
 cases, running, codes = json.load(sys.stdin), {}, {}
@@ -301,29 +299,7 @@ def reap():
 for case in cases:
     while len(running) >= 4:
         reap()
-    sys.stdout.flush(); sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            for fd, name in ((1, "out"), (2, "err")):
-                f = os.open(case[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-                os.dup2(f, fd); os.close(f)
-            os.chdir(case["cwd"])
-            sys.argv = [case["script"], *case["args"]]
-            runpy.run_path(case["script"], run_name="__main__")
-            code = 0
-        except SystemExit as e:
-            if e.code is None or isinstance(e.code, int):
-                code = e.code or 0
-            else:  # sys.exit("message"): printed, status 1, as the interpreter does
-                print(e.code, file=sys.stderr)
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush(); sys.stderr.flush()
-            os._exit(code)
-    running[pid] = case["id"]
+    running[fork_case(case)] = case["id"]
 while running:
     reap()
 print(json.dumps(codes))
