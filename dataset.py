@@ -529,6 +529,11 @@ class Dataset(torch.utils.data.Dataset):
                 torch.from_numpy(np.ascontiguousarray(mask.transpose(2, 0, 1), dtype=np.float32)), meta)
 
 
+def evenly_spaced(count, samples):
+    """Up to ``samples`` indices of ``count`` items, evenly spaced from the first to the last: int array, sorted."""
+    return np.unique(np.linspace(0, count - 1, min(samples, count)).round().astype(int))
+
+
 # DSB2018's masks cover 14 % of their images on average, 59 % at most; inverted, 41 % at least and 86 % on average
 MOSTLY_FOREGROUND = 0.6
 
@@ -543,7 +548,7 @@ def mostly_foreground_note(data, what, samples=64):
     layout = data.layout
     if layout.kind in ("rois", "geojson"):
         return ""
-    picked = np.unique(np.linspace(0, len(data) - 1, min(samples, len(data))).round().astype(int))
+    picked = evenly_spaced(len(data), samples)
     shares = [(nuclei_marked(data, i) > 0).mean() for i in picked]
     if np.mean(shares) <= MOSTLY_FOREGROUND:
         return ""
@@ -570,7 +575,7 @@ def split_ids_note(data, what, samples=64):
     layout = data.layout
     if layout.kind in ("rois", "geojson"):
         return ""
-    picked = np.unique(np.linspace(0, len(data) - 1, min(samples, len(data))).round().astype(int))
+    picked = evenly_spaced(len(data), samples)
     split, ids_seen = {}, 0
     for i in picked:
         img_id = data.img_ids[i]

@@ -23,8 +23,9 @@ from checkpoints import (atomic_torch_save, load_init_weights, load_training_sta
 from config import (INPUTS_DIR, init_weights_path, is_bundled_name, output_channels, run_dir, run_lock_file,
                     save_run_config, schedule_note, unused_flags_note)
 from dataset import (AUGMENTATION_FLAGS, MODALITIES, Dataset, EpochSampler, WeightedDistributedSampler,
-                     balance_weights, eval_loader, find_layout, images_left_out, list_ids, mostly_foreground_note,
-                     nucleus_diameter, quiet_worker, reading_of, split_ids_note, train_transform)
+                     balance_weights, eval_loader, evenly_spaced, find_layout, images_left_out, list_ids,
+                     mostly_foreground_note, nucleus_diameter, quiet_worker, reading_of, split_ids_note,
+                     train_transform)
 from device_data import BatchAugment, DeviceImages, DeviceLoader
 from engine import (NonFiniteLoss, Precision, choose_device, evaluate, fit_threads_to_cpus, recalibrate_batchnorm,
                     seed_everything, train_one_epoch)
@@ -595,7 +596,7 @@ def min_max_note(data, samples=16):
     all 8-bit: --normalization fixed scales all but 8-bit ones by their own minimum and maximum, where one hot or
     saturated pixel darkens all the rest, and 8-bit ones beside them by 1/255, so the same brightness differs
     between the two kinds."""
-    picked = np.unique(np.linspace(0, len(data) - 1, min(samples, len(data))).round().astype(int))
+    picked = evenly_spaced(len(data), samples)
     types = {}
     for i in picked:
         types.setdefault((data.cached[i] if data.cached else data.load(i))[0].dtype, data.img_ids[i])
@@ -618,7 +619,7 @@ def channels_note(data, samples=16):
     of 3 channels on a C axis (an ImageJ hyperstack or OME TIFF of fluorescence channels, unlike RGB samples): it is
     read as the colours of one RGB image, as 2 or 4 such channels are refused, whether or not the nuclei are what
     the user meant the network to see."""
-    picked = np.unique(np.linspace(0, len(data) - 1, min(samples, len(data))).round().astype(int))
+    picked = evenly_spaced(len(data), samples)
     for i in picked:
         path = data.layout.image(data.img_ids[i])
         header = tiff_header(path) if path.lower().endswith(TIFF_EXTS) else None
