@@ -3,7 +3,9 @@
     python plot.py --name dsb2018_96_NestedUNet_wDS                 # -> models/<name>/curves.png
     python plot.py --name run_a run_b run_c --out compare.png       # several runs on one figure
 
-train.py redraws models/<name>/curves.png after every epoch. The best epoch (highest val IoU) is marked.
+train.py redraws models/<name>/curves.png as it trains: after an epoch (after several when epochs are so short that
+drawing would take more than 5 % of the run's time) and when it ends or stops. The best epoch (highest val IoU) is
+marked.
 """
 import os
 

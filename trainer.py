@@ -40,6 +40,8 @@ from splits import (changed_images_note, held_out_seen_in_training, load_or_make
 from synthetic import ensure_synthetic
 from utils import DataError, UsageError, UserError, first_few, ram, stop_signals_as_interrupts
 
+CURVES_SHARE = 0.05  # at most this share of a run's time goes to redrawing curves.png after its epochs
+
 
 class Trainer:
     """Everything one run needs. Use as a context manager: ``with Trainer(args) as t: t.fit()``."""
@@ -80,6 +82,7 @@ class Trainer:
                                          args.factor, args.patience, args.milestone_list, args.gamma)
         self.start_epoch, self.best = 0, {"best_iou": -1.0, "best_epoch": 0, "stale_epochs": 0}
         self.log = pd.DataFrame()
+        self.curves = {"rows": None, "at": 0.0, "cost": 0.0}  # curves.png: the log rows it shows, when and how fast
         if args.resume:
             self._resume()
         elif args.init:
@@ -108,6 +111,8 @@ class Trainer:
         if worker_died:
             # PyTorch's SIGCHLD handler raises this again whenever another child process ends; first stop it
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        if self.main and exc_type is not None:
+            self._redraw_curves_of_saved_epochs()
         self._signals.close()
         # the loaders' workers end now, through their own exit (which removes their pymp-* folders in TMPDIR), not
         # at the interpreter's exit, where multiprocessing ends them with SIGTERM and quiet_worker's os._exit
@@ -164,7 +169,9 @@ class Trainer:
             improved = track_best(self.best, epoch + 1, val["iou"])
             row = log_row(epoch + 1, lr, train, val, time.time() - started, self.device, self.precision)
             self._save_epoch(epoch + 1, row, improved)
+            self._redraw_curves()
             self._say(epoch_line(row, a.epochs, improved))
+        self._redraw_curves(now=True)
 
     def train_epoch(self, epoch, max_steps=None):
         """The training part of an epoch (bench/speed.py times exactly this): seeds the epoch, trains on the
@@ -189,22 +196,40 @@ class Trainer:
         return UserError(f"{what}; {kept}. Try a lower --lr or --weight_decay (start again with --overwrite: a "
                          f"resumed run keeps its saved learning rate), --amp fp32{resume}, or check the data")
 
+    def _redraw_curves(self, now=False):
+        """Redraw curves.png from the log when it lags behind, ``now`` or once the time since its last drawing is
+        1 / CURVES_SHARE times what that drawing took: matplotlib takes about a second, longer than a GPU's epoch of
+        a 96x96 recipe."""
+        due = now or time.time() - self.curves["at"] >= self.curves["cost"] / CURVES_SHARE
+        if self.main and due and len(self.log) and self.curves["rows"] != len(self.log):
+            started = time.time()
+            plot_runs([self.log], [self.args.name], os.path.join(self.dir, "curves.png"))
+            self.curves = {"rows": len(self.log), "at": time.time(), "cost": time.time() - started}
+
+    def _redraw_curves_of_saved_epochs(self):
+        """At a stop or an error: curves.png of the saved epochs (log.csv's), unless a second Ctrl-C or an error (a full
+        disk) cuts it short: the stop or error under way is what the user is told of, the run folder's cleanup must
+        go on, atomic_write leaves the older picture and plot.py --name redraws it."""
+        try:
+            self._redraw_curves(now=True)
+        except (KeyboardInterrupt, Exception):
+            pass
+
     def _save_epoch(self, epoch, row, improved):
-        """Append ``row`` to log.csv, redraw curves.png, save model.pth when ``improved``, then last.pth."""
+        """Append ``row`` to log.csv, save model.pth when ``improved``, then last.pth (curves.png: _redraw_curves)."""
         if not self.main:
             return
-        self.log = pd.concat([self.log.dropna(axis=1, how="all"), pd.DataFrame([row])], ignore_index=True)
+        log = pd.concat([self.log.dropna(axis=1, how="all"), pd.DataFrame([row])], ignore_index=True)
         with interrupts_held():  # a Ctrl-C here takes effect once the epoch's files all agree
             if improved:
                 atomic_torch_save(self.net.state_dict(), os.path.join(self.dir, "model.pth"))
             with atomic_write(os.path.join(self.dir, "log.csv")) as f:
-                self.log.to_csv(f, index=False)
-            plot_runs([self.log], [self.args.name], os.path.join(self.dir, "curves.png"))
+                log.to_csv(f, index=False)
             # last.pth is written last: it is the commit point. A crash before it: --resume redoes this epoch and
             # drops its row from log.csv, so the log never misses an epoch.
             save_training_state(os.path.join(self.dir, "last.pth"), self.net, self.optimizer, self.scheduler,
                                 self.precision.scaler, epoch, self.best)
-            self.saved_epoch = epoch
+            self.saved_epoch, self.log = epoch, log
             if os.path.isdir(replaced_run_dir(self.dir)):  # the new run has an epoch: the one it replaces may go
                 shutil.rmtree(replaced_run_dir(self.dir))
 

@@ -19,6 +19,7 @@ import torch
 import yaml
 
 import config
+import plot
 import synthetic
 import train
 import trainer
@@ -471,3 +472,36 @@ def test_saved_num_workers_above_this_machine_s_cpus_is_lowered_with_a_note(work
     assert cli(["--resume", "from_big", "--epochs", "2"]) == 0
     out = capsys.readouterr().out
     assert "is more than the 1 CPU this process may use here" in out and "1 loader worker)" in out
+
+
+def test_curves_are_redrawn_within_their_share_of_the_time_and_when_the_run_ends_or_stops(workdir, monkeypatch):
+    """Drawing curves.png takes about a second, longer than a GPU's epoch of a 96x96 recipe: train.py redraws it after
+    an epoch only once the time since its last drawing is 1 / trainer.CURVES_SHARE times that drawing's, and always
+    when the run ends or stops, from the saved epochs: then it is the picture plot.py draws from log.csv."""
+    monkeypatch.chdir(workdir)
+    drawn, draw = [], trainer.plot_runs
+    monkeypatch.setattr(trainer, "plot_runs", lambda logs, *a: drawn.append(len(logs[0])) or draw(logs, *a))
+
+    def curves_of_the_log(name):
+        assert plot.main(["--name", name, "--out", f"{name}.png"]) is None
+        return (workdir / f"{name}.png").read_bytes() == (workdir / "models" / name / "curves.png").read_bytes()
+
+    monkeypatch.setattr(trainer, "CURVES_SHARE", 1e9)  # drawing as good as free: after every epoch
+    assert cli(first_run_args("curves_free")) == 0
+    assert drawn == [1, 2, 3] and curves_of_the_log("curves_free")
+    drawn.clear()
+    monkeypatch.setattr(trainer, "CURVES_SHARE", 1e-9)  # as if a drawing took hours: after epoch 1, then at the end
+    assert cli(first_run_args("curves_dear")) == 0
+    assert drawn == [1, 3] and curves_of_the_log("curves_dear")
+
+    drawn.clear()
+    train_epoch = trainer.Trainer.train_epoch
+
+    def stopped_in_epoch_3(self, epoch, max_steps=None):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return train_epoch(self, epoch, max_steps)
+
+    monkeypatch.setattr(trainer.Trainer, "train_epoch", stopped_in_epoch_3)
+    assert cli(first_run_args("curves_stopped")) == 130
+    assert drawn == [1, 2] and curves_of_the_log("curves_stopped")
