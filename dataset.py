@@ -32,8 +32,10 @@ percentile_dark); the network then sees ``(x - 0.5) / 0.25`` (:func:`normalize`)
 linear interpolation for images and nearest for masks (image_files.NEAREST, aligned with the linear one), so
 targets stay hard.
 """
+import difflib
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import traceback
@@ -165,23 +167,74 @@ def find_layout(dataset_dir, img_ext=".png", mask_ext=".png"):
     return Layout(dataset_dir, "masks", img_ext, mask_ext)
 
 
-def _check_pairs(ids, other_ids, other_dir, what, ext, flag, name_suffix=""):
-    """Raise a DataError when the images and their masks or labels in ``other_dir`` (named <id>``name_suffix``
-    ``ext``) do not pair up."""
+def _check_pairs(ids, other_ids, other_dir, what, ext, flag, name_suffix="", img_ext=".png"):
+    """Raise a DataError when the images (<id>``img_ext``) and their masks or labels in ``other_dir`` (named
+    <id>``name_suffix````ext``) do not pair up."""
     if not other_ids:
         hint = _extension_hint(other_dir, flag) or f"; give every image its {what} there, named like it (<id>{ext})"
         raise DataError(f"no {ext} {what}s in {other_dir}{hint}")
     if ids - other_ids:
         n = len(ids - other_ids)
-        twins = near_names([i + name_suffix + ext for i in ids - other_ids],
-                           [f for f in os.listdir(other_dir) if not f.startswith(".")])
-        hint = f" (found {first_few(twins)}: {NEAR_NAMES})" if twins else ""
+        files = [f for f in os.listdir(other_dir) if not f.startswith(".")]
+        twins = near_names([i + name_suffix + ext for i in ids - other_ids], files)
+        unpaired = sorted(set(files) - {i + name_suffix + ext for i in ids & other_ids})
+        hint = f" (found {first_few(twins)}: {NEAR_NAMES})" if twins else \
+            _nearest_name_hint(sorted(ids - other_ids), unpaired, what, ext,
+                               # a flag changes every name: it serves when none pairs now
+                               flag if not name_suffix and not ids & other_ids else "", name_suffix, img_ext)
         raise DataError(f"{n} image{' has' if n == 1 else 's have'} no {what} in {other_dir}: "
                         f"{first_few(ids - other_ids)}; give every image its {what}, named like the image{hint}")
     if other_ids - ids:
         n = len(other_ids - ids)
         raise DataError(f"{n} {what}{' has' if n == 1 else 's have'} no image in {other_dir}: "
                         f"{first_few(other_ids - ids)}; give every {what} its image, named like it")
+
+
+def _zero_padding_free(name):
+    """``name`` with every number written without leading zeros: '001.png' -> '1.png'."""
+    return re.sub(r"\d+", lambda number: str(int(number.group())), name)
+
+
+def _nearest_name_hint(missing, unpaired, what, ext, flag, name_suffix="", img_ext=".png"):
+    """' (nearest unpaired <what>: F for image I: the fix)' for the first of the image ids ``missing`` (sorted) that
+    has a file of ``unpaired`` (the names in the folder that pair with no image) named nearly as it: its name and more
+    ('a_mask.png', 'a.ome.tif' for a.tif, 'a.tiff'), its name less an ending of the image's ('a.tif' for a.ome.tif),
+    the same numbers zero-padded otherwise ('001.png' for 1.png), else the nearest by difflib; ``flag`` the flag of
+    the other files' extension ('' where a flag cannot serve: Cellpose's <id>_masks names, or some files pair
+    already); '' when none is near."""
+    def separated(rest):  # 'a' + '_mask.png' is a's; '1' + '0.png' is 10's, not 1's
+        return bool(rest) and not rest[0].isalnum()
+
+    for img_id in missing:
+        wanted = img_id + name_suffix + ext
+        for name in unpaired:
+            rest = name[len(img_id + name_suffix):]
+            if name.startswith(img_id + name_suffix) and separated(rest):
+                if rest.startswith(".") and flag:  # a longer or other extension: a.ome.tif, a.tiff
+                    fix = f"pass {flag} {rest} if they all end so, or rename it to {wanted}"
+                elif rest.endswith(ext):  # a.tif: a_mask.tif
+                    fix = f"rename it to {wanted}, and the others alike, without {rest[:-len(ext)]!r}"
+                else:
+                    fix = f"rename it to {wanted}"
+                return f" (nearest unpaired {what}: {name} for image {img_id}: {fix})"
+            stem = name[:-len(name_suffix + ext)] if name.endswith(name_suffix + ext) else None
+            if stem and img_id.startswith(stem) and separated(img_id[len(stem):]):  # a.tif for image a.ome.tif
+                extra = img_id[len(stem):]
+                fix = (f"pass --img_ext {extra}{img_ext} if the images all end so, or rename it to {wanted}"
+                       if extra.startswith(".") and flag else f"rename it to {wanted}")
+                return f" (nearest unpaired {what}: {name} for image {img_id}: {fix})"
+    for img_id in missing:
+        wanted = img_id + name_suffix + ext
+        padded = [name for name in unpaired if _zero_padding_free(name) == _zero_padding_free(wanted)]
+        if padded:
+            return (f" (nearest unpaired {what}: {padded[0]} for image {img_id}: the numbers are zero-padded "
+                    f"otherwise; rename it to {wanted}, and the others alike)")
+    for img_id in missing:
+        wanted = img_id + name_suffix + ext
+        close = difflib.get_close_matches(wanted, unpaired, n=1, cutoff=0.6)
+        if close:
+            return f" (nearest unpaired {what}: {close[0]} for image {img_id}: rename it to {wanted} if it is its)"
+    return ""
 
 
 def _extension_hint(folder, flag):
@@ -242,10 +295,11 @@ def list_ids(dataset_dir, img_ext=".png", mask_ext=".png", num_classes=1):
             check_geojson_files(layout, ids)
         elif layout.kind == "cellpose":
             label_ids = _ids_in(dataset_dir, f"_masks{mask_ext}")
-            _check_pairs(ids, label_ids, dataset_dir, "<id>_masks label image", mask_ext, "--mask_ext", "_masks")
+            _check_pairs(ids, label_ids, dataset_dir, "<id>_masks label image", mask_ext, "--mask_ext", "_masks",
+                         img_ext)
         else:
             _check_pairs(ids, _ids_in(layout.label_dir, mask_ext), layout.label_dir, "label image", mask_ext,
-                         "--mask_ext")
+                         "--mask_ext", img_ext=img_ext)
         return sorted(ids)
     mask_dir = os.path.join(dataset_dir, "masks")
     if not os.path.isdir(mask_dir):
@@ -266,7 +320,7 @@ def list_ids(dataset_dir, img_ext=".png", mask_ext=".png", num_classes=1):
                          f"on these: --num_classes {len(class_dirs)})")
     for c in expected:
         folder = os.path.join(mask_dir, c)
-        _check_pairs(ids, _ids_in(folder, mask_ext), folder, "mask", mask_ext, "--mask_ext")
+        _check_pairs(ids, _ids_in(folder, mask_ext), folder, "mask", mask_ext, "--mask_ext", img_ext=img_ext)
     return sorted(ids)
 
 

@@ -358,6 +358,46 @@ def test_a_mask_named_in_another_case_is_named_in_the_error(tmp_path, twin):
         list_ids(root)
 
 
+@pytest.mark.parametrize("ids, exts, renamed, named, flags", [
+    (["1", "2", "10"], (".png", ".png"), {"1.png": "001.png", "2.png": "002.png", "10.png": "010.png"},
+     "001.png for image 1: the numbers are zero-padded otherwise; rename it to 1.png", None),
+    (["a", "b"], (".png", ".png"), {"a.png": "a_mask.png", "b.png": "b_mask.png"},
+     "a_mask.png for image a: rename it to a.png, and the others alike, without '_mask'", None),
+    (["a", "b"], (".tif", ".tif"), {"a.tif": "a.ome.tif", "b.tif": "b.ome.tif"},
+     "a.ome.tif for image a: pass --mask_ext .ome.tif", dict(img_ext=".tif", mask_ext=".ome.tif")),
+    (["a.ome", "b.ome"], (".tif", ".tif"), {"a.ome.tif": "a.tif", "b.ome.tif": "b.tif"},
+     "a.tif for image a.ome: pass --img_ext .ome.tif", dict(img_ext=".ome.tif", mask_ext=".tif")),
+    (["a", "b"], (".tif", ".tif"), {"b.tif": "b.tiff"}, "b.tiff for image b: rename it to b.tif\\)$", None),
+])
+def test_a_pairing_error_names_the_nearest_unpaired_mask_and_the_fix(tmp_path, ids, exts, renamed, named, flags):
+    """A mask named otherwise than its image (zero-padded, with a suffix, another ending) is refused, naming it and
+    the fix; the fix it names (the ``flags``, else naming the masks as their images again) pairs them."""
+    img_ext, mask_ext = exts
+    root = make_layout(tmp_path / "ds", ids, img_ext=img_ext, mask_ext=mask_ext)
+    masks = tmp_path / "ds" / "masks" / "0"
+    for old, new in renamed.items():
+        os.rename(masks / old, masks / new)
+    with pytest.raises(DataError, match=f"no mask in .*named like the image \\(nearest unpaired mask: {named}"):
+        list_ids(root, img_ext=img_ext, mask_ext=mask_ext)
+    if flags:
+        assert len(list_ids(root, **flags)) == len(ids)
+    else:
+        for old, new in renamed.items():
+            os.rename(masks / new, masks / old)
+        assert list_ids(root, img_ext=img_ext, mask_ext=mask_ext) == sorted(ids)
+
+
+def test_a_label_image_named_with_a_suffix_is_named_in_the_error(tmp_path):
+    """The label-image layout names the nearest unpaired label image too."""
+    root = tmp_path / "ds"
+    for i in ("a", "b"):
+        write_image(str(root / "images" / f"{i}.png"), np.zeros((8, 8), np.uint8))
+        write_image(str(root / "labels" / f"{i}_labels.png"), np.ones((8, 8), np.uint16))
+    with pytest.raises(DataError, match="no label image in .*\\(nearest unpaired label image: a_labels.png for image "
+                                        "a: rename it to a.png"):
+        list_ids(str(root))
+
+
 def test_a_mask_named_with_accents_encoded_otherwise_is_named_in_the_error(tmp_path):
     """A Mac-made zip stores 'café' decomposed (NFD): it looks like the image's name and is not."""
     nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
