@@ -259,6 +259,17 @@ def _as_planes(img, axes, path, what):
     return (planes[..., :3] if channel_axis == "S" else planes), plane_axes
 
 
+# The note on a TIFF whose 3 or 4 pages carry no ImageJ or OME axes (tifffile's channel axis Q or I in
+# :func:`tiff_layout`): read as colours, though a short stack saved without its axes looks the same
+PAGES_AS_COLOURS = "has 3 or 4 pages and no ImageJ or OME axes: read as the colours of one image"
+
+
+def pages_as_colours(header):
+    """Whether the TIFF of :class:`TiffHeader` ``header`` is 3 or 4 pages without axes, read as the colours of one
+    image (:data:`PAGES_AS_COLOURS`)."""
+    return header.channel_axis in ("Q", "I")
+
+
 class TiffHeader(NamedTuple):
     """What a TIFF's header says, before its pixels are read (:func:`tiff_header`): the plane axes and the channel
     axis of its first series (:func:`tiff_layout`; "" for none; a channel axis Q or I means pages without axis

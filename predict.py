@@ -67,8 +67,8 @@ import yaml
 from config import (add_amp_arg, add_device_arg, add_separation_args, check_object_filters, post_processing,
                     prediction_settings, saved_run_dir)
 from files import atomic_write, check_output_folder, remove_killed_writes, written_alone
-from image_files import (CELLPOSE_NOT_IMAGES, PIXEL_SIZES, TIFF_EXTS, TiffHeader, nucleus_channel, read_planes,
-                         tiff_header)
+from image_files import (CELLPOSE_NOT_IMAGES, PAGES_AS_COLOURS, PIXEL_SIZES, TIFF_EXTS, TiffHeader, nucleus_channel,
+                         pages_as_colours, read_planes, tiff_header)
 from instances import AUTO_SCALE_BAND, auto_scale, border_map, median_diameter, nucleus_areas, split_instances
 from measurements import image_row, object_rows, write_tables
 from plane_outputs import MOST_LABELS, Gathered, output_name, plane_grid, write_image
@@ -264,9 +264,9 @@ def tiff_notes(files, headers, channel):
     (positions or scenes), which are not read. Files that get the same note share its line."""
     notes = {}  # note -> its files: a folder of a thousand alike TIFFs gives one line, not a thousand
     for f, header in zip(files, headers):
-        if header.channel_axis in ("Q", "I"):
-            notes.setdefault("has 3 or 4 pages and no ImageJ or OME axes: read as the colours of one image; save it "
-                             "as an ImageJ or OME TIFF with its axes to segment the pages one by one", []).append(f)
+        if pages_as_colours(header):
+            notes.setdefault(f"{PAGES_AS_COLOURS}; save it as an ImageJ or OME TIFF with its axes to segment the "
+                             "pages one by one", []).append(f)
         if header.channel_axis == "C" and header.channels == 3 and channel is None:
             notes.setdefault("has 3 channels (axis C): read as the colours of one RGB image, as train.py reads it; "
                              "for a run trained on the nucleus channel alone, give it with --channel (0 to 2)",

@@ -30,7 +30,7 @@ from device_data import BatchAugment, DeviceImages, DeviceLoader
 from engine import (NonFiniteLoss, Precision, choose_device, evaluate, fit_threads_to_cpus, recalibrate_batchnorm,
                     seed_everything, train_one_epoch)
 from files import atomic_write, interrupts_held, locked, remove_killed_writes
-from image_files import TIFF_EXTS, decode_image, tiff_header
+from image_files import PAGES_AS_COLOURS, TIFF_EXTS, decode_image, pages_as_colours, tiff_header
 from inference import whole_image_network
 from losses import build_loss
 from optim import build_optimizer, build_scheduler, cosine_parts, fused_update, step_scheduler
@@ -643,7 +643,8 @@ def channels_note(data, samples=16):
     """A note ('' for none) when a training image (the first and up to ``samples`` more, evenly spaced) is a TIFF
     of 3 channels on a C axis (an ImageJ hyperstack or OME TIFF of fluorescence channels, unlike RGB samples): it is
     read as the colours of one RGB image, as 2 or 4 such channels are refused, whether or not the nuclei are what
-    the user meant the network to see."""
+    the user meant the network to see; or of 3 or 4 pages without axes (image_files.pages_as_colours), read as
+    colours too, though they may be a short stack's planes (predict.py's note on them says the same)."""
     picked = evenly_spaced(len(data), samples)
     for i in picked:
         path = data.layout.image(data.img_ids[i])
@@ -652,6 +653,10 @@ def channels_note(data, samples=16):
             return (f"note: the training image {path} has 3 channels on a C axis (fluorescence channels, not RGB): "
                     "it is read as the colours of one RGB image; to train on the nucleus channel alone, save it "
                     "alone (Fiji: Image > Color > Split Channels)")
+        if header is not None and pages_as_colours(header):
+            return (f"note: the training image {path} {PAGES_AS_COLOURS}; if its pages are a stack's planes, save "
+                    "each as an image of its own (training reads one 2D image per file), and if they are channels, "
+                    "the nucleus channel alone")
     return ""
 
 

@@ -1045,6 +1045,30 @@ def test_training_tiffs_of_3_fluorescence_channels_get_a_note(tmp_path):
     assert trainer.channels_note(trainer.Dataset(["s"], str(tmp_path), img_ext=".tif")) == ""
 
 
+def test_training_tiffs_of_3_pages_without_axes_get_the_note_predict_gives(tmp_path):
+    """3 pages without ImageJ or OME axes are read as one image's colours (a short stack saved so looks the same):
+    predict.py noted it, train.py trained on them silently; now it says the same of them. An RGB TIFF gets none."""
+    import predict
+
+    planes = np.random.default_rng(0).integers(0, 256, (3, 32, 32), dtype=np.uint8)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:20, 8:20] = 255
+    for folder in (tmp_path / "images", tmp_path / "masks" / "0"):
+        folder.mkdir(parents=True)
+    tifffile.imwrite(tmp_path / "images" / "p.tif", planes, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "images" / "s.tif", planes.transpose(1, 2, 0), photometric="rgb")
+    for i in ("p", "s"):
+        cv2.imwrite(str(tmp_path / "masks" / "0" / f"{i}.png"), mask)
+    path = f"{tmp_path}/images/p.tif"
+    assert decode_image(path).shape == (32, 32, 3)  # what the note is about: the pages as colours
+    note = trainer.channels_note(trainer.Dataset(["s", "p"], str(tmp_path), img_ext=".tif"))
+    assert note.startswith(f"note: the training image {path} has 3 or 4 pages and no ImageJ or OME axes: read as "
+                           "the colours of one image; ")
+    said = predict.tiff_notes([path], predict.tiff_headers([path]), None)[0]
+    assert said.split(";")[0] == note.split(";")[0].replace("the training image ", "")
+    assert trainer.channels_note(trainer.Dataset(["s"], str(tmp_path), img_ext=".tif")) == ""
+
+
 def test_16_bit_training_images_under_fixed_normalization_get_a_note(tiny_workdir, tiny_ids, capsys):
     """--normalization fixed scales a 16-bit image by its own minimum and maximum, so that one hot pixel darkens the
     rest of it (bench/robustness.py): train.py says so and names the robust choice; 8-bit images get no note."""
