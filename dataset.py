@@ -603,14 +603,23 @@ def mostly_foreground_note(data, what, samples=64):
     if layout.kind in ("rois", "geojson"):
         return ""
     picked = evenly_spaced(len(data), samples)
-    shares = [(nuclei_marked(data, i) > 0).mean() for i in picked]
-    if np.mean(shares) <= MOSTLY_FOREGROUND:
+    return foreground_note([(nuclei_marked(data, i) > 0).mean() for i in picked],
+                           [layout.nuclei_file(data.img_ids[i]) for i in picked], what,
+                           "a mask marks nuclei with values above 0 on a background of 0, so masks drawn dark on a "
+                           "light background must be inverted (and label images need a background of 0)")
+
+
+def foreground_note(shares, names, what, fix, each=False):
+    """The note ('' for none) when ``what`` (the masks or predictions of the files ``names``) mark more than
+    :data:`MOSTLY_FOREGROUND` of their pixels as nuclei (``shares``: each one's fraction, in [0, 1]): on average, or
+    with ``each`` in any one of them, counted; the fullest named, then ``fix``, what to do."""
+    over = sum(share > MOSTLY_FOREGROUND for share in shares)
+    if not (over if each else np.mean(shares) > MOSTLY_FOREGROUND):
         return ""
-    fullest = picked[int(np.argmax(shares))]
-    return (f"note: {what} mark {np.mean(shares):.0%} of their pixels as nuclei on average "
-            f"({layout.nuclei_file(data.img_ids[fullest])}: {max(shares):.0%}); a mask marks nuclei with values above "
-            "0 on a background of 0, so masks drawn dark on a light background must be inverted (and label images "
-            "need a background of 0)")
+    fullest = int(np.argmax(shares))
+    marked = (f"more than {MOSTLY_FOREGROUND:.0%} of their pixels as nuclei in {over} of {len(shares)} images"
+              if each else f"{np.mean(shares):.0%} of their pixels as nuclei on average")
+    return f"note: {what} mark {marked} ({names[fullest]}: {shares[fullest]:.0%}); {fix}"
 
 
 # The least share of the ids (pooled over the label images looked at) that split into separate objects for a note:

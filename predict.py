@@ -676,6 +676,26 @@ def stitched_line(stitch_z, stacks, objects):
             "one")
 
 
+def mostly_foreground_note(rows, files, ids):
+    """A note ('' for none) when the masks predicted mark more than dataset.MOSTLY_FOREGROUND of their image's pixels
+    (``rows``: the measurements.image_row of each plane, a stack's planes averaged; ``files`` the images read, by
+    their ``ids``), naming how many images and the fullest: the network marks the nuclei it learned, bright on a dark
+    background in most training sets, so that dark nuclei on a light background (bright-field, stains) or an
+    inverted image come out as nuclei over the background, with no error."""
+    from dataset import foreground_note
+
+    planes = {}
+    for row in rows:
+        planes.setdefault(row.image, []).append(row.foreground)
+    named = dict(zip(ids, files))
+    return foreground_note([float(np.mean(shares)) for shares in planes.values()],
+                           [printable_path(named[img_id]) for img_id in planes], "the predicted masks",
+                           "the network marks nuclei as it learned them, so dark nuclei on a light background "
+                           "(bright-field, stained) or an inverted image may come out as nuclei over the background: "
+                           "look at the masks; for such images use a run trained on them, or trained with "
+                           "--normalization percentile_dark", each=True)
+
+
 def check_flags_for_run(args, cfg):
     """Refuse the flags that the loaded run cannot serve (its size, windows)."""
     if (args.scale != 1 or args.tile) and not cfg.crop_size:
@@ -832,7 +852,8 @@ def main(argv):
                            width=math.inf)  # the command on one line, to copy
         predicted = {row.image for row in rows}  # a file left out now wrote nothing: its earlier outputs are named
         source_id = dict(zip(files, ids))
-        notes = [earlier_outputs_note(args, files, ids, {n: f for n, f in written.items()
+        notes = [mostly_foreground_note(rows, files, ids),
+                 earlier_outputs_note(args, files, ids, {n: f for n, f in written.items()
                                                          if source_id[f] in predicted}), replaced_rows,
                  pandas_ids_note([list(dict.fromkeys(row.image for row in rows)), objects["image"].unique()])
                  if args.instances else ""]

@@ -754,6 +754,32 @@ def test_objects_csv_measures_every_channel_of_a_multi_channel_image(in_runs, tm
     assert list(pd.read_csv(tmp_path / "no_channel" / "objects.csv").columns) == measurements.OBJECT_COLUMNS
 
 
+def test_masks_that_mark_most_of_their_images_get_a_note(in_runs, tmp_path, capsys):
+    """A prediction that marks most of an image as nuclei (dark nuclei on a light background, an inverted image)
+    is no error, and was said nowhere: predict.py notes how many images' masks mark more than 60 % of their pixels
+    and names the fullest, counted here from the masks it wrote; masks that mark less get no note."""
+    folder = tmp_path / "images"
+    image = sample_bgr(40, 48)
+    write(folder / "a.png", image)
+    write(folder / "b.png", 255 - image)
+    write(folder / "c.png", np.zeros_like(image))
+    for threshold, out in (("0.02", "low"), ("0.98", "high")):
+        capsys.readouterr()
+        predict.main(["--name", "p", "--input", str(folder), "--output", str(tmp_path / out), "--device", "cpu",
+                      "--threshold", threshold])
+        printed = capsys.readouterr().out
+        shares = {i: (read(tmp_path / out / f"{i}.png") > 0).mean() for i in "abc"}
+        over = [i for i, share in shares.items() if share > 0.6]
+        if threshold == "0.02":
+            assert len(over) >= 2, shares  # the case looked for
+        if over:
+            fullest = max(shares, key=shares.get)
+            assert (f"note: the predicted masks mark more than 60% of their pixels as nuclei in {len(over)} of 3 "
+                    f"images ({folder / fullest}.png: {shares[fullest]:.0%}); the network marks nuclei") in printed
+        else:
+            assert "note: the predicted masks" not in printed, printed
+
+
 def test_nan_output_is_a_data_error(in_runs):
     """Probabilities of NaN (the network's arithmetic overflowed) are a DataError, which predict.py reports for the
     file; every threshold read them as background, and --instances ended in a traceback."""
