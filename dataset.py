@@ -57,13 +57,30 @@ from utils import (NEAR_NAMES, STOP_SIGNALS, DataError, UsageError, check_utf8_n
 
 # ----------------------------------------------------------------------------------------- listing a dataset
 
-def _ids_in(folder, ext):
+def _ids_in(folder, ext, any_case=False):
     """The ids of the files <id><ext> in ``folder`` (not hidden, not folders; a broken link counts, so that
-    reading it names it)."""
-    files = [f for f in os.listdir(folder)
-             if f.endswith(ext) and not f.startswith(".") and not os.path.isdir(os.path.join(folder, f))]
+    reading it names it); with ``any_case`` ``ext`` in upper or lower case (.GEOJSON: a fixed ending, no flag's)."""
+    def ending(f):
+        return f[len(f) - len(ext):].lower() if any_case else f[len(f) - len(ext):]
+
+    files = [f for f in os.listdir(folder) if len(f) > len(ext) and ending(f) == (ext.lower() if any_case else ext)
+             and not f.startswith(".") and not os.path.isdir(os.path.join(folder, f))]
     check_utf8_names(os.path.join(folder, f) for f in files)
     return {f[: -len(ext)] for f in files}
+
+
+def with_ending(folder, img_id, endings):
+    """The path of the file <img_id><ending> in ``folder`` for the first of ``endings`` (lower case) that one has,
+    the ending in any case (Windows tools save .ZIP, .GEOJSON); None when none has."""
+    for ending in endings:  # the usual names first, without listing the folder
+        if os.path.isfile(os.path.join(folder, img_id + ending)):
+            return os.path.join(folder, img_id + ending)
+    names = os.listdir(folder)
+    for ending in endings:
+        found = [f for f in names if f[:len(img_id)] == img_id and f[len(img_id):].lower() == ending]
+        if found:
+            return os.path.join(folder, found[0])
+    return None
 
 
 class Layout:
@@ -95,10 +112,10 @@ class Layout:
         if self.kind == "labels":
             return os.path.join(self.label_dir, img_id + self.mask_ext)
         if self.kind == "rois":
-            found = [p for p in (os.path.join(self.label_dir, img_id + e) for e in ROI_FILES) if os.path.isfile(p)]
-            return found[0] if found else os.path.join(self.label_dir, img_id + ".zip")
+            return with_ending(self.label_dir, img_id, ROI_FILES) or os.path.join(self.label_dir, img_id + ".zip")
         if self.kind == "geojson":
-            return os.path.join(self.label_dir, img_id + GEOJSON_FILE)
+            return with_ending(self.label_dir, img_id, (GEOJSON_FILE,)) or \
+                os.path.join(self.label_dir, img_id + GEOJSON_FILE)
         path = os.path.join(self.dataset_dir, "labels", img_id + ".png")
         return path if os.path.isfile(path) else None
 
@@ -112,7 +129,7 @@ class Layout:
         <id>.roi (:data:`rois.ROI_FILES`), the id an image's where one matches, else the name's stem."""
         images, files = self.image_ids(), {}
         for name in sorted(os.listdir(self.label_dir)):
-            stems = [name[:-len(e)] for e in ROI_FILES if name.endswith(e) and not name.startswith(".")]
+            stems = [name[:-len(e)] for e in ROI_FILES if name.lower().endswith(e) and not name.startswith(".")]
             if stems:
                 files.setdefault(next((s for s in stems if s in images), stems[-1]), []).append(name)
         return files
@@ -354,7 +371,7 @@ def check_geojson_files(layout, ids):
     """Pair the images ``ids`` of a 'geojson' ``layout`` with their <id>.geojson files, and decode each once,
     printing its notes (geojson_objects.geojson_labels): a DataError names an image without objects, objects without
     an image or a file that cannot be used."""
-    folder, found = layout.label_dir, _ids_in(layout.label_dir, GEOJSON_FILE)
+    folder, found = layout.label_dir, _ids_in(layout.label_dir, GEOJSON_FILE, any_case=True)
     for missing, what, fix in ((set(ids) - found, "image{s} without GeoJSON objects",
                                 f"give each image its {GEOJSON_FILE} file, exported from QuPath as <id>{GEOJSON_FILE} "
                                 "(File > Export objects as GeoJSON; an image without nuclei: "
@@ -375,9 +392,9 @@ def read_instance_labels(path, image_path, shape=None):
     or an ImageJ ROI set (rois.ROI_FILES) or GeoJSON objects (<id>.geojson) drawn at the size of its image
     ``image_path`` (``shape`` (H, W) when known) by rois.roi_labels or geojson_objects.geojson_labels, their notes
     left to :func:`check_roi_files` and :func:`check_geojson_files`."""
-    if path.endswith(ROI_FILES):
+    if path.lower().endswith(ROI_FILES):
         return roi_labels(path, shape or decode_image(image_path).shape[:2])[0].astype(np.int32)
-    if path.endswith(GEOJSON_FILE):
+    if path.lower().endswith(GEOJSON_FILE):
         return geojson_labels(path, shape or decode_image(image_path).shape[:2])[0].astype(np.int32)
     return read_label_image(path)
 

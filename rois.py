@@ -117,18 +117,19 @@ SAVE_AGAIN = "save the set again from Fiji's ROI Manager (More > Save...)"
 def read_rois(path):
     """The ImagejRois of a ROI Manager zip file (its ``.roi`` entries, as Fiji opens it) or of one ``.roi`` file, in
     the file's order ([] for an empty zip); a damaged file is a DataError naming it (and the zip's entry)."""
-    if path.endswith(".zip") and os.path.getsize(path) == 0:  # Fiji saves no empty set: a hand-made "empty zip"
+    zipped = path.lower().endswith(".zip")  # Windows tools save .ZIP
+    if zipped and os.path.getsize(path) == 0:  # Fiji saves no empty set: a hand-made "empty zip"
         raise DataError(f"ImageJ ROIs {path} is an empty file, not a zip file: save the set again from Fiji, or for "
                         "an image without nuclei (a set Fiji cannot save) write an empty one: python -c \"import "
                         f"zipfile; zipfile.ZipFile('{path}', 'w').close()\"")
     entry = None
     try:
-        if not path.endswith(".zip"):
+        if not zipped:
             return [ImagejRoi.fromfile(path)]
         with zipfile.ZipFile(path) as archive:
             rois = []
             # Fiji's ROI Manager reads the .roi entries alone: folders, notes or a README zipped with them are no ROIs
-            for entry in (name for name in archive.namelist() if name.endswith(".roi")):
+            for entry in (name for name in archive.namelist() if name.lower().endswith(".roi")):
                 rois.append(ImagejRoi.frombytes(archive.read(entry)))
             return rois
     except Exception as e:  # zipfile.BadZipFile, ValueError, struct.error, ... for damaged files

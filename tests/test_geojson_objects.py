@@ -352,10 +352,14 @@ def geojson_dataset(root):
     return folder, labelled, ids
 
 
-def test_a_dataset_of_geojson_files_reads_as_its_label_images(tmp_path, capsys):
+@pytest.mark.parametrize("upper", [False, True])
+def test_a_dataset_of_geojson_files_reads_as_its_label_images(tmp_path, capsys, upper):
     """Masks, --borders targets and the nucleus size of images + geojson/ are those of the same dataset with label
-    images."""
+    images; named <id>.GEOJSON too (a Windows tool's upper case: every image was said to lack its objects)."""
     folder, labelled, ids = geojson_dataset(tmp_path)
+    for img_id in ids if upper else []:
+        os.rename(os.path.join(folder, "geojson", img_id + ".geojson"),
+                  os.path.join(folder, "geojson", img_id + ".GEOJSON"))
     assert dataset.find_layout(folder).kind == "geojson" and dataset.list_ids(folder) == ids
     assert capsys.readouterr().out == ""
     assert_same_targets(folder, labelled, ids)

@@ -321,9 +321,11 @@ def test_unusable_roi_files_are_one_line_errors_naming_them(tmp_path, monkeypatc
         roi_labels(many, (8, 8))
 
 
-def test_a_dataset_of_roi_sets_reads_as_its_label_images(tmp_path, capsys):
+@pytest.mark.parametrize("upper", [False, True])
+def test_a_dataset_of_roi_sets_reads_as_its_label_images(tmp_path, capsys, upper):
     """Masks, --borders targets, instance labels and the nucleus size of images + rois/ are those of the same
-    dataset with label images, for each of the three names a ROI set may have."""
+    dataset with label images, for each of the three names a ROI set may have; their endings in upper case too
+    (.ZIP, _ROIS.ZIP, .ROI, as Windows tools save them: they were taken for no ROI set, every image lacking its)."""
     ids = make_synthetic(tmp_path / "labelled", num_images=4, size=TINY_SIZE)
     labelled = os.path.join(tmp_path, "labelled", "inputs", TINY_NAME)
     shutil.rmtree(os.path.join(labelled, "masks"))  # StarDist's layout: the masks come from the label images
@@ -340,6 +342,11 @@ def test_a_dataset_of_roi_sets_reads_as_its_label_images(tmp_path, capsys):
             nucleus_rois(labels)[0].tofile(os.path.join(folder, "rois", img_id + ".roi"))
         else:
             save_rois(os.path.join(folder, "rois", name.replace("<id>", img_id)), nucleus_rois(labels))
+    if upper:
+        for name in os.listdir(os.path.join(folder, "rois")):
+            img_id = next(i for i in ids if name.startswith(i))
+            os.rename(os.path.join(folder, "rois", name),
+                      os.path.join(folder, "rois", img_id + name[len(img_id):].upper()))
     assert dataset.find_layout(folder).kind == "rois" and dataset.list_ids(folder) == ids
     assert capsys.readouterr().out == ""
     assert_same_targets(folder, labelled, ids)
