@@ -195,27 +195,35 @@ def fill_oval(box, window):
 
 
 def roi_pixels(roi, shape):
-    """The pixels of an area ROI (:func:`is_area`) in an image of ``shape`` (H, W): (bool [h, w], (rows, cols)
-    slices of the image they cover), clipped to the image; None when it covers none of its pixels."""
+    """The pixels of an area ROI (:func:`is_area`) in an image of ``shape`` (H, W): ((bool [h, w], (rows, cols)
+    slices of the image they cover), clipped to the image, or None when it covers none of its pixels; whether it
+    reaches over the image's edge (:func:`reaches_over`))."""
     composite = roi.roitype == ROI_TYPE.RECT and roi.shape_roi_size > 0
     simple = roi.roitype in (ROI_TYPE.RECT, ROI_TYPE.OVAL) and not composite
     rings = None if simple else rings_of(roi)
     if rings is not None and not rings:  # a composite or polygon of fewer than 3 points encloses nothing
-        return None
+        return None, False
     if simple:
         x0, y0, x1, y1 = box_of(roi)
     else:
         (x0, y0), (x1, y1) = np.concatenate(rings).min(axis=0), np.concatenate(rings).max(axis=0)
     window = window_of((x0, y0, x1, y1), shape)
     if window is None:
-        return None
+        return None, False
     if roi.roitype == ROI_TYPE.OVAL:
         pixels = fill_oval((x0, y0, x1, y1), window)
     elif simple:  # a rectangle's pixel centres are inside it: its whole window, for integer and sub-pixel corners
         pixels = fill_rings([np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]])], window)
     else:
         pixels = fill_rings(rings, window)
-    return found_pixels(pixels, window)
+    return found_pixels(pixels, window), reaches_over((x0, y0, x1, y1), shape)
+
+
+def reaches_over(box, shape):
+    """Whether ``box`` (left, top, right, bottom) in ImageJ's coordinates holds the centre of a pixel beyond the
+    edge of an image of ``shape`` (H, W), so that clipping may leave out pixels of its nucleus (an outline drawn
+    along the edge, at 0 or W, holds none)."""
+    return bool(min(box[0], box[1]) <= -0.5 or box[2] >= shape[1] + 0.5 or box[3] >= shape[0] + 0.5)
 
 
 def window_of(box, shape):
@@ -251,9 +259,9 @@ def roi_labels(path, shape):
     """The ImageJ ROIs of ``path`` (:func:`read_rois`) as instance labels uint16 [H, W] of ``shape`` (H, W): 0 the
     background, the area ROIs 1..N in the file's order, each on the pixels whose centres it encloses as ImageJ's
     Measure and Fill take them (:func:`roi_pixels`), a later ROI over an earlier one where they overlap (as ImageJ
-    draws them), clipped to the image. Also returns the notes (a list of one-line strings) on ROIs left out: not
-    areas, covering no pixel of the image, pixels claimed twice. A stack plane past the first (:func:`check_plane`)
-    or more than 65,535 areas is a DataError naming the file."""
+    draws them), clipped to the image. Also returns the notes (a list of one-line strings) on ROIs left out (not
+    areas, covering no pixel of the image), ROIs clipped at the image's edge and pixels claimed twice. A stack plane
+    past the first (:func:`check_plane`) or more than 65,535 areas is a DataError naming the file."""
     rois = read_rois(path)
     check_plane(rois, path)
     areas = [roi for roi in rois if is_area(roi)]
@@ -261,12 +269,13 @@ def roi_labels(path, shape):
         raise DataError(f"ImageJ ROIs {path}: {len(areas)} area ROIs, more than the {MAX_ROIS} that a 16-bit label "
                         "image numbers; split the image (and its ROIs) into tiles")
     labels, twice = np.zeros(shape, np.uint16), np.zeros(shape, bool)
-    outside = 0
+    outside = clipped = 0
     for value, roi in enumerate(areas, start=1):
-        found = roi_pixels(roi, shape)
+        found, over = roi_pixels(roi, shape)
         if found is None:
             outside += 1
             continue
+        clipped += over
         pixels, box = found
         twice[box] |= pixels & (labels[box] > 0)
         labels[box][pixels] = value
@@ -278,6 +287,11 @@ def roi_labels(path, shape):
     if outside:
         notes.append(f"note: {path}: {outside} ROI{'s cover' if outside > 1 else ' covers'} no pixel of the "
                      f"{shape[1]}x{shape[0]} image (outside it, or too small to enclose a pixel's centre)")
+    if clipped:
+        notes.append(f"note: {path}: {clipped} ROI{'s reach' if clipped > 1 else ' reaches'} over the edge of the "
+                     f"{shape[1]}x{shape[0]} image and {'are' if clipped > 1 else 'is'} clipped to it (nuclei cut by "
+                     "the edge; if they should lie wholly inside, the ROIs belong to another image, a crop or a "
+                     "resized copy)")
     if twice.any():
         notes.append(f"note: {path}: {int(twice.sum())} pixels lie in two ROIs or more; each goes to the later ROI "
                      "in the file")

@@ -284,7 +284,33 @@ def test_a_single_roi_file_an_empty_set_and_the_notes(tmp_path):
     assert notes == [f"note: {path}: 2 ROIs are no area (a line, point, angle or text) and left out",
                      f"note: {path}: 2 ROIs cover no pixel of the 12x12 image (outside it, or too small to enclose "
                      "a pixel's centre)",
+                     # edge (y from -3) and later (x to 14)
+                     f"note: {path}: 2 ROIs reach over the edge of the 12x12 image and are clipped to it (nuclei cut "
+                     "by the edge; if they should lie wholly inside, the ROIs belong to another image, a crop or a "
+                     "resized copy)",
                      f"note: {path}: 4 pixels lie in two ROIs or more; each goes to the later ROI in the file"]
+
+
+def test_rois_over_the_image_s_edge_are_clipped_with_a_note(tmp_path):
+    """A ROI that reaches over the image's edge keeps its pixels inside it (the ellipse's equation at the pixel
+    centres, independently), and the note counts it: it was clipped silently. Outlines along the edge (a wand
+    traced to it, a rectangle of the whole image) hold no pixel beyond it and get no note."""
+    shape = (16, 20)
+    over = [ImagejRoi(roitype=ROI_TYPE.OVAL, left=-5, top=3, right=7, bottom=13, name="0001"),
+            ImagejRoi(roitype=ROI_TYPE.OVAL, left=12, top=9, right=24, bottom=21, name="0002")]
+    path = save_rois(str(tmp_path / "over.zip"), over)
+    labels, notes = roi_labels(path, shape)
+    for value, roi in enumerate(over, start=1):
+        assert np.array_equal(labels == value, independent(roi, shape)) and (labels == value).any()
+    assert notes == [f"note: {path}: 2 ROIs reach over the edge of the 20x16 image and are clipped to it (nuclei cut "
+                     "by the edge; if they should lie wholly inside, the ROIs belong to another image, a crop or a "
+                     "resized copy)"]
+    along = [ImagejRoi(roitype=ROI_TYPE.RECT, left=0, top=0, right=20, bottom=16, name="0001"),
+             ImagejRoi.frompoints(np.array([[0, 0], [5.4, 0], [5.4, 16], [0, 16]]), name="0002")]
+    path = save_rois(str(tmp_path / "along.zip"), along)
+    labels, notes = roi_labels(path, shape)
+    assert notes == [f"note: {path}: 80 pixels lie in two ROIs or more; each goes to the later ROI in the file"]
+    assert (labels == 1).sum() == 20 * 16 - 80
 
 
 def test_a_zip_with_other_files_than_rois_reads_its_rois_as_fiji_does(tmp_path):
