@@ -207,13 +207,37 @@ def plane_of(geometry):
     return (plane.get("z", 0), plane.get("t", 0)) if isinstance(plane, dict) else (0, 0)
 
 
+def enclosing(pieces):
+    """The indices (sorted) of the ``pieces`` = [(pixels bool [h, w], (rows, cols) slices of the image they cover)]
+    that hold every pixel of another piece, and more: a region drawn around others. Two alike hold each other and
+    neither is one."""
+    boxes = np.array([[rows.start, rows.stop, cols.start, cols.stop] for _, (rows, cols) in pieces]).reshape(-1, 4)
+    sizes = [int(pixels.sum()) for pixels, _ in pieces]
+    order = np.argsort(boxes[:, 0], kind="stable")
+    tops = boxes[order, 0]
+    found = []
+    for i, (outer, (rows, cols)) in enumerate(pieces):
+        # the pieces whose box lies within this one's, the only ones it can hold: among those whose top row is in
+        # its rows (a band of the image, not every piece: a file of many thousand nuclei stays quick)
+        band = order[np.searchsorted(tops, rows.start): np.searchsorted(tops, rows.stop)]
+        within = band[(boxes[band, 1] <= rows.stop) & (boxes[band, 2] >= cols.start) & (boxes[band, 3] <= cols.stop)]
+        for j in within:
+            inner, (inner_rows, inner_cols) = pieces[j]
+            if sizes[j] < sizes[i] and outer[inner_rows.start - rows.start: inner_rows.stop - rows.start,
+                                             inner_cols.start - cols.start: inner_cols.stop - cols.start][inner].all():
+                found.append(i)
+                break
+    return found
+
+
 def geojson_labels(path, shape):
     """The GeoJSON objects of ``path`` (:func:`read_features`) as instance labels uint16 [H, W] of ``shape`` (H, W):
     0 the background, the nuclei 1..N in the file's order, each on the pixels whose centres its polygons enclose
     (even-odd: holes out), a later one over an earlier one where they overlap. The nuclei are its detections and
-    cells (a cell's nucleusGeometry) where it has any, else its annotations. Also returns the notes (one-line
-    strings) on the objects left out: other kinds (annotations beside detections: the regions QuPath detected them
-    in; tiles, TMA cores), no areas (points, lines), enclosing no pixel centre; and on pixels claimed twice.
+    cells (a cell's nucleusGeometry) where it has any, else its annotations, less those that enclose others wholly
+    (:func:`enclosing`: regions drawn around nuclei). Also returns the notes (one-line strings) on the objects left
+    out: other kinds (annotations beside detections: the regions QuPath detected them in; tiles, TMA cores), regions
+    among annotations, no areas (points, lines), enclosing no pixel centre; and on pixels claimed twice.
     Coordinates outside the image, a stack plane past the first (training reads 2D images) or more than 65,535
     nuclei are a DataError naming the file."""
     features = read_features(path)
@@ -229,6 +253,7 @@ def geojson_labels(path, shape):
                         "export the objects of a 2D image")
     labels, twice = np.zeros(shape, np.uint16), np.zeros(shape, bool)
     value = not_areas = empty = 0
+    drawn = []  # (number, feature, pixels, box) of each nucleus that encloses pixels
     for number, feature in nuclei:
         try:
             rings = area_rings(geometry_of(feature))
@@ -248,14 +273,26 @@ def geojson_labels(path, shape):
         if found is None:
             empty += 1
             continue
+        drawn.append((number, feature, *found))
+    # annotations read as nuclei: one around others is a region drawn around them (QuPath's regions and nuclei are
+    # both annotations), read as one nucleus it would cover them or their background
+    regions = [] if detected else enclosing([(pixels, box) for _, _, pixels, box in drawn])
+    for index, (number, feature, pixels, box) in enumerate(drawn):
+        if index in regions:
+            continue
         if value == MAX_ROIS:
             raise DataError(f"GeoJSON objects {path}: more than the {MAX_ROIS} nuclei that a 16-bit label image "
                             "numbers; split the image (and its objects) into tiles")
         value += 1
-        pixels, box = found
         twice[box] |= pixels & (labels[box] > 0)
         labels[box][pixels] = value
     notes = []
+    if regions:
+        number, feature = drawn[regions[0]][:2]
+        notes.append(f"note: {path}: {len(regions)} annotation{'s enclose' if len(regions) > 1 else ' encloses'} "
+                     f"other annotations wholly (e.g. {feature_name(feature, number)}): read as "
+                     f"{'regions' if len(regions) > 1 else 'a region'} drawn around nuclei, not as nuclei, and left "
+                     "out")
     others = sorted({kind for kind in kinds if kind not in (NUCLEI if detected else ("annotation",))})
     if others:
         n, kind = len(features) - len(nuclei), "another kind" if len(others) == 1 else "other kinds"

@@ -266,6 +266,26 @@ def test_detections_nested_in_their_annotation_are_the_nuclei(tmp_path):
     assert len(notes) == 1 and "2 objects of another kind" in notes[0] and notes[0].endswith("left out: annotation")
 
 
+@pytest.mark.parametrize("region_last", [False, True])
+def test_an_annotation_around_other_annotations_is_a_region_left_out_with_a_note(tmp_path, region_last):
+    """Nuclei drawn by hand in QuPath are annotations, and so is a region drawn around them (a tumour, the area
+    annotated): read as one more nucleus, it covered the background between them (or, later in the file, them
+    too). An annotation that encloses another wholly is left out with a note naming it; nuclei alike or overlapping
+    in part stay nuclei."""
+    nuclei = [polygon(2, 2, 6, 6), polygon(8, 3, 12, 7, "annotation"), polygon(8, 3, 12, 7, "annotation"),
+              polygon(4, 9, 9, 13, "annotation"), polygon(7, 11, 10, 14, "annotation")]  # a twin; an overlap
+    region = polygon(1, 1, 15, 15, "annotation", "Tumor")
+    features = nuclei + [region] if region_last else [region] + nuclei
+    path = write_json(tmp_path / "drawn.geojson", {"type": "FeatureCollection", "features": features})
+    labels, notes = geojson_labels(path, (16, 16))
+    expected = np.zeros((16, 16), np.uint16)
+    expected[2:6, 2:6], expected[3:7, 8:12], expected[9:13, 4:9], expected[11:14, 7:10] = 1, 3, 4, 5  # twin: 2 under 3
+    assert np.array_equal(labels, expected)
+    assert notes[0] == (f"note: {path}: 1 annotation encloses other annotations wholly (e.g. 'Tumor'): read as a "
+                        "region drawn around nuclei, not as nuclei, and left out")
+    assert len(notes) == 2 and "pixels lie in two objects or more" in notes[1]
+
+
 def test_objects_nested_in_a_nucleus_are_parts_of_it(tmp_path):
     """QuPath's subcellular spots are detections nested in their cell (or nucleus detection): parts of that nucleus,
     not more nuclei drawn over it; "childObjects" that are no list are a one-line error naming the file."""
