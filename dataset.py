@@ -51,6 +51,7 @@ from image_files import (CELLPOSE_NOT_IMAGES, JPEG_EXTS, NEAREST, decode_image, 
                          read_label_image, read_mask, split_ids)
 from rois import ROI_FILES, roi_labels
 from instances import median_diameter, nucleus_areas, touching_borders
+from measurements import foreground_note
 from utils import (NEAR_NAMES, STOP_SIGNALS, DataError, UsageError, check_utf8_names, first_few, near_names,
                    printable_path, progress_bar, usable_cpus)
 
@@ -605,14 +606,10 @@ def evenly_spaced(count, samples):
     return np.unique(np.linspace(0, count - 1, min(samples, count)).round().astype(int))
 
 
-# DSB2018's masks cover 14 % of their images on average, 59 % at most; inverted, 41 % at least and 86 % on average
-MOSTLY_FOREGROUND = 0.6
-
-
 def mostly_foreground_note(data, what, samples=64):
     """A note ('' for none) when the nuclei of Dataset ``data`` (its class-0 masks or label images, up to ``samples``
     of them, evenly spaced; the cache's when it holds them, else read alone, without their images) cover more than
-    :data:`MOSTLY_FOREGROUND` of their images on average: masks drawn dark-on-light, or label images whose
+    :data:`measurements.MOSTLY_FOREGROUND` of their images on average: masks drawn dark-on-light, or label images whose
     background is not 0, would otherwise train a model of the background, or score one, without a word. ROI sets
     and GeoJSON objects, drawn on a background of 0, are not checked. ``what`` names the masks in the note ('the
     training masks')."""
@@ -624,19 +621,6 @@ def mostly_foreground_note(data, what, samples=64):
                            [layout.nuclei_file(data.img_ids[i]) for i in picked], what,
                            "a mask marks nuclei with values above 0 on a background of 0, so masks drawn dark on a "
                            "light background must be inverted (and label images need a background of 0)")
-
-
-def foreground_note(shares, names, what, fix, each=False):
-    """The note ('' for none) when ``what`` (the masks or predictions of the files ``names``) mark more than
-    :data:`MOSTLY_FOREGROUND` of their pixels as nuclei (``shares``: each one's fraction, in [0, 1]): on average, or
-    with ``each`` in any one of them, counted; the fullest named, then ``fix``, what to do."""
-    over = sum(share > MOSTLY_FOREGROUND for share in shares)
-    if not (over if each else np.mean(shares) > MOSTLY_FOREGROUND):
-        return ""
-    fullest = int(np.argmax(shares))
-    marked = (f"more than {MOSTLY_FOREGROUND:.0%} of their pixels as nuclei in {over} of {len(shares)} images"
-              if each else f"{np.mean(shares):.0%} of their pixels as nuclei on average")
-    return f"note: {what} mark {marked} ({names[fullest]}: {shares[fullest]:.0%}); {fix}"
 
 
 # The least share of the ids (pooled over the label images looked at) that split into separate objects for a note:

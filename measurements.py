@@ -19,6 +19,10 @@ from files import atomic_write, interrupts_held
 from image_files import nucleus_channel
 from instances import mean_probability
 
+# DSB2018's masks cover 14 % of their images on average, 59 % at most; inverted, 41 % at least and 86 % on average
+MOSTLY_FOREGROUND = 0.6
+
+
 OBJECT_COLUMNS = ["image", "plane", "t", "z", "label", "area", "centroid_y", "centroid_x", "bbox_min_y",
                   "bbox_min_x", "bbox_max_y", "bbox_max_x", "mean_intensity", "integrated_intensity", "perimeter",
                   "eccentricity", "solidity", "major_axis_length", "minor_axis_length", "confidence", "pixel_size_um",
@@ -51,6 +55,19 @@ IMAGE_SIGNIFICANT = ("pixel_size_um", "mean_area_um2", "median_area_um2")
 # A colour image's intensity is its grey value, with OpenCV's weights for RGB -> grey: one set of columns for the
 # grey and colour images of a run.
 GREY_WEIGHTS = np.array([0.299, 0.587, 0.114])
+
+
+def foreground_note(shares, names, what, fix, each=False):
+    """The note ('' for none) when ``what`` (the masks or predictions of the files ``names``) mark more than
+    :data:`MOSTLY_FOREGROUND` of their pixels as nuclei (``shares``: each one's fraction, in [0, 1]): on average, or
+    with ``each`` in any one of them, counted; the fullest named, then ``fix``, what to do."""
+    over = sum(share > MOSTLY_FOREGROUND for share in shares)
+    if not (over if each else np.mean(shares) > MOSTLY_FOREGROUND):
+        return ""
+    fullest = int(np.argmax(shares))
+    marked = (f"more than {MOSTLY_FOREGROUND:.0%} of their pixels as nuclei in {over} of {len(shares)} images"
+              if each else f"{np.mean(shares):.0%} of their pixels as nuclei on average")
+    return f"note: {what} mark {marked} ({names[fullest]}: {shares[fullest]:.0%}); {fix}"
 
 
 def object_columns(channels=0):

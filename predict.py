@@ -70,7 +70,7 @@ from files import atomic_write, check_output_folder, remove_killed_writes, writt
 from image_files import (CELLPOSE_NOT_IMAGES, PAGES_AS_COLOURS, PIXEL_SIZES, TIFF_EXTS, TiffHeader, nucleus_channel,
                          pages_as_colours, read_planes, tiff_header)
 from instances import AUTO_SCALE_BAND, auto_scale, border_map, median_diameter, nucleus_areas, split_instances
-from measurements import image_row, object_rows, write_tables
+from measurements import foreground_note, image_row, object_rows, write_tables
 from plane_outputs import MOST_LABELS, Gathered, output_name, plane_grid, write_image
 from geojson_objects import nucleus_features
 from rois import nucleus_rois
@@ -676,14 +676,12 @@ def stitched_line(stitch_z, stacks, objects):
             "one")
 
 
-def mostly_foreground_note(rows, files, ids):
-    """A note ('' for none) when the masks predicted mark more than dataset.MOSTLY_FOREGROUND of their image's pixels
+def predicted_foreground_note(rows, files, ids):
+    """A note ('' for none) when the masks predicted mark more than measurements.MOSTLY_FOREGROUND of their pixels
     (``rows``: the measurements.image_row of each plane, a stack's planes averaged; ``files`` the images read, by
     their ``ids``), naming how many images and the fullest: the network marks the nuclei it learned, bright on a dark
     background in most training sets, so that dark nuclei on a light background (bright-field, stains) or an
     inverted image come out as nuclei over the background, with no error."""
-    from dataset import foreground_note
-
     planes = {}
     for row in rows:
         planes.setdefault(row.image, []).append(row.foreground)
@@ -852,7 +850,7 @@ def main(argv):
                            width=math.inf)  # the command on one line, to copy
         predicted = {row.image for row in rows}  # a file left out now wrote nothing: its earlier outputs are named
         source_id = dict(zip(files, ids))
-        notes = [mostly_foreground_note(rows, files, ids),
+        notes = [predicted_foreground_note(rows, files, ids),
                  earlier_outputs_note(args, files, ids, {n: f for n, f in written.items()
                                                          if source_id[f] in predicted}), replaced_rows,
                  pandas_ids_note([list(dict.fromkeys(row.image for row in rows)), objects["image"].unique()])

@@ -8,9 +8,10 @@ import shlex
 import numpy as np
 
 from config import INPUTS_DIR, dataset_folder
-from dataset import MOSTLY_FOREGROUND, find_layout, list_ids, read_instance_labels
+from dataset import find_layout, list_ids, read_instance_labels
 from evaluation import interval_line
 from image_files import read_labels_or_components, read_mask, split_ids
+from measurements import MOSTLY_FOREGROUND
 from metrics import dsb_score_of_iou, object_iou, pooled_scores, true_positives
 from predict import CELLPOSE_OUTPUTS, IMAGE_EXTS
 from utils import DataError, check_utf8_names, first_few
@@ -110,7 +111,7 @@ def score_image(img_id, pred_path, labels_path, mask_path, image_path):
 
 
 def mostly_foreground_notes(counts, pred_dir, folder):
-    """Notes (a list, empty for none) when the predictions or the truth mark more than dataset.MOSTLY_FOREGROUND of
+    """Notes (a list, empty for none) when the predictions or the truth mark more than measurements.MOSTLY_FOREGROUND of
     all their pixels as nuclei (``counts`` as :func:`summary`'s): label images whose background is not 0, or masks
     drawn dark on light, would score as nuclei over the background without a word."""
     shares = {f"the predictions in {pred_dir}": counts[2] / counts[4], f"the truth of {folder}": counts[3] / counts[4]}
