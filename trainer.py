@@ -203,7 +203,10 @@ class Trainer:
         due = now or time.time() - self.curves["at"] >= self.curves["cost"] / CURVES_SHARE
         if self.main and due and len(self.log) and self.curves["rows"] != len(self.log):
             started = time.time()
-            plot_runs([self.log], [self.args.name], os.path.join(self.dir, "curves.png"))
+            # held: PyTorch's SIGCHLD handler (a loader worker ended) raising inside matplotlib's first import of its
+            # renderer surfaces as an ImportError, not as the worker's end that the run reports in one line
+            with interrupts_held():
+                plot_runs([self.log], [self.args.name], os.path.join(self.dir, "curves.png"))
             self.curves = {"rows": len(self.log), "at": time.time(), "cost": time.time() - started}
 
     def _redraw_curves_of_saved_epochs(self):

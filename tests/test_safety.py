@@ -485,16 +485,16 @@ def test_ctrl_c_while_an_epoch_is_saved_takes_effect_once_its_files_agree(in_wor
     """Ctrl-C after model.pth of epoch 2 is written but before last.pth: the save completes, then the run stops
     with its one-line message, and model.pth, log.csv and last.pth are all of epoch 2 (cut off there, --resume
     would have redone epoch 2 while model.pth held the first try's weights)."""
-    real_plot = trainer.plot_runs
+    real_save = trainer.save_training_state
     calls = []
 
-    def plot_then_interrupt(*args, **kwargs):
-        real_plot(*args, **kwargs)
+    def interrupt_then_save(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             os.kill(os.getpid(), signal.SIGINT)
+        real_save(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "plot_runs", plot_then_interrupt)
+    monkeypatch.setattr(trainer, "save_training_state", interrupt_then_save)
     assert cli(train.main, ["--name", "held", "--epochs", "3", *SMALL]) == 130
     assert "stopped during epoch 3; " in capsys.readouterr().out
     run = in_workdir / "models" / "held"
