@@ -12,6 +12,7 @@ The way back: a ROI set saved from Fiji's ROI Manager (corrected, or drawn from 
 import os
 import zipfile
 from contextlib import contextmanager
+from math import comb
 
 import numpy as np
 from roifile import ROI_SUBTYPE, ROI_TYPE, ImagejRoi
@@ -145,15 +146,90 @@ def is_area(roi):
 
 
 def box_of(roi):
-    """(left, top, right, bottom) floats of a rectangle or oval ROI in ImageJ's coordinates (pixel corners)."""
-    if roi.subpixelrect:
-        return roi.xd, roi.yd, roi.xd + roi.widthd, roi.yd + roi.heightd
-    return roi.left, roi.top, roi.right, roi.bottom
+    """(left, top, right, bottom) of a rectangle or oval ROI in ImageJ's coordinates (pixel corners). ImageJ reads a
+    sub-pixel rectangle (Roi(double x, y, w, h)) on the whole pixels from (int) x, (int) y, ceil(w) by ceil(h) wide, so
+    that its mask and measurements take those (a rectangle from x = 2.7 covers pixels 2, 3 and 4 for w = 3); a
+    sub-pixel oval keeps its float box (:func:`fill_oval`)."""
+    if not roi.subpixelrect:
+        return roi.left, roi.top, roi.right, roi.bottom
+    if roi.roitype == ROI_TYPE.RECT:
+        left, top = int(roi.xd), int(roi.yd)  # Java's (int): towards 0, as Python's int()
+        return left, top, left + int(np.ceil(roi.widthd)), top + int(np.ceil(roi.heightd))
+    return roi.xd, roi.yd, roi.xd + roi.widthd, roi.yd + roi.heightd
+
+
+CURVE_STEPS = 64  # lines per Bezier curve: a quarter circle of radius 100 px flattened to within 0.01 px of it
+KAPPA = 4 / 3 * (np.sqrt(2) - 1)  # a quarter circle as a cubic Bezier, as java.awt.geom draws RoundRectangle2D
+
+
+def bezier(controls):
+    """The points (x, y) float [CURVE_STEPS + 1, 2] along the Bezier curve of ``controls`` [k + 1, 2] (degree k: 2
+    quadratic, 3 cubic), from its first control point to its last."""
+    t = np.linspace(0, 1, CURVE_STEPS + 1)[:, None]
+    k = len(controls) - 1
+    return sum(comb(k, i) * (1 - t) ** (k - i) * t ** i * controls[i] for i in range(k + 1))
+
+
+def path_rings(path):
+    """The closed rings (x, y) float [N, 2] of a java.awt.geom path as ImageJ saves a composite (ShapeRoi) ROI: floats
+    0 x y (move), 1 x y (line), 2 x1 y1 x y (quadratic curve), 3 x1 y1 x2 y2 x y (cubic curve), 4 (close), its curves
+    flattened into CURVE_STEPS lines each (roifile refuses curves, which a composite made with a rounded rectangle
+    holds). A ring left open is closed, as a fill closes it; a ValueError for an unknown segment."""
+    path = np.asarray(path, np.float64)
+    rings, ring, i = [], [], 0
+    while i < len(path):
+        op = int(path[i])
+        if op == 0:
+            rings.append(ring)
+            ring = [path[i + 1:i + 3]]
+            i += 3
+        elif op == 1:
+            ring.append(path[i + 1:i + 3])
+            i += 3
+        elif op in (2, 3):
+            if not ring:
+                raise ValueError("a curve before any point")
+            ring.extend(bezier(np.r_[[ring[-1]], path[i + 1:i + 1 + 2 * op].reshape(op, 2)])[1:])
+            i += 1 + 2 * op
+        elif op == 4:
+            rings.append(ring)
+            ring = ring[:1]  # a line after a close, with no move, starts from the ring's first point (Path2D)
+            i += 1
+        else:
+            raise ValueError(f"unknown path segment type {path[i]:g}")
+    rings.append(ring)
+    return [np.array(ring) for ring in rings if len(ring) >= 3]
+
+
+def rounded_rect_path(box, diameter):
+    """The path (:func:`path_rings`) of the rectangle ``box`` (left, top, right, bottom) with corners rounded to
+    ``diameter`` pixels, as ImageJ fills it (Roi.getMask: java.awt.geom.RoundRectangle2D): each corner a quarter
+    ellipse of axes min(diameter, width) and min(diameter, height) (a diameter past a side is clamped to it: past
+    both, the rectangle is its inscribed ellipse), drawn as java.awt.geom does, a cubic Bezier."""
+    left, top, right, bottom = box
+    rx, ry = min(diameter, right - left) / 2, min(diameter, bottom - top) / 2
+    path = [0, left, top + ry]
+    for corner, start, end in (((left, bottom), (left, bottom - ry), (left + rx, bottom)),
+                               ((right, bottom), (right - rx, bottom), (right, bottom - ry)),
+                               ((right, top), (right, top + ry), (right - rx, top)),
+                               ((left, top), (left + rx, top), (left, top + ry))):
+        corner, start, end = np.array(corner), np.array(start), np.array(end)
+        path += [1, *start, 3, *(start + KAPPA * (corner - start)), *(end + KAPPA * (corner - end)), *end]
+    return path + [4]
 
 
 def rings_of(roi):
-    """The closed outlines (x, y) float [N, 2] of a polygon, freehand, traced or composite ROI, in ImageJ's
-    coordinates: roifile's absolute ones (sub-pixel, or integer with left/top added); a composite has several."""
+    """The closed outlines (x, y) float [N, 2] of a polygon, freehand (ellipse and rotated rectangle too: ImageJ saves
+    their polygon), traced, composite or rectangle ROI, in ImageJ's coordinates: roifile's absolute ones (sub-pixel,
+    or integer with left/top added), a composite's path (:func:`path_rings`, several rings), a rectangle's corners
+    (rounded to its "rounded rect arc size", Fiji's corner diameter: :func:`rounded_rect_path`)."""
+    if roi.roitype == ROI_TYPE.RECT and roi.composite:
+        return path_rings(roi.multi_coordinates)
+    if roi.roitype == ROI_TYPE.RECT:
+        left, top, right, bottom = box_of(roi)
+        if roi.rounded_rect_arc_size > 0:
+            return path_rings(rounded_rect_path((left, top, right, bottom), roi.rounded_rect_arc_size))
+        return [np.array([[left, top], [right, top], [right, bottom], [left, bottom]], np.float64)]
     return [np.asarray(ring, np.float64) for ring in roi.coordinates(multi=True) if len(ring) >= 3]
 
 
@@ -197,25 +273,19 @@ def fill_oval(box, window):
 def roi_pixels(roi, shape):
     """The pixels of an area ROI (:func:`is_area`) in an image of ``shape`` (H, W): ((bool [h, w], (rows, cols)
     slices of the image they cover), clipped to the image, or None when it covers none of its pixels; whether it
-    reaches over the image's edge (:func:`reaches_over`))."""
-    composite = roi.roitype == ROI_TYPE.RECT and roi.shape_roi_size > 0
-    simple = roi.roitype in (ROI_TYPE.RECT, ROI_TYPE.OVAL) and not composite
-    rings = None if simple else rings_of(roi)
-    if rings is not None and not rings:  # a composite or polygon of fewer than 3 points encloses nothing
-        return None, False
-    if simple:
-        x0, y0, x1, y1 = box_of(roi)
+    reaches over the image's edge (:func:`reaches_over`). A ValueError for a composite ROI's damaged path."""
+    oval = roi.roitype == ROI_TYPE.OVAL and not roi.composite
+    if oval:
+        x0, y0, x1, y1 = box = box_of(roi)
     else:
+        rings = rings_of(roi)
+        if not rings:  # a composite or polygon of fewer than 3 points encloses nothing
+            return None, False
         (x0, y0), (x1, y1) = np.concatenate(rings).min(axis=0), np.concatenate(rings).max(axis=0)
     window = window_of((x0, y0, x1, y1), shape)
     if window is None:
         return None, False
-    if roi.roitype == ROI_TYPE.OVAL:
-        pixels = fill_oval((x0, y0, x1, y1), window)
-    elif simple:  # a rectangle's pixel centres are inside it: its whole window, for integer and sub-pixel corners
-        pixels = fill_rings([np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]])], window)
-    else:
-        pixels = fill_rings(rings, window)
+    pixels = fill_oval(box, window) if oval else fill_rings(rings, window)
     return found_pixels(pixels, window), reaches_over((x0, y0, x1, y1), shape)
 
 
@@ -261,7 +331,8 @@ def roi_labels(path, shape):
     Measure and Fill take them (:func:`roi_pixels`), a later ROI over an earlier one where they overlap (as ImageJ
     draws them), clipped to the image. Also returns the notes (a list of one-line strings) on ROIs left out (not
     areas, covering no pixel of the image), ROIs clipped at the image's edge and pixels claimed twice. A stack plane
-    past the first (:func:`check_plane`) or more than 65,535 areas is a DataError naming the file."""
+    past the first (:func:`check_plane`), a composite ROI's damaged path or more than 65,535 areas is a DataError
+    naming the file."""
     rois = read_rois(path)
     check_plane(rois, path)
     areas = [roi for roi in rois if is_area(roi)]
@@ -271,7 +342,10 @@ def roi_labels(path, shape):
     labels, twice = np.zeros(shape, np.uint16), np.zeros(shape, bool)
     outside = clipped = 0
     for value, roi in enumerate(areas, start=1):
-        found, over = roi_pixels(roi, shape)
+        try:
+            found, over = roi_pixels(roi, shape)
+        except ValueError as e:  # path_rings': a composite's path that Fiji cannot have written
+            raise DataError(f"ImageJ ROIs {path}: ROI '{roi.name}' has a damaged outline ({e}); {SAVE_AGAIN}") from None
         if found is None:
             outside += 1
             continue

@@ -9,7 +9,7 @@ import zipfile
 import numpy as np
 import pytest
 from matplotlib.path import Path
-from roifile import ROI_SUBTYPE, ROI_TYPE, ImagejRoi, roiread
+from roifile import ROI_OPTIONS, ROI_SUBTYPE, ROI_TYPE, ImagejRoi, roiread
 from scipy import ndimage as ndi
 from skimage.measure import label as connected
 from skimage.segmentation import relabel_sequential
@@ -220,8 +220,8 @@ def independent(roi, shape):
 
 
 def hand_made_rois():
-    """One ROI of each area type, as Fiji saves them: sub-pixel and integer polygons, freehand, traced, rectangle,
-    ovals and a composite with a hole."""
+    """One ROI of each area type, as Fiji saves them: sub-pixel and integer polygons, freehand, traced, ellipse,
+    rotated rectangle, rectangle, ovals and a composite with a hole."""
     subpixel = ImagejRoi.frompoints(np.array([[2.3, 1.7], [17.6, 4.2], [12.1, 15.8], [6.4, 9.9], [1.2, 13.4]]))
     integer = ImagejRoi.frompoints(np.array([[3, 2], [19, 7], [8, 17], [2, 12]]))  # no edge through a centre
     integer.roitype = ROI_TYPE.POLYGON
@@ -231,7 +231,20 @@ def hand_made_rois():
     hole = [0, 7.3, 6.2, 1, 12.4, 7.6, 1, 9.7, 12.3, 4]
     composite = ImagejRoi(roitype=ROI_TYPE.RECT, multi_coordinates=np.array(outer + hole, np.float32),
                           shape_roi_size=len(outer + hole), left=2, top=2, right=19, bottom=18)
-    return {"subpixel polygon": subpixel, "integer polygon": integer, "traced": traced,
+    # Fiji's ellipse and rotated rectangle tools: a freehand ROI of their polygon (EllipseRoi.makeEllipse's 72 points,
+    # RotatedRectRoi's 4 corners, sub-pixel), with the tool's parameters beside it, which ImageJ rebuilds the same
+    # polygon from
+    (x1, y1, x2, y2), ratio = (3.3, 14.2, 18.6, 5.1), 0.55
+    turn, major, step = np.arctan2(y2 - y1, x2 - x1), np.hypot(x2 - x1, y2 - y1), np.arange(72) * np.pi / 36
+    along, across = np.cos(step) * major / 2, np.sin(step) * major * ratio / 2
+    ellipse = ImagejRoi.frompoints(np.float32(np.c_[(x1 + x2) / 2 + along * np.cos(turn) - across * np.sin(turn),
+                                                    (y1 + y2) / 2 + along * np.sin(turn) + across * np.cos(turn)]))
+    ellipse.subtype, ellipse.x1, ellipse.y1, ellipse.x2, ellipse.y2 = ROI_SUBTYPE.ELLIPSE, x1, y1, x2, y2
+    half = np.array([y2 - y1, x1 - x2]) / np.hypot(x2 - x1, y2 - y1) * 3.5  # a 7-pixel-wide rectangle along the line
+    rotated = ImagejRoi.frompoints(np.array([[x1, y1] + half, [x2, y2] + half, [x2, y2] - half, [x1, y1] - half]))
+    rotated.subtype, rotated.x1, rotated.y1, rotated.x2, rotated.y2 = ROI_SUBTYPE.ROTATED_RECT, x1, y1, x2, y2
+    return {"subpixel polygon": subpixel, "integer polygon": integer, "traced": traced, "ellipse": ellipse,
+            "rotated rectangle": rotated,
             "rectangle": ImagejRoi(roitype=ROI_TYPE.RECT, left=3, top=5, right=16, bottom=11),
             "oval": ImagejRoi(roitype=ROI_TYPE.OVAL, left=2, top=4, right=19, bottom=15),
             "round oval": ImagejRoi(roitype=ROI_TYPE.OVAL, left=5, top=3, right=16, bottom=14),
@@ -431,3 +444,117 @@ def test_train_and_val_on_roi_sets_with_borders_score_the_dsb2018_score(tmp_path
     train.main(train_argv("rois", "--borders", "True", epochs=1))
     scores = val.main(["--name", "rois", "--device", "cpu", "--no_overlays"])
     assert 0 <= scores["dsb"] <= 1 and "dsb_borders" in scores
+
+
+# ----------------------------------------------- ROI shapes as ImageJ fills them: rounded rectangles, curves, splines
+
+def rounded_rect_inside(box, diameter, shape):
+    """bool [H, W]: the pixels whose centres lie inside the rectangle ``box`` (left, top, right, bottom) with its
+    corners rounded as java.awt.geom.RoundRectangle2D rounds them (each corner a quarter ellipse of axes min(diameter,
+    width) and min(diameter, height)): the ellipse's equation at the centres' distances past the straight sides. Also
+    returns the least distance of a centre from the outline in the ellipse's units (|value - 1|), for the callers to
+    keep off centres so close that flattening the arc (ImageJ's and rois.py's) could move them."""
+    left, top, right, bottom = box
+    rows, cols = np.mgrid[0:shape[0], 0:shape[1]] + 0.5
+    in_box = (cols >= left) & (cols < right) & (rows >= top) & (rows < bottom)
+    if diameter == 0:
+        return in_box, np.inf
+    rx, ry = min(diameter, right - left) / 2, min(diameter, bottom - top) / 2
+    dx = np.maximum.reduce([left + rx - cols, cols - (right - rx), np.zeros(shape)])
+    dy = np.maximum.reduce([top + ry - rows, rows - (bottom - ry), np.zeros(shape)])
+    value = (dx / rx) ** 2 + (dy / ry) ** 2
+    rounded = dx * dy > 0  # the centres in a corner's square, where the arc decides
+    return in_box & (value <= 1), np.abs(value[in_box & rounded] - 1).min(initial=np.inf)
+
+
+@pytest.mark.parametrize("diameter", [0, 4, 7, 10, 13, 40])
+def test_a_rounded_rectangle_fills_as_imagej_rounds_its_corners(tmp_path, diameter):
+    """Fiji's rectangle tool with a corner diameter saves it as the "rounded rect arc size": ImageJ's mask leaves out
+    the corners' pixels (Roi.getMask: a RoundRectangle2D), which were read as nucleus pixels. A diameter past the
+    height (13: half-ellipses at the ends) or both sides (40: the inscribed ellipse) is clamped to them. The stroke
+    width ImageJ draws the outline with (saved with the ROI) changes no pixel of its mask."""
+    box, shape = (3, 2, 17, 14), (17, 22)  # 14 x 12
+    roi = ImagejRoi(roitype=ROI_TYPE.RECT, left=3, top=2, right=17, bottom=14, rounded_rect_arc_size=diameter,
+                    name="0001")
+    labels, notes = roi_labels(save_rois(str(tmp_path / "r.zip"), [roi]), shape)
+    expected, margin = rounded_rect_inside(box, diameter, shape)
+    assert margin > 0.01 and notes == []
+    assert np.array_equal(labels == 1, expected), (labels.astype(int), expected.astype(int))
+    if diameter:
+        assert (labels == 1).sum() < 14 * 12
+    if diameter == 40:
+        assert np.array_equal(expected, independent(ImagejRoi(roitype=ROI_TYPE.OVAL, left=3, top=2, right=17,
+                                                              bottom=14), shape))
+    roi.stroke_width, roi.float_stroke_width = 5, 5.0
+    assert np.array_equal(roi_labels(save_rois(str(tmp_path / "s.zip"), [roi]), shape)[0], labels)
+
+
+def test_a_sub_pixel_rectangle_covers_the_pixels_imagej_measures(tmp_path):
+    """ImageJ reads a sub-pixel rectangle (x, y, w, h floats) as Roi(double...), on the whole pixels from (int) x and
+    (int) y, ceil(w) and ceil(h) of them: x 2.7, w 3 covers columns 2-4 (its pixel centres would have given 3-5), y
+    3.2, h 4.5 rows 3-7; rounded, its corners are cut from that box."""
+    roi = ImagejRoi(roitype=ROI_TYPE.RECT, left=2, top=3, right=5, bottom=8, name="0001", version=228)
+    roi.options |= ROI_OPTIONS.SUB_PIXEL_RESOLUTION
+    roi.xd, roi.yd, roi.widthd, roi.heightd = 2.7, 3.2, 3.0, 4.5
+    labels, notes = roi_labels(save_rois(str(tmp_path / "r.zip"), [roi]), (12, 12))
+    assert ImagejRoi.frombytes(roi.tobytes()).subpixelrect and notes == []
+    assert np.array_equal(np.argwhere(labels == 1), np.argwhere(np.pad(np.ones((5, 3)), ((3, 4), (2, 7))) == 1))
+    roi.rounded_rect_arc_size = 2
+    labels = roi_labels(save_rois(str(tmp_path / "s.zip"), [roi]), (12, 12))[0]
+    assert np.array_equal(labels == 1, rounded_rect_inside((2, 3, 5, 8), 2, (12, 12))[0])
+
+
+def java_round_rect_path(x, y, w, h, arc):
+    """The path floats of java.awt.geom.RoundRectangle2D(x, y, w, h, arc, arc) as ImageJ saves it in a composite ROI,
+    from RoundRectIterator's table of points (x + v0 w + v1 aw, y + v2 h + v3 ah), aw = ah = arc here."""
+    cv = 4 / 3 * (1 - np.cos(np.pi / 4)) * np.tan(np.pi / 4) / (np.sqrt(2) - 1 + 1 - np.cos(np.pi / 4))
+    acv = (1 - cv) / 2
+    table = [(0, [0, 0, 0, .5]), (1, [0, 0, 1, -.5]), (3, [0, 0, 1, -acv, 0, acv, 1, 0, 0, .5, 1, 0]),
+             (1, [1, -.5, 1, 0]), (3, [1, -acv, 1, 0, 1, 0, 1, -acv, 1, 0, 1, -.5]), (1, [1, 0, 0, .5]),
+             (3, [1, 0, 0, acv, 1, -acv, 0, 0, 1, -.5, 0, 0]), (1, [0, .5, 0, 0]),
+             (3, [0, acv, 0, 0, 0, 0, 0, acv, 0, 0, 0, .5])]
+    path = []
+    for op, v in table:
+        path += [op] + [c for i in range(0, len(v), 4)
+                        for c in (x + v[i] * w + v[i + 1] * arc, y + v[i + 2] * h + v[i + 3] * arc)]
+    return path + [4]
+
+
+def test_a_composite_with_curved_outlines_fills_as_its_curves(tmp_path):
+    """A composite ROI built with a rounded rectangle (Fiji: its outline combined with another by shift-drag, or
+    in the ROI Manager by OR or XOR) holds cubic curves, and a shape from other tools quadratic ones: roifile refuses
+    them (NotImplementedError, a traceback out of training). They fill as matplotlib's Path fills the same curves at
+    the pixel centres, even-odd with the polygon cut out of them; a damaged path is a one-line error."""
+    curved = java_round_rect_path(2, 3, 15, 11, 8)
+    hole = [0, 7.2, 6.3, 1, 11.6, 7.1, 1, 9.3, 10.8, 4]
+    quad = [0, 18.2, 2.1, 1, 21.4, 2.1, 2, 26.8, 8.3, 21.4, 14.6, 1, 18.2, 14.6, 4]
+    path = np.array(curved + hole + quad, np.float32)
+    roi = ImagejRoi(roitype=ROI_TYPE.RECT, multi_coordinates=path, shape_roi_size=len(path), left=2, top=2,
+                    right=27, bottom=15, name="0001")
+    shape = (18, 30)
+    labels, notes = roi_labels(save_rois(str(tmp_path / "c.zip"), [roi]), shape)
+    codes = {0: [Path.MOVETO], 1: [Path.LINETO], 2: [Path.CURVE3] * 2, 3: [Path.CURVE4] * 3, 4: [Path.CLOSEPOLY]}
+    centres = np.c_[np.mgrid[0:shape[1], 0:shape[0]].reshape(2, -1).T + 0.5]
+    expected = np.zeros(shape[1] * shape[0], bool)
+    for part in (curved, hole, quad):
+        vertices, kinds, i = [], [], 0
+        while i < len(part):
+            op = int(part[i])
+            n = {0: 1, 1: 1, 2: 2, 3: 3, 4: 0}[op]
+            vertices += np.reshape(part[i + 1:i + 1 + 2 * n], (-1, 2)).tolist() or [vertices[-1]]
+            kinds += codes[op]
+            i += 1 + 2 * n
+        # matplotlib's own Bezier evaluation, 500 points a curve (its contains_points flattens curves coarsely, 0.05 px
+        # off them)
+        outline = np.concatenate([segment(np.linspace(0, 1, 500))
+                                  for segment, _ in Path(np.float32(vertices), kinds).iter_bezier()])
+        expected ^= Path(outline).contains_points(centres)
+    expected = expected.reshape(shape[1], shape[0]).T
+    assert notes == [] and expected.sum() > 150 and not expected[8, 9] and expected[8, 23]
+    assert np.array_equal(labels == 1, expected)
+    damaged = ImagejRoi(roitype=ROI_TYPE.RECT, multi_coordinates=np.array([0, 1, 1, 1, 5, 1, 7, 5, 5, 4], np.float32),
+                        shape_roi_size=10, left=1, top=1, right=5, bottom=5, name="0002")
+    path = save_rois(str(tmp_path / "d.zip"), [damaged])
+    with pytest.raises(DataError, match=f"ImageJ ROIs {path}: ROI '0002' has a damaged outline \\(unknown path "
+                                        r"segment type 7\); save the set again from Fiji's ROI Manager"):
+        roi_labels(path, shape)
