@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from math import comb
 
 import numpy as np
-from roifile import ROI_SUBTYPE, ROI_TYPE, ImagejRoi
+from roifile import ROI_OPTIONS, ROI_SUBTYPE, ROI_TYPE, ImagejRoi
 from scipy import ndimage as ndi
 from skimage.measure import find_contours
 
@@ -325,17 +325,30 @@ def check_plane(rois, path):
                         "Manager use More > Remove Slice Info, then save the set again")
 
 
+def check_spline(rois, path):
+    """A DataError naming the file when any of the area ``rois`` is spline-fitted (Edit > Selection > Fit Spline):
+    ImageJ saves its polygon's vertices and fills the spline it fits through them (RoiDecoder: fitSpline), which
+    this reader does not compute; the polygon alone would miss or add pixels along every side."""
+    splined = [roi for roi in rois if roi.options & ROI_OPTIONS.SPLINE_FIT and not roi.composite
+               and roi.roitype in (ROI_TYPE.POLYGON, ROI_TYPE.FREEHAND, ROI_TYPE.TRACED)]
+    if splined:
+        raise DataError(f"ImageJ ROIs {path}: {len(splined)} of {len(rois)} area ROIs are spline-fitted (e.g. "
+                        f"'{splined[0].name}'), whose spline is not read; in Fiji, select each in the ROI Manager, "
+                        "run Edit > Selection > Interpolate (interval 1) and click Update, then save the set again")
+
+
 def roi_labels(path, shape):
     """The ImageJ ROIs of ``path`` (:func:`read_rois`) as instance labels uint16 [H, W] of ``shape`` (H, W): 0 the
     background, the area ROIs 1..N in the file's order, each on the pixels whose centres it encloses as ImageJ's
     Measure and Fill take them (:func:`roi_pixels`), a later ROI over an earlier one where they overlap (as ImageJ
     draws them), clipped to the image. Also returns the notes (a list of one-line strings) on ROIs left out (not
     areas, covering no pixel of the image), ROIs clipped at the image's edge and pixels claimed twice. A stack plane
-    past the first (:func:`check_plane`), a composite ROI's damaged path or more than 65,535 areas is a DataError
-    naming the file."""
+    past the first (:func:`check_plane`), a spline-fitted ROI (:func:`check_spline`), a composite ROI's damaged path
+    or more than 65,535 areas is a DataError naming the file."""
     rois = read_rois(path)
     check_plane(rois, path)
     areas = [roi for roi in rois if is_area(roi)]
+    check_spline(areas, path)
     if len(areas) > MAX_ROIS:
         raise DataError(f"ImageJ ROIs {path}: {len(areas)} area ROIs, more than the {MAX_ROIS} that a 16-bit label "
                         "image numbers; split the image (and its ROIs) into tiles")

@@ -558,3 +558,16 @@ def test_a_composite_with_curved_outlines_fills_as_its_curves(tmp_path):
     with pytest.raises(DataError, match=f"ImageJ ROIs {path}: ROI '0002' has a damaged outline \\(unknown path "
                                         r"segment type 7\); save the set again from Fiji's ROI Manager"):
         roi_labels(path, shape)
+
+
+def test_a_spline_fitted_polygon_is_refused_naming_the_way_to_a_polygon(tmp_path):
+    """Edit > Selection > Fit Spline: ImageJ saves the polygon's vertices with the spline-fit option and fills the
+    spline through them; filling the vertices' polygon would be silently wrong along every side."""
+    plain = ImagejRoi.frompoints(np.array([[3.2, 2.1], [15.3, 4.4], [12.6, 15.2], [4.1, 12.3]]), name="0001")
+    splined = ImagejRoi.frompoints(np.array([[3.2, 2.1], [15.3, 4.4], [12.6, 15.2], [4.1, 12.3]]), name="0002")
+    splined.options |= ROI_OPTIONS.SPLINE_FIT
+    path = save_rois(str(tmp_path / "s.zip"), [plain, splined])
+    with pytest.raises(DataError, match=f"ImageJ ROIs {path}: 1 of 2 area ROIs are spline-fitted \\(e.g. '0002'\\), "
+                                        r"whose spline is not read; in Fiji, .*Edit > Selection > Interpolate"):
+        roi_labels(path, (20, 20))
+    assert roi_labels(save_rois(str(tmp_path / "p.zip"), [plain]), (20, 20))[0].sum() > 50
