@@ -82,7 +82,9 @@ class Trainer:
                                          args.factor, args.patience, args.milestone_list, args.gamma)
         self.start_epoch, self.best = 0, {"best_iou": -1.0, "best_epoch": 0, "stale_epochs": 0}
         self.log = pd.DataFrame()
-        self.curves = {"rows": None, "at": 0.0, "cost": 0.0}  # curves.png: the log rows it shows, when and how fast
+        # curves.png: the log rows it shows, when it was drawn and what that took (a drawing's usual second, until
+        # one is timed: a short run draws it once, at its end)
+        self.curves = {"rows": None, "at": time.time(), "cost": 1.0}
         if args.resume:
             self._resume()
         elif args.init:

@@ -520,17 +520,17 @@ def test_overwrite_stopped_before_its_first_epoch_gives_the_old_run_back(in_work
     assert {f: (runs / "kept" / f).read_bytes() for f in sorted(os.listdir(runs / "kept"))} == before
     assert no_temp_files(runs) == []
     monkeypatch.setattr(trainer, "train_one_epoch", real_train)
-    real_plot = trainer.plot_runs
+    real_save = trainer.save_training_state
 
-    def plot_then_interrupt(*args, **kwargs):  # Ctrl-C while the new run's first epoch is saved
-        real_plot(*args, **kwargs)
+    def interrupt_then_save(*args, **kwargs):  # Ctrl-C while the new run's first epoch is saved
         os.kill(os.getpid(), signal.SIGINT)
+        real_save(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "plot_runs", plot_then_interrupt)
+    monkeypatch.setattr(trainer, "save_training_state", interrupt_then_save)
     assert cli(train.main, ["--name", "kept", "--epochs", "2", "--lr", "0.5", "--overwrite", *SMALL]) == 130
     assert no_temp_files(runs) == [] and "lr: 0.5" in (runs / "kept" / "config.yml").read_text()
     assert torch.load(runs / "kept" / "last.pth", weights_only=True)["epoch"] == 1
-    monkeypatch.setattr(trainer, "plot_runs", real_plot)
+    monkeypatch.setattr(trainer, "save_training_state", real_save)
     elsewhere = in_workdir / "disk2" / "kept"  # a run folder that is a link to another disk stays a link
     shutil.move(runs / "kept", elsewhere)
     os.symlink(elsewhere, runs / "kept")
