@@ -185,9 +185,9 @@ def test_speed_kills_a_measuring_subprocess_that_a_stop_signal_catches_starting(
 
 
 def test_gpu_session_dry_runs_every_part_and_sends_back_eight_files(tmp_path):
-    """bench/gpu_session.sh --dry: the device session's steps on the CPU (speed.py eager and with --compile, both
-    recipes, val.py on the validation split and on another dataset), 8 files under $OUT (what the device tool sends
-    back) with a summary of every part, and its work folder removed."""
+    """bench/gpu_session.sh --dry: the device session's steps on the CPU (speed.py eager, both recipes, val.py on the
+    validation split and on another dataset; not the CUDA-graphs row, whose compiling takes minutes on a CPU), 8 files
+    under $OUT (what the device tool sends back) with a summary of every part, and its work folder removed."""
     out, tmp = tmp_path / "out", tmp_path / "tmp"
     tmp.mkdir()
     env = dict(os.environ, OUT=str(out), TMPDIR=str(tmp), PYTHON=sys.executable)
@@ -197,7 +197,7 @@ def test_gpu_session_dry_runs_every_part_and_sends_back_eight_files(tmp_path):
     assert sorted(os.listdir(out)) == ["b16.log", "b16_log.csv", "b16_test_scores.csv", "b16_val_scores.csv",
                                        "b64.log", "b64_log.csv", "speed.log", "summary.json"]
     summary = json.loads((out / "summary.json").read_text())
-    assert [row["compile"] for row in summary["a_speed"]] == [False, False]
+    assert [row["compile"] for row in summary["a_speed"]] == [False]
     assert all(row["ours_img_s"] > 0 and row["ratio"] > 0 for row in summary["a_speed"])
     assert summary["b_recipe"]["epochs"] == 1 and summary["c_recipe_b64"]["epochs"] == 1
     assert summary["b_val"]["iou"] == pytest.approx(summary["b_recipe"]["best_val_iou"], abs=1e-4)
