@@ -692,6 +692,10 @@ def read_mask(path):
     raise DataError(f"mask {path} has values {{{shown}}}" + (" in its alpha channel (a transparent layer, read as "
                     "its alpha: draw the nuclei fully opaque)" if alpha is not None else "") +
                     "; masks must hold only 0/255 or 0/1 (0/65535 in 16 bits) " +
+                    # anti-aliasing and resizing grade the rims of nuclei drawn at full value; several values below
+                    # it are ids or colours
                     ("(soft edges: a drawing tool's anti-aliasing, or a resized mask; draw with anti-aliasing off, or "
-                     "threshold it at half its maximum and save it as PNG)" if len(values) > 2 else
+                     "threshold it at half its maximum and save it as PNG)" if len(values) > 2 and top in (255, 65535)
+                     else "(a label image? put label images in labels/; a colour mask of several classes? save each "
+                     "class's nuclei as 255 on 0)" if len(values) > 2 else
                      "(a class's colour? save the nuclei as 255 on 0)"))

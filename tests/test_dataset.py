@@ -959,6 +959,16 @@ def test_a_soft_edged_or_one_colour_mask_is_refused_with_its_likely_cause(tmp_pa
         read_mask(write_image(tmp_path / "soft.png", soft))
     with pytest.raises(DataError, match=r"class.png has values \{0, 128\}.*a class's colour\? save the nuclei as "):
         read_mask(write_image(tmp_path / "class.png", mask // 255 * 128))
+    # several values none of which is the full one: ids or colours, not a soft rim around nuclei drawn at 255
+    labels = np.zeros((32, 32), np.uint8)
+    labels[2:8, 2:8], labels[10:16, 10:16], labels[20:30, 20:30] = 1, 2, 3
+    colours = np.zeros((32, 32, 3), np.uint8)
+    colours[4:12, 4:12], colours[16:28, 16:28] = (0, 0, 255), (0, 255, 0)  # red nuclei, green cytoplasm
+    for name, drawn, values in (("labels.png", labels, "0, 1, 2, 3"), ("colours.png", colours, "0, 76, 150")):
+        with pytest.raises(DataError, match=rf"{name} has values \{{{values}\}}.*\(a label image\? put label images "
+                                            r"in labels/; a colour mask of several classes\?") as refused:
+            read_mask(write_image(tmp_path / name, drawn))
+        assert "soft edges" not in str(refused.value)
 
 
 def test_tiff_images_channels_first_and_stacks(tmp_path):
