@@ -545,15 +545,19 @@ def _label_values(path):
         raise DataError(f"label image {path} holds {labels.dtype} values with fractions or NaN; label images hold "
                         "integers, one per nucleus (save them as 16-bit PNG or integer TIFF)")
     low, top = int(labels.min()), int(labels.max())
-    # ids past 255 saved in 8 bits wrap (256 -> 0, 257 -> 1) or clip to 255: nuclei vanish or share an id (past
-    # 65535 in 16 bits alike). A binary mask (two values) is left to read_label_image's message
+    # ids past 255 saved in 8 bits wrap (256 -> 0, 257 -> 1: the lowest ids are shared) or clip to 255 (255 is
+    # shared): nuclei vanish or share an id (past 65535 in 16 bits alike). Another id on separate objects (255 nuclei,
+    # one cut in two) is left to the notes on such ids. A binary mask (two values) is left to read_label_image's
+    # message
     most = np.iinfo(labels.dtype).max if labels.dtype in (np.uint8, np.uint16) else None
-    if top == most and np.count_nonzero(np.bincount(labels.ravel())) > 2:
-        split = split_ids(labels)
-        if len(split):
+    used = np.flatnonzero(np.bincount(labels.ravel())) if top == most else np.zeros(0, int)
+    if len(used) > 2:
+        split, lowest = split_ids(labels), used[used > 0][0]
+        shared = [i for i in (most, lowest) if i in split]
+        if shared:
             bits = 8 * labels.dtype.itemsize
             raise DataError(f"label image {path} is {bits}-bit, uses the id {most} and gives one id to several "
-                            f"separate objects ({len(split)} such id{'s' * (len(split) > 1)}, e.g. {split[0]}): the "
+                            f"separate objects ({len(split)} such id{'s' * (len(split) > 1)}, e.g. {shared[0]}): the "
                             f"tool that saved it wrapped or clipped the ids of more than {most} nuclei (nuclei merged "
                             f"or lost); save label images as {'16-bit PNG or TIFF' if bits == 8 else '32-bit TIFF'}")
     if low < 0 or top > np.iinfo(np.int32).max:  # int32 below: larger values would wrap to negative ones

@@ -890,6 +890,13 @@ def test_label_images_whose_ids_wrapped_or_clipped_at_their_bits_are_refused(tmp
         read_label_image(write_image(tmp_path / "l16c.png", clipped16))
     full = grid_labels(255)  # 255 nuclei fit 8 bits
     np.testing.assert_array_equal(read_label_image(write_image(tmp_path / "l255.png", full.astype(np.uint8))), full)
+    # 255 nuclei of which one is cut in two (a thin one, resized): neither 255 (clipped) nor the lowest id (wrapped)
+    # is shared, so the ids are read as they are, the split one left to the notes on such ids
+    cut = grid_labels(255, side=8)
+    rows = np.flatnonzero((cut == 7).any(axis=1))
+    cut[rows[3]][cut[rows[3]] == 7] = 0
+    assert image_files.split_ids(cut).tolist() == [7]  # the case meant
+    np.testing.assert_array_equal(read_label_image(write_image(tmp_path / "cut.png", cut.astype(np.uint8))), cut)
 
 
 def test_split_ids_are_the_ids_of_several_separate_objects():
