@@ -324,6 +324,12 @@ def test_rois_over_the_image_s_edge_are_clipped_with_a_note(tmp_path):
     labels, notes = roi_labels(path, shape)
     assert notes == [f"note: {path}: 80 pixels lie in two ROIs or more; each goes to the later ROI in the file"]
     assert (labels == 1).sum() == 20 * 16 - 80
+    for edge, (top, bottom) in (("top", (-4, 6)), ("bottom", (10, 20))):  # over one edge each, inside the sides
+        path = save_rois(str(tmp_path / f"{edge}.zip"), [ImagejRoi(roitype=ROI_TYPE.OVAL, left=5, top=top, right=15,
+                                                                   bottom=bottom, name="0001")])
+        assert roi_labels(path, shape)[1] == [f"note: {path}: 1 ROI reaches over the edge of the 20x16 image and is "
+                                              "clipped to it (nuclei cut by the edge; if they should lie wholly "
+                                              "inside, the ROIs belong to another image, a crop or a resized copy)"]
 
 
 def test_a_zip_with_other_files_than_rois_reads_its_rois_as_fiji_does(tmp_path):
