@@ -368,6 +368,9 @@ def test_a_mask_named_in_another_case_is_named_in_the_error(tmp_path, twin):
     (["a.ome", "b.ome"], (".tif", ".tif"), {"a.ome.tif": "a.tif", "b.ome.tif": "b.tif"},
      "a.tif for image a.ome: pass --img_ext .ome.tif", dict(img_ext=".ome.tif", mask_ext=".tif")),
     (["a", "b"], (".tif", ".tif"), {"b.tif": "b.tiff"}, "b.tiff for image b: rename it to b.tif\\)$", None),
+    # 10_mask.png, listed first, is not 1's: the name's rest must start with a separator
+    (["1", "10"], (".png", ".png"), {"1.png": "1_mask.png", "10.png": "10_mask.png"},
+     "1_mask.png for image 1: rename it to 1.png, and the others alike, without '_mask'", None),
 ])
 def test_a_pairing_error_names_the_nearest_unpaired_mask_and_the_fix(tmp_path, ids, exts, renamed, named, flags):
     """A mask named otherwise than its image (zero-padded, with a suffix, another ending) is refused, naming it and
