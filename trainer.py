@@ -622,8 +622,8 @@ def check_foreground(data):
 
 
 def min_max_note(data, samples=16):
-    """A note ('' for none) when the training images (the first and up to ``samples`` more, evenly spaced) are not
-    all 8-bit: --normalization fixed scales all but 8-bit ones by their own minimum and maximum, where one hot or
+    """A note ('' for none) when the training images (up to ``samples`` of them, evenly spaced from the first) are
+    not all 8-bit: --normalization fixed scales all but 8-bit ones by their own minimum and maximum, where one hot or
     saturated pixel darkens all the rest, and 8-bit ones beside them by 1/255, so the same brightness differs
     between the two kinds."""
     picked = evenly_spaced(len(data), samples)
@@ -645,10 +645,10 @@ def min_max_note(data, samples=16):
 
 
 def channels_note(data, samples=16):
-    """A note ('' for none) when a training image (the first and up to ``samples`` more, evenly spaced) is a TIFF
-    of 3 channels on a C axis (an ImageJ hyperstack or OME TIFF of fluorescence channels, unlike RGB samples): it is
-    read as the colours of one RGB image, as 2 or 4 such channels are refused, whether or not the nuclei are what
-    the user meant the network to see; or of 3 or 4 pages without axes (image_files.pages_as_colours), read as
+    """A note ('' for none) when a training image (up to ``samples`` of them, evenly spaced from the first) is a
+    TIFF of 3 channels on a C axis (an ImageJ hyperstack or OME TIFF of fluorescence channels, unlike RGB samples):
+    it is read as the colours of one RGB image, as 2 or 4 such channels are refused, whether or not the nuclei are
+    what the user meant the network to see; or of 3 or 4 pages without axes (image_files.pages_as_colours), read as
     colours too, though they may be a short stack's planes (predict.py's note on them says the same)."""
     picked = evenly_spaced(len(data), samples)
     for i in picked:

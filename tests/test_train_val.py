@@ -1050,8 +1050,6 @@ def test_training_tiffs_of_3_fluorescence_channels_get_a_note(tmp_path):
 def test_training_tiffs_of_3_pages_without_axes_get_the_note_predict_gives(tmp_path):
     """3 pages without ImageJ or OME axes are read as one image's colours (a short stack saved so looks the same):
     predict.py noted it, train.py trained on them silently; now it says the same of them. An RGB TIFF gets none."""
-    import predict
-
     planes = np.random.default_rng(0).integers(0, 256, (3, 32, 32), dtype=np.uint8)
     mask = np.zeros((32, 32), np.uint8)
     mask[8:20, 8:20] = 255
