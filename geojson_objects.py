@@ -277,8 +277,9 @@ def geojson_labels(path, shape):
     # annotations read as nuclei: one around others is a region drawn around them (QuPath's regions and nuclei are
     # both annotations), read as one nucleus it would cover them or their background
     regions = [] if detected else enclosing([(pixels, box) for _, _, pixels, box in drawn])
+    left_out = set(regions)  # a set: thousands of cells drawn around their nuclei made the list test quadratic
     for index, (number, feature, pixels, box) in enumerate(drawn):
-        if index in regions:
+        if index in left_out:
             continue
         if value == MAX_ROIS:
             raise DataError(f"GeoJSON objects {path}: more than the {MAX_ROIS} nuclei that a 16-bit label image "
