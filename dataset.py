@@ -47,8 +47,8 @@ import torch
 
 import distributed
 from geojson_objects import GEOJSON_FILE, geojson_labels
-from image_files import (CELLPOSE_NOT_IMAGES, JPEG_EXTS, NEAREST, decode_image, image_to_float, normalize,
-                         read_label_image, read_mask, split_ids)
+from image_files import (CELLPOSE_NOT_IMAGES, JPEG_EXTS, NEAREST, decode_image, image_to_float, multi_object_ids,
+                         normalize, read_label_image, read_mask)
 from rois import ROI_FILES, roi_labels
 from instances import median_diameter, nucleus_areas, touching_borders
 from measurements import foreground_note
@@ -629,10 +629,10 @@ def mostly_foreground_note(data, what, samples=64):
 SPLIT_SHARE = 0.01
 
 
-def split_ids_note(data, what, samples=64):
+def multi_object_ids_note(data, what, samples=64):
     """A note ('' for none) when, in the label images of Dataset ``data`` (up to ``samples`` of them, evenly spaced,
     read again from their files), at least :data:`SPLIT_SHARE` of the ids mark several separate objects
-    (image_files.split_ids): nuclei given one id, or cut in two. The DSB2018 score counts each such id as one
+    (image_files.multi_object_ids): nuclei given one id, or cut in two. The DSB2018 score counts each such id as one
     nucleus, so that finding its parts scores a miss and false nuclei, and --borders sees no border between them;
     whether they are meant so cannot be told, so they are read as they are. ROI sets and GeoJSON objects, one polygon
     per nucleus, are not checked. ``what`` names the label images in the note."""
@@ -646,7 +646,7 @@ def split_ids_note(data, what, samples=64):
         if layout.labels(img_id) is not None:
             labels = layout.read_labels(img_id)
             ids_seen += len(np.unique(labels[labels > 0]))
-            ids = split_ids(labels)
+            ids = multi_object_ids(labels)
             if len(ids):
                 split[layout.labels(img_id)] = ids
     if sum(map(len, split.values())) < SPLIT_SHARE * ids_seen or not split:

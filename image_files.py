@@ -60,7 +60,7 @@ SQUARE = 1e-6  # pixel sizes X and Y that differ by more, relatively, are non-sq
 # Pixel sizes in micrometres (1 pm to 1 m) that a TIFF's resolution, a fraction of two 32-bit integers, holds as
 # pixels per micrometre: tifffile fails to write a finer one, and writes a coarser one as 0
 PIXEL_SIZES = (1e-6, 1e6)
-# The least share of the median nucleus's area that a part of an id counts from (split_ids): a stray speck of the
+# The least share of the median nucleus's area that a part of an id counts from (multi_object_ids): a stray speck of the
 # annotator's brush beside a nucleus is smaller
 LEAST_PART = 0.25
 PERCENTILES = (1.0, 99.8)  # CSBDeep's and StarDist's default normalize(x, 1, 99.8)
@@ -552,7 +552,7 @@ def _label_values(path):
     most = np.iinfo(labels.dtype).max if labels.dtype in (np.uint8, np.uint16) else None
     used = np.flatnonzero(np.bincount(labels.ravel())) if top == most else np.zeros(0, int)
     if len(used) > 2:
-        split, lowest = split_ids(labels), used[used > 0][0]
+        split, lowest = multi_object_ids(labels), used[used > 0][0]
         shared = [i for i in (most, lowest) if i in split]
         if shared:
             bits = 8 * labels.dtype.itemsize
@@ -566,7 +566,7 @@ def _label_values(path):
     return labels.astype(np.int32)
 
 
-def split_ids(labels):
+def multi_object_ids(labels):
     """The ids of a label image int [H, W] that each mark several separate objects (8-connectivity, as
     :func:`_binary_components` counts them) of at least a quarter of the median nucleus's area (:data:`LEAST_PART`)
     -> sorted int array (empty when there are none). Such an id is one nucleus to the DSB2018 score, whose IoU with

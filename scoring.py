@@ -10,7 +10,7 @@ import numpy as np
 from config import INPUTS_DIR, dataset_folder
 from dataset import find_layout, list_ids, read_instance_labels
 from evaluation import interval_line
-from image_files import read_labels_or_components, read_mask, split_ids
+from image_files import multi_object_ids, read_labels_or_components, read_mask
 from measurements import MOSTLY_FOREGROUND
 from metrics import dsb_score_of_iou, object_iou, pooled_scores, true_positives
 from predict import CELLPOSE_OUTPUTS, IMAGE_EXTS
@@ -81,7 +81,7 @@ def score_image(img_id, pred_path, labels_path, mask_path, image_path):
     """One image's row of COLUMNS (the instance scores NaN without ``labels_path``, a label image or ImageJ ROIs drawn
     at the size of ``image_path``: dataset.read_instance_labels), its pixel counts
     (intersection, union, predicted, true, all of the image's), whether the prediction was a binary mask, and how
-    many ids of the truth mark several separate objects (image_files.split_ids: the score takes each for one
+    many ids of the truth mark several separate objects (image_files.multi_object_ids: the score takes each for one
     nucleus; 0 without instance labels)."""
     pred, binary = read_labels_or_components(pred_path)
     truth = read_instance_labels(labels_path, image_path) if labels_path else None
@@ -107,7 +107,7 @@ def score_image(img_id, pred_path, labels_path, mask_path, image_path):
             "precision": tp / n_pred if n_pred else float(n_true == 0),
             "recall": tp / n_true if n_true else float(n_pred == 0),
             "f1": 2 * tp / (n_true + n_pred) if n_true + n_pred else 1.0, "true_nuclei": n_true,
-            "pred_nuclei": n_pred}, counts, binary, len(split_ids(truth))
+            "pred_nuclei": n_pred}, counts, binary, len(multi_object_ids(truth))
 
 
 def mostly_foreground_notes(counts, pred_dir, folder):

@@ -24,7 +24,7 @@ from config import (INPUTS_DIR, init_weights_path, is_bundled_name, output_chann
                     save_run_config, schedule_note, unused_flags_note)
 from dataset import (AUGMENTATION_FLAGS, MODALITIES, Dataset, EpochSampler, WeightedDistributedSampler,
                      balance_weights, eval_loader, evenly_spaced, find_layout, images_left_out, list_ids,
-                     mostly_foreground_note, nucleus_diameter, quiet_worker, reading_of, split_ids_note,
+                     mostly_foreground_note, multi_object_ids_note, nucleus_diameter, quiet_worker, reading_of,
                      train_transform)
 from device_data import BatchAugment, DeviceImages, DeviceLoader
 from engine import (NonFiniteLoss, Precision, choose_device, evaluate, fit_threads_to_cpus, recalibrate_batchnorm,
@@ -326,7 +326,7 @@ class Trainer:
         if self.main:
             fixed = a.normalization == "fixed"
             for note in (mostly_foreground_note(data, "the training masks"), min_max_note(data) if fixed else "",
-                         split_ids_note(data, "the training label images"), channels_note(data)):
+                         multi_object_ids_note(data, "the training label images"), channels_note(data)):
                 if note:
                     self._say(note)
         if a.balance:

@@ -126,8 +126,8 @@ def evaluate_into(args, out_dir):
     returns the choice of :func:`tune` instead."""
     # Heavy imports only now, so that --help and flag errors answer at once.
     from checkpoints import load_run, made_by
-    from dataset import (eval_loader, find_layout, images_left_out, mostly_foreground_note, reading_of,
-                         split_ids_note)
+    from dataset import (eval_loader, find_layout, images_left_out, mostly_foreground_note, multi_object_ids_note,
+                         reading_of)
     from engine import Precision, choose_device, evaluate, fit_threads_to_cpus
     from evaluation import (ImageWriter, changed_images, check_same_evaluation, evaluation_ids, evaluation_record,
                             model_epoch, separation_order, size_hint, summary, training_diameter,
@@ -176,7 +176,7 @@ def evaluate_into(args, out_dir):
               "(are these the right masks?)")
     elif args.dataset is not None:  # the run's own images were checked when it trained
         for note in (mostly_foreground_note(data, f"the masks of {dataset_dir}"),
-                     split_ids_note(data, f"the label images of {dataset_dir}")):
+                     multi_object_ids_note(data, f"the label images of {dataset_dir}")):
             if note:
                 print(note)
     precision = Precision.choose(device, args.amp)

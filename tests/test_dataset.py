@@ -898,11 +898,11 @@ def test_label_images_whose_ids_wrapped_or_clipped_at_their_bits_are_refused(tmp
     cut = grid_labels(255, side=8)
     rows = np.flatnonzero((cut == 7).any(axis=1))
     cut[rows[3]][cut[rows[3]] == 7] = 0
-    assert image_files.split_ids(cut).tolist() == [7]  # the case meant
+    assert image_files.multi_object_ids(cut).tolist() == [7]  # the case meant
     np.testing.assert_array_equal(read_label_image(write_image(tmp_path / "cut.png", cut.astype(np.uint8))), cut)
 
 
-def test_split_ids_are_the_ids_of_several_separate_objects():
+def test_multi_object_ids_are_the_ids_of_several_separate_objects():
     """Parts under a quarter of the median nucleus (a stray speck beside a DSB2018 nucleus) do not count."""
     labels = grid_labels(40, side=4, gap=3)
     labels[labels == 7] = 3  # 3 now marks two squares
@@ -917,7 +917,7 @@ def test_split_ids_are_the_ids_of_several_separate_objects():
         if np.count_nonzero(np.bincount(parts.ravel())[1:] >= median / 4) > 1:
             expected.append(v)
     assert 11 not in expected and len(expected) == 3  # the checks below must see some of each
-    np.testing.assert_array_equal(image_files.split_ids(labels), expected)
+    np.testing.assert_array_equal(image_files.multi_object_ids(labels), expected)
 
 
 def test_a_note_names_label_images_that_give_one_id_to_separate_objects(tmp_path):
@@ -930,17 +930,17 @@ def test_a_note_names_label_images_that_give_one_id_to_separate_objects(tmp_path
         write_image(write_dir(root / "images") / f"{i}.png", (labels > 0).astype(np.uint8) * 200)
         write_image(write_dir(root / "labels") / f"{i}.png", labels.astype(np.uint16))
     data = Dataset(["0", "1", "2"], str(root))
-    note = dataset.split_ids_note(data, "these")
+    note = dataset.multi_object_ids_note(data, "these")
     assert note.startswith("note: in 1 of 3 of these an id marks several separate objects") and \
         f"{root / 'labels' / '1.png'}: 1 id, e.g. 2)" in note
-    assert dataset.split_ids_note(Dataset(["0", "2"], str(root)), "these") == ""
+    assert dataset.multi_object_ids_note(Dataset(["0", "2"], str(root)), "these") == ""
     # one id split among more than a hundred (as resizing splits a few thin nuclei of DSB2018's 96x96 labels): none
     many = grid_labels(120, side=6)
     many[many == 120] = 2
     write_image(root / "labels" / "1.png", many.astype(np.uint16))
     write_image(root / "images" / "1.png", (many > 0).astype(np.uint8) * 200)
-    assert len(image_files.split_ids(many)) == 1
-    assert dataset.split_ids_note(Dataset(["0", "1", "2"], str(root)), "these") == ""
+    assert len(image_files.multi_object_ids(many)) == 1
+    assert dataset.multi_object_ids_note(Dataset(["0", "1", "2"], str(root)), "these") == ""
 
 
 def test_a_tiff_thumbnail_stored_before_the_image_is_passed_over(tmp_path):
