@@ -32,6 +32,7 @@ percentile_dark); the network then sees ``(x - 0.5) / 0.25`` (:func:`normalize`)
 linear interpolation for images and nearest for masks (image_files.NEAREST, aligned with the linear one), so
 targets stay hard.
 """
+import bisect
 import difflib
 import multiprocessing
 import os
@@ -208,6 +209,11 @@ def _check_pairs(ids, other_ids, other_dir, what, ext, flag, name_suffix="", img
                         f"{first_few(other_ids - ids)}; give every {what} its image, named like it")
 
 
+# The image ids (the first, sorted) whose nearest name by difflib a pairing error looks for: each compares it with every
+# name in the folder
+NEAREST_TRIES = 20
+
+
 def _zero_padding_free(name):
     """``name`` with every number written without leading zeros: '001.png' -> '1.png'."""
     return re.sub(r"\d+", lambda number: str(int(number.group())), name)
@@ -217,38 +223,54 @@ def _nearest_name_hint(missing, unpaired, what, ext, flag, name_suffix="", img_e
     """' (nearest unpaired <what>: F for image I: the fix)' for the first of the image ids ``missing`` (sorted) that
     has a file of ``unpaired`` (the names in the folder that pair with no image) named nearly as it: its name and more
     ('a_mask.png', 'a.ome.tif' for a.tif, 'a.tiff'), its name less an ending of the image's ('a.tif' for a.ome.tif),
-    the same numbers zero-padded otherwise ('001.png' for 1.png), else the nearest by difflib; ``flag`` the flag of
-    the other files' extension ('' where a flag cannot serve: Cellpose's <id>_masks names, or some files pair
-    already); '' when none is near."""
+    the same numbers zero-padded otherwise ('001.png' for 1.png), else the nearest by difflib among the first
+    :data:`NEAREST_TRIES` ids; ``flag`` the flag of the other files' extension ('' where a flag cannot serve:
+    Cellpose's <id>_masks names, or some files pair already); '' when none is near. Each id is looked up, not
+    compared with every name: a dataset of thousands of images, all named otherwise than their masks, took minutes."""
     def separated(rest):  # 'a' + '_mask.png' is a's; '1' + '0.png' is 10's, not 1's
         return bool(rest) and not rest[0].isalnum()
 
+    unpaired, tail = sorted(unpaired), name_suffix + ext
+    stems = {}  # the names <stem><name_suffix><ext> by their stem, in sorted order
+    for name in unpaired:
+        if name.endswith(tail) and len(name) > len(tail):
+            stems.setdefault(name[:-len(tail)], []).append(name)
     for img_id in missing:
-        wanted = img_id + name_suffix + ext
-        for name in unpaired:
-            rest = name[len(img_id + name_suffix):]
-            if name.startswith(img_id + name_suffix) and separated(rest):
-                if rest.startswith(".") and flag:  # a longer or other extension: a.ome.tif, a.tiff
-                    fix = f"pass {flag} {rest} if they all end so, or rename it to {wanted}"
-                elif rest.endswith(ext):  # a.tif: a_mask.tif
-                    fix = f"rename it to {wanted}, and the others alike, without {rest[:-len(ext)]!r}"
-                else:
-                    fix = f"rename it to {wanted}"
-                return f" (nearest unpaired {what}: {name} for image {img_id}: {fix})"
-            stem = name[:-len(name_suffix + ext)] if name.endswith(name_suffix + ext) else None
-            if stem and img_id.startswith(stem) and separated(img_id[len(stem):]):  # a.tif for image a.ome.tif
-                extra = img_id[len(stem):]
-                fix = (f"pass --img_ext {extra}{img_ext} if the images all end so, or rename it to {wanted}"
-                       if extra.startswith(".") and flag else f"rename it to {wanted}")
-                return f" (nearest unpaired {what}: {name} for image {img_id}: {fix})"
+        wanted, head = img_id + tail, img_id + name_suffix
+        longer = []  # its name and more: the names from head on in sorted order, while they start with it
+        for name in unpaired[bisect.bisect_left(unpaired, head):]:
+            if not name.startswith(head):
+                break
+            if separated(name[len(head):]):
+                longer.append(name)
+        shorter = [name for cut in range(1, len(img_id)) if separated(img_id[cut:])  # a.tif for image a.ome.tif
+                   for name in stems.get(img_id[:cut], [])]
+        if not longer and not shorter:
+            continue
+        name = min(longer + shorter)  # the first in sorted order, as the names were searched
+        if name in longer:
+            rest = name[len(head):]
+            if rest.startswith(".") and flag:  # a longer or other extension: a.ome.tif, a.tiff
+                fix = f"pass {flag} {rest} if they all end so, or rename it to {wanted}"
+            elif rest.endswith(ext):  # a.tif: a_mask.tif
+                fix = f"rename it to {wanted}, and the others alike, without {rest[:-len(ext)]!r}"
+            else:
+                fix = f"rename it to {wanted}"
+        else:
+            extra = img_id[len(name) - len(tail):]
+            fix = (f"pass --img_ext {extra}{img_ext} if the images all end so, or rename it to {wanted}"
+                   if extra.startswith(".") and flag else f"rename it to {wanted}")
+        return f" (nearest unpaired {what}: {name} for image {img_id}: {fix})"
+    padded = {}
+    for name in unpaired:
+        padded.setdefault(_zero_padding_free(name), name)
     for img_id in missing:
-        wanted = img_id + name_suffix + ext
-        padded = [name for name in unpaired if _zero_padding_free(name) == _zero_padding_free(wanted)]
-        if padded:
-            return (f" (nearest unpaired {what}: {padded[0]} for image {img_id}: the numbers are zero-padded "
-                    f"otherwise; rename it to {wanted}, and the others alike)")
-    for img_id in missing:
-        wanted = img_id + name_suffix + ext
+        wanted = img_id + tail
+        if _zero_padding_free(wanted) in padded:
+            return (f" (nearest unpaired {what}: {padded[_zero_padding_free(wanted)]} for image {img_id}: the numbers "
+                    f"are zero-padded otherwise; rename it to {wanted}, and the others alike)")
+    for img_id in missing[:NEAREST_TRIES]:
+        wanted = img_id + tail
         close = difflib.get_close_matches(wanted, unpaired, n=1, cutoff=0.6)
         if close:
             return f" (nearest unpaired {what}: {close[0]} for image {img_id}: rename it to {wanted} if it is its)"

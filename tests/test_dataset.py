@@ -3,6 +3,7 @@ augmentation seeding."""
 import os
 import subprocess
 import sys
+import time
 import unicodedata
 import zlib
 from pathlib import Path
@@ -388,6 +389,21 @@ def test_a_pairing_error_names_the_nearest_unpaired_mask_and_the_fix(tmp_path, i
         for old, new in renamed.items():
             os.rename(masks / new, masks / old)
         assert list_ids(root, img_ext=img_ext, mask_ext=mask_ext) == sorted(ids)
+
+
+def test_the_nearest_name_of_thousands_of_unpaired_masks_is_found_at_once(tmp_path):
+    """Every mask of 2,000 images named otherwise (img_<n> and mask_<n>): the hint compared each image's name with
+    every file's, its zero-padding-free form computed anew each time: 33 s on a 2-core Zen 1 (75 s for 3,000), now
+    0.1 s. A bound of 5 s leaves a loaded machine room."""
+    for folder in ("images", "masks/0"):
+        (tmp_path / folder).mkdir(parents=True)
+    for i in range(2000):  # empty files: the check lists the folders and reads no file
+        (tmp_path / "images" / f"img_{i:05d}.png").touch()
+        (tmp_path / "masks" / "0" / f"mask_{i:05d}.png").touch()
+    started = time.monotonic()
+    with pytest.raises(DataError, match=r"nearest unpaired mask: mask_00000.png for image img_00000: rename it to "):
+        list_ids(str(tmp_path))
+    assert time.monotonic() - started < 5
 
 
 def test_a_label_image_named_with_a_suffix_is_named_in_the_error(tmp_path):
