@@ -577,3 +577,14 @@ def test_a_spline_fitted_polygon_is_refused_naming_the_way_to_a_polygon(tmp_path
                                         r"whose spline is not read; in Fiji, .*Edit > Selection > Interpolate"):
         roi_labels(path, (20, 20))
     assert roi_labels(save_rois(str(tmp_path / "p.zip"), [plain]), (20, 20))[0].sum() > 50
+
+
+def test_path_rings_follow_java_s_path_rules():
+    """rois.path_rings on the corner cases of a java.awt.geom path: a line after a close with no move starts from the
+    closed ring's first point (Path2D's rule), a ring left open is closed as a fill closes it, rings of fewer than 3
+    points enclose nothing, and a curve before any point is a ValueError (a damaged outline)."""
+    rings = rois.path_rings([0, 1, 1, 1, 5, 1, 1, 5, 5, 4, 1, 1, 9, 1, 5, 9, 0, 7, 7, 1, 8, 7])
+    assert [ring.tolist() for ring in rings] == [[[1, 1], [5, 1], [5, 5]], [[1, 1], [1, 9], [5, 9]]]
+    assert [ring.tolist() for ring in rois.path_rings([0, 2, 2, 1, 6, 2, 1, 6, 6])] == [[[2, 2], [6, 2], [6, 6]]]
+    with pytest.raises(ValueError, match="a curve before any point"):
+        rois.path_rings([2, 1, 1, 2, 2])
