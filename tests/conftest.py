@@ -6,6 +6,7 @@ leaves something there ends with an error naming it).
 """
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -33,6 +34,11 @@ for path in (ROOT, ROOT / "bench"):  # the scripts' modules; bench/ for the refe
 # The test machine's few cores are shared: one intra-op thread is faster for these tiny tensors than
 # threads fighting over busy cores.
 torch.set_num_threads(1)
+
+# A shell starts a background job (`pytest &` in a script) with SIGINT ignored, and Python then installs no
+# KeyboardInterrupt handler: the tests that press Ctrl-C with os.kill(SIGINT) need Python's own.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # what a test that writes into the current folder instead of its tmp_path leaves: the checkout's top, the folders the
 # scripts write and bench/quality.py's default output folder (Python's and pytest's own caches aside)
