@@ -105,12 +105,15 @@ class Gathered:
     """The results of the :func:`predict.predict_plane` jobs, handed over in submission order (utils.BatchedThreads'
     ``on_result``): the images.csv rows, the objects tables, and each stack's outputs written into their pages as its
     planes come (:func:`open_stack`), so that a long time-lapse's are never all in memory. With ``stitch_z`` (an
-    IoU), the nuclei of a stack of several z planes are linked through them first (:meth:`link`)."""
+    IoU), the nuclei of a stack of several z planes are linked through them first (:meth:`link`). Once a stack's
+    files are written, ``on_finished(img_id, its rows, its objects tables)`` is called, as :func:`predict.predict_plane`
+    calls it for a 2D image (finished_images.record_finished: what --resume need not predict again)."""
 
-    def __init__(self, out_dir, stitch_z=None):
-        self.out_dir, self.stitch_z = out_dir, stitch_z
+    def __init__(self, out_dir, stitch_z=None, on_finished=None):
+        self.out_dir, self.stitch_z, self.on_finished = out_dir, stitch_z, on_finished
         self.rows, self.tables, self.merged = [], [], []
-        # img_id -> [its stacks being written (open_stack), their write functions, the planes still to come]
+        # img_id -> [its stacks being written (open_stack), their write functions, the planes still to come, the rows
+        # and the objects tables of those placed]
         self.writing = {}
         # img_id -> [the next plane to link, the results of later planes that came before it, the previous plane's
         # linked labels, the largest label of its time point]: the previous plane alone, as the pages are written
@@ -167,7 +170,8 @@ class Gathered:
             self.linking.pop(img_id)
 
     def place(self, result):
-        """A plane's result, kept: its image row and objects table, and its arrays into the stacks being written."""
+        """A plane's result, kept: its image row and objects table, and its arrays into the stacks being written; the
+        stack's ``on_finished`` once they are complete."""
         (img_id, count, header), arrays, row, table, _ = result
         self.rows.append(row)
         if table is not None:
@@ -177,12 +181,16 @@ class Gathered:
                 self.tables.clear()
         if arrays is not None and img_id not in self.dropped:
             if img_id not in self.writing:
-                self.writing[img_id] = [*open_stack(self.out_dir, img_id, arrays, count, header), count]
+                self.writing[img_id] = [*open_stack(self.out_dir, img_id, arrays, count, header), count, [], []]
             stack = self.writing[img_id]
             write_planes(stack[1], row.plane, arrays)
             stack[2] -= 1
+            stack[3].append(row)
+            stack[4] += [] if table is None else [table]
             if not stack[2]:
                 self.writing.pop(img_id)[0].close()
+                if self.on_finished:
+                    self.on_finished(img_id, stack[3], stack[4])
 
     def drop(self, img_id, exc_info):
         """Leave out file ``img_id`` for the error ``exc_info`` (sys.exc_info() in its handler): its rows go, and a
@@ -201,8 +209,14 @@ class Gathered:
         """(the image rows of the files kept, their objects table with ``objects``, else None). Images of other
         channel counts share the union of their columns, in channel order."""
         rows = [row for row in self.rows if row.image not in self.dropped]
-        if not objects or not rows:  # every file left out: no table to concatenate, predict_all says why
+        if not objects or not rows:  # every file left out (or none to predict): no table to concatenate
             return rows, None
-        table = pd.concat(self.merged + self.tables, ignore_index=True)
-        table = table[object_columns(sum(bool(CHANNEL_COLUMN.match(c)) for c in table.columns) // 2)]
+        table = objects_table(self.merged + self.tables)
         return rows, table[~table["image"].isin(self.dropped)].reset_index(drop=True)
+
+
+def objects_table(tables):
+    """Objects tables as one (measurements.object_rows' columns, for the most channels among them): images of other
+    channel counts share the union of their columns, in channel order."""
+    table = pd.concat(tables, ignore_index=True)
+    return table[object_columns(sum(bool(CHANNEL_COLUMN.match(c)) for c in table.columns) // 2)]

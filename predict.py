@@ -30,6 +30,9 @@ exactly as in training. For each image ``<id>`` (its file name without the exten
                          that stops before its end leaves none, so that no record passes for the files it mixes.
                          Predictions that share a folder (an array job's shards without --instances) leave the
                          record of the one that ended last, naming its --input only.
+    .predict_finished/   while a prediction runs: a record of each image whose files are all written, its rows
+                         included (finished_images.py), so that ``--resume`` goes on with a prediction that stopped;
+                         removed at its end.
 
 A TIFF stack (time points, z planes or pages; image_files.tiff_layout) is segmented plane by plane, each plane
 as an image of its own, and gives ImageJ TIFF stacks instead, one page per plane: ``<id>.tif``,
@@ -59,6 +62,7 @@ import sys
 import time
 from contextlib import ExitStack, nullcontext, suppress
 from datetime import datetime, timezone
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -67,11 +71,12 @@ import yaml
 from config import (add_amp_arg, add_device_arg, add_separation_args, check_object_filters, post_processing,
                     prediction_settings, saved_run_dir)
 from files import atomic_write, check_output_folder, remove_killed_writes, written_alone
+from finished_images import finished_count, forget_finished, json_ready, read_finished, record_finished
 from image_files import (CELLPOSE_NOT_IMAGES, PAGES_AS_COLOURS, PIXEL_SIZES, TIFF_EXTS, TiffHeader, nucleus_channel,
                          pages_as_colours, read_planes, tiff_header)
 from instances import AUTO_SCALE_BAND, auto_scale, border_map, median_diameter, nucleus_areas, split_instances
 from measurements import foreground_note, image_row, object_rows, write_tables
-from plane_outputs import MOST_LABELS, Gathered, output_name, plane_grid, write_image
+from plane_outputs import MOST_LABELS, Gathered, objects_table, output_name, plane_grid, write_image
 from geojson_objects import nucleus_features
 from rois import nucleus_rois
 from utils import (ArgumentParser, BatchedThreads, DataError, UsageError, check_utf8_names, first_few, float_or_auto,
@@ -97,6 +102,11 @@ def build_parser():
                    help=f"image files and/or folders (their {'/'.join(e[1:] for e in IMAGE_EXTS)} files, any case)")
     g.add_argument("--output", type=path_arg, required=True, metavar="DIR",
                    help="folder for the outputs (created if needed)")
+    g.add_argument("--resume", action="store_true",
+                   help="go on with a prediction into --output that stopped before its end (Ctrl-C, a signal, a "
+                        "batch job's time limit): the images it finished, unchanged since, are not predicted again, "
+                        "and the tables get every image's rows; it needs the same run and flags. With no stopped "
+                        "prediction there, every image is predicted (one command for a requeued job)")
     g.add_argument("--channel", type=int, default=None, metavar="K",
                    help="the nucleus channel of multi-channel images (0-based; RGB: 0 red, 1 green, 2 blue), read as "
                         "a grey image (grey images are read as they are); needed for TIFFs with other than 1 or 3 "
@@ -392,9 +402,11 @@ def segment(img_id, image, prob, num_classes, threshold, save_prob, separation, 
     return arrays, labels
 
 
-def predict_plane(source, plane, scale, image, prob, options, out_dir, nuclei=None, raw=None, channel=None):
+def predict_plane(source, plane, scale, image, prob, options, out_dir, nuclei=None, raw=None, channel=None,
+                  on_finished=None):
     """The job run in a thread for each plane of ``source`` = (img_id, its number of planes, its TiffHeader),
-    predicted at ``scale``: :func:`segment` (``nuclei`` as there), and for a 2D image (``out_dir`` given) its files.
+    predicted at ``scale``: :func:`segment` (``nuclei`` as there), and for a 2D image (``out_dir`` given) its files,
+    then ``on_finished(img_id, [its row], [its objects table] or [])`` (in the thread, beside the network's work).
     ``raw``: the plane as read [H, W, C] with every channel, whose intensity the objects table measures (with a
     separation; measurements.object_rows with --channel ``channel``). Returns
     (source, arrays or None once written, its measurements.image_row, objects table or None, None), or (source, None,
@@ -408,10 +420,12 @@ def predict_plane(source, plane, scale, image, prob, options, out_dir, nuclei=No
         return source, None, None, None, str(e)
     table = object_rows(img_id, plane, labels, raw, prob[0], pixel_size, channel, planes) if labels is not None \
         else None
+    row = image_row(img_id, plane, prob, options["threshold"], scale, table, pixel_size, planes)
     if out_dir is not None:
         write_image(out_dir, img_id, arrays)
         arrays = None
-    row = image_row(img_id, plane, prob, options["threshold"], scale, table, pixel_size, planes)
+        if on_finished:
+            on_finished(img_id, [row], [] if table is None else [table])
     return source, arrays, row, table, None
 
 
@@ -441,7 +455,7 @@ def probabilities(predictor, image, threshold, filters, auto=None):
 
 def predict_all(predictor, files, ids, headers, out_dir, num_classes, threshold, save_prob=False,
                 separation=None, filters=None, overlay=False, channel=None, auto=None, rois=False, stitch_z=None,
-                geojson=False):
+                geojson=False, on_finished=None):
     """Predict every file into ``out_dir``: the masks (and probabilities with ``save_prob``), the nuclei when a
     ``separation`` is given (with ``filters``; their ImageJ ROIs with ``rois``, their GeoJSON objects with
     ``geojson``), the outlines with ``overlay``;
@@ -451,13 +465,15 @@ def predict_all(predictor, files, ids, headers, out_dir, num_classes, threshold,
     (:class:`plane_outputs.Gathered`); ``channel`` picks the channel the network reads (image_files.nucleus_channel);
     ``auto`` = (the run's training nucleus diameter, separation) for --scale auto (:func:`auto_scaled`); ``stitch_z``
     (an IoU) links the nuclei of a stack's z planes (:meth:`plane_outputs.Gathered.link`). The per-plane work
-    (:func:`predict_plane`) runs in threads after every 256 MB of predictions (utils.BatchedThreads).
+    (:func:`predict_plane`) runs in threads after every 256 MB of predictions (utils.BatchedThreads); each image
+    whose files are all written is handed to ``on_finished`` (by its job, or for a stack by
+    :class:`plane_outputs.Gathered`).
     A file that cannot be read or used (a DataError) is left out, and the others are predicted.
     Returns (the measurements.image_row of each plane predicted, objects table or None, the errors of the files left
     out)."""
     options = dict(num_classes=num_classes, threshold=threshold, save_prob=save_prob, separation=separation,
                    filters=filters, overlay=overlay, rois=rois, geojson=geojson)
-    gathered, left_out = Gathered(out_dir, stitch_z), []
+    gathered, left_out = Gathered(out_dir, stitch_z, on_finished), []
     bar = progress_bar(total=len(files), desc="predict", unit="img")
 
     def leave_out(img_id, error, planes_left):
@@ -495,7 +511,7 @@ def predict_all(predictor, files, ids, headers, out_dir, num_classes, threshold,
                         # objects.csv measures
                         measured = raw.copy() if separation else None
                         jobs.submit(predict_plane, (img_id, len(planes), header), plane, scale, image, prob, options,
-                                    None if header.plane_axes else out_dir, nuclei, measured, channel,
+                                    None if header.plane_axes else out_dir, nuclei, measured, channel, on_finished,
                                     nbytes=image.nbytes + prob.nbytes + sum(a.nbytes for a in (nuclei, measured)
                                                                             if a is not None))
                         bar.update()
@@ -504,11 +520,38 @@ def predict_all(predictor, files, ids, headers, out_dir, num_classes, threshold,
         gathered.drop_unfinished()
         raise
     rows, table = gathered.results(objects=separation is not None)
-    left_out += gathered.errors
-    if not rows:
-        raise DataError(left_out[0] if len(left_out) == 1 else f"none of the {len(files)} files could be predicted: "
-                        f"{left_out[0]}")
-    return rows, table, left_out
+    return rows, table, left_out + gathered.errors
+
+
+def with_finished(rows, objects, finished, ids):
+    """The image rows and objects table (None without --instances) of the images predicted now and of those that a
+    stopped prediction ``finished`` (finished_images.read_finished), in the order of ``ids``, as one prediction of
+    them all gives them."""
+    if not finished:
+        return rows, objects
+    order = {img_id: i for i, img_id in enumerate(ids)}
+    rows = sorted(rows + [row for kept, _ in finished.values() for row in kept], key=lambda row: order[row.image])
+    tables = [table for _, table in finished.values() if table is not None] + [objects] * (objects is not None)
+    if not tables:
+        return rows, None
+    table = objects_table(tables)
+    return rows, table.iloc[np.argsort(table["image"].map(order).to_numpy(), kind="stable")].reset_index(drop=True)
+
+
+def resumed_note(finished, total, out_dir):
+    """The note of a --resume into ``out_dir`` that found ``finished`` of the ``total`` images finished by a stopped
+    prediction."""
+    if not finished:
+        return f"note: --resume: {os.path.join(out_dir, '')} held no image finished by a stopped prediction; " \
+            "all predicted now"
+    return f"note: --resume: {finished} of the {total} images were finished by the stopped prediction, " \
+        f"{total - finished} predicted now"
+
+
+def nothing_predicted_error(left_out, total):
+    """The DataError when none of ``total`` files could be predicted, the first of their errors ``left_out`` named."""
+    return DataError(left_out[0] if len(left_out) == 1 else f"none of the {total} files could be predicted: "
+                     f"{left_out[0]}")
 
 
 def output_stems(name):
@@ -533,14 +576,20 @@ def holds_outputs(out_dir, ids):
     return any(n in TABLES or output_stems(n) & ids for n in os.listdir(out_dir))
 
 
-def stopped_note(out_dir):
-    """The note for a prediction stopped before its end in ``out_dir``, which held outputs of an earlier prediction
-    of its images (:func:`holds_outputs`): the images done now have this one's files, the others the earlier one's,
+def stopped_note(out_dir, ids, held_earlier):
+    """The note ('' for none) for a prediction of the images ``ids`` stopped before its end in ``out_dir``: how many
+    it finished, and that --resume goes on with it; with ``held_earlier`` (the folder held outputs of an earlier
+    prediction of these images, :func:`holds_outputs`) that the images not finished have the earlier one's files,
     and so do the tables there (written only at the end)."""
+    done = finished_count(out_dir, ids)
+    resume = f"the same command with --resume predicts the {len(ids) - done} not finished and writes the tables"
+    if not held_earlier:
+        return f"note: stopped with {done} of {len(ids)} images finished; {resume}" if done else ""
     tables = [n for n in TABLES if os.path.isfile(os.path.join(out_dir, n))]
     held = f" ({' and '.join(tables)} {'are' if len(tables) > 1 else 'is'} the earlier one's)" if tables else ""
     return (f"note: {os.path.join(out_dir, '')} held outputs of an earlier prediction of these images, and this one "
-            f"stopped before its end: it may now mix the two{held}; predict all the images again")
+            f"stopped before its end with {done} of {len(ids)} images finished: it may now mix the two{held}; "
+            f"{resume}, or predict all the images again")
 
 
 def earlier_outputs_note(args, files, ids, written):
@@ -728,15 +777,10 @@ def summary_line(args, cfg, predictor, device, done, rows, seconds, objects, sep
             f"files in {os.path.join(args.output, '')}")
 
 
-def prediction_record(args, argv, cfg, predictor, platform, weights, separation, filters, rows, left_out):
-    """What prediction.yml holds: the run, and ``weights`` = (the folder it was loaded from, checkpoints.made_by:
-    the SHA-256 of its weights and config.yml and the toolkit's version, the model's epoch: evaluation.model_epoch),
-    taken as it was loaded; the command (``argv``, after python and this script's path, to paste in the working
-    directory) and the --input it covered, when and with what; under ``settings`` those that change the outputs,
-    under config.prediction_settings' keys as val.py's evaluation.yml has them (the ``separation`` and ``filters``
-    null where no nuclei were made); how many images and planes (``rows``) were predicted, and the errors of the
-    files ``left_out``; ``platform``: {'torch': its version, 'device': the device used}."""
-    folder, hashes, epoch = weights
+def output_settings(args, cfg, predictor, epoch, separation, filters):
+    """The settings that change predict.py's outputs: config.prediction_settings' keys as val.py's evaluation.yml
+    has them (the model's ``epoch``: evaluation.model_epoch; the ``separation`` and ``filters`` null where no nuclei
+    are made), then predict.py's own."""
     shaped = args.instances or args.scale == "auto"  # without either, no nuclei are made
     settings = prediction_settings(epoch, predictor.precision.describe(), args.tta, args.prune,
                                    separation if shaped else None, filters if shaped else dict.fromkeys(filters))
@@ -750,12 +794,24 @@ def prediction_record(args, argv, cfg, predictor, platform, weights, separation,
                     pixel_size=args.pixel_size if args.pixel_size is not None else PIXEL_SIZE_READ, amp=args.amp,
                     instances=args.instances, rois=args.rois, geojson=args.geojson, stitch_z=args.stitch_z,
                     save_prob=args.save_prob, overlay=args.overlay)
+    return settings
+
+
+def prediction_record(args, argv, settings, platform, weights, rows, left_out, resumed):
+    """What prediction.yml holds: the run, and ``weights`` = (the folder it was loaded from, checkpoints.made_by:
+    the SHA-256 of its weights and config.yml and the toolkit's version), taken as it was loaded; the command
+    (``argv``, after python and this script's path, to paste in the working directory) and the --input it covered,
+    when and with what; the :func:`output_settings`; how many images and planes (``rows``) were predicted, of them
+    how many images a stopped prediction had finished (``resumed``, with --resume), and the errors of the files
+    ``left_out``; ``platform``: {'torch': its version, 'device': the device used}."""
+    folder, hashes = weights
     return {"run": args.name, "run_folder": os.path.realpath(folder), **hashes,
             # the script's own path: run from another folder (one that holds models/), "predict.py" names no file
             "command": shlex.join(["python", os.path.realpath(__file__), *argv]),
             "working_directory": os.getcwd(), "input": [os.path.abspath(p) for p in args.input],
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), **platform, "settings": settings,
-            "predicted": {"images": len({row.image for row in rows}), "planes": len(rows)},
+            "predicted": {"images": len({row.image for row in rows}), "planes": len(rows),
+                          **({"finished_before_resume": resumed} if args.resume else {})},
             "left_out": {"files": len(left_out), "errors": left_out}}
 
 
@@ -793,7 +849,7 @@ def main(argv):
     platform = {"torch": str(torch.__version__),
                 "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")}
     cfg, model = load_run(args.name, device, args.prune)
-    weights = (saved_run_dir(args.name), made_by(args.name), model_epoch(args.name))
+    weights, epoch = (saved_run_dir(args.name), made_by(args.name)), model_epoch(args.name)
     check_flags_for_run(args, cfg)
     auto = args.scale == "auto"
     if auto and not cfg.nucleus_diameter >= 0:  # NaN or negative: no image's nuclei would ever be far from it
@@ -818,6 +874,13 @@ def main(argv):
     separation, filters = post.separation, post.filters
     predictor = Predictor(model, cfg, device, args.tile or None, args.overlap, args.batch_size, args.prune, args.tta,
                           args.amp, 1.0 if auto else args.scale)
+    settings = output_settings(args, cfg, predictor, epoch, separation, filters)
+    # what an image's record of being finished must match for --resume to keep it: the weights, config and toolkit too
+    recorded = json_ready({"run": args.name, **weights[1], **settings})
+    source_id = dict(zip(files, ids))
+    outputs = {img_id: [] for img_id in ids}
+    for name, source in written.items():
+        outputs[source_id[source]].append(name)
     # One predict.py --instances at a time writes a folder: objects.csv and images.csv would hold the rows of the one
     # that ended last. Without it, jobs that share a folder (an array job's shards of one image set) write their
     # images' own files. The lock file is hidden, as --input skips it.
@@ -825,32 +888,47 @@ def main(argv):
     alone = written_alone(args.output, "--output", os.path.join(args.output, ".predict.lock")) if args.instances \
         else nullcontext()
     with alone:
-        stopped = stopped_note(args.output) if holds_outputs(args.output, ids) else ""
+        held_earlier = not args.resume and holds_outputs(args.output, ids)
         remove_killed_writes(args.output)
         record = os.path.join(args.output, PREDICTION_FILE)
         with suppress(FileNotFoundError):  # an earlier prediction's would pass for a stopped one's mixed files
             os.remove(record)
+        if args.resume:
+            finished = read_finished(args.output, dict(zip(ids, files)), outputs, recorded)
+        else:
+            forgotten = finished_count(args.output, ids)
+            if forgotten:
+                print(f"note: a prediction that stopped in {os.path.join(args.output, '')} had finished {forgotten} "
+                      "of these images; this one predicts them all again (--resume would have gone on with it)")
+            forget_finished(args.output, ids)
+            finished = {}
+        todo = [i for i, img_id in enumerate(ids) if img_id not in finished]
         started = time.time()
         try:
             rows, objects, left_out = predict_all(
-                predictor, files, ids, headers, args.output, cfg.num_classes, args.threshold, args.save_prob,
-                separation if args.instances else None, filters, args.overlay, args.channel,
-                (cfg.nucleus_diameter, separation) if auto else None, args.rois, args.stitch_z, args.geojson)
+                predictor, [files[i] for i in todo], [ids[i] for i in todo], [headers[i] for i in todo], args.output,
+                cfg.num_classes, args.threshold, args.save_prob, separation if args.instances else None, filters,
+                args.overlay, args.channel, (cfg.nucleus_diameter, separation) if auto else None, args.rois,
+                args.stitch_z, args.geojson, partial(record_finished, args.output, recorded, dict(zip(ids, files))))
         except KeyboardInterrupt:
+            stopped = stopped_note(args.output, ids, held_earlier)
             if stopped:
                 print(stopped, file=sys.stderr)
             raise
+        rows, objects = with_finished(rows, objects, finished, ids)
+        if not rows:
+            raise nothing_predicted_error(left_out, len(files))
         replaced_rows = ""
         if args.instances:
             replaced_rows = replaced_rows_note(args.output, ids, TABLES)
             write_tables(args.output, rows, objects)
         with atomic_write(record) as f:
-            yaml.safe_dump(prediction_record(args, argv, cfg, predictor, platform, weights, separation, filters, rows,
-                                             left_out), f, sort_keys=False, allow_unicode=True,
-                           width=math.inf)  # the command on one line, to copy
+            yaml.safe_dump(prediction_record(args, argv, settings, platform, weights, rows, left_out, len(finished)),
+                           f, sort_keys=False, allow_unicode=True, width=math.inf)  # the command on one line, to copy
+        forget_finished(args.output, ids)
         predicted = {row.image for row in rows}  # a file left out now wrote nothing: its earlier outputs are named
-        source_id = dict(zip(files, ids))
-        notes = [predicted_foreground_note(rows, files, ids),
+        notes = [resumed_note(len(finished), len(files), args.output) if args.resume else "",
+                 predicted_foreground_note(rows, files, ids),
                  earlier_outputs_note(args, files, ids, {n: f for n, f in written.items()
                                                          if source_id[f] in predicted}), replaced_rows,
                  pandas_ids_note([list(dict.fromkeys(row.image for row in rows)), objects["image"].unique()])

@@ -37,6 +37,7 @@ from skimage.measure import perimeter
 import checkpoints
 import evaluation
 import files
+import finished_images
 import image_files
 import inference
 import measurements
@@ -391,6 +392,113 @@ def test_a_stack_killed_midway_leaves_only_temporary_files_that_the_next_run_rem
     assert len(temporary) == len(STACK_OUTPUTS) and not [n for n in os.listdir(out) if n.startswith("movie")]
     predict.main(["--input", path, "--output", str(out), *stack_flags()])
     assert sorted(os.listdir(out)) == ["images.csv", *STACK_OUTPUTS, "objects.csv", "prediction.yml"]
+
+
+def resume_inputs(folder):
+    """Three 2D images and a 4-plane time-lapse between them (list_images' order: a, b, movie, z); their paths."""
+    paths = [write(folder / f"{n}.png", np.roll(sample_bgr(40, 36), 5 * i, axis=0)) for i, n in enumerate("ab")]
+    return [*paths, movie(folder, planes=4), write(folder / "z.png", sample_bgr(36, 40))]
+
+
+def outputs_of(folder):
+    """{file name: its bytes} of a folder's files but prediction.yml (its date and command differ)."""
+    return {n: (folder / n).read_bytes() for n in sorted(os.listdir(folder))
+            if n != predict.PREDICTION_FILE and (folder / n).is_file()}
+
+
+def test_resume_goes_on_where_a_stopped_prediction_ended_as_one_prediction(in_runs, tmp_path, monkeypatch, capsys):
+    """Ctrl-C (or a job's signal) in the middle of a time-lapse: the images whose files were all written are recorded
+    and the note says how to go on; --resume predicts only the others (the stack again from its first plane) and
+    leaves the files and tables of one uninterrupted prediction, its records removed."""
+    resume_inputs(tmp_path / "in")
+    argv = ["--input", str(tmp_path / "in"), *stack_flags(), "--geojson"]
+    predict.main([*argv, "--output", str(tmp_path / "whole"), "--resume"])  # none stopped there: all predicted
+    assert "held no image finished by a stopped prediction; all predicted now" in capsys.readouterr().out
+    out = tmp_path / "out"
+    monkeypatch.setattr(predict, "BatchedThreads", functools.partial(utils.BatchedThreads, buffer_mb=0))
+    with monkeypatch.context() as m:  # a, b, then the stack's first two planes: stopped at its third
+        m.setattr(inference.Predictor, "predict", interrupted(5, KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            predict.main([*argv, "--output", str(out)])
+    assert "note: stopped with 2 of 4 images finished; the same command with --resume predicts the 2 not finished" \
+        in capsys.readouterr().err
+    assert sorted(os.listdir(out / ".predict_finished")) == ["a.json", "b.json"]
+    assert not [n for n in os.listdir(out) if n.startswith(("movie", "z"))]
+    calls = []
+    real = inference.Predictor.predict
+    monkeypatch.setattr(inference.Predictor, "predict", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    predict.main([*argv, "--output", str(out), "--resume"])
+    assert len(calls) == 5  # the stack's 4 planes and z
+    assert "note: --resume: 2 of the 4 images were finished by the stopped prediction, 2 predicted now" in \
+        capsys.readouterr().out
+    assert outputs_of(out) == outputs_of(tmp_path / "whole")
+    assert not (out / ".predict_finished").exists()
+    with open(out / predict.PREDICTION_FILE) as f:
+        assert yaml.safe_load(f)["predicted"] == {"images": 4, "planes": 7, "finished_before_resume": 2}
+
+
+def test_a_finished_image_s_record_gives_back_its_rows_and_objects_exactly(tmp_path):
+    """finished_images' record of an image read back: its ImageRows and objects table equal to the last bit and dtype,
+    with NaN (no pixel size, a marker channel NaN in a nucleus), two channels' columns, an id pandas would read as
+    NaN, and a plane without nuclei (an empty table of the same dtypes)."""
+    labels = np.zeros((30, 30), np.int32)
+    labels[2:9, 3:12], labels[15:27, 10:19], labels[20:24, 24:29] = 1, 2, 3
+    raw = np.random.default_rng(0).random((30, 30, 2)).astype(np.float32)
+    raw[16, 12, 1] = np.nan
+    prob = np.random.default_rng(1).random((1, 30, 30)).astype(np.float32)
+    tables = [measurements.object_rows("NA", 0, labels, raw, prob[0], None, 0, (2, 1)),
+              measurements.object_rows("NA", 1, np.zeros_like(labels), raw, prob[0], None, 0, (2, 1))]
+    rows = [measurements.image_row("NA", plane, prob, 0.5, 0.7, table, None, (2, 1))
+            for plane, table in enumerate(tables)]
+    source = write(tmp_path / "NA.png", np.zeros((30, 30), np.uint8))
+    settings = finished_images.json_ready({"threshold": 0.5, "input_size": (96, 96), "nan": float("nan")})
+    finished_images.record_finished(str(tmp_path), settings, {"NA": source}, "NA", rows, tables)
+    finished = finished_images.read_finished(str(tmp_path), {"NA": source}, {"NA": ["NA.png"]}, settings)
+    read_rows, table = finished["NA"]
+    assert read_rows == rows and [type(v) for v in read_rows[1]] == [type(v) for v in rows[1]]
+    pd.testing.assert_frame_equal(table, pd.concat(tables, ignore_index=True), check_exact=True)
+    assert table["mean_intensity_c1"].isna().sum() == 1 and table["image"].tolist() == ["NA"] * 3
+    empty = finished_images.table_from_record(finished_images.table_record(tables[1]))
+    assert empty.empty and empty.dtypes.equals(tables[1].dtypes)
+    record = tmp_path / finished_images.FOLDER / "NA.json"
+    record.write_text(record.read_text()[:-20])  # cut short: the image is not finished
+    assert finished_images.read_finished(str(tmp_path), {"NA": source}, {"NA": ["NA.png"]}, settings) == {}
+
+
+def test_resume_needs_the_same_settings_and_predicts_changed_or_missing_images_again(in_runs, tmp_path, monkeypatch,
+                                                                                    capsys):
+    """--resume with another setting is refused in one line naming it; an input rewritten since it was finished, or
+    one whose output file is gone, is predicted again; without --resume every image is, with a note."""
+    paths = resume_inputs(tmp_path / "in")
+    argv = ["--input", str(tmp_path / "in"), *stack_flags(), "--output", str(tmp_path / "out")]
+    monkeypatch.setattr(predict, "BatchedThreads", functools.partial(utils.BatchedThreads, buffer_mb=0))
+    with monkeypatch.context() as m:
+        m.setattr(inference.Predictor, "predict", interrupted(7, KeyboardInterrupt()))  # at z: a, b, movie finished
+        with pytest.raises(KeyboardInterrupt):
+            predict.main(argv)
+    with pytest.raises(UsageError, match=r"^--resume: the prediction that stopped in .*out/ \(image a\) was made "
+                                         r"with other settings than this one: threshold 0\.5 -> 0\.6; give the flags"):
+        predict.main([*argv, "--resume", "--threshold", "0.6"])
+    write(paths[0], sample_bgr(40, 36)[::-1])  # a is another image now
+    os.remove(tmp_path / "out" / "movie_prob.tif")
+    calls = []
+    real = inference.Predictor.predict
+    monkeypatch.setattr(inference.Predictor, "predict", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    capsys.readouterr()
+    predict.main([*argv, "--resume"])
+    assert len(calls) == 6 and "1 of the 4 images were finished" in capsys.readouterr().out  # a, movie, z
+    predict.main([*argv[:-1], str(tmp_path / "whole")])
+    assert outputs_of(tmp_path / "out") == outputs_of(tmp_path / "whole")
+    with monkeypatch.context() as m:
+        m.setattr(inference.Predictor, "predict", interrupted(2, KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            predict.main(argv)
+    calls.clear()
+    predict.main(argv)
+    assert len(calls) == 7
+    assert "had finished 1 of these images; this one predicts them all again (--resume would have" in \
+        capsys.readouterr().out
+    assert not (tmp_path / "out" / ".predict_finished").exists()
 
 
 def test_three_pages_without_axes_are_read_as_colours_with_a_note(tmp_path):
@@ -1224,9 +1332,9 @@ def test_a_stack_left_out_at_a_later_plane_leaves_no_rows(tmp_path):
     assert [(row.image, row.nuclei) for row in rows] == [("after", 1)] and table["image"].tolist() == ["after"]
     assert left_out == [f"{files[0]}: a 64x64 image needs 9.00 GiB in windows"]
     assert sorted(os.listdir(tmp_path / "out")) == ["after.png", "after_instances.png"]
-    with pytest.raises(DataError, match=r"movie\.tif: a 64x64 image needs"):
-        predict.predict_all(SecondTooLarge(), files[:1], ["movie"], predict.tiff_headers(files[:1]),
-                            str(tmp_path / "out"), 1, 0.5, **options)
+    rows, table, left_out = predict.predict_all(SecondTooLarge(), files[:1], ["movie"], predict.tiff_headers(files[:1]),
+                                                str(tmp_path / "out"), 1, 0.5, **options)
+    assert (rows, table, left_out) == ([], None, [f"{files[0]}: a 64x64 image needs 9.00 GiB in windows"])
 
 
 def stack_layouts(folder):
@@ -1382,8 +1490,11 @@ def test_a_stack_read_page_by_page_is_closed_on_every_exit(tmp_path, error):
     run = functools.partial(predict.predict_all, predictor, [path], ["movie"], predict.tiff_headers([path]),
                             str(tmp_path / "out"), 1, 0.5)
     os.makedirs(tmp_path / "out")
-    with pytest.raises(type(error)) if error is not None else contextlib.nullcontext():
-        run()
+    stops = error is not None and not isinstance(error, DataError)  # a DataError leaves the file out
+    with pytest.raises(type(error)) if stops else contextlib.nullcontext():
+        rows, table, left_out = run()
+    if isinstance(error, DataError):
+        assert (rows, table, len(left_out)) == ([], None, 1) and "too large" in left_out[0]
     assert predictor.open == [1] * (4 if error is None else 2) and open_count(path) == 0
     assert os.listdir(tmp_path / "out") == ([] if error else ["movie.tif"])
 
