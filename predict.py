@@ -875,8 +875,11 @@ def main(argv):
     predictor = Predictor(model, cfg, device, args.tile or None, args.overlap, args.batch_size, args.prune, args.tta,
                           args.amp, 1.0 if auto else args.scale)
     settings = output_settings(args, cfg, predictor, epoch, separation, filters)
-    # what an image's record of being finished must match for --resume to keep it: the weights, config and toolkit too
-    recorded = json_ready({"run": args.name, **weights[1], **settings})
+    # what an image's record of being finished must match for --resume to keep it: the weights, config and toolkit
+    # too; windows sized from the memory budget as the flags asked (the budget is another on the node a requeued job
+    # lands on, and the windows already differ from image to image with it)
+    recorded = json_ready({"run": args.name, **weights[1], **settings,
+                           **({"tile": 0, "overlap": args.overlap} if not args.tile and cfg.crop_size else {})})
     source_id = dict(zip(files, ids))
     outputs = {img_id: [] for img_id in ids}
     for name, source in written.items():

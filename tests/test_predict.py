@@ -467,8 +467,9 @@ def test_a_finished_image_s_record_gives_back_its_rows_and_objects_exactly(tmp_p
 
 def test_resume_needs_the_same_settings_and_predicts_changed_or_missing_images_again(in_runs, tmp_path, monkeypatch,
                                                                                     capsys):
-    """--resume with another setting is refused in one line naming it; an input rewritten since it was finished, or
-    one whose output file is gone, is predicted again; without --resume every image is, with a note."""
+    """--resume with another setting is refused in one line naming it, but not another memory budget; an input
+    rewritten since it was finished, or one whose output file is gone, is predicted again; without --resume every
+    image is, with a note."""
     paths = resume_inputs(tmp_path / "in")
     argv = ["--input", str(tmp_path / "in"), *stack_flags(), "--output", str(tmp_path / "out")]
     monkeypatch.setattr(predict, "BatchedThreads", functools.partial(utils.BatchedThreads, buffer_mb=0))
@@ -481,6 +482,8 @@ def test_resume_needs_the_same_settings_and_predicts_changed_or_missing_images_a
         predict.main([*argv, "--resume", "--threshold", "0.6"])
     write(paths[0], sample_bgr(40, 36)[::-1])  # a is another image now
     os.remove(tmp_path / "out" / "movie_prob.tif")
+    # a requeued job on a node with less memory: windows sized from another budget (64x64, still above these images)
+    monkeypatch.setattr(inference, "memory_budget", lambda device: 2 ** 20)
     calls = []
     real = inference.Predictor.predict
     monkeypatch.setattr(inference.Predictor, "predict", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
