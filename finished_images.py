@@ -91,19 +91,30 @@ def read_finished(out_dir, sources, outputs, settings):
     remove_killed_writes(folder)
     finished = {}
     for img_id, source in sources.items():
-        try:
-            with open(record_path(out_dir, img_id)) as f:
-                record = json.load(f)
-        except (FileNotFoundError, ValueError):  # none, or not one of ours (cut short, edited): predicted again
+        record = read_record(out_dir, img_id)
+        if record is None:
             continue
-        check_settings(out_dir, img_id, record["settings"], settings)
-        if record["source"] != source_stamp(source) or \
-                not all(os.path.isfile(os.path.join(out_dir, n)) for n in outputs[img_id]):
-            continue
-        objects = record["objects"]
-        finished[img_id] = ([ImageRow(*row) for row in record["rows"]],
-                            None if objects is None else table_from_record(objects))
+        recorded, stamp, rows, table = record
+        check_settings(out_dir, img_id, recorded, settings)
+        if stamp == source_stamp(source) and all(os.path.isfile(os.path.join(out_dir, n)) for n in outputs[img_id]):
+            finished[img_id] = (rows, table)
     return finished
+
+
+def read_record(out_dir, img_id):
+    """(settings, source stamp, ImageRows, objects table or None) of image ``img_id``'s record, as
+    :func:`record_finished` wrote them; None for none, or for a file that is not such a record of this image (cut
+    short, edited by hand, another image's copied): the image is then predicted again."""
+    try:
+        with open(record_path(out_dir, img_id)) as f:
+            record = json.load(f)
+        settings, source, objects = record["settings"], record["source"], record["objects"]
+        rows = [ImageRow(*row) for row in record["rows"]]
+        table = None if objects is None else table_from_record(objects)
+        ours = isinstance(settings, dict) and {row.image for row in rows} == {img_id}
+    except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError):  # none, not JSON, not a record's
+        return None
+    return (settings, source, rows, table) if ours else None
 
 
 def forget_finished(out_dir, ids):
@@ -129,4 +140,3 @@ def json_ready(settings):
     """``settings`` as JSON reads them back (tuples as lists, NumPy scalars as Python's), to be recorded and compared
     (a NaN stays NaN)."""
     return json.loads(json.dumps(settings, default=plain))
-

@@ -465,6 +465,30 @@ def test_a_finished_image_s_record_gives_back_its_rows_and_objects_exactly(tmp_p
     assert finished_images.read_finished(str(tmp_path), {"NA": source}, {"NA": ["NA.png"]}, settings) == {}
 
 
+@pytest.mark.parametrize("edit", ["{}", "[]", "null", '"a"', '{"settings": [], "source": [], "rows": [], "objects": 1}',
+                                  "another image's rows", "a row cut short", "objects of a list"])
+def test_a_record_that_is_json_but_not_an_image_s_record_is_not_finished(tmp_path, edit):
+    """A record edited by hand into other JSON, or into rows of another image, is no record of the image: it is
+    predicted again, as for a record cut short, instead of a traceback or another image's rows in the tables."""
+    sources = {n: write(tmp_path / f"{n}.png", np.zeros((30, 30), np.uint8)) for n in "ab"}
+    prob = np.zeros((1, 30, 30), np.float32)
+    settings = finished_images.json_ready({"threshold": 0.5})
+    for n in "ab":
+        finished_images.record_finished(str(tmp_path), settings, sources, n,
+                                        [measurements.image_row(n, 0, prob, 0.5, 1.0, None, None, (1, 1))], [])
+    folder = tmp_path / finished_images.FOLDER
+    record = json.loads((folder / "b.json").read_text())
+    if edit == "another image's rows":
+        record["rows"][0][0] = "c"
+    elif edit == "a row cut short":
+        record["rows"][0].pop()
+    elif edit == "objects of a list":
+        record["objects"] = [1]
+    (folder / "b.json").write_text(edit if edit[0] in '{["n' else json.dumps(record))
+    outputs = {n: [f"{n}.png"] for n in "ab"}
+    assert list(finished_images.read_finished(str(tmp_path), sources, outputs, settings)) == ["a"]
+
+
 def test_resume_needs_the_same_settings_and_predicts_changed_or_missing_images_again(in_runs, tmp_path, monkeypatch,
                                                                                     capsys):
     """--resume with another setting is refused in one line naming it, but not another memory budget; an input
