@@ -903,8 +903,10 @@ def main(argv):
             if forgotten:
                 print(f"note: a prediction that stopped in {os.path.join(args.output, '')} had finished {forgotten} "
                       "of these images; this one predicts them all again (--resume would have gone on with it)")
-            forget_finished(args.output, ids)
             finished = {}
+        # the records of the images predicted now go (with --resume: an input changed since, an output gone), so
+        # that one stopped again counts as finished only those it then has
+        forget_finished(args.output, [img_id for img_id in ids if img_id not in finished])
         todo = [i for i, img_id in enumerate(ids) if img_id not in finished]
         started = time.time()
         try:

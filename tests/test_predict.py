@@ -528,6 +528,30 @@ def test_resume_needs_the_same_settings_and_predicts_changed_or_missing_images_a
     assert not (tmp_path / "out" / ".predict_finished").exists()
 
 
+def test_a_resume_stopped_again_counts_an_image_changed_since_as_not_finished(in_runs, tmp_path, monkeypatch, capsys):
+    """A --resume that predicts an image again (its input rewritten since) and stops before it is finished: the note
+    counts it among those not finished, as the next --resume then finds them."""
+    paths = resume_inputs(tmp_path / "in")
+    argv = ["--input", str(tmp_path / "in"), *stack_flags(), "--output", str(tmp_path / "out")]
+    monkeypatch.setattr(predict, "BatchedThreads", functools.partial(utils.BatchedThreads, buffer_mb=0))
+    with monkeypatch.context() as m:
+        m.setattr(inference.Predictor, "predict", interrupted(7, KeyboardInterrupt()))  # at z: a, b, movie finished
+        with pytest.raises(KeyboardInterrupt):
+            predict.main(argv)
+    write(paths[0], sample_bgr(40, 36)[::-1])  # a is another image now
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        m.setattr(inference.Predictor, "predict", interrupted(1, KeyboardInterrupt()))  # at a, predicted again
+        with pytest.raises(KeyboardInterrupt):
+            predict.main([*argv, "--resume"])
+    assert "note: stopped with 2 of 4 images finished; the same command with --resume predicts the 2 not finished" \
+        in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / "out" / finished_images.FOLDER)) == ["b.json", "movie.json"]
+    predict.main([*argv, "--resume"])
+    assert "note: --resume: 2 of the 4 images were finished by the stopped prediction, 2 predicted now" in \
+        capsys.readouterr().out
+
+
 def test_three_pages_without_axes_are_read_as_colours_with_a_note(tmp_path):
     """3 pages without ImageJ or OME axes are one image's colours (channels-first RGB); predict.py says so, since a
     short stack saved that way looks the same. The same pages with ImageJ axes, or an RGB TIFF, get no note."""
