@@ -891,7 +891,6 @@ def main(argv):
     alone = written_alone(args.output, "--output", os.path.join(args.output, ".predict.lock")) if args.instances \
         else nullcontext()
     with alone:
-        held_earlier = not args.resume and holds_outputs(args.output, ids)
         remove_killed_writes(args.output)
         record = os.path.join(args.output, PREDICTION_FILE)
         with suppress(FileNotFoundError):  # an earlier prediction's would pass for a stopped one's mixed files
@@ -908,6 +907,9 @@ def main(argv):
         # that one stopped again counts as finished only those it then has
         forget_finished(args.output, [img_id for img_id in ids if img_id not in finished])
         todo = [i for i, img_id in enumerate(ids) if img_id not in finished]
+        # the tables, or files of an image not finished by a stopped prediction (also with --resume: a folder of an
+        # earlier prediction, its inputs changed since), are an earlier prediction's that one stopped now mixes in
+        held_earlier = holds_outputs(args.output, [ids[i] for i in todo])
         started = time.time()
         try:
             rows, objects, left_out = predict_all(

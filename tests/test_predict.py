@@ -544,12 +544,32 @@ def test_a_resume_stopped_again_counts_an_image_changed_since_as_not_finished(in
         m.setattr(inference.Predictor, "predict", interrupted(1, KeyboardInterrupt()))  # at a, predicted again
         with pytest.raises(KeyboardInterrupt):
             predict.main([*argv, "--resume"])
-    assert "note: stopped with 2 of 4 images finished; the same command with --resume predicts the 2 not finished" \
-        in capsys.readouterr().err
+    assert "with 2 of 4 images finished: it may now mix the two; the same command with --resume predicts the 2 not " \
+        "finished" in capsys.readouterr().err  # a's files are those of its input before
     assert sorted(os.listdir(tmp_path / "out" / finished_images.FOLDER)) == ["b.json", "movie.json"]
     predict.main([*argv, "--resume"])
     assert "note: --resume: 2 of the 4 images were finished by the stopped prediction, 2 predicted now" in \
         capsys.readouterr().out
+
+
+def test_resume_stopped_over_an_earlier_prediction_says_it_mixes_the_two(in_runs, tmp_path, monkeypatch, capsys):
+    """--resume (a requeued job's command) into a folder that holds a finished prediction of these images, stopped:
+    the note says, as without --resume, that the folder now mixes the two and that the tables are the earlier one's;
+    not so after a prediction stopped in a new folder, whose images not finished have no files."""
+    resume_inputs(tmp_path / "in")
+    argv = ["--input", str(tmp_path / "in"), *stack_flags(), "--resume"]
+    monkeypatch.setattr(predict, "BatchedThreads", functools.partial(utils.BatchedThreads, buffer_mb=0))
+    predict.main([*argv, "--output", str(tmp_path / "out")])
+    mixed = ("held outputs of an earlier prediction of these images, and this one stopped before its end with {} of 4 "
+             "images finished: it may now mix the two (objects.csv and images.csv are the earlier one's)")
+    for out, note in [("out", mixed.format(1)), ("out", mixed.format(2)),
+                      ("new", "note: stopped with 1 of 4 images finished;"), ("new", "note: stopped with 2 of 4")]:
+        capsys.readouterr()
+        with monkeypatch.context() as m:
+            m.setattr(inference.Predictor, "predict", interrupted(2, KeyboardInterrupt()))
+            with pytest.raises(KeyboardInterrupt):
+                predict.main([*argv, "--output", str(tmp_path / out)])
+        assert note in capsys.readouterr().err
 
 
 def test_three_pages_without_axes_are_read_as_colours_with_a_note(tmp_path):
