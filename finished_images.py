@@ -21,6 +21,8 @@ from measurements import ImageRow
 from utils import UsageError
 
 FOLDER = ".predict_finished"  # hidden: predict.py's --input skips it, as it skips the lock file
+# the settings that name what made the outputs rather than a flag: checkpoints.made_by's and the model's epoch
+MADE_BY = ("weights_sha256", "config_sha256", "toolkit", "model")
 
 
 def record_path(out_dir, img_id):
@@ -74,10 +76,12 @@ def check_settings(out_dir, img_id, recorded, settings):
                if not same_value(recorded.get(k), settings.get(k))]
     if changed:
         shown = "; ".join(f"{k} {json.dumps(recorded.get(k))} -> {json.dumps(settings.get(k))}" for k in changed[:3])
+        # no flag gives back another version of the run's weights, its config.yml or the toolkit
+        fix = "" if set(changed) & set(MADE_BY) else "give the flags and run it was made with, or "
         raise UsageError(f"--resume: the prediction that stopped in {os.path.join(out_dir, '')} (image {img_id}) was "
                          f"made with other settings than this one: {shown}"
-                         f"{f' and {len(changed) - 3} more' if len(changed) > 3 else ''}; give the flags and run it "
-                         "was made with, or leave out --resume to predict every image again")
+                         f"{f' and {len(changed) - 3} more' if len(changed) > 3 else ''}; {fix}leave out --resume to "
+                         "predict every image again")
 
 
 def read_finished(out_dir, sources, outputs, settings):

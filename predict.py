@@ -538,14 +538,17 @@ def with_finished(rows, objects, finished, ids):
     return rows, table.iloc[np.argsort(table["image"].map(order).to_numpy(), kind="stable")].reset_index(drop=True)
 
 
-def resumed_note(finished, total, out_dir):
+def resumed_note(finished, recorded, total, out_dir):
     """The note of a --resume into ``out_dir`` that found ``finished`` of the ``total`` images finished by a stopped
-    prediction."""
+    prediction, of ``recorded`` images with a record there (the others' inputs changed since, or outputs gone)."""
+    others = recorded - finished
+    unused = (f"; {others} more had a record there that did not hold (an input file changed since: another path, "
+              "size or time; an output file gone; a record cut short): predicted again") if others else ""
     if not finished:
-        return f"note: --resume: {os.path.join(out_dir, '')} held no image finished by a stopped prediction; " \
-            "all predicted now"
-    return f"note: --resume: {finished} of the {total} images were finished by the stopped prediction, " \
-        f"{total - finished} predicted now"
+        return (f"note: --resume: {os.path.join(out_dir, '')} held no image finished by a stopped prediction{unused}; "
+                "all predicted now")
+    return (f"note: --resume: {finished} of the {total} images were finished by the stopped prediction, "
+            f"{total - finished} predicted now{unused}")
 
 
 def nothing_predicted_error(left_out, total):
@@ -896,6 +899,7 @@ def main(argv):
         with suppress(FileNotFoundError):  # an earlier prediction's would pass for a stopped one's mixed files
             os.remove(record)
         if args.resume:
+            was_recorded = finished_count(args.output, ids)
             finished = read_finished(args.output, dict(zip(ids, files)), outputs, recorded)
         else:
             forgotten = finished_count(args.output, ids)
@@ -934,7 +938,7 @@ def main(argv):
                            f, sort_keys=False, allow_unicode=True, width=math.inf)  # the command on one line, to copy
         forget_finished(args.output, ids)
         predicted = {row.image for row in rows}  # a file left out now wrote nothing: its earlier outputs are named
-        notes = [resumed_note(len(finished), len(files), args.output) if args.resume else "",
+        notes = [resumed_note(len(finished), was_recorded, len(files), args.output) if args.resume else "",
                  predicted_foreground_note(rows, files, ids),
                  earlier_outputs_note(args, files, ids, {n: f for n, f in written.items()
                                                          if source_id[f] in predicted}), replaced_rows,

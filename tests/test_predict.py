@@ -504,6 +504,11 @@ def test_resume_needs_the_same_settings_and_predicts_changed_or_missing_images_a
     with pytest.raises(UsageError, match=r"^--resume: the prediction that stopped in .*out/ \(image a\) was made "
                                          r"with other settings than this one: threshold 0\.5 -> 0\.6; give the flags"):
         predict.main([*argv, "--resume", "--threshold", "0.6"])
+    with monkeypatch.context() as m:  # another version of the toolkit: no flag gives the old one back
+        m.setattr(checkpoints, "code_version", lambda folder: "another")
+        with pytest.raises(UsageError, match=r'other settings than this one: toolkit ".*" -> "another"; leave out '
+                                             r"--resume to predict every image again$"):
+            predict.main([*argv, "--resume"])
     write(paths[0], sample_bgr(40, 36)[::-1])  # a is another image now
     os.remove(tmp_path / "out" / "movie_prob.tif")
     # a requeued job on a node with less memory: windows sized from another budget (64x64, still above these images)
@@ -513,7 +518,9 @@ def test_resume_needs_the_same_settings_and_predicts_changed_or_missing_images_a
     monkeypatch.setattr(inference.Predictor, "predict", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
     capsys.readouterr()
     predict.main([*argv, "--resume"])
-    assert len(calls) == 6 and "1 of the 4 images were finished" in capsys.readouterr().out  # a, movie, z
+    assert len(calls) == 6  # a, movie, z
+    assert ("note: --resume: 1 of the 4 images were finished by the stopped prediction, 3 predicted now; 2 more had a "
+            "record there that did not hold (an input file changed since") in capsys.readouterr().out
     predict.main([*argv[:-1], str(tmp_path / "whole")])
     assert outputs_of(tmp_path / "out") == outputs_of(tmp_path / "whole")
     with monkeypatch.context() as m:
