@@ -297,11 +297,12 @@ def test_robustness_rows_and_the_identity_is_the_undegraded_row(tmp_path, monkey
 
 
 def test_kernel_time_rows(tmp_path):
-    summary = run_script("kernel_time.py", ["--size", "32", "--batch", "2", "--steps", "1", "--amps", "fp32,auto"],
+    # one --amp: each row is a process of its own, and the precisions are chosen as in every other script
+    summary = run_script("kernel_time.py", ["--size", "32", "--batch", "2", "--steps", "1", "--amps", "fp32"],
                          tmp_path)
-    assert summary["bench"] == "kernel_time" and len(summary["rows"]) == 4
+    assert summary["bench"] == "kernel_time" and len(summary["rows"]) == 2
     assert_names_its_cpus(summary)
-    assert [r["allocator"] for r in summary["rows"]] == ["default", "keep_freed_memory"] * 2
+    assert [r["allocator"] for r in summary["rows"]] == ["default", "keep_freed_memory"]
     for row in summary["rows"]:
         assert row["images_per_s"] > 0 and row["minor_faults"] >= 0 and row["sys_s"] >= 0
 
