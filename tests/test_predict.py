@@ -406,6 +406,16 @@ def outputs_of(folder):
             if n != predict.PREDICTION_FILE and (folder / n).is_file()}
 
 
+def stop_prediction(argv, at, monkeypatch):
+    """predict.main(``argv``) stopped by Ctrl-C at the network's ``at``-th call, its jobs run after each plane, so
+    that the images before it are finished."""
+    monkeypatch.setattr(predict, "BatchedThreads", functools.partial(utils.BatchedThreads, buffer_mb=0))
+    with monkeypatch.context() as m:
+        m.setattr(inference.Predictor, "predict", interrupted(at, KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            predict.main(argv)
+
+
 def test_resume_goes_on_where_a_stopped_prediction_ended_as_one_prediction(in_runs, tmp_path, monkeypatch, capsys):
     """Ctrl-C (or a job's signal) in the middle of a time-lapse: the images whose files were all written are recorded
     and the note says how to go on; --resume predicts only the others (the stack again from its first plane) and
@@ -415,11 +425,8 @@ def test_resume_goes_on_where_a_stopped_prediction_ended_as_one_prediction(in_ru
     predict.main([*argv, "--output", str(tmp_path / "whole"), "--resume"])  # none stopped there: all predicted
     assert "held no image finished by a stopped prediction; all predicted now" in capsys.readouterr().out
     out = tmp_path / "out"
-    monkeypatch.setattr(predict, "BatchedThreads", functools.partial(utils.BatchedThreads, buffer_mb=0))
-    with monkeypatch.context() as m:  # a, b, then the stack's first two planes: stopped at its third
-        m.setattr(inference.Predictor, "predict", interrupted(5, KeyboardInterrupt()))
-        with pytest.raises(KeyboardInterrupt):
-            predict.main([*argv, "--output", str(out)])
+    # a, b, then the stack's first two planes: stopped at its third
+    stop_prediction([*argv, "--output", str(out)], 5, monkeypatch)
     assert "note: stopped with 2 of 4 images finished; the same command with --resume predicts the 2 not finished" \
         in capsys.readouterr().err
     assert sorted(os.listdir(out / ".predict_finished")) == ["a.json", "b.json"]
@@ -496,11 +503,7 @@ def test_resume_needs_the_same_settings_and_predicts_changed_or_missing_images_a
     image is, with a note."""
     paths = resume_inputs(tmp_path / "in")
     argv = ["--input", str(tmp_path / "in"), *stack_flags(), "--output", str(tmp_path / "out")]
-    monkeypatch.setattr(predict, "BatchedThreads", functools.partial(utils.BatchedThreads, buffer_mb=0))
-    with monkeypatch.context() as m:
-        m.setattr(inference.Predictor, "predict", interrupted(7, KeyboardInterrupt()))  # at z: a, b, movie finished
-        with pytest.raises(KeyboardInterrupt):
-            predict.main(argv)
+    stop_prediction(argv, 7, monkeypatch)  # at z: a, b, movie finished
     with pytest.raises(UsageError, match=r"^--resume: the prediction that stopped in .*out/ \(image a\) was made "
                                          r"with other settings than this one: threshold 0\.5 -> 0\.6; give the flags"):
         predict.main([*argv, "--resume", "--threshold", "0.6"])
@@ -523,10 +526,7 @@ def test_resume_needs_the_same_settings_and_predicts_changed_or_missing_images_a
             "record there that did not hold (an input file changed since") in capsys.readouterr().out
     predict.main([*argv[:-1], str(tmp_path / "whole")])
     assert outputs_of(tmp_path / "out") == outputs_of(tmp_path / "whole")
-    with monkeypatch.context() as m:
-        m.setattr(inference.Predictor, "predict", interrupted(2, KeyboardInterrupt()))
-        with pytest.raises(KeyboardInterrupt):
-            predict.main(argv)
+    stop_prediction(argv, 2, monkeypatch)
     calls.clear()
     predict.main(argv)
     assert len(calls) == 7
@@ -540,17 +540,10 @@ def test_a_resume_stopped_again_counts_an_image_changed_since_as_not_finished(in
     counts it among those not finished, as the next --resume then finds them."""
     paths = resume_inputs(tmp_path / "in")
     argv = ["--input", str(tmp_path / "in"), *stack_flags(), "--output", str(tmp_path / "out")]
-    monkeypatch.setattr(predict, "BatchedThreads", functools.partial(utils.BatchedThreads, buffer_mb=0))
-    with monkeypatch.context() as m:
-        m.setattr(inference.Predictor, "predict", interrupted(7, KeyboardInterrupt()))  # at z: a, b, movie finished
-        with pytest.raises(KeyboardInterrupt):
-            predict.main(argv)
+    stop_prediction(argv, 7, monkeypatch)  # at z: a, b, movie finished
     write(paths[0], sample_bgr(40, 36)[::-1])  # a is another image now
     capsys.readouterr()
-    with monkeypatch.context() as m:
-        m.setattr(inference.Predictor, "predict", interrupted(1, KeyboardInterrupt()))  # at a, predicted again
-        with pytest.raises(KeyboardInterrupt):
-            predict.main([*argv, "--resume"])
+    stop_prediction([*argv, "--resume"], 1, monkeypatch)  # at a, predicted again
     assert "with 2 of 4 images finished: it may now mix the two; the same command with --resume predicts the 2 not " \
         "finished" in capsys.readouterr().err  # a's files are those of its input before
     assert sorted(os.listdir(tmp_path / "out" / finished_images.FOLDER)) == ["b.json", "movie.json"]
