@@ -26,6 +26,7 @@ MADE_BY = ("weights_sha256", "config_sha256", "toolkit", "model")
 
 
 def record_path(out_dir, img_id):
+    """Where image ``img_id``'s record lies in ``out_dir``."""
     return os.path.join(out_dir, FOLDER, img_id + ".json")
 
 
