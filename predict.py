@@ -883,7 +883,7 @@ def main(argv):
     # lands on, and the windows already differ from image to image with it)
     recorded = json_ready({"run": args.name, **weights[1], **settings,
                            **({"tile": 0, "overlap": args.overlap} if not args.tile and cfg.crop_size else {})})
-    source_id = dict(zip(files, ids))
+    source_id, sources = dict(zip(files, ids)), dict(zip(ids, files))
     outputs = {img_id: [] for img_id in ids}
     for name, source in written.items():
         outputs[source_id[source]].append(name)
@@ -900,17 +900,17 @@ def main(argv):
             os.remove(record)
         if args.resume:
             was_recorded = finished_count(args.output, ids)
-            finished = read_finished(args.output, dict(zip(ids, files)), outputs, recorded)
+            finished = read_finished(args.output, sources, outputs, recorded)
         else:
             forgotten = finished_count(args.output, ids)
             if forgotten:
                 print(f"note: a prediction that stopped in {os.path.join(args.output, '')} had finished {forgotten} "
                       "of these images; this one predicts them all again (--resume would have gone on with it)")
             finished = {}
+        todo = [i for i, img_id in enumerate(ids) if img_id not in finished]
         # the records of the images predicted now go (with --resume: an input changed since, an output gone), so
         # that one stopped again counts as finished only those it then has
-        forget_finished(args.output, [img_id for img_id in ids if img_id not in finished])
-        todo = [i for i, img_id in enumerate(ids) if img_id not in finished]
+        forget_finished(args.output, [ids[i] for i in todo])
         # the tables, or files of an image not finished by a stopped prediction (also with --resume: a folder of an
         # earlier prediction, its inputs changed since), are an earlier prediction's that one stopped now mixes in
         held_earlier = holds_outputs(args.output, [ids[i] for i in todo])
@@ -920,7 +920,7 @@ def main(argv):
                 predictor, [files[i] for i in todo], [ids[i] for i in todo], [headers[i] for i in todo], args.output,
                 cfg.num_classes, args.threshold, args.save_prob, separation if args.instances else None, filters,
                 args.overlay, args.channel, (cfg.nucleus_diameter, separation) if auto else None, args.rois,
-                args.stitch_z, args.geojson, partial(record_finished, args.output, recorded, dict(zip(ids, files))))
+                args.stitch_z, args.geojson, partial(record_finished, args.output, recorded, sources))
         except KeyboardInterrupt:
             stopped = stopped_note(args.output, ids, held_earlier)
             if stopped:
