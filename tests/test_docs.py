@@ -312,6 +312,42 @@ def problems(commands, history=None, other_flags=None):
     return found
 
 
+# [text](target): a link of Markdown; the target ends at the first space (a title may follow) or ")"
+LINK = re.compile(r"\]\(([^)\s]+)")
+LINKED = ("README.md", "docs/*.md", "pretrained/*/README.md")
+
+
+def heading_anchors(text):
+    """The anchors GitHub gives the headings of a Markdown ``text`` (not those in code blocks): lower case, the
+    punctuation but hyphens and underscores dropped, spaces as hyphens; a repeated one gets -1, -2, ..."""
+    anchors, seen, fence = set(), {}, False
+    for line in text.splitlines():
+        fence ^= line.startswith("```")
+        heading = re.match(r"#{1,6}\s+(.*)", line)
+        if heading and not fence:
+            anchor = re.sub(r"[^\w\- ]", "", heading[1].strip().lower()).replace(" ", "-")
+            anchors.add(f"{anchor}-{seen[anchor]}" if anchor in seen else anchor)
+            seen[anchor] = seen.get(anchor, 0) + 1
+    return anchors
+
+
+def dead_links(doc, root=ROOT):
+    """The links of ``doc`` (a Markdown file in the checkout ``root``) to a file that is not there, or to a heading
+    that its page does not have: 'doc: target (why)' strings, doc relative to ``root``. Web addresses are not
+    followed."""
+    dead = []
+    for target in LINK.findall(doc.read_text()):
+        if re.match(r"[a-z]+:", target):
+            continue
+        path, _, anchor = target.partition("#")
+        page = (doc.parent / path).resolve() if path else doc
+        if not page.exists():
+            dead.append(f"{doc.relative_to(root)}: {target} (no such file)")
+        elif anchor and page.suffix == ".md" and anchor not in heading_anchors(page.read_text()):
+            dead.append(f"{doc.relative_to(root)}: {target} (no such heading)")
+    return dead
+
+
 def test_documented_commands_parse():
     commands = doc_commands()
     assert len(commands) > 150, f"only {len(commands)} commands found in {DOCS}: is the extraction broken?"
@@ -424,3 +460,21 @@ def test_refusals_name_the_problem():
     assert refused("bench/timing.py") == "bench/timing.py is not a command (it has no main)"
     assert refused("train.py", "--help") is None
     assert refused("bench/speed.py", "--quick", "--device", "cpu") is None
+
+
+def test_documentation_links_lead_to_a_file_and_heading_that_are_there():
+    """A section moved to another page, or renamed, leaves no link of the README or docs/ leading nowhere."""
+    docs = [doc for pattern in LINKED for doc in sorted(ROOT.glob(pattern))]
+    assert sum(len(LINK.findall(doc.read_text())) for doc in docs) > 100, "is the link extraction broken?"
+    dead = [link for doc in docs for link in dead_links(doc)]
+    assert not dead, f"{len(dead)} links lead nowhere:\n" + "\n".join(dead)
+
+
+def test_dead_links_found(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.md").write_text("# A page\n## Its `--flag`: second, part\n```\n# not a heading\n```\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("[ok](docs/a.md#its---flag-second-part) [top](#the-top) [gone](docs/b.md) "
+                      "[web](https://example.org/x) [code](docs/a.md#not-a-heading)\n# The top\n")
+    assert dead_links(readme, tmp_path) == ["README.md: docs/b.md (no such file)",
+                                  "README.md: docs/a.md#not-a-heading (no such heading)"]

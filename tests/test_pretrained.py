@@ -82,20 +82,20 @@ def test_files_made_from_the_bundled_run_do_not_hide_it_and_a_run_of_that_name_s
     assert load_run(NAME, torch.device("cpu"))[0].init == NAME
 
 
-def readme_python_lines():
-    """The code block of the README's "From Python (a notebook)" section, as written there."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("### From Python (a notebook)", 1)[1]
+def documented_python_lines():
+    """The code block of docs/predict.md's "From Python (a notebook)" section, as written there."""
+    page = (Path(__file__).resolve().parents[1] / "docs" / "predict.md").read_text()
+    section = page.split("## From Python (a notebook)", 1)[1]
     return section.split("```python\n", 1)[1].split("```", 1)[0]
 
 
-def test_readme_python_lines_give_predict_py_s_nuclei(tmp_path):
-    """The README's lines, run in a Python started elsewhere with the toolkit on its path, give the mask and the
+def test_documented_python_lines_give_predict_py_s_nuclei(tmp_path):
+    """docs/predict.md's lines, run in a Python started elsewhere with the toolkit on its path, give the mask and the
     labels that predict.py writes for the same file."""
     synthetic.generate_synthetic(str(tmp_path / "syn"), num_images=1, size=128, seed=5)
     (image,) = (tmp_path / "syn" / "images").iterdir()
     os.replace(image, tmp_path / "cells.png")
-    code = readme_python_lines() + "import numpy\nnumpy.save('labels.npy', labels)\nnumpy.save('mask.npy', mask)\n"
+    code = documented_python_lines() + "import numpy\nnumpy.save('labels.npy', labels)\nnumpy.save('mask.npy', mask)\n"
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": root, "CUDA_VISIBLE_DEVICES": ""}
     subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True)
