@@ -14,7 +14,8 @@ import pandas as pd
 import yaml
 
 from config import INPUTS_DIR, dataset_folder, saved_run_dir
-from dataset import MODALITIES, find_layout, list_ids, nucleus_diameter, read_instance_labels
+from dataset import MODALITIES
+from layouts import find_layout, list_ids, nucleus_diameter, read_instance_labels
 from files import atomic_imwrite, atomic_write
 from splits import changed_images_note, read_split, split_ids
 from image_files import decode_image, denormalize, resize_labels
@@ -235,7 +236,7 @@ class ImageWriter:
     ``borders/`` for the border channel), the overlay (unless ``overlays`` is False) and a row of scores.
 
     classes: the mask classes K (a channel after them is the learned border map); labels: {img_id: (label file,
-    image file)} of the images with instance labels (dataset.read_instance_labels), scored by each of ``methods``
+    image file)} of the images with instance labels (layouts.read_instance_labels), scored by each of ``methods``
     (instances.split_instances with ``filters``), the first one also in the row.
 
     The per-image work (instance separation, PNG encoding) runs in threads after every ``buffer_mb`` MB of
@@ -429,7 +430,7 @@ def by_class_line(scores):
 def training_diameter(name, cfg):
     """The median nucleus diameter (pixels) of run ``name``'s training images: the one its config.yml records, or
     for a run trained before train.py recorded it, measured now from the training ids of its split.csv in its
-    dataset (dataset.nucleus_diameter, as train.py measures it); 0.0 when neither can be had."""
+    dataset (layouts.nucleus_diameter, as train.py measures it); 0.0 when neither can be had."""
     if cfg.nucleus_diameter:
         return cfg.nucleus_diameter
     split, folder = os.path.join(saved_run_dir(name), "split.csv"), os.path.join(INPUTS_DIR, cfg.dataset)
@@ -442,7 +443,7 @@ def training_diameter(name, cfg):
 
 
 def size_hint(dataset_dir, ids, reading, trained):
-    """The line val.py adds when the nuclei of images ``ids`` (from their labels or masks: dataset.nucleus_diameter)
+    """The line val.py adds when the nuclei of images ``ids`` (from their labels or masks: layouts.nucleus_diameter)
     are far from the ``trained`` diameter of a crop-trained run (instances.auto_scale): their median diameter and
     the predict.py --scale that sizes them as in training. "" when they are close."""
     found = nucleus_diameter(dataset_dir, ids, reading["img_ext"], reading["mask_ext"])

@@ -244,7 +244,7 @@ def list_images(paths):
 
 
 def cellpose_companions(files):
-    """The files of a folder's image ``files`` that Cellpose keeps beside the image <id>_img or <id> (dataset.py's
+    """The files of a folder's image ``files`` that Cellpose keeps beside the image <id>_img or <id> (layouts.py's
     Cellpose layouts, and what Cellpose writes there: <id>_cp_masks, _cp_output, _outlines, _flows, _dP): label
     images, flows and pictures, which segmented as images would give nonsense nuclei under names like a label
     image's."""

@@ -4,7 +4,7 @@ colleague's label images.
     python score.py --pred predictions/ --truth mycells --suffix _instances    # predict.py --instances's nuclei
     python score.py --pred cellpose_out/ --truth mycells                        # <id>_cp_masks.png of Cellpose
 
---truth is a dataset of any layout the toolkit reads (dataset.find_layout; a name in inputs/ or a folder path);
+--truth is a dataset of any layout the toolkit reads (layouts.find_layout; a name in inputs/ or a folder path);
 its instance labels are the true nuclei. A dataset of binary masks alone has no true nuclei: it is scored by IoU
 and Dice only. --pred is a folder of label images (one integer per nucleus, 8/16/32-bit PNG or TIFF), each named
 like its image: ``<id>`` or ``<id>`` plus one of PRED_SUFFIXES (``--suffix`` picks one); a binary mask there is

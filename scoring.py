@@ -8,7 +8,7 @@ import shlex
 import numpy as np
 
 from config import INPUTS_DIR, dataset_folder
-from dataset import find_layout, list_ids, read_instance_labels
+from layouts import find_layout, list_ids, read_instance_labels
 from evaluation import interval_line
 from image_files import multi_object_ids, read_labels_or_components, read_mask
 from measurements import MOSTLY_FOREGROUND
@@ -24,7 +24,7 @@ COLUMNS = ["img_id", "iou", "dice", "dsb", "tp", "fp", "fn", "precision", "recal
 
 def truth_files(dataset, img_ext, mask_ext):
     """{id: (label file or None, binary mask path or None, image path)} of every image of dataset ``dataset`` (a
-    name in inputs/ or a path; dataset.list_ids checks its layout), and its folder. The mask is class 0's of the 'masks'
+    name in inputs/ or a path; layouts.list_ids checks its layout), and its folder. The mask is class 0's of the 'masks'
     layout, which val.py scores pixels by; label-image layouts derive their foreground from the labels."""
     folder = dataset_folder(dataset)
     if not os.path.isdir(folder):  # find_layout's message names train.py's --dataset
@@ -79,7 +79,7 @@ def pair_predictions(pred_dir, ids, suffix, suffixes):
 
 def score_image(img_id, pred_path, labels_path, mask_path, image_path):
     """One image's row of COLUMNS (the instance scores NaN without ``labels_path``, a label image or ImageJ ROIs drawn
-    at the size of ``image_path``: dataset.read_instance_labels), its pixel counts
+    at the size of ``image_path``: layouts.read_instance_labels), its pixel counts
     (intersection, union, predicted, true, all of the image's), whether the prediction was a binary mask, and how
     many ids of the truth mark several separate objects (image_files.multi_object_ids: the score takes each for one
     nucleus; 0 without instance labels)."""

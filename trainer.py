@@ -23,15 +23,15 @@ from checkpoints import (atomic_torch_save, load_init_weights, load_training_sta
 from config import (INPUTS_DIR, init_weights_path, is_bundled_name, output_channels, run_dir, run_lock_file,
                     save_run_config, schedule_note, unused_flags_note)
 from dataset import (AUGMENTATION_FLAGS, MODALITIES, Dataset, EpochSampler, WeightedDistributedSampler,
-                     balance_weights, eval_loader, evenly_spaced, find_layout, images_left_out, list_ids,
-                     mostly_foreground_note, multi_object_ids_note, nucleus_diameter, quiet_worker, reading_of,
-                     train_transform)
+                     balance_weights, eval_loader, evenly_spaced, mostly_foreground_note, multi_object_ids_note,
+                     quiet_worker, reading_of, train_transform)
 from device_data import BatchAugment, DeviceImages, DeviceLoader
 from engine import (NonFiniteLoss, Precision, choose_device, evaluate, fit_threads_to_cpus, recalibrate_batchnorm,
                     seed_everything, train_one_epoch)
 from files import atomic_write, interrupts_held, locked, remove_killed_writes
 from image_files import PAGES_AS_COLOURS, TIFF_EXTS, decode_image, pages_as_colours, tiff_header
 from inference import whole_image_network
+from layouts import find_layout, images_left_out, list_ids, nucleus_diameter
 from losses import build_loss
 from optim import build_optimizer, build_scheduler, cosine_parts, fused_update, step_scheduler
 from plot import plot_runs
@@ -294,7 +294,7 @@ class Trainer:
 
     def _measure_nucleus_diameter(self):
         """Set ``args.nucleus_diameter`` to the training images' median nucleus diameter (pixels, 2 decimals;
-        dataset.nucleus_diameter), with a note when their labels hold no nuclei (0: none recorded)."""
+        layouts.nucleus_diameter), with a note when their labels hold no nuclei (0: none recorded)."""
         args = self.args
         args.nucleus_diameter = round(nucleus_diameter(self.dataset_dir, self.ids("train"), args.img_ext,
                                                        args.mask_ext), 2)

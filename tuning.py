@@ -14,7 +14,7 @@ import numpy as np
 import yaml
 
 from config import SEPARATIONS, TUNED_FILE, TUNED_KEYS, choose_separation, object_filters, run_dir
-from dataset import read_instance_labels
+from layouts import read_instance_labels
 from evaluation import MIN_IMAGES_FOR_INTERVAL, SEPARATION_NAMES, bootstrap_interval
 from files import atomic_write
 from image_files import resize_labels

@@ -19,7 +19,7 @@ outputs/<name>/<class>/<id>.png (probability x 255, 8-bit PNG; runs trained with
 borders/<id>.png), scores.csv (one row per image, worst first, with its kind: fluorescence,
 stained or bright-field, see dataset.image_modality; for a run of several classes the IoU and Dice of each class
 after their means; with a ``dsb`` column, the DSB2018 instance score, when the dataset has instance labels (labels/,
-or a StarDist or Cellpose label-image layout, see dataset.find_layout): nuclei split by --separation, the other ways
+or a StarDist or Cellpose label-image layout, see layouts.find_layout): nuclei split by --separation, the other ways
 printed beside it), overlays/<id>.png (image | truth | prediction | errors; class 0's) and summary.png.
 
 With ``--tune`` it writes no outputs: it scores a grid of post-processings on the run's validation split (tuning.py)
@@ -126,13 +126,13 @@ def evaluate_into(args, out_dir):
     returns the choice of :func:`tune` instead."""
     # Heavy imports only now, so that --help and flag errors answer at once.
     from checkpoints import load_run, made_by
-    from dataset import (eval_loader, find_layout, images_left_out, mostly_foreground_note, multi_object_ids_note,
-                         reading_of)
+    from dataset import eval_loader, mostly_foreground_note, multi_object_ids_note, reading_of
     from engine import Precision, choose_device, evaluate, fit_threads_to_cpus
     from evaluation import (ImageWriter, changed_images, check_same_evaluation, evaluation_ids, evaluation_record,
                             model_epoch, separation_order, size_hint, summary, training_diameter,
                             write_evaluation_record)
     from inference import whole_image_network
+    from layouts import find_layout, images_left_out
     from losses import build_loss
 
     device = choose_device(args.device)

@@ -21,7 +21,8 @@ import numpy as np  # noqa: E402  (after the path set-up above)
 import pandas as pd  # noqa: E402
 from sklearn.model_selection import GroupShuffleSplit  # noqa: E402
 
-from dataset import image_modality, list_ids  # noqa: E402
+from dataset import image_modality  # noqa: E402
+from layouts import list_ids  # noqa: E402
 from files import atomic_write  # noqa: E402
 from image_files import decode_image  # noqa: E402
 from utils import ArgumentParser, UsageError, run_cli  # noqa: E402

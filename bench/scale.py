@@ -29,7 +29,8 @@ from tqdm import tqdm  # noqa: E402
 from checkpoints import load_run  # noqa: E402
 from config import (INPUTS_DIR, add_amp_arg, add_device_arg, load_run_config, post_processing,  # noqa: E402
                     saved_run_dir)
-from dataset import MODALITIES, image_modality, nucleus_diameter, reading_of  # noqa: E402
+from dataset import MODALITIES, image_modality, reading_of  # noqa: E402
+from layouts import nucleus_diameter  # noqa: E402
 from engine import choose_device  # noqa: E402
 from evaluation import evaluation_ids  # noqa: E402
 from image_files import NEAREST, decode_image, read_label_image  # noqa: E402

@@ -50,7 +50,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from archs import build_model  # noqa: E402
 from config import parse_train_args  # noqa: E402
-from dataset import list_ids  # noqa: E402
+from layouts import list_ids  # noqa: E402
 from engine import choose_device, seed_everything  # noqa: E402
 from files import interrupts_held  # noqa: E402
 from losses import build_loss, loss_over_heads  # noqa: E402

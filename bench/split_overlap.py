@@ -26,7 +26,7 @@ if ROOT not in sys.path:
 
 import numpy as np  # noqa: E402  (after the path set-up above)
 
-from dataset import find_layout  # noqa: E402
+from layouts import find_layout  # noqa: E402
 from evaluation import FIELD_PRINT_MATCH, field_print, same_field  # noqa: E402
 from image_files import decode_image  # noqa: E402
 from splits import read_split, split_ids  # noqa: E402

@@ -20,6 +20,7 @@ import torch
 import yaml
 
 import dataset
+import layouts
 import synthetic
 from archs import build_model
 from config import SKIPPED_IN_CONFIG, build_train_parser
@@ -213,7 +214,7 @@ def assert_same_targets(folder, labelled, ids):
         ours, theirs = (dataset.Dataset(ids, f, borders=borders, border_size=(32, 32)) for f in (folder, labelled))
         for i in range(len(ids)):
             assert np.array_equal(ours.load(i)[1], theirs.load(i)[1]) and ours.load(i)[1][..., 0].any()
-    assert dataset.nucleus_diameter(folder, ids) == dataset.nucleus_diameter(labelled, ids)
+    assert layouts.nucleus_diameter(folder, ids) == layouts.nucleus_diameter(labelled, ids)
 
 
 def train_argv(name, *extra, dataset=TINY_NAME, arch="UNet", epochs=2, batch=4):

@@ -1,4 +1,4 @@
-"""Tests for dataset.py: image/mask readers, layout checks with their error messages, the Dataset and its
+"""Tests for dataset.py and layouts.py: image/mask readers, layout checks with their error messages, the Dataset and its
 augmentation seeding."""
 import os
 import subprocess
@@ -20,10 +20,12 @@ from skimage.measure import regionprops
 import dataset
 from conftest import make_layout, make_synthetic, write_image
 from dataset import (MODALITIES, Dataset, WeightedDistributedSampler, balance_weights, eval_transform, image_modality,
-                     images_left_out, list_ids, nucleus_diameter, train_transform)
+                     train_transform)
 import image_files
+import layouts
 from image_files import NORM_MEAN, NORM_STD, decode_image, image_to_float, read_label_image, read_labels, read_mask
 from instances import touching_borders
+from layouts import images_left_out, list_ids, nucleus_diameter
 from utils import DataError, UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -1094,7 +1096,7 @@ def test_nucleus_diameter_shows_a_bar_for_many_samples(tmp_path, monkeypatch):
     start of a crop run's training): from 200 samples on, a bar shows it."""
     ids = make_synthetic(tmp_path)
     bars = []
-    monkeypatch.setattr(dataset, "progress_bar", lambda items, **kwargs: bars.append(kwargs) or items)
+    monkeypatch.setattr(layouts, "progress_bar", lambda items, **kwargs: bars.append(kwargs) or items)
     for many in (False, True):
         nucleus_diameter(str(tmp_path / "inputs" / "tiny"), ids * (20 if many else 1))
     assert [(bar["desc"], bar["disable"]) for bar in bars] == [("nucleus sizes", True), ("nucleus sizes", False)]

@@ -13,7 +13,7 @@ import yaml
 from matplotlib.path import Path
 from scipy import ndimage as ndi
 
-import dataset
+import layouts
 import predict
 import synthetic
 from conftest import TINY_NAME, TINY_SIZE, assert_same_targets, make_synthetic
@@ -380,7 +380,7 @@ def test_a_dataset_of_geojson_files_reads_as_its_label_images(tmp_path, capsys, 
     for img_id in ids if upper else []:
         os.rename(os.path.join(folder, "geojson", img_id + ".geojson"),
                   os.path.join(folder, "geojson", img_id + ".GEOJSON"))
-    assert dataset.find_layout(folder).kind == "geojson" and dataset.list_ids(folder) == ids
+    assert layouts.find_layout(folder).kind == "geojson" and layouts.list_ids(folder) == ids
     assert capsys.readouterr().out == ""
     assert_same_targets(folder, labelled, ids)
 
@@ -391,34 +391,34 @@ def test_a_dataset_of_geojson_files_names_what_is_wrong(tmp_path, capsys):
     write_json(tmp_path / "x", [{"type": "Feature", "geometry": {"type": "LineString", "coordinates": [[1, 1], [3, 3]]},
                                  "properties": {}}])
     shutil.copy(tmp_path / "x", os.path.join(objects, ids[0] + ".geojson"))
-    dataset.list_ids(folder)  # objects of no area: an image without nuclei, with a note
+    layouts.list_ids(folder)  # objects of no area: an image without nuclei, with a note
     assert capsys.readouterr().out == (f"note: {objects}/{ids[0]}.geojson: 1 object is no area (a point or a line) "
                                        "and left out\n")
     os.rename(os.path.join(objects, ids[0] + ".geojson"), os.path.join(objects, ids[0] + ".png.geojson"))
     with pytest.raises(DataError, match=rf"1 image without GeoJSON objects in {objects}: {ids[0]}; give each image its "
                                         r".geojson file, exported from QuPath as <id>.geojson \(File > Export"):
-        dataset.list_ids(folder)
+        layouts.list_ids(folder)
     shutil.copy(tmp_path / "x", os.path.join(objects, ids[0] + ".geojson"))
     with pytest.raises(DataError, match=f"1 GeoJSON file without an image in {objects}: {ids[0]}.png.geojson; name "
                                         "each as its image, <id>.geojson"):
-        dataset.list_ids(folder)
+        layouts.list_ids(folder)
     os.remove(os.path.join(objects, ids[0] + ".png.geojson"))
     (tmp_path / "x").write_text("not json")
     shutil.copy(tmp_path / "x", os.path.join(objects, ids[1] + ".geojson"))
     with pytest.raises(DataError, match=f"cannot read GeoJSON objects {objects}/{ids[1]}.geojson: not JSON"):
-        dataset.list_ids(folder)
+        layouts.list_ids(folder)
     os.makedirs(os.path.join(folder, "rois"))
     with pytest.raises(DataError, match=f"{folder} holds both ImageJ ROIs \\(rois/\\) and geojson/: give each image "
                                         "one kind of annotation"):
-        dataset.list_ids(folder)
+        layouts.list_ids(folder)
     os.rmdir(os.path.join(folder, "rois"))
     os.makedirs(os.path.join(folder, "labels"))
     with pytest.raises(DataError, match=f"{folder} holds both GeoJSON objects \\(geojson/\\) and labels/"):
-        dataset.list_ids(folder)
+        layouts.list_ids(folder)
     os.rename(os.path.join(folder, "labels"), os.path.join(folder, "masks"))
     cv2.imwrite(os.path.join(folder, "masks", ids[0] + ".png"), np.zeros((4, 4), np.uint8))
     for annotations in ("geojson", "rois"):  # label images directly in masks/: once read in place of the objects
         os.rename(os.path.join(folder, "geojson"), os.path.join(folder, annotations))
         with pytest.raises(DataError, match=f"{folder} holds both .* \\({annotations}/\\) and masks/: give each "):
-            dataset.list_ids(folder)
+            layouts.list_ids(folder)
         os.rename(os.path.join(folder, annotations), os.path.join(folder, "geojson"))

@@ -49,7 +49,7 @@ import utils
 import val
 from archs import build_model
 from conftest import ROOT, held_by_another_process, write_cgroups
-from dataset import nucleus_diameter
+from layouts import nucleus_diameter
 from splits import read_split, split_ids
 from image_files import decode_image, image_to_float
 from instances import link_planes, split_instances

@@ -14,7 +14,7 @@ from scipy import ndimage as ndi
 from skimage.measure import label as connected
 from skimage.segmentation import relabel_sequential
 
-import dataset
+import layouts
 import rois
 from conftest import TINY_NAME, TINY_NUM, TINY_SIZE, assert_same_targets, make_synthetic, train_argv, write_image
 from geojson_objects import features_file, nucleus_features
@@ -392,7 +392,7 @@ def test_a_dataset_of_roi_sets_reads_as_its_label_images(tmp_path, capsys, upper
             img_id = next(i for i in ids if name.startswith(i))
             os.rename(os.path.join(folder, "rois", name),
                       os.path.join(folder, "rois", img_id + name[len(img_id):].upper()))
-    assert dataset.find_layout(folder).kind == "rois" and dataset.list_ids(folder) == ids
+    assert layouts.find_layout(folder).kind == "rois" and layouts.list_ids(folder) == ids
     assert capsys.readouterr().out == ""
     assert_same_targets(folder, labelled, ids)
 
@@ -403,28 +403,28 @@ def test_a_dataset_of_roi_sets_names_what_is_wrong(tmp_path, capsys):
     save_rois(os.path.join(rois_dir, ids[0] + ".zip"), [ImagejRoi(roitype=ROI_TYPE.LINE, x2=3, y2=3)])
     with pytest.raises(DataError, match=f"image {ids[0]} has 2 ROI files in {rois_dir}: {ids[0]}.zip, "
                                         f"{ids[0]}_rois.zip; keep one"):
-        dataset.list_ids(folder)
+        layouts.list_ids(folder)
     os.remove(os.path.join(rois_dir, ids[0] + "_rois.zip"))
-    dataset.list_ids(folder)  # a ROI set of no area ROI is an image without nuclei, with a note
+    layouts.list_ids(folder)  # a ROI set of no area ROI is an image without nuclei, with a note
     assert capsys.readouterr().out == (f"note: {rois_dir}/{ids[0]}.zip: 1 ROI is no area (a line, point, angle or "
                                        "text) and left out\n")
     os.remove(os.path.join(rois_dir, ids[0] + ".zip"))
     with pytest.raises(DataError, match=f"1 image without ImageJ ROIs in {rois_dir}: {ids[0]}; give each image its "
                                         "ROI set, saved from Fiji's ROI Manager as <id>.zip"):
-        dataset.list_ids(folder)
+        layouts.list_ids(folder)
     save_rois(os.path.join(rois_dir, ids[0] + ".zip"), [])
     save_rois(os.path.join(rois_dir, "stray_rois.zip"), [])
     with pytest.raises(DataError, match=f"1 ROI file without an image in {rois_dir}: stray_rois.zip; name each"):
-        dataset.list_ids(folder)
+        layouts.list_ids(folder)
     os.remove(os.path.join(rois_dir, "stray_rois.zip"))
     (tmp_path / "damaged.zip").write_bytes(b"no zip")
     shutil.copy(tmp_path / "damaged.zip", os.path.join(rois_dir, ids[1] + "_rois.zip"))
     with pytest.raises(DataError, match=f"cannot read ImageJ ROIs {rois_dir}/{ids[1]}_rois.zip: not a readable"):
-        dataset.list_ids(folder)
+        layouts.list_ids(folder)
     os.makedirs(os.path.join(folder, "labels"))
     with pytest.raises(DataError, match=f"{folder} holds both ImageJ ROIs \\(rois/\\) and labels/: give each image "
                                         "one kind of annotation"):
-        dataset.list_ids(folder)
+        layouts.list_ids(folder)
 
 
 def test_a_roi_set_saved_under_another_name_is_named_with_the_image_it_lacks(tmp_path):
@@ -438,7 +438,7 @@ def test_a_roi_set_saved_under_another_name_is_named_with_the_image_it_lacks(tmp
         current = stray
         with pytest.raises(DataError, match=f"1 image without ImageJ ROIs in {rois_dir}: {ids[0]}; .*; found "
                                             rf"{re.escape(stray)}, named as no image"):
-            dataset.list_ids(folder)
+            layouts.list_ids(folder)
 
 
 def test_train_and_val_on_roi_sets_with_borders_score_the_dsb2018_score(tmp_path, monkeypatch):
