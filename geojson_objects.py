@@ -243,17 +243,37 @@ def geojson_labels(path, shape):
     features = read_features(path)
     kinds = [feature_kind(feature) for feature in features]
     detected = bool(set(kinds) & set(NUCLEI))
-    nuclei = [(n, f) for n, (f, kind) in enumerate(zip(features, kinds), start=1)
-              if kind in (NUCLEI if detected else ("annotation",))]
+    wanted = NUCLEI if detected else ("annotation",)
+    nuclei = [(n, f) for n, (f, kind) in enumerate(zip(features, kinds), start=1) if kind in wanted]
+    check_first_plane(path, nuclei)
+    drawn, not_areas, empty = nucleus_pixels(path, nuclei, shape)
+    # annotations read as nuclei: one around others is a region drawn around them (QuPath's regions and nuclei are
+    # both annotations), read as one nucleus it would cover them or their background
+    regions = [] if detected else enclosing([(pixels, box) for _, _, pixels, box in drawn])
+    labels, twice = numbered_nuclei(path, drawn, regions, shape)
+    return labels, left_out_notes(path, detected, [drawn[index][:2] for index in regions],
+                                  [kind for kind in kinds if kind not in wanted], not_areas, empty, twice)
+
+
+def check_first_plane(path, nuclei):
+    """A DataError naming ``path`` when any of its ``nuclei`` = [(number in the file, Feature)] lies on a stack plane
+    past the first (QuPath's "plane" member): training reads 2D images."""
     stacked = [(n, f) for n, f in nuclei if plane_of(geometry_of(f)) != (0, 0)]
     if stacked:
         (number, feature), (z, t) = stacked[0], plane_of(geometry_of(stacked[0][1]))
         raise DataError(f"GeoJSON objects {path}: {len(stacked)} of {len(nuclei)} nuclei are on a stack plane past "
                         f"the first (e.g. {feature_name(feature, number)}: z {z}, t {t}); training reads 2D images: "
                         "export the objects of a 2D image")
-    labels, twice = np.zeros(shape, np.uint16), np.zeros(shape, bool)
-    value = not_areas = empty = 0
-    drawn = []  # (number, feature, pixels, box) of each nucleus that encloses pixels
+
+
+def nucleus_pixels(path, nuclei, shape):
+    """The pixels of an image of ``shape`` (H, W) whose centres each of the ``nuclei`` = [(number in the file,
+    Feature)] of ``path`` encloses (rois.fill_rings, even-odd). Returns (drawn, not_areas, empty): drawn [(number,
+    Feature, pixels bool [h, w], box: the (rows, cols) slices of the image they cover)] of each nucleus that encloses
+    a pixel centre, in the order of ``nuclei``; how many are no area (points, lines) and how many enclose no pixel
+    centre. Coordinates that are not (x, y) numbers, or that reach outside the image, are a DataError naming the
+    file and the object."""
+    drawn, not_areas, empty = [], 0, 0
     for number, feature in nuclei:
         try:
             rings = area_rings(geometry_of(feature))
@@ -274,9 +294,15 @@ def geojson_labels(path, shape):
             empty += 1
             continue
         drawn.append((number, feature, *found))
-    # annotations read as nuclei: one around others is a region drawn around them (QuPath's regions and nuclei are
-    # both annotations), read as one nucleus it would cover them or their background
-    regions = [] if detected else enclosing([(pixels, box) for _, _, pixels, box in drawn])
+    return drawn, not_areas, empty
+
+
+def numbered_nuclei(path, drawn, regions, shape):
+    """The instance labels uint16 [H, W] of ``shape``: the nuclei ``drawn`` (:func:`nucleus_pixels`) numbered 1..N in
+    their order, less those at the indices ``regions``, a later one over an earlier one where they overlap; and how
+    many pixels lie in two of them or more. More than 65,535 nuclei are a DataError naming ``path``."""
+    labels, twice = np.zeros(shape, np.uint16), np.zeros(shape, bool)
+    value = 0
     left_out = set(regions)  # a set: thousands of cells drawn around their nuclei made the list test quadratic
     for index, (number, feature, pixels, box) in enumerate(drawn):
         if index in left_out:
@@ -287,27 +313,34 @@ def geojson_labels(path, shape):
         value += 1
         twice[box] |= pixels & (labels[box] > 0)
         labels[box][pixels] = value
+    return labels, int(twice.sum())
+
+
+def left_out_notes(path, detected, regions, others, not_areas, empty, twice):
+    """The notes of :func:`geojson_labels` on ``path`` (one-line strings, [] for none): the ``regions`` [(number in
+    the file, Feature)] of annotations that enclose others wholly, left out; the kinds ``others`` of each object of
+    another kind than the nuclei (its detections and cells when ``detected``, else its annotations); how many
+    objects are ``not_areas`` (points, lines) or ``empty`` (enclosing no pixel centre); how many pixels lie in
+    ``twice`` two objects or more."""
     notes = []
     if regions:
-        number, feature = drawn[regions[0]][:2]
+        number, feature = regions[0]
         notes.append(f"note: {path}: {len(regions)} annotation{'s enclose' if len(regions) > 1 else ' encloses'} "
                      f"other annotations wholly (e.g. {feature_name(feature, number)}): read as "
                      f"{'regions' if len(regions) > 1 else 'a region'} drawn around nuclei, not as nuclei, and left "
                      "out")
-    others = sorted({kind for kind in kinds if kind not in (NUCLEI if detected else ("annotation",))})
     if others:
-        n, kind = len(features) - len(nuclei), "another kind" if len(others) == 1 else "other kinds"
+        n, kind = len(others), "another kind" if len(set(others)) == 1 else "other kinds"
         notes.append(f"note: {path}: {n} object{'s' * (n > 1)} of {kind} "
                      f"than the nuclei ({'detections and cells' if detected else 'annotations'}) left out: "
-                     f"{', '.join(others)}")
+                     f"{', '.join(sorted(set(others)))}")
     if not_areas:
         notes.append(f"note: {path}: {not_areas} object{'s are' if not_areas > 1 else ' is'} no area (a point or a "
                      "line) and left out")
     if empty:
         notes.append(f"note: {path}: {empty} object{'s enclose' if empty > 1 else ' encloses'} no pixel's centre and "
                      "left out")
-    if twice.any():
-        n = int(twice.sum())
-        notes.append(f"note: {path}: {n} pixel{'s lie' if n > 1 else ' lies'} in two objects or more; each goes to "
-                     "the later object in the file")
-    return labels, notes
+    if twice:
+        notes.append(f"note: {path}: {twice} pixel{'s lie' if twice > 1 else ' lies'} in two objects or more; each "
+                     "goes to the later object in the file")
+    return notes
