@@ -60,7 +60,7 @@ import re
 import shlex
 import sys
 import time
-from contextlib import ExitStack, nullcontext, suppress
+from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from datetime import datetime, timezone
 from functools import partial
 
@@ -826,19 +826,157 @@ def left_out_error(left_out, total, out_dir):
                      (f"; and {len(left_out) - 5} more" if len(left_out) > 5 else ""))
 
 
-def main(argv):
-    args = build_parser().parse_args(argv)
-    check_args(args)
-    check_object_filters(args.min_size, args.min_confidence)  # before the heavy imports
+# ------------------------------------------------------------------------------------------- the steps of main
+
+def read_inputs(args):
+    """The images of --input (:func:`list_images`), their :func:`tiff_headers` (--pixel_size, when given, in place of
+    each file's own calibration) and output ids (:func:`image_ids`), after printing the notes on how some will be read
+    (:func:`tiff_notes`, :func:`pixel_size_warnings`, :func:`stitch_notes`). Returns (files, headers, ids), three
+    lists in the order of the files; raises the DataError or UsageError of those functions."""
     files = list_images(args.input)
     headers = tiff_headers(files)
     if args.pixel_size is not None:  # the flag's size replaces each file's own, and what kept it from one
         headers = [header._replace(pixel_size=args.pixel_size, pixel_size_problem="") for header in headers]
-    stacks = [header.plane_axes for header in headers]
-    ids = image_ids(files, args.output, stacks)
+    ids = image_ids(files, args.output, [header.plane_axes for header in headers])
     for note in tiff_notes(files, headers, args.channel) + pixel_size_warnings(files, headers) + \
             stitch_notes(files, headers, args.stitch_z):
         print(note)
+    return files, headers, ids
+
+
+def auto_scale_diameter(name, cfg, measure):
+    """--scale auto: the training nucleus diameter (pixels) of run ``name`` that the images' nuclei are sized to, as
+    its config ``cfg`` records it; a run that records none (0: trained before train.py recorded it) gets it from
+    ``measure(name, cfg)`` (evaluation.training_diameter, passed in as it imports torch), with a note. A recorded
+    value that is no diameter (NaN, negative), or none recorded nor measured, is a UsageError naming the fix."""
+    if not cfg.nucleus_diameter >= 0:  # NaN or negative: no image's nuclei would ever be far from it
+        raise UsageError(f"--scale auto: run {name}'s config.yml holds nucleus_diameter {cfg.nucleus_diameter}, "
+                         "not a diameter in pixels; give the diameter there (0: measured from its training images), "
+                         "or give --scale FACTOR")
+    if cfg.nucleus_diameter:
+        return cfg.nucleus_diameter
+    diameter = measure(name, cfg)
+    if not diameter:
+        raise UsageError(f"--scale auto: run {name} records no training nucleus diameter (trained before "
+                         "train.py recorded it, or its training labels held no nuclei) and its training images are "
+                         "not there to measure it; give --scale FACTOR, or the diameter in its config.yml as "
+                         "nucleus_diameter")
+    print(f"note: run {name} records no training nucleus diameter; measured now from its training "
+          f"images: {diameter:.1f} px")
+    return diameter
+
+
+def resume_match(args, cfg, hashes, settings):
+    """What an image's record of being finished must match for --resume to keep it (JSON-ready): the run, the
+    ``hashes`` of its weights, config and toolkit (checkpoints.made_by) and the :func:`output_settings`
+    ``settings``; windows sized from the memory budget as the flags asked (the budget is another on the node a
+    requeued job lands on, and the windows already differ from image to image with it)."""
+    return json_ready({"run": args.name, **hashes, **settings,
+                       **({"tile": 0, "overlap": args.overlap} if not args.tile and cfg.crop_size else {})})
+
+
+def outputs_by_image(written, files, ids):
+    """{image id: the names of its output files}, from ``written`` (:func:`output_files`, {name: input file}) and
+    the input ``files`` with their ``ids``."""
+    source_id = dict(zip(files, ids))
+    outputs = {img_id: [] for img_id in ids}
+    for name, source in written.items():
+        outputs[source_id[source]].append(name)
+    return outputs
+
+
+def output_lock(args):
+    """The context that holds --output while this prediction writes it: one predict.py --instances at a time writes
+    a folder, as objects.csv and images.csv would hold the rows of the one that ended last. Without --instances,
+    none: jobs that share a folder (an array job's shards of one image set) write their images' own files. The lock
+    file is hidden, as --input skips it. Entering it raises a UsageError while another process holds it."""
+    return written_alone(args.output, "--output", os.path.join(args.output, ".predict.lock")) if args.instances \
+        else nullcontext()
+
+
+def images_to_predict(args, ids, sources, outputs, recorded):
+    """Which of the images ``ids`` this prediction into --output predicts, and what it keeps of a prediction that
+    stopped there: with --resume the images it finished (finished_images.read_finished of ``sources``, {id: input
+    file}, ``outputs``, {id: its output names}, and their record ``recorded``, :func:`resume_match`); without it none,
+    with a note when that prediction had finished some. The records of the images predicted now are removed.
+    Returns (todo, the indices into ``ids`` to predict; finished, {id: (its image rows, its objects table or None)};
+    the note on the resume to print at the end, '' without --resume)."""
+    if args.resume:
+        was_recorded = finished_count(args.output, ids)
+        finished = read_finished(args.output, sources, outputs, recorded)
+    else:
+        forgotten = finished_count(args.output, ids)
+        if forgotten:
+            print(f"note: a prediction that stopped in {os.path.join(args.output, '')} had finished {forgotten} "
+                  "of these images; this one predicts them all again (--resume would have gone on with it)")
+        finished = {}
+    todo = [i for i, img_id in enumerate(ids) if img_id not in finished]
+    # the records of the images predicted now go (with --resume: an input changed since, an output gone), so
+    # that one stopped again counts as finished only those it then has
+    forget_finished(args.output, [ids[i] for i in todo])
+    resumed = resumed_note(len(finished), was_recorded, len(ids), args.output) if args.resume else ""
+    return todo, finished, resumed
+
+
+def remove_stale_files(out_dir):
+    """Remove from ``out_dir`` what would mislead before a prediction writes it: the temporary files of writes that
+    a kill cut short (files.remove_killed_writes) and an earlier prediction's prediction.yml."""
+    remove_killed_writes(out_dir)
+    with suppress(FileNotFoundError):  # an earlier prediction's would pass for a stopped one's mixed files
+        os.remove(os.path.join(out_dir, PREDICTION_FILE))
+
+
+@contextmanager
+def noted_when_stopped(out_dir, ids, held_earlier):
+    """The block that predicts the images ``ids`` into ``out_dir``: on Ctrl-C, prints :func:`stopped_note` (what the
+    folder now holds, and that --resume goes on) to stderr before the KeyboardInterrupt goes on."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        stopped = stopped_note(out_dir, ids, held_earlier)
+        if stopped:
+            print(stopped, file=sys.stderr)
+        raise
+
+
+def write_results(args, ids, rows, objects, record):
+    """The files written into --output once the images ``ids`` are predicted: with --instances objects.csv and
+    images.csv (the image ``rows`` and the ``objects`` table; measurements.write_tables), then ``record``
+    (:func:`prediction_record`) as prediction.yml. Returns the note on the images of an earlier prediction whose
+    rows the replaced tables held (:func:`replaced_rows_note`, read before they are replaced), '' for none."""
+    replaced_rows = ""
+    if args.instances:
+        replaced_rows = replaced_rows_note(args.output, ids, TABLES)
+        write_tables(args.output, rows, objects)
+    with atomic_write(os.path.join(args.output, PREDICTION_FILE)) as f:
+        yaml.safe_dump(record, f, sort_keys=False, allow_unicode=True,
+                       width=math.inf)  # the command on one line, to copy
+    return replaced_rows
+
+
+def closing_notes(args, files, ids, written, rows, objects, resumed, replaced_rows):
+    """The notes printed after the summary line, in their order ('' for each that has nothing to say): ``resumed``
+    (:func:`images_to_predict`'s), masks that are mostly foreground (:func:`predicted_foreground_note`), files of an
+    earlier prediction in --output that this one did not write (:func:`earlier_outputs_note`; ``written``, {output
+    name: input file}, of the images predicted, those of the image ``rows``), ``replaced_rows``
+    (:func:`write_results`'), and with --instances image ids that pandas reads as other values
+    (:func:`pandas_ids_note`; ``objects``, the objects table)."""
+    source_id = dict(zip(files, ids))
+    predicted = {row.image for row in rows}  # a file left out now wrote nothing: its earlier outputs are named
+    return [resumed, predicted_foreground_note(rows, files, ids),
+            earlier_outputs_note(args, files, ids, {n: f for n, f in written.items() if source_id[f] in predicted}),
+            replaced_rows,
+            pandas_ids_note([list(dict.fromkeys(row.image for row in rows)), objects["image"].unique()])
+            if args.instances else ""]
+
+
+def main(argv):
+    """predict.py with the command-line flags ``argv``: prints the notes and the summary line; returns {"images",
+    "planes", "seconds", "scales": each plane's}. A file left out is a DataError at the end (exit code 1)."""
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    check_object_filters(args.min_size, args.min_confidence)  # before the heavy imports
+    files, headers, ids = read_inputs(args)
     # Heavy imports only now, so that --help and flag errors answer at once.
     import torch
 
@@ -855,22 +993,11 @@ def main(argv):
     weights, epoch = (saved_run_dir(args.name), made_by(args.name)), model_epoch(args.name)
     check_flags_for_run(args, cfg)
     auto = args.scale == "auto"
-    if auto and not cfg.nucleus_diameter >= 0:  # NaN or negative: no image's nuclei would ever be far from it
-        raise UsageError(f"--scale auto: run {args.name}'s config.yml holds nucleus_diameter {cfg.nucleus_diameter}, "
-                         "not a diameter in pixels; give the diameter there (0: measured from its training images), "
-                         "or give --scale FACTOR")
-    if auto and not cfg.nucleus_diameter:  # a run trained before train.py recorded it
-        cfg.nucleus_diameter = training_diameter(args.name, cfg)
-        if cfg.nucleus_diameter:
-            print(f"note: run {args.name} records no training nucleus diameter; measured now from its training "
-                  f"images: {cfg.nucleus_diameter:.1f} px")
-    if auto and not cfg.nucleus_diameter:
-        raise UsageError(f"--scale auto: run {args.name} records no training nucleus diameter (trained before "
-                         "train.py recorded it, or its training labels held no nuclei) and its training images are "
-                         "not there to measure it; give --scale FACTOR, or the diameter in its config.yml as "
-                         "nucleus_diameter")
-    written = output_files(files, ids, stacks, output_suffixes(cfg.num_classes, args.save_prob, args.instances,
-                                                               args.overlay, args.rois, args.geojson))
+    if auto:
+        cfg.nucleus_diameter = auto_scale_diameter(args.name, cfg, training_diameter)
+    written = output_files(files, ids, [header.plane_axes for header in headers],
+                           output_suffixes(cfg.num_classes, args.save_prob, args.instances, args.overlay, args.rois,
+                                           args.geojson))
     post = post_processing(args.name, cfg, args.separation, args.min_size, args.min_confidence)
     if post.note:
         print(post.note)
@@ -878,76 +1005,35 @@ def main(argv):
     predictor = Predictor(model, cfg, device, args.tile or None, args.overlap, args.batch_size, args.prune, args.tta,
                           args.amp, 1.0 if auto else args.scale)
     settings = output_settings(args, cfg, predictor, epoch, separation, filters)
-    # what an image's record of being finished must match for --resume to keep it: the weights, config and toolkit
-    # too; windows sized from the memory budget as the flags asked (the budget is another on the node a requeued job
-    # lands on, and the windows already differ from image to image with it)
-    recorded = json_ready({"run": args.name, **weights[1], **settings,
-                           **({"tile": 0, "overlap": args.overlap} if not args.tile and cfg.crop_size else {})})
-    source_id, sources = dict(zip(files, ids)), dict(zip(ids, files))
-    outputs = {img_id: [] for img_id in ids}
-    for name, source in written.items():
-        outputs[source_id[source]].append(name)
-    # One predict.py --instances at a time writes a folder: objects.csv and images.csv would hold the rows of the one
-    # that ended last. Without it, jobs that share a folder (an array job's shards of one image set) write their
-    # images' own files. The lock file is hidden, as --input skips it.
+    recorded = resume_match(args, cfg, weights[1], settings)
+    sources = dict(zip(ids, files))
     os.makedirs(args.output, exist_ok=True)
-    alone = written_alone(args.output, "--output", os.path.join(args.output, ".predict.lock")) if args.instances \
-        else nullcontext()
-    with alone:
-        remove_killed_writes(args.output)
-        record = os.path.join(args.output, PREDICTION_FILE)
-        with suppress(FileNotFoundError):  # an earlier prediction's would pass for a stopped one's mixed files
-            os.remove(record)
-        if args.resume:
-            was_recorded = finished_count(args.output, ids)
-            finished = read_finished(args.output, sources, outputs, recorded)
-        else:
-            forgotten = finished_count(args.output, ids)
-            if forgotten:
-                print(f"note: a prediction that stopped in {os.path.join(args.output, '')} had finished {forgotten} "
-                      "of these images; this one predicts them all again (--resume would have gone on with it)")
-            finished = {}
-        todo = [i for i, img_id in enumerate(ids) if img_id not in finished]
-        # the records of the images predicted now go (with --resume: an input changed since, an output gone), so
-        # that one stopped again counts as finished only those it then has
-        forget_finished(args.output, [ids[i] for i in todo])
+    with output_lock(args):
+        remove_stale_files(args.output)
+        todo, finished, resumed = images_to_predict(args, ids, sources, outputs_by_image(written, files, ids),
+                                                    recorded)
         # the tables, or files of an image not finished by a stopped prediction (also with --resume: a folder of an
         # earlier prediction, its inputs changed since), are an earlier prediction's that one stopped now mixes in
         held_earlier = holds_outputs(args.output, [ids[i] for i in todo])
         started = time.time()
-        try:
+        with noted_when_stopped(args.output, ids, held_earlier):
             rows, objects, left_out = predict_all(
                 predictor, [files[i] for i in todo], [ids[i] for i in todo], [headers[i] for i in todo], args.output,
                 cfg.num_classes, args.threshold, args.save_prob, separation if args.instances else None, filters,
                 args.overlay, args.channel, (cfg.nucleus_diameter, separation) if auto else None, args.rois,
                 args.stitch_z, args.geojson, partial(record_finished, args.output, recorded, sources))
-        except KeyboardInterrupt:
-            stopped = stopped_note(args.output, ids, held_earlier)
-            if stopped:
-                print(stopped, file=sys.stderr)
-            raise
         rows, objects = with_finished(rows, objects, finished, ids)
         if not rows:
             raise nothing_predicted_error(left_out, len(files))
-        replaced_rows = ""
-        if args.instances:
-            replaced_rows = replaced_rows_note(args.output, ids, TABLES)
-            write_tables(args.output, rows, objects)
-        with atomic_write(record) as f:
-            yaml.safe_dump(prediction_record(args, argv, settings, platform, weights, rows, left_out, len(finished)),
-                           f, sort_keys=False, allow_unicode=True, width=math.inf)  # the command on one line, to copy
+        replaced_rows = write_results(args, ids, rows, objects, prediction_record(
+            args, argv, settings, platform, weights, rows, left_out, len(finished)))
         forget_finished(args.output, ids)
-        predicted = {row.image for row in rows}  # a file left out now wrote nothing: its earlier outputs are named
-        notes = [resumed_note(len(finished), was_recorded, len(files), args.output) if args.resume else "",
-                 predicted_foreground_note(rows, files, ids),
-                 earlier_outputs_note(args, files, ids, {n: f for n, f in written.items()
-                                                         if source_id[f] in predicted}), replaced_rows,
-                 pandas_ids_note([list(dict.fromkeys(row.image for row in rows)), objects["image"].unique()])
-                 if args.instances else ""]
+        notes = closing_notes(args, files, ids, written, rows, objects, resumed, replaced_rows)
     seconds = time.time() - started
     print(summary_line(args, cfg, predictor, device, len(files) - len(left_out), rows, seconds, objects, post.label(),
                        filters))
     if args.stitch_z is not None:
+        predicted = {row.image for row in rows}
         print(stitched_line(args.stitch_z, [i for i, header in zip(ids, headers) if plane_grid(header, 1)[1] > 1
                                             and i in predicted], objects))
     for note in notes:
