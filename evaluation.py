@@ -1,6 +1,6 @@
 """What val.py scores and writes for each image a run evaluates: probability PNGs, per-image IoU/Dice with the
 image's kind, DSB2018 instance scores where instance labels exist, overlays; then scores.csv, summary.png and the
-printed summary.
+printed summary; and val.py's steps that read the images to score and write what they scored.
 
 Scores are those of engine.evaluate (one step function for every loop); this module only turns each batch into
 files and table rows.
@@ -14,9 +14,9 @@ import pandas as pd
 import yaml
 
 from config import INPUTS_DIR, dataset_folder, saved_run_dir
-from dataset import MODALITIES
-from layouts import find_layout, list_ids, nucleus_diameter, read_instance_labels
-from files import atomic_imwrite, atomic_write
+from dataset import MODALITIES, eval_loader, mostly_foreground_note, multi_object_ids_note
+from layouts import find_layout, images_left_out, list_ids, nucleus_diameter, read_instance_labels
+from files import atomic_imwrite, atomic_write, folder_replaced_when_done
 from splits import changed_images_note, read_split, split_ids
 from image_files import decode_image, denormalize, resize_labels
 from inference import host_probabilities
@@ -452,3 +452,95 @@ def size_hint(dataset_dir, ids, reading, trained):
         return ""
     return (f"  nuclei here are {found:.0f} px across (median), the run learned {trained:.0f} px: predict.py "
             f"--scale {scale:.2g} (or --scale auto) sizes them as in training")
+
+
+# ------------------------------------------------------------------------------------- val.py's steps
+
+def scored_images(args, cfg, reading, out_dir):
+    """The images that run ``args.name`` (config ``cfg``) is scored on (:func:`evaluation_ids`: its --split, or
+    every image of --dataset, read as ``reading``, dataset.reading_of's), after printing the notes on them: the files
+    of --dataset left out (layouts.images_left_out), the images that are not the files the run's split.csv recorded
+    (:func:`changed_images`). Returns (dataset_dir, ids, part: the words that name them, trained: the ids of the
+    run's training images among them, layout: layouts.find_layout's, record: :func:`evaluation_record`'s). Raises
+    a UsageError when the default ``out_dir`` holds another evaluation (:func:`check_same_evaluation`), and the
+    DataErrors of those functions."""
+    dataset_dir, ids, part, trained = evaluation_ids(args.name, args.split, args.dataset, cfg, reading)
+    left_out = images_left_out(dataset_dir, reading["img_ext"]) if args.dataset is not None else ""
+    if left_out:
+        print(left_out)
+    record = evaluation_record(args.name, args.split, args.dataset, dataset_dir)
+    if not (args.output or args.tune):
+        check_same_evaluation(out_dir, record)
+    layout = find_layout(dataset_dir, reading["img_ext"], reading["mask_ext"])
+    changed = changed_images(args.name, cfg, dataset_dir, ids, layout,
+                             None if args.dataset is not None else args.split or "val")
+    if changed:
+        print(changed)
+    return dataset_dir, ids, part, trained, layout, record
+
+
+def instance_labels(args, cfg, ids, layout, dataset_dir, reading):
+    """The instance labels of the images ``ids`` of ``dataset_dir`` ({id: (labels path, image path)}, from
+    ``layout``, layouts.find_layout's), which the DSB2018 score and a --borders run's border target need. A --borders
+    run (``cfg``) with images without labels scores the masks alone, for every image, with a note: then {} and
+    ``reading`` (dataset.reading_of's) without borders. --tune needs labels for every image: a DataError otherwise.
+    Returns (labels, reading)."""
+    labels = {i: (path, layout.image(i)) for i, path in zip(ids, map(layout.labels, ids)) if path is not None}
+    if args.tune and len(labels) < len(ids):
+        missing = [i for i in ids if i not in labels]
+        raise DataError(f"--tune scores the DSB2018 score of the nuclei, which needs instance labels, and "
+                        f"{len(missing)} of the {len(ids)} validation images of {args.name} have none in "
+                        f"{dataset_dir} (e.g. {missing[0]}): give the dataset labels/ (or label images), then tune")
+    if cfg.borders and len(labels) < len(ids):  # the border target comes from the labels: score the masks alone
+        print(f"note: {len(ids) - len(labels)} of {len(ids)} images have no instance labels in {dataset_dir}: the "
+              "masks alone are scored, for every image (no border or DSB2018 score; the border PNGs are written)")
+        return {}, {**reading, "borders": False}
+    return labels, reading
+
+
+def scoring_loader(args, cfg, dataset_dir, ids, reading):
+    """The DataLoader of the images ``ids`` of ``dataset_dir`` at the run's evaluation size (dataset.eval_loader,
+    read as ``reading``; batches of --batch_size, else the run's), after printing the notes on their masks: every one
+    empty (pooled scores that read 1 or 0), and for --dataset most pixels foreground or a label id that marks
+    separate objects (dataset.mostly_foreground_note, dataset.multi_object_ids_note)."""
+    loader = eval_loader(dataset_dir, ids, reading, (cfg.input_h, cfg.input_w, cfg.crop_size),
+                         args.batch_size or cfg.batch_size, args.num_workers, kinds=True)
+    data = loader.dataset
+    if not data.has_foreground():
+        print(f"note: every mask of {'these' if len(ids) > 1 else 'this'} {len(ids)} image{'s' * (len(ids) > 1)} is "
+              "empty: pooled IoU and Dice read 1 for a network that finds nothing and 0 for one that finds anything "
+              "(are these the right masks?)")
+    elif args.dataset is not None:  # the run's own images were checked when it trained
+        for note in (mostly_foreground_note(data, f"the masks of {dataset_dir}"),
+                     multi_object_ids_note(data, f"the label images of {dataset_dir}")):
+            if note:
+                print(note)
+    return loader
+
+
+def score_and_write(out_dir, cfg, post, labels, overlays, evaluate_with, title, evaluation_yml):
+    """Score every image (``evaluate_with(on_batch)``, engine.evaluate) and write the outputs into ``out_dir``,
+    which they replace as a whole when complete (files.folder_replaced_when_done): the probability PNGs, the nuclei
+    of the ``post`` processing (config.post_processing) scored against the instance ``labels``, the ``overlays`` and
+    summary.png (titled ``title``), scores.csv (:class:`ImageWriter`) and evaluation.yml of ``evaluation_yml`` =
+    (record, settings, made), as :func:`write_evaluation_record` takes them. Returns (the scores, scores.csv's
+    table, the DSB2018 means by separation, {} without labels)."""
+    folder = os.path.realpath(out_dir)  # a symbolic link's folder is replaced, not the link
+    # the outputs of one evaluation replace the folder as a whole when complete
+    with folder_replaced_when_done(folder) as tmp, \
+            ImageWriter(tmp, cfg.num_classes, labels, separation_order(post.separation, cfg.borders), post.filters,
+                        overlays=overlays) as writer:
+        scores = evaluate_with(writer)
+        table = writer.write_table(title)  # summary.png's title, without the precision to fit its width
+        write_evaluation_record(tmp, *evaluation_yml)
+    return scores, table, writer.dsb_means()
+
+
+def print_size_hint(name, cfg, dataset_dir, ids, reading):
+    """For a crop-trained run ``name``: the hint (:func:`size_hint`) when the nuclei of the images ``ids`` of
+    ``dataset_dir`` are far from the size it was trained on, which predict.py --scale corrects."""
+    trained = training_diameter(name, cfg) if cfg.crop_size else 0.0
+    if trained:
+        hint = size_hint(dataset_dir, ids, reading, trained)
+        if hint:
+            print(hint)

@@ -29,8 +29,8 @@ import os
 
 from config import (TUNED_FILE, add_amp_arg, add_device_arg, add_separation_args, check_object_filters,
                     load_run_config, post_processing, prediction_settings, run_dir, run_lock_file, saved_run_dir)
-from files import check_replaceable, folder_replaced_when_done, written_alone
-from utils import ArgumentParser, DataError, UsageError, at_least, check_run_name, file_extension, path_arg, run_cli
+from files import check_replaceable, written_alone
+from utils import ArgumentParser, UsageError, at_least, check_run_name, file_extension, path_arg, run_cli
 
 
 def build_parser():
@@ -128,7 +128,8 @@ def evaluate_into(args, out_dir):
     from checkpoints import load_run, made_by
     from dataset import reading_of
     from engine import Precision, choose_device, evaluate, fit_threads_to_cpus
-    from evaluation import model_epoch, summary
+    from evaluation import (instance_labels, model_epoch, print_size_hint, score_and_write, scored_images,
+                            scoring_loader, summary)
     from inference import whole_image_network
     from losses import build_loss
 
@@ -170,73 +171,6 @@ def evaluate_into(args, out_dir):
     return scores
 
 
-def scored_images(args, cfg, reading, out_dir):
-    """The images that run ``args.name`` (config ``cfg``) is scored on (evaluation.evaluation_ids: its --split, or
-    every image of --dataset, read as ``reading``, dataset.reading_of's), after printing the notes on them: the files
-    of --dataset left out (layouts.images_left_out), the images that are not the files the run's split.csv recorded
-    (evaluation.changed_images). Returns (dataset_dir, ids, part: the words that name them, trained: the ids of the
-    run's training images among them, layout: layouts.find_layout's, record: evaluation.evaluation_record's). Raises
-    a UsageError when the default ``out_dir`` holds another evaluation (evaluation.check_same_evaluation), and the
-    DataErrors of those functions."""
-    from evaluation import changed_images, check_same_evaluation, evaluation_ids, evaluation_record
-    from layouts import find_layout, images_left_out
-
-    dataset_dir, ids, part, trained = evaluation_ids(args.name, args.split, args.dataset, cfg, reading)
-    left_out = images_left_out(dataset_dir, reading["img_ext"]) if args.dataset is not None else ""
-    if left_out:
-        print(left_out)
-    record = evaluation_record(args.name, args.split, args.dataset, dataset_dir)
-    if not (args.output or args.tune):
-        check_same_evaluation(out_dir, record)
-    layout = find_layout(dataset_dir, reading["img_ext"], reading["mask_ext"])
-    changed = changed_images(args.name, cfg, dataset_dir, ids, layout,
-                             None if args.dataset is not None else args.split or "val")
-    if changed:
-        print(changed)
-    return dataset_dir, ids, part, trained, layout, record
-
-
-def instance_labels(args, cfg, ids, layout, dataset_dir, reading):
-    """The instance labels of the images ``ids`` of ``dataset_dir`` ({id: (labels path, image path)}, from
-    ``layout``, layouts.find_layout's), which the DSB2018 score and a --borders run's border target need. A --borders
-    run (``cfg``) with images without labels scores the masks alone, for every image, with a note: then {} and
-    ``reading`` (dataset.reading_of's) without borders. --tune needs labels for every image: a DataError otherwise.
-    Returns (labels, reading)."""
-    labels = {i: (path, layout.image(i)) for i, path in zip(ids, map(layout.labels, ids)) if path is not None}
-    if args.tune and len(labels) < len(ids):
-        missing = [i for i in ids if i not in labels]
-        raise DataError(f"--tune scores the DSB2018 score of the nuclei, which needs instance labels, and "
-                        f"{len(missing)} of the {len(ids)} validation images of {args.name} have none in "
-                        f"{dataset_dir} (e.g. {missing[0]}): give the dataset labels/ (or label images), then tune")
-    if cfg.borders and len(labels) < len(ids):  # the border target comes from the labels: score the masks alone
-        print(f"note: {len(ids) - len(labels)} of {len(ids)} images have no instance labels in {dataset_dir}: the "
-              "masks alone are scored, for every image (no border or DSB2018 score; the border PNGs are written)")
-        return {}, {**reading, "borders": False}
-    return labels, reading
-
-
-def scoring_loader(args, cfg, dataset_dir, ids, reading):
-    """The DataLoader of the images ``ids`` of ``dataset_dir`` at the run's evaluation size (dataset.eval_loader,
-    read as ``reading``; batches of --batch_size, else the run's), after printing the notes on their masks: every one
-    empty (pooled scores that read 1 or 0), and for --dataset most pixels foreground or a label id that marks
-    separate objects (dataset.mostly_foreground_note, dataset.multi_object_ids_note)."""
-    from dataset import eval_loader, mostly_foreground_note, multi_object_ids_note
-
-    loader = eval_loader(dataset_dir, ids, reading, (cfg.input_h, cfg.input_w, cfg.crop_size),
-                         args.batch_size or cfg.batch_size, args.num_workers, kinds=True)
-    data = loader.dataset
-    if not data.has_foreground():
-        print(f"note: every mask of {'these' if len(ids) > 1 else 'this'} {len(ids)} image{'s' * (len(ids) > 1)} is "
-              "empty: pooled IoU and Dice read 1 for a network that finds nothing and 0 for one that finds anything "
-              "(are these the right masks?)")
-    elif args.dataset is not None:  # the run's own images were checked when it trained
-        for note in (mostly_foreground_note(data, f"the masks of {dataset_dir}"),
-                     multi_object_ids_note(data, f"the label images of {dataset_dir}")):
-            if note:
-                print(note)
-    return loader
-
-
 def title_parts(args, cfg, epoch, part, count):
     """The summary's title in two parts, (what, how): what was scored, "<run> (<epoch>, <part>, <count> images" (and
     the size, for a run trained on resized images), and how, the flip TTA and the pruning, then ")"; the printed
@@ -245,38 +179,6 @@ def title_parts(args, cfg, epoch, part, count):
     what = f"{args.name} ({epoch + ', ' if epoch else ''}{part}, {count} images{size}"
     how = (", flip TTA" if args.tta else "") + (f", pruned at L={args.prune}" if args.prune else "") + ")"
     return what, how
-
-
-def score_and_write(out_dir, cfg, post, labels, overlays, evaluate_with, title, evaluation_yml):
-    """Score every image (``evaluate_with(on_batch)``, engine.evaluate) and write the outputs into ``out_dir``,
-    which they replace as a whole when complete (files.folder_replaced_when_done): the probability PNGs, the nuclei
-    of the ``post`` processing (config.post_processing) scored against the instance ``labels``, the ``overlays`` and
-    summary.png (titled ``title``), scores.csv (evaluation.ImageWriter) and evaluation.yml of ``evaluation_yml`` =
-    (record, settings, made), as evaluation.write_evaluation_record takes them. Returns (the scores, scores.csv's
-    table, the DSB2018 means by separation, {} without labels)."""
-    from evaluation import ImageWriter, separation_order, write_evaluation_record
-
-    folder = os.path.realpath(out_dir)  # a symbolic link's folder is replaced, not the link
-    # the outputs of one evaluation replace the folder as a whole when complete
-    with folder_replaced_when_done(folder) as tmp, \
-            ImageWriter(tmp, cfg.num_classes, labels, separation_order(post.separation, cfg.borders), post.filters,
-                        overlays=overlays) as writer:
-        scores = evaluate_with(writer)
-        table = writer.write_table(title)  # summary.png's title, without the precision to fit its width
-        write_evaluation_record(tmp, *evaluation_yml)
-    return scores, table, writer.dsb_means()
-
-
-def print_size_hint(name, cfg, dataset_dir, ids, reading):
-    """For a crop-trained run ``name``: the hint (evaluation.size_hint) when the nuclei of the images ``ids`` of
-    ``dataset_dir`` are far from the size it was trained on, which predict.py --scale corrects."""
-    from evaluation import size_hint, training_diameter
-
-    trained = training_diameter(name, cfg) if cfg.crop_size else 0.0
-    if trained:
-        hint = size_hint(dataset_dir, ids, reading, trained)
-        if hint:
-            print(hint)
 
 
 def tune(name, cfg, labels, weights_sha256, title, evaluate_with):
