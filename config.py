@@ -108,6 +108,11 @@ def _add_data_args(g):
     g.add_argument("--test_size", default=0.0, type=float,
                    help="fraction held out as a test split never used for any choice (0 = the seed's 2-way split)")
     g.add_argument("--split_seed", default=41, type=integer, help="random_state of the split (41 as in the seed)")
+    g.add_argument("--folds", default=0, type=integer,
+                   help="cross-validation: deal the ids (less the --test_size part) into this many folds and validate "
+                        "on fold --fold, training on the others (--val_size is then unused); train one run per fold, "
+                        "--fold 0 to K-1, and every id is validated once (0 = off)")
+    g.add_argument("--fold", default=0, type=integer, help="with --folds K: the fold that validates, 0 to K-1")
     g.add_argument("--split_file", type=path_arg, default=None,
                    help="a CSV with columns img_id,split (train/val/test) to use instead of a random split: your own "
                         "assignment, e.g. one that keeps whole experiments or image kinds out of training; "
@@ -297,7 +302,8 @@ def yaml_error_text(error):
 def default_run_name(args):
     """The seed's naming: <dataset>_<arch>_wDS or _woDS (the dataset folder's own name when --dataset is a path)."""
     dataset = os.path.basename(os.path.normpath(args.dataset))
-    return f"{dataset}_{args.arch}_{'wDS' if args.deep_supervision else 'woDS'}"
+    fold = f"_fold{args.fold}" if args.folds else ""  # each fold's run a folder of its own
+    return f"{dataset}_{args.arch}_{'wDS' if args.deep_supervision else 'woDS'}{fold}"
 
 
 def parse_train_args(argv):
@@ -533,6 +539,9 @@ def check_train_args(args):
     if not 0 < args.val_size < 1 or not 0 <= args.test_size < 1 or args.val_size + args.test_size >= 1:
         raise UsageError(f"--val_size {args.val_size} and --test_size {args.test_size}: the validation part must be "
                          "above 0 (the best epoch is chosen on it), the test part at least 0, and their sum below 1")
+    if args.folds < 0 or args.folds == 1 or not 0 <= args.fold < max(args.folds, 1):
+        raise UsageError(f"--folds {args.folds} --fold {args.fold}: --folds is 0 (off) or the number of folds, at "
+                         "least 2, and --fold the one that validates, 0 to --folds - 1")
     if args.deep_supervision and args.arch not in DEEP_SUPERVISION_ARCHS:
         raise UsageError(f"{args.arch} has no deep supervision; use --arch {' or '.join(DEEP_SUPERVISION_ARCHS)} or "
                          "--deep_supervision False")
@@ -591,6 +600,9 @@ def check_new_run_args(args):
     if args.freeze_bn and not args.init:
         raise UsageError("--freeze_bn True keeps the BatchNorm statistics of the weights a run starts from, which "
                          "from scratch are untrained (mean 0, variance 1); give --init RUN, or --freeze_bn False")
+    if args.folds and args.split_file:
+        raise UsageError(f"--folds {args.folds} deals the ids into folds and --split_file {args.split_file} gives the "
+                         "split itself: give one of them (a fold split of your own: a --split_file per fold)")
     if args.nesterov and args.optimizer == "SGD" and args.momentum == 0:
         raise UsageError("--nesterov True needs a --momentum above 0")
     if args.batch_size == 1 and (args.crop_size or min(args.input_w, args.input_h)) == 16:

@@ -60,26 +60,35 @@ def split_ids(split, part):
     return split.loc[split["split"] == part, "img_id"].tolist()
 
 
-def make_split(ids, val_size=0.2, test_size=0.0, random_state=41):
+def make_split(ids, val_size=0.2, test_size=0.0, random_state=41, folds=0, fold=0):
     """Split sorted ids into train/val(/test) the way the seed did: train_test_split(random_state=41).
 
     With test_size 0 this is exactly the seed's 80/20 split. With a test part, the test ids are drawn first
-    and the validation ids from the rest. Returns a DataFrame with columns img_id, split (:data:`SPLITS`).
+    and the validation ids from the rest. With ``folds`` K (cross-validation) the rest is dealt into K folds
+    (scikit-learn's KFold, shuffled by ``random_state``; ``val_size`` is then unused): fold ``fold`` (0..K-1) is the
+    validation part, so that the K runs of folds 0..K-1 validate every id once. Returns a DataFrame with columns
+    img_id, split (:data:`SPLITS`). Raises ValueError when a part would be empty.
     """
     # here, not at the top: scikit-learn takes over half a second of CPU to import, and val.py and predict.py read
     # splits (through evaluation.py) without ever making one
-    from sklearn.model_selection import train_test_split
+    from sklearn.model_selection import KFold, train_test_split
 
     ids = sorted(ids)
     rest, test = (ids, []) if test_size == 0 else train_test_split(ids, test_size=test_size, random_state=random_state)
-    train, val = train_test_split(rest, test_size=val_size / (1 - test_size), random_state=random_state)
+    if folds:
+        train_at, val_at = list(KFold(folds, shuffle=True, random_state=random_state).split(rest))[fold]
+        train, val = [rest[i] for i in train_at], [rest[i] for i in val_at]
+    else:
+        train, val = train_test_split(rest, test_size=val_size / (1 - test_size), random_state=random_state)
     rows = [(i, "train") for i in train] + [(i, "val") for i in val] + [(i, "test") for i in test]
     return pd.DataFrame(rows, columns=["img_id", "split"])
 
 
-def load_or_make_split(path, dataset_dir, ids, resume, val_size, test_size, split_seed, split_file=None):
+def load_or_make_split(path, dataset_dir, ids, resume, val_size, test_size, split_seed, split_file=None, folds=0,
+                       fold=0):
     """The run's split: its split.csv at ``path`` when resuming (a DataError when it is gone), else the given
-    ``split_file`` (--split_file), else a new :func:`make_split` of ``ids`` (the samples of ``dataset_dir``)."""
+    ``split_file`` (--split_file), else a new :func:`make_split` of ``ids`` (the samples of ``dataset_dir``; fold
+    ``fold`` of ``folds`` with --folds)."""
     if resume:
         if not os.path.isfile(path):  # made again, it would differ if the dataset has changed since
             raise DataError(f"{path} not found; a resumed run keeps the split it started with (restore it, or start "
@@ -97,8 +106,11 @@ def load_or_make_split(path, dataset_dir, ids, resume, val_size, test_size, spli
     if len(ids) < 3:
         raise DataError(f"{dataset_dir} has {len(ids)} samples; at least 3 are needed to train and validate")
     try:
-        return make_split(ids, val_size, test_size, split_seed)
+        return make_split(ids, val_size, test_size, split_seed, folds, fold)
     except ValueError:  # scikit-learn: a part would be empty
+        if folds:
+            raise UsageError(f"--folds {folds}: the {len(ids)} samples of {dataset_dir} (less the --test_size "
+                             f"{test_size} part) are too few for {folds} folds; give fewer --folds") from None
         raise UsageError(f"--val_size {val_size} and --test_size {test_size} leave an empty part of the "
                          f"{len(ids)} samples of {dataset_dir}; give smaller fractions") from None
 

@@ -275,7 +275,8 @@ class Trainer:
             self._say(left_out)
         ids = list_ids(self.dataset_dir, args.img_ext, args.mask_ext, args.num_classes)
         split = load_or_make_split(os.path.join(self.dir, "split.csv"), self.dataset_dir, ids, args.resume,
-                                   args.val_size, args.test_size, args.split_seed, args.split_file)
+                                   args.val_size, args.test_size, args.split_seed, args.split_file, args.folds,
+                                   args.fold)
         unlisted = unlisted_note(split, f"--split_file {args.split_file}", self.dataset_dir, ids) \
             if args.split_file and not args.resume else ""
         if unlisted:

@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 
 from conftest import ROOT
-from splits import (changed_images_note, checked_split, held_out_seen_in_training, make_split, read_split, split_ids,
-                    with_fingerprints)
-from utils import DataError
+from splits import (changed_images_note, checked_split, held_out_seen_in_training, load_or_make_split, make_split,
+                    read_split, split_ids, with_fingerprints)
+from utils import DataError, UsageError
 
 
 def test_a_test_part_takes_its_share_of_all_images_and_val_its_share_too():
@@ -81,3 +81,30 @@ def test_val_and_predict_s_modules_do_not_import_scikit_learn():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_folds_validate_every_id_once_and_keep_the_test_part_out():
+    """--folds 5 --fold 0..4 (cross-validation): each fold's runs train on the others' ids; over the five runs every
+    id outside the test part is validated exactly once, the folds' sizes differ by at most one, and the test part is
+    the one --test_size holds out without folds, in every fold."""
+    ids = [f"id{i:02d}" for i in range(23)]
+    test = set(split_ids(make_split(ids, test_size=0.15), "test"))
+    vals = []
+    for fold in range(5):
+        split = make_split(ids, test_size=0.15, folds=5, fold=fold)
+        parts = {part: set(split_ids(split, part)) for part in ("train", "val", "test")}
+        assert parts["test"] == test and sorted(split["img_id"]) == ids  # each id in one part
+        assert parts["train"] | parts["val"] == set(ids) - test
+        vals.append(parts["val"])
+    assert sorted(i for val in vals for i in val) == sorted(set(ids) - test)  # validated once each
+    assert max(map(len, vals)) - min(map(len, vals)) <= 1
+    # dealt at random (by --split_seed), not in name order
+    assert vals[0] != set(sorted(set(ids) - test)[:len(vals[0])])
+    assert set(split_ids(make_split(ids, folds=5, fold=0, random_state=7), "val")) != \
+        set(split_ids(make_split(ids, folds=5, fold=0), "val"))
+
+
+def test_more_folds_than_ids_is_a_usage_error_naming_the_flag(tmp_path):
+    with pytest.raises(UsageError, match=r"--folds 5: the 4 samples of data \(less the --test_size 0.0 part\) are "
+                                         r"too few for 5 folds; give fewer --folds"):
+        load_or_make_split(str(tmp_path / "split.csv"), "data", ["a", "b", "c", "d"], False, 0.2, 0.0, 41, folds=5)

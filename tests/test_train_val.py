@@ -19,7 +19,7 @@ import pytest
 import tifffile
 import torch
 import yaml
-from sklearn.model_selection import train_test_split
+from sklearn.model_selection import KFold, train_test_split
 
 import checkpoints
 import engine
@@ -1084,3 +1084,23 @@ def test_16_bit_training_images_under_fixed_normalization_get_a_note(tiny_workdi
     assert "--normalization percentile (the bundled model's) is not thrown off by a few" in out
     train.main(train_argv("robust", "--normalization", "percentile", epochs=1))
     assert "note: the training images are" not in capsys.readouterr().out
+
+
+def test_a_fold_run_validates_its_fold_and_keeps_it_on_resume(tmp_path, monkeypatch):
+    """train.py --folds 3 --fold 1: the run's split.csv validates fold 1 of scikit-learn's KFold of the sorted ids,
+    shuffled by --split_seed (what another --fold 1 run of these images gets), its default name says the fold, and a
+    resume with another --fold is refused (it would validate on images the run trained on); --folds with
+    --split_file is refused."""
+    ids = sorted(make_synthetic(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    argv = [a for a in train_argv("x", "--folds", "3", "--fold", "1", epochs=1) if a not in ("--name", "x")]
+    train.main(argv)
+    run = "tiny_UNet_woDS_fold1"
+    written = read_split(tmp_path, run)
+    val_at = list(KFold(3, shuffle=True, random_state=41).split(ids))[1][1]
+    assert sorted(written.loc[written["split"] == "val", "img_id"]) == sorted(ids[i] for i in val_at)
+    assert (written["split"] == "val").sum() in (3, 4)  # a third of 10
+    with pytest.raises(UsageError, match=r"--fold 2 differs from the run's 1"):
+        train.main(["--resume", run, "--fold", "2", "--epochs", "2"])
+    with pytest.raises(UsageError, match=r"--folds 3 deals the ids into folds and --split_file s.csv gives the split"):
+        train.main(train_argv("both", "--folds", "3", "--split_file", "s.csv", epochs=1))
