@@ -12,7 +12,13 @@ bundled model) when the interval's lower end is above 0. Differences are paired 
 order of the sorted ids, so the order of the rows does not matter; images only one file holds are left out and
 counted in a note. A score compared on a single image gets no interval (NaN). Two files of different classes
 (iou_class<c> columns) are refused: a run of several classes scores an image by the mean of its classes.
+
+A model cross-validated in folds (train.py --folds) has a scores.csv per fold's run, each image in one of them: give
+each model as a quoted pattern, and its files' rows are compared as one table:
+
+    python bench/compare_scores.py "outputs/a_fold*/scores.csv" "outputs/b_fold*/scores.csv"
 """
+import glob
 import os
 import re
 import sys
@@ -31,18 +37,33 @@ PER_CLASS = re.compile(r"(iou|dice)_class\d+")  # val.py's columns for a run of 
 
 
 def read_scores(path):
-    """val.py's scores.csv as a DataFrame indexed by img_id; a missing file or one without img_id is a UsageError."""
+    """val.py's scores.csv at ``path``, or the rows of every file a pattern ``path`` matches (the folds of a
+    cross-validated model), as a DataFrame indexed by img_id. A missing file, a pattern that matches none, a file
+    without img_id and an img_id listed twice are UsageErrors."""
+    paths = sorted(glob.glob(path)) if glob.has_magic(path) else [path]
+    if not paths:
+        raise UsageError(f"{path}: no file matches; run val.py of each fold first (it writes <output>/scores.csv)")
+    tables = [read_scores_file(p) for p in paths]
+    table = pd.concat(tables)
+    repeated = table["img_id"][table["img_id"].duplicated()].unique()
+    if len(repeated):
+        where = [p for p, t in zip(paths, tables) if repeated[0] in set(t["img_id"])]
+        raise UsageError(f"{path} lists {len(repeated)} img_id more than once (e.g. {repeated[0]}"
+                         f"{', in ' + ' and '.join(where) if len(paths) > 1 else ''}); give one val.py scores.csv, "
+                         "or the folds of one cross-validation, each image in one of them")
+    return table.set_index("img_id")
+
+
+def read_scores_file(path):
+    """One scores.csv as a DataFrame with its img_id column; a missing file or one without img_id is a
+    UsageError."""
     if not os.path.isfile(path):
         raise UsageError(f"{path}: no such file; run val.py first (it writes <output>/scores.csv)")
     # only an empty cell (a score val.py could not give) is missing: images named NA, None or null keep their ids
     table = pd.read_csv(path, dtype={"img_id": str}, keep_default_na=False, na_values=[""])
     if "img_id" not in table.columns:
         raise UsageError(f"{path} has no img_id column; give a scores.csv written by val.py")
-    repeated = table["img_id"][table["img_id"].duplicated()].unique()
-    if len(repeated):
-        raise UsageError(f"{path} lists {len(repeated)} img_id more than once (e.g. {repeated[0]}); give one "
-                         "val.py scores.csv, not several joined")
-    return table.set_index("img_id")
+    return table
 
 
 def check_same_classes(*named):
@@ -97,8 +118,8 @@ def main(argv):
     p = ArgumentParser(prog="compare_scores.py",
                        description="Paired comparison of two val.py scores.csv files (B against A), with 95 % "
                                    "bootstrap intervals; B is clearly better where ci_low > 0.")
-    p.add_argument("a", help="scores.csv of model A (the one in use)")
-    p.add_argument("b", help="scores.csv of model B (the candidate)")
+    p.add_argument("a", help="scores.csv of model A (the one in use), or a quoted pattern of its folds' files")
+    p.add_argument("b", help="scores.csv of model B (the candidate), or a quoted pattern of its folds' files")
     args = p.parse_args(argv)
     a, b = read_scores(args.a), read_scores(args.b)
     check_same_classes((args.a, a), (args.b, b))

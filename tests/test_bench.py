@@ -434,6 +434,27 @@ def test_compare_scores_names_left_out_images_and_refuses_repeated_ids(tmp_path,
         compare_scores.main([str(tmp_path / "a.csv"), str(tmp_path / "b.csv")])
 
 
+
+def test_compare_scores_takes_the_folds_of_a_cross_validation_as_one_table(tmp_path):
+    """Two models cross-validated in two folds each (train.py --folds 2): a quoted pattern per model joins its folds'
+    scores.csv files, so that every image is paired with itself; an image in two folds' files is refused, naming
+    both, and a pattern that matches nothing names itself."""
+    for model, ious in (("a", [0.5, 0.6, 0.7, 0.8]), ("b", [0.6, 0.8, 0.7, 0.9])):
+        for fold, ids in enumerate((["p", "q"], ["r", "s"])):
+            (tmp_path / f"{model}_fold{fold}").mkdir()
+            pd.DataFrame({"img_id": ids, "iou": ious[2 * fold:2 * fold + 2]}).to_csv(
+                tmp_path / f"{model}_fold{fold}" / "scores.csv", index=False)
+    table = compare_scores.main([str(tmp_path / "a_fold*" / "scores.csv"), str(tmp_path / "b_fold*" / "scores.csv")])
+    row = table.set_index("score").loc["iou"]
+    assert row["n"] == 4 and row["b_minus_a"] == pytest.approx((0.1 + 0.2 + 0.0 + 0.1) / 4)
+    assert (row["b_better"], row["b_worse"]) == (3, 0)
+    pd.DataFrame({"img_id": ["p"], "iou": [0.5]}).to_csv(tmp_path / "b_fold1" / "scores.csv", index=False)
+    with pytest.raises(UsageError, match=r"lists 1 img_id more than once \(e.g. p, in .*b_fold0/scores.csv and "
+                                         r".*b_fold1/scores.csv\)"):
+        compare_scores.main([str(tmp_path / "a_fold*" / "scores.csv"), str(tmp_path / "b_fold*" / "scores.csv")])
+    with pytest.raises(UsageError, match=r"c_fold\*/scores.csv: no file matches"):
+        compare_scores.main([str(tmp_path / "a_fold*" / "scores.csv"), str(tmp_path / "c_fold*" / "scores.csv")])
+
 def test_compare_scores_keeps_images_named_like_missing_values(tmp_path):
     """Images NA.png and null.png (pandas' missing-value words) were read as two NaN ids: a val.py scores.csv of
     them was refused as listing one img_id twice. An empty score is still a missing one."""
