@@ -434,7 +434,6 @@ def test_compare_scores_names_left_out_images_and_refuses_repeated_ids(tmp_path,
         compare_scores.main([str(tmp_path / "a.csv"), str(tmp_path / "b.csv")])
 
 
-
 def test_compare_scores_takes_the_folds_of_a_cross_validation_as_one_table(tmp_path):
     """Two models cross-validated in two folds each (train.py --folds 2): a quoted pattern per model joins its folds'
     scores.csv files, so that every image is paired with itself; an image in two folds' files is refused, naming
@@ -454,6 +453,7 @@ def test_compare_scores_takes_the_folds_of_a_cross_validation_as_one_table(tmp_p
         compare_scores.main([str(tmp_path / "a_fold*" / "scores.csv"), str(tmp_path / "b_fold*" / "scores.csv")])
     with pytest.raises(UsageError, match=r"c_fold\*/scores.csv: no file matches"):
         compare_scores.main([str(tmp_path / "a_fold*" / "scores.csv"), str(tmp_path / "c_fold*" / "scores.csv")])
+
 
 def test_compare_scores_keeps_images_named_like_missing_values(tmp_path):
     """Images NA.png and null.png (pandas' missing-value words) were read as two NaN ids: a val.py scores.csv of
