@@ -105,12 +105,13 @@ class Gathered:
     """The results of the :func:`predict.predict_plane` jobs, handed over in submission order (utils.BatchedThreads'
     ``on_result``): the images.csv rows, the objects tables, and each stack's outputs written into their pages as its
     planes come (:func:`open_stack`), so that a long time-lapse's are never all in memory. With ``stitch_z`` (an
-    IoU), the nuclei of a stack of several z planes are linked through them first (:meth:`link`). Once a stack's
+    IoU), the nuclei of a stack of several z planes are linked through them first (:meth:`link`); with ``track``
+    (an IoU), those of a time-lapse of single planes through its time points. Once a stack's
     files are written, ``on_finished(img_id, its rows, its objects tables)`` is called, as :func:`predict.predict_plane`
     calls it for a 2D image (finished_images.record_finished: what --resume need not predict again)."""
 
-    def __init__(self, out_dir, stitch_z=None, on_finished=None):
-        self.out_dir, self.stitch_z, self.on_finished = out_dir, stitch_z, on_finished
+    def __init__(self, out_dir, stitch_z=None, on_finished=None, track=None):
+        self.out_dir, self.stitch_z, self.on_finished, self.track = out_dir, stitch_z, on_finished, track
         self.rows, self.tables, self.merged = [], [], []
         # img_id -> [its stacks being written (open_stack), their write functions, the planes still to come, the rows
         # and the objects tables of those placed]
@@ -128,7 +129,7 @@ class Gathered:
         if error is not None:
             if img_id not in self.dropped:
                 self.leave_out(img_id, error)
-        elif self.stitch_z and table is not None and plane_grid(header, count)[1] > 1 and img_id not in self.dropped:
+        elif table is not None and self.link_iou(header, count) and img_id not in self.dropped:
             self.link(result)
         else:
             self.place(result)
@@ -138,26 +139,35 @@ class Gathered:
         self.errors.append(error)
         self.drop(img_id, (DataError, DataError(error), None))
 
+    def link_iou(self, header, count):
+        """The intersection over union that links the nuclei of a stack's planes (instances.link_planes): --stitch_z's
+        through the z planes of a stack of several, --track's through the time points of a time-lapse of single
+        planes; None where neither links them (a 2D image, or the flag not given)."""
+        times, z_planes = plane_grid(header, count)
+        if z_planes > 1:
+            return self.stitch_z
+        return self.track if times > 1 else None
+
     def link(self, result):
-        """A plane of a stack whose nuclei --stitch_z links through its z planes: placed once the planes before it
-        are, with its labels, objects table, ROIs and GeoJSON objects relabelled by instances.link_planes against the
-        plane before it (new nuclei after the largest label of its time point). A time point with more nuclei than a
-        16-bit label image holds leaves the file out, as one plane with as many does (:func:`predict.segment`)."""
+        """A plane of a stack whose nuclei --stitch_z links through its z planes, or --track through its time points:
+        placed once the planes before it are, with its labels, objects table, ROIs and GeoJSON objects relabelled by
+        instances.link_planes against the plane before it (new nuclei after the largest label of its time point, or
+        of the time-lapse). More nuclei than a 16-bit label image holds leave the file out, as one plane with as many
+        does (:func:`predict.segment`)."""
         (img_id, count, header), _, row, _, _ = result
         state = self.linking.setdefault(img_id, [0, {}, None, 0])
         state[1][row.plane] = result
         z_planes = plane_grid(header, count)[1]
+        tracking = z_planes == 1  # a time-lapse: each time point continues the one before, its labels the tracks
         while state[0] in state[1]:
             source, arrays, row, table, _ = state[1].pop(state[0])
             t, z = divmod(row.plane, z_planes)
             labels = arrays["_instances"]
-            previous, largest = (state[2], state[3]) if z else (np.zeros_like(labels), 0)
-            mapping = link_planes(previous, labels, self.stitch_z, largest + 1)
+            previous, largest = (state[2], state[3]) if z or (tracking and t) else (np.zeros_like(labels), 0)
+            mapping = link_planes(previous, labels, self.link_iou(header, count), largest + 1)
             largest = max(largest, int(mapping.max()))
             if largest > MOST_LABELS:
-                self.leave_out(img_id, f"image {img_id}: --stitch_z: {largest} nuclei by z plane {z} of time point {t} "
-                                       "do not fit a 16-bit label image; predict it in parts (crop it into smaller "
-                                       "images, or fewer z planes) or without --stitch_z")
+                self.leave_out(img_id, self.too_many_labels(img_id, largest, t, z, tracking))
                 return
             arrays["_instances"] = mapping[labels].astype(np.uint16)
             if "_rois" in arrays:
@@ -168,6 +178,17 @@ class Gathered:
             self.place((source, arrays, row, table.assign(label=mapping[table["label"]]).sort_values("label"), None))
         if state[0] == count:
             self.linking.pop(img_id)
+
+    @staticmethod
+    def too_many_labels(img_id, largest, t, z, tracking):
+        """The error that leaves a stack out when its linked labels passed a 16-bit label image's ``largest`` at time
+        point ``t`` (z plane ``z``): --track's when ``tracking``, else --stitch_z's."""
+        if tracking:
+            return (f"image {img_id}: --track: {largest} tracks by time point {t} do not fit a 16-bit label image; "
+                    "predict it in parts (crop it into smaller images, or fewer time points) or without --track")
+        return (f"image {img_id}: --stitch_z: {largest} nuclei by z plane {z} of time point {t} do not fit a 16-bit "
+                "label image; predict it in parts (crop it into smaller images, or fewer z planes) or without "
+                "--stitch_z")
 
     def place(self, result):
         """A plane's result, kept: its image row and objects table, and its arrays into the stacks being written; the

@@ -43,6 +43,8 @@ objects.csv's and images.csv's ``plane`` counts from 0 (0 for every 2D image), o
 time point and z plane. ``--stitch_z IOU`` links the nuclei of a stack's z planes instead (instances.link_planes): a
 nucleus that overlaps one of the plane before with an intersection over union of at least IOU takes its label, so
 that ``image``, ``t`` and ``label`` name one nucleus in 3D in all of these outputs (each time point's numbered 1..N).
+``--track IOU`` links the nuclei of a time-lapse's time points the same way, so that ``image`` and ``label`` name one
+nucleus through time (a track; one that appears, or splits, starts a new one).
 ``--pixel_size UM``, or else a TIFF's own ImageJ or OME calibration (image_files.tiff_pixel_size), gives both tables'
 ``pixel_size_um`` and objects.csv's area and lengths in micrometres (``_um2``, ``_um``; empty without a pixel
 size), and calibrates the TIFF stacks written.
@@ -142,6 +144,13 @@ def build_parser():
                         "one, best first), so that <id>_instances.tif, objects.csv and the ROIs give it one label "
                         "through z (each time point numbered 1..N); default: each plane's nuclei numbered on their "
                         "own")
+    g.add_argument("--track", type=float, default=None, metavar="IOU",
+                   help="with --instances: a nucleus of a time-lapse's time point continues the one of the time point "
+                        "before that it overlaps with at least this intersection over union (above 0, at most 1; "
+                        "e.g. 0.3 for nuclei that move less than their radius between frames), so that it keeps one "
+                        "label through time (a track: one that appears, or a daughter after a division, starts a new "
+                        "one; no gaps are closed); 2D time-lapses; default: each time point's nuclei numbered on "
+                        "their own")
     g.add_argument("--tta", action="store_true", help="average the four flips (test-time augmentation)")
     g.add_argument("--prune", type=int, default=None, choices=[1, 2, 3, 4],
                    help="NestedUNet with deep supervision: run only the sub-network up to head X0,L")
@@ -179,6 +188,10 @@ def check_args(args):
                          "(e.g. 0.5)")
     if args.stitch_z is not None and not args.instances:
         raise UsageError("--stitch_z links the nuclei of --instances through the z planes: add --instances")
+    if args.track is not None and not 0 < args.track <= 1:
+        raise UsageError(f"--track {args.track:g} must be an intersection over union above 0 and at most 1 (e.g. 0.3)")
+    if args.track is not None and not args.instances:
+        raise UsageError("--track links the nuclei of --instances through the time points: add --instances")
     if args.pixel_size is not None and not PIXEL_SIZES[0] <= args.pixel_size <= PIXEL_SIZES[1]:
         raise UsageError(f"--pixel_size {args.pixel_size:g} must be micrometres per pixel between {PIXEL_SIZES[0]:g} "
                          f"and {PIXEL_SIZES[1]:g} (e.g. 0.325), or left out to read each TIFF's calibration")
@@ -455,7 +468,7 @@ def probabilities(predictor, image, threshold, filters, auto=None):
 
 def predict_all(predictor, files, ids, headers, out_dir, num_classes, threshold, save_prob=False,
                 separation=None, filters=None, overlay=False, channel=None, auto=None, rois=False, stitch_z=None,
-                geojson=False, on_finished=None):
+                geojson=False, on_finished=None, track=None):
     """Predict every file into ``out_dir``: the masks (and probabilities with ``save_prob``), the nuclei when a
     ``separation`` is given (with ``filters``; their ImageJ ROIs with ``rois``, their GeoJSON objects with
     ``geojson``), the outlines with ``overlay``;
@@ -464,7 +477,8 @@ def predict_all(predictor, files, ids, headers, out_dir, num_classes, threshold,
     (image_files.read_planes), and its outputs written into their pages as they come
     (:class:`plane_outputs.Gathered`); ``channel`` picks the channel the network reads (image_files.nucleus_channel);
     ``auto`` = (the run's training nucleus diameter, separation) for --scale auto (:func:`auto_scaled`); ``stitch_z``
-    (an IoU) links the nuclei of a stack's z planes (:meth:`plane_outputs.Gathered.link`). The per-plane work
+    (an IoU) links the nuclei of a stack's z planes, ``track`` (an IoU) those of a time-lapse's time points
+    (:meth:`plane_outputs.Gathered.link`). The per-plane work
     (:func:`predict_plane`) runs in threads after every 256 MB of predictions (utils.BatchedThreads); each image
     whose files are all written is handed to ``on_finished`` (by its job, or for a stack by
     :class:`plane_outputs.Gathered`).
@@ -473,7 +487,7 @@ def predict_all(predictor, files, ids, headers, out_dir, num_classes, threshold,
     out)."""
     options = dict(num_classes=num_classes, threshold=threshold, save_prob=save_prob, separation=separation,
                    filters=filters, overlay=overlay, rois=rois, geojson=geojson)
-    gathered, left_out = Gathered(out_dir, stitch_z, on_finished), []
+    gathered, left_out = Gathered(out_dir, stitch_z, on_finished, track), []
     bar = progress_bar(total=len(files), desc="predict", unit="img")
 
     def leave_out(img_id, error, planes_left):
@@ -715,6 +729,40 @@ def stitch_notes(files, headers, stitch_z):
     return notes
 
 
+def track_notes(files, headers, track):
+    """The notes on the ``files`` (``headers``: their :func:`tiff_headers`) whose nuclei --track ``track`` (None:
+    off) does not link, predicted as without it: 2D images, and z-stacks (--stitch_z links those); and on those whose
+    pages have no axes, linked as time points though they may be z planes; [] for none."""
+    if track is None:
+        return []
+    flat = [f for f, header in zip(files, headers) if not header.plane_axes]
+    z_stacks = [f for f, header in zip(files, headers) if plane_grid(header, 1)[1] > 1]
+    unmarked = [f for f, header in zip(files, headers) if header.plane_axes and not set(header.plane_axes) & set("TZ")]
+    notes = []
+    if flat:
+        notes.append(f"note: --track links nuclei through the time points of a time-lapse, and {first_few(flat)} "
+                     f"ha{'ve' if len(flat) > 1 else 's'} none (a 2D image): predicted as without it")
+    if z_stacks:
+        notes.append(f"note: --track links the time points of 2D time-lapses, and {first_few(z_stacks)} "
+                     f"ha{'ve' if len(z_stacks) > 1 else 's'} z planes: predicted as without it (--stitch_z links "
+                     "the nuclei of each time point's z planes)")
+    if unmarked:
+        notes.append(f"note: the pages of {first_few(unmarked)} have no axes (no ImageJ or OME metadata): --track "
+                     "links them as time points (for a z-stack, save it with a Z axis: Fiji's Image > Properties, or "
+                     "tifffile.imwrite(path, stack, imagej=True, metadata={'axes': 'ZYX'}))")
+    return notes
+
+
+def tracked_line(track, stacks, objects):
+    """The line after the summary with --track ``track``: how many tracks each of the ``stacks`` (the ids of the
+    time-lapses predicted) holds (``objects``, the objects table, labels linked)."""
+    if not stacks:
+        return f"--track {track:g}: no time-lapse was predicted, no nuclei linked"
+    counts = objects[objects["image"].isin(stacks)].groupby("image")["label"].nunique().reindex(stacks, fill_value=0)
+    return (f"--track {track:g}: {counts.sum()} tracks in {len(stacks)} time-lapse{'s' * (len(stacks) > 1)} "
+            f"({first_few([f'{i}: {n}' for i, n in counts.items()])}); objects.csv's image and label name each one")
+
+
 def stitched_line(stitch_z, stacks, objects):
     """The line after the summary with --stitch_z ``stitch_z``: how many nuclei in 3D each of the ``stacks`` (the
     ids of those predicted with several z planes) holds, each time point's counted on its own (``objects``, the
@@ -796,7 +844,7 @@ def output_settings(args, cfg, predictor, epoch, separation, filters):
                     channel=args.channel,
                     pixel_size=args.pixel_size if args.pixel_size is not None else PIXEL_SIZE_READ, amp=args.amp,
                     instances=args.instances, rois=args.rois, geojson=args.geojson, stitch_z=args.stitch_z,
-                    save_prob=args.save_prob, overlay=args.overlay)
+                    track=args.track, save_prob=args.save_prob, overlay=args.overlay)
     return settings
 
 
@@ -839,7 +887,7 @@ def read_inputs(args):
         headers = [header._replace(pixel_size=args.pixel_size, pixel_size_problem="") for header in headers]
     ids = image_ids(files, args.output, [header.plane_axes for header in headers])
     for note in tiff_notes(files, headers, args.channel) + pixel_size_warnings(files, headers) + \
-            stitch_notes(files, headers, args.stitch_z):
+            stitch_notes(files, headers, args.stitch_z) + track_notes(files, headers, args.track):
         print(note)
     return files, headers, ids
 
@@ -1021,7 +1069,7 @@ def main(argv):
                 predictor, [files[i] for i in todo], [ids[i] for i in todo], [headers[i] for i in todo], args.output,
                 cfg.num_classes, args.threshold, args.save_prob, separation if args.instances else None, filters,
                 args.overlay, args.channel, (cfg.nucleus_diameter, separation) if auto else None, args.rois,
-                args.stitch_z, args.geojson, partial(record_finished, args.output, recorded, sources))
+                args.stitch_z, args.geojson, partial(record_finished, args.output, recorded, sources), args.track)
         rows, objects = with_finished(rows, objects, finished, ids)
         if not rows:
             raise nothing_predicted_error(left_out, len(files))
@@ -1032,10 +1080,13 @@ def main(argv):
     seconds = time.time() - started
     print(summary_line(args, cfg, predictor, device, len(files) - len(left_out), rows, seconds, objects, post.label(),
                        filters))
+    predicted = {row.image for row in rows}
     if args.stitch_z is not None:
-        predicted = {row.image for row in rows}
         print(stitched_line(args.stitch_z, [i for i, header in zip(ids, headers) if plane_grid(header, 1)[1] > 1
                                             and i in predicted], objects))
+    if args.track is not None:
+        print(tracked_line(args.track, [i for i, header in zip(ids, headers) if header.plane_axes
+                                        and plane_grid(header, 1)[1] == 1 and i in predicted], objects))
     for note in notes:
         if note:
             print(note)

@@ -804,6 +804,54 @@ def test_stitch_z_links_the_nuclei_of_a_z_stack_alike_in_every_output(in_runs, t
                                   objects.reset_index(drop=True))
 
 
+def test_track_keeps_each_nucleus_s_label_through_a_time_lapse(in_runs, tmp_path, capsys, monkeypatch):
+    """--track: in a 2D time-lapse of drawn nuclei (two moving, one that leaves after the second frame, one that
+    comes at the third), every nucleus keeps one label through all its time points in <id>_instances.tif,
+    objects.csv and the ROIs' names, a nucleus that comes takes a label no earlier one had, and the summary counts
+    the four tracks; a z-stack and a 2D image beside it are predicted as without it, with a note each."""
+    frames = np.full((4, 40, 48), 200, np.uint16)
+    nuclei = {"right": lambda t: (8 + 2 * t, 10, 5), "left": lambda t: (38 - 2 * t, 28, 5),  # (x, y, radius)
+              "leaves": lambda t: (10, 30, 4) if t < 2 else None, "comes": lambda t: (38, 10, 4) if t >= 2 else None}
+    for t in range(4):
+        for where in nuclei.values():
+            if where(t):
+                x, y, radius = where(t)
+                cv2.circle(frames[t], (x, y), radius, 3000, -1)
+    os.makedirs(tmp_path / "in")
+    tifffile.imwrite(tmp_path / "in" / "lapse.tif", frames, imagej=True, metadata={"axes": "TYX"})
+    tifffile.imwrite(tmp_path / "in" / "zs.tif", frames[:2], imagej=True, metadata={"axes": "ZYX"})
+    write(tmp_path / "in" / "flat.png", sample_bgr(40, 36))
+    flags = ["--input", str(tmp_path / "in"), "--name", "pc", "--rois", "--min_confidence", "0", "--separation",
+             "cc", "--device", "cpu", "--amp", "fp32"]
+    load_run = checkpoints.load_run
+    monkeypatch.setattr(checkpoints, "load_run", lambda *args: (load_run(*args)[0], Pointwise()))
+    predict.main([*flags, "--output", str(tmp_path / "own")])
+    capsys.readouterr()
+    predict.main([*flags, "--output", str(tmp_path / "tracked"), "--track", "0.3"])
+    printed = capsys.readouterr().out
+    tracked = tifffile.imread(tmp_path / "tracked" / "lapse_instances.tif")
+    labels = {}  # each nucleus's label at each time point it is in, read at its centre
+    for name, where in nuclei.items():
+        labels[name] = {int(tracked[t, where(t)[1], where(t)[0]]) for t in range(4) if where(t)}
+    assert all(len(held) == 1 and 0 not in held for held in labels.values()), labels
+    assert len(set.union(*labels.values())) == 4  # four tracks, one label each
+    assert labels["comes"].pop() > max(labels["right"] | labels["left"] | labels["leaves"])
+    own = tifffile.imread(tmp_path / "own" / "lapse_instances.tif")
+    assert [int(plane.max()) for plane in own] == [3, 3, 3, 3] and not np.array_equal(own, tracked)
+    assert np.array_equal(own > 0, tracked > 0)
+    objects = pd.read_csv(tmp_path / "tracked" / "objects.csv").query("image == 'lapse'")
+    for row in objects.itertuples():
+        assert row.area == int((tracked[row.t] == row.label).sum())
+    rois = roiread(tmp_path / "tracked" / "lapse_rois.zip")
+    assert [roi.name for roi in rois] == [f"{p:04d}-{k:04d}" for p, k in zip(objects["plane"], objects["label"])]
+    for name in ("zs_instances.tif", "flat_instances.png"):
+        assert (tmp_path / "tracked" / name).read_bytes() == (tmp_path / "own" / name).read_bytes(), name
+    assert "note: --track links nuclei through the time points of a time-lapse, and " in printed
+    assert "flat.png has none (a 2D image)" in printed and "zs.tif has z planes" in printed
+    assert "--track 0.3: 4 tracks in 1 time-lapse (lapse: 4); objects.csv's image and label name each one" in printed
+    assert read_record(tmp_path / "tracked")["settings"]["track"] == 0.3
+
+
 def test_stitch_z_beyond_a_16_bit_label_image_leaves_the_stack_out(tmp_path, monkeypatch):
     """A time point whose linked nuclei outnumber what <id>_instances.tif holds leaves its stack out with one line,
     as a plane with as many nuclei does (rather than labels that wrap around); the other files are predicted."""
@@ -843,11 +891,50 @@ def test_stitch_z_beyond_a_16_bit_label_image_leaves_the_stack_out(tmp_path, mon
     assert sorted(os.listdir(tmp_path / "out")) == ["after.png", "after_instances.png"]
 
 
+def test_track_beyond_a_16_bit_label_image_leaves_the_time_lapse_out(tmp_path, monkeypatch):
+    """A time-lapse whose tracks outnumber what <id>_instances.tif holds leaves it out with one line naming --track
+    (rather than labels that wrap around); the other files are predicted."""
+    class Jumping:  # stands in for inference.Predictor: two nuclei a frame, none where the frame before had one
+        scale = 1.0
+
+        def __init__(self):
+            self.calls = 0
+
+        def as_input(self, image):
+            return image_to_float(image, 3)
+
+        def predict(self, image):
+            prob = np.zeros((1, 16, 16), np.float32)
+            prob[0, 2:4, 5 * self.calls:5 * self.calls + 2] = prob[0, 8:10, 5 * self.calls:5 * self.calls + 2] = 1
+            self.calls += 1
+            return prob
+
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in" / "lapse.tif", np.zeros((3, 16, 16), np.uint8), imagej=True,
+                     metadata={"axes": "TYX"})
+    files = [str(tmp_path / "in" / "lapse.tif"), write(tmp_path / "in" / "after.png", np.zeros((16, 16), np.uint8))]
+    options = dict(separation="cc", filters=dict(min_size=0, min_confidence=0), track=0.3)
+    monkeypatch.setattr(plane_outputs, "MOST_LABELS", 6)
+    os.makedirs(tmp_path / "fits")
+    rows, table, left_out = predict.predict_all(Jumping(), files, ["lapse", "after"], predict.tiff_headers(files),
+                                                str(tmp_path / "fits"), 1, 0.5, **options)
+    assert not left_out and table.query("image == 'lapse'")["label"].tolist() == [1, 2, 3, 4, 5, 6]
+    monkeypatch.setattr(plane_outputs, "MOST_LABELS", 5)
+    os.makedirs(tmp_path / "out")
+    rows, table, left_out = predict.predict_all(Jumping(), files, ["lapse", "after"], predict.tiff_headers(files),
+                                                str(tmp_path / "out"), 1, 0.5, **options)
+    assert left_out == ["image lapse: --track: 6 tracks by time point 2 do not fit a 16-bit label image; predict it "
+                        "in parts (crop it into smaller images, or fewer time points) or without --track"]
+    assert [row.image for row in rows] == ["after"] and set(table["image"]) == {"after"}
+
+
 @pytest.mark.parametrize("flags, message", [
+    (["--track", "0.3"], "--track links the nuclei of --instances through the time points: add --instances"),
+    (["--instances", "--track", "1.5"], "--track 1.5 must be an intersection over union above 0 and at most 1"),
     (["--stitch_z", "0.5"], "--stitch_z links the nuclei of --instances through the z planes: add --instances"),
     (["--instances", "--stitch_z", "0"], "--stitch_z 0 must be an intersection over union above 0 and at most 1"),
     (["--rois", "--stitch_z", "1.01"], "--stitch_z 1.01 must be an intersection over union above 0 and at most 1")])
-def test_stitch_z_needs_instances_and_an_iou(tmp_path, flags, message):
+def test_linking_flags_need_instances_and_an_iou(tmp_path, flags, message):
     image = write(tmp_path / "in" / "a.png", np.zeros((16, 16), np.uint8))
     with pytest.raises(UsageError, match=re.escape(message)):
         predict.main(["--name", "p", "--input", image, "--output", str(tmp_path / "out"), *flags])
