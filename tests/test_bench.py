@@ -25,6 +25,7 @@ import speed
 import split_overlap
 import stack_memory
 import timing
+import track
 from config import ARCHS
 from conftest import ZYGOTE_FORK, make_synthetic, write_run
 from optim import fused_update
@@ -542,3 +543,16 @@ def test_robustness_degrades_16_bit_and_float_images_as_it_says(tmp_path, monkey
         robustness.main(["--name", "r", "--degradations", "hot_pixels,sixteen_bit", "--device", "cpu"])
     with pytest.raises(UsageError, match=rf"--degradations camera_offset: image {ids[7]} is uint16, .* leave them"):
         robustness.main(["--name", "r", "--degradations", "camera_offset", "--device", "cpu"])
+
+
+def test_track_bench_counts_a_nucleus_kept_only_when_one_label_covers_it_in_every_frame():
+    """bench/track.py's score, on label stacks written out here: of three nuclei away from the edges, one keeps its
+    label, one changes it in the last frame, one is missed in a frame; one at the edge is left out."""
+    truth = np.zeros((3, 12, 12), np.int32)
+    truth[:, 2:4, 2:4], truth[:, 2:4, 7:9], truth[:, 7:9, 2:4], truth[:, 7:9, 10:12] = 1, 2, 3, 4  # 4 at the edge
+    tracked = np.zeros_like(truth)
+    tracked[:, 2:4, 2:4], tracked[:, 2:4, 7:9], tracked[2, 2:4, 7:9] = 5, 6, 9  # 2 changes label in frame 2
+    tracked[:2, 7:9, 2:4] = 7  # 3 missed in frame 2
+    tracked[:, 2, 2] = 8  # 1's label covers most of it (3 of its 4 pixels), not all
+    assert track.kept_tracks(truth, tracked) == (3, 2, 1)
+    assert np.array_equal(track.moved(truth[0], 2, (1, 2))[1], np.roll(truth[0], (1, 2), axis=(0, 1)))
