@@ -62,7 +62,8 @@ def main(argv):
     from scoring import COLUMNS, mostly_foreground_notes, pair_predictions, score_image, summary, truth_files
 
     truths, folder = truth_files(args.truth, args.img_ext, args.mask_ext)
-    preds, strays = pair_predictions(args.pred, sorted(truths), args.suffix, PRED_SUFFIXES)
+    image_stems = {i: os.path.splitext(os.path.basename(files[2]))[0] for i, files in truths.items()}
+    preds, strays = pair_predictions(args.pred, sorted(truths), args.suffix, PRED_SUFFIXES, image_stems)
     for img_id, pred in preds.items():
         if any(truth and os.path.exists(truth) and os.path.samefile(pred, truth) for truth in truths[img_id][:2]):
             raise UsageError(f"--pred {args.pred}: {pred} is the truth of {img_id} itself; give the folder of the "

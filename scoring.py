@@ -38,10 +38,13 @@ def truth_files(dataset, img_ext, mask_ext):
             for i in ids}, folder
 
 
-def pair_predictions(pred_dir, ids, suffix, suffixes):
+def pair_predictions(pred_dir, ids, suffix, suffixes, image_stems=None):
     """{id: the prediction file of each of ``ids`` in ``pred_dir``} (named <id><suffix>, for ``suffix`` None with no
-    suffix or one of ``suffixes``, score.PRED_SUFFIXES), and the image files there that belong to no id. An id with
-    two predictions or none is a DataError naming them."""
+    suffix or one of ``suffixes``, score.PRED_SUFFIXES), and the image files there that belong to no id. An id whose
+    image file is named otherwise (``image_stems`` {id: its name without extension}: x_img of Cellpose's layout) also
+    pairs with that name plus a suffix (x_img_instances, x_img_cp_masks: the names predict.py and Cellpose give the
+    outputs of x_img.png), though not with that name alone, the image's own. An id with two predictions or none is a
+    DataError naming them."""
     if not os.path.isdir(pred_dir):
         raise DataError(f"--pred {pred_dir}: no such folder; give the folder of the predicted label images")
     names = sorted(f for f in os.listdir(pred_dir) if f.lower().endswith(IMAGE_EXTS) and not f.startswith(".")
@@ -50,31 +53,39 @@ def pair_predictions(pred_dir, ids, suffix, suffixes):
     wanted = ("", *suffixes) if suffix is None else (suffix,)
     known = ("", *suffixes, *OTHER_OUTPUTS, *CELLPOSE_OUTPUTS, *wanted)
     candidates, strays = {i: [] for i in ids}, []
+    # an ending of "" would pair the image file itself (Cellpose's x_img.png), as a prediction of x
+    aliases = {stem: i for i, stem in (image_stems or {}).items() if stem != i}
 
     def owner(stem, endings):
-        return next((stem[:len(stem) - len(e)] for e in endings
-                     if stem.endswith(e) and stem[:len(stem) - len(e)] in candidates), None)
+        """(id, ending) of a file named ``stem`` + one of ``endings``, or None."""
+        for e in endings:
+            base = stem[:len(stem) - len(e)] if stem.endswith(e) else None
+            if base in candidates:
+                return base, e
+            if e and base in aliases:
+                return aliases[base], e
+        return None
 
     for name in names:
         stem = os.path.splitext(name)[0]
-        img_id = owner(stem, wanted)
-        if img_id is not None:
-            candidates[img_id].append(name)
+        found = owner(stem, wanted)
+        if found is not None:
+            candidates[found[0]].append((name, found[1]))
         elif owner(stem, known) is None:
             strays.append(name)
     for img_id, found in candidates.items():
         if len(found) > 1:
-            ends = [os.path.splitext(f)[0][len(img_id):] for f in found]
-            fix = (f"choose with --suffix {shlex.quote(ends[1])} or --suffix {shlex.quote(ends[0])}"
-                   if ends[0] != ends[1] else "keep one of them")
-            raise DataError(f"{img_id} has two predictions in {pred_dir}: {found[0]} and {found[1]}; {fix}")
+            (first, end_first), (second, end_second) = found[:2]
+            fix = (f"choose with --suffix {shlex.quote(end_second)} or --suffix {shlex.quote(end_first)}"
+                   if end_first != end_second else "keep one of them")
+            raise DataError(f"{img_id} has two predictions in {pred_dir}: {first} and {second}; {fix}")
     missing = [i for i, found in candidates.items() if not found]
     if missing:
         names_like = f"<id>{suffix}" if suffix is not None else f"<id> or <id> plus one of {', '.join(suffixes)}"
         raise DataError(f"{len(missing)} of {len(ids)} images have no prediction in {pred_dir}: {first_few(missing)}; "
                         f"name each prediction {names_like} (.png or .tif), or score a dataset of the images "
                         "predicted")
-    return {i: os.path.join(pred_dir, found[0]) for i, found in candidates.items()}, strays
+    return {i: os.path.join(pred_dir, found[0][0]) for i, found in candidates.items()}, strays
 
 
 def score_image(img_id, pred_path, labels_path, mask_path, image_path):
@@ -144,5 +155,3 @@ def summary(table, counts, pred_dir, folder, output):
     dsb = f", DSB2018 {worst['dsb']:.3f}" if labelled.iloc[0] else ""
     lines.append(f"  worst image {worst['img_id']} (IoU {worst['iou']:.3f}{dsb}); per image in {output}")
     return "\n".join(lines)
-
-

@@ -291,3 +291,21 @@ def test_label_images_with_a_background_other_than_0_get_a_note(tmp_path, capsys
     code, out, _ = run(argv, capsys)
     assert code == 0 and "note: the predictions in" not in out
     assert f"note: the truth of {tmp_path}/shifted_truth/data mark 100% of their pixels as nuclei" in out, out
+
+
+@pytest.mark.parametrize("names", [("x_img_instances.png", "x_img.png", "x_img_prob.png"), ("x_img_cp_masks.png",)])
+def test_a_cellpose_layout_truth_pairs_the_predictions_named_after_its_image_files(tmp_path, capsys, names):
+    """In Cellpose's layout the image of id x is x_img.png, so predict.py --instances writes x_img_instances.png (and
+    x_img.png, x_img_prob.png) and Cellpose x_img_cp_masks.png: each pairs with x, the others are x's own files."""
+    truth = random_labels(np.random.default_rng(7))
+    write_image(tmp_path / "data" / "x_img.png", np.full(truth.shape, 40, np.uint8))
+    write_image(tmp_path / "data" / "x_masks.png", truth.astype(np.uint16))
+    pred = truth.copy()
+    pred[pred == pred.max()] = 0  # one nucleus missed, the others found, as a brute-force matching counts them
+    for name in names:
+        write_image(tmp_path / "pred" / name, pred.astype(np.uint16))
+    code, out, err = run(["--pred", str(tmp_path / "pred"), "--truth", str(tmp_path / "data")], capsys)
+    row = read_scores(tmp_path / "pred" / "scores.csv").loc["x"]
+    assert code == 0 and row["prediction"] == names[0] and "left out" not in out, err
+    tp, fp, fn = brute_force_counts(truth, pred)
+    assert (row["tp"], row["fp"], row["fn"]) == (tp, fp, fn) and tp > 0 and (fp, fn) == (0, 1)
