@@ -738,6 +738,18 @@ def test_channel_picks_the_nucleus_channel(in_runs, tmp_path):
                       *flags])
 
 
+def predicted_as_they_are_and_linked(tmp_path, capsys, monkeypatch, flags, linking):
+    """predict.py with ``flags`` and the Pointwise network (the barely trained one's nucleus fills a plane: a pixel's
+    own is no better), into tmp_path/own as it is and into tmp_path/linked with ``linking`` (--stitch_z or --track
+    and an IoU); returns what the second printed."""
+    load_run = checkpoints.load_run
+    monkeypatch.setattr(checkpoints, "load_run", lambda *args: (load_run(*args)[0], Pointwise()))
+    predict.main([*flags, "--output", str(tmp_path / "own")])
+    capsys.readouterr()
+    predict.main([*flags, "--output", str(tmp_path / "linked"), *linking])
+    return capsys.readouterr().out
+
+
 def test_stitch_z_links_the_nuclei_of_a_z_stack_alike_in_every_output(in_runs, tmp_path, capsys, monkeypatch):
     """--stitch_z: a T x Z stack's <id>_instances.tif holds its planes' own labels linked by instances.link_planes
     within each time point, objects.csv's t, z and labels and the ROIs' names agree with it, also when its planes
@@ -754,12 +766,7 @@ def test_stitch_z_links_the_nuclei_of_a_z_stack_alike_in_every_output(in_runs, t
     write(tmp_path / "in" / "flat.png", sample_bgr(40, 36))
     flags = ["--input", str(tmp_path / "in"), "--name", "pc", "--rois", "--min_confidence", "0", "--device", "cpu",
              "--amp", "fp32"]
-    load_run = checkpoints.load_run  # the barely trained network's nucleus fills a plane: a pixel's own is no better
-    monkeypatch.setattr(checkpoints, "load_run", lambda *args: (load_run(*args)[0], Pointwise()))
-    predict.main([*flags, "--output", str(tmp_path / "own")])
-    capsys.readouterr()
-    predict.main([*flags, "--output", str(tmp_path / "linked"), "--stitch_z", "0.5"])
-    printed = capsys.readouterr().out
+    printed = predicted_as_they_are_and_linked(tmp_path, capsys, monkeypatch, flags, ["--stitch_z", "0.5"])
     own = tifffile.imread(tmp_path / "own" / "tz_instances.tif")
     linked = tifffile.imread(tmp_path / "linked" / "tz_instances.tif")
     expected = np.zeros_like(own)
@@ -823,13 +830,8 @@ def test_track_keeps_each_nucleus_s_label_through_a_time_lapse(in_runs, tmp_path
     write(tmp_path / "in" / "flat.png", sample_bgr(40, 36))
     flags = ["--input", str(tmp_path / "in"), "--name", "pc", "--rois", "--min_confidence", "0", "--separation",
              "cc", "--device", "cpu", "--amp", "fp32"]
-    load_run = checkpoints.load_run
-    monkeypatch.setattr(checkpoints, "load_run", lambda *args: (load_run(*args)[0], Pointwise()))
-    predict.main([*flags, "--output", str(tmp_path / "own")])
-    capsys.readouterr()
-    predict.main([*flags, "--output", str(tmp_path / "tracked"), "--track", "0.3"])
-    printed = capsys.readouterr().out
-    tracked = tifffile.imread(tmp_path / "tracked" / "lapse_instances.tif")
+    printed = predicted_as_they_are_and_linked(tmp_path, capsys, monkeypatch, flags, ["--track", "0.3"])
+    tracked = tifffile.imread(tmp_path / "linked" / "lapse_instances.tif")
     labels = {}  # each nucleus's label at each time point it is in, read at its centre
     for name, where in nuclei.items():
         labels[name] = {int(tracked[t, where(t)[1], where(t)[0]]) for t in range(4) if where(t)}
@@ -839,22 +841,29 @@ def test_track_keeps_each_nucleus_s_label_through_a_time_lapse(in_runs, tmp_path
     own = tifffile.imread(tmp_path / "own" / "lapse_instances.tif")
     assert [int(plane.max()) for plane in own] == [3, 3, 3, 3] and not np.array_equal(own, tracked)
     assert np.array_equal(own > 0, tracked > 0)
-    objects = pd.read_csv(tmp_path / "tracked" / "objects.csv").query("image == 'lapse'")
+    objects = pd.read_csv(tmp_path / "linked" / "objects.csv").query("image == 'lapse'")
     for row in objects.itertuples():
         assert row.area == int((tracked[row.t] == row.label).sum())
-    rois = roiread(tmp_path / "tracked" / "lapse_rois.zip")
+    rois = roiread(tmp_path / "linked" / "lapse_rois.zip")
     assert [roi.name for roi in rois] == [f"{p:04d}-{k:04d}" for p, k in zip(objects["plane"], objects["label"])]
     for name in ("zs_instances.tif", "flat_instances.png"):
-        assert (tmp_path / "tracked" / name).read_bytes() == (tmp_path / "own" / name).read_bytes(), name
+        assert (tmp_path / "linked" / name).read_bytes() == (tmp_path / "own" / name).read_bytes(), name
     assert "note: --track links nuclei through the time points of a time-lapse, and " in printed
     assert "flat.png has none (a 2D image)" in printed and "zs.tif has z planes" in printed
     assert "--track 0.3: 4 tracks in 1 time-lapse (lapse: 4); objects.csv's image and label name each one" in printed
-    assert read_record(tmp_path / "tracked")["settings"]["track"] == 0.3
+    assert read_record(tmp_path / "linked")["settings"]["track"] == 0.3
 
 
-def test_stitch_z_beyond_a_16_bit_label_image_leaves_the_stack_out(tmp_path, monkeypatch):
-    """A time point whose linked nuclei outnumber what <id>_instances.tif holds leaves its stack out with one line,
-    as a plane with as many nuclei does (rather than labels that wrap around); the other files are predicted."""
+@pytest.mark.parametrize("axes, linking, message", [
+    ("ZYX", {"stitch_z": 0.5}, "image zs: --stitch_z: 6 nuclei by z plane 2 of time point 0 do not fit a 16-bit label "
+                               "image; predict it in parts (crop it into smaller images, or fewer z planes) or without "
+                               "--stitch_z"),
+    ("TYX", {"track": 0.3}, "image zs: --track: 6 tracks by time point 2 do not fit a 16-bit label image; predict it "
+                            "in parts (crop it into smaller images, or fewer time points) or without --track")])
+def test_linked_labels_beyond_a_16_bit_label_image_leave_the_stack_out(tmp_path, monkeypatch, axes, linking, message):
+    """A z-stack's time point (--stitch_z) or a time-lapse (--track) whose linked nuclei outnumber what
+    <id>_instances.tif holds leaves its stack out with one line naming the flag, as a plane with as many nuclei does
+    (rather than labels that wrap around); the other files are predicted."""
     class Moving:  # stands in for inference.Predictor: two nuclei, moved past their place of the plane before
         scale = 1.0
 
@@ -872,9 +881,9 @@ def test_stitch_z_beyond_a_16_bit_label_image_leaves_the_stack_out(tmp_path, mon
 
     (tmp_path / "in").mkdir()
     tifffile.imwrite(tmp_path / "in" / "zs.tif", np.zeros((3, 16, 16), np.uint8), imagej=True,
-                     metadata={"axes": "ZYX"})
+                     metadata={"axes": axes})
     files = [str(tmp_path / "in" / "zs.tif"), write(tmp_path / "in" / "after.png", np.zeros((16, 16), np.uint8))]
-    options = dict(separation="cc", filters=dict(min_size=0, min_confidence=0), stitch_z=0.5)
+    options = dict(separation="cc", filters=dict(min_size=0, min_confidence=0), **linking)
     monkeypatch.setattr(plane_outputs, "MOST_LABELS", 6)
     os.makedirs(tmp_path / "fits")
     rows, table, left_out = predict.predict_all(Moving(), files, ["zs", "after"], predict.tiff_headers(files),
@@ -884,48 +893,9 @@ def test_stitch_z_beyond_a_16_bit_label_image_leaves_the_stack_out(tmp_path, mon
     os.makedirs(tmp_path / "out")
     rows, table, left_out = predict.predict_all(Moving(), files, ["zs", "after"], predict.tiff_headers(files),
                                                 str(tmp_path / "out"), 1, 0.5, **options)
-    assert left_out == ["image zs: --stitch_z: 6 nuclei by z plane 2 of time point 0 do not fit a 16-bit label "
-                        "image; predict it in parts (crop it into smaller images, or fewer z planes) or without "
-                        "--stitch_z"]
+    assert left_out == [message]
     assert [row.image for row in rows] == ["after"] and set(table["image"]) == {"after"}
     assert sorted(os.listdir(tmp_path / "out")) == ["after.png", "after_instances.png"]
-
-
-def test_track_beyond_a_16_bit_label_image_leaves_the_time_lapse_out(tmp_path, monkeypatch):
-    """A time-lapse whose tracks outnumber what <id>_instances.tif holds leaves it out with one line naming --track
-    (rather than labels that wrap around); the other files are predicted."""
-    class Jumping:  # stands in for inference.Predictor: two nuclei a frame, none where the frame before had one
-        scale = 1.0
-
-        def __init__(self):
-            self.calls = 0
-
-        def as_input(self, image):
-            return image_to_float(image, 3)
-
-        def predict(self, image):
-            prob = np.zeros((1, 16, 16), np.float32)
-            prob[0, 2:4, 5 * self.calls:5 * self.calls + 2] = prob[0, 8:10, 5 * self.calls:5 * self.calls + 2] = 1
-            self.calls += 1
-            return prob
-
-    (tmp_path / "in").mkdir()
-    tifffile.imwrite(tmp_path / "in" / "lapse.tif", np.zeros((3, 16, 16), np.uint8), imagej=True,
-                     metadata={"axes": "TYX"})
-    files = [str(tmp_path / "in" / "lapse.tif"), write(tmp_path / "in" / "after.png", np.zeros((16, 16), np.uint8))]
-    options = dict(separation="cc", filters=dict(min_size=0, min_confidence=0), track=0.3)
-    monkeypatch.setattr(plane_outputs, "MOST_LABELS", 6)
-    os.makedirs(tmp_path / "fits")
-    rows, table, left_out = predict.predict_all(Jumping(), files, ["lapse", "after"], predict.tiff_headers(files),
-                                                str(tmp_path / "fits"), 1, 0.5, **options)
-    assert not left_out and table.query("image == 'lapse'")["label"].tolist() == [1, 2, 3, 4, 5, 6]
-    monkeypatch.setattr(plane_outputs, "MOST_LABELS", 5)
-    os.makedirs(tmp_path / "out")
-    rows, table, left_out = predict.predict_all(Jumping(), files, ["lapse", "after"], predict.tiff_headers(files),
-                                                str(tmp_path / "out"), 1, 0.5, **options)
-    assert left_out == ["image lapse: --track: 6 tracks by time point 2 do not fit a 16-bit label image; predict it "
-                        "in parts (crop it into smaller images, or fewer time points) or without --track"]
-    assert [row.image for row in rows] == ["after"] and set(table["image"]) == {"after"}
 
 
 @pytest.mark.parametrize("flags, message", [
