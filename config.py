@@ -536,7 +536,11 @@ def check_train_args(args):
     for flag in ("crop_size", "num_workers", "warmup_epochs", "precise_bn"):
         if getattr(args, flag) < 0:
             raise UsageError(f"--{flag} must not be negative, got {getattr(args, flag)}")
-    if not 0 < args.val_size < 1 or not 0 <= args.test_size < 1 or args.val_size + args.test_size >= 1:
+    if args.folds and not 0 <= args.test_size < 1:  # the folds validate, not --val_size (unused, unchecked)
+        raise UsageError(f"--test_size {args.test_size}: the test part must be at least 0 and below 1; --folds "
+                         f"{args.folds} deals the rest into folds")
+    if not args.folds and (not 0 < args.val_size < 1 or not 0 <= args.test_size < 1
+                           or args.val_size + args.test_size >= 1):
         raise UsageError(f"--val_size {args.val_size} and --test_size {args.test_size}: the validation part must be "
                          "above 0 (the best epoch is chosen on it), the test part at least 0, and their sum below 1")
     if args.folds < 0 or args.folds == 1 or not 0 <= args.fold < max(args.folds, 1):

@@ -1104,3 +1104,16 @@ def test_a_fold_run_validates_its_fold_and_keeps_it_on_resume(tmp_path, monkeypa
         train.main(["--resume", run, "--fold", "2", "--epochs", "2"])
     with pytest.raises(UsageError, match=r"--folds 3 deals the ids into folds and --split_file s.csv gives the split"):
         train.main(train_argv("both", "--folds", "3", "--split_file", "s.csv", epochs=1))
+
+
+def test_folds_check_the_test_size_alone_as_val_size_is_unused(tmp_path, monkeypatch):
+    """With --folds the folds validate and --val_size is unused: a --test_size that leaves less than the default
+    --val_size (0.85 + 0.2 >= 1) is a fold run's own (a fifth of the other 15%), and one of 1 or more is refused naming
+    --test_size alone, not the --val_size the user never gave."""
+    make_synthetic(tmp_path, num_images=20)
+    monkeypatch.chdir(tmp_path)
+    train.main(train_argv("big_test", "--folds", "2", "--fold", "1", "--test_size", "0.85", epochs=1, batch=2))
+    written = read_split(tmp_path, "big_test")
+    assert written["split"].value_counts().to_dict() == {"test": 17, "train": 2, "val": 1}
+    with pytest.raises(UsageError, match=r"^--test_size 1.0: the test part must be at least 0 and below 1; --folds 2"):
+        train.main(train_argv("all_test", "--folds", "2", "--test_size", "1.0", epochs=1))
