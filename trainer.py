@@ -435,8 +435,10 @@ class Trainer:
             self._say(f"--init {a.init}: {note}")
         seen = held_out_seen_in_training(self.split, init_weights_path(a.init))
         if seen:
-            fix = "" if a.split_file else "; to hold them out, give --split_file with val/test images it did not " \
-                                          "train on"
+            # --split_file is refused beside --folds; a run of the same fold trained on none of them
+            fix = "" if a.split_file else \
+                f"; to hold them out, --init a run of --fold {a.fold} (same --folds, --split_seed and dataset)" \
+                if a.folds else "; to hold them out, give --split_file with val/test images it did not train on"
             self._say(f"note: {len(seen)} of this run's {len(self.ids('val') + self.ids('test'))} val/test images are "
                       f"named like training images of --init {a.init} (e.g. {first_few(seen)}): if they are the same "
                       f"images, their scores overstate{fix}")

@@ -1117,3 +1117,21 @@ def test_folds_check_the_test_size_alone_as_val_size_is_unused(tmp_path, monkeyp
     assert written["split"].value_counts().to_dict() == {"test": 17, "train": 2, "val": 1}
     with pytest.raises(UsageError, match=r"^--test_size 1.0: the test part must be at least 0 and below 1; --folds 2"):
         train.main(train_argv("all_test", "--folds", "2", "--test_size", "1.0", epochs=1))
+
+
+def test_init_from_another_fold_names_the_fold_run_to_start_from(tmp_path, monkeypatch, capsys):
+    """--init from the run of another fold trains on images this fold validates: the note's way out is --init of a
+    run of the same fold (whose training images are this run's), not --split_file, which --folds refuses."""
+    ids = sorted(make_synthetic(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    train.main(train_argv("f0", "--folds", "2", "--fold", "0", epochs=1))
+    capsys.readouterr()
+    train.main(train_argv("f1", "--folds", "2", "--fold", "1", "--init", "f0", epochs=1))
+    out = capsys.readouterr().out
+    trained_by_f0 = sorted(ids[i] for i in list(KFold(2, shuffle=True, random_state=41).split(ids))[0][0])
+    assert f"note: {len(trained_by_f0)} of this run's {len(trained_by_f0)} val/test images are named like training " \
+           "images of --init f0" in out
+    assert "to hold them out, --init a run of --fold 1 (same --folds, --split_seed and dataset)" in out
+    assert "--split_file" not in out
+    train.main(train_argv("f1_again", "--folds", "2", "--fold", "1", "--init", "f1", epochs=1))
+    assert "named like training images" not in capsys.readouterr().out  # the same fold's run: no leak
