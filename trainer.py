@@ -437,7 +437,7 @@ class Trainer:
         if seen:
             # --split_file is refused beside --folds; a run of the same fold trained on none of them
             fix = "" if a.split_file else \
-                f"; to hold them out, --init a run of --fold {a.fold} (same --folds, --split_seed and dataset)" \
+                f"; to hold them out, --init a run of --fold {a.fold} (same --folds, --test_size, --split_seed, dataset)" \
                 if a.folds else "; to hold them out, give --split_file with val/test images it did not train on"
             self._say(f"note: {len(seen)} of this run's {len(self.ids('val') + self.ids('test'))} val/test images are "
                       f"named like training images of --init {a.init} (e.g. {first_few(seen)}): if they are the same "

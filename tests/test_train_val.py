@@ -1131,7 +1131,7 @@ def test_init_from_another_fold_names_the_fold_run_to_start_from(tmp_path, monke
     trained_by_f0 = sorted(ids[i] for i in list(KFold(2, shuffle=True, random_state=41).split(ids))[0][0])
     assert f"note: {len(trained_by_f0)} of this run's {len(trained_by_f0)} val/test images are named like training " \
            "images of --init f0" in out
-    assert "to hold them out, --init a run of --fold 1 (same --folds, --split_seed and dataset)" in out
+    assert "to hold them out, --init a run of --fold 1 (same --folds, --test_size, --split_seed, dataset)" in out
     assert "--split_file" not in out
     train.main(train_argv("f1_again", "--folds", "2", "--fold", "1", "--init", "f1", epochs=1))
     assert "named like training images" not in capsys.readouterr().out  # the same fold's run: no leak
