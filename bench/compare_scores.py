@@ -16,7 +16,7 @@ counted in a note. A score compared on a single image gets no interval (NaN). Tw
 A model cross-validated in folds (train.py --folds) has a scores.csv per fold's run, each image in one of them: give
 each model as a quoted pattern, and its files' rows are compared as one table:
 
-    python bench/compare_scores.py "outputs/a_fold*/scores.csv" "outputs/b_fold*/scores.csv"
+    python bench/compare_scores.py "outputs/a_fold?/scores.csv" "outputs/b_fold?/scores.csv"
 """
 import glob
 import os
@@ -28,8 +28,9 @@ sys.path.insert(0, REPO)
 
 import numpy as np  # noqa: E402  (after the path set-up above)
 import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
 
-from evaluation import bootstrap_interval, scored_classes  # noqa: E402
+from evaluation import EVALUATION_FILE, bootstrap_interval, describe_evaluation, scored_classes  # noqa: E402
 from utils import ArgumentParser, UsageError, run_cli  # noqa: E402
 
 SCORES = ("iou", "dice", "dsb", "f1")
@@ -44,6 +45,7 @@ def read_scores(path):
     if not paths:
         raise UsageError(f"{path}: no file matches; run val.py of each fold first (it writes <output>/scores.csv)")
     tables = [read_scores_file(p) for p in paths]
+    check_one_split(path, paths)
     table = pd.concat(tables)
     repeated = table["img_id"][table["img_id"].duplicated()].unique()
     if len(repeated):
@@ -52,6 +54,27 @@ def read_scores(path):
                          f"{', in ' + ' and '.join(where) if len(paths) > 1 else ''}); give one val.py scores.csv, "
                          "or the folds of one cross-validation, each image in one of them")
     return table.set_index("img_id")
+
+
+def check_one_split(pattern, paths):
+    """A UsageError when the files ``paths`` that ``pattern`` matched score other splits (their evaluation.yml, as
+    val.py writes it beside scores.csv; a file without one is not checked): outputs/r_fold*/scores.csv also matches
+    outputs/r_fold0_test/, val.py --split test of fold 0, whose test images no fold validates, so that nothing else
+    would keep them out of the folds' pooled validation scores."""
+    splits = {}
+    for path in paths:
+        try:
+            with open(os.path.join(os.path.dirname(path), EVALUATION_FILE)) as f:
+                record = yaml.safe_load(f)
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(record, dict):
+            splits.setdefault(record.get("split"), (path, record))
+    if len(splits) > 1:
+        (first, one), (second, other) = list(splits.values())[:2]
+        raise UsageError(f"{pattern} matches scores of {describe_evaluation(one)} ({first}) and of "
+                         f"{describe_evaluation(other)} ({second}); give a pattern of one split's files, e.g. the "
+                         "folds' val scores: outputs/<name>_fold?/scores.csv")
 
 
 def read_scores_file(path):

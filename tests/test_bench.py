@@ -556,3 +556,21 @@ def test_track_bench_counts_a_nucleus_kept_only_when_one_label_covers_it_in_ever
     tracked[:, 2, 2] = 8  # 1's label covers most of it (3 of its 4 pixels), not all
     assert track.kept_tracks(truth, tracked) == (3, 2, 1)
     assert np.array_equal(track.moved(truth[0], 2, (1, 2))[1], np.roll(truth[0], (1, 2), axis=(0, 1)))
+
+
+def test_compare_scores_refuses_a_pattern_that_joins_a_test_score_to_the_folds(tmp_path):
+    """outputs/a_fold*/scores.csv also matches outputs/a_fold0_test/ (val.py --name a_fold0 --split test): its test
+    images are in no fold's val scores, so no image repeats, and they were pooled with the folds' validation as if
+    cross-validated. Each file's evaluation.yml (val.py's) names its split: files of two splits are refused."""
+    for folder, split, ids in (("a_fold0", "val", ["p"]), ("a_fold1", "val", ["q"]), ("a_fold0_test", "test", ["t"]),
+                               ("b", None, ["p", "q", "t"])):
+        (tmp_path / folder).mkdir()
+        pd.DataFrame({"img_id": ids, "iou": [0.5] * len(ids)}).to_csv(tmp_path / folder / "scores.csv", index=False)
+        if split:
+            (tmp_path / folder / "evaluation.yml").write_text(f"run: {folder[:7]}\nsplit: {split}\n")
+    with pytest.raises(UsageError, match=r"a_fold\*/scores.csv matches scores of run a_fold0 \(val split\) \(.*"
+                                         r"a_fold0/scores.csv\) and of run a_fold0 \(test split\) \(.*"
+                                         r"a_fold0_test/scores.csv\); give a pattern of one split's files"):
+        compare_scores.main([str(tmp_path / "a_fold*" / "scores.csv"), str(tmp_path / "b" / "scores.csv")])
+    table = compare_scores.main([str(tmp_path / "a_fold?" / "scores.csv"), str(tmp_path / "b" / "scores.csv")])
+    assert table.set_index("score").loc["iou", "n"] == 2  # p and q, the folds' validation images alone
