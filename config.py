@@ -482,6 +482,8 @@ def check_unchanged_on_resume(args, saved_values, name, how):
                 "images it expects, so --init cannot carry its weights over either: train a new run from scratch"
                 if fresh else
                 f"To train on with other settings, start a new run from its weights: --init {name} --name <new name>")
+        if k in ("folds", "fold"):  # --init from another fold's run would train on this fold's validation images
+            then = f"Each fold trains a run of its own, from scratch: give this one --name {name}_fold{args.fold}"
         raise UsageError(f"--{k} {getattr(args, k)} differs from the run's {saved[k]}; {how} continues "
                          f"{run_dir(name)} with its settings (only --epochs, --early_stopping and how it runs, such "
                          f"as --device or --num_workers, may change). {then}")

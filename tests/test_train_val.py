@@ -1135,3 +1135,19 @@ def test_init_from_another_fold_names_the_fold_run_to_start_from(tmp_path, monke
     assert "--split_file" not in out
     train.main(train_argv("f1_again", "--folds", "2", "--fold", "1", "--init", "f1", epochs=1))
     assert "named like training images" not in capsys.readouterr().out  # the same fold's run: no leak
+
+
+def test_another_fold_of_a_named_recipe_is_told_to_take_a_name_of_its_own(tmp_path, monkeypatch):
+    """A recipe that names its run gives every fold that name: --auto_resume of --fold 1 finds the run of fold 0 and
+    is refused, and the way out is a name of its own, not --init of fold 0's run (trained on fold 1's images)."""
+    make_synthetic(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.yml").write_text("name: named\n")
+    train.main(train_argv("named", "--folds", "3", "--fold", "0", epochs=1))
+    with pytest.raises(UsageError) as refused:
+        argv = train_argv("named", "--folds", "3", "--fold", "1", epochs=1)[2:]  # its name from the recipe
+        train.main(argv + ["--config", "r.yml", "--auto_resume"])
+    message = str(refused.value)
+    assert message.startswith("--fold 1 differs from the run's 0; --auto_resume continues models/named")
+    assert "Each fold trains a run of its own, from scratch: give this one --name named_fold1" in message
+    assert "--init named" not in message
