@@ -316,7 +316,10 @@ def list_ids(dataset_dir, img_ext=".png", mask_ext=".png", num_classes=1):
         elif layout.kind == "geojson":
             check_geojson_files(layout, ids)
         elif layout.kind == "cellpose":
-            label_ids = _ids_in(dataset_dir, f"_masks{mask_ext}")
+            # Cellpose's own predictions, saved beside the images (<image>_cp_masks, without --savedir), are no
+            # labels: Cellpose leaves them out of its training folders too
+            predicted = {f"{i}{layout.img_suffix}_cp" for i in ids}
+            label_ids = {i for i in _ids_in(dataset_dir, f"_masks{mask_ext}") if i in ids or i not in predicted}
             _check_pairs(ids, label_ids, dataset_dir, "<id>_masks label image", mask_ext, "--mask_ext", "_masks",
                          img_ext)
         else:

@@ -309,3 +309,29 @@ def test_a_cellpose_layout_truth_pairs_the_predictions_named_after_its_image_fil
     assert code == 0 and row["prediction"] == names[0] and "left out" not in out, err
     tp, fp, fn = brute_force_counts(truth, pred)
     assert (row["tp"], row["fp"], row["fn"]) == (tp, fp, fn) and tp > 0 and (fp, fn) == (0, 1)
+
+
+@pytest.mark.parametrize("image, prediction, flags", [("x_img.png", "x_img_cp_masks.png", []),
+                                                      ("x.tif", "x_cp_masks.png", ["--img_ext", ".tif"])])
+def test_cellpose_s_predictions_beside_a_cellpose_layout_s_images_are_not_labels(tmp_path, capsys, image, prediction,
+                                                                                 flags):
+    """Cellpose run without --savedir writes x_img_cp_masks.png (x_cp_masks.png for x.tif) beside the images: the
+    truth's layout read it as the label image of an image x_img_cp (x_cp) and refused the dataset, where Cellpose's
+    own training folders leave those files out. Scored from that same folder, it pairs with x with --suffix
+    _cp_masks, and scores as the same prediction in a folder of its own does."""
+    truth = random_labels(np.random.default_rng(7))
+    pred = truth.copy()
+    pred[pred == pred.max()] = 0  # one nucleus missed
+    for folder in ("data", "own"):
+        write_image(tmp_path / folder / prediction, pred.astype(np.uint16))
+    write_image(tmp_path / "data" / image, np.full(truth.shape, 40, np.uint8))
+    write_image(tmp_path / "data" / "x_masks.png", truth.astype(np.uint16))
+    code, out, err = run(["--pred", str(tmp_path / "data"), "--truth", str(tmp_path / "data"), "--suffix",
+                          "_cp_masks", *flags], capsys)
+    assert code == 0, err
+    beside = read_scores(tmp_path / "data" / "scores.csv").loc["x"]
+    code, out, err = run(["--pred", str(tmp_path / "own"), "--truth", str(tmp_path / "data"), *flags], capsys)
+    own = read_scores(tmp_path / "own" / "scores.csv").loc["x"]
+    assert code == 0 and beside["prediction"] == own["prediction"] == prediction, err
+    tp, fp, fn = brute_force_counts(truth, pred)
+    assert (beside["tp"], beside["fp"], beside["fn"]) == (own["tp"], own["fp"], own["fn"]) == (tp, fp, fn)
