@@ -435,10 +435,12 @@ class Trainer:
             self._say(f"--init {a.init}: {note}")
         seen = held_out_seen_in_training(self.split, init_weights_path(a.init))
         if seen:
-            # --split_file is refused beside --folds; a run of the same fold trained on none of them
-            fix = "" if a.split_file else \
-                f"; to hold them out, --init a run of --fold {a.fold} (same --folds, --test_size, --split_seed, dataset)" \
-                if a.folds else "; to hold them out, give --split_file with val/test images it did not train on"
+            fix = "; to hold them out, give --split_file with val/test images it did not train on"
+            if a.split_file:
+                fix = ""
+            elif a.folds:  # --split_file is refused beside --folds; a run of the same fold trained on none of them
+                fix = (f"; to hold them out, --init a run of --fold {a.fold} (same --folds, --test_size, --split_seed, "
+                       "dataset)")
             self._say(f"note: {len(seen)} of this run's {len(self.ids('val') + self.ids('test'))} val/test images are "
                       f"named like training images of --init {a.init} (e.g. {first_few(seen)}): if they are the same "
                       f"images, their scores overstate{fix}")
