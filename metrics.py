@@ -159,6 +159,18 @@ def true_positives(iou, thresholds=DSB_THRESHOLDS):
     return (iou[None] > np.asarray(thresholds)[:, None, None]).sum(axis=(1, 2))
 
 
+def panoptic_quality(iou):
+    """Panoptic quality of matched nuclei (Kirillov et al. 2019; HoVer-Net's PQ) from the IoU matrix [N_true, N_pred]
+    (:func:`object_iou`): -> (PQ, SQ). A true and a predicted nucleus match when IoU > 0.5 (one-to-one); SQ is the
+    mean IoU of the matched pairs (NaN when none matched), PQ = (sum of their IoUs) / (TP + FP/2 + FN/2) = SQ x F1 at
+    IoU 0.5, in [0, 1]: 1.0 when both images have no nuclei, 0.0 when nothing matched."""
+    n_true, n_pred = iou.shape
+    if n_true == 0 and n_pred == 0:
+        return 1.0, float("nan")
+    matched = iou[iou > 0.5]
+    return 2 * float(matched.sum()) / (n_true + n_pred), float(matched.mean()) if matched.size else float("nan")
+
+
 def dsb_scores(prob, true_labels, methods=("watershed", "cc"), **kwargs):
     """DSB2018 score of each separation method on one image: {method: score in [0, 1]}.
 

@@ -13,8 +13,9 @@ taken as its connected components (touching nuclei stay one), with a note.
 Per image (scores.csv, a row per image, worst IoU first, with val.py's img_id, iou, dice and dsb columns, so that
 bench/compare_scores.py compares two tools, or a tool with val.py): the pixel IoU and Dice of the foregrounds, the
 DSB2018 score (metrics.dsb_score) and at IoU 0.5 the matched nuclei (tp), false positives and negatives,
-precision, recall and F1 (1 where nothing was to find and nothing was found), and the numbers of true and
-predicted nuclei. Then a summary like val.py's.
+precision, recall and F1 (1 where nothing was to find and nothing was found), the panoptic quality PQ and its SQ
+(metrics.panoptic_quality: the measure of nucleus papers such as HoVer-Net's), and the numbers of true and predicted
+nuclei. Then a summary like val.py's.
 """
 import os
 
@@ -30,8 +31,8 @@ PRED_SUFFIXES = ("_instances", "_cp_masks", "_masks", "_labels", "_label")
 def build_parser():
     p = ArgumentParser(prog="score.py",
                        description="Score label images made by another tool (or by predict.py --instances) against "
-                                   "a dataset's truth: pixel IoU and Dice, the DSB2018 score, and precision, recall "
-                                   "and F1 of the nuclei at IoU 0.5.")
+                                   "a dataset's truth: pixel IoU and Dice, the DSB2018 score, precision, recall "
+                                   "and F1 of the nuclei at IoU 0.5, and their panoptic quality (PQ).")
     p.add_argument("--pred", type=path_arg, required=True, metavar="DIR",
                    help="folder of predicted label images, <id><suffix>.png or .tif, <id> as in the dataset")
     p.add_argument("--truth", type=path_arg, required=True, metavar="DATASET",

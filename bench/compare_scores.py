@@ -4,7 +4,7 @@
     python val.py --name borders_longer_dark                           # B: a candidate trained on the same split
     python bench/compare_scores.py outputs/nuclei_val/scores.csv outputs/borders_longer_dark/scores.csv
 
-For each score both files hold (iou, dice, dsb; score.py's f1; a run of several classes' iou_class<c> and
+For each score both files hold (iou, dice, dsb; score.py's f1 and pq; a run of several classes' iou_class<c> and
 dice_class<c>): the mean over the images both scored of B - A, a 95 % bootstrap
 interval of that mean (the images drawn again with replacement, 10,000 times, seed 0), and on how many images B
 is better and worse. The same for each image kind. B is "clearly better" on a score (the rule for replacing the
@@ -33,7 +33,7 @@ import yaml  # noqa: E402
 from evaluation import EVALUATION_FILE, bootstrap_interval, describe_evaluation, scored_classes  # noqa: E402
 from utils import ArgumentParser, UsageError, run_cli  # noqa: E402
 
-SCORES = ("iou", "dice", "dsb", "f1")
+SCORES = ("iou", "dice", "dsb", "f1", "pq")
 PER_CLASS = re.compile(r"(iou|dice)_class\d+")  # val.py's columns for a run of several classes
 
 

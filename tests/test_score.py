@@ -38,16 +38,18 @@ def random_labels(rng, count=8, size=SIZE):
 
 
 def brute_force_counts(truth, pred):
-    """(TP, FP, FN) at IoU 0.5 by set arithmetic on every pair of objects, matched greedily (unique above 0.5)."""
+    """(TP, FP, FN) at IoU 0.5 by set arithmetic on every pair of objects, matched greedily (unique above 0.5), and
+    the IoUs of the matched pairs (a list)."""
     true_ids, pred_ids = np.unique(truth[truth > 0]), np.unique(pred[pred > 0])
-    matched = set()
+    matched, ious = set(), []
     for t in true_ids:
         for p in pred_ids:
             a, b = truth == t, pred == p
             if p not in matched and (a & b).sum() / (a | b).sum() > 0.5:
                 matched.add(p)
+                ious.append((a & b).sum() / (a | b).sum())
                 break
-    return len(matched), len(pred_ids) - len(matched), len(true_ids) - len(matched)
+    return len(matched), len(pred_ids) - len(matched), len(true_ids) - len(matched), ious
 
 
 def run(argv, capsys):
@@ -79,10 +81,13 @@ def test_counts_and_dsb_match_a_brute_force_matching(tmp_path, capsys):
     assert table["tp"].sum() > 0 and table["fp"].sum() > 0 and table["fn"].sum() > 0  # every case is exercised
     for img_id, truth in truths.items():
         row, pred = table.loc[img_id], preds[img_id]
-        tp, fp, fn = brute_force_counts(truth, pred)
+        tp, fp, fn, ious = brute_force_counts(truth, pred)
         assert (row["tp"], row["fp"], row["fn"]) == (tp, fp, fn), img_id
         assert row["precision"] == pytest.approx(tp / (tp + fp)) and row["recall"] == pytest.approx(tp / (tp + fn))
         assert row["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+        # Kirillov et al.'s panoptic quality: the matched IoUs over TP + FP/2 + FN/2
+        assert row["pq"] == pytest.approx(sum(ious) / (tp + fp / 2 + fn / 2))
+        assert row["sq"] == pytest.approx(np.mean(ious)) if ious else np.isnan(row["sq"])
         assert (row["true_nuclei"], row["pred_nuclei"]) == (tp + fn, tp + fp)
         assert row["dsb"] == pytest.approx(dsb_score(truth, pred))
     out = capsys.readouterr().out
@@ -112,6 +117,10 @@ def test_dsb_by_hand_and_pooled_iou_by_hand(tmp_path, capsys):
     assert table.loc["a", "iou"] == pytest.approx((31 + 16) / (50 + 16), abs=1e-6)
     pooled = (31 + 16 + 10) / (50 + 16 + 40)
     assert f"IoU  {pooled:.4f} pooled   {(10 / 40 + 47 / 66) / 2:.4f} mean per image" in out
+    # a's two nuclei matched with IoU 0.62 and 1; b's one (IoU 0.25) not: PQ 0.81 and 0, SQ 0.81 and none
+    assert table.loc["a", ["pq", "sq"]].tolist() == pytest.approx([0.81, 0.81]) and table.loc["b", "pq"] == 0
+    assert np.isnan(table.loc["b", "sq"]) and "PQ 0.4050 (panoptic quality: F1 x SQ, the matched nuclei's mean " \
+        "IoU, 0.8100; means per image)" in out
     assert list(table.index) == ["b", "a"]  # worst first
     assert "worst image b" in out
 
@@ -187,7 +196,7 @@ def test_a_truth_that_gives_one_id_to_separate_nuclei_gets_a_note(tmp_path, caps
     argv = one_image(tmp_path, separated.astype(np.uint16), truth=truth)
     code, out, _ = run(argv, capsys)
     row = read_scores(tmp_path / "pred" / "scores.csv").loc["x"]
-    assert code == 0 and (row["tp"], row["fp"], row["fn"]) == brute_force_counts(truth, separated) == (1, 2, 1)
+    assert code == 0 and (row["tp"], row["fp"], row["fn"]) == brute_force_counts(truth, separated)[:3] == (1, 2, 1)
     assert "note: in the truth of 1 image an id marks several separate objects, each scored as one nucleus" in out
     code, out, _ = run(one_image(tmp_path / "apart", separated.astype(np.uint16), truth=separated), capsys)
     assert code == 0 and "several separate objects" not in out
@@ -261,9 +270,9 @@ def test_an_empty_side_scores_1_only_when_both_are_empty(tmp_path, capsys):
                        capsys)
     table = read_scores(tmp_path / "pred" / "scores.csv")
     assert code == 0
-    assert table.loc["missed", ["precision", "recall", "f1", "dsb"]].tolist() == [0, 0, 0, 0]
-    assert table.loc["invented", ["precision", "recall", "f1", "dsb"]].tolist() == [0, 0, 0, 0]
-    assert table.loc["both_empty", ["precision", "recall", "f1", "dsb"]].tolist() == [1, 1, 1, 1]
+    assert table.loc["missed", ["precision", "recall", "f1", "dsb", "pq"]].tolist() == [0, 0, 0, 0, 0]
+    assert table.loc["invented", ["precision", "recall", "f1", "dsb", "pq"]].tolist() == [0, 0, 0, 0, 0]
+    assert table.loc["both_empty", ["precision", "recall", "f1", "dsb", "pq"]].tolist() == [1, 1, 1, 1, 1]
     assert f"precision {1 / 3:.4f}, recall {1 / 3:.4f}" in out
 
 
@@ -307,7 +316,7 @@ def test_a_cellpose_layout_truth_pairs_the_predictions_named_after_its_image_fil
     code, out, err = run(["--pred", str(tmp_path / "pred"), "--truth", str(tmp_path / "data")], capsys)
     row = read_scores(tmp_path / "pred" / "scores.csv").loc["x"]
     assert code == 0 and row["prediction"] == names[0] and "left out" not in out, err
-    tp, fp, fn = brute_force_counts(truth, pred)
+    tp, fp, fn, _ = brute_force_counts(truth, pred)
     assert (row["tp"], row["fp"], row["fn"]) == (tp, fp, fn) and tp > 0 and (fp, fn) == (0, 1)
 
 
@@ -333,5 +342,5 @@ def test_cellpose_s_predictions_beside_a_cellpose_layout_s_images_are_not_labels
     code, out, err = run(["--pred", str(tmp_path / "own"), "--truth", str(tmp_path / "data"), *flags], capsys)
     own = read_scores(tmp_path / "own" / "scores.csv").loc["x"]
     assert code == 0 and beside["prediction"] == own["prediction"] == prediction, err
-    tp, fp, fn = brute_force_counts(truth, pred)
+    tp, fp, fn, _ = brute_force_counts(truth, pred)
     assert (beside["tp"], beside["fp"], beside["fn"]) == (own["tp"], own["fp"], own["fn"]) == (tp, fp, fn)
