@@ -21,7 +21,7 @@ from splits import changed_images_note, read_split, split_ids
 from image_files import decode_image, denormalize, resize_labels
 from inference import host_probabilities
 from instances import auto_scale, border_map
-from metrics import dsb_scores
+from metrics import separation_scores
 from utils import BatchedThreads, DataError, UsageError, first_few, progress_bar, usable_cpus
 from visualize import overlay_panel, to_bgr, write_summary
 
@@ -237,7 +237,8 @@ class ImageWriter:
 
     classes: the mask classes K (a channel after them is the learned border map); labels: {img_id: (label file,
     image file)} of the images with instance labels (layouts.read_instance_labels), scored by each of ``methods``
-    (instances.split_instances with ``filters``), the first one also in the row.
+    (instances.split_instances with ``filters``): the DSB2018 score of each, and the first one's
+    metrics.nucleus_scores in the row.
 
     The per-image work (instance separation, PNG encoding) runs in threads after every ``buffer_mb`` MB of
     predictions (utils.BatchedThreads, ``workers`` threads); rows keep the order of the images. Use it as a context
@@ -278,10 +279,12 @@ class ImageWriter:
             atomic_imwrite(os.path.join(self.out_dir, str(c) if c < k else "borders", img_id + ".png"),
                            np.round(prob[c] * 255).astype(np.uint8))
         row, dsb = {"img_id": img_id, "iou": float(iou.mean()), "dice": float(dice.mean()), "kind": kind}, {}
-        if img_id in self.labels:  # DSB2018 instance score at the evaluated size
+        if img_id in self.labels:  # the instance scores at the evaluated size
             truth_labels = resize_labels(read_instance_labels(*self.labels[img_id]), prob.shape[1:])
-            dsb = dsb_scores(prob[0], truth_labels, self.methods, border=border_map(prob, k), **self.filters)
-            row["dsb"] = dsb[self.methods[0]]
+            scores = separation_scores(prob[0], truth_labels, self.methods, border=border_map(prob, k),
+                                       **self.filters)
+            row.update(scores[self.methods[0]])
+            dsb = {m: s["dsb"] for m, s in scores.items()}
         if k > 1:
             for c in range(k):
                 row.update({f"iou_class{c}": float(iou[c]), f"dice_class{c}": float(dice[c])})
@@ -343,6 +346,8 @@ def summary(title, scores, table, dsb, out_dir, overlays, trained=(), tuned=""):
         lines.append(f"  DSB2018 score {', '.join(f'{v:.4f} ({SEPARATION_NAMES[m]})' for m, v in dsb.items())}, "
                      f"mean over the {table['dsb'].notna().sum()} images with instance labels" +
                      (f"; {tuned}" if tuned else ""))
+    if dsb:
+        lines += matched_nuclei_lines(table[table["dsb"].notna()], next(iter(dsb)))
     lines += interval_line(table, next(iter(dsb), None))
     lines += untrained_line(table, trained, next(iter(dsb), None))
     classes = scored_classes(table)
@@ -355,6 +360,18 @@ def summary(title, scores, table, dsb, out_dir, overlays, trained=(), tuned=""):
                  f"{os.path.join(out_dir, '')} (scores.csv, {'overlays/, summary.png, ' if overlays else ''}"
                  "probability PNGs per class)")
     return "\n".join(lines)
+
+
+def matched_nuclei_lines(table, separation=None):
+    """The summary's lines on the nuclei matched at IoU 0.5 of a ``table`` (scores.csv's rows with instance scores,
+    metrics.nucleus_scores) whose nuclei ``separation`` made (None: made elsewhere): F1, precision, recall and PQ
+    (means per image), and the nuclei found."""
+    how = f" ({SEPARATION_NAMES[separation]})" if separation else ""
+    return [f"  at IoU 0.5{how}: F1 {table['f1'].mean():.4f}, precision {table['precision'].mean():.4f}, recall "
+            f"{table['recall'].mean():.4f} (means per image); {table['tp'].sum()} of {table['true_nuclei'].sum()} "
+            f"true nuclei found, {table['fp'].sum()} false positives",
+            f"  PQ {table['pq'].mean():.4f} (panoptic quality: F1 x SQ, the matched nuclei's mean IoU, "
+            f"{table['sq'].mean():.4f}; means per image)"]
 
 
 def interval_line(table, separation):

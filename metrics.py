@@ -1,4 +1,5 @@
-"""Segmentation scores: pixel IoU / Dice on logits, and the 2018 Data Science Bowl instance score.
+"""Segmentation scores: pixel IoU / Dice on logits, and the instance scores of nuclei (the 2018 Data Science Bowl
+score, F1 at IoU 0.5, panoptic quality).
 
 Pixel scores threshold the sigmoid at 0.5, i.e. a pixel is predicted foreground when its logit is > 0;
 the target is foreground where it is > 0.5. A class of an image whose prediction and truth are both empty
@@ -171,10 +172,25 @@ def panoptic_quality(iou):
     return 2 * float(matched.sum()) / (n_true + n_pred), float(matched.mean()) if matched.size else float("nan")
 
 
-def dsb_scores(prob, true_labels, methods=("watershed", "cc"), **kwargs):
-    """DSB2018 score of each separation method on one image: {method: score in [0, 1]}.
+def nucleus_scores(iou):
+    """One image's instance scores from its objects' IoU matrix [N_true, N_pred] (:func:`object_iou`): {dsb
+    (:func:`dsb_score_of_iou`); at IoU 0.5 the matched nuclei tp, the false positives fp and negatives fn,
+    precision, recall and F1 in [0, 1] (an empty side scores 1 only when the other is empty too: a tool that finds
+    nothing is no precise one); pq and sq (:func:`panoptic_quality`); true_nuclei, pred_nuclei}."""
+    n_true, n_pred = iou.shape
+    tp = int(true_positives(iou, [0.5])[0])
+    pq, sq = panoptic_quality(iou)
+    return {"dsb": dsb_score_of_iou(iou), "tp": tp, "fp": n_pred - tp, "fn": n_true - tp,
+            "precision": tp / n_pred if n_pred else float(n_true == 0),
+            "recall": tp / n_true if n_true else float(n_pred == 0),
+            "f1": 2 * tp / (n_true + n_pred) if n_true + n_pred else 1.0, "pq": pq, "sq": sq,
+            "true_nuclei": n_true, "pred_nuclei": n_pred}
+
+
+def separation_scores(prob, true_labels, methods=("watershed", "cc"), **kwargs):
+    """:func:`nucleus_scores` of each separation method's nuclei on one image: {method: scores}.
 
     prob: float [H, W] in [0, 1]; true_labels: int [H, W] of the same shape (0 background, 1..N); ``kwargs``
     (e.g. ``border``, ``min_size``) go to :func:`instances.split_instances`.
     """
-    return {m: dsb_score(true_labels, split_instances(prob, m, **kwargs)) for m in methods}
+    return {m: nucleus_scores(object_iou(true_labels, split_instances(prob, m, **kwargs))) for m in methods}

@@ -9,10 +9,10 @@ import numpy as np
 
 from config import INPUTS_DIR, dataset_folder
 from layouts import find_layout, list_ids, read_instance_labels
-from evaluation import interval_line
+from evaluation import interval_line, matched_nuclei_lines
 from image_files import multi_object_ids, read_labels_or_components, read_mask
 from measurements import MOSTLY_FOREGROUND
-from metrics import dsb_score_of_iou, object_iou, panoptic_quality, pooled_scores, true_positives
+from metrics import nucleus_scores, object_iou, pooled_scores
 from predict import CELLPOSE_OUTPUTS, IMAGE_EXTS
 from utils import DataError, check_utf8_names, first_few
 
@@ -110,16 +110,7 @@ def score_image(img_id, pred_path, labels_path, mask_path, image_path):
     row = {"img_id": img_id, **pooled_scores(*counts[:4]), "prediction": os.path.basename(pred_path)}
     if truth is None:
         return {**row, "pred_nuclei": len(np.unique(pred[pred_mask]))}, counts, binary, 0
-    iou = object_iou(truth, pred)
-    n_true, n_pred = iou.shape
-    tp = int(true_positives(iou, [0.5])[0])
-    pq, sq = panoptic_quality(iou)
-    return {**row, "dsb": dsb_score_of_iou(iou), "tp": tp, "fp": n_pred - tp, "fn": n_true - tp,
-            # an empty side scores 1 only when the other is empty too: a tool that finds nothing is no precise one
-            "precision": tp / n_pred if n_pred else float(n_true == 0),
-            "recall": tp / n_true if n_true else float(n_pred == 0),
-            "f1": 2 * tp / (n_true + n_pred) if n_true + n_pred else 1.0, "pq": pq, "sq": sq,
-            "true_nuclei": n_true, "pred_nuclei": n_pred}, counts, binary, len(multi_object_ids(truth))
+    return {**row, **nucleus_scores(object_iou(truth, pred))}, counts, binary, len(multi_object_ids(truth))
 
 
 def mostly_foreground_notes(counts, pred_dir, folder):
@@ -143,12 +134,7 @@ def summary(table, counts, pred_dir, folder, output):
     if labelled.any():
         nuclei = table[labelled]
         over = f", over the {labelled.sum()} images with instance labels" if not labelled.all() else ""
-        lines += [f"  DSB2018 score {nuclei['dsb'].mean():.4f} mean per image{over}",
-                  f"  at IoU 0.5: F1 {nuclei['f1'].mean():.4f}, precision {nuclei['precision'].mean():.4f}, recall "
-                  f"{nuclei['recall'].mean():.4f} (means per image); {nuclei['tp'].sum()} of "
-                  f"{nuclei['true_nuclei'].sum()} true nuclei found, {nuclei['fp'].sum()} false positives",
-                  f"  PQ {nuclei['pq'].mean():.4f} (panoptic quality: F1 x SQ, the matched nuclei's mean IoU, "
-                  f"{nuclei['sq'].mean():.4f}; means per image)"]
+        lines += [f"  DSB2018 score {nuclei['dsb'].mean():.4f} mean per image{over}", *matched_nuclei_lines(nuclei)]
     if not labelled.all():
         lines.append(f"  {(~labelled).sum()} of {len(table)} images have no instance labels in {folder} (labels/ "
                      "or a label-image layout): their masks alone are scored (IoU and Dice; the DSB2018 score and "

@@ -18,9 +18,10 @@ SHA-256 it recorded); prints pooled IoU, mean per-image IoU and mean per-image D
 outputs/<name>/<class>/<id>.png (probability x 255, 8-bit PNG; runs trained with --borders True also
 borders/<id>.png), scores.csv (one row per image, worst first, with its kind: fluorescence,
 stained or bright-field, see dataset.image_modality; for a run of several classes the IoU and Dice of each class
-after their means; with a ``dsb`` column, the DSB2018 instance score, when the dataset has instance labels (labels/,
-or a StarDist or Cellpose label-image layout, see layouts.find_layout): nuclei split by --separation, the other ways
-printed beside it), overlays/<id>.png (image | truth | prediction | errors; class 0's) and summary.png.
+after their means; when the dataset has instance labels (labels/, or a StarDist or Cellpose label-image layout, see
+layouts.find_layout), the instance scores of the nuclei split by --separation (metrics.nucleus_scores: the DSB2018
+score ``dsb``, F1 at IoU 0.5, panoptic quality ``pq``...; the DSB2018 score of the other ways printed beside it)),
+overlays/<id>.png (image | truth | prediction | errors; class 0's) and summary.png.
 
 With ``--tune`` it writes no outputs: it scores a grid of post-processings on the run's validation split (tuning.py)
 and writes the best to models/<name>/postprocessing.yml, the run's defaults from then on (config.post_processing).
@@ -167,7 +168,8 @@ def evaluate_into(args, out_dir):
                   trained, post.tuned))
     print_size_hint(args.name, cfg, dataset_dir, ids, reading)
     if dsb:
-        scores.update(dsb=float(table["dsb"].mean()), **{f"dsb_{m}": v for m, v in dsb.items()})
+        scores.update(dsb=float(table["dsb"].mean()), **{f"dsb_{m}": v for m, v in dsb.items()},
+                      f1=float(table["f1"].mean()), pq=float(table["pq"].mean()))
     return scores
 
 

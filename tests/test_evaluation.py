@@ -18,7 +18,7 @@ from evaluation import (ImageWriter, bootstrap_interval, evaluation_ids, interva
                         training_copies, untrained_line)
 from losses import build_loss
 from image_files import read_label_image
-from metrics import dsb_scores
+from metrics import separation_scores
 from utils import BatchedThreads, DataError
 
 
@@ -77,9 +77,10 @@ def test_threads_and_waiting_give_what_one_image_at_a_time_gives(tmp_path):
             assert a == b, f"{name}/{img_id}.png differs"
     # the scores are those of each image on its own
     meta, _, logits, _ = batches[1]
-    expected = dsb_scores(torch.sigmoid(logits[1, 0]).numpy(), read_label_image(labels[meta["img_id"][1]][0]),
-                          ["watershed", "cc"], min_size=3, min_confidence=0.5)
-    assert one.set_index("img_id")["dsb"][meta["img_id"][1]] == expected["watershed"]
+    expected = separation_scores(torch.sigmoid(logits[1, 0]).numpy(), read_label_image(labels[meta["img_id"][1]][0]),
+                                 ["watershed", "cc"], min_size=3, min_confidence=0.5)["watershed"]
+    row = one.set_index("img_id").loc[meta["img_id"][1]]
+    assert row[list(expected)].to_dict() == pytest.approx(expected, nan_ok=True)
 
 
 def test_rows_score_the_mask_channel_against_a_numpy_reference(tmp_path):
@@ -318,6 +319,8 @@ def test_the_summary_gives_the_interval_of_the_means_from_ten_images():
     table = pd.DataFrame({"img_id": [f"i{k}" for k in range(10)], "iou": np.linspace(0.5, 0.9, 10),
                           "dice": np.linspace(0.6, 0.95, 10), "kind": "fluorescence",
                           "dsb": [np.nan] + list(np.linspace(0.2, 0.6, 9))})
+    table = table.assign(**{c: table["dsb"] for c in ("f1", "precision", "recall", "pq", "sq", "tp", "fp",
+                                                       "true_nuclei")})  # metrics.nucleus_scores' columns
     scores = {"iou": 0.7, "iou_mean": 0.7, "dice": 0.8, "dice_mean": 0.8}
     text = summary("run", scores, table, {"watershed": 0.4, "cc": 0.35}, "outputs/run", False)
     low, high = bootstrap_interval(table["iou"].to_numpy())

@@ -13,7 +13,7 @@ from image_files import read_labels
 from instances import (MIN_CONFIDENCE, auto_scale, connected_components, link_planes, median_diameter,
                        nucleus_areas, smoothed_distance, split_instances, touching_borders, watershed_instances,
                        watershed_markers)
-from metrics import dsb_score, dsb_scores
+from metrics import dsb_score, separation_scores
 from utils import UsageError
 
 
@@ -42,8 +42,8 @@ def test_watershed_splits_touching_discs_and_cc_does_not():
     for k in (1, 2):
         assert np.unique(truth[ws == k]).size <= 2
     assert dsb_score(truth, ws) > dsb_score(truth, cc)
-    scores = dsb_scores(prob, truth)
-    assert scores["watershed"] > scores["cc"] and scores["watershed"] > 0.5
+    scores = separation_scores(prob, truth)
+    assert scores["watershed"]["dsb"] > scores["cc"]["dsb"] and scores["watershed"]["dsb"] > 0.5
 
 
 def two_bumps(apart):
@@ -107,8 +107,8 @@ def test_min_confidence_drops_unsure_objects_and_renumbers():
         assert split_instances(prob, method, min_confidence=0.98).max() == 0
     truth = np.zeros(prob.shape, np.int32)
     truth[16:28, 20:40] = 1
-    assert dsb_scores(prob, truth)["cc"] == 1.0
-    assert dsb_scores(prob, truth, min_confidence=0)["cc"] == 0.5  # the faint blob is a false positive
+    assert separation_scores(prob, truth)["cc"]["dsb"] == 1.0
+    assert separation_scores(prob, truth, min_confidence=0)["cc"]["dsb"] == 0.5  # the faint blob is a false positive
 
 
 def test_object_filters_defaults_and_flag_errors():
@@ -188,8 +188,8 @@ def test_border_separation_splits_touching_discs_along_the_predicted_border():
     for k in (1, 2):
         assert np.unique(truth[labels == k]).size <= 2
     assert connected_components(prob).max() == 1
-    scores = dsb_scores(prob, truth, methods=("borders", "cc"), border=border)
-    assert scores["borders"] > scores["cc"]
+    scores = separation_scores(prob, truth, methods=("borders", "cc"), border=border)
+    assert scores["borders"]["dsb"] > scores["cc"]["dsb"]
     # with no border predicted the touching discs stay one object: the cores' h is strict, the borders split
     assert split_instances(prob, "borders", border=np.zeros_like(prob)).max() == 1
     with pytest.raises(ValueError, match="--borders True"):

@@ -2225,6 +2225,9 @@ def test_val_reports_the_dsb_score(in_runs, tmp_path, capsys):
         table = pd.read_csv(out / "scores.csv")
         assert "dsb" in table.columns and table["dsb"].between(0, 1).all()
         assert 0 <= scores["dsb"] <= 1 and 0 <= scores["dsb_cc"] <= 1
+        # and of the nuclei split by the run's separation, F1 and PQ
+        assert f"  at IoU 0.5 (watershed): F1 {table['f1'].mean():.4f}, precision" in printed
+        assert f"  PQ {table['pq'].mean():.4f} (panoptic quality" in printed and scores["pq"] == table["pq"].mean()
 
 
 def test_ids_that_differ_in_case_and_an_input_under_another_case_are_refused(tmp_path):

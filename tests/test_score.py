@@ -241,7 +241,8 @@ def test_a_truth_without_instance_labels_gives_iou_and_dice_only(tmp_path, capsy
 def test_predict_py_s_outputs_score_as_val_py_scores_them(tmp_path, monkeypatch, capsys):
     """On two images, the bundled model's masks (<id>.png, binary) score val.py's per-image IoU, and its nuclei
     (<id>_instances.png: the same separation and filters at the same size) val.py's DSB2018 score; the nuclei's own
-    IoU is lower, as --min_confidence and --min_size drop some of the mask's objects."""
+    IoU is lower, as --min_confidence and --min_size drop some of the mask's objects. The nuclei's F1 and PQ are
+    val.py's too."""
     monkeypatch.chdir(tmp_path)
     synthetic.generate_synthetic("inputs/syn", num_images=2, size=128, seed=3)
     predict.main(["--name", "nuclei", "--input", "inputs/syn/images", "--output", "pred", "--instances",
@@ -253,7 +254,8 @@ def test_predict_py_s_outputs_score_as_val_py_scores_them(tmp_path, monkeypatch,
     for img_id in expected.index:
         assert masks.loc[img_id, "iou"] == pytest.approx(expected.loc[img_id, "iou"], abs=1e-6)
         assert masks.loc[img_id, "dice"] == pytest.approx(expected.loc[img_id, "dice"], abs=1e-6)
-        assert nuclei.loc[img_id, "dsb"] == pytest.approx(expected.loc[img_id, "dsb"], abs=1e-6)
+        for column in ("dsb", "tp", "fp", "fn", "f1", "pq", "sq"):  # val.py's instance scores, score.py's
+            assert nuclei.loc[img_id, column] == pytest.approx(expected.loc[img_id, column], abs=1e-6), column
     assert (nuclei["iou"] <= masks["iou"] + 1e-9).all()
     assert "2 predictions are a binary mask" in capsys.readouterr().out
 

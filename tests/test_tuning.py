@@ -1,5 +1,5 @@
 """val.py --tune: the post-processing it writes to models/<name>/postprocessing.yml is the best of its grid on the
-run's validation split (checked against dsb_scores of every combination), val.py and predict.py take it as the
+run's validation split (checked against separation_scores of every combination), val.py and predict.py take it as the
 run's defaults (a flag still wins), a file chosen for other weights is ignored with a note, a run without one is
 as before, and bundle.py carries it along."""
 import os
@@ -22,7 +22,7 @@ import val
 from config import MIN_CONFIDENCE, MIN_SIZE, TUNED_FILE, load_run_config, post_processing
 from files import sha256_file
 from image_files import read_labels
-from metrics import dsb_scores
+from metrics import separation_scores
 from utils import DataError, UsageError
 
 RUN = "tuned"
@@ -90,8 +90,8 @@ def test_tune_writes_the_best_of_its_grid_and_val_and_predict_take_it_unless_a_f
     assert chosen["grid"]["separation"] == ["watershed", "cc"] and "min_size" not in chosen
     # every combination scored again the slow way: split_instances with its filters, then dsb_score
     truth = {i: read_labels(tuned / "inputs" / DATA / "labels" / f"{i}.png") for i in seen}
-    brute = {(m, c): np.mean([dsb_scores(seen[i][0], truth[i], [m], min_size=MIN_SIZE, min_confidence=c)[m]
-                              for i in seen])
+    brute = {(m, c): np.mean([separation_scores(seen[i][0], truth[i], [m], min_size=MIN_SIZE,
+                                                min_confidence=c)[m]["dsb"] for i in seen])
              for m in chosen["grid"]["separation"]
              for c in chosen["grid"]["min_confidence"]}
     best = max(brute.values())
