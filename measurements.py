@@ -19,6 +19,7 @@ from files import atomic_write, interrupts_held
 from image_files import nucleus_channel
 from instances import mean_probability
 
+TABLES = ("objects.csv", "images.csv")  # the objects' table and the images' (write_tables)
 # DSB2018's masks cover 14 % of their images on average, 59 % at most; inverted, 41 % at least and 86 % on average
 MOSTLY_FOREGROUND = 0.6
 
@@ -137,11 +138,11 @@ def write_tables(out_dir, rows, objects):
     for area in ("mean_area", "median_area"):
         images[f"{area}_um2"] = images[area] * images["pixel_size_um"] ** 2
     with interrupts_held():
-        with atomic_write(os.path.join(out_dir, "objects.csv")) as f:
+        with atomic_write(os.path.join(out_dir, TABLES[0])) as f:
             significant = [c for c in objects.columns if c in SIGNIFICANT or CHANNEL_COLUMN.match(c)]
             objects.round(OBJECT_DECIMALS).assign(**{c: round_significant(objects[c]) for c in significant}).to_csv(
                 f, index=False)
-        with atomic_write(os.path.join(out_dir, "images.csv")) as f:
+        with atomic_write(os.path.join(out_dir, TABLES[1])) as f:
             images.round(IMAGE_DECIMALS).assign(**{c: round_significant(images[c]) for c in IMAGE_SIGNIFICANT}).to_csv(
                 f, index=False)
 

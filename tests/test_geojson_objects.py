@@ -7,6 +7,7 @@ import shutil
 
 import cv2
 import numpy as np
+import pandas as pd
 import pytest
 import tifffile
 import yaml
@@ -15,6 +16,7 @@ from scipy import ndimage as ndi
 
 import layouts
 import predict
+import predict_notes
 import synthetic
 from conftest import TINY_NAME, TINY_SIZE, assert_same_targets, make_synthetic
 from geojson_objects import features_file, geojson_labels, nucleus_features, signed_area
@@ -143,7 +145,7 @@ def test_predict_geojson_writes_the_nuclei_of_objects_csv_beside_the_other_outpu
                   "--device", "cpu"])
     assert sorted(os.listdir(out)) == ["flat.geojson", "flat.png", "flat_instances.png", "images.csv", "objects.csv",
                                        "prediction.yml", "tz.geojson", "tz.tif", "tz_instances.tif"]
-    objects = predict.pd.read_csv(out / "objects.csv", dtype={"image": str})
+    objects = pd.read_csv(out / "objects.csv", dtype={"image": str})
     with open(out / "flat.geojson", encoding="utf-8") as f:
         flat = json.load(f)["features"]
     labels = cv2.imread(str(out / "flat_instances.png"), cv2.IMREAD_UNCHANGED)
@@ -168,8 +170,8 @@ def test_predict_geojson_writes_the_nuclei_of_objects_csv_beside_the_other_outpu
     assert "earlier prediction that this one did not write: flat.geojson" in capsys.readouterr().out
     (tmp_path / "alone").mkdir()
     (tmp_path / "alone" / "tz.geojson").write_text("")
-    assert predict.holds_outputs(str(tmp_path / "alone"), ["tz"]) and not predict.holds_outputs(str(tmp_path / "alone"),
-                                                                                                ["flat"])
+    alone = str(tmp_path / "alone")
+    assert predict_notes.holds_outputs(alone, ["tz"]) and not predict_notes.holds_outputs(alone, ["flat"])
 
 
 # ------------------------------------------------------------------------------- GeoJSON objects as training labels

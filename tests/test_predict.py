@@ -43,6 +43,7 @@ import inference
 import measurements
 import plane_outputs
 import predict
+import predict_notes
 import synthetic
 import train
 import utils
@@ -583,7 +584,7 @@ def test_three_pages_without_axes_are_read_as_colours_with_a_note(tmp_path):
     files = [str(tmp_path / f) for f in ("plain.tif", "movie.tif", "rgb.tif")]
     headers = predict.tiff_headers(files)
     assert [header.plane_axes for header in headers] == ["", "T", ""]
-    notes = predict.tiff_notes(files, headers, None)
+    notes = predict_notes.tiff_notes(files, headers, None)
     assert len(notes) == 1 and files[0] in notes[0] and "ImageJ or OME TIFF" in notes[0]
 
 
@@ -598,7 +599,7 @@ def test_arrays_written_without_axes_that_read_otherwise_get_a_note(tmp_path):
     headers = predict.tiff_headers(files)
     assert [(h.channel_axis, h.channels_first, h.plane_size) for h in headers] == [("S", True, (32, 32)),
                                                                                    ("", False, (32, 2))]
-    notes = predict.tiff_notes(files, headers, None)
+    notes = predict_notes.tiff_notes(files, headers, None)
     assert len(notes) == 2 and "four.tif stores 4 samples before its rows (planar RGB)" in notes[0]
     assert "two.tif is read as 32 plane(s) of 32x2 pixels, too small to hold a nucleus" in notes[1]
 
@@ -682,14 +683,14 @@ def test_three_fluorescence_channels_and_further_series_are_named(tmp_path):
     files = [str(tmp_path / f) for f in ("composite.tif", "positions.tif")]
     headers = predict.tiff_headers(files)
     assert [(h.channel_axis, h.channels, h.series) for h in headers] == [("C", 3, 1), ("", 1, 3)]
-    notes = predict.tiff_notes(files, headers, None)
+    notes = predict_notes.tiff_notes(files, headers, None)
     assert len(notes) == 2 and "composite.tif has 3 channels (axis C)" in notes[0] and "--channel" in notes[0]
     assert "positions.tif holds 3 series" in notes[1] and "only the first" in notes[1]
-    assert predict.tiff_notes(files, headers, 0) == notes[1:]  # a channel chosen: no note on the channels
+    assert predict_notes.tiff_notes(files, headers, 0) == notes[1:]  # a channel chosen: no note on the channels
     tifffile.imwrite(tmp_path / "two_pages.tif", channels[:2])  # 2 channels written without axes: 2 planes
     pages = [str(tmp_path / "two_pages.tif")]
-    assert predict.tiff_notes(pages, predict.tiff_headers(pages), None) == []
-    assert predict.tiff_notes(pages, predict.tiff_headers(pages), 1) == [
+    assert predict_notes.tiff_notes(pages, predict.tiff_headers(pages), None) == []
+    assert predict_notes.tiff_notes(pages, predict.tiff_headers(pages), 1) == [
         f"note: {pages[0]} has no channel axis: its planes (axes Q) are segmented one by one and --channel does not "
         "apply; if they are channels, save it as an ImageJ or OME TIFF with a C axis"]
 
@@ -700,7 +701,7 @@ def test_files_that_get_the_same_note_share_its_line(tmp_path):
     files = [str(tmp_path / f"well{k}.tif") for k in range(4)]
     for f in files:
         tifffile.imwrite(f, np.zeros((3, 20, 24), np.uint16), imagej=True, metadata={"axes": "CYX"})
-    notes = predict.tiff_notes(files, predict.tiff_headers(files), None)
+    notes = predict_notes.tiff_notes(files, predict.tiff_headers(files), None)
     assert len(notes) == 1 and notes[0].startswith(f"note: {files[0]} has 3 channels (axis C)")
     assert notes[0].endswith(f"(the same for 3 more files: {files[1]}, {files[2]}, {files[3]})")
 
@@ -1090,15 +1091,15 @@ def test_auto_scaled_predicts_again_only_images_with_nuclei_far_from_the_trainin
             np.testing.assert_array_equal(nuclei, split_instances(prob[0], "cc", min_size=3, min_confidence=0))
         else:
             assert nuclei is None
-    assert predict.sizing("auto", [1.0, 1.53, 1.5]) == "--scale auto: 2 of 3 rescaled by 1.5"
-    assert predict.sizing("auto", [0.25, 1.0, 2.5]) == "--scale auto: 2 of 3 rescaled by 0.25-2.5"
-    assert (predict.sizing(1.0, [1.0]), predict.sizing(0.5, [0.5])) == ("full size", "scaled by 0.5")
-    assert predict.diameter_note(40.0, 19.4, 1.0) == ", median diameter 40 px (the run learned 19 px: try --scale " \
-        "0.48, or --scale auto for mixed magnifications)"
-    assert predict.diameter_note(22.0, 19.4, 1.0) == ", median diameter 22 px"  # within the band
+    assert predict_notes.sizing("auto", [1.0, 1.53, 1.5]) == "--scale auto: 2 of 3 rescaled by 1.5"
+    assert predict_notes.sizing("auto", [0.25, 1.0, 2.5]) == "--scale auto: 2 of 3 rescaled by 0.25-2.5"
+    assert (predict_notes.sizing(1.0, [1.0]), predict_notes.sizing(0.5, [0.5])) == ("full size", "scaled by 0.5")
+    assert predict_notes.diameter_note(40.0, 19.4, 1.0) == ", median diameter 40 px (the run learned 19 px: try " \
+        "--scale 0.48, or --scale auto for mixed magnifications)"
+    assert predict_notes.diameter_note(22.0, 19.4, 1.0) == ", median diameter 22 px"  # within the band
     # already --scale auto or a given scale, or a run that records no diameter: no hint
-    assert {predict.diameter_note(40.0, 19.4, "auto"), predict.diameter_note(40.0, 19.4, 0.5),
-            predict.diameter_note(40.0, 0.0, 1.0)} == {", median diameter 40 px"}
+    assert {predict_notes.diameter_note(40.0, 19.4, "auto"), predict_notes.diameter_note(40.0, 19.4, 0.5),
+            predict_notes.diameter_note(40.0, 0.0, 1.0)} == {", median diameter 40 px"}
 
 
 def test_scale_auto_is_the_fixed_scale_it_chose_and_needs_a_recorded_diameter(in_runs, tmp_path, capsys,
@@ -1738,14 +1739,14 @@ def test_files_of_an_earlier_prediction_are_named(in_runs, tmp_path, capsys):
 def test_only_a_zip_is_taken_for_an_image_s_rois(tmp_path):
     """<id>_rois.zip is the only output ending in _rois: image a_rois's mask a_rois.png was named as a file of an
     earlier prediction of image a (to remove), and image a's a_rois.zip as one of image a_rois."""
-    assert predict.output_stems("a_rois.zip") == {"a"} and predict.output_stems("a_rois.png") == {"a_rois"}
+    assert predict_notes.output_stems("a_rois.zip") == {"a"} and predict_notes.output_stems("a_rois.png") == {"a_rois"}
     for held, img_id, rois in (("a_rois.png", "a", True), ("a_rois.zip", "a_rois", True), ("a_rois.zip", "a", False)):
         out = tmp_path / f"{img_id}_{rois}"
         out.mkdir()
         (out / held).write_bytes(b"")
         written = predict.output_files([str(tmp_path / f"{img_id}.png")], [img_id], [""],
                                        predict.output_suffixes(1, False, True, False, rois))
-        note = predict.earlier_outputs_note(Namespace(output=str(out), instances=True),
+        note = predict_notes.earlier_outputs_note(Namespace(output=str(out), instances=True),
                                             [str(tmp_path / f"{img_id}.png")], [img_id], written)
         assert (held in note) == (not rois), (held, img_id, note)
 
@@ -2739,7 +2740,7 @@ def test_stitch_z_says_how_to_mark_the_z_planes_of_pages_without_axes(tmp_path):
     tifffile.imwrite(tmp_path / "bare.tif", np.zeros((5, 16, 16), np.uint8), metadata=None)
     tifffile.imwrite(tmp_path / "movie.tif", np.zeros((2, 16, 16), np.uint8), imagej=True, metadata={"axes": "TYX"})
     files = [str(tmp_path / name) for name in ("shaped.tif", "bare.tif", "movie.tif")]
-    flat, unmarked = predict.stitch_notes(files, [image_files.tiff_header(f) for f in files], 0.5)
+    flat, unmarked = predict_notes.stitch_notes(files, [image_files.tiff_header(f) for f in files], 0.5)
     assert "movie.tif has none" in flat and "shaped.tif" not in flat and "bare.tif" not in flat
     assert f"the pages of {files[1]}, {files[0]} have no axes" in unmarked
     assert "metadata={'axes': 'ZYX'}" in unmarked
@@ -2751,7 +2752,7 @@ def test_stitch_z_says_a_stack_of_z_planes_in_another_order_has_them(tmp_path):
                      metadata={"axes": "ZTYX"})
     tifffile.imwrite(tmp_path / "movie.tif", np.zeros((2, 16, 16), np.uint8), imagej=True, metadata={"axes": "TYX"})
     files = [str(tmp_path / "zt.ome.tif"), str(tmp_path / "movie.tif")]
-    flat, shuffled = predict.stitch_notes(files, [image_files.tiff_header(f) for f in files], 0.5)
+    flat, shuffled = predict_notes.stitch_notes(files, [image_files.tiff_header(f) for f in files], 0.5)
     assert "movie.tif has none" in flat and "zt.ome.tif" not in flat
     assert "zt.ome.tif (axes ZT) has them in another order" in shuffled
-    assert predict.stitch_notes(files, [image_files.tiff_header(f) for f in files], None) == []
+    assert predict_notes.stitch_notes(files, [image_files.tiff_header(f) for f in files], None) == []

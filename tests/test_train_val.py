@@ -25,6 +25,7 @@ import checkpoints
 import engine
 import inference
 import predict
+import predict_notes
 import preprocess_dsb2018
 import train
 import trainer
@@ -1064,7 +1065,7 @@ def test_training_tiffs_of_3_pages_without_axes_get_the_note_predict_gives(tmp_p
     note = trainer.channels_note(trainer.Dataset(["s", "p"], str(tmp_path), img_ext=".tif"))
     assert note.startswith(f"note: the training image {path} has 3 or 4 pages and no ImageJ or OME axes: read as "
                            "the colours of one image; ")
-    said = predict.tiff_notes([path], predict.tiff_headers([path]), None)[0]
+    said = predict_notes.tiff_notes([path], predict.tiff_headers([path]), None)[0]
     assert said.split(";")[0] == note.split(";")[0].replace("the training image ", "")
     assert trainer.channels_note(trainer.Dataset(["s"], str(tmp_path), img_ext=".tif")) == ""
 
