@@ -15,6 +15,8 @@ from losses import check_same_shape
 from utils import DataError
 
 DSB_THRESHOLDS = np.round(0.5 + 0.05 * np.arange(10), 2)  # 0.50, 0.55, ..., 0.95
+# the instance scores of an image, the keys of nucleus_scores in their order, as scores.csv's columns have them
+NUCLEUS_SCORES = ("dsb", "tp", "fp", "fn", "precision", "recall", "f1", "pq", "sq", "true_nuclei", "pred_nuclei")
 
 
 def pixel_counts(logits, target):

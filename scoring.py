@@ -12,14 +12,13 @@ from layouts import find_layout, list_ids, read_instance_labels
 from evaluation import interval_line, matched_nuclei_lines
 from image_files import multi_object_ids, read_labels_or_components, read_mask
 from measurements import MOSTLY_FOREGROUND
-from metrics import nucleus_scores, object_iou, pooled_scores
+from metrics import NUCLEUS_SCORES, nucleus_scores, object_iou, pooled_scores
 from predict import CELLPOSE_OUTPUTS, IMAGE_EXTS
 from utils import DataError, check_utf8_names, first_few
 
 # Other files that tools write beside them: predict.py's probabilities and overlays, the Cellpose layout's images
 OTHER_OUTPUTS = ("_prob", "_overlay", "_img")
-COLUMNS = ["img_id", "iou", "dice", "dsb", "tp", "fp", "fn", "precision", "recall", "f1", "pq", "sq",
-           "true_nuclei", "pred_nuclei", "prediction"]
+COLUMNS = ["img_id", "iou", "dice", *NUCLEUS_SCORES, "prediction"]
 
 
 def truth_files(dataset, img_ext, mask_ext):

@@ -4,7 +4,8 @@ import pytest
 import torch
 from sklearn.metrics import f1_score, jaccard_score
 
-from metrics import SegmentationMeter, consecutive_labels, dsb_score, per_image_scores
+from metrics import (NUCLEUS_SCORES, SegmentationMeter, consecutive_labels, dsb_score, nucleus_scores, object_iou,
+                     per_image_scores)
 from utils import DataError
 
 
@@ -249,3 +250,16 @@ def test_consecutive_labels_match_the_sorted_unique_values(low, high, scale):
     got, count = consecutive_labels(labels)
     np.testing.assert_array_equal(got, want)
     assert count == np.count_nonzero(values)
+
+
+def test_nucleus_scores_are_the_columns_named_and_pq_is_the_matched_ious_over_tp_fp_and_fn_halves():
+    """Truth: nuclei 1 (4x4) and 2 (2x2); prediction: nucleus 1 less a column (IoU 12/16) and a stray one. At IoU
+    0.5 one match, one false positive, one miss: F1 1/2, SQ 0.75, PQ 0.75 / (1 + 1/2 + 1/2)."""
+    truth, pred = np.zeros((8, 8), np.int32), np.zeros((8, 8), np.int32)
+    truth[0:4, 0:4], truth[6:8, 6:8] = 1, 2
+    pred[0:4, 0:3], pred[6:8, 0:2] = 5, 9
+    scores = nucleus_scores(object_iou(truth, pred))
+    assert tuple(scores) == NUCLEUS_SCORES
+    assert (scores["tp"], scores["fp"], scores["fn"], scores["true_nuclei"], scores["pred_nuclei"]) == (1, 1, 1, 2, 2)
+    assert scores["f1"] == 0.5 and scores["sq"] == 0.75 and scores["pq"] == pytest.approx(0.75 / 2)
+    assert scores["dsb"] == pytest.approx(dsb_score(truth, pred))

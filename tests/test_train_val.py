@@ -36,6 +36,7 @@ from config import parse_train_args
 from conftest import ROOT, TINY_NAME, held_by_another_process, make_synthetic, train_argv
 from dataset import decode_image, image_modality, mostly_foreground_note
 from image_files import image_to_float, read_labels
+from metrics import NUCLEUS_SCORES
 from trainer import Trainer
 from utils import DataError, UsageError, run_cli
 
@@ -175,7 +176,7 @@ def test_val_outputs(work, key):
     assert sorted(os.listdir(out / "overlays")) == sorted(i + ".png" for i in val_ids)
     valid_png(out / "summary.png")
     table = pd.read_csv(out / "scores.csv", dtype={"img_id": str})
-    assert list(table.columns) == ["img_id", "iou", "dice", "kind", "dsb"]  # one class: no columns by class
+    assert list(table.columns) == ["img_id", "iou", "dice", "kind", *NUCLEUS_SCORES]  # one class: none by class
     assert sorted(table["img_id"]) == sorted(val_ids)
     for sid, kind in zip(table["img_id"], table["kind"]):
         assert kind == image_modality(decode_image(str(root / "inputs" / TINY_NAME / "images" / f"{sid}.png")))
@@ -914,7 +915,7 @@ def test_two_classes_are_scored_each_and_the_scores_are_those_of_the_written_png
     printed = capsys.readouterr().out
     val_ids = split_ids(pd.read_csv("models/two/split.csv", dtype=str), "val")
     table = pd.read_csv("outputs/two/scores.csv", dtype={"img_id": str}).set_index("img_id").loc[val_ids]
-    assert list(table.columns) == ["iou", "dice", "kind", "dsb", "iou_class0", "dice_class0", "iou_class1",
+    assert list(table.columns) == ["iou", "dice", "kind", *NUCLEUS_SCORES, "iou_class0", "dice_class0", "iou_class1",
                                    "dice_class1"]
     per_class = {}
     for c in (0, 1):
