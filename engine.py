@@ -325,12 +325,13 @@ def train_one_epoch(model, loader, criterion, optimizer, precision, desc="train"
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model, loader, precision, max_batches):
+def recalibrate_batchnorm(model, loader, precision, max_batches, progress=True):
     """Precise BatchNorm: reset every BatchNorm's running mean and variance and recompute them as the plain average
     over the first ``max_batches`` batches of ``loader`` (images [B, C, H, W]; masks and metadata unused), in
     training mode and without gradients. PyTorch's running averages weight the last ~10 batches of an epoch most;
     when batches differ a lot (crops of bright-field and fluorescence images) that makes the evaluated network
-    swing from epoch to epoch. Pass the bare model, not the DDP wrapper.
+    swing from epoch to epoch. Pass the bare model, not the DDP wrapper. ``progress``: a bar over the batches (40
+    forward passes of 256x256 crops take minutes on a CPU, between the epoch's bar and validation's).
     """
     norms = batchnorm_layers(model)
     if not norms or max_batches <= 0:
@@ -341,12 +342,14 @@ def recalibrate_batchnorm(model, loader, precision, max_batches):
         m.momentum = None  # cumulative average
     was_training = model.training
     model.train()
-    for i, (images, masks, _) in enumerate(loader):
-        if i >= max_batches:
-            break
-        images, _ = precision.to_device(images, masks)
-        with precision.autocast():
-            model(images)
+    with progress_bar(loader, desc="precise BN", total=min(len(loader), max_batches), leave=False,
+                      disable=not progress) as bar:
+        for i, (images, masks, _) in enumerate(bar):
+            if i >= max_batches:
+                break
+            images, _ = precision.to_device(images, masks)
+            with precision.autocast():
+                model(images)
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
     model.train(was_training)

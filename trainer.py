@@ -160,7 +160,8 @@ class Trainer:
             started, lr = time.time(), self.optimizer.param_groups[0]["lr"]
             train = self.train_epoch(epoch)
             if a.precise_bn and not a.freeze_bn:
-                recalibrate_batchnorm(self.net, self.train_loader, self.precision, a.precise_bn)
+                recalibrate_batchnorm(self.net, self.train_loader, self.precision, a.precise_bn,
+                                      progress=self.progress and self.main)
             distributed.broadcast_buffers(self.net)
             val = evaluate(self.val_model, self.val_loader, self.criterion, self.precision, desc="val",
                            progress=self.progress and self.main, classes=a.num_classes)

@@ -35,6 +35,27 @@ def test_precise_bn_is_the_plain_average_over_the_first_batches():
     torch.testing.assert_close(bn.running_mean, before)  # 0 = off
 
 
+def test_precise_bn_shows_a_bar_over_the_batches_it_averages(monkeypatch):
+    """train.py's precise BN (--precise_bn 40 of the full-size recipes: 40 forward passes of 8 crops of 256x256) ran
+    for 6 minutes on 2 CPU cores with nothing on screen between the epoch's bar and validation's."""
+    bars = []
+
+    def spy(iterable=None, **kwargs):
+        bars.append((kwargs, utils.progress_bar(iterable, file=io.StringIO(), **kwargs)))
+        return bars[-1][1]
+
+    monkeypatch.setattr(engine, "progress_bar", spy)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4))
+    batches = [(torch.randn(2, 3, 8, 8), torch.zeros(2, 1, 8, 8), {}) for _ in range(5)]
+    for max_batches, progress, total in ((3, True, 3), (40, True, 5), (3, False, 3)):
+        bars.clear()
+        recalibrate_batchnorm(model, batches, Precision(torch.device("cpu")), max_batches, progress=progress)
+        (kwargs, bar), = bars
+        assert (kwargs["desc"], kwargs["total"], kwargs["disable"]) == ("precise BN", total, not progress)
+        if progress:
+            assert bar.n == total  # the batches averaged, counted as they went through the network
+
+
 def test_progress_bars_in_a_log_file_are_written_every_30_s(monkeypatch):
     """A batch job's log (stderr not a terminal) got a bar's line ten times a second: megabytes for a long run."""
     assert utils.progress_bar(range(3), file=io.StringIO()).mininterval == 30  # pytest's stderr is no terminal
