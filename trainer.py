@@ -337,7 +337,8 @@ class Trainer:
             sampler = torch.utils.data.DistributedSampler(data, num_replicas=world, rank=distributed.rank(),
                                                           shuffle=True, seed=a.seed)
         if on_device:
-            images = DeviceImages(data.cached, a.input_channels, self.device, a.normalization)
+            images = DeviceImages(data.cached, a.input_channels, self.device, a.normalization,
+                                  progress=self.progress and self.main)
             return DeviceLoader(images, train_ids, BatchAugment(**augment), sampler, a.batch_size, a.seed), True, cache
         return torch.utils.data.DataLoader(
             data, batch_size=a.batch_size, sampler=EpochSampler(sampler), num_workers=a.num_workers, drop_last=True,
