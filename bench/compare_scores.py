@@ -30,8 +30,9 @@ import numpy as np  # noqa: E402  (after the path set-up above)
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
-from evaluation import EVALUATION_FILE, bootstrap_interval, describe_evaluation, scored_classes  # noqa: E402
 from utils import ArgumentParser, UsageError, run_cli  # noqa: E402
+
+# evaluation.py's helpers are imported where they are used: it imports torch (seconds), which --help must not wait for
 
 SCORES = ("iou", "dice", "dsb", "f1", "pq")
 PER_CLASS = re.compile(r"(iou|dice)_class\d+")  # val.py's columns for a run of several classes
@@ -61,6 +62,8 @@ def check_one_split(pattern, paths):
     val.py writes it beside scores.csv; a file without one is not checked): outputs/r_fold*/scores.csv also matches
     outputs/r_fold0_test/, val.py --split test of fold 0, whose test images no fold validates, so that nothing else
     would keep them out of the folds' pooled validation scores."""
+    from evaluation import EVALUATION_FILE, describe_evaluation
+
     splits = {}
     for path in paths:
         try:
@@ -92,6 +95,8 @@ def read_scores_file(path):
 def check_same_classes(*named):
     """A UsageError unless the (path, table) ``named`` score the same classes: the iou and dice of a run of several
     classes are the mean of an image's classes, not the one class of another run."""
+    from evaluation import scored_classes
+
     held = [(path, scored_classes(table.columns)) for path, table in named]
     if held[0][1] != held[1][1]:
         raise UsageError(" and ".join(f"{path} scores {f'{len(c)} classes (iou_class<c>)' if c else 'one class'}"
@@ -118,6 +123,8 @@ def shared_scores(a, b):
 def compare(a, b, groups=None):
     """One row per (group, score) both tables hold: images, mean A, mean B, mean B - A, its 95 % interval, and on
     how many images B is better / worse. ``groups``: a column to compare within as well ('kind'), or None."""
+    from evaluation import bootstrap_interval
+
     a, b = paired(a, b)
     parts = [("all", a.index)]
     if groups is not None and groups in a.columns:

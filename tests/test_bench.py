@@ -386,6 +386,17 @@ def test_split_overlap_finds_overlapping_tiles_and_fields_at_another_contrast_or
                      "shrunk": "the field of smooth at another contrast or size"}
 
 
+def test_compare_scores_help_answers_before_torch_is_imported(tmp_path):
+    """The README's comparison of two runs answered --help after 4-9 s on 2 CPU cores: it imported evaluation.py, and
+    with it torch, before parsing its arguments. Python's -X importtime lists every module imported, in stderr."""
+    out = subprocess.run([sys.executable, "-X", "importtime", os.path.join(ROOT, "bench", "compare_scores.py"),
+                          "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "usage: compare_scores.py" in out.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
+    assert "pandas" in imported and not imported & {"torch", "evaluation"}, "heavy imports for --help"
+
+
 def test_compare_scores_pairs_by_image_id_in_any_order():
     rng = np.random.default_rng(2)
     a = pd.DataFrame({"img_id": [f"i{k}" for k in range(30)], "iou": rng.uniform(0.5, 0.9, 30),
