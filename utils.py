@@ -10,6 +10,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -185,8 +186,24 @@ def progress_bar(iterable=None, **kwargs):
     if not terminal:
         kwargs.setdefault("mininterval", 30)
         kwargs.setdefault("maxinterval", kwargs["mininterval"])  # tqdm's monitor redraws after 10 s otherwise
+    elif terminal_columns(sys.stderr) == 0:
+        # a terminal whose size was never set (docker exec -t, script run from a job) reads 0 x 0, and tqdm then
+        # draws nothing at all: a whole epoch without a sign. COLUMNS and LINES, else 80 x 24.
+        size = shutil.get_terminal_size()
+        kwargs.setdefault("ncols", size.columns)
+        kwargs.setdefault("nrows", size.lines)
+        kwargs.setdefault("dynamic_ncols", False)
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm(iterable, **kwargs)
+
+
+def terminal_columns(stream):
+    """The width in characters of the terminal ``stream`` writes to (0 for a terminal whose size was never set),
+    None where it cannot be asked."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a stream replaced in Python), a closed one
+        return None
 
 
 def usable_cpus():

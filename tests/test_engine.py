@@ -1,6 +1,8 @@
 """engine.recalibrate_batchnorm: precise BatchNorm statistics against a direct computation."""
 import argparse
 import io
+import os
+import sys
 import types
 
 import pytest
@@ -54,6 +56,23 @@ def test_precise_bn_shows_a_bar_over_the_batches_it_averages(monkeypatch):
         assert (kwargs["desc"], kwargs["total"], kwargs["disable"]) == ("precise BN", total, not progress)
         if progress:
             assert bar.n == total  # the batches averaged, counted as they went through the network
+
+
+def test_progress_bars_show_on_a_terminal_whose_size_was_never_set(monkeypatch):
+    """A pseudo-terminal that no one sized (docker exec -t, script run from a job) reads 0 x 0, and tqdm drew the
+    bars 0 characters wide: a whole training epoch showed nothing. A fresh pty is such a terminal."""
+    import pty
+    master, slave = pty.openpty()
+    assert os.get_terminal_size(slave) == (0, 0)
+    with os.fdopen(slave, "w") as terminal:
+        monkeypatch.setattr(sys, "stderr", terminal)
+        monkeypatch.delenv("COLUMNS", raising=False)
+        for _ in utils.progress_bar(range(3), desc="epoch 1/1", leave=True):
+            pass
+        terminal.flush()
+        shown = os.read(master, 65536).decode()
+    os.close(master)
+    assert "epoch 1/1: 100%" in shown and "3/3" in shown and len(shown.splitlines()[-1]) <= 80
 
 
 def test_progress_bars_in_a_log_file_are_written_every_30_s(monkeypatch):
