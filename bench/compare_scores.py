@@ -31,7 +31,6 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
 from utils import ArgumentParser, UsageError, run_cli  # noqa: E402
-
 # evaluation.py's helpers are imported where they are used: it imports torch (seconds), which --help must not wait for
 
 SCORES = ("iou", "dice", "dsb", "f1", "pq")
