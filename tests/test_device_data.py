@@ -13,8 +13,10 @@ from skimage.measure import regionprops
 
 import augment
 import dataset
+import device_data
 import image_files
 import splits
+import utils
 from config import build_train_parser, parse_train_args
 from conftest import make_synthetic, train_argv
 from device_data import (BatchAugment, DeviceImages, DeviceLoader, colour_jitter, d4, gaussian_blur, sample_window,
@@ -577,8 +579,6 @@ def test_the_last_partial_batch_is_dropped_as_by_the_workers_loader():
 def test_scaling_the_training_images_shows_a_bar_once_it_takes_a_second(monkeypatch):
     """The full-size recipes' 536 training images took 3-14 s to scale after the caching bar, with nothing on
     screen; 96x96 ones take 0.1 s, and a bar that flashes for them is noise (delay: shown only after a second)."""
-    import device_data
-    import utils
     bars = []
 
     def spy(iterable=None, **kwargs):

@@ -61,7 +61,7 @@ def test_precise_bn_shows_a_bar_over_the_batches_it_averages(monkeypatch):
 def test_progress_bars_show_on_a_terminal_whose_size_was_never_set(monkeypatch):
     """A pseudo-terminal that no one sized (docker exec -t, script run from a job) reads 0 x 0, and tqdm drew the
     bars 0 characters wide: a whole training epoch showed nothing. A fresh pty is such a terminal."""
-    import pty
+    pty = pytest.importorskip("pty", reason="pseudo-terminals are POSIX's")
     master, slave = pty.openpty()
     assert os.get_terminal_size(slave) == (0, 0)
     with os.fdopen(slave, "w") as terminal:
