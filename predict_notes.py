@@ -2,7 +2,8 @@
 what --stitch_z and --track leave out), the summary line it ends with and the lines after it, and the notes on what
 its --output folder holds (files of an earlier prediction, rows replaced, a prediction stopped or resumed).
 
-Each function returns its text ('' or [] when there is nothing to say); predict.py prints it.
+Each function returns its text ('' or [] when there is nothing to say), or the DataError to raise, and predict.py
+prints it; noted_when_stopped prints its note itself, as a prediction stops.
 """
 import io
 import os
