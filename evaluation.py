@@ -346,7 +346,6 @@ def summary(title, scores, table, dsb, out_dir, overlays, trained=(), tuned=""):
         lines.append(f"  DSB2018 score {', '.join(f'{v:.4f} ({SEPARATION_NAMES[m]})' for m, v in dsb.items())}, "
                      f"mean over the {table['dsb'].notna().sum()} images with instance labels" +
                      (f"; {tuned}" if tuned else ""))
-    if dsb:
         lines += matched_nuclei_lines(table[table["dsb"].notna()], next(iter(dsb)))
     lines += interval_line(table, next(iter(dsb), None))
     lines += untrained_line(table, trained, next(iter(dsb), None))
