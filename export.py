@@ -80,6 +80,7 @@ def main(argv):
     with written_alone(run_dir(args.name), "--output", run_lock_file(args.name)) if in_run else nullcontext():
         cfg, model = load_run(args.name, torch.device("cpu"), args.prune)
         module = export_module(model, args.prune)
+        print(f"exporting {args.name} ({cfg.arch}) to {path} ...", flush=True)  # the tracing takes seconds
         # a generator of its own: torch's global one is the session's (a notebook's own draws)
         example = torch.randn(1, cfg.input_channels, args.height, args.width,
                               generator=torch.Generator().manual_seed(0))
