@@ -176,14 +176,18 @@ def raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def stderr_is_terminal():
+    """Whether progress bars draw on a terminal (not a file, a pipe or a closed stream)."""
+    try:
+        return sys.stderr is not None and sys.stderr.isatty()
+    except ValueError:  # closed
+        return False
+
+
 def progress_bar(iterable=None, **kwargs):
     """tqdm with the toolkit's defaults: redrawn as work goes on at a terminal; written every 30 s to a file (a batch
     job's log), which would otherwise take a line's worth of bar ten times a second."""
-    try:
-        terminal = sys.stderr is not None and sys.stderr.isatty()
-    except ValueError:  # closed
-        terminal = False
-    if not terminal:
+    if not stderr_is_terminal():
         kwargs.setdefault("mininterval", 30)
         kwargs.setdefault("maxinterval", kwargs["mininterval"])  # tqdm's monitor redraws after 10 s otherwise
     elif terminal_columns(sys.stderr) == 0:
@@ -575,8 +579,9 @@ class BatchedThreads:
     def flush(self):
         """Run every waiting job and pass the results to ``on_result``, in order."""
         results = self.pool.map(lambda job: job[0](*job[1]), self.waiting)
+        # A bar below the caller's own at a terminal only: in a log file its cursor moves would land as escape codes
         for result in progress_bar(results, desc=self.desc, total=len(self.waiting), unit="img", leave=False,
-                                   disable=self.desc is None or not self.waiting):
+                                   disable=self.desc is None or not self.waiting or not stderr_is_terminal()):
             self.on_result(result)
         self.waiting, self.waiting_bytes = [], 0
 

@@ -19,6 +19,7 @@ from evaluation import (ImageWriter, bootstrap_interval, evaluation_ids, interva
 from losses import build_loss
 from image_files import read_label_image
 from metrics import separation_scores
+import utils
 from utils import BatchedThreads, DataError
 
 
@@ -178,19 +179,24 @@ def test_batched_threads_run_when_the_buffer_fills_and_keep_the_order():
             jobs.flush()
 
 
-def test_batched_threads_show_a_bar_while_they_run_only_when_named(capsys):
+def _four_squares_and_one(desc):
     got = []
-    with BatchedThreads(got.append, workers=2, desc="scores and PNGs") as jobs:
+    with BatchedThreads(got.append, workers=2, desc=desc) as jobs:
         for x in range(4):
             jobs.submit(_square_slowly, x)
         jobs.flush()
         jobs.flush()  # nothing waiting: no bar
-    assert got == [0, 1, 4, 9]
+    return got
+
+
+def test_batched_threads_show_a_bar_while_they_run_only_when_named_and_on_a_terminal(capsys, monkeypatch):
+    """The bar sits below the caller's own (predict.py's "write" under "predict"): in a log file (pytest's stderr is
+    none) its cursor moves landed as escape codes ("\x1b[A"), so there it is left out."""
+    assert _four_squares_and_one("scores and PNGs") == [0, 1, 4, 9] and capsys.readouterr().err == ""
+    monkeypatch.setattr(utils, "stderr_is_terminal", lambda: True)
+    assert _four_squares_and_one("scores and PNGs") == [0, 1, 4, 9]
     assert capsys.readouterr().err.count(" 0/4 [") == 1  # one bar, over the 4 jobs
-    with BatchedThreads(got.append, workers=2) as jobs:
-        jobs.submit(_square_slowly, 5)
-        jobs.flush()
-    assert got[-1] == 25 and capsys.readouterr().err == ""
+    assert _four_squares_and_one(None) == [0, 1, 4, 9] and capsys.readouterr().err == ""
 
 
 def test_the_model_is_named_by_its_epoch_from_the_log(tmp_path, monkeypatch):
