@@ -632,15 +632,38 @@ def schedule_note(args):
     return "; ".join(f"note: {n}" for n in notes)
 
 
+# The schedule flags and the --scheduler choices that read them; the others leave them without effect
+SCHEDULER_FLAGS = {"min_lr": ("CosineAnnealingLR", "ReduceLROnPlateau"), "factor": ("ReduceLROnPlateau",),
+                   "patience": ("ReduceLROnPlateau",), "milestones": ("MultiStepLR",), "gamma": ("MultiStepLR",)}
+
+
 def unused_flags_note(args):
     """A note naming flags set away from their defaults that the run's other flags leave without effect (SGD's
-    --momentum and --nesterov beside Adam or AdamW; --nucleus_diameter, which predict.py --scale reads, without
-    --crop_size; a recipe's --input_h/--input_w with --crop_size); '' otherwise. Not an error: the seed's config.yml
-    files hold momentum beside Adam."""
+    --momentum and --nesterov beside Adam or AdamW; a schedule's flags beside another --scheduler; --val_size,
+    --test_size and --split_seed beside --split_file, --val_size beside --folds; --nucleus_diameter, which
+    predict.py --scale reads, without --crop_size; a recipe's --input_h/--input_w with --crop_size); '' otherwise.
+    Not an error: the seed's config.yml files hold momentum beside Adam, and a recipe's schedule or split may be
+    replaced on the command line."""
     notes = []
     sgd = [f"--momentum {args.momentum:g}"] * (args.momentum != SGD_MOMENTUM) + ["--nesterov True"] * args.nesterov
     if args.optimizer != "SGD" and sgd:
         notes.append(f"{' and '.join(sgd)}: SGD's, not {args.optimizer}'s; no effect here")
+    defaults = build_train_parser()
+    changed = [f for f in SCHEDULER_FLAGS if args.scheduler not in SCHEDULER_FLAGS[f] and (
+        args.milestone_list != [int(m) for m in defaults.get_default(f).split(",")] if f == "milestones"
+        else getattr(args, f) != defaults.get_default(f))]
+    for users in dict.fromkeys(SCHEDULER_FLAGS[f] for f in changed):  # grouped by the schedules that read them
+        flags = " and ".join(f"--{f} {args.milestones if f == 'milestones' else format(getattr(args, f), 'g')}"
+                             for f in changed if SCHEDULER_FLAGS[f] == users)
+        owners = " and ".join(f"{u}'s" for u in users)
+        notes.append(f"{flags}: {owners}, not {args.scheduler}'s; no effect here")
+    split = [f for f in ("val_size", "test_size", "split_seed") if getattr(args, f) != defaults.get_default(f)]
+    if args.split_file and split:
+        notes.append(f"{' and '.join(f'--{f} {getattr(args, f):g}' for f in split)}: --split_file "
+                     f"{args.split_file} gives the split; no effect here")
+    elif args.folds and "val_size" in split:
+        notes.append(f"--val_size {args.val_size:g}: --folds {args.folds} validates on fold --fold {args.fold}; no "
+                     "effect here")
     if args.nucleus_diameter and not args.crop_size:
         notes.append(f"--nucleus_diameter {args.nucleus_diameter:g}: for a --crop_size run (predict.py --scale reads "
                      "it); no effect here")

@@ -301,6 +301,31 @@ def test_flags_that_the_others_leave_without_effect_get_a_note():
         "note: --nucleus_diameter 12: for a --crop_size run (predict.py --scale reads it); no effect here"
 
 
+def test_schedule_and_split_flags_that_the_others_leave_without_effect_get_a_note(tmp_path):
+    """A schedule's flags beside another --scheduler, and the random split's beside --split_file or --folds, were
+    taken and ignored without a word: the run trained exactly as without them."""
+    assert unused_flags_note(parse_train_args(["--scheduler", "MultiStepLR", "--min_lr", "0.001", "--factor", "0.5",
+                                               "--patience", "7"])) == (
+        "note: --min_lr 0.001: CosineAnnealingLR's and ReduceLROnPlateau's, not MultiStepLR's; no effect here; "
+        "note: --factor 0.5 and --patience 7: ReduceLROnPlateau's, not MultiStepLR's; no effect here")
+    # a recipe's milestones as a YAML list, beside the default schedule
+    recipe = write_yaml(tmp_path / "r.yml", {"milestones": [30, 60], "gamma": 0.1})
+    assert unused_flags_note(parse_train_args(["--config", recipe])) == \
+        "note: --milestones 30,60 and --gamma 0.1: MultiStepLR's, not CosineAnnealingLR's; no effect here"
+    assert unused_flags_note(parse_train_args(["--scheduler", "ConstantLR", "--min_lr", "1e-6"])) == \
+        "note: --min_lr 1e-06: CosineAnnealingLR's and ReduceLROnPlateau's, not ConstantLR's; no effect here"
+    # each schedule's own flags, and the defaults (the seed's config.yml holds them all) beside any schedule
+    for used in (["--scheduler", "ReduceLROnPlateau", "--factor", "0.5", "--patience", "7", "--min_lr", "1e-6"],
+                 ["--scheduler", "MultiStepLR", "--milestones", "30, 60", "--gamma", "0.1"],
+                 ["--scheduler", "ConstantLR", "--milestones", "1, 2"]):
+        assert unused_flags_note(parse_train_args(used)) == ""
+    assert unused_flags_note(parse_train_args(["--split_file", "s.csv", "--val_size", "0.3", "--split_seed", "3"])) \
+        == "note: --val_size 0.3 and --split_seed 3: --split_file s.csv gives the split; no effect here"
+    assert unused_flags_note(parse_train_args(["--folds", "5", "--fold", "2", "--val_size", "0.3"])) == \
+        "note: --val_size 0.3: --folds 5 validates on fold --fold 2; no effect here"
+    assert unused_flags_note(parse_train_args(["--folds", "5", "--test_size", "0.1", "--split_seed", "3"])) == ""
+
+
 def learning_rates(epochs, warmup, scheduler, milestones):
     """The rate of each epoch of a run, from optim.build_scheduler stepped as train.py steps it (--lr 1)."""
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
