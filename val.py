@@ -160,8 +160,11 @@ def evaluate_into(args, out_dir):
     if args.tune:
         return tune(args.name, cfg, labels, made["weights_sha256"], f"{what}, {precision.describe()}{how}",
                     evaluate_with)
-    evaluation_yml = (record, prediction_settings(epoch, precision.describe(), args.tta, args.prune, post.separation,
-                                                  post.filters), made)
+    shaped = separation_flags_note(args, labels, dataset_dir)
+    # as predict.py's prediction.yml without --instances: no nuclei were made, by no separation or filters
+    evaluation_yml = (record, prediction_settings(epoch, precision.describe(), args.tta, args.prune,
+                                                  post.separation if shaped else None,
+                                                  post.filters if shaped else dict.fromkeys(post.filters)), made)
     scores, table, dsb = score_and_write(out_dir, cfg, post, labels, not args.no_overlays, evaluate_with,
                                          what + how, evaluation_yml)
     print(summary(f"{what}, {precision.describe()}{how}", scores, table, dsb, out_dir, not args.no_overlays,
@@ -171,6 +174,21 @@ def evaluate_into(args, out_dir):
         scores.update(dsb=float(table["dsb"].mean()), **{f"dsb_{m}": v for m, v in dsb.items()},
                       f1=float(table["f1"].mean()), pq=float(table["pq"].mean()))
     return scores
+
+
+def separation_flags_note(args, labels, dataset_dir):
+    """Whether nuclei are made and scored: some image has instance ``labels`` (evaluation.instance_labels'). When
+    none has, prints a note naming the --separation, --min_size and --min_confidence given, which then change
+    nothing (the masks alone are scored), and returns False."""
+    if labels:
+        return True
+    given = [f"--{flag} {value:g}" if isinstance(value, (int, float)) else f"--{flag} {value}"
+             for flag, value in (("separation", args.separation), ("min_size", args.min_size),
+                                 ("min_confidence", args.min_confidence)) if value is not None]
+    if given:
+        print(f"note: {' and '.join(given)}: no image scored here has instance labels in {dataset_dir}, so no nuclei "
+              "are made or scored (IoU and Dice score the masks alone); no effect here")
+    return False
 
 
 def title_parts(args, cfg, epoch, part, count):

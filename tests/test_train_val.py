@@ -805,6 +805,33 @@ def test_val_scores_every_image_of_another_dataset(work, capsys):
     assert "all of inputs/tiny_copy, 8 of them the run's training images, 10 images" in capsys.readouterr().out
 
 
+def test_val_separation_flags_on_a_dataset_without_instance_labels_get_a_note(work, capsys):
+    """--separation, --min_size and --min_confidence shape the nuclei scored against instance labels: on a dataset of
+    masks alone they change nothing, which val.py says (it said nothing, and evaluation.yml named them as used);
+    where labels are, --min_size changes the nuclei's scores."""
+    root, _, _ = work
+    shutil.copytree(root / "inputs" / TINY_NAME, root / "inputs" / "masks_only",
+                    ignore=shutil.ignore_patterns("labels"))
+    common = ["--name", "unet", "--device", "cpu", "--amp", "fp32", "--no_overlays"]
+    flags = ["--separation", "cc", "--min_size", "50", "--min_confidence", "0"]
+    tables = {}
+    with cwd(root):
+        for key, dataset, extra in (("plain", "masks_only", []), ("flags", "masks_only", flags),
+                                    ("labelled", TINY_NAME, []), ("labelled_flags", TINY_NAME, flags)):
+            val.main([*common, "--dataset", dataset, "--output", key, *extra])
+            printed = capsys.readouterr().out
+            said = "note: --separation cc and --min_size 50 and --min_confidence 0: no image scored here has " \
+                "instance labels in inputs/masks_only, so no nuclei are made or scored"
+            assert (said in printed) == (key == "flags"), printed
+            tables[key] = pd.read_csv(root / key / "scores.csv")
+            with open(root / key / "evaluation.yml") as f:
+                settings = yaml.safe_load(f)["settings"]
+            assert (settings["separation"] is None) == dataset.startswith("masks"), settings
+    pd.testing.assert_frame_equal(tables["plain"], tables["flags"])
+    assert "dsb" not in tables["flags"] and settings["min_size"] == 50
+    assert not tables["labelled"]["pred_nuclei"].equals(tables["labelled_flags"]["pred_nuclei"])
+
+
 def test_val_reads_a_dataset_stored_with_other_extensions(work):
     """A run trained on PNGs scores a copy of a dataset whose images are TIFFs and masks BMPs: the error without
     --img_ext names the value to pass, and with --img_ext/--mask_ext the scores are those of the PNG dataset."""
