@@ -159,7 +159,8 @@ def build_parser():
                         "(a multiple of 16); 0 = the largest that fits the memory budget, so a whole image whenever "
                         "it fits")
     g.add_argument("--overlap", type=int, default=64,
-                   help="pixels shared by neighbouring windows (at most half a window sized from the budget)")
+                   help="crop-trained runs: pixels shared by neighbouring windows (at most half a window sized from "
+                        "the budget)")
     g.add_argument("--batch_size", type=int, default=4,
                    help="windows per forward pass (a run trained on resized images predicts one image at a time)")
     add_device_arg(g)
@@ -504,8 +505,9 @@ def with_finished(rows, objects, finished, ids):
 
 def check_flags_for_run(args, cfg):
     """Refuse the flags that the loaded run cannot serve (its size, windows)."""
-    if (args.scale != 1 or args.tile) and not cfg.crop_size:
-        flag = "--scale" if args.scale != 1 else "--tile"
+    windowed = [f"--{f}" for f in ("scale", "tile", "overlap") if getattr(args, f) != build_parser().get_default(f)]
+    if windowed and not cfg.crop_size:
+        flag = windowed[0]
         raise UsageError(f"{flag}: run {args.name} was trained on images resized to {cfg.input_h}x{cfg.input_w}, "
                          f"and predicts every image at that size; {flag} is for runs trained on crops")
     if args.tile and args.overlap >= args.tile:

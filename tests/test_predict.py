@@ -1062,6 +1062,8 @@ def test_scale_predicts_the_resized_image(in_runs, tmp_path):
         predict.main(["--name", "p", "--input", image_path, "--output", str(tmp_path / "out"), "--scale", "0.5"])
     with pytest.raises(UsageError, match="--tile is for runs trained on crops"):  # was ignored without a word
         predict.main(["--name", "p", "--input", image_path, "--output", str(tmp_path / "out"), "--tile", "128"])
+    with pytest.raises(UsageError, match="--overlap is for runs trained on crops"):  # was ignored without a word
+        predict.main(["--name", "p", "--input", image_path, "--output", str(tmp_path / "out"), "--overlap", "16"])
     with pytest.raises(UsageError, match="--scale 0.0 must be between"):
         predict.main(["--name", "pc", "--input", image_path, "--output", str(tmp_path / "out"), "--scale", "0"])
 
