@@ -57,7 +57,8 @@ def build_parser():
     add_separation_args(p)
     add_device_arg(p)
     add_amp_arg(p)
-    p.add_argument("--batch_size", type=at_least(1), default=None, help="default: the run's batch size")
+    p.add_argument("--batch_size", type=at_least(1), default=None,
+                   help="default: the run's batch size (a crop-trained run scores whole images, one at a time)")
     p.add_argument("--num_workers", type=at_least(0), default=0, help="DataLoader workers")
     p.add_argument("--output", type=path_arg, default=None, help="folder for the outputs, replaced as a whole (default "
                                                   "outputs/<name>; outputs/<name>_test for --split test, "
@@ -138,6 +139,9 @@ def evaluate_into(args, out_dir):
     fit_threads_to_cpus()
     cfg, model = load_run(args.name, device, args.prune)
     epoch = model_epoch(args.name)  # with the weights: a train.py of the run may save a better epoch meanwhile
+    if cfg.crop_size and (args.batch_size or 1) > 1:  # whole images differ in size: dataset.eval_loader's batches of 1
+        print(f"note: --batch_size {args.batch_size}: run {args.name} was trained on crops and is scored on whole "
+              "images, one at a time; no effect here")
     made = made_by(args.name)
     if not args.tune:  # a damaged postprocessing.yml must not stop the --tune that replaces it
         post = post_processing(args.name, cfg, args.separation, args.min_size, args.min_confidence)

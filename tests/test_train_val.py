@@ -623,6 +623,22 @@ def test_crop_training_validates_whole_images(tmp_path, monkeypatch):
         assert prob.shape == (48, 48)
 
 
+def test_val_batch_size_of_a_crop_run_gets_a_note(tiny_workdir, capsys):
+    """val.py scores a crop-trained run's whole images one at a time (their sizes differ), so --batch_size changes
+    nothing there, which it says (it was taken without a word); a run trained on resized images takes it."""
+    train.main(train_argv("crop", "--crop_size", "32", epochs=1))
+    train.main(train_argv("resized", epochs=1))
+    capsys.readouterr()
+    common = ["--device", "cpu", "--amp", "fp32", "--no_overlays"]
+    scores = {b: val.main(["--name", "crop", "--batch_size", b, *common, "--output", f"crop{b}"]) for b in ("1", "4")}
+    printed = capsys.readouterr().out
+    assert "note: --batch_size 4: run crop was trained on crops and is scored on whole images, one at a time; no " \
+        "effect here" in printed and "--batch_size 1" not in printed
+    assert scores["1"]["iou"] == scores["4"]["iou"]
+    val.main(["--name", "resized", "--batch_size", "4", *common])
+    assert "note: --batch_size" not in capsys.readouterr().out
+
+
 def test_crop_runs_validate_images_beyond_the_memory_budget_in_windows(tmp_path, monkeypatch):
     """A crop-trained run validates whole images, in train.py and val.py: one whose forward pass exceeds the memory
     budget goes through the network in windows (64 x 64 here, the smallest), as predict.py predicts it, instead of
