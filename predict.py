@@ -557,12 +557,17 @@ def prediction_record(args, argv, settings, platform, weights, rows, left_out, r
 def read_inputs(args):
     """The images of --input (:func:`list_images`), their :func:`tiff_headers` (--pixel_size, when given, in place of
     each file's own calibration) and output ids (:func:`image_ids`), after printing the notes on how some will be read
-    (predict_notes: tiff_notes, pixel_size_warnings, stitch_notes, track_notes). Returns (files, headers, ids), three
+    (predict_notes: tiff_notes, pixel_size_warnings, stitch_notes, track_notes; a --pixel_size that nothing
+    written uses). Returns (files, headers, ids), three
     lists in the order of the files; raises the DataError or UsageError of those functions."""
     files = list_images(args.input)
     headers = tiff_headers(files)
     if args.pixel_size is not None:  # the flag's size replaces each file's own, and what kept it from one
         headers = [header._replace(pixel_size=args.pixel_size, pixel_size_problem="") for header in headers]
+        if not (args.instances or any(header.plane_axes for header in headers)):
+            print(f"note: --pixel_size {args.pixel_size:g}: for --instances' objects.csv and images.csv and the "
+                  "calibration of the TIFF stacks written, and none of these inputs is a stack; no effect here (add "
+                  "--instances)")
     ids = image_ids(files, args.output, [header.plane_axes for header in headers])
     for note in tiff_notes(files, headers, args.channel) + pixel_size_warnings(files, headers) + \
             stitch_notes(files, headers, args.stitch_z) + track_notes(files, headers, args.track):

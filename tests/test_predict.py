@@ -2723,6 +2723,27 @@ def test_objects_and_images_csv_give_micrometres_from_the_pixel_size_and_the_sta
                                 "columns are left empty; give --pixel_size UM"]
 
 
+def test_a_pixel_size_that_nothing_written_uses_gets_a_note(in_runs, tmp_path, monkeypatch, capsys):
+    """--pixel_size reaches --instances' tables and the TIFF stacks written: for 2D images without --instances it
+    changes no file, which predict.py says (it said nothing); with --instances, or a stack to calibrate, no note."""
+    monkeypatch.setattr(inference.Predictor, "predict", lambda self, image, scale=None: image.mean(axis=2)[None])
+    image = write(tmp_path / "in" / "a.png", sample_bgr(32, 32)[..., 0])
+    stack = str(tmp_path / "stacks" / "s.tif")
+    os.makedirs(os.path.dirname(stack))
+    tifffile.imwrite(stack, np.stack([sample_bgr(32, 32)[..., 0]] * 2), imagej=True, metadata={"axes": "TYX"})
+    note = "note: --pixel_size 0.5: for --instances' objects.csv and images.csv and the calibration of the TIFF " \
+        "stacks written, and none of these inputs is a stack; no effect here (add --instances)"
+    for key, inputs, extra in (("plain", [image], []), ("flag", [image], ["--pixel_size", "0.5"]),
+                               ("instances", [image], ["--pixel_size", "0.5", "--instances", "--separation", "cc"]),
+                               ("stack", [image, stack], ["--pixel_size", "0.5"])):
+        predict.main(["--name", "nuclei", "--input", *inputs, "--output", str(tmp_path / key), "--device", "cpu",
+                      *extra])
+        assert (note in capsys.readouterr().out) == (key == "flag"), key
+    assert read(tmp_path / "flag" / "a.png").tobytes() == read(tmp_path / "plain" / "a.png").tobytes()
+    with tifffile.TiffFile(tmp_path / "stack" / "s.tif") as tif:  # the mask stack
+        assert tif.pages.first.resolution == pytest.approx((2, 2))  # the stack written carries it
+
+
 @pytest.mark.parametrize("value", ["0", "-0.5", "nan", "inf", "1e-9", "1e9"])
 def test_a_pixel_size_that_is_no_size_is_refused_naming_the_flag(tmp_path, value, capsys):
     image = write(tmp_path / "a.png", np.zeros((16, 16), np.uint8))
