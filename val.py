@@ -164,7 +164,10 @@ def evaluate_into(args, out_dir):
     if args.tune:
         return tune(args.name, cfg, labels, made["weights_sha256"], f"{what}, {precision.describe()}{how}",
                     evaluate_with)
-    shaped = separation_flags_note(args, labels, dataset_dir)
+    shaped = bool(labels)  # nuclei are made and scored against instance labels only
+    if not shaped and separation_flags(args):
+        print(f"note: {' and '.join(separation_flags(args))}: no image scored here has instance labels in "
+              f"{dataset_dir}, so no nuclei are made or scored (IoU and Dice score the masks alone); no effect here")
     # as predict.py's prediction.yml without --instances: no nuclei were made, by no separation or filters
     evaluation_yml = (record, prediction_settings(epoch, precision.describe(), args.tta, args.prune,
                                                   post.separation if shaped else None,
@@ -180,19 +183,11 @@ def evaluate_into(args, out_dir):
     return scores
 
 
-def separation_flags_note(args, labels, dataset_dir):
-    """Whether nuclei are made and scored: some image has instance ``labels`` (evaluation.instance_labels'). When
-    none has, prints a note naming the --separation, --min_size and --min_confidence given, which then change
-    nothing (the masks alone are scored), and returns False."""
-    if labels:
-        return True
-    given = [f"--{flag} {value:g}" if isinstance(value, (int, float)) else f"--{flag} {value}"
-             for flag, value in (("separation", args.separation), ("min_size", args.min_size),
-                                 ("min_confidence", args.min_confidence)) if value is not None]
-    if given:
-        print(f"note: {' and '.join(given)}: no image scored here has instance labels in {dataset_dir}, so no nuclei "
-              "are made or scored (IoU and Dice score the masks alone); no effect here")
-    return False
+def separation_flags(args):
+    """The flags that shape the nuclei given on the command line, as '--separation cc', '--min_size 50', ..."""
+    return [f"--{flag} {value:g}" if isinstance(value, (int, float)) else f"--{flag} {value}"
+            for flag, value in (("separation", args.separation), ("min_size", args.min_size),
+                                ("min_confidence", args.min_confidence)) if value is not None]
 
 
 def title_parts(args, cfg, epoch, part, count):
