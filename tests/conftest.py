@@ -16,12 +16,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import tifffile
 import torch
 import yaml
 
 import dataset
+import inference
 import layouts
 import synthetic
+import train
 from archs import build_model
 from config import SKIPPED_IN_CONFIG, build_train_parser
 from utils import usable_cpus
@@ -248,3 +251,97 @@ def held_by_another_process(lock_file):
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory):
+    """predict.py's runs, made once per test process in a folder of their own: p, a NestedUNet + deep supervision
+    trained for 1 epoch on inputs/synthetic (8 images, 32x32, resized training); beside it without training, copies
+    of it with ``crop_size: 32`` in config.yml (pc: full-resolution prediction; pa: also a nucleus diameter) and
+    with another --normalization (pp, pd), a UNet with random weights (u) and a run without model.pth (nomodel).
+    Returns the folder's path (tests chdir into it: ``in_runs``)."""
+    root = tmp_path_factory.mktemp("predict_runs")
+    old = os.getcwd()
+    os.chdir(root)
+    try:
+        synthetic.generate_synthetic(os.path.join("inputs", "synthetic"), num_images=8, size=32)
+        train.main(["--dataset", "synthetic", "--arch", "NestedUNet", "--deep_supervision", "True", "--epochs", "1",
+                    "--input_w", "32", "--input_h", "32", "-b", "2", "--num_workers", "0", "--name", "p",
+                    "--device", "cpu"])
+        with open(os.path.join("models", "p", "config.yml")) as f:
+            config = yaml.safe_load(f)
+
+        def make_run(name, weights=None, **changes):
+            os.makedirs(os.path.join("models", name))
+            with open(os.path.join("models", name, "config.yml"), "w") as f:
+                yaml.safe_dump({**config, "name": name, **changes}, f, sort_keys=False)
+            shutil.copy(os.path.join("models", "p", "split.csv"), os.path.join("models", name, "split.csv"))
+            if weights is not None:
+                torch.save(weights, os.path.join("models", name, "model.pth"))
+
+        p_weights = torch.load(os.path.join("models", "p", "model.pth"), weights_only=True)
+        make_run("pc", p_weights, crop_size=32)
+        make_run("pa", p_weights, crop_size=32, nucleus_diameter=3.0)  # the nuclei it finds: mostly rescaled
+        make_run("pp", p_weights, normalization="percentile")
+        make_run("pd", p_weights, normalization="percentile_dark")
+        torch.manual_seed(0)
+        make_run("u", build_model("UNet", 1, 3, False).state_dict(), arch="UNet", deep_supervision=False)
+        make_run("nomodel")
+    finally:
+        os.chdir(old)
+    return root
+
+
+@pytest.fixture
+def in_runs(runs, monkeypatch):
+    monkeypatch.chdir(runs)
+    return runs
+
+
+def sample_bgr(height, width):
+    """A synthetic nuclei image (BGR uint8) resized to height x width."""
+    src = cv2.imread(os.path.join("inputs", "synthetic", "images", "syn_0000.png"))
+    return cv2.resize(src, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def read_image(path):
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    assert image is not None, f"{path} missing or unreadable"
+    return image
+
+
+def stack_flags(model="pc"):
+    """predict.py's flags for every output of a stack (--min_confidence 0: the barely trained network's objects)."""
+    return ["--name", model, "--instances", "--rois", "--overlay", "--save_prob", "--min_confidence", "0", "--device",
+            "cpu", "--amp", "fp32"]
+
+
+def movie(folder, planes=6):
+    """A 16-bit ImageJ time-lapse ``folder``/movie.tif of ``planes`` 40x36 planes, calibrated; returns its path."""
+    grey = sample_bgr(40, 36)[:, :, 0].astype(np.uint16)
+    stack = np.stack([np.roll(grey, 3 * t, axis=1) * (100 + 30 * t) for t in range(planes)])
+    os.makedirs(folder, exist_ok=True)
+    tifffile.imwrite(folder / "movie.tif", stack, imagej=True, metadata={"axes": "TYX", "unit": "um"},
+                     resolution=(1 / 0.5, 1 / 0.5))
+    return str(folder / "movie.tif")
+
+
+def interrupted(at, error):
+    """A stand-in for inference.Predictor.predict that raises ``error`` at its ``at``-th call."""
+    real, calls = inference.Predictor.predict, []
+
+    def predict_plane(self, image, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == at:
+            raise error
+        return real(self, image, *args, **kwargs)
+    return predict_plane
+
+
+STACK_OUTPUTS = ["movie.tif", "movie_instances.tif", "movie_overlay.tif", "movie_prob.tif", "movie_rois.zip"]
+
+
+def read_record(out):
+    """The prediction.yml in folder ``out``, as yaml.safe_load reads it."""
+    with open(os.path.join(out, "prediction.yml"), encoding="utf-8") as f:
+        return yaml.safe_load(f)
