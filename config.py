@@ -48,7 +48,7 @@ INPUT_SIZE = 96  # the seed's --input_w and --input_h
 SCHEDULERS = ("CosineAnnealingLR", "ReduceLROnPlateau", "MultiStepLR", "ConstantLR")
 LOADERS = ("auto", "device", "workers")  # where training batches are augmented (dataset.py / device_data.py)
 # flags of one invocation, not of the run
-SKIPPED_IN_CONFIG = ("help", "config", "resume", "auto_resume", "overwrite", "debug")
+SKIPPED_IN_CONFIG = ("help", "version", "config", "resume", "auto_resume", "overwrite", "debug")
 # What --resume may change: the length, how the run is executed, its name (a run folder moved to another name) and
 # where its dataset is (moved to another disk or machine; split.csv checks that its ids are the same). Every other
 # flag is restored from last.pth and config.yml (the optimizer's state holds the learning rate, the schedule its own

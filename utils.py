@@ -6,8 +6,10 @@ No torch here (the slow import), so that every script's ``--help`` answers at on
 import argparse
 import ctypes
 import ctypes.util
+import importlib.metadata
 import math
 import os
+import platform
 import re
 import shlex
 import shutil
@@ -363,6 +365,8 @@ class ArgumentParser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", HelpFormatter)
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+        self.add_argument("--version", action=VersionAction, help="print the toolkit's version (its git commit) and "
+                          "those of Python and torch, for a bug report, and exit")
 
     def parse_known_args(self, args=None, namespace=None):
         args = sys.argv[1:] if args is None else list(args)
@@ -375,6 +379,28 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see: python {self.prog} --help)\n")
+
+
+class VersionAction(argparse.Action):
+    """--version: prints :func:`version_line` and exits, computed only when asked (a git call)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_line(parser.prog))  # to stdout, as argparse's own --version and --help
+        parser.exit()
+
+
+def version_line(prog):
+    """'<prog>: toolkit <git commit>, Python 3.11.9, torch 2.13.0+cpu, Linux-...': what a bug report needs, without
+    importing torch (its installed version is read from its package's metadata)."""
+    try:
+        torch_version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        torch_version = "not installed"
+    return (f"{prog}: toolkit {code_version(os.path.dirname(os.path.abspath(__file__)))}, Python "
+            f"{platform.python_version()}, torch {torch_version}, {platform.platform()}")
 
 
 def flag_name(token):

@@ -1,6 +1,7 @@
 """Tests for config.py: train.py's flags, --config YAML recipes, names and argument checks."""
 import functools
 import os
+import platform
 import subprocess
 import sys
 
@@ -591,6 +592,23 @@ def test_help_is_quick_and_lists_flags(tmp_path):
     imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
     assert "json" in imported and not imported & {"torch", "albumentations"}, "heavy imports for --help"
     assert not os.listdir(tmp_path), "--help wrote files"
+
+
+def test_version_names_the_toolkit_python_and_torch_at_once(tmp_path):
+    """--version, for a bug report: one line with the checkout's commit and the versions of Python and torch, exit 0,
+    without importing torch; it is no setting of a run (not in config.yml, refused in a recipe)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / "train.py"), "--version"], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == (f"train.py: toolkit {utils.code_version(str(ROOT))}, Python {platform.python_version()}, "
+                          f"torch {torch.__version__}, {platform.platform()}\n")
+    imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
+    assert "torch" not in imported and not os.listdir(tmp_path)
+    assert not hasattr(parse_train_args([]), "version")
+    recipe = write_yaml(tmp_path / "r.yml", {"version": "1.0"})
+    with pytest.raises(UsageError, match="version: a flag of one command, not of a recipe"):
+        parse_train_args(["--config", recipe])
 
 
 def test_help_shows_a_default_only_where_it_tells_something():
