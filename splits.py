@@ -104,7 +104,7 @@ def load_or_make_split(path, dataset_dir, ids, resume, val_size, test_size, spli
             raise DataError(f"--split_file {split_file} needs at least one 'train' and one 'val' id")
         return split
     if len(ids) < 3:
-        raise DataError(f"{dataset_dir} has {len(ids)} samples; at least 3 are needed to train and validate")
+        raise DataError(too_few_note(dataset_dir, len(ids)))
     try:
         return make_split(ids, val_size, test_size, split_seed, folds, fold)
     except ValueError:  # scikit-learn: a part would be empty
@@ -113,6 +113,15 @@ def load_or_make_split(path, dataset_dir, ids, resume, val_size, test_size, spli
                              f"{test_size} part) are too few for {folds} folds; give fewer --folds") from None
         raise UsageError(f"--val_size {val_size} and --test_size {test_size} leave an empty part of the "
                          f"{len(ids)} samples of {dataset_dir}; give smaller fractions") from None
+
+
+def too_few_note(dataset_dir, count):
+    """The error for a dataset of ``count`` samples, 1 or 2 (layouts.list_ids refuses none), too few for a split
+    made by fractions (--val_size): 2 can be split by name (--split_file), 1 only once cut into tiles."""
+    fix = ("give --split_file a CSV that puts one in 'train' and the other in 'val'" if count == 2 else
+           "cut it into tiles, the image and its mask alike, each tile a sample of its own (at least 3)")
+    return (f"{dataset_dir} has {count} sample{'s' * (count != 1)}; a split made here needs at least 3, to train and "
+            f"to validate: {fix}")
 
 
 def unlisted_note(split, source, dataset_dir, ids):

@@ -44,7 +44,9 @@ CASES = {
     "masks_without_images": (train(dataset="noimg"), 1, ["have no image", "syn_0003", "syn_0004"]),
     "mask_files_beside_class_folders": (train(dataset="straymask"), 1, ["straymask/masks holds both class folders (0)",
                                                                       "preview", "move the other kind out"]),
-    "folder_named_like_an_image": (train(dataset="dirimage"), 1, ["has 2 samples"]),  # no 'extra' without a mask
+    # no 'extra' without a mask; two images split by name
+    "folder_named_like_an_image": (train(dataset="dirimage"), 1, ["has 2 samples", "--split_file", "'train'", "'val'"]),
+    "one_image": (train(dataset="single"), 1, ["has 1 sample;", "cut it into tiles", "its mask alike"]),
     "truncated_image_cached": (train("--cache", "True", dataset="trunc"), 1, ["trunc/images/syn_0002.png"]),
     "truncated_image_uncached": (train("--cache", "False", dataset="trunc"), 1, ["trunc/images/syn_0002.png"]),
     "truncated_image_uncached_worker": (train("--cache", "False", "--num_workers", "1", dataset="trunc"), 1,
@@ -197,6 +199,10 @@ def _prepare(root):
         for sub in ("images", "masks/0"):
             os.remove(d / sub / f"syn_000{i}.png")
     (d / "images" / "extra.png").mkdir()
+    d = _copy(good, root / "inputs" / "single")  # a user's one annotated image
+    for i in range(1, 10):
+        for sub in ("images", "masks/0"):
+            os.remove(d / sub / f"syn_000{i}.png")
     d = _copy(good, root / "inputs" / "trunc")
     data = (d / "images" / "syn_0002.png").read_bytes()
     (d / "images" / "syn_0002.png").write_bytes(data[: len(data) // 3])
