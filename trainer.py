@@ -325,14 +325,18 @@ class Trainer:
         if a.crop_size:
             check_crop(data, a.crop_size)
         check_foreground(data)
+        weights = self._balance_weights(data) if a.balance else np.ones(len(data))
         if self.main:
             fixed = a.normalization == "fixed"
+            crops = len(train_ids) // world // a.batch_size * a.batch_size * world  # drop_last, in every process
+            draws = crops * weights / weights.sum()  # each image's crops per epoch, on average
             for note in (mostly_foreground_note(data, "the training masks"), min_max_note(data) if fixed else "",
-                         multi_object_ids_note(data, "the training label images"), channels_note(data)):
+                         multi_object_ids_note(data, "the training label images"), channels_note(data),
+                         crop_coverage_note(data, a.crop_size, a.scale_jitter, a.epochs, draws) if a.crop_size else ""):
                 if note:
                     self._say(note)
         if a.balance:
-            sampler = WeightedDistributedSampler(self._balance_weights(data), world, distributed.rank(), a.seed)
+            sampler = WeightedDistributedSampler(weights, world, distributed.rank(), a.seed)
         else:
             sampler = torch.utils.data.DistributedSampler(data, num_replicas=world, rank=distributed.rank(),
                                                           shuffle=True, seed=a.seed)
@@ -616,6 +620,26 @@ def check_crop(data, crop_size):
                    "leave it out of the training images (--split_file), or train on resized images (no --crop_size)")
             raise UsageError(f"--crop_size {crop_size} is larger than image {data.layout.image(data.img_ids[i])} "
                              f"({h}x{w}); {fix}")
+
+
+def crop_coverage_note(data, crop_size, scale_jitter, epochs, draws):
+    """A note ('' for none) on the training image (of those cached) that the run's crops cover least, when they
+    leave most of it unseen: each epoch draws ``draws`` [N] crops of the N images on average (about one each, whatever
+    an image's size), so a user's one large annotated image among small ones gets as few crops as each of them;
+    ``epochs`` of its crops, each at most (crop_size / (1 - scale_jitter))^2 of its pixels, bound what they cover."""
+    if not data.cached:  # the sizes of images not in memory would take reading them all
+        return ""
+    areas = np.array([image.shape[0] * image.shape[1] for image, *_ in data.cached], dtype=np.float64)
+    covered = epochs * draws * (crop_size / (1 - scale_jitter)) ** 2 / areas  # each image's share, at most
+    i = int(covered.argmin())
+    if covered[i] >= 0.5:  # a recipe's few largest DSB2018 images, which most of its crops still reach, pass
+        return ""
+    h, w = data.cached[i][0].shape[:2]
+    return (f"note: each epoch takes about one {crop_size}x{crop_size} crop of each training image, whatever its "
+            f"size: {data.layout.image(data.img_ids[i])} ({h}x{w}, {areas[i] / crop_size ** 2:.0f} crops' worth) gets "
+            f"about {epochs * draws[i]:.0f} in --epochs {epochs}, which cover at most {covered[i]:.0%} of its pixels; "
+            "cut images much larger than --crop_size into tiles about its size (each tile then gets a crop per epoch), "
+            "or give more --epochs")
 
 
 def check_foreground(data):

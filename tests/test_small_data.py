@@ -1,0 +1,37 @@
+"""A biologist's few annotated images: train.py on datasets of a handful of images (one much larger than the rest,
+fewer training batches than a flag asks for), where a run must say what it does with them or stop with what to do.
+"""
+import pytest
+
+import train
+from conftest import make_layout, train_argv
+
+CROP = 32
+
+
+def few_images(root, large):
+    """inputs/few: three 32x32 images and one ``large`` x ``large`` one (random pixels, a square nucleus each) and a
+    split that trains on the large one and two small ones; returns the split file's path."""
+    make_layout(root / "inputs" / "few", ["a", "b", "c"], size=CROP)
+    make_layout(root / "inputs" / "few", ["large"], size=large)
+    split = root / "split.csv"
+    split.write_text("img_id,split\na,train\nb,train\nlarge,train\nc,val\n")
+    return str(split)
+
+
+@pytest.mark.parametrize("large", [160, 48])
+def test_a_large_image_among_small_ones_is_named_when_its_crops_leave_most_of_it_unseen(tmp_path, monkeypatch, capsys,
+                                                                                        large):
+    """An epoch of crop training draws one crop of each training image, whatever its size: over 2 epochs the
+    160x160 image gets 2 crops of 32x32, 2 * 32^2 / 160^2 = 8 % of its pixels at most, and the run says so; the
+    48x48 one's 2 crops reach up to 2 * 32^2 / 48^2 = 89 % of it, and nothing is said."""
+    monkeypatch.chdir(tmp_path)
+    split = few_images(tmp_path, large)
+    train.main(train_argv("few", "--crop_size", str(CROP), "--split_file", split, "--cache", "True", dataset="few",
+                          epochs=2, batch=3))
+    out = capsys.readouterr().out
+    worth = large ** 2 / CROP ** 2
+    note = (f"inputs/few/images/large.png ({large}x{large}, {worth:.0f} crops' worth) gets about 2 in --epochs 2, "
+            f"which cover at most {2 / worth:.0%} of its pixels")
+    assert (note in out) is (large == 160), out
+    assert ("cut images much larger than --crop_size into tiles" in out) is (large == 160)
