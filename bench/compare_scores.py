@@ -10,8 +10,10 @@ interval of that mean (the images drawn again with replacement, 10,000 times, se
 is better and worse. The same for each image kind. B is "clearly better" on a score (the rule for replacing the
 bundled model) when the interval's lower end is above 0. Differences are paired by img_id and resampled in the
 order of the sorted ids, so the order of the rows does not matter; images only one file holds are left out and
-counted in a note. A score compared on a single image gets no interval (NaN). Two files of different classes
-(iou_class<c> columns) are refused: a run of several classes scores an image by the mean of its classes.
+counted in a note. A score compared on fewer than 10 images gets no interval (NaN), as in val.py: a bootstrap of so
+few spans little more than their own differences, so B won on all of 3 images would read as clearly better. Two
+files of different classes (iou_class<c> columns) are refused: a run of several classes scores an image by the mean
+of its classes.
 
 A model cross-validated in folds (train.py --folds) has a scores.csv per fold's run, each image in one of them: give
 each model as a quoted pattern, and its files' rows are compared as one table:
@@ -122,7 +124,7 @@ def shared_scores(a, b):
 def compare(a, b, groups=None):
     """One row per (group, score) both tables hold: images, mean A, mean B, mean B - A, its 95 % interval, and on
     how many images B is better / worse. ``groups``: a column to compare within as well ('kind'), or None."""
-    from evaluation import bootstrap_interval
+    from evaluation import MIN_IMAGES_FOR_INTERVAL, bootstrap_interval
 
     a, b = paired(a, b)
     parts = [("all", a.index)]
@@ -136,7 +138,8 @@ def compare(a, b, groups=None):
             diffs = y[keep] - x[keep]
             if not len(diffs):
                 continue
-            low, high = bootstrap_interval(diffs, draws=10_000) if len(diffs) > 1 else (np.nan, np.nan)
+            low, high = (bootstrap_interval(diffs, draws=10_000) if len(diffs) >= MIN_IMAGES_FOR_INTERVAL else
+                         (np.nan, np.nan))
             rows.append({"images": name, "n": len(diffs), "score": score, "mean_a": x[keep].mean(),
                          "mean_b": y[keep].mean(), "b_minus_a": diffs.mean(), "ci_low": low, "ci_high": high,
                          "b_better": int((diffs > 0).sum()), "b_worse": int((diffs < 0).sum())})
@@ -158,6 +161,12 @@ def main(argv):
         if len(only):
             print(f"note: {len(only)} images only in {path} (e.g. {only[0]}) are left out")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    from evaluation import MIN_IMAGES_FOR_INTERVAL  # imported by compare already: no cost here
+    few = table["n"] < MIN_IMAGES_FOR_INTERVAL if len(table) else []
+    if any(few):
+        print(f"note: no interval where fewer than {MIN_IMAGES_FOR_INTERVAL} images were compared (as few as "
+              f"{table['n'].min()} here): a bootstrap of so few cannot tell a gain from chance; b_better and b_worse "
+              "count them. To compare on all your images, cross-validate (train.py --folds, docs/data.md)")
     return table
 
 

@@ -436,6 +436,25 @@ def test_compare_scores_interval_does_not_depend_on_the_row_order():
     assert single["n"][0] == 1 and np.isnan(single["ci_low"][0]) and np.isnan(single["ci_high"][0])
 
 
+def test_compare_scores_gives_no_interval_on_fewer_than_ten_images(tmp_path, capsys):
+    """The README's fine-tuning comparison on a few images' validation split: B better on each of 3 images had a
+    95 % interval above 0 (the bootstrap of 3 differences spans little more than them), "clearly better" by the
+    script's own rule; below 10 images, as val.py, it gives none and says why. 10 images get one, which a paired
+    difference the same on every image pins to it."""
+    for n in (3, 10):
+        ids = [f"i{k}" for k in range(n)]
+        pd.DataFrame({"img_id": ids, "iou": np.linspace(0.5, 0.8, n)}).to_csv(tmp_path / "a.csv", index=False)
+        pd.DataFrame({"img_id": ids, "iou": np.linspace(0.5, 0.8, n) + 0.01}).to_csv(tmp_path / "b.csv", index=False)
+        row = compare_scores.main([str(tmp_path / "a.csv"), str(tmp_path / "b.csv")]).iloc[0]
+        out = capsys.readouterr().out
+        assert (row["n"], row["b_better"], row["b_minus_a"]) == (n, n, pytest.approx(0.01))
+        if n < 10:
+            assert np.isnan(row["ci_low"]) and np.isnan(row["ci_high"])
+            assert "note: no interval where fewer than 10 images were compared (as few as 3 here)" in out
+        else:
+            assert [row["ci_low"], row["ci_high"]] == pytest.approx([0.01, 0.01]) and "no interval" not in out
+
+
 def test_compare_scores_names_left_out_images_and_refuses_repeated_ids(tmp_path, capsys):
     pd.DataFrame({"img_id": ["x", "y", "z"], "iou": [0.5, 0.6, 0.7]}).to_csv(tmp_path / "a.csv", index=False)
     pd.DataFrame({"img_id": ["x", "y"], "iou": [0.6, 0.7]}).to_csv(tmp_path / "b.csv", index=False)
