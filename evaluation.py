@@ -375,12 +375,13 @@ def matched_nuclei_lines(table, separation=None):
 
 def interval_line(table, separation):
     """['  95 % interval ... IoU lo-hi, DSB2018 lo-hi'] for the per-image means of ``table`` (scores.csv's rows; the
-    dsb column is ``separation``'s, None for nuclei made elsewhere), [] for fewer than MIN_IMAGES_FOR_INTERVAL
-    images: how far the mean of as many other images of the same kinds might fall, to weigh a difference between two
-    runs against."""
+    dsb column is ``separation``'s, None for nuclei made elsewhere): how far the mean of as many other images of the
+    same kinds might fall, to weigh a difference between two runs against; for fewer than MIN_IMAGES_FOR_INTERVAL
+    images a line saying that there is none (a few images' means, printed to 4 decimals, read as exact)."""
     n = len(table)
     if n < MIN_IMAGES_FOR_INTERVAL:
-        return []
+        return [f"  no 95 % interval of the means: {n} image{'s are' if n != 1 else ' is'} too few for one (at least "
+                f"{MIN_IMAGES_FOR_INTERVAL}); another image of the same kind could move them far"]
     low, high = bootstrap_interval(table["iou"].to_numpy())
     parts = [f"IoU {low:.3f}-{high:.3f}"]
     dsb = table["dsb"].dropna().to_numpy() if "dsb" in table else []
