@@ -35,3 +35,18 @@ def test_a_large_image_among_small_ones_is_named_when_its_crops_leave_most_of_it
             f"which cover at most {2 / worth:.0%} of its pixels")
     assert (note in out) is (large == 160), out
     assert ("cut images much larger than --crop_size into tiles" in out) is (large == 160)
+
+
+@pytest.mark.parametrize("precise_bn", [4, 1])
+def test_precise_bn_beyond_an_epoch_s_batches_says_how_many_it_gets(tmp_path, monkeypatch, capsys, precise_bn):
+    """3 training images in batches of 3 are one batch per epoch: --precise_bn 4 (the full-size recipes' 40 on a
+    user's dozen images) recomputes BatchNorm's statistics from that one batch's 3 crops, and the run says so;
+    --precise_bn 1 gets what it asks for."""
+    monkeypatch.chdir(tmp_path)
+    split = few_images(tmp_path, 48)
+    train.main(train_argv("few", "--crop_size", str(CROP), "--split_file", split, "--precise_bn", str(precise_bn),
+                          dataset="few", epochs=1, batch=3))
+    out = capsys.readouterr().out
+    note = (f"note: --precise_bn {precise_bn} averages BatchNorm's statistics over at most {precise_bn} training "
+            "batches, and an epoch has 1 (of --batch_size 3): they come from 3 crops of the training images")
+    assert (note in out) is (precise_bn > 1), out
