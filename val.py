@@ -195,7 +195,7 @@ def title_parts(args, cfg, epoch, part, count):
     the size, for a run trained on resized images), and how, the flip TTA and the pruning, then ")"; the printed
     title puts the precision between them, summary.png's leaves it out to fit its width."""
     size = f" at {cfg.input_h}x{cfg.input_w}" if not cfg.crop_size else ""  # where the scores and nuclei were taken
-    what = f"{args.name} ({epoch + ', ' if epoch else ''}{part}, {count} images{size}"
+    what = f"{args.name} ({epoch + ', ' if epoch else ''}{part}, {count} image{'s' * (count != 1)}{size}"
     how = (", flip TTA" if args.tta else "") + (f", pruned at L={args.prune}" if args.prune else "") + ")"
     return what, how
 

@@ -159,7 +159,9 @@ def main(argv):
     print(f"A = {args.a}\nB = {args.b}")
     for path, only in ((args.a, a.index.difference(b.index)), (args.b, b.index.difference(a.index))):
         if len(only):
-            print(f"note: {len(only)} images only in {path} (e.g. {only[0]}) are left out")
+            many = len(only) != 1
+            print(f"note: {len(only)} image{'s' * many} only in {path} (e.g. {only[0]}) {'are' if many else 'is'} "
+                  "left out")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     from evaluation import MIN_IMAGES_FOR_INTERVAL  # imported by compare already: no cost here
     few = table["n"] < MIN_IMAGES_FOR_INTERVAL if len(table) else []

@@ -459,7 +459,7 @@ def test_compare_scores_names_left_out_images_and_refuses_repeated_ids(tmp_path,
     pd.DataFrame({"img_id": ["x", "y", "z"], "iou": [0.5, 0.6, 0.7]}).to_csv(tmp_path / "a.csv", index=False)
     pd.DataFrame({"img_id": ["x", "y"], "iou": [0.6, 0.7]}).to_csv(tmp_path / "b.csv", index=False)
     compare_scores.main([str(tmp_path / "a.csv"), str(tmp_path / "b.csv")])
-    assert f"note: 1 images only in {tmp_path / 'a.csv'} (e.g. z) are left out" in capsys.readouterr().out
+    assert f"note: 1 image only in {tmp_path / 'a.csv'} (e.g. z) is left out" in capsys.readouterr().out
     pd.DataFrame({"img_id": ["x", "x"], "iou": [0.6, 0.7]}).to_csv(tmp_path / "b.csv", index=False)
     with pytest.raises(UsageError, match="b.csv lists 1 img_id more than once"):
         compare_scores.main([str(tmp_path / "a.csv"), str(tmp_path / "b.csv")])

@@ -10,6 +10,7 @@ import re
 import shutil
 import signal
 import time
+from argparse import Namespace
 from contextlib import contextmanager
 
 import cv2
@@ -1196,3 +1197,10 @@ def test_another_fold_of_a_named_recipe_is_told_to_take_a_name_of_its_own(tmp_pa
     assert message.startswith("--fold 1 differs from the run's 0; --auto_resume continues models/named")
     assert "Each fold trains a run of its own, from scratch: give this one --name named_fold1" in message
     assert "--init named" not in message
+
+
+def test_val_s_title_counts_one_image_in_the_singular():
+    """A user's one validation image: '1 image', not '1 images'."""
+    run, cfg = Namespace(name="r", tta=False, prune=None), Namespace(crop_size=32)
+    assert val.title_parts(run, cfg, "epoch 3", "val", 1) == ("r (epoch 3, val, 1 image", ")")
+    assert val.title_parts(run, cfg, "", "val", 2)[0] == "r (val, 2 images"
