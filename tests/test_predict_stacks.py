@@ -38,6 +38,32 @@ from instances import link_planes
 from utils import DataError, UsageError
 
 
+class StandIn:
+    """Stands in for inference.Predictor in predict.predict_all: counts its calls, and gives each call's
+    probabilities [1, H, W] from :meth:`plane` (``call`` from 1)."""
+    scale = 1.0
+
+    def __init__(self):
+        self.calls = 0
+
+    def as_input(self, image):
+        return image_to_float(image, 3)
+
+    def predict(self, image):
+        self.calls += 1
+        return self.plane(image, self.calls)
+
+    def plane(self, image, call):
+        raise NotImplementedError
+
+
+def square_nucleus(image):
+    """Probabilities [1, H, W] of the size of ``image`` [H, W, C]: one 4x4 nucleus at rows and columns 2-5."""
+    prob = np.zeros((1,) + image.shape[:2], np.float32)
+    prob[0, 2:6, 2:6] = 1
+    return prob
+
+
 def test_stacks_are_predicted_plane_by_plane(in_runs, tmp_path, capsys, monkeypatch):
     """A TIFF stack (16-bit, three time points) gives TIFF stacks whose pages are what each plane, saved as an image
     of its own, gives; objects.csv numbers the planes. Two stacks written with a flush of the threads after every
@@ -499,19 +525,11 @@ def test_linked_labels_beyond_a_16_bit_label_image_leave_the_stack_out(tmp_path,
     """A z-stack's time point (--stitch_z) or a time-lapse (--track) whose linked nuclei outnumber what
     <id>_instances.tif holds leaves its stack out with one line naming the flag, as a plane with as many nuclei does
     (rather than labels that wrap around); the other files are predicted."""
-    class Moving:  # stands in for inference.Predictor: two nuclei, moved past their place of the plane before
-        scale = 1.0
-
-        def __init__(self):
-            self.calls = 0
-
-        def as_input(self, image):
-            return image_to_float(image, 3)
-
-        def predict(self, image):
+    class Moving(StandIn):  # two nuclei, moved past their place of the plane before
+        def plane(self, image, call):
+            x = 3 * (call - 1)
             prob = np.zeros((1, 16, 16), np.float32)
-            prob[0, 2:4, 3 * self.calls:3 * self.calls + 2] = prob[0, 8:10, 3 * self.calls:3 * self.calls + 2] = 1
-            self.calls += 1
+            prob[0, 2:4, x:x + 2] = prob[0, 8:10, x:x + 2] = 1
             return prob
 
     (tmp_path / "in").mkdir()
@@ -549,22 +567,11 @@ def test_a_stack_left_out_at_a_later_plane_leaves_no_rows(tmp_path):
     """A stack whose second plane does not fit the memory available (--scale auto may enlarge one plane 4 times and
     not the others) is left out whole: its first plane is no row of images.csv or objects.csv, and no stack of it is
     written; the image after it is predicted. Left out alone, it is the error that names it."""
-    class SecondTooLarge:  # stands in for inference.Predictor: a square nucleus; the second image predicted too large
-        scale = 1.0
-
-        def __init__(self):
-            self.calls = 0
-
-        def as_input(self, image):
-            return image_to_float(image, 3)
-
-        def predict(self, image):
-            self.calls += 1
-            if self.calls == 2:
+    class SecondTooLarge(StandIn):  # a square nucleus; the second image predicted too large
+        def plane(self, image, call):
+            if call == 2:
                 raise DataError("a 64x64 image needs 9.00 GiB in windows")
-            prob = np.zeros((1, 16, 16), np.float32)
-            prob[0, 2:6, 2:6] = 1
-            return prob
+            return square_nucleus(image)
 
     (tmp_path / "in").mkdir()
     tifffile.imwrite(tmp_path / "in" / "movie.tif", np.zeros((3, 16, 16), np.uint8), imagej=True,
@@ -656,24 +663,30 @@ def test_stacks_read_page_by_page_give_the_outputs_of_the_whole_read(in_runs, tm
         assert (tmp_path / "pages" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
 
 
-class SquareNuclei:
-    """Stands in for inference.Predictor: a square nucleus in every plane; counts its calls and whether ``path`` is
-    open at each; raises ``error`` at call ``at``."""
-    scale = 1.0
+class SquareNuclei(StandIn):
+    """A square nucleus in every plane; notes whether ``path`` is open at each call; raises ``error`` at call ``at``."""
 
     def __init__(self, path, error=None, at=0):
+        super().__init__()
         self.path, self.error, self.at, self.open = path, error, at, []
 
-    def as_input(self, image):
-        return image_to_float(image, 3)
-
-    def predict(self, image):
+    def plane(self, image, call):
         self.open.append(open_count(self.path))
-        if self.error is not None and len(self.open) == self.at:
+        if self.error is not None and call == self.at:
             raise self.error
-        prob = np.zeros((1,) + image.shape[:2], np.float32)
-        prob[0, 2:6, 2:6] = 1
-        return prob
+        return square_nucleus(image)
+
+
+def nan_movie_and_after(folder, after_shape):
+    """In ``folder``/in: movie.tif, a float time-lapse of 4 planes of 16x16 (a 5x5 nucleus each) whose third plane
+    holds a NaN, and after.png, a black image of ``after_shape``; makes ``folder``/out. Returns their two paths."""
+    stack = np.zeros((4, 16, 16), np.float32)
+    stack[:, 4:9, 4:9], stack[2, 0, 0] = 1, np.nan
+    (folder / "in").mkdir()
+    path = str(folder / "in" / "movie.tif")
+    tifffile.imwrite(path, stack, imagej=True, metadata={"axes": "TYX"})
+    os.makedirs(folder / "out")
+    return [path, write_image(folder / "in" / "after.png", np.zeros(after_shape, np.uint8))]
 
 
 def test_a_stack_a_job_left_out_is_read_no_further_and_left_out_once(tmp_path, monkeypatch):
@@ -684,13 +697,8 @@ def test_a_stack_a_job_left_out_is_read_no_further_and_left_out_once(tmp_path, m
     monkeypatch.setattr(predict, "split_instances", lambda prob, *args, **kwargs: np.full_like(
         real(prob, *args, **kwargs), 70000) if prob.shape == (16, 16) else real(prob, *args, **kwargs))
     monkeypatch.setattr(predict, "BatchedThreads", functools.partial(utils.BatchedThreads, buffer_mb=0))
-    stack = np.zeros((4, 16, 16), np.float32)
-    stack[:, 4:9, 4:9], stack[2, 0, 0] = 1, np.nan
-    (tmp_path / "in").mkdir()
-    path = str(tmp_path / "in" / "movie.tif")
-    tifffile.imwrite(path, stack, imagej=True, metadata={"axes": "TYX"})
-    files = [path, write_image(tmp_path / "in" / "after.png", np.zeros((16, 20), np.uint8))]
-    os.makedirs(tmp_path / "out")
+    files = nan_movie_and_after(tmp_path, (16, 20))
+    path = files[0]
     predictor = SquareNuclei(path)
     rows, table, left_out = predict.predict_all(predictor, files, ["movie", "after"], predict.tiff_headers(files),
                                                 str(tmp_path / "out"), 1, 0.5, separation="cc",
@@ -705,15 +713,10 @@ def test_a_nan_in_a_later_plane_leaves_the_stack_out_as_the_whole_read_did(tmp_p
     """A float stack read page by page whose third plane holds NaN is left out with the message of the whole read,
     once its first two planes are predicted: their rows and files go too, its file is closed, and the image after it
     is predicted."""
-    stack = np.zeros((4, 16, 16), np.float32)
-    stack[:, 4:9, 4:9], stack[2, 0, 0] = 1, np.nan
-    (tmp_path / "in").mkdir()
-    path = str(tmp_path / "in" / "movie.tif")
-    tifffile.imwrite(path, stack, imagej=True, metadata={"axes": "TYX"})
+    files = nan_movie_and_after(tmp_path, (16, 16))
+    path = files[0]
     with pytest.raises(DataError) as whole:
         image_files.select_channel(image_files.decode_planes(path)[0], None, path)
-    files = [path, write_image(tmp_path / "in" / "after.png", np.zeros((16, 16), np.uint8))]
-    os.makedirs(tmp_path / "out")
     predictor = SquareNuclei(path)
     rows, table, left_out = predict.predict_all(predictor, files, ["movie", "after"], predict.tiff_headers(files),
                                                 str(tmp_path / "out"), 1, 0.5, separation="cc",
