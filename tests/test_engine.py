@@ -2,7 +2,9 @@
 import argparse
 import io
 import os
+import select
 import sys
+import time
 import types
 
 import pytest
@@ -58,6 +60,15 @@ def test_precise_bn_shows_a_bar_over_the_batches_it_averages(monkeypatch):
             assert bar.n == total  # the batches averaged, counted as they went through the network
 
 
+def read_until(fd, text, seconds=10):
+    """What the terminal ``fd`` shows until ``text`` arrives (or ``seconds`` pass): Linux hands a pseudo-terminal's
+    writes to its other end from a work queue, so that one read right after them may get only the first."""
+    shown, end = "", time.monotonic() + seconds
+    while text not in shown and select.select([fd], [], [], max(0, end - time.monotonic()))[0]:
+        shown += os.read(fd, 65536).decode()
+    return shown
+
+
 def test_progress_bars_show_on_a_terminal_whose_size_was_never_set(monkeypatch):
     """A pseudo-terminal that no one sized (docker exec -t, script run from a job) reads 0 x 0, and tqdm drew the
     bars 0 characters wide: a whole training epoch showed nothing. A fresh pty is such a terminal."""
@@ -70,7 +81,7 @@ def test_progress_bars_show_on_a_terminal_whose_size_was_never_set(monkeypatch):
         for _ in utils.progress_bar(range(3), desc="epoch 1/1", leave=True):
             pass
         terminal.flush()
-        shown = os.read(master, 65536).decode()
+        shown = read_until(master, "3/3")
     os.close(master)
     assert "epoch 1/1: 100%" in shown and "3/3" in shown and len(shown.splitlines()[-1]) <= 80
 
