@@ -2,6 +2,7 @@
 (--split_file), or read back from models/<name>/split.csv (columns img_id,split, and sha256: the SHA-256 of each val
 and test image's file when the run was split, so that val.py and --resume notice other images under the same ids).
 """
+import math
 import os
 
 import pandas as pd
@@ -111,8 +112,19 @@ def load_or_make_split(path, dataset_dir, ids, resume, val_size, test_size, spli
         if folds:
             raise UsageError(f"--folds {folds}: the {len(ids)} samples of {dataset_dir} (less the --test_size "
                              f"{test_size} part) are too few for {folds} folds; give fewer --folds") from None
+        test, val, train = part_sizes(len(ids), val_size, test_size)
         raise UsageError(f"--val_size {val_size} and --test_size {test_size} leave an empty part of the "
-                         f"{len(ids)} samples of {dataset_dir}; give smaller fractions") from None
+                         f"{len(ids)} samples of {dataset_dir} (each rounded up: {train} to train, {val} to validate"
+                         f"{f', {test} to test' if test_size else ''}); give smaller fractions") from None
+
+
+def part_sizes(count, val_size, test_size):
+    """(test, val, train): how many of ``count`` samples :func:`make_split` puts in each part, as scikit-learn's
+    train_test_split rounds them (the test part's and then the validation part's share of the rest rounded up)."""
+    test = min(count, math.ceil(test_size * count))
+    rest = count - test
+    val = min(rest, math.ceil(val_size / (1 - test_size) * rest)) if test_size < 1 else 0
+    return test, val, rest - val
 
 
 def too_few_note(dataset_dir, count):

@@ -77,7 +77,8 @@ CASES = {
                                   ["--mask_ext", "with its dot, such as .tif"]),
     "batch_larger_than_train_set": (train("-b", "16"), 2, ["--batch_size 16", "8 training images"]),
     "val_size_leaves_no_training_image": (train("--val_size", "0.95"), 2, ["--val_size 0.95", "empty part",
-                                                                          "smaller fractions"]),
+                                                                          "(each rounded up: 0 to train, 10 to "
+                                                                          "validate)", "smaller fractions"]),
     "cuda_without_gpu": (train("--device", "cuda"), 2, ["--device cuda", "--device cpu"]),
     "cuda_index_without_gpu": (train("--device", "cuda:3"), 2, ["--device cuda:3 was asked for"]),
     "init_unknown_run": (train("--init", "ghost"), 2, ["--init ghost", "models/ghost/model.pth"]),

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import ROOT
 from splits import (changed_images_note, checked_split, held_out_seen_in_training, load_or_make_split, make_split,
-                    read_split, split_ids, with_fingerprints)
+                    part_sizes, read_split, split_ids, with_fingerprints)
 from utils import DataError, UsageError
 
 
@@ -108,3 +108,23 @@ def test_more_folds_than_ids_is_a_usage_error_naming_the_flag(tmp_path):
     with pytest.raises(UsageError, match=r"--folds 5: the 4 samples of data \(less the --test_size 0.0 part\) are "
                                          r"too few for 5 folds; give fewer --folds"):
         load_or_make_split(str(tmp_path / "split.csv"), "data", ["a", "b", "c", "d"], False, 0.2, 0.0, 41, folds=5)
+
+
+@pytest.mark.parametrize("count", [3, 4, 7, 12, 30])
+def test_the_part_sizes_named_in_the_error_are_those_the_split_makes(count):
+    """A user's few images: the error on an empty part says how many each part got, as scikit-learn rounds them (up:
+    --test_size 0.34 of 3 images takes 2); part_sizes against the split itself, where one is made."""
+    ids = [f"i{k}" for k in range(count)]
+    for val_size in (0.1, 0.2, 0.34, 0.5, 0.6):
+        for test_size in (0.0, 0.1, 0.15, 0.34):
+            if val_size + test_size >= 1:
+                continue
+            sizes = part_sizes(count, val_size, test_size)
+            assert sum(sizes) == count
+            try:
+                split = make_split(ids, val_size, test_size)
+            except ValueError:  # a part would be empty: so say the sizes
+                assert 0 in (sizes[1], sizes[2]) or (test_size and not sizes[0]), (val_size, test_size, sizes)
+                continue
+            assert sizes == tuple(len(split_ids(split, part)) for part in ("test", "val", "train"))
+    assert part_sizes(3, 0.2, 0.34) == (2, 1, 0)
