@@ -212,9 +212,10 @@ def check_args(args):
 
 # ------------------------------------------------------------------------------------------------ the inputs
 
-def list_images(paths):
+def list_images(paths, output=None):
     """Files and folders -> image paths in the order given (a folder: its image files sorted, not recursive),
-    duplicates removed.
+    duplicates removed. A folder's subfolders are named in a note, but for ``output`` (--output, which may be a
+    subfolder of an input folder: its masks are not images to segment).
 
     A path that does not exist, or a folder without images, is a DataError naming it.
     """
@@ -222,7 +223,8 @@ def list_images(paths):
     for path in paths:
         if os.path.isdir(path):
             subfolders = sorted(f for f in os.listdir(path) if os.path.isdir(os.path.join(path, f))
-                                and not f.startswith("."))
+                                and not f.startswith(".") and not (output and os.path.isdir(output) and
+                                                                   os.path.samefile(os.path.join(path, f), output)))
             if subfolders:
                 subfolders = [printable_path(f) for f in subfolders]
                 print(f"note: the subfolders of {printable_path(path)} are not searched ({', '.join(subfolders[:3])}"
@@ -560,7 +562,7 @@ def read_inputs(args):
     (predict_notes: tiff_notes, pixel_size_warnings, stitch_notes, track_notes; a --pixel_size that nothing
     written uses). Returns (files, headers, ids), three
     lists in the order of the files; raises the DataError or UsageError of those functions."""
-    files = list_images(args.input)
+    files = list_images(args.input, args.output)
     headers = tiff_headers(files)
     if args.pixel_size is not None:  # the flag's size replaces each file's own, and what kept it from one
         headers = [header._replace(pixel_size=args.pixel_size, pixel_size_problem="") for header in headers]

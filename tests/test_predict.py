@@ -1214,3 +1214,17 @@ def test_a_pixel_size_that_is_no_size_is_refused_naming_the_flag(tmp_path, value
     assert stop.value.code != 0 and len(message.splitlines()) == 1 and "Traceback" not in message
     assert f"error: --pixel_size {float(value):g} must be micrometres per pixel between 1e-06 and 1e+06" in message
     assert not (tmp_path / "out").exists()
+
+
+def test_the_output_subfolder_of_an_input_folder_is_not_named_among_its_subfolders(in_runs, tmp_path, capsys):
+    """--output plate/predictions/ (the 'a subfolder is fine' of the error for --output = --input): a second run
+    must not note that subfolder as unsearched and tell the user to give its masks as --input; others it names."""
+    write_image(tmp_path / "plate" / "a.png", sample_bgr(40, 40))
+    argv = ["--name", "pc", "--input", str(tmp_path / "plate"), "--output", str(tmp_path / "plate" / "predictions"),
+            "--device", "cpu"]
+    for _ in range(2):
+        predict.main(argv)
+        assert "are not searched" not in capsys.readouterr().out
+    (tmp_path / "plate" / "well_B2").mkdir()
+    predict.main(argv)
+    assert f"note: the subfolders of {tmp_path / 'plate'} are not searched (well_B2); " in capsys.readouterr().out
