@@ -68,12 +68,10 @@ class Trainer:
         self.train_loader, self.on_device, self.cache = self._train_loader()
         batches = len(self.train_loader)
         if args.precise_bn > batches and not args.freeze_bn:  # a few images: recalibrate_batchnorm stops at the end
-            self._say(f"note: --precise_bn {args.precise_bn} averages BatchNorm's statistics over at most "
-                      f"{args.precise_bn} training batches, and an epoch has {batches} (of --batch_size "
-                      f"{args.batch_size}): they come from {batches * args.batch_size} "
-                      f"{'crops' if args.crop_size else 'images'} of the training images before each validation; "
-                      "--precise_bn 0 keeps PyTorch's running averages, and --freeze_bn True (with --init) those of "
-                      "the weights it starts from")
+            self._say(f"note: --precise_bn {args.precise_bn}: an epoch has {batches} batch{'es' * (batches > 1)} of "
+                      f"{args.batch_size}, so BatchNorm's statistics come from those {batches * args.batch_size} "
+                      f"{'crops' if args.crop_size else 'images'} before each validation; --precise_bn 0 keeps "
+                      "PyTorch's running averages (--freeze_bn True with --init: those of its weights)")
         self.val_loader = self.make_eval_loader(self.ids("val"))
         shards_with_nuclei = torch.tensor(float(self.val_loader.dataset.has_foreground()), device=self.device)
         if not distributed.reduce_sum(shards_with_nuclei).item():  # under DDP each process holds a shard
