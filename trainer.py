@@ -454,8 +454,8 @@ class Trainer:
                 fix = (f"; to hold them out, --init a run of --fold {a.fold} (same --folds, --test_size, --split_seed, "
                        "dataset)")
             self._say(f"note: {len(seen)} of this run's {len(self.ids('val') + self.ids('test'))} val/test images are "
-                      f"named like training images of --init {a.init} (e.g. {first_few(seen)}): if they are the same "
-                      f"images, their scores overstate{fix}")
+                      f"named like training images of --init {a.init} (e.g. {first_few(seen, 1)}): if they are the "
+                      f"same images, their scores overstate{fix}")
 
     def _say(self, text):
         if self.main:
