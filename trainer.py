@@ -356,12 +356,14 @@ class Trainer:
             worker_init_fn=quiet_worker), False, cache
 
     def _balance_weights(self, data):
-        """--balance: sampling weights of the training images by kind; says how often each kind is drawn."""
+        """--balance: sampling weights of the training images by kind; says how often each kind is drawn when there
+        are several."""
         kinds = np.asarray(data.modalities())
         weights = balance_weights(kinds, self.args.balance)
-        self._say(f"--balance {self.args.balance:g}: " + ", ".join(
-            f"{(kinds == k).sum()} {k} images drawn {weights[kinds == k].sum() / weights.sum():.0%} of the time"
-            for k in MODALITIES if (kinds == k).any()))
+        if len(set(kinds)) > 1:  # one kind (most users' own images, under the fine-tuning recipe's 0.5) is drawn 100 %
+            self._say(f"--balance {self.args.balance:g}: " + ", ".join(
+                f"{(kinds == k).sum()} {k} images drawn {weights[kinds == k].sum() / weights.sum():.0%} of the time"
+                for k in MODALITIES if (kinds == k).any()))
         return weights
 
     def _resume(self):

@@ -1,10 +1,13 @@
 """A biologist's few annotated images: train.py on datasets of a handful of images (one much larger than the rest,
 fewer training batches than a flag asks for), where a run must say what it does with them or stop with what to do.
 """
+import cv2
 import pytest
 
 import train
-from conftest import make_layout, train_argv
+from conftest import make_layout, train_argv, write_image
+from dataset import image_modality
+from image_files import decode_image
 
 CROP = 32
 
@@ -52,3 +55,18 @@ def test_precise_bn_beyond_an_epoch_s_batches_says_how_many_it_gets(tmp_path, mo
     assert (note in out) is (precise_bn > 1), out
     # it fires on the fine-tuning flow of most users' data sets (the recipes' 40 batches of 8): at most two lines
     assert all(len(line) <= 240 for line in out.splitlines() if line.startswith("note: --precise_bn")), out
+
+
+def test_balance_says_nothing_of_a_training_set_of_one_kind(tmp_path, monkeypatch, capsys):
+    """The fine-tuning recipe's --balance 0.5 on a user's images of one kind draws that kind every time: a line
+    saying '3 fluorescence images drawn 100% of the time' tells nothing (a mixed set's line: test_train_val.py)."""
+    monkeypatch.chdir(tmp_path)
+    split = few_images(tmp_path, 48)
+    for i in ("a", "b", "large"):  # darkened: fluorescence, each (random pixels' mean is about 0.5, either kind)
+        path = str(tmp_path / "inputs" / "few" / "images" / f"{i}.png")
+        write_image(path, cv2.imread(path, cv2.IMREAD_UNCHANGED) // 2)
+        assert image_modality(decode_image(path)) == "fluorescence"
+    train.main(train_argv("few", "--crop_size", str(CROP), "--split_file", split, "--balance", "0.5", dataset="few",
+                          epochs=1, batch=3))
+    out = capsys.readouterr().out
+    assert "--balance" not in out and "of the time" not in out, out
