@@ -406,7 +406,7 @@ def untrained_line(table, trained, separation):
         if len(dsb) else ""
     trained_count = len(table) - len(unseen)
     return [f"  without the run's {trained_count} training image{'s' * (trained_count != 1)} ({len(unseen)}): IoU "
-            f"{unseen['iou'].mean():.4f} mean per image{dsb_text}; they are {first_few(table['img_id'][seen])}"]
+            f"{unseen['iou'].mean():.4f} mean per image{dsb_text}; they are {first_few(table['img_id'][seen], 1)}"]
 
 
 def labelled(scored, images):

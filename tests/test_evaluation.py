@@ -357,4 +357,6 @@ def test_the_scores_without_the_images_trained_on_are_their_means():
     assert untrained_line(table, [], "borders") == [] and untrained_line(table, list("abcd"), "borders") == []
     assert untrained_line(table[["img_id", "iou"]], ["d"], None) == [
         "  without the run's 1 training image (3): IoU 0.7000 mean per image; they are d"]
+    # one id named: DSB2018's are 64 characters long, and three of them took the line to four
+    assert untrained_line(table[["img_id", "iou"]], ["a", "b", "c"], None)[0].endswith("; they are a and 2 more")
 
