@@ -649,15 +649,19 @@ def unused_flags_note(args):
     if args.optimizer != "SGD" and sgd:
         notes.append(f"{' and '.join(sgd)}: SGD's, not {args.optimizer}'s; no effect here")
     defaults = build_train_parser()
-    changed = [f for f in SCHEDULER_FLAGS if args.scheduler not in SCHEDULER_FLAGS[f] and (
-        args.milestone_list != [int(m) for m in defaults.get_default(f).split(",")] if f == "milestones"
-        else getattr(args, f) != defaults.get_default(f))]
+
+    def set_away(flag):  # from its default; --milestones compared as the epochs it names
+        if flag == "milestones":
+            return args.milestone_list != [int(m) for m in defaults.get_default(flag).split(",")]
+        return getattr(args, flag) != defaults.get_default(flag)
+
+    changed = [f for f in SCHEDULER_FLAGS if args.scheduler not in SCHEDULER_FLAGS[f] and set_away(f)]
     for users in dict.fromkeys(SCHEDULER_FLAGS[f] for f in changed):  # grouped by the schedules that read them
         flags = " and ".join(f"--{f} {args.milestones if f == 'milestones' else format(getattr(args, f), 'g')}"
                              for f in changed if SCHEDULER_FLAGS[f] == users)
         owners = " and ".join(f"{u}'s" for u in users)
         notes.append(f"{flags}: {owners}, not {args.scheduler}'s; no effect here")
-    split = [f for f in ("val_size", "test_size", "split_seed") if getattr(args, f) != defaults.get_default(f)]
+    split = [f for f in ("val_size", "test_size", "split_seed") if set_away(f)]
     if args.split_file and split:
         notes.append(f"{' and '.join(f'--{f} {getattr(args, f):g}' for f in split)}: --split_file "
                      f"{args.split_file} gives the split; no effect here")
