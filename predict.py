@@ -560,8 +560,8 @@ def read_inputs(args):
     """The images of --input (:func:`list_images`), their :func:`tiff_headers` (--pixel_size, when given, in place of
     each file's own calibration) and output ids (:func:`image_ids`), after printing the notes on how some will be read
     (predict_notes: tiff_notes, pixel_size_warnings, stitch_notes, track_notes; a --pixel_size that nothing
-    written uses). Returns (files, headers, ids), three
-    lists in the order of the files; raises the DataError or UsageError of those functions."""
+    written uses). Returns (files, headers, ids), three lists in the order of the files; raises the DataError or
+    UsageError of those functions."""
     files = list_images(args.input, args.output)
     headers = tiff_headers(files)
     if args.pixel_size is not None:  # the flag's size replaces each file's own, and what kept it from one
