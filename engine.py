@@ -288,12 +288,13 @@ def train_mode(model, freeze_bn=False):
 
 
 def train_one_epoch(model, loader, criterion, optimizer, precision, desc="train", progress=True, max_steps=None,
-                    classes=None, freeze_bn=False):
+                    classes=None, freeze_bn=False, on_first_batch=None):
     """Train for one pass over ``loader``; returns dict(loss, iou): the loss averaged over the epoch's images, the
     IoU pooled over all their pixels (as val_iou).
 
     ``classes``: IoU over the first ``classes`` channels only (the mask classes; a --borders channel after them
     is trained but not scored); None scores every channel. ``freeze_bn``: see :func:`train_mode`.
+    ``on_first_batch(images, masks, meta)`` is called with the first batch as the model gets it (on the device).
 
     Raises NonFiniteLoss (with the first bad step) when the loss was NaN or infinite; checked once per epoch
     (and at progress-bar updates) so the device never waits for the host.
@@ -303,8 +304,10 @@ def train_one_epoch(model, loader, criterion, optimizer, precision, desc="train"
     first_bad = torch.full((), -1, dtype=torch.long, device=precision.device)
     bar = _bar(loader, desc, progress)
     shown = None  # the loss and first bad step of the last progress update, on their way to the host
-    for i, (images, masks, _) in enumerate(bar):
+    for i, (images, masks, meta) in enumerate(bar):
         images, masks = precision.to_device(images, masks)
+        if i == 0 and on_first_batch is not None:
+            on_first_batch(images, masks, meta)
         loss, logits = step(model, images, masks, criterion, precision, optimizer)
         bad = ~torch.isfinite(loss) & (first_bad < 0)
         first_bad = torch.where(bad, torch.full_like(first_bad, i), first_bad)

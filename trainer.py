@@ -28,7 +28,7 @@ from dataset import (AUGMENTATION_FLAGS, MODALITIES, Dataset, EpochSampler, Weig
 from device_data import BatchAugment, DeviceImages, DeviceLoader
 from engine import (NonFiniteLoss, Precision, choose_device, evaluate, fit_threads_to_cpus, recalibrate_batchnorm,
                     seed_everything, train_one_epoch)
-from files import atomic_write, interrupts_held, locked, remove_killed_writes
+from files import atomic_imwrite, atomic_write, interrupts_held, locked, remove_killed_writes
 from image_files import PAGES_AS_COLOURS, TIFF_EXTS, decode_image, pages_as_colours, tiff_header
 from inference import whole_image_network
 from layouts import find_layout, images_left_out, list_ids, nucleus_diameter
@@ -39,7 +39,9 @@ from splits import (changed_images_note, held_out_seen_in_training, load_or_make
                     with_fingerprints)
 from synthetic import ensure_synthetic
 from utils import DataError, UsageError, UserError, first_few, ram, stop_signals_as_interrupts
+from visualize import BATCH_SHOWN, batch_picture
 
+BATCH_PICTURE = "train_batch.png"
 CURVES_SHARE = 0.05  # at most this share of a run's time goes to redrawing curves.png after its epochs
 
 
@@ -164,7 +166,8 @@ class Trainer:
                           f"val IoU (--early_stopping {a.early_stopping})")
                 break
             started, lr = time.time(), self.optimizer.param_groups[0]["lr"]
-            train = self.train_epoch(epoch)
+            train = self.train_epoch(epoch, on_first_batch=self._batch_picture_writer(epoch)
+                                     if epoch == self.start_epoch and self.main else None)
             if a.precise_bn and not a.freeze_bn:
                 recalibrate_batchnorm(self.net, self.train_loader, self.precision, a.precise_bn,
                                       progress=self.progress and self.main)
@@ -182,19 +185,33 @@ class Trainer:
             self._say(epoch_line(row, a.epochs, improved))
         self._redraw_curves(now=True)
 
-    def train_epoch(self, epoch, max_steps=None):
+    def train_epoch(self, epoch, max_steps=None, on_first_batch=None):
         """The training part of an epoch (bench/speed.py times exactly this): seeds the epoch, trains on the
-        training loader (at most ``max_steps`` steps) and returns dict(loss, iou)."""
+        training loader (at most ``max_steps`` steps; engine.train_one_epoch's ``on_first_batch``) and returns
+        dict(loss, iou)."""
         a = self.args
         torch.manual_seed(a.seed + epoch)
         self.train_loader.sampler.set_epoch(epoch)
         try:
             return train_one_epoch(self.model, self.train_loader, self.criterion, self.optimizer, self.precision,
                                    desc=f"epoch {epoch + 1}/{a.epochs}", progress=self.progress and self.main,
-                                   max_steps=max_steps, classes=a.num_classes, freeze_bn=a.freeze_bn)
+                                   max_steps=max_steps, classes=a.num_classes, freeze_bn=a.freeze_bn,
+                                   on_first_batch=on_first_batch)
         except NonFiniteLoss as e:
             raise self._diverged(epoch, f"the loss became NaN or infinite at epoch {epoch + 1}, step {e.step + 1}") \
                 from None
+
+    def _batch_picture_writer(self, epoch):
+        """engine.train_one_epoch's ``on_first_batch`` for epoch ``epoch``: writes its first batch as the network
+        gets it (visualize.batch_picture) to train_batch.png, to check that the masks outline the nuclei and what
+        the augmentation makes of the images."""
+        def write(images, masks, meta):
+            b, _, h, w = images.shape
+            shown = f"{min(b, BATCH_SHOWN)} of its {b} samples" if b > BATCH_SHOWN else f"its {b} samples"
+            title = f"{self.args.name}: epoch {epoch + 1}'s first batch as the network gets it, {shown}, {h}x{w}"
+            atomic_imwrite(os.path.join(self.dir, BATCH_PICTURE),
+                           batch_picture(images, masks, meta["img_id"], self.args.num_classes, title))
+        return write
 
     def _diverged(self, epoch, what):
         """The UserError for a run that diverged in epoch ``epoch`` (counted from 0; nothing of it saved): ``what``
@@ -259,7 +276,7 @@ class Trainer:
         self._say(f"done: {len(self.log)} epoch{'s' if len(self.log) > 1 else ''} {took} on {self.device}\n"
                   f"best epoch {self.best['best_epoch']}: val IoU {best['val_iou']:.4f} (pooled), "
                   f"{best['val_iou_mean']:.4f} (mean per image), val Dice {best['val_dice']:.4f}\n"
-                  f"files: {self.dir}/ (log.csv, curves.png, model.pth, last.pth); evaluate with: "
+                  f"files: {self.dir}/ (log.csv, curves.png, train_batch.png, model.pth, last.pth); evaluate with: "
                   f"python val.py --name {name}{test}")
 
     # ----------------------------------------------------------------------------------------- setting up

@@ -1,5 +1,5 @@
-"""Pictures a person can open: prediction overlays, outlines of nuclei, and a summary grid of the worst and best
-images.
+"""Pictures a person can open: prediction overlays, outlines of nuclei, a summary grid of the worst and best
+images, and a training batch as the network gets it.
 
 An overlay panel is ``image | ground truth | prediction | errors`` side by side: the truth outlined in green and the
 prediction in magenta, and in the errors panel false positives (predicted, not true) magenta, false negatives (true,
@@ -12,12 +12,18 @@ import numpy as np
 from skimage.segmentation import find_boundaries
 
 from files import atomic_imwrite
+from image_files import denormalize
 
 FALSE_POSITIVE = (255, 0, 255)  # BGR magenta
 FALSE_NEGATIVE = (255, 255, 0)  # BGR cyan
 TRUE_POSITIVE = (0, 200, 0)
 OUTLINE = (0, 255, 255)  # BGR yellow
+# the outline of each class of a training batch: green first, as it shows on black, white and a stain's purple
+CLASS_OUTLINES = (TRUE_POSITIVE, FALSE_NEGATIVE, FALSE_POSITIVE, OUTLINE, (0, 140, 255))
+CLASS_NAMES = ("green", "cyan", "magenta", "yellow", "orange")  # more classes take them again
+BORDER = (0, 0, 255)  # BGR red
 GAP = 4
+BATCH_SHOWN = 16  # samples of a training batch drawn (a GPU batch of 64 would make a picture too large to look at)
 
 
 def to_bgr(image):
@@ -96,3 +102,41 @@ def write_summary(overlay_dir, scores, out_path, title, k=4, row_height=128, cla
         rows.insert(2, text_row(f"panels of class 0; IoU: the mean of the {classes} classes (class 0's)", width))
     rows = [np.pad(r, ((0, GAP), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
     atomic_imwrite(out_path, np.concatenate(rows, axis=0))
+
+
+def batch_picture(images, masks, ids, classes, title, columns=4, height=(128, 256)):
+    """The first :data:`BATCH_SHOWN` samples of a training batch as the network gets them, uint8 BGR: a grid of
+    ``columns`` panels a row under ``title`` and a legend, each panel labelled with its id (``ids``).
+
+    images: float [B, C, H, W], C = 1 or 3, normalised as image_files.normalize (shown denormalised, clipped to
+    [0, 1]); masks: [B, K, H, W] in {0, 1}, the first ``classes`` channels the mask classes (each outlined in its
+    colour of :data:`CLASS_OUTLINES`), a --borders channel after them (its pixels red). A sample under
+    ``height[0]`` pixels high is enlarged by a whole factor (nearest: every pixel stays a visible square and the
+    outlines 1 pixel), one over ``height[1]`` shrunk to it.
+    """
+    images = denormalize(images[:BATCH_SHOWN].detach().float().cpu()).numpy()
+    masks = masks[:BATCH_SHOWN].detach().float().cpu().numpy() > 0.5
+    h, w = images.shape[2:]
+    scale = -(-height[0] // h) if h < height[0] else min(1.0, height[1] / h)
+    size = (max(round(w * scale), 1), max(round(h * scale), 1))
+    panels = []
+    for image, mask, img_id in zip(images, masks, ids):
+        panel = cv2.resize(to_bgr(image.transpose(1, 2, 0)), size,
+                           interpolation=cv2.INTER_NEAREST if scale >= 1 else cv2.INTER_AREA)
+        shown = [cv2.resize(m.astype(np.float32), size,
+                            interpolation=cv2.INTER_NEAREST if scale >= 1 else cv2.INTER_AREA) > 0.5 for m in mask]
+        for border in shown[classes:]:
+            panel[border] = BORDER
+        for c, m in enumerate(shown[:classes]):
+            panel = draw_outlines(panel, m, CLASS_OUTLINES[c % len(CLASS_OUTLINES)])
+        panels.append(np.concatenate([panel, text_row(img_id[:24], size[0])], axis=0))
+    columns, blank = min(columns, len(panels)), np.full_like(panels[0], 255)
+    rows = [np.concatenate([p for panel in panels[i:i + columns] + [blank] * (i + columns - len(panels))
+                            for p in (panel, np.full((panel.shape[0], GAP, 3), 255, np.uint8))][:-1], axis=1)
+            for i in range(0, len(panels), columns)]
+    width = rows[0].shape[1]
+    outlines = ", ".join(f"class {c} {CLASS_NAMES[c % len(CLASS_NAMES)]}" for c in range(classes))
+    legend = f"outlines: the training mask ({outlines})" if classes > 1 else "green outlines: the training mask"
+    legend += "; red: the border channel" if masks.shape[1] > classes else ""
+    rows[:0] = [text_row(title, width), text_row(legend, width)]
+    return np.concatenate([np.pad(r, ((0, GAP), (0, 0), (0, 0)), constant_values=255) for r in rows], axis=0)

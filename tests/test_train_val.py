@@ -31,6 +31,7 @@ import preprocess_dsb2018
 import train
 import trainer
 import val
+import visualize
 from archs import build_model
 from checkpoints import load_checkpoint
 from config import parse_train_args
@@ -158,6 +159,18 @@ def test_curves_png(work, key):
     root, _, _ = work
     image = valid_png(root / "models" / key / "curves.png")
     assert image.shape[0] > 50 and image.shape[1] > 50
+
+
+@pytest.mark.parametrize("key", list(RUNS))
+def test_train_batch_png_outlines_the_first_batch(work, key):
+    """Every run, on either loader, draws its first training batch: one panel per sample (a batch of 4 32x32 crops,
+    enlarged 4x), with green mask outlines."""
+    root, _, _ = work
+    picture = valid_png(root / "models" / key / trainer.BATCH_PICTURE)
+    outlined = (picture == visualize.CLASS_OUTLINES[0]).all(axis=2)
+    assert outlined.any()
+    rows = np.flatnonzero(outlined.any(axis=1))
+    assert picture.shape[1] == 4 * 128 + 3 * visualize.GAP and rows.max() - rows.min() < 128 + 22 + visualize.GAP
 
 
 # ------------------------------------------------------------------------------------------------ val.py

@@ -1,14 +1,18 @@
 """Tests for visualize.py's outlines: an object's outline from its label is the outline OpenCV traces around its
-mask, also where the object is cut by the image's edge; outlines that can be seen, in overlays and the summary."""
+mask, also where the object is cut by the image's edge; outlines that can be seen, in overlays and the summary; a
+training batch's picture outlines each mask where its image shows the nucleus."""
 import cv2
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from scipy import ndimage
 from skimage.segmentation import find_boundaries
 
 import visualize
-from visualize import FALSE_POSITIVE, GAP, OUTLINE, TRUE_POSITIVE, draw_outlines, overlay_panel, write_summary
+from image_files import normalize
+from visualize import (BORDER, CLASS_OUTLINES, FALSE_POSITIVE, GAP, OUTLINE, TRUE_POSITIVE, batch_picture,
+                       draw_outlines, overlay_panel, write_summary)
 
 
 def outline_pixels(shape, mask=None, labels=None):
@@ -112,3 +116,67 @@ def test_summary_of_several_classes_says_which_class_its_panels_show(tmp_path, m
     write_summary(str(tmp_path / "overlays"), table[["img_id", "iou"]], str(tmp_path / "s.png"), "run r")
     assert written == ["worst: a  IoU 0.600", "run r",
                        "image | truth | prediction | errors (TP green, FP magenta, FN cyan)"]
+
+
+def square(shape, top, left, side):
+    mask = np.zeros(shape, bool)
+    mask[top:top + side, left:left + side] = True
+    return mask
+
+
+def black_panels(picture):
+    """The bounding boxes (slices) of the black regions of ``picture`` at least 100 pixels high and wide, in
+    reading order: the panels of images with a black background (not the black letters of the labels)."""
+    labels, _ = ndimage.label((picture == 0).all(axis=2))
+    boxes = [box for box in ndimage.find_objects(labels) if min(s.stop - s.start for s in box) >= 100]
+    return sorted(boxes, key=lambda box: (box[0].start, box[1].start))
+
+
+def ring(mask):
+    """The pixels of ``mask`` with a 4-neighbour outside it: its 1 pixel outline, computed without OpenCV."""
+    return mask & ~ndimage.binary_erosion(mask)
+
+
+def test_a_training_batch_is_outlined_where_its_images_show_the_nuclei():
+    """Two 32x32 RGB samples on black, each with one square nucleus (red, then grey) and its mask: each panel is
+    the sample enlarged 4x with the mask's outline green exactly around the enlarged square, which keeps its own
+    colour inside (RGB read as RGB, written as BGR)."""
+    nuclei = [square((32, 32), 8, 20, 8), square((32, 32), 18, 4, 10)]
+    images = np.zeros((2, 3, 32, 32), np.float32)
+    images[0, 0][nuclei[0]] = 1.0  # red
+    images[1][:, nuclei[1]] = 0.6  # grey
+    masks = torch.from_numpy(np.stack(nuclei)[:, None].astype(np.float32))
+    picture = batch_picture(normalize(torch.from_numpy(images)), masks, ["a", "b"], classes=1, title="t")
+    boxes = black_panels(picture)
+    assert len(boxes) == 2 and all(picture[box].shape[:2] == (128, 128) for box in boxes)
+    for box, nucleus, colour in zip(boxes, nuclei, [(0, 0, 255), (153, 153, 153)]):
+        big = np.kron(nucleus, np.ones((4, 4), bool))
+        panel = picture[box]
+        assert ((panel == TRUE_POSITIVE).all(axis=2) == ring(big)).all()
+        assert (panel[big & ~ring(big)] == colour).all()
+
+
+def test_a_training_batch_shows_each_class_and_the_border_channel():
+    """Two classes and a --borders channel: class 0 outlined green, class 1 in the second colour, the border
+    pixels red (under the outlines); the legend names them."""
+    first, second = square((32, 32), 2, 2, 10), square((32, 32), 16, 16, 12)
+    border = np.zeros((32, 32), bool)
+    border[28:30, 2:12] = True
+    masks = torch.from_numpy(np.stack([first, second, border])[None].astype(np.float32))
+    picture = batch_picture(normalize(torch.zeros(1, 1, 32, 32)), masks, ["x"], classes=2, title="t")
+    (box,) = black_panels(picture)
+    panel = picture[box]
+    assert panel.shape[:2] == (128, 128)
+    for mask, colour in ((first, CLASS_OUTLINES[0]), (second, CLASS_OUTLINES[1]), (border, BORDER)):
+        big = np.kron(mask, np.ones((4, 4), bool))
+        shown = ring(big) if colour != BORDER else big
+        assert ((panel == colour).all(axis=2) == shown).all()
+
+
+def test_a_large_batch_of_large_crops_shows_sixteen_panels_shrunk():
+    """20 samples of 300x300: the first 16, each 256 pixels high (a GPU batch stays a picture one can look at)."""
+    picture = batch_picture(normalize(torch.zeros(20, 1, 300, 300)), torch.zeros(20, 1, 300, 300),
+                            [str(i) for i in range(20)], classes=1, title="t")
+    boxes = black_panels(picture)
+    assert len(boxes) == visualize.BATCH_SHOWN == 16
+    assert all(picture[box].shape[:2] == (256, 256) for box in boxes)
