@@ -77,9 +77,9 @@ from image_files import (CELLPOSE_NOT_IMAGES, PIXEL_SIZES, TIFF_EXTS, TiffHeader
 from instances import AUTO_SCALE_BAND, auto_scale, border_map, median_diameter, nucleus_areas, split_instances
 from measurements import TABLES, image_row, object_rows, write_tables
 from plane_outputs import MOST_LABELS, Gathered, objects_table, output_name, plane_grid, write_image
-from predict_notes import (closing_notes, holds_outputs, left_out_error, noted_when_stopped, nothing_predicted_error,
-                           pixel_size_warnings, replaced_rows_note, resumed_note, stitch_notes, stitched_line,
-                           summary_line, tiff_notes, track_notes, tracked_line)
+from predict_notes import (closing_notes, grey_channel_note, holds_outputs, left_out_error, noted_when_stopped,
+                           nothing_predicted_error, pixel_size_warnings, replaced_rows_note, resumed_note, stitch_notes,
+                           stitched_line, summary_line, tiff_notes, track_notes, tracked_line)
 from geojson_objects import nucleus_features
 from rois import nucleus_rois
 from utils import (ArgumentParser, BatchedThreads, DataError, UsageError, check_utf8_names, first_few, float_or_auto,
@@ -559,9 +559,9 @@ def prediction_record(args, argv, settings, platform, weights, rows, left_out, r
 def read_inputs(args):
     """The images of --input (:func:`list_images`), their :func:`tiff_headers` (--pixel_size, when given, in place of
     each file's own calibration) and output ids (:func:`image_ids`), after printing the notes on how some will be read
-    (predict_notes: tiff_notes, pixel_size_warnings, stitch_notes, track_notes; a --pixel_size that nothing
-    written uses). Returns (files, headers, ids), three lists in the order of the files; raises the DataError or
-    UsageError of those functions."""
+    (predict_notes: grey_channel_note, after which --channel is None, tiff_notes, pixel_size_warnings, stitch_notes,
+    track_notes; a --pixel_size that nothing written uses). Returns (files, headers, ids), three lists in the order
+    of the files; raises the DataError or UsageError of those functions."""
     files = list_images(args.input, args.output)
     headers = tiff_headers(files)
     if args.pixel_size is not None:  # the flag's size replaces each file's own, and what kept it from one
@@ -571,6 +571,10 @@ def read_inputs(args):
                   "calibration of the TIFF stacks written, and none of these inputs is a stack; no effect here (add "
                   "--instances)")
     ids = image_ids(files, args.output, [header.plane_axes for header in headers])
+    grey = grey_channel_note(files, headers, args.channel)
+    if grey:
+        print(grey)
+        args.channel = None  # picks nothing: the summary line and prediction.yml then name no channel
     for note in tiff_notes(files, headers, args.channel) + pixel_size_warnings(files, headers) + \
             stitch_notes(files, headers, args.stitch_z) + track_notes(files, headers, args.track):
         print(note)

@@ -13,15 +13,39 @@ from contextlib import contextmanager
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from finished_images import finished_count
-from image_files import PAGES_AS_COLOURS, pages_as_colours
+from image_files import PAGES_AS_COLOURS, TIFF_EXTS, pages_as_colours
 from instances import auto_scale, median_diameter
 from measurements import TABLES, foreground_note
 from plane_outputs import plane_grid
 from utils import DataError, first_few, printable_path
 
+GREY_MODES = {"1", "L", "I", "I;16", "I;16B", "I;16L", "F"}  # PIL's modes of images OpenCV decodes to one channel
 SCORES_FILE = "scores.csv"  # score.py's default output, beside the predictions it scored
+
+
+def grey_channel_note(files, headers, channel):
+    """The note on a --channel ``channel`` that picks nothing: every one of ``files`` is grey as its header says (a
+    TIFF of one channel, ``headers``: their image_files.TiffHeader; another image in a grey mode of PIL), and a grey
+    image is read as it is. '' when any may have several channels (a file PIL cannot open is named when read), or
+    is a stack (:func:`tiff_notes` says that --channel does not apply to its planes)."""
+    if channel is None:
+        return ""
+    for path, header in zip(files, headers):
+        if path.lower().endswith(TIFF_EXTS):
+            if header.channels != 1 or header.plane_axes:
+                return ""
+            continue
+        try:
+            with Image.open(path) as image:
+                if image.mode not in GREY_MODES:
+                    return ""
+        except (OSError, ValueError):
+            return ""
+    return (f"note: --channel {channel}: {'every input is a grey image' if len(files) > 1 else 'the input is grey'} "
+            "(one channel), read as it is; no effect here")
 
 
 def tiff_notes(files, headers, channel):

@@ -303,6 +303,27 @@ def test_channel_picks_the_nucleus_channel(in_runs, tmp_path):
                       *flags])
 
 
+def test_channel_on_grey_images_gets_a_note(in_runs, tmp_path, capsys):
+    """--channel K on inputs that are all grey (a 16-bit PNG, an 8-bit JPEG, a grey TIFF) picks nothing: a note says
+    so, and neither the summary line nor prediction.yml names a channel; one colour image among them: no note, and
+    both name it."""
+    grey = sample_bgr(40, 36)[:, :, 0]
+    write_image(tmp_path / "grey" / "a.png", grey.astype(np.uint16) * 200)
+    write_image(tmp_path / "grey" / "b.jpg", grey)
+    tifffile.imwrite(tmp_path / "grey" / "c.tif", grey)
+    write_image(tmp_path / "mixed" / "a.png", grey)
+    write_image(tmp_path / "mixed" / "rgb.png", sample_bgr(40, 36))
+    flags = ["--name", "pc", "--device", "cpu", "--amp", "fp32", "--channel", "1"]
+    for folder, noted in (("grey", True), ("mixed", False)):
+        predict.main(["--input", str(tmp_path / folder), "--output", str(tmp_path / f"{folder}_out"), *flags])
+        printed = capsys.readouterr().out
+        assert ("note: --channel 1: every input is a grey image (one channel), read as it is; no effect here" in
+                printed) == noted
+        assert (", channel 1," in printed) != noted
+        with open(tmp_path / f"{folder}_out" / "prediction.yml") as f:
+            assert yaml.safe_load(f)["settings"]["channel"] == (None if noted else 1)
+
+
 def test_masks_that_mark_most_of_their_images_get_a_note(in_runs, tmp_path, capsys):
     """A prediction that marks most of an image as nuclei (dark nuclei on a light background, an inverted image)
     is no error, and was said nowhere: predict.py notes how many images' masks mark more than 60 % of their pixels
