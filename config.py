@@ -36,6 +36,8 @@ MODELS_DIR = "models"
 CODE_DIR = os.path.dirname(os.path.abspath(__file__))
 PRETRAINED_DIR = os.path.join(CODE_DIR, "pretrained")
 INPUTS_DIR = "inputs"
+OUTPUTS_DIR = "outputs"
+EVALUATION_FILE = "evaluation.yml"  # val.py's record, in its output folder, of what it scored (evaluation.py)
 # The choices of the flags, here so that --help answers without importing torch; the modules that implement them
 # (archs.ARCHS, losses.LOSSES, optim.build_optimizer and build_scheduler) use the same names (tests/test_archs.py and
 # tests/test_losses.py check that the lists agree).
@@ -730,7 +732,7 @@ def derived_files_dir(name):
     """Where files made from run ``name`` go (export.py's model.onnx, plot.py's curves.png): models/<name>/, or
     outputs/<name>_files/ for the bundled run, since pretrained/ is part of the repository, a models/<name>/ folder
     would take the bundled run's place, and outputs/<name>/ is val.py's, replaced by every evaluation."""
-    return os.path.join("outputs", f"{name}_files") if saved_run_dir(name) != run_dir(name) else run_dir(name)
+    return os.path.join(OUTPUTS_DIR, f"{name}_files") if saved_run_dir(name) != run_dir(name) else run_dir(name)
 
 
 def is_bundled_name(name):

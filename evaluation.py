@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from config import INPUTS_DIR, dataset_folder, saved_run_dir
+from config import EVALUATION_FILE, INPUTS_DIR, dataset_folder, saved_run_dir
 from dataset import MODALITIES, eval_loader, mostly_foreground_note, multi_object_ids_note
 from layouts import find_layout, images_left_out, list_ids, nucleus_diameter, read_instance_labels
 from files import atomic_imwrite, atomic_write, folder_replaced_when_done
@@ -25,7 +25,6 @@ from metrics import separation_scores
 from utils import BatchedThreads, DataError, UsageError, first_few, progress_bar, usable_cpus
 from visualize import overlay_panel, to_bgr, write_summary
 
-EVALUATION_FILE = "evaluation.yml"
 MIN_IMAGES_FOR_INTERVAL = 10  # fewer images resample to intervals too narrow to mean anything
 # measured on DSB2018 (field_print dot product, then pixel correlation): stage1_test's 4 fields of stage1_train reach
 # at least 0.9997 and 0.9988; the closest other pair of one size of the two sets 0.39 and 0.33; one embryo imaged

@@ -28,7 +28,7 @@ and writes the best to models/<name>/postprocessing.yml, the run's defaults from
 """
 import os
 
-from config import (TUNED_FILE, add_amp_arg, add_device_arg, add_separation_args, check_object_filters,
+from config import (OUTPUTS_DIR, TUNED_FILE, add_amp_arg, add_device_arg, add_separation_args, check_object_filters,
                     load_run_config, post_processing, prediction_settings, run_dir, run_lock_file, saved_run_dir)
 from files import check_replaceable, written_alone
 from utils import ArgumentParser, UsageError, at_least, check_run_name, file_extension, path_arg, run_cli
@@ -79,8 +79,8 @@ def output_folder(name, split, dataset, output):
     if output:
         return output
     if dataset is not None:
-        return os.path.join("outputs", f"{name}_on_{os.path.basename(os.path.normpath(dataset))}")
-    return os.path.join("outputs", name if split in (None, "val") else f"{name}_{split}")
+        return os.path.join(OUTPUTS_DIR, f"{name}_on_{os.path.basename(os.path.normpath(dataset))}")
+    return os.path.join(OUTPUTS_DIR, name if split in (None, "val") else f"{name}_{split}")
 
 
 def check_tune_args(args):

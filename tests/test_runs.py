@@ -1,0 +1,113 @@
+"""Tests for runs.py: the table of runs, against log.csv, split.csv and evaluation files written by hand here (each
+value computed again from them), the state of each run, and the runs it lists or leaves out."""
+import hashlib
+import os
+
+import pandas as pd
+import pytest
+import yaml
+
+import runs
+from config import run_lock_file
+from conftest import held_by_another_process
+
+LOG_COLUMNS = "epoch,lr,loss,iou,val_loss,val_iou,val_dice,val_iou_mean,val_dice_mean,seconds"
+
+
+def make_run(name, val_ious, epochs=None, early_stopping=-1, val_ids=("v1", "v2"), train_ids=("t1", "t2"),
+             parent="models", **config):
+    """A run folder as train.py leaves it, written by hand: config.yml, log.csv with ``val_ious`` (one epoch each;
+    val Dice 0.1 above, mean IoU 0.05 below, 1800 s an epoch), split.csv and model.pth (bytes of its name)."""
+    folder = os.path.join(parent, name)
+    os.makedirs(folder)
+    with open(os.path.join(folder, "config.yml"), "w") as f:
+        yaml.safe_dump({"name": name, "arch": "UNet", "dataset": "synthetic", "epochs": epochs or len(val_ious),
+                        "early_stopping": early_stopping, **config}, f)
+    rows = [f"{e + 1},0.001,1,0.5,1,{v},{v + 0.1},{v - 0.05},{v},1800" for e, v in enumerate(val_ious)]
+    with open(os.path.join(folder, "log.csv"), "w") as f:
+        f.write("\n".join([LOG_COLUMNS, *rows]) + "\n")
+    pd.DataFrame({"img_id": [*train_ids, *val_ids], "split": ["train"] * len(train_ids) + ["val"] * len(val_ids)}) \
+        .to_csv(os.path.join(folder, "split.csv"), index=False)
+    with open(os.path.join(folder, "model.pth"), "wb") as f:
+        f.write(name.encode())
+    return folder
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """An empty working folder, with no bundled run."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(runs, "PRETRAINED_DIR", str(tmp_path / "pretrained"))
+    return tmp_path
+
+
+def test_the_table_holds_each_runs_best_epoch_and_groups_runs_by_their_validation_images(workdir, capsys):
+    make_run("low", [0.5, 0.6])
+    make_run("high", [0.7, 0.8, 0.8], val_ids=("v2", "v1"), train_ids=("t9",))  # the same val images
+    make_run("other", [0.9], val_ids=("v1", "v3"))
+    table = runs.main([])
+    names = list(table["name"])
+    assert names[names.index("high") + 1] == "low"  # together, the best first
+    high = table.set_index("name").loc["high"]
+    assert high["best_epoch"] == 2  # the first of two equal epochs, whose weights model.pth keeps
+    assert (high["val_iou"], high["val_dice"], high["val_iou_mean"]) == pytest.approx((0.8, 0.9, 0.75))
+    assert high["hours"] == pytest.approx(1.5)
+    fingerprint = hashlib.sha256(b"v1\nv2").hexdigest()[:8]
+    assert list(table.set_index("name").loc[["high", "low"], "val_split"]) == [fingerprint] * 2
+    assert table.set_index("name").loc["other", "val_split"] != fingerprint
+    printed = capsys.readouterr().out
+    assert "validated on 2 different sets of images" in printed and "0.8000" in printed
+
+
+def test_each_runs_state(workdir):
+    make_run("done", [0.5, 0.6])
+    make_run("stopped", [0.5, 0.6], epochs=10)
+    make_run("patience_ran_out", [0.7, 0.6, 0.65], epochs=10, early_stopping=2)
+    make_run("patient", [0.7, 0.6, 0.65], epochs=10, early_stopping=3)
+    make_run("fresh", [], epochs=10)
+    make_run("busy", [0.5], epochs=10)
+    with held_by_another_process(run_lock_file("busy")):
+        states = runs.main([]).set_index("name")["state"].to_dict()
+    assert states == {"done": "finished", "stopped": "stopped", "patience_ran_out": "early-stopped",
+                      "patient": "stopped", "fresh": "no epoch", "busy": "training"}
+    assert runs.main(["busy"])["state"].tolist() == ["stopped"]  # the train.py that held it ended
+
+
+def test_evaluations_are_listed_with_their_means_and_marked_when_the_weights_changed(workdir):
+    make_run("r", [0.5])
+    weights = hashlib.sha256(b"r").hexdigest()
+    for out, sha, scores in (("r", weights, {"iou": [0.4, 0.6], "dsb": [0.2, 0.3]}),
+                             ("r_on_test", "0" * 64, {"iou": [0.1, 0.2]}),
+                             ("someone_else", weights, {"iou": [0.9]})):
+        os.makedirs(os.path.join("outputs", out))
+        with open(os.path.join("outputs", out, "evaluation.yml"), "w") as f:
+            yaml.safe_dump({"run": "someone" if out == "someone_else" else "r", "weights_sha256": sha}, f)
+        pd.DataFrame(scores).to_csv(os.path.join("outputs", out, "scores.csv"), index=False)
+    assert runs.main([])["evaluations"].tolist() == ["r IoU 0.5000, DSB 0.250; r_on_test IoU 0.1500, older weights"]
+
+
+def test_which_runs_are_listed(workdir, capsys):
+    make_run("dsb_a", [0.5])
+    make_run("dsb_b", [0.5])
+    make_run("syn", [0.5])
+    make_run(".dsb_c.replaced", [0.5])  # kept aside by --overwrite
+    make_run("nuclei", [0.5], parent=runs.PRETRAINED_DIR)  # bundled, and hidden by models/nuclei below
+    make_run("bundled", [0.5], parent=runs.PRETRAINED_DIR)
+    os.makedirs(os.path.join("models", "not_a_run"))
+    assert runs.main(["dsb_*"])["name"].tolist() == ["dsb_a", "dsb_b"]
+    assert sorted(runs.main([])["name"]) == ["bundled", "dsb_a", "dsb_b", "nuclei", "syn"]
+    assert runs.main(["bundled"])["where"].tolist() == ["pretrained"]
+    make_run("nuclei", [0.5])
+    assert runs.main(["nuclei"])["where"].tolist() == ["models"]
+    capsys.readouterr()
+    assert runs.main(["x*"]).empty
+    assert "no runs matching x* in models/" in capsys.readouterr().out
+
+
+def test_a_run_whose_config_cannot_be_read_gets_a_row_saying_why(workdir, tmp_path):
+    make_run("good", [0.5])
+    make_run("bad", [0.5], epochs=3, arch="NoSuchNet")
+    table = runs.main(["--csv", str(tmp_path / "runs.csv")]).set_index("name")
+    assert table.loc["bad", "state"].startswith("unreadable:") and "NoSuchNet" in table.loc["bad", "state"]
+    written = pd.read_csv(tmp_path / "runs.csv").set_index("name")
+    assert written.loc["good", "val_iou"] == pytest.approx(0.5) and written.loc["good", "state"] == "finished"
