@@ -31,7 +31,7 @@ def test_torchrun_two_cpu_processes(tmp_path, monkeypatch, capsys):
     assert run.stdout.count("best epoch 1") == 1, run.stdout  # rank 0 alone prints the summary
     run_dir = tmp_path / "models" / "ddp"
     assert sorted(os.listdir(run_dir)) == ["config.yml", "curves.png", "last.pth", "log.csv", "model.pth",
-                                           "split.csv"]
+                                           "split.csv", "train_batch.png"]
     log = pd.read_csv(run_dir / "log.csv")
     assert log["epoch"].tolist() == [1]
 

@@ -497,10 +497,10 @@ def test_curves_are_redrawn_within_their_share_of_the_time_and_when_the_run_ends
     drawn.clear()
     train_epoch = trainer.Trainer.train_epoch
 
-    def stopped_in_epoch_3(self, epoch, max_steps=None):
+    def stopped_in_epoch_3(self, epoch, **kwargs):
         if epoch == 2:
             raise KeyboardInterrupt
-        return train_epoch(self, epoch, max_steps)
+        return train_epoch(self, epoch, **kwargs)
 
     monkeypatch.setattr(trainer.Trainer, "train_epoch", stopped_in_epoch_3)
     assert cli(first_run_args("curves_stopped")) == 130
