@@ -88,22 +88,35 @@ def run_state(cfg, log, training):
     return "early-stopped" if 0 < cfg.early_stopping <= stale else "stopped"
 
 
-def evaluations(name, folder):
-    """{output folder: what it scored} of val.py's evaluations of run ``name`` in outputs/: '<folder> IoU x, DSB y'
-    (the means over its images of scores.csv's iou and dsb; DSB2018 only with instance labels), with ', older
-    weights' when the run's model.pth is not the one it scored."""
+def read_evaluations():
+    """{run name: [(output folder, its scores.csv as a DataFrame)]} of val.py's evaluations in outputs/, by folder
+    name; each folder read once, however many runs the table holds (reading them again for each run made the table
+    of 100 runs and their evaluations take 20 s). A folder without a readable evaluation.yml naming a run, or
+    without an iou column in scores.csv, is left out."""
     if not os.path.isdir(OUTPUTS_DIR):
-        return []
-    weights, found = None, []
+        return {}
+    found = {}
     for out in sorted(os.listdir(OUTPUTS_DIR)):
         try:
             with open(os.path.join(OUTPUTS_DIR, out, EVALUATION_FILE)) as f:
                 record = yaml.safe_load(f)
+            if not isinstance(record, dict) or not isinstance(record.get("run"), str):
+                continue
             scores = pd.read_csv(os.path.join(OUTPUTS_DIR, out, "scores.csv"))
         except (OSError, yaml.YAMLError, pd.errors.ParserError, pd.errors.EmptyDataError):
             continue
-        if not isinstance(record, dict) or record.get("run") != name or "iou" not in scores:
-            continue
+        if "iou" in scores:
+            found.setdefault(record["run"], []).append((out, record, scores))
+    return found
+
+
+def evaluations(folder, evaluated):
+    """What each of ``evaluated`` ([(output folder, evaluation record, scores.csv)], :func:`read_evaluations`' of
+    the run saved in ``folder``) scored: '<folder> IoU x, DSB y' (the means over its images of scores.csv's iou and
+    dsb; DSB2018 only with instance labels), with ', older weights' when the run's model.pth is not the one it
+    scored."""
+    weights, found = None, []
+    for out, record, scores in evaluated:
         text = f"{out} IoU {scores['iou'].mean():.4f}"
         if "dsb" in scores and scores["dsb"].notna().any():
             text += f", DSB {scores['dsb'].mean():.3f}"
@@ -114,8 +127,9 @@ def evaluations(name, folder):
     return found
 
 
-def run_row(name, folder):
-    """The table's row (:data:`COLUMNS`) of run ``name`` saved in ``folder``."""
+def run_row(name, folder, evaluated=()):
+    """The table's row (:data:`COLUMNS`) of run ``name`` saved in ``folder``, with its evaluations ``evaluated``
+    (:func:`evaluations`)."""
     cfg = read_run_config(os.path.join(folder, "config.yml"))
     log = read_log(folder)
     arch = cfg.arch + (" + DS" if cfg.deep_supervision else "")
@@ -123,7 +137,7 @@ def run_row(name, folder):
     row = {"name": name, "where": os.path.basename(os.path.dirname(folder)), "arch": arch,
            "dataset": os.path.basename(os.path.normpath(str(cfg.dataset))), "size": size, "epochs": len(log),
            "epochs_asked": cfg.epochs, "state": run_state(cfg, log, is_training(name, folder)),
-           "val_split": val_split(folder), "evaluations": "; ".join(evaluations(name, folder))}
+           "val_split": val_split(folder), "evaluations": "; ".join(evaluations(folder, evaluated))}
     if len(log) and log["val_iou"].notna().any():
         best = log.loc[log["val_iou"].idxmax()]  # the first of equal ones, as train.py keeps model.pth
         row.update(best_epoch=int(best["epoch"]), val_iou=best["val_iou"], val_iou_mean=best.get("val_iou_mean"),
@@ -135,10 +149,10 @@ def runs_table(folders):
     """The DataFrame of :data:`COLUMNS` of the runs ``folders`` ({name: folder}), a row each, grouped by dataset and
     val split, the best val IoU first in each. A run whose config.yml cannot be read gets a row with the error as
     its state."""
-    rows = []
+    rows, evaluated = [], read_evaluations()
     for name, folder in folders.items():
         try:
-            rows.append(run_row(name, folder))
+            rows.append(run_row(name, folder, evaluated.get(name, ())))
         except (UserError, OSError, yaml.YAMLError, pd.errors.ParserError, KeyError) as e:
             rows.append({"name": name, "where": os.path.basename(os.path.dirname(folder)), "state": f"unreadable: {e}"})
     table = pd.DataFrame(rows, columns=COLUMNS)

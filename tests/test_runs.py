@@ -111,3 +111,19 @@ def test_a_run_whose_config_cannot_be_read_gets_a_row_saying_why(workdir, tmp_pa
     assert table.loc["bad", "state"].startswith("unreadable:") and "NoSuchNet" in table.loc["bad", "state"]
     written = pd.read_csv(tmp_path / "runs.csv").set_index("name")
     assert written.loc["good", "val_iou"] == pytest.approx(0.5) and written.loc["good", "state"] == "finished"
+
+
+def test_each_evaluation_is_read_once_however_many_runs_the_table_holds(workdir, monkeypatch):
+    names = [f"r{i}" for i in range(4)]
+    for name in names:
+        make_run(name, [0.5])
+        os.makedirs(os.path.join("outputs", name))
+        with open(os.path.join("outputs", name, "evaluation.yml"), "w") as f:
+            yaml.safe_dump({"run": name, "weights_sha256": hashlib.sha256(name.encode()).hexdigest()}, f)
+        pd.DataFrame({"iou": [0.25 * int(name[1:])]}).to_csv(os.path.join("outputs", name, "scores.csv"), index=False)
+    read, read_csv = [], pd.read_csv
+    monkeypatch.setattr(runs.pd, "read_csv", lambda path, **kw: read.append(str(path)) or read_csv(path, **kw))
+    table = runs.main([]).set_index("name")
+    wanted = [os.path.join("outputs", n, "scores.csv") for n in names]
+    assert sorted(p for p in read if p.endswith("scores.csv")) == wanted  # not once per run and output folder
+    assert [table.loc[n, "evaluations"] for n in names] == [f"{n} IoU {0.25 * i:.4f}" for i, n in enumerate(names)]
