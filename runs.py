@@ -12,7 +12,8 @@ epoch and its validation scores from log.csv (IoU pooled over the pixels and ave
 hours it trained, and its val split: a fingerprint of the validation images in split.csv. Runs with the same dataset
 and fingerprint were scored on the same images, so only their numbers compare; the table keeps them together. The
 last column lists val.py's evaluations of the run in outputs/ (the mean IoU and DSB2018 score of their scores.csv),
-marked when the run's weights changed since.
+each with the images it scored (val, test, every image of another dataset; TTA), marked when the run's weights
+changed since.
 """
 import fnmatch
 import hashlib
@@ -112,12 +113,18 @@ def read_evaluations():
 
 def evaluations(folder, evaluated):
     """What each of ``evaluated`` ([(output folder, evaluation record, scores.csv)], :func:`read_evaluations`' of
-    the run saved in ``folder``) scored: '<folder> IoU x, DSB y' (the means over its images of scores.csv's iou and
-    dsb; DSB2018 only with instance labels), with ', older weights' when the run's model.pth is not the one it
-    scored."""
+    the run saved in ``folder``) scored: '<folder> (<images>) IoU x, DSB y' (the means over its images of
+    scores.csv's iou and dsb; DSB2018 only with instance labels), the images named from its record ('val', 'test'
+    or 'every image of <dataset>', ', TTA' for flips averaged) since a folder given by --output need not say, and a
+    test score read as one more validation score would choose the run on the test set; ', older weights' when the
+    run's model.pth is not the one it scored."""
     weights, found = None, []
     for out, record, scores in evaluated:
-        text = f"{out} IoU {scores['iou'].mean():.4f}"
+        split, settings = record.get("split"), record.get("settings")
+        images = [f"every image of {os.path.basename(os.path.normpath(str(record.get('dataset'))))}"
+                  if split == "every image" else split] if split else []
+        images += ["TTA"] if isinstance(settings, dict) and settings.get("tta") else []
+        text = f"{out}{' (' + ', '.join(images) + ')' if images else ''} IoU {scores['iou'].mean():.4f}"
         if "dsb" in scores and scores["dsb"].notna().any():
             text += f", DSB {scores['dsb'].mean():.3f}"
         weights = weights or sha256_file(os.path.join(folder, "model.pth"))

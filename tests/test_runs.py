@@ -127,3 +127,18 @@ def test_each_evaluation_is_read_once_however_many_runs_the_table_holds(workdir,
     wanted = [os.path.join("outputs", n, "scores.csv") for n in names]
     assert sorted(p for p in read if p.endswith("scores.csv")) == wanted  # not once per run and output folder
     assert [table.loc[n, "evaluations"] for n in names] == [f"{n} IoU {0.25 * i:.4f}" for i, n in enumerate(names)]
+
+
+def test_each_evaluation_says_which_images_it_scored_whatever_its_folder_is_called(workdir):
+    make_run("r", [0.5])
+    weights = hashlib.sha256(b"r").hexdigest()
+    for out, record, iou in (("r", {"split": "val"}, 0.5), ("final", {"split": "test"}, 0.25),
+                             ("flips", {"split": "val", "settings": {"tta": True}}, 0.75),
+                             ("elsewhere", {"split": "every image", "dataset": "/data/stage1_test/"}, 0.125)):
+        os.makedirs(os.path.join("outputs", out))
+        with open(os.path.join("outputs", out, "evaluation.yml"), "w") as f:
+            yaml.safe_dump({"run": "r", "weights_sha256": weights, **record}, f)
+        pd.DataFrame({"iou": [iou]}).to_csv(os.path.join("outputs", out, "scores.csv"), index=False)
+    assert runs.main([])["evaluations"].tolist() == [
+        "elsewhere (every image of stage1_test) IoU 0.1250; final (test) IoU 0.2500; flips (val, TTA) IoU 0.7500; "
+        "r (val) IoU 0.5000"]
