@@ -168,10 +168,25 @@ def runs_table(folders):
                              kind="stable", ignore_index=True)
 
 
+def unreadable(table):
+    """bool Series: the rows of the :func:`runs_table` ``table`` whose config.yml could not be read."""
+    return table["state"].astype(str).str.startswith("unreadable:")
+
+
+def unreadable_notes(table):
+    """A line for each run of the :func:`runs_table` ``table`` whose config.yml could not be read: its name and
+    why."""
+    rows = table.loc[unreadable(table), ["name", "state"]]
+    return [f"{name}: {state}" for name, state in rows.itertuples(index=False)]
+
+
 def printable(table):
     """The :func:`runs_table` ``table`` as text: scores to 4 decimals, hours to 2, blanks where a value is missing."""
     digits = {"val_iou": 4, "val_iou_mean": 4, "val_dice": 4, "hours": 2}
-    shown = table.astype(object).apply(lambda column: column.map(
+    # the reason a run is unreadable is printed below the table (unreadable_notes): a sentence in the state column
+    # made every row of the table hundreds of characters wide
+    shown = table.assign(state=table["state"].where(~unreadable(table), "unreadable (below)"))
+    shown = shown.astype(object).apply(lambda column: column.map(
         lambda v: "" if pd.isna(v) else f"{v:.{digits[column.name]}f}" if column.name in digits else v))
     return shown.to_string(index=False)
 
@@ -192,6 +207,8 @@ def main(argv):
         return pd.DataFrame(columns=COLUMNS)
     table = runs_table(folders)
     print(printable(table))
+    for note in unreadable_notes(table):
+        print(note)
     groups = table.dropna(subset=["val_iou"]).groupby(["dataset", "val_split"]).ngroups
     if groups > 1:
         print(f"note: these runs were validated on {groups} different sets of images (dataset, val_split); compare "

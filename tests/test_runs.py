@@ -142,3 +142,13 @@ def test_each_evaluation_says_which_images_it_scored_whatever_its_folder_is_call
     assert runs.main([])["evaluations"].tolist() == [
         "elsewhere (every image of stage1_test) IoU 0.1250; final (test) IoU 0.2500; flips (val, TTA) IoU 0.7500; "
         "r (val) IoU 0.5000"]
+
+
+def test_an_unreadable_runs_reason_is_printed_below_the_table_not_in_it(workdir, capsys):
+    make_run("good", [0.5])
+    make_run("bad", [0.5], arch="NoSuchNet")
+    table = runs.main([]).set_index("name")
+    lines = capsys.readouterr().out.splitlines()
+    assert table.loc["bad", "state"].startswith("unreadable:")  # the DataFrame (and --csv) keep the reason
+    assert len(lines[0]) < 200 and all("NoSuchNet" not in line for line in lines[:3])
+    assert lines[3] == f"bad: {table.loc['bad', 'state']}"
