@@ -13,7 +13,8 @@ order of the sorted ids, so the order of the rows does not matter; images only o
 counted in a note. A score compared on fewer than 10 images gets no interval (NaN), as in val.py: a bootstrap of so
 few spans little more than their own differences, so B won on all of 3 images would read as clearly better. Two
 files of different classes (iou_class<c> columns) are refused: a run of several classes scores an image by the mean
-of its classes.
+of its classes. A note names the scoring settings in which the two evaluations differ (--tta, --prune, the
+separation, --min_size, --min_confidence, as their evaluation.yml records them): B - A then measures them too.
 
 A model cross-validated in folds (train.py --folds) has a scores.csv per fold's run, each image in one of them: give
 each model as a quoted pattern, and its files' rows are compared as one table:
@@ -32,10 +33,14 @@ import numpy as np  # noqa: E402  (after the path set-up above)
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
+from config import EVALUATION_FILE  # noqa: E402
 from utils import ArgumentParser, UsageError, run_cli  # noqa: E402
 # evaluation.py's helpers are imported where they are used: it imports torch (seconds), which --help must not wait for
 
 SCORES = ("iou", "dice", "dsb", "f1", "pq")
+# val.py's choices besides the weights that change its scores (evaluation.yml's settings): two evaluations that
+# differ in one measure it as well as the models
+SCORED_WITH = ("tta", "prune", "separation", "min_size", "min_confidence")
 PER_CLASS = re.compile(r"(iou|dice)_class\d+")  # val.py's columns for a run of several classes
 
 
@@ -63,7 +68,7 @@ def check_one_split(pattern, paths):
     val.py writes it beside scores.csv; a file without one is not checked): outputs/r_fold*/scores.csv also matches
     outputs/r_fold0_test/, val.py --split test of fold 0, whose test images no fold validates, so that nothing else
     would keep them out of the folds' pooled validation scores."""
-    from evaluation import EVALUATION_FILE, describe_evaluation
+    from evaluation import describe_evaluation
 
     splits = {}
     for path in paths:
@@ -79,6 +84,31 @@ def check_one_split(pattern, paths):
         raise UsageError(f"{pattern} matches scores of {describe_evaluation(one)} ({first}) and of "
                          f"{describe_evaluation(other)} ({second}); give a pattern of one split's files, e.g. the "
                          "folds' val scores: outputs/<name>_fold?/scores.csv")
+
+
+def evaluation_settings(path):
+    """The ``settings`` of the evaluation.yml beside ``path`` (a scores.csv, or the first file a pattern matches), {}
+    for a file without one (score.py's, or older)."""
+    paths = sorted(glob.glob(path)) if glob.has_magic(path) else [path]
+    try:
+        with open(os.path.join(os.path.dirname(paths[0]), EVALUATION_FILE)) as f:
+            record = yaml.safe_load(f)
+    except (IndexError, OSError, yaml.YAMLError):
+        return {}
+    settings = record.get("settings") if isinstance(record, dict) else None
+    return settings if isinstance(settings, dict) else {}
+
+
+def settings_note(a_path, b_path):
+    """The note ('' for none) naming the :data:`SCORED_WITH` settings in which the evaluations of ``a_path`` and
+    ``b_path`` differ (:func:`evaluation_settings`; one that either does not record is not compared): B - A then
+    measures them as well as the two models."""
+    a, b = evaluation_settings(a_path), evaluation_settings(b_path)
+    differ = [f"{key} {a[key]} / {b[key]}" for key in SCORED_WITH if key in a and key in b and a[key] != b[key]]
+    if not differ:
+        return ""
+    return (f"note: A and B were scored with other settings ({', '.join(differ)}, A / B): B - A measures them as well "
+            "as the models; evaluate both with the same val.py flags to compare the models alone")
 
 
 def read_scores_file(path):
@@ -157,6 +187,9 @@ def main(argv):
     check_same_classes((args.a, a), (args.b, b))
     table = compare(a, b, groups="kind")
     print(f"A = {args.a}\nB = {args.b}")
+    note = settings_note(args.a, args.b)
+    if note:
+        print(note)
     for path, only in ((args.a, a.index.difference(b.index)), (args.b, b.index.difference(a.index))):
         if len(only):
             many = len(only) != 1

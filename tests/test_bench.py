@@ -14,6 +14,7 @@ import psutil
 import pytest
 import tifffile
 import torch
+import yaml
 
 import compare_scores  # bench/, on the path through conftest
 import fold_bn
@@ -604,3 +605,20 @@ def test_compare_scores_refuses_a_pattern_that_joins_a_test_score_to_the_folds(t
         compare_scores.main([str(tmp_path / "a_fold*" / "scores.csv"), str(tmp_path / "b" / "scores.csv")])
     table = compare_scores.main([str(tmp_path / "a_fold?" / "scores.csv"), str(tmp_path / "b" / "scores.csv")])
     assert table.set_index("score").loc["iou", "n"] == 2  # p and q, the folds' validation images alone
+
+
+def test_compare_scores_names_the_settings_two_evaluations_differ_in(tmp_path, capsys):
+    """An evaluation with --tta against one without: B - A measures TTA as well as the models, and nothing said so.
+    A note names each scoring setting the two evaluation.yml files differ in; none when they agree or either
+    records none (score.py's scores.csv)."""
+    settings = {"a": {"tta": False, "prune": None, "min_size": 8}, "b": {"tta": True, "prune": None, "min_size": 8},
+                "c": {"tta": False, "prune": None, "min_size": 8}, "d": None}
+    for folder, held in settings.items():
+        (tmp_path / folder).mkdir()
+        pd.DataFrame({"img_id": ["p", "q"], "iou": [0.5, 0.6]}).to_csv(tmp_path / folder / "scores.csv", index=False)
+        if held:
+            (tmp_path / folder / "evaluation.yml").write_text(yaml.safe_dump({"run": "r", "settings": held}))
+    for b, noted in (("b", True), ("c", False), ("d", False)):
+        compare_scores.main([str(tmp_path / "a" / "scores.csv"), str(tmp_path / b / "scores.csv")])
+        out = capsys.readouterr().out
+        assert ("note: A and B were scored with other settings (tta False / True, A / B)" in out) == noted
