@@ -24,7 +24,7 @@ import yaml
 
 from config import EVALUATION_FILE, MODELS_DIR, OUTPUTS_DIR, PRETRAINED_DIR, read_run_config, run_lock_file
 from files import atomic_write, locked, sha256_file
-from utils import ArgumentParser, UserError, path_arg, run_cli
+from utils import ArgumentParser, UserError, first_few, path_arg, run_cli
 
 COLUMNS = ["name", "where", "arch", "dataset", "size", "epochs", "epochs_asked", "state", "best_epoch", "val_iou",
            "val_iou_mean", "val_dice", "hours", "val_split", "evaluations"]
@@ -57,8 +57,8 @@ def read_log(folder):
 
 
 def val_split(folder):
-    """The first 8 hex digits of the SHA-256 of the run's sorted validation ids (split.csv), '' without one: equal
-    for runs validated on the same images."""
+    """The first 8 hex digits of the SHA-256 of the run's sorted validation ids (split.csv), '' without one (the
+    images unknown, comparable with no other run's): equal for runs validated on the same images."""
     try:
         split = pd.read_csv(os.path.join(folder, "split.csv"), dtype=str)
     except (FileNotFoundError, pd.errors.EmptyDataError):
@@ -209,10 +209,16 @@ def main(argv):
     print(printable(table))
     for note in unreadable_notes(table):
         print(note)
-    groups = table.dropna(subset=["val_iou"]).groupby(["dataset", "val_split"]).ngroups
+    scored = table.dropna(subset=["val_iou"])
+    unknown = scored["name"][scored["val_split"] == ""].tolist()
+    groups = scored[scored["val_split"] != ""].groupby(["dataset", "val_split"]).ngroups
     if groups > 1:
         print(f"note: these runs were validated on {groups} different sets of images (dataset, val_split); compare "
               "val IoU only between runs of one set")
+    if unknown:
+        print(f"note: {first_few(unknown)} {'have' if len(unknown) > 1 else 'has'} no split.csv (older runs), so the "
+              f"images {'they were' if len(unknown) > 1 else 'it was'} validated on are unknown: "
+              f"{'their scores compare' if len(unknown) > 1 else 'its scores compare'} with no other run's")
     if args.csv:
         with atomic_write(args.csv) as f:
             table.to_csv(f, index=False)

@@ -152,3 +152,16 @@ def test_an_unreadable_runs_reason_is_printed_below_the_table_not_in_it(workdir,
     assert table.loc["bad", "state"].startswith("unreadable:")  # the DataFrame (and --csv) keep the reason
     assert len(lines[0]) < 200 and all("NoSuchNet" not in line for line in lines[:3])
     assert lines[3] == f"bad: {table.loc['bad', 'state']}"
+
+
+def test_runs_without_a_split_csv_are_named_as_comparable_with_none(workdir, capsys):
+    """Two older runs without split.csv: their val_split is blank, and a note says that the images that validated
+    them are unknown, not that they share a set of images with each other."""
+    for name in ("old_a", "old_b"):
+        os.remove(os.path.join(make_run(name, [0.5]), "split.csv"))
+    make_run("new", [0.6])
+    table = runs.main([])
+    assert table.set_index("name").loc[["old_a", "old_b"], "val_split"].tolist() == ["", ""]
+    printed = capsys.readouterr().out
+    assert "note: old_a, old_b have no split.csv (older runs), so the images they were validated on are unknown" \
+        in printed and "different sets of images" not in printed
