@@ -20,7 +20,7 @@ from files import atomic_write, sha256_file
 from utils import DataError, UsageError, clipped, code_version
 
 
-# what last.pth holds beside the epoch about the best epoch so far (trainer.track_best's dict)
+# what last.pth holds beside the epoch about the best epoch so far (config.track_best's dict)
 BEST_KEYS = ("best_iou", "best_epoch", "stale_epochs")
 
 

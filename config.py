@@ -719,6 +719,30 @@ def run_lock_file(name):
     return os.path.join(MODELS_DIR, f".{check_run_name(name)}.lock")
 
 
+def track_best(best, epoch, val_iou):
+    """Update ``best`` (dict best_iou, best_epoch, stale_epochs) with this epoch's val IoU; True when it improved
+    (a NaN never does). Here, not in trainer.py, so that runs.py judges a run's state as train.py does, without
+    torch."""
+    improved = val_iou > best["best_iou"]
+    best.update({"best_iou": val_iou, "best_epoch": epoch, "stale_epochs": 0} if improved else
+                {"stale_epochs": best["stale_epochs"] + 1})
+    return improved
+
+
+def best_after(val_ious):
+    """The :func:`track_best` dict after epochs 1, 2, ... of val IoU ``val_ious`` (none: a run's start, best_iou -1,
+    below any IoU)."""
+    best = {"best_iou": -1.0, "best_epoch": 0, "stale_epochs": 0}
+    for epoch, val_iou in enumerate(val_ious, 1):
+        track_best(best, epoch, val_iou)
+    return best
+
+
+def stops_early(best, early_stopping):
+    """True once ``early_stopping`` epochs (--early_stopping; -1 off) have passed without a better val IoU."""
+    return 0 <= early_stopping <= best["stale_epochs"]
+
+
 def saved_run_dir(name):
     """The folder of a trained run to load: models/<name>, or the bundled pretrained/<name> when models/ has no run
     of that name (a run of your own wins)."""

@@ -22,7 +22,8 @@ import os
 import pandas as pd
 import yaml
 
-from config import EVALUATION_FILE, MODELS_DIR, OUTPUTS_DIR, PRETRAINED_DIR, read_run_config, run_lock_file
+from config import (EVALUATION_FILE, MODELS_DIR, OUTPUTS_DIR, PRETRAINED_DIR, best_after, read_run_config,
+                    run_lock_file, stops_early)
 from files import atomic_write, locked, sha256_file
 from utils import ArgumentParser, UserError, first_few, path_arg, run_cli
 
@@ -78,15 +79,15 @@ def is_training(name, folder):
 
 def run_state(cfg, log, training):
     """'training', 'finished' (every epoch of --epochs), 'early-stopped' (--early_stopping epochs without a better
-    val IoU), 'stopped' (train.py --resume goes on) or 'no epoch' (none saved)."""
+    val IoU, counted as train.py counts them: 0 stops after the first epoch, a NaN is no better), 'stopped'
+    (train.py --resume goes on) or 'no epoch' (none saved)."""
     if training:
         return "training"
     if len(log) >= cfg.epochs:
         return "finished"
     if not len(log):
         return "no epoch"
-    stale = len(log) - 1 - int(log["val_iou"].to_numpy().argmax())
-    return "early-stopped" if 0 < cfg.early_stopping <= stale else "stopped"
+    return "early-stopped" if stops_early(best_after(log["val_iou"]), cfg.early_stopping) else "stopped"
 
 
 def read_evaluations():

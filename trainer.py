@@ -20,8 +20,8 @@ import distributed
 from archs import build_model
 from checkpoints import (atomic_torch_save, load_init_weights, load_training_state, save_training_state,
                          saved_progress)
-from config import (INPUTS_DIR, init_weights_path, is_bundled_name, output_channels, run_dir, run_lock_file,
-                    save_run_config, schedule_note, unused_flags_note)
+from config import (INPUTS_DIR, best_after, init_weights_path, is_bundled_name, output_channels, run_dir, run_lock_file,
+                    save_run_config, schedule_note, stops_early, track_best, unused_flags_note)
 from dataset import (AUGMENTATION_FLAGS, MODALITIES, Dataset, EpochSampler, WeightedDistributedSampler,
                      balance_weights, eval_loader, evenly_spaced, mostly_foreground_note, multi_object_ids_note,
                      quiet_worker, reading_of, train_transform)
@@ -88,7 +88,7 @@ class Trainer:
                                          args.weight_decay, fused=fused_update(args.optimizer, self.device.type))
         self.scheduler = build_scheduler(args.scheduler, self.optimizer, args.epochs, args.warmup_epochs, args.min_lr,
                                          args.factor, args.patience, args.milestone_list, args.gamma)
-        self.start_epoch, self.best = 0, {"best_iou": -1.0, "best_epoch": 0, "stale_epochs": 0}
+        self.start_epoch, self.best = 0, best_after([])
         self.log = pd.DataFrame()
         # curves.png: the log rows it shows, when it was drawn and what that took (a drawing's usual second, until
         # one is timed: a short run draws it once, at its end)
@@ -482,19 +482,6 @@ class Trainer:
 
 
 # ------------------------------------------------------------------------------------------ the epoch's parts
-
-def track_best(best, epoch, val_iou):
-    """Update ``best`` (dict best_iou, best_epoch, stale_epochs) with this epoch's val IoU; True when it improved."""
-    improved = val_iou > best["best_iou"]
-    best.update({"best_iou": val_iou, "best_epoch": epoch, "stale_epochs": 0} if improved else
-                {"stale_epochs": best["stale_epochs"] + 1})
-    return improved
-
-
-def stops_early(best, early_stopping):
-    """True once ``early_stopping`` epochs (--early_stopping; -1 off) have passed without a better val IoU."""
-    return 0 <= early_stopping <= best["stale_epochs"]
-
 
 def log_row(epoch, lr, train, val, seconds, device, precision):
     """One row of log.csv: epoch, lr, the training loss and IoU, every validation score (prefixed val_), seconds,

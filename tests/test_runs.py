@@ -165,3 +165,16 @@ def test_runs_without_a_split_csv_are_named_as_comparable_with_none(workdir, cap
     printed = capsys.readouterr().out
     assert "note: old_a, old_b have no split.csv (older runs), so the images they were validated on are unknown" \
         in printed and "different sets of images" not in printed
+
+
+def test_a_run_ended_by_early_stopping_0_or_after_nan_val_scores_is_early_stopped(workdir):
+    """train.py stops a run whose best val IoU is ``--early_stopping`` epochs old, 0 included (it stops after the
+    first epoch), and a NaN val IoU never improves on the best: both runs are over (``--resume`` refuses them), not
+    'stopped'. A NaN after the best counts as a stale epoch: 0.7, NaN, 0.6, 0.65 is 3 epochs past its best."""
+    make_run("patience_0", [0.5], epochs=10, early_stopping=0)
+    make_run("nan_then_stale", [0.7, float("nan"), 0.6, 0.65], epochs=10, early_stopping=3)
+    make_run("nan_first", [float("nan"), 0.5, 0.4], epochs=10, early_stopping=2)  # the best is 0.5: 1 stale epoch
+    make_run("all_nan", [float("nan")] * 3, epochs=10, early_stopping=3)  # no val IoU ever beat train.py's -1
+    states = runs.main([]).set_index("name")["state"].to_dict()
+    assert states == {"patience_0": "early-stopped", "nan_then_stale": "early-stopped", "nan_first": "stopped",
+                      "all_nan": "early-stopped"}
