@@ -112,13 +112,22 @@ def read_evaluations():
     return found
 
 
+def saved_weights(folder):
+    """The SHA-256 of the run's model.pth, '' before its first epoch saved one."""
+    try:
+        return sha256_file(os.path.join(folder, "model.pth"))
+    except FileNotFoundError:
+        return ""
+
+
 def evaluations(folder, evaluated):
     """What each of ``evaluated`` ([(output folder, evaluation record, scores.csv)], :func:`read_evaluations`' of
     the run saved in ``folder``) scored: '<folder> (<images>) IoU x, DSB y' (the means over its images of
     scores.csv's iou and dsb; DSB2018 only with instance labels), the images named from its record ('val', 'test'
     or 'every image of <dataset>', ', TTA' for flips averaged) since a folder given by --output need not say, and a
     test score read as one more validation score would choose the run on the test set; ', older weights' when the
-    run's model.pth is not the one it scored."""
+    run's model.pth is not the one it scored (or it has none yet: a run re-made under its name), none when its
+    record does not say (older val.py)."""
     weights, found = None, []
     for out, record, scores in evaluated:
         split, settings = record.get("split"), record.get("settings")
@@ -128,9 +137,10 @@ def evaluations(folder, evaluated):
         text = f"{out}{' (' + ', '.join(images) + ')' if images else ''} IoU {scores['iou'].mean():.4f}"
         if "dsb" in scores and scores["dsb"].notna().any():
             text += f", DSB {scores['dsb'].mean():.3f}"
-        weights = weights or sha256_file(os.path.join(folder, "model.pth"))
-        if record.get("weights_sha256") != weights:
-            text += ", older weights"
+        recorded = record.get("weights_sha256")  # none in the evaluation.yml of a val.py before it
+        if recorded is not None:
+            weights = weights or saved_weights(folder)
+            text += ", older weights" if recorded != weights else ""
         found.append(text)
     return found
 

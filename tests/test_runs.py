@@ -178,3 +178,22 @@ def test_a_run_ended_by_early_stopping_0_or_after_nan_val_scores_is_early_stoppe
     states = runs.main([]).set_index("name")["state"].to_dict()
     assert states == {"patience_0": "early-stopped", "nan_then_stale": "early-stopped", "nan_first": "stopped",
                       "all_nan": "early-stopped"}
+
+
+def test_evaluations_whose_weights_are_not_recorded_or_whose_run_has_none_yet(workdir, capsys):
+    """An evaluation.yml of a val.py older than its weights_sha256 key says nothing about the weights: not marked
+    'older weights'. A run re-made under the same name that has saved no model.pth yet (its first epoch trains)
+    keeps its row, 'no epoch', and the evaluation of the weights it replaced is marked 'older weights'."""
+    make_run("old", [0.5])
+    make_run("remade", [], epochs=10)
+    os.remove(os.path.join("models", "remade", "model.pth"))
+    for out, record in (("old", {"run": "old", "split": "val"}),
+                        ("remade", {"run": "remade", "split": "val", "weights_sha256": "0" * 64})):
+        os.makedirs(os.path.join("outputs", out))
+        with open(os.path.join("outputs", out, "evaluation.yml"), "w") as f:
+            yaml.safe_dump(record, f)
+        pd.DataFrame({"iou": [0.5]}).to_csv(os.path.join("outputs", out, "scores.csv"), index=False)
+    table = runs.main([]).set_index("name")
+    assert table.loc["old", "evaluations"] == "old (val) IoU 0.5000"
+    assert table.loc["remade", "state"] == "no epoch"
+    assert table.loc["remade", "evaluations"] == "remade (val) IoU 0.5000, older weights"
