@@ -14,7 +14,8 @@ counted in a note. A score compared on fewer than 10 images gets no interval (Na
 few spans little more than their own differences, so B won on all of 3 images would read as clearly better. Two
 files of different classes (iou_class<c> columns) are refused: a run of several classes scores an image by the mean
 of its classes. A note names the scoring settings in which the two evaluations differ (--tta, --prune, the
-separation, --min_size, --min_confidence, as their evaluation.yml records them): B - A then measures them too.
+separation, --min_size, --min_confidence, as their evaluation.yml records them): B - A then measures them too (the
+last three change the nuclei scores alone: dsb, f1, pq).
 
 A model cross-validated in folds (train.py --folds) has a scores.csv per fold's run, each image in one of them: give
 each model as a quoted pattern, and its files' rows are compared as one table:
@@ -39,8 +40,10 @@ from utils import ArgumentParser, UsageError, run_cli  # noqa: E402
 
 SCORES = ("iou", "dice", "dsb", "f1", "pq")
 # val.py's choices besides the weights that change its scores (evaluation.yml's settings): two evaluations that
-# differ in one measure it as well as the models
-SCORED_WITH = ("tta", "prune", "separation", "min_size", "min_confidence")
+# differ in one measure it as well as the models. The network's output changes every score; the separation and the
+# object filters make the nuclei, and iou and dice are scored on the pixels before them (evaluation.ImageWriter)
+NETWORK_SETTINGS = ("tta", "prune")
+NUCLEI_SETTINGS = ("separation", "min_size", "min_confidence")
 PER_CLASS = re.compile(r"(iou|dice)_class\d+")  # val.py's columns for a run of several classes
 
 
@@ -100,15 +103,18 @@ def evaluation_settings(path):
 
 
 def settings_note(a_path, b_path):
-    """The note ('' for none) naming the :data:`SCORED_WITH` settings in which the evaluations of ``a_path`` and
-    ``b_path`` differ (:func:`evaluation_settings`; one that either does not record is not compared): B - A then
-    measures them as well as the two models."""
+    """The note ('' for none) naming the settings in which the evaluations of ``a_path`` and ``b_path`` differ
+    (:func:`evaluation_settings`; one that either does not record is not compared): B - A then measures them as well
+    as the two models, in every score for :data:`NETWORK_SETTINGS`, in dsb, f1 and pq alone for
+    :data:`NUCLEI_SETTINGS`."""
     a, b = evaluation_settings(a_path), evaluation_settings(b_path)
-    differ = [f"{key} {a[key]} / {b[key]}" for key in SCORED_WITH if key in a and key in b and a[key] != b[key]]
+    differ = [key for key in NETWORK_SETTINGS + NUCLEI_SETTINGS if key in a and key in b and a[key] != b[key]]
     if not differ:
         return ""
-    return (f"note: A and B were scored with other settings ({', '.join(differ)}, A / B): B - A measures them as well "
-            "as the models; evaluate both with the same val.py flags to compare the models alone")
+    which = ("B - A measures them as well as the models" if set(differ) & set(NETWORK_SETTINGS) else
+             "B - A of dsb, f1 and pq measures them as well as the models (iou and dice do not depend on them)")
+    return (f"note: A and B were scored with other settings ({', '.join(f'{k} {a[k]} / {b[k]}' for k in differ)}, "
+            f"A / B): {which}; evaluate both with the same val.py flags to compare the models alone")
 
 
 def read_scores_file(path):

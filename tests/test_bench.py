@@ -622,3 +622,19 @@ def test_compare_scores_names_the_settings_two_evaluations_differ_in(tmp_path, c
         compare_scores.main([str(tmp_path / "a" / "scores.csv"), str(tmp_path / b / "scores.csv")])
         out = capsys.readouterr().out
         assert ("note: A and B were scored with other settings (tta False / True, A / B)" in out) == noted
+
+
+def test_compare_scores_says_that_the_separation_changes_the_nuclei_scores_alone(tmp_path, capsys):
+    """The separation and the object filters make the nuclei (dsb, f1, pq); iou and dice are the network's pixels
+    (evaluation.ImageWriter scores them before any separation): evaluations that differ in them alone get a note
+    naming the nuclei scores, not one saying that B - A of every score measures them."""
+    for folder, separation in (("a", "watershed"), ("b", "borders")):
+        (tmp_path / folder).mkdir()
+        pd.DataFrame({"img_id": ["p", "q"], "iou": [0.5, 0.6], "dsb": [0.3, 0.4]}).to_csv(
+            tmp_path / folder / "scores.csv", index=False)
+        (tmp_path / folder / "evaluation.yml").write_text(yaml.safe_dump(
+            {"run": "r", "settings": {"tta": False, "separation": separation, "min_size": 8}}))
+    compare_scores.main([str(tmp_path / "a" / "scores.csv"), str(tmp_path / "b" / "scores.csv")])
+    out = capsys.readouterr().out
+    assert "(separation watershed / borders, A / B): B - A of dsb, f1 and pq measures them as well as the models " \
+           "(iou and dice do not depend on them)" in out
