@@ -91,10 +91,10 @@ def run_state(cfg, log, training):
 
 
 def read_evaluations():
-    """{run name: [(output folder, its scores.csv as a DataFrame)]} of val.py's evaluations in outputs/, by folder
-    name; each folder read once, however many runs the table holds (reading them again for each run made the table
-    of 100 runs and their evaluations take 20 s). A folder without a readable evaluation.yml naming a run, or
-    without an iou column in scores.csv, is left out."""
+    """{run name: [(output folder, its evaluation.yml as a dict, its scores.csv as a DataFrame)]} of val.py's
+    evaluations in outputs/, by folder name; each folder read once, however many runs the table holds (reading them
+    again for each run made the table of 100 runs and their evaluations take 20 s). A folder without a readable
+    evaluation.yml (UTF-8, as val.py writes it) naming a run, or without an iou column in scores.csv, is left out."""
     if not os.path.isdir(OUTPUTS_DIR):
         return {}
     found = {}
@@ -105,7 +105,7 @@ def read_evaluations():
             if not isinstance(record, dict) or not isinstance(record.get("run"), str):
                 continue
             scores = pd.read_csv(os.path.join(OUTPUTS_DIR, out, "scores.csv"))
-        except (OSError, yaml.YAMLError, pd.errors.ParserError, pd.errors.EmptyDataError):
+        except (OSError, UnicodeDecodeError, yaml.YAMLError, pd.errors.ParserError, pd.errors.EmptyDataError):
             continue
         if "iou" in scores:
             found.setdefault(record["run"], []).append((out, record, scores))

@@ -197,3 +197,14 @@ def test_evaluations_whose_weights_are_not_recorded_or_whose_run_has_none_yet(wo
     assert table.loc["old", "evaluations"] == "old (val) IoU 0.5000"
     assert table.loc["remade", "state"] == "no epoch"
     assert table.loc["remade", "evaluations"] == "remade (val) IoU 0.5000, older weights"
+
+
+def test_an_evaluation_yml_that_is_not_utf8_is_left_out(workdir):
+    """outputs/ is the user's too: an evaluation.yml saved by an editor in Latin-1 is not val.py's, and is left out
+    as an unreadable one is, not a traceback that hides the table."""
+    make_run("r", [0.5])
+    os.makedirs(os.path.join("outputs", "edited"))
+    with open(os.path.join("outputs", "edited", "evaluation.yml"), "wb") as f:
+        f.write("run: r\nsplit: val\nnote: caf\u00e9\n".encode("latin-1"))
+    pd.DataFrame({"iou": [0.5]}).to_csv(os.path.join("outputs", "edited", "scores.csv"), index=False)
+    assert runs.main([])["evaluations"].tolist() == [""]
