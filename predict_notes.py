@@ -29,8 +29,9 @@ SCORES_FILE = "scores.csv"  # score.py's default output, beside the predictions 
 def grey_channel_note(files, headers, channel):
     """The note on a --channel ``channel`` that picks nothing: every one of ``files`` is grey as its header says (a
     TIFF of one channel, ``headers``: their image_files.TiffHeader; another image in a grey mode of PIL), and a grey
-    image is read as it is. '' when any may have several channels (a file PIL cannot open is named when read), or
-    is a stack (:func:`tiff_notes` says that --channel does not apply to its planes)."""
+    image is read as it is. '' when any may have several channels (a file PIL cannot open, or will not: over its
+    MAX_IMAGE_PIXELS, is read by OpenCV, and named if it cannot be), or is a stack (:func:`tiff_notes` says that
+    --channel does not apply to its planes)."""
     if channel is None:
         return ""
     for path, header in zip(files, headers):
@@ -42,7 +43,7 @@ def grey_channel_note(files, headers, channel):
             with Image.open(path) as image:
                 if image.mode not in GREY_MODES:
                     return ""
-        except (OSError, ValueError):
+        except (OSError, ValueError, Image.DecompressionBombError):  # the last: over PIL's pixel limit, not OpenCV's
             return ""
     return (f"note: --channel {channel}: {'every input is a grey image' if len(files) > 1 else 'the input is grey'} "
             "(one channel), read as it is; no effect here")

@@ -1249,3 +1249,14 @@ def test_the_output_subfolder_of_an_input_folder_is_not_named_among_its_subfolde
     (tmp_path / "plate" / "well_B2").mkdir()
     predict.main(argv)
     assert f"note: the subfolders of {tmp_path / 'plate'} are not searched (well_B2); " in capsys.readouterr().out
+
+
+def test_channel_note_on_an_image_above_pils_pixel_limit(tmp_path, monkeypatch):
+    """PIL refuses to open an image of more than twice its MAX_IMAGE_PIXELS (179 million: a 15000x12000 slide scan)
+    with DecompressionBombError, which is no OSError; OpenCV reads it (up to 2^30 pixels). The --channel note reads
+    only PIL's header: such an image gets no note, not a traceback before anything is predicted (the limit lowered
+    here so that a small PNG is above it)."""
+    write_image(tmp_path / "big.png", sample_bgr(40, 36)[:, :, 0])
+    monkeypatch.setattr(predict_notes.Image, "MAX_IMAGE_PIXELS", 100)
+    assert decode_image(str(tmp_path / "big.png")).shape == (40, 36, 1)
+    assert predict_notes.grey_channel_note([str(tmp_path / "big.png")], [None], 1) == ""
