@@ -104,20 +104,21 @@ def write_summary(overlay_dir, scores, out_path, title, k=4, row_height=128, cla
     atomic_imwrite(out_path, np.concatenate(rows, axis=0))
 
 
-def batch_picture(images, masks, ids, classes, title, columns=4, height=(128, 256)):
+def batch_picture(images, masks, ids, classes, title, columns=4, side=(128, 256)):
     """The first :data:`BATCH_SHOWN` samples of a training batch as the network gets them, uint8 BGR: a grid of
     ``columns`` panels a row under ``title`` and a legend, each panel labelled with its id (``ids``).
 
     images: float [B, C, H, W], C = 1 or 3, normalised as image_files.normalize (shown denormalised, clipped to
     [0, 1]); masks: [B, K, H, W] in {0, 1}, the first ``classes`` channels the mask classes (each outlined in its
-    colour of :data:`CLASS_OUTLINES`), a --borders channel after them (its pixels red). A sample under
-    ``height[0]`` pixels high is enlarged by a whole factor (nearest: every pixel stays a visible square and the
-    outlines 1 pixel), one over ``height[1]`` shrunk to it.
+    colour of :data:`CLASS_OUTLINES`), a --borders channel after them (its pixels red). A sample whose longer side
+    is under ``side[0]`` pixels is enlarged by a whole factor (nearest: every pixel stays a visible square and the
+    outlines 1 pixel), one whose longer side is over ``side[1]`` shrunk to it (a 5x600 sample is not enlarged 26x).
     """
     images = denormalize(images[:BATCH_SHOWN].detach().float().cpu()).numpy()
     masks = masks[:BATCH_SHOWN].detach().float().cpu().numpy() > 0.5
     h, w = images.shape[2:]
-    scale = -(-height[0] // h) if h < height[0] else min(1.0, height[1] / h)
+    longer = max(h, w)
+    scale = -(-side[0] // longer) if longer < side[0] else min(1.0, side[1] / longer)
     size = (max(round(w * scale), 1), max(round(h * scale), 1))
     panels = []
     for image, mask, img_id in zip(images, masks, ids):

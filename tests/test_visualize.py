@@ -180,3 +180,15 @@ def test_a_large_batch_of_large_crops_shows_sixteen_panels_shrunk():
     boxes = black_panels(picture)
     assert len(boxes) == visualize.BATCH_SHOWN == 16
     assert all(picture[box].shape[:2] == (256, 256) for box in boxes)
+
+
+def test_a_batch_of_long_thin_crops_is_scaled_by_their_longer_side():
+    """5x600 samples (--input_h 5 --input_w 600): sized by the longer side, shrunk to 256 wide, not enlarged 26x
+    into a picture 31,000 pixels wide; 20x40 ones enlarged 4x (the longer side to 128 or more)."""
+    for (h, w), panel in (((5, 600), (2, 256)), ((20, 40), (80, 160))):
+        picture = batch_picture(normalize(torch.zeros(2, 1, h, w)), torch.zeros(2, 1, h, w), ["a", "b"], classes=1,
+                                title="t")
+        labels, _ = ndimage.label((picture == 0).all(axis=2))
+        sizes = sorted(((box[0].stop - box[0].start, box[1].stop - box[1].start) for box in
+                        ndimage.find_objects(labels)), key=lambda size: size[0] * size[1])
+        assert sizes[-2:] == [panel, panel]  # the two panels, the largest black regions (not the labels' letters)
