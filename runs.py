@@ -25,7 +25,7 @@ import yaml
 from config import (EVALUATION_FILE, MODELS_DIR, OUTPUTS_DIR, PRETRAINED_DIR, best_after, read_run_config,
                     run_lock_file, stops_early)
 from files import atomic_write, locked, sha256_file
-from utils import ArgumentParser, UserError, first_few, path_arg, run_cli
+from utils import ArgumentParser, DataError, UserError, first_few, path_arg, run_cli
 
 COLUMNS = ["name", "where", "arch", "dataset", "size", "epochs", "epochs_asked", "state", "best_epoch", "val_iou",
            "val_iou_mean", "val_dice", "hours", "val_split", "evaluations"]
@@ -50,11 +50,17 @@ def run_folders(patterns):
 
 
 def read_log(folder):
-    """The run's log.csv as a DataFrame (empty when the run saved no epoch yet)."""
+    """The run's log.csv as a DataFrame (empty when the run saved no epoch yet). One without the epoch and val_iou
+    columns that train.py writes (and the seed's log.csv has) is a DataError naming it."""
+    path = os.path.join(folder, "log.csv")
     try:
-        return pd.read_csv(os.path.join(folder, "log.csv"))
+        log = pd.read_csv(path)
     except (FileNotFoundError, pd.errors.EmptyDataError):
         return pd.DataFrame(columns=["epoch", "val_iou"])
+    missing = [c for c in ("epoch", "val_iou") if c not in log]
+    if missing:
+        raise DataError(f"{path} has no {' or '.join(missing)} column: not a log.csv written by train.py")
+    return log
 
 
 def val_split(folder):

@@ -107,8 +107,11 @@ def test_which_runs_are_listed(workdir, capsys):
 def test_a_run_whose_config_cannot_be_read_gets_a_row_saying_why(workdir, tmp_path):
     make_run("good", [0.5])
     make_run("bad", [0.5], epochs=3, arch="NoSuchNet")
+    pd.DataFrame({"epoch": [1], "loss": [0.5]}).to_csv(os.path.join(make_run("odd_log", [0.5]), "log.csv"), index=False)
     table = runs.main(["--csv", str(tmp_path / "runs.csv")]).set_index("name")
     assert table.loc["bad", "state"].startswith("unreadable:") and "NoSuchNet" in table.loc["bad", "state"]
+    assert table.loc["odd_log", "state"] == (f"unreadable: {os.path.join('models', 'odd_log', 'log.csv')} has no "
+                                             "val_iou column: not a log.csv written by train.py")
     written = pd.read_csv(tmp_path / "runs.csv").set_index("name")
     assert written.loc["good", "val_iou"] == pytest.approx(0.5) and written.loc["good", "state"] == "finished"
 
