@@ -184,7 +184,8 @@ FLIPS = ((), (-1,), (-2,), (-2, -1))
 def forward(model, images, prune=None, tta=False):
     """Run the model on images [B, C, H, W] of any size: pad bottom/right to a multiple of 16, crop back.
 
-    Returns logits [B, K, H, W], or a list of them for deep supervision (one per head). With ``tta`` the
+    Returns logits [B, K, H, W], or a list of them for deep supervision (one per head; with ``prune`` L, head L's
+    alone, not a list: archs.NestedUNet.forward). With ``tta`` the
     logits are the mean over the four horizontal/vertical flips (each flipped back).
     """
     if tta:

@@ -22,8 +22,10 @@ from utils import DataError, progress_bar, ram
 
 
 def blend_weights(height, width, overlap):
-    """Weight map float32 [height, width] for blending windows: 1 inside, falling linearly to 1/(overlap+1) at
-    the edges over ``overlap`` pixels. Always > 0, so every pixel of the image gets a defined average."""
+    """Weight map float32 [height, width] for blending windows: the outer product of a row and a column ramp,
+    each 1 inside and falling linearly to 1/(overlap+1) at its ends over ``overlap`` pixels, so 1/(overlap+1) along
+    an edge and 1/(overlap+1)^2 in a corner (a side shorter than 2 * overlap + 1 never reaches 1). Always > 0, so
+    every pixel of the image gets a defined average."""
 
     def ramp(n):
         i = np.arange(n)
