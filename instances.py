@@ -82,7 +82,8 @@ def remove_unsure(labels, prob, min_confidence):
 
 def mean_probability(labels, prob):
     """The mean of ``prob`` (float [H, W] in [0, 1]) over each object of ``labels`` (int [H, W], 0 background),
-    the network's confidence in it: float64 [N] for labels 1..N, N the largest."""
+    the network's confidence in it: float64 [N] for labels 1..N, N the largest; NaN (with NumPy's "invalid value"
+    warning) for a label in 1..N that no pixel holds, so pass consecutive labels (remove_small's, split_instances')."""
     count = int(labels.max()) if labels.size else 0
     return np.asarray(ndi.mean(prob, labels, np.arange(1, count + 1)), np.float64)
 
