@@ -185,8 +185,8 @@ def forward(model, images, prune=None, tta=False):
     """Run the model on images [B, C, H, W] of any size: pad bottom/right to a multiple of 16, crop back.
 
     Returns logits [B, K, H, W], or a list of them for deep supervision (one per head; with ``prune`` L, head L's
-    alone, not a list: archs.NestedUNet.forward). With ``tta`` the
-    logits are the mean over the four horizontal/vertical flips (each flipped back).
+    alone, not a list: archs.NestedUNet.forward). With ``tta`` the logits are the mean over the four
+    horizontal/vertical flips (each flipped back).
     """
     if tta:
         outs = [forward(model, images.flip(f) if f else images, prune) for f in FLIPS]
