@@ -1256,7 +1256,7 @@ def test_channel_note_on_an_image_above_pils_pixel_limit(tmp_path, monkeypatch):
     with DecompressionBombError, which is no OSError; OpenCV reads it (up to 2^30 pixels). The --channel note reads
     only PIL's header: such an image gets no note, not a traceback before anything is predicted (the limit lowered
     here so that a small PNG is above it)."""
-    write_image(tmp_path / "big.png", sample_bgr(40, 36)[:, :, 0])
+    write_image(tmp_path / "big.png", np.arange(40 * 36).reshape(40, 36).astype(np.uint8))  # grey, any values
     monkeypatch.setattr(predict_notes.Image, "MAX_IMAGE_PIXELS", 100)
     assert decode_image(str(tmp_path / "big.png")).shape == (40, 36, 1)
     assert predict_notes.grey_channel_note([str(tmp_path / "big.png")], [None], 1) == ""
