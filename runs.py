@@ -171,8 +171,8 @@ def run_row(name, folder, evaluated=()):
 
 def runs_table(folders):
     """The DataFrame of :data:`COLUMNS` of the runs ``folders`` ({name: folder}), a row each, grouped by dataset and
-    val split, the best val IoU first in each. A run whose config.yml cannot be read gets a row with the error as
-    its state."""
+    val split, the best val IoU first in each. A run whose config.yml or log.csv cannot be read gets a row with the
+    error as its state."""
     rows, evaluated = [], read_evaluations()
     for name, folder in folders.items():
         try:
@@ -186,13 +186,13 @@ def runs_table(folders):
 
 
 def unreadable(table):
-    """bool Series: the rows of the :func:`runs_table` ``table`` whose config.yml could not be read."""
+    """bool Series: the rows of the :func:`runs_table` ``table`` whose config.yml or log.csv could not be read."""
     return table["state"].astype(str).str.startswith("unreadable:")
 
 
 def unreadable_notes(table):
-    """A line for each run of the :func:`runs_table` ``table`` whose config.yml could not be read: its name and
-    why."""
+    """A line for each run of the :func:`runs_table` ``table`` whose config.yml or log.csv could not be read: its
+    name and why."""
     rows = table.loc[unreadable(table), ["name", "state"]]
     return [f"{name}: {state}" for name, state in rows.itertuples(index=False)]
 
