@@ -25,11 +25,11 @@ from config import (INPUTS_DIR, best_after, init_weights_path, is_bundled_name, 
 from dataset import (AUGMENTATION_FLAGS, MODALITIES, Dataset, EpochSampler, WeightedDistributedSampler,
                      balance_weights, eval_loader, evenly_spaced, mostly_foreground_note, multi_object_ids_note,
                      quiet_worker, reading_of, train_transform)
-from device_data import BatchAugment, DeviceImages, DeviceLoader
+from device_data import COLOUR_P, JITTER, BatchAugment, DeviceImages, DeviceLoader
 from engine import (NonFiniteLoss, Precision, choose_device, evaluate, fit_threads_to_cpus, recalibrate_batchnorm,
                     seed_everything, train_one_epoch)
 from files import atomic_imwrite, atomic_write, interrupts_held, locked, remove_killed_writes
-from image_files import PAGES_AS_COLOURS, TIFF_EXTS, decode_image, pages_as_colours, tiff_header
+from image_files import PAGES_AS_COLOURS, TIFF_EXTS, decode_image, image_to_float, pages_as_colours, tiff_header
 from inference import whole_image_network
 from layouts import find_layout, images_left_out, list_ids, nucleus_diameter
 from losses import build_loss
@@ -354,6 +354,7 @@ class Trainer:
             crops = len(train_ids) // world // a.batch_size * a.batch_size * world  # drop_last, in every process
             draws = crops * weights / weights.sum()  # each image's crops per epoch, on average
             for note in (mostly_foreground_note(data, "the training masks"), min_max_note(data) if fixed else "",
+                         dim_images_note(data) if a.color_jitter else "",
                          multi_object_ids_note(data, "the training label images"), channels_note(data),
                          crop_coverage_note(data, a.crop_size, a.scale_jitter, a.epochs, draws) if a.crop_size else ""):
                 if note:
@@ -685,6 +686,28 @@ def min_max_note(data, samples=16):
     return (f"note: the training images are {wide[0]} (e.g. {image}), and "
             "--normalization fixed scales each by its own minimum and maximum, so one hot or saturated pixel darkens "
             "the rest of its image; --normalization percentile (the bundled model's) is not thrown off by a few")
+
+
+def dim_images_note(data, samples=16, share=0.05):
+    """A note ('' for none) when the colour jitter would often turn the training images (up to ``samples`` of them,
+    evenly spaced from the first, scaled as the network gets them) black where their nuclei are: with probability
+    COLOUR_P / 2 it adds a brightness shift b, uniform in [-JITTER, JITTER] of full scale, then clips to [0, 1], so an
+    image whose brightest 1 % lies at p < JITTER is black there in about COLOUR_P / 2 * (JITTER - p) / (2 * JITTER)
+    of its draws (8-bit exports of dim fluorescence under --normalization fixed), while its mask still holds nuclei.
+    Said when that share, averaged over the images, reaches ``share``."""
+    picked = evenly_spaced(len(data), samples)
+    brightest = np.array([np.percentile(image_to_float((data.cached[i] if data.cached else data.load(i))[0],
+                                                       data.input_channels, data.normalization).max(axis=2), 99)
+                          for i in picked])
+    blackened = COLOUR_P / 2 * np.clip(JITTER - brightest, 0, None) / (2 * JITTER)
+    if blackened.mean() < share:
+        return ""
+    dimmest = int(brightest.argmin())
+    image = data.layout.image(data.img_ids[picked[dimmest]])
+    return (f"note: the training images are dim (the brightest 1% of {image} lies at {brightest[dimmest]:.2f} of full "
+            f"scale), and the colour jitter's brightness shift of up to -{JITTER} clips about {blackened.mean():.0%} "
+            "of the training samples to black where their masks hold nuclei; --normalization percentile stretches "
+            "every image to full scale first (the bundled model's), --color_jitter False leaves the brightness alone")
 
 
 def channels_note(data, samples=16):

@@ -23,6 +23,7 @@ import yaml
 from sklearn.model_selection import KFold, train_test_split
 
 import checkpoints
+import device_data
 import engine
 import inference
 import predict
@@ -36,7 +37,7 @@ from archs import build_model
 from checkpoints import load_checkpoint
 from config import parse_train_args
 from conftest import ROOT, TINY_NAME, held_by_another_process, make_synthetic, train_argv
-from dataset import decode_image, image_modality, mostly_foreground_note
+from dataset import decode_image, image_modality, mostly_foreground_note, train_transform
 from image_files import image_to_float, read_labels
 from metrics import NUCLEUS_SCORES
 from trainer import Trainer
@@ -1087,6 +1088,34 @@ def test_training_images_of_8_and_16_bits_get_a_note(tmp_path):
                            f"{tmp_path}/images/2.png)")
     assert "--normalization percentile scales every image alike" in note
     assert trainer.min_max_note(trainer.Dataset(["0", "1"], str(tmp_path))) == ""
+
+
+def test_dim_training_images_get_a_note_with_the_share_the_colour_jitter_blackens(tmp_path):
+    """An 8-bit export of dim fluorescence (nuclei at 20 of 255) under --normalization fixed: the colour jitter's
+    additive brightness shift clips a share of its samples to black where the mask holds nuclei. The note's share is
+    checked against counting it in both loaders' jitter (albumentations in the workers, device_data's batches)."""
+    dim, bright = np.zeros((32, 32), np.uint8), np.zeros((32, 32), np.uint8)
+    dim[8:20, 8:20], bright[8:20, 8:20] = 20, 200
+    mask = (dim > 0).astype(np.uint8) * 255
+    for name, image in (("dim", dim), ("bright", bright)):
+        for folder, written in ((tmp_path / "images", image), (tmp_path / "masks" / "0", mask)):
+            folder.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(folder / f"{name}.png"), written)
+    note = trainer.dim_images_note(trainer.Dataset(["dim"], str(tmp_path)))
+    share = float(re.search(r"clips about (\d+)% of the training samples", note).group(1)) / 100
+    assert note.startswith(f"note: the training images are dim (the brightest 1% of {tmp_path}/images/dim.png lies "
+                           "at 0.08 of full scale)") and "--normalization percentile" in note
+    image = image_to_float(dim[:, :, None], 3)
+    transform, draws = train_transform(32, 32), 4000  # the workers' whole pipeline: resize, flips, jitter
+    transform.set_random_seed(0)
+    workers = np.mean([out["image"][out["mask"] > 0].max() == 0
+                       for out in (transform(image=image, mask=mask) for _ in range(draws))])
+    batch = torch.from_numpy(image).permute(2, 0, 1)[None].repeat(draws, 1, 1, 1)
+    device = (device_data.colour_jitter(batch, torch.Generator().manual_seed(0))[:, :, 8:20, 8:20]
+              .amax((1, 2, 3)) == 0).float().mean().item()
+    assert workers == pytest.approx(share, abs=0.02) and device == pytest.approx(share, abs=0.02), (workers, device)
+    assert trainer.dim_images_note(trainer.Dataset(["dim", "bright", "bright"], str(tmp_path))) == ""  # 4 % on average
+    assert trainer.dim_images_note(trainer.Dataset(["dim"], str(tmp_path), normalization="percentile")) == ""
 
 
 def test_training_tiffs_of_3_fluorescence_channels_get_a_note(tmp_path):
