@@ -68,7 +68,8 @@ def build_train_parser(exit_on_error=True):
     p.add_argument("--config", type=path_arg, default=None,
                    help="YAML recipe (e.g. configs/seed_dsb2018_96_NestedUNet_wDS.yml); "
                    "flags given on the command line override it")
-    p.add_argument("--name", default=None, help="run name; default <dataset>_<arch>_wDS|woDS; files go to models/<name>/")
+    p.add_argument("--name", default=None,
+                   help="run name; default <dataset>_<arch>_wDS|woDS; files go to models/<name>/")
     p.add_argument("--epochs", default=100, type=integer, help="number of epochs")
     p.add_argument("-b", "--batch_size", default=16, type=integer,
                    help="batch size per process (with torchrun, the effective batch is this times the world size)")
@@ -127,7 +128,8 @@ def _add_data_args(g):
                         "alike): fixed = 8-bit / 255 and 16-bit by its min and max; percentile = each "
                         "image stretched from its 1st to its 99.8th percentile (CSBDeep/StarDist's normalize); "
                         "percentile_dark = the same, and images with a bright background inverted")
-    g.add_argument("--scale_jitter", default=0.0, type=float, help="random rescale by 1 +- this (before the crop, or the resize)")
+    g.add_argument("--scale_jitter", default=0.0, type=float,
+                   help="random rescale by 1 +- this (before the crop, or the resize)")
     g.add_argument("--nucleus_diameter", default=0.0, type=float,
                    help="crop-trained runs: the median diameter in pixels of the training split's nuclei, which "
                         "predict.py --scale auto resizes images towards; 0 = measured from the training split at start")
@@ -179,10 +181,12 @@ def _add_scheduler_args(g):
                    help="the learning-rate schedule, stepped once per epoch")
     g.add_argument("--min_lr", default=1e-5, type=float,
                    help="the lowest learning rate: CosineAnnealingLR's last, ReduceLROnPlateau's floor")
-    g.add_argument("--warmup_epochs", default=0, type=integer, help="linear learning-rate warm-up epochs before the scheduler")
+    g.add_argument("--warmup_epochs", default=0, type=integer,
+                   help="linear learning-rate warm-up epochs before the scheduler")
     g.add_argument("--factor", default=0.1, type=float, help="ReduceLROnPlateau factor")
     g.add_argument("--patience", default=2, type=integer, help="ReduceLROnPlateau patience (epochs)")
-    g.add_argument("--milestones", default="1,2", type=str, help="MultiStepLR epochs, comma-separated (counted after --warmup_epochs)")
+    g.add_argument("--milestones", default="1,2", type=str,
+                   help="MultiStepLR epochs, comma-separated (counted after --warmup_epochs)")
     g.add_argument("--gamma", default=2 / 3, type=float, help="MultiStepLR factor")
     g.add_argument("--precise_bn", default=0, type=integer,
                    help="before each validation, recompute the BatchNorm statistics as the average over this many "

@@ -17,7 +17,8 @@ Output layout::
 Images are resized with INTER_LINEAR to ``--img_size`` squared (as the original pytorch-nested-unet did); the
 semantic mask is resized with INTER_LINEAR and thresholded at 128 (hard 0/255, where the original kept soft
 values); the labels are resized with INTER_NEAREST_EXACT (nearest-neighbour, pixel centres aligned with the
-linear resize's), so a nucleus too small to survive the resize loses its number (the numbers are never reassigned). ``--img_size 0`` keeps every image at its original size.
+linear resize's), so a nucleus too small to survive the resize loses its number (the numbers are never reassigned).
+``--img_size 0`` keeps every image at its original size.
 A ``--src`` whose folder name holds ``test`` (stage1_test) goes to ``inputs/dsb2018_test_<img_size>`` or
 ``inputs/dsb2018_test_full``: a test set, scored with ``val.py --name <run> --dataset dsb2018_test_full``.
 
