@@ -15,7 +15,8 @@ few spans little more than their own differences, so B won on all of 3 images wo
 files of different classes (iou_class<c> columns) are refused: a run of several classes scores an image by the mean
 of its classes. A note names the scoring settings in which the two evaluations differ (--tta, --prune, the
 separation, --min_size, --min_confidence, as their evaluation.yml records them): B - A then measures them too (the
-last three change the nuclei scores alone: dsb, f1, pq).
+last three change the nuclei scores alone: dsb, f1, pq), and another those in which the files of one pattern (the
+folds of one model) were scored differently.
 
 A model cross-validated in folds (train.py --folds) has a scores.csv per fold's run, each image in one of them: give
 each model as a quoted pattern, and its files' rows are compared as one table:
@@ -90,24 +91,49 @@ def check_one_split(pattern, paths):
 
 
 def evaluation_settings(path):
-    """The ``settings`` of the evaluation.yml beside ``path`` (a scores.csv, or the first file a pattern matches), {}
-    for a file without one (score.py's, or older)."""
-    paths = sorted(glob.glob(path)) if glob.has_magic(path) else [path]
-    try:
-        with open(os.path.join(os.path.dirname(paths[0]), EVALUATION_FILE)) as f:
-            record = yaml.safe_load(f)
-    except (IndexError, OSError, yaml.YAMLError):
-        return {}
-    settings = record.get("settings") if isinstance(record, dict) else None
-    return settings if isinstance(settings, dict) else {}
+    """The ``settings`` of the evaluation.yml beside ``path`` (a scores.csv), or beside each file a pattern ``path``
+    matches (the folds of a cross-validated model): a list of dicts, one per file that has an evaluation.yml
+    (score.py's scores.csv and older val.py outputs have none)."""
+    found = []
+    for scores in sorted(glob.glob(path)) if glob.has_magic(path) else [path]:
+        try:
+            with open(os.path.join(os.path.dirname(scores), EVALUATION_FILE)) as f:
+                record = yaml.safe_load(f)
+        except (OSError, yaml.YAMLError):
+            continue
+        settings = record.get("settings") if isinstance(record, dict) else None
+        if isinstance(settings, dict):
+            found.append(settings)
+    return found
+
+
+def common_settings(found):
+    """The settings of :data:`NETWORK_SETTINGS` + :data:`NUCLEI_SETTINGS` that every dict of ``found`` records with
+    one value: {setting: value}."""
+    values = {key: {repr(f[key]) for f in found if key in f} for key in NETWORK_SETTINGS + NUCLEI_SETTINGS}
+    return {key: found[0][key] for key, seen in values.items()
+            if len(seen) == 1 and all(key in f for f in found)}
+
+
+def mixed_settings_note(path):
+    """The note ('' for none) naming the settings in which the files of pattern ``path`` were scored differently
+    (fold 0 with --tta, the other folds without): its pooled scores then mix two ways of scoring."""
+    found = evaluation_settings(path)
+    mixed = [key for key in NETWORK_SETTINGS + NUCLEI_SETTINGS
+             if len({repr(f[key]) for f in found if key in f}) > 1]
+    if not mixed:
+        return ""
+    values = ", ".join(f"{key} {' / '.join(sorted({str(f[key]) for f in found if key in f}))}" for key in mixed)
+    return (f"note: the files of {path} were scored with other settings ({values}): their scores mix them; evaluate "
+            "every fold with the same val.py flags")
 
 
 def settings_note(a_path, b_path):
     """The note ('' for none) naming the settings in which the evaluations of ``a_path`` and ``b_path`` differ
-    (:func:`evaluation_settings`; one that either does not record is not compared): B - A then measures them as well
-    as the two models, in every score for :data:`NETWORK_SETTINGS`, in dsb, f1 and pq alone for
+    (:func:`common_settings` of each; one that either does not record is not compared): B - A then measures them as
+    well as the two models, in every score for :data:`NETWORK_SETTINGS`, in dsb, f1 and pq alone for
     :data:`NUCLEI_SETTINGS`."""
-    a, b = evaluation_settings(a_path), evaluation_settings(b_path)
+    a, b = (common_settings(evaluation_settings(path)) for path in (a_path, b_path))
     differ = [key for key in NETWORK_SETTINGS + NUCLEI_SETTINGS if key in a and key in b and a[key] != b[key]]
     if not differ:
         return ""
@@ -193,9 +219,9 @@ def main(argv):
     check_same_classes((args.a, a), (args.b, b))
     table = compare(a, b, groups="kind")
     print(f"A = {args.a}\nB = {args.b}")
-    note = settings_note(args.a, args.b)
-    if note:
-        print(note)
+    for note in (mixed_settings_note(args.a), mixed_settings_note(args.b), settings_note(args.a, args.b)):
+        if note:
+            print(note)
     for path, only in ((args.a, a.index.difference(b.index)), (args.b, b.index.difference(a.index))):
         if len(only):
             many = len(only) != 1

@@ -624,6 +624,24 @@ def test_compare_scores_names_the_settings_two_evaluations_differ_in(tmp_path, c
         assert ("note: A and B were scored with other settings (tta False / True, A / B)" in out) == noted
 
 
+def test_compare_scores_names_the_settings_the_folds_of_one_pattern_differ_in(tmp_path, capsys):
+    """Fold 0 of A evaluated with --tta, fold 1 without: A's pooled scores mix both, and only the first file's
+    evaluation.yml was read, so that A against B (no TTA) read as a TTA comparison and the mix went unsaid."""
+    for folder, tta, ids in (("a_fold0", True, ["p", "q"]), ("a_fold1", False, ["r", "s"]),
+                             ("b_fold0", False, ["p", "q"]), ("b_fold1", False, ["r", "s"])):
+        (tmp_path / folder).mkdir()
+        pd.DataFrame({"img_id": ids, "iou": [0.5, 0.6]}).to_csv(tmp_path / folder / "scores.csv", index=False)
+        (tmp_path / folder / "evaluation.yml").write_text(yaml.safe_dump(
+            {"run": folder, "split": "val", "settings": {"tta": tta, "min_size": 8}}))
+    a, b = str(tmp_path / "a_fold?" / "scores.csv"), str(tmp_path / "b_fold?" / "scores.csv")
+    compare_scores.main([a, b])
+    out = capsys.readouterr().out
+    assert f"note: the files of {a} were scored with other settings (tta False / True): their scores mix them" in out
+    assert "A and B were scored with other settings" not in out and f"the files of {b}" not in out
+    compare_scores.main([b, a])  # the mix is said of whichever side holds it
+    assert f"note: the files of {a} were scored" in capsys.readouterr().out
+
+
 def test_compare_scores_says_that_the_separation_changes_the_nuclei_scores_alone(tmp_path, capsys):
     """The separation and the object filters make the nuclei (dsb, f1, pq); iou and dice are the network's pixels
     (evaluation.ImageWriter scores them before any separation): evaluations that differ in them alone get a note
