@@ -160,8 +160,9 @@ def _add_data_args(g):
     g.add_argument("--loader", default="auto", choices=LOADERS,
                    help="device: keep the decoded training set as one tensor on the training device and augment whole "
                         "batches there (no worker processes); workers: albumentations in DataLoader workers; auto: "
-                        "device when the images are cached (--cache) and not --stain_jitter'd, and on a GPU they "
-                        "also fit a quarter of its free memory")
+                        "device when the images are cached (--cache) and not --stain_jitter'd, the cache and the "
+                        "device's copy of it together fit a quarter of the RAM, and on a GPU the copy also fits a "
+                        "quarter of its free memory")
     g.add_argument("--num_workers", default=min(4, usable_cpus()), type=integer,
                    help="DataLoader worker processes (the seed's 4, capped at the CPUs this process may use)")
 

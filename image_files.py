@@ -21,6 +21,7 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 import tifffile
+import PIL.Image
 from PIL import PngImagePlugin
 from skimage.measure import label as connected_regions
 
@@ -484,6 +485,40 @@ class _PagePlanes:
         planes = np.ascontiguousarray(_as_planes(stored, self.series.keyframe.axes, self.path, "image")[0])
         select_channel(planes, self.channel, self.path)
         return planes[0]
+
+
+# PNG colour types (the IHDR chunk's byte 25) -> the channels decode_image keeps: grey, RGB, a palette's (its
+# colours, or one grey channel for a LUT's ramp: 3 counts the most), grey + alpha and RGB + alpha (OpenCV reads
+# both as BGRA; alpha dropped)
+PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 3, 6: 3}
+
+
+def decoded_size(path):
+    """(height, width, channels, bytes per value) of the array :func:`decode_image` gives for an image file (a
+    stack: of one plane), from its header alone (a PNG's IHDR, a TIFF's series, PIL's header of the others), so
+    that sizing a dataset costs no decoding; a header these do not read is decoded, which gives the same."""
+    path = str(path)
+    try:
+        if path.lower().endswith(TIFF_EXTS):
+            with tifffile.TiffFile(path) as tif:
+                series = image_series(tif)
+                shape, axes, itemsize = series.shape, series.axes, series.dtype.itemsize
+            order, _, channel_axis = tiff_layout(shape, axes)
+            channels = shape[order[-1]] if channel_axis else 1
+            channels = min(channels, 3) if channel_axis == "S" else channels  # alpha dropped (_as_planes)
+            height, width = shape[axes.index("Y")], shape[axes.index("X")]
+            return height, width, channels, itemsize
+        with open(path, "rb") as f:
+            head = f.read(26)
+        if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and head[25] in PNG_CHANNELS:
+            width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+            return height, width, PNG_CHANNELS[head[25]], 2 if head[24] == 16 else 1
+        with PIL.Image.open(path) as image:  # JPEG and BMP: 8-bit, grey or colour
+            width, height = image.size
+            return height, width, 1 if len(image.getbands()) <= 2 else 3, 1
+    except Exception:  # any header problem: decoding reads the file, or names what is wrong with it
+        image = decode_image(path)
+        return (*image.shape, image.itemsize)
 
 
 def decode_image(path):

@@ -29,7 +29,8 @@ from device_data import COLOUR_P, JITTER, BatchAugment, DeviceImages, DeviceLoad
 from engine import (NonFiniteLoss, Precision, choose_device, evaluate, fit_threads_to_cpus, recalibrate_batchnorm,
                     seed_everything, train_one_epoch)
 from files import atomic_imwrite, atomic_write, interrupts_held, locked, remove_killed_writes
-from image_files import PAGES_AS_COLOURS, TIFF_EXTS, decode_image, image_to_float, pages_as_colours, tiff_header
+from image_files import (PAGES_AS_COLOURS, TIFF_EXTS, decoded_size, image_to_float, pages_as_colours,
+                         tiff_header)
 from inference import whole_image_network
 from layouts import find_layout, images_left_out, list_ids, nucleus_diameter
 from losses import build_loss
@@ -338,9 +339,13 @@ class Trainer:
             raise UsageError(f"--batch_size {a.batch_size} is larger than the {len(train_ids) // world} training "
                              f"images{shared}; the last incomplete batch is dropped, so no step would run: lower "
                              "--batch_size")
-        decoded = decoded_bytes(self.dataset_dir, train_ids, a.img_ext, a.mask_ext)
-        cache = a.cache and decoded < ram()[0] / 4
-        on_device = train_on_device(a.loader, cache and not a.stain_jitter, decoded, self.device)
+        cached, copied = decoded_bytes(self.dataset_dir, train_ids, a.img_ext, a.mask_ext, output_channels(a),
+                                       a.input_channels)
+        quarter = ram()[0] / 4
+        cache = a.cache and cached < quarter
+        # the scaled copy is made while the cache still holds the images (in RAM on a GPU too, before it moves)
+        on_device = train_on_device(a.loader, cache and not a.stain_jitter and cached + copied < quarter, copied,
+                                    self.device)
         augment = {flag: getattr(a, flag) for flag in AUGMENTATION_FLAGS}
         transform = None if on_device else train_transform(**augment, stain_jitter=a.stain_jitter)
         data = Dataset(train_ids, self.dataset_dir, transform=transform, seed=a.seed, cache=cache or on_device,
@@ -605,22 +610,30 @@ def dataset_folder(dataset, main, resume=None):
     return path
 
 
-def decoded_bytes(dataset_dir, ids, img_ext, mask_ext):
-    """Estimate the decoded size of the images ``ids`` (bytes) from the first 8 of them, with a 1.4 margin."""
+def decoded_bytes(dataset_dir, ids, img_ext, mask_ext, classes, input_channels):
+    """(bytes of the training cache, bytes of device_data.DeviceImages' copy) of the images ``ids``, from every
+    image file's header (image_files.decoded_size): the cache holds each image as stored and its ``classes`` uint8
+    masks (--borders' included), the copy ``input_channels`` of it (uint8 when every image is 8-bit, else float16)
+    and the masks again. Every file counts: the first 8 images of the sorted ids stood for all of them before, and a
+    set whose first ids are small crops of its large fields was cached and copied into memory many times their
+    size."""
     layout = find_layout(dataset_dir, img_ext, mask_ext)
-    per_image = np.mean([decode_image(layout.image(i)).nbytes * 1.4 for i in ids[:8]] or [0])
-    return per_image * len(ids)
+    height, width, channels, itemsize = np.array([decoded_size(layout.image(i)) for i in ids],
+                                                 dtype=np.float64).reshape(-1, 4).T
+    pixels = height * width
+    copy_bytes = 1 if (itemsize == 1).all() else 2
+    return (pixels * (channels * itemsize + classes)).sum(), pixels.sum() * (copy_bytes * input_channels + classes)
 
 
-def train_on_device(loader, cached, decoded, device):
+def train_on_device(loader, fits, copied, device):
     """--loader: True to keep the training set on ``device`` and augment batches there (device_data.py). auto does
-    so when the images are cached (--cache True and they fit a quarter of the RAM) and, on a GPU, their ``decoded``
-    bytes also fit a quarter of its free memory."""
+    so when the images are cached and ``fits`` (--cache True, and the cache and its scaled copy together fit a
+    quarter of the RAM) and, on a GPU, the ``copied`` bytes also fit a quarter of its free memory."""
     if loader != "auto":
         return loader == "device"
     if device.type != "cuda":
-        return cached
-    return cached and decoded < torch.cuda.mem_get_info(device)[0] / 4
+        return fits
+    return fits and copied < torch.cuda.mem_get_info(device)[0] / 4
 
 
 def check_crop(data, crop_size):

@@ -1219,3 +1219,24 @@ def test_a_tiff_is_read_when_its_pixels_fit_the_memory_available(tmp_path, monke
     monkeypatch.setattr(image_files, "ram", lambda: (2**40, 40 * 50 * 2 - 1))
     with pytest.raises(DataError, match=r"scan.tif: its header claims 0.0 GiB of pixels \(40, 50\), more than"):
         decode_image(tmp_path / "scan.tif")
+
+
+def test_decoded_size_reads_from_the_header_what_decoding_gives(tmp_path):
+    """image_files.decoded_size (which sizes the training cache without decoding) against decode_image's array, for
+    every kind of file it reads from a header; a palette PNG counts 3 channels, the most it can decode to."""
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (37, 53), dtype=np.uint8)
+    colour = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    for name, array in {"g8.png": grey, "g16.png": grey.astype(np.uint16) * 257, "c16.png": colour.astype(np.uint16),
+                        "rgba.png": np.dstack([colour, grey]), "g.jpg": grey, "c.jpg": colour, "c.bmp": colour}.items():
+        cv2.imwrite(str(tmp_path / name), array)
+    Image.fromarray(grey).convert("LA").save(tmp_path / "ga.png")
+    Image.fromarray(colour).convert("P").save(tmp_path / "palette.png")
+    tifffile.imwrite(tmp_path / "g16.tif", grey.astype(np.uint16))
+    tifffile.imwrite(tmp_path / "rgba.tif", np.dstack([colour, grey]), photometric="rgb")
+    tifffile.imwrite(tmp_path / "f32.tif", grey.astype(np.float32))
+    tifffile.imwrite(tmp_path / "channels.tif", np.stack([grey] * 3), imagej=True, metadata={"axes": "CYX"})
+    (tmp_path / "named.png").write_bytes((tmp_path / "c.jpg").read_bytes())  # a JPEG named .png: PIL's header
+    for path in sorted(tmp_path.iterdir()):
+        image = image_files.decode_image(str(path))
+        assert image_files.decoded_size(str(path)) == (*image.shape, image.itemsize), path.name

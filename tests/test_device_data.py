@@ -15,6 +15,7 @@ import augment
 import dataset
 import device_data
 import image_files
+import trainer
 import splits
 import utils
 from config import build_train_parser, parse_train_args
@@ -594,3 +595,54 @@ def test_scaling_the_training_images_shows_a_bar_once_it_takes_a_second(monkeypa
         assert (kwargs["total"], kwargs["delay"], kwargs["disable"]) == (5, 1, not progress)
         if progress:
             assert bar.n == 5
+
+
+def small_first_dataset(root):
+    """inputs/sized under ``root``: 8 small 8-bit grey images first in id order, then 3 larger 16-bit colour ones
+    (one with alpha), with masks and a split file that trains on all of them but one small image; returns the
+    training ids and the split file."""
+    folder = root / "inputs" / "sized"
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks" / "0").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    ids = [f"a{i}" for i in range(8)] + ["b0", "b1", "b2"]
+    for img_id in ids:
+        side = 8 if img_id < "b" else 64
+        channels = 1 if img_id < "b" else 4 if img_id == "b2" else 3
+        image = rng.integers(0, 256 if side == 8 else 65536, (side, side, channels))
+        cv2.imwrite(str(folder / "images" / f"{img_id}.png"), image.astype(np.uint8 if side == 8 else np.uint16))
+        mask = np.zeros((side, side), np.uint8)
+        mask[2:6, 2:6] = 255
+        cv2.imwrite(str(folder / "masks" / "0" / f"{img_id}.png"), mask)
+    (root / "split.csv").write_text("img_id,split\n" + "".join(f"{i},{'val' if i == 'a7' else 'train'}\n"
+                                                               for i in ids))
+    return ids[:7] + ids[8:], root / "split.csv"
+
+
+def test_decoded_bytes_counts_every_image_as_the_cache_and_its_copy_hold_it(tmp_path):
+    """The training cache's and --loader device's bytes, from the files' headers, are what Dataset's cache and
+    DeviceImages hold, also when the first 8 ids are small 8-bit images and the rest large 16-bit ones (they stood
+    for all before: 8x8 grey for 64x64 colour)."""
+    train_ids, _ = small_first_dataset(tmp_path)
+    folder = str(tmp_path / "inputs" / "sized")
+    data = dataset.Dataset(train_ids, folder, input_channels=3, cache=True)
+    copy = DeviceImages(data.cached, 3, torch.device("cpu"))
+    held = sum(image.nbytes + mask.nbytes for image, mask in data.cached)
+    copied = copy.images.nbytes + copy.masks.nbytes
+    assert trainer.decoded_bytes(folder, train_ids, ".png", ".png", 1, 3) == (held, copied)
+
+
+def test_loader_auto_leaves_a_cache_whose_copy_would_pass_a_quarter_of_the_ram_to_workers(tmp_path, monkeypatch):
+    """--loader auto on a CPU: the images stay cached and go through the workers when the cache fits a quarter of
+    the RAM but the cache and DeviceImages' copy of it together do not (both are held while the copy is made)."""
+    train_ids, split_file = small_first_dataset(tmp_path)
+    data = dataset.Dataset(train_ids, str(tmp_path / "inputs" / "sized"), input_channels=3, cache=True)
+    held = sum(image.nbytes + mask.nbytes for image, mask in data.cached)
+    copied = DeviceImages(data.cached, 3, torch.device("cpu"))
+    both = held + copied.images.nbytes + copied.masks.nbytes
+    monkeypatch.chdir(tmp_path)
+    for ram, on_device in ((4 * both + 4, True), (4 * both - 4, False)):
+        monkeypatch.setattr(trainer, "ram", lambda: (ram, ram))
+        argv = train_argv(f"sized{on_device}", "--dataset", "sized", "--split_file", str(split_file))
+        with Trainer(parse_train_args(argv), progress=False) as t:
+            assert t.on_device == on_device and t.cache
