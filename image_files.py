@@ -494,7 +494,7 @@ PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 3, 6: 3}
 
 
 def decoded_size(path):
-    """(height, width, channels, bytes per value) of the array :func:`decode_image` gives for an image file (a
+    """(height, width, channels, numpy dtype) of the array :func:`decode_image` gives for an image file (a
     stack: of one plane), from its header alone (a PNG's IHDR, a TIFF's series, PIL's header of the others), so
     that sizing a dataset costs no decoding; a header these do not read is decoded, which gives the same."""
     path = str(path)
@@ -502,23 +502,23 @@ def decoded_size(path):
         if path.lower().endswith(TIFF_EXTS):
             with tifffile.TiffFile(path) as tif:
                 series = image_series(tif)
-                shape, axes, itemsize = series.shape, series.axes, series.dtype.itemsize
+                shape, axes, dtype = series.shape, series.axes, series.dtype
             order, _, channel_axis = tiff_layout(shape, axes)
             channels = shape[order[-1]] if channel_axis else 1
             channels = min(channels, 3) if channel_axis == "S" else channels  # alpha dropped (_as_planes)
             height, width = shape[axes.index("Y")], shape[axes.index("X")]
-            return height, width, channels, itemsize
+            return height, width, channels, dtype
         with open(path, "rb") as f:
             head = f.read(26)
         if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and head[25] in PNG_CHANNELS:
             width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
-            return height, width, PNG_CHANNELS[head[25]], 2 if head[24] == 16 else 1
+            return height, width, PNG_CHANNELS[head[25]], np.dtype(np.uint16 if head[24] == 16 else np.uint8)
         with PIL.Image.open(path) as image:  # JPEG and BMP: 8-bit, grey or colour
             width, height = image.size
-            return height, width, 1 if len(image.getbands()) <= 2 else 3, 1
+            return height, width, 1 if len(image.getbands()) <= 2 else 3, np.dtype(np.uint8)
     except Exception:  # any header problem: decoding reads the file, or names what is wrong with it
         image = decode_image(path)
-        return (*image.shape, image.itemsize)
+        return (*image.shape, image.dtype)
 
 
 def decode_image(path):

@@ -618,7 +618,8 @@ def decoded_bytes(dataset_dir, ids, img_ext, mask_ext, classes, input_channels):
     set whose first ids are small crops of its large fields was cached and copied into memory many times their
     size."""
     layout = find_layout(dataset_dir, img_ext, mask_ext)
-    height, width, channels, itemsize = np.array([decoded_size(layout.image(i)) for i in ids],
+    sizes = [decoded_size(layout.image(i)) for i in ids]
+    height, width, channels, itemsize = np.array([(h, w, c, dtype.itemsize) for h, w, c, dtype in sizes],
                                                  dtype=np.float64).reshape(-1, 4).T
     pixels = height * width
     copy_bytes = 1 if (itemsize == 1).all() else 2
@@ -681,15 +682,15 @@ def check_foreground(data):
                     "your masks")
 
 
-def min_max_note(data, samples=16):
-    """A note ('' for none) when the training images (up to ``samples`` of them, evenly spaced from the first) are
-    not all 8-bit: --normalization fixed scales all but 8-bit ones by their own minimum and maximum, where one hot or
-    saturated pixel darkens all the rest, and 8-bit ones beside them by 1/255, so the same brightness differs
-    between the two kinds."""
-    picked = evenly_spaced(len(data), samples)
+def min_max_note(data):
+    """A note ('' for none) when the training images are not all 8-bit: --normalization fixed scales all but 8-bit
+    ones by their own minimum and maximum, where one hot or saturated pixel darkens all the rest, and 8-bit ones
+    beside them by 1/255, so the same brightness differs between the two kinds. Every image's type is read from its
+    file's header (image_files.decoded_size): 16 evenly spaced images, decoded, missed a few 16-bit ones among many
+    8-bit ones."""
     types = {}
-    for i in picked:
-        types.setdefault((data.cached[i] if data.cached else data.load(i))[0].dtype, data.img_ids[i])
+    for img_id in data.img_ids:
+        types.setdefault(decoded_size(data.layout.image(img_id))[3], img_id)
     byte, wide = np.dtype(np.uint8), [t for t in types if t != np.uint8]
     if not wide:
         return ""

@@ -1239,4 +1239,4 @@ def test_decoded_size_reads_from_the_header_what_decoding_gives(tmp_path):
     (tmp_path / "named.png").write_bytes((tmp_path / "c.jpg").read_bytes())  # a JPEG named .png: PIL's header
     for path in sorted(tmp_path.iterdir()):
         image = image_files.decode_image(str(path))
-        assert image_files.decoded_size(str(path)) == (*image.shape, image.itemsize), path.name
+        assert image_files.decoded_size(str(path)) == (*image.shape, image.dtype), path.name

@@ -1247,3 +1247,22 @@ def test_val_s_title_counts_one_image_in_the_singular():
     run, cfg = Namespace(name="r", tta=False, prune=None), Namespace(crop_size=32)
     assert val.title_parts(run, cfg, "epoch 3", "val", 1) == ("r (epoch 3, val, 1 image", ")")
     assert val.title_parts(run, cfg, "", "val", 2)[0] == "r (val, 2 images"
+
+
+def test_a_few_16_bit_training_images_among_many_8_bit_ones_get_the_note(tmp_path):
+    """The mixed-types note reads every training image's type: 2 16-bit images among 40 8-bit ones, at ids that 16
+    evenly spaced images leave out (1 and 40 of 0..41), are named."""
+    scene = np.zeros((8, 8), np.uint8)
+    scene[2:6, 2:6] = 60
+    for folder in (tmp_path / "images", tmp_path / "masks" / "0"):
+        folder.mkdir(parents=True)
+    ids = [f"{i:02d}" for i in range(42)]
+    for i in ids:
+        cv2.imwrite(str(tmp_path / "images" / f"{i}.png"), scene.astype(np.uint16) * 257 if i in ("01", "40") else scene)
+        cv2.imwrite(str(tmp_path / "masks" / "0" / f"{i}.png"), (scene > 0).astype(np.uint8) * 255)
+    assert {1, 40}.isdisjoint(trainer.evenly_spaced(42, 16))  # what a sample of 16 would have looked at
+    wide = [i for i in ids if decode_image(str(tmp_path / "images" / f"{i}.png")).dtype == np.uint16]
+    assert wide == ["01", "40"]
+    note = trainer.min_max_note(trainer.Dataset(ids, str(tmp_path)))
+    assert note.startswith(f"note: the training images mix 8-bit and uint16 ones (e.g. {tmp_path}/images/00.png and "
+                           f"{tmp_path}/images/01.png)"), note
