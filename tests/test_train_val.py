@@ -1258,7 +1258,8 @@ def test_a_few_16_bit_training_images_among_many_8_bit_ones_get_the_note(tmp_pat
         folder.mkdir(parents=True)
     ids = [f"{i:02d}" for i in range(42)]
     for i in ids:
-        cv2.imwrite(str(tmp_path / "images" / f"{i}.png"), scene.astype(np.uint16) * 257 if i in ("01", "40") else scene)
+        image = scene.astype(np.uint16) * 257 if i in ("01", "40") else scene
+        cv2.imwrite(str(tmp_path / "images" / f"{i}.png"), image)
         cv2.imwrite(str(tmp_path / "masks" / "0" / f"{i}.png"), (scene > 0).astype(np.uint8) * 255)
     assert {1, 40}.isdisjoint(trainer.evenly_spaced(42, 16))  # what a sample of 16 would have looked at
     wide = [i for i in ids if decode_image(str(tmp_path / "images" / f"{i}.png")).dtype == np.uint16]
