@@ -638,15 +638,16 @@ def train_on_device(loader, fits, copied, device):
 
 
 def check_crop(data, crop_size):
-    """Crop training needs every image at least crop_size on each side (all are checked when cached)."""
-    for i in range(len(data)) if data.cached else [0]:
-        h, w = (data.cached[i][0] if data.cached else data.load(i)[0]).shape[:2]
+    """Crop training needs every image at least crop_size on each side: all are checked, from their files' headers
+    (image_files.decoded_size; a run without the cache checked its first image alone, and padded the others)."""
+    for img_id in data.img_ids:
+        h, w = decoded_size(data.layout.image(img_id))[:2]
         if min(h, w) < crop_size:
             largest = min(h, w) // 16 * 16
             fix = (f"use a --crop_size of at most {largest}" if largest else
                    "leave it out of the training images (--split_file), or train on resized images (no --crop_size)")
-            raise UsageError(f"--crop_size {crop_size} is larger than image {data.layout.image(data.img_ids[i])} "
-                             f"({h}x{w}); {fix}")
+            raise UsageError(f"--crop_size {crop_size} is larger than image {data.layout.image(img_id)} ({h}x{w}); "
+                             f"{fix}")
 
 
 def crop_coverage_note(data, crop_size, scale_jitter, epochs, draws):
