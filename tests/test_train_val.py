@@ -934,7 +934,8 @@ def test_crop_training_names_an_image_too_small_for_any_crop_and_stale_labels(tm
     # without the cache too, where the small image is not the first training image
     others = sorted(p.stem for p in small.parent.iterdir() if p != small)
     split = tmp_path / "split.csv"
-    split.write_text("img_id,split\n" + "".join(f"{i},train\n" for i in others[1:]) + f"syn_0000,train\n{others[0]},val\n")
+    split.write_text("img_id,split\n" + "".join(f"{i},train\n" for i in others[1:]) +
+                     f"syn_0000,train\n{others[0]},val\n")
     with pytest.raises(UsageError, match=r"--crop_size 32 is larger than image .*syn_0000.png \(15x15\)"):
         train.main(train_argv("uncached", "--crop_size", "32", "--dataset", "crops", "--split_file", str(split),
                               "--cache", "False", "--loader", "workers", "--borders", "False", epochs=1))
