@@ -202,22 +202,28 @@ class Dataset(torch.utils.data.Dataset):
                 torch.from_numpy(np.ascontiguousarray(mask.transpose(2, 0, 1), dtype=np.float32)), meta)
 
 
-def evenly_spaced(count, samples):
-    """Up to ``samples`` indices of ``count`` items, evenly spaced from the first to the last: int array, sorted."""
-    return np.unique(np.linspace(0, count - 1, min(samples, count)).round().astype(int))
+def spread_sample(count, samples):
+    """Up to ``samples`` indices of ``count`` items (all of them when there are no more): one drawn from each of
+    ``samples`` equal runs of the items, at random with a seed of ``count`` (a set gives the same sample each time):
+    int array, sorted. A fixed stride (evenly spaced indices) fell in step with sets that alternate: of 31 images,
+    two exports of each field in turn, it took the 16 even ones, one kind alone."""
+    if count <= samples:
+        return np.arange(count)
+    edges = np.linspace(0, count, samples + 1).round().astype(int)  # runs of 1 item or more
+    return edges[:-1] + (np.random.default_rng(count).random(samples) * np.diff(edges)).astype(int)
 
 
 def mostly_foreground_note(data, what, samples=64):
     """A note ('' for none) when the nuclei of Dataset ``data`` (its class-0 masks or label images, up to ``samples``
-    of them, evenly spaced; the cache's when it holds them, else read alone, without their images) cover more than
-    :data:`measurements.MOSTLY_FOREGROUND` of their images on average: masks drawn dark-on-light, or label images whose
-    background is not 0, would otherwise train a model of the background, or score one, without a word. ROI sets
-    and GeoJSON objects, drawn on a background of 0, are not checked. ``what`` names the masks in the note ('the
-    training masks')."""
+    of them spread over the set (:func:`spread_sample`); the cache's when it holds them, else read alone, without
+    their images) cover more than :data:`measurements.MOSTLY_FOREGROUND` of their images on average: masks drawn
+    dark-on-light, or label images whose background is not 0, would otherwise train a model of the background, or
+    score one, without a word. ROI sets and GeoJSON objects, drawn on a background of 0, are not checked. ``what``
+    names the masks in the note ('the training masks')."""
     layout = data.layout
     if layout.kind in ("rois", "geojson"):
         return ""
-    picked = evenly_spaced(len(data), samples)
+    picked = spread_sample(len(data), samples)
     return foreground_note([(nuclei_marked(data, i) > 0).mean() for i in picked],
                            [layout.nuclei_file(data.img_ids[i]) for i in picked], what,
                            "a mask marks nuclei with values above 0 on a background of 0, so masks drawn dark on a "
@@ -231,8 +237,8 @@ SPLIT_SHARE = 0.01
 
 
 def multi_object_ids_note(data, what, samples=64):
-    """A note ('' for none) when, in the label images of Dataset ``data`` (up to ``samples`` of them, evenly spaced,
-    read again from their files), at least :data:`SPLIT_SHARE` of the ids mark several separate objects
+    """A note ('' for none) when, in the label images of Dataset ``data`` (up to ``samples`` of them spread over the
+    set, read again from their files), at least :data:`SPLIT_SHARE` of the ids mark several separate objects
     (image_files.multi_object_ids): nuclei given one id, or cut in two. The DSB2018 score counts each such id as one
     nucleus, so that finding its parts scores a miss and false nuclei, and --borders sees no border between them;
     whether they are meant so cannot be told, so they are read as they are. ROI sets and GeoJSON objects, one polygon
@@ -240,7 +246,7 @@ def multi_object_ids_note(data, what, samples=64):
     layout = data.layout
     if layout.kind in ("rois", "geojson"):
         return ""
-    picked = evenly_spaced(len(data), samples)
+    picked = spread_sample(len(data), samples)
     split, ids_seen = {}, 0
     for i in picked:
         img_id = data.img_ids[i]

@@ -23,8 +23,8 @@ from checkpoints import (atomic_torch_save, load_init_weights, load_training_sta
 from config import (INPUTS_DIR, best_after, init_weights_path, is_bundled_name, output_channels, run_dir, run_lock_file,
                     save_run_config, schedule_note, stops_early, track_best, unused_flags_note)
 from dataset import (AUGMENTATION_FLAGS, MODALITIES, Dataset, EpochSampler, WeightedDistributedSampler,
-                     balance_weights, eval_loader, evenly_spaced, mostly_foreground_note, multi_object_ids_note,
-                     quiet_worker, reading_of, train_transform)
+                     balance_weights, eval_loader, mostly_foreground_note, multi_object_ids_note, quiet_worker,
+                     reading_of, spread_sample, train_transform)
 from device_data import COLOUR_P, JITTER, BatchAugment, DeviceImages, DeviceLoader
 from engine import (NonFiniteLoss, Precision, choose_device, evaluate, fit_threads_to_cpus, recalibrate_batchnorm,
                     seed_everything, train_one_epoch)
@@ -707,13 +707,13 @@ def min_max_note(data):
 
 
 def dim_images_note(data, samples=16, share=0.05):
-    """A note ('' for none) when the colour jitter would often turn the training images (up to ``samples`` of them,
-    evenly spaced from the first, scaled as the network gets them) black where their nuclei are: with probability
-    COLOUR_P / 2 it adds a brightness shift b, uniform in [-JITTER, JITTER] of full scale, then clips to [0, 1], so an
-    image whose brightest 1 % lies at p < JITTER is black there in about COLOUR_P / 2 * (JITTER - p) / (2 * JITTER)
-    of its draws (8-bit exports of dim fluorescence under --normalization fixed), while its mask still holds nuclei.
-    Said when that share, averaged over the images, reaches ``share``."""
-    picked = evenly_spaced(len(data), samples)
+    """A note ('' for none) when the colour jitter would often turn the training images (up to ``samples`` of them
+    spread over the set, dataset.spread_sample; scaled as the network gets them) black where their nuclei are: with
+    probability COLOUR_P / 2 it adds a brightness shift b, uniform in [-JITTER, JITTER] of full scale, then clips to
+    [0, 1], so an image whose brightest 1 % lies at p < JITTER is black there in about COLOUR_P / 2 * (JITTER - p) /
+    (2 * JITTER) of its draws (8-bit exports of dim fluorescence under --normalization fixed), while its mask still
+    holds nuclei. Said when that share, averaged over the images, reaches ``share``."""
+    picked = spread_sample(len(data), samples)
     brightest = np.array([np.percentile(image_to_float((data.cached[i] if data.cached else data.load(i))[0],
                                                        data.input_channels, data.normalization).max(axis=2), 99)
                           for i in picked])
@@ -729,12 +729,12 @@ def dim_images_note(data, samples=16, share=0.05):
 
 
 def channels_note(data, samples=16):
-    """A note ('' for none) when a training image (up to ``samples`` of them, evenly spaced from the first) is a
+    """A note ('' for none) when a training image (up to ``samples`` of them spread over the set) is a
     TIFF of 3 channels on a C axis (an ImageJ hyperstack or OME TIFF of fluorescence channels, unlike RGB samples):
     it is read as the colours of one RGB image, as 2 or 4 such channels are refused, whether or not the nuclei are
     what the user meant the network to see; or of 3 or 4 pages without axes (image_files.pages_as_colours), read as
     colours too, though they may be a short stack's planes (predict.py's note on them says the same)."""
-    picked = evenly_spaced(len(data), samples)
+    picked = spread_sample(len(data), samples)
     for i in picked:
         path = data.layout.image(data.img_ids[i])
         header = tiff_header(path) if path.lower().endswith(TIFF_EXTS) else None

@@ -1259,7 +1259,7 @@ def test_val_s_title_counts_one_image_in_the_singular():
 
 def test_a_few_16_bit_training_images_among_many_8_bit_ones_get_the_note(tmp_path):
     """The mixed-types note reads every training image's type: 2 16-bit images among 40 8-bit ones, at ids that 16
-    evenly spaced images leave out (1 and 40 of 0..41), are named."""
+    evenly spaced images left out (1 and 40 of 0..41), are named."""
     scene = np.zeros((8, 8), np.uint8)
     scene[2:6, 2:6] = 60
     for folder in (tmp_path / "images", tmp_path / "masks" / "0"):
@@ -1269,9 +1269,28 @@ def test_a_few_16_bit_training_images_among_many_8_bit_ones_get_the_note(tmp_pat
         image = scene.astype(np.uint16) * 257 if i in ("01", "40") else scene
         cv2.imwrite(str(tmp_path / "images" / f"{i}.png"), image)
         cv2.imwrite(str(tmp_path / "masks" / "0" / f"{i}.png"), (scene > 0).astype(np.uint8) * 255)
-    assert {1, 40}.isdisjoint(trainer.evenly_spaced(42, 16))  # what a sample of 16 would have looked at
+    assert {1, 40}.isdisjoint(np.linspace(0, 41, 16).round())  # 16 evenly spaced images left them out
     wide = [i for i in ids if decode_image(str(tmp_path / "images" / f"{i}.png")).dtype == np.uint16]
     assert wide == ["01", "40"]
     note = trainer.min_max_note(trainer.Dataset(ids, str(tmp_path)))
     assert note.startswith(f"note: the training images mix 8-bit and uint16 ones (e.g. {tmp_path}/images/00.png and "
                            f"{tmp_path}/images/01.png)"), note
+
+
+def test_the_dim_images_note_samples_a_set_that_alternates_dim_and_bright_images(tmp_path):
+    """31 images, two exports of each field in turn, every second one dim (nuclei at 20 of 255): 16 evenly spaced
+    images were the 16 bright ones, and the note that every image's share gives (6 %) was not said. A sample spread
+    over the set holds both kinds and says about what all the images say."""
+    for folder in (tmp_path / "images", tmp_path / "masks" / "0"):
+        folder.mkdir(parents=True)
+    ids = [f"field{f // 2:02d}_{'ab'[f % 2]}" for f in range(31)]
+    for f, img_id in enumerate(ids):
+        scene = np.full((16, 16), 5, np.uint8)
+        scene[4:12, 4:12] = 20 if f % 2 else 200
+        cv2.imwrite(str(tmp_path / "images" / f"{img_id}.png"), scene)
+        cv2.imwrite(str(tmp_path / "masks" / "0" / f"{img_id}.png"), (scene > 10).astype(np.uint8) * 255)
+    data = trainer.Dataset(ids, str(tmp_path))
+    assert {i % 2 for i in np.linspace(0, 30, 16).round().astype(int)} == {0}  # the bright ones alone
+    shares = [re.search(r"clips about (\d+)%", trainer.dim_images_note(data, samples=samples)) for samples in (31, 16)]
+    assert shares[0] and shares[1], shares
+    assert abs(int(shares[1].group(1)) - int(shares[0].group(1))) <= 2
