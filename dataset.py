@@ -15,13 +15,15 @@ import signal
 import sys
 import traceback
 from concurrent.futures import ThreadPoolExecutor
+from functools import cached_property
 
 import cv2
 import numpy as np
 import torch
 
 import distributed
-from image_files import JPEG_EXTS, NEAREST, decode_image, image_to_float, multi_object_ids, normalize, read_mask
+from image_files import (JPEG_EXTS, NEAREST, decode_image, decoded_size, image_to_float, multi_object_ids, normalize,
+                         read_mask)
 from instances import touching_borders
 from layouts import check_labels, find_layout
 from measurements import foreground_note
@@ -139,6 +141,12 @@ class Dataset(torch.utils.data.Dataset):
 
     def __len__(self):
         return len(self.img_ids)
+
+    @cached_property
+    def stored_sizes(self):
+        """(height, width, channels, dtype) of each image as decode_image gives it, in img_ids order, read once from
+        the files' headers (image_files.decoded_size): checking a set's sizes and types costs no decoding."""
+        return [decoded_size(self.layout.image(img_id)) for img_id in self.img_ids]
 
     def load(self, index):
         """Decode sample ``index`` -> (image as stored [H, W, C] (decode_image), mask uint8 [H, W, K] in {0,1})."""
