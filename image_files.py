@@ -491,12 +491,15 @@ class _PagePlanes:
 # colours, or one grey channel for a LUT's ramp: 3 counts the most), grey + alpha and RGB + alpha (OpenCV reads
 # both as BGRA; alpha dropped)
 PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 3, 6: 3}
+EXIF_ORIENTATION, TURNED_ORIENTATIONS = 0x0112, (5, 6, 7, 8)  # the EXIF tag, and its values of a quarter turn
 
 
 def decoded_size(path):
     """(height, width, channels, numpy dtype) of the array :func:`decode_image` gives for an image file (a
-    stack: of one plane), from its header alone (a PNG's IHDR, a TIFF's series, PIL's header of the others), so
-    that sizing a dataset costs no decoding; a header these do not read is decoded, which gives the same."""
+    stack: of one plane), from its header alone (a PNG's IHDR, a TIFF's series, PIL's header of the others, with a
+    JPEG's EXIF quarter turn), so that sizing a dataset costs no decoding; a header these do not read is decoded,
+    which gives the same. A palette PNG counts 3 channels, the most it decodes to (1 when its indices are the
+    values)."""
     path = str(path)
     try:
         if path.lower().endswith(TIFF_EXTS):
@@ -515,6 +518,8 @@ def decoded_size(path):
             return height, width, PNG_CHANNELS[head[25]], np.dtype(np.uint16 if head[24] == 16 else np.uint8)
         with PIL.Image.open(path) as image:  # JPEG and BMP: 8-bit, grey or colour
             width, height = image.size
+            if image.getexif().get(EXIF_ORIENTATION) in TURNED_ORIENTATIONS:  # decode_image turns it as shown
+                width, height = height, width
             return height, width, 1 if len(image.getbands()) <= 2 else 3, np.dtype(np.uint8)
     except Exception:  # any header problem: decoding reads the file, or names what is wrong with it
         image = decode_image(path)

@@ -1237,6 +1237,9 @@ def test_decoded_size_reads_from_the_header_what_decoding_gives(tmp_path):
     tifffile.imwrite(tmp_path / "f32.tif", grey.astype(np.float32))
     tifffile.imwrite(tmp_path / "channels.tif", np.stack([grey] * 3), imagej=True, metadata={"axes": "CYX"})
     (tmp_path / "named.png").write_bytes((tmp_path / "c.jpg").read_bytes())  # a JPEG named .png: PIL's header
+    exif = Image.Exif()
+    exif[0x0112] = 6  # a phone's photo: stored 37x53, shown (and decoded) turned a quarter, 53x37
+    Image.fromarray(colour).save(tmp_path / "turned.jpg", exif=exif)
     for path in sorted(tmp_path.iterdir()):
         image = image_files.decode_image(str(path))
         assert image_files.decoded_size(str(path)) == (*image.shape, image.dtype), path.name
