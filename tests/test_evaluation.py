@@ -304,21 +304,39 @@ def test_a_dataset_scored_without_the_run_s_own_is_not_called_unseen(tmp_path, m
                              "dataset inputs/theirs as trained)")
 
 
-@pytest.mark.parametrize("n", [40, 300, 6000], ids=["few", "many", "chunked"])
-def test_the_bootstrap_interval_matches_scipy_and_the_normal_approximation(n):
-    """The percentile interval of the mean against scipy.stats.bootstrap's (its own resamples) and mean +- 1.96
-    s / sqrt(n): each within a sixth of the half-width (the resampling's own scatter is about a twentieth)."""
+@pytest.mark.parametrize("n", [10, 40, 300, 6000], ids=["ten", "few", "many", "chunked"])
+def test_the_bootstrap_interval_matches_scipy_and_the_t_approximation(n):
+    """The expanded percentile interval of the mean against scipy.stats.bootstrap's percentile interval (its own
+    resamples) at the level widened as a t interval's, and mean +- sqrt(n / (n - 1)) t s / sqrt(n): each within a
+    sixth of the half-width (the resampling's own scatter is about a twentieth)."""
     stats = pytest.importorskip("scipy.stats")
     values = np.random.default_rng(3).beta(5, 2, n)
     low, high = bootstrap_interval(values)
-    half = 1.96 * values.std() / np.sqrt(n)
-    reference = stats.bootstrap((values,), np.mean, confidence_level=0.95, n_resamples=4000, method="percentile",
-                                random_state=np.random.default_rng(7)).confidence_interval
+    z = np.sqrt(n / (n - 1)) * stats.t.ppf(0.975, n - 1)
+    half = z * values.std() / np.sqrt(n)
+    reference = stats.bootstrap((values,), np.mean, confidence_level=2 * stats.norm.cdf(z) - 1, n_resamples=4000,
+                                method="percentile", random_state=np.random.default_rng(7)).confidence_interval
     for a, b in ((low, reference.low), (high, reference.high), (low, values.mean() - half),
                  (high, values.mean() + half)):
         assert abs(a - b) < half / 6, (a, b, half)
     assert bootstrap_interval(values) == (low, high)  # the same scores print the same interval
     assert bootstrap_interval(np.full(20, 0.7)) == pytest.approx((0.7, 0.7))
+
+
+def test_the_bootstrap_interval_of_ten_skewed_scores_holds_the_mean_more_often_than_the_plain_one():
+    """Ten per-image IoUs of a skewed population (beta(5, 1.5): most near 0.85, a tail down to 0.2): the plain 95 %
+    percentile interval held the population's mean in 346 of 400 samples (86.5 %), the expanded one in 372 (93 %)."""
+    population = np.random.default_rng(0).beta(5, 1.5, 1000)
+    rng = np.random.default_rng(0)
+    plain = expanded = 0
+    for k in range(400):
+        sample = rng.choice(population, 10)
+        low, high = bootstrap_interval(sample, draws=1000, seed=k)
+        expanded += low <= population.mean() <= high
+        means = sample[np.random.default_rng(k).integers(0, 10, (1000, 10))].mean(1)
+        low, high = np.percentile(means, [2.5, 97.5])
+        plain += low <= population.mean() <= high
+    assert expanded >= plain + 12 and expanded >= 0.9 * 400, (plain, expanded)
 
 
 def test_the_summary_gives_the_interval_of_the_means_from_ten_images():
