@@ -147,7 +147,7 @@ def _palette_indices(indices, palette):
     return bool((palette[0] == 0).all() and (used != used[:, :1]).any())
 
 
-def _one_hue_ramp(palette):
+def one_hue_ramp(palette):
     """Whether a palette [P, 3] is one colour ramped up from black over 256 entries: an ImageJ LUT such as Blue,
     Green or Cyan on an 8-bit image, whose indices are the intensities that a microscope measured."""
     if palette.shape != (256, 3) or not palette[-1].any():
@@ -374,7 +374,7 @@ def decode_planes(path):
         flags = cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH if path.lower().endswith(JPEG_EXTS) else cv2.IMREAD_UNCHANGED
         img = _imread(path, flags, "image")
         indexed = _png_palette(path, "image") if img.ndim == 3 else None
-        if indexed is not None and _one_hue_ramp(indexed[1]):  # Fiji's 8-bit image with a LUT: the LUT only shows it
+        if indexed is not None and one_hue_ramp(indexed[1]):  # Fiji's 8-bit image with a LUT: the LUT only shows it
             img = indexed[0]
         img = img[:, :, None] if img.ndim == 2 else img
         planes, plane_axes = (img[:, :, 2::-1] if img.shape[2] >= 3 else img)[None], ""  # OpenCV reads BGR(A)

@@ -16,7 +16,7 @@ import pandas as pd
 from PIL import Image
 
 from finished_images import finished_count
-from image_files import PAGES_AS_COLOURS, TIFF_EXTS, pages_as_colours
+from image_files import PAGES_AS_COLOURS, TIFF_EXTS, one_hue_ramp, pages_as_colours
 from instances import auto_scale, median_diameter
 from measurements import TABLES, foreground_note
 from plane_outputs import plane_grid
@@ -28,10 +28,10 @@ SCORES_FILE = "scores.csv"  # score.py's default output, beside the predictions 
 
 def grey_channel_note(files, headers, channel):
     """The note on a --channel ``channel`` that picks nothing: every one of ``files`` is grey as its header says (a
-    TIFF of one channel, ``headers``: their image_files.TiffHeader; another image in a grey mode of PIL), and a grey
-    image is read as it is. '' when any may have several channels (a file PIL cannot open, or will not: over its
-    MAX_IMAGE_PIXELS, is read by OpenCV, and named if it cannot be), or is a stack (:func:`tiff_notes` says that
-    --channel does not apply to its planes)."""
+    TIFF of one channel, ``headers``: their image_files.TiffHeader; another image in a grey mode of PIL, or indexed
+    with a LUT's palette, :func:`lut_palette`), and a grey image is read as it is. '' when any may have several
+    channels (a file PIL cannot open, or will not: over its MAX_IMAGE_PIXELS, is read by OpenCV, and named if it
+    cannot be), or is a stack (:func:`tiff_notes` says that --channel does not apply to its planes)."""
     if channel is None:
         return ""
     for path, header in zip(files, headers):
@@ -41,12 +41,19 @@ def grey_channel_note(files, headers, channel):
             continue
         try:
             with Image.open(path) as image:
-                if image.mode not in GREY_MODES:
+                if image.mode not in GREY_MODES and not lut_palette(image):
                     return ""
         except (OSError, ValueError, Image.DecompressionBombError):  # the last: over PIL's pixel limit, not OpenCV's
             return ""
     return (f"note: --channel {channel}: {'every input is a grey image' if len(files) > 1 else 'the input is grey'} "
             "(one channel), read as it is; no effect here")
+
+
+def lut_palette(image):
+    """Whether a PIL image is an indexed PNG whose palette is one colour ramped up from black (an 8-bit image saved
+    from Fiji with a LUT, grey or not): image_files.decode_planes reads its indices, one grey channel."""
+    palette = image.getpalette() if image.mode == "P" else None
+    return palette is not None and one_hue_ramp(np.asarray(palette, np.uint8).reshape(-1, 3))
 
 
 def tiff_notes(files, headers, channel):

@@ -23,6 +23,7 @@ import pytest
 import tifffile
 import torch
 import yaml
+from PIL import Image
 
 import checkpoints
 import evaluation
@@ -304,13 +305,16 @@ def test_channel_picks_the_nucleus_channel(in_runs, tmp_path):
 
 
 def test_channel_on_grey_images_gets_a_note(in_runs, tmp_path, capsys):
-    """--channel K on inputs that are all grey (a 16-bit PNG, an 8-bit JPEG, a grey TIFF) picks nothing: a note says
-    so, and neither the summary line nor prediction.yml names a channel; one colour image among them: no note, and
-    both name it."""
+    """--channel K on inputs that are all grey (a 16-bit PNG, an 8-bit JPEG, a grey TIFF, an indexed PNG with a LUT)
+    picks nothing: a note says so, and neither the summary line nor prediction.yml names a channel; one colour image
+    among them: no note, and both name it."""
     grey = sample_bgr(40, 36)[:, :, 0]
     write_image(tmp_path / "grey" / "a.png", grey.astype(np.uint16) * 200)
     write_image(tmp_path / "grey" / "b.jpg", grey)
     tifffile.imwrite(tmp_path / "grey" / "c.tif", grey)
+    lut = Image.fromarray(grey, "P")  # Fiji's 8-bit image saved with its Green LUT: read as its indices, grey
+    lut.putpalette(np.outer(np.arange(256), [0, 1, 0]).astype(np.uint8).ravel().tolist())
+    lut.save(tmp_path / "grey" / "d.png")
     write_image(tmp_path / "mixed" / "a.png", grey)
     write_image(tmp_path / "mixed" / "rgb.png", sample_bgr(40, 36))
     flags = ["--name", "pc", "--device", "cpu", "--amp", "fp32", "--channel", "1"]
