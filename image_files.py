@@ -21,8 +21,7 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 import tifffile
-import PIL.Image
-from PIL import PngImagePlugin
+from PIL import BmpImagePlugin, JpegImagePlugin, PngImagePlugin
 from skimage.measure import label as connected_regions
 
 from utils import DataError, ram
@@ -491,15 +490,18 @@ class _PagePlanes:
 # colours, or one grey channel for a LUT's ramp: 3 counts the most), grey + alpha and RGB + alpha (OpenCV reads
 # both as BGRA; alpha dropped)
 PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 3, 6: 3}
+# PIL's modes of a JPEG or BMP -> the channels decode_image gives (OpenCV reads a palette BMP of colours as RGB, one
+# of greys PIL calls L); a mode not here (a 12-bit JPEG's) is decoded
+PIL_CHANNELS = {"1": 1, "L": 1, "P": 3, "RGB": 3, "RGBA": 3, "CMYK": 3, "YCbCr": 3}
 EXIF_ORIENTATION, TURNED_ORIENTATIONS = 0x0112, (5, 6, 7, 8)  # the EXIF tag, and its values of a quarter turn
 
 
 def decoded_size(path):
     """(height, width, channels, numpy dtype) of the array :func:`decode_image` gives for an image file (a
-    stack: of one plane), from its header alone (a PNG's IHDR, a TIFF's series, PIL's header of the others, with a
-    JPEG's EXIF quarter turn), so that sizing a dataset costs no decoding; a header these do not read is decoded,
-    which gives the same. A palette PNG counts 3 channels, the most it decodes to (1 when its indices are the
-    values)."""
+    stack: of one plane), from its header alone (a PNG's IHDR, a TIFF's series, PIL's header of a JPEG or BMP, known
+    by its signature, with the EXIF quarter turn of one named as a JPEG), so that sizing a dataset costs no decoding;
+    any other file (a 16-bit PGM, a GIF), or a header these do not read, is decoded, which gives the same. A palette
+    PNG counts 3 channels, the most it decodes to (1 when its indices are the values)."""
     path = str(path)
     try:
         if path.lower().endswith(TIFF_EXTS):
@@ -516,14 +518,23 @@ def decoded_size(path):
         if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and head[25] in PNG_CHANNELS:
             width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
             return height, width, PNG_CHANNELS[head[25]], np.dtype(np.uint16 if head[24] == 16 else np.uint8)
-        with PIL.Image.open(path) as image:  # JPEG and BMP: 8-bit, grey or colour
-            width, height = image.size
-            if image.getexif().get(EXIF_ORIENTATION) in TURNED_ORIENTATIONS:  # decode_image turns it as shown
-                width, height = height, width
-            return height, width, 1 if len(image.getbands()) <= 2 else 3, np.dtype(np.uint8)
+        # JPEG and BMP (8-bit) by their signatures, whatever their names: any other format that OpenCV reads (a
+        # 16-bit PGM, a GIF's palette) PIL's header may tell otherwise, so it is decoded. Not Image.open: its pixel
+        # limit warns on a large scan's header, or refuses it
+        reader = (JpegImagePlugin.JpegImageFile if head[:3] == JPEG_SIGNATURE else
+                  BmpImagePlugin.BmpImageFile if head[:2] == b"BM" else None)
+        if reader is not None:
+            with reader(path) as image:
+                width, height = image.size
+                # decode_image turns a file named as a JPEG (the flags it reads it with) as its EXIF tag says
+                if (reader is JpegImagePlugin.JpegImageFile and path.lower().endswith(JPEG_EXTS)
+                        and image.getexif().get(EXIF_ORIENTATION) in TURNED_ORIENTATIONS):
+                    width, height = height, width
+                return height, width, PIL_CHANNELS[image.mode], np.dtype(np.uint8)
     except Exception:  # any header problem: decoding reads the file, or names what is wrong with it
-        image = decode_image(path)
-        return (*image.shape, image.dtype)
+        pass
+    image = decode_image(path)
+    return (*image.shape, image.dtype)
 
 
 def decode_image(path):

@@ -1243,3 +1243,25 @@ def test_decoded_size_reads_from_the_header_what_decoding_gives(tmp_path):
     for path in sorted(tmp_path.iterdir()):
         image = image_files.decode_image(str(path))
         assert image_files.decoded_size(str(path)) == (*image.shape, image.dtype), path.name
+
+
+def test_decoded_size_of_files_pil_reads_otherwise_than_opencv(tmp_path, monkeypatch):
+    """decoded_size against decode_image where PIL's header told otherwise: a 16-bit PGM (--img_ext .pgm; PIL said
+    8-bit, so the note on mixed bit depths was not said), a palette BMP of colours (PIL's one channel, OpenCV's RGB),
+    a GIF, and a phone's JPEG named .png (decode_image's flags for a PNG leave its EXIF turn alone); and a JPEG
+    larger than PIL's pixel limit is sized from its header (Image.open refused it, and the scan was decoded)."""
+    rng = np.random.default_rng(0)
+    colour = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "g16.pgm"), colour[..., 0].astype(np.uint16) * 257)
+    Image.fromarray(colour).convert("P").save(tmp_path / "palette.bmp")
+    Image.fromarray(colour).save(tmp_path / "c.gif")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(colour).save(tmp_path / "turned.jpg", exif=exif)
+    (tmp_path / "turned_named.png").write_bytes((tmp_path / "turned.jpg").read_bytes())
+    for name in ("g16.pgm", "palette.bmp", "c.gif", "turned_named.png"):
+        image = decode_image(str(tmp_path / name))
+        assert image_files.decoded_size(str(tmp_path / name)) == (*image.shape, image.dtype), name
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # 37x53 is then over twice the limit, as a 20k^2 scan is
+    monkeypatch.setattr(image_files, "decode_image", lambda path: pytest.fail(f"{path} decoded"))
+    assert image_files.decoded_size(str(tmp_path / "turned.jpg")) == (53, 37, 3, np.uint8)
