@@ -613,7 +613,7 @@ def dataset_folder(dataset, main, resume=None):
 def decoded_bytes(dataset_dir, ids, img_ext, mask_ext, classes, input_channels):
     """(bytes of the training cache, bytes of device_data.DeviceImages' copy) of the images ``ids``, from every
     image file's header (image_files.decoded_size): the cache holds each image as stored and its ``classes`` uint8
-    masks (--borders' included), the copy ``input_channels`` of it (uint8 when every image is 8-bit, else float16)
+    masks (--borders' included), the copy ``input_channels`` of it (uint8 when every image is uint8, else float16)
     and the masks again. Every file counts: the first 8 images of the sorted ids stood for all of them before, and a
     set whose first ids are small crops of its large fields was cached and copied into memory many times their
     size."""
@@ -622,7 +622,8 @@ def decoded_bytes(dataset_dir, ids, img_ext, mask_ext, classes, input_channels):
     height, width, channels, itemsize = np.array([(h, w, c, dtype.itemsize) for h, w, c, dtype in sizes],
                                                  dtype=np.float64).reshape(-1, 4).T
     pixels = height * width
-    copy_bytes = 1 if (itemsize == 1).all() else 2
+    # DeviceImages keeps uint8 images as bytes alone: a TIFF's int8 or bool (also 1 byte) is scaled to float16
+    copy_bytes = 1 if all(dtype == np.uint8 for *_, dtype in sizes) else 2
     return (pixels * (channels * itemsize + classes)).sum(), pixels.sum() * (copy_bytes * input_channels + classes)
 
 

@@ -7,6 +7,7 @@ import albumentations as A
 import cv2
 import numpy as np
 import pytest
+import tifffile
 import torch
 import yaml
 from skimage.measure import regionprops
@@ -646,3 +647,25 @@ def test_loader_auto_leaves_a_cache_whose_copy_would_pass_a_quarter_of_the_ram_t
         argv = train_argv(f"sized{on_device}", "--dataset", "sized", "--split_file", str(split_file))
         with Trainer(parse_train_args(argv), progress=False) as t:
             assert t.on_device == on_device and t.cache
+
+
+def test_decoded_bytes_counts_a_float16_copy_of_one_byte_tiffs_that_are_not_uint8(tmp_path):
+    """DeviceImages keeps uint8 images as bytes and scales any other type to float16, an int8 or bool TIFF (one
+    byte each, like uint8) too: decoded_bytes counted their copy at one byte a pixel, half what it holds. Label
+    images and --borders (2 mask channels) as well, against what Dataset's cache and DeviceImages hold."""
+    folder = tmp_path / "one_byte"
+    (folder / "images").mkdir(parents=True)
+    (folder / "labels").mkdir()
+    rng = np.random.default_rng(0)
+    ids = ["a", "b", "c"]
+    for img_id, image in zip(ids, (rng.integers(-100, 100, (40, 30), dtype=np.int8), rng.random((33, 30)) > 0.5,
+                                   rng.integers(0, 256, (35, 30), dtype=np.uint8))):
+        tifffile.imwrite(folder / "images" / f"{img_id}.tif", image)
+        labels = np.zeros(image.shape, np.uint16)
+        labels[5:15, 5:15], labels[15:25, 5:15] = 1, 2
+        tifffile.imwrite(folder / "labels" / f"{img_id}.tif", labels)
+    data = dataset.Dataset(ids, str(folder), ".tif", ".tif", input_channels=1, cache=True, borders=True)
+    copy = DeviceImages(data.cached, 1, torch.device("cpu"), progress=False)
+    held = sum(image.nbytes + mask.nbytes for image, mask in data.cached)
+    copied = copy.images.nbytes + copy.masks.nbytes
+    assert trainer.decoded_bytes(str(folder), ids, ".tif", ".tif", 2, 1) == (held, copied)
