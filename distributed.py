@@ -59,6 +59,11 @@ def world_size():
     return dist.get_world_size() if is_initialized() else 1
 
 
+def local_world_size():
+    """The processes torchrun started on this machine (its LOCAL_WORLD_SIZE; 1 without torchrun)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
 def is_main():
     """True on the process that writes files and prints (rank 0, or the only process)."""
     return rank() == 0

@@ -331,8 +331,9 @@ class Trainer:
 
     def _train_loader(self):
         """(the training loader, whether it augments on the device, whether images are cached: --cache and the
-        training set fits a quarter of the RAM): device_data.DeviceLoader or a DataLoader over albumentations in
-        workers (--loader), shuffled or --balance'd by DDP-aware samplers."""
+        training set fits a quarter of the RAM, shared by torchrun's processes on this machine):
+        device_data.DeviceLoader or a DataLoader over albumentations in workers (--loader), shuffled or --balance'd by
+        DDP-aware samplers."""
         a, train_ids, world = self.args, self.ids("train"), distributed.world_size()
         if len(train_ids) // world < a.batch_size:
             shared = f" per process ({len(train_ids)} for {world} processes)" if world > 1 else ""
@@ -341,7 +342,8 @@ class Trainer:
                              "--batch_size")
         cached, copied = decoded_bytes(self.dataset_dir, train_ids, a.img_ext, a.mask_ext, output_channels(a),
                                        a.input_channels)
-        quarter = ram()[0] / 4
+        # every process on this machine caches the whole training set, and makes its own copy
+        quarter = ram()[0] / 4 / distributed.local_world_size()
         cache = a.cache and cached < quarter
         # the scaled copy is made while the cache still holds the images (in RAM on a GPU too, before it moves)
         on_device = train_on_device(a.loader, cache and not a.stain_jitter and cached + copied < quarter, copied,

@@ -669,3 +669,22 @@ def test_decoded_bytes_counts_a_float16_copy_of_one_byte_tiffs_that_are_not_uint
     held = sum(image.nbytes + mask.nbytes for image, mask in data.cached)
     copied = copy.images.nbytes + copy.masks.nbytes
     assert trainer.decoded_bytes(str(folder), ids, ".tif", ".tif", 2, 1) == (held, copied)
+
+
+def test_loader_auto_shares_the_quarter_of_the_ram_among_torchrun_processes(tmp_path, monkeypatch):
+    """Under torchrun each process on a machine caches the whole training set and makes its own copy: with 2 of
+    them (LOCAL_WORLD_SIZE), a set whose cache and copy fit a quarter of the RAM once, not twice, is cached but not
+    copied (each process sized it for itself, and the 2 held twice the quarter)."""
+    train_ids, split_file = small_first_dataset(tmp_path)
+    data = dataset.Dataset(train_ids, str(tmp_path / "inputs" / "sized"), input_channels=3, cache=True)
+    copied = DeviceImages(data.cached, 3, torch.device("cpu"))
+    held = sum(image.nbytes + mask.nbytes for image, mask in data.cached)
+    both = held + copied.images.nbytes + copied.masks.nbytes
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(trainer, "ram", lambda: (4 * both + 4, 4 * both + 4))  # a quarter: once, not twice
+    assert held < both / 2  # the cache alone still fits each process's share
+    for processes in (1, 2):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(processes))
+        argv = train_argv(f"shared{processes}", "--dataset", "sized", "--split_file", str(split_file))
+        with Trainer(parse_train_args(argv), progress=False) as t:
+            assert (t.on_device, t.cache) == (processes == 1, True)
