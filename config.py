@@ -157,7 +157,8 @@ def _add_data_args(g):
                         "often, up to 10: the rarer kinds more often than the common ones)")
     g.add_argument("--cache", default=True, type=str2bool,
                    help="decode every image once into memory when the dataset fits (under a quarter of RAM, "
-                        "shared by torchrun's processes on the machine)")
+                        "shared by torchrun's processes on the machine and, where they are spawned (macOS, "
+                        "Windows), by the loader workers)")
     g.add_argument("--loader", default="auto", choices=LOADERS,
                    help="device: keep the decoded training set as one tensor on the training device and augment whole "
                         "batches there (no worker processes); workers: albumentations in DataLoader workers; auto: "

@@ -5,6 +5,7 @@ atomically (temporary file, then os.replace), only by the main process, so a cra
 job leaves each file either in its old or its new complete version. The folder is created only once the run is set up.
 """
 import math
+import multiprocessing
 import os
 import shlex
 import shutil
@@ -348,6 +349,10 @@ class Trainer:
         # the scaled copy is made while the cache still holds the images (in RAM on a GPU too, before it moves)
         on_device = train_on_device(a.loader, cache and not a.stain_jitter and cached + copied < quarter, copied,
                                     self.device)
+        if cache and not on_device and a.num_workers and multiprocessing.get_start_method() != "fork":
+            # spawned loader workers (macOS, Windows; Linux from Python 3.14) each unpickle their own copy of the
+            # cache, where forked ones share its pages
+            cache = cached * (1 + a.num_workers) < quarter
         augment = {flag: getattr(a, flag) for flag in AUGMENTATION_FLAGS}
         transform = None if on_device else train_transform(**augment, stain_jitter=a.stain_jitter)
         data = Dataset(train_ids, self.dataset_dir, transform=transform, seed=a.seed, cache=cache or on_device,

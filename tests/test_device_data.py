@@ -671,6 +671,23 @@ def test_decoded_bytes_counts_a_float16_copy_of_one_byte_tiffs_that_are_not_uint
     assert trainer.decoded_bytes(str(folder), ids, ".tif", ".tif", 2, 1) == (held, copied)
 
 
+def test_spawned_loader_workers_count_their_copies_of_the_cache(tmp_path, monkeypatch):
+    """Loader workers started by spawn or forkserver (macOS, Windows, Linux from Python 3.14) each unpickle the
+    Dataset with its cache; forked ones share its pages. A cache that fits a quarter of the RAM once, but not once
+    per worker besides, is kept under fork and left out under spawn."""
+    train_ids, split_file = small_first_dataset(tmp_path)
+    data = dataset.Dataset(train_ids, str(tmp_path / "inputs" / "sized"), input_channels=3, cache=True)
+    held = sum(image.nbytes + mask.nbytes for image, mask in data.cached)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(trainer, "ram", lambda: (4 * 2 * held, 4 * 2 * held))  # a quarter: the cache twice
+    for method, kept in (("fork", True), ("spawn", False), ("forkserver", False)):
+        monkeypatch.setattr(trainer.multiprocessing, "get_start_method", lambda: method)
+        argv = train_argv(f"spawned_{method}", "--dataset", "sized", "--split_file", str(split_file), "--loader",
+                          "workers", "--num_workers", "2")
+        with Trainer(parse_train_args(argv), progress=False) as t:
+            assert (t.on_device, t.cache) == (False, kept), method
+
+
 def test_loader_auto_shares_the_quarter_of_the_ram_among_torchrun_processes(tmp_path, monkeypatch):
     """Under torchrun each process on a machine caches the whole training set and makes its own copy: with 2 of
     them (LOCAL_WORLD_SIZE), a set whose cache and copy fit a quarter of the RAM once, not twice, is cached but not
