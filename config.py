@@ -848,6 +848,14 @@ def add_amp_arg(p):
                         "CPU with native bf16 (AMX or AVX512-BF16; else fp32); True/False mean auto/fp32")
 
 
+def add_ensemble_arg(p):
+    """val.py's and predict.py's --ensemble (ensemble.py)."""
+    p.add_argument("--ensemble", nargs="+", default=[], metavar="RUN",
+                   help="also these runs: the mean of their and --name's probabilities (the other folds' runs of a "
+                        "--folds cross-validation, as nnU-Net predicts); they must read images alike; the separation "
+                        "and filters are then the defaults or the flags given")
+
+
 def add_separation_args(p):
     """val.py's and predict.py's --separation, --min_size and --min_confidence: how a predicted mask becomes
     nuclei (resolved by :func:`post_processing`)."""
@@ -916,11 +924,18 @@ class PostProcessing(NamedTuple):
         return f"{self.separation}; {self.tuned}" if self.tuned else self.separation
 
 
-def post_processing(name, cfg, separation=None, min_size=None, min_confidence=None):
+def post_processing(name, cfg, separation=None, min_size=None, min_confidence=None, ensemble=()):
     """The post-processing of run ``name`` (its config ``cfg``) for val.py and predict.py: each flag that is given
     (not None), else the value val.py --tune chose for this run (:func:`tuned_post_processing`; not --min_size),
-    else the default (:func:`choose_separation`, :func:`object_filters`)."""
-    tuned, note = tuned_post_processing(name, cfg.borders)
+    else the default (:func:`choose_separation`, :func:`object_filters`). Averaged with the runs ``ensemble``
+    (--ensemble), the defaults: a choice tuned for one run's probabilities is not the ensemble's (a note says so)."""
+    if ensemble:
+        alone = [run for run in (name, *ensemble) if os.path.isfile(os.path.join(saved_run_dir(run), TUNED_FILE))]
+        tuned, note = {}, (f"note: --ensemble: the separation and --min_confidence that val.py --tune chose for run "
+                           f"{alone[0]} alone are not used; the ensemble takes the defaults, or the flags given"
+                           if alone else "")
+    else:
+        tuned, note = tuned_post_processing(name, cfg.borders)
     default = {"separation": choose_separation(None, cfg.borders, name),
                "min_confidence": object_filters(loss=cfg.loss)["min_confidence"]}
     given = {"separation": separation, "min_size": min_size, "min_confidence": min_confidence}

@@ -15,7 +15,7 @@ import pandas as pd
 import yaml
 from scipy.special import ndtr, stdtrit
 
-from config import EVALUATION_FILE, INPUTS_DIR, dataset_folder, saved_run_dir
+from config import EVALUATION_FILE, INPUTS_DIR, dataset_folder, load_run_config, saved_run_dir
 from dataset import MODALITIES, eval_loader, mostly_foreground_note, multi_object_ids_note
 from layouts import find_layout, images_left_out, list_ids, nucleus_diameter, read_instance_labels
 from files import atomic_imwrite, atomic_write, folder_replaced_when_done
@@ -175,13 +175,14 @@ def same_picture(a, b):
     return np.array_equal(a.astype(np.uint64) * np.iinfo(b.dtype).max, b.astype(np.uint64) * np.iinfo(a.dtype).max)
 
 
-def evaluation_record(name, split, dataset, folder):
-    """What an evaluation scored, as evaluation.yml in its output folder records it: the run and the split ('val' by
-    default), or with --dataset every image of that folder (:func:`dataset_key`; a run's own split stays the same
-    evaluation when its dataset folder moves)."""
+def evaluation_record(name, split, dataset, folder, ensemble=()):
+    """What an evaluation scored, as evaluation.yml in its output folder records it: the run (and the runs
+    ``ensemble`` averaged with it, --ensemble) and the split ('val' by default), or with --dataset every image of that
+    folder (:func:`dataset_key`; a run's own split stays the same evaluation when its dataset folder moves)."""
+    run = {"run": name, **({"ensemble": list(ensemble)} if ensemble else {})}
     if dataset is None:
-        return {"run": name, "split": split or "val"}
-    return {"run": name, "split": "every image", "dataset": dataset_key(folder)}
+        return {**run, "split": split or "val"}
+    return {**run, "split": "every image", "dataset": dataset_key(folder)}
 
 
 def dataset_key(folder):
@@ -196,7 +197,10 @@ def describe_evaluation(record):
     """'run r (test split)' or 'run r (every image of /data/test)' for a message."""
     split = record.get("split")
     what = f"every image of {record.get('dataset')}" if split == "every image" else f"{split} split"
-    return f"run {record.get('run')} ({what})"
+    ensemble = record.get("ensemble")
+    runs = f"runs {', '.join(map(str, [record.get('run'), *ensemble]))}" if isinstance(ensemble, list) else \
+        f"run {record.get('run')}"
+    return f"{runs} ({what})"
 
 
 def check_same_evaluation(out_dir, record):
@@ -211,7 +215,7 @@ def check_same_evaluation(out_dir, record):
         return
     if isinstance(held, dict) and isinstance(held.get("dataset"), str):
         held["dataset"] = dataset_key(held["dataset"])
-    if isinstance(held, dict) and {key: held.get(key) for key in record} != record:
+    if isinstance(held, dict) and {key: held.get(key) for key in {*record, "ensemble"}} != {"ensemble": None, **record}:
         raise UsageError(f"{out_dir} holds the evaluation of {describe_evaluation(held)}, not of "
                          f"{describe_evaluation(record)}; give --output to write this one elsewhere, or remove that "
                          "folder")
@@ -395,7 +399,7 @@ def interval_line(table, separation):
 
 
 def untrained_line(table, trained, separation):
-    """['  without the run's N training images (M): IoU x mean per image, DSB2018 y (separation); they are a, b, c']
+    """['  without the N training images (M): IoU x mean per image, DSB2018 y (separation); they are a, b, c']
     for a ``table`` (scores.csv's rows; its dsb column is ``separation``'s) of which the ids ``trained`` are images
     the run trained on; [] when none are, or all: the scores of the images the run had not seen."""
     seen = table["img_id"].isin(set(trained))
@@ -406,7 +410,7 @@ def untrained_line(table, trained, separation):
     dsb_text = f", DSB2018 {dsb.mean():.4f} ({SEPARATION_NAMES[separation]}{labelled(len(dsb), len(unseen))})" \
         if len(dsb) else ""
     trained_count = len(table) - len(unseen)
-    return [f"  without the run's {trained_count} training image{'s' * (trained_count != 1)} ({len(unseen)}): IoU "
+    return [f"  without the {trained_count} training image{'s' * (trained_count != 1)} ({len(unseen)}): IoU "
             f"{unseen['iou'].mean():.4f} mean per image{dsb_text}; they are {first_few(table['img_id'][seen], 1)}"]
 
 
@@ -487,10 +491,18 @@ def scored_images(args, cfg, reading, out_dir):
     a UsageError when the default ``out_dir`` holds another evaluation (:func:`check_same_evaluation`), and the
     DataErrors of those functions."""
     dataset_dir, ids, part, trained = evaluation_ids(args.name, args.split, args.dataset, cfg, reading)
+    for other in args.ensemble:  # the images of their own split, and their training images
+        their_dir, their_ids, _, their_trained = evaluation_ids(other, args.split, args.dataset,
+                                                                load_run_config(other), reading)
+        if sorted(their_ids) != sorted(ids) or os.path.realpath(their_dir) != os.path.realpath(dataset_dir):
+            raise UsageError(f"--ensemble: run {other}'s {args.split} split is not run {args.name}'s ({len(their_ids)} "
+                             f"images of {their_dir}, against {len(ids)} of {dataset_dir}); train the runs with the "
+                             "same --test_size and --split_seed, or score them on --dataset <set>")
+        trained += [i for i in their_trained if i not in trained]
     left_out = images_left_out(dataset_dir, reading["img_ext"]) if args.dataset is not None else ""
     if left_out:
         print(left_out)
-    record = evaluation_record(args.name, args.split, args.dataset, dataset_dir)
+    record = evaluation_record(args.name, args.split, args.dataset, dataset_dir, args.ensemble)
     if not (args.output or args.tune):
         check_same_evaluation(out_dir, record)
     layout = find_layout(dataset_dir, reading["img_ext"], reading["mask_ext"])

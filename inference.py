@@ -59,8 +59,14 @@ def forward_bytes_per_pixel(model, channels, device):
     """(upper bound of the memory one input pixel costs in a forward pass: the bytes of every layer's output on
     a small probe input, per pixel (inference frees most of them; the bound is safe); the channels of its output,
     summed over the deep-supervision heads). The probe runs in eval mode, so that a network being trained keeps its
-    BatchNorm statistics."""
-
+    BatchNorm statistics. An ensemble (ensemble.MeanProbability) runs its members one after another: the bound of the
+    largest, and the two outputs of its running mean."""
+    members = getattr(model, "members", None)
+    if members is not None:
+        largest = max(forward_bytes_per_pixel(member, channels, device)[0] for member in members)
+        with eval_mode(model), torch.inference_mode():
+            channels_out = model(torch.zeros(1, channels, 64, 64, device=device)).shape[1]
+        return largest + 2 * 4 * channels_out, channels_out
     total = [0]
 
     def count(module, inputs, output):

@@ -68,8 +68,8 @@ from functools import partial
 import numpy as np
 import yaml
 
-from config import (add_amp_arg, add_device_arg, add_separation_args, check_object_filters, post_processing,
-                    prediction_settings, saved_run_dir)
+from config import (add_amp_arg, add_device_arg, add_ensemble_arg, add_separation_args, check_object_filters,
+                    post_processing, prediction_settings, saved_run_dir)
 from files import atomic_write, check_output_folder, remove_killed_writes, written_alone
 from finished_images import finished_count, forget_finished, json_ready, read_finished, record_finished
 from image_files import (CELLPOSE_NOT_IMAGES, PIXEL_SIZES, TIFF_EXTS, TiffHeader, nucleus_channel, read_planes,
@@ -82,8 +82,8 @@ from predict_notes import (closing_notes, grey_channel_note, holds_outputs, left
                            stitched_line, summary_line, tiff_notes, track_notes, tracked_line)
 from geojson_objects import nucleus_features
 from rois import nucleus_rois
-from utils import (ArgumentParser, BatchedThreads, DataError, UsageError, check_utf8_names, first_few, float_or_auto,
-                   path_arg, printable_path, progress_bar, run_cli)
+from utils import (ArgumentParser, BatchedThreads, DataError, UsageError, check_run_name, check_utf8_names, first_few,
+                   float_or_auto, path_arg, printable_path, progress_bar, run_cli)
 from visualize import draw_outlines, to_bgr
 
 IMAGE_EXTS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
@@ -99,6 +99,7 @@ def build_parser():
                        description="Segment images (files or folders) with models/<name>/model.pth.")
     g = p.add_argument_group("what to segment")
     g.add_argument("--name", required=True, help="run name: a folder in models/, or nuclei (the bundled model)")
+    add_ensemble_arg(g)
     g.add_argument("--input", type=path_arg, required=True, nargs="+", metavar="PATH",
                    help=f"image files and/or folders (their {'/'.join(e[1:] for e in IMAGE_EXTS)} files, any case)")
     g.add_argument("--output", type=path_arg, required=True, metavar="DIR",
@@ -171,6 +172,8 @@ def build_parser():
 
 def check_args(args):
     args.instances = args.instances or args.rois or args.geojson
+    for other in args.ensemble:
+        check_run_name(other, "--ensemble")
     if args.tile < 0 or args.tile % 16:
         raise UsageError(f"--tile {args.tile} must be 0 (from the memory budget) or a positive multiple of 16")
     if args.overlap < 0:
@@ -538,13 +541,14 @@ def output_settings(args, cfg, predictor, epoch, separation, filters):
 
 def prediction_record(args, argv, settings, platform, weights, rows, left_out, resumed):
     """What prediction.yml holds: the run, and ``weights`` = (the folder it was loaded from, checkpoints.made_by:
-    the SHA-256 of its weights and config.yml and the toolkit's version), taken as it was loaded; the command
+    the SHA-256 of its weights and config.yml and the toolkit's version, and the runs averaged with it by --ensemble
+    as ensemble.members_record gives them), taken as it was loaded; the command
     (``argv``, after python and this script's path, to paste in the working directory) and the --input it covered,
     when and with what; the :func:`output_settings`; how many images and planes (``rows``) were predicted, of them
     how many images a stopped prediction had finished (``resumed``, with --resume), and the errors of the files
     ``left_out``; ``platform``: {'torch': its version, 'device': the device used}."""
-    folder, hashes = weights
-    return {"run": args.name, "run_folder": os.path.realpath(folder), **hashes,
+    folder, hashes, members = weights
+    return {"run": args.name, "run_folder": os.path.realpath(folder), **hashes, **ensemble_entries(args, members),
             # the script's own path: run from another folder (one that holds models/), "predict.py" names no file
             "command": shlex.join(["python", os.path.realpath(__file__), *argv]),
             "working_directory": os.getcwd(), "input": [os.path.abspath(p) for p in args.input],
@@ -603,12 +607,20 @@ def auto_scale_diameter(name, cfg, measure):
     return diameter
 
 
-def resume_match(args, cfg, hashes, settings):
+def ensemble_entries(args, members):
+    """prediction.yml's record of the runs averaged with --name's (--ensemble): their names, and ``members``
+    (ensemble.members_record: each one's epoch and SHA-256s) as ensemble_weights; {} for --name's run alone."""
+    return {"ensemble": args.ensemble, "ensemble_weights": members} if args.ensemble else {}
+
+
+def resume_match(args, cfg, weights, settings):
     """What an image's record of being finished must match for --resume to keep it (JSON-ready): the run, the
-    ``hashes`` of its weights, config and toolkit (checkpoints.made_by) and the :func:`output_settings`
+    ``weights`` = (the hashes of its weights, config and toolkit: checkpoints.made_by, those of the runs --ensemble
+    averages with it: ensemble.members_record) and the :func:`output_settings`
     ``settings``; windows sized from the memory budget as the flags asked (the budget is another on the node a
     requeued job lands on, and the windows already differ from image to image with it)."""
-    return json_ready({"run": args.name, **hashes, **settings,
+    hashes, members = weights
+    return json_ready({"run": args.name, **hashes, **ensemble_entries(args, members), **settings,
                        **({"tile": 0, "overlap": args.overlap} if not args.tile and cfg.crop_size else {})})
 
 
@@ -689,8 +701,9 @@ def main(argv):
     # Heavy imports only now, so that --help and flag errors answer at once.
     import torch
 
-    from checkpoints import load_run, made_by
+    from checkpoints import made_by
     from engine import choose_device, fit_threads_to_cpus
+    from ensemble import load_models, members_record
     from evaluation import model_epoch, training_diameter
     from inference import Predictor
 
@@ -698,8 +711,9 @@ def main(argv):
     fit_threads_to_cpus()
     platform = {"torch": str(torch.__version__),
                 "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")}
-    cfg, model = load_run(args.name, device, args.prune)
-    weights, epoch = (saved_run_dir(args.name), made_by(args.name)), model_epoch(args.name)
+    cfg, model = load_models(args.name, args.ensemble, device, args.prune)
+    weights, epoch = (saved_run_dir(args.name), made_by(args.name), members_record(args.ensemble)), \
+        model_epoch(args.name)
     check_flags_for_run(args, cfg)
     auto = args.scale == "auto"
     if auto:
@@ -707,14 +721,14 @@ def main(argv):
     written = output_files(files, ids, [header.plane_axes for header in headers],
                            output_suffixes(cfg.num_classes, args.save_prob, args.instances, args.overlay, args.rois,
                                            args.geojson))
-    post = post_processing(args.name, cfg, args.separation, args.min_size, args.min_confidence)
+    post = post_processing(args.name, cfg, args.separation, args.min_size, args.min_confidence, args.ensemble)
     if post.note:
         print(post.note)
     separation, filters = post.separation, post.filters
     predictor = Predictor(model, cfg, device, args.tile or None, args.overlap, args.batch_size, args.prune, args.tta,
                           args.amp, 1.0 if auto else args.scale)
     settings = output_settings(args, cfg, predictor, epoch, separation, filters)
-    recorded = resume_match(args, cfg, weights[1], settings)
+    recorded = resume_match(args, cfg, weights[1:], settings)
     sources = dict(zip(ids, files))
     os.makedirs(args.output, exist_ok=True)
     with output_lock(args):

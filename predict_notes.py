@@ -364,7 +364,8 @@ def summary_line(args, cfg, predictor, device, done, rows, seconds, objects, sep
         f"{size}, windows up to {predictor.tile}x{predictor.tile}"
     stacked = (f", {planes} planes in all" if planes > done else "") + \
         (f", channel {args.channel}" if args.channel is not None else "")
-    return (f"{args.name}: {done} image{'s' if done > 1 else ''} ({megapixels:.2f} Mpx{stacked}, {how}"
+    runs = f" + {len(args.ensemble)} run{'s' * (len(args.ensemble) > 1)}" if args.ensemble else ""
+    return (f"{args.name}{runs}: {done} image{'s' if done > 1 else ''} ({megapixels:.2f} Mpx{stacked}, {how}"
             f"{', TTA' if args.tta else ''}{f', pruned at L={args.prune}' if args.prune else ''}) in {seconds:.1f}s on "
             f"{device} ({predictor.precision.describe()}); mean foreground "
             f"{'of class 0 ' if cfg.num_classes > 1 else ''}{100 * foreground:.1f}%{found}{table}; "

@@ -4,11 +4,13 @@ predicted.
     python val.py --name dsb2018_96_NestedUNet_wDS
     python val.py --name dsb2018_96_NestedUNet_wDS_3way --split test --tta     # a run trained with --test_size
     python val.py --name dsb2018_full_UNet_crop256 --dataset dsb2018_test_full     # every image of a test set
+    python val.py --name mine_fold0 --ensemble mine_fold1 mine_fold2 --split test  # the folds' mean probability
 
 With ``--dataset`` every image of inputs/<dataset>/ is scored, at the run's evaluation size (resized for a run
 trained on resized images, the image's own size for a crop-trained run: in windows when its forward pass exceeds the
 memory budget, inference.WindowedNetwork), and the outputs go to
-outputs/<name>_on_<dataset>/, never over the run's own validation outputs (``--split test``: outputs/<name>_test/).
+outputs/<name>_on_<dataset>/, never over the run's own validation outputs (``--split test``: outputs/<name>_test/;
+with ``--ensemble``, outputs/<name>_ensemble_test/ and outputs/<name>_ensemble_on_<dataset>/).
 Each evaluation's outputs replace the folder as a whole once complete, so its files never mix with an earlier one's;
 its evaluation.yml says what was scored, and a default folder that holds another evaluation (run r's --split test and
 a run named r_test share outputs/r_test) is refused instead of replaced.
@@ -28,8 +30,9 @@ and writes the best to models/<name>/postprocessing.yml, the run's defaults from
 """
 import os
 
-from config import (OUTPUTS_DIR, TUNED_FILE, add_amp_arg, add_device_arg, add_separation_args, check_object_filters,
-                    load_run_config, post_processing, prediction_settings, run_dir, run_lock_file, saved_run_dir)
+from config import (OUTPUTS_DIR, TUNED_FILE, add_amp_arg, add_device_arg, add_ensemble_arg, add_separation_args,
+                    check_object_filters, load_run_config, post_processing, prediction_settings, run_dir,
+                    run_lock_file, saved_run_dir)
 from files import check_replaceable, written_alone
 from utils import ArgumentParser, UsageError, at_least, check_run_name, file_extension, path_arg, run_cli
 
@@ -41,6 +44,7 @@ def build_parser():
                                    "of the nuclei that --separation, --min_size and --min_confidence make (the other "
                                    "separations printed beside it).")
     p.add_argument("--name", required=True, help="run name: a folder in models/, or nuclei (the bundled model)")
+    add_ensemble_arg(p)
     p.add_argument("--split", default=None, choices=["val", "test", "train"],
                    help="which ids of split.csv (default val)")
     p.add_argument("--dataset", type=path_arg, default=None,
@@ -73,11 +77,13 @@ def build_parser():
     return p
 
 
-def output_folder(name, split, dataset, output):
+def output_folder(name, split, dataset, output, ensemble=()):
     """--output, else outputs/<name> for the validation split, outputs/<name>_<split> for another split and
-    outputs/<name>_on_<dataset> for another dataset: one evaluation's files never mix with another's."""
+    outputs/<name>_on_<dataset> for another dataset (<name>_ensemble for --name's run averaged with others): one
+    evaluation's files never mix with another's."""
     if output:
         return output
+    name += "_ensemble" if ensemble else ""
     if dataset is not None:
         return os.path.join(OUTPUTS_DIR, f"{name}_on_{os.path.basename(os.path.normpath(dataset))}")
     return os.path.join(OUTPUTS_DIR, name if split in (None, "val") else f"{name}_{split}")
@@ -105,16 +111,33 @@ def check_tune_args(args):
                          "tune that run")
 
 
+def check_ensemble_args(args):
+    """--ensemble: a UsageError for --tune, and for a split of the runs' own dataset other than the test split, whose
+    images some of the runs trained on."""
+    if args.tune:
+        raise UsageError("--ensemble: --tune chooses the post-processing of one run, on its own validation split; "
+                         "leave one of them out")
+    if args.dataset is None and args.split != "test":
+        split = args.split or "val"
+        raise UsageError(f"--ensemble: the {split} split of run {args.name} holds images that other runs trained on "
+                         "(the other folds' runs train on each fold's validation images); score the ensemble on "
+                         "--split test (runs trained with the same --test_size and --split_seed) or on --dataset <set>")
+    for other in args.ensemble:
+        check_run_name(other, "--ensemble")
+
+
 def main(argv):
     args = build_parser().parse_args(argv)
     check_object_filters(args.min_size, args.min_confidence)  # before the heavy imports
     check_run_name(args.name)  # before it names a folder
+    if args.ensemble:
+        check_ensemble_args(args)
     if args.tune:
         check_tune_args(args)
         # as train.py holds it: the weights cannot change while they are tuned for
         with written_alone(run_dir(args.name), "--name", run_lock_file(args.name)):
             return evaluate_into(args, None)
-    out_dir = output_folder(args.name, args.split, args.dataset, args.output)
+    out_dir = output_folder(args.name, args.split, args.dataset, args.output, args.ensemble)
     check_replaceable(out_dir, "--output", "scores.csv", "an output folder of val.py")
     # One val.py at a time writes a folder: the one that ended last would replace the other's outputs, also those of
     # another evaluation that check_same_evaluation refuses to replace
@@ -127,9 +150,10 @@ def evaluate_into(args, out_dir):
     complete) and print the summary; returns the scores (engine.evaluate's, and the DSB2018 means). With --tune,
     returns the choice of :func:`tune` instead."""
     # Heavy imports only now, so that --help and flag errors answer at once.
-    from checkpoints import load_run, made_by
+    from checkpoints import made_by
     from dataset import reading_of
     from engine import Precision, choose_device, evaluate, fit_threads_to_cpus
+    from ensemble import load_models, members_record
     from evaluation import (instance_labels, model_epoch, print_size_hint, score_and_write, scored_images,
                             scoring_loader, summary)
     from inference import whole_image_network
@@ -137,14 +161,14 @@ def evaluate_into(args, out_dir):
 
     device = choose_device(args.device)
     fit_threads_to_cpus()
-    cfg, model = load_run(args.name, device, args.prune)
+    cfg, model = load_models(args.name, args.ensemble, device, args.prune)
     epoch = model_epoch(args.name)  # with the weights: a train.py of the run may save a better epoch meanwhile
     if cfg.crop_size and (args.batch_size or 1) > 1:  # whole images differ in size: dataset.eval_loader's batches of 1
         print(f"note: --batch_size {args.batch_size}: run {args.name} was trained on crops and is scored on whole "
               "images, one at a time; no effect here")
-    made = made_by(args.name)
+    made = {**made_by(args.name), **({"ensemble_weights": members_record(args.ensemble)} if args.ensemble else {})}
     if not args.tune:  # a damaged postprocessing.yml must not stop the --tune that replaces it
-        post = post_processing(args.name, cfg, args.separation, args.min_size, args.min_confidence)
+        post = post_processing(args.name, cfg, args.separation, args.min_size, args.min_confidence, args.ensemble)
         if post.note:
             print(post.note)
     reading = {**reading_of(cfg), "img_ext": args.img_ext or cfg.img_ext, "mask_ext": args.mask_ext or cfg.mask_ext}
@@ -195,7 +219,9 @@ def title_parts(args, cfg, epoch, part, count):
     the size, for a run trained on resized images), and how, the flip TTA and the pruning, then ")"; the printed
     title puts the precision between them, summary.png's leaves it out to fit its width."""
     size = f" at {cfg.input_h}x{cfg.input_w}" if not cfg.crop_size else ""  # where the scores and nuclei were taken
-    what = f"{args.name} ({epoch + ', ' if epoch else ''}{part}, {count} image{'s' * (count != 1)}{size}"
+    runs = f" + {len(args.ensemble)} run{'s' * (len(args.ensemble) > 1)}" if args.ensemble else ""
+    epoch = epoch and not args.ensemble and f"{epoch}, "  # the runs' epochs: evaluation.yml's ensemble_weights
+    what = f"{args.name}{runs} ({epoch or ''}{part}, {count} image{'s' * (count != 1)}{size}"
     how = (", flip TTA" if args.tta else "") + (f", pruned at L={args.prune}" if args.prune else "") + ")"
     return what, how
 

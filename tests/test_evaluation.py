@@ -369,12 +369,12 @@ def test_the_summary_gives_the_interval_of_the_means_from_ten_images():
 def test_the_scores_without_the_images_trained_on_are_their_means():
     table = pd.DataFrame({"img_id": ["a", "b", "c", "d"], "iou": [0.9, 0.5, 0.7, 0.2], "dsb": [0.8, np.nan, 0.4, 0.1]})
     assert untrained_line(table, ["a", "x"], "borders") == [
-        "  without the run's 1 training image (3): IoU 0.4667 mean per image, DSB2018 0.2500 (learned borders, over "
+        "  without the 1 training image (3): IoU 0.4667 mean per image, DSB2018 0.2500 (learned borders, over "
         "the 2 with instance labels); they are a"]
     assert "DSB2018 0.4333 (learned borders); they are b" in untrained_line(table, ["b"], "borders")[0]
     assert untrained_line(table, [], "borders") == [] and untrained_line(table, list("abcd"), "borders") == []
     assert untrained_line(table[["img_id", "iou"]], ["d"], None) == [
-        "  without the run's 1 training image (3): IoU 0.7000 mean per image; they are d"]
+        "  without the 1 training image (3): IoU 0.7000 mean per image; they are d"]
     # one id named: DSB2018's are 64 characters long, and three of them took the line to four
     assert untrained_line(table[["img_id", "iou"]], ["a", "b", "c"], None)[0].endswith("; they are a and 2 more")
 

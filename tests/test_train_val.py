@@ -829,7 +829,7 @@ def test_val_scores_every_image_of_another_dataset(work, capsys):
     split = pd.read_csv(root / "models" / "unet" / "split.csv", dtype=str)
     trained = set(split.loc[split["split"] == "train", "img_id"])
     unseen = table[~table["img_id"].isin(trained)]
-    assert f"without the run's {len(table) - len(unseen)} training images ({len(unseen)}): IoU " \
+    assert f"without the {len(table) - len(unseen)} training images ({len(unseen)}): IoU " \
         f"{unseen['iou'].mean():.4f} mean per image, DSB2018 {unseen['dsb'].mean():.4f}" in printed, printed
     shutil.copytree(root / "inputs" / TINY_NAME, root / "inputs" / "tiny_copy")
     with cwd(root):  # a copy of it elsewhere: its training images counted by their pixels ("unseen" shares names)
