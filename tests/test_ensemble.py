@@ -16,7 +16,7 @@ import val
 from checkpoints import load_run
 from conftest import sample_bgr, train_argv
 from ensemble import MeanProbability, load_models
-from inference import Predictor
+from inference import Predictor, forward_bytes_per_pixel
 from splits import read_split, split_ids
 from utils import UsageError
 
@@ -140,3 +140,13 @@ def test_val_py_scores_folds_together_on_their_shared_test_split(tiny_workdir, c
     printed = capsys.readouterr().out
     assert os.path.isdir(os.path.join("outputs", "f0_ensemble_on_tiny"))
     assert "without the 8 training images (2): " in printed
+
+
+def test_an_ensemble_s_windows_are_sized_for_its_largest_run_as_its_runs_go_one_after_another(in_runs):
+    """The memory bound of an ensemble's forward pass is its largest run's (they run one after another) and its two
+    float32 sums of the mean, not the bound of all its runs together, which would cut its windows needlessly."""
+    device = torch.device("cpu")
+    alone = [forward_bytes_per_pixel(load_run(name, device)[1], 3, device) for name in ("p", "u")]
+    together = forward_bytes_per_pixel(load_models("p", ["u"], device)[1], 3, device)
+    assert alone[0][1] == 4 and alone[1][1] == 1  # p's four deep-supervision heads; the ensemble's one mean
+    assert together == (max(alone[0][0], alone[1][0]) + 2 * 4, 1)
