@@ -797,13 +797,14 @@ def run_name_suggestion(name, bundled=True):
     return f" (did you mean {lowered[close[0]]}{runs[lowered[close[0]]]}?)" if close else ""
 
 
-def load_run_config(name):
+def load_run_config(name, flag="--name"):
     """Read the run's config.yml (models/<name>/ or the bundled pretrained/<name>/) as a recipe is read
-    (:func:`read_yaml_config`), check its keys, and return an argparse Namespace."""
+    (:func:`read_yaml_config`), check its keys, and return an argparse Namespace. ``flag``: the one that named the
+    run, for the message when there is none."""
     path = os.path.join(saved_run_dir(name), "config.yml")
     if not os.path.isfile(path):
         raise UsageError(f"no run named {name!r}: {path} not found{run_name_suggestion(name)} (train it first, or "
-                         "check --name)")
+                         f"check {flag})")
     return read_run_config(path)
 
 

@@ -49,7 +49,7 @@ def check_same_reading(name, others):
     cfg = load_run_config(name)
     keys = SAME_KEYS + (() if cfg.crop_size else RESIZED_KEYS)
     for other in others:
-        theirs = load_run_config(other)
+        theirs = load_run_config(other, "--ensemble")
         for key in keys:
             if getattr(theirs, key) != getattr(cfg, key):
                 raise UsageError(f"--ensemble: run {other} has {key} {getattr(theirs, key)}, run {name} "

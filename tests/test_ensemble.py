@@ -91,6 +91,7 @@ def test_predict_py_records_every_run_of_the_ensemble(in_runs, tmp_path, capsys)
     (["pp"], "run pp has normalization percentile, run p fixed"),
     (["u", "u"], "run u is named more than once"),
     (["p"], "run p is named more than once"),
+    (["nosuch"], "no run named 'nosuch': .* check --ensemble"),
 ])
 def test_runs_that_read_images_otherwise_are_refused(in_runs, tmp_path, others, words):
     cv2.imwrite(str(tmp_path / "a.png"), sample_bgr(32, 32))
