@@ -69,7 +69,7 @@ import numpy as np
 import yaml
 
 from config import (add_amp_arg, add_device_arg, add_ensemble_arg, add_separation_args, check_object_filters,
-                    post_processing, prediction_settings, saved_run_dir)
+                    load_run_config, post_processing, prediction_settings, saved_run_dir)
 from files import atomic_write, check_output_folder, remove_killed_writes, written_alone
 from finished_images import finished_count, forget_finished, json_ready, read_finished, record_finished
 from image_files import (CELLPOSE_NOT_IMAGES, PIXEL_SIZES, TIFF_EXTS, TiffHeader, nucleus_channel, read_planes,
@@ -607,6 +607,19 @@ def auto_scale_diameter(name, cfg, measure):
     return diameter
 
 
+def check_ensemble_scale(args, diameter, measure):
+    """--scale auto with --ensemble: a UsageError when a run averaged with --name's learned nuclei of another size
+    (its training diameter as :func:`auto_scale_diameter` gives it, more than instances.AUTO_SCALE_BAND times
+    --name's ``diameter`` or less than 1 / AUTO_SCALE_BAND of it): the images are sized for --name's run, and that
+    run would see its nuclei at a size it never learned."""
+    for other in args.ensemble:
+        theirs = auto_scale_diameter(other, load_run_config(other, "--ensemble"), measure)
+        if not diameter / AUTO_SCALE_BAND <= theirs <= diameter * AUTO_SCALE_BAND:
+            raise UsageError(f"--scale auto: run {other} learned nuclei {theirs:.1f} px across, run {args.name} "
+                             f"{diameter:.1f} px, and the images are sized for --name's run alone; give --scale "
+                             "FACTOR, or average runs trained on nuclei of one size")
+
+
 def ensemble_entries(args, members):
     """prediction.yml's record of the runs averaged with --name's (--ensemble): their names, and ``members``
     (ensemble.members_record: each one's epoch and SHA-256s) as ensemble_weights; {} for --name's run alone."""
@@ -718,6 +731,7 @@ def main(argv):
     auto = args.scale == "auto"
     if auto:
         cfg.nucleus_diameter = auto_scale_diameter(args.name, cfg, training_diameter)
+        check_ensemble_scale(args, cfg.nucleus_diameter, training_diameter)
     written = output_files(files, ids, [header.plane_axes for header in headers],
                            output_suffixes(cfg.num_classes, args.save_prob, args.instances, args.overlay, args.rois,
                                            args.geojson))

@@ -2,6 +2,7 @@
 run's own predictions; what the runs must share; the splits an ensemble may be scored on; what the records say."""
 import hashlib
 import os
+import shutil
 
 import cv2
 import numpy as np
@@ -151,3 +152,26 @@ def test_an_ensemble_s_windows_are_sized_for_its_largest_run_as_its_runs_go_one_
     together = forward_bytes_per_pixel(load_models("p", ["u"], device)[1], 3, device)
     assert alone[0][1] == 4 and alone[1][1] == 1  # p's four deep-supervision heads; the ensemble's one mean
     assert together == (max(alone[0][0], alone[1][0]) + 2 * 4, 1)
+
+
+def test_scale_auto_refuses_runs_that_learned_nuclei_of_another_size(in_runs, tmp_path):
+    """--scale auto sizes the images for --name's run: a run averaged with it that learned nuclei 3 times as wide
+    (pa_big) would see them at a third of that size; one within instances.AUTO_SCALE_BAND (pa_near, 1.4x) is taken."""
+    cv2.imwrite(str(tmp_path / "a.png"), sample_bgr(32, 32))
+    with open(os.path.join("models", "pa", "config.yml")) as f:
+        config = yaml.safe_load(f)
+    try:
+        for name, diameter in (("pa_big", 9.0), ("pa_near", 4.2)):
+            shutil.copytree(os.path.join("models", "pa"), os.path.join("models", name))
+            with open(os.path.join("models", name, "config.yml"), "w") as f:
+                yaml.safe_dump({**config, "name": name, "nucleus_diameter": diameter}, f, sort_keys=False)
+        flags = ["--name", "pa", "--input", str(tmp_path / "a.png"), "--scale", "auto", "--ensemble"]
+        with pytest.raises(UsageError, match=r"--scale auto: run pa_big learned nuclei 9\.0 px across, run pa 3\.0 "
+                                             r"px.* give --scale FACTOR"):
+            predict.main([*flags, "pa_big", "--output", str(tmp_path / "big")])
+        assert not (tmp_path / "big").exists()
+        predict.main([*flags, "pa_near", "--output", str(tmp_path / "near")])
+        assert (tmp_path / "near" / "a.png").is_file()
+    finally:
+        for name in ("pa_big", "pa_near"):
+            shutil.rmtree(os.path.join("models", name), ignore_errors=True)
