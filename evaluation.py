@@ -487,10 +487,11 @@ def scored_images(args, cfg, reading, out_dir):
     every image of --dataset, read as ``reading``, dataset.reading_of's), after printing the notes on them: the files
     of --dataset left out (layouts.images_left_out), the images that are not the files the run's split.csv recorded
     (:func:`changed_images`). Returns (dataset_dir, ids, part: the words that name them, trained: the ids of the
-    run's training images among them, layout: layouts.find_layout's, record: :func:`evaluation_record`'s). Raises
-    a UsageError when the default ``out_dir`` holds another evaluation (:func:`check_same_evaluation`), and the
+    run's training images among them (with --ensemble, of any of the runs'), layout: layouts.find_layout's, record:
+    :func:`evaluation_record`'s). Raises a UsageError when the default ``out_dir`` holds another evaluation (:func:`check_same_evaluation`), and the
     DataErrors of those functions."""
     dataset_dir, ids, part, trained = evaluation_ids(args.name, args.split, args.dataset, cfg, reading)
+    own = len(trained)
     for other in args.ensemble:  # the images of their own split, and their training images
         their_dir, their_ids, _, their_trained = evaluation_ids(other, args.split, args.dataset,
                                                                 load_run_config(other), reading)
@@ -499,6 +500,8 @@ def scored_images(args, cfg, reading, out_dir):
                              f"images of {their_dir}, against {len(ids)} of {dataset_dir}); train the runs with the "
                              "same --test_size and --split_seed, or score them on --dataset <set>")
         trained += [i for i in their_trained if i not in trained]
+    if len(trained) > own:  # part counts --name's run's training images alone; the summary's line, the runs' all
+        part += f"; {len(trained)} trained on by one of the runs"
     left_out = images_left_out(dataset_dir, reading["img_ext"]) if args.dataset is not None else ""
     if left_out:
         print(left_out)

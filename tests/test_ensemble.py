@@ -142,6 +142,15 @@ def test_val_py_scores_folds_together_on_their_shared_test_split(tiny_workdir, c
     printed = capsys.readouterr().out
     assert os.path.isdir(os.path.join("outputs", "f0_ensemble_on_tiny"))
     assert "without the 8 training images (2): " in printed
+    assert "f0 + 1 run (all of inputs/tiny, the run's own dataset: its training images included; 8 trained on by one " \
+           "of the runs, 10 images" in printed
+    # a copy of it: found as the training images of either run, and counted in the title as in the summary
+    shutil.copytree(os.path.join("inputs", "tiny"), os.path.join("inputs", "tiny_copy"))
+    val.main(["--name", "f0", "--ensemble", "f1", "--dataset", "tiny_copy", "--no_overlays"])
+    printed = capsys.readouterr().out
+    assert "f0 + 1 run (all of inputs/tiny_copy, 4 of them the run's training images; 8 trained on by one of the " \
+           "runs, 10 images" in printed
+    assert "without the 8 training images (2): " in printed
 
 
 def test_an_ensemble_s_windows_are_sized_for_its_largest_run_as_its_runs_go_one_after_another(in_runs):
