@@ -488,8 +488,8 @@ def scored_images(args, cfg, reading, out_dir):
     of --dataset left out (layouts.images_left_out), the images that are not the files the run's split.csv recorded
     (:func:`changed_images`). Returns (dataset_dir, ids, part: the words that name them, trained: the ids of the
     run's training images among them (with --ensemble, of any of the runs'), layout: layouts.find_layout's, record:
-    :func:`evaluation_record`'s). Raises a UsageError when the default ``out_dir`` holds another evaluation (:func:`check_same_evaluation`), and the
-    DataErrors of those functions."""
+    :func:`evaluation_record`'s). Raises a UsageError when the default ``out_dir`` holds another evaluation
+    (:func:`check_same_evaluation`), and the DataErrors of those functions."""
     dataset_dir, ids, part, trained = evaluation_ids(args.name, args.split, args.dataset, cfg, reading)
     own = len(trained)
     for other in args.ensemble:  # the images of their own split, and their training images
