@@ -77,8 +77,10 @@ def check_settings(out_dir, img_id, recorded, settings):
                if not same_value(recorded.get(k), settings.get(k))]
     if changed:
         shown = "; ".join(f"{k} {json.dumps(recorded.get(k))} -> {json.dumps(settings.get(k))}" for k in changed[:3])
-        # no flag gives back another version of the run's weights, its config.yml or the toolkit
-        fix = "" if set(changed) & set(MADE_BY) else "give the flags and run it was made with, or "
+        # no flag gives back another version of the run's weights, its config.yml or the toolkit, nor those of the
+        # same runs averaged with it (--ensemble)
+        made = set(changed) & set(MADE_BY) or ("ensemble_weights" in changed and "ensemble" not in changed)
+        fix = "" if made else "give the flags and run it was made with, or "
         raise UsageError(f"--resume: the prediction that stopped in {os.path.join(out_dir, '')} (image {img_id}) was "
                          f"made with other settings than this one: {shown}"
                          f"{f' and {len(changed) - 3} more' if len(changed) > 3 else ''}; {fix}leave out --resume to "

@@ -11,11 +11,13 @@ import pytest
 import torch
 import yaml
 
+import inference
 import predict
 import train
 import val
 from checkpoints import load_run
 from conftest import sample_bgr, train_argv
+from test_predict import stop_prediction
 from ensemble import MeanProbability, load_models
 from inference import Predictor, forward_bytes_per_pixel
 from splits import read_split, split_ids
@@ -80,11 +82,40 @@ def test_predict_py_records_every_run_of_the_ensemble(in_runs, tmp_path, capsys)
         u_sha = hashlib.sha256(f.read()).hexdigest()
     assert record["run"] == "p" and record["ensemble"] == ["u"]
     assert [(m["run"], m["weights_sha256"]) for m in record["ensemble_weights"]] == [("u", u_sha)]
-    # --resume of that folder with another ensemble predicts again: the run's record must match
-    predict.main(["--name", "p", "--input", str(folder), "--output", str(out), "--resume"])
-    assert "1 image" in capsys.readouterr().out
-    with open(out / "prediction.yml") as f:
-        assert "ensemble" not in yaml.safe_load(f)
+
+
+def test_resume_keeps_the_images_of_the_same_ensemble_alone(in_runs, tmp_path, monkeypatch):
+    """A prediction stopped after its first image: --resume with the same runs predicts the other alone; without the
+    other run it is refused with the flags to give, once that run's weights changed (an image's record names every
+    run's SHA-256) without: no flag gives them back."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for n in "ab":
+        cv2.imwrite(str(folder / f"{n}.png"), sample_bgr(32, 32))
+    shutil.copytree(os.path.join("models", "u"), os.path.join("models", "u2"))
+    try:
+        argv = ["--name", "p", "--input", str(folder), "--output", str(tmp_path / "out")]
+        stop_prediction([*argv, "--ensemble", "u2"], 2, monkeypatch)
+        assert sorted(os.listdir(tmp_path / "out" / ".predict_finished")) == ["a.json"]
+        with pytest.raises(UsageError, match=r'settings than this one: ensemble \["u2"\] -> null; .*give the flags and '
+                                             r'run it was made with, or leave out --resume'):
+            predict.main([*argv, "--resume"])
+        weights = torch.load(os.path.join("models", "u2", "model.pth"), weights_only=True)
+        # the run trained on since: other weights
+        torch.save({k: v + 1 if v.is_floating_point() else v for k, v in weights.items()},
+                   os.path.join("models", "u2", "model.pth"))
+        with pytest.raises(UsageError, match=r"settings than this one: ensemble_weights .*; leave out --resume") as e:
+            predict.main([*argv, "--ensemble", "u2", "--resume"])
+        assert "give the flags" not in str(e.value)
+        torch.save(weights, os.path.join("models", "u2", "model.pth"))
+        calls = []
+        real = inference.Predictor.predict
+        monkeypatch.setattr(inference.Predictor, "predict",
+                            lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+        predict.main([*argv, "--ensemble", "u2", "--resume"])
+        assert len(calls) == 1  # b alone
+    finally:
+        shutil.rmtree(os.path.join("models", "u2"))
 
 
 @pytest.mark.parametrize("others, words", [
