@@ -496,9 +496,11 @@ def scored_images(args, cfg, reading, out_dir):
         their_dir, their_ids, _, their_trained = evaluation_ids(other, args.split, args.dataset,
                                                                 load_run_config(other), reading)
         if sorted(their_ids) != sorted(ids) or os.path.realpath(their_dir) != os.path.realpath(dataset_dir):
+            shared = len(set(their_ids) & set(ids)) if os.path.realpath(their_dir) == os.path.realpath(dataset_dir) \
+                else 0
             raise UsageError(f"--ensemble: run {other}'s {args.split} split is not run {args.name}'s ({len(their_ids)} "
-                             f"images of {their_dir}, against {len(ids)} of {dataset_dir}); train the runs with the "
-                             "same --test_size and --split_seed, or score them on --dataset <set>")
+                             f"images of {their_dir}, against {len(ids)} of {dataset_dir}; {shared} in both); train "
+                             "the runs with the same --test_size and --split_seed, or score them on --dataset <set>")
         trained += [i for i in their_trained if i not in trained]
     if len(trained) > own:  # part counts --name's run's training images alone; the summary's line, the runs' all
         part += f"; {len(trained)} trained on by one of the runs"

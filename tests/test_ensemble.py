@@ -168,6 +168,12 @@ def test_val_py_scores_folds_together_on_their_shared_test_split(tiny_workdir, c
         record = yaml.safe_load(f)
     assert record["run"] == "f0" and record["ensemble"] == ["f1"] and record["split"] == "test"
     assert [m["run"] for m in record["ensemble_weights"]] == ["f1"]
+    # a run of another --split_seed holds out other test images
+    train.main(train_argv("s7", "--test_size", "0.2", "--split_seed", "7", epochs=1))
+    theirs = split_ids(read_split(os.path.join("models", "s7", "split.csv")), "test")
+    with pytest.raises(UsageError, match=rf"run s7's test split is not run f0's \(2 images of inputs/tiny, against 2 "
+                                         rf"of inputs/tiny; {len(set(theirs) & set(test_ids))} in both\); train the "):
+        val.main(["--name", "f0", "--ensemble", "s7", "--split", "test"])
     # the whole dataset: every image but the test split was trained on by one of the runs (4 by each)
     val.main(["--name", "f0", "--ensemble", "f1", "--dataset", "tiny", "--no_overlays"])
     printed = capsys.readouterr().out
