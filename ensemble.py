@@ -40,8 +40,9 @@ class MeanProbability(torch.nn.Module):
 
 def check_same_reading(name, others):
     """UsageError unless the runs ``others`` read images as run ``name`` does and put out the same channels
-    (:data:`SAME_KEYS`; the training size too when ``name`` was trained on resized images): the first that differs,
-    named with both values. A run named twice is refused too (it would count double)."""
+    (:data:`SAME_KEYS`, of crop_size whether it is 0; the training size too when ``name`` was trained on resized
+    images): the first that differs, named with both values. A run named twice is refused too (it would count
+    double)."""
     names = [name, *others]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
@@ -51,7 +52,10 @@ def check_same_reading(name, others):
     for other in others:
         theirs = load_run_config(other, "--ensemble")
         for key in keys:
-            if getattr(theirs, key) != getattr(cfg, key):
+            # crop-trained runs all predict whole images as they are, whatever the size of their crops
+            same = bool(theirs.crop_size) == bool(cfg.crop_size) if key == "crop_size" else \
+                getattr(theirs, key) == getattr(cfg, key)
+            if not same:
                 raise UsageError(f"--ensemble: run {other} has {key} {getattr(theirs, key)}, run {name} "
                                  f"{getattr(cfg, key)}; the runs averaged must read images alike and put out the same "
                                  f"channels ({', '.join(keys)})")

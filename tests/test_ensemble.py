@@ -221,3 +221,23 @@ def test_scale_auto_refuses_runs_that_learned_nuclei_of_another_size(in_runs, tm
     finally:
         for name in ("pa_big", "pa_near"):
             shutil.rmtree(os.path.join("models", name), ignore_errors=True)
+
+
+def test_crop_trained_runs_of_other_crop_sizes_are_averaged(in_runs):
+    """Runs trained on crops of any size predict whole images alike (crop_size says only that they were crops):
+    pc (32) and a copy of it trained on 64 are averaged, as two identical networks, into pc's own probabilities."""
+    with open(os.path.join("models", "pc", "config.yml")) as f:
+        config = yaml.safe_load(f)
+    shutil.copytree(os.path.join("models", "pc"), os.path.join("models", "pc64"))
+    try:
+        with open(os.path.join("models", "pc64", "config.yml"), "w") as f:
+            yaml.safe_dump({**config, "name": "pc64", "crop_size": 64}, f, sort_keys=False)
+        device = torch.device("cpu")
+        image = sample_bgr(40, 56)[:, :, ::-1]
+        probabilities = []
+        for cfg, model in (load_run("pc", device), load_models("pc", ["pc64"], device)):
+            predictor = Predictor(model, cfg, device, amp="fp32")
+            probabilities.append(predictor.predict(predictor.as_input(image)))
+        np.testing.assert_allclose(probabilities[1], probabilities[0], atol=1e-5)
+    finally:
+        shutil.rmtree(os.path.join("models", "pc64"))
