@@ -24,6 +24,7 @@ from matplotlib.path import Path
 from roifile import roiread
 
 import checkpoints
+import ensemble
 import files
 import image_files
 import inference
@@ -403,8 +404,8 @@ def predicted_as_they_are_and_linked(tmp_path, capsys, monkeypatch, flags, linki
     """predict.py with ``flags`` and the Pointwise network (the barely trained one's nucleus fills a plane: a pixel's
     own is no better), into tmp_path/own as it is and into tmp_path/linked with ``linking`` (--stitch_z or --track
     and an IoU); returns what the second printed."""
-    load_run = checkpoints.load_run
-    monkeypatch.setattr(checkpoints, "load_run", lambda *args: (load_run(*args)[0], Pointwise()))
+    load_run = checkpoints.load_run  # as predict.py loads its runs (ensemble.load_models)
+    monkeypatch.setattr(ensemble, "load_run", lambda *args: (load_run(*args)[0], Pointwise()))
     predict.main([*flags, "--output", str(tmp_path / "own")])
     capsys.readouterr()
     predict.main([*flags, "--output", str(tmp_path / "linked"), *linking])

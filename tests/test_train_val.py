@@ -25,6 +25,7 @@ from sklearn.model_selection import KFold, train_test_split
 import checkpoints
 import device_data
 import engine
+import ensemble
 import inference
 import predict
 import predict_notes
@@ -672,7 +673,7 @@ def test_crop_runs_validate_images_beyond_the_memory_budget_in_windows(tmp_path,
 
     real_build, real_load = trainer.build_model, checkpoints.load_run
     monkeypatch.setattr(trainer, "build_model", lambda *args: recorded(real_build(*args)))
-    monkeypatch.setattr(checkpoints, "load_run", recorded_run)
+    monkeypatch.setattr(ensemble, "load_run", recorded_run)  # as val.py loads its run (ensemble.load_models)
     # 64 x 64 windows beside a 96 x 96 image's input, sums and weights (5 floats a pixel)
     per_pixel, _ = inference.forward_bytes_per_pixel(build_model("UNet", 1, 3, False), 3, torch.device("cpu"))
     monkeypatch.setattr(inference, "memory_budget", lambda device: per_pixel * 64 * 64 + 96 * 96 * 5 * 4)
@@ -1252,7 +1253,7 @@ def test_another_fold_of_a_named_recipe_is_told_to_take_a_name_of_its_own(tmp_pa
 
 def test_val_s_title_counts_one_image_in_the_singular():
     """A user's one validation image: '1 image', not '1 images'."""
-    run, cfg = Namespace(name="r", tta=False, prune=None), Namespace(crop_size=32)
+    run, cfg = Namespace(name="r", ensemble=[], tta=False, prune=None), Namespace(crop_size=32)
     assert val.title_parts(run, cfg, "epoch 3", "val", 1) == ("r (epoch 3, val, 1 image", ")")
     assert val.title_parts(run, cfg, "", "val", 2)[0] == "r (val, 2 images"
 
