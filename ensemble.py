@@ -1,7 +1,7 @@
 """Several trained runs as one network (val.py and predict.py --ensemble): the mean of their probabilities.
 
 The runs of a cross-validation (train.py --folds K, one run per fold) together trained on every image; nnU-Net
-predicts with all K of them and averages their probabilities, which scores better than any one of them. Here the
+predicts with all K of them and averages their probabilities (what that gave here: docs/data.md). Here the
 runs must read images the same way and put out the same channels (:data:`SAME_KEYS`); they may differ otherwise
 (another arch, another recipe).
 """
